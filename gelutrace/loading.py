@@ -1,0 +1,168 @@
+"""
+One place that turns a `--model_type` into a model, its tokenizer and the file prefix `{m}`:
+
+- the name of a model shipped in this repository's `models/` (e.g. `tinybard`);
+- a path to a local directory with a Hugging Face GPT-2 checkpoint (config.json, model.safetensors,
+  tokenizer files); the prefix is the directory's name;
+- a hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2`), fetched into (or read from)
+  the Hugging Face cache and then loaded as a local directory.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gelutrace import PipelineError
+from model import GPT, GPTConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_DIR = REPO_ROOT / "models"
+SHIPPED_MODEL = "tinybard"
+HUB_MODELS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+             "merges.txt", "special_tokens_map.json"]
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GELU_APPROXIMATE = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: object  # a transformers tokenizer
+    name: str  # the file prefix {m}
+    path: Path  # the checkpoint directory
+    device: torch.device
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "config.json").is_file()) if SHIPPED_DIR.is_dir() else []
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda was asked for, but torch sees no CUDA device")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError("--device mps was asked for, but torch sees no MPS device")
+    if device not in ("cpu", "cuda", "mps"):
+        raise PipelineError(f"unknown --device {device!r}: use auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+def model_name(model_type: str) -> str:
+    """The file prefix {m} for a --model_type, without loading anything."""
+    p = Path(model_type)
+    if model_type not in HUB_MODELS and model_type not in shipped_models() and p.is_dir():
+        return p.resolve().name
+    return model_type
+
+
+def checkpoint_dir(model_type: str) -> Path:
+    """The local directory holding the checkpoint for --model_type (downloading a hub model if needed)."""
+    if model_type in shipped_models():
+        return SHIPPED_DIR / model_type
+    if model_type in HUB_MODELS:
+        return _hub_snapshot(model_type)
+    p = Path(model_type).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise PipelineError(f"{p} has no config.json: not a Hugging Face checkpoint directory")
+        return p
+    raise PipelineError(f"unknown --model_type {model_type!r}: use a hub name ({', '.join(HUB_MODELS)}), "
+                        f"a shipped model ({', '.join(shipped_models()) or 'none found'}) or a checkpoint directory")
+
+
+def _hub_snapshot(model_type: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    repo = HUB_MODELS[model_type]
+    try:  # the cache first, so an offline machine with the model cached never touches the network
+        return Path(snapshot_download(repo, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        if offline:
+            raise OSError("HF_HUB_OFFLINE is set")
+        return Path(snapshot_download(repo, allow_patterns=HUB_FILES, etag_timeout=10))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(
+            f"model {model_type!r} ({repo}) is not in the Hugging Face cache and cannot be downloaded "
+            f"({reason}). Alternatives: the shipped model (--model_type {SHIPPED_MODEL}), a local checkpoint "
+            f"directory (--model_type path/to/dir), or download it once on a connected machine into the "
+            f"cache (HF_HOME) and copy that here") from None
+
+
+def read_config(path: Path) -> GPTConfig:
+    with open(path / "config.json") as f:
+        hf = json.load(f)
+    act = hf.get("activation_function", "gelu_new")
+    if act not in GELU_APPROXIMATE:
+        raise PipelineError(f"{path}: activation_function {act!r} is not a GELU this pipeline can trace")
+    return GPTConfig(
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        n_inner=hf.get("n_inner"),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        gelu_approximate=GELU_APPROXIMATE[act],
+    )
+
+
+def load_checkpoint(path: Path, device: torch.device = torch.device("cpu")) -> GPT:
+    """A GPT from a Hugging Face GPT-2 checkpoint directory (Conv1D weights transposed to Linear)."""
+    from safetensors.torch import load_file
+
+    config = read_config(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise PipelineError(f"{path} has no model.safetensors (pickled .bin checkpoints are not read)")
+    sd = load_file(str(weights))
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    model = GPT(config)
+    target = model.state_dict()
+    converted = {}
+    for k in target:
+        src = k.removeprefix("transformer.")
+        if k == "lm_head.weight":
+            src = "lm_head.weight" if "lm_head.weight" in sd else "wte.weight"
+        if src not in sd:
+            raise PipelineError(f"{weights}: missing tensor {src}")
+        w = sd[src]
+        if src.endswith(CONV1D):
+            w = w.t()
+        if w.shape != target[k].shape:
+            raise PipelineError(f"{weights}: tensor {src} has shape {tuple(w.shape)}, expected {tuple(target[k].shape)}")
+        converted[k] = w.to(torch.float32)
+    model.load_state_dict(converted)
+    return model.to(device).eval()
+
+
+def load_model(model_type: str, device: str = "auto") -> LoadedModel:
+    dev = resolve_device(device)
+    path = checkpoint_dir(model_type)
+    from transformers import AutoTokenizer
+
+    model = load_checkpoint(path, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise PipelineError(f"{path}: cannot load its tokenizer ({e})") from None
+    return LoadedModel(model, tokenizer, model_name(model_type), path, dev)

@@ -1,0 +1,282 @@
+"""
+The one place that names every stage file, fixes its columns and reads or writes it.
+
+Every write is atomic: data goes to a temporary file beside the target, which is renamed over the target
+only when complete, so an interrupted or failed run never leaves a torn file or destroys an earlier one.
+Nothing here needs pickle to read a file back.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gelutrace import PipelineError
+
+# --- file names -------------------------------------------------------------------------------------------
+ATTRIBUTES = "{m}_neuron_attributes.csv"
+EDGES = "{m}_neuron_edges.el"
+GRAPH_META = "{m}_graph_meta.json"
+DATASET = "{m}_activation_dataset.csv"
+ACTIVATIONS_PICKLE = "{m}_neuron_activations.pickle"
+ACTIVATIONS_JSON = "{m}_neuron_activations.json"
+FREQUENCY = "{m}_neuron_frequency.csv"
+MATRIX = "{m}_activation_matrix.npz"
+RUN_STATE = "{m}_run_state.json"  # stage b's progress, for --resume
+TRACE_VECTOR = "{m}_activations.pkl"
+TRACE_ACTIVE = "{m}_active_neurons.txt"
+TRACE_PLOT = "{m}_activations.png"
+SUBSETS_DIR = "perturbation_subsets"
+RESULTS_DIR = "perturbation_results"
+
+# --- columns ----------------------------------------------------------------------------------------------
+PROMPT_COLUMNS = ["prompts", "number_of_new_tokens", "num_samples"]
+ATTRIBUTE_COLUMNS = ["node_id", "layer", "dimension"]
+FREQUENCY_COLUMNS = ["neuron_id", "activation_count", "activation_frequency", "layer", "dimension", "mean_activation"]
+RESULT_COLUMNS = ["prompt", "sample_index", "generated_text", "perturbation_subset"]
+
+
+def dataset_columns(n_layer: int) -> list[str]:
+    return (["sample_id", "prompt_sample_idx", "token_position", "input_text", "output", "input_text_ids",
+             "output_id", "number_of_active_neurons"]
+            + [f"layer_{i}_num_active_neurons" for i in range(n_layer)])
+
+
+def path(directory, template: str, m: str) -> Path:
+    return Path(directory) / template.format(m=m)
+
+
+# --- atomic writes ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(target):
+    """Yield a temporary path beside `target`; rename it over `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(target, mode="w", **kwargs):
+    with atomic_path(target) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+
+
+def write_csv(df: pd.DataFrame, target, **kwargs):
+    with atomic_path(target) as tmp:
+        df.to_csv(tmp, index=False, **kwargs)
+
+
+def write_json(obj, target, indent=None):
+    with atomic_open(target, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+
+
+def write_npy(array: np.ndarray, target):
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def write_npz(target, **arrays):
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+# --- prompt CSV -------------------------------------------------------------------------------------------
+@dataclass
+class Prompt:
+    text: str
+    new_tokens: int
+    num_samples: int
+
+
+def read_prompts(csv_path) -> list[Prompt]:
+    """The prompts of a prompt CSV, validated: one PipelineError naming the first problem."""
+    p = Path(csv_path)
+    if not p.is_file():
+        raise PipelineError(f"prompt CSV {p} does not exist")
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8")
+    except Exception as e:
+        raise PipelineError(f"cannot parse prompt CSV {p}: {e}") from None
+    missing = [c for c in PROMPT_COLUMNS[:2] if c not in df.columns]
+    if missing:
+        raise PipelineError(f"prompt CSV {p} lacks column(s) {', '.join(missing)} "
+                            f"(needs {', '.join(PROMPT_COLUMNS)}; num_samples is optional)")
+    if len(df) == 0:
+        raise PipelineError(f"prompt CSV {p} has no prompts")
+    prompts = []
+    for i, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
+        text = row["prompts"]
+        if not text.strip():
+            raise PipelineError(f"{p} line {i}: empty prompt")
+        counts = {}
+        for col, default in (("number_of_new_tokens", None), ("num_samples", "1")):
+            raw = str(row.get(col, "") or default or "").strip()
+            try:
+                value = int(raw)
+            except ValueError:
+                raise PipelineError(f"{p} line {i}: {col} must be a non-negative integer, got {raw!r}") from None
+            if value < 0 or (col == "num_samples" and value == 0):
+                raise PipelineError(f"{p} line {i}: {col} must be {'positive' if col == 'num_samples' else 'non-negative'}, got {value}")
+            counts[col] = value
+        prompts.append(Prompt(text, counts["number_of_new_tokens"], counts["num_samples"]))
+    return prompts
+
+
+# --- stage a: neurons, edges, graph metadata -------------------------------------------------------------
+def neuron_attributes(n_layer: int, d_mlp: int) -> pd.DataFrame:
+    ids = np.arange(n_layer * d_mlp, dtype=np.int64)
+    return pd.DataFrame({"node_id": ids, "layer": ids // d_mlp, "dimension": ids % d_mlp})
+
+
+def read_attributes(directory, m: str) -> pd.DataFrame:
+    p = path(directory, ATTRIBUTES, m)
+    if not p.is_file():
+        raise PipelineError(f"{p} does not exist (stage a or b writes it)")
+    df = pd.read_csv(p)
+    if list(df.columns[:3]) != ATTRIBUTE_COLUMNS:
+        raise PipelineError(f"{p}: expected columns {', '.join(ATTRIBUTE_COLUMNS)}")
+    return df
+
+
+def canonical_edges_size(n_layer: int, d_mlp: int) -> int:
+    """Bytes of the canonical .el: every neuron of layer i to every neuron of layer i+1, 'src tgt\\n'."""
+    ids = np.arange(n_layer * d_mlp)
+    digits = np.char.str_len(ids.astype(str)) if len(ids) else np.zeros(0, int)
+    per_layer = digits.reshape(n_layer, d_mlp).sum(axis=1)
+    # each src of layer i appears d_mlp times, each tgt of layer i+1 appears d_mlp times
+    return int(sum(d_mlp * (per_layer[i] + per_layer[i + 1]) + 2 * d_mlp * d_mlp for i in range(n_layer - 1)))
+
+
+def write_edges(target, n_layer: int, d_mlp: int, progress=None):
+    """Stream the canonical adjacent-layer edge list: one block of text per source neuron, vectorised."""
+    with atomic_open(target, "wb") as f:
+        for layer in range(n_layer - 1):
+            tgt = np.arange((layer + 1) * d_mlp, (layer + 2) * d_mlp)
+            tail = ("\n".join(tgt.astype(str)) + "\n").encode()
+            lines = tail.split(b"\n")[:-1]
+            for src in range(layer * d_mlp, (layer + 1) * d_mlp):
+                prefix = str(src).encode() + b" "
+                f.write(prefix + (b"\n" + prefix).join(lines) + b"\n")
+            if progress is not None:
+                progress.update(1)
+
+
+def graph_meta(m: str, n_layer: int, d_mlp: int, edges_file: Path | None) -> dict:
+    meta = {"model": m, "n_layer": n_layer, "d_mlp": d_mlp, "num_neurons": n_layer * d_mlp,
+            "layer_sizes": [d_mlp] * n_layer, "connectivity": "adjacent_full",
+            "num_edges": (n_layer - 1) * d_mlp * d_mlp, "edges_file": None}
+    if edges_file is not None:
+        st = Path(edges_file).stat()
+        meta["edges_file"] = {"name": Path(edges_file).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return meta
+
+
+def write_graph_files(directory, m: str, n_layer: int, d_mlp: int, write_el: bool = True, progress=None):
+    """Stage a's files: attributes, (optionally) the canonical .el, and the metadata that describes them."""
+    write_csv(neuron_attributes(n_layer, d_mlp), path(directory, ATTRIBUTES, m))
+    el = path(directory, EDGES, m)
+    if write_el:
+        write_edges(el, n_layer, d_mlp, progress)
+    write_json(graph_meta(m, n_layer, d_mlp, el if write_el else None), path(directory, GRAPH_META, m), indent=2)
+
+
+def read_graph_meta(directory, m: str) -> dict:
+    p = path(directory, GRAPH_META, m)
+    if not p.is_file():
+        raise PipelineError(f"{p} does not exist (stage a or b writes it)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{p} is not valid JSON: {e}") from None
+
+
+def edges_are_canonical(directory, m: str, meta: dict) -> bool:
+    """True when the .el is absent or exactly the file stage a/b wrote; False when a user edited it."""
+    el = path(directory, EDGES, m)
+    if not el.is_file():
+        return True
+    rec = meta.get("edges_file")
+    if not rec:
+        return False  # an .el nobody recorded: honour it
+    st = el.stat()
+    return st.st_size == rec["size"] and st.st_mtime_ns == rec["mtime_ns"]
+
+
+def read_edges(directory, m: str) -> np.ndarray:
+    """A (user-edited) edge list as an (E, 2) int64 array; the canonical one is never parsed."""
+    el = path(directory, EDGES, m)
+    try:
+        data = np.loadtxt(el, dtype=np.int64, ndmin=2)
+    except Exception as e:
+        raise PipelineError(f"cannot parse edge list {el}: {e}") from None
+    if data.size and data.shape[1] != 2:
+        raise PipelineError(f"{el}: expected two ids per line")
+    return data.reshape(-1, 2)
+
+
+# --- stage b: activation matrix ---------------------------------------------------------------------------
+def write_activation_matrix(target, active: np.ndarray, neuron_ids: np.ndarray | None = None):
+    """
+    Save a samples x neurons boolean matrix bit-packed along the neuron axis (np.packbits, 1 bit per entry):
+    keys `matrix` (uint8, samples x ceil(neurons / 8)), `matrix_shape` (samples, neurons), `neuron_ids`
+    (the neuron id of each column), `packing` ('packbits_axis1'). Read it with `read_activation_matrix`.
+    """
+    active = np.asarray(active, dtype=bool)
+    ids = np.arange(active.shape[1], dtype=np.int64) if neuron_ids is None else np.asarray(neuron_ids, np.int64)
+    write_npz(target, matrix=np.packbits(active, axis=1), matrix_shape=np.array(active.shape, dtype=np.int64),
+              neuron_ids=ids, packing=np.array("packbits_axis1"))
+
+
+def read_activation_matrix(source, sparse: bool = False):
+    """
+    (matrix, neuron_ids) from a stage-b `.npz`: matrix is a boolean numpy array (samples x neurons), or a
+    scipy.sparse CSR matrix of int8 ones with `sparse=True`. Loads without pickle. Also reads the original
+    pipeline's unpacked 0/1 `matrix`.
+    """
+    p = Path(source)
+    if not p.is_file():
+        raise PipelineError(f"activation matrix {p} does not exist (stage b writes it)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            ids = z["neuron_ids"].astype(np.int64)
+            if "packing" in z.files:
+                shape = tuple(int(x) for x in z["matrix_shape"])
+                matrix = np.unpackbits(z["matrix"], axis=1, count=shape[1]).view(bool).reshape(shape)
+            else:
+                matrix = z["matrix"] != 0
+    except PipelineError:
+        raise
+    except Exception as e:
+        raise PipelineError(f"cannot read activation matrix {p}: {e}") from None
+    if matrix.shape[1] != len(ids):
+        raise PipelineError(f"{p}: {matrix.shape[1]} columns but {len(ids)} neuron ids")
+    if sparse:
+        import scipy.sparse as sp
+        return sp.csr_matrix(matrix, dtype=np.int8), ids
+    return matrix, ids
+
+
+def model_prefix(directory, suffix_template: str = MATRIX) -> str:
+    """Infer {m} from the single file in `directory` named like suffix_template (e.g. *_activation_matrix.npz)."""
+    suffix = suffix_template.format(m="")
+    found = sorted(p.name[: -len(suffix)] for p in Path(directory).glob("*" + suffix))
+    if not found:
+        raise PipelineError(f"no *{suffix} in {directory}")
+    if len(found) > 1:
+        raise PipelineError(f"several models' files in {directory} ({', '.join(found)}): keep one per directory")
+    return found[0]

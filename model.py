@@ -1,0 +1,207 @@
+"""
+GPT-2 in one file, after nanoGPT, with two additions the pipeline needs:
+
+- the MLP activation is its own submodule (`block.mlp.gelu`), so forward hooks can read and edit the
+  post-GELU output of every neuron;
+- a key/value cache, so generation prefills the prompt once and then runs one position per step.
+
+Loading checkpoints (hub names, local directories, the shipped model) lives in `gelutrace.loading`.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context window (n_positions)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_inner: int | None = None  # MLP hidden width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    gelu_approximate: str = "tanh"  # GPT-2 was trained with the tanh approximation ("gelu_new")
+
+    @property
+    def d_mlp(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, preallocated to `max_len` positions."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head = config.n_head
+
+    def forward(self, x, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if mask is None:
+            # no cache and no padding, or a single new position that may see everything before it
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.d_mlp)
+        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        self.c_proj = nn.Linear(config.d_mlp, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer, cache, mask):
+        x = x + self.attn(self.ln_1(x), layer, cache, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def gelus(self) -> list[nn.Module]:
+        """The GELU module of every layer, in layer order: the place to hook neurons."""
+        return [block.mlp.gelu for block in self.transformer.h]
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, pad: torch.Tensor | None = None):
+        """
+        idx: (B, T) token ids. With `cache`, idx holds only the positions after those already cached.
+        pad: (B,) number of left-padding positions of each sequence (batches of unequal prompts);
+             padded positions are never attended to and positions count from each sequence's first
+             real token.
+        Returns logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -100 ignored).
+        """
+        B, T = idx.size()
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context window of {self.config.block_size}")
+        slots = torch.arange(past, past + T, device=idx.device)
+        pos = slots.unsqueeze(0)
+        mask = None  # None: plain causal attention (or a single new position that sees all before it)
+        if (pad is not None and bool(pad.any())) or (past > 0 and T > 1):
+            keys = torch.arange(past + T, device=idx.device)
+            causal = keys.view(1, -1) <= slots.view(-1, 1)  # (T, S)
+            mask = causal.view(1, 1, T, -1)
+            if pad is not None:
+                pos = (pos - pad.unsqueeze(1)).clamp(min=0)
+                real = keys.view(1, 1, -1) >= pad.view(-1, 1, 1)  # (B, 1, S): key is not padding
+                # a padding query attends to itself only, so it stays finite and never reaches real tokens
+                mask = (causal & (real | (keys.view(1, -1) == slots.view(-1, 1)))).unsqueeze(1)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, i, cache, mask)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, generators=None, pad=None):
+        """
+        Continue each row of idx (B, T) by max_new_tokens tokens: the prompt is prefilled once, then one
+        position per step runs through the key/value cache. temperature 0 picks the argmax (greedy);
+        otherwise tokens are sampled from softmax(logits / temperature), restricted to the top_k most
+        likely when top_k is given, each row drawing from its own torch.Generator when `generators` is
+        given (so a row's tokens do not depend on what else is in the batch). Returns (B, T + new).
+        Every forward call makes exactly one prediction per row, so hooks see one sample per call
+        at position -1.
+        """
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.block_size + 1:
+            raise ValueError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed the context window of "
+                             f"{self.config.block_size}")
+        if max_new_tokens <= 0:
+            return idx
+        cache = KVCache(self.config, B, T + max_new_tokens - 1, idx.device, self.transformer.wte.weight.dtype)
+        out = [idx]
+        step_input = idx
+        for step in range(max_new_tokens):
+            logits, _ = self(step_input, cache=cache, pad=pad)
+            next_id = self.pick(logits[:, -1, :].float(), temperature, top_k, generators)
+            out.append(next_id)
+            step_input = next_id
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def pick(logits, temperature=0.0, top_k=None, generators=None):
+        """Next token id (B, 1) from last-position logits (B, vocab)."""
+        if temperature == 0.0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+        probs = F.softmax(logits, dim=-1)
+        if generators is None:
+            return torch.multinomial(probs, num_samples=1)
+        return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
