@@ -9,6 +9,7 @@ Nothing here needs pickle to read a file back.
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,34 @@ TRACE_ACTIVE = "{m}_active_neurons.txt"
 TRACE_PLOT = "{m}_activations.png"
 SUBSETS_DIR = "perturbation_subsets"
 RESULTS_DIR = "perturbation_results"
+# stage c: the compact co-activation graph store is a directory (see gelutrace.coactivation)
+WEIGHTED_GRAPH = "{m}_weighted_graph"  # c's default --output_path (compact store directory)
+GRAPH_STORE_HEADER = "graph.json"  # inside the store: format, model, shapes, one record per block
+GRAPH_STORE_NODES = "node_activation_count.npy"  # inside the store: int64, one per neuron in id order
+GRAPH_STORE_PAIR = "pair_{src:03d}_{tgt:03d}.npy"  # inside the store: counts, rows = src layer dims, cols = tgt
+GRAPH_STORE_EDGES = "edges.npy"  # inside the store, edited edge lists only: (E, 2) int64 src, tgt
+GRAPH_STORE_EDGE_COUNTS = "edge_counts.npy"  # inside the store, edited edge lists only: count of each edge
+# stage c_analyze (in --output_dir, default <graph dir>/ANALYSIS_DIR)
+ANALYSIS_DIR = "weighted_graph_analysis"
+ANALYZED = "{name}_analyzed"  # + ".gpickle" for a .gpickle input, + ".json" (a reference) for a store
+HIST_NODE_COUNT = "node_activation_count_hist"  # + ".png" / ".csv"
+HIST_EDGE_COUNT = "edge_co_activation_count_hist"
+HIST_DEGREE = "node_degree_hist"
+THRESHOLD_CSV = "threshold_analysis.csv"
+THRESHOLD_PLOT = "threshold_analysis.png"
+# stage d
+SUBSET_FILE = "{m}_{method}_t{threshold}_r{ratio}.npy"  # d --output_dir / d_batch naming
+SUBSET_SIDECAR = "{stem}.json"  # beside each subset .npy: parameters, k, per-layer counts, scores
 
 # --- columns ----------------------------------------------------------------------------------------------
 PROMPT_COLUMNS = ["prompts", "number_of_new_tokens", "num_samples"]
 ATTRIBUTE_COLUMNS = ["node_id", "layer", "dimension"]
 FREQUENCY_COLUMNS = ["neuron_id", "activation_count", "activation_frequency", "layer", "dimension", "mean_activation"]
 RESULT_COLUMNS = ["prompt", "sample_index", "generated_text", "perturbation_subset"]
+HIST_COLUMNS = ["bin_start", "bin_end", "density"]
+THRESHOLD_COLUMNS = ["threshold", "num_nodes", "num_edges", "num_components", "max_comp_size", "avg_comp_size",
+                     "min_comp_size"]
+
 
 
 def dataset_columns(n_layer: int) -> list[str]:
@@ -77,6 +100,28 @@ def atomic_open(target, mode="w", **kwargs):
 def write_csv(df: pd.DataFrame, target, **kwargs):
     with atomic_path(target) as tmp:
         df.to_csv(tmp, index=False, **kwargs)
+
+
+@contextlib.contextmanager
+def atomic_dir(target):
+    """Yield a temporary directory beside `target`; swap it in for `target` (a directory) only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.is_dir() and not target.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / "d")
+        elif target.exists():
+            raise PipelineError(f"{target} exists and is not a directory")
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_json(obj, target, indent=None):
