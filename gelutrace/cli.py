@@ -1,6 +1,14 @@
+"""What every stage script shares: the error convention and the model/device flags."""
+
+import argparse
 import sys
+
 from gelutrace import PipelineError
+from gelutrace.loading import HUB_MODELS, SHIPPED_MODEL
+
+
 def run_main(main):
+    """Run a script's main: a PipelineError becomes one 'error: ...' line on stderr and exit status 2."""
     try:
         main()
     except PipelineError as e:
@@ -9,3 +17,36 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_model_args(ap: argparse.ArgumentParser, default: str = "gpt2", device: bool = True):
+    ap.add_argument("--model_type", default=default,
+                    help=f"hub name ({', '.join(HUB_MODELS)}), the shipped model ({SHIPPED_MODEL}) or a "
+                         f"local Hugging Face GPT-2 checkpoint directory (default: %(default)s)")
+    if device:
+        ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where the model runs; auto picks cuda, then mps, then cpu (default: %(default)s)")
+
+
+def add_sampling_args(ap: argparse.ArgumentParser, seed: int, temperature: float, top_k: int | None):
+    ap.add_argument("--seed", type=int, default=seed, help="random seed for sampling (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=temperature,
+                    help="sampling temperature; 0 means greedy decoding (argmax) (default: %(default)s)")
+    ap.add_argument("--top_k", type=int, default=top_k,
+                    help="sample only among the k most likely tokens; ignored when greedy (default: %(default)s)")
+    ap.add_argument("--batch_size", type=int, default=64,
+                    help="most sequences generated together (prompts are left-padded into batches; "
+                         "greedy runs compute one sequence per prompt) (default: %(default)s)")
+
+
+def check_sampling_args(args):
+    if args.temperature < 0:
+        raise PipelineError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise PipelineError(f"--top_k must be >= 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise PipelineError(f"--batch_size must be >= 1, got {args.batch_size}")
