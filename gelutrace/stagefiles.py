@@ -63,7 +63,6 @@ THRESHOLD_COLUMNS = ["threshold", "num_nodes", "num_edges", "num_components", "m
                      "min_comp_size"]
 
 
-
 def dataset_columns(n_layer: int) -> list[str]:
     return (["sample_id", "prompt_sample_idx", "token_position", "input_text", "output", "input_text_ids",
              "output_id", "number_of_active_neurons"]
@@ -75,6 +74,10 @@ def path(directory, template: str, m: str) -> Path:
 
 
 # --- atomic writes ----------------------------------------------------------------------------------------
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(target):
     """Yield a temporary path beside `target`; rename it over `target` only if the block succeeds."""
@@ -82,6 +85,7 @@ def atomic_path(target):
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, target)
@@ -207,16 +211,42 @@ def canonical_edges_size(n_layer: int, d_mlp: int) -> int:
     return int(sum(d_mlp * (per_layer[i] + per_layer[i + 1]) + 2 * d_mlp * d_mlp for i in range(n_layer - 1)))
 
 
-def write_edges(target, n_layer: int, d_mlp: int, progress=None):
-    """Stream the canonical adjacent-layer edge list: one block of text per source neuron, vectorised."""
+def _digits(ids: np.ndarray) -> np.ndarray:
+    """ASCII digits of non-negative ids as a (len, width) uint8 array, right-aligned (all ids share a width)."""
+    width = len(str(int(ids.max()))) if len(ids) else 1
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    return (ids[:, None] // powers % 10 + ord("0")).astype(np.uint8)
+
+
+def _width_groups(ids: np.ndarray) -> list[np.ndarray]:
+    """Consecutive runs of sorted ids that print with the same number of digits."""
+    widths = np.char.str_len(ids.astype(str))
+    return np.split(ids, np.flatnonzero(np.diff(widths)) + 1)
+
+
+def write_edges(target, n_layer: int, d_mlp: int, progress=None, rows_per_write: int = 256):
+    """
+    Stream the canonical adjacent-layer edge list 'src tgt\n', vectorised: a block of sources is written as
+    one (sources x targets x line-bytes) array, with the digits broadcast into place.
+    """
     with atomic_open(target, "wb") as f:
         for layer in range(n_layer - 1):
-            tgt = np.arange((layer + 1) * d_mlp, (layer + 2) * d_mlp)
-            tail = ("\n".join(tgt.astype(str)) + "\n").encode()
-            lines = tail.split(b"\n")[:-1]
-            for src in range(layer * d_mlp, (layer + 1) * d_mlp):
-                prefix = str(src).encode() + b" "
-                f.write(prefix + (b"\n" + prefix).join(lines) + b"\n")
+            tgt_groups = _width_groups(np.arange((layer + 1) * d_mlp, (layer + 2) * d_mlp, dtype=np.int64))
+            for src_group in _width_groups(np.arange(layer * d_mlp, (layer + 1) * d_mlp, dtype=np.int64)):
+                for lo in range(0, len(src_group), rows_per_write):
+                    src = _digits(src_group[lo:lo + rows_per_write])
+                    ws = src.shape[1]
+                    parts = []
+                    for tgt_ids in tgt_groups:
+                        tgt = _digits(tgt_ids)
+                        wt = tgt.shape[1]
+                        block = np.empty((len(src), len(tgt), ws + wt + 2), dtype=np.uint8)
+                        block[:, :, :ws] = src[:, None, :]
+                        block[:, :, ws] = ord(" ")
+                        block[:, :, ws + 1:ws + 1 + wt] = tgt[None, :, :]
+                        block[:, :, -1] = ord("\n")
+                        parts.append(block.reshape(len(src), -1))
+                    f.write((np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]).tobytes())
             if progress is not None:
                 progress.update(1)
 
@@ -238,6 +268,19 @@ def write_graph_files(directory, m: str, n_layer: int, d_mlp: int, write_el: boo
     if write_el:
         write_edges(el, n_layer, d_mlp, progress)
     write_json(graph_meta(m, n_layer, d_mlp, el if write_el else None), path(directory, GRAPH_META, m), indent=2)
+
+
+def write_graph_files_if_stale(directory, m: str, n_layer: int, d_mlp: int, write_el: bool = True, progress=None):
+    """Stage a's files, keeping an existing canonical .el of the same shape instead of writing it again."""
+    try:
+        meta = read_graph_meta(directory, m)
+        same = (meta.get("n_layer"), meta.get("d_mlp")) == (n_layer, d_mlp) and meta.get("edges_file")
+        if same and path(directory, EDGES, m).is_file() and edges_are_canonical(directory, m, meta):
+            write_csv(neuron_attributes(n_layer, d_mlp), path(directory, ATTRIBUTES, m))
+            return
+    except PipelineError:
+        pass
+    write_graph_files(directory, m, n_layer, d_mlp, write_el, progress)
 
 
 def read_graph_meta(directory, m: str) -> dict:
@@ -276,14 +319,19 @@ def read_edges(directory, m: str) -> np.ndarray:
 
 # --- stage b: activation matrix ---------------------------------------------------------------------------
 def write_activation_matrix(target, active: np.ndarray, neuron_ids: np.ndarray | None = None):
-    """
-    Save a samples x neurons boolean matrix bit-packed along the neuron axis (np.packbits, 1 bit per entry):
-    keys `matrix` (uint8, samples x ceil(neurons / 8)), `matrix_shape` (samples, neurons), `neuron_ids`
-    (the neuron id of each column), `packing` ('packbits_axis1'). Read it with `read_activation_matrix`.
-    """
+    """Save a samples x neurons boolean matrix (see write_packed_activation_matrix for the format)."""
     active = np.asarray(active, dtype=bool)
-    ids = np.arange(active.shape[1], dtype=np.int64) if neuron_ids is None else np.asarray(neuron_ids, np.int64)
-    write_npz(target, matrix=np.packbits(active, axis=1), matrix_shape=np.array(active.shape, dtype=np.int64),
+    write_packed_activation_matrix(target, np.packbits(active, axis=1), active.shape[1], neuron_ids)
+
+
+def write_packed_activation_matrix(target, packed: np.ndarray, n_neurons: int, neuron_ids: np.ndarray | None = None):
+    """
+    The activation matrix, bit-packed along the neuron axis (np.packbits, 1 bit per entry): keys `matrix`
+    (uint8, samples x ceil(neurons / 8)), `matrix_shape` (samples, neurons), `neuron_ids` (the neuron id
+    of each column) and `packing` ('packbits_axis1'). Read it with `read_activation_matrix`.
+    """
+    ids = np.arange(n_neurons, dtype=np.int64) if neuron_ids is None else np.asarray(neuron_ids, np.int64)
+    write_npz(target, matrix=packed, matrix_shape=np.array([len(packed), n_neurons], dtype=np.int64),
               neuron_ids=ids, packing=np.array("packbits_axis1"))
 
 
@@ -325,3 +373,56 @@ def model_prefix(directory, suffix_template: str = MATRIX) -> str:
     if len(found) > 1:
         raise PipelineError(f"several models' files in {directory} ({', '.join(found)}): keep one per directory")
     return found[0]
+
+
+def write_activation_lists(directory, m: str, packed: np.ndarray, n_neurons: int, block: int = 256):
+    """
+    `{m}_neuron_activations.json` and `.pickle`: {str(sample_id): sorted list of active neuron ids}, as the
+    original wrote them, streamed a block of samples at a time (the lists of a big run would not fit in
+    memory as Python objects). The pickle is written opcode by opcode (protocol 2, no memo), so that
+    `pickle.load` returns the plain dict.
+    """
+    labels = np.array([str(i).encode() for i in range(n_neurons)], dtype=object)
+    with atomic_open(path(directory, ACTIVATIONS_JSON, m), "wb") as fj, \
+            atomic_open(path(directory, ACTIVATIONS_PICKLE, m), "wb") as fp:
+        fj.write(b"{")
+        fp.write(b"\x80\x02}")  # PROTO 2, EMPTY_DICT
+        for lo in range(0, len(packed), block):
+            rows = np.unpackbits(packed[lo:lo + block], axis=1, count=n_neurons).view(bool)
+            fp.write(b"(")  # MARK: the block's key/value pairs follow, then SETITEMS
+            for k, row in enumerate(rows):
+                sid = lo + k
+                ids = np.flatnonzero(row)
+                key = str(sid).encode()
+                fj.write((b", " if sid else b"") + b'"' + key + b'": [' + b", ".join(labels[ids]) + b"]")
+                fp.write(b"X" + len(key).to_bytes(4, "little") + key)  # BINUNICODE
+                fp.write(b"](" + _pickle_ints(ids) + b"e")  # EMPTY_LIST MARK ints APPENDS
+            fp.write(b"u")
+        fj.write(b"}\n")
+        fp.write(b".")
+
+
+def _pickle_ints(ids: np.ndarray) -> bytes:
+    """Pickle opcodes pushing each id: BININT1 (<256), BININT2 (<65536) or BININT (4-byte signed)."""
+    ids = ids.astype(np.int64)
+    out = np.zeros((len(ids), 5), dtype=np.uint8)
+    le = ids.astype("<u4").view(np.uint8).reshape(-1, 4)
+    small, mid = ids < 256, (ids >= 256) & (ids < 65536)
+    big = ~(small | mid)
+    out[small, 0], out[small, 1] = ord("K"), le[small, 0]
+    out[mid, 0], out[mid, 1:3] = ord("M"), le[mid, :2]
+    out[big, 0], out[big, 1:5] = ord("J"), le[big]
+    length = np.where(small, 2, np.where(mid, 3, 5))
+    keep = np.arange(5)[None, :] < length[:, None]
+    return out[keep].tobytes()
+
+
+def packed_counts(packed: np.ndarray, n_neurons: int, n_layer: int, block: int = 1024):
+    """Per-neuron activation counts (N,) and per-sample, per-layer active counts (S, L) of a bit-packed matrix."""
+    counts = np.zeros(n_neurons, dtype=np.int64)
+    per_layer = np.zeros((len(packed), n_layer), dtype=np.int64)
+    for lo in range(0, len(packed), block):
+        rows = np.unpackbits(packed[lo:lo + block], axis=1, count=n_neurons).view(bool)
+        counts += rows.sum(axis=0)
+        per_layer[lo:lo + block] = rows.reshape(len(rows), n_layer, -1).sum(axis=2)
+    return counts, per_layer

@@ -1,0 +1,77 @@
+"""
+Stage b: generate text for every prompt of a CSV and record, for every generated token, which GELU neurons
+fired (post-GELU output > 0 at the position that predicts the token).
+
+Writes into --export_dir: {m}_activation_dataset.csv, {m}_neuron_frequency.csv, {m}_activation_matrix.npz
+(bit-packed; read it with gelutrace.stagefiles.read_activation_matrix), {m}_neuron_activations.json and
+.pickle (unless --no_activation_lists), and stage a's graph files ({m}_neuron_attributes.csv,
+{m}_graph_meta.json, {m}_neuron_edges.el unless --no_edge_list).
+
+    python b_generate_activation_dataset.py --input_csv parcellation_datasets/test_1.csv \
+        --export_dir parcellation_datasets/test_1 --model_type gpt2
+"""
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args, parser, run_main
+from gelutrace.generation import StepProgress, encode_prompts, plan_batches
+from gelutrace.loading import load_model
+from gelutrace.recording import Staging, fingerprint, record_batch, write_dataset
+from gelutrace.stagefiles import read_prompts, write_graph_files_if_stale
+
+
+def main():
+    ap = parser(__doc__)
+    ap.add_argument("--input_csv", required=True,
+                    help="prompt CSV with columns prompts, number_of_new_tokens and optionally num_samples")
+    ap.add_argument("--export_dir", required=True, help="directory for the dataset files (created if missing)")
+    add_model_args(ap)
+    add_sampling_args(ap, seed=42, temperature=0.0, top_k=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run with the same inputs from its last completed prompt")
+    ap.add_argument("--no_activation_lists", action="store_true",
+                    help="skip the {m}_neuron_activations .json/.pickle lists (large for big runs; nothing "
+                         "downstream needs them)")
+    ap.add_argument("--no_edge_list", action="store_true",
+                    help="skip writing {m}_neuron_edges.el (1.2 GB for gpt2, 23 GB for gpt2-xl); later stages "
+                         "use the full adjacent-layer connectivity recorded in {m}_graph_meta.json")
+    args = ap.parse_args()
+    check_sampling_args(args)
+    prompts = read_prompts(args.input_csv)
+    lm = load_model(args.model_type, args.device)
+    cfg = lm.model.config
+    prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
+    greedy = args.temperature == 0
+
+    export = Path(args.export_dir)
+    export.mkdir(parents=True, exist_ok=True)
+    staging = Staging(export, lm.name, fingerprint(
+        Path(args.input_csv).read_bytes(), lm.name, str(lm.path.resolve()), vars(cfg), args.seed,
+        args.temperature, args.top_k, args.batch_size))
+    chunks, start = staging.start(args.resume)
+    if start:
+        print(f"resuming after prompt {start} of {len(prompts)}")
+    batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size, start)
+    total = sum(len(b.row_prompt) * b.new_tokens for b in batches)
+    with tqdm(total=total, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as bar:
+        for batch in batches:
+            with StepProgress(lm.model, bar, len(batch.row_prompt)):
+                chunk = record_batch(lm.model, batch, prompts, prompt_ids, args.temperature, args.top_k, args.seed)
+            staging.add(chunk, len(chunks), batch.prompts[-1] + 1)
+            chunks.append(chunk)
+
+    summary = write_dataset(export, lm.name, chunks, lm.tokenizer, prompts, prompt_ids, cfg.n_layer, cfg.d_mlp,
+                            activation_lists=not args.no_activation_lists)
+    write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list)
+    staging.finish()
+    per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])
+    print(f"{summary['samples']} samples from {len(prompts)} prompts written to {export}; "
+          f"active neurons per layer: {per_layer}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    run_main(main)

@@ -1,0 +1,225 @@
+"""
+Activation recording: forward hooks on every layer's GELU keep, for each forward call, the post-GELU values
+at the last position of every row, which is the position that predicts the next token. During cached
+generation each forward call (the prefill, then one call per new token) predicts exactly one token per row,
+so call s of a generation holds the activations behind new token s.
+"""
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gelutrace import PipelineError
+from gelutrace.generation import Batch, generate_batch
+from gelutrace.stagefiles import (DATASET, FREQUENCY, FREQUENCY_COLUMNS, MATRIX, Prompt, dataset_columns,
+                                  packed_counts, path, write_activation_lists, write_csv, write_json, write_npz,
+                                  write_packed_activation_matrix)
+
+
+class ActivationRecorder:
+    """
+    with ActivationRecorder(model, weights) as rec: model.generate(...)
+
+    weights (steps, rows): how many samples each (call, row) stands for (0 for calls past a row's last
+    wanted token, the repeat count for a greedy row standing for identical repeats).
+    Afterwards rec.active[s, r] is the boolean (n_layer * d_mlp) vector of neurons whose post-GELU output
+    was > 0 at call s in row r, in neuron id order, and rec.value_sum the weighted sum of post-GELU
+    outputs over all recorded samples (for mean activations).
+    """
+
+    def __init__(self, model, weights: torch.Tensor):
+        cfg = model.config
+        device = next(model.parameters()).device
+        self.model = model
+        self.d = cfg.d_mlp
+        self.n_layer = cfg.n_layer
+        self.weights = weights.to(device=device, dtype=torch.float64)
+        self.active = torch.zeros((*weights.shape, cfg.n_layer * cfg.d_mlp), dtype=torch.bool, device=device)
+        self.value_sum = torch.zeros(cfg.n_layer * cfg.d_mlp, dtype=torch.float64, device=device)
+        self.step = 0
+        self.handles = []
+
+    def _hook(self, layer):
+        cols = slice(layer * self.d, (layer + 1) * self.d)
+
+        def hook(module, inputs, output):
+            if self.step < self.active.size(0):
+                last = output[:, -1, :]
+                self.active[self.step, :, cols] = last > 0
+                self.value_sum[cols] += self.weights[self.step] @ last.to(torch.float64)
+            if layer == self.n_layer - 1:
+                self.step += 1
+        return hook
+
+    def __enter__(self):
+        self.handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.model.gelus())]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@torch.no_grad()
+def trace(model, ids: list[int]) -> np.ndarray:
+    """Post-GELU values (n_layer * d_mlp,) at the last position of `ids`: the activations behind its next token."""
+    device = next(model.parameters()).device
+    values = []
+    handles = [g.register_forward_hook(lambda m, i, o: values.append(o[0, -1].float().cpu())) for g in model.gelus()]
+    try:
+        model(torch.tensor([ids], device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(values).numpy()
+
+
+@dataclass
+class Chunk:
+    """Everything one batch recorded, samples in dataset order: the unit that --resume keeps."""
+    prompt_index: np.ndarray  # (S,) per sample
+    repeat: np.ndarray  # (S,) prompt_sample_idx
+    position: np.ndarray  # (S,) token_position
+    output_id: np.ndarray  # (S,) the generated token
+    packed: np.ndarray  # (S, ceil(N / 8)) uint8, active neurons bit-packed (np.packbits, axis 1)
+    value_sum: np.ndarray  # (N,) float64, summed post-GELU outputs over the chunk's samples
+
+    FIELDS = ("prompt_index", "repeat", "position", "output_id", "packed", "value_sum")
+
+
+def sample_layout(batch: Batch, prompts: list[Prompt], greedy: bool):
+    """(call, row, prompt, repeat, position) of each sample of the batch, in dataset order."""
+    row_of = {(p, r): i for i, (p, r) in enumerate(zip(batch.row_prompt, batch.row_repeat))}
+    call, row, prompt, repeat, position = [], [], [], [], []
+    for p in batch.prompts:
+        n = prompts[p].new_tokens
+        if n == 0:
+            continue
+        for r in range(prompts[p].num_samples):
+            call.append(np.arange(n))
+            row.append(np.full(n, row_of[(p, 0 if greedy else r)]))
+            prompt.append(np.full(n, p))
+            repeat.append(np.full(n, r))
+            position.append(np.arange(n))
+    if not call:
+        return (np.zeros(0, np.int64),) * 5
+    return tuple(np.concatenate(a).astype(np.int64) for a in (call, row, prompt, repeat, position))
+
+
+def record_batch(model, batch: Batch, prompts: list[Prompt], prompt_ids: list[list[int]], temperature: float,
+                 top_k: int | None, seed: int) -> Chunk:
+    greedy = temperature == 0
+    call, row, prompt, repeat, position = sample_layout(batch, prompts, greedy)
+    weights = np.zeros((batch.new_tokens, len(batch.row_prompt)))
+    np.add.at(weights, (call, row), 1.0)
+    with ActivationRecorder(model, torch.from_numpy(weights)) as rec:
+        new_ids = generate_batch(model, batch, prompt_ids, temperature, top_k, seed)
+    sel = torch.from_numpy(call).to(rec.active.device), torch.from_numpy(row).to(rec.active.device)
+    active = rec.active[sel].cpu().numpy()
+    return Chunk(prompt, repeat, position, new_ids[row, call] if len(row) else np.zeros(0, np.int64),
+                 np.packbits(active, axis=1), rec.value_sum.cpu().numpy())
+
+
+class Staging:
+    """
+    Chunks of an unfinished stage-b run in `<export_dir>/.{m}_partial/`, one `.npz` per completed batch,
+    plus `state.json` with the run's fingerprint. `--resume` continues after the last completed prompt of a
+    run with the same fingerprint; the final outputs are written only when every prompt is done.
+    """
+
+    def __init__(self, export_dir, m: str, fingerprint: str):
+        self.dir = Path(export_dir) / f".{m}_partial"
+        self.fingerprint = fingerprint
+
+    def start(self, resume: bool) -> tuple[list[Chunk], int]:
+        """The chunks already done (resume) and the index of the first prompt still to do."""
+        state_file = self.dir / "state.json"
+        if resume and state_file.is_file():
+            state = json.loads(state_file.read_text())
+            if state.get("fingerprint") != self.fingerprint:
+                raise PipelineError(f"--resume: the unfinished run in {self.dir} used other inputs or settings "
+                                    f"(prompt CSV, model, seed, temperature, top_k or batch size); rerun without --resume")
+            chunks = [self._load(self.dir / name) for name in state["chunks"]]
+            return chunks, state["prompts_done"]
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        self._state([], 0)
+        return [], 0
+
+    def add(self, chunk: Chunk, chunks_so_far: int, prompts_done: int):
+        name = f"chunk_{chunks_so_far:05d}.npz"
+        write_npz(self.dir / name, **{f: getattr(chunk, f) for f in Chunk.FIELDS})
+        self._state([f"chunk_{i:05d}.npz" for i in range(chunks_so_far + 1)], prompts_done)
+
+    def finish(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _state(self, chunks, prompts_done):
+        write_json({"fingerprint": self.fingerprint, "chunks": chunks, "prompts_done": prompts_done},
+                   self.dir / "state.json")
+
+    @staticmethod
+    def _load(p: Path) -> Chunk:
+        with np.load(p, allow_pickle=False) as z:
+            return Chunk(*(z[f] for f in Chunk.FIELDS))
+
+
+def fingerprint(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def write_dataset(export_dir, m: str, chunks: list[Chunk], tokenizer, prompts: list[Prompt],
+                  prompt_ids: list[list[int]], n_layer: int, d_mlp: int, activation_lists: bool = True):
+    """Stage b's dataset files from the recorded chunks (graph files are written separately)."""
+    n = n_layer * d_mlp
+    cat = {f: np.concatenate([getattr(c, f) for c in chunks]) if chunks else np.zeros(0, np.int64)
+           for f in ("prompt_index", "repeat", "position", "output_id")}
+    packed = np.concatenate([c.packed for c in chunks]) if chunks else np.zeros((0, (n + 7) // 8), np.uint8)
+    value_sum = np.sum([c.value_sum for c in chunks], axis=0) if chunks else np.zeros(n)
+    samples = len(packed)
+    counts, per_layer = packed_counts(packed, n, n_layer)
+
+    input_text, output = [], []
+    starts = np.flatnonzero(np.r_[True, cat["position"][1:] == 0]) if samples else []
+    for lo, hi in zip(starts, list(starts[1:]) + [samples]):  # one (prompt, repeat) continuation each
+        p = int(cat["prompt_index"][lo])
+        ids = cat["output_id"][lo:hi].tolist()
+        input_text += [prompts[p].text + tokenizer.decode(ids[:t]) for t in range(len(ids))]
+        output += [tokenizer.decode([i]) for i in ids]
+    table = {
+        "sample_id": np.arange(samples),
+        "prompt_sample_idx": cat["repeat"],
+        "token_position": cat["position"],
+        "input_text": input_text,
+        "output": output,
+        "input_text_ids": [str(prompt_ids[p]) for p in cat["prompt_index"]],
+        "output_id": cat["output_id"],
+        "number_of_active_neurons": per_layer.sum(axis=1),
+    }
+    table.update({f"layer_{i}_num_active_neurons": per_layer[:, i] for i in range(n_layer)})
+    write_csv(pd.DataFrame(table, columns=dataset_columns(n_layer)), path(export_dir, DATASET, m))
+
+    ids = np.arange(n)
+    freq = pd.DataFrame({
+        "neuron_id": ids, "activation_count": counts,
+        "activation_frequency": counts / samples if samples else np.zeros(n),
+        "layer": ids // d_mlp, "dimension": ids % d_mlp,
+        "mean_activation": value_sum / samples if samples else np.zeros(n),
+    }, columns=FREQUENCY_COLUMNS)
+    write_csv(freq, path(export_dir, FREQUENCY, m))
+    write_packed_activation_matrix(path(export_dir, MATRIX, m), packed, n)
+    if activation_lists:
+        write_activation_lists(export_dir, m, packed, n)
+    fraction = per_layer.mean(axis=0) / d_mlp if samples else np.zeros(n_layer)
+    return {"samples": samples, "active_fraction_per_layer": fraction.tolist()}
