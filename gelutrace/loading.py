@@ -28,6 +28,9 @@ HUB_MODELS = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "distilgpt2": "distilbert/distilgpt2",
 }
+# (n_layer, d_mlp) of the hub models: stage a needs only these, so it runs without downloading anything
+HUB_SHAPES = {"gpt2": (12, 3072), "gpt2-medium": (24, 4096), "gpt2-large": (36, 5120), "gpt2-xl": (48, 6400),
+              "distilgpt2": (6, 3072)}
 HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
              "merges.txt", "special_tokens_map.json"]
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -124,6 +127,14 @@ def read_config(path: Path) -> GPTConfig:
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
         gelu_approximate=GELU_APPROXIMATE[act],
     )
+
+
+def model_shape(model_type: str) -> tuple[int, int]:
+    """(n_layer, d_mlp) of a --model_type, from its config (hub models: known without a download)."""
+    if model_type in HUB_SHAPES and model_type not in shipped_models():
+        return HUB_SHAPES[model_type]
+    cfg = read_config(checkpoint_dir(model_type))
+    return cfg.n_layer, cfg.d_mlp
 
 
 def load_checkpoint(path: Path, device: torch.device = torch.device("cpu")) -> GPT:
