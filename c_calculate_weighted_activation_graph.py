@@ -1,0 +1,60 @@
+"""
+Stage c: the weighted co-activation graph of stage b's activation dataset.
+
+Node weight = activation count (samples in which the neuron is active); edge weight = co_activation_count
+(samples in which both ends are active), exact, one matrix product per adjacent-layer pair. If the input
+directory's .el was edited by the user, only its edges are kept.
+
+--output_path ending in .gpickle writes the original's pickled networkx.Graph (refused up front when it would
+not fit in memory); any other path writes the compact graph store, a directory of exact integer count
+matrices (one per layer pair, np.load(..., mmap_mode='r')) plus graph.json.
+
+    python c_calculate_weighted_activation_graph.py --input_dir parcellation_datasets/test_1
+    python c_calculate_weighted_activation_graph.py --input_dir parcellation_datasets/test_1 \\
+        --output_path parcellation_datasets/test_1/gpt2_weighted_graph.gpickle
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+from gelutrace import coactivation as co
+from gelutrace import stagefiles as sf
+from gelutrace.cli import run_main
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input_dir", required=True,
+                    help="stage b's export directory ({m}_activation_matrix.npz, {m}_graph_meta.json, ...)")
+    ap.add_argument("--output_path", default=None,
+                    help="where to write the graph: a path ending in .gpickle writes a pickled networkx.Graph "
+                         "(only where it fits in memory); anything else is the compact store directory "
+                         "(default: <input_dir>/{m}_weighted_graph)")
+    ap.add_argument("--memory_limit_gb", type=float, default=None,
+                    help="RAM the .gpickle path may use, for its up-front estimate (default: what the system "
+                         "reports available)")
+    args = ap.parse_args()
+
+    t0 = time.time()
+    m = sf.model_prefix(args.input_dir) if Path(args.input_dir).is_dir() else None
+    out = Path(args.output_path) if args.output_path else sf.path(args.input_dir, sf.WEIGHTED_GRAPH, m or "graph")
+    if out.suffix == ".gpickle" and m is not None:  # refuse before loading anything heavy
+        meta = sf.read_graph_meta(args.input_dir, m)
+        n_layer, d_mlp = int(meta.get("n_layer", 0)), int(meta.get("d_mlp", 0))
+        limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
+        co.check_nx_fits(n_layer * d_mlp, (n_layer - 1) * d_mlp ** 2, limit, "a NetworkX .gpickle",
+                         f"write the compact graph store instead (an --output_path not ending in .gpickle, "
+                         f"e.g. {out.with_suffix('')})")
+    data = co.load_activation_data(args.input_dir)
+    n_edges = len(data.edges) if data.edges is not None else (data.n_layer - 1) * data.d_mlp ** 2
+    if out.suffix == ".gpickle":
+        co.write_gpickle(co.build_networkx(data), out)
+    else:
+        co.write_store(out, data)
+    print(f"{data.model}: {data.num_neurons:,} neurons, {n_edges:,} edges, {data.active.shape[0]:,} samples "
+          f"-> {out} ({time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    run_main(main)

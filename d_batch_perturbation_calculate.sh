@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Stage d over a grid: every threshold x ratio x method, one subset .npy (+ sidecar .json) each, named
+# {m}_{method}_t{threshold}_r{ratio}.npy, then a summary table.
+#
+#   ./d_batch_perturbation_calculate.sh [options] INPUT_GRAPH [OUTPUT_DIR]
+#
+# INPUT_GRAPH: c_analyze's *_analyzed.json / *_analyzed.gpickle (or a store / .gpickle from stage c).
+# OUTPUT_DIR:  default <dataset>/perturbation_subsets, where <dataset> is the directory holding
+#              weighted_graph_analysis/ (or the graph's own directory).
+# Options (or environment variables):
+#   --thresholds "0.5 0.7 0.8 0.9"   THRESHOLDS
+#   --ratios "0.01 0.02 0.05 0.1"    RATIOS
+#   --methods "degree"               METHODS (degree weighted_degree pagerank activation_count random)
+#   --seed N                         SEED (for random; default 1337)
+#   --force                          FORCE=1: recompute subsets that already exist (default: skip them)
+#   PYTHON=...                       the interpreter (default: .venv/bin/python beside this script, or python3)
+set -u
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+THRESHOLDS="${THRESHOLDS:-0.5 0.7 0.8 0.9}"
+RATIOS="${RATIOS:-0.01 0.02 0.05 0.1}"
+METHODS="${METHODS:-degree}"
+SEED="${SEED:-1337}"
+FORCE="${FORCE:-0}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
+fi
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+pos=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --thresholds) THRESHOLDS="${2:?--thresholds needs a value}"; shift 2 ;;
+    --ratios) RATIOS="${2:?--ratios needs a value}"; shift 2 ;;
+    --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
+    --seed) SEED="${2:?--seed needs a value}"; shift 2 ;;
+    --force) FORCE=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) pos+=("$1"); shift ;;
+  esac
+done
+if [ ${#pos[@]} -lt 1 ] || [ ${#pos[@]} -gt 2 ]; then
+  echo "error: expected INPUT_GRAPH [OUTPUT_DIR] (see --help)" >&2; exit 2
+fi
+graph="${pos[0]}"
+if [ ! -e "$graph" ]; then echo "error: input graph $graph does not exist" >&2; exit 2; fi
+if [ ${#pos[@]} -eq 2 ]; then
+  out="${pos[1]}"
+else
+  gdir="$(cd "$(dirname "$graph")" && pwd)"
+  if [ "$(basename "$gdir")" = "weighted_graph_analysis" ]; then gdir="$(dirname "$gdir")"; fi
+  out="$gdir/perturbation_subsets"
+fi
+skip=(--skip_existing)
+[ "$FORCE" = "1" ] && skip=()
+
+files=() status=() failed=0
+for method in $METHODS; do
+  for t in $THRESHOLDS; do
+    for r in $RATIOS; do
+      log="$("$PYTHON" "$here/d_calculate_perturbation_subset.py" --input_graph_path "$graph" --threshold "$t" \
+             --ratio "$r" --method "$method" --seed "$SEED" --output_dir "$out" "${skip[@]}" 2>&1)"
+      rc=$?
+      line="$(printf '%s\n' "$log" | tail -n 1)"
+      echo "[$method t=$t r=$r] $line"
+      if [ $rc -ne 0 ]; then
+        failed=$((failed + 1)); status+=("FAILED")
+        files+=("$out/(failed: $method t=$t r=$r)")
+        continue
+      fi
+      f="$(printf '%s\n' "$line" | sed -E 's/^(wrote|skipped) (.*\.npy) \(.*/\2/')"
+      files+=("$f")
+      case "$line" in skipped*) status+=("skipped") ;; *) status+=("written") ;; esac
+    done
+  done
+done
+
+echo
+echo "summary ($out):"
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "${#files[@]}" "${files[@]}" "${status[@]}" <<'PY'
+import sys
+n = int(sys.argv[1]); files, status = sys.argv[2:2 + n], sys.argv[2 + n:]
+from gelutrace.selection import summary_table
+df = summary_table(files)
+df.insert(1, "status", status)
+print(df.to_string(index=False))
+PY
+[ $failed -eq 0 ] || { echo "error: $failed of ${#files[@]} subsets failed" >&2; exit 1; }

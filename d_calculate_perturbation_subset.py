@@ -1,0 +1,74 @@
+"""
+Stage d: a perturbation subset of influential neurons from an analyzed co-activation graph.
+
+Keeps the edges with normalised weight > --threshold (all nodes stay), takes k = max(1, int(N * --ratio))
+nodes (at most N) ranked by --method, ties to the lower node id, and writes their ids (int64, rank order) as
+.npy plus a sidecar .json (parameters, k, per-layer counts, each neuron's score).
+
+Methods: degree (the original's), weighted_degree, pagerank, activation_count, random (seeded; with
+--match_layers, the per-layer composition of another subset).
+
+    python d_calculate_perturbation_subset.py \\
+        --input_graph_path parcellation_datasets/test_1/weighted_graph_analysis/gpt2_weighted_graph_analyzed.json \\
+        --threshold 0.8 --ratio 0.01 --method degree \\
+        --output_path parcellation_datasets/test_1/perturbation_subsets/gpt2_degree_t0.8_r0.01.npy
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+from gelutrace import PipelineError
+from gelutrace import coactivation as co
+from gelutrace import selection as sel
+from gelutrace.cli import run_main
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input_graph_path", required=True,
+                    help="c_analyze's *_analyzed.json or *_analyzed.gpickle (a store directory or stage c's "
+                         ".gpickle also work)")
+    ap.add_argument("--threshold", type=float, required=True,
+                    help="keep edges with normalised co-activation > this, in [0, 1]")
+    ap.add_argument("--ratio", type=float, required=True, help="fraction of all nodes to select, in (0, 1]")
+    ap.add_argument("--method", default="degree",
+                    help=f"ranking: {', '.join(sel.METHODS)} (default: %(default)s)")
+    out = ap.add_mutually_exclusive_group(required=True)
+    out.add_argument("--output_path", help="the subset .npy to write (its sidecar .json goes beside it)")
+    out.add_argument("--output_dir",
+                     help="write {m}_{method}_t{threshold}_r{ratio}.npy in this directory instead")
+    ap.add_argument("--skip_existing", action="store_true",
+                    help="do nothing if the output .npy already exists (used by d_batch)")
+    ap.add_argument("--seed", type=int, default=1337, help="seed of --method random (default: %(default)s)")
+    ap.add_argument("--match_layers", default=None,
+                    help="with --method random: draw as many neurons per layer as this other subset .npy has")
+    ap.add_argument("--export_graph", default=None,
+                    help="also write the thresholded graph as .graphml (Gephi/Cytoscape) or .gpickle, "
+                         "when it fits in memory")
+    ap.add_argument("--memory_limit_gb", type=float, default=None,
+                    help="RAM --export_graph may use, for its up-front estimate (default: what is available)")
+    args = ap.parse_args()
+
+    t0 = time.time()
+    sel.check_params(args.threshold, args.ratio, args.method)
+    if args.output_path and Path(args.output_path).suffix != ".npy":
+        raise PipelineError(f"--output_path {args.output_path}: expected a .npy name")
+    graph = co.read_graph(args.input_graph_path)
+    target = (Path(args.output_path) if args.output_path else
+              Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, args.ratio))
+    if args.skip_existing and target.is_file():
+        print(f"skipped {target} (exists)")
+        return
+    sub = sel.select(graph, args.threshold, args.ratio, args.method, args.seed, args.match_layers)
+    params = {"method": args.method, "threshold": args.threshold, "ratio": args.ratio,
+              "seed": args.seed if args.method == "random" else None}
+    sel.write_subset(sub, graph, target, params)
+    if args.export_graph:
+        limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
+        sel.export_graph(graph, args.threshold, args.export_graph, limit)
+    print(f"wrote {target} (k={sub.k}, {sub.edges_kept:,} edges kept, {time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,68 @@
+"""Figures the stages write (matplotlib, Agg backend, written atomically as PNG). Each function stands alone."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from gelutrace import stagefiles as sf  # noqa: E402
+
+
+def _save(fig, target):
+    with sf.atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_histogram(hist: pd.DataFrame, target, title: str, xlabel: str):
+    """A density histogram from a bin_start, bin_end, density table (stage c_analyze)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if len(hist):
+        ax.bar(hist["bin_start"], hist["density"], width=hist["bin_end"] - hist["bin_start"], align="edge",
+               color="tab:blue", edgecolor="white", linewidth=0.3)
+    else:
+        ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    _save(fig, target)
+
+
+def plot_threshold_sweep(sweep: pd.DataFrame, target, title: str = "Connected components vs. edge threshold"):
+    """Number of components and largest-component size against the normalised-weight threshold."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(sweep["threshold"], sweep["num_components"], "o-", color="tab:blue", label="number of components")
+    ax.set_xlabel("threshold (edges with normalised co-activation <= threshold removed)")
+    ax.set_ylabel("number of components", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(sweep["threshold"], sweep["max_comp_size"], "s--", color="tab:red", label="largest component size")
+    ax2.set_ylabel("largest component size (nodes)", color="tab:red")
+    ax.set_title(title)
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center left")
+    _save(fig, target)
+
+
+def plot_trace(active, target, title: str):
+    """One panel per layer, its neurons laid out as a near-square grid: dark = active (b_trace)."""
+    import numpy as np
+
+    n_layer, d = active.shape
+    cols = int(np.ceil(np.sqrt(d)))
+    rows = int(np.ceil(d / cols))
+    ncol = min(n_layer, 6)
+    nrow = int(np.ceil(n_layer / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 2.4 * nrow + 0.6), squeeze=False)
+    for layer, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if layer >= n_layer:
+            ax.axis("off")
+            continue
+        grid = np.full(rows * cols, np.nan)
+        grid[:d] = active[layer]
+        ax.imshow(grid.reshape(rows, cols), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"layer {layer}: {int(active[layer].sum())} active", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, target)

@@ -1,0 +1,233 @@
+"""
+Stage d: choose a perturbation subset of neurons from a co-activation graph.
+
+The graph is thresholded as the original did: keep the edges whose normalised weight (count / max count) is
+> threshold, keep every node. k = max(1, int(num_nodes * ratio)), at most num_nodes. Nodes are ranked by the
+method's score, highest first, ties to the lower node id, and the top k are written in rank order.
+
+Methods: degree (edges kept, as the original), weighted_degree (sum of the kept edges' normalised weights),
+pagerank (on the thresholded graph, edge weight = count, alpha 0.85, as networkx.pagerank), activation_count
+(how many samples activate the neuron; no graph), random (seeded; k as above, or with match_layers the
+per-layer composition of another subset).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gelutrace import PipelineError
+from gelutrace import stagefiles as sf
+from gelutrace.coactivation import CoactivationGraph, check_nx_fits
+
+METHODS = ("degree", "weighted_degree", "pagerank", "activation_count", "random")
+PAGERANK_ALPHA = 0.85
+PAGERANK_TOL = 1e-10  # L1 change per node; stricter than networkx's default 1e-6
+PAGERANK_MAX_ITER = 1000
+PAGERANK_CACHE_BYTES = 4 << 30  # kept-edge matrices above this are re-read from the store every iteration
+
+
+def check_params(threshold: float, ratio: float, method: str):
+    if not (0.0 <= threshold <= 1.0):
+        raise PipelineError(f"--threshold must be in [0, 1], got {threshold}")
+    if not (0.0 < ratio <= 1.0):
+        raise PipelineError(f"--ratio must be in (0, 1], got {ratio}")
+    if method not in METHODS:
+        raise PipelineError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def subset_size(num_nodes: int, ratio: float) -> int:
+    return min(max(1, int(num_nodes * ratio)), num_nodes)
+
+
+def top_k(score: np.ndarray, node_ids: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k highest scores, ties to the lower node id."""
+    return np.lexsort((node_ids, -score))[:k]
+
+
+def pagerank(graph: CoactivationGraph, cut: int, alpha=PAGERANK_ALPHA, tol=PAGERANK_TOL,
+             max_iter=PAGERANK_MAX_ITER) -> np.ndarray:
+    """Weighted PageRank of the undirected graph of edges with count >= cut (networkx.pagerank's definition:
+    uniform teleport, dangling nodes' rank spread uniformly), by power iteration over the blocks."""
+    n = graph.num_nodes
+    strength = graph.degrees(cut, weighted=True).astype(np.float64)
+    cache, used = [], 0
+    for b in graph.blocks:
+        m = b.kept_csr(cut)
+        used += m.nnz * 12
+        cache.append(m.astype(np.float64) if used <= PAGERANK_CACHE_BYTES else None)
+    x = np.full(n, 1.0 / n)
+    dangling = strength == 0
+    for _ in range(max_iter):
+        v = np.divide(x, strength, out=np.zeros(n), where=~dangling)
+        y = np.zeros(n)
+        for b, m in zip(graph.blocks, cache):
+            m = m if m is not None else b.kept_csr(cut).astype(np.float64)
+            y[b.rows] += m @ v[b.cols]
+            y[b.cols] += m.T @ v[b.rows]
+        y = alpha * y + (alpha * x[dangling].sum() + 1.0 - alpha) / n
+        err = np.abs(y - x).sum()
+        x = y
+        if err < n * tol:
+            return x
+    raise PipelineError(f"pagerank did not converge in {max_iter} iterations")
+
+
+def scores(graph: CoactivationGraph, method: str, threshold: float) -> np.ndarray:
+    cut = graph.cut(threshold)
+    if method == "degree":
+        return graph.degrees(cut)
+    if method == "weighted_degree":
+        # ranking on the integer sums is exact; dividing by the max count gives the normalised-weight sums
+        return graph.degrees(cut, weighted=True) / max(graph.max_co_activation, 1)
+    if method == "pagerank":
+        return pagerank(graph, cut)
+    if method == "activation_count":
+        return graph.activation_count.astype(np.int64)
+    raise PipelineError(f"method {method!r} has no score")
+
+
+@dataclass
+class Subset:
+    ids: np.ndarray  # node ids in rank order (random: drawn order)
+    scores: np.ndarray
+    k: int
+    edges_kept: int
+    info: dict
+
+
+def read_subset_ids(path) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"subset {p} does not exist")
+    try:
+        ids = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise PipelineError(f"cannot read subset {p}: {e}") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise PipelineError(f"subset {p} is not a 1-D integer array of node ids")
+    return ids.astype(np.int64)
+
+
+def _match_layer_counts(graph: CoactivationGraph, match_path) -> dict[int, int]:
+    ids = read_subset_ids(match_path)
+    side = Path(match_path).with_suffix(".json")
+    if side.is_file():
+        try:
+            other = json.loads(side.read_text()).get("model")
+        except (json.JSONDecodeError, AttributeError):
+            other = None
+        if other and graph.model and other != graph.model:
+            raise PipelineError(f"--match_layers subset {match_path} is for model {other!r}, the graph is "
+                                f"for {graph.model!r}")
+    pos = np.searchsorted(graph.node_ids, ids)
+    if ids.size and (pos.max() >= graph.num_nodes or not np.array_equal(graph.node_ids[np.minimum(pos, graph.num_nodes - 1)], ids)):
+        raise PipelineError(f"--match_layers subset {match_path} names neurons the graph does not have "
+                            f"(a subset of another model?)")
+    layers, n = np.unique(graph.layer[pos], return_counts=True)
+    return {int(a): int(b) for a, b in zip(layers, n)}
+
+
+def select(graph: CoactivationGraph, threshold: float, ratio: float, method: str, seed: int = 1337,
+           match_layers=None) -> Subset:
+    check_params(threshold, ratio, method)
+    if match_layers is not None and method != "random":
+        raise PipelineError("--match_layers applies to --method random only")
+    if graph.num_nodes == 0:
+        raise PipelineError("the graph has no nodes")
+    cut = graph.cut(threshold)
+    kept = int(graph.degrees(cut).sum() // 2)
+    k = subset_size(graph.num_nodes, ratio)
+    info = {"k_from_ratio": k}
+    if method == "random":
+        rng = np.random.default_rng(seed)
+        if match_layers is None:
+            pos = rng.choice(graph.num_nodes, size=k, replace=False)
+        else:
+            want = _match_layer_counts(graph, match_layers)
+            parts = []
+            for layer, cnt in sorted(want.items()):  # one draw per layer
+                pool = np.flatnonzero(graph.layer == layer)
+                parts.append(rng.choice(pool, size=cnt, replace=False))
+            pos = np.concatenate(parts)
+            k = len(pos)
+            info["match_layers"] = str(match_layers)
+        sc = np.zeros(len(pos))
+    else:
+        s = scores(graph, method, threshold)
+        pos = top_k(s, graph.node_ids, k)
+        sc = s[pos]
+    return Subset(graph.node_ids[pos], sc, k, kept, info)
+
+
+def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) -> Path:
+    """The subset .npy (int64 node ids) and its sidecar JSON beside it."""
+    target = Path(target)
+    layers = graph.layer[np.searchsorted(graph.node_ids, sub.ids)]
+    lay, cnt = np.unique(layers, return_counts=True)
+    side = target.parent / sf.SUBSET_SIDECAR.format(stem=target.stem)
+    sf.write_npy(sub.ids.astype(np.int64), target)
+    sf.write_json({"subset": target.name, "model": graph.model, "graph": graph.source, **params,
+                   "num_nodes": graph.num_nodes, "max_co_activation_count": graph.max_co_activation,
+                   "edges_kept": sub.edges_kept, "k": sub.k, **sub.info,
+                   "per_layer_counts": {str(a): int(b) for a, b in zip(lay, cnt)},
+                   "neurons": sub.ids.tolist(), "scores": sub.scores.tolist()}, side, indent=1)
+    return side
+
+
+def subset_file_name(model: str | None, method: str, threshold: float, ratio: float) -> str:
+    return sf.SUBSET_FILE.format(m=model or "graph", method=method, threshold=repr(float(threshold)),
+                                 ratio=repr(float(ratio)))
+
+
+def export_graph(graph: CoactivationGraph, threshold: float, target, memory_limit: int | None = None):
+    """The thresholded graph (all nodes, kept edges) as GraphML or NetworkX .gpickle, if it fits in memory."""
+    import networkx as nx
+    from gelutrace.coactivation import write_gpickle
+    target = Path(target)
+    if target.suffix not in (".graphml", ".gpickle"):
+        raise PipelineError(f"--export_graph {target}: use a .graphml or .gpickle name")
+    cut = graph.cut(threshold)
+    kept = int(graph.degrees(cut).sum() // 2)
+    check_nx_fits(graph.num_nodes, kept, memory_limit, f"the thresholded graph (t={threshold})",
+                  "raise --threshold or skip --export_graph")
+    g = nx.Graph(model=graph.model or "", threshold=float(threshold))
+    na = graph.normalized_activation()
+    g.add_nodes_from(zip(graph.node_ids.tolist(), (
+        {"layer": int(a), "dimension": int(b), "activation_count": int(c), "activation_count_normalized": float(d)}
+        for a, b, c, d in zip(graph.layer, graph.dimension, graph.activation_count, na))))
+    mx = graph.max_co_activation
+    for b in graph.blocks:
+        m = b.kept_csr(cut).tocoo()
+        u = graph.node_ids[np.arange(b.rows.start, b.rows.stop)[m.row]]
+        v = graph.node_ids[np.arange(b.cols.start, b.cols.stop)[m.col]]
+        g.add_edges_from(zip(u.tolist(), v.tolist(), ({"co_activation_count": int(c),
+                                                      "co_activation_count_normalized": c / mx}
+                                                     for c in m.data.tolist())))
+    if target.suffix == ".gpickle":
+        write_gpickle(g, target)
+    else:
+        with sf.atomic_path(target) as tmp:
+            nx.write_graphml(g, tmp)
+    return g
+
+
+def summary_table(paths) -> pd.DataFrame:
+    """One row per subset file (from its sidecar JSON when present): for d_batch's closing table."""
+    rows = []
+    for p in map(Path, paths):
+        row = {"file": p.name, "k": None, "edges_kept": None}
+        side = p.parent / sf.SUBSET_SIDECAR.format(stem=p.stem)
+        if side.is_file():
+            try:
+                s = json.loads(side.read_text())
+                row.update(method=s.get("method"), threshold=s.get("threshold"), ratio=s.get("ratio"),
+                           k=s.get("k"), edges_kept=s.get("edges_kept"))
+            except json.JSONDecodeError:
+                pass
+        elif p.is_file():
+            row["k"] = len(read_subset_ids(p))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["file", "method", "threshold", "ratio", "k", "edges_kept"])
