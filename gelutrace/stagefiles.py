@@ -52,6 +52,11 @@ THRESHOLD_PLOT = "threshold_analysis.png"
 # stage d
 SUBSET_FILE = "{m}_{method}_t{threshold}_r{ratio}.npy"  # d --output_dir / d_batch naming
 SUBSET_SIDECAR = "{stem}.json"  # beside each subset .npy: parameters, k, per-layer counts, scores
+# stage e (under <dataset>/RESULTS_DIR)
+RESULT_FILE = "{stem}.csv"  # one per subset (none.csv for the baseline), columns RESULT_COLUMNS
+PERTURBATION_SUMMARY = "summary.csv"  # one row per subset: k, per-layer counts, metrics, random controls
+PERTURBATION_PLOT = "summary.png"  # the summary's metrics compared across subsets
+PER_SAMPLE_DIR = "per_sample"  # per_sample/{stem}.csv: each sample's metrics
 
 # --- columns ----------------------------------------------------------------------------------------------
 PROMPT_COLUMNS = ["prompts", "number_of_new_tokens", "num_samples"]
