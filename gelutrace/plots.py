@@ -66,3 +66,32 @@ def plot_trace(active, target, title: str):
         ax.set_title(f"layer {layer}: {int(active[layer].sum())} active", fontsize=9)
     fig.suptitle(title, fontsize=10)
     _save(fig, target)
+
+
+def plot_perturbation_summary(summary: pd.DataFrame, target, title: str = "Effect of ablating each subset"):
+    """
+    Stage e: one panel per metric, a bar per subset, and beside it (grey, with a ±std error bar) the mean
+    of its random controls when the summary has them.
+    """
+    import numpy as np
+
+    panels = [("kl", "KL(baseline || perturbed), nats/token"), ("delta_nll", "Δ NLL of baseline tokens, nats"),
+              ("token_agreement", "token agreement with baseline"),
+              ("first_diff_position", "first differing position (tokens)")]
+    x = np.arange(len(summary))
+    controls = "kl_random_mean" in summary.columns
+    width = 0.4 if controls else 0.7
+    fig, axes = plt.subplots(2, 2, figsize=(max(8, 1.2 * len(summary) + 4), 7.5), squeeze=False)
+    for ax, (col, label) in zip(axes.flat, panels):
+        ax.bar(x - (width / 2 if controls else 0), summary[col], width, color="tab:blue", label="subset")
+        if controls:
+            ax.bar(x + width / 2, summary[f"{col}_random_mean"], width, yerr=summary[f"{col}_random_std"].fillna(0),
+                   color="tab:gray", capsize=3, label="random, same layers (mean ± std)")
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks(x)
+        ax.set_xticklabels(summary["subset"], rotation=30, ha="right", fontsize=8)
+    if controls:
+        axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, target)

@@ -1,0 +1,94 @@
+"""
+Stage e: generate text for every prompt of a CSV with GELU neurons ablated, and measure the effect.
+
+Each subset (a .npy of neuron ids under <dataset_path>/perturbation_subsets/, or the word `none` for the
+unperturbed baseline) has its neurons' post-GELU outputs replaced at every position (0, or the neuron's
+mean activation with --ablation mean) while the model generates, with the KV cache on.
+
+Writes into <dataset_path>/perturbation_results/:
+  {subset stem}.csv     prompt, sample_index, generated_text, perturbation_subset (none.csv for `none`)
+  summary.csv           one row per subset: k, per-layer counts, metrics (and random-control mean/std/ratio)
+  summary.png           the metrics compared across subsets
+  per_sample/{stem}.csv each sample's metrics
+
+Metrics (each sample's value averaged over its continuation; the summary averages over samples):
+  kl                  KL(baseline || perturbed) of the next-token distributions (softmax of the logits,
+                      nats), teacher-forced along the baseline's continuation
+  delta_nll           -log p_perturbed + log p_baseline of the baseline's tokens, same positions
+  token_agreement     fraction of positions where the perturbed model's own generation (same seed) has
+                      the baseline's token
+  first_diff_position index of the first token that differs from the baseline's; the continuation's
+                      length when none differs
+
+    python e_generate_perturbed_results.py --dataset_path parcellation_datasets/test_1 \
+        --input_csv parcellation_datasets/test_1.csv --model_type gpt2 \
+        --perturbation_subset_filenames gpt2_degree_t0.1_r0.05.npy none --random_controls 5
+"""
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gelutrace import PipelineError
+from gelutrace import perturbation as pt
+from gelutrace import stagefiles as sf
+from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args, parser, run_main
+from gelutrace.generation import encode_prompts, plan_batches
+from gelutrace.loading import load_model
+from gelutrace.plots import plot_perturbation_summary
+
+
+def main(argv=None):
+    ap = parser(__doc__)
+    ap.add_argument("--dataset_path", required=True,
+                    help="stage b's dataset directory of this model: holds {m}_neuron_attributes.csv / "
+                         "{m}_graph_meta.json and perturbation_subsets/; results go to its perturbation_results/")
+    ap.add_argument("--input_csv", required=True,
+                    help="prompt CSV with columns prompts, number_of_new_tokens and optionally num_samples")
+    ap.add_argument("--perturbation_subset_filenames", nargs="+", required=True, metavar="NAME",
+                    help="one or more .npy files of neuron ids under <dataset_path>/perturbation_subsets/, "
+                         "or 'none' for the unperturbed baseline")
+    add_model_args(ap)
+    add_sampling_args(ap, seed=1337, temperature=0.0, top_k=1)
+    ap.add_argument("--ablation", choices=["zero", "mean"], default="zero",
+                    help="replace the neurons' outputs by 0, or by each neuron's mean_activation from the "
+                         "dataset's {m}_neuron_frequency.csv (default: %(default)s)")
+    ap.add_argument("--random_controls", type=int, default=0, metavar="N",
+                    help="for each subset, also measure N random subsets with the same number of neurons in "
+                         "each layer (seeded); the summary gets their mean and std and the ratios "
+                         "kl_vs_random, delta_nll_vs_random (default: %(default)s)")
+    args = ap.parse_args(argv)
+    check_sampling_args(args)
+    if args.random_controls < 0:
+        raise PipelineError(f"--random_controls must be >= 0, got {args.random_controls}")
+    prompts = sf.read_prompts(args.input_csv)
+
+    lm = load_model(args.model_type, args.device)
+    cfg = lm.model.config
+    n_neurons = cfg.n_layer * cfg.d_mlp
+    pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
+    subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons)
+    mean_values = pt.read_mean_activations(args.dataset_path, lm.name, n_neurons) if args.ablation == "mean" else None
+    prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
+
+    greedy = args.temperature == 0
+    batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size)
+    n_conditions = 1 + sum(1 + (args.random_controls if len(s.ids) else 0) for s in subsets if len(s.ids))
+    tokens = n_conditions * sum(len(b.row_prompt) * b.new_tokens for b in batches)
+    with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as bar:
+        results = pt.run(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values,
+                         args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
+                         args.ablation, progress=lambda kind, n: bar.update(n) if kind == "tokens" else None)
+
+    out = pt.write_results(args.dataset_path, results)
+    plot_perturbation_summary(results.summary, out / sf.PERTURBATION_PLOT,
+                              title=f"{lm.name}: effect of {args.ablation}-ablating each subset")
+    cols = ["subset", "k"] + pt.METRICS + (["kl_vs_random"] if args.random_controls else [])
+    print(results.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"results for {len(subsets)} subset(s) written to {out}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    run_main(main)

@@ -1,0 +1,434 @@
+"""
+Stage e: ablate GELU neurons during generation and measure what it does.
+
+- `Ablation` hooks model.py's GELU modules: the listed neurons' outputs are replaced (by 0, or by a value
+  per neuron such as its mean activation) at every position of every forward call, so with the KV cache on
+  the cached positions were computed under the same ablation as the new ones.
+- Subsets are `.npy` files of neuron ids (`node_id = layer * d_mlp + dimension`), read without pickle and
+  validated; random controls have the same per-layer composition.
+- Metrics compare a perturbed model with the unperturbed baseline on the baseline's own continuations:
+  teacher-forced (one forward pass over prompt + baseline continuation each, so positions line up) for
+  KL(baseline || perturbed) and the increase in negative log-likelihood, and free-running (the perturbed
+  model's own generation, same seed) for token agreement and the first differing position.
+"""
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn import functional as F
+
+from gelutrace import PipelineError
+from gelutrace import stagefiles as sf
+from gelutrace.generation import Batch, generate_batch, left_pad
+
+NONE = "none"  # the subset name that means: no ablation (the baseline)
+METRICS = ["kl", "delta_nll", "token_agreement", "first_diff_position"]
+LOGIT_BUDGET = 2 ** 26  # most logits (rows x positions x vocab) one teacher-forced pass holds at once
+
+
+# --- ablation hooks ---------------------------------------------------------------------------------------
+class Ablation:
+    """
+    with Ablation(model, ids): ...  replaces the post-GELU outputs of neurons `ids` by 0 at every position;
+    with Ablation(model, ids, values): by values[i] for ids[i] (e.g. each neuron's mean activation).
+    Hooks go only on the layers that hold some of the neurons; an empty subset registers nothing.
+    """
+
+    def __init__(self, model, ids, values=None):
+        d = model.config.d_mlp
+        ids = np.asarray(ids, dtype=np.int64)
+        device = next(model.parameters()).device
+        dtype = model.transformer.wte.weight.dtype
+        self.model = model
+        self.layers = {}
+        for layer in np.unique(ids // d):
+            sel = ids // d == layer
+            dims = torch.as_tensor(ids[sel] % d, device=device)
+            vals = None if values is None else torch.as_tensor(np.asarray(values, np.float64)[sel], dtype=dtype,
+                                                               device=device)
+            self.layers[int(layer)] = (dims, vals)
+        self.handles = []
+
+    @staticmethod
+    def _hook(dims, vals):
+        if vals is None:
+            def hook(module, inputs, output):
+                return output.index_fill_(-1, dims, 0.0)
+        else:
+            def hook(module, inputs, output):
+                output[..., dims] = vals
+                return output
+        return hook
+
+    def __enter__(self):
+        gelus = self.model.gelus()
+        self.handles = [gelus[layer].register_forward_hook(self._hook(dims, vals))
+                        for layer, (dims, vals) in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+# --- subsets ----------------------------------------------------------------------------------------------
+@dataclass
+class Subset:
+    name: str  # as given on the command line ('none' or a file name under perturbation_subsets/)
+    ids: np.ndarray  # sorted unique neuron ids (int64)
+    controls: list[np.ndarray] = field(default_factory=list)  # random subsets of the same layer composition
+
+    @property
+    def stem(self) -> str:
+        return NONE if self.name == NONE else Path(self.name).stem
+
+
+def load_subset(p: Path, n_neurons: int) -> np.ndarray:
+    """The sorted unique neuron ids of a subset `.npy`: a 1-D integer array of ids in [0, n_neurons)."""
+    if not p.is_file():
+        raise PipelineError(f"perturbation subset {p} does not exist")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise PipelineError(f"cannot read perturbation subset {p} as a .npy array without pickle: {e}") from None
+    if not isinstance(arr, np.ndarray):
+        raise PipelineError(f"perturbation subset {p} is not a single .npy array")
+    if arr.ndim != 1:
+        raise PipelineError(f"perturbation subset {p} must be a 1-D array of neuron ids, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise PipelineError(f"perturbation subset {p} must hold integer neuron ids, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = arr[(arr < 0) | (arr >= n_neurons)]
+    if len(bad):
+        raise PipelineError(f"perturbation subset {p} holds id {int(bad[0])} outside this model's neurons "
+                            f"0..{n_neurons - 1} ({len(bad)} out-of-range ids)")
+    return np.unique(arr)
+
+
+def resolve_subsets(dataset_path, names: list[str], n_neurons: int) -> list[Subset]:
+    subsets, stems = [], {}
+    reserved = {Path(sf.PERTURBATION_SUMMARY).stem}
+    for name in names:
+        if name == NONE:
+            ids = np.zeros(0, np.int64)
+        else:
+            ids = load_subset(Path(dataset_path) / sf.SUBSETS_DIR / name, n_neurons)
+        s = Subset(name, ids)
+        if s.stem in stems:
+            raise PipelineError(f"subsets {stems[s.stem]!r} and {name!r} would both write {s.stem}.csv")
+        if s.stem in reserved:
+            raise PipelineError(f"subset {name!r} would overwrite {sf.PERTURBATION_SUMMARY}: rename it")
+        stems[s.stem] = name
+        subsets.append(s)
+    return subsets
+
+
+def layer_counts(ids: np.ndarray, n_layer: int, d_mlp: int) -> np.ndarray:
+    return np.bincount(np.asarray(ids, np.int64) // d_mlp, minlength=n_layer)
+
+
+def random_control(ids: np.ndarray, n_layer: int, d_mlp: int, seed: int, index: int) -> np.ndarray:
+    """
+    Random control `index` for a subset: in every layer as many neurons as the subset has there, drawn
+    uniformly without replacement from all of that layer's neurons. Depends on the seed, the subset's ids
+    and the index only.
+    """
+    key = zlib.crc32(np.asarray(ids, "<i8").tobytes())
+    rng = np.random.default_rng(np.random.SeedSequence([seed, key, index]))
+    counts = layer_counts(ids, n_layer, d_mlp)
+    parts = [layer * d_mlp + rng.choice(d_mlp, size=int(c), replace=False) for layer, c in enumerate(counts) if c]
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+# --- the dataset directory ----------------------------------------------------------------------------------
+def check_dataset(dataset_path, m: str, n_layer: int, d_mlp: int):
+    """The dataset directory must describe this model: its {m} graph files, with its layer count and width."""
+    d = Path(dataset_path)
+    if not d.is_dir():
+        raise PipelineError(f"--dataset_path {d} is not a directory")
+    meta_p, attr_p = sf.path(d, sf.GRAPH_META, m), sf.path(d, sf.ATTRIBUTES, m)
+    if not meta_p.is_file() and not attr_p.is_file():
+        others = sorted({p.name[: -len(suffix)] for suffix in (sf.ATTRIBUTES.format(m=""), sf.GRAPH_META.format(m=""))
+                         for p in d.glob("*" + suffix)})
+        found = f"; it holds files of model(s) {', '.join(others)}" if others else ""
+        raise PipelineError(f"{d} has neither {attr_p.name} nor {meta_p.name}: not a dataset of model {m!r}{found} "
+                            f"(stage b writes them)")
+    want = f"n_layer={n_layer}, d_mlp={d_mlp}"
+    if meta_p.is_file():
+        meta = sf.read_graph_meta(d, m)
+        if (meta.get("n_layer"), meta.get("d_mlp")) != (n_layer, d_mlp):
+            raise PipelineError(f"{meta_p} describes n_layer={meta.get('n_layer')}, d_mlp={meta.get('d_mlp')}, "
+                                f"but model {m!r} has {want}: the dataset is from another model")
+    if attr_p.is_file():
+        attrs = sf.read_attributes(d, m)
+        n = n_layer * d_mlp
+        ok = (len(attrs) == n and np.array_equal(attrs["node_id"].to_numpy(), np.arange(n))
+              and np.array_equal(attrs["layer"].to_numpy(), np.arange(n) // d_mlp)
+              and np.array_equal(attrs["dimension"].to_numpy(), np.arange(n) % d_mlp))
+        if not ok:
+            raise PipelineError(f"{attr_p} does not list the {n} neurons of model {m!r} ({want}) in id order: "
+                                f"the dataset is from another model")
+
+
+def read_mean_activations(dataset_path, m: str, n_neurons: int) -> np.ndarray:
+    """Each neuron's mean post-GELU output, from the dataset's {m}_neuron_frequency.csv (stage b)."""
+    p = sf.path(dataset_path, sf.FREQUENCY, m)
+    if not p.is_file():
+        raise PipelineError(f"--ablation mean needs {p} (stage b writes it)")
+    try:
+        df = pd.read_csv(p)
+    except Exception as e:
+        raise PipelineError(f"cannot parse {p}: {e}") from None
+    if "mean_activation" not in df.columns or "neuron_id" not in df.columns:
+        raise PipelineError(f"{p} has no neuron_id/mean_activation columns (written by an older stage b?): "
+                            f"rerun stage b, or use --ablation zero")
+    if len(df) != n_neurons or not np.array_equal(df["neuron_id"].to_numpy(), np.arange(n_neurons)):
+        raise PipelineError(f"{p} must list all {n_neurons} neurons of model {m!r} in id order")
+    values = pd.to_numeric(df["mean_activation"], errors="coerce").to_numpy(np.float64)
+    if not np.isfinite(values).all():
+        raise PipelineError(f"{p}: mean_activation holds missing or non-finite values")
+    return values
+
+
+# --- generation and metrics -------------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """The distinct sequences computed: one per prompt when greedy, one per (prompt, repeat) otherwise."""
+    prompt: np.ndarray  # (R,) prompt index
+    repeat: np.ndarray  # (R,) repeat number (greedy: 0, standing for every repeat)
+    length: np.ndarray  # (R,) continuation tokens wanted
+    where: list[tuple[int, int]]  # (batch index, row within the batch's output)
+
+
+def plan_rows(batches: list[Batch], prompts) -> Rows:
+    prompt, repeat, length, where = [], [], [], []
+    for b, batch in enumerate(batches):
+        for i, (p, r) in enumerate(zip(batch.row_prompt, batch.row_repeat)):
+            prompt.append(p)
+            repeat.append(r)
+            length.append(prompts[p].new_tokens)
+            where.append((b, i))
+    return Rows(np.array(prompt, np.int64), np.array(repeat, np.int64), np.array(length, np.int64), where)
+
+
+def generate_rows(model, batches: list[Batch], rows: Rows, prompt_ids, temperature, top_k, seed,
+                  ablation: Ablation | None = None, on_batch=None) -> list[np.ndarray]:
+    """Each row's continuation (its prompt's number of new tokens), under `ablation` when given."""
+    outs = []
+    for batch in batches:
+        if ablation is None:
+            outs.append(generate_batch(model, batch, prompt_ids, temperature, top_k, seed))
+        else:
+            with ablation:
+                outs.append(generate_batch(model, batch, prompt_ids, temperature, top_k, seed))
+        if on_batch is not None:
+            on_batch(batch)
+    return [outs[b][i, :n] for (b, i), n in zip(rows.where, rows.length)]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, prompt_ids: list[list[int]], conts: list[np.ndarray]) -> torch.Tensor:
+    """
+    Teacher-forced next-token log-probabilities (rows x max_len x vocab, float32) of each row's continuation:
+    one forward pass over prompt + continuation (left-padded), the prediction of continuation token t in
+    entry [row, max_len - len + t] (right-aligned; the entries before are unused).
+    """
+    device = next(model.parameters()).device
+    seqs = [list(p) + [int(t) for t in c[:-1]] for p, c in zip(prompt_ids, conts)]
+    n = max(len(c) for c in conts)
+    idx, pad = left_pad(seqs, device)
+    logits, _ = model(idx, pad=pad if bool(pad.any()) else None)
+    return F.log_softmax(logits[:, -n:, :].float(), dim=-1)
+
+
+def compare_logprobs(base: torch.Tensor, pert: torch.Tensor, conts: list[np.ndarray]):
+    """
+    Per row: mean over the continuation's positions of KL(base || pert) of the next-token distributions and
+    of the increase in negative log-likelihood of the continuation's tokens (-log p_pert + log p_base).
+    Arguments as continuation_logprobs returns them. Returns two float64 arrays.
+    """
+    n = base.size(1)
+    kl = (base.exp() * (base - pert)).sum(-1).double()  # (rows, n)
+    tokens = torch.zeros((len(conts), n), dtype=torch.long, device=base.device)
+    mask = torch.zeros((len(conts), n), dtype=torch.bool, device=base.device)
+    for i, c in enumerate(conts):
+        tokens[i, n - len(c):] = torch.as_tensor(np.asarray(c, np.int64), device=base.device)
+        mask[i, n - len(c):] = True
+    dnll = (base.gather(-1, tokens[..., None]) - pert.gather(-1, tokens[..., None]))[..., 0].double()
+    lengths = mask.sum(1).double()
+    return ((kl * mask).sum(1) / lengths).cpu().numpy(), ((dnll * mask).sum(1) / lengths).cpu().numpy()
+
+
+def agreement(base: np.ndarray, pert: np.ndarray) -> tuple[float, int]:
+    """(fraction of positions where the tokens agree, first position where they differ — len if none)."""
+    same = np.asarray(base) == np.asarray(pert)
+    diff = np.flatnonzero(~same)
+    return float(same.mean()), int(diff[0]) if len(diff) else len(same)
+
+
+def metric_chunks(rows: Rows, prompt_ids, vocab_size: int, max_rows: int) -> list[np.ndarray]:
+    """Rows with a continuation, in chunks whose teacher-forced logits stay within LOGIT_BUDGET."""
+    todo = np.flatnonzero(rows.length > 0)
+    chunks, cur, width = [], [], 0
+    for r in todo:
+        w = max(width, len(prompt_ids[rows.prompt[r]]) + int(rows.length[r]))
+        if cur and (len(cur) >= max_rows or (len(cur) + 1) * w * vocab_size > LOGIT_BUDGET):
+            chunks.append(np.array(cur))
+            cur, w = [], len(prompt_ids[rows.prompt[r]]) + int(rows.length[r])
+        cur.append(r)
+        width = w
+    if cur:
+        chunks.append(np.array(cur))
+    return chunks
+
+
+@dataclass
+class Condition:
+    """One ablation to measure: a subset or one of its random controls."""
+    ids: np.ndarray
+    conts: list[np.ndarray] = field(default_factory=list)  # per row: the generated continuation
+    kl: np.ndarray | None = None  # per row
+    delta_nll: np.ndarray | None = None
+    agree: np.ndarray | None = None
+    first_diff: np.ndarray | None = None
+
+
+def measure(model, batches: list[Batch], rows: Rows, prompt_ids, conditions: list[Condition],
+            mean_values: np.ndarray | None, temperature: float, top_k, seed: int, batch_size: int,
+            progress=None) -> list[np.ndarray]:
+    """
+    Generate the baseline and every condition's continuations, then fill in each condition's per-row
+    metrics. Returns the baseline's continuations. `progress(kind, amount)` is called as work completes.
+    """
+    def ablation(ids):
+        if len(ids) == 0:
+            return None
+        return Ablation(model, ids, None if mean_values is None else mean_values[ids])
+
+    def tick(batch):
+        if progress is not None:
+            progress("tokens", len(batch.row_prompt) * batch.new_tokens)
+
+    base = generate_rows(model, batches, rows, prompt_ids, temperature, top_k, seed, None, tick)
+    for c in conditions:
+        abl = ablation(c.ids)
+        c.conts = base if abl is None else generate_rows(model, batches, rows, prompt_ids, temperature, top_k,
+                                                         seed, abl, tick)
+        pairs = [agreement(b, p) if len(b) else (np.nan, np.nan) for b, p in zip(base, c.conts)]
+        c.agree = np.array([a for a, _ in pairs], np.float64)
+        c.first_diff = np.array([f for _, f in pairs], np.float64)
+        c.kl = np.full(len(base), np.nan)
+        c.delta_nll = np.full(len(base), np.nan)
+
+    for chunk in metric_chunks(rows, prompt_ids, model.config.vocab_size, batch_size):
+        pids = [prompt_ids[rows.prompt[r]] for r in chunk]
+        conts = [base[r] for r in chunk]
+        base_lp = continuation_logprobs(model, pids, conts)
+        for c in conditions:
+            abl = ablation(c.ids)
+            if abl is None:
+                pert_lp = base_lp
+            else:
+                with abl:
+                    pert_lp = continuation_logprobs(model, pids, conts)
+            c.kl[chunk], c.delta_nll[chunk] = compare_logprobs(base_lp, pert_lp, conts)
+            if progress is not None:
+                progress("passes", 1)
+    return base
+
+
+# --- putting a run together -------------------------------------------------------------------------------
+def expand_samples(rows: Rows, prompts, greedy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt, sample_index, row) of every output sample in CSV order: prompt by prompt, repeat by repeat."""
+    row_of = {(int(p), int(r)): i for i, (p, r) in enumerate(zip(rows.prompt, rows.repeat))}
+    out = [(p, s, row_of.get((p, 0 if greedy else s), -1))
+           for p, pr in enumerate(prompts) for s in range(pr.num_samples)]
+    arr = np.array(out, np.int64).reshape(-1, 3)
+    return arr[:, 0], arr[:, 1], arr[:, 2]
+
+
+def condition_metrics(c: Condition, sample_rows: np.ndarray) -> dict:
+    """Summary metrics of a condition: the mean over samples (rows without a continuation left out)."""
+    have = sample_rows[sample_rows >= 0]
+    out = {}
+    for name, per_row in zip(METRICS, (c.kl, c.delta_nll, c.agree, c.first_diff)):
+        vals = per_row[have]
+        vals = vals[~np.isnan(vals)]
+        out[name] = float(vals.mean()) if len(vals) else np.nan
+    return out
+
+
+def result_table(subset: Subset, c: Condition, prompts, tokenizer, samples) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The contract's CSV of one subset, and its per-sample metrics."""
+    sp, si, sr = samples
+    texts = [tokenizer.decode([int(t) for t in c.conts[r]]) if r >= 0 else "" for r in sr]
+    result = pd.DataFrame({"prompt": [prompts[p].text for p in sp], "sample_index": si, "generated_text": texts,
+                           "perturbation_subset": subset.name}, columns=sf.RESULT_COLUMNS)
+    def per(a):
+        return np.where(sr >= 0, a[np.maximum(sr, 0)], np.nan) if len(sr) else np.zeros(0)
+    lengths = np.array([prompts[p].new_tokens for p in sp], np.int64)
+    metrics = pd.DataFrame({"prompt": result["prompt"], "sample_index": si, "num_tokens": lengths,
+                            "kl": per(c.kl), "delta_nll": per(c.delta_nll), "token_agreement": per(c.agree),
+                            "first_diff_position": per(c.first_diff)})
+    return result, metrics
+
+
+def summary_row(subset: Subset, main: Condition, controls: list[Condition], sample_rows, n_layer, d_mlp,
+                ablation: str, n_controls: int) -> dict:
+    row = {"subset": subset.name, "ablation": ablation, "k": len(subset.ids)}
+    row.update({f"layer_{i}_count": int(c) for i, c in enumerate(layer_counts(subset.ids, n_layer, d_mlp))})
+    row["num_samples"] = int((sample_rows >= 0).sum())
+    row.update(condition_metrics(main, sample_rows))
+    if n_controls:
+        ctl = [condition_metrics(c, sample_rows) for c in controls]
+        row["random_controls"] = len(ctl)
+        for name in METRICS:
+            vals = np.array([m[name] for m in ctl], np.float64)
+            row[f"{name}_random_mean"] = float(vals.mean()) if len(vals) else np.nan
+            row[f"{name}_random_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else np.nan
+        for name in ("kl", "delta_nll"):
+            rnd = row[f"{name}_random_mean"]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                row[f"{name}_vs_random"] = float(np.float64(row[name]) / np.float64(rnd)) if len(ctl) else np.nan
+    return row
+
+
+@dataclass
+class Results:
+    tables: dict  # stem -> (result DataFrame, per-sample metrics DataFrame)
+    summary: pd.DataFrame
+
+
+def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values, temperature, top_k,
+        seed, batch_size, n_controls: int, ablation: str, progress=None) -> Results:
+    cfg = model.config
+    greedy = temperature == 0
+    rows = plan_rows(batches, prompts)
+    mains = [Condition(s.ids) for s in subsets]
+    controls = []
+    for s in subsets:
+        n = n_controls if len(s.ids) else 0
+        s.controls = [random_control(s.ids, cfg.n_layer, cfg.d_mlp, seed, j) for j in range(n)]
+        controls.append([Condition(ids) for ids in s.controls])
+    measure(model, batches, rows, prompt_ids, mains + [c for cs in controls for c in cs], mean_values,
+            temperature, top_k, seed, batch_size, progress)
+    samples = expand_samples(rows, prompts, greedy)
+    tables, summary = {}, []
+    for s, main, ctl in zip(subsets, mains, controls):
+        tables[s.stem] = result_table(s, main, prompts, tokenizer, samples)
+        summary.append(summary_row(s, main, ctl, samples[2], cfg.n_layer, cfg.d_mlp, ablation, n_controls))
+    return Results(tables, pd.DataFrame(summary))
+
+
+def write_results(dataset_path, results: Results) -> Path:
+    out = Path(dataset_path) / sf.RESULTS_DIR
+    for stem, (result, metrics) in results.tables.items():
+        sf.write_csv(metrics, out / sf.PER_SAMPLE_DIR / sf.RESULT_FILE.format(stem=stem))
+        sf.write_csv(result, out / sf.RESULT_FILE.format(stem=stem))
+    sf.write_csv(results.summary, out / sf.PERTURBATION_SUMMARY)
+    return out
