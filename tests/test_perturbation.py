@@ -1,0 +1,379 @@
+"""
+Stage e (gelutrace.perturbation, e_generate_perturbed_results.py) against independent references: a copy of
+the model with c_proj input columns zeroed (or folded into the bias), transformers' GPT2LMHeadModel with a
+hook on `mlp.act`, plain greedy generation, and the metrics computed by hand.
+"""
+
+import copy
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO_ROOT, SHIPPED_NAME, SHIPPED_PATH, load_hf
+from gelutrace import PipelineError
+from gelutrace import perturbation as pt
+from gelutrace import stagefiles as sf
+from model import KVCache
+
+SCRIPT = REPO_ROOT / "e_generate_perturbed_results.py"
+PROMPTS = ["ROMEO: what, ho! ", "In the beginning God created the heaven", "Friends, \"Romans\", countrymen "]
+NEW = 8
+
+
+def ids_of(pairs, d):
+    return np.array([layer * d + dim for layer, dim in pairs], np.int64)
+
+
+def write_prompt_csv(p, prompts=PROMPTS, new=NEW, samples=2):
+    pd.DataFrame({"prompts": prompts, "number_of_new_tokens": new, "num_samples": samples}).to_csv(p, index=False)
+    return p
+
+
+def make_dataset(d, lm, subsets: dict, means=None):
+    """A dataset directory as stage b leaves it (graph files, frequency CSV) plus perturbation subsets."""
+    cfg = lm.model.config
+    n = cfg.n_layer * cfg.d_mlp
+    sf.write_graph_files(d, lm.name, cfg.n_layer, cfg.d_mlp, write_el=False)
+    ids = np.arange(n)
+    means = np.linspace(-0.1, 0.9, n) if means is None else means
+    pd.DataFrame({"neuron_id": ids, "activation_count": 1, "activation_frequency": 0.5, "layer": ids // cfg.d_mlp,
+                  "dimension": ids % cfg.d_mlp, "mean_activation": means},
+                 columns=sf.FREQUENCY_COLUMNS).to_csv(sf.path(d, sf.FREQUENCY, lm.name), index=False)
+    (d / sf.SUBSETS_DIR).mkdir(parents=True, exist_ok=True)
+    for name, arr in subsets.items():
+        np.save(d / sf.SUBSETS_DIR / name, arr)
+    return d
+
+
+def run_e(lm_path, dataset, csv, names, *extra):
+    import e_generate_perturbed_results as e
+
+    e.main(["--dataset_path", str(dataset), "--input_csv", str(csv), "--model_type", str(lm_path), "--device", "cpu",
+            "--perturbation_subset_filenames", *names, *extra])
+    return dataset / sf.RESULTS_DIR
+
+
+@pytest.fixture(scope="session")
+def subject(random_ckpt):
+    """(checkpoint dir, LoadedModel): the shipped model when it has been trained, else the random checkpoint."""
+    from gelutrace.loading import load_model
+
+    if (SHIPPED_PATH / "model.safetensors").is_file():
+        return SHIPPED_PATH, load_model(SHIPPED_NAME, device="cpu")
+    return random_ckpt, load_model(str(random_ckpt), device="cpu")
+
+
+def subset_for(model):
+    d, L = model.config.d_mlp, model.config.n_layer
+    return ids_of([(0, 3), (0, 17), (L // 2, 5), (L - 1, 0), (L - 1, d - 1)], d)
+
+
+# --- the hook against an independent reference --------------------------------------------------------------
+
+def zeroed_copy(model, ids, means=None):
+    """A copy whose c_proj ignores input j of the neurons' layers (and adds mean_j * column j to the bias)."""
+    ref = copy.deepcopy(model)
+    d = model.config.d_mlp
+    with torch.no_grad():
+        for i in ids:
+            proj = ref.transformer.h[int(i) // d].mlp.c_proj
+            col = proj.weight[:, int(i) % d].clone()
+            if means is not None:
+                proj.bias += col * float(means[i])
+            proj.weight[:, int(i) % d] = 0
+    return ref
+
+
+def cached_logits(model, idx, prefill):
+    """Logits of every position of idx, computed as a prefill of `prefill` positions then one per step."""
+    cache = KVCache(model.config, idx.size(0), idx.size(1), idx.device, torch.float32)
+    out = [model(idx[:, :prefill], cache=cache)[0]]
+    for t in range(prefill, idx.size(1)):
+        out.append(model(idx[:, t:t + 1], cache=cache)[0])
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_hook_equals_model_with_c_proj_columns_removed(random_model, mode):
+    model = random_model
+    ids = subset_for(model)
+    means = np.random.default_rng(0).normal(size=model.config.n_layer * model.config.d_mlp)
+    values = None if mode == "zero" else means[ids]
+    ref = zeroed_copy(model, ids, None if mode == "zero" else means)
+    idx = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain, _ = model(idx)
+        expect, _ = ref(idx)
+        with pt.Ablation(model, ids, values):
+            ablated, _ = model(idx)
+            ablated_cached = cached_logits(model, idx, prefill=12)
+        ref_cached = cached_logits(ref, idx, prefill=12)
+    assert (plain - expect).abs().max() > 1e-2  # the ablation changes something
+    assert (ablated - expect).abs().max() <= 1e-4
+    assert (ablated_cached - expect).abs().max() <= 1e-4
+    assert (ablated_cached - ref_cached).abs().max() <= 1e-4
+    with torch.no_grad():  # the hooks are gone afterwards
+        assert torch.equal(model(idx)[0], plain)
+
+
+def test_empty_subset_registers_no_hook(random_model):
+    with pt.Ablation(random_model, np.zeros(0, np.int64)) as a:
+        assert a.handles == []
+
+
+# --- generated text against plain greedy generation and transformers ---------------------------------------
+
+@pytest.fixture(scope="module")
+def greedy_run(subject, tmp_path_factory):
+    path, lm = subject
+    d = tmp_path_factory.mktemp("e_greedy")
+    ids = subset_for(lm.model)
+    make_dataset(d / "ds", lm, {"sub.npy": ids})
+    out = run_e(path, d / "ds", write_prompt_csv(d / "p.csv"), ["sub.npy", "none"], "--random_controls", "2")
+    return path, lm, ids, out
+
+
+def test_none_text_equals_plain_greedy_generation(greedy_run):
+    _, lm, _, out = greedy_run
+    df = pd.read_csv(out / "none.csv", keep_default_na=False)
+    assert list(df.columns) == sf.RESULT_COLUMNS
+    assert df["prompt"].tolist() == [p for p in PROMPTS for _ in range(2)]
+    assert df["sample_index"].tolist() == [0, 1] * len(PROMPTS)
+    assert set(df["perturbation_subset"]) == {"none"}
+    for i, p in enumerate(PROMPTS):
+        idx = torch.tensor([lm.tokenizer(p)["input_ids"]])
+        with torch.no_grad():
+            new = lm.model.generate(idx, NEW, temperature=0.0)[0, idx.size(1):].tolist()
+        assert df["generated_text"].tolist()[2 * i:2 * i + 2] == [lm.tokenizer.decode(new)] * 2, p
+
+
+def test_subset_text_equals_transformers_with_act_hook(greedy_run):
+    path, lm, ids, out = greedy_run
+    hf = load_hf(path)
+    d = lm.model.config.d_mlp
+    handles = []
+    for layer in np.unique(ids // d):
+        dims = torch.as_tensor(ids[ids // d == layer] % d)
+
+        def hook(module, inputs, output, dims=dims):
+            output = output.clone()
+            output[..., dims] = 0
+            return output
+        handles.append(hf.transformer.h[int(layer)].mlp.act.register_forward_hook(hook))
+    df = pd.read_csv(out / "sub.csv", keep_default_na=False)
+    assert set(df["perturbation_subset"]) == {"sub.npy"}
+    base = pd.read_csv(out / "none.csv", keep_default_na=False)
+    try:
+        for i, p in enumerate(PROMPTS):
+            idx = torch.tensor([lm.tokenizer(p)["input_ids"]])
+            ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=NEW, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)[0, idx.size(1):].tolist()
+            assert df["generated_text"][2 * i] == lm.tokenizer.decode(ref), p
+    finally:
+        for h in handles:
+            h.remove()
+    assert not df["generated_text"].equals(base["generated_text"]) or lm.name == SHIPPED_NAME
+
+
+def test_summary_and_per_sample_files(greedy_run):
+    _, lm, ids, out = greedy_run
+    cfg = lm.model.config
+    s = pd.read_csv(out / sf.PERTURBATION_SUMMARY)
+    assert s["subset"].tolist() == ["sub.npy", "none"]
+    assert s["k"].tolist() == [len(ids), 0]
+    counts = [s.loc[0, f"layer_{i}_count"] for i in range(cfg.n_layer)]
+    assert counts == np.bincount(ids // cfg.d_mlp, minlength=cfg.n_layer).tolist()
+    none = s.iloc[1]
+    assert none["kl"] == 0 and none["delta_nll"] == 0 and none["token_agreement"] == 1
+    assert none["first_diff_position"] == NEW  # no differing token counts as the continuation's length
+    row = s.iloc[0]
+    assert row["kl"] > 0 and row["random_controls"] == 2
+    for m in pt.METRICS:
+        assert f"{m}_random_mean" in s.columns and f"{m}_random_std" in s.columns
+    assert math.isclose(row["kl_vs_random"], row["kl"] / row["kl_random_mean"])
+    per = pd.read_csv(out / sf.PER_SAMPLE_DIR / "sub.csv")
+    assert len(per) == 2 * len(PROMPTS)
+    for m in pt.METRICS:
+        assert math.isclose(per[m].mean(), row[m], rel_tol=1e-9, abs_tol=1e-12)
+    assert (out / sf.PERTURBATION_PLOT).stat().st_size > 1000
+
+
+# --- metrics by hand ----------------------------------------------------------------------------------------
+
+def test_kl_and_delta_nll_equal_a_hand_computation():
+    base_p = [[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]]
+    pert_p = [[0.25, 0.5, 0.25], [0.2, 0.2, 0.6]]
+    tokens = [1, 2]
+    kl = [sum(p * math.log(p / q) for p, q in zip(bp, qp)) for bp, qp in zip(base_p, pert_p)]
+    dnll = [-math.log(qp[t]) + math.log(bp[t]) for bp, qp, t in zip(base_p, pert_p, tokens)]
+    # two rows, right-aligned: row 0 has both positions, row 1 only the last (its first entry is padding)
+    base = torch.tensor([base_p, [[1 / 3] * 3, base_p[1]]]).log()
+    pert = torch.tensor([pert_p, [[0.9, 0.05, 0.05], pert_p[1]]]).log()
+    got_kl, got_dnll = pt.compare_logprobs(base, pert, [np.array(tokens), np.array([2])])
+    assert got_kl[0] == pytest.approx(sum(kl) / 2, rel=1e-6)
+    assert got_dnll[0] == pytest.approx(sum(dnll) / 2, rel=1e-6)
+    assert got_kl[1] == pytest.approx(kl[1], rel=1e-6)
+    assert got_dnll[1] == pytest.approx(dnll[1], rel=1e-6)
+
+
+def test_kl_of_a_subset_against_itself_is_zero(random_model):
+    model = random_model
+    ids = subset_for(model)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    conts = [np.array([11, 12, 13]), np.array([14, 15, 16, 17, 18])]
+    with pt.Ablation(model, ids):
+        a = pt.continuation_logprobs(model, prompts, conts)
+        b = pt.continuation_logprobs(model, prompts, conts)
+    kl, dnll = pt.compare_logprobs(a, b, conts)
+    assert np.all(kl == 0) and np.all(dnll == 0)
+    plain = pt.continuation_logprobs(model, prompts, conts)
+    kl, _ = pt.compare_logprobs(plain, a, conts)
+    assert np.all(kl > 0)
+
+
+def test_teacher_forced_logprobs_line_up_with_single_sequences(random_model):
+    model = random_model
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    conts = [np.array([11, 12, 13]), np.array([14, 15, 16, 17, 18])]
+    lp = pt.continuation_logprobs(model, prompts, conts)
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([p + c.tolist()]))
+        ref = torch.log_softmax(logits[0, len(p) - 1:len(p) - 1 + len(c)], -1)
+        assert (lp[i, lp.size(1) - len(c):] - ref).abs().max() <= 1e-4
+
+
+def test_agreement_and_first_difference():
+    assert pt.agreement(np.array([1, 2, 3, 4]), np.array([1, 2, 3, 4])) == (1.0, 4)
+    assert pt.agreement(np.array([1, 2, 3, 4]), np.array([1, 9, 3, 9])) == (0.5, 1)
+
+
+def test_random_controls_keep_the_layer_composition():
+    ids = np.array([0, 1, 2, 300, 700, 701], np.int64)
+    a = pt.random_control(ids, 3, 256, seed=1, index=0)
+    assert np.array_equal(pt.layer_counts(a, 3, 256), pt.layer_counts(ids, 3, 256))
+    assert len(np.unique(a)) == len(ids)
+    assert np.array_equal(a, pt.random_control(ids, 3, 256, seed=1, index=0))
+    assert not np.array_equal(a, pt.random_control(ids, 3, 256, seed=1, index=1))
+    assert not np.array_equal(a, pt.random_control(ids, 3, 256, seed=2, index=0))
+
+
+# --- mean ablation, reproducibility, bad input ---------------------------------------------------------------
+
+def test_mean_ablation_uses_mean_activation(subject, tmp_path):
+    path, lm = subject
+    cfg = lm.model.config
+    n = cfg.n_layer * cfg.d_mlp
+    ids = subset_for(lm.model)
+    means = np.random.default_rng(3).normal(0, 2, n)
+    make_dataset(tmp_path / "ds", lm, {"sub.npy": ids}, means=means)
+    out = run_e(path, tmp_path / "ds", write_prompt_csv(tmp_path / "p.csv", samples=1), ["sub.npy"],
+                "--ablation", "mean")
+    df = pd.read_csv(out / "sub.csv", keep_default_na=False)
+    ref = zeroed_copy(lm.model, ids, means)
+    for i, p in enumerate(PROMPTS):
+        idx = torch.tensor([lm.tokenizer(p)["input_ids"]])
+        with torch.no_grad():
+            new = ref.generate(idx, NEW, temperature=0.0)[0, idx.size(1):].tolist()
+        assert df["generated_text"][i] == lm.tokenizer.decode(new), p
+    assert pd.read_csv(out / sf.PERTURBATION_SUMMARY)["ablation"].tolist() == ["mean"]
+
+
+def test_same_seed_gives_byte_identical_csvs(random_loaded, random_ckpt, tmp_path):
+    ids = subset_for(random_loaded.model)
+    csv = write_prompt_csv(tmp_path / "p.csv", samples=3)
+    runs = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        make_dataset(tmp_path / name, random_loaded, {"sub.npy": ids})
+        runs.append(run_e(random_ckpt, tmp_path / name, csv, ["sub.npy", "none"], "--temperature", "1.0",
+                          "--top_k", "50", "--seed", str(seed), "--random_controls", "2", "--batch_size", "4"))
+    for f in ("sub.csv", "none.csv", sf.PERTURBATION_SUMMARY, "per_sample/sub.csv"):
+        assert (runs[0] / f).read_bytes() == (runs[1] / f).read_bytes(), f
+    texts = pd.read_csv(runs[0] / "none.csv", keep_default_na=False)["generated_text"]
+    assert texts.nunique() > len(PROMPTS)  # sampled repeats differ
+    assert (runs[0] / "none.csv").read_bytes() != (runs[2] / "none.csv").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["missing", "2d", "float", "out_of_range", "negative", "pickled", "npz",
+                                  "bad_csv", "other_model_meta", "other_model_files", "duplicate_stem",
+                                  "mean_without_column"])
+def test_bad_input_raises_before_writing(random_loaded, random_ckpt, tmp_path, case):
+    lm = random_loaded
+    n = lm.model.config.n_layer * lm.model.config.d_mlp
+    d = make_dataset(tmp_path / "ds", lm, {"ok.npy": np.array([1, 2])})
+    sub = d / sf.SUBSETS_DIR
+    csv = write_prompt_csv(tmp_path / "p.csv")
+    names, extra = ["ok.npy", "bad.npy", "none"], []
+    if case == "missing":
+        names = ["ok.npy", "nothere.npy"]
+    elif case == "2d":
+        np.save(sub / "bad.npy", np.zeros((2, 2), np.int64))
+    elif case == "float":
+        np.save(sub / "bad.npy", np.array([1.0, 2.0]))
+    elif case == "out_of_range":
+        np.save(sub / "bad.npy", np.array([0, n]))
+    elif case == "negative":
+        np.save(sub / "bad.npy", np.array([-1]))
+    elif case == "pickled":
+        np.save(sub / "bad.npy", np.array([1, "x"], dtype=object), allow_pickle=True)
+    elif case == "npz":
+        np.savez(sub / "bad.npy", a=np.array([1]))
+        (sub / "bad.npy.npz").rename(sub / "bad.npy")
+    elif case == "bad_csv":
+        names = ["ok.npy"]
+        csv.write_text("prompt,new_tokens\nhello,3\n")
+    elif case == "other_model_meta":
+        meta = sf.read_graph_meta(d, lm.name)
+        sf.write_json(dict(meta, n_layer=meta["n_layer"] + 1), sf.path(d, sf.GRAPH_META, lm.name))
+        names = ["none"]
+    elif case == "other_model_files":
+        for t in (sf.GRAPH_META, sf.ATTRIBUTES):
+            sf.path(d, t, lm.name).rename(sf.path(d, t, "gpt2"))
+        names = ["none"]
+    elif case == "duplicate_stem":
+        names = ["ok.npy", "ok.npy"]
+    elif case == "mean_without_column":
+        names, extra = ["ok.npy"], ["--ablation", "mean"]
+        freq = sf.path(d, sf.FREQUENCY, lm.name)
+        pd.read_csv(freq).drop(columns="mean_activation").to_csv(freq, index=False)
+    with pytest.raises(PipelineError):
+        run_e(random_ckpt, d, csv, names, *extra)
+    assert not (d / sf.RESULTS_DIR).exists()
+
+
+def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path):
+    """As a subprocess: a good run writes every file; a bad subset exits 2 with one error line and no CSV."""
+    ids = subset_for(random_loaded.model)
+    good = make_dataset(tmp_path / "good", random_loaded, {"sub.npy": ids})
+    csv = write_prompt_csv(tmp_path / "p.csv", samples=1)
+    cmd = [sys.executable, str(SCRIPT), "--input_csv", str(csv), "--model_type", str(random_ckpt), "--device", "cpu"]
+    r = subprocess.run(cmd + ["--dataset_path", str(good), "--perturbation_subset_filenames", "sub.npy", "none",
+                              "--random_controls", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = good / sf.RESULTS_DIR
+    assert sorted(p.name for p in out.iterdir()) == ["none.csv", "per_sample", "sub.csv", "summary.csv", "summary.png"]
+    assert list(pd.read_csv(out / "sub.csv").columns) == sf.RESULT_COLUMNS
+
+    bad = make_dataset(tmp_path / "bad", random_loaded, {"sub.npy": np.array([[1, 2]])})
+    r = subprocess.run(cmd + ["--dataset_path", str(bad), "--perturbation_subset_filenames", "sub.npy", "none"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "1-D" in errors[0]
+    assert not (bad / sf.RESULTS_DIR).exists()
+
+
+def test_batch_script_runs_every_subset_plus_none(random_loaded, random_ckpt, tmp_path):
+    d = make_dataset(tmp_path / "ds", random_loaded, {"a.npy": np.array([1]), "b c.npy": np.array([2, 300])})
+    csv = write_prompt_csv(tmp_path / "p.csv", new=3, samples=1)
+    r = subprocess.run(["bash", str(REPO_ROOT / "e_batch_generate_perturbed_results.sh"), str(d), str(csv),
+                        str(random_ckpt), "--device", "cpu"], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr
+    s = pd.read_csv(d / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY)
+    assert s["subset"].tolist() == ["a.npy", "b c.npy", "none"]
