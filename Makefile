@@ -1,0 +1,27 @@
+# make test: create a local venv, install the requirements and run the tests.
+# make demo: the same set-up, then the pipeline on the shipped model.
+VENV ?= .venv
+PY = $(VENV)/bin/python
+
+.PHONY: install test demo bench model clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV) && $(VENV)/bin/pip install -r requirements.txt && touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_pipeline.sh
+
+bench: install
+	set -e; for f in bench/bench_*.py; do [ -e "$$f" ] || continue; echo "== $$f"; $(PY) $$f; done
+
+# retrains models/tinybard (and tests/data/heldout.txt) from registry-hosted public-domain text
+model: install
+	$(PY) tools/train_shipped_model.py
+
+clean:
+	rm -rf demo bench/out

@@ -1,0 +1,131 @@
+"""
+Shared fixtures: small random GPT-2 checkpoints written with transformers' own `save_pretrained` (the
+independent reference format), and the shipped model when it exists.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# The models under test are tiny: one thread runs them faster than several, which mostly wait on each
+# other (and on anything else sharing the machine's few cores).
+torch.set_num_threads(1)
+
+SHIPPED_NAME = "tinybard"
+SHIPPED_PATH = REPO_ROOT / "models" / SHIPPED_NAME
+HELDOUT_PATH = REPO_ROOT / "tests" / "data" / "heldout.txt"
+
+TOKENIZER_TEXT = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
+    "arrows of outrageous fortune, or to take arms against a sea of troubles. In the beginning God created "
+    "the heaven and the earth. And the earth was without form, and void; and darkness was upon the face of "
+    "the deep. Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."
+)
+
+
+def make_tokenizer(out: Path, vocab_size: int = 320):
+    """A tiny byte-level BPE tokenizer in the same format as the shipped model's, saved to `out`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TOKENIZER_TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", model_max_length=128)
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def randomize(model: torch.nn.Module, seed: int):
+    """
+    Re-draw every parameter at a scale where activations are O(1): with GPT-2's 0.02 init nearly every
+    pre-GELU value sits near 0, where tanh and exact GELU agree, and the comparisons would prove little.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(("wte.weight", "wpe.weight")):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            else:  # Conv1D weights are (in, out)
+                p.copy_(1.5 / p.shape[0] ** 0.5 * torch.randn(p.shape, generator=g))
+
+
+def make_checkpoint(out: Path, seed: int = 0, **overrides) -> Path:
+    """A random small GPT-2 saved with save_pretrained (safetensors) plus a tokenizer, in `out`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out)
+    kwargs = dict(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=3, n_head=4,
+                  activation_function="gelu_new", bos_token_id=0, eos_token_id=0)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(GPT2Config(**kwargs))
+    randomize(hf, seed)
+    hf.save_pretrained(str(out))
+    assert (out / "model.safetensors").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_ckpt(tmp_path_factory) -> Path:
+    """A random 3-layer GPT-2 (tanh GELU, 'gelu_new') checkpoint directory named 'randgpt'."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "randgpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_loaded(random_ckpt):
+    from gelutrace.loading import load_model
+
+    return load_model(str(random_ckpt), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def random_model(random_loaded):
+    return random_loaded.model
+
+
+def load_hf(path: Path):
+    """transformers' own GPT-2 from a checkpoint directory: the reference everything is compared with."""
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def random_hf(random_ckpt):
+    return load_hf(random_ckpt)
+
+
+@pytest.fixture(scope="session")
+def shipped_path() -> Path:
+    if not (SHIPPED_PATH / "config.json").is_file() or not (SHIPPED_PATH / "model.safetensors").is_file():
+        pytest.skip(f"the shipped model {SHIPPED_PATH} does not exist yet: train it with `make model`")
+    return SHIPPED_PATH
+
+
+@pytest.fixture(scope="session")
+def shipped(shipped_path):
+    from gelutrace.loading import load_model
+
+    return load_model(SHIPPED_NAME, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shipped_hf(shipped_path):
+    return load_hf(shipped_path)
