@@ -1,0 +1,157 @@
+"""Stage c / c_analyze library: counts, normalisation, histograms and threshold sweep against independent
+references (per-edge brute force, NetworkX, numpy.histogram)."""
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+import pytest
+from graphdata import brute_force_graph, full_edges, make_dataset, random_activations
+
+from gelutrace import coactivation as co
+
+N_LAYER, D_MLP = 3, 12
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds")
+    active = random_activations(N_LAYER, D_MLP, 400, seed=1)
+    make_dataset(d, active, N_LAYER, D_MLP)
+    ref = brute_force_graph(active, full_edges(N_LAYER, D_MLP))
+    data = co.load_activation_data(d)
+    co.write_store(d / "store", data)
+    co.write_gpickle(co.build_networkx(data), d / "toy_weighted_graph.gpickle")
+    return d, active, ref
+
+
+def both_forms(d):
+    return {"store": co.read_graph(d / "store"), "gpickle": co.read_graph(d / "toy_weighted_graph.gpickle")}
+
+
+def test_store_counts_equal_brute_force(dataset):
+    d, active, ref = dataset
+    g = co.read_store(d / "store")
+    assert g.header["kind"] == "adjacent_dense" and len(g.blocks) == N_LAYER - 1
+    np.testing.assert_array_equal(g.activation_count, [ref.nodes[u]["activation_count"] for u in range(g.num_nodes)])
+    for i, b in enumerate(g.blocks):
+        c = np.load(d / "store" / g.header["blocks"][i]["file"], mmap_mode="r", allow_pickle=False)
+        expect = np.array([[ref.edges[i * D_MLP + a, (i + 1) * D_MLP + q]["co_activation_count"]
+                            for q in range(D_MLP)] for a in range(D_MLP)])
+        np.testing.assert_array_equal(c, expect)
+    assert g.max_co_activation == max(c for _, _, c in ref.edges(data="co_activation_count")) > 127
+    assert g.header["num_nonzero_edges"] == sum(1 for *_, c in ref.edges(data="co_activation_count") if c > 0)
+
+
+def test_gpickle_equals_brute_force(dataset):
+    d, _, ref = dataset
+    g = co.load_gpickle(d / "toy_weighted_graph.gpickle")
+    assert sorted(g.nodes(data=True)) == sorted(
+        (u, {**a, "layer": u // D_MLP, "dimension": u % D_MLP}) for u, a in ref.nodes(data=True))
+    assert {(min(u, v), max(u, v)): c for u, v, c in g.edges(data="co_activation_count")} == \
+           {(min(u, v), max(u, v)): c for u, v, c in ref.edges(data="co_activation_count")}
+
+
+def test_edited_edge_list_keeps_only_its_edges(tmp_path):
+    active = random_activations(N_LAYER, D_MLP, 300, seed=2)
+    rng = np.random.default_rng(3)
+    n = N_LAYER * D_MLP
+    edges = rng.integers(0, n, size=(60, 2))
+    edges = edges[edges[:, 0] != edges[:, 1]]
+    edges = np.vstack([edges, edges[:5, ::-1], edges[:3]])  # reversed and repeated lines collapse
+    make_dataset(tmp_path, active, N_LAYER, D_MLP, edges=edges)
+    co.write_store(tmp_path / "store", co.load_activation_data(tmp_path))
+    g = co.read_store(tmp_path / "store")
+    assert g.header["kind"] == "edge_list"
+    ref = brute_force_graph(active, edges)
+    got = {(int(g.node_ids[u]), int(g.node_ids[v])): int(c) for u, v, c in
+           zip(g.blocks[0].src, g.blocks[0].tgt, g.blocks[0].c)}
+    assert got == {(min(u, v), max(u, v)): c for u, v, c in ref.edges(data="co_activation_count")}
+
+
+def test_pair_counts_exact_beyond_uint16():
+    rng = np.random.default_rng(4)
+    a, b = rng.random((70000, 5)) < 0.9, rng.random((70000, 4)) < 0.95
+    c = co.pair_counts(a, b)
+    assert c.dtype == np.uint32
+    np.testing.assert_array_equal(c, a.astype(np.int64).T @ b.astype(np.int64))
+
+
+def test_count_cutoff_matches_float_ratio():
+    for mx in (1, 7, 10, 87, 400, 2500):
+        c = np.arange(1, mx + 1)
+        for t in co.SWEEP_THRESHOLDS + (0.05, 0.99, 1.0):
+            kept = [x for x in c.tolist() if x / mx > t]
+            assert co.count_cutoff(t, mx) == (kept[0] if kept else mx + 1)
+
+
+def nx_analyzed(ref):
+    h = ref.copy()
+    h.remove_edges_from([(u, v) for u, v, c in h.edges(data="co_activation_count") if c <= 0])
+    mx = max(c for *_, c in h.edges(data="co_activation_count"))
+    for u, v, a in h.edges(data=True):
+        a["w"] = a["co_activation_count"] / mx
+    return h
+
+
+def nx_thresholded(h, t):
+    k = nx.Graph()
+    k.add_nodes_from(sorted(h.nodes))
+    k.add_edges_from((u, v, a) for u, v, a in h.edges(data=True) if a["w"] > t)
+    return k
+
+
+@pytest.mark.parametrize("form", ["store", "gpickle"])
+def test_threshold_sweep_every_row_matches_networkx(dataset, form):
+    d, _, ref = dataset
+    h = nx_analyzed(ref)
+    got = co.threshold_sweep(both_forms(d)[form])
+    assert list(got["threshold"]) == [i / 10 for i in range(10)]
+    for row in got.itertuples():
+        k = nx_thresholded(h, row.threshold)
+        sizes = [len(c) for c in nx.connected_components(k)]
+        assert (row.num_nodes, row.num_edges, row.num_components, row.max_comp_size, row.min_comp_size) == \
+               (k.number_of_nodes(), k.number_of_edges(), len(sizes), max(sizes), min(sizes))
+        assert row.avg_comp_size == pytest.approx(np.mean(sizes), rel=1e-12)
+
+
+@pytest.mark.parametrize("form", ["store", "gpickle"])
+def test_histograms_match_numpy_on_reference_values(dataset, form):
+    d, _, ref = dataset
+    g = both_forms(d)[form]
+    h = nx_analyzed(ref)
+    cases = [
+        (co.histogram(g.activation_count, 20), [a for _, a in ref.nodes(data="activation_count")]),
+        (co.histogram(bins=20, bincount=co.edge_count_bincount(g)), [c for *_, c in h.edges(data="co_activation_count")]),
+        (co.histogram(g.degrees(1), 20), [deg for _, deg in h.degree()]),
+    ]
+    for got, values in cases:
+        dens, edges = np.histogram(values, bins=20, density=True)
+        np.testing.assert_allclose(got["density"], dens, rtol=1e-12)
+        np.testing.assert_allclose(got["bin_start"], edges[:-1])
+        np.testing.assert_allclose(got["bin_end"], edges[1:])
+        assert ((got["bin_end"] - got["bin_start"]) * got["density"]).sum() == pytest.approx(1.0)
+        counts, _ = np.histogram(values, bins=edges)
+        assert counts.sum() == len(values)  # every value (edge / node) counted once
+
+
+def test_analyzed_gpickle_normalised_weights_match_networkx(dataset):
+    d, _, ref = dataset
+    h = nx_analyzed(ref)
+    graph = co.read_graph(d / "toy_weighted_graph.gpickle")
+    an = co.analyzed_networkx(co.load_gpickle(d / "toy_weighted_graph.gpickle"), graph)
+    assert an.number_of_edges() == h.number_of_edges()
+    for u, v, w in h.edges(data="w"):
+        assert an.edges[u, v]["co_activation_count_normalized"] == w
+    mx = max(a for _, a in ref.nodes(data="activation_count"))
+    for u, a in ref.nodes(data="activation_count"):
+        assert an.nodes[u]["activation_count_normalized"] == a / mx
+    np.testing.assert_array_equal(co.read_store(d / "store").normalized_activation(),
+                                  [a / mx for _, a in sorted(ref.nodes(data="activation_count"))])
+
+
+def test_store_loads_one_pair_memory_mapped_without_pickle(dataset):
+    d, _, _ = dataset
+    g = co.read_store(d / "store")
+    c = g.blocks[0].counts()
+    assert isinstance(c, np.memmap)
+    assert pd.read_json(d / "store" / "graph.json", typ="series")["format"] == co.STORE_FORMAT

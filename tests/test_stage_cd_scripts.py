@@ -1,0 +1,156 @@
+"""Stages c, c_analyze, d and d_batch as a user runs them: subprocesses on a small synthetic dataset dir."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from graphdata import make_dataset, random_activations
+
+from gelutrace import stagefiles as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+C, C_AN, D = (str(ROOT / s) for s in ("c_calculate_weighted_activation_graph.py",
+                                       "c_analyze_weighted_activation_graph.py", "d_calculate_perturbation_subset.py"))
+BATCH = str(ROOT / "d_batch_perturbation_calculate.sh")
+ENV = {**os.environ, "PYTHON": PY, "MPLBACKEND": "Agg"}
+
+
+def start(*args):
+    cmd = list(args) if args[0] == BATCH else [PY, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+
+
+def run(*args):
+    p = start(*args)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    return out
+
+
+def snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """c (store and .gpickle) -> c_analyze -> d, run end to end."""
+    d = tmp_path_factory.mktemp("t1")
+    make_dataset(d, random_activations(3, 10, 300, seed=11), 3, 10)
+    procs = [start(C, "--input_dir", str(d)),
+             start(C, "--input_dir", str(d), "--output_path", str(d / "toy_weighted_graph.gpickle"))]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    procs = [start(C_AN, "--input_path", str(d / "toy_weighted_graph")),
+             start(C_AN, "--input_path", str(d / "toy_weighted_graph.gpickle"), "--output_dir", str(d / "an_pickle"))]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    an = d / sf.ANALYSIS_DIR
+    procs = [start(D, "--input_graph_path", str(an / "toy_weighted_graph_analyzed.json"), "--threshold", "0.5",
+                   "--ratio", "0.2", "--method", "degree", "--output_path", str(d / "compact.npy")),
+             start(D, "--input_graph_path", str(d / "an_pickle" / "toy_weighted_graph_analyzed.gpickle"),
+                   "--threshold", "0.5", "--ratio", "0.2", "--method", "degree", "--output_path", str(d / "pickle.npy"),
+                   "--export_graph", str(d / "thr.graphml"))]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    return d
+
+
+def test_end_to_end_outputs(pipeline):
+    d = pipeline
+    an = d / sf.ANALYSIS_DIR
+    assert json.loads((d / "toy_weighted_graph" / sf.GRAPH_STORE_HEADER).read_text())["model"] == "toy"
+    for name in (sf.HIST_NODE_COUNT, sf.HIST_EDGE_COUNT, sf.HIST_DEGREE):
+        assert list(pd.read_csv(an / f"{name}.csv").columns) == sf.HIST_COLUMNS
+        assert (an / f"{name}.png").stat().st_size > 1000
+    sweep = pd.read_csv(an / sf.THRESHOLD_CSV)
+    assert list(sweep.columns) == sf.THRESHOLD_COLUMNS and len(sweep) == 10
+    pd.testing.assert_frame_equal(sweep, pd.read_csv(d / "an_pickle" / sf.THRESHOLD_CSV))
+    ref = json.loads((an / "toy_weighted_graph_analyzed.json").read_text())
+    assert (an / "toy_weighted_graph_analyzed.json").stat().st_size < 4096  # a reference, not the edges
+    assert ref["store"] == "../toy_weighted_graph"
+    a, b = np.load(d / "compact.npy", allow_pickle=False), np.load(d / "pickle.npy", allow_pickle=False)
+    assert a.dtype == np.int64 and a.ndim == 1 and len(a) == 6
+    np.testing.assert_array_equal(a, b)
+    side = json.loads((d / "compact.json").read_text())
+    assert side["k"] == 6 and side["neurons"] == a.tolist() and sum(side["per_layer_counts"].values()) == 6
+    import networkx as nx
+    g = nx.read_graphml(d / "thr.graphml")
+    assert g.number_of_nodes() == 30 and g.number_of_edges() == side["edges_kept"]
+
+
+def test_batch_grid_skip_and_force(pipeline):
+    d = pipeline
+    graph = str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    out = run(BATCH, "--thresholds", "0.5", "--ratios", "0.1 0.2", graph)
+    files = sorted(p.name for p in (d / sf.SUBSETS_DIR).glob("*.npy"))
+    assert files == ["toy_degree_t0.5_r0.1.npy", "toy_degree_t0.5_r0.2.npy"]
+    assert "summary" in out and out.count("written") == 2
+    np.testing.assert_array_equal(np.load(d / sf.SUBSETS_DIR / files[1]), np.load(d / "compact.npy"))
+    again = run(BATCH, "--thresholds", "0.5", "--ratios", "0.2", graph)
+    assert "skipped" in again and "written" not in again
+
+
+def test_bad_input_one_error_line_and_outputs_untouched(pipeline, tmp_path):
+    d = pipeline
+    an = d / sf.ANALYSIS_DIR
+    analyzed = str(an / "toy_weighted_graph_analyzed.json")
+    # a damaged copy of the dataset, and a graph from another model
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad, ignore=shutil.ignore_patterns("toy_weighted_graph*", "weighted_graph_analysis", "*.npy"))
+    sf.path(bad, sf.MATRIX, "toy").write_bytes(b"not an npz")
+    other = tmp_path / "other"
+    make_dataset(other, random_activations(2, 5, 50, seed=1), 2, 5, m="tiny")
+    np.save(tmp_path / "tiny_sub.npy", np.array([0, 1]))
+    (tmp_path / "tiny_sub.json").write_text(json.dumps({"model": "tiny"}))
+    bad_meta = tmp_path / "badmeta"
+    shutil.copytree(other, bad_meta)
+    sf.write_json({"model": "tiny", "n_layer": 2, "d_mlp": 3}, sf.path(bad_meta, sf.GRAPH_META, "tiny"))
+    store = str(d / "toy_weighted_graph")
+    before = snapshot(d)
+    d_args = ["--input_graph_path", analyzed, "--output_path", str(d / "compact.npy")]
+    cases = {
+        "missing dir": [C, "--input_dir", str(tmp_path / "nope"), "--output_path", store],
+        "corrupt matrix": [C, "--input_dir", str(bad), "--output_path", store],
+        "meta of another model": [C, "--input_dir", str(bad_meta), "--output_path", store],
+        "gpickle too big": [C, "--input_dir", str(d), "--output_path", str(d / "toy_weighted_graph.gpickle"),
+                            "--memory_limit_gb", "1e-6"],
+        "analyze corrupt pickle": [C_AN, "--input_path", str(bad / "toy_neuron_attributes.csv"), "--output_dir", str(an)],
+        "threshold": [D, *d_args, "--threshold", "1.5", "--ratio", "0.1"],
+        "ratio": [D, *d_args, "--threshold", "0.5", "--ratio", "0"],
+        "method": [D, *d_args, "--threshold", "0.5", "--ratio", "0.1", "--method", "closeness"],
+        "other model subset": [D, *d_args, "--threshold", "0.5", "--ratio", "0.1", "--method", "random",
+                               "--match_layers", str(tmp_path / "tiny_sub.npy")],
+        "d corrupt graph": [D, "--input_graph_path", str(bad / "toy_activation_matrix.npz"), "--threshold", "0.5",
+                            "--ratio", "0.1", "--output_path", str(d / "compact.npy")],
+    }
+    procs = {k: start(*v) for k, v in cases.items()}
+    errs = {}
+    for name, p in procs.items():
+        out, errs[name] = p.communicate(timeout=120)
+        lines = errs[name].strip().splitlines()
+        assert p.returncode == 2, (name, errs[name])
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, errs[name])
+    assert "compact graph store" in errs["gpickle too big"]
+    assert "another model" in errs["other model subset"] or "'tiny'" in errs["other model subset"]
+    assert snapshot(d) == before
+    assert not list(d.glob(".*.tmp")) and not list(an.glob(".*.tmp"))
+
+
+def test_stale_analysis_reference_is_refused(pipeline, tmp_path):
+    d = tmp_path / "copy"
+    shutil.copytree(pipeline, d)
+    # rebuilding the store (a new uid) invalidates the analysis that referenced it
+    subprocess.run([PY, C, "--input_dir", str(d)], check=True, capture_output=True, env=ENV)
+    p = subprocess.run([PY, D, "--input_graph_path", str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json"),
+                        "--threshold", "0.5", "--ratio", "0.1", "--output_path", str(d / "x.npy")],
+                       capture_output=True, text=True, env=ENV)
+    assert p.returncode == 2 and "rerun c_analyze" in p.stderr and not (d / "x.npy").exists()
