@@ -95,3 +95,18 @@ def plot_perturbation_summary(summary: pd.DataFrame, target, title: str = "Effec
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save(fig, target)
+
+
+def plot_layer_activity(freq: pd.DataFrame, target, title: str):
+    """Per layer: the distribution of neurons' activation frequencies (box) and its mean (line) (report)."""
+    layers = sorted(freq["layer"].unique())
+    groups = [freq.loc[freq["layer"] == layer, "activation_frequency"].to_numpy() for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(layers) + 3), 4.5))
+    ax.boxplot(groups, positions=layers, widths=0.6, showfliers=False)
+    ax.plot(layers, [g.mean() for g in groups], "o-", color="tab:red", label="mean")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of samples in which a neuron fires")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, target)

@@ -1,0 +1,155 @@
+"""
+The closing report of a pipeline run: `<dataset>/report.md`, which embeds the plots and states every
+parameter, and a short summary on the terminal. Reads only what the stages wrote.
+
+    python -m gelutrace.report DATASET_DIR [--model_type M --input_csv CSV ...]   (run_pipeline.sh calls it)
+"""
+
+import datetime
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gelutrace import PipelineError
+from gelutrace import stagefiles as sf
+from gelutrace.cli import parser, run_main
+from gelutrace.plots import plot_layer_activity
+
+LAYER_PLOT = "activation_frequency_per_layer.png"
+REPORT = "report.md"
+
+
+def md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    def cell(v):
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else floatfmt.format(v)
+        return str(v)
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def collect(data: Path) -> dict:
+    m = sf.model_prefix(data)
+    out = {"m": m}
+    ds = pd.read_csv(sf.path(data, sf.DATASET, m), usecols=["sample_id", "input_text_ids", "prompt_sample_idx"],
+                     keep_default_na=False)
+    freq = pd.read_csv(sf.path(data, sf.FREQUENCY, m))
+    meta = sf.read_graph_meta(data, m)
+    out.update(samples=len(ds), prompts=ds["input_text_ids"].nunique(), meta=meta, freq=freq)
+    layer = freq.groupby("layer")
+    out["layers"] = pd.DataFrame({
+        "layer": layer.size().index,
+        "mean_fraction_active": layer["activation_frequency"].mean().values,
+        "never_active": layer["activation_count"].apply(lambda c: int((c == 0).sum())).values,
+        "always_active": layer["activation_frequency"].apply(lambda f: int((f == 1).sum())).values,
+    })
+    analysis = data / sf.ANALYSIS_DIR
+    out["sweep"] = pd.read_csv(analysis / sf.THRESHOLD_CSV) if (analysis / sf.THRESHOLD_CSV).is_file() else None
+    subsets = []
+    for side in sorted((data / sf.SUBSETS_DIR).glob("*.json")):
+        s = json.loads(side.read_text())
+        subsets.append({"subset": s.get("subset", side.stem + ".npy"), "method": s.get("method"),
+                        "threshold": s.get("threshold"), "ratio": s.get("ratio"), "k": s.get("k"),
+                        "edges_kept": s.get("edges_kept"),
+                        "per_layer": " ".join(f"L{a}:{b}" for a, b in s.get("per_layer_counts", {}).items())})
+    out["subsets"] = pd.DataFrame(subsets)
+    summary = data / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY
+    out["effects"] = pd.read_csv(summary) if summary.is_file() else None
+    out["commands"] = {p.stem: p.read_text().split(" # csv ")[0].strip()
+                       for p in sorted((data / ".pipeline").glob("*.cmd"))}
+    return out
+
+
+def effect_table(effects: pd.DataFrame) -> pd.DataFrame:
+    cols = ["subset", "k", "kl", "kl_random_mean", "kl_random_std", "kl_vs_random", "delta_nll",
+            "delta_nll_random_mean", "delta_nll_vs_random", "token_agreement", "token_agreement_random_mean",
+            "first_diff_position"]
+    return effects[[c for c in cols if c in effects.columns]]
+
+
+def write_report(data: Path, params: dict) -> str:
+    info = collect(data)
+    m = info["m"]
+    plot_layer_activity(info["freq"], data / LAYER_PLOT, f"{m}: how often each GELU neuron fires, per layer")
+    rel = lambda p: Path(p).relative_to(data).as_posix()  # noqa: E731
+    analysis = data / sf.ANALYSIS_DIR
+    results = data / sf.RESULTS_DIR
+    meta = info["meta"]
+    lines = [f"# Influential GELU neurons of `{m}`", "",
+             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `run_pipeline.sh`.", "",
+             "## Parameters", "", md_table(pd.DataFrame(list(params.items()), columns=["parameter", "value"])), ""]
+    if info["commands"]:
+        lines += ["Commands, in order (rerun them to reproduce this report):", "", "```"]
+        lines += [info["commands"][k] for k in ("a", "b", "c", "c_analyze", "d", "e") if k in info["commands"]]
+        lines += ["```", ""]
+    lines += ["## Dataset", "",
+              f"{info['samples']} generated tokens (samples) from {info['prompts']} prompts; "
+              f"{meta['n_layer']} layers x {meta['d_mlp']} GELU neurons = {meta['num_neurons']} neurons, "
+              f"{meta['num_edges']} adjacent-layer edges.", "",
+              f"![activation frequency per layer]({LAYER_PLOT})", "",
+              md_table(info["layers"]), ""]
+    hists = [(t, analysis / f"{n}.png") for t, n in (("Node activation counts", sf.HIST_NODE_COUNT),
+                                                     ("Edge co-activation counts", sf.HIST_EDGE_COUNT),
+                                                     ("Node degrees", sf.HIST_DEGREE))]
+    if any(p.is_file() for _, p in hists):
+        lines += ["## Co-activation graph", ""]
+        lines += [f"![{t}]({rel(p)})" for t, p in hists if p.is_file()] + [""]
+    if info["sweep"] is not None:
+        lines += ["## Threshold sweep", "", "Edges with normalised co-activation <= t removed.", ""]
+        if (analysis / sf.THRESHOLD_PLOT).is_file():
+            lines += [f"![threshold sweep]({rel(analysis / sf.THRESHOLD_PLOT)})", ""]
+        lines += [md_table(info["sweep"]), ""]
+    if len(info["subsets"]):
+        lines += ["## Perturbation subsets", "", md_table(info["subsets"]), ""]
+    if info["effects"] is not None:
+        lines += ["## Ablation effects", "",
+                  "KL(baseline || ablated) of the next-token distribution and the increase in the baseline "
+                  "continuation's negative log-likelihood, teacher-forced along the baseline's tokens; token "
+                  "agreement of the ablated generation with the baseline; `*_random_*`: random subsets with the "
+                  "same number of neurons in each layer; `*_vs_random`: subset / random mean.", ""]
+        if (results / sf.PERTURBATION_PLOT).is_file():
+            lines += [f"![ablation effects]({rel(results / sf.PERTURBATION_PLOT)})", ""]
+        lines += [md_table(effect_table(info["effects"])), ""]
+    with sf.atomic_open(data / REPORT, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return terminal_summary(info, data)
+
+
+def terminal_summary(info: dict, data: Path) -> str:
+    out = [f"dataset {data}: {info['samples']} samples from {info['prompts']} prompts",
+           "active per layer: " + " ".join(f"L{int(r.layer)} {100 * r.mean_fraction_active:.0f}%"
+                                           for r in info["layers"].itertuples())]
+    if info["sweep"] is not None:
+        out.append("threshold sweep (t: edges, components, largest): " + "; ".join(
+            f"{r.threshold:g}: {int(r.num_edges)}, {int(r.num_components)}, {int(r.max_comp_size)}"
+            for r in info["sweep"].itertuples()))
+    if info["effects"] is not None:
+        for r in info["effects"].to_dict("records"):
+            line = f"  {r['subset']}: k={r['k']}, KL {r['kl']:.4g}, dNLL {r['delta_nll']:.4g}, agreement {r['token_agreement']:.2f}"
+            if "kl_random_mean" in r and not pd.isna(r.get("kl_random_mean")):
+                line += (f"; random: KL {r['kl_random_mean']:.4g} +- {r.get('kl_random_std', float('nan')):.2g} "
+                         f"-> {r['kl_vs_random']:.3g}x")
+            out.append(line)
+    out.append(f"report: {data / REPORT}")
+    return "\n".join(out)
+
+
+def main():
+    ap = parser(__doc__)
+    ap.add_argument("dataset_dir", help="the run's dataset directory")
+    for flag in ("model_type", "input_csv", "thresholds", "ratios", "methods", "random_controls", "temperature",
+                 "seed", "device"):
+        ap.add_argument(f"--{flag}", help="recorded in the report's parameter table")
+    args = ap.parse_args()
+    data = Path(args.dataset_dir)
+    if not data.is_dir():
+        raise PipelineError(f"dataset directory {data} does not exist")
+    params = {k: v for k, v in vars(args).items() if v is not None}
+    print(write_report(data, params))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The whole pipeline, a -> b -> c -> c_analyze -> d (a small sweep) -> e (baseline + random controls) -> report.
+#
+#   ./run_pipeline.sh [options] [MODEL] [PROMPT_CSV] [DATASET_DIR]
+#
+# MODEL        hub name (gpt2 ... gpt2-xl), shipped model or checkpoint directory (default: tinybard)
+# PROMPT_CSV   prompts,number_of_new_tokens,num_samples (default: parcellation_datasets/test_1.csv)
+# DATASET_DIR  where every stage writes (default: parcellation_datasets/<csv name>_<model name>)
+# Options (or environment variables):
+#   --device auto|cpu|cuda|mps      DEVICE (default auto)
+#   --temperature T                 TEMPERATURE for stage b (default 0: greedy)
+#   --seed N                        SEED for stage b (default 42; stage e uses 1337 as the original)
+#   --thresholds "0.5 0.8"          THRESHOLDS of the stage-d sweep
+#   --ratios "0.01 0.05"            RATIOS of the stage-d sweep
+#   --methods "degree"              METHODS of the stage-d sweep
+#   --random_controls N             RANDOM_CONTROLS per subset in stage e (default 3)
+#   --force                         rerun every stage even if its outputs are up to date
+# A stage is skipped when its outputs exist and were made by the same command (recorded in
+# DATASET_DIR/.pipeline/) from inputs that have not changed since; once a stage runs, all later ones do.
+# Ends with DATASET_DIR/report.md and a short summary on the terminal.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DEVICE="${DEVICE:-auto}"
+TEMPERATURE="${TEMPERATURE:-0.0}"
+SEED="${SEED:-42}"
+THRESHOLDS="${THRESHOLDS:-0.5 0.8}"
+RATIOS="${RATIOS:-0.01 0.05}"
+METHODS="${METHODS:-degree}"
+RANDOM_CONTROLS="${RANDOM_CONTROLS:-3}"
+FORCE="${FORCE:-0}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
+fi
+pos=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="${2:?--device needs a value}"; shift 2 ;;
+    --temperature) TEMPERATURE="${2:?--temperature needs a value}"; shift 2 ;;
+    --seed) SEED="${2:?--seed needs a value}"; shift 2 ;;
+    --thresholds) THRESHOLDS="${2:?--thresholds needs a value}"; shift 2 ;;
+    --ratios) RATIOS="${2:?--ratios needs a value}"; shift 2 ;;
+    --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
+    --random_controls) RANDOM_CONTROLS="${2:?--random_controls needs a value}"; shift 2 ;;
+    --force) FORCE=1; shift ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) pos+=("$1"); shift ;;
+  esac
+done
+[ ${#pos[@]} -le 3 ] || { echo "error: expected at most MODEL PROMPT_CSV DATASET_DIR (see --help)" >&2; exit 2; }
+MODEL="${pos[0]:-tinybard}"
+CSV="${pos[1]:-$here/parcellation_datasets/test_1.csv}"
+[ -f "$CSV" ] || { echo "error: prompt CSV $CSV does not exist" >&2; exit 2; }
+m="$(cd "$here" && "$PYTHON" -c 'import sys; from gelutrace.loading import model_name; print(model_name(sys.argv[1]))' "$MODEL")"
+DATA="${pos[2]:-$here/parcellation_datasets/$(basename "$CSV" .csv)_$m}"
+mkdir -p "$DATA/.pipeline"
+csv_sum="$(sha256sum "$CSV" | cut -d' ' -f1)"
+py() { "$PYTHON" "$@"; }
+ran=0
+
+# stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists and was made by the same command
+stage() {
+  local name="$1" out="$2"; shift 2
+  local stamp="$DATA/.pipeline/$name.cmd" cmd
+  cmd="$(printf '%q ' "$@")"
+  cmd="${cmd/#py /python }"
+  local want="$cmd# csv $csv_sum"
+  if [ "$FORCE" != 1 ] && [ "$ran" = 0 ] && [ -e "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    echo "== $name: up to date ($out)"
+    return
+  fi
+  echo "== $name"
+  rm -f "$stamp"
+  "$@"
+  printf '%s\n' "$want" > "$stamp"
+  ran=1
+}
+
+cd "$here"
+stage a "$DATA/${m}_graph_meta.json" \
+  py a_generate_gelu_graph.py --model_type "$MODEL" --output_dir "$DATA"
+stage b "$DATA/${m}_activation_matrix.npz" \
+  py b_generate_activation_dataset.py --input_csv "$CSV" --export_dir "$DATA" --model_type "$MODEL" \
+    --device "$DEVICE" --temperature "$TEMPERATURE" --seed "$SEED"
+stage c "$DATA/${m}_weighted_graph" \
+  py c_calculate_weighted_activation_graph.py --input_dir "$DATA"
+analyzed="$DATA/weighted_graph_analysis/${m}_weighted_graph_analyzed.json"
+stage c_analyze "$analyzed" \
+  py c_analyze_weighted_activation_graph.py --input_path "$DATA/${m}_weighted_graph"
+[ "$ran" = 1 ] && rm -rf "$DATA/perturbation_subsets"
+stage d "$DATA/perturbation_subsets" \
+  env THRESHOLDS="$THRESHOLDS" RATIOS="$RATIOS" METHODS="$METHODS" PYTHON="$PYTHON" \
+    ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
+subsets=()
+while IFS= read -r f; do subsets+=("$(basename "$f")"); done < <(ls "$DATA/perturbation_subsets"/*.npy 2>/dev/null | sort)
+stage e "$DATA/perturbation_results/summary.csv" \
+  py e_generate_perturbed_results.py --dataset_path "$DATA" --input_csv "$CSV" --model_type "$MODEL" \
+    --device "$DEVICE" --random_controls "$RANDOM_CONTROLS" --perturbation_subset_filenames none "${subsets[@]}"
+py -m gelutrace.report "$DATA" --model_type "$MODEL" --input_csv "$CSV" \
+  --thresholds "$THRESHOLDS" --ratios "$RATIOS" --methods "$METHODS" --random_controls "$RANDOM_CONTROLS" \
+  --temperature "$TEMPERATURE" --seed "$SEED" --device "$DEVICE"

@@ -1,0 +1,249 @@
+"""
+Stages a, b and b_trace against independent references: transformers' own GPT-2 with forward hooks on
+`transformer.h[i].mlp.act` for the activations and tokens, brute-force text for the edge list, and
+numpy recomputation for every count, frequency and list derived from the matrix.
+"""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO_ROOT, SHIPPED_NAME, load_hf
+from gelutrace import stagefiles as sf
+
+PROMPTS = [("KING HENRY. Now, lords, ", 7, 3), ("And God said, \"Let there be\", ", 5, 2), ("Ünïcode, ", 4, 1)]
+
+
+def write_prompts(path, rows=PROMPTS, header="prompts,number_of_new_tokens,num_samples"):
+    df = pd.DataFrame(rows, columns=header.split(","))
+    df.to_csv(path, index=False)
+    return path
+
+
+def run(script, *args, check=True):
+    r = subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{r.stderr}")
+    return r
+
+
+def hf_reference(hf, tokenizer, prompt, n_new):
+    """Greedy generation by transformers with hooks on mlp.act: (new ids, [post-GELU at last position per call])."""
+    calls = []
+    current = {}
+
+    def hook(layer):
+        def f(module, inputs, output):
+            current[layer] = output[0, -1].detach().clone()
+            if layer == len(hf.transformer.h) - 1:
+                calls.append(torch.cat([current[i] for i in range(len(hf.transformer.h))]))
+        return f
+
+    handles = [blk.mlp.act.register_forward_hook(hook(i)) for i, blk in enumerate(hf.transformer.h)]
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    try:
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                              do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    finally:
+        for h in handles:
+            h.remove()
+    return out[0, ids.size(1):].tolist(), torch.stack(calls).numpy()
+
+
+@pytest.fixture(scope="module")
+def greedy_run(tmp_path_factory, shipped_path):
+    d = tmp_path_factory.mktemp("b_greedy")
+    csv = write_prompts(d / "prompts.csv")
+    run("b_generate_activation_dataset.py", "--input_csv", csv, "--export_dir", d / "out", "--model_type",
+        SHIPPED_NAME, "--device", "cpu", "--batch_size", "2")
+    return d / "out", csv
+
+
+def test_activations_and_tokens_equal_transformers(greedy_run, shipped_path, shipped):
+    out, _ = greedy_run
+    hf = load_hf(shipped_path)
+    matrix, ids = sf.read_activation_matrix(sf.path(out, sf.MATRIX, SHIPPED_NAME))
+    ds = pd.read_csv(sf.path(out, sf.DATASET, SHIPPED_NAME), keep_default_na=False)
+    assert list(ds.columns) == sf.dataset_columns(shipped.model.config.n_layer)
+    assert (ids == np.arange(matrix.shape[1])).all()
+    value_sum = np.zeros(matrix.shape[1])
+    row = 0
+    for text, n_new, repeats in PROMPTS:
+        ref_ids, ref_values = hf_reference(hf, shipped.tokenizer, text, n_new)
+        for r in range(repeats):  # greedy repeats are identical rows
+            block = ds.iloc[row:row + n_new]
+            assert block["output_id"].tolist() == ref_ids
+            assert block["prompt_sample_idx"].tolist() == [r] * n_new
+            assert block["token_position"].tolist() == list(range(n_new))
+            assert (matrix[row:row + n_new] == (ref_values > 0)).all()
+            assert block["input_text"].iloc[-1] == text + shipped.tokenizer.decode(ref_ids[:-1])
+            assert block["input_text_ids"].iloc[0] == str(shipped.tokenizer(text)["input_ids"])
+            value_sum += ref_values.sum(axis=0)
+            row += n_new
+    assert row == len(ds) == matrix.shape[0]
+    assert (ds["sample_id"] == np.arange(row)).all()
+    freq = pd.read_csv(sf.path(out, sf.FREQUENCY, SHIPPED_NAME))
+    np.testing.assert_allclose(freq["mean_activation"], value_sum / row, rtol=1e-5, atol=1e-6)
+
+
+def test_counts_lists_and_matrix_agree(greedy_run, shipped):
+    out, _ = greedy_run
+    m = SHIPPED_NAME
+    cfg = shipped.model.config
+    matrix, _ = sf.read_activation_matrix(sf.path(out, sf.MATRIX, m))
+    sparse, _ = sf.read_activation_matrix(sf.path(out, sf.MATRIX, m), sparse=True)
+    assert (sparse.toarray() == matrix).all()
+    with np.load(sf.path(out, sf.MATRIX, m), allow_pickle=False) as z:  # stored at 1 bit per entry
+        assert z["matrix"].dtype == np.uint8 and z["matrix"].size == matrix.shape[0] * ((matrix.shape[1] + 7) // 8)
+    ds = pd.read_csv(sf.path(out, sf.DATASET, m), keep_default_na=False)
+    per_layer = matrix.reshape(len(matrix), cfg.n_layer, cfg.d_mlp).sum(axis=2)
+    for i in range(cfg.n_layer):
+        assert (ds[f"layer_{i}_num_active_neurons"] == per_layer[:, i]).all()
+    assert (ds["number_of_active_neurons"] == matrix.sum(axis=1)).all()
+    freq = pd.read_csv(sf.path(out, sf.FREQUENCY, m))
+    assert list(freq.columns) == sf.FREQUENCY_COLUMNS
+    assert (freq["neuron_id"] == np.arange(matrix.shape[1])).all()
+    assert (freq["activation_count"] == matrix.sum(axis=0)).all()
+    np.testing.assert_allclose(freq["activation_frequency"], matrix.sum(axis=0) / len(matrix))
+    assert (freq["layer"] == freq["neuron_id"] // cfg.d_mlp).all() and (freq["dimension"] == freq["neuron_id"] % cfg.d_mlp).all()
+    expected = {str(i): np.flatnonzero(r).tolist() for i, r in enumerate(matrix)}
+    assert json.loads(sf.path(out, sf.ACTIVATIONS_JSON, m).read_text()) == expected
+    with open(sf.path(out, sf.ACTIVATIONS_PICKLE, m), "rb") as f:
+        assert pickle.load(f) == expected  # the test reads the user-facing pickle; the pipeline never does
+    assert not (out / f".{m}_partial").exists()
+
+
+def test_graph_files_and_stage_a(tmp_path, greedy_run, shipped):
+    cfg = shipped.model.config
+    run("a_generate_gelu_graph.py", "--model_type", SHIPPED_NAME, "--output_dir", tmp_path)
+    m = SHIPPED_NAME
+    attrs = pd.read_csv(sf.path(tmp_path, sf.ATTRIBUTES, m))
+    n = cfg.n_layer * cfg.d_mlp
+    assert list(attrs.columns) == sf.ATTRIBUTE_COLUMNS
+    assert (attrs["node_id"] == np.arange(n)).all()
+    assert (attrs["node_id"] == attrs["layer"] * cfg.d_mlp + attrs["dimension"]).all()
+    el = sf.path(tmp_path, sf.EDGES, m).read_bytes()
+    d = cfg.d_mlp
+    ref = "".join(f"{s} {t}\n" for i in range(cfg.n_layer - 1) for s in range(i * d, (i + 1) * d)
+                  for t in range((i + 1) * d, (i + 2) * d)).encode()
+    assert el == ref
+    meta = sf.read_graph_meta(tmp_path, m)
+    assert meta["layer_sizes"] == [d] * cfg.n_layer and meta["num_edges"] == (cfg.n_layer - 1) * d * d
+    assert sf.edges_are_canonical(tmp_path, m, meta)
+    assert sf.canonical_edges_size(cfg.n_layer, d) == len(el)
+    out, _ = greedy_run  # stage b wrote the same graph files
+    assert sf.path(out, sf.EDGES, m).read_bytes() == el
+    assert sf.path(out, sf.ATTRIBUTES, m).read_bytes() == sf.path(tmp_path, sf.ATTRIBUTES, m).read_bytes()
+
+
+@pytest.mark.parametrize("n_layer,d", [(2, 1), (3, 7), (4, 40)])
+def test_edge_writer_brute_force(tmp_path, n_layer, d):
+    target = tmp_path / "e.el"
+    sf.write_edges(target, n_layer, d, rows_per_write=3)
+    ref = "".join(f"{s} {t}\n" for i in range(n_layer - 1) for s in range(i * d, (i + 1) * d)
+                  for t in range((i + 1) * d, (i + 2) * d)).encode()
+    assert target.read_bytes() == ref and sf.canonical_edges_size(n_layer, d) == len(ref)
+
+
+def test_sampling_is_seeded_and_batch_independent(tmp_path, shipped_path):
+    csv = write_prompts(tmp_path / "p.csv")
+    outs = {}
+    for name, seed, batch in (("a", 7, 64), ("b", 7, 64), ("c", 8, 64)):
+        run("b_generate_activation_dataset.py", "--input_csv", csv, "--export_dir", tmp_path / name, "--model_type",
+            SHIPPED_NAME, "--temperature", "0.9", "--top_k", "50", "--seed", seed, "--batch_size", batch,
+            "--no_edge_list", "--no_activation_lists")
+        outs[name] = {f: sf.path(tmp_path / name, f, SHIPPED_NAME).read_bytes() for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY)}
+    assert outs["a"] == outs["b"]
+    assert outs["a"][sf.DATASET] != outs["c"][sf.DATASET]
+    ds = pd.read_csv(tmp_path / "a" / sf.DATASET.format(m=SHIPPED_NAME), keep_default_na=False)
+    first = ds[ds["input_text_ids"] == ds["input_text_ids"].iloc[0]]
+    conts = first.groupby("prompt_sample_idx")["output_id"].apply(tuple)
+    assert len(set(conts)) > 1  # sampled repeats differ
+
+
+def test_resume_after_interrupt_gives_the_uninterrupted_result(tmp_path, shipped_path, monkeypatch):
+    import runpy
+
+    from gelutrace import recording
+
+    csv = write_prompts(tmp_path / "p.csv")
+    common = ["--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device", "cpu", "--batch_size", "1",
+              "--no_edge_list"]
+    run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "full")
+
+    real = recording.record_batch
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(recording, "record_batch", interrupted)
+    script = str(REPO_ROOT / "b_generate_activation_dataset.py")
+    monkeypatch.setattr(sys, "argv", [script, *common, "--export_dir", str(tmp_path / "part")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(script, run_name="__main__")
+    assert e.value.code == 130
+    assert not sf.path(tmp_path / "part", sf.DATASET, SHIPPED_NAME).exists()  # no torn or partial outputs
+    state = json.loads((tmp_path / "part" / f".{SHIPPED_NAME}_partial" / "state.json").read_text())
+    assert state["prompts_done"] == 2
+
+    monkeypatch.setattr(recording, "record_batch", real)
+    run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "part", "--resume")
+    for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY, sf.ACTIVATIONS_JSON, sf.ACTIVATIONS_PICKLE):
+        assert sf.path(tmp_path / "part", f, SHIPPED_NAME).read_bytes() == sf.path(tmp_path / "full", f, SHIPPED_NAME).read_bytes()
+
+
+@pytest.mark.parametrize("rows,header,extra,message", [
+    (None, None, [], "does not exist"),
+    ([("a", 3)], "prompts,tokens", [], "lacks column"),
+    ([("a", "x", 1)], None, [], "non-negative integer"),
+    ([("a", -1, 1)], None, [], "non-negative"),
+    ([("a", 2, 0)], None, [], "positive"),
+    ([("a", 2.5, 1)], None, [], "integer"),
+    ([("   ", 2, 1)], None, [], "empty prompt"),
+    ([("a", 100000, 1)], None, [], "context window"),
+    ([("a", 2, 1)], None, ["--model_type", "no-such-model"], "unknown --model_type"),
+    ([("a", 2, 1)], None, ["--temperature", "-1"], "--temperature"),
+])
+def test_bad_input_one_error_line_and_outputs_untouched(tmp_path, greedy_run, rows, header, extra, message):
+    out, _ = greedy_run
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    csv = tmp_path / "bad.csv"
+    if rows is not None:
+        write_prompts(csv, rows, header or "prompts,number_of_new_tokens,num_samples")
+    args = ["--input_csv", csv, "--export_dir", out, "--model_type", SHIPPED_NAME, *extra]
+    r = run("b_generate_activation_dataset.py", *args, check=False)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("[transformers]")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_trace_equals_transformers(tmp_path, shipped_path, shipped):
+    text = "ROMEO. But soft, what light"
+    r = run("b_trace_gelu_activations.py", "--model_type", SHIPPED_NAME, "--input_text", text, "--output_dir", tmp_path,
+            "--max_num_new_tokens", "3")
+    hf = load_hf(shipped_path)
+    _, ref_values = hf_reference(hf, shipped.tokenizer, text, 1)
+    ref = np.flatnonzero(ref_values[0] > 0)
+    active = [int(x) for x in sf.path(tmp_path, sf.TRACE_ACTIVE, SHIPPED_NAME).read_text().split()]
+    assert active == ref.tolist()
+    with open(sf.path(tmp_path, sf.TRACE_VECTOR, SHIPPED_NAME), "rb") as f:
+        vec = pickle.load(f)
+    assert vec.shape == (shipped.model.config.n_layer * shipped.model.config.d_mlp,)
+    assert np.flatnonzero(vec).tolist() == active
+    assert sf.path(tmp_path, sf.TRACE_PLOT, SHIPPED_NAME).stat().st_size > 1000
+    d = shipped.model.config.d_mlp
+    assert f"layer  0: {int((ref_values[0][:d] > 0).sum()):6d} / {d}" in r.stdout
