@@ -42,7 +42,11 @@ def main():
         raise PipelineError(f"--bins must be >= 1, got {args.bins}")
     if src.suffix == ".json":
         raise PipelineError(f"{src} is already an analysis; pass the graph store or .gpickle that stage c wrote")
-    graph = co.read_graph(src)
+    if src.suffix == ".gpickle" and src.is_file():
+        nxg = co.load_gpickle(src)
+        graph = co.graph_from_networkx(nxg, str(src))
+    else:
+        nxg, graph = None, co.read_graph(src)
     out = Path(args.output_dir) if args.output_dir else src.resolve().parent / sf.ANALYSIS_DIR
     if args.hist_sample_size is not None:
         print("note: --hist_sample_size is ignored; histograms use every edge", file=sys.stderr)
@@ -57,8 +61,8 @@ def main():
                          "Neuron degrees (edges with co-activation > 0)", "degree"),
     }
     analyzed = out / co.analyzed_name(src)
-    if src.suffix == ".gpickle":
-        co.write_gpickle(co.analyzed_networkx(co.load_gpickle(src), graph), analyzed)
+    if nxg is not None:
+        co.write_gpickle(co.analyzed_networkx(nxg, graph), analyzed)
     else:
         co.write_analyzed_reference(graph, analyzed)
     for name, (df, title, xlabel) in hists.items():

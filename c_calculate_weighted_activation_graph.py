@@ -39,16 +39,22 @@ def main():
     t0 = time.time()
     m = sf.model_prefix(args.input_dir) if Path(args.input_dir).is_dir() else None
     out = Path(args.output_path) if args.output_path else sf.path(args.input_dir, sf.WEIGHTED_GRAPH, m or "graph")
-    if out.suffix == ".gpickle" and m is not None:  # refuse before loading anything heavy
-        meta = sf.read_graph_meta(args.input_dir, m)
-        n_layer, d_mlp = int(meta.get("n_layer", 0)), int(meta.get("d_mlp", 0))
-        limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
-        co.check_nx_fits(n_layer * d_mlp, (n_layer - 1) * d_mlp ** 2, limit, "a NetworkX .gpickle",
+    limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
+
+    def check_fits(n_nodes, n_edges):
+        co.check_nx_fits(n_nodes, n_edges, limit, "a NetworkX .gpickle",
                          f"write the compact graph store instead (an --output_path not ending in .gpickle, "
                          f"e.g. {out.with_suffix('')})")
+
+    if out.suffix == ".gpickle" and m is not None:  # full connectivity: refuse before loading anything heavy
+        meta = sf.read_graph_meta(args.input_dir, m)
+        if sf.edges_are_canonical(args.input_dir, m, meta):
+            n_layer, d_mlp = int(meta.get("n_layer", 0)), int(meta.get("d_mlp", 0))
+            check_fits(n_layer * d_mlp, (n_layer - 1) * d_mlp ** 2)
     data = co.load_activation_data(args.input_dir)
     n_edges = len(data.edges) if data.edges is not None else (data.n_layer - 1) * data.d_mlp ** 2
     if out.suffix == ".gpickle":
+        check_fits(data.num_neurons, n_edges)  # an edited edge list: its size is known once parsed
         co.write_gpickle(co.build_networkx(data), out)
     else:
         co.write_store(out, data)

@@ -64,7 +64,8 @@ stage() {
   local stamp="$DATA/.pipeline/$name.cmd" cmd
   cmd="$(printf '%q ' "$@")"
   cmd="${cmd/#py /python }"
-  local want="$cmd# csv $csv_sum"
+  local want="$cmd"
+  case "$name" in b|e) want="$cmd# csv $csv_sum" ;; esac  # the stages that read the prompts
   if [ "$FORCE" != 1 ] && [ "$ran" = 0 ] && [ -e "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "== $name: up to date ($out)"
     return

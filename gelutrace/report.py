@@ -58,7 +58,7 @@ def collect(data: Path) -> dict:
     out["subsets"] = pd.DataFrame(subsets)
     summary = data / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY
     out["effects"] = pd.read_csv(summary) if summary.is_file() else None
-    out["commands"] = {p.stem: p.read_text().split(" # csv ")[0].strip()
+    out["commands"] = {p.stem: p.read_text().split("# csv ")[0].strip()
                        for p in sorted((data / ".pipeline").glob("*.cmd"))}
     return out
 
