@@ -1,0 +1,103 @@
+"""
+Wall time and peak RSS of stages c, c_analyze and d on a synthetic activation matrix of GPT-2 shape.
+
+    .venv/bin/python bench/bench_graph.py          # GPT-2 small: 12 layers x 3072, 2,500 samples
+    .venv/bin/python bench/bench_graph.py --xl     # gpt2-xl: 48 layers x 6400 (1.93 B edges), 2,500 samples
+
+Each neuron fires in a random 10-50 % of the samples. Every stage runs as its own subprocess (the scripts a
+user runs); peak RSS is that subprocess's ru_maxrss. Data goes to bench/out/ (git-ignored) unless --out.
+"""
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from gelutrace import stagefiles as sf  # noqa: E402
+
+# run a command, then print the peak RSS (KiB) of it and its children
+MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+           "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+           "sys.exit(r.returncode)")
+
+
+def make_dataset(d: Path, m: str, n_layer: int, d_mlp: int, n_samples: int, seed: int):
+    rng = np.random.default_rng(seed)
+    n = n_layer * d_mlp
+    packed = np.zeros((n_samples, (n + 7) // 8), dtype=np.uint8)
+    counts = np.zeros(n, dtype=np.int64)
+    for i in range(n_layer):  # a layer at a time keeps generation memory small
+        p = rng.uniform(0.10, 0.50, size=d_mlp).astype(np.float32)
+        a = rng.random((n_samples, d_mlp), dtype=np.float32) < p
+        counts[i * d_mlp:(i + 1) * d_mlp] = a.sum(axis=0)
+        assert d_mlp % 8 == 0
+        packed[:, i * d_mlp // 8:(i + 1) * d_mlp // 8] = np.packbits(a, axis=1)
+    sf.write_npz(sf.path(d, sf.MATRIX, m), matrix=packed, matrix_shape=np.array([n_samples, n]),
+                 neuron_ids=np.arange(n, dtype=np.int64), packing=np.array("packbits_axis1"))
+    sf.write_graph_files(d, m, n_layer, d_mlp, write_el=False)
+    ids = np.arange(n)
+    sf.write_csv(pd.DataFrame({"neuron_id": ids, "activation_count": counts,
+                               "activation_frequency": counts / n_samples, "layer": ids // d_mlp,
+                               "dimension": ids % d_mlp, "mean_activation": 0.0}), sf.path(d, sf.FREQUENCY, m))
+
+
+def measure(label: str, args: list[str]) -> dict:
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, *args], capture_output=True, text=True,
+                       cwd=ROOT)
+    wall = time.time() - t0
+    rss = next((int(line.split()[1]) for line in p.stderr.splitlines() if line.startswith("MAXRSS")), 0)
+    if p.returncode != 0:
+        sys.exit(f"{label} failed:\n{p.stdout}\n{p.stderr}")
+    row = {"stage": label, "wall_s": round(wall, 1), "peak_rss_GiB": round(rss / 2**20, 2)}
+    print(f"{label:<28} {row['wall_s']:>8.1f} s  {row['peak_rss_GiB']:>7.2f} GiB", flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--xl", action="store_true", help="gpt2-xl shape (48 x 6400) instead of GPT-2 small (12 x 3072)")
+    ap.add_argument("--samples", type=int, default=2500, help="samples (generated tokens) (default: %(default)s)")
+    ap.add_argument("--out", default=None, help="work directory (default: bench/out/<shape>)")
+    ap.add_argument("--methods", default="degree",
+                    help="stage d methods to time, space-separated (default: %(default)s)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    args = ap.parse_args()
+
+    m, n_layer, d_mlp = ("gpt2-xl", 48, 6400) if args.xl else ("gpt2", 12, 3072)
+    d = Path(args.out) if args.out else ROOT / "bench" / "out" / m
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    t0 = time.time()
+    make_dataset(d, m, n_layer, d_mlp, args.samples, seed=0)
+    print(f"{m} shape: {n_layer} x {d_mlp} = {n_layer * d_mlp:,} neurons, {(n_layer - 1) * d_mlp ** 2:,} edges, "
+          f"{args.samples:,} samples (synthetic, made in {time.time() - t0:.1f} s)")
+    store = d / sf.WEIGHTED_GRAPH.format(m=m)
+    analyzed = d / sf.ANALYSIS_DIR / (sf.ANALYZED.format(name=store.name) + ".json")
+    rows = [measure("c (compact store)", ["c_calculate_weighted_activation_graph.py", "--input_dir", str(d)]),
+            measure("c_analyze (full sweep)", ["c_analyze_weighted_activation_graph.py", "--input_path", str(store)])]
+    for method in args.methods.split():
+        rows.append(measure(f"d ({method}, t=0.5, r=0.01)",
+                            ["d_calculate_perturbation_subset.py", "--input_graph_path", str(analyzed),
+                             "--threshold", "0.5", "--ratio", "0.01", "--method", method,
+                             "--output_dir", str(d / sf.SUBSETS_DIR)]))
+    header = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
+    size = sum(f.stat().st_size for f in store.iterdir())
+    print(f"store: {size / 2**30:.2f} GiB on disk, count dtype {header['count_dtype']}, "
+          f"max co-activation {header['max_co_activation_count']}")
+    print(pd.read_csv(d / sf.ANALYSIS_DIR / sf.THRESHOLD_CSV).to_string(index=False))
+    if not args.keep:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
