@@ -7,8 +7,8 @@ Writes into --export_dir: {m}_activation_dataset.csv, {m}_neuron_frequency.csv, 
 .pickle (unless --no_activation_lists), and stage a's graph files ({m}_neuron_attributes.csv,
 {m}_graph_meta.json, {m}_neuron_edges.el unless --no_edge_list).
 
-    python b_generate_activation_dataset.py --input_csv parcellation_datasets/test_1.csv \
-        --export_dir parcellation_datasets/test_1 --model_type gpt2
+    python b_generate_activation_dataset.py --model_type gpt2 --input_csv parcellation_datasets/test_1.csv
+        --export_dir parcellation_datasets/test_1
 """
 
 from pathlib import Path
