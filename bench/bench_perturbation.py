@@ -8,7 +8,7 @@ each prompt once; tokens delivered: all 5 samples of each prompt), the hook over
 interleaved repeats in the same process, best of --repeats), the whole stage-e computation (generation of
 both plus the teacher-forced metric passes) and the peak RSS.
 
-    .venv/bin/python bench/bench_perturbation.py [--device cpu] [--repeats 3] [--checkpoint DIR]
+    .venv/bin/python bench/bench_perturbation.py [--device cpu] [--repeats 7] [--checkpoint DIR]
 """
 
 import argparse
@@ -62,10 +62,34 @@ def timed_cpu(fn):
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def hook_cost(model, abl, batches, sync, n: int = 5000, repeats: int = 5):
+    """
+    Seconds one hooked GELU call costs more than an unhooked one (hook dispatch + the edit), on a
+    decode-step-shaped input (best of interleaved repeats), and how many hooked calls one generation of the
+    workload makes: a direct estimate of the hook overhead that machine load hardly disturbs.
+    """
+    device = next(model.parameters()).device
+    gelu = model.gelus()[next(iter(abl.layers))]
+    x = torch.randn(max(len(b.row_prompt) for b in batches), 1, model.config.d_mlp, device=device)
+
+    def loop():
+        for _ in range(n):
+            gelu(x)
+        sync()
+
+    plain, hooked = [], []
+    for _ in range(repeats):
+        plain.append(timed(loop))
+        with abl:
+            hooked.append(timed(loop))
+    calls = len(abl.layers) * sum(b.new_tokens for b in batches)  # prefill + one call per further token
+    return max(min(hooked) - min(plain), 0.0) / n, calls
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved timing repeats (default: %(default)s)")
     ap.add_argument("--batch_size", type=int, default=64, help="generation batch size (default: %(default)s)")
     ap.add_argument("--checkpoint", help="checkpoint directory to use, built there first if it has no config.json "
                                          "(default: built in a temporary directory)")
@@ -96,11 +120,13 @@ def main():
         gen(None)  # warm-up
         gen(abl)
         base_t, abl_t = [], []
-        for _ in range(args.repeats):
+        for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
             base_t.append(timed_cpu(lambda: gen(None)))
             abl_t.append(timed_cpu(lambda: gen(abl)))
         b, a = min(t for t, _ in base_t), min(t for t, _ in abl_t)
         bc, ac = min(c for _, c in base_t), min(c for _, c in abl_t)
+        pair = float(np.median([ta / tb for (tb, _), (ta, _) in zip(base_t, abl_t)]))
+        per_call, calls = hook_cost(model, abl, batches, sync)
 
         subsets = [pt.Subset("random_1pct.npy", ids), pt.Subset("none", np.zeros(0, np.int64))]
         full = timed(lambda: pt.run(model, lm.tokenizer, prompts, prompt_ids, batches, subsets, None, 0.0, 1,
@@ -115,7 +141,9 @@ def main():
     print(f"hook overhead: {100 * (a / b - 1):+.1f} % wall, {100 * (ac / bc - 1):+.1f} % CPU time (best of "
           f"{args.repeats}; wall s: base {', '.join(f'{t:.2f}' for t, _ in base_t)}, ablated "
           f"{', '.join(f'{t:.2f}' for t, _ in abl_t)}; CPU s: base {', '.join(f'{c:.2f}' for _, c in base_t)}, "
-          f"ablated {', '.join(f'{c:.2f}' for _, c in abl_t)})")
+          f"ablated {', '.join(f'{c:.2f}' for _, c in abl_t)}); median of paired ratios {100 * (pair - 1):+.1f} %")
+    print(f"hook cost measured directly: {1e6 * per_call:.2f} us per hooked GELU call x {calls} calls per "
+          f"generation = {calls * per_call:.3f} s = {100 * calls * per_call / b:.1f} % of the unperturbed generation")
     print(f"whole stage e (none + subset: 2 generations + teacher-forced metrics): {full:.2f} s = "
           f"{2 * delivered / full:.1f} delivered tokens/s")
     print(f"peak RSS: {peak_mb:.0f} MB")
