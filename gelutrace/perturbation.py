@@ -369,8 +369,10 @@ def result_table(subset: Subset, c: Condition, prompts, tokenizer, samples) -> t
     texts = [tokenizer.decode([int(t) for t in c.conts[r]]) if r >= 0 else "" for r in sr]
     result = pd.DataFrame({"prompt": [prompts[p].text for p in sp], "sample_index": si, "generated_text": texts,
                            "perturbation_subset": subset.name}, columns=sf.RESULT_COLUMNS)
-    def per(a):
+
+    def per(a):  # per-row values spread over the samples (NaN where a sample has no continuation)
         return np.where(sr >= 0, a[np.maximum(sr, 0)], np.nan) if len(sr) else np.zeros(0)
+
     lengths = np.array([prompts[p].new_tokens for p in sp], np.int64)
     metrics = pd.DataFrame({"prompt": result["prompt"], "sample_index": si, "num_tokens": lengths,
                             "kl": per(c.kl), "delta_nll": per(c.delta_nll), "token_agreement": per(c.agree),
