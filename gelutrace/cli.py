@@ -4,7 +4,6 @@ import argparse
 import sys
 
 from gelutrace import PipelineError
-from gelutrace.loading import HUB_MODELS, SHIPPED_MODEL
 
 
 def run_main(main):
@@ -24,6 +23,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def add_model_args(ap: argparse.ArgumentParser, default: str = "gpt2", device: bool = True):
+    from gelutrace.loading import HUB_MODELS, SHIPPED_MODEL  # imports torch: only for scripts that run a model
+
     ap.add_argument("--model_type", default=default,
                     help=f"hub name ({', '.join(HUB_MODELS)}), the shipped model ({SHIPPED_MODEL}) or a "
                          f"local Hugging Face GPT-2 checkpoint directory (default: %(default)s)")
