@@ -56,7 +56,7 @@ def main(argv=None):
                          "dataset's {m}_neuron_frequency.csv (default: %(default)s)")
     ap.add_argument("--random_controls", type=int, default=0, metavar="N",
                     help="for each subset, also measure N random subsets with the same number of neurons in "
-                         "each layer (seeded); the summary gets their mean and std and the ratios "
+                         "each layer (drawn with --seed); the summary gets their mean and std and the ratios "
                          "kl_vs_random, delta_nll_vs_random (default: %(default)s)")
     args = ap.parse_args(argv)
     check_sampling_args(args)
