@@ -76,10 +76,14 @@ def main(argv=None):
     batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size)
     n_conditions = 1 + sum(1 + (args.random_controls if len(s.ids) else 0) for s in subsets if len(s.ids))
     tokens = n_conditions * sum(len(b.row_prompt) * b.new_tokens for b in batches)
-    with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as bar:
+    chunks = pt.metric_chunks(pt.plan_rows(batches, prompts), prompt_ids, cfg.vocab_size, args.batch_size)
+    passes = len(chunks) * sum(1 + (args.random_controls if len(s.ids) else 0) for s in subsets)
+    with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as gen_bar, \
+            tqdm(total=passes, unit="pass", desc="teacher-forced metrics") as metric_bar:
+        bars = {"tokens": gen_bar, "passes": metric_bar}
         results = pt.run(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values,
                          args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
-                         args.ablation, progress=lambda kind, n: bar.update(n) if kind == "tokens" else None)
+                         args.ablation, progress=lambda kind, n: bars[kind].update(n))
 
     out = pt.write_results(args.dataset_path, results)
     plot_perturbation_summary(results.summary, out / sf.PERTURBATION_PLOT,
