@@ -62,6 +62,26 @@ def bible_documents() -> list[tuple[str, str]]:
     return [(f"kjv_{b}", "\n".join(verses)) for b, verses in books.items()]
 
 
+def corpus(holdout: float) -> tuple[list[str], list[str]]:
+    """Training and held-out text of every document: the last `holdout` fraction of each is held out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = shakespeare_documents(Path(tmp)) + bible_documents()
+    print(f"{len(docs)} documents, {sum(len(t) for _, t in docs) / 1e6:.1f} M characters")
+    train_txt, val_txt = [], []
+    for _, text in docs:
+        cut = int(len(text) * (1 - holdout))
+        cut = text.rfind("\n", 0, cut) + 1 or cut  # split at a line boundary
+        train_txt.append(text[:cut])
+        val_txt.append(text[cut:])
+    return train_txt, val_txt
+
+
+def write_heldout(val_txt: list[str], target: Path):
+    """A few KB of held-out text for the tests: a little of every ninth document, Shakespeare and Bible alike."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n\n".join(v[:300] for v in val_txt[::9]) + "\n", encoding="utf-8")
+
+
 def train_tokenizer(docs: list[str], vocab_size: int, out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -118,17 +138,10 @@ def main():
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        docs = shakespeare_documents(Path(tmp)) + bible_documents()
-    print(f"{len(docs)} documents, {sum(len(t) for _, t in docs) / 1e6:.1f} M characters")
-    train_txt, val_txt = [], []
-    for _, text in docs:
-        cut = int(len(text) * (1 - args.holdout))
-        cut = text.rfind("\n", 0, cut) + 1 or cut  # split at a line boundary
-        train_txt.append(text[:cut])
-        val_txt.append(text[cut:])
+    train_txt, val_txt = corpus(args.holdout)
 
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed into place when done
     tok = train_tokenizer(train_txt, args.vocab_size, staging)
     eot = tok.convert_tokens_to_ids(EOT)
 
@@ -195,18 +208,19 @@ def main():
         idx = torch.tensor([tok(prompt)["input_ids"]])
         samples.append(prompt + tok.decode(model.generate(idx, 40)[0, idx.size(1):].tolist()))
     (staging / "training.json").write_text(json.dumps({
-        "documents": len(docs), "train_tokens": len(train_ids), "validation_tokens": len(val_ids),
+        "documents": len(train_txt), "train_tokens": len(train_ids), "validation_tokens": len(val_ids),
         "validation_loss": round(vl, 4), "parameters": sum(p.numel() for p in model.parameters()),
         "args": vars(args), "greedy_samples": samples}, indent=2) + "\n")
     (staging / "NOTICE").write_text(NOTICE)
+    staging.chmod(0o755)
+    for f in staging.iterdir():
+        f.chmod(0o644)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
 
     heldout = Path(args.heldout_out)
-    heldout.parent.mkdir(parents=True, exist_ok=True)
-    pieces = [v[:300] for v in val_txt[::9]]  # a little of every ninth document, Shakespeare and Bible alike
-    heldout.write_text("\n\n".join(pieces) + "\n", encoding="utf-8")
+    write_heldout(val_txt, heldout)
     print("\n".join(samples))
     print(f"wrote {out} and {heldout}")
 
