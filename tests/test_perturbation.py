@@ -69,8 +69,10 @@ def subject(random_ckpt):
 
 
 def subset_for(model):
+    """Every 7th neuron of the first, middle and last layers, and the last neuron of the last: enough to
+    change the generated text, with unequal counts per layer (and untouched layers when there are > 3)."""
     d, L = model.config.d_mlp, model.config.n_layer
-    return ids_of([(0, 3), (0, 17), (L // 2, 5), (L - 1, 0), (L - 1, d - 1)], d)
+    return np.unique(np.concatenate([layer * d + np.arange(0, d, 7) for layer in (0, L // 2, L - 1)] + [[L * d - 1]]))
 
 
 # --- the hook against an independent reference --------------------------------------------------------------
@@ -177,7 +179,7 @@ def test_subset_text_equals_transformers_with_act_hook(greedy_run):
     finally:
         for h in handles:
             h.remove()
-    assert not df["generated_text"].equals(base["generated_text"]) or lm.name == SHIPPED_NAME
+    assert not df["generated_text"].equals(base["generated_text"])  # the ablation changed some text
 
 
 def test_summary_and_per_sample_files(greedy_run):
