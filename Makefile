@@ -1,5 +1,5 @@
 # make test: create a local venv, install the requirements and run the tests.
-# make demo: the same set-up, then the pipeline on the shipped model.
+# make demo: the same set-up, then the whole pipeline on the shipped model (parcellation_datasets/test_1_tinybard).
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
@@ -24,4 +24,4 @@ model: install
 	$(PY) tools/train_shipped_model.py
 
 clean:
-	rm -rf demo bench/out
+	rm -rf parcellation_datasets/*/ bench/out
