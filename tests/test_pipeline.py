@@ -1,0 +1,94 @@
+"""
+run_pipeline.sh end to end on the shipped model with a tiny prompt CSV: every contract file exists, the
+files agree with each other, the report states the run, and a second run skips every stage.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT, SHIPPED_NAME
+from gelutrace import stagefiles as sf
+
+M = SHIPPED_NAME
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, shipped_path):
+    d = tmp_path_factory.mktemp("pipeline")
+    csv = d / "prompts.csv"
+    pd.DataFrame([("KING HENRY. Now, lords, ", 6, 2), ("And God said, ", 5, 3), ("O Romeo, ", 4, 1)],
+                 columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+    data = d / "run"
+    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3 0.8", "--ratios", "0.01 0.05",
+           "--random_controls", "2", "--device", "cpu", M, str(csv), str(data)]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return data, first.stdout, second.stdout
+
+
+def test_contract_files_agree(pipeline):
+    data, _, _ = pipeline
+    meta = sf.read_graph_meta(data, M)
+    n = meta["num_neurons"]
+    ds = pd.read_csv(sf.path(data, sf.DATASET, M), keep_default_na=False)
+    assert len(ds) == 6 * 2 + 5 * 3 + 4 * 1
+    matrix, ids = sf.read_activation_matrix(sf.path(data, sf.MATRIX, M))
+    assert matrix.shape == (len(ds), n)
+    freq = pd.read_csv(sf.path(data, sf.FREQUENCY, M))
+    assert (freq["activation_count"].to_numpy() == matrix.sum(axis=0)).all()
+    assert len(pd.read_csv(sf.path(data, sf.ATTRIBUTES, M))) == n
+    assert sf.path(data, sf.EDGES, M).stat().st_size == sf.canonical_edges_size(meta["n_layer"], meta["d_mlp"])
+    assert len(json.loads(sf.path(data, sf.ACTIVATIONS_JSON, M).read_text())) == len(ds)
+
+    store = data / sf.WEIGHTED_GRAPH.format(m=M)
+    header = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
+    assert header["num_samples"] == len(ds)
+    pair = np.load(store / sf.GRAPH_STORE_PAIR.format(src=0, tgt=1), mmap_mode="r", allow_pickle=False)
+    d = meta["d_mlp"]
+    a = matrix[:, :d].astype(np.int64)
+    b = matrix[:, d:2 * d].astype(np.int64)
+    assert (np.asarray(pair) == a.T @ b).all()  # exact co-activation counts
+
+    sweep = pd.read_csv(data / sf.ANALYSIS_DIR / sf.THRESHOLD_CSV)
+    assert list(sweep.columns) == sf.THRESHOLD_COLUMNS and len(sweep) == 10
+    assert (sweep["num_nodes"] == n).all()
+
+    subsets = sorted((data / sf.SUBSETS_DIR).glob("*.npy"))
+    assert len(subsets) == 4
+    summary = pd.read_csv(data / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY)
+    assert set(summary["subset"]) == {"none"} | {p.name for p in subsets}
+    for p in subsets:
+        ids = np.load(p, allow_pickle=False)
+        side = json.loads((p.parent / sf.SUBSET_SIDECAR.format(stem=p.stem)).read_text())
+        ratio = side["ratio"]
+        assert len(ids) == side["k"] == max(1, int(n * ratio))
+        row = summary[summary["subset"] == p.name].iloc[0]
+        assert row["k"] == len(ids)
+        assert sum(row[f"layer_{i}_count"] for i in range(meta["n_layer"])) == len(ids)
+        assert row["random_controls"] == 2
+        result = pd.read_csv(data / sf.RESULTS_DIR / sf.RESULT_FILE.format(stem=p.stem), keep_default_na=False)
+        assert list(result.columns) == sf.RESULT_COLUMNS and len(result) == 2 + 3 + 1
+    none = summary[summary["subset"] == "none"].iloc[0]
+    assert none["kl"] == 0 and none["token_agreement"] == 1
+
+
+def test_report_and_summary(pipeline):
+    data, out, second = pipeline
+    report = (data / "report.md").read_text()
+    for needle in ("## Parameters", "0.3 0.8", "0.01 0.05", "## Threshold sweep", "## Ablation effects",
+                   "b_generate_activation_dataset.py", "31 generated tokens"):
+        assert needle in report
+    for name in ("activation_frequency_per_layer.png", f"{sf.ANALYSIS_DIR}/{sf.THRESHOLD_PLOT}",
+                 f"{sf.RESULTS_DIR}/{sf.PERTURBATION_PLOT}"):
+        assert f"]({name})" in report and (data / name).is_file()
+    assert "31 samples from 3 prompts" in out and "random: KL" in out
+    assert second.count("up to date") == 6  # nothing reran
