@@ -20,12 +20,10 @@ Metrics (each sample's value averaged over its continuation; the summary average
   first_diff_position index of the first token that differs from the baseline's; the continuation's
                       length when none differs
 
-    python e_generate_perturbed_results.py --dataset_path parcellation_datasets/test_1 \
-        --input_csv parcellation_datasets/test_1.csv --model_type gpt2 \
+    python e_generate_perturbed_results.py --dataset_path parcellation_datasets/test_1 \\
+        --input_csv parcellation_datasets/test_1.csv --model_type gpt2 \\
         --perturbation_subset_filenames gpt2_degree_t0.1_r0.05.npy none --random_controls 5
 """
-
-from pathlib import Path
 
 import torch
 from tqdm import tqdm

@@ -10,7 +10,6 @@ user runs); peak RSS is that subprocess's ru_maxrss. Data goes to bench/out/ (gi
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys

@@ -90,24 +90,7 @@ class Subset:
 
 def load_subset(p: Path, n_neurons: int) -> np.ndarray:
     """The sorted unique neuron ids of a subset `.npy`: a 1-D integer array of ids in [0, n_neurons)."""
-    if not p.is_file():
-        raise PipelineError(f"perturbation subset {p} does not exist")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except Exception as e:
-        raise PipelineError(f"cannot read perturbation subset {p} as a .npy array without pickle: {e}") from None
-    if not isinstance(arr, np.ndarray):
-        raise PipelineError(f"perturbation subset {p} is not a single .npy array")
-    if arr.ndim != 1:
-        raise PipelineError(f"perturbation subset {p} must be a 1-D array of neuron ids, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise PipelineError(f"perturbation subset {p} must hold integer neuron ids, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    bad = arr[(arr < 0) | (arr >= n_neurons)]
-    if len(bad):
-        raise PipelineError(f"perturbation subset {p} holds id {int(bad[0])} outside this model's neurons "
-                            f"0..{n_neurons - 1} ({len(bad)} out-of-range ids)")
-    return np.unique(arr)
+    return np.unique(sf.read_subset(p, n_neurons))
 
 
 def resolve_subsets(dataset_path, names: list[str], n_neurons: int) -> list[Subset]:

@@ -17,7 +17,7 @@ import torch
 
 from gelutrace import PipelineError
 from gelutrace.generation import Batch, generate_batch
-from gelutrace.stagefiles import (DATASET, FREQUENCY, FREQUENCY_COLUMNS, MATRIX, Prompt, dataset_columns,
+from gelutrace.stagefiles import (DATASET, FREQUENCY, FREQUENCY_COLUMNS, MATRIX, PARTIAL_DIR, Prompt, dataset_columns,
                                   packed_counts, path, write_activation_lists, write_csv, write_json, write_npz,
                                   write_packed_activation_matrix)
 
@@ -135,7 +135,7 @@ class Staging:
     """
 
     def __init__(self, export_dir, m: str, fingerprint: str):
-        self.dir = Path(export_dir) / f".{m}_partial"
+        self.dir = path(export_dir, PARTIAL_DIR, m)
         self.fingerprint = fingerprint
 
     def start(self, resume: bool) -> tuple[list[Chunk], int]:

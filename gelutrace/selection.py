@@ -98,21 +98,8 @@ class Subset:
     info: dict
 
 
-def read_subset_ids(path) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise PipelineError(f"subset {p} does not exist")
-    try:
-        ids = np.load(p, allow_pickle=False)
-    except Exception as e:
-        raise PipelineError(f"cannot read subset {p}: {e}") from None
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise PipelineError(f"subset {p} is not a 1-D integer array of node ids")
-    return ids.astype(np.int64)
-
-
 def _match_layer_counts(graph: CoactivationGraph, match_path) -> dict[int, int]:
-    ids = read_subset_ids(match_path)
+    ids = sf.read_subset(match_path)
     side = Path(match_path).with_suffix(".json")
     if side.is_file():
         try:
@@ -228,6 +215,6 @@ def summary_table(paths) -> pd.DataFrame:
             except json.JSONDecodeError:
                 pass
         elif p.is_file():
-            row["k"] = len(read_subset_ids(p))
+            row["k"] = len(sf.read_subset(p))
         rows.append(row)
     return pd.DataFrame(rows, columns=["file", "method", "threshold", "ratio", "k", "edges_kept"])

@@ -28,7 +28,7 @@ ACTIVATIONS_PICKLE = "{m}_neuron_activations.pickle"
 ACTIVATIONS_JSON = "{m}_neuron_activations.json"
 FREQUENCY = "{m}_neuron_frequency.csv"
 MATRIX = "{m}_activation_matrix.npz"
-RUN_STATE = "{m}_run_state.json"  # stage b's progress, for --resume
+PARTIAL_DIR = ".{m}_partial"  # stage b's finished batches of an unfinished run, for --resume
 TRACE_VECTOR = "{m}_activations.pkl"
 TRACE_ACTIVE = "{m}_active_neurons.txt"
 TRACE_PLOT = "{m}_activations.png"
@@ -431,3 +431,25 @@ def packed_counts(packed: np.ndarray, n_neurons: int, n_layer: int, block: int =
         counts += rows.sum(axis=0)
         per_layer[lo:lo + block] = rows.reshape(len(rows), n_layer, -1).sum(axis=2)
     return counts, per_layer
+
+
+# --- stage d: subsets -------------------------------------------------------------------------------------
+def read_subset(source, n_neurons: int | None = None) -> np.ndarray:
+    """A subset `.npy` as int64 ids, checked: a 1-D integer array, loaded without pickle, ids in [0, n_neurons)."""
+    p = Path(source)
+    if not p.is_file():
+        raise PipelineError(f"subset {p} does not exist")
+    try:
+        ids = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise PipelineError(f"cannot read subset {p} as a .npy array without pickle: {e}") from None
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        shape = f"shape {ids.shape}, dtype {ids.dtype}" if isinstance(ids, np.ndarray) else "several arrays"
+        raise PipelineError(f"subset {p} must be a 1-D integer array of neuron ids, got {shape}")
+    ids = ids.astype(np.int64)
+    if n_neurons is not None:
+        bad = ids[(ids < 0) | (ids >= n_neurons)]
+        if len(bad):
+            raise PipelineError(f"subset {p} holds id {int(bad[0])} outside this model's neurons "
+                                f"0..{n_neurons - 1} ({len(bad)} out-of-range ids)")
+    return ids
