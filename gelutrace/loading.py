@@ -147,7 +147,8 @@ def load_checkpoint(path: Path, device: torch.device = torch.device("cpu")) -> G
         raise PipelineError(f"{path} has no model.safetensors (pickled .bin checkpoints are not read)")
     sd = load_file(str(weights))
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    model = GPT(config)
+    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
+        model = GPT(config)
     target = model.state_dict()
     converted = {}
     for k in target:
@@ -162,7 +163,8 @@ def load_checkpoint(path: Path, device: torch.device = torch.device("cpu")) -> G
         if w.shape != target[k].shape:
             raise PipelineError(f"{weights}: tensor {src} has shape {tuple(w.shape)}, expected {tuple(target[k].shape)}")
         converted[k] = w.to(torch.float32)
-    model.load_state_dict(converted)
+    model.load_state_dict(converted, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor: tie it again
     return model.to(device).eval()
 
 

@@ -388,6 +388,7 @@ def write_activation_lists(directory, m: str, packed: np.ndarray, n_neurons: int
     `pickle.load` returns the plain dict.
     """
     labels = np.array([str(i).encode() for i in range(n_neurons)], dtype=object)
+    opcodes = np.array([_pickle_int(i) for i in range(n_neurons)], dtype=object)
     with atomic_open(path(directory, ACTIVATIONS_JSON, m), "wb") as fj, \
             atomic_open(path(directory, ACTIVATIONS_PICKLE, m), "wb") as fp:
         fj.write(b"{")
@@ -401,25 +402,19 @@ def write_activation_lists(directory, m: str, packed: np.ndarray, n_neurons: int
                 key = str(sid).encode()
                 fj.write((b", " if sid else b"") + b'"' + key + b'": [' + b", ".join(labels[ids]) + b"]")
                 fp.write(b"X" + len(key).to_bytes(4, "little") + key)  # BINUNICODE
-                fp.write(b"](" + _pickle_ints(ids) + b"e")  # EMPTY_LIST MARK ints APPENDS
+                fp.write(b"](" + b"".join(opcodes[ids]) + b"e")  # EMPTY_LIST MARK ints APPENDS
             fp.write(b"u")
         fj.write(b"}\n")
         fp.write(b".")
 
 
-def _pickle_ints(ids: np.ndarray) -> bytes:
-    """Pickle opcodes pushing each id: BININT1 (<256), BININT2 (<65536) or BININT (4-byte signed)."""
-    ids = ids.astype(np.int64)
-    out = np.zeros((len(ids), 5), dtype=np.uint8)
-    le = ids.astype("<u4").view(np.uint8).reshape(-1, 4)
-    small, mid = ids < 256, (ids >= 256) & (ids < 65536)
-    big = ~(small | mid)
-    out[small, 0], out[small, 1] = ord("K"), le[small, 0]
-    out[mid, 0], out[mid, 1:3] = ord("M"), le[mid, :2]
-    out[big, 0], out[big, 1:5] = ord("J"), le[big]
-    length = np.where(small, 2, np.where(mid, 3, 5))
-    keep = np.arange(5)[None, :] < length[:, None]
-    return out[keep].tobytes()
+def _pickle_int(i: int) -> bytes:
+    """The pickle opcode pushing a non-negative int: BININT1 (< 256), BININT2 (< 65536) or BININT."""
+    if i < 256:
+        return b"K" + i.to_bytes(1, "little")
+    if i < 65536:
+        return b"M" + i.to_bytes(2, "little")
+    return b"J" + i.to_bytes(4, "little", signed=True)
 
 
 def packed_counts(packed: np.ndarray, n_neurons: int, n_layer: int, block: int = 1024):
