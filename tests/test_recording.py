@@ -27,9 +27,9 @@ def write_prompts(path, rows=PROMPTS, header="prompts,number_of_new_tokens,num_s
     return path
 
 
-def run(script, *args, check=True):
+def run(script, *args, check=True, **env):
     r = subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                       cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
     if check and r.returncode != 0:
         raise AssertionError(f"{script} failed:\n{r.stderr}")
     return r
@@ -178,7 +178,8 @@ def test_resume_after_interrupt_gives_the_uninterrupted_result(tmp_path, shipped
     csv = write_prompts(tmp_path / "p.csv")
     common = ["--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device", "cpu", "--batch_size", "1",
               "--no_edge_list"]
-    run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "full")
+    one_thread = {"OMP_NUM_THREADS": "1"}  # as this process (conftest): float sums then match to the bit
+    run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "full", **one_thread)
 
     real = recording.record_batch
     calls = {"n": 0}
@@ -200,7 +201,7 @@ def test_resume_after_interrupt_gives_the_uninterrupted_result(tmp_path, shipped
     assert state["prompts_done"] == 2
 
     monkeypatch.setattr(recording, "record_batch", real)
-    run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "part", "--resume")
+    run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "part", "--resume", **one_thread)
     for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY, sf.ACTIVATIONS_JSON, sf.ACTIVATIONS_PICKLE):
         assert sf.path(tmp_path / "part", f, SHIPPED_NAME).read_bytes() == sf.path(tmp_path / "full", f, SHIPPED_NAME).read_bytes()
 
