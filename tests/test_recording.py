@@ -248,3 +248,12 @@ def test_trace_equals_transformers(tmp_path, shipped_path, shipped):
     assert sf.path(tmp_path, sf.TRACE_PLOT, SHIPPED_NAME).stat().st_size > 1000
     d = shipped.model.config.d_mlp
     assert f"layer  0: {int((ref_values[0][:d] > 0).sum()):6d} / {d}" in r.stdout
+
+
+def test_unreachable_hub_model_is_one_clear_error_line(tmp_path):
+    r = run("b_trace_gelu_activations.py", "--model_type", "gpt2", "--input_text", "hello", "--output_dir", tmp_path,
+            check=False, HF_HOME=str(tmp_path / "empty_hf_home"))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "not in the Hugging Face cache" in lines[0] and "--model_type tinybard" in lines[0]
+    assert not any(tmp_path.glob("gpt2_*"))
