@@ -17,10 +17,6 @@ from gelutrace import stagefiles as sf
 from gelutrace.cli import parser, run_main
 from gelutrace.plots import plot_layer_activity
 
-LAYER_PLOT = "activation_frequency_per_layer.png"
-REPORT = "report.md"
-
-
 def md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     def cell(v):
         if isinstance(v, (float, np.floating)):
@@ -59,7 +55,7 @@ def collect(data: Path) -> dict:
     summary = data / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY
     out["effects"] = pd.read_csv(summary) if summary.is_file() else None
     out["commands"] = {p.stem: p.read_text().split("# csv ")[0].strip()
-                       for p in sorted((data / ".pipeline").glob("*.cmd"))}
+                       for p in sorted((data / sf.PIPELINE_STAMPS).glob("*.cmd"))}
     return out
 
 
@@ -73,7 +69,7 @@ def effect_table(effects: pd.DataFrame) -> pd.DataFrame:
 def write_report(data: Path, params: dict) -> str:
     info = collect(data)
     m = info["m"]
-    plot_layer_activity(info["freq"], data / LAYER_PLOT, f"{m}: how often each GELU neuron fires, per layer")
+    plot_layer_activity(info["freq"], data / sf.LAYER_ACTIVITY_PLOT, f"{m}: how often each GELU neuron fires, per layer")
     rel = lambda p: Path(p).relative_to(data).as_posix()  # noqa: E731
     analysis = data / sf.ANALYSIS_DIR
     results = data / sf.RESULTS_DIR
@@ -89,7 +85,7 @@ def write_report(data: Path, params: dict) -> str:
               f"{info['samples']} generated tokens (samples) from {info['prompts']} prompts; "
               f"{meta['n_layer']} layers x {meta['d_mlp']} GELU neurons = {meta['num_neurons']} neurons, "
               f"{meta['num_edges']} adjacent-layer edges.", "",
-              f"![activation frequency per layer]({LAYER_PLOT})", "",
+              f"![activation frequency per layer]({sf.LAYER_ACTIVITY_PLOT})", "",
               md_table(info["layers"]), ""]
     hists = [(t, analysis / f"{n}.png") for t, n in (("Node activation counts", sf.HIST_NODE_COUNT),
                                                      ("Edge co-activation counts", sf.HIST_EDGE_COUNT),
@@ -113,7 +109,7 @@ def write_report(data: Path, params: dict) -> str:
         if (results / sf.PERTURBATION_PLOT).is_file():
             lines += [f"![ablation effects]({rel(results / sf.PERTURBATION_PLOT)})", ""]
         lines += [md_table(effect_table(info["effects"])), ""]
-    with sf.atomic_open(data / REPORT, "w", encoding="utf-8") as f:
+    with sf.atomic_open(data / sf.REPORT, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     return terminal_summary(info, data)
 
@@ -133,7 +129,7 @@ def terminal_summary(info: dict, data: Path) -> str:
                 line += (f"; random: KL {r['kl_random_mean']:.4g} +- {r.get('kl_random_std', float('nan')):.2g} "
                          f"-> {r['kl_vs_random']:.3g}x")
             out.append(line)
-    out.append(f"report: {data / REPORT}")
+    out.append(f"report: {data / sf.REPORT}")
     return "\n".join(out)
 
 

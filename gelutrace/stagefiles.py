@@ -58,6 +58,11 @@ PERTURBATION_SUMMARY = "summary.csv"  # one row per subset: k, per-layer counts,
 PERTURBATION_PLOT = "summary.png"  # the summary's metrics compared across subsets
 PER_SAMPLE_DIR = "per_sample"  # per_sample/{stem}.csv: each sample's metrics
 
+# run_pipeline.sh's report (in the dataset directory)
+REPORT = "report.md"
+LAYER_ACTIVITY_PLOT = "activation_frequency_per_layer.png"
+PIPELINE_STAMPS = ".pipeline"  # one {stage}.cmd per stage: the command that made its outputs
+
 # --- columns ----------------------------------------------------------------------------------------------
 PROMPT_COLUMNS = ["prompts", "number_of_new_tokens", "num_samples"]
 ATTRIBUTE_COLUMNS = ["node_id", "layer", "dimension"]
