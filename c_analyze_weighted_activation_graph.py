@@ -13,7 +13,6 @@ count / max count (float64). Writes to --output_dir:
     python c_analyze_weighted_activation_graph.py --input_path parcellation_datasets/test_1/gpt2_weighted_graph
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,11 +21,11 @@ from gelutrace import PipelineError
 from gelutrace import coactivation as co
 from gelutrace import plots
 from gelutrace import stagefiles as sf
-from gelutrace.cli import run_main
+from gelutrace.cli import parser, run_main
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--input_path", required=True,
                     help="stage c's output: a compact graph store directory or a .gpickle")
     ap.add_argument("--output_dir", default=None,

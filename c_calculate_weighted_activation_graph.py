@@ -14,17 +14,16 @@ matrices (one per layer pair, np.load(..., mmap_mode='r')) plus graph.json.
         --output_path parcellation_datasets/test_1/gpt2_weighted_graph.gpickle
 """
 
-import argparse
 import time
 from pathlib import Path
 
 from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
-from gelutrace.cli import run_main
+from gelutrace.cli import parser, run_main
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--input_dir", required=True,
                     help="stage b's export directory ({m}_activation_matrix.npz, {m}_graph_meta.json, ...)")
     ap.add_argument("--output_path", default=None,

@@ -14,18 +14,17 @@ Methods: degree (the original's), weighted_degree, pagerank, activation_count, r
         --output_path parcellation_datasets/test_1/perturbation_subsets/gpt2_degree_t0.8_r0.01.npy
 """
 
-import argparse
 import time
 from pathlib import Path
 
 from gelutrace import PipelineError
 from gelutrace import coactivation as co
 from gelutrace import selection as sel
-from gelutrace.cli import run_main
+from gelutrace.cli import parser, run_main
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--input_graph_path", required=True,
                     help="c_analyze's *_analyzed.json or *_analyzed.gpickle (a store directory or stage c's "
                          ".gpickle also work)")

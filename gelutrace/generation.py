@@ -59,6 +59,16 @@ def plan_batches(prompts: list[Prompt], prompt_ids: list[list[int]], greedy: boo
     return batches
 
 
+def repeat_rows(batch: Batch, prompts: list[Prompt], greedy: bool) -> list[tuple[int, int, int]]:
+    """
+    (prompt, repeat, row) for every repeat of the batch's prompts, in CSV order: `row` is the batch row whose
+    continuation that repeat is (greedy repeats share their prompt's one row), -1 for a prompt of 0 tokens.
+    """
+    row_of = {(p, r): i for i, (p, r) in enumerate(zip(batch.row_prompt, batch.row_repeat))}
+    return [(p, r, row_of.get((p, 0 if greedy else r), -1))
+            for p in batch.prompts for r in range(prompts[p].num_samples)]
+
+
 def row_generator(seed: int, prompt_index: int, repeat: int, device) -> torch.Generator:
     state = np.random.SeedSequence([seed, prompt_index, repeat]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(state))

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
-from gelutrace.generation import Batch, generate_batch, left_pad
+from gelutrace.generation import Batch, generate_batch, left_pad, repeat_rows
 
 NONE = "none"  # the subset name that means: no ablation (the baseline)
 METRICS = ["kl", "delta_nll", "token_agreement", "first_diff_position"]
@@ -183,20 +183,18 @@ def read_mean_activations(dataset_path, m: str, n_neurons: int) -> np.ndarray:
 class Rows:
     """The distinct sequences computed: one per prompt when greedy, one per (prompt, repeat) otherwise."""
     prompt: np.ndarray  # (R,) prompt index
-    repeat: np.ndarray  # (R,) repeat number (greedy: 0, standing for every repeat)
     length: np.ndarray  # (R,) continuation tokens wanted
     where: list[tuple[int, int]]  # (batch index, row within the batch's output)
 
 
 def plan_rows(batches: list[Batch], prompts) -> Rows:
-    prompt, repeat, length, where = [], [], [], []
+    prompt, length, where = [], [], []
     for b, batch in enumerate(batches):
-        for i, (p, r) in enumerate(zip(batch.row_prompt, batch.row_repeat)):
+        for i, p in enumerate(batch.row_prompt):
             prompt.append(p)
-            repeat.append(r)
             length.append(prompts[p].new_tokens)
             where.append((b, i))
-    return Rows(np.array(prompt, np.int64), np.array(repeat, np.int64), np.array(length, np.int64), where)
+    return Rows(np.array(prompt, np.int64), np.array(length, np.int64), where)
 
 
 def generate_rows(model, batches: list[Batch], rows: Rows, prompt_ids, temperature, top_k, seed,
@@ -326,11 +324,12 @@ def measure(model, batches: list[Batch], rows: Rows, prompt_ids, conditions: lis
 
 
 # --- putting a run together -------------------------------------------------------------------------------
-def expand_samples(rows: Rows, prompts, greedy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def expand_samples(batches: list[Batch], prompts, greedy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(prompt, sample_index, row) of every output sample in CSV order: prompt by prompt, repeat by repeat."""
-    row_of = {(int(p), int(r)): i for i, (p, r) in enumerate(zip(rows.prompt, rows.repeat))}
-    out = [(p, s, row_of.get((p, 0 if greedy else s), -1))
-           for p, pr in enumerate(prompts) for s in range(pr.num_samples)]
+    out, offset = [], 0
+    for batch in batches:
+        out += [(p, r, offset + x if x >= 0 else -1) for p, r, x in repeat_rows(batch, prompts, greedy)]
+        offset += len(batch.row_prompt)
     arr = np.array(out, np.int64).reshape(-1, 3)
     return arr[:, 0], arr[:, 1], arr[:, 2]
 
@@ -402,7 +401,7 @@ def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], m
         controls.append([Condition(ids) for ids in s.controls])
     measure(model, batches, rows, prompt_ids, mains + [c for cs in controls for c in cs], mean_values,
             temperature, top_k, seed, batch_size, progress)
-    samples = expand_samples(rows, prompts, greedy)
+    samples = expand_samples(batches, prompts, greedy)
     tables, summary = {}, []
     for s, main, ctl in zip(subsets, mains, controls):
         tables[s.stem] = result_table(s, main, prompts, tokenizer, samples)

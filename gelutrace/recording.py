@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from gelutrace import PipelineError
-from gelutrace.generation import Batch, generate_batch
+from gelutrace.generation import Batch, generate_batch, repeat_rows
 from gelutrace.stagefiles import (DATASET, FREQUENCY, FREQUENCY_COLUMNS, MATRIX, PARTIAL_DIR, Prompt, dataset_columns,
                                   packed_counts, path, write_activation_lists, write_csv, write_json, write_npz,
                                   write_packed_activation_matrix)
@@ -95,22 +95,12 @@ class Chunk:
 
 
 def sample_layout(batch: Batch, prompts: list[Prompt], greedy: bool):
-    """(call, row, prompt, repeat, position) of each sample of the batch, in dataset order."""
-    row_of = {(p, r): i for i, (p, r) in enumerate(zip(batch.row_prompt, batch.row_repeat))}
-    call, row, prompt, repeat, position = [], [], [], [], []
-    for p in batch.prompts:
-        n = prompts[p].new_tokens
-        if n == 0:
-            continue
-        for r in range(prompts[p].num_samples):
-            call.append(np.arange(n))
-            row.append(np.full(n, row_of[(p, 0 if greedy else r)]))
-            prompt.append(np.full(n, p))
-            repeat.append(np.full(n, r))
-            position.append(np.arange(n))
-    if not call:
-        return (np.zeros(0, np.int64),) * 5
-    return tuple(np.concatenate(a).astype(np.int64) for a in (call, row, prompt, repeat, position))
+    """(call, row, prompt, repeat, position) of each sample of the batch, in dataset order; call == position."""
+    reps = np.array([t for t in repeat_rows(batch, prompts, greedy) if t[2] >= 0], np.int64).reshape(-1, 3)
+    n = np.array([prompts[p].new_tokens for p in reps[:, 0]], np.int64)
+    position = np.concatenate([np.arange(k) for k in n]) if len(n) else np.zeros(0, np.int64)
+    prompt, repeat, row = (np.repeat(reps[:, i], n) for i in range(3))
+    return position, row, prompt, repeat, position
 
 
 def record_batch(model, batch: Batch, prompts: list[Prompt], prompt_ids: list[list[int]], temperature: float,
