@@ -28,6 +28,7 @@ ACTIVATIONS_PICKLE = "{m}_neuron_activations.pickle"
 ACTIVATIONS_JSON = "{m}_neuron_activations.json"
 FREQUENCY = "{m}_neuron_frequency.csv"
 MATRIX = "{m}_activation_matrix.npz"
+NEURON_EFFECTS = "{m}_neuron_effects.csv"  # d_calculate_neuron_effects: each neuron's single-ablation effect
 PARTIAL_DIR = ".{m}_partial"  # stage b's finished batches of an unfinished run, for --resume
 TRACE_VECTOR = "{m}_activations.pkl"
 TRACE_ACTIVE = "{m}_active_neurons.txt"
@@ -66,7 +67,10 @@ PIPELINE_STAMPS = ".pipeline"  # one {stage}.cmd per stage: the command that mad
 # --- columns ----------------------------------------------------------------------------------------------
 PROMPT_COLUMNS = ["prompts", "number_of_new_tokens", "num_samples"]
 ATTRIBUTE_COLUMNS = ["node_id", "layer", "dimension"]
-FREQUENCY_COLUMNS = ["neuron_id", "activation_count", "activation_frequency", "layer", "dimension", "mean_activation"]
+# attribution: first-order estimate of each neuron's single zero-ablation delta_nll (empty when not computed)
+FREQUENCY_COLUMNS = ["neuron_id", "activation_count", "activation_frequency", "layer", "dimension", "mean_activation",
+                     "attribution"]
+NEURON_EFFECTS_COLUMNS = ["neuron_id", "delta_nll", "kl"]
 RESULT_COLUMNS = ["prompt", "sample_index", "generated_text", "perturbation_subset"]
 HIST_COLUMNS = ["bin_start", "bin_end", "density"]
 THRESHOLD_COLUMNS = ["threshold", "num_nodes", "num_edges", "num_components", "max_comp_size", "avg_comp_size",
