@@ -7,6 +7,10 @@ Writes into --export_dir: {m}_activation_dataset.csv, {m}_neuron_frequency.csv, 
 .pickle (unless --no_activation_lists), and stage a's graph files ({m}_neuron_attributes.csv,
 {m}_graph_meta.json, {m}_neuron_edges.el unless --no_edge_list).
 
+After generating, one teacher-forced forward and backward pass over each distinct prompt + continuation gives
+every neuron's `attribution` (frequency file): -sum_p a(p) dL/da(p), a first-order estimate of the
+delta_nll that zero-ablating that neuron alone causes in stage e (--no_attribution skips it).
+
     python b_generate_activation_dataset.py --model_type gpt2 --input_csv parcellation_datasets/test_1.csv
         --export_dir parcellation_datasets/test_1
 """
@@ -19,7 +23,7 @@ from tqdm import tqdm
 from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args, parser, run_main
 from gelutrace.generation import StepProgress, encode_prompts, plan_batches
 from gelutrace.loading import load_model
-from gelutrace.recording import Staging, fingerprint, record_batch, write_dataset
+from gelutrace.recording import Staging, fingerprint, record_attribution, record_batch, write_dataset
 from gelutrace.stagefiles import read_prompts, write_graph_files_if_stale
 
 
@@ -35,6 +39,9 @@ def main():
     ap.add_argument("--no_activation_lists", action="store_true",
                     help="skip the {m}_neuron_activations .json/.pickle lists (large for big runs; nothing "
                          "downstream needs them)")
+    ap.add_argument("--no_attribution", action="store_true",
+                    help="skip the attribution pass (one teacher-forced forward and backward pass per distinct "
+                         "continuation); the frequency file's attribution column is then empty")
     ap.add_argument("--no_edge_list", action="store_true",
                     help="skip writing {m}_neuron_edges.el (1.2 GB for gpt2, 23 GB for gpt2-xl); later stages "
                          "use the full adjacent-layer connectivity recorded in {m}_graph_meta.json")
@@ -62,9 +69,14 @@ def main():
                 chunk = record_batch(lm.model, batch, prompts, prompt_ids, args.temperature, args.top_k, args.seed)
             staging.add(chunk, len(chunks), batch.prompts[-1] + 1)
             chunks.append(chunk)
+    attribution = None
+    if not args.no_attribution:
+        rows = sum(len(b.row_prompt) for b in plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size))
+        with tqdm(total=rows, unit="seq", desc="attribution (forward + backward)") as bar:
+            attribution = record_attribution(lm.model, chunks, prompt_ids, args.batch_size, bar.update)
 
     summary = write_dataset(export, lm.name, chunks, lm.tokenizer, prompts, prompt_ids, cfg.n_layer, cfg.d_mlp,
-                            activation_lists=not args.no_activation_lists)
+                            activation_lists=not args.no_activation_lists, attribution=attribution)
     write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list)
     staging.finish()
     per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])

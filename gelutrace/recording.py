@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from gelutrace import PipelineError
+from gelutrace.attribution import distinct_sequences, neuron_attribution
 from gelutrace.generation import Batch, generate_batch, repeat_rows
 from gelutrace.stagefiles import (DATASET, FREQUENCY, FREQUENCY_COLUMNS, MATRIX, PARTIAL_DIR, Prompt, dataset_columns,
                                   packed_counts, path, write_activation_lists, write_csv, write_json, write_npz,
@@ -169,12 +170,27 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
+def concat_samples(chunks: list[Chunk]) -> dict:
+    """prompt_index, repeat, position and output_id of every sample of the chunks, in dataset order."""
+    return {f: np.concatenate([getattr(c, f) for c in chunks]) if chunks else np.zeros(0, np.int64)
+            for f in ("prompt_index", "repeat", "position", "output_id")}
+
+
+def record_attribution(model, chunks: list[Chunk], prompt_ids: list[list[int]], batch_size: int,
+                       progress=None) -> np.ndarray:
+    """Each neuron's attribution (gelutrace.attribution) over the recorded continuations."""
+    cat = concat_samples(chunks)
+    prompts, conts, weights = distinct_sequences(cat["prompt_index"], cat["repeat"], cat["position"],
+                                                 cat["output_id"], prompt_ids)
+    return neuron_attribution(model, prompts, conts, weights, batch_size, progress)
+
+
 def write_dataset(export_dir, m: str, chunks: list[Chunk], tokenizer, prompts: list[Prompt],
-                  prompt_ids: list[list[int]], n_layer: int, d_mlp: int, activation_lists: bool = True):
+                  prompt_ids: list[list[int]], n_layer: int, d_mlp: int, activation_lists: bool = True,
+                  attribution: np.ndarray | None = None):
     """Stage b's dataset files from the recorded chunks (graph files are written separately)."""
     n = n_layer * d_mlp
-    cat = {f: np.concatenate([getattr(c, f) for c in chunks]) if chunks else np.zeros(0, np.int64)
-           for f in ("prompt_index", "repeat", "position", "output_id")}
+    cat = concat_samples(chunks)
     packed = np.concatenate([c.packed for c in chunks]) if chunks else np.zeros((0, (n + 7) // 8), np.uint8)
     value_sum = np.sum([c.value_sum for c in chunks], axis=0) if chunks else np.zeros(n)
     samples = len(packed)
@@ -206,6 +222,7 @@ def write_dataset(export_dir, m: str, chunks: list[Chunk], tokenizer, prompts: l
         "activation_frequency": counts / samples if samples else np.zeros(n),
         "layer": ids // d_mlp, "dimension": ids % d_mlp,
         "mean_activation": value_sum / samples if samples else np.zeros(n),
+        "attribution": np.full(n, np.nan) if attribution is None else attribution,
     }, columns=FREQUENCY_COLUMNS)
     write_csv(freq, path(export_dir, FREQUENCY, m))
     write_packed_activation_matrix(path(export_dir, MATRIX, m), packed, n)
