@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage d over a grid: every threshold x ratio x method, one subset .npy (+ sidecar .json) each, named
-# {m}_{method}_t{threshold}_r{ratio}.npy, then a summary table.
+# {m}_{method}_t{threshold}_r{ratio}.npy ({m}_{method}_r{ratio}.npy, once per ratio, for the methods that
+# ignore the threshold), then a summary table.
 #
 #   ./d_batch_perturbation_calculate.sh [options] INPUT_GRAPH [OUTPUT_DIR]
 #
@@ -10,7 +11,8 @@
 # Options (or environment variables):
 #   --thresholds "0.5 0.7 0.8 0.9"   THRESHOLDS
 #   --ratios "0.01 0.02 0.05 0.1"    RATIOS
-#   --methods "degree"               METHODS (degree weighted_degree pagerank activation_count random)
+#   --methods "degree"               METHODS (degree weighted_degree pagerank activation_count attribution
+#                                    ablation random)
 #   --seed N                         SEED (for random; default 1337)
 #   --force                          FORCE=1: recompute subsets that already exist (default: skip them)
 #   PYTHON=...                       the interpreter (default: .venv/bin/python beside this script, or python3)
@@ -55,9 +57,12 @@ skip=(--skip_existing)
 
 files=() status=() failed=0
 for method in $METHODS; do
-  for t in $THRESHOLDS; do
+  case "$method" in degree|weighted_degree|pagerank) ts="$THRESHOLDS" ;; *) ts="-" ;; esac
+  for t in $ts; do
+    thr=(--threshold "$t")
+    [ "$t" = "-" ] && thr=()
     for r in $RATIOS; do
-      log="$("$PYTHON" "$here/d_calculate_perturbation_subset.py" --input_graph_path "$graph" --threshold "$t" \
+      log="$("$PYTHON" "$here/d_calculate_perturbation_subset.py" --input_graph_path "$graph" "${thr[@]}" \
              --ratio "$r" --method "$method" --seed "$SEED" --output_dir "$out" "${skip[@]}" 2>&1)"
       rc=$?
       line="$(printf '%s\n' "$log" | tail -n 1)"

@@ -5,8 +5,12 @@ Keeps the edges with normalised weight > --threshold (all nodes stay), takes k =
 nodes (at most N) ranked by --method, ties to the lower node id, and writes their ids (int64, rank order) as
 .npy plus a sidecar .json (parameters, k, per-layer counts, each neuron's score).
 
-Methods: degree (the original's), weighted_degree, pagerank, activation_count, random (seeded; with
---match_layers, the per-layer composition of another subset).
+Methods on the thresholded graph: degree (the original's), weighted_degree, pagerank. Methods that need no
+graph (--threshold is ignored and recorded as null; files are named {m}_{method}_r{ratio}.npy):
+activation_count, attribution (stage b's first-order estimate of each neuron's single-ablation delta_nll,
+from {m}_neuron_frequency.csv), ablation (measured single-neuron delta_nll, from {m}_neuron_effects.csv of
+d_calculate_neuron_effects.py), random (seeded; with --match_layers, the per-layer composition of another
+subset).
 
     python d_calculate_perturbation_subset.py \\
         --input_graph_path parcellation_datasets/test_1/weighted_graph_analysis/gpt2_weighted_graph_analyzed.json \\
@@ -28,8 +32,9 @@ def main():
     ap.add_argument("--input_graph_path", required=True,
                     help="c_analyze's *_analyzed.json or *_analyzed.gpickle (a store directory or stage c's "
                          ".gpickle also work)")
-    ap.add_argument("--threshold", type=float, required=True,
-                    help="keep edges with normalised co-activation > this, in [0, 1]")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="keep edges with normalised co-activation > this, in [0, 1]; needed by the graph methods "
+                         f"({', '.join(sel.GRAPH_METHODS)}), ignored by the others")
     ap.add_argument("--ratio", type=float, required=True, help="fraction of all nodes to select, in (0, 1]")
     ap.add_argument("--method", default="degree",
                     help=f"ranking: {', '.join(sel.METHODS)} (default: %(default)s)")
@@ -37,6 +42,9 @@ def main():
     out.add_argument("--output_path", help="the subset .npy to write (its sidecar .json goes beside it)")
     out.add_argument("--output_dir",
                      help="write {m}_{method}_t{threshold}_r{ratio}.npy in this directory instead")
+    ap.add_argument("--dataset_path", default=None,
+                    help="stage b's directory, read by --method attribution and ablation (default: the directory "
+                         "the graph store was built from)")
     ap.add_argument("--skip_existing", action="store_true",
                     help="do nothing if the output .npy already exists (used by d_batch)")
     ap.add_argument("--seed", type=int, default=1337, help="seed of --method random (default: %(default)s)")
@@ -53,20 +61,25 @@ def main():
     sel.check_params(args.threshold, args.ratio, args.method)
     if args.output_path and Path(args.output_path).suffix != ".npy":
         raise PipelineError(f"--output_path {args.output_path}: expected a .npy name")
+    if args.export_graph and (args.threshold is None or Path(args.export_graph).suffix not in (".graphml", ".gpickle")):
+        raise PipelineError("--export_graph needs --threshold and a .graphml or .gpickle name")
     graph = co.read_graph(args.input_graph_path)
     target = (Path(args.output_path) if args.output_path else
               Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, args.ratio))
     if args.skip_existing and target.is_file():
         print(f"skipped {target} (exists)")
         return
-    sub = sel.select(graph, args.threshold, args.ratio, args.method, args.seed, args.match_layers)
-    params = {"method": args.method, "threshold": args.threshold, "ratio": args.ratio,
+    sub = sel.select(graph, args.threshold, args.ratio, args.method, args.seed, args.match_layers, args.dataset_path)
+    uses_graph = args.method in sel.GRAPH_METHODS
+    params = {"method": args.method, "threshold": args.threshold if uses_graph else None,
+              "threshold_ignored": not uses_graph, "ratio": args.ratio,
               "seed": args.seed if args.method == "random" else None}
     sel.write_subset(sub, graph, target, params)
     if args.export_graph:
         limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
         sel.export_graph(graph, args.threshold, args.export_graph, limit)
-    print(f"wrote {target} (k={sub.k}, {sub.edges_kept:,} edges kept, {time.time() - t0:.1f} s)")
+    kept = f"{sub.edges_kept:,} edges kept" if uses_graph else "no graph used"
+    print(f"wrote {target} (k={sub.k}, {kept}, {time.time() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

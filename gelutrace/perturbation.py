@@ -160,22 +160,8 @@ def check_dataset(dataset_path, m: str, n_layer: int, d_mlp: int):
 
 def read_mean_activations(dataset_path, m: str, n_neurons: int) -> np.ndarray:
     """Each neuron's mean post-GELU output, from the dataset's {m}_neuron_frequency.csv (stage b)."""
-    p = sf.path(dataset_path, sf.FREQUENCY, m)
-    if not p.is_file():
-        raise PipelineError(f"--ablation mean needs {p} (stage b writes it)")
-    try:
-        df = pd.read_csv(p)
-    except Exception as e:
-        raise PipelineError(f"cannot parse {p}: {e}") from None
-    if "mean_activation" not in df.columns or "neuron_id" not in df.columns:
-        raise PipelineError(f"{p} has no neuron_id/mean_activation columns (written by an older stage b?): "
-                            f"rerun stage b, or use --ablation zero")
-    if len(df) != n_neurons or not np.array_equal(df["neuron_id"].to_numpy(), np.arange(n_neurons)):
-        raise PipelineError(f"{p} must list all {n_neurons} neurons of model {m!r} in id order")
-    values = pd.to_numeric(df["mean_activation"], errors="coerce").to_numpy(np.float64)
-    if not np.isfinite(values).all():
-        raise PipelineError(f"{p}: mean_activation holds missing or non-finite values")
-    return values
+    return sf.read_neuron_column(sf.path(dataset_path, sf.FREQUENCY, m), "mean_activation", n_neurons,
+                                 "--ablation mean needs stage b's frequency file; rerun stage b or use --ablation zero")
 
 
 # --- generation and metrics -------------------------------------------------------------------------------

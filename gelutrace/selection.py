@@ -6,9 +6,11 @@ The graph is thresholded as the original did: keep the edges whose normalised we
 method's score, highest first, ties to the lower node id, and the top k are written in rank order.
 
 Methods: degree (edges kept, as the original), weighted_degree (sum of the kept edges' normalised weights),
-pagerank (on the thresholded graph, edge weight = count, alpha 0.85, as networkx.pagerank), activation_count
-(how many samples activate the neuron; no graph), random (seeded; k as above, or with match_layers the
-per-layer composition of another subset).
+pagerank (on the thresholded graph, edge weight = count, alpha 0.85, as networkx.pagerank), and the methods
+that need no graph (the threshold is ignored): activation_count (how many samples activate the neuron),
+attribution (stage b's first-order estimate of each neuron's single-ablation delta_nll), ablation (the measured
+single-neuron delta_nll of d_calculate_neuron_effects.py), random (seeded; k as above, or with match_layers
+the per-layer composition of another subset).
 """
 
 import json
@@ -22,15 +24,18 @@ from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
 from gelutrace.coactivation import CoactivationGraph, check_nx_fits
 
-METHODS = ("degree", "weighted_degree", "pagerank", "activation_count", "random")
+METHODS = ("degree", "weighted_degree", "pagerank", "activation_count", "attribution", "ablation", "random")
+GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")  # the others ignore the threshold
 PAGERANK_ALPHA = 0.85
 PAGERANK_TOL = 1e-10  # L1 change per node; stricter than networkx's default 1e-6
 PAGERANK_MAX_ITER = 1000
 PAGERANK_CACHE_BYTES = 4 << 30  # kept-edge matrices above this are re-read from the store every iteration
 
 
-def check_params(threshold: float, ratio: float, method: str):
-    if not (0.0 <= threshold <= 1.0):
+def check_params(threshold: float | None, ratio: float, method: str):
+    if method in GRAPH_METHODS and threshold is None:
+        raise PipelineError(f"--method {method} needs --threshold")
+    if threshold is not None and not (0.0 <= threshold <= 1.0):
         raise PipelineError(f"--threshold must be in [0, 1], got {threshold}")
     if not (0.0 < ratio <= 1.0):
         raise PipelineError(f"--ratio must be in (0, 1], got {ratio}")
@@ -75,7 +80,39 @@ def pagerank(graph: CoactivationGraph, cut: int, alpha=PAGERANK_ALPHA, tol=PAGER
     raise PipelineError(f"pagerank did not converge in {max_iter} iterations")
 
 
-def scores(graph: CoactivationGraph, method: str, threshold: float) -> np.ndarray:
+def dataset_dir(graph: CoactivationGraph, dataset_path=None) -> Path:
+    """Stage b's directory behind a graph: given, or the one stage c recorded in the store's header."""
+    if dataset_path is not None:
+        d = Path(dataset_path)
+    else:
+        recorded = (graph.header.get("source") or {}).get("input_dir")
+        if not recorded:
+            raise PipelineError("this graph does not record its dataset directory: pass --dataset_path")
+        d = Path(recorded)
+    if not d.is_dir():
+        raise PipelineError(f"dataset directory {d} does not exist (pass --dataset_path)")
+    return d
+
+
+def neuron_scores(graph: CoactivationGraph, method: str, dataset_path=None) -> np.ndarray:
+    """attribution / ablation scores of the graph's nodes, from the dataset's files (NaN: not measured)."""
+    d = dataset_dir(graph, dataset_path)
+    m = graph.model
+    n = int(graph.node_ids.max()) + 1 if graph.num_nodes else 0
+    if method == "attribution":
+        values = sf.read_neuron_column(sf.path(d, sf.FREQUENCY, m), "attribution", n,
+                                       "stage b writes it; rerun stage b without --no_attribution")
+    else:
+        values = sf.read_neuron_column(sf.path(d, sf.NEURON_EFFECTS, m), "delta_nll", n,
+                                       "d_calculate_neuron_effects.py writes it", missing_ok=True)
+    return values[graph.node_ids]
+
+
+def scores(graph: CoactivationGraph, method: str, threshold: float | None, dataset_path=None) -> np.ndarray:
+    if method in ("attribution", "ablation"):
+        return neuron_scores(graph, method, dataset_path)
+    if method == "activation_count":
+        return graph.activation_count.astype(np.int64)
     cut = graph.cut(threshold)
     if method == "degree":
         return graph.degrees(cut)
@@ -84,8 +121,6 @@ def scores(graph: CoactivationGraph, method: str, threshold: float) -> np.ndarra
         return graph.degrees(cut, weighted=True) / max(graph.max_co_activation, 1)
     if method == "pagerank":
         return pagerank(graph, cut)
-    if method == "activation_count":
-        return graph.activation_count.astype(np.int64)
     raise PipelineError(f"method {method!r} has no score")
 
 
@@ -117,15 +152,14 @@ def _match_layer_counts(graph: CoactivationGraph, match_path) -> dict[int, int]:
     return {int(a): int(b) for a, b in zip(layers, n)}
 
 
-def select(graph: CoactivationGraph, threshold: float, ratio: float, method: str, seed: int = 1337,
-           match_layers=None) -> Subset:
+def select(graph: CoactivationGraph, threshold: float | None, ratio: float, method: str, seed: int = 1337,
+           match_layers=None, dataset_path=None) -> Subset:
     check_params(threshold, ratio, method)
     if match_layers is not None and method != "random":
         raise PipelineError("--match_layers applies to --method random only")
     if graph.num_nodes == 0:
         raise PipelineError("the graph has no nodes")
-    cut = graph.cut(threshold)
-    kept = int(graph.degrees(cut).sum() // 2)
+    kept = int(graph.degrees(graph.cut(threshold)).sum() // 2) if method in GRAPH_METHODS else None
     k = subset_size(graph.num_nodes, ratio)
     info = {"k_from_ratio": k}
     if method == "random":
@@ -143,8 +177,14 @@ def select(graph: CoactivationGraph, threshold: float, ratio: float, method: str
             info["match_layers"] = str(match_layers)
         sc = np.zeros(len(pos))
     else:
-        s = scores(graph, method, threshold)
-        pos = top_k(s, graph.node_ids, k)
+        s = scores(graph, method, threshold, dataset_path)
+        measured = np.isfinite(s)
+        if not measured.all():
+            if measured.sum() < k:
+                raise PipelineError(f"--method {method}: only {int(measured.sum())} neurons were measured, "
+                                    f"fewer than k={k}; measure all neurons or lower --ratio")
+            info["neurons_measured"] = int(measured.sum())
+        pos = top_k(np.where(measured, s, -np.inf), graph.node_ids, k)
         sc = s[pos]
     return Subset(graph.node_ids[pos], sc, k, kept, info)
 
@@ -164,7 +204,9 @@ def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) ->
     return side
 
 
-def subset_file_name(model: str | None, method: str, threshold: float, ratio: float) -> str:
+def subset_file_name(model: str | None, method: str, threshold: float | None, ratio: float) -> str:
+    if method not in GRAPH_METHODS:
+        return sf.SUBSET_FILE_NO_GRAPH.format(m=model or "graph", method=method, ratio=repr(float(ratio)))
     return sf.SUBSET_FILE.format(m=model or "graph", method=method, threshold=repr(float(threshold)),
                                  ratio=repr(float(ratio)))
 

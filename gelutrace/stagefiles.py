@@ -52,6 +52,7 @@ THRESHOLD_CSV = "threshold_analysis.csv"
 THRESHOLD_PLOT = "threshold_analysis.png"
 # stage d
 SUBSET_FILE = "{m}_{method}_t{threshold}_r{ratio}.npy"  # d --output_dir / d_batch naming
+SUBSET_FILE_NO_GRAPH = "{m}_{method}_r{ratio}.npy"  # methods that ignore the threshold
 SUBSET_SIDECAR = "{stem}.json"  # beside each subset .npy: parameters, k, per-layer counts, scores
 # stage e (under <dataset>/RESULTS_DIR)
 RESULT_FILE = "{stem}.csv"  # one per subset (none.csv for the baseline), columns RESULT_COLUMNS
@@ -435,6 +436,38 @@ def packed_counts(packed: np.ndarray, n_neurons: int, n_layer: int, block: int =
         counts += rows.sum(axis=0)
         per_layer[lo:lo + block] = rows.reshape(len(rows), n_layer, -1).sum(axis=2)
     return counts, per_layer
+
+
+# --- per-neuron columns (stage b's frequency file, the neuron-effects file) ------------------------------
+def read_neuron_column(source, column: str, n_neurons: int, what: str, missing_ok: bool = False) -> np.ndarray:
+    """
+    One float64 value per neuron, in id order, from a CSV with `neuron_id` and `column` (e.g. the frequency
+    file's mean_activation or attribution). `what` says which stage writes it, for the error line. With
+    `missing_ok`, the file may list some neurons only: the others are NaN.
+    """
+    p = Path(source)
+    if not p.is_file():
+        raise PipelineError(f"{p} does not exist ({what})")
+    try:
+        df = pd.read_csv(p)
+    except Exception as e:
+        raise PipelineError(f"cannot parse {p}: {e}") from None
+    if column not in df.columns or "neuron_id" not in df.columns:
+        raise PipelineError(f"{p} has no neuron_id/{column} columns (written by an older version?); {what}")
+    ids = pd.to_numeric(df["neuron_id"], errors="coerce").to_numpy()
+    values = pd.to_numeric(df[column], errors="coerce").to_numpy(np.float64)
+    complete = len(ids) == n_neurons and np.array_equal(ids, np.arange(n_neurons))
+    if not complete and not (missing_ok and np.isfinite(ids).all() and len(np.unique(ids)) == len(ids)
+                             and ((ids >= 0) & (ids < n_neurons)).all() and (ids == np.round(ids)).all()):
+        raise PipelineError(f"{p} must list {'distinct neurons of' if missing_ok else 'all'} the model's "
+                            f"{n_neurons} neurons{'' if missing_ok else ' in id order'}")
+    if not np.isfinite(values).all():
+        raise PipelineError(f"{p}: {column} holds missing or non-finite values ({what})")
+    if complete:
+        return values
+    out = np.full(n_neurons, np.nan)
+    out[ids.astype(np.int64)] = values
+    return out
 
 
 # --- stage d: subsets -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Stage d library: every method's ranking against a NetworkX reference, ties, and compact == .gpickle."""
 
 import networkx as nx
+import pandas as pd
 import numpy as np
 import pytest
 from graphdata import brute_force_graph, full_edges, make_dataset, random_activations
@@ -8,6 +9,7 @@ from graphdata import brute_force_graph, full_edges, make_dataset, random_activa
 from gelutrace import PipelineError
 from gelutrace import coactivation as co
 from gelutrace import selection as sel
+from gelutrace import stagefiles as sf
 
 N_LAYER, D_MLP = 3, 10
 
@@ -91,7 +93,7 @@ def test_random_is_seeded_and_match_layers_keeps_composition(graphs, tmp_path):
         sel.select(store, 0.5, 0.2, "random", match_layers=tmp_path / "alien.npy")
 
 
-@pytest.mark.parametrize("method", sel.METHODS)
+@pytest.mark.parametrize("method", [m for m in sel.METHODS if m not in ("attribution", "ablation")])
 def test_compact_and_gpickle_identical_downstream(graphs, method):
     store, pick, _ = graphs
     assert (store.max_activation, store.max_co_activation) == (pick.max_activation, pick.max_co_activation)
@@ -108,3 +110,49 @@ def test_compact_and_gpickle_identical_downstream(graphs, method):
 def test_bad_parameters(graphs, t, r, m):
     with pytest.raises(PipelineError):
         sel.select(graphs[0], t, r, m)
+
+
+@pytest.fixture()
+def scored(tmp_path):
+    """A store whose dataset directory also holds an attribution column and a partial neuron-effects file."""
+    active = random_activations(N_LAYER, D_MLP, 120, seed=3)
+    make_dataset(tmp_path, active, N_LAYER, D_MLP)
+    co.write_store(tmp_path / "store", co.load_activation_data(tmp_path))
+    n = N_LAYER * D_MLP
+    rng = np.random.default_rng(1)
+    attr = np.round(rng.normal(size=n), 1)  # rounded: ties, broken to the lower id
+    freq = sf.path(tmp_path, sf.FREQUENCY, "toy")
+    pd.read_csv(freq).assign(attribution=attr).to_csv(freq, index=False)
+    measured = rng.choice(n, 20, replace=False)
+    effect = rng.normal(size=20)
+    pd.DataFrame({"neuron_id": measured, "delta_nll": effect, "kl": effect ** 2}).to_csv(
+        sf.path(tmp_path, sf.NEURON_EFFECTS, "toy"), index=False)
+    return tmp_path, attr, dict(zip(measured.tolist(), effect.tolist()))
+
+
+def test_attribution_and_ablation_rank_their_columns(scored):
+    d, attr, effects = scored
+    g = co.read_graph(d / "store")
+    ref = sorted(range(len(attr)), key=lambda i: (-attr[i], i))[:6]  # k = int(30 * 0.2)
+    for t in (None, 0.0, 0.9):  # the threshold plays no part
+        sub = sel.select(g, t, 0.2, "attribution")
+        assert sub.ids.tolist() == ref and sub.edges_kept is None
+        np.testing.assert_array_equal(sub.scores, attr[ref])
+    ab = sel.select(g, None, 0.2, "ablation")
+    assert ab.ids.tolist() == sorted(effects, key=lambda i: (-effects[i], i))[:6]
+    assert ab.info["neurons_measured"] == 20
+    with pytest.raises(PipelineError, match="only 20 neurons were measured"):
+        sel.select(g, None, 0.9, "ablation")
+    with pytest.raises(PipelineError, match="needs --threshold"):
+        sel.select(g, None, 0.2, "degree")
+
+
+def test_attribution_missing_is_an_error(scored):
+    d, *_ = scored
+    freq = sf.path(d, sf.FREQUENCY, "toy")
+    pd.read_csv(freq).assign(attribution=np.nan).to_csv(freq, index=False)
+    with pytest.raises(PipelineError, match="no-attribution|--no_attribution"):
+        sel.select(co.read_graph(d / "store"), None, 0.2, "attribution")
+    sf.path(d, sf.NEURON_EFFECTS, "toy").unlink()
+    with pytest.raises(PipelineError, match="d_calculate_neuron_effects"):
+        sel.select(co.read_graph(d / "store"), None, 0.2, "ablation")

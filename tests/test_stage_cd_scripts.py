@@ -154,3 +154,20 @@ def test_stale_analysis_reference_is_refused(pipeline, tmp_path):
                         "--threshold", "0.5", "--ratio", "0.1", "--output_path", str(d / "x.npy")],
                        capture_output=True, text=True, env=ENV)
     assert p.returncode == 2 and "rerun c_analyze" in p.stderr and not (d / "x.npy").exists()
+
+
+def test_graph_free_methods_ignore_the_threshold(pipeline, tmp_path):
+    d = pipeline
+    graph = str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    freq = sf.path(d, sf.FREQUENCY, "toy")
+    n = len(pd.read_csv(freq))
+    attr = np.arange(n)[::-1] * 0.5  # neuron 0 first
+    pd.read_csv(freq).assign(attribution=attr).to_csv(freq, index=False)
+    out = tmp_path / "subsets"
+    log = run(BATCH, "--thresholds", "0.5 0.8", "--ratios", "0.1", "--methods", "degree attribution", graph, str(out))
+    names = sorted(p.name for p in out.glob("*.npy"))
+    assert names == ["toy_attribution_r0.1.npy", "toy_degree_t0.5_r0.1.npy", "toy_degree_t0.8_r0.1.npy"]
+    assert log.count("[attribution") == 1
+    np.testing.assert_array_equal(np.load(out / "toy_attribution_r0.1.npy"), [0, 1, 2])
+    side = json.loads((out / "toy_attribution_r0.1.json").read_text())
+    assert side["threshold"] is None and side["threshold_ignored"] is True and side["method"] == "attribution"
