@@ -5,11 +5,19 @@ Each subset (a .npy of neuron ids under <dataset_path>/perturbation_subsets/, or
 unperturbed baseline) has its neurons' post-GELU outputs replaced at every position (0, or the neuron's
 mean activation with --ablation mean) while the model generates, with the KV cache on.
 
+The neurons were chosen on the dataset's prompts (--input_csv); --eval_csv measures their effect on other,
+held-out prompts, which is the honest test.
+
 Writes into <dataset_path>/perturbation_results/:
   {subset stem}.csv     prompt, sample_index, generated_text, perturbation_subset (none.csv for `none`)
-  summary.csv           one row per subset: k, per-layer counts, metrics (and random-control mean/std/ratio)
+  summary.csv           one row per subset: k, per-layer counts, metrics with bootstrap 95 % CIs over prompts
+                        (kl, delta_nll), and with --random_controls the controls' mean/std, the subset's
+                        percentile among them and (only where the random mean is clearly > 0) the ratio
   summary.png           the metrics compared across subsets
   per_sample/{stem}.csv each sample's metrics
+  evaluation.json       which prompts chose the neurons and which measured them, and the settings
+  comparison.csv, method_verdict.csv, method_overlap.csv, method_agreement.csv, comparison.png
+                        the selection methods side by side at each k (for subsets with stage d's sidecar)
 
 Metrics (each sample's value averaged over its continuation; the summary averages over samples):
   kl                  KL(baseline || perturbed) of the next-token distributions (softmax of the logits,
@@ -29,12 +37,13 @@ import torch
 from tqdm import tqdm
 
 from gelutrace import PipelineError
+from gelutrace import comparison as cmp
 from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args, parser, run_main
 from gelutrace.generation import encode_prompts, plan_batches
 from gelutrace.loading import load_model
-from gelutrace.plots import plot_perturbation_summary
+from gelutrace.plots import plot_method_comparison, plot_perturbation_summary
 
 
 def main(argv=None):
@@ -43,7 +52,11 @@ def main(argv=None):
                     help="stage b's dataset directory of this model: holds {m}_neuron_attributes.csv / "
                          "{m}_graph_meta.json and perturbation_subsets/; results go to its perturbation_results/")
     ap.add_argument("--input_csv", required=True,
-                    help="prompt CSV with columns prompts, number_of_new_tokens and optionally num_samples")
+                    help="the dataset's prompt CSV (columns prompts, number_of_new_tokens, optionally num_samples): "
+                         "the prompts the neurons were chosen on; effects are measured on it unless --eval_csv")
+    ap.add_argument("--eval_csv", default=None,
+                    help="measure the effects on these prompts instead (same columns), e.g. a held-out set "
+                         "disjoint from --input_csv (default: --input_csv)")
     ap.add_argument("--perturbation_subset_filenames", nargs="+", required=True, metavar="NAME",
                     help="one or more .npy files of neuron ids under <dataset_path>/perturbation_subsets/, "
                          "or 'none' for the unperturbed baseline")
@@ -60,13 +73,15 @@ def main(argv=None):
     check_sampling_args(args)
     if args.random_controls < 0:
         raise PipelineError(f"--random_controls must be >= 0, got {args.random_controls}")
-    prompts = sf.read_prompts(args.input_csv)
+    selection_prompts = sf.read_prompts(args.input_csv)
+    eval_csv = args.eval_csv or args.input_csv
+    prompts = sf.read_prompts(eval_csv) if args.eval_csv else selection_prompts
 
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
-    subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons)
+    subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons, lm.name)
     mean_values = pt.read_mean_activations(args.dataset_path, lm.name, n_neurons) if args.ablation == "mean" else None
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
 
@@ -83,12 +98,21 @@ def main(argv=None):
                          args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
                          args.ablation, progress=lambda kind, n: bars[kind].update(n))
 
-    out = pt.write_results(args.dataset_path, results)
+    evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args)
+    out = pt.write_results(args.dataset_path, results, evaluation)
+    where = "held-out prompts" if evaluation["held_out"] else "the prompts they were chosen on"
     plot_perturbation_summary(results.summary, out / sf.PERTURBATION_PLOT,
-                              title=f"{lm.name}: effect of {args.ablation}-ablating each subset")
-    cols = ["subset", "k"] + pt.METRICS + (["kl_vs_random"] if args.random_controls else [])
+                              title=f"{lm.name}: effect of {args.ablation}-ablating each subset, on {where}")
+    tables = pt.write_comparison(args.dataset_path, lm.name, results, subsets, n_neurons)
+    if tables:
+        plot_method_comparison(tables[sf.COMPARISON], out / sf.COMPARISON_PLOT,
+                               title=f"{lm.name}: neurons chosen by each method, {args.ablation}-ablated, on {where}")
+    cols = ["subset", "k", "kl", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "token_agreement"]
+    cols += ["delta_nll_percentile"] if args.random_controls else []
     print(results.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"results for {len(subsets)} subset(s) written to {out}")
+    if tables:
+        print("\n".join(cmp.verdict_lines(tables[sf.METHOD_VERDICT], n_neurons)))
+    print(f"results for {len(subsets)} subset(s), measured on {where} ({eval_csv}), written to {out}")
 
 
 if __name__ == "__main__":

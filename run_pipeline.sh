@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline, a -> b -> c -> c_analyze -> d (a small sweep) -> e (baseline + random controls) -> report.
+# The whole pipeline, a -> b -> (single-neuron effects) -> c -> c_analyze -> d (a sweep of selection methods)
+# -> e (baseline, random controls, on held-out prompts) -> report, which opens with the method comparison.
 #
 #   ./run_pipeline.sh [options] [MODEL] [PROMPT_CSV] [DATASET_DIR]
 #
@@ -12,7 +13,13 @@
 #   --seed N                        SEED for stage b (default 42; stage e uses 1337 as the original)
 #   --thresholds "0.5 0.8"          THRESHOLDS of the stage-d sweep
 #   --ratios "0.01 0.05"            RATIOS of the stage-d sweep
-#   --methods "degree"              METHODS of the stage-d sweep
+#   --methods "degree ..."          METHODS of the stage-d sweep (default: degree activation_count attribution
+#                                   random, plus ablation when single-neuron effects are measured)
+#   --effects 0|1                   EFFECTS: measure every neuron's single-ablation effect (ground truth for
+#                                   the comparison, and the ablation method); default 1 for a shipped model
+#                                   (models/), 0 otherwise (GPT-2 small: 36,864 ablations, GPU advised)
+#   --eval_csv CSV                  EVAL_CSV: prompts stage e measures the effects on (default
+#                                   parcellation_datasets/heldout_<model name>.csv when it exists, else PROMPT_CSV)
 #   --random_controls N             RANDOM_CONTROLS per subset in stage e (default 3)
 #   --force                         rerun every stage even if its outputs are up to date
 # A stage is skipped when its outputs exist and were made by the same command (recorded in
@@ -25,7 +32,9 @@ TEMPERATURE="${TEMPERATURE:-0.0}"
 SEED="${SEED:-42}"
 THRESHOLDS="${THRESHOLDS:-0.5 0.8}"
 RATIOS="${RATIOS:-0.01 0.05}"
-METHODS="${METHODS:-degree}"
+METHODS="${METHODS:-}"
+EFFECTS="${EFFECTS:-auto}"
+EVAL_CSV="${EVAL_CSV:-}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-3}"
 FORCE="${FORCE:-0}"
 if [ -z "${PYTHON:-}" ]; then
@@ -40,9 +49,11 @@ while [ $# -gt 0 ]; do
     --thresholds) THRESHOLDS="${2:?--thresholds needs a value}"; shift 2 ;;
     --ratios) RATIOS="${2:?--ratios needs a value}"; shift 2 ;;
     --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
+    --effects) EFFECTS="${2:?--effects needs a value}"; shift 2 ;;
+    --eval_csv) EVAL_CSV="${2:?--eval_csv needs a value}"; shift 2 ;;
     --random_controls) RANDOM_CONTROLS="${2:?--random_controls needs a value}"; shift 2 ;;
     --force) FORCE=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) pos+=("$1"); shift ;;
   esac
@@ -53,8 +64,24 @@ CSV="${pos[1]:-$here/parcellation_datasets/test_1.csv}"
 [ -f "$CSV" ] || { echo "error: prompt CSV $CSV does not exist" >&2; exit 2; }
 m="$(cd "$here" && "$PYTHON" -c 'import sys; from gelutrace.loading import model_name; print(model_name(sys.argv[1]))' "$MODEL")"
 DATA="${pos[2]:-$here/parcellation_datasets/$(basename "$CSV" .csv)_$m}"
+if [ "$EFFECTS" = auto ]; then
+  case "$(cd "$here" && "$PYTHON" -c 'import sys; from gelutrace.loading import shipped_models; print(int(sys.argv[1] in shipped_models()))' "$MODEL")" in
+    1) EFFECTS=1 ;; *) EFFECTS=0 ;;
+  esac
+fi
+case "$EFFECTS" in 0|1) ;; *) echo "error: --effects must be 0 or 1, got $EFFECTS" >&2; exit 2 ;; esac
+if [ -z "$METHODS" ]; then
+  METHODS="degree activation_count attribution random"
+  [ "$EFFECTS" = 1 ] && METHODS="$METHODS ablation"
+fi
+if [ -z "$EVAL_CSV" ]; then
+  EVAL_CSV="$CSV"
+  [ -f "$here/parcellation_datasets/heldout_$m.csv" ] && EVAL_CSV="$here/parcellation_datasets/heldout_$m.csv"
+fi
+[ -f "$EVAL_CSV" ] || { echo "error: evaluation CSV $EVAL_CSV does not exist" >&2; exit 2; }
 mkdir -p "$DATA/.pipeline"
 csv_sum="$(sha256sum "$CSV" | cut -d' ' -f1)"
+eval_sum="$(sha256sum "$EVAL_CSV" | cut -d' ' -f1)"
 py() { "$PYTHON" "$@"; }
 ran=0
 
@@ -65,7 +92,7 @@ stage() {
   cmd="$(printf '%q ' "$@")"
   cmd="${cmd/#py /python }"
   local want="$cmd"
-  case "$name" in b|e) want="$cmd# csv $csv_sum" ;; esac  # the stages that read the prompts
+  case "$name" in b|effects) want="$cmd# csv $csv_sum" ;; e) want="$cmd# csv $csv_sum $eval_sum" ;; esac
   if [ "$FORCE" != 1 ] && [ "$ran" = 0 ] && [ -e "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "== $name: up to date ($out)"
     return
@@ -83,6 +110,10 @@ stage a "$DATA/${m}_graph_meta.json" \
 stage b "$DATA/${m}_activation_matrix.npz" \
   py b_generate_activation_dataset.py --input_csv "$CSV" --export_dir "$DATA" --model_type "$MODEL" \
     --device "$DEVICE" --temperature "$TEMPERATURE" --seed "$SEED"
+if [ "$EFFECTS" = 1 ]; then
+  stage effects "$DATA/${m}_neuron_effects.csv" \
+    py d_calculate_neuron_effects.py --dataset_path "$DATA" --input_csv "$CSV" --model_type "$MODEL" --device "$DEVICE"
+fi
 stage c "$DATA/${m}_weighted_graph" \
   py c_calculate_weighted_activation_graph.py --input_dir "$DATA"
 analyzed="$DATA/weighted_graph_analysis/${m}_weighted_graph_analyzed.json"
@@ -95,8 +126,9 @@ stage d "$DATA/perturbation_subsets" \
 subsets=()
 while IFS= read -r f; do subsets+=("$(basename "$f")"); done < <(ls "$DATA/perturbation_subsets"/*.npy 2>/dev/null | sort)
 stage e "$DATA/perturbation_results/summary.csv" \
-  py e_generate_perturbed_results.py --dataset_path "$DATA" --input_csv "$CSV" --model_type "$MODEL" \
-    --device "$DEVICE" --random_controls "$RANDOM_CONTROLS" --perturbation_subset_filenames none "${subsets[@]}"
-py -m gelutrace.report "$DATA" --model_type "$MODEL" --input_csv "$CSV" \
+  py e_generate_perturbed_results.py --dataset_path "$DATA" --input_csv "$CSV" --eval_csv "$EVAL_CSV" \
+    --model_type "$MODEL" --device "$DEVICE" --random_controls "$RANDOM_CONTROLS" \
+    --perturbation_subset_filenames none "${subsets[@]}"
+py -m gelutrace.report "$DATA" --model_type "$MODEL" --input_csv "$CSV" --eval_csv "$EVAL_CSV" \
   --thresholds "$THRESHOLDS" --ratios "$RATIOS" --methods "$METHODS" --random_controls "$RANDOM_CONTROLS" \
   --temperature "$TEMPERATURE" --seed "$SEED" --device "$DEVICE"

@@ -12,6 +12,7 @@ Stage e: ablate GELU neurons during generation and measure what it does.
   model's own generation, same seed) for token agreement and the first differing position.
 """
 
+import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from gelutrace import PipelineError
+from gelutrace import comparison as cmp
 from gelutrace import stagefiles as sf
 from gelutrace.generation import Batch, generate_batch, left_pad, repeat_rows
 
@@ -82,6 +84,7 @@ class Subset:
     name: str  # as given on the command line ('none' or a file name under perturbation_subsets/)
     ids: np.ndarray  # sorted unique neuron ids (int64)
     controls: list[np.ndarray] = field(default_factory=list)  # random subsets of the same layer composition
+    info: dict = field(default_factory=dict)  # stage d's sidecar JSON (method, threshold, ratio, ...), if any
 
     @property
     def stem(self) -> str:
@@ -93,19 +96,39 @@ def load_subset(p: Path, n_neurons: int) -> np.ndarray:
     return np.unique(sf.read_subset(p, n_neurons))
 
 
-def resolve_subsets(dataset_path, names: list[str], n_neurons: int) -> list[Subset]:
+def read_sidecar(npy: Path, model: str) -> dict:
+    """Stage d's sidecar JSON of a subset ({} when there is none); a subset made for another model is refused."""
+    side = npy.parent / sf.SUBSET_SIDECAR.format(stem=npy.stem)
+    if not side.is_file():
+        return {}
+    try:
+        info = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{side} is not valid JSON: {e}") from None
+    if not isinstance(info, dict):
+        raise PipelineError(f"{side}: expected a JSON object")
+    if info.get("model") not in (None, model):
+        raise PipelineError(f"subset {npy.name} was made for model {info['model']!r}, not {model!r} ({side})")
+    return info
+
+
+def resolve_subsets(dataset_path, names: list[str], n_neurons: int, model: str | None = None) -> list[Subset]:
     subsets, stems = [], {}
-    reserved = {Path(sf.PERTURBATION_SUMMARY).stem}
+    reserved = {Path(f).stem for f in (sf.PERTURBATION_SUMMARY, sf.COMPARISON, sf.METHOD_VERDICT,
+                                       sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT)}
     for name in names:
+        info = {}
         if name == NONE:
             ids = np.zeros(0, np.int64)
         else:
-            ids = load_subset(Path(dataset_path) / sf.SUBSETS_DIR / name, n_neurons)
-        s = Subset(name, ids)
+            npy = Path(dataset_path) / sf.SUBSETS_DIR / name
+            ids = load_subset(npy, n_neurons)
+            info = read_sidecar(npy, model) if model is not None else {}
+        s = Subset(name, ids, info=info)
         if s.stem in stems:
             raise PipelineError(f"subsets {stems[s.stem]!r} and {name!r} would both write {s.stem}.csv")
         if s.stem in reserved:
-            raise PipelineError(f"subset {name!r} would overwrite {sf.PERTURBATION_SUMMARY}: rename it")
+            raise PipelineError(f"subset {name!r} would overwrite one of stage e's summary files: rename it")
         stems[s.stem] = name
         subsets.append(s)
     return subsets
@@ -338,22 +361,29 @@ def result_table(subset: Subset, c: Condition, prompts, tokenizer, samples) -> t
     result = pd.DataFrame({"prompt": [prompts[p].text for p in sp], "sample_index": si, "generated_text": texts,
                            "perturbation_subset": subset.name}, columns=sf.RESULT_COLUMNS)
 
-    def per(a):  # per-row values spread over the samples (NaN where a sample has no continuation)
-        return np.where(sr >= 0, a[np.maximum(sr, 0)], np.nan) if len(sr) else np.zeros(0)
-
     lengths = np.array([prompts[p].new_tokens for p in sp], np.int64)
-    metrics = pd.DataFrame({"prompt": result["prompt"], "sample_index": si, "num_tokens": lengths,
-                            "kl": per(c.kl), "delta_nll": per(c.delta_nll), "token_agreement": per(c.agree),
-                            "first_diff_position": per(c.first_diff)})
+    metrics = pd.DataFrame({"prompt_index": sp, "prompt": result["prompt"], "sample_index": si, "num_tokens": lengths,
+                            "kl": per_sample(c.kl, sr), "delta_nll": per_sample(c.delta_nll, sr),
+                            "token_agreement": per_sample(c.agree, sr),
+                            "first_diff_position": per_sample(c.first_diff, sr)})
     return result, metrics
 
 
-def summary_row(subset: Subset, main: Condition, controls: list[Condition], sample_rows, n_layer, d_mlp,
-                ablation: str, n_controls: int) -> dict:
+def per_sample(per_row: np.ndarray, sample_rows: np.ndarray) -> np.ndarray:
+    """Per-row values spread over the samples (NaN where a sample has no continuation)."""
+    return np.where(sample_rows >= 0, per_row[np.maximum(sample_rows, 0)], np.nan) if len(sample_rows) else np.zeros(0)
+
+
+def summary_row(subset: Subset, main: Condition, controls: list[Condition], samples, n_prompts: int, boot: np.ndarray,
+                n_layer, d_mlp, ablation: str, n_controls: int) -> dict:
+    sample_prompt, _, sample_rows = samples
     row = {"subset": subset.name, "ablation": ablation, "k": len(subset.ids)}
     row.update({f"layer_{i}_count": int(c) for i, c in enumerate(layer_counts(subset.ids, n_layer, d_mlp))})
     row["num_samples"] = int((sample_rows >= 0).sum())
     row.update(condition_metrics(main, sample_rows))
+    for name in ("kl", "delta_nll"):
+        sums, counts = cmp.prompt_sums(per_sample(getattr(main, name), sample_rows), sample_prompt, n_prompts)
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = cmp.bootstrap_ci(boot, sums, counts)
     if n_controls:
         ctl = [condition_metrics(c, sample_rows) for c in controls]
         row["random_controls"] = len(ctl)
@@ -361,17 +391,37 @@ def summary_row(subset: Subset, main: Condition, controls: list[Condition], samp
             vals = np.array([m[name] for m in ctl], np.float64)
             row[f"{name}_random_mean"] = float(vals.mean()) if len(vals) else np.nan
             row[f"{name}_random_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else np.nan
+            row[f"{name}_percentile"] = cmp.percentile(row[name], vals)
         for name in ("kl", "delta_nll"):
-            rnd = row[f"{name}_random_mean"]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                row[f"{name}_vs_random"] = float(np.float64(row[name]) / np.float64(rnd)) if len(ctl) else np.nan
+            row[f"{name}_vs_random"] = cmp.guarded_ratio(row[name], [m[name] for m in ctl])
     return row
+
+
+def comparison_entry(subset: Subset, main: Condition, controls: list[Condition], samples, n_prompts: int):
+    """The subset as the method comparison sees it, or None when no selection method made it."""
+    method = subset.info.get("method")
+    if not method or not len(subset.ids):
+        return None
+    sample_prompt, _, sample_rows = samples
+    sums, counts = {}, None
+    for name in ("kl", "delta_nll"):
+        sums[name], counts = cmp.prompt_sums(per_sample(getattr(main, name), sample_rows), sample_prompt, n_prompts)
+    t = subset.info.get("threshold")
+    variant = f"t={t}" if t is not None and method in cmp.GRAPH_METHODS else ""
+    if subset.info.get("weight") not in (None, "count") and variant:
+        variant += f", {subset.info['weight']}"
+    ctl = [condition_metrics(c, sample_rows) for c in controls]
+    return cmp.Entry(subset.stem, method, variant, len(subset.ids), subset.ids, sums, counts,
+                     condition_metrics(main, sample_rows),
+                     {name: [m[name] for m in ctl] for name in ("kl", "delta_nll")})
 
 
 @dataclass
 class Results:
     tables: dict  # stem -> (result DataFrame, per-sample metrics DataFrame)
     summary: pd.DataFrame
+    entries: list  # comparison.Entry of every subset a selection method made
+    boot: np.ndarray  # the bootstrap draws over prompts, shared by every subset
 
 
 def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values, temperature, top_k,
@@ -388,17 +438,64 @@ def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], m
     measure(model, batches, rows, prompt_ids, mains + [c for cs in controls for c in cs], mean_values,
             temperature, top_k, seed, batch_size, progress)
     samples = expand_samples(batches, prompts, greedy)
-    tables, summary = {}, []
+    boot = cmp.bootstrap_weights(len(prompts), seed)
+    tables, summary, entries = {}, [], []
     for s, main, ctl in zip(subsets, mains, controls):
         tables[s.stem] = result_table(s, main, prompts, tokenizer, samples)
-        summary.append(summary_row(s, main, ctl, samples[2], cfg.n_layer, cfg.d_mlp, ablation, n_controls))
-    return Results(tables, pd.DataFrame(summary))
+        summary.append(summary_row(s, main, ctl, samples, len(prompts), boot, cfg.n_layer, cfg.d_mlp, ablation,
+                                   n_controls))
+        entry = comparison_entry(s, main, ctl, samples, len(prompts))
+        if entry is not None:
+            entries.append(entry)
+    return Results(tables, pd.DataFrame(summary), entries, boot)
 
 
-def write_results(dataset_path, results: Results) -> Path:
+def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, args) -> dict:
+    """Which prompts chose the neurons, which measured them, whether they overlap, and the run's settings."""
+    import hashlib
+
+    def sha(p):
+        return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+    shared = {p.text for p in selection_prompts} & {p.text for p in eval_prompts}
+    return {"selection_csv": str(selection_csv), "selection_csv_sha256": sha(selection_csv),
+            "selection_prompts": len(selection_prompts), "eval_csv": str(eval_csv), "eval_csv_sha256": sha(eval_csv),
+            "eval_prompts": len(eval_prompts), "prompts_in_both": len(shared), "held_out": not shared,
+            "ablation": args.ablation, "seed": args.seed, "temperature": args.temperature, "top_k": args.top_k,
+            "random_controls": args.random_controls, "bootstrap_replicates": cmp.N_BOOT,
+            "confidence_level": cmp.LEVEL}
+
+
+def write_results(dataset_path, results: Results, evaluation: dict) -> Path:
     out = Path(dataset_path) / sf.RESULTS_DIR
     for stem, (result, metrics) in results.tables.items():
         sf.write_csv(metrics, out / sf.PER_SAMPLE_DIR / sf.RESULT_FILE.format(stem=stem))
         sf.write_csv(result, out / sf.RESULT_FILE.format(stem=stem))
     sf.write_csv(results.summary, out / sf.PERTURBATION_SUMMARY)
+    sf.write_json(evaluation, out / sf.EVALUATION, indent=2)
     return out
+
+
+def write_comparison(dataset_path, m: str, results: Results, subsets: list[Subset], n_neurons: int) -> dict:
+    """The method comparison files (when some subsets were made by a selection method); returns its tables."""
+    out = Path(dataset_path) / sf.RESULTS_DIR
+    names = (sf.COMPARISON, sf.METHOD_VERDICT, sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT)
+    if not results.entries:
+        for name in names:  # an older run's comparison would not describe these results
+            (out / name).unlink(missing_ok=True)
+        return {}
+    tables = {sf.COMPARISON: cmp.comparison_table(results.entries, results.boot),
+              sf.METHOD_VERDICT: cmp.verdict_table(results.entries, results.boot),
+              sf.METHOD_OVERLAP: cmp.overlap_table(results.entries)}
+    effects_file = sf.path(dataset_path, sf.NEURON_EFFECTS, m)
+    if effects_file.is_file():
+        effects = sf.read_neuron_column(effects_file, "delta_nll", n_neurons, "d_calculate_neuron_effects.py",
+                                        missing_ok=True)
+        infos = {s.stem: s.info for s in subsets}
+        scores = cmp.method_scores(results.entries, infos, dataset_path)
+        tables[sf.METHOD_AGREEMENT] = cmp.agreement_table(results.entries, effects, scores)
+    else:
+        (out / sf.METHOD_AGREEMENT).unlink(missing_ok=True)
+    for name, df in tables.items():
+        sf.write_csv(df, out / name)
+    return tables

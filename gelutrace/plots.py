@@ -110,3 +110,38 @@ def plot_layer_activity(freq: pd.DataFrame, target, title: str):
     ax.set_title(title)
     ax.legend()
     _save(fig, target)
+
+
+def plot_method_comparison(comparison: pd.DataFrame, target, title: str = "Selection methods compared"):
+    """
+    Stage e: delta_nll (with its bootstrap CI) against k for each method's best variant, and the random
+    controls of the same layer composition as grey dots, one per subset evaluated at that k.
+    """
+    import numpy as np
+
+    best = comparison[comparison["best"]]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    methods = sorted(best["method"].unique())
+    ks = sorted(best["k"].unique())
+    offsets = np.linspace(-0.08, 0.08, max(len(methods), 1))
+    for off, method in zip(offsets, methods):
+        rows = best[best["method"] == method].sort_values("k")
+        x = rows["k"].to_numpy() * (1 + off)
+        y = rows["delta_nll"].to_numpy()
+        err = np.vstack([y - rows["delta_nll_ci_low"].to_numpy(), rows["delta_nll_ci_high"].to_numpy() - y])
+        label = method + (f" ({rows['variant'].iloc[0]})" if len(rows) == 1 and rows["variant"].iloc[0] else "")
+        ax.errorbar(x, y, yerr=np.clip(err, 0, None), fmt="o-", capsize=3, label=label)
+    if "delta_nll_random_mean" in comparison.columns:
+        ctl = comparison.dropna(subset=["delta_nll_random_mean"])
+        ax.scatter(ctl["k"], ctl["delta_nll_random_mean"], color="tab:gray", marker="_", s=200,
+                   label="random, same layers (mean of controls)")
+    ax.axhline(0, color="black", linewidth=0.5)
+    if len(ks) > 1:
+        ax.set_xscale("log")
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("k (neurons ablated)")
+    ax.set_ylabel("Δ NLL of baseline tokens (nats/token), 95 % CI over prompts")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, target)

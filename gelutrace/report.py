@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from gelutrace import PipelineError
+from gelutrace import comparison as cmp
 from gelutrace import stagefiles as sf
 from gelutrace.cli import parser, run_main
 from gelutrace.plots import plot_layer_activity
@@ -52,18 +53,78 @@ def collect(data: Path) -> dict:
                         "edges_kept": s.get("edges_kept"),
                         "per_layer": " ".join(f"L{a}:{b}" for a, b in s.get("per_layer_counts", {}).items())})
     out["subsets"] = pd.DataFrame(subsets)
-    summary = data / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY
+    results = data / sf.RESULTS_DIR
+    summary = results / sf.PERTURBATION_SUMMARY
     out["effects"] = pd.read_csv(summary) if summary.is_file() else None
+    for key, name in (("comparison", sf.COMPARISON), ("verdict", sf.METHOD_VERDICT), ("overlap", sf.METHOD_OVERLAP),
+                      ("agreement", sf.METHOD_AGREEMENT)):
+        out[key] = pd.read_csv(results / name, keep_default_na=True) if (results / name).is_file() else None
+    ev = results / sf.EVALUATION
+    out["evaluation"] = json.loads(ev.read_text()) if ev.is_file() else None
     out["commands"] = {p.stem: p.read_text().split("# csv ")[0].strip()
                        for p in sorted((data / sf.PIPELINE_STAMPS).glob("*.cmd"))}
     return out
 
 
 def effect_table(effects: pd.DataFrame) -> pd.DataFrame:
-    cols = ["subset", "k", "kl", "kl_random_mean", "kl_random_std", "kl_vs_random", "delta_nll",
-            "delta_nll_random_mean", "delta_nll_vs_random", "token_agreement", "token_agreement_random_mean",
-            "first_diff_position"]
+    cols = ["subset", "k", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "delta_nll_random_mean",
+            "delta_nll_percentile", "kl", "kl_ci_low", "kl_ci_high", "kl_random_mean", "kl_percentile",
+            "kl_vs_random", "token_agreement", "token_agreement_random_mean", "first_diff_position"]
     return effects[[c for c in cols if c in effects.columns]]
+
+
+def evaluation_sentence(ev: dict | None) -> str:
+    if ev is None:
+        return ""
+    sel, evl = Path(ev["selection_csv"]).name, Path(ev["eval_csv"]).name
+    if ev["held_out"]:
+        return (f"The neurons were chosen on the dataset's prompts (`{sel}`, {ev['selection_prompts']} prompts) and "
+                f"their effects measured on held-out prompts (`{evl}`, {ev['eval_prompts']} prompts, none shared).")
+    return (f"The neurons were chosen on `{sel}` and their effects measured on `{evl}`, which shares "
+            f"{ev['prompts_in_both']} of its {ev['eval_prompts']} prompts with it: **not a held-out evaluation**, so "
+            f"every method's effect may be overstated.")
+
+
+def verdict_section(info: dict, n_neurons: int) -> list[str]:
+    v = info["verdict"]
+    if v is None or not len(v):
+        return []
+    ev = info["evaluation"]
+    level = int(100 * (ev or {}).get("confidence_level", cmp.LEVEL))
+    lines = ["## Verdict", "", evaluation_sentence(ev), "",
+             f"Effect = increase in the negative log-likelihood of the unablated model's own continuation (ΔNLL, "
+             f"nats/token) when the k neurons are zero-ablated together; [{level} % bootstrap CI over prompts]; "
+             f"differences are paired (same prompts, same resamples). Each method is represented by its best "
+             f"variant (for graph methods, the threshold with the largest effect on these same prompts, which "
+             f"favours the graph).", ""]
+    lines += cmp.verdict_lines(v, n_neurons) + [""]
+    return lines
+
+
+def comparison_section(info: dict, data: Path) -> list[str]:
+    c = info["comparison"]
+    if c is None or not len(c):
+        return []
+    results = data / sf.RESULTS_DIR
+    lines = ["## Method comparison", ""]
+    if (results / sf.COMPARISON_PLOT).is_file():
+        lines += [f"![method comparison]({sf.RESULTS_DIR}/{sf.COMPARISON_PLOT})", ""]
+    cols = ["k", "method", "variant", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "delta_nll_random_mean",
+            "delta_nll_percentile", "kl", "kl_ci_low", "kl_ci_high", "token_agreement"]
+    best = c[c["best"].astype(bool)]
+    lines += ["Each method's best variant at each k (`*_percentile`: among random subsets of the same layer "
+              "composition):", "", md_table(best[[x for x in cols if x in best.columns]]), ""]
+    if len(best) < len(c):
+        lines += ["Every variant:", "", md_table(c[[x for x in cols + ["subset"] if x in c.columns]]), ""]
+    ov = info["overlap"]
+    if ov is not None and len(ov):
+        lines += ["Overlap of the methods' neurons (Jaccard):", "", md_table(ov, "{:.2f}"), ""]
+    ag = info["agreement"]
+    if ag is not None and len(ag):
+        lines += ["Agreement with measured single-neuron effects (the dataset's prompts): Spearman correlation of "
+                  "each method's score with every neuron's single-ablation ΔNLL, and top-k recall, the share of the "
+                  "k neurons with the largest single effects that the subset holds:", "", md_table(ag, "{:.3f}"), ""]
+    return lines
 
 
 def write_report(data: Path, params: dict) -> str:
@@ -75,11 +136,14 @@ def write_report(data: Path, params: dict) -> str:
     results = data / sf.RESULTS_DIR
     meta = info["meta"]
     lines = [f"# Influential GELU neurons of `{m}`", "",
-             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `run_pipeline.sh`.", "",
-             "## Parameters", "", md_table(pd.DataFrame(list(params.items()), columns=["parameter", "value"])), ""]
+             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `run_pipeline.sh`.", ""]
+    lines += verdict_section(info, int(meta["num_neurons"]))
+    lines += comparison_section(info, data)
+    lines += ["## Parameters", "", md_table(pd.DataFrame(list(params.items()), columns=["parameter", "value"])), ""]
     if info["commands"]:
         lines += ["Commands, in order (rerun them to reproduce this report):", "", "```"]
-        lines += [info["commands"][k] for k in ("a", "b", "c", "c_analyze", "d", "e") if k in info["commands"]]
+        lines += [info["commands"][k] for k in ("a", "b", "effects", "c", "c_analyze", "d", "e")
+                  if k in info["commands"]]
         lines += ["```", ""]
     lines += ["## Dataset", "",
               f"{info['samples']} generated tokens (samples) from {info['prompts']} prompts; "
@@ -101,11 +165,13 @@ def write_report(data: Path, params: dict) -> str:
     if len(info["subsets"]):
         lines += ["## Perturbation subsets", "", md_table(info["subsets"]), ""]
     if info["effects"] is not None:
-        lines += ["## Ablation effects", "",
+        lines += ["## Ablation effects", "", evaluation_sentence(info["evaluation"]), "",
                   "KL(baseline || ablated) of the next-token distribution and the increase in the baseline "
-                  "continuation's negative log-likelihood, teacher-forced along the baseline's tokens; token "
-                  "agreement of the ablated generation with the baseline; `*_random_*`: random subsets with the "
-                  "same number of neurons in each layer; `*_vs_random`: subset / random mean.", ""]
+                  "continuation's negative log-likelihood, teacher-forced along the baseline's tokens, with 95 % "
+                  "bootstrap CIs over prompts; token agreement of the ablated generation with the baseline; "
+                  "`*_random_*`: random subsets with the same number of neurons in each layer; `*_percentile`: the "
+                  "subset's percentile among them; `kl_vs_random`: subset / random mean, given only where that mean "
+                  "is clearly above 0.", ""]
         if (results / sf.PERTURBATION_PLOT).is_file():
             lines += [f"![ablation effects]({rel(results / sf.PERTURBATION_PLOT)})", ""]
         lines += [md_table(effect_table(info["effects"])), ""]
@@ -124,11 +190,14 @@ def terminal_summary(info: dict, data: Path) -> str:
             for r in info["sweep"].itertuples()))
     if info["effects"] is not None:
         for r in info["effects"].to_dict("records"):
-            line = f"  {r['subset']}: k={r['k']}, KL {r['kl']:.4g}, dNLL {r['delta_nll']:.4g}, agreement {r['token_agreement']:.2f}"
-            if "kl_random_mean" in r and not pd.isna(r.get("kl_random_mean")):
-                line += (f"; random: KL {r['kl_random_mean']:.4g} +- {r.get('kl_random_std', float('nan')):.2g} "
-                         f"-> {r['kl_vs_random']:.3g}x")
+            line = (f"  {r['subset']}: k={r['k']}, dNLL {r['delta_nll']:.4g} [{r.get('delta_nll_ci_low', np.nan):.3g}, "
+                    f"{r.get('delta_nll_ci_high', np.nan):.3g}], KL {r['kl']:.4g}, agreement {r['token_agreement']:.2f}")
+            if not pd.isna(r.get("delta_nll_percentile", np.nan)):
+                line += f"; {r['delta_nll_percentile']:.0f}th percentile of random (dNLL {r['delta_nll_random_mean']:.3g})"
             out.append(line)
+    if info["verdict"] is not None and len(info["verdict"]):
+        out.append("verdict: " + evaluation_sentence(info["evaluation"]))
+        out += cmp.verdict_lines(info["verdict"], int(info["meta"]["num_neurons"]))
     out.append(f"report: {data / sf.REPORT}")
     return "\n".join(out)
 
@@ -136,7 +205,7 @@ def terminal_summary(info: dict, data: Path) -> str:
 def main():
     ap = parser(__doc__)
     ap.add_argument("dataset_dir", help="the run's dataset directory")
-    for flag in ("model_type", "input_csv", "thresholds", "ratios", "methods", "random_controls", "temperature",
+    for flag in ("model_type", "input_csv", "eval_csv", "thresholds", "ratios", "methods", "random_controls", "temperature",
                  "seed", "device"):
         ap.add_argument(f"--{flag}", help="recorded in the report's parameter table")
     args = ap.parse_args()

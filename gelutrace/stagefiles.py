@@ -59,6 +59,12 @@ RESULT_FILE = "{stem}.csv"  # one per subset (none.csv for the baseline), column
 PERTURBATION_SUMMARY = "summary.csv"  # one row per subset: k, per-layer counts, metrics, random controls
 PERTURBATION_PLOT = "summary.png"  # the summary's metrics compared across subsets
 PER_SAMPLE_DIR = "per_sample"  # per_sample/{stem}.csv: each sample's metrics
+EVALUATION = "evaluation.json"  # which prompts chose the neurons and which measured them, and the settings
+COMPARISON = "comparison.csv"  # one row per subset a selection method made: effect, CIs, percentiles
+METHOD_VERDICT = "method_verdict.csv"  # per k: ranking, winner's margin, graph methods vs baselines
+METHOD_OVERLAP = "method_overlap.csv"  # per k: Jaccard overlap of the methods' neurons
+METHOD_AGREEMENT = "method_agreement.csv"  # Spearman with single-neuron effects, top-k recall
+COMPARISON_PLOT = "comparison.png"  # effect against k per method
 
 # run_pipeline.sh's report (in the dataset directory)
 REPORT = "report.md"

@@ -197,7 +197,12 @@ def test_summary_and_per_sample_files(greedy_run):
     assert row["kl"] > 0 and row["random_controls"] == 2
     for m in pt.METRICS:
         assert f"{m}_random_mean" in s.columns and f"{m}_random_std" in s.columns
-    assert math.isclose(row["kl_vs_random"], row["kl"] / row["kl_random_mean"])
+    mean, se = row["kl_random_mean"], row["kl_random_std"] / math.sqrt(2)
+    if mean - 2 * se > 0:
+        assert math.isclose(row["kl_vs_random"], row["kl"] / mean)
+    else:  # a denominator within noise of 0 gives no ratio
+        assert math.isnan(row["kl_vs_random"])
+    assert row["kl_ci_low"] <= row["kl"] <= row["kl_ci_high"]
     per = pd.read_csv(out / sf.PER_SAMPLE_DIR / "sub.csv")
     assert len(per) == 2 * len(PROMPTS)
     for m in pt.METRICS:
@@ -358,7 +363,8 @@ def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path)
                               "--random_controls", "1"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = good / sf.RESULTS_DIR
-    assert sorted(p.name for p in out.iterdir()) == ["none.csv", "per_sample", "sub.csv", "summary.csv", "summary.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "none.csv", "per_sample", "sub.csv", "summary.csv",
+                                                     "summary.png"]
     assert list(pd.read_csv(out / "sub.csv").columns) == sf.RESULT_COLUMNS
 
     bad = make_dataset(tmp_path / "bad", random_loaded, {"sub.npy": np.array([[1, 2]])})
