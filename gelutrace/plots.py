@@ -138,6 +138,7 @@ def plot_method_comparison(comparison: pd.DataFrame, target, title: str = "Selec
     ax.axhline(0, color="black", linewidth=0.5)
     if len(ks) > 1:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
     ax.set_xlabel("k (neurons ablated)")

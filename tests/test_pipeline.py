@@ -16,6 +16,7 @@ from conftest import REPO_ROOT, SHIPPED_NAME
 from gelutrace import stagefiles as sf
 
 M = SHIPPED_NAME
+DEFAULT_METHODS = ("degree", "activation_count", "attribution", "random")
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,13 @@ def pipeline(tmp_path_factory, shipped_path):
     csv = d / "prompts.csv"
     pd.DataFrame([("KING HENRY. Now, lords, ", 6, 2), ("And God said, ", 5, 3), ("O Romeo, ", 4, 1)],
                  columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+    held = d / "heldout.csv"
+    pd.DataFrame([("To be, or not ", 6, 1), ("ROMEO. I will ", 6, 1), ("Blessed are the ", 5, 1),
+                  ("Now is the winter ", 4, 1)], columns=sf.PROMPT_COLUMNS).to_csv(held, index=False)
     data = d / "run"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3 0.8", "--ratios", "0.01 0.05",
-           "--random_controls", "2", "--device", "cpu", M, str(csv), str(data)]
+           "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held), M, str(csv), str(data)]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     second = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -63,7 +67,9 @@ def test_contract_files_agree(pipeline):
     assert (sweep["num_nodes"] == n).all()
 
     subsets = sorted((data / sf.SUBSETS_DIR).glob("*.npy"))
-    assert len(subsets) == 4
+    methods = {json.loads(p.with_suffix(".json").read_text())["method"] for p in subsets}
+    assert methods == set(DEFAULT_METHODS)
+    assert len(subsets) == 2 * 2 + 2 * (len(DEFAULT_METHODS) - 1)  # degree at 2 thresholds; the rest ignore it
     summary = pd.read_csv(data / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY)
     assert set(summary["subset"]) == {"none"} | {p.name for p in subsets}
     for p in subsets:
@@ -76,19 +82,44 @@ def test_contract_files_agree(pipeline):
         assert sum(row[f"layer_{i}_count"] for i in range(meta["n_layer"])) == len(ids)
         assert row["random_controls"] == 2
         result = pd.read_csv(data / sf.RESULTS_DIR / sf.RESULT_FILE.format(stem=p.stem), keep_default_na=False)
-        assert list(result.columns) == sf.RESULT_COLUMNS and len(result) == 2 + 3 + 1
+        assert list(result.columns) == sf.RESULT_COLUMNS and len(result) == 4  # the held-out prompts
     none = summary[summary["subset"] == "none"].iloc[0]
     assert none["kl"] == 0 and none["token_agreement"] == 1
+
+
+def test_comparison_measured_on_held_out_prompts(pipeline):
+    data, _, _ = pipeline
+    results = data / sf.RESULTS_DIR
+    ev = json.loads((results / sf.EVALUATION).read_text())
+    assert ev["held_out"] and ev["eval_prompts"] == 4 and ev["selection_prompts"] == 3
+    summary = pd.read_csv(results / sf.PERTURBATION_SUMMARY).set_index("subset")
+    comp = pd.read_csv(results / sf.COMPARISON)
+    assert len(comp) == len(summary) - 1  # every subset but none
+    for r in comp.to_dict("records"):
+        s = summary.loc[r["subset"] + ".npy"]
+        assert r["delta_nll"] == pytest.approx(s["delta_nll"]) and r["k"] == s["k"]
+        assert r["delta_nll_ci_low"] == pytest.approx(s["delta_nll_ci_low"])
+        assert r["delta_nll_ci_low"] <= r["delta_nll"] <= r["delta_nll_ci_high"]
+    verdict = pd.read_csv(results / sf.METHOD_VERDICT)
+    assert sorted(verdict["k"]) == sorted(comp["k"].unique())
+    for r in verdict.to_dict("records"):  # the winner is the method with the largest effect at that k
+        at_k = comp[comp["k"] == r["k"]]
+        assert r["winner_delta_nll"] == pytest.approx(at_k["delta_nll"].max())
+    overlap = pd.read_csv(results / sf.METHOD_OVERLAP)
+    assert overlap["jaccard"].between(0, 1).all() and len(overlap) == 2 * 6  # 4 methods: 6 pairs per k
 
 
 def test_report_and_summary(pipeline):
     data, out, second = pipeline
     report = (data / "report.md").read_text()
     for needle in ("## Parameters", "0.3 0.8", "0.01 0.05", "## Threshold sweep", "## Ablation effects",
-                   "b_generate_activation_dataset.py", "31 generated tokens"):
+                   "b_generate_activation_dataset.py", "31 generated tokens", "## Method comparison",
+                   "measured on held-out prompts (`heldout.csv`, 4 prompts, none shared)"):
         assert needle in report
+    assert report.index("## Verdict") < report.index("## Method comparison") < report.index("## Parameters")
+    assert "found the most influential neurons" in report
     for name in ("activation_frequency_per_layer.png", f"{sf.ANALYSIS_DIR}/{sf.THRESHOLD_PLOT}",
                  f"{sf.RESULTS_DIR}/{sf.PERTURBATION_PLOT}"):
         assert f"]({name})" in report and (data / name).is_file()
-    assert "31 samples from 3 prompts" in out and "random: KL" in out
+    assert "31 samples from 3 prompts" in out and "percentile of random" in out and "verdict:" in out
     assert second.count("up to date") == 6  # nothing reran
