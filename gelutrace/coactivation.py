@@ -430,12 +430,30 @@ def read_store(store) -> CoactivationGraph:
                              int(h["max_activation_count"]), int(h["max_co_activation_count"]), str(p), h)
 
 
+# .gpickle is pickle, and pickle can run code; only these classes may appear in one: what a networkx graph of
+# this pipeline is made of (its own containers and numbers need no class at all).
+GPICKLE_CLASSES = {
+    ("networkx.classes.graph", "Graph"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"), ("numpy", "dtype"),
+    # protocols 0 and 1 rebuild objects through these (under their Python 2 names, too)
+    ("copyreg", "_reconstructor"), ("builtins", "object"), ("copy_reg", "_reconstructor"), ("__builtin__", "object"),
+    ("_codecs", "encode"),  # protocol 0 spells the bytes of a numpy scalar as text
+}
+
+
+class _GraphUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in GPICKLE_CLASSES:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a .gpickle may hold only a networkx Graph "
+                                         f"with plain and numpy-number attributes")
+        return super().find_class(module, name)
+
+
 def load_gpickle(p: Path):
-    # pickle.load runs code from the file: acceptable only because the user explicitly chose the .gpickle
-    # format (the original pipeline's); nothing the pipeline writes by default needs it.
+    """A networkx Graph from a .gpickle, through an unpickler that refuses every class but the allowed ones."""
     try:
         with open(p, "rb") as f:
-            g = pickle.load(f)
+            g = _GraphUnpickler(f).load()
     except Exception as e:
         raise PipelineError(f"cannot read {p} as a pickled networkx graph: {type(e).__name__}: {e}") from None
     if not hasattr(g, "nodes") or not hasattr(g, "edges"):
