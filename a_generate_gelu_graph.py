@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from gelutrace.cli import add_model_args, parser, run_main
 from gelutrace.loading import model_name, model_shape
-from gelutrace.stagefiles import write_graph_files
+from gelutrace.stagefiles import check_output_dir, write_graph_files
 
 
 def main():
@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--no_edge_list", action="store_true",
                     help="write only the attributes and metadata, not the .el (gpt2: 1.2 GB, gpt2-xl: 23 GB)")
     args = ap.parse_args()
+    check_output_dir(args.output_dir, "--output_dir")
     n_layer, d_mlp = model_shape(args.model_type)
     m = model_name(args.model_type)
     with tqdm(total=n_layer - 1, unit="layer pair", desc="edge list", disable=args.no_edge_list) as bar:

@@ -19,7 +19,7 @@ from gelutrace.cli import add_model_args, parser, run_main
 from gelutrace.loading import load_model
 from gelutrace.plots import plot_trace
 from gelutrace.recording import trace
-from gelutrace.stagefiles import TRACE_ACTIVE, TRACE_PLOT, TRACE_VECTOR, atomic_open, path
+from gelutrace.stagefiles import TRACE_ACTIVE, TRACE_PLOT, TRACE_VECTOR, atomic_open, check_output_dir, path
 
 
 def main():
@@ -31,6 +31,7 @@ def main():
                     help="greedy tokens to generate and print after the trace; the trace itself is always "
                          "the prediction of the first one (default: %(default)s)")
     args = ap.parse_args()
+    check_output_dir(args.output_dir, "--output_dir")
     if not args.input_text.strip():
         raise PipelineError("--input_text is empty")
     if args.max_num_new_tokens < 0:

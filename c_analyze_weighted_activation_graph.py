@@ -46,7 +46,8 @@ def main():
         graph = co.graph_from_networkx(nxg, str(src))
     else:
         nxg, graph = None, co.read_graph(src)
-    out = Path(args.output_dir) if args.output_dir else src.resolve().parent / sf.ANALYSIS_DIR
+    out = sf.check_output_dir(Path(args.output_dir) if args.output_dir else src.resolve().parent / sf.ANALYSIS_DIR,
+                              "--output_dir")
     if args.hist_sample_size is not None:
         print("note: --hist_sample_size is ignored; histograms use every edge", file=sys.stderr)
 

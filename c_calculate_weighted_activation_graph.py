@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
-from gelutrace.cli import parser, run_main
+from gelutrace.cli import memory_limit, parser, run_main
 
 
 def main():
@@ -38,7 +38,10 @@ def main():
     t0 = time.time()
     m = sf.model_prefix(args.input_dir) if Path(args.input_dir).is_dir() else None
     out = Path(args.output_path) if args.output_path else sf.path(args.input_dir, sf.WEIGHTED_GRAPH, m or "graph")
-    limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
+    limit = memory_limit(args.memory_limit_gb)
+    sf.check_output_dir(out.parent, "--output_path")
+    if out.suffix == ".gpickle" and out.is_dir():
+        raise PipelineError(f"--output_path {out} is a directory")
 
     def check_fits(n_nodes, n_edges):
         co.check_nx_fits(n_nodes, n_edges, limit, "a NetworkX .gpickle",

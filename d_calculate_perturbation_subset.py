@@ -24,7 +24,8 @@ from pathlib import Path
 from gelutrace import PipelineError
 from gelutrace import coactivation as co
 from gelutrace import selection as sel
-from gelutrace.cli import parser, run_main
+from gelutrace import stagefiles as sf
+from gelutrace.cli import memory_limit, parser, run_main
 
 
 def main():
@@ -66,6 +67,9 @@ def main():
     graph = co.read_graph(args.input_graph_path)
     target = (Path(args.output_path) if args.output_path else
               Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, args.ratio))
+    sf.check_output_dir(target.parent, "--output_path" if args.output_path else "--output_dir")
+    if target.is_dir():
+        raise PipelineError(f"{target} is a directory, not a subset file name")
     if args.skip_existing and target.is_file():
         print(f"skipped {target} (exists)")
         return
@@ -76,7 +80,7 @@ def main():
               "seed": args.seed if args.method == "random" else None}
     sel.write_subset(sub, graph, target, params)
     if args.export_graph:
-        limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
+        limit = memory_limit(args.memory_limit_gb)
         sel.export_graph(graph, args.threshold, args.export_graph, limit)
     kept = f"{sub.edges_kept:,} edges kept" if uses_graph else "no graph used"
     print(f"wrote {target} (k={sub.k}, {kept}, {time.time() - t0:.1f} s)")

@@ -1,6 +1,7 @@
 """What every stage script shares: the error convention and the model/device flags."""
 
 import argparse
+import math
 import sys
 
 from gelutrace import PipelineError
@@ -12,6 +13,10 @@ def run_main(main):
         main()
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a full disk, a vanished directory, a permission: still one line, never a traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -45,9 +50,20 @@ def add_sampling_args(ap: argparse.ArgumentParser, seed: int, temperature: float
 
 
 def check_sampling_args(args):
-    if args.temperature < 0:
-        raise PipelineError(f"--temperature must be >= 0, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise PipelineError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.seed < 0:
+        raise PipelineError(f"--seed must be >= 0, got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
         raise PipelineError(f"--top_k must be >= 1, got {args.top_k}")
     if args.batch_size < 1:
         raise PipelineError(f"--batch_size must be >= 1, got {args.batch_size}")
+
+
+def memory_limit(gb: float | None) -> int | None:
+    """--memory_limit_gb in bytes (None: what is available), checked."""
+    if gb is None:
+        return None
+    if not math.isfinite(gb) or gb <= 0:
+        raise PipelineError(f"--memory_limit_gb must be a positive number, got {gb}")
+    return int(gb * 2 ** 30)

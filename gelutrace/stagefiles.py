@@ -122,6 +122,21 @@ def atomic_open(target, mode="w", **kwargs):
         yield f
 
 
+def check_output_dir(directory, flag: str) -> Path:
+    """Create an output directory (and its parents) up front, so a bad location fails before the heavy work."""
+    d = Path(directory)
+    for parent in [d, *d.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise PipelineError(f"{flag} {d}: {parent} exists and is not a directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"{flag} {d}: cannot create it ({e.strerror})") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise PipelineError(f"{flag} {d}: not writable")
+    return d
+
+
 def write_csv(df: pd.DataFrame, target, **kwargs):
     with atomic_path(target) as tmp:
         df.to_csv(tmp, index=False, **kwargs)
@@ -166,6 +181,9 @@ def write_npz(target, **arrays):
 
 
 # --- prompt CSV -------------------------------------------------------------------------------------------
+MAX_PER_PROMPT = 1_000_000  # new tokens or samples of one prompt: beyond this a CSV is a typo, not a plan
+
+
 @dataclass
 class Prompt:
     text: str
@@ -173,11 +191,27 @@ class Prompt:
     num_samples: int
 
 
+def _check_field_counts(p: Path):
+    """Every row has as many fields as the header (pandas would silently shift a longer row into its index)."""
+    import csv
+    try:
+        with open(p, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise PipelineError(f"{p} line {reader.line_num}: {len(row)} fields, but the header has "
+                                        f"{len(header)} ({', '.join(header)}); quote prompts that hold commas")
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise PipelineError(f"cannot parse prompt CSV {p}: {e}") from None
+
+
 def read_prompts(csv_path) -> list[Prompt]:
     """The prompts of a prompt CSV, validated: one PipelineError naming the first problem."""
     p = Path(csv_path)
     if not p.is_file():
         raise PipelineError(f"prompt CSV {p} does not exist")
+    _check_field_counts(p)
     try:
         df = pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8")
     except Exception as e:
@@ -200,10 +234,14 @@ def read_prompts(csv_path) -> list[Prompt]:
                 value = int(raw)
             except ValueError:
                 raise PipelineError(f"{p} line {i}: {col} must be a non-negative integer, got {raw!r}") from None
+            if value > MAX_PER_PROMPT:
+                raise PipelineError(f"{p} line {i}: {col} = {value} is more than {MAX_PER_PROMPT:,} per prompt")
             if value < 0 or (col == "num_samples" and value == 0):
                 raise PipelineError(f"{p} line {i}: {col} must be {'positive' if col == 'num_samples' else 'non-negative'}, got {value}")
             counts[col] = value
         prompts.append(Prompt(text, counts["number_of_new_tokens"], counts["num_samples"]))
+    if not any(q.new_tokens for q in prompts):
+        raise PipelineError(f"prompt CSV {p}: every prompt asks for 0 new tokens, so there is nothing to generate")
     return prompts
 
 

@@ -76,3 +76,67 @@ def test_damaged_and_foreign_gpickles(tmp_path):
     for name in ("cut", "set", "other"):
         with pytest.raises(PipelineError):
             co.load_gpickle(tmp_path / f"{name}.gpickle")
+
+
+def test_prompt_row_with_extra_fields_is_refused(tmp_path):
+    from gelutrace import stagefiles as sf
+    p = tmp_path / "p.csv"
+    p.write_text('prompts,number_of_new_tokens\n"The king said ",5,2\n')
+    with pytest.raises(PipelineError, match="line 2: 3 fields, but the header has 2"):
+        sf.read_prompts(p)
+    p.write_text('prompts,number_of_new_tokens,num_samples\n"a, b",3,1\n"multi\nline",2\nc,1,1\n')
+    with pytest.raises(PipelineError, match="line 4: 2 fields"):  # the quoted newline spans lines 3-4
+        sf.read_prompts(p)
+    p.write_text('prompts,number_of_new_tokens,num_samples\n"a, b",3,1\n\n"multi\nline",2,1\n')
+    assert [(q.text, q.new_tokens) for q in sf.read_prompts(p)] == [("a, b", 3), ("multi\nline", 2)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory, shipped_path):
+    """A stage b run of the shipped model on two prompts, with one subset."""
+    from test_recording import run, write_prompts
+    d = tmp_path_factory.mktemp("hard")
+    csv = write_prompts(d / "p.csv", [("ROMEO. ", 3, 1), ("And God said, ", 2, 1)])
+    run("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_csv", csv, "--export_dir", d / "b",
+        "--device", "cpu", "--no_edge_list", "--no_activation_lists", "--no_attribution")
+    (d / "b" / "perturbation_subsets").mkdir()
+    np.save(d / "b" / "perturbation_subsets" / "s.npy", np.array([1, 2, 3]))
+    return d, csv
+
+
+@pytest.mark.parametrize("case", ["temperature_nan", "seed_negative", "zero_tokens", "huge_samples", "export_is_file"])
+def test_stage_b_bad_values(tiny_dataset, tmp_path, case):
+    d, csv = tiny_dataset
+    args = ["--model_type", "tinybard", "--input_csv", csv, "--export_dir", tmp_path / "out", "--device", "cpu"]
+    if case == "temperature_nan":
+        args += ["--temperature", "nan"]
+    elif case == "seed_negative":
+        args += ["--seed", "-1", "--temperature", "0.8"]
+    elif case in ("zero_tokens", "huge_samples"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("prompts,number_of_new_tokens,num_samples\n" +
+                       ("a ,0,1\nb ,0,2\n" if case == "zero_tokens" else "a ,2,1000000000\n"))
+        args[3] = bad
+    else:
+        (tmp_path / "out").write_text("a file")
+    one_error_line(script("b_generate_activation_dataset.py", *args))
+
+
+def test_output_locations_checked_before_work(tiny_dataset, tmp_path):
+    d, csv = tiny_dataset
+    b = d / "b"
+    (tmp_path / "file").write_text("x")
+    # e: the results directory is a file; nothing is generated
+    results = b / "perturbation_results"
+    results.write_text("in the way")
+    try:
+        one_error_line(script("e_generate_perturbed_results.py", "--dataset_path", b, "--input_csv", csv,
+                              "--model_type", "tinybard", "--device", "cpu", "--perturbation_subset_filenames", "s.npy"))
+    finally:
+        results.unlink()
+    one_error_line(script("c_calculate_weighted_activation_graph.py", "--input_dir", b, "--output_path",
+                          tmp_path / "file" / "store"))
+    one_error_line(script("c_calculate_weighted_activation_graph.py", "--input_dir", b, "--memory_limit_gb", "nan"))
+    one_error_line(script("a_generate_gelu_graph.py", "--model_type", "tinybard", "--output_dir", tmp_path / "file"))
+    one_error_line(script("b_trace_gelu_activations.py", "--model_type", "tinybard", "--input_text", "To be",
+                          "--output_dir", tmp_path / "file"))
