@@ -8,6 +8,15 @@ nodes (at most N) ranked by --method, ties to the lower node id, and writes thei
 Methods: degree (the original's), weighted_degree, pagerank, activation_count, random (seeded; with
 --match_layers, the per-layer composition of another subset).
 
+Edge weight (--weight): count (the original's, the default), jaccard, phi or pmi, as defined in
+c_analyze_weighted_activation_graph.py --help. The normalised weight is weight / (its max over all edges) when
+that max is > 0, and an edge is kept iff its normalised weight is > --threshold: edges with a weight <= 0 are
+never kept. weighted_degree sums the kept edges' normalised weights; pagerank weights edges by count for count,
+by the normalised weight otherwise. The weight applies to degree, weighted_degree and pagerank; for
+activation_count and random it does not (the sidecar's weight is null). --output_dir names a weighted subset
+{m}_{method}_{weight}_t{threshold}_r{ratio}.npy (count keeps {m}_{method}_t{threshold}_r{ratio}.npy); the sidecar
+records weight and max_weight (the max used to normalise).
+
     python d_calculate_perturbation_subset.py \\
         --input_graph_path parcellation_datasets/test_1/weighted_graph_analysis/gpt2_weighted_graph_analyzed.json \\
         --threshold 0.8 --ratio 0.01 --method degree \\
@@ -33,10 +42,15 @@ def main():
     ap.add_argument("--ratio", type=float, required=True, help="fraction of all nodes to select, in (0, 1]")
     ap.add_argument("--method", default="degree",
                     help=f"ranking: {', '.join(sel.METHODS)} (default: %(default)s)")
+    ap.add_argument("--weight", default=co.DEFAULT_WEIGHT,
+                    help=f"edge weight that --threshold applies to and {', '.join(sel.GRAPH_METHODS)} rank by: "
+                         f"{', '.join(co.WEIGHTS)} (phi and pmi need the number of samples, which a .gpickle "
+                         f"records as the graph attribute num_samples) (default: %(default)s)")
     out = ap.add_mutually_exclusive_group(required=True)
     out.add_argument("--output_path", help="the subset .npy to write (its sidecar .json goes beside it)")
     out.add_argument("--output_dir",
-                     help="write {m}_{method}_t{threshold}_r{ratio}.npy in this directory instead")
+                     help="write {m}_{method}_t{threshold}_r{ratio}.npy (with --weight other than count, "
+                          "{m}_{method}_{weight}_t{threshold}_r{ratio}.npy) in this directory instead")
     ap.add_argument("--skip_existing", action="store_true",
                     help="do nothing if the output .npy already exists (used by d_batch)")
     ap.add_argument("--seed", type=int, default=1337, help="seed of --method random (default: %(default)s)")
@@ -51,21 +65,23 @@ def main():
 
     t0 = time.time()
     sel.check_params(args.threshold, args.ratio, args.method)
+    co.check_weight(args.weight)
     if args.output_path and Path(args.output_path).suffix != ".npy":
         raise PipelineError(f"--output_path {args.output_path}: expected a .npy name")
     graph = co.read_graph(args.input_graph_path)
     target = (Path(args.output_path) if args.output_path else
-              Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, args.ratio))
+              Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, args.ratio,
+                                                           args.weight))
     if args.skip_existing and target.is_file():
         print(f"skipped {target} (exists)")
         return
-    sub = sel.select(graph, args.threshold, args.ratio, args.method, args.seed, args.match_layers)
+    sub = sel.select(graph, args.threshold, args.ratio, args.method, args.seed, args.match_layers, args.weight)
     params = {"method": args.method, "threshold": args.threshold, "ratio": args.ratio,
               "seed": args.seed if args.method == "random" else None}
     sel.write_subset(sub, graph, target, params)
     if args.export_graph:
         limit = None if args.memory_limit_gb is None else int(args.memory_limit_gb * 2**30)
-        sel.export_graph(graph, args.threshold, args.export_graph, limit)
+        sel.export_graph(graph, args.threshold, args.export_graph, limit, args.weight)
     print(f"wrote {target} (k={sub.k}, {sub.edges_kept:,} edges kept, {time.time() - t0:.1f} s)")
 
 
