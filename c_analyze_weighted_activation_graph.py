@@ -10,6 +10,19 @@ count / max count (float64). Writes to --output_dir:
   bin_start, bin_end, density; edge counts over all non-zero edges, degrees over non-zero edges)
   threshold_analysis.csv (+ .png): edges with normalised weight <= t removed, t = 0.0, 0.1 ... 0.9
 
+Edge weights (--weight), from an edge's count c, its ends' activation counts n_u, n_v and the samples N:
+  count    c (the original's; the default)
+  jaccard  c / (n_u + n_v - c), 0 when neither neuron fires
+  phi      (N c - n_u n_v) / sqrt(n_u (N - n_u) n_v (N - n_v)), the correlation of the two neurons' 0/1
+           activity; 0 when a neuron never or always fires
+  pmi      log(c N / (n_u n_v)), -inf when c = 0
+The normalised weight is weight / (its max over all edges) when that max is > 0; an edge is kept at threshold t
+iff its normalised weight is > t, so edges with a weight <= 0 (phi, pmi: no more co-activation than chance)
+are never kept. For a weight other than count the sweep and the analyzed graph are named with the weight
+(threshold_analysis_phi.csv / .png, {graph name}_analyzed_phi.json); the analyzed graph records the weight
+and its max (weight, max_weight), and an analyzed .gpickle's edges carry {weight} and {weight}_normalized.
+The histograms do not depend on the weight.
+
     python c_analyze_weighted_activation_graph.py --input_path parcellation_datasets/test_1/gpt2_weighted_graph
 """
 
@@ -33,12 +46,16 @@ def main():
     ap.add_argument("--hist_sample_size", type=int, default=None,
                     help="accepted for compatibility and ignored: histograms cover every edge, exactly")
     ap.add_argument("--bins", type=int, default=50, help="histogram bins (default: %(default)s)")
+    ap.add_argument("--weight", default=co.DEFAULT_WEIGHT,
+                    help=f"edge weight of the threshold sweep: {', '.join(co.WEIGHTS)} (definitions and threshold "
+                         f"rule above; phi and pmi need the number of samples) (default: %(default)s)")
     args = ap.parse_args()
 
     t0 = time.time()
     src = Path(args.input_path)
     if args.bins < 1:
         raise PipelineError(f"--bins must be >= 1, got {args.bins}")
+    co.check_weight(args.weight)
     if src.suffix == ".json":
         raise PipelineError(f"{src} is already an analysis; pass the graph store or .gpickle that stage c wrote")
     if src.suffix == ".gpickle" and src.is_file():
@@ -51,28 +68,30 @@ def main():
     if args.hist_sample_size is not None:
         print("note: --hist_sample_size is ignored; histograms use every edge", file=sys.stderr)
 
-    sweep = co.threshold_sweep(graph)
+    weight = graph.weight(args.weight)
+    sweep = co.threshold_sweep(graph, weight=args.weight)
     hists = {
         sf.HIST_NODE_COUNT: (co.histogram(graph.activation_count, args.bins),
                              "Neuron activation counts", "activation count (samples)"),
         sf.HIST_EDGE_COUNT: (co.histogram(bins=args.bins, bincount=co.edge_count_bincount(graph)),
                              "Edge co-activation counts (non-zero edges)", "co-activation count (samples)"),
-        sf.HIST_DEGREE: (co.histogram(graph.degrees(1), args.bins),
+        sf.HIST_DEGREE: (co.histogram(graph.degrees(graph.cut(0.0)), args.bins),
                          "Neuron degrees (edges with co-activation > 0)", "degree"),
     }
-    analyzed = out / co.analyzed_name(src)
+    analyzed = out / co.analyzed_name(src, args.weight)
     if nxg is not None:
-        co.write_gpickle(co.analyzed_networkx(nxg, graph), analyzed)
+        co.write_gpickle(co.analyzed_networkx(nxg, graph, args.weight), analyzed)
     else:
-        co.write_analyzed_reference(graph, analyzed)
+        co.write_analyzed_reference(graph, analyzed, args.weight)
     for name, (df, title, xlabel) in hists.items():
         sf.write_csv(df, out / f"{name}.csv")
         plots.plot_histogram(df, out / f"{name}.png", title, xlabel)
-    sf.write_csv(sweep, out / sf.THRESHOLD_CSV)
-    plots.plot_threshold_sweep(sweep, out / sf.THRESHOLD_PLOT)
+    sf.write_csv(sweep, out / sf.weighted_name(sf.THRESHOLD_CSV, args.weight))
+    plots.plot_threshold_sweep(sweep, out / sf.weighted_name(sf.THRESHOLD_PLOT, args.weight), weight=args.weight)
     print(sweep.to_string(index=False))
     print(f"{graph.num_nodes:,} nodes, max activation {graph.max_activation}, max co-activation "
-          f"{graph.max_co_activation} -> {analyzed} ({time.time() - t0:.1f} s)")
+          f"{graph.max_co_activation}, weight {args.weight} (max {weight.max:.6g}) -> {analyzed} "
+          f"({time.time() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Stage d over a grid: every threshold x ratio x method, one subset .npy (+ sidecar .json) each, named
-# {m}_{method}_t{threshold}_r{ratio}.npy ({m}_{method}_r{ratio}.npy, once per ratio, for the methods that
-# ignore the threshold), then a summary table.
+# Stage d over a grid: every threshold x ratio x method x weight, one subset .npy (+ sidecar .json) each, named
+# {m}_{method}_t{threshold}_r{ratio}.npy ({m}_{method}_{weight}_t{threshold}_r{ratio}.npy for a weight other
+# than count; {m}_{method}_r{ratio}.npy, once per ratio, for the methods that use no graph), then a summary table.
 #
 #   ./d_batch_perturbation_calculate.sh [options] INPUT_GRAPH [OUTPUT_DIR]
 #
@@ -13,6 +13,9 @@
 #   --ratios "0.01 0.02 0.05 0.1"    RATIOS
 #   --methods "degree"               METHODS (degree weighted_degree pagerank activation_count attribution
 #                                    ablation random)
+#   --weights "count"                WEIGHTS (count jaccard phi pmi; see d_calculate_perturbation_subset.py
+#                                    --help); a method that ignores the weight (all but degree,
+#                                    weighted_degree, pagerank) writes one subset, listed once
 #   --seed N                         SEED (for random; default 1337)
 #   --force                          FORCE=1: recompute subsets that already exist (default: skip them)
 #   PYTHON=...                       the interpreter (default: .venv/bin/python beside this script, or python3)
@@ -21,6 +24,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 THRESHOLDS="${THRESHOLDS:-0.5 0.7 0.8 0.9}"
 RATIOS="${RATIOS:-0.01 0.02 0.05 0.1}"
 METHODS="${METHODS:-degree}"
+WEIGHTS="${WEIGHTS:-count}"
 SEED="${SEED:-1337}"
 FORCE="${FORCE:-0}"
 if [ -z "${PYTHON:-}" ]; then
@@ -33,6 +37,7 @@ while [ $# -gt 0 ]; do
     --thresholds) THRESHOLDS="${2:?--thresholds needs a value}"; shift 2 ;;
     --ratios) RATIOS="${2:?--ratios needs a value}"; shift 2 ;;
     --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
+    --weights) WEIGHTS="${2:?--weights needs a value}"; shift 2 ;;
     --seed) SEED="${2:?--seed needs a value}"; shift 2 ;;
     --force) FORCE=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -56,25 +61,32 @@ skip=(--skip_existing)
 [ "$FORCE" = "1" ] && skip=()
 
 files=() status=() failed=0
+declare -A seen=()
 for method in $METHODS; do
   case "$method" in degree|weighted_degree|pagerank) ts="$THRESHOLDS" ;; *) ts="-" ;; esac
-  for t in $ts; do
-    thr=(--threshold "$t")
-    [ "$t" = "-" ] && thr=()
-    for r in $RATIOS; do
-      log="$("$PYTHON" "$here/d_calculate_perturbation_subset.py" --input_graph_path "$graph" "${thr[@]}" \
-             --ratio "$r" --method "$method" --seed "$SEED" --output_dir "$out" "${skip[@]}" 2>&1)"
-      rc=$?
-      line="$(printf '%s\n' "$log" | tail -n 1)"
-      echo "[$method t=$t r=$r] $line"
-      if [ $rc -ne 0 ]; then
-        failed=$((failed + 1)); status+=("FAILED")
-        files+=("$out/(failed: $method t=$t r=$r)")
-        continue
-      fi
-      f="$(printf '%s\n' "$line" | sed -E 's/^(wrote|skipped) (.*\.npy) \(.*/\2/')"
-      files+=("$f")
-      case "$line" in skipped*) status+=("skipped") ;; *) status+=("written") ;; esac
+  for weight in $WEIGHTS; do
+    for t in $ts; do
+      thr=(--threshold "$t")
+      [ "$t" = "-" ] && thr=()
+      for r in $RATIOS; do
+        log="$("$PYTHON" "$here/d_calculate_perturbation_subset.py" --input_graph_path "$graph" "${thr[@]}" \
+               --ratio "$r" --method "$method" --weight "$weight" --seed "$SEED" --output_dir "$out" \
+               "${skip[@]}" 2>&1)"
+        rc=$?
+        line="$(printf '%s\n' "$log" | tail -n 1)"
+        echo "[$method $weight t=$t r=$r] $line"
+        if [ $rc -ne 0 ]; then
+          failed=$((failed + 1)); status+=("FAILED")
+          files+=("$out/(failed: $method $weight t=$t r=$r)")
+          continue
+        fi
+        f="$(printf '%s\n' "$line" | sed -E 's/^(wrote|skipped) (.*\.npy) \(.*/\2/')"
+        # a method that ignores the weight names its subset without it: the same file for every weight
+        [ -n "${seen[$f]:-}" ] && continue
+        seen[$f]=1
+        files+=("$f")
+        case "$line" in skipped*) status+=("skipped") ;; *) status+=("written") ;; esac
+      done
     done
   done
 done

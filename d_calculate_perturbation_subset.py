@@ -12,6 +12,15 @@ from {m}_neuron_frequency.csv), ablation (measured single-neuron delta_nll, from
 d_calculate_neuron_effects.py), random (seeded; with --match_layers, the per-layer composition of another
 subset).
 
+Edge weight (--weight): count (the original's, the default), jaccard, phi or pmi, as defined in
+c_analyze_weighted_activation_graph.py --help. The normalised weight is weight / (its max over all edges) when
+that max is > 0, and an edge is kept iff its normalised weight is > --threshold: edges with a weight <= 0 are
+never kept. weighted_degree sums the kept edges' normalised weights; pagerank weights edges by count for count,
+by the normalised weight otherwise. The weight applies to degree, weighted_degree and pagerank; for
+the other methods it does not (the sidecar's weight is null). --output_dir names a weighted subset
+{m}_{method}_{weight}_t{threshold}_r{ratio}.npy (count keeps {m}_{method}_t{threshold}_r{ratio}.npy); the sidecar
+records weight and max_weight (the max used to normalise).
+
     python d_calculate_perturbation_subset.py \\
         --input_graph_path parcellation_datasets/test_1/weighted_graph_analysis/gpt2_weighted_graph_analyzed.json \\
         --threshold 0.8 --ratio 0.01 --method degree \\
@@ -39,10 +48,16 @@ def main():
     ap.add_argument("--ratio", type=float, required=True, help="fraction of all nodes to select, in (0, 1]")
     ap.add_argument("--method", default="degree",
                     help=f"ranking: {', '.join(sel.METHODS)} (default: %(default)s)")
+    ap.add_argument("--weight", default=co.DEFAULT_WEIGHT,
+                    help=f"edge weight that --threshold applies to and {', '.join(sel.GRAPH_METHODS)} rank by: "
+                         f"{', '.join(co.WEIGHTS)} (phi and pmi need the number of samples, which a .gpickle "
+                         f"records as the graph attribute num_samples) (default: %(default)s)")
     out = ap.add_mutually_exclusive_group(required=True)
     out.add_argument("--output_path", help="the subset .npy to write (its sidecar .json goes beside it)")
     out.add_argument("--output_dir",
-                     help="write {m}_{method}_t{threshold}_r{ratio}.npy in this directory instead")
+                     help="write {m}_{method}_t{threshold}_r{ratio}.npy (with --weight other than count, "
+                          "{m}_{method}_{weight}_t{threshold}_r{ratio}.npy; {m}_{method}_r{ratio}.npy for the "
+                          "methods that use no graph) in this directory instead")
     ap.add_argument("--dataset_path", default=None,
                     help="stage b's directory, read by --method attribution and ablation (default: the directory "
                          "the graph store was built from)")
@@ -60,20 +75,23 @@ def main():
 
     t0 = time.time()
     sel.check_params(args.threshold, args.ratio, args.method)
+    co.check_weight(args.weight)
     if args.output_path and Path(args.output_path).suffix != ".npy":
         raise PipelineError(f"--output_path {args.output_path}: expected a .npy name")
     if args.export_graph and (args.threshold is None or Path(args.export_graph).suffix not in (".graphml", ".gpickle")):
         raise PipelineError("--export_graph needs --threshold and a .graphml or .gpickle name")
     graph = co.read_graph(args.input_graph_path)
     target = (Path(args.output_path) if args.output_path else
-              Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, args.ratio))
+              Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, args.ratio,
+                                                           args.weight))
     sf.check_output_dir(target.parent, "--output_path" if args.output_path else "--output_dir")
     if target.is_dir():
         raise PipelineError(f"{target} is a directory, not a subset file name")
     if args.skip_existing and target.is_file():
         print(f"skipped {target} (exists)")
         return
-    sub = sel.select(graph, args.threshold, args.ratio, args.method, args.seed, args.match_layers, args.dataset_path)
+    sub = sel.select(graph, args.threshold, args.ratio, args.method, args.seed, args.match_layers, args.weight,
+                     args.dataset_path)
     uses_graph = args.method in sel.GRAPH_METHODS
     params = {"method": args.method, "threshold": args.threshold if uses_graph else None,
               "threshold_ignored": not uses_graph, "ratio": args.ratio,
@@ -81,7 +99,7 @@ def main():
     sel.write_subset(sub, graph, target, params)
     if args.export_graph:
         limit = memory_limit(args.memory_limit_gb)
-        sel.export_graph(graph, args.threshold, args.export_graph, limit)
+        sel.export_graph(graph, args.threshold, args.export_graph, limit, args.weight)
     kept = f"{sub.edges_kept:,} edges kept" if uses_graph else "no graph used"
     print(f"wrote {target} (k={sub.k}, {kept}, {time.time() - t0:.1f} s)")
 

@@ -15,6 +15,7 @@
 #   --ratios "0.01 0.05"            RATIOS of the stage-d sweep
 #   --methods "degree ..."          METHODS of the stage-d sweep (default: degree activation_count attribution
 #                                   random, plus ablation when single-neuron effects are measured)
+#   --weights "count"               WEIGHTS: edge weights of the graph methods (count jaccard phi pmi)
 #   --effects 0|1                   EFFECTS: measure every neuron's single-ablation effect (ground truth for
 #                                   the comparison, and the ablation method); default 1 for a shipped model
 #                                   (models/), 0 otherwise (GPT-2 small: 36,864 ablations, GPU advised)
@@ -33,6 +34,7 @@ SEED="${SEED:-42}"
 THRESHOLDS="${THRESHOLDS:-0.5 0.8}"
 RATIOS="${RATIOS:-0.01 0.05}"
 METHODS="${METHODS:-}"
+WEIGHTS="${WEIGHTS:-count}"
 EFFECTS="${EFFECTS:-auto}"
 EVAL_CSV="${EVAL_CSV:-}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-3}"
@@ -49,11 +51,12 @@ while [ $# -gt 0 ]; do
     --thresholds) THRESHOLDS="${2:?--thresholds needs a value}"; shift 2 ;;
     --ratios) RATIOS="${2:?--ratios needs a value}"; shift 2 ;;
     --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
+    --weights) WEIGHTS="${2:?--weights needs a value}"; shift 2 ;;
     --effects) EFFECTS="${2:?--effects needs a value}"; shift 2 ;;
     --eval_csv) EVAL_CSV="${2:?--eval_csv needs a value}"; shift 2 ;;
     --random_controls) RANDOM_CONTROLS="${2:?--random_controls needs a value}"; shift 2 ;;
     --force) FORCE=1; shift ;;
-    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n "2,/^set -euo/p" "$0" | sed "\$d" | sed "s/^# \\{0,1\\}//"; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) pos+=("$1"); shift ;;
   esac
@@ -121,7 +124,7 @@ stage c_analyze "$analyzed" \
   py c_analyze_weighted_activation_graph.py --input_path "$DATA/${m}_weighted_graph"
 [ "$ran" = 1 ] && rm -rf "$DATA/perturbation_subsets"
 stage d "$DATA/perturbation_subsets" \
-  env THRESHOLDS="$THRESHOLDS" RATIOS="$RATIOS" METHODS="$METHODS" PYTHON="$PYTHON" \
+  env THRESHOLDS="$THRESHOLDS" RATIOS="$RATIOS" METHODS="$METHODS" WEIGHTS="$WEIGHTS" PYTHON="$PYTHON" \
     ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
 subsets=()
 while IFS= read -r f; do subsets+=("$(basename "$f")"); done < <(ls "$DATA/perturbation_subsets"/*.npy 2>/dev/null | sort)
@@ -130,5 +133,5 @@ stage e "$DATA/perturbation_results/summary.csv" \
     --model_type "$MODEL" --device "$DEVICE" --random_controls "$RANDOM_CONTROLS" \
     --perturbation_subset_filenames none "${subsets[@]}"
 py -m gelutrace.report "$DATA" --model_type "$MODEL" --input_csv "$CSV" --eval_csv "$EVAL_CSV" \
-  --thresholds "$THRESHOLDS" --ratios "$RATIOS" --methods "$METHODS" --random_controls "$RANDOM_CONTROLS" \
+  --thresholds "$THRESHOLDS" --ratios "$RATIOS" --methods "$METHODS" --weights "$WEIGHTS" --random_controls "$RANDOM_CONTROLS" \
   --temperature "$TEMPERATURE" --seed "$SEED" --device "$DEVICE"

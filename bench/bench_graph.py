@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--out", default=None, help="work directory (default: bench/out/<shape>)")
     ap.add_argument("--methods", default="degree",
                     help="stage d methods to time, space-separated (default: %(default)s)")
+    ap.add_argument("--weights", default="count",
+                    help="edge weights to time c_analyze and d with, space-separated (default: %(default)s)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
     args = ap.parse_args()
 
@@ -82,13 +84,16 @@ def main():
           f"{args.samples:,} samples (synthetic, made in {time.time() - t0:.1f} s)")
     store = d / sf.WEIGHTED_GRAPH.format(m=m)
     analyzed = d / sf.ANALYSIS_DIR / (sf.ANALYZED.format(name=store.name) + ".json")
-    rows = [measure("c (compact store)", ["c_calculate_weighted_activation_graph.py", "--input_dir", str(d)]),
-            measure("c_analyze (full sweep)", ["c_analyze_weighted_activation_graph.py", "--input_path", str(store)])]
-    for method in args.methods.split():
-        rows.append(measure(f"d ({method}, t=0.5, r=0.01)",
-                            ["d_calculate_perturbation_subset.py", "--input_graph_path", str(analyzed),
-                             "--threshold", "0.5", "--ratio", "0.01", "--method", method,
-                             "--output_dir", str(d / sf.SUBSETS_DIR)]))
+    rows = [measure("c (compact store)", ["c_calculate_weighted_activation_graph.py", "--input_dir", str(d)])]
+    for weight in args.weights.split():
+        label = "" if weight == sf.DEFAULT_WEIGHT else f", {weight}"
+        rows.append(measure(f"c_analyze (full sweep{label})", ["c_analyze_weighted_activation_graph.py",
+                                                               "--input_path", str(store), "--weight", weight]))
+        for method in args.methods.split():
+            rows.append(measure(f"d ({method}{label}, t=0.5, r=0.01)",
+                                ["d_calculate_perturbation_subset.py", "--input_graph_path", str(analyzed),
+                                 "--threshold", "0.5", "--ratio", "0.01", "--method", method, "--weight", weight,
+                                 "--output_dir", str(d / sf.SUBSETS_DIR)]))
     header = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
     size = sum(f.stat().st_size for f in store.iterdir())
     print(f"store: {size / 2**30:.2f} GiB on disk, count dtype {header['count_dtype']}, "

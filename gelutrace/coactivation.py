@@ -19,6 +19,8 @@ Counts are uint16 while n_samples <= 65535, else uint32/uint64.
 
 A graph is handled as `CoactivationGraph`: node arrays plus "blocks" (a dense layer-pair matrix or an
 explicit edge list) that are read one at a time, so nothing ever holds all 10^8-10^9 edges as objects.
+An `EdgeWeight` (count, jaccard, phi, pmi) turns a block's counts into edge weights, and a `Cut` (a weight and
+a threshold) into the block's kept edges; every degree, sweep, ranking and export goes through them.
 """
 
 import json
@@ -44,6 +46,13 @@ SWEEP_THRESHOLDS = tuple(round(i / 10, 1) for i in range(10))  # 0.0, 0.1 ... 0.
 # per node while being built and pickled; measured ~300 B/edge for building alone, the pickle memo adds more.
 NX_BYTES_PER_EDGE = 600
 NX_BYTES_PER_NODE = 1500
+# edge weights (EdgeWeight); count is the original's
+WEIGHTS = ("count", "jaccard", "phi", "pmi")
+DEFAULT_WEIGHT = sf.DEFAULT_WEIGHT
+NEEDS_NUM_SAMPLES = ("phi", "pmi")
+WEIGHT_RULE = ("normalised weight = weight / max_weight (max over all edges) when max_weight > 0; an edge is kept "
+               "at threshold t in [0, 1] iff its normalised weight > t, so only edges with a positive weight "
+               "(and a count > 0) are ever kept")
 
 
 # --- exact counting -------------------------------------------------------------------------------------
@@ -177,21 +186,24 @@ class DenseBlock:
     def num_edges(self):
         return (self.rows.stop - self.rows.start) * (self.cols.stop - self.cols.start)
 
-    def kept_csr(self, cut: int) -> sp.csr_matrix:
-        """The edges with count >= cut as a rows x cols CSR matrix of counts."""
-        c = self.counts()
-        mask = c >= cut
-        flat = np.flatnonzero(mask)
-        ncol = c.shape[1]
-        indptr = np.zeros(c.shape[0] + 1, dtype=np.int64)
-        np.cumsum(mask.sum(axis=1), out=indptr[1:])
-        return sp.csr_matrix((np.asarray(c).ravel()[flat], (flat % ncol).astype(np.int32), indptr), shape=c.shape)
+    def ends(self, x: np.ndarray):
+        """A per-node array at both ends of every edge, shaped to broadcast against counts()."""
+        return x[self.rows][:, None], x[self.cols][None, :]
 
-    def degree_into(self, deg: np.ndarray, cut: int, weighted: bool = False):
-        c = self.counts()
-        w = np.where(c >= cut, c, 0) if weighted else (c >= cut)
-        deg[self.rows] += w.sum(axis=1, dtype=np.int64)
-        deg[self.cols] += w.sum(axis=0, dtype=np.int64)
+    def csr(self, mask: np.ndarray, data: np.ndarray) -> sp.csr_matrix:
+        """The edges where mask holds, as a rows x cols CSR matrix of data (both shaped like counts())."""
+        flat = np.flatnonzero(mask)
+        ncol = mask.shape[1]
+        indptr = np.zeros(mask.shape[0] + 1, dtype=np.int64)
+        np.cumsum(mask.sum(axis=1), out=indptr[1:])
+        return sp.csr_matrix((np.asarray(data).ravel()[flat], (flat % ncol).astype(np.int32), indptr),
+                             shape=mask.shape)
+
+    def degree_into(self, deg: np.ndarray, mask: np.ndarray, data: np.ndarray | None = None):
+        """Add to each node its number of edges where mask holds (or, given data, the sum of their data)."""
+        w = mask if data is None else np.where(mask, data, 0)
+        deg[self.rows] += w.sum(axis=1, dtype=deg.dtype)
+        deg[self.cols] += w.sum(axis=0, dtype=deg.dtype)
 
     def bincount(self) -> np.ndarray:
         return np.bincount(np.asarray(self.counts()).ravel())
@@ -212,17 +224,21 @@ class EdgeBlock:
     def num_edges(self):
         return len(self.c)
 
-    def kept_csr(self, cut: int) -> sp.csr_matrix:
-        k = self.c >= cut
-        n = self.rows.stop
-        return sp.csr_matrix((self.c[k], (self.src[k], self.tgt[k])), shape=(n, n))
+    def counts(self) -> np.ndarray:
+        return self.c
 
-    def degree_into(self, deg: np.ndarray, cut: int, weighted: bool = False):
-        k = self.c >= cut
-        w = self.c[k].astype(np.int64) if weighted else None
+    def ends(self, x: np.ndarray):
+        return x[self.src], x[self.tgt]
+
+    def csr(self, mask: np.ndarray, data: np.ndarray) -> sp.csr_matrix:
+        n = self.rows.stop
+        return sp.csr_matrix((data[mask], (self.src[mask], self.tgt[mask])), shape=(n, n))
+
+    def degree_into(self, deg: np.ndarray, mask: np.ndarray, data: np.ndarray | None = None):
+        w = None if data is None else data[mask].astype(np.float64)
         n = len(deg)
-        deg += np.bincount(self.src[k], weights=w, minlength=n).astype(np.int64)
-        deg += np.bincount(self.tgt[k], weights=w, minlength=n).astype(np.int64)
+        deg += np.bincount(self.src[mask], weights=w, minlength=n).astype(deg.dtype)
+        deg += np.bincount(self.tgt[mask], weights=w, minlength=n).astype(deg.dtype)
 
     def bincount(self) -> np.ndarray:
         return np.bincount(self.c)
@@ -244,6 +260,7 @@ class CoactivationGraph:
     max_co_activation: int | None = None
     source: str = ""
     header: dict = field(default_factory=dict)
+    _weights: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.max_activation is None:
@@ -259,19 +276,157 @@ class CoactivationGraph:
     def num_edges(self):
         return sum(b.num_edges for b in self.blocks)
 
-    def cut(self, threshold: float) -> int:
-        return count_cutoff(threshold, self.max_co_activation)
+    def weight(self, name: str = DEFAULT_WEIGHT) -> "EdgeWeight":
+        """The graph's edge weight `name`, built once (for all but count that costs one pass over the blocks)."""
+        if name not in self._weights:
+            self._weights[name] = EdgeWeight(self, name)
+        return self._weights[name]
 
-    def degrees(self, cut: int, weighted: bool = False) -> np.ndarray:
-        """Degree (or sum of counts) of every node over the edges with count >= cut."""
-        deg = np.zeros(self.num_nodes, dtype=np.int64)
+    def cut(self, threshold: float, weight: str = DEFAULT_WEIGHT) -> "Cut":
+        return Cut(self.weight(weight), threshold)
+
+    def degrees(self, cut: "Cut", weighted: bool = False) -> np.ndarray:
+        """Every node's number of kept edges, or with weighted the sum of their data (Cut.keep): int64 sums of
+        counts for the count weight, float64 sums of normalised weights for the others."""
+        exact = not weighted or cut.weight.name == DEFAULT_WEIGHT
+        deg = np.zeros(self.num_nodes, dtype=np.int64 if exact else np.float64)
         for b in self.blocks:
-            b.degree_into(deg, cut, weighted)
+            mask, data = cut.keep(b)
+            b.degree_into(deg, mask, data if weighted else None)
         return deg
 
     def normalized_activation(self) -> np.ndarray:
         m = self.max_activation
         return self.activation_count / m if m else np.zeros(self.num_nodes)
+
+
+# --- edge weights ----------------------------------------------------------------------------------------------
+
+
+def check_weight(name: str):
+    if name not in WEIGHTS:
+        raise PipelineError(f"unknown --weight {name!r}; choose one of {', '.join(WEIGHTS)}")
+
+
+def edge_weight(name: str, c, nu, nv, n: int | None = None) -> np.ndarray:
+    """
+    The weight of edges (u, v) with co-activation count c whose ends fire in nu and nv of n samples, float64
+    (arrays broadcast: a dense block's c with its row and column node counts, or per-edge vectors):
+      count    c
+      jaccard  c / (nu + nv - c); 0 when neither fires
+      phi      (n c - nu nv) / sqrt(nu (n - nu) nv (n - nv)), the correlation of the two 0/1 columns; 0 when
+               either column is constant (never or always fires)
+      pmi      log(c n / (nu nv)); -inf when c = 0
+    Each product and sum of counts is an exact integer in float64 (below 2**53), so every weight is one
+    correctly rounded division (and a sqrt or log) away from the exact value.
+    """
+    w = np.array(c, dtype=np.float64)  # a copy: updated in place below, at most ~3 blocks alive at once
+    if name == "count":
+        return w
+    if name == "jaccard":
+        union = nu + nv - w
+        empty = union <= 0
+        np.divide(w, union, out=w, where=~empty)
+        w[empty] = 0.0
+        return w
+    if name == "phi":
+        w *= n
+        w -= nu * nv
+        den = (nu * (n - nu)) * (nv * (n - nv))
+        np.sqrt(den, out=den)
+        constant = den == 0
+        np.divide(w, den, out=w, where=~constant)
+        w[constant] = 0.0
+        return w
+    if name == "pmi":
+        co = w > 0
+        w *= n
+        np.divide(w, nu * nv, out=w, where=co)
+        np.log(w, out=w, where=co)
+        w[~co] = -np.inf
+        return w
+    check_weight(name)
+
+
+class EdgeWeight:
+    """
+    One edge weight of a graph (see edge_weight) and the threshold rule, stated here once: the normalised weight
+    is weight / max_weight, the maximum over all edges, when that is > 0 (count and jaccard then lie in [0, 1];
+    phi and pmi in (0, 1] where positive, and negative associations stay negative); an edge is kept at a
+    threshold t in [0, 1] iff its normalised weight is > t. So an edge whose ends fire together no more often
+    than chance (phi, pmi <= 0) or never (count 0) is never kept.
+
+    scores(block) gives each edge's ranking data: for count the exact integer counts (kept iff count >=
+    count_cutoff, the same test on exact ratios), for the others the float64 normalised weights;
+    data_scale is what that data is divided by to give normalised weights.
+    """
+
+    def __init__(self, graph: "CoactivationGraph", name: str):
+        check_weight(name)
+        self.name, self.num_samples = name, graph.num_samples
+        where = graph.source or "the graph"
+        if name in NEEDS_NUM_SAMPLES:
+            if not self.num_samples:
+                raise PipelineError(f"--weight {name} needs the number of samples, which {where} does not record "
+                                    f"(stage c's .gpickle keeps it as the graph attribute num_samples)")
+            if self.num_samples < graph.max_activation:
+                raise PipelineError(f"{where}: a neuron fires in {graph.max_activation} samples of "
+                                    f"{self.num_samples}; the counts are inconsistent")
+        self._node = graph.activation_count.astype(np.float64)
+        if name == DEFAULT_WEIGHT:
+            self.max = int(graph.max_co_activation)
+            self.data_scale = max(self.max, 1)
+        else:
+            self.max = max((float(w.max()) for w in map(self.raw, graph.blocks) if w.size), default=0.0)
+            self.data_scale = 1.0
+        self._divisor = self.max if self.max > 0 else 1
+
+    def raw(self, block) -> np.ndarray:
+        """The block's weights, shaped like its counts (count: the counts themselves, possibly memory-mapped)."""
+        if self.name == DEFAULT_WEIGHT:
+            return block.counts()
+        nu, nv = block.ends(self._node)
+        return edge_weight(self.name, block.counts(), nu, nv, self.num_samples)
+
+    def normalise(self, raw: np.ndarray) -> np.ndarray:
+        return raw / self._divisor
+
+    def scores(self, block) -> np.ndarray:
+        if self.name == DEFAULT_WEIGHT:
+            return block.counts()
+        w = self.raw(block)
+        w /= self._divisor
+        return w
+
+    def kept(self, scores: np.ndarray, threshold: float) -> np.ndarray:
+        if self.name == DEFAULT_WEIGHT:
+            return scores >= count_cutoff(threshold, self.max)
+        return scores > threshold
+
+    def describe(self) -> dict:
+        """The weight's record in an analysis or subset sidecar."""
+        return {"weight": self.name, "max_weight": json_number(self.max), "weight_rule": WEIGHT_RULE}
+
+
+def json_number(x):
+    """x for a JSON file: None where it is not finite (pmi's max is -inf when no two neurons ever fire together)."""
+    return x if np.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The edges a weight keeps at a threshold (EdgeWeight's rule)."""
+    weight: EdgeWeight
+    threshold: float
+
+    def keep(self, block):
+        """(mask of the block's kept edges, the block's scores), both shaped like its counts."""
+        s = self.weight.scores(block)
+        return self.weight.kept(s, self.threshold), s
+
+    def csr(self, block) -> sp.csr_matrix:
+        """The block's kept edges as a CSR matrix of their scores."""
+        return block.csr(*self.keep(block))
 
 
 def count_cutoff(threshold: float, max_count: int) -> int:
@@ -434,6 +589,9 @@ def read_store(store) -> CoactivationGraph:
 # this pipeline is made of (its own containers and numbers need no class at all).
 GPICKLE_CLASSES = {
     ("networkx.classes.graph", "Graph"),
+    # views a graph caches in itself once used (g.nodes, g.edges, g.adj, g.degree): data holders, no code
+    ("networkx.classes.reportviews", "NodeView"), ("networkx.classes.reportviews", "EdgeView"),
+    ("networkx.classes.reportviews", "DegreeView"), ("networkx.classes.coreviews", "AdjacencyView"),
     ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"), ("numpy", "dtype"),
     # protocols 0 and 1 rebuild objects through these (under their Python 2 names, too)
     ("copyreg", "_reconstructor"), ("builtins", "object"), ("copy_reg", "_reconstructor"), ("__builtin__", "object"),
@@ -512,13 +670,14 @@ def read_graph(path) -> CoactivationGraph:
 
 
 # --- stage c_analyze ---------------------------------------------------------------------------------------
-def analyzed_name(graph_path) -> str:
+def analyzed_name(graph_path, weight: str = DEFAULT_WEIGHT) -> str:
     p = Path(graph_path)
     name = p.name[: -len(".gpickle")] if p.name.endswith(".gpickle") else p.name
-    return sf.ANALYZED.format(name=name) + (".gpickle" if p.suffix == ".gpickle" else ".json")
+    return sf.weighted_name(sf.ANALYZED.format(name=name) + (".gpickle" if p.suffix == ".gpickle" else ".json"),
+                            weight)
 
 
-def write_analyzed_reference(graph: CoactivationGraph, target):
+def write_analyzed_reference(graph: CoactivationGraph, target, weight: str = DEFAULT_WEIGHT):
     """The analyzed artefact of a store: a reference to it plus the maxima used to normalise; no edge data."""
     target = Path(target)
     store = Path(graph.source).resolve()
@@ -533,7 +692,8 @@ def write_analyzed_reference(graph: CoactivationGraph, target):
                    "max_activation_count": graph.max_activation, "max_co_activation_count": graph.max_co_activation,
                    "activation_count_normalized": "activation_count / max_activation_count (float64)",
                    "co_activation_count_normalized": "co_activation_count / max_co_activation_count (float64); "
-                                                     "edges with count 0 are dropped"},
+                                                     "edges with count 0 are dropped",
+                   **graph.weight(weight).describe()},
                   target, indent=2)
 
 
@@ -558,9 +718,20 @@ def read_analyzed_reference(p: Path) -> CoactivationGraph:
     return g
 
 
-def analyzed_networkx(g, graph: CoactivationGraph):
-    """The original's analyzed graph: zero-count edges removed, exact float64 normalised weights added."""
+def analyzed_networkx(g, graph: CoactivationGraph, weight: str = DEFAULT_WEIGHT):
+    """The original's analyzed graph: zero-count edges removed, exact float64 normalised weights added; for a
+    weight other than count also the edge attributes {weight} and {weight}_normalized and the graph attributes
+    of EdgeWeight.describe(). `graph` is graph_from_networkx(g)."""
     import networkx as nx
+    if weight != DEFAULT_WEIGHT:
+        w = graph.weight(weight)
+        (block,) = graph.blocks
+        raw = w.raw(block)
+        norm = w.normalise(raw)
+        u, v = graph.node_ids[block.src].tolist(), graph.node_ids[block.tgt].tolist()
+        nx.set_edge_attributes(g, dict(zip(zip(u, v), raw.tolist())), weight)
+        nx.set_edge_attributes(g, dict(zip(zip(u, v), norm.tolist())), f"{weight}_normalized")
+        g.graph.update(w.describe())
     zero = [(u, v) for u, v, c in g.edges(data="co_activation_count") if c <= 0]
     g.remove_edges_from(zero)
     na = graph.normalized_activation()
@@ -597,41 +768,59 @@ def edge_count_bincount(graph: CoactivationGraph) -> np.ndarray:
     return total
 
 
-def components(graph: CoactivationGraph, cut: int) -> tuple[int, np.ndarray]:
+@dataclass
+class _Joined:
+    """One threshold's per-block component labels, to be joined into the graph's components."""
+    offset: int
+    kept: int = 0
+    src: list = field(default_factory=list)
+    dst: list = field(default_factory=list)
+
+
+def components(graph: CoactivationGraph, weight: EdgeWeight, thresholds) -> list[tuple[int, np.ndarray]]:
     """
-    Connected components of the graph restricted to edges with count >= cut: (number of kept edges, label of
-    every node). Each block is labelled on its own (scipy.sparse.csgraph), then the per-block labels are
-    joined by one small graph of <= 2 links per node and block.
+    For each threshold, the connected components of the graph restricted to the edges `weight` keeps there:
+    (number of kept edges, label of every node). Each block's weights are computed once for all thresholds;
+    each block is labelled on its own (scipy.sparse.csgraph), then the per-block labels are joined by one
+    small graph of <= 2 links per node and block.
     """
     n = graph.num_nodes
-    link_src, link_dst, offset, kept = [], [], n, 0
+    state = [_Joined(n) for _ in thresholds]
     for b in graph.blocks:
-        m = b.kept_csr(cut)
-        if m.nnz == 0:
-            continue
-        kept += m.nnz
-        r, c = m.shape
-        sq = sp.csr_matrix((m.data, m.indices + r, np.concatenate([m.indptr, np.full(c, m.nnz)])),
-                           shape=(r + c, r + c))
-        k, lab = connected_components(sq, directed=False)
-        del sq, m
+        scores = weight.scores(b)
         nodes = np.concatenate([np.arange(b.rows.start, b.rows.stop), np.arange(b.cols.start, b.cols.stop)])
-        link_src.append(nodes)
-        link_dst.append(offset + lab)
-        offset += k
-    if not link_src:
-        return 0, np.arange(n)
-    s, t = np.concatenate(link_src), np.concatenate(link_dst)
-    joined = sp.csr_matrix((np.ones(len(s), dtype=np.int8), (s, t)), shape=(offset, offset))
-    _, lab = connected_components(joined, directed=False)
-    return kept, lab[:n]
+        for t, j in zip(thresholds, state):
+            m = b.csr(weight.kept(scores, t), scores)
+            if m.nnz == 0:
+                continue
+            j.kept += m.nnz
+            r, c = m.shape
+            sq = sp.csr_matrix((m.data, m.indices + r, np.concatenate([m.indptr, np.full(c, m.nnz)])),
+                               shape=(r + c, r + c))
+            k, lab = connected_components(sq, directed=False)
+            del sq, m
+            j.src.append(nodes)
+            j.dst.append(j.offset + lab)
+            j.offset += k
+        del scores
+    out = []
+    for j in state:
+        if not j.src:
+            out.append((0, np.arange(n)))
+            continue
+        s, t = np.concatenate(j.src), np.concatenate(j.dst)
+        joined = sp.csr_matrix((np.ones(len(s), dtype=np.int8), (s, t)), shape=(j.offset, j.offset))
+        _, lab = connected_components(joined, directed=False)
+        out.append((j.kept, lab[:n]))
+    return out
 
 
-def threshold_sweep(graph: CoactivationGraph, thresholds=SWEEP_THRESHOLDS) -> pd.DataFrame:
-    """For each threshold t: drop edges with normalised weight <= t, keep all nodes, describe components."""
+def threshold_sweep(graph: CoactivationGraph, thresholds=SWEEP_THRESHOLDS,
+                    weight: str = DEFAULT_WEIGHT) -> pd.DataFrame:
+    """For each threshold t: drop edges that `weight` does not keep at t (normalised weight <= t), keep all
+    nodes, describe components."""
     rows = []
-    for t in thresholds:
-        kept, lab = components(graph, graph.cut(t))
+    for t, (kept, lab) in zip(thresholds, components(graph, graph.weight(weight), thresholds)):
         sizes = np.bincount(np.unique(lab, return_inverse=True)[1]) if graph.num_nodes else np.zeros(0, int)
         rows.append({"threshold": t, "num_nodes": graph.num_nodes, "num_edges": kept,
                      "num_components": len(sizes), "max_comp_size": int(sizes.max()) if sizes.size else 0,

@@ -235,7 +235,8 @@ def method_scores(entries: list[Entry], infos: dict, dataset_path) -> dict:
             src = info.get("graph")
             if src not in graphs:
                 graphs[src] = co.read_graph(src)
-            out[key] = np.asarray(sel.scores(graphs[src], e.method, info.get("threshold"), dataset_path), np.float64)
+            out[key] = np.asarray(sel.scores(graphs[src], e.method, info.get("threshold"),
+                                             info.get("weight") or co.DEFAULT_WEIGHT, dataset_path), np.float64)
         except (PipelineError, TypeError, OSError):
             continue
     return out

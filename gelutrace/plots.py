@@ -29,11 +29,13 @@ def plot_histogram(hist: pd.DataFrame, target, title: str, xlabel: str):
     _save(fig, target)
 
 
-def plot_threshold_sweep(sweep: pd.DataFrame, target, title: str = "Connected components vs. edge threshold"):
+def plot_threshold_sweep(sweep: pd.DataFrame, target, title: str = "Connected components vs. edge threshold",
+                         weight: str = "count"):
     """Number of components and largest-component size against the normalised-weight threshold."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(sweep["threshold"], sweep["num_components"], "o-", color="tab:blue", label="number of components")
-    ax.set_xlabel("threshold (edges with normalised co-activation <= threshold removed)")
+    quantity = "co-activation" if weight == "count" else weight
+    ax.set_xlabel(f"threshold (edges with normalised {quantity} <= threshold removed)")
     ax.set_ylabel("number of components", color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(sweep["threshold"], sweep["max_comp_size"], "s--", color="tab:red", label="largest component size")

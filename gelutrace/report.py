@@ -205,7 +205,7 @@ def terminal_summary(info: dict, data: Path) -> str:
 def main():
     ap = parser(__doc__)
     ap.add_argument("dataset_dir", help="the run's dataset directory")
-    for flag in ("model_type", "input_csv", "eval_csv", "thresholds", "ratios", "methods", "random_controls", "temperature",
+    for flag in ("model_type", "input_csv", "eval_csv", "thresholds", "weights", "ratios", "methods", "random_controls", "temperature",
                  "seed", "device"):
         ap.add_argument(f"--{flag}", help="recorded in the report's parameter table")
     args = ap.parse_args()

@@ -3,10 +3,13 @@ Stage d: choose a perturbation subset of neurons from a co-activation graph.
 
 The graph is thresholded as the original did: keep the edges whose normalised weight (count / max count) is
 > threshold, keep every node. k = max(1, int(num_nodes * ratio)), at most num_nodes. Nodes are ranked by the
-method's score, highest first, ties to the lower node id, and the top k are written in rank order.
+method's score, highest first, ties to the lower node id, and the top k are written in rank order. With another
+edge weight (jaccard, phi, pmi; gelutrace.coactivation.EdgeWeight) the same rule applies to that weight's
+normalised value; the weight matters only to the GRAPH_METHODS.
 
 Methods: degree (edges kept, as the original), weighted_degree (sum of the kept edges' normalised weights),
-pagerank (on the thresholded graph, edge weight = count, alpha 0.85, as networkx.pagerank), and the methods
+pagerank (on the thresholded graph, edge weight = count, or the normalised weight for the other weights,
+alpha 0.85, as networkx.pagerank), and the methods
 that need no graph (the threshold is ignored): activation_count (how many samples activate the neuron),
 attribution (stage b's first-order estimate of each neuron's single-ablation delta_nll), ablation (the measured
 single-neuron delta_nll of d_calculate_neuron_effects.py), random (seeded; k as above, or with match_layers
@@ -22,10 +25,10 @@ import pandas as pd
 
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
-from gelutrace.coactivation import CoactivationGraph, check_nx_fits
+from gelutrace.coactivation import DEFAULT_WEIGHT, CoactivationGraph, Cut, check_nx_fits
 
 METHODS = ("degree", "weighted_degree", "pagerank", "activation_count", "attribution", "ablation", "random")
-GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")  # the others ignore the threshold
+GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")  # the others ignore the threshold and --weight
 PAGERANK_ALPHA = 0.85
 PAGERANK_TOL = 1e-10  # L1 change per node; stricter than networkx's default 1e-6
 PAGERANK_MAX_ITER = 1000
@@ -52,15 +55,16 @@ def top_k(score: np.ndarray, node_ids: np.ndarray, k: int) -> np.ndarray:
     return np.lexsort((node_ids, -score))[:k]
 
 
-def pagerank(graph: CoactivationGraph, cut: int, alpha=PAGERANK_ALPHA, tol=PAGERANK_TOL,
+def pagerank(graph: CoactivationGraph, cut: Cut, alpha=PAGERANK_ALPHA, tol=PAGERANK_TOL,
              max_iter=PAGERANK_MAX_ITER) -> np.ndarray:
-    """Weighted PageRank of the undirected graph of edges with count >= cut (networkx.pagerank's definition:
-    uniform teleport, dangling nodes' rank spread uniformly), by power iteration over the blocks."""
+    """Weighted PageRank of the undirected graph of the edges the cut keeps, weighted by their scores (counts,
+    or normalised weights) (networkx.pagerank's definition: uniform teleport, dangling nodes' rank spread
+    uniformly), by power iteration over the blocks."""
     n = graph.num_nodes
     strength = graph.degrees(cut, weighted=True).astype(np.float64)
     cache, used = [], 0
     for b in graph.blocks:
-        m = b.kept_csr(cut)
+        m = cut.csr(b)
         used += m.nnz * 12
         cache.append(m.astype(np.float64) if used <= PAGERANK_CACHE_BYTES else None)
     x = np.full(n, 1.0 / n)
@@ -69,7 +73,7 @@ def pagerank(graph: CoactivationGraph, cut: int, alpha=PAGERANK_ALPHA, tol=PAGER
         v = np.divide(x, strength, out=np.zeros(n), where=~dangling)
         y = np.zeros(n)
         for b, m in zip(graph.blocks, cache):
-            m = m if m is not None else b.kept_csr(cut).astype(np.float64)
+            m = m if m is not None else cut.csr(b).astype(np.float64)
             y[b.rows] += m @ v[b.cols]
             y[b.cols] += m.T @ v[b.rows]
         y = alpha * y + (alpha * x[dangling].sum() + 1.0 - alpha) / n
@@ -108,17 +112,18 @@ def neuron_scores(graph: CoactivationGraph, method: str, dataset_path=None) -> n
     return values[graph.node_ids]
 
 
-def scores(graph: CoactivationGraph, method: str, threshold: float | None, dataset_path=None) -> np.ndarray:
+def scores(graph: CoactivationGraph, method: str, threshold: float | None, weight: str = DEFAULT_WEIGHT,
+           dataset_path=None) -> np.ndarray:
     if method in ("attribution", "ablation"):
         return neuron_scores(graph, method, dataset_path)
     if method == "activation_count":
         return graph.activation_count.astype(np.int64)
-    cut = graph.cut(threshold)
+    cut = graph.cut(threshold, weight)
     if method == "degree":
         return graph.degrees(cut)
     if method == "weighted_degree":
-        # ranking on the integer sums is exact; dividing by the max count gives the normalised-weight sums
-        return graph.degrees(cut, weighted=True) / max(graph.max_co_activation, 1)
+        # for count, ranking on the integer sums is exact; dividing by the max count gives the normalised sums
+        return graph.degrees(cut, weighted=True) / cut.weight.data_scale
     if method == "pagerank":
         return pagerank(graph, cut)
     raise PipelineError(f"method {method!r} has no score")
@@ -152,16 +157,27 @@ def _match_layer_counts(graph: CoactivationGraph, match_path) -> dict[int, int]:
     return {int(a): int(b) for a, b in zip(layers, n)}
 
 
+def method_weight(method: str, weight: str) -> str | None:
+    """The edge weight a method ranks by: None (not applicable) for methods that do not use the graph's edges."""
+    return weight if method in GRAPH_METHODS else None
+
+
 def select(graph: CoactivationGraph, threshold: float | None, ratio: float, method: str, seed: int = 1337,
-           match_layers=None, dataset_path=None) -> Subset:
+           match_layers=None, weight: str = DEFAULT_WEIGHT, dataset_path=None) -> Subset:
+    """The subset; edges_kept counts the edges `weight` keeps (None for the methods that use no graph)."""
     check_params(threshold, ratio, method)
     if match_layers is not None and method != "random":
         raise PipelineError("--match_layers applies to --method random only")
     if graph.num_nodes == 0:
         raise PipelineError("the graph has no nodes")
-    kept = int(graph.degrees(graph.cut(threshold)).sum() // 2) if method in GRAPH_METHODS else None
+    used = method_weight(method, weight)
+    kept, info = None, {"weight": None, "max_weight": None}
+    if used:
+        cut = graph.cut(threshold, used)
+        kept = int(graph.degrees(cut).sum() // 2)
+        info = cut.weight.describe()
     k = subset_size(graph.num_nodes, ratio)
-    info = {"k_from_ratio": k}
+    info = {"k_from_ratio": k, **info}
     if method == "random":
         rng = np.random.default_rng(seed)
         if match_layers is None:
@@ -177,7 +193,7 @@ def select(graph: CoactivationGraph, threshold: float | None, ratio: float, meth
             info["match_layers"] = str(match_layers)
         sc = np.zeros(len(pos))
     else:
-        s = scores(graph, method, threshold, dataset_path)
+        s = scores(graph, method, threshold, weight, dataset_path)
         measured = np.isfinite(s)
         if not measured.all():
             if measured.sum() < k:
@@ -204,37 +220,44 @@ def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) ->
     return side
 
 
-def subset_file_name(model: str | None, method: str, threshold: float | None, ratio: float) -> str:
-    if method not in GRAPH_METHODS:
-        return sf.SUBSET_FILE_NO_GRAPH.format(m=model or "graph", method=method, ratio=repr(float(ratio)))
-    return sf.SUBSET_FILE.format(m=model or "graph", method=method, threshold=repr(float(threshold)),
-                                 ratio=repr(float(ratio)))
+def subset_file_name(model: str | None, method: str, threshold: float | None, ratio: float,
+                     weight: str = DEFAULT_WEIGHT) -> str:
+    uses_graph = method in GRAPH_METHODS
+    return sf.subset_name(model or "graph", method, threshold if uses_graph else None, ratio,
+                          method_weight(method, weight))
 
 
-def export_graph(graph: CoactivationGraph, threshold: float, target, memory_limit: int | None = None):
-    """The thresholded graph (all nodes, kept edges) as GraphML or NetworkX .gpickle, if it fits in memory."""
+def export_graph(graph: CoactivationGraph, threshold: float, target, memory_limit: int | None = None,
+                 weight: str = DEFAULT_WEIGHT):
+    """The thresholded graph (all nodes, kept edges) as GraphML or NetworkX .gpickle, if it fits in memory.
+    For a weight other than count, its edges also carry {weight} and {weight}_normalized."""
     import networkx as nx
     from gelutrace.coactivation import write_gpickle
     target = Path(target)
     if target.suffix not in (".graphml", ".gpickle"):
         raise PipelineError(f"--export_graph {target}: use a .graphml or .gpickle name")
-    cut = graph.cut(threshold)
+    cut = graph.cut(threshold, weight)
+    w = cut.weight
     kept = int(graph.degrees(cut).sum() // 2)
     check_nx_fits(graph.num_nodes, kept, memory_limit, f"the thresholded graph (t={threshold})",
                   "raise --threshold or skip --export_graph")
-    g = nx.Graph(model=graph.model or "", threshold=float(threshold))
+    g = nx.Graph(model=graph.model or "", threshold=float(threshold), weight=weight)
     na = graph.normalized_activation()
     g.add_nodes_from(zip(graph.node_ids.tolist(), (
         {"layer": int(a), "dimension": int(b), "activation_count": int(c), "activation_count_normalized": float(d)}
         for a, b, c, d in zip(graph.layer, graph.dimension, graph.activation_count, na))))
     mx = graph.max_co_activation
     for b in graph.blocks:
-        m = b.kept_csr(cut).tocoo()
+        mask, s = cut.keep(b)
+        m = b.csr(mask, b.counts()).tocoo()
         u = graph.node_ids[np.arange(b.rows.start, b.rows.stop)[m.row]]
         v = graph.node_ids[np.arange(b.cols.start, b.cols.stop)[m.col]]
-        g.add_edges_from(zip(u.tolist(), v.tolist(), ({"co_activation_count": int(c),
-                                                      "co_activation_count_normalized": c / mx}
-                                                     for c in m.data.tolist())))
+        attrs = [{"co_activation_count": int(c), "co_activation_count_normalized": c / mx} for c in m.data.tolist()]
+        if weight != DEFAULT_WEIGHT:  # scores are the normalised weights; the same mask orders both alike
+            raw, norm = b.csr(mask, w.raw(b)).data.tolist(), b.csr(mask, s).data.tolist()
+            for a, x, y in zip(attrs, raw, norm):
+                a[weight], a[f"{weight}_normalized"] = x, y
+        g.add_edges_from(zip(u.tolist(), v.tolist(), attrs))
     if target.suffix == ".gpickle":
         write_gpickle(g, target)
     else:
@@ -252,11 +275,11 @@ def summary_table(paths) -> pd.DataFrame:
         if side.is_file():
             try:
                 s = json.loads(side.read_text())
-                row.update(method=s.get("method"), threshold=s.get("threshold"), ratio=s.get("ratio"),
-                           k=s.get("k"), edges_kept=s.get("edges_kept"))
+                row.update(method=s.get("method"), weight=s.get("weight"), threshold=s.get("threshold"),
+                           ratio=s.get("ratio"), k=s.get("k"), edges_kept=s.get("edges_kept"))
             except json.JSONDecodeError:
                 pass
         elif p.is_file():
             row["k"] = len(sf.read_subset(p))
         rows.append(row)
-    return pd.DataFrame(rows, columns=["file", "method", "threshold", "ratio", "k", "edges_kept"])
+    return pd.DataFrame(rows, columns=["file", "method", "weight", "threshold", "ratio", "k", "edges_kept"])

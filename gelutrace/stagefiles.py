@@ -50,9 +50,14 @@ HIST_EDGE_COUNT = "edge_co_activation_count_hist"
 HIST_DEGREE = "node_degree_hist"
 THRESHOLD_CSV = "threshold_analysis.csv"
 THRESHOLD_PLOT = "threshold_analysis.png"
+# the analyzed graph and the threshold sweep depend on the edge weight (c_analyze --weight): for a weight other
+# than DEFAULT_WEIGHT, WEIGHT_SUFFIX goes at the end of their stem (see weighted_name)
+DEFAULT_WEIGHT = "count"
+WEIGHT_SUFFIX = "_{weight}"
 # stage d
 SUBSET_FILE = "{m}_{method}_t{threshold}_r{ratio}.npy"  # d --output_dir / d_batch naming
 SUBSET_FILE_NO_GRAPH = "{m}_{method}_r{ratio}.npy"  # methods that ignore the threshold
+SUBSET_FILE_WEIGHTED = "{m}_{method}_{weight}_t{threshold}_r{ratio}.npy"  # the same for --weight other than count
 SUBSET_SIDECAR = "{stem}.json"  # beside each subset .npy: parameters, k, per-layer counts, scores
 # stage e (under <dataset>/RESULTS_DIR)
 RESULT_FILE = "{stem}.csv"  # one per subset (none.csv for the baseline), columns RESULT_COLUMNS
@@ -92,6 +97,27 @@ def dataset_columns(n_layer: int) -> list[str]:
 
 def path(directory, template: str, m: str) -> Path:
     return Path(directory) / template.format(m=m)
+
+
+def weighted_name(name: str, weight: str) -> str:
+    """A weight-dependent c_analyze file's name: `name` for the default weight, else WEIGHT_SUFFIX ends its stem
+    (threshold_analysis.csv -> threshold_analysis_phi.csv)."""
+    if weight == DEFAULT_WEIGHT:
+        return name
+    p = Path(name)
+    return p.stem + WEIGHT_SUFFIX.format(weight=weight) + p.suffix
+
+
+def subset_name(m: str, method: str, threshold: float | None, ratio: float, weight: str | None) -> str:
+    """
+    A stage-d subset's file name; `weight` is None for methods that do not use the graph's edge weights, and
+    `threshold` None for those that use no graph at all.
+    """
+    if threshold is None:
+        return SUBSET_FILE_NO_GRAPH.format(m=m, method=method, ratio=repr(float(ratio)))
+    template = SUBSET_FILE if weight in (None, DEFAULT_WEIGHT) else SUBSET_FILE_WEIGHTED
+    return template.format(m=m, method=method, weight=weight, threshold=repr(float(threshold)),
+                           ratio=repr(float(ratio)))
 
 
 # --- atomic writes ----------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def test_damaged_and_foreign_gpickles(tmp_path):
     g.add_node(0, layer=0, dimension=0, activation_count=np.int64(2))
     g.add_node(1, layer=1, dimension=0, activation_count=1)
     g.add_edge(0, 1, co_activation_count=np.int64(1))
+    _ = g.nodes, g.edges, g.adj, g.degree  # views networkx caches inside the graph, and pickles with it
     for proto in (0, 2, pickle.HIGHEST_PROTOCOL):  # a graph as the original or stage c wrote it still loads
         (tmp_path / f"ok{proto}.gpickle").write_bytes(pickle.dumps(g, protocol=proto))
         back = co.load_gpickle(tmp_path / f"ok{proto}.gpickle")

@@ -35,6 +35,13 @@ def run(*args):
     return out
 
 
+def run_together(*commands):
+    procs = [start(*c) for c in commands]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+
+
 def snapshot(d: Path) -> dict:
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
             if p.is_file()}
@@ -171,3 +178,76 @@ def test_graph_free_methods_ignore_the_threshold(pipeline, tmp_path):
     np.testing.assert_array_equal(np.load(out / "toy_attribution_r0.1.npy"), [0, 1, 2])
     side = json.loads((out / "toy_attribution_r0.1.json").read_text())
     assert side["threshold"] is None and side["threshold_ignored"] is True and side["method"] == "attribution"
+def test_weight_flag_names_and_records_the_weight(pipeline, tmp_path):
+    d = tmp_path / "w"
+    shutil.copytree(pipeline, d)
+    an = d / sf.ANALYSIS_DIR
+    count_files = snapshot(an)
+    run_together([C_AN, "--input_path", str(d / "toy_weighted_graph"), "--weight", "phi"],
+                 [C_AN, "--input_path", str(d / "toy_weighted_graph.gpickle"), "--output_dir", str(d / "an_pickle"),
+                  "--weight", "phi"])
+    assert {k: v for k, v in snapshot(an).items() if k in count_files} == count_files  # count's files untouched
+    sweep = pd.read_csv(an / "threshold_analysis_phi.csv")
+    assert (an / "threshold_analysis_phi.png").stat().st_size > 1000
+    assert list(sweep.columns) == sf.THRESHOLD_COLUMNS and len(sweep) == 10
+    assert not sweep.equals(pd.read_csv(an / sf.THRESHOLD_CSV))
+    pd.testing.assert_frame_equal(sweep, pd.read_csv(d / "an_pickle" / "threshold_analysis_phi.csv"))
+    ref = json.loads((an / "toy_weighted_graph_analyzed_phi.json").read_text())
+    assert ref["weight"] == "phi" and 0 < ref["max_weight"] <= 1
+    assert json.loads((an / "toy_weighted_graph_analyzed.json").read_text())["weight"] == "count"
+    import networkx as nx
+    from gelutrace.coactivation import load_gpickle
+    g = load_gpickle(d / "an_pickle" / "toy_weighted_graph_analyzed_phi.gpickle")
+    assert g.graph["weight"] == "phi" and g.graph["max_weight"] == ref["max_weight"]
+    assert max(w for *_, w in g.edges(data="phi_normalized")) == 1.0
+
+    out = d / "subsets"
+    run_together(*([D, "--input_graph_path", str(an / "toy_weighted_graph_analyzed_phi.json"), "--threshold", "0.3",
+                    "--ratio", "0.2", "--method", method, "--weight", "phi", "--output_dir", str(out)]
+                   for method in ("degree", "random")),
+                 [D, "--input_graph_path", str(d / "an_pickle" / "toy_weighted_graph_analyzed_phi.gpickle"),
+                  "--threshold", "0.3", "--ratio", "0.2", "--weight", "phi", "--output_path", str(d / "pick.npy"),
+                  "--export_graph", str(d / "phi.graphml")])
+    assert sorted(p.name for p in out.glob("*.npy")) == ["toy_degree_phi_t0.3_r0.2.npy", "toy_random_r0.2.npy"]
+    side = json.loads((out / "toy_degree_phi_t0.3_r0.2.json").read_text())
+    assert side["weight"] == "phi" and side["max_weight"] == ref["max_weight"]
+    np.testing.assert_array_equal(np.load(out / "toy_degree_phi_t0.3_r0.2.npy"), np.load(d / "pick.npy"))
+    assert json.loads((out / "toy_random_r0.2.json").read_text())["weight"] is None
+    exported = nx.read_graphml(d / "phi.graphml")
+    assert exported.number_of_edges() == side["edges_kept"]
+    assert all(w > 0.3 for *_, w in exported.edges(data="phi_normalized"))
+
+    batch = run(BATCH, "--thresholds", "0.3", "--ratios", "0.2", "--methods", "degree random",
+                "--weights", "count phi", str(an / "toy_weighted_graph_analyzed.json"), str(out))
+    table = batch.split("summary (")[1]
+    assert table.count("toy_random_r0.2.npy") == 1 and table.count("toy_degree_phi_t0.3_r0.2.npy") == 1
+    assert sorted(p.name for p in out.glob("*.npy")) == ["toy_degree_phi_t0.3_r0.2.npy", "toy_degree_t0.3_r0.2.npy",
+                                                         "toy_random_r0.2.npy"]
+
+
+def test_bad_weight_one_error_line(pipeline, tmp_path):
+    from gelutrace.coactivation import load_gpickle, write_gpickle
+    d = pipeline
+    g = load_gpickle(d / "toy_weighted_graph.gpickle")
+    del g.graph["num_samples"]
+    write_gpickle(g, tmp_path / "toy_weighted_graph.gpickle")
+    analyzed = str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    d_args = ["--threshold", "0.5", "--ratio", "0.1", "--output_path", str(tmp_path / "x.npy")]
+    cases = {
+        "d unknown": [D, "--input_graph_path", analyzed, *d_args, "--weight", "cosine"],
+        "analyze unknown": [C_AN, "--input_path", str(d / "toy_weighted_graph"), "--output_dir", str(tmp_path),
+                            "--weight", "cosine"],
+        "d phi without num_samples": [D, "--input_graph_path", str(tmp_path / "toy_weighted_graph.gpickle"),
+                                      *d_args, "--weight", "phi"],
+        "analyze pmi without num_samples": [C_AN, "--input_path", str(tmp_path / "toy_weighted_graph.gpickle"),
+                                            "--output_dir", str(tmp_path), "--weight", "pmi"],
+    }
+    procs = {k: start(*v) for k, v in cases.items()}
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert ("cosine" in err) if "unknown" in name else ("number of samples" in err), (name, err)
+    assert not (tmp_path / "x.npy").exists() and not list(tmp_path.glob("threshold_analysis*"))
+    run(D, "--input_graph_path", str(tmp_path / "toy_weighted_graph.gpickle"), *d_args, "--weight", "jaccard")
+    assert json.loads((tmp_path / "x.json").read_text())["weight"] == "jaccard"
