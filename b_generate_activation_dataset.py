@@ -54,6 +54,7 @@ def main():
     greedy = args.temperature == 0
 
     export = check_output_dir(args.export_dir, "--export_dir")
+    export.mkdir(parents=True, exist_ok=True)
     staging = Staging(export, lm.name, fingerprint(
         Path(args.input_csv).read_bytes(), lm.name, str(lm.path.resolve()), vars(cfg), args.seed,
         args.temperature, args.top_k, args.batch_size))

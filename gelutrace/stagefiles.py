@@ -149,17 +149,18 @@ def atomic_open(target, mode="w", **kwargs):
 
 
 def check_output_dir(directory, flag: str) -> Path:
-    """Create an output directory (and its parents) up front, so a bad location fails before the heavy work."""
+    """
+    Check up front, without creating anything, that an output directory exists or can be created, so a bad
+    location fails before the heavy work (writers create it when they write).
+    """
     d = Path(directory)
     for parent in [d, *d.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise PipelineError(f"{flag} {d}: {parent} exists and is not a directory")
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PipelineError(f"{flag} {d}: cannot create it ({e.strerror})") from None
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise PipelineError(f"{flag} {d}: not writable")
+        if parent.exists():
+            if not parent.is_dir():
+                raise PipelineError(f"{flag} {d}: {parent} exists and is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PipelineError(f"{flag} {d}: {parent} is not writable")
+            break
     return d
 
 
