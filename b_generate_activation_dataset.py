@@ -24,7 +24,7 @@ from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args
 from gelutrace.generation import StepProgress, encode_prompts, plan_batches
 from gelutrace.loading import load_model
 from gelutrace.recording import Staging, fingerprint, record_attribution, record_batch, write_dataset
-from gelutrace.stagefiles import check_output_dir, read_prompts, write_graph_files_if_stale
+from gelutrace.stagefiles import check_output_dir, lock_directory, read_prompts, write_graph_files_if_stale
 
 
 def main():
@@ -54,7 +54,7 @@ def main():
     greedy = args.temperature == 0
 
     export = check_output_dir(args.export_dir, "--export_dir")
-    export.mkdir(parents=True, exist_ok=True)
+    lock_directory(export, "stage b")
     staging = Staging(export, lm.name, fingerprint(
         Path(args.input_csv).read_bytes(), lm.name, str(lm.path.resolve()), vars(cfg), args.seed,
         args.temperature, args.top_k, args.batch_size))

@@ -65,6 +65,7 @@ def main():
         nxg, graph = None, co.read_graph(src)
     out = sf.check_output_dir(Path(args.output_dir) if args.output_dir else src.resolve().parent / sf.ANALYSIS_DIR,
                               "--output_dir")
+    sf.lock_directory(out, "stage c_analyze")
     if args.hist_sample_size is not None:
         print("note: --hist_sample_size is ignored; histograms use every edge", file=sys.stderr)
 

@@ -40,6 +40,7 @@ def main():
     out = Path(args.output_path) if args.output_path else sf.path(args.input_dir, sf.WEIGHTED_GRAPH, m or "graph")
     limit = memory_limit(args.memory_limit_gb)
     sf.check_output_dir(out.parent, "--output_path")
+    sf.lock_directory(out.parent, "stage c")
     if out.suffix == ".gpickle" and out.is_dir():
         raise PipelineError(f"--output_path {out} is a directory")
 

@@ -84,6 +84,7 @@ def main(argv=None):
     n_neurons = cfg.n_layer * cfg.d_mlp
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
     sf.check_output_dir(Path(args.dataset_path) / sf.RESULTS_DIR / sf.PER_SAMPLE_DIR, "--dataset_path")
+    sf.lock_directory(args.dataset_path, "stage e")
     subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons, lm.name)
     mean_values = pt.read_mean_activations(args.dataset_path, lm.name, n_neurons) if args.ablation == "mean" else None
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)

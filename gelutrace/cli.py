@@ -21,6 +21,9 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        from gelutrace.stagefiles import release_locks
+        release_locks()
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -133,12 +133,17 @@ class Staging:
         """The chunks already done (resume) and the index of the first prompt still to do."""
         state_file = self.dir / "state.json"
         if resume and state_file.is_file():
-            state = json.loads(state_file.read_text())
+            try:
+                state = json.loads(state_file.read_text())
+                names, done = list(state["chunks"]), int(state["prompts_done"])
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise PipelineError(f"--resume: {state_file} is damaged ({type(e).__name__}: {e}); rerun without "
+                                    f"--resume") from None
             if state.get("fingerprint") != self.fingerprint:
                 raise PipelineError(f"--resume: the unfinished run in {self.dir} used other inputs or settings "
                                     f"(prompt CSV, model, seed, temperature, top_k or batch size); rerun without --resume")
-            chunks = [self._load(self.dir / name) for name in state["chunks"]]
-            return chunks, state["prompts_done"]
+            chunks = [self._load(self.dir / name) for name in names]
+            return chunks, done
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
@@ -147,7 +152,7 @@ class Staging:
 
     def add(self, chunk: Chunk, chunks_so_far: int, prompts_done: int):
         name = f"chunk_{chunks_so_far:05d}.npz"
-        write_npz(self.dir / name, **{f: getattr(chunk, f) for f in Chunk.FIELDS})
+        write_npz(self.dir / name, fingerprint=np.array(self.fingerprint), **{f: getattr(chunk, f) for f in Chunk.FIELDS})
         self._state([f"chunk_{i:05d}.npz" for i in range(chunks_so_far + 1)], prompts_done)
 
     def finish(self):
@@ -157,10 +162,18 @@ class Staging:
         write_json({"fingerprint": self.fingerprint, "chunks": chunks, "prompts_done": prompts_done},
                    self.dir / "state.json")
 
-    @staticmethod
-    def _load(p: Path) -> Chunk:
-        with np.load(p, allow_pickle=False) as z:
-            return Chunk(*(z[f] for f in Chunk.FIELDS))
+    def _load(self, p: Path) -> Chunk:
+        """A saved chunk of this run; one of another run, or a damaged one, is refused."""
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                owner = str(z["fingerprint"]) if "fingerprint" in z.files else None
+                chunk = Chunk(*(z[f] for f in Chunk.FIELDS))
+        except Exception as e:
+            raise PipelineError(f"--resume: {p} is damaged ({type(e).__name__}: {e}); rerun without --resume") from None
+        if owner != self.fingerprint:
+            raise PipelineError(f"--resume: {p} belongs to another run (other inputs or settings); rerun without "
+                                f"--resume")
+        return chunk
 
 
 def fingerprint(*parts) -> str:

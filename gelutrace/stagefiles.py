@@ -7,6 +7,7 @@ Nothing here needs pickle to read a file back.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -75,6 +76,7 @@ COMPARISON_PLOT = "comparison.png"  # effect against k per method
 REPORT = "report.md"
 LAYER_ACTIVITY_PLOT = "activation_frequency_per_layer.png"
 PIPELINE_STAMPS = ".pipeline"  # one {stage}.cmd per stage: the command that made its outputs
+LOCK_FILE = ".gelutrace.lock"  # in a directory a run is writing into: flock'ed while it runs
 
 # --- columns ----------------------------------------------------------------------------------------------
 PROMPT_COLUMNS = ["prompts", "number_of_new_tokens", "num_samples"]
@@ -162,6 +164,38 @@ def check_output_dir(directory, flag: str) -> Path:
                 raise PipelineError(f"{flag} {d}: {parent} is not writable")
             break
     return d
+
+
+_held_locks: dict = {}  # lock file path -> its open file: held until released or the process ends
+
+
+def lock_directory(directory, what: str) -> Path:
+    """
+    Take the directory's writer lock (an exclusive flock on LOCK_FILE inside it) until release_locks() or the
+    end of the process, or refuse at once: two runs writing into one directory would mix their outputs. The
+    kernel releases the lock when the process exits, also on a crash or kill -9, so a stale lock never blocks
+    the next run. A process that already holds the lock takes it again freely.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    key = str((d / LOCK_FILE).resolve())
+    if key in _held_locks:
+        return d
+    f = open(d / LOCK_FILE, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise PipelineError(f"another run is writing into {d} (it holds {d / LOCK_FILE}); wait for it to end or "
+                            f"write elsewhere ({what})") from None
+    _held_locks[key] = f
+    return d
+
+
+def release_locks():
+    while _held_locks:
+        _, f = _held_locks.popitem()
+        f.close()  # closing the file drops its flock
 
 
 def write_csv(df: pd.DataFrame, target, **kwargs):

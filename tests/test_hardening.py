@@ -141,3 +141,97 @@ def test_output_locations_checked_before_work(tiny_dataset, tmp_path):
     one_error_line(script("a_generate_gelu_graph.py", "--model_type", "tinybard", "--output_dir", tmp_path / "file"))
     one_error_line(script("b_trace_gelu_activations.py", "--model_type", "tinybard", "--input_text", "To be",
                           "--output_dir", tmp_path / "file"))
+
+
+# --- resume state and the writer lock -------------------------------------------------------------------
+
+@pytest.mark.parametrize("point,temperature", [("chunk", "0"), ("state", "0.8")])
+def test_kill_during_a_staging_write_then_resume(tmp_path, shipped_path, monkeypatch, point, temperature):
+    """A kill inside the chunk write or the state.json write (a torn temporary left behind): --resume still gives
+    the uninterrupted run's files, greedy and sampling."""
+    import json
+    import runpy
+
+    from gelutrace import recording
+    from gelutrace import stagefiles as sf
+    from test_recording import run, write_prompts
+
+    csv = write_prompts(tmp_path / "p.csv")
+    common = ["--input_csv", str(csv), "--model_type", "tinybard", "--device", "cpu", "--batch_size", "1",
+              "--no_edge_list", "--temperature", temperature, "--no_attribution"]
+    run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "full", OMP_NUM_THREADS="1")
+
+    name = "write_npz" if point == "chunk" else "write_json"
+    real = getattr(recording, name)
+    calls = {"n": 0}
+
+    def killed(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a torn temporary beside the target, as kill -9 inside atomic_path leaves
+            target = next(x for x in a if isinstance(x, os.PathLike))
+            (target.parent / f".{target.name}.x1y2.tmp").write_bytes(b"PK\x03\x04 torn")
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(recording, name, killed)
+    script = str(REPO_ROOT / "b_generate_activation_dataset.py")
+    monkeypatch.setattr(sys, "argv", [script, *common, "--export_dir", str(tmp_path / "part")])
+    with pytest.raises(SystemExit):
+        runpy.run_path(script, run_name="__main__")
+    staged = tmp_path / "part" / ".tinybard_partial"
+    assert json.loads((staged / "state.json").read_text())["chunks"]  # some work was kept
+    monkeypatch.setattr(recording, name, real)
+    run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "part", "--resume", OMP_NUM_THREADS="1")
+    for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY):
+        assert sf.path(tmp_path / "part", f, "tinybard").read_bytes() == sf.path(tmp_path / "full", f, "tinybard").read_bytes()
+
+
+def test_resume_refuses_chunks_of_another_run_and_damaged_state(tmp_path):
+    from gelutrace import recording
+
+    chunk = recording.Chunk(*(np.zeros(2, np.int64) for _ in range(4)), np.zeros((2, 1), np.uint8), np.zeros(8))
+    a = recording.Staging(tmp_path, "m", "run-a")
+    a.start(resume=False)
+    a.add(chunk, 0, 1)
+    b = recording.Staging(tmp_path, "m", "run-b")  # the other run's chunk written under run a's state
+    b.dir = a.dir
+    b.add(chunk, 1, 2)
+    state = a.dir / "state.json"
+    import json
+    state.write_text(json.dumps({"fingerprint": "run-a", "chunks": ["chunk_00000.npz", "chunk_00001.npz"],
+                                 "prompts_done": 2}))
+    with pytest.raises(PipelineError, match="belongs to another run"):
+        recording.Staging(tmp_path, "m", "run-a").start(resume=True)
+    state.write_text('{"fingerprint": "run-a", "chunks": ')
+    with pytest.raises(PipelineError, match="damaged"):
+        recording.Staging(tmp_path, "m", "run-a").start(resume=True)
+    state.write_text(json.dumps({"fingerprint": "run-a", "chunks": ["chunk_00000.npz"], "prompts_done": 1}))
+    (a.dir / "chunk_00000.npz").write_bytes(b"not a zip")
+    with pytest.raises(PipelineError, match="damaged"):
+        recording.Staging(tmp_path, "m", "run-a").start(resume=True)
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tiny_dataset, tmp_path):
+    import fcntl
+
+    from gelutrace import stagefiles as sf
+    d, csv = tiny_dataset
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / sf.LOCK_FILE, "a") as held:  # another process writing into `out`
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_csv", csv,
+                   "--export_dir", out, "--device", "cpu")
+        one_error_line(r)
+        assert "another run is writing into" in r.stderr
+        assert sorted(p.name for p in out.iterdir()) == [sf.LOCK_FILE]
+        with open(d / "b" / sf.LOCK_FILE, "a") as held_b:
+            fcntl.flock(held_b, fcntl.LOCK_EX)
+            one_error_line(script("e_generate_perturbed_results.py", "--dataset_path", d / "b", "--input_csv", csv,
+                                  "--model_type", "tinybard", "--device", "cpu",
+                                  "--perturbation_subset_filenames", "s.npy"))
+            one_error_line(script("c_calculate_weighted_activation_graph.py", "--input_dir", d / "b"))
+    # released: the same run now goes through (a crashed holder's lock goes with its process)
+    r = script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_csv", csv, "--export_dir", out,
+               "--device", "cpu", "--no_edge_list", "--no_activation_lists", "--no_attribution")
+    assert r.returncode == 0, r.stderr
