@@ -112,21 +112,42 @@ def _hub_snapshot(model_type: str) -> Path:
 
 
 def read_config(path: Path) -> GPTConfig:
-    with open(path / "config.json") as f:
-        hf = json.load(f)
+    cfg_file = path / "config.json"
+    try:
+        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PipelineError(f"{cfg_file} cannot be read as JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise PipelineError(f"{cfg_file}: expected a JSON object")
     act = hf.get("activation_function", "gelu_new")
     if act not in GELU_APPROXIMATE:
-        raise PipelineError(f"{path}: activation_function {act!r} is not a GELU this pipeline can trace")
-    return GPTConfig(
-        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        n_inner=hf.get("n_inner"),
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        raise PipelineError(f"{cfg_file}: activation_function {act!r} is not a GELU this pipeline can trace")
+
+    def integer(key, default=None, required=True):
+        v = hf.get(key, default)
+        if v is None and not required:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise PipelineError(f"{cfg_file}: {key} must be a positive integer, got {v!r}"
+                                + (" (missing)" if key not in hf and default is None else ""))
+        return v
+
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise PipelineError(f"{cfg_file}: layer_norm_epsilon must be a positive number, got {eps!r}")
+    config = GPTConfig(
+        block_size=integer("n_positions", hf.get("n_ctx", 1024)),
+        vocab_size=integer("vocab_size"),
+        n_layer=integer("n_layer"),
+        n_head=integer("n_head"),
+        n_embd=integer("n_embd"),
+        n_inner=integer("n_inner", required=False),
+        layer_norm_epsilon=float(eps),
         gelu_approximate=GELU_APPROXIMATE[act],
     )
+    if config.n_embd % config.n_head:
+        raise PipelineError(f"{cfg_file}: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
+    return config
 
 
 def model_shape(model_type: str) -> tuple[int, int]:
@@ -145,7 +166,10 @@ def load_checkpoint(path: Path, device: torch.device = torch.device("cpu")) -> G
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise PipelineError(f"{path} has no model.safetensors (pickled .bin checkpoints are not read)")
-    sd = load_file(str(weights))
+    try:
+        sd = load_file(str(weights))
+    except Exception as e:  # truncated or not safetensors at all
+        raise PipelineError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e})") from None
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = GPT(config)

@@ -121,8 +121,13 @@ def resolve_subsets(dataset_path, names: list[str], n_neurons: int, model: str |
         if name == NONE:
             ids = np.zeros(0, np.int64)
         else:
+            if Path(name).name != name or name in (".", ".."):
+                raise PipelineError(f"subset {name!r}: name a file in {Path(dataset_path) / sf.SUBSETS_DIR}, "
+                                    f"without a directory")
             npy = Path(dataset_path) / sf.SUBSETS_DIR / name
             ids = load_subset(npy, n_neurons)
+            if not len(ids):
+                raise PipelineError(f"subset {npy} holds no neurons (use 'none' for the baseline)")
             info = read_sidecar(npy, model) if model is not None else {}
         s = Subset(name, ids, info=info)
         if s.stem in stems:

@@ -589,6 +589,10 @@ def read_subset(source, n_neurons: int | None = None) -> np.ndarray:
         shape = f"shape {ids.shape}, dtype {ids.dtype}" if isinstance(ids, np.ndarray) else "several arrays"
         raise PipelineError(f"subset {p} must be a 1-D integer array of neuron ids, got {shape}")
     ids = ids.astype(np.int64)
+    if len(np.unique(ids)) != len(ids):
+        vals, counts = np.unique(ids, return_counts=True)
+        raise PipelineError(f"subset {p} lists neuron {int(vals[counts > 1][0])} more than once "
+                            f"({int((counts > 1).sum())} repeated ids); a subset is a set of distinct neurons")
     if n_neurons is not None:
         bad = ids[(ids < 0) | (ids >= n_neurons)]
         if len(bad):

@@ -235,3 +235,58 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tiny_dataset,
     r = script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_csv", csv, "--export_dir", out,
                "--device", "cpu", "--no_edge_list", "--no_activation_lists", "--no_attribution")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("damage", ["broken_json", "no_vocab_size", "string_layers", "truncated_weights"])
+def test_damaged_checkpoint_is_one_error_line(tmp_path, random_ckpt, damage):
+    import json
+    import shutil
+    ck = tmp_path / "ck"
+    shutil.copytree(random_ckpt, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    if damage == "broken_json":
+        (ck / "config.json").write_text(json.dumps(cfg)[:-10])
+    elif damage == "no_vocab_size":
+        del cfg["vocab_size"]
+        (ck / "config.json").write_text(json.dumps(cfg))
+    elif damage == "string_layers":
+        cfg["n_layer"] = "3"
+        (ck / "config.json").write_text(json.dumps(cfg))
+    else:
+        w = (ck / "model.safetensors").read_bytes()
+        (ck / "model.safetensors").write_bytes(w[: len(w) // 2])
+    r = script("b_trace_gelu_activations.py", "--model_type", ck, "--input_text", "To be", "--output_dir",
+               tmp_path / "out", "--device", "cpu")
+    one_error_line(r)
+    if damage != "truncated_weights":  # stage a reads only the config
+        one_error_line(script("a_generate_gelu_graph.py", "--model_type", ck, "--output_dir", tmp_path / "a"))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("../s.npy", None, "without a directory"),
+    ("/etc/passwd", None, "without a directory"),
+    ("empty.npy", np.zeros(0, np.int64), "holds no neurons"),
+    ("dup.npy", np.array([5, 7, 5]), "more than once"),
+    ("other.npy", np.array([1, 2]), "made for model 'gpt2'"),
+])
+def test_stage_e_subset_rules(tiny_dataset, name, content, message):
+    import json
+    d, csv = tiny_dataset
+    subsets = d / "b" / "perturbation_subsets"
+    if content is not None:
+        np.save(subsets / name, content)
+    if name == "other.npy":
+        (subsets / "other.json").write_text(json.dumps({"model": "gpt2", "method": "degree"}))
+    if name == "../s.npy":
+        np.save(d / "b" / "s.npy", np.array([1]))
+    r = script("e_generate_perturbed_results.py", "--dataset_path", d / "b", "--input_csv", csv, "--model_type",
+               "tinybard", "--device", "cpu", "--perturbation_subset_filenames", name)
+    one_error_line(r)
+    assert message in r.stderr
+
+
+def test_match_layers_refuses_duplicates_too(tmp_path):
+    from gelutrace import stagefiles as sf
+    np.save(tmp_path / "dup.npy", np.array([3, 3]))
+    with pytest.raises(PipelineError, match="more than once"):
+        sf.read_subset(tmp_path / "dup.npy")
