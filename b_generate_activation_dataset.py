@@ -35,7 +35,7 @@ def main():
     add_model_args(ap)
     add_sampling_args(ap, seed=42, temperature=0.0, top_k=None)
     ap.add_argument("--resume", action="store_true",
-                    help="continue an interrupted run with the same inputs from its last completed prompt")
+                    help="continue an interrupted run with the same inputs and settings from its last completed batch")
     ap.add_argument("--no_activation_lists", action="store_true",
                     help="skip the {m}_neuron_activations .json/.pickle lists (large for big runs; nothing "
                          "downstream needs them)")
@@ -60,14 +60,15 @@ def main():
         args.temperature, args.top_k, args.batch_size))
     chunks, start = staging.start(args.resume)
     if start:
-        print(f"resuming after prompt {start} of {len(prompts)}")
+        print(f"resuming after {start} of {sum(p.num_samples for p in prompts)} prompt samples")
     batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size, start)
     total = sum(len(b.row_prompt) * b.new_tokens for b in batches)
     with tqdm(total=total, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as bar:
         for batch in batches:
             with StepProgress(lm.model, bar, len(batch.row_prompt)):
                 chunk = record_batch(lm.model, batch, prompts, prompt_ids, args.temperature, args.top_k, args.seed)
-            staging.add(chunk, len(chunks), batch.prompts[-1] + 1)
+            start += len(batch.samples)
+            staging.add(chunk, len(chunks), start)
             chunks.append(chunk)
     attribution = None
     if not args.no_attribution:

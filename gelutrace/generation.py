@@ -6,7 +6,7 @@ its repeats would be identical; sampling gives every (prompt, repeat) row its ow
 so a row's tokens depend on the seed, the prompt's index and the repeat number alone.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,10 +17,11 @@ from gelutrace.stagefiles import Prompt
 
 @dataclass
 class Batch:
-    prompts: list[int]  # indices into the prompt list, in CSV order
+    prompts: list[int]  # indices of the prompts with samples in this batch, in CSV order
     row_prompt: list[int]  # for each row: its prompt's index
     row_repeat: list[int]  # for each row: its repeat number (greedy: 0, standing for every repeat)
     new_tokens: int  # the most new tokens any of its prompts asks for
+    samples: list[tuple[int, int]] = field(default_factory=list)  # its (prompt, repeat) samples, in CSV order
 
 
 def encode_prompts(tokenizer, prompts: list[Prompt], block_size: int) -> list[list[int]]:
@@ -39,18 +40,33 @@ def encode_prompts(tokenizer, prompts: list[Prompt], block_size: int) -> list[li
 def plan_batches(prompts: list[Prompt], prompt_ids: list[list[int]], greedy: bool, batch_size: int,
                  block_size: int, start: int = 0) -> list[Batch]:
     """
-    Consecutive prompts (from `start`) packed into batches of at most batch_size rows; a prompt is never
-    split, and a batch's longest prompt plus its most new tokens stays within the context window.
+    The (prompt, repeat) samples in CSV order, from the `start`-th on, packed into batches of at most
+    batch_size rows: consecutive samples share a batch while it has room, a sampled prompt with more repeats
+    than batch_size is split across batches, and a greedy prompt is one row standing for all its repeats. A
+    batch's longest prompt plus its most new tokens stays within the context window.
     """
+    units, pos = [], 0  # (prompt, repeats, rows): the pieces that go into batches whole
+    for i, p in enumerate(prompts):
+        first, pos = max(0, start - pos), pos + p.num_samples
+        if first >= p.num_samples:
+            continue
+        reps = list(range(first, p.num_samples))
+        if p.new_tokens == 0:
+            units.append((i, reps, []))
+        elif greedy:
+            units.append((i, reps, [0]))
+        else:
+            units += [(i, reps[j:j + batch_size], reps[j:j + batch_size]) for j in range(0, len(reps), batch_size)]
     batches, cur, width = [], None, 0
-    for i in range(start, len(prompts)):
+    for i, reps, rows in units:
         p = prompts[i]
-        rows = [] if p.new_tokens == 0 else [0] if greedy else list(range(p.num_samples))
         if (cur is None or (cur.row_prompt and len(cur.row_prompt) + len(rows) > batch_size)
                 or max(width, len(prompt_ids[i])) + max(cur.new_tokens, p.new_tokens) > block_size):
             cur, width = Batch([], [], [], 0), 0
             batches.append(cur)
-        cur.prompts.append(i)
+        if not cur.prompts or cur.prompts[-1] != i:
+            cur.prompts.append(i)
+        cur.samples += [(i, r) for r in reps]
         cur.row_prompt += [i] * len(rows)
         cur.row_repeat += rows
         if rows:
@@ -61,12 +77,11 @@ def plan_batches(prompts: list[Prompt], prompt_ids: list[list[int]], greedy: boo
 
 def repeat_rows(batch: Batch, prompts: list[Prompt], greedy: bool) -> list[tuple[int, int, int]]:
     """
-    (prompt, repeat, row) for every repeat of the batch's prompts, in CSV order: `row` is the batch row whose
+    (prompt, repeat, row) for every sample of the batch, in CSV order: `row` is the batch row whose
     continuation that repeat is (greedy repeats share their prompt's one row), -1 for a prompt of 0 tokens.
     """
     row_of = {(p, r): i for i, (p, r) in enumerate(zip(batch.row_prompt, batch.row_repeat))}
-    return [(p, r, row_of.get((p, 0 if greedy else r), -1))
-            for p in batch.prompts for r in range(prompts[p].num_samples)]
+    return [(p, r, row_of.get((p, 0 if greedy else r), -1)) for p, r in batch.samples]
 
 
 def row_generator(seed: int, prompt_index: int, repeat: int, device) -> torch.Generator:

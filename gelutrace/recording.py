@@ -121,7 +121,7 @@ def record_batch(model, batch: Batch, prompts: list[Prompt], prompt_ids: list[li
 class Staging:
     """
     Chunks of an unfinished stage-b run in `<export_dir>/.{m}_partial/`, one `.npz` per completed batch,
-    plus `state.json` with the run's fingerprint. `--resume` continues after the last completed prompt of a
+    plus `state.json` with the run's fingerprint. `--resume` continues after the last completed batch of a
     run with the same fingerprint; the final outputs are written only when every prompt is done.
     """
 
@@ -130,12 +130,12 @@ class Staging:
         self.fingerprint = fingerprint
 
     def start(self, resume: bool) -> tuple[list[Chunk], int]:
-        """The chunks already done (resume) and the index of the first prompt still to do."""
+        """The chunks already done (resume) and the number of (prompt, repeat) samples they cover."""
         state_file = self.dir / "state.json"
         if resume and state_file.is_file():
             try:
                 state = json.loads(state_file.read_text())
-                names, done = list(state["chunks"]), int(state["prompts_done"])
+                names, done = list(state["chunks"]), int(state["samples_done"])
             except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
                 raise PipelineError(f"--resume: {state_file} is damaged ({type(e).__name__}: {e}); rerun without "
                                     f"--resume") from None
@@ -150,16 +150,16 @@ class Staging:
         self._state([], 0)
         return [], 0
 
-    def add(self, chunk: Chunk, chunks_so_far: int, prompts_done: int):
+    def add(self, chunk: Chunk, chunks_so_far: int, samples_done: int):
         name = f"chunk_{chunks_so_far:05d}.npz"
         write_npz(self.dir / name, fingerprint=np.array(self.fingerprint), **{f: getattr(chunk, f) for f in Chunk.FIELDS})
-        self._state([f"chunk_{i:05d}.npz" for i in range(chunks_so_far + 1)], prompts_done)
+        self._state([f"chunk_{i:05d}.npz" for i in range(chunks_so_far + 1)], samples_done)
 
     def finish(self):
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _state(self, chunks, prompts_done):
-        write_json({"fingerprint": self.fingerprint, "chunks": chunks, "prompts_done": prompts_done},
+    def _state(self, chunks, samples_done):
+        write_json({"fingerprint": self.fingerprint, "chunks": chunks, "samples_done": samples_done},
                    self.dir / "state.json")
 
     def _load(self, p: Path) -> Chunk:

@@ -199,13 +199,13 @@ def test_resume_refuses_chunks_of_another_run_and_damaged_state(tmp_path):
     state = a.dir / "state.json"
     import json
     state.write_text(json.dumps({"fingerprint": "run-a", "chunks": ["chunk_00000.npz", "chunk_00001.npz"],
-                                 "prompts_done": 2}))
+                                 "samples_done": 2}))
     with pytest.raises(PipelineError, match="belongs to another run"):
         recording.Staging(tmp_path, "m", "run-a").start(resume=True)
     state.write_text('{"fingerprint": "run-a", "chunks": ')
     with pytest.raises(PipelineError, match="damaged"):
         recording.Staging(tmp_path, "m", "run-a").start(resume=True)
-    state.write_text(json.dumps({"fingerprint": "run-a", "chunks": ["chunk_00000.npz"], "prompts_done": 1}))
+    state.write_text(json.dumps({"fingerprint": "run-a", "chunks": ["chunk_00000.npz"], "samples_done": 1}))
     (a.dir / "chunk_00000.npz").write_bytes(b"not a zip")
     with pytest.raises(PipelineError, match="damaged"):
         recording.Staging(tmp_path, "m", "run-a").start(resume=True)
@@ -290,3 +290,25 @@ def test_match_layers_refuses_duplicates_too(tmp_path):
     np.save(tmp_path / "dup.npy", np.array([3, 3]))
     with pytest.raises(PipelineError, match="more than once"):
         sf.read_subset(tmp_path / "dup.npy")
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_batch_size_bounds_every_batch(greedy):
+    """200 repeats with --batch_size 8: no batch holds more than 8 rows; the samples come in CSV order."""
+    from gelutrace.generation import plan_batches, repeat_rows
+    from gelutrace.stagefiles import Prompt
+    prompts = [Prompt("a", 3, 200), Prompt("b", 0, 2), Prompt("c", 2, 5), Prompt("d", 4, 1)]
+    ids = [[1, 2], [3], [4, 5, 6], [7]]
+    batches = plan_batches(prompts, ids, greedy, 8, 64)
+    assert all(len(b.row_prompt) <= 8 for b in batches)
+    samples = [(p, r) for b in batches for p, r, _ in repeat_rows(b, prompts, greedy)]
+    assert samples == [(p, r) for p, q in enumerate(prompts) for r in range(q.num_samples)]
+    rows = [x for b in batches for _, _, x in repeat_rows(b, prompts, greedy)]
+    assert all(x == -1 for (p, _), x in zip(samples, rows) if p == 1)  # 0 new tokens: no row
+    if greedy:  # one row per prompt, standing for all its repeats
+        assert sum(len(b.row_prompt) for b in batches) == 3
+    else:
+        assert sum(len(b.row_prompt) for b in batches) == 206
+        # resuming after the first 100 samples plans exactly the rest
+        rest = [(p, r) for b in plan_batches(prompts, ids, greedy, 8, 64, start=100) for p, r in b.samples]
+        assert rest == samples[100:]

@@ -154,20 +154,60 @@ def test_edge_writer_brute_force(tmp_path, n_layer, d):
     assert target.read_bytes() == ref and sf.canonical_edges_size(n_layer, d) == len(ref)
 
 
-def test_sampling_is_seeded_and_batch_independent(tmp_path, shipped_path):
+def hf_sampled_reference(hf, tokenizer, prompt, prompt_index, repeat, n_new, seed, temperature, top_k):
+    """One sampled (prompt, repeat) by transformers with hooks on mlp.act, drawing from the same per-row
+    generator stage b gives that repeat: (new ids, active sets at the predicting position of each token)."""
+    from gelutrace.generation import row_generator
+    from model import GPT
+
+    g = row_generator(seed, prompt_index, repeat, "cpu")
+    ids = tokenizer(prompt)["input_ids"]
+    acts, new = [], []
+    cur = {}
+    handles = [blk.mlp.act.register_forward_hook(lambda m, i, o, layer=layer: cur.__setitem__(layer, o[0, -1] > 0))
+               for layer, blk in enumerate(hf.transformer.h)]
+    try:
+        with torch.no_grad():
+            for _ in range(n_new):
+                logits = hf(torch.tensor([ids + new])).logits[:, -1, :].float()
+                acts.append(torch.cat([cur[i] for i in range(len(hf.transformer.h))]).numpy())
+                new.append(int(GPT.pick(logits, temperature, top_k, [g])[0, 0]))
+    finally:
+        for h in handles:
+            h.remove()
+    return new, np.array(acts)
+
+
+def test_sampling_is_seeded_batch_independent_and_equals_transformers(tmp_path, shipped, shipped_hf):
+    """Batch sizes 64, 2 (the 3-repeat prompt split across batches) and 1 give the same samples, each equal to
+    transformers driven with that repeat's generator; another seed gives other samples."""
     csv = write_prompts(tmp_path / "p.csv")
     outs = {}
-    for name, seed, batch in (("a", 7, 64), ("b", 7, 64), ("c", 8, 64)):
+    for name, seed, batch in (("a", 7, 64), ("b", 7, 2), ("c", 7, 1), ("d", 8, 64)):
         run("b_generate_activation_dataset.py", "--input_csv", csv, "--export_dir", tmp_path / name, "--model_type",
             SHIPPED_NAME, "--temperature", "0.9", "--top_k", "50", "--seed", seed, "--batch_size", batch,
-            "--no_edge_list", "--no_activation_lists")
-        outs[name] = {f: sf.path(tmp_path / name, f, SHIPPED_NAME).read_bytes() for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY)}
-    assert outs["a"] == outs["b"]
-    assert outs["a"][sf.DATASET] != outs["c"][sf.DATASET]
-    ds = pd.read_csv(tmp_path / "a" / sf.DATASET.format(m=SHIPPED_NAME), keep_default_na=False)
-    first = ds[ds["input_text_ids"] == ds["input_text_ids"].iloc[0]]
-    conts = first.groupby("prompt_sample_idx")["output_id"].apply(tuple)
-    assert len(set(conts)) > 1  # sampled repeats differ
+            "--no_edge_list", "--no_activation_lists", "--no_attribution", OMP_NUM_THREADS="1")
+        ds = pd.read_csv(sf.path(tmp_path / name, sf.DATASET, SHIPPED_NAME), keep_default_na=False)
+        outs[name] = (ds, sf.read_activation_matrix(sf.path(tmp_path / name, sf.MATRIX, SHIPPED_NAME))[0])
+    ds, active = outs["a"]
+    for other in ("b", "c"):
+        pd.testing.assert_frame_equal(outs[other][0].drop(columns=[c for c in ds.columns if "num_active" in c]),
+                                      ds.drop(columns=[c for c in ds.columns if "num_active" in c]))
+        assert (outs[other][1] != active).mean() < 1e-4  # batch size may move a value across 0 by rounding
+    assert not outs["d"][0]["output_id"].equals(ds["output_id"])
+    row = 0
+    for p, (text, n_new, n_rep) in enumerate(PROMPTS):
+        conts = set()
+        for r in range(n_rep):
+            ref_ids, ref_active = hf_sampled_reference(shipped_hf, shipped.tokenizer, text, p, r, n_new, 7, 0.9, 50)
+            part = ds.iloc[row:row + n_new]
+            assert part["prompt_sample_idx"].tolist() == [r] * n_new  # the (prompt, repeat) -> rows mapping
+            assert part["output_id"].tolist() == ref_ids
+            assert (active[row:row + n_new] != ref_active).mean() < 1e-4
+            conts.add(tuple(ref_ids))
+            row += n_new
+        if n_rep > 1:
+            assert len(conts) > 1  # sampled repeats differ
 
 
 def test_resume_after_interrupt_gives_the_uninterrupted_result(tmp_path, shipped_path, monkeypatch):
@@ -198,7 +238,7 @@ def test_resume_after_interrupt_gives_the_uninterrupted_result(tmp_path, shipped
     assert e.value.code == 130
     assert not sf.path(tmp_path / "part", sf.DATASET, SHIPPED_NAME).exists()  # no torn or partial outputs
     state = json.loads((tmp_path / "part" / f".{SHIPPED_NAME}_partial" / "state.json").read_text())
-    assert state["prompts_done"] == 2
+    assert state["samples_done"] == 3 + 2  # the first two prompts (3 and 2 repeats) of batches of one row
 
     monkeypatch.setattr(recording, "record_batch", real)
     run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "part", "--resume", **one_thread)
