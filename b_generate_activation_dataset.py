@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args, parser, run_main
 from gelutrace.generation import StepProgress, encode_prompts, plan_batches
 from gelutrace.loading import load_model
 from gelutrace.recording import Staging, fingerprint, record_attribution, record_batch, write_dataset
-from gelutrace.stagefiles import check_output_dir, lock_directory, read_prompts, write_graph_files_if_stale
+from gelutrace.stagefiles import check_output_dir, lock_directory, read_prompts
 
 
 def main():
@@ -76,9 +77,12 @@ def main():
         with tqdm(total=rows, unit="seq", desc="attribution (forward + backward)") as bar:
             attribution = record_attribution(lm.model, chunks, prompt_ids, args.batch_size, bar.update)
 
+    manifest = sf.path(export, sf.DATASET_MANIFEST, lm.name)
+    run = sf.begin_output_set(manifest)
     summary = write_dataset(export, lm.name, chunks, lm.tokenizer, prompts, prompt_ids, cfg.n_layer, cfg.d_mlp,
                             activation_lists=not args.no_activation_lists, attribution=attribution)
-    write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list)
+    sf.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list)
+    sf.commit_output_set(manifest, run, [sf.path(export, f, lm.name) for f in sf.DATASET_SET])
     staging.finish()
     per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])
     print(f"{summary['samples']} samples from {len(prompts)} prompts written to {export}; "

@@ -54,6 +54,9 @@ def main():
         if sf.edges_are_canonical(args.input_dir, m, meta):
             n_layer, d_mlp = int(meta.get("n_layer", 0)), int(meta.get("d_mlp", 0))
             check_fits(n_layer * d_mlp, (n_layer - 1) * d_mlp ** 2)
+    if m is not None:
+        sf.verify_output_set(sf.path(args.input_dir, sf.DATASET_MANIFEST, m),
+                             [sf.path(args.input_dir, f, m) for f in (sf.MATRIX, sf.FREQUENCY, sf.GRAPH_META)], "stage b")
     data = co.load_activation_data(args.input_dir)
     n_edges = len(data.edges) if data.edges is not None else (data.n_layer - 1) * data.d_mlp ** 2
     if out.suffix == ".gpickle":

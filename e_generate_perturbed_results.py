@@ -103,14 +103,22 @@ def main(argv=None):
                          args.ablation, progress=lambda kind, n: bars[kind].update(n))
 
     evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args)
-    out = pt.write_results(args.dataset_path, results, evaluation)
+    out = Path(args.dataset_path) / sf.RESULTS_DIR
+    manifest = out / sf.RESULTS_MANIFEST
+    run = sf.begin_output_set(manifest)
+    written = pt.write_results(args.dataset_path, results, evaluation)
     where = "held-out prompts" if evaluation["held_out"] else "the prompts they were chosen on"
     plot_perturbation_summary(results.summary, out / sf.PERTURBATION_PLOT,
                               title=f"{lm.name}: effect of {args.ablation}-ablating each subset, on {where}")
     tables = pt.write_comparison(args.dataset_path, lm.name, results, subsets, n_neurons)
+    written += [out / sf.PERTURBATION_PLOT] + [out / name for name in tables]
     if tables:
         plot_method_comparison(tables[sf.COMPARISON], out / sf.COMPARISON_PLOT,
                                title=f"{lm.name}: neurons chosen by each method, {args.ablation}-ablated, on {where}")
+        written.append(out / sf.COMPARISON_PLOT)
+    else:
+        (out / sf.COMPARISON_PLOT).unlink(missing_ok=True)
+    sf.commit_output_set(manifest, run, written)
     cols = ["subset", "k", "kl", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "token_agreement"]
     cols += ["delta_nll_percentile"] if args.random_controls else []
     print(results.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -471,14 +471,17 @@ def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, 
             "confidence_level": cmp.LEVEL}
 
 
-def write_results(dataset_path, results: Results, evaluation: dict) -> Path:
+def write_results(dataset_path, results: Results, evaluation: dict) -> list[Path]:
+    """Every result table; returns the files written."""
     out = Path(dataset_path) / sf.RESULTS_DIR
+    written = []
     for stem, (result, metrics) in results.tables.items():
-        sf.write_csv(metrics, out / sf.PER_SAMPLE_DIR / sf.RESULT_FILE.format(stem=stem))
-        sf.write_csv(result, out / sf.RESULT_FILE.format(stem=stem))
+        written += [out / sf.PER_SAMPLE_DIR / sf.RESULT_FILE.format(stem=stem), out / sf.RESULT_FILE.format(stem=stem)]
+        sf.write_csv(metrics, written[-2])
+        sf.write_csv(result, written[-1])
     sf.write_csv(results.summary, out / sf.PERTURBATION_SUMMARY)
     sf.write_json(evaluation, out / sf.EVALUATION, indent=2)
-    return out
+    return written + [out / sf.PERTURBATION_SUMMARY, out / sf.EVALUATION]
 
 
 def write_comparison(dataset_path, m: str, results: Results, subsets: list[Subset], n_neurons: int) -> dict:

@@ -55,6 +55,9 @@ def collect(data: Path) -> dict:
     out["subsets"] = pd.DataFrame(subsets)
     results = data / sf.RESULTS_DIR
     summary = results / sf.PERTURBATION_SUMMARY
+    sf.verify_output_set(results / sf.RESULTS_MANIFEST, [p for p in (summary, *(results / n for n in (
+        sf.EVALUATION, sf.COMPARISON, sf.METHOD_VERDICT, sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT))) if p.is_file()],
+        "stage e")
     out["effects"] = pd.read_csv(summary) if summary.is_file() else None
     for key, name in (("comparison", sf.COMPARISON), ("verdict", sf.METHOD_VERDICT), ("overlap", sf.METHOD_OVERLAP),
                       ("agreement", sf.METHOD_AGREEMENT)):

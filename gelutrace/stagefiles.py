@@ -30,6 +30,8 @@ ACTIVATIONS_JSON = "{m}_neuron_activations.json"
 FREQUENCY = "{m}_neuron_frequency.csv"
 MATRIX = "{m}_activation_matrix.npz"
 NEURON_EFFECTS = "{m}_neuron_effects.csv"  # d_calculate_neuron_effects: each neuron's single-ablation effect
+DATASET_MANIFEST = "{m}_dataset_manifest.json"  # stage b's output set: which run wrote which files
+DATASET_SET = (DATASET, FREQUENCY, MATRIX, ATTRIBUTES, GRAPH_META)  # what the manifest vouches for
 PARTIAL_DIR = ".{m}_partial"  # stage b's finished batches of an unfinished run, for --resume
 TRACE_VECTOR = "{m}_activations.pkl"
 TRACE_ACTIVE = "{m}_active_neurons.txt"
@@ -65,6 +67,7 @@ RESULT_FILE = "{stem}.csv"  # one per subset (none.csv for the baseline), column
 PERTURBATION_SUMMARY = "summary.csv"  # one row per subset: k, per-layer counts, metrics, random controls
 PERTURBATION_PLOT = "summary.png"  # the summary's metrics compared across subsets
 PER_SAMPLE_DIR = "per_sample"  # per_sample/{stem}.csv: each sample's metrics
+RESULTS_MANIFEST = "manifest.json"  # stage e's output set: which run wrote which files
 EVALUATION = "evaluation.json"  # which prompts chose the neurons and which measured them, and the settings
 COMPARISON = "comparison.csv"  # one row per subset a selection method made: effect, CIs, percentiles
 METHOD_VERDICT = "method_verdict.csv"  # per k: ranking, winner's margin, graph methods vs baselines
@@ -223,6 +226,61 @@ def atomic_dir(target):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- output sets: all files of one run, or a refusal ------------------------------------------------------
+def _digest(p: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def begin_output_set(manifest) -> str:
+    """
+    Mark a directory's output set as being rewritten, before the first of its files is replaced. A crash or a
+    full disk from here until commit_output_set leaves the manifest in that state, and readers refuse the
+    directory rather than mix files of two runs. Returns the new run's id.
+    """
+    import uuid
+    run = uuid.uuid4().hex
+    write_json({"state": "writing", "run": run}, manifest, indent=2)
+    return run
+
+
+def commit_output_set(manifest, run: str, files):
+    """Record the set's files (size, sha256) in its manifest, the set's last write."""
+    m = Path(manifest)
+    listed = {Path(f).relative_to(m.parent).as_posix(): {"size": Path(f).stat().st_size, "sha256": _digest(Path(f))}
+              for f in files}
+    write_json({"state": "complete", "run": run, "files": listed}, m, indent=2)
+
+
+def verify_output_set(manifest, files, what: str):
+    """
+    Refuse files that do not all come from the run the manifest records (an interrupted write, or a file
+    replaced since). A directory without a manifest (written by hand or an older version) is taken as it is.
+    """
+    m = Path(manifest)
+    if not m.is_file():
+        return
+    try:
+        rec = json.loads(m.read_text())
+        state, listed = rec["state"], rec.get("files", {})
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise PipelineError(f"{m} is damaged; rerun {what}") from None
+    if state != "complete":
+        raise PipelineError(f"{m.parent}: the last {what} run stopped while writing its files, so they may mix two "
+                            f"runs; rerun {what}")
+    for f in map(Path, files):
+        rel = f.relative_to(m.parent).as_posix()
+        want = listed.get(rel)
+        if want is None or not f.is_file():
+            raise PipelineError(f"{f} is not part of the run {m.name} records; rerun {what}")
+        if f.stat().st_size != want["size"] or _digest(f) != want["sha256"]:
+            raise PipelineError(f"{f} was changed or replaced after the run {m.name} records; rerun {what}")
 
 
 def write_json(obj, target, indent=None):

@@ -312,3 +312,66 @@ def test_batch_size_bounds_every_batch(greedy):
         # resuming after the first 100 samples plans exactly the rest
         rest = [(p, r) for b in plan_batches(prompts, ids, greedy, 8, 64, start=100) for p, r in b.samples]
         assert rest == samples[100:]
+
+
+# --- output sets ---------------------------------------------------------------------------------------------
+
+def test_full_disk_while_writing_leaves_a_set_that_readers_refuse(tiny_dataset, tmp_path, monkeypatch):
+    """Stage b runs out of disk after replacing its dataset CSV but before the matrix: one error line, and
+    stage c refuses the directory instead of pairing the new CSV with the old matrix."""
+    import errno
+    import runpy
+    import shutil
+
+    from gelutrace import recording
+    d, csv = tiny_dataset
+    data = tmp_path / "b"
+    shutil.copytree(d / "b", data)
+    old_matrix = (data / "tinybard_activation_matrix.npz").read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(a[0]))
+
+    monkeypatch.setattr(recording, "write_packed_activation_matrix", full)
+    script_path = str(REPO_ROOT / "b_generate_activation_dataset.py")
+    other = tmp_path / "other.csv"
+    other.write_text("prompts,number_of_new_tokens,num_samples\nKING. ,4,1\n")
+    monkeypatch.setattr(sys, "argv", [script_path, "--model_type", "tinybard", "--input_csv", str(other),
+                                      "--export_dir", str(data), "--device", "cpu", "--no_edge_list", "--no_attribution"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(script_path, run_name="__main__")
+    assert e.value.code == 2
+    assert (data / "tinybard_activation_matrix.npz").read_bytes() == old_matrix  # the old matrix, a new CSV
+    r = script("c_calculate_weighted_activation_graph.py", "--input_dir", data)
+    one_error_line(r)
+    assert "stopped while writing" in r.stderr
+    # a file replaced after a complete run is refused too
+    monkeypatch.undo()
+    shutil.rmtree(data)
+    shutil.copytree(d / "b", data)
+    freq = data / "tinybard_neuron_frequency.csv"
+    freq.write_text(freq.read_text().replace("\n1,", "\n1,", 1) + "\n")
+    r = script("c_calculate_weighted_activation_graph.py", "--input_dir", data)
+    one_error_line(r)
+    assert "changed or replaced" in r.stderr
+
+
+def test_report_refuses_results_of_an_interrupted_stage_e(tiny_dataset, tmp_path):
+    import json
+    import shutil
+
+    from gelutrace import stagefiles as sf
+    d, csv = tiny_dataset
+    data = tmp_path / "b"
+    shutil.copytree(d / "b", data)
+    r = script("e_generate_perturbed_results.py", "--dataset_path", data, "--input_csv", csv, "--model_type", "tinybard",
+               "--device", "cpu", "--perturbation_subset_filenames", "s.npy", "none")
+    assert r.returncode == 0, r.stderr
+    manifest = data / sf.RESULTS_DIR / sf.RESULTS_MANIFEST
+    rec = json.loads(manifest.read_text())
+    assert rec["state"] == "complete" and {"summary.csv", "s.csv", "none.csv", "summary.png"} <= set(rec["files"])
+    from gelutrace import report
+    report.collect(data)  # a complete set reads
+    manifest.write_text(json.dumps({"state": "writing", "run": "x"}))  # as a crash in the write phase leaves it
+    with pytest.raises(PipelineError, match="stopped while writing"):
+        report.collect(data)
