@@ -375,3 +375,24 @@ def test_report_refuses_results_of_an_interrupted_stage_e(tiny_dataset, tmp_path
     manifest.write_text(json.dumps({"state": "writing", "run": "x"}))  # as a crash in the write phase leaves it
     with pytest.raises(PipelineError, match="stopped while writing"):
         report.collect(data)
+
+
+# --- boundaries a small fixture never crosses ------------------------------------------------------------
+
+def test_activation_lists_with_neuron_ids_past_65535(tmp_path):
+    """gpt2-medium and larger have ids >= 65,536: the pickle's 4-byte BININT path, against json and numpy."""
+    import json
+
+    from gelutrace import stagefiles as sf
+    n = 70_000
+    rng = np.random.default_rng(0)
+    active = np.zeros((5, n), bool)
+    for row in active:
+        row[rng.choice(n, 40, replace=False)] = True
+    active[0, [0, 255, 256, 65535, 65536, n - 1]] = True  # each opcode's edges
+    sf.write_activation_lists(tmp_path, "big", np.packbits(active, axis=1), n, block=2)
+    with open(sf.path(tmp_path, sf.ACTIVATIONS_PICKLE, "big"), "rb") as f:
+        lists = pickle.load(f)  # a file this test just wrote
+    ref = {str(i): np.flatnonzero(r).tolist() for i, r in enumerate(active)}
+    assert lists == ref
+    assert json.loads(sf.path(tmp_path, sf.ACTIVATIONS_JSON, "big").read_text()) == ref

@@ -53,8 +53,11 @@ def make_dataset(d, lm, subsets: dict, means=None):
 def run_e(lm_path, dataset, csv, names, *extra):
     import e_generate_perturbed_results as e
 
-    e.main(["--dataset_path", str(dataset), "--input_csv", str(csv), "--model_type", str(lm_path), "--device", "cpu",
-            "--perturbation_subset_filenames", *names, *extra])
+    try:
+        e.main(["--dataset_path", str(dataset), "--input_csv", str(csv), "--model_type", str(lm_path), "--device", "cpu",
+                "--perturbation_subset_filenames", *names, *extra])
+    finally:
+        sf.release_locks()  # as the script's run_main does when it ends
     return dataset / sf.RESULTS_DIR
 
 
@@ -210,6 +213,65 @@ def test_summary_and_per_sample_files(greedy_run):
     assert (out / sf.PERTURBATION_PLOT).stat().st_size > 1000
 
 
+def hf_ablated(hf, ids, d):
+    """Forward hooks on transformers' mlp.act that zero neurons `ids`: the handles."""
+    handles = []
+    for layer in np.unique(ids // d):
+        dims = torch.as_tensor(ids[ids // d == layer] % d)
+
+        def hook(module, inputs, output, dims=dims):
+            output = output.clone()
+            output[..., dims] = 0
+            return output
+        handles.append(hf.transformer.h[int(layer)].mlp.act.register_forward_hook(hook))
+    return handles
+
+
+def hf_condition_metrics(hf, tokenizer, ids, d):
+    """Per prompt, by hand through transformers: (kl, delta_nll, token agreement, first difference) of zeroing
+    `ids`, teacher-forced along the unablated greedy continuation, and free-running for the tokens."""
+    out = []
+    for p in PROMPTS:
+        idx = torch.tensor([tokenizer(p)["input_ids"]])
+        kw = dict(attention_mask=torch.ones_like(idx), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                  pad_token_id=0, eos_token_id=None)
+        with torch.no_grad():
+            base = hf.generate(idx, **kw)[0, idx.size(1):]
+            seq = torch.cat([idx[0], base[:-1]])[None]
+            lp = torch.log_softmax(hf(seq).logits[0, -NEW:].double(), -1)
+            handles = hf_ablated(hf, ids, d)
+            try:
+                pert = hf.generate(idx, **kw)[0, idx.size(1):]
+                lq = torch.log_softmax(hf(seq).logits[0, -NEW:].double(), -1)
+            finally:
+                for h in handles:
+                    h.remove()
+        kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+        dnll = float((lp - lq)[torch.arange(NEW), base].mean())
+        same = (base == pert).numpy()
+        first = int(np.flatnonzero(~same)[0]) if (~same).any() else NEW
+        out.append((kl, dnll, float(same.mean()), first))
+    return np.array(out)
+
+
+def test_metrics_and_random_controls_against_transformers(greedy_run):
+    """Per-sample metrics of the subset, and the random controls' mean and std, recomputed by hand."""
+    path, lm, ids, out = greedy_run
+    hf = load_hf(path)
+    cfg = lm.model.config
+    per = pd.read_csv(out / sf.PER_SAMPLE_DIR / "sub.csv")
+    ref = hf_condition_metrics(hf, lm.tokenizer, ids, cfg.d_mlp)
+    got = per[["kl", "delta_nll", "token_agreement", "first_diff_position"]].to_numpy()[::2]  # repeat 0 of each
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-5)
+    controls = [hf_condition_metrics(hf, lm.tokenizer, pt.random_control(ids, cfg.n_layer, cfg.d_mlp, 1337, j),
+                                     cfg.d_mlp).mean(axis=0) for j in range(2)]
+    row = pd.read_csv(out / sf.PERTURBATION_SUMMARY).iloc[0]
+    for k, name in enumerate(pt.METRICS):
+        vals = np.array([c[k] for c in controls])
+        assert row[f"{name}_random_mean"] == pytest.approx(vals.mean(), rel=1e-3, abs=1e-6), name
+        assert row[f"{name}_random_std"] == pytest.approx(vals.std(ddof=1), rel=1e-2, abs=1e-6), name
+
+
 # --- metrics by hand ----------------------------------------------------------------------------------------
 
 def test_kl_and_delta_nll_equal_a_hand_computation():
@@ -363,8 +425,8 @@ def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path)
                               "--random_controls", "1"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = good / sf.RESULTS_DIR
-    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "none.csv", "per_sample", "sub.csv", "summary.csv",
-                                                     "summary.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "manifest.json", "none.csv", "per_sample",
+                                                     "sub.csv", "summary.csv", "summary.png"]
     assert list(pd.read_csv(out / "sub.csv").columns) == sf.RESULT_COLUMNS
 
     bad = make_dataset(tmp_path / "bad", random_loaded, {"sub.npy": np.array([[1, 2]])})

@@ -123,3 +123,29 @@ def test_report_and_summary(pipeline):
         assert f"]({name})" in report and (data / name).is_file()
     assert "31 samples from 3 prompts" in out and "percentile of random" in out and "verdict:" in out
     assert second.count("up to date") == 6  # nothing reran
+
+
+def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
+    """(Last in this file: it changes the pipeline's directory.)"""
+    data, _, _ = pipeline
+    copy = data
+    csv = data.parent / "prompts.csv"  # the same CSV file, edited
+    pd.DataFrame([("KING HENRY. Now, lords, ", 6, 2), ("And God said, ", 5, 3), ("O Romeo, ", 3, 1)],
+                 columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+    held = data.parent / "heldout.csv"
+    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    base = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3 0.8", "--ratios", "0.01 0.05",
+            "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held)]
+    r = subprocess.run(base + [M, str(csv), str(copy)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert any(ln.startswith("== a: up to date") for ln in lines)
+    for stage in ("b", "c", "c_analyze", "d", "e"):  # the prompts changed: b and everything after it reran
+        assert f"== {stage}" in lines, stage
+    ds = pd.read_csv(sf.path(copy, sf.DATASET, M), keep_default_na=False)
+    assert len(ds) == 6 * 2 + 5 * 3 + 3
+    r = subprocess.run(base + ["--force", "--methods", "degree no_such_method", M, str(csv), str(copy)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode != 0  # d_batch failed, and so does the pipeline, before stage e
+    lines = r.stdout.splitlines()
+    assert "== a" in lines and "== b" in lines and "== e" not in lines  # --force reran from the start
