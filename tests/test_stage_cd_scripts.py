@@ -52,10 +52,8 @@ def pipeline(tmp_path_factory):
     """c (store and .gpickle) -> c_analyze -> d, run end to end."""
     d = tmp_path_factory.mktemp("t1")
     make_dataset(d, random_activations(3, 10, 300, seed=11), 3, 10)
-    procs = [start(C, "--input_dir", str(d)),
-             start(C, "--input_dir", str(d), "--output_path", str(d / "toy_weighted_graph.gpickle"))]
-    for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read()
+    run(C, "--input_dir", str(d))  # one after the other: a directory takes one writer at a time
+    run(C, "--input_dir", str(d), "--output_path", str(d / "toy_weighted_graph.gpickle"))
     procs = [start(C_AN, "--input_path", str(d / "toy_weighted_graph")),
              start(C_AN, "--input_path", str(d / "toy_weighted_graph.gpickle"), "--output_dir", str(d / "an_pickle"))]
     for p in procs:
@@ -90,8 +88,23 @@ def test_end_to_end_outputs(pipeline):
     side = json.loads((d / "compact.json").read_text())
     assert side["k"] == 6 and side["neurons"] == a.tolist() and sum(side["per_layer_counts"].values()) == 6
     import networkx as nx
-    g = nx.read_graphml(d / "thr.graphml")
+    g = nx.read_graphml(d / "thr.graphml", node_type=int)
     assert g.number_of_nodes() == 30 and g.number_of_edges() == side["edges_kept"]
+    # every node and edge with its attributes, against the thresholded brute-force graph
+    from graphdata import brute_force_graph, full_edges
+    active, _ = sf.read_activation_matrix(sf.path(d, sf.MATRIX, "toy"))
+    ref = brute_force_graph(active, full_edges(3, 10))
+    mx = max(c for *_, c in ref.edges(data="co_activation_count"))
+    ma = max(c for _, c in ref.nodes(data="activation_count"))
+    kept = {(min(u, v), max(u, v)): c for u, v, c in ref.edges(data="co_activation_count") if c / mx > 0.5}
+    assert {(min(u, v), max(u, v)) for u, v in g.edges} == set(kept)
+    for u, v, attrs in g.edges(data=True):
+        c = kept[(min(u, v), max(u, v))]
+        assert attrs["co_activation_count"] == c and attrs["co_activation_count_normalized"] == pytest.approx(c / mx)
+    for u, attrs in g.nodes(data=True):
+        assert (attrs["layer"], attrs["dimension"]) == (u // 10, u % 10)
+        assert attrs["activation_count"] == ref.nodes[u]["activation_count"]
+        assert attrs["activation_count_normalized"] == pytest.approx(ref.nodes[u]["activation_count"] / ma)
 
 
 def test_batch_grid_skip_and_force(pipeline):
