@@ -96,10 +96,9 @@ def main():
     params = {"method": args.method, "threshold": args.threshold if uses_graph else None,
               "threshold_ignored": not uses_graph, "ratio": args.ratio,
               "seed": args.seed if args.method == "random" else None}
+    if args.export_graph:  # before the subset: a refused export must not leave a subset that looks done
+        sel.export_graph(graph, args.threshold, args.export_graph, memory_limit(args.memory_limit_gb), args.weight)
     sel.write_subset(sub, graph, target, params)
-    if args.export_graph:
-        limit = memory_limit(args.memory_limit_gb)
-        sel.export_graph(graph, args.threshold, args.export_graph, limit, args.weight)
     kept = f"{sub.edges_kept:,} edges kept" if uses_graph else "no graph used"
     print(f"wrote {target} (k={sub.k}, {kept}, {time.time() - t0:.1f} s)")
 

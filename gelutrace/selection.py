@@ -212,7 +212,8 @@ def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) ->
     lay, cnt = np.unique(layers, return_counts=True)
     side = target.parent / sf.SUBSET_SIDECAR.format(stem=target.stem)
     sf.write_npy(sub.ids.astype(np.int64), target)
-    sf.write_json({"subset": target.name, "model": graph.model, "graph": graph.source, **params,
+    source = str(Path(graph.source).resolve()) if graph.source else ""
+    sf.write_json({"subset": target.name, "model": graph.model, "graph": source, **params,
                    "num_nodes": graph.num_nodes, "max_co_activation_count": graph.max_co_activation,
                    "edges_kept": sub.edges_kept, "k": sub.k, **sub.info,
                    "per_layer_counts": {str(a): int(b) for a, b in zip(lay, cnt)},

@@ -264,3 +264,14 @@ def test_bad_weight_one_error_line(pipeline, tmp_path):
     assert not (tmp_path / "x.npy").exists() and not list(tmp_path.glob("threshold_analysis*"))
     run(D, "--input_graph_path", str(tmp_path / "toy_weighted_graph.gpickle"), *d_args, "--weight", "jaccard")
     assert json.loads((tmp_path / "x.json").read_text())["weight"] == "jaccard"
+
+
+def test_a_refused_export_leaves_no_subset(pipeline, tmp_path):
+    graph = str(pipeline / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    for export, extra in ((tmp_path / "g.txt", []), (tmp_path / "g.graphml", ["--memory_limit_gb", "1e-9"])):
+        out = tmp_path / "s.npy"
+        p = subprocess.run([PY, D, "--input_graph_path", graph, "--threshold", "0.1", "--ratio", "0.1",
+                            "--output_path", str(out), "--export_graph", str(export), *extra],
+                           capture_output=True, text=True, env=ENV)
+        assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
+        assert not out.exists() and not export.exists()
