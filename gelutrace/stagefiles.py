@@ -29,6 +29,8 @@ ACTIVATIONS_JSON = "{m}_neuron_activations.json"
 FREQUENCY = "{m}_neuron_frequency.csv"
 MATRIX = "{m}_activation_matrix.npz"
 NEURON_EFFECTS = "{m}_neuron_effects.csv"  # d_calculate_neuron_effects: each neuron's single-ablation effect
+NEURON_EFFECTS_META = "{m}_neuron_effects.json"  # beside it: model, dataset, prompt CSV (sha256), sample counts
+NEURON_EFFECTS_PARTIAL = ".{m}_neuron_effects_partial"  # its finished blocks of neurons, for --resume
 PARTIAL_DIR = ".{m}_partial"  # stage b's finished batches of an unfinished run, for --resume
 TRACE_VECTOR = "{m}_activations.pkl"
 TRACE_ACTIVE = "{m}_active_neurons.txt"
@@ -435,6 +437,38 @@ def packed_counts(packed: np.ndarray, n_neurons: int, n_layer: int, block: int =
         counts += rows.sum(axis=0)
         per_layer[lo:lo + block] = rows.reshape(len(rows), n_layer, -1).sum(axis=2)
     return counts, per_layer
+
+
+def read_dataset_samples(directory, m: str) -> list[tuple[int, list[int], np.ndarray]]:
+    """
+    The (prompt, repeat) samples of a stage-b dataset in file order, from {m}_activation_dataset.csv: per
+    sample its prompt_sample_idx, its prompt's ids (input_text_ids) and its continuation (output_id of
+    token_position 0, 1, ...).
+    """
+    p = path(directory, DATASET, m)
+    if not p.is_file():
+        raise PipelineError(f"{p} does not exist (stage b writes it)")
+    cols = ["prompt_sample_idx", "token_position", "input_text_ids", "output_id"]
+    try:
+        df = pd.read_csv(p, usecols=cols, dtype={"input_text_ids": str}, keep_default_na=False)
+        repeat, position, output = (df[c].to_numpy(np.int64) for c in ("prompt_sample_idx", "token_position",
+                                                                        "output_id"))
+        texts = df["input_text_ids"].to_numpy()
+        starts = np.flatnonzero(position == 0)
+        if len(df) and (len(starts) == 0 or starts[0] != 0):
+            raise ValueError("the first row's token_position is not 0")
+        ends = np.r_[starts[1:], len(df)]
+        bad = [s for s, e in zip(starts, ends) if not np.array_equal(position[s:e], np.arange(e - s))
+               or (repeat[s:e] != repeat[s]).any() or (texts[s:e] != texts[s]).any()]
+        if bad:
+            raise ValueError(f"the sample starting at row {bad[0] + 2} has non-consecutive token positions or "
+                             f"changes prompt_sample_idx / input_text_ids")
+        parsed = {t: json.loads(t) for t in set(texts[starts])}
+        if not all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in parsed.values()):
+            raise ValueError("input_text_ids is not a list of token ids")
+    except (ValueError, KeyError) as e:
+        raise PipelineError(f"cannot read {p} as a stage-b dataset: {e}") from None
+    return [(int(repeat[s]), parsed[texts[s]], output[s:e].copy()) for s, e in zip(starts, ends)]
 
 
 # --- stage d: subsets -------------------------------------------------------------------------------------
