@@ -45,16 +45,17 @@ def main(argv=None):
                          "(default: %(default)s)")
     ap.add_argument("--batch_size", type=int, default=512,
                     help="most (neuron, sequence) rows run through the model together (default: %(default)s)")
-    ap.add_argument("--max_logits", type=int, default=pt.LOGIT_BUDGET,
-                    help="most logits (rows x continuation positions x vocabulary) one pass holds; about "
-                         "4 x 4 bytes each are in memory at once; raise it on a GPU (default: %(default)s)")
+    ap.add_argument("--max_values", type=int, default=pt.LOGIT_BUDGET,
+                    help="most float32 values one step holds: logits (rows x continuation positions x "
+                         "vocabulary) and MLP activations (rows x positions x MLP width); working memory is "
+                         "about 2-3 x 4 bytes per value; raise it on a GPU (default: %(default)s)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished blocks of neurons of an interrupted run with the same inputs")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         raise PipelineError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.max_logits < 1:
-        raise PipelineError(f"--max_logits must be >= 1, got {args.max_logits}")
+    if args.max_values < 1:
+        raise PipelineError(f"--max_values must be >= 1, got {args.max_values}")
     prompts = sf.read_prompts(args.input_csv)
 
     lm = load_model(args.model_type, args.device)
@@ -77,19 +78,19 @@ def main(argv=None):
             "neurons": args.neurons if args.neurons == "all" else Path(args.neurons).name,
             "num_neurons": len(ids)}
     staging = ef.Staging(args.dataset_path, lm.name, fingerprint(
-        meta, vars(cfg), ids.tobytes(), args.batch_size, args.max_logits, lm.device.type))
+        meta, vars(cfg), ids.tobytes(), args.batch_size, args.max_values, lm.device.type))
     done = staging.start(args.resume)
     todo = ef.blocks(ids, cfg.d_mlp)
     if done:
         print(f"resuming: {len(done)} of {len(todo)} blocks of neurons already measured")
-    groups = ef.sequence_groups(seqs, cfg.vocab_size, args.batch_size, args.max_logits)
+    groups = ef.sequence_groups(seqs, cfg.vocab_size, cfg.d_mlp, args.batch_size, args.max_values)
     results = dict(done)
     with tqdm(total=len(ids), unit="neuron", desc="single-neuron ablations",
               initial=sum(len(todo[i]) for i in done)) as bar:
         for i, block in enumerate(todo):
             if i in results:
                 continue
-            results[i] = ef.block_effects(model, block, seqs, groups, args.batch_size, args.max_logits,
+            results[i] = ef.block_effects(model, block, seqs, groups, args.batch_size, args.max_values,
                                           on_chunk=bar.update)
             staging.add(i, *results[i])
 

@@ -73,16 +73,20 @@ def dataset_sequences(dataset_path, m: str, prompts, prompt_ids, csv_name: str) 
     return seqs
 
 
-def sequence_groups(seqs: Sequences, vocab_size: int, max_rows: int, max_logits: int) -> list[np.ndarray]:
-    """Consecutive sequences in groups small enough that one neuron's rows of a group fit both limits."""
-    groups, cur, n = [], [], 0
-    for s, c in enumerate(seqs.conts):
-        wide = max(n, len(c))
-        if cur and (len(cur) + 1 > max_rows or (len(cur) + 1) * wide * vocab_size > max_logits):
+def sequence_groups(seqs: Sequences, vocab_size: int, d_mlp: int, max_rows: int, max_values: int) -> list[np.ndarray]:
+    """
+    Consecutive sequences in groups small enough that one neuron's rows of a group fit the limits: at most
+    max_rows rows, and max_values logits (rows x continuation positions x vocabulary) or MLP activations
+    (rows x positions x d_mlp).
+    """
+    groups, cur, n, T = [], [], 0, 0
+    for s, (p, c) in enumerate(zip(seqs.prompt_ids, seqs.conts)):
+        n2, T2 = max(n, len(c)), max(T, len(p) + len(c) - 1)
+        if cur and (len(cur) + 1 > max_rows or (len(cur) + 1) * max(n2 * vocab_size, T2 * d_mlp) > max_values):
             groups.append(np.array(cur))
-            cur, wide = [], len(c)
+            cur, n2, T2 = [], len(c), len(p) + len(c) - 1
         cur.append(s)
-        n = wide
+        n, T = n2, T2
     if cur:
         groups.append(np.array(cur))
     return groups
@@ -120,7 +124,7 @@ class _Clean:
 
 @torch.no_grad()
 def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int]], conts: list[np.ndarray],
-                  max_rows: int, max_logits: int, on_chunk=None) -> tuple[np.ndarray, np.ndarray]:
+                  max_rows: int, max_values: int, on_chunk=None) -> tuple[np.ndarray, np.ndarray]:
     """
     Per-sequence kl and delta_nll (neurons x sequences, float64) of zero-ablating each neuron `dims` of
     `layer` alone, for one group of sequences. on_chunk(k) is called after every k neurons.
@@ -135,8 +139,8 @@ def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int
     _, pad = left_pad(seqs, device)
     T = clean.resid.size(1)
     w_out = h[layer].mlp.c_proj.weight  # (n_embd, d_mlp)
-    per_pass = max(1, max_rows // S)  # neurons whose rows go through the blocks together
-    per_logits = max(1, max_logits // (S * n * V))  # neurons whose logits are held at once
+    per_pass = max(1, min(max_rows // S, max_values // (S * T * model.config.d_mlp)))  # rows through the blocks
+    per_logits = max(1, max_values // (S * n * V))  # neurons whose logits are held at once
     kl = np.empty((len(dims), S))
     dnll = np.empty((len(dims), S))
     for lo in range(0, len(dims), per_pass):
@@ -161,7 +165,7 @@ def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int
 
 
 def block_effects(model, ids: np.ndarray, seqs: Sequences, groups: list[np.ndarray], max_rows: int,
-                  max_logits: int, on_chunk=None) -> tuple[np.ndarray, np.ndarray]:
+                  max_values: int, on_chunk=None) -> tuple[np.ndarray, np.ndarray]:
     """Summary kl and delta_nll of each neuron of a one-layer block, as stage e's summary reports them."""
     d = model.config.d_mlp
     layer = int(ids[0] // d)
@@ -169,7 +173,7 @@ def block_effects(model, ids: np.ndarray, seqs: Sequences, groups: list[np.ndarr
     dnll = np.empty_like(kl)
     for g in groups:
         kl[:, g], dnll[:, g] = group_effects(model, layer, ids % d, [seqs.prompt_ids[s] for s in g],
-                                             [seqs.conts[s] for s in g], max_rows, max_logits,
+                                             [seqs.conts[s] for s in g], max_rows, max_values,
                                              None if on_chunk is None else lambda k: on_chunk(k / len(groups)))
     return (np.array([pt.sample_mean(r, seqs.sample_rows) for r in kl]),
             np.array([pt.sample_mean(r, seqs.sample_rows) for r in dnll]))
