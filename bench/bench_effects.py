@@ -98,7 +98,8 @@ def gpt2_estimate(gpu_tflops: float, batch_size: int, max_values: int, neurons: 
         dt = time.perf_counter() - t0
         flops = chunk_flops(cfg, layer, k, widths, NEW)
         rates.append(flops / dt)
-        print(f"  layer {layer}: {dt:.2f} s for {k} neurons, {flops / 1e12:.3f} TFLOP -> {flops / dt / 1e9:.0f} GFLOP/s")
+        print(f"  layer {layer}: {dt:.2f} s for {k} neurons, {flops / 1e12:.3f} TFLOP -> "
+              f"{flops / dt / 1e9:.0f} GFLOP/s")
     blocks, unembed = run_flops(cfg, widths, NEW)
     total = blocks + unembed
     cpu_rate = float(np.mean(rates))

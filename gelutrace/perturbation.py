@@ -240,7 +240,7 @@ def continuation_positions(conts: list[np.ndarray], n: int, device) -> tuple[tor
 def continuation_means(kl: torch.Tensor, dnll: torch.Tensor, mask: torch.Tensor):
     """Per-position metrics (..., rows, n) averaged over each row's continuation: two float64 arrays (..., rows)."""
     lengths = mask.sum(1).double()
-    return ((kl.double() * mask).sum(-1) / lengths).cpu().numpy(), ((dnll.double() * mask).sum(-1) / lengths).cpu().numpy()
+    return tuple(((v.double() * mask).sum(-1) / lengths).cpu().numpy() for v in (kl, dnll))
 
 
 def compare_logprobs(base: torch.Tensor, pert: torch.Tensor, conts: list[np.ndarray]):

@@ -193,8 +193,12 @@ def test_resume_after_interrupt_equals_uninterrupted_run(dataset, tmp_path, monk
     with pytest.raises(PipelineError, match="other inputs"):  # other neurons: not the same run
         run_d(ds, csv, "--neurons", save_ids(tmp_path / "other.npy", [3]), "--resume")
 
+    def counted(model, ids, *a, **k):
+        calls.append(int(ids[0]))
+        return real(model, ids, *a, **k)
+
     calls.clear()
-    monkeypatch.setattr(ef, "block_effects", lambda model, ids, *a, **k: calls.append(int(ids[0])) or real(model, ids, *a, **k))
+    monkeypatch.setattr(ef, "block_effects", counted)
     run_d(ds, csv, "--neurons", sub)  # rerun of the interrupted run, without --resume: starts over
     assert len(calls) == 5  # one block per layer that holds some of the neurons
     sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).unlink()
@@ -203,7 +207,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(dataset, tmp_path, monk
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         run_d(ds, csv, "--neurons", sub)
-    monkeypatch.setattr(ef, "block_effects", lambda model, ids, *a, **k: calls.append(int(ids[0])) or real(model, ids, *a, **k))
+    monkeypatch.setattr(ef, "block_effects", counted)
     calls.clear()
     resumed = run_d(ds, csv, "--neurons", sub, "--resume")
     assert calls == [2 * d + 1, 4 * d + 100, 5 * d + 511]  # only the blocks not finished before
