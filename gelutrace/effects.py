@@ -141,6 +141,7 @@ def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int
     w_out = h[layer].mlp.c_proj.weight  # (n_embd, d_mlp)
     per_pass = max(1, min(max_rows // S, max_values // (S * T * model.config.d_mlp)))  # rows through the blocks
     per_logits = max(1, max_values // (S * n * V))  # neurons whose logits are held at once
+    p = pt.base_probabilities(base)
     kl = np.empty((len(dims), S))
     dnll = np.empty((len(dims), S))
     for lo in range(0, len(dims), per_pass):
@@ -158,7 +159,7 @@ def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int
         for a in range(0, k, per_logits):
             b = min(k, a + per_logits)
             shift = model.lm_head(x[a:b]).float()
-            kl[lo + a:lo + b], dnll[lo + a:lo + b] = pt.compare_logit_shifts(base, shift, conts)
+            kl[lo + a:lo + b], dnll[lo + a:lo + b] = pt.compare_logit_shifts(p, shift, conts)
         if on_chunk is not None:
             on_chunk(k)
     return kl, dnll

@@ -256,28 +256,33 @@ def compare_logprobs(base: torch.Tensor, pert: torch.Tensor, conts: list[np.ndar
     return continuation_means(kl, dnll, mask)
 
 
-def compare_logit_shifts(base: torch.Tensor, shift: torch.Tensor, conts: list[np.ndarray]):
+def compare_logit_shifts(p: torch.Tensor, shift: torch.Tensor, conts: list[np.ndarray]):
     """
     The metrics of compare_logprobs from the change of the logits, shift = perturbed - base logits, given as
-    (rows, n, vocab) or as k perturbations of every row (k, rows, n, vocab); base as continuation_logprobs
-    returns it. Since log p_pert = log p_base + shift - log E[exp(shift)] (E: the expectation under p_base),
+    (rows, n, vocab) or as k perturbations of every row (k, rows, n, vocab); p: the base's next-token
+    probabilities (rows, n, vocab), in shift's dtype: base_probabilities(continuation_logprobs(...)).
+    Since log p_pert = log p_base + shift - log E[exp(shift)] (E: the expectation under p_base),
     KL(base || pert) = log E[exp(shift)] - E[shift] and delta_nll = log E[exp(shift)] - shift[token].
     With the shift centred on its mean and exp(x) - 1 summed directly (expm1, log1p), float32 keeps its
     precision for effects far smaller than the distributions' entropies, which differencing two log-softmax
     outputs loses. `shift` is overwritten. Returns two float64 arrays, (rows,) or (k, rows).
     """
-    n = base.size(1)
-    p = torch.softmax(base.double(), dim=-1).to(shift.dtype)
+    n = p.size(1)
 
     def expect(x):  # E[x] at every position: a batched matrix product over the vocabulary
         return torch.einsum("rnv,...rnv->...rn", p, x)
 
     shift -= expect(shift)[..., None]
-    tokens, mask = continuation_positions(conts, n, base.device)
+    tokens, mask = continuation_positions(conts, n, p.device)
     at_token = shift.gather(-1, tokens.expand(shift.shape[:-1])[..., None])[..., 0].double()
     rest = expect(shift).double()  # what is left of the mean after centring (rounding)
     log_mgf = torch.log1p(expect(shift.expm1_()).double())  # log E[exp(shift)]
     return continuation_means(log_mgf - rest, log_mgf - at_token, mask)
+
+
+def base_probabilities(base: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Probabilities from log-probabilities, normalised in float64 (the p that compare_logit_shifts takes)."""
+    return torch.softmax(base.double(), dim=-1).to(dtype)
 
 
 def agreement(base: np.ndarray, pert: np.ndarray) -> tuple[float, int]:

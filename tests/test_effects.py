@@ -277,7 +277,8 @@ def test_logit_shift_metrics_equal_a_float64_computation(scale):
     conts = [np.array([1, 7, 3, 9]), np.array([4, 2])]  # row 1 has a 2-token continuation (right-aligned)
     base = torch.log_softmax(base_logits, -1)
     pert = torch.log_softmax(base_logits + shift, -1)
-    kl, dnll = pt.compare_logit_shifts(base.float(), shift.float(), conts)
+    p = pt.base_probabilities(base.float())
+    kl, dnll = pt.compare_logit_shifts(p, shift.float(), conts)
     for j in range(k):
         for r, c in enumerate(conts):
             pos = torch.arange(n - len(c), n)
@@ -286,6 +287,6 @@ def test_logit_shift_metrics_equal_a_float64_computation(scale):
             ref_dnll = (b[torch.arange(len(c)), c] - q[torch.arange(len(c)), c]).mean().item()
             assert abs(kl[j, r] - ref_kl) <= 1e-3 * ref_kl + 1e-11, (scale, j, r)  # float32 differencing: ~1e-7
             assert abs(dnll[j, r] - ref_dnll) <= 1e-6 * abs(ref_dnll) + 1e-6 * scale, (scale, j, r)
-    one_kl, one_dnll = pt.compare_logit_shifts(base.float(), shift[0].float(), conts)  # without the k axis
+    one_kl, one_dnll = pt.compare_logit_shifts(p, shift[0].float(), conts)  # without the k axis
     np.testing.assert_allclose(one_kl, kl[0], rtol=1e-6)
     np.testing.assert_allclose(one_dnll, dnll[0], rtol=1e-6, atol=1e-9)
