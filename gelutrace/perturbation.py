@@ -10,6 +10,8 @@ Stage e: ablate GELU neurons during generation and measure what it does.
   teacher-forced (one forward pass over prompt + baseline continuation each, so positions line up) for
   KL(baseline || perturbed) and the increase in negative log-likelihood, and free-running (the perturbed
   model's own generation, same seed) for token agreement and the first differing position.
+  compare_logit_shifts computes the same kl and delta_nll from the change of the logits, precise for tiny
+  effects (gelutrace.effects, every neuron alone).
 """
 
 import zlib
