@@ -130,6 +130,27 @@ class GPT(nn.Module):
         """The GELU module of every layer, in layer order: the place to hook neurons."""
         return [block.mlp.gelu for block in self.transformer.h]
 
+    @staticmethod
+    def attention_layout(T: int, past: int = 0, pad: torch.Tensor | None = None, device=None):
+        """
+        (positions, mask) for T new positions after `past` cached ones: the position ids (1 or B, T) and the
+        attention mask each block takes (None: plain causal attention, or a single new position that sees
+        everything before it). pad as in forward.
+        """
+        slots = torch.arange(past, past + T, device=device)
+        pos = slots.unsqueeze(0)
+        mask = None
+        if (pad is not None and bool(pad.any())) or (past > 0 and T > 1):
+            keys = torch.arange(past + T, device=device)
+            causal = keys.view(1, -1) <= slots.view(-1, 1)  # (T, S)
+            mask = causal.view(1, 1, T, -1)
+            if pad is not None:
+                pos = (pos - pad.unsqueeze(1)).clamp(min=0)
+                real = keys.view(1, 1, -1) >= pad.view(-1, 1, 1)  # (B, 1, S): key is not padding
+                # a padding query attends to itself only, so it stays finite and never reaches real tokens
+                mask = (causal & (real | (keys.view(1, -1) == slots.view(-1, 1)))).unsqueeze(1)
+        return pos, mask
+
     def forward(self, idx, targets=None, cache: KVCache | None = None, pad: torch.Tensor | None = None):
         """
         idx: (B, T) token ids. With `cache`, idx holds only the positions after those already cached.
@@ -142,18 +163,7 @@ class GPT(nn.Module):
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds the context window of {self.config.block_size}")
-        slots = torch.arange(past, past + T, device=idx.device)
-        pos = slots.unsqueeze(0)
-        mask = None  # None: plain causal attention (or a single new position that sees all before it)
-        if (pad is not None and bool(pad.any())) or (past > 0 and T > 1):
-            keys = torch.arange(past + T, device=idx.device)
-            causal = keys.view(1, -1) <= slots.view(-1, 1)  # (T, S)
-            mask = causal.view(1, 1, T, -1)
-            if pad is not None:
-                pos = (pos - pad.unsqueeze(1)).clamp(min=0)
-                real = keys.view(1, 1, -1) >= pad.view(-1, 1, 1)  # (B, 1, S): key is not padding
-                # a padding query attends to itself only, so it stays finite and never reaches real tokens
-                mask = (causal & (real | (keys.view(1, -1) == slots.view(-1, 1)))).unsqueeze(1)
+        pos, mask = self.attention_layout(T, past, pad, idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for i, block in enumerate(self.transformer.h):
             x = block(x, i, cache, mask)

@@ -10,6 +10,8 @@ Stage e: ablate GELU neurons during generation and measure what it does.
   teacher-forced (one forward pass over prompt + baseline continuation each, so positions line up) for
   KL(baseline || perturbed) and the increase in negative log-likelihood, and free-running (the perturbed
   model's own generation, same seed) for token agreement and the first differing position.
+  compare_logit_shifts computes the same kl and delta_nll from the change of the logits, precise for tiny
+  effects (gelutrace.effects, every neuron alone).
 """
 
 import json
@@ -241,6 +243,22 @@ def continuation_logprobs(model, prompt_ids: list[list[int]], conts: list[np.nda
     return F.log_softmax(logits[:, -n:, :].float(), dim=-1)
 
 
+def continuation_positions(conts: list[np.ndarray], n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, mask), both (rows, n): each row's continuation right-aligned in n positions, mask True there."""
+    tokens = torch.zeros((len(conts), n), dtype=torch.long, device=device)
+    mask = torch.zeros((len(conts), n), dtype=torch.bool, device=device)
+    for i, c in enumerate(conts):
+        tokens[i, n - len(c):] = torch.as_tensor(np.asarray(c, np.int64), device=device)
+        mask[i, n - len(c):] = True
+    return tokens, mask
+
+
+def continuation_means(kl: torch.Tensor, dnll: torch.Tensor, mask: torch.Tensor):
+    """Per-position metrics (..., rows, n) averaged over each row's continuation: two float64 arrays (..., rows)."""
+    lengths = mask.sum(1).double()
+    return tuple(((v.double() * mask).sum(-1) / lengths).cpu().numpy() for v in (kl, dnll))
+
+
 def compare_logprobs(base: torch.Tensor, pert: torch.Tensor, conts: list[np.ndarray]):
     """
     Per row: mean over the continuation's positions of KL(base || pert) of the next-token distributions and
@@ -249,14 +267,38 @@ def compare_logprobs(base: torch.Tensor, pert: torch.Tensor, conts: list[np.ndar
     """
     n = base.size(1)
     kl = (base.exp() * (base - pert)).sum(-1).double()  # (rows, n)
-    tokens = torch.zeros((len(conts), n), dtype=torch.long, device=base.device)
-    mask = torch.zeros((len(conts), n), dtype=torch.bool, device=base.device)
-    for i, c in enumerate(conts):
-        tokens[i, n - len(c):] = torch.as_tensor(np.asarray(c, np.int64), device=base.device)
-        mask[i, n - len(c):] = True
+    tokens, mask = continuation_positions(conts, n, base.device)
     dnll = (base.gather(-1, tokens[..., None]) - pert.gather(-1, tokens[..., None]))[..., 0].double()
-    lengths = mask.sum(1).double()
-    return ((kl * mask).sum(1) / lengths).cpu().numpy(), ((dnll * mask).sum(1) / lengths).cpu().numpy()
+    return continuation_means(kl, dnll, mask)
+
+
+def compare_logit_shifts(p: torch.Tensor, shift: torch.Tensor, conts: list[np.ndarray]):
+    """
+    The metrics of compare_logprobs from the change of the logits, shift = perturbed - base logits, given as
+    (rows, n, vocab) or as k perturbations of every row (k, rows, n, vocab); p: the base's next-token
+    probabilities (rows, n, vocab), in shift's dtype: base_probabilities(continuation_logprobs(...)).
+    Since log p_pert = log p_base + shift - log E[exp(shift)] (E: the expectation under p_base),
+    KL(base || pert) = log E[exp(shift)] - E[shift] and delta_nll = log E[exp(shift)] - shift[token].
+    With the shift centred on its mean and exp(x) - 1 summed directly (expm1, log1p), float32 keeps its
+    precision for effects far smaller than the distributions' entropies, which differencing two log-softmax
+    outputs loses. `shift` is overwritten. Returns two float64 arrays, (rows,) or (k, rows).
+    """
+    n = p.size(1)
+
+    def expect(x):  # E[x] at every position: a batched matrix product over the vocabulary
+        return torch.einsum("rnv,...rnv->...rn", p, x)
+
+    shift -= expect(shift)[..., None]
+    tokens, mask = continuation_positions(conts, n, p.device)
+    at_token = shift.gather(-1, tokens.expand(shift.shape[:-1])[..., None])[..., 0].double()
+    rest = expect(shift).double()  # what is left of the mean after centring (rounding)
+    log_mgf = torch.log1p(expect(shift.expm1_()).double())  # log E[exp(shift)]
+    return continuation_means(log_mgf - rest, log_mgf - at_token, mask)
+
+
+def base_probabilities(base: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Probabilities from log-probabilities, normalised in float64 (the p that compare_logit_shifts takes)."""
+    return torch.softmax(base.double(), dim=-1).to(dtype)
 
 
 def agreement(base: np.ndarray, pert: np.ndarray) -> tuple[float, int]:
@@ -348,15 +390,20 @@ def expand_samples(batches: list[Batch], prompts, greedy: bool) -> tuple[np.ndar
     return arr[:, 0], arr[:, 1], arr[:, 2]
 
 
+def sample_mean(per_row: np.ndarray, sample_rows: np.ndarray) -> float:
+    """
+    The mean over samples of per-row values: `sample_rows` gives each sample's row (-1: no continuation, left
+    out), so a row standing for several identical samples counts once per sample; NaN values are left out.
+    """
+    vals = per_row[sample_rows[sample_rows >= 0]]
+    vals = vals[~np.isnan(vals)]
+    return float(vals.mean()) if len(vals) else np.nan
+
+
 def condition_metrics(c: Condition, sample_rows: np.ndarray) -> dict:
     """Summary metrics of a condition: the mean over samples (rows without a continuation left out)."""
-    have = sample_rows[sample_rows >= 0]
-    out = {}
-    for name, per_row in zip(METRICS, (c.kl, c.delta_nll, c.agree, c.first_diff)):
-        vals = per_row[have]
-        vals = vals[~np.isnan(vals)]
-        out[name] = float(vals.mean()) if len(vals) else np.nan
-    return out
+    return {name: sample_mean(per_row, sample_rows)
+            for name, per_row in zip(METRICS, (c.kl, c.delta_nll, c.agree, c.first_diff))}
 
 
 def result_table(subset: Subset, c: Condition, prompts, tokenizer, samples) -> tuple[pd.DataFrame, pd.DataFrame]:

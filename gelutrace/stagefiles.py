@@ -32,6 +32,8 @@ MATRIX = "{m}_activation_matrix.npz"
 NEURON_EFFECTS = "{m}_neuron_effects.csv"  # d_calculate_neuron_effects: each neuron's single-ablation effect
 DATASET_MANIFEST = "{m}_dataset_manifest.json"  # stage b's output set: which run wrote which files
 DATASET_SET = (DATASET, FREQUENCY, MATRIX, ATTRIBUTES, GRAPH_META)  # what the manifest vouches for
+NEURON_EFFECTS_META = "{m}_neuron_effects.json"  # beside it: model, dataset, prompt CSV (sha256), sample counts
+NEURON_EFFECTS_PARTIAL = ".{m}_neuron_effects_partial"  # its finished blocks of neurons, for --resume
 PARTIAL_DIR = ".{m}_partial"  # stage b's finished batches of an unfinished run, for --resume
 TRACE_VECTOR = "{m}_activations.pkl"
 TRACE_ACTIVE = "{m}_active_neurons.txt"
@@ -631,6 +633,36 @@ def read_neuron_column(source, column: str, n_neurons: int, what: str, missing_o
     out = np.full(n_neurons, np.nan)
     out[ids.astype(np.int64)] = values
     return out
+def read_dataset_samples(directory, m: str) -> list[tuple[int, list[int], np.ndarray]]:
+    """
+    The (prompt, repeat) samples of a stage-b dataset in file order, from {m}_activation_dataset.csv: per
+    sample its prompt_sample_idx, its prompt's ids (input_text_ids) and its continuation (output_id of
+    token_position 0, 1, ...).
+    """
+    p = path(directory, DATASET, m)
+    if not p.is_file():
+        raise PipelineError(f"{p} does not exist (stage b writes it)")
+    cols = ["prompt_sample_idx", "token_position", "input_text_ids", "output_id"]
+    try:
+        df = pd.read_csv(p, usecols=cols, dtype={"input_text_ids": str}, keep_default_na=False)
+        repeat, position, output = (df[c].to_numpy(np.int64) for c in ("prompt_sample_idx", "token_position",
+                                                                        "output_id"))
+        texts = df["input_text_ids"].to_numpy()
+        starts = np.flatnonzero(position == 0)
+        if len(df) and (len(starts) == 0 or starts[0] != 0):
+            raise ValueError("the first row's token_position is not 0")
+        ends = np.r_[starts[1:], len(df)]
+        bad = [s for s, e in zip(starts, ends) if not np.array_equal(position[s:e], np.arange(e - s))
+               or (repeat[s:e] != repeat[s]).any() or (texts[s:e] != texts[s]).any()]
+        if bad:
+            raise ValueError(f"the sample starting at row {bad[0] + 2} has non-consecutive token positions or "
+                             f"changes prompt_sample_idx / input_text_ids")
+        parsed = {t: json.loads(t) for t in set(texts[starts])}
+        if not all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in parsed.values()):
+            raise ValueError("input_text_ids is not a list of token ids")
+    except (ValueError, KeyError) as e:
+        raise PipelineError(f"cannot read {p} as a stage-b dataset: {e}") from None
+    return [(int(repeat[s]), parsed[texts[s]], output[s:e].copy()) for s, e in zip(starts, ends)]
 
 
 # --- stage d: subsets -------------------------------------------------------------------------------------

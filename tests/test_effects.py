@@ -1,0 +1,292 @@
+"""
+d_calculate_neuron_effects.py (gelutrace.effects) against independent references: stage e run on one-neuron
+subsets, and transformers' GPT2LMHeadModel with a forward hook on `mlp.act` zeroing the neuron, its KL and
+delta NLL computed by hand in float64; plus --neurons, --resume and bad input.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO_ROOT, SHIPPED_NAME, load_hf
+from gelutrace import PipelineError
+from gelutrace import stagefiles as sf
+
+SCRIPT = REPO_ROOT / "d_calculate_neuron_effects.py"
+# greedy: the 3 repeats of the first prompt are one sequence that counts 3 times; the last prompt has no tokens
+PROMPTS = [("KING HENRY. Now, lords, ", 6, 3), ("And God said, \"Let there be\", ", 5, 1), ("Amen", 0, 2)]
+TOL = 1e-5
+
+
+def write_prompts(p, rows=PROMPTS):
+    pd.DataFrame(rows, columns=sf.PROMPT_COLUMNS).to_csv(p, index=False)
+    return p
+
+
+def run_d(dataset, csv, *extra):
+    import d_calculate_neuron_effects as d
+
+    d.main(["--dataset_path", str(dataset), "--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device", "cpu",
+            *map(str, extra)])
+    return pd.read_csv(sf.path(dataset, sf.NEURON_EFFECTS, SHIPPED_NAME))
+
+
+def save_ids(p, ids):
+    np.save(p, np.asarray(ids, np.int64))
+    return p
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, shipped_path):
+    """(dataset directory, prompt CSV) made by stage b, greedy."""
+    d = tmp_path_factory.mktemp("effects")
+    csv = write_prompts(d / "prompts.csv")
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv),
+                        "--export_dir", str(d / "ds"), "--model_type", SHIPPED_NAME, "--device", "cpu",
+                        "--no_edge_list", "--no_activation_lists"], capture_output=True, text=True, cwd=REPO_ROOT,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    return d / "ds", csv
+
+
+@pytest.fixture(scope="module")
+def sample_run(dataset, shipped):
+    """Effects of 16 neurons of every layer (some at random, some with large outputs), in one run."""
+    ds, csv = dataset
+    cfg = shipped.model.config
+    rng = np.random.default_rng(0)
+    ids = np.unique(np.concatenate([layer * cfg.d_mlp + rng.choice(cfg.d_mlp, 16, replace=False)
+                                    for layer in range(cfg.n_layer)]))
+    effects = run_d(ds, csv, "--neurons", save_ids(ds.parent / "sample.npy", ids))
+    return ids, effects
+
+
+def test_output_file_and_sidecar(dataset, sample_run):
+    ds, csv = dataset
+    ids, effects = sample_run
+    assert list(effects.columns) == sf.NEURON_EFFECTS_COLUMNS
+    assert effects["neuron_id"].tolist() == sorted(ids.tolist())
+    assert np.isfinite(effects[["kl", "delta_nll"]].to_numpy()).all()
+    assert (effects["kl"] > -1e-7).all() and effects["kl"].max() > 1e-3
+    meta = json.loads(sf.path(ds, sf.NEURON_EFFECTS_META, SHIPPED_NAME).read_text())
+    assert meta["model"] == SHIPPED_NAME and meta["num_neurons"] == len(ids)
+    assert meta["num_samples"] == 3 + 1 and meta["num_sequences"] == 2 and meta["num_tokens"] == 3 * 6 + 5
+    import hashlib
+    assert meta["input_csv_sha256"] == hashlib.sha256(csv.read_bytes()).hexdigest()
+    assert not sf.path(ds, sf.NEURON_EFFECTS_PARTIAL, SHIPPED_NAME).exists()
+
+
+def test_equals_stage_e_on_one_neuron_subsets(dataset, sample_run, shipped):
+    import e_generate_perturbed_results as e
+
+    ds, csv = dataset
+    ids, effects = sample_run
+    d = shipped.model.config.d_mlp
+    by_effect = effects.sort_values("delta_nll", ascending=False)["neuron_id"].to_numpy()
+    chosen = list(by_effect[:2]) + [int(by_effect[-1])]  # the two largest effects and the most negative
+    for i in ids[::-1]:  # and neurons of two more layers
+        if len(chosen) < 5 and i // d not in {c // d for c in chosen}:
+            chosen.append(int(i))
+    assert len({c // d for c in chosen}) >= 3
+    names = []
+    (ds / sf.SUBSETS_DIR).mkdir(exist_ok=True)
+    for i in chosen:
+        names.append(f"n{i}.npy")
+        save_ids(ds / sf.SUBSETS_DIR / names[-1], [i])
+    e.main(["--dataset_path", str(ds), "--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device", "cpu",
+            "--perturbation_subset_filenames", *names])
+    summary = pd.read_csv(ds / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY).set_index("subset")
+    mine = effects.set_index("neuron_id")
+    for i, name in zip(chosen, names):
+        for metric in ("kl", "delta_nll"):
+            assert abs(mine.loc[i, metric] - summary.loc[name, metric]) <= TOL, (i, metric)
+    assert summary["delta_nll"].abs().max() > 1e-2  # a neuron with a real effect is among them
+
+
+def reference_effect(hf, tokenizer, neuron: int, d_mlp: int):
+    """kl and delta_nll of zeroing one neuron in transformers' GPT-2, greedy continuations, all in float64."""
+    layer, dim = divmod(neuron, d_mlp)
+
+    def zero(module, inputs, output):
+        output = output.clone()
+        output[..., dim] = 0
+        return output
+
+    kls, dnlls = [], []
+    for text, n_new, repeats in PROMPTS:
+        if n_new == 0:
+            continue
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            seq = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
+            cont = seq[0, ids.size(1):]
+            inp = seq[:, :-1]
+            base = torch.log_softmax(hf(inp).logits[0, -n_new:].double(), -1)
+            handle = hf.transformer.h[layer].mlp.act.register_forward_hook(zero)
+            try:
+                pert = torch.log_softmax(hf(inp).logits[0, -n_new:].double(), -1)
+            finally:
+                handle.remove()
+        kl = (base.exp() * (base - pert)).sum(-1).mean().item()
+        dnll = (base[torch.arange(n_new), cont] - pert[torch.arange(n_new), cont]).mean().item()
+        kls += [kl] * repeats  # every (prompt, repeat) sample counts once
+        dnlls += [dnll] * repeats
+    return float(np.mean(kls)), float(np.mean(dnlls))
+
+
+def test_equals_transformers_with_act_hook(shipped_path, shipped, sample_run):
+    ids, effects = sample_run
+    hf = load_hf(shipped_path)
+    d = shipped.model.config.d_mlp
+    top = effects.sort_values("kl", ascending=False)["neuron_id"].to_numpy()
+    chosen = [int(top[0]), int(top[1]), int(top[len(top) // 2]), int(ids[0]), int(ids[-1])]
+    mine = effects.set_index("neuron_id")
+    for i in chosen:
+        kl, dnll = reference_effect(hf, shipped.tokenizer, i, d)
+        assert abs(mine.loc[i, "kl"] - kl) <= TOL, i
+        assert abs(mine.loc[i, "delta_nll"] - dnll) <= TOL, i
+    assert reference_effect(hf, shipped.tokenizer, int(top[0]), d)[0] > 1e-3
+
+
+def test_neurons_file_restricts_and_agrees(dataset, sample_run, tmp_path):
+    ds, csv = dataset
+    ids, effects = sample_run
+    pick = [int(ids[40]), int(ids[3]), int(ids[3]), int(ids[90])]  # unsorted, with a repeat
+    got = run_d(ds, csv, "--neurons", save_ids(tmp_path / "few.npy", pick), "--batch_size", "1")  # 1 sequence per group
+    assert got["neuron_id"].tolist() == sorted(set(pick))
+    ref = effects.set_index("neuron_id").loc[got["neuron_id"]]
+    np.testing.assert_allclose(got["kl"], ref["kl"], atol=1e-7)
+    np.testing.assert_allclose(got["delta_nll"], ref["delta_nll"], atol=1e-7)
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(dataset, tmp_path, monkeypatch, shipped):
+    from gelutrace import effects as ef
+
+    ds, csv = dataset
+    d = shipped.model.config.d_mlp
+    sub = save_ids(tmp_path / "sub.npy", [3, d + 7, 2 * d + 1, 2 * d + 9, 4 * d + 100, 5 * d + 511])
+    full = run_d(ds, csv, "--neurons", sub)
+    full_bytes = sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).read_bytes()
+    sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).unlink()
+
+    real, calls = ef.block_effects, []
+
+    def interrupted(model, ids, *a, **k):
+        calls.append(int(ids[0]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(model, ids, *a, **k)
+
+    monkeypatch.setattr(ef, "block_effects", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_d(ds, csv, "--neurons", sub)
+    assert not sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).exists()
+    partial = sf.path(ds, sf.NEURON_EFFECTS_PARTIAL, SHIPPED_NAME)
+    assert len(list(partial.glob("*.npz"))) == 2
+    with pytest.raises(PipelineError, match="other inputs"):  # other neurons: not the same run
+        run_d(ds, csv, "--neurons", save_ids(tmp_path / "other.npy", [3]), "--resume")
+
+    def counted(model, ids, *a, **k):
+        calls.append(int(ids[0]))
+        return real(model, ids, *a, **k)
+
+    calls.clear()
+    monkeypatch.setattr(ef, "block_effects", counted)
+    run_d(ds, csv, "--neurons", sub)  # rerun of the interrupted run, without --resume: starts over
+    assert len(calls) == 5  # one block per layer that holds some of the neurons
+    sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).unlink()
+
+    monkeypatch.setattr(ef, "block_effects", interrupted)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_d(ds, csv, "--neurons", sub)
+    monkeypatch.setattr(ef, "block_effects", counted)
+    calls.clear()
+    resumed = run_d(ds, csv, "--neurons", sub, "--resume")
+    assert calls == [2 * d + 1, 4 * d + 100, 5 * d + 511]  # only the blocks not finished before
+    assert sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).read_bytes() == full_bytes
+    pd.testing.assert_frame_equal(resumed, full)
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("case", ["missing_dataset", "other_model", "other_prompt", "other_tokens", "other_samples",
+                                  "extra_prompt", "bad_batch", "bad_neurons", "neuron_out_of_range"])
+def test_bad_input_raises_before_writing(dataset, tmp_path, case):
+    import shutil
+
+    ds, csv = dataset
+    d = tmp_path / "ds"
+    shutil.copytree(ds, d, ignore=shutil.ignore_patterns(sf.RESULTS_DIR, sf.SUBSETS_DIR, "*_neuron_effects*"))
+    rows, extra = list(PROMPTS), []
+    if case == "missing_dataset":
+        sf.path(d, sf.DATASET, SHIPPED_NAME).unlink()
+    elif case == "other_model":
+        meta = sf.read_graph_meta(d, SHIPPED_NAME)
+        sf.write_json(dict(meta, d_mlp=meta["d_mlp"] * 2), sf.path(d, sf.GRAPH_META, SHIPPED_NAME))
+    elif case == "other_prompt":
+        rows[1] = ("And God said, \"Let there be light\", ", 5, 1)
+    elif case == "other_tokens":
+        rows[0] = (rows[0][0], 7, 3)
+    elif case == "other_samples":
+        rows[1] = (rows[1][0], 5, 2)
+    elif case == "extra_prompt":
+        rows.append(("More", 2, 1))
+    elif case == "bad_batch":
+        extra = ["--batch_size", "0"]
+    elif case == "bad_neurons":
+        extra = ["--neurons", save_ids(tmp_path / "bad.npy", [[1, 2]])]
+    elif case == "neuron_out_of_range":
+        extra = ["--neurons", save_ids(tmp_path / "bad.npy", [1, 6 * 512])]
+    with pytest.raises(PipelineError):
+        run_d(d, write_prompts(tmp_path / "p.csv", rows), *extra)
+    assert not sf.path(d, sf.NEURON_EFFECTS, SHIPPED_NAME).exists()
+
+
+def test_script_exit_status(dataset, tmp_path):
+    """As a subprocess: a mismatched prompt CSV exits 2 with one error line; a good run writes the CSV."""
+    ds, csv = dataset
+    bad = write_prompts(tmp_path / "p.csv", [(PROMPTS[0][0], 6, 2)] + PROMPTS[1:])
+    cmd = [sys.executable, str(SCRIPT), "--dataset_path", str(ds), "--model_type", SHIPPED_NAME, "--device", "cpu",
+           "--neurons", str(save_ids(tmp_path / "one.npy", [700]))]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd + ["--input_csv", str(bad)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "another prompt CSV" in errors[0], r.stderr
+    r = subprocess.run(cmd + ["--input_csv", str(csv)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert pd.read_csv(sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME))["neuron_id"].tolist() == [700]
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 1.0])
+def test_logit_shift_metrics_equal_a_float64_computation(scale):
+    """compare_logit_shifts in float32 against the definitions in float64, for tiny to large changes."""
+    from gelutrace import perturbation as pt
+
+    g = torch.Generator().manual_seed(1)
+    k, rows, n, V = 3, 2, 4, 50
+    base_logits = 3 * torch.randn(rows, n, V, generator=g, dtype=torch.float64)
+    shift = scale * torch.randn(k, rows, n, V, generator=g, dtype=torch.float64)
+    conts = [np.array([1, 7, 3, 9]), np.array([4, 2])]  # row 1 has a 2-token continuation (right-aligned)
+    base = torch.log_softmax(base_logits, -1)
+    pert = torch.log_softmax(base_logits + shift, -1)
+    p = pt.base_probabilities(base.float())
+    kl, dnll = pt.compare_logit_shifts(p, shift.float(), conts)
+    for j in range(k):
+        for r, c in enumerate(conts):
+            pos = torch.arange(n - len(c), n)
+            b, q = base[r, pos], pert[j, r, pos]
+            ref_kl = (b.exp() * (b - q)).sum(-1).mean().item()
+            ref_dnll = (b[torch.arange(len(c)), c] - q[torch.arange(len(c)), c]).mean().item()
+            assert abs(kl[j, r] - ref_kl) <= 1e-3 * ref_kl + 1e-11, (scale, j, r)  # float32 differencing: ~1e-7
+            assert abs(dnll[j, r] - ref_dnll) <= 1e-6 * abs(ref_dnll) + 1e-6 * scale, (scale, j, r)
+    one_kl, one_dnll = pt.compare_logit_shifts(p, shift[0].float(), conts)  # without the k axis
+    np.testing.assert_allclose(one_kl, kl[0], rtol=1e-6)
+    np.testing.assert_allclose(one_dnll, dnll[0], rtol=1e-6, atol=1e-9)
