@@ -62,6 +62,9 @@ def main(argv=None):
     model, cfg = lm.model, lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
+    sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
+                         [sf.path(args.dataset_path, sf.DATASET, lm.name)], "stage b")
+    sf.lock_directory(args.dataset_path, "single-neuron effects")
     ids = (np.arange(n_neurons, dtype=np.int64) if args.neurons == "all"
            else np.unique(sf.read_subset(args.neurons, n_neurons)))
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)

@@ -32,8 +32,11 @@ def write_prompts(p, rows=PROMPTS):
 def run_d(dataset, csv, *extra):
     import d_calculate_neuron_effects as d
 
-    d.main(["--dataset_path", str(dataset), "--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device", "cpu",
-            *map(str, extra)])
+    try:
+        d.main(["--dataset_path", str(dataset), "--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device",
+                "cpu", *map(str, extra)])
+    finally:
+        sf.release_locks()  # as the script's run_main does when it ends
     return pd.read_csv(sf.path(dataset, sf.NEURON_EFFECTS, SHIPPED_NAME))
 
 
@@ -99,8 +102,11 @@ def test_equals_stage_e_on_one_neuron_subsets(dataset, sample_run, shipped):
     for i in chosen:
         names.append(f"n{i}.npy")
         save_ids(ds / sf.SUBSETS_DIR / names[-1], [i])
-    e.main(["--dataset_path", str(ds), "--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device", "cpu",
-            "--perturbation_subset_filenames", *names])
+    try:
+        e.main(["--dataset_path", str(ds), "--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device", "cpu",
+                "--perturbation_subset_filenames", *names])
+    finally:
+        sf.release_locks()
     summary = pd.read_csv(ds / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY).set_index("subset")
     mine = effects.set_index("neuron_id")
     for i, name in zip(chosen, names):
@@ -158,9 +164,11 @@ def test_equals_transformers_with_act_hook(shipped_path, shipped, sample_run):
 def test_neurons_file_restricts_and_agrees(dataset, sample_run, tmp_path):
     ds, csv = dataset
     ids, effects = sample_run
-    pick = [int(ids[40]), int(ids[3]), int(ids[3]), int(ids[90])]  # unsorted, with a repeat
+    with pytest.raises(PipelineError, match="more than once"):  # a subset is a set, here as everywhere
+        run_d(ds, csv, "--neurons", save_ids(tmp_path / "dup.npy", [int(ids[3]), int(ids[3])]))
+    pick = [int(ids[40]), int(ids[3]), int(ids[90])]  # unsorted
     got = run_d(ds, csv, "--neurons", save_ids(tmp_path / "few.npy", pick), "--batch_size", "1")  # 1 sequence per group
-    assert got["neuron_id"].tolist() == sorted(set(pick))
+    assert got["neuron_id"].tolist() == sorted(pick)
     ref = effects.set_index("neuron_id").loc[got["neuron_id"]]
     np.testing.assert_allclose(got["kl"], ref["kl"], atol=1e-7)
     np.testing.assert_allclose(got["delta_nll"], ref["delta_nll"], atol=1e-7)
