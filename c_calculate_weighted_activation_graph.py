@@ -17,6 +17,8 @@ matrices (one per layer pair, np.load(..., mmap_mode='r')) plus graph.json.
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
 from gelutrace.cli import parser, run_main
@@ -56,8 +58,9 @@ def main():
         check_fits(data.num_neurons, n_edges)  # an edited edge list: its size is known once parsed
         co.write_gpickle(co.build_networkx(data), out)
     else:
-        co.write_store(out, data)
-    print(f"{data.model}: {data.num_neurons:,} neurons, {n_edges:,} edges, {data.active.shape[0]:,} samples "
+        with tqdm(total=data.num_samples, unit="sample", desc="counting") as bar:
+            co.write_store(out, data, progress=bar)
+    print(f"{data.model}: {data.num_neurons:,} neurons, {n_edges:,} edges, {data.num_samples:,} samples "
           f"-> {out} ({time.time() - t0:.1f} s)")
 
 

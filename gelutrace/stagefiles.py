@@ -153,9 +153,9 @@ def write_npy(array: np.ndarray, target):
         np.save(f, array, allow_pickle=False)
 
 
-def write_npz(target, **arrays):
+def write_npz(target, compress=True, **arrays):
     with atomic_path(target) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
+        (np.savez_compressed if compress else np.savez)(f, **arrays)
 
 
 # --- prompt CSV -------------------------------------------------------------------------------------------
@@ -349,11 +349,11 @@ def write_packed_activation_matrix(target, packed: np.ndarray, n_neurons: int, n
               neuron_ids=ids, packing=np.array("packbits_axis1"))
 
 
-def read_activation_matrix(source, sparse: bool = False):
+def read_packed_activation_matrix(source):
     """
-    (matrix, neuron_ids) from a stage-b `.npz`: matrix is a boolean numpy array (samples x neurons), or a
-    scipy.sparse CSR matrix of int8 ones with `sparse=True`. Loads without pickle. Also reads the original
-    pipeline's unpacked 0/1 `matrix`.
+    (packed, n_neurons, neuron_ids) from a stage-b `.npz` without unpacking it: packed is the uint8
+    np.packbits(active, axis=1) matrix. Loads without pickle; the original pipeline's unpacked 0/1 `matrix` is
+    packed on reading.
     """
     p = Path(source)
     if not p.is_file():
@@ -362,16 +362,32 @@ def read_activation_matrix(source, sparse: bool = False):
         with np.load(p, allow_pickle=False) as z:
             ids = z["neuron_ids"].astype(np.int64)
             if "packing" in z.files:
-                shape = tuple(int(x) for x in z["matrix_shape"])
-                matrix = np.unpackbits(z["matrix"], axis=1, count=shape[1]).view(bool).reshape(shape)
+                n_samples, n_neurons = (int(x) for x in z["matrix_shape"])
+                packed = z["matrix"]
+                if packed.dtype != np.uint8 or packed.shape != (n_samples, (n_neurons + 7) // 8):
+                    raise ValueError(f"packed matrix of shape {packed.shape}, expected {n_samples} x "
+                                     f"{(n_neurons + 7) // 8} bytes")
             else:
                 matrix = z["matrix"] != 0
+                n_neurons = matrix.shape[1]
+                packed = np.packbits(matrix, axis=1)
     except PipelineError:
         raise
     except Exception as e:
         raise PipelineError(f"cannot read activation matrix {p}: {e}") from None
-    if matrix.shape[1] != len(ids):
-        raise PipelineError(f"{p}: {matrix.shape[1]} columns but {len(ids)} neuron ids")
+    if n_neurons != len(ids):
+        raise PipelineError(f"{p}: {n_neurons} columns but {len(ids)} neuron ids")
+    return packed, n_neurons, ids
+
+
+def read_activation_matrix(source, sparse: bool = False):
+    """
+    (matrix, neuron_ids) from a stage-b `.npz`: matrix is a boolean numpy array (samples x neurons), or a
+    scipy.sparse CSR matrix of int8 ones with `sparse=True`. Loads without pickle. Also reads the original
+    pipeline's unpacked 0/1 `matrix`.
+    """
+    packed, n_neurons, ids = read_packed_activation_matrix(source)
+    matrix = np.unpackbits(packed, axis=1, count=n_neurons).view(bool).reshape(len(packed), n_neurons)
     if sparse:
         import scipy.sparse as sp
         return sp.csr_matrix(matrix, dtype=np.int8), ids
