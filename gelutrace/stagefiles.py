@@ -30,6 +30,8 @@ FREQUENCY = "{m}_neuron_frequency.csv"
 MATRIX = "{m}_activation_matrix.npz"
 NEURON_EFFECTS = "{m}_neuron_effects.csv"  # d_calculate_neuron_effects: each neuron's single-ablation effect
 PARTIAL_DIR = ".{m}_partial"  # stage b's finished batches of an unfinished run, for --resume
+CORPUS = "{m}_corpus.json"  # stage b corpus mode: the text read (files, sha256, tokens, windows, shard)
+CORPUS_PARTIAL_DIR = ".{m}_corpus_partial"  # corpus mode's checkpoints of an unfinished run, for --resume
 TRACE_VECTOR = "{m}_activations.pkl"
 TRACE_ACTIVE = "{m}_active_neurons.txt"
 TRACE_PLOT = "{m}_activations.png"
@@ -156,6 +158,17 @@ def write_npy(array: np.ndarray, target):
 def write_npz(target, compress=True, **arrays):
     with atomic_path(target) as tmp, open(tmp, "wb") as f:
         (np.savez_compressed if compress else np.savez)(f, **arrays)
+
+
+def frequency_table(counts: np.ndarray, value_sum: np.ndarray, samples: int, d_mlp: int) -> pd.DataFrame:
+    """{m}_neuron_frequency.csv's rows, every neuron in id order; attribution is left empty."""
+    ids = np.arange(len(counts))
+    return pd.DataFrame({
+        "neuron_id": ids, "activation_count": counts,
+        "activation_frequency": counts / samples if samples else np.zeros(len(ids)),
+        "layer": ids // d_mlp, "dimension": ids % d_mlp,
+        "mean_activation": value_sum / samples if samples else np.zeros(len(ids)),
+    }, columns=FREQUENCY_COLUMNS)
 
 
 # --- prompt CSV -------------------------------------------------------------------------------------------
