@@ -11,7 +11,7 @@ whose run has not finished. Works with shards made anywhere (e.g. one Slurm arra
 """
 
 from gelutrace.cli import parser, run_main
-from gelutrace.corpus import merge_shards
+from gelutrace.shards import merge_shards
 
 
 def main():

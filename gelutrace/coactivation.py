@@ -36,7 +36,6 @@ from scipy.sparse.csgraph import connected_components
 
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
-from gelutrace.statistics import count_packed
 
 STORE_FORMAT = "gelutrace-coactivation-graph"
 ANALYZED_FORMAT = "gelutrace-analyzed-graph"
@@ -335,6 +334,8 @@ def write_store(target, data: ActivationData, progress=None) -> dict:
     packed matrix (memory: the packed matrix plus one block and the totals); an edited edge list unpacks it.
     """
     if data.edges is None:
+        from gelutrace.statistics import count_packed  # imports torch: only the scripts that count need it
+
         counts = count_packed(data.packed, data.n_layer, data.d_mlp, progress=progress)
         data.check_node_counts(counts.node_counts())
         return write_count_store(target, data.model, data.n_layer, data.d_mlp, data.num_samples,

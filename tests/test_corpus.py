@@ -3,6 +3,8 @@ Stage b's corpus mode, stage c on its saved matrix, shards and their merge, torc
 transformers' own GPT-2 with hooks on `mlp.act` over the same windows, with every count recomputed by numpy.
 """
 
+import contextlib
+import io
 import json
 import os
 import runpy
@@ -33,6 +35,25 @@ def run(script, *args, check=True, **env):
     return r
 
 
+def run_here(script, *args, check=True) -> tuple[int, str]:
+    """A script run in this process (no interpreter start-up): its exit status and what it wrote to stderr."""
+    path = str(REPO_ROOT / script)
+    err = io.StringIO()
+    argv = sys.argv
+    sys.argv = [path, *map(str, args)]
+    code = 0
+    try:
+        with torch.set_grad_enabled(torch.is_grad_enabled()), contextlib.redirect_stderr(err):
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    if check and code != 0:
+        raise AssertionError(f"{script} failed:\n{err.getvalue()}")
+    return code, err.getvalue()
+
+
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     """A directory with a .jsonl of two documents and the held-out text: read in name order."""
@@ -47,7 +68,7 @@ def corpus_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def streamed(corpus_dir, shipped_path):
     out = corpus_dir.parent / "streamed"
-    run(B, "--input_text", corpus_dir, "--export_dir", out, "--model_type", M, "--context", CONTEXT,
+    run_here(B, "--input_text", corpus_dir, "--export_dir", out, "--model_type", M, "--context", CONTEXT,
         "--batch_size", 64, "--save_matrix")
     return out
 
@@ -141,7 +162,7 @@ def assert_same_statistics(a, b, mean_rtol=1e-12):
 def one_by_one(corpus_dir, shipped_path):
     """Batch size 1: every window alone, the reference the other layouts are compared with."""
     out = corpus_dir.parent / "b1"
-    run(B, "--input_text", corpus_dir, "--export_dir", out, "--model_type", M, "--context", CONTEXT,
+    run_here(B, "--input_text", corpus_dir, "--export_dir", out, "--model_type", M, "--context", CONTEXT,
         "--batch_size", 1)
     return out
 
@@ -151,12 +172,9 @@ def test_batch_size_1_equals_64(streamed, one_by_one):
 
 
 def test_three_shards_merged_equal_unsharded(corpus_dir, one_by_one, tmp_path):
-    procs = [subprocess.Popen([sys.executable, str(REPO_ROOT / B), "--input_text", str(corpus_dir), "--export_dir",
-                               str(tmp_path / f"s{i}"), "--model_type", M, "--context", str(CONTEXT),
-                               "--batch_size", "1", "--shard", f"{i}/3"], cwd=REPO_ROOT, stderr=subprocess.PIPE,
-                              text=True, env=dict(os.environ, **ONE_THREAD)) for i in range(3)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read()
+    for i in range(3):
+        run_here(B, "--input_text", corpus_dir, "--export_dir", tmp_path / f"s{i}", "--model_type", M,
+                 "--context", CONTEXT, "--batch_size", 1, "--shard", f"{i}/3")
     recs = [json.loads(sf.path(tmp_path / f"s{i}", sf.CORPUS, M).read_text()) for i in range(3)]
     total = json.loads(sf.path(one_by_one, sf.CORPUS, M).read_text())
     assert [r["shard"]["index"] for r in recs] == [0, 1, 2]
@@ -188,12 +206,12 @@ def test_three_shards_merged_equal_unsharded(corpus_dir, one_by_one, tmp_path):
         "unfinished": [s0, s1, unfinished],
     }
     for name, dirs in cases.items():
-        r = run("c_merge_activation_statistics.py", "--output_dir", tmp_path / "refused", *dirs, check=False)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, r.stderr)
+        code, err = run_here("c_merge_activation_statistics.py", "--output_dir", tmp_path / "refused", *dirs,
+                             check=False)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
         assert not (tmp_path / "refused").exists(), name
-    assert "missing" in run("c_merge_activation_statistics.py", "--output_dir", tmp_path / "x", s0, s2,
-                            check=False).stderr
+        assert {"missing": "missing", "twice": "twice", "unfinished": "unfinished"}.get(name, "") in err
 
 
 def test_torchrun_two_gloo_processes_equal_single_process(corpus_dir, one_by_one, tmp_path):
@@ -224,19 +242,15 @@ def test_resume_after_interrupt_equals_uninterrupted(corpus_dir, one_by_one, tmp
         return real(*a, **k)
 
     monkeypatch.setattr(corpus, "run_batch", interrupted)
-    script = str(REPO_ROOT / B)
-    monkeypatch.setattr(sys, "argv", [script, *common, "--export_dir", str(tmp_path / "part"),
-                                      "--checkpoint_minutes", "0"])
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(script, run_name="__main__")
-    assert e.value.code == 130
+    code, _ = run_here(B, *common, "--export_dir", tmp_path / "part", "--checkpoint_minutes", "0", check=False)
+    assert code == 130
     assert not sf.path(tmp_path / "part", sf.CORPUS, M).exists()  # no outputs of an unfinished run
     partial = sf.path(tmp_path / "part", sf.CORPUS_PARTIAL_DIR, M)
     assert json.loads((partial / "state_0_1.json").read_text())["batches_done"] == 5
 
     monkeypatch.setattr(corpus, "run_batch", real)
-    run(B, *common, "--export_dir", tmp_path / "part", "--resume")
-    run(B, *common, "--export_dir", tmp_path / "full")
+    run_here(B, *common, "--export_dir", tmp_path / "part", "--resume")
+    run_here(B, *common, "--export_dir", tmp_path / "full")
     assert_same_statistics(tmp_path / "part", tmp_path / "full", mean_rtol=0)
     for f in (sf.FREQUENCY, sf.MATRIX, sf.CORPUS):
         assert sf.path(tmp_path / "part", f, M).read_bytes() == sf.path(tmp_path / "full", f, M).read_bytes()
@@ -272,7 +286,7 @@ def test_bad_input_one_error_line_nothing_written(case, tmp_path, shipped_path):
         f = tmp_path / "text.md"
         f.write_text("hello")
     out = tmp_path / "out"
-    r = run(B, "--input_text", good, f, "--export_dir", out, "--model_type", M, *extra, check=False)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    code, err = run_here(B, "--input_text", good, f, "--export_dir", out, "--model_type", M, *extra, check=False)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert not out.exists()
