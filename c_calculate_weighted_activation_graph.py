@@ -58,7 +58,7 @@ def main():
         check_fits(data.num_neurons, n_edges)  # an edited edge list: its size is known once parsed
         co.write_gpickle(co.build_networkx(data), out)
     else:
-        with tqdm(total=data.num_samples, unit="sample", desc="counting") as bar:
+        with tqdm(total=data.n_layer if data.edges is None else 0, unit="pass", desc="counting") as bar:
             co.write_store(out, data, progress=bar)
     print(f"{data.model}: {data.num_neurons:,} neurons, {n_edges:,} edges, {data.num_samples:,} samples "
           f"-> {out} ({time.time() - t0:.1f} s)")

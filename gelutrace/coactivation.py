@@ -331,15 +331,16 @@ def check_nx_fits(num_nodes: int, num_edges: int, limit_bytes: int | None, what:
 def write_store(target, data: ActivationData, progress=None) -> dict:
     """
     Count and write the compact store of stage b's data. Full adjacent layers stream over blocks of rows of the
-    packed matrix (memory: the packed matrix plus one block and the totals); an edited edge list unpacks it.
+    packed matrix, one layer pair at a time (progress: one step per pass); an edited edge list unpacks it.
     """
     if data.edges is None:
-        from gelutrace.statistics import count_packed  # imports torch: only the scripts that count need it
+        from gelutrace.statistics import PackedMatrixCounts  # imports torch: only the scripts that count need it
 
-        counts = count_packed(data.packed, data.n_layer, data.d_mlp, progress=progress)
-        data.check_node_counts(counts.node_counts())
-        return write_count_store(target, data.model, data.n_layer, data.d_mlp, data.num_samples,
-                                 counts.node_counts(), data.source, pair_counts=counts.pair_counts)
+        counts = PackedMatrixCounts(data.packed, data.n_layer, data.d_mlp, progress=progress)
+        node_counts = counts.node_counts()
+        data.check_node_counts(node_counts)
+        return write_count_store(target, data.model, data.n_layer, data.d_mlp, data.num_samples, node_counts,
+                                 data.source, pair_counts=counts.pair_counts)
     node_counts = data.active.sum(axis=0, dtype=np.int64)
     data.check_node_counts(node_counts)
     return write_count_store(target, data.model, data.n_layer, data.d_mlp, data.num_samples, node_counts,

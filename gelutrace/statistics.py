@@ -39,8 +39,15 @@ def _int_mm_works(device: torch.device) -> bool:
 def pair_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact a^T @ b (int64, d_a x d_b) of two rows x neurons boolean matrices."""
     rows = a.shape[0]
-    if rows > 16 and rows % 8 == 0 and rows <= INT_MM_MAX_ROWS and _int_mm_works(a.device):
-        return torch._int_mm(a.T.to(torch.int8).contiguous(), b.to(torch.int8)).to(torch.int64)
+    if rows <= INT_MM_MAX_ROWS and _int_mm_works(a.device):
+        at, bt = a.T.to(torch.int8), b.to(torch.int8)
+        pad = max(32, rows + (-rows) % 8) - rows  # int8 GEMM wants whole groups of 8 rows; zero rows add nothing
+        if pad:
+            at, bt = torch.nn.functional.pad(at, (0, pad)), torch.nn.functional.pad(bt, (0, 0, 0, pad))
+        try:
+            return torch._int_mm(at.contiguous(), bt.contiguous()).to(torch.int64)
+        except RuntimeError:  # a shape this device's int8 GEMM does not take
+            pass
     ft = torch.float32 if rows <= FLOAT32_MAX_ROWS else torch.float64
     return (a.T.to(ft) @ b.to(ft)).to(torch.int64)
 
@@ -48,7 +55,7 @@ def pair_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class CoactivationCounts:
     """
     Running totals over samples. Feed a batch either layer by layer (`add_layer`, layers 0, 1, ... in
-    order, as forward hooks see them) or whole (`add_rows`); `merge` adds another set of totals.
+    order, as forward hooks see them) or from several processes (`all_reduce`); `merge` adds another set of totals.
     """
 
     def __init__(self, n_layer: int, d_mlp: int, device="cpu"):
@@ -74,11 +81,6 @@ class CoactivationCounts:
         if layer > 0:
             self.pairs[layer - 1] += pair_product(self._prev, active)
         self._prev = active if layer < self.n_layer - 1 else None
-
-    def add_rows(self, active: torch.Tensor):
-        """A batch of samples x (n_layer * d_mlp) boolean rows, columns in neuron id order."""
-        for i in range(self.n_layer):
-            self.add_layer(i, active=active[:, i * self.d_mlp:(i + 1) * self.d_mlp])
 
     def merge(self, other: "CoactivationCounts"):
         if (other.n_layer, other.d_mlp) != (self.n_layer, self.d_mlp):
@@ -130,14 +132,42 @@ class CoactivationCounts:
         return c
 
 
-def count_packed(packed: np.ndarray, n_layer: int, d_mlp: int, block_rows: int = 8192,
-                 progress=None) -> CoactivationCounts:
-    """The totals of a bit-packed samples x neurons matrix (np.packbits, axis 1), unpacked a block of rows at a time."""
-    counts = CoactivationCounts(n_layer, d_mlp)
-    n = n_layer * d_mlp
-    for lo in range(0, len(packed), block_rows):
-        rows = np.unpackbits(packed[lo:lo + block_rows], axis=1, count=n).view(bool)
-        counts.add_rows(torch.from_numpy(rows))
-        if progress is not None:
-            progress.update(len(rows))
-    return counts
+class PackedMatrixCounts:
+    """
+    Stage c's exact counts of a saved bit-packed samples x neurons matrix (np.packbits, axis 1), computed one
+    layer pair at a time over blocks of `block_rows` rows: only the packed matrix, one block of two layers and
+    one d_mlp x d_mlp total are ever in memory.
+    """
+
+    def __init__(self, packed: np.ndarray, n_layer: int, d_mlp: int, block_rows: int = 8192, progress=None):
+        self.packed, self.n_layer, self.d_mlp = packed, n_layer, d_mlp
+        self.block_rows, self.progress = block_rows, progress
+
+    def _layers(self, first: int, count: int):
+        """Blocks of rows of layers first .. first + count - 1 as (rows x count * d_mlp) boolean tensors."""
+        d, n = self.d_mlp, self.n_layer * self.d_mlp
+        for lo in range(0, len(self.packed), self.block_rows):
+            block = self.packed[lo:lo + self.block_rows]
+            if d % 8 == 0:  # whole layers are whole bytes: unpack only their columns
+                bits = np.unpackbits(block[:, first * d // 8:(first + count) * d // 8], axis=1)
+            else:
+                bits = np.unpackbits(block, axis=1, count=n)[:, first * d:(first + count) * d]
+            yield torch.from_numpy(bits.view(bool))
+
+    def node_counts(self) -> np.ndarray:
+        total = np.zeros(self.n_layer * self.d_mlp, dtype=np.int64)
+        for rows in self._layers(0, self.n_layer):
+            total += np.count_nonzero(rows.numpy(), axis=0)  # no int64 copy of the block, unlike a sum
+        self._tick()
+        return total
+
+    def pair_counts(self, i: int) -> np.ndarray:
+        total = torch.zeros((self.d_mlp, self.d_mlp), dtype=torch.int64)
+        for rows in self._layers(i, 2):
+            total += pair_product(rows[:, :self.d_mlp], rows[:, self.d_mlp:])
+        self._tick()
+        return total.numpy()
+
+    def _tick(self):
+        if self.progress is not None:
+            self.progress.update(1)
