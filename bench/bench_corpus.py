@@ -101,7 +101,8 @@ def throughput(ckpt: Path, text: Path, tokens: int, context: int, batch_size: in
                 f()
                 rates[name].append(len(ids) / (time.perf_counter() - t0))
     ratio = statistics.median(c / p for c, p in zip(rates["corpus"], rates["plain"]))
-    print(f"GPT-2-small shape, {len(ids):,} tokens, windows of {context} x batches of {batch_size}, {torch.get_num_threads()} threads:")
+    print(f"GPT-2-small shape, {len(ids):,} tokens, windows of {context} x batches of {batch_size}, "
+          f"{torch.get_num_threads()} threads:")
     print(f"  plain teacher-forced forward  {statistics.median(rates['plain']):7.1f} tokens/s")
     print(f"  corpus mode (hooks + counts)  {statistics.median(rates['corpus']):7.1f} tokens/s  "
           f"= {100 * ratio:.0f} % of plain (median of {repeats} paired rounds)")
@@ -114,7 +115,8 @@ def main():
                     help="tokens per round of the GPT-2-small speed comparison (default: %(default)s)")
     ap.add_argument("--context", type=int, default=256, help="window of the speed comparison (default: %(default)s)")
     ap.add_argument("--batch_size", type=int, default=8, help="windows per batch there (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=3, help="paired rounds of the speed comparison (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="paired rounds of the speed comparison (default: %(default)s)")
     ap.add_argument("--rss_tokens", type=int, nargs="+", default=[20000, 100000],
                     help="token counts of the GPT-2-small peak-RSS runs (default: %(default)s)")
     ap.add_argument("--skip_shipped", action="store_true", help="skip measurement 1")

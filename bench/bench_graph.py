@@ -78,7 +78,8 @@ def blas_rates(d_mlp: int, rows: int = 8192, repeats: int = 3) -> dict:
     rates = {}
     fa, fb = a.astype(np.float32), b.astype(np.float32)
     ta, tb = torch.from_numpy(a).T.to(torch.int8).contiguous(), torch.from_numpy(b).to(torch.int8)
-    for name, f in (("numpy sgemm (float32)", lambda: fa.T @ fb), ("torch int8 GEMM (_int_mm)", lambda: torch._int_mm(ta, tb))):
+    for name, f in (("numpy sgemm (float32)", lambda: fa.T @ fb),
+                    ("torch int8 GEMM (_int_mm)", lambda: torch._int_mm(ta, tb))):
         f()
         best = min(_timed(f) for _ in range(repeats))
         rates[name] = flops / best / 1e9
@@ -121,7 +122,8 @@ def main():
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)
         return
-    rows.append(measure("c_analyze (full sweep)", ["c_analyze_weighted_activation_graph.py", "--input_path", str(store)]))
+    rows.append(measure("c_analyze (full sweep)",
+                        ["c_analyze_weighted_activation_graph.py", "--input_path", str(store)]))
     for method in args.methods.split():
         rows.append(measure(f"d ({method}, t=0.5, r=0.01)",
                             ["d_calculate_perturbation_subset.py", "--input_graph_path", str(analyzed),

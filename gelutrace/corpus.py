@@ -86,7 +86,8 @@ class Corpus:
     documents: int = 0
 
     def record(self) -> dict:
-        return {"files": self.files, "documents": self.documents, "tokens_read": int(sum(f["tokens"] for f in self.files))}
+        return {"files": self.files, "documents": self.documents,
+                "tokens_read": int(sum(f["tokens"] for f in self.files))}
 
 
 def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None) -> Corpus:
@@ -205,8 +206,7 @@ class Checkpoints:
             self.packed_files = state["packed"]
             packed = [np.load(self.dir / f, allow_pickle=False) for f in self.packed_files]
             return CoactivationCounts.load(self.counts_file, counts.device), state["batches_done"], packed
-        for f in self.dir.glob(f"*_{self.tag}*") if self.dir.is_dir() else []:
-            f.unlink()
+        self._remove()
         self.dir.mkdir(parents=True, exist_ok=True)
         return counts, 0, []
 
@@ -223,9 +223,13 @@ class Checkpoints:
                       self.state_file)
         self.last = time.monotonic()
 
+    def _remove(self):
+        for pattern in (self.state_file.name, self.counts_file.name, f"packed_{self.tag}_*.npy"):
+            for f in self.dir.glob(pattern):
+                f.unlink()
+
     def finish(self):
-        for f in self.dir.glob(f"*_{self.tag}*"):
-            f.unlink()
+        self._remove()
         try:  # the last process of a torchrun group to finish removes the directory
             self.dir.rmdir()
         except OSError:
@@ -251,7 +255,8 @@ def stream(model, tokens: np.ndarray, batches: list[np.ndarray], context: int, c
                 progress.update(x.numel())
             if checkpoints.due() and b + 1 < len(batches):
                 checkpoints.save(counts, b + 1, unsaved)
-                packed += unsaved
+                if packed is not None:
+                    packed += unsaved
                 unsaved = []
     if packed is not None:
         packed += unsaved

@@ -75,7 +75,7 @@ class CoactivationCounts:
         if layer == 0:
             self.samples += active.shape[0]
         cols = slice(layer * self.d_mlp, (layer + 1) * self.d_mlp)
-        self.node[cols] += active.sum(dim=0, dtype=torch.int64)
+        self.node[cols] += active.view(torch.int8).sum(dim=0, dtype=torch.int32)  # exact below 2**31 rows, fast
         if values is not None:
             self.value_sum[cols] += values.to(torch.float64).sum(dim=0)
         if layer > 0:

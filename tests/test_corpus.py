@@ -179,7 +179,8 @@ def test_three_shards_merged_equal_unsharded(corpus_dir, one_by_one, tmp_path):
     total = json.loads(sf.path(one_by_one, sf.CORPUS, M).read_text())
     assert [r["shard"]["index"] for r in recs] == [0, 1, 2]
     assert sum(r["samples"] for r in recs) == total["samples"] and all(r["samples"] < total["samples"] for r in recs)
-    run("c_merge_activation_statistics.py", "--output_dir", tmp_path / "merged", *(tmp_path / f"s{i}" for i in (2, 0, 1)))
+    run("c_merge_activation_statistics.py", "--output_dir", tmp_path / "merged",
+        *(tmp_path / f"s{i}" for i in (2, 0, 1)))
     assert_same_statistics(tmp_path / "merged", one_by_one)
     merged = json.loads(sf.path(tmp_path / "merged", sf.CORPUS, M).read_text())
     assert merged["samples"] == total["samples"] and merged["shard"] is None
@@ -223,7 +224,8 @@ def test_torchrun_two_gloo_processes_equal_single_process(corpus_dir, one_by_one
     assert r.returncode == 0, r.stderr
     assert_same_statistics(out, one_by_one)
     rec = json.loads(sf.path(out, sf.CORPUS, M).read_text())
-    assert rec["shard"] is None and rec["samples"] == json.loads(sf.path(one_by_one, sf.CORPUS, M).read_text())["samples"]
+    single = json.loads(sf.path(one_by_one, sf.CORPUS, M).read_text())
+    assert rec["shard"] is None and rec["samples"] == single["samples"]
     assert not sf.path(out, sf.CORPUS_PARTIAL_DIR, M).exists()
 
 
