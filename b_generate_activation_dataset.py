@@ -1,11 +1,17 @@
 """
-Stage b: generate text for every prompt of a CSV and record, for every generated token, which GELU neurons
-fired (post-GELU output > 0 at the position that predicts the token).
+Stage b: record which GELU neurons fire (post-GELU output > 0), in one of two modes.
 
-Writes into --export_dir: {m}_activation_dataset.csv, {m}_neuron_frequency.csv, {m}_activation_matrix.npz
-(bit-packed; read it with gelutrace.stagefiles.read_activation_matrix), {m}_neuron_activations.json and
-.pickle (unless --no_activation_lists), and stage a's graph files ({m}_neuron_attributes.csv,
-{m}_graph_meta.json, {m}_neuron_edges.el unless --no_edge_list).
+Prompt mode (--input_csv): generate text for every prompt of a CSV and record, for every generated token,
+the neurons behind it. Writes into --export_dir: {m}_activation_dataset.csv, {m}_neuron_frequency.csv,
+{m}_activation_matrix.npz (bit-packed; read it with gelutrace.stagefiles.read_activation_matrix),
+{m}_neuron_activations.json and .pickle (unless --no_activation_lists), and stage a's graph files
+({m}_neuron_attributes.csv, {m}_graph_meta.json, {m}_neuron_edges.el unless --no_edge_list).
+
+Corpus mode (--input_text): read any amount of text, teacher-forced in windows of --context tokens; every
+position is one sample. Exact counts are streamed, so memory does not grow with the text. Writes
+{m}_neuron_attributes.csv, {m}_graph_meta.json, {m}_neuron_frequency.csv, the compact graph store
+{m}_weighted_graph/ (as stage c would write it), {m}_corpus.json, and with --save_matrix the activation
+matrix. Under torchrun every process streams its share and process 0 writes the summed result.
 
 After generating, one teacher-forced forward and backward pass over each distinct prompt + continuation gives
 every neuron's `attribution` (frequency file): -sum_p a(p) dL/da(p), a first-order estimate of the
@@ -13,6 +19,9 @@ delta_nll that zero-ablating that neuron alone causes in stage e (--no_attributi
 
     python b_generate_activation_dataset.py --model_type gpt2 --input_csv parcellation_datasets/test_1.csv
         --export_dir parcellation_datasets/test_1
+    python b_generate_activation_dataset.py --model_type gpt2 --input_text corpus/ --export_dir corpus_gpt2
+    torchrun --standalone --nproc_per_node 4 b_generate_activation_dataset.py --model_type gpt2
+        --input_text corpus/ --export_dir corpus_gpt2
 """
 
 from pathlib import Path
@@ -20,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gelutrace import PipelineError, corpus
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args, parser, run_main
 from gelutrace.generation import StepProgress, encode_prompts, plan_batches
@@ -30,23 +40,49 @@ from gelutrace.stagefiles import check_output_dir, lock_directory, read_prompts
 
 def main():
     ap = parser(__doc__)
-    ap.add_argument("--input_csv", required=True,
-                    help="prompt CSV with columns prompts, number_of_new_tokens and optionally num_samples")
+    ap.add_argument("--input_csv",
+                    help="prompt mode: prompt CSV with columns prompts, number_of_new_tokens and optionally "
+                         "num_samples")
+    ap.add_argument("--input_text", nargs="+", metavar="PATH",
+                    help="corpus mode: .txt files (one document each), .jsonl files (one document per line, "
+                         "field 'text') or directories of them (every .txt/.jsonl, sorted by name)")
     ap.add_argument("--export_dir", required=True, help="directory for the dataset files (created if missing)")
     add_model_args(ap)
-    add_sampling_args(ap, seed=42, temperature=0.0, top_k=None)
+    add_sampling_args(ap, seed=42, temperature=0.0, top_k=None, batch_size=None,
+                      batch_help="prompt mode: most sequences generated together (default 64); corpus mode: "
+                                 f"windows per forward pass (default: about {corpus.TOKENS_PER_BATCH} tokens' worth)")
     ap.add_argument("--resume", action="store_true",
-                    help="continue an interrupted run with the same inputs and settings from its last completed batch")
+                    help="continue an interrupted run with the same inputs and settings (prompt mode: from its "
+                         "last completed batch; corpus mode: from its last checkpoint)")
     ap.add_argument("--no_activation_lists", action="store_true",
-                    help="skip the {m}_neuron_activations .json/.pickle lists (large for big runs; nothing "
-                         "downstream needs them)")
+                    help="prompt mode: skip the {m}_neuron_activations .json/.pickle lists (large for big runs; "
+                         "nothing downstream needs them)")
     ap.add_argument("--no_attribution", action="store_true",
-                    help="skip the attribution pass (one teacher-forced forward and backward pass per distinct "
-                         "continuation); the frequency file's attribution column is then empty")
+                    help="prompt mode: skip the attribution pass (one teacher-forced forward and backward pass per "
+                         "distinct continuation); the frequency file's attribution column is then empty")
     ap.add_argument("--no_edge_list", action="store_true",
-                    help="skip writing {m}_neuron_edges.el (1.2 GB for gpt2, 23 GB for gpt2-xl); later stages "
-                         "use the full adjacent-layer connectivity recorded in {m}_graph_meta.json")
+                    help="prompt mode: skip writing {m}_neuron_edges.el (1.2 GB for gpt2, 23 GB for gpt2-xl); "
+                         "later stages use the full adjacent-layer connectivity recorded in {m}_graph_meta.json "
+                         "(corpus mode never writes it)")
+    ap.add_argument("--context", type=int, default=None,
+                    help="corpus mode: tokens per window (default: the model's context)")
+    ap.add_argument("--max_tokens", type=int, default=None,
+                    help="corpus mode: read only the first N tokens of the corpus (default: all)")
+    ap.add_argument("--save_matrix", action="store_true",
+                    help="corpus mode: also write the bit-packed {m}_activation_matrix.npz (1 bit per sample and "
+                         "neuron, held in memory until written), from which stage c rebuilds the same store")
+    ap.add_argument("--shard", default=None, metavar="I/N",
+                    help="corpus mode: process only windows I, I+N, I+2N, ... and write a dataset of partial "
+                         "counts; c_merge_activation_statistics.py sums the N shards")
+    ap.add_argument("--checkpoint_minutes", type=float, default=5.0,
+                    help="corpus mode: save the running counts for --resume at most this often (default: "
+                         "%(default)s)")
     args = ap.parse_args()
+    if (args.input_csv is None) == (args.input_text is None):
+        raise PipelineError("give exactly one of --input_csv (prompt mode) and --input_text (corpus mode)")
+    if args.input_text is not None:
+        return corpus_mode(args)
+    args.batch_size = args.batch_size or 64
     check_sampling_args(args)
     prompts = read_prompts(args.input_csv)
     lm = load_model(args.model_type, args.device)
@@ -87,6 +123,16 @@ def main():
     per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])
     print(f"{summary['samples']} samples from {len(prompts)} prompts written to {export}; "
           f"active neurons per layer: {per_layer}")
+
+
+def corpus_mode(args):
+    record = corpus.run_corpus_mode(args.input_text, args.export_dir, args.model_type, args.device, args.context,
+                                    args.max_tokens, args.batch_size, args.save_matrix, args.resume, args.shard,
+                                    60 * args.checkpoint_minutes)
+    if record is not None:
+        shard = f" (shard {record['shard']['index']}/{record['shard']['count']})" if record["shard"] else ""
+        print(f"{record['samples']:,} samples from {record['documents']:,} documents, {record['windows']:,} windows "
+              f"of {record['context']} tokens{shard} written to {args.export_dir}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 Stage c: the weighted co-activation graph of stage b's activation dataset.
 
 Node weight = activation count (samples in which the neuron is active); edge weight = co_activation_count
-(samples in which both ends are active), exact, one matrix product per adjacent-layer pair. If the input
-directory's .el was edited by the user, only its edges are kept.
+(samples in which both ends are active), exact: for each adjacent-layer pair, an int8 matrix product per
+block of rows of the bit-packed matrix, added into int64 totals (the matrix is never unpacked whole). If the
+input directory's .el was edited by the user, only its edges are kept.
+
+A corpus-mode stage b writes the store itself; stage c rebuilds the same store from its --save_matrix.
 
 --output_path ending in .gpickle writes the original's pickled networkx.Graph (refused up front when it would
 not fit in memory); any other path writes the compact graph store, a directory of exact integer count
@@ -16,6 +19,8 @@ matrices (one per layer pair, np.load(..., mmap_mode='r')) plus graph.json.
 
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
@@ -63,8 +68,9 @@ def main():
         check_fits(data.num_neurons, n_edges)  # an edited edge list: its size is known once parsed
         co.write_gpickle(co.build_networkx(data), out)
     else:
-        co.write_store(out, data)
-    print(f"{data.model}: {data.num_neurons:,} neurons, {n_edges:,} edges, {data.active.shape[0]:,} samples "
+        with tqdm(total=data.n_layer if data.edges is None else 0, unit="pass", desc="counting") as bar:
+            co.write_store(out, data, progress=bar)
+    print(f"{data.model}: {data.num_neurons:,} neurons, {n_edges:,} edges, {data.num_samples:,} samples "
           f"-> {out} ({time.time() - t0:.1f} s)")
 
 

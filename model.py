@@ -151,14 +151,9 @@ class GPT(nn.Module):
                 mask = (causal & (real | (keys.view(1, -1) == slots.view(-1, 1)))).unsqueeze(1)
         return pos, mask
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, pad: torch.Tensor | None = None):
-        """
-        idx: (B, T) token ids. With `cache`, idx holds only the positions after those already cached.
-        pad: (B,) number of left-padding positions of each sequence (batches of unequal prompts);
-             padded positions are never attended to and positions count from each sequence's first
-             real token.
-        Returns logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -100 ignored).
-        """
+    def trunk(self, idx, cache: KVCache | None = None, pad: torch.Tensor | None = None):
+        """The residual stream after the last block (B, T, n_embd): the forward pass without the final norm
+        and the logits, for callers that only read the hooks (arguments as in forward)."""
         B, T = idx.size()
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
@@ -169,6 +164,17 @@ class GPT(nn.Module):
             x = block(x, i, cache, mask)
         if cache is not None:
             cache.length += T
+        return x
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, pad: torch.Tensor | None = None):
+        """
+        idx: (B, T) token ids. With `cache`, idx holds only the positions after those already cached.
+        pad: (B,) number of left-padding positions of each sequence (batches of unequal prompts);
+             padded positions are never attended to and positions count from each sequence's first
+             real token.
+        Returns logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -100 ignored).
+        """
+        x = self.trunk(idx, cache, pad)
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:

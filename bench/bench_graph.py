@@ -3,13 +3,18 @@ Wall time and peak RSS of stages c, c_analyze and d on a synthetic activation ma
 
     .venv/bin/python bench/bench_graph.py          # GPT-2 small: 12 layers x 3072, 2,500 samples
     .venv/bin/python bench/bench_graph.py --xl     # gpt2-xl: 48 layers x 6400 (1.93 B edges), 2,500 samples
+    .venv/bin/python bench/bench_graph.py --samples 200000 --c_only   # stage c at scale, beside BLAS rates
 
 Each neuron fires in a random 10-50 % of the samples. Every stage runs as its own subprocess (the scripts a
 user runs); peak RSS is that subprocess's ru_maxrss. Data goes to bench/out/ (git-ignored) unless --out.
+Stage c's rate is given in GFLOPS (2 x samples x d_mlp^2 per layer pair, as a dense product counts them),
+beside the rates numpy's float32 GEMM and torch's int8 GEMM reach on the same machine in the same run, on
+one layer pair's product of 8,192 samples.
 """
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -62,6 +67,31 @@ def measure(label: str, args: list[str]) -> dict:
     return row
 
 
+def blas_rates(d_mlp: int, rows: int = 8192, repeats: int = 3) -> dict:
+    """GFLOPS of numpy's sgemm and torch's int8 GEMM on a rows x d_mlp 0/1 pair product, best of `repeats`."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rng = np.random.default_rng(0)
+    a, b = (rng.random((rows, d_mlp), dtype=np.float32) < 0.3 for _ in range(2))
+    flops = 2 * rows * d_mlp ** 2
+    rates = {}
+    fa, fb = a.astype(np.float32), b.astype(np.float32)
+    ta, tb = torch.from_numpy(a).T.to(torch.int8).contiguous(), torch.from_numpy(b).to(torch.int8)
+    for name, f in (("numpy sgemm (float32)", lambda: fa.T @ fb),
+                    ("torch int8 GEMM (_int_mm)", lambda: torch._int_mm(ta, tb))):
+        f()
+        best = min(_timed(f) for _ in range(repeats))
+        rates[name] = flops / best / 1e9
+    return rates
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--xl", action="store_true", help="gpt2-xl shape (48 x 6400) instead of GPT-2 small (12 x 3072)")
@@ -72,6 +102,7 @@ def main():
     ap.add_argument("--weights", default="count",
                     help="edge weights to time c_analyze and d with, space-separated (default: %(default)s)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    ap.add_argument("--c_only", action="store_true", help="time stage c alone (skip c_analyze and d)")
     args = ap.parse_args()
 
     m, n_layer, d_mlp = ("gpt2-xl", 48, 6400) if args.xl else ("gpt2", 12, 3072)
@@ -85,6 +116,14 @@ def main():
     store = d / sf.WEIGHTED_GRAPH.format(m=m)
     analyzed = d / sf.ANALYSIS_DIR / (sf.ANALYZED.format(name=store.name) + ".json")
     rows = [measure("c (compact store)", ["c_calculate_weighted_activation_graph.py", "--input_dir", str(d)])]
+    flops = 2 * args.samples * d_mlp ** 2 * (n_layer - 1)
+    print(f"stage c: {flops / rows[0]['wall_s'] / 1e9:.0f} GFLOPS over its {n_layer - 1} pair products (wall)")
+    for name, rate in blas_rates(d_mlp).items():
+        print(f"  same machine, same run: {name}: {rate:.0f} GFLOPS")
+    if args.c_only:
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+        return
     for weight in args.weights.split():
         label = "" if weight == sf.DEFAULT_WEIGHT else f", {weight}"
         rows.append(measure(f"c_analyze (full sweep{label})", ["c_analyze_weighted_activation_graph.py",

@@ -41,15 +41,16 @@ def add_model_args(ap: argparse.ArgumentParser, default: str = "gpt2", device: b
                         help="where the model runs; auto picks cuda, then mps, then cpu (default: %(default)s)")
 
 
-def add_sampling_args(ap: argparse.ArgumentParser, seed: int, temperature: float, top_k: int | None):
+def add_sampling_args(ap: argparse.ArgumentParser, seed: int, temperature: float, top_k: int | None,
+                      batch_size: int | None = 64, batch_help: str | None = None):
     ap.add_argument("--seed", type=int, default=seed, help="random seed for sampling (default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=temperature,
                     help="sampling temperature; 0 means greedy decoding (argmax) (default: %(default)s)")
     ap.add_argument("--top_k", type=int, default=top_k,
                     help="sample only among the k most likely tokens; ignored when greedy (default: %(default)s)")
-    ap.add_argument("--batch_size", type=int, default=64,
-                    help="most sequences generated together (prompts are left-padded into batches; "
-                         "greedy runs compute one sequence per prompt) (default: %(default)s)")
+    ap.add_argument("--batch_size", type=int, default=batch_size,
+                    help=batch_help or "most sequences generated together (prompts are left-padded into batches; "
+                                       "greedy runs compute one sequence per prompt) (default: %(default)s)")
 
 
 def check_sampling_args(args):

@@ -28,6 +28,7 @@ import os
 import pickle
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -82,20 +83,37 @@ def pair_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @dataclass
 class ActivationData:
-    """Stage b's outputs as stage c needs them."""
+    """Stage b's outputs as stage c needs them; the matrix stays bit-packed until a path needs it whole."""
     model: str
     n_layer: int
     d_mlp: int
-    active: np.ndarray  # bool, samples x (n_layer * d_mlp), columns in neuron id order
+    packed: np.ndarray  # uint8, samples x ceil(n_layer * d_mlp / 8), np.packbits of the 0/1 matrix along axis 1
     edges: np.ndarray | None  # (E, 2) int64 when the user edited the .el, None for full adjacent layers
     source: dict = field(default_factory=dict)
+    expected_counts: tuple | None = None  # (neuron ids, activation counts) of the frequency file, checked once counted
+    where: str = ""
 
     @property
     def num_neurons(self):
         return self.n_layer * self.d_mlp
 
+    @property
+    def num_samples(self):
+        return len(self.packed)
+
+    @cached_property
+    def active(self) -> np.ndarray:
+        """bool, samples x neurons (8x the packed size): only the edited-edge-list and .gpickle paths need it."""
+        return np.unpackbits(self.packed, axis=1, count=self.num_neurons).view(bool)
+
     def layer(self, i: int) -> np.ndarray:
         return self.active[:, i * self.d_mlp:(i + 1) * self.d_mlp]
+
+    def check_node_counts(self, counts: np.ndarray):
+        if self.expected_counts is not None:
+            ids, expected = self.expected_counts
+            if not np.array_equal(counts[ids], expected):
+                raise PipelineError(f"{self.where} on activation counts; rerun stage b")
 
 
 def load_activation_data(input_dir) -> ActivationData:
@@ -114,20 +132,20 @@ def load_activation_data(input_dir) -> ActivationData:
                             f"but the files are named for {m!r}")
     n = n_layer * d_mlp
     matrix_path = sf.path(d, sf.MATRIX, m)
-    active, ids = sf.read_activation_matrix(matrix_path)
+    packed, n_cols, ids = sf.read_packed_activation_matrix(matrix_path)
     if ids.size and (ids.min() < 0 or ids.max() >= n):
         raise PipelineError(f"{matrix_path} has neuron ids up to {ids.max()}, but {m} has {n} neurons "
                             f"(graph metadata: {n_layer} layers x {d_mlp}); files from different models?")
     if not np.array_equal(ids, np.arange(n)):
         if np.unique(ids).size != ids.size:
             raise PipelineError(f"{matrix_path} lists a neuron id twice")
-        full = np.zeros((active.shape[0], n), dtype=bool)
-        full[:, ids] = active
-        active = full
-    if active.shape[0] == 0:
+        full = np.zeros((len(packed), n), dtype=bool)
+        full[:, ids] = np.unpackbits(packed, axis=1, count=n_cols).view(bool)
+        packed = np.packbits(full, axis=1)
+    if len(packed) == 0:
         raise PipelineError(f"{matrix_path} has no samples")
-    counts = active.sum(axis=0, dtype=np.int64)
     freq_path = sf.path(d, sf.FREQUENCY, m)
+    expected = None
     if freq_path.is_file():
         try:
             freq = pd.read_csv(freq_path, usecols=["neuron_id", "activation_count"])
@@ -136,16 +154,14 @@ def load_activation_data(input_dir) -> ActivationData:
         fid = freq["neuron_id"].to_numpy(np.int64)
         if fid.size and (fid.min() < 0 or fid.max() >= n):
             raise PipelineError(f"{freq_path} has neuron ids outside 0..{n - 1}; files from different models?")
-        if not np.array_equal(counts[fid], freq["activation_count"].to_numpy(np.int64)):
-            raise PipelineError(f"{freq_path} disagrees with {matrix_path} on activation counts; "
-                                f"rerun stage b")
+        expected = fid, freq["activation_count"].to_numpy(np.int64)
     edges = None
     if not sf.edges_are_canonical(d, m, meta):
         edges = canonical_edge_list(sf.read_edges(d, m), n, sf.path(d, sf.EDGES, m))
     st = matrix_path.stat()
     source = {"input_dir": str(d.resolve()), "matrix": matrix_path.name, "matrix_size": st.st_size,
               "matrix_mtime_ns": st.st_mtime_ns, "edited_edge_list": edges is not None}
-    return ActivationData(m, n_layer, d_mlp, active, edges, source)
+    return ActivationData(m, n_layer, d_mlp, packed, edges, source, expected, f"{freq_path} disagrees with {matrix_path}")
 
 
 def canonical_edge_list(edges: np.ndarray, n: int, where) -> np.ndarray:
@@ -160,8 +176,7 @@ def canonical_edge_list(edges: np.ndarray, n: int, where) -> np.ndarray:
 
 def edge_list_counts(data: ActivationData, edges: np.ndarray) -> np.ndarray:
     """Exact counts of an arbitrary edge list: one matrix product per layer pair that it touches."""
-    n_samples = data.active.shape[0]
-    out = np.zeros(len(edges), dtype=count_dtype(n_samples))
+    out = np.zeros(len(edges), dtype=count_dtype(data.num_samples))
     lu, lv = edges[:, 0] // data.d_mlp, edges[:, 1] // data.d_mlp
     key = lu * data.n_layer + lv
     for k in np.unique(key):  # one iteration per layer pair, not per edge
@@ -469,42 +484,60 @@ def check_nx_fits(num_nodes: int, num_edges: int, limit_bytes: int | None, what:
 
 
 def write_store(target, data: ActivationData, progress=None) -> dict:
-    """Compute every count and write the compact store directory atomically; returns its header."""
-    n_samples = data.active.shape[0]
-    dt = count_dtype(n_samples)
+    """
+    Count and write the compact store of stage b's data. Full adjacent layers stream over blocks of rows of the
+    packed matrix, one layer pair at a time (progress: one step per pass); an edited edge list unpacks it.
+    """
+    if data.edges is None:
+        from gelutrace.statistics import PackedMatrixCounts  # imports torch: only the scripts that count need it
+
+        counts = PackedMatrixCounts(data.packed, data.n_layer, data.d_mlp, progress=progress)
+        node_counts = counts.node_counts()
+        data.check_node_counts(node_counts)
+        return write_count_store(target, data.model, data.n_layer, data.d_mlp, data.num_samples, node_counts,
+                                 data.source, pair_counts=counts.pair_counts)
     node_counts = data.active.sum(axis=0, dtype=np.int64)
+    data.check_node_counts(node_counts)
+    return write_count_store(target, data.model, data.n_layer, data.d_mlp, data.num_samples, node_counts,
+                             data.source, edges=data.edges, edge_counts=edge_list_counts(data, data.edges))
+
+
+def write_count_store(target, model: str, n_layer: int, d_mlp: int, num_samples: int, node_counts: np.ndarray,
+                      source: dict, pair_counts=None, edges: np.ndarray | None = None,
+                      edge_counts: np.ndarray | None = None) -> dict:
+    """
+    The compact store directory, written atomically, from exact counts: either `pair_counts(i)`, the
+    d_mlp x d_mlp counts between layers i and i+1 (kind adjacent_dense), or `edges` with their `edge_counts`
+    (kind edge_list). Counts are stored in count_dtype(num_samples). Returns the header.
+    """
+    dt = count_dtype(num_samples)
+    node_counts = np.asarray(node_counts, dtype=np.int64)
     blocks, max_c, nonzero = [], 0, 0
     with sf.atomic_dir(target) as tmp:
         np.save(tmp / sf.GRAPH_STORE_NODES, node_counts, allow_pickle=False)
-        if data.edges is None:
-            kind, num_edges = "adjacent_dense", (data.n_layer - 1) * data.d_mlp ** 2
-            nxt = None
-            for i in range(data.n_layer - 1):
-                ft = _product_dtype(n_samples)
-                a = nxt if nxt is not None else np.asarray(data.layer(i), dtype=ft)
-                nxt = np.asarray(data.layer(i + 1), dtype=ft)
-                c = (a.T @ nxt).astype(dt)
+        if edges is None:
+            kind, num_edges = "adjacent_dense", (n_layer - 1) * d_mlp ** 2
+            for i in range(n_layer - 1):
+                c = np.asarray(pair_counts(i)).astype(dt)
                 name = sf.GRAPH_STORE_PAIR.format(src=i, tgt=i + 1)
                 np.save(tmp / name, c, allow_pickle=False)
                 max_c, nonzero = max(max_c, int(c.max())), nonzero + int(np.count_nonzero(c))
                 blocks.append({"file": name, "src_layer": i, "tgt_layer": i + 1, "shape": list(c.shape)})
                 del c
-                if progress is not None:
-                    progress.update(1)
         else:
-            kind, num_edges = "edge_list", len(data.edges)
-            counts = edge_list_counts(data, data.edges)
-            np.save(tmp / sf.GRAPH_STORE_EDGES, data.edges.astype(np.int64), allow_pickle=False)
+            kind, num_edges = "edge_list", len(edges)
+            counts = np.asarray(edge_counts).astype(dt)
+            np.save(tmp / sf.GRAPH_STORE_EDGES, edges.astype(np.int64), allow_pickle=False)
             np.save(tmp / sf.GRAPH_STORE_EDGE_COUNTS, counts, allow_pickle=False)
             max_c = int(counts.max()) if counts.size else 0
             nonzero = int(np.count_nonzero(counts))
             blocks.append({"file": sf.GRAPH_STORE_EDGES, "counts_file": sf.GRAPH_STORE_EDGE_COUNTS,
                            "num_edges": num_edges})
-        header = {"format": STORE_FORMAT, "version": STORE_VERSION, "uid": uuid.uuid4().hex, "model": data.model,
-                  "n_layer": data.n_layer, "d_mlp": data.d_mlp, "num_neurons": data.num_neurons,
-                  "num_samples": n_samples, "kind": kind, "num_edges": num_edges, "num_nonzero_edges": nonzero,
+        header = {"format": STORE_FORMAT, "version": STORE_VERSION, "uid": uuid.uuid4().hex, "model": model,
+                  "n_layer": n_layer, "d_mlp": d_mlp, "num_neurons": n_layer * d_mlp,
+                  "num_samples": num_samples, "kind": kind, "num_edges": num_edges, "num_nonzero_edges": nonzero,
                   "max_activation_count": int(node_counts.max()), "max_co_activation_count": max_c,
-                  "count_dtype": np.dtype(dt).name, "blocks": blocks, "source": data.source}
+                  "count_dtype": np.dtype(dt).name, "blocks": blocks, "source": source}
         (tmp / sf.GRAPH_STORE_HEADER).write_text(json.dumps(header, indent=2) + "\n")
     return header
 
@@ -513,8 +546,9 @@ def build_networkx(data: ActivationData, progress=None):
     """The original's graph object: all nodes (layer, dimension, activation_count), every base edge."""
     import networkx as nx
     counts = data.active.sum(axis=0, dtype=np.int64)
+    data.check_node_counts(counts)
     ids = np.arange(data.num_neurons)
-    g = nx.Graph(model=data.model, num_samples=int(data.active.shape[0]))
+    g = nx.Graph(model=data.model, num_samples=data.num_samples)
     g.add_nodes_from(zip(ids.tolist(), ({"layer": int(i // data.d_mlp), "dimension": int(i % data.d_mlp),
                                          "activation_count": int(c)} for i, c in zip(ids, counts))))
     if data.edges is not None:

@@ -18,7 +18,7 @@ import torch
 from gelutrace import PipelineError
 from gelutrace.attribution import distinct_sequences, neuron_attribution
 from gelutrace.generation import Batch, generate_batch, repeat_rows
-from gelutrace.stagefiles import (DATASET, FREQUENCY, FREQUENCY_COLUMNS, MATRIX, PARTIAL_DIR, Prompt, dataset_columns,
+from gelutrace.stagefiles import (DATASET, FREQUENCY, MATRIX, PARTIAL_DIR, Prompt, dataset_columns, frequency_table,
                                   packed_counts, path, write_activation_lists, write_csv, write_json, write_npz,
                                   write_packed_activation_matrix)
 
@@ -229,15 +229,7 @@ def write_dataset(export_dir, m: str, chunks: list[Chunk], tokenizer, prompts: l
     table.update({f"layer_{i}_num_active_neurons": per_layer[:, i] for i in range(n_layer)})
     write_csv(pd.DataFrame(table, columns=dataset_columns(n_layer)), path(export_dir, DATASET, m))
 
-    ids = np.arange(n)
-    freq = pd.DataFrame({
-        "neuron_id": ids, "activation_count": counts,
-        "activation_frequency": counts / samples if samples else np.zeros(n),
-        "layer": ids // d_mlp, "dimension": ids % d_mlp,
-        "mean_activation": value_sum / samples if samples else np.zeros(n),
-        "attribution": np.full(n, np.nan) if attribution is None else attribution,
-    }, columns=FREQUENCY_COLUMNS)
-    write_csv(freq, path(export_dir, FREQUENCY, m))
+    write_csv(frequency_table(counts, value_sum, samples, d_mlp, attribution), path(export_dir, FREQUENCY, m))
     write_packed_activation_matrix(path(export_dir, MATRIX, m), packed, n)
     if activation_lists:
         write_activation_lists(export_dir, m, packed, n)

@@ -35,6 +35,8 @@ DATASET_SET = (DATASET, FREQUENCY, MATRIX, ATTRIBUTES, GRAPH_META)  # what the m
 NEURON_EFFECTS_META = "{m}_neuron_effects.json"  # beside it: model, dataset, prompt CSV (sha256), sample counts
 NEURON_EFFECTS_PARTIAL = ".{m}_neuron_effects_partial"  # its finished blocks of neurons, for --resume
 PARTIAL_DIR = ".{m}_partial"  # stage b's finished batches of an unfinished run, for --resume
+CORPUS = "{m}_corpus.json"  # stage b corpus mode: the text read (files, sha256, tokens, windows, shard)
+CORPUS_PARTIAL_DIR = ".{m}_corpus_partial"  # corpus mode's checkpoints of an unfinished run, for --resume
 TRACE_VECTOR = "{m}_activations.pkl"
 TRACE_ACTIVE = "{m}_active_neurons.txt"
 TRACE_PLOT = "{m}_activations.png"
@@ -296,9 +298,22 @@ def write_npy(array: np.ndarray, target):
         np.save(f, array, allow_pickle=False)
 
 
-def write_npz(target, **arrays):
+def write_npz(target, compress=True, **arrays):
     with atomic_path(target) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
+        (np.savez_compressed if compress else np.savez)(f, **arrays)
+
+
+def frequency_table(counts: np.ndarray, value_sum: np.ndarray, samples: int, d_mlp: int,
+                    attribution: np.ndarray | None = None) -> pd.DataFrame:
+    """{m}_neuron_frequency.csv's rows, every neuron in id order; attribution is empty when not computed."""
+    ids = np.arange(len(counts))
+    return pd.DataFrame({
+        "neuron_id": ids, "activation_count": counts,
+        "activation_frequency": counts / samples if samples else np.zeros(len(ids)),
+        "layer": ids // d_mlp, "dimension": ids % d_mlp,
+        "mean_activation": value_sum / samples if samples else np.zeros(len(ids)),
+        "attribution": np.full(len(ids), np.nan) if attribution is None else attribution,
+    }, columns=FREQUENCY_COLUMNS)
 
 
 # --- prompt CSV -------------------------------------------------------------------------------------------
@@ -515,11 +530,11 @@ def write_packed_activation_matrix(target, packed: np.ndarray, n_neurons: int, n
               neuron_ids=ids, packing=np.array("packbits_axis1"))
 
 
-def read_activation_matrix(source, sparse: bool = False):
+def read_packed_activation_matrix(source):
     """
-    (matrix, neuron_ids) from a stage-b `.npz`: matrix is a boolean numpy array (samples x neurons), or a
-    scipy.sparse CSR matrix of int8 ones with `sparse=True`. Loads without pickle. Also reads the original
-    pipeline's unpacked 0/1 `matrix`.
+    (packed, n_neurons, neuron_ids) from a stage-b `.npz` without unpacking it: packed is the uint8
+    np.packbits(active, axis=1) matrix. Loads without pickle; the original pipeline's unpacked 0/1 `matrix` is
+    packed on reading.
     """
     p = Path(source)
     if not p.is_file():
@@ -528,16 +543,32 @@ def read_activation_matrix(source, sparse: bool = False):
         with np.load(p, allow_pickle=False) as z:
             ids = z["neuron_ids"].astype(np.int64)
             if "packing" in z.files:
-                shape = tuple(int(x) for x in z["matrix_shape"])
-                matrix = np.unpackbits(z["matrix"], axis=1, count=shape[1]).view(bool).reshape(shape)
+                n_samples, n_neurons = (int(x) for x in z["matrix_shape"])
+                packed = z["matrix"]
+                if packed.dtype != np.uint8 or packed.shape != (n_samples, (n_neurons + 7) // 8):
+                    raise ValueError(f"packed matrix of shape {packed.shape}, expected {n_samples} x "
+                                     f"{(n_neurons + 7) // 8} bytes")
             else:
                 matrix = z["matrix"] != 0
+                n_neurons = matrix.shape[1]
+                packed = np.packbits(matrix, axis=1)
     except PipelineError:
         raise
     except Exception as e:
         raise PipelineError(f"cannot read activation matrix {p}: {e}") from None
-    if matrix.shape[1] != len(ids):
-        raise PipelineError(f"{p}: {matrix.shape[1]} columns but {len(ids)} neuron ids")
+    if n_neurons != len(ids):
+        raise PipelineError(f"{p}: {n_neurons} columns but {len(ids)} neuron ids")
+    return packed, n_neurons, ids
+
+
+def read_activation_matrix(source, sparse: bool = False):
+    """
+    (matrix, neuron_ids) from a stage-b `.npz`: matrix is a boolean numpy array (samples x neurons), or a
+    scipy.sparse CSR matrix of int8 ones with `sparse=True`. Loads without pickle. Also reads the original
+    pipeline's unpacked 0/1 `matrix`.
+    """
+    packed, n_neurons, ids = read_packed_activation_matrix(source)
+    matrix = np.unpackbits(packed, axis=1, count=n_neurons).view(bool).reshape(len(packed), n_neurons)
     if sparse:
         import scipy.sparse as sp
         return sp.csr_matrix(matrix, dtype=np.int8), ids

@@ -155,3 +155,27 @@ def test_store_loads_one_pair_memory_mapped_without_pickle(dataset):
     c = g.blocks[0].counts()
     assert isinstance(c, np.memmap)
     assert pd.read_json(d / "store" / "graph.json", typ="series")["format"] == co.STORE_FORMAT
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 100, 1001])
+def test_pair_product_exact_for_any_row_count(rows):
+    import torch
+
+    from gelutrace.statistics import pair_product
+    rng = np.random.default_rng(rows)
+    a, b = rng.random((rows, 40)) < 0.4, rng.random((rows, 24)) < 0.7
+    got = pair_product(torch.from_numpy(a), torch.from_numpy(b))
+    assert got.dtype == torch.int64
+    np.testing.assert_array_equal(got.numpy(), a.astype(np.int64).T @ b.astype(np.int64))
+
+
+@pytest.mark.parametrize("d_mlp", [12, 16])  # layers that are, and are not, whole bytes of the packed matrix
+def test_packed_matrix_counts_in_blocks_equal_numpy(d_mlp):
+    from gelutrace.statistics import PackedMatrixCounts
+    active = random_activations(4, d_mlp, 1000, seed=d_mlp)
+    counts = PackedMatrixCounts(np.packbits(active, axis=1), 4, d_mlp, block_rows=96)
+    a = active.astype(np.int64)
+    np.testing.assert_array_equal(counts.node_counts(), a.sum(axis=0))
+    for i in range(3):
+        np.testing.assert_array_equal(counts.pair_counts(i),
+                                      a[:, i * d_mlp:(i + 1) * d_mlp].T @ a[:, (i + 1) * d_mlp:(i + 2) * d_mlp])

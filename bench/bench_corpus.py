@@ -1,0 +1,156 @@
+"""
+Stage b's corpus mode: wall time, tokens/s and peak RSS.
+
+    .venv/bin/python bench/bench_corpus.py                       # all three measurements below
+    .venv/bin/python bench/bench_corpus.py --skip_rss --tokens 200000
+
+1. The shipped model on --tokens tokens of text (default 10^6): the held-out text repeated as documents of a
+   .jsonl, run as a user runs the script (a subprocess; peak RSS is its ru_maxrss).
+2. A GPT-2-small-shaped model (transformers' GPT2Config() defaults, random weights, built locally): corpus
+   mode's tokens/s against a plain teacher-forced forward pass (logits included, no hooks) of the same model
+   on the same windows and batches, in the same process, interleaved (--repeats rounds, median ratio).
+3. The same model's peak RSS in corpus mode at --rss_tokens (default 2 x 10^4 and 10^5), each a subprocess.
+
+Data goes to bench/out/corpus (git-ignored) unless --out.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from gelutrace import corpus  # noqa: E402
+from gelutrace import stagefiles as sf  # noqa: E402
+from gelutrace.statistics import CoactivationCounts  # noqa: E402
+
+MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+           "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+           "sys.exit(r.returncode)")
+HELDOUT = ROOT / "tests" / "data" / "heldout.txt"
+SHIPPED = ROOT / "models" / "tinybard"
+
+
+def measure(label: str, args: list[str]) -> dict:
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, *args], capture_output=True, text=True,
+                       cwd=ROOT)
+    wall = time.time() - t0
+    rss = next((int(line.split()[1]) for line in p.stderr.splitlines() if line.startswith("MAXRSS")), 0)
+    if p.returncode != 0:
+        sys.exit(f"{label} failed:\n{p.stdout}\n{p.stderr}")
+    print(f"{label:<44} {wall:>8.1f} s  {rss / 2**20:>6.2f} GiB", flush=True)
+    return {"wall_s": wall, "peak_rss_GiB": rss / 2**20}
+
+
+def make_text(target: Path, tokens: int, tokenizer) -> int:
+    """A .jsonl of held-out copies as documents, enough for `tokens` tokens (each document + end-of-text)."""
+    text = HELDOUT.read_text(encoding="utf-8")
+    per_doc = len(tokenizer(text, verbose=False)["input_ids"]) + 1
+    copies = -(-tokens // per_doc)
+    with open(target, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for _ in range(copies))
+    return copies * per_doc
+
+
+def gpt2_small(out: Path) -> Path:
+    """A GPT-2-small-shaped checkpoint with random weights and the shipped tokenizer (ids stay below its vocab)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if not (out / "model.safetensors").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(str(out))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(SHIPPED / f, out / f)
+    return out
+
+
+def throughput(ckpt: Path, text: Path, tokens: int, context: int, batch_size: int, repeats: int):
+    from gelutrace.loading import load_model
+
+    lm = load_model(str(ckpt), "cpu")
+    ids = corpus.read_corpus([str(text)], lm.tokenizer, tokens).ids
+    batches = corpus.plan(corpus.shard_windows(corpus.num_windows(len(ids), context), None), len(ids), context,
+                          batch_size)
+    x = torch.from_numpy(ids.astype("int64"))
+    cfg = lm.model.config
+
+    def plain():
+        for w in batches:
+            lm.model(torch.stack([x[int(k) * context:(int(k) + 1) * context] for k in w]))
+
+    def counted():
+        counts = CoactivationCounts(cfg.n_layer, cfg.d_mlp)
+        ck = corpus.Checkpoints(ROOT / "bench" / "out" / "unused", lm.name, "", None, float("inf"))
+        corpus.stream(lm.model, ids, batches, context, counts, ck, 0, None)
+
+    rates = {"plain": [], "corpus": []}
+    with torch.no_grad():
+        plain()  # warm-up
+        for _ in range(repeats):
+            for name, f in (("plain", plain), ("corpus", counted)):
+                t0 = time.perf_counter()
+                f()
+                rates[name].append(len(ids) / (time.perf_counter() - t0))
+    ratio = statistics.median(c / p for c, p in zip(rates["corpus"], rates["plain"]))
+    print(f"GPT-2-small shape, {len(ids):,} tokens, windows of {context} x batches of {batch_size}, "
+          f"{torch.get_num_threads()} threads:")
+    print(f"  plain teacher-forced forward  {statistics.median(rates['plain']):7.1f} tokens/s")
+    print(f"  corpus mode (hooks + counts)  {statistics.median(rates['corpus']):7.1f} tokens/s  "
+          f"= {100 * ratio:.0f} % of plain (median of {repeats} paired rounds)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=10**6, help="tokens for the shipped model (default: %(default)s)")
+    ap.add_argument("--speed_tokens", type=int, default=8192,
+                    help="tokens per round of the GPT-2-small speed comparison (default: %(default)s)")
+    ap.add_argument("--context", type=int, default=256, help="window of the speed comparison (default: %(default)s)")
+    ap.add_argument("--batch_size", type=int, default=8, help="windows per batch there (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="paired rounds of the speed comparison (default: %(default)s)")
+    ap.add_argument("--rss_tokens", type=int, nargs="+", default=[20000, 100000],
+                    help="token counts of the GPT-2-small peak-RSS runs (default: %(default)s)")
+    ap.add_argument("--skip_shipped", action="store_true", help="skip measurement 1")
+    ap.add_argument("--skip_speed", action="store_true", help="skip measurement 2")
+    ap.add_argument("--skip_rss", action="store_true", help="skip measurement 3")
+    ap.add_argument("--out", default=None, help="work directory (default: bench/out/corpus)")
+    args = ap.parse_args()
+
+    out = Path(args.out) if args.out else ROOT / "bench" / "out" / "corpus"
+    out.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
+    need = max([args.tokens, args.speed_tokens, *args.rss_tokens])
+    text = out / "heldout_repeated.jsonl"
+    have = make_text(text, need, tok)
+    print(f"text: {text} ({have:,} tokens, the held-out text repeated)")
+    b = str(ROOT / "b_generate_activation_dataset.py")
+    if not args.skip_shipped:
+        r = measure(f"shipped model, {args.tokens:,} tokens", [
+            b, "--model_type", "tinybard", "--input_text", str(text), "--export_dir", str(out / "shipped"),
+            "--max_tokens", str(args.tokens), "--device", "cpu"])
+        rec = json.loads(sf.path(out / "shipped", sf.CORPUS, "tinybard").read_text())
+        print(f"  {rec['samples'] / r['wall_s']:,.0f} tokens/s including start-up")
+    ckpt = gpt2_small(out / "gpt2-small-random")
+    if not args.skip_speed:
+        throughput(ckpt, text, args.speed_tokens, args.context, args.batch_size, args.repeats)
+    if not args.skip_rss:
+        for n in args.rss_tokens:
+            measure(f"GPT-2-small shape, {n:,} tokens (peak RSS)", [
+                b, "--model_type", str(ckpt), "--input_text", str(text), "--export_dir", str(out / f"rss_{n}"),
+                "--max_tokens", str(n), "--context", str(args.context), "--batch_size", str(args.batch_size),
+                "--device", "cpu"])
+
+
+if __name__ == "__main__":
+    main()

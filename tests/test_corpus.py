@@ -1,0 +1,294 @@
+"""
+Stage b's corpus mode, stage c on its saved matrix, shards and their merge, torchrun, resume: against
+transformers' own GPT-2 with hooks on `mlp.act` over the same windows, with every count recomputed by numpy.
+"""
+
+import contextlib
+import io
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf
+from gelutrace import stagefiles as sf
+
+M = SHIPPED_NAME
+B = "b_generate_activation_dataset.py"
+CONTEXT = 64
+DOCS = ["KING HENRY. Now, lords, for France!", "And God said, \"Let there be light\": Ünïcode too."]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as this process (conftest), so float sums match to the bit
+
+
+def run(script, *args, check=True, **env):
+    r = subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", **ONE_THREAD, **env))
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{r.stderr}")
+    return r
+
+
+def run_here(script, *args, check=True) -> tuple[int, str]:
+    """A script run in this process (no interpreter start-up): its exit status and what it wrote to stderr."""
+    path = str(REPO_ROOT / script)
+    err = io.StringIO()
+    argv = sys.argv
+    sys.argv = [path, *map(str, args)]
+    code = 0
+    try:
+        with torch.set_grad_enabled(torch.is_grad_enabled()), contextlib.redirect_stderr(err):
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    if check and code != 0:
+        raise AssertionError(f"{script} failed:\n{err.getvalue()}")
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """A directory with a .jsonl of two documents and the held-out text: read in name order."""
+    d = tmp_path_factory.mktemp("corpus") / "text"
+    d.mkdir()
+    (d / "a_docs.jsonl").write_text("".join(json.dumps({"text": t, "id": k}) + "\n" for k, t in enumerate(DOCS)))
+    shutil.copy(HELDOUT_PATH, d / "b_heldout.txt")
+    (d / "notes.md").write_text("not part of the corpus")
+    return d
+
+
+@pytest.fixture(scope="module")
+def streamed(corpus_dir, shipped_path):
+    out = corpus_dir.parent / "streamed"
+    run_here(B, "--input_text", corpus_dir, "--export_dir", out, "--model_type", M, "--context", CONTEXT,
+        "--batch_size", 64, "--save_matrix")
+    return out
+
+
+def reference(shipped_path, tokenizer, texts):
+    """Windows cut by hand; post-GELU values by transformers' GPT-2 with hooks on mlp.act (samples x neurons)."""
+    ids = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+    hf = load_hf(shipped_path)
+    values = []
+    for lo in range(0, len(ids), CONTEXT):
+        layers = []
+        hooks = [blk.mlp.act.register_forward_hook(lambda m, i, o: layers.append(o[0].detach().clone()))
+                 for blk in hf.transformer.h]
+        with torch.no_grad():
+            hf(torch.tensor([ids[lo:lo + CONTEXT]]))
+        for h in hooks:
+            h.remove()
+        values.append(torch.cat(layers, dim=1).numpy())
+    return ids, np.concatenate(values)
+
+
+def store_arrays(store):
+    return {p.name: np.load(p, allow_pickle=False) for p in sorted(store.glob("*.npy"))}
+
+
+def header_without_ids(store):
+    h = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
+    return {k: v for k, v in h.items() if k not in ("uid", "source")}
+
+
+def test_streamed_counts_equal_transformers_and_numpy(streamed, shipped, shipped_path):
+    texts = DOCS + [HELDOUT_PATH.read_text(encoding="utf-8")]
+    ids, values = reference(shipped_path, shipped.tokenizer, texts)
+    active = values > 0
+    cfg = shipped.model.config
+    d = cfg.d_mlp
+    rec = json.loads(sf.path(streamed, sf.CORPUS, M).read_text())
+    assert rec["tokens"] == rec["samples"] == len(ids) == len(values)
+    assert rec["documents"] == 3 and [f["documents"] for f in rec["files"]] == [2, 1]
+    assert rec["windows"] == -(-len(ids) // CONTEXT) and len(ids) % CONTEXT  # a shorter last window is kept
+    assert rec["context"] == CONTEXT and rec["model"] == M and rec["shard"] is None
+    import hashlib
+    assert rec["files"][1]["sha256"] == hashlib.sha256(HELDOUT_PATH.read_bytes()).hexdigest()
+
+    store = sf.path(streamed, sf.WEIGHTED_GRAPH, M)
+    arrays = store_arrays(store)
+    np.testing.assert_array_equal(arrays[sf.GRAPH_STORE_NODES], active.sum(axis=0))
+    a64 = active.astype(np.int64)
+    for i in range(cfg.n_layer - 1):
+        expect = a64[:, i * d:(i + 1) * d].T @ a64[:, (i + 1) * d:(i + 2) * d]
+        got = arrays[sf.GRAPH_STORE_PAIR.format(src=i, tgt=i + 1)]
+        assert got.dtype == np.uint16
+        np.testing.assert_array_equal(got, expect)
+    h = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
+    assert h["num_samples"] == len(values) and h["kind"] == "adjacent_dense"
+
+    freq = pd.read_csv(sf.path(streamed, sf.FREQUENCY, M))
+    assert list(freq.columns) == sf.FREQUENCY_COLUMNS and freq["attribution"].isna().all()
+    np.testing.assert_array_equal(freq["activation_count"], active.sum(axis=0))
+    np.testing.assert_allclose(freq["activation_frequency"], active.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(freq["mean_activation"], values.astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-6)
+    matrix, _ = sf.read_activation_matrix(sf.path(streamed, sf.MATRIX, M))
+    np.testing.assert_array_equal(matrix, active)
+    assert sf.read_graph_meta(streamed, M)["n_layer"] == cfg.n_layer
+    assert not sf.path(streamed, sf.DATASET, M).exists() and not sf.path(streamed, sf.ACTIVATIONS_JSON, M).exists()
+
+
+def test_saved_matrix_through_stage_c_equals_the_streamed_store(streamed, tmp_path):
+    run("c_calculate_weighted_activation_graph.py", "--input_dir", streamed, "--output_path", tmp_path / "c_store")
+    a, b = store_arrays(sf.path(streamed, sf.WEIGHTED_GRAPH, M)), store_arrays(tmp_path / "c_store")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+        assert (sf.path(streamed, sf.WEIGHTED_GRAPH, M) / k).read_bytes() == (tmp_path / "c_store" / k).read_bytes()
+    assert header_without_ids(sf.path(streamed, sf.WEIGHTED_GRAPH, M)) == header_without_ids(tmp_path / "c_store")
+
+
+def assert_same_statistics(a, b, mean_rtol=1e-12):
+    sa, sb = sf.path(a, sf.WEIGHTED_GRAPH, M), sf.path(b, sf.WEIGHTED_GRAPH, M)
+    xa, xb = store_arrays(sa), store_arrays(sb)
+    assert xa.keys() == xb.keys()
+    for k in xa:
+        assert xa[k].dtype == xb[k].dtype and np.array_equal(xa[k], xb[k]), k
+    assert header_without_ids(sa) == header_without_ids(sb)
+    fa, fb = pd.read_csv(sf.path(a, sf.FREQUENCY, M)), pd.read_csv(sf.path(b, sf.FREQUENCY, M))
+    pd.testing.assert_frame_equal(fa.drop(columns="mean_activation"), fb.drop(columns="mean_activation"))
+    np.testing.assert_allclose(fa["mean_activation"], fb["mean_activation"], rtol=mean_rtol, atol=1e-15)
+
+
+@pytest.fixture(scope="module")
+def one_by_one(corpus_dir, shipped_path):
+    """Batch size 1: every window alone, the reference the other layouts are compared with."""
+    out = corpus_dir.parent / "b1"
+    run_here(B, "--input_text", corpus_dir, "--export_dir", out, "--model_type", M, "--context", CONTEXT,
+        "--batch_size", 1)
+    return out
+
+
+def test_batch_size_1_equals_64(streamed, one_by_one):
+    assert_same_statistics(streamed, one_by_one, mean_rtol=1e-9)
+
+
+def test_three_shards_merged_equal_unsharded(corpus_dir, one_by_one, tmp_path):
+    for i in range(3):
+        run_here(B, "--input_text", corpus_dir, "--export_dir", tmp_path / f"s{i}", "--model_type", M,
+                 "--context", CONTEXT, "--batch_size", 1, "--shard", f"{i}/3")
+    recs = [json.loads(sf.path(tmp_path / f"s{i}", sf.CORPUS, M).read_text()) for i in range(3)]
+    total = json.loads(sf.path(one_by_one, sf.CORPUS, M).read_text())
+    assert [r["shard"]["index"] for r in recs] == [0, 1, 2]
+    assert sum(r["samples"] for r in recs) == total["samples"] and all(r["samples"] < total["samples"] for r in recs)
+    run("c_merge_activation_statistics.py", "--output_dir", tmp_path / "merged",
+        *(tmp_path / f"s{i}" for i in (2, 0, 1)))
+    assert_same_statistics(tmp_path / "merged", one_by_one)
+    merged = json.loads(sf.path(tmp_path / "merged", sf.CORPUS, M).read_text())
+    assert merged["samples"] == total["samples"] and merged["shard"] is None
+
+    def edited(name, change):
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "s1", d)
+        rec = json.loads(sf.path(d, sf.CORPUS, M).read_text())
+        change(rec)
+        sf.path(d, sf.CORPUS, M).write_text(json.dumps(rec))
+        return d
+
+    s0, s1, s2 = (tmp_path / f"s{i}" for i in range(3))
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(s2, unfinished)
+    (unfinished / sf.CORPUS_PARTIAL_DIR.format(m=M)).mkdir()
+    cases = {
+        "model": [s0, edited("other_model", lambda r: r.update(model="gpt2")), s2],
+        "context": [s0, edited("other_context", lambda r: r.update(context=32)), s2],
+        "corpus": [s0, edited("other_text", lambda r: r["files"][0].update(sha256="0" * 64)), s2],
+        "shard count": [s0, edited("other_count", lambda r: r["shard"].update(count=4)), s2],
+        "missing": [s0, s2],
+        "twice": [s0, s1, s1],
+        "unfinished": [s0, s1, unfinished],
+    }
+    for name, dirs in cases.items():
+        code, err = run_here("c_merge_activation_statistics.py", "--output_dir", tmp_path / "refused", *dirs,
+                             check=False)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert not (tmp_path / "refused").exists(), name
+        assert {"missing": "missing", "twice": "twice", "unfinished": "unfinished"}.get(name, "") in err
+
+
+def test_torchrun_two_gloo_processes_equal_single_process(corpus_dir, one_by_one, tmp_path):
+    out = tmp_path / "torchrun"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(REPO_ROOT / B), "--input_text", str(corpus_dir), "--export_dir", str(out), "--model_type",
+                        M, "--context", str(CONTEXT), "--batch_size", "1", "--device", "cpu"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, env=dict(os.environ, **ONE_THREAD), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert_same_statistics(out, one_by_one)
+    rec = json.loads(sf.path(out, sf.CORPUS, M).read_text())
+    single = json.loads(sf.path(one_by_one, sf.CORPUS, M).read_text())
+    assert rec["shard"] is None and rec["samples"] == single["samples"]
+    assert not sf.path(out, sf.CORPUS_PARTIAL_DIR, M).exists()
+
+
+def test_resume_after_interrupt_equals_uninterrupted(corpus_dir, one_by_one, tmp_path, monkeypatch):
+    from gelutrace import corpus
+
+    common = ["--input_text", str(corpus_dir), "--model_type", M, "--context", str(CONTEXT), "--batch_size", "1",
+              "--device", "cpu", "--save_matrix"]
+    real = corpus.run_batch
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(corpus, "run_batch", interrupted)
+    code, _ = run_here(B, *common, "--export_dir", tmp_path / "part", "--checkpoint_minutes", "0", check=False)
+    assert code == 130
+    assert not sf.path(tmp_path / "part", sf.CORPUS, M).exists()  # no outputs of an unfinished run
+    partial = sf.path(tmp_path / "part", sf.CORPUS_PARTIAL_DIR, M)
+    assert json.loads((partial / "state_0_1.json").read_text())["batches_done"] == 5
+
+    monkeypatch.setattr(corpus, "run_batch", real)
+    run_here(B, *common, "--export_dir", tmp_path / "part", "--resume")
+    run_here(B, *common, "--export_dir", tmp_path / "full")
+    assert_same_statistics(tmp_path / "part", tmp_path / "full", mean_rtol=0)
+    for f in (sf.FREQUENCY, sf.MATRIX, sf.CORPUS):
+        assert sf.path(tmp_path / "part", f, M).read_bytes() == sf.path(tmp_path / "full", f, M).read_bytes()
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("case", ["empty", "zero tokens", "not utf-8", "no text field", "context", "both modes",
+                                  "wrong suffix"])
+def test_bad_input_one_error_line_nothing_written(case, tmp_path, shipped_path):
+    extra, message = [], {
+        "empty": "is empty", "zero tokens": "has no tokens", "not utf-8": "byte 9", "no text field": "no field 'text'",
+        "context": "--context", "both modes": "exactly one of", "wrong suffix": ".txt or .jsonl"}[case]
+    good = tmp_path / "good.txt"
+    good.write_text("To be, or not to be")
+    f = good
+    if case == "empty":
+        f = tmp_path / "empty.txt"
+        f.write_bytes(b"")
+    elif case == "zero tokens":
+        f = tmp_path / "docs.jsonl"
+        f.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": ""}) + "\n")
+    elif case == "not utf-8":
+        f = tmp_path / "latin1.txt"
+        f.write_bytes("Hello caf\u00e9".encode("latin-1"))
+    elif case == "no text field":
+        f = tmp_path / "docs.jsonl"
+        f.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    elif case == "context":
+        extra = ["--context", "100000"]
+    elif case == "both modes":
+        extra = ["--input_csv", str(REPO_ROOT / "parcellation_datasets" / "test_1.csv")]
+    elif case == "wrong suffix":
+        f = tmp_path / "text.md"
+        f.write_text("hello")
+    out = tmp_path / "out"
+    code, err = run_here(B, "--input_text", good, f, "--export_dir", out, "--model_type", M, *extra, check=False)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+    assert not out.exists()
