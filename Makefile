@@ -1,5 +1,6 @@
 # make test: create a local venv, install the requirements and run the tests.
-# make demo: the same set-up, then the whole pipeline on the shipped model (parcellation_datasets/test_1_tinybard).
+# make demo: the same set-up, then the whole pipeline on the shipped model, in prompt mode
+# (parcellation_datasets/test_1_tinybard) and in corpus mode (parcellation_datasets/heldout_corpus_tinybard_tinybard).
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
@@ -15,6 +16,7 @@ test: install
 
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_pipeline.sh
+	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_pipeline.sh --text parcellation_datasets/heldout_corpus_tinybard.txt
 
 bench: install
 	set -e; for f in bench/bench_*.py; do [ -e "$$f" ] || continue; echo "== $$f"; $(PY) $$f; done

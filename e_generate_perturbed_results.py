@@ -53,9 +53,11 @@ def main(argv=None):
     ap.add_argument("--dataset_path", required=True,
                     help="stage b's dataset directory of this model: holds {m}_neuron_attributes.csv / "
                          "{m}_graph_meta.json and perturbation_subsets/; results go to its perturbation_results/")
-    ap.add_argument("--input_csv", required=True,
+    ap.add_argument("--input_csv", default=None,
                     help="the dataset's prompt CSV (columns prompts, number_of_new_tokens, optionally num_samples): "
-                         "the prompts the neurons were chosen on; effects are measured on it unless --eval_csv")
+                         "the prompts the neurons were chosen on; effects are measured on it unless --eval_csv. "
+                         "Omit it for a corpus-mode dataset (the neurons were chosen on its text): --eval_csv then "
+                         "gives the prompts")
     ap.add_argument("--eval_csv", default=None,
                     help="measure the effects on these prompts instead (same columns), e.g. a held-out set "
                          "disjoint from --input_csv (default: --input_csv)")
@@ -75,7 +77,9 @@ def main(argv=None):
     check_sampling_args(args)
     if args.random_controls < 0:
         raise PipelineError(f"--random_controls must be >= 0, got {args.random_controls}")
-    selection_prompts = sf.read_prompts(args.input_csv)
+    if args.input_csv is None and args.eval_csv is None:
+        raise PipelineError("give --input_csv (the dataset's prompts), --eval_csv (prompts to measure on), or both")
+    selection_prompts = sf.read_prompts(args.input_csv) if args.input_csv else None
     eval_csv = args.eval_csv or args.input_csv
     prompts = sf.read_prompts(eval_csv) if args.eval_csv else selection_prompts
 
@@ -83,6 +87,9 @@ def main(argv=None):
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
+    corpus_record = pt.read_corpus_record(args.dataset_path, lm.name)
+    if selection_prompts is None and corpus_record is None:
+        raise PipelineError(f"{args.dataset_path} is a prompt-mode dataset: give its --input_csv")
     sf.check_output_dir(Path(args.dataset_path) / sf.RESULTS_DIR / sf.PER_SAMPLE_DIR, "--dataset_path")
     sf.lock_directory(args.dataset_path, "stage e")
     subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons, lm.name)
@@ -102,7 +109,7 @@ def main(argv=None):
                          args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
                          args.ablation, progress=lambda kind, n: bars[kind].update(n))
 
-    evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args)
+    evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args, corpus_record)
     out = Path(args.dataset_path) / sf.RESULTS_DIR
     manifest = out / sf.RESULTS_MANIFEST
     run = sf.begin_output_set(manifest)

@@ -19,6 +19,9 @@
 #   --effects 0|1                   EFFECTS: measure every neuron's single-ablation effect (ground truth for
 #                                   the comparison, and the ablation method); default 1 for a shipped model
 #                                   (models/), 0 otherwise (GPT-2 small: 36,864 ablations, GPU advised)
+#   --text PATH                     TEXT: corpus mode: stages b-d read this text (a .txt/.jsonl file or a directory)
+#                                   teacher-forced instead of generating for PROMPT_CSV; stage c is then not
+#                                   needed (stage b writes the graph store) and stage e measures on EVAL_CSV
 #   --eval_csv CSV                  EVAL_CSV: prompts stage e measures the effects on (default
 #                                   parcellation_datasets/heldout_<model name>.csv when it exists, else PROMPT_CSV)
 #   --random_controls N             RANDOM_CONTROLS per subset in stage e (default 3)
@@ -37,6 +40,7 @@ METHODS="${METHODS:-}"
 WEIGHTS="${WEIGHTS:-count}"
 EFFECTS="${EFFECTS:-auto}"
 EVAL_CSV="${EVAL_CSV:-}"
+TEXT="${TEXT:-}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-3}"
 FORCE="${FORCE:-0}"
 if [ -z "${PYTHON:-}" ]; then
@@ -54,6 +58,7 @@ while [ $# -gt 0 ]; do
     --weights) WEIGHTS="${2:?--weights needs a value}"; shift 2 ;;
     --effects) EFFECTS="${2:?--effects needs a value}"; shift 2 ;;
     --eval_csv) EVAL_CSV="${2:?--eval_csv needs a value}"; shift 2 ;;
+    --text) TEXT="${2:?--text needs a value}"; shift 2 ;;
     --random_controls) RANDOM_CONTROLS="${2:?--random_controls needs a value}"; shift 2 ;;
     --force) FORCE=1; shift ;;
     -h|--help) sed -n "2,/^set -euo/p" "$0" | sed "\$d" | sed "s/^# \\{0,1\\}//"; exit 0 ;;
@@ -66,7 +71,16 @@ MODEL="${pos[0]:-tinybard}"
 CSV="${pos[1]:-$here/parcellation_datasets/test_1.csv}"
 [ -f "$CSV" ] || { echo "error: prompt CSV $CSV does not exist" >&2; exit 2; }
 m="$(cd "$here" && "$PYTHON" -c 'import sys; from gelutrace.loading import model_name; print(model_name(sys.argv[1]))' "$MODEL")"
-DATA="${pos[2]:-$here/parcellation_datasets/$(basename "$CSV" .csv)_$m}"
+if [ -n "$TEXT" ]; then
+  [ -e "$TEXT" ] || { echo "error: text $TEXT does not exist" >&2; exit 2; }
+  TEXT="$(cd "$(dirname "$TEXT")" && pwd)/$(basename "$TEXT")"
+  DATA="${pos[2]:-$here/parcellation_datasets/$(basename "${TEXT%.*}")_$m}"
+  [ "$EFFECTS" = 1 ] && { echo "error: --effects needs a prompt-mode dataset (single-neuron effects are measured along its continuations), not --text" >&2; exit 2; }
+  EFFECTS=0
+  [ -z "$METHODS" ] && METHODS="degree activation_count random"  # attribution is measured in prompt mode
+else
+  DATA="${pos[2]:-$here/parcellation_datasets/$(basename "$CSV" .csv)_$m}"
+fi
 if [ "$EFFECTS" = auto ]; then
   case "$(cd "$here" && "$PYTHON" -c 'import sys; from gelutrace.loading import shipped_models; print(int(sys.argv[1] in shipped_models()))' "$MODEL")" in
     1) EFFECTS=1 ;; *) EFFECTS=0 ;;
@@ -83,7 +97,11 @@ if [ -z "$EVAL_CSV" ]; then
 fi
 [ -f "$EVAL_CSV" ] || { echo "error: evaluation CSV $EVAL_CSV does not exist" >&2; exit 2; }
 mkdir -p "$DATA/.pipeline"
-csv_sum="$(sha256sum "$CSV" | cut -d' ' -f1)"
+if [ -n "$TEXT" ]; then  # what stage b reads: the text's files
+  csv_sum="$(find "$TEXT" -type f \( -name '*.txt' -o -name '*.jsonl' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+else
+  csv_sum="$(sha256sum "$CSV" | cut -d' ' -f1)"
+fi
 eval_sum="$(sha256sum "$EVAL_CSV" | cut -d' ' -f1)"
 py() { "$PYTHON" "$@"; }
 ran=0
@@ -110,15 +128,23 @@ stage() {
 cd "$here"
 stage a "$DATA/${m}_graph_meta.json" \
   py a_generate_gelu_graph.py --model_type "$MODEL" --output_dir "$DATA"
-stage b "$DATA/${m}_activation_matrix.npz" \
-  py b_generate_activation_dataset.py --input_csv "$CSV" --export_dir "$DATA" --model_type "$MODEL" \
-    --device "$DEVICE" --temperature "$TEMPERATURE" --seed "$SEED"
+if [ -n "$TEXT" ]; then
+  stage b "$DATA/${m}_corpus.json" \
+    py b_generate_activation_dataset.py --input_text "$TEXT" --export_dir "$DATA" --model_type "$MODEL" \
+      --device "$DEVICE"
+else
+  stage b "$DATA/${m}_activation_matrix.npz" \
+    py b_generate_activation_dataset.py --input_csv "$CSV" --export_dir "$DATA" --model_type "$MODEL" \
+      --device "$DEVICE" --temperature "$TEMPERATURE" --seed "$SEED"
+fi
 if [ "$EFFECTS" = 1 ]; then
   stage effects "$DATA/${m}_neuron_effects.csv" \
     py d_calculate_neuron_effects.py --dataset_path "$DATA" --input_csv "$CSV" --model_type "$MODEL" --device "$DEVICE"
 fi
-stage c "$DATA/${m}_weighted_graph" \
-  py c_calculate_weighted_activation_graph.py --input_dir "$DATA"
+if [ -z "$TEXT" ]; then  # corpus mode wrote the graph store already
+  stage c "$DATA/${m}_weighted_graph" \
+    py c_calculate_weighted_activation_graph.py --input_dir "$DATA"
+fi
 analyzed="$DATA/weighted_graph_analysis/${m}_weighted_graph_analyzed.json"
 stage c_analyze "$analyzed" \
   py c_analyze_weighted_activation_graph.py --input_path "$DATA/${m}_weighted_graph"
@@ -128,10 +154,14 @@ stage d "$DATA/perturbation_subsets" \
     ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
 subsets=()
 while IFS= read -r f; do subsets+=("$(basename "$f")"); done < <(ls "$DATA/perturbation_subsets"/*.npy 2>/dev/null | sort)
+selection=(--input_csv "$CSV")
+[ -n "$TEXT" ] && selection=()
 stage e "$DATA/perturbation_results/summary.csv" \
-  py e_generate_perturbed_results.py --dataset_path "$DATA" --input_csv "$CSV" --eval_csv "$EVAL_CSV" \
+  py e_generate_perturbed_results.py --dataset_path "$DATA" "${selection[@]}" --eval_csv "$EVAL_CSV" \
     --model_type "$MODEL" --device "$DEVICE" --random_controls "$RANDOM_CONTROLS" \
     --perturbation_subset_filenames none "${subsets[@]}"
-py -m gelutrace.report "$DATA" --model_type "$MODEL" --input_csv "$CSV" --eval_csv "$EVAL_CSV" \
+source_flag=(--input_csv "$CSV")
+[ -n "$TEXT" ] && source_flag=(--input_text "$TEXT")
+py -m gelutrace.report "$DATA" --model_type "$MODEL" "${source_flag[@]}" --eval_csv "$EVAL_CSV" \
   --thresholds "$THRESHOLDS" --ratios "$RATIOS" --methods "$METHODS" --weights "$WEIGHTS" --random_controls "$RANDOM_CONTROLS" \
   --temperature "$TEMPERATURE" --seed "$SEED" --device "$DEVICE"

@@ -266,6 +266,9 @@ def stream(model, tokens: np.ndarray, batches: list[np.ndarray], context: int, c
 def write_corpus_dataset(export_dir, m: str, counts: CoactivationCounts, record: dict, packed: np.ndarray | None):
     """Every file of a corpus-mode dataset directory; the corpus record last, as the mark of a finished run."""
     n_layer, d_mlp = counts.n_layer, counts.d_mlp
+    manifest = sf.path(export_dir, sf.DATASET_MANIFEST, m)
+    run = sf.begin_output_set(manifest)
+    sf.path(export_dir, sf.CORPUS, m).unlink(missing_ok=True)
     sf.write_graph_files_if_stale(export_dir, m, n_layer, d_mlp, write_el=False)
     value_sum = counts.value_sum.cpu().numpy()
     sf.write_csv(sf.frequency_table(counts.node_counts(), value_sum, counts.samples, d_mlp),
@@ -276,6 +279,8 @@ def write_corpus_dataset(export_dir, m: str, counts: CoactivationCounts, record:
     co.write_count_store(sf.path(export_dir, sf.WEIGHTED_GRAPH, m), m, n_layer, d_mlp, counts.samples,
                          counts.node_counts(), source, pair_counts=counts.pair_counts)
     sf.write_json(record, sf.path(export_dir, sf.CORPUS, m), indent=2)
+    written = (sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META, sf.CORPUS) + ((sf.MATRIX,) if packed is not None else ())
+    sf.commit_output_set(manifest, run, [sf.path(export_dir, f, m) for f in written])
 
 
 def corpus_record(m: str, model_path, corpus: Corpus, context: int, max_tokens, shard, windows: int,
@@ -340,7 +345,9 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
         rank, world, _ = dist_ctx
         shard = (rank, world)
 
-    export = Path(export_dir)
+    export = sf.check_output_dir(export_dir, "--export_dir")
+    if rank == 0:  # the other ranks write into the same directory as part of the same run
+        sf.lock_directory(export, "stage b (corpus mode)")
     export.mkdir(parents=True, exist_ok=True)
     n_win = num_windows(len(corpus.ids), context)
     windows = shard_windows(n_win, shard)

@@ -502,17 +502,48 @@ def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], m
     return Results(tables, pd.DataFrame(summary), entries, boot)
 
 
-def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, args) -> dict:
-    """Which prompts chose the neurons, which measured them, whether they overlap, and the run's settings."""
+CORPUS_CHECK_BYTES = 64 << 20  # corpora up to this size are searched for the evaluation prompts
+
+
+def read_corpus_record(dataset_path, m: str) -> dict | None:
+    """A corpus-mode dataset's {m}_corpus.json (None for a prompt-mode dataset)."""
+    p = sf.path(dataset_path, sf.CORPUS, m)
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text())
+        files = [f["path"] for f in rec["files"]]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise PipelineError(f"{p} is damaged; rerun stage b") from None
+    return {**rec, "file_paths": files}
+
+
+def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, args, corpus: dict | None = None) -> dict:
+    """
+    Which data chose the neurons (the dataset's prompts, or its corpus), which prompts measured them, whether
+    they overlap (for a corpus: evaluation prompts found verbatim in its text, where it is small enough to
+    search), and the run's settings.
+    """
     import hashlib
 
     def sha(p):
         return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
-    shared = {p.text for p in selection_prompts} & {p.text for p in eval_prompts}
-    return {"selection_csv": str(selection_csv), "selection_csv_sha256": sha(selection_csv),
-            "selection_prompts": len(selection_prompts), "eval_csv": str(eval_csv), "eval_csv_sha256": sha(eval_csv),
-            "eval_prompts": len(eval_prompts), "prompts_in_both": len(shared), "held_out": not shared,
+    texts = {p.text for p in eval_prompts}
+    if selection_prompts is not None:
+        shared = len({p.text for p in selection_prompts} & texts)
+        selection = {"selection_csv": str(selection_csv), "selection_csv_sha256": sha(selection_csv),
+                     "selection_prompts": len(selection_prompts)}
+    else:
+        paths = [Path(f) for f in corpus["file_paths"]]
+        shared = None
+        if all(p.is_file() for p in paths) and sum(p.stat().st_size for p in paths) <= CORPUS_CHECK_BYTES:
+            text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in paths)
+            shared = sum(t.strip() in text for t in texts)
+        selection = {"selection_corpus": [str(p) for p in paths], "selection_tokens": corpus.get("tokens"),
+                     "selection_samples": corpus.get("samples")}
+    return {**selection, "eval_csv": str(eval_csv), "eval_csv_sha256": sha(eval_csv),
+            "eval_prompts": len(eval_prompts), "prompts_in_both": shared, "held_out": shared == 0,
             "ablation": args.ablation, "seed": args.seed, "temperature": args.temperature, "top_k": args.top_k,
             "random_controls": args.random_controls, "bootstrap_replicates": cmp.N_BOOT,
             "confidence_level": cmp.LEVEL}

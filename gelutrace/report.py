@@ -29,13 +29,20 @@ def md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
 
 
 def collect(data: Path) -> dict:
-    m = sf.model_prefix(data)
+    m = sf.model_prefix(data, sf.FREQUENCY)
     out = {"m": m}
-    ds = pd.read_csv(sf.path(data, sf.DATASET, m), usecols=["sample_id", "input_text_ids", "prompt_sample_idx"],
-                     keep_default_na=False)
     freq = pd.read_csv(sf.path(data, sf.FREQUENCY, m))
     meta = sf.read_graph_meta(data, m)
-    out.update(samples=len(ds), prompts=ds["input_text_ids"].nunique(), meta=meta, freq=freq)
+    corpus = sf.path(data, sf.CORPUS, m)
+    if corpus.is_file():
+        rec = json.loads(corpus.read_text())
+        out.update(samples=int(rec["samples"]), source=f"{rec['documents']:,} documents ({rec['tokens']:,} tokens, "
+                                                          f"windows of {rec['context']}), read teacher-forced")
+    else:
+        ds = pd.read_csv(sf.path(data, sf.DATASET, m), usecols=["sample_id", "input_text_ids", "prompt_sample_idx"],
+                         keep_default_na=False)
+        out.update(samples=len(ds), source=f"{ds['input_text_ids'].nunique()} prompts")
+    out.update(meta=meta, freq=freq)
     layer = freq.groupby("layer")
     out["layers"] = pd.DataFrame({
         "layer": layer.size().index,
@@ -79,7 +86,18 @@ def effect_table(effects: pd.DataFrame) -> pd.DataFrame:
 def evaluation_sentence(ev: dict | None) -> str:
     if ev is None:
         return ""
-    sel, evl = Path(ev["selection_csv"]).name, Path(ev["eval_csv"]).name
+    evl = Path(ev["eval_csv"]).name
+    if "selection_corpus" in ev:
+        corpus = ", ".join(f"`{Path(p).name}`" for p in ev["selection_corpus"])
+        s = (f"The neurons were chosen on a corpus ({corpus}, {ev.get('selection_tokens') or 0:,} tokens read "
+             f"teacher-forced) and their effects measured on the prompts of `{evl}` ({ev['eval_prompts']} prompts)")
+        if ev["prompts_in_both"] is None:
+            return s + "; whether those prompts occur in the corpus was not checked (corpus too large or moved)."
+        if ev["held_out"]:
+            return s + ", none of which occurs in the corpus."
+        return s + (f", {ev['prompts_in_both']} of which occur in the corpus: **not a held-out evaluation**, so "
+                    f"every method's effect may be overstated.")
+    sel = Path(ev["selection_csv"]).name
     if ev["held_out"]:
         return (f"The neurons were chosen on the dataset's prompts (`{sel}`, {ev['selection_prompts']} prompts) and "
                 f"their effects measured on held-out prompts (`{evl}`, {ev['eval_prompts']} prompts, none shared).")
@@ -149,7 +167,7 @@ def write_report(data: Path, params: dict) -> str:
                   if k in info["commands"]]
         lines += ["```", ""]
     lines += ["## Dataset", "",
-              f"{info['samples']} generated tokens (samples) from {info['prompts']} prompts; "
+              f"{info['samples']} samples from {info['source']}; "
               f"{meta['n_layer']} layers x {meta['d_mlp']} GELU neurons = {meta['num_neurons']} neurons, "
               f"{meta['num_edges']} adjacent-layer edges.", "",
               f"![activation frequency per layer]({sf.LAYER_ACTIVITY_PLOT})", "",
@@ -184,7 +202,7 @@ def write_report(data: Path, params: dict) -> str:
 
 
 def terminal_summary(info: dict, data: Path) -> str:
-    out = [f"dataset {data}: {info['samples']} samples from {info['prompts']} prompts",
+    out = [f"dataset {data}: {info['samples']} samples from {info['source']}",
            "active per layer: " + " ".join(f"L{int(r.layer)} {100 * r.mean_fraction_active:.0f}%"
                                            for r in info["layers"].itertuples())]
     if info["sweep"] is not None:
@@ -208,7 +226,7 @@ def terminal_summary(info: dict, data: Path) -> str:
 def main():
     ap = parser(__doc__)
     ap.add_argument("dataset_dir", help="the run's dataset directory")
-    for flag in ("model_type", "input_csv", "eval_csv", "thresholds", "weights", "ratios", "methods", "random_controls", "temperature",
+    for flag in ("model_type", "input_csv", "input_text", "eval_csv", "thresholds", "weights", "ratios", "methods", "random_controls", "temperature",
                  "seed", "device"):
         ap.add_argument(f"--{flag}", help="recorded in the report's parameter table")
     args = ap.parse_args()

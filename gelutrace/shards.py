@@ -44,6 +44,9 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
         if not list(d.glob(sf.CORPUS.format(m="*"))):
             raise PipelineError(f"{d} has no {sf.CORPUS.format(m='{m}')}: not a finished corpus-mode shard")
     recs = [read_corpus_record(d) for d in dirs]
+    for d, (m, _) in zip(dirs, recs):
+        sf.verify_output_set(sf.path(d, sf.DATASET_MANIFEST, m), [sf.path(d, f, m) for f in (sf.FREQUENCY, sf.CORPUS)],
+                             f"the shard in {d}")
     m, first = recs[0]
     if first.get("shard") is None:
         raise PipelineError(f"{dirs[0]} is not a shard (it was run without --shard)")
@@ -90,8 +93,10 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
             total += g.blocks[i].counts()
         return total
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = sf.lock_directory(sf.check_output_dir(out_dir, "--output_dir"), "the merge")
+    manifest = sf.path(out, sf.DATASET_MANIFEST, m)
+    run = sf.begin_output_set(manifest)
+    sf.path(out, sf.CORPUS, m).unlink(missing_ok=True)
     sf.write_graph_files_if_stale(out, m, n_layer, d_mlp, write_el=False)
     sf.write_csv(sf.frequency_table(node, value_sum, samples, d_mlp), sf.path(out, sf.FREQUENCY, m))
     source = {"input_dir": str(out.resolve()), "corpus": sf.CORPUS.format(m=m),
@@ -100,4 +105,6 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
     record = {**first, "shard": None, "samples": samples,
               "merged_shards": [str(seen[i].resolve()) for i in range(n)]}
     sf.write_json(record, sf.path(out, sf.CORPUS, m), indent=2)
+    sf.commit_output_set(manifest, run, [sf.path(out, f, m) for f in (sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META,
+                                                                       sf.CORPUS)])
     return record

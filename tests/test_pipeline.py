@@ -113,7 +113,7 @@ def test_report_and_summary(pipeline):
     data, out, second = pipeline
     report = (data / "report.md").read_text()
     for needle in ("## Parameters", "0.3 0.8", "0.01 0.05", "## Threshold sweep", "## Ablation effects",
-                   "b_generate_activation_dataset.py", "31 generated tokens", "## Method comparison",
+                   "b_generate_activation_dataset.py", "31 samples from 3 prompts", "## Method comparison",
                    "measured on held-out prompts (`heldout.csv`, 4 prompts, none shared)"):
         assert needle in report
     assert report.index("## Verdict") < report.index("## Method comparison") < report.index("## Parameters")
@@ -149,3 +149,27 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
     assert r.returncode != 0  # d_batch failed, and so does the pipeline, before stage e
     lines = r.stdout.splitlines()
     assert "== a" in lines and "== b" in lines and "== e" not in lines  # --force reran from the start
+
+
+def test_corpus_mode_pipeline(tmp_path, shipped_path):
+    """--text: stages b-d read a text teacher-forced, stage e measures on prompts, the report says so."""
+    from conftest import HELDOUT_PATH
+    held = tmp_path / "prompts.csv"
+    pd.DataFrame([("KING HENRY. Now, lords, ", 5, 1), ("And God said, ", 5, 1)],
+                 columns=sf.PROMPT_COLUMNS).to_csv(held, index=False)
+    data = tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(HELDOUT_PATH), "--thresholds", "0.8",
+                        "--ratios", "0.01", "--random_controls", "1", "--device", "cpu", "--eval_csv", str(held), M,
+                        str(held), str(data)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "== c\n" not in r.stdout  # stage b wrote the store
+    ev = json.loads((data / sf.RESULTS_DIR / sf.EVALUATION).read_text())
+    assert ev["selection_corpus"] == [str(HELDOUT_PATH)] and ev["held_out"] and ev["prompts_in_both"] == 0
+    record = json.loads(sf.path(data, sf.CORPUS, M).read_text())
+    header = json.loads((data / sf.WEIGHTED_GRAPH.format(m=M) / sf.GRAPH_STORE_HEADER).read_text())
+    assert header["num_samples"] == record["samples"] == record["tokens"]
+    methods = {json.loads(p.read_text())["method"] for p in (data / sf.SUBSETS_DIR).glob("*.json")}
+    assert methods == {"degree", "activation_count", "random"}
+    report = (data / "report.md").read_text()
+    assert "chosen on a corpus (`heldout.txt`" in report and "none of which occurs in the corpus" in report

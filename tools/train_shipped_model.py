@@ -82,6 +82,13 @@ def write_heldout(val_txt: list[str], target: Path):
     target.write_text("\n\n".join(v[:300] for v in val_txt[::9]) + "\n", encoding="utf-8")
 
 
+def write_heldout_corpus(val_txt: list[str], target: Path):
+    """The held-out text of every document not sampled by write_heldout: a corpus for corpus mode that the model
+    never trained on and that shares no text with the held-out prompts cut from tests/data/heldout.txt."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n\n".join(v for i, v in enumerate(val_txt) if i % 9) + "\n", encoding="utf-8")
+
+
 def train_tokenizer(docs: list[str], vocab_size: int, out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -123,6 +130,10 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "models" / "tinybard"), help="checkpoint directory to write")
     ap.add_argument("--heldout_out", default=str(ROOT / "tests" / "data" / "heldout.txt"),
                     help="where to write a few KB of held-out text for the tests")
+    ap.add_argument("--corpus_out", default=str(ROOT / "parcellation_datasets" / "heldout_corpus_tinybard.txt"),
+                    help="where to write the held-out text of the other documents (corpus mode's demo text)")
+    ap.add_argument("--text_only", action="store_true",
+                    help="write the held-out files only (fetching the texts), without training")
     ap.add_argument("--vocab_size", type=int, default=4096, help="byte-level BPE vocabulary size")
     ap.add_argument("--n_layer", type=int, default=6, help="transformer layers")
     ap.add_argument("--n_embd", type=int, default=128, help="residual width (GELU neurons per layer = 4x)")
@@ -137,6 +148,12 @@ def main():
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
+    if args.text_only:
+        _, val_txt = corpus(args.holdout)
+        write_heldout(val_txt, Path(args.heldout_out))
+        write_heldout_corpus(val_txt, Path(args.corpus_out))
+        print(f"wrote {args.heldout_out} and {args.corpus_out}")
+        return
 
     train_txt, val_txt = corpus(args.holdout)
 
@@ -221,8 +238,9 @@ def main():
 
     heldout = Path(args.heldout_out)
     write_heldout(val_txt, heldout)
+    write_heldout_corpus(val_txt, Path(args.corpus_out))
     print("\n".join(samples))
-    print(f"wrote {out} and {heldout}")
+    print(f"wrote {out}, {heldout} and {args.corpus_out}")
 
 
 NOTICE = """tinybard: a small GPT-2 trained by tools/train_shipped_model.py on
