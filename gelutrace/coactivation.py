@@ -578,45 +578,88 @@ def is_store(p: Path) -> bool:
 
 
 def read_store(store) -> CoactivationGraph:
+    """
+    A compact store, its header checked against its arrays: types and shapes, the block list, the count dtype
+    (unsigned, the one num_samples calls for), every count within 0..num_samples, and both maxima equal to the
+    arrays' (one pass over the counts). A mismatch is a damaged store, never a silently wrong graph.
+    """
     p = Path(store)
     hp = p / sf.GRAPH_STORE_HEADER
     if not hp.is_file():
         raise PipelineError(f"{p} is not a graph store (no {sf.GRAPH_STORE_HEADER}); stage c writes it")
     try:
         h = json.loads(hp.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PipelineError(f"{hp} is not valid JSON: {e}") from None
-    if h.get("format") != STORE_FORMAT or h.get("version") != STORE_VERSION:
+    if not isinstance(h, dict) or h.get("format") != STORE_FORMAT or h.get("version") != STORE_VERSION:
         raise PipelineError(f"{hp}: not a {STORE_FORMAT} v{STORE_VERSION} header")
+
+    def damaged(why):
+        return PipelineError(f"graph store {p} is damaged: {why}; rerun stage c")
+
+    def integer(key, lo=0):
+        v = h.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise damaged(f"{key} is {v!r}, expected an integer >= {lo}")
+        return v
+
+    n_layer, d, n, samples = integer("n_layer", 1), integer("d_mlp", 1), integer("num_neurons", 1), integer("num_samples", 1)
+    max_a, max_c = integer("max_activation_count"), integer("max_co_activation_count")
+    if n != n_layer * d:
+        raise damaged(f"num_neurons {n} is not n_layer x d_mlp = {n_layer * d}")
+    if not isinstance(h.get("uid"), str) or not h["uid"]:
+        raise damaged("no uid")
     try:
-        n, d = int(h["num_neurons"]), int(h["d_mlp"])
-        counts = np.load(p / sf.GRAPH_STORE_NODES, allow_pickle=False).astype(np.int64)
-        if counts.shape != (n,):
-            raise PipelineError(f"{p / sf.GRAPH_STORE_NODES}: expected {n} counts, found {counts.shape}")
-        blocks = []
-        if h["kind"] == "adjacent_dense":
-            for b in h["blocks"]:
-                f = p / b["file"]
-                arr = np.load(f, mmap_mode="r", allow_pickle=False)  # validates the header, maps no data
-                if list(arr.shape) != [d, d] or list(b["shape"]) != [d, d]:
-                    raise PipelineError(f"{f}: shape {arr.shape}, expected {d} x {d}")
-                i, j = int(b["src_layer"]), int(b["tgt_layer"])
-                blocks.append(DenseBlock(slice(i * d, (i + 1) * d), slice(j * d, (j + 1) * d), f))
-        elif h["kind"] == "edge_list":
+        want_dtype = np.dtype(count_dtype(samples))
+        if h.get("count_dtype") != want_dtype.name:
+            raise damaged(f"count_dtype {h.get('count_dtype')!r}, expected {want_dtype.name} for {samples} samples")
+
+        def counts_file(f, shape=None):
+            arr = np.load(f, mmap_mode="r", allow_pickle=False)  # validates the header, maps the data
+            if arr.dtype != want_dtype:
+                raise damaged(f"{f.name} holds {arr.dtype}, expected {want_dtype}")
+            if shape is not None and arr.shape != shape:
+                raise damaged(f"{f.name} has shape {arr.shape}, expected {shape}")
+            return arr
+
+        counts = np.load(p / sf.GRAPH_STORE_NODES, allow_pickle=False)
+        if counts.shape != (n,) or counts.dtype != np.int64:
+            raise damaged(f"{sf.GRAPH_STORE_NODES} holds {counts.dtype} {counts.shape}, expected int64 ({n},)")
+        if counts.min() < 0 or counts.max() > samples or int(counts.max()) != max_a:
+            raise damaged(f"node counts span {counts.min()}..{counts.max()}, but the header says max {max_a} of "
+                          f"{samples} samples")
+        blocks, seen_max = [], 0
+        if h.get("kind") == "adjacent_dense":
+            listed = h.get("blocks")
+            want = [(i, i + 1) for i in range(n_layer - 1)]
+            if not isinstance(listed, list) or [(b.get("src_layer"), b.get("tgt_layer")) for b in listed] != want:
+                raise damaged(f"its block list is not the {n_layer - 1} adjacent layer pairs")
+            for b in listed:
+                i, j = b["src_layer"], b["tgt_layer"]
+                if b.get("file") != sf.GRAPH_STORE_PAIR.format(src=i, tgt=j) or b.get("shape") != [d, d]:
+                    raise damaged(f"block record {b}")
+                arr = counts_file(p / b["file"], (d, d))
+                seen_max = max(seen_max, int(arr.max()) if arr.size else 0)
+                blocks.append(DenseBlock(slice(i * d, (i + 1) * d), slice(j * d, (j + 1) * d), p / b["file"]))
+        elif h.get("kind") == "edge_list":
             e = np.load(p / sf.GRAPH_STORE_EDGES, allow_pickle=False)
-            c = np.load(p / sf.GRAPH_STORE_EDGE_COUNTS, allow_pickle=False)
-            if e.ndim != 2 or e.shape[1:] != (2,) or len(c) != len(e):
-                raise PipelineError(f"{p}: edges and edge counts do not match")
+            c = np.asarray(counts_file(p / sf.GRAPH_STORE_EDGE_COUNTS))
+            if e.ndim != 2 or e.shape[1:] != (2,) or len(c) != len(e) or e.dtype != np.int64:
+                raise damaged("edges and edge counts do not match")
+            if e.size and (e.min() < 0 or e.max() >= n or (e[:, 0] >= e[:, 1]).any()):
+                raise damaged("edges outside the neurons, or not as (u, v) with u < v")
+            seen_max = int(c.max()) if c.size else 0
             blocks.append(EdgeBlock(n, e[:, 0], e[:, 1], c))
         else:
-            raise PipelineError(f"{hp}: unknown kind {h['kind']!r}")
+            raise damaged(f"unknown kind {h.get('kind')!r}")
     except PipelineError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PipelineError(f"graph store {p} is damaged: {type(e).__name__}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise damaged(f"{type(e).__name__}: {e}") from None
+    if seen_max != max_c or seen_max > samples:
+        raise damaged(f"its largest co-activation count is {seen_max}, but the header says {max_c}")
     ids = np.arange(n, dtype=np.int64)
-    return CoactivationGraph(h.get("model"), ids, counts, ids // d, ids % d, blocks, int(h["num_samples"]),
-                             int(h["max_activation_count"]), int(h["max_co_activation_count"]), str(p), h)
+    return CoactivationGraph(h.get("model"), ids, counts, ids // d, ids % d, blocks, samples, max_a, max_c, str(p), h)
 
 
 # .gpickle is pickle, and pickle can run code; only these classes may appear in one: what a networkx graph of
@@ -691,7 +734,7 @@ def _model_from_name(name: str) -> str | None:
 
 def read_graph(path) -> CoactivationGraph:
     """A store directory, an analyzed reference (.json) or a NetworkX .gpickle, as one representation."""
-    p = Path(path)
+    p = sf.recover_dir(path)
     if not p.exists():
         raise PipelineError(f"graph {p} does not exist")
     if p.is_dir():
@@ -714,9 +757,9 @@ def analyzed_name(graph_path, weight: str = DEFAULT_WEIGHT) -> str:
 def write_analyzed_reference(graph: CoactivationGraph, target, weight: str = DEFAULT_WEIGHT):
     """The analyzed artefact of a store: a reference to it plus the maxima used to normalise; no edge data."""
     target = Path(target)
-    store = Path(graph.source).resolve()
+    store = Path(os.path.abspath(graph.source))  # the store's name, not the version its link points to
     try:
-        rel = os.path.relpath(store, target.parent.resolve())
+        rel = os.path.relpath(store, os.path.abspath(target.parent))
     except ValueError:
         rel = str(store)
     nonzero = graph.header.get("num_nonzero_edges")

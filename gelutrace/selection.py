@@ -17,6 +17,7 @@ the per-layer composition of another subset).
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) ->
     lay, cnt = np.unique(layers, return_counts=True)
     side = target.parent / sf.SUBSET_SIDECAR.format(stem=target.stem)
     sf.write_npy(sub.ids.astype(np.int64), target)
-    source = str(Path(graph.source).resolve()) if graph.source else ""
+    source = os.path.abspath(graph.source) if graph.source else ""
     sf.write_json({"subset": target.name, "model": graph.model, "graph": source, **params,
                    "num_nodes": graph.num_nodes, "max_co_activation_count": graph.max_co_activation,
                    "edges_kept": sub.edges_kept, "k": sub.k, **sub.info,

@@ -212,24 +212,67 @@ def write_csv(df: pd.DataFrame, target, **kwargs):
 
 @contextlib.contextmanager
 def atomic_dir(target):
-    """Yield a temporary directory beside `target`; swap it in for `target` (a directory) only on success."""
+    """
+    Yield a new, empty version of directory `target` to fill; on success switch `target` to it atomically.
+    `target` is a symbolic link to its current version, `.{name}.v{id}` beside it, and the switch is one
+    rename of a new link over it, so a reader finds the old version or the new one, complete, whatever
+    happens; the old version is removed afterwards. Leftovers of a killed run are cleaned up on the next.
+    A plain directory (a store written by an older version) is replaced the same way.
+    """
+    import uuid
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    if target.exists() and not target.is_dir():
+        raise PipelineError(f"{target} exists and is not a directory")
+    _clean_versions(target)
+    tag = uuid.uuid4().hex[:12]
+    version = target.parent / f".{target.name}.v{tag}"
+    version.mkdir()  # the usual umask-based mode
+    link = target.parent / f".{target.name}.link{tag}"
     try:
-        yield tmp
-        old = None
+        yield version
+        os.symlink(version.name, link)
+        old = target.resolve() if target.is_symlink() else None
         if target.is_dir() and not target.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "d")
-        elif target.exists():
-            raise PipelineError(f"{target} exists and is not a directory")
-        os.replace(tmp, target)
-        if old is not None:
+            legacy = target.parent / f".{target.name}.legacy{tag}"
+            os.replace(target, legacy)  # a crash before the next line is undone by _clean_versions
+            os.replace(link, target)
+            shutil.rmtree(legacy, ignore_errors=True)
+        else:
+            os.replace(link, target)
+        if old is not None and old != version.resolve():
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(version, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
         raise
+
+
+def recover_dir(target) -> Path:
+    """Put back a plain directory whose switch to a versioned one was cut short (see atomic_dir)."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        for legacy in sorted(target.parent.glob(f".{target.name}.legacy*")):
+            os.replace(legacy, target)
+            break
+    return target
+
+
+def _clean_versions(target: Path):
+    """Remove what killed runs left beside `target`; restore a replaced plain directory if the switch was cut."""
+    recover_dir(target)
+    current = target.resolve() if target.is_symlink() else None
+    for p in target.parent.glob(f".{target.name}.*"):
+        if not any(p.name.startswith(f".{target.name}.{kind}") for kind in ("v", "link", "legacy")):
+            continue
+        if current is not None and p.resolve() == current:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
 
 
 # --- output sets: all files of one run, or a refusal ------------------------------------------------------

@@ -396,3 +396,97 @@ def test_activation_lists_with_neuron_ids_past_65535(tmp_path):
     ref = {str(i): np.flatnonzero(r).tolist() for i, r in enumerate(active)}
     assert lists == ref
     assert json.loads(sf.path(tmp_path, sf.ACTIVATIONS_JSON, "big").read_text()) == ref
+
+
+# --- the graph store -------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def store_dir(tmp_path):
+    from graphdata import make_dataset, random_activations
+    d = tmp_path / "ds"
+    make_dataset(d, random_activations(3, 6, 300, seed=2), 3, 6)
+    r = script("c_calculate_weighted_activation_graph.py", "--input_dir", d)
+    assert r.returncode == 0, r.stderr
+    return d, d / "toy_weighted_graph"
+
+
+def test_store_switch_is_atomic_and_leftovers_are_cleaned(store_dir, monkeypatch):
+    """A crash at any point of the switch leaves a complete store under its name; the next run cleans up."""
+    from gelutrace import stagefiles as sf
+    d, store = store_dir
+    umask = os.umask(0)
+    os.umask(umask)
+    assert store.is_symlink() and (store.resolve().stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's 0700
+    before = co.read_graph(store).header["uid"]
+    real = os.replace
+
+    def crashing(a, b):  # the switch is one rename of the link: kill -9 at it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sf.os, "replace", crashing)
+    data = co.load_activation_data(d)
+    with pytest.raises(KeyboardInterrupt):
+        co.write_store(store, data)
+    monkeypatch.setattr(sf.os, "replace", real)
+    assert co.read_graph(store).header["uid"] == before  # the old store, whole
+    # a plain directory (an older version's store) cut between its two renames comes back on the next read
+    plain = store.resolve()
+    store.unlink()
+    real(plain, d / ".toy_weighted_graph.legacy0")
+    assert co.read_graph(store).header["uid"] == before
+    assert store.is_dir() and not store.is_symlink()
+    r = script("c_calculate_weighted_activation_graph.py", "--input_dir", d)
+    assert r.returncode == 0, r.stderr
+    leftovers = [p.name for p in d.iterdir() if p.name.startswith(".toy_weighted_graph")]
+    assert leftovers == [store.resolve().name]  # only the current version
+
+
+@pytest.mark.parametrize("damage", ["max_raised", "blocks_cut", "float_pair", "negative_pair", "above_max",
+                                    "string_value", "missing_key", "node_counts_float"])
+def test_tampered_store_is_refused(store_dir, damage):
+    import json
+    d, store = store_dir
+    header_path = store / "graph.json"
+    h = json.loads(header_path.read_text())
+    pair = store / "pair_000_001.npy"
+    if damage == "max_raised":
+        h["max_co_activation_count"] = 1000
+    elif damage == "blocks_cut":
+        h["blocks"] = h["blocks"][:1]
+    elif damage == "float_pair":
+        np.save(pair, np.load(pair).astype(np.float32))
+    elif damage == "negative_pair":
+        np.save(pair, np.load(pair).astype(np.int16) * -1)
+    elif damage == "above_max":
+        a = np.load(pair)
+        a[0, 0] = h["max_co_activation_count"] + 1
+        np.save(pair, a)
+    elif damage == "string_value":
+        h["num_samples"] = "300"
+    elif damage == "missing_key":
+        del h["d_mlp"]
+    else:
+        np.save(store / "node_activation_count.npy", np.load(store / "node_activation_count.npy").astype(float))
+    header_path.write_text(json.dumps(h))
+    with pytest.raises(PipelineError, match="damaged"):
+        co.read_graph(store)
+    one_error_line(script("c_analyze_weighted_activation_graph.py", "--input_path", store))
+
+
+@pytest.mark.parametrize("n_samples,dtype", [(300, "uint16"), (70_000, "uint32")])
+def test_counts_past_255_and_65535_against_brute_force(tmp_path, n_samples, dtype):
+    """Counts no uint8 (or uint16) counter could hold, through stage c, against numpy in int64."""
+    from graphdata import make_dataset
+    rng = np.random.default_rng(n_samples)
+    active = rng.random((n_samples, 8)) < 0.6
+    active[:, [0, 4]] = True  # always on: their pair count is n_samples
+    d = make_dataset(tmp_path / "ds", active, 2, 4)
+    r = script("c_calculate_weighted_activation_graph.py", "--input_dir", d)
+    assert r.returncode == 0, r.stderr
+    g = co.read_graph(d / "toy_weighted_graph")
+    pair = np.load(d / "toy_weighted_graph" / "pair_000_001.npy")
+    assert pair.dtype == dtype and g.header["count_dtype"] == dtype
+    a = active.astype(np.int64)
+    np.testing.assert_array_equal(pair, a[:, :4].T @ a[:, 4:])
+    np.testing.assert_array_equal(g.activation_count, a.sum(axis=0))
+    assert pair[0, 0] == n_samples == g.max_co_activation

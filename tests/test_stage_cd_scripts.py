@@ -141,8 +141,6 @@ def test_bad_input_one_error_line_and_outputs_untouched(pipeline, tmp_path):
         "missing dir": [C, "--input_dir", str(tmp_path / "nope"), "--output_path", store],
         "corrupt matrix": [C, "--input_dir", str(bad), "--output_path", store],
         "meta of another model": [C, "--input_dir", str(bad_meta), "--output_path", store],
-        "gpickle too big": [C, "--input_dir", str(d), "--output_path", str(d / "toy_weighted_graph.gpickle"),
-                            "--memory_limit_gb", "1e-6"],
         "analyze corrupt pickle": [C_AN, "--input_path", str(bad / "toy_neuron_attributes.csv"), "--output_dir", str(an)],
         "threshold": [D, *d_args, "--threshold", "1.5", "--ratio", "0.1"],
         "ratio": [D, *d_args, "--threshold", "0.5", "--ratio", "0"],
@@ -154,8 +152,13 @@ def test_bad_input_one_error_line_and_outputs_untouched(pipeline, tmp_path):
     }
     procs = {k: start(*v) for k, v in cases.items()}
     errs = {}
+    for name, p in list(procs.items()):
+        errs[name] = p.communicate(timeout=120)[1]
+    # after the others: a stage c into `d` while another writes there is refused for that reason instead
+    procs["gpickle too big"] = start(C, "--input_dir", str(d), "--output_path", str(d / "toy_weighted_graph.gpickle"),
+                                     "--memory_limit_gb", "1e-6")
+    errs["gpickle too big"] = procs["gpickle too big"].communicate(timeout=120)[1]
     for name, p in procs.items():
-        out, errs[name] = p.communicate(timeout=120)
         lines = errs[name].strip().splitlines()
         assert p.returncode == 2, (name, errs[name])
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, errs[name])
