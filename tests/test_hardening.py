@@ -490,3 +490,15 @@ def test_counts_past_255_and_65535_against_brute_force(tmp_path, n_samples, dtyp
     np.testing.assert_array_equal(pair, a[:, :4].T @ a[:, 4:])
     np.testing.assert_array_equal(g.activation_count, a.sum(axis=0))
     assert pair[0, 0] == n_samples == g.max_co_activation
+
+
+def test_d_and_c_analyze_output_locations(store_dir, tmp_path):
+    d, store = store_dir
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "adir.npy").mkdir()
+    one_error_line(script("c_analyze_weighted_activation_graph.py", "--input_path", store, "--output_dir",
+                          tmp_path / "file"))
+    one_error_line(script("d_calculate_perturbation_subset.py", "--input_graph_path", store, "--threshold", "0.5",
+                          "--ratio", "0.1", "--output_path", tmp_path / "adir.npy"))
+    one_error_line(script("d_calculate_perturbation_subset.py", "--input_graph_path", store, "--threshold", "0.5",
+                          "--ratio", "0.1", "--output_dir", tmp_path / "file"))
