@@ -157,10 +157,8 @@ def test_none_text_equals_plain_greedy_generation(greedy_run):
         assert df["generated_text"].tolist()[2 * i:2 * i + 2] == [lm.tokenizer.decode(new)] * 2, p
 
 
-def test_subset_text_equals_transformers_with_act_hook(greedy_run):
-    path, lm, ids, out = greedy_run
-    hf = load_hf(path)
-    d = lm.model.config.d_mlp
+def hf_ablated(hf, ids, d):
+    """Forward hooks on transformers' mlp.act that zero neurons `ids`: the handles."""
     handles = []
     for layer in np.unique(ids // d):
         dims = torch.as_tensor(ids[ids // d == layer] % d)
@@ -170,6 +168,13 @@ def test_subset_text_equals_transformers_with_act_hook(greedy_run):
             output[..., dims] = 0
             return output
         handles.append(hf.transformer.h[int(layer)].mlp.act.register_forward_hook(hook))
+    return handles
+
+
+def test_subset_text_equals_transformers_with_act_hook(greedy_run):
+    path, lm, ids, out = greedy_run
+    hf = load_hf(path)
+    handles = hf_ablated(hf, ids, lm.model.config.d_mlp)
     df = pd.read_csv(out / "sub.csv", keep_default_na=False)
     assert set(df["perturbation_subset"]) == {"sub.npy"}
     base = pd.read_csv(out / "none.csv", keep_default_na=False)
@@ -211,20 +216,6 @@ def test_summary_and_per_sample_files(greedy_run):
     for m in pt.METRICS:
         assert math.isclose(per[m].mean(), row[m], rel_tol=1e-9, abs_tol=1e-12)
     assert (out / sf.PERTURBATION_PLOT).stat().st_size > 1000
-
-
-def hf_ablated(hf, ids, d):
-    """Forward hooks on transformers' mlp.act that zero neurons `ids`: the handles."""
-    handles = []
-    for layer in np.unique(ids // d):
-        dims = torch.as_tensor(ids[ids // d == layer] % d)
-
-        def hook(module, inputs, output, dims=dims):
-            output = output.clone()
-            output[..., dims] = 0
-            return output
-        handles.append(hf.transformer.h[int(layer)].mlp.act.register_forward_hook(hook))
-    return handles
 
 
 def hf_condition_metrics(hf, tokenizer, ids, d):
