@@ -82,7 +82,7 @@ def main(argv=None):
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
-    pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
+    pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
     sf.check_output_dir(Path(args.dataset_path) / sf.RESULTS_DIR / sf.PER_SAMPLE_DIR, "--dataset_path")
     sf.lock_directory(args.dataset_path, "stage e")
     subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons, lm.name)
