@@ -371,3 +371,15 @@ def test_real_checkpoint_from_cache():
     one = torch.tensor([ids])
     want = hf_greedy(hf, one, 5)
     assert torch.equal(lm.model.generate(one, 5), want)
+
+
+def test_hub_names_of_other_families(tmp_path):
+    from gelutrace.loading import model_name
+
+    assert model_name("EleutherAI/pythia-160m") == "pythia-160m"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "a_generate_gelu_graph.py"), "--model_type",
+                        "EleutherAI/pythia-160m", "--output_dir", str(tmp_path / "a")], capture_output=True, text=True,
+                       cwd=tmp_path, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "EleutherAI/pythia-160m" in r.stderr and "not in the Hugging Face cache" in r.stderr
