@@ -176,14 +176,14 @@ class HFCausalLM(nn.Module):
     def gelus(self) -> list[nn.Module]:
         return list(self.sites)
 
-    def _run(self, idx, mask, past, cache):
+    def _run(self, idx, mask, past, cache, logits_to_keep=0):
         self._rows[:] = idx.shape
         kwargs = {}
         if self._positions:
             pos = mask.long().cumsum(-1) - 1
             kwargs["position_ids"] = pos[:, past:].clamp(min=0)
         out = self.hf(input_ids=idx, attention_mask=mask, cache=cache, use_cache=cache is not None,
-                      **kwargs)
+                      logits_to_keep=logits_to_keep, **kwargs)
         return out.logits
 
     @staticmethod
@@ -219,7 +219,7 @@ class HFCausalLM(nn.Module):
         mask = self._mask(idx, pad)
         out, step_input, past = [idx], idx, 0
         for step in range(max_new_tokens):
-            logits = self._run(step_input, mask, past, cache)
+            logits = self._run(step_input, mask, past, cache, logits_to_keep=1)  # the prediction only
             past = mask.size(1)
             next_id = self.pick(logits[:, -1, :].float(), temperature, top_k, generators)
             out.append(next_id)
