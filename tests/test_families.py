@@ -150,9 +150,12 @@ def reference(hf, name, layer_index, x):
     return act(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias)
 
 
-def test_shape_from_config_alone(family):
+def test_shape_from_config_alone(family, tmp_path):
     name, path, lm, _ = family
-    n_layer, d_mlp, site = model_site(str(path))
+    bare = tmp_path / "config_only"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((path / "config.json").read_bytes())
+    n_layer, d_mlp, site = model_site(str(bare))
     assert (n_layer, d_mlp) == (lm.model.config.n_layer, lm.model.config.d_mlp)
     assert n_layer == 2 and d_mlp == get(get(lm.model.hf, FAMILIES[name][2])[0], FAMILIES[name][5]).in_features
     assert site["architecture"] == name and FAMILIES[name][5] in site["neuron_site"]
