@@ -159,7 +159,8 @@ class HFCausalLM(nn.Module):
         _, _, block = shape(model_type, hf.config)
         self.sites = nn.ModuleList(NeuronSite() for _ in projs)
         self._rows = [0, 0]  # (B, T) of the forward call in progress
-        self._hooks = [p.register_forward_pre_hook(_feed_site(s, self._rows)) for p, s in zip(projs, self.sites)]
+        for proj, site in zip(projs, self.sites):
+            proj.register_forward_pre_hook(_feed_site(site, self._rows))
         self.config = SiteConfig(n_layer=len(layers), d_mlp=projs[0].in_features,
                                  vocab_size=hf.get_output_embeddings().out_features, block_size=block,
                                  architecture=model_type)
@@ -188,11 +189,10 @@ class HFCausalLM(nn.Module):
 
     @staticmethod
     def _mask(idx, pad):
-        B, T = idx.shape
-        keys = torch.arange(T, device=idx.device).view(1, -1)
+        """attention_mask: 1 for real tokens, 0 for the left padding."""
         if pad is None:
-            return torch.ones((B, T), dtype=torch.long, device=idx.device)
-        return (keys >= pad.view(-1, 1)).long()
+            return torch.ones_like(idx)
+        return (torch.arange(idx.size(1), device=idx.device).view(1, -1) >= pad.view(-1, 1)).long()
 
     def forward(self, idx, targets=None, pad=None):
         """Logits (B, T, vocab) of left-padded rows (`pad`: padding positions per row) and, given targets, the loss."""
