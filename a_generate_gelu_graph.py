@@ -1,5 +1,5 @@
 """
-Stage a: the base graph of a model's GELU (MLP hidden) neurons: every neuron a node, an edge from every
+Stage a: the base graph of a model's MLP neurons (the inputs to each layer's MLP output projection): every neuron a node, an edge from every
 neuron of layer i to every neuron of layer i+1.
 
 Writes into --output_dir: {m}_neuron_attributes.csv (node_id,layer,dimension), {m}_neuron_edges.el
@@ -12,7 +12,7 @@ so later stages never re-parse the canonical .el). Reads only the model's config
 from tqdm import tqdm
 
 from gelutrace.cli import add_model_args, parser, run_main
-from gelutrace.loading import model_name, model_shape
+from gelutrace.loading import model_name, model_site
 from gelutrace.stagefiles import check_output_dir, write_graph_files
 
 
@@ -24,11 +24,12 @@ def main():
                     help="write only the attributes and metadata, not the .el (gpt2: 1.2 GB, gpt2-xl: 23 GB)")
     args = ap.parse_args()
     check_output_dir(args.output_dir, "--output_dir")
-    n_layer, d_mlp = model_shape(args.model_type)
+    n_layer, d_mlp, site = model_site(args.model_type)
     m = model_name(args.model_type)
     with tqdm(total=n_layer - 1, unit="layer pair", desc="edge list", disable=args.no_edge_list) as bar:
-        write_graph_files(args.output_dir, m, n_layer, d_mlp, write_el=not args.no_edge_list, progress=bar)
-    print(f"{m}: {n_layer} layers x {d_mlp} GELU neurons = {n_layer * d_mlp} nodes, "
+        write_graph_files(args.output_dir, m, n_layer, d_mlp, write_el=not args.no_edge_list, progress=bar,
+                          site=site)
+    print(f"{m} ({site['architecture']}): {n_layer} layers x {d_mlp} MLP neurons = {n_layer * d_mlp} nodes, "
           f"{(n_layer - 1) * d_mlp ** 2} edges, written to {args.output_dir}")
 
 

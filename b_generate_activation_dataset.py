@@ -117,7 +117,8 @@ def main():
     run = sf.begin_output_set(manifest)
     summary = write_dataset(export, lm.name, chunks, lm.tokenizer, prompts, prompt_ids, cfg.n_layer, cfg.d_mlp,
                             activation_lists=not args.no_activation_lists, attribution=attribution)
-    sf.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list)
+    sf.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list,
+                                  site=lm.site)
     sf.commit_output_set(manifest, run, [sf.path(export, f, lm.name) for f in sf.DATASET_SET])
     staging.finish()
     per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])

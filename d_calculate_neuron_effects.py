@@ -29,6 +29,7 @@ from gelutrace.cli import add_model_args, parser, run_main
 from gelutrace.generation import encode_prompts
 from gelutrace.loading import load_model
 from gelutrace.recording import fingerprint
+from model import GPT
 
 
 def main(argv=None):
@@ -61,7 +62,10 @@ def main(argv=None):
     lm = load_model(args.model_type, args.device)
     model, cfg = lm.model, lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
-    pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
+    if not isinstance(model, GPT):
+        raise PipelineError(f"single-neuron effects run on GPT-2 checkpoints (model.py) for now; {lm.name} is "
+                            f"{lm.site.get('architecture')}")
+    pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
     sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
                          [sf.path(args.dataset_path, sf.DATASET, lm.name)], "stage b")
     sf.lock_directory(args.dataset_path, "single-neuron effects")

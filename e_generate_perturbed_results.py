@@ -86,7 +86,7 @@ def main(argv=None):
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
-    pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
+    pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
     corpus_record = pt.read_corpus_record(args.dataset_path, lm.name)
     if selection_prompts is None and corpus_record is None:
         raise PipelineError(f"{args.dataset_path} is a prompt-mode dataset: give its --input_csv")

@@ -32,10 +32,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def add_model_args(ap: argparse.ArgumentParser, default: str = "gpt2", device: bool = True):
     from gelutrace.loading import HUB_MODELS, SHIPPED_MODEL  # imports torch: only for scripts that run a model
+    from gelutrace.sites import supported
 
     ap.add_argument("--model_type", default=default,
-                    help=f"hub name ({', '.join(HUB_MODELS)}), the shipped model ({SHIPPED_MODEL}) or a "
-                         f"local Hugging Face GPT-2 checkpoint directory (default: %(default)s)")
+                    help=f"hub name ({', '.join(HUB_MODELS)}, or owner/name such as EleutherAI/pythia-160m), "
+                         f"the shipped model ({SHIPPED_MODEL}) or a local Hugging Face checkpoint directory; "
+                         f"architectures (config.json model_type): {supported()} (default: %(default)s)")
     if device:
         ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where the model runs; auto picks cuda, then mps, then cpu (default: %(default)s)")

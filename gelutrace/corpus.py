@@ -177,7 +177,7 @@ class CountingHooks:
 
 
 def run_batch(model, x: torch.Tensor):
-    model.trunk(x)
+    (model.trunk if hasattr(model, "trunk") else model)(x)  # model.py stops before the logits
 
 
 class Checkpoints:
@@ -263,13 +263,14 @@ def stream(model, tokens: np.ndarray, batches: list[np.ndarray], context: int, c
 
 
 # --- outputs -------------------------------------------------------------------------------------------------
-def write_corpus_dataset(export_dir, m: str, counts: CoactivationCounts, record: dict, packed: np.ndarray | None):
+def write_corpus_dataset(export_dir, m: str, counts: CoactivationCounts, record: dict, packed: np.ndarray | None,
+                         site: dict | None = None):
     """Every file of a corpus-mode dataset directory; the corpus record last, as the mark of a finished run."""
     n_layer, d_mlp = counts.n_layer, counts.d_mlp
     manifest = sf.path(export_dir, sf.DATASET_MANIFEST, m)
     run = sf.begin_output_set(manifest)
     sf.path(export_dir, sf.CORPUS, m).unlink(missing_ok=True)
-    sf.write_graph_files_if_stale(export_dir, m, n_layer, d_mlp, write_el=False)
+    sf.write_graph_files_if_stale(export_dir, m, n_layer, d_mlp, write_el=False, site=site)
     value_sum = counts.value_sum.cpu().numpy()
     sf.write_csv(sf.frequency_table(counts.node_counts(), value_sum, counts.samples, d_mlp),
                  sf.path(export_dir, sf.FREQUENCY, m))
@@ -371,7 +372,7 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     if rank == 0:
         matrix = (np.concatenate(packed) if packed else np.zeros((0, (cfg.n_layer * cfg.d_mlp + 7) // 8), np.uint8)
                   ) if save_matrix else None
-        write_corpus_dataset(export, lm.name, counts, record, matrix)
+        write_corpus_dataset(export, lm.name, counts, record, matrix, lm.site)
     if dist_ctx is not None:
         import torch.distributed as dist
         dist.barrier()

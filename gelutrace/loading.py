@@ -2,10 +2,14 @@
 One place that turns a `--model_type` into a model, its tokenizer and the file prefix `{m}`:
 
 - the name of a model shipped in this repository's `models/` (e.g. `tinybard`);
-- a path to a local directory with a Hugging Face GPT-2 checkpoint (config.json, model.safetensors,
-  tokenizer files); the prefix is the directory's name;
-- a hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2`), fetched into (or read from)
-  the Hugging Face cache and then loaded as a local directory.
+- a path to a local directory with a Hugging Face checkpoint (config.json, safetensors weights, tokenizer
+  files) of GPT-2 or of a family in `gelutrace.sites.FAMILIES`; the prefix is the directory's name;
+- a hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2`, or any `owner/name` such as
+  `EleutherAI/pythia-160m`), fetched into (or read from) the Hugging Face cache and then loaded as a local
+  directory; the prefix of an `owner/name` is `name`.
+
+config.json's `model_type` picks the implementation: `gpt2` runs on model.py, the other families on
+transformers' own classes through `gelutrace.sites.HFCausalLM`.
 """
 
 import json
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gelutrace import PipelineError
+from gelutrace import PipelineError, sites
 from model import GPT, GPTConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,19 +35,19 @@ HUB_MODELS = {
 # (n_layer, d_mlp) of the hub models: stage a needs only these, so it runs without downloading anything
 HUB_SHAPES = {"gpt2": (12, 3072), "gpt2-medium": (24, 4096), "gpt2-large": (36, 5120), "gpt2-xl": (48, 6400),
               "distilgpt2": (6, 3072)}
-HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-             "merges.txt", "special_tokens_map.json"]
+HUB_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.txt", "*.model"]
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GELU_APPROXIMATE = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
 @dataclass
 class LoadedModel:
-    model: GPT
+    model: GPT | sites.HFCausalLM
     tokenizer: object  # a transformers tokenizer
     name: str  # the file prefix {m}
     path: Path  # the checkpoint directory
     device: torch.device
+    site: dict  # the architecture and neuron-site definition (gelutrace.sites.site_info)
 
 
 def shipped_models() -> list[str]:
@@ -66,11 +70,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _is_hub_repo(model_type: str) -> bool:
+    return model_type.count("/") == 1 and not Path(model_type).expanduser().exists()
+
+
 def model_name(model_type: str) -> str:
     """The file prefix {m} for a --model_type, without loading anything."""
     p = Path(model_type)
     if model_type not in HUB_MODELS and model_type not in shipped_models() and p.is_dir():
         return p.resolve().name
+    if _is_hub_repo(model_type):
+        return model_type.split("/")[1]
     return model_type
 
 
@@ -78,21 +88,22 @@ def checkpoint_dir(model_type: str) -> Path:
     """The local directory holding the checkpoint for --model_type (downloading a hub model if needed)."""
     if model_type in shipped_models():
         return SHIPPED_DIR / model_type
-    if model_type in HUB_MODELS:
+    if model_type in HUB_MODELS or _is_hub_repo(model_type):
         return _hub_snapshot(model_type)
     p = Path(model_type).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise PipelineError(f"{p} has no config.json: not a Hugging Face checkpoint directory")
         return p
-    raise PipelineError(f"unknown --model_type {model_type!r}: use a hub name ({', '.join(HUB_MODELS)}), "
+    raise PipelineError(f"unknown --model_type {model_type!r}: use a hub name ({', '.join(HUB_MODELS)} or "
+                        f"owner/name), "
                         f"a shipped model ({', '.join(shipped_models()) or 'none found'}) or a checkpoint directory")
 
 
 def _hub_snapshot(model_type: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    repo = HUB_MODELS[model_type]
+    repo = HUB_MODELS.get(model_type, model_type)
     try:  # the cache first, so an offline machine with the model cached never touches the network
         return Path(snapshot_download(repo, allow_patterns=HUB_FILES, local_files_only=True))
     except Exception:
@@ -151,11 +162,21 @@ def read_config(path: Path) -> GPTConfig:
 
 
 def model_shape(model_type: str) -> tuple[int, int]:
-    """(n_layer, d_mlp) of a --model_type, from its config (hub models: known without a download)."""
+    """(n_layer, d_mlp) of a --model_type, from its config (GPT-2 hub models: known without a download)."""
+    return model_site(model_type)[:2]
+
+
+def model_site(model_type: str) -> tuple[int, int, dict]:
+    """(n_layer, d_mlp, site_info) of a --model_type from its config.json alone, without loading weights."""
     if model_type in HUB_SHAPES and model_type not in shipped_models():
-        return HUB_SHAPES[model_type]
-    cfg = read_config(checkpoint_dir(model_type))
-    return cfg.n_layer, cfg.d_mlp
+        return (*HUB_SHAPES[model_type], sites.site_info("gpt2"))
+    path = checkpoint_dir(model_type)
+    arch = sites.read_model_type(path)
+    if arch == "gpt2":
+        cfg = read_config(path)
+        return cfg.n_layer, cfg.d_mlp, sites.site_info(arch)
+    n_layer, d_mlp, _ = sites.shape(arch, sites.hf_config(path))
+    return n_layer, d_mlp, sites.site_info(arch)
 
 
 def load_checkpoint(path: Path, device: torch.device = torch.device("cpu")) -> GPT:
@@ -197,9 +218,10 @@ def load_model(model_type: str, device: str = "auto") -> LoadedModel:
     path = checkpoint_dir(model_type)
     from transformers import AutoTokenizer
 
-    model = load_checkpoint(path, dev)
+    arch = sites.read_model_type(path)
+    model = load_checkpoint(path, dev) if arch == "gpt2" else sites.load_hf(path, arch, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise PipelineError(f"{path}: cannot load its tokenizer ({e})") from None
-    return LoadedModel(model, tokenizer, model_name(model_type), path, dev)
+    return LoadedModel(model, tokenizer, model_name(model_type), path, dev, sites.site_info(arch))

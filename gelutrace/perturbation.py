@@ -28,6 +28,7 @@ from gelutrace import PipelineError
 from gelutrace import comparison as cmp
 from gelutrace import stagefiles as sf
 from gelutrace.generation import Batch, generate_batch, left_pad, repeat_rows
+from gelutrace.sites import GPT2_SITE
 
 NONE = "none"  # the subset name that means: no ablation (the baseline)
 METRICS = ["kl", "delta_nll", "token_agreement", "first_diff_position"]
@@ -159,8 +160,11 @@ def random_control(ids: np.ndarray, n_layer: int, d_mlp: int, seed: int, index: 
 
 
 # --- the dataset directory ----------------------------------------------------------------------------------
-def check_dataset(dataset_path, m: str, n_layer: int, d_mlp: int):
-    """The dataset directory must describe this model: its {m} graph files, with its layer count and width."""
+def check_dataset(dataset_path, m: str, n_layer: int, d_mlp: int, site: dict | None = None):
+    """
+    The dataset directory must describe this model: its {m} graph files, with its layer count and width, and
+    (given `site`) neurons recorded at the same site (metadata without a site predates other families: GPT-2).
+    """
     d = Path(dataset_path)
     if not d.is_dir():
         raise PipelineError(f"--dataset_path {d} is not a directory")
@@ -177,6 +181,12 @@ def check_dataset(dataset_path, m: str, n_layer: int, d_mlp: int):
         if (meta.get("n_layer"), meta.get("d_mlp")) != (n_layer, d_mlp):
             raise PipelineError(f"{meta_p} describes n_layer={meta.get('n_layer')}, d_mlp={meta.get('d_mlp')}, "
                                 f"but model {m!r} has {want}: the dataset is from another model")
+        if site is not None:
+            recorded = {k: meta.get(k, GPT2_SITE[k]) for k in ("architecture", "neuron_site")}
+            if any(recorded[k] != site[k] for k in recorded):
+                raise PipelineError(f"{meta_p} was recorded on {recorded['architecture']} at the neuron site "
+                                    f"{recorded['neuron_site']!r}, but model {m!r} is {site['architecture']} with "
+                                    f"its neurons at {site['neuron_site']!r}: the dataset is from another model")
     if attr_p.is_file():
         attrs = sf.read_attributes(d, m)
         n = n_layer * d_mlp

@@ -97,7 +97,9 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
     manifest = sf.path(out, sf.DATASET_MANIFEST, m)
     run = sf.begin_output_set(manifest)
     sf.path(out, sf.CORPUS, m).unlink(missing_ok=True)
-    sf.write_graph_files_if_stale(out, m, n_layer, d_mlp, write_el=False)
+    meta = sf.read_graph_meta(dirs[0], m)
+    site = {k: meta[k] for k in ("architecture", "neuron_site", "neuron_value") if k in meta} or None
+    sf.write_graph_files_if_stale(out, m, n_layer, d_mlp, write_el=False, site=site)
     sf.write_csv(sf.frequency_table(node, value_sum, samples, d_mlp), sf.path(out, sf.FREQUENCY, m))
     source = {"input_dir": str(out.resolve()), "corpus": sf.CORPUS.format(m=m),
               "merged_from": [str(d.resolve()) for d in dirs]}

@@ -489,36 +489,41 @@ def write_edges(target, n_layer: int, d_mlp: int, progress=None, rows_per_write:
                 progress.update(1)
 
 
-def graph_meta(m: str, n_layer: int, d_mlp: int, edges_file: Path | None) -> dict:
+def graph_meta(m: str, n_layer: int, d_mlp: int, edges_file: Path | None, site: dict | None = None) -> dict:
+    """site: the architecture and neuron-site definition (gelutrace.sites.site_info), recorded as given."""
     meta = {"model": m, "n_layer": n_layer, "d_mlp": d_mlp, "num_neurons": n_layer * d_mlp,
             "layer_sizes": [d_mlp] * n_layer, "connectivity": "adjacent_full",
-            "num_edges": (n_layer - 1) * d_mlp * d_mlp, "edges_file": None}
+            "num_edges": (n_layer - 1) * d_mlp * d_mlp, "edges_file": None, **(site or {})}
     if edges_file is not None:
         st = Path(edges_file).stat()
         meta["edges_file"] = {"name": Path(edges_file).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return meta
 
 
-def write_graph_files(directory, m: str, n_layer: int, d_mlp: int, write_el: bool = True, progress=None):
+def write_graph_files(directory, m: str, n_layer: int, d_mlp: int, write_el: bool = True, progress=None,
+                      site: dict | None = None):
     """Stage a's files: attributes, (optionally) the canonical .el, and the metadata that describes them."""
     write_csv(neuron_attributes(n_layer, d_mlp), path(directory, ATTRIBUTES, m))
     el = path(directory, EDGES, m)
     if write_el:
         write_edges(el, n_layer, d_mlp, progress)
-    write_json(graph_meta(m, n_layer, d_mlp, el if write_el else None), path(directory, GRAPH_META, m), indent=2)
+    write_json(graph_meta(m, n_layer, d_mlp, el if write_el else None, site), path(directory, GRAPH_META, m), indent=2)
 
 
-def write_graph_files_if_stale(directory, m: str, n_layer: int, d_mlp: int, write_el: bool = True, progress=None):
+def write_graph_files_if_stale(directory, m: str, n_layer: int, d_mlp: int, write_el: bool = True, progress=None,
+                               site: dict | None = None):
     """Stage a's files, keeping an existing canonical .el of the same shape instead of writing it again."""
     try:
         meta = read_graph_meta(directory, m)
         same = (meta.get("n_layer"), meta.get("d_mlp")) == (n_layer, d_mlp) and meta.get("edges_file")
         if same and path(directory, EDGES, m).is_file() and edges_are_canonical(directory, m, meta):
             write_csv(neuron_attributes(n_layer, d_mlp), path(directory, ATTRIBUTES, m))
+            if site is not None and any(meta.get(k) != v for k, v in site.items()):
+                write_json({**meta, **site}, path(directory, GRAPH_META, m), indent=2)
             return
     except PipelineError:
         pass
-    write_graph_files(directory, m, n_layer, d_mlp, write_el, progress)
+    write_graph_files(directory, m, n_layer, d_mlp, write_el, progress, site)
 
 
 def read_graph_meta(directory, m: str) -> dict:
