@@ -386,3 +386,41 @@ def test_hub_names_of_other_families(tmp_path):
                        cwd=tmp_path, env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "EleutherAI/pythia-160m" in r.stderr and "not in the Hugging Face cache" in r.stderr
+
+
+def test_corpus_mode_on_pythia(tmp_path):
+    """Corpus mode through the transformers adapter: node and pair counts against the site's values recomputed
+    by hand from the MLP inputs of transformers' own model over the same windows."""
+    from transformers import AutoModelForCausalLM
+
+    from gelutrace import coactivation as co
+    ckpt = build("gpt_neox", tmp_path / "tiny-pythia")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(PROMPTS) * 3)
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--model_type", str(ckpt),
+                        "--input_text", str(text), "--export_dir", str(tmp_path / "out"), "--context", "16",
+                        "--device", "cpu"], capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = "tiny-pythia"
+    assert sf.read_graph_meta(tmp_path / "out", m)["architecture"] == "gpt_neox"
+    lm = load_model(str(ckpt), device="cpu")
+    ids = lm.tokenizer(text.read_text())["input_ids"] + [lm.tokenizer.eos_token_id or 0]
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    active = []
+    for lo in range(0, len(ids), 16):
+        window = ids[lo:lo + 16]
+        seen, handles = mlp_inputs(hf, "gpt_neox", 1)
+        try:
+            with torch.no_grad():
+                hf(torch.tensor([window]))
+        finally:
+            for h in handles:
+                h.remove()
+        active.append(torch.cat([reference(hf, "gpt_neox", i, seen[i][0]) for i in range(len(seen))], -1) > 0)
+    a = torch.cat(active).numpy().astype(np.int64)
+    g = co.read_graph(tmp_path / "out" / f"{m}_weighted_graph")
+    d = lm.model.config.d_mlp
+    assert g.num_samples == len(ids)
+    np.testing.assert_array_equal(g.activation_count, a.sum(0))
+    np.testing.assert_array_equal(np.asarray(g.blocks[0].counts()), a[:, :d].T @ a[:, d:2 * d])
