@@ -12,6 +12,7 @@ Neuron cards: what a neuron does, in the terms neuron browsers use.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -99,6 +100,29 @@ def _merge_top(values: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray,
 
 
 @torch.no_grad()
+def _selected_values(model, inputs: list[list[int]], neuron_ids: np.ndarray) -> np.ndarray:
+    """One forward pass over left-padded `inputs`: the neurons' post-GELU values, float64 (rows, width, neurons)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    layers = neuron_ids // cfg.d_mlp
+    dims = torch.as_tensor(neuron_ids % cfg.d_mlp, device=device)
+    acts = {}
+    handles = [g.register_forward_hook(lambda mod, i, o, layer=layer: acts.__setitem__(layer, o))
+               for layer, g in enumerate(model.gelus())]
+    try:
+        idx, pad = left_pad(inputs, device)
+        model.trunk(idx, pad=pad if bool(pad.any()) else None)
+    finally:
+        for h in handles:
+            h.remove()
+    per = torch.empty((*idx.shape, len(neuron_ids)), dtype=torch.float32, device=device)
+    for layer in np.unique(layers):
+        cols = np.flatnonzero(layers == layer)
+        per[:, :, cols] = acts[int(layer)][:, :, dims[cols]].float()
+    return per.cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
 def top_examples(model, seqs: Sequences, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,
                  progress=None) -> tuple[np.ndarray, np.ndarray]:
     """
@@ -106,42 +130,22 @@ def top_examples(model, seqs: Sequences, neuron_ids: np.ndarray, k: int = 10, ba
     largest post-GELU value, largest first, ties to the lower sample id. One teacher-forced forward pass per
     batch of sequences; memory beyond a batch is O(neurons x k).
     """
-    cfg = model.config
-    device = next(model.parameters()).device
     neuron_ids = np.asarray(neuron_ids, np.int64)
-    layers = neuron_ids // cfg.d_mlp
-    dims = torch.as_tensor(neuron_ids % cfg.d_mlp, device=device)
     best_v = np.zeros((0, len(neuron_ids)))
     best_i = np.zeros((0, len(neuron_ids)), np.int64)
-    acts = {}
-    handles = [g.register_forward_hook(lambda mod, i, o, layer=layer: acts.__setitem__(layer, o))
-               for layer, g in enumerate(model.gelus())]
-    try:
-        for lo in range(0, len(seqs.ids), batch_size):
-            rows = range(lo, min(lo + batch_size, len(seqs.ids)))
-            inputs = [seqs.ids[r][:-1].tolist() for r in rows]
-            idx, pad = left_pad(inputs, device)
-            acts.clear()
-            model.trunk(idx, pad=pad if bool(pad.any()) else None)
-            width = idx.size(1)
-            per = torch.empty((len(rows), width, len(neuron_ids)), dtype=torch.float32, device=device)
-            for layer in np.unique(layers):
-                cols = np.flatnonzero(layers == layer)
-                per[:, :, cols] = acts[int(layer)][:, :, dims[cols]].float()
-            per = per.cpu().numpy().astype(np.float64)
-            vals, sids = [], []
-            for i, r in enumerate(rows):  # the continuation's predicting positions are right-aligned
-                n = len(seqs.ids[r]) - seqs.prompt_len[r]
-                vals.append(per[i, width - n:])
-                sids.append(seqs.first_id[r] + np.arange(n))
-            v = np.concatenate([best_v, *vals])
-            s = np.concatenate([best_i, np.repeat(np.concatenate(sids)[:, None], len(neuron_ids), axis=1)])
-            best_v, best_i = _merge_top(v, s, k)
-            if progress is not None:
-                progress(len(rows))
-    finally:
-        for h in handles:
-            h.remove()
+    for lo in range(0, len(seqs.ids), batch_size):
+        rows = range(lo, min(lo + batch_size, len(seqs.ids)))
+        per = _selected_values(model, [seqs.ids[r][:-1].tolist() for r in rows], neuron_ids)
+        vals, sids = [], []
+        for i, r in enumerate(rows):  # the continuation's predicting positions are right-aligned
+            n = len(seqs.ids[r]) - seqs.prompt_len[r]
+            vals.append(per[i, per.shape[1] - n:])
+            sids.append(seqs.first_id[r] + np.arange(n))
+        v = np.concatenate([best_v, *vals])
+        s = np.concatenate([best_i, np.repeat(np.concatenate(sids)[:, None], len(neuron_ids), axis=1)])
+        best_v, best_i = _merge_top(v, s, k)
+        if progress is not None:
+            progress(len(rows))
     return best_v.T.copy(), best_i.T.copy()
 
 
@@ -161,30 +165,187 @@ def examples_table(tokenizer, seqs: Sequences, neuron_ids: np.ndarray, values: n
 
 
 @torch.no_grad()
-def context_activations(model, prefixes: list[np.ndarray], neuron_ids: np.ndarray,
-                        batch_size: int = 64) -> list[np.ndarray]:
+def context_activations(model, seqs: Sequences, neuron_ids: np.ndarray, sample_ids: np.ndarray,
+                        batch_size: int = 32) -> list[list[np.ndarray]]:
     """
-    For each (prefix, neuron) pair, the neuron's post-GELU value at each of the prefix's last CONTEXT_TOKENS
-    positions, from forward passes over the whole prefixes (so the last value is the sample's value).
+    shades[i][j]: neuron_ids[i]'s post-GELU value at each of the last CONTEXT_TOKENS positions up to sample
+    sample_ids[i, j] (so the last value is the sample's value), from one forward pass over the distinct
+    sequences those samples come from (a causal model's values at a position do not depend on what follows).
     """
-    cfg = model.config
-    device = next(model.parameters()).device
-    out = []
-    acts = {}
-    handles = [g.register_forward_hook(lambda mod, i, o, layer=layer: acts.__setitem__(layer, o))
-               for layer, g in enumerate(model.gelus())]
+    neuron_ids = np.asarray(neuron_ids, np.int64)
+    s_idx, pos = seqs.locate(np.asarray(sample_ids, np.int64).ravel())
+    s_idx, pos = s_idx.reshape(np.shape(sample_ids)), pos.reshape(np.shape(sample_ids))
+    shades = [[None] * np.shape(sample_ids)[1] for _ in neuron_ids]
+    needed = np.unique(s_idx)
+    for lo in range(0, len(needed), batch_size):
+        rows = needed[lo:lo + batch_size]
+        inputs = [seqs.ids[r][:-1].tolist() for r in rows]
+        per = _selected_values(model, inputs, neuron_ids)
+        for b, r in enumerate(rows):
+            start = per.shape[1] - len(inputs[b])
+            for i, j in zip(*np.nonzero(s_idx == r)):
+                p = start + pos[i, j]
+                shades[i][j] = per[b, max(start, p - CONTEXT_TOKENS + 1):p + 1, i]
+    return shades
+
+
+# --- cards ------------------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    value: float
+    sample_id: int
+    tokens: list[str]  # the context, token by token (its last CONTEXT_TOKENS tokens)
+    shades: np.ndarray  # the neuron's post-GELU value at each of those tokens' positions
+    token: str  # the token the sample's activations predict
+
+
+@dataclass
+class Card:
+    neuron_id: int
+    layer: int
+    dimension: int
+    frequency: float
+    mean_activation: float
+    attribution: float  # NaN: not computed
+    delta_nll: float  # NaN: not measured
+    examples: list[Example]
+    promoted: list[TokenEffect]
+    suppressed: list[TokenEffect]
+
+
+def parse_neurons(spec: str, n_neurons: int) -> np.ndarray:
+    """--neurons: a .npy file of neuron ids, or ids separated by commas; checked, in the order given."""
+    if spec.endswith(".npy"):
+        return sf.read_subset(spec, n_neurons)
     try:
-        for lo in range(0, len(prefixes), batch_size):
-            chunk = prefixes[lo:lo + batch_size]
-            idx, pad = left_pad([p.tolist() for p in chunk], device)
-            acts.clear()
-            model.trunk(idx, pad=pad if bool(pad.any()) else None)
-            width = idx.size(1)
-            for i, (p, n) in enumerate(zip(chunk, neuron_ids[lo:lo + batch_size])):
-                layer, dim = divmod(int(n), cfg.d_mlp)
-                shown = min(len(p), CONTEXT_TOKENS)
-                out.append(acts[layer][i, width - shown:, dim].double().cpu().numpy())
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+        ids = np.array([int(x) for x in spec.replace(",", " ").split()], np.int64)
+    except ValueError:
+        raise PipelineError(f"--neurons {spec!r}: expected a .npy file or neuron ids separated by commas") from None
+    if not len(ids):
+        raise PipelineError("--neurons names no neuron")
+    bad = ids[(ids < 0) | (ids >= n_neurons)]
+    if len(bad):
+        raise PipelineError(f"--neurons: id {int(bad[0])} is outside this model's neurons 0..{n_neurons - 1}")
+    if len(np.unique(ids)) != len(ids):
+        raise PipelineError("--neurons lists a neuron more than once")
+    return ids
+
+
+def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,
+                progress=None) -> list[Card]:
+    """The cards of `neuron_ids` (in that order) from a prompt-mode stage-b dataset directory."""
+    cfg = model.config
+    n = cfg.n_layer * cfg.d_mlp
+    what = "stage b writes it"
+    freq_p = sf.path(data, sf.FREQUENCY, m)
+    frequency = sf.read_neuron_column(freq_p, "activation_frequency", n, what)
+    mean = sf.read_neuron_column(freq_p, "mean_activation", n, what)
+    attribution = pd.to_numeric(pd.read_csv(freq_p)["attribution"], errors="coerce").to_numpy(np.float64)
+    effects_p = sf.path(data, sf.NEURON_EFFECTS, m)
+    dnll = (sf.read_neuron_column(effects_p, "delta_nll", n, "d_calculate_neuron_effects.py writes it", missing_ok=True)
+            if effects_p.is_file() else np.full(n, np.nan))
+    seqs = dataset_sequences(data, m)
+    if not seqs.ids:
+        raise PipelineError(f"{sf.path(data, sf.DATASET, m)} holds no generated tokens: there are no examples")
+    values, sample_ids = top_examples(model, seqs, neuron_ids, k, batch_size, progress)
+    shades = context_activations(model, seqs, neuron_ids, sample_ids, batch_size)
+    cards = []
+    for row, nid in enumerate(neuron_ids):
+        examples = []
+        for v, s, shade in zip(values[row], sample_ids[row], shades[row]):
+            shown = seqs.prefix(int(s))[-CONTEXT_TOKENS:].tolist()
+            examples.append(Example(float(v), int(s), [tokenizer.decode([t]) for t in shown], shade,
+                                    tokenizer.decode([seqs.token(int(s))])))
+        up, down = direct_logit_effect(model, tokenizer, int(nid))
+        layer, dim = divmod(int(nid), cfg.d_mlp)
+        cards.append(Card(int(nid), layer, dim, float(frequency[nid]), float(mean[nid]), float(attribution[nid]),
+                          float(dnll[nid]), examples, up, down))
+    return cards
+
+
+def _figures(c: Card) -> str:
+    parts = [f"activation frequency {c.frequency:.4g}", f"mean activation {c.mean_activation:.4g}"]
+    if np.isfinite(c.attribution):
+        parts.append(f"attribution {c.attribution:.4g}")
+    if np.isfinite(c.delta_nll):
+        parts.append(f"single-neuron ΔNLL {c.delta_nll:.4g}")
+    return "; ".join(parts)
+
+
+def _md_text(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("\n", "⏎").replace("\r", "")
+
+
+def _md_tokens(tokens: list[TokenEffect]) -> str:
+    return ", ".join(f"`{_md_text(t.token)}` ({t.value:+.3g})" for t in tokens)
+
+
+def cards_markdown(cards: list[Card], m: str, heading: str = "#") -> str:
+    lines = [f"{heading} Neuron cards of `{m}`", "",
+             "Top-activating samples of the dataset (largest post-GELU value; the context ends at the sample's "
+             "position and **the token** is the one its activations predict). Promoted / suppressed: the direct "
+             "logit effect, the neuron's output weights times the final layer norm's gain through the unembedding "
+             "(ignores the layer norm's scale and every later layer).", ""]
+    for c in cards:
+        lines += [f"{heading}# Neuron {c.neuron_id} (layer {c.layer}, dimension {c.dimension})", "", _figures(c), "",
+                  "| rank | value | sample | context |", "|---|---|---|---|"]
+        lines += [f"| {r} | {e.value:.4g} | {e.sample_id} | {_md_text(''.join(e.tokens))}**{_md_text(e.token)}** |"
+                  for r, e in enumerate(c.examples)]
+        lines += ["", f"Promoted: {_md_tokens(c.promoted)}", "", f"Suppressed: {_md_tokens(c.suppressed)}", ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 72em; margin: 2em auto; padding: 0 1em; color: #222; }
+.card { border: 1px solid #ccc; border-radius: 6px; padding: 0.5em 1em; margin: 1em 0; }
+.card h2 { font-size: 1.15em; margin: 0.3em 0; }
+table { border-collapse: collapse; }
+td, th { padding: 2px 8px; vertical-align: top; text-align: left; }
+.ctx { font-family: ui-monospace, monospace; white-space: pre-wrap; }
+.ctx span { border-radius: 2px; }
+.next { outline: 2px solid #1565c0; font-weight: bold; }
+.tok { font-family: ui-monospace, monospace; background: #eee; padding: 0 3px; margin-right: 4px; }
+"""
+
+
+def _shade(value: float, top: float) -> str:
+    alpha = 0.0 if top <= 0 else min(max(value / top, 0.0), 1.0)
+    return f"background: rgba(255, 140, 0, {alpha:.3f})"
+
+
+def cards_html(cards: list[Card], m: str) -> str:
+    """One self-contained page: inline CSS, no script, no external resource."""
+    from html import escape
+
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>Neuron cards of {escape(m)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+           f"<h1>Neuron cards of {escape(m)}</h1>",
+           "<p>Top-activating samples; each context token is shaded by the neuron's post-GELU value at its position "
+           "(orange = the card's largest value; hover for the value), and the outlined token is the one the "
+           "sample's activations predict. Promoted / suppressed: the direct logit effect through the final layer "
+           "norm's gain and the unembedding (ignores the layer norm's scale and every later layer).</p>"]
+    for c in cards:
+        top = max((float(e.shades.max()) for e in c.examples if len(e.shades)), default=0.0)
+        out += [f'<div class="card" id="neuron-{c.neuron_id}">',
+                f"<h2>Neuron {c.neuron_id} (layer {c.layer}, dimension {c.dimension})</h2>",
+                f"<p>{escape(_figures(c))}</p>", "<table>", "<tr><th>rank</th><th>value</th><th>sample</th>"
+                "<th>context</th></tr>"]
+        for r, e in enumerate(c.examples):
+            spans = "".join(f'<span style="{_shade(float(v), top)}" title="{v:.4g}">{escape(t)}</span>'
+                            for t, v in zip(e.tokens, e.shades))
+            out.append(f"<tr><td>{r}</td><td>{e.value:.4g}</td><td>{e.sample_id}</td><td class=\"ctx\">{spans}"
+                       f'<span class="next">{escape(e.token)}</span></td></tr>')
+        out.append("</table>")
+        for label, toks in (("Promoted", c.promoted), ("Suppressed", c.suppressed)):
+            items = "".join(f'<span class="tok" title="{t.value:+.4g}">{escape(t.token)}</span>' for t in toks)
+            out.append(f"<p>{label}: {items}</p>")
+        out.append("</div>")
+    out += ["</body>", "</html>", ""]
+    return "\n".join(out)
+
+
+def write_cards(directory, cards: list[Card], m: str):
+    with sf.atomic_open(Path(directory) / sf.CARDS_MD, "w", encoding="utf-8") as f:
+        f.write(cards_markdown(cards, m))
+    with sf.atomic_open(Path(directory) / sf.CARDS_HTML, "w", encoding="utf-8") as f:
+        f.write(cards_html(cards, m))

@@ -104,11 +104,14 @@ def test_context_activations_end_with_the_sample_value(dataset, shipped):
     seqs = cards.dataset_sequences(dataset, SHIPPED_NAME)
     neurons = np.array([3, 600, 2000])
     values, ids = cards.top_examples(shipped.model, seqs, neurons, 2)
-    prefixes = [seqs.prefix(int(s)) for s in ids.ravel()]
-    shades = cards.context_activations(shipped.model, prefixes, np.repeat(neurons, 2), batch_size=4)
-    for p, s, v in zip(prefixes, shades, values.ravel()):
-        assert len(s) == min(len(p), cards.CONTEXT_TOKENS)
-        assert s[-1] == pytest.approx(v, abs=1e-5)
+    shades = cards.context_activations(shipped.model, seqs, neurons, ids, batch_size=1)
+    for i, n in enumerate(neurons):
+        for j, s in enumerate(ids[i]):
+            prefix = seqs.prefix(int(s))
+            assert len(shades[i][j]) == min(len(prefix), cards.CONTEXT_TOKENS)
+            assert shades[i][j][-1] == pytest.approx(values[i, j], abs=1e-5)
+            alone = cards._selected_values(shipped.model, [prefix.tolist()], np.array([n]))[0, -len(shades[i][j]):, 0]
+            np.testing.assert_allclose(shades[i][j], alone, atol=1e-5)  # the prefix run on its own
 
 
 def test_direct_logit_effect_equals_a_numpy_computation(shipped, shipped_hf):
@@ -126,3 +129,95 @@ def test_direct_logit_effect_equals_a_numpy_computation(shipped, shipped_hf):
         np.testing.assert_allclose([t.value for t in promoted], effect[up], rtol=1e-6)
         np.testing.assert_allclose([t.value for t in suppressed], effect[down], rtol=1e-6)
         assert promoted[0].token == shipped.tokenizer.decode([int(up[0])])
+
+
+class PageChecker(HTMLParser):
+    """Tag balance, external references and the visible text of a page."""
+    VOID = {"meta", "br", "img", "link", "hr", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.text, self.refs = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [(name, value) for name, value in attrs if name in ("src", "href", "action", "data")]
+        if tag in ("script", "link", "img", "iframe", "object", "embed"):
+            self.errors.append(f"<{tag}>")
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(f"unbalanced </{tag}>")
+
+    def handle_data(self, data):
+        if not self.stack or self.stack[-1] not in ("style", "title"):
+            self.text.append(data)
+
+
+def run_cards(*argv):
+    import f_render_neuron_cards as f
+
+    try:
+        f.main([*map(str, argv), "--model_type", SHIPPED_NAME, "--device", "cpu"])
+    finally:
+        sf.release_locks()
+
+
+def test_script_writes_cards_markdown_and_a_self_contained_page(dataset, shipped, tmp_path):
+    neurons = [2500, 5, 900]
+    np.save(tmp_path / "n.npy", np.array(neurons, np.int64))
+    pd.DataFrame({"neuron_id": [5, 2500], "delta_nll": [0.125, -0.5], "kl": [0.1, 0.2]}).to_csv(
+        sf.path(dataset, sf.NEURON_EFFECTS, SHIPPED_NAME), index=False)
+    try:
+        run_cards("--dataset_path", dataset, "--neurons", tmp_path / "n.npy", "--output", tmp_path / "out",
+                  "--top_examples", 4)
+    finally:
+        sf.path(dataset, sf.NEURON_EFFECTS, SHIPPED_NAME).unlink()
+    md = (tmp_path / "out" / sf.CARDS_MD).read_text(encoding="utf-8")
+    page = (tmp_path / "out" / sf.CARDS_HTML).read_text(encoding="utf-8")
+    checker = PageChecker()
+    checker.feed(page)
+    checker.close()
+    assert not checker.errors and not checker.stack and not checker.refs
+    assert "http" not in page and "url(" not in page and "@import" not in page
+    text = "".join(checker.text)
+    cfg = shipped.model.config
+    freq = pd.read_csv(sf.path(dataset, sf.FREQUENCY, SHIPPED_NAME))
+    seqs = cards.dataset_sequences(dataset, SHIPPED_NAME)
+    values, ids = cards.top_examples(shipped.model, seqs, np.array(neurons), 4)
+    positions = [text.index(f"Neuron {n} (layer {n // cfg.d_mlp}, dimension {n % cfg.d_mlp})") for n in neurons]
+    assert positions == sorted(positions)  # in the order given
+    for row, n in enumerate(neurons):
+        head = f"Neuron {n} (layer {n // cfg.d_mlp}, dimension {n % cfg.d_mlp})"
+        card_md = md.split(head)[1].split("## Neuron")[0]
+        card_text = text.split(head)[1].split("Neuron ")[0]
+        for card in (card_md, card_text):
+            assert f"activation frequency {freq['activation_frequency'][n]:.4g}" in card
+            assert f"mean activation {freq['mean_activation'][n]:.4g}" in card
+            for v, s in zip(values[row], ids[row]):
+                assert f"{v:.4g}" in card and str(s) in card
+            promoted, suppressed = cards.direct_logit_effect(shipped.model, shipped.tokenizer, n)
+            assert all(t.token.strip() in card for t in promoted + suppressed)
+        if n == 900:
+            assert "ΔNLL" not in card_md  # not measured for this neuron
+        else:
+            assert f"single-neuron ΔNLL {0.125 if n == 5 else -0.5:.4g}" in card_md
+        context = shipped.tokenizer.decode(seqs.prefix(int(ids[row, 0]))[-cards.CONTEXT_TOKENS:].tolist())
+        assert context in card_text  # the top context, tokens shaded one by one
+
+
+@pytest.mark.parametrize("neurons, message", [("5,99999", "outside"), ("5,5", "more than once"), ("x", "expected")])
+def test_bad_neurons_are_refused(dataset, tmp_path, neurons, message):
+    from gelutrace import PipelineError
+
+    with pytest.raises(PipelineError, match=message):
+        run_cards("--dataset_path", dataset, "--neurons", neurons, "--output", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_exit_status(dataset, tmp_path):
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "f_render_neuron_cards.py"), "--dataset_path", str(tmp_path),
+                        "--model_type", SHIPPED_NAME, "--device", "cpu", "--neurons", "1"],
+                       capture_output=True, text=True, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
