@@ -31,9 +31,11 @@ def main(argv=None):
                     help="a prompt-mode stage-b dataset directory of this model (reads {m}_activation_dataset.csv, "
                          "{m}_neuron_frequency.csv and, when present, {m}_neuron_effects.csv)")
     add_model_args(ap)
-    ap.add_argument("--neurons", required=True, metavar="FILE.npy|IDS",
-                    help="the neurons to render, in this order: a .npy file of neuron ids (e.g. a stage-d subset) "
-                         "or ids separated by commas")
+    ap.add_argument("--neurons", required=True, metavar="FILE.npy|IDS|report",
+                    help="the neurons to render, in this order: a .npy file of neuron ids (e.g. a stage-d subset), "
+                         "ids separated by commas, or 'report': the first 20 of each selection method's best subset "
+                         "at the smallest k stage e compared (random excluded), then the 10 with the largest "
+                         "single-neuron delta_nll where {m}_neuron_effects.csv exists")
     ap.add_argument("--output", help="directory the cards are written into (default: DATASET_PATH/neuron_cards)")
     ap.add_argument("--top_examples", type=int, default=10,
                     help="top-activating samples shown per neuron (default: %(default)s)")
@@ -51,7 +53,7 @@ def main(argv=None):
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
     sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
                          [sf.path(args.dataset_path, f, lm.name) for f in (sf.DATASET, sf.FREQUENCY)], "stage b")
-    ids = cd.parse_neurons(args.neurons, cfg.n_layer * cfg.d_mlp)
+    ids = cd.parse_neurons(args.neurons, cfg.n_layer * cfg.d_mlp, args.dataset_path, lm.name)
     with tqdm(unit="seq", desc="top examples") as bar:
         cards = cd.build_cards(lm.model, lm.tokenizer, args.dataset_path, lm.name, ids, args.top_examples,
                                args.batch_size, progress=bar.update)

@@ -99,6 +99,55 @@ def _merge_top(values: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray,
     return np.take_along_axis(values, order, axis=0), np.take_along_axis(ids, order, axis=0)
 
 
+class RunningTopK:
+    """
+    Each neuron's k largest post-GELU values seen so far and their sample ids, ties to the lower id, kept on the
+    model's device: candidates are buffered per layer and merged (two stable sorts) once the buffer holds
+    `merge_rows` rows, so memory is O(neurons x k) plus one buffer. A candidate with id < 0 is ignored.
+    """
+
+    def __init__(self, n_layer: int, d_mlp: int, k: int, device, merge_rows: int = 256):
+        self.k, self.d, self.merge_rows = k, d_mlp, max(merge_rows, k)
+        self.values = [torch.full((0, d_mlp), -torch.inf, device=device) for _ in range(n_layer)]
+        self.ids = [torch.zeros((0, d_mlp), dtype=torch.long, device=device) for _ in range(n_layer)]
+        self.buffer = [[] for _ in range(n_layer)]
+
+    def add(self, layer: int, values: torch.Tensor, ids: torch.Tensor):
+        """values (rows, d_mlp) of one layer, ids (rows,) their sample ids."""
+        self.buffer[layer].append((values.float(), ids))
+        if sum(len(v) for v, _ in self.buffer[layer]) >= self.merge_rows:
+            self._merge(layer)
+
+    def _merge(self, layer: int):
+        if not self.buffer[layer]:
+            return
+        v = torch.cat([self.values[layer]] + [b[0] for b in self.buffer[layer]])
+        ids = torch.cat([self.ids[layer]] + [b[1].view(-1, 1).expand(-1, self.d) for b in self.buffer[layer]])
+        self.buffer[layer] = []
+        v = torch.where(ids < 0, -torch.inf, v)
+        ids = torch.where(ids < 0, torch.iinfo(torch.long).max, ids)
+        by_id = torch.sort(ids, dim=0, stable=True).indices
+        v, ids = v.gather(0, by_id), ids.gather(0, by_id)
+        by_value = torch.sort(v, dim=0, descending=True, stable=True).indices[: self.k]
+        self.values[layer], self.ids[layer] = v.gather(0, by_value), ids.gather(0, by_value)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values, ids), each (k', n_layer * d_mlp) in rank order; k' the fewer of k and the samples seen."""
+        for layer in range(len(self.values)):
+            self._merge(layer)
+        v = torch.cat(self.values, dim=1).double().cpu().numpy()
+        ids = torch.cat(self.ids, dim=1).cpu().numpy()
+        keep = int((ids != np.iinfo(np.int64).max).all(axis=1).sum()) if len(ids) else 0
+        return v[:keep], ids[:keep]
+
+
+def merge_top(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of a union from the parts' (values, ids) top ks, each (rows, neurons): exact."""
+    v = np.concatenate([p[0] for p in parts])
+    ids = np.concatenate([p[1] for p in parts])
+    return _merge_top(v, ids, k)
+
+
 @torch.no_grad()
 def _selected_values(model, inputs: list[list[int]], neuron_ids: np.ndarray) -> np.ndarray:
     """One forward pass over left-padded `inputs`: the neurons' post-GELU values, float64 (rows, width, neurons)."""
@@ -213,8 +262,13 @@ class Card:
     suppressed: list[TokenEffect]
 
 
-def parse_neurons(spec: str, n_neurons: int) -> np.ndarray:
-    """--neurons: a .npy file of neuron ids, or ids separated by commas; checked, in the order given."""
+def parse_neurons(spec: str, n_neurons: int, data=None, m: str = "") -> np.ndarray:
+    """
+    --neurons: a .npy file of neuron ids, ids separated by commas (checked, in the order given), or `report`
+    (report_neurons of the dataset directory `data`).
+    """
+    if spec == "report":
+        return report_neurons(data, m, n_neurons)
     if spec.endswith(".npy"):
         return sf.read_subset(spec, n_neurons)
     try:
@@ -229,6 +283,31 @@ def parse_neurons(spec: str, n_neurons: int) -> np.ndarray:
     if len(np.unique(ids)) != len(ids):
         raise PipelineError("--neurons lists a neuron more than once")
     return ids
+
+
+def report_neurons(data, m: str, n_neurons: int, per_subset: int = 20, top_effects: int = 10) -> np.ndarray:
+    """
+    The neurons the report shows: the first `per_subset` of each selection method's best subset at the smallest
+    k that stage e compared (random controls excluded), then the `top_effects` with the largest single-neuron
+    delta_nll where {m}_neuron_effects.csv exists; each once, in that order.
+    """
+    data = Path(data)
+    ids = []
+    comparison = data / sf.RESULTS_DIR / sf.COMPARISON
+    if comparison.is_file():
+        c = pd.read_csv(comparison)
+        c = c[c["best"].astype(bool) & (c["method"] != "random")]
+        for stem in c[c["k"] == c["k"].min()].sort_values("method")["subset"]:
+            ids += sf.read_subset(data / sf.SUBSETS_DIR / f"{stem}.npy", n_neurons)[:per_subset].tolist()
+    effects = sf.path(data, sf.NEURON_EFFECTS, m)
+    if effects.is_file():
+        dnll = sf.read_neuron_column(effects, "delta_nll", n_neurons, "d_calculate_neuron_effects.py writes it",
+                                     missing_ok=True)
+        measured = np.flatnonzero(np.isfinite(dnll))
+        ids += measured[np.argsort(-dnll[measured], kind="stable")[:top_effects]].tolist()
+    if not ids:
+        raise PipelineError(f"{data} has neither stage e's {sf.COMPARISON} nor {effects.name}: name the neurons")
+    return np.array(list(dict.fromkeys(ids)), np.int64)
 
 
 def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,

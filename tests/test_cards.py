@@ -81,6 +81,73 @@ def test_top_examples_equal_transformers_and_a_brute_force_sort(dataset, shipped
     assert ids.shape == (3, len(sids))  # k larger than the samples: every sample, sorted
 
 
+def run_b(export, csv, *extra):
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv), "--export_dir", str(export), "--model_type", SHIPPED_NAME,
+                        "--device", "cpu", "--no_edge_list", "--no_activation_lists", "--no_attribution", *extra],
+                       capture_output=True, text=True, cwd=REPO_ROOT,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    return export
+
+
+def test_stage_b_streams_the_top_examples(dataset, shipped, shipped_hf):
+    """Stage b's {m}_neuron_top_examples.csv (default K 10) against transformers and a brute-force sort."""
+    table = pd.read_csv(sf.path(dataset, sf.TOP_EXAMPLES, SHIPPED_NAME), keep_default_na=False)
+    assert list(table.columns) == sf.TOP_EXAMPLES_COLUMNS
+    cfg = shipped.model.config
+    n = cfg.n_layer * cfg.d_mlp
+    assert len(table) == n * 10
+    np.testing.assert_array_equal(table["neuron_id"], np.repeat(np.arange(n), 10))
+    np.testing.assert_array_equal(table["rank"], np.tile(np.arange(10), n))
+    sids, ref = reference_values(shipped_hf, dataset)
+    for neuron in np.random.default_rng(2).choice(n, 64, replace=False):
+        rows = table[table["neuron_id"] == neuron]
+        order = sorted(range(len(sids)), key=lambda s: (-ref[s, neuron], sids[s]))[:10]
+        np.testing.assert_array_equal(rows["sample_id"], sids[order])
+        np.testing.assert_allclose(rows["value"], ref[order, neuron], atol=1e-4)
+    seqs = cards.dataset_sequences(dataset, SHIPPED_NAME)
+    df = pd.read_csv(sf.path(dataset, sf.DATASET, SHIPPED_NAME), keep_default_na=False).set_index("sample_id")
+    for r in table.sample(200, random_state=0).itertuples():
+        assert r.token == df.loc[r.sample_id, "output"]
+        assert r.context == shipped.tokenizer.decode(seqs.prefix(r.sample_id)[-cards.CONTEXT_TOKENS:].tolist())
+
+
+def test_stage_b_top_examples_merge_across_batches_and_can_be_off(dataset, tmp_path):
+    csv = dataset.parent / "prompts.csv"
+    one = run_b(tmp_path / "one", csv, "--batch_size", "1", "--top_examples", "3")  # one chunk per prompt, merged
+    full = pd.read_csv(sf.path(dataset, sf.TOP_EXAMPLES, SHIPPED_NAME), keep_default_na=False)
+    got = pd.read_csv(sf.path(one, sf.TOP_EXAMPLES, SHIPPED_NAME), keep_default_na=False)
+    want = full[full["rank"] < 3].reset_index(drop=True)
+    np.testing.assert_array_equal(got["sample_id"], want["sample_id"])
+    np.testing.assert_allclose(got["value"], want["value"], atol=1e-5)
+    assert (got["context"] == want["context"]).all() and (got["token"] == want["token"]).all()
+    run_b(one, csv, "--top_examples", "0")
+    assert not sf.path(one, sf.TOP_EXAMPLES, SHIPPED_NAME).exists()
+    manifest = json.loads(sf.path(one, sf.DATASET_MANIFEST, SHIPPED_NAME).read_text())
+    assert sf.TOP_EXAMPLES.format(m=SHIPPED_NAME) not in manifest["files"]
+
+
+def test_running_top_k_equals_a_brute_force_sort():
+    rng = np.random.default_rng(3)
+    values = np.round(rng.normal(size=(300, 2, 7)), 1)  # many ties
+    ids = rng.permutation(300)
+    top = cards.RunningTopK(2, 7, 5, "cpu", merge_rows=16)
+    for lo in range(0, 300, 13):
+        for layer in range(2):
+            batch_ids = torch.as_tensor(ids[lo:lo + 13])
+            batch_ids[::5] = -1  # ignored
+            top.add(layer, torch.as_tensor(values[lo:lo + 13, layer], dtype=torch.float32), batch_ids)
+    got_v, got_i = top.result()
+    kept = np.ones(300, bool)
+    for lo in range(0, 300, 13):
+        kept[lo:lo + 13][::5] = False
+    flat = values.reshape(300, 14)
+    for col in range(14):
+        order = sorted(np.flatnonzero(kept), key=lambda r: (-flat[r, col], ids[r]))[:5]
+        np.testing.assert_array_equal(got_i[:, col], ids[order])
+        np.testing.assert_allclose(got_v[:, col], flat[order, col], atol=1e-6)
+
+
 def test_ties_go_to_the_lower_sample_id():
     v = np.array([[1.0, 2.0], [3.0, 2.0], [3.0, 1.0]])
     i = np.array([[5, 0], [4, 1], [2, 2]])
@@ -221,3 +288,39 @@ def test_script_exit_status(dataset, tmp_path):
                         "--model_type", SHIPPED_NAME, "--device", "cpu", "--neurons", "1"],
                        capture_output=True, text=True, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_report_neurons_pick_best_subsets_at_the_smallest_k_and_top_effects(tmp_path):
+    (tmp_path / sf.SUBSETS_DIR).mkdir()
+    (tmp_path / sf.RESULTS_DIR).mkdir()
+    subsets = {"deg_small": np.arange(100, 130), "deg_other": np.array([1, 2]), "att_small": np.array([105, 7, 3]),
+               "rand_small": np.array([50, 51]), "deg_big": np.array([60, 61])}
+    for stem, ids in subsets.items():
+        np.save(tmp_path / sf.SUBSETS_DIR / f"{stem}.npy", ids.astype(np.int64))
+    pd.DataFrame({"k": [30, 30, 3, 30, 60], "method": ["degree", "degree", "attribution", "random", "degree"],
+                  "subset": ["deg_small", "deg_other", "att_small", "rand_small", "deg_big"],
+                  "best": [True, False, True, True, True]}).to_csv(tmp_path / sf.RESULTS_DIR / sf.COMPARISON,
+                                                                     index=False)
+    # the smallest k compared is 3: only attribution's best subset there
+    np.testing.assert_array_equal(cards.report_neurons(tmp_path, "m", 200), [105, 7, 3])
+    c = pd.read_csv(tmp_path / sf.RESULTS_DIR / sf.COMPARISON)
+    c.loc[c["subset"] == "att_small", "k"] = 30
+    c.to_csv(tmp_path / sf.RESULTS_DIR / sf.COMPARISON, index=False)
+    pd.DataFrame({"neuron_id": [7, 8, 9, 10], "delta_nll": [0.5, 0.9, -1.0, 0.7], "kl": 0.0}).to_csv(
+        sf.path(tmp_path, sf.NEURON_EFFECTS, "m"), index=False)
+    got = cards.report_neurons(tmp_path, "m", 200, per_subset=20, top_effects=3)
+    want = [105, 7, 3] + list(range(100, 120)) + [8, 10]  # methods by name, 20 each, then effects (7 already in)
+    np.testing.assert_array_equal(got, [n for i, n in enumerate(want) if n not in want[:i]])
+
+
+def test_report_includes_the_cards(tmp_path):
+    from gelutrace.report import cards_section
+
+    assert cards_section(tmp_path) == []
+    (tmp_path / sf.CARDS_DIR).mkdir()
+    (tmp_path / sf.CARDS_DIR / sf.CARDS_MD).write_text("# Neuron cards of `m`\n\nintro\n\n## Neuron 5 (layer 0, "
+                                                       "dimension 5)\n\n| a |\n")
+    (tmp_path / sf.CARDS_DIR / sf.CARDS_HTML).write_text("<html></html>")
+    text = "\n".join(cards_section(tmp_path))
+    assert text.startswith("## Neuron cards") and "\n### Neuron 5 (layer 0, dimension 5)" in text
+    assert f"]({sf.CARDS_DIR}/{sf.CARDS_HTML})" in text and "# Neuron cards of" not in text
