@@ -62,9 +62,10 @@ def main():
     ap.add_argument("--no_attribution", action="store_true",
                     help="prompt mode: skip the attribution pass (one teacher-forced forward and backward pass per "
                          "distinct continuation); the frequency file's attribution column is then empty")
-    ap.add_argument("--top_examples", type=int, default=10, metavar="K",
+    ap.add_argument("--top_examples", type=int, default=None, metavar="K",
                     help="prompt mode: keep each neuron's K samples with the largest post-GELU value (ties to the "
-                         "lower sample id) in {m}_neuron_top_examples.csv; 0 turns it off (default: %(default)s)")
+                         "lower sample id) in {m}_neuron_top_examples.csv; 0 turns it off (default: 10; corpus "
+                         "mode does not keep them)")
     ap.add_argument("--no_edge_list", action="store_true",
                     help="prompt mode: skip writing {m}_neuron_edges.el (1.2 GB for gpt2, 23 GB for gpt2-xl); "
                          "later stages use the full adjacent-layer connectivity recorded in {m}_graph_meta.json "
@@ -86,7 +87,10 @@ def main():
     if (args.input_csv is None) == (args.input_text is None):
         raise PipelineError("give exactly one of --input_csv (prompt mode) and --input_text (corpus mode)")
     if args.input_text is not None:
+        if args.top_examples:
+            raise PipelineError("--top_examples: corpus mode does not keep top examples (give it in prompt mode)")
         return corpus_mode(args)
+    args.top_examples = 10 if args.top_examples is None else args.top_examples
     args.batch_size = args.batch_size or 64
     check_sampling_args(args)
     if args.top_examples < 0:

@@ -324,3 +324,14 @@ def test_report_includes_the_cards(tmp_path):
     text = "\n".join(cards_section(tmp_path))
     assert text.startswith("## Neuron cards") and "\n### Neuron 5 (layer 0, dimension 5)" in text
     assert f"]({sf.CARDS_DIR}/{sf.CARDS_HTML})" in text and "# Neuron cards of" not in text
+
+
+def test_stage_b_refuses_top_examples_in_corpus_mode_and_a_negative_k(tmp_path):
+    for extra in (["--input_text", str(REPO_ROOT / "parcellation_datasets" / "heldout_corpus_tinybard.txt"),
+                   "--top_examples", "5"], ["--input_csv", str(REPO_ROOT / "parcellation_datasets" / "test_1.csv"),
+                                            "--top_examples", "-1"]):
+        r = subprocess.run([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), *extra,
+                            "--export_dir", str(tmp_path / "out"), "--model_type", SHIPPED_NAME, "--device", "cpu"],
+                           capture_output=True, text=True, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 2 and "--top_examples" in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists()
