@@ -114,7 +114,7 @@ class RunningTopK:
 
     def add(self, layer: int, values: torch.Tensor, ids: torch.Tensor):
         """values (rows, d_mlp) of one layer, ids (rows,) their sample ids."""
-        self.buffer[layer].append((values.float(), ids))
+        self.buffer[layer].append((values.to(torch.float32, copy=True), ids))
         if sum(len(v) for v, _ in self.buffer[layer]) >= self.merge_rows:
             self._merge(layer)
 

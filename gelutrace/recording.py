@@ -20,8 +20,8 @@ from gelutrace.attribution import distinct_sequences, neuron_attribution
 from gelutrace.generation import Batch, generate_batch, repeat_rows
 from gelutrace.cards import CONTEXT_TOKENS, RunningTopK
 from gelutrace.stagefiles import (DATASET, FREQUENCY, MATRIX, PARTIAL_DIR, TOP_EXAMPLES, TOP_EXAMPLES_COLUMNS, Prompt,
-                                  dataset_columns, frequency_table, packed_counts, path, write_activation_lists, write_csv, write_json, write_npz,
-                                  write_packed_activation_matrix)
+                                  dataset_columns, frequency_table, packed_counts, path, write_activation_lists,
+                                  write_csv, write_json, write_npz, write_packed_activation_matrix)
 
 
 class ActivationRecorder:
