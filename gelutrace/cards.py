@@ -11,6 +11,7 @@ Neuron cards: what a neuron does, in the terms neuron browsers use.
   self-contained HTML page (gelutrace.cardpage).
 """
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -351,8 +352,14 @@ def _figures(c: Card) -> str:
     return "; ".join(parts)
 
 
+def _visible(s: str, newline: str = "⏎") -> str:
+    """Token text with its newlines shown as `newline` and other control or line-separator characters escaped."""
+    return "".join(newline if c == "\n" else f"\\x{ord(c):02x}" if unicodedata.category(c) in ("Cc", "Zl", "Zp")
+                   else c for c in s)
+
+
 def _md_text(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("\n", "⏎").replace("\r", "")
+    return _visible(s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'"))
 
 
 def _md_tokens(tokens: list[TokenEffect]) -> str:
@@ -410,13 +417,14 @@ def cards_html(cards: list[Card], m: str) -> str:
                 f"<p>{escape(_figures(c))}</p>", "<table>", "<tr><th>rank</th><th>value</th><th>sample</th>"
                 "<th>context</th></tr>"]
         for r, e in enumerate(c.examples):
-            spans = "".join(f'<span style="{_shade(float(v), top)}" title="{v:.4g}">{escape(t)}</span>'
-                            for t, v in zip(e.tokens, e.shades))
+            spans = "".join(f'<span style="{_shade(float(v), top)}" title="{v:.4g}">{escape(_visible(t, chr(10)))}'
+                            f'</span>' for t, v in zip(e.tokens, e.shades))
             out.append(f"<tr><td>{r}</td><td>{e.value:.4g}</td><td>{e.sample_id}</td><td class=\"ctx\">{spans}"
-                       f'<span class="next">{escape(e.token)}</span></td></tr>')
+                       f'<span class="next">{escape(_visible(e.token))}</span></td></tr>')
         out.append("</table>")
         for label, toks in (("Promoted", c.promoted), ("Suppressed", c.suppressed)):
-            items = "".join(f'<span class="tok" title="{t.value:+.4g}">{escape(t.token)}</span>' for t in toks)
+            items = "".join(f'<span class="tok" title="{t.value:+.4g}">{escape(_visible(t.token))}</span>'
+                            for t in toks)
             out.append(f"<p>{label}: {items}</p>")
         out.append("</div>")
     out += ["</body>", "</html>", ""]

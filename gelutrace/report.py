@@ -153,7 +153,7 @@ def cards_section(data: Path) -> list[str]:
     md, page = data / sf.CARDS_DIR / sf.CARDS_MD, data / sf.CARDS_DIR / sf.CARDS_HTML
     if not md.is_file():
         return []
-    lines = md.read_text(encoding="utf-8").splitlines()
+    lines = md.read_text(encoding="utf-8").split("\n")
     body = ["#" + line if line.startswith("#") else line for line in lines[1:]]  # the file's title is ours
     link = (f" The same cards, with each context shaded by the neuron's activation: "
             f"[{sf.CARDS_HTML}]({sf.CARDS_DIR}/{sf.CARDS_HTML}).") if page.is_file() else ""

@@ -5,6 +5,7 @@ computation from the weights (direct logit effect), and Python's html.parser (th
 """
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -248,6 +249,8 @@ def test_script_writes_cards_markdown_and_a_self_contained_page(dataset, shipped
     checker.close()
     assert not checker.errors and not checker.stack and not checker.refs
     assert "http" not in page and "url(" not in page and "@import" not in page
+    for text in (md, page):  # control characters and line separators of byte-level tokens are shown escaped
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f\x85\u2028\u2029]", text)
     text = "".join(checker.text)
     cfg = shipped.model.config
     freq = pd.read_csv(sf.path(dataset, sf.FREQUENCY, SHIPPED_NAME))
@@ -265,13 +268,14 @@ def test_script_writes_cards_markdown_and_a_self_contained_page(dataset, shipped
             for v, s in zip(values[row], ids[row]):
                 assert f"{v:.4g}" in card and str(s) in card
             promoted, suppressed = cards.direct_logit_effect(shipped.model, shipped.tokenizer, n)
-            assert all(t.token.strip() in card for t in promoted + suppressed)
+            shown = cards._md_text if card is card_md else cards._visible
+            assert all(shown(t.token).strip() in card for t in promoted + suppressed)
         if n == 900:
             assert "ΔNLL" not in card_md  # not measured for this neuron
         else:
             assert f"single-neuron ΔNLL {0.125 if n == 5 else -0.5:.4g}" in card_md
         context = shipped.tokenizer.decode(seqs.prefix(int(ids[row, 0]))[-cards.CONTEXT_TOKENS:].tolist())
-        assert context in card_text  # the top context, tokens shaded one by one
+        assert cards._visible(context, "\n") in card_text  # the top context, tokens shaded one by one
 
 
 @pytest.mark.parametrize("neurons, message", [("5,99999", "outside"), ("5,5", "more than once"), ("x", "expected")])
@@ -335,3 +339,9 @@ def test_stage_b_refuses_top_examples_in_corpus_mode_and_a_negative_k(tmp_path):
                            capture_output=True, text=True, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert r.returncode == 2 and "--top_examples" in r.stderr, r.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_token_text_is_shown_with_control_characters_escaped():
+    assert cards._visible("a\nb") == "a⏎b" and cards._visible("a\nb", "\n") == "a\nb"
+    assert cards._visible("\x00\x0b\u2028é") == "\\x00\\x0b\\x2028é"
+    assert cards._md_text("a|b`c") == "a\\|b'c"
