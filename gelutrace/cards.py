@@ -103,7 +103,7 @@ def _merge_top(values: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray,
 class RunningTopK:
     """
     Each neuron's k largest post-GELU values seen so far and their sample ids, ties to the lower id, kept on the
-    model's device: candidates are buffered per layer and merged (two stable sorts) once the buffer holds
+    model's device: candidates are buffered per layer and merged (one top-k on an exact key) once the buffer holds
     `merge_rows` rows, so memory is O(neurons x k) plus one buffer. A candidate with id < 0 is ignored.
     """
 
@@ -125,12 +125,16 @@ class RunningTopK:
         v = torch.cat([self.values[layer]] + [b[0] for b in self.buffer[layer]])
         ids = torch.cat([self.ids[layer]] + [b[1].view(-1, 1).expand(-1, self.d) for b in self.buffer[layer]])
         self.buffer[layer] = []
-        v = torch.where(ids < 0, -torch.inf, v)
-        ids = torch.where(ids < 0, torch.iinfo(torch.long).max, ids)
-        by_id = torch.sort(ids, dim=0, stable=True).indices
-        v, ids = v.gather(0, by_id), ids.gather(0, by_id)
-        by_value = torch.sort(v, dim=0, descending=True, stable=True).indices[: self.k]
-        self.values[layer], self.ids[layer] = v.gather(0, by_value), ids.gather(0, by_value)
+        # one exact int64 key per candidate, (value, -id) in lexicographic order: the float32's bits made
+        # order-preserving as a signed int in the high half, 2^32 - 1 - id in the low half (ids < 2^32)
+        bits = (v + 0.0).contiguous().view(torch.int32)  # + 0.0 makes -0.0 +0.0: a tie, not a smaller value
+        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.long) * 2 ** 32 + (2 ** 32 - 1 - ids)
+        invalid = ids < 0
+        key = torch.where(invalid, torch.iinfo(torch.long).min, key)
+        v = torch.where(invalid, -torch.inf, v)
+        ids = torch.where(invalid, torch.iinfo(torch.long).max, ids)
+        best = torch.topk(key, min(self.k, len(key)), dim=0).indices
+        self.values[layer], self.ids[layer] = v.gather(0, best), ids.gather(0, best)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(values, ids), each (k', n_layer * d_mlp) in rank order; k' the fewer of k and the samples seen."""

@@ -131,6 +131,8 @@ def test_stage_b_top_examples_merge_across_batches_and_can_be_off(dataset, tmp_p
 def test_running_top_k_equals_a_brute_force_sort():
     rng = np.random.default_rng(3)
     values = np.round(rng.normal(size=(300, 2, 7)), 1)  # many ties
+    values[values == 0] = -0.0  # equal to +0.0
+    values[::7] = np.abs(values[::7])
     ids = rng.permutation(300)
     top = cards.RunningTopK(2, 7, 5, "cpu", merge_rows=16)
     for lo in range(0, 300, 13):
@@ -345,3 +347,9 @@ def test_token_text_is_shown_with_control_characters_escaped():
     assert cards._visible("a\nb") == "a⏎b" and cards._visible("a\nb", "\n") == "a\nb"
     assert cards._visible("\x00\x0b\u2028é") == "\\x00\\x0b\\x2028é"
     assert cards._md_text("a|b`c") == "a\\|b'c"
+
+
+def test_running_top_k_takes_minus_zero_as_a_tie():
+    top = cards.RunningTopK(1, 1, 2, "cpu")
+    top.add(0, torch.tensor([[-0.0], [0.0], [-0.0], [-1.0]]), torch.tensor([5, 3, 1, 0]))
+    np.testing.assert_array_equal(top.result()[1][:, 0], [1, 3])
