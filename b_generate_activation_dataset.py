@@ -4,7 +4,8 @@ Stage b: record which GELU neurons fire (post-GELU output > 0), in one of two mo
 Prompt mode (--input_csv): generate text for every prompt of a CSV and record, for every generated token,
 the neurons behind it. Writes into --export_dir: {m}_activation_dataset.csv, {m}_neuron_frequency.csv,
 {m}_activation_matrix.npz (bit-packed; read it with gelutrace.stagefiles.read_activation_matrix),
-{m}_neuron_activations.json and .pickle (unless --no_activation_lists), and stage a's graph files
+{m}_neuron_activations.json and .pickle (unless --no_activation_lists), {m}_neuron_top_examples.csv (each
+neuron's --top_examples samples with the largest post-GELU value; 0 skips it), and stage a's graph files
 ({m}_neuron_attributes.csv, {m}_graph_meta.json, {m}_neuron_edges.el unless --no_edge_list).
 
 Corpus mode (--input_text): read any amount of text, teacher-forced in windows of --context tokens; every
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from gelutrace import PipelineError, corpus
 from gelutrace import stagefiles as sf
+from gelutrace.cards import merge_top
 from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args, parser, run_main
 from gelutrace.generation import StepProgress, encode_prompts, plan_batches
 from gelutrace.loading import load_model
@@ -60,6 +62,10 @@ def main():
     ap.add_argument("--no_attribution", action="store_true",
                     help="prompt mode: skip the attribution pass (one teacher-forced forward and backward pass per "
                          "distinct continuation); the frequency file's attribution column is then empty")
+    ap.add_argument("--top_examples", type=int, default=None, metavar="K",
+                    help="prompt mode: keep each neuron's K samples with the largest post-GELU value (ties to the "
+                         "lower sample id) in {m}_neuron_top_examples.csv; 0 turns it off (default: 10; corpus "
+                         "mode does not keep them)")
     ap.add_argument("--no_edge_list", action="store_true",
                     help="prompt mode: skip writing {m}_neuron_edges.el (1.2 GB for gpt2, 23 GB for gpt2-xl); "
                          "later stages use the full adjacent-layer connectivity recorded in {m}_graph_meta.json "
@@ -81,9 +87,14 @@ def main():
     if (args.input_csv is None) == (args.input_text is None):
         raise PipelineError("give exactly one of --input_csv (prompt mode) and --input_text (corpus mode)")
     if args.input_text is not None:
+        if args.top_examples:
+            raise PipelineError("--top_examples: corpus mode does not keep top examples (give it in prompt mode)")
         return corpus_mode(args)
+    args.top_examples = 10 if args.top_examples is None else args.top_examples
     args.batch_size = args.batch_size or 64
     check_sampling_args(args)
+    if args.top_examples < 0:
+        raise PipelineError(f"--top_examples must be >= 0, got {args.top_examples}")
     prompts = read_prompts(args.input_csv)
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
@@ -94,8 +105,9 @@ def main():
     lock_directory(export, "stage b")
     staging = Staging(export, lm.name, fingerprint(
         Path(args.input_csv).read_bytes(), lm.name, str(lm.path.resolve()), vars(cfg), args.seed,
-        args.temperature, args.top_k, args.batch_size))
+        args.temperature, args.top_k, args.batch_size, args.top_examples))
     chunks, start = staging.start(args.resume)
+    top = merge_chunk_tops(None, chunks, args.top_examples)
     if start:
         print(f"resuming after {start} of {sum(p.num_samples for p in prompts)} prompt samples")
     batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size, start)
@@ -103,10 +115,12 @@ def main():
     with tqdm(total=total, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as bar:
         for batch in batches:
             with StepProgress(lm.model, bar, len(batch.row_prompt)):
-                chunk = record_batch(lm.model, batch, prompts, prompt_ids, args.temperature, args.top_k, args.seed)
+                chunk = record_batch(lm.model, batch, prompts, prompt_ids, args.temperature, args.top_k, args.seed,
+                                     args.top_examples, sum(len(c.position) for c in chunks))
             start += len(batch.samples)
             staging.add(chunk, len(chunks), start)
             chunks.append(chunk)
+            top = merge_chunk_tops(top, [chunk], args.top_examples)
     attribution = None
     if not args.no_attribution:
         rows = sum(len(b.row_prompt) for b in plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size))
@@ -116,14 +130,28 @@ def main():
     manifest = sf.path(export, sf.DATASET_MANIFEST, lm.name)
     run = sf.begin_output_set(manifest)
     summary = write_dataset(export, lm.name, chunks, lm.tokenizer, prompts, prompt_ids, cfg.n_layer, cfg.d_mlp,
-                            activation_lists=not args.no_activation_lists, attribution=attribution)
+                            activation_lists=not args.no_activation_lists, attribution=attribution, top=top)
+    if top is None:
+        sf.path(export, sf.TOP_EXAMPLES, lm.name).unlink(missing_ok=True)
     sf.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list,
                                   site=lm.site)
-    sf.commit_output_set(manifest, run, [sf.path(export, f, lm.name) for f in sf.DATASET_SET])
+    written = sf.DATASET_SET + ((sf.TOP_EXAMPLES,) if top is not None else ())
+    sf.commit_output_set(manifest, run, [sf.path(export, f, lm.name) for f in written])
     staging.finish()
     per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])
     print(f"{summary['samples']} samples from {len(prompts)} prompts written to {export}; "
           f"active neurons per layer: {per_layer}")
+
+
+def merge_chunk_tops(top, chunks, k: int):
+    """The running top-k merged with the chunks' own (exact: the top k of a union is the top k of the parts' top
+    ks); the chunks' copies are dropped, so memory stays O(neurons x k)."""
+    if k == 0:
+        return None
+    parts = ([top] if top is not None else []) + [(c.top_values, c.top_ids) for c in chunks]
+    for c in chunks:
+        c.top_values = c.top_ids = None
+    return merge_top(parts, k) if parts else None
 
 
 def corpus_mode(args):

@@ -18,9 +18,10 @@ import torch
 from gelutrace import PipelineError
 from gelutrace.attribution import distinct_sequences, neuron_attribution
 from gelutrace.generation import Batch, generate_batch, repeat_rows
-from gelutrace.stagefiles import (DATASET, FREQUENCY, MATRIX, PARTIAL_DIR, Prompt, dataset_columns, frequency_table,
-                                  packed_counts, path, write_activation_lists, write_csv, write_json, write_npz,
-                                  write_packed_activation_matrix)
+from gelutrace.cards import CONTEXT_TOKENS, RunningTopK
+from gelutrace.stagefiles import (DATASET, FREQUENCY, MATRIX, PARTIAL_DIR, TOP_EXAMPLES, TOP_EXAMPLES_COLUMNS, Prompt,
+                                  dataset_columns, frequency_table, packed_counts, path, write_activation_lists,
+                                  write_csv, write_json, write_npz, write_packed_activation_matrix)
 
 
 class ActivationRecorder:
@@ -31,10 +32,12 @@ class ActivationRecorder:
     wanted token, the repeat count for a greedy row standing for identical repeats).
     Afterwards rec.active[s, r] is the boolean (n_layer * d_mlp) vector of neurons whose post-GELU output
     was > 0 at call s in row r, in neuron id order, and rec.value_sum the weighted sum of post-GELU
-    outputs over all recorded samples (for mean activations).
+    outputs over all recorded samples (for mean activations). With `top` (a cards.RunningTopK) and
+    sample_ids (steps, rows), the lowest sample id each (call, row) stands for (-1: none), each call's values
+    also go to the running top-k.
     """
 
-    def __init__(self, model, weights: torch.Tensor):
+    def __init__(self, model, weights: torch.Tensor, top=None, sample_ids: torch.Tensor | None = None):
         cfg = model.config
         device = next(model.parameters()).device
         self.model = model
@@ -45,6 +48,8 @@ class ActivationRecorder:
         self.value_sum = torch.zeros(cfg.n_layer * cfg.d_mlp, dtype=torch.float64, device=device)
         self.step = 0
         self.handles = []
+        self.top = top
+        self.sample_ids = None if sample_ids is None else sample_ids.to(device)
 
     def _hook(self, layer):
         cols = slice(layer * self.d, (layer + 1) * self.d)
@@ -54,6 +59,8 @@ class ActivationRecorder:
                 last = output[:, -1, :]
                 self.active[self.step, :, cols] = last > 0
                 self.value_sum[cols] += self.weights[self.step] @ last.to(torch.float64)
+                if self.top is not None:
+                    self.top.add(layer, last, self.sample_ids[self.step])
             if layer == self.n_layer - 1:
                 self.step += 1
         return hook
@@ -91,8 +98,10 @@ class Chunk:
     output_id: np.ndarray  # (S,) the generated token
     packed: np.ndarray  # (S, ceil(N / 8)) uint8, active neurons bit-packed (np.packbits, axis 1)
     value_sum: np.ndarray  # (N,) float64, summed post-GELU outputs over the chunk's samples
+    top_values: np.ndarray  # (k', N) float64, each neuron's largest values in the chunk (k' = 0: not kept)
+    top_ids: np.ndarray  # (k', N) int64, their global sample ids
 
-    FIELDS = ("prompt_index", "repeat", "position", "output_id", "packed", "value_sum")
+    FIELDS = ("prompt_index", "repeat", "position", "output_id", "packed", "value_sum", "top_values", "top_ids")
 
 
 def sample_layout(batch: Batch, prompts: list[Prompt], greedy: bool):
@@ -105,17 +114,29 @@ def sample_layout(batch: Batch, prompts: list[Prompt], greedy: bool):
 
 
 def record_batch(model, batch: Batch, prompts: list[Prompt], prompt_ids: list[list[int]], temperature: float,
-                 top_k: int | None, seed: int) -> Chunk:
+                 top_k: int | None, seed: int, top_examples: int = 0, first_sample: int = 0) -> Chunk:
+    """One batch's chunk; with top_examples > 0 also each neuron's top samples (ids from first_sample on)."""
     greedy = temperature == 0
     call, row, prompt, repeat, position = sample_layout(batch, prompts, greedy)
     weights = np.zeros((batch.new_tokens, len(batch.row_prompt)))
     np.add.at(weights, (call, row), 1.0)
-    with ActivationRecorder(model, torch.from_numpy(weights)) as rec:
+    cfg = model.config
+    top, grid = None, None
+    if top_examples > 0:
+        top = RunningTopK(cfg.n_layer, cfg.d_mlp, top_examples, next(model.parameters()).device)
+        big = np.iinfo(np.int64).max
+        grid = np.full(weights.shape, big, np.int64)
+        np.minimum.at(grid, (call, row), first_sample + np.arange(len(call)))  # greedy repeats: the first id
+        grid[grid == big] = -1
+        grid = torch.from_numpy(grid)
+    with ActivationRecorder(model, torch.from_numpy(weights), top, grid) as rec:
         new_ids = generate_batch(model, batch, prompt_ids, temperature, top_k, seed)
     sel = torch.from_numpy(call).to(rec.active.device), torch.from_numpy(row).to(rec.active.device)
     active = rec.active[sel].cpu().numpy()
+    n = cfg.n_layer * cfg.d_mlp
+    top_values, top_ids = top.result() if top is not None else (np.zeros((0, n)), np.zeros((0, n), np.int64))
     return Chunk(prompt, repeat, position, new_ids[row, call] if len(row) else np.zeros(0, np.int64),
-                 np.packbits(active, axis=1), rec.value_sum.cpu().numpy())
+                 np.packbits(active, axis=1), rec.value_sum.cpu().numpy(), top_values, top_ids)
 
 
 class Staging:
@@ -198,9 +219,25 @@ def record_attribution(model, chunks: list[Chunk], prompt_ids: list[list[int]], 
     return neuron_attribution(model, prompts, conts, weights, batch_size, progress)
 
 
+def top_examples_table(top_values: np.ndarray, top_ids: np.ndarray, cat: dict, tokenizer,
+                       prompt_ids: list[list[int]]) -> pd.DataFrame:
+    """{m}_neuron_top_examples.csv's rows from the merged (k', N) top values and sample ids, neuron by neuron."""
+    text = {}
+    for s in np.unique(top_ids):
+        lo = s - cat["position"][s]
+        ids = prompt_ids[cat["prompt_index"][s]] + cat["output_id"][lo:s].tolist()
+        text[s] = (tokenizer.decode(ids[-CONTEXT_TOKENS:]), tokenizer.decode([int(cat["output_id"][s])]))
+    k, n = top_ids.shape
+    flat = top_ids.T.ravel()
+    return pd.DataFrame({"neuron_id": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(k), n),
+                         "value": top_values.T.ravel(), "sample_id": flat,
+                         "context": [text[s][0] for s in flat], "token": [text[s][1] for s in flat]},
+                        columns=TOP_EXAMPLES_COLUMNS)
+
+
 def write_dataset(export_dir, m: str, chunks: list[Chunk], tokenizer, prompts: list[Prompt],
                   prompt_ids: list[list[int]], n_layer: int, d_mlp: int, activation_lists: bool = True,
-                  attribution: np.ndarray | None = None):
+                  attribution: np.ndarray | None = None, top: tuple[np.ndarray, np.ndarray] | None = None):
     """Stage b's dataset files from the recorded chunks (graph files are written separately)."""
     n = n_layer * d_mlp
     cat = concat_samples(chunks)
@@ -233,5 +270,7 @@ def write_dataset(export_dir, m: str, chunks: list[Chunk], tokenizer, prompts: l
     write_packed_activation_matrix(path(export_dir, MATRIX, m), packed, n)
     if activation_lists:
         write_activation_lists(export_dir, m, packed, n)
+    if top is not None:
+        write_csv(top_examples_table(*top, cat, tokenizer, prompt_ids), path(export_dir, TOP_EXAMPLES, m))
     fraction = per_layer.mean(axis=0) / d_mlp if samples else np.zeros(n_layer)
     return {"samples": samples, "active_fraction_per_layer": fraction.tolist()}

@@ -148,6 +148,19 @@ def comparison_section(info: dict, data: Path) -> list[str]:
     return lines
 
 
+def cards_section(data: Path) -> list[str]:
+    """The neuron cards f_render_neuron_cards.py wrote into the dataset directory, one heading level down."""
+    md, page = data / sf.CARDS_DIR / sf.CARDS_MD, data / sf.CARDS_DIR / sf.CARDS_HTML
+    if not md.is_file():
+        return []
+    lines = md.read_text(encoding="utf-8").split("\n")
+    body = ["#" + line if line.startswith("#") else line for line in lines[1:]]  # the file's title is ours
+    link = (f" The same cards, with each context shaded by the neuron's activation: "
+            f"[{sf.CARDS_HTML}]({sf.CARDS_DIR}/{sf.CARDS_HTML}).") if page.is_file() else ""
+    return ["## Neuron cards", "", "The neurons of each selection method's best subset at the smallest k (at most 20 "
+            "each) and the 10 with the largest single-neuron ΔNLL, where measured." + link, *body, ""]
+
+
 def write_report(data: Path, params: dict) -> str:
     info = collect(data)
     m = info["m"]
@@ -160,10 +173,11 @@ def write_report(data: Path, params: dict) -> str:
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `run_pipeline.sh`.", ""]
     lines += verdict_section(info, int(meta["num_neurons"]))
     lines += comparison_section(info, data)
+    lines += cards_section(data)
     lines += ["## Parameters", "", md_table(pd.DataFrame(list(params.items()), columns=["parameter", "value"])), ""]
     if info["commands"]:
         lines += ["Commands, in order (rerun them to reproduce this report):", "", "```"]
-        lines += [info["commands"][k] for k in ("a", "b", "effects", "c", "c_analyze", "d", "e")
+        lines += [info["commands"][k] for k in ("a", "b", "effects", "c", "c_analyze", "d", "e", "cards")
                   if k in info["commands"]]
         lines += ["```", ""]
     lines += ["## Dataset", "",

@@ -37,6 +37,7 @@ NEURON_EFFECTS_PARTIAL = ".{m}_neuron_effects_partial"  # its finished blocks of
 PARTIAL_DIR = ".{m}_partial"  # stage b's finished batches of an unfinished run, for --resume
 CORPUS = "{m}_corpus.json"  # stage b corpus mode: the text read (files, sha256, tokens, windows, shard)
 CORPUS_PARTIAL_DIR = ".{m}_corpus_partial"  # corpus mode's checkpoints of an unfinished run, for --resume
+TOP_EXAMPLES = "{m}_neuron_top_examples.csv"  # each neuron's top-activating samples, columns TOP_EXAMPLES_COLUMNS
 TRACE_VECTOR = "{m}_activations.pkl"
 TRACE_ACTIVE = "{m}_active_neurons.txt"
 TRACE_PLOT = "{m}_activations.png"
@@ -82,6 +83,9 @@ COMPARISON_PLOT = "comparison.png"  # effect against k per method
 # run_pipeline.sh's report (in the dataset directory)
 REPORT = "report.md"
 LAYER_ACTIVITY_PLOT = "activation_frequency_per_layer.png"
+CARDS_DIR = "neuron_cards"  # f_render_neuron_cards.py's default --output (in the dataset directory)
+CARDS_MD = "neuron_cards.md"
+CARDS_HTML = "neurons.html"
 PIPELINE_STAMPS = ".pipeline"  # one {stage}.cmd per stage: the command that made its outputs
 LOCK_FILE = ".gelutrace.lock"  # in a directory a run is writing into: flock'ed while it runs
 
@@ -92,6 +96,9 @@ ATTRIBUTE_COLUMNS = ["node_id", "layer", "dimension"]
 FREQUENCY_COLUMNS = ["neuron_id", "activation_count", "activation_frequency", "layer", "dimension", "mean_activation",
                      "attribution"]
 NEURON_EFFECTS_COLUMNS = ["neuron_id", "delta_nll", "kl"]
+# rank 0 is the largest value; context: up to 32 tokens of text ending at the sample's position; token: the token
+# at the position the activation predicts
+TOP_EXAMPLES_COLUMNS = ["neuron_id", "rank", "value", "sample_id", "context", "token"]
 RESULT_COLUMNS = ["prompt", "sample_index", "generated_text", "perturbation_subset"]
 HIST_COLUMNS = ["bin_start", "bin_end", "density"]
 THRESHOLD_COLUMNS = ["threshold", "num_nodes", "num_edges", "num_components", "max_comp_size", "avg_comp_size",

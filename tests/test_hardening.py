@@ -182,14 +182,15 @@ def test_kill_during_a_staging_write_then_resume(tmp_path, shipped_path, monkeyp
     assert json.loads((staged / "state.json").read_text())["chunks"]  # some work was kept
     monkeypatch.setattr(recording, name, real)
     run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "part", "--resume", OMP_NUM_THREADS="1")
-    for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY):
+    for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY, sf.TOP_EXAMPLES):
         assert sf.path(tmp_path / "part", f, "tinybard").read_bytes() == sf.path(tmp_path / "full", f, "tinybard").read_bytes()
 
 
 def test_resume_refuses_chunks_of_another_run_and_damaged_state(tmp_path):
     from gelutrace import recording
 
-    chunk = recording.Chunk(*(np.zeros(2, np.int64) for _ in range(4)), np.zeros((2, 1), np.uint8), np.zeros(8))
+    chunk = recording.Chunk(*(np.zeros(2, np.int64) for _ in range(4)), np.zeros((2, 1), np.uint8), np.zeros(8),
+                            np.zeros((0, 8)), np.zeros((0, 8), np.int64))
     a = recording.Staging(tmp_path, "m", "run-a")
     a.start(resume=False)
     a.add(chunk, 0, 1)

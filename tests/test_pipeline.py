@@ -121,8 +121,15 @@ def test_report_and_summary(pipeline):
     for name in ("activation_frequency_per_layer.png", f"{sf.ANALYSIS_DIR}/{sf.THRESHOLD_PLOT}",
                  f"{sf.RESULTS_DIR}/{sf.PERTURBATION_PLOT}"):
         assert f"]({name})" in report and (data / name).is_file()
+    comp = pd.read_csv(data / sf.RESULTS_DIR / sf.COMPARISON)
     assert "31 samples from 3 prompts" in out and "percentile of random" in out and "verdict:" in out
-    assert second.count("up to date") == 6  # nothing reran
+    assert second.count("up to date") == 7  # nothing reran
+    assert report.index("## Method comparison") < report.index("## Neuron cards") < report.index("## Parameters")
+    assert f"]({sf.CARDS_DIR}/{sf.CARDS_HTML})" in report and (data / sf.CARDS_DIR / sf.CARDS_HTML).is_file()
+    best = comp[comp["best"].astype(bool) & (comp["method"] != "random") & (comp["k"] == comp["k"].min())]
+    for stem in best["subset"]:  # each method's best subset at the smallest k has its cards
+        for n in np.load(data / sf.SUBSETS_DIR / f"{stem}.npy")[:20]:
+            assert f"### Neuron {n} (layer" in report
 
 
 def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
@@ -140,7 +147,7 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert any(ln.startswith("== a: up to date") for ln in lines)
-    for stage in ("b", "c", "c_analyze", "d", "e"):  # the prompts changed: b and everything after it reran
+    for stage in ("b", "c", "c_analyze", "d", "e", "cards"):  # the prompts changed: b and everything after it reran
         assert f"== {stage}" in lines, stage
     ds = pd.read_csv(sf.path(copy, sf.DATASET, M), keep_default_na=False)
     assert len(ds) == 6 * 2 + 5 * 3 + 3

@@ -1,0 +1,442 @@
+"""
+Neuron cards: what a neuron does, in the terms neuron browsers use.
+
+- The direct logit effect: the neuron's output weight vector times the final layer norm's gain, through the
+  unembedding; the tokens whose logits it raises and lowers most. It ignores the final layer norm's scale
+  (which depends on the whole residual stream) and everything the layers after the neuron's do with its output.
+- The top-activating samples of a stage-b dataset: the samples with the largest post-GELU value, found by
+  running the model teacher-forced over the dataset's distinct (prompt, continuation) sequences and keeping a
+  running top-k per neuron, batch by batch.
+- Cards that put these together with the stage files' per-neuron figures, as Markdown and as one
+  self-contained HTML page (gelutrace.cardpage).
+"""
+
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gelutrace import PipelineError
+from gelutrace import stagefiles as sf
+from gelutrace.generation import left_pad
+
+CONTEXT_TOKENS = 32  # tokens of text shown before (and including) a sample's position
+
+
+@dataclass
+class TokenEffect:
+    token_id: int
+    token: str
+    value: float
+
+
+@torch.no_grad()
+def direct_logit_effect(model, tokenizer, neuron_id: int, n: int = 10) -> tuple[list[TokenEffect], list[TokenEffect]]:
+    """
+    (promoted, suppressed): the n tokens whose logits the neuron's output raises most, largest first, and the n
+    it lowers most, most lowered first, per unit of post-GELU activation: W_U (g * W_out[:, dim]), g the final
+    layer norm's gain. Ties go to the lower token id.
+    """
+    cfg = model.config
+    layer, dim = divmod(int(neuron_id), cfg.d_mlp)
+    if not 0 <= layer < cfg.n_layer:
+        raise PipelineError(f"neuron {neuron_id} is outside this model's {cfg.n_layer * cfg.d_mlp} neurons")
+    w = model.transformer.h[layer].mlp.c_proj.weight[:, dim].double()
+    effect = (model.lm_head.weight.double() @ (w * model.transformer.ln_f.weight.double())).cpu().numpy()
+    order = np.argsort(-effect, kind="stable")
+    low = np.argsort(effect, kind="stable")
+    pick = lambda ids: [TokenEffect(int(i), tokenizer.decode([int(i)]), float(effect[i])) for i in ids[:n]]  # noqa: E731
+    return pick(order), pick(low)
+
+
+@dataclass
+class Sequences:
+    """
+    The distinct (prompt, continuation) sequences of a prompt-mode stage-b dataset. Sample first_id[s] + t is
+    token t of sequence s's continuation: its activations are those at the position that predicts it. A
+    repeated sequence (greedy repeats of a prompt) is kept once, under the sample ids of its first occurrence.
+    """
+    ids: list[np.ndarray]  # prompt + continuation token ids
+    prompt_len: np.ndarray  # (S,)
+    first_id: np.ndarray  # (S,) sample id of token 0 of the continuation
+
+    def locate(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sequence, index of the input position) of each sample id."""
+        s = np.searchsorted(self.first_id, sample_ids, side="right") - 1
+        return s, self.prompt_len[s] - 1 + (sample_ids - self.first_id[s])
+
+    def prefix(self, sample_id: int) -> np.ndarray:
+        """The token ids up to and including the sample's position (the input that predicts its token)."""
+        s, pos = self.locate(np.array([sample_id]))
+        return self.ids[s[0]][: pos[0] + 1]
+
+    def token(self, sample_id: int) -> int:
+        """The token the sample's activations predict."""
+        s, pos = self.locate(np.array([sample_id]))
+        return int(self.ids[s[0]][pos[0] + 1])
+
+
+def dataset_sequences(directory, m: str) -> Sequences:
+    samples = sf.read_dataset_samples(directory, m)
+    seen, ids, plen, first = set(), [], [], []
+    start = 0
+    for _, prompt, cont in samples:
+        key = (tuple(prompt), cont.tobytes())
+        if key not in seen and len(cont):
+            seen.add(key)
+            ids.append(np.array(list(prompt) + cont.tolist(), np.int64))
+            plen.append(len(prompt))
+            first.append(start)
+        start += len(cont)
+    return Sequences(ids, np.array(plen, np.int64), np.array(first, np.int64))
+
+
+def _merge_top(values: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per column, the k rows with the largest value, ties to the lower id; values, ids (rows, cols)."""
+    order = np.lexsort((ids, -values), axis=0)[:k]
+    return np.take_along_axis(values, order, axis=0), np.take_along_axis(ids, order, axis=0)
+
+
+class RunningTopK:
+    """
+    Each neuron's k largest post-GELU values seen so far and their sample ids, ties to the lower id, kept on the
+    model's device: candidates are buffered per layer and merged (one top-k on an exact key) once the buffer holds
+    `merge_rows` rows, so memory is O(neurons x k) plus one buffer. A candidate with id < 0 is ignored.
+    """
+
+    def __init__(self, n_layer: int, d_mlp: int, k: int, device, merge_rows: int = 256):
+        self.k, self.d, self.merge_rows = k, d_mlp, max(merge_rows, k)
+        self.values = [torch.full((0, d_mlp), -torch.inf, device=device) for _ in range(n_layer)]
+        self.ids = [torch.zeros((0, d_mlp), dtype=torch.long, device=device) for _ in range(n_layer)]
+        self.buffer = [[] for _ in range(n_layer)]
+
+    def add(self, layer: int, values: torch.Tensor, ids: torch.Tensor):
+        """values (rows, d_mlp) of one layer, ids (rows,) their sample ids."""
+        self.buffer[layer].append((values.to(torch.float32, copy=True), ids))
+        if sum(len(v) for v, _ in self.buffer[layer]) >= self.merge_rows:
+            self._merge(layer)
+
+    def _merge(self, layer: int):
+        if not self.buffer[layer]:
+            return
+        v = torch.cat([self.values[layer]] + [b[0] for b in self.buffer[layer]])
+        ids = torch.cat([self.ids[layer]] + [b[1].view(-1, 1).expand(-1, self.d) for b in self.buffer[layer]])
+        self.buffer[layer] = []
+        # one exact int64 key per candidate, (value, -id) in lexicographic order: the float32's bits made
+        # order-preserving as a signed int in the high half, 2^32 - 1 - id in the low half (ids < 2^32)
+        bits = (v + 0.0).contiguous().view(torch.int32)  # + 0.0 makes -0.0 +0.0: a tie, not a smaller value
+        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.long) * 2 ** 32 + (2 ** 32 - 1 - ids)
+        invalid = ids < 0
+        key = torch.where(invalid, torch.iinfo(torch.long).min, key)
+        v = torch.where(invalid, -torch.inf, v)
+        ids = torch.where(invalid, torch.iinfo(torch.long).max, ids)
+        best = torch.topk(key, min(self.k, len(key)), dim=0).indices
+        self.values[layer], self.ids[layer] = v.gather(0, best), ids.gather(0, best)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values, ids), each (k', n_layer * d_mlp) in rank order; k' the fewer of k and the samples seen."""
+        for layer in range(len(self.values)):
+            self._merge(layer)
+        v = torch.cat(self.values, dim=1).double().cpu().numpy()
+        ids = torch.cat(self.ids, dim=1).cpu().numpy()
+        keep = int((ids != np.iinfo(np.int64).max).all(axis=1).sum()) if len(ids) else 0
+        return v[:keep], ids[:keep]
+
+
+def merge_top(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of a union from the parts' (values, ids) top ks, each (rows, neurons): exact."""
+    v = np.concatenate([p[0] for p in parts])
+    ids = np.concatenate([p[1] for p in parts])
+    return _merge_top(v, ids, k)
+
+
+@torch.no_grad()
+def _selected_values(model, inputs: list[list[int]], neuron_ids: np.ndarray) -> np.ndarray:
+    """One forward pass over left-padded `inputs`: the neurons' post-GELU values, float64 (rows, width, neurons)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    layers = neuron_ids // cfg.d_mlp
+    dims = torch.as_tensor(neuron_ids % cfg.d_mlp, device=device)
+    acts = {}
+    handles = [g.register_forward_hook(lambda mod, i, o, layer=layer: acts.__setitem__(layer, o))
+               for layer, g in enumerate(model.gelus())]
+    try:
+        idx, pad = left_pad(inputs, device)
+        model.trunk(idx, pad=pad if bool(pad.any()) else None)
+    finally:
+        for h in handles:
+            h.remove()
+    per = torch.empty((*idx.shape, len(neuron_ids)), dtype=torch.float32, device=device)
+    for layer in np.unique(layers):
+        cols = np.flatnonzero(layers == layer)
+        per[:, :, cols] = acts[int(layer)][:, :, dims[cols]].float()
+    return per.cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def top_examples(model, seqs: Sequences, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,
+                 progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """
+    values (n, k') float64 and sample_ids (n, k') int64, k' = min(k, samples): each neuron's samples with the
+    largest post-GELU value, largest first, ties to the lower sample id. One teacher-forced forward pass per
+    batch of sequences; memory beyond a batch is O(neurons x k).
+    """
+    neuron_ids = np.asarray(neuron_ids, np.int64)
+    best_v = np.zeros((0, len(neuron_ids)))
+    best_i = np.zeros((0, len(neuron_ids)), np.int64)
+    for lo in range(0, len(seqs.ids), batch_size):
+        rows = range(lo, min(lo + batch_size, len(seqs.ids)))
+        per = _selected_values(model, [seqs.ids[r][:-1].tolist() for r in rows], neuron_ids)
+        vals, sids = [], []
+        for i, r in enumerate(rows):  # the continuation's predicting positions are right-aligned
+            n = len(seqs.ids[r]) - seqs.prompt_len[r]
+            vals.append(per[i, per.shape[1] - n:])
+            sids.append(seqs.first_id[r] + np.arange(n))
+        v = np.concatenate([best_v, *vals])
+        s = np.concatenate([best_i, np.repeat(np.concatenate(sids)[:, None], len(neuron_ids), axis=1)])
+        best_v, best_i = _merge_top(v, s, k)
+        if progress is not None:
+            progress(len(rows))
+    return best_v.T.copy(), best_i.T.copy()
+
+
+def _context(tokenizer, ids: np.ndarray) -> str:
+    return tokenizer.decode(ids[-CONTEXT_TOKENS:].tolist())
+
+
+def examples_table(tokenizer, seqs: Sequences, neuron_ids: np.ndarray, values: np.ndarray,
+                   sample_ids: np.ndarray) -> pd.DataFrame:
+    """The top examples as sf.TOP_EXAMPLES_COLUMNS rows, neuron by neuron, rank 0 first."""
+    rows = []
+    for n, vs, ss in zip(neuron_ids, values, sample_ids):
+        for rank, (v, s) in enumerate(zip(vs, ss)):
+            rows.append((int(n), rank, float(v), int(s), _context(tokenizer, seqs.prefix(int(s))),
+                         tokenizer.decode([seqs.token(int(s))])))
+    return pd.DataFrame(rows, columns=sf.TOP_EXAMPLES_COLUMNS)
+
+
+@torch.no_grad()
+def context_activations(model, seqs: Sequences, neuron_ids: np.ndarray, sample_ids: np.ndarray,
+                        batch_size: int = 32) -> list[list[np.ndarray]]:
+    """
+    shades[i][j]: neuron_ids[i]'s post-GELU value at each of the last CONTEXT_TOKENS positions up to sample
+    sample_ids[i, j] (so the last value is the sample's value), from one forward pass over the distinct
+    sequences those samples come from (a causal model's values at a position do not depend on what follows).
+    """
+    neuron_ids = np.asarray(neuron_ids, np.int64)
+    s_idx, pos = seqs.locate(np.asarray(sample_ids, np.int64).ravel())
+    s_idx, pos = s_idx.reshape(np.shape(sample_ids)), pos.reshape(np.shape(sample_ids))
+    shades = [[None] * np.shape(sample_ids)[1] for _ in neuron_ids]
+    needed = np.unique(s_idx)
+    for lo in range(0, len(needed), batch_size):
+        rows = needed[lo:lo + batch_size]
+        inputs = [seqs.ids[r][:-1].tolist() for r in rows]
+        per = _selected_values(model, inputs, neuron_ids)
+        for b, r in enumerate(rows):
+            start = per.shape[1] - len(inputs[b])
+            for i, j in zip(*np.nonzero(s_idx == r)):
+                p = start + pos[i, j]
+                shades[i][j] = per[b, max(start, p - CONTEXT_TOKENS + 1):p + 1, i]
+    return shades
+
+
+# --- cards ------------------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    value: float
+    sample_id: int
+    tokens: list[str]  # the context, token by token (its last CONTEXT_TOKENS tokens)
+    shades: np.ndarray  # the neuron's post-GELU value at each of those tokens' positions
+    token: str  # the token the sample's activations predict
+
+
+@dataclass
+class Card:
+    neuron_id: int
+    layer: int
+    dimension: int
+    frequency: float
+    mean_activation: float
+    attribution: float  # NaN: not computed
+    delta_nll: float  # NaN: not measured
+    examples: list[Example]
+    promoted: list[TokenEffect]
+    suppressed: list[TokenEffect]
+
+
+def parse_neurons(spec: str, n_neurons: int, data=None, m: str = "") -> np.ndarray:
+    """
+    --neurons: a .npy file of neuron ids, ids separated by commas (checked, in the order given), or `report`
+    (report_neurons of the dataset directory `data`).
+    """
+    if spec == "report":
+        return report_neurons(data, m, n_neurons)
+    if spec.endswith(".npy"):
+        return sf.read_subset(spec, n_neurons)
+    try:
+        ids = np.array([int(x) for x in spec.replace(",", " ").split()], np.int64)
+    except ValueError:
+        raise PipelineError(f"--neurons {spec!r}: expected a .npy file or neuron ids separated by commas") from None
+    if not len(ids):
+        raise PipelineError("--neurons names no neuron")
+    bad = ids[(ids < 0) | (ids >= n_neurons)]
+    if len(bad):
+        raise PipelineError(f"--neurons: id {int(bad[0])} is outside this model's neurons 0..{n_neurons - 1}")
+    if len(np.unique(ids)) != len(ids):
+        raise PipelineError("--neurons lists a neuron more than once")
+    return ids
+
+
+def report_neurons(data, m: str, n_neurons: int, per_subset: int = 20, top_effects: int = 10) -> np.ndarray:
+    """
+    The neurons the report shows: the first `per_subset` of each selection method's best subset at the smallest
+    k that stage e compared (random controls excluded), then the `top_effects` with the largest single-neuron
+    delta_nll where {m}_neuron_effects.csv exists; each once, in that order.
+    """
+    data = Path(data)
+    ids = []
+    comparison = data / sf.RESULTS_DIR / sf.COMPARISON
+    if comparison.is_file():
+        c = pd.read_csv(comparison)
+        c = c[c["best"].astype(bool) & (c["method"] != "random")]
+        for stem in c[c["k"] == c["k"].min()].sort_values("method")["subset"]:
+            ids += sf.read_subset(data / sf.SUBSETS_DIR / f"{stem}.npy", n_neurons)[:per_subset].tolist()
+    effects = sf.path(data, sf.NEURON_EFFECTS, m)
+    if effects.is_file():
+        dnll = sf.read_neuron_column(effects, "delta_nll", n_neurons, "d_calculate_neuron_effects.py writes it",
+                                     missing_ok=True)
+        measured = np.flatnonzero(np.isfinite(dnll))
+        ids += measured[np.argsort(-dnll[measured], kind="stable")[:top_effects]].tolist()
+    if not ids:
+        raise PipelineError(f"{data} has neither stage e's {sf.COMPARISON} nor {effects.name}: name the neurons")
+    return np.array(list(dict.fromkeys(ids)), np.int64)
+
+
+def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,
+                progress=None) -> list[Card]:
+    """The cards of `neuron_ids` (in that order) from a prompt-mode stage-b dataset directory."""
+    cfg = model.config
+    n = cfg.n_layer * cfg.d_mlp
+    what = "stage b writes it"
+    freq_p = sf.path(data, sf.FREQUENCY, m)
+    frequency = sf.read_neuron_column(freq_p, "activation_frequency", n, what)
+    mean = sf.read_neuron_column(freq_p, "mean_activation", n, what)
+    attribution = pd.to_numeric(pd.read_csv(freq_p)["attribution"], errors="coerce").to_numpy(np.float64)
+    effects_p = sf.path(data, sf.NEURON_EFFECTS, m)
+    dnll = (sf.read_neuron_column(effects_p, "delta_nll", n, "d_calculate_neuron_effects.py writes it", missing_ok=True)
+            if effects_p.is_file() else np.full(n, np.nan))
+    seqs = dataset_sequences(data, m)
+    if not seqs.ids:
+        raise PipelineError(f"{sf.path(data, sf.DATASET, m)} holds no generated tokens: there are no examples")
+    values, sample_ids = top_examples(model, seqs, neuron_ids, k, batch_size, progress)
+    shades = context_activations(model, seqs, neuron_ids, sample_ids, batch_size)
+    cards = []
+    for row, nid in enumerate(neuron_ids):
+        examples = []
+        for v, s, shade in zip(values[row], sample_ids[row], shades[row]):
+            shown = seqs.prefix(int(s))[-CONTEXT_TOKENS:].tolist()
+            examples.append(Example(float(v), int(s), [tokenizer.decode([t]) for t in shown], shade,
+                                    tokenizer.decode([seqs.token(int(s))])))
+        up, down = direct_logit_effect(model, tokenizer, int(nid))
+        layer, dim = divmod(int(nid), cfg.d_mlp)
+        cards.append(Card(int(nid), layer, dim, float(frequency[nid]), float(mean[nid]), float(attribution[nid]),
+                          float(dnll[nid]), examples, up, down))
+    return cards
+
+
+def _figures(c: Card) -> str:
+    parts = [f"activation frequency {c.frequency:.4g}", f"mean activation {c.mean_activation:.4g}"]
+    if np.isfinite(c.attribution):
+        parts.append(f"attribution {c.attribution:.4g}")
+    if np.isfinite(c.delta_nll):
+        parts.append(f"single-neuron ΔNLL {c.delta_nll:.4g}")
+    return "; ".join(parts)
+
+
+def _visible(s: str, newline: str = "⏎") -> str:
+    """Token text with its newlines shown as `newline` and other control or line-separator characters escaped."""
+    return "".join(newline if c == "\n" else f"\\x{ord(c):02x}" if unicodedata.category(c) in ("Cc", "Zl", "Zp")
+                   else c for c in s)
+
+
+def _md_text(s: str) -> str:
+    return _visible(s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'"))
+
+
+def _md_tokens(tokens: list[TokenEffect]) -> str:
+    return ", ".join(f"`{_md_text(t.token)}` ({t.value:+.3g})" for t in tokens)
+
+
+def cards_markdown(cards: list[Card], m: str, heading: str = "#") -> str:
+    lines = [f"{heading} Neuron cards of `{m}`", "",
+             "Top-activating samples of the dataset (largest post-GELU value; the context ends at the sample's "
+             "position and **the token** is the one its activations predict). Promoted / suppressed: the direct "
+             "logit effect, the neuron's output weights times the final layer norm's gain through the unembedding "
+             "(ignores the layer norm's scale and every later layer).", ""]
+    for c in cards:
+        lines += [f"{heading}# Neuron {c.neuron_id} (layer {c.layer}, dimension {c.dimension})", "", _figures(c), "",
+                  "| rank | value | sample | context |", "|---|---|---|---|"]
+        lines += [f"| {r} | {e.value:.4g} | {e.sample_id} | {_md_text(''.join(e.tokens))}**{_md_text(e.token)}** |"
+                  for r, e in enumerate(c.examples)]
+        lines += ["", f"Promoted: {_md_tokens(c.promoted)}", "", f"Suppressed: {_md_tokens(c.suppressed)}", ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 72em; margin: 2em auto; padding: 0 1em; color: #222; }
+.card { border: 1px solid #ccc; border-radius: 6px; padding: 0.5em 1em; margin: 1em 0; }
+.card h2 { font-size: 1.15em; margin: 0.3em 0; }
+table { border-collapse: collapse; }
+td, th { padding: 2px 8px; vertical-align: top; text-align: left; }
+.ctx { font-family: ui-monospace, monospace; white-space: pre-wrap; }
+.ctx span { border-radius: 2px; }
+.next { outline: 2px solid #1565c0; font-weight: bold; }
+.tok { font-family: ui-monospace, monospace; background: #eee; padding: 0 3px; margin-right: 4px; }
+"""
+
+
+def _shade(value: float, top: float) -> str:
+    alpha = 0.0 if top <= 0 else min(max(value / top, 0.0), 1.0)
+    return f"background: rgba(255, 140, 0, {alpha:.3f})"
+
+
+def cards_html(cards: list[Card], m: str) -> str:
+    """One self-contained page: inline CSS, no script, no external resource."""
+    from html import escape
+
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>Neuron cards of {escape(m)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+           f"<h1>Neuron cards of {escape(m)}</h1>",
+           "<p>Top-activating samples; each context token is shaded by the neuron's post-GELU value at its position "
+           "(orange = the card's largest value; hover for the value), and the outlined token is the one the "
+           "sample's activations predict. Promoted / suppressed: the direct logit effect through the final layer "
+           "norm's gain and the unembedding (ignores the layer norm's scale and every later layer).</p>"]
+    for c in cards:
+        top = max((float(e.shades.max()) for e in c.examples if len(e.shades)), default=0.0)
+        out += [f'<div class="card" id="neuron-{c.neuron_id}">',
+                f"<h2>Neuron {c.neuron_id} (layer {c.layer}, dimension {c.dimension})</h2>",
+                f"<p>{escape(_figures(c))}</p>", "<table>", "<tr><th>rank</th><th>value</th><th>sample</th>"
+                "<th>context</th></tr>"]
+        for r, e in enumerate(c.examples):
+            spans = "".join(f'<span style="{_shade(float(v), top)}" title="{v:.4g}">{escape(_visible(t, chr(10)))}'
+                            f'</span>' for t, v in zip(e.tokens, e.shades))
+            out.append(f"<tr><td>{r}</td><td>{e.value:.4g}</td><td>{e.sample_id}</td><td class=\"ctx\">{spans}"
+                       f'<span class="next">{escape(_visible(e.token))}</span></td></tr>')
+        out.append("</table>")
+        for label, toks in (("Promoted", c.promoted), ("Suppressed", c.suppressed)):
+            items = "".join(f'<span class="tok" title="{t.value:+.4g}">{escape(_visible(t.token))}</span>'
+                            for t in toks)
+            out.append(f"<p>{label}: {items}</p>")
+        out.append("</div>")
+    out += ["</body>", "</html>", ""]
+    return "\n".join(out)
+
+
+def write_cards(directory, cards: list[Card], m: str):
+    with sf.atomic_open(Path(directory) / sf.CARDS_MD, "w", encoding="utf-8") as f:
+        f.write(cards_markdown(cards, m))
+    with sf.atomic_open(Path(directory) / sf.CARDS_HTML, "w", encoding="utf-8") as f:
+        f.write(cards_html(cards, m))
