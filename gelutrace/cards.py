@@ -165,7 +165,7 @@ def _selected_values(model, inputs: list[list[int]], neuron_ids: np.ndarray) -> 
                for layer, g in enumerate(model.gelus())]
     try:
         idx, pad = left_pad(inputs, device)
-        model.trunk(idx, pad=pad if bool(pad.any()) else None)
+        (model.trunk if hasattr(model, "trunk") else model)(idx, pad=pad if bool(pad.any()) else None)
     finally:
         for h in handles:
             h.remove()
@@ -340,7 +340,9 @@ def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int =
             shown = seqs.prefix(int(s))[-CONTEXT_TOKENS:].tolist()
             examples.append(Example(float(v), int(s), [tokenizer.decode([t]) for t in shown], shade,
                                     tokenizer.decode([seqs.token(int(s))])))
-        up, down = direct_logit_effect(model, tokenizer, int(nid))
+        # the direct logit view reads model.py's GPT-2 weights; other families' cards go without it
+        up, down = direct_logit_effect(model, tokenizer, int(nid)) if hasattr(model, "transformer") and hasattr(
+            model.transformer, "ln_f") else ([], [])
         layer, dim = divmod(int(nid), cfg.d_mlp)
         cards.append(Card(int(nid), layer, dim, float(frequency[nid]), float(mean[nid]), float(attribution[nid]),
                           float(dnll[nid]), examples, up, down))
