@@ -12,7 +12,6 @@ config.json's `model_type` picks the implementation: `gpt2` runs on model.py, th
 transformers' own classes through `gelutrace.sites.HFCausalLM`.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,13 +122,7 @@ def _hub_snapshot(model_type: str) -> Path:
 
 
 def read_config(path: Path) -> GPTConfig:
-    cfg_file = path / "config.json"
-    try:
-        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PipelineError(f"{cfg_file} cannot be read as JSON: {e}") from None
-    if not isinstance(hf, dict):
-        raise PipelineError(f"{cfg_file}: expected a JSON object")
+    cfg_file, hf = sites.read_config_json(path)
     act = hf.get("activation_function", "gelu_new")
     if act not in GELU_APPROXIMATE:
         raise PipelineError(f"{cfg_file}: activation_function {act!r} is not a GELU this pipeline can trace")

@@ -67,8 +67,8 @@ def site_info(model_type: str) -> dict:
             "neuron_value": fam.value}
 
 
-def read_model_type(path: Path) -> str:
-    """config.json's model_type (a checkpoint without one is GPT-2, as the original GPT-2 configs are)."""
+def read_config_json(path: Path) -> tuple[Path, dict]:
+    """(the file, its object) of a checkpoint directory's config.json; one error line if it is not a JSON object."""
     cfg_file = Path(path) / "config.json"
     try:
         hf = json.loads(cfg_file.read_text(encoding="utf-8"))
@@ -76,6 +76,12 @@ def read_model_type(path: Path) -> str:
         raise PipelineError(f"{cfg_file} cannot be read as JSON: {e}") from None
     if not isinstance(hf, dict):
         raise PipelineError(f"{cfg_file}: expected a JSON object")
+    return cfg_file, hf
+
+
+def read_model_type(path: Path) -> str:
+    """config.json's model_type (a checkpoint without one is GPT-2, as the original GPT-2 configs are)."""
+    cfg_file, hf = read_config_json(path)
     model_type = hf.get("model_type", "gpt2")
     moe = [k for k in MOE_KEYS if isinstance(hf.get(k), int) and hf[k] > 0]
     if moe:
