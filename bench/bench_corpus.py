@@ -18,7 +18,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,25 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from gelutrace import corpus  # noqa: E402
 from gelutrace import stagefiles as sf  # noqa: E402
+from peak import run_measured  # noqa: E402
 from gelutrace.statistics import CoactivationCounts  # noqa: E402
 
-MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-           "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-           "sys.exit(r.returncode)")
 HELDOUT = ROOT / "tests" / "data" / "heldout.txt"
 SHIPPED = ROOT / "models" / "tinybard"
 
 
 def measure(label: str, args: list[str]) -> dict:
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, *args], capture_output=True, text=True,
-                       cwd=ROOT)
-    wall = time.time() - t0
-    rss = next((int(line.split()[1]) for line in p.stderr.splitlines() if line.startswith("MAXRSS")), 0)
-    if p.returncode != 0:
-        sys.exit(f"{label} failed:\n{p.stdout}\n{p.stderr}")
-    print(f"{label:<44} {wall:>8.1f} s  {rss / 2**20:>6.2f} GiB", flush=True)
-    return {"wall_s": wall, "peak_rss_GiB": rss / 2**20}
+    wall, rss = run_measured(label, args)
+    print(f"{label:<44} {wall:>8.1f} s  {rss:>6.2f} GiB", flush=True)
+    return {"wall_s": wall, "peak_rss_GiB": rss}
 
 
 def make_text(target: Path, tokens: int, tokenizer) -> int:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,11 +26,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from gelutrace import stagefiles as sf  # noqa: E402
+from peak import run_measured  # noqa: E402
 
-# run a command, then print the peak RSS (KiB) of it and its children
-MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-           "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-           "sys.exit(r.returncode)")
 
 
 def make_dataset(d: Path, m: str, n_layer: int, d_mlp: int, n_samples: int, seed: int):
@@ -55,14 +51,8 @@ def make_dataset(d: Path, m: str, n_layer: int, d_mlp: int, n_samples: int, seed
 
 
 def measure(label: str, args: list[str]) -> dict:
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, *args], capture_output=True, text=True,
-                       cwd=ROOT)
-    wall = time.time() - t0
-    rss = next((int(line.split()[1]) for line in p.stderr.splitlines() if line.startswith("MAXRSS")), 0)
-    if p.returncode != 0:
-        sys.exit(f"{label} failed:\n{p.stdout}\n{p.stderr}")
-    row = {"stage": label, "wall_s": round(wall, 1), "peak_rss_GiB": round(rss / 2**20, 2)}
+    wall, rss = run_measured(label, args)
+    row = {"stage": label, "wall_s": round(wall, 1), "peak_rss_GiB": round(rss, 2)}
     print(f"{label:<28} {row['wall_s']:>8.1f} s  {row['peak_rss_GiB']:>7.2f} GiB", flush=True)
     return row
 
