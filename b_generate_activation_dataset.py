@@ -5,14 +5,14 @@ Prompt mode (--input_csv): generate text for every prompt of a CSV and record, f
 the neurons behind it. Writes into --export_dir: {m}_activation_dataset.csv, {m}_neuron_frequency.csv,
 {m}_activation_matrix.npz (bit-packed; read it with gelutrace.stagefiles.read_activation_matrix),
 {m}_neuron_activations.json and .pickle (unless --no_activation_lists), {m}_neuron_top_examples.csv (each
-neuron's --top_examples samples with the largest post-GELU value; 0 skips it), and stage a's graph files
+neuron's --top_examples samples with the largest post-GELU value; 0 skips it; both modes), and stage a's graph files
 ({m}_neuron_attributes.csv, {m}_graph_meta.json, {m}_neuron_edges.el unless --no_edge_list).
 
 Corpus mode (--input_text): read any amount of text, teacher-forced in windows of --context tokens; every
 position is one sample. Exact counts are streamed, so memory does not grow with the text. Writes
 {m}_neuron_attributes.csv, {m}_graph_meta.json, {m}_neuron_frequency.csv, the compact graph store
-{m}_weighted_graph/ (as stage c would write it), {m}_corpus.json, and with --save_matrix the activation
-matrix. Under torchrun every process streams its share and process 0 writes the summed result.
+{m}_weighted_graph/ (as stage c would write it), {m}_corpus.json, {m}_neuron_top_examples.csv (sample ids
+are global token positions) and with --save_matrix the activation matrix. Under torchrun every process streams its share and process 0 writes the summed result.
 
 After generating, one teacher-forced forward and backward pass over each distinct prompt + continuation gives
 every neuron's `attribution` (frequency file): -sum_p a(p) dL/da(p), a first-order estimate of the
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from gelutrace import PipelineError, corpus
 from gelutrace import stagefiles as sf
-from gelutrace.cards import merge_top
+from gelutrace.statistics import merge_top
 from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args, parser, run_main
 from gelutrace.generation import StepProgress, encode_prompts, plan_batches
 from gelutrace.loading import load_model
@@ -62,10 +62,10 @@ def main():
     ap.add_argument("--no_attribution", action="store_true",
                     help="prompt mode: skip the attribution pass (one teacher-forced forward and backward pass per "
                          "distinct continuation); the frequency file's attribution column is then empty")
-    ap.add_argument("--top_examples", type=int, default=None, metavar="K",
-                    help="prompt mode: keep each neuron's K samples with the largest post-GELU value (ties to the "
-                         "lower sample id) in {m}_neuron_top_examples.csv; 0 turns it off (default: 10; corpus "
-                         "mode does not keep them)")
+    ap.add_argument("--top_examples", type=int, default=10, metavar="K",
+                    help="keep each neuron's K samples with the largest post-GELU value (ties to the lower sample "
+                         "id) in {m}_neuron_top_examples.csv, streamed in O(neurons x K) memory; 0 turns it off "
+                         "(default: %(default)s)")
     ap.add_argument("--no_edge_list", action="store_true",
                     help="prompt mode: skip writing {m}_neuron_edges.el (1.2 GB for gpt2, 23 GB for gpt2-xl); "
                          "later stages use the full adjacent-layer connectivity recorded in {m}_graph_meta.json "
@@ -87,10 +87,7 @@ def main():
     if (args.input_csv is None) == (args.input_text is None):
         raise PipelineError("give exactly one of --input_csv (prompt mode) and --input_text (corpus mode)")
     if args.input_text is not None:
-        if args.top_examples:
-            raise PipelineError("--top_examples: corpus mode does not keep top examples (give it in prompt mode)")
         return corpus_mode(args)
-    args.top_examples = 10 if args.top_examples is None else args.top_examples
     args.batch_size = args.batch_size or 64
     check_sampling_args(args)
     if args.top_examples < 0:
@@ -155,9 +152,9 @@ def merge_chunk_tops(top, chunks, k: int):
 
 
 def corpus_mode(args):
-    record = corpus.run_corpus_mode(args.input_text, args.export_dir, args.model_type, args.device, args.context,
-                                    args.max_tokens, args.batch_size, args.save_matrix, args.resume, args.shard,
-                                    60 * args.checkpoint_minutes)
+    settings = corpus.CorpusSettings(args.context, args.max_tokens, args.batch_size, args.save_matrix, args.shard,
+                                     args.top_examples, args.resume, 60 * args.checkpoint_minutes)
+    record = corpus.run_corpus_mode(args.input_text, args.export_dir, args.model_type, args.device, settings)
     if record is not None:
         shard = f" (shard {record['shard']['index']}/{record['shard']['count']})" if record["shard"] else ""
         print(f"{record['samples']:,} samples from {record['documents']:,} documents, {record['windows']:,} windows "

@@ -1,8 +1,11 @@
 """
 Neuron cards: for each neuron named, its layer and dimension, activation frequency and mean activation,
-attribution and single-neuron ΔNLL where computed, its top-activating samples of a prompt-mode stage-b
-dataset (found by running the model teacher-forced over the dataset's distinct sequences) and the tokens its
-direct logit effect promotes and suppresses.
+attribution and single-neuron ΔNLL where computed, its degree in a thresholded co-activation graph, its
+top-activating samples and the tokens its direct logit effect promotes and suppresses.
+
+The samples of a prompt-mode dataset are found by running the model teacher-forced over the dataset's distinct
+sequences; those of a corpus-mode dataset are the ones stage b streamed into {m}_neuron_top_examples.csv, their
+windows re-read from the corpus files {m}_corpus.json names (only the documents they overlap are tokenized).
 
 Writes into --output: neuron_cards.md and neurons.html, a self-contained page (inline CSS, no script, no
 external resource) in which each context's tokens are shaded by the neuron's activation.
@@ -22,14 +25,16 @@ from gelutrace import cards as cd
 from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, parser, run_main
+from gelutrace.coactivation import WEIGHTS
 from gelutrace.loading import load_model
 
 
 def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--dataset_path", required=True,
-                    help="a prompt-mode stage-b dataset directory of this model (reads {m}_activation_dataset.csv, "
-                         "{m}_neuron_frequency.csv and, when present, {m}_neuron_effects.csv)")
+                    help="a stage-b dataset directory of this model, either mode (reads {m}_neuron_frequency.csv; "
+                         "prompt mode {m}_activation_dataset.csv, corpus mode {m}_corpus.json and "
+                         "{m}_neuron_top_examples.csv; and, when present, {m}_neuron_effects.csv)")
     add_model_args(ap)
     ap.add_argument("--neurons", required=True, metavar="FILE.npy|IDS|report",
                     help="the neurons to render, in this order: a .npy file of neuron ids (e.g. a stage-d subset), "
@@ -38,25 +43,44 @@ def main(argv=None):
                          "single-neuron delta_nll where {m}_neuron_effects.csv exists")
     ap.add_argument("--output", help="directory the cards are written into (default: DATASET_PATH/neuron_cards)")
     ap.add_argument("--top_examples", type=int, default=10,
-                    help="top-activating samples shown per neuron (default: %(default)s)")
+                    help="top-activating samples shown per neuron (default: %(default)s; corpus mode: at most the "
+                         "--top_examples stage b kept)")
     ap.add_argument("--batch_size", type=int, default=32,
-                    help="sequences run through the model together (default: %(default)s)")
+                    help="sequences (corpus mode: windows) run through the model together (default: %(default)s)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="show each neuron's degree in the dataset's co-activation graph {m}_weighted_graph/ "
+                         "thresholded at this normalised weight (default: the threshold, weight and graph of the "
+                         "best graph-method subset stage e compared, if any; else no degree)")
+    ap.add_argument("--weight", default=None, choices=WEIGHTS,
+                    help="the edge weight --threshold applies to (default: count)")
     args = ap.parse_args(argv)
     if args.top_examples < 1:
         raise PipelineError(f"--top_examples must be >= 1, got {args.top_examples}")
     if args.batch_size < 1:
         raise PipelineError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise PipelineError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.weight is not None and args.threshold is None:
+        raise PipelineError("--weight needs --threshold")
     out = sf.check_output_dir(args.output or Path(args.dataset_path) / sf.CARDS_DIR, "--output")
     start = time.perf_counter()
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
+    corpus_mode = pt.read_corpus_record(args.dataset_path, lm.name) is not None
+    if corpus_mode and not sf.path(args.dataset_path, sf.TOP_EXAMPLES, lm.name).is_file():
+        raise PipelineError(f"{args.dataset_path} is a corpus-mode dataset without "
+                            f"{sf.TOP_EXAMPLES.format(m=lm.name)} (stage b ran with --top_examples 0, or an older "
+                            f"version): rerun stage b with --top_examples K")
+    inputs = (sf.CORPUS, sf.FREQUENCY, sf.TOP_EXAMPLES) if corpus_mode else (sf.DATASET, sf.FREQUENCY)
     sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
-                         [sf.path(args.dataset_path, f, lm.name) for f in (sf.DATASET, sf.FREQUENCY)], "stage b")
-    ids = cd.parse_neurons(args.neurons, cfg.n_layer * cfg.d_mlp, args.dataset_path, lm.name)
-    with tqdm(unit="seq", desc="top examples") as bar:
+                         [sf.path(args.dataset_path, f, lm.name) for f in inputs], "stage b")
+    n = cfg.n_layer * cfg.d_mlp
+    ids = cd.parse_neurons(args.neurons, n, args.dataset_path, lm.name)
+    degrees = cd.graph_degrees(args.dataset_path, lm.name, n, args.threshold, args.weight)
+    with tqdm(unit="window" if corpus_mode else "seq", desc="top examples") as bar:
         cards = cd.build_cards(lm.model, lm.tokenizer, args.dataset_path, lm.name, ids, args.top_examples,
-                               args.batch_size, progress=bar.update)
+                               args.batch_size, progress=bar.update, degrees=degrees)
     sf.lock_directory(out, "neuron cards")
     cd.write_cards(out, cards, lm.name)
     print(f"{len(cards)} neuron cards in {time.perf_counter() - start:.1f} s: {out / sf.CARDS_MD}, {out / sf.CARDS_HTML}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline, a -> b -> (single-neuron effects) -> c -> c_analyze -> d (a sweep of selection methods)
-# -> e (baseline, random controls, on held-out prompts) -> neuron cards (prompt mode) -> report, which opens with
+# -> e (baseline, random controls, on held-out prompts) -> neuron cards -> report, which opens with
 # the method comparison.
 #
 #   ./run_pipeline.sh [options] [MODEL] [PROMPT_CSV] [DATASET_DIR]
@@ -161,10 +161,8 @@ stage e "$DATA/perturbation_results/summary.csv" \
   py e_generate_perturbed_results.py --dataset_path "$DATA" "${selection[@]}" --eval_csv "$EVAL_CSV" \
     --model_type "$MODEL" --device "$DEVICE" --random_controls "$RANDOM_CONTROLS" \
     --perturbation_subset_filenames none "${subsets[@]}"
-if [ -z "$TEXT" ]; then  # cards read a prompt-mode dataset's continuations
-  stage cards "$DATA/neuron_cards/neurons.html" \
-    py f_render_neuron_cards.py --dataset_path "$DATA" --model_type "$MODEL" --device "$DEVICE" --neurons report
-fi
+stage cards "$DATA/neuron_cards/neurons.html" \
+  py f_render_neuron_cards.py --dataset_path "$DATA" --model_type "$MODEL" --device "$DEVICE" --neurons report
 source_flag=(--input_csv "$CSV")
 [ -n "$TEXT" ] && source_flag=(--input_text "$TEXT")
 py -m gelutrace.report "$DATA" --model_type "$MODEL" "${source_flag[@]}" --eval_csv "$EVAL_CSV" \

@@ -8,7 +8,8 @@ Stage b's corpus mode: wall time, tokens/s and peak RSS.
    .jsonl, run as a user runs the script (a subprocess; peak RSS is its ru_maxrss).
 2. A GPT-2-small-shaped model (transformers' GPT2Config() defaults, random weights, built locally): corpus
    mode's tokens/s against a plain teacher-forced forward pass (logits included, no hooks) of the same model
-   on the same windows and batches, in the same process, interleaved (--repeats rounds, median ratio).
+   on the same windows and batches, in the same process, interleaved (--repeats rounds, median ratio); and
+   what keeping each neuron's top-10 examples adds to corpus mode's time.
 3. The same model's peak RSS in corpus mode at --rss_tokens (default 2 x 10^4 and 10^5), each a subprocess.
 
 Data goes to bench/out/corpus (git-ignored) unless --out.
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from gelutrace import corpus  # noqa: E402
 from gelutrace import stagefiles as sf  # noqa: E402
 from peak import run_measured  # noqa: E402
-from gelutrace.statistics import CoactivationCounts  # noqa: E402
+from gelutrace.statistics import CoactivationCounts, RunningTopK  # noqa: E402
 
 HELDOUT = ROOT / "tests" / "data" / "heldout.txt"
 SHIPPED = ROOT / "models" / "tinybard"
@@ -78,25 +79,33 @@ def throughput(ckpt: Path, text: Path, tokens: int, context: int, batch_size: in
         for w in batches:
             lm.model(torch.stack([x[int(k) * context:(int(k) + 1) * context] for k in w]))
 
-    def counted():
-        counts = CoactivationCounts(cfg.n_layer, cfg.d_mlp)
-        ck = corpus.Checkpoints(ROOT / "bench" / "out" / "unused", lm.name, "", None, float("inf"))
-        corpus.stream(lm.model, ids, batches, context, counts, ck, 0, None)
+    def counted(k: int):
+        def run():
+            counts = CoactivationCounts(cfg.n_layer, cfg.d_mlp)
+            top = RunningTopK(cfg.n_layer, cfg.d_mlp, k, "cpu") if k else None
+            ck = corpus.Checkpoints(ROOT / "bench" / "out" / "unused", lm.name, "", None, float("inf"))
+            corpus.stream(lm.model, ids, batches, context, counts, top, ck, 0, None)
+            if top is not None:
+                top.result()
+        return run
 
-    rates = {"plain": [], "corpus": []}
+    rates = {"plain": [], "corpus": [], "top": []}
     with torch.no_grad():
         plain()  # warm-up
         for _ in range(repeats):
-            for name, f in (("plain", plain), ("corpus", counted)):
+            for name, f in (("plain", plain), ("corpus", counted(0)), ("top", counted(10))):
                 t0 = time.perf_counter()
                 f()
                 rates[name].append(len(ids) / (time.perf_counter() - t0))
     ratio = statistics.median(c / p for c, p in zip(rates["corpus"], rates["plain"]))
+    cost = statistics.median(c / t - 1 for c, t in zip(rates["corpus"], rates["top"]))
     print(f"GPT-2-small shape, {len(ids):,} tokens, windows of {context} x batches of {batch_size}, "
           f"{torch.get_num_threads()} threads:")
     print(f"  plain teacher-forced forward  {statistics.median(rates['plain']):7.1f} tokens/s")
     print(f"  corpus mode (hooks + counts)  {statistics.median(rates['corpus']):7.1f} tokens/s  "
           f"= {100 * ratio:.0f} % of plain (median of {repeats} paired rounds)")
+    print(f"  corpus mode + top-10 examples {statistics.median(rates['top']):7.1f} tokens/s  "
+          f"= {100 * cost:+.1f} % time against corpus mode without them")
 
 
 def main():

@@ -4,13 +4,16 @@ Neuron cards: what a neuron does, in the terms neuron browsers use.
 - The direct logit effect: the neuron's output weight vector times the final layer norm's gain, through the
   unembedding; the tokens whose logits it raises and lowers most. It ignores the final layer norm's scale
   (which depends on the whole residual stream) and everything the layers after the neuron's do with its output.
-- The top-activating samples of a stage-b dataset: the samples with the largest post-GELU value, found by
-  running the model teacher-forced over the dataset's distinct (prompt, continuation) sequences and keeping a
-  running top-k per neuron, batch by batch.
+- The top-activating samples of a stage-b dataset: the samples with the largest post-GELU value. Prompt mode:
+  found by running the model teacher-forced over the dataset's distinct (prompt, continuation) sequences and
+  keeping a running top-k per neuron, batch by batch. Corpus mode: the ones stage b streamed, their windows
+  re-read from the corpus for the shading.
+- The neuron's degree in a thresholded co-activation graph.
 - Cards that put these together with the stage files' per-neuron figures, as Markdown and as one
-  self-contained HTML page (gelutrace.cardpage).
+  self-contained HTML page (cards_html).
 """
 
+import json
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +25,7 @@ import torch
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
 from gelutrace.generation import left_pad
-
-CONTEXT_TOKENS = 32  # tokens of text shown before (and including) a sample's position
+from gelutrace.statistics import merge_top
 
 
 @dataclass
@@ -94,65 +96,6 @@ def dataset_sequences(directory, m: str) -> Sequences:
     return Sequences(ids, np.array(plen, np.int64), np.array(first, np.int64))
 
 
-def _merge_top(values: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per column, the k rows with the largest value, ties to the lower id; values, ids (rows, cols)."""
-    order = np.lexsort((ids, -values), axis=0)[:k]
-    return np.take_along_axis(values, order, axis=0), np.take_along_axis(ids, order, axis=0)
-
-
-class RunningTopK:
-    """
-    Each neuron's k largest post-GELU values seen so far and their sample ids, ties to the lower id, kept on the
-    model's device: candidates are buffered per layer and merged (one top-k on an exact key) once the buffer holds
-    `merge_rows` rows, so memory is O(neurons x k) plus one buffer. A candidate with id < 0 is ignored.
-    """
-
-    def __init__(self, n_layer: int, d_mlp: int, k: int, device, merge_rows: int = 256):
-        self.k, self.d, self.merge_rows = k, d_mlp, max(merge_rows, k)
-        self.values = [torch.full((0, d_mlp), -torch.inf, device=device) for _ in range(n_layer)]
-        self.ids = [torch.zeros((0, d_mlp), dtype=torch.long, device=device) for _ in range(n_layer)]
-        self.buffer = [[] for _ in range(n_layer)]
-
-    def add(self, layer: int, values: torch.Tensor, ids: torch.Tensor):
-        """values (rows, d_mlp) of one layer, ids (rows,) their sample ids."""
-        self.buffer[layer].append((values.to(torch.float32, copy=True), ids))
-        if sum(len(v) for v, _ in self.buffer[layer]) >= self.merge_rows:
-            self._merge(layer)
-
-    def _merge(self, layer: int):
-        if not self.buffer[layer]:
-            return
-        v = torch.cat([self.values[layer]] + [b[0] for b in self.buffer[layer]])
-        ids = torch.cat([self.ids[layer]] + [b[1].view(-1, 1).expand(-1, self.d) for b in self.buffer[layer]])
-        self.buffer[layer] = []
-        # one exact int64 key per candidate, (value, -id) in lexicographic order: the float32's bits made
-        # order-preserving as a signed int in the high half, 2^32 - 1 - id in the low half (ids < 2^32)
-        bits = (v + 0.0).contiguous().view(torch.int32)  # + 0.0 makes -0.0 +0.0: a tie, not a smaller value
-        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.long) * 2 ** 32 + (2 ** 32 - 1 - ids)
-        invalid = ids < 0
-        key = torch.where(invalid, torch.iinfo(torch.long).min, key)
-        v = torch.where(invalid, -torch.inf, v)
-        ids = torch.where(invalid, torch.iinfo(torch.long).max, ids)
-        best = torch.topk(key, min(self.k, len(key)), dim=0).indices
-        self.values[layer], self.ids[layer] = v.gather(0, best), ids.gather(0, best)
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(values, ids), each (k', n_layer * d_mlp) in rank order; k' the fewer of k and the samples seen."""
-        for layer in range(len(self.values)):
-            self._merge(layer)
-        v = torch.cat(self.values, dim=1).double().cpu().numpy()
-        ids = torch.cat(self.ids, dim=1).cpu().numpy()
-        keep = int((ids != np.iinfo(np.int64).max).all(axis=1).sum()) if len(ids) else 0
-        return v[:keep], ids[:keep]
-
-
-def merge_top(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top k of a union from the parts' (values, ids) top ks, each (rows, neurons): exact."""
-    v = np.concatenate([p[0] for p in parts])
-    ids = np.concatenate([p[1] for p in parts])
-    return _merge_top(v, ids, k)
-
-
 @torch.no_grad()
 def _selected_values(model, inputs: list[list[int]], neuron_ids: np.ndarray) -> np.ndarray:
     """One forward pass over left-padded `inputs`: the neurons' post-GELU values, float64 (rows, width, neurons)."""
@@ -195,16 +138,15 @@ def top_examples(model, seqs: Sequences, neuron_ids: np.ndarray, k: int = 10, ba
             n = len(seqs.ids[r]) - seqs.prompt_len[r]
             vals.append(per[i, per.shape[1] - n:])
             sids.append(seqs.first_id[r] + np.arange(n))
-        v = np.concatenate([best_v, *vals])
-        s = np.concatenate([best_i, np.repeat(np.concatenate(sids)[:, None], len(neuron_ids), axis=1)])
-        best_v, best_i = _merge_top(v, s, k)
+        s = np.repeat(np.concatenate(sids)[:, None], len(neuron_ids), axis=1)
+        best_v, best_i = merge_top([(best_v, best_i), (np.concatenate(vals), s)], k)
         if progress is not None:
             progress(len(rows))
     return best_v.T.copy(), best_i.T.copy()
 
 
 def _context(tokenizer, ids: np.ndarray) -> str:
-    return tokenizer.decode(ids[-CONTEXT_TOKENS:].tolist())
+    return tokenizer.decode(ids[-sf.CONTEXT_TOKENS:].tolist())
 
 
 def examples_table(tokenizer, seqs: Sequences, neuron_ids: np.ndarray, values: np.ndarray,
@@ -222,7 +164,7 @@ def examples_table(tokenizer, seqs: Sequences, neuron_ids: np.ndarray, values: n
 def context_activations(model, seqs: Sequences, neuron_ids: np.ndarray, sample_ids: np.ndarray,
                         batch_size: int = 32) -> list[list[np.ndarray]]:
     """
-    shades[i][j]: neuron_ids[i]'s post-GELU value at each of the last CONTEXT_TOKENS positions up to sample
+    shades[i][j]: neuron_ids[i]'s post-GELU value at each of the last sf.CONTEXT_TOKENS positions up to sample
     sample_ids[i, j] (so the last value is the sample's value), from one forward pass over the distinct
     sequences those samples come from (a causal model's values at a position do not depend on what follows).
     """
@@ -239,7 +181,7 @@ def context_activations(model, seqs: Sequences, neuron_ids: np.ndarray, sample_i
             start = per.shape[1] - len(inputs[b])
             for i, j in zip(*np.nonzero(s_idx == r)):
                 p = start + pos[i, j]
-                shades[i][j] = per[b, max(start, p - CONTEXT_TOKENS + 1):p + 1, i]
+                shades[i][j] = per[b, max(start, p - sf.CONTEXT_TOKENS + 1):p + 1, i]
     return shades
 
 
@@ -248,7 +190,7 @@ def context_activations(model, seqs: Sequences, neuron_ids: np.ndarray, sample_i
 class Example:
     value: float
     sample_id: int
-    tokens: list[str]  # the context, token by token (its last CONTEXT_TOKENS tokens)
+    tokens: list[str]  # the context, token by token (its last sf.CONTEXT_TOKENS tokens)
     shades: np.ndarray  # the neuron's post-GELU value at each of those tokens' positions
     token: str  # the token the sample's activations predict
 
@@ -265,6 +207,8 @@ class Card:
     examples: list[Example]
     promoted: list[TokenEffect]
     suppressed: list[TokenEffect]
+    degree: float = np.nan  # in a thresholded co-activation graph; NaN: none given
+    degree_graph: str = ""  # which: "t=<threshold>, <weight>"
 
 
 def parse_neurons(spec: str, n_neurons: int, data=None, m: str = "") -> np.ndarray:
@@ -315,9 +259,96 @@ def report_neurons(data, m: str, n_neurons: int, per_subset: int = 20, top_effec
     return np.array(list(dict.fromkeys(ids)), np.int64)
 
 
+def _examples_from_sequences(model, tokenizer, seqs: Sequences, neuron_ids: np.ndarray, k: int, batch_size: int,
+                             progress=None) -> list[list[Example]]:
+    """Prompt mode: the top examples found by running the model over the dataset's distinct sequences."""
+    values, sample_ids = top_examples(model, seqs, neuron_ids, k, batch_size, progress)
+    shades = context_activations(model, seqs, neuron_ids, sample_ids, batch_size)
+    out = []
+    for row in range(len(neuron_ids)):
+        examples = []
+        for v, s, shade in zip(values[row], sample_ids[row], shades[row]):
+            shown = seqs.prefix(int(s))[-sf.CONTEXT_TOKENS:].tolist()
+            examples.append(Example(float(v), int(s), [tokenizer.decode([t]) for t in shown], shade,
+                                    tokenizer.decode([seqs.token(int(s))])))
+        out.append(examples)
+    return out
+
+
+@torch.no_grad()
+def _examples_from_corpus(model, tokenizer, data, m: str, record: dict, neuron_ids: np.ndarray, k: int,
+                          batch_size: int, progress=None) -> list[list[Example]]:
+    """
+    Corpus mode: the top examples stage b streamed ({m}_neuron_top_examples.csv); each context is shaded from one
+    forward pass over the windows they lie in, re-read from the corpus (only the documents those windows overlap).
+    """
+    from gelutrace.corpus import window_tokens
+
+    table = sf.read_top_examples(sf.path(data, sf.TOP_EXAMPLES, m))
+    table = table[table["rank"] < k].sort_values(["neuron_id", "rank"])
+    by_neuron = {int(n): g for n, g in table.groupby("neuron_id")}
+    missing = [int(n) for n in neuron_ids if int(n) not in by_neuron]
+    if missing:
+        raise PipelineError(f"{sf.path(data, sf.TOP_EXAMPLES, m)} has no examples of neuron {missing[0]}")
+    context = int(record["context"])
+    samples = np.concatenate([by_neuron[int(n)]["sample_id"].to_numpy() for n in neuron_ids])
+    windows = np.unique(samples // context)
+    tokens = window_tokens(record, tokenizer, windows)
+    last = {int(w): int(samples[samples // context == w].max() - w * context) for w in windows}
+    values = {}  # (window, position) -> the neurons' values up to the position
+    for lo in range(0, len(windows), batch_size):
+        rows = [int(w) for w in windows[lo:lo + batch_size]]
+        per = _selected_values(model, [tokens[w][:last[w] + 1].tolist() for w in rows], neuron_ids)
+        for b, w in enumerate(rows):
+            values[w] = per[b, per.shape[1] - last[w] - 1:]
+        if progress is not None:
+            progress(len(rows))
+    out = []
+    for i, n in enumerate(neuron_ids):
+        examples = []
+        for v, s in zip(by_neuron[int(n)]["value"], by_neuron[int(n)]["sample_id"]):
+            w, pos = divmod(int(s), context)
+            first = max(0, pos - sf.CONTEXT_TOKENS + 1)
+            shown = tokens[w][first:pos + 1].tolist()
+            nxt = tokens[w][pos + 1:pos + 2].tolist()
+            examples.append(Example(float(v), int(s), [tokenizer.decode([t]) for t in shown],
+                                    values[w][first:pos + 1, i], tokenizer.decode(nxt)))
+        out.append(examples)
+    return out
+
+
+def graph_degrees(data, m: str, n_neurons: int, threshold: float | None = None, weight: str | None = None
+                  ) -> tuple[np.ndarray, str] | None:
+    """
+    Every neuron's degree in a thresholded co-activation graph and a note of which: the graph, threshold and
+    weight given, or else those of the best graph-method subset stage e compared (None where neither exists).
+    """
+    from gelutrace import coactivation as co
+
+    graph = sf.path(data, sf.WEIGHTED_GRAPH, m)
+    if threshold is None:
+        comparison = Path(data) / sf.RESULTS_DIR / sf.COMPARISON
+        if not comparison.is_file():
+            return None
+        c = pd.read_csv(comparison)
+        c = c[c["best"].astype(bool) & c["method"].isin(("degree", "weighted_degree", "pagerank"))]
+        if c.empty:
+            return None
+        stem = c.sort_values(["k", "delta_nll"], ascending=[True, False])["subset"].iloc[0]
+        meta = json.loads((Path(data) / sf.SUBSETS_DIR / f"{stem}.json").read_text())
+        threshold, weight, graph = meta["threshold"], meta.get("weight", co.DEFAULT_WEIGHT), Path(meta["graph"])
+    weight = weight or co.DEFAULT_WEIGHT
+    g = co.read_store(graph)
+    deg = np.full(n_neurons, np.nan)
+    deg[g.node_ids] = g.degrees(g.cut(threshold, weight))
+    return deg, f"t={threshold:g}, {weight}"
+
+
 def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,
-                progress=None) -> list[Card]:
-    """The cards of `neuron_ids` (in that order) from a prompt-mode stage-b dataset directory."""
+                progress=None, degrees: tuple[np.ndarray, str] | None = None) -> list[Card]:
+    """The cards of `neuron_ids` (in that order) from a stage-b dataset directory of either mode."""
+    from gelutrace.perturbation import read_corpus_record
+
     cfg = model.config
     n = cfg.n_layer * cfg.d_mlp
     what = "stage b writes it"
@@ -328,24 +359,23 @@ def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int =
     effects_p = sf.path(data, sf.NEURON_EFFECTS, m)
     dnll = (sf.read_neuron_column(effects_p, "delta_nll", n, "d_calculate_neuron_effects.py writes it", missing_ok=True)
             if effects_p.is_file() else np.full(n, np.nan))
-    seqs = dataset_sequences(data, m)
-    if not seqs.ids:
-        raise PipelineError(f"{sf.path(data, sf.DATASET, m)} holds no generated tokens: there are no examples")
-    values, sample_ids = top_examples(model, seqs, neuron_ids, k, batch_size, progress)
-    shades = context_activations(model, seqs, neuron_ids, sample_ids, batch_size)
+    record = read_corpus_record(data, m)
+    if record is not None:
+        examples = _examples_from_corpus(model, tokenizer, data, m, record, neuron_ids, k, batch_size, progress)
+    else:
+        seqs = dataset_sequences(data, m)
+        if not seqs.ids:
+            raise PipelineError(f"{sf.path(data, sf.DATASET, m)} holds no generated tokens: there are no examples")
+        examples = _examples_from_sequences(model, tokenizer, seqs, neuron_ids, k, batch_size, progress)
+    deg, deg_note = degrees if degrees is not None else (np.full(n, np.nan), "")
     cards = []
     for row, nid in enumerate(neuron_ids):
-        examples = []
-        for v, s, shade in zip(values[row], sample_ids[row], shades[row]):
-            shown = seqs.prefix(int(s))[-CONTEXT_TOKENS:].tolist()
-            examples.append(Example(float(v), int(s), [tokenizer.decode([t]) for t in shown], shade,
-                                    tokenizer.decode([seqs.token(int(s))])))
         # the direct logit view reads model.py's GPT-2 weights; other families' cards go without it
         up, down = direct_logit_effect(model, tokenizer, int(nid)) if hasattr(model, "transformer") and hasattr(
             model.transformer, "ln_f") else ([], [])
         layer, dim = divmod(int(nid), cfg.d_mlp)
         cards.append(Card(int(nid), layer, dim, float(frequency[nid]), float(mean[nid]), float(attribution[nid]),
-                          float(dnll[nid]), examples, up, down))
+                          float(dnll[nid]), examples[row], up, down, float(deg[nid]), deg_note))
     return cards
 
 
@@ -355,6 +385,8 @@ def _figures(c: Card) -> str:
         parts.append(f"attribution {c.attribution:.4g}")
     if np.isfinite(c.delta_nll):
         parts.append(f"single-neuron ΔNLL {c.delta_nll:.4g}")
+    if np.isfinite(c.degree):
+        parts.append(f"degree {c.degree:.0f} in the co-activation graph ({c.degree_graph})")
     return "; ".join(parts)
 
 

@@ -12,6 +12,7 @@ Batches of windows run through the model with hooks on every GELU that feed `Coa
 the batch; only the totals (and, with save_matrix, the bit-packed rows) are kept.
 """
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from gelutrace import PipelineError
 from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
 from gelutrace.shards import CORPUS_FORMAT, CORPUS_VERSION
-from gelutrace.statistics import CoactivationCounts
+from gelutrace.statistics import CoactivationCounts, RunningTopK, merge_top
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKENS_PER_BATCH = 4096  # the default batch: as many windows as hold about this many tokens
@@ -82,7 +83,7 @@ def read_documents(p: Path, raw: bytes) -> list[str]:
 @dataclass
 class Corpus:
     ids: np.ndarray  # every token, documents concatenated, each followed by end-of-text
-    files: list[dict] = field(default_factory=list)  # path, sha256, documents, tokens
+    files: list[dict] = field(default_factory=list)  # path, sha256, documents, tokens, first_token, document_starts
     documents: int = 0
 
     def record(self) -> dict:
@@ -91,6 +92,11 @@ class Corpus:
 
 
 def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None) -> Corpus:
+    """
+    Every file's documents, tokenized. Each file's record holds where its first token lies in the concatenated
+    text (first_token) and where each of its documents read starts, counted from there (document_starts);
+    documents past --max_tokens are not read.
+    """
     eot = tokenizer.eos_token_id
     if eot is None:
         raise PipelineError("the tokenizer has no end-of-text token to separate documents")
@@ -104,15 +110,86 @@ def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None) -> 
             if not ids:
                 raise PipelineError(f"{p}: document {k + 1} has no tokens")
         tokens = sum(len(ids) + 1 for ids in encoded)
-        files.append({"path": str(p), "sha256": hashlib.sha256(raw).hexdigest(), "documents": len(docs),
-                      "tokens": tokens})
-        documents += len(docs)
+        first, starts = total, []
         for ids in encoded:
             if max_tokens is None or total < max_tokens:
                 parts.append(np.array(ids + [eot], dtype=dtype))
+                starts.append(total - first)
                 total += len(ids) + 1
+        files.append({"path": str(p), "sha256": hashlib.sha256(raw).hexdigest(), "documents": len(docs),
+                      "tokens": tokens, "first_token": first, "document_starts": starts})
+        documents += len(docs)
     ids = np.concatenate(parts)
     return Corpus(ids[:max_tokens] if max_tokens is not None else ids, files, documents)
+
+
+def document_starts(record: dict) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Where every document read starts in the concatenated text (global token positions, ascending), and its
+    (file index, document number in the file), from a {m}_corpus.json record."""
+    starts, where = [], []
+    for fi, f in enumerate(record["files"]):
+        for k, s in enumerate(f.get("document_starts", [])):
+            starts.append(f["first_token"] + s)
+            where.append((fi, k))
+    if not starts:
+        raise PipelineError("the corpus record lists no document starts (written by an older version): rerun stage b")
+    return np.array(starts, np.int64), where
+
+
+def locate(record: dict, sample_ids) -> list[tuple[str, int, int]]:
+    """(file, document number in the file from 0, token offset in the document) of corpus-mode sample ids (global
+    token positions), from a {m}_corpus.json record."""
+    starts, where = document_starts(record)
+    out = []
+    for s in np.asarray(sample_ids, np.int64).ravel():
+        if not 0 <= s < record["tokens"]:
+            raise PipelineError(f"sample {s} is outside the corpus's {record['tokens']} tokens")
+        d = int(np.searchsorted(starts, s, side="right")) - 1
+        fi, k = where[d]
+        out.append((record["files"][fi]["path"], k, int(s - starts[d])))
+    return out
+
+
+def window_tokens(record: dict, tokenizer, windows) -> dict[int, np.ndarray]:
+    """
+    The token ids of corpus-mode windows (numbers), each followed by the token after it where the corpus has
+    one, re-read from the files a {m}_corpus.json record names: only the documents the windows overlap are
+    tokenized. A file whose sha256 differs from the record's is refused.
+    """
+    context, total = int(record["context"]), int(record["tokens"])
+    eot = tokenizer.eos_token_id
+    starts, where = document_starts(record)
+    starts = np.append(starts, total)
+    spans = {int(w): (int(w) * context, min((int(w) + 1) * context + 1, total)) for w in windows}
+    needed = sorted({d for lo, hi in spans.values()
+                     for d in range(int(np.searchsorted(starts, lo, side="right")) - 1,
+                                    int(np.searchsorted(starts, hi, side="left")))})
+    docs = {}
+    for fi in sorted({where[d][0] for d in needed}):
+        f = record["files"][fi]
+        p = Path(f["path"])
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            raise PipelineError(f"cannot read {p}, which stage b read: {e.strerror}") from None
+        if hashlib.sha256(raw).hexdigest() != f["sha256"]:
+            raise PipelineError(f"{p} changed since stage b read it (its sha256 differs)")
+        texts = read_documents(p, raw)
+        mine = [d for d in needed if where[d][0] == fi]
+        for d, ids in zip(mine, tokenizer([texts[where[d][1]] for d in mine], verbose=False)["input_ids"]):
+            n, expected = len(ids) + 1, starts[d + 1] - starts[d]
+            if n != expected and not (d == len(where) - 1 and n > expected):  # the last may be cut by --max_tokens
+                raise PipelineError(f"{p}: document {where[d][1] + 1} no longer tokenizes as stage b read it")
+            docs[d] = np.array(ids + [eot], np.int64)
+    out = {}
+    for w, (lo, hi) in spans.items():
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        pieces, d = [], first
+        while d < len(where) and starts[d] < hi:
+            pieces.append(docs[d][max(lo - starts[d], 0):hi - starts[d]])
+            d += 1
+        out[w] = np.concatenate(pieces)
+    return out
 
 
 # --- shards and windows ------------------------------------------------------------------------------------
@@ -147,17 +224,21 @@ def plan(windows: np.ndarray, n_tokens: int, context: int, batch_size: int) -> l
 # --- streaming ------------------------------------------------------------------------------------------------
 class CountingHooks:
     """Forward hooks on every GELU that add each call's (rows x d_mlp) outputs to `counts`; with `keep_rows`
-    they also keep the batch's active rows bit-packed (`take_packed`)."""
+    they also keep the batch's active rows bit-packed (`take_packed`); with `top` (a RunningTopK) they feed it
+    the values under `sample_ids`, the batch's rows' global token positions."""
 
-    def __init__(self, model, counts: CoactivationCounts, keep_rows: bool = False):
-        self.model, self.counts, self.keep_rows = model, counts, keep_rows
+    def __init__(self, model, counts: CoactivationCounts, keep_rows: bool = False, top: RunningTopK | None = None):
+        self.model, self.counts, self.keep_rows, self.top = model, counts, keep_rows, top
         self.layers, self.handles = [], []
+        self.sample_ids = None
 
     def _hook(self, layer):
         def hook(module, inputs, output):
             values = output.reshape(-1, output.shape[-1])
             active = values > 0
             self.counts.add_layer(layer, values, active)
+            if self.top is not None:
+                self.top.add(layer, values, self.sample_ids)
             if self.keep_rows:
                 self.layers.append(active.cpu())
         return hook
@@ -197,14 +278,20 @@ class Checkpoints:
         self.last = time.monotonic()
         self.packed_files: list[str] = []
 
-    def start(self, resume: bool, counts: CoactivationCounts) -> tuple[CoactivationCounts, int, list]:
+    def start(self, resume: bool, counts: CoactivationCounts, top: RunningTopK | None
+              ) -> tuple[CoactivationCounts, int, list]:
+        """The totals to go on from (`top` is loaded in place), the batches done and the packed rows kept."""
         if resume and self.state_file.is_file():
             state = json.loads(self.state_file.read_text())
             if state.get("fingerprint") != self.fingerprint:
                 raise PipelineError(f"--resume: the unfinished run in {self.dir} read other text or used other "
-                                    f"settings (model, context, max_tokens, batch size, shard); rerun without --resume")
+                                    f"settings (model, context, max_tokens, batch size, shard, top_examples); rerun "
+                                    f"without --resume")
             self.packed_files = state["packed"]
             packed = [np.load(self.dir / f, allow_pickle=False) for f in self.packed_files]
+            if top is not None:
+                with np.load(self.counts_file, allow_pickle=False) as z:
+                    top.load(z["top_values"], z["top_ids"])
             return CoactivationCounts.load(self.counts_file, counts.device), state["batches_done"], packed
         self._remove()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -213,20 +300,28 @@ class Checkpoints:
     def due(self) -> bool:
         return time.monotonic() - self.last >= self.interval
 
-    def save(self, counts: CoactivationCounts, batches_done: int, new_packed: list[np.ndarray]):
+    def save(self, counts: CoactivationCounts, top: RunningTopK | None, batches_done: int,
+             new_packed: list[np.ndarray]):
         if new_packed:
             name = f"packed_{self.tag}_{len(self.packed_files):05d}.npy"
             sf.write_npy(np.concatenate(new_packed), self.dir / name)
             self.packed_files.append(name)
-        counts.save(self.counts_file)
+        extra = dict(zip(("top_values", "top_ids"), top.result())) if top is not None else {}
+        counts.save(self.counts_file, **extra)
         sf.write_json({"fingerprint": self.fingerprint, "batches_done": batches_done, "packed": self.packed_files},
                       self.state_file)
         self.last = time.monotonic()
 
     def _remove(self):
-        for pattern in (self.state_file.name, self.counts_file.name, f"packed_{self.tag}_*.npy"):
-            for f in self.dir.glob(pattern):
-                f.unlink()
+        """This process's files; another torchrun process may remove the directory meanwhile."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return
+        mine = (self.state_file.name, self.counts_file.name)
+        for name in names:
+            if name in mine or fnmatch.fnmatch(name, f"packed_{self.tag}_*.npy"):
+                (self.dir / name).unlink(missing_ok=True)
 
     def finish(self):
         self._remove()
@@ -237,24 +332,27 @@ class Checkpoints:
 
 
 def stream(model, tokens: np.ndarray, batches: list[np.ndarray], context: int, counts: CoactivationCounts,
-           checkpoints: Checkpoints, start: int, packed: list | None, progress=None):
-    """Run the batches from `start` on, adding to `counts` (and appending packed rows to `packed` if given)."""
+           top: RunningTopK | None, checkpoints: Checkpoints, start: int, packed: list | None, progress=None):
+    """Run the batches from `start` on, adding to `counts` and `top` (and appending packed rows to `packed`)."""
     device = next(model.parameters()).device
     ids = torch.from_numpy(tokens.astype(np.int64))
     unsaved = []
-    with CountingHooks(model, counts, keep_rows=packed is not None) as hooks:
+    with CountingHooks(model, counts, keep_rows=packed is not None, top=top) as hooks:
         for b in range(start, len(batches)):
             w = batches[b]
             lo = int(w[0]) * context
             length = min(context, len(tokens) - lo)
             x = torch.stack([ids[int(k) * context:int(k) * context + length] for k in w]).to(device)
+            if top is not None:
+                hooks.sample_ids = (torch.from_numpy(w.astype(np.int64)).view(-1, 1) * context
+                                    + torch.arange(length)).view(-1).to(device)
             run_batch(model, x)
             if packed is not None:
                 unsaved.append(hooks.take_packed())
             if progress is not None:
                 progress.update(x.numel())
             if checkpoints.due() and b + 1 < len(batches):
-                checkpoints.save(counts, b + 1, unsaved)
+                checkpoints.save(counts, top, b + 1, unsaved)
                 if packed is not None:
                     packed += unsaved
                 unsaved = []
@@ -262,10 +360,41 @@ def stream(model, tokens: np.ndarray, batches: list[np.ndarray], context: int, c
         packed += unsaved
 
 
+def gather_top(top: RunningTopK, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every torchrun process's top k merged (on every process): each pads its own to k rows, as all_gather
+    wants equal shapes, and the padding (value -inf, the largest id) sorts last and is dropped."""
+    import torch.distributed as dist
+
+    values, ids = top.result()
+    pad = k - len(values)
+    v = torch.from_numpy(np.pad(values, ((0, pad), (0, 0)), constant_values=-np.inf)).to(top.device)
+    i = torch.from_numpy(np.pad(ids, ((0, pad), (0, 0)), constant_values=np.iinfo(np.int64).max)).to(top.device)
+    vs, iss = [torch.empty_like(v) for _ in range(dist.get_world_size())], [torch.empty_like(i) for _ in
+                                                                             range(dist.get_world_size())]
+    dist.all_gather(vs, v)
+    dist.all_gather(iss, i)
+    values, ids = merge_top([(a.cpu().numpy(), b.cpu().numpy()) for a, b in zip(vs, iss)], k)
+    keep = (ids != np.iinfo(np.int64).max).all(axis=1)
+    return values[keep], ids[keep]
+
+
+def top_examples_text(ids: np.ndarray, tokens: np.ndarray, context: int, tokenizer) -> dict:
+    """(context, token) of every sample among the top examples: up to CONTEXT_TOKENS tokens of the sample's
+    window ending at (and including) its position, and the token at the position."""
+    text = {}
+    for s in np.unique(ids).tolist():
+        lo = max(s - sf.CONTEXT_TOKENS + 1, (s // context) * context)
+        text[s] = (tokenizer.decode(tokens[lo:s + 1].tolist()), tokenizer.decode([int(tokens[s])]))
+    return text
+
+
 # --- outputs -------------------------------------------------------------------------------------------------
 def write_corpus_dataset(export_dir, m: str, counts: CoactivationCounts, record: dict, packed: np.ndarray | None,
-                         site: dict | None = None):
-    """Every file of a corpus-mode dataset directory; the corpus record last, as the mark of a finished run."""
+                         site: dict | None = None, top_examples: tuple | None = None):
+    """
+    Every file of a corpus-mode dataset directory; the corpus record last, as the mark of a finished run.
+    top_examples: (values, sample ids, texts), as sf.write_top_examples takes them.
+    """
     n_layer, d_mlp = counts.n_layer, counts.d_mlp
     manifest = sf.path(export_dir, sf.DATASET_MANIFEST, m)
     run = sf.begin_output_set(manifest)
@@ -276,21 +405,26 @@ def write_corpus_dataset(export_dir, m: str, counts: CoactivationCounts, record:
                  sf.path(export_dir, sf.FREQUENCY, m))
     if packed is not None:
         sf.write_packed_activation_matrix(sf.path(export_dir, sf.MATRIX, m), packed, n_layer * d_mlp)
+    if top_examples is not None:
+        sf.write_top_examples(sf.path(export_dir, sf.TOP_EXAMPLES, m), *top_examples)
+    else:
+        sf.path(export_dir, sf.TOP_EXAMPLES, m).unlink(missing_ok=True)
     source = {"input_dir": str(Path(export_dir).resolve()), "corpus": sf.CORPUS.format(m=m)}
     co.write_count_store(sf.path(export_dir, sf.WEIGHTED_GRAPH, m), m, n_layer, d_mlp, counts.samples,
                          counts.node_counts(), source, pair_counts=counts.pair_counts)
     sf.write_json(record, sf.path(export_dir, sf.CORPUS, m), indent=2)
-    written = (sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META, sf.CORPUS) + ((sf.MATRIX,) if packed is not None else ())
+    written = ((sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META, sf.CORPUS) + ((sf.MATRIX,) if packed is not None else ())
+               + ((sf.TOP_EXAMPLES,) if top_examples is not None else ()))
     sf.commit_output_set(manifest, run, [sf.path(export_dir, f, m) for f in written])
 
 
 def corpus_record(m: str, model_path, corpus: Corpus, context: int, max_tokens, shard, windows: int,
-                  shard_windows_: int, samples: int, n_layer: int, d_mlp: int) -> dict:
+                  shard_windows_: int, samples: int, n_layer: int, d_mlp: int, top_examples: int) -> dict:
     return {"format": CORPUS_FORMAT, "version": CORPUS_VERSION, "model": m, "model_path": str(model_path),
             "n_layer": n_layer, "d_mlp": d_mlp, **corpus.record(), "max_tokens": max_tokens,
             "tokens": int(len(corpus.ids)), "context": context, "windows": windows,
             "shard": None if shard is None else {"index": shard[0], "count": shard[1], "windows": shard_windows_},
-            "samples": samples}
+            "samples": samples, "top_examples": top_examples}
 
 
 # --- torchrun ------------------------------------------------------------------------------------------------
@@ -310,36 +444,56 @@ def init_distributed(device: torch.device):
 
 
 # --- the whole run -------------------------------------------------------------------------------------------
-def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str, context: int | None,
-                    max_tokens: int | None, batch_size: int | None, save_matrix: bool, resume: bool,
-                    shard_spec: str | None, checkpoint_seconds: float) -> dict | None:
+@dataclass
+class CorpusSettings:
+    """Stage b's corpus-mode flags that shape a run (and its resume fingerprint, all but checkpoint_seconds)."""
+    context: int | None = None  # tokens per window; None: the model's context
+    max_tokens: int | None = None
+    batch_size: int | None = None  # windows per forward pass; None: about TOKENS_PER_BATCH tokens' worth
+    save_matrix: bool = False
+    shard: str | None = None  # "I/N"
+    top_examples: int = 10
+    resume: bool = False
+    checkpoint_seconds: float = 300.0
+
+
+def check_settings(s: CorpusSettings, dist_ctx) -> tuple[int, int] | None:
+    """The shard to run; bad settings raise before any heavy work."""
+    shard = parse_shard(s.shard)
+    if dist_ctx is not None and shard is not None:
+        raise PipelineError("--shard cannot be combined with torchrun: each torchrun process already streams "
+                            "its own shard")
+    if dist_ctx is not None and s.save_matrix:
+        raise PipelineError("--save_matrix needs a single process (the matrix holds every sample in corpus "
+                            "order); run without torchrun or use --shard")
+    for flag, value in (("--max_tokens", s.max_tokens), ("--batch_size", s.batch_size)):
+        if value is not None and value < 1:
+            raise PipelineError(f"{flag} must be >= 1, got {value}")
+    if s.top_examples < 0:
+        raise PipelineError(f"--top_examples must be >= 0, got {s.top_examples}")
+    if s.checkpoint_seconds < 0:
+        raise PipelineError("--checkpoint_minutes must be >= 0")
+    return shard
+
+
+def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str, settings: CorpusSettings
+                    ) -> dict | None:
     """Stage b over a corpus; returns the corpus record (None on the torchrun ranks that do not write)."""
     from gelutrace.loading import load_model
     from gelutrace.recording import fingerprint
 
-    shard = parse_shard(shard_spec)
+    s = settings
     dist_ctx = distributed()
-    if dist_ctx is not None and shard is not None:
-        raise PipelineError("--shard cannot be combined with torchrun: each torchrun process already streams "
-                            "its own shard")
-    if dist_ctx is not None and save_matrix:
-        raise PipelineError("--save_matrix needs a single process (the matrix holds every sample in corpus "
-                            "order); run without torchrun or use --shard")
-    if max_tokens is not None and max_tokens < 1:
-        raise PipelineError(f"--max_tokens must be >= 1, got {max_tokens}")
-    if batch_size is not None and batch_size < 1:
-        raise PipelineError(f"--batch_size must be >= 1, got {batch_size}")
-    if checkpoint_seconds < 0:
-        raise PipelineError("--checkpoint_minutes must be >= 0")
+    shard = check_settings(s, dist_ctx)
     if dist_ctx is not None and device in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.set_device(dist_ctx[2])
     lm = load_model(model_type, device)
     cfg = lm.model.config
-    context = cfg.block_size if context is None else context
+    context = cfg.block_size if s.context is None else s.context
     if not 1 <= context <= cfg.block_size:
         raise PipelineError(f"--context {context} is outside 1..{cfg.block_size}, the model's context")
-    batch_size = batch_size or max(1, TOKENS_PER_BATCH // context)
-    corpus = read_corpus(inputs, lm.tokenizer, max_tokens)
+    batch_size = s.batch_size or max(1, TOKENS_PER_BATCH // context)
+    corpus = read_corpus(inputs, lm.tokenizer, s.max_tokens)
     rank = 0
     if dist_ctx is not None:
         init_distributed(lm.device)
@@ -354,25 +508,31 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     windows = shard_windows(n_win, shard)
     batches = plan(windows, len(corpus.ids), context, batch_size)
     fp = fingerprint([f["sha256"] for f in corpus.files], lm.name, str(lm.path.resolve()), vars(cfg), context,
-                     max_tokens, batch_size, shard, save_matrix)
-    checkpoints = Checkpoints(export, lm.name, fp, shard, checkpoint_seconds)
-    counts, start, packed = checkpoints.start(resume, CoactivationCounts(cfg.n_layer, cfg.d_mlp, lm.device))
+                     s.max_tokens, batch_size, shard, s.save_matrix, s.top_examples)
+    checkpoints = Checkpoints(export, lm.name, fp, shard, s.checkpoint_seconds)
+    top = RunningTopK(cfg.n_layer, cfg.d_mlp, s.top_examples, lm.device) if s.top_examples else None
+    counts, start, packed = checkpoints.start(s.resume, CoactivationCounts(cfg.n_layer, cfg.d_mlp, lm.device), top)
     if start:
         print(f"resuming after batch {start} of {len(batches)}")
     sizes = [len(b) * min(context, len(corpus.ids) - int(b[0]) * context) for b in batches]
     with torch.no_grad(), tqdm(total=sum(sizes), initial=sum(sizes[:start]), unit="tok", unit_scale=True,
                                desc="reading", disable=rank != 0) as bar:
-        stream(lm.model, corpus.ids, batches, context, counts, checkpoints, start,
-               packed if save_matrix else None, bar)
+        stream(lm.model, corpus.ids, batches, context, counts, top, checkpoints, start,
+               packed if s.save_matrix else None, bar)
+    best = None
     if dist_ctx is not None:
         counts.all_reduce()
+        best = gather_top(top, s.top_examples) if top is not None else None
         shard = None
-    record = corpus_record(lm.name, lm.path, corpus, context, max_tokens, shard, n_win, len(windows),
-                           counts.samples, cfg.n_layer, cfg.d_mlp)
+    elif top is not None:
+        best = top.result()
+    record = corpus_record(lm.name, lm.path, corpus, context, s.max_tokens, shard, n_win, len(windows),
+                           counts.samples, cfg.n_layer, cfg.d_mlp, s.top_examples)
     if rank == 0:
         matrix = (np.concatenate(packed) if packed else np.zeros((0, (cfg.n_layer * cfg.d_mlp + 7) // 8), np.uint8)
-                  ) if save_matrix else None
-        write_corpus_dataset(export, lm.name, counts, record, matrix, lm.site)
+                  ) if s.save_matrix else None
+        top_examples = (*best, top_examples_text(best[1], corpus.ids, context, lm.tokenizer)) if best else None
+        write_corpus_dataset(export, lm.name, counts, record, matrix, lm.site, top_examples)
     if dist_ctx is not None:
         import torch.distributed as dist
         dist.barrier()

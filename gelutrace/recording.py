@@ -18,10 +18,11 @@ import torch
 from gelutrace import PipelineError
 from gelutrace.attribution import distinct_sequences, neuron_attribution
 from gelutrace.generation import Batch, generate_batch, repeat_rows
-from gelutrace.cards import CONTEXT_TOKENS, RunningTopK
-from gelutrace.stagefiles import (DATASET, FREQUENCY, MATRIX, PARTIAL_DIR, TOP_EXAMPLES, TOP_EXAMPLES_COLUMNS, Prompt,
-                                  dataset_columns, frequency_table, packed_counts, path, write_activation_lists,
-                                  write_csv, write_json, write_npz, write_packed_activation_matrix)
+from gelutrace.statistics import RunningTopK
+from gelutrace.stagefiles import (CONTEXT_TOKENS, DATASET, FREQUENCY, MATRIX, PARTIAL_DIR, TOP_EXAMPLES,
+                                  Prompt, dataset_columns, frequency_table, packed_counts, path,
+                                  write_activation_lists, write_csv, write_json, write_npz, write_top_examples,
+                                  write_packed_activation_matrix)
 
 
 class ActivationRecorder:
@@ -32,7 +33,7 @@ class ActivationRecorder:
     wanted token, the repeat count for a greedy row standing for identical repeats).
     Afterwards rec.active[s, r] is the boolean (n_layer * d_mlp) vector of neurons whose post-GELU output
     was > 0 at call s in row r, in neuron id order, and rec.value_sum the weighted sum of post-GELU
-    outputs over all recorded samples (for mean activations). With `top` (a cards.RunningTopK) and
+    outputs over all recorded samples (for mean activations). With `top` (a statistics.RunningTopK) and
     sample_ids (steps, rows), the lowest sample id each (call, row) stands for (-1: none), each call's values
     also go to the running top-k.
     """
@@ -173,7 +174,8 @@ class Staging:
 
     def add(self, chunk: Chunk, chunks_so_far: int, samples_done: int):
         name = f"chunk_{chunks_so_far:05d}.npz"
-        write_npz(self.dir / name, fingerprint=np.array(self.fingerprint), **{f: getattr(chunk, f) for f in Chunk.FIELDS})
+        write_npz(self.dir / name, compress=False, fingerprint=np.array(self.fingerprint),
+                  **{f: getattr(chunk, f) for f in Chunk.FIELDS})
         self._state([f"chunk_{i:05d}.npz" for i in range(chunks_so_far + 1)], samples_done)
 
     def finish(self):
@@ -219,20 +221,15 @@ def record_attribution(model, chunks: list[Chunk], prompt_ids: list[list[int]], 
     return neuron_attribution(model, prompts, conts, weights, batch_size, progress)
 
 
-def top_examples_table(top_values: np.ndarray, top_ids: np.ndarray, cat: dict, tokenizer,
-                       prompt_ids: list[list[int]]) -> pd.DataFrame:
-    """{m}_neuron_top_examples.csv's rows from the merged (k', N) top values and sample ids, neuron by neuron."""
+def top_examples_text(top_ids: np.ndarray, cat: dict, tokenizer, prompt_ids: list[list[int]]) -> dict:
+    """(context, token) of every sample among the top examples: up to CONTEXT_TOKENS tokens of the input that
+    predicts the sample's token (prompt and earlier continuation), and that token."""
     text = {}
-    for s in np.unique(top_ids):
+    for s in np.unique(top_ids).tolist():
         lo = s - cat["position"][s]
         ids = prompt_ids[cat["prompt_index"][s]] + cat["output_id"][lo:s].tolist()
         text[s] = (tokenizer.decode(ids[-CONTEXT_TOKENS:]), tokenizer.decode([int(cat["output_id"][s])]))
-    k, n = top_ids.shape
-    flat = top_ids.T.ravel()
-    return pd.DataFrame({"neuron_id": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(k), n),
-                         "value": top_values.T.ravel(), "sample_id": flat,
-                         "context": [text[s][0] for s in flat], "token": [text[s][1] for s in flat]},
-                        columns=TOP_EXAMPLES_COLUMNS)
+    return text
 
 
 def write_dataset(export_dir, m: str, chunks: list[Chunk], tokenizer, prompts: list[Prompt],
@@ -271,6 +268,7 @@ def write_dataset(export_dir, m: str, chunks: list[Chunk], tokenizer, prompts: l
     if activation_lists:
         write_activation_lists(export_dir, m, packed, n)
     if top is not None:
-        write_csv(top_examples_table(*top, cat, tokenizer, prompt_ids), path(export_dir, TOP_EXAMPLES, m))
+        write_top_examples(path(export_dir, TOP_EXAMPLES, m), *top, top_examples_text(top[1], cat, tokenizer,
+                                                                                      prompt_ids))
     fraction = per_layer.mean(axis=0) / d_mlp if samples else np.zeros(n_layer)
     return {"samples": samples, "active_fraction_per_layer": fraction.tolist()}

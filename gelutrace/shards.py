@@ -13,6 +13,7 @@ import pandas as pd
 from gelutrace import PipelineError
 from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
+from gelutrace.statistics import merge_top
 
 CORPUS_FORMAT = "gelutrace-corpus"
 CORPUS_VERSION = 1
@@ -44,14 +45,15 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
         if not list(d.glob(sf.CORPUS.format(m="*"))):
             raise PipelineError(f"{d} has no {sf.CORPUS.format(m='{m}')}: not a finished corpus-mode shard")
     recs = [read_corpus_record(d) for d in dirs]
+    tops = (sf.TOP_EXAMPLES,) if recs[0][1].get("top_examples") else ()
     for d, (m, _) in zip(dirs, recs):
-        sf.verify_output_set(sf.path(d, sf.DATASET_MANIFEST, m), [sf.path(d, f, m) for f in (sf.FREQUENCY, sf.CORPUS)],
-                             f"the shard in {d}")
+        sf.verify_output_set(sf.path(d, sf.DATASET_MANIFEST, m),
+                             [sf.path(d, f, m) for f in (sf.FREQUENCY, sf.CORPUS) + tops], f"the shard in {d}")
     m, first = recs[0]
     if first.get("shard") is None:
         raise PipelineError(f"{dirs[0]} is not a shard (it was run without --shard)")
     n = first["shard"]["count"]
-    same = ("model", "n_layer", "d_mlp", "context", "max_tokens", "tokens", "windows")
+    same = ("model", "n_layer", "d_mlp", "context", "max_tokens", "tokens", "windows", "top_examples")
     seen = {}
     for d, (mi, rec) in zip(dirs, recs):
         if rec.get("shard") is None:
@@ -93,6 +95,8 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
             total += g.blocks[i].counts()
         return total
 
+    merged_top = merge_top_examples([sf.path(d, sf.TOP_EXAMPLES, m) for d in dirs], first["top_examples"],
+                                    n_layer * d_mlp) if tops else None
     out = sf.lock_directory(sf.check_output_dir(out_dir, "--output_dir"), "the merge")
     manifest = sf.path(out, sf.DATASET_MANIFEST, m)
     run = sf.begin_output_set(manifest)
@@ -104,9 +108,32 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
     source = {"input_dir": str(out.resolve()), "corpus": sf.CORPUS.format(m=m),
               "merged_from": [str(d.resolve()) for d in dirs]}
     co.write_count_store(sf.path(out, sf.WEIGHTED_GRAPH, m), m, n_layer, d_mlp, samples, node, source, pair_counts=pair)
+    if tops:
+        sf.write_top_examples(sf.path(out, sf.TOP_EXAMPLES, m), *merged_top)
+    else:
+        sf.path(out, sf.TOP_EXAMPLES, m).unlink(missing_ok=True)
     record = {**first, "shard": None, "samples": samples,
               "merged_shards": [str(seen[i].resolve()) for i in range(n)]}
     sf.write_json(record, sf.path(out, sf.CORPUS, m), indent=2)
     sf.commit_output_set(manifest, run, [sf.path(out, f, m) for f in (sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META,
-                                                                       sf.CORPUS)])
+                                                                       sf.CORPUS) + tops])
     return record
+
+
+def merge_top_examples(files: list[Path], k: int, n_neurons: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """
+    The shards' {m}_neuron_top_examples.csv merged, as sf.write_top_examples takes it: per neuron the k largest
+    values, ties to the lower sample id (exact: the top k of a union is the top k of its parts' top ks; the
+    values round-trip through the CSV), and every sample's texts.
+    """
+    parts, text = [], {}
+    for f in files:
+        t = sf.read_top_examples(f).sort_values(["neuron_id", "rank"], kind="stable")
+        per = len(t) // n_neurons if n_neurons else 0
+        if per * n_neurons != len(t) or not np.array_equal(t["neuron_id"].to_numpy(),
+                                                           np.repeat(np.arange(n_neurons), per)):
+            raise PipelineError(f"{f} does not hold the same number of examples for each of the {n_neurons} neurons")
+        parts.append((t["value"].to_numpy().reshape(n_neurons, per).T, t["sample_id"].to_numpy().reshape(n_neurons, per).T))
+        text.update(zip(t["sample_id"].tolist(), zip(t["context"].tolist(), t["token"].tolist())))
+    values, ids = merge_top(parts, k)
+    return values, ids, text

@@ -7,7 +7,9 @@ Nothing here needs pickle to read a file back.
 """
 
 import contextlib
+import csv
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -96,8 +98,11 @@ ATTRIBUTE_COLUMNS = ["node_id", "layer", "dimension"]
 FREQUENCY_COLUMNS = ["neuron_id", "activation_count", "activation_frequency", "layer", "dimension", "mean_activation",
                      "attribution"]
 NEURON_EFFECTS_COLUMNS = ["neuron_id", "delta_nll", "kl"]
-# rank 0 is the largest value; context: up to 32 tokens of text ending at the sample's position; token: the token
-# at the position the activation predicts
+# rank 0 is the largest value; context: up to CONTEXT_TOKENS tokens of text ending at the sample's position (the
+# input there); token: prompt mode, the token the activations predict (the sample's generated token); corpus mode,
+# the token at the position (the context's last); sample_id: corpus mode, the global token position
+# ({m}_corpus.json's document_starts map it to a document and offset)
+CONTEXT_TOKENS = 32
 TOP_EXAMPLES_COLUMNS = ["neuron_id", "rank", "value", "sample_id", "context", "token"]
 RESULT_COLUMNS = ["prompt", "sample_index", "generated_text", "perturbation_subset"]
 HIST_COLUMNS = ["bin_start", "bin_end", "density"]
@@ -215,6 +220,26 @@ def release_locks():
 def write_csv(df: pd.DataFrame, target, **kwargs):
     with atomic_path(target) as tmp:
         df.to_csv(tmp, index=False, **kwargs)
+
+
+def write_top_examples(target, values: np.ndarray, sample_ids: np.ndarray, text: dict):
+    """
+    {m}_neuron_top_examples.csv (TOP_EXAMPLES_COLUMNS) from the (k', N) top values and sample ids in rank order
+    and each sample's (context, token) texts: every neuron in id order, rank 0 first. Each sample's two text
+    fields are quoted once (as pandas and the csv module quote) and the lines joined: several times faster than
+    a CSV writer over the hundreds of thousands of rows. Floats are written as their round-trip repr.
+    """
+    quoted = {}
+    for s, fields in text.items():
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\r\n").writerow(fields)  # fields holding \r or \n are quoted
+        quoted[s] = buf.getvalue()[:-2]
+    k, n = np.shape(sample_ids)
+    columns = (np.repeat(np.arange(n), k).tolist(), np.tile(np.arange(k), n).tolist(),
+               np.asarray(values, np.float64).T.ravel().tolist(), np.asarray(sample_ids).T.ravel().tolist())
+    with atomic_open(target, "w", newline="", encoding="utf-8") as f:
+        f.write(",".join(TOP_EXAMPLES_COLUMNS) + "\n")
+        f.writelines(f"{a},{b},{v!r},{s},{quoted[s]}\n" for a, b, v, s in zip(*columns))
 
 
 @contextlib.contextmanager
@@ -719,6 +744,24 @@ def read_neuron_column(source, column: str, n_neurons: int, what: str, missing_o
     out = np.full(n_neurons, np.nan)
     out[ids.astype(np.int64)] = values
     return out
+
+
+def read_top_examples(source) -> pd.DataFrame:
+    """{m}_neuron_top_examples.csv, checked: TOP_EXAMPLES_COLUMNS, integer ids and ranks, float values, and the
+    context and token texts as written (an empty or "NA" token stays text)."""
+    p = Path(source)
+    if not p.is_file():
+        raise PipelineError(f"{p} does not exist (stage b writes it unless --top_examples 0)")
+    try:
+        df = pd.read_csv(p, dtype={"context": str, "token": str}, keep_default_na=False, encoding="utf-8")
+        if list(df.columns) != TOP_EXAMPLES_COLUMNS:
+            raise ValueError(f"columns {list(df.columns)}, expected {TOP_EXAMPLES_COLUMNS}")
+        df = df.astype({"neuron_id": np.int64, "rank": np.int64, "value": np.float64, "sample_id": np.int64})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise PipelineError(f"cannot read {p} as top examples: {e}") from None
+    return df
+
+
 def read_dataset_samples(directory, m: str) -> list[tuple[int, list[int], np.ndarray]]:
     """
     The (prompt, repeat) samples of a stage-b dataset in file order, from {m}_activation_dataset.csv: per

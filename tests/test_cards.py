@@ -19,6 +19,7 @@ import torch
 from conftest import REPO_ROOT, SHIPPED_NAME
 from gelutrace import cards
 from gelutrace import stagefiles as sf
+from gelutrace.statistics import RunningTopK, merge_top
 
 # greedy: the 3 repeats of the first prompt are one sequence, kept under the first repeat's sample ids
 PROMPTS = [("KING HENRY. Now, lords, ", 6, 3), ("And God said, \"Let there be\", ", 5, 1),
@@ -110,7 +111,7 @@ def test_stage_b_streams_the_top_examples(dataset, shipped, shipped_hf):
     df = pd.read_csv(sf.path(dataset, sf.DATASET, SHIPPED_NAME), keep_default_na=False).set_index("sample_id")
     for r in table.sample(200, random_state=0).itertuples():
         assert r.token == df.loc[r.sample_id, "output"]
-        assert r.context == shipped.tokenizer.decode(seqs.prefix(r.sample_id)[-cards.CONTEXT_TOKENS:].tolist())
+        assert r.context == shipped.tokenizer.decode(seqs.prefix(r.sample_id)[-sf.CONTEXT_TOKENS:].tolist())
 
 
 def test_stage_b_top_examples_merge_across_batches_and_can_be_off(dataset, tmp_path):
@@ -128,22 +129,24 @@ def test_stage_b_top_examples_merge_across_batches_and_can_be_off(dataset, tmp_p
     assert sf.TOP_EXAMPLES.format(m=SHIPPED_NAME) not in manifest["files"]
 
 
-def test_running_top_k_equals_a_brute_force_sort():
+@pytest.mark.parametrize("merge_rows", [64, 12, 5])  # calls buffered whole, pruned to candidates, or a mix
+def test_running_top_k_equals_a_brute_force_sort(merge_rows):
     rng = np.random.default_rng(3)
     values = np.round(rng.normal(size=(300, 2, 7)), 1)  # many ties
     values[values == 0] = -0.0  # equal to +0.0
     values[::7] = np.abs(values[::7])
     ids = rng.permutation(300)
-    top = cards.RunningTopK(2, 7, 5, "cpu", merge_rows=16)
-    for lo in range(0, 300, 13):
-        for layer in range(2):
-            batch_ids = torch.as_tensor(ids[lo:lo + 13])
-            batch_ids[::5] = -1  # ignored
-            top.add(layer, torch.as_tensor(values[lo:lo + 13, layer], dtype=torch.float32), batch_ids)
-    got_v, got_i = top.result()
     kept = np.ones(300, bool)
-    for lo in range(0, 300, 13):
-        kept[lo:lo + 13][::5] = False
+    top = RunningTopK(2, 7, 5, "cpu", merge_rows=merge_rows)
+    edges = np.r_[0, np.cumsum(rng.integers(1, 25, size=40))]
+    edges = np.r_[edges[edges < 300], 300]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        batch_ids = torch.as_tensor(ids[lo:hi])
+        batch_ids[::5] = -1  # ignored
+        kept[lo:hi][::5] = False
+        for layer in range(2):
+            top.add(layer, torch.as_tensor(values[lo:hi, layer], dtype=torch.float32), batch_ids)
+    got_v, got_i = top.result()
     flat = values.reshape(300, 14)
     for col in range(14):
         order = sorted(np.flatnonzero(kept), key=lambda r: (-flat[r, col], ids[r]))[:5]
@@ -154,7 +157,7 @@ def test_running_top_k_equals_a_brute_force_sort():
 def test_ties_go_to_the_lower_sample_id():
     v = np.array([[1.0, 2.0], [3.0, 2.0], [3.0, 1.0]])
     i = np.array([[5, 0], [4, 1], [2, 2]])
-    top_v, top_i = cards._merge_top(v, i, 2)
+    top_v, top_i = merge_top([(v[:1], i[:1]), (v[1:], i[1:])], 2)
     np.testing.assert_array_equal(top_i, [[2, 0], [4, 1]])
     np.testing.assert_array_equal(top_v, [[3.0, 2.0], [3.0, 2.0]])
 
@@ -178,7 +181,7 @@ def test_context_activations_end_with_the_sample_value(dataset, shipped):
     for i, n in enumerate(neurons):
         for j, s in enumerate(ids[i]):
             prefix = seqs.prefix(int(s))
-            assert len(shades[i][j]) == min(len(prefix), cards.CONTEXT_TOKENS)
+            assert len(shades[i][j]) == min(len(prefix), sf.CONTEXT_TOKENS)
             assert shades[i][j][-1] == pytest.approx(values[i, j], abs=1e-5)
             alone = cards._selected_values(shipped.model, [prefix.tolist()], np.array([n]))[0, -len(shades[i][j]):, 0]
             np.testing.assert_allclose(shades[i][j], alone, atol=1e-5)  # the prefix run on its own
@@ -276,8 +279,34 @@ def test_script_writes_cards_markdown_and_a_self_contained_page(dataset, shipped
             assert "ΔNLL" not in card_md  # not measured for this neuron
         else:
             assert f"single-neuron ΔNLL {0.125 if n == 5 else -0.5:.4g}" in card_md
-        context = shipped.tokenizer.decode(seqs.prefix(int(ids[row, 0]))[-cards.CONTEXT_TOKENS:].tolist())
+        context = shipped.tokenizer.decode(seqs.prefix(int(ids[row, 0]))[-sf.CONTEXT_TOKENS:].tolist())
         assert cards._visible(context, "\n") in card_text  # the top context, tokens shaded one by one
+
+
+def chromium() -> str | None:
+    import shutil
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome",
+                                           "chrome-headless-shell") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium browser is installed (Debian: apt-get install chromium), "
+                                                "so neurons.html is not rendered headlessly")
+def test_page_renders_every_card_in_headless_chromium(dataset, shipped, tmp_path):
+    run_cards("--dataset_path", dataset, "--neurons", "5,900", "--output", tmp_path / "out", "--top_examples", 3)
+    page = tmp_path / "out" / sf.CARDS_HTML
+    r = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rendered = PageChecker()
+    rendered.feed(r.stdout)
+    text = "".join(rendered.text)
+    d = shipped.model.config.d_mlp
+    freq = pd.read_csv(sf.path(dataset, sf.FREQUENCY, SHIPPED_NAME))
+    for n in (5, 900):
+        card = text.split(f"Neuron {n} (layer {n // d}, dimension {n % d})")[1].split("Neuron ")[0]
+        assert f"activation frequency {freq['activation_frequency'][n]:.4g}" in card
+        assert "Promoted:" in card and "Suppressed:" in card
 
 
 @pytest.mark.parametrize("neurons, message", [("5,99999", "outside"), ("5,5", "more than once"), ("x", "expected")])
@@ -332,9 +361,9 @@ def test_report_includes_the_cards(tmp_path):
     assert f"]({sf.CARDS_DIR}/{sf.CARDS_HTML})" in text and "# Neuron cards of" not in text
 
 
-def test_stage_b_refuses_top_examples_in_corpus_mode_and_a_negative_k(tmp_path):
+def test_stage_b_refuses_a_negative_k_in_both_modes(tmp_path):
     for extra in (["--input_text", str(REPO_ROOT / "parcellation_datasets" / "heldout_corpus_tinybard.txt"),
-                   "--top_examples", "5"], ["--input_csv", str(REPO_ROOT / "parcellation_datasets" / "test_1.csv"),
+                   "--top_examples", "-1"], ["--input_csv", str(REPO_ROOT / "parcellation_datasets" / "test_1.csv"),
                                             "--top_examples", "-1"]):
         r = subprocess.run([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), *extra,
                             "--export_dir", str(tmp_path / "out"), "--model_type", SHIPPED_NAME, "--device", "cpu"],
@@ -350,6 +379,20 @@ def test_token_text_is_shown_with_control_characters_escaped():
 
 
 def test_running_top_k_takes_minus_zero_as_a_tie():
-    top = cards.RunningTopK(1, 1, 2, "cpu")
+    top = RunningTopK(1, 1, 2, "cpu")
     top.add(0, torch.tensor([[-0.0], [0.0], [-0.0], [-1.0]]), torch.tensor([5, 3, 1, 0]))
     np.testing.assert_array_equal(top.result()[1][:, 0], [1, 3])
+
+
+def test_top_examples_file_round_trips_awkward_text_and_exact_values(tmp_path):
+    values = np.array([[1.5, 0.1 + 0.2, -0.0], [np.float32(0.3), -2.0, 1e-300]])
+    ids = np.array([[3, 4, 5], [6, 3, 4]])
+    text = {3: ("a\nb", "\n"), 4: ('x,"y', " "), 5: ("c\rd", "NA"), 6: ("", "null")}
+    sf.write_top_examples(tmp_path / "t.csv", values, ids, text)
+    got = sf.read_top_examples(tmp_path / "t.csv")
+    assert got["neuron_id"].tolist() == [0, 0, 1, 1, 2, 2] and got["rank"].tolist() == [0, 1] * 3
+    assert got["value"].tolist() == values.T.ravel().tolist()  # exactly, as float64
+    assert got["sample_id"].tolist() == ids.T.ravel().tolist()
+    assert list(zip(got["context"], got["token"])) == [text[s] for s in ids.T.ravel()]
+    pd.testing.assert_frame_equal(got, pd.read_csv(tmp_path / "t.csv", keep_default_na=False,
+                                                   dtype={"context": str, "token": str}))

@@ -136,6 +136,34 @@ def test_streamed_counts_equal_transformers_and_numpy(streamed, shipped, shipped
     assert not sf.path(streamed, sf.DATASET, M).exists() and not sf.path(streamed, sf.ACTIVATIONS_JSON, M).exists()
 
 
+def test_streamed_top_examples_equal_transformers_and_a_brute_force_sort(streamed, shipped, shipped_path):
+    from gelutrace import corpus
+
+    texts = DOCS + [HELDOUT_PATH.read_text(encoding="utf-8")]
+    ids, values = reference(shipped_path, shipped.tokenizer, texts)
+    table = sf.read_top_examples(sf.path(streamed, sf.TOP_EXAMPLES, M))
+    n = values.shape[1]
+    assert len(table) == n * 10 and (table["rank"].to_numpy() == np.tile(np.arange(10), n)).all()
+    for neuron in np.random.default_rng(4).choice(n, 64, replace=False):
+        rows = table[table["neuron_id"] == neuron]
+        order = sorted(range(len(ids)), key=lambda s: (-values[s, neuron], s))[:10]  # sample id = token position
+        np.testing.assert_array_equal(rows["sample_id"], order)
+        np.testing.assert_allclose(rows["value"], values[order, neuron], atol=1e-4)
+    rec = json.loads(sf.path(streamed, sf.CORPUS, M).read_text())
+    doc_ids = [shipped.tokenizer(t)["input_ids"] + [shipped.tokenizer.eos_token_id] for t in texts]
+    for r in table.sample(300, random_state=0).itertuples():
+        s = r.sample_id
+        window_start = s // CONTEXT * CONTEXT
+        assert r.context == shipped.tokenizer.decode(ids[max(window_start, s - sf.CONTEXT_TOKENS + 1):s + 1])
+        assert r.token == shipped.tokenizer.decode([ids[s]])
+        path, doc, offset = corpus.locate(rec, [s])[0]
+        k = 0 if path.endswith("a_docs.jsonl") else 2
+        assert doc_ids[k + doc][offset] == ids[s]
+    windows = corpus.window_tokens(rec, shipped.tokenizer, [0, 3, rec["windows"] - 1])
+    for w, got in windows.items():
+        np.testing.assert_array_equal(got, ids[w * CONTEXT:(w + 1) * CONTEXT + 1])
+
+
 def test_saved_matrix_through_stage_c_equals_the_streamed_store(streamed, tmp_path):
     run("c_calculate_weighted_activation_graph.py", "--input_dir", streamed, "--output_path", tmp_path / "c_store")
     a, b = store_arrays(sf.path(streamed, sf.WEIGHTED_GRAPH, M)), store_arrays(tmp_path / "c_store")
@@ -147,6 +175,10 @@ def test_saved_matrix_through_stage_c_equals_the_streamed_store(streamed, tmp_pa
 
 
 def assert_same_statistics(a, b, mean_rtol=1e-12):
+    """Counts bit for bit, mean activations to mean_rtol, top examples exactly (to 1e-6 where batches differ)."""
+    ta, tb = sf.read_top_examples(sf.path(a, sf.TOP_EXAMPLES, M)), sf.read_top_examples(sf.path(b, sf.TOP_EXAMPLES, M))
+    pd.testing.assert_frame_equal(ta.drop(columns="value"), tb.drop(columns="value"))
+    np.testing.assert_allclose(ta["value"], tb["value"], rtol=0 if mean_rtol <= 1e-12 else 1e-6, atol=0)
     sa, sb = sf.path(a, sf.WEIGHTED_GRAPH, M), sf.path(b, sf.WEIGHTED_GRAPH, M)
     xa, xb = store_arrays(sa), store_arrays(sb)
     assert xa.keys() == xb.keys()
@@ -292,3 +324,63 @@ def test_bad_input_one_error_line_nothing_written(case, tmp_path, shipped_path):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert not out.exists()
+
+
+def test_cards_of_a_corpus_dataset_shade_contexts_as_transformers_does(streamed, shipped, shipped_path, tmp_path):
+    from gelutrace import cards
+
+    texts = DOCS + [HELDOUT_PATH.read_text(encoding="utf-8")]
+    ids, values = reference(shipped_path, shipped.tokenizer, texts)
+    cfg = shipped.model.config
+    d, n = cfg.d_mlp, cfg.n_layer * cfg.d_mlp
+    neurons = np.array([7, d + 100, n - 1])
+    degrees = cards.graph_degrees(streamed, M, n, 0.3, "count")
+    got = cards.build_cards(shipped.model, shipped.tokenizer, streamed, M, neurons, k=4, batch_size=2,
+                            degrees=degrees)
+    table = sf.read_top_examples(sf.path(streamed, sf.TOP_EXAMPLES, M))
+    active = (values > 0).astype(np.int64)
+    pairs = [active[:, i * d:(i + 1) * d].T @ active[:, (i + 1) * d:(i + 2) * d] for i in range(cfg.n_layer - 1)]
+    top = max(p.max() for p in pairs)
+    degree = np.zeros(n, np.int64)  # brute force: kept iff count / max count > 0.3
+    for i, p in enumerate(pairs):
+        kept = p / top > 0.3
+        degree[i * d:(i + 1) * d] += kept.sum(axis=1)
+        degree[(i + 1) * d:(i + 2) * d] += kept.sum(axis=0)
+    for card, neuron in zip(got, neurons):
+        assert card.degree == degree[neuron] and "t=0.3, count" in card.degree_graph
+        rows = table[(table["neuron_id"] == neuron) & (table["rank"] < 4)]
+        assert [e.sample_id for e in card.examples] == rows["sample_id"].tolist()
+        for e in card.examples:
+            s = e.sample_id
+            first = max(s - sf.CONTEXT_TOKENS + 1, s // CONTEXT * CONTEXT)
+            np.testing.assert_allclose(e.shades, values[first:s + 1, neuron], atol=1e-4)
+            assert len(e.tokens) == s + 1 - first and e.shades[-1] == pytest.approx(e.value, abs=1e-4)
+            assert e.token == (shipped.tokenizer.decode([ids[s + 1]]) if s + 1 < len(ids) else "")
+    # without --threshold: the graph, threshold and weight of the best graph-method subset stage e compared
+    (tmp_path / sf.RESULTS_DIR).mkdir()
+    pd.DataFrame({"k": [3, 3, 3], "method": ["degree", "pagerank", "degree"], "subset": ["a", "b", "c"],
+                  "delta_nll": [0.1, 0.2, 0.3], "best": [True, False, False]}).to_csv(
+        tmp_path / sf.RESULTS_DIR / sf.COMPARISON, index=False)
+    (tmp_path / sf.SUBSETS_DIR).mkdir()
+    (tmp_path / sf.SUBSETS_DIR / "a.json").write_text(json.dumps(
+        {"threshold": 0.3, "weight": "count", "graph": str(sf.path(streamed, sf.WEIGHTED_GRAPH, M))}))
+    default, note = cards.graph_degrees(tmp_path, M, n)
+    np.testing.assert_array_equal(default, degree)
+    assert note == "t=0.3, count"
+    assert cards.graph_degrees(streamed, M, n) is None  # no comparison, no threshold: no degree
+    code, err = run_here("f_render_neuron_cards.py", "--dataset_path", streamed, "--model_type", M, "--neurons",
+                         "7,612", "--output", tmp_path / "cards", "--threshold", "0.3")
+    assert code == 0, err
+    md = (tmp_path / "cards" / sf.CARDS_MD).read_text()
+    assert "## Neuron 612 (layer 1, dimension 100)" in md and f"degree {degree[612]} in the co-activation graph" in md
+
+
+def test_cards_of_a_corpus_dataset_without_top_examples_are_refused(corpus_dir, tmp_path):
+    run_here(B, "--input_text", corpus_dir / "a_docs.jsonl", "--export_dir", tmp_path / "ds", "--model_type", M,
+             "--top_examples", 0)
+    assert not sf.path(tmp_path / "ds", sf.TOP_EXAMPLES, M).exists()
+    assert json.loads(sf.path(tmp_path / "ds", sf.CORPUS, M).read_text())["top_examples"] == 0
+    code, err = run_here("f_render_neuron_cards.py", "--dataset_path", tmp_path / "ds", "--model_type", M,
+                         "--neurons", "7", check=False)
+    assert code == 2 and "--top_examples" in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "ds" / sf.CARDS_DIR).exists()
