@@ -292,6 +292,12 @@ def _examples_from_corpus(model, tokenizer, data, m: str, record: dict, neuron_i
         raise PipelineError(f"{sf.path(data, sf.TOP_EXAMPLES, m)} has no examples of neuron {missing[0]}")
     context = int(record["context"])
     samples = np.concatenate([by_neuron[int(n)]["sample_id"].to_numpy() for n in neuron_ids])
+    if samples.max() >= int(record["tokens"]):
+        raise PipelineError(f"{sf.path(data, sf.TOP_EXAMPLES, m)} names sample {samples.max()}, past the corpus's "
+                            f"{record['tokens']} tokens: it belongs to another run; rerun stage b")
+    kept = min(len(g) for g in by_neuron.values())
+    if kept < k:
+        print(f"note: stage b kept {kept} examples per neuron; showing {kept}")
     windows = np.unique(samples // context)
     tokens = window_tokens(record, tokenizer, windows)
     last = {int(w): int(samples[samples // context == w].max() - w * context) for w in windows}

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from gelutrace.statistics import CoactivationCounts, RunningTopK, merge_top
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKENS_PER_BATCH = 4096  # the default batch: as many windows as hold about this many tokens
+TOP_EXAMPLES_MAX_TOKENS = 2 ** 32  # RunningTopK's sample ids (global token positions) stay below this
 
 
 # --- documents and tokens ----------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None) -> 
                 parts.append(np.array(ids + [eot], dtype=dtype))
                 starts.append(total - first)
                 total += len(ids) + 1
-        files.append({"path": str(p), "sha256": hashlib.sha256(raw).hexdigest(), "documents": len(docs),
+        files.append({"path": str(p.resolve()), "sha256": hashlib.sha256(raw).hexdigest(), "documents": len(docs),
                       "tokens": tokens, "first_token": first, "document_starts": starts})
         documents += len(docs)
     ids = np.concatenate(parts)
@@ -128,11 +130,12 @@ def document_starts(record: dict) -> tuple[np.ndarray, list[tuple[int, int]]]:
     (file index, document number in the file), from a {m}_corpus.json record."""
     starts, where = [], []
     for fi, f in enumerate(record["files"]):
-        for k, s in enumerate(f.get("document_starts", [])):
+        if not isinstance(f.get("first_token"), int) or not isinstance(f.get("document_starts"), list):
+            raise PipelineError(f"the corpus record does not say where {f.get('path')}'s documents start (written by "
+                                f"an older version?): rerun stage b")
+        for k, s in enumerate(f["document_starts"]):
             starts.append(f["first_token"] + s)
             where.append((fi, k))
-    if not starts:
-        raise PipelineError("the corpus record lists no document starts (written by an older version): rerun stage b")
     return np.array(starts, np.int64), where
 
 
@@ -289,10 +292,14 @@ class Checkpoints:
                                     f"without --resume")
             self.packed_files = state["packed"]
             packed = [np.load(self.dir / f, allow_pickle=False) for f in self.packed_files]
+            loaded = CoactivationCounts.load(self.counts_file, counts.device)
             if top is not None:
-                with np.load(self.counts_file, allow_pickle=False) as z:
-                    top.load(z["top_values"], z["top_ids"])
-            return CoactivationCounts.load(self.counts_file, counts.device), state["batches_done"], packed
+                try:
+                    with np.load(self.counts_file, allow_pickle=False) as z:
+                        top.load(z["top_values"], z["top_ids"])
+                except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+                    raise PipelineError(f"cannot read checkpoint {self.counts_file}: {e}") from None
+            return loaded, state["batches_done"], packed
         self._remove()
         self.dir.mkdir(parents=True, exist_ok=True)
         return counts, 0, []
@@ -494,6 +501,9 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
         raise PipelineError(f"--context {context} is outside 1..{cfg.block_size}, the model's context")
     batch_size = s.batch_size or max(1, TOKENS_PER_BATCH // context)
     corpus = read_corpus(inputs, lm.tokenizer, s.max_tokens)
+    if s.top_examples and len(corpus.ids) > TOP_EXAMPLES_MAX_TOKENS:
+        raise PipelineError(f"--top_examples keeps sample ids below 2**32, but the corpus has {len(corpus.ids):,} "
+                            f"tokens: give --top_examples 0 or --max_tokens {TOP_EXAMPLES_MAX_TOKENS}")
     rank = 0
     if dist_ctx is not None:
         init_distributed(lm.device)

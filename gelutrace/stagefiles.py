@@ -747,8 +747,8 @@ def read_neuron_column(source, column: str, n_neurons: int, what: str, missing_o
 
 
 def read_top_examples(source) -> pd.DataFrame:
-    """{m}_neuron_top_examples.csv, checked: TOP_EXAMPLES_COLUMNS, integer ids and ranks, float values, and the
-    context and token texts as written (an empty or "NA" token stays text)."""
+    """{m}_neuron_top_examples.csv, checked: TOP_EXAMPLES_COLUMNS, whole non-negative ids and ranks, float values,
+    and the context and token texts as written (an empty or "NA" token stays text)."""
     p = Path(source)
     if not p.is_file():
         raise PipelineError(f"{p} does not exist (stage b writes it unless --top_examples 0)")
@@ -756,7 +756,10 @@ def read_top_examples(source) -> pd.DataFrame:
         df = pd.read_csv(p, dtype={"context": str, "token": str}, keep_default_na=False, encoding="utf-8")
         if list(df.columns) != TOP_EXAMPLES_COLUMNS:
             raise ValueError(f"columns {list(df.columns)}, expected {TOP_EXAMPLES_COLUMNS}")
-        df = df.astype({"neuron_id": np.int64, "rank": np.int64, "value": np.float64, "sample_id": np.int64})
+        for c in ("neuron_id", "rank", "sample_id"):
+            if not pd.api.types.is_integer_dtype(df[c]) or (df[c] < 0).any():
+                raise ValueError(f"column {c} holds values that are not whole numbers >= 0")
+        df = df.astype({"value": np.float64})
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
         raise PipelineError(f"cannot read {p} as top examples: {e}") from None
     return df

@@ -16,6 +16,7 @@ Shared by corpus mode (fed from the GELU hooks), stage c (fed blocks of the bit-
 of shards (totals added).
 """
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +141,7 @@ class CoactivationCounts:
                 c.node = torch.from_numpy(z["node"]).to(c.device)
                 c.value_sum = torch.from_numpy(z["value_sum"]).to(c.device)
                 c.pairs = torch.from_numpy(z["pairs"]).to(c.device)
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise PipelineError(f"cannot read checkpoint {p}: {e}") from None
         return c
 

@@ -384,3 +384,39 @@ def test_cards_of_a_corpus_dataset_without_top_examples_are_refused(corpus_dir, 
                          "--neurons", "7", check=False)
     assert code == 2 and "--top_examples" in err and err.strip().count("\n") == 0, err
     assert not (tmp_path / "ds" / sf.CARDS_DIR).exists()
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_error_line(corpus_dir, streamed, tmp_path, monkeypatch):
+    from gelutrace import corpus
+
+    common = ["--input_text", str(corpus_dir / "a_docs.jsonl"), str(HELDOUT_PATH), "--model_type", M, "--context",
+              str(CONTEXT), "--batch_size", "1", "--device", "cpu", "--export_dir", tmp_path / "part"]
+    real, calls = corpus.run_batch, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(corpus, "run_batch", interrupted)
+    code, _ = run_here(B, *common, "--checkpoint_minutes", "0", check=False)
+    assert code == 130
+    monkeypatch.setattr(corpus, "run_batch", real)
+    counts = sf.path(tmp_path / "part", sf.CORPUS_PARTIAL_DIR, M) / "counts_0_1.npz"
+    counts.write_bytes(counts.read_bytes()[:5000])
+    code, err = run_here(B, *common, "--resume", check=False)
+    lines = [line for line in err.strip().splitlines() if not line.startswith("reading")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: cannot read checkpoint"), err
+    assert json.loads(sf.path(streamed, sf.CORPUS, M).read_text())["files"][0]["path"] == str(
+        corpus_dir.resolve() / "a_docs.jsonl")  # paths recorded absolute: cards work from any directory
+
+
+def test_top_examples_reader_refuses_ids_that_are_not_whole_numbers(tmp_path):
+    good = "neuron_id,rank,value,sample_id,context,token\n0,0,1.5,16,a,b\n"
+    (tmp_path / "good.csv").write_text(good)
+    assert sf.read_top_examples(tmp_path / "good.csv")["sample_id"].tolist() == [16]
+    for bad in ("16.5", "-5", "x"):
+        (tmp_path / "bad.csv").write_text(good.replace(",16,", f",{bad},"))
+        with pytest.raises(sf.PipelineError, match="sample_id|cannot read"):
+            sf.read_top_examples(tmp_path / "bad.csv")
