@@ -261,21 +261,28 @@ def test_torchrun_two_gloo_processes_equal_single_process(corpus_dir, one_by_one
     assert not sf.path(out, sf.CORPUS_PARTIAL_DIR, M).exists()
 
 
+def interrupt_at_batch(monkeypatch, n: int):
+    """Make corpus mode's n-th forward pass raise KeyboardInterrupt; returns the real run_batch."""
+    from gelutrace import corpus
+
+    real, calls = corpus.run_batch, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(corpus, "run_batch", interrupted)
+    return real
+
+
 def test_resume_after_interrupt_equals_uninterrupted(corpus_dir, one_by_one, tmp_path, monkeypatch):
     from gelutrace import corpus
 
     common = ["--input_text", str(corpus_dir), "--model_type", M, "--context", str(CONTEXT), "--batch_size", "1",
               "--device", "cpu", "--save_matrix"]
-    real = corpus.run_batch
-    calls = {"n": 0}
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(corpus, "run_batch", interrupted)
+    real = interrupt_at_batch(monkeypatch, 6)
     code, _ = run_here(B, *common, "--export_dir", tmp_path / "part", "--checkpoint_minutes", "0", check=False)
     assert code == 130
     assert not sf.path(tmp_path / "part", sf.CORPUS, M).exists()  # no outputs of an unfinished run
@@ -391,15 +398,7 @@ def test_resume_from_a_damaged_checkpoint_is_one_error_line(corpus_dir, streamed
 
     common = ["--input_text", str(corpus_dir / "a_docs.jsonl"), str(HELDOUT_PATH), "--model_type", M, "--context",
               str(CONTEXT), "--batch_size", "1", "--device", "cpu", "--export_dir", tmp_path / "part"]
-    real, calls = corpus.run_batch, {"n": 0}
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(corpus, "run_batch", interrupted)
+    real = interrupt_at_batch(monkeypatch, 4)
     code, _ = run_here(B, *common, "--checkpoint_minutes", "0", check=False)
     assert code == 130
     monkeypatch.setattr(corpus, "run_batch", real)
