@@ -33,7 +33,7 @@ from tqdm import tqdm
 from gelutrace import PipelineError, corpus
 from gelutrace import stagefiles as sf
 from gelutrace.statistics import merge_top
-from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args, parser, run_main
+from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
 from gelutrace.generation import StepProgress, encode_prompts, plan_batches
 from gelutrace.loading import load_model
 from gelutrace.recording import Staging, fingerprint, record_attribution, record_batch, write_dataset
@@ -90,8 +90,7 @@ def main():
         return corpus_mode(args)
     args.batch_size = args.batch_size or 64
     check_sampling_args(args)
-    if args.top_examples < 0:
-        raise PipelineError(f"--top_examples must be >= 0, got {args.top_examples}")
+    check_at_least(args, 0, "top_examples")
     prompts = read_prompts(args.input_csv)
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config

@@ -34,7 +34,7 @@ from gelutrace import PipelineError
 from gelutrace import coactivation as co
 from gelutrace import plots
 from gelutrace import stagefiles as sf
-from gelutrace.cli import parser, run_main
+from gelutrace.cli import check_at_least, parser, run_main
 
 
 def main():
@@ -53,8 +53,7 @@ def main():
 
     t0 = time.time()
     src = Path(args.input_path)
-    if args.bins < 1:
-        raise PipelineError(f"--bins must be >= 1, got {args.bins}")
+    check_at_least(args, 1, "bins")
     co.check_weight(args.weight)
     if src.suffix == ".json":
         raise PipelineError(f"{src} is already an analysis; pass the graph store or .gpickle that stage c wrote")

@@ -25,7 +25,7 @@ from gelutrace import PipelineError
 from gelutrace import effects as ef
 from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
-from gelutrace.cli import add_model_args, parser, run_main
+from gelutrace.cli import add_model_args, check_at_least, parser, run_main
 from gelutrace.generation import encode_prompts
 from gelutrace.loading import load_model
 from gelutrace.recording import fingerprint
@@ -53,10 +53,7 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished blocks of neurons of an interrupted run with the same inputs")
     args = ap.parse_args(argv)
-    if args.batch_size < 1:
-        raise PipelineError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.max_values < 1:
-        raise PipelineError(f"--max_values must be >= 1, got {args.max_values}")
+    check_at_least(args, 1, "batch_size", "max_values")
     prompts = sf.read_prompts(args.input_csv)
 
     lm = load_model(args.model_type, args.device)

@@ -42,7 +42,7 @@ from gelutrace import PipelineError
 from gelutrace import comparison as cmp
 from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
-from gelutrace.cli import add_model_args, add_sampling_args, check_sampling_args, parser, run_main
+from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
 from gelutrace.generation import encode_prompts, plan_batches
 from gelutrace.loading import load_model
 from gelutrace.plots import plot_method_comparison, plot_perturbation_summary
@@ -75,8 +75,7 @@ def main(argv=None):
                          "kl_vs_random, delta_nll_vs_random (default: %(default)s)")
     args = ap.parse_args(argv)
     check_sampling_args(args)
-    if args.random_controls < 0:
-        raise PipelineError(f"--random_controls must be >= 0, got {args.random_controls}")
+    check_at_least(args, 0, "random_controls")
     if args.input_csv is None and args.eval_csv is None:
         raise PipelineError("give --input_csv (the dataset's prompts), --eval_csv (prompts to measure on), or both")
     selection_prompts = sf.read_prompts(args.input_csv) if args.input_csv else None

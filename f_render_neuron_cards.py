@@ -24,7 +24,7 @@ from gelutrace import PipelineError
 from gelutrace import cards as cd
 from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
-from gelutrace.cli import add_model_args, parser, run_main
+from gelutrace.cli import add_model_args, check_at_least, parser, run_main
 from gelutrace.coactivation import WEIGHTS
 from gelutrace.loading import load_model
 
@@ -54,10 +54,7 @@ def main(argv=None):
     ap.add_argument("--weight", default=None, choices=WEIGHTS,
                     help="the edge weight --threshold applies to (default: count)")
     args = ap.parse_args(argv)
-    if args.top_examples < 1:
-        raise PipelineError(f"--top_examples must be >= 1, got {args.top_examples}")
-    if args.batch_size < 1:
-        raise PipelineError(f"--batch_size must be >= 1, got {args.batch_size}")
+    check_at_least(args, 1, "top_examples", "batch_size")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise PipelineError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.weight is not None and args.threshold is None:
@@ -67,7 +64,7 @@ def main(argv=None):
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
-    corpus_mode = pt.read_corpus_record(args.dataset_path, lm.name) is not None
+    corpus_mode = sf.path(args.dataset_path, sf.CORPUS, lm.name).is_file()  # build_cards reads the record
     if corpus_mode and not sf.path(args.dataset_path, sf.TOP_EXAMPLES, lm.name).is_file():
         raise PipelineError(f"{args.dataset_path} is a corpus-mode dataset without "
                             f"{sf.TOP_EXAMPLES.format(m=lm.name)} (stage b ran with --top_examples 0, or an older "

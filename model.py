@@ -193,9 +193,7 @@ class GPT(nn.Module):
         at position -1.
         """
         B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size + 1:
-            raise ValueError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed the context window of "
-                             f"{self.config.block_size}")
+        self.check_length(T, max_new_tokens, self.config.block_size)
         if max_new_tokens <= 0:
             return idx
         cache = KVCache(self.config, B, T + max_new_tokens - 1, idx.device, self.transformer.wte.weight.dtype)
@@ -207,6 +205,13 @@ class GPT(nn.Module):
             out.append(next_id)
             step_input = next_id
         return torch.cat(out, dim=1)
+
+    @staticmethod
+    def check_length(prompt_tokens: int, new_tokens: int, block_size: int):
+        # the last new token is never fed back, so it may be the one past the window
+        if prompt_tokens + new_tokens > block_size + 1:
+            raise ValueError(f"{prompt_tokens} prompt tokens + {new_tokens} new tokens exceed the context window of "
+                             f"{block_size}")
 
     @staticmethod
     def pick(logits, temperature=0.0, top_k=None, generators=None):

@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from gelutrace.generation import left_pad
+from gelutrace.sites import GeluHooks
 
 LOGIT_BUDGET = 2 ** 25  # most logits (rows x positions x vocab) one pass holds, with their gradient
 
@@ -71,31 +72,26 @@ def neuron_attribution(model, prompts: list[list[int]], conts: list[np.ndarray],
             output.requires_grad_(True)
         acts.append(output)
 
-    handles = [g.register_forward_hook(keep) for g in model.gelus()]
-    try:
-        with torch.enable_grad():
-            for chunk in _chunks(lengths, cfg.vocab_size, batch_size):
-                rows = [have[i] for i in chunk]
-                seqs = [list(prompts[r]) + [int(t) for t in conts[r][:-1]] for r in rows]
-                n = max(len(conts[r]) for r in rows)
-                idx, pad = left_pad(seqs, device)
-                acts.clear()
-                logits, _ = model(idx, pad=pad if bool(pad.any()) else None)
-                logp = F.log_softmax(logits[:, -n:, :].float(), dim=-1)
-                target = torch.zeros((len(rows), n), dtype=torch.long, device=device)
-                scale = torch.zeros((len(rows), n), dtype=torch.float32, device=device)
-                for i, r in enumerate(rows):  # continuation tokens are right-aligned
-                    c = conts[r]
-                    target[i, n - len(c):] = torch.as_tensor(c, device=device)
-                    scale[i, n - len(c):] = weights[r] / (len(c) * total)
-                loss = -(logp.gather(-1, target[..., None])[..., 0] * scale).sum()
-                grads = torch.autograd.grad(loss, acts)
-                for layer, (a, g) in enumerate(zip(acts, grads)):
-                    out[layer] -= (a.detach().double() * g.double()).sum(dim=(0, 1))
-                acts.clear()
-                if progress is not None:
-                    progress(len(rows))
-    finally:
-        for h in handles:
-            h.remove()
+    with GeluHooks(model, lambda layer: keep), torch.enable_grad():
+        for chunk in _chunks(lengths, cfg.vocab_size, batch_size):
+            rows = [have[i] for i in chunk]
+            seqs = [list(prompts[r]) + [int(t) for t in conts[r][:-1]] for r in rows]
+            n = max(len(conts[r]) for r in rows)
+            idx, pad = left_pad(seqs, device)
+            acts.clear()
+            logits, _ = model(idx, pad=pad if bool(pad.any()) else None)
+            logp = F.log_softmax(logits[:, -n:, :].float(), dim=-1)
+            target = torch.zeros((len(rows), n), dtype=torch.long, device=device)
+            scale = torch.zeros((len(rows), n), dtype=torch.float32, device=device)
+            for i, r in enumerate(rows):  # continuation tokens are right-aligned
+                c = conts[r]
+                target[i, n - len(c):] = torch.as_tensor(c, device=device)
+                scale[i, n - len(c):] = weights[r] / (len(c) * total)
+            loss = -(logp.gather(-1, target[..., None])[..., 0] * scale).sum()
+            grads = torch.autograd.grad(loss, acts)
+            for layer, (a, g) in enumerate(zip(acts, grads)):
+                out[layer] -= (a.detach().double() * g.double()).sum(dim=(0, 1))
+            acts.clear()
+            if progress is not None:
+                progress(len(rows))
     return out.flatten().cpu().numpy()

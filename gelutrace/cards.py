@@ -25,6 +25,7 @@ import torch
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
 from gelutrace.generation import left_pad
+from gelutrace.sites import GeluHooks, run_trunk
 from gelutrace.statistics import merge_top
 
 
@@ -104,14 +105,9 @@ def _selected_values(model, inputs: list[list[int]], neuron_ids: np.ndarray) -> 
     layers = neuron_ids // cfg.d_mlp
     dims = torch.as_tensor(neuron_ids % cfg.d_mlp, device=device)
     acts = {}
-    handles = [g.register_forward_hook(lambda mod, i, o, layer=layer: acts.__setitem__(layer, o))
-               for layer, g in enumerate(model.gelus())]
-    try:
-        idx, pad = left_pad(inputs, device)
-        (model.trunk if hasattr(model, "trunk") else model)(idx, pad=pad if bool(pad.any()) else None)
-    finally:
-        for h in handles:
-            h.remove()
+    idx, pad = left_pad(inputs, device)
+    with GeluHooks(model, lambda layer: lambda mod, i, o: acts.__setitem__(layer, o)):
+        run_trunk(model, idx, pad if bool(pad.any()) else None)
     per = torch.empty((*idx.shape, len(neuron_ids)), dtype=torch.float32, device=device)
     for layer in np.unique(layers):
         cols = np.flatnonzero(layers == layer)

@@ -55,15 +55,19 @@ def add_sampling_args(ap: argparse.ArgumentParser, seed: int, temperature: float
                                        "greedy runs compute one sequence per prompt) (default: %(default)s)")
 
 
+def check_at_least(args, minimum: int, *flags: str):
+    """One error line for the first of the named integer flags (argparse dests) below minimum; None passes."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < minimum:
+            raise PipelineError(f"--{flag} must be >= {minimum}, got {value}")
+
+
 def check_sampling_args(args):
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise PipelineError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.seed < 0:
-        raise PipelineError(f"--seed must be >= 0, got {args.seed}")
-    if args.top_k is not None and args.top_k < 1:
-        raise PipelineError(f"--top_k must be >= 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise PipelineError(f"--batch_size must be >= 1, got {args.batch_size}")
+    check_at_least(args, 0, "seed")
+    check_at_least(args, 1, "top_k", "batch_size")
 
 
 def memory_limit(gb: float | None) -> int | None:

@@ -29,6 +29,7 @@ from gelutrace import PipelineError
 from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
 from gelutrace.shards import CORPUS_FORMAT, CORPUS_VERSION
+from gelutrace.sites import GeluHooks, run_trunk
 from gelutrace.statistics import CoactivationCounts, RunningTopK, merge_top
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -225,14 +226,15 @@ def plan(windows: np.ndarray, n_tokens: int, context: int, batch_size: int) -> l
 
 
 # --- streaming ------------------------------------------------------------------------------------------------
-class CountingHooks:
+class CountingHooks(GeluHooks):
     """Forward hooks on every GELU that add each call's (rows x d_mlp) outputs to `counts`; with `keep_rows`
     they also keep the batch's active rows bit-packed (`take_packed`); with `top` (a RunningTopK) they feed it
     the values under `sample_ids`, the batch's rows' global token positions."""
 
     def __init__(self, model, counts: CoactivationCounts, keep_rows: bool = False, top: RunningTopK | None = None):
-        self.model, self.counts, self.keep_rows, self.top = model, counts, keep_rows, top
-        self.layers, self.handles = [], []
+        super().__init__(model)
+        self.counts, self.keep_rows, self.top = counts, keep_rows, top
+        self.layers = []
         self.sample_ids = None
 
     def _hook(self, layer):
@@ -251,17 +253,9 @@ class CountingHooks:
         self.layers = []
         return np.packbits(rows, axis=1)
 
-    def __enter__(self):
-        self.handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.model.gelus())]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
 
 def run_batch(model, x: torch.Tensor):
-    (model.trunk if hasattr(model, "trunk") else model)(x)  # model.py stops before the logits
+    run_trunk(model, x)
 
 
 class Checkpoints:

@@ -18,6 +18,7 @@ import torch
 from gelutrace import PipelineError
 from gelutrace.attribution import distinct_sequences, neuron_attribution
 from gelutrace.generation import Batch, generate_batch, repeat_rows
+from gelutrace.sites import GeluHooks
 from gelutrace.statistics import RunningTopK
 from gelutrace.stagefiles import (CONTEXT_TOKENS, DATASET, FREQUENCY, MATRIX, PARTIAL_DIR, TOP_EXAMPLES,
                                   Prompt, dataset_columns, frequency_table, packed_counts, path,
@@ -25,7 +26,7 @@ from gelutrace.stagefiles import (CONTEXT_TOKENS, DATASET, FREQUENCY, MATRIX, PA
                                   write_packed_activation_matrix)
 
 
-class ActivationRecorder:
+class ActivationRecorder(GeluHooks):
     """
     with ActivationRecorder(model, weights) as rec: model.generate(...)
 
@@ -39,16 +40,15 @@ class ActivationRecorder:
     """
 
     def __init__(self, model, weights: torch.Tensor, top=None, sample_ids: torch.Tensor | None = None):
+        super().__init__(model)
         cfg = model.config
         device = next(model.parameters()).device
-        self.model = model
         self.d = cfg.d_mlp
         self.n_layer = cfg.n_layer
         self.weights = weights.to(device=device, dtype=torch.float64)
         self.active = torch.zeros((*weights.shape, cfg.n_layer * cfg.d_mlp), dtype=torch.bool, device=device)
         self.value_sum = torch.zeros(cfg.n_layer * cfg.d_mlp, dtype=torch.float64, device=device)
         self.step = 0
-        self.handles = []
         self.top = top
         self.sample_ids = None if sample_ids is None else sample_ids.to(device)
 
@@ -66,27 +66,14 @@ class ActivationRecorder:
                 self.step += 1
         return hook
 
-    def __enter__(self):
-        self.handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.model.gelus())]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
 
 @torch.no_grad()
 def trace(model, ids: list[int]) -> np.ndarray:
     """Post-GELU values (n_layer * d_mlp,) at the last position of `ids`: the activations behind its next token."""
     device = next(model.parameters()).device
     values = []
-    handles = [g.register_forward_hook(lambda m, i, o: values.append(o[0, -1].float().cpu())) for g in model.gelus()]
-    try:
+    with GeluHooks(model, lambda layer: lambda m, i, o: values.append(o[0, -1].float().cpu())):
         model(torch.tensor([ids], device=device))
-    finally:
-        for h in handles:
-            h.remove()
     return torch.cat(values).numpy()
 
 

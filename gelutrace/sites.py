@@ -115,6 +115,33 @@ def shape(model_type: str, cfg) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, int(width), int(context)
 
 
+class GeluHooks:
+    """
+    with GeluHooks(model, hook_for_layer): a forward hook on every layer's GELU (model.gelus(), either
+    implementation), removed on leaving the block, error or not. hook_for_layer(layer) returns that layer's
+    hook(module, inputs, output); a subclass may define _hook(layer) instead.
+    """
+
+    def __init__(self, model, hook_for_layer=None):
+        self.model = model
+        self.hook_for_layer = hook_for_layer or self._hook
+        self.handles = []
+
+    def __enter__(self):
+        self.handles = [g.register_forward_hook(self.hook_for_layer(i)) for i, g in enumerate(self.model.gelus())]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def run_trunk(model, idx: torch.Tensor, pad: torch.Tensor | None = None):
+    """A forward pass that stops after the last block where the model allows it (model.py), for its hooks."""
+    (model.trunk if hasattr(model, "trunk") else model)(idx, pad=pad)
+
+
 @dataclass
 class SiteConfig:
     n_layer: int
@@ -154,7 +181,7 @@ class _Embedding:
 class HFCausalLM(nn.Module):
     """A transformers causal LM with model.py's interface; its neurons are the inputs to the output projections."""
 
-    pick = staticmethod(GPT.pick)
+    pick, check_length = staticmethod(GPT.pick), staticmethod(GPT.check_length)
 
     def __init__(self, hf: nn.Module, model_type: str):
         super().__init__()
@@ -216,9 +243,7 @@ class HFCausalLM(nn.Module):
         from transformers import DynamicCache
 
         B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size + 1:
-            raise ValueError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed the context window of "
-                             f"{self.config.block_size}")
+        self.check_length(T, max_new_tokens, self.config.block_size)
         if max_new_tokens <= 0:
             return idx
         cache = DynamicCache(config=self.hf.config)
