@@ -8,8 +8,8 @@ PY = $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
-	python3 -m venv $(VENV) && $(VENV)/bin/pip install -r requirements.txt && touch $@
+$(VENV)/.installed: requirements.txt constraints.txt
+	python3 -m venv $(VENV) && $(VENV)/bin/pip install -r requirements.txt -c constraints.txt && touch $@
 
 test: install
 	$(PY) -m pytest -q tests

@@ -129,3 +129,19 @@ def shipped(shipped_path):
 @pytest.fixture(scope="session")
 def shipped_hf(shipped_path):
     return load_hf(shipped_path)
+
+
+def assert_sum_close(got, terms, axis=0, rel=1e-5):
+    """
+    A float32 sum checked against the float64 sum of its terms, with a tolerance that scales with the
+    magnitude of the terms (sum of |term|), not with the sum: a sum whose terms cancel is near 0 while each
+    term's rounding error is not.
+    """
+    import numpy as np
+
+    terms = np.asarray(terms, np.float64)
+    want, scale = terms.sum(axis=axis), np.abs(terms).sum(axis=axis)
+    err = np.abs(np.asarray(got, np.float64) - want)
+    bad = err > rel * scale + 1e-12
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.size} sums off: worst {err[bad].max():.3g} against a "
+                           f"scale of {scale[bad][err[bad].argmax()]:.3g}")
