@@ -2,8 +2,9 @@
 Stage d: a perturbation subset of influential neurons from an analyzed co-activation graph.
 
 Keeps the edges with normalised weight > --threshold (all nodes stay), takes k = max(1, int(N * --ratio))
-nodes (at most N) ranked by --method, ties to the lower node id, and writes their ids (int64, rank order) as
-.npy plus a sidecar .json (parameters, k, per-layer counts, each neuron's score).
+nodes (at most N) ranked by --method, ties in a random order seeded by --seed (never by node id), and
+writes their ids (int64, rank order) as .npy plus a sidecar .json (parameters, k, per-layer counts, each
+neuron's score, and how the cut sits on ties: tied_picks, tie_pool, zero_score_picks).
 
 Methods on the thresholded graph: degree (the original's), weighted_degree, pagerank. Methods that need no
 graph (--threshold is ignored and recorded as null; files are named {m}_{method}_r{ratio}.npy):
@@ -53,7 +54,9 @@ def main():
                          f"{', '.join(co.WEIGHTS)} (phi and pmi need the number of samples, which a .gpickle "
                          f"records as the graph attribute num_samples) (default: %(default)s)")
     out = ap.add_mutually_exclusive_group(required=True)
-    out.add_argument("--output_path", help="the subset .npy to write (its sidecar .json goes beside it)")
+    out.add_argument("--output_path", help="the subset .npy to write (its sidecar .json goes beside it: "
+                                           "parameters, k, per-layer counts, scores, tied_picks, tie_pool, "
+                                           "zero_score_picks)")
     out.add_argument("--output_dir",
                      help="write {m}_{method}_t{threshold}_r{ratio}.npy (with --weight other than count, "
                           "{m}_{method}_{weight}_t{threshold}_r{ratio}.npy; {m}_{method}_r{ratio}.npy for the "
@@ -63,7 +66,9 @@ def main():
                          "the graph store was built from)")
     ap.add_argument("--skip_existing", action="store_true",
                     help="do nothing if the output .npy already exists (used by d_batch)")
-    ap.add_argument("--seed", type=int, default=1337, help="seed of --method random (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=1337,
+                    help="seed of --method random and of the random order that breaks ties in the other methods' "
+                         "ranking (default: %(default)s)")
     ap.add_argument("--match_layers", default=None,
                     help="with --method random: draw as many neurons per layer as this other subset .npy has")
     ap.add_argument("--export_graph", default=None,
@@ -95,7 +100,7 @@ def main():
     uses_graph = args.method in sel.GRAPH_METHODS
     params = {"method": args.method, "threshold": args.threshold if uses_graph else None,
               "threshold_ignored": not uses_graph, "ratio": args.ratio,
-              "seed": args.seed if args.method == "random" else None}
+              "seed": args.seed}
     if args.export_graph:  # before the subset: a refused export must not leave a subset that looks done
         sel.export_graph(graph, args.threshold, args.export_graph, memory_limit(args.memory_limit_gb), args.weight)
     sel.write_subset(sub, graph, target, params)

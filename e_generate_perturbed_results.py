@@ -10,21 +10,28 @@ held-out prompts, which is the honest test.
 
 Writes into <dataset_path>/perturbation_results/:
   {subset stem}.csv     prompt, sample_index, generated_text, perturbation_subset (none.csv for `none`)
-  summary.csv           one row per subset: k, per-layer counts, metrics with bootstrap 95 % CIs over prompts
-                        (kl, delta_nll), and with --random_controls the controls' mean/std, the subset's
-                        percentile among them and (only where the random mean is clearly > 0) the ratio
+  summary.csv           one row per subset, on every evaluation prompt: k, per-layer counts, metrics with
+                        bootstrap 95 % CIs over prompts (kl, delta_nll), and with --random_controls the null of
+                        random neurons of the same layers: p_random (empirical, one-sided), z_random,
+                        p_random_normal (its Gaussian approximation), the controls' mean, std, 5th/50th/95th
+                        percentiles, the subset's percentile among them, and the ratio to their mean (only
+                        where that mean is above 0 by its t-interval)
   summary.png           the metrics compared across subsets
   per_sample/{stem}.csv each sample's metrics
   evaluation.json       which prompts chose the neurons and which measured them, and the settings
-  comparison.csv, method_verdict.csv, method_overlap.csv, method_agreement.csv, comparison.png
-                        the selection methods side by side at each k (for subsets with stage d's sidecar)
+  comparison.csv, method_verdict.csv, method_overlap.csv, method_agreement.csv, comparison.png,
+  comparison.json       the selection methods side by side at each k (for subsets with stage d's sidecar):
+                        each method's best variant chosen on the validation part of the evaluation prompts,
+                        every figure on the test part (comparison.json records the split), p_random_holm
+                        across the best variants; a variant with more than half of its picks at score 0 is
+                        marked (filler) and never a method's best
 
 Metrics (each sample's value averaged over its continuation; the summary averages over samples):
   kl                  KL(baseline || perturbed) of the next-token distributions (softmax of the logits,
                       nats), teacher-forced along the baseline's continuation
   delta_nll           -log p_perturbed + log p_baseline of the baseline's tokens, same positions
   token_agreement     fraction of positions where the perturbed model's own generation (same seed) has
-                      the baseline's token
+                      the baseline's token (subsets only: random controls are measured teacher-forced)
   first_diff_position index of the first token that differs from the baseline's; the continuation's
                       length when none differs
 
@@ -71,11 +78,19 @@ def main(argv=None):
                          "dataset's {m}_neuron_frequency.csv (default: %(default)s)")
     ap.add_argument("--random_controls", type=int, default=0, metavar="N",
                     help="for each subset, also measure N random subsets with the same number of neurons in "
-                         "each layer (drawn with --seed); the summary gets their mean and std and the ratios "
-                         "kl_vs_random, delta_nll_vs_random (default: %(default)s)")
+                         "each layer (drawn with --seed), teacher-forced, several in one batch: the null every "
+                         "claim against random uses. The empirical p-value (1 + #controls >= value) / (1 + N) "
+                         "cannot go below 1/(N+1), so the verdict claims nothing against random with fewer "
+                         f"than {cmp.MIN_CONTROLS} (30 gives 0.032) (default: %(default)s)")
+    ap.add_argument("--validation_share", type=float, default=0.5,
+                    help="share of the evaluation prompts (seeded split, recorded in comparison.json) on which "
+                         "each method's best variant is chosen; the verdict's figures come from the rest. Below "
+                         f"{cmp.MIN_SPLIT_PROMPTS} prompts there is no split (default: %(default)s)")
     args = ap.parse_args(argv)
     check_sampling_args(args)
     check_at_least(args, 0, "random_controls")
+    if not 0 < args.validation_share < 1:
+        raise PipelineError(f"--validation_share must be in (0, 1), got {args.validation_share}")
     if args.input_csv is None and args.eval_csv is None:
         raise PipelineError("give --input_csv (the dataset's prompts), --eval_csv (prompts to measure on), or both")
     selection_prompts = sf.read_prompts(args.input_csv) if args.input_csv else None
@@ -97,16 +112,17 @@ def main(argv=None):
 
     greedy = args.temperature == 0
     batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size)
-    n_conditions = 1 + sum(1 + (args.random_controls if len(s.ids) else 0) for s in subsets if len(s.ids))
-    tokens = n_conditions * sum(len(b.row_prompt) * b.new_tokens for b in batches)
+    n_generated = 1 + sum(1 for s in subsets if len(s.ids))
+    tokens = n_generated * sum(len(b.row_prompt) * b.new_tokens for b in batches)
     chunks = pt.metric_chunks(pt.plan_rows(batches, prompts), prompt_ids, cfg.vocab_size, args.batch_size)
-    passes = len(chunks) * sum(1 + (args.random_controls if len(s.ids) else 0) for s in subsets)
+    passes = len(chunks) * sum(1 + (args.random_controls if len(s.ids) else 0) for s in subsets if len(s.ids))
+    settings = pt.EvalSettings(args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
+                               args.ablation, args.validation_share)
     with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as gen_bar, \
-            tqdm(total=passes, unit="pass", desc="teacher-forced metrics") as metric_bar:
+            tqdm(total=passes, unit="ablation", desc="teacher-forced metrics") as metric_bar:
         bars = {"tokens": gen_bar, "passes": metric_bar}
-        results = pt.run(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values,
-                         args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
-                         args.ablation, progress=lambda kind, n: bars[kind].update(n))
+        results = pt.run(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values, settings,
+                         progress=lambda kind, n: bars[kind].update(n))
 
     evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args, corpus_record)
     out = Path(args.dataset_path) / sf.RESULTS_DIR
@@ -116,8 +132,9 @@ def main(argv=None):
     where = "held-out prompts" if evaluation["held_out"] else "the prompts they were chosen on"
     plot_perturbation_summary(results.summary, out / sf.PERTURBATION_PLOT,
                               title=f"{lm.name}: effect of {args.ablation}-ablating each subset, on {where}")
-    tables = pt.write_comparison(args.dataset_path, lm.name, results, subsets, n_neurons)
+    tables = pt.write_comparison(args.dataset_path, lm.name, results, subsets, n_neurons, prompts)
     written += [out / sf.PERTURBATION_PLOT] + [out / name for name in tables]
+    written += [out / sf.COMPARISON_RECORD] if tables else []
     if tables:
         plot_method_comparison(tables[sf.COMPARISON], out / sf.COMPARISON_PLOT,
                                title=f"{lm.name}: neurons chosen by each method, {args.ablation}-ablated, on {where}")
@@ -126,7 +143,7 @@ def main(argv=None):
         (out / sf.COMPARISON_PLOT).unlink(missing_ok=True)
     sf.commit_output_set(manifest, run, written)
     cols = ["subset", "k", "kl", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "token_agreement"]
-    cols += ["delta_nll_percentile"] if args.random_controls else []
+    cols += ["delta_nll_p_random", "delta_nll_z_random"] if args.random_controls else []
     print(results.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if tables:
         print("\n".join(cmp.verdict_lines(tables[sf.METHOD_VERDICT], n_neurons)))

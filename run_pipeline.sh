@@ -25,7 +25,9 @@
 #                                   needed (stage b writes the graph store) and stage e measures on EVAL_CSV
 #   --eval_csv CSV                  EVAL_CSV: prompts stage e measures the effects on (default
 #                                   parcellation_datasets/heldout_<model name>.csv when it exists, else PROMPT_CSV)
-#   --random_controls N             RANDOM_CONTROLS per subset in stage e (default 3)
+#   --random_controls N             RANDOM_CONTROLS per subset in stage e: layer-matched random subsets, the
+#                                   null of every claim against random (default 30; p >= 1/(N+1), no claim
+#                                   below 20)
 #   --force                         rerun every stage even if its outputs are up to date
 # A stage is skipped when its outputs exist and were made by the same command (recorded in
 # DATASET_DIR/.pipeline/) from inputs that have not changed since; once a stage runs, all later ones do.
@@ -42,7 +44,7 @@ WEIGHTS="${WEIGHTS:-count}"
 EFFECTS="${EFFECTS:-auto}"
 EVAL_CSV="${EVAL_CSV:-}"
 TEXT="${TEXT:-}"
-RANDOM_CONTROLS="${RANDOM_CONTROLS:-3}"
+RANDOM_CONTROLS="${RANDOM_CONTROLS:-30}"
 FORCE="${FORCE:-0}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi

@@ -3,12 +3,17 @@ Stage e speed on the T1 workload (parcellation_datasets/test_1.csv: 10 prompts x
 greedy, on a GPT-2-small-shaped random model (transformers' GPT2Config() defaults, saved locally), with one
 random subset of 1 % of the neurons plus `none`.
 
+Then the cost of the null (random controls of the same layer composition, teacher-forced, several ablations
+in one batch with a mask per block of rows): 30 controls of one 1 % subset on T1 at GPT-2-small shape
+(target <= 5 min on CPU), and 30 controls for each of 12 subsets of the demo's sizes on the shipped model's
+held-out prompts (target <= 60 s), each against one ablation per pass in the same run.
+
 Prints: generated tokens/s of the unperturbed and the ablated generation (tokens computed: greedy computes
 each prompt once; tokens delivered: all 5 samples of each prompt), the hook overhead (ablated vs unperturbed,
 interleaved repeats in the same process, best of --repeats), the whole stage-e computation (generation of
 both plus the teacher-forced metric passes) and the peak RSS.
 
-    .venv/bin/python bench/bench_perturbation.py [--device cpu] [--repeats 7] [--checkpoint DIR]
+    .venv/bin/python bench/bench_perturbation.py [--device cpu] [--repeats 7] [--checkpoint DIR] [--controls 30]
 """
 
 import argparse
@@ -30,6 +35,7 @@ from gelutrace.loading import load_model  # noqa: E402
 from gelutrace.stagefiles import read_prompts  # noqa: E402
 
 T1 = ROOT / "parcellation_datasets" / "test_1.csv"
+HELDOUT = ROOT / "parcellation_datasets" / "heldout_tinybard.csv"
 
 
 def build_checkpoint(out: Path) -> Path:
@@ -86,11 +92,32 @@ def hook_cost(model, abl, batches, sync, n: int = 5000, repeats: int = 5):
     return max(min(hooked) - min(plain), 0.0) / n, calls
 
 
+def controls_cost(lm, prompts, subsets: list[np.ndarray], n_controls: int, batch_size: int, seed: int = 1337):
+    """
+    Seconds to measure n_controls layer-matched random controls of each subset along the baseline's greedy
+    continuations (the baseline generated first, not timed), with --batch_size packing several ablations into
+    one pass and with one ablation per pass (batch size = the rows of one chunk); the number of controls.
+    """
+    model, cfg = lm.model, lm.model.config
+    prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
+    batches = plan_batches(prompts, prompt_ids, True, batch_size, cfg.block_size)
+    rows = pt.plan_rows(batches, prompts)
+    base = pt.generate_rows(model, batches, rows, prompt_ids, 0.0, 1, seed)
+    conditions = [pt.Condition(pt.random_control(ids, cfg.n_layer, cfg.d_mlp, seed, j), generate=False)
+                  for ids in subsets for j in range(n_controls)]
+    chunk_rows = max(len(c) for c in pt.metric_chunks(rows, prompt_ids, cfg.vocab_size, batch_size))
+    out = []
+    for bs in (batch_size, chunk_rows):
+        out.append(timed(lambda: pt.teacher_forced(model, rows, prompt_ids, base, conditions, None, bs)))
+    return out[0], out[1], len(conditions), int(rows.length.sum())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved timing repeats (default: %(default)s)")
     ap.add_argument("--batch_size", type=int, default=64, help="generation batch size (default: %(default)s)")
+    ap.add_argument("--controls", type=int, default=30, help="random controls per subset (default: %(default)s)")
     ap.add_argument("--checkpoint", help="checkpoint directory to use, built there first if it has no config.json "
                                          "(default: built in a temporary directory)")
     args = ap.parse_args()
@@ -129,9 +156,15 @@ def main():
         per_call, calls = hook_cost(model, abl, batches, sync)
 
         subsets = [pt.Subset("random_1pct.npy", ids), pt.Subset("none", np.zeros(0, np.int64))]
-        full = timed(lambda: pt.run(model, lm.tokenizer, prompts, prompt_ids, batches, subsets, None, 0.0, 1,
-                                    1337, args.batch_size, 0, "zero"))
+        settings = pt.EvalSettings(batch_size=args.batch_size)
+        full = timed(lambda: pt.run(model, lm.tokenizer, prompts, prompt_ids, batches, subsets, None, settings))
+        gpt2_null = controls_cost(lm, prompts, [ids], args.controls, args.batch_size)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    shipped = load_model("tinybard", args.device)
+    n_s = shipped.model.config.n_layer * shipped.model.config.d_mlp
+    rng = np.random.default_rng(1)
+    demo = [np.sort(rng.choice(n_s, size=k, replace=False)) for k in (int(0.01 * n_s), int(0.05 * n_s)) for _ in range(6)]
+    demo_null = controls_cost(shipped, read_prompts(HELDOUT), demo, args.controls, args.batch_size)
 
     print(f"device {lm.device}, torch threads {torch.get_num_threads()}, model {cfg.n_layer} layers x {cfg.d_mlp} "
           f"neurons (d_model {cfg.n_embd}, vocab {cfg.vocab_size}), subset {len(ids)} neurons (1 %)")
@@ -146,6 +179,14 @@ def main():
           f"generation = {calls * per_call:.3f} s = {100 * calls * per_call / b:.1f} % of the unperturbed generation")
     print(f"whole stage e (none + subset: 2 generations + teacher-forced metrics): {full:.2f} s = "
           f"{2 * delivered / full:.1f} delivered tokens/s")
+    for what, (batched, single, n_ctl, tokens) in (
+            (f"GPT-2-small shape, T1, {args.controls} controls of one 1 % subset (target <= 300 s)", gpt2_null),
+            (f"shipped model, {HELDOUT.name}, {args.controls} controls x 12 subsets of the demo's k (target <= 60 s)",
+             demo_null)):
+        print(f"null: {what}: {batched:.1f} s batched = {batched / n_ctl:.3f} s per control "
+              f"over {tokens} scored tokens ({1e6 * batched / n_ctl / tokens:.0f} us per control per token); "
+              f"one ablation per pass {single:.1f} s "
+              f"({single / batched:.2f}x the batched time)")
     print(f"peak RSS: {peak_mb:.0f} MB")
 
 

@@ -1,27 +1,38 @@
 """
 Honest statistics for stage e, and the method comparison that the report leads with.
 
-- Uncertainty is over prompts: a seeded bootstrap resamples the evaluation prompts with replacement (every
-  sample of a drawn prompt comes along) and recomputes the mean over samples. The same draws serve every
-  subset, so differences between two subsets are paired.
-- A subset is placed among its random controls by its empirical percentile; a subset / random ratio is
-  given only when the random mean is clearly above 0 (mean - 2 standard errors > 0), since a ratio over a
-  denominator near or below 0 reads as nonsense.
-- The comparison puts every selection method side by side at each k: the best variant of each method (its
-  best threshold, for the graph methods), their CIs, the overlap of their neurons, their agreement with
-  measured single-neuron effects, and a verdict computed from these numbers alone.
+- Uncertainty over prompts: a seeded bootstrap resamples the evaluation prompts with replacement (every sample
+  of a drawn prompt comes along) and recomputes the mean over samples. The same draws serve every subset, so
+  differences between two subsets are paired.
+- The null: each subset's random controls have its number of neurons in every layer. Against them a subset
+  gets the one-sided empirical p-value (1 + #controls >= value) / (1 + N), which cannot go below 1/(N + 1);
+  z = (value - controls' mean) / controls' std; the Gaussian tail of z (an approximation, the one that can go
+  below 1/(N + 1)); the controls' 5th, 50th and 95th percentiles; and, for the subsets the verdict speaks of
+  (each method's best variant at each k), that Gaussian p Holm-adjusted across them.
+- Nested selection: the evaluation prompts are split, seeded, into a validation part, where each method's best
+  variant (e.g. a graph method's threshold) is chosen, and a test part, where every figure of the verdict is
+  measured. Below MIN_SPLIT_PROMPTS prompts there is no split and the verdict says it is biased.
+- A variant with more than half of its picks at score 0 (filled by the tie-break, not chosen by its score)
+  cannot be a method's best variant.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
+from scipy.stats import norm, spearmanr, t as student_t
 
 N_BOOT = 2000
 LEVEL = 0.95
+ALPHA = 0.05  # the verdict's significance level against random controls
+MIN_CONTROLS = 20  # fewer controls: p-values too coarse for any claim against random
+MIN_SPLIT_PROMPTS = 10  # fewer evaluation prompts: no validation/test split
 GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")
 BASELINES = ("activation_count", "attribution")  # what a graph method must beat to earn its graph
+REFERENCE = "random"  # the method of one uniform draw: in the tables, never the "random" of a verdict
+METRICS = ("delta_nll", "kl")
+NULL_FIELDS = ("random_mean", "random_std", "random_q05", "random_q50", "random_q95", "p_random", "z_random",
+               "p_random_normal")
 
 
 # --- statistics over prompts ------------------------------------------------------------------------------
@@ -59,61 +70,176 @@ def percentile(value: float, controls) -> float:
     return float(100 * ((c < value).sum() + 0.5 * (c == value).sum()) / len(c))
 
 
-def guarded_ratio(value: float, controls) -> float:
-    """value / mean(controls), only where that mean is clearly positive (mean - 2 SE > 0); else NaN."""
+# --- the null of random neurons of the same layers -------------------------------------------------------
+def null_test(value: float, controls) -> dict:
+    """The subset's value against its controls (NaN controls left out): the NULL_FIELDS and random_n."""
+    c = np.asarray(controls, np.float64)
+    c = c[~np.isnan(c)]
+    out = dict.fromkeys(NULL_FIELDS, np.nan)
+    out["random_n"] = len(c)
+    if not len(c):
+        return out
+    out["random_mean"] = float(c.mean())
+    out["random_q05"], out["random_q50"], out["random_q95"] = (float(q) for q in np.percentile(c, [5, 50, 95]))
+    if np.isnan(value):
+        return out
+    out["p_random"] = float((1 + (c >= value).sum()) / (1 + len(c)))
+    if len(c) > 1:
+        sd = float(c.std(ddof=1))
+        out["random_std"] = sd
+        diff = value - out["random_mean"]
+        z = diff / sd if sd > 0 else (np.sign(diff) * np.inf if diff else np.nan)
+        out["z_random"] = float(z)
+        out["p_random_normal"] = float(norm.sf(z)) if not np.isnan(z) else np.nan
+    return out
+
+
+def holm(p) -> np.ndarray:
+    """Holm's step-down adjustment of the p-values (NaN entries are not tests: they stay NaN)."""
+    p = np.asarray(p, np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = len(order)
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out[order] = adj
+    return out
+
+
+def t_ratio(value: float, controls, level: float = LEVEL) -> float:
+    """value / mean(controls), only where the controls' mean is above 0 by its t-interval (df = N - 1)."""
     c = np.asarray(controls, np.float64)
     c = c[~np.isnan(c)]
     if len(c) < 2:
         return np.nan
     mean, se = c.mean(), c.std(ddof=1) / np.sqrt(len(c))
-    return float(value / mean) if mean - 2 * se > 0 else np.nan
+    return float(value / mean) if mean - student_t.ppf(0.5 + level / 2, len(c) - 1) * se > 0 else np.nan
+
+
+def ordinal(n: int) -> str:
+    n = int(n)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+# --- the validation / test split of the evaluation prompts -----------------------------------------------
+@dataclass
+class Split:
+    """Which evaluation prompts choose the variants (validation) and which score them (test)."""
+    validation: np.ndarray
+    test: np.ndarray
+    nested: bool  # False: too few prompts, both parts are every prompt
+    seed: int
+    share: float
+
+    def record(self, prompts=None) -> dict:
+        rec = {"nested": self.nested, "seed": self.seed, "validation_share": self.share,
+               "validation_prompts": self.validation.tolist(), "test_prompts": self.test.tolist()}
+        if prompts is not None:
+            rec["test_prompt_texts"] = [prompts[i].text for i in self.test]
+        return rec
+
+
+def split_prompts(n_prompts: int, seed: int, share: float = 0.5) -> Split:
+    """A seeded split of prompt indices, validation share `share`, each part sorted; no split below
+    MIN_SPLIT_PROMPTS prompts."""
+    every = np.arange(n_prompts)
+    if n_prompts < MIN_SPLIT_PROMPTS:
+        return Split(every, every, False, seed, share)
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 0x5917])).permutation(n_prompts)
+    n_val = min(max(1, int(round(share * n_prompts))), n_prompts - 1)
+    return Split(np.sort(perm[:n_val]), np.sort(perm[n_val:]), True, seed, share)
 
 
 # --- the comparison ---------------------------------------------------------------------------------------
 @dataclass
 class Entry:
-    """One evaluated subset chosen by a selection method."""
+    """One evaluated subset chosen by a selection method, with per-prompt sums to score it on any prompts."""
     stem: str
     method: str
     variant: str  # e.g. "t=0.8" for a graph method; "" otherwise
     k: int
     ids: np.ndarray
-    sums: dict  # metric -> per-prompt sums (kl, delta_nll)
+    sums: dict  # metric -> per-prompt sums (delta_nll, kl, token_agreement)
     counts: np.ndarray  # per-prompt number of samples
-    metrics: dict  # metric -> mean over samples
-    control_values: dict  # metric -> the random controls' means
+    control_sums: dict  # metric -> (N controls, prompts) sums
+    control_counts: np.ndarray  # (N, prompts)
+    info: dict = field(default_factory=dict)  # stage d's sidecar
 
     @property
     def label(self) -> str:
         return f"{self.method} ({self.variant})" if self.variant else self.method
 
+    @property
+    def zero_score_picks(self) -> int:
+        return int(self.info.get("zero_score_picks") or 0)
 
-def comparison_table(entries: list[Entry], weights: np.ndarray) -> pd.DataFrame:
-    """One row per evaluated subset with a method, with CIs and percentiles; `best` marks each method's best
-    variant at each k (largest delta_nll)."""
+    @property
+    def filler(self) -> bool:
+        """More than half of the picks score 0: the tie-break, not the method, chose them."""
+        return self.method != REFERENCE and self.zero_score_picks > self.k / 2
+
+    def mean(self, metric: str, prompts: np.ndarray) -> float:
+        den = self.counts[prompts].sum()
+        return float(self.sums[metric][prompts].sum() / den) if den else np.nan
+
+    def control_means(self, metric: str, prompts: np.ndarray) -> np.ndarray:
+        if metric not in self.control_sums or not len(self.control_counts):
+            return np.zeros(0)
+        den = self.control_counts[:, prompts].sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, self.control_sums[metric][:, prompts].sum(1) / den, np.nan)
+
+
+def best_variants(entries: list[Entry], prompts: np.ndarray) -> dict:
+    """(k, method) -> the entry with the largest mean delta_nll on `prompts`, filler variants excluded."""
+    best = {}
+    for e in sorted(entries, key=lambda e: (-np.nan_to_num(e.mean("delta_nll", prompts), nan=-np.inf), e.stem)):
+        if not e.filler:
+            best.setdefault((e.k, e.method), e)
+    return best
+
+
+def comparison_table(entries: list[Entry], split: Split, seed: int, level: float = LEVEL) -> pd.DataFrame:
+    """
+    One row per evaluated subset with a method. Every figure is on the test prompts, CIs by the bootstrap over
+    them; delta_nll_validation is what chose `best` (each method's best variant at each k).
+    """
+    test = split.test
+    weights = bootstrap_weights(len(test), seed)
+    best = {id(e) for e in best_variants(entries, split.validation).values()}
     rows = []
     for e in entries:
-        row = {"k": e.k, "method": e.method, "variant": e.variant, "subset": e.stem}
-        for metric in ("delta_nll", "kl"):
-            row[metric] = e.metrics[metric]
-            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = bootstrap_ci(weights, e.sums[metric], e.counts)
-            ctl = np.asarray(e.control_values.get(metric, []), np.float64)
-            row[f"{metric}_random_mean"] = float(ctl.mean()) if len(ctl) else np.nan
-            row[f"{metric}_percentile"] = percentile(e.metrics[metric], ctl)
-        row["token_agreement"] = e.metrics["token_agreement"]
+        row = {"k": e.k, "method": e.method, "variant": e.variant, "subset": e.stem,
+               "delta_nll_validation": e.mean("delta_nll", split.validation)}
+        for metric in METRICS:
+            row[metric] = e.mean(metric, test)
+            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = bootstrap_ci(weights, e.sums[metric][test],
+                                                                             e.counts[test], level)
+            null = null_test(row[metric], e.control_means(metric, test))
+            row.update({f"{metric}_{name}": v for name, v in null.items()})
+        row["token_agreement"] = e.mean("token_agreement", test)
+        row["tied_picks"] = e.info.get("tied_picks")
+        row["tie_pool"] = e.info.get("tie_pool")
+        row["zero_score_picks"] = e.info.get("zero_score_picks")
+        row["filler"] = e.filler
+        row["best"] = id(e) in best
         rows.append(row)
     df = pd.DataFrame(rows)
     if len(df):
-        best = df.sort_values(["delta_nll", "subset"], ascending=[False, True]).groupby(["k", "method"]).head(1)
-        df["best"] = df.index.isin(best.index)
+        family = df["best"] & (df["method"] != REFERENCE)  # the subsets the verdict speaks of
+        for metric in METRICS:
+            col = np.full(len(df), np.nan)
+            col[family.to_numpy()] = holm(df.loc[family, f"{metric}_p_random_normal"].to_numpy())
+            df[f"{metric}_p_random_holm"] = col
         df = df.sort_values(["k", "delta_nll"], ascending=[True, False], kind="stable").reset_index(drop=True)
     return df
 
 
-def _paired(weights, a: Entry, b: Entry, level: float = LEVEL):
-    """a - b in mean delta_nll, with its paired bootstrap CI (same prompts, same draws)."""
-    diff = a.metrics["delta_nll"] - b.metrics["delta_nll"]
-    lo, hi = bootstrap_ci(weights, a.sums["delta_nll"] - b.sums["delta_nll"], a.counts, level)
+def _paired(weights, a: Entry, b: Entry, test: np.ndarray, level: float = LEVEL):
+    """a - b in mean delta_nll on the test prompts, with its paired bootstrap CI (same prompts, same draws)."""
+    diff = a.mean("delta_nll", test) - b.mean("delta_nll", test)
+    lo, hi = bootstrap_ci(weights, a.sums["delta_nll"][test] - b.sums["delta_nll"][test], a.counts[test], level)
     return diff, lo, hi
 
 
@@ -125,29 +251,48 @@ def _word(lo: float, hi: float) -> str:
     return "is indistinguishable from"
 
 
-def verdict_table(entries: list[Entry], weights: np.ndarray) -> pd.DataFrame:
-    """Per k: the ranking of methods (best variants), the winner's margin over the runner-up, and the best graph
-    method against each baseline, each difference with its paired bootstrap CI."""
+def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = LEVEL) -> pd.DataFrame:
+    """
+    Per k, over each method's best variant (chosen on the validation prompts; the random reference method left
+    out): the ranking on the test prompts, the winner's margin over the runner-up, the winner's and the best
+    graph method's standing against their layer-matched controls, and the best graph method against each
+    baseline, each difference with its paired bootstrap CI.
+    """
+    table = comparison_table(entries, split, seed, level)
+    test = split.test
+    weights = bootstrap_weights(len(test), seed)
+    best = best_variants(entries, split.validation)
+    null = {r["subset"]: r for r in table.to_dict("records")}
     rows = []
     for k in sorted({e.k for e in entries}):
-        at_k = [e for e in entries if e.k == k]
-        best = {}
-        for e in sorted(at_k, key=lambda e: (-e.metrics["delta_nll"], e.stem)):
-            best.setdefault(e.method, e)
-        ranked = list(best.values())
+        ranked = sorted((e for (kk, m), e in best.items() if kk == k and m != REFERENCE),
+                        key=lambda e: (-np.nan_to_num(e.mean("delta_nll", test), nan=-np.inf), e.stem))
+        if not ranked:
+            continue
         win = ranked[0]
         row = {"k": k, "ranking": " > ".join(e.method for e in ranked), "winner": win.label,
-               "winner_delta_nll": win.metrics["delta_nll"]}
-        row["winner_ci_low"], row["winner_ci_high"] = bootstrap_ci(weights, win.sums["delta_nll"], win.counts)
+               "winner_delta_nll": win.mean("delta_nll", test)}
+        row["winner_ci_low"], row["winner_ci_high"] = bootstrap_ci(weights, win.sums["delta_nll"][test],
+                                                                   win.counts[test], level)
+        for who, e in (("winner", win),):
+            n = null[e.stem]
+            row.update({f"{who}_random_n": n["delta_nll_random_n"], f"{who}_p_random": n["delta_nll_p_random"],
+                        f"{who}_p_random_holm": n["delta_nll_p_random_holm"],
+                        f"{who}_random_mean": n["delta_nll_random_mean"]})
         if len(ranked) > 1:
             row["runner_up"] = ranked[1].label
-            row["margin"], row["margin_ci_low"], row["margin_ci_high"] = _paired(weights, win, ranked[1])
+            row["margin"], row["margin_ci_low"], row["margin_ci_high"] = _paired(weights, win, ranked[1], test, level)
         graph = [e for e in ranked if e.method in GRAPH_METHODS]
         if graph:
-            row["graph_best"] = graph[0].label
+            g = graph[0]
+            n = null[g.stem]
+            row.update({"graph_best": g.label, "graph_random_n": n["delta_nll_random_n"],
+                        "graph_p_random": n["delta_nll_p_random"],
+                        "graph_p_random_holm": n["delta_nll_p_random_holm"]})
+            by_method = {e.method: e for e in ranked}
             for base in BASELINES:
-                if base in best:
-                    d, lo, hi = _paired(weights, graph[0], best[base])
+                if base in by_method:
+                    d, lo, hi = _paired(weights, g, by_method[base], test, level)
                     row[f"graph_vs_{base}"], row[f"graph_vs_{base}_ci_low"], row[f"graph_vs_{base}_ci_high"] = d, lo, hi
                     row[f"graph_vs_{base}_verdict"] = _word(lo, hi)
         rows.append(row)
@@ -158,40 +303,61 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def verdict_lines(verdict: pd.DataFrame, n_neurons: int) -> list[str]:
+def _p(x: float) -> str:
+    return f"{x:.2g}" if x >= 1e-3 else f"{x:.1e}"
+
+
+def null_phrase(n_controls, p, p_holm) -> str:
+    """The standing of a subset against its layer-matched controls, in words; '' when there are too few."""
+    if pd.isna(n_controls) or n_controls < MIN_CONTROLS or pd.isna(p):
+        return ""
+    if p < ALPHA and not pd.isna(p_holm) and p_holm < ALPHA:
+        return (f"above random neurons of the same layers (p = {_p(p)} from {int(n_controls)} controls; Holm-"
+                f"adjusted normal approximation p = {_p(p_holm)})")
+    holm_txt = f", Holm-adjusted normal approximation p = {_p(p_holm)}" if not pd.isna(p_holm) else ""
+    return f"not distinguishable from random neurons of the same layers (p = {_p(p)}{holm_txt})"
+
+
+def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL) -> list[str]:
     """The report's opening verdict, one bullet per k, worded from the numbers alone."""
     lines = []
+    pct_level = f"{100 * level:g} %"
     for r in verdict.to_dict("records"):
         pct = 100 * r["k"] / n_neurons if n_neurons else np.nan
         s = (f"k = {r['k']} ({pct:.1f} % of neurons): **{r['winner']}** found the most influential neurons, "
-             f"ΔNLL {_fmt(r['winner_delta_nll'])} [{_fmt(r['winner_ci_low'])}, {_fmt(r['winner_ci_high'])}]")
+             f"ΔNLL {_fmt(r['winner_delta_nll'])} nats/token [{_fmt(r['winner_ci_low'])}, "
+             f"{_fmt(r['winner_ci_high'])}] ({pct_level} CI)")
+        vs = null_phrase(r.get("winner_random_n"), r.get("winner_p_random"), r.get("winner_p_random_holm"))
+        s += f", {vs}" if vs else ""
         if isinstance(r.get("runner_up"), str):
             clear = r["margin_ci_low"] > 0
-            s += (f", {'ahead of' if clear else 'not separable from'} {r['runner_up']} "
+            s += (f"; {'ahead of' if clear else 'not separable from'} {r['runner_up']} "
                   f"(difference {_fmt(r['margin'])} [{_fmt(r['margin_ci_low'])}, {_fmt(r['margin_ci_high'])}])")
         s += "."
-        if isinstance(r.get("graph_best"), str):
+        if isinstance(r.get("graph_best"), str) and r["graph_best"] != r["winner"]:
             parts = [f"{r[f'graph_vs_{b}_verdict']} {b} ({_fmt(r[f'graph_vs_{b}'])} "
                      f"[{_fmt(r[f'graph_vs_{b}_ci_low'])}, {_fmt(r[f'graph_vs_{b}_ci_high'])}])"
                      for b in BASELINES if isinstance(r.get(f"graph_vs_{b}_verdict"), str)]
-            if parts:
-                s += f" The best graph method, {r['graph_best']}, " + " and ".join(parts) + "."
+            g_vs = null_phrase(r.get("graph_random_n"), r.get("graph_p_random"), r.get("graph_p_random_holm"))
+            if parts or g_vs:
+                s += f" The best graph method, {r['graph_best']}, " + " and ".join(parts)
+                s += (f"; it is {g_vs}" if parts else f"is {g_vs}") if g_vs else ""
+                s += "."
         lines.append("- " + s)
     return lines
 
 
-def overlap_table(entries: list[Entry]) -> pd.DataFrame:
+def overlap_table(entries: list[Entry], split: Split) -> pd.DataFrame:
     """Jaccard overlap of the neurons of every pair of methods' best variants, at each k."""
+    best = best_variants(entries, split.validation)
     rows = []
     for k in sorted({e.k for e in entries}):
-        best = {}
-        for e in sorted((e for e in entries if e.k == k), key=lambda e: (-e.metrics["delta_nll"], e.stem)):
-            best.setdefault(e.method, e)
-        ms = sorted(best)
+        at_k = {m: e for (kk, m), e in best.items() if kk == k}
+        ms = sorted(at_k)
         for i, a in enumerate(ms):
             for b in ms[i + 1:]:
-                sa, sb = set(best[a].ids.tolist()), set(best[b].ids.tolist())
-                rows.append({"k": k, "method_a": best[a].label, "method_b": best[b].label,
+                sa, sb = set(at_k[a].ids.tolist()), set(at_k[b].ids.tolist())
+                rows.append({"k": k, "method_a": at_k[a].label, "method_b": at_k[b].label,
                              "jaccard": len(sa & sb) / len(sa | sb) if sa | sb else np.nan})
     return pd.DataFrame(rows, columns=["k", "method_a", "method_b", "jaccard"])
 
@@ -228,7 +394,7 @@ def method_scores(entries: list[Entry], infos: dict, dataset_path) -> dict:
     out, graphs = {}, {}
     for e in entries:
         key = (e.method, e.variant)
-        if key in out or e.method == "random":
+        if key in out or e.method == REFERENCE:
             continue
         info = infos.get(e.stem, {})
         try:

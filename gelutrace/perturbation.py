@@ -118,7 +118,7 @@ def read_sidecar(npy: Path, model: str) -> dict:
 def resolve_subsets(dataset_path, names: list[str], n_neurons: int, model: str | None = None) -> list[Subset]:
     subsets, stems = [], {}
     reserved = {Path(f).stem for f in (sf.PERTURBATION_SUMMARY, sf.COMPARISON, sf.METHOD_VERDICT,
-                                       sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT)}
+                                       sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT, sf.COMPARISON_RECORD)}
     for name in names:
         info = {}
         if name == NONE:
@@ -334,10 +334,54 @@ def metric_chunks(rows: Rows, prompt_ids, vocab_size: int, max_rows: int) -> lis
     return chunks
 
 
+class RowAblation:
+    """
+    with RowAblation(model, [ids_0, ..., ids_{G-1}], rows): a batch of G * rows sequences, the g-th block of
+    `rows` ablating the neurons ids_g (replaced by 0, or by `values` per neuron id): many ablations in one
+    forward pass, one mask per batch row. Hooks go only on layers where some block ablates a neuron.
+    """
+
+    def __init__(self, model, groups: list[np.ndarray], rows: int, values: np.ndarray | None = None):
+        cfg = model.config
+        device = next(model.parameters()).device
+        dtype = model.transformer.wte.weight.dtype
+        self.model = model
+        self.masks = {}
+        for g, ids in enumerate(groups):
+            ids = np.asarray(ids, np.int64)
+            for layer in np.unique(ids // cfg.d_mlp):
+                keep = self.masks.setdefault(int(layer), torch.ones(len(groups) * rows, cfg.d_mlp, dtype=torch.bool))
+                keep[g * rows:(g + 1) * rows, torch.as_tensor(ids[ids // cfg.d_mlp == layer] % cfg.d_mlp)] = False
+        self.masks = {layer: m.to(device)[:, None, :] for layer, m in self.masks.items()}
+        self.fill = {layer: (torch.zeros((), dtype=dtype, device=device) if values is None else
+                             torch.tensor(np.asarray(values, np.float64)[layer * cfg.d_mlp:(layer + 1) * cfg.d_mlp],
+                                          dtype=dtype, device=device))
+                     for layer in self.masks}
+        self.handles = []
+
+    def _hook(self, layer):
+        keep, fill = self.masks[layer], self.fill[layer]
+
+        def hook(module, inputs, output):
+            return torch.where(keep, output, fill)
+        return hook
+
+    def __enter__(self):
+        gelus = self.model.gelus()
+        self.handles = [gelus[layer].register_forward_hook(self._hook(layer)) for layer in self.masks]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 @dataclass
 class Condition:
-    """One ablation to measure: a subset or one of its random controls."""
+    """One ablation to measure: a subset (generated free-running too) or one of its random controls."""
     ids: np.ndarray
+    generate: bool = True  # False for a control: measured teacher-forced only (kl, delta_nll)
     conts: list[np.ndarray] = field(default_factory=list)  # per row: the generated continuation
     kl: np.ndarray | None = None  # per row
     delta_nll: np.ndarray | None = None
@@ -345,51 +389,84 @@ class Condition:
     first_diff: np.ndarray | None = None
 
 
+def group_size(rows: int, width: int, vocab_size: int, batch_size: int) -> int:
+    """How many ablations one teacher-forced pass over `rows` sequences of `width` tokens computes together:
+    within --batch_size sequences and LOGIT_BUDGET logits."""
+    return max(1, min(batch_size // rows, LOGIT_BUDGET // max(1, rows * width * vocab_size)))
+
+
+def teacher_forced(model, rows: Rows, prompt_ids, base: list[np.ndarray], conditions: list[Condition],
+                   mean_values: np.ndarray | None, batch_size: int, progress=None):
+    """Every condition's per-row kl and delta_nll along the baseline's continuations; conditions share each
+    forward pass, a block of batch rows each (RowAblation)."""
+    for c in conditions:
+        c.kl, c.delta_nll = np.full(len(base), np.nan), np.full(len(base), np.nan)
+    ablating = [c for c in conditions if len(c.ids)]
+    for c in conditions:
+        if not len(c.ids):
+            c.kl[rows.length > 0] = c.delta_nll[rows.length > 0] = 0.0
+    V = model.config.vocab_size
+    for chunk in metric_chunks(rows, prompt_ids, V, batch_size):
+        pids = [prompt_ids[rows.prompt[r]] for r in chunk]
+        conts = [base[r] for r in chunk]
+        width = max(len(p) + len(c) for p, c in zip(pids, conts))
+        base_lp = continuation_logprobs(model, pids, conts)
+        tokens, mask = continuation_positions(conts, base_lp.size(1), base_lp.device)
+        g = group_size(len(chunk), width, V, batch_size)
+        for start in range(0, len(ablating), g):
+            group = ablating[start:start + g]
+            with RowAblation(model, [c.ids for c in group], len(chunk), mean_values):
+                pert = continuation_logprobs(model, pids * len(group), conts * len(group))
+            pert = pert.view(len(group), *base_lp.shape)
+            kl = (base_lp.exp() * (base_lp - pert)).sum(-1)
+            at = tokens[..., None]
+            dnll = (base_lp.gather(-1, at) - pert.gather(-1, at.expand(len(group), *at.shape)))[..., 0]
+            kl, dnll = continuation_means(kl, dnll, mask)
+            for i, c in enumerate(group):
+                c.kl[chunk], c.delta_nll[chunk] = kl[i], dnll[i]
+            if progress is not None:
+                progress("passes", len(group))
+
+
 def measure(model, batches: list[Batch], rows: Rows, prompt_ids, conditions: list[Condition],
             mean_values: np.ndarray | None, temperature: float, top_k, seed: int, batch_size: int,
             progress=None) -> list[np.ndarray]:
     """
-    Generate the baseline and every condition's continuations, then fill in each condition's per-row
-    metrics. Returns the baseline's continuations. `progress(kind, amount)` is called as work completes.
+    Generate the baseline and the continuations of every condition with `generate`, then fill in each
+    condition's per-row metrics. Returns the baseline's continuations. `progress(kind, amount)` is called as
+    work completes ("tokens" generated, teacher-forced "passes" of one condition over one chunk).
     """
-    def ablation(ids):
-        if len(ids) == 0:
-            return None
-        return Ablation(model, ids, None if mean_values is None else mean_values[ids])
-
     def tick(batch):
         if progress is not None:
             progress("tokens", len(batch.row_prompt) * batch.new_tokens)
 
     base = generate_rows(model, batches, rows, prompt_ids, temperature, top_k, seed, None, tick)
     for c in conditions:
-        abl = ablation(c.ids)
+        if not c.generate:
+            continue
+        abl = Ablation(model, c.ids, None if mean_values is None else mean_values[c.ids]) if len(c.ids) else None
         c.conts = base if abl is None else generate_rows(model, batches, rows, prompt_ids, temperature, top_k,
                                                          seed, abl, tick)
         pairs = [agreement(b, p) if len(b) else (np.nan, np.nan) for b, p in zip(base, c.conts)]
         c.agree = np.array([a for a, _ in pairs], np.float64)
         c.first_diff = np.array([f for _, f in pairs], np.float64)
-        c.kl = np.full(len(base), np.nan)
-        c.delta_nll = np.full(len(base), np.nan)
-
-    for chunk in metric_chunks(rows, prompt_ids, model.config.vocab_size, batch_size):
-        pids = [prompt_ids[rows.prompt[r]] for r in chunk]
-        conts = [base[r] for r in chunk]
-        base_lp = continuation_logprobs(model, pids, conts)
-        for c in conditions:
-            abl = ablation(c.ids)
-            if abl is None:
-                pert_lp = base_lp
-            else:
-                with abl:
-                    pert_lp = continuation_logprobs(model, pids, conts)
-            c.kl[chunk], c.delta_nll[chunk] = compare_logprobs(base_lp, pert_lp, conts)
-            if progress is not None:
-                progress("passes", 1)
+    teacher_forced(model, rows, prompt_ids, base, conditions, mean_values, batch_size, progress)
     return base
 
 
 # --- putting a run together -------------------------------------------------------------------------------
+@dataclass
+class EvalSettings:
+    """How stage e generates, ablates and judges."""
+    temperature: float = 0.0
+    top_k: int | None = 1
+    seed: int = 1337
+    batch_size: int = 64
+    random_controls: int = 0
+    ablation: str = "zero"  # or "mean"
+    validation_share: float = 0.5
+
+
 def expand_samples(batches: list[Batch], prompts, greedy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(prompt, sample_index, row) of every output sample in CSV order: prompt by prompt, repeat by repeat."""
     out, offset = [], 0
@@ -400,11 +477,13 @@ def expand_samples(batches: list[Batch], prompts, greedy: bool) -> tuple[np.ndar
     return arr[:, 0], arr[:, 1], arr[:, 2]
 
 
-def sample_mean(per_row: np.ndarray, sample_rows: np.ndarray) -> float:
+def sample_mean(per_row: np.ndarray | None, sample_rows: np.ndarray) -> float:
     """
     The mean over samples of per-row values: `sample_rows` gives each sample's row (-1: no continuation, left
     out), so a row standing for several identical samples counts once per sample; NaN values are left out.
     """
+    if per_row is None:
+        return np.nan
     vals = per_row[sample_rows[sample_rows >= 0]]
     vals = vals[~np.isnan(vals)]
     return float(vals.mean()) if len(vals) else np.nan
@@ -436,26 +515,33 @@ def per_sample(per_row: np.ndarray, sample_rows: np.ndarray) -> np.ndarray:
     return np.where(sample_rows >= 0, per_row[np.maximum(sample_rows, 0)], np.nan) if len(sample_rows) else np.zeros(0)
 
 
-def summary_row(subset: Subset, main: Condition, controls: list[Condition], samples, n_prompts: int, boot: np.ndarray,
-                n_layer, d_mlp, ablation: str, n_controls: int) -> dict:
+def condition_sums(c: Condition, samples, n_prompts: int, names=cmp.METRICS) -> tuple[dict, np.ndarray]:
+    """Per prompt: each metric's sum over samples, and the number of samples."""
     sample_prompt, _, sample_rows = samples
-    row = {"subset": subset.name, "ablation": ablation, "k": len(subset.ids)}
+    sums, counts = {}, np.zeros(n_prompts)
+    for name in names:
+        sums[name], counts = cmp.prompt_sums(per_sample(getattr(c, name), sample_rows), sample_prompt, n_prompts)
+    return sums, counts
+
+
+def summary_row(subset: Subset, main: Condition, controls: list[Condition], samples, n_prompts: int, boot: np.ndarray,
+                n_layer, d_mlp, settings: EvalSettings) -> dict:
+    """The subset on every evaluation prompt: metrics with bootstrap CIs and the null of its controls."""
+    sample_rows = samples[2]
+    row = {"subset": subset.name, "ablation": settings.ablation, "k": len(subset.ids)}
     row.update({f"layer_{i}_count": int(c) for i, c in enumerate(layer_counts(subset.ids, n_layer, d_mlp))})
     row["num_samples"] = int((sample_rows >= 0).sum())
     row.update(condition_metrics(main, sample_rows))
-    for name in ("kl", "delta_nll"):
-        sums, counts = cmp.prompt_sums(per_sample(getattr(main, name), sample_rows), sample_prompt, n_prompts)
-        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = cmp.bootstrap_ci(boot, sums, counts)
-    if n_controls:
-        ctl = [condition_metrics(c, sample_rows) for c in controls]
-        row["random_controls"] = len(ctl)
-        for name in METRICS:
-            vals = np.array([m[name] for m in ctl], np.float64)
-            row[f"{name}_random_mean"] = float(vals.mean()) if len(vals) else np.nan
-            row[f"{name}_random_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else np.nan
+    sums, counts = condition_sums(main, samples, n_prompts)
+    for name in cmp.METRICS:
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = cmp.bootstrap_ci(boot, sums[name], counts)
+    if settings.random_controls:
+        row["random_controls"] = len(controls)
+        for name in cmp.METRICS:
+            vals = np.array([sample_mean(getattr(c, name), sample_rows) for c in controls], np.float64)
+            row.update({f"{name}_{k}": v for k, v in cmp.null_test(row[name], vals).items() if k != "random_n"})
             row[f"{name}_percentile"] = cmp.percentile(row[name], vals)
-        for name in ("kl", "delta_nll"):
-            row[f"{name}_vs_random"] = cmp.guarded_ratio(row[name], [m[name] for m in ctl])
+            row[f"{name}_vs_random"] = cmp.t_ratio(row[name], vals)
     return row
 
 
@@ -464,18 +550,17 @@ def comparison_entry(subset: Subset, main: Condition, controls: list[Condition],
     method = subset.info.get("method")
     if not method or not len(subset.ids):
         return None
-    sample_prompt, _, sample_rows = samples
-    sums, counts = {}, None
-    for name in ("kl", "delta_nll"):
-        sums[name], counts = cmp.prompt_sums(per_sample(getattr(main, name), sample_rows), sample_prompt, n_prompts)
+    sums, counts = condition_sums(main, samples, n_prompts, cmp.METRICS + ("agree",))
+    sums["token_agreement"] = sums.pop("agree")
+    ctl = [condition_sums(c, samples, n_prompts) for c in controls]
+    control_sums = {name: np.array([s[name] for s, _ in ctl]).reshape(len(ctl), n_prompts) for name in cmp.METRICS}
+    control_counts = np.array([n for _, n in ctl]).reshape(len(ctl), n_prompts)
     t = subset.info.get("threshold")
     variant = f"t={t}" if t is not None and method in cmp.GRAPH_METHODS else ""
     if subset.info.get("weight") not in (None, "count") and variant:
         variant += f", {subset.info['weight']}"
-    ctl = [condition_metrics(c, sample_rows) for c in controls]
-    return cmp.Entry(subset.stem, method, variant, len(subset.ids), subset.ids, sums, counts,
-                     condition_metrics(main, sample_rows),
-                     {name: [m[name] for m in ctl] for name in ("kl", "delta_nll")})
+    return cmp.Entry(subset.stem, method, variant, len(subset.ids), subset.ids, sums, counts, control_sums,
+                     control_counts, subset.info)
 
 
 @dataclass
@@ -484,32 +569,34 @@ class Results:
     summary: pd.DataFrame
     entries: list  # comparison.Entry of every subset a selection method made
     boot: np.ndarray  # the bootstrap draws over prompts, shared by every subset
+    split: cmp.Split  # the evaluation prompts' validation and test parts
+    seed: int
 
 
-def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values, temperature, top_k,
-        seed, batch_size, n_controls: int, ablation: str, progress=None) -> Results:
+def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values, settings: EvalSettings,
+        progress=None) -> Results:
     cfg = model.config
-    greedy = temperature == 0
+    s = settings
     rows = plan_rows(batches, prompts)
-    mains = [Condition(s.ids) for s in subsets]
+    mains = [Condition(sub.ids) for sub in subsets]
     controls = []
-    for s in subsets:
-        n = n_controls if len(s.ids) else 0
-        s.controls = [random_control(s.ids, cfg.n_layer, cfg.d_mlp, seed, j) for j in range(n)]
-        controls.append([Condition(ids) for ids in s.controls])
+    for sub in subsets:
+        n = s.random_controls if len(sub.ids) else 0
+        sub.controls = [random_control(sub.ids, cfg.n_layer, cfg.d_mlp, s.seed, j) for j in range(n)]
+        controls.append([Condition(ids, generate=False) for ids in sub.controls])
     measure(model, batches, rows, prompt_ids, mains + [c for cs in controls for c in cs], mean_values,
-            temperature, top_k, seed, batch_size, progress)
-    samples = expand_samples(batches, prompts, greedy)
-    boot = cmp.bootstrap_weights(len(prompts), seed)
+            s.temperature, s.top_k, s.seed, s.batch_size, progress)
+    samples = expand_samples(batches, prompts, s.temperature == 0)
+    boot = cmp.bootstrap_weights(len(prompts), s.seed)
     tables, summary, entries = {}, [], []
-    for s, main, ctl in zip(subsets, mains, controls):
-        tables[s.stem] = result_table(s, main, prompts, tokenizer, samples)
-        summary.append(summary_row(s, main, ctl, samples, len(prompts), boot, cfg.n_layer, cfg.d_mlp, ablation,
-                                   n_controls))
-        entry = comparison_entry(s, main, ctl, samples, len(prompts))
+    for sub, main, ctl in zip(subsets, mains, controls):
+        tables[sub.stem] = result_table(sub, main, prompts, tokenizer, samples)
+        summary.append(summary_row(sub, main, ctl, samples, len(prompts), boot, cfg.n_layer, cfg.d_mlp, s))
+        entry = comparison_entry(sub, main, ctl, samples, len(prompts))
         if entry is not None:
             entries.append(entry)
-    return Results(tables, pd.DataFrame(summary), entries, boot)
+    split = cmp.split_prompts(len(prompts), s.seed, s.validation_share)
+    return Results(tables, pd.DataFrame(summary), entries, boot, split, s.seed)
 
 
 CORPUS_CHECK_BYTES = 64 << 20  # corpora up to this size are searched for the evaluation prompts
@@ -555,7 +642,8 @@ def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, 
     return {**selection, "eval_csv": str(eval_csv), "eval_csv_sha256": sha(eval_csv),
             "eval_prompts": len(eval_prompts), "prompts_in_both": shared, "held_out": shared == 0,
             "ablation": args.ablation, "seed": args.seed, "temperature": args.temperature, "top_k": args.top_k,
-            "random_controls": args.random_controls, "bootstrap_replicates": cmp.N_BOOT,
+            "random_controls": args.random_controls, "validation_share": args.validation_share,
+            "bootstrap_replicates": cmp.N_BOOT,
             "confidence_level": cmp.LEVEL}
 
 
@@ -572,17 +660,19 @@ def write_results(dataset_path, results: Results, evaluation: dict) -> list[Path
     return written + [out / sf.PERTURBATION_SUMMARY, out / sf.EVALUATION]
 
 
-def write_comparison(dataset_path, m: str, results: Results, subsets: list[Subset], n_neurons: int) -> dict:
+def write_comparison(dataset_path, m: str, results: Results, subsets: list[Subset], n_neurons: int,
+                     prompts=None) -> dict:
     """The method comparison files (when some subsets were made by a selection method); returns its tables."""
     out = Path(dataset_path) / sf.RESULTS_DIR
-    names = (sf.COMPARISON, sf.METHOD_VERDICT, sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT)
+    names = (sf.COMPARISON, sf.METHOD_VERDICT, sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT, sf.COMPARISON_RECORD)
     if not results.entries:
         for name in names:  # an older run's comparison would not describe these results
             (out / name).unlink(missing_ok=True)
         return {}
-    tables = {sf.COMPARISON: cmp.comparison_table(results.entries, results.boot),
-              sf.METHOD_VERDICT: cmp.verdict_table(results.entries, results.boot),
-              sf.METHOD_OVERLAP: cmp.overlap_table(results.entries)}
+    split, seed = results.split, results.seed
+    tables = {sf.COMPARISON: cmp.comparison_table(results.entries, split, seed),
+              sf.METHOD_VERDICT: cmp.verdict_table(results.entries, split, seed),
+              sf.METHOD_OVERLAP: cmp.overlap_table(results.entries, split)}
     effects_file = sf.path(dataset_path, sf.NEURON_EFFECTS, m)
     if effects_file.is_file():
         effects = sf.read_neuron_column(effects_file, "delta_nll", n_neurons, "d_calculate_neuron_effects.py",
@@ -594,4 +684,9 @@ def write_comparison(dataset_path, m: str, results: Results, subsets: list[Subse
         (out / sf.METHOD_AGREEMENT).unlink(missing_ok=True)
     for name, df in tables.items():
         sf.write_csv(df, out / name)
+    n_controls = min((len(s.controls) for s in subsets if len(s.ids)), default=0)
+    sf.write_json({**split.record(prompts), "bootstrap_replicates": cmp.N_BOOT, "confidence_level": cmp.LEVEL,
+                   "alpha": cmp.ALPHA, "random_controls": n_controls,
+                   "smallest_p_random": 1 / (n_controls + 1) if n_controls else None,
+                   "controls_enough_for_claims": n_controls >= cmp.MIN_CONTROLS}, out / sf.COMPARISON_RECORD, indent=2)
     return tables

@@ -10,9 +10,11 @@ from gelutrace import stagefiles as sf  # noqa: E402
 
 
 def _save(fig, target):
+    """Write the figure and close it; returns it, so that its artists can be checked."""
     with sf.atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return fig
 
 
 def plot_histogram(hist: pd.DataFrame, target, title: str, xlabel: str):
@@ -26,7 +28,7 @@ def plot_histogram(hist: pd.DataFrame, target, title: str, xlabel: str):
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
-    _save(fig, target)
+    return _save(fig, target)
 
 
 def plot_threshold_sweep(sweep: pd.DataFrame, target, title: str = "Connected components vs. edge threshold",
@@ -43,7 +45,27 @@ def plot_threshold_sweep(sweep: pd.DataFrame, target, title: str = "Connected co
     ax.set_title(title)
     lines = ax.get_lines() + ax2.get_lines()
     ax.legend(lines, [ln.get_label() for ln in lines], loc="center left")
-    _save(fig, target)
+    return _save(fig, target)
+
+
+def plot_degree_at_thresholds(degrees: dict, target, title: str):
+    """Node degree distributions of the graph at the thresholds stage d used (label -> degrees), log counts,
+    with each one's share of isolated nodes (degree 0) in the legend."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    top = max((int(d.max()) for d in degrees.values() if len(d)), default=0)
+    bins = np.unique(np.r_[0, np.ceil(np.geomspace(1, top + 1, 40)).astype(int), top + 1]) if top else np.arange(3)
+    for label, d in degrees.items():
+        counts, edges = np.histogram(d, bins=bins)
+        ax.stairs(counts, edges, label=f"{label}: {100 * float(np.mean(d == 0)):.0f} % of nodes with degree 0")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("node degree (edges kept at the threshold)")
+    ax.set_ylabel("number of nodes")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, target)
 
 
 def plot_trace(active, target, title: str):
@@ -67,36 +89,45 @@ def plot_trace(active, target, title: str):
         ax.imshow(grid.reshape(rows, cols), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"layer {layer}: {int(active[layer].sum())} active", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    _save(fig, target)
+    return _save(fig, target)
 
 
 def plot_perturbation_summary(summary: pd.DataFrame, target, title: str = "Effect of ablating each subset"):
     """
-    Stage e: one panel per metric, a bar per subset, and beside it (grey, with a ±std error bar) the mean
-    of its random controls when the summary has them.
+    Stage e: one panel per metric, a bar per subset (with its bootstrap CI where the summary has one) and
+    beside it (grey) the mean of its random controls with their 5-95 % range, when the summary has them.
     """
     import numpy as np
 
-    panels = [("kl", "KL(baseline || perturbed), nats/token"), ("delta_nll", "Δ NLL of baseline tokens, nats"),
+    panels = [("kl", "KL(baseline || perturbed), nats/token"), ("delta_nll", "Δ NLL of baseline tokens, nats/token"),
               ("token_agreement", "token agreement with baseline"),
               ("first_diff_position", "first differing position (tokens)")]
     x = np.arange(len(summary))
-    controls = "kl_random_mean" in summary.columns
-    width = 0.4 if controls else 0.7
     fig, axes = plt.subplots(2, 2, figsize=(max(8, 1.2 * len(summary) + 4), 7.5), squeeze=False)
     for ax, (col, label) in zip(axes.flat, panels):
-        ax.bar(x - (width / 2 if controls else 0), summary[col], width, color="tab:blue", label="subset")
+        controls = f"{col}_random_q05" in summary.columns
+        width = 0.4 if controls else 0.7
+        yerr = None
+        if f"{col}_ci_low" in summary.columns:
+            y = summary[col].to_numpy(np.float64)
+            yerr = np.clip(np.nan_to_num(np.vstack([y - summary[f"{col}_ci_low"], summary[f"{col}_ci_high"] - y])),
+                           0, None)
+        ax.bar(x - (width / 2 if controls else 0), summary[col], width, yerr=yerr, capsize=3, color="tab:blue",
+               label="subset (95 % CI)" if yerr is not None else "subset")
         if controls:
-            ax.bar(x + width / 2, summary[f"{col}_random_mean"], width, yerr=summary[f"{col}_random_std"].fillna(0),
-                   color="tab:gray", capsize=3, label="random, same layers (mean ± std)")
+            m = summary[f"{col}_random_mean"].to_numpy(np.float64)
+            err = np.clip(np.nan_to_num(np.vstack([m - summary[f"{col}_random_q05"], summary[f"{col}_random_q95"] - m])),
+                          0, None)
+            ax.bar(x + width / 2, m, width, yerr=err, color="tab:gray", capsize=3,
+                   label="random, same layers (mean, 5-95 %)")
         ax.set_title(label, fontsize=10)
         ax.set_xticks(x)
         ax.set_xticklabels(summary["subset"], rotation=30, ha="right", fontsize=8)
-    if controls:
-        axes[0, 0].legend(fontsize=8)
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    _save(fig, target)
+    return _save(fig, target)
 
 
 def plot_layer_activity(freq: pd.DataFrame, target, title: str):
@@ -104,39 +135,46 @@ def plot_layer_activity(freq: pd.DataFrame, target, title: str):
     layers = sorted(freq["layer"].unique())
     groups = [freq.loc[freq["layer"] == layer, "activation_frequency"].to_numpy() for layer in layers]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(layers) + 3), 4.5))
-    ax.boxplot(groups, positions=layers, widths=0.6, showfliers=False)
+    ax.boxplot(groups, positions=layers, widths=0.6, showfliers=True,
+               flierprops={"marker": ".", "markersize": 3, "alpha": 0.5}, label="neurons (box, outliers)")
     ax.plot(layers, [g.mean() for g in groups], "o-", color="tab:red", label="mean")
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction of samples in which a neuron fires")
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend()
-    _save(fig, target)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return _save(fig, target)
 
 
 def plot_method_comparison(comparison: pd.DataFrame, target, title: str = "Selection methods compared"):
     """
-    Stage e: delta_nll (with its bootstrap CI) against k for each method's best variant, and the random
-    controls of the same layer composition as grey dots, one per subset evaluated at that k.
+    Stage e: delta_nll (with its bootstrap CI) against k for each method's best variant, and beside each point,
+    at the method's own offset and in its colour, the 5-95 % range and median of its random controls of the
+    same layer composition.
     """
     import numpy as np
 
-    best = comparison[comparison["best"]]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    best = comparison[comparison["best"].astype(bool)]
+    fig, ax = plt.subplots(figsize=(9, 5))
     methods = sorted(best["method"].unique())
     ks = sorted(best["k"].unique())
-    offsets = np.linspace(-0.08, 0.08, max(len(methods), 1))
-    for off, method in zip(offsets, methods):
+    offsets = np.linspace(-0.12, 0.12, max(len(methods), 1)) if len(methods) > 1 else [0.0]
+    null = "delta_nll_random_q05" in comparison.columns
+    for i, (off, method) in enumerate(zip(offsets, methods)):
+        colour = f"C{i}"
         rows = best[best["method"] == method].sort_values("k")
         x = rows["k"].to_numpy() * (1 + off)
-        y = rows["delta_nll"].to_numpy()
+        y = rows["delta_nll"].to_numpy(np.float64)
         err = np.vstack([y - rows["delta_nll_ci_low"].to_numpy(), rows["delta_nll_ci_high"].to_numpy() - y])
         label = method + (f" ({rows['variant'].iloc[0]})" if len(rows) == 1 and rows["variant"].iloc[0] else "")
-        ax.errorbar(x, y, yerr=np.clip(err, 0, None), fmt="o-", capsize=3, label=label)
-    if "delta_nll_random_mean" in comparison.columns:
-        ctl = comparison.dropna(subset=["delta_nll_random_mean"])
-        ax.scatter(ctl["k"], ctl["delta_nll_random_mean"], color="tab:gray", marker="_", s=200,
-                   label="random, same layers (mean of controls)")
+        ax.errorbar(x, y, yerr=np.clip(np.nan_to_num(err), 0, None), fmt="o-", capsize=3, color=colour, label=label)
+        if null and rows["delta_nll_random_q05"].notna().any():
+            xc = x * 1.025
+            q05, q50, q95 = (rows[f"delta_nll_random_q{q}"].to_numpy(np.float64) for q in ("05", "50", "95"))
+            ax.vlines(xc, q05, q95, color=colour, alpha=0.45, linewidth=4)
+            ax.scatter(xc, q50, color=colour, marker="_", s=120, alpha=0.8)
+    if null:
+        ax.plot([], [], color="gray", alpha=0.45, linewidth=4, label="its random controls, same layers (5-95 %, median)")
     ax.axhline(0, color="black", linewidth=0.5)
     if len(ks) > 1:
         ax.set_xscale("log")
@@ -146,5 +184,5 @@ def plot_method_comparison(comparison: pd.DataFrame, target, title: str = "Selec
     ax.set_xlabel("k (neurons ablated)")
     ax.set_ylabel("Δ NLL of baseline tokens (nats/token), 95 % CI over prompts")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    _save(fig, target)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, target)

@@ -16,7 +16,8 @@ from gelutrace import PipelineError
 from gelutrace import comparison as cmp
 from gelutrace import stagefiles as sf
 from gelutrace.cli import parser, run_main
-from gelutrace.plots import plot_layer_activity
+from gelutrace.plots import plot_degree_at_thresholds, plot_layer_activity
+
 
 def md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     def cell(v):
@@ -56,6 +57,7 @@ def collect(data: Path) -> dict:
     for side in sorted((data / sf.SUBSETS_DIR).glob("*.json")):
         s = json.loads(side.read_text())
         subsets.append({"subset": s.get("subset", side.stem + ".npy"), "method": s.get("method"),
+                        "graph": s.get("graph"), "weight": s.get("weight"),
                         "threshold": s.get("threshold"), "ratio": s.get("ratio"), "k": s.get("k"),
                         "edges_kept": s.get("edges_kept"),
                         "per_layer": " ".join(f"L{a}:{b}" for a, b in s.get("per_layer_counts", {}).items())})
@@ -63,7 +65,8 @@ def collect(data: Path) -> dict:
     results = data / sf.RESULTS_DIR
     summary = results / sf.PERTURBATION_SUMMARY
     sf.verify_output_set(results / sf.RESULTS_MANIFEST, [p for p in (summary, *(results / n for n in (
-        sf.EVALUATION, sf.COMPARISON, sf.METHOD_VERDICT, sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT))) if p.is_file()],
+        sf.EVALUATION, sf.COMPARISON, sf.METHOD_VERDICT, sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT,
+        sf.COMPARISON_RECORD))) if p.is_file()],
         "stage e")
     out["effects"] = pd.read_csv(summary) if summary.is_file() else None
     for key, name in (("comparison", sf.COMPARISON), ("verdict", sf.METHOD_VERDICT), ("overlap", sf.METHOD_OVERLAP),
@@ -71,6 +74,8 @@ def collect(data: Path) -> dict:
         out[key] = pd.read_csv(results / name, keep_default_na=True) if (results / name).is_file() else None
     ev = results / sf.EVALUATION
     out["evaluation"] = json.loads(ev.read_text()) if ev.is_file() else None
+    rec = results / sf.COMPARISON_RECORD
+    out["record"] = json.loads(rec.read_text()) if rec.is_file() else None
     out["commands"] = {p.stem: p.read_text().split("# csv ")[0].strip()
                        for p in sorted((data / sf.PIPELINE_STAMPS).glob("*.cmd"))}
     return out
@@ -78,8 +83,8 @@ def collect(data: Path) -> dict:
 
 def effect_table(effects: pd.DataFrame) -> pd.DataFrame:
     cols = ["subset", "k", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "delta_nll_random_mean",
-            "delta_nll_percentile", "kl", "kl_ci_low", "kl_ci_high", "kl_random_mean", "kl_percentile",
-            "kl_vs_random", "token_agreement", "token_agreement_random_mean", "first_diff_position"]
+            "delta_nll_random_q95", "delta_nll_p_random", "delta_nll_z_random", "kl", "kl_ci_low", "kl_ci_high",
+            "kl_random_mean", "kl_p_random", "kl_vs_random", "token_agreement", "first_diff_position"]
     return effects[[c for c in cols if c in effects.columns]]
 
 
@@ -106,19 +111,58 @@ def evaluation_sentence(ev: dict | None) -> str:
             f"every method's effect may be overstated.")
 
 
+def settings_sentence(ev: dict | None, record: dict | None) -> str:
+    """What the verdict's numbers are, in the run's own words: the ablation, the metric, the CI, the split."""
+    ev, record = ev or {}, record or {}
+    level = f"{100 * ev.get('confidence_level', cmp.LEVEL):g} %"
+    ablation = {"zero": "set to 0", "mean": "set to their mean activation"}.get(ev.get("ablation"), "ablated")
+    s = (f"Effect = increase in the negative log-likelihood of the unablated model's own continuation (ΔNLL, "
+         f"nats/token) when the k neurons' outputs are {ablation} together, at every position; [{level} "
+         f"bootstrap CI over prompts]; differences are paired (same prompts, same resamples).")
+    if record.get("nested"):
+        s += (f" Each method is represented by its best variant (for graph methods, a threshold), chosen on a "
+              f"validation part of the evaluation prompts ({len(record['validation_prompts'])} prompts, seeded "
+              f"split, `{sf.RESULTS_DIR}/{sf.COMPARISON_RECORD}`); every figure here is measured on the other "
+              f"{len(record['test_prompts'])}, which chose nothing.")
+    elif record:
+        s += (f" Too few evaluation prompts to split (fewer than {cmp.MIN_SPLIT_PROMPTS}): each method's best "
+              f"variant was chosen on the same prompts that score it, so the figures are **biased toward the "
+              f"variants chosen**.")
+    n = record.get("random_controls") or ev.get("random_controls") or 0
+    if n >= cmp.MIN_CONTROLS:
+        s += (f" The null: {n} random subsets with the subset's number of neurons in every layer; p is the "
+              f"one-sided empirical p-value (at least {1 / (n + 1):.2g} with {n} controls), and a method is above "
+              f"random only when both it and the normal approximation Holm-adjusted across the methods' best "
+              f"variants are below {cmp.ALPHA:g}.")
+    else:
+        s += (f" **{n} random controls per subset: p-values are too coarse (at least {1 / (n + 1):.2g}), so no "
+              f"claim against random neurons is made** (run with --random_controls {cmp.MIN_CONTROLS} or more).")
+    return s
+
+
 def verdict_section(info: dict, n_neurons: int) -> list[str]:
     v = info["verdict"]
     if v is None or not len(v):
         return []
     ev = info["evaluation"]
-    level = int(100 * (ev or {}).get("confidence_level", cmp.LEVEL))
-    lines = ["## Verdict", "", evaluation_sentence(ev), "",
-             f"Effect = increase in the negative log-likelihood of the unablated model's own continuation (ΔNLL, "
-             f"nats/token) when the k neurons are zero-ablated together; [{level} % bootstrap CI over prompts]; "
-             f"differences are paired (same prompts, same resamples). Each method is represented by its best "
-             f"variant (for graph methods, the threshold with the largest effect on these same prompts, which "
-             f"favours the graph).", ""]
-    lines += cmp.verdict_lines(v, n_neurons) + [""]
+    level = (ev or {}).get("confidence_level", cmp.LEVEL)
+    lines = ["## Verdict", "", evaluation_sentence(ev), "", settings_sentence(ev, info["record"]), ""]
+    lines += cmp.verdict_lines(v, n_neurons, level) + [""]
+    c = info["comparison"]
+    if c is not None and len(c):
+        filler = c[c["filler"].astype(bool)] if "filler" in c.columns else c.iloc[:0]
+        best = c[c["best"].astype(bool)]
+        if "tie_pool" in best.columns:
+            split = best[best["tie_pool"].fillna(0) > best["tied_picks"].fillna(0)]
+            if len(split):
+                lines += ["Picks drawn by the seeded random tie-break (the k-th pick's score is shared by neurons "
+                          "left out): " + "; ".join(f"`{r.subset}` {int(r.tied_picks)} of {int(r.k)} picks, from "
+                                                    f"{int(r.tie_pool)} tied neurons" for r in split.itertuples())
+                          + ".", ""]
+        if len(filler):
+            lines += [f"{len(filler)} variant(s) had more than half of their picks at score 0 (filled by the "
+                      f"random tie-break, not chosen by their score) and could not stand for their method: "
+                      + ", ".join(f"`{x}`" for x in filler["subset"]) + ".", ""]
     return lines
 
 
@@ -131,12 +175,18 @@ def comparison_section(info: dict, data: Path) -> list[str]:
     if (results / sf.COMPARISON_PLOT).is_file():
         lines += [f"![method comparison]({sf.RESULTS_DIR}/{sf.COMPARISON_PLOT})", ""]
     cols = ["k", "method", "variant", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "delta_nll_random_mean",
-            "delta_nll_percentile", "kl", "kl_ci_low", "kl_ci_high", "token_agreement"]
+            "delta_nll_random_q95", "delta_nll_p_random", "delta_nll_z_random", "delta_nll_p_random_holm", "kl",
+            "kl_p_random", "token_agreement", "delta_nll_validation", "tied_picks", "zero_score_picks"]
     best = c[c["best"].astype(bool)]
-    lines += ["Each method's best variant at each k (`*_percentile`: among random subsets of the same layer "
-              "composition):", "", md_table(best[[x for x in cols if x in best.columns]]), ""]
+    lines += ["Each method's best variant at each k, on the test prompts (`*_random_*`: random subsets with the "
+              "same number of neurons in each layer; `p_random`: empirical one-sided p-value; `z_random` and "
+              "`p_random_holm`: the normal approximation, Holm-adjusted across these rows; `delta_nll_validation`: "
+              "the figure that chose the variant; `tied_picks`: picks sharing the k-th pick's score):", "",
+              md_table(best[[x for x in cols if x in best.columns]]), ""]
     if len(best) < len(c):
-        lines += ["Every variant:", "", md_table(c[[x for x in cols + ["subset"] if x in c.columns]]), ""]
+        every = c[[x for x in cols + ["filler", "subset"] if x in c.columns]]
+        lines += ["Every variant (`filler`: more than half of its picks at score 0, never a method's best):", "",
+                  md_table(every), ""]
     ov = info["overlap"]
     if ov is not None and len(ov):
         lines += ["Overlap of the methods' neurons (Jaccard):", "", md_table(ov, "{:.2f}"), ""]
@@ -159,6 +209,29 @@ def cards_section(data: Path) -> list[str]:
             f"[{sf.CARDS_HTML}]({sf.CARDS_DIR}/{sf.CARDS_HTML}).") if page.is_file() else ""
     return ["## Neuron cards", "", "The neurons of each selection method's best subset at the smallest k (at most 20 "
             "each) and the 10 with the largest single-neuron ΔNLL, where measured." + link, *body, ""]
+
+
+def degree_plot(info: dict, data: Path) -> Path | None:
+    """The node degrees at every threshold (and weight) stage d's graph methods used, or None without any."""
+    from gelutrace import coactivation as co
+
+    subs = info["subsets"]
+    if not len(subs):
+        return None
+    used = subs[subs["method"].isin(cmp.GRAPH_METHODS)].dropna(subset=["threshold"])
+    degrees = {}
+    for (graph, weight, t), _ in used.groupby(["graph", "weight", "threshold"], dropna=False):
+        try:
+            g = co.read_graph(graph)
+        except (PipelineError, OSError):
+            continue
+        w = weight if isinstance(weight, str) else co.DEFAULT_WEIGHT
+        degrees[f"t={t:g}" + ("" if w == co.DEFAULT_WEIGHT else f", {w}")] = g.degrees(g.cut(float(t), w))
+    if not degrees:
+        return None
+    target = data / sf.ANALYSIS_DIR / sf.DEGREE_AT_THRESHOLDS_PLOT
+    plot_degree_at_thresholds(degrees, target, f"{info['m']}: node degree at the thresholds stage d used")
+    return target
 
 
 def write_report(data: Path, params: dict) -> str:
@@ -189,6 +262,9 @@ def write_report(data: Path, params: dict) -> str:
     hists = [(t, analysis / f"{n}.png") for t, n in (("Node activation counts", sf.HIST_NODE_COUNT),
                                                      ("Edge co-activation counts", sf.HIST_EDGE_COUNT),
                                                      ("Node degrees", sf.HIST_DEGREE))]
+    at_thresholds = degree_plot(info, data)
+    if at_thresholds is not None:
+        hists.append(("Node degrees at the thresholds stage d used", at_thresholds))
     if any(p.is_file() for _, p in hists):
         lines += ["## Co-activation graph", ""]
         lines += [f"![{t}]({rel(p)})" for t, p in hists if p.is_file()] + [""]
@@ -198,15 +274,19 @@ def write_report(data: Path, params: dict) -> str:
             lines += [f"![threshold sweep]({rel(analysis / sf.THRESHOLD_PLOT)})", ""]
         lines += [md_table(info["sweep"]), ""]
     if len(info["subsets"]):
-        lines += ["## Perturbation subsets", "", md_table(info["subsets"]), ""]
+        lines += ["## Perturbation subsets", "", md_table(info["subsets"].drop(columns=["graph"])), ""]
     if info["effects"] is not None:
+        ev = info["evaluation"] or {}
+        ablation = {"zero": "set to 0", "mean": "set to their mean activation"}.get(ev.get("ablation"), "ablated")
         lines += ["## Ablation effects", "", evaluation_sentence(info["evaluation"]), "",
-                  "KL(baseline || ablated) of the next-token distribution and the increase in the baseline "
-                  "continuation's negative log-likelihood, teacher-forced along the baseline's tokens, with 95 % "
-                  "bootstrap CIs over prompts; token agreement of the ablated generation with the baseline; "
-                  "`*_random_*`: random subsets with the same number of neurons in each layer; `*_percentile`: the "
-                  "subset's percentile among them; `kl_vs_random`: subset / random mean, given only where that mean "
-                  "is clearly above 0.", ""]
+                  f"Every subset on every evaluation prompt, its neurons' outputs {ablation}: KL(baseline || "
+                  f"ablated) of the next-token distribution and the increase in the baseline continuation's "
+                  f"negative log-likelihood (nats/token), teacher-forced along the baseline's tokens, with "
+                  f"{100 * ev.get('confidence_level', cmp.LEVEL):g} % bootstrap CIs over prompts; token agreement "
+                  f"of the ablated generation with the baseline; `*_random_*`: random subsets with the same number "
+                  f"of neurons in each layer (mean, 95th percentile); `p_random`: the one-sided empirical p-value "
+                  f"among them; `z_random`: standard deviations above their mean; `kl_vs_random`: subset / random "
+                  f"mean, given only where that mean is above 0 by its t-interval.", ""]
         if (results / sf.PERTURBATION_PLOT).is_file():
             lines += [f"![ablation effects]({rel(results / sf.PERTURBATION_PLOT)})", ""]
         lines += [md_table(effect_table(info["effects"])), ""]
@@ -228,11 +308,13 @@ def terminal_summary(info: dict, data: Path) -> str:
             line = (f"  {r['subset']}: k={r['k']}, dNLL {r['delta_nll']:.4g} [{r.get('delta_nll_ci_low', np.nan):.3g}, "
                     f"{r.get('delta_nll_ci_high', np.nan):.3g}], KL {r['kl']:.4g}, agreement {r['token_agreement']:.2f}")
             if not pd.isna(r.get("delta_nll_percentile", np.nan)):
-                line += f"; {r['delta_nll_percentile']:.0f}th percentile of random (dNLL {r['delta_nll_random_mean']:.3g})"
+                line += (f"; {cmp.ordinal(round(r['delta_nll_percentile']))} percentile of random neurons of the "
+                         f"same layers, p = {r['delta_nll_p_random']:.2g} (dNLL {r['delta_nll_random_mean']:.3g})")
             out.append(line)
     if info["verdict"] is not None and len(info["verdict"]):
         out.append("verdict: " + evaluation_sentence(info["evaluation"]))
-        out += cmp.verdict_lines(info["verdict"], int(info["meta"]["num_neurons"]))
+        out += cmp.verdict_lines(info["verdict"], int(info["meta"]["num_neurons"]),
+                                 (info["evaluation"] or {}).get("confidence_level", cmp.LEVEL))
     out.append(f"report: {data / sf.REPORT}")
     return "\n".join(out)
 

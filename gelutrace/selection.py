@@ -3,7 +3,11 @@ Stage d: choose a perturbation subset of neurons from a co-activation graph.
 
 The graph is thresholded as the original did: keep the edges whose normalised weight (count / max count) is
 > threshold, keep every node. k = max(1, int(num_nodes * ratio)), at most num_nodes. Nodes are ranked by the
-method's score, highest first, ties to the lower node id, and the top k are written in rank order. With another
+method's score, highest first, and the top k are written in rank order. Ties are broken by a seeded random
+order of the nodes (the stage-d --seed), never by node id, which would fill a tie with the lowest ids (layer
+0 first); the sidecar records how many picks share the k-th pick's score (tied_picks), how many nodes share it
+(tie_pool) and how many picks score 0 (zero_score_picks). One seed gives one order, so the subsets of one
+method at growing k are prefixes of one ranking. With another
 edge weight (jaccard, phi, pmi; gelutrace.coactivation.EdgeWeight) the same rule applies to that weight's
 normalised value; the weight matters only to the GRAPH_METHODS.
 
@@ -51,9 +55,23 @@ def subset_size(num_nodes: int, ratio: float) -> int:
     return min(max(1, int(num_nodes * ratio)), num_nodes)
 
 
-def top_k(score: np.ndarray, node_ids: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k highest scores, ties to the lower node id."""
-    return np.lexsort((node_ids, -score))[:k]
+def tie_order(n: int, seed: int) -> np.ndarray:
+    """The seeded random rank of each of n positions that breaks ties."""
+    return np.random.default_rng(np.random.SeedSequence([seed, 0x71E])).permutation(n)
+
+
+def top_k(score: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Positions of the k highest scores, ties in a seeded random order."""
+    return np.lexsort((tie_order(len(score), seed), -score))[:k]
+
+
+def tie_counts(score: np.ndarray, picked: np.ndarray) -> dict:
+    """How the top k sits on ties: picks with the k-th pick's score, nodes with it, picks scoring 0."""
+    if not len(picked):
+        return {"tied_picks": 0, "tie_pool": 0, "zero_score_picks": 0}
+    cut = score[picked[-1]]
+    return {"tied_picks": int((score[picked] == cut).sum()), "tie_pool": int((score == cut).sum()),
+            "zero_score_picks": int((score[picked] == 0).sum())}
 
 
 def pagerank(graph: CoactivationGraph, cut: Cut, alpha=PAGERANK_ALPHA, tol=PAGERANK_TOL,
@@ -201,7 +219,9 @@ def select(graph: CoactivationGraph, threshold: float | None, ratio: float, meth
                 raise PipelineError(f"--method {method}: only {int(measured.sum())} neurons were measured, "
                                     f"fewer than k={k}; measure all neurons or lower --ratio")
             info["neurons_measured"] = int(measured.sum())
-        pos = top_k(np.where(measured, s, -np.inf), graph.node_ids, k)
+        ranked = np.where(measured, s, -np.inf)
+        pos = top_k(ranked, k, seed)
+        info.update(tie_counts(ranked, pos))
         sc = s[pos]
     return Subset(graph.node_ids[pos], sc, k, kept, info)
 

@@ -58,6 +58,7 @@ ANALYZED = "{name}_analyzed"  # + ".gpickle" for a .gpickle input, + ".json" (a 
 HIST_NODE_COUNT = "node_activation_count_hist"  # + ".png" / ".csv"
 HIST_EDGE_COUNT = "edge_co_activation_count_hist"
 HIST_DEGREE = "node_degree_hist"
+DEGREE_AT_THRESHOLDS_PLOT = "node_degree_at_thresholds.png"  # the report's: degrees at stage d's thresholds
 THRESHOLD_CSV = "threshold_analysis.csv"
 THRESHOLD_PLOT = "threshold_analysis.png"
 # the analyzed graph and the threshold sweep depend on the edge weight (c_analyze --weight): for a weight other
@@ -81,6 +82,7 @@ METHOD_VERDICT = "method_verdict.csv"  # per k: ranking, winner's margin, graph 
 METHOD_OVERLAP = "method_overlap.csv"  # per k: Jaccard overlap of the methods' neurons
 METHOD_AGREEMENT = "method_agreement.csv"  # Spearman with single-neuron effects, top-k recall
 COMPARISON_PLOT = "comparison.png"  # effect against k per method
+COMPARISON_RECORD = "comparison.json"  # the validation/test split of the evaluation prompts, the null's settings
 
 # run_pipeline.sh's report (in the dataset directory)
 REPORT = "report.md"

@@ -145,3 +145,15 @@ def assert_sum_close(got, terms, axis=0, rel=1e-5):
     bad = err > rel * scale + 1e-12
     assert not bad.any(), (f"{int(bad.sum())} of {bad.size} sums off: worst {err[bad].max():.3g} against a "
                            f"scale of {scale[bad][err[bad].argmax()]:.3g}")
+
+
+def assert_top_k(ids, scores: dict, k: int):
+    """`ids` is a top k of `scores` (node -> score): k distinct nodes, none scoring below a node left out,
+    in non-increasing score order; which of the nodes tied at the cut were taken is the tie-break's choice."""
+    ids = list(ids)
+    assert len(ids) == len(set(ids)) == k
+    picked = [scores[u] for u in ids]
+    assert picked == sorted(picked, reverse=True)
+    rest = [s for u, s in scores.items() if u not in set(ids)]
+    assert not rest or min(picked) >= max(rest)
+    assert sorted(picked) == sorted(scores.values())[len(scores) - k:]

@@ -1,32 +1,100 @@
 """
-Stage e's statistics and the method comparison: bootstrap CIs and percentiles against exact enumeration and
-hand-made cases, the verdict on constructed cases whose answer is known, and --eval_csv end to end.
+Stage e's statistics and the method comparison: p-values, z-scores, Holm and t-intervals against direct
+numpy/scipy computations written here, bootstrap CIs against exact enumeration, the prompt split, and the
+verdict on constructed cases whose answer is known (an additive world of per-neuron effects).
 """
 
 import itertools
-import json
 
 import numpy as np
-import pandas as pd
 import pytest
+from scipy import stats
 
 from gelutrace import comparison as cmp
-from gelutrace import stagefiles as sf
+from gelutrace import perturbation as pt
 
 
-def test_percentile_by_hand():
+def test_percentile_and_ordinals_by_hand():
     assert cmp.percentile(5.0, [1, 2, 3, 4]) == 100
-    assert cmp.percentile(0.0, [1, 2, 3, 4]) == 0
-    assert cmp.percentile(2.5, [1, 2, 3, 4]) == 50
     assert cmp.percentile(2.0, [1, 2, 3, 4]) == 37.5  # a tie counts half
     assert np.isnan(cmp.percentile(1.0, []))
+    assert [cmp.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 33, 100, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "33rd", "100th", "101st", "111th"]
 
 
-def test_guarded_ratio():
-    assert cmp.guarded_ratio(6.0, [2.0, 2.1, 1.9]) == pytest.approx(3.0)
-    assert np.isnan(cmp.guarded_ratio(6.0, [-0.01, 0.02, 0.005]))  # mean within noise of 0
-    assert np.isnan(cmp.guarded_ratio(6.0, [-1.0, -2.0]))  # negative denominator
-    assert np.isnan(cmp.guarded_ratio(6.0, [2.0]))  # one control: no error bar, no ratio
+def reference_null(value, controls):
+    """The null statistics written out directly, one control at a time."""
+    c = [x for x in controls if not np.isnan(x)]
+    n = len(c)
+    at_least = sum(1 for x in c if x >= value)
+    mean = sum(c) / n
+    sd = (sum((x - mean) ** 2 for x in c) / (n - 1)) ** 0.5
+    z = (value - mean) / sd
+    return {"p_random": (1 + at_least) / (1 + n), "z_random": z, "p_random_normal": 1 - stats.norm.cdf(z),
+            "random_mean": mean, "random_std": sd, "random_n": n}
+
+
+@pytest.mark.parametrize("case", ["plain", "ties", "nan", "few"])
+def test_null_test_against_direct_computation(case):
+    rng = np.random.default_rng(7)
+    controls = rng.normal(1.0, 0.3, 30)
+    value = 1.4
+    if case == "ties":
+        controls[:5] = value  # a control equal to the value counts against it
+    if case == "nan":
+        controls[[3, 9, 20]] = np.nan
+    if case == "few":
+        controls = controls[:7]
+    got, want = cmp.null_test(value, controls), reference_null(value, controls)
+    for key, v in want.items():
+        assert got[key] == pytest.approx(v, rel=1e-9), key
+    clean = controls[~np.isnan(controls)]
+    assert got["random_q05"] == pytest.approx(np.quantile(clean, 0.05))
+    assert got["random_q95"] == pytest.approx(np.quantile(clean, 0.95))
+    assert got["p_random"] >= 1 / (len(clean) + 1)
+    if case == "ties":
+        assert got["p_random"] == pytest.approx((1 + 5 + (controls[5:] >= value).sum()) / 31)
+
+
+def test_null_test_edge_cases():
+    assert np.isnan(cmp.null_test(1.0, [])["p_random"]) and cmp.null_test(1.0, [np.nan])["random_n"] == 0
+    const = cmp.null_test(2.0, [1.0, 1.0, 1.0])
+    assert const["z_random"] == np.inf and const["p_random_normal"] == 0.0 and const["p_random"] == 0.25
+    assert np.isnan(cmp.null_test(1.0, [1.0, 1.0])["z_random"])
+
+
+def reference_holm(p):
+    """Holm's step-down procedure as textbooks write it: sort, multiply by m - i, running maximum, cap at 1."""
+    idx = [i for i, x in enumerate(p) if not np.isnan(x)]
+    idx.sort(key=lambda i: p[i])
+    m, out, running = len(idx), [np.nan] * len(p), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def test_holm_against_the_textbook_procedure():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        p = rng.uniform(0, 0.2, rng.integers(1, 12))
+        p[rng.random(len(p)) < 0.2] = np.nan
+        if rng.random() < 0.3 and len(p) > 2:
+            p[1] = p[0]  # ties
+        np.testing.assert_allclose(cmp.holm(p), reference_holm(list(p)), rtol=1e-12)
+    assert cmp.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_t_ratio_uses_the_t_interval():
+    c = np.array([0.9, 1.1, 1.0, 1.2, 0.8])
+    half = stats.t.ppf(0.975, 4) * c.std(ddof=1) / np.sqrt(5)
+    assert c.mean() - half > 0
+    assert cmp.t_ratio(3.0, c) == pytest.approx(3.0 / c.mean())
+    # 2 standard errors would call this mean positive; the t-interval with 2 degrees of freedom does not
+    c = np.array([0.2, 1.0, 1.9])
+    se = c.std(ddof=1) / np.sqrt(3)
+    assert c.mean() - 2 * se > 0 > c.mean() - stats.t.ppf(0.975, 2) * se
+    assert np.isnan(cmp.t_ratio(3.0, c)) and np.isnan(cmp.t_ratio(3.0, [2.0]))
 
 
 def test_bootstrap_ci_against_exact_enumeration():
@@ -39,59 +107,145 @@ def test_bootstrap_ci_against_exact_enumeration():
     w = cmp.bootstrap_weights(3, seed=1, n_boot=40000)
     assert (w.sum(axis=1) == 3).all()
     lo, hi = cmp.bootstrap_ci(w, sums, counts)
-    # the 2.5 % and 97.5 % points of the exact distribution (27 atoms) bracket the estimates
     atoms = np.sort(exact)
     assert atoms[0] <= lo <= atoms[1] and atoms[-2] <= hi <= atoms[-1]
-    # constant per-prompt means: the CI collapses to that value
     assert cmp.bootstrap_ci(w, np.array([2.0, 4.0, 6.0]), np.array([1.0, 2.0, 3.0])) == (2.0, 2.0)
-    # seeded: the same draws again
-    np.testing.assert_array_equal(cmp.bootstrap_weights(3, 1, 10), cmp.bootstrap_weights(3, 1, 10))
+    # each prompt is drawn once per replicate on average (binomial: 3 * 40000 draws, p = 1/3)
+    np.testing.assert_allclose(w.mean(axis=0), 1.0, atol=5 * np.sqrt(2 / 3 / 40000) * 3)
 
 
-def entry(method, k, per_prompt, variant="", ids=None, controls=(0.0, 0.01)):
-    per_prompt = np.asarray(per_prompt, np.float64)
-    counts = np.ones(len(per_prompt))
-    ids = np.arange(k) if ids is None else np.asarray(ids)
-    return cmp.Entry(f"{method}{variant}_{k}", method, variant, k, ids, {"delta_nll": per_prompt, "kl": per_prompt},
-                     counts, {"delta_nll": per_prompt.mean(), "kl": per_prompt.mean(), "token_agreement": 0.5},
-                     {"delta_nll": list(controls), "kl": list(controls)})
+def test_split_is_seeded_disjoint_and_complete():
+    s = cmp.split_prompts(44, seed=5, share=0.5)
+    assert s.nested and len(s.validation) == 22 and len(s.test) == 22
+    assert not set(s.validation) & set(s.test) and sorted(set(s.validation) | set(s.test)) == list(range(44))
+    again = cmp.split_prompts(44, seed=5, share=0.5)
+    assert s.validation.tolist() == again.validation.tolist()
+    assert s.validation.tolist() != cmp.split_prompts(44, seed=6, share=0.5).validation.tolist()
+    assert len(cmp.split_prompts(44, 5, 0.25).validation) == 11
+    few = cmp.split_prompts(9, 5)
+    assert not few.nested and few.validation.tolist() == few.test.tolist() == list(range(9))
 
 
-def test_verdict_on_constructed_cases():
-    rng = np.random.default_rng(0)
-    n = 40
-    noise = lambda s: rng.normal(0, s, n)  # noqa: E731
-    w = cmp.bootstrap_weights(n, 3)
-    # k = 10: attribution is far ahead; the graph method matches activation_count
-    # k = 50: the graph method is far ahead of both baselines
-    shared = 0.05 + noise(0.02)
-    entries = [entry("attribution", 10, 1.0 + noise(0.05)), entry("activation_count", 10, shared),
-               entry("degree", 10, shared + noise(0.001), "t=0.5"), entry("degree", 10, shared - 0.2, "t=0.8"),
-               entry("random", 10, noise(0.01)),
-               entry("degree", 50, 2.0 + noise(0.05), "t=0.8"), entry("activation_count", 50, 0.3 + noise(0.05)),
-               entry("attribution", 50, 0.5 + noise(0.05))]
-    v = cmp.verdict_table(entries, w).set_index("k")
-    assert v.loc[10, "winner"] == "attribution" and v.loc[10, "margin_ci_low"] > 0
-    assert v.loc[10, "graph_best"] == "degree (t=0.5)"  # the best threshold stands for the graph
-    assert v.loc[10, "graph_vs_activation_count_verdict"] == "is indistinguishable from"
-    assert v.loc[10, "graph_vs_attribution_verdict"] == "loses to"
-    assert v.loc[10, "ranking"].split(" > ")[0] == "attribution" and v.loc[10, "ranking"].endswith("random")
-    assert v.loc[50, "winner"] == "degree (t=0.8)"
-    assert v.loc[50, "graph_vs_activation_count_verdict"] == "beats" == v.loc[50, "graph_vs_attribution_verdict"]
-    text = "\n".join(cmp.verdict_lines(v.reset_index(), 1000))
-    assert "k = 10 (1.0 % of neurons): **attribution**" in text and "loses to attribution" in text
-    assert "**degree (t=0.8)**" in text
+# --- an additive world: a subset's effect on a prompt is the sum of its neurons' effects there, plus noise ---
+N_LAYER, D_MLP, N_PROMPTS = 4, 50, 40
+
+
+class World:
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        self.effect = rng.exponential(0.01, N_LAYER * D_MLP)  # per neuron
+        self.effect[:D_MLP] = 0.002  # layer 0: every neuron alike
+        self.prompt = rng.uniform(0.5, 1.5, N_PROMPTS)  # how much each prompt is moved
+        self.rng = rng
+
+    def per_prompt(self, ids):
+        return self.effect[ids].sum() * self.prompt + self.rng.normal(0, 1e-4, N_PROMPTS)
+
+    def entry(self, method, ids, variant="", n_controls=30, info=None):
+        ids = np.sort(np.asarray(ids))
+        ctl = [pt.random_control(ids, N_LAYER, D_MLP, 1, j) for j in range(n_controls)]
+        sums = {m: self.per_prompt(ids) for m in cmp.METRICS}
+        sums["token_agreement"] = np.full(N_PROMPTS, 0.5)
+        control = np.array([self.per_prompt(c) for c in ctl]).reshape(n_controls, N_PROMPTS)
+        return cmp.Entry(f"{method}_{variant}_{len(ids)}", method, variant, len(ids), ids, sums, np.ones(N_PROMPTS),
+                         {m: control for m in cmp.METRICS}, np.ones((n_controls, N_PROMPTS)), info or {})
+
+
+def verdict_of(entries, n_prompts=N_PROMPTS):
+    split = cmp.split_prompts(n_prompts, 11)
+    return cmp.verdict_table(entries, split, 11).set_index("k"), cmp.comparison_table(entries, split, 11)
+
+
+def test_layer_zero_subset_is_not_distinguishable_and_top_effects_are_above_random():
+    w = World()
+    k = 10
+    layer0 = np.arange(k)  # what an activation count that favours layer 0 would pick
+    top = np.argsort(-w.effect)[:k]
+    entries = [w.entry("activation_count", layer0), w.entry("ablation", top)]
+    v, c = verdict_of(entries)
+    row = c.set_index("method")
+    assert row.loc["activation_count", "delta_nll_p_random"] > 0.05
+    assert row.loc["ablation", "delta_nll_p_random"] == pytest.approx(1 / 31)
+    assert row.loc["ablation", "delta_nll_p_random_holm"] < 0.05
+    lines = "\n".join(cmp.verdict_lines(v.reset_index(), N_LAYER * D_MLP))
+    assert "**ablation**" in lines and "above random neurons of the same layers (p = 0.032 from 30 controls" in lines
+    # alone, the layer-0 subset gets no claim above random
+    v0, _ = verdict_of([w.entry("activation_count", layer0)])
+    text = "\n".join(cmp.verdict_lines(v0.reset_index(), N_LAYER * D_MLP))
+    assert "not distinguishable from random neurons of the same layers" in text and "above random" not in text
+
+
+def test_not_separable_margin_random_runner_up_and_nan_cis():
+    w = World(1)
+    top = np.argsort(-w.effect)[:8]
+    twin = w.entry("attribution", top)
+    # the random method scores second: it must not be the "random" of the sentence, nor the runner-up
+    uniform = w.entry("random", np.argsort(-w.effect)[8:16])
+    entries = [w.entry("ablation", top), twin, uniform, w.entry("activation_count", np.arange(8))]
+    v, _ = verdict_of(entries)
+    r = v.loc[8]
+    assert "random" not in r["ranking"].split(" > ")
+    assert r["runner_up"] != "random" and r["margin_ci_low"] <= 0 <= r["margin_ci_high"]
+    text = "\n".join(cmp.verdict_lines(v.reset_index(), 200))
+    assert "not separable from" in text
+    # NaN effects (no samples): CIs and p-values are NaN, and nothing is claimed
+    e = w.entry("degree", np.arange(100, 108), "t=0.5")
+    e.sums = {m: np.full(N_PROMPTS, np.nan) for m in e.sums}
+    _, c = verdict_of([e])
+    assert np.isnan(c.loc[0, "delta_nll_ci_low"]) and np.isnan(c.loc[0, "delta_nll_p_random"])
+
+
+def test_few_controls_make_no_claim():
+    w = World(2)
+    top = np.argsort(-w.effect)[:10]
+    v, c = verdict_of([w.entry("ablation", top, n_controls=5)])
+    assert c.loc[0, "delta_nll_p_random"] == pytest.approx(1 / 6)
+    text = "\n".join(cmp.verdict_lines(v.reset_index(), 200))
+    assert "random neurons" not in text
+
+
+def test_filler_variants_cannot_be_best_and_the_variant_is_chosen_on_validation():
+    w = World(3)
+    top = np.argsort(-w.effect)[:10]
+    filler = w.entry("degree", top, "t=0.8", info={"zero_score_picks": 6, "tied_picks": 6})
+    honest = w.entry("degree", np.arange(150, 160), "t=0.5", info={"zero_score_picks": 0})
+    _, c = verdict_of([filler, honest, w.entry("activation_count", np.arange(10))])
+    row = c.set_index("subset")
+    assert bool(row.loc[filler.stem, "filler"]) and not bool(row.loc[filler.stem, "best"])
+    assert bool(row.loc[honest.stem, "best"])
+    # variants chosen on validation prompts: one that is better only on the test prompts loses
+    split = cmp.split_prompts(N_PROMPTS, 11)
+    a, b = w.entry("degree", np.arange(100, 110), "t=0.1"), w.entry("degree", np.arange(110, 120), "t=0.2")
+    a.sums["delta_nll"] = np.where(np.isin(np.arange(N_PROMPTS), split.validation), 1.0, 0.0)
+    b.sums["delta_nll"] = np.where(np.isin(np.arange(N_PROMPTS), split.validation), 0.5, 2.0)
+    c = cmp.comparison_table([a, b], split, 11).set_index("variant")
+    assert bool(c.loc["t=0.1", "best"]) and not bool(c.loc["t=0.2", "best"])
+    assert c.loc["t=0.1", "delta_nll"] == 0.0 and c.loc["t=0.1", "delta_nll_validation"] == 1.0
+
+
+def test_graph_method_against_baselines():
+    w = World(4)
+    order = np.argsort(-w.effect)
+    entries = [w.entry("attribution", order[:10]), w.entry("activation_count", order[40:50]),
+               w.entry("degree", order[40:50], "t=0.5"), w.entry("degree", order[150:160], "t=0.8")]
+    v, _ = verdict_of(entries)
+    r = v.loc[10]
+    assert r["winner"] == "attribution" and r["graph_vs_attribution_verdict"] == "loses to"
+    assert r["graph_best"] == "degree (t=0.5)"
+    text = "\n".join(cmp.verdict_lines(v.reset_index(), 200))
+    assert "The best graph method, degree (t=0.5), " in text and "loses to attribution" in text
 
 
 def test_overlap_and_agreement_by_hand():
-    a = entry("attribution", 4, [1.0, 1.0], ids=[0, 1, 2, 3])
-    b = entry("activation_count", 4, [0.5, 0.5], ids=[2, 3, 4, 5])
-    ov = cmp.overlap_table([a, b])
+    w = World(5)
+    a = w.entry("attribution", [0, 1, 2, 3])
+    b = w.entry("activation_count", [2, 3, 4, 5])
+    ov = cmp.overlap_table([a, b], cmp.split_prompts(N_PROMPTS, 1))
     assert ov["jaccard"].tolist() == [2 / 6]
     effects = np.array([0.9, 0.1, 0.8, np.nan, 0.7, 0.0])  # neuron 3 not measured
     scores = {("attribution", ""): np.array([5.0, 1.0, 4.0, 0.0, 3.0, 0.0])}
     ag = cmp.agreement_table([a, b], effects, scores).set_index("method")
     assert ag.loc["attribution", "spearman"] == pytest.approx(1.0)  # same order over the measured neurons
     assert np.isnan(ag.loc["activation_count", "spearman"])  # no scores given
-    # true top 4 over measured neurons: 0, 2, 4, 1
     assert ag.loc["attribution", "top_k_recall"] == 3 / 4 and ag.loc["activation_count", "top_k_recall"] == 2 / 4
+

@@ -202,20 +202,31 @@ def test_summary_and_per_sample_files(greedy_run):
     assert none["kl"] == 0 and none["delta_nll"] == 0 and none["token_agreement"] == 1
     assert none["first_diff_position"] == NEW  # no differing token counts as the continuation's length
     row = s.iloc[0]
-    assert row["kl"] > 0 and row["random_controls"] == 2
-    for m in pt.METRICS:
-        assert f"{m}_random_mean" in s.columns and f"{m}_random_std" in s.columns
-    mean, se = row["kl_random_mean"], row["kl_random_std"] / math.sqrt(2)
-    if mean - 2 * se > 0:
-        assert math.isclose(row["kl_vs_random"], row["kl"] / mean)
-    else:  # a denominator within noise of 0 gives no ratio
-        assert math.isnan(row["kl_vs_random"])
-    assert row["kl_ci_low"] <= row["kl"] <= row["kl_ci_high"]
+    assert row["random_controls"] == 2 and row["kl_ci_low"] <= row["kl"] <= row["kl_ci_high"]
     per = pd.read_csv(out / sf.PER_SAMPLE_DIR / "sub.csv")
     assert len(per) == 2 * len(PROMPTS)
+    # the summary's mean is over samples: both repeats of a greedy prompt carry the same values
+    np.testing.assert_array_equal(per["kl"].to_numpy()[::2], per["kl"].to_numpy()[1::2])
     for m in pt.METRICS:
-        assert math.isclose(per[m].mean(), row[m], rel_tol=1e-9, abs_tol=1e-12)
-    assert (out / sf.PERTURBATION_PLOT).stat().st_size > 1000
+        assert math.isclose(per[m].to_numpy().sum() / len(per), row[m], rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_summary_plot_draws_the_summary(greedy_run):
+    from gelutrace.plots import plot_perturbation_summary
+
+    _, _, _, out = greedy_run
+    s = pd.read_csv(out / sf.PERTURBATION_SUMMARY)
+    fig = plot_perturbation_summary(s, out / "check.png")
+    kl_ax = fig.axes[0]
+    bars = [b for b in kl_ax.patches]
+    heights = [b.get_height() for b in bars]
+    np.testing.assert_allclose(heights[:len(s)], s["kl"])  # the subsets' bars
+    np.testing.assert_allclose(heights[len(s):2 * len(s)], s["kl_random_mean"])  # their controls
+    assert "nats/token" in kl_ax.get_title() and "nats/token" in fig.axes[1].get_title()
+    # the CI whiskers span the bootstrap CI of each subset
+    segs = [c for c in kl_ax.collections if hasattr(c, "get_segments")][0].get_segments()
+    np.testing.assert_allclose([seg[:, 1].tolist() for seg in segs],
+                               np.c_[s["kl_ci_low"], s["kl_ci_high"]], atol=1e-12)
 
 
 def hf_condition_metrics(hf, tokenizer, ids, d):
@@ -246,7 +257,7 @@ def hf_condition_metrics(hf, tokenizer, ids, d):
 
 
 def test_metrics_and_random_controls_against_transformers(greedy_run):
-    """Per-sample metrics of the subset, and the random controls' mean and std, recomputed by hand."""
+    """Per-sample metrics of the subset, and the null of its random controls, recomputed by hand."""
     path, lm, ids, out = greedy_run
     hf = load_hf(path)
     cfg = lm.model.config
@@ -257,10 +268,11 @@ def test_metrics_and_random_controls_against_transformers(greedy_run):
     controls = [hf_condition_metrics(hf, lm.tokenizer, pt.random_control(ids, cfg.n_layer, cfg.d_mlp, 1337, j),
                                      cfg.d_mlp).mean(axis=0) for j in range(2)]
     row = pd.read_csv(out / sf.PERTURBATION_SUMMARY).iloc[0]
-    for k, name in enumerate(pt.METRICS):
+    for k, name in enumerate(("kl", "delta_nll")):
         vals = np.array([c[k] for c in controls])
         assert row[f"{name}_random_mean"] == pytest.approx(vals.mean(), rel=1e-3, abs=1e-6), name
         assert row[f"{name}_random_std"] == pytest.approx(vals.std(ddof=1), rel=1e-2, abs=1e-6), name
+        assert row[f"{name}_p_random"] == (1 + (vals >= row[name]).sum()) / 3, name
 
 
 # --- metrics by hand ----------------------------------------------------------------------------------------
@@ -281,19 +293,42 @@ def test_kl_and_delta_nll_equal_a_hand_computation():
     assert got_dnll[1] == pytest.approx(dnll[1], rel=1e-6)
 
 
-def test_kl_of_a_subset_against_itself_is_zero(random_model):
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_batched_masks_equal_one_ablation_per_pass(random_model, mode):
+    """Many ablations in one batch, a mask per block of rows, against one hooked pass per ablation."""
     model = random_model
-    ids = subset_for(model)
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    conts = [np.array([11, 12, 13]), np.array([14, 15, 16, 17, 18])]
-    with pt.Ablation(model, ids):
-        a = pt.continuation_logprobs(model, prompts, conts)
-        b = pt.continuation_logprobs(model, prompts, conts)
-    kl, dnll = pt.compare_logprobs(a, b, conts)
-    assert np.all(kl == 0) and np.all(dnll == 0)
-    plain = pt.continuation_logprobs(model, prompts, conts)
-    kl, _ = pt.compare_logprobs(plain, a, conts)
-    assert np.all(kl > 0)
+    cfg = model.config
+    prompts = [[5, 6, 7, 8], [9, 10], [3, 4, 5]]
+    conts = [np.array([11, 12, 13]), np.array([14, 15, 16, 17, 18]), np.array([7])]
+    rng = np.random.default_rng(0)
+    n = cfg.n_layer * cfg.d_mlp
+    values = rng.normal(size=n) if mode == "mean" else None
+    groups = [np.sort(rng.choice(n, size, replace=False)) for size in (1, 5, 40, 12)]
+    groups.append(np.arange(cfg.d_mlp, 2 * cfg.d_mlp))  # a whole layer
+    with pt.RowAblation(model, groups, len(prompts), values):
+        batched = pt.continuation_logprobs(model, prompts * len(groups), conts * len(groups))
+    batched = batched.view(len(groups), len(prompts), *batched.shape[1:])
+    base = pt.continuation_logprobs(model, prompts, conts)
+    for g, ids in enumerate(groups):
+        with pt.Ablation(model, ids, None if values is None else values[ids]):
+            alone = pt.continuation_logprobs(model, prompts, conts)
+        want = pt.compare_logprobs(base, alone, conts)
+        got = pt.compare_logprobs(base, batched[g], conts)
+        for w, x in zip(want, got):
+            np.testing.assert_allclose(x, w, rtol=1e-6, atol=1e-6)
+        assert np.all(want[0] > 0)
+    # teacher_forced packs the same conditions into as few passes as its batch size allows
+    rows = pt.Rows(np.arange(3), np.array([len(c) for c in conts]), [(0, i) for i in range(3)])
+    conditions = [pt.Condition(ids, generate=False) for ids in groups] + [pt.Condition(np.zeros(0, np.int64))]
+    passes = []
+    pt.teacher_forced(model, rows, prompts, conts, conditions, values, batch_size=6,
+                      progress=lambda kind, k: passes.append(k))
+    assert passes == [2, 2, 1]  # 6 rows a pass: two ablations of 3 rows each
+    for c, ids in zip(conditions, groups):
+        with pt.Ablation(model, ids, None if values is None else values[ids]):
+            alone = pt.continuation_logprobs(model, prompts, conts)
+        np.testing.assert_allclose(c.kl, pt.compare_logprobs(base, alone, conts)[0], rtol=1e-6, atol=1e-7)
+    assert conditions[-1].kl.tolist() == [0.0] * 3
 
 
 def test_teacher_forced_logprobs_line_up_with_single_sequences(random_model):
@@ -438,3 +473,36 @@ def test_batch_script_runs_every_subset_plus_none(random_loaded, random_ckpt, tm
     assert r.returncode == 0, r.stderr
     s = pd.read_csv(d / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY)
     assert s["subset"].tolist() == ["a.npy", "b c.npy", "none"]
+
+
+def test_nested_split_scores_on_the_test_prompts_alone(subject, tmp_path):
+    """comparison.csv's figures are those of stage e run on the test prompts alone; the validation and test
+    prompts are disjoint and make up the evaluation set."""
+    import json
+
+    path, lm = subject
+    words = "thou art the king and I am the fool of this world upon my word".split()
+    prompts = [" ".join(words[i:i + 4]) + " " for i in range(12)]
+    ids = subset_for(lm.model)
+    d = make_dataset(tmp_path / "ds", lm, {"g_degree_t0.5_r0.1.npy": ids[::2], "g_degree_t0.8_r0.1.npy": ids[1::2]})
+    for name, t in (("g_degree_t0.5_r0.1", 0.5), ("g_degree_t0.8_r0.1", 0.8)):
+        sf.write_json({"method": "degree", "threshold": t, "model": lm.name, "zero_score_picks": 0},
+                      d / sf.SUBSETS_DIR / f"{name}.json")
+    every = write_prompt_csv(tmp_path / "every.csv", prompts, new=5, samples=1)
+    out = run_e(path, d, every, ["g_degree_t0.5_r0.1.npy", "g_degree_t0.8_r0.1.npy", "none"], "--random_controls", "3")
+    rec = json.loads((out / sf.COMPARISON_RECORD).read_text())
+    val, test = rec["validation_prompts"], rec["test_prompts"]
+    assert rec["nested"] and not set(val) & set(test) and sorted(val + test) == list(range(12))
+    assert rec["test_prompt_texts"] == [prompts[i] for i in test]
+    comparison = pd.read_csv(out / sf.COMPARISON).set_index("subset")
+    per = {s: pd.read_csv(out / sf.PER_SAMPLE_DIR / f"{s}.csv") for s in comparison.index}
+    for s, df in per.items():  # validation figure: the mean over the validation prompts' samples
+        assert comparison.loc[s, "delta_nll_validation"] == pytest.approx(df.loc[df["prompt_index"].isin(val),
+                                                                                 "delta_nll"].mean(), rel=1e-9)
+    alone = write_prompt_csv(tmp_path / "test.csv", [prompts[i] for i in test], new=5, samples=1)
+    d2 = make_dataset(tmp_path / "ds2", lm, {"g_degree_t0.5_r0.1.npy": ids[::2], "g_degree_t0.8_r0.1.npy": ids[1::2]})
+    summary = pd.read_csv(run_e(path, d2, alone, ["g_degree_t0.5_r0.1.npy", "g_degree_t0.8_r0.1.npy", "none"],
+                                "--random_controls", "3") / sf.PERTURBATION_SUMMARY).set_index("subset")
+    for s in comparison.index:
+        for m in ("delta_nll", "kl", "delta_nll_random_mean", "delta_nll_p_random"):
+            assert comparison.loc[s, m] == pytest.approx(summary.loc[f"{s}.npy", m], rel=1e-5, abs=1e-7), (s, m)

@@ -5,6 +5,7 @@ files agree with each other, the report states the run, and a second run skips e
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO_ROOT, SHIPPED_NAME
+from gelutrace import comparison as cmp
 from gelutrace import stagefiles as sf
 
 M = SHIPPED_NAME
@@ -95,16 +97,24 @@ def test_comparison_measured_on_held_out_prompts(pipeline):
     summary = pd.read_csv(results / sf.PERTURBATION_SUMMARY).set_index("subset")
     comp = pd.read_csv(results / sf.COMPARISON)
     assert len(comp) == len(summary) - 1  # every subset but none
+    record = json.loads((results / sf.COMPARISON_RECORD).read_text())
+    assert not record["nested"] and record["test_prompts"] == list(range(4))  # 4 prompts: too few to split
     for r in comp.to_dict("records"):
-        s = summary.loc[r["subset"] + ".npy"]
-        assert r["delta_nll"] == pytest.approx(s["delta_nll"]) and r["k"] == s["k"]
-        assert r["delta_nll_ci_low"] == pytest.approx(s["delta_nll_ci_low"])
+        per = pd.read_csv(results / sf.PER_SAMPLE_DIR / f"{r['subset']}.csv")
+        assert r["delta_nll"] == pytest.approx(per["delta_nll"].mean(), rel=1e-9) and r["k"] == summary.loc[
+            r["subset"] + ".npy", "k"]
         assert r["delta_nll_ci_low"] <= r["delta_nll"] <= r["delta_nll_ci_high"]
+        assert r["delta_nll_random_n"] == 2 and r["delta_nll_p_random"] in (1 / 3, 2 / 3, 1.0)
     verdict = pd.read_csv(results / sf.METHOD_VERDICT)
     assert sorted(verdict["k"]) == sorted(comp["k"].unique())
-    for r in verdict.to_dict("records"):  # the winner is the method with the largest effect at that k
-        at_k = comp[comp["k"] == r["k"]]
-        assert r["winner_delta_nll"] == pytest.approx(at_k["delta_nll"].max())
+    for r in verdict.to_dict("records"):  # the winner: the largest per-sample mean among the methods' best variants
+        at_k = comp[(comp["k"] == r["k"]) & comp["best"].astype(bool) & (comp["method"] != "random")]
+        means = {row.subset: pd.read_csv(results / sf.PER_SAMPLE_DIR / f"{row.subset}.csv")["delta_nll"].mean()
+                 for row in at_k.itertuples()}
+        top = max(means, key=means.get)
+        assert r["winner_delta_nll"] == pytest.approx(means[top], rel=1e-9)
+        assert r["winner"].split(" (")[0] == at_k.set_index("subset").loc[top, "method"]
+        assert "random" not in r["ranking"].split(" > ")
     overlap = pd.read_csv(results / sf.METHOD_OVERLAP)
     assert overlap["jaccard"].between(0, 1).all() and len(overlap) == 2 * 6  # 4 methods: 6 pairs per k
 
@@ -118,11 +128,21 @@ def test_report_and_summary(pipeline):
         assert needle in report
     assert report.index("## Verdict") < report.index("## Method comparison") < report.index("## Parameters")
     assert "found the most influential neurons" in report
+    # the run's settings in its words: zero ablation, 2 controls (too few for any claim), 4 prompts (no split)
+    assert "outputs are set to 0 together" in report and "95 % bootstrap CI" in report
+    assert "p-values are too coarse" in report and "above random" not in report
+    assert "biased toward the variants chosen" in report
+    verdict = pd.read_csv(data / sf.RESULTS_DIR / sf.METHOD_VERDICT)
+    for r in verdict.to_dict("records"):
+        assert f"**{r['winner']}** found the most influential neurons, ΔNLL {r['winner_delta_nll']:.3g} nats/token" in report
     for name in ("activation_frequency_per_layer.png", f"{sf.ANALYSIS_DIR}/{sf.THRESHOLD_PLOT}",
                  f"{sf.RESULTS_DIR}/{sf.PERTURBATION_PLOT}"):
         assert f"]({name})" in report and (data / name).is_file()
     comp = pd.read_csv(data / sf.RESULTS_DIR / sf.COMPARISON)
-    assert "31 samples from 3 prompts" in out and "percentile of random" in out and "verdict:" in out
+    assert "31 samples from 3 prompts" in out and "percentile of random neurons of the same layers" in out
+    assert "verdict:" in out
+    ordinals = re.findall(r"(\d+)(st|nd|rd|th) percentile", out)
+    assert ordinals and all(n + suffix == cmp.ordinal(int(n)) for n, suffix in ordinals)
     assert second.count("up to date") == 7  # nothing reran
     assert report.index("## Method comparison") < report.index("## Neuron cards") < report.index("## Parameters")
     assert f"]({sf.CARDS_DIR}/{sf.CARDS_HTML})" in report and (data / sf.CARDS_DIR / sf.CARDS_HTML).is_file()

@@ -4,6 +4,7 @@ import networkx as nx
 import pandas as pd
 import numpy as np
 import pytest
+from conftest import assert_top_k
 from graphdata import brute_force_graph, full_edges, make_dataset, random_activations
 
 from gelutrace import PipelineError
@@ -42,11 +43,6 @@ def reference_threshold_graph(ref, t):
     return g
 
 
-def reference_top(scores: dict, k):
-    """Python's stable sort over nodes in id order: ties go to the lower id, as in the original."""
-    return [u for u, _ in sorted(sorted(scores.items()), key=lambda x: x[1], reverse=True)[:k]]
-
-
 THRESHOLDS = [0.0, 0.3, 0.5, 0.8, 0.95]
 RATIOS = [0.01, 0.1, 0.25, 1.0]
 
@@ -58,7 +54,7 @@ def test_degree_exactly_as_the_original(graphs):
         for r in RATIOS:
             k = min(max(1, int(g.number_of_nodes() * r)), g.number_of_nodes())
             sub = sel.select(store, t, r, "degree")
-            assert sub.ids.tolist() == reference_top(dict(g.degree()), k)
+            assert_top_k(sub.ids.tolist(), dict(g.degree()), k)
             assert sub.scores.tolist() == [g.degree(u) for u in sub.ids.tolist()]
             assert sub.edges_kept == g.number_of_edges()
 
@@ -76,7 +72,7 @@ def test_weighted_degree_pagerank_activation_count_match_networkx(graphs):
         got = sel.pagerank(store, store.cut(t))
         np.testing.assert_allclose(got, [pr[u] for u in range(store.num_nodes)], atol=1e-9)
     sub = sel.select(store, 0.5, 0.3, "activation_count")
-    assert sub.ids.tolist() == reference_top(counts, len(sub.ids))
+    assert_top_k(sub.ids.tolist(), counts, len(sub.ids))
 
 
 def test_random_is_seeded_and_match_layers_keeps_composition(graphs, tmp_path):
@@ -120,7 +116,7 @@ def scored(tmp_path):
     co.write_store(tmp_path / "store", co.load_activation_data(tmp_path))
     n = N_LAYER * D_MLP
     rng = np.random.default_rng(1)
-    attr = np.round(rng.normal(size=n), 1)  # rounded: ties, broken to the lower id
+    attr = np.round(rng.normal(size=n), 1)  # rounded: ties
     freq = sf.path(tmp_path, sf.FREQUENCY, "toy")
     pd.read_csv(freq).assign(attribution=attr).to_csv(freq, index=False)
     measured = rng.choice(n, 20, replace=False)
@@ -133,13 +129,13 @@ def scored(tmp_path):
 def test_attribution_and_ablation_rank_their_columns(scored):
     d, attr, effects = scored
     g = co.read_graph(d / "store")
-    ref = sorted(range(len(attr)), key=lambda i: (-attr[i], i))[:6]  # k = int(30 * 0.2)
     for t in (None, 0.0, 0.9):  # the threshold plays no part
-        sub = sel.select(g, t, 0.2, "attribution")
-        assert sub.ids.tolist() == ref and sub.edges_kept is None
-        np.testing.assert_array_equal(sub.scores, attr[ref])
+        sub = sel.select(g, t, 0.2, "attribution")  # k = int(30 * 0.2)
+        assert_top_k(sub.ids.tolist(), dict(enumerate(attr.tolist())), 6)
+        assert sub.edges_kept is None
+        np.testing.assert_array_equal(sub.scores, attr[sub.ids])
     ab = sel.select(g, None, 0.2, "ablation")
-    assert ab.ids.tolist() == sorted(effects, key=lambda i: (-effects[i], i))[:6]
+    assert_top_k(ab.ids.tolist(), effects, 6)
     assert ab.info["neurons_measured"] == 20
     with pytest.raises(PipelineError, match="only 20 neurons were measured"):
         sel.select(g, None, 0.9, "ablation")
@@ -156,3 +152,36 @@ def test_attribution_missing_is_an_error(scored):
     sf.path(d, sf.NEURON_EFFECTS, "toy").unlink()
     with pytest.raises(PipelineError, match="d_calculate_neuron_effects"):
         sel.select(co.read_graph(d / "store"), None, 0.2, "ablation")
+
+
+def test_ties_are_broken_at_random_in_proportion_to_the_tied_pool(tmp_path):
+    """90 % of the nodes never fire (degree 0 at any threshold): a top k past the 20 connected nodes is filled
+    from the tied pool, whose layers are 40, 40, 50 and 50 nodes; the filled picks follow those shares."""
+    from scipy.stats import chisquare
+
+    n_layer, d = 4, 50
+    rng = np.random.default_rng(0)
+    active = np.zeros((300, n_layer * d), bool)
+    live = np.r_[rng.choice(d, 10, replace=False), d + rng.choice(d, 10, replace=False)]
+    active[:, live] = rng.random((300, 20)) < 0.5
+    make_dataset(tmp_path, active, n_layer, d)
+    co.write_store(tmp_path / "store", co.load_activation_data(tmp_path))
+    store = co.read_graph(tmp_path / "store")
+    deg = store.degrees(store.cut(0.0))
+    assert (deg[live] > 0).all() and (np.delete(deg, live) == 0).all()
+    pool = np.setdiff1d(np.arange(n_layer * d), live)
+    filled = np.zeros(n_layer)
+    for seed in range(40):
+        sub = sel.select(store, 0.0, 0.5, "degree", seed=seed)  # k = 100: 20 connected + 80 of the 180 tied
+        assert set(live) <= set(sub.ids.tolist())
+        picked = np.setdiff1d(sub.ids, live)
+        filled += np.bincount(picked // d, minlength=n_layer)
+        assert sub.info["tied_picks"] == len(picked) == 80  # by hand: every pick past the connected ones
+        assert sub.info["tie_pool"] == len(pool) and sub.info["zero_score_picks"] == 80
+    expected = np.bincount(pool // d, minlength=n_layer) / len(pool) * filled.sum()
+    assert chisquare(filled, expected).pvalue > 1e-3
+    # the old rule (lowest ids first) would take layer 0's and layer 1's 80 tied nodes: rejected by the same test
+    assert chisquare([40 * 40, 40 * 40, 0, 0], expected).pvalue < 1e-6
+    # nested: one seed, growing k, prefixes of one ranking
+    small, large = (sel.select(store, 0.0, r, "degree", seed=3).ids for r in (0.2, 0.5))
+    assert large[:len(small)].tolist() == small.tolist()
