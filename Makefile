@@ -11,8 +11,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt constraints.txt
 	python3 -m venv $(VENV) && $(VENV)/bin/pip install -r requirements.txt -c constraints.txt && touch $@
 
+# the test files run in parallel, one file per worker (its module fixtures built once), one worker per core
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_pipeline.sh
