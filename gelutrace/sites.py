@@ -15,6 +15,7 @@ edit the projection's input while the checkpoint's module tree and state dict st
 
 import inspect
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,9 @@ FAMILIES = {
        for t in ("llama", "mistral", "qwen2", "gemma")},
 }
 BLOOM_CONTEXT = 2048  # BLOOM's ALiBi has no learned length; its training length
+# buffers that older checkpoints saved beside the weights (causal masks and their fill value, rotary frequencies,
+# position ids): the models compute them, so a checkpoint holding them drops no weight
+LEGACY_BUFFERS = re.compile(r"(^|\.)(attn|attention)\.(bias|masked_bias)$|rotary_emb\.inv_freq$|(^|\.)position_ids$")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -259,15 +263,58 @@ class HFCausalLM(nn.Module):
         return torch.cat(out, dim=1)
 
 
+def _natural(key: str):
+    """Sort key that puts layer 2 before layer 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def check_tensors(weights, config_file, missing=(), unexpected=(), mismatched=(), shown: int = 3):
+    """
+    One error line when a checkpoint's config does not match its weights: tensors the config implies that the
+    weights lack, tensors of the weights the config has no place for (saved buffers aside: LEGACY_BUFFERS), or
+    (name, stored shape, expected shape) of tensors whose shape differs; the first `shown` of each kind are named,
+    in layer order.
+    """
+    unexpected = [k for k in unexpected if not LEGACY_BUFFERS.search(k)]
+
+    def first(names):
+        names = sorted(names, key=_natural)
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"it lacks {first(missing)}, which the config implies")
+    if unexpected:
+        parts.append(f"it holds {first(unexpected)}, which the config has no place for")
+    if mismatched:
+        rows = sorted(mismatched, key=lambda r: _natural(r[0]))
+        more = f" and {len(rows) - shown} more" if len(rows) > shown else ""
+        parts.append(", ".join(f"{name} has shape {tuple(got)} where the config implies {tuple(want)}"
+                               for name, got, want in rows[:shown]) + more)
+    if parts:
+        raise PipelineError(f"{weights} does not match {config_file}: " + "; ".join(parts))
+
+
 def load_hf(path: Path, model_type: str, device: torch.device) -> HFCausalLM:
-    """A supported non-GPT-2 checkpoint directory (safetensors only, float32) as an HFCausalLM."""
+    """
+    A supported non-GPT-2 checkpoint directory (safetensors only, float32) as an HFCausalLM. transformers'
+    loading report must be clean: a tensor missing (it would be drawn at random), unused (dropped) or of
+    another shape than the config implies is refused. Tied weights and buffers the model computes (attention
+    masks, rotary frequencies) are not tensors it misses or drops.
+    """
     from transformers import AutoModelForCausalLM
 
     if not any(Path(path).glob("*.safetensors")):
         raise PipelineError(f"{path} has no .safetensors weights (pickled .bin checkpoints are not read)")
+    cfg = hf_config(path)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=torch.float32)
+        hf, info = AutoModelForCausalLM.from_pretrained(str(path), config=cfg, use_safetensors=True,
+                                                        dtype=torch.float32, output_loading_info=True,
+                                                        ignore_mismatched_sizes=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(f"{path}: cannot load the {model_type} checkpoint ({reason})") from None
+    check_tensors(f"{path} (safetensors weights)", Path(path) / "config.json", info.get("missing_keys", ()),
+                  info.get("unexpected_keys", ()), info.get("mismatched_keys", ()))
     return HFCausalLM(hf.to(device).eval(), model_type)

@@ -1,17 +1,25 @@
 """Hostile inputs: each must give one `error:` line and exit status 2, run no foreign code, and write nothing."""
 
+import html
+import json
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import REPO_ROOT
 from gelutrace import PipelineError
 from gelutrace import coactivation as co
+from gelutrace import stagefiles as sf
+from gelutrace.loading import load_model
 
 
 def script(name, *args, cwd=None):
@@ -503,3 +511,139 @@ def test_d_and_c_analyze_output_locations(store_dir, tmp_path):
                           "--ratio", "0.1", "--output_path", tmp_path / "adir.npy"))
     one_error_line(script("d_calculate_perturbation_subset.py", "--input_graph_path", store, "--threshold", "0.5",
                           "--ratio", "0.1", "--output_dir", tmp_path / "file"))
+
+
+# --- issue 17: configs that do not match their weights, Markdown from corpus text, tracebacks, smaller items ---
+def only_error_line(r):
+    """Exit status 2 and stderr exactly one line, `error: ...`."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr[-2000:]
+    return r.stderr
+
+
+def ends_in_one_error_line(r):
+    """Exit status 2, no traceback, and one `error: ...` line, the last (transformers may report before it)."""
+    one_error_line(r)
+    assert sum(ln.startswith("error: ") for ln in r.stderr.splitlines()) == 1, r.stderr[-2000:]
+    return r.stderr.splitlines()[-1]
+
+
+def tensor_names(message):
+    return re.findall(r"[\w.]+\.(?:weight|bias)\b", message)
+
+
+def stored_shapes(directory):
+    """The tensors of a checkpoint's safetensors files and their shapes, from the files' headers."""
+    from safetensors import safe_open
+    shapes = {}
+    for f in Path(directory).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+    return shapes
+
+
+def edit_config(directory, **changes):
+    cfg = json.loads((directory / "config.json").read_text())
+    for k, v in changes.items():
+        if v is DELETE:
+            del cfg[k]
+        else:
+            cfg[k] = v
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+DELETE = object()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from test_families import build
+    return build("llama", tmp_path_factory.mktemp("llama") / "tiny_llama")
+
+
+@pytest.mark.parametrize("change,kind", [
+    (dict(num_hidden_layers=DELETE), "missing"),  # transformers' default: 32 layers, 30 of them random
+    (dict(num_hidden_layers=1), "unexpected"),  # layer 1 of the weights dropped
+    (dict(intermediate_size=40), "mismatched"),
+])
+def test_llama_config_that_does_not_match_its_weights_is_refused(tiny_llama, tmp_path, change, kind):
+    ck = edit_config(Path(shutil.copytree(tiny_llama, tmp_path / "ck")), **change)
+    stored = stored_shapes(ck)
+    with pytest.raises(PipelineError) as e:
+        load_model(str(ck), device="cpu")
+    names = tensor_names(str(e.value))
+    assert names and "\n" not in str(e.value)
+    if kind == "missing":
+        assert not any(n in stored for n in names)
+    elif kind == "unexpected":
+        assert all(n in stored and n.startswith("model.layers.1.") for n in names)
+    else:
+        name = names[0]
+        assert name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+        assert f"{name} has shape {stored[name]}" in str(e.value)
+    if kind == "missing":  # through a script: transformers' load report, then the one error line
+        line = ends_in_one_error_line(script("b_trace_gelu_activations.py", "--model_type", ck, "--input_text",
+                                             "To be", "--output_dir", tmp_path / "out", "--device", "cpu"))
+        assert tensor_names(line) and not (tmp_path / "out").exists()
+
+
+def test_gpt2_config_with_fewer_layers_than_its_weights_is_refused(shipped_path, tmp_path):
+    ck = edit_config(Path(shutil.copytree(shipped_path, tmp_path / "tb4")), n_layer=4)
+    stored = stored_shapes(ck)
+    line = only_error_line(script("b_trace_gelu_activations.py", "--model_type", ck, "--input_text", "To be",
+                                  "--output_dir", tmp_path / "out", "--device", "cpu"))
+    names = tensor_names(line)
+    assert names and all(n in stored for n in names) and all(".h.4." in n or ".h.5." in n for n in names)
+
+
+@pytest.mark.parametrize("change,kind", [(dict(n_layer=4), "missing"), (dict(n_inner=128), "mismatched"),
+                                         (dict(n_layer=2), "unexpected")])
+def test_gpt2_config_that_does_not_match_its_weights_is_refused(random_ckpt, tmp_path, change, kind):
+    ck = edit_config(Path(shutil.copytree(random_ckpt, tmp_path / "ck")), **change)
+    stored = {k.removeprefix("transformer."): v for k, v in stored_shapes(ck).items()}
+    with pytest.raises(PipelineError) as e:
+        load_model(str(ck), device="cpu")
+    names = [n.removeprefix("transformer.") for n in tensor_names(str(e.value))]
+    assert names
+    if kind == "missing":
+        assert all(n.startswith("h.3.") and n not in stored for n in names)
+    elif kind == "unexpected":
+        assert all(n.startswith("h.2.") and n in stored for n in names)
+    else:
+        assert names[0] in stored and f"has shape {stored[names[0]]}" in str(e.value)
+
+
+def add_tensors(directory, extra):
+    from safetensors.torch import load_file, save_file
+    f = next(Path(directory).glob("*.safetensors"))
+    sd = load_file(str(f))
+    sd.update(extra(sd))
+    save_file(sd, str(f), metadata={"format": "pt"})
+
+
+def test_checkpoints_with_saved_buffers_and_tied_heads_still_load(random_ckpt, random_model, tiny_llama, tmp_path):
+    import torch
+    from test_families import build
+    idx = torch.tensor([[1, 5, 9, 2]])
+    # GPT-2 as the original checkpoints are: the causal-mask buffers saved, and the tied head saved too
+    ck = Path(shutil.copytree(random_ckpt, tmp_path / "gpt2"))
+    add_tensors(ck, lambda sd: {**{f"h.{i}.attn.bias": torch.ones(1, 1, 128, 128) for i in range(3)},
+                                **{f"h.{i}.attn.masked_bias": torch.tensor(-1e4) for i in range(3)},
+                                "lm_head.weight": sd["transformer.wte.weight"].clone()})
+    assert torch.equal(load_model(str(ck), device="cpu").model(idx)[0], random_model(idx)[0])
+    add_tensors(ck, lambda sd: {"lm_head.weight": sd["lm_head.weight"] + 1})  # an untied head would be dropped
+    with pytest.raises(PipelineError, match="lm_head.weight"):
+        load_model(str(ck), device="cpu")
+    # a Llama with the rotary frequencies saved per layer, a GPT-Neo with its attention masks saved
+    llama = Path(shutil.copytree(tiny_llama, tmp_path / "llama"))
+    add_tensors(llama, lambda sd: {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(2)})
+    want = load_model(str(tiny_llama), device="cpu").model(idx)[0]
+    assert torch.equal(load_model(str(llama), device="cpu").model(idx)[0], want)
+    neo = build("gpt_neo", tmp_path / "neo")
+    mask = torch.ones(1, 1, 128, 128, dtype=torch.bool)
+    add_tensors(neo, lambda sd: {**{f"transformer.h.{i}.attn.attention.bias": mask.clone() for i in range(2)},
+                                 **{f"transformer.h.{i}.attn.attention.masked_bias": torch.tensor(-1e9)
+                                    for i in range(2)}})
+    load_model(str(neo), device="cpu")
+
