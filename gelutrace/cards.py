@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gelutrace import PipelineError
+from gelutrace import PipelineError, markdown
 from gelutrace import stagefiles as sf
 from gelutrace.generation import left_pad
 from gelutrace.sites import GeluHooks, run_trunk
@@ -399,23 +399,34 @@ def _visible(s: str, newline: str = "⏎") -> str:
 
 
 def _md_text(s: str) -> str:
-    return _visible(s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'"))
+    """Token or context text as literal Markdown: control characters shown, markup characters escaped."""
+    return markdown.escape(_visible(s))
+
+
+def _md_bold(s: str) -> str:
+    """Strong emphasis around the text but not its outer spaces (a delimiter next to a space is not emphasis)."""
+    core = s.strip(" ")
+    if not core:
+        return _md_text(s)
+    lead = s[:len(s) - len(s.lstrip(" "))]
+    return f"{lead}**{_md_text(core)}**{s[len(lead) + len(core):]}"
 
 
 def _md_tokens(tokens: list[TokenEffect]) -> str:
-    return ", ".join(f"`{_md_text(t.token)}` ({t.value:+.3g})" for t in tokens)
+    return ", ".join(f'"{_md_text(t.token)}" ({t.value:+.3g})' for t in tokens)
 
 
 def cards_markdown(cards: list[Card], m: str, heading: str = "#") -> str:
-    lines = [f"{heading} Neuron cards of `{m}`", "",
+    lines = [f"{heading} Neuron cards of {markdown.escape(m)}", "",
              "Top-activating samples of the dataset (largest post-GELU value; the context ends at the sample's "
              "position and **the token** is the one its activations predict). Promoted / suppressed: the direct "
              "logit effect, the neuron's output weights times the final layer norm's gain through the unembedding "
              "(ignores the layer norm's scale and every later layer).", ""]
     for c in cards:
-        lines += [f"{heading}# Neuron {c.neuron_id} (layer {c.layer}, dimension {c.dimension})", "", _figures(c), "",
+        lines += [f"{heading}# Neuron {c.neuron_id} (layer {c.layer}, dimension {c.dimension})", "",
+                  markdown.escape(_figures(c)), "",
                   "| rank | value | sample | context |", "|---|---|---|---|"]
-        lines += [f"| {r} | {e.value:.4g} | {e.sample_id} | {_md_text(''.join(e.tokens))}**{_md_text(e.token)}** |"
+        lines += [f"| {r} | {e.value:.4g} | {e.sample_id} | {_md_text(''.join(e.tokens))}{_md_bold(e.token)} |"
                   for r, e in enumerate(c.examples)]
         lines += ["", f"Promoted: {_md_tokens(c.promoted)}", "", f"Suppressed: {_md_tokens(c.suppressed)}", ""]
     return "\n".join(lines)

@@ -647,3 +647,95 @@ def test_checkpoints_with_saved_buffers_and_tied_heads_still_load(random_ckpt, r
                                     for i in range(2)}})
     load_model(str(neo), device="cpu")
 
+
+
+# Markdown from corpus text: nothing can open a tag, a comment, a cell or emphasis of its own
+PAYLOADS = ["</td></tr></table><script>alert(4)</script>", "<img src=x onerror=alert(1)>", "<!--",
+            "a|b *c* _d_ `e` [f](g) \\h #i &amp; ~j~ **k**"]
+DANGEROUS = ("<script", "<img", "<!--", "</td>")
+
+
+def md_unescape(s):
+    """Markdown text back to its characters, without gelutrace: HTML entities, then backslash escapes."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", html.unescape(s))
+
+
+def payload_cards():
+    from gelutrace import cards
+    examples = [cards.Example(1.5, 7 + i, [p, " and ", p[::-1]], np.zeros(3), p) for i, p in enumerate(PAYLOADS)]
+    tokens = [cards.TokenEffect(i, p, 0.5) for i, p in enumerate(PAYLOADS)]
+    return [cards.Card(5, 0, 5, 0.25, 0.1, np.nan, np.nan, examples, tokens, tokens[::-1])]
+
+
+def test_markdown_escape_round_trips_and_opens_nothing():
+    from gelutrace import markdown
+    for p in PAYLOADS + ["\\", "\\|", "&lt;", "x" * 3 + "\\\\`"]:
+        e = markdown.escape(p)
+        assert not any(d in e for d in DANGEROUS) and md_unescape(e) == p
+
+
+def test_cards_markdown_and_the_report_hold_no_raw_html(tmp_path):
+    from gelutrace import cards
+    from gelutrace import report
+    name = "<img src=x onerror=alert(1)>"
+    md = cards.cards_markdown(payload_cards(), name)
+    assert not any(d in md for d in DANGEROUS)
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| rank")]
+    assert len(rows) == len(PAYLOADS)
+    for row, p in zip(rows, PAYLOADS):
+        cell = row.split(" | ", 3)[3].removesuffix(" |")  # an escaped | is never " | "
+        assert md_unescape(cell.replace("**", "")) == p + " and " + p[::-1] + p
+    promoted = next(ln for ln in md.splitlines() if ln.startswith("Promoted: "))
+    assert md_unescape(promoted) == "Promoted: " + ", ".join(f'"{p}" (+0.5)' for p in PAYLOADS)
+    (tmp_path / sf.CARDS_DIR).mkdir()
+    cards.write_cards(tmp_path / sf.CARDS_DIR, payload_cards(), name)
+    included = "\n".join(report.cards_section(tmp_path))
+    assert "### Neuron 5" in included and not any(d in included for d in DANGEROUS)
+    table = report.md_table(pd.DataFrame({"subset": PAYLOADS, "k": range(len(PAYLOADS))}))
+    assert not any(d in table for d in DANGEROUS)
+    cells = [ln.split(" | ")[0].removeprefix("| ") for ln in table.splitlines()[2:]]
+    assert [md_unescape(c) for c in cells] == PAYLOADS
+    sentence = report.evaluation_sentence({"eval_csv": f"/d/{name}.csv", "selection_csv": "/d/<!--.csv",
+                                           "held_out": True, "selection_prompts": 2, "eval_prompts": 3})
+    assert not any(d in sentence for d in DANGEROUS) and f"{name}.csv" in md_unescape(sentence)
+
+
+def test_cards_markdown_renders_as_the_text_itself():
+    """Rendered by an independent Markdown implementation (CommonMark with tables), then read back by html.parser."""
+    markdown_it = pytest.importorskip("markdown_it")
+    from html.parser import HTMLParser
+    from gelutrace import cards
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.comments, self.cells, self.paragraphs, self.where = set(), [], [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.add(tag)
+            if tag in ("td", "p"):
+                self.where = [tag, ""]
+
+        def handle_endtag(self, tag):
+            if self.where and tag == self.where[0]:
+                (self.cells if tag == "td" else self.paragraphs).append(self.where[1])
+                self.where = None
+
+        def handle_data(self, data):
+            if self.where:
+                self.where[1] += data
+
+        def handle_comment(self, data):
+            self.comments.append(data)
+
+    page = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(
+        cards.cards_markdown(payload_cards(), "m<script>"))
+    cells = Cells()
+    cells.feed(page)
+    assert cells.tags <= {"h1", "h2", "p", "strong", "table", "thead", "tbody", "tr", "th", "td"}, cells.tags
+    assert not cells.comments
+    contexts = cells.cells[3::4]
+    assert contexts == [p + " and " + p[::-1] + p for p in PAYLOADS]
+    assert "Promoted: " + ", ".join(f'"{p}" (+0.5)' for p in PAYLOADS) in cells.paragraphs
+    assert "Neuron cards of m<script>" in page.replace("&lt;", "<").replace("&gt;", ">")
+

@@ -114,7 +114,7 @@ def test_report_and_summary(pipeline):
     report = (data / "report.md").read_text()
     for needle in ("## Parameters", "0.3 0.8", "0.01 0.05", "## Threshold sweep", "## Ablation effects",
                    "b_generate_activation_dataset.py", "31 samples from 3 prompts", "## Method comparison",
-                   "measured on held-out prompts (`heldout.csv`, 4 prompts, none shared)"):
+                   "measured on held-out prompts (heldout.csv, 4 prompts, none shared)"):
         assert needle in report
     assert report.index("## Verdict") < report.index("## Method comparison") < report.index("## Parameters")
     assert "found the most influential neurons" in report
@@ -179,4 +179,4 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     methods = {json.loads(p.read_text())["method"] for p in (data / sf.SUBSETS_DIR).glob("*.json")}
     assert methods == {"degree", "activation_count", "random"}
     report = (data / "report.md").read_text()
-    assert "chosen on a corpus (`heldout.txt`" in report and "none of which occurs in the corpus" in report
+    assert "chosen on a corpus (heldout.txt" in report and "none of which occurs in the corpus" in report
