@@ -68,6 +68,8 @@ def main(argv=None):
     sf.lock_directory(args.dataset_path, "single-neuron effects")
     ids = (np.arange(n_neurons, dtype=np.int64) if args.neurons == "all"
            else np.unique(sf.read_subset(args.neurons, n_neurons)))
+    if not len(ids):
+        raise PipelineError(f"--neurons {args.neurons} holds no neuron ids: there is nothing to measure")
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
     seqs = ef.dataset_sequences(args.dataset_path, lm.name, prompts, prompt_ids, Path(args.input_csv).name)
     if not seqs.conts:

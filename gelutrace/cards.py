@@ -215,19 +215,22 @@ def parse_neurons(spec: str, n_neurons: int, data=None, m: str = "") -> np.ndarr
     if spec == "report":
         return report_neurons(data, m, n_neurons)
     if spec.endswith(".npy"):
-        return sf.read_subset(spec, n_neurons)
+        ids = sf.read_subset(spec, n_neurons)
+        if not len(ids):
+            raise PipelineError(f"--neurons {spec} holds no neuron ids")
+        return ids
     try:
-        ids = np.array([int(x) for x in spec.replace(",", " ").split()], np.int64)
+        ids = [int(x) for x in spec.replace(",", " ").split()]
     except ValueError:
         raise PipelineError(f"--neurons {spec!r}: expected a .npy file or neuron ids separated by commas") from None
-    if not len(ids):
+    if not ids:
         raise PipelineError("--neurons names no neuron")
-    bad = ids[(ids < 0) | (ids >= n_neurons)]
-    if len(bad):
-        raise PipelineError(f"--neurons: id {int(bad[0])} is outside this model's neurons 0..{n_neurons - 1}")
-    if len(np.unique(ids)) != len(ids):
+    bad = [i for i in ids if not 0 <= i < n_neurons]  # checked as Python ints: any size, before numpy sees them
+    if bad:
+        raise PipelineError(f"--neurons: id {bad[0]} is outside this model's neurons 0..{n_neurons - 1}")
+    if len(set(ids)) != len(ids):
         raise PipelineError("--neurons lists a neuron more than once")
-    return ids
+    return np.array(ids, np.int64)
 
 
 def report_neurons(data, m: str, n_neurons: int, per_subset: int = 20, top_effects: int = 10) -> np.ndarray:

@@ -77,6 +77,11 @@ def read_documents(p: Path, raw: bytes) -> list[str]:
             raise PipelineError(f"{p} line {k}: no field 'text'")
         if not isinstance(rec["text"], str):
             raise PipelineError(f"{p} line {k}: field 'text' is not a string")
+        try:
+            rec["text"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a JSON escape such as \ud800 that pairs with no other
+            raise PipelineError(f"{p} line {k}: field 'text' holds a lone surrogate (U+{ord(rec['text'][e.start]):04X} "
+                                f"at character {e.start}), which is not text") from None
         docs.append(rec["text"])
     if not docs:
         raise PipelineError(f"{p} holds no documents")

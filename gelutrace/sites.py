@@ -94,7 +94,10 @@ def read_model_type(path: Path) -> str:
     if model_type != "gpt2" and model_type not in FAMILIES:
         raise PipelineError(f"{cfg_file}: architecture {model_type!r} has no neuron site this pipeline knows "
                             f"(an MLP whose hidden units feed one output projection); supported: {supported()}")
-    if model_type == "bloom" and hf.get("pretraining_tp", 1) > 1 and hf.get("slow_but_exact"):
+    tp = hf.get("pretraining_tp", 1)
+    if model_type == "bloom" and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
+        raise PipelineError(f"{cfg_file}: pretraining_tp must be a positive integer, got {tp!r}")
+    if model_type == "bloom" and tp > 1 and hf.get("slow_but_exact"):
         raise PipelineError(f"{cfg_file}: BLOOM with slow_but_exact bypasses its output projection module; set "
                             f"slow_but_exact to false")
     return model_type
@@ -103,20 +106,36 @@ def read_model_type(path: Path) -> str:
 def hf_config(path: Path):
     from transformers import AutoConfig
 
+    cfg_file = Path(path) / "config.json"
     try:
-        return AutoConfig.from_pretrained(str(path))
+        cfg = AutoConfig.from_pretrained(str(path))
     except Exception as e:
-        raise PipelineError(f"{Path(path) / 'config.json'}: not a valid configuration ({type(e).__name__}: {e})") from None
+        raise PipelineError(f"{cfg_file}: not a valid configuration ({type(e).__name__}: {e})") from None
+    if cfg.model_type in FAMILIES:
+        shape(cfg.model_type, cfg, cfg_file)
+    return cfg
 
 
-def shape(model_type: str, cfg) -> tuple[int, int, int]:
-    """(n_layer, d_mlp, block_size) of a non-GPT-2 family from its transformers config (no weights)."""
+def shape(model_type: str, cfg, source="config.json") -> tuple[int, int, int]:
+    """(n_layer, d_mlp, block_size) of a non-GPT-2 family from its transformers config (no weights), checked."""
     fam = FAMILIES[model_type]
-    width = next((getattr(cfg, k) for k in fam.width if getattr(cfg, k, None)), None) or 4 * cfg.hidden_size
-    context = next((getattr(cfg, k) for k in fam.context if getattr(cfg, k, None)), None)
-    if context is None:
-        context = BLOOM_CONTEXT
-    return cfg.num_hidden_layers, int(width), int(context)
+
+    def positive(key):
+        value = getattr(cfg, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise PipelineError(f"{source}: {key} must be a positive integer, got {value!r}")
+        return value
+
+    n_layer, hidden = positive("num_hidden_layers"), positive("hidden_size")
+    if n_layer is None:
+        raise PipelineError(f"{source}: the number of layers (num_hidden_layers) is missing")
+    width = next((v for v in map(positive, fam.width) if v is not None), None)
+    if width is None:
+        if hidden is None:
+            raise PipelineError(f"{source}: the MLP width ({', '.join(fam.width + ('hidden_size',))}) is missing")
+        width = 4 * hidden
+    context = next((v for v in map(positive, fam.context) if v is not None), BLOOM_CONTEXT)
+    return n_layer, width, context
 
 
 class GeluHooks:

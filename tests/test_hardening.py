@@ -739,3 +739,46 @@ def test_cards_markdown_renders_as_the_text_itself():
     assert "Promoted: " + ", ".join(f'"{p}" (+0.5)' for p in PAYLOADS) in cells.paragraphs
     assert "Neuron cards of m<script>" in page.replace("&lt;", "<").replace("&gt;", ">")
 
+
+
+# tracebacks that became one error line
+@pytest.fixture(scope="module")
+def tiny_bloom(tmp_path_factory):
+    from test_families import build
+    return build("bloom", tmp_path_factory.mktemp("bloom") / "tiny_bloom")
+
+
+@pytest.mark.parametrize("case", ["lone_surrogate", "huge_neuron_id", "empty_npy_cards", "empty_npy_effects",
+                                  "negative_layers", "string_tp"])
+def test_former_tracebacks_are_one_error_line(tiny_dataset, tiny_llama, tiny_bloom, tmp_path, case):
+    d, csv = tiny_dataset
+    ds = d / "b"
+    np.save(tmp_path / "empty.npy", np.array([], np.int64))
+    if case == "lone_surrogate":
+        (tmp_path / "t.jsonl").write_text('{"text": "ROMEO."}\n{"text": "a\\ud800b"}\n')
+        r = script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_text", tmp_path / "t.jsonl",
+                   "--export_dir", tmp_path / "out", "--device", "cpu")
+        assert "line 2" in r.stderr
+    elif case == "huge_neuron_id":
+        r = script("f_render_neuron_cards.py", "--dataset_path", ds, "--model_type", "tinybard", "--neurons",
+                   "99999999999999999999999", "--output", tmp_path / "out", "--device", "cpu")
+    elif case == "empty_npy_cards":
+        r = script("f_render_neuron_cards.py", "--dataset_path", ds, "--model_type", "tinybard", "--neurons",
+                   tmp_path / "empty.npy", "--output", tmp_path / "out", "--device", "cpu")
+    elif case == "empty_npy_effects":
+        r = script("d_calculate_neuron_effects.py", "--dataset_path", ds, "--input_csv", csv, "--model_type",
+                   "tinybard", "--neurons", tmp_path / "empty.npy", "--device", "cpu")
+        assert not sf.path(ds, sf.NEURON_EFFECTS, "tinybard").exists()
+    else:
+        base, change = ((tiny_llama, dict(num_hidden_layers=-1)) if case == "negative_layers"
+                        else (tiny_bloom, dict(pretraining_tp="2")))
+        ck = edit_config(Path(shutil.copytree(base, tmp_path / "ck")), **change)
+        key = next(iter(change))
+        assert key in only_error_line(script("a_generate_gelu_graph.py", "--model_type", ck, "--output_dir",
+                                             tmp_path / "a"))
+        r = script("b_trace_gelu_activations.py", "--model_type", ck, "--input_text", "To be", "--output_dir",
+                   tmp_path / "out", "--device", "cpu")
+        assert key in r.stderr
+    only_error_line(r)
+    assert not (tmp_path / "out").exists()
+
