@@ -60,8 +60,8 @@ def main(argv=None):
     model, cfg = lm.model, lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
     if not isinstance(model, GPT):
-        raise PipelineError(f"single-neuron effects run on GPT-2 checkpoints (model.py) for now; {lm.name} is "
-                            f"{lm.site.get('architecture')}")
+        raise PipelineError(f"single-neuron effects run on GPT-2 checkpoints (model.py) for now; --model_type "
+                            f"{args.model_type} is a {lm.site.get('architecture')} checkpoint (config.json model_type)")
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
     sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
                          [sf.path(args.dataset_path, sf.DATASET, lm.name)], "stage b")

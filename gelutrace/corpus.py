@@ -63,6 +63,7 @@ def read_documents(p: Path, raw: bytes) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PipelineError(f"{p} is not UTF-8 text: byte {e.start} (0x{raw[e.start]:02x}) cannot be decoded") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark is no text
     if p.suffix == ".txt":
         return [text]
     docs = []

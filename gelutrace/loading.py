@@ -136,11 +136,13 @@ def read_config(path: Path) -> GPTConfig:
                                 + (" (missing)" if key not in hf and default is None else ""))
         return v
 
+    context = "n_ctx" if "n_ctx" in hf and "n_positions" not in hf else "n_positions"  # the key errors name
+
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise PipelineError(f"{cfg_file}: layer_norm_epsilon must be a positive number, got {eps!r}")
     config = GPTConfig(
-        block_size=integer("n_positions", hf.get("n_ctx", 1024)),
+        block_size=integer(context, 1024),
         vocab_size=integer("vocab_size"),
         n_layer=integer("n_layer"),
         n_head=integer("n_head"),

@@ -648,7 +648,6 @@ def test_checkpoints_with_saved_buffers_and_tied_heads_still_load(random_ckpt, r
     load_model(str(neo), device="cpu")
 
 
-
 # Markdown from corpus text: nothing can open a tag, a comment, a cell or emphasis of its own
 PAYLOADS = ["</td></tr></table><script>alert(4)</script>", "<img src=x onerror=alert(1)>", "<!--",
             "a|b *c* _d_ `e` [f](g) \\h #i &amp; ~j~ **k**"]
@@ -740,7 +739,6 @@ def test_cards_markdown_renders_as_the_text_itself():
     assert "Neuron cards of m<script>" in page.replace("&lt;", "<").replace("&gt;", ">")
 
 
-
 # tracebacks that became one error line
 @pytest.fixture(scope="module")
 def tiny_bloom(tmp_path_factory):
@@ -782,3 +780,56 @@ def test_former_tracebacks_are_one_error_line(tiny_dataset, tiny_llama, tiny_blo
     only_error_line(r)
     assert not (tmp_path / "out").exists()
 
+
+# smaller items
+@pytest.mark.parametrize("extra", [["--checkpoint_minutes", "nan"], ["--checkpoint_minutes", "inf"],
+                                   ["--checkpoint_minutes", "-1"], ["--temperature", "0.8"], ["--temperature", "0"],
+                                   ["--seed", "42"], ["--top_k", "5"]])
+def test_corpus_mode_refuses_flags_it_would_ignore(tmp_path, extra):
+    (tmp_path / "t.txt").write_text("ROMEO. And God said")
+    err = only_error_line(script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_text",
+                                 tmp_path / "t.txt", "--export_dir", tmp_path / "out", "--device", "cpu", *extra))
+    assert extra[0] in err and not (tmp_path / "out").exists()
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path, shipped):
+    text = "ROMEO. And God said, let there be light"
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": text}).encode() + b"\n")
+    for name in ("a.txt", "b.jsonl"):
+        r = script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_text", tmp_path / name,
+                   "--export_dir", tmp_path / name.replace(".", "_"), "--device", "cpu", "--top_examples", "0")
+        assert r.returncode == 0, r.stderr[-2000:]
+        record = json.loads(sf.path(tmp_path / name.replace(".", "_"), sf.CORPUS, "tinybard").read_text())
+        assert record["tokens"] == len(shipped.tokenizer(text)["input_ids"]) + 1  # the text and end-of-text
+
+
+def test_a_symlink_loop_is_called_one(tmp_path):
+    os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
+    os.symlink(tmp_path / "loop_a", tmp_path / "loop_b")
+    loop = tmp_path / "loop_a"
+    for argv in (["b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_text", loop,
+                  "--export_dir", tmp_path / "out"],
+                 ["b_generate_activation_dataset.py", "--model_type", loop, "--input_csv", loop, "--export_dir",
+                  tmp_path / "out"],
+                 ["c_merge_activation_statistics.py", "--output_dir", tmp_path / "out", loop]):
+        err = only_error_line(script(*argv))
+        assert "symlink loop" in err and str(loop) in err and "does not exist" not in err
+
+
+def test_errors_name_the_right_thing(tmp_path, random_ckpt, tiny_llama, tiny_dataset):
+    from gelutrace.perturbation import check_dataset
+    from gelutrace.sites import site_info
+    ck = edit_config(Path(shutil.copytree(random_ckpt, tmp_path / "ck")), n_positions=DELETE, n_ctx=-5)
+    with pytest.raises(PipelineError, match="n_ctx must be a positive integer, got -5"):
+        load_model(str(ck), device="cpu")
+    llama = Path(shutil.copytree(tiny_llama, tmp_path / "llama"))  # a checkpoint named after its architecture
+    d, csv = tiny_dataset
+    r = script("d_calculate_neuron_effects.py", "--dataset_path", d / "b", "--input_csv", csv, "--model_type", llama,
+               "--device", "cpu")
+    err = ends_in_one_error_line(r)
+    assert "llama is llama" not in err and f"--model_type {llama} is a llama checkpoint" in err
+    sf.write_graph_files(tmp_path / "ds", "llama", 2, 48, write_el=False, site=site_info("gpt_neox"))
+    with pytest.raises(PipelineError) as e:
+        check_dataset(tmp_path / "ds", "llama", 2, 48, site_info("llama"))
+    assert "'llama' is llama" not in str(e.value) and "architecture gpt_neox" in str(e.value)
