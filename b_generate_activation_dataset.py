@@ -25,6 +25,7 @@ delta_nll that zero-ablating that neuron alone causes in stage e (--no_attributi
         --input_text corpus/ --export_dir corpus_gpt2
 """
 
+import math
 from pathlib import Path
 
 import torch
@@ -50,9 +51,10 @@ def main():
                          "field 'text') or directories of them (every .txt/.jsonl, sorted by name)")
     ap.add_argument("--export_dir", required=True, help="directory for the dataset files (created if missing)")
     add_model_args(ap)
-    add_sampling_args(ap, seed=42, temperature=0.0, top_k=None, batch_size=None,
-                      batch_help="prompt mode: most sequences generated together (default 64); corpus mode: "
-                                 f"windows per forward pass (default: about {corpus.TOKENS_PER_BATCH} tokens' worth)")
+    sampling = add_sampling_args(ap, seed=42, temperature=0.0, top_k=None, batch_size=None, only_in="prompt mode",
+                                 batch_help="prompt mode: most sequences generated together (default 64); corpus "
+                                            f"mode: windows per forward pass (default: about "
+                                            f"{corpus.TOKENS_PER_BATCH} tokens' worth)")
     ap.add_argument("--resume", action="store_true",
                     help="continue an interrupted run with the same inputs and settings (prompt mode: from its "
                          "last completed batch; corpus mode: from its last checkpoint)")
@@ -81,13 +83,20 @@ def main():
                     help="corpus mode: process only windows I, I+N, I+2N, ... and write a dataset of partial "
                          "counts; c_merge_activation_statistics.py sums the N shards")
     ap.add_argument("--checkpoint_minutes", type=float, default=5.0,
-                    help="corpus mode: save the running counts for --resume at most this often (default: "
-                         "%(default)s)")
+                    help="corpus mode: save the running counts for --resume at most this often; 0 saves after "
+                         "every batch (default: %(default)s)")
     args = ap.parse_args()
     if (args.input_csv is None) == (args.input_text is None):
         raise PipelineError("give exactly one of --input_csv (prompt mode) and --input_text (corpus mode)")
     if args.input_text is not None:
+        given = [f"--{k}" for k in sampling if getattr(args, k) is not None]
+        if given:
+            raise PipelineError(f"{given[0]} belongs to prompt mode: corpus mode reads the text teacher-forced and "
+                                f"samples nothing")
         return corpus_mode(args)
+    for k, v in sampling.items():  # prompt mode's defaults
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.batch_size = args.batch_size or 64
     check_sampling_args(args)
     check_at_least(args, 0, "top_examples")
@@ -151,6 +160,9 @@ def merge_chunk_tops(top, chunks, k: int):
 
 
 def corpus_mode(args):
+    if not math.isfinite(args.checkpoint_minutes) or args.checkpoint_minutes < 0:
+        raise PipelineError(f"--checkpoint_minutes must be a finite number >= 0 (0: after every batch), got "
+                            f"{args.checkpoint_minutes}")
     settings = corpus.CorpusSettings(args.context, args.max_tokens, args.batch_size, args.save_matrix, args.shard,
                                      args.top_examples, args.resume, 60 * args.checkpoint_minutes)
     record = corpus.run_corpus_mode(args.input_text, args.export_dir, args.model_type, args.device, settings)

@@ -60,14 +60,16 @@ def main(argv=None):
     model, cfg = lm.model, lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
     if not isinstance(model, GPT):
-        raise PipelineError(f"single-neuron effects run on GPT-2 checkpoints (model.py) for now; {lm.name} is "
-                            f"{lm.site.get('architecture')}")
+        raise PipelineError(f"single-neuron effects run on GPT-2 checkpoints (model.py) for now; --model_type "
+                            f"{args.model_type} is a {lm.site.get('architecture')} checkpoint (config.json model_type)")
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
     sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
                          [sf.path(args.dataset_path, sf.DATASET, lm.name)], "stage b")
     sf.lock_directory(args.dataset_path, "single-neuron effects")
     ids = (np.arange(n_neurons, dtype=np.int64) if args.neurons == "all"
            else np.unique(sf.read_subset(args.neurons, n_neurons)))
+    if not len(ids):
+        raise PipelineError(f"--neurons {args.neurons} holds no neuron ids: there is nothing to measure")
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
     seqs = ef.dataset_sequences(args.dataset_path, lm.name, prompts, prompt_ids, Path(args.input_csv).name)
     if not seqs.conts:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gelutrace import PipelineError
+from gelutrace import PipelineError, markdown
 from gelutrace import stagefiles as sf
 from gelutrace.generation import left_pad
 from gelutrace.sites import GeluHooks, run_trunk
@@ -215,19 +215,22 @@ def parse_neurons(spec: str, n_neurons: int, data=None, m: str = "") -> np.ndarr
     if spec == "report":
         return report_neurons(data, m, n_neurons)
     if spec.endswith(".npy"):
-        return sf.read_subset(spec, n_neurons)
+        ids = sf.read_subset(spec, n_neurons)
+        if not len(ids):
+            raise PipelineError(f"--neurons {spec} holds no neuron ids")
+        return ids
     try:
-        ids = np.array([int(x) for x in spec.replace(",", " ").split()], np.int64)
+        ids = [int(x) for x in spec.replace(",", " ").split()]
     except ValueError:
         raise PipelineError(f"--neurons {spec!r}: expected a .npy file or neuron ids separated by commas") from None
-    if not len(ids):
+    if not ids:
         raise PipelineError("--neurons names no neuron")
-    bad = ids[(ids < 0) | (ids >= n_neurons)]
-    if len(bad):
-        raise PipelineError(f"--neurons: id {int(bad[0])} is outside this model's neurons 0..{n_neurons - 1}")
-    if len(np.unique(ids)) != len(ids):
+    bad = [i for i in ids if not 0 <= i < n_neurons]  # checked as Python ints: any size, before numpy sees them
+    if bad:
+        raise PipelineError(f"--neurons: id {bad[0]} is outside this model's neurons 0..{n_neurons - 1}")
+    if len(set(ids)) != len(ids):
         raise PipelineError("--neurons lists a neuron more than once")
-    return ids
+    return np.array(ids, np.int64)
 
 
 def report_neurons(data, m: str, n_neurons: int, per_subset: int = 20, top_effects: int = 10) -> np.ndarray:
@@ -399,23 +402,34 @@ def _visible(s: str, newline: str = "⏎") -> str:
 
 
 def _md_text(s: str) -> str:
-    return _visible(s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'"))
+    """Token or context text as literal Markdown: control characters shown, markup characters escaped."""
+    return markdown.escape(_visible(s))
+
+
+def _md_bold(s: str) -> str:
+    """Strong emphasis around the text but not its outer spaces (a delimiter next to a space is not emphasis)."""
+    core = s.strip(" ")
+    if not core:
+        return _md_text(s)
+    lead = s[:len(s) - len(s.lstrip(" "))]
+    return f"{lead}**{_md_text(core)}**{s[len(lead) + len(core):]}"
 
 
 def _md_tokens(tokens: list[TokenEffect]) -> str:
-    return ", ".join(f"`{_md_text(t.token)}` ({t.value:+.3g})" for t in tokens)
+    return ", ".join(f'"{_md_text(t.token)}" ({t.value:+.3g})' for t in tokens)
 
 
 def cards_markdown(cards: list[Card], m: str, heading: str = "#") -> str:
-    lines = [f"{heading} Neuron cards of `{m}`", "",
+    lines = [f"{heading} Neuron cards of {markdown.escape(m)}", "",
              "Top-activating samples of the dataset (largest post-GELU value; the context ends at the sample's "
              "position and **the token** is the one its activations predict). Promoted / suppressed: the direct "
              "logit effect, the neuron's output weights times the final layer norm's gain through the unembedding "
              "(ignores the layer norm's scale and every later layer).", ""]
     for c in cards:
-        lines += [f"{heading}# Neuron {c.neuron_id} (layer {c.layer}, dimension {c.dimension})", "", _figures(c), "",
+        lines += [f"{heading}# Neuron {c.neuron_id} (layer {c.layer}, dimension {c.dimension})", "",
+                  markdown.escape(_figures(c)), "",
                   "| rank | value | sample | context |", "|---|---|---|---|"]
-        lines += [f"| {r} | {e.value:.4g} | {e.sample_id} | {_md_text(''.join(e.tokens))}**{_md_text(e.token)}** |"
+        lines += [f"| {r} | {e.value:.4g} | {e.sample_id} | {_md_text(''.join(e.tokens))}{_md_bold(e.token)} |"
                   for r, e in enumerate(c.examples)]
         lines += ["", f"Promoted: {_md_tokens(c.promoted)}", "", f"Suppressed: {_md_tokens(c.suppressed)}", ""]
     return "\n".join(lines)

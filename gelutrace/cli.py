@@ -1,7 +1,9 @@
 """What every stage script shares: the error convention and the model/device flags."""
 
 import argparse
+import errno
 import math
+import os
 import sys
 
 from gelutrace import PipelineError
@@ -26,8 +28,32 @@ def run_main(main):
         release_locks()
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, and one error line for a value that names a symlink loop (which os.path calls missing)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for action in self._actions:
+            values = getattr(parsed, action.dest, None)
+            for v in values if isinstance(values, list) else [values]:
+                if isinstance(v, (str, os.PathLike)) and _is_loop(v):
+                    name = action.option_strings[-1] if action.option_strings else action.metavar or action.dest
+                    raise PipelineError(f"{name} {v} is a symlink loop")
+        return parsed
+
+
+def _is_loop(path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    except ValueError:  # a NUL byte: no path at all
+        return False
+    return False
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_model_args(ap: argparse.ArgumentParser, default: str = "gpt2", device: bool = True):
@@ -44,15 +70,25 @@ def add_model_args(ap: argparse.ArgumentParser, default: str = "gpt2", device: b
 
 
 def add_sampling_args(ap: argparse.ArgumentParser, seed: int, temperature: float, top_k: int | None,
-                      batch_size: int | None = 64, batch_help: str | None = None):
-    ap.add_argument("--seed", type=int, default=seed, help="random seed for sampling (default: %(default)s)")
-    ap.add_argument("--temperature", type=float, default=temperature,
-                    help="sampling temperature; 0 means greedy decoding (argmax) (default: %(default)s)")
-    ap.add_argument("--top_k", type=int, default=top_k,
-                    help="sample only among the k most likely tokens; ignored when greedy (default: %(default)s)")
+                      batch_size: int | None = 64, batch_help: str | None = None, only_in: str | None = None) -> dict:
+    """
+    --seed, --temperature, --top_k and --batch_size; returns the sampling flags' defaults. With `only_in` (the mode
+    they belong to, e.g. "prompt mode") the sampling flags default to None, so a script can tell whether they were
+    given, and fills in the returned defaults itself.
+    """
+    defaults = {"seed": seed, "temperature": temperature, "top_k": top_k}
+    unset = only_in is not None
+    where = f"{only_in}; " if only_in else ""
+    ap.add_argument("--seed", type=int, default=None if unset else seed,
+                    help=f"random seed for sampling ({where}default: {seed})")
+    ap.add_argument("--temperature", type=float, default=None if unset else temperature,
+                    help=f"sampling temperature; 0 means greedy decoding (argmax) ({where}default: {temperature})")
+    ap.add_argument("--top_k", type=int, default=None if unset else top_k,
+                    help=f"sample only among the k most likely tokens; ignored when greedy ({where}default: {top_k})")
     ap.add_argument("--batch_size", type=int, default=batch_size,
                     help=batch_help or "most sequences generated together (prompts are left-padded into batches; "
                                        "greedy runs compute one sequence per prompt) (default: %(default)s)")
+    return defaults
 
 
 def check_at_least(args, minimum: int, *flags: str):

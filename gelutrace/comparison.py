@@ -318,20 +318,21 @@ def null_phrase(n_controls, p, p_holm) -> str:
     return f"not distinguishable from random neurons of the same layers (p = {_p(p)}{holm_txt})"
 
 
-def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL) -> list[str]:
-    """The report's opening verdict, one bullet per k, worded from the numbers alone."""
+def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL, name=str) -> list[str]:
+    """The report's opening verdict, one bullet per k, worded from the numbers alone; `name` renders the
+    methods' labels (markdown.escape for the report)."""
     lines = []
     pct_level = f"{100 * level:g} %"
     for r in verdict.to_dict("records"):
         pct = 100 * r["k"] / n_neurons if n_neurons else np.nan
-        s = (f"k = {r['k']} ({pct:.1f} % of neurons): **{r['winner']}** found the most influential neurons, "
+        s = (f"k = {r['k']} ({pct:.1f} % of neurons): **{name(r['winner'])}** found the most influential neurons, "
              f"ΔNLL {_fmt(r['winner_delta_nll'])} nats/token [{_fmt(r['winner_ci_low'])}, "
              f"{_fmt(r['winner_ci_high'])}] ({pct_level} CI)")
         vs = null_phrase(r.get("winner_random_n"), r.get("winner_p_random"), r.get("winner_p_random_holm"))
         s += f", {vs}" if vs else ""
         if isinstance(r.get("runner_up"), str):
             clear = r["margin_ci_low"] > 0
-            s += (f"; {'ahead of' if clear else 'not separable from'} {r['runner_up']} "
+            s += (f"; {'ahead of' if clear else 'not separable from'} {name(r['runner_up'])} "
                   f"(difference {_fmt(r['margin'])} [{_fmt(r['margin_ci_low'])}, {_fmt(r['margin_ci_high'])}])")
         s += "."
         if isinstance(r.get("graph_best"), str) and r["graph_best"] != r["winner"]:
@@ -340,7 +341,7 @@ def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL) -
                      for b in BASELINES if isinstance(r.get(f"graph_vs_{b}_verdict"), str)]
             g_vs = null_phrase(r.get("graph_random_n"), r.get("graph_p_random"), r.get("graph_p_random_holm"))
             if parts or g_vs:
-                s += f" The best graph method, {r['graph_best']}, " + " and ".join(parts)
+                s += f" The best graph method, {name(r['graph_best'])}, " + " and ".join(parts)
                 s += (f"; it is {g_vs}" if parts else f"is {g_vs}") if g_vs else ""
                 s += "."
         lines.append("- " + s)

@@ -63,6 +63,7 @@ def read_documents(p: Path, raw: bytes) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PipelineError(f"{p} is not UTF-8 text: byte {e.start} (0x{raw[e.start]:02x}) cannot be decoded") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark is no text
     if p.suffix == ".txt":
         return [text]
     docs = []
@@ -77,6 +78,11 @@ def read_documents(p: Path, raw: bytes) -> list[str]:
             raise PipelineError(f"{p} line {k}: no field 'text'")
         if not isinstance(rec["text"], str):
             raise PipelineError(f"{p} line {k}: field 'text' is not a string")
+        try:
+            rec["text"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a JSON escape such as \ud800 that pairs with no other
+            raise PipelineError(f"{p} line {k}: field 'text' holds a lone surrogate (U+{ord(rec['text'][e.start]):04X} "
+                                f"at character {e.start}), which is not text") from None
         docs.append(rec["text"])
     if not docs:
         raise PipelineError(f"{p} holds no documents")

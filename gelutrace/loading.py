@@ -136,11 +136,13 @@ def read_config(path: Path) -> GPTConfig:
                                 + (" (missing)" if key not in hf and default is None else ""))
         return v
 
+    context = "n_ctx" if "n_ctx" in hf and "n_positions" not in hf else "n_positions"  # the key errors name
+
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise PipelineError(f"{cfg_file}: layer_norm_epsilon must be a positive number, got {eps!r}")
     config = GPTConfig(
-        block_size=integer("n_positions", hf.get("n_ctx", 1024)),
+        block_size=integer(context, 1024),
         vocab_size=integer("vocab_size"),
         n_layer=integer("n_layer"),
         n_head=integer("n_head"),
@@ -173,34 +175,46 @@ def model_site(model_type: str) -> tuple[int, int, dict]:
 
 
 def load_checkpoint(path: Path, device: torch.device = torch.device("cpu")) -> GPT:
-    """A GPT from a Hugging Face GPT-2 checkpoint directory (Conv1D weights transposed to Linear)."""
-    from safetensors.torch import load_file
+    """
+    A GPT from a Hugging Face GPT-2 checkpoint directory (Conv1D weights transposed to Linear). The config must
+    match the weights: every tensor the config implies is there with its shape and no other tensor is, which the
+    safetensors header tells before anything is read.
+    """
+    from safetensors import safe_open
 
     config = read_config(path)
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise PipelineError(f"{path} has no model.safetensors (pickled .bin checkpoints are not read)")
-    try:
-        sd = load_file(str(weights))
-    except Exception as e:  # truncated or not safetensors at all
-        raise PipelineError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e})") from None
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = GPT(config)
     target = model.state_dict()
-    converted = {}
-    for k in target:
-        src = k.removeprefix("transformer.")
-        if k == "lm_head.weight":
-            src = "lm_head.weight" if "lm_head.weight" in sd else "wte.weight"
-        if src not in sd:
-            raise PipelineError(f"{weights}: missing tensor {src}")
-        w = sd[src]
-        if src.endswith(CONV1D):
-            w = w.t()
-        if w.shape != target[k].shape:
-            raise PipelineError(f"{weights}: tensor {src} has shape {tuple(w.shape)}, expected {tuple(target[k].shape)}")
-        converted[k] = w.to(torch.float32)
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = {k.removeprefix("transformer."): k for k in f.keys()}
+            sources = {}
+            for k in target:
+                src = k.removeprefix("transformer.")
+                if k == "lm_head.weight" and src not in stored:
+                    src = "wte.weight"  # tied to the embedding, as GPT-2 saves it
+                sources[k] = src
+            shapes = {src: tuple(f.get_slice(stored[src]).get_shape()) for src in set(sources.values()) & stored.keys()}
+            expected = {src: tuple(target[k].shape[::-1] if src.endswith(CONV1D) else target[k].shape)
+                        for k, src in sources.items()}
+            sites.check_tensors(weights, config_file=path / "config.json",
+                                missing=[src for src in expected if src not in stored],
+                                unexpected=[stored[s] for s in stored if s not in expected],
+                                mismatched=[(stored[src], shapes[src], want) for src, want in expected.items()
+                                            if src in shapes and shapes[src] != want])
+            sd = {src: f.get_tensor(stored[src]) for src in expected}
+    except PipelineError:
+        raise
+    except Exception as e:  # truncated or not safetensors at all
+        raise PipelineError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    if sources["lm_head.weight"] == "lm_head.weight" and not torch.equal(sd["lm_head.weight"], sd["wte.weight"]):
+        raise PipelineError(f"{weights}: lm_head.weight differs from wte.weight, but this GPT-2 ties its output "
+                            f"embedding to the input embedding")
+    converted = {k: (sd[src].t() if src.endswith(CONV1D) else sd[src]).to(torch.float32) for k, src in sources.items()}
     model.load_state_dict(converted, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor: tie it again
     return model.to(device).eval()

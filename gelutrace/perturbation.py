@@ -184,9 +184,10 @@ def check_dataset(dataset_path, m: str, n_layer: int, d_mlp: int, site: dict | N
         if site is not None:
             recorded = {k: meta.get(k, GPT2_SITE[k]) for k in ("architecture", "neuron_site")}
             if any(recorded[k] != site[k] for k in recorded):
-                raise PipelineError(f"{meta_p} was recorded on {recorded['architecture']} at the neuron site "
-                                    f"{recorded['neuron_site']!r}, but model {m!r} is {site['architecture']} with "
-                                    f"its neurons at {site['neuron_site']!r}: the dataset is from another model")
+                raise PipelineError(f"{meta_p} was recorded on architecture {recorded['architecture']} at the neuron "
+                                    f"site {recorded['neuron_site']!r}, but the model's config.json gives architecture "
+                                    f"{site['architecture']}, whose neurons are at {site['neuron_site']!r}: the "
+                                    f"dataset is from another model")
     if attr_p.is_file():
         attrs = sf.read_attributes(d, m)
         n = n_layer * d_mlp

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gelutrace import PipelineError
+from gelutrace import PipelineError, markdown
 from gelutrace import comparison as cmp
 from gelutrace import stagefiles as sf
 from gelutrace.cli import parser, run_main
@@ -23,8 +23,8 @@ def md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     def cell(v):
         if isinstance(v, (float, np.floating)):
             return "" if np.isnan(v) else floatfmt.format(v)
-        return str(v)
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+        return markdown.escape(v)
+    lines = ["| " + " | ".join(map(markdown.escape, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
@@ -88,25 +88,26 @@ def effect_table(effects: pd.DataFrame) -> pd.DataFrame:
     return effects[[c for c in cols if c in effects.columns]]
 
 
-def evaluation_sentence(ev: dict | None) -> str:
+def evaluation_sentence(ev: dict | None, name=markdown.escape) -> str:
+    """The sentence saying what the neurons were chosen and measured on; `name` formats file names."""
     if ev is None:
         return ""
-    evl = Path(ev["eval_csv"]).name
+    evl = name(Path(ev["eval_csv"]).name)
     if "selection_corpus" in ev:
-        corpus = ", ".join(f"`{Path(p).name}`" for p in ev["selection_corpus"])
+        corpus = ", ".join(name(Path(p).name) for p in ev["selection_corpus"])
         s = (f"The neurons were chosen on a corpus ({corpus}, {ev.get('selection_tokens') or 0:,} tokens read "
-             f"teacher-forced) and their effects measured on the prompts of `{evl}` ({ev['eval_prompts']} prompts)")
+             f"teacher-forced) and their effects measured on the prompts of {evl} ({ev['eval_prompts']} prompts)")
         if ev["prompts_in_both"] is None:
             return s + "; whether those prompts occur in the corpus was not checked (corpus too large or moved)."
         if ev["held_out"]:
             return s + ", none of which occurs in the corpus."
         return s + (f", {ev['prompts_in_both']} of which occur in the corpus: **not a held-out evaluation**, so "
                     f"every method's effect may be overstated.")
-    sel = Path(ev["selection_csv"]).name
+    sel = name(Path(ev["selection_csv"]).name)
     if ev["held_out"]:
-        return (f"The neurons were chosen on the dataset's prompts (`{sel}`, {ev['selection_prompts']} prompts) and "
-                f"their effects measured on held-out prompts (`{evl}`, {ev['eval_prompts']} prompts, none shared).")
-    return (f"The neurons were chosen on `{sel}` and their effects measured on `{evl}`, which shares "
+        return (f"The neurons were chosen on the dataset's prompts ({sel}, {ev['selection_prompts']} prompts) and "
+                f"their effects measured on held-out prompts ({evl}, {ev['eval_prompts']} prompts, none shared).")
+    return (f"The neurons were chosen on {sel} and their effects measured on {evl}, which shares "
             f"{ev['prompts_in_both']} of its {ev['eval_prompts']} prompts with it: **not a held-out evaluation**, so "
             f"every method's effect may be overstated.")
 
@@ -147,7 +148,7 @@ def verdict_section(info: dict, n_neurons: int) -> list[str]:
     ev = info["evaluation"]
     level = (ev or {}).get("confidence_level", cmp.LEVEL)
     lines = ["## Verdict", "", evaluation_sentence(ev), "", settings_sentence(ev, info["record"]), ""]
-    lines += cmp.verdict_lines(v, n_neurons, level) + [""]
+    lines += cmp.verdict_lines(v, n_neurons, level, markdown.escape) + [""]
     c = info["comparison"]
     if c is not None and len(c):
         filler = c[c["filler"].astype(bool)] if "filler" in c.columns else c.iloc[:0]
@@ -156,13 +157,13 @@ def verdict_section(info: dict, n_neurons: int) -> list[str]:
             split = best[best["tie_pool"].fillna(0) > best["tied_picks"].fillna(0)]
             if len(split):
                 lines += ["Picks drawn by the seeded random tie-break (the k-th pick's score is shared by neurons "
-                          "left out): " + "; ".join(f"`{r.subset}` {int(r.tied_picks)} of {int(r.k)} picks, from "
+                          "left out): " + "; ".join(f"{markdown.escape(r.subset)} {int(r.tied_picks)} of {int(r.k)} picks, from "
                                                     f"{int(r.tie_pool)} tied neurons" for r in split.itertuples())
                           + ".", ""]
         if len(filler):
             lines += [f"{len(filler)} variant(s) had more than half of their picks at score 0 (filled by the "
                       f"random tie-break, not chosen by their score) and could not stand for their method: "
-                      + ", ".join(f"`{x}`" for x in filler["subset"]) + ".", ""]
+                      + ", ".join(markdown.escape(x) for x in filler["subset"]) + ".", ""]
     return lines
 
 
@@ -242,17 +243,17 @@ def write_report(data: Path, params: dict) -> str:
     analysis = data / sf.ANALYSIS_DIR
     results = data / sf.RESULTS_DIR
     meta = info["meta"]
-    lines = [f"# Influential GELU neurons of `{m}`", "",
+    lines = [f"# Influential GELU neurons of {markdown.escape(m)}", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `run_pipeline.sh`.", ""]
     lines += verdict_section(info, int(meta["num_neurons"]))
     lines += comparison_section(info, data)
     lines += cards_section(data)
     lines += ["## Parameters", "", md_table(pd.DataFrame(list(params.items()), columns=["parameter", "value"])), ""]
     if info["commands"]:
-        lines += ["Commands, in order (rerun them to reproduce this report):", "", "```"]
-        lines += [info["commands"][k] for k in ("a", "b", "effects", "c", "c_analyze", "d", "e", "cards")
-                  if k in info["commands"]]
-        lines += ["```", ""]
+        commands = [info["commands"][k] for k in ("a", "b", "effects", "c", "c_analyze", "d", "e", "cards")
+                    if k in info["commands"]]
+        fence = markdown.fence(commands)
+        lines += ["Commands, in order (rerun them to reproduce this report):", "", fence, *commands, fence, ""]
     lines += ["## Dataset", "",
               f"{info['samples']} samples from {info['source']}; "
               f"{meta['n_layer']} layers x {meta['d_mlp']} GELU neurons = {meta['num_neurons']} neurons, "
@@ -312,7 +313,7 @@ def terminal_summary(info: dict, data: Path) -> str:
                          f"same layers, p = {r['delta_nll_p_random']:.2g} (dNLL {r['delta_nll_random_mean']:.3g})")
             out.append(line)
     if info["verdict"] is not None and len(info["verdict"]):
-        out.append("verdict: " + evaluation_sentence(info["evaluation"]))
+        out.append("verdict: " + evaluation_sentence(info["evaluation"], name=str))
         out += cmp.verdict_lines(info["verdict"], int(info["meta"]["num_neurons"]),
                                  (info["evaluation"] or {}).get("confidence_level", cmp.LEVEL))
     out.append(f"report: {data / sf.REPORT}")

@@ -15,6 +15,7 @@ edit the projection's input while the checkpoint's module tree and state dict st
 
 import inspect
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,9 @@ FAMILIES = {
        for t in ("llama", "mistral", "qwen2", "gemma")},
 }
 BLOOM_CONTEXT = 2048  # BLOOM's ALiBi has no learned length; its training length
+# buffers that older checkpoints saved beside the weights (causal masks and their fill value, rotary frequencies,
+# position ids): the models compute them, so a checkpoint holding them drops no weight
+LEGACY_BUFFERS = re.compile(r"(^|\.)(attn|attention)\.(bias|masked_bias)$|rotary_emb\.inv_freq$|(^|\.)position_ids$")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -90,7 +94,10 @@ def read_model_type(path: Path) -> str:
     if model_type != "gpt2" and model_type not in FAMILIES:
         raise PipelineError(f"{cfg_file}: architecture {model_type!r} has no neuron site this pipeline knows "
                             f"(an MLP whose hidden units feed one output projection); supported: {supported()}")
-    if model_type == "bloom" and hf.get("pretraining_tp", 1) > 1 and hf.get("slow_but_exact"):
+    tp = hf.get("pretraining_tp", 1)
+    if model_type == "bloom" and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
+        raise PipelineError(f"{cfg_file}: pretraining_tp must be a positive integer, got {tp!r}")
+    if model_type == "bloom" and tp > 1 and hf.get("slow_but_exact"):
         raise PipelineError(f"{cfg_file}: BLOOM with slow_but_exact bypasses its output projection module; set "
                             f"slow_but_exact to false")
     return model_type
@@ -99,20 +106,36 @@ def read_model_type(path: Path) -> str:
 def hf_config(path: Path):
     from transformers import AutoConfig
 
+    cfg_file = Path(path) / "config.json"
     try:
-        return AutoConfig.from_pretrained(str(path))
+        cfg = AutoConfig.from_pretrained(str(path))
     except Exception as e:
-        raise PipelineError(f"{Path(path) / 'config.json'}: not a valid configuration ({type(e).__name__}: {e})") from None
+        raise PipelineError(f"{cfg_file}: not a valid configuration ({type(e).__name__}: {e})") from None
+    if cfg.model_type in FAMILIES:
+        shape(cfg.model_type, cfg, cfg_file)
+    return cfg
 
 
-def shape(model_type: str, cfg) -> tuple[int, int, int]:
-    """(n_layer, d_mlp, block_size) of a non-GPT-2 family from its transformers config (no weights)."""
+def shape(model_type: str, cfg, source="config.json") -> tuple[int, int, int]:
+    """(n_layer, d_mlp, block_size) of a non-GPT-2 family from its transformers config (no weights), checked."""
     fam = FAMILIES[model_type]
-    width = next((getattr(cfg, k) for k in fam.width if getattr(cfg, k, None)), None) or 4 * cfg.hidden_size
-    context = next((getattr(cfg, k) for k in fam.context if getattr(cfg, k, None)), None)
-    if context is None:
-        context = BLOOM_CONTEXT
-    return cfg.num_hidden_layers, int(width), int(context)
+
+    def positive(key):
+        value = getattr(cfg, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise PipelineError(f"{source}: {key} must be a positive integer, got {value!r}")
+        return value
+
+    n_layer, hidden = positive("num_hidden_layers"), positive("hidden_size")
+    if n_layer is None:
+        raise PipelineError(f"{source}: the number of layers (num_hidden_layers) is missing")
+    width = next((v for v in map(positive, fam.width) if v is not None), None)
+    if width is None:
+        if hidden is None:
+            raise PipelineError(f"{source}: the MLP width ({', '.join(fam.width + ('hidden_size',))}) is missing")
+        width = 4 * hidden
+    context = next((v for v in map(positive, fam.context) if v is not None), BLOOM_CONTEXT)
+    return n_layer, width, context
 
 
 class GeluHooks:
@@ -259,15 +282,58 @@ class HFCausalLM(nn.Module):
         return torch.cat(out, dim=1)
 
 
+def _natural(key: str):
+    """Sort key that puts layer 2 before layer 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def check_tensors(weights, config_file, missing=(), unexpected=(), mismatched=(), shown: int = 3):
+    """
+    One error line when a checkpoint's config does not match its weights: tensors the config implies that the
+    weights lack, tensors of the weights the config has no place for (saved buffers aside: LEGACY_BUFFERS), or
+    (name, stored shape, expected shape) of tensors whose shape differs; the first `shown` of each kind are named,
+    in layer order.
+    """
+    unexpected = [k for k in unexpected if not LEGACY_BUFFERS.search(k)]
+
+    def first(names):
+        names = sorted(names, key=_natural)
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"it lacks {first(missing)}, which the config implies")
+    if unexpected:
+        parts.append(f"it holds {first(unexpected)}, which the config has no place for")
+    if mismatched:
+        rows = sorted(mismatched, key=lambda r: _natural(r[0]))
+        more = f" and {len(rows) - shown} more" if len(rows) > shown else ""
+        parts.append(", ".join(f"{name} has shape {tuple(got)} where the config implies {tuple(want)}"
+                               for name, got, want in rows[:shown]) + more)
+    if parts:
+        raise PipelineError(f"{weights} does not match {config_file}: " + "; ".join(parts))
+
+
 def load_hf(path: Path, model_type: str, device: torch.device) -> HFCausalLM:
-    """A supported non-GPT-2 checkpoint directory (safetensors only, float32) as an HFCausalLM."""
+    """
+    A supported non-GPT-2 checkpoint directory (safetensors only, float32) as an HFCausalLM. transformers'
+    loading report must be clean: a tensor missing (it would be drawn at random), unused (dropped) or of
+    another shape than the config implies is refused. Tied weights and buffers the model computes (attention
+    masks, rotary frequencies) are not tensors it misses or drops.
+    """
     from transformers import AutoModelForCausalLM
 
     if not any(Path(path).glob("*.safetensors")):
         raise PipelineError(f"{path} has no .safetensors weights (pickled .bin checkpoints are not read)")
+    cfg = hf_config(path)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=torch.float32)
+        hf, info = AutoModelForCausalLM.from_pretrained(str(path), config=cfg, use_safetensors=True,
+                                                        dtype=torch.float32, output_loading_info=True,
+                                                        ignore_mismatched_sizes=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(f"{path}: cannot load the {model_type} checkpoint ({reason})") from None
+    check_tensors(f"{path} (safetensors weights)", Path(path) / "config.json", info.get("missing_keys", ()),
+                  info.get("unexpected_keys", ()), info.get("mismatched_keys", ()))
     return HFCausalLM(hf.to(device).eval(), model_type)

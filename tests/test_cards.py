@@ -375,7 +375,7 @@ def test_stage_b_refuses_a_negative_k_in_both_modes(tmp_path):
 def test_token_text_is_shown_with_control_characters_escaped():
     assert cards._visible("a\nb") == "a⏎b" and cards._visible("a\nb", "\n") == "a\nb"
     assert cards._visible("\x00\x0b\u2028é") == "\\x00\\x0b\\x2028é"
-    assert cards._md_text("a|b`c") == "a\\|b'c"
+    assert cards._md_text("a|b`c") == "a\\|b\\`c"
 
 
 def test_running_top_k_takes_minus_zero_as_a_tie():

@@ -1,17 +1,25 @@
 """Hostile inputs: each must give one `error:` line and exit status 2, run no foreign code, and write nothing."""
 
+import html
+import json
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import REPO_ROOT
 from gelutrace import PipelineError
 from gelutrace import coactivation as co
+from gelutrace import stagefiles as sf
+from gelutrace.loading import load_model
 
 
 def script(name, *args, cwd=None):
@@ -503,3 +511,325 @@ def test_d_and_c_analyze_output_locations(store_dir, tmp_path):
                           "--ratio", "0.1", "--output_path", tmp_path / "adir.npy"))
     one_error_line(script("d_calculate_perturbation_subset.py", "--input_graph_path", store, "--threshold", "0.5",
                           "--ratio", "0.1", "--output_dir", tmp_path / "file"))
+
+
+# --- issue 17: configs that do not match their weights, Markdown from corpus text, tracebacks, smaller items ---
+def only_error_line(r):
+    """Exit status 2 and stderr exactly one line, `error: ...`."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr[-2000:]
+    return r.stderr
+
+
+def ends_in_one_error_line(r):
+    """Exit status 2, no traceback, and one `error: ...` line, the last (transformers may report before it)."""
+    one_error_line(r)
+    assert sum(ln.startswith("error: ") for ln in r.stderr.splitlines()) == 1, r.stderr[-2000:]
+    return r.stderr.splitlines()[-1]
+
+
+def tensor_names(message):
+    return re.findall(r"[\w.]+\.(?:weight|bias)\b", message)
+
+
+def stored_shapes(directory):
+    """The tensors of a checkpoint's safetensors files and their shapes, from the files' headers."""
+    from safetensors import safe_open
+    shapes = {}
+    for f in Path(directory).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+    return shapes
+
+
+def edit_config(directory, **changes):
+    cfg = json.loads((directory / "config.json").read_text())
+    for k, v in changes.items():
+        if v is DELETE:
+            del cfg[k]
+        else:
+            cfg[k] = v
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+DELETE = object()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from test_families import build
+    return build("llama", tmp_path_factory.mktemp("llama") / "tiny_llama")
+
+
+@pytest.mark.parametrize("change,kind", [
+    (dict(num_hidden_layers=DELETE), "missing"),  # transformers' default: 32 layers, 30 of them random
+    (dict(num_hidden_layers=1), "unexpected"),  # layer 1 of the weights dropped
+    (dict(intermediate_size=40), "mismatched"),
+])
+def test_llama_config_that_does_not_match_its_weights_is_refused(tiny_llama, tmp_path, change, kind):
+    ck = edit_config(Path(shutil.copytree(tiny_llama, tmp_path / "ck")), **change)
+    stored = stored_shapes(ck)
+    with pytest.raises(PipelineError) as e:
+        load_model(str(ck), device="cpu")
+    names = tensor_names(str(e.value))
+    assert names and "\n" not in str(e.value)
+    if kind == "missing":
+        assert not any(n in stored for n in names)
+    elif kind == "unexpected":
+        assert all(n in stored and n.startswith("model.layers.1.") for n in names)
+    else:
+        name = names[0]
+        assert name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+        assert f"{name} has shape {stored[name]}" in str(e.value)
+    if kind == "missing":  # through a script: transformers' load report, then the one error line
+        line = ends_in_one_error_line(script("b_trace_gelu_activations.py", "--model_type", ck, "--input_text",
+                                             "To be", "--output_dir", tmp_path / "out", "--device", "cpu"))
+        assert tensor_names(line) and not (tmp_path / "out").exists()
+
+
+def test_gpt2_config_with_fewer_layers_than_its_weights_is_refused(shipped_path, tmp_path):
+    ck = edit_config(Path(shutil.copytree(shipped_path, tmp_path / "tb4")), n_layer=4)
+    stored = stored_shapes(ck)
+    line = only_error_line(script("b_trace_gelu_activations.py", "--model_type", ck, "--input_text", "To be",
+                                  "--output_dir", tmp_path / "out", "--device", "cpu"))
+    names = tensor_names(line)
+    assert names and all(n in stored for n in names) and all(".h.4." in n or ".h.5." in n for n in names)
+
+
+@pytest.mark.parametrize("change,kind", [(dict(n_layer=4), "missing"), (dict(n_inner=128), "mismatched"),
+                                         (dict(n_layer=2), "unexpected")])
+def test_gpt2_config_that_does_not_match_its_weights_is_refused(random_ckpt, tmp_path, change, kind):
+    ck = edit_config(Path(shutil.copytree(random_ckpt, tmp_path / "ck")), **change)
+    stored = {k.removeprefix("transformer."): v for k, v in stored_shapes(ck).items()}
+    with pytest.raises(PipelineError) as e:
+        load_model(str(ck), device="cpu")
+    names = [n.removeprefix("transformer.") for n in tensor_names(str(e.value))]
+    assert names
+    if kind == "missing":
+        assert all(n.startswith("h.3.") and n not in stored for n in names)
+    elif kind == "unexpected":
+        assert all(n.startswith("h.2.") and n in stored for n in names)
+    else:
+        assert names[0] in stored and f"has shape {stored[names[0]]}" in str(e.value)
+
+
+def add_tensors(directory, extra):
+    from safetensors.torch import load_file, save_file
+    f = next(Path(directory).glob("*.safetensors"))
+    sd = load_file(str(f))
+    sd.update(extra(sd))
+    save_file(sd, str(f), metadata={"format": "pt"})
+
+
+def test_checkpoints_with_saved_buffers_and_tied_heads_still_load(random_ckpt, random_model, tiny_llama, tmp_path):
+    import torch
+    from test_families import build
+    idx = torch.tensor([[1, 5, 9, 2]])
+    # GPT-2 as the original checkpoints are: the causal-mask buffers saved, and the tied head saved too
+    ck = Path(shutil.copytree(random_ckpt, tmp_path / "gpt2"))
+    add_tensors(ck, lambda sd: {**{f"h.{i}.attn.bias": torch.ones(1, 1, 128, 128) for i in range(3)},
+                                **{f"h.{i}.attn.masked_bias": torch.tensor(-1e4) for i in range(3)},
+                                "lm_head.weight": sd["transformer.wte.weight"].clone()})
+    assert torch.equal(load_model(str(ck), device="cpu").model(idx)[0], random_model(idx)[0])
+    add_tensors(ck, lambda sd: {"lm_head.weight": sd["lm_head.weight"] + 1})  # an untied head would be dropped
+    with pytest.raises(PipelineError, match="lm_head.weight"):
+        load_model(str(ck), device="cpu")
+    # a Llama with the rotary frequencies saved per layer, a GPT-Neo with its attention masks saved
+    llama = Path(shutil.copytree(tiny_llama, tmp_path / "llama"))
+    add_tensors(llama, lambda sd: {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(2)})
+    want = load_model(str(tiny_llama), device="cpu").model(idx)[0]
+    assert torch.equal(load_model(str(llama), device="cpu").model(idx)[0], want)
+    neo = build("gpt_neo", tmp_path / "neo")
+    mask = torch.ones(1, 1, 128, 128, dtype=torch.bool)
+    add_tensors(neo, lambda sd: {**{f"transformer.h.{i}.attn.attention.bias": mask.clone() for i in range(2)},
+                                 **{f"transformer.h.{i}.attn.attention.masked_bias": torch.tensor(-1e9)
+                                    for i in range(2)}})
+    load_model(str(neo), device="cpu")
+
+
+# Markdown from corpus text: nothing can open a tag, a comment, a cell or emphasis of its own
+PAYLOADS = ["</td></tr></table><script>alert(4)</script>", "<img src=x onerror=alert(1)>", "<!--",
+            "a|b *c* _d_ `e` [f](g) \\h #i &amp; ~j~ **k**"]
+DANGEROUS = ("<script", "<img", "<!--", "</td>")
+
+
+def md_unescape(s):
+    """Markdown text back to its characters, without gelutrace: HTML entities, then backslash escapes."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", html.unescape(s))
+
+
+def payload_cards():
+    from gelutrace import cards
+    examples = [cards.Example(1.5, 7 + i, [p, " and ", p[::-1]], np.zeros(3), p) for i, p in enumerate(PAYLOADS)]
+    tokens = [cards.TokenEffect(i, p, 0.5) for i, p in enumerate(PAYLOADS)]
+    return [cards.Card(5, 0, 5, 0.25, 0.1, np.nan, np.nan, examples, tokens, tokens[::-1])]
+
+
+def test_markdown_escape_round_trips_and_opens_nothing():
+    from gelutrace import markdown
+    for p in PAYLOADS + ["\\", "\\|", "&lt;", "x" * 3 + "\\\\`"]:
+        e = markdown.escape(p)
+        assert not any(d in e for d in DANGEROUS) and md_unescape(e) == p
+
+
+def test_cards_markdown_and_the_report_hold_no_raw_html(tmp_path):
+    from gelutrace import cards
+    from gelutrace import report
+    name = "<img src=x onerror=alert(1)>"
+    md = cards.cards_markdown(payload_cards(), name)
+    assert not any(d in md for d in DANGEROUS)
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| rank")]
+    assert len(rows) == len(PAYLOADS)
+    for row, p in zip(rows, PAYLOADS):
+        cell = row.split(" | ", 3)[3].removesuffix(" |")  # an escaped | is never " | "
+        assert md_unescape(cell.replace("**", "")) == p + " and " + p[::-1] + p
+    promoted = next(ln for ln in md.splitlines() if ln.startswith("Promoted: "))
+    assert md_unescape(promoted) == "Promoted: " + ", ".join(f'"{p}" (+0.5)' for p in PAYLOADS)
+    (tmp_path / sf.CARDS_DIR).mkdir()
+    cards.write_cards(tmp_path / sf.CARDS_DIR, payload_cards(), name)
+    included = "\n".join(report.cards_section(tmp_path))
+    assert "### Neuron 5" in included and not any(d in included for d in DANGEROUS)
+    table = report.md_table(pd.DataFrame({"subset": PAYLOADS, "k": range(len(PAYLOADS))}))
+    assert not any(d in table for d in DANGEROUS)
+    cells = [ln.split(" | ")[0].removeprefix("| ") for ln in table.splitlines()[2:]]
+    assert [md_unescape(c) for c in cells] == PAYLOADS
+    sentence = report.evaluation_sentence({"eval_csv": f"/d/{name}.csv", "selection_csv": "/d/<!--.csv",
+                                           "held_out": True, "selection_prompts": 2, "eval_prompts": 3})
+    assert not any(d in sentence for d in DANGEROUS) and f"{name}.csv" in md_unescape(sentence)
+
+
+def test_cards_markdown_renders_as_the_text_itself():
+    """Rendered by an independent Markdown implementation (CommonMark with tables), then read back by html.parser."""
+    markdown_it = pytest.importorskip("markdown_it")
+    from html.parser import HTMLParser
+    from gelutrace import cards
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.comments, self.cells, self.paragraphs, self.where = set(), [], [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.add(tag)
+            if tag in ("td", "p"):
+                self.where = [tag, ""]
+
+        def handle_endtag(self, tag):
+            if self.where and tag == self.where[0]:
+                (self.cells if tag == "td" else self.paragraphs).append(self.where[1])
+                self.where = None
+
+        def handle_data(self, data):
+            if self.where:
+                self.where[1] += data
+
+        def handle_comment(self, data):
+            self.comments.append(data)
+
+    page = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(
+        cards.cards_markdown(payload_cards(), "m<script>"))
+    cells = Cells()
+    cells.feed(page)
+    assert cells.tags <= {"h1", "h2", "p", "strong", "table", "thead", "tbody", "tr", "th", "td"}, cells.tags
+    assert not cells.comments
+    contexts = cells.cells[3::4]
+    assert contexts == [p + " and " + p[::-1] + p for p in PAYLOADS]
+    assert "Promoted: " + ", ".join(f'"{p}" (+0.5)' for p in PAYLOADS) in cells.paragraphs
+    assert "Neuron cards of m<script>" in page.replace("&lt;", "<").replace("&gt;", ">")
+
+
+# tracebacks that became one error line
+@pytest.fixture(scope="module")
+def tiny_bloom(tmp_path_factory):
+    from test_families import build
+    return build("bloom", tmp_path_factory.mktemp("bloom") / "tiny_bloom")
+
+
+@pytest.mark.parametrize("case", ["lone_surrogate", "huge_neuron_id", "empty_npy_cards", "empty_npy_effects",
+                                  "negative_layers", "string_tp"])
+def test_former_tracebacks_are_one_error_line(tiny_dataset, tiny_llama, tiny_bloom, tmp_path, case):
+    d, csv = tiny_dataset
+    ds = d / "b"
+    np.save(tmp_path / "empty.npy", np.array([], np.int64))
+    if case == "lone_surrogate":
+        (tmp_path / "t.jsonl").write_text('{"text": "ROMEO."}\n{"text": "a\\ud800b"}\n')
+        r = script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_text", tmp_path / "t.jsonl",
+                   "--export_dir", tmp_path / "out", "--device", "cpu")
+        assert "line 2" in r.stderr
+    elif case == "huge_neuron_id":
+        r = script("f_render_neuron_cards.py", "--dataset_path", ds, "--model_type", "tinybard", "--neurons",
+                   "99999999999999999999999", "--output", tmp_path / "out", "--device", "cpu")
+    elif case == "empty_npy_cards":
+        r = script("f_render_neuron_cards.py", "--dataset_path", ds, "--model_type", "tinybard", "--neurons",
+                   tmp_path / "empty.npy", "--output", tmp_path / "out", "--device", "cpu")
+    elif case == "empty_npy_effects":
+        r = script("d_calculate_neuron_effects.py", "--dataset_path", ds, "--input_csv", csv, "--model_type",
+                   "tinybard", "--neurons", tmp_path / "empty.npy", "--device", "cpu")
+        assert not sf.path(ds, sf.NEURON_EFFECTS, "tinybard").exists()
+    else:
+        base, change = ((tiny_llama, dict(num_hidden_layers=-1)) if case == "negative_layers"
+                        else (tiny_bloom, dict(pretraining_tp="2")))
+        ck = edit_config(Path(shutil.copytree(base, tmp_path / "ck")), **change)
+        key = next(iter(change))
+        assert key in only_error_line(script("a_generate_gelu_graph.py", "--model_type", ck, "--output_dir",
+                                             tmp_path / "a"))
+        r = script("b_trace_gelu_activations.py", "--model_type", ck, "--input_text", "To be", "--output_dir",
+                   tmp_path / "out", "--device", "cpu")
+        assert key in r.stderr
+    only_error_line(r)
+    assert not (tmp_path / "out").exists()
+
+
+# smaller items
+@pytest.mark.parametrize("extra", [["--checkpoint_minutes", "nan"], ["--checkpoint_minutes", "inf"],
+                                   ["--checkpoint_minutes", "-1"], ["--temperature", "0.8"], ["--temperature", "0"],
+                                   ["--seed", "42"], ["--top_k", "5"]])
+def test_corpus_mode_refuses_flags_it_would_ignore(tmp_path, extra):
+    (tmp_path / "t.txt").write_text("ROMEO. And God said")
+    err = only_error_line(script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_text",
+                                 tmp_path / "t.txt", "--export_dir", tmp_path / "out", "--device", "cpu", *extra))
+    assert extra[0] in err and not (tmp_path / "out").exists()
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path, shipped):
+    text = "ROMEO. And God said, let there be light"
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": text}).encode() + b"\n")
+    for name in ("a.txt", "b.jsonl"):
+        r = script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_text", tmp_path / name,
+                   "--export_dir", tmp_path / name.replace(".", "_"), "--device", "cpu", "--top_examples", "0")
+        assert r.returncode == 0, r.stderr[-2000:]
+        record = json.loads(sf.path(tmp_path / name.replace(".", "_"), sf.CORPUS, "tinybard").read_text())
+        assert record["tokens"] == len(shipped.tokenizer(text)["input_ids"]) + 1  # the text and end-of-text
+
+
+def test_a_symlink_loop_is_called_one(tmp_path):
+    os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
+    os.symlink(tmp_path / "loop_a", tmp_path / "loop_b")
+    loop = tmp_path / "loop_a"
+    for argv in (["b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_text", loop,
+                  "--export_dir", tmp_path / "out"],
+                 ["b_generate_activation_dataset.py", "--model_type", loop, "--input_csv", loop, "--export_dir",
+                  tmp_path / "out"],
+                 ["c_merge_activation_statistics.py", "--output_dir", tmp_path / "out", loop]):
+        err = only_error_line(script(*argv))
+        assert "symlink loop" in err and str(loop) in err and "does not exist" not in err
+
+
+def test_errors_name_the_right_thing(tmp_path, random_ckpt, tiny_llama, tiny_dataset):
+    from gelutrace.perturbation import check_dataset
+    from gelutrace.sites import site_info
+    ck = edit_config(Path(shutil.copytree(random_ckpt, tmp_path / "ck")), n_positions=DELETE, n_ctx=-5)
+    with pytest.raises(PipelineError, match="n_ctx must be a positive integer, got -5"):
+        load_model(str(ck), device="cpu")
+    llama = Path(shutil.copytree(tiny_llama, tmp_path / "llama"))  # a checkpoint named after its architecture
+    d, csv = tiny_dataset
+    r = script("d_calculate_neuron_effects.py", "--dataset_path", d / "b", "--input_csv", csv, "--model_type", llama,
+               "--device", "cpu")
+    err = ends_in_one_error_line(r)
+    assert "llama is llama" not in err and f"--model_type {llama} is a llama checkpoint" in err
+    sf.write_graph_files(tmp_path / "ds", "llama", 2, 48, write_el=False, site=site_info("gpt_neox"))
+    with pytest.raises(PipelineError) as e:
+        check_dataset(tmp_path / "ds", "llama", 2, 48, site_info("llama"))
+    assert "'llama' is llama" not in str(e.value) and "architecture gpt_neox" in str(e.value)

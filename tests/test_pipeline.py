@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO_ROOT, SHIPPED_NAME
 from gelutrace import comparison as cmp
+from gelutrace import markdown
 from gelutrace import stagefiles as sf
 
 M = SHIPPED_NAME
@@ -124,7 +125,7 @@ def test_report_and_summary(pipeline):
     report = (data / "report.md").read_text()
     for needle in ("## Parameters", "0.3 0.8", "0.01 0.05", "## Threshold sweep", "## Ablation effects",
                    "b_generate_activation_dataset.py", "31 samples from 3 prompts", "## Method comparison",
-                   "measured on held-out prompts (`heldout.csv`, 4 prompts, none shared)"):
+                   "measured on held-out prompts (heldout.csv, 4 prompts, none shared)"):
         assert needle in report
     assert report.index("## Verdict") < report.index("## Method comparison") < report.index("## Parameters")
     assert "found the most influential neurons" in report
@@ -134,7 +135,8 @@ def test_report_and_summary(pipeline):
     assert "biased toward the variants chosen" in report
     verdict = pd.read_csv(data / sf.RESULTS_DIR / sf.METHOD_VERDICT)
     for r in verdict.to_dict("records"):
-        assert f"**{r['winner']}** found the most influential neurons, ΔNLL {r['winner_delta_nll']:.3g} nats/token" in report
+        assert (f"**{markdown.escape(r['winner'])}** found the most influential neurons, ΔNLL "
+                f"{r['winner_delta_nll']:.3g} nats/token") in report
     for name in ("activation_frequency_per_layer.png", f"{sf.ANALYSIS_DIR}/{sf.THRESHOLD_PLOT}",
                  f"{sf.RESULTS_DIR}/{sf.PERTURBATION_PLOT}"):
         assert f"]({name})" in report and (data / name).is_file()
@@ -199,4 +201,4 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     methods = {json.loads(p.read_text())["method"] for p in (data / sf.SUBSETS_DIR).glob("*.json")}
     assert methods == {"degree", "activation_count", "random"}
     report = (data / "report.md").read_text()
-    assert "chosen on a corpus (`heldout.txt`" in report and "none of which occurs in the corpus" in report
+    assert "chosen on a corpus (heldout.txt" in report and "none of which occurs in the corpus" in report

@@ -1,0 +1,19 @@
+"""Markdown written from corpus, tokenizer or user text: one escaping rule for every cell, token and name."""
+
+import re
+
+# Markdown's table, emphasis, code, link and heading characters, backslash-escaped; `<`, `>` and `&` become HTML
+# entities, so no text can open a tag, a comment or an entity of its own
+_PUNCT = set("\\|*_`[]#~")
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_RUN = re.compile("`+")
+
+
+def escape(text) -> str:
+    """`text` as literal Markdown inline text (also inside a table cell); renders as exactly `text`."""
+    return "".join(_ENTITIES.get(c) or ("\\" + c if c in _PUNCT else c) for c in str(text))
+
+
+def fence(lines: list[str]) -> str:
+    """A code fence longer than any run of backticks in `lines`, so none of them can close it."""
+    return "`" * max([3] + [len(r) + 1 for line in lines for r in _RUN.findall(line)])
