@@ -14,6 +14,7 @@ Neuron cards: what a neuron does, in the terms neuron browsers use.
 """
 
 import json
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,32 @@ class TokenEffect:
     value: float
 
 
+_BYTE_PIECE = re.compile(r"(<0x[0-9A-Fa-f]{2}>)+")
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """
+    A token's text, where it has one; a token that is only part of a UTF-8 character (a byte-level BPE piece
+    such as byte 0xA1, or a byte-fallback piece) shows its bytes as <0xNN> instead of the replacement
+    character that decoding it alone gives.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    text = tokenizer.decode([int(token_id)])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(piece, str):
+        return text
+    if _BYTE_PIECE.fullmatch(piece):
+        return piece
+    inverse = {c: b for b, c in bytes_to_unicode().items()}
+    if not piece or any(c not in inverse for c in piece):
+        return text
+    raw = bytes(inverse[c] for c in piece).decode("utf-8", errors="surrogateescape")
+    return "".join(f"<0x{ord(c) - 0xDC00:02X}>" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in raw)
+
+
 @torch.no_grad()
 def direct_logit_effect(model, tokenizer, neuron_id: int, n: int = 10) -> tuple[list[TokenEffect], list[TokenEffect]]:
     """
@@ -51,7 +78,7 @@ def direct_logit_effect(model, tokenizer, neuron_id: int, n: int = 10) -> tuple[
     effect = (model.lm_head.weight.double() @ (w * model.transformer.ln_f.weight.double())).cpu().numpy()
     order = np.argsort(-effect, kind="stable")
     low = np.argsort(effect, kind="stable")
-    pick = lambda ids: [TokenEffect(int(i), tokenizer.decode([int(i)]), float(effect[i])) for i in ids[:n]]  # noqa: E731
+    pick = lambda ids: [TokenEffect(int(i), token_text(tokenizer, i), float(effect[i])) for i in ids[:n]]  # noqa: E731
     return pick(order), pick(low)
 
 
@@ -268,7 +295,7 @@ def _examples_from_sequences(model, tokenizer, seqs: Sequences, neuron_ids: np.n
         examples = []
         for v, s, shade in zip(values[row], sample_ids[row], shades[row]):
             shown = seqs.prefix(int(s))[-sf.CONTEXT_TOKENS:].tolist()
-            examples.append(Example(float(v), int(s), [tokenizer.decode([t]) for t in shown], shade,
+            examples.append(Example(float(v), int(s), [token_text(tokenizer, t) for t in shown], shade,
                                     tokenizer.decode([seqs.token(int(s))])))
         out.append(examples)
     return out
@@ -316,7 +343,7 @@ def _examples_from_corpus(model, tokenizer, data, m: str, record: dict, neuron_i
             first = max(0, pos - sf.CONTEXT_TOKENS + 1)
             shown = tokens[w][first:pos + 1].tolist()
             nxt = tokens[w][pos + 1:pos + 2].tolist()
-            examples.append(Example(float(v), int(s), [tokenizer.decode([t]) for t in shown],
+            examples.append(Example(float(v), int(s), [token_text(tokenizer, t) for t in shown],
                                     values[w][first:pos + 1, i], tokenizer.decode(nxt)))
         out.append(examples)
     return out

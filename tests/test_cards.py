@@ -396,3 +396,21 @@ def test_top_examples_file_round_trips_awkward_text_and_exact_values(tmp_path):
     assert list(zip(got["context"], got["token"])) == [text[s] for s in ids.T.ravel()]
     pd.testing.assert_frame_equal(got, pd.read_csv(tmp_path / "t.csv", keep_default_na=False,
                                                    dtype={"context": str, "token": str}))
+
+
+def test_partial_utf8_tokens_show_their_bytes(shipped):
+    """A byte-level piece that is part of a character shows as <0xNN>, never as the replacement character; a
+    token that is whole text is shown as decoded. The bytes are checked against the piece's UTF-8 encoding."""
+    from gelutrace.cards import token_text
+
+    tok = shipped.tokenizer
+    partial = [i for i in range(len(tok)) if "\ufffd" in tok.decode([i])]
+    assert partial  # the shipped vocabulary has single-byte pieces of multi-byte characters
+    for i in partial:
+        shown = token_text(tok, i)
+        assert "\ufffd" not in shown and shown.startswith("<0x"), (i, shown)
+    ids = tok("é")["input_ids"]  # two single-byte pieces: 0xC3 0xA9
+    assert len(ids) == 2 and tok.decode(ids) == "é"
+    assert [token_text(tok, i) for i in ids] == [f"<0x{b:02X}>" for b in "é".encode()]
+    for i in (tok("the")["input_ids"][0], tok(" King")["input_ids"][0]):
+        assert token_text(tok, i) == tok.decode([i])
