@@ -110,6 +110,12 @@ def read_sidecar(npy: Path, model: str) -> dict:
         raise PipelineError(f"{side} is not valid JSON: {e}") from None
     if not isinstance(info, dict):
         raise PipelineError(f"{side}: expected a JSON object")
+    kinds = {"method": str, "weight": str, "threshold": (int, float), "tied_picks": int, "tie_pool": int,
+             "zero_score_picks": int}
+    for key, kind in kinds.items():
+        v = info.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
+            raise PipelineError(f"{side}: {key} is {v!r}, not what stage d writes; rerun stage d")
     if info.get("model") not in (None, model):
         raise PipelineError(f"subset {npy.name} was made for model {info['model']!r}, not {model!r} ({side})")
     return info

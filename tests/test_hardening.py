@@ -294,6 +294,27 @@ def test_stage_e_subset_rules(tiny_dataset, name, content, message):
     assert message in r.stderr
 
 
+@pytest.mark.parametrize("side,extra,message", [
+    ({"method": "degree", "zero_score_picks": "many"}, (), "zero_score_picks is 'many'"),
+    ({"method": ["degree"]}, (), "method is ['degree']"),
+    ({"method": "degree", "tied_picks": -3}, (), "tied_picks is -3"),
+    (None, ("--validation_share", "1.5"), "--validation_share must be in (0, 1)"),
+    (None, ("--validation_share", "nan"), "--validation_share must be in (0, 1)"),
+])
+def test_stage_e_refuses_tampered_sidecars_and_bad_split(tiny_dataset, side, extra, message):
+    import json
+    d, csv = tiny_dataset
+    subsets = d / "b" / "perturbation_subsets"
+    np.save(subsets / "t.npy", np.array([1, 2]))
+    if side is not None:
+        (subsets / "t.json").write_text(json.dumps(side))
+    r = script("e_generate_perturbed_results.py", "--dataset_path", d / "b", "--input_csv", csv, "--model_type",
+               "tinybard", "--device", "cpu", "--perturbation_subset_filenames", "t.npy", *extra)
+    one_error_line(r)
+    assert message in r.stderr
+    assert not (d / "b" / "perturbation_results" / "summary.csv").exists()
+
+
 def test_match_layers_refuses_duplicates_too(tmp_path):
     from gelutrace import stagefiles as sf
     np.save(tmp_path / "dup.npy", np.array([3, 3]))
