@@ -280,12 +280,14 @@ def compare_logprobs(base: torch.Tensor, pert: torch.Tensor, conts: list[np.ndar
     """
     Per row: mean over the continuation's positions of KL(base || pert) of the next-token distributions and
     of the increase in negative log-likelihood of the continuation's tokens (-log p_pert + log p_base).
-    Arguments as continuation_logprobs returns them. Returns two float64 arrays.
+    Arguments as continuation_logprobs returns them; `pert` may also hold G ablations of every row,
+    (G, rows, n, vocab). Returns two float64 arrays, (rows,) or (G, rows).
     """
     n = base.size(1)
-    kl = (base.exp() * (base - pert)).sum(-1).double()  # (rows, n)
+    kl = (base.exp() * (base - pert)).sum(-1)
     tokens, mask = continuation_positions(conts, n, base.device)
-    dnll = (base.gather(-1, tokens[..., None]) - pert.gather(-1, tokens[..., None]))[..., 0].double()
+    at = tokens[..., None]
+    dnll = (base.gather(-1, at) - pert.gather(-1, at.expand(*pert.shape[:-1], 1)))[..., 0]
     return continuation_means(kl, dnll, mask)
 
 
@@ -418,17 +420,12 @@ def teacher_forced(model, rows: Rows, prompt_ids, base: list[np.ndarray], condit
         conts = [base[r] for r in chunk]
         width = max(len(p) + len(c) for p, c in zip(pids, conts))
         base_lp = continuation_logprobs(model, pids, conts)
-        tokens, mask = continuation_positions(conts, base_lp.size(1), base_lp.device)
         g = group_size(len(chunk), width, V, batch_size)
         for start in range(0, len(ablating), g):
             group = ablating[start:start + g]
             with RowAblation(model, [c.ids for c in group], len(chunk), mean_values):
                 pert = continuation_logprobs(model, pids * len(group), conts * len(group))
-            pert = pert.view(len(group), *base_lp.shape)
-            kl = (base_lp.exp() * (base_lp - pert)).sum(-1)
-            at = tokens[..., None]
-            dnll = (base_lp.gather(-1, at) - pert.gather(-1, at.expand(len(group), *at.shape)))[..., 0]
-            kl, dnll = continuation_means(kl, dnll, mask)
+            kl, dnll = compare_logprobs(base_lp, pert.view(len(group), *base_lp.shape), conts)
             for i, c in enumerate(group):
                 c.kl[chunk], c.delta_nll[chunk] = kl[i], dnll[i]
             if progress is not None:
