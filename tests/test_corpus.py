@@ -419,3 +419,164 @@ def test_top_examples_reader_refuses_ids_that_are_not_whole_numbers(tmp_path):
         (tmp_path / "bad.csv").write_text(good.replace(",16,", f",{bad},"))
         with pytest.raises(sf.PipelineError, match="sample_id|cannot read"):
             sf.read_top_examples(tmp_path / "bad.csv")
+
+
+# --- long documents: tokenized in pieces, read only up to --max_tokens ---------------------------------------
+
+def awkward_text(n_parts: int, seed: int) -> str:
+    """Words of the held-out text between runs of spaces, newlines, tabs, CRLF, non-breaking and ideographic
+    spaces, accented, Greek and CJK letters, emoji, and stretches of punctuation and digits with no whitespace
+    longer than a piece."""
+    import random
+    rng = random.Random(seed)
+    words = HELDOUT_PATH.read_text(encoding="utf-8").split()
+    out = []
+    for _ in range(n_parts):
+        r = rng.random()
+        if r < 0.5:
+            out.append(rng.choice(words) + " ")
+        elif r < 0.6:
+            out.append(" " * rng.randint(2, 6))
+        elif r < 0.7:
+            out.append("\n" * rng.randint(1, 4))
+        elif r < 0.76:
+            out.append(rng.choice(["\t", "\r\n", " \n ", "\u00a0", "\u3000", "\n\t  "]))
+        elif r < 0.86:
+            out.append(rng.choice(["Ünïcödé ", "日本語のテキスト", "🙂👍🏽", "naïve—café", "ΑΒΓ δέκα", "x̧͂y"]))
+        elif r < 0.9:
+            out.append("".join(rng.choice("abc,.;:!?-'0123") for _ in range(rng.randint(100, 1200))))
+        else:
+            out.append(" ")
+    return "".join(out)
+
+
+class RecordingTokenizer:
+    """The tokenizer, keeping every text it is given (to see what is read and how much at a time)."""
+
+    def __init__(self, tok):
+        self.tok, self.texts = tok, []
+
+    def __call__(self, texts, **kwargs):
+        self.texts += texts if isinstance(texts, list) else [texts]
+        return self.tok(texts, **kwargs)
+
+    def __len__(self):
+        return len(self.tok)
+
+    @property
+    def eos_token_id(self):
+        return self.tok.eos_token_id
+
+
+@pytest.mark.parametrize("piece", [64, 97, 256, 1000])
+def test_a_document_tokenized_in_pieces_equals_its_whole_tokenization(shipped, piece):
+    from gelutrace import corpus
+
+    text = awkward_text(4000, seed=piece)
+    want = shipped.tokenizer(text, verbose=False)["input_ids"]
+    tok = RecordingTokenizer(shipped.tokenizer)
+    enc = corpus.DocumentTokenizer(tok, piece)
+    got, whole = enc.document(text[i:i + 999] for i in range(0, len(text), 999))
+    assert whole and enc.unchecked_cuts == 0
+    assert got.tolist() == want
+    assert max(map(len, tok.texts)) <= max(piece + corpus.CUT_CHECK_CHARS, 2 * corpus.CUT_CHECK_CHARS)
+    assert len(tok.texts) > len(text) // piece, "not cut into pieces"  # each cut is checked, each piece tokenized
+
+
+@pytest.mark.parametrize("stretch", ["periodic", "random"])
+def test_a_stretch_without_word_boundaries_is_still_cut(shipped, stretch):
+    """20,000 letters in a row: pieces stay bounded; the tokens equal the whole text's where every cut was checked,
+    and decode to the text in any case."""
+    import random
+
+    from gelutrace import corpus
+
+    rng = random.Random(0)
+    letters = "abcdefghij" * 2000 if stretch == "periodic" else "".join(rng.choice("abcdefghij") for _ in range(20000))
+    text = "To be, or not " + letters + " to be"
+    tok = RecordingTokenizer(shipped.tokenizer)
+    enc = corpus.DocumentTokenizer(tok, 256)
+    got, whole = enc.document([text])
+    assert whole and max(map(len, tok.texts)) <= max(256, corpus.CUT_CHECK_CHARS) + corpus.CUT_CHECK_CHARS
+    assert len(tok.texts) > len(text) // 256
+    assert shipped.tokenizer.decode(got.tolist()) == text  # byte-level BPE: nothing is lost at any cut
+    if enc.unchecked_cuts == 0:
+        assert got.tolist() == shipped.tokenizer(text, verbose=False)["input_ids"]
+    print(stretch, enc.unchecked_cuts, "unchecked cuts")
+
+
+@pytest.fixture()
+def long_corpus(tmp_path, monkeypatch):
+    """Pieces of 300 characters (so every long document is cut many times): a long .txt, a .jsonl of short and
+    long documents, and a .txt after them; the reference is each document tokenized whole, then end-of-text."""
+    from gelutrace import corpus
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 300)
+    d = tmp_path / "long"
+    d.mkdir()
+    texts = [awkward_text(3000, 1), "short one", awkward_text(2000, 2), "another", awkward_text(500, 3)]
+    (d / "a_long.txt").write_text(texts[0], encoding="utf-8")
+    (d / "b_docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[1:4]), encoding="utf-8")
+    (d / "c_after.txt").write_text(texts[4], encoding="utf-8")
+    return d, texts
+
+
+def test_long_documents_read_in_pieces_equal_whole_tokenization(long_corpus, shipped):
+    from gelutrace import corpus
+
+    d, texts = long_corpus
+    tok = shipped.tokenizer
+    docs = [tok(t, verbose=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    ids = np.concatenate(docs)
+    got = corpus.read_corpus([str(d)], tok)
+    np.testing.assert_array_equal(got.ids, ids)
+    assert got.unchecked_cuts == 0
+    starts = np.cumsum([0] + [len(x) for x in docs])[:-1]
+    assert [f["documents"] for f in got.files] == [1, 3, 1] and got.documents == 5
+    record = {**got.record(), "tokens": len(ids), "context": CONTEXT}
+    np.testing.assert_array_equal(corpus.document_starts(record)[0], starts)
+    where = [(0, 0), (1, 0), (1, 1), (1, 2), (2, 0)]
+    for s in np.random.default_rng(0).choice(len(ids), 200, replace=False):
+        k = int(np.searchsorted(starts, s, side="right")) - 1
+        path, doc, offset = corpus.locate(record, [s])[0]
+        assert (path, doc, offset) == (got.files[where[k][0]]["path"], where[k][1], s - starts[k])
+    windows = [0, 7, len(ids) // CONTEXT // 2, len(ids) // CONTEXT]
+    for w, tokens in corpus.window_tokens(record, tok, windows).items():
+        np.testing.assert_array_equal(tokens, ids[w * CONTEXT:(w + 1) * CONTEXT + 1])
+
+
+def test_reading_stops_at_max_tokens(long_corpus, shipped):
+    """--max_tokens inside the long first document: the tokens are the whole tokenization's first ones, and only
+    about one batch of pieces of the file is tokenized; the files after are not read."""
+    from gelutrace import corpus
+
+    d, texts = long_corpus
+    ids = shipped.tokenizer(texts[0], verbose=False)["input_ids"]
+    tok = RecordingTokenizer(shipped.tokenizer)
+    got = corpus.read_corpus([str(d)], tok, max_tokens=500)
+    np.testing.assert_array_equal(got.ids, ids[:500])
+    assert [f["path"] for f in got.files] == [str((d / "a_long.txt").resolve())] and got.files[0]["tokens"] == 500
+    # all that was tokenized (one call's pieces, and the text around their cuts) lies in the file's first quarter
+    first_quarter = texts[0][:len(texts[0]) // 4]
+    assert all(t in first_quarter for t in tok.texts if t != "a")  # "a": the probe for special tokens
+    record = {**got.record(), "tokens": 500, "context": CONTEXT}
+    w = 500 // CONTEXT
+    np.testing.assert_array_equal(corpus.window_tokens(record, shipped.tokenizer, [w])[w], ids[w * CONTEXT:500])
+
+
+def test_tokenizing_a_50_mb_line_holds_memory_bounded(tmp_path, shipped_path):
+    """A 50 MB single-line .txt, read whole in a child process: its peak RSS stays far below the ~7.5 GB that
+    tokenizing the line at once takes."""
+    code = (f"import resource, sys; sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+            f"from transformers import AutoTokenizer\nfrom gelutrace.corpus import read_corpus\n"
+            f"line = open({str(HELDOUT_PATH)!r}, encoding='utf-8').read().replace('\\n', ' ')\n"
+            f"with open({str(tmp_path / 'line.txt')!r}, 'w', encoding='utf-8') as f:\n"
+            f"    f.write(line * (50_000_000 // len(line) + 1))\n"
+            f"del line\ntok = AutoTokenizer.from_pretrained({str(shipped_path)!r})\n"
+            f"c = read_corpus([{str(tmp_path / 'line.txt')!r}], tok)\n"
+            f"print(len(c.ids), c.documents, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TOKENIZERS_PARALLELISM="true"))
+    assert r.returncode == 0, r.stderr
+    tokens, documents, maxrss_kib = map(int, r.stdout.split())
+    assert documents == 1 and tokens > 10_000_000
+    assert maxrss_kib < 600 * 1024, f"peak RSS {maxrss_kib / 1024:.0f} MB"
