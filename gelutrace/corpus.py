@@ -587,39 +587,50 @@ def top_examples_text(ids: np.ndarray, tokens: np.ndarray, context: int, tokeniz
 
 
 # --- outputs -------------------------------------------------------------------------------------------------
-def write_corpus_dataset(export_dir, m: str, counts: CoactivationCounts, record: dict, packed: np.ndarray | None,
-                         site: dict | None = None, top_examples: tuple | None = None):
+def write_corpus_dataset(export_dir, m: str, n_layer: int, d_mlp: int, samples: int, node: np.ndarray,
+                         value_sum: np.ndarray, pair_counts, record: dict, packed: np.ndarray | None = None,
+                         site: dict | None = None, top_examples: tuple | None = None, what: str = "stage b"):
     """
-    Every file of a corpus-mode dataset directory; the corpus record last, as the mark of a finished run.
-    top_examples: (values, sample ids, texts), as sf.write_top_examples takes them.
+    Every file of a corpus-mode dataset directory, from exact totals (node counts, value sums, and pair_counts(i)
+    for each layer pair), as one output set (sf.OutputSet: written beside the earlier files, then swapped in;
+    the other files stage b may have left there are removed). The manifest lists every file, the graph store's
+    included. top_examples: (values, sample ids, texts), as sf.write_top_examples takes them.
     """
-    n_layer, d_mlp = counts.n_layer, counts.d_mlp
-    manifest = sf.path(export_dir, sf.DATASET_MANIFEST, m)
-    run = sf.begin_output_set(manifest)
-    sf.path(export_dir, sf.CORPUS, m).unlink(missing_ok=True)
-    sf.write_graph_files_if_stale(export_dir, m, n_layer, d_mlp, write_el=False, site=site)
-    value_sum = counts.value_sum.cpu().numpy()
-    sf.write_csv(sf.frequency_table(counts.node_counts(), value_sum, counts.samples, d_mlp),
-                 sf.path(export_dir, sf.FREQUENCY, m))
-    if packed is not None:
-        sf.write_packed_activation_matrix(sf.path(export_dir, sf.MATRIX, m), packed, n_layer * d_mlp)
-    if top_examples is not None:
-        sf.write_top_examples(sf.path(export_dir, sf.TOP_EXAMPLES, m), *top_examples)
-    else:
-        sf.path(export_dir, sf.TOP_EXAMPLES, m).unlink(missing_ok=True)
-    source = {"input_dir": str(Path(export_dir).resolve()), "corpus": sf.CORPUS.format(m=m)}
-    co.write_count_store(sf.path(export_dir, sf.WEIGHTED_GRAPH, m), m, n_layer, d_mlp, counts.samples,
-                         counts.node_counts(), source, pair_counts=counts.pair_counts)
-    sf.write_json(record, sf.path(export_dir, sf.CORPUS, m), indent=2)
-    written = ((sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META, sf.CORPUS) + ((sf.MATRIX,) if packed is not None else ())
-               + ((sf.TOP_EXAMPLES,) if top_examples is not None else ()))
-    sf.commit_output_set(manifest, run, [sf.path(export_dir, f, m) for f in written])
+    export_dir = Path(export_dir)
+    with sf.OutputSet(export_dir, sf.path(export_dir, sf.DATASET_MANIFEST, m), sf.dataset_files(m), what) as out:
+        written = [sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META, sf.CORPUS]
+        sf.write_graph_files_if_stale(export_dir, m, n_layer, d_mlp, write_el=False, site=site, into=out.dir)
+        sf.write_csv(sf.frequency_table(node, value_sum, samples, d_mlp), sf.path(out.dir, sf.FREQUENCY, m))
+        if packed is not None:
+            sf.write_packed_activation_matrix(sf.path(out.dir, sf.MATRIX, m), packed, n_layer * d_mlp)
+            written.append(sf.MATRIX)
+        if top_examples is not None:
+            sf.write_top_examples(sf.path(out.dir, sf.TOP_EXAMPLES, m), *top_examples)
+            written.append(sf.TOP_EXAMPLES)
+        source = {"input_dir": str(export_dir.resolve()), "corpus": sf.CORPUS.format(m=m),
+                  **({"merged_from": record["merged_shards"]} if "merged_shards" in record else {})}
+        store = sf.path(out.dir, sf.WEIGHTED_GRAPH, m)
+        co.write_count_store(store, m, n_layer, d_mlp, samples, node, source, pair_counts=pair_counts)
+        sf.write_json(record, sf.path(out.dir, sf.CORPUS, m), indent=2)
+        out.vouch([sf.path(out.dir, f, m) for f in written] + sf.store_files(store))
+
+
+def model_weights(checkpoint) -> list[dict]:
+    """
+    The checkpoint's weights, each safetensors file's name, size and sha256: a corpus record's fingerprint of the
+    model, so that the merge refuses shards of other weights under the same name. The whole file is hashed (a
+    header and size would not see a changed weight of the same shape); it was just read to load the model, so
+    it is hashed from the page cache at about 1-2 GB/s, once per run.
+    """
+    return [{"file": f.name, "size": f.stat().st_size, "sha256": sf.file_sha256(f)}
+            for f in sorted(Path(checkpoint).glob("*.safetensors"))]
 
 
 def corpus_record(m: str, model_path, corpus: Corpus, context: int, max_tokens, shard, windows: int,
-                  shard_windows_: int, samples: int, n_layer: int, d_mlp: int, top_examples: int) -> dict:
+                  shard_windows_: int, samples: int, n_layer: int, d_mlp: int, top_examples: int,
+                  weights: list[dict]) -> dict:
     return {"format": CORPUS_FORMAT, "version": CORPUS_VERSION, "model": m, "model_path": str(model_path),
-            "n_layer": n_layer, "d_mlp": d_mlp, **corpus.record(), "max_tokens": max_tokens,
+            "weights": weights, "n_layer": n_layer, "d_mlp": d_mlp, **corpus.record(), "max_tokens": max_tokens,
             "tokens": int(len(corpus.ids)), "context": context, "windows": windows,
             "shard": None if shard is None else {"index": shard[0], "count": shard[1], "windows": shard_windows_},
             "samples": samples, "top_examples": top_examples}
@@ -696,6 +707,7 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
         print(f"note: {corpus.unchecked_cuts} piece(s) of long documents were cut where no cut point that keeps "
               f"the tokens lay within {PIECE_CHARS // 2:,} characters (a 'word' that long); the tokens at those "
               f"cuts may differ from tokenizing the document whole", file=sys.stderr)
+    weights = model_weights(lm.path)
     if s.top_examples and len(corpus.ids) > TOP_EXAMPLES_MAX_TOKENS:
         raise PipelineError(f"--top_examples keeps sample ids below 2**32, but the corpus has {len(corpus.ids):,} "
                             f"tokens: give --top_examples 0 or --max_tokens {TOP_EXAMPLES_MAX_TOKENS}")
@@ -712,8 +724,8 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     n_win = num_windows(len(corpus.ids), context)
     windows = shard_windows(n_win, shard)
     batches = plan(windows, len(corpus.ids), context, batch_size)
-    fp = fingerprint([f["sha256"] for f in corpus.files], lm.name, str(lm.path.resolve()), vars(cfg), context,
-                     s.max_tokens, batch_size, shard, s.save_matrix, s.top_examples)
+    fp = fingerprint([f["sha256"] for f in corpus.files], lm.name, str(lm.path.resolve()), weights, vars(cfg),
+                     context, s.max_tokens, batch_size, shard, s.save_matrix, s.top_examples)
     checkpoints = Checkpoints(export, lm.name, fp, shard, s.checkpoint_seconds)
     top = RunningTopK(cfg.n_layer, cfg.d_mlp, s.top_examples, lm.device) if s.top_examples else None
     counts, start, packed = checkpoints.start(s.resume, CoactivationCounts(cfg.n_layer, cfg.d_mlp, lm.device), top)
@@ -732,12 +744,13 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     elif top is not None:
         best = top.result()
     record = corpus_record(lm.name, lm.path, corpus, context, s.max_tokens, shard, n_win, len(windows),
-                           counts.samples, cfg.n_layer, cfg.d_mlp, s.top_examples)
+                           counts.samples, cfg.n_layer, cfg.d_mlp, s.top_examples, weights)
     if rank == 0:
         matrix = (np.concatenate(packed) if packed else np.zeros((0, (cfg.n_layer * cfg.d_mlp + 7) // 8), np.uint8)
                   ) if s.save_matrix else None
         top_examples = (*best, top_examples_text(best[1], corpus.ids, context, lm.tokenizer)) if best else None
-        write_corpus_dataset(export, lm.name, counts, record, matrix, lm.site, top_examples)
+        write_corpus_dataset(export, lm.name, cfg.n_layer, cfg.d_mlp, counts.samples, counts.node_counts(),
+                             counts.value_sum.cpu().numpy(), counts.pair_counts, record, matrix, lm.site, top_examples)
     if dist_ctx is not None:
         import torch.distributed as dist
         dist.barrier()

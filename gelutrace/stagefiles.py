@@ -930,6 +930,8 @@ def read_top_examples(source) -> pd.DataFrame:
         df = pd.read_csv(p, dtype={"context": str, "token": str}, keep_default_na=False, encoding="utf-8")
         if list(df.columns) != TOP_EXAMPLES_COLUMNS:
             raise ValueError(f"columns {list(df.columns)}, expected {TOP_EXAMPLES_COLUMNS}")
+        if df.empty:  # a shard that was given no window: the columns' types cannot be read from no rows
+            df = df.astype({"neuron_id": np.int64, "rank": np.int64, "sample_id": np.int64})
         for c in ("neuron_id", "rank", "sample_id"):
             if not pd.api.types.is_integer_dtype(df[c]) or (df[c] < 0).any():
                 raise ValueError(f"column {c} holds values that are not whole numbers >= 0")
