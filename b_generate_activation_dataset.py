@@ -132,16 +132,14 @@ def main():
         with tqdm(total=rows, unit="seq", desc="attribution (forward + backward)") as bar:
             attribution = record_attribution(lm.model, chunks, prompt_ids, args.batch_size, bar.update)
 
-    manifest = sf.path(export, sf.DATASET_MANIFEST, lm.name)
-    run = sf.begin_output_set(manifest)
-    summary = write_dataset(export, lm.name, chunks, lm.tokenizer, prompts, prompt_ids, cfg.n_layer, cfg.d_mlp,
-                            activation_lists=not args.no_activation_lists, attribution=attribution, top=top)
-    if top is None:
-        sf.path(export, sf.TOP_EXAMPLES, lm.name).unlink(missing_ok=True)
-    sf.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list,
-                                  site=lm.site)
-    written = sf.DATASET_SET + ((sf.TOP_EXAMPLES,) if top is not None else ())
-    sf.commit_output_set(manifest, run, [sf.path(export, f, lm.name) for f in written])
+    with sf.OutputSet(export, sf.path(export, sf.DATASET_MANIFEST, lm.name), sf.dataset_files(lm.name),
+                      "stage b") as out:
+        summary = write_dataset(out.dir, lm.name, chunks, lm.tokenizer, prompts, prompt_ids, cfg.n_layer, cfg.d_mlp,
+                                activation_lists=not args.no_activation_lists, attribution=attribution, top=top)
+        sf.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list,
+                                      site=lm.site, into=out.dir)
+        vouched = sf.DATASET_SET + ((sf.TOP_EXAMPLES,) if top is not None else ())
+        out.vouch(sf.path(out.dir, f, lm.name) for f in vouched)
     staging.finish()
     per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])
     print(f"{summary['samples']} samples from {len(prompts)} prompts written to {export}; "

@@ -4,8 +4,10 @@ into one dataset directory: {m}_neuron_frequency.csv, the compact graph store {m
 {m}_corpus.json and the graph files, as the unsharded run would have written them (counts bit for bit,
 mean_activation to float64 rounding).
 
-Refuses shards of another model, context, corpus or shard count, a missing or repeated shard, and a shard
-whose run has not finished. Works with shards made anywhere (e.g. one Slurm array task per shard).
+Refuses shards of another model (its weights' sha256), context, corpus or shard count, a missing or repeated
+shard, a shard whose run has not finished, a shard whose files (its graph store's included) differ from what its
+manifest lists or whose store's node counts differ from its frequency file, and an --output_dir that is, lies
+inside or holds a shard directory. Works with shards made anywhere (e.g. one Slurm array task per shard).
 
     python c_merge_activation_statistics.py --output_dir corpus_gpt2 shard_0 shard_1 shard_2 shard_3
 """

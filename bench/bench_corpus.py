@@ -11,6 +11,10 @@ Stage b's corpus mode: wall time, tokens/s and peak RSS.
    on the same windows and batches, in the same process, interleaved (--repeats rounds, median ratio); and
    what keeping each neuron's top-10 examples adds to corpus mode's time.
 3. The same model's peak RSS in corpus mode at --rss_tokens (default 2 x 10^4 and 10^5), each a subprocess.
+4. The shipped model's peak RSS on --big_mb MB (default 200) of text in one document, as a single-line .txt and
+   as a .jsonl of one line, and in a .jsonl of many documents, each read to --big_tokens tokens (default 2 x 10^4):
+   a long document is tokenized in pieces and reading stops at --max_tokens, so memory does not grow with the file
+   (the .jsonl of one line is held whole: JSON is parsed a line at a time).
 
 Data goes to bench/out/corpus (git-ignored) unless --out.
 """
@@ -50,6 +54,28 @@ def make_text(target: Path, tokens: int, tokenizer) -> int:
     with open(target, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": text}) + "\n" for _ in range(copies))
     return copies * per_doc
+
+
+def make_big_texts(out: Path, mb: int) -> dict[str, Path]:
+    """--big_mb MB of the held-out text as one single-line .txt, one single-line .jsonl document and a .jsonl of
+    many documents, each written a piece at a time."""
+    line = HELDOUT.read_text(encoding="utf-8").replace("\n", " ")
+    copies = mb * 10**6 // len(line.encode()) + 1
+    files = {"one document, single-line .txt": out / f"big_{mb}mb.txt",
+             "one document, single-line .jsonl": out / f"big_{mb}mb_one.jsonl",
+             "many documents, .jsonl": out / f"big_{mb}mb_many.jsonl"}
+    paths = list(files.values())
+    if not all(p.is_file() for p in paths):
+        escaped = json.dumps(line)[1:-1]
+        with open(paths[0], "w", encoding="utf-8") as txt, open(paths[1], "w", encoding="utf-8") as one, \
+                open(paths[2], "w", encoding="utf-8") as many:
+            one.write('{"text": "')
+            for _ in range(copies):
+                txt.write(line)
+                one.write(escaped)
+                many.write(json.dumps({"text": line}) + "\n")
+            one.write('"}\n')
+    return files
 
 
 def gpt2_small(out: Path) -> Path:
@@ -119,9 +145,13 @@ def main():
                     help="paired rounds of the speed comparison (default: %(default)s)")
     ap.add_argument("--rss_tokens", type=int, nargs="+", default=[20000, 100000],
                     help="token counts of the GPT-2-small peak-RSS runs (default: %(default)s)")
+    ap.add_argument("--big_mb", type=int, default=200, help="MB of text of measurement 4 (default: %(default)s)")
+    ap.add_argument("--big_tokens", type=int, default=20000,
+                    help="--max_tokens of measurement 4 (default: %(default)s)")
     ap.add_argument("--skip_shipped", action="store_true", help="skip measurement 1")
     ap.add_argument("--skip_speed", action="store_true", help="skip measurement 2")
     ap.add_argument("--skip_rss", action="store_true", help="skip measurement 3")
+    ap.add_argument("--skip_big", action="store_true", help="skip measurement 4")
     ap.add_argument("--out", default=None, help="work directory (default: bench/out/corpus)")
     args = ap.parse_args()
 
@@ -141,6 +171,11 @@ def main():
             "--max_tokens", str(args.tokens), "--device", "cpu"])
         rec = json.loads(sf.path(out / "shipped", sf.CORPUS, "tinybard").read_text())
         print(f"  {rec['samples'] / r['wall_s']:,.0f} tokens/s including start-up")
+    if not args.skip_big:
+        for label, path in make_big_texts(out, args.big_mb).items():
+            measure(f"shipped model, {args.big_mb} MB, {label}", [
+                b, "--model_type", "tinybard", "--input_text", str(path), "--export_dir", str(out / "big"),
+                "--max_tokens", str(args.big_tokens), "--device", "cpu"])
     ckpt = gpt2_small(out / "gpt2-small-random")
     if not args.skip_speed:
         throughput(ckpt, text, args.speed_tokens, args.context, args.batch_size, args.repeats)

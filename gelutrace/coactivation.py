@@ -581,7 +581,8 @@ def read_store(store) -> CoactivationGraph:
     """
     A compact store, its header checked against its arrays: types and shapes, the block list, the count dtype
     (unsigned, the one num_samples calls for), every count within 0..num_samples, and both maxima equal to the
-    arrays' (one pass over the counts). A mismatch is a damaged store, never a silently wrong graph.
+    arrays' (one pass over the counts). A mismatch is a damaged store, never a silently wrong graph. A store of
+    no samples (a shard that was given no window) holds only zeros.
     """
     p = Path(store)
     hp = p / sf.GRAPH_STORE_HEADER
@@ -603,7 +604,8 @@ def read_store(store) -> CoactivationGraph:
             raise damaged(f"{key} is {v!r}, expected an integer >= {lo}")
         return v
 
-    n_layer, d, n, samples = integer("n_layer", 1), integer("d_mlp", 1), integer("num_neurons", 1), integer("num_samples", 1)
+    n_layer, d, n = integer("n_layer", 1), integer("d_mlp", 1), integer("num_neurons", 1)
+    samples = integer("num_samples")
     max_a, max_c = integer("max_activation_count"), integer("max_co_activation_count")
     if n != n_layer * d:
         raise damaged(f"num_neurons {n} is not n_layer x d_mlp = {n_layer * d}")

@@ -2,22 +2,26 @@
 Stage b's corpus mode: documents -> tokens -> windows -> exact streamed statistics.
 
 A `.txt` file is one document; a `.jsonl` file holds one document per line in the field `text`; a directory
-means every `.txt`/`.jsonl` in it, sorted by name. Each document is tokenized alone and followed by the
-tokenizer's end-of-text token; the documents are concatenated in order and cut into consecutive,
-non-overlapping windows of `context` tokens (the last, shorter window is kept). Every position of every
-window is one sample: the post-GELU outputs there, teacher-forced, are the ones behind predicting the next
-token. Shard I of N takes windows I, I + N, I + 2N, ...
+means every `.txt`/`.jsonl` in it, sorted by name. Each document is tokenized alone (a long one in checked
+pieces, see DocumentTokenizer) and followed by the tokenizer's end-of-text token; the documents are
+concatenated in order and cut into consecutive, non-overlapping windows of `context` tokens (the last, shorter
+window is kept). Every position of every window is one sample: the post-GELU outputs there, teacher-forced,
+are the ones behind predicting the next token. Shard I of N takes windows I, I + N, I + 2N, ...
 
 Batches of windows run through the model with hooks on every GELU that feed `CoactivationCounts` and drop
 the batch; only the totals (and, with save_matrix, the bit-packed rows) are kept.
 """
 
+import codecs
 import fnmatch
-import hashlib
+import itertools
 import json
 import os
+import re
+import sys
 import time
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +42,15 @@ TOP_EXAMPLES_MAX_TOKENS = 2 ** 32  # RunningTopK's sample ids (global token posi
 
 
 # --- documents and tokens ----------------------------------------------------------------------------------
+READ_BYTES = 1 << 20  # a corpus file is read this many bytes at a time
+PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of about this many characters,
+PIECES_PER_CALL = 8  # this many per tokenizer call (its working memory is about 150 bytes per character)
+CUT_CHECK_CHARS = 512  # the text either side of a cut that is tokenized again to check the cut
+CUT_TRIES = 8  # cut points checked of each kind (whitespace, other word boundaries, last characters) in turn
+_SPACE_CUT = re.compile(r"\s(?=\S)")  # just before the last character of a whitespace run
+_WORD_CUT = re.compile(r"\b")  # between a word character and another
+
+
 def corpus_files(inputs: list[str]) -> list[Path]:
     files = []
     for name in inputs:
@@ -53,13 +66,15 @@ def corpus_files(inputs: list[str]) -> list[Path]:
             files.append(p)
         else:
             raise PipelineError(f"--input_text {p} does not exist")
+    for p in files:
+        if p.stat().st_size == 0:
+            raise PipelineError(f"{p} is empty")
     return files
 
 
-def read_documents(p: Path, raw: bytes) -> list[str]:
-    if not raw:
-        raise PipelineError(f"{p} is empty")
+def _file_blocks(p: Path) -> Iterator[bytes]:
     try:
+<<<<<<< HEAD
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PipelineError(f"{p} is not UTF-8 text: byte {e.start} (0x{raw[e.start]:02x}) cannot be decoded") from None
@@ -85,8 +100,204 @@ def read_documents(p: Path, raw: bytes) -> list[str]:
                                 f"at character {e.start}), which is not text") from None
         docs.append(rec["text"])
     if not docs:
+=======
+        with open(p, "rb") as f:
+            while block := f.read(READ_BYTES):
+                yield block
+    except OSError as e:
+        raise PipelineError(f"cannot read {p}: {e.strerror}") from None
+
+
+def _not_utf8(p: Path, at: int, byte: int) -> PipelineError:
+    return PipelineError(f"{p} is not UTF-8 text: byte {at} (0x{byte:02x}) cannot be decoded")
+
+
+def _txt_text(p: Path) -> Iterator[str]:
+    """A .txt file's text (its one document), a block at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    for block in itertools.chain(_file_blocks(p), [b""]):
+        held = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+        try:
+            text = decoder.decode(block, final=not block)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(p, offset - held + e.start, e.object[e.start]) from None
+        offset += len(block)
+        if text:
+            yield text
+
+
+def _lines(p: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(line number from 1, byte offset, bytes) of each line of a file; a line is held whole, once."""
+    def joined(parts: list) -> bytes:  # the parts let go before the line is handed on
+        line = b"".join(parts)
+        parts.clear()
+        return line
+
+    pending, k, offset = [], 1, 0
+    for block in _file_blocks(p):
+        start = 0
+        while (end := block.find(b"\n", start)) >= 0:
+            pending.append(block[start:end])
+            size = sum(map(len, pending))
+            yield k, offset, joined(pending)
+            k, offset, start = k + 1, offset + size + 1, end + 1
+        pending.append(block[start:])
+    yield k, offset, joined(pending)
+
+
+def jsonl_text(p: Path, k: int, line: str) -> str | None:
+    """The document of line k of a .jsonl file (its field `text`); None for a blank line."""
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{p} line {k}: not JSON ({e.msg})") from None
+    if not isinstance(rec, dict) or "text" not in rec:
+        raise PipelineError(f"{p} line {k}: no field 'text'")
+    if not isinstance(rec["text"], str):
+        raise PipelineError(f"{p} line {k}: field 'text' is not a string")
+    return rec["text"]
+
+
+def file_documents(p: Path) -> Iterator[Iterable[str]]:
+    """
+    The documents of a corpus file in order, each as pieces of its text, read from disk as they are consumed: a
+    .txt file is one document, read a block at a time; a .jsonl file one document per line, parsed a line at a time.
+    """
+    if p.suffix == ".txt":
+        yield _txt_text(p)
+        return
+    found = False
+    for k, offset, raw in _lines(p):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(p, offset + e.start, raw[e.start]) from None
+        del raw
+        text = jsonl_text(p, k, line)
+        del line
+        if text is not None:
+            found = True
+            yield (text,)
+    if not found:
+>>>>>>> h17b
         raise PipelineError(f"{p} holds no documents")
-    return docs
+
+
+def _head(doc: Iterable[str], n: int) -> tuple[str, Iterator[str] | None]:
+    """A document's text up to past n characters, and the rest of its pieces (None when that was all of it)."""
+    rest, parts, size = iter(doc), [], 0
+    for part in rest:
+        parts.append(part)
+        size += len(part)
+        if size > n:
+            return "".join(parts), rest
+    return "".join(parts), None
+
+
+def _special_ends(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer adds before and after a text (e.g. Llama's <s>; none for GPT-2)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i], full[i + len(plain):]
+    raise PipelineError("cannot tell which special tokens the tokenizer adds around a text")
+
+
+class DocumentTokenizer:
+    """
+    The token ids of documents, each as the tokenizer gives them for its whole text, in memory bounded by the
+    pieces tokenized at a time, never by a document's length. Short documents are tokenized together; a document
+    longer than piece_chars x PIECES_PER_CALL characters in pieces of about piece_chars. A piece ends where
+    tokenizing the two sides apart gives the same tokens as tokenizing them together, which is checked for every
+    cut by tokenizing the CUT_CHECK_CHARS either side of it both ways. Cuts are tried in the second half of the
+    piece: first just before the last character of a whitespace run (where GPT-2's pre-tokenizer always splits:
+    a word takes the one space before it), then at the other word boundaries, then at the piece's last few
+    characters (inside one long "word", where a cut at a token boundary can still pass). Where none passes, the
+    piece is cut at its end anyway, its tokens there may differ from the whole text's, and the cut is counted
+    in `unchecked_cuts`.
+    """
+
+    def __init__(self, tokenizer, piece_chars: int | None = None):
+        self.tok, self.piece = tokenizer, piece_chars or PIECE_CHARS
+        self.batch_chars = self.piece * PIECES_PER_CALL
+        self.dtype = np.uint16 if len(tokenizer) <= 2 ** 16 else np.int32
+        self.prefix, self.suffix = (np.array(x, self.dtype) for x in _special_ends(tokenizer))
+        self.unchecked_cuts = 0
+
+    def _ids(self, texts: list[str], special: bool) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=special, verbose=False)["input_ids"] if texts else []
+
+    def documents(self, docs: Iterable[Iterable[str]], limit: int | None = None) -> Iterator[np.ndarray]:
+        """Each document's ids, in order, until `limit` tokens are had, counting one end-of-text token after each
+        document (the documents after are not read)."""
+        pending, chars, total = [], 0, 0
+        for doc in docs:
+            text, rest = _head(doc, self.batch_chars)
+            if rest is None:
+                pending.append(text)
+                chars += len(text)
+                if chars < self.batch_chars:
+                    continue
+            for ids in self._ids(pending, True):
+                total += len(ids) + 1
+                yield np.array(ids, self.dtype)
+            pending, chars = [], 0
+            if rest is not None and (limit is None or total < limit):
+                ids, _ = self._pieces(text, rest, None if limit is None else limit - total)
+                total += len(ids) + 1
+                yield ids
+            if limit is not None and total >= limit:
+                return
+        for ids in self._ids(pending, True):
+            yield np.array(ids, self.dtype)
+
+    def document(self, doc: Iterable[str], limit: int | None = None) -> tuple[np.ndarray, bool]:
+        """One document's ids, and whether it was read to its end: it stops once it has `limit` tokens."""
+        text, rest = _head(doc, self.batch_chars)
+        if rest is None:
+            return np.array(self._ids([text], True)[0], self.dtype), True
+        return self._pieces(text, rest, limit)
+
+    def _pieces(self, buf: str, rest: Iterator[str], limit: int | None) -> tuple[np.ndarray, bool]:
+        out, pieces, n, pos, ended = [self.prefix], [], 0, 0, False
+        while True:
+            if not ended and len(buf) - pos <= self.piece + CUT_CHECK_CHARS:
+                part = next(rest, None)
+                ended = part is None
+                if not ended:
+                    buf, pos = buf[pos:] + part, 0
+                continue
+            last = len(buf) - pos <= self.piece + CUT_CHECK_CHARS
+            cut = len(buf) if last else self._cut(buf, pos)
+            pieces.append(buf[pos:cut])
+            pos = cut
+            if last or len(pieces) == PIECES_PER_CALL:
+                for ids in self._ids(pieces, False):
+                    out.append(np.array(ids, self.dtype))
+                    n += len(ids)
+                pieces = []
+                if last or (limit is not None and n >= limit):
+                    return np.concatenate(out + [self.suffix] if last else out), last
+
+    def _cut(self, buf: str, pos: int) -> int:
+        lo, hi = pos + self.piece // 2, pos + self.piece
+        tiers = [[m.start() for m in pattern.finditer(buf, lo, hi + 1) if m.start() <= hi]  # hi + 1: see buf[hi]
+                 for pattern in (_SPACE_CUT, _WORD_CUT)] + [list(range(max(lo, hi - CUT_TRIES), hi + 1))]
+        for found in tiers:
+            for cut in reversed(found[-CUT_TRIES:]):
+                if cut > pos and self._keeps_tokens(buf, cut):
+                    return cut
+        self.unchecked_cuts += 1
+        return hi
+
+    def _keeps_tokens(self, buf: str, cut: int) -> bool:
+        a, b = max(0, cut - CUT_CHECK_CHARS), cut + CUT_CHECK_CHARS
+        whole, left, right = self._ids([buf[a:b], buf[a:cut], buf[cut:b]], False)
+        return whole == left + right
 
 
 @dataclass
@@ -94,6 +305,7 @@ class Corpus:
     ids: np.ndarray  # every token, documents concatenated, each followed by end-of-text
     files: list[dict] = field(default_factory=list)  # path, sha256, documents, tokens, first_token, document_starts
     documents: int = 0
+    unchecked_cuts: int = 0  # pieces of long documents cut where the tokens could not be checked (DocumentTokenizer)
 
     def record(self) -> dict:
         return {"files": self.files, "documents": self.documents,
@@ -102,34 +314,34 @@ class Corpus:
 
 def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None) -> Corpus:
     """
-    Every file's documents, tokenized. Each file's record holds where its first token lies in the concatenated
-    text (first_token) and where each of its documents read starts, counted from there (document_starts);
-    documents past --max_tokens are not read.
+    Every file's documents, tokenized (DocumentTokenizer), until --max_tokens: the files and documents after are
+    not read. Each file's record holds its sha256 (of all its bytes), the documents read and their tokens in the
+    corpus, where its first token lies in the concatenated text (first_token) and where each of its documents read
+    starts, counted from there (document_starts).
     """
     eot = tokenizer.eos_token_id
     if eot is None:
         raise PipelineError("the tokenizer has no end-of-text token to separate documents")
-    dtype = np.uint16 if len(tokenizer) <= 2 ** 16 else np.int32
-    parts, files, documents, total = [], [], 0, 0
+    encoder = DocumentTokenizer(tokenizer)
+    end = np.array([eot], encoder.dtype)
+    parts, files, total = [], [], 0
     for p in corpus_files(inputs):
-        raw = p.read_bytes()
-        docs = read_documents(p, raw)
-        encoded = tokenizer(docs, verbose=False)["input_ids"]
-        for k, ids in enumerate(encoded):
-            if not ids:
-                raise PipelineError(f"{p}: document {k + 1} has no tokens")
-        tokens = sum(len(ids) + 1 for ids in encoded)
+        if max_tokens is not None and total >= max_tokens:
+            break
         first, starts = total, []
-        for ids in encoded:
-            if max_tokens is None or total < max_tokens:
-                parts.append(np.array(ids + [eot], dtype=dtype))
-                starts.append(total - first)
-                total += len(ids) + 1
-        files.append({"path": str(p.resolve()), "sha256": hashlib.sha256(raw).hexdigest(), "documents": len(docs),
-                      "tokens": tokens, "first_token": first, "document_starts": starts})
-        documents += len(docs)
+        limit = None if max_tokens is None else max_tokens - total
+        for k, ids in enumerate(encoder.documents(file_documents(p), limit)):
+            if not len(ids):
+                raise PipelineError(f"{p}: document {k + 1} has no tokens")
+            parts += [ids, end]
+            starts.append(total - first)
+            total += len(ids) + 1
+        kept = (total if max_tokens is None else min(total, max_tokens)) - first
+        files.append({"path": str(p.resolve()), "sha256": sf.file_sha256(p), "documents": len(starts),
+                      "tokens": kept, "first_token": first, "document_starts": starts})
     ids = np.concatenate(parts)
-    return Corpus(ids[:max_tokens] if max_tokens is not None else ids, files, documents)
+    return Corpus(ids[:max_tokens] if max_tokens is not None else ids, files, sum(f["documents"] for f in files),
+                  encoder.unchecked_cuts)
 
 
 def document_starts(record: dict) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -174,23 +386,30 @@ def window_tokens(record: dict, tokenizer, windows) -> dict[int, np.ndarray]:
     needed = sorted({d for lo, hi in spans.values()
                      for d in range(int(np.searchsorted(starts, lo, side="right")) - 1,
                                     int(np.searchsorted(starts, hi, side="left")))})
+    encoder = DocumentTokenizer(tokenizer)
     docs = {}
     for fi in sorted({where[d][0] for d in needed}):
         f = record["files"][fi]
         p = Path(f["path"])
         try:
-            raw = p.read_bytes()
+            digest = sf.file_sha256(p)
         except OSError as e:
             raise PipelineError(f"cannot read {p}, which stage b read: {e.strerror}") from None
-        if hashlib.sha256(raw).hexdigest() != f["sha256"]:
+        if digest != f["sha256"]:
             raise PipelineError(f"{p} changed since stage b read it (its sha256 differs)")
-        texts = read_documents(p, raw)
-        mine = [d for d in needed if where[d][0] == fi]
-        for d, ids in zip(mine, tokenizer([texts[where[d][1]] for d in mine], verbose=False)["input_ids"]):
-            n, expected = len(ids) + 1, starts[d + 1] - starts[d]
-            if n != expected and not (d == len(where) - 1 and n > expected):  # the last may be cut by --max_tokens
-                raise PipelineError(f"{p}: document {where[d][1] + 1} no longer tokenizes as stage b read it")
-            docs[d] = np.array(ids + [eot], np.int64)
+        mine = {where[d][1]: d for d in needed if where[d][0] == fi}
+        for k, doc in enumerate(file_documents(p)):
+            if k in mine:
+                d = mine[k]
+                expected = starts[d + 1] - starts[d]
+                need = max(hi for lo, hi in spans.values() if lo < starts[d + 1] and hi > starts[d]) - starts[d]
+                ids, whole = encoder.document(doc, need)
+                # the last document may be cut by --max_tokens
+                if whole and len(ids) + 1 != expected and not (d == len(where) - 1 and len(ids) + 1 > expected):
+                    raise PipelineError(f"{p}: document {k + 1} no longer tokenizes as stage b read it")
+                docs[d] = np.append(ids, eot).astype(np.int64) if whole else ids.astype(np.int64)
+            if k >= max(mine):
+                break
     out = {}
     for w, (lo, hi) in spans.items():
         first = int(np.searchsorted(starts, lo, side="right")) - 1
@@ -396,39 +615,50 @@ def top_examples_text(ids: np.ndarray, tokens: np.ndarray, context: int, tokeniz
 
 
 # --- outputs -------------------------------------------------------------------------------------------------
-def write_corpus_dataset(export_dir, m: str, counts: CoactivationCounts, record: dict, packed: np.ndarray | None,
-                         site: dict | None = None, top_examples: tuple | None = None):
+def write_corpus_dataset(export_dir, m: str, n_layer: int, d_mlp: int, samples: int, node: np.ndarray,
+                         value_sum: np.ndarray, pair_counts, record: dict, packed: np.ndarray | None = None,
+                         site: dict | None = None, top_examples: tuple | None = None, what: str = "stage b"):
     """
-    Every file of a corpus-mode dataset directory; the corpus record last, as the mark of a finished run.
-    top_examples: (values, sample ids, texts), as sf.write_top_examples takes them.
+    Every file of a corpus-mode dataset directory, from exact totals (node counts, value sums, and pair_counts(i)
+    for each layer pair), as one output set (sf.OutputSet: written beside the earlier files, then swapped in;
+    the other files stage b may have left there are removed). The manifest lists every file, the graph store's
+    included. top_examples: (values, sample ids, texts), as sf.write_top_examples takes them.
     """
-    n_layer, d_mlp = counts.n_layer, counts.d_mlp
-    manifest = sf.path(export_dir, sf.DATASET_MANIFEST, m)
-    run = sf.begin_output_set(manifest)
-    sf.path(export_dir, sf.CORPUS, m).unlink(missing_ok=True)
-    sf.write_graph_files_if_stale(export_dir, m, n_layer, d_mlp, write_el=False, site=site)
-    value_sum = counts.value_sum.cpu().numpy()
-    sf.write_csv(sf.frequency_table(counts.node_counts(), value_sum, counts.samples, d_mlp),
-                 sf.path(export_dir, sf.FREQUENCY, m))
-    if packed is not None:
-        sf.write_packed_activation_matrix(sf.path(export_dir, sf.MATRIX, m), packed, n_layer * d_mlp)
-    if top_examples is not None:
-        sf.write_top_examples(sf.path(export_dir, sf.TOP_EXAMPLES, m), *top_examples)
-    else:
-        sf.path(export_dir, sf.TOP_EXAMPLES, m).unlink(missing_ok=True)
-    source = {"input_dir": str(Path(export_dir).resolve()), "corpus": sf.CORPUS.format(m=m)}
-    co.write_count_store(sf.path(export_dir, sf.WEIGHTED_GRAPH, m), m, n_layer, d_mlp, counts.samples,
-                         counts.node_counts(), source, pair_counts=counts.pair_counts)
-    sf.write_json(record, sf.path(export_dir, sf.CORPUS, m), indent=2)
-    written = ((sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META, sf.CORPUS) + ((sf.MATRIX,) if packed is not None else ())
-               + ((sf.TOP_EXAMPLES,) if top_examples is not None else ()))
-    sf.commit_output_set(manifest, run, [sf.path(export_dir, f, m) for f in written])
+    export_dir = Path(export_dir)
+    with sf.OutputSet(export_dir, sf.path(export_dir, sf.DATASET_MANIFEST, m), sf.dataset_files(m), what) as out:
+        written = [sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META, sf.CORPUS]
+        sf.write_graph_files_if_stale(export_dir, m, n_layer, d_mlp, write_el=False, site=site, into=out.dir)
+        sf.write_csv(sf.frequency_table(node, value_sum, samples, d_mlp), sf.path(out.dir, sf.FREQUENCY, m))
+        if packed is not None:
+            sf.write_packed_activation_matrix(sf.path(out.dir, sf.MATRIX, m), packed, n_layer * d_mlp)
+            written.append(sf.MATRIX)
+        if top_examples is not None:
+            sf.write_top_examples(sf.path(out.dir, sf.TOP_EXAMPLES, m), *top_examples)
+            written.append(sf.TOP_EXAMPLES)
+        source = {"input_dir": str(export_dir.resolve()), "corpus": sf.CORPUS.format(m=m),
+                  **({"merged_from": record["merged_shards"]} if "merged_shards" in record else {})}
+        store = sf.path(out.dir, sf.WEIGHTED_GRAPH, m)
+        co.write_count_store(store, m, n_layer, d_mlp, samples, node, source, pair_counts=pair_counts)
+        sf.write_json(record, sf.path(out.dir, sf.CORPUS, m), indent=2)
+        out.vouch([sf.path(out.dir, f, m) for f in written] + sf.store_files(store))
+
+
+def model_weights(checkpoint) -> list[dict]:
+    """
+    The checkpoint's weights, each safetensors file's name, size and sha256: a corpus record's fingerprint of the
+    model, so that the merge refuses shards of other weights under the same name. The whole file is hashed (a
+    header and size would not see a changed weight of the same shape); it was just read to load the model, so
+    it is hashed from the page cache at about 1-2 GB/s, once per run.
+    """
+    return [{"file": f.name, "size": f.stat().st_size, "sha256": sf.file_sha256(f)}
+            for f in sorted(Path(checkpoint).glob("*.safetensors"))]
 
 
 def corpus_record(m: str, model_path, corpus: Corpus, context: int, max_tokens, shard, windows: int,
-                  shard_windows_: int, samples: int, n_layer: int, d_mlp: int, top_examples: int) -> dict:
+                  shard_windows_: int, samples: int, n_layer: int, d_mlp: int, top_examples: int,
+                  weights: list[dict]) -> dict:
     return {"format": CORPUS_FORMAT, "version": CORPUS_VERSION, "model": m, "model_path": str(model_path),
-            "n_layer": n_layer, "d_mlp": d_mlp, **corpus.record(), "max_tokens": max_tokens,
+            "weights": weights, "n_layer": n_layer, "d_mlp": d_mlp, **corpus.record(), "max_tokens": max_tokens,
             "tokens": int(len(corpus.ids)), "context": context, "windows": windows,
             "shard": None if shard is None else {"index": shard[0], "count": shard[1], "windows": shard_windows_},
             "samples": samples, "top_examples": top_examples}
@@ -501,6 +731,11 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
         raise PipelineError(f"--context {context} is outside 1..{cfg.block_size}, the model's context")
     batch_size = s.batch_size or max(1, TOKENS_PER_BATCH // context)
     corpus = read_corpus(inputs, lm.tokenizer, s.max_tokens)
+    if corpus.unchecked_cuts:
+        print(f"note: {corpus.unchecked_cuts} piece(s) of long documents were cut where no cut point that keeps "
+              f"the tokens lay within {PIECE_CHARS // 2:,} characters (a 'word' that long); the tokens at those "
+              f"cuts may differ from tokenizing the document whole", file=sys.stderr)
+    weights = model_weights(lm.path)
     if s.top_examples and len(corpus.ids) > TOP_EXAMPLES_MAX_TOKENS:
         raise PipelineError(f"--top_examples keeps sample ids below 2**32, but the corpus has {len(corpus.ids):,} "
                             f"tokens: give --top_examples 0 or --max_tokens {TOP_EXAMPLES_MAX_TOKENS}")
@@ -517,8 +752,8 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     n_win = num_windows(len(corpus.ids), context)
     windows = shard_windows(n_win, shard)
     batches = plan(windows, len(corpus.ids), context, batch_size)
-    fp = fingerprint([f["sha256"] for f in corpus.files], lm.name, str(lm.path.resolve()), vars(cfg), context,
-                     s.max_tokens, batch_size, shard, s.save_matrix, s.top_examples)
+    fp = fingerprint([f["sha256"] for f in corpus.files], lm.name, str(lm.path.resolve()), weights, vars(cfg),
+                     context, s.max_tokens, batch_size, shard, s.save_matrix, s.top_examples)
     checkpoints = Checkpoints(export, lm.name, fp, shard, s.checkpoint_seconds)
     top = RunningTopK(cfg.n_layer, cfg.d_mlp, s.top_examples, lm.device) if s.top_examples else None
     counts, start, packed = checkpoints.start(s.resume, CoactivationCounts(cfg.n_layer, cfg.d_mlp, lm.device), top)
@@ -537,12 +772,13 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     elif top is not None:
         best = top.result()
     record = corpus_record(lm.name, lm.path, corpus, context, s.max_tokens, shard, n_win, len(windows),
-                           counts.samples, cfg.n_layer, cfg.d_mlp, s.top_examples)
+                           counts.samples, cfg.n_layer, cfg.d_mlp, s.top_examples, weights)
     if rank == 0:
         matrix = (np.concatenate(packed) if packed else np.zeros((0, (cfg.n_layer * cfg.d_mlp + 7) // 8), np.uint8)
                   ) if s.save_matrix else None
         top_examples = (*best, top_examples_text(best[1], corpus.ids, context, lm.tokenizer)) if best else None
-        write_corpus_dataset(export, lm.name, counts, record, matrix, lm.site, top_examples)
+        write_corpus_dataset(export, lm.name, cfg.n_layer, cfg.d_mlp, counts.samples, counts.node_counts(),
+                             counts.value_sum.cpu().numpy(), counts.pair_counts, record, matrix, lm.site, top_examples)
     if dist_ctx is not None:
         import torch.distributed as dist
         dist.barrier()

@@ -33,9 +33,29 @@ def read_corpus_record(d: Path) -> tuple[str, dict]:
     return m, rec
 
 
+def check_output_apart(out_dir, dirs: list[Path]):
+    """Refuse an output directory that is, lies inside or holds one of the shards (links resolved): the merge would
+    replace a shard's files while reading them."""
+    out = Path(out_dir).resolve()
+    for d in dirs:
+        r = d.resolve()
+        how = "is" if out == r else "lies inside" if r in out.parents else "holds" if out in r.parents else None
+        if how is not None:
+            via = "" if Path(out_dir).absolute() == r or how != "is" else f" (it resolves to {r})"
+            raise PipelineError(f"--output_dir {out_dir} {how} the shard directory {d}{via}: write the merge into "
+                                f"another directory")
+
+
 def merge_shards(shard_dirs: list[str], out_dir) -> dict:
-    """Sum complete shard directories of one corpus run into one dataset directory; returns its record."""
+    """
+    Sum complete shard directories of one corpus run into one dataset directory; returns its record. Every
+    shard's files, its graph store's included, must be those its manifest lists (size and sha256), and its
+    store's node counts those of its frequency file.
+    """
+    from gelutrace.corpus import write_corpus_dataset  # corpus mode imports this module
+
     dirs = [Path(s) for s in shard_dirs]
+    check_output_apart(out_dir, dirs)
     for d in dirs:
         if not d.is_dir():
             raise PipelineError(f"shard directory {d} does not exist")
@@ -47,8 +67,12 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
     recs = [read_corpus_record(d) for d in dirs]
     tops = (sf.TOP_EXAMPLES,) if recs[0][1].get("top_examples") else ()
     for d, (m, _) in zip(dirs, recs):
+        store = sf.path(d, sf.WEIGHTED_GRAPH, m)
+        if not store.is_dir():
+            raise PipelineError(f"{d} has no graph store {store.name}; rerun that shard")
         sf.verify_output_set(sf.path(d, sf.DATASET_MANIFEST, m),
-                             [sf.path(d, f, m) for f in (sf.FREQUENCY, sf.CORPUS) + tops], f"the shard in {d}")
+                             [sf.path(d, f, m) for f in (sf.FREQUENCY, sf.CORPUS) + tops] + sf.store_files(store),
+                             f"the shard in {d}", required=True)
     m, first = recs[0]
     if first.get("shard") is None:
         raise PipelineError(f"{dirs[0]} is not a shard (it was run without --shard)")
@@ -58,10 +82,16 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
     for d, (mi, rec) in zip(dirs, recs):
         if rec.get("shard") is None:
             raise PipelineError(f"{d} is not a shard (it was run without --shard)")
+        if not rec.get("weights"):
+            raise PipelineError(f"{d}'s corpus record does not fingerprint the model's weights (written by an older "
+                                f"version); rerun that shard")
         for key in same:
             if rec.get(key) != first.get(key):
                 raise PipelineError(f"{d} and {dirs[0]} differ in {key} ({rec.get(key)!r} vs {first.get(key)!r}): "
                                     f"shards of different runs")
+        if rec["weights"] != first["weights"]:
+            raise PipelineError(f"{d} and {dirs[0]} were made from different weights of {m} (their safetensors "
+                                f"files' sha256 differ): shards of different models")
         if [(f["sha256"]) for f in rec["files"]] != [(f["sha256"]) for f in first["files"]]:
             raise PipelineError(f"{d} and {dirs[0]} read different text: shards of different corpora")
         if rec["shard"]["count"] != n:
@@ -84,9 +114,12 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
     node = np.sum([g.activation_count for g in stores], axis=0)
     value_sum = np.zeros(n_layer * d_mlp)
     for d, g in zip(dirs, stores):
-        freq = pd.read_csv(sf.path(d, sf.FREQUENCY, m), usecols=["neuron_id", "mean_activation"])
+        f = sf.path(d, sf.FREQUENCY, m)
+        freq = pd.read_csv(f, usecols=["neuron_id", "activation_count", "mean_activation"])
         if not np.array_equal(freq["neuron_id"].to_numpy(), np.arange(n_layer * d_mlp)):
-            raise PipelineError(f"{sf.path(d, sf.FREQUENCY, m)} does not list every neuron in id order")
+            raise PipelineError(f"{f} does not list every neuron in id order")
+        if not np.array_equal(freq["activation_count"].to_numpy(), g.activation_count):
+            raise PipelineError(f"{d}: the node counts of its graph store differ from {f.name}'s; rerun that shard")
         value_sum += freq["mean_activation"].to_numpy(np.float64) * g.num_samples
 
     def pair(i):
@@ -98,25 +131,12 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
     merged_top = merge_top_examples([sf.path(d, sf.TOP_EXAMPLES, m) for d in dirs], first["top_examples"],
                                     n_layer * d_mlp) if tops else None
     out = sf.lock_directory(sf.check_output_dir(out_dir, "--output_dir"), "the merge")
-    manifest = sf.path(out, sf.DATASET_MANIFEST, m)
-    run = sf.begin_output_set(manifest)
-    sf.path(out, sf.CORPUS, m).unlink(missing_ok=True)
     meta = sf.read_graph_meta(dirs[0], m)
     site = {k: meta[k] for k in ("architecture", "neuron_site", "neuron_value") if k in meta} or None
-    sf.write_graph_files_if_stale(out, m, n_layer, d_mlp, write_el=False, site=site)
-    sf.write_csv(sf.frequency_table(node, value_sum, samples, d_mlp), sf.path(out, sf.FREQUENCY, m))
-    source = {"input_dir": str(out.resolve()), "corpus": sf.CORPUS.format(m=m),
-              "merged_from": [str(d.resolve()) for d in dirs]}
-    co.write_count_store(sf.path(out, sf.WEIGHTED_GRAPH, m), m, n_layer, d_mlp, samples, node, source, pair_counts=pair)
-    if tops:
-        sf.write_top_examples(sf.path(out, sf.TOP_EXAMPLES, m), *merged_top)
-    else:
-        sf.path(out, sf.TOP_EXAMPLES, m).unlink(missing_ok=True)
     record = {**first, "shard": None, "samples": samples,
               "merged_shards": [str(seen[i].resolve()) for i in range(n)]}
-    sf.write_json(record, sf.path(out, sf.CORPUS, m), indent=2)
-    sf.commit_output_set(manifest, run, [sf.path(out, f, m) for f in (sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META,
-                                                                       sf.CORPUS) + tops])
+    write_corpus_dataset(out, m, n_layer, d_mlp, samples, node, value_sum, pair, record, site=site,
+                         top_examples=merged_top, what="the merge")
     return record
 
 

@@ -52,6 +52,17 @@ GRAPH_STORE_NODES = "node_activation_count.npy"  # inside the store: int64, one 
 GRAPH_STORE_PAIR = "pair_{src:03d}_{tgt:03d}.npy"  # inside the store: counts, rows = src layer dims, cols = tgt
 GRAPH_STORE_EDGES = "edges.npy"  # inside the store, edited edge lists only: (E, 2) int64 src, tgt
 GRAPH_STORE_EDGE_COUNTS = "edge_counts.npy"  # inside the store, edited edge lists only: count of each edge
+# stage b's output sets (OutputSet): every file each mode writes, and what a run in either mode removes when it
+# does not write it. The default graph store is stage c's in prompt mode and is stale once the dataset changes.
+# The .el is stage a's: kept while canonical, and a user's edited one is honoured.
+PROMPT_SET = (DATASET, FREQUENCY, MATRIX, ATTRIBUTES, GRAPH_META, TOP_EXAMPLES, ACTIVATIONS_JSON, ACTIVATIONS_PICKLE)
+CORPUS_SET = (ATTRIBUTES, GRAPH_META, FREQUENCY, WEIGHTED_GRAPH, TOP_EXAMPLES, CORPUS, MATRIX)
+DATASET_FILES = tuple(dict.fromkeys(PROMPT_SET + CORPUS_SET))
+
+
+def dataset_files(m: str) -> list[str]:
+    """The names stage b owns in a dataset directory (DATASET_FILES), for model prefix m."""
+    return [f.format(m=m) for f in DATASET_FILES]
 # stage c_analyze (in --output_dir, default <graph dir>/ANALYSIS_DIR)
 ANALYSIS_DIR = "weighted_graph_analysis"
 ANALYZED = "{name}_analyzed"  # + ".gpickle" for a .gpickle input, + ".json" (a reference) for a store
@@ -253,18 +264,39 @@ def atomic_dir(target):
     happens; the old version is removed afterwards. Leftovers of a killed run are cleaned up on the next.
     A plain directory (a store written by an older version) is replaced the same way.
     """
-    import uuid
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not target.is_dir():
         raise PipelineError(f"{target} exists and is not a directory")
     _clean_versions(target)
-    tag = uuid.uuid4().hex[:12]
-    version = target.parent / f".{target.name}.v{tag}"
-    version.mkdir()  # the usual umask-based mode
-    link = target.parent / f".{target.name}.link{tag}"
+    version = new_version(target)
     try:
         yield version
+        switch_dir(target, version)
+    except BaseException:
+        if not (target.is_symlink() and target.resolve() == version.resolve()):  # not switched to it
+            shutil.rmtree(version, ignore_errors=True)
+        raise
+
+
+def new_version(target) -> Path:
+    """A new, empty version directory of `target`, beside it (see atomic_dir)."""
+    import uuid
+    target = Path(target)
+    version = target.parent / f".{target.name}.v{uuid.uuid4().hex[:12]}"
+    version.mkdir()  # the usual umask-based mode
+    return version
+
+
+def switch_dir(target, version):
+    """
+    Make `target` a link to `version` (a directory beside it that new_version named) by one rename of a new link
+    over it, then remove the version it pointed to; a plain directory in its place is swapped out first.
+    """
+    target, version = Path(target), Path(version)
+    tag = version.name[len(f".{target.name}.v"):]
+    link = target.parent / f".{target.name}.link{tag}"
+    try:
         os.symlink(version.name, link)
         old = target.resolve() if target.is_symlink() else None
         if target.is_dir() and not target.is_symlink():
@@ -274,13 +306,25 @@ def atomic_dir(target):
             shutil.rmtree(legacy, ignore_errors=True)
         else:
             os.replace(link, target)
-        if old is not None and old != version.resolve():
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(version, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(link)
         raise
+    if old is not None and old != version.resolve():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_dir(target):
+    """Remove a versioned directory (its link, then the version beside it) or a plain one; a link to anywhere else
+    is removed, not what it points to."""
+    target = Path(target)
+    if target.is_symlink():
+        version = target.parent / os.readlink(target)
+        target.unlink()
+        if version.parent == target.parent and version.name.startswith(f".{target.name}.v"):
+            shutil.rmtree(version, ignore_errors=True)
+    elif target.is_dir():
+        shutil.rmtree(target)
 
 
 def recover_dir(target) -> Path:
@@ -309,8 +353,8 @@ def _clean_versions(target: Path):
                 p.unlink()
 
 
-# --- output sets: all files of one run, or a refusal ------------------------------------------------------
-def _digest(p: Path) -> str:
+# --- output sets: all files of one run, or none of them ---------------------------------------------------
+def file_sha256(p) -> str:
     import hashlib
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -319,11 +363,135 @@ def _digest(p: Path) -> str:
     return h.hexdigest()
 
 
+def _listing(files, root: Path) -> dict:
+    return {Path(f).relative_to(root).as_posix(): {"size": Path(f).stat().st_size, "sha256": file_sha256(f)}
+            for f in files}
+
+
+def store_files(store) -> list[Path]:
+    """The files of a store directory, named through its link (as a manifest lists them)."""
+    return sorted(p for p in Path(store).iterdir() if p.is_file())
+
+
+def disk_full(e: BaseException, where) -> bool:
+    """Whether a failed write ran out of room: ENOSPC or EDQUOT, or an OSError without an errno (numpy's '...
+    requested and ... written') on a filesystem with less than 1 MiB left."""
+    import errno
+    if not isinstance(e, OSError):
+        return False
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if e.errno is None:
+        try:
+            st = os.statvfs(where)
+            return st.f_bavail * st.f_frsize < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
+class OutputSet:
+    """
+    The files of one run, written beside the earlier run's and swapped in together, so that a failure while
+    writing them (an error, a full disk, an interrupt) leaves the earlier files byte for byte as they were:
+
+        with sf.OutputSet(directory, manifest, owned, "stage b") as out:
+            write_csv(df, path(out.dir, FREQUENCY, m))   # every file under its own name, in out.dir
+            ...
+            out.vouch([...])                              # the files of out.dir the manifest lists
+
+    `out.dir` is a staging directory inside `directory` (so on the same filesystem); a store directory written
+    there with atomic_dir moves with the files. Once every file is staged, the manifest is marked `writing` by a
+    rename, each staged file is renamed over its target (a store is switched to its new version, as atomic_dir
+    does), the `owned` names this run did not write are removed, and the complete manifest (each vouched file's
+    size and sha256) is renamed in last. Renames need no room on the disk; only a crash among them leaves the
+    manifest at `writing`, which readers refuse. A run needs room for its files beside the earlier ones. The
+    leftovers of a killed run are removed by the next.
+    """
+
+    def __init__(self, directory, manifest, owned=(), what: str = "the run"):
+        self.target, self.manifest = Path(directory), Path(manifest)
+        self.owned, self.what = tuple(owned), what
+        self.vouched: list[Path] = []
+
+    def __enter__(self) -> "OutputSet":
+        try:
+            self.target.mkdir(parents=True, exist_ok=True)
+            for old in self.target.glob(f".{self.manifest.name}.staging*"):
+                shutil.rmtree(old, ignore_errors=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.manifest.name}.staging", dir=self.target))
+            os.chmod(self.dir, 0o777 & ~_UMASK)
+        except OSError as e:
+            self._refuse(e)
+            raise
+        return self
+
+    def vouch(self, files):
+        self.vouched = [Path(f) for f in files]
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            try:
+                write_json({"state": "writing", "run": self._run()}, self.dir / self._WRITING, indent=2)
+                write_json({"state": "complete", "run": self._run(), "files": _listing(self.vouched, self.dir)},
+                           self.dir / self.manifest.name, indent=2)
+            except BaseException as e:
+                exc = e
+        if exc is None:
+            self._swap()
+            return False
+        try:
+            self._refuse(exc)
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if kind is None:
+            raise exc
+        return False
+
+    _WRITING = ".writing.json"
+
+    def _run(self) -> str:
+        if not hasattr(self, "_id"):
+            import uuid
+            self._id = uuid.uuid4().hex
+        return self._id
+
+    def _refuse(self, e: BaseException):
+        if disk_full(e, self.target if not hasattr(self, "dir") else self.dir):
+            raise PipelineError(f"no space left on {self.target} (disk full) while writing {self.what}'s files; the "
+                                f"earlier files there are unchanged") from None
+
+    def _swap(self):
+        names = set(os.listdir(self.dir)) - {self.manifest.name, self._WRITING}
+        stores = {n: os.readlink(self.dir / n) for n in names if (self.dir / n).is_symlink()}
+        staged = sorted(names - set(stores.values()))
+        os.replace(self.dir / self._WRITING, self.manifest)  # from here until the last rename, readers refuse
+        for name in staged:
+            src, dst = self.dir / name, self.target / name
+            if name in stores:  # a store written with atomic_dir: move its version out, then switch to it
+                version = self.target / stores[name]
+                os.replace(self.dir / stores[name], version)
+                recover_dir(dst)
+                switch_dir(dst, version)
+                _clean_versions(dst)
+            else:
+                os.replace(src, dst)
+        for name in set(self.owned) - set(staged):
+            p = self.target / name
+            if p.is_dir():
+                remove_dir(p)
+            elif p.is_symlink() or p.exists():
+                p.unlink()
+        os.replace(self.dir / self.manifest.name, self.manifest)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def begin_output_set(manifest) -> str:
     """
-    Mark a directory's output set as being rewritten, before the first of its files is replaced. A crash or a
-    full disk from here until commit_output_set leaves the manifest in that state, and readers refuse the
-    directory rather than mix files of two runs. Returns the new run's id.
+    Mark a directory's output set as being rewritten in place, before the first of its files is replaced. A crash
+    or a full disk from here until commit_output_set leaves the manifest in that state, and readers refuse the
+    directory rather than mix files of two runs. Returns the new run's id. (OutputSet writes a set beside the
+    earlier one instead, so that a failure leaves the earlier set readable.)
     """
     import uuid
     run = uuid.uuid4().hex
@@ -334,18 +502,20 @@ def begin_output_set(manifest) -> str:
 def commit_output_set(manifest, run: str, files):
     """Record the set's files (size, sha256) in its manifest, the set's last write."""
     m = Path(manifest)
-    listed = {Path(f).relative_to(m.parent).as_posix(): {"size": Path(f).stat().st_size, "sha256": _digest(Path(f))}
-              for f in files}
-    write_json({"state": "complete", "run": run, "files": listed}, m, indent=2)
+    write_json({"state": "complete", "run": run, "files": _listing(files, m.parent)}, m, indent=2)
 
 
-def verify_output_set(manifest, files, what: str):
+def verify_output_set(manifest, files, what: str, required: bool = False):
     """
     Refuse files that do not all come from the run the manifest records (an interrupted write, or a file
-    replaced since). A directory without a manifest (written by hand or an older version) is taken as it is.
+    replaced since). A directory without a manifest (written by hand or an older version) is taken as it is,
+    unless `required`.
     """
     m = Path(manifest)
     if not m.is_file():
+        if required:
+            raise PipelineError(f"{m.parent} has no {m.name} to vouch for its files (written by hand or an older "
+                                f"version?); rerun {what}")
         return
     try:
         rec = json.loads(m.read_text())
@@ -360,7 +530,7 @@ def verify_output_set(manifest, files, what: str):
         want = listed.get(rel)
         if want is None or not f.is_file():
             raise PipelineError(f"{f} is not part of the run {m.name} records; rerun {what}")
-        if f.stat().st_size != want["size"] or _digest(f) != want["sha256"]:
+        if f.stat().st_size != want["size"] or file_sha256(f) != want["sha256"]:
             raise PipelineError(f"{f} was changed or replaced after the run {m.name} records; rerun {what}")
 
 
@@ -545,19 +715,23 @@ def write_graph_files(directory, m: str, n_layer: int, d_mlp: int, write_el: boo
 
 
 def write_graph_files_if_stale(directory, m: str, n_layer: int, d_mlp: int, write_el: bool = True, progress=None,
-                               site: dict | None = None):
-    """Stage a's files, keeping an existing canonical .el of the same shape instead of writing it again."""
+                               site: dict | None = None, into=None):
+    """
+    Stage a's files, keeping an existing canonical .el of the same shape in `directory` instead of writing it
+    again. They are written into `into` (an OutputSet's staging directory) when given, else into `directory`.
+    """
+    into = directory if into is None else into
     try:
         meta = read_graph_meta(directory, m)
         same = (meta.get("n_layer"), meta.get("d_mlp")) == (n_layer, d_mlp) and meta.get("edges_file")
         if same and path(directory, EDGES, m).is_file() and edges_are_canonical(directory, m, meta):
-            write_csv(neuron_attributes(n_layer, d_mlp), path(directory, ATTRIBUTES, m))
-            if site is not None and any(meta.get(k) != v for k, v in site.items()):
-                write_json({**meta, **site}, path(directory, GRAPH_META, m), indent=2)
+            write_csv(neuron_attributes(n_layer, d_mlp), path(into, ATTRIBUTES, m))
+            if Path(into) != Path(directory) or (site is not None and any(meta.get(k) != v for k, v in site.items())):
+                write_json({**meta, **(site or {})}, path(into, GRAPH_META, m), indent=2)
             return
     except PipelineError:
         pass
-    write_graph_files(directory, m, n_layer, d_mlp, write_el, progress, site)
+    write_graph_files(into, m, n_layer, d_mlp, write_el, progress, site)
 
 
 def read_graph_meta(directory, m: str) -> dict:
@@ -758,6 +932,8 @@ def read_top_examples(source) -> pd.DataFrame:
         df = pd.read_csv(p, dtype={"context": str, "token": str}, keep_default_na=False, encoding="utf-8")
         if list(df.columns) != TOP_EXAMPLES_COLUMNS:
             raise ValueError(f"columns {list(df.columns)}, expected {TOP_EXAMPLES_COLUMNS}")
+        if df.empty:  # a shard that was given no window: the columns' types cannot be read from no rows
+            df = df.astype({"neuron_id": np.int64, "rank": np.int64, "sample_id": np.int64})
         for c in ("neuron_id", "rank", "sample_id"):
             if not pd.api.types.is_integer_dtype(df[c]) or (df[c] < 0).any():
                 raise ValueError(f"column {c} holds values that are not whole numbers >= 0")

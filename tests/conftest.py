@@ -157,3 +157,62 @@ def assert_top_k(ids, scores: dict, k: int):
     rest = [s for u, s in scores.items() if u not in set(ids)]
     assert not rest or min(picked) >= max(rest)
     assert sorted(picked) == sorted(scores.values())[len(scores) - k:]
+
+
+def directory_digest(d) -> dict:
+    """Every entry under a directory (hidden ones and links included; the writer lock left out) and each file's
+    sha256: equal before and after means byte-identical."""
+    import hashlib
+    import os
+    out = {}
+    for root, dirs, files in os.walk(d):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            rel = os.path.relpath(p, d)
+            if name == ".gelutrace.lock":
+                continue
+            if os.path.islink(p):
+                out[rel] = "-> " + os.readlink(p)
+            elif os.path.isfile(p):
+                with open(p, "rb") as f:
+                    out[rel] = hashlib.sha256(f.read()).hexdigest()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+def fill_disk_at(monkeypatch, nth: int) -> dict:
+    """Make the nth file write of an output set (an atomic stage-file write or an np.save, once sf.OutputSet is
+    entered) fail as a full disk does; returns the call counter."""
+    import contextlib
+    import errno
+
+    import numpy as np
+
+    from gelutrace import stagefiles as sf
+    calls = {"n": 0, "armed": False}
+    real_path, real_save, real_enter = sf.atomic_path, np.save, sf.OutputSet.__enter__
+
+    def count(target):
+        calls["n"] += calls["armed"]
+        if calls["n"] == nth and calls["armed"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    def enter(self):
+        calls["armed"] = True
+        return real_enter(self)
+
+    @contextlib.contextmanager
+    def atomic_path(target):
+        count(target)
+        with real_path(target) as tmp:
+            yield tmp
+
+    def save(file, *a, **k):
+        count(file)
+        return real_save(file, *a, **k)
+
+    monkeypatch.setattr(sf, "atomic_path", atomic_path)
+    monkeypatch.setattr(np, "save", save)
+    monkeypatch.setattr(sf.OutputSet, "__enter__", enter)
+    return calls

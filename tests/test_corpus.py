@@ -419,3 +419,320 @@ def test_top_examples_reader_refuses_ids_that_are_not_whole_numbers(tmp_path):
         (tmp_path / "bad.csv").write_text(good.replace(",16,", f",{bad},"))
         with pytest.raises(sf.PipelineError, match="sample_id|cannot read"):
             sf.read_top_examples(tmp_path / "bad.csv")
+
+
+# --- long documents: tokenized in pieces, read only up to --max_tokens ---------------------------------------
+
+def awkward_text(n_parts: int, seed: int) -> str:
+    """Words of the held-out text between runs of spaces, newlines, tabs, CRLF, non-breaking and ideographic
+    spaces, accented, Greek and CJK letters, emoji, and stretches of punctuation and digits with no whitespace
+    longer than a piece."""
+    import random
+    rng = random.Random(seed)
+    words = HELDOUT_PATH.read_text(encoding="utf-8").split()
+    out = []
+    for _ in range(n_parts):
+        r = rng.random()
+        if r < 0.5:
+            out.append(rng.choice(words) + " ")
+        elif r < 0.6:
+            out.append(" " * rng.randint(2, 6))
+        elif r < 0.7:
+            out.append("\n" * rng.randint(1, 4))
+        elif r < 0.76:
+            out.append(rng.choice(["\t", "\r\n", " \n ", "\u00a0", "\u3000", "\n\t  "]))
+        elif r < 0.86:
+            out.append(rng.choice(["Ünïcödé ", "日本語のテキスト", "🙂👍🏽", "naïve—café", "ΑΒΓ δέκα", "x̧͂y"]))
+        elif r < 0.9:
+            out.append("".join(rng.choice("abc,.;:!?-'0123") for _ in range(rng.randint(100, 1200))))
+        else:
+            out.append(" ")
+    return "".join(out)
+
+
+class RecordingTokenizer:
+    """The tokenizer, keeping every text it is given (to see what is read and how much at a time)."""
+
+    def __init__(self, tok):
+        self.tok, self.texts = tok, []
+
+    def __call__(self, texts, **kwargs):
+        self.texts += texts if isinstance(texts, list) else [texts]
+        return self.tok(texts, **kwargs)
+
+    def __len__(self):
+        return len(self.tok)
+
+    @property
+    def eos_token_id(self):
+        return self.tok.eos_token_id
+
+
+@pytest.mark.parametrize("piece", [64, 97, 256, 1000])
+def test_a_document_tokenized_in_pieces_equals_its_whole_tokenization(shipped, piece):
+    from gelutrace import corpus
+
+    text = awkward_text(4000, seed=piece)
+    want = shipped.tokenizer(text, verbose=False)["input_ids"]
+    tok = RecordingTokenizer(shipped.tokenizer)
+    enc = corpus.DocumentTokenizer(tok, piece)
+    got, whole = enc.document(text[i:i + 999] for i in range(0, len(text), 999))
+    assert whole and enc.unchecked_cuts == 0
+    assert got.tolist() == want
+    assert max(map(len, tok.texts)) <= max(piece + corpus.CUT_CHECK_CHARS, 2 * corpus.CUT_CHECK_CHARS)
+    assert len(tok.texts) > len(text) // piece, "not cut into pieces"  # each cut is checked, each piece tokenized
+
+
+@pytest.mark.parametrize("stretch", ["periodic", "random"])
+def test_a_stretch_without_word_boundaries_is_still_cut(shipped, stretch):
+    """20,000 letters in a row: pieces stay bounded; the tokens equal the whole text's where every cut was checked,
+    and decode to the text in any case."""
+    import random
+
+    from gelutrace import corpus
+
+    rng = random.Random(0)
+    letters = "abcdefghij" * 2000 if stretch == "periodic" else "".join(rng.choice("abcdefghij") for _ in range(20000))
+    text = "To be, or not " + letters + " to be"
+    tok = RecordingTokenizer(shipped.tokenizer)
+    enc = corpus.DocumentTokenizer(tok, 256)
+    got, whole = enc.document([text])
+    assert whole and max(map(len, tok.texts)) <= max(256, corpus.CUT_CHECK_CHARS) + corpus.CUT_CHECK_CHARS
+    assert len(tok.texts) > len(text) // 256
+    assert shipped.tokenizer.decode(got.tolist()) == text  # byte-level BPE: nothing is lost at any cut
+    if enc.unchecked_cuts == 0:
+        assert got.tolist() == shipped.tokenizer(text, verbose=False)["input_ids"]
+    print(stretch, enc.unchecked_cuts, "unchecked cuts")
+
+
+@pytest.fixture()
+def long_corpus(tmp_path, monkeypatch):
+    """Pieces of 300 characters (so every long document is cut many times): a long .txt, a .jsonl of short and
+    long documents, and a .txt after them; the reference is each document tokenized whole, then end-of-text."""
+    from gelutrace import corpus
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 300)
+    d = tmp_path / "long"
+    d.mkdir()
+    texts = [awkward_text(3000, 1), "short one", awkward_text(2000, 2), "another", awkward_text(500, 3)]
+    (d / "a_long.txt").write_text(texts[0], encoding="utf-8")
+    (d / "b_docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[1:4]), encoding="utf-8")
+    (d / "c_after.txt").write_text(texts[4], encoding="utf-8")
+    return d, texts
+
+
+def test_long_documents_read_in_pieces_equal_whole_tokenization(long_corpus, shipped):
+    from gelutrace import corpus
+
+    d, texts = long_corpus
+    tok = shipped.tokenizer
+    docs = [tok(t, verbose=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    ids = np.concatenate(docs)
+    got = corpus.read_corpus([str(d)], tok)
+    np.testing.assert_array_equal(got.ids, ids)
+    assert got.unchecked_cuts == 0
+    starts = np.cumsum([0] + [len(x) for x in docs])[:-1]
+    assert [f["documents"] for f in got.files] == [1, 3, 1] and got.documents == 5
+    record = {**got.record(), "tokens": len(ids), "context": CONTEXT}
+    np.testing.assert_array_equal(corpus.document_starts(record)[0], starts)
+    where = [(0, 0), (1, 0), (1, 1), (1, 2), (2, 0)]
+    for s in np.random.default_rng(0).choice(len(ids), 200, replace=False):
+        k = int(np.searchsorted(starts, s, side="right")) - 1
+        path, doc, offset = corpus.locate(record, [s])[0]
+        assert (path, doc, offset) == (got.files[where[k][0]]["path"], where[k][1], s - starts[k])
+    windows = [0, 7, len(ids) // CONTEXT // 2, len(ids) // CONTEXT]
+    for w, tokens in corpus.window_tokens(record, tok, windows).items():
+        np.testing.assert_array_equal(tokens, ids[w * CONTEXT:(w + 1) * CONTEXT + 1])
+
+
+def test_reading_stops_at_max_tokens(long_corpus, shipped):
+    """--max_tokens inside the long first document: the tokens are the whole tokenization's first ones, and only
+    about one batch of pieces of the file is tokenized; the files after are not read."""
+    from gelutrace import corpus
+
+    d, texts = long_corpus
+    ids = shipped.tokenizer(texts[0], verbose=False)["input_ids"]
+    tok = RecordingTokenizer(shipped.tokenizer)
+    got = corpus.read_corpus([str(d)], tok, max_tokens=500)
+    np.testing.assert_array_equal(got.ids, ids[:500])
+    assert [f["path"] for f in got.files] == [str((d / "a_long.txt").resolve())] and got.files[0]["tokens"] == 500
+    # all that was tokenized (one call's pieces, and the text around their cuts) lies in the file's first quarter
+    first_quarter = texts[0][:len(texts[0]) // 4]
+    assert all(t in first_quarter for t in tok.texts if t != "a")  # "a": the probe for special tokens
+    record = {**got.record(), "tokens": 500, "context": CONTEXT}
+    w = 500 // CONTEXT
+    np.testing.assert_array_equal(corpus.window_tokens(record, shipped.tokenizer, [w])[w], ids[w * CONTEXT:500])
+
+
+def test_tokenizing_a_50_mb_line_holds_memory_bounded(tmp_path, shipped_path):
+    """A 50 MB single-line .txt, read whole in a child process: its peak RSS stays far below the ~7.5 GB that
+    tokenizing the line at once takes."""
+    code = (f"import resource, sys; sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+            f"from transformers import AutoTokenizer\nfrom gelutrace.corpus import read_corpus\n"
+            f"line = open({str(HELDOUT_PATH)!r}, encoding='utf-8').read().replace('\\n', ' ')\n"
+            f"with open({str(tmp_path / 'line.txt')!r}, 'w', encoding='utf-8') as f:\n"
+            f"    f.write(line * (50_000_000 // len(line) + 1))\n"
+            f"del line\ntok = AutoTokenizer.from_pretrained({str(shipped_path)!r})\n"
+            f"c = read_corpus([{str(tmp_path / 'line.txt')!r}], tok)\n"
+            f"print(len(c.ids), c.documents, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TOKENIZERS_PARALLELISM="true"))
+    assert r.returncode == 0, r.stderr
+    tokens, documents, maxrss_kib = map(int, r.stdout.split())
+    assert documents == 1 and tokens > 10_000_000
+    assert maxrss_kib < 600 * 1024, f"peak RSS {maxrss_kib / 1024:.0f} MB"
+
+
+# --- output sets: a run in one mode after the other, a full disk ------------------------------------------------
+
+def dataset_snapshot(d) -> dict:
+    """A dataset directory's entries and contents as a fresh run would write them: the run's own ids (the manifest's
+    run, the store's uid and source, its version directory's name) left out."""
+    import hashlib
+    out = {}
+    for p in sorted(d.iterdir()):
+        if p.name == sf.LOCK_FILE or p.name.startswith(f".{M}_weighted_graph.v"):
+            continue
+        if p.name == sf.DATASET_MANIFEST.format(m=M):
+            rec = json.loads(p.read_text())
+            out[p.name] = (rec["state"], {k: v for k, v in rec["files"].items() if not k.endswith(sf.GRAPH_STORE_HEADER)},
+                           sorted(rec["files"]))
+        elif p.is_dir():
+            out[p.name] = ({k: hashlib.sha256((p / k).read_bytes()).hexdigest() for k in sorted(os.listdir(p))
+                            if k != sf.GRAPH_STORE_HEADER}, header_without_ids(p))
+        else:
+            out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("first", ["corpus", "prompt"])
+def test_a_run_in_the_other_mode_leaves_only_its_own_files(corpus_dir, tmp_path, first):
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompts,number_of_new_tokens,num_samples\nKING. ,4,1\n\"And God said, \",3,2\n")
+    prompt = ["--input_csv", csv, "--model_type", M, "--device", "cpu", "--no_edge_list", "--no_attribution"]
+    text = ["--input_text", corpus_dir, "--model_type", M, "--context", CONTEXT, "--device", "cpu"]
+    earlier, later = (text, prompt) if first == "corpus" else (prompt, text)
+    run_here(B, *earlier, "--export_dir", tmp_path / "both")
+    if first == "prompt":  # and stage c's store of it
+        run_here("c_calculate_weighted_activation_graph.py", "--input_dir", tmp_path / "both")
+    before = set(os.listdir(tmp_path / "both"))
+    run_here(B, *later, "--export_dir", tmp_path / "both")
+    run_here(B, *later, "--export_dir", tmp_path / "fresh")
+    assert dataset_snapshot(tmp_path / "both") == dataset_snapshot(tmp_path / "fresh")
+    stale = before - set(os.listdir(tmp_path / "both"))
+    expect = ({sf.CORPUS, sf.WEIGHTED_GRAPH} if first == "corpus" else
+              {sf.DATASET, sf.MATRIX, sf.ACTIVATIONS_JSON, sf.ACTIVATIONS_PICKLE})
+    assert {f.format(m=M) for f in expect} <= stale
+    if first == "corpus":  # stage c and c_analyze now see the prompt run's samples
+        run_here("c_calculate_weighted_activation_graph.py", "--input_dir", tmp_path / "both")
+        assert json.loads((sf.path(tmp_path / "both", sf.WEIGHTED_GRAPH, M) / sf.GRAPH_STORE_HEADER).read_text()
+                          )["num_samples"] == 4 + 2 * 3
+
+
+@pytest.mark.parametrize("nth", [1, 5, 9, 12])
+def test_full_disk_while_rewriting_a_corpus_dataset_keeps_the_earlier_one(streamed, corpus_dir, tmp_path, monkeypatch,
+                                                                          nth):
+    """Out of disk at the nth file write of a corpus run (the graph files, the frequency file, the top examples, the
+    store's arrays, the record, the manifest): every earlier file byte-identical, and stage c accepts the earlier
+    dataset and rebuilds its store from its matrix."""
+    from conftest import directory_digest, fill_disk_at
+
+    data = tmp_path / "streamed"
+    shutil.copytree(streamed, data, symlinks=True)
+    before = directory_digest(data)
+    calls = fill_disk_at(monkeypatch, nth)
+    code, err = run_here(B, "--input_text", corpus_dir / "a_docs.jsonl", "--export_dir", data, "--model_type", M,
+                         "--context", CONTEXT, "--save_matrix", check=False)
+    monkeypatch.undo()
+    lines = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert code == 2 and calls["n"] >= nth and len(lines) == 1 and f"no space left on {data} (disk full)" in lines[0]
+    after = {k: v for k, v in directory_digest(data).items() if not k.startswith(sf.CORPUS_PARTIAL_DIR.format(m=M))}
+    assert after == before
+    run("c_calculate_weighted_activation_graph.py", "--input_dir", data, "--output_path", tmp_path / "c_store")
+    assert store_arrays(tmp_path / "c_store").keys() == store_arrays(sf.path(streamed, sf.WEIGHTED_GRAPH, M)).keys()
+
+
+# --- the merge: what it refuses, and shards of no window --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shards(corpus_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    for i in range(3):
+        run_here(B, "--input_text", corpus_dir, "--export_dir", d / f"s{i}", "--model_type", M, "--context", CONTEXT,
+                 "--batch_size", 1, "--shard", f"{i}/3")
+    return [d / f"s{i}" for i in range(3)]
+
+
+def merge_refused(out, dirs, message: str):
+    code, err = run_here("c_merge_activation_statistics.py", "--output_dir", out, *dirs, check=False)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_merge_refuses_an_output_directory_that_is_or_holds_a_shard(shards, tmp_path):
+    from conftest import directory_digest
+
+    s0, s1, s2 = shards
+    before = [directory_digest(s) for s in shards]
+    (tmp_path / "link").symlink_to(s0)
+    for out, how in [(s0, "is the shard directory"), (tmp_path / "link", "(it resolves to"),
+                     (tmp_path / "link" / "sub", "lies inside"), (s0.parent, "holds")]:
+        merge_refused(out, [s0, s1, s2], how)
+    assert [directory_digest(s) for s in shards] == before
+
+
+@pytest.mark.parametrize("damage", ["pair", "nodes", "nodes and manifest", "no manifest", "weights"])
+def test_merge_refuses_a_shard_whose_store_or_weights_differ(corpus_dir, shards, shipped_path, tmp_path, damage):
+    """A count raised in a pair file or lowered in the node counts (within the header's maxima, so the store
+    itself reads), the same with the manifest edited to match (the node counts then differ from the frequency
+    file's), a shard without a manifest, and a shard made from other weights in a directory of the same name."""
+    s0, s1, s2 = shards
+    bad = tmp_path / "s1"
+    store = sf.path(bad, sf.WEIGHTED_GRAPH, M)
+    nodes = store / sf.GRAPH_STORE_NODES
+    if damage == "weights":
+        from safetensors.numpy import load_file, save_file
+        ckpt = tmp_path / "elsewhere" / M
+        shutil.copytree(shipped_path, ckpt)
+        w = load_file(ckpt / "model.safetensors")
+        key = next(k for k in w if k.endswith("mlp.c_fc.weight"))
+        w[key] = w[key] * np.float32(1.01)
+        save_file(w, ckpt / "model.safetensors", metadata={"format": "pt"})
+        run_here(B, "--input_text", corpus_dir, "--export_dir", bad, "--model_type", ckpt, "--context", CONTEXT,
+                 "--batch_size", 1, "--shard", "1/3")
+        return merge_refused(tmp_path / "out", [s0, bad, s2], "different weights")
+    shutil.copytree(s1, bad, symlinks=True)
+    if damage == "pair":
+        name = sf.GRAPH_STORE_PAIR.format(src=2, tgt=3)
+        a = np.load(store / name)
+        a.ravel()[np.flatnonzero(a.ravel() == 0)[0]] += 1
+        np.save(store / name, a)
+    elif damage.startswith("nodes"):
+        c = np.load(nodes)
+        c[np.flatnonzero((c > 0) & (c < c.max()))[0]] -= 1
+        np.save(nodes, c)
+        if damage == "nodes and manifest":
+            manifest = sf.path(bad, sf.DATASET_MANIFEST, M)
+            rec = json.loads(manifest.read_text())
+            rec["files"][f"{sf.WEIGHTED_GRAPH.format(m=M)}/{sf.GRAPH_STORE_NODES}"] = {
+                "size": nodes.stat().st_size, "sha256": sf.file_sha256(nodes)}
+            manifest.write_text(json.dumps(rec))
+    else:
+        sf.path(bad, sf.DATASET_MANIFEST, M).unlink()
+    message = {"pair": "changed or replaced", "nodes": "changed or replaced", "no manifest": "has no",
+               "nodes and manifest": "node counts of its graph store differ"}[damage]
+    merge_refused(tmp_path / "out", [s0, bad, s2], message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_given_no_window_merge_into_the_unsharded_run(corpus_dir, tmp_path):
+    """--max_tokens 300 in windows of 256 tokens: shards 2/4 and 3/4 get no window; all four merge into what the
+    unsharded run writes."""
+    common = ["--input_text", corpus_dir, "--model_type", M, "--max_tokens", 300, "--batch_size", 1]
+    for i in range(4):
+        run_here(B, *common, "--export_dir", tmp_path / f"s{i}", "--shard", f"{i}/4")
+    recs = [json.loads(sf.path(tmp_path / f"s{i}", sf.CORPUS, M).read_text()) for i in range(4)]
+    assert [r["samples"] for r in recs] == [256, 44, 0, 0] and [r["shard"]["windows"] for r in recs] == [1, 1, 0, 0]
+    run_here(B, *common, "--export_dir", tmp_path / "whole")
+    run_here("c_merge_activation_statistics.py", "--output_dir", tmp_path / "merged", *(tmp_path / f"s{i}"
+                                                                                         for i in range(4)))
+    assert_same_statistics(tmp_path / "merged", tmp_path / "whole")

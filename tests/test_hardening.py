@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, directory_digest, fill_disk_at
 from gelutrace import PipelineError
 from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
@@ -346,44 +346,103 @@ def test_batch_size_bounds_every_batch(greedy):
 
 # --- output sets ---------------------------------------------------------------------------------------------
 
-def test_full_disk_while_writing_leaves_a_set_that_readers_refuse(tiny_dataset, tmp_path, monkeypatch):
-    """Stage b runs out of disk after replacing its dataset CSV but before the matrix: one error line, and
-    stage c refuses the directory instead of pairing the new CSV with the old matrix."""
-    import errno
+@pytest.mark.parametrize("nth", [1, 4, 8, 10])
+def test_full_disk_while_writing_keeps_the_earlier_set(tiny_dataset, tmp_path, monkeypatch, nth):
+    """Stage b runs out of disk at its nth file write (the dataset CSV, the matrix, the lists, the graph files, the
+    manifest itself): one error line that says so, every file of the earlier run byte-identical, and stage c
+    still accepts the directory."""
     import runpy
     import shutil
 
-    from gelutrace import recording
     d, csv = tiny_dataset
     data = tmp_path / "b"
     shutil.copytree(d / "b", data)
-    old_matrix = (data / "tinybard_activation_matrix.npz").read_bytes()
-
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(a[0]))
-
-    monkeypatch.setattr(recording, "write_packed_activation_matrix", full)
-    script_path = str(REPO_ROOT / "b_generate_activation_dataset.py")
+    before = directory_digest(data)
     other = tmp_path / "other.csv"
     other.write_text("prompts,number_of_new_tokens,num_samples\nKING. ,4,1\n")
+    calls = fill_disk_at(monkeypatch, nth)
+    script_path = str(REPO_ROOT / "b_generate_activation_dataset.py")
     monkeypatch.setattr(sys, "argv", [script_path, "--model_type", "tinybard", "--input_csv", str(other),
                                       "--export_dir", str(data), "--device", "cpu", "--no_edge_list", "--no_attribution"])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(script_path, run_name="__main__")
-    assert e.value.code == 2
-    assert (data / "tinybard_activation_matrix.npz").read_bytes() == old_matrix  # the old matrix, a new CSV
-    r = script("c_calculate_weighted_activation_graph.py", "--input_dir", data)
-    one_error_line(r)
-    assert "stopped while writing" in r.stderr
-    # a file replaced after a complete run is refused too
+    assert e.value.code == 2 and calls["n"] >= nth
     monkeypatch.undo()
-    shutil.rmtree(data)
+    after = {k: v for k, v in directory_digest(data).items() if not k.startswith(".tinybard_partial")}  # for --resume
+    assert after == before
+    r = script("c_calculate_weighted_activation_graph.py", "--input_dir", data)
+    assert r.returncode == 0, r.stderr
+
+
+def test_full_disk_error_names_the_directory(tiny_dataset, tmp_path, monkeypatch, capsys):
+    import runpy
+    import shutil
+
+    d, csv = tiny_dataset
+    data = tmp_path / "b"
+    shutil.copytree(d / "b", data)
+    fill_disk_at(monkeypatch, 2)
+    script_path = str(REPO_ROOT / "b_generate_activation_dataset.py")
+    monkeypatch.setattr(sys, "argv", [script_path, "--model_type", "tinybard", "--input_csv", str(csv),
+                                      "--export_dir", str(data), "--device", "cpu", "--no_edge_list", "--no_attribution"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(script_path, run_name="__main__")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(lines) == 1 and f"no space left on {data} (disk full)" in lines[0], lines
+
+
+def test_a_file_replaced_after_a_complete_run_is_refused(tiny_dataset, tmp_path):
+    import shutil
+    d, csv = tiny_dataset
+    data = tmp_path / "b"
     shutil.copytree(d / "b", data)
     freq = data / "tinybard_neuron_frequency.csv"
-    freq.write_text(freq.read_text().replace("\n1,", "\n1,", 1) + "\n")
+    freq.write_text(freq.read_text() + "\n")
     r = script("c_calculate_weighted_activation_graph.py", "--input_dir", data)
     one_error_line(r)
     assert "changed or replaced" in r.stderr
+
+
+def test_a_crash_among_the_renames_leaves_a_set_that_readers_refuse(tiny_dataset, tmp_path, monkeypatch):
+    """Killed between the first and the last rename of the swap: the manifest says `writing` and stage c refuses;
+    the next run cleans up and writes a complete set."""
+    import runpy
+    import shutil
+
+    from gelutrace import stagefiles as sf
+    d, csv = tiny_dataset
+    data = tmp_path / "b"
+    shutil.copytree(d / "b", data)
+    real, calls = os.replace, {"n": 0}
+
+    def killed(a, b):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the mark, one file, then kill -9
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    script_path = str(REPO_ROOT / "b_generate_activation_dataset.py")
+    argv = [script_path, "--model_type", "tinybard", "--input_csv", str(csv), "--export_dir", str(data), "--device",
+            "cpu", "--no_edge_list", "--no_attribution"]
+    monkeypatch.setattr(sys, "argv", argv)
+    real_swap = sf.OutputSet._swap
+
+    def swap(self):
+        monkeypatch.setattr(os, "replace", killed)
+        real_swap(self)
+
+    monkeypatch.setattr(sf.OutputSet, "_swap", swap)
+    with pytest.raises(SystemExit):
+        runpy.run_path(script_path, run_name="__main__")
+    monkeypatch.undo()
+    r = script("c_calculate_weighted_activation_graph.py", "--input_dir", data)
+    one_error_line(r)
+    assert "stopped while writing" in r.stderr
+    r = script("b_generate_activation_dataset.py", *argv[1:])
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in data.iterdir() if ".staging" in p.name]
+    r = script("c_calculate_weighted_activation_graph.py", "--input_dir", data)
+    assert r.returncode == 0, r.stderr
 
 
 def test_report_refuses_results_of_an_interrupted_stage_e(tiny_dataset, tmp_path):
