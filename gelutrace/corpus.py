@@ -74,33 +74,6 @@ def corpus_files(inputs: list[str]) -> list[Path]:
 
 def _file_blocks(p: Path) -> Iterator[bytes]:
     try:
-<<<<<<< HEAD
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{p} is not UTF-8 text: byte {e.start} (0x{raw[e.start]:02x}) cannot be decoded") from None
-    text = text.removeprefix("\ufeff")  # a byte-order mark is no text
-    if p.suffix == ".txt":
-        return [text]
-    docs = []
-    for k, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{p} line {k}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or "text" not in rec:
-            raise PipelineError(f"{p} line {k}: no field 'text'")
-        if not isinstance(rec["text"], str):
-            raise PipelineError(f"{p} line {k}: field 'text' is not a string")
-        try:
-            rec["text"].encode("utf-8")
-        except UnicodeEncodeError as e:  # a JSON escape such as \ud800 that pairs with no other
-            raise PipelineError(f"{p} line {k}: field 'text' holds a lone surrogate (U+{ord(rec['text'][e.start]):04X} "
-                                f"at character {e.start}), which is not text") from None
-        docs.append(rec["text"])
-    if not docs:
-=======
         with open(p, "rb") as f:
             while block := f.read(READ_BYTES):
                 yield block
@@ -115,7 +88,7 @@ def _not_utf8(p: Path, at: int, byte: int) -> PipelineError:
 def _txt_text(p: Path) -> Iterator[str]:
     """A .txt file's text (its one document), a block at a time."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
+    offset, first = 0, True
     for block in itertools.chain(_file_blocks(p), [b""]):
         held = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
         try:
@@ -123,6 +96,8 @@ def _txt_text(p: Path) -> Iterator[str]:
         except UnicodeDecodeError as e:
             raise _not_utf8(p, offset - held + e.start, e.object[e.start]) from None
         offset += len(block)
+        if first and text:
+            text, first = text.removeprefix("\ufeff"), False  # a byte-order mark is no text
         if text:
             yield text
 
@@ -158,6 +133,11 @@ def jsonl_text(p: Path, k: int, line: str) -> str | None:
         raise PipelineError(f"{p} line {k}: no field 'text'")
     if not isinstance(rec["text"], str):
         raise PipelineError(f"{p} line {k}: field 'text' is not a string")
+    try:
+        rec["text"].encode("utf-8")
+    except UnicodeEncodeError as e:  # a JSON escape such as \ud800 that pairs with no other
+        raise PipelineError(f"{p} line {k}: field 'text' holds a lone surrogate (U+{ord(rec['text'][e.start]):04X} "
+                            f"at character {e.start}), which is not text") from None
     return rec["text"]
 
 
@@ -176,13 +156,14 @@ def file_documents(p: Path) -> Iterator[Iterable[str]]:
         except UnicodeDecodeError as e:
             raise _not_utf8(p, offset + e.start, raw[e.start]) from None
         del raw
+        if k == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark is no text
         text = jsonl_text(p, k, line)
         del line
         if text is not None:
             found = True
             yield (text,)
     if not found:
->>>>>>> h17b
         raise PipelineError(f"{p} holds no documents")
 
 
