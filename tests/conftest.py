@@ -29,6 +29,15 @@ TOKENIZER_TEXT = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    """A test that calls a script's code in-process may switch autograd off globally: each test starts with the
+    mode the suite started with, whatever ran before it on the same worker."""
+    mode = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(mode)
+
+
 def make_tokenizer(out: Path, vocab_size: int = 320):
     """A tiny byte-level BPE tokenizer in the same format as the shipped model's, saved to `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
