@@ -251,14 +251,21 @@ def _word(lo: float, hi: float) -> str:
     return "is indistinguishable from"
 
 
-def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = LEVEL) -> pd.DataFrame:
+def _null_of(who: str, row: dict) -> dict:
+    """A comparison row's delta_nll null, under the verdict's column names for `who`."""
+    return {f"{who}_{name}": row[f"delta_nll_{name}"] for name in ("random_n", "random_mean", "p_random",
+                                                                    "p_random_holm")}
+
+
+def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = LEVEL,
+                  table: pd.DataFrame | None = None) -> pd.DataFrame:
     """
     Per k, over each method's best variant (chosen on the validation prompts; the random reference method left
     out): the ranking on the test prompts, the winner's margin over the runner-up, the winner's and the best
     graph method's standing against their layer-matched controls, and the best graph method against each
-    baseline, each difference with its paired bootstrap CI.
+    baseline, each difference with its paired bootstrap CI. `table`: comparison_table's, when already made.
     """
-    table = comparison_table(entries, split, seed, level)
+    table = comparison_table(entries, split, seed, level) if table is None else table
     test = split.test
     weights = bootstrap_weights(len(test), seed)
     best = best_variants(entries, split.validation)
@@ -274,21 +281,14 @@ def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = 
                "winner_delta_nll": win.mean("delta_nll", test)}
         row["winner_ci_low"], row["winner_ci_high"] = bootstrap_ci(weights, win.sums["delta_nll"][test],
                                                                    win.counts[test], level)
-        for who, e in (("winner", win),):
-            n = null[e.stem]
-            row.update({f"{who}_random_n": n["delta_nll_random_n"], f"{who}_p_random": n["delta_nll_p_random"],
-                        f"{who}_p_random_holm": n["delta_nll_p_random_holm"],
-                        f"{who}_random_mean": n["delta_nll_random_mean"]})
+        row.update(_null_of("winner", null[win.stem]))
         if len(ranked) > 1:
             row["runner_up"] = ranked[1].label
             row["margin"], row["margin_ci_low"], row["margin_ci_high"] = _paired(weights, win, ranked[1], test, level)
         graph = [e for e in ranked if e.method in GRAPH_METHODS]
         if graph:
             g = graph[0]
-            n = null[g.stem]
-            row.update({"graph_best": g.label, "graph_random_n": n["delta_nll_random_n"],
-                        "graph_p_random": n["delta_nll_p_random"],
-                        "graph_p_random_holm": n["delta_nll_p_random_holm"]})
+            row.update({"graph_best": g.label, **_null_of("graph", null[g.stem])})
             by_method = {e.method: e for e in ranked}
             for base in BASELINES:
                 if base in by_method:

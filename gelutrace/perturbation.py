@@ -674,8 +674,8 @@ def write_comparison(dataset_path, m: str, results: Results, subsets: list[Subse
             (out / name).unlink(missing_ok=True)
         return {}
     split, seed = results.split, results.seed
-    tables = {sf.COMPARISON: cmp.comparison_table(results.entries, split, seed),
-              sf.METHOD_VERDICT: cmp.verdict_table(results.entries, split, seed),
+    table = cmp.comparison_table(results.entries, split, seed)
+    tables = {sf.COMPARISON: table, sf.METHOD_VERDICT: cmp.verdict_table(results.entries, split, seed, table=table),
               sf.METHOD_OVERLAP: cmp.overlap_table(results.entries, split)}
     effects_file = sf.path(dataset_path, sf.NEURON_EFFECTS, m)
     if effects_file.is_file():
