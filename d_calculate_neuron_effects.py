@@ -84,7 +84,7 @@ def main(argv=None):
             "neurons": args.neurons if args.neurons == "all" else Path(args.neurons).name,
             "num_neurons": len(ids)}
     staging = ef.Staging(args.dataset_path, lm.name, fingerprint(
-        meta, vars(cfg), ids.tobytes(), args.batch_size, args.max_values, lm.device.type))
+        meta, vars(cfg), ids.tobytes(), args.batch_size, args.max_values, lm.device.type, "halves"))
     done = staging.start(args.resume)
     todo = ef.blocks(ids, cfg.d_mlp)
     if done:
@@ -102,7 +102,8 @@ def main(argv=None):
 
     kl = np.concatenate([results[i][0] for i in range(len(todo))])
     dnll = np.concatenate([results[i][1] for i in range(len(todo))])
-    ef.write_effects(args.dataset_path, lm.name, ids, kl, dnll, meta)
+    halves = np.concatenate([results[i][2] for i in range(len(todo))], axis=1)
+    ef.write_effects(args.dataset_path, lm.name, ids, kl, dnll, meta, halves)
     staging.finish()
     top = ids[np.argsort(-dnll, kind="stable")[:5]]
     print(f"{len(ids)} neurons measured over {meta['num_samples']} samples ({len(seqs.conts)} distinct sequences); "

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from gelutrace import PipelineError
 from gelutrace import comparison as cmp
+from gelutrace import stability
 from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
@@ -124,6 +125,8 @@ def main(argv=None):
         results = pt.run(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values, settings,
                          progress=lambda kind, n: bars[kind].update(n))
 
+    halves = stability.halves_of(args.dataset_path, lm.name, selection_prompts, corpus_record)
+    pt.add_selection_overlap(results, subsets, halves)
     evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args, corpus_record)
     out = Path(args.dataset_path) / sf.RESULTS_DIR
     manifest = out / sf.RESULTS_MANIFEST

@@ -166,15 +166,19 @@ class GPT(nn.Module):
             cache.length += T
         return x
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, pad: torch.Tensor | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, pad: torch.Tensor | None = None,
+                logits_to_keep: int = 0):
         """
         idx: (B, T) token ids. With `cache`, idx holds only the positions after those already cached.
         pad: (B,) number of left-padding positions of each sequence (batches of unequal prompts);
              padded positions are never attended to and positions count from each sequence's first
              real token.
+        logits_to_keep: > 0 computes the logits of the last that many positions only (transformers' argument).
         Returns logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -100 ignored).
         """
         x = self.trunk(idx, cache, pad)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
@@ -225,4 +229,12 @@ class GPT(nn.Module):
         probs = F.softmax(logits, dim=-1)
         if generators is None:
             return torch.multinomial(probs, num_samples=1)
-        return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+        # inverse CDF with one uniform from each row's generator: the rows' draws in one batched search (a
+        # multinomial call per row costs more than the step's forward pass on a CPU)
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=g.device) for g in generators])
+        cdf = probs.double().cumsum(dim=-1)
+        total = cdf[:, -1:].contiguous()
+        x = (u.view(-1, 1) * total).clamp(max=total)
+        pick = torch.searchsorted(cdf, x, right=True)  # the first token whose cumulative mass exceeds x
+        last = torch.searchsorted(cdf, total)  # x == total by rounding: the last token with mass
+        return torch.where(pick < cdf.size(-1), pick, last)

@@ -22,7 +22,9 @@
 #                                   (models/), 0 otherwise (GPT-2 small: 36,864 ablations, GPU advised)
 #   --text PATH                     TEXT: corpus mode: stages b-d read this text (a .txt/.jsonl file or a directory)
 #                                   teacher-forced instead of generating for PROMPT_CSV; stage c is then not
-#                                   needed (stage b writes the graph store) and stage e measures on EVAL_CSV
+#                                   needed (stage b writes the graph store) and stage e measures on EVAL_CSV.
+#                                   Stage b runs as two shards (DATASET_DIR_shards/0 and /1, the halves whose
+#                                   selections stage e compares) merged exactly into DATASET_DIR
 #   --eval_csv CSV                  EVAL_CSV: prompts stage e measures the effects on (default
 #                                   parcellation_datasets/heldout_<model name>.csv when it exists, else PROMPT_CSV)
 #   --random_controls N             RANDOM_CONTROLS per subset in stage e: layer-matched random subsets, the
@@ -131,10 +133,17 @@ stage() {
 cd "$here"
 stage a "$DATA/${m}_graph_meta.json" \
   py a_generate_gelu_graph.py --model_type "$MODEL" --output_dir "$DATA"
+# corpus mode: stage b as two shards (windows 0, 2, 4, ... and 1, 3, 5, ...) merged exactly into DATA; the two
+# halves tell stage e how stable each method's selection is
+corpus_b() {  # TEXT MODEL DEVICE SHARDS_DIR
+  for i in 0 1; do
+    py b_generate_activation_dataset.py --input_text "$1" --export_dir "$4/$i" --model_type "$2" --device "$3" \
+      --shard "$i/2"
+  done
+  py c_merge_activation_statistics.py --output_dir "$DATA" "$4/0" "$4/1"
+}
 if [ -n "$TEXT" ]; then
-  stage b "$DATA/${m}_corpus.json" \
-    py b_generate_activation_dataset.py --input_text "$TEXT" --export_dir "$DATA" --model_type "$MODEL" \
-      --device "$DEVICE"
+  stage b "$DATA/${m}_corpus.json" corpus_b "$TEXT" "$MODEL" "$DEVICE" "${DATA}_shards"
 else
   stage b "$DATA/${m}_activation_matrix.npz" \
     py b_generate_activation_dataset.py --input_csv "$CSV" --export_dir "$DATA" --model_type "$MODEL" \

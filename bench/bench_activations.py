@@ -8,7 +8,8 @@ Prints, for greedy decoding and for temperature 0.8:
 - the full stage-b run (a subprocess): wall time, generated tokens/s, peak RSS;
 - plain cached generation of the same batches without recording, and the same with recording, in this
   process, alternated over --repeats rounds: the recording overhead;
-and stage a for gpt2 (a subprocess): wall time and peak RSS. The original pipeline, on this 2-core machine,
+for temperature 0.8, the cost of each default (attribution, top examples, activation lists): the same run with
+that one turned off, and with all three off; and stage a for gpt2 (a subprocess): wall time and peak RSS. The original pipeline, on this 2-core machine,
 took 217 s and 10.8 GiB for stage b on T1 and 29 s and 10.3 GiB for stage a.
 
     python bench/bench_activations.py [--repeats 3] [--keep DIR]
@@ -92,17 +93,30 @@ def main():
                                   "--output_dir", str(work / "a")])
     print(f"stage a, gpt2 (103,809,024 edges): {wall:.1f} s, peak RSS {rss:.2f} GiB  (original: 29 s, 10.3 GiB)")
 
+    def stage_b(temperature: float, *flags: str) -> tuple[float, float]:
+        out = work / f"b_{temperature}_{'_'.join(f.strip('-') for f in flags)}"
+        return timed_subprocess([py, str(ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(T1),
+                                 "--export_dir", str(out), "--model_type", str(ckpt), "--device", "cpu",
+                                 "--temperature", str(temperature), *flags])
+
     for temperature in (0.0, 0.8):
         label = "greedy" if temperature == 0 else f"temperature {temperature}"
-        out = work / f"b_{label.replace(' ', '_')}"
-        wall, rss = timed_subprocess([py, str(ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(T1),
-                                      "--export_dir", str(out), "--model_type", str(ckpt), "--device", "cpu",
-                                      "--temperature", str(temperature)])
+        wall, rss = stage_b(temperature)
         plain, recorded, computed = generation_overhead(ckpt, temperature, args.repeats)
-        print(f"stage b, T1, {label}: {wall:.1f} s wall, {2500 / wall:.1f} generated tokens/s, peak RSS {rss:.2f} GiB "
-              f"(original: 217 s, 10.8 GiB)")
+        print(f"stage b, T1, {label}, every default: {wall:.1f} s wall, {2500 / wall:.1f} generated tokens/s, peak RSS "
+              f"{rss:.2f} GiB (original: 217 s, 10.8 GiB)")
         print(f"  generation of the {computed} distinct tokens: plain {plain:.2f} s, with recording {recorded:.2f} s "
               f"-> recording overhead {100 * (recorded / plain - 1):+.1f} %")
+        if temperature == 0:
+            continue
+        defaults = {"attribution": ["--no_attribution"], "top examples": ["--top_examples", "0"],
+                    "activation lists": ["--no_activation_lists"]}
+        for name, flags in defaults.items():
+            w, r = stage_b(temperature, *flags)
+            print(f"  without {name} ({' '.join(flags)}): {w:.1f} s, {r:.2f} GiB -> {name} costs {wall - w:+.1f} s, "
+                  f"{rss - r:+.2f} GiB of peak RSS")
+        w, r = stage_b(temperature, *(f for flags in defaults.values() for f in flags))
+        print(f"  without all three: {w:.1f} s, {r:.2f} GiB -> the defaults cost {wall - w:+.1f} s, {rss - r:+.2f} GiB")
     if not args.keep:
         import shutil
         shutil.rmtree(work, ignore_errors=True)

@@ -18,14 +18,16 @@ from torch.nn import functional as F
 from gelutrace.generation import left_pad
 from gelutrace.sites import GeluHooks
 
-LOGIT_BUDGET = 2 ** 25  # most logits (rows x positions x vocab) one pass holds, with their gradient
+LOGIT_BUDGET = 2 ** 24  # most continuation logits (positions x vocab) one pass holds, with their gradient
+ACTIVATION_BUDGET = 2 ** 24  # most MLP activations (positions x layers x d_mlp) one pass keeps for its backward
 
 
 def distinct_sequences(prompt_index: np.ndarray, repeat: np.ndarray, position: np.ndarray, output_id: np.ndarray,
-                       prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[np.ndarray], np.ndarray]:
+                       prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[np.ndarray], np.ndarray, np.ndarray]:
     """
     From stage b's samples (one per generated token, in dataset order): the distinct (prompt, continuation)
-    sequences and how many samples (prompt repeats) each stands for. Greedy repeats collapse into one.
+    sequences, how many samples (prompt repeats) each stands for, and each one's prompt index. Greedy repeats
+    collapse into one.
     """
     starts = np.flatnonzero(np.r_[True, position[1:] == 0]) if len(position) else np.zeros(0, np.int64)
     weight: dict[tuple, int] = {}
@@ -34,37 +36,47 @@ def distinct_sequences(prompt_index: np.ndarray, repeat: np.ndarray, position: n
         weight[key] = weight.get(key, 0) + 1
     keys = list(weight)
     return ([prompt_ids[p] for p, _ in keys], [np.array(c, np.int64) for _, c in keys],
-            np.array([weight[k] for k in keys], np.float64))
+            np.array([weight[k] for k in keys], np.float64), np.array([p for p, _ in keys], np.int64))
 
 
-def _chunks(lengths: np.ndarray, vocab: int, batch_size: int) -> list[np.ndarray]:
+def _chunks(lengths: np.ndarray, conts: np.ndarray, vocab: int, acts_per_position: int,
+            batch_size: int) -> list[np.ndarray]:
+    """Rows in passes of at most batch_size rows, LOGIT_BUDGET continuation logits and ACTIVATION_BUDGET kept
+    activations (one row always fits)."""
     order = np.argsort(-lengths, kind="stable")  # similar lengths together: less padding
-    out, cur = [], []
+    out, cur, logits = [], [], 0
     for r in order:
-        if cur and (len(cur) >= batch_size or (len(cur) + 1) * lengths[cur[0]] * vocab > LOGIT_BUDGET):
+        if cur and (len(cur) >= batch_size or (logits + conts[r]) * vocab > LOGIT_BUDGET
+                    or (len(cur) + 1) * lengths[cur[0]] * acts_per_position > ACTIVATION_BUDGET):
             out.append(np.array(cur))
-            cur = []
+            cur, logits = [], 0
         cur.append(r)
+        logits += conts[r]
     if cur:
         out.append(np.array(cur))
     return out
 
 
 def neuron_attribution(model, prompts: list[list[int]], conts: list[np.ndarray], weights: np.ndarray,
-                       batch_size: int = 64, progress=None) -> np.ndarray:
+                       batch_size: int = 64, progress=None, groups: np.ndarray | None = None) -> np.ndarray:
     """
     -sum_p a_j(p) dL/da_j(p) for every neuron j (float64, neuron id order), where
     L = sum_r weights[r] * mean NLL of conts[r] given prompts[r] / sum(weights) over the rows with a continuation.
-    `progress(n)` is called with the number of sequences done.
+    With `groups` (each row's group, 0..G-1), one such estimate per group, L over that group's rows: (G, N).
+    Rows do not interact, so one backward pass serves every group. `progress(n)` is called with the number of
+    sequences done.
     """
     cfg = model.config
     device = next(model.parameters()).device
-    out = torch.zeros(cfg.n_layer, cfg.d_mlp, dtype=torch.float64, device=device)
-    have = [r for r in range(len(conts)) if len(conts[r])]
-    total = float(np.sum(weights[have])) if have else 0.0
-    if not have:
-        return out.flatten().cpu().numpy()
-    lengths = np.array([len(prompts[r]) + len(conts[r]) - 1 for r in have])
+    given = groups is not None
+    groups = np.zeros(len(conts), np.int64) if groups is None else np.asarray(groups, np.int64)
+    n_groups = int(groups.max()) + 1 if len(groups) else 1
+    out = torch.zeros(n_groups, cfg.n_layer * cfg.d_mlp, dtype=torch.float64, device=device)
+    have = np.array([r for r in range(len(conts)) if len(conts[r])], np.int64)
+    total = np.zeros(n_groups)
+    np.add.at(total, groups[have], weights[have])
+    lengths = np.array([len(prompts[r]) + len(conts[r]) - 1 for r in have], np.int64)
+    cont_lengths = np.array([len(conts[r]) for r in have], np.int64)
     acts = []
 
     def keep(module, inputs, output):
@@ -72,26 +84,30 @@ def neuron_attribution(model, prompts: list[list[int]], conts: list[np.ndarray],
             output.requires_grad_(True)
         acts.append(output)
 
+    chunks = _chunks(lengths, cont_lengths, cfg.vocab_size, cfg.n_layer * cfg.d_mlp, batch_size) if len(have) else []
     with GeluHooks(model, lambda layer: keep), torch.enable_grad():
-        for chunk in _chunks(lengths, cfg.vocab_size, batch_size):
-            rows = [have[i] for i in chunk]
+        for chunk in chunks:
+            rows = have[chunk]
             seqs = [list(prompts[r]) + [int(t) for t in conts[r][:-1]] for r in rows]
-            n = max(len(conts[r]) for r in rows)
             idx, pad = left_pad(seqs, device)
             acts.clear()
-            logits, _ = model(idx, pad=pad if bool(pad.any()) else None)
-            logp = F.log_softmax(logits[:, -n:, :].float(), dim=-1)
-            target = torch.zeros((len(rows), n), dtype=torch.long, device=device)
-            scale = torch.zeros((len(rows), n), dtype=torch.float32, device=device)
-            for i, r in enumerate(rows):  # continuation tokens are right-aligned
-                c = conts[r]
-                target[i, n - len(c):] = torch.as_tensor(c, device=device)
-                scale[i, n - len(c):] = weights[r] / (len(c) * total)
-            loss = -(logp.gather(-1, target[..., None])[..., 0] * scale).sum()
+            n = int(cont_lengths[chunk].max())
+            logits, _ = model(idx, pad=pad if bool(pad.any()) else None, logits_to_keep=n)
+            at = torch.zeros(len(rows), n, dtype=torch.bool, device=device)  # continuations are right-aligned
+            for i, r in enumerate(rows):
+                at[i, n - len(conts[r]):] = True
+            target = torch.cat([torch.as_tensor(conts[r], device=device) for r in rows])
+            scale = torch.cat([torch.full((len(conts[r]),), weights[r] / (len(conts[r]) * total[groups[r]]),
+                                          dtype=torch.float32, device=device) for r in rows])
+            logits = logits[at].float()
+            loss = (F.cross_entropy(logits, target, reduction="none") * scale).sum()
             grads = torch.autograd.grad(loss, acts)
+            row_group = torch.as_tensor(groups[rows], device=device)
             for layer, (a, g) in enumerate(zip(acts, grads)):
-                out[layer] -= (a.detach().double() * g.double()).sum(dim=(0, 1))
+                per_row = (a.detach().double() * g.double()).sum(dim=1)  # (rows, d_mlp): rows do not interact
+                out[:, layer * cfg.d_mlp:(layer + 1) * cfg.d_mlp].index_add_(0, row_group, -per_row)
             acts.clear()
             if progress is not None:
                 progress(len(rows))
-    return out.flatten().cpu().numpy()
+    result = out.cpu().numpy()
+    return result if given else result[0]

@@ -109,6 +109,10 @@ class ActivationData:
     def layer(self, i: int) -> np.ndarray:
         return self.active[:, i * self.d_mlp:(i + 1) * self.d_mlp]
 
+    def rows(self, rows: np.ndarray) -> "ActivationData":
+        """The same data restricted to some samples (the frequency file's counts no longer apply)."""
+        return ActivationData(self.model, self.n_layer, self.d_mlp, self.packed[rows], self.edges, self.source)
+
     def check_node_counts(self, counts: np.ndarray):
         if self.expected_counts is not None:
             ids, expected = self.expected_counts
@@ -540,6 +544,44 @@ def write_count_store(target, model: str, n_layer: int, d_mlp: int, num_samples:
                   "count_dtype": np.dtype(dt).name, "blocks": blocks, "source": source}
         (tmp / sf.GRAPH_STORE_HEADER).write_text(json.dumps(header, indent=2) + "\n")
     return header
+
+
+def _graph(model, n_layer: int, d_mlp: int, num_samples: int, node_counts: np.ndarray, blocks: list):
+    n = n_layer * d_mlp
+    ids = np.arange(n, dtype=np.int64)
+    return CoactivationGraph(model, ids, np.asarray(node_counts, np.int64), ids // d_mlp, ids % d_mlp, blocks,
+                             num_samples)
+
+
+def count_graph(data: ActivationData) -> CoactivationGraph:
+    """The graph of stage b's data counted in memory: what write_store then read_store give, without the files."""
+    d = data.d_mlp
+    if data.edges is None:
+        from gelutrace.statistics import PackedMatrixCounts
+
+        counts = PackedMatrixCounts(data.packed, data.n_layer, d)
+        dt = count_dtype(data.num_samples)
+        blocks = [DenseBlock(slice(i * d, (i + 1) * d), slice((i + 1) * d, (i + 2) * d),
+                             np.asarray(counts.pair_counts(i)).astype(dt)) for i in range(data.n_layer - 1)]
+        return _graph(data.model, data.n_layer, d, data.num_samples, counts.node_counts(), blocks)
+    c = edge_list_counts(data, data.edges)
+    return _graph(data.model, data.n_layer, d, data.num_samples, data.active.sum(axis=0, dtype=np.int64),
+                  [EdgeBlock(data.num_neurons, data.edges[:, 0], data.edges[:, 1], c)])
+
+
+def sum_graphs(graphs: list[CoactivationGraph]) -> CoactivationGraph:
+    """The exact sum of graphs counted on disjoint samples of one model (the shards of one corpus run)."""
+    g0 = graphs[0]
+    if not all(isinstance(b, DenseBlock) for g in graphs for b in g.blocks):
+        raise PipelineError("only graphs of full adjacent layers (corpus mode's) can be summed")
+    if len(graphs) == 1:
+        return g0
+    samples = sum(g.num_samples for g in graphs)
+    dt = count_dtype(samples)
+    blocks = [DenseBlock(b.rows, b.cols, sum(np.asarray(g.blocks[i].counts(), dt) for g in graphs))
+              for i, b in enumerate(g0.blocks)]
+    d = int(g0.dimension.max()) + 1
+    return _graph(g0.model, len(g0.blocks) + 1, d, samples, sum(g.activation_count for g in graphs), blocks)
 
 
 def build_networkx(data: ActivationData, progress=None):

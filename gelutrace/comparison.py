@@ -223,6 +223,7 @@ def comparison_table(entries: list[Entry], split: Split, seed: int, level: float
         row["tie_pool"] = e.info.get("tie_pool")
         row["zero_score_picks"] = e.info.get("zero_score_picks")
         row["filler"] = e.filler
+        row["selection_jaccard"] = e.info.get("selection_jaccard", np.nan)
         row["best"] = id(e) in best
         rows.append(row)
     df = pd.DataFrame(rows)

@@ -34,6 +34,14 @@ class Sequences:
     prompt_ids: list[list[int]]  # per sequence: its prompt's ids
     conts: list[np.ndarray]  # per sequence: its continuation
     sample_rows: np.ndarray  # per (prompt, repeat) sample in CSV order: its sequence (-1: no continuation)
+    sample_prompt: np.ndarray = None  # per (prompt, repeat) sample in CSV order: its prompt's row
+
+    def half_rows(self) -> list[np.ndarray] | None:
+        """sample_rows of each half of the prompt rows (gelutrace.stability.prompt_halves); None for one prompt."""
+        from gelutrace.stability import prompt_halves
+
+        half = prompt_halves(int(self.sample_prompt.max()) + 1 if len(self.sample_prompt) else 0)
+        return None if half is None else [self.sample_rows[half[self.sample_prompt] == h] for h in (0, 1)]
 
 
 def dataset_sequences(dataset_path, m: str, prompts, prompt_ids, csv_name: str) -> Sequences:
@@ -70,6 +78,7 @@ def dataset_sequences(dataset_path, m: str, prompts, prompt_ids, csv_name: str) 
                 seqs.conts.append(cont)
             sample_rows.append(index[key])
     seqs.sample_rows = np.array(sample_rows, np.int64)
+    seqs.sample_prompt = np.repeat(np.arange(len(prompts)), [p.num_samples for p in prompts])
     return seqs
 
 
@@ -166,8 +175,9 @@ def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int
 
 
 def block_effects(model, ids: np.ndarray, seqs: Sequences, groups: list[np.ndarray], max_rows: int,
-                  max_values: int, on_chunk=None) -> tuple[np.ndarray, np.ndarray]:
-    """Summary kl and delta_nll of each neuron of a one-layer block, as stage e's summary reports them."""
+                  max_values: int, on_chunk=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Summary kl and delta_nll of each neuron of a one-layer block, as stage e's summary reports them, and (2, n)
+    its delta_nll over each half of the prompt rows (NaN for one prompt)."""
     d = model.config.d_mlp
     layer = int(ids[0] // d)
     kl = np.empty((len(ids), len(seqs.conts)))
@@ -176,8 +186,11 @@ def block_effects(model, ids: np.ndarray, seqs: Sequences, groups: list[np.ndarr
         kl[:, g], dnll[:, g] = group_effects(model, layer, ids % d, [seqs.prompt_ids[s] for s in g],
                                              [seqs.conts[s] for s in g], max_rows, max_values,
                                              None if on_chunk is None else lambda k: on_chunk(k / len(groups)))
+    halves = seqs.half_rows()
+    half_dnll = (np.full((2, len(ids)), np.nan) if halves is None else
+                 np.array([[pt.sample_mean(r, rows) for r in dnll] for rows in halves]))
     return (np.array([pt.sample_mean(r, seqs.sample_rows) for r in kl]),
-            np.array([pt.sample_mean(r, seqs.sample_rows) for r in dnll]))
+            np.array([pt.sample_mean(r, seqs.sample_rows) for r in dnll]), half_dnll)
 
 
 class Staging:
@@ -191,7 +204,7 @@ class Staging:
         self.fingerprint = fingerprint
 
     def start(self, resume: bool) -> dict:
-        """{block index: (kl, delta_nll)} of the blocks already done (with --resume)."""
+        """{block index: (kl, delta_nll, delta_nll of each half)} of the blocks already done (with --resume)."""
         state = self.dir / "state.json"
         if resume and state.is_file():
             if json.loads(state.read_text()).get("fingerprint") != self.fingerprint:
@@ -200,7 +213,7 @@ class Staging:
             done = {}
             for p in sorted(self.dir.glob("block_*.npz")):
                 with np.load(p, allow_pickle=False) as z:
-                    done[int(p.stem.split("_")[1])] = (z["kl"], z["delta_nll"])
+                    done[int(p.stem.split("_")[1])] = (z["kl"], z["delta_nll"], z["delta_nll_halves"])
             return done
         if self.dir.exists():
             shutil.rmtree(self.dir)
@@ -208,8 +221,8 @@ class Staging:
         sf.write_json({"fingerprint": self.fingerprint}, state)
         return {}
 
-    def add(self, index: int, kl: np.ndarray, dnll: np.ndarray):
-        sf.write_npz(self.dir / f"block_{index:05d}.npz", kl=kl, delta_nll=dnll)
+    def add(self, index: int, kl: np.ndarray, dnll: np.ndarray, dnll_halves: np.ndarray):
+        sf.write_npz(self.dir / f"block_{index:05d}.npz", kl=kl, delta_nll=dnll, delta_nll_halves=dnll_halves)
 
     def finish(self):
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -223,7 +236,11 @@ def sha256(p) -> str:
     return h.hexdigest()
 
 
-def write_effects(dataset_path, m: str, ids: np.ndarray, kl: np.ndarray, dnll: np.ndarray, meta: dict):
-    df = pd.DataFrame({"neuron_id": ids, "delta_nll": dnll, "kl": kl}, columns=sf.NEURON_EFFECTS_COLUMNS)
+def write_effects(dataset_path, m: str, ids: np.ndarray, kl: np.ndarray, dnll: np.ndarray, meta: dict,
+                  dnll_halves: np.ndarray | None = None):
+    halves = np.full((2, len(ids)), np.nan) if dnll_halves is None else dnll_halves
+    df = pd.DataFrame({"neuron_id": ids, "delta_nll": dnll, "kl": kl,
+                       **{f"delta_nll_{h}": halves[i] for i, h in enumerate(sf.HALVES)}},
+                      columns=sf.NEURON_EFFECTS_COLUMNS)
     sf.write_csv(df, sf.path(dataset_path, sf.NEURON_EFFECTS, m))
     sf.write_json(meta, sf.path(dataset_path, sf.NEURON_EFFECTS_META, m), indent=2)

@@ -110,8 +110,8 @@ def read_sidecar(npy: Path, model: str) -> dict:
         raise PipelineError(f"{side} is not valid JSON: {e}") from None
     if not isinstance(info, dict):
         raise PipelineError(f"{side}: expected a JSON object")
-    kinds = {"method": str, "weight": str, "threshold": (int, float), "tied_picks": int, "tie_pool": int,
-             "zero_score_picks": int}
+    kinds = {"method": str, "weight": str, "threshold": (int, float), "ratio": (int, float), "seed": int,
+             "tied_picks": int, "tie_pool": int, "zero_score_picks": int}
     for key, kind in kinds.items():
         v = info.get(key)
         if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
@@ -575,6 +575,7 @@ class Results:
     boot: np.ndarray  # the bootstrap draws over prompts, shared by every subset
     split: cmp.Split  # the evaluation prompts' validation and test parts
     seed: int
+    halves: dict = field(default_factory=dict)  # the selection data's halves (gelutrace.stability), described
 
 
 def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values, settings: EvalSettings,
@@ -601,6 +602,17 @@ def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], m
             entries.append(entry)
     split = cmp.split_prompts(len(prompts), s.seed, s.validation_share)
     return Results(tables, pd.DataFrame(summary), entries, boot, split, s.seed)
+
+
+def add_selection_overlap(results: Results, subsets: list[Subset], halves):
+    """Each method subset's Jaccard overlap between its selection on the two halves of the selection data
+    (gelutrace.stability), into its comparison entry; the halves' description goes to comparison.json."""
+    from gelutrace import stability
+
+    overlap = stability.selection_overlap(halves, {s.stem: s.info for s in subsets if s.info.get("method")})
+    for e in results.entries:
+        e.info["selection_jaccard"] = overlap.get(e.stem, np.nan)
+    results.halves = {"available": len(halves.halves) == 2, "halves": halves.how}
 
 
 CORPUS_CHECK_BYTES = 64 << 20  # corpora up to this size are searched for the evaluation prompts
@@ -692,5 +704,6 @@ def write_comparison(dataset_path, m: str, results: Results, subsets: list[Subse
     sf.write_json({**split.record(prompts), "bootstrap_replicates": cmp.N_BOOT, "confidence_level": cmp.LEVEL,
                    "alpha": cmp.ALPHA, "random_controls": n_controls,
                    "smallest_p_random": 1 / (n_controls + 1) if n_controls else None,
-                   "controls_enough_for_claims": n_controls >= cmp.MIN_CONTROLS}, out / sf.COMPARISON_RECORD, indent=2)
+                   "controls_enough_for_claims": n_controls >= cmp.MIN_CONTROLS,
+                   "selection_halves": results.halves}, out / sf.COMPARISON_RECORD, indent=2)
     return tables

@@ -200,12 +200,28 @@ def concat_samples(chunks: list[Chunk]) -> dict:
 
 
 def record_attribution(model, chunks: list[Chunk], prompt_ids: list[list[int]], batch_size: int,
-                       progress=None) -> np.ndarray:
-    """Each neuron's attribution (gelutrace.attribution) over the recorded continuations."""
+                       progress=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """
+    Each neuron's attribution (gelutrace.attribution) over the recorded continuations, and (2, N) the same over
+    each half of the prompt rows (gelutrace.stability.prompt_halves; None for one prompt), from one pass: the
+    whole is the halves' mean weighted by their samples.
+    """
+    from gelutrace.stability import prompt_halves
+
     cat = concat_samples(chunks)
-    prompts, conts, weights = distinct_sequences(cat["prompt_index"], cat["repeat"], cat["position"],
-                                                 cat["output_id"], prompt_ids)
-    return neuron_attribution(model, prompts, conts, weights, batch_size, progress)
+    prompts, conts, weights, prompt = distinct_sequences(cat["prompt_index"], cat["repeat"], cat["position"],
+                                                         cat["output_id"], prompt_ids)
+    half = prompt_halves(len(prompt_ids))
+    if half is None:
+        return neuron_attribution(model, prompts, conts, weights, batch_size, progress), None
+    groups = half[prompt]
+    halves = neuron_attribution(model, prompts, conts, weights, batch_size, progress, groups=groups)
+    counted = np.array([len(c) > 0 for c in conts])
+    w = np.array([weights[counted & (groups == h)].sum() for h in (0, 1)])
+    if len(halves) < 2:  # no row of the second half has a continuation
+        halves = np.vstack([halves, np.zeros_like(halves[0])])
+    whole = (w @ halves) / w.sum() if w.sum() else np.zeros(halves.shape[1])
+    return whole, halves
 
 
 def top_examples_text(top_ids: np.ndarray, cat: dict, tokenizer, prompt_ids: list[list[int]]) -> dict:
@@ -221,7 +237,7 @@ def top_examples_text(top_ids: np.ndarray, cat: dict, tokenizer, prompt_ids: lis
 
 def write_dataset(export_dir, m: str, chunks: list[Chunk], tokenizer, prompts: list[Prompt],
                   prompt_ids: list[list[int]], n_layer: int, d_mlp: int, activation_lists: bool = True,
-                  attribution: np.ndarray | None = None, top: tuple[np.ndarray, np.ndarray] | None = None):
+                  attribution: tuple | None = None, top: tuple[np.ndarray, np.ndarray] | None = None):
     """Stage b's dataset files from the recorded chunks (graph files are written separately)."""
     n = n_layer * d_mlp
     cat = concat_samples(chunks)
@@ -250,7 +266,8 @@ def write_dataset(export_dir, m: str, chunks: list[Chunk], tokenizer, prompts: l
     table.update({f"layer_{i}_num_active_neurons": per_layer[:, i] for i in range(n_layer)})
     write_csv(pd.DataFrame(table, columns=dataset_columns(n_layer)), path(export_dir, DATASET, m))
 
-    write_csv(frequency_table(counts, value_sum, samples, d_mlp, attribution), path(export_dir, FREQUENCY, m))
+    whole, halves = attribution if attribution is not None else (None, None)
+    write_csv(frequency_table(counts, value_sum, samples, d_mlp, whole, halves), path(export_dir, FREQUENCY, m))
     write_packed_activation_matrix(path(export_dir, MATRIX, m), packed, n)
     if activation_lists:
         write_activation_lists(export_dir, m, packed, n)

@@ -19,6 +19,9 @@ from gelutrace.cli import parser, run_main
 from gelutrace.plots import plot_degree_at_thresholds, plot_layer_activity
 
 
+UNSTABLE_JACCARD = 0.5  # below this, most of a subset's neurons change between the halves of the selection data
+
+
 def md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     def cell(v):
         if isinstance(v, (float, np.floating)):
@@ -160,11 +163,38 @@ def verdict_section(info: dict, n_neurons: int) -> list[str]:
                           "left out): " + "; ".join(f"{markdown.escape(r.subset)} {int(r.tied_picks)} of {int(r.k)} picks, from "
                                                     f"{int(r.tie_pool)} tied neurons" for r in split.itertuples())
                           + ".", ""]
+        if "selection_jaccard" in best.columns:
+            lines += stability_lines(best, info["record"])
         if len(filler):
             lines += [f"{len(filler)} variant(s) had more than half of their picks at score 0 (filled by the "
                       f"random tie-break, not chosen by their score) and could not stand for their method: "
                       + ", ".join(markdown.escape(x) for x in filler["subset"]) + ".", ""]
     return lines
+
+
+def stability_lines(best: pd.DataFrame, record: dict | None) -> list[str]:
+    """How stable each method's choice is between the halves of the selection data, from the comparison rows."""
+    halves = (record or {}).get("selection_halves") or {}
+    if not halves.get("available"):
+        why = halves.get("halves")
+        return [f"Stability of the selection not measured{f' ({markdown.escape(why)})' if why else ''}.", ""]
+    rows = best[best["method"] != cmp.REFERENCE].dropna(subset=["selection_jaccard"])
+    if not len(rows):
+        return []
+    unstable = rows[rows["selection_jaccard"] < UNSTABLE_JACCARD]
+    chance = best[best["method"] == cmp.REFERENCE]
+    parts = "; ".join(f"{markdown.escape(r.method)} at k={int(r.k)} {r.selection_jaccard:.2f}" for r in rows.itertuples())
+    line = (f"Stability of the selection ({markdown.escape(halves.get('halves', ''))}): the Jaccard overlap of the "
+            f"neurons each method chooses on either half is {parts}")
+    if len(chance):
+        line += (" (two random draws: " + ", ".join(f"{r.selection_jaccard:.2f} at k={int(r.k)}"
+                                                    for r in chance.itertuples()) + ")")
+    line += "."
+    if len(unstable):
+        line += (f" Below {UNSTABLE_JACCARD}, " + ", ".join(sorted({markdown.escape(m) for m in unstable["method"]}))
+                 + " would choose mostly other neurons on other data: more selection data is needed before its "
+                   "neurons are quoted.")
+    return [line, ""]
 
 
 def comparison_section(info: dict, data: Path) -> list[str]:
@@ -177,12 +207,15 @@ def comparison_section(info: dict, data: Path) -> list[str]:
         lines += [f"![method comparison]({sf.RESULTS_DIR}/{sf.COMPARISON_PLOT})", ""]
     cols = ["k", "method", "variant", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "delta_nll_random_mean",
             "delta_nll_random_q95", "delta_nll_p_random", "delta_nll_z_random", "delta_nll_p_random_holm", "kl",
-            "kl_p_random", "token_agreement", "delta_nll_validation", "tied_picks", "zero_score_picks"]
+            "kl_p_random", "token_agreement", "delta_nll_validation", "selection_jaccard", "tied_picks",
+            "zero_score_picks"]
     best = c[c["best"].astype(bool)]
     lines += ["Each method's best variant at each k, on the test prompts (`*_random_*`: random subsets with the "
               "same number of neurons in each layer; `p_random`: empirical one-sided p-value; `z_random` and "
               "`p_random_holm`: the normal approximation, Holm-adjusted across these rows; `delta_nll_validation`: "
-              "the figure that chose the variant; `tied_picks`: picks sharing the k-th pick's score):", "",
+              "the figure that chose the variant; `selection_jaccard`: overlap of the subsets the method chooses on each "
+              "half of the selection data, for random two independent draws; `tied_picks`: picks sharing the k-th "
+              "pick's score):", "",
               md_table(best[[x for x in cols if x in best.columns]]), ""]
     if len(best) < len(c):
         every = c[[x for x in cols + ["filler", "subset"] if x in c.columns]]

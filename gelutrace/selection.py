@@ -117,8 +117,11 @@ def dataset_dir(graph: CoactivationGraph, dataset_path=None) -> Path:
     return d
 
 
-def neuron_scores(graph: CoactivationGraph, method: str, dataset_path=None) -> np.ndarray:
-    """attribution / ablation scores of the graph's nodes, from the dataset's files (NaN: not measured)."""
+def neuron_scores(graph: CoactivationGraph, method: str, dataset_path=None, measured: dict | None = None) -> np.ndarray:
+    """attribution / ablation scores of the graph's nodes, from `measured` (method -> scores per neuron id) or
+    the dataset's files (NaN: not measured)."""
+    if measured is not None:
+        return np.asarray(measured[method], np.float64)[graph.node_ids]
     d = dataset_dir(graph, dataset_path)
     m = graph.model
     n = int(graph.node_ids.max()) + 1 if graph.num_nodes else 0
@@ -132,9 +135,9 @@ def neuron_scores(graph: CoactivationGraph, method: str, dataset_path=None) -> n
 
 
 def scores(graph: CoactivationGraph, method: str, threshold: float | None, weight: str = DEFAULT_WEIGHT,
-           dataset_path=None) -> np.ndarray:
+           dataset_path=None, measured: dict | None = None) -> np.ndarray:
     if method in ("attribution", "ablation"):
-        return neuron_scores(graph, method, dataset_path)
+        return neuron_scores(graph, method, dataset_path, measured)
     if method == "activation_count":
         return graph.activation_count.astype(np.int64)
     cut = graph.cut(threshold, weight)
@@ -182,8 +185,9 @@ def method_weight(method: str, weight: str) -> str | None:
 
 
 def select(graph: CoactivationGraph, threshold: float | None, ratio: float, method: str, seed: int = 1337,
-           match_layers=None, weight: str = DEFAULT_WEIGHT, dataset_path=None) -> Subset:
-    """The subset; edges_kept counts the edges `weight` keeps (None for the methods that use no graph)."""
+           match_layers=None, weight: str = DEFAULT_WEIGHT, dataset_path=None, measured: dict | None = None) -> Subset:
+    """The subset; edges_kept counts the edges `weight` keeps (None for the methods that use no graph).
+    `measured` (method -> scores per neuron id) replaces the dataset's attribution / ablation files."""
     check_params(threshold, ratio, method)
     if match_layers is not None and method != "random":
         raise PipelineError("--match_layers applies to --method random only")
@@ -212,14 +216,14 @@ def select(graph: CoactivationGraph, threshold: float | None, ratio: float, meth
             info["match_layers"] = str(match_layers)
         sc = np.zeros(len(pos))
     else:
-        s = scores(graph, method, threshold, weight, dataset_path)
-        measured = np.isfinite(s)
-        if not measured.all():
-            if measured.sum() < k:
-                raise PipelineError(f"--method {method}: only {int(measured.sum())} neurons were measured, "
+        s = scores(graph, method, threshold, weight, dataset_path, measured)
+        finite = np.isfinite(s)
+        if not finite.all():
+            if finite.sum() < k:
+                raise PipelineError(f"--method {method}: only {int(finite.sum())} neurons were measured, "
                                     f"fewer than k={k}; measure all neurons or lower --ratio")
-            info["neurons_measured"] = int(measured.sum())
-        ranked = np.where(measured, s, -np.inf)
+            info["neurons_measured"] = int(finite.sum())
+        ranked = np.where(finite, s, -np.inf)
         pos = top_k(ranked, k, seed)
         info.update(tie_counts(ranked, pos))
         sc = s[pos]

@@ -250,11 +250,12 @@ class HFCausalLM(nn.Module):
             return torch.ones_like(idx)
         return (torch.arange(idx.size(1), device=idx.device).view(1, -1) >= pad.view(-1, 1)).long()
 
-    def forward(self, idx, targets=None, pad=None):
-        """Logits (B, T, vocab) of left-padded rows (`pad`: padding positions per row) and, given targets, the loss."""
+    def forward(self, idx, targets=None, pad=None, logits_to_keep: int = 0):
+        """Logits (B, T, vocab) of left-padded rows (`pad`: padding positions per row; logits_to_keep > 0: of the
+        last that many positions only) and, given targets, the loss."""
         if idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {idx.size(1)} tokens exceeds the context window of {self.config.block_size}")
-        logits = self._run(idx, self._mask(idx, pad), 0, None)
+        logits = self._run(idx, self._mask(idx, pad), 0, None, logits_to_keep)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)

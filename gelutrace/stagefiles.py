@@ -108,9 +108,10 @@ LOCK_FILE = ".gelutrace.lock"  # in a directory a run is writing into: flock'ed 
 PROMPT_COLUMNS = ["prompts", "number_of_new_tokens", "num_samples"]
 ATTRIBUTE_COLUMNS = ["node_id", "layer", "dimension"]
 # attribution: first-order estimate of each neuron's single zero-ablation delta_nll (empty when not computed)
+HALVES = ("half_a", "half_b")  # the two halves of the selection data (gelutrace.stability): {column}_{half}
 FREQUENCY_COLUMNS = ["neuron_id", "activation_count", "activation_frequency", "layer", "dimension", "mean_activation",
-                     "attribution"]
-NEURON_EFFECTS_COLUMNS = ["neuron_id", "delta_nll", "kl"]
+                     "attribution"] + [f"attribution_{h}" for h in HALVES]
+NEURON_EFFECTS_COLUMNS = ["neuron_id", "delta_nll", "kl"] + [f"delta_nll_{h}" for h in HALVES]
 # rank 0 is the largest value; context: up to CONTEXT_TOKENS tokens of text ending at the sample's position (the
 # input there); token: prompt mode, the token the activations predict (the sample's generated token); corpus mode,
 # the token at the position (the context's last); sample_id: corpus mode, the global token position
@@ -551,15 +552,19 @@ def write_npz(target, compress=True, **arrays):
 
 
 def frequency_table(counts: np.ndarray, value_sum: np.ndarray, samples: int, d_mlp: int,
-                    attribution: np.ndarray | None = None) -> pd.DataFrame:
-    """{m}_neuron_frequency.csv's rows, every neuron in id order; attribution is empty when not computed."""
+                    attribution: np.ndarray | None = None, attribution_halves: np.ndarray | None = None) -> pd.DataFrame:
+    """{m}_neuron_frequency.csv's rows, every neuron in id order; attribution (and its (2, N) halves) is empty when
+    not computed."""
     ids = np.arange(len(counts))
+    empty = np.full(len(ids), np.nan)
+    halves = {f"attribution_{h}": empty if attribution_halves is None else attribution_halves[i]
+              for i, h in enumerate(HALVES)}
     return pd.DataFrame({
         "neuron_id": ids, "activation_count": counts,
         "activation_frequency": counts / samples if samples else np.zeros(len(ids)),
         "layer": ids // d_mlp, "dimension": ids % d_mlp,
         "mean_activation": value_sum / samples if samples else np.zeros(len(ids)),
-        "attribution": np.full(len(ids), np.nan) if attribution is None else attribution,
+        "attribution": empty if attribution is None else attribution, **halves,
     }, columns=FREQUENCY_COLUMNS)
 
 
@@ -842,15 +847,41 @@ def model_prefix(directory, suffix_template: str = MATRIX) -> str:
     return found[0]
 
 
-def write_activation_lists(directory, m: str, packed: np.ndarray, n_neurons: int, block: int = 256):
+class _ByteTables:
+    """Byte strings per neuron (one per table), to concatenate those of each sample's active neurons with numpy
+    gathers: a Python join over every active neuron of every sample costs seconds per thousand samples. Ids
+    whose strings keep their lengths form runs (the strings of growing ids grow), gathered as fixed-size items."""
+
+    def __init__(self, *tables: list[bytes]):
+        lengths = np.array([[len(b) for b in t] for t in tables], np.int64).reshape(len(tables), -1)
+        cuts = np.flatnonzero(np.diff(lengths, axis=1).any(axis=0)) + 1
+        bounds = list(zip(np.r_[0, cuts].tolist(), np.r_[cuts, lengths.shape[1]].tolist()))
+        self.runs = [(lo, hi, [np.frombuffer(b"".join(t[lo:hi]), f"V{len(t[lo])}") for t in tables])
+                     for lo, hi in bounds if hi > lo]
+        self.n_tables = len(tables)
+
+    def rows(self, bits: np.ndarray) -> list[list[bytes]]:
+        """For each table, each row of a bool (rows x neurons) block: its set columns' strings in id order."""
+        parts = [[] for _ in range(self.n_tables)]
+        for lo, hi, tables in self.runs:
+            sub = bits[:, lo:hi]
+            cols = np.nonzero(sub)[1]
+            counts = np.cumsum(sub.sum(axis=1))
+            for part, table in zip(parts, tables):
+                buf, ends = table[cols].tobytes(), counts * table.itemsize
+                part.append([buf[a:b] for a, b in zip(np.r_[0, ends[:-1]].tolist(), ends.tolist())])
+        return [[b"".join(r) for r in zip(*p)] if p else [b""] * len(bits) for p in parts]
+
+
+def write_activation_lists(directory, m: str, packed: np.ndarray, n_neurons: int, block: int = 64):
     """
     `{m}_neuron_activations.json` and `.pickle`: {str(sample_id): sorted list of active neuron ids}, as the
     original wrote them, streamed a block of samples at a time (the lists of a big run would not fit in
     memory as Python objects). The pickle is written opcode by opcode (protocol 2, no memo), so that
     `pickle.load` returns the plain dict.
     """
-    labels = np.array([str(i).encode() for i in range(n_neurons)], dtype=object)
-    opcodes = np.array([_pickle_int(i) for i in range(n_neurons)], dtype=object)
+    strings = _ByteTables([str(i).encode() + b", " for i in range(n_neurons)],
+                          [_pickle_int(i) for i in range(n_neurons)])
     with atomic_open(path(directory, ACTIVATIONS_JSON, m), "wb") as fj, \
             atomic_open(path(directory, ACTIVATIONS_PICKLE, m), "wb") as fp:
         fj.write(b"{")
@@ -858,13 +889,13 @@ def write_activation_lists(directory, m: str, packed: np.ndarray, n_neurons: int
         for lo in range(0, len(packed), block):
             rows = np.unpackbits(packed[lo:lo + block], axis=1, count=n_neurons).view(bool)
             fp.write(b"(")  # MARK: the block's key/value pairs follow, then SETITEMS
-            for k, row in enumerate(rows):
+            json_rows, pickle_rows = strings.rows(rows)
+            for k in range(len(rows)):
                 sid = lo + k
-                ids = np.flatnonzero(row)
                 key = str(sid).encode()
-                fj.write((b", " if sid else b"") + b'"' + key + b'": [' + b", ".join(labels[ids]) + b"]")
+                fj.write((b", " if sid else b"") + b'"' + key + b'": [' + json_rows[k][:-2] + b"]")
                 fp.write(b"X" + len(key).to_bytes(4, "little") + key)  # BINUNICODE
-                fp.write(b"](" + b"".join(opcodes[ids]) + b"e")  # EMPTY_LIST MARK ints APPENDS
+                fp.write(b"](" + pickle_rows[k] + b"e")  # EMPTY_LIST MARK ints APPENDS
             fp.write(b"u")
         fj.write(b"}\n")
         fp.write(b".")
@@ -891,11 +922,13 @@ def packed_counts(packed: np.ndarray, n_neurons: int, n_layer: int, block: int =
 
 
 # --- per-neuron columns (stage b's frequency file, the neuron-effects file) ------------------------------
-def read_neuron_column(source, column: str, n_neurons: int, what: str, missing_ok: bool = False) -> np.ndarray:
+def read_neuron_column(source, column: str, n_neurons: int, what: str, missing_ok: bool = False,
+                       optional: bool = False) -> np.ndarray | None:
     """
     One float64 value per neuron, in id order, from a CSV with `neuron_id` and `column` (e.g. the frequency
     file's mean_activation or attribution). `what` says which stage writes it, for the error line. With
-    `missing_ok`, the file may list some neurons only: the others are NaN.
+    `missing_ok`, the file may list some neurons only: the others are NaN. With `optional`, a file without the
+    column (or with it empty) gives None.
     """
     p = Path(source)
     if not p.is_file():
@@ -904,6 +937,8 @@ def read_neuron_column(source, column: str, n_neurons: int, what: str, missing_o
         df = pd.read_csv(p)
     except Exception as e:
         raise PipelineError(f"cannot parse {p}: {e}") from None
+    if optional and (column not in df.columns or df[column].isna().all()):
+        return None
     if column not in df.columns or "neuron_id" not in df.columns:
         raise PipelineError(f"{p} has no neuron_id/{column} columns (written by an older version?); {what}")
     ids = pd.to_numeric(df["neuron_id"], errors="coerce").to_numpy()

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from conftest import SHIPPED_NAME
 from gelutrace import stagefiles as sf
 from gelutrace.attribution import distinct_sequences, neuron_attribution
+from gelutrace.stability import prompt_halves
 from test_recording import run, write_prompts
 
 PROMPTS = [("KING HENRY. Now, lords, ", 16, 3), ("And God said, Let there be ", 12, 2), ("ROMEO. ", 20, 1),
@@ -86,12 +87,19 @@ def sequences(d, tokenizer):
 
 
 def test_attribution_equals_transformers_gradients(dataset, shipped, shipped_hf):
-    seqs, conts, weights = sequences(dataset, shipped.tokenizer)
+    seqs, conts, weights, prompt = sequences(dataset, shipped.tokenizer)
     assert sorted(weights.tolist()) == [1.0, 2.0, 3.0]  # greedy repeats collapse, weighted by their count
     freq = pd.read_csv(sf.path(dataset, sf.FREQUENCY, SHIPPED_NAME))
     ref = hf_attribution(shipped_hf.float(), seqs, conts, weights)
     got = freq["attribution"].to_numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7)
+    # each half of the prompt rows on its own: the attribution of that half's sequences alone
+    half = prompt_halves(len(PROMPTS))
+    for h, column in enumerate(sf.FREQUENCY_COLUMNS[-2:]):
+        mine = [i for i in range(len(seqs)) if half[prompt[i]] == h]
+        assert mine, "each half holds a prompt with a continuation"
+        ref_h = hf_attribution(shipped_hf.float(), [seqs[i] for i in mine], [conts[i] for i in mine], weights[mine])
+        np.testing.assert_allclose(freq[column].to_numpy(), ref_h, rtol=1e-4, atol=1e-7)
     # batched with left padding gives the same as one sequence at a time
     np.testing.assert_allclose(neuron_attribution(shipped.model, seqs, conts, weights, batch_size=1), got,
                                rtol=1e-4, atol=1e-7)
@@ -99,7 +107,7 @@ def test_attribution_equals_transformers_gradients(dataset, shipped, shipped_hf)
 
 def test_attribution_ranks_like_brute_force_ablation(dataset, shipped, shipped_hf):
     """Spearman >= 0.9 against true single-neuron delta_nll over 160 neurons, half the top by attribution."""
-    seqs, conts, weights = sequences(dataset, shipped.tokenizer)
+    seqs, conts, weights, _ = sequences(dataset, shipped.tokenizer)
     # one sequence per sample, as stage e averages
     rep_seqs = [s for s, w in zip(seqs, weights) for _ in range(int(w))]
     rep_conts = [c for c, w in zip(conts, weights) for _ in range(int(w))]

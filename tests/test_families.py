@@ -288,7 +288,8 @@ def test_cached_equals_uncached(family):
         logits, _ = model(torch.tensor([seq]))
         seq.append(int(model.pick(logits[:, -1].float(), 0.8, None, [g])[0, 0]))
     assert seq[len(ids):] == cached.tolist()
-    assert_sum_close(rec.value_sum.numpy(), values)
+    # the cached path rounds each value differently, by about 1e-7 absolute (float32 at O(1) pre-activations)
+    assert_sum_close(rec.value_sum.numpy(), values, atol_per_term=1e-6)
     clear = np.abs(np.array(values)) > 1e-4
     assert np.array_equal(rec.active[:, 0].numpy()[clear], (np.array(values) > 0)[clear])
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -304,3 +305,22 @@ def test_unknown_model_type_and_bad_directory(tmp_path):
         load_model(str(tmp_path / "no-such-model"), device="cpu")
     with pytest.raises(PipelineError, match="no config.json"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_per_row_sampling_follows_the_softmax():
+    """Draws with one generator per row: frequencies against softmax(logits / T) by a chi-square test, never a
+    token of probability 0 (top_k), and each row's draw independent of the other rows."""
+    from scipy.stats import chisquare
+
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 1e-30]))
+    n = 4000
+    draws = GPT.pick(logits.expand(n, -1), 1.0, None, gens(*range(n))).view(-1).numpy()
+    probs = torch.softmax(logits, -1).double().numpy()
+    observed = np.bincount(draws, minlength=6)
+    assert chisquare(observed[:5], probs[:5] * n).pvalue > 1e-3
+    top = GPT.pick(logits.expand(n, -1), 1.0, 2, gens(*range(n))).view(-1).numpy()
+    assert set(np.unique(top)) == {0, 1}
+    assert abs((top == 0).mean() - 2 / 3) < 0.03
+    # a row's draw is its generator's alone
+    single = GPT.pick(logits.view(1, -1), 1.0, None, gens(17)).item()
+    assert single == draws[17]

@@ -1,0 +1,185 @@
+"""
+The stability of a selection (gelutrace.stability) against independent references: every half's graph against
+numpy counts of its rows, and each half's subsets against the whole pipeline (stages b, c and d) run on that
+half's prompts alone (prompt mode) or on one shard (corpus mode).
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SHIPPED_NAME
+from gelutrace import coactivation as co
+from gelutrace import perturbation as pt
+from gelutrace import stability
+from gelutrace import stagefiles as sf
+from test_corpus import run_here
+
+M = SHIPPED_NAME
+PROMPTS = [("KING HENRY. Now, lords, ", 8, 2), ("And God said, Let there be ", 6, 1), ("ROMEO. ", 10, 1),
+           ("Thou shalt not ", 5, 2), ("Friends, Romans, ", 7, 1), ("In the beginning ", 0, 1)]
+THRESHOLDS, RATIOS = (0.3, 0.6), (0.01, 0.05)
+
+
+def test_prompt_halves_partition_the_rows():
+    assert stability.prompt_halves(0) is None and stability.prompt_halves(1) is None
+    for n in (2, 3, 10, 101):
+        half = stability.prompt_halves(n)
+        assert half.shape == (n,) and set(np.unique(half)) == {0, 1}
+        assert (half == 0).sum() == n // 2
+        assert np.array_equal(half, stability.prompt_halves(n))  # seeded: every stage sees the same split
+
+
+def test_jaccard_by_hand():
+    assert stability.jaccard([1, 2, 3], [2, 3, 4]) == 2 / 4
+    assert stability.jaccard([5], [5]) == 1.0 and stability.jaccard([1], [2]) == 0.0
+    assert np.isnan(stability.jaccard([], []))
+
+
+def numpy_counts(active: np.ndarray, n_layer: int, d: int):
+    a = active.astype(np.int64)
+    return a.sum(0), [a[:, i * d:(i + 1) * d].T @ a[:, (i + 1) * d:(i + 2) * d] for i in range(n_layer - 1)]
+
+
+def test_count_graph_and_sum_graphs_against_numpy():
+    rng = np.random.default_rng(3)
+    n_layer, d = 3, 12
+    active = rng.random((40, n_layer * d)) < 0.3
+    data = co.ActivationData("toy", n_layer, d, np.packbits(active, axis=1), None)
+    nodes, pairs = numpy_counts(active, n_layer, d)
+    g = co.count_graph(data)
+    assert np.array_equal(g.activation_count, nodes) and g.num_samples == 40
+    for b, ref in zip(g.blocks, pairs):
+        assert np.array_equal(np.asarray(b.counts(), np.int64), ref)
+    rows = rng.permutation(40)
+    parts = [co.count_graph(data.rows(rows[:15])), co.count_graph(data.rows(rows[15:]))]
+    total = co.sum_graphs(parts)
+    assert np.array_equal(total.activation_count, nodes) and total.num_samples == 40
+    for b, ref in zip(total.blocks, pairs):
+        assert np.array_equal(np.asarray(b.counts(), np.int64), ref)
+    # an edited edge list is counted on those edges
+    edges = np.array([[0, 13], [2, 30], [5, 7]])
+    g = co.count_graph(co.ActivationData("toy", n_layer, d, np.packbits(active, axis=1), edges))
+    a = active.astype(np.int64)
+    assert np.array_equal(np.asarray(g.blocks[0].counts(), np.int64), [a[:, u] @ a[:, v] for u, v in edges])
+
+
+def write_csv(p, rows):
+    pd.DataFrame(rows, columns=sf.PROMPT_COLUMNS).to_csv(p, index=False)
+    return p
+
+
+def stage_b_to_d(csv, d):
+    """Stages b (greedy, one sequence per pass), c and d (every method but ablation) into d: the sidecars."""
+    run_here("b_generate_activation_dataset.py", "--input_csv", csv, "--export_dir", d, "--model_type", M,
+             "--device", "cpu", "--batch_size", 1, "--no_edge_list", "--no_activation_lists", "--top_examples", 0)
+    run_here("c_calculate_weighted_activation_graph.py", "--input_dir", d)
+    return stage_d(sf.path(d, sf.WEIGHTED_GRAPH, M), d / sf.SUBSETS_DIR, dataset=d)
+
+
+def stage_d(graph, out, dataset=None) -> dict:
+    extra = ["--dataset_path", dataset] if dataset is not None else []
+    methods = [("degree", t) for t in THRESHOLDS] + [("pagerank", THRESHOLDS[0]), ("activation_count", None),
+                                                     ("random", None)]
+    methods += [("attribution", None)] if dataset is not None else []
+    for method, t in methods:
+        for r in RATIOS:
+            thr = ["--threshold", t] if t is not None else []
+            run_here("d_calculate_perturbation_subset.py", "--input_graph_path", graph, *thr, "--ratio", r,
+                     "--method", method, "--output_dir", out, *extra)
+    return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def prompt_runs(tmp_path_factory):
+    """The whole prompt CSV, and each half of its rows alone (in CSV order), through stages b to d."""
+    root = tmp_path_factory.mktemp("stability")
+    half = stability.prompt_halves(len(PROMPTS))
+    runs = {"all": (write_csv(root / "all.csv", PROMPTS), root / "all")}
+    for h in (0, 1):
+        rows = [p for p, x in zip(PROMPTS, half) if x == h]
+        runs[h] = (write_csv(root / f"half{h}.csv", rows), root / f"half{h}")
+    return {k: (csv, d, stage_b_to_d(csv, d)) for k, (csv, d) in runs.items()}
+
+
+def test_prompt_halves_equal_the_pipeline_on_each_half(prompt_runs):
+    csv, d, infos = prompt_runs["all"]
+    halves = stability.halves_of(d, M, sf.read_prompts(csv))
+    assert len(halves.halves) == 2 and "3 + 3" in halves.how
+    for h in (0, 1):
+        hcsv, hd, hinfos = prompt_runs[h]
+        ref = co.read_store(sf.path(hd, sf.WEIGHTED_GRAPH, M))
+        got = halves.halves[h].graph
+        assert got.num_samples == ref.num_samples
+        assert np.array_equal(got.activation_count, ref.activation_count)
+        for a, b in zip(got.blocks, ref.blocks):
+            assert np.array_equal(np.asarray(a.counts()), np.asarray(b.counts()))
+        # stage b's attribution of one half equals that of the half's prompts alone
+        whole = pd.read_csv(sf.path(d, sf.FREQUENCY, M))
+        alone = pd.read_csv(sf.path(hd, sf.FREQUENCY, M))["attribution"].to_numpy()
+        np.testing.assert_allclose(whole[f"attribution_{sf.HALVES[h]}"], alone, rtol=1e-4, atol=1e-8)
+        # every non-random method chooses on the half what stage d chooses on the half's own dataset
+        for stem, info in infos.items():
+            if info["method"] in ("random", "attribution"):
+                continue  # attribution: equal up to float rounding, so its order may differ at near-ties
+            assert np.array_equal(np.sort(stability.reselect(halves.halves[h], info)),
+                                  np.sort(hinfos[stem]["neurons"])), (stem, h)
+
+
+def test_overlap_is_the_jaccard_of_the_halves_subsets(prompt_runs):
+    csv, d, infos = prompt_runs["all"]
+    halves = stability.halves_of(d, M, sf.read_prompts(csv))
+    overlap = stability.selection_overlap(halves, infos)
+    assert set(overlap) == set(infos)
+    for stem, info in infos.items():
+        if info["method"] in ("random", "attribution"):
+            continue
+        a, b = (set(prompt_runs[h][2][stem]["neurons"]) for h in (0, 1))
+        assert overlap[stem] == pytest.approx(len(a & b) / len(a | b)), stem
+    # random: two uniform draws of the next seeds, whatever the data
+    n = halves.halves[0].graph.num_nodes
+    for stem, info in infos.items():
+        if info["method"] == "random":
+            a, b = (set(np.random.default_rng(info["seed"] + o).choice(n, info["k"], replace=False).tolist())
+                    for o in (1, 2))
+            assert overlap[stem] == pytest.approx(len(a & b) / len(a | b))
+    values = np.array([v for v in overlap.values()])
+    assert np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all()
+
+
+def test_one_prompt_has_no_halves(tmp_path):
+    csv = write_csv(tmp_path / "one.csv", PROMPTS[:1])
+    run_here("b_generate_activation_dataset.py", "--input_csv", csv, "--export_dir", tmp_path / "d", "--model_type",
+             M, "--device", "cpu", "--no_edge_list", "--no_activation_lists", "--top_examples", 0)
+    freq = pd.read_csv(sf.path(tmp_path / "d", sf.FREQUENCY, M))
+    assert freq["attribution"].notna().all() and freq["attribution_half_a"].isna().all()
+    halves = stability.halves_of(tmp_path / "d", M, sf.read_prompts(csv))
+    assert halves.halves == [] and "one prompt" in halves.how
+    assert all(np.isnan(v) for v in stability.selection_overlap(halves, {"x": {"method": "degree"}}).values())
+
+
+def test_corpus_halves_are_the_shards(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(p for p, _, _ in PROMPTS) * 12)
+    for i in (0, 1):
+        run_here("b_generate_activation_dataset.py", "--input_text", text, "--export_dir", tmp_path / f"s{i}",
+                 "--model_type", M, "--device", "cpu", "--context", 16, "--shard", f"{i}/2")
+    run_here("c_merge_activation_statistics.py", "--output_dir", tmp_path / "all", tmp_path / "s0", tmp_path / "s1")
+    record = pt.read_corpus_record(tmp_path / "all", M)
+    halves = stability.halves_of(tmp_path / "all", M, corpus_record=record)
+    assert len(halves.halves) == 2 and "1 + 1 of 2 shards" in halves.how
+    infos = stage_d(sf.path(tmp_path / "all", sf.WEIGHTED_GRAPH, M), tmp_path / "subsets")
+    per_shard = [stage_d(sf.path(tmp_path / f"s{i}", sf.WEIGHTED_GRAPH, M), tmp_path / f"subsets{i}") for i in (0, 1)]
+    overlap = stability.selection_overlap(halves, infos)
+    for stem, info in infos.items():
+        if info["method"] == "random":
+            continue
+        a, b = (set(p[stem]["neurons"]) for p in per_shard)
+        assert overlap[stem] == pytest.approx(len(a & b) / len(a | b)), stem
+    # a dataset of one run has no halves, and says how to get them
+    run_here("b_generate_activation_dataset.py", "--input_text", text, "--export_dir", tmp_path / "one",
+             "--model_type", M, "--device", "cpu", "--context", 16)
+    one = stability.halves_of(tmp_path / "one", M, corpus_record=pt.read_corpus_record(tmp_path / "one", M))
+    assert one.halves == [] and "--shard" in one.how
