@@ -129,22 +129,20 @@ def main(argv=None):
     pt.add_selection_overlap(results, subsets, halves)
     evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args, corpus_record)
     out = Path(args.dataset_path) / sf.RESULTS_DIR
-    manifest = out / sf.RESULTS_MANIFEST
-    run = sf.begin_output_set(manifest)
-    written = pt.write_results(args.dataset_path, results, evaluation)
     where = "held-out prompts" if evaluation["held_out"] else "the prompts they were chosen on"
-    plot_perturbation_summary(results.summary, out / sf.PERTURBATION_PLOT,
-                              title=f"{lm.name}: effect of {args.ablation}-ablating each subset, on {where}")
-    tables = pt.write_comparison(args.dataset_path, lm.name, results, subsets, n_neurons, prompts)
-    written += [out / sf.PERTURBATION_PLOT] + [out / name for name in tables]
-    written += [out / sf.COMPARISON_RECORD] if tables else []
-    if tables:
-        plot_method_comparison(tables[sf.COMPARISON], out / sf.COMPARISON_PLOT,
-                               title=f"{lm.name}: neurons chosen by each method, {args.ablation}-ablated, on {where}")
-        written.append(out / sf.COMPARISON_PLOT)
-    else:
-        (out / sf.COMPARISON_PLOT).unlink(missing_ok=True)
-    sf.commit_output_set(manifest, run, written)
+    # the whole set is written beside the earlier one and swapped in: a failure leaves the earlier results
+    with sf.OutputSet(out, out / sf.RESULTS_MANIFEST, pt.RESULT_SET, "stage e") as staged:
+        written = pt.write_results(staged.dir, results, evaluation)
+        plot_perturbation_summary(results.summary, staged.dir / sf.PERTURBATION_PLOT,
+                                  title=f"{lm.name}: effect of {args.ablation}-ablating each subset, on {where}")
+        tables = pt.write_comparison(args.dataset_path, staged.dir, lm.name, results, subsets, n_neurons, prompts)
+        written += [staged.dir / sf.PERTURBATION_PLOT] + [staged.dir / name for name in tables]
+        if tables:
+            written.append(staged.dir / sf.COMPARISON_RECORD)
+            plot_method_comparison(tables[sf.COMPARISON], staged.dir / sf.COMPARISON_PLOT,
+                                   title=f"{lm.name}: neurons chosen by each method, {args.ablation}-ablated, on {where}")
+            written.append(staged.dir / sf.COMPARISON_PLOT)
+        staged.vouch(written)
     cols = ["subset", "k", "kl", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "token_agreement"]
     cols += ["delta_nll_p_random", "delta_nll_z_random"] if args.random_controls else []
     print(results.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -663,9 +663,10 @@ def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, 
             "confidence_level": cmp.LEVEL}
 
 
-def write_results(dataset_path, results: Results, evaluation: dict) -> list[Path]:
-    """Every result table; returns the files written."""
-    out = Path(dataset_path) / sf.RESULTS_DIR
+def write_results(out, results: Results, evaluation: dict) -> list[Path]:
+    """Every result table into `out` (the results directory, or its staging directory); returns the files."""
+    out = Path(out)
+    (out / sf.PER_SAMPLE_DIR).mkdir(exist_ok=True)
     written = []
     for stem, (result, metrics) in results.tables.items():
         written += [out / sf.PER_SAMPLE_DIR / sf.RESULT_FILE.format(stem=stem), out / sf.RESULT_FILE.format(stem=stem)]
@@ -676,14 +677,16 @@ def write_results(dataset_path, results: Results, evaluation: dict) -> list[Path
     return written + [out / sf.PERTURBATION_SUMMARY, out / sf.EVALUATION]
 
 
-def write_comparison(dataset_path, m: str, results: Results, subsets: list[Subset], n_neurons: int,
+RESULT_SET = (sf.PERTURBATION_SUMMARY, sf.EVALUATION, sf.PERTURBATION_PLOT, sf.COMPARISON, sf.METHOD_VERDICT,
+              sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT, sf.COMPARISON_RECORD, sf.COMPARISON_PLOT)  # not written: removed
+
+
+def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[Subset], n_neurons: int,
                      prompts=None) -> dict:
-    """The method comparison files (when some subsets were made by a selection method); returns its tables."""
-    out = Path(dataset_path) / sf.RESULTS_DIR
-    names = (sf.COMPARISON, sf.METHOD_VERDICT, sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT, sf.COMPARISON_RECORD)
+    """The method comparison files into `out` (when some subsets were made by a selection method); returns its
+    tables."""
+    out = Path(out)
     if not results.entries:
-        for name in names:  # an older run's comparison would not describe these results
-            (out / name).unlink(missing_ok=True)
         return {}
     split, seed = results.split, results.seed
     table = cmp.comparison_table(results.entries, split, seed)
@@ -696,8 +699,6 @@ def write_comparison(dataset_path, m: str, results: Results, subsets: list[Subse
         infos = {s.stem: s.info for s in subsets}
         scores = cmp.method_scores(results.entries, infos, dataset_path)
         tables[sf.METHOD_AGREEMENT] = cmp.agreement_table(results.entries, effects, scores)
-    else:
-        (out / sf.METHOD_AGREEMENT).unlink(missing_ok=True)
     for name, df in tables.items():
         sf.write_csv(df, out / name)
     n_controls = min((len(s.controls) for s in subsets if len(s.ids)), default=0)

@@ -183,12 +183,12 @@ def stability_lines(best: pd.DataFrame, record: dict | None) -> list[str]:
         return []
     unstable = rows[rows["selection_jaccard"] < UNSTABLE_JACCARD]
     chance = best[best["method"] == cmp.REFERENCE]
-    parts = "; ".join(f"{markdown.escape(r.method)} at k={int(r.k)} {r.selection_jaccard:.2f}" for r in rows.itertuples())
+    parts = ", ".join(f"{markdown.escape(r.method)} {r.selection_jaccard:.2f} (k={int(r.k)})" for r in rows.itertuples())
     line = (f"Stability of the selection ({markdown.escape(halves.get('halves', ''))}): the Jaccard overlap of the "
             f"neurons each method chooses on either half is {parts}")
     if len(chance):
-        line += (" (two random draws: " + ", ".join(f"{r.selection_jaccard:.2f} at k={int(r.k)}"
-                                                    for r in chance.itertuples()) + ")")
+        line += ("; two random draws share " + ", ".join(f"{r.selection_jaccard:.2f} (k={int(r.k)})"
+                                                         for r in chance.itertuples()))
     line += "."
     if len(unstable):
         line += (f" Below {UNSTABLE_JACCARD}, " + ", ".join(sorted({markdown.escape(m) for m in unstable["method"]}))

@@ -405,7 +405,8 @@ class OutputSet:
     there with atomic_dir moves with the files. Once every file is staged, the manifest is marked `writing` by a
     rename, each staged file is renamed over its target (a store is switched to its new version, as atomic_dir
     does), the `owned` names this run did not write are removed, and the complete manifest (each vouched file's
-    size and sha256) is renamed in last. Renames need no room on the disk; only a crash among them leaves the
+    size and sha256) is renamed in last; a staged plain directory has its files renamed into the target's. Renames
+    need no room on the disk; only a crash among them leaves the
     manifest at `writing`, which readers refuse. A run needs room for its files beside the earlier ones. The
     leftovers of a killed run are removed by the next.
     """
@@ -475,6 +476,10 @@ class OutputSet:
                 recover_dir(dst)
                 switch_dir(dst, version)
                 _clean_versions(dst)
+            elif src.is_dir():  # a plain directory: its files renamed over the target's, the others kept
+                dst.mkdir(exist_ok=True)
+                for f in sorted(os.listdir(src)):
+                    os.replace(src / f, dst / f)
             else:
                 os.replace(src, dst)
         for name in set(self.owned) - set(staged):
@@ -485,25 +490,6 @@ class OutputSet:
                 p.unlink()
         os.replace(self.dir / self.manifest.name, self.manifest)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def begin_output_set(manifest) -> str:
-    """
-    Mark a directory's output set as being rewritten in place, before the first of its files is replaced. A crash
-    or a full disk from here until commit_output_set leaves the manifest in that state, and readers refuse the
-    directory rather than mix files of two runs. Returns the new run's id. (OutputSet writes a set beside the
-    earlier one instead, so that a failure leaves the earlier set readable.)
-    """
-    import uuid
-    run = uuid.uuid4().hex
-    write_json({"state": "writing", "run": run}, manifest, indent=2)
-    return run
-
-
-def commit_output_set(manifest, run: str, files):
-    """Record the set's files (size, sha256) in its manifest, the set's last write."""
-    m = Path(manifest)
-    write_json({"state": "complete", "run": run, "files": _listing(files, m.parent)}, m, indent=2)
 
 
 def verify_output_set(manifest, files, what: str, required: bool = False):

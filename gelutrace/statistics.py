@@ -31,13 +31,35 @@ FLOAT32_MAX_ROWS = 2 ** 24 - 1
 
 
 def _int_mm_works(device: torch.device) -> bool:
+    """Whether torch._int_mm works on this device and, on a CPU, beats the float32 GEMM (probed once): CPUs
+    without int8 dot-product instructions (AVX-512 VNNI, AMX; e.g. an AVX2-only EPYC) run it on a reference
+    path some 50x slower than float32. Both are exact, so the choice changes the speed only."""
     if device.type not in _INT_MM:
         try:
             a = torch.ones((32, 32), dtype=torch.int8, device=device)
-            _INT_MM[device.type] = bool(torch._int_mm(a, a)[0, 0] == 32)
+            works = bool(torch._int_mm(a, a)[0, 0] == 32)
         except (AttributeError, RuntimeError, NotImplementedError):
-            _INT_MM[device.type] = False
+            works = False
+        _INT_MM[device.type] = works and (device.type != "cpu" or _int8_beats_float32())
     return _INT_MM[device.type]
+
+
+def _int8_beats_float32(d: int = 128, rows: int = 1024, rounds: int = 3) -> bool:
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    at = torch.randint(0, 2, (d, rows), dtype=torch.int8, generator=g)
+    b = torch.randint(0, 2, (rows, d), dtype=torch.int8, generator=g)
+    atf, bf = at.float(), b.float()
+
+    def best(f):
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return best(lambda: torch._int_mm(at, b)) < best(lambda: atf @ bf)
 
 
 def int8_product(at: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:

@@ -466,6 +466,36 @@ def test_report_refuses_results_of_an_interrupted_stage_e(tiny_dataset, tmp_path
         report.collect(data)
 
 
+@pytest.mark.parametrize("nth", [1, 3, 6])
+def test_full_disk_in_stage_e_keeps_the_earlier_results(tiny_dataset, tmp_path, monkeypatch, nth):
+    """Stage e runs out of disk at its nth file write (a per-sample CSV, a result CSV, the summary, a plot): one
+    error line that says so, the earlier results byte-identical, and the report still accepts them."""
+    import runpy
+    import shutil
+
+    from gelutrace import report
+    from gelutrace import stagefiles as sf
+    d, csv = tiny_dataset
+    data = tmp_path / "b"
+    shutil.copytree(d / "b", data)
+    argv = ["--dataset_path", str(data), "--input_csv", str(csv), "--model_type", "tinybard", "--device", "cpu",
+            "--perturbation_subset_filenames", "s.npy", "none"]
+    r = script("e_generate_perturbed_results.py", *argv)
+    assert r.returncode == 0, r.stderr
+    results = data / sf.RESULTS_DIR
+    before = directory_digest(results)
+    calls = fill_disk_at(monkeypatch, nth)
+    script_path = str(REPO_ROOT / "e_generate_perturbed_results.py")
+    monkeypatch.setattr(sys, "argv", [script_path, *argv, "--seed", "7"])  # other results, were they written
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(script_path, run_name="__main__")
+    assert e.value.code == 2 and calls["n"] >= nth
+    monkeypatch.undo()
+    sf.release_locks()
+    assert directory_digest(results) == before
+    report.collect(data)
+
+
 # --- boundaries a small fixture never crosses ------------------------------------------------------------
 
 def test_activation_lists_with_neuron_ids_past_65535(tmp_path):

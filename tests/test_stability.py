@@ -183,3 +183,18 @@ def test_corpus_halves_are_the_shards(tmp_path):
              "--model_type", M, "--device", "cpu", "--context", 16)
     one = stability.halves_of(tmp_path / "one", M, corpus_record=pt.read_corpus_record(tmp_path / "one", M))
     assert one.halves == [] and "--shard" in one.how
+
+
+def test_report_names_the_unstable_methods_and_the_chance_level():
+    from gelutrace.report import stability_lines
+
+    best = pd.DataFrame({"k": [30, 30, 30], "method": ["degree", "ablation", "random"],
+                         "selection_jaccard": [0.21, 0.8, 0.02]})
+    line = stability_lines(best, {"selection_halves": {"available": True, "halves": "prompt rows split 5 + 5"}})[0]
+    assert "degree 0.21 (k=30)" in line and "ablation 0.80 (k=30)" in line
+    assert "two random draws share 0.02 (k=30)" in line
+    assert "Below 0.5, degree would choose mostly other neurons" in line and "ablation would" not in line
+    stable = stability_lines(best.iloc[1:], {"selection_halves": {"available": True, "halves": "x"}})[0]
+    assert "Below" not in stable
+    missing = stability_lines(best, {"selection_halves": {"available": False, "halves": "one prompt <b>"}})[0]
+    assert "not measured (one prompt &lt;b&gt;)" in missing
