@@ -89,7 +89,7 @@ def prompt_mode_halves(dataset_path, m: str, prompts) -> Halves:
             return Halves([], "a half of the prompts generates no tokens")
         out.append(Half(co.count_graph(data.rows(rows)), measured[h]))
     n_a = int((half == 0).sum())
-    return Halves(out, f"prompt rows split {n_a} + {len(prompts) - n_a} (seeded)")
+    return Halves(out, f"prompt rows split {n_a} + {len(prompts) - n_a}, seeded")
 
 
 def corpus_mode_halves(record: dict, m: str) -> Halves:
