@@ -40,7 +40,9 @@ class Sequences:
         """sample_rows of each half of the prompt rows (gelutrace.stability.prompt_halves); None for one prompt."""
         from gelutrace.stability import prompt_halves
 
-        half = prompt_halves(int(self.sample_prompt.max()) + 1 if len(self.sample_prompt) else 0)
+        if self.sample_prompt is None or not len(self.sample_prompt):
+            return None
+        half = prompt_halves(int(self.sample_prompt.max()) + 1)
         return None if half is None else [self.sample_rows[half[self.sample_prompt] == h] for h in (0, 1)]
 
 

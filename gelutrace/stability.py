@@ -102,6 +102,8 @@ def corpus_mode_halves(record: dict, m: str) -> Halves:
         return Halves([], f"the shard directory {missing[0]} is gone")
     groups = [shards[:len(shards) // 2], shards[len(shards) // 2:]]
     out = [Half(co.sum_graphs([co.read_store(sf.path(d, sf.WEIGHTED_GRAPH, m)) for d in g])) for g in groups]
+    if any(h.graph.num_samples == 0 for h in out):
+        return Halves([], "a half of the windows is empty (the corpus is shorter than two windows)")
     return Halves(out, f"windows split by shard: {len(groups[0])} + {len(groups[1])} of {len(shards)} shards")
 
 

@@ -178,6 +178,15 @@ def test_corpus_halves_are_the_shards(tmp_path):
             continue
         a, b = (set(p[stem]["neurons"]) for p in per_shard)
         assert overlap[stem] == pytest.approx(len(a & b) / len(a | b)), stem
+    # a corpus of one window leaves the second shard empty: no halves, and the reason
+    short = tmp_path / "short.txt"
+    short.write_text("KING HENRY. Now, lords,")
+    for i in (0, 1):
+        run_here("b_generate_activation_dataset.py", "--input_text", short, "--export_dir", tmp_path / f"t{i}",
+                 "--model_type", M, "--device", "cpu", "--context", 16, "--shard", f"{i}/2")
+    run_here("c_merge_activation_statistics.py", "--output_dir", tmp_path / "tall", tmp_path / "t0", tmp_path / "t1")
+    empty = stability.halves_of(tmp_path / "tall", M, corpus_record=pt.read_corpus_record(tmp_path / "tall", M))
+    assert empty.halves == [] and "empty" in empty.how
     # a dataset of one run has no halves, and says how to get them
     run_here("b_generate_activation_dataset.py", "--input_text", text, "--export_dir", tmp_path / "one",
              "--model_type", M, "--device", "cpu", "--context", 16)
