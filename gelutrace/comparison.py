@@ -349,6 +349,12 @@ def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL, n
     return lines
 
 
+def jaccard(a, b) -> float:
+    """|A & B| / |A | B| of two sets of neuron ids (NaN when both are empty)."""
+    a, b = set(np.asarray(a).tolist()), set(np.asarray(b).tolist())
+    return len(a & b) / len(a | b) if a | b else np.nan
+
+
 def overlap_table(entries: list[Entry], split: Split) -> pd.DataFrame:
     """Jaccard overlap of the neurons of every pair of methods' best variants, at each k."""
     best = best_variants(entries, split.validation)
@@ -358,9 +364,8 @@ def overlap_table(entries: list[Entry], split: Split) -> pd.DataFrame:
         ms = sorted(at_k)
         for i, a in enumerate(ms):
             for b in ms[i + 1:]:
-                sa, sb = set(at_k[a].ids.tolist()), set(at_k[b].ids.tolist())
                 rows.append({"k": k, "method_a": at_k[a].label, "method_b": at_k[b].label,
-                             "jaccard": len(sa & sb) / len(sa | sb) if sa | sb else np.nan})
+                             "jaccard": jaccard(at_k[a].ids, at_k[b].ids)})
     return pd.DataFrame(rows, columns=["k", "method_a", "method_b", "jaccard"])
 
 

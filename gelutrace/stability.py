@@ -18,6 +18,7 @@ import numpy as np
 
 from gelutrace import PipelineError
 from gelutrace import coactivation as co
+from gelutrace.comparison import jaccard
 from gelutrace import selection as sel
 from gelutrace import stagefiles as sf
 
@@ -37,11 +38,6 @@ def prompt_halves(n_prompts: int) -> np.ndarray | None:
 
 def half_columns(name: str) -> list[str]:
     return [f"{name}_{h}" for h in sf.HALVES]
-
-
-def jaccard(a, b) -> float:
-    a, b = set(np.asarray(a).tolist()), set(np.asarray(b).tolist())
-    return len(a & b) / len(a | b) if a | b else np.nan
 
 
 @dataclass

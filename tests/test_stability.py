@@ -15,6 +15,7 @@ from gelutrace import coactivation as co
 from gelutrace import perturbation as pt
 from gelutrace import stability
 from gelutrace import stagefiles as sf
+from gelutrace.comparison import jaccard
 from test_corpus import run_here
 
 M = SHIPPED_NAME
@@ -33,9 +34,9 @@ def test_prompt_halves_partition_the_rows():
 
 
 def test_jaccard_by_hand():
-    assert stability.jaccard([1, 2, 3], [2, 3, 4]) == 2 / 4
-    assert stability.jaccard([5], [5]) == 1.0 and stability.jaccard([1], [2]) == 0.0
-    assert np.isnan(stability.jaccard([], []))
+    assert jaccard([1, 2, 3], [2, 3, 4]) == 2 / 4
+    assert jaccard([5], [5]) == 1.0 and jaccard([1], [2]) == 0.0
+    assert np.isnan(jaccard([], []))
 
 
 def numpy_counts(active: np.ndarray, n_layer: int, d: int):
