@@ -2,6 +2,8 @@
 # Stage d over a grid: every threshold x ratio x method x weight, one subset .npy (+ sidecar .json) each, named
 # {m}_{method}_t{threshold}_r{ratio}.npy ({m}_{method}_{weight}_t{threshold}_r{ratio}.npy for a weight other
 # than count; {m}_{method}_r{ratio}.npy, once per ratio, for the methods that use no graph), then a summary table.
+# With --ks, sizes k instead of ratios (..._k{k}.npy). Each method, weight and threshold is ranked once: its
+# subsets at growing k are prefixes of one ranking.
 #
 #   ./d_batch_perturbation_calculate.sh [options] INPUT_GRAPH [OUTPUT_DIR]
 #
@@ -11,6 +13,7 @@
 # Options (or environment variables):
 #   --thresholds "0.5 0.7 0.8 0.9"   THRESHOLDS
 #   --ratios "0.01 0.02 0.05 0.1"    RATIOS
+#   --ks "3 10 30 100"               KS: numbers of neurons instead of ratios (used when set)
 #   --methods "degree"               METHODS (degree weighted_degree pagerank activation_count attribution
 #                                    ablation random)
 #   --weights "count"                WEIGHTS (count jaccard phi pmi; see d_calculate_perturbation_subset.py
@@ -23,6 +26,7 @@ set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 THRESHOLDS="${THRESHOLDS:-0.5 0.7 0.8 0.9}"
 RATIOS="${RATIOS:-0.01 0.02 0.05 0.1}"
+KS="${KS:-}"
 METHODS="${METHODS:-degree}"
 WEIGHTS="${WEIGHTS:-count}"
 SEED="${SEED:-1337}"
@@ -36,6 +40,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --thresholds) THRESHOLDS="${2:?--thresholds needs a value}"; shift 2 ;;
     --ratios) RATIOS="${2:?--ratios needs a value}"; shift 2 ;;
+    --ks) KS="${2:?--ks needs a value}"; shift 2 ;;
     --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
     --weights) WEIGHTS="${2:?--weights needs a value}"; shift 2 ;;
     --seed) SEED="${2:?--seed needs a value}"; shift 2 ;;
@@ -61,6 +66,8 @@ skip=(--skip_existing)
 [ "$FORCE" = "1" ] && skip=()
 
 files=() status=() failed=0
+# word splitting wanted: one argument per value
+if [ -n "$KS" ]; then size=(--k $KS); else size=(--ratio $RATIOS); fi
 declare -A seen=()
 for method in $METHODS; do
   case "$method" in degree|weighted_degree|pagerank) ts="$THRESHOLDS" ;; *) ts="-" ;; esac
@@ -68,25 +75,26 @@ for method in $METHODS; do
     for t in $ts; do
       thr=(--threshold "$t")
       [ "$t" = "-" ] && thr=()
-      for r in $RATIOS; do
-        log="$("$PYTHON" "$here/d_calculate_perturbation_subset.py" --input_graph_path "$graph" "${thr[@]}" \
-               --ratio "$r" --method "$method" --weight "$weight" --seed "$SEED" --output_dir "$out" \
-               "${skip[@]}" 2>&1)"
-        rc=$?
-        line="$(printf '%s\n' "$log" | tail -n 1)"
-        echo "[$method $weight t=$t r=$r] $line"
-        if [ $rc -ne 0 ]; then
-          failed=$((failed + 1)); status+=("FAILED")
-          files+=("$out/(failed: $method $weight t=$t r=$r)")
-          continue
-        fi
+      log="$("$PYTHON" "$here/d_calculate_perturbation_subset.py" --input_graph_path "$graph" "${thr[@]}" \
+             "${size[@]}" --method "$method" --weight "$weight" --seed "$SEED" --output_dir "$out" \
+             "${skip[@]}" 2>&1)"
+      rc=$?
+      if [ $rc -ne 0 ]; then
+        echo "[$method $weight t=$t] $(printf '%s\n' "$log" | tail -n 1)"
+        failed=$((failed + 1)); status+=("FAILED")
+        files+=("$out/(failed: $method $weight t=$t)")
+        continue
+      fi
+      while IFS= read -r line; do
+        case "$line" in wrote*|skipped*) ;; *) continue ;; esac
+        echo "[$method $weight t=$t] $line"
         f="$(printf '%s\n' "$line" | sed -E 's/^(wrote|skipped) (.*\.npy) \(.*/\2/')"
         # a method that ignores the weight names its subset without it: the same file for every weight
         [ -n "${seen[$f]:-}" ] && continue
         seen[$f]=1
         files+=("$f")
         case "$line" in skipped*) status+=("skipped") ;; *) status+=("written") ;; esac
-      done
+      done <<< "$log"
     done
   done
 done

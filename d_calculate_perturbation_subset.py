@@ -2,9 +2,11 @@
 Stage d: a perturbation subset of influential neurons from an analyzed co-activation graph.
 
 Keeps the edges with normalised weight > --threshold (all nodes stay), takes k = max(1, int(N * --ratio))
-nodes (at most N) ranked by --method, ties in a random order seeded by --seed (never by node id), and
-writes their ids (int64, rank order) as .npy plus a sidecar .json (parameters, k, per-layer counts, each
-neuron's score, and how the cut sits on ties: tied_picks, tie_pool, zero_score_picks).
+nodes (at most N; or k = --k) ranked by --method, ties in a random order seeded by --seed (never by node id),
+and writes their ids (int64, rank order) as .npy plus a sidecar .json (parameters, k, per-layer counts, each
+neuron's score, and how the cut sits on ties: tied_picks, tie_pool, zero_score_picks). Several --ratio or --k
+values write one subset each from one ranking: the subsets of a method at growing k are prefixes of each other
+(random draws each k afresh from --seed).
 
 Methods on the thresholded graph: degree (the original's), weighted_degree, pagerank. Methods that need no
 graph (--threshold is ignored and recorded as null; files are named {m}_{method}_r{ratio}.npy):
@@ -46,7 +48,12 @@ def main():
     ap.add_argument("--threshold", type=float, default=None,
                     help="keep edges with normalised co-activation > this, in [0, 1]; needed by the graph methods "
                          f"({', '.join(sel.GRAPH_METHODS)}), ignored by the others")
-    ap.add_argument("--ratio", type=float, required=True, help="fraction of all nodes to select, in (0, 1]")
+    size = ap.add_mutually_exclusive_group(required=True)
+    size.add_argument("--ratio", type=float, nargs="+", metavar="R",
+                      help="fraction of all nodes to select, in (0, 1]; several values write one subset each")
+    size.add_argument("--k", type=int, nargs="+", metavar="K",
+                      help="number of nodes to select instead (files named ..._k{k}.npy); several values write one "
+                           "subset each")
     ap.add_argument("--method", default="degree",
                     help=f"ranking: {', '.join(sel.METHODS)} (default: %(default)s)")
     ap.add_argument("--weight", default=co.DEFAULT_WEIGHT,
@@ -60,7 +67,8 @@ def main():
     out.add_argument("--output_dir",
                      help="write {m}_{method}_t{threshold}_r{ratio}.npy (with --weight other than count, "
                           "{m}_{method}_{weight}_t{threshold}_r{ratio}.npy; {m}_{method}_r{ratio}.npy for the "
-                          "methods that use no graph) in this directory instead")
+                          "methods that use no graph; _k{k} instead of _r{ratio} with --k) in this directory "
+                          "instead")
     ap.add_argument("--dataset_path", default=None,
                     help="stage b's directory, read by --method attribution and ablation (default: the directory "
                          "the graph store was built from)")
@@ -79,33 +87,50 @@ def main():
     args = ap.parse_args()
 
     t0 = time.time()
-    sel.check_params(args.threshold, args.ratio, args.method)
+    sizes = args.ratio or args.k
+    for r in args.ratio or []:
+        sel.check_params(args.threshold, r, args.method)
+    sel.check_params(args.threshold, 1.0, args.method)
     co.check_weight(args.weight)
+    if len(set(sizes)) != len(sizes):
+        raise PipelineError(f"--{'ratio' if args.ratio else 'k'} lists a value twice")
     if args.output_path and Path(args.output_path).suffix != ".npy":
         raise PipelineError(f"--output_path {args.output_path}: expected a .npy name")
+    if args.output_path and len(sizes) > 1:
+        raise PipelineError("--output_path names one subset: give one --ratio or --k, or use --output_dir")
+    if args.match_layers and len(sizes) > 1:
+        raise PipelineError("--match_layers takes its k from the other subset: give one --ratio or --k")
     if args.export_graph and (args.threshold is None or Path(args.export_graph).suffix not in (".graphml", ".gpickle")):
         raise PipelineError("--export_graph needs --threshold and a .graphml or .gpickle name")
     graph = co.read_graph(args.input_graph_path)
-    target = (Path(args.output_path) if args.output_path else
-              Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, args.ratio,
-                                                           args.weight))
-    sf.check_output_dir(target.parent, "--output_path" if args.output_path else "--output_dir")
-    if target.is_dir():
-        raise PipelineError(f"{target} is a directory, not a subset file name")
-    if args.skip_existing and target.is_file():
-        print(f"skipped {target} (exists)")
+    ks = [sel.subset_size(graph.num_nodes, r) for r in args.ratio] if args.ratio else args.k
+    sel.check_sizes(ks, graph.num_nodes)
+    targets = [Path(args.output_path)] if args.output_path else [
+        Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, r, args.weight, k)
+        for r, k in zip(args.ratio or [None] * len(ks), ks)]
+    sf.check_output_dir(targets[0].parent, "--output_path" if args.output_path else "--output_dir")
+    for target in targets:
+        if target.is_dir():
+            raise PipelineError(f"{target} is a directory, not a subset file name")
+    todo = [i for i, t in enumerate(targets) if not (args.skip_existing and t.is_file())]
+    for i in sorted(set(range(len(targets))) - set(todo)):
+        print(f"skipped {targets[i]} (exists)")
+    if not todo:
         return
-    sub = sel.select(graph, args.threshold, args.ratio, args.method, args.seed, args.match_layers, args.weight,
-                     args.dataset_path)
+    subs = sel.select_sizes(graph, args.threshold, [ks[i] for i in todo], args.method, args.seed, args.match_layers,
+                            args.weight, args.dataset_path)
     uses_graph = args.method in sel.GRAPH_METHODS
-    params = {"method": args.method, "threshold": args.threshold if uses_graph else None,
-              "threshold_ignored": not uses_graph, "ratio": args.ratio,
-              "seed": args.seed}
-    if args.export_graph:  # before the subset: a refused export must not leave a subset that looks done
+    if args.export_graph:  # before the subsets: a refused export must not leave a subset that looks done
         sel.export_graph(graph, args.threshold, args.export_graph, memory_limit(args.memory_limit_gb), args.weight)
-    sel.write_subset(sub, graph, target, params)
-    kept = f"{sub.edges_kept:,} edges kept" if uses_graph else "no graph used"
-    print(f"wrote {target} (k={sub.k}, {kept}, {time.time() - t0:.1f} s)")
+    for i, sub in zip(todo, subs):
+        ratio = args.ratio[i] if args.ratio else None
+        params = {"method": args.method, "threshold": args.threshold if uses_graph else None,
+                  "threshold_ignored": not uses_graph, "ratio": ratio, "seed": args.seed}
+        if ratio is not None:
+            sub.info = {"k_from_ratio": ks[i], **sub.info}
+        sel.write_subset(sub, graph, targets[i], params)
+        kept = f"{sub.edges_kept:,} edges kept" if uses_graph else "no graph used"
+        print(f"wrote {targets[i]} (k={sub.k}, {kept}, {time.time() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ Each subset (a .npy of neuron ids under <dataset_path>/perturbation_subsets/, or
 unperturbed baseline) has its neurons' post-GELU outputs replaced at every position (0, or the neuron's
 mean activation with --ablation mean) while the model generates, with the KV cache on.
 
-The neurons were chosen on the dataset's prompts (--input_csv); --eval_csv measures their effect on other,
-held-out prompts, which is the honest test.
+The neurons were chosen on the dataset's prompts (--input_csv) or corpus; --eval_csv measures their effect on
+other, held-out prompts, which is the honest test, and --eval_text on real held-out text: teacher-forced, at
+every position of every window, the change in the loss of the real next token. With --eval_text the verdict is
+the real text's, and the own-continuation comparison is the second table.
 
 Writes into <dataset_path>/perturbation_results/:
   {subset stem}.csv     prompt, sample_index, generated_text, perturbation_subset (none.csv for `none`)
@@ -21,10 +23,19 @@ Writes into <dataset_path>/perturbation_results/:
   evaluation.json       which prompts chose the neurons and which measured them, and the settings
   comparison.csv, method_verdict.csv, method_overlap.csv, method_agreement.csv, comparison.png,
   comparison.json       the selection methods side by side at each k (for subsets with stage d's sidecar):
-                        each method's best variant chosen on the validation part of the evaluation prompts,
-                        every figure on the test part (comparison.json records the split), p_random_holm
-                        across the best variants; a variant with more than half of its picks at score 0 is
-                        marked (filler) and never a method's best
+                        each method's best variant chosen on the validation part of the evaluation units
+                        (prompts; with --eval_text its documents, or windows for a single document), every
+                        figure on the test part (comparison.json records the split), p_random_holm across the
+                        best variants; a variant with more than half of its picks at score 0 is marked
+                        (filler) and never a method's best
+  dose_response.csv/.png each method's best variant at every k: the dose-response curves, the verdict's winner
+                        at each k and the null band of its controls
+  with --eval_text:
+  text_breakdown.csv    per subset, real-text delta_nll (and the unablated nll) by the position in the window
+                        (0-15, 16-127, 128+) and by the 20 most frequent next tokens
+  continuation_comparison.csv, continuation_verdict.csv   the comparison on the own continuations
+  summary.csv also gets text_tokens, text_nll (unablated), text_delta_nll, text_kl, their CIs over the units
+  and, with controls, their null (text_delta_nll_p_random, ...)
 
 Metrics (each sample's value averaged over its continuation; the summary averages over samples):
   kl                  KL(baseline || perturbed) of the next-token distributions (softmax of the logits,
@@ -49,11 +60,12 @@ from gelutrace import PipelineError
 from gelutrace import comparison as cmp
 from gelutrace import stability
 from gelutrace import perturbation as pt
+from gelutrace import realtext
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
 from gelutrace.generation import encode_prompts, plan_batches
 from gelutrace.loading import load_model
-from gelutrace.plots import plot_method_comparison, plot_perturbation_summary
+from gelutrace.plots import plot_dose_response, plot_method_comparison, plot_perturbation_summary
 
 
 def main(argv=None):
@@ -83,6 +95,20 @@ def main(argv=None):
                          "claim against random uses. The empirical p-value (1 + #controls >= value) / (1 + N) "
                          "cannot go below 1/(N+1), so the verdict claims nothing against random with fewer "
                          f"than {cmp.MIN_CONTROLS} (30 gives 0.032) (default: %(default)s)")
+    ap.add_argument("--control_subsets", choices=["all", "best"], default="all",
+                    help="which subsets get --random_controls: all of them, or best: at each k only the winner on "
+                         "the validation part of the verdict's metric (its best variant with the largest ΔNLL there; "
+                         "random left out), which is the null of the verdict and of the dose-response band at a "
+                         "fraction of the cost (default: %(default)s)")
+    ap.add_argument("--eval_text", nargs="+", default=None, metavar="PATH",
+                    help="also measure every subset on real text: .txt files (one document each), .jsonl (one "
+                         "document per line, field text) or directories of them, read as stage b's corpus mode "
+                         "reads them. Refused when it shares a file or document with the corpus the neurons were "
+                         "chosen on. The verdict is then the real text's")
+    ap.add_argument("--eval_tokens", type=int, default=realtext.EVAL_TOKENS, metavar="N",
+                    help="score at most this many tokens of --eval_text, the first ones (default: %(default)s)")
+    ap.add_argument("--context", type=int, default=None, metavar="N",
+                    help="tokens per window of --eval_text (default: the model's context)")
     ap.add_argument("--validation_share", type=float, default=0.5,
                     help="share of the evaluation prompts (seeded split, recorded in comparison.json) on which "
                          "each method's best variant is chosen; the verdict's figures come from the rest. Below "
@@ -110,41 +136,64 @@ def main(argv=None):
     subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons, lm.name)
     mean_values = pt.read_mean_activations(args.dataset_path, lm.name, n_neurons) if args.ablation == "mean" else None
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
+    text = leak = None
+    if args.eval_text:
+        context = cfg.block_size if args.context is None else args.context
+        if not 2 <= context <= cfg.block_size:
+            raise PipelineError(f"--context {context} is outside 2..{cfg.block_size}, the model's context")
+        text = realtext.read_eval_text(args.eval_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens)
+        leak = realtext.leak_check(text, corpus_record, selection_prompts)
+    elif args.context is not None or args.eval_tokens != realtext.EVAL_TOKENS:
+        raise PipelineError("--context and --eval_tokens apply to --eval_text; give it or leave them out")
 
     greedy = args.temperature == 0
     batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size)
     n_generated = 1 + sum(1 for s in subsets if len(s.ids))
     tokens = n_generated * sum(len(b.row_prompt) * b.new_tokens for b in batches)
     chunks = pt.metric_chunks(pt.plan_rows(batches, prompts), prompt_ids, cfg.vocab_size, args.batch_size)
-    passes = len(chunks) * sum(1 + (args.random_controls if len(s.ids) else 0) for s in subsets if len(s.ids))
+    ablated = [s for s in subsets if len(s.ids)]
+    with_controls = (len({len(s.ids) for s in ablated if s.info.get("method")}) if args.control_subsets == "best"
+                     else len(ablated))  # at most
+    conditions = len(ablated) + args.random_controls * with_controls
     settings = pt.EvalSettings(args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
-                               args.ablation, args.validation_share)
+                               args.ablation, args.validation_share, args.control_subsets)
     with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as gen_bar, \
-            tqdm(total=passes, unit="ablation", desc="teacher-forced metrics") as metric_bar:
-        bars = {"tokens": gen_bar, "passes": metric_bar}
+            tqdm(total=len(chunks) * conditions, unit="ablation", desc="teacher-forced metrics") as metric_bar, \
+            tqdm(total=text.scored * conditions if text else 0, unit="tok", unit_scale=True, desc="real text",
+                 disable=text is None) as text_bar:
+        bars = {"tokens": gen_bar, "passes": metric_bar, "text": text_bar}
         results = pt.run(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values, settings,
-                         progress=lambda kind, n: bars[kind].update(n))
+                         progress=lambda kind, n: bars[kind].update(n), text=text)
 
     halves = stability.halves_of(args.dataset_path, lm.name, selection_prompts, corpus_record)
     pt.add_selection_overlap(results, subsets, halves)
     evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args, corpus_record)
+    if text is not None:
+        evaluation["eval_text"] = {**text.record(args.eval_tokens), "leak_check": leak}
     out = Path(args.dataset_path) / sf.RESULTS_DIR
     where = "held-out prompts" if evaluation["held_out"] else "the prompts they were chosen on"
     # the whole set is written beside the earlier one and swapped in: a failure leaves the earlier results
     with sf.OutputSet(out, out / sf.RESULTS_MANIFEST, pt.RESULT_SET, "stage e") as staged:
-        written = pt.write_results(staged.dir, results, evaluation)
+        written = pt.write_results(staged.dir, results, evaluation, lm.tokenizer)
         plot_perturbation_summary(results.summary, staged.dir / sf.PERTURBATION_PLOT,
                                   title=f"{lm.name}: effect of {args.ablation}-ablating each subset, on {where}")
-        tables = pt.write_comparison(args.dataset_path, staged.dir, lm.name, results, subsets, n_neurons, prompts)
+        tables = pt.write_comparison(args.dataset_path, staged.dir, lm.name, results, subsets, n_neurons, prompts,
+                                     args.control_subsets)
         written += [staged.dir / sf.PERTURBATION_PLOT] + [staged.dir / name for name in tables]
         if tables:
+            on = f"{text.scored:,} tokens of held-out text" if text is not None else where
             written.append(staged.dir / sf.COMPARISON_RECORD)
             plot_method_comparison(tables[sf.COMPARISON], staged.dir / sf.COMPARISON_PLOT,
-                                   title=f"{lm.name}: neurons chosen by each method, {args.ablation}-ablated, on {where}")
-            written.append(staged.dir / sf.COMPARISON_PLOT)
+                                   title=f"{lm.name}: neurons chosen by each method, {args.ablation}-ablated, on {on}")
+            ylabel = ("Δ NLL of the real next token (nats/token), 95 % CI over " + text.units if text is not None
+                      else "Δ NLL of the baseline's tokens (nats/token), 95 % CI over prompts")
+            plot_dose_response(tables[sf.DOSE_RESPONSE], staged.dir / sf.DOSE_RESPONSE_PLOT, ylabel=ylabel,
+                               title=f"{lm.name}: dose-response, {args.ablation}-ablating each method's top k, on {on}")
+            written += [staged.dir / sf.COMPARISON_PLOT, staged.dir / sf.DOSE_RESPONSE_PLOT]
         staged.vouch(written)
     cols = ["subset", "k", "kl", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "token_agreement"]
     cols += ["delta_nll_p_random", "delta_nll_z_random"] if args.random_controls else []
+    cols += ["text_delta_nll", "text_delta_nll_ci_low", "text_delta_nll_ci_high", "text_kl"] if text else []
     print(results.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if tables:
         print("\n".join(cmp.verdict_lines(tables[sf.METHOD_VERDICT], n_neurons)))

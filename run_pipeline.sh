@@ -13,7 +13,10 @@
 #   --temperature T                 TEMPERATURE for stage b (default 0: greedy)
 #   --seed N                        SEED for stage b (default 42; stage e uses 1337 as the original)
 #   --thresholds "0.5 0.8"          THRESHOLDS of the stage-d sweep
-#   --ratios "0.01 0.05"            RATIOS of the stage-d sweep
+#   --ks "0.1% 1% 30 ..."           KS: the k grid of the stage-d sweep and stage e's dose-response, each a count
+#                                   or a percentage of the neurons (default: 8 values log-spaced from 0.1 % to
+#                                   10 %: 0.1% 0.193% 0.373% 0.72% 1.39% 2.68% 5.18% 10%)
+#   --ratios "0.01 0.05"            RATIOS: fractions of the neurons instead of --ks (the original's sweep)
 #   --methods "degree ..."          METHODS of the stage-d sweep (default: degree activation_count attribution
 #                                   random, plus ablation when single-neuron effects are measured)
 #   --weights "count"               WEIGHTS: edge weights of the graph methods (count jaccard phi pmi)
@@ -27,9 +30,16 @@
 #                                   selections stage e compares) merged exactly into DATASET_DIR
 #   --eval_csv CSV                  EVAL_CSV: prompts stage e measures the effects on (default
 #                                   parcellation_datasets/heldout_<model name>.csv when it exists, else PROMPT_CSV)
-#   --random_controls N             RANDOM_CONTROLS per subset in stage e: layer-matched random subsets, the
-#                                   null of every claim against random (default 30; p >= 1/(N+1), no claim
-#                                   below 20)
+#   --eval_text PATH                EVAL_TEXT: held-out text stage e measures the effects on (teacher-forced
+#                                   next-token loss; the verdict's metric) (default
+#                                   parcellation_datasets/heldout_eval_<model name>.txt when it exists; "none":
+#                                   no real-text evaluation)
+#   --eval_tokens N                 EVAL_TOKENS: tokens of EVAL_TEXT scored (default 8000 for a shipped model,
+#                                   100000 otherwise)
+#   --random_controls N             RANDOM_CONTROLS in stage e: layer-matched random subsets for each k's winner
+#                                   (chosen on the validation part), the null of every claim against random and
+#                                   of the dose-response band (default 30; p >= 1/(N+1), no claim below 20)
+#   --control_subsets all|best      CONTROL_SUBSETS: which subsets get them (default best: each k's winner)
 #   --force                         rerun every stage even if its outputs are up to date
 # A stage is skipped when its outputs exist and were made by the same command (recorded in
 # DATASET_DIR/.pipeline/) from inputs that have not changed since; once a stage runs, all later ones do.
@@ -40,7 +50,11 @@ DEVICE="${DEVICE:-auto}"
 TEMPERATURE="${TEMPERATURE:-0.0}"
 SEED="${SEED:-42}"
 THRESHOLDS="${THRESHOLDS:-0.5 0.8}"
-RATIOS="${RATIOS:-0.01 0.05}"
+RATIOS="${RATIOS:-}"
+KS="${KS:-}"
+EVAL_TEXT="${EVAL_TEXT:-}"
+EVAL_TOKENS="${EVAL_TOKENS:-}"
+CONTROL_SUBSETS="${CONTROL_SUBSETS:-best}"
 METHODS="${METHODS:-}"
 WEIGHTS="${WEIGHTS:-count}"
 EFFECTS="${EFFECTS:-auto}"
@@ -59,6 +73,10 @@ while [ $# -gt 0 ]; do
     --seed) SEED="${2:?--seed needs a value}"; shift 2 ;;
     --thresholds) THRESHOLDS="${2:?--thresholds needs a value}"; shift 2 ;;
     --ratios) RATIOS="${2:?--ratios needs a value}"; shift 2 ;;
+    --ks) KS="${2:?--ks needs a value}"; shift 2 ;;
+    --eval_text) EVAL_TEXT="${2:?--eval_text needs a value}"; shift 2 ;;
+    --eval_tokens) EVAL_TOKENS="${2:?--eval_tokens needs a value}"; shift 2 ;;
+    --control_subsets) CONTROL_SUBSETS="${2:?--control_subsets needs a value}"; shift 2 ;;
     --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
     --weights) WEIGHTS="${2:?--weights needs a value}"; shift 2 ;;
     --effects) EFFECTS="${2:?--effects needs a value}"; shift 2 ;;
@@ -86,10 +104,19 @@ if [ -n "$TEXT" ]; then
 else
   DATA="${pos[2]:-$here/parcellation_datasets/$(basename "$CSV" .csv)_$m}"
 fi
+shipped="$(cd "$here" && "$PYTHON" -c 'import sys; from gelutrace.loading import shipped_models; print(int(sys.argv[1] in shipped_models()))' "$MODEL")"
 if [ "$EFFECTS" = auto ]; then
-  case "$(cd "$here" && "$PYTHON" -c 'import sys; from gelutrace.loading import shipped_models; print(int(sys.argv[1] in shipped_models()))' "$MODEL")" in
-    1) EFFECTS=1 ;; *) EFFECTS=0 ;;
-  esac
+  case "$shipped" in 1) EFFECTS=1 ;; *) EFFECTS=0 ;; esac
+fi
+[ -n "$RATIOS" ] && [ -n "$KS" ] && { echo "error: give --ks or --ratios, not both" >&2; exit 2; }
+[ -z "$RATIOS" ] && [ -z "$KS" ] && KS="0.1% 0.193% 0.373% 0.72% 1.39% 2.68% 5.18% 10%"
+if [ -z "$EVAL_TEXT" ]; then
+  EVAL_TEXT=none
+  [ -f "$here/parcellation_datasets/heldout_eval_$m.txt" ] && EVAL_TEXT="$here/parcellation_datasets/heldout_eval_$m.txt"
+fi
+[ "$EVAL_TEXT" = none ] || [ -e "$EVAL_TEXT" ] || { echo "error: evaluation text $EVAL_TEXT does not exist" >&2; exit 2; }
+if [ -z "$EVAL_TOKENS" ]; then
+  case "$shipped" in 1) EVAL_TOKENS=8000 ;; *) EVAL_TOKENS=100000 ;; esac
 fi
 case "$EFFECTS" in 0|1) ;; *) echo "error: --effects must be 0 or 1, got $EFFECTS" >&2; exit 2 ;; esac
 if [ -z "$METHODS" ]; then
@@ -108,6 +135,9 @@ else
   csv_sum="$(sha256sum "$CSV" | cut -d' ' -f1)"
 fi
 eval_sum="$(sha256sum "$EVAL_CSV" | cut -d' ' -f1)"
+if [ "$EVAL_TEXT" != none ]; then
+  eval_sum="$eval_sum $(find "$EVAL_TEXT" -type f \( -name '*.txt' -o -name '*.jsonl' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+fi
 py() { "$PYTHON" "$@"; }
 ran=0
 
@@ -161,21 +191,38 @@ analyzed="$DATA/weighted_graph_analysis/${m}_weighted_graph_analyzed.json"
 stage c_analyze "$analyzed" \
   py c_analyze_weighted_activation_graph.py --input_path "$DATA/${m}_weighted_graph"
 [ "$ran" = 1 ] && rm -rf "$DATA/perturbation_subsets"
+sizes=(RATIOS="$RATIOS")
+if [ -n "$KS" ]; then  # counts, from the percentages and the graph's number of neurons
+  # word splitting wanted: one argument per value
+  # shellcheck disable=SC2086
+  counts="$(cd "$here" && "$PYTHON" -c 'import json, sys
+from gelutrace import PipelineError
+from gelutrace.selection import k_values
+try:
+    print(" ".join(map(str, k_values(json.load(open(sys.argv[1]))["num_neurons"], sys.argv[2:]))))
+except PipelineError as e:
+    sys.exit(f"error: {e}")' "$DATA/${m}_graph_meta.json" $KS)" || exit 2
+  sizes=(KS="$counts")
+fi
 stage d "$DATA/perturbation_subsets" \
-  env THRESHOLDS="$THRESHOLDS" RATIOS="$RATIOS" METHODS="$METHODS" WEIGHTS="$WEIGHTS" PYTHON="$PYTHON" \
+  env THRESHOLDS="$THRESHOLDS" "${sizes[@]}" METHODS="$METHODS" WEIGHTS="$WEIGHTS" PYTHON="$PYTHON" \
     ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
 subsets=()
 while IFS= read -r f; do subsets+=("$(basename "$f")"); done < <(ls "$DATA/perturbation_subsets"/*.npy 2>/dev/null | sort)
 selection=(--input_csv "$CSV")
 [ -n "$TEXT" ] && selection=()
+real_text=()
+[ "$EVAL_TEXT" != none ] && real_text=(--eval_text "$EVAL_TEXT" --eval_tokens "$EVAL_TOKENS")
 stage e "$DATA/perturbation_results/summary.csv" \
   py e_generate_perturbed_results.py --dataset_path "$DATA" "${selection[@]}" --eval_csv "$EVAL_CSV" \
-    --model_type "$MODEL" --device "$DEVICE" --random_controls "$RANDOM_CONTROLS" \
-    --perturbation_subset_filenames none "${subsets[@]}"
+    "${real_text[@]}" --model_type "$MODEL" --device "$DEVICE" --random_controls "$RANDOM_CONTROLS" \
+    --control_subsets "$CONTROL_SUBSETS" --perturbation_subset_filenames none "${subsets[@]}"
 stage cards "$DATA/neuron_cards/neurons.html" \
   py f_render_neuron_cards.py --dataset_path "$DATA" --model_type "$MODEL" --device "$DEVICE" --neurons report
 source_flag=(--input_csv "$CSV")
 [ -n "$TEXT" ] && source_flag=(--input_text "$TEXT")
 py -m gelutrace.report "$DATA" --model_type "$MODEL" "${source_flag[@]}" --eval_csv "$EVAL_CSV" \
-  --thresholds "$THRESHOLDS" --ratios "$RATIOS" --methods "$METHODS" --weights "$WEIGHTS" --random_controls "$RANDOM_CONTROLS" \
+  --eval_text "$EVAL_TEXT" --eval_tokens "$EVAL_TOKENS" --thresholds "$THRESHOLDS" --ks "${counts:-}" \
+  --ratios "$RATIOS" --methods "$METHODS" --weights "$WEIGHTS" --random_controls "$RANDOM_CONTROLS" \
+  --control_subsets "$CONTROL_SUBSETS" \
   --temperature "$TEMPERATURE" --seed "$SEED" --device "$DEVICE"

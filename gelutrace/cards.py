@@ -15,7 +15,6 @@ Neuron cards: what a neuron does, in the terms neuron browsers use.
 
 import json
 import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -422,15 +421,9 @@ def _figures(c: Card) -> str:
     return "; ".join(parts)
 
 
-def _visible(s: str, newline: str = "⏎") -> str:
-    """Token text with its newlines shown as `newline` and other control or line-separator characters escaped."""
-    return "".join(newline if c == "\n" else f"\\x{ord(c):02x}" if unicodedata.category(c) in ("Cc", "Zl", "Zp")
-                   else c for c in s)
-
-
 def _md_text(s: str) -> str:
     """Token or context text as literal Markdown: control characters shown, markup characters escaped."""
-    return markdown.escape(_visible(s))
+    return markdown.escape(markdown.visible(s))
 
 
 def _md_bold(s: str) -> str:
@@ -498,13 +491,13 @@ def cards_html(cards: list[Card], m: str) -> str:
                 f"<p>{escape(_figures(c))}</p>", "<table>", "<tr><th>rank</th><th>value</th><th>sample</th>"
                 "<th>context</th></tr>"]
         for r, e in enumerate(c.examples):
-            spans = "".join(f'<span style="{_shade(float(v), top)}" title="{v:.4g}">{escape(_visible(t, chr(10)))}'
+            spans = "".join(f'<span style="{_shade(float(v), top)}" title="{v:.4g}">{escape(markdown.visible(t, chr(10)))}'
                             f'</span>' for t, v in zip(e.tokens, e.shades))
             out.append(f"<tr><td>{r}</td><td>{e.value:.4g}</td><td>{e.sample_id}</td><td class=\"ctx\">{spans}"
-                       f'<span class="next">{escape(_visible(e.token))}</span></td></tr>')
+                       f'<span class="next">{escape(markdown.visible(e.token))}</span></td></tr>')
         out.append("</table>")
         for label, toks in (("Promoted", c.promoted), ("Suppressed", c.suppressed)):
-            items = "".join(f'<span class="tok" title="{t.value:+.4g}">{escape(_visible(t.token))}</span>'
+            items = "".join(f'<span class="tok" title="{t.value:+.4g}">{escape(markdown.visible(t.token))}</span>'
                             for t in toks)
             out.append(f"<p>{label}: {items}</p>")
         out.append("</div>")

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm, spearmanr, t as student_t
 
+from gelutrace import stagefiles as sf
+
 N_BOOT = 2000
 LEVEL = 0.95
 ALPHA = 0.05  # the verdict's significance level against random controls
@@ -132,9 +134,10 @@ class Split:
     seed: int
     share: float
 
-    def record(self, prompts=None) -> dict:
-        rec = {"nested": self.nested, "seed": self.seed, "validation_share": self.share,
-               "validation_prompts": self.validation.tolist(), "test_prompts": self.test.tolist()}
+    def record(self, prompts=None, unit: str = "prompts") -> dict:
+        """The split, its parts named after the unit split (prompts, or the real text's documents or windows)."""
+        rec = {"nested": self.nested, "seed": self.seed, "validation_share": self.share, "units": unit,
+               f"validation_{unit}": self.validation.tolist(), f"test_{unit}": self.test.tolist()}
         if prompts is not None:
             rec["test_prompt_texts"] = [prompts[i].text for i in self.test]
         return rec
@@ -198,6 +201,17 @@ def best_variants(entries: list[Entry], prompts: np.ndarray) -> dict:
         if not e.filler:
             best.setdefault((e.k, e.method), e)
     return best
+
+
+def validation_winners(entries: list[Entry], split: Split) -> set[str]:
+    """The stems of each k's winner on the validation prompts: the best variant with the largest mean delta_nll
+    there, the random reference method left out (what --control_subsets best gives controls to)."""
+    out = {}
+    for (k, method), e in best_variants(entries, split.validation).items():
+        v = np.nan_to_num(e.mean("delta_nll", split.validation), nan=-np.inf)
+        if method != REFERENCE and (k not in out or v > out[k][0]):
+            out[k] = (v, e.stem)
+    return {stem for _, stem in out.values()}
 
 
 def comparison_table(entries: list[Entry], split: Split, seed: int, level: float = LEVEL) -> pd.DataFrame:
@@ -300,6 +314,20 @@ def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = 
     return pd.DataFrame(rows)
 
 
+def dose_response_table(table: pd.DataFrame, verdict: pd.DataFrame) -> pd.DataFrame:
+    """Each method's best variant at each k (comparison_table's rows), with its delta_nll null where it had
+    controls, and whether it is the verdict's winner at that k: the dose-response curves."""
+    if not len(table):
+        return pd.DataFrame(columns=sf.DOSE_RESPONSE_COLUMNS)
+    best = table[table["best"].astype(bool)].copy()
+    won = set(zip(verdict["k"], verdict["winner"])) if len(verdict) else set()
+    best["winner"] = [(k, f"{m} ({v})" if isinstance(v, str) and v else m) in won
+                      for k, m, v in zip(best["k"], best["method"], best["variant"])]
+    for name in ("random_n", "random_q05", "random_q50", "random_q95", "p_random", "p_random_holm"):
+        best[name] = best[f"delta_nll_{name}"]
+    return best[sf.DOSE_RESPONSE_COLUMNS].sort_values(["method", "k"], kind="stable").reset_index(drop=True)
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
@@ -347,6 +375,50 @@ def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL, n
                 s += "."
         lines.append("- " + s)
     return lines
+
+
+def graph_beats_from(verdict: pd.DataFrame, base: str = "activation_count") -> int | None:
+    """The smallest k from which the best graph method beats `base` at every k of the verdict (its paired CI
+    above 0), or None when it does not at the largest k."""
+    col = f"graph_vs_{base}_verdict"
+    if not len(verdict) or col not in verdict.columns:
+        return None
+    rows = verdict.sort_values("k")
+    beats = (rows[col] == "beats").to_numpy()
+    if not beats[-1]:
+        return None
+    first = len(beats) - int(np.argmin(beats[::-1])) if not beats.all() else 0
+    return int(rows["k"].iloc[first])
+
+
+def dose_lines(verdict: pd.DataFrame, name=str) -> list[str]:
+    """The dose-response verdict: the winner at each k, and the k from which the graph method beats activation
+    count, if any."""
+    if not len(verdict):
+        return []
+    rows = verdict.sort_values("k")
+    ks = rows["k"].tolist()
+    s = "Winner at each k: " + ", ".join(f"{k}: {name(w)}" for k, w in zip(ks, rows["winner"])) + "."
+    col = "graph_vs_activation_count_verdict"
+    if col in rows.columns and rows[col].notna().any():
+        k0 = graph_beats_from(rows)
+        s += (f" The best graph method beats activation_count from k = {k0} on (paired CI above 0 at every k from "
+              f"there)." if k0 is not None else
+              f" The best graph method does not beat activation_count from any k of the grid ({ks[0]} to {ks[-1]}) on.")
+    return ["- " + s]
+
+
+def winner_disagreement(primary: pd.DataFrame, other: pd.DataFrame, name=str) -> str:
+    """Where two verdicts (real text, own continuations) name different winners at the same k, in words."""
+    if primary is None or other is None or not len(primary) or not len(other):
+        return ""
+    a = dict(zip(primary["k"], primary["winner"]))
+    b = dict(zip(other["k"], other["winner"]))
+    differ = [k for k in sorted(a) if k in b and a[k] != b[k]]
+    if not differ:
+        return "The own-continuation metric names the same winner at every k."
+    return ("**The two metrics name different winners** at " + ", ".join(
+        f"k = {k} (real text: {name(a[k])}; own continuations: {name(b[k])})" for k in differ) + ".")
 
 
 def jaccard(a, b) -> float:

@@ -1,6 +1,7 @@
 """Markdown written from corpus, tokenizer or user text: one escaping rule for every cell, token and name."""
 
 import re
+import unicodedata
 
 # Markdown's table, emphasis, code, link and heading characters, backslash-escaped; `<`, `>` and `&` become HTML
 # entities, so no text can open a tag, a comment or an entity of its own
@@ -17,3 +18,9 @@ def escape(text) -> str:
 def fence(lines: list[str]) -> str:
     """A code fence longer than any run of backticks in `lines`, so none of them can close it."""
     return "`" * max([3] + [len(r) + 1 for line in lines for r in _RUN.findall(line)])
+
+
+def visible(s: str, newline: str = "⏎") -> str:
+    """Token text with its newlines shown as `newline` and other control or line-separator characters escaped."""
+    return "".join(newline if c == "\n" else f"\\x{ord(c):02x}" if unicodedata.category(c) in ("Cc", "Zl", "Zp")
+                   else c for c in s)

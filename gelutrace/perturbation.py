@@ -123,8 +123,7 @@ def read_sidecar(npy: Path, model: str) -> dict:
 
 def resolve_subsets(dataset_path, names: list[str], n_neurons: int, model: str | None = None) -> list[Subset]:
     subsets, stems = [], {}
-    reserved = {Path(f).stem for f in (sf.PERTURBATION_SUMMARY, sf.COMPARISON, sf.METHOD_VERDICT,
-                                       sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT, sf.COMPARISON_RECORD)}
+    reserved = {Path(f).stem for f in RESULT_SET}
     for name in names:
         info = {}
         if name == NONE:
@@ -302,17 +301,23 @@ def compare_logit_shifts(p: torch.Tensor, shift: torch.Tensor, conts: list[np.nd
     precision for effects far smaller than the distributions' entropies, which differencing two log-softmax
     outputs loses. `shift` is overwritten. Returns two float64 arrays, (rows,) or (k, rows).
     """
-    n = p.size(1)
+    tokens, mask = continuation_positions(conts, p.size(1), p.device)
+    return continuation_means(*shift_metrics(p, shift, tokens), mask)
 
+
+def shift_metrics(p: torch.Tensor, shift: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    compare_logit_shifts' kl and delta_nll at every position (float64, shift's shape without the vocabulary),
+    `tokens` (rows, n) the token whose delta_nll is taken at each position. `shift` is overwritten.
+    """
     def expect(x):  # E[x] at every position: a batched matrix product over the vocabulary
         return torch.einsum("rnv,...rnv->...rn", p, x)
 
     shift -= expect(shift)[..., None]
-    tokens, mask = continuation_positions(conts, n, p.device)
     at_token = shift.gather(-1, tokens.expand(shift.shape[:-1])[..., None])[..., 0].double()
     rest = expect(shift).double()  # what is left of the mean after centring (rounding)
     log_mgf = torch.log1p(expect(shift.expm1_()).double())  # log E[exp(shift)]
-    return continuation_means(log_mgf - rest, log_mgf - at_token, mask)
+    return log_mgf - rest, log_mgf - at_token
 
 
 def base_probabilities(base: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -469,6 +474,7 @@ class EvalSettings:
     random_controls: int = 0
     ablation: str = "zero"  # or "mean"
     validation_share: float = 0.5
+    control_subsets: str = "all"  # or "best": controls only for each k's winner on the validation part
 
 
 def expand_samples(batches: list[Batch], prompts, greedy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -549,6 +555,15 @@ def summary_row(subset: Subset, main: Condition, controls: list[Condition], samp
     return row
 
 
+def entry_variant(subset: Subset) -> str:
+    """The comparison's variant label of a method's subset: its threshold (and weight) for a graph method."""
+    method, t = subset.info.get("method"), subset.info.get("threshold")
+    variant = f"t={t}" if t is not None and method in cmp.GRAPH_METHODS else ""
+    if subset.info.get("weight") not in (None, "count") and variant:
+        variant += f", {subset.info['weight']}"
+    return variant
+
+
 def comparison_entry(subset: Subset, main: Condition, controls: list[Condition], samples, n_prompts: int):
     """The subset as the method comparison sees it, or None when no selection method made it."""
     method = subset.info.get("method")
@@ -559,11 +574,7 @@ def comparison_entry(subset: Subset, main: Condition, controls: list[Condition],
     ctl = [condition_sums(c, samples, n_prompts) for c in controls]
     control_sums = {name: np.array([s[name] for s, _ in ctl]).reshape(len(ctl), n_prompts) for name in cmp.METRICS}
     control_counts = np.array([n for _, n in ctl]).reshape(len(ctl), n_prompts)
-    t = subset.info.get("threshold")
-    variant = f"t={t}" if t is not None and method in cmp.GRAPH_METHODS else ""
-    if subset.info.get("weight") not in (None, "count") and variant:
-        variant += f", {subset.info['weight']}"
-    return cmp.Entry(subset.stem, method, variant, len(subset.ids), subset.ids, sums, counts, control_sums,
+    return cmp.Entry(subset.stem, method, entry_variant(subset), len(subset.ids), subset.ids, sums, counts, control_sums,
                      control_counts, subset.info)
 
 
@@ -576,32 +587,82 @@ class Results:
     split: cmp.Split  # the evaluation prompts' validation and test parts
     seed: int
     halves: dict = field(default_factory=dict)  # the selection data's halves (gelutrace.stability), described
+    text: object = None  # realtext.TextResults, with --eval_text
+    text_entries: list = field(default_factory=list)  # the comparison's entries on the real text
+
+    @property
+    def primary(self) -> tuple[list, cmp.Split]:
+        """The entries and split the verdict speaks of: the real text's when measured, else the continuations'."""
+        return (self.text_entries, self.text.split) if self.text is not None else (self.entries, self.split)
+
+
+def text_entries(res, subsets: list[Subset]) -> list:
+    from gelutrace import realtext
+
+    return [realtext.entry(res, i, sub.stem, sub.info["method"], entry_variant(sub), sub.info)
+            for i, sub in enumerate(subsets) if sub.info.get("method") and len(sub.ids)]
+
+
+def control_plan(subsets: list[Subset], settings: EvalSettings, entries: list, split: cmp.Split) -> list[int]:
+    """Which subsets get random controls: every one, or ("best") each k's winner on the validation part."""
+    chosen = [i for i, sub in enumerate(subsets) if len(sub.ids)]
+    if settings.control_subsets == "best":
+        stems = cmp.validation_winners(entries, split)
+        chosen = [i for i in chosen if subsets[i].stem in stems]
+    return chosen
 
 
 def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values, settings: EvalSettings,
-        progress=None) -> Results:
+        progress=None, text=None) -> Results:
+    """
+    Every subset on the prompts (generated free-running and teacher-forced along the baseline's continuations)
+    and, given `text` (realtext.EvalText), on real text; then the random controls of the subsets control_plan
+    picks, measured the same ways.
+    """
+    from gelutrace import realtext
+
     cfg = model.config
     s = settings
     rows = plan_rows(batches, prompts)
-    mains = [Condition(sub.ids) for sub in subsets]
-    controls = []
-    for sub in subsets:
-        n = s.random_controls if len(sub.ids) else 0
-        sub.controls = [random_control(sub.ids, cfg.n_layer, cfg.d_mlp, s.seed, j) for j in range(n)]
-        controls.append([Condition(ids, generate=False) for ids in sub.controls])
-    measure(model, batches, rows, prompt_ids, mains + [c for cs in controls for c in cs], mean_values,
-            s.temperature, s.top_k, s.seed, s.batch_size, progress)
     samples = expand_samples(batches, prompts, s.temperature == 0)
     boot = cmp.bootstrap_weights(len(prompts), s.seed)
+    split = cmp.split_prompts(len(prompts), s.seed, s.validation_share)
+    mains = [Condition(sub.ids) for sub in subsets]
+    base = measure(model, batches, rows, prompt_ids, mains, mean_values, s.temperature, s.top_k, s.seed,
+                   s.batch_size, progress)
+    tres = None
+    if text is not None:
+        tres = realtext.measure_subsets(model, text, subsets, mean_values, s.seed, s.validation_share, s.batch_size,
+                                        progress and (lambda n: progress("text", n)))
+        primary = text_entries(tres, subsets), tres.split
+    else:
+        primary = [e for e in (comparison_entry(sub, c, [], samples, len(prompts)) for sub, c in zip(subsets, mains))
+                   if e is not None], split
+    chosen = set(control_plan(subsets, s, *primary)) if s.random_controls else set()
+    for i, sub in enumerate(subsets):
+        sub.controls = [random_control(sub.ids, cfg.n_layer, cfg.d_mlp, s.seed, j)
+                        for j in range(s.random_controls if i in chosen else 0)]
+    controls = [[Condition(ids, generate=False) for ids in sub.controls] for sub in subsets]
+    if any(controls):
+        teacher_forced(model, rows, prompt_ids, base, [c for cs in controls for c in cs], mean_values, s.batch_size,
+                       progress)
+    if tres is not None:
+        realtext.add_controls(tres, model, [sub.controls for sub in subsets], mean_values, s.batch_size,
+                              progress and (lambda n: progress("text", n)))
     tables, summary, entries = {}, [], []
-    for sub, main, ctl in zip(subsets, mains, controls):
+    for i, (sub, main, ctl) in enumerate(zip(subsets, mains, controls)):
         tables[sub.stem] = result_table(sub, main, prompts, tokenizer, samples)
-        summary.append(summary_row(sub, main, ctl, samples, len(prompts), boot, cfg.n_layer, cfg.d_mlp, s))
+        row = summary_row(sub, main, ctl, samples, len(prompts), boot, cfg.n_layer, cfg.d_mlp, s)
+        if tres is not None:
+            row.update(realtext.summary_columns(tres, i))
+        summary.append(row)
         entry = comparison_entry(sub, main, ctl, samples, len(prompts))
         if entry is not None:
             entries.append(entry)
-    split = cmp.split_prompts(len(prompts), s.seed, s.validation_share)
-    return Results(tables, pd.DataFrame(summary), entries, boot, split, s.seed)
+    res = Results(tables, pd.DataFrame(summary), entries, boot, split, s.seed, text=tres)
+    if tres is not None:
+        res.text_entries = text_entries(tres, subsets)
+    return res
 
 
 def add_selection_overlap(results: Results, subsets: list[Subset], halves):
@@ -663,7 +724,7 @@ def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, 
             "confidence_level": cmp.LEVEL}
 
 
-def write_results(out, results: Results, evaluation: dict) -> list[Path]:
+def write_results(out, results: Results, evaluation: dict, tokenizer=None) -> list[Path]:
     """Every result table into `out` (the results directory, or its staging directory); returns the files."""
     out = Path(out)
     (out / sf.PER_SAMPLE_DIR).mkdir(exist_ok=True)
@@ -674,36 +735,56 @@ def write_results(out, results: Results, evaluation: dict) -> list[Path]:
         sf.write_csv(result, written[-1])
     sf.write_csv(results.summary, out / sf.PERTURBATION_SUMMARY)
     sf.write_json(evaluation, out / sf.EVALUATION, indent=2)
-    return written + [out / sf.PERTURBATION_SUMMARY, out / sf.EVALUATION]
+    written += [out / sf.PERTURBATION_SUMMARY, out / sf.EVALUATION]
+    if results.text is not None and tokenizer is not None:
+        from gelutrace import realtext
+
+        sf.write_csv(realtext.breakdown_table(results.text, list(results.tables), tokenizer), out / sf.TEXT_BREAKDOWN)
+        written.append(out / sf.TEXT_BREAKDOWN)
+    return written
 
 
 RESULT_SET = (sf.PERTURBATION_SUMMARY, sf.EVALUATION, sf.PERTURBATION_PLOT, sf.COMPARISON, sf.METHOD_VERDICT,
-              sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT, sf.COMPARISON_RECORD, sf.COMPARISON_PLOT)  # not written: removed
+              sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT, sf.COMPARISON_RECORD, sf.COMPARISON_PLOT,
+              sf.CONTINUATION_COMPARISON, sf.CONTINUATION_VERDICT, sf.TEXT_BREAKDOWN, sf.DOSE_RESPONSE,
+              sf.DOSE_RESPONSE_PLOT)  # the files of stage e's output set; one a run does not write is removed
 
 
 def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[Subset], n_neurons: int,
-                     prompts=None) -> dict:
+                     prompts=None, control_subsets: str = "all") -> dict:
     """The method comparison files into `out` (when some subsets were made by a selection method); returns its
     tables."""
     out = Path(out)
-    if not results.entries:
+    entries, split = results.primary
+    if not entries:
         return {}
-    split, seed = results.split, results.seed
-    table = cmp.comparison_table(results.entries, split, seed)
-    tables = {sf.COMPARISON: table, sf.METHOD_VERDICT: cmp.verdict_table(results.entries, split, seed, table=table),
-              sf.METHOD_OVERLAP: cmp.overlap_table(results.entries, split)}
+    seed = results.seed
+    table = cmp.comparison_table(entries, split, seed)
+    verdict = cmp.verdict_table(entries, split, seed, table=table)
+    tables = {sf.COMPARISON: table, sf.METHOD_VERDICT: verdict, sf.METHOD_OVERLAP: cmp.overlap_table(entries, split),
+              sf.DOSE_RESPONSE: cmp.dose_response_table(table, verdict)}
+    if results.text is not None and results.entries:
+        cont = cmp.comparison_table(results.entries, results.split, seed)
+        tables[sf.CONTINUATION_COMPARISON] = cont
+        tables[sf.CONTINUATION_VERDICT] = cmp.verdict_table(results.entries, results.split, seed, table=cont)
     effects_file = sf.path(dataset_path, sf.NEURON_EFFECTS, m)
     if effects_file.is_file():
         effects = sf.read_neuron_column(effects_file, "delta_nll", n_neurons, "d_calculate_neuron_effects.py",
                                         missing_ok=True)
         infos = {s.stem: s.info for s in subsets}
         scores = cmp.method_scores(results.entries, infos, dataset_path)
-        tables[sf.METHOD_AGREEMENT] = cmp.agreement_table(results.entries, effects, scores)
+        tables[sf.METHOD_AGREEMENT] = cmp.agreement_table(entries, effects, scores)
     for name, df in tables.items():
         sf.write_csv(df, out / name)
-    n_controls = min((len(s.controls) for s in subsets if len(s.ids)), default=0)
-    sf.write_json({**split.record(prompts), "bootstrap_replicates": cmp.N_BOOT, "confidence_level": cmp.LEVEL,
-                   "alpha": cmp.ALPHA, "random_controls": n_controls,
+    n_controls = max((len(s.controls) for s in subsets if len(s.ids)), default=0)
+    if results.text is not None:
+        record = {"metric": "real_text", **split.record(unit=results.text.text.units),
+                  "continuation_split": results.split.record(prompts)}
+    else:
+        record = {"metric": "continuation", **split.record(prompts)}
+    sf.write_json({**record, "bootstrap_replicates": cmp.N_BOOT, "confidence_level": cmp.LEVEL,
+                   "alpha": cmp.ALPHA, "random_controls": n_controls, "control_subsets": control_subsets,
+                   "subsets_with_controls": sorted(s.stem for s in subsets if s.controls),
                    "smallest_p_random": 1 / (n_controls + 1) if n_controls else None,
                    "controls_enough_for_claims": n_controls >= cmp.MIN_CONTROLS,
                    "selection_halves": results.halves}, out / sf.COMPARISON_RECORD, indent=2)

@@ -186,3 +186,43 @@ def plot_method_comparison(comparison: pd.DataFrame, target, title: str = "Selec
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, target)
+
+
+def plot_dose_response(dose: pd.DataFrame, target, title: str, ylabel: str):
+    """
+    Stage e's dose-response curves: delta_nll against k (log axis) for each method's best variant, its bootstrap
+    CI as a band, the verdict's winner at each k ringed, and in grey the 5-95 % band (and median) of the random
+    controls of the same layers, where the subset at that k had controls.
+    """
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, method in enumerate(sorted(dose["method"].unique())):
+        rows = dose[dose["method"] == method].sort_values("k")
+        x, y = rows["k"].to_numpy(np.float64), rows["delta_nll"].to_numpy(np.float64)
+        ax.plot(x, y, "o-", color=f"C{i}", label=method, markersize=4)
+        ax.fill_between(x, rows["delta_nll_ci_low"].to_numpy(np.float64), rows["delta_nll_ci_high"].to_numpy(np.float64),
+                        color=f"C{i}", alpha=0.15, linewidth=0)
+        won = rows["winner"].astype(bool).to_numpy()
+        ax.scatter(x[won], y[won], s=90, facecolors="none", edgecolors=f"C{i}", linewidths=1.5)
+    null = dose.dropna(subset=["random_q05"]).sort_values("k")
+    null = null[null["winner"].astype(bool)] if null["winner"].astype(bool).any() else null
+    null = null.drop_duplicates("k")
+    if len(null):
+        x = null["k"].to_numpy(np.float64)
+        ax.fill_between(x, null["random_q05"].to_numpy(np.float64), null["random_q95"].to_numpy(np.float64),
+                        color="gray", alpha=0.3, linewidth=0, label="random neurons, same layers as the winner (5-95 %)")
+        ax.plot(x, null["random_q50"].to_numpy(np.float64), color="gray", linewidth=1, linestyle="--")
+    ax.scatter([], [], s=90, facecolors="none", edgecolors="black", label="the verdict's winner at k")
+    ks = sorted(dose["k"].unique())
+    if len(ks) > 1:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("k (neurons ablated together)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, target)

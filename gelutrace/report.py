@@ -34,7 +34,7 @@ def md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
 
 def collect(data: Path) -> dict:
     m = sf.model_prefix(data, sf.FREQUENCY)
-    out = {"m": m}
+    out = {"m": m, "data": data}
     freq = pd.read_csv(sf.path(data, sf.FREQUENCY, m))
     meta = sf.read_graph_meta(data, m)
     corpus = sf.path(data, sf.CORPUS, m)
@@ -67,14 +67,17 @@ def collect(data: Path) -> dict:
     out["subsets"] = pd.DataFrame(subsets)
     results = data / sf.RESULTS_DIR
     summary = results / sf.PERTURBATION_SUMMARY
+    tables = {"comparison": sf.COMPARISON, "verdict": sf.METHOD_VERDICT, "overlap": sf.METHOD_OVERLAP,
+              "agreement": sf.METHOD_AGREEMENT, "continuation_comparison": sf.CONTINUATION_COMPARISON,
+              "continuation_verdict": sf.CONTINUATION_VERDICT, "dose": sf.DOSE_RESPONSE,
+              "breakdown": sf.TEXT_BREAKDOWN}
     sf.verify_output_set(results / sf.RESULTS_MANIFEST, [p for p in (summary, *(results / n for n in (
-        sf.EVALUATION, sf.COMPARISON, sf.METHOD_VERDICT, sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT,
-        sf.COMPARISON_RECORD))) if p.is_file()],
-        "stage e")
+        sf.EVALUATION, sf.COMPARISON_RECORD, *tables.values()))) if p.is_file()], "stage e")
     out["effects"] = pd.read_csv(summary) if summary.is_file() else None
-    for key, name in (("comparison", sf.COMPARISON), ("verdict", sf.METHOD_VERDICT), ("overlap", sf.METHOD_OVERLAP),
-                      ("agreement", sf.METHOD_AGREEMENT)):
-        out[key] = pd.read_csv(results / name, keep_default_na=True) if (results / name).is_file() else None
+    for key, name in tables.items():
+        # token texts such as "NA" or "" stay text
+        kw = dict(keep_default_na=False, na_values={"nll": [""], "delta_nll": [""]}) if key == "breakdown" else {}
+        out[key] = pd.read_csv(results / name, **kw) if (results / name).is_file() else None
     ev = results / sf.EVALUATION
     out["evaluation"] = json.loads(ev.read_text()) if ev.is_file() else None
     rec = results / sf.COMPARISON_RECORD
@@ -115,29 +118,54 @@ def evaluation_sentence(ev: dict | None, name=markdown.escape) -> str:
             f"every method's effect may be overstated.")
 
 
+def text_sentence(ev: dict | None, name=markdown.escape) -> str:
+    """What real text measured the effects, and what the leak check found; '' without a real-text evaluation."""
+    t = (ev or {}).get("eval_text")
+    if not t:
+        return ""
+    files = ", ".join(name(Path(f["path"]).name) for f in t["files"])
+    s = (f"The verdict's effects are measured on real held-out text: {t['tokens_scored']:,} tokens of {files} "
+         f"({t['documents']:,} document(s), windows of {t['context']} tokens), teacher-forced.")
+    leak = t.get("leak_check") or {}
+    if leak.get("selection_files_checked"):
+        what = "no file and no document" if leak.get("documents_checked") else "no file (its documents were not compared: corpus too large or moved)"
+        s += f" It shares {what} with the corpus the neurons were chosen on (sha256)."
+    if leak.get("selection_prompts_in_text") is not None:
+        s += f" {leak['selection_prompts_in_text']} of the prompts the neurons were chosen on occur in it verbatim."
+    return s
+
+
 def settings_sentence(ev: dict | None, record: dict | None) -> str:
     """What the verdict's numbers are, in the run's own words: the ablation, the metric, the CI, the split."""
     ev, record = ev or {}, record or {}
     level = f"{100 * ev.get('confidence_level', cmp.LEVEL):g} %"
     ablation = {"zero": "set to 0", "mean": "set to their mean activation"}.get(ev.get("ablation"), "ablated")
-    s = (f"Effect = increase in the negative log-likelihood of the unablated model's own continuation (ΔNLL, "
-         f"nats/token) when the k neurons' outputs are {ablation} together, at every position; [{level} "
-         f"bootstrap CI over prompts]; differences are paired (same prompts, same resamples).")
+    units = record.get("units", "prompts")
+    if record.get("metric") == "real_text":
+        s = (f"Effect = increase in the negative log-likelihood of the real next token (ΔNLL, nats/token) when the "
+             f"k neurons' outputs are {ablation} together, at every position of every window; [{level} bootstrap "
+             f"CI over the text's {units}]; differences are paired (same {units}, same resamples).")
+    else:
+        s = (f"Effect = increase in the negative log-likelihood of the unablated model's own continuation (ΔNLL, "
+             f"nats/token) when the k neurons' outputs are {ablation} together, at every position; [{level} "
+             f"bootstrap CI over prompts]; differences are paired (same prompts, same resamples).")
     if record.get("nested"):
         s += (f" Each method is represented by its best variant (for graph methods, a threshold), chosen on a "
-              f"validation part of the evaluation prompts ({len(record['validation_prompts'])} prompts, seeded "
+              f"validation part of the evaluation {units} ({len(record[f'validation_{units}'])} {units}, seeded "
               f"split, `{sf.RESULTS_DIR}/{sf.COMPARISON_RECORD}`); every figure here is measured on the other "
-              f"{len(record['test_prompts'])}, which chose nothing.")
+              f"{len(record[f'test_{units}'])}, which chose nothing.")
     elif record:
-        s += (f" Too few evaluation prompts to split (fewer than {cmp.MIN_SPLIT_PROMPTS}): each method's best "
-              f"variant was chosen on the same prompts that score it, so the figures are **biased toward the "
+        s += (f" Too few evaluation {units} to split (fewer than {cmp.MIN_SPLIT_PROMPTS}): each method's best "
+              f"variant was chosen on the same {units} that score it, so the figures are **biased toward the "
               f"variants chosen**.")
     n = record.get("random_controls") or ev.get("random_controls") or 0
     if n >= cmp.MIN_CONTROLS:
-        s += (f" The null: {n} random subsets with the subset's number of neurons in every layer; p is the "
+        whose = ("each k's winner on the validation part (the only subsets given controls)"
+                 if record.get("control_subsets") == "best" else "the subset")
+        s += (f" The null: {n} random subsets with the number of neurons in every layer of {whose}; p is the "
               f"one-sided empirical p-value (at least {1 / (n + 1):.2g} with {n} controls), and a method is above "
-              f"random only when both it and the normal approximation Holm-adjusted across the methods' best "
-              f"variants are below {cmp.ALPHA:g}.")
+              f"random only when both it and the normal approximation Holm-adjusted across the subsets with "
+              f"controls are below {cmp.ALPHA:g}.")
     else:
         s += (f" **{n} random controls per subset: p-values are too coarse (at least {1 / (n + 1):.2g}), so no "
               f"claim against random neurons is made** (run with --random_controls {cmp.MIN_CONTROLS} or more).")
@@ -150,8 +178,19 @@ def verdict_section(info: dict, n_neurons: int) -> list[str]:
         return []
     ev = info["evaluation"]
     level = (ev or {}).get("confidence_level", cmp.LEVEL)
-    lines = ["## Verdict", "", evaluation_sentence(ev), "", settings_sentence(ev, info["record"]), ""]
-    lines += cmp.verdict_lines(v, n_neurons, level, markdown.escape) + [""]
+    lines = ["## Verdict", ""]
+    if info.get("dose") is not None and len(info["dose"]) and (info["data"] / sf.RESULTS_DIR / sf.DOSE_RESPONSE_PLOT).is_file():
+        lines += [f"![dose-response]({sf.RESULTS_DIR}/{sf.DOSE_RESPONSE_PLOT})", ""]
+    lines += [evaluation_sentence(ev), ""]
+    real = text_sentence(ev)
+    lines += [real, ""] if real else []
+    lines += [settings_sentence(ev, info["record"]), ""]
+    lines += budget_lines(info)
+    lines += cmp.verdict_lines(v, n_neurons, level, markdown.escape)
+    lines += cmp.dose_lines(v, markdown.escape) + [""]
+    other = info.get("continuation_verdict")
+    if other is not None:
+        lines += [cmp.winner_disagreement(v, other, markdown.escape), ""]
     c = info["comparison"]
     if c is not None and len(c):
         filler = c[c["filler"].astype(bool)] if "filler" in c.columns else c.iloc[:0]
@@ -170,6 +209,77 @@ def verdict_section(info: dict, n_neurons: int) -> list[str]:
                       f"random tie-break, not chosen by their score) and could not stand for their method: "
                       + ", ".join(markdown.escape(x) for x in filler["subset"]) + ".", ""]
     return lines
+
+
+def budget_lines(info: dict) -> list[str]:
+    """What this run's evaluation budget buys: the smallest p-value its controls allow and the CIs' widths."""
+    record, dose = info["record"] or {}, info.get("dose")
+    n = record.get("random_controls") or 0
+    units = record.get("units", "prompts")
+    t = (info["evaluation"] or {}).get("eval_text") or {}
+    parts = []
+    if t:
+        parts.append(f"{t['tokens_scored']:,} tokens scored")
+    if record.get(f"test_{units}") is not None:
+        parts.append(f"{len(record[f'test_{units}'])} test {units}")
+    if dose is not None and len(dose):
+        ks = sorted(dose["k"].unique())
+        parts.append(f"a grid of {len(ks)} k ({', '.join(map(str, ks))})")
+    if n:
+        whose = "for each k's winner" if record.get("control_subsets") == "best" else "per subset"
+        parts.append(f"{n} random controls {whose}, so the smallest possible p is 1/{n + 1} = {1 / (n + 1):.2g}")
+    if not parts:
+        return []
+    s = "This evaluation's budget: " + "; ".join(parts) + "."
+    if dose is not None and len(dose) and dose["winner"].astype(bool).any():
+        w = dose[dose["winner"].astype(bool)]
+        width = (w["delta_nll_ci_high"] - w["delta_nll_ci_low"]).to_numpy(np.float64)
+        rel = width / np.abs(w["delta_nll"].to_numpy(np.float64))
+        s += (f" The winners' CIs are {np.nanmin(width):.2g} to {np.nanmax(width):.2g} nats/token wide "
+              f"({100 * np.nanmin(rel):.0f} to {100 * np.nanmax(rel):.0f} % of their ΔNLL).")
+    return [s, ""]
+
+
+def continuation_section(info: dict, n_neurons: int) -> list[str]:
+    """With a real-text verdict, the own-continuation comparison as the second table."""
+    v, c = info.get("continuation_verdict"), info.get("continuation_comparison")
+    if v is None or not len(v):
+        return []
+    ev = info["evaluation"] or {}
+    record = {**(info["record"] or {}).get("continuation_split", {}), "random_controls": (info["record"] or {}).get(
+        "random_controls"), "control_subsets": (info["record"] or {}).get("control_subsets")}
+    lines = ["## Own-continuation comparison", "",
+             "The same subsets measured the original way, on the unablated model's own greedy continuations of the "
+             "evaluation prompts (its confidence in its own argmax, not the loss on real text). " +
+             settings_sentence(ev, {**record, "metric": "continuation"}), ""]
+    lines += cmp.verdict_lines(v, n_neurons, ev.get("confidence_level", cmp.LEVEL), markdown.escape) + [""]
+    if c is not None and len(c):
+        best = c[c["best"].astype(bool)]
+        cols = ["k", "method", "variant", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "delta_nll_p_random",
+                "kl", "token_agreement"]
+        lines += [md_table(best[[x for x in cols if x in best.columns]]), ""]
+    return lines
+
+
+def breakdown_section(info: dict) -> list[str]:
+    """Real-text ΔNLL of each k's winner by position in the window and by next token."""
+    b, dose = info.get("breakdown"), info.get("dose")
+    if b is None or not len(b) or dose is None or not dose["winner"].astype(bool).any():
+        return []
+    winners = dose[dose["winner"].astype(bool)].sort_values("k")
+    base = b[b["subset"] == b["subset"].iloc[0]]
+    table = pd.DataFrame({"breakdown": base["breakdown"].to_numpy(),
+                          "bucket": [markdown.visible(str(x)) for x in base["bucket"]],  # md_table escapes it
+                          "tokens": base["tokens"].to_numpy(), "NLL": base["nll"].to_numpy()})
+    for r in winners.itertuples():
+        rows = b[b["subset"] == r.subset]
+        if len(rows) == len(table):
+            table[f"k={r.k} {r.method}"] = rows["delta_nll"].to_numpy()
+    lines = ["## Where the loss goes", "",
+             "Real-text ΔNLL of each k's winner by the token's position in its window and for the text's most "
+             "frequent next tokens (`NLL`: the unablated model's, nats/token; all subsets in "
+             f"`{sf.RESULTS_DIR}/{sf.TEXT_BREAKDOWN}`):", ""]
+    return lines + [md_table(table), ""]
 
 
 def stability_lines(best: pd.DataFrame, record: dict | None) -> list[str]:
@@ -280,6 +390,8 @@ def write_report(data: Path, params: dict) -> str:
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `run_pipeline.sh`.", ""]
     lines += verdict_section(info, int(meta["num_neurons"]))
     lines += comparison_section(info, data)
+    lines += breakdown_section(info)
+    lines += continuation_section(info, int(meta["num_neurons"]))
     lines += cards_section(data)
     lines += ["## Parameters", "", md_table(pd.DataFrame(list(params.items()), columns=["parameter", "value"])), ""]
     if info["commands"]:
@@ -356,14 +468,14 @@ def terminal_summary(info: dict, data: Path) -> str:
 def main():
     ap = parser(__doc__)
     ap.add_argument("dataset_dir", help="the run's dataset directory")
-    for flag in ("model_type", "input_csv", "input_text", "eval_csv", "thresholds", "weights", "ratios", "methods", "random_controls", "temperature",
-                 "seed", "device"):
+    for flag in ("model_type", "input_csv", "input_text", "eval_csv", "eval_text", "eval_tokens", "thresholds", "weights",
+                 "ks", "ratios", "methods", "random_controls", "control_subsets", "temperature", "seed", "device"):
         ap.add_argument(f"--{flag}", help="recorded in the report's parameter table")
     args = ap.parse_args()
     data = Path(args.dataset_dir)
     if not data.is_dir():
         raise PipelineError(f"dataset directory {data} does not exist")
-    params = {k: v for k, v in vars(args).items() if v is not None}
+    params = {k: v for k, v in vars(args).items() if v not in (None, "")}
     print(write_report(data, params))
 
 

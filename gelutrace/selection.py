@@ -51,6 +51,25 @@ def check_params(threshold: float | None, ratio: float, method: str):
         raise PipelineError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+K_GRID = tuple(f"{p:.3g}%" for p in np.geomspace(0.1, 10, 8))  # run_pipeline.sh's default --ks
+
+
+def k_values(num_nodes: int, specs: list[str]) -> list[int]:
+    """run_pipeline.sh --ks: each value a count ("30") or a percentage of the neurons ("1%": subset_size of
+    0.01); sorted, duplicates dropped."""
+    ks = []
+    for spec in specs:
+        try:
+            k = subset_size(num_nodes, float(spec[:-1]) / 100) if spec.endswith("%") else int(spec)
+        except ValueError:
+            raise PipelineError(f"--ks {spec!r}: give a count (30) or a percentage of the neurons (1%)") from None
+        if spec.endswith("%") and not 0 < float(spec[:-1]) <= 100:
+            raise PipelineError(f"--ks {spec!r}: a percentage must be in (0, 100]")
+        check_sizes([k], num_nodes)
+        ks.append(k)
+    return sorted(set(ks))
+
+
 def subset_size(num_nodes: int, ratio: float) -> int:
     return min(max(1, int(num_nodes * ratio)), num_nodes)
 
@@ -186,48 +205,67 @@ def method_weight(method: str, weight: str) -> str | None:
 
 def select(graph: CoactivationGraph, threshold: float | None, ratio: float, method: str, seed: int = 1337,
            match_layers=None, weight: str = DEFAULT_WEIGHT, dataset_path=None, measured: dict | None = None) -> Subset:
-    """The subset; edges_kept counts the edges `weight` keeps (None for the methods that use no graph).
-    `measured` (method -> scores per neuron id) replaces the dataset's attribution / ablation files."""
+    """The subset of k = subset_size(num_nodes, ratio) neurons; edges_kept counts the edges `weight` keeps (None
+    for the methods that use no graph). `measured` (method -> scores per neuron id) replaces the dataset's
+    attribution / ablation files."""
     check_params(threshold, ratio, method)
+    k = subset_size(graph.num_nodes, ratio)
+    sub = select_sizes(graph, threshold, [k], method, seed, match_layers, weight, dataset_path, measured)[0]
+    sub.info = {"k_from_ratio": k, **sub.info}
+    return sub
+
+
+def check_sizes(sizes: list[int], num_nodes: int):
+    bad = [k for k in sizes if not 1 <= k <= num_nodes]
+    if bad:
+        raise PipelineError(f"--k {bad[0]} is outside 1..{num_nodes}, the graph's number of neurons")
+
+
+def select_sizes(graph: CoactivationGraph, threshold: float | None, sizes: list[int], method: str, seed: int = 1337,
+                 match_layers=None, weight: str = DEFAULT_WEIGHT, dataset_path=None, measured: dict | None = None
+                 ) -> list[Subset]:
+    """select's subsets for several k at once: the method's scores are computed once, and for every method but
+    random the subsets are prefixes of one ranking (ties in the seed's order). With match_layers one subset."""
+    check_params(threshold, 1.0, method)
     if match_layers is not None and method != "random":
         raise PipelineError("--match_layers applies to --method random only")
     if graph.num_nodes == 0:
         raise PipelineError("the graph has no nodes")
+    check_sizes(sizes, graph.num_nodes)
     used = method_weight(method, weight)
     kept, info = None, {"weight": None, "max_weight": None}
     if used:
         cut = graph.cut(threshold, used)
         kept = int(graph.degrees(cut).sum() // 2)
         info = cut.weight.describe()
-    k = subset_size(graph.num_nodes, ratio)
-    info = {"k_from_ratio": k, **info}
     if method == "random":
-        rng = np.random.default_rng(seed)
-        if match_layers is None:
-            pos = rng.choice(graph.num_nodes, size=k, replace=False)
-        else:
-            want = _match_layer_counts(graph, match_layers)
-            parts = []
-            for layer, cnt in sorted(want.items()):  # one draw per layer
-                pool = np.flatnonzero(graph.layer == layer)
-                parts.append(rng.choice(pool, size=cnt, replace=False))
-            pos = np.concatenate(parts)
-            k = len(pos)
-            info["match_layers"] = str(match_layers)
-        sc = np.zeros(len(pos))
-    else:
-        s = scores(graph, method, threshold, weight, dataset_path, measured)
-        finite = np.isfinite(s)
-        if not finite.all():
-            if finite.sum() < k:
-                raise PipelineError(f"--method {method}: only {int(finite.sum())} neurons were measured, "
-                                    f"fewer than k={k}; measure all neurons or lower --ratio")
-            info["neurons_measured"] = int(finite.sum())
-        ranked = np.where(finite, s, -np.inf)
-        pos = top_k(ranked, k, seed)
-        info.update(tie_counts(ranked, pos))
-        sc = s[pos]
-    return Subset(graph.node_ids[pos], sc, k, kept, info)
+        out = []
+        for k in sizes if match_layers is None else [None]:
+            rng = np.random.default_rng(seed)
+            extra = {}
+            if match_layers is None:
+                pos = rng.choice(graph.num_nodes, size=k, replace=False)
+            else:
+                want = _match_layer_counts(graph, match_layers)
+                parts = []
+                for layer, cnt in sorted(want.items()):  # one draw per layer
+                    pool = np.flatnonzero(graph.layer == layer)
+                    parts.append(rng.choice(pool, size=cnt, replace=False))
+                pos = np.concatenate(parts)
+                extra["match_layers"] = str(match_layers)
+            out.append(Subset(graph.node_ids[pos], np.zeros(len(pos)), len(pos), kept, {**info, **extra}))
+        return out
+    s = scores(graph, method, threshold, weight, dataset_path, measured)
+    finite = np.isfinite(s)
+    if not finite.all():
+        if finite.sum() < max(sizes):
+            raise PipelineError(f"--method {method}: only {int(finite.sum())} neurons were measured, "
+                                f"fewer than k={max(sizes)}; measure all neurons or lower --ratio")
+        info["neurons_measured"] = int(finite.sum())
+    ranked = np.where(finite, s, -np.inf)
+    order = top_k(ranked, max(sizes), seed)
+    return [Subset(graph.node_ids[order[:k]], s[order[:k]], k, kept, {**info, **tie_counts(ranked, order[:k])})
+            for k in sizes]
 
 
 def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) -> Path:
@@ -246,11 +284,12 @@ def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) ->
     return side
 
 
-def subset_file_name(model: str | None, method: str, threshold: float | None, ratio: float,
-                     weight: str = DEFAULT_WEIGHT) -> str:
+def subset_file_name(model: str | None, method: str, threshold: float | None, ratio: float | None,
+                     weight: str = DEFAULT_WEIGHT, k: int | None = None) -> str:
+    """The --output_dir name of a subset given by its ratio, or by its size k (ratio None)."""
     uses_graph = method in GRAPH_METHODS
     return sf.subset_name(model or "graph", method, threshold if uses_graph else None, ratio,
-                          method_weight(method, weight))
+                          method_weight(method, weight), k)
 
 
 def export_graph(graph: CoactivationGraph, threshold: float, target, memory_limit: int | None = None,

@@ -123,9 +123,9 @@ def reselect(half: Half, info: dict, seed_offset: int = 0) -> np.ndarray | None:
         return None
     seed = int(info.get("seed", 1337)) + seed_offset
     try:
-        return sel.select(half.graph, info.get("threshold"), float(info.get("ratio")), method, seed,
-                          weight=info.get("weight") or co.DEFAULT_WEIGHT, measured=half.measured).ids
-    except (PipelineError, TypeError, ValueError):  # too few neurons measured on a half, a sidecar without ratio
+        return sel.select_sizes(half.graph, info.get("threshold"), [int(info["k"])], method, seed,
+                                weight=info.get("weight") or co.DEFAULT_WEIGHT, measured=half.measured)[0].ids
+    except (PipelineError, TypeError, ValueError, KeyError):  # too few neurons measured on a half, a sidecar without k
         return None
 
 

@@ -77,9 +77,10 @@ THRESHOLD_PLOT = "threshold_analysis.png"
 DEFAULT_WEIGHT = "count"
 WEIGHT_SUFFIX = "_{weight}"
 # stage d
-SUBSET_FILE = "{m}_{method}_t{threshold}_r{ratio}.npy"  # d --output_dir / d_batch naming
-SUBSET_FILE_NO_GRAPH = "{m}_{method}_r{ratio}.npy"  # methods that ignore the threshold
-SUBSET_FILE_WEIGHTED = "{m}_{method}_{weight}_t{threshold}_r{ratio}.npy"  # the same for --weight other than count
+# d --output_dir / d_batch naming; {size} is r{ratio} (--ratio) or k{k} (--k)
+SUBSET_FILE = "{m}_{method}_t{threshold}_{size}.npy"
+SUBSET_FILE_NO_GRAPH = "{m}_{method}_{size}.npy"  # methods that ignore the threshold
+SUBSET_FILE_WEIGHTED = "{m}_{method}_{weight}_t{threshold}_{size}.npy"  # the same for --weight other than count
 SUBSET_SIDECAR = "{stem}.json"  # beside each subset .npy: parameters, k, per-layer counts, scores
 # stage e (under <dataset>/RESULTS_DIR)
 RESULT_FILE = "{stem}.csv"  # one per subset (none.csv for the baseline), columns RESULT_COLUMNS
@@ -94,6 +95,12 @@ METHOD_OVERLAP = "method_overlap.csv"  # per k: Jaccard overlap of the methods' 
 METHOD_AGREEMENT = "method_agreement.csv"  # Spearman with single-neuron effects, top-k recall
 COMPARISON_PLOT = "comparison.png"  # effect against k per method
 COMPARISON_RECORD = "comparison.json"  # the validation/test split of the evaluation prompts, the null's settings
+# with --eval_text the comparison above is on the real text; the own-continuation one moves to these two
+CONTINUATION_COMPARISON = "continuation_comparison.csv"
+CONTINUATION_VERDICT = "continuation_verdict.csv"
+TEXT_BREAKDOWN = "text_breakdown.csv"  # real-text delta_nll by position in the window and by next token
+DOSE_RESPONSE = "dose_response.csv"  # per k and method: its best variant's effect, CI and the winner's null band
+DOSE_RESPONSE_PLOT = "dose_response.png"
 
 # run_pipeline.sh's report (in the dataset directory)
 REPORT = "report.md"
@@ -119,6 +126,10 @@ NEURON_EFFECTS_COLUMNS = ["neuron_id", "delta_nll", "kl"] + [f"delta_nll_{h}" fo
 CONTEXT_TOKENS = 32
 TOP_EXAMPLES_COLUMNS = ["neuron_id", "rank", "value", "sample_id", "context", "token"]
 RESULT_COLUMNS = ["prompt", "sample_index", "generated_text", "perturbation_subset"]
+TEXT_BREAKDOWN_COLUMNS = ["subset", "k", "breakdown", "bucket", "token_id", "tokens", "nll", "delta_nll"]
+DOSE_RESPONSE_COLUMNS = ["k", "method", "variant", "subset", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
+                         "kl", "winner", "random_n", "random_q05", "random_q50", "random_q95", "p_random",
+                         "p_random_holm"]
 HIST_COLUMNS = ["bin_start", "bin_end", "density"]
 THRESHOLD_COLUMNS = ["threshold", "num_nodes", "num_edges", "num_components", "max_comp_size", "avg_comp_size",
                      "min_comp_size"]
@@ -143,16 +154,18 @@ def weighted_name(name: str, weight: str) -> str:
     return p.stem + WEIGHT_SUFFIX.format(weight=weight) + p.suffix
 
 
-def subset_name(m: str, method: str, threshold: float | None, ratio: float, weight: str | None) -> str:
+def subset_name(m: str, method: str, threshold: float | None, ratio: float | None, weight: str | None,
+                k: int | None = None) -> str:
     """
     A stage-d subset's file name; `weight` is None for methods that do not use the graph's edge weights, and
-    `threshold` None for those that use no graph at all.
+    `threshold` None for those that use no graph at all. A subset given by its size k (ratio None) ends in
+    _k{k} instead of _r{ratio}.
     """
+    size = f"r{float(ratio)!r}" if ratio is not None else f"k{int(k)}"
     if threshold is None:
-        return SUBSET_FILE_NO_GRAPH.format(m=m, method=method, ratio=repr(float(ratio)))
+        return SUBSET_FILE_NO_GRAPH.format(m=m, method=method, size=size)
     template = SUBSET_FILE if weight in (None, DEFAULT_WEIGHT) else SUBSET_FILE_WEIGHTED
-    return template.format(m=m, method=method, weight=weight, threshold=repr(float(threshold)),
-                           ratio=repr(float(ratio)))
+    return template.format(m=m, method=method, weight=weight, threshold=repr(float(threshold)), size=size)
 
 
 # --- atomic writes ----------------------------------------------------------------------------------------

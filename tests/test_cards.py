@@ -18,6 +18,7 @@ import torch
 
 from conftest import REPO_ROOT, SHIPPED_NAME
 from gelutrace import cards
+from gelutrace import markdown
 from gelutrace import stagefiles as sf
 from gelutrace.statistics import RunningTopK, merge_top
 
@@ -273,14 +274,14 @@ def test_script_writes_cards_markdown_and_a_self_contained_page(dataset, shipped
             for v, s in zip(values[row], ids[row]):
                 assert f"{v:.4g}" in card and str(s) in card
             promoted, suppressed = cards.direct_logit_effect(shipped.model, shipped.tokenizer, n)
-            shown = cards._md_text if card is card_md else cards._visible
+            shown = cards._md_text if card is card_md else markdown.visible
             assert all(shown(t.token).strip() in card for t in promoted + suppressed)
         if n == 900:
             assert "ΔNLL" not in card_md  # not measured for this neuron
         else:
             assert f"single-neuron ΔNLL {0.125 if n == 5 else -0.5:.4g}" in card_md
         context = shipped.tokenizer.decode(seqs.prefix(int(ids[row, 0]))[-sf.CONTEXT_TOKENS:].tolist())
-        assert cards._visible(context, "\n") in card_text  # the top context, tokens shaded one by one
+        assert markdown.visible(context, "\n") in card_text  # the top context, tokens shaded one by one
 
 
 def chromium() -> str | None:
@@ -373,8 +374,8 @@ def test_stage_b_refuses_a_negative_k_in_both_modes(tmp_path):
 
 
 def test_token_text_is_shown_with_control_characters_escaped():
-    assert cards._visible("a\nb") == "a⏎b" and cards._visible("a\nb", "\n") == "a\nb"
-    assert cards._visible("\x00\x0b\u2028é") == "\\x00\\x0b\\x2028é"
+    assert markdown.visible("a\nb") == "a⏎b" and markdown.visible("a\nb", "\n") == "a\nb"
+    assert markdown.visible("\x00\x0b\u2028é") == "\\x00\\x0b\\x2028é"
     assert cards._md_text("a|b`c") == "a\\|b\\`c"
 
 

@@ -33,8 +33,10 @@ def pipeline(tmp_path_factory, shipped_path):
                   ("Now is the winter ", 4, 1)], columns=sf.PROMPT_COLUMNS).to_csv(held, index=False)
     data = d / "run"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    # the original's ratios and the own-continuation metric, every subset with controls (real text: corpus test)
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3 0.8", "--ratios", "0.01 0.05",
-           "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held), M, str(csv), str(data)]
+           "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held),
+           "--eval_text", "none", "--control_subsets", "all", M, str(csv), str(data)]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     second = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -164,7 +166,8 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
     held = data.parent / "heldout.csv"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     base = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3 0.8", "--ratios", "0.01 0.05",
-            "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held)]
+            "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held),
+            "--eval_text", "none", "--control_subsets", "all"]
     r = subprocess.run(base + [M, str(csv), str(copy)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
@@ -189,9 +192,31 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     data = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(HELDOUT_PATH), "--thresholds", "0.8",
-                        "--ratios", "0.01", "--random_controls", "1", "--device", "cpu", "--eval_csv", str(held), M,
-                        str(held), str(data)], capture_output=True, text=True, env=env)
+                        "--ks", "3 1%", "--random_controls", "2", "--device", "cpu", "--eval_csv", str(held),
+                        "--eval_tokens", "600", M, str(held), str(data)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    # the real-text verdict (the shipped model's default evaluation text) over the k grid, controls for winners
+    results = data / sf.RESULTS_DIR
+    ev = json.loads((results / sf.EVALUATION).read_text())
+    assert ev["eval_text"]["tokens_scored"] == 600 and ev["eval_text"]["leak_check"]["documents_checked"]
+    assert ev["eval_text"]["files"][0]["path"].endswith("heldout_eval_tinybard.txt")
+    rec = json.loads((results / sf.COMPARISON_RECORD).read_text())
+    assert rec["metric"] == "real_text" and rec["control_subsets"] == "best"
+    dose = pd.read_csv(results / sf.DOSE_RESPONSE)
+    assert sorted(dose["k"].unique()) == [3, 30]
+    verdict = pd.read_csv(results / sf.METHOD_VERDICT)
+    winners = dose[dose["winner"].astype(bool)]
+    assert sorted(winners["k"]) == [3, 30] and (winners["random_n"] == 2).all()
+    assert rec["subsets_with_controls"] == sorted(winners["subset"])
+    summary = pd.read_csv(results / sf.PERTURBATION_SUMMARY).set_index("subset")
+    for w in winners.itertuples():
+        assert verdict.set_index("k").loc[w.k, "winner_delta_nll"] == pytest.approx(w.delta_nll, rel=1e-12)
+        assert summary.loc[w.subset + ".npy", "text_delta_nll_random_n"] == 2
+    assert (results / sf.DOSE_RESPONSE_PLOT).is_file() and (results / sf.CONTINUATION_VERDICT).is_file()
+    report = (data / "report.md").read_text()
+    assert report.index(f"]({sf.RESULTS_DIR}/{sf.DOSE_RESPONSE_PLOT})") < report.index("found the most influential")
+    assert r"measured on real held-out text: 600 tokens of heldout\_eval\_tinybard.txt" in report
+    assert "## Own-continuation comparison" in report and "Winner at each k: 3: " in report
     assert "== c\n" not in r.stdout  # stage b wrote the store
     ev = json.loads((data / sf.RESULTS_DIR / sf.EVALUATION).read_text())
     assert ev["selection_corpus"] == [str(HELDOUT_PATH)] and ev["held_out"] and ev["prompts_in_both"] == 0

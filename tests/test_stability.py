@@ -120,7 +120,9 @@ def test_prompt_halves_equal_the_pipeline_on_each_half(prompt_runs):
         # stage b's attribution of one half equals that of the half's prompts alone
         whole = pd.read_csv(sf.path(d, sf.FREQUENCY, M))
         alone = pd.read_csv(sf.path(hd, sf.FREQUENCY, M))["attribution"].to_numpy()
-        np.testing.assert_allclose(whole[f"attribution_{sf.HALVES[h]}"], alone, rtol=1e-4, atol=1e-8)
+        # sums of terms of both signs: the tolerance scales with the largest neuron's, not with each sum
+        np.testing.assert_allclose(whole[f"attribution_{sf.HALVES[h]}"], alone, rtol=1e-4,
+                                   atol=1e-4 * np.abs(alone).max())
         # every non-random method chooses on the half what stage d chooses on the half's own dataset
         for stem, info in infos.items():
             if info["method"] in ("random", "attribution"):

@@ -82,6 +82,13 @@ def write_heldout(val_txt: list[str], target: Path):
     target.write_text("\n\n".join(v[:300] for v in val_txt[::9]) + "\n", encoding="utf-8")
 
 
+def write_heldout_eval(val_txt: list[str], target: Path):
+    """The whole held-out end of every ninth document, the documents heldout.txt samples: the demo's real-text
+    evaluation (stage e --eval_text), disjoint from the demo's corpus (write_heldout_corpus)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n\n".join(val_txt[::9]) + "\n", encoding="utf-8")
+
+
 def write_heldout_corpus(val_txt: list[str], target: Path):
     """The held-out text of every document not sampled by write_heldout: a corpus for corpus mode that the model
     never trained on and that shares no text with the held-out prompts cut from tests/data/heldout.txt."""
@@ -132,6 +139,9 @@ def main():
                     help="where to write a few KB of held-out text for the tests")
     ap.add_argument("--corpus_out", default=str(ROOT / "parcellation_datasets" / "heldout_corpus_tinybard.txt"),
                     help="where to write the held-out text of the other documents (corpus mode's demo text)")
+    ap.add_argument("--eval_out", default=str(ROOT / "parcellation_datasets" / "heldout_eval_tinybard.txt"),
+                    help="where to write the whole held-out text of the documents --heldout_out samples (the "
+                         "demo's real-text evaluation)")
     ap.add_argument("--text_only", action="store_true",
                     help="write the held-out files only (fetching the texts), without training")
     ap.add_argument("--vocab_size", type=int, default=4096, help="byte-level BPE vocabulary size")
@@ -152,7 +162,8 @@ def main():
         _, val_txt = corpus(args.holdout)
         write_heldout(val_txt, Path(args.heldout_out))
         write_heldout_corpus(val_txt, Path(args.corpus_out))
-        print(f"wrote {args.heldout_out} and {args.corpus_out}")
+        write_heldout_eval(val_txt, Path(args.eval_out))
+        print(f"wrote {args.heldout_out}, {args.corpus_out} and {args.eval_out}")
         return
 
     train_txt, val_txt = corpus(args.holdout)

@@ -1,0 +1,328 @@
+"""
+Stage e's real-text evaluation: what ablating neurons does to the loss on held-out text.
+
+- The text is read as stage b's corpus mode reads it (gelutrace.corpus: each document tokenized and followed by
+  end-of-text, the documents concatenated and cut into consecutive windows of `context` tokens), up to
+  `eval_tokens` scored tokens.
+- Teacher-forced, every position of a window but its last predicts the real next token. Measured there: the
+  unablated model's negative log-likelihood (nll) of that token and, with a subset ablated, its increase
+  (delta_nll) and KL(unablated || ablated) of the next-token distribution, both from the change of the logits
+  (perturbation.shift_metrics, precise for small effects).
+- Units: a scored token belongs to the document of the token it predicts. The bootstrap and the validation/test
+  split resample documents, or windows when the text is one document. Means are over tokens: the sums over the
+  units drawn divided by their tokens.
+- Every condition (a subset or one of its random controls) shares each batch's unablated pass; several are
+  computed in one forward pass, one block of rows each (perturbation.RowAblation).
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from gelutrace import PipelineError
+from gelutrace import comparison as cmp
+from gelutrace import corpus as cp
+from gelutrace import perturbation as pt
+from gelutrace import stagefiles as sf
+
+EVAL_TOKENS = 100_000  # scored tokens by default
+POSITION_BUCKETS = ((0, 16), (16, 128), (128, None))  # a scored token's position in its window: its input's index
+TOP_TOKENS = 20  # the breakdown by next token covers the text's most frequent next tokens
+WINDOW_ROWS = 8  # windows per unablated pass (fewer when their logits would exceed a quarter of LOGIT_BUDGET)
+
+
+@dataclass
+class EvalText:
+    """The evaluation text, tokenized and cut into windows, with each scored token's unit and breakdown buckets."""
+    ids: np.ndarray  # every token read (int64)
+    context: int
+    batches: list[np.ndarray]  # window numbers per forward pass (corpus.plan: one rectangle each)
+    unit: np.ndarray  # (len(ids),) the unit of each token as a prediction target (-1: not scored)
+    units: str  # "documents" or "windows"
+    n_units: int
+    files: list[dict]  # stage b's corpus record of each file: path, sha256, documents, tokens, ...
+    documents: int
+    top_tokens: np.ndarray  # the TOP_TOKENS most frequent next tokens, most frequent first (ties: lower id)
+    bucket: np.ndarray  # (len(ids),) each target's position bucket
+    token_bucket: np.ndarray  # (len(ids),) each target's index in top_tokens, -1 when not among them
+
+    @property
+    def scored(self) -> int:
+        return int((self.unit >= 0).sum())
+
+    @property
+    def n_buckets(self) -> int:
+        return len(POSITION_BUCKETS) + len(self.top_tokens)
+
+    def bucket_labels(self, tokenizer) -> list[tuple[str, str, int]]:
+        """(breakdown, bucket, token id or -1) of each breakdown bucket, in order."""
+        out = [("position", f"{lo}-{hi - 1}" if hi else f"{lo}+", -1) for lo, hi in POSITION_BUCKETS]
+        from gelutrace.cards import token_text
+
+        return out + [("next_token", token_text(tokenizer, int(t)), int(t)) for t in self.top_tokens]
+
+    def record(self, eval_tokens: int) -> dict:
+        return {"files": [{k: f[k] for k in ("path", "sha256", "documents", "tokens")} for f in self.files],
+                "documents": self.documents, "context": self.context, "eval_tokens": eval_tokens,
+                "tokens_read": int(len(self.ids)), "tokens_scored": self.scored, "units": self.units,
+                "n_units": self.n_units, "windows": int(cp.num_windows(len(self.ids), self.context))}
+
+
+def tokens_needed(eval_tokens: int, context: int) -> int:
+    """The tokens to read for `eval_tokens` scored ones: every window of `context` tokens scores all but one."""
+    return 1 + eval_tokens + (eval_tokens - 1) // (context - 1)
+
+
+def read_eval_text(paths: list[str], tokenizer, context: int, vocab_size: int, eval_tokens: int = EVAL_TOKENS
+                   ) -> EvalText:
+    if context < 2:
+        raise PipelineError(f"--context {context}: a window needs at least 2 tokens to score one")
+    if eval_tokens < 1:
+        raise PipelineError(f"--eval_tokens must be >= 1, got {eval_tokens}")
+    corpus = cp.read_corpus(paths, tokenizer, tokens_needed(eval_tokens, context))
+    ids = corpus.ids.astype(np.int64)
+    n = len(ids)
+    pos = np.arange(n)
+    scored = (pos % context) != 0  # a window's first token is predicted by nothing in its window
+    starts, _ = cp.document_starts({"files": corpus.files})
+    if corpus.documents >= 2:
+        units, unit = "documents", np.searchsorted(starts, pos, side="right") - 1
+    else:
+        units, unit = "windows", pos // context
+    n_units = int(unit.max()) + 1 if n else 0
+    unit = np.where(scored, unit, -1)
+    if not scored.any():
+        raise PipelineError(f"the evaluation text {', '.join(map(str, paths))} has {n} token(s): nothing to score")
+    freq = np.bincount(ids[scored], minlength=int(ids.max()) + 1)
+    order = np.lexsort((np.arange(len(freq)), -freq))
+    top = order[:TOP_TOKENS][freq[order[:TOP_TOKENS]] > 0]
+    bucket, t = np.zeros(n, np.int64), (pos - 1) % context  # t: the input's position in the window
+    for b, (lo, hi) in enumerate(POSITION_BUCKETS):
+        bucket[(t >= lo) & (t < (hi or context))] = b
+    lookup = np.full(len(freq), -1, np.int64)
+    lookup[top] = np.arange(len(top))
+    batch_windows = pt.LOGIT_BUDGET // (4 * context * vocab_size)
+    batches = cp.plan(np.arange(cp.num_windows(n, context)), n, context, max(1, min(WINDOW_ROWS, batch_windows)))
+    return EvalText(ids, context, batches, unit, units, n_units, corpus.files, corpus.documents, top,
+                    np.where(scored, bucket, -1), np.where(scored, lookup[ids], -1))
+
+
+@dataclass
+class Baseline:
+    """The unablated model on the evaluation text: per unit and per breakdown bucket, tokens and summed nll."""
+    tokens: np.ndarray  # (units,)
+    nll: np.ndarray  # (units,)
+    bucket_tokens: np.ndarray  # (buckets,)
+    bucket_nll: np.ndarray  # (buckets,)
+
+    @property
+    def mean_nll(self) -> float:
+        return float(self.nll.sum() / self.tokens.sum())
+
+
+@dataclass
+class Measured:
+    """One ablation on the evaluation text: per-unit sums of delta_nll and kl, per-bucket sums of delta_nll."""
+    ids: np.ndarray
+    delta_nll: np.ndarray  # (units,)
+    kl: np.ndarray  # (units,)
+    bucket_delta_nll: np.ndarray  # (buckets,)
+
+    def mean(self, name: str, tokens: np.ndarray) -> float:
+        return float(getattr(self, name).sum() / tokens.sum())
+
+
+def _add(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
+    """acc[..., index[j]] += values[..., j] over the positions with index >= 0."""
+    ok = index >= 0
+    acc.index_add_(-1, index[ok], values[..., ok].to(acc.dtype))
+
+
+@torch.no_grad()
+def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.ndarray | None, batch_size: int,
+             progress=None) -> tuple[Baseline, list[Measured]]:
+    """The baseline and every group's ablation (0, or `mean_values` per neuron) over the evaluation text.
+    `progress(tokens)` is called as ablated tokens are scored."""
+    device = next(model.parameters()).device
+    V = model.config.vocab_size
+    U, NB, NP = text.n_units, text.n_buckets, len(POSITION_BUCKETS)
+    ids = torch.from_numpy(text.ids)
+    unit, pos_b, tok_b = (torch.from_numpy(a).to(device) for a in (text.unit, text.bucket, text.token_bucket))
+    f64 = dict(dtype=torch.float64, device=device)
+    tokens, nll, b_tokens, b_nll = (torch.zeros(n, **f64) for n in (U, U, NB, NB))
+    ablating = [i for i, g in enumerate(groups) if len(g)]
+    dnll_u, kl_u, dnll_b = (torch.zeros(len(ablating), n, **f64) for n in (U, U, NB))  # in `ablating` order
+    ctx = text.context
+    for w in text.batches:
+        lo = int(w[0]) * ctx
+        length = min(ctx, len(text.ids) - lo)
+        if length < 2:
+            continue
+        starts = torch.from_numpy(w.astype(np.int64)) * ctx
+        at = (starts[:, None] + torch.arange(length)).to(device)  # global positions of the window's tokens
+        x = ids[at.cpu()].to(device)
+        inp, tgt, where = x[:, :-1], x[:, 1:], at[:, 1:].reshape(-1)
+        u, pb, tb = unit[where], pos_b[where], tok_b[where] + NP
+        tb = torch.where(tok_b[where] >= 0, tb, -1)
+        logits = model(inp)[0].float()
+        base_nll = -F.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0].double().reshape(-1)
+        ones = torch.ones_like(base_nll)
+        _add(tokens, u, ones), _add(nll, u, base_nll)
+        for b in (pb, tb):
+            _add(b_tokens, b, ones), _add(b_nll, b, base_nll)
+        if not ablating:
+            continue
+        p = pt.base_probabilities(logits, logits.dtype)
+        rows = len(w)
+        g = max(1, min(batch_size // rows, pt.LOGIT_BUDGET // max(1, logits.numel())))
+        for s in range(0, len(ablating), g):
+            chunk = ablating[s:s + g]
+            with pt.RowAblation(model, [groups[i] for i in chunk], rows, mean_values):
+                shift = model(inp.repeat(len(chunk), 1))[0].float().view(len(chunk), *logits.shape)
+            kl, dnll = pt.shift_metrics(p, shift.sub_(logits), tgt)
+            kl, dnll = kl.reshape(len(chunk), -1), dnll.reshape(len(chunk), -1)
+            for acc, vals, index in ((dnll_u, dnll, u), (kl_u, kl, u), (dnll_b, dnll, pb), (dnll_b, dnll, tb)):
+                _add(acc[s:s + len(chunk)], index, vals)
+            if progress is not None:
+                progress(len(chunk) * tgt.numel())
+    base = Baseline(*(t.cpu().numpy() for t in (tokens, nll, b_tokens, b_nll)))
+    row = {i: j for j, i in enumerate(ablating)}
+    out = []
+    for i, gr in enumerate(groups):
+        if i in row:
+            sums = (a[row[i]].cpu().numpy() for a in (dnll_u, kl_u, dnll_b))
+        else:  # nothing ablated: no change
+            sums = (np.zeros(n) for n in (U, U, NB))
+        out.append(Measured(np.asarray(gr, np.int64), *sums))
+    return base, out
+
+
+def document_hashes(paths) -> set[str]:
+    """The sha256 of every document's text in the files (corpus.file_documents' documents)."""
+    out = set()
+    for p in cp.corpus_files([str(x) for x in paths]):
+        for doc in cp.file_documents(p):
+            h = hashlib.sha256()
+            for piece in doc:
+                h.update(piece.encode("utf-8", "surrogatepass"))
+            out.add(h.hexdigest())
+    return out
+
+
+LEAK_CHECK_BYTES = 64 << 20  # selection corpora up to this size are compared document by document
+
+
+def leak_check(text: EvalText, corpus_record: dict | None, selection_prompts=None) -> dict:
+    """
+    Refuses an evaluation text that shares a file (by sha256) or, where the selection corpus is small enough to
+    read again, a document with the corpus the neurons were chosen on. With a prompt-mode selection, records how
+    many of its prompts occur verbatim in the evaluation text. Returns what was checked.
+    """
+    from pathlib import Path
+
+    eval_paths = [Path(f["path"]) for f in text.files]
+    out = {"selection_files_checked": 0, "shared_files": 0, "documents_checked": False, "shared_documents": 0}
+    if corpus_record is not None:
+        files = corpus_record.get("files", [])
+        mine = {f["sha256"]: f["path"] for f in text.files}
+        shared = [(mine[f["sha256"]], f["path"]) for f in files if f.get("sha256") in mine]
+        out.update(selection_files_checked=len(files), shared_files=len(shared))
+        if shared:
+            raise PipelineError(f"--eval_text {shared[0][0]} is the selection corpus's file {shared[0][1]} (same "
+                                f"sha256): the neurons were chosen on it; evaluate on text they were not chosen on")
+        sel_paths = [Path(f["path"]) for f in files]
+        if all(p.is_file() for p in sel_paths) and sum(p.stat().st_size for p in sel_paths) <= LEAK_CHECK_BYTES:
+            common = document_hashes(eval_paths) & document_hashes(sel_paths)
+            out.update(documents_checked=True, shared_documents=len(common))
+            if common:
+                raise PipelineError(f"--eval_text shares {len(common)} document(s) with the selection corpus "
+                                    f"({', '.join(str(p) for p in sel_paths[:3])}): the neurons were chosen on them")
+    if selection_prompts is not None:
+        size = sum(p.stat().st_size for p in eval_paths)
+        found = None
+        if size <= LEAK_CHECK_BYTES:
+            joined = "\n".join("".join(piece for doc in cp.file_documents(p) for piece in doc)
+                               for p in cp.corpus_files([str(x) for x in eval_paths]))
+            found = sum(pr.text.strip() in joined for pr in selection_prompts if pr.text.strip())
+        out["selection_prompts_in_text"] = found
+    out["passed"] = True
+    return out
+
+
+# --- results ---------------------------------------------------------------------------------------------------
+@dataclass
+class TextResults:
+    """Every subset (and its controls) on the evaluation text, with the bootstrap and split over its units."""
+    text: EvalText
+    baseline: Baseline
+    mains: list[Measured]  # one per subset, in the subsets' order
+    controls: list[list[Measured]]  # per subset: its random controls
+    boot: np.ndarray  # bootstrap draws over the units
+    split: "cmp.Split"  # the units' validation and test parts
+
+
+def measure_subsets(model, text: EvalText, subsets, mean_values, seed: int, validation_share: float, batch_size: int,
+                    progress=None) -> TextResults:
+    """Every subset on the evaluation text (controls come later: add_controls)."""
+    base, mains = evaluate(model, text, [s.ids for s in subsets], mean_values, batch_size, progress)
+    return TextResults(text, base, mains, [[] for _ in subsets], cmp.bootstrap_weights(text.n_units, seed),
+                       cmp.split_prompts(text.n_units, seed, validation_share))
+
+
+def add_controls(res: TextResults, model, controls: list[list[np.ndarray]], mean_values, batch_size: int,
+                 progress=None):
+    """Each subset's random controls (id arrays, per subset) on the evaluation text."""
+    flat = [c for cs in controls for c in cs]
+    if not flat:
+        return
+    _, measured = evaluate(model, res.text, flat, mean_values, batch_size, progress)
+    it = iter(measured)
+    res.controls = [[next(it) for _ in cs] for cs in controls]
+
+
+def entry(res: TextResults, i: int, stem: str, method: str, variant: str, info: dict) -> "cmp.Entry":
+    """Subset i as the method comparison sees it, its units standing for prompts."""
+    main, ctl, tokens = res.mains[i], res.controls[i], res.baseline.tokens
+    sums = {"delta_nll": main.delta_nll, "kl": main.kl, "token_agreement": np.full(len(tokens), np.nan)}
+    control_sums = {name: np.array([getattr(c, name) for c in ctl]).reshape(len(ctl), len(tokens))
+                    for name in cmp.METRICS}
+    return cmp.Entry(stem, method, variant, len(main.ids), main.ids, sums, tokens, control_sums,
+                     np.tile(tokens, (len(ctl), 1)), info)
+
+
+SUMMARY_METRICS = ("delta_nll", "kl")
+
+
+def summary_columns(res: TextResults, i: int) -> dict:
+    """Subset i's real-text columns of stage e's summary: text_nll (unablated), text_delta_nll and text_kl with
+    bootstrap CIs over the units, and with controls their null (cmp.NULL_FIELDS)."""
+    tokens = res.baseline.tokens
+    row = {"text_tokens": int(tokens.sum()), "text_nll": res.baseline.mean_nll}
+    for name in SUMMARY_METRICS:
+        value = res.mains[i].mean(name, tokens)
+        row[f"text_{name}"] = value
+        row[f"text_{name}_ci_low"], row[f"text_{name}_ci_high"] = cmp.bootstrap_ci(
+            res.boot, getattr(res.mains[i], name), tokens)
+        if res.controls[i]:
+            null = cmp.null_test(value, [c.mean(name, tokens) for c in res.controls[i]])
+            row.update({f"text_{name}_{k}": v for k, v in null.items()})
+    return row
+
+
+def breakdown_table(res: TextResults, names: list[str], tokenizer) -> "pd.DataFrame":
+    """Per subset and breakdown bucket (position in the window; the most frequent next tokens): tokens, the
+    unablated nll and the subset's delta_nll, each a mean over the bucket's tokens."""
+    import pandas as pd
+
+    labels = res.text.bucket_labels(tokenizer)
+    b = res.baseline
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nll = b.bucket_nll / b.bucket_tokens
+        rows = [{"subset": name, "k": len(m.ids), "breakdown": kind, "bucket": label, "token_id": tok,
+                 "tokens": int(n), "nll": base, "delta_nll": d / n if n else np.nan}
+                for name, m in zip(names, res.mains)
+                for (kind, label, tok), n, base, d in zip(labels, b.bucket_tokens, nll, m.bucket_delta_nll)]
+    return pd.DataFrame(rows, columns=sf.TEXT_BREAKDOWN_COLUMNS)
