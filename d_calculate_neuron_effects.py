@@ -29,7 +29,6 @@ from gelutrace.cli import add_model_args, check_at_least, parser, run_main
 from gelutrace.generation import encode_prompts
 from gelutrace.loading import load_model
 from gelutrace.recording import fingerprint
-from model import GPT
 
 
 def main(argv=None):
@@ -59,9 +58,6 @@ def main(argv=None):
     lm = load_model(args.model_type, args.device)
     model, cfg = lm.model, lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
-    if not isinstance(model, GPT):
-        raise PipelineError(f"single-neuron effects run on GPT-2 checkpoints (model.py) for now; --model_type "
-                            f"{args.model_type} is a {lm.site.get('architecture')} checkpoint (config.json model_type)")
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
     sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
                          [sf.path(args.dataset_path, sf.DATASET, lm.name)], "stage b")
@@ -77,8 +73,8 @@ def main(argv=None):
 
     dataset_file = sf.path(args.dataset_path, sf.DATASET, lm.name)
     meta = {"model": lm.name, "model_path": str(lm.path.resolve()), "ablation": "zero",
-            "dataset": dataset_file.name, "dataset_sha256": ef.sha256(dataset_file),
-            "input_csv": Path(args.input_csv).name, "input_csv_sha256": ef.sha256(args.input_csv),
+            "dataset": dataset_file.name, "dataset_sha256": sf.file_sha256(dataset_file),
+            "input_csv": Path(args.input_csv).name, "input_csv_sha256": sf.file_sha256(args.input_csv),
             "num_samples": int((seqs.sample_rows >= 0).sum()), "num_sequences": len(seqs.conts),
             "num_tokens": int(sum(len(seqs.conts[r]) for r in seqs.sample_rows if r >= 0)),
             "neurons": args.neurons if args.neurons == "all" else Path(args.neurons).name,

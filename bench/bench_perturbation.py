@@ -8,6 +8,12 @@ in one batch with a mask per block of rows): 30 controls of one 1 % subset on T1
 (target <= 5 min on CPU), and 30 controls for each of 12 subsets of the demo's sizes on the shipped model's
 held-out prompts (target <= 60 s), each against one ablation per pass in the same run.
 
+Then the real-text evaluation (stage e --eval_text): the cost of one evaluation (one subset or control) per
+1,000 scored tokens, with several ablations per forward pass, on the shipped model (the demo's evaluation text)
+and at GPT-2-small shape, the GPT-2-small estimate for 100 controls x 20 subsets on 10^5 tokens from that
+per-token cost, and each demo run's whole stage e (its recorded command, rerun on a copy of the demo's
+dataset; run `make demo` first, else it is skipped).
+
 Prints: generated tokens/s of the unperturbed and the ablated generation (tokens computed: greedy computes
 each prompt once; tokens delivered: all 5 samples of each prompt), the hook overhead (ablated vs unperturbed,
 interleaved repeats in the same process, best of --repeats), the whole stage-e computation (generation of
@@ -36,6 +42,8 @@ from gelutrace.stagefiles import read_prompts  # noqa: E402
 
 T1 = ROOT / "parcellation_datasets" / "test_1.csv"
 HELDOUT = ROOT / "parcellation_datasets" / "heldout_tinybard.csv"
+EVAL_TEXT = ROOT / "parcellation_datasets" / "heldout_eval_tinybard.txt"
+DEMO_RUNS = [ROOT / "parcellation_datasets" / d for d in ("test_1_tinybard", "heldout_corpus_tinybard_tinybard")]
 
 
 def build_checkpoint(out: Path) -> Path:
@@ -112,6 +120,40 @@ def controls_cost(lm, prompts, subsets: list[np.ndarray], n_controls: int, batch
     return out[0], out[1], len(conditions), int(rows.length.sum())
 
 
+def text_cost(lm, n_conditions: int, eval_tokens: int, context: int, batch_size: int, seed: int = 0):
+    """Seconds per condition per 1,000 scored tokens of the demo's evaluation text: n_conditions random 1 %
+    subsets measured together (the unablated pass included), and the tokens scored."""
+    from gelutrace import realtext as rt
+
+    cfg = lm.model.config
+    text = rt.read_eval_text([str(EVAL_TEXT)], lm.tokenizer, context, cfg.vocab_size, eval_tokens)
+    rng = np.random.default_rng(seed)
+    n = cfg.n_layer * cfg.d_mlp
+    groups = [np.sort(rng.choice(n, size=n // 100, replace=False)) for _ in range(n_conditions)]
+    t = timed(lambda: rt.evaluate(lm.model, text, groups, None, batch_size))
+    return t / n_conditions / text.scored * 1000, text.scored
+
+
+def demo_stage_e(dataset: Path) -> float | None:
+    """Seconds of the demo run's stage e (its recorded command) rerun on a copy of its dataset; None without one."""
+    import shlex
+    import shutil
+    import subprocess
+
+    stamp = dataset / ".pipeline" / "e.cmd"
+    if not stamp.is_file():
+        return None
+    cmd = shlex.split(stamp.read_text().split("# csv ")[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / dataset.name
+        shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("perturbation_results", "neuron_cards"))
+        cmd[cmd.index("--dataset_path") + 1] = str(copy)
+        cmd[0] = sys.executable
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
@@ -159,12 +201,15 @@ def main():
         settings = pt.EvalSettings(batch_size=args.batch_size)
         full = timed(lambda: pt.run(model, lm.tokenizer, prompts, prompt_ids, batches, subsets, None, settings))
         gpt2_null = controls_cost(lm, prompts, [ids], args.controls, args.batch_size)
+        gpt2_text = text_cost(lm, 4, 2048, cfg.block_size, args.batch_size)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shipped = load_model("tinybard", args.device)
     n_s = shipped.model.config.n_layer * shipped.model.config.d_mlp
     rng = np.random.default_rng(1)
     demo = [np.sort(rng.choice(n_s, size=k, replace=False)) for k in (int(0.01 * n_s), int(0.05 * n_s)) for _ in range(6)]
     demo_null = controls_cost(shipped, read_prompts(HELDOUT), demo, args.controls, args.batch_size)
+    demo_text = text_cost(shipped, 16, 8000, shipped.model.config.block_size, args.batch_size)
+    demo_e = [(d.name, demo_stage_e(d)) for d in DEMO_RUNS]
 
     print(f"device {lm.device}, torch threads {torch.get_num_threads()}, model {cfg.n_layer} layers x {cfg.d_mlp} "
           f"neurons (d_model {cfg.n_embd}, vocab {cfg.vocab_size}), subset {len(ids)} neurons (1 %)")
@@ -187,6 +232,20 @@ def main():
               f"over {tokens} scored tokens ({1e6 * batched / n_ctl / tokens:.0f} us per control per token); "
               f"one ablation per pass {single:.1f} s "
               f"({single / batched:.2f}x the batched time)")
+    print(f"real text, shipped model: {demo_text[0]:.3f} s per subset or control per 1,000 scored tokens "
+          f"(16 together over {demo_text[1]} tokens of {EVAL_TEXT.name}, the unablated pass included)")
+    per_token = gpt2_text[0] / 1000
+    d, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size
+    flops = 2 * (12 * L * d * d + d * V) + 2 * L * T * d  # per token: weights, unembedding, attention (mean)
+    total = 2020 * 1e5
+    print(f"real text, GPT-2-small shape: {gpt2_text[0]:.2f} s per subset or control per 1,000 tokens "
+          f"(4 together over {gpt2_text[1]} tokens, windows of {T}) = {flops * 1e-9 / per_token:.0f} GFLOP/s; "
+          f"100 controls x 20 subsets (2,020 evaluations) on 10^5 tokens: {total * per_token / 3600:.0f} h here; "
+          f"{flops / 1e9:.2f} GFLOP per token, so {total * flops / 100e12 / 60:.0f} min on a GPU sustaining "
+          f"100 TFLOP/s (an assumption, not measured here)")
+    for name, t in demo_e:
+        print(f"demo stage e, {name}: " + (f"{t:.1f} s (target <= 150 s)" if t is not None
+                                           else "skipped (run `make demo` first)"))
     print(f"peak RSS: {peak_mb:.0f} MB")
 
 

@@ -10,7 +10,6 @@ blocks after l, the final layer norm and the unembedding (at continuation positi
 batch whose rows are (neuron, sequence) pairs.
 """
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -176,6 +175,34 @@ def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int
     return kl, dnll
 
 
+@torch.no_grad()
+def group_effects_forward(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int]], conts: list[np.ndarray],
+                          max_rows: int, max_values: int, on_chunk=None) -> tuple[np.ndarray, np.ndarray]:
+    """
+    group_effects for every family (transformers' model classes too): whole forward passes whose rows are
+    (neuron, sequence) pairs, each block of rows ablating one neuron at the neuron site (perturbation.RowAblation).
+    Slower than group_effects, which reruns only the blocks after the layer, but needs nothing of the model but
+    its neuron site.
+    """
+    d = model.config.d_mlp
+    base = pt.continuation_logits(model, prompt_ids, conts)
+    S, n, V = base.shape
+    T = max(len(p) + len(c) - 1 for p, c in zip(prompt_ids, conts))
+    per_pass = max(1, min(max_rows // S, max_values // (S * max(n * V, T * d))))
+    p = pt.base_probabilities(base)
+    kl = np.empty((len(dims), S))
+    dnll = np.empty((len(dims), S))
+    for lo in range(0, len(dims), per_pass):
+        chunk = dims[lo:lo + per_pass]
+        with pt.RowAblation(model, [np.array([layer * d + int(j)]) for j in chunk], S):
+            shift = pt.continuation_logits(model, prompt_ids * len(chunk), conts * len(chunk))
+        shift = shift.view(len(chunk), S, n, V).sub_(base)
+        kl[lo:lo + len(chunk)], dnll[lo:lo + len(chunk)] = pt.compare_logit_shifts(p, shift, conts)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+    return kl, dnll
+
+
 def block_effects(model, ids: np.ndarray, seqs: Sequences, groups: list[np.ndarray], max_rows: int,
                   max_values: int, on_chunk=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Summary kl and delta_nll of each neuron of a one-layer block, as stage e's summary reports them, and (2, n)
@@ -184,8 +211,11 @@ def block_effects(model, ids: np.ndarray, seqs: Sequences, groups: list[np.ndarr
     layer = int(ids[0] // d)
     kl = np.empty((len(ids), len(seqs.conts)))
     dnll = np.empty_like(kl)
+    from model import GPT
+
+    effects = group_effects if isinstance(model, GPT) else group_effects_forward
     for g in groups:
-        kl[:, g], dnll[:, g] = group_effects(model, layer, ids % d, [seqs.prompt_ids[s] for s in g],
+        kl[:, g], dnll[:, g] = effects(model, layer, ids % d, [seqs.prompt_ids[s] for s in g],
                                              [seqs.conts[s] for s in g], max_rows, max_values,
                                              None if on_chunk is None else lambda k: on_chunk(k / len(groups)))
     halves = seqs.half_rows()
@@ -228,14 +258,6 @@ class Staging:
 
     def finish(self):
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def sha256(p) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for part in iter(lambda: f.read(1 << 20), b""):
-            h.update(part)
-    return h.hexdigest()
 
 
 def write_effects(dataset_path, m: str, ids: np.ndarray, kl: np.ndarray, dnll: np.ndarray, meta: dict,

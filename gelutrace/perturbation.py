@@ -251,12 +251,18 @@ def continuation_logprobs(model, prompt_ids: list[list[int]], conts: list[np.nda
     one forward pass over prompt + continuation (left-padded), the prediction of continuation token t in
     entry [row, max_len - len + t] (right-aligned; the entries before are unused).
     """
+    return F.log_softmax(continuation_logits(model, prompt_ids, conts), dim=-1)
+
+
+@torch.no_grad()
+def continuation_logits(model, prompt_ids: list[list[int]], conts: list[np.ndarray]) -> torch.Tensor:
+    """The logits behind continuation_logprobs (float32, the same layout)."""
     device = next(model.parameters()).device
     seqs = [list(p) + [int(t) for t in c[:-1]] for p, c in zip(prompt_ids, conts)]
     n = max(len(c) for c in conts)
     idx, pad = left_pad(seqs, device)
-    logits, _ = model(idx, pad=pad if bool(pad.any()) else None)
-    return F.log_softmax(logits[:, -n:, :].float(), dim=-1)
+    logits, _ = model(idx, pad=pad if bool(pad.any()) else None, logits_to_keep=n)
+    return logits[:, -n:, :].float()
 
 
 def continuation_positions(conts: list[np.ndarray], n: int, device) -> tuple[torch.Tensor, torch.Tensor]:

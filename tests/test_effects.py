@@ -306,3 +306,45 @@ def test_logit_shift_metrics_equal_a_float64_computation(scale):
     one_kl, one_dnll = pt.compare_logit_shifts(p, shift[0].float(), conts)  # without the k axis
     np.testing.assert_allclose(one_kl, kl[0], rtol=1e-6)
     np.testing.assert_allclose(one_dnll, dnll[0], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_other_families_equal_transformers_one_neuron_at_a_time(family, tmp_path):
+    """Every family's single-neuron effects (whole forward passes, rows ablating one neuron each) against one
+    forward of transformers' own model class per neuron, the neuron zeroed at the input of its output projection."""
+    from test_families import FAMILIES, build, get
+    from transformers import AutoModelForCausalLM
+
+    from gelutrace import effects as ef
+    from gelutrace.loading import load_model
+
+    path = build(family, tmp_path / family)
+    lm = load_model(str(path), device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    d = lm.model.config.d_mlp
+    prompts = [lm.tokenizer(t)["input_ids"] for t in ("To be, or not to be", "In the beginning")]
+    conts = [np.array(lm.tokenizer(t)["input_ids"]) for t in (" that is the question", " God created")]
+    dims = np.array([0, 3, 17, d - 1])
+    for layer in (0, 1):
+        kl, dnll = ef.group_effects_forward(lm.model, layer, dims, prompts, conts, max_rows=3, max_values=1 << 20)
+        proj = get(get(hf, FAMILIES[family][2])[layer], FAMILIES[family][5])
+        for a, j in enumerate(dims):
+            for s, (p, c) in enumerate(zip(prompts, conts)):
+                x = torch.tensor([list(p) + c[:-1].tolist()])
+
+                def zero(module, args, j=j):
+                    h = args[0].clone()
+                    h[..., j] = 0
+                    return (h,) + args[1:]
+                with torch.no_grad():
+                    base = torch.log_softmax(hf(x).logits[0, -len(c):].double(), -1)
+                    handle = proj.register_forward_pre_hook(zero)
+                    try:
+                        pert = torch.log_softmax(hf(x).logits[0, -len(c):].double(), -1)
+                    finally:
+                        handle.remove()
+                want_kl = (base.exp() * (base - pert)).sum(-1).mean().item()
+                want_dnll = (base[torch.arange(len(c)), c] - pert[torch.arange(len(c)), c]).mean().item()
+                assert kl[a, s] == pytest.approx(want_kl, rel=1e-3, abs=TOL), (layer, j, s)
+                assert dnll[a, s] == pytest.approx(want_dnll, rel=1e-3, abs=TOL), (layer, j, s)
+    assert np.abs(kl).max() > 1e-3  # the ablations did something

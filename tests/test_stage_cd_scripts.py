@@ -278,3 +278,57 @@ def test_a_refused_export_leaves_no_subset(pipeline, tmp_path):
                            capture_output=True, text=True, env=ENV)
         assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
         assert not out.exists() and not export.exists()
+
+
+def test_k_grid_is_prefixes_of_one_ranking(pipeline, tmp_path):
+    """--k writes one subset per k from one ranking: each the first k of the next, the ratio's subset of the same k
+    identical, and the ranking the brute-force one (degree on the thresholded graph, ties in the seed's order)."""
+    from graphdata import brute_force_graph, full_edges
+
+    from gelutrace import selection as sel
+
+    d = pipeline
+    graph = str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    out = tmp_path / "ks"
+    for method, thr in (("degree", ["--threshold", "0.5"]), ("activation_count", []), ("random", [])):
+        run(D, "--input_graph_path", graph, *thr, "--k", "2", "6", "15", "--method", method, "--output_dir", str(out))
+        stem = f"toy_{method}_t0.5" if thr else f"toy_{method}"
+        picks = [np.load(out / f"{stem}_k{k}.npy", allow_pickle=False) for k in (2, 6, 15)]
+        assert [len(p) for p in picks] == [2, 6, 15]
+        side = json.loads((out / f"{stem}_k6.json").read_text())
+        assert side["k"] == 6 and side["ratio"] is None
+        if method != "random":
+            assert picks[0].tolist() == picks[1][:2].tolist() and picks[1].tolist() == picks[2][:6].tolist()
+    np.testing.assert_array_equal(np.load(out / "toy_degree_t0.5_k6.npy"), np.load(d / "compact.npy"))  # --ratio 0.2
+    active, _ = sf.read_activation_matrix(sf.path(d, sf.MATRIX, "toy"))
+    ref = brute_force_graph(active, full_edges(3, 10))
+    mx = max(c for *_, c in ref.edges(data="co_activation_count"))
+    deg = np.zeros(30, np.int64)
+    for u, v, c in ref.edges(data="co_activation_count"):
+        if c / mx > 0.5:
+            deg[u] += 1
+            deg[v] += 1
+    order = np.lexsort((sel.tie_order(30, 1337), -deg))
+    assert np.load(out / "toy_degree_t0.5_k15.npy").tolist() == order[:15].tolist()
+
+
+def test_k_grid_bad_input(pipeline, tmp_path):
+    graph = str(pipeline / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    out = ["--output_dir", str(tmp_path / "o")]
+    for args in (["--k", "0", *out], ["--k", "31", *out], ["--k", "3", "3", *out], ["--k", "2", "--ratio", "0.1", *out],
+                 ["--k", "2", "3", "--output_path", str(tmp_path / "a.npy")]):
+        p = start(D, "--input_graph_path", graph, "--method", "activation_count", *args)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2 and "error:" in err.strip().splitlines()[-1], (args, err)
+    assert not list(tmp_path.rglob("*.npy"))
+
+
+def test_k_values_counts_and_percentages():
+    from gelutrace import PipelineError
+    from gelutrace import selection as sel
+
+    assert sel.k_values(3072, ["30", "1%", "5%", "30"]) == [30, 153]  # 1 % of 3072 is int(30.72)
+    assert sel.k_values(3072, list(sel.K_GRID)) == [3, 5, 11, 22, 42, 82, 159, 307]
+    for bad in ("x", "0", "4000", "0%", "101%"):
+        with pytest.raises(PipelineError):
+            sel.k_values(3072, [bad])
