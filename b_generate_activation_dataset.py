@@ -64,6 +64,11 @@ def main():
     ap.add_argument("--no_attribution", action="store_true",
                     help="prompt mode: skip the attribution pass (one teacher-forced forward and backward pass per "
                          "distinct continuation); the frequency file's attribution column is then empty")
+    ap.add_argument("--attribution", action="store_true",
+                    help="corpus mode: also every neuron's attribution, -sum a(t) dNLL/da(t) with the real next "
+                         "token's NLL the objective, per scored token (every window position but the last): a "
+                         "backward pass per batch, about 2-3x the forward's time; streamed, checkpointed and "
+                         "merged like the counts (prompt mode computes it by default)")
     ap.add_argument("--top_examples", type=int, default=10, metavar="K",
                     help="keep each neuron's K samples with the largest post-GELU value (ties to the lower sample "
                          "id) in {m}_neuron_top_examples.csv, streamed in O(neurons x K) memory; 0 turns it off "
@@ -93,7 +98,13 @@ def main():
         if given:
             raise PipelineError(f"{given[0]} belongs to prompt mode: corpus mode reads the text teacher-forced and "
                                 f"samples nothing")
+        if args.no_attribution:
+            raise PipelineError("--no_attribution belongs to prompt mode: corpus mode computes attribution only "
+                                "with --attribution")
         return corpus_mode(args)
+    if args.attribution:
+        raise PipelineError("--attribution belongs to corpus mode: prompt mode computes it by default "
+                            "(--no_attribution skips it)")
     for k, v in sampling.items():  # prompt mode's defaults
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -162,7 +173,7 @@ def corpus_mode(args):
         raise PipelineError(f"--checkpoint_minutes must be a finite number >= 0 (0: after every batch), got "
                             f"{args.checkpoint_minutes}")
     settings = corpus.CorpusSettings(args.context, args.max_tokens, args.batch_size, args.save_matrix, args.shard,
-                                     args.top_examples, args.resume, 60 * args.checkpoint_minutes)
+                                     args.top_examples, args.resume, 60 * args.checkpoint_minutes, args.attribution)
     record = corpus.run_corpus_mode(args.input_text, args.export_dir, args.model_type, args.device, settings)
     if record is not None:
         shard = f" (shard {record['shard']['index']}/{record['shard']['count']})" if record["shard"] else ""

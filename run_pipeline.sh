@@ -27,7 +27,8 @@
 #                                   teacher-forced instead of generating for PROMPT_CSV; stage c is then not
 #                                   needed (stage b writes the graph store) and stage e measures on EVAL_CSV.
 #                                   Stage b runs as two shards (DATASET_DIR_shards/0 and /1, the halves whose
-#                                   selections stage e compares) merged exactly into DATASET_DIR
+#                                   selections stage e compares) merged exactly into DATASET_DIR, with
+#                                   --attribution (the real next token's NLL the objective)
 #   --eval_csv CSV                  EVAL_CSV: prompts stage e measures the effects on (default
 #                                   parcellation_datasets/heldout_<model name>.csv when it exists, else PROMPT_CSV)
 #   --eval_text PATH                EVAL_TEXT: held-out text stage e measures the effects on (teacher-forced
@@ -100,7 +101,7 @@ if [ -n "$TEXT" ]; then
   DATA="${pos[2]:-$here/parcellation_datasets/$(basename "${TEXT%.*}")_$m}"
   [ "$EFFECTS" = 1 ] && { echo "error: --effects needs a prompt-mode dataset (single-neuron effects are measured along its continuations), not --text" >&2; exit 2; }
   EFFECTS=0
-  [ -z "$METHODS" ] && METHODS="degree activation_count random"  # attribution is measured in prompt mode
+  [ -z "$METHODS" ] && METHODS="degree activation_count attribution random"  # stage b --attribution
 else
   DATA="${pos[2]:-$here/parcellation_datasets/$(basename "$CSV" .csv)_$m}"
 fi
@@ -168,7 +169,7 @@ stage a "$DATA/${m}_graph_meta.json" \
 corpus_b() {  # TEXT MODEL DEVICE SHARDS_DIR
   for i in 0 1; do
     py b_generate_activation_dataset.py --input_text "$1" --export_dir "$4/$i" --model_type "$2" --device "$3" \
-      --shard "$i/2"
+      --shard "$i/2" --attribution
   done
   py c_merge_activation_statistics.py --output_dir "$DATA" "$4/0" "$4/1"
 }

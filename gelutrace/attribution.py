@@ -111,3 +111,56 @@ def neuron_attribution(model, prompts: list[list[int]], conts: list[np.ndarray],
                 progress(len(rows))
     result = out.cpu().numpy()
     return result if given else result[0]
+
+
+class CorpusAttribution:
+    """
+    Corpus mode's attribution (stage b --attribution): the objective is the real next token's NLL summed over
+    every position of every window but its last, and each neuron j gets -sum a_j(t) dL/da_j(t) over all
+    positions t, summed in float64 as the windows stream by (`sum`, with the scored positions in `tokens`).
+    sum / tokens estimates, to first order, the real-text delta_nll of zero-ablating j alone. Sums of shards
+    and of torchrun processes add up to the whole run's.
+    """
+
+    def __init__(self, n_layer: int, d_mlp: int, device):
+        self.d = d_mlp
+        self.sum = torch.zeros(n_layer * d_mlp, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    @staticmethod
+    def rows_per_pass(context: int, vocab: int, n_neurons: int) -> int:
+        """Windows one forward and backward pass takes: their logits and kept activations within the budgets."""
+        return max(1, min(LOGIT_BUDGET // (context * vocab), ACTIVATION_BUDGET // (context * n_neurons)))
+
+    def add(self, model, x: torch.Tensor):
+        """One forward pass over windows x (rows x length) with the gradient, and its backward pass; the caller's
+        hooks (counting) see the same forward pass."""
+        if x.size(1) < 2:
+            return
+        acts = []
+
+        def keep(module, inputs, output):
+            if not output.requires_grad:  # parameters without gradients: make the activation a leaf of the graph
+                output.requires_grad_(True)
+            acts.append(output)
+
+        with GeluHooks(model, lambda layer: keep), torch.enable_grad():
+            logits, _ = model(x)
+            logits = logits[:, :-1].reshape(-1, logits.size(-1))
+            loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), x[:, 1:].reshape(-1),
+                                   reduction="sum")
+            grads = torch.autograd.grad(loss, acts)
+        for layer, (a, g) in enumerate(zip(acts, grads)):
+            self.sum[layer * self.d:(layer + 1) * self.d] -= (a.detach().double() * g.double()).sum(dim=(0, 1))
+        self.tokens += x.size(0) * (x.size(1) - 1)
+
+    def mean(self) -> np.ndarray:
+        return (self.sum / max(self.tokens, 1)).cpu().numpy()
+
+    def all_reduce(self):
+        import torch.distributed as dist
+
+        tokens = torch.tensor([self.tokens], dtype=torch.int64, device=self.sum.device)
+        dist.all_reduce(self.sum)
+        dist.all_reduce(tokens)
+        self.tokens = int(tokens.item())

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from gelutrace import PipelineError
 from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
+from gelutrace.attribution import CorpusAttribution
 from gelutrace.shards import CORPUS_FORMAT, CORPUS_VERSION
 from gelutrace.sites import GeluHooks, run_trunk
 from gelutrace.statistics import CoactivationCounts, RunningTopK, merge_top
@@ -445,7 +446,7 @@ class CountingHooks(GeluHooks):
 
     def _hook(self, layer):
         def hook(module, inputs, output):
-            values = output.reshape(-1, output.shape[-1])
+            values = output.detach().reshape(-1, output.shape[-1])
             active = values > 0
             self.counts.add_layer(layer, values, active)
             if self.top is not None:
@@ -481,9 +482,10 @@ class Checkpoints:
         self.last = time.monotonic()
         self.packed_files: list[str] = []
 
-    def start(self, resume: bool, counts: CoactivationCounts, top: RunningTopK | None
-              ) -> tuple[CoactivationCounts, int, list]:
-        """The totals to go on from (`top` is loaded in place), the batches done and the packed rows kept."""
+    def start(self, resume: bool, counts: CoactivationCounts, top: RunningTopK | None,
+              attribution: CorpusAttribution | None = None) -> tuple[CoactivationCounts, int, list]:
+        """The totals to go on from (`top` and `attribution` are loaded in place), the batches done and the packed
+        rows kept."""
         if resume and self.state_file.is_file():
             state = json.loads(self.state_file.read_text())
             if state.get("fingerprint") != self.fingerprint:
@@ -493,12 +495,15 @@ class Checkpoints:
             self.packed_files = state["packed"]
             packed = [np.load(self.dir / f, allow_pickle=False) for f in self.packed_files]
             loaded = CoactivationCounts.load(self.counts_file, counts.device)
-            if top is not None:
-                try:
-                    with np.load(self.counts_file, allow_pickle=False) as z:
+            try:
+                with np.load(self.counts_file, allow_pickle=False) as z:
+                    if top is not None:
                         top.load(z["top_values"], z["top_ids"])
-                except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-                    raise PipelineError(f"cannot read checkpoint {self.counts_file}: {e}") from None
+                    if attribution is not None:
+                        attribution.sum = torch.from_numpy(z["attribution_sum"]).to(attribution.sum.device)
+                        attribution.tokens = int(z["attribution_tokens"])
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+                raise PipelineError(f"cannot read checkpoint {self.counts_file}: {e}") from None
             return loaded, state["batches_done"], packed
         self._remove()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -508,12 +513,14 @@ class Checkpoints:
         return time.monotonic() - self.last >= self.interval
 
     def save(self, counts: CoactivationCounts, top: RunningTopK | None, batches_done: int,
-             new_packed: list[np.ndarray]):
+             new_packed: list[np.ndarray], attribution: CorpusAttribution | None = None):
         if new_packed:
             name = f"packed_{self.tag}_{len(self.packed_files):05d}.npy"
             sf.write_npy(np.concatenate(new_packed), self.dir / name)
             self.packed_files.append(name)
         extra = dict(zip(("top_values", "top_ids"), top.result())) if top is not None else {}
+        if attribution is not None:
+            extra.update(attribution_sum=attribution.sum.cpu().numpy(), attribution_tokens=np.int64(attribution.tokens))
         counts.save(self.counts_file, **extra)
         sf.write_json({"fingerprint": self.fingerprint, "batches_done": batches_done, "packed": self.packed_files},
                       self.state_file)
@@ -539,10 +546,15 @@ class Checkpoints:
 
 
 def stream(model, tokens: np.ndarray, batches: list[np.ndarray], context: int, counts: CoactivationCounts,
-           top: RunningTopK | None, checkpoints: Checkpoints, start: int, packed: list | None, progress=None):
-    """Run the batches from `start` on, adding to `counts` and `top` (and appending packed rows to `packed`)."""
+           top: RunningTopK | None, checkpoints: Checkpoints, start: int, packed: list | None, progress=None,
+           attribution: CorpusAttribution | None = None):
+    """Run the batches from `start` on, adding to `counts`, `top` and `attribution` (and appending packed rows to
+    `packed`). With attribution, each batch runs in passes of attribution.rows_per_pass windows, forward and
+    backward."""
     device = next(model.parameters()).device
     ids = torch.from_numpy(tokens.astype(np.int64))
+    cfg = model.config
+    per_pass = CorpusAttribution.rows_per_pass(context, cfg.vocab_size, cfg.n_layer * cfg.d_mlp)
     unsaved = []
     with CountingHooks(model, counts, keep_rows=packed is not None, top=top) as hooks:
         for b in range(start, len(batches)):
@@ -550,16 +562,21 @@ def stream(model, tokens: np.ndarray, batches: list[np.ndarray], context: int, c
             lo = int(w[0]) * context
             length = min(context, len(tokens) - lo)
             x = torch.stack([ids[int(k) * context:int(k) * context + length] for k in w]).to(device)
-            if top is not None:
-                hooks.sample_ids = (torch.from_numpy(w.astype(np.int64)).view(-1, 1) * context
-                                    + torch.arange(length)).view(-1).to(device)
-            run_batch(model, x)
+            rows = len(w) if attribution is None else per_pass
+            for lo in range(0, len(w), rows):
+                if top is not None:
+                    hooks.sample_ids = (torch.from_numpy(w[lo:lo + rows].astype(np.int64)).view(-1, 1) * context
+                                        + torch.arange(length)).view(-1).to(device)
+                if attribution is None:
+                    run_batch(model, x)
+                else:
+                    attribution.add(model, x[lo:lo + rows])
             if packed is not None:
                 unsaved.append(hooks.take_packed())
             if progress is not None:
                 progress.update(x.numel())
             if checkpoints.due() and b + 1 < len(batches):
-                checkpoints.save(counts, top, b + 1, unsaved)
+                checkpoints.save(counts, top, b + 1, unsaved, attribution)
                 if packed is not None:
                     packed += unsaved
                 unsaved = []
@@ -598,18 +615,20 @@ def top_examples_text(ids: np.ndarray, tokens: np.ndarray, context: int, tokeniz
 # --- outputs -------------------------------------------------------------------------------------------------
 def write_corpus_dataset(export_dir, m: str, n_layer: int, d_mlp: int, samples: int, node: np.ndarray,
                          value_sum: np.ndarray, pair_counts, record: dict, packed: np.ndarray | None = None,
-                         site: dict | None = None, top_examples: tuple | None = None, what: str = "stage b"):
+                         site: dict | None = None, top_examples: tuple | None = None, what: str = "stage b",
+                         attribution: np.ndarray | None = None):
     """
     Every file of a corpus-mode dataset directory, from exact totals (node counts, value sums, and pair_counts(i)
     for each layer pair), as one output set (sf.OutputSet: written beside the earlier files, then swapped in;
     the other files stage b may have left there are removed). The manifest lists every file, the graph store's
-    included. top_examples: (values, sample ids, texts), as sf.write_top_examples takes them.
+    included. top_examples: (values, sample ids, texts), as sf.write_top_examples takes them; attribution: each
+    neuron's (CorpusAttribution.mean), or None.
     """
     export_dir = Path(export_dir)
     with sf.OutputSet(export_dir, sf.path(export_dir, sf.DATASET_MANIFEST, m), sf.dataset_files(m), what) as out:
         written = [sf.FREQUENCY, sf.ATTRIBUTES, sf.GRAPH_META, sf.CORPUS]
         sf.write_graph_files_if_stale(export_dir, m, n_layer, d_mlp, write_el=False, site=site, into=out.dir)
-        sf.write_csv(sf.frequency_table(node, value_sum, samples, d_mlp), sf.path(out.dir, sf.FREQUENCY, m))
+        sf.write_csv(sf.frequency_table(node, value_sum, samples, d_mlp, attribution), sf.path(out.dir, sf.FREQUENCY, m))
         if packed is not None:
             sf.write_packed_activation_matrix(sf.path(out.dir, sf.MATRIX, m), packed, n_layer * d_mlp)
             written.append(sf.MATRIX)
@@ -673,6 +692,7 @@ class CorpusSettings:
     top_examples: int = 10
     resume: bool = False
     checkpoint_seconds: float = 300.0
+    attribution: bool = False  # also each neuron's attribution, the real next token's NLL the objective
 
 
 def check_settings(s: CorpusSettings, dist_ctx) -> tuple[int, int] | None:
@@ -734,32 +754,39 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     windows = shard_windows(n_win, shard)
     batches = plan(windows, len(corpus.ids), context, batch_size)
     fp = fingerprint([f["sha256"] for f in corpus.files], lm.name, str(lm.path.resolve()), weights, vars(cfg),
-                     context, s.max_tokens, batch_size, shard, s.save_matrix, s.top_examples)
+                     context, s.max_tokens, batch_size, shard, s.save_matrix, s.top_examples,
+                     *(["attribution"] if s.attribution else []))
     checkpoints = Checkpoints(export, lm.name, fp, shard, s.checkpoint_seconds)
     top = RunningTopK(cfg.n_layer, cfg.d_mlp, s.top_examples, lm.device) if s.top_examples else None
-    counts, start, packed = checkpoints.start(s.resume, CoactivationCounts(cfg.n_layer, cfg.d_mlp, lm.device), top)
+    attribution = CorpusAttribution(cfg.n_layer, cfg.d_mlp, lm.device) if s.attribution else None
+    counts, start, packed = checkpoints.start(s.resume, CoactivationCounts(cfg.n_layer, cfg.d_mlp, lm.device), top,
+                                              attribution)
     if start:
         print(f"resuming after batch {start} of {len(batches)}")
     sizes = [len(b) * min(context, len(corpus.ids) - int(b[0]) * context) for b in batches]
     with torch.no_grad(), tqdm(total=sum(sizes), initial=sum(sizes[:start]), unit="tok", unit_scale=True,
                                desc="reading", disable=rank != 0) as bar:
         stream(lm.model, corpus.ids, batches, context, counts, top, checkpoints, start,
-               packed if s.save_matrix else None, bar)
+               packed if s.save_matrix else None, bar, attribution)
     best = None
     if dist_ctx is not None:
         counts.all_reduce()
+        if attribution is not None:
+            attribution.all_reduce()
         best = gather_top(top, s.top_examples) if top is not None else None
         shard = None
     elif top is not None:
         best = top.result()
     record = corpus_record(lm.name, lm.path, corpus, context, s.max_tokens, shard, n_win, len(windows),
                            counts.samples, cfg.n_layer, cfg.d_mlp, s.top_examples, weights)
+    record["attribution_tokens"] = attribution.tokens if attribution is not None else None
     if rank == 0:
         matrix = (np.concatenate(packed) if packed else np.zeros((0, (cfg.n_layer * cfg.d_mlp + 7) // 8), np.uint8)
                   ) if s.save_matrix else None
         top_examples = (*best, top_examples_text(best[1], corpus.ids, context, lm.tokenizer)) if best else None
         write_corpus_dataset(export, lm.name, cfg.n_layer, cfg.d_mlp, counts.samples, counts.node_counts(),
-                             counts.value_sum.cpu().numpy(), counts.pair_counts, record, matrix, lm.site, top_examples)
+                             counts.value_sum.cpu().numpy(), counts.pair_counts, record, matrix, lm.site, top_examples,
+                             attribution=attribution.mean() if attribution is not None else None)
     if dist_ctx is not None:
         import torch.distributed as dist
         dist.barrier()

@@ -1,7 +1,8 @@
 """
 Merging the shards of a corpus-mode stage-b run (`--shard I/N`, one dataset directory each) into the dataset
 directory the unsharded run would have written: integer counts are summed exactly, one layer pair at a time;
-mean activations are recombined from each shard's mean and sample count (float64).
+mean activations and attributions are recombined from each shard's mean and sample (or scored token) count
+(float64).
 """
 
 import json
@@ -101,6 +102,9 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
         if i in seen:
             raise PipelineError(f"shard {i}/{n} is given twice ({seen[i]} and {d})")
         seen[i] = d
+    with_attr = {rec.get("attribution_tokens") is not None for _, rec in recs}
+    if len(with_attr) > 1:
+        raise PipelineError("some shards were run with --attribution and some without: shards of different runs")
     missing = sorted(set(range(n)) - set(seen))
     if missing:
         raise PipelineError(f"shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing: the merge needs all {n}")
@@ -113,14 +117,20 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
     samples = sum(g.num_samples for g in stores)
     node = np.sum([g.activation_count for g in stores], axis=0)
     value_sum = np.zeros(n_layer * d_mlp)
-    for d, g in zip(dirs, stores):
+    attribution = np.zeros(n_layer * d_mlp) if True in with_attr else None
+    for d, g, (_, rec) in zip(dirs, stores, recs):
         f = sf.path(d, sf.FREQUENCY, m)
-        freq = pd.read_csv(f, usecols=["neuron_id", "activation_count", "mean_activation"])
+        freq = pd.read_csv(f, usecols=["neuron_id", "activation_count", "mean_activation", "attribution"])
         if not np.array_equal(freq["neuron_id"].to_numpy(), np.arange(n_layer * d_mlp)):
             raise PipelineError(f"{f} does not list every neuron in id order")
         if not np.array_equal(freq["activation_count"].to_numpy(), g.activation_count):
             raise PipelineError(f"{d}: the node counts of its graph store differ from {f.name}'s; rerun that shard")
         value_sum += freq["mean_activation"].to_numpy(np.float64) * g.num_samples
+        if attribution is not None:  # each shard's mean over its scored tokens, back to its sum
+            attribution += freq["attribution"].to_numpy(np.float64) * rec["attribution_tokens"]
+    attr_tokens = sum(rec["attribution_tokens"] for _, rec in recs) if attribution is not None else None
+    if attribution is not None:
+        attribution /= max(attr_tokens, 1)
 
     def pair(i):
         total = np.zeros((d_mlp, d_mlp), dtype=np.int64)
@@ -133,10 +143,10 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
     out = sf.lock_directory(sf.check_output_dir(out_dir, "--output_dir"), "the merge")
     meta = sf.read_graph_meta(dirs[0], m)
     site = {k: meta[k] for k in ("architecture", "neuron_site", "neuron_value") if k in meta} or None
-    record = {**first, "shard": None, "samples": samples,
+    record = {**first, "shard": None, "samples": samples, "attribution_tokens": attr_tokens,
               "merged_shards": [str(seen[i].resolve()) for i in range(n)]}
     write_corpus_dataset(out, m, n_layer, d_mlp, samples, node, value_sum, pair, record, site=site,
-                         top_examples=merged_top, what="the merge")
+                         top_examples=merged_top, what="the merge", attribution=attribution)
     return record
 
 

@@ -11,6 +11,7 @@ rows of that half's prompts. In corpus mode, the windows split in two: the shard
 stage b as two shards for this).
 """
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,20 @@ def prompt_mode_halves(dataset_path, m: str, prompts) -> Halves:
     return Halves(out, f"prompt rows split {n_a} + {len(prompts) - n_a}, seeded")
 
 
+def shard_attribution(shards: list, m: str) -> dict:
+    """{"attribution": per neuron} of a group of shards run with --attribution (their token-weighted mean), or {}."""
+    total, tokens = None, 0
+    for d in shards:
+        rec = json.loads(sf.path(d, sf.CORPUS, m).read_text())
+        if rec.get("attribution_tokens") is None:
+            return {}
+        values = sf.read_neuron_column(sf.path(d, sf.FREQUENCY, m), "attribution", int(rec["n_layer"]) * int(rec["d_mlp"]),
+                                       "stage b --attribution writes it")
+        total = values * rec["attribution_tokens"] + (0 if total is None else total)
+        tokens += rec["attribution_tokens"]
+    return {"attribution": total / max(tokens, 1)} if total is not None else {}
+
+
 def corpus_mode_halves(record: dict, m: str) -> Halves:
     """The halves of a corpus-mode dataset merged from shards: the first half of its shards against the rest."""
     shards = record.get("merged_shards") or []
@@ -97,7 +112,8 @@ def corpus_mode_halves(record: dict, m: str) -> Halves:
     if missing:
         return Halves([], f"the shard directory {missing[0]} is gone")
     groups = [shards[:len(shards) // 2], shards[len(shards) // 2:]]
-    out = [Half(co.sum_graphs([co.read_store(sf.path(d, sf.WEIGHTED_GRAPH, m)) for d in g])) for g in groups]
+    out = [Half(co.sum_graphs([co.read_store(sf.path(d, sf.WEIGHTED_GRAPH, m)) for d in g]), shard_attribution(g, m))
+           for g in groups]
     if any(h.graph.num_samples == 0 for h in out):
         return Halves([], "a half of the windows is empty (the corpus is shorter than two windows)")
     return Halves(out, f"windows split by shard: {len(groups[0])} + {len(groups[1])} of {len(shards)} shards")

@@ -168,13 +168,15 @@ def test_corpus_halves_are_the_shards(tmp_path):
     text.write_text(" ".join(p for p, _, _ in PROMPTS) * 12)
     for i in (0, 1):
         run_here("b_generate_activation_dataset.py", "--input_text", text, "--export_dir", tmp_path / f"s{i}",
-                 "--model_type", M, "--device", "cpu", "--context", 16, "--shard", f"{i}/2")
+                 "--model_type", M, "--device", "cpu", "--context", 16, "--shard", f"{i}/2", "--attribution")
     run_here("c_merge_activation_statistics.py", "--output_dir", tmp_path / "all", tmp_path / "s0", tmp_path / "s1")
     record = pt.read_corpus_record(tmp_path / "all", M)
     halves = stability.halves_of(tmp_path / "all", M, corpus_record=record)
     assert len(halves.halves) == 2 and "1 + 1 of 2 shards" in halves.how
-    infos = stage_d(sf.path(tmp_path / "all", sf.WEIGHTED_GRAPH, M), tmp_path / "subsets")
-    per_shard = [stage_d(sf.path(tmp_path / f"s{i}", sf.WEIGHTED_GRAPH, M), tmp_path / f"subsets{i}") for i in (0, 1)]
+    infos = stage_d(sf.path(tmp_path / "all", sf.WEIGHTED_GRAPH, M), tmp_path / "subsets", tmp_path / "all")
+    per_shard = [stage_d(sf.path(tmp_path / f"s{i}", sf.WEIGHTED_GRAPH, M), tmp_path / f"subsets{i}",
+                         tmp_path / f"s{i}") for i in (0, 1)]
+    assert any(info["method"] == "attribution" for info in infos.values())
     overlap = stability.selection_overlap(halves, infos)
     for stem, info in infos.items():
         if info["method"] == "random":
