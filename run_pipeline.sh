@@ -22,7 +22,10 @@
 #   --weights "count"               WEIGHTS: edge weights of the graph methods (count jaccard phi pmi)
 #   --effects 0|1                   EFFECTS: measure every neuron's single-ablation effect (ground truth for
 #                                   the comparison, and the ablation method); default 1 for a shipped model
-#                                   (models/), 0 otherwise (GPT-2 small: 36,864 ablations, GPU advised)
+#                                   (models/), 0 otherwise (GPT-2 small: 36,864 ablations, GPU advised); with
+#                                   --text default 0, and measured on the corpus's real next tokens
+#   --effect_tokens N               EFFECT_TOKENS: with --text --effects 1, the corpus tokens each neuron's
+#                                   effect is measured on (default 2000; a forward pass over them per neuron)
 #   --text PATH                     TEXT: corpus mode: stages b-d read this text (a .txt/.jsonl file or a directory)
 #                                   teacher-forced instead of generating for PROMPT_CSV; stage c is then not
 #                                   needed (stage b writes the graph store) and stage e measures on EVAL_CSV.
@@ -55,6 +58,7 @@ RATIOS="${RATIOS:-}"
 KS="${KS:-}"
 EVAL_TEXT="${EVAL_TEXT:-}"
 EVAL_TOKENS="${EVAL_TOKENS:-}"
+EFFECT_TOKENS="${EFFECT_TOKENS:-2000}"
 CONTROL_SUBSETS="${CONTROL_SUBSETS:-best}"
 METHODS="${METHODS:-}"
 WEIGHTS="${WEIGHTS:-count}"
@@ -81,6 +85,7 @@ while [ $# -gt 0 ]; do
     --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
     --weights) WEIGHTS="${2:?--weights needs a value}"; shift 2 ;;
     --effects) EFFECTS="${2:?--effects needs a value}"; shift 2 ;;
+    --effect_tokens) EFFECT_TOKENS="${2:?--effect_tokens needs a value}"; shift 2 ;;
     --eval_csv) EVAL_CSV="${2:?--eval_csv needs a value}"; shift 2 ;;
     --text) TEXT="${2:?--text needs a value}"; shift 2 ;;
     --random_controls) RANDOM_CONTROLS="${2:?--random_controls needs a value}"; shift 2 ;;
@@ -99,9 +104,11 @@ if [ -n "$TEXT" ]; then
   [ -e "$TEXT" ] || { echo "error: text $TEXT does not exist" >&2; exit 2; }
   TEXT="$(cd "$(dirname "$TEXT")" && pwd)/$(basename "$TEXT")"
   DATA="${pos[2]:-$here/parcellation_datasets/$(basename "${TEXT%.*}")_$m}"
-  [ "$EFFECTS" = 1 ] && { echo "error: --effects needs a prompt-mode dataset (single-neuron effects are measured along its continuations), not --text" >&2; exit 2; }
-  EFFECTS=0
-  [ -z "$METHODS" ] && METHODS="degree activation_count attribution random"  # stage b --attribution
+  [ "$EFFECTS" = auto ] && EFFECTS=0  # on real text every neuron costs a forward pass over EFFECT_TOKENS
+  if [ -z "$METHODS" ]; then
+    METHODS="degree activation_count attribution random"  # stage b --attribution
+    [ "$EFFECTS" = 1 ] && METHODS="$METHODS ablation"
+  fi
 else
   DATA="${pos[2]:-$here/parcellation_datasets/$(basename "$CSV" .csv)_$m}"
 fi
@@ -180,7 +187,11 @@ else
     py b_generate_activation_dataset.py --input_csv "$CSV" --export_dir "$DATA" --model_type "$MODEL" \
       --device "$DEVICE" --temperature "$TEMPERATURE" --seed "$SEED"
 fi
-if [ "$EFFECTS" = 1 ]; then
+if [ "$EFFECTS" = 1 ] && [ -n "$TEXT" ]; then  # on the corpus's first EFFECT_TOKENS tokens, its own windows
+  stage effects "$DATA/${m}_neuron_effects.csv" \
+    py d_calculate_neuron_effects.py --dataset_path "$DATA" --input_text "$TEXT" --eval_tokens "$EFFECT_TOKENS" \
+      --model_type "$MODEL" --device "$DEVICE"
+elif [ "$EFFECTS" = 1 ]; then
   stage effects "$DATA/${m}_neuron_effects.csv" \
     py d_calculate_neuron_effects.py --dataset_path "$DATA" --input_csv "$CSV" --model_type "$MODEL" --device "$DEVICE"
 fi

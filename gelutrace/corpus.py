@@ -404,15 +404,15 @@ def window_tokens(record: dict, tokenizer, windows) -> dict[int, np.ndarray]:
 
 
 # --- shards and windows ------------------------------------------------------------------------------------
-def parse_shard(spec: str | None) -> tuple[int, int] | None:
+def parse_shard(spec: str | None, flag: str = "--shard") -> tuple[int, int] | None:
     if spec is None:
         return None
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise PipelineError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}") from None
+        raise PipelineError(f"{flag} must look like I/N (e.g. 0/4), got {spec!r}") from None
     if n < 1 or not 0 <= i < n:
-        raise PipelineError(f"--shard {spec}: need 0 <= I < N")
+        raise PipelineError(f"{flag} {spec}: need 0 <= I < N")
     return i, n
 
 

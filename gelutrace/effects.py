@@ -225,14 +225,45 @@ def block_effects(model, ids: np.ndarray, seqs: Sequences, groups: list[np.ndarr
             np.array([pt.sample_mean(r, seqs.sample_rows) for r in dnll]), half_dnll)
 
 
+def text_block_effects(model, ids: np.ndarray, text, window_half: np.ndarray | None, batch_size: int,
+                       on_chunk=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """
+    block_effects on real text (realtext.EvalText, its units windows): each neuron's zero-ablation kl and
+    delta_nll per scored token, and (2, n) its delta_nll over each half of the windows (window_half: each
+    window's half, 0 or 1; NaN without).
+    """
+    from gelutrace import realtext as rt
+
+    progress = None if on_chunk is None else (lambda n: on_chunk(n / text.scored))
+    base, measured = rt.evaluate(model, text, [np.array([int(j)]) for j in ids], None, batch_size, progress)
+    tokens = base.tokens
+    kl = np.array([m.kl.sum() for m in measured]) / tokens.sum()
+    dnll = np.array([m.delta_nll.sum() for m in measured]) / tokens.sum()
+    halves = np.full((2, len(ids)), np.nan)
+    for h in (0, 1):
+        sel = window_half == h if window_half is not None else np.zeros(len(tokens), bool)
+        if tokens[sel].sum():
+            halves[h] = [m.delta_nll[sel].sum() / tokens[sel].sum() for m in measured]
+    return kl, dnll, halves
+
+
+def shard_blocks(n_blocks: int, spec: str | None, dist_ctx=None) -> np.ndarray:
+    """The blocks this process measures: all, those of --neurons I/N (blocks I, I+N, ...), or a torchrun rank's."""
+    from gelutrace.corpus import parse_shard
+
+    i, n = (dist_ctx[0], dist_ctx[1]) if dist_ctx is not None else (parse_shard(spec, "--neurons") or (0, 1))
+    return np.arange(i, n_blocks, n)
+
+
 class Staging:
     """
     Finished blocks of an unfinished run in `<dataset>/.{m}_neuron_effects_partial/`, one `.npz` each, plus
     `state.json` with the run's fingerprint; --resume keeps the blocks of a run with the same fingerprint.
     """
 
-    def __init__(self, dataset_path, m: str, fingerprint: str):
-        self.dir = sf.path(dataset_path, sf.NEURON_EFFECTS_PARTIAL, m)
+    def __init__(self, dataset_path, m: str, fingerprint: str, tag: str = ""):
+        self.dir = sf.path(dataset_path, sf.NEURON_EFFECTS_PARTIAL, m).with_name(
+            sf.NEURON_EFFECTS_PARTIAL.format(m=m) + tag)  # tag: one directory per torchrun process
         self.fingerprint = fingerprint
 
     def start(self, resume: bool) -> dict:

@@ -76,8 +76,10 @@ def tokens_needed(eval_tokens: int, context: int) -> int:
     return 1 + eval_tokens + (eval_tokens - 1) // (context - 1)
 
 
-def read_eval_text(paths: list[str], tokenizer, context: int, vocab_size: int, eval_tokens: int = EVAL_TOKENS
-                   ) -> EvalText:
+def read_eval_text(paths: list[str], tokenizer, context: int, vocab_size: int, eval_tokens: int = EVAL_TOKENS,
+                   units: str | None = None) -> EvalText:
+    """The text, its windows and each scored token's unit: documents when there are two or more, else windows
+    (units="windows" makes them windows in any case)."""
     if context < 2:
         raise PipelineError(f"--context {context}: a window needs at least 2 tokens to score one")
     if eval_tokens < 1:
@@ -88,7 +90,7 @@ def read_eval_text(paths: list[str], tokenizer, context: int, vocab_size: int, e
     pos = np.arange(n)
     scored = (pos % context) != 0  # a window's first token is predicted by nothing in its window
     starts, _ = cp.document_starts({"files": corpus.files})
-    if corpus.documents >= 2:
+    if corpus.documents >= 2 and units != "windows":
         units, unit = "documents", np.searchsorted(starts, pos, side="right") - 1
     else:
         units, unit = "windows", pos // context

@@ -103,8 +103,10 @@ def shard_attribution(shards: list, m: str) -> dict:
     return {"attribution": total / max(tokens, 1)} if total is not None else {}
 
 
-def corpus_mode_halves(record: dict, m: str) -> Halves:
-    """The halves of a corpus-mode dataset merged from shards: the first half of its shards against the rest."""
+def corpus_mode_halves(record: dict, m: str, dataset_path=None) -> Halves:
+    """The halves of a corpus-mode dataset merged from shards: the first half of its shards against the rest
+    (attribution from the shards' frequency files; single-neuron effects from the dataset's, measured on its
+    corpus by window, d_calculate_neuron_effects.py --input_text)."""
     shards = record.get("merged_shards") or []
     if len(shards) < 2:
         return Halves([], "stage b ran as one shard; run it as --shard 0/2 and 1/2 and merge them for the halves")
@@ -112,8 +114,11 @@ def corpus_mode_halves(record: dict, m: str) -> Halves:
     if missing:
         return Halves([], f"the shard directory {missing[0]} is gone")
     groups = [shards[:len(shards) // 2], shards[len(shards) // 2:]]
-    out = [Half(co.sum_graphs([co.read_store(sf.path(d, sf.WEIGHTED_GRAPH, m)) for d in g]), shard_attribution(g, m))
-           for g in groups]
+    n = int(record["n_layer"]) * int(record["d_mlp"])
+    effects = _measured(dataset_path, m, n) if dataset_path is not None else [{}, {}]
+    out = [Half(co.sum_graphs([co.read_store(sf.path(d, sf.WEIGHTED_GRAPH, m)) for d in g]),
+                {**shard_attribution(g, m), **({"ablation": e["ablation"]} if "ablation" in e else {})})
+           for g, e in zip(groups, effects)]
     if any(h.graph.num_samples == 0 for h in out):
         return Halves([], "a half of the windows is empty (the corpus is shorter than two windows)")
     return Halves(out, f"windows split by shard: {len(groups[0])} + {len(groups[1])} of {len(shards)} shards")
@@ -124,7 +129,7 @@ def halves_of(dataset_path, m: str, prompts=None, corpus_record: dict | None = N
     without its activation matrix, is no reason to fail)."""
     try:
         if corpus_record is not None:
-            return corpus_mode_halves(corpus_record, m)
+            return corpus_mode_halves(corpus_record, m, dataset_path)
         return prompt_mode_halves(dataset_path, m, prompts)
     except PipelineError as e:
         return Halves([], f"the selection data cannot be split: {e}")

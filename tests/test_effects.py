@@ -348,3 +348,80 @@ def test_other_families_equal_transformers_one_neuron_at_a_time(family, tmp_path
                 assert kl[a, s] == pytest.approx(want_kl, rel=1e-3, abs=TOL), (layer, j, s)
                 assert dnll[a, s] == pytest.approx(want_dnll, rel=1e-3, abs=TOL), (layer, j, s)
     assert np.abs(kl).max() > 1e-3  # the ablations did something
+
+
+def test_neuron_shards_and_torchrun_equal_one_run_bit_for_bit(dataset, tmp_path):
+    """--neurons 0/3, 1/3, 2/3 merged, and two torchrun processes, against one run of every neuron."""
+    import shutil
+
+    ds, csv = dataset
+    whole = tmp_path / "whole"
+    shutil.copytree(ds, whole)
+    one = run_d(whole, csv).set_index("neuron_id")
+    assert len(one) == 3072
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    base = [str(SCRIPT), "--dataset_path", str(whole), "--input_csv", str(csv), "--model_type", SHIPPED_NAME,
+            "--device", "cpu"]
+    for i in range(3):
+        r = subprocess.run([sys.executable, *base, "--neurons", f"{i}/3", "--output_dir", str(tmp_path / f"s{i}")],
+                           capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+        assert r.returncode == 0, r.stderr
+    merged = tmp_path / "merged"
+    shutil.copytree(ds, merged)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--dataset_path", str(merged), "--merge",
+                        *(str(tmp_path / f"s{i}") for i in (2, 0, 1)), "--model_type", SHIPPED_NAME],
+                       capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    got = pd.read_csv(sf.path(merged, sf.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
+    pd.testing.assert_frame_equal(got, one, check_exact=True)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--dataset_path", str(merged), "--merge", str(tmp_path / "s0"),
+                        str(tmp_path / "s2"), "--model_type", SHIPPED_NAME], capture_output=True, text=True,
+                       cwd=REPO_ROOT, env=env)
+    assert r.returncode == 2 and "1/3 missing" in r.stderr
+    tr = tmp_path / "torchrun"
+    shutil.copytree(ds, tr)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        *base[:2], str(tr), *base[3:]], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = pd.read_csv(sf.path(tr, sf.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
+    pd.testing.assert_frame_equal(got, one, check_exact=True)
+
+
+def test_corpus_mode_equals_transformers_per_neuron(shipped_path, shipped, tmp_path):
+    """--input_text: each neuron's real-text delta_nll and kl against transformers' GPT-2 with mlp.act hooked,
+    over windows cut by hand; on the dataset's own corpus of two shards, the halves are the shards' windows."""
+    from test_realtext import hooked, reference, windows_by_hand
+
+    from conftest import HELDOUT_PATH
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    b = [sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_text", str(HELDOUT_PATH),
+         "--model_type", SHIPPED_NAME, "--device", "cpu", "--context", "64"]
+    for i in range(2):
+        r = subprocess.run(b + ["--export_dir", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"], capture_output=True,
+                           text=True, cwd=REPO_ROOT, env=env)
+        assert r.returncode == 0, r.stderr
+    subprocess.run([sys.executable, str(REPO_ROOT / "c_merge_activation_statistics.py"), "--output_dir",
+                    str(tmp_path / "ds"), str(tmp_path / "s0"), str(tmp_path / "s1")], check=True, cwd=REPO_ROOT,
+                   env=env, capture_output=True)
+    d = shipped.model.config.d_mlp
+    ids = np.array([5, d + 77, 4 * d + 300])
+    r = subprocess.run([sys.executable, str(SCRIPT), "--dataset_path", str(tmp_path / "ds"), "--input_text",
+                        str(HELDOUT_PATH), "--eval_tokens", "400", "--model_type", SHIPPED_NAME, "--device", "cpu",
+                        "--neurons", str(save_ids(tmp_path / "n.npy", ids))], capture_output=True, text=True,
+                       cwd=REPO_ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    got = pd.read_csv(sf.path(tmp_path / "ds", sf.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
+    meta = json.loads(sf.path(tmp_path / "ds", sf.NEURON_EFFECTS_META, SHIPPED_NAME).read_text())
+    assert meta["objective"] == "real_text" and meta["num_tokens"] == 400 and meta["context"] == 64
+    windows = windows_by_hand(shipped.tokenizer, [HELDOUT_PATH.read_text(encoding="utf-8")], 64, 1 + 400 + 399 // 63)
+    hf = load_hf(shipped_path)
+    for j in ids:
+        fn = hooked(hf, [hf.transformer.h[j // d].mlp.act], [[j % d]], output=True)
+        _, dnll, kl = reference(fn, windows, True)
+        assert got.loc[j, "delta_nll"] == pytest.approx(dnll, rel=1e-4, abs=TOL)
+        assert got.loc[j, "kl"] == pytest.approx(kl, rel=1e-4, abs=TOL)
+        for h, column in enumerate(sf.NEURON_EFFECTS_COLUMNS[-2:]):  # windows 0, 2, 4, ... and 1, 3, 5, ...
+            _, dnll_h, _ = reference(fn, windows[h::2], True)
+            assert got.loc[j, column] == pytest.approx(dnll_h, rel=1e-4, abs=TOL), (j, h)

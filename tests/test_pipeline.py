@@ -224,6 +224,6 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     header = json.loads((data / sf.WEIGHTED_GRAPH.format(m=M) / sf.GRAPH_STORE_HEADER).read_text())
     assert header["num_samples"] == record["samples"] == record["tokens"]
     methods = {json.loads(p.read_text())["method"] for p in (data / sf.SUBSETS_DIR).glob("*.json")}
-    assert methods == {"degree", "activation_count", "random"}
+    assert methods == {"degree", "activation_count", "attribution", "random"}  # stage b --attribution
     report = (data / "report.md").read_text()
     assert "chosen on a corpus (heldout.txt" in report and "none of which occurs in the corpus" in report
