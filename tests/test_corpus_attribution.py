@@ -170,3 +170,47 @@ def test_attribution_flags_belong_to_their_mode(tmp_path):
         r = subprocess.run([sys.executable, B, *map(str, args), "--export_dir", str(tmp_path / "x"), "--model_type",
                             M], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
         assert r.returncode == 2 and r.stderr.startswith("error:") and "attribution" in r.stderr
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_other_families_equal_autograd_through_transformers(family, tmp_path):
+    """At every family's neuron site (the input of the MLP's output projection), in float64."""
+    from test_families import FAMILIES, build, get
+    from transformers import AutoModelForCausalLM
+
+    from gelutrace.attribution import CorpusAttribution
+    from gelutrace.loading import load_model
+
+    path = build(family, tmp_path / family)
+    lm = load_model(str(path), device="cpu")
+    model = lm.model.double()
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float64).eval()
+    d, L = model.config.d_mlp, model.config.n_layer
+    ids = lm.tokenizer("To be, or not to be, that is the question. In the beginning God created.")["input_ids"]
+    windows = [ids[i:i + 16] for i in range(0, len(ids), 16)]
+    mine = CorpusAttribution(L, d, "cpu")
+    want, tokens = np.zeros(L * d), 0
+    layers = get(hf, FAMILIES[family][2])
+    for w in windows:
+        mine.add(model, torch.tensor([w]))
+        if len(w) < 2:
+            continue
+        acts = []
+
+        def keep(module, args):  # the site: the output projection's input
+            h = args[0]
+            h.retain_grad()
+            acts.append(h)
+        handles = [get(layers[i], FAMILIES[family][5]).register_forward_pre_hook(keep) for i in range(L)]
+        try:
+            x = torch.tensor([w])
+            F.cross_entropy(hf(x).logits[0, :-1], x[0, 1:], reduction="sum").backward()
+        finally:
+            for h in handles:
+                h.remove()
+        for i, a in enumerate(acts):
+            want[i * d:(i + 1) * d] -= (a.detach() * a.grad).sum(dim=(0, 1)).numpy()
+        tokens += len(w) - 1
+        hf.zero_grad()
+    assert mine.tokens == tokens
+    np.testing.assert_allclose(mine.mean(), want / tokens, rtol=1e-6, atol=1e-9 * np.abs(want / tokens).max())
