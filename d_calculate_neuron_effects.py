@@ -116,6 +116,11 @@ def main(argv=None):
                 num_neurons=len(ids))
     todo = ef.blocks(ids, cfg.d_mlp)
     mine = ef.shard_blocks(len(todo), args.neurons if shard is not None else None, dist_ctx)
+    if not len(mine):
+        raise PipelineError(f"--neurons {args.neurons if shard is not None else 'all'}: the model's {len(todo)} blocks "
+                            f"of up to {ef.BLOCK} neurons leave this {'shard' if shard else 'process'} none; use at "
+                            f"most {len(todo)} shards")
+    meta["dataset_frequency_sha256"] = sf.file_sha256(sf.path(args.dataset_path, sf.FREQUENCY, lm.name))
     if dist_ctx is not None:
         cp.init_distributed(lm.device)
     staging = ef.Staging(out, lm.name, fingerprint(meta, vars(cfg), ids.tobytes(), args.batch_size, args.max_values,
@@ -188,7 +193,8 @@ def corpus_mode(args, lm):
     context = args.context or (record or {}).get("context") or cfg.block_size
     if not 2 <= context <= cfg.block_size:
         raise PipelineError(f"--context {context} is outside 2..{cfg.block_size}, the model's context")
-    text = rt.read_eval_text(args.input_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens, units="windows")
+    text = rt.read_eval_text(args.input_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens, units="windows",
+                             flag="--input_text")
     window_half = None
     shards = len((record or {}).get("merged_shards") or [])
     if (record is not None and shards >= 2 and record.get("context") == context
@@ -218,11 +224,11 @@ def merge(args):
         if "neuron_shard" not in metas[-1]:
             raise PipelineError(f"{d} is not a --neurons I/N shard")
         frames.append(pd.read_csv(sf.path(d, sf.NEURON_EFFECTS, m)))
-    first = {k: v for k, v in metas[0].items() if k not in ("neuron_shard", "what", "num_neurons")}
+    first = {k: v for k, v in metas[0].items() if k not in ("neuron_shard", "num_neurons")}
     n = metas[0]["neuron_shard"]["count"]
     seen = {}
     for d, meta in zip(dirs, metas):
-        rest = {k: v for k, v in meta.items() if k not in ("neuron_shard", "what", "num_neurons")}
+        rest = {k: v for k, v in meta.items() if k not in ("neuron_shard", "num_neurons")}
         if rest != first or meta["neuron_shard"]["count"] != n:
             raise PipelineError(f"{d} and {dirs[0]} are shards of different runs (their records differ)")
         i = meta["neuron_shard"]["index"]
@@ -235,6 +241,10 @@ def merge(args):
     df = pd.concat(frames).sort_values("neuron_id", kind="stable")
     if df["neuron_id"].duplicated().any():
         raise PipelineError("the shards measured some neurons twice")
+    freq = sf.path(args.dataset_path, sf.FREQUENCY, metas[0]["model"])
+    if not freq.is_file() or sf.file_sha256(freq) != first.get("dataset_frequency_sha256"):
+        raise PipelineError(f"the shards were measured for another dataset than {args.dataset_path} (its "
+                            f"{freq.name} is not the one they record): give the dataset they were run on")
     out = sf.lock_directory(sf.check_output_dir(args.dataset_path, "--dataset_path"), "the merge of the effects")
     meta = {**first, "num_neurons": len(df), "merged_shards": [str(seen[i].resolve()) for i in range(n)]}
     ef.write_effects(out, metas[0]["model"], df["neuron_id"].to_numpy(), df["kl"].to_numpy(),

@@ -122,6 +122,9 @@ def main():
     uses_graph = args.method in sel.GRAPH_METHODS
     if args.export_graph:  # before the subsets: a refused export must not leave a subset that looks done
         sel.export_graph(graph, args.threshold, args.export_graph, memory_limit(args.memory_limit_gb), args.weight)
+    if args.match_layers and subs[0].k != ks[0]:
+        raise PipelineError(f"--match_layers gives k={subs[0].k} (the other subset's neurons), but --"
+                            f"{'ratio' if args.ratio else 'k'} asks for k={ks[0]}: give that k")
     for i, sub in zip(todo, subs):
         ratio = args.ratio[i] if args.ratio else None
         params = {"method": args.method, "threshold": args.threshold if uses_graph else None,

@@ -118,6 +118,26 @@ if [ "$EFFECTS" = auto ]; then
 fi
 [ -n "$RATIOS" ] && [ -n "$KS" ] && { echo "error: give --ks or --ratios, not both" >&2; exit 2; }
 [ -z "$RATIOS" ] && [ -z "$KS" ] && KS="0.1% 0.193% 0.373% 0.72% 1.39% 2.68% 5.18% 10%"
+# the counts' and flags' form before any stage runs (the counts against the model's neurons after stage a)
+ks_counts() {  # GRAPH_META|- SPEC...: the grid as counts (with "-": only check the values)
+  (cd "$here" && "$PYTHON" -c 'import json, sys
+from gelutrace import PipelineError
+from gelutrace.selection import k_values
+try:
+    n = None if sys.argv[1] == "-" else json.load(open(sys.argv[1]))["num_neurons"]
+    print(" ".join(map(str, k_values(n, sys.argv[2:]))))
+except PipelineError as e:
+    sys.exit(f"error: {e}")' "$@")
+}
+# word splitting wanted: one argument per value
+# shellcheck disable=SC2086
+[ -z "$KS" ] || ks_counts - $KS > /dev/null || exit 2
+for flag in EFFECT_TOKENS:--effect_tokens RANDOM_CONTROLS:--random_controls; do
+  var="${flag%%:*}"; v="${!var}"; name="${flag#*:}"
+  [[ "$v" =~ ^[0-9]+$ ]] || { echo "error: $name must be a whole number, got '$v'" >&2; exit 2; }
+done
+[[ "$EFFECT_TOKENS" =~ ^0*$ ]] && { echo "error: --effect_tokens must be at least 1" >&2; exit 2; }
+case "$CONTROL_SUBSETS" in all|best) ;; *) echo "error: --control_subsets must be all or best, got '$CONTROL_SUBSETS'" >&2; exit 2 ;; esac
 if [ -z "$EVAL_TEXT" ]; then
   EVAL_TEXT=none
   [ -f "$here/parcellation_datasets/heldout_eval_$m.txt" ] && EVAL_TEXT="$here/parcellation_datasets/heldout_eval_$m.txt"
@@ -171,6 +191,12 @@ stage() {
 cd "$here"
 stage a "$DATA/${m}_graph_meta.json" \
   py a_generate_gelu_graph.py --model_type "$MODEL" --output_dir "$DATA"
+sizes=(RATIOS="$RATIOS")
+if [ -n "$KS" ]; then  # counts, from the percentages and the graph's number of neurons
+  # shellcheck disable=SC2086
+  counts="$(ks_counts "$DATA/${m}_graph_meta.json" $KS)" || exit 2
+  sizes=(KS="$counts")
+fi
 # corpus mode: stage b as two shards (windows 0, 2, 4, ... and 1, 3, 5, ...) merged exactly into DATA; the two
 # halves tell stage e how stable each method's selection is
 corpus_b() {  # TEXT MODEL DEVICE SHARDS_DIR
@@ -203,19 +229,6 @@ analyzed="$DATA/weighted_graph_analysis/${m}_weighted_graph_analyzed.json"
 stage c_analyze "$analyzed" \
   py c_analyze_weighted_activation_graph.py --input_path "$DATA/${m}_weighted_graph"
 [ "$ran" = 1 ] && rm -rf "$DATA/perturbation_subsets"
-sizes=(RATIOS="$RATIOS")
-if [ -n "$KS" ]; then  # counts, from the percentages and the graph's number of neurons
-  # word splitting wanted: one argument per value
-  # shellcheck disable=SC2086
-  counts="$(cd "$here" && "$PYTHON" -c 'import json, sys
-from gelutrace import PipelineError
-from gelutrace.selection import k_values
-try:
-    print(" ".join(map(str, k_values(json.load(open(sys.argv[1]))["num_neurons"], sys.argv[2:]))))
-except PipelineError as e:
-    sys.exit(f"error: {e}")' "$DATA/${m}_graph_meta.json" $KS)" || exit 2
-  sizes=(KS="$counts")
-fi
 stage d "$DATA/perturbation_subsets" \
   env THRESHOLDS="$THRESHOLDS" "${sizes[@]}" METHODS="$METHODS" WEIGHTS="$WEIGHTS" PYTHON="$PYTHON" \
     ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"

@@ -29,7 +29,12 @@ def run_main(main):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, and one error line for a value that names a symlink loop (which os.path calls missing)."""
+    """argparse, with one error line (and exit status 2) for a bad flag or value, and for a value that names a
+    symlink loop (which os.path calls missing). --help shows the usage."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)

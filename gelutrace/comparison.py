@@ -354,9 +354,13 @@ def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL, n
     pct_level = f"{100 * level:g} %"
     for r in verdict.to_dict("records"):
         pct = 100 * r["k"] / n_neurons if n_neurons else np.nan
-        s = (f"k = {r['k']} ({pct:.1f} % of neurons): **{name(r['winner'])}** found the most influential neurons, "
-             f"ΔNLL {_fmt(r['winner_delta_nll'])} nats/token [{_fmt(r['winner_ci_low'])}, "
-             f"{_fmt(r['winner_ci_high'])}] ({pct_level} CI)")
+        effect = (f"ΔNLL {_fmt(r['winner_delta_nll'])} nats/token [{_fmt(r['winner_ci_low'])}, "
+                  f"{_fmt(r['winner_ci_high'])}] ({pct_level} CI)")
+        if r["winner_ci_low"] > 0:
+            s = f"k = {r['k']} ({pct:.1f} % of neurons): **{name(r['winner'])}** found the most influential neurons, {effect}"
+        else:  # ranked first, but its ablation does not raise the loss
+            s = (f"k = {r['k']} ({pct:.1f} % of neurons): **no method's neurons raise the loss** distinguishably from "
+                 f"0; the largest effect, {name(r['winner'])}'s, is {effect}")
         vs = null_phrase(r.get("winner_random_n"), r.get("winner_p_random"), r.get("winner_p_random_holm"))
         s += f", {vs}" if vs else ""
         if isinstance(r.get("runner_up"), str):
@@ -398,7 +402,8 @@ def dose_lines(verdict: pd.DataFrame, name=str) -> list[str]:
         return []
     rows = verdict.sort_values("k")
     ks = rows["k"].tolist()
-    s = "Winner at each k: " + ", ".join(f"{k}: {name(w)}" for k, w in zip(ks, rows["winner"])) + "."
+    s = "Winner at each k: " + ", ".join(f"{k}: {name(w) if lo > 0 else 'none (no CI above 0)'}"
+                                         for k, w, lo in zip(ks, rows["winner"], rows["winner_ci_low"])) + "."
     col = "graph_vs_activation_count_verdict"
     if col in rows.columns and rows[col].notna().any():
         k0 = graph_beats_from(rows)

@@ -52,24 +52,29 @@ _SPACE_CUT = re.compile(r"\s(?=\S)")  # just before the last character of a whit
 _WORD_CUT = re.compile(r"\b")  # between a word character and another
 
 
-def corpus_files(inputs: list[str]) -> list[Path]:
+def corpus_files(inputs: list[str], flag: str = "--input_text") -> list[Path]:
+    """The text files the inputs name, in order (a directory's sorted by name); a file named twice is refused."""
     files = []
     for name in inputs:
         p = Path(name)
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix in TEXT_SUFFIXES)
             if not found:
-                raise PipelineError(f"--input_text directory {p} holds no .txt or .jsonl file")
+                raise PipelineError(f"{flag} directory {p} holds no .txt or .jsonl file")
             files += found
         elif p.is_file():
             if p.suffix not in TEXT_SUFFIXES:
-                raise PipelineError(f"--input_text {p}: expected a .txt or .jsonl file, or a directory of them")
+                raise PipelineError(f"{flag} {p}: expected a .txt or .jsonl file, or a directory of them")
             files.append(p)
         else:
-            raise PipelineError(f"--input_text {p} does not exist")
+            raise PipelineError(f"{flag} {p} does not exist")
+    seen = {}
     for p in files:
         if p.stat().st_size == 0:
             raise PipelineError(f"{p} is empty")
+        if p.resolve() in seen:
+            raise PipelineError(f"{flag} names {p} twice (also as {seen[p.resolve()]}): its documents would count twice")
+        seen[p.resolve()] = p
     return files
 
 
@@ -294,7 +299,7 @@ class Corpus:
                 "tokens_read": int(sum(f["tokens"] for f in self.files))}
 
 
-def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None) -> Corpus:
+def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None, flag: str = "--input_text") -> Corpus:
     """
     Every file's documents, tokenized (DocumentTokenizer), until --max_tokens: the files and documents after are
     not read. Each file's record holds its sha256 (of all its bytes), the documents read and their tokens in the
@@ -307,7 +312,7 @@ def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None) -> 
     encoder = DocumentTokenizer(tokenizer)
     end = np.array([eot], encoder.dtype)
     parts, files, total = [], [], 0
-    for p in corpus_files(inputs):
+    for p in corpus_files(inputs, flag):
         if max_tokens is not None and total >= max_tokens:
             break
         first, starts = total, []

@@ -191,7 +191,7 @@ def plot_method_comparison(comparison: pd.DataFrame, target, title: str = "Selec
 def plot_dose_response(dose: pd.DataFrame, target, title: str, ylabel: str):
     """
     Stage e's dose-response curves: delta_nll against k (log axis) for each method's best variant, its bootstrap
-    CI as a band, the verdict's winner at each k ringed, and in grey the 5-95 % band (and median) of the random
+    CI as a band, the method ranked first at each k ringed, and in grey the 5-95 % band (and median) of the random
     controls of the same layers, where the subset at that k had controls.
     """
     import numpy as np
@@ -213,7 +213,7 @@ def plot_dose_response(dose: pd.DataFrame, target, title: str, ylabel: str):
         ax.fill_between(x, null["random_q05"].to_numpy(np.float64), null["random_q95"].to_numpy(np.float64),
                         color="gray", alpha=0.3, linewidth=0, label="random neurons, same layers as the winner (5-95 %)")
         ax.plot(x, null["random_q50"].to_numpy(np.float64), color="gray", linewidth=1, linestyle="--")
-    ax.scatter([], [], s=90, facecolors="none", edgecolors="black", label="the verdict's winner at k")
+    ax.scatter([], [], s=90, facecolors="none", edgecolors="black", label="ranked first at k (test part)")
     ks = sorted(dose["k"].unique())
     if len(ks) > 1:
         ax.set_xscale("log")

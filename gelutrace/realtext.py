@@ -77,15 +77,17 @@ def tokens_needed(eval_tokens: int, context: int) -> int:
 
 
 def read_eval_text(paths: list[str], tokenizer, context: int, vocab_size: int, eval_tokens: int = EVAL_TOKENS,
-                   units: str | None = None) -> EvalText:
+                   units: str | None = None, flag: str = "--eval_text") -> EvalText:
     """The text, its windows and each scored token's unit: documents when there are two or more, else windows
-    (units="windows" makes them windows in any case)."""
+    (units="windows" makes them windows in any case). Text of nothing but whitespace is refused."""
     if context < 2:
         raise PipelineError(f"--context {context}: a window needs at least 2 tokens to score one")
     if eval_tokens < 1:
         raise PipelineError(f"--eval_tokens must be >= 1, got {eval_tokens}")
-    corpus = cp.read_corpus(paths, tokenizer, tokens_needed(eval_tokens, context))
+    corpus = cp.read_corpus(paths, tokenizer, tokens_needed(eval_tokens, context), flag)
     ids = corpus.ids.astype(np.int64)
+    if not tokenizer.decode(ids[ids != tokenizer.eos_token_id].tolist()).strip():
+        raise PipelineError(f"{flag} {', '.join(map(str, paths))} holds no text but whitespace: nothing to evaluate on")
     n = len(ids)
     pos = np.arange(n)
     scored = (pos % context) != 0  # a window's first token is predicted by nothing in its window
@@ -97,7 +99,7 @@ def read_eval_text(paths: list[str], tokenizer, context: int, vocab_size: int, e
     n_units = int(unit.max()) + 1 if n else 0
     unit = np.where(scored, unit, -1)
     if not scored.any():
-        raise PipelineError(f"the evaluation text {', '.join(map(str, paths))} has {n} token(s): nothing to score")
+        raise PipelineError(f"{flag} {', '.join(map(str, paths))} has {n} token(s): nothing to score")
     freq = np.bincount(ids[scored], minlength=int(ids.max()) + 1)
     order = np.lexsort((np.arange(len(freq)), -freq))
     top = order[:TOP_TOKENS][freq[order[:TOP_TOKENS]] > 0]
@@ -202,26 +204,37 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
     return base, out
 
 
-def document_hashes(paths) -> set[str]:
-    """The sha256 of every document's text in the files (corpus.file_documents' documents)."""
-    out = set()
-    for p in cp.corpus_files([str(x) for x in paths]):
-        for doc in cp.file_documents(p):
-            h = hashlib.sha256()
-            for piece in doc:
-                h.update(piece.encode("utf-8", "surrogatepass"))
-            out.add(h.hexdigest())
-    return out
+LEAK_CHECK_BYTES = 64 << 20  # selection corpora up to this size are compared document by document and by passage
+LEAK_PASSAGES, LEAK_PASSAGE_WORDS = 100, 12  # passages of the evaluation text looked up in the selection corpus
+LEAK_SHARE = 0.1  # more than this share of them found there: the texts overlap
 
 
-LEAK_CHECK_BYTES = 64 << 20  # selection corpora up to this size are compared document by document
+def _normalised(text: str) -> str:
+    """Text with every run of whitespace one space: line endings and trailing newlines do not hide a copy."""
+    return " ".join(text.split())
+
+
+def documents(paths) -> list[str]:
+    """Every document's text in the files (corpus.file_documents' documents), whitespace normalised."""
+    return [_normalised("".join(doc)) for p in cp.corpus_files([str(x) for x in paths]) for doc in cp.file_documents(p)]
+
+
+def passages(docs: list[str], n: int = LEAK_PASSAGES, words: int = LEAK_PASSAGE_WORDS) -> list[str]:
+    """Up to n passages of `words` consecutive words, evenly spaced over the documents."""
+    runs = [d.split(" ") for d in docs]
+    starts = [(i, j) for i, r in enumerate(runs) for j in range(0, max(len(r) - words + 1, 0))]
+    if not starts:
+        return []
+    picks = np.unique(np.linspace(0, len(starts) - 1, min(n, len(starts))).astype(np.int64))
+    return [" ".join(runs[i][j:j + words]) for i, j in (starts[k] for k in picks)]
 
 
 def leak_check(text: EvalText, corpus_record: dict | None, selection_prompts=None) -> dict:
     """
-    Refuses an evaluation text that shares a file (by sha256) or, where the selection corpus is small enough to
-    read again, a document with the corpus the neurons were chosen on. With a prompt-mode selection, records how
-    many of its prompts occur verbatim in the evaluation text. Returns what was checked.
+    Refuses an evaluation text that shares text with the corpus the neurons were chosen on: a file (sha256) or,
+    where that corpus is small enough to read again, a document (whitespace normalised) or more than LEAK_SHARE
+    of LEAK_PASSAGES passages of 12 words sampled over the evaluation text. With a prompt-mode selection,
+    records how many of its prompts occur verbatim in the evaluation text. Returns what was checked.
     """
     from pathlib import Path
 
@@ -237,18 +250,26 @@ def leak_check(text: EvalText, corpus_record: dict | None, selection_prompts=Non
                                 f"sha256): the neurons were chosen on it; evaluate on text they were not chosen on")
         sel_paths = [Path(f["path"]) for f in files]
         if all(p.is_file() for p in sel_paths) and sum(p.stat().st_size for p in sel_paths) <= LEAK_CHECK_BYTES:
-            common = document_hashes(eval_paths) & document_hashes(sel_paths)
-            out.update(documents_checked=True, shared_documents=len(common))
+            theirs, ours = documents(sel_paths), documents(eval_paths)
+            common = {hashlib.sha256(d.encode("utf-8", "surrogatepass")).hexdigest() for d in ours} & {
+                hashlib.sha256(d.encode("utf-8", "surrogatepass")).hexdigest() for d in theirs}
+            joined = "\n".join(theirs)
+            sample = passages(ours)
+            found = sum(p in joined for p in sample)
+            out.update(documents_checked=True, shared_documents=len(common), passages_checked=len(sample),
+                       passages_found=found)
             if common:
                 raise PipelineError(f"--eval_text shares {len(common)} document(s) with the selection corpus "
                                     f"({', '.join(str(p) for p in sel_paths[:3])}): the neurons were chosen on them")
+            if sample and found > LEAK_SHARE * len(sample):
+                raise PipelineError(f"--eval_text overlaps the selection corpus: {found} of {len(sample)} passages "
+                                    f"of {LEAK_PASSAGE_WORDS} words sampled over it occur there verbatim")
     if selection_prompts is not None:
         size = sum(p.stat().st_size for p in eval_paths)
         found = None
         if size <= LEAK_CHECK_BYTES:
-            joined = "\n".join("".join(piece for doc in cp.file_documents(p) for piece in doc)
-                               for p in cp.corpus_files([str(x) for x in eval_paths]))
-            found = sum(pr.text.strip() in joined for pr in selection_prompts if pr.text.strip())
+            joined = "\n".join(documents(eval_paths))
+            found = sum(_normalised(pr.text) in joined for pr in selection_prompts if pr.text.strip())
         out["selection_prompts_in_text"] = found
     out["passed"] = True
     return out

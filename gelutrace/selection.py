@@ -54,18 +54,27 @@ def check_params(threshold: float | None, ratio: float, method: str):
 K_GRID = tuple(f"{p:.3g}%" for p in np.geomspace(0.1, 10, 8))  # run_pipeline.sh's default --ks
 
 
-def k_values(num_nodes: int, specs: list[str]) -> list[int]:
+def k_values(num_nodes: int | None, specs: list[str]) -> list[int]:
     """run_pipeline.sh --ks: each value a count ("30") or a percentage of the neurons ("1%": subset_size of
-    0.01); sorted, duplicates dropped."""
+    0.01); sorted, duplicates dropped. num_nodes None checks the values' form only (before the model's shape is
+    known)."""
+    if not specs:
+        raise PipelineError("--ks is empty: give counts (30) or percentages of the neurons (1%)")
     ks = []
     for spec in specs:
         try:
-            k = subset_size(num_nodes, float(spec[:-1]) / 100) if spec.endswith("%") else int(spec)
+            value = float(spec[:-1]) if spec.endswith("%") else int(spec)
         except ValueError:
             raise PipelineError(f"--ks {spec!r}: give a count (30) or a percentage of the neurons (1%)") from None
-        if spec.endswith("%") and not 0 < float(spec[:-1]) <= 100:
+        if spec.endswith("%") and not 0 < value <= 100:
             raise PipelineError(f"--ks {spec!r}: a percentage must be in (0, 100]")
-        check_sizes([k], num_nodes)
+        if not spec.endswith("%") and value < 1:
+            raise PipelineError(f"--ks {spec!r}: a count must be at least 1")
+        if num_nodes is None:
+            continue
+        k = subset_size(num_nodes, value / 100) if spec.endswith("%") else value
+        if k > num_nodes:
+            raise PipelineError(f"--ks {spec}: more than the model's {num_nodes} neurons")
         ks.append(k)
     return sorted(set(ks))
 

@@ -425,3 +425,30 @@ def test_corpus_mode_equals_transformers_per_neuron(shipped_path, shipped, tmp_p
         for h, column in enumerate(sf.NEURON_EFFECTS_COLUMNS[-2:]):  # windows 0, 2, 4, ... and 1, 3, 5, ...
             _, dnll_h, _ = reference(fn, windows[h::2], True)
             assert got.loc[j, column] == pytest.approx(dnll_h, rel=1e-4, abs=TOL), (j, h)
+
+
+def test_empty_neuron_shard_and_merge_into_another_dataset_are_refused(dataset, tmp_path):
+    import shutil
+
+    ds, csv = dataset
+    with pytest.raises(PipelineError, match="leave this shard none"):
+        run_d(ds, csv, "--neurons", "50/100", "--output_dir", tmp_path / "s50")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    import d_calculate_neuron_effects as d
+
+    for i in range(2):
+        try:
+            d.main(["--dataset_path", str(ds), "--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device",
+                    "cpu", "--neurons", f"{i}/2", "--output_dir", str(tmp_path / f"s{i}")])
+        finally:
+            sf.release_locks()
+    meta = json.loads(sf.path(tmp_path / "s0", sf.NEURON_EFFECTS_META, SHIPPED_NAME).read_text())
+    assert meta["what"] and meta["neuron_shard"] == {"index": 0, "count": 2, "blocks": 6}
+    other = tmp_path / "other"
+    shutil.copytree(ds, other)
+    freq = sf.path(other, sf.FREQUENCY, SHIPPED_NAME)
+    freq.write_text(freq.read_text() + "\n")  # another dataset's frequency file
+    r = subprocess.run([sys.executable, str(SCRIPT), "--dataset_path", str(other), "--merge", str(tmp_path / "s0"),
+                        str(tmp_path / "s1"), "--model_type", SHIPPED_NAME], capture_output=True, text=True,
+                       cwd=REPO_ROOT, env=env)
+    assert r.returncode == 2 and "another dataset" in r.stderr

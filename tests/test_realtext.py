@@ -203,3 +203,48 @@ def test_stage_e_refuses_eval_text_that_is_its_corpus(tmp_path):
             "--eval_text", str(HELDOUT_PATH), "--eval_tokens", "100")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
     assert "selection corpus" in r.stderr
+
+
+def test_leak_check_sees_copies_with_other_whitespace_and_parts(shipped, tmp_path):
+    corpus = HELDOUT_PATH.read_text(encoding="utf-8")
+    sel_file = tmp_path / "corpus.txt"
+    sel_file.write_text(corpus)
+    record = {"files": [{"path": str(sel_file), "sha256": sf.file_sha256(sel_file)}]}
+    V = shipped.model.config.vocab_size
+    words = corpus.split()
+    cases = {"newline": corpus + "\n", "crlf": corpus.replace("\n", "\r\n"),
+             "second half": " ".join(words[len(words) // 2:])}
+    for name, body in cases.items():
+        p = tmp_path / f"{name.replace(' ', '_')}.txt"
+        p.write_bytes(body.encode("utf-8"))
+        with pytest.raises(PipelineError, match="selection corpus"):
+            rt.leak_check(rt.read_eval_text([str(p)], shipped.tokenizer, 32, V, 200), record)
+    other = tmp_path / "other.txt"  # held-out text of other documents: passes, its passages counted
+    other.write_text((REPO_ROOT / "parcellation_datasets" / "heldout_eval_tinybard.txt").read_text(encoding="utf-8"))
+    ok = rt.leak_check(rt.read_eval_text([str(other)], shipped.tokenizer, 32, V, 200), record)
+    assert ok["passages_checked"] == rt.LEAK_PASSAGES and ok["passages_found"] <= rt.LEAK_SHARE * rt.LEAK_PASSAGES
+
+
+def test_bad_eval_text_is_one_error_naming_the_flag(shipped, tmp_path):
+    V = shipped.model.config.vocab_size
+    blank = tmp_path / "blank.txt"
+    blank.write_text("   \n\t\n  ")
+    with pytest.raises(PipelineError, match="--eval_text .* no text but whitespace"):
+        rt.read_eval_text([str(blank)], shipped.tokenizer, 32, V, 100)
+    with pytest.raises(PipelineError, match="^--eval_text .*nope.txt does not exist"):
+        rt.read_eval_text([str(tmp_path / "nope.txt")], shipped.tokenizer, 32, V, 100)
+    with pytest.raises(PipelineError, match="twice"):
+        rt.read_eval_text([str(HELDOUT_PATH), str(HELDOUT_PATH)], shipped.tokenizer, 32, V, 100)
+
+
+def test_no_claim_of_influence_when_the_loss_does_not_rise():
+    from gelutrace import comparison as cmp
+
+    v = pd.DataFrame([{"k": 3, "winner": "degree (t=0.5)", "winner_delta_nll": -0.0016, "winner_ci_low": -0.0035,
+                       "winner_ci_high": -0.0001, "ranking": "degree"},
+                      {"k": 30, "winner": "ablation", "winner_delta_nll": 0.2, "winner_ci_low": 0.15,
+                       "winner_ci_high": 0.25, "ranking": "ablation"}])
+    lines = cmp.verdict_lines(v, 3072)
+    assert "found the most influential" not in lines[0] and "no method's neurons raise the loss" in lines[0]
+    assert "**ablation** found the most influential neurons" in lines[1]
+    assert "3: none (no CI above 0), 30: ablation" in cmp.dose_lines(v)[0]

@@ -332,3 +332,18 @@ def test_k_values_counts_and_percentages():
     for bad in ("x", "0", "4000", "0%", "101%"):
         with pytest.raises(PipelineError):
             sel.k_values(3072, [bad])
+
+
+def test_match_layers_refuses_another_k(pipeline, tmp_path):
+    graph = str(pipeline / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    np.save(tmp_path / "other.npy", np.array([0, 1, 11, 25], np.int64))
+    base = ["--input_graph_path", graph, "--method", "random", "--match_layers", str(tmp_path / "other.npy"),
+            "--output_dir", str(tmp_path / "o")]
+    p = start(D, *base, "--k", "7")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "k=4" in err and not (tmp_path / "o").exists()
+    run(D, *base, "--k", "4")
+    assert len(np.load(tmp_path / "o" / "toy_random_k4.npy")) == 4
+    p = start(D, "--input_graph_path", graph, "--method", "degree", "--k", "2.5", "--output_dir", str(tmp_path / "o"))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.strip().count("\n") == 0 and err.startswith("error:")  # argparse: one line
