@@ -243,6 +243,10 @@ def main():
           f"100 controls x 20 subsets (2,020 evaluations) on 10^5 tokens: {total * per_token / 3600:.0f} h here; "
           f"{flops / 1e9:.2f} GFLOP per token, so {total * flops / 100e12 / 60:.0f} min on a GPU sustaining "
           f"100 TFLOP/s (an assumption, not measured here)")
+    neurons = L * cfg.d_mlp
+    print(f"single-neuron effects on real text, GPT-2-small shape, every one of its {neurons:,} neurons on 10^4 "
+          f"tokens (d_calculate_neuron_effects.py --input_text, one evaluation per neuron): "
+          f"{neurons * 1e4 * per_token / 3600:.0f} h here; {neurons * 1e4 * flops / 100e12 / 60:.0f} min at 100 TFLOP/s")
     for name, t in demo_e:
         print(f"demo stage e, {name}: " + (f"{t:.1f} s (target <= 150 s)" if t is not None
                                            else "skipped (run `make demo` first)"))

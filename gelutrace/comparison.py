@@ -409,7 +409,8 @@ def dose_lines(verdict: pd.DataFrame, name=str) -> list[str]:
         k0 = graph_beats_from(rows)
         s += (f" The best graph method beats activation_count from k = {k0} on (paired CI above 0 at every k from "
               f"there)." if k0 is not None else
-              f" The best graph method does not beat activation_count from any k of the grid ({ks[0]} to {ks[-1]}) on.")
+              f" There is no k of the grid ({ks[0]} to {ks[-1]}) from which the best graph method beats activation_count "
+              f"at every larger k.")
     return ["- " + s]
 
 
