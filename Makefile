@@ -1,10 +1,10 @@
-# make test: create a local venv, install the requirements and run the tests.
+# make test: create a local venv, install the requirements and run the tests (make test-fast: all but the slow ones).
 # make demo: the same set-up, then the whole pipeline on the shipped model, in prompt mode
 # (parcellation_datasets/test_1_tinybard) and in corpus mode (parcellation_datasets/heldout_corpus_tinybard_tinybard).
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
-.PHONY: install test demo bench model clean
+.PHONY: install test test-fast demo bench model clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,10 @@ $(VENV)/.installed: requirements.txt constraints.txt
 # the test files run in parallel, one file per worker (its module fixtures built once), one worker per core
 test: install
 	$(PY) -m pytest -q -n auto --dist loadfile tests
+
+# the same without the tests marked slow (pytest.ini): a quicker loop while working; `make test` runs them all
+test-fast: install
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_pipeline.sh

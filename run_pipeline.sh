@@ -96,6 +96,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ ${#pos[@]} -le 3 ] || { echo "error: expected at most MODEL PROMPT_CSV DATASET_DIR (see --help)" >&2; exit 2; }
+# the flags' form, before anything runs
+[ -n "$RATIOS" ] && [ -n "$KS" ] && { echo "error: give --ks or --ratios, not both" >&2; exit 2; }
+for flag in EFFECT_TOKENS:--effect_tokens RANDOM_CONTROLS:--random_controls; do
+  var="${flag%%:*}"; v="${!var}"; name="${flag#*:}"
+  [[ "$v" =~ ^[0-9]+$ ]] || { echo "error: $name must be a whole number, got '$v'" >&2; exit 2; }
+done
+[[ "$EFFECT_TOKENS" =~ ^0*$ ]] && { echo "error: --effect_tokens must be at least 1" >&2; exit 2; }
+case "$CONTROL_SUBSETS" in all|best) ;; *) echo "error: --control_subsets must be all or best, got '$CONTROL_SUBSETS'" >&2; exit 2 ;; esac
 MODEL="${pos[0]:-tinybard}"
 CSV="${pos[1]:-$here/parcellation_datasets/test_1.csv}"
 [ -f "$CSV" ] || { echo "error: prompt CSV $CSV does not exist" >&2; exit 2; }
@@ -116,7 +124,6 @@ shipped="$(cd "$here" && "$PYTHON" -c 'import sys; from gelutrace.loading import
 if [ "$EFFECTS" = auto ]; then
   case "$shipped" in 1) EFFECTS=1 ;; *) EFFECTS=0 ;; esac
 fi
-[ -n "$RATIOS" ] && [ -n "$KS" ] && { echo "error: give --ks or --ratios, not both" >&2; exit 2; }
 [ -z "$RATIOS" ] && [ -z "$KS" ] && KS="0.1% 0.193% 0.373% 0.72% 1.39% 2.68% 5.18% 10%"
 # the counts' and flags' form before any stage runs (the counts against the model's neurons after stage a)
 ks_counts() {  # GRAPH_META|- SPEC...: the grid as counts (with "-": only check the values)
@@ -132,12 +139,6 @@ except PipelineError as e:
 # word splitting wanted: one argument per value
 # shellcheck disable=SC2086
 [ -z "$KS" ] || ks_counts - $KS > /dev/null || exit 2
-for flag in EFFECT_TOKENS:--effect_tokens RANDOM_CONTROLS:--random_controls; do
-  var="${flag%%:*}"; v="${!var}"; name="${flag#*:}"
-  [[ "$v" =~ ^[0-9]+$ ]] || { echo "error: $name must be a whole number, got '$v'" >&2; exit 2; }
-done
-[[ "$EFFECT_TOKENS" =~ ^0*$ ]] && { echo "error: --effect_tokens must be at least 1" >&2; exit 2; }
-case "$CONTROL_SUBSETS" in all|best) ;; *) echo "error: --control_subsets must be all or best, got '$CONTROL_SUBSETS'" >&2; exit 2 ;; esac
 if [ -z "$EVAL_TEXT" ]; then
   EVAL_TEXT=none
   [ -f "$here/parcellation_datasets/heldout_eval_$m.txt" ] && EVAL_TEXT="$here/parcellation_datasets/heldout_eval_$m.txt"

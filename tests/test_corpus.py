@@ -247,6 +247,7 @@ def test_three_shards_merged_equal_unsharded(corpus_dir, one_by_one, tmp_path):
         assert {"missing": "missing", "twice": "twice", "unfinished": "unfinished"}.get(name, "") in err
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_equal_single_process(corpus_dir, one_by_one, tmp_path):
     out = tmp_path / "torchrun"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -333,6 +334,7 @@ def test_bad_input_one_error_line_nothing_written(case, tmp_path, shipped_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cards_of_a_corpus_dataset_shade_contexts_as_transformers_does(streamed, shipped, shipped_path, tmp_path):
     from gelutrace import cards
 
@@ -563,6 +565,7 @@ def test_reading_stops_at_max_tokens(long_corpus, shipped):
     np.testing.assert_array_equal(corpus.window_tokens(record, shipped.tokenizer, [w])[w], ids[w * CONTEXT:500])
 
 
+@pytest.mark.slow
 def test_tokenizing_a_50_mb_line_holds_memory_bounded(tmp_path, shipped_path):
     """A 50 MB single-line .txt, read whole in a child process: reading it raises the peak RSS by far less than
     the ~7 GB that tokenizing the line at once takes (about 0.1 GB, to about 0.4 GB in all)."""

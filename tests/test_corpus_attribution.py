@@ -108,6 +108,7 @@ def test_ranks_like_brute_force_ablation(whole, shipped):
     assert rho >= 0.9, rho
 
 
+@pytest.mark.slow
 def test_shards_torchrun_and_resume_equal_one_run(whole, tmp_path, monkeypatch):
     for i in range(2):
         run(B, "--input_text", HELDOUT_PATH, "--export_dir", tmp_path / f"s{i}", "--model_type", M, "--context",

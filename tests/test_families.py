@@ -325,6 +325,7 @@ def test_stage_e_refuses_another_site(tmp_path):
         check_dataset(tmp_path, "m", 2, 48, site_info("llama"))
 
 
+@pytest.mark.slow
 def test_run_pipeline_on_pythia(tmp_path):
     ckpt = build("gpt_neox", tmp_path / "tiny-pythia")
     csv = tmp_path / "prompts.csv"
