@@ -55,10 +55,7 @@ def main(argv=None):
     ap.add_argument("--input_text", nargs="+", default=None, metavar="PATH",
                     help="corpus mode: measure on this text (.txt, .jsonl or directories, as stage b reads them), "
                          "e.g. the corpus the dataset was made from")
-    ap.add_argument("--eval_tokens", type=int, default=rt.EVAL_TOKENS, metavar="N",
-                    help="corpus mode: score the first N tokens of the text (default: %(default)s)")
-    ap.add_argument("--context", type=int, default=None, metavar="N",
-                    help="corpus mode: tokens per window (default: the dataset's corpus context, else the model's)")
+    rt.add_window_args(ap, "--input_text (corpus mode)", "the dataset's corpus context, else the model's")
     add_model_args(ap)
     ap.add_argument("--neurons", default="all", metavar="all|FILE.npy|I/N",
                     help="measure every neuron, only the ids in a .npy file of neuron ids, or shard I of N of all "
@@ -190,9 +187,7 @@ def corpus_mode(args, lm):
     dataset's own corpus in the same windows, the halves are those of its shards (gelutrace.stability)."""
     cfg = lm.model.config
     record = pt.read_corpus_record(args.dataset_path, lm.name)
-    context = args.context or (record or {}).get("context") or cfg.block_size
-    if not 2 <= context <= cfg.block_size:
-        raise PipelineError(f"--context {context} is outside 2..{cfg.block_size}, the model's context")
+    context = rt.check_context(args.context or (record or {}).get("context") or cfg.block_size, cfg.block_size)
     text = rt.read_eval_text(args.input_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens, units="windows",
                              flag="--input_text")
     window_half = None

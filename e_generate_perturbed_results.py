@@ -105,10 +105,7 @@ def main(argv=None):
                          "document per line, field text) or directories of them, read as stage b's corpus mode "
                          "reads them. Refused when it shares a file or document with the corpus the neurons were "
                          "chosen on. The verdict is then the real text's")
-    ap.add_argument("--eval_tokens", type=int, default=realtext.EVAL_TOKENS, metavar="N",
-                    help="score at most this many tokens of --eval_text, the first ones (default: %(default)s)")
-    ap.add_argument("--context", type=int, default=None, metavar="N",
-                    help="tokens per window of --eval_text (default: the model's context)")
+    realtext.add_window_args(ap, "--eval_text", "the model's context")
     ap.add_argument("--validation_share", type=float, default=0.5,
                     help="share of the evaluation prompts (seeded split, recorded in comparison.json) on which "
                          "each method's best variant is chosen; the verdict's figures come from the rest. Below "
@@ -138,9 +135,7 @@ def main(argv=None):
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
     text = leak = None
     if args.eval_text:
-        context = cfg.block_size if args.context is None else args.context
-        if not 2 <= context <= cfg.block_size:
-            raise PipelineError(f"--context {context} is outside 2..{cfg.block_size}, the model's context")
+        context = realtext.check_context(cfg.block_size if args.context is None else args.context, cfg.block_size)
         text = realtext.read_eval_text(args.eval_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens)
         leak = realtext.leak_check(text, corpus_record, selection_prompts)
     elif args.context is not None or args.eval_tokens != realtext.EVAL_TOKENS:

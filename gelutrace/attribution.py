@@ -57,6 +57,15 @@ def _chunks(lengths: np.ndarray, conts: np.ndarray, vocab: int, acts_per_positio
     return out
 
 
+def _keeper(acts: list):
+    """A GELU forward hook appending each output to `acts`, made to require the gradient."""
+    def keep(module, inputs, output):
+        if not output.requires_grad:  # parameters without gradients: make the activation a leaf of the graph
+            output.requires_grad_(True)
+        acts.append(output)
+    return keep
+
+
 def neuron_attribution(model, prompts: list[list[int]], conts: list[np.ndarray], weights: np.ndarray,
                        batch_size: int = 64, progress=None, groups: np.ndarray | None = None) -> np.ndarray:
     """
@@ -78,12 +87,7 @@ def neuron_attribution(model, prompts: list[list[int]], conts: list[np.ndarray],
     lengths = np.array([len(prompts[r]) + len(conts[r]) - 1 for r in have], np.int64)
     cont_lengths = np.array([len(conts[r]) for r in have], np.int64)
     acts = []
-
-    def keep(module, inputs, output):
-        if not output.requires_grad:  # parameters without gradients: make the activation a leaf of the graph
-            output.requires_grad_(True)
-        acts.append(output)
-
+    keep = _keeper(acts)
     chunks = _chunks(lengths, cont_lengths, cfg.vocab_size, cfg.n_layer * cfg.d_mlp, batch_size) if len(have) else []
     with GeluHooks(model, lambda layer: keep), torch.enable_grad():
         for chunk in chunks:
@@ -138,12 +142,7 @@ class CorpusAttribution:
         if x.size(1) < 2:
             return
         acts = []
-
-        def keep(module, inputs, output):
-            if not output.requires_grad:  # parameters without gradients: make the activation a leaf of the graph
-                output.requires_grad_(True)
-            acts.append(output)
-
+        keep = _keeper(acts)
         with GeluHooks(model, lambda layer: keep), torch.enable_grad():
             logits, _ = model(x)
             logits = logits[:, :-1].reshape(-1, logits.size(-1))

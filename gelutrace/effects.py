@@ -262,8 +262,7 @@ class Staging:
     """
 
     def __init__(self, dataset_path, m: str, fingerprint: str, tag: str = ""):
-        self.dir = sf.path(dataset_path, sf.NEURON_EFFECTS_PARTIAL, m).with_name(
-            sf.NEURON_EFFECTS_PARTIAL.format(m=m) + tag)  # tag: one directory per torchrun process
+        self.dir = Path(str(sf.path(dataset_path, sf.NEURON_EFFECTS_PARTIAL, m)) + tag)  # tag: one per torchrun process
         self.fingerprint = fingerprint
 
     def start(self, resume: bool) -> dict:

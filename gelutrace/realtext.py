@@ -71,6 +71,20 @@ class EvalText:
                 "n_units": self.n_units, "windows": int(cp.num_windows(len(self.ids), self.context))}
 
 
+def add_window_args(ap, text_flag: str, context_default: str):
+    """--eval_tokens and --context, the flags that shape how `text_flag` is read (stage e, single-neuron effects)."""
+    ap.add_argument("--eval_tokens", type=int, default=EVAL_TOKENS, metavar="N",
+                    help=f"score at most this many tokens of {text_flag}, the first ones (default: %(default)s)")
+    ap.add_argument("--context", type=int, default=None, metavar="N",
+                    help=f"tokens per window of {text_flag} (default: {context_default})")
+
+
+def check_context(context: int, block_size: int) -> int:
+    if not 2 <= context <= block_size:
+        raise PipelineError(f"--context {context} is outside 2..{block_size}, the model's context")
+    return context
+
+
 def tokens_needed(eval_tokens: int, context: int) -> int:
     """The tokens to read for `eval_tokens` scored ones: every window of `context` tokens scores all but one."""
     return 1 + eval_tokens + (eval_tokens - 1) // (context - 1)
