@@ -31,9 +31,11 @@ import time
 from pathlib import Path
 
 from gelutrace import PipelineError
-from gelutrace import coactivation as co
+from gelutrace import analysis as ga
+from gelutrace import graph as gr
 from gelutrace import plots
 from gelutrace import stagefiles as sf
+from gelutrace import store as gs
 from gelutrace.cli import check_at_least, parser, run_main
 
 
@@ -46,22 +48,22 @@ def main():
     ap.add_argument("--hist_sample_size", type=int, default=None,
                     help="accepted for compatibility and ignored: histograms cover every edge, exactly")
     ap.add_argument("--bins", type=int, default=50, help="histogram bins (default: %(default)s)")
-    ap.add_argument("--weight", default=co.DEFAULT_WEIGHT,
-                    help=f"edge weight of the threshold sweep: {', '.join(co.WEIGHTS)} (definitions and threshold "
+    ap.add_argument("--weight", default=gr.DEFAULT_WEIGHT,
+                    help=f"edge weight of the threshold sweep: {', '.join(gr.WEIGHTS)} (definitions and threshold "
                          f"rule above; phi and pmi need the number of samples) (default: %(default)s)")
     args = ap.parse_args()
 
     t0 = time.time()
     src = Path(args.input_path)
     check_at_least(args, 1, "bins")
-    co.check_weight(args.weight)
+    gr.check_weight(args.weight)
     if src.suffix == ".json":
         raise PipelineError(f"{src} is already an analysis; pass the graph store or .gpickle that stage c wrote")
     if src.suffix == ".gpickle" and src.is_file():
-        nxg = co.load_gpickle(src)
-        graph = co.graph_from_networkx(nxg, str(src))
+        nxg = gs.load_gpickle(src)
+        graph = gs.graph_from_networkx(nxg, str(src))
     else:
-        nxg, graph = None, co.read_graph(src)
+        nxg, graph = None, gs.read_graph(src)
     out = sf.check_output_dir(Path(args.output_dir) if args.output_dir else src.resolve().parent / sf.ANALYSIS_DIR,
                               "--output_dir")
     sf.lock_directory(out, "stage c_analyze")
@@ -69,20 +71,20 @@ def main():
         print("note: --hist_sample_size is ignored; histograms use every edge", file=sys.stderr)
 
     weight = graph.weight(args.weight)
-    sweep = co.threshold_sweep(graph, weight=args.weight)
+    sweep = ga.threshold_sweep(graph, weight=args.weight)
     hists = {
-        sf.HIST_NODE_COUNT: (co.histogram(graph.activation_count, args.bins),
+        sf.HIST_NODE_COUNT: (ga.histogram(graph.activation_count, args.bins),
                              "Neuron activation counts", "activation count (samples)"),
-        sf.HIST_EDGE_COUNT: (co.histogram(bins=args.bins, bincount=co.edge_count_bincount(graph)),
+        sf.HIST_EDGE_COUNT: (ga.histogram(bins=args.bins, bincount=ga.edge_count_bincount(graph)),
                              "Edge co-activation counts (non-zero edges)", "co-activation count (samples)"),
-        sf.HIST_DEGREE: (co.histogram(graph.degrees(graph.cut(0.0)), args.bins),
+        sf.HIST_DEGREE: (ga.histogram(graph.degrees(graph.cut(0.0)), args.bins),
                          "Neuron degrees (edges with co-activation > 0)", "degree"),
     }
-    analyzed = out / co.analyzed_name(src, args.weight)
+    analyzed = out / gs.analyzed_name(src, args.weight)
     if nxg is not None:
-        co.write_gpickle(co.analyzed_networkx(nxg, graph, args.weight), analyzed)
+        gs.write_gpickle(gs.analyzed_networkx(nxg, graph, args.weight), analyzed)
     else:
-        co.write_analyzed_reference(graph, analyzed, args.weight)
+        gs.write_analyzed_reference(graph, analyzed, args.weight)
     for name, (df, title, xlabel) in hists.items():
         sf.write_csv(df, out / f"{name}.csv")
         plots.plot_histogram(df, out / f"{name}.png", title, xlabel)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gelutrace import coactivation as co
+from gelutrace import graph as gr
 from gelutrace import stagefiles as sf
+from gelutrace import store as gs
 from gelutrace.cli import memory_limit, parser, run_main
 
 
@@ -50,7 +51,7 @@ def main():
         raise PipelineError(f"--output_path {out} is a directory")
 
     def check_fits(n_nodes, n_edges):
-        co.check_nx_fits(n_nodes, n_edges, limit, "a NetworkX .gpickle",
+        gs.check_nx_fits(n_nodes, n_edges, limit, "a NetworkX .gpickle",
                          f"write the compact graph store instead (an --output_path not ending in .gpickle, "
                          f"e.g. {out.with_suffix('')})")
 
@@ -62,14 +63,14 @@ def main():
     if m is not None:
         sf.verify_output_set(sf.path(args.input_dir, sf.DATASET_MANIFEST, m),
                              [sf.path(args.input_dir, f, m) for f in (sf.MATRIX, sf.FREQUENCY, sf.GRAPH_META)], "stage b")
-    data = co.load_activation_data(args.input_dir)
+    data = gr.load_activation_data(args.input_dir)
     n_edges = len(data.edges) if data.edges is not None else (data.n_layer - 1) * data.d_mlp ** 2
     if out.suffix == ".gpickle":
         check_fits(data.num_neurons, n_edges)  # an edited edge list: its size is known once parsed
-        co.write_gpickle(co.build_networkx(data), out)
+        gs.write_gpickle(gs.build_networkx(data), out)
     else:
         with tqdm(total=data.n_layer if data.edges is None else 0, unit="pass", desc="counting") as bar:
-            co.write_store(out, data, progress=bar)
+            gs.write_store(out, data, progress=bar)
     print(f"{data.model}: {data.num_neurons:,} neurons, {n_edges:,} edges, {data.num_samples:,} samples "
           f"-> {out} ({time.time() - t0:.1f} s)")
 

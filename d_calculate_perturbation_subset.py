@@ -34,9 +34,10 @@ import time
 from pathlib import Path
 
 from gelutrace import PipelineError
-from gelutrace import coactivation as co
+from gelutrace import graph as gr
 from gelutrace import selection as sel
 from gelutrace import stagefiles as sf
+from gelutrace import store as gs
 from gelutrace.cli import memory_limit, parser, run_main
 
 
@@ -56,9 +57,9 @@ def main():
                            "subset each")
     ap.add_argument("--method", default="degree",
                     help=f"ranking: {', '.join(sel.METHODS)} (default: %(default)s)")
-    ap.add_argument("--weight", default=co.DEFAULT_WEIGHT,
+    ap.add_argument("--weight", default=gr.DEFAULT_WEIGHT,
                     help=f"edge weight that --threshold applies to and {', '.join(sel.GRAPH_METHODS)} rank by: "
-                         f"{', '.join(co.WEIGHTS)} (phi and pmi need the number of samples, which a .gpickle "
+                         f"{', '.join(gr.WEIGHTS)} (phi and pmi need the number of samples, which a .gpickle "
                          f"records as the graph attribute num_samples) (default: %(default)s)")
     out = ap.add_mutually_exclusive_group(required=True)
     out.add_argument("--output_path", help="the subset .npy to write (its sidecar .json goes beside it: "
@@ -91,7 +92,7 @@ def main():
     for r in args.ratio or []:
         sel.check_params(args.threshold, r, args.method)
     sel.check_params(args.threshold, 1.0, args.method)
-    co.check_weight(args.weight)
+    gr.check_weight(args.weight)
     if len(set(sizes)) != len(sizes):
         raise PipelineError(f"--{'ratio' if args.ratio else 'k'} lists a value twice")
     if args.output_path and Path(args.output_path).suffix != ".npy":
@@ -102,7 +103,7 @@ def main():
         raise PipelineError("--match_layers takes its k from the other subset: give one --ratio or --k")
     if args.export_graph and (args.threshold is None or Path(args.export_graph).suffix not in (".graphml", ".gpickle")):
         raise PipelineError("--export_graph needs --threshold and a .graphml or .gpickle name")
-    graph = co.read_graph(args.input_graph_path)
+    graph = gs.read_graph(args.input_graph_path)
     ks = [sel.subset_size(graph.num_nodes, r) for r in args.ratio] if args.ratio else args.k
     sel.check_sizes(ks, graph.num_nodes)
     targets = [Path(args.output_path)] if args.output_path else [

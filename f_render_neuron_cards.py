@@ -25,7 +25,7 @@ from gelutrace import cards as cd
 from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
-from gelutrace.coactivation import WEIGHTS
+from gelutrace.graph import WEIGHTS
 from gelutrace.loading import load_model
 
 

@@ -354,7 +354,8 @@ def graph_degrees(data, m: str, n_neurons: int, threshold: float | None = None, 
     Every neuron's degree in a thresholded co-activation graph and a note of which: the graph, threshold and
     weight given, or else those of the best graph-method subset stage e compared (None where neither exists).
     """
-    from gelutrace import coactivation as co
+    from gelutrace import graph as gr
+    from gelutrace import store as gs
 
     graph = sf.path(data, sf.WEIGHTED_GRAPH, m)
     if threshold is None:
@@ -367,9 +368,9 @@ def graph_degrees(data, m: str, n_neurons: int, threshold: float | None = None, 
             return None
         stem = c.sort_values(["k", "delta_nll"], ascending=[True, False])["subset"].iloc[0]
         meta = json.loads((Path(data) / sf.SUBSETS_DIR / f"{stem}.json").read_text())
-        threshold, weight, graph = meta["threshold"], meta.get("weight", co.DEFAULT_WEIGHT), Path(meta["graph"])
-    weight = weight or co.DEFAULT_WEIGHT
-    g = co.read_store(graph)
+        threshold, weight, graph = meta["threshold"], meta.get("weight", gr.DEFAULT_WEIGHT), Path(meta["graph"])
+    weight = weight or gr.DEFAULT_WEIGHT
+    g = gs.read_store(graph)
     deg = np.full(n_neurons, np.nan)
     deg[g.node_ids] = g.degrees(g.cut(threshold, weight))
     return deg, f"t={threshold:g}, {weight}"

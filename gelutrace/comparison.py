@@ -473,8 +473,9 @@ def method_scores(entries: list[Entry], infos: dict, dataset_path) -> dict:
     subset was chosen from (infos: stem -> stage d's sidecar). A method whose graph is gone is left out.
     """
     from gelutrace import PipelineError
-    from gelutrace import coactivation as co
+    from gelutrace import graph as gr
     from gelutrace import selection as sel
+    from gelutrace import store as gs
 
     out, graphs = {}, {}
     for e in entries:
@@ -485,9 +486,9 @@ def method_scores(entries: list[Entry], infos: dict, dataset_path) -> dict:
         try:
             src = info.get("graph")
             if src not in graphs:
-                graphs[src] = co.read_graph(src)
+                graphs[src] = gs.read_graph(src)
             out[key] = np.asarray(sel.scores(graphs[src], e.method, info.get("threshold"),
-                                             info.get("weight") or co.DEFAULT_WEIGHT, dataset_path), np.float64)
+                                             info.get("weight") or gr.DEFAULT_WEIGHT, dataset_path), np.float64)
         except (PipelineError, TypeError, OSError):
             continue
     return out

@@ -30,8 +30,8 @@ import torch
 from tqdm import tqdm
 
 from gelutrace import PipelineError
-from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
+from gelutrace import store as gs
 from gelutrace.attribution import CorpusAttribution
 from gelutrace.shards import CORPUS_FORMAT, CORPUS_VERSION
 from gelutrace.sites import GeluHooks, run_trunk
@@ -643,7 +643,7 @@ def write_corpus_dataset(export_dir, m: str, n_layer: int, d_mlp: int, samples: 
         source = {"input_dir": str(export_dir.resolve()), "corpus": sf.CORPUS.format(m=m),
                   **({"merged_from": record["merged_shards"]} if "merged_shards" in record else {})}
         store = sf.path(out.dir, sf.WEIGHTED_GRAPH, m)
-        co.write_count_store(store, m, n_layer, d_mlp, samples, node, source, pair_counts=pair_counts)
+        gs.write_count_store(store, m, n_layer, d_mlp, samples, node, source, pair_counts=pair_counts)
         sf.write_json(record, sf.path(out.dir, sf.CORPUS, m), indent=2)
         out.vouch([sf.path(out.dir, f, m) for f in written] + sf.store_files(store))
 

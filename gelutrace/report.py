@@ -357,7 +357,8 @@ def cards_section(data: Path) -> list[str]:
 
 def degree_plot(info: dict, data: Path) -> Path | None:
     """The node degrees at every threshold (and weight) stage d's graph methods used, or None without any."""
-    from gelutrace import coactivation as co
+    from gelutrace import graph as gr
+    from gelutrace import store as gs
 
     subs = info["subsets"]
     if not len(subs):
@@ -366,11 +367,11 @@ def degree_plot(info: dict, data: Path) -> Path | None:
     degrees = {}
     for (graph, weight, t), _ in used.groupby(["graph", "weight", "threshold"], dropna=False):
         try:
-            g = co.read_graph(graph)
+            g = gs.read_graph(graph)
         except (PipelineError, OSError):
             continue
-        w = weight if isinstance(weight, str) else co.DEFAULT_WEIGHT
-        degrees[f"t={t:g}" + ("" if w == co.DEFAULT_WEIGHT else f", {w}")] = g.degrees(g.cut(float(t), w))
+        w = weight if isinstance(weight, str) else gr.DEFAULT_WEIGHT
+        degrees[f"t={t:g}" + ("" if w == gr.DEFAULT_WEIGHT else f", {w}")] = g.degrees(g.cut(float(t), w))
     if not degrees:
         return None
     target = data / sf.ANALYSIS_DIR / sf.DEGREE_AT_THRESHOLDS_PLOT

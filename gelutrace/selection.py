@@ -8,7 +8,7 @@ order of the nodes (the stage-d --seed), never by node id, which would fill a ti
 0 first); the sidecar records how many picks share the k-th pick's score (tied_picks), how many nodes share it
 (tie_pool) and how many picks score 0 (zero_score_picks). One seed gives one order, so the subsets of one
 method at growing k are prefixes of one ranking. With another
-edge weight (jaccard, phi, pmi; gelutrace.coactivation.EdgeWeight) the same rule applies to that weight's
+edge weight (jaccard, phi, pmi; gelutrace.graph.EdgeWeight) the same rule applies to that weight's
 normalised value; the weight matters only to the GRAPH_METHODS.
 
 Methods: degree (edges kept, as the original), weighted_degree (sum of the kept edges' normalised weights),
@@ -30,7 +30,8 @@ import pandas as pd
 
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
-from gelutrace.coactivation import DEFAULT_WEIGHT, CoactivationGraph, Cut, check_nx_fits
+from gelutrace.graph import DEFAULT_WEIGHT, CoactivationGraph, Cut
+from gelutrace.store import check_nx_fits
 
 METHODS = ("degree", "weighted_degree", "pagerank", "activation_count", "attribution", "ablation", "random")
 GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")  # the others ignore the threshold and --weight
@@ -306,7 +307,7 @@ def export_graph(graph: CoactivationGraph, threshold: float, target, memory_limi
     """The thresholded graph (all nodes, kept edges) as GraphML or NetworkX .gpickle, if it fits in memory.
     For a weight other than count, its edges also carry {weight} and {weight}_normalized."""
     import networkx as nx
-    from gelutrace.coactivation import write_gpickle
+    from gelutrace.store import write_gpickle
     target = Path(target)
     if target.suffix not in (".graphml", ".gpickle"):
         raise PipelineError(f"--export_graph {target}: use a .graphml or .gpickle name")

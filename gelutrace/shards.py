@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from gelutrace import PipelineError
-from gelutrace import coactivation as co
 from gelutrace import stagefiles as sf
+from gelutrace import store as gs
 from gelutrace.statistics import merge_top
 
 CORPUS_FORMAT = "gelutrace-corpus"
@@ -110,7 +110,7 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
         raise PipelineError(f"shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing: the merge needs all {n}")
 
     n_layer, d_mlp = int(first["n_layer"]), int(first["d_mlp"])
-    stores = [co.read_store(sf.path(d, sf.WEIGHTED_GRAPH, m)) for d in dirs]
+    stores = [gs.read_store(sf.path(d, sf.WEIGHTED_GRAPH, m)) for d in dirs]
     for d, (_, rec), g in zip(dirs, recs, stores):
         if g.num_samples != rec["samples"] or g.header.get("kind") != "adjacent_dense":
             raise PipelineError(f"{d}: its graph store does not match its corpus record; rerun that shard")

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from gelutrace import PipelineError
-from gelutrace import coactivation as co
 from gelutrace.comparison import jaccard
+from gelutrace import graph as gr
 from gelutrace import selection as sel
 from gelutrace import stagefiles as sf
+from gelutrace import store as gs
 
 HALVES_SEED = 0x4A1F  # the prompt rows' split: fixed, so that stage b, the effects and stage e agree on it
 MEASURED = {"attribution": (sf.FREQUENCY, "attribution"), "ablation": (sf.NEURON_EFFECTS, "delta_nll")}
@@ -44,7 +45,7 @@ def half_columns(name: str) -> list[str]:
 @dataclass
 class Half:
     """One half of the selection data as stage d sees it: its graph and its per-neuron measured scores."""
-    graph: co.CoactivationGraph
+    graph: gr.CoactivationGraph
     measured: dict = field(default_factory=dict)  # method -> scores per neuron id (NaN: not measured)
 
 
@@ -72,7 +73,7 @@ def prompt_mode_halves(dataset_path, m: str, prompts) -> Halves:
     half = prompt_halves(len(prompts))
     if half is None:
         return Halves([], "one prompt cannot be split")
-    data = co.load_activation_data(dataset_path)
+    data = gr.load_activation_data(dataset_path)
     per_prompt = np.array([p.new_tokens * p.num_samples for p in prompts], np.int64)
     if per_prompt.sum() != data.num_samples:
         return Halves([], f"the activation matrix has {data.num_samples} samples, the prompt CSV asks for "
@@ -84,7 +85,7 @@ def prompt_mode_halves(dataset_path, m: str, prompts) -> Halves:
         rows = np.flatnonzero(sample_half == h)
         if not len(rows):
             return Halves([], "a half of the prompts generates no tokens")
-        out.append(Half(co.count_graph(data.rows(rows)), measured[h]))
+        out.append(Half(gs.count_graph(data.rows(rows)), measured[h]))
     n_a = int((half == 0).sum())
     return Halves(out, f"prompt rows split {n_a} + {len(prompts) - n_a}, seeded")
 
@@ -116,7 +117,7 @@ def corpus_mode_halves(record: dict, m: str, dataset_path=None) -> Halves:
     groups = [shards[:len(shards) // 2], shards[len(shards) // 2:]]
     n = int(record["n_layer"]) * int(record["d_mlp"])
     effects = _measured(dataset_path, m, n) if dataset_path is not None else [{}, {}]
-    out = [Half(co.sum_graphs([co.read_store(sf.path(d, sf.WEIGHTED_GRAPH, m)) for d in g]),
+    out = [Half(gs.sum_graphs([gs.read_store(sf.path(d, sf.WEIGHTED_GRAPH, m)) for d in g]),
                 {**shard_attribution(g, m), **({"ablation": e["ablation"]} if "ablation" in e else {})})
            for g, e in zip(groups, effects)]
     if any(h.graph.num_samples == 0 for h in out):
@@ -145,7 +146,7 @@ def reselect(half: Half, info: dict, seed_offset: int = 0) -> np.ndarray | None:
     seed = int(info.get("seed", 1337)) + seed_offset
     try:
         return sel.select_sizes(half.graph, info.get("threshold"), [int(info["k"])], method, seed,
-                                weight=info.get("weight") or co.DEFAULT_WEIGHT, measured=half.measured)[0].ids
+                                weight=info.get("weight") or gr.DEFAULT_WEIGHT, measured=half.measured)[0].ids
     except (PipelineError, TypeError, ValueError, KeyError):  # too few neurons measured on a half, a sidecar without k
         return None
 

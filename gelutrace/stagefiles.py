@@ -45,7 +45,7 @@ TRACE_ACTIVE = "{m}_active_neurons.txt"
 TRACE_PLOT = "{m}_activations.png"
 SUBSETS_DIR = "perturbation_subsets"
 RESULTS_DIR = "perturbation_results"
-# stage c: the compact co-activation graph store is a directory (see gelutrace.coactivation)
+# stage c: the compact co-activation graph store is a directory (see gelutrace.store)
 WEIGHTED_GRAPH = "{m}_weighted_graph"  # c's default --output_path (compact store directory)
 GRAPH_STORE_HEADER = "graph.json"  # inside the store: format, model, shapes, one record per block
 GRAPH_STORE_NODES = "node_activation_count.npy"  # inside the store: int64, one per neuron in id order

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 from graphdata import brute_force_graph, full_edges, make_dataset, random_activations
 
-from gelutrace import coactivation as co
+from gelutrace import analysis as ga
+from gelutrace import graph as gr
+from gelutrace import store as gs
 
 N_LAYER, D_MLP = 3, 12
 
@@ -18,19 +20,19 @@ def dataset(tmp_path_factory):
     active = random_activations(N_LAYER, D_MLP, 400, seed=1)
     make_dataset(d, active, N_LAYER, D_MLP)
     ref = brute_force_graph(active, full_edges(N_LAYER, D_MLP))
-    data = co.load_activation_data(d)
-    co.write_store(d / "store", data)
-    co.write_gpickle(co.build_networkx(data), d / "toy_weighted_graph.gpickle")
+    data = gr.load_activation_data(d)
+    gs.write_store(d / "store", data)
+    gs.write_gpickle(gs.build_networkx(data), d / "toy_weighted_graph.gpickle")
     return d, active, ref
 
 
 def both_forms(d):
-    return {"store": co.read_graph(d / "store"), "gpickle": co.read_graph(d / "toy_weighted_graph.gpickle")}
+    return {"store": gs.read_graph(d / "store"), "gpickle": gs.read_graph(d / "toy_weighted_graph.gpickle")}
 
 
 def test_store_counts_equal_brute_force(dataset):
     d, active, ref = dataset
-    g = co.read_store(d / "store")
+    g = gs.read_store(d / "store")
     assert g.header["kind"] == "adjacent_dense" and len(g.blocks) == N_LAYER - 1
     np.testing.assert_array_equal(g.activation_count, [ref.nodes[u]["activation_count"] for u in range(g.num_nodes)])
     for i, b in enumerate(g.blocks):
@@ -44,7 +46,7 @@ def test_store_counts_equal_brute_force(dataset):
 
 def test_gpickle_equals_brute_force(dataset):
     d, _, ref = dataset
-    g = co.load_gpickle(d / "toy_weighted_graph.gpickle")
+    g = gs.load_gpickle(d / "toy_weighted_graph.gpickle")
     assert sorted(g.nodes(data=True)) == sorted(
         (u, {**a, "layer": u // D_MLP, "dimension": u % D_MLP}) for u, a in ref.nodes(data=True))
     assert {(min(u, v), max(u, v)): c for u, v, c in g.edges(data="co_activation_count")} == \
@@ -59,8 +61,8 @@ def test_edited_edge_list_keeps_only_its_edges(tmp_path):
     edges = edges[edges[:, 0] != edges[:, 1]]
     edges = np.vstack([edges, edges[:5, ::-1], edges[:3]])  # reversed and repeated lines collapse
     make_dataset(tmp_path, active, N_LAYER, D_MLP, edges=edges)
-    co.write_store(tmp_path / "store", co.load_activation_data(tmp_path))
-    g = co.read_store(tmp_path / "store")
+    gs.write_store(tmp_path / "store", gr.load_activation_data(tmp_path))
+    g = gs.read_store(tmp_path / "store")
     assert g.header["kind"] == "edge_list"
     ref = brute_force_graph(active, edges)
     got = {(int(g.node_ids[u]), int(g.node_ids[v])): int(c) for u, v, c in
@@ -71,7 +73,7 @@ def test_edited_edge_list_keeps_only_its_edges(tmp_path):
 def test_pair_counts_exact_beyond_uint16():
     rng = np.random.default_rng(4)
     a, b = rng.random((70000, 5)) < 0.9, rng.random((70000, 4)) < 0.95
-    c = co.pair_counts(a, b)
+    c = gr.pair_counts(a, b)
     assert c.dtype == np.uint32
     np.testing.assert_array_equal(c, a.astype(np.int64).T @ b.astype(np.int64))
 
@@ -79,9 +81,9 @@ def test_pair_counts_exact_beyond_uint16():
 def test_count_cutoff_matches_float_ratio():
     for mx in (1, 7, 10, 87, 400, 2500):
         c = np.arange(1, mx + 1)
-        for t in co.SWEEP_THRESHOLDS + (0.05, 0.99, 1.0):
+        for t in ga.SWEEP_THRESHOLDS + (0.05, 0.99, 1.0):
             kept = [x for x in c.tolist() if x / mx > t]
-            assert co.count_cutoff(t, mx) == (kept[0] if kept else mx + 1)
+            assert gr.count_cutoff(t, mx) == (kept[0] if kept else mx + 1)
 
 
 def nx_analyzed(ref):
@@ -104,7 +106,7 @@ def nx_thresholded(h, t):
 def test_threshold_sweep_every_row_matches_networkx(dataset, form):
     d, _, ref = dataset
     h = nx_analyzed(ref)
-    got = co.threshold_sweep(both_forms(d)[form])
+    got = ga.threshold_sweep(both_forms(d)[form])
     assert list(got["threshold"]) == [i / 10 for i in range(10)]
     for row in got.itertuples():
         k = nx_thresholded(h, row.threshold)
@@ -120,9 +122,9 @@ def test_histograms_match_numpy_on_reference_values(dataset, form):
     g = both_forms(d)[form]
     h = nx_analyzed(ref)
     cases = [
-        (co.histogram(g.activation_count, 20), [a for _, a in ref.nodes(data="activation_count")]),
-        (co.histogram(bins=20, bincount=co.edge_count_bincount(g)), [c for *_, c in h.edges(data="co_activation_count")]),
-        (co.histogram(g.degrees(g.cut(0.0)), 20), [deg for _, deg in h.degree()]),
+        (ga.histogram(g.activation_count, 20), [a for _, a in ref.nodes(data="activation_count")]),
+        (ga.histogram(bins=20, bincount=ga.edge_count_bincount(g)), [c for *_, c in h.edges(data="co_activation_count")]),
+        (ga.histogram(g.degrees(g.cut(0.0)), 20), [deg for _, deg in h.degree()]),
     ]
     for got, values in cases:
         dens, edges = np.histogram(values, bins=20, density=True)
@@ -137,24 +139,24 @@ def test_histograms_match_numpy_on_reference_values(dataset, form):
 def test_analyzed_gpickle_normalised_weights_match_networkx(dataset):
     d, _, ref = dataset
     h = nx_analyzed(ref)
-    graph = co.read_graph(d / "toy_weighted_graph.gpickle")
-    an = co.analyzed_networkx(co.load_gpickle(d / "toy_weighted_graph.gpickle"), graph)
+    graph = gs.read_graph(d / "toy_weighted_graph.gpickle")
+    an = gs.analyzed_networkx(gs.load_gpickle(d / "toy_weighted_graph.gpickle"), graph)
     assert an.number_of_edges() == h.number_of_edges()
     for u, v, w in h.edges(data="w"):
         assert an.edges[u, v]["co_activation_count_normalized"] == w
     mx = max(a for _, a in ref.nodes(data="activation_count"))
     for u, a in ref.nodes(data="activation_count"):
         assert an.nodes[u]["activation_count_normalized"] == a / mx
-    np.testing.assert_array_equal(co.read_store(d / "store").normalized_activation(),
+    np.testing.assert_array_equal(gs.read_store(d / "store").normalized_activation(),
                                   [a / mx for _, a in sorted(ref.nodes(data="activation_count"))])
 
 
 def test_store_loads_one_pair_memory_mapped_without_pickle(dataset):
     d, _, _ = dataset
-    g = co.read_store(d / "store")
+    g = gs.read_store(d / "store")
     c = g.blocks[0].counts()
     assert isinstance(c, np.memmap)
-    assert pd.read_json(d / "store" / "graph.json", typ="series")["format"] == co.STORE_FORMAT
+    assert pd.read_json(d / "store" / "graph.json", typ="series")["format"] == gs.STORE_FORMAT
 
 
 @pytest.mark.parametrize("rows", [1, 7, 16, 17, 100, 1001])

@@ -395,7 +395,7 @@ def test_corpus_mode_on_pythia(tmp_path):
     by hand from the MLP inputs of transformers' own model over the same windows."""
     from transformers import AutoModelForCausalLM
 
-    from gelutrace import coactivation as co
+    from gelutrace import store as gs
     ckpt = build("gpt_neox", tmp_path / "tiny-pythia")
     text = tmp_path / "t.txt"
     text.write_text(" ".join(PROMPTS) * 3)
@@ -421,7 +421,7 @@ def test_corpus_mode_on_pythia(tmp_path):
                 h.remove()
         active.append(torch.cat([reference(hf, "gpt_neox", i, seen[i][0]) for i in range(len(seen))], -1) > 0)
     a = torch.cat(active).numpy().astype(np.int64)
-    g = co.read_graph(tmp_path / "out" / f"{m}_weighted_graph")
+    g = gs.read_graph(tmp_path / "out" / f"{m}_weighted_graph")
     d = lm.model.config.d_mlp
     assert g.num_samples == len(ids)
     np.testing.assert_array_equal(g.activation_count, a.sum(0))

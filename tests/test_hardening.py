@@ -17,8 +17,9 @@ import pytest
 
 from conftest import REPO_ROOT, directory_digest, fill_disk_at
 from gelutrace import PipelineError
-from gelutrace import coactivation as co
+from gelutrace import graph as gr
 from gelutrace import stagefiles as sf
+from gelutrace import store as gs
 from gelutrace.loading import load_model
 
 
@@ -51,7 +52,7 @@ def test_malicious_gpickle_runs_no_code(tmp_path, argv):
     marker = tmp_path / "PWNED"
     evil.write_bytes(pickle.dumps(Pwn(marker)))
     with pytest.raises(PipelineError, match="refusing posix.system|refusing os.system"):
-        co.load_gpickle(evil)
+        gs.load_gpickle(evil)
     args = [a.format(evil=evil, out=tmp_path / "s.npy") for a in argv[1:]]
     one_error_line(script(argv[0], *args, cwd=tmp_path))
     assert not marker.exists()
@@ -76,7 +77,7 @@ def test_damaged_and_foreign_gpickles(tmp_path):
     _ = g.nodes, g.edges, g.adj, g.degree  # views networkx caches inside the graph, and pickles with it
     for proto in (0, 2, pickle.HIGHEST_PROTOCOL):  # a graph as the original or stage c wrote it still loads
         (tmp_path / f"ok{proto}.gpickle").write_bytes(pickle.dumps(g, protocol=proto))
-        back = co.load_gpickle(tmp_path / f"ok{proto}.gpickle")
+        back = gs.load_gpickle(tmp_path / f"ok{proto}.gpickle")
         assert back.nodes[0]["activation_count"] == 2 and back.edges[0, 1]["co_activation_count"] == 1
     good = pickle.dumps(g)
     (tmp_path / "cut.gpickle").write_bytes(good[: len(good) // 2])
@@ -84,7 +85,7 @@ def test_damaged_and_foreign_gpickles(tmp_path):
     (tmp_path / "other.gpickle").write_bytes(pickle.dumps(nx.DiGraph()))
     for name in ("cut", "set", "other"):
         with pytest.raises(PipelineError):
-            co.load_gpickle(tmp_path / f"{name}.gpickle")
+            gs.load_gpickle(tmp_path / f"{name}.gpickle")
 
 
 def test_prompt_row_with_extra_fields_is_refused(tmp_path):
@@ -539,23 +540,23 @@ def test_store_switch_is_atomic_and_leftovers_are_cleaned(store_dir, monkeypatch
     umask = os.umask(0)
     os.umask(umask)
     assert store.is_symlink() and (store.resolve().stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's 0700
-    before = co.read_graph(store).header["uid"]
+    before = gs.read_graph(store).header["uid"]
     real = os.replace
 
     def crashing(a, b):  # the switch is one rename of the link: kill -9 at it
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sf.os, "replace", crashing)
-    data = co.load_activation_data(d)
+    data = gr.load_activation_data(d)
     with pytest.raises(KeyboardInterrupt):
-        co.write_store(store, data)
+        gs.write_store(store, data)
     monkeypatch.setattr(sf.os, "replace", real)
-    assert co.read_graph(store).header["uid"] == before  # the old store, whole
+    assert gs.read_graph(store).header["uid"] == before  # the old store, whole
     # a plain directory (an older version's store) cut between its two renames comes back on the next read
     plain = store.resolve()
     store.unlink()
     real(plain, d / ".toy_weighted_graph.legacy0")
-    assert co.read_graph(store).header["uid"] == before
+    assert gs.read_graph(store).header["uid"] == before
     assert store.is_dir() and not store.is_symlink()
     r = script("c_calculate_weighted_activation_graph.py", "--input_dir", d)
     assert r.returncode == 0, r.stderr
@@ -591,7 +592,7 @@ def test_tampered_store_is_refused(store_dir, damage):
         np.save(store / "node_activation_count.npy", np.load(store / "node_activation_count.npy").astype(float))
     header_path.write_text(json.dumps(h))
     with pytest.raises(PipelineError, match="damaged"):
-        co.read_graph(store)
+        gs.read_graph(store)
     one_error_line(script("c_analyze_weighted_activation_graph.py", "--input_path", store))
 
 
@@ -605,7 +606,7 @@ def test_counts_past_255_and_65535_against_brute_force(tmp_path, n_samples, dtyp
     d = make_dataset(tmp_path / "ds", active, 2, 4)
     r = script("c_calculate_weighted_activation_graph.py", "--input_dir", d)
     assert r.returncode == 0, r.stderr
-    g = co.read_graph(d / "toy_weighted_graph")
+    g = gs.read_graph(d / "toy_weighted_graph")
     pair = np.load(d / "toy_weighted_graph" / "pair_000_001.npy")
     assert pair.dtype == dtype and g.header["count_dtype"] == dtype
     a = active.astype(np.int64)

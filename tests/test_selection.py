@@ -8,9 +8,11 @@ from conftest import assert_top_k
 from graphdata import brute_force_graph, full_edges, make_dataset, random_activations
 
 from gelutrace import PipelineError
-from gelutrace import coactivation as co
+from gelutrace import analysis as ga
+from gelutrace import graph as gr
 from gelutrace import selection as sel
 from gelutrace import stagefiles as sf
+from gelutrace import store as gs
 
 N_LAYER, D_MLP = 3, 10
 
@@ -26,11 +28,11 @@ def graphs(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     active = random_activations(N_LAYER, D_MLP, 350, seed=7) if request.param == "random" else tie_heavy()
     make_dataset(d, active, N_LAYER, D_MLP)
-    data = co.load_activation_data(d)
-    co.write_store(d / "store", data)
-    co.write_gpickle(co.build_networkx(data), d / "toy_weighted_graph.gpickle")
+    data = gr.load_activation_data(d)
+    gs.write_store(d / "store", data)
+    gs.write_gpickle(gs.build_networkx(data), d / "toy_weighted_graph.gpickle")
     ref = brute_force_graph(active, full_edges(N_LAYER, D_MLP))
-    return co.read_graph(d / "store"), co.read_graph(d / "toy_weighted_graph.gpickle"), ref
+    return gs.read_graph(d / "store"), gs.read_graph(d / "toy_weighted_graph.gpickle"), ref
 
 
 def reference_threshold_graph(ref, t):
@@ -97,8 +99,8 @@ def test_compact_and_gpickle_identical_downstream(graphs, method):
         a, b = sel.select(store, t, 0.15, method, seed=9), sel.select(pick, t, 0.15, method, seed=9)
         assert a.ids.tolist() == b.ids.tolist() and a.edges_kept == b.edges_kept
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-12)
-    assert co.threshold_sweep(store).equals(co.threshold_sweep(pick))
-    np.testing.assert_array_equal(co.edge_count_bincount(store), co.edge_count_bincount(pick))
+    assert ga.threshold_sweep(store).equals(ga.threshold_sweep(pick))
+    np.testing.assert_array_equal(ga.edge_count_bincount(store), ga.edge_count_bincount(pick))
 
 
 @pytest.mark.parametrize("t,r,m", [(-0.1, 0.1, "degree"), (1.01, 0.1, "degree"), (0.5, 0.0, "degree"),
@@ -113,7 +115,7 @@ def scored(tmp_path):
     """A store whose dataset directory also holds an attribution column and a partial neuron-effects file."""
     active = random_activations(N_LAYER, D_MLP, 120, seed=3)
     make_dataset(tmp_path, active, N_LAYER, D_MLP)
-    co.write_store(tmp_path / "store", co.load_activation_data(tmp_path))
+    gs.write_store(tmp_path / "store", gr.load_activation_data(tmp_path))
     n = N_LAYER * D_MLP
     rng = np.random.default_rng(1)
     attr = np.round(rng.normal(size=n), 1)  # rounded: ties
@@ -128,7 +130,7 @@ def scored(tmp_path):
 
 def test_attribution_and_ablation_rank_their_columns(scored):
     d, attr, effects = scored
-    g = co.read_graph(d / "store")
+    g = gs.read_graph(d / "store")
     for t in (None, 0.0, 0.9):  # the threshold plays no part
         sub = sel.select(g, t, 0.2, "attribution")  # k = int(30 * 0.2)
         assert_top_k(sub.ids.tolist(), dict(enumerate(attr.tolist())), 6)
@@ -148,10 +150,10 @@ def test_attribution_missing_is_an_error(scored):
     freq = sf.path(d, sf.FREQUENCY, "toy")
     pd.read_csv(freq).assign(attribution=np.nan).to_csv(freq, index=False)
     with pytest.raises(PipelineError, match="no-attribution|--no_attribution"):
-        sel.select(co.read_graph(d / "store"), None, 0.2, "attribution")
+        sel.select(gs.read_graph(d / "store"), None, 0.2, "attribution")
     sf.path(d, sf.NEURON_EFFECTS, "toy").unlink()
     with pytest.raises(PipelineError, match="d_calculate_neuron_effects"):
-        sel.select(co.read_graph(d / "store"), None, 0.2, "ablation")
+        sel.select(gs.read_graph(d / "store"), None, 0.2, "ablation")
 
 
 def test_ties_are_broken_at_random_in_proportion_to_the_tied_pool(tmp_path):
@@ -165,8 +167,8 @@ def test_ties_are_broken_at_random_in_proportion_to_the_tied_pool(tmp_path):
     live = np.r_[rng.choice(d, 10, replace=False), d + rng.choice(d, 10, replace=False)]
     active[:, live] = rng.random((300, 20)) < 0.5
     make_dataset(tmp_path, active, n_layer, d)
-    co.write_store(tmp_path / "store", co.load_activation_data(tmp_path))
-    store = co.read_graph(tmp_path / "store")
+    gs.write_store(tmp_path / "store", gr.load_activation_data(tmp_path))
+    store = gs.read_graph(tmp_path / "store")
     deg = store.degrees(store.cut(0.0))
     assert (deg[live] > 0).all() and (np.delete(deg, live) == 0).all()
     pool = np.setdiff1d(np.arange(n_layer * d), live)

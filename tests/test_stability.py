@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 from conftest import SHIPPED_NAME
-from gelutrace import coactivation as co
+from gelutrace import graph as gr
 from gelutrace import perturbation as pt
 from gelutrace import stability
 from gelutrace import stagefiles as sf
+from gelutrace import store as gs
 from gelutrace.comparison import jaccard
 from test_corpus import run_here
 
@@ -48,21 +49,21 @@ def test_count_graph_and_sum_graphs_against_numpy():
     rng = np.random.default_rng(3)
     n_layer, d = 3, 12
     active = rng.random((40, n_layer * d)) < 0.3
-    data = co.ActivationData("toy", n_layer, d, np.packbits(active, axis=1), None)
+    data = gr.ActivationData("toy", n_layer, d, np.packbits(active, axis=1), None)
     nodes, pairs = numpy_counts(active, n_layer, d)
-    g = co.count_graph(data)
+    g = gs.count_graph(data)
     assert np.array_equal(g.activation_count, nodes) and g.num_samples == 40
     for b, ref in zip(g.blocks, pairs):
         assert np.array_equal(np.asarray(b.counts(), np.int64), ref)
     rows = rng.permutation(40)
-    parts = [co.count_graph(data.rows(rows[:15])), co.count_graph(data.rows(rows[15:]))]
-    total = co.sum_graphs(parts)
+    parts = [gs.count_graph(data.rows(rows[:15])), gs.count_graph(data.rows(rows[15:]))]
+    total = gs.sum_graphs(parts)
     assert np.array_equal(total.activation_count, nodes) and total.num_samples == 40
     for b, ref in zip(total.blocks, pairs):
         assert np.array_equal(np.asarray(b.counts(), np.int64), ref)
     # an edited edge list is counted on those edges
     edges = np.array([[0, 13], [2, 30], [5, 7]])
-    g = co.count_graph(co.ActivationData("toy", n_layer, d, np.packbits(active, axis=1), edges))
+    g = gs.count_graph(gr.ActivationData("toy", n_layer, d, np.packbits(active, axis=1), edges))
     a = active.astype(np.int64)
     assert np.array_equal(np.asarray(g.blocks[0].counts(), np.int64), [a[:, u] @ a[:, v] for u, v in edges])
 
@@ -111,7 +112,7 @@ def test_prompt_halves_equal_the_pipeline_on_each_half(prompt_runs):
     assert len(halves.halves) == 2 and "3 + 3" in halves.how
     for h in (0, 1):
         hcsv, hd, hinfos = prompt_runs[h]
-        ref = co.read_store(sf.path(hd, sf.WEIGHTED_GRAPH, M))
+        ref = gs.read_store(sf.path(hd, sf.WEIGHTED_GRAPH, M))
         got = halves.halves[h].graph
         assert got.num_samples == ref.num_samples
         assert np.array_equal(got.activation_count, ref.activation_count)

@@ -212,7 +212,7 @@ def test_weight_flag_names_and_records_the_weight(pipeline, tmp_path):
     assert ref["weight"] == "phi" and 0 < ref["max_weight"] <= 1
     assert json.loads((an / "toy_weighted_graph_analyzed.json").read_text())["weight"] == "count"
     import networkx as nx
-    from gelutrace.coactivation import load_gpickle
+    from gelutrace.store import load_gpickle
     g = load_gpickle(d / "an_pickle" / "toy_weighted_graph_analyzed_phi.gpickle")
     assert g.graph["weight"] == "phi" and g.graph["max_weight"] == ref["max_weight"]
     assert max(w for *_, w in g.edges(data="phi_normalized")) == 1.0
@@ -242,7 +242,7 @@ def test_weight_flag_names_and_records_the_weight(pipeline, tmp_path):
 
 
 def test_bad_weight_one_error_line(pipeline, tmp_path):
-    from gelutrace.coactivation import load_gpickle, write_gpickle
+    from gelutrace.store import load_gpickle, write_gpickle
     d = pipeline
     g = load_gpickle(d / "toy_weighted_graph.gpickle")
     del g.graph["num_samples"]

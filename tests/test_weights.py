@@ -11,8 +11,10 @@ from conftest import assert_top_k
 from graphdata import full_edges, make_dataset, random_activations
 
 from gelutrace import PipelineError
-from gelutrace import coactivation as co
+from gelutrace import analysis as ga
+from gelutrace import graph as gr
 from gelutrace import selection as sel
+from gelutrace import store as gs
 
 N_LAYER, D_MLP = 3, 10
 OTHER = ("jaccard", "phi", "pmi")
@@ -41,7 +43,7 @@ def with_constant_columns(a, always=(3, 14, 25), never=(4, 15, 26)):
     return a
 
 
-@pytest.mark.parametrize("name", co.WEIGHTS)
+@pytest.mark.parametrize("name", gr.WEIGHTS)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_edge_weight_equals_a_loop_over_every_pair_of_columns(name, seed):
     rng = np.random.default_rng(seed)
@@ -50,12 +52,12 @@ def test_edge_weight_equals_a_loop_over_every_pair_of_columns(name, seed):
     a[:, 8] = a[:, 7]  # identical columns: jaccard 1, phi 1
     n = a.sum(axis=0).astype(np.float64)
     c = a.astype(np.int64).T @ a.astype(np.int64)
-    got = co.edge_weight(name, c.astype(np.uint16), n[:, None], n[None, :], len(a))
+    got = gr.edge_weight(name, c.astype(np.uint16), n[:, None], n[None, :], len(a))
     want = np.array([[brute_weight(name, a, i, j) for j in range(9)] for i in range(9)])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
     # the 1-D (edge list) form gives the very same floats
     iu, ju = np.triu_indices(9, 1)
-    np.testing.assert_array_equal(co.edge_weight(name, c[iu, ju], n[iu], n[ju], len(a)), got[iu, ju])
+    np.testing.assert_array_equal(gr.edge_weight(name, c[iu, ju], n[iu], n[ju], len(a)), got[iu, ju])
     if name == "phi":  # and phi is the Pearson correlation of the columns that vary
         v = slice(3, 9)
         np.testing.assert_allclose(got[v, v], np.corrcoef(a[:, v].T.astype(float)), rtol=1e-12, atol=1e-15)
@@ -99,11 +101,11 @@ HAND_KEPT = {
 def hand_graph(tmp_path_factory):
     d = tmp_path_factory.mktemp("hand")
     make_dataset(d, HAND, 2, 3)
-    co.write_store(d / "store", co.load_activation_data(d))
-    return co.read_graph(d / "store")
+    gs.write_store(d / "store", gr.load_activation_data(d))
+    return gs.read_graph(d / "store")
 
 
-@pytest.mark.parametrize("name", co.WEIGHTS)
+@pytest.mark.parametrize("name", gr.WEIGHTS)
 def test_hand_checked_weights_and_maxima(hand_graph, name):
     w = hand_graph.weight(name)
     (block,) = hand_graph.blocks
@@ -123,7 +125,7 @@ def test_hand_checked_threshold_rule(hand_graph, name, t):
     assert {(int(u), int(v) + 3) for u, v in zip(*np.nonzero(mask))} == HAND_KEPT[name, t]
     deg = hand_graph.degrees(cut)
     assert deg.tolist() == [sum(x in e for e in HAND_KEPT[name, t]) for x in range(6)]
-    row = co.threshold_sweep(hand_graph, [t], name).iloc[0]
+    row = ga.threshold_sweep(hand_graph, [t], name).iloc[0]
     assert row.num_edges == len(HAND_KEPT[name, t])
 
 
@@ -134,10 +136,10 @@ def graphs(tmp_path_factory):
     active = with_constant_columns(random_activations(N_LAYER, D_MLP, 300, seed=21))
     active[:, 7] = active[:, 8]  # tied neurons
     make_dataset(d, active, N_LAYER, D_MLP)
-    data = co.load_activation_data(d)
-    co.write_store(d / "store", data)
-    co.write_gpickle(co.build_networkx(data), d / "toy_weighted_graph.gpickle")
-    return co.read_graph(d / "store"), co.read_graph(d / "toy_weighted_graph.gpickle"), active
+    data = gr.load_activation_data(d)
+    gs.write_store(d / "store", data)
+    gs.write_gpickle(gs.build_networkx(data), d / "toy_weighted_graph.gpickle")
+    return gs.read_graph(d / "store"), gs.read_graph(d / "toy_weighted_graph.gpickle"), active
 
 
 def reference_graph(active, name, t):
@@ -156,7 +158,7 @@ def reference_graph(active, name, t):
 @pytest.mark.parametrize("form", [0, 1], ids=["store", "gpickle"])
 def test_sweep_matches_networkx(graphs, name, form):
     active = graphs[2]
-    got = co.threshold_sweep(graphs[form], weight=name)
+    got = ga.threshold_sweep(graphs[form], weight=name)
     for row in got.itertuples():
         k = reference_graph(active, name, row.threshold)
         sizes = [len(c) for c in nx.connected_components(k)]
@@ -195,7 +197,7 @@ def test_weights_that_differ_pick_different_neurons(graphs):
     """The always-firing neurons are hubs under count but have no kept edge under phi or pmi."""
     store, _, active = graphs
     always = np.flatnonzero(active.all(axis=0))
-    top = {n: set(sel.select(store, 0.3, 0.1, "degree", weight=n).ids.tolist()) for n in co.WEIGHTS}
+    top = {n: set(sel.select(store, 0.3, 0.1, "degree", weight=n).ids.tolist()) for n in gr.WEIGHTS}
     for n in ("phi", "pmi"):
         assert not top[n] & set(always.tolist())
         assert store.degrees(store.cut(0.0, n))[always].sum() == 0
@@ -215,7 +217,7 @@ def test_weight_does_not_apply_to_activation_count_and_random(graphs):
 
 def test_phi_and_pmi_need_the_number_of_samples(graphs):
     store = graphs[0]
-    g = co.CoactivationGraph(store.model, store.node_ids, store.activation_count, store.layer, store.dimension,
+    g = gr.CoactivationGraph(store.model, store.node_ids, store.activation_count, store.layer, store.dimension,
                              store.blocks, num_samples=None, source="x.gpickle")
     assert g.weight("jaccard").max == store.weight("jaccard").max
     for name in ("phi", "pmi"):
