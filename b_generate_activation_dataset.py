@@ -6,7 +6,8 @@ the neurons behind it. Writes into --export_dir: {m}_activation_dataset.csv, {m}
 {m}_activation_matrix.npz (bit-packed; read it with gelutrace.stagefiles.read_activation_matrix),
 {m}_neuron_activations.json and .pickle (unless --no_activation_lists), {m}_neuron_top_examples.csv (each
 neuron's --top_examples samples with the largest post-GELU value; 0 skips it; both modes), and stage a's graph files
-({m}_neuron_attributes.csv, {m}_graph_meta.json, {m}_neuron_edges.el unless --no_edge_list).
+({m}_neuron_attributes.csv, {m}_graph_meta.json, {m}_neuron_edges.el unless --no_edge_list), and with
+--direct_edges {m}_direct_edges.npz.
 
 Corpus mode (--input_text): read any amount of text, teacher-forced in windows of --context tokens; every
 position is one sample. Exact counts are streamed, so memory does not grow with the text. Writes
@@ -37,7 +38,7 @@ from gelutrace.statistics import merge_top
 from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
 from gelutrace.generation import StepProgress, encode_prompts, plan_batches
 from gelutrace.loading import load_model
-from gelutrace.recording import Staging, fingerprint, record_attribution, record_batch, write_dataset
+from gelutrace.recording import Staging, fingerprint, record_attribution, record_batch, record_direct, write_dataset
 from gelutrace.stagefiles import check_output_dir, lock_directory, read_prompts
 
 
@@ -69,6 +70,15 @@ def main():
                          "token's NLL the objective, per scored token (every window position but the last): a "
                          "backward pass per batch, about 2-3x the forward's time; streamed, checkpointed and "
                          "merged like the counts (prompt mode computes it by default)")
+    ap.add_argument("--direct_edges", action="store_true",
+                    help="both modes: also the causal edge weights direct and direct_abs (each neuron's direct "
+                         "effect on a later neuron through the residual stream, norm scales held; see README) and "
+                         "each neuron's direct_loss, in the graph store (prompt mode: {m}_direct_edges.npz, which "
+                         "stage c folds in); prompt mode: one teacher-forced pass per distinct continuation; "
+                         "corpus mode: streamed, checkpointed and merged with the counts")
+    ap.add_argument("--edges", choices=("adjacent", "all"), default=None,
+                    help="with --direct_edges: the layer pairs, adjacent (the graph's, the default) or all i < j "
+                         "(the influence ranking uses them; memory grows with n_layer^2, printed before the run)")
     ap.add_argument("--top_examples", type=int, default=10, metavar="K",
                     help="keep each neuron's K samples with the largest post-GELU value (ties to the lower sample "
                          "id) in {m}_neuron_top_examples.csv, streamed in O(neurons x K) memory; 0 turns it off "
@@ -91,6 +101,9 @@ def main():
                     help="corpus mode: save the running counts for --resume at most this often; 0 saves after "
                          "every batch (default: %(default)s)")
     args = ap.parse_args()
+    if args.edges is not None and not args.direct_edges:
+        raise PipelineError("--edges applies to --direct_edges only")
+    args.edges = args.edges or "adjacent"
     if (args.input_csv is None) == (args.input_text is None):
         raise PipelineError("give exactly one of --input_csv (prompt mode) and --input_text (corpus mode)")
     if args.input_text is not None:
@@ -142,6 +155,11 @@ def main():
         rows = sum(len(b.row_prompt) for b in plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size))
         with tqdm(total=rows, unit="seq", desc="attribution (forward + backward)") as bar:
             attribution = record_attribution(lm.model, chunks, prompt_ids, args.batch_size, bar.update)
+    direct = None
+    if args.direct_edges:
+        rows = sum(len(b.row_prompt) for b in plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size))
+        with tqdm(total=rows, unit="seq", desc="direct edges (forward)") as bar:
+            direct = record_direct(lm.model, chunks, prompt_ids, args.batch_size, args.edges, bar.update)
 
     with sf.OutputSet(export, sf.path(export, sf.DATASET_MANIFEST, lm.name), sf.dataset_files(lm.name),
                       "stage b") as out:
@@ -150,6 +168,9 @@ def main():
         sf.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list,
                                       site=lm.site, into=out.dir)
         vouched = sf.DATASET_SET + ((sf.TOP_EXAMPLES,) if top is not None else ())
+        if direct is not None:
+            direct[0].write_npz(sf.path(out.dir, sf.DIRECT_EDGES, lm.name), direct[1])
+            vouched += (sf.DIRECT_EDGES,)
         out.vouch(sf.path(out.dir, f, lm.name) for f in vouched)
     staging.finish()
     per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])
@@ -173,7 +194,8 @@ def corpus_mode(args):
         raise PipelineError(f"--checkpoint_minutes must be a finite number >= 0 (0: after every batch), got "
                             f"{args.checkpoint_minutes}")
     settings = corpus.CorpusSettings(args.context, args.max_tokens, args.batch_size, args.save_matrix, args.shard,
-                                     args.top_examples, args.resume, 60 * args.checkpoint_minutes, args.attribution)
+                                     args.top_examples, args.resume, 60 * args.checkpoint_minutes, args.attribution,
+                                     args.edges if args.direct_edges else None)
     record = corpus.run_corpus_mode(args.input_text, args.export_dir, args.model_type, args.device, settings)
     if record is not None:
         shard = f" (shard {record['shard']['index']}/{record['shard']['count']})" if record["shard"] else ""

@@ -16,9 +16,13 @@ Edge weights (--weight), from an edge's count c, its ends' activation counts n_u
   phi      (N c - n_u n_v) / sqrt(n_u (N - n_u) n_v (N - n_v)), the correlation of the two neurons' 0/1
            activity; 0 when a neuron never or always fires
   pmi      log(c N / (n_u n_v)), -inf when c = 0
+and, where stage b ran with --direct_edges, the causal weights (README, "Causal edge weights"):
+  direct      u's mean first-order effect on v's value through the residual stream, norm scales held
+              (negative: u's write lowers v)
+  direct_abs  the mean of its absolute value per sample (an upper bound for gated units)
 The normalised weight is weight / (its max over all edges) when that max is > 0; an edge is kept at threshold t
-iff its normalised weight is > t, so edges with a weight <= 0 (phi, pmi: no more co-activation than chance)
-are never kept. For a weight other than count the sweep and the analyzed graph are named with the weight
+iff its normalised weight is > t, so edges with a weight <= 0 (phi, pmi: no more co-activation than chance;
+direct: inhibition) are never kept. For a weight other than count the sweep and the analyzed graph are named with the weight
 (threshold_analysis_phi.csv / .png, {graph name}_analyzed_phi.json); the analyzed graph records the weight
 and its max (weight, max_weight), and an analyzed .gpickle's edges carry {weight} and {weight}_normalized.
 The histograms do not depend on the weight.

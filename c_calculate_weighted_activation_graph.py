@@ -7,6 +7,8 @@ block of rows of the bit-packed matrix, added into int64 totals (the matrix is n
 input directory's .el was edited by the user, only its edges are kept.
 
 A corpus-mode stage b writes the store itself; stage c rebuilds the same store from its --save_matrix.
+With stage b's --direct_edges, the store also holds its causal weights ({m}_direct_edges.npz; the .gpickle
+keeps the counts only).
 
 --output_path ending in .gpickle writes the original's pickled networkx.Graph (refused up front when it would
 not fit in memory); any other path writes the compact graph store, a directory of exact integer count
@@ -60,17 +62,21 @@ def main():
         if sf.edges_are_canonical(args.input_dir, m, meta):
             n_layer, d_mlp = int(meta.get("n_layer", 0)), int(meta.get("d_mlp", 0))
             check_fits(n_layer * d_mlp, (n_layer - 1) * d_mlp ** 2)
+    direct = sf.path(args.input_dir, sf.DIRECT_EDGES, m) if m is not None else None
+    direct = direct if direct is not None and direct.is_file() else None
     if m is not None:
         sf.verify_output_set(sf.path(args.input_dir, sf.DATASET_MANIFEST, m),
-                             [sf.path(args.input_dir, f, m) for f in (sf.MATRIX, sf.FREQUENCY, sf.GRAPH_META)], "stage b")
+                             [sf.path(args.input_dir, f, m) for f in (sf.MATRIX, sf.FREQUENCY, sf.GRAPH_META)]
+                             + ([direct] if direct else []), "stage b")
     data = gr.load_activation_data(args.input_dir)
+    causal = gr.CausalEdges.read_npz(direct, data.num_neurons, data.d_mlp) if direct else None
     n_edges = len(data.edges) if data.edges is not None else (data.n_layer - 1) * data.d_mlp ** 2
     if out.suffix == ".gpickle":
         check_fits(data.num_neurons, n_edges)  # an edited edge list: its size is known once parsed
         gs.write_gpickle(gs.build_networkx(data), out)
     else:
         with tqdm(total=data.n_layer if data.edges is None else 0, unit="pass", desc="counting") as bar:
-            gs.write_store(out, data, progress=bar)
+            gs.write_store(out, data, progress=bar, causal=causal)
     print(f"{data.model}: {data.num_neurons:,} neurons, {n_edges:,} edges, {data.num_samples:,} samples "
           f"-> {out} ({time.time() - t0:.1f} s)")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline, a -> b -> (single-neuron effects) -> c -> c_analyze -> d (a sweep of selection methods)
-# -> e (baseline, random controls, on held-out prompts) -> neuron cards -> report, which opens with
+# The whole pipeline, a -> b -> (single-neuron effects) -> c -> (edge fidelity) -> c_analyze -> d (a sweep of
+# selection methods) -> e (baseline, random controls, on held-out prompts) -> neuron cards -> report, which opens with
 # the method comparison.
 #
 #   ./run_pipeline.sh [options] [MODEL] [PROMPT_CSV] [DATASET_DIR]
@@ -18,8 +18,12 @@
 #                                   10 %: 0.1% 0.193% 0.373% 0.72% 1.39% 2.68% 5.18% 10%)
 #   --ratios "0.01 0.05"            RATIOS: fractions of the neurons instead of --ks (the original's sweep)
 #   --methods "degree ..."          METHODS of the stage-d sweep (default: degree activation_count attribution
-#                                   random, plus ablation when single-neuron effects are measured)
-#   --weights "count"               WEIGHTS: edge weights of the graph methods (count jaccard phi pmi)
+#                                   random, plus influence with --direct_edges 1 and ablation when single-neuron
+#                                   effects are measured)
+#   --weights "count"               WEIGHTS: edge weights of the graph methods (count jaccard phi pmi direct
+#                                   direct_abs; default count, plus direct_abs with --direct_edges 1)
+#   --direct_edges 0|1              DIRECT_EDGES: stage b also measures the causal edge weights (direct,
+#                                   direct_abs) and each neuron's direct_loss (default 1)
 #   --effects 0|1                   EFFECTS: measure every neuron's single-ablation effect (ground truth for
 #                                   the comparison, and the ablation method); default 1 for a shipped model
 #                                   (models/), 0 otherwise (GPT-2 small: 36,864 ablations, GPU advised); with
@@ -61,7 +65,8 @@ EVAL_TOKENS="${EVAL_TOKENS:-}"
 EFFECT_TOKENS="${EFFECT_TOKENS:-2000}"
 CONTROL_SUBSETS="${CONTROL_SUBSETS:-best}"
 METHODS="${METHODS:-}"
-WEIGHTS="${WEIGHTS:-count}"
+DIRECT_EDGES="${DIRECT_EDGES:-1}"
+WEIGHTS="${WEIGHTS:-}"
 EFFECTS="${EFFECTS:-auto}"
 EVAL_CSV="${EVAL_CSV:-}"
 TEXT="${TEXT:-}"
@@ -84,6 +89,7 @@ while [ $# -gt 0 ]; do
     --control_subsets) CONTROL_SUBSETS="${2:?--control_subsets needs a value}"; shift 2 ;;
     --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
     --weights) WEIGHTS="${2:?--weights needs a value}"; shift 2 ;;
+    --direct_edges) DIRECT_EDGES="${2:?--direct_edges needs a value}"; shift 2 ;;
     --effects) EFFECTS="${2:?--effects needs a value}"; shift 2 ;;
     --effect_tokens) EFFECT_TOKENS="${2:?--effect_tokens needs a value}"; shift 2 ;;
     --eval_csv) EVAL_CSV="${2:?--eval_csv needs a value}"; shift 2 ;;
@@ -115,6 +121,7 @@ if [ -n "$TEXT" ]; then
   [ "$EFFECTS" = auto ] && EFFECTS=0  # on real text every neuron costs a forward pass over EFFECT_TOKENS
   if [ -z "$METHODS" ]; then
     METHODS="degree activation_count attribution random"  # stage b --attribution
+    [ "$DIRECT_EDGES" = 1 ] && METHODS="degree influence activation_count attribution random"
     [ "$EFFECTS" = 1 ] && METHODS="$METHODS ablation"
   fi
 else
@@ -148,8 +155,16 @@ if [ -z "$EVAL_TOKENS" ]; then
   case "$shipped" in 1) EVAL_TOKENS=8000 ;; *) EVAL_TOKENS=100000 ;; esac
 fi
 case "$EFFECTS" in 0|1) ;; *) echo "error: --effects must be 0 or 1, got $EFFECTS" >&2; exit 2 ;; esac
+case "$DIRECT_EDGES" in 0|1) ;; *) echo "error: --direct_edges must be 0 or 1, got $DIRECT_EDGES" >&2; exit 2 ;; esac
+direct=()
+[ "$DIRECT_EDGES" = 1 ] && direct=(--direct_edges)
+if [ -z "$WEIGHTS" ]; then
+  WEIGHTS="count"
+  [ "$DIRECT_EDGES" = 1 ] && WEIGHTS="count direct_abs"
+fi
 if [ -z "$METHODS" ]; then
   METHODS="degree activation_count attribution random"
+  [ "$DIRECT_EDGES" = 1 ] && METHODS="degree influence activation_count attribution random"
   [ "$EFFECTS" = 1 ] && METHODS="$METHODS ablation"
 fi
 if [ -z "$EVAL_CSV" ]; then
@@ -203,7 +218,7 @@ fi
 corpus_b() {  # TEXT MODEL DEVICE SHARDS_DIR
   for i in 0 1; do
     py b_generate_activation_dataset.py --input_text "$1" --export_dir "$4/$i" --model_type "$2" --device "$3" \
-      --shard "$i/2" --attribution
+      --shard "$i/2" --attribution "${direct[@]}"
   done
   py c_merge_activation_statistics.py --output_dir "$DATA" "$4/0" "$4/1"
 }
@@ -212,7 +227,7 @@ if [ -n "$TEXT" ]; then
 else
   stage b "$DATA/${m}_activation_matrix.npz" \
     py b_generate_activation_dataset.py --input_csv "$CSV" --export_dir "$DATA" --model_type "$MODEL" \
-      --device "$DEVICE" --temperature "$TEMPERATURE" --seed "$SEED"
+      --device "$DEVICE" --temperature "$TEMPERATURE" --seed "$SEED" "${direct[@]}"
 fi
 if [ "$EFFECTS" = 1 ] && [ -n "$TEXT" ]; then  # on the corpus's first EFFECT_TOKENS tokens, its own windows
   stage effects "$DATA/${m}_neuron_effects.csv" \
@@ -225,6 +240,10 @@ fi
 if [ -z "$TEXT" ]; then  # corpus mode wrote the graph store already
   stage c "$DATA/${m}_weighted_graph" \
     py c_calculate_weighted_activation_graph.py --input_dir "$DATA"
+fi
+if [ "$DIRECT_EDGES" = 1 ]; then  # how faithful the causal edges are: prediction against zero-ablation
+  stage fidelity "$DATA/${m}_edge_fidelity.csv" \
+    py c_measure_edge_fidelity.py --dataset_path "$DATA" --model_type "$MODEL" --device "$DEVICE"
 fi
 analyzed="$DATA/weighted_graph_analysis/${m}_weighted_graph_analyzed.json"
 stage c_analyze "$analyzed" \

@@ -15,6 +15,10 @@ Stage b's corpus mode: wall time, tokens/s and peak RSS.
    as a .jsonl of one line, and in a .jsonl of many documents, each read to --big_tokens tokens (default 2 x 10^4):
    a long document is tokenized in pieces and reading stops at --max_tokens, so memory does not grow with the file
    (the .jsonl of one line is held whole: JSON is parsed a line at a time).
+5. --direct_edges (the causal edge weights): its cost against corpus mode without it, measured in the same run
+   on the same text: the shipped model on --direct_tokens tokens (subprocesses, wall time and peak RSS), the
+   GPT-2-small shape in process (interleaved rounds, median ratio, as in 2), and the GPT-2-small shape's peak
+   RSS with it at the first --rss_tokens.
 
 Data goes to bench/out/corpus (git-ignored) unless --out.
 """
@@ -34,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from gelutrace import corpus  # noqa: E402
 from gelutrace import stagefiles as sf  # noqa: E402
 from peak import run_measured  # noqa: E402
+from gelutrace.direct import DirectEdges, anatomy  # noqa: E402
 from gelutrace.statistics import CoactivationCounts, RunningTopK  # noqa: E402
 
 HELDOUT = ROOT / "tests" / "data" / "heldout.txt"
@@ -105,21 +110,25 @@ def throughput(ckpt: Path, text: Path, tokens: int, context: int, batch_size: in
         for w in batches:
             lm.model(torch.stack([x[int(k) * context:(int(k) + 1) * context] for k in w]))
 
-    def counted(k: int):
+    def counted(k: int, direct: bool = False):
         def run():
             counts = CoactivationCounts(cfg.n_layer, cfg.d_mlp)
             top = RunningTopK(cfg.n_layer, cfg.d_mlp, k, "cpu") if k else None
             ck = corpus.Checkpoints(ROOT / "bench" / "out" / "unused", lm.name, "", None, float("inf"))
-            corpus.stream(lm.model, ids, batches, context, counts, top, ck, 0, None)
+            de = DirectEdges(cfg.n_layer, cfg.d_mlp, "adjacent", False) if direct else None
+            corpus.stream(lm.model, ids, batches, context, counts, top, ck, 0, None, direct=de)
             if top is not None:
                 top.result()
+            if de is not None:
+                de.result(anatomy(lm.model))
         return run
 
-    rates = {"plain": [], "corpus": [], "top": []}
+    rates = {"plain": [], "corpus": [], "top": [], "direct": []}
     with torch.no_grad():
         plain()  # warm-up
         for _ in range(repeats):
-            for name, f in (("plain", plain), ("corpus", counted(0)), ("top", counted(10))):
+            for name, f in (("plain", plain), ("corpus", counted(0)), ("top", counted(10)),
+                            ("direct", counted(0, True))):
                 t0 = time.perf_counter()
                 f()
                 rates[name].append(len(ids) / (time.perf_counter() - t0))
@@ -132,6 +141,9 @@ def throughput(ckpt: Path, text: Path, tokens: int, context: int, batch_size: in
           f"= {100 * ratio:.0f} % of plain (median of {repeats} paired rounds)")
     print(f"  corpus mode + top-10 examples {statistics.median(rates['top']):7.1f} tokens/s  "
           f"= {100 * cost:+.1f} % time against corpus mode without them")
+    slow = statistics.median(c / d for c, d in zip(rates["corpus"], rates["direct"]))
+    print(f"  corpus mode + --direct_edges  {statistics.median(rates['direct']):7.1f} tokens/s  "
+          f"= {slow:.2f}x corpus mode's time (median of {repeats} paired rounds; target <= 1.5x)")
 
 
 def main():
@@ -152,6 +164,9 @@ def main():
     ap.add_argument("--skip_speed", action="store_true", help="skip measurement 2")
     ap.add_argument("--skip_rss", action="store_true", help="skip measurement 3")
     ap.add_argument("--skip_big", action="store_true", help="skip measurement 4")
+    ap.add_argument("--skip_direct", action="store_true", help="skip measurement 5's subprocess runs")
+    ap.add_argument("--direct_tokens", type=int, default=200000,
+                    help="tokens of measurement 5 on the shipped model (default: %(default)s)")
     ap.add_argument("--out", default=None, help="work directory (default: bench/out/corpus)")
     args = ap.parse_args()
 
@@ -160,7 +175,7 @@ def main():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(SHIPPED))
-    need = max([args.tokens, args.speed_tokens, *args.rss_tokens])
+    need = max([args.tokens, args.speed_tokens, args.direct_tokens, *args.rss_tokens])
     text = out / "heldout_repeated.jsonl"
     have = make_text(text, need, tok)
     print(f"text: {text} ({have:,} tokens, the held-out text repeated)")
@@ -176,9 +191,24 @@ def main():
             measure(f"shipped model, {args.big_mb} MB, {label}", [
                 b, "--model_type", "tinybard", "--input_text", str(path), "--export_dir", str(out / "big"),
                 "--max_tokens", str(args.big_tokens), "--device", "cpu"])
+    if not args.skip_direct:
+        runs = {}
+        for flag in ([], ["--direct_edges"]):
+            label = f"shipped model, {args.direct_tokens:,} tokens{' --direct_edges' if flag else ''}"
+            runs[bool(flag)] = measure(label, [
+                b, "--model_type", "tinybard", "--input_text", str(text), "--export_dir", str(out / "direct"),
+                "--max_tokens", str(args.direct_tokens), "--device", "cpu", "--top_examples", "0", *flag])
+        print(f"  --direct_edges: {runs[True]['wall_s'] / runs[False]['wall_s']:.2f}x the time without it, start-up "
+              f"included (target <= 1.5x)")
     ckpt = gpt2_small(out / "gpt2-small-random")
     if not args.skip_speed:
         throughput(ckpt, text, args.speed_tokens, args.context, args.batch_size, args.repeats)
+    if not args.skip_direct:
+        n = args.rss_tokens[0]
+        measure(f"GPT-2-small shape, {n:,} tokens --direct_edges", [
+            b, "--model_type", str(ckpt), "--input_text", str(text), "--export_dir", str(out / f"rss_direct_{n}"),
+            "--max_tokens", str(n), "--context", str(args.context), "--batch_size", str(args.batch_size),
+            "--device", "cpu", "--direct_edges"])
     if not args.skip_rss:
         for n in args.rss_tokens:
             measure(f"GPT-2-small shape, {n:,} tokens (peak RSS)", [

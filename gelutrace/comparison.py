@@ -29,12 +29,34 @@ LEVEL = 0.95
 ALPHA = 0.05  # the verdict's significance level against random controls
 MIN_CONTROLS = 20  # fewer controls: p-values too coarse for any claim against random
 MIN_SPLIT_PROMPTS = 10  # fewer evaluation prompts: no validation/test split
-GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")
+GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")  # the thresholded graph's (selection.GRAPH_METHODS)
+CAUSAL_WEIGHTS = ("direct", "direct_abs")  # a graph method on one of these is a method of its own here
 BASELINES = ("activation_count", "attribution")  # what a graph method must beat to earn its graph
 REFERENCE = "random"  # the method of one uniform draw: in the tables, never the "random" of a verdict
 METRICS = ("delta_nll", "kl")
 NULL_FIELDS = ("random_mean", "random_std", "random_q05", "random_q50", "random_q95", "p_random", "z_random",
                "p_random_normal")
+
+
+def comparison_method(info: dict) -> str:
+    """A subset's method as the comparison ranks it (stage d's sidecar `info`): degree on the co-activation
+    counts and degree on the causal direct_abs weights answer different questions, so the latter is
+    degree_direct_abs."""
+    method, weight = info.get("method"), info.get("weight")
+    return f"{method}_{weight}" if method in GRAPH_METHODS and weight in CAUSAL_WEIGHTS else method
+
+
+def is_causal(method: str) -> bool:
+    """Whether a comparison method ranks neurons by the causal graph (stage b --direct_edges)."""
+    return method == "influence" or (method.split("_direct")[0] in GRAPH_METHODS and "_direct" in method)
+
+
+def is_coactivation(method: str) -> bool:
+    return method in GRAPH_METHODS
+
+
+# the verdict's two kinds of graph method: (column prefix, words, membership)
+GRAPH_KINDS = (("graph", "co-activation graph", is_coactivation), ("causal", "causal graph", is_causal))
 
 
 # --- statistics over prompts ------------------------------------------------------------------------------
@@ -300,16 +322,18 @@ def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = 
         if len(ranked) > 1:
             row["runner_up"] = ranked[1].label
             row["margin"], row["margin_ci_low"], row["margin_ci_high"] = _paired(weights, win, ranked[1], test, level)
-        graph = [e for e in ranked if e.method in GRAPH_METHODS]
-        if graph:
+        by_method = {e.method: e for e in ranked}
+        for kind, _, member in GRAPH_KINDS:
+            graph = [e for e in ranked if member(e.method)]
+            if not graph:
+                continue
             g = graph[0]
-            row.update({"graph_best": g.label, **_null_of("graph", null[g.stem])})
-            by_method = {e.method: e for e in ranked}
+            row.update({f"{kind}_best": g.label, **_null_of(kind, null[g.stem])})
             for base in BASELINES:
                 if base in by_method:
                     d, lo, hi = _paired(weights, g, by_method[base], test, level)
-                    row[f"graph_vs_{base}"], row[f"graph_vs_{base}_ci_low"], row[f"graph_vs_{base}_ci_high"] = d, lo, hi
-                    row[f"graph_vs_{base}_verdict"] = _word(lo, hi)
+                    row[f"{kind}_vs_{base}"], row[f"{kind}_vs_{base}_ci_low"], row[f"{kind}_vs_{base}_ci_high"] = d, lo, hi
+                    row[f"{kind}_vs_{base}_verdict"] = _word(lo, hi)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -368,23 +392,25 @@ def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL, n
             s += (f"; {'ahead of' if clear else 'not separable from'} {name(r['runner_up'])} "
                   f"(difference {_fmt(r['margin'])} [{_fmt(r['margin_ci_low'])}, {_fmt(r['margin_ci_high'])}])")
         s += "."
-        if isinstance(r.get("graph_best"), str) and r["graph_best"] != r["winner"]:
-            parts = [f"{r[f'graph_vs_{b}_verdict']} {b} ({_fmt(r[f'graph_vs_{b}'])} "
-                     f"[{_fmt(r[f'graph_vs_{b}_ci_low'])}, {_fmt(r[f'graph_vs_{b}_ci_high'])}])"
-                     for b in BASELINES if isinstance(r.get(f"graph_vs_{b}_verdict"), str)]
-            g_vs = null_phrase(r.get("graph_random_n"), r.get("graph_p_random"), r.get("graph_p_random_holm"))
+        for kind, words, _ in GRAPH_KINDS:
+            if not isinstance(r.get(f"{kind}_best"), str) or r[f"{kind}_best"] == r["winner"]:
+                continue
+            parts = [f"{r[f'{kind}_vs_{b}_verdict']} {b} ({_fmt(r[f'{kind}_vs_{b}'])} "
+                     f"[{_fmt(r[f'{kind}_vs_{b}_ci_low'])}, {_fmt(r[f'{kind}_vs_{b}_ci_high'])}])"
+                     for b in BASELINES if isinstance(r.get(f"{kind}_vs_{b}_verdict"), str)]
+            g_vs = null_phrase(r.get(f"{kind}_random_n"), r.get(f"{kind}_p_random"), r.get(f"{kind}_p_random_holm"))
             if parts or g_vs:
-                s += f" The best graph method, {name(r['graph_best'])}, " + " and ".join(parts)
+                s += f" The best {words} method, {name(r[f'{kind}_best'])}, " + " and ".join(parts)
                 s += (f"; it is {g_vs}" if parts else f"is {g_vs}") if g_vs else ""
                 s += "."
         lines.append("- " + s)
     return lines
 
 
-def graph_beats_from(verdict: pd.DataFrame, base: str = "activation_count") -> int | None:
-    """The smallest k from which the best graph method beats `base` at every k of the verdict (its paired CI
-    above 0), or None when it does not at the largest k."""
-    col = f"graph_vs_{base}_verdict"
+def graph_beats_from(verdict: pd.DataFrame, base: str = "activation_count", kind: str = "graph") -> int | None:
+    """The smallest k from which the best graph method of `kind` (GRAPH_KINDS) beats `base` at every k of the
+    verdict (its paired CI above 0), or None when it does not at the largest k."""
+    col = f"{kind}_vs_{base}_verdict"
     if not len(verdict) or col not in verdict.columns:
         return None
     rows = verdict.sort_values("k")
@@ -404,13 +430,14 @@ def dose_lines(verdict: pd.DataFrame, name=str) -> list[str]:
     ks = rows["k"].tolist()
     s = "Winner at each k: " + ", ".join(f"{k}: {name(w) if lo > 0 else 'none (no CI above 0)'}"
                                          for k, w, lo in zip(ks, rows["winner"], rows["winner_ci_low"])) + "."
-    col = "graph_vs_activation_count_verdict"
-    if col in rows.columns and rows[col].notna().any():
-        k0 = graph_beats_from(rows)
-        s += (f" The best graph method beats activation_count from k = {k0} on (paired CI above 0 at every k from "
-              f"there)." if k0 is not None else
-              f" There is no k of the grid ({ks[0]} to {ks[-1]}) from which the best graph method beats activation_count "
-              f"at every larger k.")
+    for kind, words, _ in GRAPH_KINDS:
+        col = f"{kind}_vs_activation_count_verdict"
+        if col in rows.columns and rows[col].notna().any():
+            k0 = graph_beats_from(rows, kind=kind)
+            s += (f" The best {words} method beats activation_count from k = {k0} on (paired CI above 0 at every k "
+                  f"from there)." if k0 is not None else
+                  f" There is no k of the grid ({ks[0]} to {ks[-1]}) from which the best {words} method beats "
+                  f"activation_count at every larger k.")
     return ["- " + s]
 
 

@@ -13,6 +13,7 @@ the batch; only the totals (and, with save_matrix, the bit-packed rows) are kept
 """
 
 import codecs
+import contextlib
 import fnmatch
 import itertools
 import json
@@ -33,6 +34,7 @@ from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
 from gelutrace import store as gs
 from gelutrace.attribution import CorpusAttribution
+from gelutrace.direct import DirectEdges, DirectHooks, corpus_targets, direct_totals
 from gelutrace.shards import CORPUS_FORMAT, CORPUS_VERSION
 from gelutrace.sites import GeluHooks, run_trunk
 from gelutrace.statistics import CoactivationCounts, RunningTopK, merge_top
@@ -488,9 +490,10 @@ class Checkpoints:
         self.packed_files: list[str] = []
 
     def start(self, resume: bool, counts: CoactivationCounts, top: RunningTopK | None,
-              attribution: CorpusAttribution | None = None) -> tuple[CoactivationCounts, int, list]:
-        """The totals to go on from (`top` and `attribution` are loaded in place), the batches done and the packed
-        rows kept."""
+              attribution: CorpusAttribution | None = None, direct: DirectEdges | None = None
+              ) -> tuple[CoactivationCounts, int, list]:
+        """The totals to go on from (`top`, `attribution` and `direct` are loaded in place), the batches done and
+        the packed rows kept."""
         if resume and self.state_file.is_file():
             state = json.loads(self.state_file.read_text())
             if state.get("fingerprint") != self.fingerprint:
@@ -507,6 +510,8 @@ class Checkpoints:
                     if attribution is not None:
                         attribution.sum = torch.from_numpy(z["attribution_sum"]).to(attribution.sum.device)
                         attribution.tokens = int(z["attribution_tokens"])
+                    if direct is not None:
+                        direct.load_state(z, self.counts_file)
             except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
                 raise PipelineError(f"cannot read checkpoint {self.counts_file}: {e}") from None
             return loaded, state["batches_done"], packed
@@ -518,7 +523,8 @@ class Checkpoints:
         return time.monotonic() - self.last >= self.interval
 
     def save(self, counts: CoactivationCounts, top: RunningTopK | None, batches_done: int,
-             new_packed: list[np.ndarray], attribution: CorpusAttribution | None = None):
+             new_packed: list[np.ndarray], attribution: CorpusAttribution | None = None,
+             direct: DirectEdges | None = None):
         if new_packed:
             name = f"packed_{self.tag}_{len(self.packed_files):05d}.npy"
             sf.write_npy(np.concatenate(new_packed), self.dir / name)
@@ -526,6 +532,8 @@ class Checkpoints:
         extra = dict(zip(("top_values", "top_ids"), top.result())) if top is not None else {}
         if attribution is not None:
             extra.update(attribution_sum=attribution.sum.cpu().numpy(), attribution_tokens=np.int64(attribution.tokens))
+        if direct is not None:
+            extra.update(direct.state())
         counts.save(self.counts_file, **extra)
         sf.write_json({"fingerprint": self.fingerprint, "batches_done": batches_done, "packed": self.packed_files},
                       self.state_file)
@@ -552,16 +560,17 @@ class Checkpoints:
 
 def stream(model, tokens: np.ndarray, batches: list[np.ndarray], context: int, counts: CoactivationCounts,
            top: RunningTopK | None, checkpoints: Checkpoints, start: int, packed: list | None, progress=None,
-           attribution: CorpusAttribution | None = None):
-    """Run the batches from `start` on, adding to `counts`, `top` and `attribution` (and appending packed rows to
-    `packed`). With attribution, each batch runs in passes of attribution.rows_per_pass windows, forward and
-    backward."""
+           attribution: CorpusAttribution | None = None, direct: DirectEdges | None = None):
+    """Run the batches from `start` on, adding to `counts`, `top`, `attribution` and `direct` (and appending packed
+    rows to `packed`). With attribution, each batch runs in passes of attribution.rows_per_pass windows, forward
+    and backward; with direct, every position is a sample and its next token in the window its target."""
     device = next(model.parameters()).device
     ids = torch.from_numpy(tokens.astype(np.int64))
     cfg = model.config
     per_pass = CorpusAttribution.rows_per_pass(context, cfg.vocab_size, cfg.n_layer * cfg.d_mlp)
     unsaved = []
-    with CountingHooks(model, counts, keep_rows=packed is not None, top=top) as hooks:
+    with CountingHooks(model, counts, keep_rows=packed is not None, top=top) as hooks, \
+            (DirectHooks(model, direct) if direct is not None else contextlib.nullcontext()) as direct_hooks:
         for b in range(start, len(batches)):
             w = batches[b]
             lo = int(w[0]) * context
@@ -572,16 +581,21 @@ def stream(model, tokens: np.ndarray, batches: list[np.ndarray], context: int, c
                 if top is not None:
                     hooks.sample_ids = (torch.from_numpy(w[lo:lo + rows].astype(np.int64)).view(-1, 1) * context
                                         + torch.arange(length)).view(-1).to(device)
+                part = x[lo:lo + rows]
+                if direct is not None:
+                    direct_hooks.begin(torch.ones(part.shape, device=device), corpus_targets(part))
                 if attribution is None:
-                    run_batch(model, x)
+                    run_batch(model, part)
                 else:
-                    attribution.add(model, x[lo:lo + rows])
+                    attribution.add(model, part)
+                if direct is not None:
+                    direct_hooks.finish()
             if packed is not None:
                 unsaved.append(hooks.take_packed())
             if progress is not None:
                 progress.update(x.numel())
             if checkpoints.due() and b + 1 < len(batches):
-                checkpoints.save(counts, top, b + 1, unsaved, attribution)
+                checkpoints.save(counts, top, b + 1, unsaved, attribution, direct)
                 if packed is not None:
                     packed += unsaved
                 unsaved = []
@@ -621,13 +635,13 @@ def top_examples_text(ids: np.ndarray, tokens: np.ndarray, context: int, tokeniz
 def write_corpus_dataset(export_dir, m: str, n_layer: int, d_mlp: int, samples: int, node: np.ndarray,
                          value_sum: np.ndarray, pair_counts, record: dict, packed: np.ndarray | None = None,
                          site: dict | None = None, top_examples: tuple | None = None, what: str = "stage b",
-                         attribution: np.ndarray | None = None):
+                         attribution: np.ndarray | None = None, causal=None):
     """
     Every file of a corpus-mode dataset directory, from exact totals (node counts, value sums, and pair_counts(i)
     for each layer pair), as one output set (sf.OutputSet: written beside the earlier files, then swapped in;
     the other files stage b may have left there are removed). The manifest lists every file, the graph store's
     included. top_examples: (values, sample ids, texts), as sf.write_top_examples takes them; attribution: each
-    neuron's (CorpusAttribution.mean), or None.
+    neuron's (CorpusAttribution.mean), or None; causal: the direct-effect weights (gelutrace.graph.CausalEdges).
     """
     export_dir = Path(export_dir)
     with sf.OutputSet(export_dir, sf.path(export_dir, sf.DATASET_MANIFEST, m), sf.dataset_files(m), what) as out:
@@ -643,7 +657,7 @@ def write_corpus_dataset(export_dir, m: str, n_layer: int, d_mlp: int, samples: 
         source = {"input_dir": str(export_dir.resolve()), "corpus": sf.CORPUS.format(m=m),
                   **({"merged_from": record["merged_shards"]} if "merged_shards" in record else {})}
         store = sf.path(out.dir, sf.WEIGHTED_GRAPH, m)
-        gs.write_count_store(store, m, n_layer, d_mlp, samples, node, source, pair_counts=pair_counts)
+        gs.write_count_store(store, m, n_layer, d_mlp, samples, node, source, pair_counts=pair_counts, causal=causal)
         sf.write_json(record, sf.path(out.dir, sf.CORPUS, m), indent=2)
         out.vouch([sf.path(out.dir, f, m) for f in written] + sf.store_files(store))
 
@@ -698,6 +712,7 @@ class CorpusSettings:
     resume: bool = False
     checkpoint_seconds: float = 300.0
     attribution: bool = False  # also each neuron's attribution, the real next token's NLL the objective
+    direct_edges: str | None = None  # also the causal edge weights over these layer pairs (adjacent | all)
 
 
 def check_settings(s: CorpusSettings, dist_ctx) -> tuple[int, int] | None:
@@ -760,24 +775,28 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     batches = plan(windows, len(corpus.ids), context, batch_size)
     fp = fingerprint([f["sha256"] for f in corpus.files], lm.name, str(lm.path.resolve()), weights, vars(cfg),
                      context, s.max_tokens, batch_size, shard, s.save_matrix, s.top_examples,
-                     *(["attribution"] if s.attribution else []))
+                     *(["attribution"] if s.attribution else []),
+                     *([f"direct_edges={s.direct_edges}"] if s.direct_edges else []))
     checkpoints = Checkpoints(export, lm.name, fp, shard, s.checkpoint_seconds)
     top = RunningTopK(cfg.n_layer, cfg.d_mlp, s.top_examples, lm.device) if s.top_examples else None
     attribution = CorpusAttribution(cfg.n_layer, cfg.d_mlp, lm.device) if s.attribution else None
+    direct, anatomy = direct_totals(lm.model, s.direct_edges, lm.device) if s.direct_edges else (None, None)
     counts, start, packed = checkpoints.start(s.resume, CoactivationCounts(cfg.n_layer, cfg.d_mlp, lm.device), top,
-                                              attribution)
+                                              attribution, direct)
     if start:
         print(f"resuming after batch {start} of {len(batches)}")
     sizes = [len(b) * min(context, len(corpus.ids) - int(b[0]) * context) for b in batches]
     with torch.no_grad(), tqdm(total=sum(sizes), initial=sum(sizes[:start]), unit="tok", unit_scale=True,
                                desc="reading", disable=rank != 0) as bar:
         stream(lm.model, corpus.ids, batches, context, counts, top, checkpoints, start,
-               packed if s.save_matrix else None, bar, attribution)
+               packed if s.save_matrix else None, bar, attribution, direct)
     best = None
     if dist_ctx is not None:
         counts.all_reduce()
         if attribution is not None:
             attribution.all_reduce()
+        if direct is not None:
+            direct.all_reduce()
         best = gather_top(top, s.top_examples) if top is not None else None
         shard = None
     elif top is not None:
@@ -785,13 +804,15 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     record = corpus_record(lm.name, lm.path, corpus, context, s.max_tokens, shard, n_win, len(windows),
                            counts.samples, cfg.n_layer, cfg.d_mlp, s.top_examples, weights)
     record["attribution_tokens"] = attribution.tokens if attribution is not None else None
+    record["direct_edges"] = s.direct_edges
     if rank == 0:
         matrix = (np.concatenate(packed) if packed else np.zeros((0, (cfg.n_layer * cfg.d_mlp + 7) // 8), np.uint8)
                   ) if s.save_matrix else None
         top_examples = (*best, top_examples_text(best[1], corpus.ids, context, lm.tokenizer)) if best else None
         write_corpus_dataset(export, lm.name, cfg.n_layer, cfg.d_mlp, counts.samples, counts.node_counts(),
                              counts.value_sum.cpu().numpy(), counts.pair_counts, record, matrix, lm.site, top_examples,
-                             attribution=attribution.mean() if attribution is not None else None)
+                             attribution=attribution.mean() if attribution is not None else None,
+                             causal=direct.result(anatomy) if direct is not None else None)
     if dist_ctx is not None:
         import torch.distributed as dist
         dist.barrier()

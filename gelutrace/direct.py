@@ -32,19 +32,18 @@ batched differently agrees to float32 rounding of the products (to float64 round
 """
 
 from dataclasses import dataclass
-from pathlib import Path
-import zipfile
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from gelutrace import PipelineError
+from gelutrace.graph import CausalEdges
 
 EDGE_SETS = ("adjacent", "all")
 HEAD_LOGITS = 2 ** 22  # most logits (rows x vocab) one pass of the NLL's gradient holds
-WEIGHTS = ("direct", "direct_abs")
 
 
 # --- where each family keeps the pieces ----------------------------------------------------------------------
@@ -202,6 +201,23 @@ def memory_needed(n_layer: int, d_mlp: int, edges: str, gated: bool) -> int:
     return len(layer_pairs(n_layer, edges)) * d_mlp * d_mlp * 8 * (2 * terms + 2)
 
 
+def direct_totals(model, edges: str, device) -> tuple["DirectEdges", Anatomy]:
+    """Empty totals for `model` over the layer pairs `edges`, once their memory is known to fit (printed)."""
+    from gelutrace.store import available_memory
+
+    cfg = model.config
+    an = anatomy(model)
+    need = memory_needed(cfg.n_layer, cfg.d_mlp, edges, an.gated)
+    dev = torch.device(device)
+    have = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else available_memory()
+    tqdm.write(f"--direct_edges {edges}: {len(layer_pairs(cfg.n_layer, edges))} layer pairs, {need / 2**30:.2f} GiB of "
+          f"float64 totals on {dev.type} ({have / 2**30:.1f} GiB free)")
+    if need > have:
+        raise PipelineError(f"--direct_edges {edges} needs {need / 2**30:.1f} GiB for its totals but "
+                            f"{have / 2**30:.1f} GiB is free on {dev.type}; use --edges adjacent or a larger machine")
+    return DirectEdges(cfg.n_layer, cfg.d_mlp, edges, an.gated, dev), an
+
+
 # --- the running totals ----------------------------------------------------------------------------------------
 class DirectEdges:
     """
@@ -244,7 +260,7 @@ class DirectEdges:
         self.samples, self.loss_tokens = float(totals[0]), float(totals[1])
 
     def state(self) -> dict:
-        """Arrays for an .npz (a checkpoint or stage b's file), read back by from_state without pickle."""
+        """Arrays for a checkpoint's .npz, read back by load_state without pickle."""
         return {"direct_signed": self.signed.cpu().numpy(), "direct_absolute": self.absolute.cpu().numpy(),
                 "direct_loss_sum": self.loss.cpu().numpy(), "direct_loss_abs_sum": self.loss_abs.cpu().numpy(),
                 "direct_value_abs_sum": self.value_abs.cpu().numpy(),
@@ -268,19 +284,6 @@ class DirectEdges:
         if self.signed.shape != (len(self.pairs), 2 if self.gated else 1, self.d_mlp, self.d_mlp):
             raise PipelineError(f"{where}: direct-effect sums of the wrong shape {tuple(self.signed.shape)}")
 
-    @classmethod
-    def read(cls, path) -> "DirectEdges":
-        """The sums stage b wrote (an .npz)."""
-        p = Path(path)
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                n_layer, d = (int(v) for v in z["direct_shape"])
-                out = cls(n_layer, d, str(z["direct_edges"]), bool(z["direct_gated"]))
-                out.load_state(z, p)
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-            raise PipelineError(f"cannot read {p}: {e}") from None
-        return out
-
     def mean_loss(self) -> tuple[np.ndarray, np.ndarray]:
         """Each neuron's mean direct_loss and mean |direct_loss| per scored token."""
         n = max(self.loss_tokens, 1.0)
@@ -289,16 +292,25 @@ class DirectEdges:
     def mean_abs_value(self) -> np.ndarray:
         return (self.value_abs / max(self.samples, 1.0)).cpu().numpy()
 
-    def weights(self, couplings: list) -> tuple[list, list]:
-        """(direct, direct_abs) per layer pair, float64 numpy d_mlp x d_mlp, from couplings[pair] = (c_k, ...)."""
-        n = max(self.samples, 1.0)
-        direct, absolute = [], []
-        for k, cs in enumerate(couplings):
-            d = sum(c.to(self.device) * self.signed[k, t] for t, c in enumerate(cs)) / n
-            a = sum(c.to(self.device).abs() * self.absolute[k, t] for t, c in enumerate(cs)) / n
-            direct.append(d.cpu().numpy())
-            absolute.append(a.cpu().numpy())
-        return direct, absolute
+    def result(self, an: Anatomy) -> CausalEdges:
+        """The means the graph keeps (gelutrace.graph.CausalEdges), the couplings applied: each layer pair's
+        direct and direct_abs computed when read, so that one pair's couplings and weights are in memory."""
+        n, last = max(self.samples, 1.0), {}
+
+        def pair(k: int) -> tuple[np.ndarray, np.ndarray]:
+            if k not in last:
+                last.clear()
+                cs = [c.to(self.device) for c in couplings(an, [self.pairs[k]])[0]]
+                d = sum(c * self.signed[k, t] for t, c in enumerate(cs)) / n
+                a = sum(c.abs() * self.absolute[k, t] for t, c in enumerate(cs)) / n
+                last[k] = (d.cpu().numpy(), a.cpu().numpy())
+            return last[k]
+
+        K = range(len(self.pairs))
+        loss, loss_abs = self.mean_loss()
+        return CausalEdges(list(self.pairs), [lambda k=k: pair(k)[0] for k in K], [lambda k=k: pair(k)[1] for k in K],
+                           loss, loss_abs, self.mean_abs_value(), self.samples, self.loss_tokens, self.edges,
+                           self.gated)
 
 
 def couplings(an: Anatomy, pairs: list) -> list[tuple]:
@@ -309,10 +321,6 @@ def couplings(an: Anatomy, pairs: list) -> list[tuple]:
         lj = an.layers[j]
         out.append(tuple(w_out @ lj.norm.coupling_rhs(fc.weight.detach().T) for fc in lj.fc))
     return out
-
-
-def neuron_couplings(an: Anatomy, u_layer: int, v_layer: int) -> tuple:
-    return couplings(an, [(u_layer, v_layer)])[0]
 
 
 # --- the hooks that feed the totals -----------------------------------------------------------------------------
@@ -439,33 +447,12 @@ class DirectHooks:
         self._clear()
 
 
-# --- influence through the graph ---------------------------------------------------------------------------------
-def influence(n_layer: int, d_mlp: int, pairs: list, direct: list, loss_abs: np.ndarray,
-              mean_abs_value: np.ndarray) -> np.ndarray:
-    """
-    I = s + |E~| I over the layer DAG, by one back-substitution from the last layer: s_u the mean |direct_loss|,
-    E~_uv = |E_uv| / mean_t |a_v(t)| the share of v's value that u's write moves (so |E~_uv| I_v is the loss
-    effect through v of the part of v that u drives). float64, neuron id order.
-    """
-    inf = np.array(loss_abs, dtype=np.float64)
-    d = d_mlp
-    scale = np.divide(1.0, mean_abs_value, out=np.zeros_like(mean_abs_value, dtype=np.float64),
-                      where=mean_abs_value > 0)
-    by_source = {}
-    for k, (i, j) in enumerate(pairs):
-        by_source.setdefault(i, []).append((j, k))
-    for i in range(n_layer - 2, -1, -1):
-        for j, k in by_source.get(i, []):
-            target = inf[j * d:(j + 1) * d] * scale[j * d:(j + 1) * d]
-            inf[i * d:(i + 1) * d] += np.abs(direct[k]) @ target
-    return inf
-
-
 # --- the two modes ---------------------------------------------------------------------------------------------
 def prompt_mode(model, prompts: list[list[int]], conts: list[np.ndarray], weights: np.ndarray, edges: str = "adjacent",
-                batch_size: int = 64, progress=None) -> DirectEdges:
+                batch_size: int = 64, progress=None, groups: np.ndarray | None = None) -> list[CausalEdges]:
     """
-    The sums over stage b's prompt-mode samples: one teacher-forced pass over each distinct (prompt, continuation)
+    The weights over stage b's prompt-mode samples, one per group of rows (groups: each row's group 0, 1, ...;
+    None: one group): one teacher-forced pass over each distinct (prompt, continuation)
     (attribution.distinct_sequences), the samples being the positions that predict the continuation's tokens,
     each weighted by the samples it stands for, their targets the continuation's tokens.
     """
@@ -473,27 +460,31 @@ def prompt_mode(model, prompts: list[list[int]], conts: list[np.ndarray], weight
 
     cfg = model.config
     device = next(model.parameters()).device
-    an = anatomy(model)
-    e = DirectEdges(cfg.n_layer, cfg.d_mlp, edges, an.gated, device)
-    rows = [r for r in range(len(conts)) if len(conts[r])]
-    rows.sort(key=lambda r: -(len(prompts[r]) + len(conts[r])))  # similar lengths together: less padding
-    with DirectHooks(model, e, an) as hooks, torch.no_grad():
-        for lo in range(0, len(rows), batch_size):
-            chunk = rows[lo:lo + batch_size]
-            idx, pad = left_pad([list(prompts[r]) + [int(t) for t in conts[r][:-1]] for r in chunk], device)
-            T = idx.size(1)
-            w = torch.zeros(idx.shape, device=device)
-            targets = torch.full(idx.shape, -1, dtype=torch.long, device=device)
-            for b, r in enumerate(chunk):
-                n = len(conts[r])
-                w[b, T - n:] = float(weights[r])
-                targets[b, T - n:] = torch.as_tensor(np.asarray(conts[r], np.int64), device=device)
-            hooks.begin(w, targets)
-            model(idx, pad=pad if bool(pad.any()) else None)
-            hooks.finish()
-            if progress is not None:
-                progress(len(chunk))
-    return e
+    direct, an = direct_totals(model, edges, device)
+    groups = np.zeros(len(conts), np.int64) if groups is None else np.asarray(groups)
+    out = []
+    for g in range(int(groups.max()) + 1 if len(groups) else 1):
+        e = direct if g == 0 else DirectEdges(cfg.n_layer, cfg.d_mlp, edges, an.gated, device)
+        rows = [r for r in range(len(conts)) if len(conts[r]) and groups[r] == g]
+        rows.sort(key=lambda r: -(len(prompts[r]) + len(conts[r])))  # similar lengths together: less padding
+        with DirectHooks(model, e, an) as hooks, torch.no_grad():
+            for lo in range(0, len(rows), batch_size):
+                chunk = rows[lo:lo + batch_size]
+                idx, pad = left_pad([list(prompts[r]) + [int(t) for t in conts[r][:-1]] for r in chunk], device)
+                T = idx.size(1)
+                w = torch.zeros(idx.shape, device=device)
+                targets = torch.full(idx.shape, -1, dtype=torch.long, device=device)
+                for b, r in enumerate(chunk):
+                    n = len(conts[r])
+                    w[b, T - n:] = float(weights[r])
+                    targets[b, T - n:] = torch.as_tensor(np.asarray(conts[r], np.int64), device=device)
+                hooks.begin(w, targets)
+                model(idx, pad=pad if bool(pad.any()) else None)
+                hooks.finish()
+                if progress is not None:
+                    progress(len(chunk))
+        out.append(e.result(an))
+    return out
 
 
 def corpus_targets(x: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,13 @@ an integer <= n_samples, so float32 BLAS is exact while n_samples < 2**24 (float
 
 A graph is handled as `CoactivationGraph`: node arrays plus "blocks" (a dense layer-pair matrix or an
 explicit edge list) that are read one at a time, so nothing ever holds all 10^8-10^9 edges as objects.
-An `EdgeWeight` (count, jaccard, phi, pmi) turns a block's counts into edge weights, and a `Cut` (a weight and
+An `EdgeWeight` (count, jaccard, phi, pmi, or the causal direct and direct_abs of `CausalEdges`) turns a block's counts into edge weights, and a `Cut` (a weight and
 a threshold) into the block's kept edges; every degree, sweep, ranking and export goes through them.
 (The compact store and the NetworkX files are gelutrace.store; c_analyze's analysis is gelutrace.analysis.)
 """
 
+import json
+import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +27,9 @@ from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
 
 # edge weights (EdgeWeight); count is the original's
-WEIGHTS = ("count", "jaccard", "phi", "pmi")
+DIRECT_WEIGHTS = ("direct", "direct_abs")  # the causal weights (gelutrace.direct), where stage b measured them
+COACTIVATION_WEIGHTS = ("count", "jaccard", "phi", "pmi")  # from the counts, in every store
+WEIGHTS = COACTIVATION_WEIGHTS + DIRECT_WEIGHTS
 DEFAULT_WEIGHT = sf.DEFAULT_WEIGHT
 NEEDS_NUM_SAMPLES = ("phi", "pmi")
 WEIGHT_RULE = ("normalised weight = weight / max_weight (max over all edges) when max_weight > 0; an edge is kept "
@@ -244,6 +248,135 @@ class EdgeBlock:
 
 
 @dataclass
+class CausalEdges:
+    """
+    The direct-effect weights of a graph (gelutrace.direct), as means over samples: per layer pair (i, j) in
+    `pairs` the d_mlp x d_mlp matrices direct and direct_abs (arrays, or .npy paths read memory-mapped), and per
+    neuron in id order the mean direct_loss and |direct_loss| per scored token and the mean |value| per sample.
+    """
+    pairs: list  # [(i, j)], i < j
+    direct: list
+    direct_abs: list
+    loss: np.ndarray
+    loss_abs: np.ndarray
+    value_abs: np.ndarray
+    samples: float
+    loss_tokens: float
+    edges: str = "adjacent"
+    gated: bool = False
+
+    ARRAYS = ("loss", "loss_abs", "value_abs")
+
+    def matrix(self, name: str, k: int) -> np.ndarray:
+        m = getattr(self, name)[k]
+        if callable(m):  # a merge's, computed when read
+            return m()
+        return np.load(m, mmap_mode="r", allow_pickle=False) if isinstance(m, (str, Path)) else m
+
+    def pair_index(self, i: int, j: int) -> int:
+        try:
+            return self.pairs.index((i, j))
+        except ValueError:
+            raise PipelineError(f"the direct-effect weights have no layer pair ({i}, {j})") from None
+
+    def header(self) -> dict:
+        return {"pairs": [list(p) for p in self.pairs], "samples": self.samples, "loss_tokens": self.loss_tokens,
+                "edges": self.edges, "gated": self.gated}
+
+    @staticmethod
+    def merge(parts: list) -> "CausalEdges":
+        """Runs on disjoint samples as one: each mean weighted by its run's samples (to float64 rounding)."""
+        first = parts[0]
+        if any((p.pairs, p.edges, p.gated) != (first.pairs, first.edges, first.gated) for p in parts):
+            raise PipelineError("cannot merge direct-effect weights of other layer pairs")
+        n = np.array([p.samples for p in parts], np.float64)
+        nl = np.array([p.loss_tokens for p in parts], np.float64)
+        wn, wl = n / max(n.sum(), 1.0), nl / max(nl.sum(), 1.0)
+
+        def mean(get, w):  # read when written: one matrix of each part in memory at a time
+            return lambda: sum(wi * np.asarray(get(p), np.float64) for wi, p in zip(w, parts))
+
+        K = range(len(first.pairs))
+        return CausalEdges(first.pairs, [mean(lambda p, k=k: p.matrix("direct", k), wn) for k in K],
+                           [mean(lambda p, k=k: p.matrix("direct_abs", k), wn) for k in K],
+                           mean(lambda p: p.loss, wl)(), mean(lambda p: p.loss_abs, wl)(),
+                           mean(lambda p: p.value_abs, wn)(), float(n.sum()), float(nl.sum()), first.edges,
+                           first.gated)
+
+    def arrays(self):
+        """(name, array) of every array, by its name in stage b's .npz and the graph store (sf.GRAPH_STORE_DIRECT
+        ...), one at a time."""
+        for k, (i, j) in enumerate(self.pairs):
+            yield sf.GRAPH_STORE_DIRECT.format(src=i, tgt=j)[:-4], np.asarray(self.matrix("direct", k), np.float64)
+            yield (sf.GRAPH_STORE_DIRECT_ABS.format(src=i, tgt=j)[:-4],
+                   np.asarray(self.matrix("direct_abs", k), np.float64))
+        for name, file in zip(self.ARRAYS, sf.GRAPH_STORE_DIRECT_NODES):
+            yield file[:-4], np.asarray(getattr(self, name), np.float64)
+
+    @classmethod
+    def from_arrays(cls, header: dict, get, n_neurons: int, d_mlp: int, where) -> "CausalEdges":
+        """The weights from a header (as header() gives) and get(name) -> array (arrays() names), checked."""
+        try:
+            pairs = [tuple(int(x) for x in p) for p in header["pairs"]]
+            samples, loss_tokens = float(header["samples"]), float(header["loss_tokens"])
+            edges, gated = str(header["edges"]), bool(header["gated"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise PipelineError(f"{where}: the direct-effect record is damaged ({e})") from None
+
+        def checked(name, shape):
+            a = get(name)
+            if a.shape != shape or a.dtype != np.float64:
+                raise PipelineError(f"{where}: {name} holds {a.dtype} {a.shape}, expected float64 {shape}")
+            return a
+
+        d = (d_mlp, d_mlp)
+        direct = [checked(sf.GRAPH_STORE_DIRECT.format(src=i, tgt=j)[:-4], d) for i, j in pairs]
+        absolute = [checked(sf.GRAPH_STORE_DIRECT_ABS.format(src=i, tgt=j)[:-4], d) for i, j in pairs]
+        nodes = [checked(f[:-4], (n_neurons,)) for f in sf.GRAPH_STORE_DIRECT_NODES]
+        return cls(pairs, direct, absolute, *nodes, samples, loss_tokens, edges, gated)
+
+    def influence(self) -> np.ndarray:
+        """
+        Each neuron's influence on the output through the causal graph, I = s + |E~| I over the layer DAG, by one
+        back-substitution from the last layer: s_u the mean |direct_loss|, E~_uv = |E_uv| / mean_t |a_v(t)| (E the
+        signed `direct` weight), the share of v's value that u's write moves, so that |E~_uv| I_v is the loss
+        effect through v of the part of v that u drives. float64, neuron id order.
+        """
+        inf = np.array(self.loss_abs, dtype=np.float64)
+        d = self.matrix("direct", 0).shape[0] if self.pairs else len(inf)
+        scale = np.divide(1.0, self.value_abs, out=np.zeros(len(inf)), where=np.asarray(self.value_abs) > 0)
+        for i in sorted({i for i, _ in self.pairs}, reverse=True):  # every target layer j > i is final by now
+            for k, (src, j) in enumerate(self.pairs):
+                if src == i:
+                    target = inf[j * d:(j + 1) * d] * scale[j * d:(j + 1) * d]
+                    inf[i * d:(i + 1) * d] += np.abs(self.matrix("direct", k)) @ target
+        return inf
+
+    def write_npz(self, target, halves: list | None = None):
+        """Stage b's prompt-mode file (sf.DIRECT_EDGES): every array and the header, and those of each half of the
+        prompt rows (gelutrace.stability) under the prefix half{h}_; no pickle."""
+        arrays = dict(self.arrays(), header=np.array(json.dumps(self.header())))
+        for h, part in enumerate(halves or []):
+            arrays.update({f"half{h}_{k}": v for k, v in part.arrays()},
+                          **{f"half{h}_header": np.array(json.dumps(part.header()))})
+        sf.write_npz(target, compress=False, **arrays)
+
+    @classmethod
+    def read_npz(cls, path, n_neurons: int, d_mlp: int, half: int | None = None) -> "CausalEdges | None":
+        """The weights of stage b's file, or of one half of its prompt rows (None when it has no halves)."""
+        p = Path(path)
+        pre = "" if half is None else f"half{half}_"
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if f"{pre}header" not in z.files and half is not None:
+                    return None
+                header = json.loads(str(z[f"{pre}header"]))
+                return cls.from_arrays(header, lambda name: z[pre + name], n_neurons, d_mlp, p)
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            raise PipelineError(f"cannot read {p}: {e}") from None
+
+
+@dataclass
 class CoactivationGraph:
     model: str | None
     node_ids: np.ndarray  # int64, sorted; every per-node array is indexed by position in node_ids
@@ -256,6 +389,7 @@ class CoactivationGraph:
     max_co_activation: int | None = None
     source: str = ""
     header: dict = field(default_factory=dict)
+    causal: CausalEdges | None = None  # the direct-effect weights, where stage b measured them
     _weights: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -368,6 +502,13 @@ class EdgeWeight:
             if self.num_samples < graph.max_activation:
                 raise PipelineError(f"{where}: a neuron fires in {graph.max_activation} samples of "
                                     f"{self.num_samples}; the counts are inconsistent")
+        if name in DIRECT_WEIGHTS:
+            if graph.causal is None:
+                raise PipelineError(f"--weight {name}: {where} has no direct-effect weights; run stage b with "
+                                    f"--direct_edges")
+            self._causal, self._d = graph.causal, int(graph.dimension.max()) + 1
+            if any(not isinstance(b, DenseBlock) for b in graph.blocks):
+                raise PipelineError(f"--weight {name} needs the full adjacent layers, not an edited edge list")
         self._node = graph.activation_count.astype(np.float64)
         if name == DEFAULT_WEIGHT:
             self.max = int(graph.max_co_activation)
@@ -381,6 +522,9 @@ class EdgeWeight:
         """The block's weights, shaped like its counts (count: the counts themselves, possibly memory-mapped)."""
         if self.name == DEFAULT_WEIGHT:
             return block.counts()
+        if self.name in DIRECT_WEIGHTS:
+            k = self._causal.pair_index(block.rows.start // self._d, block.cols.start // self._d)
+            return np.array(self._causal.matrix(self.name, k), dtype=np.float64)
         nu, nv = block.ends(self._node)
         return edge_weight(self.name, block.counts(), nu, nv, self.num_samples)
 

@@ -565,7 +565,7 @@ def entry_variant(subset: Subset) -> str:
     """The comparison's variant label of a method's subset: its threshold (and weight) for a graph method."""
     method, t = subset.info.get("method"), subset.info.get("threshold")
     variant = f"t={t}" if t is not None and method in cmp.GRAPH_METHODS else ""
-    if subset.info.get("weight") not in (None, "count") and variant:
+    if subset.info.get("weight") not in (None, "count", *cmp.CAUSAL_WEIGHTS) and variant:
         variant += f", {subset.info['weight']}"
     return variant
 
@@ -580,7 +580,7 @@ def comparison_entry(subset: Subset, main: Condition, controls: list[Condition],
     ctl = [condition_sums(c, samples, n_prompts) for c in controls]
     control_sums = {name: np.array([s[name] for s, _ in ctl]).reshape(len(ctl), n_prompts) for name in cmp.METRICS}
     control_counts = np.array([n for _, n in ctl]).reshape(len(ctl), n_prompts)
-    return cmp.Entry(subset.stem, method, entry_variant(subset), len(subset.ids), subset.ids, sums, counts, control_sums,
+    return cmp.Entry(subset.stem, cmp.comparison_method(subset.info), entry_variant(subset), len(subset.ids), subset.ids, sums, counts, control_sums,
                      control_counts, subset.info)
 
 
@@ -605,7 +605,7 @@ class Results:
 def text_entries(res, subsets: list[Subset]) -> list:
     from gelutrace import realtext
 
-    return [realtext.entry(res, i, sub.stem, sub.info["method"], entry_variant(sub), sub.info)
+    return [realtext.entry(res, i, sub.stem, cmp.comparison_method(sub.info), entry_variant(sub), sub.info)
             for i, sub in enumerate(subsets) if sub.info.get("method") and len(sub.ids)]
 
 

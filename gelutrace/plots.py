@@ -226,3 +226,23 @@ def plot_dose_response(dose: pd.DataFrame, target, title: str, ylabel: str):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, target)
+
+
+def plot_edge_fidelity(table: pd.DataFrame, target, title: str):
+    """c_measure_edge_fidelity: each sampled edge's measured change of v against the predicted -direct, on
+    symmetric-log axes, one colour per layer gap, with the identity line."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for i, (gap, part) in enumerate(table.groupby("layer_gap")):
+        ax.scatter(part["predicted"], part["measured"], s=9, alpha=0.6, color=f"C{i}", label=f"layer gap {gap}")
+    lim = float(np.nanmax(np.abs(table[["predicted", "measured"]].to_numpy()))) if len(table) else 1.0
+    lin = float(np.nanpercentile(np.abs(table["predicted"]), 10)) if len(table) else 1e-6
+    ax.plot([-lim, lim], [-lim, lim], color="black", linewidth=0.7, label="measured = predicted")
+    for axis in ("x", "y"):
+        getattr(ax, f"set_{axis}scale")("symlog", linthresh=max(lin, 1e-12))
+    ax.set_xlabel("predicted change of v's mean value (-direct)")
+    ax.set_ylabel("measured change when u is zero-ablated")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, target)

@@ -224,6 +224,24 @@ def record_attribution(model, chunks: list[Chunk], prompt_ids: list[list[int]], 
     return whole, halves
 
 
+def record_direct(model, chunks: list[Chunk], prompt_ids: list[list[int]], batch_size: int, edges: str,
+                  progress=None) -> tuple:
+    """The causal edge weights (gelutrace.direct) over the recorded continuations, and a list of the same over
+    each half of the prompt rows (None for one prompt), from one pass: the whole is the halves' merge."""
+    from gelutrace.direct import prompt_mode
+    from gelutrace.graph import CausalEdges
+    from gelutrace.stability import prompt_halves
+
+    cat = concat_samples(chunks)
+    prompts, conts, weights, prompt = distinct_sequences(cat["prompt_index"], cat["repeat"], cat["position"],
+                                                         cat["output_id"], prompt_ids)
+    half = prompt_halves(len(prompt_ids))
+    if half is None:
+        return prompt_mode(model, prompts, conts, weights, edges, batch_size, progress)[0], None
+    halves = prompt_mode(model, prompts, conts, weights, edges, batch_size, progress, groups=half[prompt])
+    return CausalEdges.merge(halves), halves
+
+
 def top_examples_text(top_ids: np.ndarray, cat: dict, tokenizer, prompt_ids: list[list[int]]) -> dict:
     """(context, token) of every sample among the top examples: up to CONTEXT_TOKENS tokens of the input that
     predicts the sample's token (prompt and earlier continuation), and that token."""

@@ -13,7 +13,8 @@ normalised value; the weight matters only to the GRAPH_METHODS.
 
 Methods: degree (edges kept, as the original), weighted_degree (sum of the kept edges' normalised weights),
 pagerank (on the thresholded graph, edge weight = count, or the normalised weight for the other weights,
-alpha 0.85, as networkx.pagerank), and the methods
+alpha 0.85, as networkx.pagerank), influence (through the causal graph of stage b's --direct_edges,
+gelutrace.graph.CausalEdges.influence: every layer pair it measured, no threshold), and the methods
 that need no graph (the threshold is ignored): activation_count (how many samples activate the neuron),
 attribution (stage b's first-order estimate of each neuron's single-ablation delta_nll), ablation (the measured
 single-neuron delta_nll of d_calculate_neuron_effects.py), random (seeded; k as above, or with match_layers
@@ -33,7 +34,8 @@ from gelutrace import stagefiles as sf
 from gelutrace.graph import DEFAULT_WEIGHT, CoactivationGraph, Cut
 from gelutrace.store import check_nx_fits
 
-METHODS = ("degree", "weighted_degree", "pagerank", "activation_count", "attribution", "ablation", "random")
+METHODS = ("degree", "weighted_degree", "pagerank", "influence", "activation_count", "attribution", "ablation",
+           "random")
 GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")  # the others ignore the threshold and --weight
 PAGERANK_ALPHA = 0.85
 PAGERANK_TOL = 1e-10  # L1 change per node; stricter than networkx's default 1e-6
@@ -169,6 +171,11 @@ def scores(graph: CoactivationGraph, method: str, threshold: float | None, weigh
         return neuron_scores(graph, method, dataset_path, measured)
     if method == "activation_count":
         return graph.activation_count.astype(np.int64)
+    if method == "influence":
+        if graph.causal is None:
+            raise PipelineError(f"--method influence needs the direct-effect weights, which "
+                                f"{graph.source or 'the graph'} does not have: run stage b with --direct_edges")
+        return graph.causal.influence()[graph.node_ids]
     cut = graph.cut(threshold, weight)
     if method == "degree":
         return graph.degrees(cut)

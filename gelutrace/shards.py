@@ -14,6 +14,7 @@ import pandas as pd
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
 from gelutrace import store as gs
+from gelutrace.graph import CausalEdges
 from gelutrace.statistics import merge_top
 
 CORPUS_FORMAT = "gelutrace-corpus"
@@ -138,6 +139,10 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
             total += g.blocks[i].counts()
         return total
 
+    with_direct = {g.causal is not None for g in stores}
+    if len(with_direct) > 1:
+        raise PipelineError("some shards were run with --direct_edges and some without: shards of different runs")
+    causal = CausalEdges.merge([g.causal for g in stores]) if True in with_direct else None
     merged_top = merge_top_examples([sf.path(d, sf.TOP_EXAMPLES, m) for d in dirs], first["top_examples"],
                                     n_layer * d_mlp) if tops else None
     out = sf.lock_directory(sf.check_output_dir(out_dir, "--output_dir"), "the merge")
@@ -146,7 +151,7 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
     record = {**first, "shard": None, "samples": samples, "attribution_tokens": attr_tokens,
               "merged_shards": [str(seen[i].resolve()) for i in range(n)]}
     write_corpus_dataset(out, m, n_layer, d_mlp, samples, node, value_sum, pair, record, site=site,
-                         top_examples=merged_top, what="the merge", attribution=attribution)
+                         top_examples=merged_top, what="the merge", attribution=attribution, causal=causal)
     return record
 
 

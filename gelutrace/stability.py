@@ -6,7 +6,7 @@ overlap says that the selection data is too little for the method's choice to be
 The halves: in prompt mode, the prompt CSV's rows split in two by one seeded permutation (`prompt_halves`, the
 same in every stage: stage b's attribution_half_* and d_calculate_neuron_effects's delta_nll_half_* columns
 are measured on them); the graph and activation counts of a half are counted from the activation matrix's
-rows of that half's prompts. In corpus mode, the windows split in two: the shards of a run merged from
+rows of that half's prompts, its causal weights (stage b --direct_edges) measured on them by stage b. In corpus mode, the windows split in two: the shards of a run merged from
 `--shard I/N` shards (windows I, I+N, ...), the first half of the shards against the rest (run_pipeline.sh runs
 stage b as two shards for this).
 """
@@ -85,7 +85,11 @@ def prompt_mode_halves(dataset_path, m: str, prompts) -> Halves:
         rows = np.flatnonzero(sample_half == h)
         if not len(rows):
             return Halves([], "a half of the prompts generates no tokens")
-        out.append(Half(gs.count_graph(data.rows(rows)), measured[h]))
+        g = gs.count_graph(data.rows(rows))
+        direct = sf.path(dataset_path, sf.DIRECT_EDGES, m)
+        if direct.is_file():  # stage b --direct_edges measured each half's causal weights too
+            g.causal = gr.CausalEdges.read_npz(direct, data.num_neurons, data.d_mlp, half=h)
+        out.append(Half(g, measured[h]))
     n_a = int((half == 0).sum())
     return Halves(out, f"prompt rows split {n_a} + {len(prompts) - n_a}, seeded")
 

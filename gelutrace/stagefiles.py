@@ -52,10 +52,21 @@ GRAPH_STORE_NODES = "node_activation_count.npy"  # inside the store: int64, one 
 GRAPH_STORE_PAIR = "pair_{src:03d}_{tgt:03d}.npy"  # inside the store: counts, rows = src layer dims, cols = tgt
 GRAPH_STORE_EDGES = "edges.npy"  # inside the store, edited edge lists only: (E, 2) int64 src, tgt
 GRAPH_STORE_EDGE_COUNTS = "edge_counts.npy"  # inside the store, edited edge lists only: count of each edge
+# inside the store, with stage b --direct_edges (gelutrace.graph.CausalEdges): float64 means per layer pair
+# (rows = src layer dims, cols = tgt) and per neuron (id order): direct_loss, |direct_loss|, |value|
+GRAPH_STORE_DIRECT = "direct_{src:03d}_{tgt:03d}.npy"
+GRAPH_STORE_DIRECT_ABS = "direct_abs_{src:03d}_{tgt:03d}.npy"
+GRAPH_STORE_DIRECT_NODES = ("direct_loss.npy", "direct_loss_abs.npy", "direct_value_abs.npy")
+DIRECT_EDGES = "{m}_direct_edges.npz"  # stage b prompt mode --direct_edges: the same arrays, for stage c's store
+EDGE_FIDELITY = "{m}_edge_fidelity.csv"  # c_measure_edge_fidelity: sampled edges, predicted vs measured, columns below
+EDGE_FIDELITY_SUMMARY = "{m}_edge_fidelity_summary.csv"  # per layer gap: Spearman, R^2 through 0
+EDGE_FIDELITY_PLOT = "{m}_edge_fidelity.png"  # measured against predicted, per edge
+EDGE_FIDELITY_MANIFEST = "{m}_edge_fidelity_manifest.json"  # the three as one output set
 # stage b's output sets (OutputSet): every file each mode writes, and what a run in either mode removes when it
 # does not write it. The default graph store is stage c's in prompt mode and is stale once the dataset changes.
 # The .el is stage a's: kept while canonical, and a user's edited one is honoured.
-PROMPT_SET = (DATASET, FREQUENCY, MATRIX, ATTRIBUTES, GRAPH_META, TOP_EXAMPLES, ACTIVATIONS_JSON, ACTIVATIONS_PICKLE)
+PROMPT_SET = (DATASET, FREQUENCY, MATRIX, ATTRIBUTES, GRAPH_META, TOP_EXAMPLES, ACTIVATIONS_JSON, ACTIVATIONS_PICKLE,
+              DIRECT_EDGES)
 CORPUS_SET = (ATTRIBUTES, GRAPH_META, FREQUENCY, WEIGHTED_GRAPH, TOP_EXAMPLES, CORPUS, MATRIX)
 DATASET_FILES = tuple(dict.fromkeys(PROMPT_SET + CORPUS_SET))
 
@@ -124,6 +135,8 @@ NEURON_EFFECTS_COLUMNS = ["neuron_id", "delta_nll", "kl"] + [f"delta_nll_{h}" fo
 # the token at the position (the context's last); sample_id: corpus mode, the global token position
 # ({m}_corpus.json's document_starts map it to a document and offset)
 CONTEXT_TOKENS = 32
+EDGE_FIDELITY_COLUMNS = ["src", "tgt", "pair", "decile", "direct", "layer_gap", "predicted", "measured"]
+EDGE_FIDELITY_SUMMARY_COLUMNS = ["layer_gap", "edges", "spearman", "beta", "r2_through_0"]
 TOP_EXAMPLES_COLUMNS = ["neuron_id", "rank", "value", "sample_id", "context", "token"]
 RESULT_COLUMNS = ["prompt", "sample_index", "generated_text", "perturbation_subset"]
 TEXT_BREAKDOWN_COLUMNS = ["subset", "k", "breakdown", "bucket", "token_id", "tokens", "nll", "delta_nll"]

@@ -11,6 +11,9 @@ matrices with mmap_mode='r' so one layer pair at a time is in memory):
     pair_{i:03d}_{i+1:03d}.npy  kind "adjacent_dense": counts of every edge between layer i and i+1, a
                                 d_mlp x d_mlp matrix, row = dimension in layer i, column = dimension in i+1
     edges.npy, edge_counts.npy  kind "edge_list" (a user-edited .el): (E, 2) int64 edges (u < v), counts
+    direct_{i:03d}_{j:03d}.npy, direct_abs_...npy, direct_loss.npy, direct_loss_abs.npy, direct_value_abs.npy
+                                with stage b --direct_edges (header "direct": pairs, samples, loss_tokens, edges,
+                                gated): the causal weights' float64 means (gelutrace.graph.CausalEdges)
 Counts are uint16 while n_samples <= 65535, else uint32/uint64.
 
 (The counting and the in-memory graph are gelutrace.graph.)
@@ -26,8 +29,8 @@ import numpy as np
 
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
-from gelutrace.graph import (DEFAULT_WEIGHT, ActivationData, CoactivationGraph, DenseBlock, EdgeBlock, count_dtype,
-                             edge_list_counts, pair_counts)
+from gelutrace.graph import (DEFAULT_WEIGHT, ActivationData, CausalEdges, CoactivationGraph, DenseBlock, EdgeBlock,
+                             count_dtype, edge_list_counts, pair_counts)
 
 STORE_FORMAT = "gelutrace-coactivation-graph"
 ANALYZED_FORMAT = "gelutrace-analyzed-graph"
@@ -64,7 +67,7 @@ def check_nx_fits(num_nodes: int, num_edges: int, limit_bytes: int | None, what:
                             f"{alternative}")
 
 
-def write_store(target, data: ActivationData, progress=None) -> dict:
+def write_store(target, data: ActivationData, progress=None, causal: CausalEdges | None = None) -> dict:
     """
     Count and write the compact store of stage b's data. Full adjacent layers stream over blocks of rows of the
     packed matrix, one layer pair at a time (progress: one step per pass); an edited edge list unpacks it.
@@ -76,7 +79,9 @@ def write_store(target, data: ActivationData, progress=None) -> dict:
         node_counts = counts.node_counts()
         data.check_node_counts(node_counts)
         return write_count_store(target, data.model, data.n_layer, data.d_mlp, data.num_samples, node_counts,
-                                 data.source, pair_counts=counts.pair_counts)
+                                 data.source, pair_counts=counts.pair_counts, causal=causal)
+    if causal is not None:
+        raise PipelineError("the direct-effect weights need the full adjacent layers, not an edited edge list")
     node_counts = data.active.sum(axis=0, dtype=np.int64)
     data.check_node_counts(node_counts)
     return write_count_store(target, data.model, data.n_layer, data.d_mlp, data.num_samples, node_counts,
@@ -85,11 +90,12 @@ def write_store(target, data: ActivationData, progress=None) -> dict:
 
 def write_count_store(target, model: str, n_layer: int, d_mlp: int, num_samples: int, node_counts: np.ndarray,
                       source: dict, pair_counts=None, edges: np.ndarray | None = None,
-                      edge_counts: np.ndarray | None = None) -> dict:
+                      edge_counts: np.ndarray | None = None, causal: CausalEdges | None = None) -> dict:
     """
     The compact store directory, written atomically, from exact counts: either `pair_counts(i)`, the
     d_mlp x d_mlp counts between layers i and i+1 (kind adjacent_dense), or `edges` with their `edge_counts`
-    (kind edge_list). Counts are stored in count_dtype(num_samples). Returns the header.
+    (kind edge_list). Counts are stored in count_dtype(num_samples); `causal` adds the direct-effect weights.
+    Returns the header.
     """
     dt = count_dtype(num_samples)
     node_counts = np.asarray(node_counts, dtype=np.int64)
@@ -119,6 +125,10 @@ def write_count_store(target, model: str, n_layer: int, d_mlp: int, num_samples:
                   "num_samples": num_samples, "kind": kind, "num_edges": num_edges, "num_nonzero_edges": nonzero,
                   "max_activation_count": int(node_counts.max()), "max_co_activation_count": max_c,
                   "count_dtype": np.dtype(dt).name, "blocks": blocks, "source": source}
+        if causal is not None:
+            for name, a in causal.arrays():
+                np.save(tmp / f"{name}.npy", a, allow_pickle=False)
+            header["direct"] = causal.header()
         (tmp / sf.GRAPH_STORE_HEADER).write_text(json.dumps(header, indent=2) + "\n")
     return header
 
@@ -158,7 +168,13 @@ def sum_graphs(graphs: list[CoactivationGraph]) -> CoactivationGraph:
     blocks = [DenseBlock(b.rows, b.cols, sum(np.asarray(g.blocks[i].counts(), dt) for g in graphs))
               for i, b in enumerate(g0.blocks)]
     d = int(g0.dimension.max()) + 1
-    return _graph(g0.model, len(g0.blocks) + 1, d, samples, sum(g.activation_count for g in graphs), blocks)
+    g = _graph(g0.model, len(g0.blocks) + 1, d, samples, sum(g.activation_count for g in graphs), blocks)
+    if any(x.causal is not None for x in graphs):
+        if any(x.causal is None for x in graphs):
+            raise PipelineError("some shards have direct-effect weights and some do not: run every shard's stage b "
+                                "with the same --direct_edges")
+        g.causal = CausalEdges.merge([x.causal for x in graphs])
+    return g
 
 
 def build_networkx(data: ActivationData, progress=None):
@@ -280,7 +296,16 @@ def read_store(store) -> CoactivationGraph:
     if seen_max != max_c or seen_max > samples:
         raise damaged(f"its largest co-activation count is {seen_max}, but the header says {max_c}")
     ids = np.arange(n, dtype=np.int64)
-    return CoactivationGraph(h.get("model"), ids, counts, ids // d, ids % d, blocks, samples, max_a, max_c, str(p), h)
+    causal = None
+    if "direct" in h:
+        def get(name):
+            try:
+                return np.load(p / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise damaged(f"{name}.npy: {e}") from None
+        causal = CausalEdges.from_arrays(h["direct"], get, n, d, p)
+    return CoactivationGraph(h.get("model"), ids, counts, ids // d, ids % d, blocks, samples, max_a, max_c, str(p), h,
+                             causal)
 
 
 # .gpickle is pickle, and pickle can run code; only these classes may appear in one: what a networkx graph of

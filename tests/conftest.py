@@ -227,3 +227,33 @@ def fill_disk_at(monkeypatch, nth: int) -> dict:
     monkeypatch.setattr(np, "save", save)
     monkeypatch.setattr(sf.OutputSet, "__enter__", enter)
     return calls
+
+
+def interrupted_then_resumed(monkeypatch, owner, name: str, args: list[str], nth: int):
+    """Stage b's main with `args`, interrupted (KeyboardInterrupt) at the nth call of owner.name, then rerun with
+    --resume to the end."""
+    from gelutrace import stagefiles as sf
+
+    sys.path.insert(0, str(REPO_ROOT))
+    import b_generate_activation_dataset as b
+
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(KeyboardInterrupt):
+        b.main()
+    sf.release_locks()
+    monkeypatch.setattr(owner, name, real)
+    monkeypatch.setattr(sys, "argv", args + ["--resume"])
+    try:
+        b.main()
+    finally:
+        sf.release_locks()
+

@@ -233,7 +233,7 @@ def test_graph_method_against_baselines():
     assert r["winner"] == "attribution" and r["graph_vs_attribution_verdict"] == "loses to"
     assert r["graph_best"] == "degree (t=0.5)"
     text = "\n".join(cmp.verdict_lines(v.reset_index(), 200))
-    assert "The best graph method, degree (t=0.5), " in text and "loses to attribution" in text
+    assert "The best co-activation graph method, degree (t=0.5), " in text and "loses to attribution" in text
 
 
 def test_overlap_and_agreement_by_hand():

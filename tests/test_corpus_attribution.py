@@ -16,7 +16,7 @@ import torch
 from scipy.stats import spearmanr
 from torch.nn import functional as F
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, interrupted_then_resumed, load_hf
 from gelutrace import stagefiles as sf
 
 M = SHIPPED_NAME
@@ -136,31 +136,10 @@ def test_resume_keeps_the_attribution(whole, tmp_path, monkeypatch):
     """Interrupted after its second pass with a checkpoint after every batch, then --resume: the same figures."""
     from gelutrace.attribution import CorpusAttribution
 
-    sys.path.insert(0, str(REPO_ROOT))
-    import b_generate_activation_dataset as b  # noqa: E402
-
-    real, calls = CorpusAttribution.add, {"n": 0}
-
-    def interrupted(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
     args = ["b", "--input_text", str(HELDOUT_PATH), "--export_dir", str(tmp_path / "r"), "--model_type", M,
             "--context", str(CONTEXT), "--device", "cpu", "--attribution", "--batch_size", "3",
             "--checkpoint_minutes", "0"]
-    monkeypatch.setattr(CorpusAttribution, "add", interrupted)
-    monkeypatch.setattr(sys, "argv", args)
-    with pytest.raises(KeyboardInterrupt):
-        b.main()
-    sf.release_locks()
-    monkeypatch.setattr(CorpusAttribution, "add", real)
-    monkeypatch.setattr(sys, "argv", args + ["--resume"])
-    try:
-        b.main()
-    finally:
-        sf.release_locks()
+    interrupted_then_resumed(monkeypatch, CorpusAttribution, "add", args, 3)
     np.testing.assert_allclose(attribution(tmp_path / "r"), attribution(whole), rtol=1e-9, atol=1e-12)
 
 

@@ -20,8 +20,8 @@ from scipy.special import erf
 from torch.nn import functional as F
 
 from gelutrace import PipelineError
-from gelutrace.direct import (DirectEdges, DirectHooks, anatomy, corpus_targets, couplings, influence, layer_pairs,
-                              memory_needed)
+from gelutrace.direct import DirectEdges, DirectHooks, anatomy, corpus_targets, couplings, layer_pairs, memory_needed
+from gelutrace.graph import CausalEdges
 from gelutrace.loading import load_model
 from test_families import FAMILIES, build, get
 
@@ -106,12 +106,15 @@ def weight_in(lin, conv1d):
     return _np(lin.weight) if conv1d else _np(lin.weight).T
 
 
-def reference(hf, family, idx, pairs):
-    """(direct, direct_abs) per pair and (mean direct_loss, mean |direct_loss|) per neuron, float64."""
+def reference(hf, family, idx, pairs, weights=None, targets=None):
+    """(direct, direct_abs) per pair and (mean direct_loss, mean |direct_loss|) per neuron, float64: every
+    position a sample of weight 1 and its next token the target, or the positions' `weights` and `targets`
+    (-1: none)."""
     _, norm, fcs, (act, dact), proj, final, centred, conv = REF[family]
-    seen = record(hf, family, idx)
+    seen = record(hf, family, idx)  # rows of equal length: no padding, no mask
     layers = get(hf, LAYERS[family])
-    n = seen[("a", 0)].shape[0]
+    w = np.ones(idx.numel()) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+    n = w.sum()
     direct, absolute = [], []
     for i, j in pairs:
         a = seen[("a", i)]
@@ -131,8 +134,8 @@ def reference(hf, family, idx, pairs):
             if centred:
                 rhs = rhs - rhs.mean(axis=0, keepdims=True)
             c = w_out @ rhs
-            d += c * (a.T @ (f * s[:, None])) / n
-            b += np.abs(c) * (np.abs(a).T @ np.abs(f * s[:, None])) / n
+            d += c * (a.T @ (f * (w * s)[:, None])) / n
+            b += np.abs(c) * (np.abs(a).T @ np.abs(f * (w * s)[:, None])) / n
         direct.append(d)
         absolute.append(b)
     # direct_loss: a_u(t) w_u . G(t), G the NLL's gradient at the final norm's input with its scale held
@@ -143,8 +146,8 @@ def reference(hf, family, idx, pairs):
     y = _np(fn.weight) * xc * sf[:, None] + (_np(fn.bias) if getattr(fn, "bias", None) is not None else 0)
     head = hf.get_output_embeddings()
     logits = y @ _np(head.weight).T + (_np(head.bias) if head.bias is not None else 0)
-    targets = corpus_targets(idx).reshape(-1).numpy()
-    rows = np.nonzero(targets >= 0)[0]
+    targets = (corpus_targets(idx) if targets is None else torch.as_tensor(targets)).reshape(-1).numpy()
+    rows = np.nonzero((targets >= 0) & (w > 0))[0]
     p = np.exp(logits[rows] - logits[rows].max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     p[np.arange(len(rows)), targets[rows]] -= 1
@@ -157,7 +160,8 @@ def reference(hf, family, idx, pairs):
         w_out = weight_in(get(layers[i], proj), conv)
         loss.append(seen[("a", i)][rows] * (G @ w_out.T))
     loss = np.concatenate(loss, axis=1)
-    return direct, absolute, loss.mean(axis=0), np.abs(loss).mean(axis=0)
+    wl = w[rows, None] / w[rows].sum()
+    return direct, absolute, (wl * loss).sum(axis=0), (wl * np.abs(loss)).sum(axis=0)
 
 
 def run_library(model, idx, edges="adjacent", weights=None):
@@ -201,7 +205,9 @@ def test_weights_match_float64_reference(loaded, edges):
     family, model, hf = loaded
     idx = tokens(1)
     e, an = run_library(model, idx, edges)
-    direct, absolute = e.weights(couplings(an, e.pairs))
+    res = e.result(an)
+    direct = [res.matrix("direct", k) for k in range(len(e.pairs))]
+    absolute = [res.matrix("direct_abs", k) for k in range(len(e.pairs))]
     ref_d, ref_a, ref_loss, ref_loss_abs = reference(hf, family, idx, e.pairs)
     assert e.pairs == layer_pairs(model.config.n_layer, edges) and len(e.pairs) == (2 if edges == "adjacent" else 3)
     for k in range(len(e.pairs)):
@@ -233,7 +239,8 @@ def test_coupling_and_direct_loss_against_autograd(loaded):
     w = torch.zeros(idx.shape)
     w[0, t0] = 1
     e, an = run_library(model, idx, "adjacent", w)
-    direct, _ = e.weights(couplings(an, e.pairs))
+    res = e.result(an)
+    direct = [res.matrix("direct", k) for k in range(len(e.pairs))]
     seen = record(hf, family, idx)
     layers = get(hf, LAYERS[family])
     double = lambda t: t.detach().double()
@@ -380,7 +387,10 @@ def test_influence_on_a_hand_built_dag():
     i2 = np.array([1.0, 2.0])
     i1 = np.array([0.3 + 0.5 * 1.0 / 0.5, 0.0 + 1.0 * 1.0 / 0.5 + 3.0 * 2.0 / 1.0])
     i0 = np.array([0.1 + 1.0 * i1[0] / 2.0 + 2.0 * i1[1] / 4.0 + 1.0 * i2[1] / 1.0, 0.2 + 0.5 * i1[1] / 4.0])
-    got = influence(3, 2, [(0, 1), (0, 2), (1, 2)], [e01, e02, e12], s, m)
+    def graph(pairs, direct):
+        return CausalEdges(pairs, direct, [np.abs(x) for x in direct], np.zeros(6), s, m, 10.0, 9.0, "all")
+
+    got = graph([(0, 1), (0, 2), (1, 2)], [e01, e02, e12]).influence()
     assert np.allclose(got, np.concatenate([i0, i1, i2]))
-    adj = influence(3, 2, [(0, 1), (1, 2)], [e01, e12], s, m)
+    adj = graph([(0, 1), (1, 2)], [e01, e12]).influence()
     assert np.allclose(adj[:2], [0.1 + i1[0] / 2.0 + 2.0 * i1[1] / 4.0, 0.2 + 0.5 * i1[1] / 4.0])

@@ -20,7 +20,7 @@ from gelutrace import stagefiles as sf
 
 pytestmark = pytest.mark.slow  # every test here runs run_pipeline.sh
 M = SHIPPED_NAME
-DEFAULT_METHODS = ("degree", "activation_count", "attribution", "random")
+DEFAULT_METHODS = ("degree", "influence", "activation_count", "attribution", "random")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,7 @@ def test_contract_files_agree(pipeline):
     store = data / sf.WEIGHTED_GRAPH.format(m=M)
     header = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
     assert header["num_samples"] == len(ds)
+    assert header["direct"]["samples"] == len(ds)  # stage b's causal weights, folded in by stage c
     pair = np.load(store / sf.GRAPH_STORE_PAIR.format(src=0, tgt=1), mmap_mode="r", allow_pickle=False)
     d = meta["d_mlp"]
     a = matrix[:, :d].astype(np.int64)
@@ -75,7 +76,9 @@ def test_contract_files_agree(pipeline):
     subsets = sorted((data / sf.SUBSETS_DIR).glob("*.npy"))
     methods = {json.loads(p.with_suffix(".json").read_text())["method"] for p in subsets}
     assert methods == set(DEFAULT_METHODS)
-    assert len(subsets) == 2 * 2 + 2 * (len(DEFAULT_METHODS) - 1)  # degree at 2 thresholds; the rest ignore it
+    # degree at 2 thresholds and 2 weights (count, direct_abs); the rest ignore both
+    assert len(subsets) == 2 * 2 * 2 + 2 * (len(DEFAULT_METHODS) - 1)
+    assert {json.loads(p.with_suffix(".json").read_text())["weight"] for p in subsets} == {None, "count", "direct_abs"}
     summary = pd.read_csv(data / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY)
     assert set(summary["subset"]) == {"none"} | {p.name for p in subsets}
     for p in subsets:
@@ -120,7 +123,8 @@ def test_comparison_measured_on_held_out_prompts(pipeline):
         assert r["winner"].split(" (")[0] == at_k.set_index("subset").loc[top, "method"]
         assert "random" not in r["ranking"].split(" > ")
     overlap = pd.read_csv(results / sf.METHOD_OVERLAP)
-    assert overlap["jaccard"].between(0, 1).all() and len(overlap) == 2 * 6  # 4 methods: 6 pairs per k
+    # 6 comparison methods (degree, degree_direct_abs, influence, activation_count, attribution, random): 15 pairs per k
+    assert overlap["jaccard"].between(0, 1).all() and len(overlap) == 2 * 15
 
 
 def test_report_and_summary(pipeline):
@@ -150,7 +154,7 @@ def test_report_and_summary(pipeline):
     assert "verdict:" in out
     ordinals = re.findall(r"(\d+)(st|nd|rd|th) percentile", out)
     assert ordinals and all(n + suffix == cmp.ordinal(int(n)) for n, suffix in ordinals)
-    assert second.count("up to date") == 7  # nothing reran
+    assert second.count("up to date") == 8  # nothing reran (a, b, c, fidelity, c_analyze, d, e, cards)
     assert report.index("## Method comparison") < report.index("## Neuron cards") < report.index("## Parameters")
     assert f"]({sf.CARDS_DIR}/{sf.CARDS_HTML})" in report and (data / sf.CARDS_DIR / sf.CARDS_HTML).is_file()
     best = comp[comp["best"].astype(bool) & (comp["method"] != "random") & (comp["k"] == comp["k"].min())]
@@ -227,7 +231,7 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     header = json.loads((data / sf.WEIGHTED_GRAPH.format(m=M) / sf.GRAPH_STORE_HEADER).read_text())
     assert header["num_samples"] == record["samples"] == record["tokens"]
     methods = {json.loads(p.read_text())["method"] for p in (data / sf.SUBSETS_DIR).glob("*.json")}
-    assert methods == {"degree", "activation_count", "attribution", "random"}  # stage b --attribution
+    assert methods == {"degree", "influence", "activation_count", "attribution", "random"}  # stage b --attribution
     report = (data / "report.md").read_text()
     assert "chosen on a corpus (heldout.txt" in report and "none of which occurs in the corpus" in report
 

@@ -1,0 +1,78 @@
+"""
+How faithful the causal edge weights are: for a sample of edges of the graph store (stage b --direct_edges),
+the first-order prediction -direct against the change of the target neuron's mean value measured when the
+source neuron is zero-ablated outright (through attention, the MLPs in between and the norm scales, which the
+weight ignores). The edges: --edges of them with a nonzero weight, stratified by decile of |direct|, seeded.
+The samples: prompt mode, stage b's generated continuations (teacher-forced, each distinct one once, weighted
+by its samples); corpus mode, the first --tokens tokens of the dataset's text in windows of its context.
+
+Writes into --dataset_path: {m}_edge_fidelity.csv (src, tgt, pair, decile, direct, layer_gap, predicted,
+measured), {m}_edge_fidelity_summary.csv (per layer gap, and "all" when there are several: edges,
+Spearman(predicted, measured), beta and R^2 of the line through 0) and {m}_edge_fidelity.png.
+
+    python c_measure_edge_fidelity.py --dataset_path parcellation_datasets/test_1_tinybard --model_type tinybard
+"""
+
+import json
+
+import torch
+from tqdm import tqdm
+
+from gelutrace import PipelineError
+from gelutrace import fidelity as fd
+from gelutrace import stagefiles as sf
+from gelutrace import store as gs
+from gelutrace.cli import add_model_args, check_at_least, parser, run_main
+from gelutrace.loading import load_model, model_name
+from gelutrace.perturbation import check_dataset
+from gelutrace.plots import plot_edge_fidelity
+
+
+def main():
+    ap = parser(__doc__)
+    ap.add_argument("--dataset_path", required=True, help="stage b's directory (with its graph store)")
+    add_model_args(ap)
+    ap.add_argument("--edges", type=int, default=fd.EDGES, help="edges sampled (default: %(default)s)")
+    ap.add_argument("--tokens", type=int, default=2048,
+                    help="scored positions the effects are measured on (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the edge sample (default: %(default)s)")
+    args = ap.parse_args()
+    check_at_least(args, 1, "edges")
+    check_at_least(args, 1, "tokens")
+    m = model_name(args.model_type)
+    sf.lock_directory(sf.check_output_dir(args.dataset_path, "--dataset_path"), "c_measure_edge_fidelity")
+    store = sf.path(args.dataset_path, sf.WEIGHTED_GRAPH, m)
+    if not gs.is_store(store):
+        raise PipelineError(f"{store} is not a graph store of model {m} (stage c writes it; corpus mode, stage b)")
+    graph = gs.read_store(store)
+    if graph.causal is None:
+        raise PipelineError(f"{args.dataset_path}: its graph store has no direct-effect weights; run stage b with "
+                            f"--direct_edges")
+    lm = load_model(args.model_type, args.device)
+    cfg = lm.model.config
+    check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
+    edges = fd.sample_edges(graph.causal, cfg.d_mlp, args.edges, args.seed)
+    record = sf.path(args.dataset_path, sf.CORPUS, m)
+    if record.is_file():
+        samples = fd.corpus_samples(json.loads(record.read_text()), lm.tokenizer, args.tokens, lm.device)
+    else:
+        samples = fd.prompt_samples(args.dataset_path, m, args.tokens, lm.device)
+    with tqdm(total=edges["src"].nunique(), unit="neuron", desc="ablating sources") as bar:
+        table = fd.measure(lm.model, samples, edges, bar.update)
+    summary = fd.summary(table)
+    files = (sf.EDGE_FIDELITY, sf.EDGE_FIDELITY_SUMMARY, sf.EDGE_FIDELITY_PLOT)
+    with sf.OutputSet(args.dataset_path, sf.path(args.dataset_path, sf.EDGE_FIDELITY_MANIFEST, m),
+                      [f.format(m=m) for f in files], "c_measure_edge_fidelity") as out:
+        sf.write_csv(table[sf.EDGE_FIDELITY_COLUMNS], sf.path(out.dir, sf.EDGE_FIDELITY, m))
+        sf.write_csv(summary[sf.EDGE_FIDELITY_SUMMARY_COLUMNS], sf.path(out.dir, sf.EDGE_FIDELITY_SUMMARY, m))
+        plot_edge_fidelity(table, sf.path(out.dir, sf.EDGE_FIDELITY_PLOT, m),
+                           f"{m}: {len(table)} causal edges, first-order prediction vs zero-ablation")
+        out.vouch(sf.path(out.dir, f, m) for f in files)
+    for r in summary.to_dict("records"):
+        print(f"layer gap {r['layer_gap']}: {r['edges']} edges, Spearman {r['spearman']:.3f}, "
+              f"R^2 through 0 {r['r2_through_0']:.3f} (slope {r['beta']:.3f})")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    run_main(main)
