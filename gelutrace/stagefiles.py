@@ -74,6 +74,12 @@ DATASET_FILES = tuple(dict.fromkeys(PROMPT_SET + CORPUS_SET))
 def dataset_files(m: str) -> list[str]:
     """The names stage b owns in a dataset directory (DATASET_FILES), for model prefix m."""
     return [f.format(m=m) for f in DATASET_FILES]
+# c_find_modules (in --output_dir, default <dataset dir>/MODULES_DIR)
+MODULES_DIR = "modules"
+MODULES = "{m}_modules_{weight}.csv"  # one row per neuron: node_id, layer, dimension, module
+MODULES_RECORD = "{m}_modules_{weight}.json"  # settings, sizes, layer composition, Q, the null, the ARIs
+MODULES_COLUMNS = ["node_id", "layer", "dimension", "module"]
+
 # stage c_analyze (in --output_dir, default <graph dir>/ANALYSIS_DIR)
 ANALYSIS_DIR = "weighted_graph_analysis"
 ANALYZED = "{name}_analyzed"  # + ".gpickle" for a .gpickle input, + ".json" (a reference) for a store

@@ -1,0 +1,315 @@
+"""
+Functional modules of the neuron graph (c_find_modules.py): Leiden community detection on a thinned graph,
+tested against degree-preserving rewired graphs, and its stability under seeds and between the halves of the
+selection data.
+
+Thinning: the edges whose normalised weight is > --threshold (EdgeWeight's rule), or each node's K strongest
+edges (--top_edges_per_node; an edge is kept when it is among the K strongest of either end; ties at the K-th
+place by a seeded random order, never by neuron id). Edges of weight <= 0 never count (count 0; phi, pmi and
+direct below 0 unless negative="abs", which takes absolute values).
+
+Detection: igraph's Leiden with modularity, or CPM at --resolution; seeded. The null: the same detection
+on rewired graphs, each layer pair's edges swapped in pairs ((a, b), (c, d) -> (a, d), (c, b), never creating a
+duplicate edge), so that every node keeps its degree and every layer pair its edge count, and each edge keeps
+its weight with its source.
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from gelutrace import PipelineError
+from gelutrace.graph import DEFAULT_WEIGHT, CoactivationGraph, DenseBlock
+
+NEGATIVE = ("drop", "abs")
+ITERATIONS = 2  # Leiden iterations: igraph's default; until stable (-1) found the same Q here at 1.7-4x the time
+
+
+@dataclass
+class ModuleSettings:
+    weight: str = DEFAULT_WEIGHT
+    threshold: float | None = None  # thin by the normalised weight instead of the top edges per node
+    top_edges_per_node: int = 32
+    resolution: float | None = None  # None: modularity; else CPM at this resolution
+    negative: str = "drop"  # negative weights (phi, pmi, direct): dropped, or their absolute values
+    seed: int = 0
+    null_graphs: int = 20
+    seeds: int = 10
+
+    def check(self):
+        if self.negative not in NEGATIVE:
+            raise PipelineError(f"--negative must be one of {', '.join(NEGATIVE)}, got {self.negative!r}")
+        if self.threshold is None and self.top_edges_per_node < 1:
+            raise PipelineError(f"--top_edges_per_node must be >= 1, got {self.top_edges_per_node}")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise PipelineError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.resolution is not None and not self.resolution > 0:
+            raise PipelineError(f"--resolution must be > 0, got {self.resolution}")
+        for name in ("null_graphs", "seeds"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"--{name} must be >= 0")
+
+
+@dataclass
+class Edges:
+    """A thinned graph: edge endpoints as node positions, and weights (> 0)."""
+    n_nodes: int
+    src: np.ndarray
+    tgt: np.ndarray
+    weight: np.ndarray
+
+
+def _block_weights(graph: CoactivationGraph, block, s: ModuleSettings) -> np.ndarray:
+    w = graph.weight(s.weight)
+    raw = np.array(w.raw(block), dtype=np.float64)
+    if s.negative == "abs":
+        np.abs(raw, out=raw)
+    raw[~np.isfinite(raw)] = 0.0  # pmi's -inf where two neurons never fire together
+    raw[raw < 0] = 0.0
+    return raw
+
+
+def thin(graph: CoactivationGraph, s: ModuleSettings) -> Edges:
+    """The edges the settings keep (see the module's docstring), from the graph's dense layer-pair blocks."""
+    if any(not isinstance(b, DenseBlock) for b in graph.blocks):
+        raise PipelineError("module detection needs the full adjacent layers (a store or stage c's .gpickle)")
+    rng = np.random.default_rng(s.seed)
+    tiebreak = rng.permutation(graph.num_nodes)  # a seeded rank of each node: ties go by it, not by id
+    if s.threshold is not None:
+        divisor = graph.weight(s.weight).max
+        if s.negative == "abs":  # the largest magnitude normalises
+            divisor = max((float(np.abs(np.asarray(graph.weight(s.weight).raw(b))).max()) for b in graph.blocks),
+                          default=0.0)
+        src, tgt, wts = [], [], []
+        for b in graph.blocks:
+            raw = _block_weights(graph, b, s)
+            keep = (raw / (divisor if divisor > 0 else 1.0)) > s.threshold
+            r, c = np.nonzero(keep & (raw > 0))
+            src.append(r + b.rows.start)
+            tgt.append(c + b.cols.start)
+            wts.append(raw[r, c])
+        return Edges(graph.num_nodes, *(np.concatenate(x) if x else np.zeros(0) for x in (src, tgt, wts)))
+    K, N = s.top_edges_per_node, graph.num_nodes
+    # candidates: each node's K strongest edges within each block it is in, with every edge tied with the K-th
+    node, other, weight = [], [], []
+    for b in graph.blocks:
+        raw = _block_weights(graph, b, s)
+        for axis in (1, 0):  # a row's edges (node in the block's first layer), a column's (in its second)
+            kk = min(K, raw.shape[axis])
+            kth = np.take(np.partition(raw, raw.shape[axis] - kk, axis=axis), [raw.shape[axis] - kk], axis=axis)
+            r, c = np.nonzero((raw >= kth) & (raw > 0))
+            u, v = r + b.rows.start, c + b.cols.start
+            node.append(u if axis == 1 else v)
+            other.append(v if axis == 1 else u)
+            weight.append(raw[r, c])
+    node, other, weight = (np.concatenate(x) for x in (node, other, weight))
+    # per node: the largest weights first, ties by the other end's seeded rank; its first K
+    order = np.lexsort((tiebreak[other], -weight, node))
+    ranked = node[order]
+    rank = np.arange(len(order)) - np.searchsorted(ranked, ranked, side="left")
+    chosen = order[rank < K]
+    lo, hi = np.minimum(node[chosen], other[chosen]), np.maximum(node[chosen], other[chosen])
+    key, first = np.unique(lo * N + hi, return_index=True)
+    return Edges(N, key // N, key % N, weight[chosen][first])
+
+
+def _igraph(edges: Edges):
+    import igraph as ig
+
+    g = ig.Graph(n=edges.n_nodes)
+    g.add_edges(np.column_stack([edges.src, edges.tgt]))  # about twice as fast as the constructor's edges=
+    g.es["weight"] = edges.weight
+    return g
+
+
+def leiden(edges: Edges, resolution: float | None, seed: int, g=None) -> np.ndarray:
+    """Each node's module: igraph's Leiden (modularity, or CPM at `resolution`; ITERATIONS iterations, igraph's
+    default), its random source seeded (igraph draws from a Python random.Random). g: the edges' igraph Graph,
+    when already built."""
+    import random
+
+    import igraph as ig
+
+    g = _igraph(edges) if g is None else g
+    ig.set_random_number_generator(random.Random(seed))
+    try:
+        if resolution is None:
+            c = g.community_leiden(objective_function="modularity", weights="weight", n_iterations=ITERATIONS)
+        else:
+            c = g.community_leiden(objective_function="CPM", weights="weight", resolution=resolution,
+                                   n_iterations=ITERATIONS)
+    finally:
+        ig.set_random_number_generator(random)
+    return np.array(c.membership, np.int64)
+
+
+def modularity(edges: Edges, membership: np.ndarray, g=None) -> float:
+    """Newman's weighted modularity Q of the partition (igraph's)."""
+    g = _igraph(edges) if g is None else g
+    return float(g.modularity(membership.tolist(), weights="weight"))
+
+
+def _member(x: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    pos = np.minimum(np.searchsorted(sorted_keys, x), len(sorted_keys) - 1)
+    return sorted_keys[pos] == x if len(sorted_keys) else np.zeros(len(x), bool)
+
+
+def rewire(edges: Edges, layer: np.ndarray, seed: int, rounds: int = 10) -> Edges:
+    """
+    A degree-preserving rewiring within each layer pair: `rounds` passes, each pairing the pair's edges at random
+    and swapping the targets of every pair whose two new edges exist nowhere in the graph yet (nor twice among
+    the proposals). igraph's Graph.rewire does the same swaps but drops edge attributes, and the weights must
+    stay with their edges; hence this.
+    """
+    rng = np.random.default_rng(seed)
+    n = edges.n_nodes
+    src, tgt, w = edges.src.copy(), edges.tgt.copy(), edges.weight.copy()
+    group = layer[src] * (int(layer.max()) + 2) + layer[tgt]
+    for g in np.unique(group):
+        idx = np.flatnonzero(group == g)
+        if len(idx) < 2:
+            continue
+        for _ in range(rounds):
+            perm = rng.permutation(idx)
+            a, b = perm[0:len(perm) - 1:2], perm[1::2]
+            new_a, new_b = src[a] * n + tgt[b], src[b] * n + tgt[a]
+            present = np.sort(src[idx] * n + tgt[idx])
+            ok = ~_member(new_a, present) & ~_member(new_b, present) & (new_a != new_b)
+            proposed = np.sort(np.concatenate([new_a[ok], new_b[ok]]))
+            twice = proposed[1:][proposed[1:] == proposed[:-1]]
+            if len(twice):
+                ok[ok] = ~_member(new_a[ok], twice) & ~_member(new_b[ok], twice)
+            ta = tgt[a[ok]].copy()
+            tgt[a[ok]] = tgt[b[ok]]
+            tgt[b[ok]] = ta
+    return Edges(n, src, tgt, w)
+
+
+def ari(a: np.ndarray, b: np.ndarray) -> float:
+    import igraph as ig
+
+    return float(ig.compare_communities(a.tolist(), b.tolist(), method="adjusted_rand"))
+
+
+@dataclass
+class Modules:
+    membership: np.ndarray  # per node position
+    edges: Edges
+    q: float
+    null_q: np.ndarray
+    seed_ari: list
+    settings: ModuleSettings
+
+    @property
+    def null_mean(self) -> float:
+        return float(self.null_q.mean()) if len(self.null_q) else float("nan")
+
+    @property
+    def null_std(self) -> float:
+        return float(self.null_q.std(ddof=1)) if len(self.null_q) > 1 else float("nan")
+
+    @property
+    def p_null(self) -> float:
+        """One-sided empirical p of Q among the null's: (1 + #null >= Q) / (1 + N)."""
+        return float((1 + (self.null_q >= self.q).sum()) / (1 + len(self.null_q))) if len(self.null_q) else float("nan")
+
+    @property
+    def structured(self) -> bool:
+        """Modules stronger than every rewired graph's (p <= 0.05 needs N >= 19)."""
+        return len(self.null_q) >= 19 and self.p_null <= 0.05
+
+
+def find_modules(graph: CoactivationGraph, s: ModuleSettings, progress=None) -> Modules:
+    s.check()
+    edges = thin(graph, s)
+    if not len(edges.weight):
+        raise PipelineError(f"no edge of weight {s.weight} survives the thinning: lower --threshold")
+    g = _igraph(edges)
+    membership = leiden(edges, s.resolution, s.seed, g)
+    q = modularity(edges, membership, g)
+    others = [leiden(edges, s.resolution, s.seed + 1 + i, g) for i in range(max(s.seeds - 1, 0))]
+    runs = [membership] + others
+    seed_ari = [ari(runs[i], runs[j]) for i in range(len(runs)) for j in range(i + 1, len(runs))]
+    del g
+    null = _null(edges, graph.layer, s, progress)
+    return Modules(membership, edges, q, np.array(null), seed_ari, s)
+
+
+_WORK = {}  # the null's inputs in each worker process (set before the fork)
+
+
+def _null_q(i: int) -> float:
+    edges, layer, s = _WORK["edges"], _WORK["layer"], _WORK["settings"]
+    r = rewire(edges, layer, s.seed + 1000 + i)
+    g = _igraph(r)
+    return modularity(r, leiden(r, s.resolution, s.seed, g), g)
+
+
+def _null(edges: Edges, layer: np.ndarray, s: ModuleSettings, progress=None) -> list[float]:
+    """Q of each rewired graph (seeded one by one, so the same whatever the number of processes); the graphs run
+    in up to os.cpu_count() forked processes where fork exists."""
+    import multiprocessing as mp
+    import os
+
+    _WORK.update(edges=edges, layer=layer, settings=s)
+    workers = min(os.cpu_count() or 1, s.null_graphs)
+    out = []
+    if workers > 1 and "fork" in mp.get_all_start_methods():
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            for q in pool.map(_null_q, range(s.null_graphs)):
+                out.append(q)
+                if progress is not None:
+                    progress(1)
+    else:
+        for i in range(s.null_graphs):
+            out.append(_null_q(i))
+            if progress is not None:
+                progress(1)
+    _WORK.clear()
+    return out
+
+
+def halves_ari(halves, s: ModuleSettings) -> float | None:
+    """The adjusted Rand index between the partitions found on the two halves of the selection data
+    (gelutrace.stability.Halves), with the same settings and seed; None without halves."""
+    if len(halves.halves) != 2:
+        return None
+    parts = [leiden(thin(h.graph, s), s.resolution, s.seed) for h in halves.halves]
+    return ari(*parts)
+
+
+def describe(mods: Modules, graph: CoactivationGraph, halves=None) -> dict:
+    """The modules' record ({m}_modules.json), without the per-node table."""
+    m = mods.membership
+    sizes = np.bincount(m)
+    layers = sorted(set(graph.layer.tolist()))
+    comp = {str(k): {str(L): int(((m == k) & (graph.layer == L)).sum()) for L in layers if ((m == k) & (graph.layer == L)).any()}
+            for k in range(len(sizes))}
+    return {"graph": graph.source, "model": graph.model, "settings": asdict(mods.settings),
+            "edges_kept": int(len(mods.edges.weight)), "num_modules": int(len(sizes)),
+            "sizes": sorted(sizes.tolist(), reverse=True), "layer_composition": comp,
+            "modularity": mods.q,
+            "null": {"graphs": int(len(mods.null_q)), "q": mods.null_q.tolist(), "mean": mods.null_mean,
+                     "std": mods.null_std, "z": (mods.q - mods.null_mean) / mods.null_std
+                     if mods.null_std and np.isfinite(mods.null_std) and mods.null_std > 0 else None,
+                     "p": mods.p_null, "structured": mods.structured},
+            "seed_ari": {"runs": mods.settings.seeds, "mean": float(np.mean(mods.seed_ari)) if mods.seed_ari else None,
+                         "min": float(np.min(mods.seed_ari)) if mods.seed_ari else None},
+            "halves": None if halves is None else {"how": halves.how, "ari": halves_ari(halves, mods.settings)}}
+
+
+def verdict(record: dict) -> str:
+    """The modules' standing against the null, in words."""
+    n = record["null"]
+    if n["graphs"] < 19:
+        return (f"{record['num_modules']} modules, Q = {record['modularity']:.3f}; {n['graphs']} rewired graphs are "
+                f"too few to test it against the null (19 or more allow p <= 0.05).")
+    if not n["structured"]:
+        return (f"The graph has no module structure: Q = {record['modularity']:.3f} is no stronger than that of "
+                f"{n['graphs']} degree-preserving rewired graphs (mean {n['mean']:.3f}, sd {n['std']:.3f}; "
+                f"p = {n['p']:.3f}).")
+    return (f"{record['num_modules']} modules, Q = {record['modularity']:.3f} against {n['mean']:.3f} ± "
+            f"{n['std']:.3f} in {n['graphs']} degree-preserving rewired graphs (p = {n['p']:.3f}).")
+
