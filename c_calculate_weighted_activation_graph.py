@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from gelutrace import PipelineError
 from gelutrace import graph as gr
 from gelutrace import stagefiles as sf
 from gelutrace import store as gs
@@ -62,14 +63,18 @@ def main():
         if sf.edges_are_canonical(args.input_dir, m, meta):
             n_layer, d_mlp = int(meta.get("n_layer", 0)), int(meta.get("d_mlp", 0))
             check_fits(n_layer * d_mlp, (n_layer - 1) * d_mlp ** 2)
-    direct = sf.path(args.input_dir, sf.DIRECT_EDGES, m) if m is not None else None
-    direct = direct if direct is not None and direct.is_file() else None
+    direct = None
     if m is not None:
-        sf.verify_output_set(sf.path(args.input_dir, sf.DATASET_MANIFEST, m),
-                             [sf.path(args.input_dir, f, m) for f in (sf.MATRIX, sf.FREQUENCY, sf.GRAPH_META)]
+        manifest = sf.path(args.input_dir, sf.DATASET_MANIFEST, m)
+        direct = sf.path(args.input_dir, sf.DIRECT_EDGES, m)
+        # a file the manifest lists must be there: a deleted one is damage, not a run without the weights
+        direct = direct if direct.is_file() or sf.manifest_lists(manifest, direct.name) else None
+        sf.verify_output_set(manifest, [sf.path(args.input_dir, f, m) for f in (sf.MATRIX, sf.FREQUENCY, sf.GRAPH_META)]
                              + ([direct] if direct else []), "stage b")
     data = gr.load_activation_data(args.input_dir)
     causal = gr.CausalEdges.read_npz(direct, data.num_neurons, data.d_mlp) if direct else None
+    if causal is None and m is not None:
+        causal = corpus_causal(args.input_dir, m, data)
     n_edges = len(data.edges) if data.edges is not None else (data.n_layer - 1) * data.d_mlp ** 2
     if out.suffix == ".gpickle":
         check_fits(data.num_neurons, n_edges)  # an edited edge list: its size is known once parsed
@@ -79,6 +84,24 @@ def main():
             gs.write_store(out, data, progress=bar, causal=causal)
     print(f"{data.model}: {data.num_neurons:,} neurons, {n_edges:,} edges, {data.num_samples:,} samples "
           f"-> {out} ({time.time() - t0:.1f} s)")
+
+
+def corpus_causal(input_dir, m: str, data):
+    """A corpus-mode dataset's causal weights: stage b wrote them into its store only, so a rebuild from the
+    saved matrix carries them over from there (the same samples), or refuses."""
+    record = sf.path(input_dir, sf.CORPUS, m)
+    if not record.is_file():
+        return None
+    import json
+
+    if not json.loads(record.read_text()).get("direct_edges"):
+        return None
+    store = sf.path(input_dir, sf.WEIGHTED_GRAPH, m)
+    old = gs.read_store(store) if gs.is_store(store) else None
+    if old is None or old.causal is None or old.num_samples != data.num_samples:
+        raise PipelineError(f"{input_dir} was read with --direct_edges, whose weights only stage b's store {store} "
+                            f"holds, and that store is gone or does not match; rerun stage b")
+    return old.causal
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def main():
     args = ap.parse_args()
     check_at_least(args, 1, "edges")
     check_at_least(args, 1, "tokens")
+    check_at_least(args, 0, "seed")
     m = model_name(args.model_type)
     sf.lock_directory(sf.check_output_dir(args.dataset_path, "--dataset_path"), "c_measure_edge_fidelity")
     store = sf.path(args.dataset_path, sf.WEIGHTED_GRAPH, m)
@@ -57,9 +58,14 @@ def main():
         samples = fd.corpus_samples(json.loads(record.read_text()), lm.tokenizer, args.tokens, lm.device)
     else:
         samples = fd.prompt_samples(args.dataset_path, m, args.tokens, lm.device)
+    scored = int((samples.weights > 0).sum())
+    if len(edges) < args.edges or scored < args.tokens:
+        print(f"note: {len(edges)} edges (of {args.edges} asked; the sample is drawn from {fd.POOL:,} edges) on "
+              f"{scored:,} positions (of {args.tokens:,} asked: what the dataset holds, in whole windows)")
     with tqdm(total=edges["src"].nunique(), unit="neuron", desc="ablating sources") as bar:
         table = fd.measure(lm.model, samples, edges, bar.update)
     summary = fd.summary(table)
+    summary["store_uid"] = graph.header["uid"]  # which store it measured: the report refuses another's
     files = (sf.EDGE_FIDELITY, sf.EDGE_FIDELITY_SUMMARY, sf.EDGE_FIDELITY_PLOT)
     with sf.OutputSet(args.dataset_path, sf.path(args.dataset_path, sf.EDGE_FIDELITY_MANIFEST, m),
                       [f.format(m=m) for f in files], "c_measure_edge_fidelity") as out:

@@ -8,15 +8,17 @@ neuron's score, and how the cut sits on ties: tied_picks, tie_pool, zero_score_p
 values write one subset each from one ranking: the subsets of a method at growing k are prefixes of each other
 (random draws each k afresh from --seed).
 
-Methods on the thresholded graph: degree (the original's), weighted_degree, pagerank. Methods that need no
-graph (--threshold is ignored and recorded as null; files are named {m}_{method}_r{ratio}.npy):
+Methods on the thresholded graph: degree (the original's), weighted_degree, pagerank. Through the causal graph
+(stage b --direct_edges), with no threshold: influence, each neuron's effect on the next token's loss directly
+and through every later neuron it drives (I = s + |E~| I, README "c - causal edge weights"). Methods that need
+no graph (--threshold is ignored and recorded as null; files are named {m}_{method}_r{ratio}.npy):
 activation_count, attribution (stage b's first-order estimate of each neuron's single-ablation delta_nll,
 from {m}_neuron_frequency.csv), ablation (measured single-neuron delta_nll, from {m}_neuron_effects.csv of
 d_calculate_neuron_effects.py), random (seeded; with --match_layers, the per-layer composition of another
 subset).
 
-Edge weight (--weight): count (the original's, the default), jaccard, phi or pmi, as defined in
-c_analyze_weighted_activation_graph.py --help. The normalised weight is weight / (its max over all edges) when
+Edge weight (--weight): count (the original's, the default), jaccard, phi or pmi, or the causal direct and
+direct_abs (stage b --direct_edges), as defined in c_analyze_weighted_activation_graph.py --help. The normalised weight is weight / (its max over all edges) when
 that max is > 0, and an edge is kept iff its normalised weight is > --threshold: edges with a weight <= 0 are
 never kept. weighted_degree sums the kept edges' normalised weights; pagerank weights edges by count for count,
 by the normalised weight otherwise. The weight applies to degree, weighted_degree and pagerank; for
@@ -133,7 +135,8 @@ def main():
         if ratio is not None:
             sub.info = {"k_from_ratio": ks[i], **sub.info}
         sel.write_subset(sub, graph, targets[i], params)
-        kept = f"{sub.edges_kept:,} edges kept" if uses_graph else "no graph used"
+        kept = (f"{sub.edges_kept:,} edges kept" if uses_graph else
+                "the causal graph, every pair measured" if args.method == "influence" else "no graph used")
         print(f"wrote {targets[i]} (k={sub.k}, {kept}, {time.time() - t0:.1f} s)")
 
 

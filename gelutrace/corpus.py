@@ -498,8 +498,8 @@ class Checkpoints:
             state = json.loads(self.state_file.read_text())
             if state.get("fingerprint") != self.fingerprint:
                 raise PipelineError(f"--resume: the unfinished run in {self.dir} read other text or used other "
-                                    f"settings (model, context, max_tokens, batch size, shard, top_examples); rerun "
-                                    f"without --resume")
+                                    f"settings (model, context, max_tokens, batch size, shard, top_examples, "
+                                    f"attribution, direct_edges, edges); rerun without --resume")
             self.packed_files = state["packed"]
             packed = [np.load(self.dir / f, allow_pickle=False) for f in self.packed_files]
             loaded = CoactivationCounts.load(self.counts_file, counts.device)

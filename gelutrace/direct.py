@@ -227,9 +227,11 @@ class DirectEdges:
     loss_tokens = sum w_l(t).
     """
 
-    def __init__(self, n_layer: int, d_mlp: int, edges: str = "adjacent", gated: bool = False, device="cpu"):
+    def __init__(self, n_layer: int, d_mlp: int, edges: str = "adjacent", gated: bool = False, device="cpu",
+                 pairs: list | None = None):
+        """pairs: only these layer pairs of the edge set (in memory only, e.g. the ones an edge sample needs)."""
         self.n_layer, self.d_mlp, self.edges, self.gated = n_layer, d_mlp, edges, gated
-        self.pairs = layer_pairs(n_layer, edges)
+        self.pairs = layer_pairs(n_layer, edges) if pairs is None else list(pairs)
         self.device = torch.device(device)
         terms = 2 if gated else 1
         shape = (len(self.pairs), terms, d_mlp, d_mlp)

@@ -14,6 +14,7 @@ with its own neuron zeroed.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -44,8 +45,15 @@ def corpus_samples(record: dict, tokenizer, tokens: int, device) -> Samples:
     every position a sample."""
     from gelutrace.corpus import read_corpus
 
+    from gelutrace import stagefiles as sf
+
     context = int(record["context"])
-    ids = read_corpus([f["path"] for f in record["files"]], tokenizer, max(tokens, 2)).ids.astype(np.int64)
+    for f in record["files"]:  # the text the weights were measured on, unchanged
+        p = Path(f["path"])
+        if not p.is_file() or ("sha256" in f and sf.file_sha256(p) != f["sha256"]):
+            raise PipelineError(f"{p}, which stage b read, is gone or has changed since; rerun stage b")
+    ids = read_corpus([f["path"] for f in record["files"]], tokenizer, max(tokens, 2),
+                      "the corpus record's files").ids.astype(np.int64)
     n = max(1, len(ids) // context)
     width = min(context, len(ids))
     rows = torch.as_tensor(ids[:n * width].reshape(n, width), device=device)
@@ -159,8 +167,7 @@ def measure(model, samples: Samples, edges: pd.DataFrame, progress=None) -> pd.D
     an = anatomy(model)
     tgt_layers = sorted(set((edges["tgt"] // d).tolist()))
     pairs = sorted({(int(s // d), int(t // d)) for s, t in zip(edges["src"], edges["tgt"])})
-    direct = DirectEdges(cfg.n_layer, d, "all" if any(j - i > 1 for i, j in pairs) else "adjacent", an.gated,
-                         samples.idx.device)
+    direct = DirectEdges(cfg.n_layer, d, "all", an.gated, samples.idx.device, pairs=pairs)  # the pairs sampled only
     with torch.no_grad(), DirectHooks(model, direct, an) as hooks, \
             _Recorder(model, tgt_layers, samples.weights, 1) as clean:
         hooks.begin(samples.weights, None)

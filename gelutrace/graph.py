@@ -323,16 +323,29 @@ class CausalEdges:
         except (KeyError, TypeError, ValueError) as e:
             raise PipelineError(f"{where}: the direct-effect record is damaged ({e})") from None
 
-        def checked(name, shape):
+        n_layer = n_neurons // d_mlp
+        want = {"adjacent": [(i, i + 1) for i in range(n_layer - 1)],
+                "all": [(i, j) for i in range(n_layer) for j in range(i + 1, n_layer)]}.get(edges)
+        if want is None or pairs != want:
+            raise PipelineError(f"{where}: the direct-effect record's pairs are not the {edges!r} layer pairs of "
+                                f"{n_layer} layers")
+        if not (np.isfinite([samples, loss_tokens]).all() and samples >= 0 and loss_tokens >= 0):
+            raise PipelineError(f"{where}: the direct-effect record counts {samples} samples, {loss_tokens} tokens")
+
+        def checked(name, shape, nonnegative=False):  # one pass over each array: damage is refused, not used
             a = get(name)
             if a.shape != shape or a.dtype != np.float64:
                 raise PipelineError(f"{where}: {name} holds {a.dtype} {a.shape}, expected float64 {shape}")
+            if not np.isfinite(a).all() or (nonnegative and (a < 0).any()):
+                raise PipelineError(f"{where}: {name} holds {'non-finite' if not np.isfinite(a).all() else 'negative'} "
+                                    f"values; it is damaged")
             return a
 
         d = (d_mlp, d_mlp)
         direct = [checked(sf.GRAPH_STORE_DIRECT.format(src=i, tgt=j)[:-4], d) for i, j in pairs]
-        absolute = [checked(sf.GRAPH_STORE_DIRECT_ABS.format(src=i, tgt=j)[:-4], d) for i, j in pairs]
-        nodes = [checked(f[:-4], (n_neurons,)) for f in sf.GRAPH_STORE_DIRECT_NODES]
+        absolute = [checked(sf.GRAPH_STORE_DIRECT_ABS.format(src=i, tgt=j)[:-4], d, True) for i, j in pairs]
+        nodes = [checked(f[:-4], (n_neurons,), nonneg) for f, nonneg in zip(sf.GRAPH_STORE_DIRECT_NODES,
+                                                                            (False, True, True))]
         return cls(pairs, direct, absolute, *nodes, samples, loss_tokens, edges, gated)
 
     def influence(self) -> np.ndarray:

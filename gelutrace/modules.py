@@ -149,39 +149,48 @@ def modularity(edges: Edges, membership: np.ndarray, g=None) -> float:
     return float(g.modularity(membership.tolist(), weights="weight"))
 
 
-def _member(x: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
-    pos = np.minimum(np.searchsorted(sorted_keys, x), len(sorted_keys) - 1)
-    return sorted_keys[pos] == x if len(sorted_keys) else np.zeros(len(x), bool)
-
-
 def rewire(edges: Edges, layer: np.ndarray, seed: int, rounds: int = 10) -> Edges:
     """
     A degree-preserving rewiring within each layer pair: `rounds` passes, each pairing the pair's edges at random
     and swapping the targets of every pair whose two new edges exist nowhere in the graph yet (nor twice among
     the proposals). igraph's Graph.rewire does the same swaps but drops edge attributes, and the weights must
-    stay with their edges; hence this.
+    stay with their edges; hence this, with each layer pair's edges held as a d x d occupancy matrix, so that a
+    pass is a few gathers and scatters.
     """
     rng = np.random.default_rng(seed)
     n = edges.n_nodes
+    d = int(np.bincount(layer).max())  # neurons per layer; a node's dimension is its id % d
     src, tgt, w = edges.src.copy(), edges.tgt.copy(), edges.weight.copy()
     group = layer[src] * (int(layer.max()) + 2) + layer[tgt]
+    occupied = np.zeros((d, d), bool)
+    claim = np.full((d, d), -1, np.int64)  # which proposal a new edge was last claimed by
     for g in np.unique(group):
         idx = np.flatnonzero(group == g)
         if len(idx) < 2:
             continue
+        occupied[:] = False
+        occupied[src[idx] % d, tgt[idx] % d] = True
+        base = 0
+        claim[:] = -1
         for _ in range(rounds):
             perm = rng.permutation(idx)
             a, b = perm[0:len(perm) - 1:2], perm[1::2]
-            new_a, new_b = src[a] * n + tgt[b], src[b] * n + tgt[a]
-            present = np.sort(src[idx] * n + tgt[idx])
-            ok = ~_member(new_a, present) & ~_member(new_b, present) & (new_a != new_b)
-            proposed = np.sort(np.concatenate([new_a[ok], new_b[ok]]))
-            twice = proposed[1:][proposed[1:] == proposed[:-1]]
-            if len(twice):
-                ok[ok] = ~_member(new_a[ok], twice) & ~_member(new_b[ok], twice)
-            ta = tgt[a[ok]].copy()
-            tgt[a[ok]] = tgt[b[ok]]
-            tgt[b[ok]] = ta
+            sa, sb, ta, tb = src[a] % d, src[b] % d, tgt[a] % d, tgt[b] % d
+            ok = ~occupied[sa, tb] & ~occupied[sb, ta] & ((sa != sb) | (ta != tb))
+            # two swaps proposing the same new edge: each edge keeps one claimant, and a swap goes ahead only
+            # when it holds both of its edges, so no edge is made twice
+            ids = base + np.arange(len(a))
+            claim[sa[ok], tb[ok]] = ids[ok]
+            claim[sb[ok], ta[ok]] = ids[ok]
+            ok &= (claim[sa, tb] == ids) & (claim[sb, ta] == ids)
+            base += len(a)
+            occupied[sa[ok], ta[ok]] = False
+            occupied[sb[ok], tb[ok]] = False
+            occupied[sa[ok], tb[ok]] = True
+            occupied[sb[ok], ta[ok]] = True
+            new_a = tgt[b[ok]].copy()
+            tgt[b[ok]] = tgt[a[ok]]
+            tgt[a[ok]] = new_a
     return Edges(n, src, tgt, w)
 
 
@@ -227,47 +236,58 @@ def find_modules(graph: CoactivationGraph, s: ModuleSettings, progress=None) -> 
     g = _igraph(edges)
     membership = leiden(edges, s.resolution, s.seed, g)
     q = modularity(edges, membership, g)
-    others = [leiden(edges, s.resolution, s.seed + 1 + i, g) for i in range(max(s.seeds - 1, 0))]
-    runs = [membership] + others
-    seed_ari = [ari(runs[i], runs[j]) for i in range(len(runs)) for j in range(i + 1, len(runs))]
     del g
-    null = _null(edges, graph.layer, s, progress)
+    tasks = [("seed", i) for i in range(max(s.seeds - 1, 0))] + [("null", i) for i in range(s.null_graphs)]
+    done = _run(tasks, edges, graph.layer, s, progress)
+    runs = [membership] + [r for (kind, _), r in zip(tasks, done) if kind == "seed"]
+    seed_ari = [ari(runs[i], runs[j]) for i in range(len(runs)) for j in range(i + 1, len(runs))]
+    null = [r for (kind, _), r in zip(tasks, done) if kind == "null"]
     return Modules(membership, edges, q, np.array(null), seed_ari, s)
 
 
-_WORK = {}  # the null's inputs in each worker process (set before the fork)
+_WORK = {}  # the tasks' inputs in each worker process (set before the fork)
 
 
-def _null_q(i: int) -> float:
+def _task(task: tuple):
+    """("seed", i): the partition under seed + 1 + i; ("null", i): Q of the i-th rewired graph. Each is seeded
+    on its own, so the results do not depend on the number of processes."""
+    kind, i = task
     edges, layer, s = _WORK["edges"], _WORK["layer"], _WORK["settings"]
+    if kind == "seed":
+        if "graph" not in _WORK:  # built once per process
+            _WORK["graph"] = _igraph(edges)
+        return leiden(edges, s.resolution, s.seed + 1 + i, _WORK["graph"])
     r = rewire(edges, layer, s.seed + 1000 + i)
     g = _igraph(r)
     return modularity(r, leiden(r, s.resolution, s.seed, g), g)
 
 
-def _null(edges: Edges, layer: np.ndarray, s: ModuleSettings, progress=None) -> list[float]:
-    """Q of each rewired graph (seeded one by one, so the same whatever the number of processes); the graphs run
-    in up to os.cpu_count() forked processes where fork exists."""
+def _run(tasks: list, edges: Edges, layer: np.ndarray, s: ModuleSettings, progress=None) -> list:
+    """The tasks' results in order, in up to os.cpu_count() forked processes where fork exists; progress(1) per
+    rewired graph."""
     import multiprocessing as mp
     import os
 
     _WORK.update(edges=edges, layer=layer, settings=s)
-    workers = min(os.cpu_count() or 1, s.null_graphs)
+    workers = min(os.cpu_count() or 1, len(tasks))
     out = []
-    if workers > 1 and "fork" in mp.get_all_start_methods():
-        from concurrent.futures import ProcessPoolExecutor
+    try:
+        if workers > 1 and "fork" in mp.get_all_start_methods():
+            from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            for q in pool.map(_null_q, range(s.null_graphs)):
-                out.append(q)
-                if progress is not None:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+                results = pool.map(_task, tasks)
+                for t, r in zip(tasks, results):
+                    out.append(r)
+                    if progress is not None and t[0] == "null":
+                        progress(1)
+        else:
+            for t in tasks:
+                out.append(_task(t))
+                if progress is not None and t[0] == "null":
                     progress(1)
-    else:
-        for i in range(s.null_graphs):
-            out.append(_null_q(i))
-            if progress is not None:
-                progress(1)
-    _WORK.clear()
+    finally:
+        _WORK.clear()
     return out
 
 

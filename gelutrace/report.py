@@ -86,7 +86,11 @@ def collect(data: Path) -> dict:
     out["fidelity"] = None
     if all(p.is_file() for p in fidelity):
         sf.verify_output_set(sf.path(data, sf.EDGE_FIDELITY_MANIFEST, m), fidelity, "c_measure_edge_fidelity")
-        out["fidelity"] = pd.read_csv(fidelity[1])
+        f = pd.read_csv(fidelity[1])
+        store = sf.path(data, sf.WEIGHTED_GRAPH, m) / sf.GRAPH_STORE_HEADER
+        uid = json.loads(store.read_text()).get("uid") if store.is_file() else None
+        # measured on another store than the dataset's own (rebuilt since): not quoted
+        out["fidelity"] = f if "store_uid" in f and (f["store_uid"] == uid).all() else None
     out["commands"] = {p.stem: p.read_text().split("# csv ")[0].strip()
                        for p in sorted((data / sf.PIPELINE_STAMPS).glob("*.cmd"))}
     return out
@@ -401,7 +405,7 @@ def fidelity_section(info: dict, data: Path) -> list[str]:
     plot = sf.path(data, sf.EDGE_FIDELITY_PLOT, m)
     if plot.is_file():
         lines += [f"![edge fidelity]({plot.name})", ""]
-    return lines + [md_table(f), ""]
+    return lines + [md_table(f.drop(columns=["store_uid"], errors="ignore")), ""]
 
 
 def write_report(data: Path, params: dict) -> str:

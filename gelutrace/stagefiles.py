@@ -68,7 +68,9 @@ EDGE_FIDELITY_MANIFEST = "{m}_edge_fidelity_manifest.json"  # the three as one o
 PROMPT_SET = (DATASET, FREQUENCY, MATRIX, ATTRIBUTES, GRAPH_META, TOP_EXAMPLES, ACTIVATIONS_JSON, ACTIVATIONS_PICKLE,
               DIRECT_EDGES)
 CORPUS_SET = (ATTRIBUTES, GRAPH_META, FREQUENCY, WEIGHTED_GRAPH, TOP_EXAMPLES, CORPUS, MATRIX)
-DATASET_FILES = tuple(dict.fromkeys(PROMPT_SET + CORPUS_SET))
+# the edge fidelity measures the store stage b (or c) writes: a new stage b run removes it
+DATASET_FILES = tuple(dict.fromkeys(PROMPT_SET + CORPUS_SET + (EDGE_FIDELITY, EDGE_FIDELITY_SUMMARY, EDGE_FIDELITY_PLOT,
+                                                               EDGE_FIDELITY_MANIFEST)))
 
 
 def dataset_files(m: str) -> list[str]:
@@ -142,7 +144,7 @@ NEURON_EFFECTS_COLUMNS = ["neuron_id", "delta_nll", "kl"] + [f"delta_nll_{h}" fo
 # ({m}_corpus.json's document_starts map it to a document and offset)
 CONTEXT_TOKENS = 32
 EDGE_FIDELITY_COLUMNS = ["src", "tgt", "pair", "decile", "direct", "layer_gap", "predicted", "measured"]
-EDGE_FIDELITY_SUMMARY_COLUMNS = ["layer_gap", "edges", "spearman", "beta", "r2_through_0"]
+EDGE_FIDELITY_SUMMARY_COLUMNS = ["layer_gap", "edges", "spearman", "beta", "r2_through_0", "store_uid"]
 TOP_EXAMPLES_COLUMNS = ["neuron_id", "rank", "value", "sample_id", "context", "token"]
 RESULT_COLUMNS = ["prompt", "sample_index", "generated_text", "perturbation_subset"]
 TEXT_BREAKDOWN_COLUMNS = ["subset", "k", "breakdown", "bucket", "token_id", "tokens", "nll", "delta_nll"]
@@ -551,6 +553,15 @@ def verify_output_set(manifest, files, what: str, required: bool = False):
             raise PipelineError(f"{f} is not part of the run {m.name} records; rerun {what}")
         if f.stat().st_size != want["size"] or file_sha256(f) != want["sha256"]:
             raise PipelineError(f"{f} was changed or replaced after the run {m.name} records; rerun {what}")
+
+
+def manifest_lists(manifest, name: str) -> bool:
+    """Whether a complete manifest lists the file `name` (relative to its directory); False without one."""
+    try:
+        rec = json.loads(Path(manifest).read_text())
+        return rec.get("state") == "complete" and name in rec.get("files", {})
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return False
 
 
 def write_json(obj, target, indent=None):

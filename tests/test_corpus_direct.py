@@ -199,3 +199,52 @@ def test_all_layer_pairs_keep_the_adjacent_weights_and_feed_influence(tmp_path, 
             "--tokens", 128, "--device", "cpu")
     summary = pd.read_csv(sf.path(tmp_path / "all", sf.EDGE_FIDELITY_SUMMARY, M))
     assert "all" in set(summary["layer_gap"].astype(str)) and len(summary) > 2, r.stdout
+
+
+def test_weights_are_never_dropped_or_taken_from_damage(tmp_path, shipped_path):
+    """Stage c rebuilding a corpus dataset from its matrix keeps the store's weights; a prompt dataset whose
+    listed weights file is gone is refused; damaged arrays and records are refused; a stage b rerun removes the
+    edge fidelity of the store it replaces."""
+    import shutil
+
+    d = tmp_path / "c"
+    g = corpus_run(d, "--max_tokens", 500, "--save_matrix")
+    run("c_calculate_weighted_activation_graph.py", "--input_dir", d)
+    rebuilt = gs.read_store(sf.path(d, sf.WEIGHTED_GRAPH, M))
+    assert_same(rebuilt, g, rel=0)
+    # prompt mode: the file the manifest lists is gone
+    csv = tmp_path / "p.csv"
+    pd.DataFrame([("To be, or not to be", 4, 1), ("The king", 3, 1)], columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+    p = tmp_path / "p"
+    run(B, "--input_csv", csv, "--export_dir", p, "--model_type", M, "--device", "cpu", "--direct_edges")
+    run("c_calculate_weighted_activation_graph.py", "--input_dir", p)
+    before = sorted(x.name for x in sf.path(p, sf.WEIGHTED_GRAPH, M).iterdir())
+    sf.path(p, sf.DIRECT_EDGES, M).unlink()
+    r = run("c_calculate_weighted_activation_graph.py", "--input_dir", p, ok=False)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and sf.DIRECT_EDGES.format(m=M) in r.stderr
+    assert sorted(x.name for x in sf.path(p, sf.WEIGHTED_GRAPH, M).iterdir()) == before
+    # damaged arrays or record in a store
+    for damage in ("nan", "negative", "pairs"):
+        bad = tmp_path / f"bad_{damage}"
+        shutil.copytree(sf.path(d, sf.WEIGHTED_GRAPH, M), bad)
+        if damage == "pairs":
+            h = json.loads((bad / sf.GRAPH_STORE_HEADER).read_text())
+            h["direct"]["pairs"] = h["direct"]["pairs"][:1] * 2 + h["direct"]["pairs"][2:]
+            (bad / sf.GRAPH_STORE_HEADER).write_text(json.dumps(h))
+        else:
+            f = bad / sf.GRAPH_STORE_DIRECT_ABS.format(src=1, tgt=2)
+            a = np.load(f)
+            a[3, 4] = np.nan if damage == "nan" else -1.0
+            np.save(f, a)
+        r = run("d_calculate_perturbation_subset.py", "--input_graph_path", bad, "--method", "influence", "--k", 3,
+                "--output_dir", tmp_path / "subs", ok=False)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, damage
+    # the edge fidelity goes with the store it measured
+    run("c_measure_edge_fidelity.py", "--dataset_path", d, "--model_type", M, "--edges", 20, "--tokens", 64,
+        "--device", "cpu")
+    assert sf.path(d, sf.EDGE_FIDELITY, M).is_file()
+    r = run("c_measure_edge_fidelity.py", "--dataset_path", d, "--model_type", M, "--seed", -1, ok=False)
+    assert r.returncode == 2 and r.stderr.startswith("error:")
+    run(B, "--input_text", HELDOUT_PATH, "--export_dir", d, "--model_type", M, "--context", CONTEXT, "--device",
+        "cpu", "--max_tokens", 300)
+    assert not sf.path(d, sf.EDGE_FIDELITY, M).exists() and not sf.path(d, sf.EDGE_FIDELITY_SUMMARY, M).exists()

@@ -158,6 +158,9 @@ def test_script_writes_modules_and_refuses_bad_settings(tmp_path, shipped_path):
     rec = json.loads((out / sf.MODULES_DIR / sf.MODULES_RECORD.format(m="tinybard", weight="direct_abs")).read_text())
     assert rec["num_modules"] == len(sizes) and rec["sizes"] == sizes.tolist() and rec["null"]["graphs"] == 3
     assert "too few" in r.stdout
-    for bad in (["--threshold", "2"], ["--top_edges_per_node", "0"], ["--resolution", "-1"], ["--weight", "nope"]):
+    for bad in (["--threshold", "2"], ["--weight", "nope"]):  # the script's error line; the other checks below
         r = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
         assert r.returncode == 2 and "error:" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+    for bad in (dict(top_edges_per_node=0), dict(resolution=-1.0), dict(negative="sign"), dict(null_graphs=-1)):
+        with pytest.raises(md.PipelineError):
+            md.ModuleSettings(**bad).check()
