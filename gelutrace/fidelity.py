@@ -192,11 +192,12 @@ def measure(model, samples: Samples, edges: pd.DataFrame, progress=None) -> pd.D
             dims = torch.as_tensor(chunk % d, device=samples.idx.device)
             with torch.no_grad(), _Recorder(model, tgt_layers, samples.weights, len(chunk), (int(layer), dims)) as rec:
                 _forward(model, samples, len(chunk))
-            for c, src in enumerate(chunk):
-                rows = np.flatnonzero(out["src"].to_numpy() == src)
-                for r in rows:
-                    t = int(out["tgt"].iloc[r])
-                    measured[r] = rec.means[t // d][c, t % d] - clean.means[t // d][0, t % d]
+            rows = np.flatnonzero(np.isin(src, chunk))  # the chunk's edges; copy c ablated chunk[c]
+            copy = np.searchsorted(chunk, src[rows])
+            for j in np.unique(tgt[rows] // d):  # one target layer at a time
+                at = rows[tgt[rows] // d == j]
+                c = copy[tgt[rows] // d == j]
+                measured[at] = rec.means[j][c, tgt[at] % d] - clean.means[j][0, tgt[at] % d]
             if progress is not None:
                 progress(len(chunk))
     out["measured"] = measured
