@@ -443,6 +443,13 @@ class CoactivationGraph:
         return self.activation_count / m if m else np.zeros(self.num_nodes)
 
 
+def no_causal_hint(graph: "CoactivationGraph") -> str:
+    """What to do about a graph without the direct-effect weights."""
+    if str(graph.source).endswith(".gpickle"):
+        return "a .gpickle keeps the co-activation counts only: give the graph store instead"
+    return "run stage b with --direct_edges"
+
+
 # --- edge weights ----------------------------------------------------------------------------------------------
 
 
@@ -517,8 +524,7 @@ class EdgeWeight:
                                     f"{self.num_samples}; the counts are inconsistent")
         if name in DIRECT_WEIGHTS:
             if graph.causal is None:
-                raise PipelineError(f"--weight {name}: {where} has no direct-effect weights; run stage b with "
-                                    f"--direct_edges")
+                raise PipelineError(f"--weight {name}: {where} has no direct-effect weights; {no_causal_hint(graph)}")
             self._causal, self._d = graph.causal, int(graph.dimension.max()) + 1
             if any(not isinstance(b, DenseBlock) for b in graph.blocks):
                 raise PipelineError(f"--weight {name} needs the full adjacent layers, not an edited edge list")

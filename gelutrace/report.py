@@ -89,8 +89,10 @@ def collect(data: Path) -> dict:
         f = pd.read_csv(fidelity[1])
         store = sf.path(data, sf.WEIGHTED_GRAPH, m) / sf.GRAPH_STORE_HEADER
         uid = json.loads(store.read_text()).get("uid") if store.is_file() else None
-        # measured on another store than the dataset's own (rebuilt since): not quoted
-        out["fidelity"] = f if "store_uid" in f and (f["store_uid"] == uid).all() else None
+        # measured on another store than the dataset's own (rebuilt since): not quoted, and said
+        current = "store_uid" in f and (f["store_uid"] == uid).all()
+        out["fidelity"] = f if current else None
+        out["fidelity_stale"] = not current
     out["commands"] = {p.stem: p.read_text().split("# csv ")[0].strip()
                        for p in sorted((data / sf.PIPELINE_STAMPS).glob("*.cmd"))}
     return out
@@ -391,6 +393,10 @@ def degree_plot(info: dict, data: Path) -> Path | None:
 def fidelity_section(info: dict, data: Path) -> list[str]:
     """How well the causal edges' first-order prediction matches zero-ablation (c_measure_edge_fidelity)."""
     f = info.get("fidelity")
+    if info.get("fidelity_stale"):
+        return ["## Causal graph: how faithful its edges are", "",
+                f"The edge fidelity files measured another graph store than this dataset's (rebuilt since); rerun "
+                f"`c_measure_edge_fidelity.py` for figures.", ""]
     if f is None or not len(f):
         return []
     m = info["m"]

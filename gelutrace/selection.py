@@ -31,7 +31,7 @@ import pandas as pd
 
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
-from gelutrace.graph import DEFAULT_WEIGHT, CoactivationGraph, Cut
+from gelutrace.graph import DEFAULT_WEIGHT, CoactivationGraph, Cut, no_causal_hint
 from gelutrace.store import check_nx_fits
 
 METHODS = ("degree", "weighted_degree", "pagerank", "influence", "activation_count", "attribution", "ablation",
@@ -174,7 +174,7 @@ def scores(graph: CoactivationGraph, method: str, threshold: float | None, weigh
     if method == "influence":
         if graph.causal is None:
             raise PipelineError(f"--method influence needs the direct-effect weights, which "
-                                f"{graph.source or 'the graph'} does not have: run stage b with --direct_edges")
+                                f"{graph.source or 'the graph'} does not have: {no_causal_hint(graph)}")
         return graph.causal.influence()[graph.node_ids]
     cut = graph.cut(threshold, weight)
     if method == "degree":

@@ -230,8 +230,11 @@ def read_store(store) -> CoactivationGraph:
     if not isinstance(h, dict) or h.get("format") != STORE_FORMAT or h.get("version") != STORE_VERSION:
         raise PipelineError(f"{hp}: not a {STORE_FORMAT} v{STORE_VERSION} header")
 
+    rerun = "stage b (corpus mode wrote it)" if isinstance(h.get("source"), dict) and "corpus" in h["source"] \
+        else "stage c"
+
     def damaged(why):
-        return PipelineError(f"graph store {p} is damaged: {why}; rerun stage c")
+        return PipelineError(f"graph store {p} is damaged: {why}; rerun {rerun}")
 
     def integer(key, lo=0):
         v = h.get(key)

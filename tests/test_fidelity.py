@@ -114,3 +114,28 @@ def test_script_writes_both_files_and_refuses_a_store_without_weights(dataset, t
     r = subprocess.run(cmd[:3] + [str(plain)] + cmd[4:], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--direct_edges" in r.stderr
     assert not sf.path(plain, sf.EDGE_FIDELITY, M).exists()
+
+
+def test_report_quotes_only_the_fidelity_of_the_current_store(dataset, tmp_path):
+    """The report's section from the files c_measure_edge_fidelity wrote, and none (but a note) once the store was
+    rebuilt: its uid is not the one the files measured."""
+    import json as js
+    import shutil
+
+    from gelutrace.report import collect, fidelity_section
+
+    out = tmp_path / "c"  # a copy: the fixture's store stays as it is
+    shutil.copytree(dataset[0], out)
+    subprocess.run([sys.executable, "c_measure_edge_fidelity.py", "--dataset_path", str(out), "--model_type", M,
+                    "--edges", "30", "--tokens", "64", "--device", "cpu"], cwd=REPO_ROOT, env=ENV, check=True,
+                   capture_output=True)
+    info = collect(out)
+    lines = "\n".join(fidelity_section(info, out))
+    assert "Spearman" in lines and info["fidelity_stale"] is False
+    header = sf.path(out, sf.WEIGHTED_GRAPH, M) / sf.GRAPH_STORE_HEADER
+    h = js.loads(header.read_text())
+    h["uid"] = "another"
+    header.write_text(js.dumps(h))
+    info = collect(out)
+    lines = "\n".join(fidelity_section(info, out))
+    assert info["fidelity"] is None and "measured another graph store" in lines and "Spearman" not in lines
