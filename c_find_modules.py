@@ -23,7 +23,6 @@ sd, z and p, the adjusted Rand index over --seeds seeds and between the two halv
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -85,16 +84,11 @@ def main():
         if record is not None or prompts is not None:
             halves = stability.halves_of(data, m, prompts, record)
     rec = md.describe(mods, graph, halves)
-    order = np.argsort(-np.bincount(mods.membership), kind="stable")  # modules by decreasing size
-    renumber = np.empty_like(order)
-    renumber[order] = np.arange(len(order))
     table = pd.DataFrame({"node_id": graph.node_ids, "layer": graph.layer, "dimension": graph.dimension,
-                          "module": renumber[mods.membership]})
-    rec["layer_composition"] = {str(int(renumber[int(k)])): v for k, v in rec["layer_composition"].items()}
-    rec["layer_composition"] = dict(sorted(rec["layer_composition"].items(), key=lambda kv: int(kv[0])))
+                          "module": mods.membership})
     names = [sf.MODULES.format(m=m, weight=s.weight), sf.MODULES_RECORD.format(m=m, weight=s.weight)]
     sf.lock_directory(out, "c_find_modules")
-    with sf.OutputSet(out, out / f"{m}_modules_{s.weight}_manifest.json", names, "c_find_modules") as o:
+    with sf.OutputSet(out, out / sf.MODULES_MANIFEST.format(m=m, weight=s.weight), names, "c_find_modules") as o:
         sf.write_csv(table[sf.MODULES_COLUMNS], o.dir / names[0])
         sf.write_json(rec, o.dir / names[1], indent=1)
         o.vouch([o.dir / n for n in names])

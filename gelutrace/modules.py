@@ -228,13 +228,21 @@ class Modules:
         return len(self.null_q) >= 19 and self.p_null <= 0.05
 
 
+def by_size(membership: np.ndarray) -> np.ndarray:
+    """The same partition, its modules numbered by decreasing size (ties in igraph's order)."""
+    order = np.argsort(-np.bincount(membership), kind="stable")
+    renumber = np.empty_like(order)
+    renumber[order] = np.arange(len(order))
+    return renumber[membership]
+
+
 def find_modules(graph: CoactivationGraph, s: ModuleSettings, progress=None) -> Modules:
     s.check()
     edges = thin(graph, s)
     if not len(edges.weight):
         raise PipelineError(f"no edge of weight {s.weight} survives the thinning: lower --threshold")
     g = _igraph(edges)
-    membership = leiden(edges, s.resolution, s.seed, g)
+    membership = by_size(leiden(edges, s.resolution, s.seed, g))
     q = modularity(edges, membership, g)
     del g
     tasks = [("seed", i) for i in range(max(s.seeds - 1, 0))] + [("null", i) for i in range(s.null_graphs)]

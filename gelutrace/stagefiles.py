@@ -80,6 +80,7 @@ def dataset_files(m: str) -> list[str]:
 MODULES_DIR = "modules"
 MODULES = "{m}_modules_{weight}.csv"  # one row per neuron: node_id, layer, dimension, module
 MODULES_RECORD = "{m}_modules_{weight}.json"  # settings, sizes, layer composition, Q, the null, the ARIs
+MODULES_MANIFEST = "{m}_modules_{weight}_manifest.json"  # the two as one output set
 MODULES_COLUMNS = ["node_id", "layer", "dimension", "module"]
 
 # stage c_analyze (in --output_dir, default <graph dir>/ANALYSIS_DIR)
