@@ -92,7 +92,7 @@ def main(argv=None):
                             "its own share of the neurons")
 
     lm = load_model(args.model_type, args.device)
-    model, cfg = lm.model, lm.model.config
+    cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
     rank = dist_ctx[0] if dist_ctx is not None else 0

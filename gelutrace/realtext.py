@@ -165,7 +165,6 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
     """The baseline and every group's ablation (0, or `mean_values` per neuron) over the evaluation text.
     `progress(tokens)` is called as ablated tokens are scored."""
     device = next(model.parameters()).device
-    V = model.config.vocab_size
     U, NB, NP = text.n_units, text.n_buckets, len(POSITION_BUCKETS)
     ids = torch.from_numpy(text.ids)
     unit, pos_b, tok_b = (torch.from_numpy(a).to(device) for a in (text.unit, text.bucket, text.token_bucket))

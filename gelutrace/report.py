@@ -395,8 +395,8 @@ def fidelity_section(info: dict, data: Path) -> list[str]:
     f = info.get("fidelity")
     if info.get("fidelity_stale"):
         return ["## Causal graph: how faithful its edges are", "",
-                f"The edge fidelity files measured another graph store than this dataset's (rebuilt since); rerun "
-                f"`c_measure_edge_fidelity.py` for figures.", ""]
+                "The edge fidelity files measured another graph store than this dataset's (rebuilt since); rerun "
+                "`c_measure_edge_fidelity.py` for figures.", ""]
     if f is None or not len(f):
         return []
     m = info["m"]

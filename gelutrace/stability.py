@@ -13,7 +13,6 @@ stage b as two shards for this).
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 

@@ -3,11 +3,20 @@ Shared fixtures: small random GPT-2 checkpoints written with transformers' own `
 independent reference format), and the shipped model when it exists.
 """
 
+import contextlib
+import io
+import os
+import runpy
+import subprocess
 import sys
+import traceback
 from pathlib import Path
 
-import pytest
-import torch
+# before transformers is imported (it reads this once): nothing in the tests may reach a model hub
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -36,6 +45,68 @@ def _grad_mode_restored():
     mode = torch.is_grad_enabled()
     yield
     torch.set_grad_enabled(mode)
+
+
+# environment variables a script run in this process may be given: the rest (HF_HOME, ...) are read once at
+# import time by the libraries, so a script given another value runs as a subprocess
+IN_PROCESS_ENV = {"HF_HUB_OFFLINE", "OMP_NUM_THREADS", "MPLBACKEND", "PYTHON", "TOKENIZERS_PARALLELISM"}
+
+
+def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=True, timeout=None):
+    """
+    subprocess.run for `[sys.executable, script.py, args...]` with a script of this repository, run in this
+    process instead (runpy, as `__main__`, with its own argv, cwd and environment; its stdout and stderr
+    captured; its exit status from SystemExit, 1 with the traceback on stderr for any other exception): the
+    same result without a new interpreter importing torch each time. Anything else (torchrun, `-c` code, a
+    shell script, an environment the libraries read at import) runs as a subprocess.
+    """
+    argv = [str(a) for a in argv]
+    env = dict(os.environ) if env is None else {k: str(v) for k, v in env.items()}
+    script = Path(argv[1]) if len(argv) > 1 and argv[0] == sys.executable else None
+    if script is not None and not script.is_absolute():
+        script = Path(cwd or os.getcwd()) / script
+    changed = {k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)}
+    if (script is None or script.suffix != ".py" or script.parent != REPO_ROOT or not script.is_file()
+            or not changed <= IN_PROCESS_ENV):
+        return subprocess.run(argv, cwd=cwd, env=env, check=check, capture_output=capture_output, text=text,
+                              timeout=timeout)
+    from gelutrace.stagefiles import release_locks
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, os.getcwd(), dict(os.environ), torch.is_grad_enabled(), torch.get_num_threads()
+    code = 0
+    try:
+        sys.argv = [str(script), *argv[2:]]
+        os.chdir(cwd or os.getcwd())
+        os.environ.clear()
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except BaseException:  # what an uncaught exception does to a process
+                traceback.print_exc()
+                code = 1
+    finally:
+        release_locks()
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        os.environ.clear()
+        os.environ.update(saved[2])
+        torch.set_grad_enabled(saved[3])
+        torch.set_num_threads(saved[4])
+    stdout, stderr = out.getvalue(), err.getvalue()
+    if not text:
+        stdout, stderr = stdout.encode(), stderr.encode()
+    r = subprocess.CompletedProcess(argv, code, stdout, stderr)
+    if check:
+        r.check_returncode()
+    return r
 
 
 def make_tokenizer(out: Path, vocab_size: int = 320):

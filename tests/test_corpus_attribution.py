@@ -6,7 +6,6 @@ shards merged, torchrun and --resume against one uninterrupted process.
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from scipy.stats import spearmanr
 from torch.nn import functional as F
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, interrupted_then_resumed, load_hf
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, interrupted_then_resumed, load_hf, run_python
 from gelutrace import stagefiles as sf
 
 M = SHIPPED_NAME
@@ -26,7 +25,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 def run(*args, **kw):
-    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV,
+    r = run_python([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV,
                        **kw)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -126,7 +125,7 @@ def test_shards_torchrun_and_resume_equal_one_run(whole, tmp_path, monkeypatch):
     # a shard without attribution does not merge with one with it
     run(B, "--input_text", HELDOUT_PATH, "--export_dir", tmp_path / "plain1", "--model_type", M, "--context",
         CONTEXT, "--device", "cpu", "--batch_size", 3, "--shard", "1/2")
-    r = subprocess.run([sys.executable, "c_merge_activation_statistics.py", "--output_dir", str(tmp_path / "mixed"),
+    r = run_python([sys.executable, "c_merge_activation_statistics.py", "--output_dir", str(tmp_path / "mixed"),
                         str(tmp_path / "s0"), str(tmp_path / "plain1")], capture_output=True, text=True,
                        cwd=REPO_ROOT, env=ENV)
     assert r.returncode == 2 and "--attribution" in r.stderr and not (tmp_path / "mixed").exists()
@@ -147,7 +146,7 @@ def test_attribution_flags_belong_to_their_mode(tmp_path):
     csv = tmp_path / "p.csv"
     pd.DataFrame([("To be, ", 2, 1)], columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
     for args in (["--input_csv", csv, "--attribution"], ["--input_text", HELDOUT_PATH, "--no_attribution"]):
-        r = subprocess.run([sys.executable, B, *map(str, args), "--export_dir", str(tmp_path / "x"), "--model_type",
+        r = run_python([sys.executable, B, *map(str, args), "--export_dir", str(tmp_path / "x"), "--model_type",
                             M], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
         assert r.returncode == 2 and r.stderr.startswith("error:") and "attribution" in r.stderr
 

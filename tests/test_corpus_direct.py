@@ -8,7 +8,6 @@ flags' refusals.
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, interrupted_then_resumed, load_hf
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, interrupted_then_resumed, load_hf, run_python
 from gelutrace import stagefiles as sf
 from gelutrace import store as gs
 from gelutrace.graph import CausalEdges
@@ -29,7 +28,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 def run(*args, ok=True, **kw):
-    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV,
+    r = run_python([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV,
                        **kw)
     if ok:
         assert r.returncode == 0, r.stderr[-3000:]

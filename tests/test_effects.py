@@ -6,7 +6,6 @@ delta NLL computed by hand in float64; plus --neurons, --resume and bad input.
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHIPPED_NAME, load_hf
+from conftest import REPO_ROOT, SHIPPED_NAME, load_hf, run_python
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
 from gelutrace.stability import prompt_halves
@@ -51,7 +50,7 @@ def dataset(tmp_path_factory, shipped_path):
     """(dataset directory, prompt CSV) made by stage b, greedy."""
     d = tmp_path_factory.mktemp("effects")
     csv = write_prompts(d / "prompts.csv")
-    r = subprocess.run([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv),
+    r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv),
                         "--export_dir", str(d / "ds"), "--model_type", SHIPPED_NAME, "--device", "cpu",
                         "--no_edge_list", "--no_activation_lists"], capture_output=True, text=True, cwd=REPO_ROOT,
                        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
@@ -273,11 +272,11 @@ def test_script_exit_status(dataset, tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--dataset_path", str(ds), "--model_type", SHIPPED_NAME, "--device", "cpu",
            "--neurons", str(save_ids(tmp_path / "one.npy", [700]))]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd + ["--input_csv", str(bad)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    r = run_python(cmd + ["--input_csv", str(bad)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "another prompt CSV" in errors[0], r.stderr
-    r = subprocess.run(cmd + ["--input_csv", str(csv)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    r = run_python(cmd + ["--input_csv", str(csv)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert pd.read_csv(sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME))["neuron_id"].tolist() == [700]
 
@@ -365,24 +364,24 @@ def test_neuron_shards_and_torchrun_equal_one_run_bit_for_bit(dataset, tmp_path)
     base = [str(SCRIPT), "--dataset_path", str(whole), "--input_csv", str(csv), "--model_type", SHIPPED_NAME,
             "--device", "cpu"]
     for i in range(3):
-        r = subprocess.run([sys.executable, *base, "--neurons", f"{i}/3", "--output_dir", str(tmp_path / f"s{i}")],
+        r = run_python([sys.executable, *base, "--neurons", f"{i}/3", "--output_dir", str(tmp_path / f"s{i}")],
                            capture_output=True, text=True, cwd=REPO_ROOT, env=env)
         assert r.returncode == 0, r.stderr
     merged = tmp_path / "merged"
     shutil.copytree(ds, merged)
-    r = subprocess.run([sys.executable, str(SCRIPT), "--dataset_path", str(merged), "--merge",
+    r = run_python([sys.executable, str(SCRIPT), "--dataset_path", str(merged), "--merge",
                         *(str(tmp_path / f"s{i}") for i in (2, 0, 1)), "--model_type", SHIPPED_NAME],
                        capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     assert r.returncode == 0, r.stderr
     got = pd.read_csv(sf.path(merged, sf.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
     pd.testing.assert_frame_equal(got, one, check_exact=True)
-    r = subprocess.run([sys.executable, str(SCRIPT), "--dataset_path", str(merged), "--merge", str(tmp_path / "s0"),
+    r = run_python([sys.executable, str(SCRIPT), "--dataset_path", str(merged), "--merge", str(tmp_path / "s0"),
                         str(tmp_path / "s2"), "--model_type", SHIPPED_NAME], capture_output=True, text=True,
                        cwd=REPO_ROOT, env=env)
     assert r.returncode == 2 and "1/3 missing" in r.stderr
     tr = tmp_path / "torchrun"
     shutil.copytree(ds, tr)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    r = run_python([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         *base[:2], str(tr), *base[3:]], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -402,15 +401,15 @@ def test_corpus_mode_equals_transformers_per_neuron(shipped_path, shipped, tmp_p
     b = [sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_text", str(HELDOUT_PATH),
          "--model_type", SHIPPED_NAME, "--device", "cpu", "--context", "64"]
     for i in range(2):
-        r = subprocess.run(b + ["--export_dir", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"], capture_output=True,
+        r = run_python(b + ["--export_dir", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"], capture_output=True,
                            text=True, cwd=REPO_ROOT, env=env)
         assert r.returncode == 0, r.stderr
-    subprocess.run([sys.executable, str(REPO_ROOT / "c_merge_activation_statistics.py"), "--output_dir",
+    run_python([sys.executable, str(REPO_ROOT / "c_merge_activation_statistics.py"), "--output_dir",
                     str(tmp_path / "ds"), str(tmp_path / "s0"), str(tmp_path / "s1")], check=True, cwd=REPO_ROOT,
                    env=env, capture_output=True)
     d = shipped.model.config.d_mlp
     ids = np.array([5, d + 77, 4 * d + 300])
-    r = subprocess.run([sys.executable, str(SCRIPT), "--dataset_path", str(tmp_path / "ds"), "--input_text",
+    r = run_python([sys.executable, str(SCRIPT), "--dataset_path", str(tmp_path / "ds"), "--input_text",
                         str(HELDOUT_PATH), "--eval_tokens", "400", "--model_type", SHIPPED_NAME, "--device", "cpu",
                         "--neurons", str(save_ids(tmp_path / "n.npy", ids))], capture_output=True, text=True,
                        cwd=REPO_ROOT, env=env)
@@ -451,7 +450,7 @@ def test_empty_neuron_shard_and_merge_into_another_dataset_are_refused(dataset, 
     shutil.copytree(ds, other)
     freq = sf.path(other, sf.FREQUENCY, SHIPPED_NAME)
     freq.write_text(freq.read_text() + "\n")  # another dataset's frequency file
-    r = subprocess.run([sys.executable, str(SCRIPT), "--dataset_path", str(other), "--merge", str(tmp_path / "s0"),
+    r = run_python([sys.executable, str(SCRIPT), "--dataset_path", str(other), "--merge", str(tmp_path / "s0"),
                         str(tmp_path / "s1"), "--model_type", SHIPPED_NAME], capture_output=True, text=True,
                        cwd=REPO_ROOT, env=env)
     assert r.returncode == 2 and "another dataset" in r.stderr

@@ -15,7 +15,6 @@ import inspect
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO_ROOT, assert_sum_close, make_tokenizer
+from conftest import REPO_ROOT, assert_sum_close, make_tokenizer, run_python
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
 from gelutrace.generation import left_pad
@@ -307,7 +306,7 @@ def test_unsupported_architectures_are_one_error(tmp_path):
         with pytest.raises(PipelineError, match="gpt_neox") as e:
             load_model(str(d), device="cpu")
         assert what in str(e.value) and "llama" in str(e.value)
-        r = subprocess.run([sys.executable, str(REPO_ROOT / "a_generate_gelu_graph.py"), "--model_type", str(d),
+        r = run_python([sys.executable, str(REPO_ROOT / "a_generate_gelu_graph.py"), "--model_type", str(d),
                             "--output_dir", str(tmp_path / "a")], capture_output=True, text=True, cwd=REPO_ROOT)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
 
@@ -335,7 +334,7 @@ def test_run_pipeline_on_pythia(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3", "--ratios", "0.05", "--random_controls", "1",
            "--device", "cpu", "--effects", "0", str(ckpt), str(csv), str(data)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = run_python(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     m = "tiny-pythia"
     meta = sf.read_graph_meta(data, m)
@@ -383,7 +382,7 @@ def test_hub_names_of_other_families(tmp_path):
 
     assert model_name("EleutherAI/pythia-160m") == "pythia-160m"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    r = subprocess.run([sys.executable, str(REPO_ROOT / "a_generate_gelu_graph.py"), "--model_type",
+    r = run_python([sys.executable, str(REPO_ROOT / "a_generate_gelu_graph.py"), "--model_type",
                         "EleutherAI/pythia-160m", "--output_dir", str(tmp_path / "a")], capture_output=True, text=True,
                        cwd=tmp_path, env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
@@ -399,7 +398,7 @@ def test_corpus_mode_on_pythia(tmp_path):
     ckpt = build("gpt_neox", tmp_path / "tiny-pythia")
     text = tmp_path / "t.txt"
     text.write_text(" ".join(PROMPTS) * 3)
-    r = subprocess.run([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--model_type", str(ckpt),
+    r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--model_type", str(ckpt),
                         "--input_text", str(text), "--export_dir", str(tmp_path / "out"), "--context", "16",
                         "--device", "cpu"], capture_output=True, text=True,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))

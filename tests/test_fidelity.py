@@ -4,7 +4,6 @@ against single-neuron ablation done by hand (perturbation.Ablation, one source a
 against the float64 reference of test_direct, and the summary against scipy and a hand computation.
 """
 
-import subprocess
 import sys
 
 import numpy as np
@@ -13,10 +12,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf, run_python
 from gelutrace import fidelity as fd
 from gelutrace import stagefiles as sf
-from gelutrace import store as gs
 from gelutrace.perturbation import Ablation
 from test_corpus_direct import ENV, corpus_run
 from test_direct import reference
@@ -100,7 +98,7 @@ def test_script_writes_both_files_and_refuses_a_store_without_weights(dataset, t
     out, _ = dataset
     cmd = [sys.executable, "c_measure_edge_fidelity.py", "--dataset_path", str(out), "--model_type", M, "--edges",
            "40", "--tokens", "128", "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
+    r = run_python(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     table = pd.read_csv(sf.path(out, sf.EDGE_FIDELITY, M))
     assert list(table.columns) == sf.EDGE_FIDELITY_COLUMNS and len(table) == 40
@@ -108,10 +106,10 @@ def test_script_writes_both_files_and_refuses_a_store_without_weights(dataset, t
     assert list(summary.columns) == sf.EDGE_FIDELITY_SUMMARY_COLUMNS
     assert "Spearman" in r.stdout
     plain = tmp_path / "plain"
-    subprocess.run([sys.executable, "b_generate_activation_dataset.py", "--input_text", str(HELDOUT_PATH),
+    run_python([sys.executable, "b_generate_activation_dataset.py", "--input_text", str(HELDOUT_PATH),
                     "--export_dir", str(plain), "--model_type", M, "--max_tokens", "200"], cwd=REPO_ROOT, env=ENV,
                    check=True, capture_output=True)
-    r = subprocess.run(cmd[:3] + [str(plain)] + cmd[4:], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
+    r = run_python(cmd[:3] + [str(plain)] + cmd[4:], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--direct_edges" in r.stderr
     assert not sf.path(plain, sf.EDGE_FIDELITY, M).exists()
 
@@ -126,7 +124,7 @@ def test_report_quotes_only_the_fidelity_of_the_current_store(dataset, tmp_path)
 
     out = tmp_path / "c"  # a copy: the fixture's store stays as it is
     shutil.copytree(dataset[0], out)
-    subprocess.run([sys.executable, "c_measure_edge_fidelity.py", "--dataset_path", str(out), "--model_type", M,
+    run_python([sys.executable, "c_measure_edge_fidelity.py", "--dataset_path", str(out), "--model_type", M,
                     "--edges", "30", "--tokens", "64", "--device", "cpu"], cwd=REPO_ROOT, env=ENV, check=True,
                    capture_output=True)
     info = collect(out)

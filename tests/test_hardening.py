@@ -6,7 +6,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT, directory_digest, fill_disk_at
+from conftest import REPO_ROOT, directory_digest, fill_disk_at, run_python
 from gelutrace import PipelineError
 from gelutrace import graph as gr
 from gelutrace import stagefiles as sf
@@ -24,7 +23,7 @@ from gelutrace.loading import load_model
 
 
 def script(name, *args, cwd=None):
-    return subprocess.run([sys.executable, str(REPO_ROOT / name), *map(str, args)], capture_output=True, text=True,
+    return run_python([sys.executable, str(REPO_ROOT / name), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg"))
 
 
@@ -63,7 +62,7 @@ def test_malicious_gpickle_in_batch_script(tmp_path):
     evil = tmp_path / "evil.gpickle"
     marker = tmp_path / "PWNED"
     evil.write_bytes(pickle.dumps(Pwn(marker)))
-    r = subprocess.run([str(REPO_ROOT / "d_batch_perturbation_calculate.sh"), "--thresholds", "0.5", "--ratios", "0.1",
+    r = run_python([str(REPO_ROOT / "d_batch_perturbation_calculate.sh"), "--thresholds", "0.5", "--ratios", "0.1",
                         str(evil), str(tmp_path / "out")], capture_output=True, text=True,
                        env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode != 0 and not marker.exists()

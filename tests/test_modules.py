@@ -6,7 +6,6 @@ invariants, a planted partition recovered and an Erdős–Rényi graph of the sa
 
 import json
 import random
-import subprocess
 import sys
 
 import igraph as ig
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_python
 from gelutrace import modules as md
 from gelutrace import stagefiles as sf
 from gelutrace.graph import CoactivationGraph, DenseBlock
@@ -149,7 +148,7 @@ def test_script_writes_modules_and_refuses_bad_settings(tmp_path, shipped_path):
     store = sf.path(out, sf.WEIGHTED_GRAPH, "tinybard")
     cmd = [sys.executable, "c_find_modules.py", "--input_path", str(store), "--weight", "direct_abs",
            "--null_graphs", "3", "--seeds", "2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
+    r = run_python(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     table = pd.read_csv(out / sf.MODULES_DIR / sf.MODULES.format(m="tinybard", weight="direct_abs"))
     assert list(table.columns) == sf.MODULES_COLUMNS and len(table) == 6 * 512
@@ -159,7 +158,7 @@ def test_script_writes_modules_and_refuses_bad_settings(tmp_path, shipped_path):
     assert rec["num_modules"] == len(sizes) and rec["sizes"] == sizes.tolist() and rec["null"]["graphs"] == 3
     assert "too few" in r.stdout
     for bad in (["--threshold", "2"], ["--weight", "nope"]):  # the script's error line; the other checks below
-        r = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
+        r = run_python(cmd + bad, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
         assert r.returncode == 2 and "error:" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
     for bad in (dict(top_edges_per_node=0), dict(resolution=-1.0), dict(negative="sign"), dict(null_graphs=-1)):
         with pytest.raises(md.PipelineError):

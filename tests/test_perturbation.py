@@ -6,7 +6,6 @@ hook on `mlp.act`, plain greedy generation, and the metrics computed by hand.
 
 import copy
 import math
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHIPPED_NAME, SHIPPED_PATH, load_hf
+from conftest import REPO_ROOT, SHIPPED_NAME, SHIPPED_PATH, load_hf, run_python
 from gelutrace import PipelineError
 from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
@@ -448,7 +447,7 @@ def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path)
     good = make_dataset(tmp_path / "good", random_loaded, {"sub.npy": ids})
     csv = write_prompt_csv(tmp_path / "p.csv", samples=1)
     cmd = [sys.executable, str(SCRIPT), "--input_csv", str(csv), "--model_type", str(random_ckpt), "--device", "cpu"]
-    r = subprocess.run(cmd + ["--dataset_path", str(good), "--perturbation_subset_filenames", "sub.npy", "none",
+    r = run_python(cmd + ["--dataset_path", str(good), "--perturbation_subset_filenames", "sub.npy", "none",
                               "--random_controls", "1"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = good / sf.RESULTS_DIR
@@ -457,7 +456,7 @@ def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path)
     assert list(pd.read_csv(out / "sub.csv").columns) == sf.RESULT_COLUMNS
 
     bad = make_dataset(tmp_path / "bad", random_loaded, {"sub.npy": np.array([[1, 2]])})
-    r = subprocess.run(cmd + ["--dataset_path", str(bad), "--perturbation_subset_filenames", "sub.npy", "none"],
+    r = run_python(cmd + ["--dataset_path", str(bad), "--perturbation_subset_filenames", "sub.npy", "none"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
@@ -468,7 +467,7 @@ def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path)
 def test_batch_script_runs_every_subset_plus_none(random_loaded, random_ckpt, tmp_path):
     d = make_dataset(tmp_path / "ds", random_loaded, {"a.npy": np.array([1]), "b c.npy": np.array([2, 300])})
     csv = write_prompt_csv(tmp_path / "p.csv", new=3, samples=1)
-    r = subprocess.run(["bash", str(REPO_ROOT / "e_batch_generate_perturbed_results.sh"), str(d), str(csv),
+    r = run_python(["bash", str(REPO_ROOT / "e_batch_generate_perturbed_results.sh"), str(d), str(csv),
                         str(random_ckpt), "--device", "cpu"], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr

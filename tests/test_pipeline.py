@@ -6,14 +6,13 @@ files agree with each other, the report states the run, and a second run skips e
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT, SHIPPED_NAME
+from conftest import REPO_ROOT, SHIPPED_NAME, run_python
 from gelutrace import comparison as cmp
 from gelutrace import markdown
 from gelutrace import stagefiles as sf
@@ -38,9 +37,9 @@ def pipeline(tmp_path_factory, shipped_path):
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3 0.8", "--ratios", "0.01 0.05",
            "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held),
            "--eval_text", "none", "--control_subsets", "all", M, str(csv), str(data)]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    first = run_python(cmd, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    second = run_python(cmd, capture_output=True, text=True, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     return data, first.stdout, second.stdout
 
@@ -172,10 +171,11 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
                  columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
     held = data.parent / "heldout.csv"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
-    base = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3 0.8", "--ratios", "0.01 0.05",
-            "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held),
-            "--eval_text", "none", "--control_subsets", "all"]
-    r = subprocess.run(base + [M, str(csv), str(copy)], capture_output=True, text=True, env=env)
+    # a lighter run than the fixture's (the stages' commands change, but a's does not): what reruns is the point
+    base = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.8", "--ratios", "0.01", "--direct_edges", "0",
+            "--methods", "degree random", "--random_controls", "2", "--device", "cpu", "--effects", "0",
+            "--eval_csv", str(held), "--eval_text", "none", "--control_subsets", "all"]
+    r = run_python(base + [M, str(csv), str(copy)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert any(ln.startswith("== a: up to date") for ln in lines)
@@ -183,64 +183,18 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
         assert f"== {stage}" in lines, stage
     ds = pd.read_csv(sf.path(copy, sf.DATASET, M), keep_default_na=False)
     assert len(ds) == 6 * 2 + 5 * 3 + 3
-    r = subprocess.run(base + ["--force", "--methods", "degree no_such_method", M, str(csv), str(copy)],
+    r = run_python(base + ["--force", "--methods", "degree no_such_method", M, str(csv), str(copy)],
                        capture_output=True, text=True, env=env)
     assert r.returncode != 0  # d_batch failed, and so does the pipeline, before stage e
     lines = r.stdout.splitlines()
     assert "== a" in lines and "== b" in lines and "== e" not in lines  # --force reran from the start
 
 
-def test_corpus_mode_pipeline(tmp_path, shipped_path):
-    """--text: stages b-d read a text teacher-forced, stage e measures on prompts, the report says so."""
-    from conftest import HELDOUT_PATH
-    held = tmp_path / "prompts.csv"
-    pd.DataFrame([("KING HENRY. Now, lords, ", 5, 1), ("And God said, ", 5, 1)],
-                 columns=sf.PROMPT_COLUMNS).to_csv(held, index=False)
-    data = tmp_path / "run"
-    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
-    r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(HELDOUT_PATH), "--thresholds", "0.8",
-                        "--ks", "3 1%", "--random_controls", "2", "--device", "cpu", "--eval_csv", str(held),
-                        "--eval_tokens", "600", M, str(held), str(data)], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    # the real-text verdict (the shipped model's default evaluation text) over the k grid, controls for winners
-    results = data / sf.RESULTS_DIR
-    ev = json.loads((results / sf.EVALUATION).read_text())
-    assert ev["eval_text"]["tokens_scored"] == 600 and ev["eval_text"]["leak_check"]["documents_checked"]
-    assert ev["eval_text"]["files"][0]["path"].endswith("heldout_eval_tinybard.txt")
-    rec = json.loads((results / sf.COMPARISON_RECORD).read_text())
-    assert rec["metric"] == "real_text" and rec["control_subsets"] == "best"
-    dose = pd.read_csv(results / sf.DOSE_RESPONSE)
-    assert sorted(dose["k"].unique()) == [3, 30]
-    verdict = pd.read_csv(results / sf.METHOD_VERDICT)
-    winners = dose[dose["winner"].astype(bool)]
-    assert sorted(winners["k"]) == [3, 30] and (winners["random_n"] == 2).all()
-    assert rec["subsets_with_controls"] == sorted(winners["subset"])
-    summary = pd.read_csv(results / sf.PERTURBATION_SUMMARY).set_index("subset")
-    for w in winners.itertuples():
-        assert verdict.set_index("k").loc[w.k, "winner_delta_nll"] == pytest.approx(w.delta_nll, rel=1e-12)
-        assert summary.loc[w.subset + ".npy", "text_delta_nll_random_n"] == 2
-    assert (results / sf.DOSE_RESPONSE_PLOT).is_file() and (results / sf.CONTINUATION_VERDICT).is_file()
-    report = (data / "report.md").read_text()
-    assert report.index(f"]({sf.RESULTS_DIR}/{sf.DOSE_RESPONSE_PLOT})") < report.index("k = 3 (0.1 % of neurons)")
-    assert r"measured on real held-out text: 600 tokens of heldout\_eval\_tinybard.txt" in report
-    assert "## Own-continuation comparison" in report and "Winner at each k: 3: " in report
-    assert "== c\n" not in r.stdout  # stage b wrote the store
-    ev = json.loads((data / sf.RESULTS_DIR / sf.EVALUATION).read_text())
-    assert ev["selection_corpus"] == [str(HELDOUT_PATH)] and ev["held_out"] and ev["prompts_in_both"] == 0
-    record = json.loads(sf.path(data, sf.CORPUS, M).read_text())
-    header = json.loads((data / sf.WEIGHTED_GRAPH.format(m=M) / sf.GRAPH_STORE_HEADER).read_text())
-    assert header["num_samples"] == record["samples"] == record["tokens"]
-    methods = {json.loads(p.read_text())["method"] for p in (data / sf.SUBSETS_DIR).glob("*.json")}
-    assert methods == {"degree", "influence", "activation_count", "attribution", "random"}  # stage b --attribution
-    report = (data / "report.md").read_text()
-    assert "chosen on a corpus (heldout.txt" in report and "none of which occurs in the corpus" in report
-
-
 def test_bad_grid_and_flags_fail_before_any_stage(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     for flags in (["--ks", "abc"], ["--ks", "3 101%"], ["--effect_tokens", "0"], ["--effect_tokens", "x"],
                   ["--control_subsets", "bogus"], ["--random_controls", "-1"], ["--ks", "30", "--ratios", "0.01"]):
-        r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), *flags, M, str(REPO_ROOT / "parcellation_datasets" /
+        r = run_python([str(REPO_ROOT / "run_pipeline.sh"), *flags, M, str(REPO_ROOT / "parcellation_datasets" /
                             "test_1.csv"), str(tmp_path / "run")], capture_output=True, text=True, env=env)
         assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, (flags, r.stderr)
         assert not (tmp_path / "run").exists(), flags

@@ -5,7 +5,6 @@ recomputed with numpy; the leak check; and dose-response points equal to each su
 """
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
 from gelutrace import PipelineError
 from gelutrace import realtext as rt
 from gelutrace import stagefiles as sf
@@ -193,7 +192,7 @@ def test_leak_check_refuses_the_selection_corpus(shipped, tmp_path):
 def test_stage_e_refuses_eval_text_that_is_its_corpus(tmp_path):
     """Through the script, on a corpus-mode dataset: one error line, exit 2."""
     data = tmp_path / "ds"
-    run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, cwd=REPO_ROOT)  # noqa: E731
+    run = lambda *a: run_python([sys.executable, *a], capture_output=True, text=True, cwd=REPO_ROOT)  # noqa: E731
     r = run("b_generate_activation_dataset.py", "--input_text", str(HELDOUT_PATH), "--export_dir", str(data),
             "--model_type", SHIPPED_NAME, "--max_tokens", "300", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]

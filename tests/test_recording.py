@@ -7,7 +7,6 @@ numpy recomputation for every count, frequency and list derived from the matrix.
 import json
 import os
 import pickle
-import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHIPPED_NAME, load_hf
+from conftest import REPO_ROOT, SHIPPED_NAME, load_hf, run_python
 from gelutrace import stagefiles as sf
 
 PROMPTS = [("KING HENRY. Now, lords, ", 7, 3), ("And God said, \"Let there be\", ", 5, 2), ("Ünïcode, ", 4, 1)]
@@ -28,7 +27,7 @@ def write_prompts(path, rows=PROMPTS, header="prompts,number_of_new_tokens,num_s
 
 
 def run(script, *args, check=True, **env):
-    r = subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], capture_output=True, text=True,
+    r = run_python([sys.executable, str(REPO_ROOT / script), *map(str, args)], capture_output=True, text=True,
                        cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
     if check and r.returncode != 0:
         raise AssertionError(f"{script} failed:\n{r.stderr}")

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import run_python
 from graphdata import make_dataset, random_activations
 
 from gelutrace import stagefiles as sf
@@ -29,8 +31,12 @@ def start(*args):
 
 
 def run(*args):
-    p = start(*args)
-    out, err = p.communicate(timeout=120)
+    if args[0] == BATCH:
+        p = start(*args)
+        out, err = p.communicate(timeout=120)
+    else:
+        r = run_python([PY, *args], env=ENV, cwd=ROOT)
+        out, err, p = r.stdout, r.stderr, r
     assert p.returncode == 0, err
     return out
 
@@ -172,8 +178,8 @@ def test_stale_analysis_reference_is_refused(pipeline, tmp_path):
     d = tmp_path / "copy"
     shutil.copytree(pipeline, d)
     # rebuilding the store (a new uid) invalidates the analysis that referenced it
-    subprocess.run([PY, C, "--input_dir", str(d)], check=True, capture_output=True, env=ENV)
-    p = subprocess.run([PY, D, "--input_graph_path", str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json"),
+    run_python([PY, C, "--input_dir", str(d)], check=True, capture_output=True, env=ENV)
+    p = run_python([PY, D, "--input_graph_path", str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json"),
                         "--threshold", "0.5", "--ratio", "0.1", "--output_path", str(d / "x.npy")],
                        capture_output=True, text=True, env=ENV)
     assert p.returncode == 2 and "rerun c_analyze" in p.stderr and not (d / "x.npy").exists()
@@ -273,7 +279,7 @@ def test_a_refused_export_leaves_no_subset(pipeline, tmp_path):
     graph = str(pipeline / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
     for export, extra in ((tmp_path / "g.txt", []), (tmp_path / "g.graphml", ["--memory_limit_gb", "1e-9"])):
         out = tmp_path / "s.npy"
-        p = subprocess.run([PY, D, "--input_graph_path", graph, "--threshold", "0.1", "--ratio", "0.1",
+        p = run_python([PY, D, "--input_graph_path", graph, "--threshold", "0.1", "--ratio", "0.1",
                             "--output_path", str(out), "--export_graph", str(export), *extra],
                            capture_output=True, text=True, env=ENV)
         assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
