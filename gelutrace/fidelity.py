@@ -194,9 +194,9 @@ def measure(model, samples: Samples, edges: pd.DataFrame, progress=None) -> pd.D
                 _forward(model, samples, len(chunk))
             rows = np.flatnonzero(np.isin(src, chunk))  # the chunk's edges; copy c ablated chunk[c]
             copy = np.searchsorted(chunk, src[rows])
-            for j in np.unique(tgt[rows] // d):  # one target layer at a time
-                at = rows[tgt[rows] // d == j]
-                c = copy[tgt[rows] // d == j]
+            layer_of = tgt[rows] // d
+            for j in np.unique(layer_of):  # one target layer at a time
+                at, c = rows[layer_of == j], copy[layer_of == j]
                 measured[at] = rec.means[j][c, tgt[at] % d] - clean.means[j][0, tgt[at] % d]
             if progress is not None:
                 progress(len(chunk))

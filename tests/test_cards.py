@@ -7,6 +7,7 @@ computation from the weights (direct logit effect), and Python's html.parser (th
 import json
 import re
 import os
+import subprocess
 import sys
 from html.parser import HTMLParser
 
@@ -34,7 +35,7 @@ def dataset(tmp_path_factory, shipped_path):
     r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv),
                         "--export_dir", str(d / "ds"), "--model_type", SHIPPED_NAME, "--device", "cpu",
                         "--no_edge_list", "--no_activation_lists"], capture_output=True, text=True, cwd=REPO_ROOT,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+                   env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
     return d / "ds"
 
@@ -86,8 +87,8 @@ def test_top_examples_equal_transformers_and_a_brute_force_sort(dataset, shipped
 def run_b(export, csv, *extra):
     r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv), "--export_dir", str(export), "--model_type", SHIPPED_NAME,
                         "--device", "cpu", "--no_edge_list", "--no_activation_lists", "--no_attribution", *extra],
-                       capture_output=True, text=True, cwd=REPO_ROOT,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+                   capture_output=True, text=True, cwd=REPO_ROOT,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
     return export
 
@@ -295,7 +296,7 @@ def chromium() -> str | None:
 def test_page_renders_every_card_in_headless_chromium(dataset, shipped, tmp_path):
     run_cards("--dataset_path", dataset, "--neurons", "5,900", "--output", tmp_path / "out", "--top_examples", 3)
     page = tmp_path / "out" / sf.CARDS_HTML
-    r = run_python([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions",
+    r = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions",
                         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -322,7 +323,7 @@ def test_bad_neurons_are_refused(dataset, tmp_path, neurons, message):
 def test_script_exit_status(dataset, tmp_path):
     r = run_python([sys.executable, str(REPO_ROOT / "f_render_neuron_cards.py"), "--dataset_path", str(tmp_path),
                         "--model_type", SHIPPED_NAME, "--device", "cpu", "--neurons", "1"],
-                       capture_output=True, text=True, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                   capture_output=True, text=True, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -368,7 +369,7 @@ def test_stage_b_refuses_a_negative_k_in_both_modes(tmp_path):
                                             "--top_examples", "-1"]):
         r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), *extra,
                             "--export_dir", str(tmp_path / "out"), "--model_type", SHIPPED_NAME, "--device", "cpu"],
-                           capture_output=True, text=True, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert r.returncode == 2 and "--top_examples" in r.stderr, r.stderr
         assert not (tmp_path / "out").exists()
 

@@ -9,6 +9,7 @@ import json
 import os
 import runpy
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -28,7 +29,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as this process (conftest), so float su
 
 def run(script, *args, check=True, **env):
     r = run_python([sys.executable, str(REPO_ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", **ONE_THREAD, **env))
+                   cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", **ONE_THREAD, **env))
     if check and r.returncode != 0:
         raise AssertionError(f"{script} failed:\n{r.stderr}")
     return r
@@ -249,7 +250,7 @@ def test_three_shards_merged_equal_unsharded(corpus_dir, one_by_one, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_equal_single_process(corpus_dir, one_by_one, tmp_path):
     out = tmp_path / "torchrun"
-    r = run_python([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(REPO_ROOT / B), "--input_text", str(corpus_dir), "--export_dir", str(out), "--model_type",
                         M, "--context", str(CONTEXT), "--batch_size", "1", "--device", "cpu"],
                        cwd=REPO_ROOT, capture_output=True, text=True, env=dict(os.environ, **ONE_THREAD), timeout=300)
@@ -581,7 +582,7 @@ def test_tokenizing_a_20_mb_line_holds_memory_bounded(tmp_path, shipped_path):
     # started by bench/peak.py's small intermediate process: a child's ru_maxrss starts from the peak of the
     # process it was forked from, and this one's is the test run's
     measure = runpy.run_path(str(REPO_ROOT / "bench" / "peak.py"))["MEASURE"]
-    r = run_python([sys.executable, "-c", measure, sys.executable, "-c", code], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", measure, sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=600, env=dict(os.environ, TOKENIZERS_PARALLELISM="true"))
     assert r.returncode == 0, r.stderr
     tokens, documents, loaded_kib, peak_kib = map(int, r.stdout.split())

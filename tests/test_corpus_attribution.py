@@ -26,7 +26,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 def run(*args, **kw):
     r = run_python([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV,
-                       **kw)
+                   **kw)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -127,7 +127,7 @@ def test_shards_torchrun_and_resume_equal_one_run(whole, tmp_path, monkeypatch):
         CONTEXT, "--device", "cpu", "--batch_size", 3, "--shard", "1/2")
     r = run_python([sys.executable, "c_merge_activation_statistics.py", "--output_dir", str(tmp_path / "mixed"),
                         str(tmp_path / "s0"), str(tmp_path / "plain1")], capture_output=True, text=True,
-                       cwd=REPO_ROOT, env=ENV)
+                   cwd=REPO_ROOT, env=ENV)
     assert r.returncode == 2 and "--attribution" in r.stderr and not (tmp_path / "mixed").exists()
 
 

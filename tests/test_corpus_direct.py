@@ -29,7 +29,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 def run(*args, ok=True, **kw):
     r = run_python([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV,
-                       **kw)
+                   **kw)
     if ok:
         assert r.returncode == 0, r.stderr[-3000:]
     return r

@@ -6,6 +6,7 @@ delta NLL computed by hand in float64; plus --neurons, --resume and bad input.
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -53,7 +54,7 @@ def dataset(tmp_path_factory, shipped_path):
     r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv),
                         "--export_dir", str(d / "ds"), "--model_type", SHIPPED_NAME, "--device", "cpu",
                         "--no_edge_list", "--no_activation_lists"], capture_output=True, text=True, cwd=REPO_ROOT,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+                   env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
     return d / "ds", csv
 
@@ -365,23 +366,23 @@ def test_neuron_shards_and_torchrun_equal_one_run_bit_for_bit(dataset, tmp_path)
             "--device", "cpu"]
     for i in range(3):
         r = run_python([sys.executable, *base, "--neurons", f"{i}/3", "--output_dir", str(tmp_path / f"s{i}")],
-                           capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+                       capture_output=True, text=True, cwd=REPO_ROOT, env=env)
         assert r.returncode == 0, r.stderr
     merged = tmp_path / "merged"
     shutil.copytree(ds, merged)
     r = run_python([sys.executable, str(SCRIPT), "--dataset_path", str(merged), "--merge",
                         *(str(tmp_path / f"s{i}") for i in (2, 0, 1)), "--model_type", SHIPPED_NAME],
-                       capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+                   capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     assert r.returncode == 0, r.stderr
     got = pd.read_csv(sf.path(merged, sf.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
     pd.testing.assert_frame_equal(got, one, check_exact=True)
     r = run_python([sys.executable, str(SCRIPT), "--dataset_path", str(merged), "--merge", str(tmp_path / "s0"),
                         str(tmp_path / "s2"), "--model_type", SHIPPED_NAME], capture_output=True, text=True,
-                       cwd=REPO_ROOT, env=env)
+                   cwd=REPO_ROOT, env=env)
     assert r.returncode == 2 and "1/3 missing" in r.stderr
     tr = tmp_path / "torchrun"
     shutil.copytree(ds, tr)
-    r = run_python([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         *base[:2], str(tr), *base[3:]], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -402,17 +403,17 @@ def test_corpus_mode_equals_transformers_per_neuron(shipped_path, shipped, tmp_p
          "--model_type", SHIPPED_NAME, "--device", "cpu", "--context", "64"]
     for i in range(2):
         r = run_python(b + ["--export_dir", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"], capture_output=True,
-                           text=True, cwd=REPO_ROOT, env=env)
+                       text=True, cwd=REPO_ROOT, env=env)
         assert r.returncode == 0, r.stderr
     run_python([sys.executable, str(REPO_ROOT / "c_merge_activation_statistics.py"), "--output_dir",
                     str(tmp_path / "ds"), str(tmp_path / "s0"), str(tmp_path / "s1")], check=True, cwd=REPO_ROOT,
-                   env=env, capture_output=True)
+               env=env, capture_output=True)
     d = shipped.model.config.d_mlp
     ids = np.array([5, d + 77, 4 * d + 300])
     r = run_python([sys.executable, str(SCRIPT), "--dataset_path", str(tmp_path / "ds"), "--input_text",
                         str(HELDOUT_PATH), "--eval_tokens", "400", "--model_type", SHIPPED_NAME, "--device", "cpu",
                         "--neurons", str(save_ids(tmp_path / "n.npy", ids))], capture_output=True, text=True,
-                       cwd=REPO_ROOT, env=env)
+                   cwd=REPO_ROOT, env=env)
     assert r.returncode == 0, r.stderr
     got = pd.read_csv(sf.path(tmp_path / "ds", sf.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
     meta = json.loads(sf.path(tmp_path / "ds", sf.NEURON_EFFECTS_META, SHIPPED_NAME).read_text())
@@ -452,5 +453,5 @@ def test_empty_neuron_shard_and_merge_into_another_dataset_are_refused(dataset, 
     freq.write_text(freq.read_text() + "\n")  # another dataset's frequency file
     r = run_python([sys.executable, str(SCRIPT), "--dataset_path", str(other), "--merge", str(tmp_path / "s0"),
                         str(tmp_path / "s1"), "--model_type", SHIPPED_NAME], capture_output=True, text=True,
-                       cwd=REPO_ROOT, env=env)
+                   cwd=REPO_ROOT, env=env)
     assert r.returncode == 2 and "another dataset" in r.stderr

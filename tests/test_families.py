@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -334,7 +335,7 @@ def test_run_pipeline_on_pythia(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3", "--ratios", "0.05", "--random_controls", "1",
            "--device", "cpu", "--effects", "0", str(ckpt), str(csv), str(data)]
-    r = run_python(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     m = "tiny-pythia"
     meta = sf.read_graph_meta(data, m)
@@ -384,7 +385,7 @@ def test_hub_names_of_other_families(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     r = run_python([sys.executable, str(REPO_ROOT / "a_generate_gelu_graph.py"), "--model_type",
                         "EleutherAI/pythia-160m", "--output_dir", str(tmp_path / "a")], capture_output=True, text=True,
-                       cwd=tmp_path, env=env)
+                   cwd=tmp_path, env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "EleutherAI/pythia-160m" in r.stderr and "not in the Hugging Face cache" in r.stderr
 
@@ -401,7 +402,7 @@ def test_corpus_mode_on_pythia(tmp_path):
     r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--model_type", str(ckpt),
                         "--input_text", str(text), "--export_dir", str(tmp_path / "out"), "--context", "16",
                         "--device", "cpu"], capture_output=True, text=True,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     m = "tiny-pythia"
     assert sf.read_graph_meta(tmp_path / "out", m)["architecture"] == "gpt_neox"

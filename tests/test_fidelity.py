@@ -108,7 +108,7 @@ def test_script_writes_both_files_and_refuses_a_store_without_weights(dataset, t
     plain = tmp_path / "plain"
     run_python([sys.executable, "b_generate_activation_dataset.py", "--input_text", str(HELDOUT_PATH),
                     "--export_dir", str(plain), "--model_type", M, "--max_tokens", "200"], cwd=REPO_ROOT, env=ENV,
-                   check=True, capture_output=True)
+               check=True, capture_output=True)
     r = run_python(cmd[:3] + [str(plain)] + cmd[4:], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--direct_edges" in r.stderr
     assert not sf.path(plain, sf.EDGE_FIDELITY, M).exists()
@@ -126,7 +126,7 @@ def test_report_quotes_only_the_fidelity_of_the_current_store(dataset, tmp_path)
     shutil.copytree(dataset[0], out)
     run_python([sys.executable, "c_measure_edge_fidelity.py", "--dataset_path", str(out), "--model_type", M,
                     "--edges", "30", "--tokens", "64", "--device", "cpu"], cwd=REPO_ROOT, env=ENV, check=True,
-                   capture_output=True)
+               capture_output=True)
     info = collect(out)
     lines = "\n".join(fidelity_section(info, out))
     assert "Spearman" in lines and info["fidelity_stale"] is False

@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from gelutrace.loading import load_model
 
 def script(name, *args, cwd=None):
     return run_python([sys.executable, str(REPO_ROOT / name), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg"))
+                      cwd=cwd or REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg"))
 
 
 def one_error_line(r):
@@ -62,7 +63,7 @@ def test_malicious_gpickle_in_batch_script(tmp_path):
     evil = tmp_path / "evil.gpickle"
     marker = tmp_path / "PWNED"
     evil.write_bytes(pickle.dumps(Pwn(marker)))
-    r = run_python([str(REPO_ROOT / "d_batch_perturbation_calculate.sh"), "--thresholds", "0.5", "--ratios", "0.1",
+    r = subprocess.run([str(REPO_ROOT / "d_batch_perturbation_calculate.sh"), "--thresholds", "0.5", "--ratios", "0.1",
                         str(evil), str(tmp_path / "out")], capture_output=True, text=True,
                        env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode != 0 and not marker.exists()

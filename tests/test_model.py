@@ -6,13 +6,14 @@ and the message for a hub model that cannot be had.
 
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf, make_checkpoint, run_python
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf, make_checkpoint
 from model import GPT, KVCache
 
 ATOL = 1e-4
@@ -251,7 +252,7 @@ def test_shipped_model_loads_offline(shipped_path, tmp_path):
     code = ("from gelutrace.loading import load_model\n"
             f"lm = load_model({SHIPPED_NAME!r}, device='cpu')\n"
             "print(lm.name, lm.model.config.n_layer, len(lm.tokenizer), lm.model.config.vocab_size)\n")
-    r = run_python([sys.executable, "-c", code], env=offline_env(tmp_path / "hf_home"), cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path / "hf_home"), cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     name, n_layer, n_tok, vocab = r.stdout.split()
@@ -285,7 +286,7 @@ def test_unreachable_hub_model_fails_with_clear_message(tmp_path):
             "    raise SystemExit(3)\n")
     hf_home = tmp_path / "hf_home"
     hf_home.mkdir()
-    r = run_python([sys.executable, "-c", code], env=offline_env(hf_home), cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-c", code], env=offline_env(hf_home), cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 3, f"expected PipelineError, got rc {r.returncode}: {r.stdout}{r.stderr}"
     msg = r.stdout.strip()

@@ -6,6 +6,7 @@ hook on `mlp.act`, plain greedy generation, and the metrics computed by hand.
 
 import copy
 import math
+import subprocess
 import sys
 
 import numpy as np
@@ -457,7 +458,7 @@ def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path)
 
     bad = make_dataset(tmp_path / "bad", random_loaded, {"sub.npy": np.array([[1, 2]])})
     r = run_python(cmd + ["--dataset_path", str(bad), "--perturbation_subset_filenames", "sub.npy", "none"],
-                       capture_output=True, text=True, cwd=tmp_path)
+                   capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "1-D" in errors[0]
@@ -467,7 +468,7 @@ def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path)
 def test_batch_script_runs_every_subset_plus_none(random_loaded, random_ckpt, tmp_path):
     d = make_dataset(tmp_path / "ds", random_loaded, {"a.npy": np.array([1]), "b c.npy": np.array([2, 300])})
     csv = write_prompt_csv(tmp_path / "p.csv", new=3, samples=1)
-    r = run_python(["bash", str(REPO_ROOT / "e_batch_generate_perturbed_results.sh"), str(d), str(csv),
+    r = subprocess.run(["bash", str(REPO_ROOT / "e_batch_generate_perturbed_results.sh"), str(d), str(csv),
                         str(random_ckpt), "--device", "cpu"], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr

@@ -6,13 +6,14 @@ files agree with each other, the report states the run, and a second run skips e
 import json
 import os
 import re
+import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT, SHIPPED_NAME, run_python
+from conftest import REPO_ROOT, SHIPPED_NAME
 from gelutrace import comparison as cmp
 from gelutrace import markdown
 from gelutrace import stagefiles as sf
@@ -37,9 +38,9 @@ def pipeline(tmp_path_factory, shipped_path):
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3 0.8", "--ratios", "0.01 0.05",
            "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held),
            "--eval_text", "none", "--control_subsets", "all", M, str(csv), str(data)]
-    first = run_python(cmd, capture_output=True, text=True, env=env)
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_python(cmd, capture_output=True, text=True, env=env)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     return data, first.stdout, second.stdout
 
@@ -175,7 +176,7 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
     base = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.8", "--ratios", "0.01", "--direct_edges", "0",
             "--methods", "degree random", "--random_controls", "2", "--device", "cpu", "--effects", "0",
             "--eval_csv", str(held), "--eval_text", "none", "--control_subsets", "all"]
-    r = run_python(base + [M, str(csv), str(copy)], capture_output=True, text=True, env=env)
+    r = subprocess.run(base + [M, str(csv), str(copy)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert any(ln.startswith("== a: up to date") for ln in lines)
@@ -183,7 +184,7 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
         assert f"== {stage}" in lines, stage
     ds = pd.read_csv(sf.path(copy, sf.DATASET, M), keep_default_na=False)
     assert len(ds) == 6 * 2 + 5 * 3 + 3
-    r = run_python(base + ["--force", "--methods", "degree no_such_method", M, str(csv), str(copy)],
+    r = subprocess.run(base + ["--force", "--methods", "degree no_such_method", M, str(csv), str(copy)],
                        capture_output=True, text=True, env=env)
     assert r.returncode != 0  # d_batch failed, and so does the pipeline, before stage e
     lines = r.stdout.splitlines()
@@ -194,7 +195,7 @@ def test_bad_grid_and_flags_fail_before_any_stage(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     for flags in (["--ks", "abc"], ["--ks", "3 101%"], ["--effect_tokens", "0"], ["--effect_tokens", "x"],
                   ["--control_subsets", "bogus"], ["--random_controls", "-1"], ["--ks", "30", "--ratios", "0.01"]):
-        r = run_python([str(REPO_ROOT / "run_pipeline.sh"), *flags, M, str(REPO_ROOT / "parcellation_datasets" /
+        r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), *flags, M, str(REPO_ROOT / "parcellation_datasets" /
                             "test_1.csv"), str(tmp_path / "run")], capture_output=True, text=True, env=env)
         assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, (flags, r.stderr)
         assert not (tmp_path / "run").exists(), flags

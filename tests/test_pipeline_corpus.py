@@ -3,12 +3,13 @@ test_pipeline.py, and runs beside it)."""
 
 import json
 import os
+import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME
 from gelutrace import stagefiles as sf
 
 pytestmark = pytest.mark.slow
@@ -22,7 +23,7 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
                  columns=sf.PROMPT_COLUMNS).to_csv(held, index=False)
     data = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
-    r = run_python([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(HELDOUT_PATH), "--thresholds", "0.8",
+    r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(HELDOUT_PATH), "--thresholds", "0.8",
                         "--ks", "3 1%", "--random_controls", "2", "--device", "cpu", "--eval_csv", str(held),
                         "--eval_tokens", "600", M, str(held), str(data)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

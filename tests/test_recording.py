@@ -28,7 +28,7 @@ def write_prompts(path, rows=PROMPTS, header="prompts,number_of_new_tokens,num_s
 
 def run(script, *args, check=True, **env):
     r = run_python([sys.executable, str(REPO_ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+                   cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
     if check and r.returncode != 0:
         raise AssertionError(f"{script} failed:\n{r.stderr}")
     return r

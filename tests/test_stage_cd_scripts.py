@@ -181,7 +181,7 @@ def test_stale_analysis_reference_is_refused(pipeline, tmp_path):
     run_python([PY, C, "--input_dir", str(d)], check=True, capture_output=True, env=ENV)
     p = run_python([PY, D, "--input_graph_path", str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json"),
                         "--threshold", "0.5", "--ratio", "0.1", "--output_path", str(d / "x.npy")],
-                       capture_output=True, text=True, env=ENV)
+                   capture_output=True, text=True, env=ENV)
     assert p.returncode == 2 and "rerun c_analyze" in p.stderr and not (d / "x.npy").exists()
 
 
@@ -281,7 +281,7 @@ def test_a_refused_export_leaves_no_subset(pipeline, tmp_path):
         out = tmp_path / "s.npy"
         p = run_python([PY, D, "--input_graph_path", graph, "--threshold", "0.1", "--ratio", "0.1",
                             "--output_path", str(out), "--export_graph", str(export), *extra],
-                           capture_output=True, text=True, env=ENV)
+                       capture_output=True, text=True, env=ENV)
         assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
         assert not out.exists() and not export.exists()
 
