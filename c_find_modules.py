@@ -23,12 +23,14 @@ sd, z and p, the adjusted Rand index over --seeds seeds and between the two halv
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from gelutrace import PipelineError
 from gelutrace import graph as gr
 from gelutrace import modules as md
+from gelutrace import plots
 from gelutrace import selection as sel
 from gelutrace import stability
 from gelutrace import stagefiles as sf
@@ -86,11 +88,18 @@ def main():
     rec = md.describe(mods, graph, halves)
     table = pd.DataFrame({"node_id": graph.node_ids, "layer": graph.layer, "dimension": graph.dimension,
                           "module": mods.membership})
-    names = [sf.MODULES.format(m=m, weight=s.weight), sf.MODULES_RECORD.format(m=m, weight=s.weight)]
+    between = md.module_edges(mods)
+    names = [f.format(m=m, weight=s.weight) for f in (sf.MODULES, sf.MODULES_RECORD, sf.MODULES_LAYER_PLOT,
+                                                       sf.MODULES_GRAPH_PLOT)]
+    composition = np.zeros((rec["num_modules"], int(graph.layer.max()) + 1), np.int64)
+    np.add.at(composition, (mods.membership, graph.layer), 1)
     sf.lock_directory(out, "c_find_modules")
     with sf.OutputSet(out, out / sf.MODULES_MANIFEST.format(m=m, weight=s.weight), names, "c_find_modules") as o:
         sf.write_csv(table[sf.MODULES_COLUMNS], o.dir / names[0])
         sf.write_json(rec, o.dir / names[1], indent=1)
+        plots.plot_module_layers(composition, o.dir / names[2], f"{m}: neurons of each module ({s.weight} graph)")
+        plots.plot_module_graph(np.bincount(mods.membership), between, o.dir / names[3],
+                                f"{m}: modules of the {s.weight} graph, edges = summed weight between them")
         o.vouch([o.dir / n for n in names])
     print(md.verdict(rec))
     if rec["seed_ari"]["mean"] is not None:

@@ -26,6 +26,10 @@ the other methods it does not (the sidecar's weight is null). --output_dir names
 {m}_{method}_{weight}_t{threshold}_r{ratio}.npy (count keeps {m}_{method}_t{threshold}_r{ratio}.npy); the sidecar
 records weight and max_weight (the max used to normalise).
 
+Modules (c_find_modules.py) as subsets: --modules FILE with --module M (several allowed) or --modules_top N
+(the N largest) writes {m}_module{M}_{weight}.npy each into --output_dir, with a sidecar of method "module":
+stage e ablates each module as a unit, against its own controls, outside the method comparison.
+
     python d_calculate_perturbation_subset.py \\
         --input_graph_path parcellation_datasets/test_1/weighted_graph_analysis/gpt2_weighted_graph_analyzed.json \\
         --threshold 0.8 --ratio 0.01 --method degree \\
@@ -37,6 +41,7 @@ from pathlib import Path
 
 from gelutrace import PipelineError
 from gelutrace import graph as gr
+from gelutrace import modules as md
 from gelutrace import selection as sel
 from gelutrace import stagefiles as sf
 from gelutrace import store as gs
@@ -45,13 +50,13 @@ from gelutrace.cli import memory_limit, parser, run_main
 
 def main():
     ap = parser(__doc__)
-    ap.add_argument("--input_graph_path", required=True,
+    ap.add_argument("--input_graph_path",
                     help="c_analyze's *_analyzed.json or *_analyzed.gpickle (a store directory or stage c's "
-                         ".gpickle also work)")
+                         ".gpickle also work); needed unless --modules")
     ap.add_argument("--threshold", type=float, default=None,
                     help="keep edges with normalised co-activation > this, in [0, 1]; needed by the graph methods "
                          f"({', '.join(sel.GRAPH_METHODS)}), ignored by the others")
-    size = ap.add_mutually_exclusive_group(required=True)
+    size = ap.add_mutually_exclusive_group()
     size.add_argument("--ratio", type=float, nargs="+", metavar="R",
                       help="fraction of all nodes to select, in (0, 1]; several values write one subset each")
     size.add_argument("--k", type=int, nargs="+", metavar="K",
@@ -87,9 +92,23 @@ def main():
                          "when it fits in memory")
     ap.add_argument("--memory_limit_gb", type=float, default=None,
                     help="RAM --export_graph may use, for its up-front estimate (default: what is available)")
+    mods = ap.add_argument_group("modules (instead of a ranking)")
+    mods.add_argument("--modules", metavar="FILE",
+                      help="c_find_modules' {m}_modules_{weight}.csv (its .json beside it): write modules as subsets")
+    which = mods.add_mutually_exclusive_group()
+    which.add_argument("--module", type=int, nargs="+", metavar="M", help="with --modules: these modules")
+    which.add_argument("--modules_top", type=int, metavar="N", help="with --modules: the N largest modules")
     args = ap.parse_args()
 
     t0 = time.time()
+    if args.modules:
+        return write_modules(args)
+    if args.module is not None or args.modules_top is not None:
+        raise PipelineError("--module and --modules_top need --modules")
+    if not args.input_graph_path:
+        raise PipelineError("--input_graph_path is required (unless --modules)")
+    if not (args.ratio or args.k):
+        raise PipelineError("give --ratio or --k")
     sizes = args.ratio or args.k
     for r in args.ratio or []:
         sel.check_params(args.threshold, r, args.method)
@@ -138,6 +157,27 @@ def main():
         kept = (f"{sub.edges_kept:,} edges kept" if uses_graph else
                 "the causal graph, every pair measured" if args.method == "influence" else "no graph used")
         print(f"wrote {targets[i]} (k={sub.k}, {kept}, {time.time() - t0:.1f} s)")
+
+
+def write_modules(args):
+    if args.output_path or args.ratio or args.k or args.input_graph_path:
+        raise PipelineError("--modules writes each module as it is: give --output_dir and --module or --modules_top, "
+                            "without --output_path, --ratio, --k or --input_graph_path")
+    if (args.module is None) == (args.modules_top is None):
+        raise PipelineError("--modules needs --module M ... or --modules_top N")
+    if args.modules_top is not None and args.modules_top < 1:
+        raise PipelineError(f"--modules_top must be >= 1, got {args.modules_top}")
+    if args.module and len(set(args.module)) != len(args.module):
+        raise PipelineError("--module lists a module twice")
+    mf = md.read_modules(args.modules)
+    out = sf.check_output_dir(Path(args.output_dir), "--output_dir")
+    chosen = args.module or list(range(min(args.modules_top, mf.num_modules)))
+    for k in chosen:
+        if not 0 <= k < mf.num_modules:
+            raise PipelineError(f"--module {k}: {args.modules} has modules 0..{mf.num_modules - 1}")
+    for k in chosen:
+        target = sel.write_module_subset(mf, k, out)
+        print(f"wrote {target} (module {k}, {len(mf.ids(k))} neurons)")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from gelutrace import PipelineError
 from gelutrace import comparison as cmp
+from gelutrace import moduleeffects as me
 from gelutrace import stability
 from gelutrace import perturbation as pt
 from gelutrace import realtext
@@ -147,9 +148,11 @@ def main(argv=None):
     tokens = n_generated * sum(len(b.row_prompt) * b.new_tokens for b in batches)
     chunks = pt.metric_chunks(pt.plan_rows(batches, prompts), prompt_ids, cfg.vocab_size, args.batch_size)
     ablated = [s for s in subsets if len(s.ids)]
-    with_controls = (len({len(s.ids) for s in ablated if s.info.get("method")}) if args.control_subsets == "best"
-                     else len(ablated))  # at most
-    conditions = len(ablated) + args.random_controls * with_controls
+    modules = [s for s in ablated if s.is_module]
+    weights, weights_source = pt.control_weights(args.dataset_path, lm.name, n_neurons) if modules else (None, None)
+    with_controls = (len({len(s.ids) for s in ablated if s.compared}) + len(modules)
+                     if args.control_subsets == "best" else len(ablated))  # at most
+    conditions = len(ablated) + args.random_controls * (with_controls + (len(modules) if weights is not None else 0))
     settings = pt.EvalSettings(args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
                                args.ablation, args.validation_share, args.control_subsets)
     with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as gen_bar, \
@@ -158,7 +161,16 @@ def main(argv=None):
                  disable=text is None) as text_bar:
         bars = {"tokens": gen_bar, "passes": metric_bar, "text": text_bar}
         results = pt.run(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values, settings,
-                         progress=lambda kind, n: bars[kind].update(n), text=text)
+                         progress=lambda kind, n: bars[kind].update(n), text=text, weights=weights)
+    module_tables = {}
+    if modules:
+        tokens = None
+        if text is not None:
+            tokens = me.tokens_table(results.text, subsets, lm.tokenizer)
+            module_tables[sf.MODULE_TOKENS] = tokens
+            module_tables[sf.MODULE_CONTEXTS] = me.contexts_table(lm.model, text, subsets, lm.tokenizer, cfg.d_mlp)
+        module_tables[sf.MODULE_EFFECTS] = me.effects_table(subsets, results.summary, text is not None,
+                                                            weights_source, tokens)
 
     halves = stability.halves_of(args.dataset_path, lm.name, selection_prompts, corpus_record)
     pt.add_selection_overlap(results, subsets, halves)
@@ -170,6 +182,9 @@ def main(argv=None):
     # the whole set is written beside the earlier one and swapped in: a failure leaves the earlier results
     with sf.OutputSet(out, out / sf.RESULTS_MANIFEST, pt.RESULT_SET, "stage e") as staged:
         written = pt.write_results(staged.dir, results, evaluation, lm.tokenizer)
+        for name, df in module_tables.items():
+            sf.write_csv(df, staged.dir / name)
+            written.append(staged.dir / name)
         plot_perturbation_summary(results.summary, staged.dir / sf.PERTURBATION_PLOT,
                                   title=f"{lm.name}: effect of {args.ablation}-ablating each subset, on {where}")
         tables = pt.write_comparison(args.dataset_path, staged.dir, lm.name, results, subsets, n_neurons, prompts,
@@ -192,6 +207,10 @@ def main(argv=None):
     print(results.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if tables:
         print("\n".join(cmp.verdict_lines(tables[sf.METHOD_VERDICT], n_neurons)))
+    if modules:
+        eff = module_tables[sf.MODULE_EFFECTS]
+        print(eff[["subset", "k", "delta_nll", "p_random_holm", "p_weighted_holm"]].to_string(
+            index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"results for {len(subsets)} subset(s), measured on {where} ({eval_csv}), written to {out}")
 
 

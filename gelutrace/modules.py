@@ -341,3 +341,69 @@ def verdict(record: dict) -> str:
     return (f"{record['num_modules']} modules, Q = {record['modularity']:.3f} against {n['mean']:.3f} ± "
             f"{n['std']:.3f} in {n['graphs']} degree-preserving rewired graphs (p = {n['p']:.3f}).")
 
+
+
+def module_edges(mods: Modules) -> np.ndarray:
+    """(modules, modules) summed weight of the thinned graph's edges between (and, on the diagonal, within) each
+    pair of modules: the module graph's edges."""
+    n = int(mods.membership.max()) + 1 if len(mods.membership) else 0
+    a, b = mods.membership[mods.edges.src], mods.membership[mods.edges.tgt]
+    out = np.zeros((n, n))
+    np.add.at(out, (np.minimum(a, b), np.maximum(a, b)), mods.edges.weight)
+    return out + np.triu(out, 1).T
+
+
+# --- reading c_find_modules' files back (stage d --modules, the report, the cards) ---------------------------
+@dataclass
+class ModuleFile:
+    """A {m}_modules_{weight}.csv with its record beside it: each neuron id's module (-1: not in the graph)."""
+    path: str
+    module_of: np.ndarray  # per neuron id
+    record: dict
+    d_mlp: int  # neurons per layer
+
+    @property
+    def num_modules(self) -> int:
+        return int(self.module_of.max()) + 1 if len(self.module_of) else 0
+
+    def ids(self, module: int) -> np.ndarray:
+        return np.flatnonzero(self.module_of == module).astype(np.int64)
+
+
+def read_modules(csv_path, n_neurons: int | None = None) -> ModuleFile:
+    """c_find_modules' table and record; a file that is not one (columns, ids, module numbers) is refused."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from gelutrace import stagefiles as sf
+
+    p = Path(csv_path)
+    side = p.with_suffix(".json")  # sf.MODULES_RECORD beside sf.MODULES
+    for f in (p, side):
+        if not f.is_file():
+            raise PipelineError(f"{f} does not exist (c_find_modules.py writes it)")
+    try:
+        df = pd.read_csv(p)
+        record = json.loads(side.read_text())
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise PipelineError(f"{p} or {side} cannot be read: {e}") from None
+    if list(df.columns) != sf.MODULES_COLUMNS or not isinstance(record, dict):
+        raise PipelineError(f"{p}: expected c_find_modules' columns {', '.join(sf.MODULES_COLUMNS)}")
+    try:
+        node, layer, dim, module = (df[c].to_numpy(np.int64) for c in sf.MODULES_COLUMNS)
+    except (ValueError, TypeError):
+        raise PipelineError(f"{p}: its columns must be whole numbers") from None
+    widths = np.unique((node - dim)[layer > 0] // layer[layer > 0])
+    d_mlp = int(widths[0]) if len(widths) else int(dim.max()) + 1 if len(dim) else 0
+    if len(widths) > 1 or (len(node) and not np.array_equal(node, layer * d_mlp + dim)):
+        raise PipelineError(f"{p}: node_id is not layer * width + dimension for one width")
+    n = int(n_neurons) if n_neurons is not None else int(node.max()) + 1 if len(node) else 0
+    if len(node) and (node.min() < 0 or node.max() >= n or len(np.unique(node)) != len(node)):
+        raise PipelineError(f"{p}: node ids must be distinct and in 0..{n - 1} (a file of another model?)")
+    if len(module) and (module.min() < 0 or set(np.unique(module)) != set(range(int(module.max()) + 1))):
+        raise PipelineError(f"{p}: modules must be numbered 0, 1, 2, ... without gaps")
+    module_of = np.full(n, -1, np.int64)
+    module_of[node] = module
+    return ModuleFile(str(p), module_of, record, d_mlp)

@@ -31,6 +31,7 @@ from gelutrace.generation import Batch, generate_batch, left_pad, repeat_rows
 from gelutrace.sites import GPT2_SITE
 
 NONE = "none"  # the subset name that means: no ablation (the baseline)
+MODULE = "module"  # the sidecar method of a module of c_find_modules (stage d --modules): outside the comparison
 METRICS = ["kl", "delta_nll", "token_agreement", "first_diff_position"]
 LOGIT_BUDGET = 2 ** 26  # most logits (rows x positions x vocab) one teacher-forced pass holds at once
 
@@ -88,6 +89,16 @@ class Subset:
     ids: np.ndarray  # sorted unique neuron ids (int64)
     controls: list[np.ndarray] = field(default_factory=list)  # random subsets of the same layer composition
     info: dict = field(default_factory=dict)  # stage d's sidecar JSON (method, threshold, ratio, ...), if any
+    weighted: list[np.ndarray] = field(default_factory=list)  # a module's effect-weighted controls
+
+    @property
+    def is_module(self) -> bool:
+        return self.info.get("method") == MODULE
+
+    @property
+    def compared(self) -> bool:
+        """Whether the method comparison ranks it: a selection method made it (a module is not a method)."""
+        return bool(self.info.get("method")) and not self.is_module and len(self.ids) > 0
 
     @property
     def stem(self) -> str:
@@ -111,7 +122,7 @@ def read_sidecar(npy: Path, model: str) -> dict:
     if not isinstance(info, dict):
         raise PipelineError(f"{side}: expected a JSON object")
     kinds = {"method": str, "weight": str, "threshold": (int, float), "ratio": (int, float), "seed": int,
-             "tied_picks": int, "tie_pool": int, "zero_score_picks": int}
+             "tied_picks": int, "tie_pool": int, "zero_score_picks": int, "module": int}
     for key, kind in kinds.items():
         v = info.get(key)
         if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
@@ -162,6 +173,50 @@ def random_control(ids: np.ndarray, n_layer: int, d_mlp: int, seed: int, index: 
     counts = layer_counts(ids, n_layer, d_mlp)
     parts = [layer * d_mlp + rng.choice(d_mlp, size=int(c), replace=False) for layer, c in enumerate(counts) if c]
     return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def weighted_control(ids: np.ndarray, weights: np.ndarray, n_layer: int, d_mlp: int, seed: int, index: int
+                     ) -> np.ndarray:
+    """
+    Effect-weighted control `index` for a subset: in every layer as many neurons as the subset has there, drawn
+    one after another without replacement with probability proportional to max(weight, 0) among the layer's
+    neurons not yet drawn (numpy's weighted choice without replacement); when the layer has fewer neurons of
+    positive weight than needed, all of them and the rest uniformly from the others. The null of "are these
+    neurons' effect more than their individual strengths give?". Depends on the seed, ids, weights and index only.
+    """
+    key = zlib.crc32(np.asarray(ids, "<i8").tobytes())
+    rng = np.random.default_rng(np.random.SeedSequence([seed, key, index, 1]))
+    w = np.nan_to_num(np.asarray(weights, np.float64), nan=0.0, posinf=0.0, neginf=0.0).reshape(n_layer, d_mlp)
+    w = np.maximum(w, 0.0)
+    parts = []
+    for layer, c in enumerate(layer_counts(ids, n_layer, d_mlp)):
+        if not c:
+            continue
+        wl = w[layer]
+        pos = np.flatnonzero(wl > 0)
+        if len(pos) >= c:
+            pick = rng.choice(d_mlp, size=int(c), replace=False, p=wl / wl.sum())
+        else:
+            rest = np.flatnonzero(wl <= 0)
+            pick = np.concatenate([pos, rng.choice(rest, size=int(c) - len(pos), replace=False)])
+        parts.append(layer * d_mlp + pick)
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def control_weights(dataset_path, m: str, n_neurons: int) -> tuple[np.ndarray | None, str | None]:
+    """Each neuron's individual strength for effect-weighted controls: its measured single-ablation delta_nll
+    ({m}_neuron_effects.csv) where measured, else stage b's attribution; (None, None) without either."""
+    effects = sf.path(dataset_path, sf.NEURON_EFFECTS, m)
+    if effects.is_file():
+        w = sf.read_neuron_column(effects, "delta_nll", n_neurons, "d_calculate_neuron_effects.py", missing_ok=True)
+        if np.isfinite(w).any():
+            return w, "neuron_effects.delta_nll"
+    freq = sf.path(dataset_path, sf.FREQUENCY, m)
+    if freq.is_file():
+        w = sf.read_neuron_column(freq, "attribution", n_neurons, "stage b", optional=True)
+        if w is not None and np.isfinite(w).any():
+            return w, "attribution"
+    return None, None
 
 
 # --- the dataset directory ----------------------------------------------------------------------------------
@@ -540,9 +595,15 @@ def condition_sums(c: Condition, samples, n_prompts: int, names=cmp.METRICS) -> 
     return sums, counts
 
 
+def weighted_null(value: float, controls) -> dict:
+    """cmp.null_test against effect-weighted controls, its fields named for them: weighted_mean, p_weighted, ..."""
+    return {k.replace("random", "weighted"): v for k, v in cmp.null_test(value, controls).items()}
+
+
 def summary_row(subset: Subset, main: Condition, controls: list[Condition], samples, n_prompts: int, boot: np.ndarray,
-                n_layer, d_mlp, settings: EvalSettings) -> dict:
-    """The subset on every evaluation prompt: metrics with bootstrap CIs and the null of its controls."""
+                n_layer, d_mlp, settings: EvalSettings, weighted: list[Condition] = ()) -> dict:
+    """The subset on every evaluation prompt: metrics with bootstrap CIs and the null of its controls (and, for a
+    module, of its effect-weighted controls)."""
     sample_rows = samples[2]
     row = {"subset": subset.name, "ablation": settings.ablation, "k": len(subset.ids)}
     row.update({f"layer_{i}_count": int(c) for i, c in enumerate(layer_counts(subset.ids, n_layer, d_mlp))})
@@ -558,6 +619,10 @@ def summary_row(subset: Subset, main: Condition, controls: list[Condition], samp
             row.update({f"{name}_{k}": v for k, v in cmp.null_test(row[name], vals).items() if k != "random_n"})
             row[f"{name}_percentile"] = cmp.percentile(row[name], vals)
             row[f"{name}_vs_random"] = cmp.t_ratio(row[name], vals)
+    if weighted:
+        for name in ("kl", "delta_nll"):
+            vals = [sample_mean(getattr(c, name), sample_rows) for c in weighted]
+            row.update({f"{name}_{k}": v for k, v in weighted_null(row[name], vals).items()})
     return row
 
 
@@ -572,8 +637,7 @@ def entry_variant(subset: Subset) -> str:
 
 def comparison_entry(subset: Subset, main: Condition, controls: list[Condition], samples, n_prompts: int):
     """The subset as the method comparison sees it, or None when no selection method made it."""
-    method = subset.info.get("method")
-    if not method or not len(subset.ids):
+    if not subset.compared:
         return None
     sums, counts = condition_sums(main, samples, n_prompts, cmp.METRICS + ("agree",))
     sums["token_agreement"] = sums.pop("agree")
@@ -606,24 +670,26 @@ def text_entries(res, subsets: list[Subset]) -> list:
     from gelutrace import realtext
 
     return [realtext.entry(res, i, sub.stem, cmp.comparison_method(sub.info), entry_variant(sub), sub.info)
-            for i, sub in enumerate(subsets) if sub.info.get("method") and len(sub.ids)]
+            for i, sub in enumerate(subsets) if sub.compared]
 
 
 def control_plan(subsets: list[Subset], settings: EvalSettings, entries: list, split: cmp.Split) -> list[int]:
-    """Which subsets get random controls: every one, or ("best") each k's winner on the validation part."""
+    """Which subsets get random controls: every one, or ("best") each k's winner on the validation part; a module
+    always (its test is against its controls)."""
     chosen = [i for i, sub in enumerate(subsets) if len(sub.ids)]
     if settings.control_subsets == "best":
         stems = cmp.validation_winners(entries, split)
-        chosen = [i for i in chosen if subsets[i].stem in stems]
+        chosen = [i for i in chosen if subsets[i].stem in stems or subsets[i].is_module]
     return chosen
 
 
 def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values, settings: EvalSettings,
-        progress=None, text=None) -> Results:
+        progress=None, text=None, weights: np.ndarray | None = None) -> Results:
     """
     Every subset on the prompts (generated free-running and teacher-forced along the baseline's continuations)
     and, given `text` (realtext.EvalText), on real text; then the random controls of the subsets control_plan
-    picks, measured the same ways.
+    picks, measured the same ways, and for a module as many effect-weighted controls drawn by `weights`
+    (control_weights), where given.
     """
     from gelutrace import realtext
 
@@ -646,19 +712,22 @@ def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], m
                    if e is not None], split
     chosen = set(control_plan(subsets, s, *primary)) if s.random_controls else set()
     for i, sub in enumerate(subsets):
-        sub.controls = [random_control(sub.ids, cfg.n_layer, cfg.d_mlp, s.seed, j)
-                        for j in range(s.random_controls if i in chosen else 0)]
+        n = s.random_controls if i in chosen else 0
+        sub.controls = [random_control(sub.ids, cfg.n_layer, cfg.d_mlp, s.seed, j) for j in range(n)]
+        sub.weighted = ([weighted_control(sub.ids, weights, cfg.n_layer, cfg.d_mlp, s.seed, j) for j in range(n)]
+                        if sub.is_module and weights is not None else [])
     controls = [[Condition(ids, generate=False) for ids in sub.controls] for sub in subsets]
-    if any(controls):
-        teacher_forced(model, rows, prompt_ids, base, [c for cs in controls for c in cs], mean_values, s.batch_size,
-                       progress)
+    weighted = [[Condition(ids, generate=False) for ids in sub.weighted] for sub in subsets]
+    flat = [c for cs in controls + weighted for c in cs]
+    if flat:
+        teacher_forced(model, rows, prompt_ids, base, flat, mean_values, s.batch_size, progress)
     if tres is not None:
         realtext.add_controls(tres, model, [sub.controls for sub in subsets], mean_values, s.batch_size,
-                              progress and (lambda n: progress("text", n)))
+                              progress and (lambda n: progress("text", n)), [sub.weighted for sub in subsets])
     tables, summary, entries = {}, [], []
     for i, (sub, main, ctl) in enumerate(zip(subsets, mains, controls)):
         tables[sub.stem] = result_table(sub, main, prompts, tokenizer, samples)
-        row = summary_row(sub, main, ctl, samples, len(prompts), boot, cfg.n_layer, cfg.d_mlp, s)
+        row = summary_row(sub, main, ctl, samples, len(prompts), boot, cfg.n_layer, cfg.d_mlp, s, weighted[i])
         if tres is not None:
             row.update(realtext.summary_columns(tres, i))
         summary.append(row)
@@ -676,7 +745,7 @@ def add_selection_overlap(results: Results, subsets: list[Subset], halves):
     (gelutrace.stability), into its comparison entry; the halves' description goes to comparison.json."""
     from gelutrace import stability
 
-    overlap = stability.selection_overlap(halves, {s.stem: s.info for s in subsets if s.info.get("method")})
+    overlap = stability.selection_overlap(halves, {s.stem: s.info for s in subsets if s.compared})
     for e in results.entries:
         e.info["selection_jaccard"] = overlap.get(e.stem, np.nan)
     results.halves = {"available": len(halves.halves) == 2, "halves": halves.how}
@@ -753,7 +822,8 @@ def write_results(out, results: Results, evaluation: dict, tokenizer=None) -> li
 RESULT_SET = (sf.PERTURBATION_SUMMARY, sf.EVALUATION, sf.PERTURBATION_PLOT, sf.COMPARISON, sf.METHOD_VERDICT,
               sf.METHOD_OVERLAP, sf.METHOD_AGREEMENT, sf.COMPARISON_RECORD, sf.COMPARISON_PLOT,
               sf.CONTINUATION_COMPARISON, sf.CONTINUATION_VERDICT, sf.TEXT_BREAKDOWN, sf.DOSE_RESPONSE,
-              sf.DOSE_RESPONSE_PLOT)  # the files of stage e's output set; one a run does not write is removed
+              sf.DOSE_RESPONSE_PLOT, sf.MODULE_EFFECTS, sf.MODULE_TOKENS,
+              sf.MODULE_CONTEXTS)  # the files of stage e's output set; one a run does not write is removed
 
 
 def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[Subset], n_neurons: int,

@@ -246,3 +246,59 @@ def plot_edge_fidelity(table: pd.DataFrame, target, title: str):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, target)
+
+
+MAX_MODULES_DRAWN = 40  # the module pictures show the largest modules; the rest are summed into one row / node
+
+
+def plot_module_layers(composition, target, title: str):
+    """c_find_modules: a module x layer heatmap of neuron counts (`composition`: (modules, layers) counts, modules
+    by decreasing size)."""
+    import numpy as np
+
+    comp = np.asarray(composition)
+    rows = [f"M{i}" for i in range(min(len(comp), MAX_MODULES_DRAWN))]
+    if len(comp) > MAX_MODULES_DRAWN:
+        comp = np.vstack([comp[:MAX_MODULES_DRAWN], comp[MAX_MODULES_DRAWN:].sum(0)])
+        rows.append(f"rest ({len(composition) - MAX_MODULES_DRAWN})")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * comp.shape[1], 1.2 + 0.28 * len(rows)))
+    im = ax.imshow(comp, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(comp.shape[1]), [str(i) for i in range(comp.shape[1])])
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("module (largest first)")
+    if comp.size <= 400:
+        for (r, c), v in np.ndenumerate(comp):
+            if v:
+                ax.text(c, r, str(int(v)), ha="center", va="center", fontsize=6,
+                        color="white" if v < comp.max() / 2 else "black")
+    fig.colorbar(im, ax=ax, label="neurons")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, target)
+
+
+def plot_module_graph(sizes, between, target, title: str):
+    """c_find_modules: the module graph, modules as nodes sized by neuron count, edges weighted by the summed
+    weight between them (networkx layout, seeded)."""
+    import networkx as nx
+    import numpy as np
+
+    n = min(len(sizes), MAX_MODULES_DRAWN)
+    w = np.asarray(between, np.float64)[:n, :n]
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    iu = np.triu_indices(n, 1)
+    for a, b, x in zip(*iu, w[iu]):
+        if x > 0:
+            g.add_edge(int(a), int(b), weight=float(x))
+    pos = (nx.circular_layout(g) if n <= 12 else nx.spring_layout(g, seed=0)) if n > 1 else {0: (0.0, 0.0)}
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    top = max((d["weight"] for *_, d in g.edges(data=True)), default=1.0)
+    nx.draw_networkx_edges(g, pos, ax=ax, width=[0.3 + 5 * d["weight"] / top for *_, d in g.edges(data=True)],
+                           alpha=0.5, edge_color="gray")
+    s = np.asarray(sizes[:n], np.float64)
+    nx.draw_networkx_nodes(g, pos, ax=ax, node_size=60 + 1500 * s / s.max(), node_color=range(n), cmap="tab20")
+    nx.draw_networkx_labels(g, pos, ax=ax, labels={i: f"M{i}\n{int(s[i])}" for i in range(n)}, font_size=7)
+    ax.set_title(title + (f" (largest {n} of {len(sizes)})" if len(sizes) > n else ""), fontsize=10)
+    ax.axis("off")
+    return _save(fig, target)

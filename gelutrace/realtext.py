@@ -135,6 +135,8 @@ class Baseline:
     nll: np.ndarray  # (units,)
     bucket_tokens: np.ndarray  # (buckets,)
     bucket_nll: np.ndarray  # (buckets,)
+    token_tokens: np.ndarray | None = None  # (vocab,) with by_token: scored tokens of each next-token id
+    token_nll: np.ndarray | None = None  # (vocab,) their summed nll
 
     @property
     def mean_nll(self) -> float:
@@ -148,6 +150,7 @@ class Measured:
     delta_nll: np.ndarray  # (units,)
     kl: np.ndarray  # (units,)
     bucket_delta_nll: np.ndarray  # (buckets,)
+    token_delta_nll: np.ndarray | None = None  # (vocab,) with by_token: summed delta_nll by the next token's id
 
     def mean(self, name: str, tokens: np.ndarray) -> float:
         return float(getattr(self, name).sum() / tokens.sum())
@@ -161,9 +164,10 @@ def _add(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
 
 @torch.no_grad()
 def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.ndarray | None, batch_size: int,
-             progress=None) -> tuple[Baseline, list[Measured]]:
-    """The baseline and every group's ablation (0, or `mean_values` per neuron) over the evaluation text.
-    `progress(tokens)` is called as ablated tokens are scored."""
+             progress=None, by_token=()) -> tuple[Baseline, list[Measured]]:
+    """The baseline and every group's ablation (0, or `mean_values` per neuron) over the evaluation text; for
+    the groups whose index is in `by_token` (and the baseline, when any is) also by the next token's id, over
+    the whole vocabulary. `progress(tokens)` is called as ablated tokens are scored."""
     device = next(model.parameters()).device
     U, NB, NP = text.n_units, text.n_buckets, len(POSITION_BUCKETS)
     ids = torch.from_numpy(text.ids)
@@ -172,6 +176,12 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
     tokens, nll, b_tokens, b_nll = (torch.zeros(n, **f64) for n in (U, U, NB, NB))
     ablating = [i for i, g in enumerate(groups) if len(g)]
     dnll_u, kl_u, dnll_b = (torch.zeros(len(ablating), n, **f64) for n in (U, U, NB))  # in `ablating` order
+    V = model.config.vocab_size
+    by_token = sorted(set(by_token) & set(ablating))
+    tok_row = torch.full((max(len(ablating), 1),), -1, dtype=torch.long, device=device)
+    tok_row[[ablating.index(i) for i in by_token]] = torch.arange(len(by_token), device=device)
+    dnll_t = torch.zeros(len(by_token), V, **f64)
+    t_tokens, t_nll = (torch.zeros(V if by_token else 0, **f64) for _ in range(2))
     ctx = text.context
     for w in text.batches:
         lo = int(w[0]) * ctx
@@ -190,6 +200,9 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
         _add(tokens, u, ones), _add(nll, u, base_nll)
         for b in (pb, tb):
             _add(b_tokens, b, ones), _add(b_nll, b, base_nll)
+        t_id = torch.where(u >= 0, tgt.reshape(-1), -1)
+        if by_token:
+            _add(t_tokens, t_id, ones), _add(t_nll, t_id, base_nll)
         if not ablating:
             continue
         p = pt.base_probabilities(logits, logits.dtype)
@@ -203,9 +216,13 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
             kl, dnll = kl.reshape(len(chunk), -1), dnll.reshape(len(chunk), -1)
             for acc, vals, index in ((dnll_u, dnll, u), (kl_u, kl, u), (dnll_b, dnll, pb), (dnll_b, dnll, tb)):
                 _add(acc[s:s + len(chunk)], index, vals)
+            for j, r in enumerate(tok_row[s:s + len(chunk)].tolist()):
+                if r >= 0:
+                    _add(dnll_t[r], t_id, dnll[j])
             if progress is not None:
                 progress(len(chunk) * tgt.numel())
-    base = Baseline(*(t.cpu().numpy() for t in (tokens, nll, b_tokens, b_nll)))
+    base = Baseline(*(t.cpu().numpy() for t in (tokens, nll, b_tokens, b_nll)),
+                    *((t_tokens.cpu().numpy(), t_nll.cpu().numpy()) if by_token else (None, None)))
     row = {i: j for j, i in enumerate(ablating)}
     out = []
     for i, gr in enumerate(groups):
@@ -213,7 +230,8 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
             sums = (a[row[i]].cpu().numpy() for a in (dnll_u, kl_u, dnll_b))
         else:  # nothing ablated: no change
             sums = (np.zeros(n) for n in (U, U, NB))
-        out.append(Measured(np.asarray(gr, np.int64), *sums))
+        out.append(Measured(np.asarray(gr, np.int64), *sums,
+                            dnll_t[by_token.index(i)].cpu().numpy() if i in by_token else None))
     return base, out
 
 
@@ -298,25 +316,30 @@ class TextResults:
     controls: list[list[Measured]]  # per subset: its random controls
     boot: np.ndarray  # bootstrap draws over the units
     split: "cmp.Split"  # the units' validation and test parts
+    weighted: list[list[Measured]] = None  # per subset: its effect-weighted controls (modules)
 
 
 def measure_subsets(model, text: EvalText, subsets, mean_values, seed: int, validation_share: float, batch_size: int,
                     progress=None) -> TextResults:
-    """Every subset on the evaluation text (controls come later: add_controls)."""
-    base, mains = evaluate(model, text, [s.ids for s in subsets], mean_values, batch_size, progress)
+    """Every subset on the evaluation text, a module's also by next token (controls come later: add_controls)."""
+    modules = [i for i, s in enumerate(subsets) if s.is_module]
+    base, mains = evaluate(model, text, [s.ids for s in subsets], mean_values, batch_size, progress, modules)
     return TextResults(text, base, mains, [[] for _ in subsets], cmp.bootstrap_weights(text.n_units, seed),
-                       cmp.split_prompts(text.n_units, seed, validation_share))
+                       cmp.split_prompts(text.n_units, seed, validation_share), [[] for _ in subsets])
 
 
 def add_controls(res: TextResults, model, controls: list[list[np.ndarray]], mean_values, batch_size: int,
-                 progress=None):
-    """Each subset's random controls (id arrays, per subset) on the evaluation text."""
-    flat = [c for cs in controls for c in cs]
+                 progress=None, weighted: list[list[np.ndarray]] | None = None):
+    """Each subset's random controls (id arrays, per subset), and its effect-weighted ones, on the evaluation
+    text."""
+    weighted = weighted or [[] for _ in controls]
+    flat = [c for cs in controls + weighted for c in cs]
     if not flat:
         return
     _, measured = evaluate(model, res.text, flat, mean_values, batch_size, progress)
     it = iter(measured)
     res.controls = [[next(it) for _ in cs] for cs in controls]
+    res.weighted = [[next(it) for _ in cs] for cs in weighted]
 
 
 def entry(res: TextResults, i: int, stem: str, method: str, variant: str, info: dict) -> "cmp.Entry":
@@ -344,6 +367,9 @@ def summary_columns(res: TextResults, i: int) -> dict:
             res.boot, getattr(res.mains[i], name), tokens)
         if res.controls[i]:
             null = cmp.null_test(value, [c.mean(name, tokens) for c in res.controls[i]])
+            row.update({f"text_{name}_{k}": v for k, v in null.items()})
+        if res.weighted and res.weighted[i]:
+            null = pt.weighted_null(value, [c.mean(name, tokens) for c in res.weighted[i]])
             row.update({f"text_{name}_{k}": v for k, v in null.items()})
     return row
 

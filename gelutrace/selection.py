@@ -301,6 +301,27 @@ def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) ->
     return side
 
 
+def write_module_subset(modules, module: int, output_dir) -> Path:
+    """One module of c_find_modules (modules.ModuleFile) as a stage-e subset: its ids (.npy, sorted) and a
+    sidecar with method "module", which keeps it out of the method comparison."""
+    rec = modules.record
+    if not 0 <= module < modules.num_modules:
+        raise PipelineError(f"--module {module}: {modules.path} has modules 0..{modules.num_modules - 1}")
+    ids = modules.ids(module)
+    weight = (rec.get("settings") or {}).get("weight", DEFAULT_WEIGHT)
+    target = Path(output_dir) / sf.SUBSET_FILE_MODULE.format(m=rec.get("model") or "graph", module=module,
+                                                              weight=weight)
+    lay, cnt = np.unique(ids // modules.d_mlp, return_counts=True)
+    sf.write_npy(ids, target)
+    sf.write_json({"subset": target.name, "model": rec.get("model"), "method": "module", "module": int(module),
+                   "modules_file": os.path.abspath(modules.path), "weight": weight, "threshold": None, "ratio": None,
+                   "k": int(len(ids)), "num_modules": modules.num_modules, "modularity": rec.get("modularity"),
+                   "structured": (rec.get("null") or {}).get("structured"),
+                   "per_layer_counts": {str(a): int(b) for a, b in zip(lay, cnt)}, "neurons": ids.tolist()},
+                  target.parent / sf.SUBSET_SIDECAR.format(stem=target.stem), indent=1)
+    return target
+
+
 def subset_file_name(model: str | None, method: str, threshold: float | None, ratio: float | None,
                      weight: str = DEFAULT_WEIGHT, k: int | None = None) -> str:
     """The --output_dir name of a subset given by its ratio, or by its size k (ratio None)."""

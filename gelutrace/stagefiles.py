@@ -82,6 +82,8 @@ MODULES = "{m}_modules_{weight}.csv"  # one row per neuron: node_id, layer, dime
 MODULES_RECORD = "{m}_modules_{weight}.json"  # settings, sizes, layer composition, Q, the null, the ARIs
 MODULES_MANIFEST = "{m}_modules_{weight}_manifest.json"  # the two as one output set
 MODULES_COLUMNS = ["node_id", "layer", "dimension", "module"]
+MODULES_LAYER_PLOT = "{m}_modules_{weight}_layers.png"  # module x layer heatmap of neuron counts
+MODULES_GRAPH_PLOT = "{m}_modules_{weight}_graph.png"  # modules as nodes, summed inter-module weight as edges
 
 # stage c_analyze (in --output_dir, default <graph dir>/ANALYSIS_DIR)
 ANALYSIS_DIR = "weighted_graph_analysis"
@@ -101,6 +103,7 @@ WEIGHT_SUFFIX = "_{weight}"
 SUBSET_FILE = "{m}_{method}_t{threshold}_{size}.npy"
 SUBSET_FILE_NO_GRAPH = "{m}_{method}_{size}.npy"  # methods that ignore the threshold
 SUBSET_FILE_WEIGHTED = "{m}_{method}_{weight}_t{threshold}_{size}.npy"  # the same for --weight other than count
+SUBSET_FILE_MODULE = "{m}_module{module}_{weight}.npy"  # d --modules: one module of c_find_modules
 SUBSET_SIDECAR = "{stem}.json"  # beside each subset .npy: parameters, k, per-layer counts, scores
 # stage e (under <dataset>/RESULTS_DIR)
 RESULT_FILE = "{stem}.csv"  # one per subset (none.csv for the baseline), columns RESULT_COLUMNS
@@ -121,6 +124,11 @@ CONTINUATION_VERDICT = "continuation_verdict.csv"
 TEXT_BREAKDOWN = "text_breakdown.csv"  # real-text delta_nll by position in the window and by next token
 DOSE_RESPONSE = "dose_response.csv"  # per k and method: its best variant's effect, CI and the winner's null band
 DOSE_RESPONSE_PLOT = "dose_response.png"
+# module subsets (d --modules): their effect against both nulls; with --eval_text the next tokens whose loss rises
+# most, and where the module fires
+MODULE_EFFECTS = "module_effects.csv"
+MODULE_TOKENS = "module_tokens.csv"
+MODULE_CONTEXTS = "module_contexts.csv"
 
 # run_pipeline.sh's report (in the dataset directory)
 REPORT = "report.md"
@@ -148,6 +156,11 @@ EDGE_FIDELITY_COLUMNS = ["src", "tgt", "pair", "decile", "direct", "layer_gap", 
 EDGE_FIDELITY_SUMMARY_COLUMNS = ["layer_gap", "edges", "spearman", "beta", "r2_through_0", "store_uid"]
 TOP_EXAMPLES_COLUMNS = ["neuron_id", "rank", "value", "sample_id", "context", "token"]
 RESULT_COLUMNS = ["prompt", "sample_index", "generated_text", "perturbation_subset"]
+MODULE_EFFECTS_COLUMNS = ["subset", "weight", "module", "k", "layers", "metric", "delta_nll", "ci_low", "ci_high", "kl",
+                          "random_mean", "p_random", "p_random_holm", "weighted_mean", "p_weighted",
+                          "p_weighted_holm", "control_weights", "top_tokens"]
+MODULE_TOKENS_COLUMNS = ["subset", "module", "rank", "token_id", "token", "tokens", "nll", "delta_nll"]
+MODULE_CONTEXTS_COLUMNS = ["subset", "module", "rank", "mean_activation", "position", "token", "context"]
 TEXT_BREAKDOWN_COLUMNS = ["subset", "k", "breakdown", "bucket", "token_id", "tokens", "nll", "delta_nll"]
 DOSE_RESPONSE_COLUMNS = ["k", "method", "variant", "subset", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
                          "kl", "winner", "random_n", "random_q05", "random_q50", "random_q95", "p_random",
