@@ -77,7 +77,8 @@ def main(argv=None):
     degrees = cd.graph_degrees(args.dataset_path, lm.name, n, args.threshold, args.weight)
     with tqdm(unit="window" if corpus_mode else "seq", desc="top examples") as bar:
         cards = cd.build_cards(lm.model, lm.tokenizer, args.dataset_path, lm.name, ids, args.top_examples,
-                               args.batch_size, progress=bar.update, degrees=degrees)
+                               args.batch_size, progress=bar.update, degrees=degrees,
+                               modules=cd.dataset_modules(args.dataset_path, lm.name, n))
     sf.lock_directory(out, "neuron cards")
     cd.write_cards(out, cards, lm.name)
     print(f"{len(cards)} neuron cards in {time.perf_counter() - start:.1f} s: {out / sf.CARDS_MD}, {out / sf.CARDS_HTML}")

@@ -48,9 +48,15 @@
 #                                   (chosen on the validation part), the null of every claim against random and
 #                                   of the dose-response band (default 30; p >= 1/(N+1), no claim below 20)
 #   --control_subsets all|best      CONTROL_SUBSETS: which subsets get them (default best: each k's winner)
+#   --modules_top N                 MODULES_TOP: c_find_modules finds modules of the count graph (and of
+#                                   direct_abs with --direct_edges 1); stage e ablates the N largest of each,
+#                                   each against RANDOM_CONTROLS layer-matched and as many effect-weighted
+#                                   controls (default 3; 0: find modules, ablate none)
 #   --force                         rerun every stage even if its outputs are up to date
 # A stage is skipped when its outputs exist and were made by the same command (recorded in
 # DATASET_DIR/.pipeline/) from inputs that have not changed since; once a stage runs, all later ones do.
+# The stages a-e, c_find_modules and the cards run in this order:
+#   a -> b -> effects -> c -> fidelity -> c_analyze -> modules -> d -> e -> cards -> report
 # Ends with DATASET_DIR/report.md and a short summary on the terminal.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -71,6 +77,7 @@ EFFECTS="${EFFECTS:-auto}"
 EVAL_CSV="${EVAL_CSV:-}"
 TEXT="${TEXT:-}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-30}"
+MODULES_TOP="${MODULES_TOP:-3}"
 FORCE="${FORCE:-0}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
@@ -95,6 +102,7 @@ while [ $# -gt 0 ]; do
     --eval_csv) EVAL_CSV="${2:?--eval_csv needs a value}"; shift 2 ;;
     --text) TEXT="${2:?--text needs a value}"; shift 2 ;;
     --random_controls) RANDOM_CONTROLS="${2:?--random_controls needs a value}"; shift 2 ;;
+    --modules_top) MODULES_TOP="${2:?--modules_top needs a value}"; shift 2 ;;
     --force) FORCE=1; shift ;;
     -h|--help) sed -n "2,/^set -euo/p" "$0" | sed "\$d" | sed "s/^# \\{0,1\\}//"; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -104,7 +112,7 @@ done
 [ ${#pos[@]} -le 3 ] || { echo "error: expected at most MODEL PROMPT_CSV DATASET_DIR (see --help)" >&2; exit 2; }
 # the flags' form, before anything runs
 [ -n "$RATIOS" ] && [ -n "$KS" ] && { echo "error: give --ks or --ratios, not both" >&2; exit 2; }
-for flag in EFFECT_TOKENS:--effect_tokens RANDOM_CONTROLS:--random_controls; do
+for flag in EFFECT_TOKENS:--effect_tokens RANDOM_CONTROLS:--random_controls MODULES_TOP:--modules_top; do
   var="${flag%%:*}"; v="${!var}"; name="${flag#*:}"
   [[ "$v" =~ ^[0-9]+$ ]] || { echo "error: $name must be a whole number, got '$v'" >&2; exit 2; }
 done
@@ -248,10 +256,30 @@ fi
 analyzed="$DATA/weighted_graph_analysis/${m}_weighted_graph_analyzed.json"
 stage c_analyze "$analyzed" \
   py c_analyze_weighted_activation_graph.py --input_path "$DATA/${m}_weighted_graph"
+# modules of the count graph (and of direct_abs), with the selection data's halves for their stability
+module_weights="count"
+[ "$DIRECT_EDGES" = 1 ] && module_weights="count direct_abs"
+find_modules() {  # WEIGHT...
+  local halves=(--input_csv "$CSV")
+  [ -n "$TEXT" ] && halves=()
+  for w in "$@"; do
+    py c_find_modules.py --input_path "$DATA/${m}_weighted_graph" --weight "$w" "${halves[@]}"
+  done
+}
+# shellcheck disable=SC2086
+stage modules "$DATA/modules" find_modules $module_weights
 [ "$ran" = 1 ] && rm -rf "$DATA/perturbation_subsets"
-stage d "$DATA/perturbation_subsets" \
+subsets_d() {  # the stage-d sweep, then the largest modules of each weight as subsets
   env THRESHOLDS="$THRESHOLDS" "${sizes[@]}" METHODS="$METHODS" WEIGHTS="$WEIGHTS" PYTHON="$PYTHON" \
     ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
+  if [ "$MODULES_TOP" -gt 0 ]; then
+    for w in $module_weights; do
+      py d_calculate_perturbation_subset.py --modules "$DATA/modules/${m}_modules_$w.csv" --modules_top "$MODULES_TOP" \
+        --output_dir "$DATA/perturbation_subsets"
+    done
+  fi
+}
+stage d "$DATA/perturbation_subsets" subsets_d
 subsets=()
 while IFS= read -r f; do subsets+=("$(basename "$f")"); done < <(ls "$DATA/perturbation_subsets"/*.npy 2>/dev/null | sort)
 selection=(--input_csv "$CSV")
@@ -269,5 +297,5 @@ source_flag=(--input_csv "$CSV")
 py -m gelutrace.report "$DATA" --model_type "$MODEL" "${source_flag[@]}" --eval_csv "$EVAL_CSV" \
   --eval_text "$EVAL_TEXT" --eval_tokens "$EVAL_TOKENS" --thresholds "$THRESHOLDS" --ks "${counts:-}" \
   --ratios "$RATIOS" --methods "$METHODS" --weights "$WEIGHTS" --random_controls "$RANDOM_CONTROLS" \
-  --control_subsets "$CONTROL_SUBSETS" \
+  --control_subsets "$CONTROL_SUBSETS" --modules_top "$MODULES_TOP" \
   --temperature "$TEMPERATURE" --seed "$SEED" --device "$DEVICE"

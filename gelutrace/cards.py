@@ -231,6 +231,8 @@ class Card:
     suppressed: list[TokenEffect]
     degree: float = np.nan  # in a thresholded co-activation graph; NaN: none given
     degree_graph: str = ""  # which: "t=<threshold>, <weight>"
+    module: int = -1  # its module (c_find_modules); -1: none found
+    module_graph: str = ""  # the weight of the graph the modules were found on
 
 
 def parse_neurons(spec: str, n_neurons: int, data=None, m: str = "") -> np.ndarray:
@@ -376,8 +378,23 @@ def graph_degrees(data, m: str, n_neurons: int, threshold: float | None = None, 
     return deg, f"t={threshold:g}, {weight}"
 
 
+def dataset_modules(data, m: str, n_neurons: int) -> tuple[np.ndarray, str] | None:
+    """Each neuron's module from c_find_modules' default output (the count graph's, else the first weight's),
+    with that weight; None when modules were not found."""
+    from gelutrace import modules as md
+
+    found = sorted((Path(data) / sf.MODULES_DIR).glob(sf.MODULES.format(m=m, weight="*")))
+    if not found:
+        return None
+    default = [p for p in found if p.name == sf.MODULES.format(m=m, weight=sf.DEFAULT_WEIGHT)]
+    p = (default or found)[0]
+    mf = md.read_modules(p, n_neurons)
+    return mf.module_of, p.stem[len(f"{m}_modules_"):]
+
+
 def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,
-                progress=None, degrees: tuple[np.ndarray, str] | None = None) -> list[Card]:
+                progress=None, degrees: tuple[np.ndarray, str] | None = None,
+                modules: tuple[np.ndarray, str] | None = None) -> list[Card]:
     """The cards of `neuron_ids` (in that order) from a stage-b dataset directory of either mode."""
     from gelutrace.perturbation import read_corpus_record
 
@@ -407,7 +424,8 @@ def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int =
             model.transformer, "ln_f") else ([], [])
         layer, dim = divmod(int(nid), cfg.d_mlp)
         cards.append(Card(int(nid), layer, dim, float(frequency[nid]), float(mean[nid]), float(attribution[nid]),
-                          float(dnll[nid]), examples[row], up, down, float(deg[nid]), deg_note))
+                          float(dnll[nid]), examples[row], up, down, float(deg[nid]), deg_note,
+                          int(modules[0][nid]) if modules is not None else -1, modules[1] if modules else ""))
     return cards
 
 
@@ -419,6 +437,8 @@ def _figures(c: Card) -> str:
         parts.append(f"single-neuron ΔNLL {c.delta_nll:.4g}")
     if np.isfinite(c.degree):
         parts.append(f"degree {c.degree:.0f} in the co-activation graph ({c.degree_graph})")
+    if c.module >= 0:
+        parts.append(f"module {c.module} of the {c.module_graph} graph")
     return "; ".join(parts)
 
 
@@ -474,6 +494,16 @@ def _shade(value: float, top: float) -> str:
     return f"background: rgba(255, 140, 0, {alpha:.3f})"
 
 
+# tab20's colours: a card's left border shows its module
+MODULE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                  "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+                  "#dbdb8d", "#9edae5")
+
+
+def module_colour(module: int) -> str | None:
+    return MODULE_COLOURS[module % len(MODULE_COLOURS)] if module >= 0 else None
+
+
 def cards_html(cards: list[Card], m: str) -> str:
     """One self-contained page: inline CSS, no script, no external resource."""
     from html import escape
@@ -485,9 +515,16 @@ def cards_html(cards: list[Card], m: str) -> str:
            "(orange = the card's largest value; hover for the value), and the outlined token is the one the "
            "sample's activations predict. Promoted / suppressed: the direct logit effect through the final layer "
            "norm's gain and the unembedding (ignores the layer norm's scale and every later layer).</p>"]
+    shown = sorted({c.module for c in cards if c.module >= 0})
+    if shown:
+        keys = "".join(f'<span class="tok" style="border-left: 6px solid {module_colour(k)}">module {k}</span>'
+                       for k in shown)
+        out.append(f"<p>Each card's left border is its neuron's module ({escape(cards[0].module_graph)} graph, "
+                   f"c_find_modules): {keys}</p>")
     for c in cards:
         top = max((float(e.shades.max()) for e in c.examples if len(e.shades)), default=0.0)
-        out += [f'<div class="card" id="neuron-{c.neuron_id}">',
+        border = f' style="border-left: 6px solid {module_colour(c.module)}"' if c.module >= 0 else ""
+        out += [f'<div class="card" id="neuron-{c.neuron_id}"{border}>',
                 f"<h2>Neuron {c.neuron_id} (layer {c.layer}, dimension {c.dimension})</h2>",
                 f"<p>{escape(_figures(c))}</p>", "<table>", "<tr><th>rank</th><th>value</th><th>sample</th>"
                 "<th>context</th></tr>"]

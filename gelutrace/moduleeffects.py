@@ -114,8 +114,10 @@ def effects_table(subsets, summary: pd.DataFrame, text: bool, weights_source: st
     """
     One row per module subset: its module, weight, size and layers; its effect (real-text delta_nll with
     --eval_text, own-continuation delta_nll otherwise) with the bootstrap CI; its empirical p against the
-    layer-matched controls (p_random) and the effect-weighted ones (p_weighted), each Holm-adjusted across the
-    modules tested; and its top next tokens.
+    layer-matched controls (p_random) and the effect-weighted ones (p_weighted), with the Holm adjustment across
+    the modules tested of each one's normal approximation (p_random_holm, p_weighted_holm: the empirical p of N
+    controls cannot go below 1/(N+1), too coarse for Holm over several modules); a module beats a null when both
+    its p and its Holm p are below cmp.ALPHA, as the verdict's winner must; and its top next tokens.
     """
     prefix = "text_" if text else ""
     by_name = summary.set_index("subset")
@@ -134,11 +136,13 @@ def effects_table(subsets, summary: pd.DataFrame, text: bool, weights_source: st
                      "ci_low": r.get(f"{prefix}delta_nll_ci_low"), "ci_high": r.get(f"{prefix}delta_nll_ci_high"),
                      "kl": r.get(f"{prefix}kl"), "random_mean": r.get(f"{prefix}delta_nll_random_mean", np.nan),
                      "p_random": r.get(f"{prefix}delta_nll_p_random", np.nan),
+                     "p_random_normal": r.get(f"{prefix}delta_nll_p_random_normal", np.nan),
                      "weighted_mean": r.get(f"{prefix}delta_nll_weighted_mean", np.nan),
                      "p_weighted": r.get(f"{prefix}delta_nll_p_weighted", np.nan),
+                     "p_weighted_normal": r.get(f"{prefix}delta_nll_p_weighted_normal", np.nan),
                      "control_weights": weights_source if pd.notna(r.get(f"{prefix}delta_nll_p_weighted")) else None,
                      "top_tokens": top})
-    df = pd.DataFrame(rows, columns=[c for c in sf.MODULE_EFFECTS_COLUMNS if not c.endswith("_holm")])
-    for name in ("p_random", "p_weighted"):
-        df[f"{name}_holm"] = cmp.holm(df[name].to_numpy(np.float64))
+    df = pd.DataFrame(rows, columns=[c.replace("_holm", "_normal") for c in sf.MODULE_EFFECTS_COLUMNS])
+    for name in ("p_random", "p_weighted"):  # as the verdict's: the normal approximation, which N controls allow
+        df[f"{name}_holm"] = cmp.holm(df.pop(f"{name}_normal").to_numpy(np.float64))
     return df[sf.MODULE_EFFECTS_COLUMNS]

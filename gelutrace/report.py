@@ -70,13 +70,15 @@ def collect(data: Path) -> dict:
     tables = {"comparison": sf.COMPARISON, "verdict": sf.METHOD_VERDICT, "overlap": sf.METHOD_OVERLAP,
               "agreement": sf.METHOD_AGREEMENT, "continuation_comparison": sf.CONTINUATION_COMPARISON,
               "continuation_verdict": sf.CONTINUATION_VERDICT, "dose": sf.DOSE_RESPONSE,
-              "breakdown": sf.TEXT_BREAKDOWN}
+              "breakdown": sf.TEXT_BREAKDOWN, "module_effects": sf.MODULE_EFFECTS, "module_tokens": sf.MODULE_TOKENS,
+              "module_contexts": sf.MODULE_CONTEXTS}
     sf.verify_output_set(results / sf.RESULTS_MANIFEST, [p for p in (summary, *(results / n for n in (
         sf.EVALUATION, sf.COMPARISON_RECORD, *tables.values()))) if p.is_file()], "stage e")
     out["effects"] = pd.read_csv(summary) if summary.is_file() else None
     for key, name in tables.items():
         # token texts such as "NA" or "" stay text
-        kw = dict(keep_default_na=False, na_values={"nll": [""], "delta_nll": [""]}) if key == "breakdown" else {}
+        kw = (dict(keep_default_na=False, na_values={"nll": [""], "delta_nll": [""]})
+              if key in ("breakdown", "module_tokens", "module_contexts") else {})
         out[key] = pd.read_csv(results / name, **kw) if (results / name).is_file() else None
     ev = results / sf.EVALUATION
     out["evaluation"] = json.loads(ev.read_text()) if ev.is_file() else None
@@ -93,6 +95,15 @@ def collect(data: Path) -> dict:
         current = "store_uid" in f and (f["store_uid"] == uid).all()
         out["fidelity"] = f if current else None
         out["fidelity_stale"] = not current
+    out["modules"] = []
+    for side in sorted((data / sf.MODULES_DIR).glob(sf.MODULES_RECORD.format(m=m, weight="*"))):
+        if side.name.endswith("_manifest.json"):
+            continue
+        weight = side.stem[len(f"{m}_modules_"):]
+        names = [data / sf.MODULES_DIR / f.format(m=m, weight=weight) for f in (sf.MODULES, sf.MODULES_RECORD)]
+        sf.verify_output_set(data / sf.MODULES_DIR / sf.MODULES_MANIFEST.format(m=m, weight=weight), names,
+                             "c_find_modules")
+        out["modules"].append((weight, json.loads(side.read_text())))
     out["commands"] = {p.stem: p.read_text().split("# csv ")[0].strip()
                        for p in sorted((data / sf.PIPELINE_STAMPS).glob("*.cmd"))}
     return out
@@ -414,6 +425,83 @@ def fidelity_section(info: dict, data: Path) -> list[str]:
     return lines + [md_table(f.drop(columns=["store_uid"], errors="ignore")), ""]
 
 
+def modules_section(info: dict, data: Path) -> list[str]:
+    """c_find_modules' modules of each weight against their null, and stage e's module ablations with module
+    cards for the most effective."""
+    from gelutrace import modules as md
+
+    if not info["modules"]:
+        return []
+    m = info["m"]
+    lines = ["## Modules", "",
+             "Leiden communities of the thinned neuron graph (`c_find_modules.py`), their modularity Q against "
+             "the same detection on degree-preserving rewired graphs (each layer pair's edges swapped, every node's "
+             "degree kept).", ""]
+    for weight, rec in info["modules"]:
+        ari = rec.get("seed_ari") or {}
+        halves = (rec.get("halves") or {}).get("ari")
+        stab = [f"adjusted Rand index between {ari['runs']} seeds: mean {ari['mean']:.3f}"] if ari.get("mean") is not None else []
+        if halves is not None:
+            stab.append(f"between the halves of the selection data: {halves:.3f}")
+        sizes = rec.get("sizes") or []
+        lines += [f"**{markdown.escape(weight)} graph.** " + markdown.escape(md.verdict(rec))
+                  + (f" Sizes: {', '.join(map(str, sizes[:12]))}{', ...' if len(sizes) > 12 else ''}." if sizes else "")
+                  + (" " + "; ".join(stab) + "." if stab else ""), ""]
+        pics = [(t, data / sf.MODULES_DIR / f.format(m=m, weight=weight)) for t, f in (
+            ("modules by layer", sf.MODULES_LAYER_PLOT), ("module graph", sf.MODULES_GRAPH_PLOT))]
+        lines += [" ".join(f"![{t}]({p.relative_to(data).as_posix()})" for t, p in pics if p.is_file()), ""]
+    eff = info.get("module_effects")
+    if eff is None or not len(eff):
+        return lines + ["No module was ablated (stage d `--modules`, then stage e).", ""]
+    metric = "real-text ΔNLL" if (eff["metric"] == "real_text").all() else "own-continuation ΔNLL"
+    alpha = cmp.ALPHA
+    beat = {n: int(((eff[n] < alpha) & (eff[f"{n}_holm"] < alpha)).sum()) for n in ("p_random", "p_weighted")}
+    weighted = eff["p_weighted"].notna().any()
+    lines += [f"Each module ablated as a unit ({metric}, nats/token, {100 * cmp.LEVEL:g} % CI), against random "
+              f"neurons of the same layers (`p_random`) and"
+              + (f" against random neurons of the same layers drawn with probability proportional to each neuron's "
+                 f"own strength ({markdown.escape(str(eff['control_weights'].dropna().iloc[0]))}; `p_weighted`): "
+                 f"does the grouping matter beyond its neurons' individual effects?" if weighted else
+                 " (no single-neuron effects or attribution were measured: no effect-weighted null)")
+              + f" `p`: the empirical p among the controls; `Holm`: the normal approximation's, Holm-adjusted across "
+              f"the {len(eff)} modules; a module beats a null when both are below {alpha:g}. "
+              f"{beat['p_random']} of {len(eff)} beat the layer-matched null"
+              + (f" and {beat['p_weighted']} the effect-weighted null" if weighted else "") + ".", ""]
+    table = pd.DataFrame({"module": [f"{w} M{k}" for w, k in zip(eff["weight"], eff["module"])], "k": eff["k"],
+                          "layers": eff["layers"], "ΔNLL": eff["delta_nll"],
+                          "CI": [f"[{lo:.3g}, {hi:.3g}]" for lo, hi in zip(eff["ci_low"], eff["ci_high"])],
+                          "random": eff["random_mean"], "p_random": eff["p_random"], "Holm": eff["p_random_holm"],
+                          "weighted": eff["weighted_mean"], "p_weighted": eff["p_weighted"],
+                          "Holm ": eff["p_weighted_holm"],
+                          "top tokens": eff["top_tokens"].fillna("").map(markdown.visible)})
+    lines += [md_table(table), ""]
+    tokens, contexts = info.get("module_tokens"), info.get("module_contexts")
+    for r in eff.sort_values("delta_nll", ascending=False, kind="stable").head(5).itertuples():
+        lines += [f"### Module {r.module} of the {markdown.escape(r.weight)} graph", "",
+                  f"{r.k} neurons ({markdown.escape(r.layers)}); ablated: ΔNLL {r.delta_nll:.3g} [{r.ci_low:.3g}, "
+                  f"{r.ci_high:.3g}], layer-matched random {r.random_mean:.3g} (p = {r.p_random:.3g}, Holm "
+                  f"{r.p_random_holm:.3g})"
+                  + (f", effect-weighted random {r.weighted_mean:.3g} (p = {r.p_weighted:.3g}, Holm "
+                     f"{r.p_weighted_holm:.3g})"
+                     if pd.notna(r.p_weighted) else "") + ".", ""]
+        if tokens is not None and len(tokens):
+            t = tokens[tokens["subset"] == r.subset]
+            if len(t):
+                lines += ["Next tokens whose loss rises most without it:", "",
+                          md_table(pd.DataFrame({"token": [markdown.visible(str(x)) for x in t["token"]],
+                                                 "count": t["tokens"], "NLL": t["nll"], "ΔNLL": t["delta_nll"]})), ""]
+        if contexts is not None and len(contexts):
+            c = contexts[contexts["subset"] == r.subset]
+            if len(c):
+                lines += ["Where its neurons fire together most (mean activation; the token in bold):", ""]
+                for x in c.itertuples():
+                    before = str(x.context)[:-len(f"[[{x.token}]]")]
+                    lines.append(f"- {x.mean_activation:.3f}: {markdown.escape(markdown.visible(before))}"
+                                 f"<b>{markdown.escape(markdown.visible(str(x.token)))}</b>")
+                lines.append("")
+    return lines
+
+
 def write_report(data: Path, params: dict) -> str:
     info = collect(data)
     m = info["m"]
@@ -427,11 +515,13 @@ def write_report(data: Path, params: dict) -> str:
     lines += verdict_section(info, int(meta["num_neurons"]))
     lines += comparison_section(info, data)
     lines += breakdown_section(info)
+    lines += modules_section(info, data)
     lines += continuation_section(info, int(meta["num_neurons"]))
     lines += cards_section(data)
     lines += ["## Parameters", "", md_table(pd.DataFrame(list(params.items()), columns=["parameter", "value"])), ""]
     if info["commands"]:
-        commands = [info["commands"][k] for k in ("a", "b", "effects", "c", "fidelity", "c_analyze", "d", "e", "cards")
+        commands = [info["commands"][k] for k in ("a", "b", "effects", "c", "fidelity", "c_analyze", "modules", "d",
+                                                  "e", "cards")
                     if k in info["commands"]]
         fence = markdown.fence(commands)
         lines += ["Commands, in order (rerun them to reproduce this report):", "", fence, *commands, fence, ""]
@@ -506,7 +596,8 @@ def main():
     ap = parser(__doc__)
     ap.add_argument("dataset_dir", help="the run's dataset directory")
     for flag in ("model_type", "input_csv", "input_text", "eval_csv", "eval_text", "eval_tokens", "thresholds", "weights",
-                 "ks", "ratios", "methods", "random_controls", "control_subsets", "temperature", "seed", "device"):
+                 "ks", "ratios", "methods", "random_controls", "control_subsets", "modules_top", "temperature", "seed",
+                 "device"):
         ap.add_argument(f"--{flag}", help="recorded in the report's parameter table")
     args = ap.parse_args()
     data = Path(args.dataset_dir)

@@ -133,7 +133,7 @@ def test_module_effects_table_and_holm(ablated):
         assert r["p_weighted"] == pytest.approx(row["text_delta_nll_p_weighted"])
         assert r["control_weights"] == "attribution"
     for name in ("p_random", "p_weighted"):  # Holm by hand: sorted, times (m - rank), running max, capped at 1
-        p = eff[name].to_numpy()
+        p = np.array([s.loc[x + ".npy", f"text_delta_nll_{name}_normal"] for x in eff["subset"]])
         order = np.argsort(p)
         adj = np.minimum(1, np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p)))))
         want = np.empty_like(adj)
