@@ -101,6 +101,10 @@ def main(argv=None):
                          "the validation part of the verdict's metric (its best variant with the largest ΔNLL there; "
                          "random left out), which is the null of the verdict and of the dose-response band at a "
                          "fraction of the cost (default: %(default)s)")
+    ap.add_argument("--module_controls", type=int, default=None, metavar="N",
+                    help="for each module (stage d --modules): N layer-matched random controls and N effect-weighted "
+                         "ones (drawn in proportion to each neuron's single-neuron delta_nll, else its attribution) "
+                         "(default: --random_controls)")
     ap.add_argument("--eval_text", nargs="+", default=None, metavar="PATH",
                     help="also measure every subset on real text: .txt files (one document each), .jsonl (one "
                          "document per line, field text) or directories of them, read as stage b's corpus mode "
@@ -113,7 +117,7 @@ def main(argv=None):
                          f"{cmp.MIN_SPLIT_PROMPTS} prompts there is no split (default: %(default)s)")
     args = ap.parse_args(argv)
     check_sampling_args(args)
-    check_at_least(args, 0, "random_controls")
+    check_at_least(args, 0, "random_controls", "module_controls")
     if not 0 < args.validation_share < 1:
         raise PipelineError(f"--validation_share must be in (0, 1), got {args.validation_share}")
     if args.input_csv is None and args.eval_csv is None:
@@ -150,11 +154,13 @@ def main(argv=None):
     ablated = [s for s in subsets if len(s.ids)]
     modules = [s for s in ablated if s.is_module]
     weights, weights_source = pt.control_weights(args.dataset_path, lm.name, n_neurons) if modules else (None, None)
-    with_controls = (len({len(s.ids) for s in ablated if s.compared}) + len(modules)
-                     if args.control_subsets == "best" else len(ablated))  # at most
-    conditions = len(ablated) + args.random_controls * (with_controls + (len(modules) if weights is not None else 0))
+    compared = [s for s in ablated if not s.is_module]
+    with_controls = (len({len(s.ids) for s in compared if s.compared}) if args.control_subsets == "best"
+                     else len(compared))  # at most
     settings = pt.EvalSettings(args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
-                               args.ablation, args.validation_share, args.control_subsets)
+                               args.ablation, args.validation_share, args.control_subsets, args.module_controls)
+    conditions = (len(ablated) + args.random_controls * with_controls
+                  + settings.per_module * len(modules) * (2 if weights is not None else 1))
     with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as gen_bar, \
             tqdm(total=len(chunks) * conditions, unit="ablation", desc="teacher-forced metrics") as metric_bar, \
             tqdm(total=text.scored * conditions if text else 0, unit="tok", unit_scale=True, desc="real text",

@@ -49,9 +49,10 @@
 #                                   of the dose-response band (default 30; p >= 1/(N+1), no claim below 20)
 #   --control_subsets all|best      CONTROL_SUBSETS: which subsets get them (default best: each k's winner)
 #   --modules_top N                 MODULES_TOP: c_find_modules finds modules of the count graph (and of
-#                                   direct_abs with --direct_edges 1); stage e ablates the N largest of each,
-#                                   each against RANDOM_CONTROLS layer-matched and as many effect-weighted
-#                                   controls (default 3; 0: find modules, ablate none)
+#                                   direct_abs with --direct_edges 1); stage e ablates the N largest of each
+#                                   (default 2; 0: find modules, ablate none)
+#   --module_controls N             MODULE_CONTROLS: layer-matched and effect-weighted controls of each module
+#                                   (N of each; default 20, the fewest that allow p < 0.05)
 #   --force                         rerun every stage even if its outputs are up to date
 # A stage is skipped when its outputs exist and were made by the same command (recorded in
 # DATASET_DIR/.pipeline/) from inputs that have not changed since; once a stage runs, all later ones do.
@@ -77,7 +78,8 @@ EFFECTS="${EFFECTS:-auto}"
 EVAL_CSV="${EVAL_CSV:-}"
 TEXT="${TEXT:-}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-30}"
-MODULES_TOP="${MODULES_TOP:-3}"
+MODULES_TOP="${MODULES_TOP:-2}"
+MODULE_CONTROLS="${MODULE_CONTROLS:-20}"
 FORCE="${FORCE:-0}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
@@ -103,6 +105,7 @@ while [ $# -gt 0 ]; do
     --text) TEXT="${2:?--text needs a value}"; shift 2 ;;
     --random_controls) RANDOM_CONTROLS="${2:?--random_controls needs a value}"; shift 2 ;;
     --modules_top) MODULES_TOP="${2:?--modules_top needs a value}"; shift 2 ;;
+    --module_controls) MODULE_CONTROLS="${2:?--module_controls needs a value}"; shift 2 ;;
     --force) FORCE=1; shift ;;
     -h|--help) sed -n "2,/^set -euo/p" "$0" | sed "\$d" | sed "s/^# \\{0,1\\}//"; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -112,7 +115,7 @@ done
 [ ${#pos[@]} -le 3 ] || { echo "error: expected at most MODEL PROMPT_CSV DATASET_DIR (see --help)" >&2; exit 2; }
 # the flags' form, before anything runs
 [ -n "$RATIOS" ] && [ -n "$KS" ] && { echo "error: give --ks or --ratios, not both" >&2; exit 2; }
-for flag in EFFECT_TOKENS:--effect_tokens RANDOM_CONTROLS:--random_controls MODULES_TOP:--modules_top; do
+for flag in EFFECT_TOKENS:--effect_tokens RANDOM_CONTROLS:--random_controls MODULES_TOP:--modules_top MODULE_CONTROLS:--module_controls; do
   var="${flag%%:*}"; v="${!var}"; name="${flag#*:}"
   [[ "$v" =~ ^[0-9]+$ ]] || { echo "error: $name must be a whole number, got '$v'" >&2; exit 2; }
 done
@@ -289,7 +292,7 @@ real_text=()
 stage e "$DATA/perturbation_results/summary.csv" \
   py e_generate_perturbed_results.py --dataset_path "$DATA" "${selection[@]}" --eval_csv "$EVAL_CSV" \
     "${real_text[@]}" --model_type "$MODEL" --device "$DEVICE" --random_controls "$RANDOM_CONTROLS" \
-    --control_subsets "$CONTROL_SUBSETS" --perturbation_subset_filenames none "${subsets[@]}"
+    --control_subsets "$CONTROL_SUBSETS" --module_controls "$MODULE_CONTROLS" --perturbation_subset_filenames none "${subsets[@]}"
 stage cards "$DATA/neuron_cards/neurons.html" \
   py f_render_neuron_cards.py --dataset_path "$DATA" --model_type "$MODEL" --device "$DEVICE" --neurons report
 source_flag=(--input_csv "$CSV")
@@ -298,4 +301,4 @@ py -m gelutrace.report "$DATA" --model_type "$MODEL" "${source_flag[@]}" --eval_
   --eval_text "$EVAL_TEXT" --eval_tokens "$EVAL_TOKENS" --thresholds "$THRESHOLDS" --ks "${counts:-}" \
   --ratios "$RATIOS" --methods "$METHODS" --weights "$WEIGHTS" --random_controls "$RANDOM_CONTROLS" \
   --control_subsets "$CONTROL_SUBSETS" --modules_top "$MODULES_TOP" \
-  --temperature "$TEMPERATURE" --seed "$SEED" --device "$DEVICE"
+  --module_controls "$MODULE_CONTROLS" --temperature "$TEMPERATURE" --seed "$SEED" --device "$DEVICE"

@@ -536,6 +536,11 @@ class EvalSettings:
     ablation: str = "zero"  # or "mean"
     validation_share: float = 0.5
     control_subsets: str = "all"  # or "best": controls only for each k's winner on the validation part
+    module_controls: int | None = None  # controls of each kind per module (None: random_controls)
+
+    @property
+    def per_module(self) -> int:
+        return self.random_controls if self.module_controls is None else self.module_controls
 
 
 def expand_samples(batches: list[Batch], prompts, greedy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -612,7 +617,7 @@ def summary_row(subset: Subset, main: Condition, controls: list[Condition], samp
     sums, counts = condition_sums(main, samples, n_prompts)
     for name in cmp.METRICS:
         row[f"{name}_ci_low"], row[f"{name}_ci_high"] = cmp.bootstrap_ci(boot, sums[name], counts)
-    if settings.random_controls:
+    if settings.random_controls or controls:
         row["random_controls"] = len(controls)
         for name in cmp.METRICS:
             vals = np.array([sample_mean(getattr(c, name), sample_rows) for c in controls], np.float64)
@@ -710,9 +715,9 @@ def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], m
     else:
         primary = [e for e in (comparison_entry(sub, c, [], samples, len(prompts)) for sub, c in zip(subsets, mains))
                    if e is not None], split
-    chosen = set(control_plan(subsets, s, *primary)) if s.random_controls else set()
+    chosen = set(control_plan(subsets, s, *primary)) if s.random_controls or s.per_module else set()
     for i, sub in enumerate(subsets):
-        n = s.random_controls if i in chosen else 0
+        n = (s.per_module if sub.is_module else s.random_controls) if i in chosen else 0
         sub.controls = [random_control(sub.ids, cfg.n_layer, cfg.d_mlp, s.seed, j) for j in range(n)]
         sub.weighted = ([weighted_control(sub.ids, weights, cfg.n_layer, cfg.d_mlp, s.seed, j) for j in range(n)]
                         if sub.is_module and weights is not None else [])
@@ -852,7 +857,7 @@ def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[
         tables[sf.METHOD_AGREEMENT] = cmp.agreement_table(entries, effects, scores)
     for name, df in tables.items():
         sf.write_csv(df, out / name)
-    n_controls = max((len(s.controls) for s in subsets if len(s.ids)), default=0)
+    n_controls = max((len(s.controls) for s in subsets if s.compared), default=0)
     if results.text is not None:
         record = {"metric": "real_text", **split.record(unit=results.text.text.units),
                   "continuation_split": results.split.record(prompts)}
@@ -860,7 +865,7 @@ def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[
         record = {"metric": "continuation", **split.record(prompts)}
     sf.write_json({**record, "bootstrap_replicates": cmp.N_BOOT, "confidence_level": cmp.LEVEL,
                    "alpha": cmp.ALPHA, "random_controls": n_controls, "control_subsets": control_subsets,
-                   "subsets_with_controls": sorted(s.stem for s in subsets if s.controls),
+                   "subsets_with_controls": sorted(s.stem for s in subsets if s.controls and s.compared),
                    "smallest_p_random": 1 / (n_controls + 1) if n_controls else None,
                    "controls_enough_for_claims": n_controls >= cmp.MIN_CONTROLS,
                    "selection_halves": results.halves}, out / sf.COMPARISON_RECORD, indent=2)

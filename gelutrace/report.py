@@ -596,7 +596,8 @@ def main():
     ap = parser(__doc__)
     ap.add_argument("dataset_dir", help="the run's dataset directory")
     for flag in ("model_type", "input_csv", "input_text", "eval_csv", "eval_text", "eval_tokens", "thresholds", "weights",
-                 "ks", "ratios", "methods", "random_controls", "control_subsets", "modules_top", "temperature", "seed",
+                 "ks", "ratios", "methods", "random_controls", "control_subsets", "modules_top", "module_controls",
+                 "temperature", "seed",
                  "device"):
         ap.add_argument(f"--{flag}", help="recorded in the report's parameter table")
     args = ap.parse_args()
