@@ -8,7 +8,9 @@ sequences; those of a corpus-mode dataset are the ones stage b streamed into {m}
 windows re-read from the corpus files {m}_corpus.json names (only the documents they overlap are tokenized).
 
 Writes into --output: neuron_cards.md and neurons.html, a self-contained page (inline CSS, no script, no
-external resource) in which each context's tokens are shaded by the neuron's activation.
+external resource) in which each context's tokens are shaded by the neuron's activation. With --neuronpedia
+DIR, also the same neurons in Neuronpedia's export layout, DIR/{model}/{layer}-gelutrace-mlp/ (README:
+"Neuronpedia export").
 
     python f_render_neuron_cards.py --dataset_path parcellation_datasets/test_1_tinybard --model_type tinybard \\
         --neurons 417,1033,2900
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 from gelutrace import PipelineError
 from gelutrace import cards as cd
+from gelutrace import neuronpedia as npx
 from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
@@ -53,6 +56,12 @@ def main(argv=None):
                          "best graph-method subset stage e compared, if any; else no degree)")
     ap.add_argument("--weight", default=None, choices=WEIGHTS,
                     help="the edge weight --threshold applies to (default: count)")
+    ap.add_argument("--neuronpedia", metavar="DIR",
+                    help="also write the neurons in Neuronpedia's export layout into DIR/{model}/ (replaced as one "
+                         "set; other models' folders in DIR are left alone)")
+    ap.add_argument("--neuronpedia_creator_id", metavar="ID",
+                    help="the creatorId of the Neuronpedia user the records are imported under (default: none "
+                         "written; the importing instance supplies it)")
     args = ap.parse_args(argv)
     check_at_least(args, 1, "top_examples", "batch_size")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
@@ -60,6 +69,10 @@ def main(argv=None):
     if args.weight is not None and args.threshold is None:
         raise PipelineError("--weight needs --threshold")
     out = sf.check_output_dir(args.output or Path(args.dataset_path) / sf.CARDS_DIR, "--output")
+    if args.neuronpedia_creator_id is not None and args.neuronpedia is None:
+        raise PipelineError("--neuronpedia_creator_id needs --neuronpedia")
+    if args.neuronpedia is not None:
+        sf.check_output_dir(args.neuronpedia, "--neuronpedia")
     start = time.perf_counter()
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
@@ -72,6 +85,8 @@ def main(argv=None):
     inputs = (sf.CORPUS, sf.FREQUENCY, sf.TOP_EXAMPLES) if corpus_mode else (sf.DATASET, sf.FREQUENCY)
     sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
                          [sf.path(args.dataset_path, f, lm.name) for f in inputs], "stage b")
+    if args.neuronpedia is not None:
+        npx.check_target(args.neuronpedia, lm.name)
     n = cfg.n_layer * cfg.d_mlp
     ids = cd.parse_neurons(args.neurons, n, args.dataset_path, lm.name)
     degrees = cd.graph_degrees(args.dataset_path, lm.name, n, args.threshold, args.weight)
@@ -82,6 +97,11 @@ def main(argv=None):
     sf.lock_directory(out, "neuron cards")
     cd.write_cards(out, cards, lm.name)
     print(f"{len(cards)} neuron cards in {time.perf_counter() - start:.1f} s: {out / sf.CARDS_MD}, {out / sf.CARDS_HTML}")
+    if args.neuronpedia is not None:
+        sf.lock_directory(args.neuronpedia, "Neuronpedia export")
+        folder = npx.write_export(args.neuronpedia, cards, lm.name, lm.model, Path(args.dataset_path).resolve().name,
+                                  args.neuronpedia_creator_id)
+        print(f"Neuronpedia export of {len(cards)} neurons: {folder}")
 
 
 if __name__ == "__main__":

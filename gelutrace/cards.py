@@ -63,18 +63,29 @@ def token_text(tokenizer, token_id: int) -> str:
 
 
 @torch.no_grad()
+def logit_effect(model, neuron_id: int) -> np.ndarray:
+    """The neuron's direct logit effect on every token, float64 (vocabulary,): W_U (g * W_out[:, dim])."""
+    cfg = model.config
+    layer, dim = divmod(int(neuron_id), cfg.d_mlp)
+    if not 0 <= layer < cfg.n_layer:
+        raise PipelineError(f"neuron {neuron_id} is outside this model's {cfg.n_layer * cfg.d_mlp} neurons")
+    w = model.transformer.h[layer].mlp.c_proj.weight[:, dim].double()
+    return (model.lm_head.weight.double() @ (w * model.transformer.ln_f.weight.double())).cpu().numpy()
+
+
+def has_logit_effect(model) -> bool:
+    """Whether the direct logit view applies: model.py's GPT-2 weights (other families' cards go without it)."""
+    return hasattr(model, "transformer") and hasattr(model.transformer, "ln_f")
+
+
+@torch.no_grad()
 def direct_logit_effect(model, tokenizer, neuron_id: int, n: int = 10) -> tuple[list[TokenEffect], list[TokenEffect]]:
     """
     (promoted, suppressed): the n tokens whose logits the neuron's output raises most, largest first, and the n
     it lowers most, most lowered first, per unit of post-GELU activation: W_U (g * W_out[:, dim]), g the final
     layer norm's gain. Ties go to the lower token id.
     """
-    cfg = model.config
-    layer, dim = divmod(int(neuron_id), cfg.d_mlp)
-    if not 0 <= layer < cfg.n_layer:
-        raise PipelineError(f"neuron {neuron_id} is outside this model's {cfg.n_layer * cfg.d_mlp} neurons")
-    w = model.transformer.h[layer].mlp.c_proj.weight[:, dim].double()
-    effect = (model.lm_head.weight.double() @ (w * model.transformer.ln_f.weight.double())).cpu().numpy()
+    effect = logit_effect(model, neuron_id)
     order = np.argsort(-effect, kind="stable")
     low = np.argsort(effect, kind="stable")
     pick = lambda ids: [TokenEffect(int(i), token_text(tokenizer, i), float(effect[i])) for i in ids[:n]]  # noqa: E731
@@ -419,9 +430,7 @@ def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int =
     deg, deg_note = degrees if degrees is not None else (np.full(n, np.nan), "")
     cards = []
     for row, nid in enumerate(neuron_ids):
-        # the direct logit view reads model.py's GPT-2 weights; other families' cards go without it
-        up, down = direct_logit_effect(model, tokenizer, int(nid)) if hasattr(model, "transformer") and hasattr(
-            model.transformer, "ln_f") else ([], [])
+        up, down = direct_logit_effect(model, tokenizer, int(nid)) if has_logit_effect(model) else ([], [])
         layer, dim = divmod(int(nid), cfg.d_mlp)
         cards.append(Card(int(nid), layer, dim, float(frequency[nid]), float(mean[nid]), float(attribution[nid]),
                           float(dnll[nid]), examples[row], up, down, float(deg[nid]), deg_note,

@@ -136,6 +136,17 @@ LAYER_ACTIVITY_PLOT = "activation_frequency_per_layer.png"
 CARDS_DIR = "neuron_cards"  # f_render_neuron_cards.py's default --output (in the dataset directory)
 CARDS_MD = "neuron_cards.md"
 CARDS_HTML = "neurons.html"
+# f_render_neuron_cards.py --neuronpedia DIR: Neuronpedia's export layout, DIR/{model}/{source}/ per layer
+NEURONPEDIA_SET = "gelutrace-mlp"  # the source set; a layer's source id is "{layer}-" + this
+NEURONPEDIA_SOURCE = "{layer}-" + NEURONPEDIA_SET
+NEURONPEDIA_RELEASE = "release.jsonl"  # inside each source folder, as Neuronpedia's importer reads them
+NEURONPEDIA_MODEL = "model.jsonl"
+NEURONPEDIA_SOURCESET = "sourceset.jsonl"
+NEURONPEDIA_SOURCE_FILE = "source.jsonl"
+NEURONPEDIA_FEATURES = "features/batch-0.jsonl.gz"  # one record per neuron
+NEURONPEDIA_ACTIVATIONS = "activations/batch-0.jsonl.gz"  # one record per top example
+NEURONPEDIA_FILES = (NEURONPEDIA_RELEASE, NEURONPEDIA_MODEL, NEURONPEDIA_SOURCESET, NEURONPEDIA_SOURCE_FILE,
+                     NEURONPEDIA_FEATURES, NEURONPEDIA_ACTIVATIONS)
 PIPELINE_STAMPS = ".pipeline"  # one {stage}.cmd per stage: the command that made its outputs
 LOCK_FILE = ".gelutrace.lock"  # in a directory a run is writing into: flock'ed while it runs
 

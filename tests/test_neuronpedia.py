@@ -1,0 +1,228 @@
+"""
+f_render_neuron_cards.py --neuronpedia: every record against the JSON Schema of README's "Neuronpedia export"
+(tests/data/neuronpedia.schema.json), the examples against cards built independently and against transformers'
+GPT2LMHeadModel with hooks on `mlp.act`, the figures against the dataset's files, the layout, and determinism.
+"""
+
+import gzip
+import json
+import os
+import sys
+
+import jsonschema
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO_ROOT, SHIPPED_NAME, run_python
+from gelutrace import cards
+from gelutrace import neuronpedia as npx
+from gelutrace import stagefiles as sf
+
+PROMPTS = [("KING HENRY. Now, lords, ", 6, 3), ("And God said, \"Let there be\", ", 5, 1),
+           ("To be, or not to be", 7, 1)]
+NEURONS = [2500, 5, 900, 517]  # layers 4, 0, 1, 1 of tinybard's 512-neuron layers
+K = 4
+SCHEMA = json.loads((REPO_ROOT / "tests" / "data" / "neuronpedia.schema.json").read_text())
+KIND = {sf.NEURONPEDIA_RELEASE: "release", sf.NEURONPEDIA_MODEL: "model", sf.NEURONPEDIA_SOURCESET: "sourceset",
+        sf.NEURONPEDIA_SOURCE_FILE: "source", sf.NEURONPEDIA_FEATURES: "feature",
+        sf.NEURONPEDIA_ACTIVATIONS: "activation"}
+
+
+def env():
+    """The scripts' environment, built at call time: pytest changes os.environ from test to test, and run_python
+    runs a script in this process only when its environment differs in the variables it allows."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def render(*argv):
+    return run_python([sys.executable, str(REPO_ROOT / "f_render_neuron_cards.py"), "--model_type", SHIPPED_NAME,
+                       "--device", "cpu", *map(str, argv)], capture_output=True, text=True, cwd=REPO_ROOT, env=env())
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, shipped_path):
+    d = tmp_path_factory.mktemp("np")
+    csv = d / "prompts.csv"
+    pd.DataFrame(PROMPTS, columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+    r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv),
+                    "--export_dir", str(d / "ds"), "--model_type", SHIPPED_NAME, "--device", "cpu",
+                    "--no_edge_list", "--no_activation_lists", "--no_attribution"], capture_output=True, text=True,
+                   cwd=REPO_ROOT, env=env())
+    assert r.returncode == 0, r.stderr
+    return d / "ds"
+
+
+@pytest.fixture(scope="module")
+def export(dataset):
+    out = dataset.parent / "np"
+    r = render("--dataset_path", dataset, "--neurons", ",".join(map(str, NEURONS)), "--top_examples", K,
+               "--output", dataset.parent / "cards", "--neuronpedia", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def files_of(root) -> dict:
+    """relative path -> bytes of every file under root (links followed)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def records(folder, name) -> list[dict]:
+    data = (folder / name).read_bytes()
+    text = gzip.decompress(data) if name.endswith(".gz") else data
+    return [json.loads(line) for line in text.decode("ascii").splitlines()]
+
+
+def sources(export):
+    model = export / npx.model_slug(SHIPPED_NAME)
+    return {int(p.name.split("-")[0]): p for p in sorted(model.iterdir())}
+
+
+def test_layout_is_exactly_the_documented_files(export, shipped):
+    d = shipped.model.config.d_mlp
+    slug = npx.model_slug(SHIPPED_NAME)
+    top = sorted(p.name for p in export.iterdir())
+    assert (export / slug).is_symlink() and len(top) == 3 and sf.LOCK_FILE in top  # the link, its version, lock
+    version = next(n for n in top if n.startswith(f".{slug}.v"))
+    assert os.readlink(export / slug) == version
+    layers = sorted({n // d for n in NEURONS})
+    assert sorted(sources(export)) == layers
+    for layer, folder in sources(export).items():
+        assert folder.name == f"{layer}-gelutrace-mlp"
+        assert sorted(files_of(folder)) == sorted(sf.NEURONPEDIA_FILES)
+        for name in sf.NEURONPEDIA_FILES:
+            data = (folder / name).read_bytes()
+            if name.endswith(".gz"):
+                assert data[:2] == b"\x1f\x8b" and data[4:8] == b"\0\0\0\0"  # gzip, no time stamp
+                gzip.decompress(data)
+            else:
+                assert len(records(folder, name)) == 1
+
+
+def test_every_record_matches_the_schema(export):
+    n_features = n_activations = 0
+    for folder in sources(export).values():
+        for name, kind in KIND.items():
+            validator = jsonschema.Draft202012Validator({**SCHEMA, "$ref": f"#/$defs/{kind}"})
+            for rec in records(folder, name):
+                validator.validate(rec)
+            n_features += kind == "feature" and len(records(folder, name))
+            n_activations += kind == "activation" and len(records(folder, name))
+    assert (n_features, n_activations) == (len(NEURONS), len(NEURONS) * K)
+
+
+def test_examples_equal_the_cards_and_transformers(export, dataset, shipped, shipped_hf):
+    d = shipped.model.config.d_mlp
+    built = {c.neuron_id: c for c in cards.build_cards(shipped.model, shipped.tokenizer, dataset, SHIPPED_NAME,
+                                                       np.array(NEURONS), K)}
+    folders = sources(export)
+    for n, card in built.items():
+        layer, dim = divmod(n, d)
+        acts = [a for a in records(folders[layer], sf.NEURONPEDIA_ACTIVATIONS) if a["index"] == str(dim)]
+        assert len(acts) == len(card.examples) == K
+        for rank, (a, e) in enumerate(zip(acts, card.examples)):
+            assert a["tokens"] == e.tokens and a["dataIndex"] == str(e.sample_id)
+            np.testing.assert_allclose(a["values"], e.shades, rtol=0, atol=1e-6)
+            assert a["values"][-1] == pytest.approx(e.value, abs=1e-5)  # the sample's position is the last token
+            assert a["maxValue"] == max(a["values"]) and a["values"][a["maxValueTokenIndex"]] == a["maxValue"]
+            assert a["minValue"] == min(a["values"])
+            assert a["id"] == f"tinybard-{layer}-gelutrace-mlp-{dim}-{rank}"
+    # one example recomputed from scratch: transformers over the sample's prefix, hooked on mlp.act
+    seqs = cards.dataset_sequences(dataset, SHIPPED_NAME)
+    layer, dim = divmod(NEURONS[0], d)
+    a = records(folders[layer], sf.NEURONPEDIA_ACTIVATIONS)[0]
+    assert a["index"] == str(dim)
+    prefix = seqs.prefix(int(a["dataIndex"]))
+    got = []
+    hook = shipped_hf.transformer.h[layer].mlp.act.register_forward_hook(lambda m, i, o: got.append(o[0, :, dim]))
+    try:
+        with torch.no_grad():
+            shipped_hf(torch.tensor([prefix.tolist()]))
+    finally:
+        hook.remove()
+    want = got[0].double().numpy()[-sf.CONTEXT_TOKENS:]
+    np.testing.assert_allclose(a["values"], want, atol=1e-4)
+    assert a["tokens"] == [cards.token_text(shipped.tokenizer, t) for t in prefix[-sf.CONTEXT_TOKENS:]]
+
+
+def test_figures_equal_the_dataset_and_the_weights(export, dataset, shipped):
+    d = shipped.model.config.d_mlp
+    freq = pd.read_csv(sf.path(dataset, sf.FREQUENCY, SHIPPED_NAME))
+    samples = len(pd.read_csv(sf.path(dataset, sf.DATASET, SHIPPED_NAME)))
+    vocab = shipped.model.lm_head.weight.shape[0]
+    folders = sources(export)
+    for n in NEURONS:
+        layer, dim = divmod(n, d)
+        feats = [f for f in records(folders[layer], sf.NEURONPEDIA_FEATURES) if f["index"] == str(dim)]
+        assert len(feats) == 1
+        f = feats[0]
+        acts = [a for a in records(folders[layer], sf.NEURONPEDIA_ACTIVATIONS) if a["index"] == str(dim)]
+        values = [v for a in acts for v in a["values"]]
+        assert f["frac_nonzero"] == pytest.approx(freq["activation_count"][n] / samples, rel=1e-12)
+        assert f["maxActApprox"] == max(values)
+        assert [a["values"][-1] for a in acts] == sorted((a["values"][-1] for a in acts), reverse=True)
+        for kind, count in (("freq", len(values)), ("logits", vocab)):
+            heights, centres = f[f"{kind}_hist_data_bar_heights"], f[f"{kind}_hist_data_bar_values"]
+            assert sum(heights) == count and len(heights) == len(centres) == npx.HIST_BINS
+            assert centres == sorted(centres)
+        assert min(values) < f["freq_hist_data_bar_values"][0] < f["freq_hist_data_bar_values"][-1] < max(values)
+        promoted, suppressed = cards.direct_logit_effect(shipped.model, shipped.tokenizer, n)
+        assert f["pos_str"] == [t.token for t in promoted] and f["neg_str"] == [t.token for t in suppressed]
+        np.testing.assert_allclose(f["pos_values"], [t.value for t in promoted], rtol=1e-12)
+        np.testing.assert_allclose(f["neg_values"], [t.value for t in suppressed], rtol=1e-12)
+        w = shipped.model.transformer.h[layer].mlp.c_proj.weight[:, dim].double().detach().numpy()
+        effect = shipped.model.lm_head.weight.double().detach().numpy() @ (
+            w * shipped.model.transformer.ln_f.weight.double().detach().numpy())
+        want, _ = np.histogram(effect, bins=npx.HIST_BINS)
+        assert f["logits_hist_data_bar_heights"] == want.tolist()  # over the whole vocabulary
+    model = records(next(iter(folders.values())), sf.NEURONPEDIA_MODEL)[0]
+    assert (model["layers"], model["neuronsPerLayer"]) == (shipped.model.config.n_layer, d)
+
+
+def test_same_inputs_give_the_same_bytes(export, dataset):
+    slug = npx.model_slug(SHIPPED_NAME)
+    first = files_of(export / slug)
+    other = dataset.parent / "np2"
+    r = render("--dataset_path", dataset, "--neurons", ",".join(map(str, NEURONS)), "--top_examples", K,
+               "--output", dataset.parent / "cards2", "--neuronpedia", other)
+    assert r.returncode == 0, r.stderr
+    assert files_of(other / slug) == first
+    old = os.readlink(export / slug)
+    r = render("--dataset_path", dataset, "--neurons", ",".join(map(str, NEURONS)), "--top_examples", K,
+               "--output", dataset.parent / "cards2", "--neuronpedia", export)  # replaces the model's folder
+    assert r.returncode == 0, r.stderr
+    assert files_of(export / slug) == first and os.readlink(export / slug) != old
+    assert len(list(export.iterdir())) == 3  # the old version is gone
+
+
+def test_creator_id_is_written_into_every_record(dataset, shipped, tmp_path):
+    built = cards.build_cards(shipped.model, shipped.tokenizer, dataset, SHIPPED_NAME, np.array(NEURONS[:2]), 2)
+    folder = npx.write_export(tmp_path, built, SHIPPED_NAME, shipped.model, "ds", creator_id="clxyz0000")
+    for src in folder.iterdir():
+        for name, kind in KIND.items():
+            validator = jsonschema.Draft202012Validator({**SCHEMA, "$ref": f"#/$defs/{kind}"})
+            for rec in records(src, name):
+                validator.validate(rec)
+                assert rec["creatorId"] == "clxyz0000"
+
+
+def test_export_onto_a_file_is_refused(dataset, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = render("--dataset_path", dataset, "--neurons", "5", "--output", tmp_path / "cards",
+               "--neuronpedia", tmp_path / "file")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert "--neuronpedia" in r.stderr and not (tmp_path / "cards").exists()
+    (tmp_path / "np").mkdir()
+    (tmp_path / "np" / npx.model_slug(SHIPPED_NAME)).write_text("x")  # the model's folder a file
+    r = render("--dataset_path", dataset, "--neurons", "5", "--output", tmp_path / "cards",
+               "--neuronpedia", tmp_path / "np")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "np" / npx.model_slug(SHIPPED_NAME)).read_text() == "x"
+
+
+def test_model_slug():
+    assert npx.model_slug("tinybard") == "tinybard"
+    assert npx.model_slug("GPT2-Medium") == "gpt2-medium"
+    assert npx.model_slug("my model.v2") == "my-model-v2"
+    assert npx.model_slug("...") == "model"
