@@ -39,7 +39,7 @@ from gelutrace import perturbation as pt
 from gelutrace import realtext as rt
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
-from gelutrace.corpusfiles import DEFAULT_FIELD, add_text_field_arg
+from gelutrace.corpusfiles import DEFAULT_FIELD, add_text_field_arg, record_field
 from gelutrace.generation import encode_prompts
 from gelutrace.loading import load_model
 from gelutrace.recording import fingerprint
@@ -197,12 +197,12 @@ def corpus_mode(args, lm):
     window_half = None
     shards = len((record or {}).get("merged_shards") or [])
     if (record is not None and shards >= 2 and record.get("context") == context
-            and [f["sha256"] for f in text.files] == [f["sha256"] for f in record["files"][:len(text.files)]]):
+            and [(f["sha256"], f["field"]) for f in text.files]
+            == [(f["sha256"], record_field(f)) for f in record["files"][:len(text.files)]]):
         window_half = (np.arange(text.n_units) % shards >= shards // 2).astype(np.int64)  # as the shards split them
     meta = {"model": lm.name, "model_path": str(lm.path.resolve()), "ablation": "zero", "objective": "real_text",
             "input_text": [{k: f[k] for k in ("path", "format", "field", "sha256")} for f in text.files],
-            "context": context,
-            "eval_tokens": args.eval_tokens, "num_tokens": text.scored, "num_windows": text.n_units,
+            "context": context, "eval_tokens": args.eval_tokens, "num_tokens": text.scored, "num_windows": text.n_units,
             "halves": "the dataset's shards" if window_half is not None else None,
             "what": f"over {text.scored:,} tokens of real text"}
     return (lambda block, tick: ef.text_block_effects(lm.model, block, text, window_half, args.batch_size,

@@ -104,8 +104,9 @@ def main(argv=None):
     ap.add_argument("--eval_text", nargs="+", default=None, metavar="PATH",
                     help="also measure every subset on real text: any corpus file or directory stage b's corpus "
                          "mode reads (.txt files are one document each; .jsonl, .json.gz, .parquet, .arrow one per "
-                         "line or row, field --text_field), read as it reads them. Refused when it shares a file or document with the corpus the neurons were "
-                         "chosen on. The verdict is then the real text's")
+                         "line or row, field --text_field), read as it reads them. Refused when it shares a file "
+                         "or document with the corpus the neurons were chosen on. The verdict is then the real "
+                         "text's")
     realtext.add_window_args(ap, "--eval_text", "the model's context")
     add_text_field_arg(ap, "--eval_text")
     ap.add_argument("--validation_share", type=float, default=0.5,

@@ -147,7 +147,7 @@ def test_a_directory_is_sorted_by_name_and_a_saved_dataset_follows_its_state(fil
     assert np.array_equal(ids_of([listed_backwards], shipped.tokenizer).ids, ref.ids)
     (listed_backwards / "state.json").unlink()  # then dataset_info.json marks it, and the names order it
     got = ids_of([listed_backwards], shipped.tokenizer)
-    assert [f["path"].rsplit("/", 1)[1] for f in got.files] == ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    assert [f["path"].rsplit("/", 1)[1] for f in got.files] == [f"data-0000{k}-of-00002.arrow" for k in (0, 1)]
 
 
 def test_text_field_names_the_column_of_parquet_arrow_and_jsonl(files, shipped, tmp_path):
@@ -260,6 +260,20 @@ def test_stage_b_on_parquet_and_a_saved_dataset_equals_jsonl(files, shipped_path
     assert rec["tokens"] == ref["tokens"] == 700 and rec["documents"] == ref["documents"]
     shard = json.loads(sf.path(tmp_path / "parquet 1/2", sf.CORPUS, M).read_text())
     assert shard["shard"] == json.loads(sf.path(tmp_path / "jsonl 1/2", sf.CORPUS, M).read_text())["shard"]
+
+    # stage e reads --eval_text with --text_field, and the selection corpus with the field its record names
+    pq.write_table(pa.table({"content": DOCS[::-1]}), tmp_path / "eval.parquet", row_group_size=4)
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompts,number_of_new_tokens,num_samples\nTo be,2,1\n")
+    for extra, message in (([], "eval.parquet has no column 'text'"), (["--text_field", "content"], "shares")):
+        r = run_python([sys.executable, str(REPO_ROOT / "e_generate_perturbed_results.py"), "--dataset_path",
+                        str(tmp_path / "parquet"), "--eval_csv", str(prompts), "--model_type", M, "--device", "cpu",
+                        "--perturbation_subset_filenames", "none", "--eval_text", str(tmp_path / "eval.parquet"),
+                        "--eval_tokens", "100", *extra], capture_output=True, text=True, cwd=REPO_ROOT)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    r = run_b("--input_csv", prompts, "--text_field", "content", "--export_dir", tmp_path / "prompt", "--model_type", M)
+    assert r.returncode == 2 and "--text_field belongs to corpus mode" in r.stderr
 
 
 def bad_files(d, files) -> dict:
