@@ -36,6 +36,7 @@ from gelutrace import PipelineError, corpus
 from gelutrace import stagefiles as sf
 from gelutrace.statistics import merge_top
 from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
+from gelutrace.corpusfiles import DEFAULT_FIELD, add_text_field_arg
 from gelutrace.generation import StepProgress, encode_prompts, plan_batches
 from gelutrace.loading import load_model
 from gelutrace.recording import Staging, fingerprint, record_attribution, record_batch, record_direct, write_dataset
@@ -48,8 +49,11 @@ def main():
                     help="prompt mode: prompt CSV with columns prompts, number_of_new_tokens and optionally "
                          "num_samples")
     ap.add_argument("--input_text", nargs="+", metavar="PATH",
-                    help="corpus mode: .txt files (one document each), .jsonl files (one document per line, "
-                         "field 'text') or directories of them (every .txt/.jsonl, sorted by name)")
+                    help="corpus mode: .txt/.txt.gz/.txt.zst files (one document each), .jsonl/.jsonl.gz/.json.gz/"
+                         ".jsonl.zst files (one document per line, field --text_field), .parquet/.arrow files (one "
+                         "document per row, column --text_field), directories of them (sorted by name) or a "
+                         "directory written by datasets' save_to_disk (its .arrow files in its order)")
+    add_text_field_arg(ap, "--input_text (corpus mode)")
     ap.add_argument("--export_dir", required=True, help="directory for the dataset files (created if missing)")
     add_model_args(ap)
     sampling = add_sampling_args(ap, seed=42, temperature=0.0, top_k=None, batch_size=None, only_in="prompt mode",
@@ -118,6 +122,8 @@ def main():
     if args.attribution:
         raise PipelineError("--attribution belongs to corpus mode: prompt mode computes it by default "
                             "(--no_attribution skips it)")
+    if args.text_field != DEFAULT_FIELD:
+        raise PipelineError("--text_field belongs to corpus mode (--input_text)")
     for k, v in sampling.items():  # prompt mode's defaults
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -195,7 +201,7 @@ def corpus_mode(args):
                             f"{args.checkpoint_minutes}")
     settings = corpus.CorpusSettings(args.context, args.max_tokens, args.batch_size, args.save_matrix, args.shard,
                                      args.top_examples, args.resume, 60 * args.checkpoint_minutes, args.attribution,
-                                     args.edges if args.direct_edges else None)
+                                     args.edges if args.direct_edges else None, args.text_field)
     record = corpus.run_corpus_mode(args.input_text, args.export_dir, args.model_type, args.device, settings)
     if record is not None:
         shard = f" (shard {record['shard']['index']}/{record['shard']['count']})" if record["shard"] else ""

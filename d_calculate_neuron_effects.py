@@ -39,6 +39,7 @@ from gelutrace import perturbation as pt
 from gelutrace import realtext as rt
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
+from gelutrace.corpusfiles import DEFAULT_FIELD, add_text_field_arg, record_field
 from gelutrace.generation import encode_prompts
 from gelutrace.loading import load_model
 from gelutrace.recording import fingerprint
@@ -53,8 +54,10 @@ def main(argv=None):
                     help="prompt mode: the prompt CSV the dataset was made from (columns prompts, "
                          "number_of_new_tokens and optionally num_samples)")
     ap.add_argument("--input_text", nargs="+", default=None, metavar="PATH",
-                    help="corpus mode: measure on this text (.txt, .jsonl or directories, as stage b reads them), "
-                         "e.g. the corpus the dataset was made from")
+                    help="corpus mode: measure on this text (any corpus file or directory stage b reads: .txt, "
+                         ".jsonl, their .gz/.zst, .json.gz, .parquet, .arrow), e.g. the corpus the dataset was made "
+                         "from")
+    add_text_field_arg(ap, "--input_text (corpus mode)")
     rt.add_window_args(ap, "--input_text (corpus mode)", "the dataset's corpus context, else the model's")
     add_model_args(ap)
     ap.add_argument("--neurons", default="all", metavar="all|FILE.npy|I/N",
@@ -80,8 +83,9 @@ def main(argv=None):
         return merge(args)
     if (args.input_csv is None) == (args.input_text is None):
         raise PipelineError("give exactly one of --input_csv (prompt mode) and --input_text (corpus mode)")
-    if args.input_csv is not None and (args.context is not None or args.eval_tokens != rt.EVAL_TOKENS):
-        raise PipelineError("--context and --eval_tokens belong to corpus mode (--input_text)")
+    if args.input_csv is not None and (args.context is not None or args.eval_tokens != rt.EVAL_TOKENS
+                                       or args.text_field != DEFAULT_FIELD):
+        raise PipelineError("--context, --eval_tokens and --text_field belong to corpus mode (--input_text)")
     shard = cp.parse_shard(args.neurons, "--neurons") if re.fullmatch(r"\d+/\d+", args.neurons) else None
     dist_ctx = cp.distributed()
     if args.output_dir is not None and shard is None:
@@ -189,15 +193,16 @@ def corpus_mode(args, lm):
     record = pt.read_corpus_record(args.dataset_path, lm.name)
     context = rt.check_context(args.context or (record or {}).get("context") or cfg.block_size, cfg.block_size)
     text = rt.read_eval_text(args.input_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens, units="windows",
-                             flag="--input_text")
+                             flag="--input_text", text_field=args.text_field)
     window_half = None
     shards = len((record or {}).get("merged_shards") or [])
     if (record is not None and shards >= 2 and record.get("context") == context
-            and [f["sha256"] for f in text.files] == [f["sha256"] for f in record["files"][:len(text.files)]]):
+            and [(f["sha256"], f["field"]) for f in text.files]
+            == [(f["sha256"], record_field(f)) for f in record["files"][:len(text.files)]]):
         window_half = (np.arange(text.n_units) % shards >= shards // 2).astype(np.int64)  # as the shards split them
     meta = {"model": lm.name, "model_path": str(lm.path.resolve()), "ablation": "zero", "objective": "real_text",
-            "input_text": [{"path": f["path"], "sha256": f["sha256"]} for f in text.files], "context": context,
-            "eval_tokens": args.eval_tokens, "num_tokens": text.scored, "num_windows": text.n_units,
+            "input_text": [{k: f[k] for k in ("path", "format", "field", "sha256")} for f in text.files],
+            "context": context, "eval_tokens": args.eval_tokens, "num_tokens": text.scored, "num_windows": text.n_units,
             "halves": "the dataset's shards" if window_half is not None else None,
             "what": f"over {text.scored:,} tokens of real text"}
     return (lambda block, tick: ef.text_block_effects(lm.model, block, text, window_half, args.batch_size,

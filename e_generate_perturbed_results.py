@@ -64,6 +64,7 @@ from gelutrace import perturbation as pt
 from gelutrace import realtext
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
+from gelutrace.corpusfiles import DEFAULT_FIELD, add_text_field_arg
 from gelutrace.generation import encode_prompts, plan_batches
 from gelutrace.loading import load_model
 from gelutrace.plots import plot_dose_response, plot_method_comparison, plot_perturbation_summary
@@ -106,11 +107,13 @@ def main(argv=None):
                          "ones (drawn in proportion to each neuron's single-neuron delta_nll, else its attribution) "
                          "(default: --random_controls)")
     ap.add_argument("--eval_text", nargs="+", default=None, metavar="PATH",
-                    help="also measure every subset on real text: .txt files (one document each), .jsonl (one "
-                         "document per line, field text) or directories of them, read as stage b's corpus mode "
-                         "reads them. Refused when it shares a file or document with the corpus the neurons were "
-                         "chosen on. The verdict is then the real text's")
+                    help="also measure every subset on real text: any corpus file or directory stage b's corpus "
+                         "mode reads (.txt files are one document each; .jsonl, .json.gz, .parquet, .arrow one per "
+                         "line or row, field --text_field), read as it reads them. Refused when it shares a file "
+                         "or document with the corpus the neurons were chosen on. The verdict is then the real "
+                         "text's")
     realtext.add_window_args(ap, "--eval_text", "the model's context")
+    add_text_field_arg(ap, "--eval_text")
     ap.add_argument("--validation_share", type=float, default=0.5,
                     help="share of the evaluation prompts (seeded split, recorded in comparison.json) on which "
                          "each method's best variant is chosen; the verdict's figures come from the rest. Below "
@@ -141,10 +144,12 @@ def main(argv=None):
     text = leak = None
     if args.eval_text:
         context = realtext.check_context(cfg.block_size if args.context is None else args.context, cfg.block_size)
-        text = realtext.read_eval_text(args.eval_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens)
+        text = realtext.read_eval_text(args.eval_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens,
+                                       text_field=args.text_field)
         leak = realtext.leak_check(text, corpus_record, selection_prompts)
-    elif args.context is not None or args.eval_tokens != realtext.EVAL_TOKENS:
-        raise PipelineError("--context and --eval_tokens apply to --eval_text; give it or leave them out")
+    elif args.context is not None or args.eval_tokens != realtext.EVAL_TOKENS or args.text_field != DEFAULT_FIELD:
+        raise PipelineError("--context, --eval_tokens and --text_field apply to --eval_text; give it or leave them "
+                            "out")
 
     greedy = args.temperature == 0
     batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size)

@@ -1,9 +1,11 @@
 """
 Stage b's corpus mode: documents -> tokens -> windows -> exact streamed statistics.
 
-A `.txt` file is one document; a `.jsonl` file holds one document per line in the field `text`; a directory
-means every `.txt`/`.jsonl` in it, sorted by name. Each document is tokenized alone (a long one in checked
-pieces, see DocumentTokenizer) and followed by the tokenizer's end-of-text token; the documents are
+The files and their documents are gelutrace.corpusfiles': a `.txt` file (or `.txt.gz`, `.txt.zst`) is one
+document; a `.jsonl` file (or `.jsonl.gz`, `.json.gz`, `.jsonl.zst`) one per line in the field --text_field, a
+`.parquet` or `.arrow` file one per row in that column; a directory is its files sorted by name, or a
+`datasets.save_to_disk` directory its `.arrow` files in its order. Each document is tokenized alone (a long one
+in checked pieces, see DocumentTokenizer) and followed by the tokenizer's end-of-text token; the documents are
 concatenated in order and cut into consecutive, non-overlapping windows of `context` tokens (the last, shorter
 window is kept). Every position of every window is one sample: the post-GELU outputs there, teacher-forced,
 are the ones behind predicting the next token. Shard I of N takes windows I, I + N, I + 2N, ...
@@ -12,10 +14,8 @@ Batches of windows run through the model with hooks on every GELU that feed `Coa
 the batch; only the totals (and, with save_matrix, the bit-packed rows) are kept.
 """
 
-import codecs
 import contextlib
 import fnmatch
-import itertools
 import json
 import os
 import re
@@ -34,145 +34,23 @@ from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
 from gelutrace import store as gs
 from gelutrace.attribution import CorpusAttribution
+from gelutrace.corpusfiles import DEFAULT_FIELD, corpus_files, file_documents, file_record, record_documents
 from gelutrace.direct import DirectEdges, DirectHooks, corpus_targets, direct_totals
 from gelutrace.shards import CORPUS_FORMAT, CORPUS_VERSION
 from gelutrace.sites import GeluHooks, run_trunk
 from gelutrace.statistics import CoactivationCounts, RunningTopK, merge_top
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKENS_PER_BATCH = 4096  # the default batch: as many windows as hold about this many tokens
 TOP_EXAMPLES_MAX_TOKENS = 2 ** 32  # RunningTopK's sample ids (global token positions) stay below this
 
 
 # --- documents and tokens ----------------------------------------------------------------------------------
-READ_BYTES = 1 << 20  # a corpus file is read this many bytes at a time
 PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of about this many characters,
 PIECES_PER_CALL = 8  # this many per tokenizer call (its working memory is about 150 bytes per character)
 CUT_CHECK_CHARS = 512  # the text either side of a cut that is tokenized again to check the cut
 CUT_TRIES = 8  # cut points checked of each kind (whitespace, other word boundaries, last characters) in turn
 _SPACE_CUT = re.compile(r"\s(?=\S)")  # just before the last character of a whitespace run
 _WORD_CUT = re.compile(r"\b")  # between a word character and another
-
-
-def corpus_files(inputs: list[str], flag: str = "--input_text") -> list[Path]:
-    """The text files the inputs name, in order (a directory's sorted by name); a file named twice is refused."""
-    files = []
-    for name in inputs:
-        p = Path(name)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix in TEXT_SUFFIXES)
-            if not found:
-                raise PipelineError(f"{flag} directory {p} holds no .txt or .jsonl file")
-            files += found
-        elif p.is_file():
-            if p.suffix not in TEXT_SUFFIXES:
-                raise PipelineError(f"{flag} {p}: expected a .txt or .jsonl file, or a directory of them")
-            files.append(p)
-        else:
-            raise PipelineError(f"{flag} {p} does not exist")
-    seen = {}
-    for p in files:
-        if p.stat().st_size == 0:
-            raise PipelineError(f"{p} is empty")
-        if p.resolve() in seen:
-            raise PipelineError(f"{flag} names {p} twice (also as {seen[p.resolve()]}): its documents would count twice")
-        seen[p.resolve()] = p
-    return files
-
-
-def _file_blocks(p: Path) -> Iterator[bytes]:
-    try:
-        with open(p, "rb") as f:
-            while block := f.read(READ_BYTES):
-                yield block
-    except OSError as e:
-        raise PipelineError(f"cannot read {p}: {e.strerror}") from None
-
-
-def _not_utf8(p: Path, at: int, byte: int) -> PipelineError:
-    return PipelineError(f"{p} is not UTF-8 text: byte {at} (0x{byte:02x}) cannot be decoded")
-
-
-def _txt_text(p: Path) -> Iterator[str]:
-    """A .txt file's text (its one document), a block at a time."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, first = 0, True
-    for block in itertools.chain(_file_blocks(p), [b""]):
-        held = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
-        try:
-            text = decoder.decode(block, final=not block)
-        except UnicodeDecodeError as e:
-            raise _not_utf8(p, offset - held + e.start, e.object[e.start]) from None
-        offset += len(block)
-        if first and text:
-            text, first = text.removeprefix("\ufeff"), False  # a byte-order mark is no text
-        if text:
-            yield text
-
-
-def _lines(p: Path) -> Iterator[tuple[int, int, bytes]]:
-    """(line number from 1, byte offset, bytes) of each line of a file; a line is held whole, once."""
-    def joined(parts: list) -> bytes:  # the parts let go before the line is handed on
-        line = b"".join(parts)
-        parts.clear()
-        return line
-
-    pending, k, offset = [], 1, 0
-    for block in _file_blocks(p):
-        start = 0
-        while (end := block.find(b"\n", start)) >= 0:
-            pending.append(block[start:end])
-            size = sum(map(len, pending))
-            yield k, offset, joined(pending)
-            k, offset, start = k + 1, offset + size + 1, end + 1
-        pending.append(block[start:])
-    yield k, offset, joined(pending)
-
-
-def jsonl_text(p: Path, k: int, line: str) -> str | None:
-    """The document of line k of a .jsonl file (its field `text`); None for a blank line."""
-    if not line.strip():
-        return None
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{p} line {k}: not JSON ({e.msg})") from None
-    if not isinstance(rec, dict) or "text" not in rec:
-        raise PipelineError(f"{p} line {k}: no field 'text'")
-    if not isinstance(rec["text"], str):
-        raise PipelineError(f"{p} line {k}: field 'text' is not a string")
-    try:
-        rec["text"].encode("utf-8")
-    except UnicodeEncodeError as e:  # a JSON escape such as \ud800 that pairs with no other
-        raise PipelineError(f"{p} line {k}: field 'text' holds a lone surrogate (U+{ord(rec['text'][e.start]):04X} "
-                            f"at character {e.start}), which is not text") from None
-    return rec["text"]
-
-
-def file_documents(p: Path) -> Iterator[Iterable[str]]:
-    """
-    The documents of a corpus file in order, each as pieces of its text, read from disk as they are consumed: a
-    .txt file is one document, read a block at a time; a .jsonl file one document per line, parsed a line at a time.
-    """
-    if p.suffix == ".txt":
-        yield _txt_text(p)
-        return
-    found = False
-    for k, offset, raw in _lines(p):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise _not_utf8(p, offset + e.start, raw[e.start]) from None
-        del raw
-        if k == 1:
-            line = line.removeprefix("\ufeff")  # a byte-order mark is no text
-        text = jsonl_text(p, k, line)
-        del line
-        if text is not None:
-            found = True
-            yield (text,)
-    if not found:
-        raise PipelineError(f"{p} holds no documents")
 
 
 def _head(doc: Iterable[str], n: int) -> tuple[str, Iterator[str] | None]:
@@ -292,7 +170,8 @@ class DocumentTokenizer:
 @dataclass
 class Corpus:
     ids: np.ndarray  # every token, documents concatenated, each followed by end-of-text
-    files: list[dict] = field(default_factory=list)  # path, sha256, documents, tokens, first_token, document_starts
+    files: list[dict] = field(default_factory=list)  # path, format, field, sha256, documents, tokens, first_token,
+    # document_starts
     documents: int = 0
     unchecked_cuts: int = 0  # pieces of long documents cut where the tokens could not be checked (DocumentTokenizer)
 
@@ -301,13 +180,17 @@ class Corpus:
                 "tokens_read": int(sum(f["tokens"] for f in self.files))}
 
 
-def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None, flag: str = "--input_text") -> Corpus:
+def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None, flag: str = "--input_text",
+                text_field: str = DEFAULT_FIELD) -> Corpus:
     """
     Every file's documents, tokenized (DocumentTokenizer), until --max_tokens: the files and documents after are
-    not read. Each file's record holds its sha256 (of all its bytes), the documents read and their tokens in the
-    corpus, where its first token lies in the concatenated text (first_token) and where each of its documents read
-    starts, counted from there (document_starts).
+    not read. Each file's record holds its format, the field read (None for a text file), its sha256 (of all its
+    bytes as stored), the documents read and their tokens in the corpus, where its first token lies in the
+    concatenated text (first_token) and where each of its documents read starts, counted from there
+    (document_starts).
     """
+    if not isinstance(text_field, str) or not text_field:
+        raise PipelineError("--text_field must name a field")
     eot = tokenizer.eos_token_id
     if eot is None:
         raise PipelineError("the tokenizer has no end-of-text token to separate documents")
@@ -319,14 +202,14 @@ def read_corpus(inputs: list[str], tokenizer, max_tokens: int | None = None, fla
             break
         first, starts = total, []
         limit = None if max_tokens is None else max_tokens - total
-        for k, ids in enumerate(encoder.documents(file_documents(p), limit)):
+        for k, ids in enumerate(encoder.documents(file_documents(p, text_field), limit)):
             if not len(ids):
                 raise PipelineError(f"{p}: document {k + 1} has no tokens")
             parts += [ids, end]
             starts.append(total - first)
             total += len(ids) + 1
         kept = (total if max_tokens is None else min(total, max_tokens)) - first
-        files.append({"path": str(p.resolve()), "sha256": sf.file_sha256(p), "documents": len(starts),
+        files.append({"path": str(p.resolve()), **file_record(p, text_field), "documents": len(starts),
                       "tokens": kept, "first_token": first, "document_starts": starts})
     ids = np.concatenate(parts)
     return Corpus(ids[:max_tokens] if max_tokens is not None else ids, files, sum(f["documents"] for f in files),
@@ -387,7 +270,7 @@ def window_tokens(record: dict, tokenizer, windows) -> dict[int, np.ndarray]:
         if digest != f["sha256"]:
             raise PipelineError(f"{p} changed since stage b read it (its sha256 differs)")
         mine = {where[d][1]: d for d in needed if where[d][0] == fi}
-        for k, doc in enumerate(file_documents(p)):
+        for k, doc in enumerate(record_documents(f)):
             if k in mine:
                 d = mine[k]
                 expected = starts[d + 1] - starts[d]
@@ -713,6 +596,7 @@ class CorpusSettings:
     checkpoint_seconds: float = 300.0
     attribution: bool = False  # also each neuron's attribution, the real next token's NLL the objective
     direct_edges: str | None = None  # also the causal edge weights over these layer pairs (adjacent | all)
+    text_field: str = DEFAULT_FIELD  # the field or column of JSON lines, Parquet and Arrow files that holds the text
 
 
 def check_settings(s: CorpusSettings, dist_ctx) -> tuple[int, int] | None:
@@ -751,7 +635,7 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     if not 1 <= context <= cfg.block_size:
         raise PipelineError(f"--context {context} is outside 1..{cfg.block_size}, the model's context")
     batch_size = s.batch_size or max(1, TOKENS_PER_BATCH // context)
-    corpus = read_corpus(inputs, lm.tokenizer, s.max_tokens)
+    corpus = read_corpus(inputs, lm.tokenizer, s.max_tokens, text_field=s.text_field)
     if corpus.unchecked_cuts:
         print(f"note: {corpus.unchecked_cuts} piece(s) of long documents were cut where no cut point that keeps "
               f"the tokens lay within {PIECE_CHARS // 2:,} characters (a 'word' that long); the tokens at those "
@@ -776,7 +660,8 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     fp = fingerprint([f["sha256"] for f in corpus.files], lm.name, str(lm.path.resolve()), weights, vars(cfg),
                      context, s.max_tokens, batch_size, shard, s.save_matrix, s.top_examples,
                      *(["attribution"] if s.attribution else []),
-                     *([f"direct_edges={s.direct_edges}"] if s.direct_edges else []))
+                     *([f"direct_edges={s.direct_edges}"] if s.direct_edges else []),
+                     *([f"text_field={s.text_field}"] if s.text_field != DEFAULT_FIELD else []))
     checkpoints = Checkpoints(export, lm.name, fp, shard, s.checkpoint_seconds)
     top = RunningTopK(cfg.n_layer, cfg.d_mlp, s.top_examples, lm.device) if s.top_examples else None
     attribution = CorpusAttribution(cfg.n_layer, cfg.d_mlp, lm.device) if s.attribution else None

@@ -44,6 +44,7 @@ def corpus_samples(record: dict, tokenizer, tokens: int, device) -> Samples:
     """The first `tokens` tokens of a corpus-mode dataset's text (its record's files), in windows of its context;
     every position a sample."""
     from gelutrace.corpus import read_corpus
+    from gelutrace.corpusfiles import record_text_field
 
     from gelutrace import stagefiles as sf
 
@@ -53,7 +54,7 @@ def corpus_samples(record: dict, tokenizer, tokens: int, device) -> Samples:
         if not p.is_file() or ("sha256" in f and sf.file_sha256(p) != f["sha256"]):
             raise PipelineError(f"{p}, which stage b read, is gone or has changed since; rerun stage b")
     ids = read_corpus([f["path"] for f in record["files"]], tokenizer, max(tokens, 2),
-                      "the corpus record's files").ids.astype(np.int64)
+                      "the corpus record's files", record_text_field(record)).ids.astype(np.int64)
     n = max(1, len(ids) // context)
     width = min(context, len(ids))
     rows = torch.as_tensor(ids[:n * width].reshape(n, width), device=device)

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from gelutrace import PipelineError
 from gelutrace import comparison as cmp
 from gelutrace import corpus as cp
+from gelutrace import corpusfiles as cf
 from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
 
@@ -65,7 +66,8 @@ class EvalText:
         return out + [("next_token", token_text(tokenizer, int(t)), int(t)) for t in self.top_tokens]
 
     def record(self, eval_tokens: int) -> dict:
-        return {"files": [{k: f[k] for k in ("path", "sha256", "documents", "tokens")} for f in self.files],
+        return {"files": [{k: f.get(k) for k in ("path", "format", "field", "sha256", "documents", "tokens")}
+                          for f in self.files],
                 "documents": self.documents, "context": self.context, "eval_tokens": eval_tokens,
                 "tokens_read": int(len(self.ids)), "tokens_scored": self.scored, "units": self.units,
                 "n_units": self.n_units, "windows": int(cp.num_windows(len(self.ids), self.context))}
@@ -91,14 +93,15 @@ def tokens_needed(eval_tokens: int, context: int) -> int:
 
 
 def read_eval_text(paths: list[str], tokenizer, context: int, vocab_size: int, eval_tokens: int = EVAL_TOKENS,
-                   units: str | None = None, flag: str = "--eval_text") -> EvalText:
+                   units: str | None = None, flag: str = "--eval_text", text_field: str = cf.DEFAULT_FIELD
+                   ) -> EvalText:
     """The text, its windows and each scored token's unit: documents when there are two or more, else windows
     (units="windows" makes them windows in any case). Text of nothing but whitespace is refused."""
     if context < 2:
         raise PipelineError(f"--context {context}: a window needs at least 2 tokens to score one")
     if eval_tokens < 1:
         raise PipelineError(f"--eval_tokens must be >= 1, got {eval_tokens}")
-    corpus = cp.read_corpus(paths, tokenizer, tokens_needed(eval_tokens, context), flag)
+    corpus = cp.read_corpus(paths, tokenizer, tokens_needed(eval_tokens, context), flag, text_field)
     ids = corpus.ids.astype(np.int64)
     if not tokenizer.decode(ids[ids != tokenizer.eos_token_id].tolist()).strip():
         raise PipelineError(f"{flag} {', '.join(map(str, paths))} holds no text but whitespace: nothing to evaluate on")
@@ -245,9 +248,9 @@ def _normalised(text: str) -> str:
     return " ".join(text.split())
 
 
-def documents(paths) -> list[str]:
-    """Every document's text in the files (corpus.file_documents' documents), whitespace normalised."""
-    return [_normalised("".join(doc)) for p in cp.corpus_files([str(x) for x in paths]) for doc in cp.file_documents(p)]
+def documents(files: list[dict]) -> list[str]:
+    """Every document's text in the files (corpus records' entries: path, format, field), whitespace normalised."""
+    return [_normalised("".join(doc)) for f in files for doc in cf.record_documents(f)]
 
 
 def passages(docs: list[str], n: int = LEAK_PASSAGES, words: int = LEAK_PASSAGE_WORDS) -> list[str]:
@@ -281,7 +284,7 @@ def leak_check(text: EvalText, corpus_record: dict | None, selection_prompts=Non
                                 f"sha256): the neurons were chosen on it; evaluate on text they were not chosen on")
         sel_paths = [Path(f["path"]) for f in files]
         if all(p.is_file() for p in sel_paths) and sum(p.stat().st_size for p in sel_paths) <= LEAK_CHECK_BYTES:
-            theirs, ours = documents(sel_paths), documents(eval_paths)
+            theirs, ours = documents(files), documents(text.files)
             common = {hashlib.sha256(d.encode("utf-8", "surrogatepass")).hexdigest() for d in ours} & {
                 hashlib.sha256(d.encode("utf-8", "surrogatepass")).hexdigest() for d in theirs}
             joined = "\n".join(theirs)
@@ -299,7 +302,7 @@ def leak_check(text: EvalText, corpus_record: dict | None, selection_prompts=Non
         size = sum(p.stat().st_size for p in eval_paths)
         found = None
         if size <= LEAK_CHECK_BYTES:
-            joined = "\n".join(documents(eval_paths))
+            joined = "\n".join(documents(text.files))
             found = sum(_normalised(pr.text) in joined for pr in selection_prompts if pr.text.strip())
         out["selection_prompts_in_text"] = found
     out["passed"] = True

@@ -14,6 +14,7 @@ import pandas as pd
 from gelutrace import PipelineError
 from gelutrace import stagefiles as sf
 from gelutrace import store as gs
+from gelutrace.corpusfiles import record_field
 from gelutrace.graph import CausalEdges
 from gelutrace.statistics import merge_top
 
@@ -94,7 +95,8 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
         if rec["weights"] != first["weights"]:
             raise PipelineError(f"{d} and {dirs[0]} were made from different weights of {m} (their safetensors "
                                 f"files' sha256 differ): shards of different models")
-        if [(f["sha256"]) for f in rec["files"]] != [(f["sha256"]) for f in first["files"]]:
+        if [(f["sha256"], record_field(f)) for f in rec["files"]] != [(f["sha256"], record_field(f))
+                                                                     for f in first["files"]]:
             raise PipelineError(f"{d} and {dirs[0]} read different text: shards of different corpora")
         if rec["shard"]["count"] != n:
             raise PipelineError(f"{d} is shard {rec['shard']['index']}/{rec['shard']['count']}, but {dirs[0]} is "
