@@ -30,7 +30,8 @@
 #                                   --text default 0, and measured on the corpus's real next tokens
 #   --effect_tokens N               EFFECT_TOKENS: with --text --effects 1, the corpus tokens each neuron's
 #                                   effect is measured on (default 2000; a forward pass over them per neuron)
-#   --text PATH                     TEXT: corpus mode: stages b-d read this text (a .txt/.jsonl file or a directory)
+#   --text PATH                     TEXT: corpus mode: stages b-d read this text (a .txt/.jsonl file, gzip or zstd
+#                                   compressed, .parquet, a datasets.save_to_disk directory, or a directory of them)
 #                                   teacher-forced instead of generating for PROMPT_CSV; stage c is then not
 #                                   needed (stage b writes the graph store) and stage e measures on EVAL_CSV.
 #                                   Stage b runs as two shards (DATASET_DIR_shards/0 and /1, the halves whose
@@ -185,13 +186,13 @@ fi
 [ -f "$EVAL_CSV" ] || { echo "error: evaluation CSV $EVAL_CSV does not exist" >&2; exit 2; }
 mkdir -p "$DATA/.pipeline"
 if [ -n "$TEXT" ]; then  # what stage b reads: the text's files
-  csv_sum="$(find "$TEXT" -type f \( -name '*.txt' -o -name '*.jsonl' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+  csv_sum="$(find "$TEXT" -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
 else
   csv_sum="$(sha256sum "$CSV" | cut -d' ' -f1)"
 fi
 eval_sum="$(sha256sum "$EVAL_CSV" | cut -d' ' -f1)"
 if [ "$EVAL_TEXT" != none ]; then
-  eval_sum="$eval_sum $(find "$EVAL_TEXT" -type f \( -name '*.txt' -o -name '*.jsonl' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+  eval_sum="$eval_sum $(find "$EVAL_TEXT" -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
 fi
 py() { "$PYTHON" "$@"; }
 ran=0
