@@ -19,19 +19,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
-# the two modes side by side, one thread each (faster on 2 cores than one after the other with two threads each);
-# each run's log, progress bars included, is written as it goes, and its summary shown at the end
-DEMO_LOGS = parcellation_datasets/demo_prompt.log parcellation_datasets/demo_corpus.log
 demo: install
-	@echo "prompt mode and corpus mode run side by side; follow them with: tail -f $(DEMO_LOGS)"
-	@export PATH="$(abspath $(VENV))/bin:$$PATH" OMP_NUM_THREADS=1; \
-	./run_pipeline.sh > parcellation_datasets/demo_prompt.log 2>&1 & prompt=$$!; \
-	./run_pipeline.sh --text parcellation_datasets/heldout_corpus_tinybard.txt \
-	  > parcellation_datasets/demo_corpus.log 2>&1 & corpus=$$!; \
-	failed=""; wait $$prompt || failed="$$failed parcellation_datasets/demo_prompt.log"; \
-	wait $$corpus || failed="$$failed parcellation_datasets/demo_corpus.log"; \
-	for log in $(DEMO_LOGS); do echo "== $$log"; tr '\r' '\n' < $$log | grep -v 'it/s\|s/it\|%|' | tail -n 30; done; \
-	if [ -n "$$failed" ]; then echo "error: the demo failed, see$$failed" >&2; exit 1; fi
+	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_pipeline.sh
+	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_pipeline.sh --text parcellation_datasets/heldout_corpus_tinybard.txt
 
 bench: install
 	set -e; for f in bench/bench_*.py; do [ -e "$$f" ] || continue; echo "== $$f"; $(PY) $$f; done

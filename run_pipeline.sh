@@ -51,7 +51,7 @@
 #   --control_subsets all|best      CONTROL_SUBSETS: which subsets get them (default best: each k's winner)
 #   --modules_top N                 MODULES_TOP: c_find_modules finds modules of the count graph (and of
 #                                   direct_abs with --direct_edges 1); stage e ablates the N largest of each
-#                                   (default 2; 0: find modules, ablate none)
+#                                   (default 1; 0: find modules, ablate none)
 #   --module_controls N             MODULE_CONTROLS: layer-matched and effect-weighted controls of each module
 #                                   (N of each; default 20, the fewest that allow p < 0.05)
 #   --force                         rerun every stage even if its outputs are up to date
@@ -79,7 +79,7 @@ EFFECTS="${EFFECTS:-auto}"
 EVAL_CSV="${EVAL_CSV:-}"
 TEXT="${TEXT:-}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-30}"
-MODULES_TOP="${MODULES_TOP:-2}"
+MODULES_TOP="${MODULES_TOP:-1}"
 MODULE_CONTROLS="${MODULE_CONTROLS:-20}"
 FORCE="${FORCE:-0}"
 if [ -z "${PYTHON:-}" ]; then
@@ -211,8 +211,10 @@ stage() {
   fi
   echo "== $name"
   rm -f "$stamp"
+  local t0=$SECONDS
   "$@"
   printf '%s\n' "$want" > "$stamp"
+  echo "== $name: done in $((SECONDS - t0)) s"
   ran=1
 }
 

@@ -22,7 +22,8 @@ from gelutrace import PipelineError, sites
 from model import GPT, GPTConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_DIR = REPO_ROOT / "models"
+# the checkout's models/, or where `pip install` puts them (pyproject.toml maps models/ to gelutrace/shipped_models)
+SHIPPED_DIR = REPO_ROOT / "models" if (REPO_ROOT / "models").is_dir() else Path(__file__).resolve().parent / "shipped_models"
 SHIPPED_MODEL = "tinybard"
 HUB_MODELS = {
     "gpt2": "openai-community/gpt2",
@@ -47,6 +48,7 @@ class LoadedModel:
     path: Path  # the checkpoint directory
     device: torch.device
     site: dict  # the architecture and neuron-site definition (gelutrace.sites.site_info)
+    spec: str = ""  # the --model_type it was loaded from
 
 
 def shipped_models() -> list[str]:
@@ -231,4 +233,4 @@ def load_model(model_type: str, device: str = "auto") -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise PipelineError(f"{path}: cannot load its tokenizer ({e})") from None
-    return LoadedModel(model, tokenizer, model_name(model_type), path, dev, sites.site_info(arch))
+    return LoadedModel(model, tokenizer, model_name(model_type), path, dev, sites.site_info(arch), str(model_type))

@@ -3,7 +3,8 @@ Modules ablated as units (stage d --modules, stage e): the module written as a s
 neurons; its ablation equals stage e on the same neurons as a plain subset; it stays out of the method
 comparison; effect-weighted controls are drawn with the stated probabilities (seeded chi-square tests against
 the brute-force probabilities of successive sampling); the per-token and context tables against independent
-computations (stage e's next-token breakdown; transformers' own GPT-2 with a hook on its activation).
+computations (stage e's next-token breakdown; transformers' own GPT-2 with a hook on its activation); and the
+Python API (gelutrace.api) against the stage scripts' files from the same inputs.
 """
 
 import itertools
@@ -209,3 +210,23 @@ def test_bad_module_requests_are_refused(ablated):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and lines[-1].startswith("error:") and "Traceback" not in r.stderr, r.stderr
     assert not out.exists()
+
+
+# --- the Python API returns what the stage scripts write ------------------------------------------------------
+def test_api_equals_the_stage_scripts(ablated, shipped, tmp_path):
+    import gelutrace as gt
+
+    d, _, _ = ablated
+    ds = gt.record_corpus(shipped, [HELDOUT_PATH], out_dir=tmp_path / "api", max_tokens=1500, context=128,
+                          attribution=True)
+    for name in (sf.FREQUENCY, sf.TOP_EXAMPLES):
+        assert sf.path(ds.path, name, M).read_bytes() == sf.path(d, name, M).read_bytes()
+    sub = gt.select(ds.graph(), method="attribution", k=10, dataset=ds)
+    assert np.array_equal(sub.ids, np.load(d / sf.SUBSETS_DIR / f"{M}_attribution_k10.npy"))
+    res = gt.ablate(shipped, sub, eval_text=[EVAL_TEXT], eval_tokens=600, context=128, random_controls=4)
+    row = pd.read_csv(d / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY).set_index("subset").loc[f"{M}_attribution_k10.npy"]
+    for col in ("text_delta_nll", "text_kl", "text_delta_nll_ci_low", "text_delta_nll_p_random",
+                "text_delta_nll_random_mean"):
+        assert res.summary[col] == pytest.approx(row[col], rel=1e-9)
+    html = gt.neuron_cards(shipped, ds, sub.ids[:2]).to_html(tmp_path / "n.html").read_text()
+    assert f'id="neuron-{sub.ids[0]}"' in html and f'id="neuron-{sub.ids[1]}"' in html

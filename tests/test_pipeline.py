@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO_ROOT, SHIPPED_NAME
+from gelutrace import cards as cd
 from gelutrace import comparison as cmp
 from gelutrace import markdown
 from gelutrace import stagefiles as sf
@@ -37,7 +38,8 @@ def pipeline(tmp_path_factory, shipped_path):
     # the original's ratios and the own-continuation metric, every subset with controls (real text: corpus test)
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3 0.8", "--ratios", "0.01 0.05",
            "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held),
-           "--eval_text", "none", "--control_subsets", "all", M, str(csv), str(data)]
+           "--eval_text", "none", "--control_subsets", "all", "--modules_top", "1", "--module_controls", "2", M,
+           str(csv), str(data)]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     second = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -154,9 +156,25 @@ def test_report_and_summary(pipeline):
     assert "verdict:" in out
     ordinals = re.findall(r"(\d+)(st|nd|rd|th) percentile", out)
     assert ordinals and all(n + suffix == cmp.ordinal(int(n)) for n, suffix in ordinals)
-    assert second.count("up to date") == 8  # nothing reran (a, b, c, fidelity, c_analyze, d, e, cards)
+    assert second.count("up to date") == 9  # nothing reran (a, b, c, fidelity, c_analyze, modules, d, e, cards)
     assert report.index("## Method comparison") < report.index("## Neuron cards") < report.index("## Parameters")
     assert f"]({sf.CARDS_DIR}/{sf.CARDS_HTML})" in report and (data / sf.CARDS_DIR / sf.CARDS_HTML).is_file()
+    # the modules of both weights, the largest of each ablated (own continuations: no eval text), its card
+    modules = report[report.index("## Modules"):report.index("## Own-continuation") if "## Own-continuation" in report
+                     else report.index("## Neuron cards")]
+    for w in ("count", "direct_abs"):
+        rec = json.loads((data / sf.MODULES_DIR / sf.MODULES_RECORD.format(m=M, weight=w)).read_text())
+        assert f"**{w.replace('_', chr(92) + '_')} graph.**" in modules and f"Q = {rec['modularity']:.3f}" in modules
+        assert f"![modules by layer]({sf.MODULES_DIR}/{sf.MODULES_LAYER_PLOT.format(m=M, weight=w)})" in modules
+        assert f"### Module 0 of the {w.replace('_', chr(92) + '_')} graph" in modules
+    eff = pd.read_csv(data / sf.RESULTS_DIR / sf.MODULE_EFFECTS)
+    assert sorted(eff["weight"]) == ["count", "direct_abs"] and (eff["metric"] == "continuation").all()
+    assert not comp["subset"].str.contains("_module").any()
+    html = (data / sf.CARDS_DIR / sf.CARDS_HTML).read_text()
+    table = pd.read_csv(data / sf.MODULES_DIR / sf.MODULES.format(m=M, weight="count")).set_index("node_id")
+    for n in [int(x) for x in re.findall(r'<div class="card" id="neuron-(\d+)"', html)][:5]:
+        colour = cd.module_colour(int(table.loc[n, "module"]))
+        assert f'id="neuron-{n}" style="border-left: 6px solid {colour}"' in html
     best = comp[comp["best"].astype(bool) & (comp["method"] != "random") & (comp["k"] == comp["k"].min())]
     for stem in best["subset"]:  # each method's best subset at the smallest k has its cards
         for n in np.load(data / sf.SUBSETS_DIR / f"{stem}.npy")[:20]:

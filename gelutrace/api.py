@@ -1,0 +1,151 @@
+"""
+The pipeline as Python calls, for a notebook: each returns the objects the stage scripts write to disk (and the
+scripts call the same functions). Exported by `gelutrace`:
+
+    import gelutrace as gt
+    lm = gt.load_model("tinybard")                              # or a checkpoint directory, or a hub name
+    ds = gt.record_corpus(lm, ["heldout.txt"], max_tokens=20_000)  # stage b, corpus mode; a temporary directory
+    g = ds.graph()                                              # the co-activation graph (every weight)
+    sub = gt.select(g, method="attribution", k=30)              # stage d
+    res = gt.ablate(lm, sub, eval_text=["eval.txt"], random_controls=20)  # stage e on real text
+    gt.neuron_cards(lm, ds, sub.ids).to_html("neurons.html")    # f_render_neuron_cards.py
+    mods = gt.find_modules(g)                                   # c_find_modules.py
+"""
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gelutrace import PipelineError
+from gelutrace import stagefiles as sf
+from gelutrace.loading import LoadedModel, load_model  # noqa: F401  (exported)
+
+
+@dataclass
+class Dataset:
+    """A stage-b dataset directory: what `b_generate_activation_dataset.py` wrote, read back on demand."""
+    path: Path
+    m: str  # the file prefix (the model's name)
+
+    @property
+    def frequencies(self) -> pd.DataFrame:
+        """{m}_neuron_frequency.csv: each neuron's activation count and frequency, mean activation, attribution."""
+        return pd.read_csv(sf.path(self.path, sf.FREQUENCY, self.m))
+
+    @property
+    def record(self) -> dict | None:
+        """{m}_corpus.json (corpus mode): the files read, with their sha256, format and field; tokens; windows."""
+        p = sf.path(self.path, sf.CORPUS, self.m)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def graph(self):
+        """The co-activation graph store ({m}_weighted_graph) as a gelutrace.graph.CoactivationGraph: counts and
+        every derived weight (count, jaccard, phi, pmi; direct and direct_abs with direct_edges)."""
+        from gelutrace import store as gs
+
+        return gs.read_graph(sf.path(self.path, sf.WEIGHTED_GRAPH, self.m))
+
+
+def record_corpus(lm: LoadedModel, text: list[str], out_dir=None, max_tokens: int | None = None,
+                  context: int | None = None, attribution: bool = False, direct_edges: bool = False,
+                  top_examples: int = 10, text_field: str = "text") -> Dataset:
+    """Stage b in corpus mode over `text` (files or directories, any corpus format), exact streamed statistics,
+    into `out_dir` (default: a new temporary directory)."""
+    from gelutrace import corpus as cp
+
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="gelutrace_"))
+    settings = cp.CorpusSettings(context=context, max_tokens=max_tokens, top_examples=top_examples,
+                                 attribution=attribution, direct_edges="adjacent" if direct_edges else None,
+                                 text_field=text_field)
+    cp.run_corpus_mode([str(t) for t in text], out, lm.spec or str(lm.path), str(lm.device), settings)
+    return Dataset(out, lm.name)
+
+
+def select(graph, method: str = "attribution", k: int = 30, threshold: float | None = None, weight: str = "count",
+           seed: int = 1337, dataset: Dataset | None = None):
+    """Stage d: the k neurons `method` ranks first (gelutrace.selection.Subset: ids in rank order, scores, info);
+    graph methods need `threshold`."""
+    from gelutrace import selection as sel
+
+    sel.check_params(threshold, 1.0, method)
+    sel.check_sizes([k], graph.num_nodes)
+    return sel.select_sizes(graph, threshold, [k], method, seed, weight=weight,
+                            dataset_path=dataset.path if dataset is not None else None)[0]
+
+
+@dataclass
+class Ablated:
+    """Stage e on real text for one set of neurons: the summary row's real-text columns (text_delta_nll and
+    text_kl with CIs over the units, and with controls their null: text_delta_nll_p_random, ...), and the
+    measured sums (gelutrace.realtext.TextResults)."""
+    ids: np.ndarray
+    summary: dict
+    results: object = field(repr=False)
+
+    @property
+    def delta_nll(self) -> float:
+        return self.summary["text_delta_nll"]
+
+
+def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 8000, context: int | None = None,
+           random_controls: int = 0, seed: int = 1337, batch_size: int = 64) -> Ablated:
+    """Zero-ablate the neurons (a Subset, or neuron ids) on held-out text, with `random_controls` random sets of
+    the same layers, as stage e's --eval_text measures them."""
+    from gelutrace import perturbation as pt
+    from gelutrace import realtext
+
+    ids = np.unique(np.asarray(getattr(neurons, "ids", neurons), np.int64))
+    cfg = lm.model.config
+    if not len(ids) or ids.min() < 0 or ids.max() >= cfg.n_layer * cfg.d_mlp:
+        raise PipelineError(f"neuron ids must be in 0..{cfg.n_layer * cfg.d_mlp - 1} (and at least one)")
+    ctx = realtext.check_context(cfg.block_size if context is None else context, cfg.block_size)
+    text = realtext.read_eval_text([str(t) for t in eval_text], lm.tokenizer, ctx, cfg.vocab_size, eval_tokens)
+    sub = pt.Subset("neurons", ids)
+    res = realtext.measure_subsets(lm.model, text, [sub], None, seed, 0.5, batch_size)
+    controls = [pt.random_control(ids, cfg.n_layer, cfg.d_mlp, seed, j) for j in range(random_controls)]
+    realtext.add_controls(res, lm.model, [controls], None, batch_size)
+    return Ablated(ids, realtext.summary_columns(res, 0), res)
+
+
+@dataclass
+class Cards:
+    """Neuron cards (gelutrace.cards.Card), as f_render_neuron_cards.py renders them."""
+    cards: list
+    m: str
+
+    def to_html(self, path) -> Path:
+        from gelutrace import cards as cd
+
+        with sf.atomic_open(path, "w", encoding="utf-8") as f:
+            f.write(cd.cards_html(self.cards, self.m))
+        return Path(path)
+
+    def to_markdown(self) -> str:
+        from gelutrace import cards as cd
+
+        return cd.cards_markdown(self.cards, self.m)
+
+
+def neuron_cards(lm: LoadedModel, dataset: Dataset, neuron_ids, k: int = 10) -> Cards:
+    """The cards of these neurons from the dataset (top examples, direct logit effect, figures)."""
+    from gelutrace import cards as cd
+
+    ids = np.asarray(neuron_ids, np.int64)
+    n = lm.model.config.n_layer * lm.model.config.d_mlp
+    return Cards(cd.build_cards(lm.model, lm.tokenizer, dataset.path, lm.name, ids, k,
+                                modules=cd.dataset_modules(dataset.path, lm.name, n)), lm.name)
+
+
+def find_modules(graph, weight: str = "count", top_edges_per_node: int = 32, threshold: float | None = None,
+                 resolution: float | None = None, null_graphs: int = 20, seeds: int = 10, seed: int = 0):
+    """c_find_modules.py: Leiden modules of the thinned graph against degree-preserving rewired graphs; returns
+    (gelutrace.modules.Modules, its record as {m}_modules_{weight}.json holds it)."""
+    from gelutrace import modules as md
+
+    s = md.ModuleSettings(weight, threshold, top_edges_per_node, resolution, "drop", seed, null_graphs, seeds)
+    mods = md.find_modules(graph, s)
+    return mods, md.describe(mods, graph)

@@ -1,0 +1,49 @@
+"""
+`gelutrace STAGE [flags]`: the stage scripts as one installed command. `gelutrace b --input_csv ...` runs
+b_generate_activation_dataset.py with those flags, exactly as `python b_generate_activation_dataset.py ...` in a
+checkout does; `gelutrace --help` lists the stages.
+"""
+
+import runpy
+import sys
+
+STAGES = {
+    "a": "a_generate_gelu_graph",
+    "b": "b_generate_activation_dataset",
+    "b-trace": "b_trace_gelu_activations",
+    "c": "c_calculate_weighted_activation_graph",
+    "c-analyze": "c_analyze_weighted_activation_graph",
+    "c-merge": "c_merge_activation_statistics",
+    "c-fidelity": "c_measure_edge_fidelity",
+    "c-modules": "c_find_modules",
+    "d": "d_calculate_perturbation_subset",
+    "d-effects": "d_calculate_neuron_effects",
+    "e": "e_generate_perturbed_results",
+    "f": "f_render_neuron_cards",
+    "report": "gelutrace.report",
+}
+
+
+def usage() -> str:
+    lines = ["usage: gelutrace STAGE [flags]   (gelutrace STAGE --help: the stage's flags)", "", "stages:"]
+    lines += [f"  {k:<11} {v}{'' if '.' in v else '.py'}" for k, v in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    by_script = {v.split(".")[-1]: v for v in STAGES.values()} | {v + ".py": v for v in STAGES.values()}
+    module = STAGES.get(argv[0]) or by_script.get(argv[0])
+    if module is None:
+        print(f"{usage()}\n\nerror: unknown stage {argv[0]!r}", file=sys.stderr)
+        return 2
+    sys.argv = [f"gelutrace {argv[0]}", *argv[1:]]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
