@@ -8,8 +8,9 @@ PY = $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt constraints.txt
-	python3 -m venv $(VENV) && $(VENV)/bin/pip install -r requirements.txt -c constraints.txt && touch $@
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	python3 -m venv $(VENV) && $(VENV)/bin/pip install -r requirements.txt -c constraints.txt \
+	  && $(VENV)/bin/pip install --no-deps --no-build-isolation -e . && touch $@
 
 # the test files run in parallel, one file per worker (its module fixtures built once), one worker per core
 test: install

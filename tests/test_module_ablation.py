@@ -227,6 +227,6 @@ def test_api_equals_the_stage_scripts(ablated, shipped, tmp_path):
     row = pd.read_csv(d / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY).set_index("subset").loc[f"{M}_attribution_k10.npy"]
     for col in ("text_delta_nll", "text_kl", "text_delta_nll_ci_low", "text_delta_nll_p_random",
                 "text_delta_nll_random_mean"):
-        assert res.summary[col] == pytest.approx(row[col], rel=1e-9)
+        assert res.summary[col] == pytest.approx(row[col], rel=1e-5)  # float32, other batch groupings
     html = gt.neuron_cards(shipped, ds, sub.ids[:2]).to_html(tmp_path / "n.html").read_text()
     assert f'id="neuron-{sub.ids[0]}"' in html and f'id="neuron-{sub.ids[1]}"' in html
