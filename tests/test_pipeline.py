@@ -77,9 +77,9 @@ def test_contract_files_agree(pipeline):
 
     subsets = sorted((data / sf.SUBSETS_DIR).glob("*.npy"))
     methods = {json.loads(p.with_suffix(".json").read_text())["method"] for p in subsets}
-    assert methods == set(DEFAULT_METHODS)
-    # degree at 2 thresholds and 2 weights (count, direct_abs); the rest ignore both
-    assert len(subsets) == 2 * 2 * 2 + 2 * (len(DEFAULT_METHODS) - 1)
+    assert methods == set(DEFAULT_METHODS) | {"module"}
+    # degree at 2 thresholds and 2 weights (count, direct_abs); the rest ignore both; the largest module of each
+    assert len(subsets) == 2 * 2 * 2 + 2 * (len(DEFAULT_METHODS) - 1) + 2
     assert {json.loads(p.with_suffix(".json").read_text())["weight"] for p in subsets} == {None, "count", "direct_abs"}
     summary = pd.read_csv(data / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY)
     assert set(summary["subset"]) == {"none"} | {p.name for p in subsets}
@@ -87,7 +87,7 @@ def test_contract_files_agree(pipeline):
         ids = np.load(p, allow_pickle=False)
         side = json.loads((p.parent / sf.SUBSET_SIDECAR.format(stem=p.stem)).read_text())
         ratio = side["ratio"]
-        assert len(ids) == side["k"] == max(1, int(n * ratio))
+        assert len(ids) == side["k"] == (max(1, int(n * ratio)) if side["method"] != "module" else len(ids))
         row = summary[summary["subset"] == p.name].iloc[0]
         assert row["k"] == len(ids)
         assert sum(row[f"layer_{i}_count"] for i in range(meta["n_layer"])) == len(ids)
@@ -105,7 +105,7 @@ def test_comparison_measured_on_held_out_prompts(pipeline):
     assert ev["held_out"] and ev["eval_prompts"] == 4 and ev["selection_prompts"] == 3
     summary = pd.read_csv(results / sf.PERTURBATION_SUMMARY).set_index("subset")
     comp = pd.read_csv(results / sf.COMPARISON)
-    assert len(comp) == len(summary) - 1  # every subset but none
+    assert len(comp) == len(summary) - 1 - 2  # every subset but none and the two modules
     record = json.loads((results / sf.COMPARISON_RECORD).read_text())
     assert not record["nested"] and record["test_prompts"] == list(range(4))  # 4 prompts: too few to split
     for r in comp.to_dict("records"):

@@ -25,7 +25,8 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(HELDOUT_PATH), "--thresholds", "0.8",
                         "--ks", "3 1%", "--random_controls", "2", "--device", "cpu", "--eval_csv", str(held),
-                        "--eval_tokens", "600", M, str(held), str(data)], capture_output=True, text=True, env=env)
+                        "--eval_tokens", "600", "--module_controls", "2", M, str(held), str(data)],
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     # the real-text verdict (the shipped model's default evaluation text) over the k grid, controls for winners
     results = data / sf.RESULTS_DIR
@@ -56,6 +57,15 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     header = json.loads((data / sf.WEIGHTED_GRAPH.format(m=M) / sf.GRAPH_STORE_HEADER).read_text())
     assert header["num_samples"] == record["samples"] == record["tokens"]
     methods = {json.loads(p.read_text())["method"] for p in (data / sf.SUBSETS_DIR).glob("*.json")}
-    assert methods == {"degree", "influence", "activation_count", "attribution", "random"}  # stage b --attribution
+    assert methods == {"degree", "influence", "activation_count", "attribution", "random", "module"}  # b --attribution
     report = (data / "report.md").read_text()
     assert "chosen on a corpus (heldout.txt" in report and "none of which occurs in the corpus" in report
+    # the modules on the real text: their effects against both nulls, top tokens and contexts, in the report
+    eff = pd.read_csv(results / sf.MODULE_EFFECTS)
+    assert len(eff) == 2 and (eff["metric"] == "real_text").all() and (eff["control_weights"] == "attribution").all()
+    tokens = pd.read_csv(results / sf.MODULE_TOKENS, keep_default_na=False)
+    contexts = pd.read_csv(results / sf.MODULE_CONTEXTS, keep_default_na=False)
+    assert set(tokens["subset"]) == set(contexts["subset"]) == set(eff["subset"])
+    section = report[report.index("## Modules"):]
+    assert "Next tokens whose loss rises most without it" in section and "fire together most" in section
+    assert "no module structure" in section or "rewired graphs (p = " in section
