@@ -283,7 +283,9 @@ def plot_module_graph(sizes, between, target, title: str):
     import networkx as nx
     import numpy as np
 
-    n = min(len(sizes), MAX_MODULES_DRAWN)
+    sizes = np.asarray(sizes)
+    # modules are numbered by decreasing size: the single neurons (no edge kept) come last and are not drawn
+    n = min(int((sizes > 1).sum()) or len(sizes), MAX_MODULES_DRAWN)
     w = np.asarray(between, np.float64)[:n, :n]
     g = nx.Graph()
     g.add_nodes_from(range(n))
@@ -299,6 +301,10 @@ def plot_module_graph(sizes, between, target, title: str):
     s = np.asarray(sizes[:n], np.float64)
     nx.draw_networkx_nodes(g, pos, ax=ax, node_size=60 + 1500 * s / s.max(), node_color=range(n), cmap="tab20")
     nx.draw_networkx_labels(g, pos, ax=ax, labels={i: f"M{i}\n{int(s[i])}" for i in range(n)}, font_size=7)
-    ax.set_title(title + (f" (largest {n} of {len(sizes)})" if len(sizes) > n else ""), fontsize=10)
+    singles = int((sizes[n:] == 1).sum())
+    rest = len(sizes) - n - singles
+    note = ", ".join(x for x in (f"{singles} single-neuron modules" if singles else "",
+                                 f"{rest} smaller modules" if rest else "") if x)
+    ax.set_title(title + (f"\n(not drawn: {note})" if note else ""), fontsize=10)
     ax.axis("off")
     return _save(fig, target)
