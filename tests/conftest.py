@@ -14,6 +14,8 @@ from pathlib import Path
 
 # before transformers is imported (it reads this once): nothing in the tests may reach a model hub
 os.environ["HF_HUB_OFFLINE"] = "1"
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # one thread per worker (and its subprocesses): the
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers share the cores; more threads only oversubscribe them
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
