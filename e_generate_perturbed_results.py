@@ -36,6 +36,12 @@ Writes into <dataset_path>/perturbation_results/:
   continuation_comparison.csv, continuation_verdict.csv   the comparison on the own continuations
   summary.csv also gets text_tokens, text_nll (unablated), text_delta_nll, text_kl, their CIs over the units
   and, with controls, their null (text_delta_nll_p_random, ...)
+  with module subsets (d_calculate_perturbation_subset.py --modules): each module gets --module_controls
+  layer-matched and as many effect-weighted controls (summary.csv: {metric}_p_weighted, ...) and stays out of the
+  method comparison:
+  module_effects.csv    per module: its effect, both nulls (empirical p, Holm across modules), top tokens
+  module_tokens.csv     with --eval_text: the 10 next tokens whose delta_nll rises most without it
+  module_contexts.csv   with --eval_text: the 5 positions where its neurons' mean activation is largest
 
 Metrics (each sample's value averaged over its continuation; the summary averages over samples):
   kl                  KL(baseline || perturbed) of the next-token distributions (softmax of the logits,

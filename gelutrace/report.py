@@ -458,11 +458,11 @@ def modules_section(info: dict, data: Path) -> list[str]:
     beat = {n: int(((eff[n] < alpha) & (eff[f"{n}_holm"] < alpha)).sum()) for n in ("p_random", "p_weighted")}
     weighted = eff["p_weighted"].notna().any()
     lines += [f"Each module ablated as a unit ({metric}, nats/token, {100 * cmp.LEVEL:g} % CI), against random "
-              f"neurons of the same layers (`p_random`) and"
-              + (f" against random neurons of the same layers drawn with probability proportional to each neuron's "
-                 f"own strength ({markdown.escape(str(eff['control_weights'].dropna().iloc[0]))}; `p_weighted`): "
-                 f"does the grouping matter beyond its neurons' individual effects?" if weighted else
-                 " (no single-neuron effects or attribution were measured: no effect-weighted null)")
+              f"neurons of the same layers (`p_random`)"
+              + (f" and against random neurons of the same layers drawn with probability proportional to each "
+                 f"neuron's own strength ({markdown.escape(str(eff['control_weights'].dropna().iloc[0]))}; "
+                 f"`p_weighted`): does the grouping matter beyond its neurons' individual effects?" if weighted else
+                 "; no single-neuron effects or attribution were measured, so there is no effect-weighted null.")
               + f" `p`: the empirical p among the controls; `Holm`: the normal approximation's, Holm-adjusted across "
               f"the {len(eff)} modules; a module beats a null when both are below {alpha:g}. "
               f"{beat['p_random']} of {len(eff)} beat the layer-matched null"
