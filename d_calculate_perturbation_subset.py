@@ -160,9 +160,14 @@ def main():
 
 
 def write_modules(args):
-    if args.output_path or args.ratio or args.k or args.input_graph_path:
-        raise PipelineError("--modules writes each module as it is: give --output_dir and --module or --modules_top, "
-                            "without --output_path, --ratio, --k or --input_graph_path")
+    ranking = {"--output_path": args.output_path, "--ratio": args.ratio, "--k": args.k,
+               "--input_graph_path": args.input_graph_path, "--threshold": args.threshold,
+               "--method": args.method != "degree", "--weight": args.weight != gr.DEFAULT_WEIGHT,
+               "--match_layers": args.match_layers, "--export_graph": args.export_graph}
+    if any(v not in (None, False) for v in ranking.values()):
+        given = [k for k, v in ranking.items() if v not in (None, False)]
+        raise PipelineError(f"--modules writes each module as it is: give --output_dir and --module or --modules_top, "
+                            f"without {', '.join(given)}")
     if (args.module is None) == (args.modules_top is None):
         raise PipelineError("--modules needs --module M ... or --modules_top N")
     if args.modules_top is not None and args.modules_top < 1:
@@ -171,7 +176,16 @@ def write_modules(args):
         raise PipelineError("--module lists a module twice")
     mf = md.read_modules(args.modules)
     out = sf.check_output_dir(Path(args.output_dir), "--output_dir")
+    m = mf.record["model"]
+    data = Path(args.dataset_path) if args.dataset_path else out.parent  # the dataset the subsets are for
+    others = sorted(q.name[:-len("_graph_meta.json")] for q in data.glob("*_graph_meta.json"))
+    if (args.dataset_path or others) and m not in others:
+        raise PipelineError(f"{args.modules} holds modules of model {m!r}, but {data} is a dataset of "
+                            f"{', '.join(map(repr, others)) or 'no model'}")
     chosen = args.module or list(range(min(args.modules_top, mf.num_modules)))
+    if args.modules_top is not None and args.modules_top > mf.num_modules:
+        print(f"note: {args.modules} has {mf.num_modules} modules, fewer than --modules_top {args.modules_top}: "
+              f"writing them all")
     for k in chosen:
         if not 0 <= k < mf.num_modules:
             raise PipelineError(f"--module {k}: {args.modules} has modules 0..{mf.num_modules - 1}")

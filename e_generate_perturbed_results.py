@@ -57,6 +57,7 @@ Metrics (each sample's value averaged over its continuation; the summary average
         --perturbation_subset_filenames gpt2_degree_t0.1_r0.05.npy none --random_controls 5
 """
 
+import sys
 from pathlib import Path
 
 import torch
@@ -165,6 +166,10 @@ def main(argv=None):
     ablated = [s for s in subsets if len(s.ids)]
     modules = [s for s in ablated if s.is_module]
     weights, weights_source = pt.control_weights(args.dataset_path, lm.name, n_neurons) if modules else (None, None)
+    if modules and weights is None:
+        print(f"note: {args.dataset_path} has neither single-neuron effects nor attribution: the modules get no "
+              f"effect-weighted controls (run d_calculate_neuron_effects.py, or stage b with attribution)",
+              file=sys.stderr)
     compared = [s for s in ablated if not s.is_module]
     with_controls = (len({len(s.ids) for s in compared if s.compared}) if args.control_subsets == "best"
                      else len(compared))  # at most

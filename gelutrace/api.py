@@ -70,11 +70,21 @@ def select(graph, method: str = "attribution", k: int = 30, threshold: float | N
     """Stage d: the k neurons `method` ranks first (gelutrace.selection.Subset: ids in rank order, scores, info);
     graph methods need `threshold`."""
     from gelutrace import selection as sel
+    from gelutrace.graph import CoactivationGraph
 
+    if not isinstance(graph, CoactivationGraph):
+        raise PipelineError(f"select needs a graph (Dataset.graph()), got {type(graph).__name__}")
     sel.check_params(threshold, 1.0, method)
     sel.check_sizes([k], graph.num_nodes)
     return sel.select_sizes(graph, threshold, [k], method, seed, weight=weight,
                             dataset_path=dataset.path if dataset is not None else None)[0]
+
+
+def _neuron_ids(neurons) -> np.ndarray:
+    ids = np.asarray(neurons)
+    if ids.ndim != 1 or (len(ids) and not np.issubdtype(ids.dtype, np.integer)):
+        raise PipelineError(f"neuron ids must be a list of whole numbers, got {ids.dtype} of shape {ids.shape}")
+    return ids.astype(np.int64)
 
 
 @dataclass
@@ -98,8 +108,10 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
     from gelutrace import perturbation as pt
     from gelutrace import realtext
 
-    ids = np.unique(np.asarray(getattr(neurons, "ids", neurons), np.int64))
+    ids = np.unique(_neuron_ids(getattr(neurons, "ids", neurons)))  # a set: each neuron once
     cfg = lm.model.config
+    if isinstance(eval_text, (str, Path)):
+        eval_text = [eval_text]
     if not len(ids) or ids.min() < 0 or ids.max() >= cfg.n_layer * cfg.d_mlp:
         raise PipelineError(f"neuron ids must be in 0..{cfg.n_layer * cfg.d_mlp - 1} (and at least one)")
     ctx = realtext.check_context(cfg.block_size if context is None else context, cfg.block_size)
@@ -134,8 +146,10 @@ def neuron_cards(lm: LoadedModel, dataset: Dataset, neuron_ids, k: int = 10) -> 
     """The cards of these neurons from the dataset (top examples, direct logit effect, figures)."""
     from gelutrace import cards as cd
 
-    ids = np.asarray(neuron_ids, np.int64)
+    ids = _neuron_ids(neuron_ids)
     n = lm.model.config.n_layer * lm.model.config.d_mlp
+    if not len(ids) or k < 1:
+        raise PipelineError("neuron_cards needs at least one neuron and k >= 1 examples")
     return Cards(cd.build_cards(lm.model, lm.tokenizer, dataset.path, lm.name, ids, k,
                                 modules=cd.dataset_modules(dataset.path, lm.name, n)), lm.name)
 

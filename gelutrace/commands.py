@@ -32,7 +32,10 @@ def usage() -> str:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(f"{usage()}\n\nerror: name a stage", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     by_script = {v.split(".")[-1]: v for v in STAGES.values()} | {v + ".py": v for v in STAGES.values()}

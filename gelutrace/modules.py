@@ -389,12 +389,16 @@ def read_modules(csv_path, n_neurons: int | None = None) -> ModuleFile:
         record = json.loads(side.read_text())
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
         raise PipelineError(f"{p} or {side} cannot be read: {e}") from None
-    if list(df.columns) != sf.MODULES_COLUMNS or not isinstance(record, dict):
+    if list(df.columns) != sf.MODULES_COLUMNS:
         raise PipelineError(f"{p}: expected c_find_modules' columns {', '.join(sf.MODULES_COLUMNS)}")
-    try:
-        node, layer, dim, module = (df[c].to_numpy(np.int64) for c in sf.MODULES_COLUMNS)
-    except (ValueError, TypeError):
-        raise PipelineError(f"{p}: its columns must be whole numbers") from None
+    if not isinstance(record, dict) or not isinstance(record.get("model"), str) or not isinstance(
+            record.get("sizes"), list):
+        raise PipelineError(f"{side} is not c_find_modules' record (no model or sizes): rerun c_find_modules.py")
+    if not len(df):
+        raise PipelineError(f"{p} holds no neurons")
+    if not all(pd.api.types.is_integer_dtype(df[c]) for c in sf.MODULES_COLUMNS):  # 1.5, NaN or text
+        raise PipelineError(f"{p}: its columns must be whole numbers in every row")
+    node, layer, dim, module = (df[c].to_numpy(np.int64) for c in sf.MODULES_COLUMNS)
     widths = np.unique((node - dim)[layer > 0] // layer[layer > 0])
     d_mlp = int(widths[0]) if len(widths) else int(dim.max()) + 1 if len(dim) else 0
     if len(widths) > 1 or (len(node) and not np.array_equal(node, layer * d_mlp + dim)):
@@ -404,6 +408,9 @@ def read_modules(csv_path, n_neurons: int | None = None) -> ModuleFile:
         raise PipelineError(f"{p}: node ids must be distinct and in 0..{n - 1} (a file of another model?)")
     if len(module) and (module.min() < 0 or set(np.unique(module)) != set(range(int(module.max()) + 1))):
         raise PipelineError(f"{p}: modules must be numbered 0, 1, 2, ... without gaps")
+    if sorted(np.bincount(module).tolist(), reverse=True) != record["sizes"]:
+        raise PipelineError(f"{p}: its modules' sizes are not those its record {side.name} gives (a cut or edited "
+                            f"copy?): rerun c_find_modules.py")
     module_of = np.full(n, -1, np.int64)
     module_of[node] = module
     return ModuleFile(str(p), module_of, record, d_mlp)

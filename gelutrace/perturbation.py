@@ -127,6 +127,8 @@ def read_sidecar(npy: Path, model: str) -> dict:
         v = info.get(key)
         if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
             raise PipelineError(f"{side}: {key} is {v!r}, not what stage d writes; rerun stage d")
+    if info.get("method") == MODULE and not isinstance(info.get("module"), int):
+        raise PipelineError(f"{side}: a module's sidecar without its module number; rerun stage d --modules")
     if info.get("model") not in (None, model):
         raise PipelineError(f"subset {npy.name} was made for model {info['model']!r}, not {model!r} ({side})")
     return info

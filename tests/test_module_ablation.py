@@ -209,7 +209,23 @@ def test_bad_module_requests_are_refused(ablated):
         r = run("d_calculate_perturbation_subset.py", *bad, "--output_dir", out, ok=False)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and lines[-1].startswith("error:") and "Traceback" not in r.stderr, r.stderr
-    assert not out.exists()
+    # files that are not c_find_modules' own: a cut copy, a module 1.5, a record without model and sizes, another
+    # model's modules written into this dataset; and the ranking's flags, which a module does not use
+    table, record = pd.read_csv(modules), json.loads(modules.with_suffix(".json").read_text())
+    edits = {"cut": (table.head(100), record), "fraction": (table.astype({"module": float}).assign(
+        module=lambda t: t["module"].where(t.index != 1, 1.5)), record), "bare": (table, {}),
+        "other": (table, {**record, "model": "gpt2"})}
+    for name, (t, rec) in edits.items():
+        t.to_csv(d / f"{name}.csv", index=False)
+        (d / f"{name}.json").write_text(json.dumps(rec))
+        r = run("d_calculate_perturbation_subset.py", "--modules", d / f"{name}.csv", "--module", 0, "--output_dir",
+                d / sf.SUBSETS_DIR, ok=False)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:"), (name, r.stderr)
+    assert "model 'gpt2'" in r.stderr
+    r = run("d_calculate_perturbation_subset.py", "--modules", modules, "--module", 0, "--method", "pagerank",
+            "--output_dir", out, ok=False)
+    assert r.returncode == 2 and "without --method" in r.stderr
+    assert not out.exists() and not list((d / sf.SUBSETS_DIR).glob("gpt2_*"))
 
 
 # --- the Python API returns what the stage scripts write ------------------------------------------------------
@@ -230,3 +246,16 @@ def test_api_equals_the_stage_scripts(ablated, shipped, tmp_path):
         assert res.summary[col] == pytest.approx(row[col], rel=1e-5)  # float32, other batch groupings
     html = gt.neuron_cards(shipped, ds, sub.ids[:2]).to_html(tmp_path / "n.html").read_text()
     assert f'id="neuron-{sub.ids[0]}"' in html and f'id="neuron-{sub.ids[1]}"' in html
+
+
+def test_api_refuses_bad_calls_with_pipeline_errors(ablated, shipped):
+    import gelutrace as gt
+
+    d, _, _ = ablated
+    ds = gt.Dataset(d, M)
+    for call in (lambda: gt.ablate(shipped, ["a"], eval_text=EVAL_TEXT), lambda: gt.ablate(shipped, [1.5], EVAL_TEXT),
+                 lambda: gt.ablate(shipped, [10 ** 8], eval_text=EVAL_TEXT), lambda: gt.neuron_cards(shipped, ds, []),
+                 lambda: gt.neuron_cards(shipped, ds, [1], k=0), lambda: gt.select(None, method="degree", k=3),
+                 lambda: gt.select(ds.graph(), method="nope", k=3), lambda: gt.load_model("no-such-model")):
+        with pytest.raises(gt.PipelineError):
+            call()
