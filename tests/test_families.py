@@ -334,7 +334,7 @@ def test_run_pipeline_on_pythia(tmp_path):
     data = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3", "--ratios", "0.05", "--random_controls", "1",
-           "--device", "cpu", "--effects", "0", str(ckpt), str(csv), str(data)]
+           "--device", "cpu", "--effects", "0", "--module_controls", "1", str(ckpt), str(csv), str(data)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     m = "tiny-pythia"

@@ -193,7 +193,7 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
     # a lighter run than the fixture's (the stages' commands change, but a's does not): what reruns is the point
     base = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.8", "--ratios", "0.01", "--direct_edges", "0",
             "--methods", "degree random", "--random_controls", "2", "--device", "cpu", "--effects", "0",
-            "--eval_csv", str(held), "--eval_text", "none", "--control_subsets", "all"]
+            "--eval_csv", str(held), "--eval_text", "none", "--control_subsets", "all", "--modules_top", "0"]
     r = subprocess.run(base + [M, str(csv), str(copy)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
