@@ -14,11 +14,15 @@ duplicate edge), so that every node keeps its degree and every layer pair its ed
 its weight with its source.
 """
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from gelutrace import PipelineError
+from gelutrace import stagefiles as sf
 from gelutrace.graph import DEFAULT_WEIGHT, CoactivationGraph, DenseBlock
 
 NEGATIVE = ("drop", "abs")
@@ -372,13 +376,6 @@ class ModuleFile:
 
 def read_modules(csv_path, n_neurons: int | None = None) -> ModuleFile:
     """c_find_modules' table and record; a file that is not one (columns, ids, module numbers) is refused."""
-    import json
-    from pathlib import Path
-
-    import pandas as pd
-
-    from gelutrace import stagefiles as sf
-
     p = Path(csv_path)
     side = p.with_suffix(".json")  # sf.MODULES_RECORD beside sf.MODULES
     for f in (p, side):
