@@ -12,13 +12,16 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	python3 -m venv $(VENV) && $(VENV)/bin/pip install -r requirements.txt -c constraints.txt \
 	  && $(VENV)/bin/pip install --no-deps --no-build-isolation -e . && touch $@
 
-# the test files run in parallel, one file per worker (its module fixtures built once), one worker per core
+# the test files run in parallel, one file per worker (its module fixtures built once), one worker per core,
+# the longest files first (tests/conftest.py)
+XDIST = -n auto --dist loadfile --no-loadscope-reorder
+
 test: install
-	$(PY) -m pytest -q -n auto --dist loadfile tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 # the same without the tests marked slow (pytest.ini): a quicker loop while working; `make test` runs them all
 test-fast: install
-	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_pipeline.sh

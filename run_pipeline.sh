@@ -125,7 +125,11 @@ case "$CONTROL_SUBSETS" in all|best) ;; *) echo "error: --control_subsets must b
 MODEL="${pos[0]:-tinybard}"
 CSV="${pos[1]:-$here/parcellation_datasets/test_1.csv}"
 [ -f "$CSV" ] || { echo "error: prompt CSV $CSV does not exist" >&2; exit 2; }
-m="$(cd "$here" && "$PYTHON" -c 'import sys; from gelutrace.loading import model_name; print(model_name(sys.argv[1]))' "$MODEL")"
+# the file prefix {m} and whether MODEL is a shipped model, in one interpreter start
+names="$(cd "$here" && "$PYTHON" -c 'import sys
+from gelutrace.loading import model_name, shipped_models
+print(int(sys.argv[1] in shipped_models()), model_name(sys.argv[1]))' "$MODEL")"
+shipped="${names%% *}" m="${names#* }"
 if [ -n "$TEXT" ]; then
   [ -e "$TEXT" ] || { echo "error: text $TEXT does not exist" >&2; exit 2; }
   TEXT="$(cd "$(dirname "$TEXT")" && pwd)/$(basename "$TEXT")"
@@ -139,7 +143,6 @@ if [ -n "$TEXT" ]; then
 else
   DATA="${pos[2]:-$here/parcellation_datasets/$(basename "$CSV" .csv)_$m}"
 fi
-shipped="$(cd "$here" && "$PYTHON" -c 'import sys; from gelutrace.loading import shipped_models; print(int(sys.argv[1] in shipped_models()))' "$MODEL")"
 if [ "$EFFECTS" = auto ]; then
   case "$shipped" in 1) EFFECTS=1 ;; *) EFFECTS=0 ;; esac
 fi

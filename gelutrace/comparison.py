@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm, spearmanr, t as student_t
 
 from gelutrace import stagefiles as sf
 
@@ -97,6 +96,7 @@ def percentile(value: float, controls) -> float:
 # --- the null of random neurons of the same layers -------------------------------------------------------
 def null_test(value: float, controls) -> dict:
     """The subset's value against its controls (NaN controls left out): the NULL_FIELDS and random_n."""
+    from scipy.stats import norm  # scipy.stats takes half a second to import: only where a test is made
     c = np.asarray(controls, np.float64)
     c = c[~np.isnan(c)]
     out = dict.fromkeys(NULL_FIELDS, np.nan)
@@ -132,6 +132,7 @@ def holm(p) -> np.ndarray:
 
 def t_ratio(value: float, controls, level: float = LEVEL) -> float:
     """value / mean(controls), only where the controls' mean is above 0 by its t-interval (df = N - 1)."""
+    from scipy.stats import t as student_t
     c = np.asarray(controls, np.float64)
     c = c[~np.isnan(c)]
     if len(c) < 2:
@@ -480,6 +481,8 @@ def agreement_table(entries: list[Entry], effects: np.ndarray, scores: dict) -> 
     Spearman correlation of its score with the effects over the measured neurons (scores: (method, variant)
     -> per-neuron score), and each subset's top-k recall, the share of the k largest effects it holds.
     """
+    from scipy.stats import spearmanr
+
     measured = np.flatnonzero(~np.isnan(effects))
     order = measured[np.lexsort((measured, -effects[measured]))]
     rows = []

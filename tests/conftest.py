@@ -40,6 +40,18 @@ TOKENIZER_TEXT = (
 )
 
 
+# `make test` hands each worker one file at a time (--dist loadfile, --no-loadscope-reorder), in collection order:
+# the longest files first (their measured order here) keep both workers busy to the end. Files not named follow.
+LONGEST_FIRST = ("test_pipeline.py", "test_corpus_direct.py", "test_pipeline_corpus.py", "test_families.py",
+                 "test_corpus.py", "test_corpus_attribution.py", "test_stage_cd_scripts.py", "test_effects.py",
+                 "test_fidelity.py", "test_notebook.py", "test_module_ablation.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 @pytest.fixture(autouse=True)
 def _grad_mode_restored():
     """A test that calls a script's code in-process may switch autograd off globally: each test starts with the

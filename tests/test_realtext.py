@@ -163,8 +163,9 @@ def test_subsets_alone_equal_subsets_together(shipped):
     _, together = rt.evaluate(shipped.model, text, groups, None, batch_size=64)
     for g, m in zip(groups, together):
         _, (alone,) = rt.evaluate(shipped.model, text, [g], None, batch_size=64)
-        np.testing.assert_allclose(m.delta_nll, alone.delta_nll, rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(m.kl, alone.kl, rtol=1e-6, atol=1e-9)
+        # float32 forwards of a different number of rows round differently (BLAS blocking): float32's precision
+        np.testing.assert_allclose(m.delta_nll, alone.delta_nll, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(m.kl, alone.kl, rtol=1e-5, atol=1e-9)
 
 
 def test_leak_check_refuses_the_selection_corpus(shipped, tmp_path):
