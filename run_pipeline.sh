@@ -30,6 +30,8 @@
 #                                   --text default 0, and measured on the corpus's real next tokens
 #   --effect_tokens N               EFFECT_TOKENS: with --text --effects 1, the corpus tokens each neuron's
 #                                   effect is measured on (default 2000; a forward pass over them per neuron)
+#   --fidelity_tokens N             FIDELITY_TOKENS: with --direct_edges 1, the scored positions the edge
+#                                   fidelity's ablations are measured on (default 2048)
 #   --text PATH                     TEXT: corpus mode: stages b-d read this text (a .txt/.jsonl file, gzip or zstd
 #                                   compressed, .parquet, a datasets.save_to_disk directory, or a directory of them)
 #                                   teacher-forced instead of generating for PROMPT_CSV; stage c is then not
@@ -71,6 +73,7 @@ KS="${KS:-}"
 EVAL_TEXT="${EVAL_TEXT:-}"
 EVAL_TOKENS="${EVAL_TOKENS:-}"
 EFFECT_TOKENS="${EFFECT_TOKENS:-2000}"
+FIDELITY_TOKENS="${FIDELITY_TOKENS:-2048}"
 CONTROL_SUBSETS="${CONTROL_SUBSETS:-best}"
 METHODS="${METHODS:-}"
 DIRECT_EDGES="${DIRECT_EDGES:-1}"
@@ -102,6 +105,7 @@ while [ $# -gt 0 ]; do
     --direct_edges) DIRECT_EDGES="${2:?--direct_edges needs a value}"; shift 2 ;;
     --effects) EFFECTS="${2:?--effects needs a value}"; shift 2 ;;
     --effect_tokens) EFFECT_TOKENS="${2:?--effect_tokens needs a value}"; shift 2 ;;
+    --fidelity_tokens) FIDELITY_TOKENS="${2:?--fidelity_tokens needs a value}"; shift 2 ;;
     --eval_csv) EVAL_CSV="${2:?--eval_csv needs a value}"; shift 2 ;;
     --text) TEXT="${2:?--text needs a value}"; shift 2 ;;
     --random_controls) RANDOM_CONTROLS="${2:?--random_controls needs a value}"; shift 2 ;;
@@ -116,11 +120,13 @@ done
 [ ${#pos[@]} -le 3 ] || { echo "error: expected at most MODEL PROMPT_CSV DATASET_DIR (see --help)" >&2; exit 2; }
 # the flags' form, before anything runs
 [ -n "$RATIOS" ] && [ -n "$KS" ] && { echo "error: give --ks or --ratios, not both" >&2; exit 2; }
-for flag in EFFECT_TOKENS:--effect_tokens RANDOM_CONTROLS:--random_controls MODULES_TOP:--modules_top MODULE_CONTROLS:--module_controls; do
+for flag in EFFECT_TOKENS:--effect_tokens FIDELITY_TOKENS:--fidelity_tokens RANDOM_CONTROLS:--random_controls MODULES_TOP:--modules_top MODULE_CONTROLS:--module_controls; do
   var="${flag%%:*}"; v="${!var}"; name="${flag#*:}"
   [[ "$v" =~ ^[0-9]+$ ]] || { echo "error: $name must be a whole number, got '$v'" >&2; exit 2; }
 done
-[[ "$EFFECT_TOKENS" =~ ^0*$ ]] && { echo "error: --effect_tokens must be at least 1" >&2; exit 2; }
+for flag in EFFECT_TOKENS:--effect_tokens FIDELITY_TOKENS:--fidelity_tokens; do
+  var="${flag%%:*}"; [[ "${!var}" =~ ^0*$ ]] && { echo "error: ${flag#*:} must be at least 1" >&2; exit 2; }
+done
 case "$CONTROL_SUBSETS" in all|best) ;; *) echo "error: --control_subsets must be all or best, got '$CONTROL_SUBSETS'" >&2; exit 2 ;; esac
 MODEL="${pos[0]:-tinybard}"
 CSV="${pos[1]:-$here/parcellation_datasets/test_1.csv}"
@@ -260,7 +266,7 @@ if [ -z "$TEXT" ]; then  # corpus mode wrote the graph store already
 fi
 if [ "$DIRECT_EDGES" = 1 ]; then  # how faithful the causal edges are: prediction against zero-ablation
   stage fidelity "$DATA/${m}_edge_fidelity.csv" \
-    py c_measure_edge_fidelity.py --dataset_path "$DATA" --model_type "$MODEL" --device "$DEVICE"
+    py c_measure_edge_fidelity.py --dataset_path "$DATA" --model_type "$MODEL" --device "$DEVICE" --tokens "$FIDELITY_TOKENS"
 fi
 analyzed="$DATA/weighted_graph_analysis/${m}_weighted_graph_analyzed.json"
 stage c_analyze "$analyzed" \

@@ -42,9 +42,9 @@ TOKENIZER_TEXT = (
 
 # `make test` hands each worker one file at a time (--dist loadfile, --no-loadscope-reorder), in collection order:
 # the longest files first (their measured order here) keep both workers busy to the end. Files not named follow.
-LONGEST_FIRST = ("test_pipeline.py", "test_corpus_direct.py", "test_pipeline_corpus.py", "test_families.py",
-                 "test_corpus.py", "test_corpus_attribution.py", "test_stage_cd_scripts.py", "test_effects.py",
-                 "test_fidelity.py", "test_notebook.py", "test_module_ablation.py")
+LONGEST_FIRST = ("test_pipeline.py", "test_corpus.py", "test_pipeline_corpus.py", "test_families.py", "test_effects.py",
+                 "test_stage_cd_scripts.py", "test_corpus_attribution.py", "test_corpus_direct.py", "test_notebook.py",
+                 "test_module_ablation.py", "test_perturbation.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -62,8 +62,11 @@ def _grad_mode_restored():
 
 
 # environment variables a script run in this process may be given: the rest (HF_HOME, ...) are read once at
-# import time by the libraries, so a script given another value runs as a subprocess
-IN_PROCESS_ENV = {"HF_HUB_OFFLINE", "OMP_NUM_THREADS", "MPLBACKEND", "PYTHON", "TOKENIZERS_PARALLELISM"}
+# import time by the libraries, so a script given another value runs as a subprocess (PYTEST_CURRENT_TEST:
+# pytest's own, different in an environment a test module copied when it was imported)
+IN_PROCESS_ENV = {"HF_HUB_OFFLINE", "OMP_NUM_THREADS", "MPLBACKEND", "PYTHON", "TOKENIZERS_PARALLELISM",
+                  "PYTEST_CURRENT_TEST"}
+SESSION_ENV = dict(os.environ)  # a variable not here and not given was set since by a library (torch's inductor)
 
 
 def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=True, timeout=None):
@@ -79,7 +82,8 @@ def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=
     script = Path(argv[1]) if len(argv) > 1 and argv[0] == sys.executable else None
     if script is not None and not script.is_absolute():
         script = Path(cwd or os.getcwd()) / script
-    changed = {k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)}
+    changed = {k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)
+               and (k in env or k in SESSION_ENV)}
     if (script is None or script.suffix != ".py" or script.parent != REPO_ROOT or not script.is_file()
             or not changed <= IN_PROCESS_ENV):
         return subprocess.run(argv, cwd=cwd, env=env, check=check, capture_output=capture_output, text=text,

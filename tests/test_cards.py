@@ -115,7 +115,6 @@ def test_stage_b_streams_the_top_examples(dataset, shipped, shipped_hf):
         assert r.context == shipped.tokenizer.decode(seqs.prefix(r.sample_id)[-sf.CONTEXT_TOKENS:].tolist())
 
 
-@pytest.mark.slow
 def test_stage_b_top_examples_merge_across_batches_and_can_be_off(dataset, tmp_path):
     csv = dataset.parent / "prompts.csv"
     one = run_b(tmp_path / "one", csv, "--batch_size", "1", "--top_examples", "3")  # one chunk per prompt, merged

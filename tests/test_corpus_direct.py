@@ -87,7 +87,6 @@ def test_corpus_store_equals_float64_reference(whole, shipped, shipped_path):
         np.testing.assert_allclose(got, want, rtol=0, atol=rel * np.abs(want).max())
 
 
-@pytest.mark.slow
 def test_shards_torchrun_and_resume_equal_one_run(whole, tmp_path, monkeypatch):
     for i in range(3):
         corpus_run(tmp_path / f"s{i}", "--shard", f"{i}/3")
@@ -183,7 +182,6 @@ def test_flags_and_refusals(tmp_path, whole):
         assert r.returncode == 2 and "--direct_edges" in r.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.slow
 def test_all_layer_pairs_keep_the_adjacent_weights_and_feed_influence(tmp_path, shipped_path):
     """--edges all: every i < j in the store, its adjacent pairs those of --edges adjacent on the same batches,
     the graph methods on the adjacent blocks, influence over every pair, fidelity per layer gap."""
@@ -203,7 +201,6 @@ def test_all_layer_pairs_keep_the_adjacent_weights_and_feed_influence(tmp_path, 
     assert "all" in set(summary["layer_gap"].astype(str)) and len(summary) > 2, r.stdout
 
 
-@pytest.mark.slow
 def test_weights_are_never_dropped_or_taken_from_damage(tmp_path, shipped_path):
     """Stage c rebuilding a corpus dataset from its matrix keeps the store's weights; a prompt dataset whose
     listed weights file is gone is refused; damaged arrays and records are refused; a stage b rerun removes the

@@ -265,7 +265,6 @@ def test_bad_input_raises_before_writing(dataset, tmp_path, case):
     assert not sf.path(d, sf.NEURON_EFFECTS, SHIPPED_NAME).exists()
 
 
-@pytest.mark.slow
 def test_script_exit_status(dataset, tmp_path):
     """As a subprocess: a mismatched prompt CSV exits 2 with one error line; a good run writes the CSV."""
     ds, csv = dataset
@@ -390,7 +389,6 @@ def test_neuron_shards_and_torchrun_equal_one_run_bit_for_bit(dataset, tmp_path)
     pd.testing.assert_frame_equal(got, one, check_exact=True)
 
 
-@pytest.mark.slow
 def test_corpus_mode_equals_transformers_per_neuron(shipped_path, shipped, tmp_path):
     """--input_text: each neuron's real-text delta_nll and kl against transformers' GPT-2 with mlp.act hooked,
     over windows cut by hand; on the dataset's own corpus of two shards, the halves are the shards' windows."""

@@ -94,7 +94,6 @@ def test_summary_against_scipy_and_by_hand():
     assert s.loc["all", "edges"] == 7
 
 
-@pytest.mark.slow
 def test_script_writes_both_files_and_refuses_a_store_without_weights(dataset, tmp_path):
     out, _ = dataset
     cmd = [sys.executable, "c_measure_edge_fidelity.py", "--dataset_path", str(out), "--model_type", M, "--edges",

@@ -132,7 +132,6 @@ def test_stage_b_bad_values(tiny_dataset, tmp_path, case):
     one_error_line(script("b_generate_activation_dataset.py", *args))
 
 
-@pytest.mark.slow
 def test_output_locations_checked_before_work(tiny_dataset, tmp_path):
     d, csv = tiny_dataset
     b = d / "b"
@@ -155,7 +154,6 @@ def test_output_locations_checked_before_work(tiny_dataset, tmp_path):
 
 # --- resume state and the writer lock -------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("point,temperature", [("chunk", "0"), ("state", "0.8")])
 def test_kill_during_a_staging_write_then_resume(tmp_path, shipped_path, monkeypatch, point, temperature):
     """A kill inside the chunk write or the state.json write (a torn temporary left behind): --resume still gives
@@ -223,7 +221,6 @@ def test_resume_refuses_chunks_of_another_run_and_damaged_state(tmp_path):
         recording.Staging(tmp_path, "m", "run-a").start(resume=True)
 
 
-@pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tiny_dataset, tmp_path):
     import fcntl
 

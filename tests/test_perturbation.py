@@ -441,7 +441,6 @@ def test_bad_input_raises_before_writing(random_loaded, random_ckpt, tmp_path, c
     assert not (d / sf.RESULTS_DIR).exists()
 
 
-@pytest.mark.slow
 def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path):
     """As a subprocess: a good run writes every file; a bad subset exits 2 with one error line and no CSV."""
     ids = subset_for(random_loaded.model)

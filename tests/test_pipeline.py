@@ -212,6 +212,7 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
 def test_bad_grid_and_flags_fail_before_any_stage(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     for flags in (["--ks", "abc"], ["--ks", "3 101%"], ["--effect_tokens", "0"], ["--effect_tokens", "x"],
+                  ["--fidelity_tokens", "0"],
                   ["--control_subsets", "bogus"], ["--random_controls", "-1"], ["--ks", "30", "--ratios", "0.01"]):
         r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), *flags, M, str(REPO_ROOT / "parcellation_datasets" /
                             "test_1.csv"), str(tmp_path / "run")], capture_output=True, text=True, env=env)

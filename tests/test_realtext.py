@@ -189,7 +189,6 @@ def test_leak_check_refuses_the_selection_corpus(shipped, tmp_path):
     assert ok["passed"] and ok["documents_checked"] and ok["shared_files"] == 0
 
 
-@pytest.mark.slow
 def test_stage_e_refuses_eval_text_that_is_its_corpus(tmp_path):
     """Through the script, on a corpus-mode dataset: one error line, exit 2."""
     data = tmp_path / "ds"

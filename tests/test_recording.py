@@ -177,7 +177,6 @@ def hf_sampled_reference(hf, tokenizer, prompt, prompt_index, repeat, n_new, see
     return new, np.array(acts)
 
 
-@pytest.mark.slow
 def test_sampling_is_seeded_batch_independent_and_equals_transformers(tmp_path, shipped, shipped_hf):
     """Batch sizes 64, 2 (the 3-repeat prompt split across batches) and 1 give the same samples, each equal to
     transformers driven with that repeat's generator; another seed gives other samples."""
@@ -210,7 +209,6 @@ def test_sampling_is_seeded_batch_independent_and_equals_transformers(tmp_path, 
             assert len(conts) > 1  # sampled repeats differ
 
 
-@pytest.mark.slow
 def test_resume_after_interrupt_gives_the_uninterrupted_result(tmp_path, shipped_path, monkeypatch):
     import runpy
 
