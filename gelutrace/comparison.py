@@ -357,8 +357,16 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+NORMAL_P_FLOOR = 1e-6  # a Gaussian fitted to a few dozen controls says nothing about its tail beyond this
+
+
 def _p(x: float) -> str:
     return f"{x:.2g}" if x >= 1e-3 else f"{x:.1e}"
+
+
+def normal_p_text(x: float) -> str:
+    """' = p' of a normal approximation, or ' < NORMAL_P_FLOOR' below it."""
+    return f" < {NORMAL_P_FLOOR:.0e}" if x < NORMAL_P_FLOOR else f" = {_p(x)}"
 
 
 def null_phrase(n_controls, p, p_holm) -> str:
@@ -367,8 +375,8 @@ def null_phrase(n_controls, p, p_holm) -> str:
         return ""
     if p < ALPHA and not pd.isna(p_holm) and p_holm < ALPHA:
         return (f"above random neurons of the same layers (p = {_p(p)} from {int(n_controls)} controls; Holm-"
-                f"adjusted normal approximation p = {_p(p_holm)})")
-    holm_txt = f", Holm-adjusted normal approximation p = {_p(p_holm)}" if not pd.isna(p_holm) else ""
+                f"adjusted normal approximation p{normal_p_text(p_holm)})")
+    holm_txt = f", Holm-adjusted normal approximation p{normal_p_text(p_holm)}" if not pd.isna(p_holm) else ""
     return f"not distinguishable from random neurons of the same layers (p = {_p(p)}{holm_txt})"
 
 

@@ -175,6 +175,15 @@ def test_layer_zero_subset_is_not_distinguishable_and_top_effects_are_above_rand
     assert "not distinguishable from random neurons of the same layers" in text and "above random" not in text
 
 
+def test_normal_approximation_tail_is_written_as_a_bound():
+    """A Gaussian fitted to 30 controls cannot speak for p = 1.9e-268: the words give a bound there."""
+    assert cmp.null_phrase(30, 1 / 31, 1.9e-268) == ("above random neurons of the same layers (p = 0.032 from 30 "
+                                                      "controls; Holm-adjusted normal approximation p < 1e-06)")
+    assert cmp.null_phrase(30, 1 / 31, 0.004).endswith("normal approximation p = 0.004)")
+    assert cmp.null_phrase(30, 0.2, 3e-9) == ("not distinguishable from random neurons of the same layers (p = 0.2, "
+                                              "Holm-adjusted normal approximation p < 1e-06)")
+
+
 def test_not_separable_margin_random_runner_up_and_nan_cis():
     w = World(1)
     top = np.argsort(-w.effect)[:8]
