@@ -62,6 +62,11 @@ def main(argv=None):
     ap.add_argument("--neuronpedia_creator_id", metavar="ID",
                     help="the creatorId of the Neuronpedia user the records are imported under (default: none "
                          "written; the importing instance supplies it)")
+    ap.add_argument("--neuronpedia_model_id", metavar="ID",
+                    help="the modelId of the records and the name of the model's folder: the id of the model on the "
+                         "Neuronpedia instance the export is for, e.g. gpt2-small for GPT-2 small on neuronpedia.org "
+                         "(default: the model's name, lower case, other characters than letters, digits, - and _ "
+                         "made -)")
     args = ap.parse_args(argv)
     check_at_least(args, 1, "top_examples", "batch_size")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
@@ -69,10 +74,13 @@ def main(argv=None):
     if args.weight is not None and args.threshold is None:
         raise PipelineError("--weight needs --threshold")
     out = sf.check_output_dir(args.output or Path(args.dataset_path) / sf.CARDS_DIR, "--output")
-    if args.neuronpedia_creator_id is not None and args.neuronpedia is None:
-        raise PipelineError("--neuronpedia_creator_id needs --neuronpedia")
+    for flag in ("neuronpedia_creator_id", "neuronpedia_model_id"):
+        if getattr(args, flag) is not None and args.neuronpedia is None:
+            raise PipelineError(f"--{flag} needs --neuronpedia")
     if args.neuronpedia is not None:
         sf.check_output_dir(args.neuronpedia, "--neuronpedia")
+        if args.neuronpedia_model_id is not None:
+            npx.check_model_id(args.neuronpedia_model_id)
     start = time.perf_counter()
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
@@ -86,7 +94,8 @@ def main(argv=None):
     sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
                          [sf.path(args.dataset_path, f, lm.name) for f in inputs], "stage b")
     if args.neuronpedia is not None:
-        npx.check_target(args.neuronpedia, lm.name)
+        model_id = args.neuronpedia_model_id or npx.model_slug(lm.name)
+        npx.check_target(args.neuronpedia, model_id)
     n = cfg.n_layer * cfg.d_mlp
     ids = cd.parse_neurons(args.neurons, n, args.dataset_path, lm.name)
     degrees = cd.graph_degrees(args.dataset_path, lm.name, n, args.threshold, args.weight)
@@ -100,7 +109,7 @@ def main(argv=None):
     if args.neuronpedia is not None:
         sf.lock_directory(args.neuronpedia, "Neuronpedia export")
         folder = npx.write_export(args.neuronpedia, cards, lm.name, lm.model, Path(args.dataset_path).resolve().name,
-                                  args.neuronpedia_creator_id)
+                                  args.neuronpedia_creator_id, model_id)
         print(f"Neuronpedia export of {len(cards)} neurons: {folder}")
 
 

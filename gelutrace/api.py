@@ -128,6 +128,17 @@ class Cards:
     """Neuron cards (gelutrace.cards.Card), as f_render_neuron_cards.py renders them."""
     cards: list
     m: str
+    model: object = None  # the model they were built from: the Neuronpedia export's logit effects
+    dataset: str = ""  # the dataset directory's name, recorded in the Neuronpedia source
+
+    def to_neuronpedia(self, directory, model_id: str | None = None, creator_id: str | None = None) -> Path:
+        """f_render_neuron_cards.py --neuronpedia DIR [--neuronpedia_model_id ID --neuronpedia_creator_id ID]:
+        the cards in Neuronpedia's export layout under DIR/{model_id}/, returned."""
+        from gelutrace import neuronpedia as npx
+
+        model_id = npx.model_slug(self.m) if model_id is None else npx.check_model_id(model_id)
+        npx.check_target(directory, model_id)
+        return npx.write_export(directory, self.cards, self.m, self.model, self.dataset, creator_id, model_id)
 
     def to_html(self, path) -> Path:
         from gelutrace import cards as cd
@@ -151,7 +162,8 @@ def neuron_cards(lm: LoadedModel, dataset: Dataset, neuron_ids, k: int = 10) -> 
     if not len(ids) or k < 1:
         raise PipelineError("neuron_cards needs at least one neuron and k >= 1 examples")
     return Cards(cd.build_cards(lm.model, lm.tokenizer, dataset.path, lm.name, ids, k,
-                                modules=cd.dataset_modules(dataset.path, lm.name, n)), lm.name)
+                                modules=cd.dataset_modules(dataset.path, lm.name, n)), lm.name, lm.model,
+                 Path(dataset.path).resolve().name)
 
 
 def find_modules(graph, weight: str = "count", top_edges_per_node: int = 32, threshold: float | None = None,

@@ -33,6 +33,14 @@ def model_slug(m: str) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", m.lower()).strip("-") or "model"
 
 
+def check_model_id(given: str) -> str:
+    """A --neuronpedia_model_id (Neuronpedia's own id of the model, e.g. gpt2-small), refused unless it is one."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", given):
+        raise PipelineError(f"--neuronpedia_model_id {given!r}: a Neuronpedia model id is lower-case letters, digits, "
+                            f"'-' and '_', starting with a letter or digit")
+    return given
+
+
 def source_id(layer: int) -> str:
     return sf.NEURONPEDIA_SOURCE.format(layer=int(layer))
 
@@ -41,10 +49,10 @@ def release_name(model_id: str) -> str:
     return f"{CREATOR}-{model_id}"
 
 
-def check_target(directory, m: str) -> Path:
+def check_target(directory, model_id: str) -> Path:
     """Check up front that DIR can hold the export: a directory (or creatable), its model folder not a file."""
     d = sf.check_output_dir(directory, "--neuronpedia")
-    t = d / model_slug(m)
+    t = d / model_id
     if (t.exists() or t.is_symlink()) and not t.is_dir():
         raise PipelineError(f"--neuronpedia {d}: {t} exists and is not a directory")
     return d
@@ -100,11 +108,11 @@ def feature_record(card: Card, model_id: str, activations: list[dict], logits: n
             **_creator(creator_id)}
 
 
-def metadata_records(m: str, model, layer: int, n_neurons: int, dataset: str,
-                     creator_id: str | None = None) -> dict[str, dict]:
+def metadata_records(m: str, model, layer: int, n_neurons: int, dataset: str, creator_id: str | None = None,
+                     model_id: str | None = None) -> dict[str, dict]:
     """release.jsonl, model.jsonl, sourceset.jsonl and source.jsonl of one layer's source folder."""
     cfg = model.config
-    model_id, src = model_slug(m), source_id(layer)
+    model_id, src = model_id or model_slug(m), source_id(layer)
     who = _creator(creator_id)
     what = f"GELU MLP neurons of {m} (post-GELU values)"
     release = {"name": release_name(model_id), "description": f"{what}: top-activating samples, direct logit "
@@ -140,13 +148,14 @@ def _write(path: Path, data: bytes):
     path.write_bytes(data)
 
 
-def write_export(directory, cards: list[Card], m: str, model, dataset: str,
-                 creator_id: str | None = None) -> Path:
+def write_export(directory, cards: list[Card], m: str, model, dataset: str, creator_id: str | None = None,
+                 model_id: str | None = None) -> Path:
     """
-    Write the cards into DIR/{model}/ (replaced as one set: a reader finds the old export or the new one) and
+    Write the cards into DIR/{model_id}/ (replaced as one set: a reader finds the old export or the new one) and
     return that folder. A layer's neurons are in dimension order, each neuron's examples rank 0 first.
+    model_id: the records' modelId (default: the slug of m).
     """
-    model_id = model_slug(m)
+    model_id = model_id or model_slug(m)
     layers: dict[int, list[Card]] = {}
     for c in cards:
         layers.setdefault(int(c.layer), []).append(c)
@@ -160,7 +169,8 @@ def write_export(directory, cards: list[Card], m: str, model, dataset: str,
                 logits = logit_effect(model, c.neuron_id) if has_logit_effect(model) else None
                 features.append(feature_record(c, model_id, acts, logits, creator_id))
                 activations += acts
-            for name, rec in metadata_records(m, model, layer, len(layers[layer]), dataset, creator_id).items():
+            for name, rec in metadata_records(m, model, layer, len(layers[layer]), dataset, creator_id,
+                                              model_id).items():
                 _write(folder / name, _jsonl([rec]))
             _write(folder / sf.NEURONPEDIA_FEATURES, _jsonl(features))
             _write(folder / sf.NEURONPEDIA_ACTIVATIONS, _jsonl(activations))

@@ -207,6 +207,42 @@ def test_creator_id_is_written_into_every_record(dataset, shipped, tmp_path):
                 assert rec["creatorId"] == "clxyz0000"
 
 
+def test_model_id_names_the_folder_and_every_record_and_the_api_writes_the_same(export, dataset, shipped, tmp_path):
+    """--neuronpedia_model_id gpt2-small: the export of the default id with that id in its place, byte for byte once
+    decompressed; gt.neuron_cards(...).to_neuronpedia gives the same files; a bad id is one error line, nothing
+    written."""
+    import gelutrace as gt
+    from gelutrace.api import Dataset
+
+    ids = ",".join(map(str, NEURONS))
+    r = render("--dataset_path", dataset, "--neurons", ids, "--top_examples", K, "--output", tmp_path / "cards",
+               "--neuronpedia", tmp_path / "np", "--neuronpedia_model_id", "gpt2-small")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "np").iterdir() if not p.name.startswith(".")) == ["gpt2-small"]
+    got, want = files_of(tmp_path / "np" / "gpt2-small"), files_of(export / npx.model_slug(SHIPPED_NAME))
+    assert sorted(got) == sorted(want)
+
+    for name in want:
+        old, new = (text.decode("ascii").replace("gpt2-small", "tinybard") for text in
+                    (gzip.decompress(x) if name.endswith(".gz") else x for x in (want[name], got[name])))
+        assert "tinybard" in old and new == old, name  # gpt2-small where the id was, and nothing else changed
+        assert all(json.loads(line).get("modelId", "gpt2-small") == "gpt2-small"
+                   for line in (gzip.decompress(got[name]) if name.endswith(".gz") else got[name]).splitlines())
+    for folder in (tmp_path / "np" / "gpt2-small").iterdir():
+        assert records(folder, sf.NEURONPEDIA_MODEL)[0]["id"] == "gpt2-small"
+        assert records(folder, sf.NEURONPEDIA_RELEASE)[0]["name"] == "gelutrace-gpt2-small"
+        assert all(a["id"].startswith("gpt2-small-") for a in records(folder, sf.NEURONPEDIA_ACTIVATIONS))
+    api = gt.neuron_cards(shipped, Dataset(dataset, SHIPPED_NAME), NEURONS, k=K).to_neuronpedia(tmp_path / "api", "gpt2-small")
+    assert files_of(api) == got
+    for bad in ("GPT2", "-x", "a b", ""):
+        r = render("--dataset_path", dataset, "--neurons", ids, "--output", tmp_path / "c2", "--neuronpedia",
+                   tmp_path / "np2", "--neuronpedia_model_id", bad)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, bad
+        assert not (tmp_path / "np2").exists() and not (tmp_path / "c2").exists()
+    r = render("--dataset_path", dataset, "--neurons", ids, "--neuronpedia_model_id", "gpt2-small")
+    assert r.returncode == 2 and "--neuronpedia_model_id needs --neuronpedia" in r.stderr
+
+
 def test_export_onto_a_file_is_refused(dataset, tmp_path):
     (tmp_path / "file").write_text("x")
     r = render("--dataset_path", dataset, "--neurons", "5", "--output", tmp_path / "cards",
