@@ -39,12 +39,15 @@
 #                                   Stage b runs as two shards (DATASET_DIR_shards/0 and /1, the halves whose
 #                                   selections stage e compares) merged exactly into DATASET_DIR, with
 #                                   --attribution (the real next token's NLL the objective)
+#   --text_field NAME               TEXT_FIELD: the field of TEXT's .jsonl/.parquet/Arrow records holding the text
+#                                   (default text)
 #   --eval_csv CSV                  EVAL_CSV: prompts stage e measures the effects on (default
 #                                   parcellation_datasets/heldout_<model name>.csv when it exists, else PROMPT_CSV)
 #   --eval_text PATH                EVAL_TEXT: held-out text stage e measures the effects on (teacher-forced
 #                                   next-token loss; the verdict's metric) (default
 #                                   parcellation_datasets/heldout_eval_<model name>.txt when it exists; "none":
 #                                   no real-text evaluation)
+#   --eval_text_field NAME          EVAL_TEXT_FIELD: the same for EVAL_TEXT (default text)
 #   --eval_tokens N                 EVAL_TOKENS: tokens of EVAL_TEXT scored (default 8000 for a shipped model,
 #                                   100000 otherwise)
 #   --random_controls N             RANDOM_CONTROLS in stage e: layer-matched random subsets for each k's winner
@@ -81,6 +84,8 @@ WEIGHTS="${WEIGHTS:-}"
 EFFECTS="${EFFECTS:-auto}"
 EVAL_CSV="${EVAL_CSV:-}"
 TEXT="${TEXT:-}"
+TEXT_FIELD="${TEXT_FIELD:-}"
+EVAL_TEXT_FIELD="${EVAL_TEXT_FIELD:-}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-30}"
 MODULES_TOP="${MODULES_TOP:-1}"
 MODULE_CONTROLS="${MODULE_CONTROLS:-20}"
@@ -108,6 +113,8 @@ while [ $# -gt 0 ]; do
     --fidelity_tokens) FIDELITY_TOKENS="${2:?--fidelity_tokens needs a value}"; shift 2 ;;
     --eval_csv) EVAL_CSV="${2:?--eval_csv needs a value}"; shift 2 ;;
     --text) TEXT="${2:?--text needs a value}"; shift 2 ;;
+    --text_field) TEXT_FIELD="${2:?--text_field needs a value}"; shift 2 ;;
+    --eval_text_field) EVAL_TEXT_FIELD="${2:?--eval_text_field needs a value}"; shift 2 ;;
     --random_controls) RANDOM_CONTROLS="${2:?--random_controls needs a value}"; shift 2 ;;
     --modules_top) MODULES_TOP="${2:?--modules_top needs a value}"; shift 2 ;;
     --module_controls) MODULE_CONTROLS="${2:?--module_controls needs a value}"; shift 2 ;;
@@ -179,6 +186,12 @@ case "$EFFECTS" in 0|1) ;; *) echo "error: --effects must be 0 or 1, got $EFFECT
 case "$DIRECT_EDGES" in 0|1) ;; *) echo "error: --direct_edges must be 0 or 1, got $DIRECT_EDGES" >&2; exit 2 ;; esac
 direct=()
 [ "$DIRECT_EDGES" = 1 ] && direct=(--direct_edges)
+text_field=() eval_text_field=()
+[ -n "$TEXT_FIELD" ] && text_field=(--text_field "$TEXT_FIELD")
+[ -n "$EVAL_TEXT_FIELD" ] && eval_text_field=(--text_field "$EVAL_TEXT_FIELD")
+[ -n "$TEXT_FIELD" ] && [ -z "$TEXT" ] && { echo "error: --text_field needs --text" >&2; exit 2; }
+[ -n "$EVAL_TEXT_FIELD" ] && [ "$EVAL_TEXT" = none ] &&
+  { echo "error: --eval_text_field needs an evaluation text" >&2; exit 2; }
 if [ -z "$WEIGHTS" ]; then
   WEIGHTS="count"
   [ "$DIRECT_EDGES" = 1 ] && WEIGHTS="count direct_abs"
@@ -241,7 +254,7 @@ fi
 corpus_b() {  # TEXT MODEL DEVICE SHARDS_DIR
   for i in 0 1; do
     py b_generate_activation_dataset.py --input_text "$1" --export_dir "$4/$i" --model_type "$2" --device "$3" \
-      --shard "$i/2" --attribution "${direct[@]}"
+      --shard "$i/2" --attribution "${direct[@]}" "${text_field[@]}"
   done
   py c_merge_activation_statistics.py --output_dir "$DATA" "$4/0" "$4/1"
 }
@@ -255,7 +268,7 @@ fi
 if [ "$EFFECTS" = 1 ] && [ -n "$TEXT" ]; then  # on the corpus's first EFFECT_TOKENS tokens, its own windows
   stage effects "$DATA/${m}_neuron_effects.csv" \
     py d_calculate_neuron_effects.py --dataset_path "$DATA" --input_text "$TEXT" --eval_tokens "$EFFECT_TOKENS" \
-      --model_type "$MODEL" --device "$DEVICE"
+      --model_type "$MODEL" --device "$DEVICE" "${text_field[@]}"
 elif [ "$EFFECTS" = 1 ]; then
   stage effects "$DATA/${m}_neuron_effects.csv" \
     py d_calculate_neuron_effects.py --dataset_path "$DATA" --input_csv "$CSV" --model_type "$MODEL" --device "$DEVICE"
@@ -300,7 +313,7 @@ while IFS= read -r f; do subsets+=("$(basename "$f")"); done < <(ls "$DATA/pertu
 selection=(--input_csv "$CSV")
 [ -n "$TEXT" ] && selection=()
 real_text=()
-[ "$EVAL_TEXT" != none ] && real_text=(--eval_text "$EVAL_TEXT" --eval_tokens "$EVAL_TOKENS")
+[ "$EVAL_TEXT" != none ] && real_text=(--eval_text "$EVAL_TEXT" --eval_tokens "$EVAL_TOKENS" "${eval_text_field[@]}")
 stage e "$DATA/perturbation_results/summary.csv" \
   py e_generate_perturbed_results.py --dataset_path "$DATA" "${selection[@]}" --eval_csv "$EVAL_CSV" \
     "${real_text[@]}" --model_type "$MODEL" --device "$DEVICE" --random_controls "$RANDOM_CONTROLS" \

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -337,3 +338,55 @@ def test_a_datasetdict_directory_and_a_bad_state_json_are_refused(files, tmp_pat
     (dd / "train" / "state.json").write_text("{not json")
     with pytest.raises(PipelineError, match="cannot read .*state.json"):
         cf.corpus_files([str(dd / "train")])
+
+
+# --- run_pipeline.sh hands the fields to every stage that reads the texts ------------------------------------------
+
+FAKE_PYTHON = """#!/bin/bash
+# the interpreter's code snippets run; every stage script only logs its command (stage c_analyze leaves the file
+# that stage d checks for)
+case "$1" in -c|-) exec {python} "$@";; esac
+echo "$*" >> {log}
+case "$1" in *c_analyze_weighted_activation_graph.py)
+  out="$(dirname "$3")/weighted_graph_analysis"; mkdir -p "$out"; : > "$out/$(basename "$3")_analyzed.json" ;;
+esac
+"""
+
+
+def test_pipeline_passes_the_fields_to_the_stages_that_read_the_texts(tmp_path):
+    log = tmp_path / "log"
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=log))
+    fake.chmod(0o755)
+    text = tmp_path / "docs.jsonl"
+    text.write_bytes(jsonl_bytes("body"))
+    env = dict(os.environ, PYTHON=str(fake), HF_HUB_OFFLINE="1")
+
+    def pipeline(*flags):
+        log.unlink(missing_ok=True)
+        r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(text), "--eval_text", str(text),
+                            "--ratios", "0.01", "--effects", "1", *flags, M, str(REPO_ROOT / "parcellation_datasets" /
+                            "test_1.csv"), str(tmp_path / "run")], capture_output=True, text=True, env=env)
+        commands = {}
+        for line in log.read_text().splitlines() if log.exists() else []:
+            commands.setdefault(line.split()[0], []).append(line.split())
+        return r, commands
+
+    r, cmds = pipeline("--text_field", "body", "--eval_text_field", "q", "--force")
+    assert r.returncode == 0, r.stderr
+    b = cmds[B]
+    assert len(b) == 2 and all(c[c.index("--text_field") + 1] == "body" for c in b)  # the two shards
+    (effects,) = cmds["d_calculate_neuron_effects.py"]
+    assert effects[effects.index("--text_field") + 1] == "body"
+    (e,) = cmds["e_generate_perturbed_results.py"]
+    assert e[e.index("--eval_text") + 1] == str(text) and e[e.index("--text_field") + 1] == "q"
+    assert "--text_field" not in cmds["c_measure_edge_fidelity.py"][0]  # it reads stage b's record
+    r, cmds = pipeline("--force")  # the default field: the commands as before the flags existed
+    assert r.returncode == 0, r.stderr
+    assert not any("--text_field" in c for cs in cmds.values() for c in cs)
+    for flags in (["--text_field", "body"], ["--eval_text_field", "q"]):
+        cut = [str(REPO_ROOT / "run_pipeline.sh"), *flags, "--eval_text", "none", "--ratios", "0.01", M,
+               str(REPO_ROOT / "parcellation_datasets" / "test_1.csv"), str(tmp_path / "other")]
+        r = subprocess.run(cut, capture_output=True, text=True, env=env)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / "other").exists()

@@ -232,7 +232,8 @@ def test_model_id_names_the_folder_and_every_record_and_the_api_writes_the_same(
         assert records(folder, sf.NEURONPEDIA_MODEL)[0]["id"] == "gpt2-small"
         assert records(folder, sf.NEURONPEDIA_RELEASE)[0]["name"] == "gelutrace-gpt2-small"
         assert all(a["id"].startswith("gpt2-small-") for a in records(folder, sf.NEURONPEDIA_ACTIVATIONS))
-    api = gt.neuron_cards(shipped, Dataset(dataset, SHIPPED_NAME), NEURONS, k=K).to_neuronpedia(tmp_path / "api", "gpt2-small")
+    built = gt.neuron_cards(shipped, Dataset(dataset, SHIPPED_NAME), NEURONS, k=K)
+    api = built.to_neuronpedia(tmp_path / "api", "gpt2-small")
     assert files_of(api) == got
     for bad in ("GPT2", "-x", "a b", ""):
         r = render("--dataset_path", dataset, "--neurons", ids, "--output", tmp_path / "c2", "--neuronpedia",
