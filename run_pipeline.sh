@@ -216,7 +216,13 @@ eval_sum="$(sha256sum "$EVAL_CSV" | cut -d' ' -f1)"
 if [ "$EVAL_TEXT" != none ]; then
   eval_sum="$eval_sum $(find "$EVAL_TEXT" -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
 fi
-py() { "$PYTHON" "$@"; }
+# every command a stage runs goes into DATA/.pipeline/STAGE.run, for the report to list: a stage that is a shell
+# function runs several
+stage_log=
+log_command() {
+  if [ -n "$stage_log" ]; then local c; c="$(printf '%q ' "$@")"; printf '%s\n' "${c% }" >> "$stage_log"; fi
+}
+py() { log_command python "$@"; "$PYTHON" "$@"; }
 ran=0
 
 # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists and was made by the same command
@@ -232,9 +238,11 @@ stage() {
     return
   fi
   echo "== $name"
-  rm -f "$stamp"
+  rm -f "$stamp" "$DATA/.pipeline/$name.run"
   local t0=$SECONDS
+  stage_log="$DATA/.pipeline/$name.run"
   "$@"
+  stage_log=
   printf '%s\n' "$want" > "$stamp"
   echo "== $name: done in $((SECONDS - t0)) s"
   ran=1
@@ -298,6 +306,8 @@ find_modules() {  # WEIGHT...
 stage modules "$DATA/modules" find_modules $module_weights
 [ "$ran" = 1 ] && rm -rf "$DATA/perturbation_subsets"
 subsets_d() {  # the stage-d sweep, then the largest modules of each weight as subsets
+  log_command env THRESHOLDS="$THRESHOLDS" "${sizes[@]}" METHODS="$METHODS" WEIGHTS="$WEIGHTS" \
+    ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
   env THRESHOLDS="$THRESHOLDS" "${sizes[@]}" METHODS="$METHODS" WEIGHTS="$WEIGHTS" PYTHON="$PYTHON" \
     ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
   if [ "$MODULES_TOP" -gt 0 ]; then

@@ -104,8 +104,11 @@ def collect(data: Path) -> dict:
         sf.verify_output_set(data / sf.MODULES_DIR / sf.MODULES_MANIFEST.format(m=m, weight=weight), names,
                              "c_find_modules")
         out["modules"].append((weight, json.loads(side.read_text())))
-    out["commands"] = {p.stem: p.read_text().split("# csv ")[0].strip()
-                       for p in sorted((data / sf.PIPELINE_STAMPS).glob("*.cmd"))}
+    out["commands"] = {}  # per stage of run_pipeline.sh: the commands it ran (.run), else its stamp's command
+    for p in sorted((data / sf.PIPELINE_STAMPS).glob("*.cmd")):
+        ran = p.with_suffix(".run")
+        out["commands"][p.stem] = (ran.read_text().splitlines() if ran.is_file()
+                                   else [p.read_text().split("# csv ")[0].strip()])
     return out
 
 
@@ -520,9 +523,8 @@ def write_report(data: Path, params: dict) -> str:
     lines += cards_section(data)
     lines += ["## Parameters", "", md_table(pd.DataFrame(list(params.items()), columns=["parameter", "value"])), ""]
     if info["commands"]:
-        commands = [info["commands"][k] for k in ("a", "b", "effects", "c", "fidelity", "c_analyze", "modules", "d",
-                                                  "e", "cards")
-                    if k in info["commands"]]
+        commands = [c for k in ("a", "b", "effects", "c", "fidelity", "c_analyze", "modules", "d", "e", "cards")
+                    for c in info["commands"].get(k, [])]
         fence = markdown.fence(commands)
         lines += ["Commands, in order (rerun them to reproduce this report):", "", fence, *commands, fence, ""]
     lines += ["## Dataset", "",
@@ -603,7 +605,8 @@ def main():
     args = ap.parse_args()
     data = Path(args.dataset_dir)
     if not data.is_dir():
-        raise PipelineError(f"dataset directory {data} does not exist")
+        why = "is not a directory" if data.exists() else "does not exist"
+        raise PipelineError(f"dataset directory {data} {why}")
     params = {k: v for k, v in vars(args).items() if v not in (None, "")}
     print(write_report(data, params))
 

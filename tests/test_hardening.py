@@ -467,6 +467,15 @@ def test_report_refuses_results_of_an_interrupted_stage_e(tiny_dataset, tmp_path
         report.collect(data)
 
 
+
+def test_report_of_a_file_or_nothing_is_one_error_line(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for target, why in ((tmp_path / "f", "is not a directory"), (tmp_path / "none", "does not exist")):
+        r = subprocess.run([sys.executable, "-m", "gelutrace.report", str(target)], capture_output=True, text=True,
+                           cwd=REPO_ROOT)
+        assert r.returncode == 2 and r.stderr == f"error: dataset directory {target} {why}\n"
+
+
 @pytest.mark.parametrize("nth", [1, 3, 6])
 def test_full_disk_in_stage_e_keeps_the_earlier_results(tiny_dataset, tmp_path, monkeypatch, nth):
     """Stage e runs out of disk at its nth file write (a per-sample CSV, a result CSV, the summary, a plot): one

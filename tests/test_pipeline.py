@@ -137,6 +137,16 @@ def test_report_and_summary(pipeline):
                    "measured on held-out prompts (heldout.csv, 4 prompts, none shared)"):
         assert needle in report
     assert report.index("## Verdict") < report.index("## Method comparison") < report.index("## Parameters")
+    # the commands to rerun are the scripts each stage ran, not run_pipeline.sh's shell functions
+    commands = report[report.index("Commands, in order"):report.index("## Dataset")].splitlines()[3:-2]
+    assert [c.split()[1] for c in commands if c.startswith("python ")] == [
+        "a_generate_gelu_graph.py", "b_generate_activation_dataset.py", "c_calculate_weighted_activation_graph.py",
+        "c_measure_edge_fidelity.py", "c_analyze_weighted_activation_graph.py", "c_find_modules.py",
+        "c_find_modules.py", "d_calculate_perturbation_subset.py", "d_calculate_perturbation_subset.py",
+        "e_generate_perturbed_results.py", "f_render_neuron_cards.py"]
+    (sweep,) = [c for c in commands if not c.startswith("python ")]
+    assert sweep.startswith("env THRESHOLDS=0.3\\ 0.8 RATIOS=0.01\\ 0.05 ")
+    assert "./d_batch_perturbation_calculate.sh" in sweep
     # the run's settings in its words: zero ablation, 2 controls (too few for any claim), 4 prompts (no split)
     assert "outputs are set to 0 together" in report and "95 % bootstrap CI" in report
     assert "p-values are too coarse" in report and "above random" not in report

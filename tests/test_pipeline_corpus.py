@@ -25,7 +25,8 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(HELDOUT_PATH), "--thresholds", "0.8",
                         "--ks", "3 1%", "--random_controls", "2", "--device", "cpu", "--eval_csv", str(held),
-                        "--eval_tokens", "600", "--fidelity_tokens", "256", "--module_controls", "2", M, str(held), str(data)],
+                        "--eval_tokens", "600", "--fidelity_tokens", "256", "--module_controls", "2", M, str(held),
+                        str(data)],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     # the real-text verdict (the shipped model's default evaluation text) over the k grid, controls for winners
@@ -51,6 +52,9 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     assert r"measured on real held-out text: 600 tokens of heldout\_eval\_tinybard.txt" in report
     assert "## Own-continuation comparison" in report and "Winner at each k: 3: " in report
     assert "== c\n" not in r.stdout  # stage b wrote the store
+    commands = report[report.index("Commands, in order"):report.index("## Dataset")]
+    assert "corpus_b" not in commands and commands.count("--shard") == 2
+    assert "c_merge_activation_statistics.py" in commands
     assert (data / ".pipeline" / "fidelity.cmd").read_text().rstrip().endswith("--tokens 256")
     assert sf.path(data, sf.EDGE_FIDELITY_SUMMARY, M).is_file()
     ev = json.loads((data / sf.RESULTS_DIR / sf.EVALUATION).read_text())
