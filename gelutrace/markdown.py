@@ -20,6 +20,18 @@ def fence(lines: list[str]) -> str:
     return "`" * max([3] + [len(r) + 1 for line in lines for r in _RUN.findall(line)])
 
 
+def token_cell(s: str) -> str:
+    """A token for a table cell: visible(s) with its leading and trailing spaces shown as ␣, which the table
+    would otherwise trim (a token " " would be an empty cell, " the" the same as "the")."""
+    s = visible(s)
+    core = s.strip(" ")
+    if not core:
+        return "␣" * len(s)
+    lead = len(s) - len(s.lstrip(" "))
+    trail = len(s) - len(s.rstrip(" "))
+    return "␣" * lead + core + "␣" * trail
+
+
 def visible(s: str, newline: str = "⏎") -> str:
     """Token text with its newlines shown as `newline` and other control or line-separator characters escaped."""
     return "".join(newline if c == "\n" else f"\\x{ord(c):02x}" if unicodedata.category(c) in ("Cc", "Zl", "Zp")

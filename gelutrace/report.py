@@ -294,7 +294,8 @@ def breakdown_section(info: dict) -> list[str]:
     winners = dose[dose["winner"].astype(bool)].sort_values("k")
     base = b[b["subset"] == b["subset"].iloc[0]]
     table = pd.DataFrame({"breakdown": base["breakdown"].to_numpy(),
-                          "bucket": [markdown.visible(str(x)) for x in base["bucket"]],  # md_table escapes it
+                          "bucket": [markdown.token_cell(str(x)) if kind == "next_token" else str(x)
+                                     for kind, x in zip(base["breakdown"], base["bucket"])],  # md_table escapes it
                           "tokens": base["tokens"].to_numpy(), "NLL": base["nll"].to_numpy()})
     for r in winners.itertuples():
         rows = b[b["subset"] == r.subset]
@@ -491,7 +492,7 @@ def modules_section(info: dict, data: Path) -> list[str]:
             t = tokens[tokens["subset"] == r.subset]
             if len(t):
                 lines += ["Next tokens whose loss rises most without it:", "",
-                          md_table(pd.DataFrame({"token": [markdown.visible(str(x)) for x in t["token"]],
+                          md_table(pd.DataFrame({"token": [markdown.token_cell(str(x)) for x in t["token"]],
                                                  "count": t["tokens"], "NLL": t["nll"], "ΔNLL": t["delta_nll"]})), ""]
         if contexts is not None and len(contexts):
             c = contexts[contexts["subset"] == r.subset]
