@@ -29,7 +29,7 @@ from gelutrace import perturbation as pt
 from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
 from gelutrace.graph import WEIGHTS
-from gelutrace.loading import load_model
+from gelutrace.loading import load_model, model_name
 
 
 def main(argv=None):
@@ -77,10 +77,13 @@ def main(argv=None):
     for flag in ("neuronpedia_creator_id", "neuronpedia_model_id"):
         if getattr(args, flag) is not None and args.neuronpedia is None:
             raise PipelineError(f"--{flag} needs --neuronpedia")
-    if args.neuronpedia is not None:
-        sf.check_output_dir(args.neuronpedia, "--neuronpedia")
+    if args.neuronpedia is not None:  # before any work: the id, and that DIR/{id} is free or an earlier export
         if args.neuronpedia_model_id is not None:
             npx.check_model_id(args.neuronpedia_model_id)
+        if args.neuronpedia_creator_id is not None:
+            npx.check_creator_id(args.neuronpedia_creator_id)
+        model_id = args.neuronpedia_model_id or npx.model_slug(model_name(args.model_type))
+        npx.check_target(args.neuronpedia, model_id)
     start = time.perf_counter()
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
@@ -93,9 +96,6 @@ def main(argv=None):
     inputs = (sf.CORPUS, sf.FREQUENCY, sf.TOP_EXAMPLES) if corpus_mode else (sf.DATASET, sf.FREQUENCY)
     sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
                          [sf.path(args.dataset_path, f, lm.name) for f in inputs], "stage b")
-    if args.neuronpedia is not None:
-        model_id = args.neuronpedia_model_id or npx.model_slug(lm.name)
-        npx.check_target(args.neuronpedia, model_id)
     n = cfg.n_layer * cfg.d_mlp
     ids = cd.parse_neurons(args.neurons, n, args.dataset_path, lm.name)
     degrees = cd.graph_degrees(args.dataset_path, lm.name, n, args.threshold, args.weight)
@@ -108,6 +108,7 @@ def main(argv=None):
     print(f"{len(cards)} neuron cards in {time.perf_counter() - start:.1f} s: {out / sf.CARDS_MD}, {out / sf.CARDS_HTML}")
     if args.neuronpedia is not None:
         sf.lock_directory(args.neuronpedia, "Neuronpedia export")
+        npx.check_target(args.neuronpedia, model_id)  # again, now that no other writer can change it
         folder = npx.write_export(args.neuronpedia, cards, lm.name, lm.model, Path(args.dataset_path).resolve().name,
                                   args.neuronpedia_creator_id, model_id)
         print(f"Neuronpedia export of {len(cards)} neurons: {folder}")

@@ -137,8 +137,12 @@ class Cards:
         from gelutrace import neuronpedia as npx
 
         model_id = npx.model_slug(self.m) if model_id is None else npx.check_model_id(model_id)
-        npx.check_target(directory, model_id)
-        return npx.write_export(directory, self.cards, self.m, self.model, self.dataset, creator_id, model_id)
+        if creator_id is not None:
+            npx.check_creator_id(creator_id)
+        directory = npx.check_target(directory, model_id)
+        with sf.locked(directory, "Neuronpedia export"):
+            npx.check_target(directory, model_id)  # again, now that no other writer can change it
+            return npx.write_export(directory, self.cards, self.m, self.model, self.dataset, creator_id, model_id)
 
     def to_html(self, path) -> Path:
         from gelutrace import cards as cd

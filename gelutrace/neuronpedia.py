@@ -35,7 +35,7 @@ def model_slug(m: str) -> str:
 
 def check_model_id(given: str) -> str:
     """A --neuronpedia_model_id (Neuronpedia's own id of the model, e.g. gpt2-small), refused unless it is one."""
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", given):
+    if not isinstance(given, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", given):
         raise PipelineError(f"--neuronpedia_model_id {given!r}: a Neuronpedia model id is lower-case letters, digits, "
                             f"'-' and '_', starting with a letter or digit")
     return given
@@ -51,10 +51,16 @@ def release_name(model_id: str) -> str:
 
 def check_target(directory, model_id: str) -> Path:
     """Check up front that DIR can hold the export: a directory (or creatable), its model folder not a file."""
+    if not str(directory).strip():
+        raise PipelineError("--neuronpedia needs a directory, got an empty path")
     d = sf.check_output_dir(directory, "--neuronpedia")
     t = d / model_id
-    if (t.exists() or t.is_symlink()) and not t.is_dir():
-        raise PipelineError(f"--neuronpedia {d}: {t} exists and is not a directory")
+    # only an earlier export (a link to its version beside it, even one a crash left dangling) is replaced
+    if (t.exists() or t.is_symlink()) and sf.own_version(t) is None:
+        what = "a link to elsewhere" if t.is_symlink() else "a directory" if t.is_dir() else "a file"
+        raise PipelineError(f"--neuronpedia {d}: {t} is {what}, not an earlier export of this tool: it is left "
+                            f"alone (remove it, or export into another directory or under another "
+                            f"--neuronpedia_model_id)")
     return d
 
 
@@ -69,6 +75,14 @@ def histogram(values, bins: int = HIST_BINS) -> tuple[list[int], list[float]]:
         return [int(v.size)], [lo]
     counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
     return counts.astype(int).tolist(), ((edges[:-1] + edges[1:]) / 2).tolist()
+
+
+def check_creator_id(given: str) -> str:
+    """A --neuronpedia_creator_id: a non-empty string without spaces."""
+    if not isinstance(given, str) or not re.fullmatch(r"\S+", given):
+        raise PipelineError(f"--neuronpedia_creator_id {given!r}: the id of a Neuronpedia user, a non-empty string "
+                            f"without spaces")
+    return given
 
 
 def _creator(creator_id: str | None) -> dict:

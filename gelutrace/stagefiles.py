@@ -290,6 +290,20 @@ def release_locks():
         f.close()  # closing the file drops its flock
 
 
+@contextlib.contextmanager
+def locked(directory, what: str):
+    """lock_directory for the block only (a lock this process already held stays held): for library calls,
+    whose process goes on."""
+    key = str((Path(directory) / LOCK_FILE).resolve())
+    held = key in _held_locks
+    lock_directory(directory, what)
+    try:
+        yield Path(directory)
+    finally:
+        if not held and key in _held_locks:
+            _held_locks.pop(key).close()
+
+
 def write_csv(df: pd.DataFrame, target, **kwargs):
     with atomic_path(target) as tmp:
         df.to_csv(tmp, index=False, **kwargs)
@@ -358,7 +372,7 @@ def switch_dir(target, version):
     link = target.parent / f".{target.name}.link{tag}"
     try:
         os.symlink(version.name, link)
-        old = target.resolve() if target.is_symlink() else None
+        old = own_version(target)
         if target.is_dir() and not target.is_symlink():
             legacy = target.parent / f".{target.name}.legacy{tag}"
             os.replace(target, legacy)  # a crash before the next line is undone by _clean_versions
@@ -370,8 +384,20 @@ def switch_dir(target, version):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(link)
         raise
-    if old is not None and old != version.resolve():
+    if old is not None and old.name != version.name:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def own_version(target) -> Path | None:
+    """The version directory `target` links to when it is a link that new_version made (a `.{name}.v*` beside
+    it, existing or not); None for anything else, a link to elsewhere included, which is never removed."""
+    target = Path(target)
+    if not target.is_symlink():
+        return None
+    version = target.parent / os.readlink(target)
+    if version.parent == target.parent and version.name.startswith(f".{target.name}.v"):
+        return version
+    return None
 
 
 def remove_dir(target):
@@ -379,9 +405,9 @@ def remove_dir(target):
     is removed, not what it points to."""
     target = Path(target)
     if target.is_symlink():
-        version = target.parent / os.readlink(target)
+        version = own_version(target)
         target.unlink()
-        if version.parent == target.parent and version.name.startswith(f".{target.name}.v"):
+        if version is not None:
             shutil.rmtree(version, ignore_errors=True)
     elif target.is_dir():
         shutil.rmtree(target)

@@ -539,6 +539,25 @@ def store_dir(tmp_path):
     return d, d / "toy_weighted_graph"
 
 
+def test_a_versioned_output_replaces_a_link_to_elsewhere_and_leaves_what_it_points_to(tmp_path):
+    from gelutrace import stagefiles as sf
+    elsewhere = tmp_path / "important"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("x")
+    target = tmp_path / "out" / "set"
+    target.parent.mkdir()
+    target.symlink_to(elsewhere)
+    with sf.atomic_dir(target) as d:
+        (d / "new.txt").write_text("y")
+    assert (elsewhere / "keep.txt").read_text() == "x"  # not removed as if it were an earlier version
+    assert (target / "new.txt").read_text() == "y" and sf.own_version(target) is not None
+    with sf.atomic_dir(target) as d:  # its own earlier version is removed
+        (d / "newer.txt").write_text("z")
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".set.v")] == [os.readlink(target)]
+    sf.remove_dir(target)
+    assert not target.exists() and not target.is_symlink() and (elsewhere / "keep.txt").is_file()
+
+
 def test_store_switch_is_atomic_and_leftovers_are_cleaned(store_dir, monkeypatch):
     """A crash at any point of the switch leaves a complete store under its name; the next run cleans up."""
     from gelutrace import stagefiles as sf

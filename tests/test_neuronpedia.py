@@ -7,6 +7,7 @@ GPT2LMHeadModel with hooks on `mlp.act`, the figures against the dataset's files
 import gzip
 import json
 import os
+import subprocess
 import sys
 
 import jsonschema
@@ -256,6 +257,68 @@ def test_export_onto_a_file_is_refused(dataset, tmp_path):
                "--neuronpedia", tmp_path / "np")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert (tmp_path / "np" / npx.model_slug(SHIPPED_NAME)).read_text() == "x"
+
+
+def test_only_an_earlier_export_is_replaced_and_ids_are_checked_before_any_work(dataset, tmp_path):
+    """DIR/{id} that is a plain directory (a model checkpoint, a run's modules/), a link to elsewhere or a file is
+    left alone with one error line; so are an empty DIR and bad creator ids; a dangling link an interrupted export
+    left is replaced."""
+    slug = npx.model_slug(SHIPPED_NAME)
+    plain = tmp_path / "plain"
+    (plain / slug).mkdir(parents=True)
+    (plain / slug / "config.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("x")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / slug).symlink_to(elsewhere)
+    cases = [(["--neuronpedia", plain], "is a directory, not an earlier export"),
+             (["--neuronpedia", linked], "is a link to elsewhere"),
+             (["--neuronpedia", ""], "needs a directory"),
+             (["--neuronpedia", tmp_path / "np", "--neuronpedia_creator_id", ""], "--neuronpedia_creator_id"),
+             (["--neuronpedia", tmp_path / "np", "--neuronpedia_creator_id", "a b"], "--neuronpedia_creator_id")]
+    for flags, why in cases:
+        r = render("--dataset_path", dataset, "--neurons", "5", "--output", tmp_path / "cards", *flags)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+        assert why in r.stderr, (flags, r.stderr)
+        assert not (tmp_path / "cards").exists() and not (tmp_path / "np").exists()
+    assert (plain / slug / "config.json").read_text() == "{}" and (elsewhere / "keep.txt").read_text() == "x"
+    assert not (REPO_ROOT / slug).exists()  # the empty DIR wrote nothing into the working directory
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / slug).symlink_to(f".{slug}.v0gone")  # as an export cut short between its renames leaves it
+    r = render("--dataset_path", dataset, "--neurons", "5", "--output", tmp_path / "cards", "--neuronpedia", dangling)
+    assert r.returncode == 0, r.stderr
+    assert (dangling / slug / "0-gelutrace-mlp").is_dir()  # neuron 5 is in layer 0
+
+
+def test_api_export_checks_its_arguments_and_takes_the_lock(dataset, shipped, tmp_path):
+    from gelutrace import PipelineError
+    from gelutrace.api import Cards
+
+    built = Cards(cards.build_cards(shipped.model, shipped.tokenizer, dataset, SHIPPED_NAME, np.array([5]), 2),
+                  SHIPPED_NAME, shipped.model, "ds")
+    for kwargs in ({"model_id": 5}, {"model_id": b"x"}, {"creator_id": 5}, {"creator_id": ""}):
+        with pytest.raises(PipelineError):
+            built.to_neuronpedia(tmp_path / "np", **kwargs)
+    with pytest.raises(PipelineError, match="needs a directory"):
+        built.to_neuronpedia("")
+    assert not (tmp_path / "np").exists()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str((tmp_path / "locked").mkdir() or tmp_path / "locked" / sf.LOCK_FILE)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PipelineError, match="another run is writing"):
+            built.to_neuronpedia(tmp_path / "locked")
+    finally:
+        holder.kill()
+        holder.wait()
+    folder = built.to_neuronpedia(tmp_path / "locked")  # and the lock is let go after each export
+    assert (folder / "0-gelutrace-mlp").is_dir()
+    built.to_neuronpedia(tmp_path / "locked")
 
 
 def test_model_slug():
