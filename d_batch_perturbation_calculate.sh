@@ -35,15 +35,18 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
 fi
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+need() {  # FLAG [VALUE]: a flag's value, refused when it is missing or empty
+  if [ $# -lt 2 ] || [ -z "$2" ]; then echo "error: $1 needs a value (see --help)" >&2; exit 2; fi
+}
 pos=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --thresholds) THRESHOLDS="${2:?--thresholds needs a value}"; shift 2 ;;
-    --ratios) RATIOS="${2:?--ratios needs a value}"; shift 2 ;;
-    --ks) KS="${2:?--ks needs a value}"; shift 2 ;;
-    --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
-    --weights) WEIGHTS="${2:?--weights needs a value}"; shift 2 ;;
-    --seed) SEED="${2:?--seed needs a value}"; shift 2 ;;
+    --thresholds) need "$@"; THRESHOLDS="$2"; shift 2 ;;
+    --ratios) need "$@"; RATIOS="$2"; shift 2 ;;
+    --ks) need "$@"; KS="$2"; shift 2 ;;
+    --methods) need "$@"; METHODS="$2"; shift 2 ;;
+    --weights) need "$@"; WEIGHTS="$2"; shift 2 ;;
+    --seed) need "$@"; SEED="$2"; shift 2 ;;
     --force) FORCE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;

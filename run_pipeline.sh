@@ -93,31 +93,34 @@ FORCE="${FORCE:-0}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
 fi
+need() {  # FLAG [VALUE]: a flag's value, refused when it is missing or empty
+  if [ $# -lt 2 ] || [ -z "$2" ]; then echo "error: $1 needs a value (see --help)" >&2; exit 2; fi
+}
 pos=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --device) DEVICE="${2:?--device needs a value}"; shift 2 ;;
-    --temperature) TEMPERATURE="${2:?--temperature needs a value}"; shift 2 ;;
-    --seed) SEED="${2:?--seed needs a value}"; shift 2 ;;
-    --thresholds) THRESHOLDS="${2:?--thresholds needs a value}"; shift 2 ;;
-    --ratios) RATIOS="${2:?--ratios needs a value}"; shift 2 ;;
-    --ks) KS="${2:?--ks needs a value}"; shift 2 ;;
-    --eval_text) EVAL_TEXT="${2:?--eval_text needs a value}"; shift 2 ;;
-    --eval_tokens) EVAL_TOKENS="${2:?--eval_tokens needs a value}"; shift 2 ;;
-    --control_subsets) CONTROL_SUBSETS="${2:?--control_subsets needs a value}"; shift 2 ;;
-    --methods) METHODS="${2:?--methods needs a value}"; shift 2 ;;
-    --weights) WEIGHTS="${2:?--weights needs a value}"; shift 2 ;;
-    --direct_edges) DIRECT_EDGES="${2:?--direct_edges needs a value}"; shift 2 ;;
-    --effects) EFFECTS="${2:?--effects needs a value}"; shift 2 ;;
-    --effect_tokens) EFFECT_TOKENS="${2:?--effect_tokens needs a value}"; shift 2 ;;
-    --fidelity_tokens) FIDELITY_TOKENS="${2:?--fidelity_tokens needs a value}"; shift 2 ;;
-    --eval_csv) EVAL_CSV="${2:?--eval_csv needs a value}"; shift 2 ;;
-    --text) TEXT="${2:?--text needs a value}"; shift 2 ;;
-    --text_field) TEXT_FIELD="${2:?--text_field needs a value}"; shift 2 ;;
-    --eval_text_field) EVAL_TEXT_FIELD="${2:?--eval_text_field needs a value}"; shift 2 ;;
-    --random_controls) RANDOM_CONTROLS="${2:?--random_controls needs a value}"; shift 2 ;;
-    --modules_top) MODULES_TOP="${2:?--modules_top needs a value}"; shift 2 ;;
-    --module_controls) MODULE_CONTROLS="${2:?--module_controls needs a value}"; shift 2 ;;
+    --device) need "$@"; DEVICE="$2"; shift 2 ;;
+    --temperature) need "$@"; TEMPERATURE="$2"; shift 2 ;;
+    --seed) need "$@"; SEED="$2"; shift 2 ;;
+    --thresholds) need "$@"; THRESHOLDS="$2"; shift 2 ;;
+    --ratios) need "$@"; RATIOS="$2"; shift 2 ;;
+    --ks) need "$@"; KS="$2"; shift 2 ;;
+    --eval_text) need "$@"; EVAL_TEXT="$2"; shift 2 ;;
+    --eval_tokens) need "$@"; EVAL_TOKENS="$2"; shift 2 ;;
+    --control_subsets) need "$@"; CONTROL_SUBSETS="$2"; shift 2 ;;
+    --methods) need "$@"; METHODS="$2"; shift 2 ;;
+    --weights) need "$@"; WEIGHTS="$2"; shift 2 ;;
+    --direct_edges) need "$@"; DIRECT_EDGES="$2"; shift 2 ;;
+    --effects) need "$@"; EFFECTS="$2"; shift 2 ;;
+    --effect_tokens) need "$@"; EFFECT_TOKENS="$2"; shift 2 ;;
+    --fidelity_tokens) need "$@"; FIDELITY_TOKENS="$2"; shift 2 ;;
+    --eval_csv) need "$@"; EVAL_CSV="$2"; shift 2 ;;
+    --text) need "$@"; TEXT="$2"; shift 2 ;;
+    --text_field) need "$@"; TEXT_FIELD="$2"; shift 2 ;;
+    --eval_text_field) need "$@"; EVAL_TEXT_FIELD="$2"; shift 2 ;;
+    --random_controls) need "$@"; RANDOM_CONTROLS="$2"; shift 2 ;;
+    --modules_top) need "$@"; MODULES_TOP="$2"; shift 2 ;;
+    --module_controls) need "$@"; MODULE_CONTROLS="$2"; shift 2 ;;
     --force) FORCE=1; shift ;;
     -h|--help) sed -n "2,/^set -euo/p" "$0" | sed "\$d" | sed "s/^# \\{0,1\\}//"; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -259,15 +262,18 @@ if [ -n "$KS" ]; then  # counts, from the percentages and the graph's number of 
 fi
 # corpus mode: stage b as two shards (windows 0, 2, 4, ... and 1, 3, 5, ...) merged exactly into DATA; the two
 # halves tell stage e how stable each method's selection is
-corpus_b() {  # TEXT MODEL DEVICE SHARDS_DIR
+# (a stage that is a shell function takes every setting it uses as an argument: they are in its stamp, so a
+# changed setting reruns it)
+corpus_b() {  # TEXT MODEL DEVICE SHARDS_DIR [STAGE-B FLAGS...]
   for i in 0 1; do
     py b_generate_activation_dataset.py --input_text "$1" --export_dir "$4/$i" --model_type "$2" --device "$3" \
-      --shard "$i/2" --attribution "${direct[@]}" "${text_field[@]}"
+      --shard "$i/2" --attribution "${@:5}"
   done
   py c_merge_activation_statistics.py --output_dir "$DATA" "$4/0" "$4/1"
 }
 if [ -n "$TEXT" ]; then
-  stage b "$DATA/${m}_corpus.json" corpus_b "$TEXT" "$MODEL" "$DEVICE" "${DATA}_shards"
+  stage b "$DATA/${m}_corpus.json" corpus_b "$TEXT" "$MODEL" "$DEVICE" "${DATA}_shards" "${direct[@]}" \
+    "${text_field[@]}"
 else
   stage b "$DATA/${m}_activation_matrix.npz" \
     py b_generate_activation_dataset.py --input_csv "$CSV" --export_dir "$DATA" --model_type "$MODEL" \
@@ -304,20 +310,22 @@ find_modules() {  # WEIGHT...
 }
 # shellcheck disable=SC2086
 stage modules "$DATA/modules" find_modules $module_weights
-[ "$ran" = 1 ] && rm -rf "$DATA/perturbation_subsets"
-subsets_d() {  # the stage-d sweep, then the largest modules of each weight as subsets
-  log_command env THRESHOLDS="$THRESHOLDS" "${sizes[@]}" METHODS="$METHODS" WEIGHTS="$WEIGHTS" \
-    ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
-  env THRESHOLDS="$THRESHOLDS" "${sizes[@]}" METHODS="$METHODS" WEIGHTS="$WEIGHTS" PYTHON="$PYTHON" \
-    ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
-  if [ "$MODULES_TOP" -gt 0 ]; then
-    for w in $module_weights; do
-      py d_calculate_perturbation_subset.py --modules "$DATA/modules/${m}_modules_$w.csv" --modules_top "$MODULES_TOP" \
+# the stage-d sweep, then the largest modules of each weight as subsets, into a fresh directory (a subset of a
+# method or k no longer asked for is not left for stage e)
+subsets_d() {  # THRESHOLDS KS=...|RATIOS=... METHODS WEIGHTS MODULES_TOP MODULE_WEIGHTS
+  local sweep=(THRESHOLDS="$1" "$2" METHODS="$3" WEIGHTS="$4")
+  rm -rf "$DATA/perturbation_subsets"
+  log_command env "${sweep[@]}" ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
+  env "${sweep[@]}" PYTHON="$PYTHON" ./d_batch_perturbation_calculate.sh "$analyzed" "$DATA/perturbation_subsets"
+  if [ "$5" -gt 0 ]; then
+    for w in $6; do
+      py d_calculate_perturbation_subset.py --modules "$DATA/modules/${m}_modules_$w.csv" --modules_top "$5" \
         --output_dir "$DATA/perturbation_subsets"
     done
   fi
 }
-stage d "$DATA/perturbation_subsets" subsets_d
+stage d "$DATA/perturbation_subsets" subsets_d "$THRESHOLDS" "${sizes[0]}" "$METHODS" "$WEIGHTS" "$MODULES_TOP" \
+  "$module_weights"
 subsets=()
 while IFS= read -r f; do subsets+=("$(basename "$f")"); done < <(ls "$DATA/perturbation_subsets"/*.npy 2>/dev/null | sort)
 selection=(--input_csv "$CSV")

@@ -2,6 +2,7 @@
 
 import re
 import unicodedata
+from urllib.parse import quote
 
 # Markdown's table, emphasis, code, link and heading characters, backslash-escaped; `<`, `>` and `&` become HTML
 # entities, so no text can open a tag, a comment or an entity of its own
@@ -13,6 +14,12 @@ _RUN = re.compile("`+")
 def escape(text) -> str:
     """`text` as literal Markdown inline text (also inside a table cell); renders as exactly `text`."""
     return "".join(_ENTITIES.get(c) or ("\\" + c if c in _PUNCT else c) for c in str(text))
+
+
+def url(path: str) -> str:
+    """A relative file path as a link or image target: percent-encoded, so a space or a parenthesis in a model's
+    or a directory's name cannot end it."""
+    return quote(str(path), safe="/")
 
 
 def fence(lines: list[str]) -> str:

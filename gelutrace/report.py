@@ -205,7 +205,7 @@ def verdict_section(info: dict, n_neurons: int) -> list[str]:
     level = (ev or {}).get("confidence_level", cmp.LEVEL)
     lines = ["## Verdict", ""]
     if info.get("dose") is not None and len(info["dose"]) and (info["data"] / sf.RESULTS_DIR / sf.DOSE_RESPONSE_PLOT).is_file():
-        lines += [f"![dose-response]({sf.RESULTS_DIR}/{sf.DOSE_RESPONSE_PLOT})", ""]
+        lines += [f"![dose-response]({markdown.url(f'{sf.RESULTS_DIR}/{sf.DOSE_RESPONSE_PLOT}')})", ""]
     lines += [evaluation_sentence(ev), ""]
     real = text_sentence(ev)
     lines += [real, ""] if real else []
@@ -340,7 +340,7 @@ def comparison_section(info: dict, data: Path) -> list[str]:
     results = data / sf.RESULTS_DIR
     lines = ["## Method comparison", ""]
     if (results / sf.COMPARISON_PLOT).is_file():
-        lines += [f"![method comparison]({sf.RESULTS_DIR}/{sf.COMPARISON_PLOT})", ""]
+        lines += [f"![method comparison]({markdown.url(f'{sf.RESULTS_DIR}/{sf.COMPARISON_PLOT}')})", ""]
     cols = ["k", "method", "variant", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "delta_nll_random_mean",
             "delta_nll_random_q95", "delta_nll_p_random", "delta_nll_z_random", "delta_nll_p_random_holm", "kl",
             "kl_p_random", "token_agreement", "delta_nll_validation", "selection_jaccard", "tied_picks",
@@ -376,7 +376,7 @@ def cards_section(data: Path) -> list[str]:
     lines = md.read_text(encoding="utf-8").split("\n")
     body = ["#" + line if line.startswith("#") else line for line in lines[1:]]  # the file's title is ours
     link = (f" The same cards, with each context shaded by the neuron's activation: "
-            f"[{sf.CARDS_HTML}]({sf.CARDS_DIR}/{sf.CARDS_HTML}).") if page.is_file() else ""
+            f"[{sf.CARDS_HTML}]({markdown.url(f'{sf.CARDS_DIR}/{sf.CARDS_HTML}')}).") if page.is_file() else ""
     return ["## Neuron cards", "", "The neurons of each selection method's best subset at the smallest k (at most 20 "
             "each) and the 10 with the largest single-neuron ΔNLL, where measured." + link, *body, ""]
 
@@ -425,7 +425,7 @@ def fidelity_section(info: dict, data: Path) -> list[str]:
              f"{row['beta']:.2f} × predicted with R² {row['r2_through_0']:.2f}.", ""]
     plot = sf.path(data, sf.EDGE_FIDELITY_PLOT, m)
     if plot.is_file():
-        lines += [f"![edge fidelity]({plot.name})", ""]
+        lines += [f"![edge fidelity]({markdown.url(plot.name)})", ""]
     return lines + [md_table(f.drop(columns=["store_uid"], errors="ignore")), ""]
 
 
@@ -453,7 +453,8 @@ def modules_section(info: dict, data: Path) -> list[str]:
                   + (" " + "; ".join(stab) + "." if stab else ""), ""]
         pics = [(t, data / sf.MODULES_DIR / f.format(m=m, weight=weight)) for t, f in (
             ("modules by layer", sf.MODULES_LAYER_PLOT), ("module graph", sf.MODULES_GRAPH_PLOT))]
-        lines += [" ".join(f"![{t}]({p.relative_to(data).as_posix()})" for t, p in pics if p.is_file()), ""]
+        lines += [" ".join(f"![{t}]({markdown.url(p.relative_to(data).as_posix())})"
+                           for t, p in pics if p.is_file()), ""]
     eff = info.get("module_effects")
     if eff is None or not len(eff):
         return lines + ["No module was ablated (stage d `--modules`, then stage e).", ""]
@@ -532,7 +533,7 @@ def write_report(data: Path, params: dict) -> str:
               f"{info['samples']} samples from {info['source']}; "
               f"{meta['n_layer']} layers x {meta['d_mlp']} GELU neurons = {meta['num_neurons']} neurons, "
               f"{meta['num_edges']} adjacent-layer edges.", "",
-              f"![activation frequency per layer]({sf.LAYER_ACTIVITY_PLOT})", "",
+              f"![activation frequency per layer]({markdown.url(sf.LAYER_ACTIVITY_PLOT)})", "",
               md_table(info["layers"]), ""]
     hists = [(t, analysis / f"{n}.png") for t, n in (("Node activation counts", sf.HIST_NODE_COUNT),
                                                      ("Edge co-activation counts", sf.HIST_EDGE_COUNT),
@@ -542,11 +543,11 @@ def write_report(data: Path, params: dict) -> str:
         hists.append(("Node degrees at the thresholds stage d used", at_thresholds))
     if any(p.is_file() for _, p in hists):
         lines += ["## Co-activation graph", ""]
-        lines += [f"![{t}]({rel(p)})" for t, p in hists if p.is_file()] + [""]
+        lines += [f"![{t}]({markdown.url(rel(p))})" for t, p in hists if p.is_file()] + [""]
     if info["sweep"] is not None:
         lines += ["## Threshold sweep", "", "Edges with normalised co-activation <= t removed.", ""]
         if (analysis / sf.THRESHOLD_PLOT).is_file():
-            lines += [f"![threshold sweep]({rel(analysis / sf.THRESHOLD_PLOT)})", ""]
+            lines += [f"![threshold sweep]({markdown.url(rel(analysis / sf.THRESHOLD_PLOT))})", ""]
         lines += [md_table(info["sweep"]), ""]
     lines += fidelity_section(info, data)
     if len(info["subsets"]):
@@ -564,7 +565,7 @@ def write_report(data: Path, params: dict) -> str:
                   f"among them; `z_random`: standard deviations above their mean; `kl_vs_random`: subset / random "
                   f"mean, given only where that mean is above 0 by its t-interval.", ""]
         if (results / sf.PERTURBATION_PLOT).is_file():
-            lines += [f"![ablation effects]({rel(results / sf.PERTURBATION_PLOT)})", ""]
+            lines += [f"![ablation effects]({markdown.url(rel(results / sf.PERTURBATION_PLOT))})", ""]
         lines += [md_table(effect_table(info["effects"])), ""]
     with sf.atomic_open(data / sf.REPORT, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

@@ -375,6 +375,7 @@ def test_stage_b_refuses_a_negative_k_in_both_modes(tmp_path):
 
 def test_token_text_is_shown_with_control_characters_escaped():
     assert markdown.visible("a\nb") == "a⏎b" and markdown.visible("a\nb", "\n") == "a\nb"
+    assert markdown.url("modules/my model_modules (1).png") == "modules/my%20model_modules%20%281%29.png"
     assert [markdown.token_cell(t) for t in (" ", "  ", " the", "the ", "a b", "\n", " \n")] == [
         "␣", "␣␣", "␣the", "the␣", "a b", "⏎", "␣⏎"]
     assert markdown.visible("\x00\x0b\u2028é") == "\\x00\\x0b\\x2028é"

@@ -381,6 +381,10 @@ def test_pipeline_passes_the_fields_to_the_stages_that_read_the_texts(tmp_path):
     (e,) = cmds["e_generate_perturbed_results.py"]
     assert e[e.index("--eval_text") + 1] == str(text) and e[e.index("--text_field") + 1] == "q"
     assert "--text_field" not in cmds["c_measure_edge_fidelity.py"][0]  # it reads stage b's record
+    # the stamps that decide a rerun hold every setting a stage uses, those of the shell-function stages too
+    stamps = tmp_path / "run" / ".pipeline"
+    assert "--direct_edges --text_field body" in (stamps / "b.cmd").read_text()
+    assert (stamps / "d.cmd").read_text().startswith("subsets_d 0.5\\ 0.8 RATIOS=0.01 degree\\ influence")
     r, cmds = pipeline("--force")  # the default field: the commands as before the flags existed
     assert r.returncode == 0, r.stderr
     assert not any("--text_field" in c for cs in cmds.values() for c in cs)

@@ -69,6 +69,14 @@ def test_malicious_gpickle_in_batch_script(tmp_path):
     assert r.returncode != 0 and not marker.exists()
 
 
+@pytest.mark.parametrize("flags", [["--ratios", ""], ["--methods"], ["--thresholds", "", "g.json"]])
+def test_batch_script_flag_without_a_value_is_one_error_line(tmp_path, flags):
+    r = subprocess.run([str(REPO_ROOT / "d_batch_perturbation_calculate.sh"), *flags], capture_output=True,
+                       text=True, cwd=tmp_path, env=dict(os.environ, PYTHON=sys.executable))
+    assert r.returncode == 2 and r.stderr == f"error: {flags[0]} needs a value (see --help)\n"
+    assert not list(tmp_path.iterdir())
+
+
 def test_damaged_and_foreign_gpickles(tmp_path):
     g = nx.Graph(model="toy", num_samples=3)
     g.add_node(0, layer=0, dimension=0, activation_count=np.int64(2))

@@ -212,6 +212,13 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
         assert f"== {stage}" in lines, stage
     ds = pd.read_csv(sf.path(copy, sf.DATASET, M), keep_default_na=False)
     assert len(ds) == 6 * 2 + 5 * 3 + 3
+    # one method fewer: stage d reruns (its settings are in its stamp) and leaves no subset of the other behind
+    r = subprocess.run(base + ["--methods", "degree", M, str(csv), str(copy)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert "== d" in lines and any(ln.startswith("== c_analyze: up to date") for ln in lines)
+    methods = {json.loads(p.read_text())["method"] for p in (copy / sf.SUBSETS_DIR).glob("*.json")}
+    assert methods == {"degree"}
     r = subprocess.run(base + ["--force", "--methods", "degree no_such_method", M, str(csv), str(copy)],
                        capture_output=True, text=True, env=env)
     assert r.returncode != 0  # d_batch failed, and so does the pipeline, before stage e
@@ -222,7 +229,7 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
 def test_bad_grid_and_flags_fail_before_any_stage(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     for flags in (["--ks", "abc"], ["--ks", "3 101%"], ["--effect_tokens", "0"], ["--effect_tokens", "x"],
-                  ["--fidelity_tokens", "0"],
+                  ["--fidelity_tokens", "0"], ["--text_field", ""], ["--eval_text_field", ""], ["--seed", ""],
                   ["--control_subsets", "bogus"], ["--random_controls", "-1"], ["--ks", "30", "--ratios", "0.01"]):
         r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), *flags, M, str(REPO_ROOT / "parcellation_datasets" /
                             "test_1.csv"), str(tmp_path / "run")], capture_output=True, text=True, env=env)
