@@ -13,6 +13,7 @@ scripts call the same functions). Exported by `gelutrace`:
 """
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,10 @@ def record_corpus(lm: LoadedModel, text: list[str], out_dir=None, max_tokens: in
     into `out_dir` (default: a new temporary directory)."""
     from gelutrace import corpus as cp
 
+    if isinstance(text, (str, os.PathLike)):  # one path, not its characters
+        text = [text]
+    if not len(text):
+        raise PipelineError("record_corpus needs at least one text file or directory")
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="gelutrace_"))
     settings = cp.CorpusSettings(context=context, max_tokens=max_tokens, top_examples=top_examples,
                                  attribution=attribution, direct_edges="adjacent" if direct_edges else None,
@@ -80,10 +85,14 @@ def select(graph, method: str = "attribution", k: int = 30, threshold: float | N
                             dataset_path=dataset.path if dataset is not None else None)[0]
 
 
-def _neuron_ids(neurons) -> np.ndarray:
+def _neuron_ids(neurons, n: int) -> np.ndarray:
+    """Neuron ids as int64, each in [0, n)."""
     ids = np.asarray(neurons)
     if ids.ndim != 1 or (len(ids) and not np.issubdtype(ids.dtype, np.integer)):
         raise PipelineError(f"neuron ids must be a list of whole numbers, got {ids.dtype} of shape {ids.shape}")
+    bad = ids[(ids < 0) | (ids >= n)]
+    if len(bad):
+        raise PipelineError(f"neuron id {int(bad[0])} is outside 0-{n - 1}, this model's neurons")
     return ids.astype(np.int64)
 
 
@@ -108,12 +117,12 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
     from gelutrace import perturbation as pt
     from gelutrace import realtext
 
-    ids = np.unique(_neuron_ids(getattr(neurons, "ids", neurons)))  # a set: each neuron once
     cfg = lm.model.config
-    if isinstance(eval_text, (str, Path)):
+    ids = np.unique(_neuron_ids(getattr(neurons, "ids", neurons), cfg.n_layer * cfg.d_mlp))  # each neuron once
+    if isinstance(eval_text, (str, os.PathLike)):
         eval_text = [eval_text]
-    if not len(ids) or ids.min() < 0 or ids.max() >= cfg.n_layer * cfg.d_mlp:
-        raise PipelineError(f"neuron ids must be in 0..{cfg.n_layer * cfg.d_mlp - 1} (and at least one)")
+    if not len(ids):
+        raise PipelineError("ablate needs at least one neuron")
     ctx = realtext.check_context(cfg.block_size if context is None else context, cfg.block_size)
     text = realtext.read_eval_text([str(t) for t in eval_text], lm.tokenizer, ctx, cfg.vocab_size, eval_tokens)
     sub = pt.Subset("neurons", ids)
@@ -161,10 +170,11 @@ def neuron_cards(lm: LoadedModel, dataset: Dataset, neuron_ids, k: int = 10) -> 
     """The cards of these neurons from the dataset (top examples, direct logit effect, figures)."""
     from gelutrace import cards as cd
 
-    ids = _neuron_ids(neuron_ids)
     n = lm.model.config.n_layer * lm.model.config.d_mlp
-    if not len(ids) or k < 1:
-        raise PipelineError("neuron_cards needs at least one neuron and k >= 1 examples")
+    ids = _neuron_ids(neuron_ids, n)
+    if not len(ids) or not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise PipelineError(f"neuron_cards needs at least one neuron and a whole number k >= 1 of examples, got "
+                            f"{len(ids)} neurons and k = {k!r}")
     return Cards(cd.build_cards(lm.model, lm.tokenizer, dataset.path, lm.name, ids, k,
                                 modules=cd.dataset_modules(dataset.path, lm.name, n)), lm.name, lm.model,
                  Path(dataset.path).resolve().name)

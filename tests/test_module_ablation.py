@@ -233,8 +233,8 @@ def test_api_equals_the_stage_scripts(ablated, shipped, tmp_path):
     import gelutrace as gt
 
     d, _, _ = ablated
-    ds = gt.record_corpus(shipped, [HELDOUT_PATH], out_dir=tmp_path / "api", max_tokens=1500, context=128,
-                          attribution=True)
+    ds = gt.record_corpus(shipped, str(HELDOUT_PATH), out_dir=tmp_path / "api", max_tokens=1500, context=128,
+                          attribution=True)  # one path alone, as a list of one
     for name in (sf.FREQUENCY, sf.TOP_EXAMPLES):
         assert sf.path(ds.path, name, M).read_bytes() == sf.path(d, name, M).read_bytes()
     sub = gt.select(ds.graph(), method="attribution", k=10, dataset=ds)
@@ -256,6 +256,13 @@ def test_api_refuses_bad_calls_with_pipeline_errors(ablated, shipped):
     for call in (lambda: gt.ablate(shipped, ["a"], eval_text=EVAL_TEXT), lambda: gt.ablate(shipped, [1.5], EVAL_TEXT),
                  lambda: gt.ablate(shipped, [10 ** 8], eval_text=EVAL_TEXT), lambda: gt.neuron_cards(shipped, ds, []),
                  lambda: gt.neuron_cards(shipped, ds, [1], k=0), lambda: gt.select(None, method="degree", k=3),
-                 lambda: gt.select(ds.graph(), method="nope", k=3), lambda: gt.load_model("no-such-model")):
+                 lambda: gt.select(ds.graph(), method="nope", k=3), lambda: gt.load_model("no-such-model"),
+                 lambda: gt.neuron_cards(shipped, ds, [1], k=2.5), lambda: gt.neuron_cards(shipped, ds, [1], k="3"),
+                 lambda: gt.neuron_cards(shipped, ds, [-1]), lambda: gt.neuron_cards(shipped, ds, [10 ** 9]),
+                 lambda: gt.record_corpus(shipped, [])):
         with pytest.raises(gt.PipelineError):
             call()
+    with pytest.raises(gt.PipelineError, match="outside 0-3071"):
+        gt.neuron_cards(shipped, ds, [3072])
+    with pytest.raises(gt.PipelineError, match="at least one text"):
+        gt.record_corpus(shipped, [])
