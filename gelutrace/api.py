@@ -145,6 +145,9 @@ class Cards:
         the cards in Neuronpedia's export layout under DIR/{model_id}/, returned."""
         from gelutrace import neuronpedia as npx
 
+        if self.model is None:
+            raise PipelineError("to_neuronpedia needs the model the cards were built from (Cards.model; "
+                                "gelutrace.neuron_cards sets it)")
         model_id = npx.model_slug(self.m) if model_id is None else npx.check_model_id(model_id)
         if creator_id is not None:
             npx.check_creator_id(creator_id)

@@ -304,6 +304,8 @@ def test_api_export_checks_its_arguments_and_takes_the_lock(dataset, shipped, tm
             built.to_neuronpedia(tmp_path / "np", **kwargs)
     with pytest.raises(PipelineError, match="needs a directory"):
         built.to_neuronpedia("")
+    with pytest.raises(PipelineError, match="needs the model"):
+        Cards(built.cards, SHIPPED_NAME).to_neuronpedia(tmp_path / "np")
     assert not (tmp_path / "np").exists()
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
