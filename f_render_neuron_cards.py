@@ -9,8 +9,8 @@ windows re-read from the corpus files {m}_corpus.json names (only the documents 
 
 Writes into --output: neuron_cards.md and neurons.html, a self-contained page (inline CSS, no script, no
 external resource) in which each context's tokens are shaded by the neuron's activation. With --neuronpedia
-DIR, also the same neurons in Neuronpedia's export layout, DIR/{model}/{layer}-gelutrace-mlp/ (README:
-"Neuronpedia export").
+DIR, also the same neurons in Neuronpedia's export layout, DIR/{model}/{layer}-gelutrace-mlp/ (or
+DIR/{model}/{layer}/ with --neuronpedia_source_set neurons; README: "Neuronpedia export").
 
     python f_render_neuron_cards.py --dataset_path parcellation_datasets/test_1_tinybard --model_type tinybard \\
         --neurons 417,1033,2900
@@ -58,10 +58,21 @@ def main(argv=None):
                     help="the edge weight --threshold applies to (default: count)")
     ap.add_argument("--neuronpedia", metavar="DIR",
                     help="also write the neurons in Neuronpedia's export layout into DIR/{model}/ (replaced as one "
-                         "set; other models' folders in DIR are left alone)")
+                         "set; other models' folders in DIR are left alone, and DIR holds no lock or staging "
+                         "file afterwards). Neuronpedia's importer reads only its own S3 bucket: README, "
+                         "\"Neuronpedia export\", says how such an export is imported and why importing it "
+                         "again changes nothing")
     ap.add_argument("--neuronpedia_creator_id", metavar="ID",
-                    help="the creatorId of the Neuronpedia user the records are imported under (default: none "
-                         "written; the importing instance supplies it)")
+                    help=f"the creatorId written on every record that has one (default: {npx.DEFAULT_CREATOR_ID}, "
+                         f"Neuronpedia's bot user: the importer writes no creatorId of its own, its tables require "
+                         f"one, and a neuron page shows only activations whose creatorId is in the instance's "
+                         f"PUBLIC_ACTIVATIONS_USER_IDS, which holds this id by default; give another id for an "
+                         f"instance configured otherwise)")
+    ap.add_argument("--neuronpedia_source_set", choices=npx.SOURCE_SETS, default=None,
+                    help=f"the source set: {npx.SOURCE_SETS[0]} (default), sources {{layer}}-{npx.SOURCE_SETS[0]} "
+                         f"in a set of their own, for a model of your own; or {npx.NEURONS_SET}, sources named by "
+                         f"the plain layer number as Neuronpedia's own MLP-neuron sources are, so that the "
+                         f"examples appear on an existing model's neuron pages (e.g. gpt2-small)")
     ap.add_argument("--neuronpedia_model_id", metavar="ID",
                     help="the modelId of the records and the name of the model's folder: the id of the model on the "
                          "Neuronpedia instance the export is for, e.g. gpt2-small for GPT-2 small on neuronpedia.org "
@@ -74,14 +85,16 @@ def main(argv=None):
     if args.weight is not None and args.threshold is None:
         raise PipelineError("--weight needs --threshold")
     out = sf.check_output_dir(args.output or Path(args.dataset_path) / sf.CARDS_DIR, "--output")
-    for flag in ("neuronpedia_creator_id", "neuronpedia_model_id"):
+    for flag in ("neuronpedia_creator_id", "neuronpedia_model_id", "neuronpedia_source_set"):
         if getattr(args, flag) is not None and args.neuronpedia is None:
             raise PipelineError(f"--{flag} needs --neuronpedia")
     if args.neuronpedia is not None:  # before any work: the id, and that DIR/{id} is free or an earlier export
         if args.neuronpedia_model_id is not None:
             npx.check_model_id(args.neuronpedia_model_id)
-        if args.neuronpedia_creator_id is not None:
-            npx.check_creator_id(args.neuronpedia_creator_id)
+        if args.neuronpedia_creator_id is None:
+            args.neuronpedia_creator_id = npx.DEFAULT_CREATOR_ID
+        npx.check_creator_id(args.neuronpedia_creator_id)
+        args.neuronpedia_source_set = args.neuronpedia_source_set or npx.SOURCE_SETS[0]
         model_id = args.neuronpedia_model_id or npx.model_slug(model_name(args.model_type))
         npx.check_target(args.neuronpedia, model_id)
     start = time.perf_counter()
@@ -107,10 +120,9 @@ def main(argv=None):
     cd.write_cards(out, cards, lm.name)
     print(f"{len(cards)} neuron cards in {time.perf_counter() - start:.1f} s: {out / sf.CARDS_MD}, {out / sf.CARDS_HTML}")
     if args.neuronpedia is not None:
-        sf.lock_directory(args.neuronpedia, "Neuronpedia export")
-        npx.check_target(args.neuronpedia, model_id)  # again, now that no other writer can change it
+        # under an flock on DIR, DIR/{id} checked again, staged beside it and renamed in
         folder = npx.write_export(args.neuronpedia, cards, lm.name, lm.model, Path(args.dataset_path).resolve().name,
-                                  args.neuronpedia_creator_id, model_id)
+                                  args.neuronpedia_creator_id, model_id, args.neuronpedia_source_set)
         print(f"Neuronpedia export of {len(cards)} neurons: {folder}")
 
 

@@ -140,21 +140,24 @@ class Cards:
     model: object = None  # the model they were built from: the Neuronpedia export's logit effects
     dataset: str = ""  # the dataset directory's name, recorded in the Neuronpedia source
 
-    def to_neuronpedia(self, directory, model_id: str | None = None, creator_id: str | None = None) -> Path:
-        """f_render_neuron_cards.py --neuronpedia DIR [--neuronpedia_model_id ID --neuronpedia_creator_id ID]:
-        the cards in Neuronpedia's export layout under DIR/{model_id}/, returned."""
+    def to_neuronpedia(self, directory, model_id: str | None = None,
+                       creator_id: str | None = "clkht01d40000jv08hvalcvly", source_set: str = "gelutrace-mlp") -> Path:
+        """f_render_neuron_cards.py --neuronpedia DIR [--neuronpedia_model_id ID --neuronpedia_creator_id ID
+        --neuronpedia_source_set SET]: the cards in Neuronpedia's export layout under DIR/{model_id}/, returned.
+        creator_id defaults to Neuronpedia's bot user (neuronpedia.DEFAULT_CREATOR_ID), source_set is
+        gelutrace-mlp or neurons; a re-export over other data warns on stderr (README, Neuronpedia export)."""
         from gelutrace import neuronpedia as npx
 
         if self.model is None:
             raise PipelineError("to_neuronpedia needs the model the cards were built from (Cards.model; "
                                 "gelutrace.neuron_cards sets it)")
         model_id = npx.model_slug(self.m) if model_id is None else npx.check_model_id(model_id)
-        if creator_id is not None:
-            npx.check_creator_id(creator_id)
+        creator_id = npx.DEFAULT_CREATOR_ID if creator_id is None else npx.check_creator_id(creator_id)
+        npx.check_source_set(source_set)
         directory = npx.check_target(directory, model_id)
-        with sf.locked(directory, "Neuronpedia export"):
-            npx.check_target(directory, model_id)  # again, now that no other writer can change it
-            return npx.write_export(directory, self.cards, self.m, self.model, self.dataset, creator_id, model_id)
+        # under an flock on the directory (one export at a time, per call), the target checked again there
+        return npx.write_export(directory, self.cards, self.m, self.model, self.dataset, creator_id, model_id,
+                                source_set)
 
     def to_html(self, path) -> Path:
         from gelutrace import cards as cd
