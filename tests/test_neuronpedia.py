@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -565,10 +566,15 @@ def prisma_schema(text: str) -> dict:
     return defs
 
 
-@pytest.mark.skipif(not os.environ.get("NEURONPEDIA_SCHEMA_PRISMA"),
-                    reason="set NEURONPEDIA_SCHEMA_PRISMA to Neuronpedia's apps/webapp/prisma/schema.prisma")
+# Neuronpedia's schema.prisma: NEURONPEDIA_SCHEMA_PRISMA, or the reference copy in ../shared beside the checkout
+SCHEMA_PRISMA = Path(os.environ.get("NEURONPEDIA_SCHEMA_PRISMA") or
+                     REPO_ROOT.parent / "shared" / "reference" / "neuronpedia" / "schema.prisma")
+
+
+@pytest.mark.skipif(not SCHEMA_PRISMA.is_file(),
+                    reason="no schema.prisma: set NEURONPEDIA_SCHEMA_PRISMA to Neuronpedia's apps/webapp/prisma/schema.prisma")
 def test_records_schema_is_derived_from_schema_prisma():
-    text = open(os.environ["NEURONPEDIA_SCHEMA_PRISMA"], encoding="utf-8").read()
+    text = SCHEMA_PRISMA.read_text(encoding="utf-8")
     assert prisma_schema(text) == PRISMA["$defs"]
     for kind in ("release", "model", "sourceset", "source", "activation"):
         assert "creatorId" in PRISMA["$defs"][kind]["required"]  # what the importer failed on without the flag
