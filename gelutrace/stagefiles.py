@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,20 +260,20 @@ def check_output_dir(directory, flag: str) -> Path:
 
 
 _held_locks: dict = {}  # lock file path -> its open file: held until released or the process ends
+_call_locks = threading.local()  # .held: the lock files the calls of locked() in this thread hold
 
 
-def lock_directory(directory, what: str) -> Path:
-    """
-    Take the directory's writer lock (an exclusive flock on LOCK_FILE inside it) until release_locks() or the
-    end of the process, or refuse at once: two runs writing into one directory would mix their outputs. The
-    kernel releases the lock when the process exits, also on a crash or kill -9, so a stale lock never blocks
-    the next run. A process that already holds the lock takes it again freely.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    key = str((d / LOCK_FILE).resolve())
-    if key in _held_locks:
-        return d
+def _lock_key(directory) -> str:
+    return str((Path(directory) / LOCK_FILE).resolve())
+
+
+def _held_by_call(key: str) -> bool:
+    return key in getattr(_call_locks, "held", ())
+
+
+def _flock(d: Path, what: str):
+    """A new open file description of d's LOCK_FILE, exclusively flock'ed (flock conflicts between two opens of
+    one file, in one process or two), or the refusal."""
     f = open(d / LOCK_FILE, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -280,7 +281,23 @@ def lock_directory(directory, what: str) -> Path:
         f.close()
         raise PipelineError(f"another run is writing into {d} (it holds {d / LOCK_FILE}); wait for it to end or "
                             f"write elsewhere ({what})") from None
-    _held_locks[key] = f
+    return f
+
+
+def lock_directory(directory, what: str) -> Path:
+    """
+    Take the directory's writer lock (an exclusive flock on LOCK_FILE inside it) until release_locks() or the
+    end of the process, or refuse at once: two runs writing into one directory would mix their outputs. The
+    kernel releases the lock when the process exits, also on a crash or kill -9, so a stale lock never blocks
+    the next run. A script that already holds the lock takes it again freely; within a locked() block (a library
+    call) the block's lock stands for it, and is released with the block.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    key = _lock_key(d)
+    if key in _held_locks or _held_by_call(key):
+        return d
+    _held_locks[key] = _flock(d, what)
     return d
 
 
@@ -292,16 +309,26 @@ def release_locks():
 
 @contextlib.contextmanager
 def locked(directory, what: str):
-    """lock_directory for the block only (a lock this process already held stays held): for library calls,
-    whose process goes on."""
-    key = str((Path(directory) / LOCK_FILE).resolve())
-    held = key in _held_locks
-    lock_directory(directory, what)
+    """
+    The directory's writer lock for the block only, for library calls, whose process goes on: taken on a new
+    open file description, so that it excludes every other holder, another thread's call in this process
+    included, and released when the block ends. Inside the block, lock_directory on the same directory (the
+    stage code the call runs) takes nothing more. A lock this process's script already holds stands for it.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    key = _lock_key(d)
+    if key in _held_locks or _held_by_call(key):
+        yield d
+        return
+    f = _flock(d, what)
+    held = _call_locks.__dict__.setdefault("held", set())
+    held.add(key)
     try:
-        yield Path(directory)
+        yield d
     finally:
-        if not held and key in _held_locks:
-            _held_locks.pop(key).close()
+        held.discard(key)
+        f.close()
 
 
 def write_csv(df: pd.DataFrame, target, **kwargs):
