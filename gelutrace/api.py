@@ -59,7 +59,14 @@ def record_corpus(lm: LoadedModel, text: list[str], out_dir=None, max_tokens: in
     from gelutrace import corpus as cp
 
     text = _paths("record_corpus", "text", text)
-    out = sf.check_output_dir(out_dir, "out_dir") if out_dir is not None else Path(tempfile.mkdtemp(prefix="gelutrace_"))
+    _whole("record_corpus", "top_examples", top_examples, 0)
+    for name, value in (("max_tokens", max_tokens), ("context", context)):
+        if value is not None:
+            _whole("record_corpus", name, value, 1)
+    if out_dir is None:
+        out = Path(tempfile.mkdtemp(prefix="gelutrace_"))
+    else:
+        out = sf.check_output_dir(out_dir, "out_dir")
     settings = cp.CorpusSettings(context=context, max_tokens=max_tokens, top_examples=top_examples,
                                  attribution=attribution, direct_edges="adjacent" if direct_edges else None,
                                  text_field=text_field)
@@ -141,6 +148,9 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
         raise PipelineError("ablate needs at least one neuron")
     random_controls = _whole("ablate", "random_controls", random_controls, 0)
     seed = _whole("ablate", "seed", seed, 0)
+    for name, value in (("eval_tokens", eval_tokens), ("batch_size", batch_size), ("context", context)):
+        if value is not None:
+            _whole("ablate", name, value, 1)
     ctx = realtext.check_context(cfg.block_size if context is None else context, cfg.block_size)
     text = realtext.read_eval_text(eval_text, lm.tokenizer, ctx, cfg.vocab_size, eval_tokens)
     sub = pt.Subset("neurons", ids)

@@ -648,9 +648,47 @@ def write_json(obj, target, indent=None):
         f.write("\n")
 
 
+class _Writes:
+    """A file descriptor as the file object numpy writes a .npy through: every write an os.write, so a full disk
+    raises ENOSPC (ndarray.tofile, numpy's way into a real file, raises an OSError without errno: '... requested
+    and ... written')."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        while len(view):
+            view = view[os.write(self.fd, view):]
+        return len(data)
+
+
+def write_bytes(data, target):
+    """Write bytes into a new file (its permissions as open()'s) through os.write: a failure keeps its errno and
+    names the file."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _Writes(fd).write(data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(target)) from None
+    finally:
+        os.close(fd)
+
+
+def save_npy(target, array: np.ndarray):
+    """np.save(target, array) (target named as given: name it .npy), written as write_bytes writes."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        np.save(_Writes(fd), np.asanyarray(array), allow_pickle=False)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(target)) from None
+    finally:
+        os.close(fd)
+
+
 def write_npy(array: np.ndarray, target):
-    with atomic_path(target) as tmp, open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
+    with atomic_path(target) as tmp:
+        save_npy(tmp, array)
 
 
 def write_npz(target, compress=True, **arrays):
