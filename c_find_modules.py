@@ -21,6 +21,7 @@ sd, z and p, the adjusted Rand index over --seeds seeds and between the two halv
 """
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,8 @@ def main():
     ap.add_argument("--top_edges_per_node", type=int, default=32, metavar="K",
                     help="thin to each node's K strongest edges (default: %(default)s)")
     ap.add_argument("--resolution", type=float, default=None,
-                    help="optimise the constant Potts model at this resolution instead of modularity")
+                    help="optimise the constant Potts model at this resolution (a finite number > 0) instead of "
+                         "modularity")
     ap.add_argument("--negative", choices=md.NEGATIVE, default="drop",
                     help="negative weights (phi, pmi, direct): drop them or take their absolute values "
                          "(default: %(default)s)")
@@ -61,7 +63,8 @@ def main():
     ap.add_argument("--input_csv", default=None,
                     help="prompt mode: the prompt CSV stage b read, for the halves of the selection data (corpus "
                          "mode finds them from its shards)")
-    ap.add_argument("--dataset_path", default=None, help="stage b's directory (default: the one the store records)")
+    ap.add_argument("--dataset_path", default=None,
+                    help="stage b's directory (default: the one the graph sits in, else the one its store records)")
     ap.add_argument("--output_dir", default=None, help="where to write (default: <dataset dir>/modules)")
     args = ap.parse_args()
     s = md.ModuleSettings(args.weight, args.threshold, args.top_edges_per_node, args.resolution, args.negative,
@@ -76,6 +79,9 @@ def main():
             raise
         data = None
     out = sf.check_output_dir(Path(args.output_dir) if args.output_dir else data / sf.MODULES_DIR, "--output_dir")
+    if args.output_dir is None and args.dataset_path is None and sel.graph_dataset(graph) is None:
+        print(f"note: writing into {out}: the graph sits outside its dataset, {data}, which its store records "
+              f"(--output_dir writes elsewhere)", file=sys.stderr)
     with tqdm(total=s.null_graphs, unit="graph", desc="rewired null") as bar:
         mods = md.find_modules(graph, s, bar.update)
     halves = None

@@ -45,7 +45,7 @@ from gelutrace import modules as md
 from gelutrace import selection as sel
 from gelutrace import stagefiles as sf
 from gelutrace import store as gs
-from gelutrace.cli import memory_limit, parser, run_main
+from gelutrace.cli import check_at_least, memory_limit, parser, run_main
 
 
 def main():
@@ -62,12 +62,12 @@ def main():
     size.add_argument("--k", type=int, nargs="+", metavar="K",
                       help="number of nodes to select instead (files named ..._k{k}.npy); several values write one "
                            "subset each")
-    ap.add_argument("--method", default="degree",
-                    help=f"ranking: {', '.join(sel.METHODS)} (default: %(default)s)")
-    ap.add_argument("--weight", default=gr.DEFAULT_WEIGHT,
+    ap.add_argument("--method", default=None,  # None: not given (--modules refuses it); degree
+                    help=f"ranking: {', '.join(sel.METHODS)} (default: degree)")
+    ap.add_argument("--weight", default=None,  # None: not given; count
                     help=f"edge weight that --threshold applies to and {', '.join(sel.GRAPH_METHODS)} rank by: "
                          f"{', '.join(gr.WEIGHTS)} (phi and pmi need the number of samples, which a .gpickle "
-                         f"records as the graph attribute num_samples) (default: %(default)s)")
+                         f"records as the graph attribute num_samples) (default: {gr.DEFAULT_WEIGHT})")
     out = ap.add_mutually_exclusive_group(required=True)
     out.add_argument("--output_path", help="the subset .npy to write (its sidecar .json goes beside it: "
                                            "parameters, k, per-layer counts, scores, tied_picks, tie_pool, "
@@ -82,9 +82,9 @@ def main():
                          "the graph store was built from)")
     ap.add_argument("--skip_existing", action="store_true",
                     help="do nothing if the output .npy already exists (used by d_batch)")
-    ap.add_argument("--seed", type=int, default=1337,
+    ap.add_argument("--seed", type=int, default=None,  # None: not given; 1337
                     help="seed of --method random and of the random order that breaks ties in the other methods' "
-                         "ranking (default: %(default)s)")
+                         "ranking, >= 0 (default: 1337)")
     ap.add_argument("--match_layers", default=None,
                     help="with --method random: draw as many neurons per layer as this other subset .npy has")
     ap.add_argument("--export_graph", default=None,
@@ -103,6 +103,10 @@ def main():
     t0 = time.time()
     if args.modules:
         return write_modules(args)
+    args.method = "degree" if args.method is None else args.method
+    args.weight = gr.DEFAULT_WEIGHT if args.weight is None else args.weight
+    args.seed = 1337 if args.seed is None else args.seed
+    check_at_least(args, 0, "seed")
     if args.module is not None or args.modules_top is not None:
         raise PipelineError("--module and --modules_top need --modules")
     if not args.input_graph_path:
@@ -162,10 +166,10 @@ def main():
 def write_modules(args):
     ranking = {"--output_path": args.output_path, "--ratio": args.ratio, "--k": args.k,
                "--input_graph_path": args.input_graph_path, "--threshold": args.threshold,
-               "--method": args.method != "degree", "--weight": args.weight != gr.DEFAULT_WEIGHT,
+               "--method": args.method, "--weight": args.weight, "--seed": args.seed,
                "--match_layers": args.match_layers, "--export_graph": args.export_graph}
-    if any(v not in (None, False) for v in ranking.values()):
-        given = [k for k, v in ranking.items() if v not in (None, False)]
+    given = [k for k, v in ranking.items() if v is not None]  # given at all, even at a default's value
+    if given:
         raise PipelineError(f"--modules writes each module as it is: give --output_dir and --module or --modules_top, "
                             f"without {', '.join(given)}")
     if (args.module is None) == (args.modules_top is None):

@@ -25,3 +25,7 @@ def __getattr__(name):  # the API on first use: `import gelutrace` alone loads n
 
         return getattr(api, name)
     raise AttributeError(f"module 'gelutrace' has no attribute {name!r}")
+
+
+def __dir__():  # tab completion lists the API, still without importing it
+    return sorted(set(globals()) | set(__all__))

@@ -58,16 +58,39 @@ def record_corpus(lm: LoadedModel, text: list[str], out_dir=None, max_tokens: in
     into `out_dir` (default: a new temporary directory)."""
     from gelutrace import corpus as cp
 
-    if isinstance(text, (str, os.PathLike)):  # one path, not its characters
-        text = [text]
-    if not len(text):
-        raise PipelineError("record_corpus needs at least one text file or directory")
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="gelutrace_"))
+    text = _paths("record_corpus", "text", text)
+    _whole("record_corpus", "top_examples", top_examples, 0)
+    for name, value in (("max_tokens", max_tokens), ("context", context)):
+        if value is not None:
+            _whole("record_corpus", name, value, 1)
+    if out_dir is None:
+        out = Path(tempfile.mkdtemp(prefix="gelutrace_"))
+    else:
+        out = sf.check_output_dir(out_dir, "out_dir")
     settings = cp.CorpusSettings(context=context, max_tokens=max_tokens, top_examples=top_examples,
                                  attribution=attribution, direct_edges="adjacent" if direct_edges else None,
                                  text_field=text_field)
-    cp.run_corpus_mode([str(t) for t in text], out, lm.spec or str(lm.path), str(lm.device), settings)
+    with sf.locked(out, "record_corpus"):  # this call's only: released when it returns, refused to another call
+        cp.run_corpus_mode(text, out, lm.spec or str(lm.path), str(lm.device), settings)
     return Dataset(out, lm.name)
+
+
+def _paths(call: str, name: str, value) -> list[str]:
+    """One path or a list of them (never a path's characters), at least one."""
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in value):
+        raise PipelineError(f"{call} needs {name} as a path or a list of paths, got {type(value).__name__}")
+    if not value:
+        raise PipelineError(f"{call} needs at least one text file or directory in {name}")
+    return [str(v) for v in value]
+
+
+def _whole(call: str, name: str, value, lo: int) -> int:
+    """An int (not a bool, nor a float however whole) >= lo."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise PipelineError(f"{call} needs {name} as a whole number (int) >= {lo}, got {value!r}")
+    return int(value)
 
 
 def select(graph, method: str = "attribution", k: int = 30, threshold: float | None = None, weight: str = "count",
@@ -79,6 +102,7 @@ def select(graph, method: str = "attribution", k: int = 30, threshold: float | N
 
     if not isinstance(graph, CoactivationGraph):
         raise PipelineError(f"select needs a graph (Dataset.graph()), got {type(graph).__name__}")
+    k, seed = _whole("select", "k", k, 1), _whole("select", "seed", seed, 0)
     sel.check_params(threshold, 1.0, method)
     sel.check_sizes([k], graph.num_nodes)
     return sel.select_sizes(graph, threshold, [k], method, seed, weight=weight,
@@ -119,12 +143,16 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
 
     cfg = lm.model.config
     ids = np.unique(_neuron_ids(getattr(neurons, "ids", neurons), cfg.n_layer * cfg.d_mlp))  # each neuron once
-    if isinstance(eval_text, (str, os.PathLike)):
-        eval_text = [eval_text]
+    eval_text = _paths("ablate", "eval_text", eval_text)
     if not len(ids):
         raise PipelineError("ablate needs at least one neuron")
+    random_controls = _whole("ablate", "random_controls", random_controls, 0)
+    seed = _whole("ablate", "seed", seed, 0)
+    for name, value in (("eval_tokens", eval_tokens), ("batch_size", batch_size), ("context", context)):
+        if value is not None:
+            _whole("ablate", name, value, 1)
     ctx = realtext.check_context(cfg.block_size if context is None else context, cfg.block_size)
-    text = realtext.read_eval_text([str(t) for t in eval_text], lm.tokenizer, ctx, cfg.vocab_size, eval_tokens)
+    text = realtext.read_eval_text(eval_text, lm.tokenizer, ctx, cfg.vocab_size, eval_tokens)
     sub = pt.Subset("neurons", ids)
     res = realtext.measure_subsets(lm.model, text, [sub], None, seed, 0.5, batch_size)
     controls = [pt.random_control(ids, cfg.n_layer, cfg.d_mlp, seed, j) for j in range(random_controls)]
@@ -192,6 +220,9 @@ def find_modules(graph, weight: str = "count", top_edges_per_node: int = 32, thr
     (gelutrace.modules.Modules, its record as {m}_modules_{weight}.json holds it)."""
     from gelutrace import modules as md
 
+    for name, value, lo in (("top_edges_per_node", top_edges_per_node, 1), ("null_graphs", null_graphs, 0),
+                            ("seeds", seeds, 0), ("seed", seed, 0)):
+        _whole("find_modules", name, value, lo)
     s = md.ModuleSettings(weight, threshold, top_edges_per_node, resolution, "drop", seed, null_graphs, seeds)
     mods = md.find_modules(graph, s)
     return mods, md.describe(mods, graph)

@@ -553,7 +553,12 @@ def cards_html(cards: list[Card], m: str) -> str:
 
 
 def write_cards(directory, cards: list[Card], m: str):
-    with sf.atomic_open(Path(directory) / sf.CARDS_MD, "w", encoding="utf-8") as f:
-        f.write(cards_markdown(cards, m))
-    with sf.atomic_open(Path(directory) / sf.CARDS_HTML, "w", encoding="utf-8") as f:
-        f.write(cards_html(cards, m))
+    """The Markdown and HTML cards, each written atomically; a full disk is one line naming the directory."""
+    try:
+        for name, text in ((sf.CARDS_MD, cards_markdown(cards, m)), (sf.CARDS_HTML, cards_html(cards, m))):
+            with sf.atomic_path(Path(directory) / name) as tmp:
+                sf.write_bytes(text.encode("utf-8"), tmp)
+    except OSError as e:
+        if sf.disk_full(e, directory):
+            raise PipelineError(f"no space left on {directory} (disk full) while writing the neuron cards") from None
+        raise

@@ -15,7 +15,8 @@ its weight with its source.
 """
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,11 @@ class ModuleSettings:
             raise PipelineError(f"--top_edges_per_node must be >= 1, got {self.top_edges_per_node}")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise PipelineError(f"--threshold must be in [0, 1], got {self.threshold}")
-        if self.resolution is not None and not self.resolution > 0:
-            raise PipelineError(f"--resolution must be > 0, got {self.resolution}")
-        for name in ("null_graphs", "seeds"):
+        if self.resolution is not None and not (self.resolution > 0 and math.isfinite(self.resolution)):
+            raise PipelineError(f"--resolution must be a finite number > 0, got {self.resolution}")
+        for name in ("null_graphs", "seeds", "seed"):
             if getattr(self, name) < 0:
-                raise PipelineError(f"--{name} must be >= 0")
+                raise PipelineError(f"--{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -73,10 +74,44 @@ def _block_weights(graph: CoactivationGraph, block, s: ModuleSettings) -> np.nda
     return raw
 
 
+FULL_LAYERS = ("module detection needs the full adjacent layers (a store, or a .gpickle with one edge between every "
+               "two neurons of adjacent layers, as stage c writes it)")
+
+
+def full_layers(graph: CoactivationGraph) -> CoactivationGraph:
+    """
+    The graph with dense layer-pair blocks: a store's as it is; an edge list (a .gpickle) that holds every pair
+    of neurons of adjacent layers exactly once, neuron id = layer * d_mlp + dimension, rebuilt as those blocks;
+    anything else (an edited edge list) is refused.
+    """
+    if all(isinstance(b, DenseBlock) for b in graph.blocks):
+        return graph
+    if len(graph.blocks) != 1 or not graph.num_nodes:
+        raise PipelineError(FULL_LAYERS)
+    (b,) = graph.blocks
+    ids, d = graph.node_ids, int(graph.dimension.max()) + 1
+    n_layer = graph.num_nodes // d
+    if (n_layer < 2 or graph.num_nodes != n_layer * d or not np.array_equal(ids, np.arange(n_layer * d))
+            or not np.array_equal(graph.layer, ids // d) or not np.array_equal(graph.dimension, ids % d)
+            or b.num_edges != (n_layer - 1) * d * d):
+        raise PipelineError(FULL_LAYERS)
+    u, v = np.minimum(b.src, b.tgt), np.maximum(b.src, b.tgt)  # node positions, here the ids
+    lower = u // d
+    key = (lower * d + u % d) * d + v % d
+    if not np.array_equal(v // d, lower + 1) or len(np.unique(key)) != len(key):
+        raise PipelineError(FULL_LAYERS)
+    counts = np.zeros((n_layer - 1) * d * d, np.int64)
+    counts[key] = b.counts()
+    counts = counts.reshape(n_layer - 1, d, d)
+    blocks = [DenseBlock(slice(i * d, (i + 1) * d), slice((i + 1) * d, (i + 2) * d), counts[i])
+              for i in range(n_layer - 1)]
+    return replace(graph, blocks=blocks, max_co_activation=None, _weights={})
+
+
 def thin(graph: CoactivationGraph, s: ModuleSettings) -> Edges:
     """The edges the settings keep (see the module's docstring), from the graph's dense layer-pair blocks."""
     if any(not isinstance(b, DenseBlock) for b in graph.blocks):
-        raise PipelineError("module detection needs the full adjacent layers (a store or stage c's .gpickle)")
+        raise PipelineError(FULL_LAYERS)
     rng = np.random.default_rng(s.seed)
     tiebreak = rng.permutation(graph.num_nodes)  # a seeded rank of each node: ties go by it, not by id
     if s.threshold is not None:
@@ -242,6 +277,7 @@ def by_size(membership: np.ndarray) -> np.ndarray:
 
 def find_modules(graph: CoactivationGraph, s: ModuleSettings, progress=None) -> Modules:
     s.check()
+    graph = full_layers(graph)
     edges = thin(graph, s)
     if not len(edges.weight):
         raise PipelineError(f"no edge of weight {s.weight} survives the thinning: lower --threshold")
@@ -319,7 +355,7 @@ def describe(mods: Modules, graph: CoactivationGraph, halves=None) -> dict:
     layers = sorted(set(graph.layer.tolist()))
     comp = {str(k): {str(L): int(((m == k) & (graph.layer == L)).sum()) for L in layers if ((m == k) & (graph.layer == L)).any()}
             for k in range(len(sizes))}
-    return {"graph": graph.source, "model": graph.model, "settings": asdict(mods.settings),
+    return _strict({"graph": graph.source, "model": graph.model, "settings": asdict(mods.settings),
             "edges_kept": int(len(mods.edges.weight)), "num_modules": int(len(sizes)),
             "sizes": sorted(sizes.tolist(), reverse=True), "layer_composition": comp,
             "modularity": mods.q,
@@ -329,7 +365,18 @@ def describe(mods: Modules, graph: CoactivationGraph, halves=None) -> dict:
                      "p": mods.p_null, "structured": mods.structured},
             "seed_ari": {"runs": mods.settings.seeds, "mean": float(np.mean(mods.seed_ari)) if mods.seed_ari else None,
                          "min": float(np.min(mods.seed_ari)) if mods.seed_ari else None},
-            "halves": None if halves is None else {"how": halves.how, "ari": halves_ari(halves, mods.settings)}}
+            "halves": None if halves is None else {"how": halves.how, "ari": halves_ari(halves, mods.settings)}})
+
+
+def _strict(x):
+    """The record with None (JSON null) for every figure that does not exist (NaN, an infinity): strict JSON."""
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
 
 
 def verdict(record: dict) -> str:

@@ -135,9 +135,15 @@ def pagerank(graph: CoactivationGraph, cut: Cut, alpha=PAGERANK_ALPHA, tol=PAGER
 
 
 def dataset_dir(graph: CoactivationGraph, dataset_path=None) -> Path:
-    """Stage b's directory behind a graph: given, or the one stage c recorded in the store's header."""
+    """
+    Stage b's directory behind a graph: given; else the directory the graph sits in, when that is a dataset of
+    the graph's model (a copied or moved dataset takes its store along: its own files, never the original's);
+    else the one stage c recorded in the store's header.
+    """
     if dataset_path is not None:
         d = Path(dataset_path)
+    elif graph_dataset(graph) is not None:
+        return graph_dataset(graph)
     else:
         recorded = (graph.header.get("source") or {}).get("input_dir")
         if not recorded:
@@ -146,6 +152,15 @@ def dataset_dir(graph: CoactivationGraph, dataset_path=None) -> Path:
     if not d.is_dir():
         raise PipelineError(f"dataset directory {d} does not exist (pass --dataset_path)")
     return d
+
+
+def graph_dataset(graph: CoactivationGraph) -> Path | None:
+    """The directory the graph's store (or .gpickle) sits in, named as given (not through its version link),
+    when it holds a dataset of the graph's model (stage b's frequency table); else None."""
+    if not graph.source or not graph.model:
+        return None
+    d = Path(os.path.abspath(graph.source)).parent
+    return d if sf.path(d, sf.FREQUENCY, graph.model).is_file() else None
 
 
 def neuron_scores(graph: CoactivationGraph, method: str, dataset_path=None, measured: dict | None = None) -> np.ndarray:
@@ -244,6 +259,8 @@ def select_sizes(graph: CoactivationGraph, threshold: float | None, sizes: list[
     """select's subsets for several k at once: the method's scores are computed once, and for every method but
     random the subsets are prefixes of one ranking (ties in the seed's order). With match_layers one subset."""
     check_params(threshold, 1.0, method)
+    if seed < 0:
+        raise PipelineError(f"--seed must be >= 0, got {seed}")
     if match_layers is not None and method != "random":
         raise PipelineError("--match_layers applies to --method random only")
     if graph.num_nodes == 0:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,20 +260,20 @@ def check_output_dir(directory, flag: str) -> Path:
 
 
 _held_locks: dict = {}  # lock file path -> its open file: held until released or the process ends
+_call_locks = threading.local()  # .held: the lock files the calls of locked() in this thread hold
 
 
-def lock_directory(directory, what: str) -> Path:
-    """
-    Take the directory's writer lock (an exclusive flock on LOCK_FILE inside it) until release_locks() or the
-    end of the process, or refuse at once: two runs writing into one directory would mix their outputs. The
-    kernel releases the lock when the process exits, also on a crash or kill -9, so a stale lock never blocks
-    the next run. A process that already holds the lock takes it again freely.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    key = str((d / LOCK_FILE).resolve())
-    if key in _held_locks:
-        return d
+def _lock_key(directory) -> str:
+    return str((Path(directory) / LOCK_FILE).resolve())
+
+
+def _held_by_call(key: str) -> bool:
+    return key in getattr(_call_locks, "held", ())
+
+
+def _flock(d: Path, what: str):
+    """A new open file description of d's LOCK_FILE, exclusively flock'ed (flock conflicts between two opens of
+    one file, in one process or two), or the refusal."""
     f = open(d / LOCK_FILE, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -280,7 +281,23 @@ def lock_directory(directory, what: str) -> Path:
         f.close()
         raise PipelineError(f"another run is writing into {d} (it holds {d / LOCK_FILE}); wait for it to end or "
                             f"write elsewhere ({what})") from None
-    _held_locks[key] = f
+    return f
+
+
+def lock_directory(directory, what: str) -> Path:
+    """
+    Take the directory's writer lock (an exclusive flock on LOCK_FILE inside it) until release_locks() or the
+    end of the process, or refuse at once: two runs writing into one directory would mix their outputs. The
+    kernel releases the lock when the process exits, also on a crash or kill -9, so a stale lock never blocks
+    the next run. A script that already holds the lock takes it again freely; within a locked() block (a library
+    call) the block's lock stands for it, and is released with the block.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    key = _lock_key(d)
+    if key in _held_locks or _held_by_call(key):
+        return d
+    _held_locks[key] = _flock(d, what)
     return d
 
 
@@ -292,16 +309,26 @@ def release_locks():
 
 @contextlib.contextmanager
 def locked(directory, what: str):
-    """lock_directory for the block only (a lock this process already held stays held): for library calls,
-    whose process goes on."""
-    key = str((Path(directory) / LOCK_FILE).resolve())
-    held = key in _held_locks
-    lock_directory(directory, what)
+    """
+    The directory's writer lock for the block only, for library calls, whose process goes on: taken on a new
+    open file description, so that it excludes every other holder, another thread's call in this process
+    included, and released when the block ends. Inside the block, lock_directory on the same directory (the
+    stage code the call runs) takes nothing more. A lock this process's script already holds stands for it.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    key = _lock_key(d)
+    if key in _held_locks or _held_by_call(key):
+        yield d
+        return
+    f = _flock(d, what)
+    held = _call_locks.__dict__.setdefault("held", set())
+    held.add(key)
     try:
-        yield Path(directory)
+        yield d
     finally:
-        if not held and key in _held_locks:
-            _held_locks.pop(key).close()
+        held.discard(key)
+        f.close()
 
 
 def write_csv(df: pd.DataFrame, target, **kwargs):
@@ -621,9 +648,47 @@ def write_json(obj, target, indent=None):
         f.write("\n")
 
 
+class _Writes:
+    """A file descriptor as the file object numpy writes a .npy through: every write an os.write, so a full disk
+    raises ENOSPC (ndarray.tofile, numpy's way into a real file, raises an OSError without errno: '... requested
+    and ... written')."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        while len(view):
+            view = view[os.write(self.fd, view):]
+        return len(data)
+
+
+def write_bytes(data, target):
+    """Write bytes into a new file (its permissions as open()'s) through os.write: a failure keeps its errno and
+    names the file."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _Writes(fd).write(data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(target)) from None
+    finally:
+        os.close(fd)
+
+
+def save_npy(target, array: np.ndarray):
+    """np.save(target, array) (target named as given: name it .npy), written as write_bytes writes."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        np.save(_Writes(fd), np.asanyarray(array), allow_pickle=False)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(target)) from None
+    finally:
+        os.close(fd)
+
+
 def write_npy(array: np.ndarray, target):
-    with atomic_path(target) as tmp, open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
+    with atomic_path(target) as tmp:
+        save_npy(tmp, array)
 
 
 def write_npz(target, compress=True, **arrays):

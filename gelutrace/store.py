@@ -101,21 +101,21 @@ def write_count_store(target, model: str, n_layer: int, d_mlp: int, num_samples:
     node_counts = np.asarray(node_counts, dtype=np.int64)
     blocks, max_c, nonzero = [], 0, 0
     with sf.atomic_dir(target) as tmp:
-        np.save(tmp / sf.GRAPH_STORE_NODES, node_counts, allow_pickle=False)
+        sf.save_npy(tmp / sf.GRAPH_STORE_NODES, node_counts)
         if edges is None:
             kind, num_edges = "adjacent_dense", (n_layer - 1) * d_mlp ** 2
             for i in range(n_layer - 1):
                 c = np.asarray(pair_counts(i)).astype(dt)
                 name = sf.GRAPH_STORE_PAIR.format(src=i, tgt=i + 1)
-                np.save(tmp / name, c, allow_pickle=False)
+                sf.save_npy(tmp / name, c)
                 max_c, nonzero = max(max_c, int(c.max())), nonzero + int(np.count_nonzero(c))
                 blocks.append({"file": name, "src_layer": i, "tgt_layer": i + 1, "shape": list(c.shape)})
                 del c
         else:
             kind, num_edges = "edge_list", len(edges)
             counts = np.asarray(edge_counts).astype(dt)
-            np.save(tmp / sf.GRAPH_STORE_EDGES, edges.astype(np.int64), allow_pickle=False)
-            np.save(tmp / sf.GRAPH_STORE_EDGE_COUNTS, counts, allow_pickle=False)
+            sf.save_npy(tmp / sf.GRAPH_STORE_EDGES, edges.astype(np.int64))
+            sf.save_npy(tmp / sf.GRAPH_STORE_EDGE_COUNTS, counts)
             max_c = int(counts.max()) if counts.size else 0
             nonzero = int(np.count_nonzero(counts))
             blocks.append({"file": sf.GRAPH_STORE_EDGES, "counts_file": sf.GRAPH_STORE_EDGE_COUNTS,
@@ -127,7 +127,7 @@ def write_count_store(target, model: str, n_layer: int, d_mlp: int, num_samples:
                   "count_dtype": np.dtype(dt).name, "blocks": blocks, "source": source}
         if causal is not None:
             for name, a in causal.arrays():
-                np.save(tmp / f"{name}.npy", a, allow_pickle=False)
+                sf.save_npy(tmp / f"{name}.npy", a)
             header["direct"] = causal.header()
         (tmp / sf.GRAPH_STORE_HEADER).write_text(json.dumps(header, indent=2) + "\n")
     return header
