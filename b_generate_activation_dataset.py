@@ -141,7 +141,8 @@ def main():
     staging = Staging(export, lm.name, fingerprint(
         Path(args.input_csv).read_bytes(), lm.name, str(lm.path.resolve()), vars(cfg), args.seed,
         args.temperature, args.top_k, args.batch_size, args.top_examples))
-    chunks, start = staging.start(args.resume)
+    chunks, start = staging.start(args.resume, prompts, greedy, cfg.n_layer * cfg.d_mlp, cfg.vocab_size,
+                                  args.top_examples)
     top = merge_chunk_tops(None, chunks, args.top_examples)
     if start:
         print(f"resuming after {start} of {sum(p.num_samples for p in prompts)} prompt samples")

@@ -16,12 +16,10 @@ the batch; only the totals (and, with save_matrix, the bit-packed rows) are kept
 
 import contextlib
 import fnmatch
-import json
 import os
 import re
 import sys
 import time
-import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from gelutrace import PipelineError
+from gelutrace import resumestate as rs
 from gelutrace import stagefiles as sf
 from gelutrace import store as gs
 from gelutrace.attribution import CorpusAttribution
@@ -357,10 +356,16 @@ def run_batch(model, x: torch.Tensor):
 
 class Checkpoints:
     """
-    The totals of an unfinished run in `<export_dir>/.{m}_corpus_partial/`, one set per shard: `state_I_N.json`
-    (fingerprint, batches done, packed-row files) and `counts_I_N.npz`, rewritten atomically at most every
-    `interval` seconds. `--resume` continues after the last checkpoint of a run with the same fingerprint.
+    The totals of an unfinished run in `<export_dir>/.{m}_corpus_partial/`, one set per shard, saved at most every
+    `interval` seconds: `counts_I_N_B.npz` (the totals after B batches), with save_matrix `packed_I_N_K.npy` (the
+    packed rows of save K), and, written last, `state_I_N.json`, the set's manifest (fingerprint, batches done, the
+    files and each one's sha256). A save writes its new files under new names, then the state by one rename, then
+    removes the previous counts, so an interruption at any moment leaves one complete set. `--resume` continues
+    from it (a run with the same fingerprint) only if every file matches the manifest and every field agrees with
+    the run's plan and with the others (gelutrace.resumestate, check_checkpoint); anything else is refused.
     """
+
+    STATE_KEYS = {"fingerprint", "batches_done", "counts", "packed", "files"}
 
     def __init__(self, export_dir, m: str, fingerprint: str, shard: tuple[int, int] | None, interval: float):
         self.dir = sf.path(export_dir, sf.CORPUS_PARTIAL_DIR, m)
@@ -368,39 +373,69 @@ class Checkpoints:
         self.tag = f"{i}_{n}"
         self.fingerprint, self.interval = fingerprint, interval
         self.state_file = self.dir / f"state_{self.tag}.json"
-        self.counts_file = self.dir / f"counts_{self.tag}.npz"
+        self.counts_file = None  # the counts of the last save
         self.last = time.monotonic()
         self.packed_files: list[str] = []
+        self.hashes: dict[str, str] = {}  # sha256 of each packed file
+
+    def counts_name(self, batches_done: int) -> str:
+        return f"counts_{self.tag}_{batches_done:05d}.npz"
+
+    def packed_name(self, k: int) -> str:
+        return f"packed_{self.tag}_{k:05d}.npy"
 
     def start(self, resume: bool, counts: CoactivationCounts, top: RunningTopK | None,
-              attribution: CorpusAttribution | None = None, direct: DirectEdges | None = None
+              attribution: CorpusAttribution | None = None, direct: DirectEdges | None = None, *,
+              batches: list[np.ndarray], context: int, n_tokens: int, save_matrix: bool
               ) -> tuple[CoactivationCounts, int, list]:
         """The totals to go on from (`top`, `attribution` and `direct` are loaded in place), the batches done and
-        the packed rows kept."""
+        the packed rows kept; the run's plan (batches of windows of `context` tokens of `n_tokens`) checks them."""
         if resume and self.state_file.is_file():
-            state = json.loads(self.state_file.read_text())
-            if state.get("fingerprint") != self.fingerprint:
-                raise PipelineError(f"--resume: the unfinished run in {self.dir} read other text or used other "
-                                    f"settings (model, context, max_tokens, batch size, shard, top_examples, "
-                                    f"attribution, direct_edges, edges); rerun without --resume")
-            self.packed_files = state["packed"]
-            packed = [np.load(self.dir / f, allow_pickle=False) for f in self.packed_files]
-            loaded = CoactivationCounts.load(self.counts_file, counts.device)
-            try:
-                with np.load(self.counts_file, allow_pickle=False) as z:
-                    if top is not None:
-                        top.load(z["top_values"], z["top_ids"])
-                    if attribution is not None:
-                        attribution.sum = torch.from_numpy(z["attribution_sum"]).to(attribution.sum.device)
-                        attribution.tokens = int(z["attribution_tokens"])
-                    if direct is not None:
-                        direct.load_state(z, self.counts_file)
-            except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-                raise PipelineError(f"cannot read checkpoint {self.counts_file}: {e}") from None
-            return loaded, state["batches_done"], packed
+            return self._resume(counts, top, attribution, direct, batches, context, n_tokens, save_matrix)
         self._remove()
         self.dir.mkdir(parents=True, exist_ok=True)
         return counts, 0, []
+
+    def _resume(self, counts, top, attribution, direct, batches, context, n_tokens, save_matrix):
+        state = rs.read_state(self.state_file, self.STATE_KEYS)
+        if state["fingerprint"] != self.fingerprint:
+            raise PipelineError(f"--resume: the unfinished run in {self.dir} read other text or used other "
+                                f"settings (model, context, max_tokens, batch size, shard, top_examples, "
+                                f"attribution, direct_edges, edges); rerun without --resume")
+        where = str(self.state_file)
+        done = rs.whole(state["batches_done"], f"{where}: batches_done")
+        if not 1 <= done < len(batches):
+            raise rs.damaged(f"{where}: batches_done is {done}, but this run saves after batch 1 to "
+                             f"{len(batches) - 1} of its {len(batches)}")
+        packed_files = rs.names(state["packed"], f"{where}: packed")
+        for k, name in enumerate(packed_files):
+            rs.member(self.dir, name, self.packed_name(k), f"{where}: packed")
+        if packed_files and not save_matrix:
+            raise rs.damaged(f"{where}: packed rows of a run without --save_matrix")
+        counts_name = state["counts"]
+        rs.member(self.dir, counts_name, self.counts_name(done), f"{where}: counts")
+        rs.verify_files(self.dir, state["files"], packed_files + [counts_name], where)
+
+        self.counts_file = self.dir / counts_name
+        arrays = rs.load_npz(self.counts_file)
+        packed = [rs.load_npy(self.dir / f) for f in packed_files]
+        check_checkpoint(arrays, packed, str(self.counts_file), batches[:done], context, n_tokens, counts, top,
+                         attribution, direct, save_matrix)
+        loaded = CoactivationCounts(counts.n_layer, counts.d_mlp, counts.device)
+        loaded.samples = int(arrays["samples"])
+        loaded.node = torch.from_numpy(arrays["node"]).to(loaded.device)
+        loaded.value_sum = torch.from_numpy(arrays["value_sum"]).to(loaded.device)
+        loaded.pairs = torch.from_numpy(arrays["pairs"]).to(loaded.device)
+        if top is not None:
+            top.load(arrays["top_values"], arrays["top_ids"])
+        if attribution is not None:
+            attribution.sum = torch.from_numpy(arrays["attribution_sum"]).to(attribution.sum.device)
+            attribution.tokens = int(arrays["attribution_tokens"])
+        if direct is not None:
+            direct.load_state(arrays, self.counts_file)
+        self.packed_files = list(packed_files)
+        self.hashes = {f: state["files"][f] for f in packed_files}
+        return loaded, done, packed
 
     def due(self) -> bool:
         return time.monotonic() - self.last >= self.interval
@@ -409,17 +444,22 @@ class Checkpoints:
              new_packed: list[np.ndarray], attribution: CorpusAttribution | None = None,
              direct: DirectEdges | None = None):
         if new_packed:
-            name = f"packed_{self.tag}_{len(self.packed_files):05d}.npy"
+            name = self.packed_name(len(self.packed_files))
             sf.write_npy(np.concatenate(new_packed), self.dir / name)
             self.packed_files.append(name)
+            self.hashes[name] = sf.file_sha256(self.dir / name)
         extra = dict(zip(("top_values", "top_ids"), top.result())) if top is not None else {}
         if attribution is not None:
             extra.update(attribution_sum=attribution.sum.cpu().numpy(), attribution_tokens=np.int64(attribution.tokens))
         if direct is not None:
             extra.update(direct.state())
+        previous, self.counts_file = self.counts_file, self.dir / self.counts_name(batches_done)
         counts.save(self.counts_file, **extra)
-        sf.write_json({"fingerprint": self.fingerprint, "batches_done": batches_done, "packed": self.packed_files},
-                      self.state_file)
+        files = {**{f: self.hashes[f] for f in self.packed_files}, self.counts_file.name: sf.file_sha256(self.counts_file)}
+        sf.write_json({"fingerprint": self.fingerprint, "batches_done": batches_done, "counts": self.counts_file.name,
+                       "packed": self.packed_files, "files": files}, self.state_file)  # the manifest, last
+        if previous is not None and previous != self.counts_file:
+            previous.unlink(missing_ok=True)
         self.last = time.monotonic()
 
     def _remove(self):
@@ -428,9 +468,9 @@ class Checkpoints:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             return
-        mine = (self.state_file.name, self.counts_file.name)
         for name in names:
-            if name in mine or fnmatch.fnmatch(name, f"packed_{self.tag}_*.npy"):
+            if name == self.state_file.name or any(fnmatch.fnmatch(name, f"{kind}_{self.tag}{end}") for kind, end in
+                                                   (("packed", "_*.npy"), ("counts", "_*.npz"), ("counts", ".npz"))):
                 (self.dir / name).unlink(missing_ok=True)
 
     def finish(self):
@@ -439,6 +479,83 @@ class Checkpoints:
             self.dir.rmdir()
         except OSError:
             pass
+
+
+def check_checkpoint(arrays: dict, packed: list[np.ndarray], where: str, done: list[np.ndarray], context: int,
+                     n_tokens: int, counts: CoactivationCounts, top: RunningTopK | None,
+                     attribution: CorpusAttribution | None, direct: DirectEdges | None, save_matrix: bool):
+    """
+    A checkpoint's arrays against the batches it says are done (`done`, windows of `context` tokens of
+    `n_tokens`) and each other: shapes and dtypes; the samples (and direct_samples) equal to those batches'
+    tokens, the scored tokens of attribution and direct_loss to their tokens that have a next one in the window;
+    0 <= count of a pair <= either neuron's count <= samples; finite sums (and the absolute ones >= 0); each
+    neuron's top examples among those batches' positions, in rank order, positive exactly as often as the neuron's
+    count allows; the packed rows, one per sample, counting what the counts say.
+    """
+    L, d = counts.n_layer, counts.d_mlp
+    n = L * d
+    lengths = [min(context, n_tokens - int(b[0]) * context) for b in done]
+    samples = sum(len(b) * t for b, t in zip(done, lengths))
+    scored = sum(len(b) * (t - 1) for b, t in zip(done, lengths))
+    batches = f"the {len(done)} batches done"
+    for key, want in (("n_layer", L), ("d_mlp", d)):
+        if rs.scalar(arrays, key, np.int64, where) != want:
+            raise rs.damaged(f"{where}: {key} is not the model's {want}")
+    got = rs.scalar(arrays, "samples", np.int64, where)
+    if got != samples:
+        raise rs.damaged(f"{where}: samples is {got}, but {batches} hold {samples}")
+    node = rs.array(arrays, "node", (n,), np.int64, where, nonnegative=True)
+    if (node > samples).any():
+        raise rs.damaged(f"{where}: a neuron is counted active in more than the {samples} samples")
+    rs.array(arrays, "value_sum", (n,), np.float64, where, finite=True)
+    pairs = rs.array(arrays, "pairs", (max(L - 1, 0), d, d), np.int64, where)
+    for i in range(L - 1):
+        a, b = node[i * d:(i + 1) * d, None], node[None, (i + 1) * d:(i + 2) * d]
+        p = pairs[i]
+        if (p < np.maximum(a + b - samples, 0)).any() or (p > np.minimum(a, b)).any():
+            raise rs.damaged(f"{where}: pair counts of layers {i} and {i + 1} disagree with the neurons' counts")
+    if top is not None:
+        k = min(top.k, samples)
+        values = rs.array(arrays, "top_values", (k, n), np.float64, where)
+        ids = rs.array(arrays, "top_ids", (k, n), np.int64, where)
+        w = ids // context  # a window's positions: w * context up to n_tokens or the next window
+        if (ids < 0).any() or not np.isin(w, np.concatenate(done)).all() or (ids >= n_tokens).any():
+            raise rs.damaged(f"{where}: top_ids name samples outside {batches}")
+        # a neuron's top k are positive exactly min(k, its count) times: its largest values, positive where active
+        rs.check_top(values, ids, np.arange(k)[:, None] < node[None, :], where)
+    if attribution is not None:
+        rs.array(arrays, "attribution_sum", (n,), np.float64, where, finite=True)
+        got = rs.scalar(arrays, "attribution_tokens", np.int64, where)
+        if got != scored:
+            raise rs.damaged(f"{where}: attribution_tokens is {got}, but {batches} score {scored}")
+    if direct is not None:
+        shape = tuple(direct.signed.shape)
+        for key, dims, nonneg in (("direct_signed", shape, False), ("direct_absolute", shape, True),
+                                  ("direct_loss_sum", (n,), False), ("direct_loss_abs_sum", (n,), True),
+                                  ("direct_value_abs_sum", (n,), True)):
+            rs.array(arrays, key, dims, np.float64, where, finite=True, nonnegative=nonneg)
+        for key, want in (("direct_samples", samples), ("direct_loss_tokens", scored)):
+            got = rs.scalar(arrays, key, np.float64, where)
+            if got != want:
+                raise rs.damaged(f"{where}: {key} is {got:g}, but {batches} hold {want}")
+        edges = arrays.get("direct_edges")
+        if (tuple(rs.array(arrays, "direct_shape", (2,), np.int64, where)) != (L, d)
+                or rs.scalar(arrays, "direct_gated", np.bool_, where) != direct.gated
+                or edges is None or edges.dtype.kind != "U" or edges.shape != () or str(edges) != direct.edges):
+            raise rs.damaged(f"{where}: direct-effect sums of another model or edge set")
+    if save_matrix:
+        width = (n + 7) // 8
+        for p in packed:
+            if p.dtype != np.uint8 or p.ndim != 2 or p.shape[1] != width or not rs.padding_clear(p, n):
+                raise rs.damaged(f"{where}: packed rows of another shape")
+        rows = sum(len(p) for p in packed)
+        if rows != samples:
+            raise rs.damaged(f"{where}: {rows} packed rows, but {batches} hold {samples} samples")
+        total = np.zeros(n, np.int64)
+        for p in packed:
+            total += sf.packed_counts(p, n, L)[0]
+        if (total != node).any():
+            raise rs.damaged(f"{where}: the packed rows disagree with the neurons' counts")
 
 
 def stream(model, tokens: np.ndarray, batches: list[np.ndarray], context: int, counts: CoactivationCounts,
@@ -667,7 +784,8 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     attribution = CorpusAttribution(cfg.n_layer, cfg.d_mlp, lm.device) if s.attribution else None
     direct, anatomy = direct_totals(lm.model, s.direct_edges, lm.device) if s.direct_edges else (None, None)
     counts, start, packed = checkpoints.start(s.resume, CoactivationCounts(cfg.n_layer, cfg.d_mlp, lm.device), top,
-                                              attribution, direct)
+                                              attribution, direct, batches=batches, context=context,
+                                              n_tokens=len(corpus.ids), save_matrix=s.save_matrix)
     if start:
         print(f"resuming after batch {start} of {len(batches)}")
     sizes = [len(b) * min(context, len(corpus.ids) - int(b[0]) * context) for b in batches]

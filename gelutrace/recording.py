@@ -16,12 +16,13 @@ import pandas as pd
 import torch
 
 from gelutrace import PipelineError
+from gelutrace import resumestate as rs
 from gelutrace.attribution import distinct_sequences, neuron_attribution
 from gelutrace.generation import Batch, generate_batch, repeat_rows
 from gelutrace.sites import GeluHooks
 from gelutrace.statistics import RunningTopK
 from gelutrace.stagefiles import (CONTEXT_TOKENS, DATASET, FREQUENCY, MATRIX, PARTIAL_DIR, TOP_EXAMPLES,
-                                  Prompt, dataset_columns, frequency_table, packed_counts, path,
+                                  Prompt, dataset_columns, file_sha256, frequency_table, packed_counts, path,
                                   write_activation_lists, write_csv, write_json, write_npz, write_top_examples,
                                   write_packed_activation_matrix)
 
@@ -129,48 +130,69 @@ def record_batch(model, batch: Batch, prompts: list[Prompt], prompt_ids: list[li
 
 class Staging:
     """
-    Chunks of an unfinished stage-b run in `<export_dir>/.{m}_partial/`, one `.npz` per completed batch,
-    plus `state.json` with the run's fingerprint. `--resume` continues after the last completed batch of a
-    run with the same fingerprint; the final outputs are written only when every prompt is done.
+    Chunks of an unfinished stage-b run in `<export_dir>/.{m}_partial/`, one `.npz` per completed batch, and,
+    written after each, `state.json`: the run's fingerprint, the chunks, the (prompt, repeat) samples they cover
+    and each chunk's sha256 (the set's manifest). `--resume` continues after the last completed batch of a run
+    with the same fingerprint, only if every chunk matches the manifest and the chunks hold exactly the samples
+    the state says are done (check_chunks); anything else is refused (gelutrace.resumestate). The final outputs
+    are written only when every prompt is done.
     """
+
+    STATE_KEYS = {"fingerprint", "chunks", "samples_done", "files"}
 
     def __init__(self, export_dir, m: str, fingerprint: str):
         self.dir = path(export_dir, PARTIAL_DIR, m)
         self.fingerprint = fingerprint
+        self.hashes: dict[str, str] = {}
 
-    def start(self, resume: bool) -> tuple[list[Chunk], int]:
-        """The chunks already done (resume) and the number of (prompt, repeat) samples they cover."""
+    @staticmethod
+    def chunk_name(i: int) -> str:
+        return f"chunk_{i:05d}.npz"
+
+    def start(self, resume: bool, prompts: list[Prompt] | None = None, greedy: bool = False,
+              n_neurons: int | None = None, vocab: int | None = None, top_examples: int = 0
+              ) -> tuple[list[Chunk], int]:
+        """The chunks already done (resume) and the number of (prompt, repeat) samples they cover. With the run's
+        prompts (and its decoding, neurons, vocabulary and top_examples), the chunks are checked against them."""
         state_file = self.dir / "state.json"
         if resume and state_file.is_file():
-            try:
-                state = json.loads(state_file.read_text())
-                names, done = list(state["chunks"]), int(state["samples_done"])
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise PipelineError(f"--resume: {state_file} is damaged ({type(e).__name__}: {e}); rerun without "
-                                    f"--resume") from None
-            if state.get("fingerprint") != self.fingerprint:
+            where = str(state_file)
+            state = rs.read_state(state_file, self.STATE_KEYS)
+            if state["fingerprint"] != self.fingerprint:
                 raise PipelineError(f"--resume: the unfinished run in {self.dir} used other inputs or settings "
                                     f"(prompt CSV, model, seed, temperature, top_k or batch size); rerun without --resume")
+            names = rs.names(state["chunks"], f"{where}: chunks")
+            for i, name in enumerate(names):
+                rs.member(self.dir, name, self.chunk_name(i), f"{where}: chunks")
+            done = rs.whole(state["samples_done"], f"{where}: samples_done")
+            if done < 0:
+                raise rs.damaged(f"{where}: samples_done is {done}")
+            rs.verify_files(self.dir, state["files"], names, where)
             chunks = [self._load(self.dir / name) for name in names]
+            if prompts is not None:
+                check_chunks(chunks, done, prompts, greedy, n_neurons, vocab, top_examples, where)
+            self.hashes = {name: state["files"][name] for name in names}
             return chunks, done
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
+        self.hashes = {}
         self._state([], 0)
         return [], 0
 
     def add(self, chunk: Chunk, chunks_so_far: int, samples_done: int):
-        name = f"chunk_{chunks_so_far:05d}.npz"
+        name = self.chunk_name(chunks_so_far)
         write_npz(self.dir / name, compress=False, fingerprint=np.array(self.fingerprint),
                   **{f: getattr(chunk, f) for f in Chunk.FIELDS})
-        self._state([f"chunk_{i:05d}.npz" for i in range(chunks_so_far + 1)], samples_done)
+        self.hashes[name] = file_sha256(self.dir / name)
+        self._state([self.chunk_name(i) for i in range(chunks_so_far + 1)], samples_done)
 
     def finish(self):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _state(self, chunks, samples_done):
-        write_json({"fingerprint": self.fingerprint, "chunks": chunks, "samples_done": samples_done},
-                   self.dir / "state.json")
+        write_json({"fingerprint": self.fingerprint, "chunks": chunks, "samples_done": samples_done,
+                    "files": {c: self.hashes[c] for c in chunks}}, self.dir / "state.json")
 
     def _load(self, p: Path) -> Chunk:
         """A saved chunk of this run; one of another run, or a damaged one, is refused."""
@@ -179,11 +201,81 @@ class Staging:
                 owner = str(z["fingerprint"]) if "fingerprint" in z.files else None
                 chunk = Chunk(*(z[f] for f in Chunk.FIELDS))
         except Exception as e:
-            raise PipelineError(f"--resume: {p} is damaged ({type(e).__name__}: {e}); rerun without --resume") from None
+            raise rs.damaged(f"{p}: {type(e).__name__}: {e}") from None
         if owner != self.fingerprint:
             raise PipelineError(f"--resume: {p} belongs to another run (other inputs or settings); rerun without "
                                 f"--resume")
         return chunk
+
+
+def check_chunks(chunks: list[Chunk], done: int, prompts: list[Prompt], greedy: bool, n_neurons: int, vocab: int,
+                 k: int, where: str):
+    """
+    Saved chunks against the first `done` (prompt, repeat) samples of the prompts, in CSV order: their prompt,
+    repeat and position columns are exactly those samples' tokens, each chunk whole continuations; the generated
+    tokens within the vocabulary (and, greedy, every repeat of a prompt the same); the packed rows one per sample,
+    of n_neurons bits; finite sums; each chunk's top examples (min(k, its computed samples) per neuron) among its
+    own samples, each the first sample of its (call, row), in rank order and positive exactly where its packed row
+    has the neuron active.
+    """
+    total = sum(p.num_samples for p in prompts)
+    if done > total:
+        raise rs.damaged(f"{where}: samples_done is {done}, but the prompts have {total} samples")
+    pairs = [(i, r) for i, p in enumerate(prompts) for r in range(p.num_samples)][:done]
+    n_new = np.array([prompts[i].new_tokens for i, _ in pairs], np.int64)
+    want = {"prompt_index": np.repeat([i for i, _ in pairs], n_new).astype(np.int64),
+            "repeat": np.repeat([r for _, r in pairs], n_new).astype(np.int64),
+            "position": np.concatenate([np.arange(t) for t in n_new]) if len(n_new) else np.zeros(0, np.int64)}
+    width = (n_neurons + 7) // 8
+    first = 0
+    for c, chunk in enumerate(chunks):
+        name = f"{where}: chunk {c}"
+        S = len(chunk.position)
+        for f in ("prompt_index", "repeat", "position", "output_id"):
+            a = getattr(chunk, f)
+            if a.shape != (S,) or a.dtype.kind not in "iu":
+                raise rs.damaged(f"{name}: {f} is {a.dtype} {a.shape}, not {S} whole numbers")
+        if S and chunk.position[0] != 0:
+            raise rs.damaged(f"{name} does not start a continuation")
+        if ((chunk.output_id < 0) | (chunk.output_id >= vocab)).any():
+            raise rs.damaged(f"{name}: a generated token outside the vocabulary")
+        packed = chunk.packed
+        if packed.dtype != np.uint8 or packed.shape != (S, width) or not rs.padding_clear(packed, n_neurons):
+            raise rs.damaged(f"{name}: packed rows are {packed.dtype} {packed.shape}, not uint8 {(S, width)}")
+        if chunk.value_sum.dtype != np.float64 or chunk.value_sum.shape != (n_neurons,) or \
+                not np.isfinite(chunk.value_sum).all():
+            raise rs.damaged(f"{name}: value_sum is not {n_neurons} finite float64 sums")
+        # the (call, row) each sample was computed in: a greedy row stands for all repeats of its prompt
+        cell = np.stack([chunk.prompt_index, np.zeros_like(chunk.repeat) if greedy else chunk.repeat, chunk.position],
+                        axis=1)
+        _, firsts = np.unique(cell, axis=0, return_index=True)
+        kk = min(k, len(firsts))
+        values, ids = chunk.top_values, chunk.top_ids
+        if values.dtype != np.float64 or ids.dtype != np.int64 or values.shape != (kk, n_neurons) or \
+                ids.shape != (kk, n_neurons):
+            raise rs.damaged(f"{name}: top examples are {values.dtype} {values.shape}, not {kk} per neuron")
+        rows = ids - first
+        if kk and (~np.isin(rows, firsts)).any():
+            raise rs.damaged(f"{name}: top_ids name samples outside the chunk's own")
+        if kk:
+            rs.check_top(values, ids, rs.packed_bits(packed, rows), name)
+        first += S
+    got = {f: np.concatenate([getattr(c, f) for c in chunks]).astype(np.int64) if chunks else np.zeros(0, np.int64)
+           for f in want}
+    for f in want:
+        if got[f].shape != want[f].shape or (got[f] != want[f]).any():
+            raise rs.damaged(f"{where}: samples_done is {done}, but the chunks hold other samples ({f} differs)")
+    if greedy:  # every repeat of a prompt is its one row's continuation
+        out = np.concatenate([c.output_id for c in chunks]) if chunks else np.zeros(0, np.int64)
+        packed = np.concatenate([c.packed for c in chunks]) if chunks else np.zeros((0, width), np.uint8)
+        lead = {}
+        for lo, (i, _) in zip(np.cumsum(np.r_[0, n_new[:-1]]).tolist(), pairs):
+            t = prompts[i].new_tokens
+            if i not in lead:
+                lead[i] = lo
+            elif (out[lo:lo + t] != out[lead[i]:lead[i] + t]).any() or \
+                    (packed[lo:lo + t] != packed[lead[i]:lead[i] + t]).any():
+                raise rs.damaged(f"{where}: greedy repeats of prompt {i + 1} differ")
 
 
 def fingerprint(*parts) -> str:

@@ -404,11 +404,12 @@ def test_resume_from_a_damaged_checkpoint_is_one_error_line(corpus_dir, streamed
     code, _ = run_here(B, *common, "--checkpoint_minutes", "0", check=False)
     assert code == 130
     monkeypatch.setattr(corpus, "run_batch", real)
-    counts = sf.path(tmp_path / "part", sf.CORPUS_PARTIAL_DIR, M) / "counts_0_1.npz"
+    partial = sf.path(tmp_path / "part", sf.CORPUS_PARTIAL_DIR, M)
+    counts = partial / json.loads((partial / "state_0_1.json").read_text())["counts"]
     counts.write_bytes(counts.read_bytes()[:5000])
     code, err = run_here(B, *common, "--resume", check=False)
     lines = [line for line in err.strip().splitlines() if not line.startswith("reading")]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: cannot read checkpoint"), err
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: checkpoint damaged"), err
     assert json.loads(sf.path(streamed, sf.CORPUS, M).read_text())["files"][0]["path"] == str(
         corpus_dir.resolve() / "a_docs.jsonl")  # paths recorded absolute: cards work from any directory
 

@@ -212,19 +212,22 @@ def test_resume_refuses_chunks_of_another_run_and_damaged_state(tmp_path):
     a.start(resume=False)
     a.add(chunk, 0, 1)
     b = recording.Staging(tmp_path, "m", "run-b")  # the other run's chunk written under run a's state
-    b.dir = a.dir
+    b.dir, b.hashes = a.dir, dict(a.hashes)
     b.add(chunk, 1, 2)
     state = a.dir / "state.json"
     import json
-    state.write_text(json.dumps({"fingerprint": "run-a", "chunks": ["chunk_00000.npz", "chunk_00001.npz"],
-                                 "samples_done": 2}))
+
+    def write_state(chunks, done):  # with a manifest that vouches for the files as they are
+        state.write_text(json.dumps({"fingerprint": "run-a", "chunks": chunks, "samples_done": done,
+                                     "files": {c: sf.file_sha256(a.dir / c) for c in chunks}}))
+    write_state(["chunk_00000.npz", "chunk_00001.npz"], 2)
     with pytest.raises(PipelineError, match="belongs to another run"):
         recording.Staging(tmp_path, "m", "run-a").start(resume=True)
     state.write_text('{"fingerprint": "run-a", "chunks": ')
     with pytest.raises(PipelineError, match="damaged"):
         recording.Staging(tmp_path, "m", "run-a").start(resume=True)
-    state.write_text(json.dumps({"fingerprint": "run-a", "chunks": ["chunk_00000.npz"], "samples_done": 1}))
     (a.dir / "chunk_00000.npz").write_bytes(b"not a zip")
+    write_state(["chunk_00000.npz"], 1)
     with pytest.raises(PipelineError, match="damaged"):
         recording.Staging(tmp_path, "m", "run-a").start(resume=True)
 

@@ -1,0 +1,273 @@
+"""
+Edited and damaged `--resume` state of stage b, in both modes: every edit of a checkpoint's fields (with its
+manifest re-hashed to match, so that the field checks are tested apart from the sha256 check), a truncated or
+incomplete state, a file named outside the checkpoint directory and a file changed behind its manifest must each
+end in one `error:` line naming the checkpoint and exit status 2, writing no dataset; an unedited checkpoint
+resumes to the uninterrupted run's files.
+"""
+
+import json
+import os
+import runpy
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
+from gelutrace import stagefiles as sf
+from test_recording import write_prompts
+
+M = SHIPPED_NAME
+B = str(REPO_ROOT / "b_generate_activation_dataset.py")
+CORPUS_ARGS = ["--input_text", str(HELDOUT_PATH), "--model_type", M, "--device", "cpu", "--context", "64",
+               "--direct_edges", "--batch_size", "2", "--checkpoint_minutes", "0", "--save_matrix"]
+PROMPT_ARGS = ["--model_type", M, "--device", "cpu", "--batch_size", "1", "--no_edge_list", "--no_attribution"]
+
+
+def stage_b(*args):
+    return run_python([sys.executable, B, *map(str, args)], cwd=REPO_ROOT)
+
+
+def interrupted(owner, name: str, nth: int, args: list[str]):
+    """Stage b with `args` in this process, interrupted (as by Ctrl-C) at the nth call of owner.name."""
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def stop(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(owner, name, stop)
+        mp.setattr(sys, "argv", [B, *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(B, run_name="__main__")
+    assert e.value.code == 130
+
+
+def one_checkpoint_error(r):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("reading", "generating"))]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    # the message itself names the checkpoint (the temporary paths hold the word too)
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint damaged ("), r.stderr[-3000:]
+    return lines[0]
+
+
+# --- corpus mode ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus_runs(tmp_path_factory, shipped_path):
+    """An uninterrupted run, and a run interrupted in its fourth batch (a checkpoint after each of the three
+    before): the copy each test edits."""
+    from gelutrace import corpus
+
+    root = tmp_path_factory.mktemp("ckpt_corpus")
+    r = stage_b(*CORPUS_ARGS, "--export_dir", root / "full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    interrupted(corpus, "run_batch", 4, CORPUS_ARGS + ["--export_dir", str(root / "part")])
+    state = json.loads((sf.path(root / "part", sf.CORPUS_PARTIAL_DIR, M) / "state_0_1.json").read_text())
+    assert state["batches_done"] == 3 and len(state["packed"]) == 3
+    return root
+
+
+@pytest.fixture
+def corpus_part(corpus_runs, tmp_path):
+    shutil.copytree(corpus_runs / "part", tmp_path / "part")
+    return tmp_path / "part"
+
+
+def rehash(partial, state):
+    """The manifest made to vouch for the files as they now are (what an editor who also edits it writes)."""
+    if "files" in state:  # (a state without a manifest stays without one)
+        state["files"] = {f: sf.file_sha256(partial / f) for f in state["files"] if (partial / f).is_file()}
+    return state
+
+
+def counts_file(state) -> str:
+    return state.get("counts", "counts_0_1.npz")  # (the name before the state named it)
+
+
+def edit_counts(partial, state, change, rehashed=True):
+    p = partial / counts_file(state)
+    with np.load(p, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    with open(p, "wb") as f:
+        np.savez(f, **arrays)
+    return rehash(partial, state) if rehashed else state
+
+
+def times_ten(a):
+    a["direct_samples"] = a["direct_samples"] * 10
+
+
+def signed_nan(a):
+    a["direct_signed"] = a["direct_signed"].copy()
+    a["direct_signed"].flat[7] = np.nan
+
+
+def one_more_pair(a):
+    a["pairs"] = a["pairs"].copy()
+    d = a["pairs"].shape[1]
+    a["pairs"][0][0, 0] = min(a["node"][0], a["node"][d]) + 1  # above the count of one of its two neurons
+
+
+def top_id_outside(a):
+    a["top_ids"] = a["top_ids"].copy()
+    a["top_ids"][0, 5] = 10 ** 6
+
+
+def renamed_counts(partial, state):
+    """batches_done 2 with the counts file renamed to match and the manifest re-hashed: only the counts say no."""
+    new = "counts_0_1_00002.npz"
+    os.replace(partial / counts_file(state), partial / new)
+    state.update(batches_done=2, counts=new, files={new: None, **{f: None for f in state["packed"]}})
+    return rehash(partial, state)
+
+
+def symlinked_packed(partial, state):
+    outside = partial.parent / "outside.npy"
+    os.replace(partial / state["packed"][0], outside)
+    (partial / state["packed"][0]).symlink_to(outside)
+    return rehash(partial, state)
+
+
+CORPUS_EDITS = {
+    "batches_done 0": lambda p, s: {**s, "batches_done": 0},
+    "batches_done 100": lambda p, s: {**s, "batches_done": 100},
+    "batches_done -1": lambda p, s: {**s, "batches_done": -1},
+    "batches_done x": lambda p, s: {**s, "batches_done": "x"},
+    "batches_done 2, files renamed to match": renamed_counts,
+    "no packed key": lambda p, s: {k: v for k, v in s.items() if k != "packed"},
+    "packed outside": lambda p, s: {**s, "packed": ["../../../etc/passwd"] + s["packed"][1:]},
+    "packed symlinked outside": symlinked_packed,
+    "direct_samples x10, manifest re-hashed": lambda p, s: edit_counts(p, s, times_ten),
+    "direct_samples x10": lambda p, s: edit_counts(p, s, times_ten, rehashed=False),
+    "direct_signed NaN, manifest re-hashed": lambda p, s: edit_counts(p, s, signed_nan),
+    "pair count raised, manifest re-hashed": lambda p, s: edit_counts(p, s, one_more_pair),
+    "top id outside, manifest re-hashed": lambda p, s: edit_counts(p, s, top_id_outside),
+}
+
+
+@pytest.mark.parametrize("edit", list(CORPUS_EDITS))
+def test_corpus_checkpoint_edit_is_refused(corpus_part, edit):
+    partial = sf.path(corpus_part, sf.CORPUS_PARTIAL_DIR, M)
+    state_file = partial / "state_0_1.json"
+    state = CORPUS_EDITS[edit](partial, json.loads(state_file.read_text()))
+    state_file.write_text(json.dumps(state))
+    line = one_checkpoint_error(stage_b(*CORPUS_ARGS, "--export_dir", corpus_part, "--resume"))
+    assert "rerun without --resume" in line
+    assert not sf.path(corpus_part, sf.CORPUS, M).exists() and not sf.path(corpus_part, sf.WEIGHTED_GRAPH, M).exists()
+
+
+def test_truncated_corpus_state_is_refused(corpus_part):
+    state_file = sf.path(corpus_part, sf.CORPUS_PARTIAL_DIR, M) / "state_0_1.json"
+    state_file.write_bytes(state_file.read_bytes()[:40])
+    assert "damaged" in one_checkpoint_error(stage_b(*CORPUS_ARGS, "--export_dir", corpus_part, "--resume"))
+    assert not sf.path(corpus_part, sf.CORPUS, M).exists()
+
+
+def test_unedited_corpus_checkpoint_resumes_to_the_uninterrupted_run(corpus_runs, corpus_part):
+    r = stage_b(*CORPUS_ARGS, "--export_dir", corpus_part, "--resume")
+    assert r.returncode == 0 and "resuming after batch 3" in r.stdout, r.stderr[-3000:]
+    full = corpus_runs / "full"
+    for f in (sf.FREQUENCY, sf.MATRIX, sf.TOP_EXAMPLES, sf.CORPUS):
+        assert sf.path(corpus_part, f, M).read_bytes() == sf.path(full, f, M).read_bytes(), f
+    got, want = (sf.store_files(sf.path(d, sf.WEIGHTED_GRAPH, M)) for d in (corpus_part, full))
+    assert [p.name for p in got] == [p.name for p in want]
+    for a, b in zip(got, want):
+        if a.suffix == ".npy":
+            assert a.read_bytes() == b.read_bytes(), a.name
+    assert not sf.path(corpus_part, sf.CORPUS_PARTIAL_DIR, M).exists()
+
+
+# --- prompt mode ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prompt_runs(tmp_path_factory, shipped_path):
+    """An uninterrupted greedy run and one interrupted in its third batch (the first two prompts done: 3 + 2
+    samples)."""
+    from gelutrace import recording
+
+    root = tmp_path_factory.mktemp("ckpt_prompt")
+    csv = write_prompts(root / "p.csv")
+    args = ["--input_csv", csv, *PROMPT_ARGS]
+    r = stage_b(*args, "--export_dir", root / "full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    interrupted(recording, "record_batch", 3, [*args, "--export_dir", root / "part"])
+    state = json.loads((sf.path(root / "part", sf.PARTIAL_DIR, M) / "state.json").read_text())
+    assert state["samples_done"] == 5 and len(state["chunks"]) == 2
+    return root
+
+
+@pytest.fixture
+def prompt_part(prompt_runs, tmp_path):
+    shutil.copytree(prompt_runs / "part", tmp_path / "part")
+    return tmp_path / "part"
+
+
+def edit_chunk(partial, state, c, change, rehashed=True):
+    p = partial / state["chunks"][c]
+    with np.load(p, allow_pickle=False) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    change(arrays)
+    with open(p, "wb") as f:
+        np.savez(f, **arrays)
+    return rehash(partial, state) if rehashed else state
+
+
+def second_repeat_token(a):
+    a["output_id"][7] = (a["output_id"][7] + 1) % 100  # the second repeat of the first prompt (7 new tokens)
+
+
+def value_sum_nan(a):
+    a["value_sum"][3] = np.nan
+
+
+def top_value_raised(a):
+    a["top_values"][-1] = a["top_values"][0] + 1  # the last rank above the first
+
+
+PROMPT_EDITS = {
+    "samples_done 45": lambda p, s: {**s, "samples_done": 45},
+    "samples_done 3": lambda p, s: {**s, "samples_done": 3},
+    "samples_done 0": lambda p, s: {**s, "samples_done": 0},
+    "samples_done -1": lambda p, s: {**s, "samples_done": -1},
+    "samples_done x": lambda p, s: {**s, "samples_done": "x"},
+    "no chunks key": lambda p, s: {k: v for k, v in s.items() if k != "chunks"},
+    "chunk outside": lambda p, s: {**s, "chunks": ["../../../etc/passwd"] + s["chunks"][1:]},
+    "chunk dropped, manifest re-hashed": lambda p, s: rehash(p, {**s, "chunks": s["chunks"][:1],
+                                                                 "files": {s["chunks"][0]: None}}),
+    "greedy repeat changed, manifest re-hashed": lambda p, s: edit_chunk(p, s, 0, second_repeat_token),
+    "greedy repeat changed": lambda p, s: edit_chunk(p, s, 0, second_repeat_token, rehashed=False),
+    "value_sum NaN, manifest re-hashed": lambda p, s: edit_chunk(p, s, 1, value_sum_nan),
+    "top values out of order, manifest re-hashed": lambda p, s: edit_chunk(p, s, 1, top_value_raised),
+}
+
+
+@pytest.mark.parametrize("edit", list(PROMPT_EDITS))
+def test_prompt_checkpoint_edit_is_refused(prompt_runs, prompt_part, edit):
+    partial = sf.path(prompt_part, sf.PARTIAL_DIR, M)
+    state_file = partial / "state.json"
+    state = PROMPT_EDITS[edit](partial, json.loads(state_file.read_text()))
+    state_file.write_text(json.dumps(state))
+    r = stage_b("--input_csv", prompt_runs / "p.csv", *PROMPT_ARGS, "--export_dir", prompt_part, "--resume")
+    assert "rerun without --resume" in one_checkpoint_error(r)
+    assert not sf.path(prompt_part, sf.DATASET, M).exists()
+
+
+def test_truncated_prompt_state_is_refused(prompt_runs, prompt_part):
+    state_file = sf.path(prompt_part, sf.PARTIAL_DIR, M) / "state.json"
+    state_file.write_bytes(state_file.read_bytes()[:40])
+    r = stage_b("--input_csv", prompt_runs / "p.csv", *PROMPT_ARGS, "--export_dir", prompt_part, "--resume")
+    assert "damaged" in one_checkpoint_error(r)
+    assert not sf.path(prompt_part, sf.DATASET, M).exists()
+
+
+def test_unedited_prompt_checkpoint_resumes_to_the_uninterrupted_run(prompt_runs, prompt_part):
+    r = stage_b("--input_csv", prompt_runs / "p.csv", *PROMPT_ARGS, "--export_dir", prompt_part, "--resume")
+    assert r.returncode == 0 and "resuming after 5 of 6" in r.stdout, r.stderr[-3000:]
+    for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY, sf.TOP_EXAMPLES, sf.ACTIVATIONS_JSON):
+        assert sf.path(prompt_part, f, M).read_bytes() == sf.path(prompt_runs / "full", f, M).read_bytes(), f
+    assert not sf.path(prompt_part, sf.PARTIAL_DIR, M).exists()
