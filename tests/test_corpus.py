@@ -576,7 +576,7 @@ def test_documents_past_max_tokens_are_not_read_nor_recorded(shipped, tmp_path, 
 
     tok, limit = shipped.tokenizer, 300
     words = HELDOUT_PATH.read_text(encoding="utf-8").split()
-    texts = [" ".join(words[25 * k:25 * k + 40]) for k in range(20)]
+    texts = [" ".join(words[20 * k:20 * k + 20]) for k in range(20)]
     lengths = [len(tok(t, verbose=False)["input_ids"]) + 1 for t in texts]
     starts = np.cumsum([0] + lengths)[:-1]
     used = int((starts < limit).sum())
@@ -600,6 +600,19 @@ def test_documents_past_max_tokens_are_not_read_nor_recorded(shipped, tmp_path, 
     got = corpus.window_tokens(rec, tok, [0, w])
     np.testing.assert_array_equal(got[0], ids[:CONTEXT + 1])
     np.testing.assert_array_equal(got[w], ids[w * CONTEXT:])
+    # stage e's leak check compares the documents in the corpus, and reads none after them
+    from gelutrace import PipelineError
+    from gelutrace import realtext as rt
+
+    for k in (used - 1, used):
+        e = tmp_path / f"eval_{k}.jsonl"
+        e.write_text(json.dumps({"text": texts[k]}) + "\n" + json.dumps({"text": DOCS[0]}) + "\n", encoding="utf-8")
+        text = rt.read_eval_text([str(e)], tok, 32, shipped.model.config.vocab_size, 100)
+        if k < used:
+            with pytest.raises(PipelineError, match="shares 1 document"):
+                rt.leak_check(text, rec)
+        else:
+            assert rt.leak_check(text, rec)["shared_documents"] == 0
 
 
 @pytest.mark.slow
