@@ -154,6 +154,8 @@ def main(argv=None):
         text = realtext.read_eval_text(args.eval_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens,
                                        text_field=args.text_field)
         leak = realtext.leak_check(text, corpus_record, selection_prompts)
+        if note := realtext.leak_note(leak):
+            print(f"note: {note}", file=sys.stderr)
     elif args.context is not None or args.eval_tokens != realtext.EVAL_TOKENS or args.text_field != DEFAULT_FIELD:
         raise PipelineError("--context, --eval_tokens and --text_field apply to --eval_text; give it or leave them "
                             "out")

@@ -99,27 +99,43 @@ class DocumentTokenizer:
 
     def documents(self, docs: Iterable[Iterable[str]], limit: int | None = None) -> Iterator[np.ndarray]:
         """Each document's ids, in order, until `limit` tokens are had, counting one end-of-text token after each
-        document (the documents after are not read)."""
-        pending, chars, total = [], 0, 0
-        for doc in docs:
+        document: the document that reaches the limit is the last one yielded, and the documents after it are not
+        read. Short documents wait to be tokenized together until they may reach the limit, counting each at
+        most its UTF-8 bytes and the special tokens around it (a byte-level BPE token holds at least one byte)."""
+        pending, chars, bound, total = [], 0, 0, 0
+        extra = len(self.prefix) + len(self.suffix) + 1  # the special tokens around a document, its end-of-text
+
+        def flush():
+            nonlocal total
+            for ids in self._ids(pending, True):
+                if limit is not None and total >= limit:
+                    return
+                total += len(ids) + 1
+                yield np.array(ids, self.dtype)
+
+        docs = iter(docs)
+        while limit is None or total < limit:
+            if pending and limit is not None and total + bound >= limit:
+                yield from flush()  # reading another document might read past the limit
+                pending, chars, bound = [], 0, 0
+                continue
+            doc = next(docs, None)
+            if doc is None:
+                break
             text, rest = _head(doc, self.batch_chars)
             if rest is None:
                 pending.append(text)
                 chars += len(text)
+                bound += (len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))) + extra
                 if chars < self.batch_chars:
                     continue
-            for ids in self._ids(pending, True):
-                total += len(ids) + 1
-                yield np.array(ids, self.dtype)
-            pending, chars = [], 0
+            yield from flush()
+            pending, chars, bound = [], 0, 0
             if rest is not None and (limit is None or total < limit):
                 ids, _ = self._pieces(text, rest, None if limit is None else limit - total)
                 total += len(ids) + 1
                 yield ids
-            if limit is not None and total >= limit:
-                return
-        for ids in self._ids(pending, True):
-            yield np.array(ids, self.dtype)
+        yield from flush()
 
     def document(self, doc: Iterable[str], limit: int | None = None) -> tuple[np.ndarray, bool]:
         """One document's ids, and whether it was read to its end: it stops once it has `limit` tokens."""

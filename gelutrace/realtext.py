@@ -16,6 +16,8 @@ Stage e's real-text evaluation: what ablating neurons does to the loss on held-o
 """
 
 import hashlib
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,9 +240,10 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
     return base, out
 
 
-LEAK_CHECK_BYTES = 64 << 20  # selection corpora up to this size are compared document by document and by passage
+LEAK_CHECK_BYTES = 64 << 20  # the text read of each side (its documents' decompressed UTF-8), at most
 LEAK_PASSAGES, LEAK_PASSAGE_WORDS = 100, 12  # passages of the evaluation text looked up in the selection corpus
 LEAK_SHARE = 0.1  # more than this share of them found there: the texts overlap
+LEAK_BLOCK_CHARS = 4 << 20  # normalised text searched for passages (or prompts) at a time
 
 
 def _normalised(text: str) -> str:
@@ -248,32 +251,155 @@ def _normalised(text: str) -> str:
     return " ".join(text.split())
 
 
-def documents(files: list[dict]) -> list[str]:
-    """Every document's text in the files (corpus records' entries: path, format, field), whitespace normalised."""
-    return [_normalised("".join(doc)) for f in files for doc in cf.record_documents(f)]
+def _normalised_pieces(pieces: Iterable[str]) -> Iterator[str]:
+    """A text given a piece at a time, whitespace normalised a piece at a time: "".join of the output is _normalised
+    of "".join of the input."""
+    started = gap = False
+    for piece in pieces:
+        words = piece.split()
+        if not words:
+            gap = gap or (started and bool(piece))
+            continue
+        out = " ".join(words)
+        yield " " + out if started and (gap or piece[0].isspace()) else out
+        started, gap = True, piece[-1].isspace()
 
 
-def passages(docs: list[str], n: int = LEAK_PASSAGES, words: int = LEAK_PASSAGE_WORDS) -> list[str]:
-    """Up to n passages of `words` consecutive words, evenly spaced over the documents."""
-    runs = [d.split(" ") for d in docs]
-    starts = [(i, j) for i, r in enumerate(runs) for j in range(0, max(len(r) - words + 1, 0))]
-    if not starts:
+def _utf8_size(s: str) -> int:
+    return len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
+
+
+class _CheckedText:
+    """
+    The documents of corpus records' files (with `recorded`, each file's first `documents` of its record: those in
+    its corpus; else all), each whitespace normalised a piece at a time, until `limit` bytes of their text
+    (decompressed UTF-8) are read: the document the limit cuts ends there, and the rest is not read. `whole` says
+    whether the last document was read to its end, `cut` whether the limit left text unread.
+    """
+
+    def __init__(self, files: list[dict], recorded: bool, limit: int | None = None):
+        self.files, self.recorded, self.left = files, recorded, LEAK_CHECK_BYTES if limit is None else limit
+        self.read, self.cut, self.whole = 0, False, True
+
+    def documents(self) -> Iterator[Iterator[str]]:
+        for f in self.files:
+            docs = cf.record_documents(f)
+            if self.recorded and isinstance(f.get("documents"), int):
+                docs = itertools.islice(docs, f["documents"])
+            for doc in docs:
+                if self.left <= 0:
+                    self.cut = True
+                    return
+                self.whole = True
+                yield _normalised_pieces(self._pieces(doc))
+
+    def _pieces(self, doc: Iterable[str]) -> Iterator[str]:
+        for piece in doc:
+            n = _utf8_size(piece)
+            if n > self.left:
+                piece = piece[:self.left] if piece.isascii() else piece.encode("utf-8", "surrogatepass")[
+                    :self.left].decode("utf-8", "ignore")
+                self.read, self.left, self.cut, self.whole = self.read + self.left, 0, True, False
+                yield piece
+                return
+            self.read, self.left = self.read + n, self.left - n
+            yield piece
+
+
+class _Finder:
+    """Which of some strings (none holding a newline) occur in a text given a piece at a time, as `s in text` finds
+    them: the text is searched LEAK_BLOCK_CHARS at a time, each block with the end of the one before."""
+
+    def __init__(self, needles: list[str]):
+        self.needles, self.found = needles, [False] * len(needles)
+        self.keep = max(map(len, needles), default=1) - 1
+        self.parts, self.size, self.tail = [], 0, ""
+
+    def add(self, piece: str):
+        self.parts.append(piece)
+        self.size += len(piece)
+        if self.size >= LEAK_BLOCK_CHARS:
+            self.flush()
+
+    def flush(self) -> int:
+        """The number of the strings found so far (those given twice counted twice)."""
+        if self.parts:
+            block = self.tail + "".join(self.parts)
+            self.parts, self.size = [], 0
+            for i, s in enumerate(self.needles):
+                if not self.found[i] and s in block:
+                    self.found[i] = True
+            self.tail = block[max(0, len(block) - self.keep):] if self.keep else ""
+        return sum(self.found)
+
+
+def _digest(pieces: Iterable[str], *also) -> bytes:
+    """The sha256 of a normalised document's text, its pieces also handed to each of `also` (a callable)."""
+    h = hashlib.sha256()
+    for piece in pieces:
+        h.update(piece.encode("utf-8", "surrogatepass"))
+        for f in also:
+            f(piece)
+    return h.digest()
+
+
+def _passages(files: list[dict], words_per_doc: list[int], n: int = LEAK_PASSAGES,
+              words: int = LEAK_PASSAGE_WORDS) -> list[str]:
+    """Up to n passages of `words` consecutive words, their starts evenly spaced over every word start of the
+    documents (their numbers of words given) that leaves room for a passage; the documents are read again a piece
+    at a time, and only the picked passages are held."""
+    counts = np.maximum(np.asarray(words_per_doc, np.int64) - words + 1, 0)
+    total = int(counts.sum())
+    if not total:
         return []
-    picks = np.unique(np.linspace(0, len(starts) - 1, min(n, len(starts))).astype(np.int64))
-    return [" ".join(runs[i][j:j + words]) for i, j in (starts[k] for k in picks)]
+    picks = np.unique(np.linspace(0, total - 1, min(n, total)).astype(np.int64))
+    first = np.concatenate([[0], np.cumsum(counts)])
+    doc_of = np.searchsorted(first, picks, side="right") - 1
+    wanted: dict[int, list[int]] = {}
+    for d, k in zip(doc_of.tolist(), picks.tolist()):
+        wanted.setdefault(d, []).append(k - int(first[d]))
+    out = []
+    text = _CheckedText(files, recorded=False)
+    for d, doc in enumerate(text.documents()):
+        if d > max(wanted):
+            break
+        starts = wanted.get(d)
+        if not starts:
+            for _ in doc:
+                pass
+            continue
+        held, base, carry, i = [], 0, "", 0  # held: the complete words from index base on
+        for piece in itertools.chain(doc, [None]):
+            if piece is None:
+                held.append(carry)
+            else:
+                ws = piece.split(" ")
+                ws[0] = carry + ws[0]
+                carry = ws.pop()
+                held += ws
+            while i < len(starts) and starts[i] + words <= base + len(held):
+                out.append(" ".join(held[starts[i] - base:starts[i] - base + words]))
+                i += 1
+            drop = max(0, len(held) - (words - 1))
+            held, base = held[drop:], base + drop
+    return out
 
 
 def leak_check(text: EvalText, corpus_record: dict | None, selection_prompts=None) -> dict:
     """
     Refuses an evaluation text that shares text with the corpus the neurons were chosen on: a file (sha256) or,
-    where that corpus is small enough to read again, a document (whitespace normalised) or more than LEAK_SHARE
-    of LEAK_PASSAGES passages of 12 words sampled over the evaluation text. With a prompt-mode selection,
-    records how many of its prompts occur verbatim in the evaluation text. Returns what was checked.
+    where that corpus's files are there to read again, a document (whitespace normalised) or more than LEAK_SHARE
+    of LEAK_PASSAGES passages of 12 words sampled over the evaluation text. With a prompt-mode selection, records
+    how many of its prompts occur verbatim in the evaluation text. The evaluation text's files are compared with all
+    their documents, the selection corpus's with those in its corpus (its record's `documents`: the neurons were
+    chosen on them), each read a piece at a time up to its first LEAK_CHECK_BYTES; a document that limit cuts is
+    not compared whole, and the record says how much of each text was read (leak_note). Returns what was
+    checked.
     """
     from pathlib import Path
 
-    eval_paths = [Path(f["path"]) for f in text.files]
     out = {"selection_files_checked": 0, "shared_files": 0, "documents_checked": False, "shared_documents": 0}
+    need_docs = corpus_record is not None and all(Path(f["path"]).is_file() for f in corpus_record.get("files", []))
     if corpus_record is not None:
         files = corpus_record.get("files", [])
         mine = {f["sha256"]: f["path"] for f in text.files}
@@ -282,31 +408,59 @@ def leak_check(text: EvalText, corpus_record: dict | None, selection_prompts=Non
         if shared:
             raise PipelineError(f"--eval_text {shared[0][0]} is the selection corpus's file {shared[0][1]} (same "
                                 f"sha256): the neurons were chosen on it; evaluate on text they were not chosen on")
-        sel_paths = [Path(f["path"]) for f in files]
-        if all(p.is_file() for p in sel_paths) and sum(p.stat().st_size for p in sel_paths) <= LEAK_CHECK_BYTES:
-            theirs, ours = documents(files), documents(text.files)
-            common = {hashlib.sha256(d.encode("utf-8", "surrogatepass")).hexdigest() for d in ours} & {
-                hashlib.sha256(d.encode("utf-8", "surrogatepass")).hexdigest() for d in theirs}
-            joined = "\n".join(theirs)
-            sample = passages(ours)
-            found = sum(p in joined for p in sample)
-            out.update(documents_checked=True, shared_documents=len(common), passages_checked=len(sample),
-                       passages_found=found)
-            if common:
-                raise PipelineError(f"--eval_text shares {len(common)} document(s) with the selection corpus "
-                                    f"({', '.join(str(p) for p in sel_paths[:3])}): the neurons were chosen on them")
-            if sample and found > LEAK_SHARE * len(sample):
-                raise PipelineError(f"--eval_text overlaps the selection corpus: {found} of {len(sample)} passages "
-                                    f"of {LEAK_PASSAGE_WORDS} words sampled over it occur there verbatim")
-    if selection_prompts is not None:
-        size = sum(p.stat().st_size for p in eval_paths)
-        found = None
-        if size <= LEAK_CHECK_BYTES:
-            joined = "\n".join(documents(text.files))
-            found = sum(_normalised(pr.text) in joined for pr in selection_prompts if pr.text.strip())
-        out["selection_prompts_in_text"] = found
+    if need_docs or selection_prompts is not None:
+        ours, counts = set(), []  # the evaluation text's whole documents' digests, each document's words
+        prompts = _Finder([_normalised(pr.text) for pr in selection_prompts or () if pr.text.strip()])
+        evaluated = _CheckedText(text.files, recorded=False)
+        for doc in evaluated.documents():
+            spaces = [0]
+
+            def count(piece, spaces=spaces):
+                spaces[0] += piece.count(" ")
+
+            digest = _digest(doc, count, *((prompts.add,) if prompts.needles else ()))
+            if prompts.needles:
+                prompts.add("\n")
+            counts.append(spaces[0] + 1)
+            if evaluated.whole:
+                ours.add(digest)
+        read = {"bytes_limit": LEAK_CHECK_BYTES, "eval_bytes_checked": evaluated.read,
+                "eval_checked_whole": not evaluated.cut}
+        if selection_prompts is not None:
+            out.update(selection_prompts_in_text=prompts.flush(), **read)
+    if need_docs:
+        files = corpus_record["files"]
+        sample = _passages(text.files, counts)
+        found, common = _Finder(sample), set()
+        theirs = _CheckedText(files, recorded=True)
+        for doc in theirs.documents():
+            digest = _digest(doc, found.add)
+            found.add("\n")
+            if theirs.whole and digest in ours:
+                common.add(digest)
+        found = found.flush()
+        out.update(documents_checked=True, shared_documents=len(common), passages_checked=len(sample),
+                   passages_found=found, **read, selection_bytes_checked=theirs.read,
+                   selection_checked_whole=not theirs.cut)
+        if common:
+            sel_paths = [f["path"] for f in files]
+            raise PipelineError(f"--eval_text shares {len(common)} document(s) with the selection corpus "
+                                f"({', '.join(str(p) for p in sel_paths[:3])}): the neurons were chosen on them")
+        if sample and found > LEAK_SHARE * len(sample):
+            raise PipelineError(f"--eval_text overlaps the selection corpus: {found} of {len(sample)} passages "
+                                f"of {LEAK_PASSAGE_WORDS} words sampled over it occur there verbatim")
     out["passed"] = True
     return out
+
+
+def leak_note(leak: dict) -> str | None:
+    """A note when the leak check read only the first LEAK_CHECK_BYTES of a text; None when it read them whole."""
+    parts = [what for what, whole in (("the selection corpus's", "selection_checked_whole"),
+                                      ("the evaluation text's", "eval_checked_whole")) if leak.get(whole) is False]
+    if not parts:
+        return None
+    return (f"the leak check compared only the first {leak['bytes_limit'] / 2**20:g} MiB of {' and '.join(parts)} "
+            f"documents (decompressed text): what lies after was not compared")
 
 
 # --- results ---------------------------------------------------------------------------------------------------

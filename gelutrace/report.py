@@ -154,6 +154,9 @@ def text_sentence(ev: dict | None, name=markdown.escape) -> str:
     leak = t.get("leak_check") or {}
     if leak.get("selection_files_checked"):
         what = "no file and no document" if leak.get("documents_checked") else "no file (its documents were not compared: corpus too large or moved)"
+        if leak.get("documents_checked") and False in (leak.get("selection_checked_whole"),
+                                                       leak.get("eval_checked_whole")):
+            what += f" in the first {leak['bytes_limit'] / 2**20:g} MiB of each text's documents"
         s += f" It shares {what} with the corpus the neurons were chosen on (sha256)."
     if leak.get("selection_prompts_in_text") is not None:
         s += f" {leak['selection_prompts_in_text']} of the prompts the neurons were chosen on occur in it verbatim."

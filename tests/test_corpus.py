@@ -566,6 +566,56 @@ def test_reading_stops_at_max_tokens(long_corpus, shipped):
     np.testing.assert_array_equal(corpus.window_tokens(record, shipped.tokenizer, [w])[w], ids[w * CONTEXT:500])
 
 
+@pytest.mark.parametrize("broken_after", ["last document used", "all 20 documents", None])
+def test_documents_past_max_tokens_are_not_read_nor_recorded(shipped, tmp_path, broken_after):
+    """A .jsonl of 20 short documents, with a line that is not JSON after the document that reaches --max_tokens,
+    after all 20 or nowhere: stage b runs, and its record lists only the documents in the corpus and where they
+    start (each document tokenized alone is the reference); its sha256 is the whole file's, as stored."""
+    import hashlib
+
+    from gelutrace import corpus
+
+    tok, limit = shipped.tokenizer, 300
+    words = HELDOUT_PATH.read_text(encoding="utf-8").split()
+    texts = [" ".join(words[20 * k:20 * k + 20]) for k in range(20)]
+    lengths = [len(tok(t, verbose=False)["input_ids"]) + 1 for t in texts]
+    starts = np.cumsum([0] + lengths)[:-1]
+    used = int((starts < limit).sum())
+    assert 2 <= used < 20
+    lines = [json.dumps({"text": t}) + "\n" for t in texts]
+    if broken_after:
+        lines.insert(used if broken_after == "last document used" else 20, "{not json\n")
+    p = tmp_path / "x.jsonl"
+    p.write_text("".join(lines), encoding="utf-8")
+    out = tmp_path / "out"
+    run_here(B, "--input_text", p, "--export_dir", out, "--model_type", M, "--context", CONTEXT,
+             "--max_tokens", limit)
+    rec = json.loads(sf.path(out, sf.CORPUS, M).read_text())
+    (f,) = rec["files"]
+    assert rec["documents"] == f["documents"] == used and f["document_starts"] == starts[:used].tolist()
+    assert rec["tokens"] == f["tokens"] == limit and f["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    ids = np.concatenate([tok(t, verbose=False)["input_ids"] + [tok.eos_token_id] for t in texts])[:limit]
+    assert [x[1:] for x in corpus.locate(rec, [0, limit - 1])] == [
+        (0, 0), (used - 1, limit - 1 - int(starts[used - 1]))]
+    w = (limit - 1) // CONTEXT
+    got = corpus.window_tokens(rec, tok, [0, w])
+    np.testing.assert_array_equal(got[0], ids[:CONTEXT + 1])
+    np.testing.assert_array_equal(got[w], ids[w * CONTEXT:])
+    # stage e's leak check compares the documents in the corpus, and reads none after them
+    from gelutrace import PipelineError
+    from gelutrace import realtext as rt
+
+    for k in (used - 1, used):
+        e = tmp_path / f"eval_{k}.jsonl"
+        e.write_text(json.dumps({"text": texts[k]}) + "\n" + json.dumps({"text": DOCS[0]}) + "\n", encoding="utf-8")
+        text = rt.read_eval_text([str(e)], tok, 32, shipped.model.config.vocab_size, 100)
+        if k < used:
+            with pytest.raises(PipelineError, match="shares 1 document"):
+                rt.leak_check(text, rec)
+        else:
+            assert rt.leak_check(text, rec)["shared_documents"] == 0
+
+
 @pytest.mark.slow
 def test_tokenizing_a_20_mb_line_holds_memory_bounded(tmp_path, shipped_path):
     """A 20 MB single-line .txt, read whole in a child process: reading it raises the peak RSS by far less than

@@ -225,6 +225,174 @@ def test_leak_check_sees_copies_with_other_whitespace_and_parts(shipped, tmp_pat
     assert ok["passages_checked"] == rt.LEAK_PASSAGES and ok["passages_found"] <= rt.LEAK_SHARE * rt.LEAK_PASSAGES
 
 
+WHITESPACE = [" ", "  ", "\n", "\r\n", "\t", "\u00a0", "\u2003", "\x1c", " \n\n "]
+
+
+def test_text_normalised_a_piece_at_a_time_equals_the_whole_text_normalised():
+    """Any text cut anywhere (inside words and whitespace runs, at either end): the pieces normalised one after the
+    other join to the whole text normalised by str.split."""
+    rng = np.random.default_rng(0)
+    words = ["a", "be", "Ünï", "co-de", "’x’", "42"]
+    for _ in range(500):
+        parts = [str(rng.choice(WHITESPACE if k % 2 else words)) for k in range(int(rng.integers(0, 12)))]
+        text = "".join(parts if rng.random() < 0.5 else [str(rng.choice(WHITESPACE))] + parts)
+        cuts = sorted(rng.integers(0, len(text) + 1, int(rng.integers(0, 6))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        assert "".join(rt._normalised_pieces(pieces)) == " ".join(text.split()), pieces
+
+
+def former_leak_check(eval_docs: list[str], sel_docs: list[str], prompts=(), limit: int | None = None) -> dict:
+    """The leak check as its former code made it, every text held whole, on each side's first `limit` bytes of
+    documents (a document the limit cuts is not compared whole)."""
+    import hashlib
+
+    def first(docs):
+        out, left = [], limit
+        for d in docs:
+            b = d.encode("utf-8")
+            if left is not None and len(b) > left:
+                if left > 0:
+                    out.append((b[:left].decode("utf-8", "ignore"), False))
+                break
+            out.append((d, True))
+            left = None if left is None else left - len(b)
+        return out
+
+    def norm(d):
+        return " ".join(d.split())
+
+    ours, theirs = [(norm(d), w) for d, w in first(eval_docs)], [(norm(d), w) for d, w in first(sel_docs)]
+    digest = lambda d: hashlib.sha256(d.encode("utf-8")).hexdigest()  # noqa: E731
+    common = {digest(d) for d, w in ours if w} & {digest(d) for d, w in theirs if w}
+    runs = [d.split(" ") for d, _ in ours]
+    starts = [(i, j) for i, r in enumerate(runs) for j in range(max(len(r) - rt.LEAK_PASSAGE_WORDS + 1, 0))]
+    sample = []
+    if starts:
+        picks = np.unique(np.linspace(0, len(starts) - 1, min(rt.LEAK_PASSAGES, len(starts))).astype(np.int64))
+        sample = [" ".join(runs[i][j:j + rt.LEAK_PASSAGE_WORDS]) for i, j in (starts[k] for k in picks)]
+    joined, joined_ours = "\n".join(d for d, _ in theirs), "\n".join(d for d, _ in ours)
+    return {"shared_documents": len(common), "passages_checked": len(sample),
+            "passages_found": sum(x in joined for x in sample),
+            "selection_prompts_in_text": sum(norm(x) in joined_ours for x in prompts if x.strip())}
+
+
+@pytest.mark.parametrize("limit", [None, 12_000])
+def test_streamed_leak_check_equals_the_texts_compared_whole(shipped, tmp_path, monkeypatch, limit):
+    """Documents, passages and prompts compared a piece at a time (files read 7 bytes at a time, the text searched
+    100 characters at a time) find what comparing the texts held whole finds (the former code, in the test),
+    also where only each text's first `limit` bytes are compared."""
+    import gzip
+
+    from gelutrace import corpusfiles as cf
+
+    monkeypatch.setattr(cf, "READ_BYTES", 7)
+    monkeypatch.setattr(rt, "LEAK_BLOCK_CHARS", 100)
+    monkeypatch.setattr(rt, "LEAK_SHARE", 1.0)  # counted, not refused
+    if limit:
+        monkeypatch.setattr(rt, "LEAK_CHECK_BYTES", limit)
+    rng = np.random.default_rng(1)
+
+    def rewhite(t):  # the same words, other whitespace
+        return "".join(w + str(rng.choice(WHITESPACE)) for w in t.split())
+
+    paragraphs = [p for p in (REPO_ROOT / "parcellation_datasets" / "heldout_corpus_tinybard.txt").read_text(
+        encoding="utf-8").split("\n\n") if len(p.split()) > 30]
+    others = [p for p in (REPO_ROOT / "parcellation_datasets" / "heldout_eval_tinybard.txt").read_text(
+        encoding="utf-8").split("\n\n") if len(p.split()) > 30]
+    sel_txt, sel_docs = "Ünïcode " + " ".join(paragraphs[:12]), paragraphs[12:80]
+    with gzip.open(tmp_path / "sel.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(sel_txt)
+    (tmp_path / "sel.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sel_docs), encoding="utf-8")
+    files = [tmp_path / "sel.txt.gz", tmp_path / "sel.jsonl"]
+    record = {"files": [{"path": str(p), "sha256": sf.file_sha256(p), "format": cf.file_format(p)} for p in files]}
+    sel_all = [sel_txt] + sel_docs
+    sentences = [s for p in paragraphs[5:30] for s in p.split(". ")]
+    cases = {
+        "other.jsonl": others[:20],  # another text
+        "mixed.txt": [" ".join(rewhite(s) if k % 4 == 0 else o for k, (s, o) in enumerate(zip(sentences, others)))],
+        "shared.jsonl": others[:3] + [rewhite(sel_docs[4])] + others[3:6],
+        "prefix.jsonl": [rewhite(sel_docs[0]) + " and more", others[7]],
+        "late.jsonl": others[:3] + [rewhite(sel_docs[60])],  # a document past the limit
+    }
+    prompts = [sf.Prompt(t, 1, 1) for t in ("", "   ", others[0][:80], rewhite(others[2][10:200]), "not there at all",
+                                            sel_docs[3][:50])]
+    V = shipped.model.config.vocab_size
+    seen = {}
+    for name, docs in cases.items():
+        p = tmp_path / name
+        if name.endswith(".txt"):
+            p.write_text(docs[0], encoding="utf-8")
+        else:
+            p.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+        text = rt.read_eval_text([str(p)], shipped.tokenizer, 32, V, 100_000)
+        want = seen[name] = former_leak_check(docs, sel_all, [pr.text for pr in prompts], limit)
+        try:
+            got = rt.leak_check(text, record)
+        except PipelineError as e:
+            assert f"shares {want['shared_documents']} document(s)" in str(e), (name, str(e))
+            assert want["shared_documents"], name
+        else:
+            assert {k: got[k] for k in ("shared_documents", "passages_checked", "passages_found")} == {
+                k: want[k] for k in ("shared_documents", "passages_checked", "passages_found")}, name
+            assert got["selection_bytes_checked"] == min(sum(len(d.encode()) for d in sel_all), limit or 2**62)
+            assert (rt.leak_note(got) is None) == (not limit), name
+        got = rt.leak_check(text, None, prompts)
+        assert got["selection_prompts_in_text"] == want["selection_prompts_in_text"], name
+    assert seen["mixed.txt"]["passages_found"] and seen["shared.jsonl"]["shared_documents"]
+    assert seen["late.jsonl"]["shared_documents"] == (0 if limit else 1)
+
+
+def test_leak_check_of_a_gzip_bomb_holds_memory_bounded(tmp_path):
+    """A 1 MiB .txt.gz that holds 300 MiB of text as the selection corpus: the check, run in a child process,
+    compares its first LEAK_CHECK_BYTES in less than 1 GB of peak RSS (reading it whole took 4 GiB), and says
+    that it compared only part of it."""
+    import gzip
+    import runpy
+    import subprocess
+
+    from gelutrace import corpusfiles as cf
+
+    block = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit,\nsed do eiusmod tempor.  " * 13_000  # ~1 MiB
+    member = gzip.compress(block, compresslevel=9, mtime=0)  # one gzip member; the file repeats it
+    bomb = tmp_path / "bomb.txt.gz"
+    with open(bomb, "wb") as f:
+        for _ in range(300 * 2**20 // len(block) + 1):
+            f.write(member)
+    record = {"files": [{"path": str(bomb), "sha256": sf.file_sha256(bomb), "format": "txt.gz"}]}
+    heldout = REPO_ROOT / "parcellation_datasets" / "heldout_eval_tinybard.txt"
+    text = {"files": [{"path": str(heldout), **cf.file_record(heldout, "text"), "documents": 1}]}
+    for name, what in (("record.json", record), ("text.json", text)):
+        (tmp_path / name).write_text(json.dumps(what))
+    code = (f"import json, resource, sys, types; sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+            f"from gelutrace import realtext as rt\n"
+            f"text = types.SimpleNamespace(**json.load(open({str(tmp_path / 'text.json')!r})))\n"
+            f"record = json.load(open({str(tmp_path / 'record.json')!r}))\n"
+            f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"out = rt.leak_check(text, record)\n"
+            f"print(json.dumps({{**out, 'before_kib': before, "
+            f"'peak_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}), flush=True)\n"
+            f"print(rt.leak_note(out))\n")
+    # started by bench/peak.py's small intermediate process: a child's ru_maxrss starts from the peak of the
+    # process it was forked from, and this one's is the test run's
+    measure = runpy.run_path(str(REPO_ROOT / "bench" / "peak.py"))["MEASURE"]
+    r = subprocess.run([sys.executable, "-c", measure, sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.stdout, r.stderr[-3000:]
+    out = json.loads(r.stdout.splitlines()[0])
+    assert out["peak_kib"] * 1024 < 1e9, f"peak RSS {out['peak_kib'] / 2**20:.2f} GiB"
+    assert r.returncode == 0, r.stderr[-3000:]
+    note = r.stdout.splitlines()[1]
+    assert out["passed"] and out["documents_checked"] and out["passages_checked"] == rt.LEAK_PASSAGES
+    assert out["selection_bytes_checked"] == rt.LEAK_CHECK_BYTES and out["selection_checked_whole"] is False
+    assert out["eval_checked_whole"] and "64 MiB of the selection corpus's documents" in note
+    assert bomb.stat().st_size < 2 * 2**20
+    from gelutrace import report
+
+    ev = {"eval_text": {"files": text["files"], "tokens_scored": 100, "documents": 1, "context": 32,
+                        "leak_check": out}}
+    assert "no file and no document in the first 64 MiB of each text's documents" in report.text_sentence(ev)
+
+
 def test_bad_eval_text_is_one_error_naming_the_flag(shipped, tmp_path):
     V = shipped.model.config.vocab_size
     blank = tmp_path / "blank.txt"
