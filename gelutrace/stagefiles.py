@@ -259,6 +259,24 @@ def check_output_dir(directory, flag: str) -> Path:
 
 
 _held_locks: dict = {}  # lock file path -> its open file: held until released or the process ends
+LOCK_FD_ENV = "GELUTRACE_LOCK_FD"  # run_pipeline.sh: the descriptor of the lock it holds, which its stages inherit
+
+
+def _inherited_lock(lock: Path) -> bool:
+    """Whether this process inherited the open file on which run_pipeline.sh holds `lock` (LOCK_FD_ENV names its
+    descriptor): a flock belongs to the open file, so the stages the driver runs share its lock and write, while
+    any other process, opening the file anew, is refused."""
+    fd = os.environ.get(LOCK_FD_ENV, "")
+    if not fd.isdigit():
+        return False
+    try:
+        held, mine = os.fstat(int(fd)), lock.stat()
+        if (held.st_dev, held.st_ino) != (mine.st_dev, mine.st_ino):
+            return False
+        fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds on the lock's own open file
+    except OSError:
+        return False
+    return True
 
 
 def lock_directory(directory, what: str) -> Path:
@@ -272,6 +290,8 @@ def lock_directory(directory, what: str) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     key = str((d / LOCK_FILE).resolve())
     if key in _held_locks:
+        return d
+    if _inherited_lock(d / LOCK_FILE):
         return d
     f = open(d / LOCK_FILE, "a")
     try:
@@ -302,6 +322,26 @@ def locked(directory, what: str):
     finally:
         if not held and key in _held_locks:
             _held_locks.pop(key).close()
+
+
+@contextlib.contextmanager
+def removed_if_unused(directory):
+    """
+    Around a stage's lock and its reading of the inputs (the lock taken before the heavy work): when the block
+    fails, the directories it created (`directory` and any missing parents) are removed again if they hold nothing
+    but the lock file, so a refused input leaves nothing behind, as a check before the lock does.
+    """
+    d = Path(directory).absolute()
+    created = [p for p in [d, *d.parents] if not os.path.lexists(p)]
+    try:
+        yield
+    except BaseException:
+        for p in created:  # deepest first; rmdir keeps any directory something else was written into
+            with contextlib.suppress(OSError):
+                if p == d and [q.name for q in p.iterdir()] == [LOCK_FILE]:
+                    (p / LOCK_FILE).unlink()
+                p.rmdir()
+        raise
 
 
 def write_csv(df: pd.DataFrame, target, **kwargs):
