@@ -40,7 +40,7 @@ from gelutrace.corpusfiles import DEFAULT_FIELD, add_text_field_arg
 from gelutrace.generation import StepProgress, encode_prompts, plan_batches
 from gelutrace.loading import load_model
 from gelutrace.recording import Staging, fingerprint, record_attribution, record_batch, record_direct, write_dataset
-from gelutrace.stagefiles import check_output_dir, lock_directory, read_prompts
+from gelutrace.stagefiles import check_output_dir, lock_directory, read_prompts, removed_if_unused
 
 
 def main():
@@ -131,13 +131,14 @@ def main():
     check_sampling_args(args)
     check_at_least(args, 0, "top_examples")
     prompts = read_prompts(args.input_csv)
-    lm = load_model(args.model_type, args.device)
-    cfg = lm.model.config
-    prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
+    export = check_output_dir(args.export_dir, "--export_dir")  # before the model is loaded and a prompt encoded
+    with removed_if_unused(export):  # the lock first; an input refused after it leaves no directory
+        lock_directory(export, "stage b")
+        lm = load_model(args.model_type, args.device)
+        cfg = lm.model.config
+        prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
     greedy = args.temperature == 0
 
-    export = check_output_dir(args.export_dir, "--export_dir")
-    lock_directory(export, "stage b")
     staging = Staging(export, lm.name, fingerprint(
         Path(args.input_csv).read_bytes(), lm.name, str(lm.path.resolve()), vars(cfg), args.seed,
         args.temperature, args.top_k, args.batch_size, args.top_examples))

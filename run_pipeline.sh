@@ -61,7 +61,9 @@
 #                                   (N of each; default 20, the fewest that allow p < 0.05)
 #   --force                         rerun every stage even if its outputs are up to date
 # A stage is skipped when its outputs exist and were made by the same command (recorded in
-# DATASET_DIR/.pipeline/) from inputs that have not changed since; once a stage runs, all later ones do.
+# DATASET_DIR/.pipeline/) from inputs that have not changed since (a text's files read through their symlinks);
+# once a stage runs, all later ones do. Every flag, the texts and DATASET_DIR are checked before the first stage;
+# the run then holds DATASET_DIR's lock until it ends (a second run into it is refused before it changes anything).
 # The stages a-e, c_find_modules and the cards run in this order:
 #   a -> b -> effects -> c -> fidelity -> c_analyze -> modules -> d -> e -> cards -> report
 # Ends with DATASET_DIR/report.md and a short summary on the terminal.
@@ -93,6 +95,10 @@ FORCE="${FORCE:-0}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
 fi
+driver() {  # gelutrace.driver: the checks before the first stage, the stamps' digests, the lock (paths as given)
+  PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
+    'from gelutrace.cli import run_main; from gelutrace.driver import main; run_main(main)' "$@"
+}
 need() {  # FLAG [VALUE]: a flag's value, refused when it is missing or empty
   if [ $# -lt 2 ] || [ -z "$2" ]; then echo "error: $1 needs a value (see --help)" >&2; exit 2; fi
 }
@@ -141,10 +147,11 @@ case "$CONTROL_SUBSETS" in all|best) ;; *) echo "error: --control_subsets must b
 MODEL="${pos[0]:-tinybard}"
 CSV="${pos[1]:-$here/parcellation_datasets/test_1.csv}"
 [ -f "$CSV" ] || { echo "error: prompt CSV $CSV does not exist" >&2; exit 2; }
-# the file prefix {m} and whether MODEL is a shipped model, in one interpreter start
-names="$(cd "$here" && "$PYTHON" -c 'import sys
-from gelutrace.loading import model_name, shipped_models
-print(int(sys.argv[1] in shipped_models()), model_name(sys.argv[1]))' "$MODEL")"
+# the file prefix {m} and whether MODEL is a shipped model, in one interpreter start that first checks DEVICE and
+# the form of every flag given (all of them, resolved and together, before the lock below)
+names="$(cd "$here" && driver names "$MODEL" "$DEVICE" --thresholds="$THRESHOLDS" \
+  --ratios="$RATIOS" --ks="$KS" --methods="$METHODS" --weights="$WEIGHTS" --temperature="$TEMPERATURE" \
+  --seed="$SEED" --eval_tokens="$EVAL_TOKENS")" || exit 2
 shipped="${names%% *}" m="${names#* }"
 if [ -n "$TEXT" ]; then
   [ -e "$TEXT" ] || { echo "error: text $TEXT does not exist" >&2; exit 2; }
@@ -163,7 +170,7 @@ if [ "$EFFECTS" = auto ]; then
   case "$shipped" in 1) EFFECTS=1 ;; *) EFFECTS=0 ;; esac
 fi
 [ -z "$RATIOS" ] && [ -z "$KS" ] && KS="0.1% 0.193% 0.373% 0.72% 1.39% 2.68% 5.18% 10%"
-# the counts' and flags' form before any stage runs (the counts against the model's neurons after stage a)
+# the counts against the model's neurons after stage a (their form, with every flag, before any stage runs)
 ks_counts() {  # GRAPH_META|- SPEC...: the grid as counts (with "-": only check the values)
   (cd "$here" && "$PYTHON" -c 'import json, sys
 from gelutrace import PipelineError
@@ -174,9 +181,6 @@ try:
 except PipelineError as e:
     sys.exit(f"error: {e}")' "$@")
 }
-# word splitting wanted: one argument per value
-# shellcheck disable=SC2086
-[ -z "$KS" ] || ks_counts - $KS > /dev/null || exit 2
 if [ -z "$EVAL_TEXT" ]; then
   EVAL_TEXT=none
   [ -f "$here/parcellation_datasets/heldout_eval_$m.txt" ] && EVAL_TEXT="$here/parcellation_datasets/heldout_eval_$m.txt"
@@ -209,16 +213,20 @@ if [ -z "$EVAL_CSV" ]; then
   [ -f "$here/parcellation_datasets/heldout_$m.csv" ] && EVAL_CSV="$here/parcellation_datasets/heldout_$m.csv"
 fi
 [ -f "$EVAL_CSV" ] || { echo "error: evaluation CSV $EVAL_CSV does not exist" >&2; exit 2; }
+# every flag and the output directory, before anything runs or is created; the digests of what the stages read
+# (the CSV's, or the sha256 of each file the text is read from, through its symlinks; then the evaluation's)
+sums="$(driver check --data="$DATA" --csv="$CSV" --eval_csv="$EVAL_CSV" \
+  --thresholds="$THRESHOLDS" --ratios="$RATIOS" --ks="$KS" --methods="$METHODS" --weights="$WEIGHTS" \
+  --direct_edges="$DIRECT_EDGES" --effects="$EFFECTS" --temperature="$TEMPERATURE" --seed="$SEED" \
+  --eval_tokens="$EVAL_TOKENS" --text="$TEXT" --eval_text="$EVAL_TEXT")" || exit 2
+csv_sum="${sums%%$'\n'*}" eval_sum="${sums#*$'\n'}"
+# DATA's writer lock, held on descriptor 9 until the driver ends: a second run into DATA is refused here, before
+# it changes anything; the stages inherit the descriptor (GELUTRACE_LOCK_FD), and so share the lock
+mkdir -p "$DATA"
+exec 9>>"$DATA/.gelutrace.lock"
+driver lock 9 "$DATA" || exit 2
+export GELUTRACE_LOCK_FD=9
 mkdir -p "$DATA/.pipeline"
-if [ -n "$TEXT" ]; then  # what stage b reads: the text's files
-  csv_sum="$(find "$TEXT" -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
-else
-  csv_sum="$(sha256sum "$CSV" | cut -d' ' -f1)"
-fi
-eval_sum="$(sha256sum "$EVAL_CSV" | cut -d' ' -f1)"
-if [ "$EVAL_TEXT" != none ]; then
-  eval_sum="$eval_sum $(find "$EVAL_TEXT" -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
-fi
 # every command a stage runs goes into DATA/.pipeline/STAGE.run, for the report to list: a stage that is a shell
 # function runs several
 stage_log=

@@ -760,32 +760,34 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     s = settings
     dist_ctx = distributed()
     shard = check_settings(s, dist_ctx)
-    if dist_ctx is not None and device in ("auto", "cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(dist_ctx[2])
-    lm = load_model(model_type, device)
-    cfg = lm.model.config
-    context = cfg.block_size if s.context is None else s.context
-    if not 1 <= context <= cfg.block_size:
-        raise PipelineError(f"--context {context} is outside 1..{cfg.block_size}, the model's context")
-    batch_size = s.batch_size or max(1, TOKENS_PER_BATCH // context)
-    corpus = read_corpus(inputs, lm.tokenizer, s.max_tokens, text_field=s.text_field)
+    export = sf.check_output_dir(export_dir, "--export_dir")  # before the model is loaded and a token read
+    with sf.removed_if_unused(export):  # the lock first; an input refused after it leaves no directory
+        if dist_ctx is None or dist_ctx[0] == 0:  # the other ranks write into the directory as part of the same run
+            sf.lock_directory(export, "stage b (corpus mode)")
+        if dist_ctx is not None and device in ("auto", "cuda") and torch.cuda.is_available():
+            torch.cuda.set_device(dist_ctx[2])
+        lm = load_model(model_type, device)
+        cfg = lm.model.config
+        context = cfg.block_size if s.context is None else s.context
+        if not 1 <= context <= cfg.block_size:
+            raise PipelineError(f"--context {context} is outside 1..{cfg.block_size}, the model's context")
+        batch_size = s.batch_size or max(1, TOKENS_PER_BATCH // context)
+        corpus = read_corpus(inputs, lm.tokenizer, s.max_tokens, text_field=s.text_field)
+        if s.top_examples and len(corpus.ids) > TOP_EXAMPLES_MAX_TOKENS:
+            raise PipelineError(f"--top_examples keeps sample ids below 2**32, but the corpus has "
+                                f"{len(corpus.ids):,} tokens: give --top_examples 0 or --max_tokens "
+                                f"{TOP_EXAMPLES_MAX_TOKENS}")
     if corpus.unchecked_cuts:
         print(f"note: {corpus.unchecked_cuts} piece(s) of long documents were cut where no cut point that keeps "
               f"the tokens lay within {PIECE_CHARS // 2:,} characters (a 'word' that long); the tokens at those "
               f"cuts may differ from tokenizing the document whole", file=sys.stderr)
     weights = model_weights(lm.path)
-    if s.top_examples and len(corpus.ids) > TOP_EXAMPLES_MAX_TOKENS:
-        raise PipelineError(f"--top_examples keeps sample ids below 2**32, but the corpus has {len(corpus.ids):,} "
-                            f"tokens: give --top_examples 0 or --max_tokens {TOP_EXAMPLES_MAX_TOKENS}")
     rank = 0
     if dist_ctx is not None:
         init_distributed(lm.device)
         rank, world, _ = dist_ctx
         shard = (rank, world)
 
-    export = sf.check_output_dir(export_dir, "--export_dir")
-    if rank == 0:  # the other ranks write into the same directory as part of the same run
-        sf.lock_directory(export, "stage b (corpus mode)")
     export.mkdir(parents=True, exist_ok=True)
     n_win = num_windows(len(corpus.ids), context)
     windows = shard_windows(n_win, shard)

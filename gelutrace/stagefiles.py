@@ -260,6 +260,26 @@ def check_output_dir(directory, flag: str) -> Path:
 
 
 _held_locks: dict = {}  # lock file path -> its open file: held until released or the process ends
+LOCK_FD_ENV = "GELUTRACE_LOCK_FD"  # run_pipeline.sh: the descriptor of the lock it holds, which its stages inherit
+
+
+def _inherited_lock(lock: Path) -> bool:
+    """Whether this process inherited the open file on which run_pipeline.sh holds `lock` (LOCK_FD_ENV names its
+    descriptor): a flock belongs to the open file, so the stages the driver runs share its lock and write, while
+    any other process, opening the file anew, is refused."""
+    fd = os.environ.get(LOCK_FD_ENV, "")
+    if not fd.isdigit():
+        return False
+    try:
+        held, mine = os.fstat(int(fd)), lock.stat()
+        if (held.st_dev, held.st_ino) != (mine.st_dev, mine.st_ino):
+            return False
+        fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds on the lock's own open file
+    except OSError:
+        return False
+    return True
+
+
 _call_locks = threading.local()  # .held: the lock files the calls of locked() in this thread hold
 
 
@@ -290,12 +310,13 @@ def lock_directory(directory, what: str) -> Path:
     end of the process, or refuse at once: two runs writing into one directory would mix their outputs. The
     kernel releases the lock when the process exits, also on a crash or kill -9, so a stale lock never blocks
     the next run. A script that already holds the lock takes it again freely; within a locked() block (a library
-    call) the block's lock stands for it, and is released with the block.
+    call) the block's lock stands for it, and is released with the block; a stage that run_pipeline.sh runs shares
+    the driver's lock (_inherited_lock).
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     key = _lock_key(d)
-    if key in _held_locks or _held_by_call(key):
+    if key in _held_locks or _held_by_call(key) or _inherited_lock(d / LOCK_FILE):
         return d
     _held_locks[key] = _flock(d, what)
     return d
@@ -329,6 +350,26 @@ def locked(directory, what: str):
     finally:
         held.discard(key)
         f.close()
+
+
+@contextlib.contextmanager
+def removed_if_unused(directory):
+    """
+    Around a stage's lock and its reading of the inputs (the lock taken before the heavy work): when the block
+    fails, the directories it created (`directory` and any missing parents) are removed again if they hold nothing
+    but the lock file, so a refused input leaves nothing behind, as a check before the lock does.
+    """
+    d = Path(directory).absolute()
+    created = [p for p in [d, *d.parents] if not os.path.lexists(p)]
+    try:
+        yield
+    except BaseException:
+        for p in created:  # deepest first; rmdir keeps any directory something else was written into
+            with contextlib.suppress(OSError):
+                if p == d and [q.name for q in p.iterdir()] == [LOCK_FILE]:
+                    (p / LOCK_FILE).unlink()
+                p.rmdir()
+        raise
 
 
 def write_csv(df: pd.DataFrame, target, **kwargs):

@@ -221,9 +221,14 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
     assert methods == {"degree"}
     r = subprocess.run(base + ["--force", "--methods", "degree no_such_method", M, str(csv), str(copy)],
                        capture_output=True, text=True, env=env)
-    assert r.returncode != 0  # d_batch failed, and so does the pipeline, before stage e
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no_such_method" in r.stderr  # before any stage
+    assert "==" not in r.stdout and {json.loads(p.read_text())["method"] for p in
+                                     (copy / sf.SUBSETS_DIR).glob("*.json")} == {"degree"}
+    ks = [("--ks" if a == "--ratios" else "100000" if a == "0.01" else a) for a in base]  # past the model's neurons
+    r = subprocess.run(ks + ["--force", M, str(csv), str(copy)], capture_output=True, text=True, env=env)
+    assert r.returncode != 0  # the grid fails after stage a (the model's neurons), and so does the pipeline
     lines = r.stdout.splitlines()
-    assert "== a" in lines and "== b" in lines and "== e" not in lines  # --force reran from the start
+    assert "== a" in lines and "== b" not in lines  # --force reran from the start
 
 
 def test_bad_grid_and_flags_fail_before_any_stage(tmp_path):
