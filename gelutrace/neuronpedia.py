@@ -216,7 +216,7 @@ def _write(path: Path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=9, mtime=0)  # no time stamp, no file name: the same bytes
-    path.write_bytes(data)
+    sf.write_bytes(data, path)  # through os.write: a full disk keeps its errno
 
 
 def data_hash(features: bytes, activations: bytes) -> str:
@@ -343,8 +343,8 @@ def write_export(directory, cards: list[Card], m: str, model, dataset: str, crea
         target = d / model_id
         _clean(d, model_id)
         staging = d / f".{model_id}.gelutrace-staging-{uuid.uuid4().hex[:12]}"
-        staging.mkdir()  # the usual umask-based mode
         try:
+            staging.mkdir()  # the usual umask-based mode
             changed = []
             for layer in sorted(layers):
                 src = source_id(layer, source_set)
@@ -365,9 +365,12 @@ def write_export(directory, cards: list[Card], m: str, model, dataset: str, crea
                 _write(folder / sf.NEURONPEDIA_FEATURES, features)
                 _write(folder / sf.NEURONPEDIA_ACTIVATIONS, activations)
             _swap_in(staging, target)
-        except BaseException:
+        except BaseException as e:
             if staging.is_dir() and not staging.is_symlink():
                 shutil.rmtree(staging, ignore_errors=True)
+            if sf.disk_full(e, d):
+                raise PipelineError(f"no space left on {d} (disk full) while writing the Neuronpedia export; the "
+                                    f"earlier export there is unchanged") from None
             raise
     if changed:
         print(f"warning: {target} held an earlier export of other data (its data sha256 differs) for source "

@@ -221,6 +221,50 @@ def test_full_disk_mid_write_names_the_directory(dataset, tmp_path, monkeypatch)
     assert 'id="neuron-2"' in (cards / sf.CARDS_HTML).read_text()
 
 
+def disk_fills_under(monkeypatch, directory, limit: int):
+    """os.write into files under `directory` fails with ENOSPC once `limit` bytes went into them."""
+    real, written, root = os.write, {"n": 0}, str(directory)
+
+    def write(fd, data):
+        if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith(root + os.sep):
+            if written["n"] + len(data) > limit:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written["n"] += len(data)
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_full_disk_keeps_the_earlier_cards_and_neuronpedia_export(dataset, tmp_path, monkeypatch):
+    """A disk that fills while the cards or the Neuronpedia export are written: one disk-full line naming the
+    directory, and the earlier cards (both files: never a new page beside an old one) and the earlier export byte
+    for byte as they were, DIR holding only the model's folder."""
+    from gelutrace import neuronpedia as npx
+
+    root = tmp_path / "run"
+    cards, export = root / "cards", root / "np"
+    render = ["f_render_neuron_cards.py", "--dataset_path", dataset, "--model_type", M, "--device", "cpu",
+              "--top_examples", 2, "--output", cards, "--neuronpedia", export]
+    run(*render, "--neurons", "1,2")
+    before = directory_digest(root)
+    fresh = tmp_path / "fresh"  # what the second run writes, on a disk with room
+    run(*render[:-4], "--output", fresh, "--neurons", "1,2,3,600")
+    md = (fresh / sf.CARDS_MD).stat().st_size
+    assert md < (fresh / sf.CARDS_HTML).stat().st_size
+    with monkeypatch.context() as mp:
+        disk_fills_under(mp, cards, md + 10)  # room for the new Markdown, not for the page
+        r = run(*render, "--neurons", "1,2,3,600", ok=False)
+    one_error_line(r, f"no space left on {cards} (disk full)", "neuron cards")
+    assert directory_digest(root) == before
+    with monkeypatch.context() as mp:
+        disk_fills_under(mp, export, 600)  # inside the export's first source folder
+        r = run(*render, "--neurons", "1,2,3,600", ok=False)
+    one_error_line(r, f"no space left on {export} (disk full)", "Neuronpedia export")
+    assert {k: v for k, v in directory_digest(root).items() if not k.startswith("cards")} == \
+        {k: v for k, v in before.items() if not k.startswith("cards")}
+    assert sorted(os.listdir(export)) == [npx.model_slug(M)]
+
+
 def test_npy_writes_equal_numpys(tmp_path):
     for a in (np.arange(12, dtype=np.uint16).reshape(3, 4), np.zeros((0, 5)), np.asfortranarray(np.eye(3)),
               np.arange(10 ** 6, dtype=np.int64)):
