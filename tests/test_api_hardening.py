@@ -265,6 +265,58 @@ def test_full_disk_keeps_the_earlier_cards_and_neuronpedia_export(dataset, tmp_p
     assert sorted(os.listdir(export)) == [npx.model_slug(M)]
 
 
+def test_full_disk_in_stages_c_and_d_names_the_directory(shipped_path, tmp_path, monkeypatch):
+    """Stage c's store and stage d's subset on a disk that fills mid-write: the line names the directory written
+    into (not a temporary file that is gone), and what was there is unchanged."""
+    from test_recording import write_prompts
+
+    d = tmp_path / "ds"
+    run(B, "--input_csv", write_prompts(tmp_path / "p.csv"), "--export_dir", d, "--model_type", M, "--device",
+        "cpu", "--no_activation_lists")
+    before = directory_digest(d)
+    with monkeypatch.context() as mp:
+        disk_fills_under(mp, d, 1_000_000)  # inside the store's second pair of layers
+        r = run("c_calculate_weighted_activation_graph.py", "--input_dir", d, ok=False)
+    one_error_line(r, f"no space left on {d} (disk full)")
+    assert directory_digest(d) == before
+    run("c_calculate_weighted_activation_graph.py", "--input_dir", d)
+    subsets = d / "subsets"
+    with monkeypatch.context() as mp:
+        disk_fills_under(mp, subsets, 0)
+        r = run("d_calculate_perturbation_subset.py", "--input_graph_path", sf.path(d, sf.WEIGHTED_GRAPH, M),
+                "--method", "degree", "--threshold", 1, "--k", 5, "--output_dir", subsets, ok=False)
+    one_error_line(r, f"no space left on {subsets} (disk full)")
+    assert os.listdir(subsets) == []
+
+
+def test_full_tmpfs_in_prompt_mode(shipped_path, tmp_path):
+    """A real full disk under prompt-mode stage b (its --resume chunks are the first files written): the line
+    names the export directory, and the earlier dataset there is byte for byte as it was."""
+    from test_recording import write_prompts
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip("cannot mount a tmpfs in a mount namespace here")
+    b = " ".join(map(str, [sys.executable, B, "--model_type", M, "--device", "cpu", "--no_activation_lists",
+                           "--no_edge_list", "--export_dir", mnt / "d", "--input_csv"]))
+    digest = f"(cd {mnt}/d && find . -type f ! -name .gelutrace.lock ! -path './.*_partial/*' | sort | xargs sha256sum)"
+    script = (f"mount -t tmpfs -o size=8m tmpfs {mnt} && {b} {write_prompts(tmp_path / 'a.csv')} >/dev/null && "
+              f"{digest} && echo ---- && dd if=/dev/zero of={mnt}/fill bs=1k count=$(( $(df -k --output=avail {mnt} | tail -1) - 8 )) "
+              f"2>/dev/null; {b} {write_prompts(tmp_path / 'b.csv', [('Once upon a time', 9, 40)])} "
+              f"2>{tmp_path / 'err'}; echo rc=$?; echo ----; {digest}")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                       env=ENV, timeout=300)
+    assert r.stdout.count("----\n") == 2, r.stdout + r.stderr
+    first, rc, second = r.stdout.split("----\n")
+    assert first.strip() and first == second, r.stdout + r.stderr
+    assert rc.strip() == "rc=2"
+    err = subprocess.CompletedProcess([], 2, "", (tmp_path / "err").read_text())
+    one_error_line(err, f"no space left on {mnt / 'd'} (disk full)")
+
+
 def test_npy_writes_equal_numpys(tmp_path):
     for a in (np.arange(12, dtype=np.uint16).reshape(3, 4), np.zeros((0, 5)), np.asfortranarray(np.eye(3)),
               np.arange(10 ** 6, dtype=np.int64)):
