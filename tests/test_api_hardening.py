@@ -451,3 +451,40 @@ def test_api_argument_types_are_pipeline_errors(dataset, shipped):
             call()
         assert "\n" not in str(e.value) and str(e.value).count(". ") == 0, (name, str(e.value))
     assert gt.select(g, method="activation_count", k=np.int64(3)).k == 3  # numpy integers are whole numbers
+
+
+def test_api_takes_numpy_numbers_and_refuses_other_types_in_one_sentence(dataset, shipped, tmp_path):
+    """numpy integers are whole numbers everywhere (record_corpus records its settings as JSON: the run equals the
+    one given ints); a string, a bool or None where a number, a flag, a path, a model, a graph or a dataset
+    belongs is a PipelineError of one sentence, never a TypeError or AttributeError from inside."""
+    import gelutrace as gt
+
+    a = gt.record_corpus(shipped, HELDOUT_PATH, out_dir=tmp_path / "a", max_tokens=200, context=32, top_examples=2)
+    b = gt.record_corpus(shipped, HELDOUT_PATH, out_dir=tmp_path / "b", max_tokens=np.int64(200),
+                         context=np.int32(32), top_examples=np.int16(2))
+    assert {k: v for k, v in a.record.items() if k != "settings"} == {k: v for k, v in b.record.items()
+                                                                      if k != "settings"}
+    assert a.frequencies.equals(b.frequencies)
+    g = gt.Dataset(dataset, M).graph()
+    cards = gt.neuron_cards(shipped, gt.Dataset(dataset, M), [1, 2], k=np.int64(2))
+    calls = {"attribution 'no'": lambda: gt.record_corpus(shipped, HELDOUT_PATH, attribution="no"),
+             "direct_edges 1": lambda: gt.record_corpus(shipped, HELDOUT_PATH, direct_edges=1),
+             "out_dir 5": lambda: gt.record_corpus(shipped, HELDOUT_PATH, out_dir=5),
+             "lm None": lambda: gt.record_corpus(None, HELDOUT_PATH),
+             "threshold '0.5'": lambda: gt.select(g, method="degree", threshold="0.5", k=3),
+             "threshold True": lambda: gt.select(g, method="degree", threshold=True, k=3),
+             "dataset a str": lambda: gt.select(g, method="attribution", k=3, dataset=str(dataset)),
+             "resolution 'x'": lambda: gt.find_modules(g, null_graphs=0, seeds=1, resolution="x"),
+             "module threshold 'x'": lambda: gt.find_modules(g, null_graphs=0, seeds=1, threshold="x"),
+             "graph None": lambda: gt.find_modules(None),
+             "ablate lm None": lambda: gt.ablate(None, [1], eval_text=HELDOUT_PATH),
+             "cards of a str": lambda: gt.neuron_cards(shipped, str(dataset), [1, 2]),
+             "export into None": lambda: cards.to_neuronpedia(None),
+             "export into 5": lambda: cards.to_neuronpedia(5),
+             "html to None": lambda: cards.to_html(None),
+             "frequencies of no dataset": lambda: gt.Dataset(tmp_path / "none", M).frequencies}
+    for name, call in calls.items():
+        with pytest.raises(PipelineError) as e:
+            call()
+        assert "\n" not in str(e.value) and str(e.value).count(". ") == 0, (name, str(e.value))
+    assert not (tmp_path / "none").exists()
