@@ -92,9 +92,9 @@ def _paths(call: str, name: str, value) -> list[str]:
     return [str(v) for v in value]
 
 
-def _path(call: str, name: str, value) -> str:
-    """One path (a str or os.PathLike), not empty."""
-    if not isinstance(value, (str, os.PathLike)) or not str(os.fspath(value)).strip():
+def _path(call: str, name: str, value, empty: bool = False) -> str:
+    """One path (a str or os.PathLike), not empty unless `empty` (the caller refuses it itself)."""
+    if not isinstance(value, (str, os.PathLike)) or not (empty or str(os.fspath(value)).strip()):
         raise PipelineError(f"{call} needs {name} as a path (a str or pathlib.Path), got {value!r}")
     return os.fspath(value)
 
@@ -227,7 +227,7 @@ class Cards:
         if self.model is None:
             raise PipelineError("to_neuronpedia needs the model the cards were built from (Cards.model; "
                                 "gelutrace.neuron_cards sets it)")
-        directory = _path("to_neuronpedia", "directory", directory)
+        directory = _path("to_neuronpedia", "directory", directory, empty=True)
         model_id = npx.model_slug(self.m) if model_id is None else npx.check_model_id(model_id)
         creator_id = npx.DEFAULT_CREATOR_ID if creator_id is None else npx.check_creator_id(creator_id)
         npx.check_source_set(source_set)
