@@ -382,7 +382,10 @@ def graph_degrees(data, m: str, n_neurons: int, threshold: float | None = None, 
             return None
         stem = c.sort_values(["k", "delta_nll"], ascending=[True, False])["subset"].iloc[0]
         meta = json.loads((Path(data) / sf.SUBSETS_DIR / f"{stem}.json").read_text())
-        threshold, weight, graph = meta["threshold"], meta.get("weight", gr.DEFAULT_WEIGHT), Path(meta["graph"])
+        from gelutrace import selection as sel
+
+        threshold, weight = meta["threshold"], meta.get("weight", gr.DEFAULT_WEIGHT)
+        graph = Path(sel.subset_graph(meta, data))  # a copied dataset's own store, not the original's
     weight = weight or gr.DEFAULT_WEIGHT
     g = gs.read_store(graph)
     deg = np.full(n_neurons, np.nan)

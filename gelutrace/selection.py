@@ -163,6 +163,30 @@ def graph_dataset(graph: CoactivationGraph) -> Path | None:
     return d if sf.path(d, sf.FREQUENCY, graph.model).is_file() else None
 
 
+def subset_graph(info: dict, dataset_path) -> str | None:
+    """
+    The graph a stage-d sidecar (`info`) was chosen on, for the subsets of the dataset at `dataset_path`: the path
+    it records; but when that is a store of the dataset's name elsewhere (the dataset was copied or moved since)
+    and the dataset holds its own store of the same graph (the same number of neurons and largest co-activation
+    count), that one: a copied dataset reads its own files, never the original's, also once the original is gone.
+    """
+    src = info.get("graph")
+    model = info.get("model")
+    if not src or dataset_path is None or not model:
+        return src
+    own = sf.path(dataset_path, sf.WEIGHTED_GRAPH, model)
+    if Path(src).name != own.name or os.path.abspath(src) == os.path.abspath(own):
+        return src
+    try:
+        header = json.loads((own / sf.GRAPH_STORE_HEADER).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return src
+    same = isinstance(header, dict) and header.get("model") == model and all(
+        header.get(h) == info.get(i) for h, i in (("num_neurons", "num_nodes"),
+                                                   ("max_co_activation_count", "max_co_activation_count")))
+    return str(own) if same else src
+
+
 def neuron_scores(graph: CoactivationGraph, method: str, dataset_path=None, measured: dict | None = None) -> np.ndarray:
     """attribution / ablation scores of the graph's nodes, from `measured` (method -> scores per neuron id) or
     the dataset's files (NaN: not measured)."""

@@ -488,3 +488,36 @@ def test_api_takes_numpy_numbers_and_refuses_other_types_in_one_sentence(dataset
             call()
         assert "\n" not in str(e.value) and str(e.value).count(". ") == 0, (name, str(e.value))
     assert not (tmp_path / "none").exists()
+
+
+def test_a_copied_dataset_renders_its_cards_from_its_own_graph(dataset, tmp_path):
+    """The cards' graph degree comes from the graph stage d's best graph-method subset was chosen on, which its
+    sidecar records by the original's path: a copy (cp -a, the original then moved away) reads its own store, and
+    the degrees equal the count store's thresholded degrees computed here with numpy."""
+    from gelutrace import cards as cd
+
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    shutil.copytree(dataset, orig, symlinks=True)
+    run("d_calculate_perturbation_subset.py", "--input_graph_path", sf.path(orig, sf.WEIGHTED_GRAPH, M), "--method",
+        "degree", "--threshold", 0.5, "--k", 5, "--output_dir", orig / sf.SUBSETS_DIR)
+    (orig / sf.RESULTS_DIR).mkdir()
+    pd.DataFrame({"k": [5], "method": ["degree"], "subset": [f"{M}_degree_t0.5_k5"], "delta_nll": [0.1],
+                  "best": [True]}).to_csv(orig / sf.RESULTS_DIR / sf.COMPARISON, index=False)
+    shutil.copytree(orig, copy, symlinks=True)
+    os.rename(orig, tmp_path / "moved_away")
+    store = sf.path(copy, sf.WEIGHTED_GRAPH, M)
+    header = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
+    L, d = header["n_layer"], header["d_mlp"]
+    pairs = [np.load(store / b["file"]).astype(np.int64) for b in header["blocks"]]
+    top = max(int(p.max()) for p in pairs)
+    want = np.zeros(L * d)
+    for i, p in enumerate(pairs):
+        kept = p / top > 0.5
+        want[i * d:(i + 1) * d] += kept.sum(axis=1)
+        want[(i + 1) * d:(i + 2) * d] += kept.sum(axis=0)
+    deg, note = cd.graph_degrees(copy, M, L * d)
+    np.testing.assert_array_equal(deg, want)
+    assert note == "t=0.5, count"
+    r = run("f_render_neuron_cards.py", "--dataset_path", copy, "--model_type", M, "--device", "cpu", "--neurons",
+            "1,2", "--top_examples", 2)
+    assert "t=0.5, count" in (copy / sf.CARDS_DIR / sf.CARDS_MD).read_text() and not r.stderr.count("error")
