@@ -51,11 +51,18 @@ def model_slug(m: str) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", m.lower()).strip("-") or "model"
 
 
+# the longest model id: its folder's staging name (.{id}.gelutrace-staging-{12 hex}) must fit a file name (255 bytes)
+MODEL_ID_MAX = 200
+
+
 def check_model_id(given: str) -> str:
     """A --neuronpedia_model_id (Neuronpedia's own id of the model, e.g. gpt2-small), refused unless it is one."""
     if not isinstance(given, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", given):
         raise PipelineError(f"--neuronpedia_model_id {given!r}: a Neuronpedia model id is lower-case letters, digits, "
                             f"'-' and '_', starting with a letter or digit")
+    if len(given) > MODEL_ID_MAX:
+        raise PipelineError(f"--neuronpedia_model_id {given[:20]}... has {len(given)} characters: at most "
+                            f"{MODEL_ID_MAX} (it names the model's folder)")
     return given
 
 
@@ -80,6 +87,9 @@ def check_target(directory, model_id: str) -> Path:
     if not str(directory).strip():
         raise PipelineError("--neuronpedia needs a directory, got an empty path")
     d = sf.check_output_dir(directory, "--neuronpedia")
+    if len(model_id) > MODEL_ID_MAX:  # a model's own name, made an id: too long to name its folder
+        raise PipelineError(f"--neuronpedia: the model id {model_id[:20]}... has {len(model_id)} characters, at most "
+                            f"{MODEL_ID_MAX}: give a shorter --neuronpedia_model_id")
     t = d / model_id
     # only an earlier export is replaced: a folder of source folders this tool wrote, or (an older layout) a link
     # to its version beside it, even one a crash left dangling
