@@ -396,11 +396,22 @@ def unchanged(files: list[dict]) -> str | None:
             return f"{p} is missing"
         want = f.get("sha256")
         try:
-            if isinstance(want, str) and sf.file_sha256(p) != want:
+            if isinstance(want, str) and _sha256(p) != want:
                 return f"{p} changed since stage b read it"
         except OSError as e:
             return f"{p} cannot be read ({e.strerror})"
     return None
+
+
+_HASHED: dict = {}  # (path, size, mtime) -> sha256: a corpus is hashed once per process (the leak check, the record)
+
+
+def _sha256(p) -> str:
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sf.file_sha256(p)
+    return _HASHED[key]
 
 
 def texts_in_corpus(files: list[dict], texts) -> int | None:
