@@ -175,7 +175,9 @@ class Staging:
                 check_chunks(chunks, done, prompts, greedy, n_neurons, vocab, top_examples, where)
             self.hashes = {name: state["files"][name] for name in names}
             return chunks, done
-        if self.dir.exists():
+        if self.dir.is_symlink():  # not ours: the link goes, never what it points to
+            self.dir.unlink()
+        elif self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
         self.hashes = {}

@@ -315,3 +315,28 @@ def test_checkpoint_in_an_odd_place_is_refused(request, tmp_path, mode, place):
     assert "rerun without --resume" in line
     assert sorted((p.relative_to(tmp_path).as_posix(), p.is_file() and p.read_bytes())
                   for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("mode", ["corpus", "prompt"])
+def test_a_fresh_run_replaces_a_linked_checkpoint_directory_not_what_it_points_to(request, tmp_path, mode):
+    """Without --resume, a checkpoint directory that is a link (to files named as the run names its own) is
+    removed as a link: the run writes the uninterrupted run's files, and the files the link pointed to stay."""
+    if mode == "corpus":
+        runs, partial_dir, args, files = (request.getfixturevalue("corpus_runs"), sf.CORPUS_PARTIAL_DIR, CORPUS_ARGS,
+                                          (sf.FREQUENCY, sf.TOP_EXAMPLES, sf.CORPUS))
+    else:
+        runs, partial_dir, files = request.getfixturevalue("prompt_runs"), sf.PARTIAL_DIR, (sf.DATASET, sf.FREQUENCY)
+        args = ["--input_csv", runs / "p.csv", *PROMPT_ARGS]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(sf.path(runs / "part", partial_dir, M), elsewhere)  # a checkpoint's own file names
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    out = tmp_path / "out"
+    out.mkdir()
+    sf.path(out, partial_dir, M).symlink_to(elsewhere)
+    r = stage_b(*args, "--export_dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in files:
+        assert sf.path(out, f, M).read_bytes() == sf.path(runs / "full", f, M).read_bytes(), f
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before
+    p = sf.path(out, partial_dir, M)
+    assert not p.exists() and not p.is_symlink()
