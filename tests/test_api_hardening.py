@@ -317,6 +317,33 @@ def test_full_tmpfs_in_prompt_mode(shipped_path, tmp_path):
     one_error_line(err, f"no space left on {mnt / 'd'} (disk full)")
 
 
+def test_full_tmpfs_while_writing_a_subset_keeps_the_earlier_pair(dataset, tmp_path):
+    """A real full disk under stage d with room for the new .npy but not its sidecar: one line naming the
+    directory, and the earlier .npy and sidecar byte for byte as they were (never a new .npy beside an old
+    sidecar)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip("cannot mount a tmpfs in a mount namespace here")
+    d = " ".join(map(str, [sys.executable, "d_calculate_perturbation_subset.py", "--input_graph_path",
+                           sf.path(dataset, sf.WEIGHTED_GRAPH, M), "--method", "random", "--k", 5, "--output_dir",
+                           mnt / "s", "--seed"]))
+    digest = f"(cd {mnt}/s && ls -A && sha256sum *)"
+    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} && {d} 1 >/dev/null && {digest} && echo ---- && "
+              f"dd if=/dev/zero of={mnt}/fill bs=1k count=$(( $(df -k --output=avail {mnt} | tail -1) - 4 )) "
+              f"2>/dev/null; {d} 2 2>{tmp_path / 'err'}; echo rc=$?; echo ----; {digest}")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                       env=ENV, timeout=300)
+    assert r.stdout.count("----\n") == 2, r.stdout + r.stderr
+    first, rc, second = r.stdout.split("----\n")
+    assert f"{M}_random_k5.npy" in first and f"{M}_random_k5.json" in first and first == second, r.stdout
+    assert rc.strip() == "rc=2"
+    err = subprocess.CompletedProcess([], 2, "", (tmp_path / "err").read_text())
+    one_error_line(err, f"no space left on {mnt / 's'} (disk full)")
+
+
 def test_npy_writes_equal_numpys(tmp_path):
     for a in (np.arange(12, dtype=np.uint16).reshape(3, 4), np.zeros((0, 5)), np.asfortranarray(np.eye(3)),
               np.arange(10 ** 6, dtype=np.int64)):
