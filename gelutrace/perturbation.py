@@ -776,8 +776,9 @@ def read_corpus_record(dataset_path, m: str) -> dict | None:
 def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, args, corpus: dict | None = None) -> dict:
     """
     Which data chose the neurons (the dataset's prompts, or its corpus), which prompts measured them, whether
-    they overlap (for a corpus: evaluation prompts found verbatim in its text, where it is small enough to
-    search), and the run's settings.
+    they overlap (for a corpus: evaluation prompts found, whitespace normalised, in its documents as stage b read
+    them, up to realtext.LEAK_CHECK_BYTES of them; None for a file missing or changed since), and the run's
+    settings.
     """
     import hashlib
 

@@ -304,8 +304,8 @@ def test_full_tmpfs_in_prompt_mode(shipped_path, tmp_path):
                            "--no_edge_list", "--export_dir", mnt / "d", "--input_csv"]))
     digest = f"(cd {mnt}/d && find . -type f ! -name .gelutrace.lock ! -path './.*_partial/*' | sort | xargs sha256sum)"
     script = (f"mount -t tmpfs -o size=8m tmpfs {mnt} && {b} {write_prompts(tmp_path / 'a.csv')} >/dev/null && "
-              f"{digest} && echo ---- && dd if=/dev/zero of={mnt}/fill bs=1k count=$(( $(df -k --output=avail {mnt} | tail -1) - 8 )) "
-              f"2>/dev/null; {b} {write_prompts(tmp_path / 'b.csv', [('Once upon a time', 9, 40)])} "
+              f"{digest} && echo ---- && dd if=/dev/zero of={mnt}/fill bs=1k "
+              f"count=$(( $(df -k --output=avail {mnt} | tail -1) - 8 )) 2>/dev/null; {b} {write_prompts(tmp_path / 'b.csv', [('Once upon a time', 9, 40)])} "
               f"2>{tmp_path / 'err'}; echo rc=$?; echo ----; {digest}")
     r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
                        env=ENV, timeout=300)
