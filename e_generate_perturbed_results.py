@@ -202,7 +202,8 @@ def main(argv=None):
     if text is not None:
         evaluation["eval_text"] = {**text.record(args.eval_tokens), "leak_check": leak}
     out = Path(args.dataset_path) / sf.RESULTS_DIR
-    where = "held-out prompts" if evaluation["held_out"] else "the prompts they were chosen on"
+    where = ("held-out prompts" if evaluation["held_out"] else "prompts not looked up in the corpus"
+             if evaluation["prompts_in_both"] is None else "the prompts they were chosen on")
     # the whole set is written beside the earlier one and swapped in: a failure leaves the earlier results
     with sf.OutputSet(out, out / sf.RESULTS_MANIFEST, pt.RESULT_SET, "stage e") as staged:
         written = pt.write_results(staged.dir, results, evaluation, lm.tokenizer)

@@ -76,8 +76,8 @@ def main(argv=None):
     ap.add_argument("--neuronpedia_model_id", metavar="ID",
                     help="the modelId of the records and the name of the model's folder: the id of the model on the "
                          "Neuronpedia instance the export is for, e.g. gpt2-small for GPT-2 small on neuronpedia.org "
-                         "(default: the model's name, lower case, other characters than letters, digits, - and _ "
-                         "made -)")
+                         "(lower-case letters, digits, - and _, at most 200; default: the model's name, lower case, "
+                         "other characters than letters, digits, - and _ made -)")
     args = ap.parse_args(argv)
     check_at_least(args, 1, "top_examples", "batch_size")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:

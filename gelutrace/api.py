@@ -35,7 +35,10 @@ class Dataset:
     @property
     def frequencies(self) -> pd.DataFrame:
         """{m}_neuron_frequency.csv: each neuron's activation count and frequency, mean activation, attribution."""
-        return pd.read_csv(sf.path(self.path, sf.FREQUENCY, self.m))
+        p = sf.path(self.path, sf.FREQUENCY, self.m)
+        if not p.is_file():
+            raise PipelineError(f"{p} does not exist: {self.path} is not a stage-b dataset of {self.m}")
+        return pd.read_csv(p)
 
     @property
     def record(self) -> dict | None:
@@ -58,15 +61,18 @@ def record_corpus(lm: LoadedModel, text: list[str], out_dir=None, max_tokens: in
     into `out_dir` (default: a new temporary directory)."""
     from gelutrace import corpus as cp
 
+    _model("record_corpus", lm)
     text = _paths("record_corpus", "text", text)
-    _whole("record_corpus", "top_examples", top_examples, 0)
-    for name, value in (("max_tokens", max_tokens), ("context", context)):
-        if value is not None:
-            _whole("record_corpus", name, value, 1)
+    # the checked values (a numpy integer as an int) go on: the settings are recorded as JSON
+    top_examples = _whole("record_corpus", "top_examples", top_examples, 0)
+    max_tokens, context = (None if v is None else _whole("record_corpus", name, v, 1)
+                           for name, v in (("max_tokens", max_tokens), ("context", context)))
+    attribution, direct_edges = (_flag("record_corpus", name, v) for name, v in
+                                 (("attribution", attribution), ("direct_edges", direct_edges)))
     if out_dir is None:
         out = Path(tempfile.mkdtemp(prefix="gelutrace_"))
     else:
-        out = sf.check_output_dir(out_dir, "out_dir")
+        out = sf.check_output_dir(_path("record_corpus", "out_dir", out_dir), "out_dir")
     settings = cp.CorpusSettings(context=context, max_tokens=max_tokens, top_examples=top_examples,
                                  attribution=attribution, direct_edges="adjacent" if direct_edges else None,
                                  text_field=text_field)
@@ -86,6 +92,47 @@ def _paths(call: str, name: str, value) -> list[str]:
     return [str(v) for v in value]
 
 
+def _path(call: str, name: str, value, empty: bool = False) -> str:
+    """One path (a str or os.PathLike), not empty unless `empty` (the caller refuses it itself)."""
+    if not isinstance(value, (str, os.PathLike)) or not (empty or str(os.fspath(value)).strip()):
+        raise PipelineError(f"{call} needs {name} as a path (a str or pathlib.Path), got {value!r}")
+    return os.fspath(value)
+
+
+def _flag(call: str, name: str, value) -> bool:
+    """A bool (or numpy's), never a string or a number that Python would take as true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise PipelineError(f"{call} needs {name} as True or False, got {value!r}")
+    return bool(value)
+
+
+def _real(call: str, name: str, value) -> float | None:
+    """None, or a real number (int or float, numpy's too; not a bool nor a string) as a float."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PipelineError(f"{call} needs {name} as a number, got {value!r}")
+    return float(value)
+
+
+def _model(call: str, lm):
+    if not isinstance(lm, LoadedModel):
+        raise PipelineError(f"{call} needs a model from gelutrace.load_model, got {type(lm).__name__}")
+
+
+def _graph(call: str, graph):
+    from gelutrace.graph import CoactivationGraph
+
+    if not isinstance(graph, CoactivationGraph):
+        raise PipelineError(f"{call} needs a graph (Dataset.graph()), got {type(graph).__name__}")
+
+
+def _dataset(call: str, dataset, optional: bool = False):
+    if not (isinstance(dataset, Dataset) or (optional and dataset is None)):
+        raise PipelineError(f"{call} needs dataset as a gelutrace.Dataset (Dataset(path, model name), or what "
+                            f"record_corpus returns), got {type(dataset).__name__}")
+
+
 def _whole(call: str, name: str, value, lo: int) -> int:
     """An int (not a bool, nor a float however whole) >= lo."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
@@ -98,11 +145,11 @@ def select(graph, method: str = "attribution", k: int = 30, threshold: float | N
     """Stage d: the k neurons `method` ranks first (gelutrace.selection.Subset: ids in rank order, scores, info);
     graph methods need `threshold`."""
     from gelutrace import selection as sel
-    from gelutrace.graph import CoactivationGraph
 
-    if not isinstance(graph, CoactivationGraph):
-        raise PipelineError(f"select needs a graph (Dataset.graph()), got {type(graph).__name__}")
+    _graph("select", graph)
+    _dataset("select", dataset, optional=True)
     k, seed = _whole("select", "k", k, 1), _whole("select", "seed", seed, 0)
+    threshold = _real("select", "threshold", threshold)
     sel.check_params(threshold, 1.0, method)
     sel.check_sizes([k], graph.num_nodes)
     return sel.select_sizes(graph, threshold, [k], method, seed, weight=weight,
@@ -141,6 +188,7 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
     from gelutrace import perturbation as pt
     from gelutrace import realtext
 
+    _model("ablate", lm)
     cfg = lm.model.config
     ids = np.unique(_neuron_ids(getattr(neurons, "ids", neurons), cfg.n_layer * cfg.d_mlp))  # each neuron once
     eval_text = _paths("ablate", "eval_text", eval_text)
@@ -148,9 +196,9 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
         raise PipelineError("ablate needs at least one neuron")
     random_controls = _whole("ablate", "random_controls", random_controls, 0)
     seed = _whole("ablate", "seed", seed, 0)
-    for name, value in (("eval_tokens", eval_tokens), ("batch_size", batch_size), ("context", context)):
-        if value is not None:
-            _whole("ablate", name, value, 1)
+    eval_tokens, batch_size, context = (None if v is None else _whole("ablate", name, v, 1) for name, v in
+                                        (("eval_tokens", eval_tokens), ("batch_size", batch_size),
+                                         ("context", context)))
     ctx = realtext.check_context(cfg.block_size if context is None else context, cfg.block_size)
     text = realtext.read_eval_text(eval_text, lm.tokenizer, ctx, cfg.vocab_size, eval_tokens)
     sub = pt.Subset("neurons", ids)
@@ -179,6 +227,7 @@ class Cards:
         if self.model is None:
             raise PipelineError("to_neuronpedia needs the model the cards were built from (Cards.model; "
                                 "gelutrace.neuron_cards sets it)")
+        directory = _path("to_neuronpedia", "directory", directory, empty=True)
         model_id = npx.model_slug(self.m) if model_id is None else npx.check_model_id(model_id)
         creator_id = npx.DEFAULT_CREATOR_ID if creator_id is None else npx.check_creator_id(creator_id)
         npx.check_source_set(source_set)
@@ -190,6 +239,7 @@ class Cards:
     def to_html(self, path) -> Path:
         from gelutrace import cards as cd
 
+        path = _path("to_html", "path", path)
         with sf.atomic_open(path, "w", encoding="utf-8") as f:
             f.write(cd.cards_html(self.cards, self.m))
         return Path(path)
@@ -204,6 +254,8 @@ def neuron_cards(lm: LoadedModel, dataset: Dataset, neuron_ids, k: int = 10) -> 
     """The cards of these neurons from the dataset (top examples, direct logit effect, figures)."""
     from gelutrace import cards as cd
 
+    _model("neuron_cards", lm)
+    _dataset("neuron_cards", dataset)
     n = lm.model.config.n_layer * lm.model.config.d_mlp
     ids = _neuron_ids(neuron_ids, n)
     if not len(ids) or not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
@@ -220,9 +272,13 @@ def find_modules(graph, weight: str = "count", top_edges_per_node: int = 32, thr
     (gelutrace.modules.Modules, its record as {m}_modules_{weight}.json holds it)."""
     from gelutrace import modules as md
 
-    for name, value, lo in (("top_edges_per_node", top_edges_per_node, 1), ("null_graphs", null_graphs, 0),
-                            ("seeds", seeds, 0), ("seed", seed, 0)):
-        _whole("find_modules", name, value, lo)
+    _graph("find_modules", graph)
+    top_edges_per_node, null_graphs, seeds, seed = (
+        _whole("find_modules", name, value, lo) for name, value, lo in
+        (("top_edges_per_node", top_edges_per_node, 1), ("null_graphs", null_graphs, 0), ("seeds", seeds, 0),
+         ("seed", seed, 0)))
+    threshold, resolution = _real("find_modules", "threshold", threshold), _real("find_modules", "resolution",
+                                                                                  resolution)
     s = md.ModuleSettings(weight, threshold, top_edges_per_node, resolution, "drop", seed, null_graphs, seeds)
     mods = md.find_modules(graph, s)
     return mods, md.describe(mods, graph)

@@ -13,6 +13,7 @@ Neuron cards: what a neuron does, in the terms neuron browsers use.
   self-contained HTML page (cards_html).
 """
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -381,7 +382,10 @@ def graph_degrees(data, m: str, n_neurons: int, threshold: float | None = None, 
             return None
         stem = c.sort_values(["k", "delta_nll"], ascending=[True, False])["subset"].iloc[0]
         meta = json.loads((Path(data) / sf.SUBSETS_DIR / f"{stem}.json").read_text())
-        threshold, weight, graph = meta["threshold"], meta.get("weight", gr.DEFAULT_WEIGHT), Path(meta["graph"])
+        from gelutrace import selection as sel
+
+        threshold, weight = meta["threshold"], meta.get("weight", gr.DEFAULT_WEIGHT)
+        graph = Path(sel.subset_graph(meta, data))  # a copied dataset's own store, not the original's
     weight = weight or gr.DEFAULT_WEIGHT
     g = gs.read_store(graph)
     deg = np.full(n_neurons, np.nan)
@@ -553,10 +557,13 @@ def cards_html(cards: list[Card], m: str) -> str:
 
 
 def write_cards(directory, cards: list[Card], m: str):
-    """The Markdown and HTML cards, each written atomically; a full disk is one line naming the directory."""
+    """The Markdown and HTML cards, both written beside the earlier ones before either is renamed in (so a failure
+    leaves the earlier pair as it was, never a new page beside an old one); a full disk is one line naming the
+    directory."""
     try:
-        for name, text in ((sf.CARDS_MD, cards_markdown(cards, m)), (sf.CARDS_HTML, cards_html(cards, m))):
-            with sf.atomic_path(Path(directory) / name) as tmp:
+        with contextlib.ExitStack() as stack:
+            for name, text in ((sf.CARDS_MD, cards_markdown(cards, m)), (sf.CARDS_HTML, cards_html(cards, m))):
+                tmp = stack.enter_context(sf.atomic_path(Path(directory) / name))
                 sf.write_bytes(text.encode("utf-8"), tmp)
     except OSError as e:
         if sf.disk_full(e, directory):

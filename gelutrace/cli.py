@@ -17,8 +17,13 @@ def run_main(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a full disk, a vanished directory, a permission: still one line, never a traceback
+        from gelutrace.stagefiles import disk_full_directory
+        full = disk_full_directory(e)
         where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        if full is not None:  # the directory written into, never a temporary name that is gone
+            print(f"error: no space left on {full} (disk full)", file=sys.stderr)
+        else:
+            print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -522,7 +522,7 @@ def method_scores(entries: list[Entry], infos: dict, dataset_path) -> dict:
             continue
         info = infos.get(e.stem, {})
         try:
-            src = info.get("graph")
+            src = sel.subset_graph(info, dataset_path)  # a copied dataset's own store, not the original's
             if src not in graphs:
                 graphs[src] = gs.read_graph(src)
             out[key] = np.asarray(sel.scores(graphs[src], e.method, info.get("threshold"),

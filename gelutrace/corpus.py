@@ -406,8 +406,12 @@ class Checkpoints:
               ) -> tuple[CoactivationCounts, int, list]:
         """The totals to go on from (`top`, `attribution` and `direct` are loaded in place), the batches done and
         the packed rows kept; the run's plan (batches of windows of `context` tokens of `n_tokens`) checks them."""
+        if resume:
+            rs.check_place(self.dir, self.state_file)
         if resume and self.state_file.is_file():
             return self._resume(counts, top, attribution, direct, batches, context, n_tokens, save_matrix)
+        if self.dir.is_symlink():  # not ours: the link goes, never the files it points to
+            self.dir.unlink(missing_ok=True)
         self._remove()
         self.dir.mkdir(parents=True, exist_ok=True)
         return counts, 0, []

@@ -51,11 +51,18 @@ def model_slug(m: str) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", m.lower()).strip("-") or "model"
 
 
+# the longest model id: its folder's staging name (.{id}.gelutrace-staging-{12 hex}) must fit a file name (255 bytes)
+MODEL_ID_MAX = 200
+
+
 def check_model_id(given: str) -> str:
     """A --neuronpedia_model_id (Neuronpedia's own id of the model, e.g. gpt2-small), refused unless it is one."""
     if not isinstance(given, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", given):
         raise PipelineError(f"--neuronpedia_model_id {given!r}: a Neuronpedia model id is lower-case letters, digits, "
                             f"'-' and '_', starting with a letter or digit")
+    if len(given) > MODEL_ID_MAX:
+        raise PipelineError(f"--neuronpedia_model_id {given[:20]}... has {len(given)} characters: at most "
+                            f"{MODEL_ID_MAX} (it names the model's folder)")
     return given
 
 
@@ -80,6 +87,9 @@ def check_target(directory, model_id: str) -> Path:
     if not str(directory).strip():
         raise PipelineError("--neuronpedia needs a directory, got an empty path")
     d = sf.check_output_dir(directory, "--neuronpedia")
+    if len(model_id) > MODEL_ID_MAX:  # a model's own name, made an id: too long to name its folder
+        raise PipelineError(f"--neuronpedia: the model id {model_id[:20]}... has {len(model_id)} characters, at most "
+                            f"{MODEL_ID_MAX}: give a shorter --neuronpedia_model_id")
     t = d / model_id
     # only an earlier export is replaced: a folder of source folders this tool wrote, or (an older layout) a link
     # to its version beside it, even one a crash left dangling
@@ -216,7 +226,7 @@ def _write(path: Path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=9, mtime=0)  # no time stamp, no file name: the same bytes
-    path.write_bytes(data)
+    sf.write_bytes(data, path)  # through os.write: a full disk keeps its errno
 
 
 def data_hash(features: bytes, activations: bytes) -> str:
@@ -343,8 +353,8 @@ def write_export(directory, cards: list[Card], m: str, model, dataset: str, crea
         target = d / model_id
         _clean(d, model_id)
         staging = d / f".{model_id}.gelutrace-staging-{uuid.uuid4().hex[:12]}"
-        staging.mkdir()  # the usual umask-based mode
         try:
+            staging.mkdir()  # the usual umask-based mode
             changed = []
             for layer in sorted(layers):
                 src = source_id(layer, source_set)
@@ -365,9 +375,12 @@ def write_export(directory, cards: list[Card], m: str, model, dataset: str, crea
                 _write(folder / sf.NEURONPEDIA_FEATURES, features)
                 _write(folder / sf.NEURONPEDIA_ACTIVATIONS, activations)
             _swap_in(staging, target)
-        except BaseException:
+        except BaseException as e:
             if staging.is_dir() and not staging.is_symlink():
                 shutil.rmtree(staging, ignore_errors=True)
+            if sf.disk_full(e, d):
+                raise PipelineError(f"no space left on {d} (disk full) while writing the Neuronpedia export; the "
+                                    f"earlier export there is unchanged") from None
             raise
     if changed:
         print(f"warning: {target} held an earlier export of other data (its data sha256 differs) for source "

@@ -758,7 +758,6 @@ def add_selection_overlap(results: Results, subsets: list[Subset], halves):
     results.halves = {"available": len(halves.halves) == 2, "halves": halves.how}
 
 
-CORPUS_CHECK_BYTES = 64 << 20  # corpora up to this size are searched for the evaluation prompts
 
 
 def read_corpus_record(dataset_path, m: str) -> dict | None:
@@ -777,8 +776,9 @@ def read_corpus_record(dataset_path, m: str) -> dict | None:
 def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, args, corpus: dict | None = None) -> dict:
     """
     Which data chose the neurons (the dataset's prompts, or its corpus), which prompts measured them, whether
-    they overlap (for a corpus: evaluation prompts found verbatim in its text, where it is small enough to
-    search), and the run's settings.
+    they overlap (for a corpus: evaluation prompts found, whitespace normalised, in its documents as stage b read
+    them, up to realtext.LEAK_CHECK_BYTES of them; None for a file missing or changed since), and the run's
+    settings.
     """
     import hashlib
 
@@ -791,11 +791,12 @@ def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, 
         selection = {"selection_csv": str(selection_csv), "selection_csv_sha256": sha(selection_csv),
                      "selection_prompts": len(selection_prompts)}
     else:
+        from gelutrace import realtext
+
         paths = [Path(f) for f in corpus["file_paths"]]
-        shared = None
-        if all(p.is_file() for p in paths) and sum(p.stat().st_size for p in paths) <= CORPUS_CHECK_BYTES:
-            text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in paths)
-            shared = sum(t.strip() in text for t in texts)
+        # the documents the corpus holds, decompressed and parsed as stage b read them (whitespace normalised),
+        # never the stored bytes of a compressed or columnar file; None for a file missing or changed since
+        shared = realtext.texts_in_corpus(corpus["files"], texts)
         selection = {"selection_corpus": [str(p) for p in paths], "selection_tokens": corpus.get("tokens"),
                      "selection_samples": corpus.get("samples")}
     return {**selection, "eval_csv": str(eval_csv), "eval_csv_sha256": sha(eval_csv),

@@ -385,6 +385,50 @@ def _passages(files: list[dict], words_per_doc: list[int], n: int = LEAK_PASSAGE
     return out
 
 
+def unchanged(files: list[dict]) -> str | None:
+    """None when every file of a corpus record is where it was, with the sha256 it had when stage b read it (the
+    text the neurons were chosen on); else why not, in words. A file changed since is never read as that text."""
+    from pathlib import Path
+
+    for f in files:
+        p = Path(f["path"])
+        if not p.is_file():
+            return f"{p} is missing"
+        want = f.get("sha256")
+        try:
+            if isinstance(want, str) and _sha256(p) != want:
+                return f"{p} changed since stage b read it"
+        except OSError as e:
+            return f"{p} cannot be read ({e.strerror})"
+    return None
+
+
+_HASHED: dict = {}  # (path, size, mtime) -> sha256: a corpus is hashed once per process (the leak check, the record)
+
+
+def _sha256(p) -> str:
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sf.file_sha256(p)
+    return _HASHED[key]
+
+
+def texts_in_corpus(files: list[dict], texts) -> int | None:
+    """How many of `texts` occur (whitespace normalised) in the documents a corpus record's files gave its corpus,
+    read a piece at a time; None when a file is missing or changed since stage b, or the documents are longer
+    than LEAK_CHECK_BYTES (a text not found in their first part might lie after it)."""
+    if unchanged(files) is not None:
+        return None
+    finder = _Finder([_normalised(t) for t in texts if t.strip()])
+    corpus = _CheckedText(files, recorded=True)
+    for doc in corpus.documents():
+        for piece in doc:
+            finder.add(piece)
+        finder.add("\n")
+    return None if corpus.cut else finder.flush()
+
+
 def leak_check(text: EvalText, corpus_record: dict | None, selection_prompts=None) -> dict:
     """
     Refuses an evaluation text that shares text with the corpus the neurons were chosen on: a file (sha256) or,
@@ -399,7 +443,10 @@ def leak_check(text: EvalText, corpus_record: dict | None, selection_prompts=Non
     from pathlib import Path
 
     out = {"selection_files_checked": 0, "shared_files": 0, "documents_checked": False, "shared_documents": 0}
-    need_docs = corpus_record is not None and all(Path(f["path"]).is_file() for f in corpus_record.get("files", []))
+    unread = None if corpus_record is None else unchanged(corpus_record.get("files", []))
+    need_docs = corpus_record is not None and unread is None
+    if unread is not None:
+        out["documents_unchecked"] = unread
     if corpus_record is not None:
         files = corpus_record.get("files", [])
         mine = {f["sha256"]: f["path"] for f in text.files}
@@ -455,6 +502,9 @@ def leak_check(text: EvalText, corpus_record: dict | None, selection_prompts=Non
 
 def leak_note(leak: dict) -> str | None:
     """A note when the leak check read only the first LEAK_CHECK_BYTES of a text; None when it read them whole."""
+    if leak.get("documents_unchecked"):
+        return (f"the leak check compared the selection corpus's files by sha256 only, not its documents: "
+                f"{leak['documents_unchecked']}")
     parts = [what for what, whole in (("the selection corpus's", "selection_checked_whole"),
                                       ("the evaluation text's", "eval_checked_whole")) if leak.get(whole) is False]
     if not parts:

@@ -155,6 +155,8 @@ class Staging:
         """The chunks already done (resume) and the number of (prompt, repeat) samples they cover. With the run's
         prompts (and its decoding, neurons, vocabulary and top_examples), the chunks are checked against them."""
         state_file = self.dir / "state.json"
+        if resume:
+            rs.check_place(self.dir, state_file)
         if resume and state_file.is_file():
             where = str(state_file)
             state = rs.read_state(state_file, self.STATE_KEYS)
@@ -173,7 +175,9 @@ class Staging:
                 check_chunks(chunks, done, prompts, greedy, n_neurons, vocab, top_examples, where)
             self.hashes = {name: state["files"][name] for name in names}
             return chunks, done
-        if self.dir.exists():
+        if self.dir.is_symlink():  # not ours: the link goes, never what it points to
+            self.dir.unlink()
+        elif self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
         self.hashes = {}

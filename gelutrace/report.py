@@ -129,7 +129,8 @@ def evaluation_sentence(ev: dict | None, name=markdown.escape) -> str:
         s = (f"The neurons were chosen on a corpus ({corpus}, {ev.get('selection_tokens') or 0:,} tokens read "
              f"teacher-forced) and their effects measured on the prompts of {evl} ({ev['eval_prompts']} prompts)")
         if ev["prompts_in_both"] is None:
-            return s + "; whether those prompts occur in the corpus was not checked (corpus too large or moved)."
+            return s + ("; whether those prompts occur in the corpus was not checked (corpus too large, moved or "
+                        "changed since stage b).")
         if ev["held_out"]:
             return s + ", none of which occurs in the corpus."
         return s + (f", {ev['prompts_in_both']} of which occur in the corpus: **not a held-out evaluation**, so "
@@ -153,7 +154,8 @@ def text_sentence(ev: dict | None, name=markdown.escape) -> str:
          f"({t['documents']:,} document(s), windows of {t['context']} tokens), teacher-forced.")
     leak = t.get("leak_check") or {}
     if leak.get("selection_files_checked"):
-        what = "no file and no document" if leak.get("documents_checked") else "no file (its documents were not compared: corpus too large or moved)"
+        what = "no file and no document" if leak.get("documents_checked") else (
+            "no file (its documents were not compared: corpus moved or changed since stage b)")
         if leak.get("documents_checked") and False in (leak.get("selection_checked_whole"),
                                                        leak.get("eval_checked_whole")):
             what += f" in the first {leak['bytes_limit'] / 2**20:g} MiB of each text's documents"

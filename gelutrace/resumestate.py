@@ -54,9 +54,23 @@ def names(value, what: str) -> list:
     return value
 
 
+def check_place(directory: Path, state_file: Path):
+    """Before a resume: the checkpoint directory is a real directory (not a link to elsewhere, whose files a run
+    would read and remove), and its state file, if there is one, a regular file (a run writes it by a rename, so
+    a directory, link or other special file in its place is not the run's)."""
+    directory, state_file = Path(directory), Path(state_file)
+    if directory.is_symlink():
+        raise damaged(f"{directory} is a link to elsewhere, not the run's checkpoint directory")
+    if directory.exists() and not directory.is_dir():
+        raise damaged(f"{directory} is not a directory")
+    if state_file.is_symlink() or (state_file.exists() and not state_file.is_file()):
+        what = "a link" if state_file.is_symlink() else "a directory" if state_file.is_dir() else "not a file"
+        raise damaged(f"{state_file} is {what}, not the run's state file")
+
+
 def member(directory: Path, name, expected: str, what: str) -> Path:
     """A file the state names: it must resolve inside the directory, and be the name the run gives it."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or "\0" in name:
         raise damaged(f"{what} names {json.dumps(name)}, not a file")
     base = Path(directory).resolve()
     p = (base / name).resolve()

@@ -163,6 +163,30 @@ def graph_dataset(graph: CoactivationGraph) -> Path | None:
     return d if sf.path(d, sf.FREQUENCY, graph.model).is_file() else None
 
 
+def subset_graph(info: dict, dataset_path) -> str | None:
+    """
+    The graph a stage-d sidecar (`info`) was chosen on, for the subsets of the dataset at `dataset_path`: the path
+    it records; but when that is a store of the dataset's name elsewhere (the dataset was copied or moved since)
+    and the dataset holds its own store of the same graph (the same number of neurons and largest co-activation
+    count), that one: a copied dataset reads its own files, never the original's, also once the original is gone.
+    """
+    src = info.get("graph")
+    model = info.get("model")
+    if not src or dataset_path is None or not model:
+        return src
+    own = sf.path(dataset_path, sf.WEIGHTED_GRAPH, model)
+    if Path(src).name != own.name or os.path.abspath(src) == os.path.abspath(own):
+        return src
+    try:
+        header = json.loads((own / sf.GRAPH_STORE_HEADER).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return src
+    same = isinstance(header, dict) and header.get("model") == model and all(
+        header.get(h) == info.get(i) for h, i in (("num_neurons", "num_nodes"),
+                                                   ("max_co_activation_count", "max_co_activation_count")))
+    return str(own) if same else src
+
+
 def neuron_scores(graph: CoactivationGraph, method: str, dataset_path=None, measured: dict | None = None) -> np.ndarray:
     """attribution / ablation scores of the graph's nodes, from `measured` (method -> scores per neuron id) or
     the dataset's files (NaN: not measured)."""
@@ -308,14 +332,32 @@ def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) ->
     layers = graph.layer[np.searchsorted(graph.node_ids, sub.ids)]
     lay, cnt = np.unique(layers, return_counts=True)
     side = target.parent / sf.SUBSET_SIDECAR.format(stem=target.stem)
-    sf.write_npy(sub.ids.astype(np.int64), target)
     source = os.path.abspath(graph.source) if graph.source else ""
-    sf.write_json({"subset": target.name, "model": graph.model, "graph": source, **params,
-                   "num_nodes": graph.num_nodes, "max_co_activation_count": graph.max_co_activation,
-                   "edges_kept": sub.edges_kept, "k": sub.k, **sub.info,
-                   "per_layer_counts": {str(a): int(b) for a, b in zip(lay, cnt)},
-                   "neurons": sub.ids.tolist(), "scores": sub.scores.tolist()}, side, indent=1)
+    _write_pair(target, sub.ids.astype(np.int64), side,
+                {"subset": target.name, "model": graph.model, "graph": source, **params,
+                 "num_nodes": graph.num_nodes, "max_co_activation_count": graph.max_co_activation,
+                 "edges_kept": sub.edges_kept, "k": sub.k, **sub.info,
+                 "per_layer_counts": {str(a): int(b) for a, b in zip(lay, cnt)},
+                 "neurons": sub.ids.tolist(), "scores": sub.scores.tolist()})
     return side
+
+
+def _write_pair(target: Path, ids: np.ndarray, side: Path, record: dict):
+    """A subset's .npy and its sidecar, both written beside the earlier pair before either is renamed in (a failure
+    leaves the earlier pair, never a new .npy beside an old sidecar); a full disk is one line naming the
+    directory."""
+    import contextlib
+
+    try:
+        with contextlib.ExitStack() as stack:
+            npy, js = stack.enter_context(sf.atomic_path(target)), stack.enter_context(sf.atomic_path(side))
+            sf.save_npy(npy, ids)
+            sf.write_bytes((json.dumps(record, indent=1) + "\n").encode("utf-8"), js)
+    except OSError as e:
+        if sf.disk_full(e, target.parent):
+            raise PipelineError(f"no space left on {target.parent} (disk full) while writing the subset "
+                                f"{target.name}; the earlier files there are unchanged") from None
+        raise
 
 
 def write_module_subset(modules, module: int, output_dir) -> Path:
@@ -329,13 +371,12 @@ def write_module_subset(modules, module: int, output_dir) -> Path:
     target = Path(output_dir) / sf.SUBSET_FILE_MODULE.format(m=rec.get("model") or "graph", module=module,
                                                               weight=weight)
     lay, cnt = np.unique(ids // modules.d_mlp, return_counts=True)
-    sf.write_npy(ids, target)
-    sf.write_json({"subset": target.name, "model": rec.get("model"), "method": "module", "module": int(module),
-                   "modules_file": os.path.abspath(modules.path), "weight": weight, "threshold": None, "ratio": None,
-                   "k": int(len(ids)), "num_modules": modules.num_modules, "modularity": rec.get("modularity"),
-                   "structured": (rec.get("null") or {}).get("structured"),
-                   "per_layer_counts": {str(a): int(b) for a, b in zip(lay, cnt)}, "neurons": ids.tolist()},
-                  target.parent / sf.SUBSET_SIDECAR.format(stem=target.stem), indent=1)
+    _write_pair(target, np.asarray(ids), target.parent / sf.SUBSET_SIDECAR.format(stem=target.stem),
+                {"subset": target.name, "model": rec.get("model"), "method": "module", "module": int(module),
+                 "modules_file": os.path.abspath(modules.path), "weight": weight, "threshold": None, "ratio": None,
+                 "k": int(len(ids)), "num_modules": modules.num_modules, "modularity": rec.get("modularity"),
+                 "structured": (rec.get("null") or {}).get("structured"),
+                 "per_layer_counts": {str(a): int(b) for a, b in zip(lay, cnt)}, "neurons": ids.tolist()})
     return target
 
 

@@ -12,6 +12,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -542,6 +543,26 @@ def disk_full(e: BaseException, where) -> bool:
         except OSError:
             return False
     return False
+
+
+_TEMPORARY = re.compile(r"\..*(\.tmp|staging.*|\.v[0-9a-f]+|_partial)")  # atomic_path, OutputSet, atomic_dir, --resume
+
+
+def disk_full_directory(e: BaseException) -> Path | None:
+    """For a write that ran out of room (ENOSPC, EDQUOT): the directory it wrote into, as the user named it: the
+    file's directory above any temporary or staging folder of ours (which a failure removes), or, when the error
+    names no file, the directory this process last locked for writing; None for any other error."""
+    import errno
+    if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    if e.filename:
+        d = Path(os.path.abspath(os.fsdecode(e.filename))).parent
+        while d != d.parent and (_TEMPORARY.fullmatch(d.name) or not d.is_dir()):
+            d = d.parent
+        return d
+    if _held_locks:
+        return Path(list(_held_locks)[-1]).parent
+    return None
 
 
 class OutputSet:

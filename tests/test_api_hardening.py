@@ -221,6 +221,129 @@ def test_full_disk_mid_write_names_the_directory(dataset, tmp_path, monkeypatch)
     assert 'id="neuron-2"' in (cards / sf.CARDS_HTML).read_text()
 
 
+def disk_fills_under(monkeypatch, directory, limit: int):
+    """os.write into files under `directory` fails with ENOSPC once `limit` bytes went into them."""
+    real, written, root = os.write, {"n": 0}, str(directory)
+
+    def write(fd, data):
+        if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith(root + os.sep):
+            if written["n"] + len(data) > limit:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written["n"] += len(data)
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_full_disk_keeps_the_earlier_cards_and_neuronpedia_export(dataset, tmp_path, monkeypatch):
+    """A disk that fills while the cards or the Neuronpedia export are written: one disk-full line naming the
+    directory, and the earlier cards (both files: never a new page beside an old one) and the earlier export byte
+    for byte as they were, DIR holding only the model's folder."""
+    from gelutrace import neuronpedia as npx
+
+    root = tmp_path / "run"
+    cards, export = root / "cards", root / "np"
+    render = ["f_render_neuron_cards.py", "--dataset_path", dataset, "--model_type", M, "--device", "cpu",
+              "--top_examples", 2, "--output", cards, "--neuronpedia", export]
+    run(*render, "--neurons", "1,2")
+    before = directory_digest(root)
+    fresh = tmp_path / "fresh"  # what the second run writes, on a disk with room
+    run(*render[:-4], "--output", fresh, "--neurons", "1,2,3,600")
+    md = (fresh / sf.CARDS_MD).stat().st_size
+    assert md < (fresh / sf.CARDS_HTML).stat().st_size
+    with monkeypatch.context() as mp:
+        disk_fills_under(mp, cards, md + 10)  # room for the new Markdown, not for the page
+        r = run(*render, "--neurons", "1,2,3,600", ok=False)
+    one_error_line(r, f"no space left on {cards} (disk full)", "neuron cards")
+    assert directory_digest(root) == before
+    with monkeypatch.context() as mp:
+        disk_fills_under(mp, export, 600)  # inside the export's first source folder
+        r = run(*render, "--neurons", "1,2,3,600", ok=False)
+    one_error_line(r, f"no space left on {export} (disk full)", "Neuronpedia export")
+    assert {k: v for k, v in directory_digest(root).items() if not k.startswith("cards")} == \
+        {k: v for k, v in before.items() if not k.startswith("cards")}
+    assert sorted(os.listdir(export)) == [npx.model_slug(M)]
+
+
+def test_full_disk_in_stages_c_and_d_names_the_directory(shipped_path, tmp_path, monkeypatch):
+    """Stage c's store and stage d's subset on a disk that fills mid-write: the line names the directory written
+    into (not a temporary file that is gone), and what was there is unchanged."""
+    from test_recording import write_prompts
+
+    d = tmp_path / "ds"
+    run(B, "--input_csv", write_prompts(tmp_path / "p.csv"), "--export_dir", d, "--model_type", M, "--device",
+        "cpu", "--no_activation_lists")
+    before = directory_digest(d)
+    with monkeypatch.context() as mp:
+        disk_fills_under(mp, d, 1_000_000)  # inside the store's second pair of layers
+        r = run("c_calculate_weighted_activation_graph.py", "--input_dir", d, ok=False)
+    one_error_line(r, f"no space left on {d} (disk full)")
+    assert directory_digest(d) == before
+    run("c_calculate_weighted_activation_graph.py", "--input_dir", d)
+    subsets = d / "subsets"
+    with monkeypatch.context() as mp:
+        disk_fills_under(mp, subsets, 0)
+        r = run("d_calculate_perturbation_subset.py", "--input_graph_path", sf.path(d, sf.WEIGHTED_GRAPH, M),
+                "--method", "degree", "--threshold", 1, "--k", 5, "--output_dir", subsets, ok=False)
+    one_error_line(r, f"no space left on {subsets} (disk full)")
+    assert os.listdir(subsets) == []
+
+
+def test_full_tmpfs_in_prompt_mode(shipped_path, tmp_path):
+    """A real full disk under prompt-mode stage b (its --resume chunks are the first files written): the line
+    names the export directory, and the earlier dataset there is byte for byte as it was."""
+    from test_recording import write_prompts
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip("cannot mount a tmpfs in a mount namespace here")
+    b = " ".join(map(str, [sys.executable, B, "--model_type", M, "--device", "cpu", "--no_activation_lists",
+                           "--no_edge_list", "--export_dir", mnt / "d", "--input_csv"]))
+    digest = f"(cd {mnt}/d && find . -type f ! -name .gelutrace.lock ! -path './.*_partial/*' | sort | xargs sha256sum)"
+    script = (f"mount -t tmpfs -o size=8m tmpfs {mnt} && {b} {write_prompts(tmp_path / 'a.csv')} >/dev/null && "
+              f"{digest} && echo ---- && dd if=/dev/zero of={mnt}/fill bs=1k "
+              f"count=$(( $(df -k --output=avail {mnt} | tail -1) - 8 )) 2>/dev/null; {b} {write_prompts(tmp_path / 'b.csv', [('Once upon a time', 9, 40)])} "
+              f"2>{tmp_path / 'err'}; echo rc=$?; echo ----; {digest}")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                       env=ENV, timeout=300)
+    assert r.stdout.count("----\n") == 2, r.stdout + r.stderr
+    first, rc, second = r.stdout.split("----\n")
+    assert first.strip() and first == second, r.stdout + r.stderr
+    assert rc.strip() == "rc=2"
+    err = subprocess.CompletedProcess([], 2, "", (tmp_path / "err").read_text())
+    one_error_line(err, f"no space left on {mnt / 'd'} (disk full)")
+
+
+def test_full_tmpfs_while_writing_a_subset_keeps_the_earlier_pair(dataset, tmp_path):
+    """A real full disk under stage d with room for the new .npy but not its sidecar: one line naming the
+    directory, and the earlier .npy and sidecar byte for byte as they were (never a new .npy beside an old
+    sidecar)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip("cannot mount a tmpfs in a mount namespace here")
+    d = " ".join(map(str, [sys.executable, "d_calculate_perturbation_subset.py", "--input_graph_path",
+                           sf.path(dataset, sf.WEIGHTED_GRAPH, M), "--method", "random", "--k", 5, "--output_dir",
+                           mnt / "s", "--seed"]))
+    digest = f"(cd {mnt}/s && ls -A && sha256sum *)"
+    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} && {d} 1 >/dev/null && {digest} && echo ---- && "
+              f"dd if=/dev/zero of={mnt}/fill bs=1k count=$(( $(df -k --output=avail {mnt} | tail -1) - 4 )) "
+              f"2>/dev/null; {d} 2 2>{tmp_path / 'err'}; echo rc=$?; echo ----; {digest}")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                       env=ENV, timeout=300)
+    assert r.stdout.count("----\n") == 2, r.stdout + r.stderr
+    first, rc, second = r.stdout.split("----\n")
+    assert f"{M}_random_k5.npy" in first and f"{M}_random_k5.json" in first and first == second, r.stdout
+    assert rc.strip() == "rc=2"
+    err = subprocess.CompletedProcess([], 2, "", (tmp_path / "err").read_text())
+    one_error_line(err, f"no space left on {mnt / 's'} (disk full)")
+
+
 def test_npy_writes_equal_numpys(tmp_path):
     for a in (np.arange(12, dtype=np.uint16).reshape(3, 4), np.zeros((0, 5)), np.asfortranarray(np.eye(3)),
               np.arange(10 ** 6, dtype=np.int64)):
@@ -355,3 +478,73 @@ def test_api_argument_types_are_pipeline_errors(dataset, shipped):
             call()
         assert "\n" not in str(e.value) and str(e.value).count(". ") == 0, (name, str(e.value))
     assert gt.select(g, method="activation_count", k=np.int64(3)).k == 3  # numpy integers are whole numbers
+
+
+def test_api_takes_numpy_numbers_and_refuses_other_types_in_one_sentence(dataset, shipped, tmp_path):
+    """numpy integers are whole numbers everywhere (record_corpus records its settings as JSON: the run equals the
+    one given ints); a string, a bool or None where a number, a flag, a path, a model, a graph or a dataset
+    belongs is a PipelineError of one sentence, never a TypeError or AttributeError from inside."""
+    import gelutrace as gt
+
+    a = gt.record_corpus(shipped, HELDOUT_PATH, out_dir=tmp_path / "a", max_tokens=200, context=32, top_examples=2)
+    b = gt.record_corpus(shipped, HELDOUT_PATH, out_dir=tmp_path / "b", max_tokens=np.int64(200),
+                         context=np.int32(32), top_examples=np.int16(2))
+    assert {k: v for k, v in a.record.items() if k != "settings"} == {k: v for k, v in b.record.items()
+                                                                      if k != "settings"}
+    assert a.frequencies.equals(b.frequencies)
+    g = gt.Dataset(dataset, M).graph()
+    cards = gt.neuron_cards(shipped, gt.Dataset(dataset, M), [1, 2], k=np.int64(2))
+    calls = {"attribution 'no'": lambda: gt.record_corpus(shipped, HELDOUT_PATH, attribution="no"),
+             "direct_edges 1": lambda: gt.record_corpus(shipped, HELDOUT_PATH, direct_edges=1),
+             "out_dir 5": lambda: gt.record_corpus(shipped, HELDOUT_PATH, out_dir=5),
+             "lm None": lambda: gt.record_corpus(None, HELDOUT_PATH),
+             "threshold '0.5'": lambda: gt.select(g, method="degree", threshold="0.5", k=3),
+             "threshold True": lambda: gt.select(g, method="degree", threshold=True, k=3),
+             "dataset a str": lambda: gt.select(g, method="attribution", k=3, dataset=str(dataset)),
+             "resolution 'x'": lambda: gt.find_modules(g, null_graphs=0, seeds=1, resolution="x"),
+             "module threshold 'x'": lambda: gt.find_modules(g, null_graphs=0, seeds=1, threshold="x"),
+             "graph None": lambda: gt.find_modules(None),
+             "ablate lm None": lambda: gt.ablate(None, [1], eval_text=HELDOUT_PATH),
+             "cards of a str": lambda: gt.neuron_cards(shipped, str(dataset), [1, 2]),
+             "export into None": lambda: cards.to_neuronpedia(None),
+             "export into 5": lambda: cards.to_neuronpedia(5),
+             "html to None": lambda: cards.to_html(None),
+             "frequencies of no dataset": lambda: gt.Dataset(tmp_path / "none", M).frequencies}
+    for name, call in calls.items():
+        with pytest.raises(PipelineError) as e:
+            call()
+        assert "\n" not in str(e.value) and str(e.value).count(". ") == 0, (name, str(e.value))
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_copied_dataset_renders_its_cards_from_its_own_graph(dataset, tmp_path):
+    """The cards' graph degree comes from the graph stage d's best graph-method subset was chosen on, which its
+    sidecar records by the original's path: a copy (cp -a, the original then moved away) reads its own store, and
+    the degrees equal the count store's thresholded degrees computed here with numpy."""
+    from gelutrace import cards as cd
+
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    shutil.copytree(dataset, orig, symlinks=True)
+    run("d_calculate_perturbation_subset.py", "--input_graph_path", sf.path(orig, sf.WEIGHTED_GRAPH, M), "--method",
+        "degree", "--threshold", 0.5, "--k", 5, "--output_dir", orig / sf.SUBSETS_DIR)
+    (orig / sf.RESULTS_DIR).mkdir()
+    pd.DataFrame({"k": [5], "method": ["degree"], "subset": [f"{M}_degree_t0.5_k5"], "delta_nll": [0.1],
+                  "best": [True]}).to_csv(orig / sf.RESULTS_DIR / sf.COMPARISON, index=False)
+    shutil.copytree(orig, copy, symlinks=True)
+    os.rename(orig, tmp_path / "moved_away")
+    store = sf.path(copy, sf.WEIGHTED_GRAPH, M)
+    header = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
+    L, d = header["n_layer"], header["d_mlp"]
+    pairs = [np.load(store / b["file"]).astype(np.int64) for b in header["blocks"]]
+    top = max(int(p.max()) for p in pairs)
+    want = np.zeros(L * d)
+    for i, p in enumerate(pairs):
+        kept = p / top > 0.5
+        want[i * d:(i + 1) * d] += kept.sum(axis=1)
+        want[(i + 1) * d:(i + 2) * d] += kept.sum(axis=0)
+    deg, note = cd.graph_degrees(copy, M, L * d)
+    np.testing.assert_array_equal(deg, want)
+    assert note == "t=0.5, count"
+    r = run("f_render_neuron_cards.py", "--dataset_path", copy, "--model_type", M, "--device", "cpu", "--neurons",
+            "1,2", "--top_examples", 2)
+    assert "t=0.5, count" in (copy / sf.CARDS_DIR / sf.CARDS_MD).read_text() and not r.stderr.count("error")

@@ -142,6 +142,7 @@ CORPUS_EDITS = {
     "batches_done 2, files renamed to match": renamed_counts,
     "no packed key": lambda p, s: {k: v for k, v in s.items() if k != "packed"},
     "packed outside": lambda p, s: {**s, "packed": ["../../../etc/passwd"] + s["packed"][1:]},
+    "packed name with a NUL": lambda p, s: {**s, "packed": [s["packed"][0] + "\0"] + s["packed"][1:]},
     "packed symlinked outside": symlinked_packed,
     "direct_samples x10, manifest re-hashed": lambda p, s: edit_counts(p, s, times_ten),
     "direct_samples x10": lambda p, s: edit_counts(p, s, times_ten, rehashed=False),
@@ -237,6 +238,7 @@ PROMPT_EDITS = {
     "samples_done x": lambda p, s: {**s, "samples_done": "x"},
     "no chunks key": lambda p, s: {k: v for k, v in s.items() if k != "chunks"},
     "chunk outside": lambda p, s: {**s, "chunks": ["../../../etc/passwd"] + s["chunks"][1:]},
+    "chunk name with a NUL": lambda p, s: {**s, "chunks": [s["chunks"][0] + "\0"] + s["chunks"][1:]},
     "chunk dropped, manifest re-hashed": lambda p, s: rehash(p, {**s, "chunks": s["chunks"][:1],
                                                                  "files": {s["chunks"][0]: None}}),
     "greedy repeat changed, manifest re-hashed": lambda p, s: edit_chunk(p, s, 0, second_repeat_token),
@@ -271,3 +273,70 @@ def test_unedited_prompt_checkpoint_resumes_to_the_uninterrupted_run(prompt_runs
     for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY, sf.TOP_EXAMPLES, sf.ACTIVATIONS_JSON):
         assert sf.path(prompt_part, f, M).read_bytes() == sf.path(prompt_runs / "full", f, M).read_bytes(), f
     assert not sf.path(prompt_part, sf.PARTIAL_DIR, M).exists()
+
+
+# --- a checkpoint in an odd place -------------------------------------------------------------------------------
+def state_a_directory(partial, state_file, elsewhere):
+    state_file.unlink()
+    state_file.mkdir()
+
+
+def state_a_link(partial, state_file, elsewhere):
+    os.replace(state_file, elsewhere)
+    state_file.symlink_to(elsewhere)
+
+
+def directory_a_link(partial, state_file, elsewhere):
+    shutil.move(partial, elsewhere)
+    partial.symlink_to(elsewhere)
+
+
+PLACES = {"state file a directory": state_a_directory, "state file a link": state_a_link,
+          "checkpoint directory a link": directory_a_link}
+
+
+@pytest.mark.parametrize("mode", ["corpus", "prompt"])
+@pytest.mark.parametrize("place", list(PLACES))
+def test_checkpoint_in_an_odd_place_is_refused(request, tmp_path, mode, place):
+    """A state file that is a directory or a link, or a checkpoint directory that is a link to elsewhere, is not
+    the run's: --resume refuses it in one line (never starting over silently, never reading or removing files
+    through the link), and the files it points at are left as they were."""
+    if mode == "corpus":
+        part, partial_dir, state = request.getfixturevalue("corpus_part"), sf.CORPUS_PARTIAL_DIR, "state_0_1.json"
+        args = CORPUS_ARGS
+    else:
+        part, partial_dir, state = request.getfixturevalue("prompt_part"), sf.PARTIAL_DIR, "state.json"
+        args = ["--input_csv", request.getfixturevalue("prompt_runs") / "p.csv", *PROMPT_ARGS]
+    partial = sf.path(part, partial_dir, M)
+    PLACES[place](partial, partial / state, tmp_path / "elsewhere")
+    before = sorted((p.relative_to(tmp_path).as_posix(), p.is_file() and p.read_bytes())
+                    for p in tmp_path.rglob("*"))
+    line = one_checkpoint_error(stage_b(*args, "--export_dir", part, "--resume"))
+    assert "rerun without --resume" in line
+    assert sorted((p.relative_to(tmp_path).as_posix(), p.is_file() and p.read_bytes())
+                  for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("mode", ["corpus", "prompt"])
+def test_a_fresh_run_replaces_a_linked_checkpoint_directory_not_what_it_points_to(request, tmp_path, mode):
+    """Without --resume, a checkpoint directory that is a link (to files named as the run names its own) is
+    removed as a link: the run writes the uninterrupted run's files, and the files the link pointed to stay."""
+    if mode == "corpus":
+        runs, partial_dir, args, files = (request.getfixturevalue("corpus_runs"), sf.CORPUS_PARTIAL_DIR, CORPUS_ARGS,
+                                          (sf.FREQUENCY, sf.TOP_EXAMPLES, sf.CORPUS))
+    else:
+        runs, partial_dir, files = request.getfixturevalue("prompt_runs"), sf.PARTIAL_DIR, (sf.DATASET, sf.FREQUENCY)
+        args = ["--input_csv", runs / "p.csv", *PROMPT_ARGS]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(sf.path(runs / "part", partial_dir, M), elsewhere)  # a checkpoint's own file names
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    out = tmp_path / "out"
+    out.mkdir()
+    sf.path(out, partial_dir, M).symlink_to(elsewhere)
+    r = stage_b(*args, "--export_dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in files:
+        assert sf.path(out, f, M).read_bytes() == sf.path(runs / "full", f, M).read_bytes(), f
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before
+    p = sf.path(out, partial_dir, M)
+    assert not p.exists() and not p.is_symlink()

@@ -332,6 +332,24 @@ def test_only_an_earlier_export_is_replaced_and_ids_are_checked_before_any_work(
     only_the_model(dangling, slug)
 
 
+def test_a_model_id_too_long_for_a_folder_name_is_refused_before_any_work(dataset, small, tmp_path):
+    """The model id names DIR/{id}/ and its staging folder beside it, which must fit the filesystem's 255-byte file
+    names: an id past 200 characters is one error line before the cards are built (and a PipelineError from the
+    API); one of 200 characters exports, and its staging name fits."""
+    long_id = "a" * 230  # its folder's name fits, its staging folder's does not
+    r = render("--dataset_path", dataset, "--neurons", "5", "--output", tmp_path / "cards", "--neuronpedia",
+               tmp_path / "np", "--neuronpedia_model_id", long_id)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--neuronpedia_model_id" in r.stderr and "200" in r.stderr
+    assert not (tmp_path / "cards").exists() and not (tmp_path / "np").exists()
+    with pytest.raises(npx.PipelineError, match="200"):
+        small[2].to_neuronpedia(tmp_path / "np", model_id="a" * 201)
+    assert len(f".{'a' * 200}.gelutrace-staging-{'0' * 12}".encode()) <= os.pathconf(tmp_path, "PC_NAME_MAX")
+    folder = small[2].to_neuronpedia(tmp_path / "np", model_id="a" * 200)
+    check_export(folder)
+    only_the_model(tmp_path / "np", "a" * 200)
+
+
 def test_api_export_checks_its_arguments_and_takes_the_lock(dataset, shipped, tmp_path):
     from gelutrace import PipelineError
     from gelutrace.api import Cards

@@ -416,3 +416,63 @@ def test_no_claim_of_influence_when_the_loss_does_not_rise():
     assert "found the most influential" not in lines[0] and "no method's neurons raise the loss" in lines[0]
     assert "**ablation** found the most influential neurons" in lines[1]
     assert "3: none (no CI above 0), 30: ablation" in cmp.dose_lines(v)[0]
+
+
+def test_leak_check_never_reads_a_selection_file_changed_since_stage_b(shipped, tmp_path):
+    """A selection file rewritten since stage b is not the text the neurons were chosen on: its documents are not
+    compared (the record and a note say why), so an evaluation text cut from the original is never reported as
+    checked against documents it was not checked against."""
+    V = shipped.model.config.vocab_size
+    original = HELDOUT_PATH.read_text(encoding="utf-8")
+    sel_file = tmp_path / "corpus.txt"
+    sel_file.write_text(original)
+    record = {"files": [{"path": str(sel_file), "sha256": sf.file_sha256(sel_file)}]}
+    part = tmp_path / "part.txt"
+    part.write_text(" ".join(original.split()[:400]))
+    text = rt.read_eval_text([str(part)], shipped.tokenizer, 32, V, 200)
+    with pytest.raises(PipelineError, match="selection corpus"):
+        rt.leak_check(text, record)
+    sel_file.write_text(" ".join(f"other{i}" for i in range(3000)))  # other text, where nothing would be found
+    out = rt.leak_check(text, record)
+    assert not out["documents_checked"] and "changed since stage b" in out["documents_unchecked"]
+    assert "sha256 only" in rt.leak_note(out)
+    sel_file.unlink()
+    out = rt.leak_check(text, record)
+    assert not out["documents_checked"] and "missing" in out["documents_unchecked"] and rt.leak_note(out)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst", ".parquet"])
+def test_prompts_in_both_looks_in_the_documents_of_a_compressed_corpus(tmp_path, suffix):
+    """prompts_in_both of a corpus-mode dataset counts the evaluation prompts found in the corpus's documents as
+    stage b read them (Python's `in` on the documents' text, whitespace normalised, is the reference), whatever
+    the file's compression; a prompt split by a line break in the corpus is found too."""
+    import gzip
+    import zstandard
+
+    from gelutrace import perturbation as pt
+
+    docs = [p for p in HELDOUT_PATH.read_text(encoding="utf-8").split("\n\n") if p.strip()][:6]
+    corpus = tmp_path / f"corpus{suffix}"
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode("utf-8")
+    if suffix == ".jsonl.gz":
+        corpus.write_bytes(gzip.compress(lines))
+    elif suffix == ".jsonl.zst":
+        corpus.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    else:
+        pd.DataFrame({"text": docs}).to_parquet(corpus)
+    data = tmp_path / "ds"
+    r = run_python([sys.executable, "b_generate_activation_dataset.py", "--input_text", str(corpus), "--export_dir",
+                    str(data), "--model_type", SHIPPED_NAME, "--device", "cpu", "--context", "64"],
+                   capture_output=True, text=True, cwd=REPO_ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = pt.read_corpus_record(data, SHIPPED_NAME)
+    words = docs[1].split()
+    prompts = [" ".join(words[3:9]), " ".join(words[-7:]), "no such words in that corpus at all, surely"]
+    normalised = [" ".join(d.split()) for d in docs]
+    want = sum(any(" ".join(p.split()) in d for d in normalised) for p in prompts)
+    assert want == 2 and any("\n" in d for d in docs[1:2])
+    eval_prompts = [sf.Prompt(p, 3, 1) for p in prompts]
+    args = type("A", (), dict(ablation="zero", seed=0, temperature=0.0, top_k=None, random_controls=0,
+                              validation_share=0.5))()
+    ev = pt.evaluation_record(None, None, HELDOUT_PATH, eval_prompts, args, record)
+    assert ev["prompts_in_both"] == want and not ev["held_out"]
