@@ -281,7 +281,8 @@ def _staged(d: Path, model_id: str, kind: str) -> list[Path]:
 def _clean(d: Path, model_id: str):
     """What an export cut short left in DIR, removed (under the lock): a staging folder, and a replaced folder
     (put back first if the cut came between the two renames); and what older versions of this export left: the
-    versions beside a link, and an unused DIR/.gelutrace.lock."""
+    versions beside a link. An older version's DIR/.gelutrace.lock is left: removing a lock file that another
+    stage may have just opened would let two runs hold "the" lock at once."""
     target = d / model_id
     old = _staged(d, model_id, "old")
     if not target.exists() and not target.is_symlink():
@@ -292,13 +293,6 @@ def _clean(d: Path, model_id: str):
     for p in _staged(d, model_id, "staging") + _staged(d, model_id, "old"):
         _remove(p)
     sf._clean_versions(target)
-    with contextlib.suppress(OSError):
-        fd = os.open(d / sf.LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no run of this tool holds it
-            os.unlink(d / sf.LOCK_FILE)
-        finally:
-            os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:

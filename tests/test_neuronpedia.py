@@ -111,9 +111,10 @@ def check_export(model_dir, creator=BOT) -> int:
     return n
 
 
-def only_the_model(directory, *models):
-    """DIR holds the models' folders, real directories, and nothing else (no lock, no staging, no version)."""
-    assert sorted(p.name for p in directory.iterdir()) == sorted(models)
+def only_the_model(directory, *models, files=()):
+    """DIR holds the models' folders, real directories, and nothing else (no lock, no staging, no version) but the
+    given files."""
+    assert sorted(p.name for p in directory.iterdir()) == sorted([*models, *files])
     assert all((directory / m).is_dir() and not (directory / m).is_symlink() for m in models)
 
 
@@ -472,8 +473,9 @@ def test_a_failed_export_leaves_the_earlier_one_and_dir_only_the_model(small, tm
 
 def test_leftovers_are_removed_and_foreign_links_never_followed(small, tmp_path):
     """What an export cut short leaves (a staging folder; the replaced folder, put back when the cut came between
-    the two renames) and what the older layout left (the link, its versions, .gelutrace.lock) are removed by the
-    next export; a link among them is removed, never what it points to; another model's folder is left alone."""
+    the two renames) and what the older layout left (the link, its versions) are removed by the next export; a
+    link among them is removed, never what it points to; another model's folder is left alone; an older lock file
+    is left (removing a lock file another run may have just opened would break its exclusion)."""
     slug = npx.model_slug(SHIPPED_NAME)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -489,7 +491,7 @@ def test_leftovers_are_removed_and_foreign_links_never_followed(small, tmp_path)
     (d / "othermodel").mkdir()
     (d / "othermodel" / "x.txt").write_text("y")
     folder = small[2].to_neuronpedia(d)
-    only_the_model(d, slug, "othermodel")
+    only_the_model(d, slug, "othermodel", files=[sf.LOCK_FILE])
     assert (outside / "keep.txt").read_text() == "x" and (d / "othermodel" / "x.txt").read_text() == "y"
     check_export(folder)
     # cut between the renames: no DIR/{model}, the earlier export under its staged name; it is put back (and, its
@@ -501,7 +503,7 @@ def test_leftovers_are_removed_and_foreign_links_never_followed(small, tmp_path)
     with contextlib.redirect_stderr(err):
         small[3].to_neuronpedia(d)
     assert len(warnings_of(err.getvalue())) == 1
-    only_the_model(d, slug, "othermodel")
+    only_the_model(d, slug, "othermodel", files=[sf.LOCK_FILE])
     check_export(folder)
 
 
