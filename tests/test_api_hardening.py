@@ -186,12 +186,14 @@ def test_a_store_outside_its_dataset_says_where_it_writes(dataset, tmp_path):
 
 
 # --- a full disk ---------------------------------------------------------------------------------------------
-def disk_fills_after(monkeypatch, limit: int):
-    """os.write into files (not stdin/out/err) fails with ENOSPC once `limit` bytes went through it."""
+def disk_fills_after(monkeypatch, limit: int, under=None):
+    """os.write into files (not stdin/out/err; with `under`, only files under that directory) fails with ENOSPC
+    once `limit` bytes went into them."""
     real, written = os.write, {"n": 0}
+    root = None if under is None else str(under) + os.sep
 
     def write(fd, data):
-        if fd > 2:
+        if fd > 2 and (root is None or os.readlink(f"/proc/self/fd/{fd}").startswith(root)):
             if written["n"] + len(data) > limit:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             written["n"] += len(data)
@@ -221,20 +223,6 @@ def test_full_disk_mid_write_names_the_directory(dataset, tmp_path, monkeypatch)
     assert 'id="neuron-2"' in (cards / sf.CARDS_HTML).read_text()
 
 
-def disk_fills_under(monkeypatch, directory, limit: int):
-    """os.write into files under `directory` fails with ENOSPC once `limit` bytes went into them."""
-    real, written, root = os.write, {"n": 0}, str(directory)
-
-    def write(fd, data):
-        if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith(root + os.sep):
-            if written["n"] + len(data) > limit:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            written["n"] += len(data)
-        return real(fd, data)
-
-    monkeypatch.setattr(os, "write", write)
-
-
 def test_full_disk_keeps_the_earlier_cards_and_neuronpedia_export(dataset, tmp_path, monkeypatch):
     """A disk that fills while the cards or the Neuronpedia export are written: one disk-full line naming the
     directory, and the earlier cards (both files: never a new page beside an old one) and the earlier export byte
@@ -252,12 +240,12 @@ def test_full_disk_keeps_the_earlier_cards_and_neuronpedia_export(dataset, tmp_p
     md = (fresh / sf.CARDS_MD).stat().st_size
     assert md < (fresh / sf.CARDS_HTML).stat().st_size
     with monkeypatch.context() as mp:
-        disk_fills_under(mp, cards, md + 10)  # room for the new Markdown, not for the page
+        disk_fills_after(mp, md + 10, under=cards)  # room for the new Markdown, not for the page
         r = run(*render, "--neurons", "1,2,3,600", ok=False)
     one_error_line(r, f"no space left on {cards} (disk full)", "neuron cards")
     assert directory_digest(root) == before
     with monkeypatch.context() as mp:
-        disk_fills_under(mp, export, 600)  # inside the export's first source folder
+        disk_fills_after(mp, 600, under=export)  # inside the export's first source folder
         r = run(*render, "--neurons", "1,2,3,600", ok=False)
     one_error_line(r, f"no space left on {export} (disk full)", "Neuronpedia export")
     assert {k: v for k, v in directory_digest(root).items() if not k.startswith("cards")} == \
@@ -275,14 +263,14 @@ def test_full_disk_in_stages_c_and_d_names_the_directory(shipped_path, tmp_path,
         "cpu", "--no_activation_lists")
     before = directory_digest(d)
     with monkeypatch.context() as mp:
-        disk_fills_under(mp, d, 1_000_000)  # inside the store's second pair of layers
+        disk_fills_after(mp, 1_000_000, under=d)  # inside the store's second pair of layers
         r = run("c_calculate_weighted_activation_graph.py", "--input_dir", d, ok=False)
     one_error_line(r, f"no space left on {d} (disk full)")
     assert directory_digest(d) == before
     run("c_calculate_weighted_activation_graph.py", "--input_dir", d)
     subsets = d / "subsets"
     with monkeypatch.context() as mp:
-        disk_fills_under(mp, subsets, 0)
+        disk_fills_after(mp, 0, under=subsets)
         r = run("d_calculate_perturbation_subset.py", "--input_graph_path", sf.path(d, sf.WEIGHTED_GRAPH, M),
                 "--method", "degree", "--threshold", 1, "--k", 5, "--output_dir", subsets, ok=False)
     one_error_line(r, f"no space left on {subsets} (disk full)")
