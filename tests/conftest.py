@@ -42,9 +42,10 @@ TOKENIZER_TEXT = (
 
 # `make test` hands each worker one file at a time (--dist loadfile, --no-loadscope-reorder), in collection order:
 # the longest files first (their measured order here) keep both workers busy to the end. Files not named follow.
-LONGEST_FIRST = ("test_pipeline.py", "test_corpus.py", "test_pipeline_corpus.py", "test_families.py", "test_effects.py",
-                 "test_stage_cd_scripts.py", "test_corpus_attribution.py", "test_corpus_direct.py", "test_notebook.py",
-                 "test_module_ablation.py", "test_perturbation.py")
+LONGEST_FIRST = ("test_pipeline.py", "test_families.py", "test_pipeline_corpus.py", "test_corpus.py",
+                 "test_pipeline_driver.py", "test_effects.py", "test_stage_cd_scripts.py", "test_notebook.py",
+                 "test_corpus_attribution.py", "test_corpus_direct.py", "test_api_hardening.py", "test_corpus_formats.py",
+                 "test_perturbation.py", "test_module_ablation.py")
 
 
 def pytest_collection_modifyitems(items):
