@@ -62,14 +62,39 @@ def test_a_bad_sweep_flag_is_one_line_before_any_stage(tmp_path, flags, words):
     assert elapsed < 5, elapsed  # a generous bound: no stage starts
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("flags,words", [
     (["--ratios", "0.01 0.010"], "twice"), (["--thresholds", "0.5 nan"], "--thresholds"),
-    (["--temperature", "-1"], "--temperature"), (["--seed", "x"], "--seed"), (["--device", "bogus"], "--device"),
-    (["--eval_tokens", "0"], "--eval_tokens"), (["--weights", "direct_abs", "--direct_edges", "0"], "--direct_edges 1"),
+    (["--temperature", "-1"], "--temperature"), (["--seed", "x"], "--seed"), (["--eval_tokens", "0"], "--eval_tokens"),
+    (["--weights", "direct_abs count", "--direct_edges", "0"], "--direct_edges 1"),
     (["--methods", "influence", "--direct_edges", "0"], "--direct_edges 1"),
     (["--methods", "degree ablation", "--effects", "0"], "--effects 1")])
-def test_every_flag_and_combination_is_checked_before_any_stage(tmp_path, flags, words):
+def test_every_flag_and_combination_is_checked(tmp_path, capsys, monkeypatch, flags, words):
+    """The driver's check of the resolved flags (in this process; the driver runs it before any stage: below)."""
+    from gelutrace import driver
+    from gelutrace.cli import run_main
+
+    good = {"--thresholds": "0.5", "--ratios": "0.01", "--methods": "degree", "--weights": "count",
+            "--direct_edges": "1", "--effects": "1", "--temperature": "0", "--seed": "0", "--eval_tokens": "100"}
+    given = dict(good, **dict(zip(flags[::2], flags[1::2])))
+    argv = ["check", f"--data={tmp_path / 'run'}", f"--csv={CSV}", f"--eval_csv={CSV}",
+            *(f"{k}={v}" for k, v in given.items())]
+    for args, fails in ((argv[:4] + [f"{k}={v}" for k, v in good.items()], False), (argv, True)):
+        monkeypatch.setattr(sys, "argv", ["driver", *args])
+        with (pytest.raises(SystemExit) if fails else contextlib.nullcontext()) as e:
+            run_main(driver.main)
+        err = capsys.readouterr().err
+        if fails:
+            assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+        else:
+            assert err == ""
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,words", [
+    (["--device", "bogus"], "--device"), (["--thresholds", "0.5 nan"], "--thresholds"),
+    (["--methods", "influence", "--direct_edges", "0"], "--direct_edges 1")])
+def test_the_driver_checks_before_any_stage(tmp_path, flags, words):
     r = subprocess.run([PIPELINE, *flags, M, CSV, str(tmp_path / "run")], capture_output=True, text=True, env=ENV)
     assert words in one_error_line(r) and "==" not in r.stdout
     assert not (tmp_path / "run").exists()
