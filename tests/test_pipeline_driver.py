@@ -92,8 +92,7 @@ def test_every_flag_and_combination_is_checked(tmp_path, capsys, monkeypatch, fl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags,words", [
-    (["--device", "bogus"], "--device"), (["--thresholds", "0.5 nan"], "--thresholds"),
-    (["--methods", "influence", "--direct_edges", "0"], "--direct_edges 1")])
+    (["--device", "bogus"], "--device"), (["--methods", "influence", "--direct_edges", "0"], "--direct_edges 1")])
 def test_the_driver_checks_before_any_stage(tmp_path, flags, words):
     r = subprocess.run([PIPELINE, *flags, M, CSV, str(tmp_path / "run")], capture_output=True, text=True, env=ENV)
     assert words in one_error_line(r) and "==" not in r.stdout
@@ -241,10 +240,9 @@ def test_a_symlinked_text_that_changes_reruns_the_stages_that_read_it(tmp_path):
 
     first = pipeline()
     assert first and not any(first.values())
-    assert all(pipeline().values())  # nothing changed: every stage is up to date
     (blobs / "2").write_text("Friends, Romans, countrymen, lend me your ears.")  # the evaluation text, through the link
-    up = pipeline()
-    assert up["b"] and up["d"] and not up["e"] and not up["cards"]
+    up = pipeline()  # what does not read the evaluation text is up to date
+    assert up["a"] and up["b"] and up["d"] and not up["e"] and not up["cards"]
     (blobs / "1").write_text("And the earth was without form, and void.")  # the corpus, through the link
     up = pipeline()
     assert up["a"] and not up["b"] and not up["e"]
