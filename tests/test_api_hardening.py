@@ -277,6 +277,7 @@ def test_full_disk_in_stages_c_and_d_names_the_directory(shipped_path, tmp_path,
     assert os.listdir(subsets) == []
 
 
+@pytest.mark.slow
 def test_full_tmpfs_in_prompt_mode(shipped_path, tmp_path):
     """A real full disk under prompt-mode stage b (its --resume chunks are the first files written): the line
     names the export directory, and the earlier dataset there is byte for byte as it was."""
@@ -340,6 +341,7 @@ def test_npy_writes_equal_numpys(tmp_path):
         assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
 
 
+@pytest.mark.slow
 def test_full_tmpfs_in_corpus_mode(shipped_path, tmp_path):
     """A real full disk: a 5000 KiB tmpfs (in a mount namespace of its own) runs out inside the graph store."""
     mnt = tmp_path / "mnt"

@@ -342,6 +342,7 @@ def test_streamed_leak_check_equals_the_texts_compared_whole(shipped, tmp_path, 
     assert seen["late.jsonl"]["shared_documents"] == (0 if limit else 1)
 
 
+@pytest.mark.slow
 def test_leak_check_of_a_gzip_bomb_holds_memory_bounded(tmp_path):
     """A 1 MiB .txt.gz that holds 300 MiB of text as the selection corpus: the check, run in a child process,
     compares its first LEAK_CHECK_BYTES in less than 1 GB of peak RSS (reading it whole took 4 GiB), and says
