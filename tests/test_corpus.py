@@ -99,6 +99,7 @@ def header_without_ids(store):
     return {k: v for k, v in h.items() if k not in ("uid", "source")}
 
 
+@pytest.mark.slow
 def test_streamed_counts_equal_transformers_and_numpy(streamed, shipped, shipped_path):
     texts = DOCS + [HELDOUT_PATH.read_text(encoding="utf-8")]
     ids, values = reference(shipped_path, shipped.tokenizer, texts)

@@ -92,6 +92,7 @@ def test_equals_autograd_through_transformers(whole, shipped_path, shipped):
     np.testing.assert_allclose(attribution(whole), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_ranks_like_brute_force_ablation(whole, shipped):
     """On the same text and windows, the neurons' attribution against their measured real-text delta_nll
     (one zero-ablation each, gelutrace.realtext): the 60 largest attributions and 60 random neurons."""

@@ -87,6 +87,7 @@ def test_corpus_store_equals_float64_reference(whole, shipped, shipped_path):
         np.testing.assert_allclose(got, want, rtol=0, atol=rel * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_shards_torchrun_and_resume_equal_one_run(whole, tmp_path, monkeypatch):
     for i in range(3):
         corpus_run(tmp_path / f"s{i}", "--shard", f"{i}/3")

@@ -353,6 +353,7 @@ esac
 """
 
 
+@pytest.mark.slow
 def test_pipeline_passes_the_fields_to_the_stages_that_read_the_texts(tmp_path):
     log = tmp_path / "log"
     fake = tmp_path / "python"
