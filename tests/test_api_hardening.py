@@ -277,6 +277,14 @@ def test_full_disk_in_stages_c_and_d_names_the_directory(shipped_path, tmp_path,
     assert os.listdir(subsets) == []
 
 
+def tmpfs_or_skip(mnt):
+    """Skip where a tmpfs cannot be mounted at `mnt` in a mount namespace of its own (the tests mount theirs so)."""
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip("cannot mount a tmpfs in a mount namespace here")
+
+
 @pytest.mark.slow
 def test_full_tmpfs_in_prompt_mode(shipped_path, tmp_path):
     """A real full disk under prompt-mode stage b (its --resume chunks are the first files written): the line
@@ -285,10 +293,7 @@ def test_full_tmpfs_in_prompt_mode(shipped_path, tmp_path):
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
-                           capture_output=True)
-    if probe.returncode:
-        pytest.skip("cannot mount a tmpfs in a mount namespace here")
+    tmpfs_or_skip(mnt)
     b = " ".join(map(str, [sys.executable, B, "--model_type", M, "--device", "cpu", "--no_activation_lists",
                            "--no_edge_list", "--export_dir", mnt / "d", "--input_csv"]))
     digest = f"(cd {mnt}/d && find . -type f ! -name .gelutrace.lock ! -path './.*_partial/*' | sort | xargs sha256sum)"
@@ -312,10 +317,7 @@ def test_full_tmpfs_while_writing_a_subset_keeps_the_earlier_pair(dataset, tmp_p
     sidecar)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
-                           capture_output=True)
-    if probe.returncode:
-        pytest.skip("cannot mount a tmpfs in a mount namespace here")
+    tmpfs_or_skip(mnt)
     d = " ".join(map(str, [sys.executable, "d_calculate_perturbation_subset.py", "--input_graph_path",
                            sf.path(dataset, sf.WEIGHTED_GRAPH, M), "--method", "random", "--k", 5, "--output_dir",
                            mnt / "s", "--seed"]))
@@ -346,10 +348,7 @@ def test_full_tmpfs_in_corpus_mode(shipped_path, tmp_path):
     """A real full disk: a 5000 KiB tmpfs (in a mount namespace of its own) runs out inside the graph store."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
-                           capture_output=True)
-    if probe.returncode:
-        pytest.skip("cannot mount a tmpfs in a mount namespace here")
+    tmpfs_or_skip(mnt)
     b = " ".join(map(str, [sys.executable, B, "--input_text", HELDOUT_PATH, "--export_dir", mnt / "d", *SMALL]))
     r = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=5000k tmpfs {mnt} && {b}"],
                        capture_output=True, text=True, cwd=REPO_ROOT, env=ENV, timeout=300)

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import REPO_ROOT, SHIPPED_NAME, directory_digest, run_python
+from test_corpus_formats import FAKE_PYTHON
 from gelutrace import stagefiles as sf
 
 M = SHIPPED_NAME
@@ -194,15 +195,8 @@ def test_the_stages_of_the_driver_share_its_lock_and_no_other_process_does(tmp_p
 
 
 # --- 2.5: a symlinked text is hashed through its links -----------------------------------------------------------
-# stands in for the interpreter: the driver's helpers and snippets run; every stage only logs its command, and
-# stage c_analyze leaves the file stage d checks for
-FAKE_PYTHON = """#!/bin/bash
-case "$1" in -c|-) exec {python} "$@";; esac
-echo "$*" >> {log}
-case "$1" in *c_analyze_weighted_activation_graph.py)
-  out="$(dirname "$3")/weighted_graph_analysis"; mkdir -p "$out"; : > "$out/$(basename "$3")_analyzed.json" ;;
-esac
-"""
+# FAKE_PYTHON (test_corpus_formats) stands in for the interpreter: the driver's helpers run, every stage only logs
+# its command
 OUTPUTS = (f"{M}_graph_meta.json", sf.CORPUS.format(m=M), f"{sf.RESULTS_DIR}/{sf.PERTURBATION_SUMMARY}",
            f"{sf.CARDS_DIR}/{sf.CARDS_HTML}")  # what the stand-in stages do not write (nor modules/ and d's)
 
