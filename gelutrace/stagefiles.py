@@ -725,27 +725,28 @@ class _Writes:
         return len(data)
 
 
-def write_bytes(data, target):
-    """Write bytes into a new file (its permissions as open()'s) through os.write: a failure keeps its errno and
+@contextlib.contextmanager
+def _raw_file(target):
+    """A new file (its permissions as open()'s) to write through os.write (_Writes): a failure keeps its errno and
     names the file."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        _Writes(fd).write(data)
+        yield _Writes(fd)
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(target)) from None
     finally:
         os.close(fd)
+
+
+def write_bytes(data, target):
+    with _raw_file(target) as f:
+        f.write(data)
 
 
 def save_npy(target, array: np.ndarray):
-    """np.save(target, array) (target named as given: name it .npy), written as write_bytes writes."""
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        np.save(_Writes(fd), np.asanyarray(array), allow_pickle=False)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(target)) from None
-    finally:
-        os.close(fd)
+    """np.save(target, array) (target named as given: name it .npy), written through os.write."""
+    with _raw_file(target) as f:
+        np.save(f, np.asanyarray(array), allow_pickle=False)
 
 
 def write_npy(array: np.ndarray, target):

@@ -285,6 +285,21 @@ def tmpfs_or_skip(mnt):
         pytest.skip("cannot mount a tmpfs in a mount namespace here")
 
 
+def run_on_filled_tmpfs(tmp_path, size: str, first: str, digest: str, leave_kib: int, second: str):
+    """In a tmpfs of `size` (a mount namespace of its own): `first`, the `digest` of what it wrote, the disk filled
+    but `leave_kib`, then `second`; the two digests and the second's stderr as a CompletedProcess of its status."""
+    mnt = tmp_path / "mnt"
+    script = (f"mount -t tmpfs -o size={size} tmpfs {mnt} && {first} >/dev/null && {digest} && echo ---- && "
+              f"dd if=/dev/zero of={mnt}/fill bs=1k count=$(( $(df -k --output=avail {mnt} | tail -1) - {leave_kib} ))"
+              f" 2>/dev/null; {second} 2>{tmp_path / 'err'}; echo rc=$?; echo ----; {digest}")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                       env=ENV, timeout=300)
+    assert r.stdout.count("----\n") == 2, r.stdout + r.stderr
+    before, rc, after = r.stdout.split("----\n")
+    code = int(rc.strip().removeprefix("rc="))
+    return before, after, subprocess.CompletedProcess([], code, "", (tmp_path / "err").read_text())
+
+
 @pytest.mark.slow
 def test_full_tmpfs_in_prompt_mode(shipped_path, tmp_path):
     """A real full disk under prompt-mode stage b (its --resume chunks are the first files written): the line
@@ -297,17 +312,10 @@ def test_full_tmpfs_in_prompt_mode(shipped_path, tmp_path):
     b = " ".join(map(str, [sys.executable, B, "--model_type", M, "--device", "cpu", "--no_activation_lists",
                            "--no_edge_list", "--export_dir", mnt / "d", "--input_csv"]))
     digest = f"(cd {mnt}/d && find . -type f ! -name .gelutrace.lock ! -path './.*_partial/*' | sort | xargs sha256sum)"
-    script = (f"mount -t tmpfs -o size=8m tmpfs {mnt} && {b} {write_prompts(tmp_path / 'a.csv')} >/dev/null && "
-              f"{digest} && echo ---- && dd if=/dev/zero of={mnt}/fill bs=1k "
-              f"count=$(( $(df -k --output=avail {mnt} | tail -1) - 8 )) 2>/dev/null; {b} {write_prompts(tmp_path / 'b.csv', [('Once upon a time', 9, 40)])} "
-              f"2>{tmp_path / 'err'}; echo rc=$?; echo ----; {digest}")
-    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
-                       env=ENV, timeout=300)
-    assert r.stdout.count("----\n") == 2, r.stdout + r.stderr
-    first, rc, second = r.stdout.split("----\n")
-    assert first.strip() and first == second, r.stdout + r.stderr
-    assert rc.strip() == "rc=2"
-    err = subprocess.CompletedProcess([], 2, "", (tmp_path / "err").read_text())
+    first, second, err = run_on_filled_tmpfs(
+        tmp_path, "8m", f"{b} {write_prompts(tmp_path / 'a.csv')}", digest, 8,
+        f"{b} {write_prompts(tmp_path / 'b.csv', [('Once upon a time', 9, 40)])}")
+    assert first.strip() and first == second, first + second
     one_error_line(err, f"no space left on {mnt / 'd'} (disk full)")
 
 
@@ -322,16 +330,8 @@ def test_full_tmpfs_while_writing_a_subset_keeps_the_earlier_pair(dataset, tmp_p
                            sf.path(dataset, sf.WEIGHTED_GRAPH, M), "--method", "random", "--k", 5, "--output_dir",
                            mnt / "s", "--seed"]))
     digest = f"(cd {mnt}/s && ls -A && sha256sum *)"
-    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} && {d} 1 >/dev/null && {digest} && echo ---- && "
-              f"dd if=/dev/zero of={mnt}/fill bs=1k count=$(( $(df -k --output=avail {mnt} | tail -1) - 4 )) "
-              f"2>/dev/null; {d} 2 2>{tmp_path / 'err'}; echo rc=$?; echo ----; {digest}")
-    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
-                       env=ENV, timeout=300)
-    assert r.stdout.count("----\n") == 2, r.stdout + r.stderr
-    first, rc, second = r.stdout.split("----\n")
-    assert f"{M}_random_k5.npy" in first and f"{M}_random_k5.json" in first and first == second, r.stdout
-    assert rc.strip() == "rc=2"
-    err = subprocess.CompletedProcess([], 2, "", (tmp_path / "err").read_text())
+    first, second, err = run_on_filled_tmpfs(tmp_path, "1m", f"{d} 1", digest, 4, f"{d} 2")
+    assert f"{M}_random_k5.npy" in first and f"{M}_random_k5.json" in first and first == second, first + second
     one_error_line(err, f"no space left on {mnt / 's'} (disk full)")
 
 
