@@ -217,11 +217,11 @@ class Cards:
     dataset: str = ""  # the dataset directory's name, recorded in the Neuronpedia source
 
     def to_neuronpedia(self, directory, model_id: str | None = None,
-                       creator_id: str | None = "clkht01d40000jv08hvalcvly", source_set: str = "gelutrace-mlp") -> Path:
+                       creator_id: str | None = None, source_set: str | None = None) -> Path:
         """f_render_neuron_cards.py --neuronpedia DIR [--neuronpedia_model_id ID --neuronpedia_creator_id ID
         --neuronpedia_source_set SET]: the cards in Neuronpedia's export layout under DIR/{model_id}/, returned.
-        creator_id defaults to Neuronpedia's bot user (neuronpedia.DEFAULT_CREATOR_ID), source_set is
-        gelutrace-mlp or neurons; a re-export over other data warns on stderr (README, Neuronpedia export)."""
+        creator_id defaults to Neuronpedia's bot user (neuronpedia.DEFAULT_CREATOR_ID), source_set (gelutrace-mlp or
+        neurons) to gelutrace-mlp; a re-export over other data warns on stderr (README, Neuronpedia export)."""
         from gelutrace import neuronpedia as npx
 
         if self.model is None:
@@ -230,7 +230,7 @@ class Cards:
         directory = _path("to_neuronpedia", "directory", directory, empty=True)
         model_id = npx.model_slug(self.m) if model_id is None else npx.check_model_id(model_id)
         creator_id = npx.DEFAULT_CREATOR_ID if creator_id is None else npx.check_creator_id(creator_id)
-        npx.check_source_set(source_set)
+        source_set = npx.check_source_set(sf.NEURONPEDIA_SET if source_set is None else source_set)
         directory = npx.check_target(directory, model_id)
         # under an flock on the directory (one export at a time, per call), the target checked again there
         return npx.write_export(directory, self.cards, self.m, self.model, self.dataset, creator_id, model_id,
