@@ -13,13 +13,10 @@ run_pipeline.sh's helpers, each a subcommand of `python -m gelutrace.driver` (th
 Each refuses a bad value with one line `error: ...` and exit status 2.
 """
 
-import fcntl
 import hashlib
 import math
-import os
 import re
 import sys
-from pathlib import Path
 
 from gelutrace import PipelineError
 from gelutrace.cli import parser, run_main
@@ -136,17 +133,7 @@ def check(args):
 def lock(args):
     from gelutrace import stagefiles as sf
 
-    d = Path(args.directory)
-    fd = int(args.fd)
-    held = os.fstat(fd)
-    mine = (d / sf.LOCK_FILE).stat()
-    if (held.st_dev, held.st_ino) != (mine.st_dev, mine.st_ino):
-        raise PipelineError(f"descriptor {fd} is not {d / sf.LOCK_FILE}")
-    try:  # on the driver's own open file: the lock is the driver's, shared by the stages that inherit it
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise PipelineError(f"another run is writing into {d} (it holds {d / sf.LOCK_FILE}); wait for it to end or "
-                            f"write elsewhere (run_pipeline.sh)") from None
+    sf.lock_on_descriptor(int(args.fd), args.directory, "run_pipeline.sh")
 
 
 def main():

@@ -264,19 +264,34 @@ _held_locks: dict = {}  # lock file path -> its open file: held until released o
 LOCK_FD_ENV = "GELUTRACE_LOCK_FD"  # run_pipeline.sh: the descriptor of the lock it holds, which its stages inherit
 
 
-def _inherited_lock(lock: Path) -> bool:
-    """Whether this process inherited the open file on which run_pipeline.sh holds `lock` (LOCK_FD_ENV names its
-    descriptor): a flock belongs to the open file, so the stages the driver runs share its lock and write, while
-    any other process, opening the file anew, is refused."""
+def _busy(d: Path, what: str) -> PipelineError:
+    return PipelineError(f"another run is writing into {d} (it holds {d / LOCK_FILE}); wait for it to end or write "
+                         f"elsewhere ({what})")
+
+
+def lock_on_descriptor(fd: int, directory, what: str):
+    """Take `directory`'s writer lock on the open descriptor `fd` of its LOCK_FILE (run_pipeline.sh's, which its
+    stages inherit: a flock belongs to the open file, so they share it), or refuse."""
+    d = Path(directory)
+    held, mine = os.fstat(fd), (d / LOCK_FILE).stat()
+    if (held.st_dev, held.st_ino) != (mine.st_dev, mine.st_ino):
+        raise PipelineError(f"descriptor {fd} is not {d / LOCK_FILE}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds on the lock's own open file
+    except BlockingIOError:
+        raise _busy(d, what) from None
+
+
+def _inherited_lock(directory: Path) -> bool:
+    """Whether this process inherited the open file on which run_pipeline.sh holds `directory`'s lock (LOCK_FD_ENV
+    names its descriptor), so that the stages the driver runs write under its lock while any other process, opening
+    the file anew, is refused."""
     fd = os.environ.get(LOCK_FD_ENV, "")
     if not fd.isdigit():
         return False
     try:
-        held, mine = os.fstat(int(fd)), lock.stat()
-        if (held.st_dev, held.st_ino) != (mine.st_dev, mine.st_ino):
-            return False
-        fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds on the lock's own open file
-    except OSError:
+        lock_on_descriptor(int(fd), directory, "")
+    except (OSError, PipelineError):
         return False
     return True
 
@@ -300,8 +315,7 @@ def _flock(d: Path, what: str):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise PipelineError(f"another run is writing into {d} (it holds {d / LOCK_FILE}); wait for it to end or "
-                            f"write elsewhere ({what})") from None
+        raise _busy(d, what) from None
     return f
 
 
@@ -317,7 +331,7 @@ def lock_directory(directory, what: str) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     key = _lock_key(d)
-    if key in _held_locks or _held_by_call(key) or _inherited_lock(d / LOCK_FILE):
+    if key in _held_locks or _held_by_call(key) or _inherited_lock(d):
         return d
     _held_locks[key] = _flock(d, what)
     return d
