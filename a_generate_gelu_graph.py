@@ -12,8 +12,9 @@ so later stages never re-parse the canonical .el). Reads only the model's config
 from tqdm import tqdm
 
 from gelutrace.cli import add_model_args, parser, run_main
-from gelutrace.loading import model_name, model_site
-from gelutrace.stagefiles import check_output_dir, write_graph_files
+from gelutrace.files.atomic import check_output_dir
+from gelutrace.files.formats import write_graph_files
+from gelutrace.model.loading import model_name, model_site
 
 
 def main():

@@ -3,7 +3,7 @@ Stage b: record which GELU neurons fire (post-GELU output > 0), in one of two mo
 
 Prompt mode (--input_csv): generate text for every prompt of a CSV and record, for every generated token,
 the neurons behind it. Writes into --export_dir: {m}_activation_dataset.csv, {m}_neuron_frequency.csv,
-{m}_activation_matrix.npz (bit-packed; read it with gelutrace.stagefiles.read_activation_matrix),
+{m}_activation_matrix.npz (bit-packed; read it with gelutrace.files.formats.read_activation_matrix),
 {m}_neuron_activations.json and .pickle (unless --no_activation_lists), {m}_neuron_top_examples.csv (each
 neuron's --top_examples samples with the largest post-GELU value; 0 skips it; both modes), and stage a's graph files
 ({m}_neuron_attributes.csv, {m}_graph_meta.json, {m}_neuron_edges.el unless --no_edge_list), and with
@@ -32,15 +32,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gelutrace import PipelineError, corpus
-from gelutrace import stagefiles as sf
-from gelutrace.statistics import merge_top
+from gelutrace import PipelineError
 from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
-from gelutrace.corpusfiles import DEFAULT_FIELD, add_text_field_arg
-from gelutrace.generation import StepProgress, encode_prompts, plan_batches
-from gelutrace.loading import load_model
-from gelutrace.recording import Staging, fingerprint, record_attribution, record_batch, record_direct, write_dataset
-from gelutrace.stagefiles import check_output_dir, lock_directory, read_prompts, removed_if_unused
+from gelutrace.files import atomic, formats, layout
+from gelutrace.files.atomic import check_output_dir, lock_directory, removed_if_unused
+from gelutrace.files.corpusfiles import DEFAULT_FIELD, add_text_field_arg
+from gelutrace.files.formats import read_prompts
+from gelutrace.graph.counts import merge_top
+from gelutrace.model.generation import StepProgress, encode_prompts, plan_batches
+from gelutrace.model.loading import load_model
+from gelutrace.record import corpus
+from gelutrace.record.prompts import (
+    Staging,
+    fingerprint,
+    record_attribution,
+    record_batch,
+    record_direct,
+    write_dataset,
+)
 
 
 def main():
@@ -169,17 +178,17 @@ def main():
         with tqdm(total=rows, unit="seq", desc="direct edges (forward)") as bar:
             direct = record_direct(lm.model, chunks, prompt_ids, args.batch_size, args.edges, bar.update)
 
-    with sf.OutputSet(export, sf.path(export, sf.DATASET_MANIFEST, lm.name), sf.dataset_files(lm.name),
+    with atomic.OutputSet(export, layout.path(export, layout.DATASET_MANIFEST, lm.name), layout.dataset_files(lm.name),
                       "stage b") as out:
         summary = write_dataset(out.dir, lm.name, chunks, lm.tokenizer, prompts, prompt_ids, cfg.n_layer, cfg.d_mlp,
                                 activation_lists=not args.no_activation_lists, attribution=attribution, top=top)
-        sf.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list,
+        formats.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list,
                                       site=lm.site, into=out.dir)
-        vouched = sf.DATASET_SET + ((sf.TOP_EXAMPLES,) if top is not None else ())
+        vouched = layout.DATASET_SET + ((layout.TOP_EXAMPLES,) if top is not None else ())
         if direct is not None:
-            direct[0].write_npz(sf.path(out.dir, sf.DIRECT_EDGES, lm.name), direct[1])
-            vouched += (sf.DIRECT_EDGES,)
-        out.vouch(sf.path(out.dir, f, lm.name) for f in vouched)
+            direct[0].write_npz(layout.path(out.dir, layout.DIRECT_EDGES, lm.name), direct[1])
+            vouched += (layout.DIRECT_EDGES,)
+        out.vouch(layout.path(out.dir, f, lm.name) for f in vouched)
     staging.finish()
     per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])
     print(f"{summary['samples']} samples from {len(prompts)} prompts written to {export}; "

@@ -35,12 +35,12 @@ import time
 from pathlib import Path
 
 from gelutrace import PipelineError
-from gelutrace import analysis as ga
-from gelutrace import graph as gr
-from gelutrace import plots
-from gelutrace import stagefiles as sf
-from gelutrace import store as gs
 from gelutrace.cli import check_at_least, parser, run_main
+from gelutrace.files import atomic, layout
+from gelutrace.graph import coactivation as gr
+from gelutrace.graph import store as gs
+from gelutrace.report import plots
+from gelutrace.selection import analysis as ga
 
 
 def main():
@@ -68,20 +68,20 @@ def main():
         graph = gs.graph_from_networkx(nxg, str(src))
     else:
         nxg, graph = None, gs.read_graph(src)
-    out = sf.check_output_dir(Path(args.output_dir) if args.output_dir else src.resolve().parent / sf.ANALYSIS_DIR,
+    out = atomic.check_output_dir(Path(args.output_dir) if args.output_dir else src.resolve().parent / layout.ANALYSIS_DIR,
                               "--output_dir")
-    sf.lock_directory(out, "stage c_analyze")
+    atomic.lock_directory(out, "stage c_analyze")
     if args.hist_sample_size is not None:
         print("note: --hist_sample_size is ignored; histograms use every edge", file=sys.stderr)
 
     weight = graph.weight(args.weight)
     sweep = ga.threshold_sweep(graph, weight=args.weight)
     hists = {
-        sf.HIST_NODE_COUNT: (ga.histogram(graph.activation_count, args.bins),
+        layout.HIST_NODE_COUNT: (ga.histogram(graph.activation_count, args.bins),
                              "Neuron activation counts", "activation count (samples)"),
-        sf.HIST_EDGE_COUNT: (ga.histogram(bins=args.bins, bincount=ga.edge_count_bincount(graph)),
+        layout.HIST_EDGE_COUNT: (ga.histogram(bins=args.bins, bincount=ga.edge_count_bincount(graph)),
                              "Edge co-activation counts (non-zero edges)", "co-activation count (samples)"),
-        sf.HIST_DEGREE: (ga.histogram(graph.degrees(graph.cut(0.0)), args.bins),
+        layout.HIST_DEGREE: (ga.histogram(graph.degrees(graph.cut(0.0)), args.bins),
                          "Neuron degrees (edges with co-activation > 0)", "degree"),
     }
     analyzed = out / gs.analyzed_name(src, args.weight)
@@ -90,10 +90,10 @@ def main():
     else:
         gs.write_analyzed_reference(graph, analyzed, args.weight)
     for name, (df, title, xlabel) in hists.items():
-        sf.write_csv(df, out / f"{name}.csv")
+        atomic.write_csv(df, out / f"{name}.csv")
         plots.plot_histogram(df, out / f"{name}.png", title, xlabel)
-    sf.write_csv(sweep, out / sf.weighted_name(sf.THRESHOLD_CSV, args.weight))
-    plots.plot_threshold_sweep(sweep, out / sf.weighted_name(sf.THRESHOLD_PLOT, args.weight), weight=args.weight)
+    atomic.write_csv(sweep, out / layout.weighted_name(layout.THRESHOLD_CSV, args.weight))
+    plots.plot_threshold_sweep(sweep, out / layout.weighted_name(layout.THRESHOLD_PLOT, args.weight), weight=args.weight)
     print(sweep.to_string(index=False))
     print(f"{graph.num_nodes:,} nodes, max activation {graph.max_activation}, max co-activation "
           f"{graph.max_co_activation}, weight {args.weight} (max {weight.max:.6g}) -> {analyzed} "

@@ -25,10 +25,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gelutrace import PipelineError
-from gelutrace import graph as gr
-from gelutrace import stagefiles as sf
-from gelutrace import store as gs
 from gelutrace.cli import memory_limit, parser, run_main
+from gelutrace.files import atomic, formats, layout
+from gelutrace.graph.causal import CausalEdges
+from gelutrace.graph import coactivation as gr
+from gelutrace.graph import store as gs
 
 
 def main():
@@ -45,11 +46,11 @@ def main():
     args = ap.parse_args()
 
     t0 = time.time()
-    m = sf.model_prefix(args.input_dir) if Path(args.input_dir).is_dir() else None
-    out = Path(args.output_path) if args.output_path else sf.path(args.input_dir, sf.WEIGHTED_GRAPH, m or "graph")
+    m = layout.model_prefix(args.input_dir) if Path(args.input_dir).is_dir() else None
+    out = Path(args.output_path) if args.output_path else layout.path(args.input_dir, layout.WEIGHTED_GRAPH, m or "graph")
     limit = memory_limit(args.memory_limit_gb)
-    sf.check_output_dir(out.parent, "--output_path")
-    sf.lock_directory(out.parent, "stage c")
+    atomic.check_output_dir(out.parent, "--output_path")
+    atomic.lock_directory(out.parent, "stage c")
     if out.suffix == ".gpickle" and out.is_dir():
         raise PipelineError(f"--output_path {out} is a directory")
 
@@ -59,20 +60,20 @@ def main():
                          f"e.g. {out.with_suffix('')})")
 
     if out.suffix == ".gpickle" and m is not None:  # full connectivity: refuse before loading anything heavy
-        meta = sf.read_graph_meta(args.input_dir, m)
-        if sf.edges_are_canonical(args.input_dir, m, meta):
+        meta = formats.read_graph_meta(args.input_dir, m)
+        if formats.edges_are_canonical(args.input_dir, m, meta):
             n_layer, d_mlp = int(meta.get("n_layer", 0)), int(meta.get("d_mlp", 0))
             check_fits(n_layer * d_mlp, (n_layer - 1) * d_mlp ** 2)
     direct = None
     if m is not None:
-        manifest = sf.path(args.input_dir, sf.DATASET_MANIFEST, m)
-        direct = sf.path(args.input_dir, sf.DIRECT_EDGES, m)
+        manifest = layout.path(args.input_dir, layout.DATASET_MANIFEST, m)
+        direct = layout.path(args.input_dir, layout.DIRECT_EDGES, m)
         # a file the manifest lists must be there: a deleted one is damage, not a run without the weights
-        direct = direct if direct.is_file() or sf.manifest_lists(manifest, direct.name) else None
-        sf.verify_output_set(manifest, [sf.path(args.input_dir, f, m) for f in (sf.MATRIX, sf.FREQUENCY, sf.GRAPH_META)]
+        direct = direct if direct.is_file() or atomic.manifest_lists(manifest, direct.name) else None
+        atomic.verify_output_set(manifest, [layout.path(args.input_dir, f, m) for f in (layout.MATRIX, layout.FREQUENCY, layout.GRAPH_META)]
                              + ([direct] if direct else []), "stage b")
     data = gr.load_activation_data(args.input_dir)
-    causal = gr.CausalEdges.read_npz(direct, data.num_neurons, data.d_mlp) if direct else None
+    causal = CausalEdges.read_npz(direct, data.num_neurons, data.d_mlp) if direct else None
     if causal is None and m is not None:
         causal = corpus_causal(args.input_dir, m, data)
     n_edges = len(data.edges) if data.edges is not None else (data.n_layer - 1) * data.d_mlp ** 2
@@ -89,14 +90,14 @@ def main():
 def corpus_causal(input_dir, m: str, data):
     """A corpus-mode dataset's causal weights: stage b wrote them into its store only, so a rebuild from the
     saved matrix carries them over from there (the same samples), or refuses."""
-    record = sf.path(input_dir, sf.CORPUS, m)
+    record = layout.path(input_dir, layout.CORPUS, m)
     if not record.is_file():
         return None
     import json
 
     if not json.loads(record.read_text()).get("direct_edges"):
         return None
-    store = sf.path(input_dir, sf.WEIGHTED_GRAPH, m)
+    store = layout.path(input_dir, layout.WEIGHTED_GRAPH, m)
     old = gs.read_store(store) if gs.is_store(store) else None
     if old is None or old.causal is None or old.num_samples != data.num_samples:
         raise PipelineError(f"{input_dir} was read with --direct_edges, whose weights only stage b's store {store} "

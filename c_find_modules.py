@@ -29,14 +29,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from gelutrace import PipelineError
-from gelutrace import graph as gr
-from gelutrace import modules as md
-from gelutrace import plots
-from gelutrace import selection as sel
-from gelutrace import stability
-from gelutrace import stagefiles as sf
-from gelutrace import store as gs
 from gelutrace.cli import parser, run_main
+from gelutrace.files import atomic, formats, layout
+from gelutrace.graph import coactivation as gr
+from gelutrace.graph import store as gs
+from gelutrace.report import plots
+from gelutrace.selection import communities as md
+from gelutrace.selection import methods as sel
+from gelutrace.selection import stability
 
 
 def main():
@@ -78,7 +78,7 @@ def main():
         if args.output_dir is None:
             raise
         data = None
-    out = sf.check_output_dir(Path(args.output_dir) if args.output_dir else data / sf.MODULES_DIR, "--output_dir")
+    out = atomic.check_output_dir(Path(args.output_dir) if args.output_dir else data / layout.MODULES_DIR, "--output_dir")
     if args.output_dir is None and args.dataset_path is None and sel.graph_dataset(graph) is None:
         print(f"note: writing into {out}: the graph sits outside its dataset, {data}, which its store records "
               f"(--output_dir writes elsewhere)", file=sys.stderr)
@@ -86,23 +86,23 @@ def main():
         mods = md.find_modules(graph, s, bar.update)
     halves = None
     if data is not None:
-        corpus = sf.path(data, sf.CORPUS, m)
+        corpus = layout.path(data, layout.CORPUS, m)
         record = json.loads(corpus.read_text()) if corpus.is_file() else None
-        prompts = sf.read_prompts(args.input_csv) if args.input_csv else None
+        prompts = formats.read_prompts(args.input_csv) if args.input_csv else None
         if record is not None or prompts is not None:
             halves = stability.halves_of(data, m, prompts, record)
     rec = md.describe(mods, graph, halves)
     table = pd.DataFrame({"node_id": graph.node_ids, "layer": graph.layer, "dimension": graph.dimension,
                           "module": mods.membership})
     between = md.module_edges(mods)
-    names = [f.format(m=m, weight=s.weight) for f in (sf.MODULES, sf.MODULES_RECORD, sf.MODULES_LAYER_PLOT,
-                                                       sf.MODULES_GRAPH_PLOT)]
+    names = [f.format(m=m, weight=s.weight) for f in (layout.MODULES, layout.MODULES_RECORD, layout.MODULES_LAYER_PLOT,
+                                                       layout.MODULES_GRAPH_PLOT)]
     composition = np.zeros((rec["num_modules"], int(graph.layer.max()) + 1), np.int64)
     np.add.at(composition, (mods.membership, graph.layer), 1)
-    sf.lock_directory(out, "c_find_modules")
-    with sf.OutputSet(out, out / sf.MODULES_MANIFEST.format(m=m, weight=s.weight), names, "c_find_modules") as o:
-        sf.write_csv(table[sf.MODULES_COLUMNS], o.dir / names[0])
-        sf.write_json(rec, o.dir / names[1], indent=1)
+    atomic.lock_directory(out, "c_find_modules")
+    with atomic.OutputSet(out, out / layout.MODULES_MANIFEST.format(m=m, weight=s.weight), names, "c_find_modules") as o:
+        atomic.write_csv(table[layout.MODULES_COLUMNS], o.dir / names[0])
+        atomic.write_json(rec, o.dir / names[1], indent=1)
         plots.plot_module_layers(composition, o.dir / names[2], f"{m}: neurons of each module ({s.weight} graph)")
         plots.plot_module_graph(np.bincount(mods.membership), between, o.dir / names[3],
                                 f"{m}: modules of the {s.weight} graph, edges = summed weight between them")

@@ -19,13 +19,13 @@ import torch
 from tqdm import tqdm
 
 from gelutrace import PipelineError
-from gelutrace import fidelity as fd
-from gelutrace import stagefiles as sf
-from gelutrace import store as gs
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
-from gelutrace.loading import load_model, model_name
-from gelutrace.perturbation import check_dataset
-from gelutrace.plots import plot_edge_fidelity
+from gelutrace.evaluate import fidelity as fd
+from gelutrace.evaluate.ablation import check_dataset
+from gelutrace.files import atomic, layout
+from gelutrace.graph import store as gs
+from gelutrace.model.loading import load_model, model_name
+from gelutrace.report.plots import plot_edge_fidelity
 
 
 def main():
@@ -41,8 +41,8 @@ def main():
     check_at_least(args, 1, "tokens")
     check_at_least(args, 0, "seed")
     m = model_name(args.model_type)
-    sf.lock_directory(sf.check_output_dir(args.dataset_path, "--dataset_path"), "c_measure_edge_fidelity")
-    store = sf.path(args.dataset_path, sf.WEIGHTED_GRAPH, m)
+    atomic.lock_directory(atomic.check_output_dir(args.dataset_path, "--dataset_path"), "c_measure_edge_fidelity")
+    store = layout.path(args.dataset_path, layout.WEIGHTED_GRAPH, m)
     if not gs.is_store(store):
         raise PipelineError(f"{store} is not a graph store of model {m} (stage c writes it; corpus mode, stage b)")
     graph = gs.read_store(store)
@@ -53,7 +53,7 @@ def main():
     cfg = lm.model.config
     check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
     edges = fd.sample_edges(graph.causal, cfg.d_mlp, args.edges, args.seed)
-    record = sf.path(args.dataset_path, sf.CORPUS, m)
+    record = layout.path(args.dataset_path, layout.CORPUS, m)
     if record.is_file():
         samples = fd.corpus_samples(json.loads(record.read_text()), lm.tokenizer, args.tokens, lm.device)
     else:
@@ -66,14 +66,14 @@ def main():
         table = fd.measure(lm.model, samples, edges, bar.update)
     summary = fd.summary(table)
     summary["store_uid"] = graph.header["uid"]  # which store it measured: the report refuses another's
-    files = (sf.EDGE_FIDELITY, sf.EDGE_FIDELITY_SUMMARY, sf.EDGE_FIDELITY_PLOT)
-    with sf.OutputSet(args.dataset_path, sf.path(args.dataset_path, sf.EDGE_FIDELITY_MANIFEST, m),
+    files = (layout.EDGE_FIDELITY, layout.EDGE_FIDELITY_SUMMARY, layout.EDGE_FIDELITY_PLOT)
+    with atomic.OutputSet(args.dataset_path, layout.path(args.dataset_path, layout.EDGE_FIDELITY_MANIFEST, m),
                       [f.format(m=m) for f in files], "c_measure_edge_fidelity") as out:
-        sf.write_csv(table[sf.EDGE_FIDELITY_COLUMNS], sf.path(out.dir, sf.EDGE_FIDELITY, m))
-        sf.write_csv(summary[sf.EDGE_FIDELITY_SUMMARY_COLUMNS], sf.path(out.dir, sf.EDGE_FIDELITY_SUMMARY, m))
-        plot_edge_fidelity(table, sf.path(out.dir, sf.EDGE_FIDELITY_PLOT, m),
+        atomic.write_csv(table[layout.EDGE_FIDELITY_COLUMNS], layout.path(out.dir, layout.EDGE_FIDELITY, m))
+        atomic.write_csv(summary[layout.EDGE_FIDELITY_SUMMARY_COLUMNS], layout.path(out.dir, layout.EDGE_FIDELITY_SUMMARY, m))
+        plot_edge_fidelity(table, layout.path(out.dir, layout.EDGE_FIDELITY_PLOT, m),
                            f"{m}: {len(table)} causal edges, first-order prediction vs zero-ablation")
-        out.vouch(sf.path(out.dir, f, m) for f in files)
+        out.vouch(layout.path(out.dir, f, m) for f in files)
     for r in summary.to_dict("records"):
         print(f"layer gap {r['layer_gap']}: {r['edges']} edges, Spearman {r['spearman']:.3f}, "
               f"R^2 through 0 {r['r2_through_0']:.3f} (slope {r['beta']:.3f})")

@@ -14,7 +14,7 @@ inside or holds a shard directory. Works with shards made anywhere (e.g. one Slu
 """
 
 from gelutrace.cli import parser, run_main
-from gelutrace.shards import merge_shards
+from gelutrace.record.shards import merge_shards
 
 
 def main():

@@ -107,7 +107,7 @@ echo "summary ($out):"
 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "${#files[@]}" "${files[@]}" "${status[@]}" <<'PY'
 import sys
 n = int(sys.argv[1]); files, status = sys.argv[2:2 + n], sys.argv[2 + n:]
-from gelutrace.selection import summary_table
+from gelutrace.selection.methods import summary_table
 df = summary_table(files)
 df.insert(1, "status", status)
 print(df.to_string(index=False))

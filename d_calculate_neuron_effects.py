@@ -33,16 +33,17 @@ import torch
 from tqdm import tqdm
 
 from gelutrace import PipelineError
-from gelutrace import corpus as cp
-from gelutrace import effects as ef
-from gelutrace import perturbation as pt
-from gelutrace import realtext as rt
-from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
-from gelutrace.corpusfiles import DEFAULT_FIELD, add_text_field_arg, record_field
-from gelutrace.generation import encode_prompts
-from gelutrace.loading import load_model
-from gelutrace.recording import fingerprint
+from gelutrace.evaluate import ablation as pt
+from gelutrace.evaluate import effects as ef
+from gelutrace.evaluate import metrics
+from gelutrace.evaluate import realtext as rt
+from gelutrace.files import atomic, formats, layout
+from gelutrace.files.corpusfiles import DEFAULT_FIELD, add_text_field_arg, record_field
+from gelutrace.model.generation import encode_prompts
+from gelutrace.model.loading import load_model
+from gelutrace.record import corpus as cp
+from gelutrace.record.prompts import fingerprint
 
 
 def main(argv=None):
@@ -71,7 +72,7 @@ def main(argv=None):
                     help="write the shards of a --neurons I/N run (all N of them) into --dataset_path's effects file")
     ap.add_argument("--batch_size", type=int, default=512,
                     help="most (neuron, sequence) rows run through the model together (default: %(default)s)")
-    ap.add_argument("--max_values", type=int, default=pt.LOGIT_BUDGET,
+    ap.add_argument("--max_values", type=int, default=metrics.LOGIT_BUDGET,
                     help="most float32 values one step holds: logits (rows x continuation positions x "
                          "vocabulary) and MLP activations (rows x positions x MLP width); working memory is "
                          "about 2-3 x 4 bytes per value; raise it on a GPU (default: %(default)s)")
@@ -103,9 +104,9 @@ def main(argv=None):
     out = (Path(args.output_dir or Path(args.dataset_path) / f"neuron_effects_shard_{shard[0]}_of_{shard[1]}")
            if shard is not None else Path(args.dataset_path))
     if rank == 0:
-        sf.lock_directory(sf.check_output_dir(out, "--output_dir"), "single-neuron effects")
+        atomic.lock_directory(atomic.check_output_dir(out, "--output_dir"), "single-neuron effects")
     ids = (np.arange(n_neurons, dtype=np.int64) if args.neurons == "all" or shard is not None
-           else np.unique(sf.read_subset(args.neurons, n_neurons)))
+           else np.unique(formats.read_subset(args.neurons, n_neurons)))
     if not len(ids):
         raise PipelineError(f"--neurons {args.neurons} holds no neuron ids: there is nothing to measure")
 
@@ -121,7 +122,7 @@ def main(argv=None):
         raise PipelineError(f"--neurons {args.neurons if shard is not None else 'all'}: the model's {len(todo)} blocks "
                             f"of up to {ef.BLOCK} neurons leave this {'shard' if shard else 'process'} none; use at "
                             f"most {len(todo)} shards")
-    meta["dataset_frequency_sha256"] = sf.file_sha256(sf.path(args.dataset_path, sf.FREQUENCY, lm.name))
+    meta["dataset_frequency_sha256"] = atomic.file_sha256(layout.path(args.dataset_path, layout.FREQUENCY, lm.name))
     if dist_ctx is not None:
         cp.init_distributed(lm.device)
     staging = ef.Staging(out, lm.name, fingerprint(meta, vars(cfg), ids.tobytes(), args.batch_size, args.max_values,
@@ -160,24 +161,24 @@ def main(argv=None):
     if rank == 0:
         top = mine_ids[np.argsort(-dnll, kind="stable")[:5]]
         print(f"{len(mine_ids)} neurons measured ({meta['what']}); largest delta_nll: neurons {', '.join(map(str, top))}")
-        print(f"written to {sf.path(out, sf.NEURON_EFFECTS, lm.name)}")
+        print(f"written to {layout.path(out, layout.NEURON_EFFECTS, lm.name)}")
 
 
 def prompt_mode(args, lm):
     """The measurement of one block of neurons along the dataset's continuations, and the run's record."""
     cfg = lm.model.config
-    prompts = sf.read_prompts(args.input_csv)
-    sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
-                         [sf.path(args.dataset_path, sf.DATASET, lm.name)], "stage b")
+    prompts = formats.read_prompts(args.input_csv)
+    atomic.verify_output_set(layout.path(args.dataset_path, layout.DATASET_MANIFEST, lm.name),
+                         [layout.path(args.dataset_path, layout.DATASET, lm.name)], "stage b")
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
     seqs = ef.dataset_sequences(args.dataset_path, lm.name, prompts, prompt_ids, Path(args.input_csv).name)
     if not seqs.conts:
         raise PipelineError(f"{args.input_csv} asks for no new tokens: there is nothing to measure")
-    dataset_file = sf.path(args.dataset_path, sf.DATASET, lm.name)
+    dataset_file = layout.path(args.dataset_path, layout.DATASET, lm.name)
     n_samples = int((seqs.sample_rows >= 0).sum())
     meta = {"model": lm.name, "model_path": str(lm.path.resolve()), "ablation": "zero", "objective": "continuations",
-            "dataset": dataset_file.name, "dataset_sha256": sf.file_sha256(dataset_file),
-            "input_csv": Path(args.input_csv).name, "input_csv_sha256": sf.file_sha256(args.input_csv),
+            "dataset": dataset_file.name, "dataset_sha256": atomic.file_sha256(dataset_file),
+            "input_csv": Path(args.input_csv).name, "input_csv_sha256": atomic.file_sha256(args.input_csv),
             "num_samples": n_samples, "num_sequences": len(seqs.conts),
             "num_tokens": int(sum(len(seqs.conts[r]) for r in seqs.sample_rows if r >= 0)),
             "what": f"over {n_samples} samples, {len(seqs.conts)} distinct sequences"}
@@ -188,7 +189,7 @@ def prompt_mode(args, lm):
 
 def corpus_mode(args, lm):
     """The measurement of one block of neurons on the text's windows, and the run's record. Where the text is the
-    dataset's own corpus in the same windows, the halves are those of its shards (gelutrace.stability)."""
+    dataset's own corpus in the same windows, the halves are those of its shards (gelutrace.selection.stability)."""
     cfg = lm.model.config
     record = pt.read_corpus_record(args.dataset_path, lm.name)
     context = rt.check_context(args.context or (record or {}).get("context") or cfg.block_size, cfg.block_size)
@@ -216,14 +217,14 @@ def merge(args):
     dirs = [Path(d) for d in args.merge]
     metas, frames = [], []
     for d in dirs:
-        m = sf.model_prefix(d, sf.NEURON_EFFECTS_META)
+        m = layout.model_prefix(d, layout.NEURON_EFFECTS_META)
         try:
-            metas.append(json.loads(sf.path(d, sf.NEURON_EFFECTS_META, m).read_text()))
+            metas.append(json.loads(layout.path(d, layout.NEURON_EFFECTS_META, m).read_text()))
         except (OSError, ValueError) as e:
-            raise PipelineError(f"{d}: cannot read its {sf.NEURON_EFFECTS_META.format(m=m)} ({e})") from None
+            raise PipelineError(f"{d}: cannot read its {layout.NEURON_EFFECTS_META.format(m=m)} ({e})") from None
         if "neuron_shard" not in metas[-1]:
             raise PipelineError(f"{d} is not a --neurons I/N shard")
-        frames.append(pd.read_csv(sf.path(d, sf.NEURON_EFFECTS, m)))
+        frames.append(pd.read_csv(layout.path(d, layout.NEURON_EFFECTS, m)))
     first = {k: v for k, v in metas[0].items() if k not in ("neuron_shard", "num_neurons")}
     n = metas[0]["neuron_shard"]["count"]
     seen = {}
@@ -241,15 +242,15 @@ def merge(args):
     df = pd.concat(frames).sort_values("neuron_id", kind="stable")
     if df["neuron_id"].duplicated().any():
         raise PipelineError("the shards measured some neurons twice")
-    freq = sf.path(args.dataset_path, sf.FREQUENCY, metas[0]["model"])
-    if not freq.is_file() or sf.file_sha256(freq) != first.get("dataset_frequency_sha256"):
+    freq = layout.path(args.dataset_path, layout.FREQUENCY, metas[0]["model"])
+    if not freq.is_file() or atomic.file_sha256(freq) != first.get("dataset_frequency_sha256"):
         raise PipelineError(f"the shards were measured for another dataset than {args.dataset_path} (its "
                             f"{freq.name} is not the one they record): give the dataset they were run on")
-    out = sf.lock_directory(sf.check_output_dir(args.dataset_path, "--dataset_path"), "the merge of the effects")
+    out = atomic.lock_directory(atomic.check_output_dir(args.dataset_path, "--dataset_path"), "the merge of the effects")
     meta = {**first, "num_neurons": len(df), "merged_shards": [str(seen[i].resolve()) for i in range(n)]}
     ef.write_effects(out, metas[0]["model"], df["neuron_id"].to_numpy(), df["kl"].to_numpy(),
-                     df["delta_nll"].to_numpy(), meta, df[[f"delta_nll_{h}" for h in sf.HALVES]].to_numpy().T)
-    print(f"{len(df)} neurons of {n} shards written to {sf.path(out, sf.NEURON_EFFECTS, metas[0]['model'])}")
+                     df["delta_nll"].to_numpy(), meta, df[[f"delta_nll_{h}" for h in layout.HALVES]].to_numpy().T)
+    print(f"{len(df)} neurons of {n} shards written to {layout.path(out, layout.NEURON_EFFECTS, metas[0]['model'])}")
 
 
 if __name__ == "__main__":

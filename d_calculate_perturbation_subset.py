@@ -40,12 +40,12 @@ import time
 from pathlib import Path
 
 from gelutrace import PipelineError
-from gelutrace import graph as gr
-from gelutrace import modules as md
-from gelutrace import selection as sel
-from gelutrace import stagefiles as sf
-from gelutrace import store as gs
 from gelutrace.cli import check_at_least, memory_limit, parser, run_main
+from gelutrace.files import atomic
+from gelutrace.graph import coactivation as gr
+from gelutrace.graph import store as gs
+from gelutrace.selection import communities as md
+from gelutrace.selection import methods as sel
 
 
 def main():
@@ -134,7 +134,7 @@ def main():
     targets = [Path(args.output_path)] if args.output_path else [
         Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, r, args.weight, k)
         for r, k in zip(args.ratio or [None] * len(ks), ks)]
-    sf.check_output_dir(targets[0].parent, "--output_path" if args.output_path else "--output_dir")
+    atomic.check_output_dir(targets[0].parent, "--output_path" if args.output_path else "--output_dir")
     for target in targets:
         if target.is_dir():
             raise PipelineError(f"{target} is a directory, not a subset file name")
@@ -179,7 +179,7 @@ def write_modules(args):
     if args.module and len(set(args.module)) != len(args.module):
         raise PipelineError("--module lists a module twice")
     mf = md.read_modules(args.modules)
-    out = sf.check_output_dir(Path(args.output_dir), "--output_dir")
+    out = atomic.check_output_dir(Path(args.output_dir), "--output_dir")
     m = mf.record["model"]
     data = Path(args.dataset_path) if args.dataset_path else out.parent  # the dataset the subsets are for
     others = sorted(q.name[:-len("_graph_meta.json")] for q in data.glob("*_graph_meta.json"))

@@ -64,17 +64,18 @@ import torch
 from tqdm import tqdm
 
 from gelutrace import PipelineError
-from gelutrace import comparison as cmp
-from gelutrace import moduleeffects as me
-from gelutrace import stability
-from gelutrace import perturbation as pt
-from gelutrace import realtext
-from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
-from gelutrace.corpusfiles import DEFAULT_FIELD, add_text_field_arg
-from gelutrace.generation import encode_prompts, plan_batches
-from gelutrace.loading import load_model
-from gelutrace.plots import plot_dose_response, plot_method_comparison, plot_perturbation_summary
+from gelutrace.evaluate import ablation as pt
+from gelutrace.evaluate import metrics, realtext
+from gelutrace.evaluate import moduleeffects as me
+from gelutrace.evaluate import statistics as stats
+from gelutrace.files import atomic, formats, layout
+from gelutrace.files.corpusfiles import DEFAULT_FIELD, add_text_field_arg
+from gelutrace.model.generation import encode_prompts, plan_batches
+from gelutrace.model.loading import load_model
+from gelutrace.report import verdict
+from gelutrace.report.plots import plot_dose_response, plot_method_comparison, plot_perturbation_summary
+from gelutrace.selection import stability
 
 
 def main(argv=None):
@@ -103,7 +104,7 @@ def main(argv=None):
                          "each layer (drawn with --seed), teacher-forced, several in one batch: the null every "
                          "claim against random uses. The empirical p-value (1 + #controls >= value) / (1 + N) "
                          "cannot go below 1/(N+1), so the verdict claims nothing against random with fewer "
-                         f"than {cmp.MIN_CONTROLS} (30 gives 0.032) (default: %(default)s)")
+                         f"than {stats.MIN_CONTROLS} (30 gives 0.032) (default: %(default)s)")
     ap.add_argument("--control_subsets", choices=["all", "best"], default="all",
                     help="which subsets get --random_controls: all of them, or best: at each k only the winner on "
                          "the validation part of the verdict's metric (its best variant with the largest ΔNLL there; "
@@ -124,7 +125,7 @@ def main(argv=None):
     ap.add_argument("--validation_share", type=float, default=0.5,
                     help="share of the evaluation prompts (seeded split, recorded in comparison.json) on which "
                          "each method's best variant is chosen; the verdict's figures come from the rest. Below "
-                         f"{cmp.MIN_SPLIT_PROMPTS} prompts there is no split (default: %(default)s)")
+                         f"{stats.MIN_SPLIT_PROMPTS} prompts there is no split (default: %(default)s)")
     args = ap.parse_args(argv)
     check_sampling_args(args)
     check_at_least(args, 0, "random_controls", "module_controls")
@@ -132,9 +133,9 @@ def main(argv=None):
         raise PipelineError(f"--validation_share must be in (0, 1), got {args.validation_share}")
     if args.input_csv is None and args.eval_csv is None:
         raise PipelineError("give --input_csv (the dataset's prompts), --eval_csv (prompts to measure on), or both")
-    selection_prompts = sf.read_prompts(args.input_csv) if args.input_csv else None
+    selection_prompts = formats.read_prompts(args.input_csv) if args.input_csv else None
     eval_csv = args.eval_csv or args.input_csv
-    prompts = sf.read_prompts(eval_csv) if args.eval_csv else selection_prompts
+    prompts = formats.read_prompts(eval_csv) if args.eval_csv else selection_prompts
 
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
@@ -143,8 +144,8 @@ def main(argv=None):
     corpus_record = pt.read_corpus_record(args.dataset_path, lm.name)
     if selection_prompts is None and corpus_record is None:
         raise PipelineError(f"{args.dataset_path} is a prompt-mode dataset: give its --input_csv")
-    sf.check_output_dir(Path(args.dataset_path) / sf.RESULTS_DIR / sf.PER_SAMPLE_DIR, "--dataset_path")
-    sf.lock_directory(args.dataset_path, "stage e")
+    atomic.check_output_dir(Path(args.dataset_path) / layout.RESULTS_DIR / layout.PER_SAMPLE_DIR, "--dataset_path")
+    atomic.lock_directory(args.dataset_path, "stage e")
     subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons, lm.name)
     mean_values = pt.read_mean_activations(args.dataset_path, lm.name, n_neurons) if args.ablation == "mean" else None
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
@@ -164,7 +165,7 @@ def main(argv=None):
     batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size)
     n_generated = 1 + sum(1 for s in subsets if len(s.ids))
     tokens = n_generated * sum(len(b.row_prompt) * b.new_tokens for b in batches)
-    chunks = pt.metric_chunks(pt.plan_rows(batches, prompts), prompt_ids, cfg.vocab_size, args.batch_size)
+    chunks = metrics.metric_chunks(metrics.plan_rows(batches, prompts), prompt_ids, cfg.vocab_size, args.batch_size)
     ablated = [s for s in subsets if len(s.ids)]
     modules = [s for s in ablated if s.is_module]
     weights, weights_source = pt.control_weights(args.dataset_path, lm.name, n_neurons) if modules else (None, None)
@@ -191,9 +192,9 @@ def main(argv=None):
         tokens = None
         if text is not None:
             tokens = me.tokens_table(results.text, subsets, lm.tokenizer)
-            module_tables[sf.MODULE_TOKENS] = tokens
-            module_tables[sf.MODULE_CONTEXTS] = me.contexts_table(lm.model, text, subsets, lm.tokenizer, cfg.d_mlp)
-        module_tables[sf.MODULE_EFFECTS] = me.effects_table(subsets, results.summary, text is not None,
+            module_tables[layout.MODULE_TOKENS] = tokens
+            module_tables[layout.MODULE_CONTEXTS] = me.contexts_table(lm.model, text, subsets, lm.tokenizer, cfg.d_mlp)
+        module_tables[layout.MODULE_EFFECTS] = me.effects_table(subsets, results.summary, text is not None,
                                                             weights_source, tokens)
 
     halves = stability.halves_of(args.dataset_path, lm.name, selection_prompts, corpus_record)
@@ -201,39 +202,39 @@ def main(argv=None):
     evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args, corpus_record)
     if text is not None:
         evaluation["eval_text"] = {**text.record(args.eval_tokens), "leak_check": leak}
-    out = Path(args.dataset_path) / sf.RESULTS_DIR
+    out = Path(args.dataset_path) / layout.RESULTS_DIR
     where = ("held-out prompts" if evaluation["held_out"] else "prompts not looked up in the corpus"
              if evaluation["prompts_in_both"] is None else "the prompts they were chosen on")
     # the whole set is written beside the earlier one and swapped in: a failure leaves the earlier results
-    with sf.OutputSet(out, out / sf.RESULTS_MANIFEST, pt.RESULT_SET, "stage e") as staged:
+    with atomic.OutputSet(out, out / layout.RESULTS_MANIFEST, pt.RESULT_SET, "stage e") as staged:
         written = pt.write_results(staged.dir, results, evaluation, lm.tokenizer)
         for name, df in module_tables.items():
-            sf.write_csv(df, staged.dir / name)
+            atomic.write_csv(df, staged.dir / name)
             written.append(staged.dir / name)
-        plot_perturbation_summary(results.summary, staged.dir / sf.PERTURBATION_PLOT,
+        plot_perturbation_summary(results.summary, staged.dir / layout.PERTURBATION_PLOT,
                                   title=f"{lm.name}: effect of {args.ablation}-ablating each subset, on {where}")
         tables = pt.write_comparison(args.dataset_path, staged.dir, lm.name, results, subsets, n_neurons, prompts,
                                      args.control_subsets)
-        written += [staged.dir / sf.PERTURBATION_PLOT] + [staged.dir / name for name in tables]
+        written += [staged.dir / layout.PERTURBATION_PLOT] + [staged.dir / name for name in tables]
         if tables:
             on = f"{text.scored:,} tokens of held-out text" if text is not None else where
-            written.append(staged.dir / sf.COMPARISON_RECORD)
-            plot_method_comparison(tables[sf.COMPARISON], staged.dir / sf.COMPARISON_PLOT,
+            written.append(staged.dir / layout.COMPARISON_RECORD)
+            plot_method_comparison(tables[layout.COMPARISON], staged.dir / layout.COMPARISON_PLOT,
                                    title=f"{lm.name}: neurons chosen by each method, {args.ablation}-ablated, on {on}")
             ylabel = ("Δ NLL of the real next token (nats/token), 95 % CI over " + text.units if text is not None
                       else "Δ NLL of the baseline's tokens (nats/token), 95 % CI over prompts")
-            plot_dose_response(tables[sf.DOSE_RESPONSE], staged.dir / sf.DOSE_RESPONSE_PLOT, ylabel=ylabel,
+            plot_dose_response(tables[layout.DOSE_RESPONSE], staged.dir / layout.DOSE_RESPONSE_PLOT, ylabel=ylabel,
                                title=f"{lm.name}: dose-response, {args.ablation}-ablating each method's top k, on {on}")
-            written += [staged.dir / sf.COMPARISON_PLOT, staged.dir / sf.DOSE_RESPONSE_PLOT]
+            written += [staged.dir / layout.COMPARISON_PLOT, staged.dir / layout.DOSE_RESPONSE_PLOT]
         staged.vouch(written)
     cols = ["subset", "k", "kl", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "token_agreement"]
     cols += ["delta_nll_p_random", "delta_nll_z_random"] if args.random_controls else []
     cols += ["text_delta_nll", "text_delta_nll_ci_low", "text_delta_nll_ci_high", "text_kl"] if text else []
     print(results.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if tables:
-        print("\n".join(cmp.verdict_lines(tables[sf.METHOD_VERDICT], n_neurons)))
+        print("\n".join(verdict.verdict_lines(tables[layout.METHOD_VERDICT], n_neurons)))
     if modules:
-        eff = module_tables[sf.MODULE_EFFECTS]
+        eff = module_tables[layout.MODULE_EFFECTS]
         print(eff[["subset", "k", "delta_nll", "p_random_holm", "p_weighted_holm"]].to_string(
             index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"results for {len(subsets)} subset(s), measured on {where} ({eval_csv}), written to {out}")

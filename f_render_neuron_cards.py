@@ -23,13 +23,13 @@ import torch
 from tqdm import tqdm
 
 from gelutrace import PipelineError
-from gelutrace import cards as cd
-from gelutrace import neuronpedia as npx
-from gelutrace import perturbation as pt
-from gelutrace import stagefiles as sf
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
-from gelutrace.graph import WEIGHTS
-from gelutrace.loading import load_model, model_name
+from gelutrace.evaluate import ablation as pt
+from gelutrace.files import atomic, layout
+from gelutrace.graph.coactivation import WEIGHTS
+from gelutrace.model.loading import load_model, model_name
+from gelutrace.report import cards as cd
+from gelutrace.report import neuronpedia as npx
 
 
 def main(argv=None):
@@ -84,7 +84,7 @@ def main(argv=None):
         raise PipelineError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.weight is not None and args.threshold is None:
         raise PipelineError("--weight needs --threshold")
-    out = sf.check_output_dir(args.output or Path(args.dataset_path) / sf.CARDS_DIR, "--output")
+    out = atomic.check_output_dir(args.output or Path(args.dataset_path) / layout.CARDS_DIR, "--output")
     for flag in ("neuronpedia_creator_id", "neuronpedia_model_id", "neuronpedia_source_set"):
         if getattr(args, flag) is not None and args.neuronpedia is None:
             raise PipelineError(f"--{flag} needs --neuronpedia")
@@ -101,14 +101,14 @@ def main(argv=None):
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
     pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
-    corpus_mode = sf.path(args.dataset_path, sf.CORPUS, lm.name).is_file()  # build_cards reads the record
-    if corpus_mode and not sf.path(args.dataset_path, sf.TOP_EXAMPLES, lm.name).is_file():
+    corpus_mode = layout.path(args.dataset_path, layout.CORPUS, lm.name).is_file()  # build_cards reads the record
+    if corpus_mode and not layout.path(args.dataset_path, layout.TOP_EXAMPLES, lm.name).is_file():
         raise PipelineError(f"{args.dataset_path} is a corpus-mode dataset without "
-                            f"{sf.TOP_EXAMPLES.format(m=lm.name)} (stage b ran with --top_examples 0, or an older "
+                            f"{layout.TOP_EXAMPLES.format(m=lm.name)} (stage b ran with --top_examples 0, or an older "
                             f"version): rerun stage b with --top_examples K")
-    inputs = (sf.CORPUS, sf.FREQUENCY, sf.TOP_EXAMPLES) if corpus_mode else (sf.DATASET, sf.FREQUENCY)
-    sf.verify_output_set(sf.path(args.dataset_path, sf.DATASET_MANIFEST, lm.name),
-                         [sf.path(args.dataset_path, f, lm.name) for f in inputs], "stage b")
+    inputs = (layout.CORPUS, layout.FREQUENCY, layout.TOP_EXAMPLES) if corpus_mode else (layout.DATASET, layout.FREQUENCY)
+    atomic.verify_output_set(layout.path(args.dataset_path, layout.DATASET_MANIFEST, lm.name),
+                         [layout.path(args.dataset_path, f, lm.name) for f in inputs], "stage b")
     n = cfg.n_layer * cfg.d_mlp
     ids = cd.parse_neurons(args.neurons, n, args.dataset_path, lm.name)
     degrees = cd.graph_degrees(args.dataset_path, lm.name, n, args.threshold, args.weight)
@@ -116,9 +116,9 @@ def main(argv=None):
         cards = cd.build_cards(lm.model, lm.tokenizer, args.dataset_path, lm.name, ids, args.top_examples,
                                args.batch_size, progress=bar.update, degrees=degrees,
                                modules=cd.dataset_modules(args.dataset_path, lm.name, n))
-    sf.lock_directory(out, "neuron cards")
+    atomic.lock_directory(out, "neuron cards")
     cd.write_cards(out, cards, lm.name)
-    print(f"{len(cards)} neuron cards in {time.perf_counter() - start:.1f} s: {out / sf.CARDS_MD}, {out / sf.CARDS_HTML}")
+    print(f"{len(cards)} neuron cards in {time.perf_counter() - start:.1f} s: {out / layout.CARDS_MD}, {out / layout.CARDS_HTML}")
     if args.neuronpedia is not None:
         # under an flock on DIR, DIR/{id} checked again, staged beside it and renamed in
         folder = npx.write_export(args.neuronpedia, cards, lm.name, lm.model, Path(args.dataset_path).resolve().name,

@@ -5,7 +5,7 @@ GPT-2 in one file, after nanoGPT, with two additions the pipeline needs:
   post-GELU output of every neuron;
 - a key/value cache, so generation prefills the prompt once and then runs one position per step.
 
-Loading checkpoints (hub names, local directories, the shipped model) lives in `gelutrace.loading`.
+Loading checkpoints (hub names, local directories, the shipped model) lives in `gelutrace.model.loading`.
 """
 
 import math

@@ -174,7 +174,7 @@ fi
 ks_counts() {  # GRAPH_META|- SPEC...: the grid as counts (with "-": only check the values)
   (cd "$here" && "$PYTHON" -c 'import json, sys
 from gelutrace import PipelineError
-from gelutrace.selection import k_values
+from gelutrace.selection.methods import k_values
 try:
     n = None if sys.argv[1] == "-" else json.load(open(sys.argv[1]))["num_neurons"]
     print(" ".join(map(str, k_values(n, sys.argv[2:]))))

@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from gelutrace.generation import encode_prompts, generate_batch, plan_batches  # noqa: E402
-from gelutrace.loading import load_model  # noqa: E402
-from gelutrace.recording import record_batch  # noqa: E402
-from gelutrace.stagefiles import read_prompts  # noqa: E402
+from gelutrace.files.formats import read_prompts  # noqa: E402
+from gelutrace.model.generation import encode_prompts, generate_batch, plan_batches  # noqa: E402
+from gelutrace.model.loading import load_model  # noqa: E402
+from gelutrace.record.prompts import record_batch  # noqa: E402
 
 T1 = ROOT / "parcellation_datasets" / "test_1.csv"
 

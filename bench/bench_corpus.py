@@ -35,11 +35,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gelutrace import corpus  # noqa: E402
-from gelutrace import stagefiles as sf  # noqa: E402
 from peak import run_measured  # noqa: E402
-from gelutrace.direct import DirectEdges, anatomy  # noqa: E402
-from gelutrace.statistics import CoactivationCounts, RunningTopK  # noqa: E402
+
+from gelutrace.files import layout
+from gelutrace.graph.counts import CoactivationCounts, RunningTopK  # noqa: E402
+from gelutrace.record import corpus  # noqa: E402
+from gelutrace.record.direct import DirectEdges, anatomy  # noqa: E402
 
 HELDOUT = ROOT / "tests" / "data" / "heldout.txt"
 SHIPPED = ROOT / "models" / "tinybard"
@@ -97,7 +98,7 @@ def gpt2_small(out: Path) -> Path:
 
 
 def throughput(ckpt: Path, text: Path, tokens: int, context: int, batch_size: int, repeats: int):
-    from gelutrace.loading import load_model
+    from gelutrace.model.loading import load_model
 
     lm = load_model(str(ckpt), "cpu")
     ids = corpus.read_corpus([str(text)], lm.tokenizer, tokens).ids
@@ -184,7 +185,7 @@ def main():
         r = measure(f"shipped model, {args.tokens:,} tokens", [
             b, "--model_type", "tinybard", "--input_text", str(text), "--export_dir", str(out / "shipped"),
             "--max_tokens", str(args.tokens), "--device", "cpu"])
-        rec = json.loads(sf.path(out / "shipped", sf.CORPUS, "tinybard").read_text())
+        rec = json.loads(layout.path(out / "shipped", layout.CORPUS, "tinybard").read_text())
         print(f"  {rec['samples'] / r['wall_s']:,.0f} tokens/s including start-up")
     if not args.skip_big:
         for label, path in make_big_texts(out, args.big_mb).items():

@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gelutrace import effects as ef  # noqa: E402
-from gelutrace import perturbation as pt  # noqa: E402
+from gelutrace.evaluate import effects as ef  # noqa: E402
+from gelutrace.evaluate import metrics
 from model import GPT, GPTConfig  # noqa: E402
 
 T1 = ROOT / "parcellation_datasets" / "test_1.csv"
@@ -119,7 +119,7 @@ def main():
     ap.add_argument("--gpu_tflops", type=float, default=25.0,
                     help="sustained float32 TFLOP/s assumed for the GPU estimate (default: %(default)s)")
     ap.add_argument("--batch_size", type=int, default=512, help="as the script's --batch_size (default: %(default)s)")
-    ap.add_argument("--max_values", type=int, default=pt.LOGIT_BUDGET,
+    ap.add_argument("--max_values", type=int, default=metrics.LOGIT_BUDGET,
                     help="as the script's --max_values (default: %(default)s)")
     ap.add_argument("--gpt2_neurons", type=int, default=8,
                     help="neurons in the timed GPT-2-shaped chunk (at most --batch_size / 10) (default: %(default)s)")

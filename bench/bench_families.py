@@ -7,7 +7,7 @@ Workload T1 with sampling (parcellation_datasets/test_1.csv, 10 prompts x 50 tok
 0.8, batches of up to 64 sequences). Measured in the same process, alternated over --repeats rounds (the best
 round of each is reported):
 - transformers' own generate() on the same left-padded batches (do_sample, same temperature), no hooks;
-- stage b's recording (gelutrace.recording.record_batch: the adapter's cached generation with a hook on every
+- stage b's recording (gelutrace.record.prompts.record_batch: the adapter's cached generation with a hook on every
   layer's neuron site, seeded per-row generators);
 and the recording overhead relative to plain transformers, in wall time and in this process's CPU time (the
 steadier figure on a machine shared with other work; with --threads 1 it is the work done).
@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from gelutrace.generation import encode_prompts, left_pad, plan_batches  # noqa: E402
-from gelutrace.loading import load_model  # noqa: E402
-from gelutrace.recording import record_batch  # noqa: E402
-from gelutrace.stagefiles import read_prompts  # noqa: E402
+from gelutrace.files.formats import read_prompts  # noqa: E402
+from gelutrace.model.generation import encode_prompts, left_pad, plan_batches  # noqa: E402
+from gelutrace.model.loading import load_model  # noqa: E402
+from gelutrace.record.prompts import record_batch  # noqa: E402
 
 T1 = ROOT / "parcellation_datasets" / "test_1.csv"
 TEMPERATURE = 0.8

@@ -25,9 +25,13 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gelutrace import stagefiles as sf  # noqa: E402
 from peak import run_measured  # noqa: E402
 
+from gelutrace.files import (
+    atomic,
+    formats,  # noqa: E402
+    layout,
+)
 
 
 def make_dataset(d: Path, m: str, n_layer: int, d_mlp: int, n_samples: int, seed: int):
@@ -41,13 +45,13 @@ def make_dataset(d: Path, m: str, n_layer: int, d_mlp: int, n_samples: int, seed
         counts[i * d_mlp:(i + 1) * d_mlp] = a.sum(axis=0)
         assert d_mlp % 8 == 0
         packed[:, i * d_mlp // 8:(i + 1) * d_mlp // 8] = np.packbits(a, axis=1)
-    sf.write_npz(sf.path(d, sf.MATRIX, m), matrix=packed, matrix_shape=np.array([n_samples, n]),
+    atomic.write_npz(layout.path(d, layout.MATRIX, m), matrix=packed, matrix_shape=np.array([n_samples, n]),
                  neuron_ids=np.arange(n, dtype=np.int64), packing=np.array("packbits_axis1"))
-    sf.write_graph_files(d, m, n_layer, d_mlp, write_el=False)
+    formats.write_graph_files(d, m, n_layer, d_mlp, write_el=False)
     ids = np.arange(n)
-    sf.write_csv(pd.DataFrame({"neuron_id": ids, "activation_count": counts,
+    atomic.write_csv(pd.DataFrame({"neuron_id": ids, "activation_count": counts,
                                "activation_frequency": counts / n_samples, "layer": ids // d_mlp,
-                               "dimension": ids % d_mlp, "mean_activation": 0.0}), sf.path(d, sf.FREQUENCY, m))
+                               "dimension": ids % d_mlp, "mean_activation": 0.0}), layout.path(d, layout.FREQUENCY, m))
 
 
 def measure(label: str, args: list[str]) -> dict:
@@ -103,8 +107,8 @@ def main():
     make_dataset(d, m, n_layer, d_mlp, args.samples, seed=0)
     print(f"{m} shape: {n_layer} x {d_mlp} = {n_layer * d_mlp:,} neurons, {(n_layer - 1) * d_mlp ** 2:,} edges, "
           f"{args.samples:,} samples (synthetic, made in {time.time() - t0:.1f} s)")
-    store = d / sf.WEIGHTED_GRAPH.format(m=m)
-    analyzed = d / sf.ANALYSIS_DIR / (sf.ANALYZED.format(name=store.name) + ".json")
+    store = d / layout.WEIGHTED_GRAPH.format(m=m)
+    analyzed = d / layout.ANALYSIS_DIR / (layout.ANALYZED.format(name=store.name) + ".json")
     rows = [measure("c (compact store)", ["c_calculate_weighted_activation_graph.py", "--input_dir", str(d)])]
     flops = 2 * args.samples * d_mlp ** 2 * (n_layer - 1)
     print(f"stage c: {flops / rows[0]['wall_s'] / 1e9:.0f} GFLOPS over its {n_layer - 1} pair products (wall)")
@@ -115,19 +119,19 @@ def main():
             shutil.rmtree(d, ignore_errors=True)
         return
     for weight in args.weights.split():
-        label = "" if weight == sf.DEFAULT_WEIGHT else f", {weight}"
+        label = "" if weight == layout.DEFAULT_WEIGHT else f", {weight}"
         rows.append(measure(f"c_analyze (full sweep{label})", ["c_analyze_weighted_activation_graph.py",
                                                                "--input_path", str(store), "--weight", weight]))
         for method in args.methods.split():
             rows.append(measure(f"d ({method}{label}, t=0.5, r=0.01)",
                                 ["d_calculate_perturbation_subset.py", "--input_graph_path", str(analyzed),
                                  "--threshold", "0.5", "--ratio", "0.01", "--method", method, "--weight", weight,
-                                 "--output_dir", str(d / sf.SUBSETS_DIR)]))
-    header = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
+                                 "--output_dir", str(d / layout.SUBSETS_DIR)]))
+    header = json.loads((store / layout.GRAPH_STORE_HEADER).read_text())
     size = sum(f.stat().st_size for f in store.iterdir())
     print(f"store: {size / 2**30:.2f} GiB on disk, count dtype {header['count_dtype']}, "
           f"max co-activation {header['max_co_activation_count']}")
-    print(pd.read_csv(d / sf.ANALYSIS_DIR / sf.THRESHOLD_CSV).to_string(index=False))
+    print(pd.read_csv(d / layout.ANALYSIS_DIR / layout.THRESHOLD_CSV).to_string(index=False))
     if not args.keep:
         shutil.rmtree(d, ignore_errors=True)
 

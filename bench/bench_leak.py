@@ -23,9 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gelutrace import corpusfiles as cf  # noqa: E402
-from gelutrace import realtext as rt  # noqa: E402
 from peak import run_measured  # noqa: E402
+
+from gelutrace.evaluate import realtext as rt  # noqa: E402
+from gelutrace.files import corpusfiles as cf  # noqa: E402
 
 EVAL_TEXT = ROOT / "parcellation_datasets" / "heldout_eval_tinybard.txt"
 SENTENCE = "Lorem ipsum dolor sit amet, consectetur adipiscing elit,\nsed do eiusmod tempor incididunt.  "
@@ -33,7 +34,7 @@ SENTENCE = "Lorem ipsum dolor sit amet, consectetur adipiscing elit,\nsed do eiu
 CHILD = """
 import json, sys, time, types
 sys.path.insert(0, {root!r})
-from gelutrace import realtext as rt
+from gelutrace.evaluate import realtext as rt
 text = types.SimpleNamespace(**json.load(open({text!r})))
 record = json.load(open({record!r}))
 t0 = time.perf_counter()

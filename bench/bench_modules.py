@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_graph import make_dataset  # noqa: E402
-from gelutrace import stagefiles as sf  # noqa: E402
 from peak import run_measured  # noqa: E402
+
+from gelutrace.files import layout
 
 DEMO = ROOT / "parcellation_datasets" / "heldout_corpus_tinybard_tinybard"
 
@@ -33,7 +34,7 @@ def main():
     out = ROOT / "bench" / "out" / "modules"
     out.mkdir(parents=True, exist_ok=True)
     script = str(ROOT / "c_find_modules.py")
-    store = sf.path(DEMO, sf.WEIGHTED_GRAPH, "tinybard")
+    store = layout.path(DEMO, layout.WEIGHTED_GRAPH, "tinybard")
     if store.is_dir():
         for w in ("count", "direct_abs"):
             measure(f"shipped model, corpus store, {w}", [script, "--input_path", str(store), "--weight", w,
@@ -41,11 +42,11 @@ def main():
     else:
         print(f"(no {store}: run make demo for measurement 1)")
     d = out / "gpt2_small"
-    if not sf.path(d, sf.WEIGHTED_GRAPH, "gpt2").is_dir():
+    if not layout.path(d, layout.WEIGHTED_GRAPH, "gpt2").is_dir():
         make_dataset(d, "gpt2", 12, 3072, 2500, seed=0)
         run_measured("stage c", [str(ROOT / "c_calculate_weighted_activation_graph.py"), "--input_dir", str(d)])
     measure("GPT-2-small shape, 2,500 samples, count, K = 32", [
-        script, "--input_path", str(sf.path(d, sf.WEIGHTED_GRAPH, "gpt2")), "--output_dir", str(out / "gpt2")])
+        script, "--input_path", str(layout.path(d, layout.WEIGHTED_GRAPH, "gpt2")), "--output_dir", str(out / "gpt2")])
 
 
 if __name__ == "__main__":

@@ -35,10 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gelutrace import perturbation as pt  # noqa: E402
-from gelutrace.generation import encode_prompts, plan_batches  # noqa: E402
-from gelutrace.loading import load_model  # noqa: E402
-from gelutrace.stagefiles import read_prompts  # noqa: E402
+from gelutrace.evaluate import ablation as pt  # noqa: E402
+from gelutrace.evaluate import metrics
+from gelutrace.files.formats import read_prompts  # noqa: E402
+from gelutrace.model import hooks
+from gelutrace.model.generation import encode_prompts, plan_batches  # noqa: E402
+from gelutrace.model.loading import load_model  # noqa: E402
 
 T1 = ROOT / "parcellation_datasets" / "test_1.csv"
 HELDOUT = ROOT / "parcellation_datasets" / "heldout_tinybard.csv"
@@ -109,11 +111,11 @@ def controls_cost(lm, prompts, subsets: list[np.ndarray], n_controls: int, batch
     model, cfg = lm.model, lm.model.config
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
     batches = plan_batches(prompts, prompt_ids, True, batch_size, cfg.block_size)
-    rows = pt.plan_rows(batches, prompts)
-    base = pt.generate_rows(model, batches, rows, prompt_ids, 0.0, 1, seed)
+    rows = metrics.plan_rows(batches, prompts)
+    base = metrics.generate_rows(model, batches, rows, prompt_ids, 0.0, 1, seed)
     conditions = [pt.Condition(pt.random_control(ids, cfg.n_layer, cfg.d_mlp, seed, j), generate=False)
                   for ids in subsets for j in range(n_controls)]
-    chunk_rows = max(len(c) for c in pt.metric_chunks(rows, prompt_ids, cfg.vocab_size, batch_size))
+    chunk_rows = max(len(c) for c in metrics.metric_chunks(rows, prompt_ids, cfg.vocab_size, batch_size))
     out = []
     for bs in (batch_size, chunk_rows):
         out.append(timed(lambda: pt.teacher_forced(model, rows, prompt_ids, base, conditions, None, bs)))
@@ -123,7 +125,7 @@ def controls_cost(lm, prompts, subsets: list[np.ndarray], n_controls: int, batch
 def text_cost(lm, n_conditions: int, eval_tokens: int, context: int, batch_size: int, seed: int = 0):
     """Seconds per condition per 1,000 scored tokens of the demo's evaluation text: n_conditions random 1 %
     subsets measured together (the unablated pass included), and the tokens scored."""
-    from gelutrace import realtext as rt
+    from gelutrace.evaluate import realtext as rt
 
     cfg = lm.model.config
     text = rt.read_eval_text([str(EVAL_TEXT)], lm.tokenizer, context, cfg.vocab_size, eval_tokens)
@@ -174,7 +176,7 @@ def main():
         prompts = read_prompts(T1)
         prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
         batches = plan_batches(prompts, prompt_ids, True, args.batch_size, cfg.block_size)
-        rows = pt.plan_rows(batches, prompts)
+        rows = metrics.plan_rows(batches, prompts)
         n = cfg.n_layer * cfg.d_mlp
         ids = np.sort(np.random.default_rng(0).choice(n, size=n // 100, replace=False))
         computed = int(rows.length.sum())
@@ -182,10 +184,10 @@ def main():
         sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
 
         def gen(ablation):
-            pt.generate_rows(model, batches, rows, prompt_ids, 0.0, 1, 1337, ablation)
+            metrics.generate_rows(model, batches, rows, prompt_ids, 0.0, 1, 1337, ablation)
             sync()
 
-        abl = pt.Ablation(model, ids)
+        abl = hooks.Ablation(model, ids)
         gen(None)  # warm-up
         gen(abl)
         base_t, abl_t = [], []

@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
 from bench_activations import T1, make_gpt2_small  # noqa: E402
-from gelutrace.statistics import merge_top  # noqa: E402
 from peak import run_measured  # noqa: E402
-from gelutrace.generation import encode_prompts, plan_batches  # noqa: E402
-from gelutrace.loading import load_model  # noqa: E402
-from gelutrace.recording import concat_samples, record_batch, top_examples_text  # noqa: E402
-from gelutrace.stagefiles import read_prompts, write_top_examples  # noqa: E402
+
+from gelutrace.files.formats import read_prompts, write_top_examples  # noqa: E402
+from gelutrace.graph.counts import merge_top  # noqa: E402
+from gelutrace.model.generation import encode_prompts, plan_batches  # noqa: E402
+from gelutrace.model.loading import load_model  # noqa: E402
+from gelutrace.record.prompts import concat_samples, record_batch, top_examples_text  # noqa: E402
 
 
 def sync(device):

@@ -22,8 +22,17 @@ import numpy as np
 import pandas as pd
 
 from gelutrace import PipelineError
-from gelutrace import stagefiles as sf
-from gelutrace.loading import LoadedModel, load_model  # noqa: F401  (exported)
+from gelutrace.evaluate import ablation as pt
+from gelutrace.evaluate import realtext
+from gelutrace.files import atomic, layout
+from gelutrace.graph import store as gs
+from gelutrace.graph.coactivation import CoactivationGraph
+from gelutrace.model.loading import LoadedModel, load_model  # noqa: F401  (exported)
+from gelutrace.record import corpus as cp
+from gelutrace.report import cards as cd
+from gelutrace.report import neuronpedia as npx
+from gelutrace.selection import communities as md
+from gelutrace.selection import methods as sel
 
 
 @dataclass
@@ -35,7 +44,7 @@ class Dataset:
     @property
     def frequencies(self) -> pd.DataFrame:
         """{m}_neuron_frequency.csv: each neuron's activation count and frequency, mean activation, attribution."""
-        p = sf.path(self.path, sf.FREQUENCY, self.m)
+        p = layout.path(self.path, layout.FREQUENCY, self.m)
         if not p.is_file():
             raise PipelineError(f"{p} does not exist: {self.path} is not a stage-b dataset of {self.m}")
         return pd.read_csv(p)
@@ -43,15 +52,14 @@ class Dataset:
     @property
     def record(self) -> dict | None:
         """{m}_corpus.json (corpus mode): the files read, with their sha256, format and field; tokens; windows."""
-        p = sf.path(self.path, sf.CORPUS, self.m)
+        p = layout.path(self.path, layout.CORPUS, self.m)
         return json.loads(p.read_text()) if p.is_file() else None
 
     def graph(self):
-        """The co-activation graph store ({m}_weighted_graph) as a gelutrace.graph.CoactivationGraph: counts and
+        """The co-activation graph store ({m}_weighted_graph) as a gelutrace.graph.coactivation.CoactivationGraph: counts and
         every derived weight (count, jaccard, phi, pmi; direct and direct_abs with direct_edges)."""
-        from gelutrace import store as gs
 
-        return gs.read_graph(sf.path(self.path, sf.WEIGHTED_GRAPH, self.m))
+        return gs.read_graph(layout.path(self.path, layout.WEIGHTED_GRAPH, self.m))
 
 
 def record_corpus(lm: LoadedModel, text: list[str], out_dir=None, max_tokens: int | None = None,
@@ -59,7 +67,6 @@ def record_corpus(lm: LoadedModel, text: list[str], out_dir=None, max_tokens: in
                   top_examples: int = 10, text_field: str = "text") -> Dataset:
     """Stage b in corpus mode over `text` (files or directories, any corpus format), exact streamed statistics,
     into `out_dir` (default: a new temporary directory)."""
-    from gelutrace import corpus as cp
 
     _model("record_corpus", lm)
     text = _paths("record_corpus", "text", text)
@@ -72,11 +79,11 @@ def record_corpus(lm: LoadedModel, text: list[str], out_dir=None, max_tokens: in
     if out_dir is None:
         out = Path(tempfile.mkdtemp(prefix="gelutrace_"))
     else:
-        out = sf.check_output_dir(_path("record_corpus", "out_dir", out_dir), "out_dir")
+        out = atomic.check_output_dir(_path("record_corpus", "out_dir", out_dir), "out_dir")
     settings = cp.CorpusSettings(context=context, max_tokens=max_tokens, top_examples=top_examples,
                                  attribution=attribution, direct_edges="adjacent" if direct_edges else None,
                                  text_field=text_field)
-    with sf.locked(out, "record_corpus"):  # this call's only: released when it returns, refused to another call
+    with atomic.locked(out, "record_corpus"):  # this call's only: released when it returns, refused to another call
         cp.run_corpus_mode(text, out, lm.spec or str(lm.path), str(lm.device), settings)
     return Dataset(out, lm.name)
 
@@ -121,7 +128,6 @@ def _model(call: str, lm):
 
 
 def _graph(call: str, graph):
-    from gelutrace.graph import CoactivationGraph
 
     if not isinstance(graph, CoactivationGraph):
         raise PipelineError(f"{call} needs a graph (Dataset.graph()), got {type(graph).__name__}")
@@ -142,9 +148,8 @@ def _whole(call: str, name: str, value, lo: int) -> int:
 
 def select(graph, method: str = "attribution", k: int = 30, threshold: float | None = None, weight: str = "count",
            seed: int = 1337, dataset: Dataset | None = None):
-    """Stage d: the k neurons `method` ranks first (gelutrace.selection.Subset: ids in rank order, scores, info);
+    """Stage d: the k neurons `method` ranks first (gelutrace.selection.methods.Subset: ids in rank order, scores, info);
     graph methods need `threshold`."""
-    from gelutrace import selection as sel
 
     _graph("select", graph)
     _dataset("select", dataset, optional=True)
@@ -171,7 +176,7 @@ def _neuron_ids(neurons, n: int) -> np.ndarray:
 class Ablated:
     """Stage e on real text for one set of neurons: the summary row's real-text columns (text_delta_nll and
     text_kl with CIs over the units, and with controls their null: text_delta_nll_p_random, ...), and the
-    measured sums (gelutrace.realtext.TextResults)."""
+    measured sums (gelutrace.evaluate.realtext.TextResults)."""
     ids: np.ndarray
     summary: dict
     results: object = field(repr=False)
@@ -185,8 +190,6 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
            random_controls: int = 0, seed: int = 1337, batch_size: int = 64) -> Ablated:
     """Zero-ablate the neurons (a Subset, or neuron ids) on held-out text, with `random_controls` random sets of
     the same layers, as stage e's --eval_text measures them."""
-    from gelutrace import perturbation as pt
-    from gelutrace import realtext
 
     _model("ablate", lm)
     cfg = lm.model.config
@@ -210,7 +213,7 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
 
 @dataclass
 class Cards:
-    """Neuron cards (gelutrace.cards.Card), as f_render_neuron_cards.py renders them."""
+    """Neuron cards (gelutrace.report.cards.Card), as f_render_neuron_cards.py renders them."""
     cards: list
     m: str
     model: object = None  # the model they were built from: the Neuronpedia export's logit effects
@@ -222,7 +225,6 @@ class Cards:
         --neuronpedia_source_set SET]: the cards in Neuronpedia's export layout under DIR/{model_id}/, returned.
         creator_id defaults to Neuronpedia's bot user (neuronpedia.DEFAULT_CREATOR_ID), source_set (gelutrace-mlp or
         neurons) to gelutrace-mlp; a re-export over other data warns on stderr (README, Neuronpedia export)."""
-        from gelutrace import neuronpedia as npx
 
         if self.model is None:
             raise PipelineError("to_neuronpedia needs the model the cards were built from (Cards.model; "
@@ -230,29 +232,26 @@ class Cards:
         directory = _path("to_neuronpedia", "directory", directory, empty=True)
         model_id = npx.model_slug(self.m) if model_id is None else npx.check_model_id(model_id)
         creator_id = npx.DEFAULT_CREATOR_ID if creator_id is None else npx.check_creator_id(creator_id)
-        source_set = npx.check_source_set(sf.NEURONPEDIA_SET if source_set is None else source_set)
+        source_set = npx.check_source_set(layout.NEURONPEDIA_SET if source_set is None else source_set)
         directory = npx.check_target(directory, model_id)
         # under an flock on the directory (one export at a time, per call), the target checked again there
         return npx.write_export(directory, self.cards, self.m, self.model, self.dataset, creator_id, model_id,
                                 source_set)
 
     def to_html(self, path) -> Path:
-        from gelutrace import cards as cd
 
         path = _path("to_html", "path", path)
-        with sf.atomic_open(path, "w", encoding="utf-8") as f:
+        with atomic.atomic_open(path, "w", encoding="utf-8") as f:
             f.write(cd.cards_html(self.cards, self.m))
         return Path(path)
 
     def to_markdown(self) -> str:
-        from gelutrace import cards as cd
 
         return cd.cards_markdown(self.cards, self.m)
 
 
 def neuron_cards(lm: LoadedModel, dataset: Dataset, neuron_ids, k: int = 10) -> Cards:
     """The cards of these neurons from the dataset (top examples, direct logit effect, figures)."""
-    from gelutrace import cards as cd
 
     _model("neuron_cards", lm)
     _dataset("neuron_cards", dataset)
@@ -269,8 +268,7 @@ def neuron_cards(lm: LoadedModel, dataset: Dataset, neuron_ids, k: int = 10) -> 
 def find_modules(graph, weight: str = "count", top_edges_per_node: int = 32, threshold: float | None = None,
                  resolution: float | None = None, null_graphs: int = 20, seeds: int = 10, seed: int = 0):
     """c_find_modules.py: Leiden modules of the thinned graph against degree-preserving rewired graphs; returns
-    (gelutrace.modules.Modules, its record as {m}_modules_{weight}.json holds it)."""
-    from gelutrace import modules as md
+    (gelutrace.selection.communities.Modules, its record as {m}_modules_{weight}.json holds it)."""
 
     _graph("find_modules", graph)
     top_edges_per_node, null_graphs, seeds, seed = (

@@ -7,6 +7,7 @@ import os
 import sys
 
 from gelutrace import PipelineError
+from gelutrace.files.atomic import disk_full_directory, release_locks
 
 
 def run_main(main):
@@ -17,7 +18,6 @@ def run_main(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a full disk, a vanished directory, a permission: still one line, never a traceback
-        from gelutrace.stagefiles import disk_full_directory
         full = disk_full_directory(e)
         where = f": {e.filename}" if e.filename else ""
         if full is not None:  # the directory written into, never a temporary name that is gone
@@ -29,7 +29,6 @@ def run_main(main):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
-        from gelutrace.stagefiles import release_locks
         release_locks()
 
 
@@ -67,8 +66,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def add_model_args(ap: argparse.ArgumentParser, default: str = "gpt2", device: bool = True):
-    from gelutrace.loading import HUB_MODELS, SHIPPED_MODEL  # imports torch: only for scripts that run a model
-    from gelutrace.sites import supported
+    from gelutrace.model.loading import HUB_MODELS, SHIPPED_MODEL  # imports torch: only for scripts that run a model
+    from gelutrace.model.sites import supported  # lazy: imports torch; only scripts that run a model need it
 
     ap.add_argument("--model_type", default=default,
                     help=f"hub name ({', '.join(HUB_MODELS)}, or owner/name such as EleutherAI/pythia-160m), "

@@ -20,11 +20,16 @@ import sys
 
 from gelutrace import PipelineError
 from gelutrace.cli import parser, run_main
+from gelutrace.files import atomic
 
 
 def names(args):
     check_flags(args)
-    from gelutrace.loading import model_name, resolve_device, shipped_models
+    from gelutrace.model.loading import (  # lazy: `--help` and the checks start without torch
+        model_name,
+        resolve_device,
+        shipped_models,
+    )
 
     resolve_device(args.device)
     print(int(args.model in shipped_models()), model_name(args.model))
@@ -59,21 +64,20 @@ def whole(flag: str, value: str, least: int) -> int:
 
 
 def text_digest(path: str, flag: str) -> str:
-    """The sha256 of the names and sha256 of the files a corpus path is read from (gelutrace.corpusfiles), each
+    """The sha256 of the names and sha256 of the files a corpus path is read from (gelutrace.files.corpusfiles), each
     read through its symlinks: a linked file that changes changes the digest."""
-    from gelutrace import stagefiles as sf
-    from gelutrace.corpusfiles import corpus_files
+    from gelutrace.files.corpusfiles import corpus_files  # lazy: `--help` and the checks start without torch
 
     h = hashlib.sha256()
     for p in corpus_files([path], flag):
-        h.update(f"{sf.file_sha256(p)}  {p.name}\n".encode())
+        h.update(f"{atomic.file_sha256(p)}  {p.name}\n".encode())
     return h.hexdigest()
 
 
 def check_flags(args):
     """Each flag's form; an empty value is left to its default."""
-    from gelutrace import graph as gr
-    from gelutrace import selection as sel
+    from gelutrace.graph import coactivation as gr  # lazy: `--help` and the checks start without torch
+    from gelutrace.selection import methods as sel  # lazy: `--help` and the checks start without torch
 
     for t in numbers("--thresholds", args.thresholds):
         if not 0 <= t <= 1:
@@ -103,9 +107,8 @@ def check_flags(args):
 
 
 def check(args):
-    from gelutrace import graph as gr
-    from gelutrace import selection as sel
-    from gelutrace import stagefiles as sf
+    from gelutrace.graph import coactivation as gr  # lazy: `--help` and the checks start without torch
+    from gelutrace.selection import methods as sel  # lazy: `--help` and the checks start without torch
 
     check_flags(args)
     methods = words("--methods", args.methods, sel.METHODS, "method")
@@ -121,9 +124,9 @@ def check(args):
     whole("--eval_tokens", args.eval_tokens, 1)
     outputs = [args.data] + ([f"{args.data}_shards"] if args.text else [])
     for d in outputs:
-        sf.check_output_dir(d, "DATASET_DIR")
-    source = text_digest(args.text, "--text") if args.text else sf.file_sha256(args.csv)
-    evaluation = sf.file_sha256(args.eval_csv)
+        atomic.check_output_dir(d, "DATASET_DIR")
+    source = text_digest(args.text, "--text") if args.text else atomic.file_sha256(args.csv)
+    evaluation = atomic.file_sha256(args.eval_csv)
     if args.eval_text != "none":
         evaluation += " " + text_digest(args.eval_text, "--eval_text")
     print(source)
@@ -131,9 +134,8 @@ def check(args):
 
 
 def lock(args):
-    from gelutrace import stagefiles as sf
 
-    sf.lock_on_descriptor(int(args.fd), args.directory, "run_pipeline.sh")
+    atomic.lock_on_descriptor(int(args.fd), args.directory, "run_pipeline.sh")
 
 
 def main():

@@ -20,6 +20,8 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # one thread per 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from gelutrace.files import atomic
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -89,7 +91,7 @@ def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=
             or not changed <= IN_PROCESS_ENV):
         return subprocess.run(argv, cwd=cwd, env=env, check=check, capture_output=capture_output, text=text,
                               timeout=timeout)
-    from gelutrace.stagefiles import release_locks
+    from gelutrace.files.atomic import release_locks
 
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv, os.getcwd(), dict(os.environ), torch.is_grad_enabled(), torch.get_num_threads()
@@ -189,7 +191,7 @@ def random_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def random_loaded(random_ckpt):
-    from gelutrace.loading import load_model
+    from gelutrace.model.loading import load_model
 
     return load_model(str(random_ckpt), device="cpu")
 
@@ -220,7 +222,7 @@ def shipped_path() -> Path:
 
 @pytest.fixture(scope="session")
 def shipped(shipped_path):
-    from gelutrace.loading import load_model
+    from gelutrace.model.loading import load_model
 
     return load_model(SHIPPED_NAME, device="cpu")
 
@@ -283,16 +285,15 @@ def directory_digest(d) -> dict:
 
 
 def fill_disk_at(monkeypatch, nth: int) -> dict:
-    """Make the nth file write of an output set (an atomic stage-file write or an np.save, once sf.OutputSet is
+    """Make the nth file write of an output set (an atomic stage-file write or an np.save, once atomic.OutputSet is
     entered) fail as a full disk does; returns the call counter."""
     import contextlib
     import errno
 
     import numpy as np
 
-    from gelutrace import stagefiles as sf
     calls = {"n": 0, "armed": False}
-    real_path, real_save, real_enter = sf.atomic_path, np.save, sf.OutputSet.__enter__
+    real_path, real_save, real_enter = atomic.atomic_path, np.save, atomic.OutputSet.__enter__
 
     def count(target):
         calls["n"] += calls["armed"]
@@ -313,16 +314,15 @@ def fill_disk_at(monkeypatch, nth: int) -> dict:
         count(file)
         return real_save(file, *a, **k)
 
-    monkeypatch.setattr(sf, "atomic_path", atomic_path)
+    monkeypatch.setattr(atomic, "atomic_path", atomic_path)
     monkeypatch.setattr(np, "save", save)
-    monkeypatch.setattr(sf.OutputSet, "__enter__", enter)
+    monkeypatch.setattr(atomic.OutputSet, "__enter__", enter)
     return calls
 
 
 def interrupted_then_resumed(monkeypatch, owner, name: str, args: list[str], nth: int):
     """Stage b's main with `args`, interrupted (KeyboardInterrupt) at the nth call of owner.name, then rerun with
     --resume to the end."""
-    from gelutrace import stagefiles as sf
 
     sys.path.insert(0, str(REPO_ROOT))
     import b_generate_activation_dataset as b
@@ -339,11 +339,11 @@ def interrupted_then_resumed(monkeypatch, owner, name: str, args: list[str], nth
     monkeypatch.setattr(sys, "argv", args)
     with pytest.raises(KeyboardInterrupt):
         b.main()
-    sf.release_locks()
+    atomic.release_locks()
     monkeypatch.setattr(owner, name, real)
     monkeypatch.setattr(sys, "argv", args + ["--resume"])
     try:
         b.main()
     finally:
-        sf.release_locks()
+        atomic.release_locks()
 

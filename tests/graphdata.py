@@ -1,11 +1,11 @@
-"""Synthetic stage-b output directories for the stage c/d tests, written with stagefiles' own writers."""
+"""Synthetic stage-b output directories for the stage c/d tests, written with the package's own writers (gelutrace.files)."""
 
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from gelutrace import stagefiles as sf
+from gelutrace.files import atomic, formats, layout
 
 
 def random_activations(n_layer=3, d_mlp=12, n_samples=400, seed=0) -> np.ndarray:
@@ -22,16 +22,16 @@ def random_activations(n_layer=3, d_mlp=12, n_samples=400, seed=0) -> np.ndarray
 def make_dataset(d: Path, active: np.ndarray, n_layer: int, d_mlp: int, m: str = "toy", edges=None) -> Path:
     """A stage-b export dir; `edges` (an (E, 2) array) replaces the canonical .el as a user's edit would."""
     d = Path(d)
-    sf.write_graph_files(d, m, n_layer, d_mlp, write_el=True)
-    sf.write_activation_matrix(sf.path(d, sf.MATRIX, m), active)
+    formats.write_graph_files(d, m, n_layer, d_mlp, write_el=True)
+    formats.write_activation_matrix(layout.path(d, layout.MATRIX, m), active)
     n = active.shape[1]
     c = active.sum(axis=0)
     ids = np.arange(n)
-    sf.write_csv(pd.DataFrame({"neuron_id": ids, "activation_count": c, "activation_frequency": c / len(active),
+    atomic.write_csv(pd.DataFrame({"neuron_id": ids, "activation_count": c, "activation_frequency": c / len(active),
                                "layer": ids // d_mlp, "dimension": ids % d_mlp, "mean_activation": 0.0}),
-                 sf.path(d, sf.FREQUENCY, m))
+                 layout.path(d, layout.FREQUENCY, m))
     if edges is not None:
-        with open(sf.path(d, sf.EDGES, m), "w") as f:
+        with open(layout.path(d, layout.EDGES, m), "w") as f:
             f.writelines(f"{u} {v}\n" for u, v in edges)
     return d
 

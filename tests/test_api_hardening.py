@@ -6,7 +6,6 @@ directory), negative seeds, the ranking flags of d --modules, c_find_modules' no
 """
 
 import errno
-import fcntl
 import json
 import os
 import pickle
@@ -21,9 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, assert_top_k, directory_digest, run_python
 from gelutrace import PipelineError
-from gelutrace import stagefiles as sf
+from gelutrace.files import atomic, layout
+
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, assert_top_k, directory_digest, run_python
 
 M = SHIPPED_NAME
 B = "b_generate_activation_dataset.py"
@@ -58,24 +58,24 @@ def dataset(tmp_path_factory, shipped_path):
     """A corpus-mode dataset with attribution and top examples, and c_find_modules' modules of it."""
     d = tmp_path_factory.mktemp("api") / "single"
     run(B, "--input_text", HELDOUT_PATH, "--export_dir", d, "--attribution", "--top_examples", 3, *SMALL)
-    run("c_find_modules.py", "--input_path", sf.path(d, sf.WEIGHTED_GRAPH, M), "--null_graphs", 0, "--seeds", 1)
+    run("c_find_modules.py", "--input_path", layout.path(d, layout.WEIGHTED_GRAPH, M), "--null_graphs", 0, "--seeds", 1)
     return d
 
 
 def lockable_by_another_process(directory) -> bool:
     code = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
-    r = subprocess.run([sys.executable, "-c", code, str(directory / sf.LOCK_FILE)], capture_output=True)
+    r = subprocess.run([sys.executable, "-c", code, str(directory / layout.LOCK_FILE)], capture_output=True)
     return r.returncode == 0
 
 
 # --- the API's lock ------------------------------------------------------------------------------------------
 def test_record_corpus_releases_its_lock_and_refuses_a_call_holding_it(shipped, tmp_path, monkeypatch):
     import gelutrace as gt
-    from gelutrace import corpus as cp
+    from gelutrace.record import corpus as cp
 
     d = tmp_path / "d"
     ds = gt.record_corpus(shipped, HELDOUT_PATH, out_dir=d, max_tokens=300, context=64, top_examples=2)
-    assert sf.path(ds.path, sf.FREQUENCY, M).is_file()
+    assert layout.path(ds.path, layout.FREQUENCY, M).is_file()
     assert lockable_by_another_process(d)  # released when the call returned
     # another call of this process (a thread) in the middle of writing into d: this one is refused, cleanly
     writing, go = threading.Event(), threading.Event()
@@ -108,7 +108,7 @@ def test_record_corpus_releases_its_lock_and_refuses_a_call_holding_it(shipped, 
         go.set()
         t.join(120)
     assert isinstance(results["a"], gt.Dataset), results["a"]
-    assert strict_json(sf.path(d, sf.CORPUS, M).read_text())["tokens"] == 200  # the first call's corpus
+    assert strict_json(layout.path(d, layout.CORPUS, M).read_text())["tokens"] == 200  # the first call's corpus
     assert lockable_by_another_process(d)
 
 
@@ -120,7 +120,7 @@ def test_a_call_is_refused_while_another_thread_holds_the_lock(shipped, tmp_path
     entered, leave = threading.Event(), threading.Event()
 
     def hold():
-        with sf.locked(d, "a test"):
+        with atomic.locked(d, "a test"):
             entered.set()
             leave.wait(60)
 
@@ -130,7 +130,7 @@ def test_a_call_is_refused_while_another_thread_holds_the_lock(shipped, tmp_path
         assert entered.wait(60)
         with pytest.raises(PipelineError, match="another run is writing into"):
             gt.record_corpus(shipped, HELDOUT_PATH, out_dir=d, max_tokens=100, context=64, top_examples=2)
-        assert sorted(os.listdir(d)) == [sf.LOCK_FILE]  # nothing written
+        assert sorted(os.listdir(d)) == [layout.LOCK_FILE]  # nothing written
     finally:
         leave.set()
         t.join(60)
@@ -140,13 +140,13 @@ def test_a_call_is_refused_while_another_thread_holds_the_lock(shipped, tmp_path
 def test_a_script_may_take_its_own_lock_again(tmp_path):
     d = tmp_path / "d"
     try:
-        sf.lock_directory(d, "a script")
-        sf.lock_directory(d, "the same script")  # re-entrant within the script
-        with sf.locked(d, "a library call the script makes"):
+        atomic.lock_directory(d, "a script")
+        atomic.lock_directory(d, "the same script")  # re-entrant within the script
+        with atomic.locked(d, "a library call the script makes"):
             pass
         assert not lockable_by_another_process(d)  # still the script's
     finally:
-        sf.release_locks()
+        atomic.release_locks()
     assert lockable_by_another_process(d)
 
 
@@ -158,7 +158,7 @@ def test_a_copied_dataset_reads_and_writes_itself(dataset, tmp_path):
     r = run("c_find_modules.py", "--input_path", copy / f"{M}_weighted_graph", "--null_graphs", 0, "--seeds", 1)
     assert "note:" not in r.stderr
     assert directory_digest(dataset) == before  # the original untouched
-    table = copy / sf.MODULES_DIR / sf.MODULES.format(m=M, weight="count")
+    table = copy / layout.MODULES_DIR / layout.MODULES.format(m=M, weight="count")
     assert table.is_file()
     assert strict_json(table.with_suffix(".json").read_text())["graph"] == str(copy / f"{M}_weighted_graph")
     moved = tmp_path / "moved_away"
@@ -168,7 +168,7 @@ def test_a_copied_dataset_reads_and_writes_itself(dataset, tmp_path):
         run("d_calculate_perturbation_subset.py", "--input_graph_path", copy / f"{M}_weighted_graph", "--method",
             "attribution", "--k", 7, "--output_dir", out)
         ids = np.load(out / f"{M}_attribution_k7.npy")
-        freq = pd.read_csv(sf.path(copy, sf.FREQUENCY, M))
+        freq = pd.read_csv(layout.path(copy, layout.FREQUENCY, M))
         assert_top_k(ids.tolist(), dict(zip(freq["neuron_id"], freq["attribution"])), 7)
     finally:
         os.rename(moved, dataset)
@@ -177,12 +177,12 @@ def test_a_copied_dataset_reads_and_writes_itself(dataset, tmp_path):
 def test_a_store_outside_its_dataset_says_where_it_writes(dataset, tmp_path):
     elsewhere = tmp_path / "graphs"
     elsewhere.mkdir()
-    store = sf.path(dataset, sf.WEIGHTED_GRAPH, M)
+    store = layout.path(dataset, layout.WEIGHTED_GRAPH, M)
     shutil.copytree(store, elsewhere / store.name)  # the store alone: its dataset is the one it records
     r = run("c_find_modules.py", "--input_path", elsewhere / store.name, "--null_graphs", 0, "--seeds", 1,
             "--weight", "jaccard")
-    assert f"note: writing into {dataset / sf.MODULES_DIR}" in r.stderr
-    assert (dataset / sf.MODULES_DIR / sf.MODULES.format(m=M, weight="jaccard")).is_file()
+    assert f"note: writing into {dataset / layout.MODULES_DIR}" in r.stderr
+    assert (dataset / layout.MODULES_DIR / layout.MODULES.format(m=M, weight="jaccard")).is_file()
 
 
 # --- a full disk ---------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_full_disk_mid_write_names_the_directory(dataset, tmp_path, monkeypatch)
         disk_fills_after(mp, 300_000)  # inside the graph store's first 512 x 512 pair counts
         r = run(B, "--input_text", HELDOUT_PATH, "--export_dir", d, "--top_examples", 2, *SMALL[:-1], 900, ok=False)
     one_error_line(r, f"no space left on {d} (disk full)", "stage b")
-    partial = sf.CORPUS_PARTIAL_DIR.format(m=M)  # the checkpoint a rerun with --resume takes up
+    partial = layout.CORPUS_PARTIAL_DIR.format(m=M)  # the checkpoint a rerun with --resume takes up
     assert {k: v for k, v in directory_digest(d).items() if not k.startswith(partial)} == before
     cards = tmp_path / "cards"
     with monkeypatch.context() as mp:
@@ -220,14 +220,14 @@ def test_full_disk_mid_write_names_the_directory(dataset, tmp_path, monkeypatch)
     one_error_line(r, f"no space left on {cards} (disk full)", "neuron cards")
     r = run("f_render_neuron_cards.py", "--dataset_path", d, "--neurons", "1,2", "--output", cards,
             "--model_type", M, "--device", "cpu", "--top_examples", 2)
-    assert 'id="neuron-2"' in (cards / sf.CARDS_HTML).read_text()
+    assert 'id="neuron-2"' in (cards / layout.CARDS_HTML).read_text()
 
 
 def test_full_disk_keeps_the_earlier_cards_and_neuronpedia_export(dataset, tmp_path, monkeypatch):
     """A disk that fills while the cards or the Neuronpedia export are written: one disk-full line naming the
     directory, and the earlier cards (both files: never a new page beside an old one) and the earlier export byte
     for byte as they were, DIR holding only the model's folder."""
-    from gelutrace import neuronpedia as npx
+    from gelutrace.report import neuronpedia as npx
 
     root = tmp_path / "run"
     cards, export = root / "cards", root / "np"
@@ -237,8 +237,8 @@ def test_full_disk_keeps_the_earlier_cards_and_neuronpedia_export(dataset, tmp_p
     before = directory_digest(root)
     fresh = tmp_path / "fresh"  # what the second run writes, on a disk with room
     run(*render[:-4], "--output", fresh, "--neurons", "1,2,3,600")
-    md = (fresh / sf.CARDS_MD).stat().st_size
-    assert md < (fresh / sf.CARDS_HTML).stat().st_size
+    md = (fresh / layout.CARDS_MD).stat().st_size
+    assert md < (fresh / layout.CARDS_HTML).stat().st_size
     with monkeypatch.context() as mp:
         disk_fills_after(mp, md + 10, under=cards)  # room for the new Markdown, not for the page
         r = run(*render, "--neurons", "1,2,3,600", ok=False)
@@ -271,7 +271,7 @@ def test_full_disk_in_stages_c_and_d_names_the_directory(shipped_path, tmp_path,
     subsets = d / "subsets"
     with monkeypatch.context() as mp:
         disk_fills_after(mp, 0, under=subsets)
-        r = run("d_calculate_perturbation_subset.py", "--input_graph_path", sf.path(d, sf.WEIGHTED_GRAPH, M),
+        r = run("d_calculate_perturbation_subset.py", "--input_graph_path", layout.path(d, layout.WEIGHTED_GRAPH, M),
                 "--method", "degree", "--threshold", 1, "--k", 5, "--output_dir", subsets, ok=False)
     one_error_line(r, f"no space left on {subsets} (disk full)")
     assert os.listdir(subsets) == []
@@ -327,7 +327,7 @@ def test_full_tmpfs_while_writing_a_subset_keeps_the_earlier_pair(dataset, tmp_p
     mnt.mkdir()
     tmpfs_or_skip(mnt)
     d = " ".join(map(str, [sys.executable, "d_calculate_perturbation_subset.py", "--input_graph_path",
-                           sf.path(dataset, sf.WEIGHTED_GRAPH, M), "--method", "random", "--k", 5, "--output_dir",
+                           layout.path(dataset, layout.WEIGHTED_GRAPH, M), "--method", "random", "--k", 5, "--output_dir",
                            mnt / "s", "--seed"]))
     digest = f"(cd {mnt}/s && ls -A && sha256sum *)"
     first, second, err = run_on_filled_tmpfs(tmp_path, "1m", f"{d} 1", digest, 4, f"{d} 2")
@@ -338,7 +338,7 @@ def test_full_tmpfs_while_writing_a_subset_keeps_the_earlier_pair(dataset, tmp_p
 def test_npy_writes_equal_numpys(tmp_path):
     for a in (np.arange(12, dtype=np.uint16).reshape(3, 4), np.zeros((0, 5)), np.asfortranarray(np.eye(3)),
               np.arange(10 ** 6, dtype=np.int64)):
-        sf.write_npy(a, tmp_path / "a.npy")
+        atomic.write_npy(a, tmp_path / "a.npy")
         np.save(tmp_path / "b.npy", a)
         assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
 
@@ -359,7 +359,7 @@ def test_full_tmpfs_in_corpus_mode(shipped_path, tmp_path):
 def test_negative_seeds_are_refused(dataset, shipped, tmp_path):
     import gelutrace as gt
 
-    store = sf.path(dataset, sf.WEIGHTED_GRAPH, M)
+    store = layout.path(dataset, layout.WEIGHTED_GRAPH, M)
     one_error_line(run("c_find_modules.py", "--input_path", store, "--seed", -1, "--output_dir", tmp_path / "m",
                        ok=False), "--seed")
     for method in ("random", "attribution"):
@@ -378,17 +378,17 @@ def test_negative_seeds_are_refused(dataset, shipped, tmp_path):
 @pytest.mark.parametrize("flag", [["--method", "degree"], ["--weight", "count"], ["--seed", "1337"],
                                   ["--method", "pagerank"]])
 def test_module_subsets_refuse_ranking_flags_given_at_all(dataset, tmp_path, flag):
-    modules = dataset / sf.MODULES_DIR / sf.MODULES.format(m=M, weight="count")
+    modules = dataset / layout.MODULES_DIR / layout.MODULES.format(m=M, weight="count")
     out = tmp_path / "s"
     one_error_line(run("d_calculate_perturbation_subset.py", "--modules", modules, "--module", 0, *flag,
                        "--output_dir", out, ok=False), f"without {flag[0]}")
     assert not out.exists()
     run("d_calculate_perturbation_subset.py", "--modules", modules, "--module", 0, "--output_dir", out)
-    assert (out / sf.SUBSET_FILE_MODULE.format(m=M, module=0, weight="count")).is_file()
+    assert (out / layout.SUBSET_FILE_MODULE.format(m=M, module=0, weight="count")).is_file()
 
 
 def test_find_modules_refuses_non_finite_resolution_and_writes_strict_json(dataset, tmp_path):
-    store = sf.path(dataset, sf.WEIGHTED_GRAPH, M)
+    store = layout.path(dataset, layout.WEIGHTED_GRAPH, M)
     for value in ("inf", "nan", "-inf"):
         one_error_line(run("c_find_modules.py", "--input_path", store, "--resolution", value, "--output_dir",
                            tmp_path / "x", ok=False), "--resolution")
@@ -396,7 +396,7 @@ def test_find_modules_refuses_non_finite_resolution_and_writes_strict_json(datas
     for i, settings in enumerate((["--seeds", 1, "--null_graphs", 0], ["--seeds", 0, "--null_graphs", 1])):
         out = tmp_path / f"m{i}"
         run("c_find_modules.py", "--input_path", store, *settings, "--output_dir", out)
-        rec = strict_json((out / sf.MODULES_RECORD.format(m=M, weight="count")).read_text())
+        rec = strict_json((out / layout.MODULES_RECORD.format(m=M, weight="count")).read_text())
         assert rec["null"]["std"] is None and rec["null"]["z"] is None and rec["seed_ari"]["mean"] is None
         assert (rec["null"]["mean"] is None) == (i == 0) and (rec["null"]["p"] is None) == (i == 0)
 
@@ -423,10 +423,10 @@ def test_stage_c_gpickle_is_read_as_the_full_layers(tmp_path):
     truth, g = layered_gpickle(gp)
     out = tmp_path / "m"
     run("c_find_modules.py", "--input_path", gp, "--null_graphs", 0, "--seeds", 2, "--output_dir", out)
-    table = pd.read_csv(out / sf.MODULES.format(m="toy", weight="count"))
+    table = pd.read_csv(out / layout.MODULES.format(m="toy", weight="count"))
     assert table["node_id"].tolist() == list(range(len(truth)))
     assert ig.compare_communities(table["module"].tolist(), truth.tolist(), method="adjusted_rand") == 1.0
-    rec = strict_json((out / sf.MODULES_RECORD.format(m="toy", weight="count")).read_text())
+    rec = strict_json((out / layout.MODULES_RECORD.format(m="toy", weight="count")).read_text())
     assert rec["num_modules"] == 2 and rec["edges_kept"] == sum(c > 0 for *_, c in g.edges(data="co_activation_count"))
     # an edited edge list (one adjacent-layer pair missing, or an edge skipping a layer) is still refused
     for edit in ("remove", "skip"):
@@ -510,19 +510,19 @@ def test_a_copied_dataset_renders_its_cards_from_its_own_graph(dataset, tmp_path
     """The cards' graph degree comes from the graph stage d's best graph-method subset was chosen on, which its
     sidecar records by the original's path: a copy (cp -a, the original then moved away) reads its own store, and
     the degrees equal the count store's thresholded degrees computed here with numpy."""
-    from gelutrace import cards as cd
+    from gelutrace.report import cards as cd
 
     orig, copy = tmp_path / "orig", tmp_path / "copy"
     shutil.copytree(dataset, orig, symlinks=True)
-    run("d_calculate_perturbation_subset.py", "--input_graph_path", sf.path(orig, sf.WEIGHTED_GRAPH, M), "--method",
-        "degree", "--threshold", 0.5, "--k", 5, "--output_dir", orig / sf.SUBSETS_DIR)
-    (orig / sf.RESULTS_DIR).mkdir()
+    run("d_calculate_perturbation_subset.py", "--input_graph_path", layout.path(orig, layout.WEIGHTED_GRAPH, M), "--method",
+        "degree", "--threshold", 0.5, "--k", 5, "--output_dir", orig / layout.SUBSETS_DIR)
+    (orig / layout.RESULTS_DIR).mkdir()
     pd.DataFrame({"k": [5], "method": ["degree"], "subset": [f"{M}_degree_t0.5_k5"], "delta_nll": [0.1],
-                  "best": [True]}).to_csv(orig / sf.RESULTS_DIR / sf.COMPARISON, index=False)
+                  "best": [True]}).to_csv(orig / layout.RESULTS_DIR / layout.COMPARISON, index=False)
     shutil.copytree(orig, copy, symlinks=True)
     os.rename(orig, tmp_path / "moved_away")
-    store = sf.path(copy, sf.WEIGHTED_GRAPH, M)
-    header = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
+    store = layout.path(copy, layout.WEIGHTED_GRAPH, M)
+    header = json.loads((store / layout.GRAPH_STORE_HEADER).read_text())
     L, d = header["n_layer"], header["d_mlp"]
     pairs = [np.load(store / b["file"]).astype(np.int64) for b in header["blocks"]]
     top = max(int(p.max()) for p in pairs)
@@ -536,4 +536,4 @@ def test_a_copied_dataset_renders_its_cards_from_its_own_graph(dataset, tmp_path
     assert note == "t=0.5, count"
     r = run("f_render_neuron_cards.py", "--dataset_path", copy, "--model_type", M, "--device", "cpu", "--neurons",
             "1,2", "--top_examples", 2)
-    assert "t=0.5, count" in (copy / sf.CARDS_DIR / sf.CARDS_MD).read_text() and not r.stderr.count("error")
+    assert "t=0.5, count" in (copy / layout.CARDS_DIR / layout.CARDS_MD).read_text() and not r.stderr.count("error")

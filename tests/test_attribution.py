@@ -8,13 +8,14 @@ import pandas as pd
 import pytest
 import torch
 from scipy.stats import spearmanr
+from test_recording import run, write_prompts
 from torch.nn import functional as F
 
+from gelutrace.files import layout
+from gelutrace.record.attribution import distinct_sequences, neuron_attribution
+from gelutrace.record.prompts import prompt_halves
+
 from conftest import SHIPPED_NAME
-from gelutrace import stagefiles as sf
-from gelutrace.attribution import distinct_sequences, neuron_attribution
-from gelutrace.stability import prompt_halves
-from test_recording import run, write_prompts
 
 PROMPTS = [("KING HENRY. Now, lords, ", 16, 3), ("And God said, Let there be ", 12, 2), ("ROMEO. ", 20, 1),
            ("Thou shalt not ", 0, 2)]
@@ -79,7 +80,7 @@ def dataset(tmp_path_factory, shipped_path):
 
 
 def sequences(d, tokenizer):
-    ds = pd.read_csv(sf.path(d, sf.DATASET, SHIPPED_NAME), keep_default_na=False)
+    ds = pd.read_csv(layout.path(d, layout.DATASET, SHIPPED_NAME), keep_default_na=False)
     prompt_ids = [tokenizer(p)["input_ids"] for p, _, _ in PROMPTS]
     pidx = ds["input_text_ids"].map({str(v): i for i, v in enumerate(prompt_ids)}).to_numpy()
     return distinct_sequences(pidx, ds["prompt_sample_idx"].to_numpy(), ds["token_position"].to_numpy(),
@@ -89,13 +90,13 @@ def sequences(d, tokenizer):
 def test_attribution_equals_transformers_gradients(dataset, shipped, shipped_hf):
     seqs, conts, weights, prompt = sequences(dataset, shipped.tokenizer)
     assert sorted(weights.tolist()) == [1.0, 2.0, 3.0]  # greedy repeats collapse, weighted by their count
-    freq = pd.read_csv(sf.path(dataset, sf.FREQUENCY, SHIPPED_NAME))
+    freq = pd.read_csv(layout.path(dataset, layout.FREQUENCY, SHIPPED_NAME))
     ref = hf_attribution(shipped_hf.float(), seqs, conts, weights)
     got = freq["attribution"].to_numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7)
     # each half of the prompt rows on its own: the attribution of that half's sequences alone
     half = prompt_halves(len(PROMPTS))
-    for h, column in enumerate(sf.FREQUENCY_COLUMNS[-2:]):
+    for h, column in enumerate(layout.FREQUENCY_COLUMNS[-2:]):
         mine = [i for i in range(len(seqs)) if half[prompt[i]] == h]
         assert mine, "each half holds a prompt with a continuation"
         ref_h = hf_attribution(shipped_hf.float(), [seqs[i] for i in mine], [conts[i] for i in mine], weights[mine])
@@ -111,7 +112,7 @@ def test_attribution_ranks_like_brute_force_ablation(dataset, shipped, shipped_h
     # one sequence per sample, as stage e averages
     rep_seqs = [s for s, w in zip(seqs, weights) for _ in range(int(w))]
     rep_conts = [c for c, w in zip(conts, weights) for _ in range(int(w))]
-    attr = pd.read_csv(sf.path(dataset, sf.FREQUENCY, SHIPPED_NAME))["attribution"].to_numpy()
+    attr = pd.read_csv(layout.path(dataset, layout.FREQUENCY, SHIPPED_NAME))["attribution"].to_numpy()
     top = np.argsort(-attr)[:80]
     rest = np.setdiff1d(np.arange(len(attr)), top)
     others = np.random.default_rng(0).choice(rest, 80, replace=False)
@@ -129,5 +130,5 @@ def test_no_attribution_leaves_the_column_empty(tmp_path, shipped_path):
     csv = write_prompts(tmp_path / "p.csv", PROMPTS[:1])
     run("b_generate_activation_dataset.py", "--model_type", SHIPPED_NAME, "--input_csv", csv, "--export_dir", tmp_path,
         "--device", "cpu", "--no_edge_list", "--no_activation_lists", "--no_attribution")
-    freq = pd.read_csv(sf.path(tmp_path, sf.FREQUENCY, SHIPPED_NAME))
-    assert list(freq.columns) == sf.FREQUENCY_COLUMNS and freq["attribution"].isna().all()
+    freq = pd.read_csv(layout.path(tmp_path, layout.FREQUENCY, SHIPPED_NAME))
+    assert list(freq.columns) == layout.FREQUENCY_COLUMNS and freq["attribution"].isna().all()

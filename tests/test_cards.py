@@ -1,12 +1,12 @@
 """
-gelutrace.cards and f_render_neuron_cards.py against independent references: transformers' GPT2LMHeadModel
+gelutrace.report.cards and f_render_neuron_cards.py against independent references: transformers' GPT2LMHeadModel
 with hooks on `mlp.act` over the dataset's sequences and a brute-force sort (top examples), a numpy
 computation from the weights (direct logit effect), and Python's html.parser (the page).
 """
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
+from gelutrace.files import atomic, formats, layout
+from gelutrace.graph.counts import RunningTopK, merge_top
+from gelutrace.report import cards, markdown
+
 from conftest import REPO_ROOT, SHIPPED_NAME, run_python
-from gelutrace import cards
-from gelutrace import markdown
-from gelutrace import stagefiles as sf
-from gelutrace.statistics import RunningTopK, merge_top
 
 # greedy: the 3 repeats of the first prompt are one sequence, kept under the first repeat's sample ids
 PROMPTS = [("KING HENRY. Now, lords, ", 6, 3), ("And God said, \"Let there be\", ", 5, 1),
@@ -31,7 +31,7 @@ PROMPTS = [("KING HENRY. Now, lords, ", 6, 3), ("And God said, \"Let there be\",
 def dataset(tmp_path_factory, shipped_path):
     d = tmp_path_factory.mktemp("cards")
     csv = d / "prompts.csv"
-    pd.DataFrame(PROMPTS, columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+    pd.DataFrame(PROMPTS, columns=layout.PROMPT_COLUMNS).to_csv(csv, index=False)
     r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv),
                         "--export_dir", str(d / "ds"), "--model_type", SHIPPED_NAME, "--device", "cpu",
                         "--no_edge_list", "--no_activation_lists"], capture_output=True, text=True, cwd=REPO_ROOT,
@@ -42,7 +42,7 @@ def dataset(tmp_path_factory, shipped_path):
 
 def reference_values(hf, data):
     """(sample ids, values samples x neurons) from transformers, over each distinct sequence's first occurrence."""
-    df = pd.read_csv(sf.path(data, sf.DATASET, SHIPPED_NAME), keep_default_na=False)
+    df = pd.read_csv(layout.path(data, layout.DATASET, SHIPPED_NAME), keep_default_na=False)
     starts = list(np.flatnonzero(df["token_position"].to_numpy() == 0)) + [len(df)]
     seen, sids, vals = set(), [], []
     for lo, hi in zip(starts[:-1], starts[1:]):
@@ -95,8 +95,8 @@ def run_b(export, csv, *extra):
 
 def test_stage_b_streams_the_top_examples(dataset, shipped, shipped_hf):
     """Stage b's {m}_neuron_top_examples.csv (default K 10) against transformers and a brute-force sort."""
-    table = pd.read_csv(sf.path(dataset, sf.TOP_EXAMPLES, SHIPPED_NAME), keep_default_na=False)
-    assert list(table.columns) == sf.TOP_EXAMPLES_COLUMNS
+    table = pd.read_csv(layout.path(dataset, layout.TOP_EXAMPLES, SHIPPED_NAME), keep_default_na=False)
+    assert list(table.columns) == layout.TOP_EXAMPLES_COLUMNS
     cfg = shipped.model.config
     n = cfg.n_layer * cfg.d_mlp
     assert len(table) == n * 10
@@ -109,25 +109,25 @@ def test_stage_b_streams_the_top_examples(dataset, shipped, shipped_hf):
         np.testing.assert_array_equal(rows["sample_id"], sids[order])
         np.testing.assert_allclose(rows["value"], ref[order, neuron], atol=1e-4)
     seqs = cards.dataset_sequences(dataset, SHIPPED_NAME)
-    df = pd.read_csv(sf.path(dataset, sf.DATASET, SHIPPED_NAME), keep_default_na=False).set_index("sample_id")
+    df = pd.read_csv(layout.path(dataset, layout.DATASET, SHIPPED_NAME), keep_default_na=False).set_index("sample_id")
     for r in table.sample(200, random_state=0).itertuples():
         assert r.token == df.loc[r.sample_id, "output"]
-        assert r.context == shipped.tokenizer.decode(seqs.prefix(r.sample_id)[-sf.CONTEXT_TOKENS:].tolist())
+        assert r.context == shipped.tokenizer.decode(seqs.prefix(r.sample_id)[-layout.CONTEXT_TOKENS:].tolist())
 
 
 def test_stage_b_top_examples_merge_across_batches_and_can_be_off(dataset, tmp_path):
     csv = dataset.parent / "prompts.csv"
     one = run_b(tmp_path / "one", csv, "--batch_size", "1", "--top_examples", "3")  # one chunk per prompt, merged
-    full = pd.read_csv(sf.path(dataset, sf.TOP_EXAMPLES, SHIPPED_NAME), keep_default_na=False)
-    got = pd.read_csv(sf.path(one, sf.TOP_EXAMPLES, SHIPPED_NAME), keep_default_na=False)
+    full = pd.read_csv(layout.path(dataset, layout.TOP_EXAMPLES, SHIPPED_NAME), keep_default_na=False)
+    got = pd.read_csv(layout.path(one, layout.TOP_EXAMPLES, SHIPPED_NAME), keep_default_na=False)
     want = full[full["rank"] < 3].reset_index(drop=True)
     np.testing.assert_array_equal(got["sample_id"], want["sample_id"])
     np.testing.assert_allclose(got["value"], want["value"], atol=1e-5)
     assert (got["context"] == want["context"]).all() and (got["token"] == want["token"]).all()
     run_b(one, csv, "--top_examples", "0")
-    assert not sf.path(one, sf.TOP_EXAMPLES, SHIPPED_NAME).exists()
-    manifest = json.loads(sf.path(one, sf.DATASET_MANIFEST, SHIPPED_NAME).read_text())
-    assert sf.TOP_EXAMPLES.format(m=SHIPPED_NAME) not in manifest["files"]
+    assert not layout.path(one, layout.TOP_EXAMPLES, SHIPPED_NAME).exists()
+    manifest = json.loads(layout.path(one, layout.DATASET_MANIFEST, SHIPPED_NAME).read_text())
+    assert layout.TOP_EXAMPLES.format(m=SHIPPED_NAME) not in manifest["files"]
 
 
 @pytest.mark.parametrize("merge_rows", [64, 12, 5])  # calls buffered whole, pruned to candidates, or a mix
@@ -167,8 +167,8 @@ def test_examples_table_context_and_token(dataset, shipped):
     seqs = cards.dataset_sequences(dataset, SHIPPED_NAME)
     values, ids = cards.top_examples(shipped.model, seqs, np.array([7, 900]), 3)
     table = cards.examples_table(shipped.tokenizer, seqs, np.array([7, 900]), values, ids)
-    assert list(table.columns) == sf.TOP_EXAMPLES_COLUMNS
-    df = pd.read_csv(sf.path(dataset, sf.DATASET, SHIPPED_NAME), keep_default_na=False).set_index("sample_id")
+    assert list(table.columns) == layout.TOP_EXAMPLES_COLUMNS
+    df = pd.read_csv(layout.path(dataset, layout.DATASET, SHIPPED_NAME), keep_default_na=False).set_index("sample_id")
     for r in table.itertuples():
         assert r.token == df.loc[r.sample_id, "output"]  # the token the activation predicts
         assert df.loc[r.sample_id, "input_text"].endswith(r.context)  # the text before it
@@ -182,7 +182,7 @@ def test_context_activations_end_with_the_sample_value(dataset, shipped):
     for i, n in enumerate(neurons):
         for j, s in enumerate(ids[i]):
             prefix = seqs.prefix(int(s))
-            assert len(shades[i][j]) == min(len(prefix), sf.CONTEXT_TOKENS)
+            assert len(shades[i][j]) == min(len(prefix), layout.CONTEXT_TOKENS)
             assert shades[i][j][-1] == pytest.approx(values[i, j], abs=1e-5)
             alone = cards._selected_values(shipped.model, [prefix.tolist()], np.array([n]))[0, -len(shades[i][j]):, 0]
             np.testing.assert_allclose(shades[i][j], alone, atol=1e-5)  # the prefix run on its own
@@ -235,21 +235,21 @@ def run_cards(*argv):
     try:
         f.main([*map(str, argv), "--model_type", SHIPPED_NAME, "--device", "cpu"])
     finally:
-        sf.release_locks()
+        atomic.release_locks()
 
 
 def test_script_writes_cards_markdown_and_a_self_contained_page(dataset, shipped, tmp_path):
     neurons = [2500, 5, 900]
     np.save(tmp_path / "n.npy", np.array(neurons, np.int64))
     pd.DataFrame({"neuron_id": [5, 2500], "delta_nll": [0.125, -0.5], "kl": [0.1, 0.2]}).to_csv(
-        sf.path(dataset, sf.NEURON_EFFECTS, SHIPPED_NAME), index=False)
+        layout.path(dataset, layout.NEURON_EFFECTS, SHIPPED_NAME), index=False)
     try:
         run_cards("--dataset_path", dataset, "--neurons", tmp_path / "n.npy", "--output", tmp_path / "out",
                   "--top_examples", 4)
     finally:
-        sf.path(dataset, sf.NEURON_EFFECTS, SHIPPED_NAME).unlink()
-    md = (tmp_path / "out" / sf.CARDS_MD).read_text(encoding="utf-8")
-    page = (tmp_path / "out" / sf.CARDS_HTML).read_text(encoding="utf-8")
+        layout.path(dataset, layout.NEURON_EFFECTS, SHIPPED_NAME).unlink()
+    md = (tmp_path / "out" / layout.CARDS_MD).read_text(encoding="utf-8")
+    page = (tmp_path / "out" / layout.CARDS_HTML).read_text(encoding="utf-8")
     checker = PageChecker()
     checker.feed(page)
     checker.close()
@@ -259,7 +259,7 @@ def test_script_writes_cards_markdown_and_a_self_contained_page(dataset, shipped
         assert not re.search("[\x00-\x09\x0b-\x1f\x7f\x85\u2028\u2029]", text)
     text = "".join(checker.text)
     cfg = shipped.model.config
-    freq = pd.read_csv(sf.path(dataset, sf.FREQUENCY, SHIPPED_NAME))
+    freq = pd.read_csv(layout.path(dataset, layout.FREQUENCY, SHIPPED_NAME))
     seqs = cards.dataset_sequences(dataset, SHIPPED_NAME)
     values, ids = cards.top_examples(shipped.model, seqs, np.array(neurons), 4)
     positions = [text.index(f"Neuron {n} (layer {n // cfg.d_mlp}, dimension {n % cfg.d_mlp})") for n in neurons]
@@ -280,7 +280,7 @@ def test_script_writes_cards_markdown_and_a_self_contained_page(dataset, shipped
             assert "ΔNLL" not in card_md  # not measured for this neuron
         else:
             assert f"single-neuron ΔNLL {0.125 if n == 5 else -0.5:.4g}" in card_md
-        context = shipped.tokenizer.decode(seqs.prefix(int(ids[row, 0]))[-sf.CONTEXT_TOKENS:].tolist())
+        context = shipped.tokenizer.decode(seqs.prefix(int(ids[row, 0]))[-layout.CONTEXT_TOKENS:].tolist())
         assert markdown.visible(context, "\n") in card_text  # the top context, tokens shaded one by one
 
 
@@ -294,7 +294,7 @@ def chromium() -> str | None:
                                                 "so neurons.html is not rendered headlessly")
 def test_page_renders_every_card_in_headless_chromium(dataset, shipped, tmp_path):
     run_cards("--dataset_path", dataset, "--neurons", "5,900", "--output", tmp_path / "out", "--top_examples", 3)
-    page = tmp_path / "out" / sf.CARDS_HTML
+    page = tmp_path / "out" / layout.CARDS_HTML
     r = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions",
                         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
                        capture_output=True, text=True, timeout=120)
@@ -303,7 +303,7 @@ def test_page_renders_every_card_in_headless_chromium(dataset, shipped, tmp_path
     rendered.feed(r.stdout)
     text = "".join(rendered.text)
     d = shipped.model.config.d_mlp
-    freq = pd.read_csv(sf.path(dataset, sf.FREQUENCY, SHIPPED_NAME))
+    freq = pd.read_csv(layout.path(dataset, layout.FREQUENCY, SHIPPED_NAME))
     for n in (5, 900):
         card = text.split(f"Neuron {n} (layer {n // d}, dimension {n % d})")[1].split("Neuron ")[0]
         assert f"activation frequency {freq['activation_frequency'][n]:.4g}" in card
@@ -327,39 +327,39 @@ def test_script_exit_status(dataset, tmp_path):
 
 
 def test_report_neurons_pick_best_subsets_at_the_smallest_k_and_top_effects(tmp_path):
-    (tmp_path / sf.SUBSETS_DIR).mkdir()
-    (tmp_path / sf.RESULTS_DIR).mkdir()
+    (tmp_path / layout.SUBSETS_DIR).mkdir()
+    (tmp_path / layout.RESULTS_DIR).mkdir()
     subsets = {"deg_small": np.arange(100, 130), "deg_other": np.array([1, 2]), "att_small": np.array([105, 7, 3]),
                "rand_small": np.array([50, 51]), "deg_big": np.array([60, 61])}
     for stem, ids in subsets.items():
-        np.save(tmp_path / sf.SUBSETS_DIR / f"{stem}.npy", ids.astype(np.int64))
+        np.save(tmp_path / layout.SUBSETS_DIR / f"{stem}.npy", ids.astype(np.int64))
     pd.DataFrame({"k": [30, 30, 3, 30, 60], "method": ["degree", "degree", "attribution", "random", "degree"],
                   "subset": ["deg_small", "deg_other", "att_small", "rand_small", "deg_big"],
-                  "best": [True, False, True, True, True]}).to_csv(tmp_path / sf.RESULTS_DIR / sf.COMPARISON,
+                  "best": [True, False, True, True, True]}).to_csv(tmp_path / layout.RESULTS_DIR / layout.COMPARISON,
                                                                      index=False)
     # the smallest k compared is 3: only attribution's best subset there
     np.testing.assert_array_equal(cards.report_neurons(tmp_path, "m", 200), [105, 7, 3])
-    c = pd.read_csv(tmp_path / sf.RESULTS_DIR / sf.COMPARISON)
+    c = pd.read_csv(tmp_path / layout.RESULTS_DIR / layout.COMPARISON)
     c.loc[c["subset"] == "att_small", "k"] = 30
-    c.to_csv(tmp_path / sf.RESULTS_DIR / sf.COMPARISON, index=False)
+    c.to_csv(tmp_path / layout.RESULTS_DIR / layout.COMPARISON, index=False)
     pd.DataFrame({"neuron_id": [7, 8, 9, 10], "delta_nll": [0.5, 0.9, -1.0, 0.7], "kl": 0.0}).to_csv(
-        sf.path(tmp_path, sf.NEURON_EFFECTS, "m"), index=False)
+        layout.path(tmp_path, layout.NEURON_EFFECTS, "m"), index=False)
     got = cards.report_neurons(tmp_path, "m", 200, per_subset=20, top_effects=3)
     want = [105, 7, 3] + list(range(100, 120)) + [8, 10]  # methods by name, 20 each, then effects (7 already in)
     np.testing.assert_array_equal(got, [n for i, n in enumerate(want) if n not in want[:i]])
 
 
 def test_report_includes_the_cards(tmp_path):
-    from gelutrace.report import cards_section
+    from gelutrace.report.report import cards_section
 
     assert cards_section(tmp_path) == []
-    (tmp_path / sf.CARDS_DIR).mkdir()
-    (tmp_path / sf.CARDS_DIR / sf.CARDS_MD).write_text("# Neuron cards of `m`\n\nintro\n\n## Neuron 5 (layer 0, "
+    (tmp_path / layout.CARDS_DIR).mkdir()
+    (tmp_path / layout.CARDS_DIR / layout.CARDS_MD).write_text("# Neuron cards of `m`\n\nintro\n\n## Neuron 5 (layer 0, "
                                                        "dimension 5)\n\n| a |\n")
-    (tmp_path / sf.CARDS_DIR / sf.CARDS_HTML).write_text("<html></html>")
+    (tmp_path / layout.CARDS_DIR / layout.CARDS_HTML).write_text("<html></html>")
     text = "\n".join(cards_section(tmp_path))
     assert text.startswith("## Neuron cards") and "\n### Neuron 5 (layer 0, dimension 5)" in text
-    assert f"]({sf.CARDS_DIR}/{sf.CARDS_HTML})" in text and "# Neuron cards of" not in text
+    assert f"]({layout.CARDS_DIR}/{layout.CARDS_HTML})" in text and "# Neuron cards of" not in text
 
 
 def test_stage_b_refuses_a_negative_k_in_both_modes(tmp_path):
@@ -392,8 +392,8 @@ def test_top_examples_file_round_trips_awkward_text_and_exact_values(tmp_path):
     values = np.array([[1.5, 0.1 + 0.2, -0.0], [np.float32(0.3), -2.0, 1e-300]])
     ids = np.array([[3, 4, 5], [6, 3, 4]])
     text = {3: ("a\nb", "\n"), 4: ('x,"y', " "), 5: ("c\rd", "NA"), 6: ("", "null")}
-    sf.write_top_examples(tmp_path / "t.csv", values, ids, text)
-    got = sf.read_top_examples(tmp_path / "t.csv")
+    formats.write_top_examples(tmp_path / "t.csv", values, ids, text)
+    got = formats.read_top_examples(tmp_path / "t.csv")
     assert got["neuron_id"].tolist() == [0, 0, 1, 1, 2, 2] and got["rank"].tolist() == [0, 1] * 3
     assert got["value"].tolist() == values.T.ravel().tolist()  # exactly, as float64
     assert got["sample_id"].tolist() == ids.T.ravel().tolist()
@@ -405,7 +405,7 @@ def test_top_examples_file_round_trips_awkward_text_and_exact_values(tmp_path):
 def test_partial_utf8_tokens_show_their_bytes(shipped):
     """A byte-level piece that is part of a character shows as <0xNN>, never as the replacement character; a
     token that is whole text is shown as decoded. The bytes are checked against the piece's UTF-8 encoding."""
-    from gelutrace.cards import token_text
+    from gelutrace.model.tokens import token_text
 
     tok = shipped.tokenizer
     partial = [i for i in range(len(tok)) if "\ufffd" in tok.decode([i])]

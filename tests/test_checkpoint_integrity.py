@@ -14,10 +14,11 @@ import sys
 
 import numpy as np
 import pytest
+from test_recording import write_prompts
+
+from gelutrace.files import atomic, layout
 
 from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
-from gelutrace import stagefiles as sf
-from test_recording import write_prompts
 
 M = SHIPPED_NAME
 B = str(REPO_ROOT / "b_generate_activation_dataset.py")
@@ -61,13 +62,13 @@ def one_checkpoint_error(r):
 def corpus_runs(tmp_path_factory, shipped_path):
     """An uninterrupted run, and a run interrupted in its fourth batch (a checkpoint after each of the three
     before): the copy each test edits."""
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     root = tmp_path_factory.mktemp("ckpt_corpus")
     r = stage_b(*CORPUS_ARGS, "--export_dir", root / "full")
     assert r.returncode == 0, r.stderr[-3000:]
     interrupted(corpus, "run_batch", 4, CORPUS_ARGS + ["--export_dir", str(root / "part")])
-    state = json.loads((sf.path(root / "part", sf.CORPUS_PARTIAL_DIR, M) / "state_0_1.json").read_text())
+    state = json.loads((layout.path(root / "part", layout.CORPUS_PARTIAL_DIR, M) / "state_0_1.json").read_text())
     assert state["batches_done"] == 3 and len(state["packed"]) == 3
     return root
 
@@ -81,7 +82,7 @@ def corpus_part(corpus_runs, tmp_path):
 def rehash(partial, state):
     """The manifest made to vouch for the files as they now are (what an editor who also edits it writes)."""
     if "files" in state:  # (a state without a manifest stays without one)
-        state["files"] = {f: sf.file_sha256(partial / f) for f in state["files"] if (partial / f).is_file()}
+        state["files"] = {f: atomic.file_sha256(partial / f) for f in state["files"] if (partial / f).is_file()}
     return state
 
 
@@ -154,34 +155,34 @@ CORPUS_EDITS = {
 
 @pytest.mark.parametrize("edit", list(CORPUS_EDITS))
 def test_corpus_checkpoint_edit_is_refused(corpus_part, edit):
-    partial = sf.path(corpus_part, sf.CORPUS_PARTIAL_DIR, M)
+    partial = layout.path(corpus_part, layout.CORPUS_PARTIAL_DIR, M)
     state_file = partial / "state_0_1.json"
     state = CORPUS_EDITS[edit](partial, json.loads(state_file.read_text()))
     state_file.write_text(json.dumps(state))
     line = one_checkpoint_error(stage_b(*CORPUS_ARGS, "--export_dir", corpus_part, "--resume"))
     assert "rerun without --resume" in line
-    assert not sf.path(corpus_part, sf.CORPUS, M).exists() and not sf.path(corpus_part, sf.WEIGHTED_GRAPH, M).exists()
+    assert not layout.path(corpus_part, layout.CORPUS, M).exists() and not layout.path(corpus_part, layout.WEIGHTED_GRAPH, M).exists()
 
 
 def test_truncated_corpus_state_is_refused(corpus_part):
-    state_file = sf.path(corpus_part, sf.CORPUS_PARTIAL_DIR, M) / "state_0_1.json"
+    state_file = layout.path(corpus_part, layout.CORPUS_PARTIAL_DIR, M) / "state_0_1.json"
     state_file.write_bytes(state_file.read_bytes()[:40])
     assert "damaged" in one_checkpoint_error(stage_b(*CORPUS_ARGS, "--export_dir", corpus_part, "--resume"))
-    assert not sf.path(corpus_part, sf.CORPUS, M).exists()
+    assert not layout.path(corpus_part, layout.CORPUS, M).exists()
 
 
 def test_unedited_corpus_checkpoint_resumes_to_the_uninterrupted_run(corpus_runs, corpus_part):
     r = stage_b(*CORPUS_ARGS, "--export_dir", corpus_part, "--resume")
     assert r.returncode == 0 and "resuming after batch 3" in r.stdout, r.stderr[-3000:]
     full = corpus_runs / "full"
-    for f in (sf.FREQUENCY, sf.MATRIX, sf.TOP_EXAMPLES, sf.CORPUS):
-        assert sf.path(corpus_part, f, M).read_bytes() == sf.path(full, f, M).read_bytes(), f
-    got, want = (sf.store_files(sf.path(d, sf.WEIGHTED_GRAPH, M)) for d in (corpus_part, full))
+    for f in (layout.FREQUENCY, layout.MATRIX, layout.TOP_EXAMPLES, layout.CORPUS):
+        assert layout.path(corpus_part, f, M).read_bytes() == layout.path(full, f, M).read_bytes(), f
+    got, want = (atomic.store_files(layout.path(d, layout.WEIGHTED_GRAPH, M)) for d in (corpus_part, full))
     assert [p.name for p in got] == [p.name for p in want]
     for a, b in zip(got, want):
         if a.suffix == ".npy":
             assert a.read_bytes() == b.read_bytes(), a.name
-    assert not sf.path(corpus_part, sf.CORPUS_PARTIAL_DIR, M).exists()
+    assert not layout.path(corpus_part, layout.CORPUS_PARTIAL_DIR, M).exists()
 
 
 # --- prompt mode ------------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def test_unedited_corpus_checkpoint_resumes_to_the_uninterrupted_run(corpus_runs
 def prompt_runs(tmp_path_factory, shipped_path):
     """An uninterrupted greedy run and one interrupted in its third batch (the first two prompts done: 3 + 2
     samples)."""
-    from gelutrace import recording
+    from gelutrace.record import prompts as recording
 
     root = tmp_path_factory.mktemp("ckpt_prompt")
     csv = write_prompts(root / "p.csv")
@@ -197,7 +198,7 @@ def prompt_runs(tmp_path_factory, shipped_path):
     r = stage_b(*args, "--export_dir", root / "full")
     assert r.returncode == 0, r.stderr[-3000:]
     interrupted(recording, "record_batch", 3, [*args, "--export_dir", root / "part"])
-    state = json.loads((sf.path(root / "part", sf.PARTIAL_DIR, M) / "state.json").read_text())
+    state = json.loads((layout.path(root / "part", layout.PARTIAL_DIR, M) / "state.json").read_text())
     assert state["samples_done"] == 5 and len(state["chunks"]) == 2
     return root
 
@@ -250,29 +251,29 @@ PROMPT_EDITS = {
 
 @pytest.mark.parametrize("edit", list(PROMPT_EDITS))
 def test_prompt_checkpoint_edit_is_refused(prompt_runs, prompt_part, edit):
-    partial = sf.path(prompt_part, sf.PARTIAL_DIR, M)
+    partial = layout.path(prompt_part, layout.PARTIAL_DIR, M)
     state_file = partial / "state.json"
     state = PROMPT_EDITS[edit](partial, json.loads(state_file.read_text()))
     state_file.write_text(json.dumps(state))
     r = stage_b("--input_csv", prompt_runs / "p.csv", *PROMPT_ARGS, "--export_dir", prompt_part, "--resume")
     assert "rerun without --resume" in one_checkpoint_error(r)
-    assert not sf.path(prompt_part, sf.DATASET, M).exists()
+    assert not layout.path(prompt_part, layout.DATASET, M).exists()
 
 
 def test_truncated_prompt_state_is_refused(prompt_runs, prompt_part):
-    state_file = sf.path(prompt_part, sf.PARTIAL_DIR, M) / "state.json"
+    state_file = layout.path(prompt_part, layout.PARTIAL_DIR, M) / "state.json"
     state_file.write_bytes(state_file.read_bytes()[:40])
     r = stage_b("--input_csv", prompt_runs / "p.csv", *PROMPT_ARGS, "--export_dir", prompt_part, "--resume")
     assert "damaged" in one_checkpoint_error(r)
-    assert not sf.path(prompt_part, sf.DATASET, M).exists()
+    assert not layout.path(prompt_part, layout.DATASET, M).exists()
 
 
 def test_unedited_prompt_checkpoint_resumes_to_the_uninterrupted_run(prompt_runs, prompt_part):
     r = stage_b("--input_csv", prompt_runs / "p.csv", *PROMPT_ARGS, "--export_dir", prompt_part, "--resume")
     assert r.returncode == 0 and "resuming after 5 of 6" in r.stdout, r.stderr[-3000:]
-    for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY, sf.TOP_EXAMPLES, sf.ACTIVATIONS_JSON):
-        assert sf.path(prompt_part, f, M).read_bytes() == sf.path(prompt_runs / "full", f, M).read_bytes(), f
-    assert not sf.path(prompt_part, sf.PARTIAL_DIR, M).exists()
+    for f in (layout.DATASET, layout.MATRIX, layout.FREQUENCY, layout.TOP_EXAMPLES, layout.ACTIVATIONS_JSON):
+        assert layout.path(prompt_part, f, M).read_bytes() == layout.path(prompt_runs / "full", f, M).read_bytes(), f
+    assert not layout.path(prompt_part, layout.PARTIAL_DIR, M).exists()
 
 
 # --- a checkpoint in an odd place -------------------------------------------------------------------------------
@@ -302,12 +303,12 @@ def test_checkpoint_in_an_odd_place_is_refused(request, tmp_path, mode, place):
     the run's: --resume refuses it in one line (never starting over silently, never reading or removing files
     through the link), and the files it points at are left as they were."""
     if mode == "corpus":
-        part, partial_dir, state = request.getfixturevalue("corpus_part"), sf.CORPUS_PARTIAL_DIR, "state_0_1.json"
+        part, partial_dir, state = request.getfixturevalue("corpus_part"), layout.CORPUS_PARTIAL_DIR, "state_0_1.json"
         args = CORPUS_ARGS
     else:
-        part, partial_dir, state = request.getfixturevalue("prompt_part"), sf.PARTIAL_DIR, "state.json"
+        part, partial_dir, state = request.getfixturevalue("prompt_part"), layout.PARTIAL_DIR, "state.json"
         args = ["--input_csv", request.getfixturevalue("prompt_runs") / "p.csv", *PROMPT_ARGS]
-    partial = sf.path(part, partial_dir, M)
+    partial = layout.path(part, partial_dir, M)
     PLACES[place](partial, partial / state, tmp_path / "elsewhere")
     before = sorted((p.relative_to(tmp_path).as_posix(), p.is_file() and p.read_bytes())
                     for p in tmp_path.rglob("*"))
@@ -322,21 +323,21 @@ def test_a_fresh_run_replaces_a_linked_checkpoint_directory_not_what_it_points_t
     """Without --resume, a checkpoint directory that is a link (to files named as the run names its own) is
     removed as a link: the run writes the uninterrupted run's files, and the files the link pointed to stay."""
     if mode == "corpus":
-        runs, partial_dir, args, files = (request.getfixturevalue("corpus_runs"), sf.CORPUS_PARTIAL_DIR, CORPUS_ARGS,
-                                          (sf.FREQUENCY, sf.TOP_EXAMPLES, sf.CORPUS))
+        runs, partial_dir, args, files = (request.getfixturevalue("corpus_runs"), layout.CORPUS_PARTIAL_DIR, CORPUS_ARGS,
+                                          (layout.FREQUENCY, layout.TOP_EXAMPLES, layout.CORPUS))
     else:
-        runs, partial_dir, files = request.getfixturevalue("prompt_runs"), sf.PARTIAL_DIR, (sf.DATASET, sf.FREQUENCY)
+        runs, partial_dir, files = request.getfixturevalue("prompt_runs"), layout.PARTIAL_DIR, (layout.DATASET, layout.FREQUENCY)
         args = ["--input_csv", runs / "p.csv", *PROMPT_ARGS]
     elsewhere = tmp_path / "elsewhere"
-    shutil.copytree(sf.path(runs / "part", partial_dir, M), elsewhere)  # a checkpoint's own file names
+    shutil.copytree(layout.path(runs / "part", partial_dir, M), elsewhere)  # a checkpoint's own file names
     before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
     out = tmp_path / "out"
     out.mkdir()
-    sf.path(out, partial_dir, M).symlink_to(elsewhere)
+    layout.path(out, partial_dir, M).symlink_to(elsewhere)
     r = stage_b(*args, "--export_dir", out)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in files:
-        assert sf.path(out, f, M).read_bytes() == sf.path(runs / "full", f, M).read_bytes(), f
+        assert layout.path(out, f, M).read_bytes() == layout.path(runs / "full", f, M).read_bytes(), f
     assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before
-    p = sf.path(out, partial_dir, M)
+    p = layout.path(out, partial_dir, M)
     assert not p.exists() and not p.is_symlink()

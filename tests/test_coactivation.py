@@ -5,11 +5,12 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 import pytest
-from graphdata import brute_force_graph, full_edges, make_dataset, random_activations
 
-from gelutrace import analysis as ga
-from gelutrace import graph as gr
-from gelutrace import store as gs
+from gelutrace.graph import coactivation as gr
+from gelutrace.graph import store as gs
+from gelutrace.selection import analysis as ga
+
+from graphdata import brute_force_graph, full_edges, make_dataset, random_activations
 
 N_LAYER, D_MLP = 3, 12
 
@@ -163,7 +164,7 @@ def test_store_loads_one_pair_memory_mapped_without_pickle(dataset):
 def test_pair_product_exact_for_any_row_count(rows):
     import torch
 
-    from gelutrace.statistics import pair_product
+    from gelutrace.graph.counts import pair_product
     rng = np.random.default_rng(rows)
     a, b = rng.random((rows, 40)) < 0.4, rng.random((rows, 24)) < 0.7
     got = pair_product(torch.from_numpy(a), torch.from_numpy(b))
@@ -173,7 +174,7 @@ def test_pair_product_exact_for_any_row_count(rows):
 
 @pytest.mark.parametrize("d_mlp", [12, 16])  # layers that are, and are not, whole bytes of the packed matrix
 def test_packed_matrix_counts_in_blocks_equal_numpy(d_mlp):
-    from gelutrace.statistics import PackedMatrixCounts
+    from gelutrace.graph.counts import PackedMatrixCounts
     active = random_activations(4, d_mlp, 1000, seed=d_mlp)
     counts = PackedMatrixCounts(np.packbits(active, axis=1), 4, d_mlp, block_rows=96)
     a = active.astype(np.int64)

@@ -8,17 +8,18 @@ import itertools
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import stats as scipy_stats
 
-from gelutrace import comparison as cmp
-from gelutrace import perturbation as pt
+from gelutrace.evaluate import ablation as pt
+from gelutrace.evaluate import statistics as stats
+from gelutrace.report import verdict
 
 
 def test_percentile_and_ordinals_by_hand():
-    assert cmp.percentile(5.0, [1, 2, 3, 4]) == 100
-    assert cmp.percentile(2.0, [1, 2, 3, 4]) == 37.5  # a tie counts half
-    assert np.isnan(cmp.percentile(1.0, []))
-    assert [cmp.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 33, 100, 101, 111)] == [
+    assert stats.percentile(5.0, [1, 2, 3, 4]) == 100
+    assert stats.percentile(2.0, [1, 2, 3, 4]) == 37.5  # a tie counts half
+    assert np.isnan(stats.percentile(1.0, []))
+    assert [verdict.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 33, 100, 101, 111)] == [
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "33rd", "100th", "101st", "111th"]
 
 
@@ -30,7 +31,7 @@ def reference_null(value, controls):
     mean = sum(c) / n
     sd = (sum((x - mean) ** 2 for x in c) / (n - 1)) ** 0.5
     z = (value - mean) / sd
-    return {"p_random": (1 + at_least) / (1 + n), "z_random": z, "p_random_normal": 1 - stats.norm.cdf(z),
+    return {"p_random": (1 + at_least) / (1 + n), "z_random": z, "p_random_normal": 1 - scipy_stats.norm.cdf(z),
             "random_mean": mean, "random_std": sd, "random_n": n}
 
 
@@ -45,7 +46,7 @@ def test_null_test_against_direct_computation(case):
         controls[[3, 9, 20]] = np.nan
     if case == "few":
         controls = controls[:7]
-    got, want = cmp.null_test(value, controls), reference_null(value, controls)
+    got, want = stats.null_test(value, controls), reference_null(value, controls)
     for key, v in want.items():
         assert got[key] == pytest.approx(v, rel=1e-9), key
     clean = controls[~np.isnan(controls)]
@@ -57,10 +58,10 @@ def test_null_test_against_direct_computation(case):
 
 
 def test_null_test_edge_cases():
-    assert np.isnan(cmp.null_test(1.0, [])["p_random"]) and cmp.null_test(1.0, [np.nan])["random_n"] == 0
-    const = cmp.null_test(2.0, [1.0, 1.0, 1.0])
+    assert np.isnan(stats.null_test(1.0, [])["p_random"]) and stats.null_test(1.0, [np.nan])["random_n"] == 0
+    const = stats.null_test(2.0, [1.0, 1.0, 1.0])
     assert const["z_random"] == np.inf and const["p_random_normal"] == 0.0 and const["p_random"] == 0.25
-    assert np.isnan(cmp.null_test(1.0, [1.0, 1.0])["z_random"])
+    assert np.isnan(stats.null_test(1.0, [1.0, 1.0])["z_random"])
 
 
 def reference_holm(p):
@@ -81,48 +82,48 @@ def test_holm_against_the_textbook_procedure():
         p[rng.random(len(p)) < 0.2] = np.nan
         if rng.random() < 0.3 and len(p) > 2:
             p[1] = p[0]  # ties
-        np.testing.assert_allclose(cmp.holm(p), reference_holm(list(p)), rtol=1e-12)
-    assert cmp.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
+        np.testing.assert_allclose(stats.holm(p), reference_holm(list(p)), rtol=1e-12)
+    assert stats.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
 
 
 def test_t_ratio_uses_the_t_interval():
     c = np.array([0.9, 1.1, 1.0, 1.2, 0.8])
-    half = stats.t.ppf(0.975, 4) * c.std(ddof=1) / np.sqrt(5)
+    half = scipy_stats.t.ppf(0.975, 4) * c.std(ddof=1) / np.sqrt(5)
     assert c.mean() - half > 0
-    assert cmp.t_ratio(3.0, c) == pytest.approx(3.0 / c.mean())
+    assert stats.t_ratio(3.0, c) == pytest.approx(3.0 / c.mean())
     # 2 standard errors would call this mean positive; the t-interval with 2 degrees of freedom does not
     c = np.array([0.2, 1.0, 1.9])
     se = c.std(ddof=1) / np.sqrt(3)
-    assert c.mean() - 2 * se > 0 > c.mean() - stats.t.ppf(0.975, 2) * se
-    assert np.isnan(cmp.t_ratio(3.0, c)) and np.isnan(cmp.t_ratio(3.0, [2.0]))
+    assert c.mean() - 2 * se > 0 > c.mean() - scipy_stats.t.ppf(0.975, 2) * se
+    assert np.isnan(stats.t_ratio(3.0, c)) and np.isnan(stats.t_ratio(3.0, [2.0]))
 
 
 def test_bootstrap_ci_against_exact_enumeration():
     """3 prompts with 1, 2 and 3 samples: the CI equals the quantiles of all 27 equally likely resamples."""
     per_sample = np.array([0.0, 1.0, 3.0, 2.0, 2.0, 8.0])
     prompt = np.array([0, 1, 1, 2, 2, 2])
-    sums, counts = cmp.prompt_sums(per_sample, prompt, 3)
+    sums, counts = stats.prompt_sums(per_sample, prompt, 3)
     assert sums.tolist() == [0.0, 4.0, 12.0] and counts.tolist() == [1, 2, 3]
     exact = [sum(sums[list(c)]) / sum(counts[list(c)]) for c in itertools.product(range(3), repeat=3)]
-    w = cmp.bootstrap_weights(3, seed=1, n_boot=40000)
+    w = stats.bootstrap_weights(3, seed=1, n_boot=40000)
     assert (w.sum(axis=1) == 3).all()
-    lo, hi = cmp.bootstrap_ci(w, sums, counts)
+    lo, hi = stats.bootstrap_ci(w, sums, counts)
     atoms = np.sort(exact)
     assert atoms[0] <= lo <= atoms[1] and atoms[-2] <= hi <= atoms[-1]
-    assert cmp.bootstrap_ci(w, np.array([2.0, 4.0, 6.0]), np.array([1.0, 2.0, 3.0])) == (2.0, 2.0)
+    assert stats.bootstrap_ci(w, np.array([2.0, 4.0, 6.0]), np.array([1.0, 2.0, 3.0])) == (2.0, 2.0)
     # each prompt is drawn once per replicate on average (binomial: 3 * 40000 draws, p = 1/3)
     np.testing.assert_allclose(w.mean(axis=0), 1.0, atol=5 * np.sqrt(2 / 3 / 40000) * 3)
 
 
 def test_split_is_seeded_disjoint_and_complete():
-    s = cmp.split_prompts(44, seed=5, share=0.5)
+    s = stats.split_prompts(44, seed=5, share=0.5)
     assert s.nested and len(s.validation) == 22 and len(s.test) == 22
     assert not set(s.validation) & set(s.test) and sorted(set(s.validation) | set(s.test)) == list(range(44))
-    again = cmp.split_prompts(44, seed=5, share=0.5)
+    again = stats.split_prompts(44, seed=5, share=0.5)
     assert s.validation.tolist() == again.validation.tolist()
-    assert s.validation.tolist() != cmp.split_prompts(44, seed=6, share=0.5).validation.tolist()
-    assert len(cmp.split_prompts(44, 5, 0.25).validation) == 11
-    few = cmp.split_prompts(9, 5)
+    assert s.validation.tolist() != stats.split_prompts(44, seed=6, share=0.5).validation.tolist()
+    assert len(stats.split_prompts(44, 5, 0.25).validation) == 11
+    few = stats.split_prompts(9, 5)
     assert not few.nested and few.validation.tolist() == few.test.tolist() == list(range(9))
 
 
@@ -144,16 +145,16 @@ class World:
     def entry(self, method, ids, variant="", n_controls=30, info=None):
         ids = np.sort(np.asarray(ids))
         ctl = [pt.random_control(ids, N_LAYER, D_MLP, 1, j) for j in range(n_controls)]
-        sums = {m: self.per_prompt(ids) for m in cmp.METRICS}
+        sums = {m: self.per_prompt(ids) for m in stats.METRICS}
         sums["token_agreement"] = np.full(N_PROMPTS, 0.5)
         control = np.array([self.per_prompt(c) for c in ctl]).reshape(n_controls, N_PROMPTS)
-        return cmp.Entry(f"{method}_{variant}_{len(ids)}", method, variant, len(ids), ids, sums, np.ones(N_PROMPTS),
-                         {m: control for m in cmp.METRICS}, np.ones((n_controls, N_PROMPTS)), info or {})
+        return stats.Entry(f"{method}_{variant}_{len(ids)}", method, variant, len(ids), ids, sums, np.ones(N_PROMPTS),
+                         {m: control for m in stats.METRICS}, np.ones((n_controls, N_PROMPTS)), info or {})
 
 
 def verdict_of(entries, n_prompts=N_PROMPTS):
-    split = cmp.split_prompts(n_prompts, 11)
-    return cmp.verdict_table(entries, split, 11).set_index("k"), cmp.comparison_table(entries, split, 11)
+    split = stats.split_prompts(n_prompts, 11)
+    return stats.verdict_table(entries, split, 11).set_index("k"), stats.comparison_table(entries, split, 11)
 
 
 def test_layer_zero_subset_is_not_distinguishable_and_top_effects_are_above_random():
@@ -167,20 +168,20 @@ def test_layer_zero_subset_is_not_distinguishable_and_top_effects_are_above_rand
     assert row.loc["activation_count", "delta_nll_p_random"] > 0.05
     assert row.loc["ablation", "delta_nll_p_random"] == pytest.approx(1 / 31)
     assert row.loc["ablation", "delta_nll_p_random_holm"] < 0.05
-    lines = "\n".join(cmp.verdict_lines(v.reset_index(), N_LAYER * D_MLP))
+    lines = "\n".join(verdict.verdict_lines(v.reset_index(), N_LAYER * D_MLP))
     assert "**ablation**" in lines and "above random neurons of the same layers (p = 0.032 from 30 controls" in lines
     # alone, the layer-0 subset gets no claim above random
     v0, _ = verdict_of([w.entry("activation_count", layer0)])
-    text = "\n".join(cmp.verdict_lines(v0.reset_index(), N_LAYER * D_MLP))
+    text = "\n".join(verdict.verdict_lines(v0.reset_index(), N_LAYER * D_MLP))
     assert "not distinguishable from random neurons of the same layers" in text and "above random" not in text
 
 
 def test_normal_approximation_tail_is_written_as_a_bound():
     """A Gaussian fitted to 30 controls cannot speak for p = 1.9e-268: the words give a bound there."""
-    assert cmp.null_phrase(30, 1 / 31, 1.9e-268) == ("above random neurons of the same layers (p = 0.032 from 30 "
+    assert verdict.null_phrase(30, 1 / 31, 1.9e-268) == ("above random neurons of the same layers (p = 0.032 from 30 "
                                                       "controls; Holm-adjusted normal approximation p < 1e-06)")
-    assert cmp.null_phrase(30, 1 / 31, 0.004).endswith("normal approximation p = 0.004)")
-    assert cmp.null_phrase(30, 0.2, 3e-9) == ("not distinguishable from random neurons of the same layers (p = 0.2, "
+    assert verdict.null_phrase(30, 1 / 31, 0.004).endswith("normal approximation p = 0.004)")
+    assert verdict.null_phrase(30, 0.2, 3e-9) == ("not distinguishable from random neurons of the same layers (p = 0.2, "
                                               "Holm-adjusted normal approximation p < 1e-06)")
 
 
@@ -195,7 +196,7 @@ def test_not_separable_margin_random_runner_up_and_nan_cis():
     r = v.loc[8]
     assert "random" not in r["ranking"].split(" > ")
     assert r["runner_up"] != "random" and r["margin_ci_low"] <= 0 <= r["margin_ci_high"]
-    text = "\n".join(cmp.verdict_lines(v.reset_index(), 200))
+    text = "\n".join(verdict.verdict_lines(v.reset_index(), 200))
     assert "not separable from" in text
     # NaN effects (no samples): CIs and p-values are NaN, and nothing is claimed
     e = w.entry("degree", np.arange(100, 108), "t=0.5")
@@ -209,7 +210,7 @@ def test_few_controls_make_no_claim():
     top = np.argsort(-w.effect)[:10]
     v, c = verdict_of([w.entry("ablation", top, n_controls=5)])
     assert c.loc[0, "delta_nll_p_random"] == pytest.approx(1 / 6)
-    text = "\n".join(cmp.verdict_lines(v.reset_index(), 200))
+    text = "\n".join(verdict.verdict_lines(v.reset_index(), 200))
     assert "random neurons" not in text
 
 
@@ -223,11 +224,11 @@ def test_filler_variants_cannot_be_best_and_the_variant_is_chosen_on_validation(
     assert bool(row.loc[filler.stem, "filler"]) and not bool(row.loc[filler.stem, "best"])
     assert bool(row.loc[honest.stem, "best"])
     # variants chosen on validation prompts: one that is better only on the test prompts loses
-    split = cmp.split_prompts(N_PROMPTS, 11)
+    split = stats.split_prompts(N_PROMPTS, 11)
     a, b = w.entry("degree", np.arange(100, 110), "t=0.1"), w.entry("degree", np.arange(110, 120), "t=0.2")
     a.sums["delta_nll"] = np.where(np.isin(np.arange(N_PROMPTS), split.validation), 1.0, 0.0)
     b.sums["delta_nll"] = np.where(np.isin(np.arange(N_PROMPTS), split.validation), 0.5, 2.0)
-    c = cmp.comparison_table([a, b], split, 11).set_index("variant")
+    c = stats.comparison_table([a, b], split, 11).set_index("variant")
     assert bool(c.loc["t=0.1", "best"]) and not bool(c.loc["t=0.2", "best"])
     assert c.loc["t=0.1", "delta_nll"] == 0.0 and c.loc["t=0.1", "delta_nll_validation"] == 1.0
 
@@ -241,7 +242,7 @@ def test_graph_method_against_baselines():
     r = v.loc[10]
     assert r["winner"] == "attribution" and r["graph_vs_attribution_verdict"] == "loses to"
     assert r["graph_best"] == "degree (t=0.5)"
-    text = "\n".join(cmp.verdict_lines(v.reset_index(), 200))
+    text = "\n".join(verdict.verdict_lines(v.reset_index(), 200))
     assert "The best co-activation graph method, degree (t=0.5), " in text and "loses to attribution" in text
 
 
@@ -249,11 +250,11 @@ def test_overlap_and_agreement_by_hand():
     w = World(5)
     a = w.entry("attribution", [0, 1, 2, 3])
     b = w.entry("activation_count", [2, 3, 4, 5])
-    ov = cmp.overlap_table([a, b], cmp.split_prompts(N_PROMPTS, 1))
+    ov = stats.overlap_table([a, b], stats.split_prompts(N_PROMPTS, 1))
     assert ov["jaccard"].tolist() == [2 / 6]
     effects = np.array([0.9, 0.1, 0.8, np.nan, 0.7, 0.0])  # neuron 3 not measured
     scores = {("attribution", ""): np.array([5.0, 1.0, 4.0, 0.0, 3.0, 0.0])}
-    ag = cmp.agreement_table([a, b], effects, scores).set_index("method")
+    ag = stats.agreement_table([a, b], effects, scores).set_index("method")
     assert ag.loc["attribution", "spearman"] == pytest.approx(1.0)  # same order over the measured neurons
     assert np.isnan(ag.loc["activation_count", "spearman"])  # no scores given
     assert ag.loc["attribution", "top_k_recall"] == 3 / 4 and ag.loc["activation_count", "top_k_recall"] == 2 / 4

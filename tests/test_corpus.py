@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
+from gelutrace.files import atomic, formats, layout
+
 from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf, run_python
-from gelutrace import stagefiles as sf
 
 M = SHIPPED_NAME
 B = "b_generate_activation_dataset.py"
@@ -95,7 +96,7 @@ def store_arrays(store):
 
 
 def header_without_ids(store):
-    h = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
+    h = json.loads((store / layout.GRAPH_STORE_HEADER).read_text())
     return {k: v for k, v in h.items() if k not in ("uid", "source")}
 
 
@@ -106,7 +107,7 @@ def test_streamed_counts_equal_transformers_and_numpy(streamed, shipped, shipped
     active = values > 0
     cfg = shipped.model.config
     d = cfg.d_mlp
-    rec = json.loads(sf.path(streamed, sf.CORPUS, M).read_text())
+    rec = json.loads(layout.path(streamed, layout.CORPUS, M).read_text())
     assert rec["tokens"] == rec["samples"] == len(ids) == len(values)
     assert rec["documents"] == 3 and [f["documents"] for f in rec["files"]] == [2, 1]
     assert rec["windows"] == -(-len(ids) // CONTEXT) and len(ids) % CONTEXT  # a shorter last window is kept
@@ -114,35 +115,35 @@ def test_streamed_counts_equal_transformers_and_numpy(streamed, shipped, shipped
     import hashlib
     assert rec["files"][1]["sha256"] == hashlib.sha256(HELDOUT_PATH.read_bytes()).hexdigest()
 
-    store = sf.path(streamed, sf.WEIGHTED_GRAPH, M)
+    store = layout.path(streamed, layout.WEIGHTED_GRAPH, M)
     arrays = store_arrays(store)
-    np.testing.assert_array_equal(arrays[sf.GRAPH_STORE_NODES], active.sum(axis=0))
+    np.testing.assert_array_equal(arrays[layout.GRAPH_STORE_NODES], active.sum(axis=0))
     a64 = active.astype(np.int64)
     for i in range(cfg.n_layer - 1):
         expect = a64[:, i * d:(i + 1) * d].T @ a64[:, (i + 1) * d:(i + 2) * d]
-        got = arrays[sf.GRAPH_STORE_PAIR.format(src=i, tgt=i + 1)]
+        got = arrays[layout.GRAPH_STORE_PAIR.format(src=i, tgt=i + 1)]
         assert got.dtype == np.uint16
         np.testing.assert_array_equal(got, expect)
-    h = json.loads((store / sf.GRAPH_STORE_HEADER).read_text())
+    h = json.loads((store / layout.GRAPH_STORE_HEADER).read_text())
     assert h["num_samples"] == len(values) and h["kind"] == "adjacent_dense"
 
-    freq = pd.read_csv(sf.path(streamed, sf.FREQUENCY, M))
-    assert list(freq.columns) == sf.FREQUENCY_COLUMNS and freq["attribution"].isna().all()
+    freq = pd.read_csv(layout.path(streamed, layout.FREQUENCY, M))
+    assert list(freq.columns) == layout.FREQUENCY_COLUMNS and freq["attribution"].isna().all()
     np.testing.assert_array_equal(freq["activation_count"], active.sum(axis=0))
     np.testing.assert_allclose(freq["activation_frequency"], active.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(freq["mean_activation"], values.astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-6)
-    matrix, _ = sf.read_activation_matrix(sf.path(streamed, sf.MATRIX, M))
+    matrix, _ = formats.read_activation_matrix(layout.path(streamed, layout.MATRIX, M))
     np.testing.assert_array_equal(matrix, active)
-    assert sf.read_graph_meta(streamed, M)["n_layer"] == cfg.n_layer
-    assert not sf.path(streamed, sf.DATASET, M).exists() and not sf.path(streamed, sf.ACTIVATIONS_JSON, M).exists()
+    assert formats.read_graph_meta(streamed, M)["n_layer"] == cfg.n_layer
+    assert not layout.path(streamed, layout.DATASET, M).exists() and not layout.path(streamed, layout.ACTIVATIONS_JSON, M).exists()
 
 
 def test_streamed_top_examples_equal_transformers_and_a_brute_force_sort(streamed, shipped, shipped_path):
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     texts = DOCS + [HELDOUT_PATH.read_text(encoding="utf-8")]
     ids, values = reference(shipped_path, shipped.tokenizer, texts)
-    table = sf.read_top_examples(sf.path(streamed, sf.TOP_EXAMPLES, M))
+    table = formats.read_top_examples(layout.path(streamed, layout.TOP_EXAMPLES, M))
     n = values.shape[1]
     assert len(table) == n * 10 and (table["rank"].to_numpy() == np.tile(np.arange(10), n)).all()
     for neuron in np.random.default_rng(4).choice(n, 64, replace=False):
@@ -150,12 +151,12 @@ def test_streamed_top_examples_equal_transformers_and_a_brute_force_sort(streame
         order = sorted(range(len(ids)), key=lambda s: (-values[s, neuron], s))[:10]  # sample id = token position
         np.testing.assert_array_equal(rows["sample_id"], order)
         np.testing.assert_allclose(rows["value"], values[order, neuron], atol=1e-4)
-    rec = json.loads(sf.path(streamed, sf.CORPUS, M).read_text())
+    rec = json.loads(layout.path(streamed, layout.CORPUS, M).read_text())
     doc_ids = [shipped.tokenizer(t)["input_ids"] + [shipped.tokenizer.eos_token_id] for t in texts]
     for r in table.sample(300, random_state=0).itertuples():
         s = r.sample_id
         window_start = s // CONTEXT * CONTEXT
-        assert r.context == shipped.tokenizer.decode(ids[max(window_start, s - sf.CONTEXT_TOKENS + 1):s + 1])
+        assert r.context == shipped.tokenizer.decode(ids[max(window_start, s - layout.CONTEXT_TOKENS + 1):s + 1])
         assert r.token == shipped.tokenizer.decode([ids[s]])
         path, doc, offset = corpus.locate(rec, [s])[0]
         k = 0 if path.endswith("a_docs.jsonl") else 2
@@ -167,26 +168,26 @@ def test_streamed_top_examples_equal_transformers_and_a_brute_force_sort(streame
 
 def test_saved_matrix_through_stage_c_equals_the_streamed_store(streamed, tmp_path):
     run("c_calculate_weighted_activation_graph.py", "--input_dir", streamed, "--output_path", tmp_path / "c_store")
-    a, b = store_arrays(sf.path(streamed, sf.WEIGHTED_GRAPH, M)), store_arrays(tmp_path / "c_store")
+    a, b = store_arrays(layout.path(streamed, layout.WEIGHTED_GRAPH, M)), store_arrays(tmp_path / "c_store")
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
-        assert (sf.path(streamed, sf.WEIGHTED_GRAPH, M) / k).read_bytes() == (tmp_path / "c_store" / k).read_bytes()
-    assert header_without_ids(sf.path(streamed, sf.WEIGHTED_GRAPH, M)) == header_without_ids(tmp_path / "c_store")
+        assert (layout.path(streamed, layout.WEIGHTED_GRAPH, M) / k).read_bytes() == (tmp_path / "c_store" / k).read_bytes()
+    assert header_without_ids(layout.path(streamed, layout.WEIGHTED_GRAPH, M)) == header_without_ids(tmp_path / "c_store")
 
 
 def assert_same_statistics(a, b, mean_rtol=1e-12):
     """Counts bit for bit, mean activations to mean_rtol, top examples exactly (to 1e-6 where batches differ)."""
-    ta, tb = sf.read_top_examples(sf.path(a, sf.TOP_EXAMPLES, M)), sf.read_top_examples(sf.path(b, sf.TOP_EXAMPLES, M))
+    ta, tb = formats.read_top_examples(layout.path(a, layout.TOP_EXAMPLES, M)), formats.read_top_examples(layout.path(b, layout.TOP_EXAMPLES, M))
     pd.testing.assert_frame_equal(ta.drop(columns="value"), tb.drop(columns="value"))
     np.testing.assert_allclose(ta["value"], tb["value"], rtol=0 if mean_rtol <= 1e-12 else 1e-6, atol=0)
-    sa, sb = sf.path(a, sf.WEIGHTED_GRAPH, M), sf.path(b, sf.WEIGHTED_GRAPH, M)
+    sa, sb = layout.path(a, layout.WEIGHTED_GRAPH, M), layout.path(b, layout.WEIGHTED_GRAPH, M)
     xa, xb = store_arrays(sa), store_arrays(sb)
     assert xa.keys() == xb.keys()
     for k in xa:
         assert xa[k].dtype == xb[k].dtype and np.array_equal(xa[k], xb[k]), k
     assert header_without_ids(sa) == header_without_ids(sb)
-    fa, fb = pd.read_csv(sf.path(a, sf.FREQUENCY, M)), pd.read_csv(sf.path(b, sf.FREQUENCY, M))
+    fa, fb = pd.read_csv(layout.path(a, layout.FREQUENCY, M)), pd.read_csv(layout.path(b, layout.FREQUENCY, M))
     pd.testing.assert_frame_equal(fa.drop(columns="mean_activation"), fb.drop(columns="mean_activation"))
     np.testing.assert_allclose(fa["mean_activation"], fb["mean_activation"], rtol=mean_rtol, atol=1e-15)
 
@@ -208,28 +209,28 @@ def test_three_shards_merged_equal_unsharded(corpus_dir, one_by_one, tmp_path):
     for i in range(3):
         run_here(B, "--input_text", corpus_dir, "--export_dir", tmp_path / f"s{i}", "--model_type", M,
                  "--context", CONTEXT, "--batch_size", 1, "--shard", f"{i}/3")
-    recs = [json.loads(sf.path(tmp_path / f"s{i}", sf.CORPUS, M).read_text()) for i in range(3)]
-    total = json.loads(sf.path(one_by_one, sf.CORPUS, M).read_text())
+    recs = [json.loads(layout.path(tmp_path / f"s{i}", layout.CORPUS, M).read_text()) for i in range(3)]
+    total = json.loads(layout.path(one_by_one, layout.CORPUS, M).read_text())
     assert [r["shard"]["index"] for r in recs] == [0, 1, 2]
     assert sum(r["samples"] for r in recs) == total["samples"] and all(r["samples"] < total["samples"] for r in recs)
     run("c_merge_activation_statistics.py", "--output_dir", tmp_path / "merged",
         *(tmp_path / f"s{i}" for i in (2, 0, 1)))
     assert_same_statistics(tmp_path / "merged", one_by_one)
-    merged = json.loads(sf.path(tmp_path / "merged", sf.CORPUS, M).read_text())
+    merged = json.loads(layout.path(tmp_path / "merged", layout.CORPUS, M).read_text())
     assert merged["samples"] == total["samples"] and merged["shard"] is None
 
     def edited(name, change):
         d = tmp_path / name
         shutil.copytree(tmp_path / "s1", d)
-        rec = json.loads(sf.path(d, sf.CORPUS, M).read_text())
+        rec = json.loads(layout.path(d, layout.CORPUS, M).read_text())
         change(rec)
-        sf.path(d, sf.CORPUS, M).write_text(json.dumps(rec))
+        layout.path(d, layout.CORPUS, M).write_text(json.dumps(rec))
         return d
 
     s0, s1, s2 = (tmp_path / f"s{i}" for i in range(3))
     unfinished = tmp_path / "unfinished"
     shutil.copytree(s2, unfinished)
-    (unfinished / sf.CORPUS_PARTIAL_DIR.format(m=M)).mkdir()
+    (unfinished / layout.CORPUS_PARTIAL_DIR.format(m=M)).mkdir()
     cases = {
         "model": [s0, edited("other_model", lambda r: r.update(model="gpt2")), s2],
         "context": [s0, edited("other_context", lambda r: r.update(context=32)), s2],
@@ -257,15 +258,15 @@ def test_torchrun_two_gloo_processes_equal_single_process(corpus_dir, one_by_one
                        cwd=REPO_ROOT, capture_output=True, text=True, env=dict(os.environ, **ONE_THREAD), timeout=300)
     assert r.returncode == 0, r.stderr
     assert_same_statistics(out, one_by_one)
-    rec = json.loads(sf.path(out, sf.CORPUS, M).read_text())
-    single = json.loads(sf.path(one_by_one, sf.CORPUS, M).read_text())
+    rec = json.loads(layout.path(out, layout.CORPUS, M).read_text())
+    single = json.loads(layout.path(one_by_one, layout.CORPUS, M).read_text())
     assert rec["shard"] is None and rec["samples"] == single["samples"]
-    assert not sf.path(out, sf.CORPUS_PARTIAL_DIR, M).exists()
+    assert not layout.path(out, layout.CORPUS_PARTIAL_DIR, M).exists()
 
 
 def interrupt_at_batch(monkeypatch, n: int):
     """Make corpus mode's n-th forward pass raise KeyboardInterrupt; returns the real run_batch."""
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     real, calls = corpus.run_batch, {"n": 0}
 
@@ -280,23 +281,23 @@ def interrupt_at_batch(monkeypatch, n: int):
 
 
 def test_resume_after_interrupt_equals_uninterrupted(corpus_dir, one_by_one, tmp_path, monkeypatch):
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     common = ["--input_text", str(corpus_dir), "--model_type", M, "--context", str(CONTEXT), "--batch_size", "1",
               "--device", "cpu", "--save_matrix"]
     real = interrupt_at_batch(monkeypatch, 6)
     code, _ = run_here(B, *common, "--export_dir", tmp_path / "part", "--checkpoint_minutes", "0", check=False)
     assert code == 130
-    assert not sf.path(tmp_path / "part", sf.CORPUS, M).exists()  # no outputs of an unfinished run
-    partial = sf.path(tmp_path / "part", sf.CORPUS_PARTIAL_DIR, M)
+    assert not layout.path(tmp_path / "part", layout.CORPUS, M).exists()  # no outputs of an unfinished run
+    partial = layout.path(tmp_path / "part", layout.CORPUS_PARTIAL_DIR, M)
     assert json.loads((partial / "state_0_1.json").read_text())["batches_done"] == 5
 
     monkeypatch.setattr(corpus, "run_batch", real)
     run_here(B, *common, "--export_dir", tmp_path / "part", "--resume")
     run_here(B, *common, "--export_dir", tmp_path / "full")
     assert_same_statistics(tmp_path / "part", tmp_path / "full", mean_rtol=0)
-    for f in (sf.FREQUENCY, sf.MATRIX, sf.CORPUS):
-        assert sf.path(tmp_path / "part", f, M).read_bytes() == sf.path(tmp_path / "full", f, M).read_bytes()
+    for f in (layout.FREQUENCY, layout.MATRIX, layout.CORPUS):
+        assert layout.path(tmp_path / "part", f, M).read_bytes() == layout.path(tmp_path / "full", f, M).read_bytes()
     assert not partial.exists()
 
 
@@ -337,7 +338,7 @@ def test_bad_input_one_error_line_nothing_written(case, tmp_path, shipped_path):
 
 @pytest.mark.slow
 def test_cards_of_a_corpus_dataset_shade_contexts_as_transformers_does(streamed, shipped, shipped_path, tmp_path):
-    from gelutrace import cards
+    from gelutrace.report import cards
 
     texts = DOCS + [HELDOUT_PATH.read_text(encoding="utf-8")]
     ids, values = reference(shipped_path, shipped.tokenizer, texts)
@@ -347,7 +348,7 @@ def test_cards_of_a_corpus_dataset_shade_contexts_as_transformers_does(streamed,
     degrees = cards.graph_degrees(streamed, M, n, 0.3, "count")
     got = cards.build_cards(shipped.model, shipped.tokenizer, streamed, M, neurons, k=4, batch_size=2,
                             degrees=degrees)
-    table = sf.read_top_examples(sf.path(streamed, sf.TOP_EXAMPLES, M))
+    table = formats.read_top_examples(layout.path(streamed, layout.TOP_EXAMPLES, M))
     active = (values > 0).astype(np.int64)
     pairs = [active[:, i * d:(i + 1) * d].T @ active[:, (i + 1) * d:(i + 2) * d] for i in range(cfg.n_layer - 1)]
     top = max(p.max() for p in pairs)
@@ -362,18 +363,18 @@ def test_cards_of_a_corpus_dataset_shade_contexts_as_transformers_does(streamed,
         assert [e.sample_id for e in card.examples] == rows["sample_id"].tolist()
         for e in card.examples:
             s = e.sample_id
-            first = max(s - sf.CONTEXT_TOKENS + 1, s // CONTEXT * CONTEXT)
+            first = max(s - layout.CONTEXT_TOKENS + 1, s // CONTEXT * CONTEXT)
             np.testing.assert_allclose(e.shades, values[first:s + 1, neuron], atol=1e-4)
             assert len(e.tokens) == s + 1 - first and e.shades[-1] == pytest.approx(e.value, abs=1e-4)
             assert e.token == (shipped.tokenizer.decode([ids[s + 1]]) if s + 1 < len(ids) else "")
     # without --threshold: the graph, threshold and weight of the best graph-method subset stage e compared
-    (tmp_path / sf.RESULTS_DIR).mkdir()
+    (tmp_path / layout.RESULTS_DIR).mkdir()
     pd.DataFrame({"k": [3, 3, 3], "method": ["degree", "pagerank", "degree"], "subset": ["a", "b", "c"],
                   "delta_nll": [0.1, 0.2, 0.3], "best": [True, False, False]}).to_csv(
-        tmp_path / sf.RESULTS_DIR / sf.COMPARISON, index=False)
-    (tmp_path / sf.SUBSETS_DIR).mkdir()
-    (tmp_path / sf.SUBSETS_DIR / "a.json").write_text(json.dumps(
-        {"threshold": 0.3, "weight": "count", "graph": str(sf.path(streamed, sf.WEIGHTED_GRAPH, M))}))
+        tmp_path / layout.RESULTS_DIR / layout.COMPARISON, index=False)
+    (tmp_path / layout.SUBSETS_DIR).mkdir()
+    (tmp_path / layout.SUBSETS_DIR / "a.json").write_text(json.dumps(
+        {"threshold": 0.3, "weight": "count", "graph": str(layout.path(streamed, layout.WEIGHTED_GRAPH, M))}))
     default, note = cards.graph_degrees(tmp_path, M, n)
     np.testing.assert_array_equal(default, degree)
     assert note == "t=0.3, count"
@@ -381,23 +382,23 @@ def test_cards_of_a_corpus_dataset_shade_contexts_as_transformers_does(streamed,
     code, err = run_here("f_render_neuron_cards.py", "--dataset_path", streamed, "--model_type", M, "--neurons",
                          "7,612", "--output", tmp_path / "cards", "--threshold", "0.3")
     assert code == 0, err
-    md = (tmp_path / "cards" / sf.CARDS_MD).read_text()
+    md = (tmp_path / "cards" / layout.CARDS_MD).read_text()
     assert "## Neuron 612 (layer 1, dimension 100)" in md and f"degree {degree[612]} in the co-activation graph" in md
 
 
 def test_cards_of_a_corpus_dataset_without_top_examples_are_refused(corpus_dir, tmp_path):
     run_here(B, "--input_text", corpus_dir / "a_docs.jsonl", "--export_dir", tmp_path / "ds", "--model_type", M,
              "--top_examples", 0)
-    assert not sf.path(tmp_path / "ds", sf.TOP_EXAMPLES, M).exists()
-    assert json.loads(sf.path(tmp_path / "ds", sf.CORPUS, M).read_text())["top_examples"] == 0
+    assert not layout.path(tmp_path / "ds", layout.TOP_EXAMPLES, M).exists()
+    assert json.loads(layout.path(tmp_path / "ds", layout.CORPUS, M).read_text())["top_examples"] == 0
     code, err = run_here("f_render_neuron_cards.py", "--dataset_path", tmp_path / "ds", "--model_type", M,
                          "--neurons", "7", check=False)
     assert code == 2 and "--top_examples" in err and err.strip().count("\n") == 0, err
-    assert not (tmp_path / "ds" / sf.CARDS_DIR).exists()
+    assert not (tmp_path / "ds" / layout.CARDS_DIR).exists()
 
 
 def test_resume_from_a_damaged_checkpoint_is_one_error_line(corpus_dir, streamed, tmp_path, monkeypatch):
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     common = ["--input_text", str(corpus_dir / "a_docs.jsonl"), str(HELDOUT_PATH), "--model_type", M, "--context",
               str(CONTEXT), "--batch_size", "1", "--device", "cpu", "--export_dir", tmp_path / "part"]
@@ -405,24 +406,24 @@ def test_resume_from_a_damaged_checkpoint_is_one_error_line(corpus_dir, streamed
     code, _ = run_here(B, *common, "--checkpoint_minutes", "0", check=False)
     assert code == 130
     monkeypatch.setattr(corpus, "run_batch", real)
-    partial = sf.path(tmp_path / "part", sf.CORPUS_PARTIAL_DIR, M)
+    partial = layout.path(tmp_path / "part", layout.CORPUS_PARTIAL_DIR, M)
     counts = partial / json.loads((partial / "state_0_1.json").read_text())["counts"]
     counts.write_bytes(counts.read_bytes()[:5000])
     code, err = run_here(B, *common, "--resume", check=False)
     lines = [line for line in err.strip().splitlines() if not line.startswith("reading")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: checkpoint damaged"), err
-    assert json.loads(sf.path(streamed, sf.CORPUS, M).read_text())["files"][0]["path"] == str(
+    assert json.loads(layout.path(streamed, layout.CORPUS, M).read_text())["files"][0]["path"] == str(
         corpus_dir.resolve() / "a_docs.jsonl")  # paths recorded absolute: cards work from any directory
 
 
 def test_top_examples_reader_refuses_ids_that_are_not_whole_numbers(tmp_path):
     good = "neuron_id,rank,value,sample_id,context,token\n0,0,1.5,16,a,b\n"
     (tmp_path / "good.csv").write_text(good)
-    assert sf.read_top_examples(tmp_path / "good.csv")["sample_id"].tolist() == [16]
+    assert formats.read_top_examples(tmp_path / "good.csv")["sample_id"].tolist() == [16]
     for bad in ("16.5", "-5", "x"):
         (tmp_path / "bad.csv").write_text(good.replace(",16,", f",{bad},"))
-        with pytest.raises(sf.PipelineError, match="sample_id|cannot read"):
-            sf.read_top_examples(tmp_path / "bad.csv")
+        with pytest.raises(formats.PipelineError, match="sample_id|cannot read"):
+            formats.read_top_examples(tmp_path / "bad.csv")
 
 
 # --- long documents: tokenized in pieces, read only up to --max_tokens ---------------------------------------
@@ -474,7 +475,7 @@ class RecordingTokenizer:
 
 @pytest.mark.parametrize("piece", [64, 97, 256, 1000])
 def test_a_document_tokenized_in_pieces_equals_its_whole_tokenization(shipped, piece):
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     text = awkward_text(4000, seed=piece)
     want = shipped.tokenizer(text, verbose=False)["input_ids"]
@@ -493,7 +494,7 @@ def test_a_stretch_without_word_boundaries_is_still_cut(shipped, stretch):
     and decode to the text in any case."""
     import random
 
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     rng = random.Random(0)
     letters = "abcdefghij" * 2000 if stretch == "periodic" else "".join(rng.choice("abcdefghij") for _ in range(20000))
@@ -513,7 +514,7 @@ def test_a_stretch_without_word_boundaries_is_still_cut(shipped, stretch):
 def long_corpus(tmp_path, monkeypatch):
     """Pieces of 300 characters (so every long document is cut many times): a long .txt, a .jsonl of short and
     long documents, and a .txt after them; the reference is each document tokenized whole, then end-of-text."""
-    from gelutrace import corpus
+    from gelutrace.record import corpus
     monkeypatch.setattr(corpus, "PIECE_CHARS", 300)
     d = tmp_path / "long"
     d.mkdir()
@@ -525,7 +526,7 @@ def long_corpus(tmp_path, monkeypatch):
 
 
 def test_long_documents_read_in_pieces_equal_whole_tokenization(long_corpus, shipped):
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     d, texts = long_corpus
     tok = shipped.tokenizer
@@ -551,7 +552,7 @@ def test_long_documents_read_in_pieces_equal_whole_tokenization(long_corpus, shi
 def test_reading_stops_at_max_tokens(long_corpus, shipped):
     """--max_tokens inside the long first document: the tokens are the whole tokenization's first ones, and only
     about one batch of pieces of the file is tokenized; the files after are not read."""
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     d, texts = long_corpus
     ids = shipped.tokenizer(texts[0], verbose=False)["input_ids"]
@@ -574,7 +575,7 @@ def test_documents_past_max_tokens_are_not_read_nor_recorded(shipped, tmp_path, 
     start (each document tokenized alone is the reference); its sha256 is the whole file's, as stored."""
     import hashlib
 
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     tok, limit = shipped.tokenizer, 300
     words = HELDOUT_PATH.read_text(encoding="utf-8").split()
@@ -591,7 +592,7 @@ def test_documents_past_max_tokens_are_not_read_nor_recorded(shipped, tmp_path, 
     out = tmp_path / "out"
     run_here(B, "--input_text", p, "--export_dir", out, "--model_type", M, "--context", CONTEXT,
              "--max_tokens", limit)
-    rec = json.loads(sf.path(out, sf.CORPUS, M).read_text())
+    rec = json.loads(layout.path(out, layout.CORPUS, M).read_text())
     (f,) = rec["files"]
     assert rec["documents"] == f["documents"] == used and f["document_starts"] == starts[:used].tolist()
     assert rec["tokens"] == f["tokens"] == limit and f["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
@@ -604,7 +605,7 @@ def test_documents_past_max_tokens_are_not_read_nor_recorded(shipped, tmp_path, 
     np.testing.assert_array_equal(got[w], ids[w * CONTEXT:])
     # stage e's leak check compares the documents in the corpus, and reads none after them
     from gelutrace import PipelineError
-    from gelutrace import realtext as rt
+    from gelutrace.evaluate import realtext as rt
 
     for k in (used - 1, used):
         e = tmp_path / f"eval_{k}.jsonl"
@@ -651,15 +652,15 @@ def dataset_snapshot(d) -> dict:
     import hashlib
     out = {}
     for p in sorted(d.iterdir()):
-        if p.name == sf.LOCK_FILE or p.name.startswith(f".{M}_weighted_graph.v"):
+        if p.name == layout.LOCK_FILE or p.name.startswith(f".{M}_weighted_graph.v"):
             continue
-        if p.name == sf.DATASET_MANIFEST.format(m=M):
+        if p.name == layout.DATASET_MANIFEST.format(m=M):
             rec = json.loads(p.read_text())
-            files = {k: v for k, v in rec["files"].items() if not k.endswith(sf.GRAPH_STORE_HEADER)}
+            files = {k: v for k, v in rec["files"].items() if not k.endswith(layout.GRAPH_STORE_HEADER)}
             out[p.name] = (rec["state"], files, sorted(rec["files"]))
         elif p.is_dir():
             out[p.name] = ({k: hashlib.sha256((p / k).read_bytes()).hexdigest() for k in sorted(os.listdir(p))
-                            if k != sf.GRAPH_STORE_HEADER}, header_without_ids(p))
+                            if k != layout.GRAPH_STORE_HEADER}, header_without_ids(p))
         else:
             out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -680,12 +681,12 @@ def test_a_run_in_the_other_mode_leaves_only_its_own_files(corpus_dir, tmp_path,
     run_here(B, *later, "--export_dir", tmp_path / "fresh")
     assert dataset_snapshot(tmp_path / "both") == dataset_snapshot(tmp_path / "fresh")
     stale = before - set(os.listdir(tmp_path / "both"))
-    expect = ({sf.CORPUS, sf.WEIGHTED_GRAPH} if first == "corpus" else
-              {sf.DATASET, sf.MATRIX, sf.ACTIVATIONS_JSON, sf.ACTIVATIONS_PICKLE})
+    expect = ({layout.CORPUS, layout.WEIGHTED_GRAPH} if first == "corpus" else
+              {layout.DATASET, layout.MATRIX, layout.ACTIVATIONS_JSON, layout.ACTIVATIONS_PICKLE})
     assert {f.format(m=M) for f in expect} <= stale
     if first == "corpus":  # stage c and c_analyze now see the prompt run's samples
         run_here("c_calculate_weighted_activation_graph.py", "--input_dir", tmp_path / "both")
-        assert json.loads((sf.path(tmp_path / "both", sf.WEIGHTED_GRAPH, M) / sf.GRAPH_STORE_HEADER).read_text()
+        assert json.loads((layout.path(tmp_path / "both", layout.WEIGHTED_GRAPH, M) / layout.GRAPH_STORE_HEADER).read_text()
                           )["num_samples"] == 4 + 2 * 3
 
 
@@ -706,10 +707,10 @@ def test_full_disk_while_rewriting_a_corpus_dataset_keeps_the_earlier_one(stream
     monkeypatch.undo()
     lines = [ln for ln in err.splitlines() if ln.startswith("error")]
     assert code == 2 and calls["n"] >= nth and len(lines) == 1 and f"no space left on {data} (disk full)" in lines[0]
-    after = {k: v for k, v in directory_digest(data).items() if not k.startswith(sf.CORPUS_PARTIAL_DIR.format(m=M))}
+    after = {k: v for k, v in directory_digest(data).items() if not k.startswith(layout.CORPUS_PARTIAL_DIR.format(m=M))}
     assert after == before
     run("c_calculate_weighted_activation_graph.py", "--input_dir", data, "--output_path", tmp_path / "c_store")
-    assert store_arrays(tmp_path / "c_store").keys() == store_arrays(sf.path(streamed, sf.WEIGHTED_GRAPH, M)).keys()
+    assert store_arrays(tmp_path / "c_store").keys() == store_arrays(layout.path(streamed, layout.WEIGHTED_GRAPH, M)).keys()
 
 
 # --- the merge: what it refuses, and shards of no window --------------------------------------------------------
@@ -748,8 +749,8 @@ def test_merge_refuses_a_shard_whose_store_or_weights_differ(corpus_dir, shards,
     file's), a shard without a manifest, and a shard made from other weights in a directory of the same name."""
     s0, s1, s2 = shards
     bad = tmp_path / "s1"
-    store = sf.path(bad, sf.WEIGHTED_GRAPH, M)
-    nodes = store / sf.GRAPH_STORE_NODES
+    store = layout.path(bad, layout.WEIGHTED_GRAPH, M)
+    nodes = store / layout.GRAPH_STORE_NODES
     if damage == "weights":
         from safetensors.numpy import load_file, save_file
         ckpt = tmp_path / "elsewhere" / M
@@ -763,7 +764,7 @@ def test_merge_refuses_a_shard_whose_store_or_weights_differ(corpus_dir, shards,
         return merge_refused(tmp_path / "out", [s0, bad, s2], "different weights")
     shutil.copytree(s1, bad, symlinks=True)
     if damage == "pair":
-        name = sf.GRAPH_STORE_PAIR.format(src=2, tgt=3)
+        name = layout.GRAPH_STORE_PAIR.format(src=2, tgt=3)
         a = np.load(store / name)
         a.ravel()[np.flatnonzero(a.ravel() == 0)[0]] += 1
         np.save(store / name, a)
@@ -772,13 +773,13 @@ def test_merge_refuses_a_shard_whose_store_or_weights_differ(corpus_dir, shards,
         c[np.flatnonzero((c > 0) & (c < c.max()))[0]] -= 1
         np.save(nodes, c)
         if damage == "nodes and manifest":
-            manifest = sf.path(bad, sf.DATASET_MANIFEST, M)
+            manifest = layout.path(bad, layout.DATASET_MANIFEST, M)
             rec = json.loads(manifest.read_text())
-            rec["files"][f"{sf.WEIGHTED_GRAPH.format(m=M)}/{sf.GRAPH_STORE_NODES}"] = {
-                "size": nodes.stat().st_size, "sha256": sf.file_sha256(nodes)}
+            rec["files"][f"{layout.WEIGHTED_GRAPH.format(m=M)}/{layout.GRAPH_STORE_NODES}"] = {
+                "size": nodes.stat().st_size, "sha256": atomic.file_sha256(nodes)}
             manifest.write_text(json.dumps(rec))
     else:
-        sf.path(bad, sf.DATASET_MANIFEST, M).unlink()
+        layout.path(bad, layout.DATASET_MANIFEST, M).unlink()
     message = {"pair": "changed or replaced", "nodes": "changed or replaced", "no manifest": "has no",
                "nodes and manifest": "node counts of its graph store differ"}[damage]
     merge_refused(tmp_path / "out", [s0, bad, s2], message)
@@ -791,7 +792,7 @@ def test_shards_given_no_window_merge_into_the_unsharded_run(corpus_dir, tmp_pat
     common = ["--input_text", corpus_dir, "--model_type", M, "--max_tokens", 300, "--batch_size", 1]
     for i in range(4):
         run_here(B, *common, "--export_dir", tmp_path / f"s{i}", "--shard", f"{i}/4")
-    recs = [json.loads(sf.path(tmp_path / f"s{i}", sf.CORPUS, M).read_text()) for i in range(4)]
+    recs = [json.loads(layout.path(tmp_path / f"s{i}", layout.CORPUS, M).read_text()) for i in range(4)]
     assert [r["samples"] for r in recs] == [256, 44, 0, 0] and [r["shard"]["windows"] for r in recs] == [1, 1, 0, 0]
     run_here(B, *common, "--export_dir", tmp_path / "whole")
     run_here("c_merge_activation_statistics.py", "--output_dir", tmp_path / "merged", *(tmp_path / f"s{i}"

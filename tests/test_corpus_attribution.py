@@ -15,8 +15,9 @@ import torch
 from scipy.stats import spearmanr
 from torch.nn import functional as F
 
+from gelutrace.files import layout
+
 from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, interrupted_then_resumed, load_hf, run_python
-from gelutrace import stagefiles as sf
 
 M = SHIPPED_NAME
 B = "b_generate_activation_dataset.py"
@@ -32,7 +33,7 @@ def run(*args, **kw):
 
 
 def attribution(d) -> np.ndarray:
-    return pd.read_csv(sf.path(d, sf.FREQUENCY, M))["attribution"].to_numpy()
+    return pd.read_csv(layout.path(d, layout.FREQUENCY, M))["attribution"].to_numpy()
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,8 @@ def autograd_reference(hf, ids: list[int], d: int, L: int) -> tuple[np.ndarray, 
 
 
 def test_equals_autograd_through_transformers(whole, shipped_path, shipped):
-    from gelutrace.attribution import CorpusAttribution
-    from gelutrace.loading import load_model
+    from gelutrace.model.loading import load_model
+    from gelutrace.record.attribution import CorpusAttribution
 
     tok = shipped.tokenizer
     ids = tok(HELDOUT_PATH.read_text(encoding="utf-8"))["input_ids"] + [tok.eos_token_id]
@@ -87,7 +88,7 @@ def test_equals_autograd_through_transformers(whole, shipped_path, shipped):
     np.testing.assert_allclose(mine.mean(), want64, rtol=1e-6, atol=1e-9 * np.abs(want64).max())
     # the script, in float32: to float32's precision, relative to the largest neuron's
     want, _ = autograd_reference(load_hf(shipped_path), ids, d, L)
-    rec = json.loads(sf.path(whole, sf.CORPUS, M).read_text())
+    rec = json.loads(layout.path(whole, layout.CORPUS, M).read_text())
     assert rec["attribution_tokens"] == tokens
     np.testing.assert_allclose(attribution(whole), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
@@ -95,8 +96,8 @@ def test_equals_autograd_through_transformers(whole, shipped_path, shipped):
 @pytest.mark.slow
 def test_ranks_like_brute_force_ablation(whole, shipped):
     """On the same text and windows, the neurons' attribution against their measured real-text delta_nll
-    (one zero-ablation each, gelutrace.realtext): the 60 largest attributions and 60 random neurons."""
-    from gelutrace import realtext as rt
+    (one zero-ablation each, gelutrace.evaluate.realtext): the 60 largest attributions and 60 random neurons."""
+    from gelutrace.evaluate import realtext as rt
 
     a = attribution(whole)
     text = rt.read_eval_text([str(HELDOUT_PATH)], shipped.tokenizer, CONTEXT, shipped.model.config.vocab_size,
@@ -116,8 +117,8 @@ def test_shards_torchrun_and_resume_equal_one_run(whole, tmp_path, monkeypatch):
     run("c_merge_activation_statistics.py", "--output_dir", tmp_path / "merged", tmp_path / "s1", tmp_path / "s0")
     one = attribution(whole)
     np.testing.assert_allclose(attribution(tmp_path / "merged"), one, rtol=1e-9, atol=1e-12)
-    rec = json.loads(sf.path(tmp_path / "merged", sf.CORPUS, M).read_text())
-    assert rec["attribution_tokens"] == json.loads(sf.path(whole, sf.CORPUS, M).read_text())["attribution_tokens"]
+    rec = json.loads(layout.path(tmp_path / "merged", layout.CORPUS, M).read_text())
+    assert rec["attribution_tokens"] == json.loads(layout.path(whole, layout.CORPUS, M).read_text())["attribution_tokens"]
     out = tmp_path / "torchrun"
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", REPO_ROOT / B, "--input_text",
         HELDOUT_PATH, "--export_dir", out, "--model_type", M, "--context", CONTEXT, "--batch_size", 3, "--device",
@@ -134,7 +135,7 @@ def test_shards_torchrun_and_resume_equal_one_run(whole, tmp_path, monkeypatch):
 
 def test_resume_keeps_the_attribution(whole, tmp_path, monkeypatch):
     """Interrupted after its second pass with a checkpoint after every batch, then --resume: the same figures."""
-    from gelutrace.attribution import CorpusAttribution
+    from gelutrace.record.attribution import CorpusAttribution
 
     args = ["b", "--input_text", str(HELDOUT_PATH), "--export_dir", str(tmp_path / "r"), "--model_type", M,
             "--context", str(CONTEXT), "--device", "cpu", "--attribution", "--batch_size", "3",
@@ -145,7 +146,7 @@ def test_resume_keeps_the_attribution(whole, tmp_path, monkeypatch):
 
 def test_attribution_flags_belong_to_their_mode(tmp_path):
     csv = tmp_path / "p.csv"
-    pd.DataFrame([("To be, ", 2, 1)], columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+    pd.DataFrame([("To be, ", 2, 1)], columns=layout.PROMPT_COLUMNS).to_csv(csv, index=False)
     for args in (["--input_csv", csv, "--attribution"], ["--input_text", HELDOUT_PATH, "--no_attribution"]):
         r = run_python([sys.executable, B, *map(str, args), "--export_dir", str(tmp_path / "x"), "--model_type",
                             M], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
@@ -158,8 +159,8 @@ def test_other_families_equal_autograd_through_transformers(family, tmp_path):
     from test_families import FAMILIES, build, get
     from transformers import AutoModelForCausalLM
 
-    from gelutrace.attribution import CorpusAttribution
-    from gelutrace.loading import load_model
+    from gelutrace.model.loading import load_model
+    from gelutrace.record.attribution import CorpusAttribution
 
     path = build(family, tmp_path / family)
     lm = load_model(str(path), device="cpu")

@@ -14,12 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_direct import reference
+
+from gelutrace.files import layout
+from gelutrace.graph import store as gs
+from gelutrace.graph.causal import CausalEdges
 
 from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, interrupted_then_resumed, load_hf, run_python
-from gelutrace import stagefiles as sf
-from gelutrace import store as gs
-from gelutrace.graph import CausalEdges
-from test_direct import reference
 
 M = SHIPPED_NAME
 B = "b_generate_activation_dataset.py"
@@ -38,7 +39,7 @@ def run(*args, ok=True, **kw):
 def corpus_run(out, *extra):
     run(B, "--input_text", HELDOUT_PATH, "--export_dir", out, "--model_type", M, "--context", CONTEXT, "--device",
         "cpu", "--direct_edges", "--batch_size", 1, *extra)
-    return gs.read_store(sf.path(out, sf.WEIGHTED_GRAPH, M))
+    return gs.read_store(layout.path(out, layout.WEIGHTED_GRAPH, M))
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +93,12 @@ def test_shards_torchrun_and_resume_equal_one_run(whole, tmp_path, monkeypatch):
     for i in range(3):
         corpus_run(tmp_path / f"s{i}", "--shard", f"{i}/3")
     run("c_merge_activation_statistics.py", "--output_dir", tmp_path / "merged", *(tmp_path / f"s{i}" for i in (2, 0, 1)))
-    assert_same(gs.read_store(sf.path(tmp_path / "merged", sf.WEIGHTED_GRAPH, M)), whole)
+    assert_same(gs.read_store(layout.path(tmp_path / "merged", layout.WEIGHTED_GRAPH, M)), whole)
     out = tmp_path / "torchrun"
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", REPO_ROOT / B, "--input_text",
         HELDOUT_PATH, "--export_dir", out, "--model_type", M, "--context", CONTEXT, "--batch_size", 1, "--device",
         "cpu", "--direct_edges", timeout=300)
-    assert_same(gs.read_store(sf.path(out, sf.WEIGHTED_GRAPH, M)), whole)
+    assert_same(gs.read_store(layout.path(out, layout.WEIGHTED_GRAPH, M)), whole)
     # a shard without the weights does not merge with ones that have them
     run(B, "--input_text", HELDOUT_PATH, "--export_dir", tmp_path / "plain", "--model_type", M, "--context",
         CONTEXT, "--device", "cpu", "--batch_size", 1, "--shard", "1/3")
@@ -106,25 +107,25 @@ def test_shards_torchrun_and_resume_equal_one_run(whole, tmp_path, monkeypatch):
     assert r.returncode == 2 and "--direct_edges" in r.stderr and not (tmp_path / "mixed").exists()
 
     # interrupted in its fourth batch with a checkpoint after every batch, then --resume
-    from gelutrace import corpus
+    from gelutrace.record import corpus
 
     args = ["b", "--input_text", str(HELDOUT_PATH), "--export_dir", str(tmp_path / "r"), "--model_type", M,
             "--context", str(CONTEXT), "--device", "cpu", "--direct_edges", "--batch_size", "1",
             "--checkpoint_minutes", "0"]
     interrupted_then_resumed(monkeypatch, corpus, "run_batch", args, 4)
-    assert_same(gs.read_store(sf.path(tmp_path / "r", sf.WEIGHTED_GRAPH, M)), whole)
+    assert_same(gs.read_store(layout.path(tmp_path / "r", layout.WEIGHTED_GRAPH, M)), whole)
 
 
 def test_prompt_mode_equals_float64_reference_and_stage_c_keeps_it(tmp_path, shipped, shipped_path):
     csv = tmp_path / "p.csv"
     prompts = [("To be, or not to be", 6, 2), ("The king", 4, 1), ("Friends, Romans", 5, 1)]
-    pd.DataFrame(prompts, columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+    pd.DataFrame(prompts, columns=layout.PROMPT_COLUMNS).to_csv(csv, index=False)
     out = tmp_path / "p"
     run(B, "--input_csv", csv, "--export_dir", out, "--model_type", M, "--device", "cpu", "--direct_edges")
     d, L = shipped.model.config.d_mlp, shipped.model.config.n_layer
-    c = CausalEdges.read_npz(sf.path(out, sf.DIRECT_EDGES, M), L * d, d)
+    c = CausalEdges.read_npz(layout.path(out, layout.DIRECT_EDGES, M), L * d, d)
     # every sample's sequence from the dataset: its prompt and each position's output
-    data = pd.read_csv(sf.path(out, sf.DATASET, M))
+    data = pd.read_csv(layout.path(out, layout.DATASET, M))
     hf = load_hf(shipped_path)
     total, samples = None, 0
     for _, rows in data.groupby((data["token_position"] == 0).cumsum()):  # a sample's tokens, in dataset order
@@ -146,16 +147,16 @@ def test_prompt_mode_equals_float64_reference_and_stage_c_keeps_it(tmp_path, shi
             np.testing.assert_allclose(c.matrix(name, k), want, rtol=0, atol=1e-6 * np.abs(want).max())
     np.testing.assert_allclose(c.loss_abs, total[-1] / samples, rtol=0, atol=1e-6 * np.abs(total[-1]).max() / samples)
     # the halves of the prompt rows merge into the whole
-    halves = [CausalEdges.read_npz(sf.path(out, sf.DIRECT_EDGES, M), L * d, d, half=h) for h in (0, 1)]
+    halves = [CausalEdges.read_npz(layout.path(out, layout.DIRECT_EDGES, M), L * d, d, half=h) for h in (0, 1)]
     merged = CausalEdges.merge(halves)
     for (_, x), (_, y) in zip(merged.arrays(), c.arrays()):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-12 * np.abs(y).max())
     # stage c folds the file into the store; stage d ranks by influence and by direct_abs
     run("c_calculate_weighted_activation_graph.py", "--input_dir", out)
-    g = gs.read_store(sf.path(out, sf.WEIGHTED_GRAPH, M))
+    g = gs.read_store(layout.path(out, layout.WEIGHTED_GRAPH, M))
     for (_, x), (_, y) in zip(g.causal.arrays(), c.arrays()):
         np.testing.assert_array_equal(x, y)
-    store = sf.path(out, sf.WEIGHTED_GRAPH, M)
+    store = layout.path(out, layout.WEIGHTED_GRAPH, M)
     run("d_calculate_perturbation_subset.py", "--input_graph_path", store, "--method", "influence", "--k", 5,
         "--output_dir", tmp_path / "subs")
     run("d_calculate_perturbation_subset.py", "--input_graph_path", store, "--method", "degree", "--weight",
@@ -176,7 +177,7 @@ def test_flags_and_refusals(tmp_path, whole):
     plain = tmp_path / "plain"
     run(B, "--input_text", HELDOUT_PATH, "--export_dir", plain, "--model_type", M, "--context", CONTEXT,
         "--max_tokens", 200)
-    store = sf.path(plain, sf.WEIGHTED_GRAPH, M)
+    store = layout.path(plain, layout.WEIGHTED_GRAPH, M)
     for args in (["--method", "influence"], ["--method", "degree", "--weight", "direct_abs", "--threshold", 0.5]):
         r = run("d_calculate_perturbation_subset.py", "--input_graph_path", store, *args, "--k", 3, "--output_dir",
                 tmp_path / "subs", ok=False)
@@ -198,7 +199,7 @@ def test_all_layer_pairs_keep_the_adjacent_weights_and_feed_influence(tmp_path, 
     assert not np.array_equal(every.causal.influence(), adj.causal.influence())
     r = run("c_measure_edge_fidelity.py", "--dataset_path", tmp_path / "all", "--model_type", M, "--edges", 60,
             "--tokens", 128, "--device", "cpu")
-    summary = pd.read_csv(sf.path(tmp_path / "all", sf.EDGE_FIDELITY_SUMMARY, M))
+    summary = pd.read_csv(layout.path(tmp_path / "all", layout.EDGE_FIDELITY_SUMMARY, M))
     assert "all" in set(summary["layer_gap"].astype(str)) and len(summary) > 2, r.stdout
 
 
@@ -211,29 +212,29 @@ def test_weights_are_never_dropped_or_taken_from_damage(tmp_path, shipped_path):
     d = tmp_path / "c"
     g = corpus_run(d, "--max_tokens", 500, "--save_matrix")
     run("c_calculate_weighted_activation_graph.py", "--input_dir", d)
-    rebuilt = gs.read_store(sf.path(d, sf.WEIGHTED_GRAPH, M))
+    rebuilt = gs.read_store(layout.path(d, layout.WEIGHTED_GRAPH, M))
     assert_same(rebuilt, g, rel=0)
     # prompt mode: the file the manifest lists is gone
     csv = tmp_path / "p.csv"
-    pd.DataFrame([("To be, or not to be", 4, 1), ("The king", 3, 1)], columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+    pd.DataFrame([("To be, or not to be", 4, 1), ("The king", 3, 1)], columns=layout.PROMPT_COLUMNS).to_csv(csv, index=False)
     p = tmp_path / "p"
     run(B, "--input_csv", csv, "--export_dir", p, "--model_type", M, "--device", "cpu", "--direct_edges")
     run("c_calculate_weighted_activation_graph.py", "--input_dir", p)
-    before = sorted(x.name for x in sf.path(p, sf.WEIGHTED_GRAPH, M).iterdir())
-    sf.path(p, sf.DIRECT_EDGES, M).unlink()
+    before = sorted(x.name for x in layout.path(p, layout.WEIGHTED_GRAPH, M).iterdir())
+    layout.path(p, layout.DIRECT_EDGES, M).unlink()
     r = run("c_calculate_weighted_activation_graph.py", "--input_dir", p, ok=False)
-    assert r.returncode == 2 and r.stderr.startswith("error:") and sf.DIRECT_EDGES.format(m=M) in r.stderr
-    assert sorted(x.name for x in sf.path(p, sf.WEIGHTED_GRAPH, M).iterdir()) == before
+    assert r.returncode == 2 and r.stderr.startswith("error:") and layout.DIRECT_EDGES.format(m=M) in r.stderr
+    assert sorted(x.name for x in layout.path(p, layout.WEIGHTED_GRAPH, M).iterdir()) == before
     # damaged arrays or record in a store
     for damage in ("nan", "negative", "pairs"):
         bad = tmp_path / f"bad_{damage}"
-        shutil.copytree(sf.path(d, sf.WEIGHTED_GRAPH, M), bad)
+        shutil.copytree(layout.path(d, layout.WEIGHTED_GRAPH, M), bad)
         if damage == "pairs":
-            h = json.loads((bad / sf.GRAPH_STORE_HEADER).read_text())
+            h = json.loads((bad / layout.GRAPH_STORE_HEADER).read_text())
             h["direct"]["pairs"] = h["direct"]["pairs"][:1] * 2 + h["direct"]["pairs"][2:]
-            (bad / sf.GRAPH_STORE_HEADER).write_text(json.dumps(h))
+            (bad / layout.GRAPH_STORE_HEADER).write_text(json.dumps(h))
         else:
-            f = bad / sf.GRAPH_STORE_DIRECT_ABS.format(src=1, tgt=2)
+            f = bad / layout.GRAPH_STORE_DIRECT_ABS.format(src=1, tgt=2)
             a = np.load(f)
             a[3, 4] = np.nan if damage == "nan" else -1.0
             np.save(f, a)
@@ -243,9 +244,9 @@ def test_weights_are_never_dropped_or_taken_from_damage(tmp_path, shipped_path):
     # the edge fidelity goes with the store it measured
     run("c_measure_edge_fidelity.py", "--dataset_path", d, "--model_type", M, "--edges", 20, "--tokens", 64,
         "--device", "cpu")
-    assert sf.path(d, sf.EDGE_FIDELITY, M).is_file()
+    assert layout.path(d, layout.EDGE_FIDELITY, M).is_file()
     r = run("c_measure_edge_fidelity.py", "--dataset_path", d, "--model_type", M, "--seed", -1, ok=False)
     assert r.returncode == 2 and r.stderr.startswith("error:")
     run(B, "--input_text", HELDOUT_PATH, "--export_dir", d, "--model_type", M, "--context", CONTEXT, "--device",
         "cpu", "--max_tokens", 300)
-    assert not sf.path(d, sf.EDGE_FIDELITY, M).exists() and not sf.path(d, sf.EDGE_FIDELITY_SUMMARY, M).exists()
+    assert not layout.path(d, layout.EDGE_FIDELITY, M).exists() and not layout.path(d, layout.EDGE_FIDELITY_SUMMARY, M).exists()

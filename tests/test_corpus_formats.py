@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
 from gelutrace import PipelineError
-from gelutrace import corpus as cp
-from gelutrace import corpusfiles as cf
-from gelutrace import stagefiles as sf
+from gelutrace.files import corpusfiles as cf
+from gelutrace.files import layout
+from gelutrace.record import corpus as cp
+
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
 
 M = SHIPPED_NAME
 B = "b_generate_activation_dataset.py"
@@ -190,8 +191,8 @@ def test_parquet_is_read_a_batch_at_a_time(files, monkeypatch, tmp_path):
 
 
 def test_shards_locate_window_tokens_and_eval_text_on_parquet_equal_jsonl(files, shipped, tmp_path):
-    from gelutrace import fidelity
-    from gelutrace import realtext as rt
+    from gelutrace.evaluate import fidelity
+    from gelutrace.evaluate import realtext as rt
 
     pq.write_table(pa.table({"content": DOCS}), tmp_path / "docs.parquet", row_group_size=4)
     tok = shipped.tokenizer
@@ -231,9 +232,9 @@ def run_b(*args):
 
 def assert_same_dataset(a, b):
     """Counts, frequencies, top examples and the store bit for bit."""
-    for f in (sf.FREQUENCY, sf.TOP_EXAMPLES):
-        assert sf.path(a, f, M).read_bytes() == sf.path(b, f, M).read_bytes(), f
-    sa, sb = sf.path(a, sf.WEIGHTED_GRAPH, M), sf.path(b, sf.WEIGHTED_GRAPH, M)
+    for f in (layout.FREQUENCY, layout.TOP_EXAMPLES):
+        assert layout.path(a, f, M).read_bytes() == layout.path(b, f, M).read_bytes(), f
+    sa, sb = layout.path(a, layout.WEIGHTED_GRAPH, M), layout.path(b, layout.WEIGHTED_GRAPH, M)
     names = sorted(p.name for p in sa.glob("*.npy"))
     assert names and names == sorted(p.name for p in sb.glob("*.npy"))
     for name in names:
@@ -253,14 +254,14 @@ def test_stage_b_on_parquet_and_a_saved_dataset_equals_jsonl(files, shipped_path
         assert r.returncode == 0, r.stderr
     for a, b in (("parquet", "jsonl"), ("dataset", "jsonl"), ("parquet 1/2", "jsonl 1/2")):
         assert_same_dataset(tmp_path / a, tmp_path / b)
-    rec = json.loads(sf.path(tmp_path / "parquet", sf.CORPUS, M).read_text())
+    rec = json.loads(layout.path(tmp_path / "parquet", layout.CORPUS, M).read_text())
     (f,) = rec["files"]
     assert (f["format"], f["field"]) == ("parquet", "content")
     assert f["sha256"] == hashlib.sha256((tmp_path / "docs.parquet").read_bytes()).hexdigest()
-    ref = json.loads(sf.path(tmp_path / "jsonl", sf.CORPUS, M).read_text())
+    ref = json.loads(layout.path(tmp_path / "jsonl", layout.CORPUS, M).read_text())
     assert rec["tokens"] == ref["tokens"] == 700 and rec["documents"] == ref["documents"]
-    shard = json.loads(sf.path(tmp_path / "parquet 1/2", sf.CORPUS, M).read_text())
-    assert shard["shard"] == json.loads(sf.path(tmp_path / "jsonl 1/2", sf.CORPUS, M).read_text())["shard"]
+    shard = json.loads(layout.path(tmp_path / "parquet 1/2", layout.CORPUS, M).read_text())
+    assert shard["shard"] == json.loads(layout.path(tmp_path / "jsonl 1/2", layout.CORPUS, M).read_text())["shard"]
 
     # stage e reads --eval_text with --text_field, and the selection corpus with the field its record names
     pq.write_table(pa.table({"content": DOCS[::-1]}), tmp_path / "eval.parquet", row_group_size=4)

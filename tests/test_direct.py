@@ -1,5 +1,5 @@
 """
-The causal edge weights (gelutrace.direct) against references written here:
+The causal edge weights (gelutrace.record.direct) against references written here:
 
 - `direct`, `direct_abs` and `direct_loss` of a small corpus-mode run against a float64 numpy computation from
   transformers' own model: the raw weights and the hook-recorded stream, neuron values and pre-activations, with
@@ -17,13 +17,21 @@ import numpy as np
 import pytest
 import torch
 from scipy.special import erf
+from test_families import FAMILIES, build, get
 from torch.nn import functional as F
 
 from gelutrace import PipelineError
-from gelutrace.direct import DirectEdges, DirectHooks, anatomy, corpus_targets, couplings, layer_pairs, memory_needed
-from gelutrace.graph import CausalEdges
-from gelutrace.loading import load_model
-from test_families import FAMILIES, build, get
+from gelutrace.graph.causal import CausalEdges
+from gelutrace.model.loading import load_model
+from gelutrace.record.direct import (
+    DirectEdges,
+    DirectHooks,
+    anatomy,
+    corpus_targets,
+    couplings,
+    layer_pairs,
+    memory_needed,
+)
 
 
 # --- the reference: float64 numpy ---------------------------------------------------------------------------------

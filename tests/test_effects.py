@@ -1,5 +1,5 @@
 """
-d_calculate_neuron_effects.py (gelutrace.effects) against independent references: stage e run on one-neuron
+d_calculate_neuron_effects.py (gelutrace.evaluate.effects) against independent references: stage e run on one-neuron
 subsets, and transformers' GPT2LMHeadModel with a forward hook on `mlp.act` zeroing the neuron, its KL and
 delta NLL computed by hand in float64; plus --neurons, --resume and bad input.
 """
@@ -14,10 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHIPPED_NAME, load_hf, run_python
 from gelutrace import PipelineError
-from gelutrace import stagefiles as sf
-from gelutrace.stability import prompt_halves
+from gelutrace.evaluate import metrics
+from gelutrace.files import atomic, formats, layout
+from gelutrace.record.prompts import prompt_halves
+
+from conftest import REPO_ROOT, SHIPPED_NAME, load_hf, run_python
 
 SCRIPT = REPO_ROOT / "d_calculate_neuron_effects.py"
 # greedy: the 3 repeats of the first prompt are one sequence that counts 3 times; the last prompt has no tokens
@@ -26,7 +28,7 @@ TOL = 1e-5
 
 
 def write_prompts(p, rows=PROMPTS):
-    pd.DataFrame(rows, columns=sf.PROMPT_COLUMNS).to_csv(p, index=False)
+    pd.DataFrame(rows, columns=layout.PROMPT_COLUMNS).to_csv(p, index=False)
     return p
 
 
@@ -37,8 +39,8 @@ def run_d(dataset, csv, *extra):
         d.main(["--dataset_path", str(dataset), "--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device",
                 "cpu", *map(str, extra)])
     finally:
-        sf.release_locks()  # as the script's run_main does when it ends
-    return pd.read_csv(sf.path(dataset, sf.NEURON_EFFECTS, SHIPPED_NAME))
+        atomic.release_locks()  # as the script's run_main does when it ends
+    return pd.read_csv(layout.path(dataset, layout.NEURON_EFFECTS, SHIPPED_NAME))
 
 
 def save_ids(p, ids):
@@ -74,16 +76,16 @@ def sample_run(dataset, shipped):
 def test_output_file_and_sidecar(dataset, sample_run):
     ds, csv = dataset
     ids, effects = sample_run
-    assert list(effects.columns) == sf.NEURON_EFFECTS_COLUMNS
+    assert list(effects.columns) == layout.NEURON_EFFECTS_COLUMNS
     assert effects["neuron_id"].tolist() == sorted(ids.tolist())
     assert np.isfinite(effects[["kl", "delta_nll"]].to_numpy()).all()
     assert (effects["kl"] > -1e-7).all() and effects["kl"].max() > 1e-3
-    meta = json.loads(sf.path(ds, sf.NEURON_EFFECTS_META, SHIPPED_NAME).read_text())
+    meta = json.loads(layout.path(ds, layout.NEURON_EFFECTS_META, SHIPPED_NAME).read_text())
     assert meta["model"] == SHIPPED_NAME and meta["num_neurons"] == len(ids)
     assert meta["num_samples"] == 3 + 1 and meta["num_sequences"] == 2 and meta["num_tokens"] == 3 * 6 + 5
     import hashlib
     assert meta["input_csv_sha256"] == hashlib.sha256(csv.read_bytes()).hexdigest()
-    assert not sf.path(ds, sf.NEURON_EFFECTS_PARTIAL, SHIPPED_NAME).exists()
+    assert not layout.path(ds, layout.NEURON_EFFECTS_PARTIAL, SHIPPED_NAME).exists()
 
 
 def test_equals_stage_e_on_one_neuron_subsets(dataset, sample_run, shipped):
@@ -99,16 +101,16 @@ def test_equals_stage_e_on_one_neuron_subsets(dataset, sample_run, shipped):
             chosen.append(int(i))
     assert len({c // d for c in chosen}) >= 3
     names = []
-    (ds / sf.SUBSETS_DIR).mkdir(exist_ok=True)
+    (ds / layout.SUBSETS_DIR).mkdir(exist_ok=True)
     for i in chosen:
         names.append(f"n{i}.npy")
-        save_ids(ds / sf.SUBSETS_DIR / names[-1], [i])
+        save_ids(ds / layout.SUBSETS_DIR / names[-1], [i])
     try:
         e.main(["--dataset_path", str(ds), "--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device", "cpu",
                 "--perturbation_subset_filenames", *names])
     finally:
-        sf.release_locks()
-    summary = pd.read_csv(ds / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY).set_index("subset")
+        atomic.release_locks()
+    summary = pd.read_csv(ds / layout.RESULTS_DIR / layout.PERTURBATION_SUMMARY).set_index("subset")
     mine = effects.set_index("neuron_id")
     for i, name in zip(chosen, names):
         for metric in ("kl", "delta_nll"):
@@ -162,7 +164,7 @@ def test_equals_transformers_with_act_hook(shipped_path, shipped, sample_run):
         kl, dnll = reference_effect(hf, shipped.tokenizer, i, d)
         assert abs(mine.loc[i, "kl"] - kl) <= TOL, i
         assert abs(mine.loc[i, "delta_nll"] - dnll) <= TOL, i
-        for h, column in enumerate(sf.NEURON_EFFECTS_COLUMNS[-2:]):  # each half of the prompt rows alone
+        for h, column in enumerate(layout.NEURON_EFFECTS_COLUMNS[-2:]):  # each half of the prompt rows alone
             rows = set(np.flatnonzero(half == h).tolist())
             assert abs(mine.loc[i, column] - reference_effect(hf, shipped.tokenizer, i, d, rows)[1]) <= TOL, (i, h)
     assert reference_effect(hf, shipped.tokenizer, int(top[0]), d)[0] > 1e-3
@@ -183,14 +185,14 @@ def test_neurons_file_restricts_and_agrees(dataset, sample_run, tmp_path):
 
 
 def test_resume_after_interrupt_equals_uninterrupted_run(dataset, tmp_path, monkeypatch, shipped):
-    from gelutrace import effects as ef
+    from gelutrace.evaluate import effects as ef
 
     ds, csv = dataset
     d = shipped.model.config.d_mlp
     sub = save_ids(tmp_path / "sub.npy", [3, d + 7, 2 * d + 1, 2 * d + 9, 4 * d + 100, 5 * d + 511])
     full = run_d(ds, csv, "--neurons", sub)
-    full_bytes = sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).read_bytes()
-    sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).unlink()
+    full_bytes = layout.path(ds, layout.NEURON_EFFECTS, SHIPPED_NAME).read_bytes()
+    layout.path(ds, layout.NEURON_EFFECTS, SHIPPED_NAME).unlink()
 
     real, calls = ef.block_effects, []
 
@@ -203,8 +205,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(dataset, tmp_path, monk
     monkeypatch.setattr(ef, "block_effects", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_d(ds, csv, "--neurons", sub)
-    assert not sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).exists()
-    partial = sf.path(ds, sf.NEURON_EFFECTS_PARTIAL, SHIPPED_NAME)
+    assert not layout.path(ds, layout.NEURON_EFFECTS, SHIPPED_NAME).exists()
+    partial = layout.path(ds, layout.NEURON_EFFECTS_PARTIAL, SHIPPED_NAME)
     assert len(list(partial.glob("*.npz"))) == 2
     with pytest.raises(PipelineError, match="other inputs"):  # other neurons: not the same run
         run_d(ds, csv, "--neurons", save_ids(tmp_path / "other.npy", [3]), "--resume")
@@ -217,7 +219,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(dataset, tmp_path, monk
     monkeypatch.setattr(ef, "block_effects", counted)
     run_d(ds, csv, "--neurons", sub)  # rerun of the interrupted run, without --resume: starts over
     assert len(calls) == 5  # one block per layer that holds some of the neurons
-    sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).unlink()
+    layout.path(ds, layout.NEURON_EFFECTS, SHIPPED_NAME).unlink()
 
     monkeypatch.setattr(ef, "block_effects", interrupted)
     calls.clear()
@@ -227,7 +229,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(dataset, tmp_path, monk
     calls.clear()
     resumed = run_d(ds, csv, "--neurons", sub, "--resume")
     assert calls == [2 * d + 1, 4 * d + 100, 5 * d + 511]  # only the blocks not finished before
-    assert sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME).read_bytes() == full_bytes
+    assert layout.path(ds, layout.NEURON_EFFECTS, SHIPPED_NAME).read_bytes() == full_bytes
     pd.testing.assert_frame_equal(resumed, full)
     assert not partial.exists()
 
@@ -239,13 +241,13 @@ def test_bad_input_raises_before_writing(dataset, tmp_path, case):
 
     ds, csv = dataset
     d = tmp_path / "ds"
-    shutil.copytree(ds, d, ignore=shutil.ignore_patterns(sf.RESULTS_DIR, sf.SUBSETS_DIR, "*_neuron_effects*"))
+    shutil.copytree(ds, d, ignore=shutil.ignore_patterns(layout.RESULTS_DIR, layout.SUBSETS_DIR, "*_neuron_effects*"))
     rows, extra = list(PROMPTS), []
     if case == "missing_dataset":
-        sf.path(d, sf.DATASET, SHIPPED_NAME).unlink()
+        layout.path(d, layout.DATASET, SHIPPED_NAME).unlink()
     elif case == "other_model":
-        meta = sf.read_graph_meta(d, SHIPPED_NAME)
-        sf.write_json(dict(meta, d_mlp=meta["d_mlp"] * 2), sf.path(d, sf.GRAPH_META, SHIPPED_NAME))
+        meta = formats.read_graph_meta(d, SHIPPED_NAME)
+        atomic.write_json(dict(meta, d_mlp=meta["d_mlp"] * 2), layout.path(d, layout.GRAPH_META, SHIPPED_NAME))
     elif case == "other_prompt":
         rows[1] = ("And God said, \"Let there be light\", ", 5, 1)
     elif case == "other_tokens":
@@ -262,7 +264,7 @@ def test_bad_input_raises_before_writing(dataset, tmp_path, case):
         extra = ["--neurons", save_ids(tmp_path / "bad.npy", [1, 6 * 512])]
     with pytest.raises(PipelineError):
         run_d(d, write_prompts(tmp_path / "p.csv", rows), *extra)
-    assert not sf.path(d, sf.NEURON_EFFECTS, SHIPPED_NAME).exists()
+    assert not layout.path(d, layout.NEURON_EFFECTS, SHIPPED_NAME).exists()
 
 
 def test_script_exit_status(dataset, tmp_path):
@@ -278,13 +280,12 @@ def test_script_exit_status(dataset, tmp_path):
     assert len(errors) == 1 and "another prompt CSV" in errors[0], r.stderr
     r = run_python(cmd + ["--input_csv", str(csv)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
-    assert pd.read_csv(sf.path(ds, sf.NEURON_EFFECTS, SHIPPED_NAME))["neuron_id"].tolist() == [700]
+    assert pd.read_csv(layout.path(ds, layout.NEURON_EFFECTS, SHIPPED_NAME))["neuron_id"].tolist() == [700]
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1e-2, 1.0])
 def test_logit_shift_metrics_equal_a_float64_computation(scale):
     """compare_logit_shifts in float32 against the definitions in float64, for tiny to large changes."""
-    from gelutrace import perturbation as pt
 
     g = torch.Generator().manual_seed(1)
     k, rows, n, V = 3, 2, 4, 50
@@ -293,8 +294,8 @@ def test_logit_shift_metrics_equal_a_float64_computation(scale):
     conts = [np.array([1, 7, 3, 9]), np.array([4, 2])]  # row 1 has a 2-token continuation (right-aligned)
     base = torch.log_softmax(base_logits, -1)
     pert = torch.log_softmax(base_logits + shift, -1)
-    p = pt.base_probabilities(base.float())
-    kl, dnll = pt.compare_logit_shifts(p, shift.float(), conts)
+    p = metrics.base_probabilities(base.float())
+    kl, dnll = metrics.compare_logit_shifts(p, shift.float(), conts)
     for j in range(k):
         for r, c in enumerate(conts):
             pos = torch.arange(n - len(c), n)
@@ -303,7 +304,7 @@ def test_logit_shift_metrics_equal_a_float64_computation(scale):
             ref_dnll = (b[torch.arange(len(c)), c] - q[torch.arange(len(c)), c]).mean().item()
             assert abs(kl[j, r] - ref_kl) <= 1e-3 * ref_kl + 1e-11, (scale, j, r)  # float32 differencing: ~1e-7
             assert abs(dnll[j, r] - ref_dnll) <= 1e-6 * abs(ref_dnll) + 1e-6 * scale, (scale, j, r)
-    one_kl, one_dnll = pt.compare_logit_shifts(p, shift[0].float(), conts)  # without the k axis
+    one_kl, one_dnll = metrics.compare_logit_shifts(p, shift[0].float(), conts)  # without the k axis
     np.testing.assert_allclose(one_kl, kl[0], rtol=1e-6)
     np.testing.assert_allclose(one_dnll, dnll[0], rtol=1e-6, atol=1e-9)
 
@@ -315,8 +316,8 @@ def test_other_families_equal_transformers_one_neuron_at_a_time(family, tmp_path
     from test_families import FAMILIES, build, get
     from transformers import AutoModelForCausalLM
 
-    from gelutrace import effects as ef
-    from gelutrace.loading import load_model
+    from gelutrace.evaluate import effects as ef
+    from gelutrace.model.loading import load_model
 
     path = build(family, tmp_path / family)
     lm = load_model(str(path), device="cpu")
@@ -373,7 +374,7 @@ def test_neuron_shards_and_torchrun_equal_one_run_bit_for_bit(dataset, tmp_path)
                         *(str(tmp_path / f"s{i}") for i in (2, 0, 1)), "--model_type", SHIPPED_NAME],
                    capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     assert r.returncode == 0, r.stderr
-    got = pd.read_csv(sf.path(merged, sf.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
+    got = pd.read_csv(layout.path(merged, layout.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
     pd.testing.assert_frame_equal(got, one, check_exact=True)
     r = run_python([sys.executable, str(SCRIPT), "--dataset_path", str(merged), "--merge", str(tmp_path / "s0"),
                         str(tmp_path / "s2"), "--model_type", SHIPPED_NAME], capture_output=True, text=True,
@@ -385,7 +386,7 @@ def test_neuron_shards_and_torchrun_equal_one_run_bit_for_bit(dataset, tmp_path)
                         *base[:2], str(tr), *base[3:]], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = pd.read_csv(sf.path(tr, sf.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
+    got = pd.read_csv(layout.path(tr, layout.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
     pd.testing.assert_frame_equal(got, one, check_exact=True)
 
 
@@ -413,8 +414,8 @@ def test_corpus_mode_equals_transformers_per_neuron(shipped_path, shipped, tmp_p
                         "--neurons", str(save_ids(tmp_path / "n.npy", ids))], capture_output=True, text=True,
                    cwd=REPO_ROOT, env=env)
     assert r.returncode == 0, r.stderr
-    got = pd.read_csv(sf.path(tmp_path / "ds", sf.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
-    meta = json.loads(sf.path(tmp_path / "ds", sf.NEURON_EFFECTS_META, SHIPPED_NAME).read_text())
+    got = pd.read_csv(layout.path(tmp_path / "ds", layout.NEURON_EFFECTS, SHIPPED_NAME)).set_index("neuron_id")
+    meta = json.loads(layout.path(tmp_path / "ds", layout.NEURON_EFFECTS_META, SHIPPED_NAME).read_text())
     assert meta["objective"] == "real_text" and meta["num_tokens"] == 400 and meta["context"] == 64
     windows = windows_by_hand(shipped.tokenizer, [HELDOUT_PATH.read_text(encoding="utf-8")], 64, 1 + 400 + 399 // 63)
     hf = load_hf(shipped_path)
@@ -423,7 +424,7 @@ def test_corpus_mode_equals_transformers_per_neuron(shipped_path, shipped, tmp_p
         _, dnll, kl = reference(fn, windows, True)
         assert got.loc[j, "delta_nll"] == pytest.approx(dnll, rel=1e-4, abs=TOL)
         assert got.loc[j, "kl"] == pytest.approx(kl, rel=1e-4, abs=TOL)
-        for h, column in enumerate(sf.NEURON_EFFECTS_COLUMNS[-2:]):  # windows 0, 2, 4, ... and 1, 3, 5, ...
+        for h, column in enumerate(layout.NEURON_EFFECTS_COLUMNS[-2:]):  # windows 0, 2, 4, ... and 1, 3, 5, ...
             _, dnll_h, _ = reference(fn, windows[h::2], True)
             assert got.loc[j, column] == pytest.approx(dnll_h, rel=1e-4, abs=TOL), (j, h)
 
@@ -442,12 +443,12 @@ def test_empty_neuron_shard_and_merge_into_another_dataset_are_refused(dataset, 
             d.main(["--dataset_path", str(ds), "--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device",
                     "cpu", "--neurons", f"{i}/2", "--output_dir", str(tmp_path / f"s{i}")])
         finally:
-            sf.release_locks()
-    meta = json.loads(sf.path(tmp_path / "s0", sf.NEURON_EFFECTS_META, SHIPPED_NAME).read_text())
+            atomic.release_locks()
+    meta = json.loads(layout.path(tmp_path / "s0", layout.NEURON_EFFECTS_META, SHIPPED_NAME).read_text())
     assert meta["what"] and meta["neuron_shard"] == {"index": 0, "count": 2, "blocks": 6}
     other = tmp_path / "other"
     shutil.copytree(ds, other)
-    freq = sf.path(other, sf.FREQUENCY, SHIPPED_NAME)
+    freq = layout.path(other, layout.FREQUENCY, SHIPPED_NAME)
     freq.write_text(freq.read_text() + "\n")  # another dataset's frequency file
     r = run_python([sys.executable, str(SCRIPT), "--dataset_path", str(other), "--merge", str(tmp_path / "s0"),
                         str(tmp_path / "s1"), "--model_type", SHIPPED_NAME], capture_output=True, text=True,

@@ -1,6 +1,6 @@
 """
 Families beyond GPT-2, each a tiny random checkpoint built with transformers' own config class and saved with
-save_pretrained (safetensors) plus a tokenizer, then loaded through gelutrace.loading:
+save_pretrained (safetensors) plus a tokenizer, then loaded through gelutrace.model.loading:
 
 - recorded neuron values and active sets equal a recomputation from the MLP's input hidden state with the
   layer's own weights and its activation written out here;
@@ -25,13 +25,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO_ROOT, assert_sum_close, make_tokenizer, run_python
 from gelutrace import PipelineError
-from gelutrace import stagefiles as sf
-from gelutrace.generation import left_pad
-from gelutrace.loading import load_model, model_site
-from gelutrace.perturbation import Ablation, check_dataset
-from gelutrace.recording import ActivationRecorder, trace
+from gelutrace.evaluate.ablation import check_dataset
+from gelutrace.files import formats, layout
+from gelutrace.model.generation import left_pad
+from gelutrace.model.hooks import Ablation
+from gelutrace.model.loading import load_model, model_site
+from gelutrace.record.prompts import ActivationRecorder, trace
+
+from conftest import REPO_ROOT, assert_sum_close, make_tokenizer, run_python
 
 
 def gelu_exact(x):
@@ -313,13 +315,13 @@ def test_unsupported_architectures_are_one_error(tmp_path):
 
 
 def test_stage_e_refuses_another_site(tmp_path):
-    from gelutrace.sites import site_info
+    from gelutrace.model.sites import site_info
 
-    sf.write_graph_files(tmp_path, "m", 2, 48, write_el=False, site=site_info("llama"))
+    formats.write_graph_files(tmp_path, "m", 2, 48, write_el=False, site=site_info("llama"))
     check_dataset(tmp_path, "m", 2, 48, site_info("llama"))
     with pytest.raises(PipelineError, match="neuron site"):
         check_dataset(tmp_path, "m", 2, 48, site_info("gpt_neox"))
-    sf.write_graph_files(tmp_path, "m", 2, 48, write_el=False)  # metadata from before other families: GPT-2
+    formats.write_graph_files(tmp_path, "m", 2, 48, write_el=False)  # metadata from before other families: GPT-2
     check_dataset(tmp_path, "m", 2, 48, site_info("gpt2"))
     with pytest.raises(PipelineError, match="neuron site"):
         check_dataset(tmp_path, "m", 2, 48, site_info("llama"))
@@ -330,7 +332,7 @@ def test_run_pipeline_on_pythia(tmp_path):
     ckpt = build("gpt_neox", tmp_path / "tiny-pythia")
     csv = tmp_path / "prompts.csv"
     pd.DataFrame([("To be, or not ", 5, 2), ("In the beginning ", 4, 1), ("Friends, ", 3, 1)],
-                 columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+                 columns=layout.PROMPT_COLUMNS).to_csv(csv, index=False)
     data = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3", "--ratios", "0.05", "--random_controls", "1",
@@ -338,12 +340,12 @@ def test_run_pipeline_on_pythia(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     m = "tiny-pythia"
-    meta = sf.read_graph_meta(data, m)
+    meta = formats.read_graph_meta(data, m)
     assert (meta["n_layer"], meta["d_mlp"], meta["architecture"]) == (2, 48, "gpt_neox")
     assert "dense_4h_to_h" in meta["neuron_site"]
-    ds = pd.read_csv(sf.path(data, sf.DATASET, m), keep_default_na=False)
+    ds = pd.read_csv(layout.path(data, layout.DATASET, m), keep_default_na=False)
     assert len(ds) == 5 * 2 + 4 + 3
-    assert (data / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY).is_file() and (data / "report.md").is_file()
+    assert (data / layout.RESULTS_DIR / layout.PERTURBATION_SUMMARY).is_file() and (data / "report.md").is_file()
 
 
 REAL = ["EleutherAI/pythia-14m", "EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "EleutherAI/gpt-neo-125m",
@@ -379,7 +381,7 @@ def test_real_checkpoint_from_cache():
 
 
 def test_hub_names_of_other_families(tmp_path):
-    from gelutrace.loading import model_name
+    from gelutrace.model.loading import model_name
 
     assert model_name("EleutherAI/pythia-160m") == "pythia-160m"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
@@ -395,7 +397,7 @@ def test_corpus_mode_on_pythia(tmp_path):
     by hand from the MLP inputs of transformers' own model over the same windows."""
     from transformers import AutoModelForCausalLM
 
-    from gelutrace import store as gs
+    from gelutrace.graph import store as gs
     ckpt = build("gpt_neox", tmp_path / "tiny-pythia")
     text = tmp_path / "t.txt"
     text.write_text(" ".join(PROMPTS) * 3)
@@ -405,7 +407,7 @@ def test_corpus_mode_on_pythia(tmp_path):
                    env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     m = "tiny-pythia"
-    assert sf.read_graph_meta(tmp_path / "out", m)["architecture"] == "gpt_neox"
+    assert formats.read_graph_meta(tmp_path / "out", m)["architecture"] == "gpt_neox"
     lm = load_model(str(ckpt), device="cpu")
     ids = lm.tokenizer(text.read_text())["input_ids"] + [lm.tokenizer.eos_token_id or 0]
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()

@@ -1,5 +1,5 @@
 """
-Edge fidelity (gelutrace.fidelity, c_measure_edge_fidelity.py): the stratified edge sample, the measured change
+Edge fidelity (gelutrace.evaluate.fidelity, c_measure_edge_fidelity.py): the stratified edge sample, the measured change
 against single-neuron ablation done by hand (perturbation.Ablation, one source at a time), the prediction
 against the float64 reference of test_direct, and the summary against scipy and a hand computation.
 """
@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 import torch
 from scipy.stats import spearmanr
-
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf, run_python
-from gelutrace import fidelity as fd
-from gelutrace import stagefiles as sf
-from gelutrace.perturbation import Ablation
 from test_corpus_direct import ENV, corpus_run
 from test_direct import reference
+
+from gelutrace.evaluate import fidelity as fd
+from gelutrace.files import layout
+from gelutrace.model.hooks import Ablation
+
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf, run_python
 
 M = SHIPPED_NAME
 
@@ -100,10 +101,10 @@ def test_script_writes_both_files_and_refuses_a_store_without_weights(dataset, t
            "40", "--tokens", "128", "--device", "cpu"]
     r = run_python(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
-    table = pd.read_csv(sf.path(out, sf.EDGE_FIDELITY, M))
-    assert list(table.columns) == sf.EDGE_FIDELITY_COLUMNS and len(table) == 40
-    summary = pd.read_csv(sf.path(out, sf.EDGE_FIDELITY_SUMMARY, M))
-    assert list(summary.columns) == sf.EDGE_FIDELITY_SUMMARY_COLUMNS
+    table = pd.read_csv(layout.path(out, layout.EDGE_FIDELITY, M))
+    assert list(table.columns) == layout.EDGE_FIDELITY_COLUMNS and len(table) == 40
+    summary = pd.read_csv(layout.path(out, layout.EDGE_FIDELITY_SUMMARY, M))
+    assert list(summary.columns) == layout.EDGE_FIDELITY_SUMMARY_COLUMNS
     assert "Spearman" in r.stdout
     plain = tmp_path / "plain"
     run_python([sys.executable, "b_generate_activation_dataset.py", "--input_text", str(HELDOUT_PATH),
@@ -111,7 +112,7 @@ def test_script_writes_both_files_and_refuses_a_store_without_weights(dataset, t
                check=True, capture_output=True)
     r = run_python(cmd[:3] + [str(plain)] + cmd[4:], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--direct_edges" in r.stderr
-    assert not sf.path(plain, sf.EDGE_FIDELITY, M).exists()
+    assert not layout.path(plain, layout.EDGE_FIDELITY, M).exists()
 
 
 def test_report_quotes_only_the_fidelity_of_the_current_store(dataset, tmp_path):
@@ -120,7 +121,7 @@ def test_report_quotes_only_the_fidelity_of_the_current_store(dataset, tmp_path)
     import json as js
     import shutil
 
-    from gelutrace.report import collect, fidelity_section
+    from gelutrace.report.report import collect, fidelity_section
 
     out = tmp_path / "c"  # a copy: the fixture's store stays as it is
     shutil.copytree(dataset[0], out)
@@ -130,7 +131,7 @@ def test_report_quotes_only_the_fidelity_of_the_current_store(dataset, tmp_path)
     info = collect(out)
     lines = "\n".join(fidelity_section(info, out))
     assert "Spearman" in lines and info["fidelity_stale"] is False
-    header = sf.path(out, sf.WEIGHTED_GRAPH, M) / sf.GRAPH_STORE_HEADER
+    header = layout.path(out, layout.WEIGHTED_GRAPH, M) / layout.GRAPH_STORE_HEADER
     h = js.loads(header.read_text())
     h["uid"] = "another"
     header.write_text(js.dumps(h))

@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT, directory_digest, fill_disk_at, run_python
 from gelutrace import PipelineError
-from gelutrace import graph as gr
-from gelutrace import stagefiles as sf
-from gelutrace import store as gs
-from gelutrace.loading import load_model
+from gelutrace.files import atomic, formats, layout
+from gelutrace.graph import coactivation as gr
+from gelutrace.graph import store as gs
+from gelutrace.model.loading import load_model
+
+from conftest import REPO_ROOT, directory_digest, fill_disk_at, run_python
 
 
 def script(name, *args, cwd=None):
@@ -97,16 +98,16 @@ def test_damaged_and_foreign_gpickles(tmp_path):
 
 
 def test_prompt_row_with_extra_fields_is_refused(tmp_path):
-    from gelutrace import stagefiles as sf
+    from gelutrace.files import formats
     p = tmp_path / "p.csv"
     p.write_text('prompts,number_of_new_tokens\n"The king said ",5,2\n')
     with pytest.raises(PipelineError, match="line 2: 3 fields, but the header has 2"):
-        sf.read_prompts(p)
+        formats.read_prompts(p)
     p.write_text('prompts,number_of_new_tokens,num_samples\n"a, b",3,1\n"multi\nline",2\nc,1,1\n')
     with pytest.raises(PipelineError, match="line 4: 2 fields"):  # the quoted newline spans lines 3-4
-        sf.read_prompts(p)
+        formats.read_prompts(p)
     p.write_text('prompts,number_of_new_tokens,num_samples\n"a, b",3,1\n\n"multi\nline",2,1\n')
-    assert [(q.text, q.new_tokens) for q in sf.read_prompts(p)] == [("a, b", 3), ("multi\nline", 2)]
+    assert [(q.text, q.new_tokens) for q in formats.read_prompts(p)] == [("a, b", 3), ("multi\nline", 2)]
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +170,9 @@ def test_kill_during_a_staging_write_then_resume(tmp_path, shipped_path, monkeyp
     import json
     import runpy
 
-    from gelutrace import recording
-    from gelutrace import stagefiles as sf
     from test_recording import run, write_prompts
+
+    from gelutrace.record import prompts as recording
 
     csv = write_prompts(tmp_path / "p.csv")
     common = ["--input_csv", str(csv), "--model_type", "tinybard", "--device", "cpu", "--batch_size", "1",
@@ -199,12 +200,12 @@ def test_kill_during_a_staging_write_then_resume(tmp_path, shipped_path, monkeyp
     assert json.loads((staged / "state.json").read_text())["chunks"]  # some work was kept
     monkeypatch.setattr(recording, name, real)
     run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "part", "--resume", OMP_NUM_THREADS="1")
-    for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY, sf.TOP_EXAMPLES):
-        assert sf.path(tmp_path / "part", f, "tinybard").read_bytes() == sf.path(tmp_path / "full", f, "tinybard").read_bytes()
+    for f in (layout.DATASET, layout.MATRIX, layout.FREQUENCY, layout.TOP_EXAMPLES):
+        assert layout.path(tmp_path / "part", f, "tinybard").read_bytes() == layout.path(tmp_path / "full", f, "tinybard").read_bytes()
 
 
 def test_resume_refuses_chunks_of_another_run_and_damaged_state(tmp_path):
-    from gelutrace import recording
+    from gelutrace.record import prompts as recording
 
     chunk = recording.Chunk(*(np.zeros(2, np.int64) for _ in range(4)), np.zeros((2, 1), np.uint8), np.zeros(8),
                             np.zeros((0, 8)), np.zeros((0, 8), np.int64))
@@ -219,7 +220,7 @@ def test_resume_refuses_chunks_of_another_run_and_damaged_state(tmp_path):
 
     def write_state(chunks, done):  # with a manifest that vouches for the files as they are
         state.write_text(json.dumps({"fingerprint": "run-a", "chunks": chunks, "samples_done": done,
-                                     "files": {c: sf.file_sha256(a.dir / c) for c in chunks}}))
+                                     "files": {c: atomic.file_sha256(a.dir / c) for c in chunks}}))
     write_state(["chunk_00000.npz", "chunk_00001.npz"], 2)
     with pytest.raises(PipelineError, match="belongs to another run"):
         recording.Staging(tmp_path, "m", "run-a").start(resume=True)
@@ -235,18 +236,17 @@ def test_resume_refuses_chunks_of_another_run_and_damaged_state(tmp_path):
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tiny_dataset, tmp_path):
     import fcntl
 
-    from gelutrace import stagefiles as sf
     d, csv = tiny_dataset
     out = tmp_path / "out"
     out.mkdir()
-    with open(out / sf.LOCK_FILE, "a") as held:  # another process writing into `out`
+    with open(out / layout.LOCK_FILE, "a") as held:  # another process writing into `out`
         fcntl.flock(held, fcntl.LOCK_EX)
         r = script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_csv", csv,
                    "--export_dir", out, "--device", "cpu")
         one_error_line(r)
         assert "another run is writing into" in r.stderr
-        assert sorted(p.name for p in out.iterdir()) == [sf.LOCK_FILE]
-        with open(d / "b" / sf.LOCK_FILE, "a") as held_b:
+        assert sorted(p.name for p in out.iterdir()) == [layout.LOCK_FILE]
+        with open(d / "b" / layout.LOCK_FILE, "a") as held_b:
             fcntl.flock(held_b, fcntl.LOCK_EX)
             one_error_line(script("e_generate_perturbed_results.py", "--dataset_path", d / "b", "--input_csv", csv,
                                   "--model_type", "tinybard", "--device", "cpu",
@@ -328,17 +328,16 @@ def test_stage_e_refuses_tampered_sidecars_and_bad_split(tiny_dataset, side, ext
 
 
 def test_match_layers_refuses_duplicates_too(tmp_path):
-    from gelutrace import stagefiles as sf
+    from gelutrace.files import formats
     np.save(tmp_path / "dup.npy", np.array([3, 3]))
     with pytest.raises(PipelineError, match="more than once"):
-        sf.read_subset(tmp_path / "dup.npy")
+        formats.read_subset(tmp_path / "dup.npy")
 
 
 @pytest.mark.parametrize("greedy", [True, False])
 def test_batch_size_bounds_every_batch(greedy):
     """200 repeats with --batch_size 8: no batch holds more than 8 rows; the samples come in CSV order."""
-    from gelutrace.generation import plan_batches, repeat_rows
-    from gelutrace.stagefiles import Prompt
+    from gelutrace.model.generation import Prompt, plan_batches, repeat_rows
     prompts = [Prompt("a", 3, 200), Prompt("b", 0, 2), Prompt("c", 2, 5), Prompt("d", 4, 1)]
     ids = [[1, 2], [3], [4, 5, 6], [7]]
     batches = plan_batches(prompts, ids, greedy, 8, 64)
@@ -421,7 +420,6 @@ def test_a_crash_among_the_renames_leaves_a_set_that_readers_refuse(tiny_dataset
     import runpy
     import shutil
 
-    from gelutrace import stagefiles as sf
     d, csv = tiny_dataset
     data = tmp_path / "b"
     shutil.copytree(d / "b", data)
@@ -437,13 +435,13 @@ def test_a_crash_among_the_renames_leaves_a_set_that_readers_refuse(tiny_dataset
     argv = [script_path, "--model_type", "tinybard", "--input_csv", str(csv), "--export_dir", str(data), "--device",
             "cpu", "--no_edge_list", "--no_attribution"]
     monkeypatch.setattr(sys, "argv", argv)
-    real_swap = sf.OutputSet._swap
+    real_swap = atomic.OutputSet._swap
 
     def swap(self):
         monkeypatch.setattr(os, "replace", killed)
         real_swap(self)
 
-    monkeypatch.setattr(sf.OutputSet, "_swap", swap)
+    monkeypatch.setattr(atomic.OutputSet, "_swap", swap)
     with pytest.raises(SystemExit):
         runpy.run_path(script_path, run_name="__main__")
     monkeypatch.undo()
@@ -461,17 +459,16 @@ def test_report_refuses_results_of_an_interrupted_stage_e(tiny_dataset, tmp_path
     import json
     import shutil
 
-    from gelutrace import stagefiles as sf
     d, csv = tiny_dataset
     data = tmp_path / "b"
     shutil.copytree(d / "b", data)
     r = script("e_generate_perturbed_results.py", "--dataset_path", data, "--input_csv", csv, "--model_type", "tinybard",
                "--device", "cpu", "--perturbation_subset_filenames", "s.npy", "none")
     assert r.returncode == 0, r.stderr
-    manifest = data / sf.RESULTS_DIR / sf.RESULTS_MANIFEST
+    manifest = data / layout.RESULTS_DIR / layout.RESULTS_MANIFEST
     rec = json.loads(manifest.read_text())
     assert rec["state"] == "complete" and {"summary.csv", "s.csv", "none.csv", "summary.png"} <= set(rec["files"])
-    from gelutrace import report
+    from gelutrace.report import report
     report.collect(data)  # a complete set reads
     manifest.write_text(json.dumps({"state": "writing", "run": "x"}))  # as a crash in the write phase leaves it
     with pytest.raises(PipelineError, match="stopped while writing"):
@@ -494,8 +491,7 @@ def test_full_disk_in_stage_e_keeps_the_earlier_results(tiny_dataset, tmp_path, 
     import runpy
     import shutil
 
-    from gelutrace import report
-    from gelutrace import stagefiles as sf
+    from gelutrace.report import report
     d, csv = tiny_dataset
     data = tmp_path / "b"
     shutil.copytree(d / "b", data)
@@ -503,7 +499,7 @@ def test_full_disk_in_stage_e_keeps_the_earlier_results(tiny_dataset, tmp_path, 
             "--perturbation_subset_filenames", "s.npy", "none"]
     r = script("e_generate_perturbed_results.py", *argv)
     assert r.returncode == 0, r.stderr
-    results = data / sf.RESULTS_DIR
+    results = data / layout.RESULTS_DIR
     before = directory_digest(results)
     calls = fill_disk_at(monkeypatch, nth)
     script_path = str(REPO_ROOT / "e_generate_perturbed_results.py")
@@ -512,7 +508,7 @@ def test_full_disk_in_stage_e_keeps_the_earlier_results(tiny_dataset, tmp_path, 
         runpy.run_path(script_path, run_name="__main__")
     assert e.value.code == 2 and calls["n"] >= nth
     monkeypatch.undo()
-    sf.release_locks()
+    atomic.release_locks()
     assert directory_digest(results) == before
     report.collect(data)
 
@@ -523,19 +519,19 @@ def test_activation_lists_with_neuron_ids_past_65535(tmp_path):
     """gpt2-medium and larger have ids >= 65,536: the pickle's 4-byte BININT path, against json and numpy."""
     import json
 
-    from gelutrace import stagefiles as sf
+    from gelutrace.files import formats
     n = 70_000
     rng = np.random.default_rng(0)
     active = np.zeros((5, n), bool)
     for row in active:
         row[rng.choice(n, 40, replace=False)] = True
     active[0, [0, 255, 256, 65535, 65536, n - 1]] = True  # each opcode's edges
-    sf.write_activation_lists(tmp_path, "big", np.packbits(active, axis=1), n, block=2)
-    with open(sf.path(tmp_path, sf.ACTIVATIONS_PICKLE, "big"), "rb") as f:
+    formats.write_activation_lists(tmp_path, "big", np.packbits(active, axis=1), n, block=2)
+    with open(layout.path(tmp_path, layout.ACTIVATIONS_PICKLE, "big"), "rb") as f:
         lists = pickle.load(f)  # a file this test just wrote
     ref = {str(i): np.flatnonzero(r).tolist() for i, r in enumerate(active)}
     assert lists == ref
-    assert json.loads(sf.path(tmp_path, sf.ACTIVATIONS_JSON, "big").read_text()) == ref
+    assert json.loads(layout.path(tmp_path, layout.ACTIVATIONS_JSON, "big").read_text()) == ref
 
 
 # --- the graph store -------------------------------------------------------------------------------------
@@ -551,27 +547,26 @@ def store_dir(tmp_path):
 
 
 def test_a_versioned_output_replaces_a_link_to_elsewhere_and_leaves_what_it_points_to(tmp_path):
-    from gelutrace import stagefiles as sf
     elsewhere = tmp_path / "important"
     elsewhere.mkdir()
     (elsewhere / "keep.txt").write_text("x")
     target = tmp_path / "out" / "set"
     target.parent.mkdir()
     target.symlink_to(elsewhere)
-    with sf.atomic_dir(target) as d:
+    with atomic.atomic_dir(target) as d:
         (d / "new.txt").write_text("y")
     assert (elsewhere / "keep.txt").read_text() == "x"  # not removed as if it were an earlier version
-    assert (target / "new.txt").read_text() == "y" and sf.own_version(target) is not None
-    with sf.atomic_dir(target) as d:  # its own earlier version is removed
+    assert (target / "new.txt").read_text() == "y" and atomic.own_version(target) is not None
+    with atomic.atomic_dir(target) as d:  # its own earlier version is removed
         (d / "newer.txt").write_text("z")
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(".set.v")] == [os.readlink(target)]
-    sf.remove_dir(target)
+    atomic.remove_dir(target)
     assert not target.exists() and not target.is_symlink() and (elsewhere / "keep.txt").is_file()
 
 
 def test_store_switch_is_atomic_and_leftovers_are_cleaned(store_dir, monkeypatch):
     """A crash at any point of the switch leaves a complete store under its name; the next run cleans up."""
-    from gelutrace import stagefiles as sf
+    from gelutrace.files import formats
     d, store = store_dir
     umask = os.umask(0)
     os.umask(umask)
@@ -582,11 +577,11 @@ def test_store_switch_is_atomic_and_leftovers_are_cleaned(store_dir, monkeypatch
     def crashing(a, b):  # the switch is one rename of the link: kill -9 at it
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sf.os, "replace", crashing)
+    monkeypatch.setattr(atomic.os, "replace", crashing)
     data = gr.load_activation_data(d)
     with pytest.raises(KeyboardInterrupt):
         gs.write_store(store, data)
-    monkeypatch.setattr(sf.os, "replace", real)
+    monkeypatch.setattr(atomic.os, "replace", real)
     assert gs.read_graph(store).header["uid"] == before  # the old store, whole
     # a plain directory (an older version's store) cut between its two renames comes back on the next read
     plain = store.resolve()
@@ -810,22 +805,21 @@ def md_unescape(s):
 
 
 def payload_cards():
-    from gelutrace import cards
+    from gelutrace.report import cards
     examples = [cards.Example(1.5, 7 + i, [p, " and ", p[::-1]], np.zeros(3), p) for i, p in enumerate(PAYLOADS)]
     tokens = [cards.TokenEffect(i, p, 0.5) for i, p in enumerate(PAYLOADS)]
     return [cards.Card(5, 0, 5, 0.25, 0.1, np.nan, np.nan, examples, tokens, tokens[::-1])]
 
 
 def test_markdown_escape_round_trips_and_opens_nothing():
-    from gelutrace import markdown
+    from gelutrace.report import markdown
     for p in PAYLOADS + ["\\", "\\|", "&lt;", "x" * 3 + "\\\\`"]:
         e = markdown.escape(p)
         assert not any(d in e for d in DANGEROUS) and md_unescape(e) == p
 
 
 def test_cards_markdown_and_the_report_hold_no_raw_html(tmp_path):
-    from gelutrace import cards
-    from gelutrace import report
+    from gelutrace.report import cards, report
     name = "<img src=x onerror=alert(1)>"
     md = cards.cards_markdown(payload_cards(), name)
     assert not any(d in md for d in DANGEROUS)
@@ -836,8 +830,8 @@ def test_cards_markdown_and_the_report_hold_no_raw_html(tmp_path):
         assert md_unescape(cell.replace("**", "")) == p + " and " + p[::-1] + p
     promoted = next(ln for ln in md.splitlines() if ln.startswith("Promoted: "))
     assert md_unescape(promoted) == "Promoted: " + ", ".join(f'"{p}" (+0.5)' for p in PAYLOADS)
-    (tmp_path / sf.CARDS_DIR).mkdir()
-    cards.write_cards(tmp_path / sf.CARDS_DIR, payload_cards(), name)
+    (tmp_path / layout.CARDS_DIR).mkdir()
+    cards.write_cards(tmp_path / layout.CARDS_DIR, payload_cards(), name)
     included = "\n".join(report.cards_section(tmp_path))
     assert "### Neuron 5" in included and not any(d in included for d in DANGEROUS)
     table = report.md_table(pd.DataFrame({"subset": PAYLOADS, "k": range(len(PAYLOADS))}))
@@ -853,7 +847,8 @@ def test_cards_markdown_renders_as_the_text_itself():
     """Rendered by an independent Markdown implementation (CommonMark with tables), then read back by html.parser."""
     markdown_it = pytest.importorskip("markdown_it")
     from html.parser import HTMLParser
-    from gelutrace import cards
+
+    from gelutrace.report import cards
 
     class Cells(HTMLParser):
         def __init__(self):
@@ -916,7 +911,7 @@ def test_former_tracebacks_are_one_error_line(tiny_dataset, tiny_llama, tiny_blo
     elif case == "empty_npy_effects":
         r = script("d_calculate_neuron_effects.py", "--dataset_path", ds, "--input_csv", csv, "--model_type",
                    "tinybard", "--neurons", tmp_path / "empty.npy", "--device", "cpu")
-        assert not sf.path(ds, sf.NEURON_EFFECTS, "tinybard").exists()
+        assert not layout.path(ds, layout.NEURON_EFFECTS, "tinybard").exists()
     else:
         base, change = ((tiny_llama, dict(num_hidden_layers=-1)) if case == "negative_layers"
                         else (tiny_bloom, dict(pretraining_tp="2")))
@@ -950,7 +945,7 @@ def test_a_byte_order_mark_is_not_text(tmp_path, shipped):
         r = script("b_generate_activation_dataset.py", "--model_type", "tinybard", "--input_text", tmp_path / name,
                    "--export_dir", tmp_path / name.replace(".", "_"), "--device", "cpu", "--top_examples", "0")
         assert r.returncode == 0, r.stderr[-2000:]
-        record = json.loads(sf.path(tmp_path / name.replace(".", "_"), sf.CORPUS, "tinybard").read_text())
+        record = json.loads(layout.path(tmp_path / name.replace(".", "_"), layout.CORPUS, "tinybard").read_text())
         assert record["tokens"] == len(shipped.tokenizer(text)["input_ids"]) + 1  # the text and end-of-text
 
 
@@ -968,8 +963,8 @@ def test_a_symlink_loop_is_called_one(tmp_path):
 
 
 def test_errors_name_the_right_thing(tmp_path, random_ckpt, tiny_llama, tiny_dataset):
-    from gelutrace.perturbation import check_dataset
-    from gelutrace.sites import site_info
+    from gelutrace.evaluate.ablation import check_dataset
+    from gelutrace.model.sites import site_info
     ck = edit_config(Path(shutil.copytree(random_ckpt, tmp_path / "ck")), n_positions=DELETE, n_ctx=-5)
     with pytest.raises(PipelineError, match="n_ctx must be a positive integer, got -5"):
         load_model(str(ck), device="cpu")
@@ -980,7 +975,7 @@ def test_errors_name_the_right_thing(tmp_path, random_ckpt, tiny_llama, tiny_dat
     err = ends_in_one_error_line(r)
     # every family's effects run now: the refusal is the dataset's (another model's), named as such
     assert "llama is llama" not in err and "not a dataset of model 'llama'" in err
-    sf.write_graph_files(tmp_path / "ds", "llama", 2, 48, write_el=False, site=site_info("gpt_neox"))
+    formats.write_graph_files(tmp_path / "ds", "llama", 2, 48, write_el=False, site=site_info("gpt_neox"))
     with pytest.raises(PipelineError) as e:
         check_dataset(tmp_path / "ds", "llama", 2, 48, site_info("llama"))
     assert "'llama' is llama" not in str(e.value) and "architecture gpt_neox" in str(e.value)

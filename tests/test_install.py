@@ -35,7 +35,7 @@ def test_pip_install_gives_the_api_the_command_and_the_shipped_model(tmp_path, s
     away.mkdir()
     env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1")
     code = ("import gelutrace as gt; lm = gt.load_model('tinybard', 'cpu'); "
-            "import gelutrace.loading as L; print(lm.path.relative_to(L.__file__.rsplit('/', 1)[0]))")
+            "import gelutrace as G; print(lm.path.relative_to(G.__file__.rsplit('/', 1)[0]))")
     r = subprocess.run([sys.executable, "-c", code], cwd=away, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "shipped_models/tinybard", r.stderr[-2000:]
     cmd = target / "bin" / "gelutrace"

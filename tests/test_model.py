@@ -1,5 +1,5 @@
 """
-model.py and gelutrace.loading against transformers' own GPT-2 as the independent reference: logits,
+model.py and gelutrace.model.loading against transformers' own GPT-2 as the independent reference: logits,
 cached and left-padded decoding, greedy and sampled generation, the context window, the shipped model
 and the message for a hub model that cannot be had.
 """
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf, make_checkpoint
 from model import GPT, KVCache
+
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, load_hf, make_checkpoint
 
 ATOL = 1e-4
 
@@ -56,7 +57,7 @@ def test_local_directory_logits_match_transformers(random_loaded, random_hf, ran
     dict(activation_function="gelu_pytorch_tanh", n_inner=96, layer_norm_epsilon=1e-3, n_head=2),
 ], ids=["gelu-exact", "n_inner-eps"])
 def test_config_variants_match_transformers(tmp_path, overrides):
-    from gelutrace.loading import load_model
+    from gelutrace.model.loading import load_model
 
     path = make_checkpoint(tmp_path / "variant", seed=1, **overrides)
     model = load_model(str(path), device="cpu").model
@@ -249,7 +250,7 @@ def test_context_window(random_model):
 # --- the shipped model, offline ---------------------------------------------------------------------------
 
 def test_shipped_model_loads_offline(shipped_path, tmp_path):
-    code = ("from gelutrace.loading import load_model\n"
+    code = ("from gelutrace.model.loading import load_model\n"
             f"lm = load_model({SHIPPED_NAME!r}, device='cpu')\n"
             "print(lm.name, lm.model.config.n_layer, len(lm.tokenizer), lm.model.config.vocab_size)\n")
     r = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path / "hf_home"), cwd=tmp_path,
@@ -278,7 +279,7 @@ def test_shipped_model_heldout_loss(shipped):
 
 def test_unreachable_hub_model_fails_with_clear_message(tmp_path):
     code = ("from gelutrace import PipelineError\n"
-            "from gelutrace.loading import load_model\n"
+            "from gelutrace.model.loading import load_model\n"
             "try:\n"
             "    load_model('gpt2', device='cpu')\n"
             "except PipelineError as e:\n"
@@ -299,7 +300,7 @@ def test_unreachable_hub_model_fails_with_clear_message(tmp_path):
 
 def test_unknown_model_type_and_bad_directory(tmp_path):
     from gelutrace import PipelineError
-    from gelutrace.loading import load_model
+    from gelutrace.model.loading import load_model
 
     with pytest.raises(PipelineError, match="unknown --model_type"):
         load_model(str(tmp_path / "no-such-model"), device="cpu")

@@ -17,10 +17,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from gelutrace.evaluate import ablation as pt
+from gelutrace.evaluate import moduleeffects as me
+from gelutrace.files import layout
+
 from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
-from gelutrace import moduleeffects as me
-from gelutrace import perturbation as pt
-from gelutrace import stagefiles as sf
 
 M = SHIPPED_NAME
 EVAL_TEXT = REPO_ROOT / "parcellation_datasets" / f"heldout_eval_{M}.txt"
@@ -82,11 +83,11 @@ def ablated(tmp_path_factory, shipped_path):
     d = tmp_path_factory.mktemp("modules")
     run("b_generate_activation_dataset.py", "--input_text", HELDOUT_PATH, "--export_dir", d, "--model_type", M,
         "--max_tokens", 1500, "--context", 128, "--device", "cpu", "--attribution")
-    run("c_find_modules.py", "--input_path", sf.path(d, sf.WEIGHTED_GRAPH, M), "--null_graphs", 3, "--seeds", 2)
-    modules = d / sf.MODULES_DIR / sf.MODULES.format(m=M, weight="count")
-    subsets = d / sf.SUBSETS_DIR
+    run("c_find_modules.py", "--input_path", layout.path(d, layout.WEIGHTED_GRAPH, M), "--null_graphs", 3, "--seeds", 2)
+    modules = d / layout.MODULES_DIR / layout.MODULES.format(m=M, weight="count")
+    subsets = d / layout.SUBSETS_DIR
     run("d_calculate_perturbation_subset.py", "--modules", modules, "--modules_top", 2, "--output_dir", subsets)
-    run("d_calculate_perturbation_subset.py", "--input_graph_path", sf.path(d, sf.WEIGHTED_GRAPH, M), "--method",
+    run("d_calculate_perturbation_subset.py", "--input_graph_path", layout.path(d, layout.WEIGHTED_GRAPH, M), "--method",
         "attribution", "--k", 10, "--output_dir", subsets)
     # the smaller module again as a plain subset: the same neurons without the module's sidecar
     small = sorted(subsets.glob(f"{M}_module*_count.npy"))[1]
@@ -102,21 +103,21 @@ def test_module_subsets_hold_the_modules_neurons(ablated):
     d, modules, _ = ablated
     table = pd.read_csv(modules)
     for k in (0, 1):
-        npy = d / sf.SUBSETS_DIR / sf.SUBSET_FILE_MODULE.format(m=M, module=k, weight="count")
+        npy = d / layout.SUBSETS_DIR / layout.SUBSET_FILE_MODULE.format(m=M, module=k, weight="count")
         ids = np.load(npy)
         assert np.array_equal(ids, np.sort(table.loc[table["module"] == k, "node_id"].to_numpy()))
         side = json.loads(npy.with_suffix(".json").read_text())
         assert side["method"] == "module" and side["module"] == k and side["k"] == len(ids)
         assert sum(side["per_layer_counts"].values()) == len(ids)
-    assert not (d / sf.SUBSETS_DIR / sf.SUBSET_FILE_MODULE.format(m=M, module=2, weight="count")).exists()
+    assert not (d / layout.SUBSETS_DIR / layout.SUBSET_FILE_MODULE.format(m=M, module=2, weight="count")).exists()
 
 
 def test_module_ablation_equals_the_same_neurons_as_a_subset(ablated):
     d, _, small = ablated
-    s = pd.read_csv(d / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY).set_index("subset")
+    s = pd.read_csv(d / layout.RESULTS_DIR / layout.PERTURBATION_SUMMARY).set_index("subset")
     for col in ("kl", "delta_nll", "token_agreement", "text_delta_nll", "text_kl"):
         assert s.loc[small.name, col] == pytest.approx(s.loc["plain.npy", col], rel=1e-9, abs=1e-12)
-    comparison = pd.read_csv(d / sf.RESULTS_DIR / sf.COMPARISON)
+    comparison = pd.read_csv(d / layout.RESULTS_DIR / layout.COMPARISON)
     assert not comparison["subset"].str.contains("module").any()  # a module is not a selection method
     # the module has both nulls, the plain subset only the layer-matched one
     assert s.loc[small.name, "text_delta_nll_weighted_n"] == 4 and np.isnan(s.loc["plain.npy", "text_delta_nll_weighted_n"])
@@ -124,9 +125,9 @@ def test_module_ablation_equals_the_same_neurons_as_a_subset(ablated):
 
 def test_module_effects_table_and_holm(ablated):
     d, _, _ = ablated
-    s = pd.read_csv(d / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY).set_index("subset")
-    eff = pd.read_csv(d / sf.RESULTS_DIR / sf.MODULE_EFFECTS)
-    assert list(eff.columns) == sf.MODULE_EFFECTS_COLUMNS and list(eff["module"]) == [0, 1]
+    s = pd.read_csv(d / layout.RESULTS_DIR / layout.PERTURBATION_SUMMARY).set_index("subset")
+    eff = pd.read_csv(d / layout.RESULTS_DIR / layout.MODULE_EFFECTS)
+    assert list(eff.columns) == layout.MODULE_EFFECTS_COLUMNS and list(eff["module"]) == [0, 1]
     for _, r in eff.iterrows():
         row = s.loc[r["subset"] + ".npy"]
         assert r["delta_nll"] == pytest.approx(row["text_delta_nll"])
@@ -145,7 +146,7 @@ def test_module_effects_table_and_holm(ablated):
 def test_per_token_delta_nll_agrees_with_the_breakdown_and_the_units(ablated, shipped):
     """The next-token accumulation against two other paths of the same pass: the breakdown's most frequent next
     tokens, and the per-unit sums (every scored token once)."""
-    from gelutrace import realtext
+    from gelutrace.evaluate import realtext
 
     d, _, small = ablated
     text = realtext.read_eval_text([str(EVAL_TEXT)], shipped.tokenizer, 128, shipped.model.config.vocab_size, 600)
@@ -159,7 +160,7 @@ def test_per_token_delta_nll_agrees_with_the_breakdown_and_the_units(ablated, sh
     assert base.token_tokens.sum() == text.scored
     assert m.token_delta_nll.sum() == pytest.approx(m.delta_nll.sum(), rel=1e-9)
     # the file: the largest mean delta_nll of the tokens scored often enough, in order
-    tokens = pd.read_csv(d / sf.RESULTS_DIR / sf.MODULE_TOKENS, keep_default_na=False)
+    tokens = pd.read_csv(d / layout.RESULTS_DIR / layout.MODULE_TOKENS, keep_default_na=False)
     part = tokens[tokens["subset"] == small.stem]
     ok = base.token_tokens >= me.MIN_TOKEN_COUNT
     mean = np.where(ok, m.token_delta_nll / np.maximum(base.token_tokens, 1), -np.inf)
@@ -169,10 +170,10 @@ def test_per_token_delta_nll_agrees_with_the_breakdown_and_the_units(ablated, sh
 
 
 def test_module_contexts_against_transformers(ablated, shipped, shipped_hf):
-    from gelutrace import realtext
+    from gelutrace.evaluate import realtext
 
     d, _, _ = ablated
-    ctx = pd.read_csv(d / sf.RESULTS_DIR / sf.MODULE_CONTEXTS, keep_default_na=False)
+    ctx = pd.read_csv(d / layout.RESULTS_DIR / layout.MODULE_CONTEXTS, keep_default_na=False)
     text = realtext.read_eval_text([str(EVAL_TEXT)], shipped.tokenizer, 128, shipped.model.config.vocab_size, 600)
     cfg = shipped.model.config
     acts = {}
@@ -190,7 +191,7 @@ def test_module_contexts_against_transformers(ablated, shipped, shipped_hf):
             h.remove()
     values = np.concatenate(every)  # (positions, neurons): every post-GELU value of the text
     for subset, part in ctx.groupby("subset"):
-        ids = np.load(d / sf.SUBSETS_DIR / f"{subset}.npy")
+        ids = np.load(d / layout.SUBSETS_DIR / f"{subset}.npy")
         mean = values[:, ids].mean(1)
         assert np.allclose(part["mean_activation"], mean[part["position"].to_numpy()], atol=1e-5)
         assert part["mean_activation"].iloc[0] == pytest.approx(mean.max(), abs=1e-5)
@@ -219,13 +220,13 @@ def test_bad_module_requests_are_refused(ablated):
         t.to_csv(d / f"{name}.csv", index=False)
         (d / f"{name}.json").write_text(json.dumps(rec))
         r = run("d_calculate_perturbation_subset.py", "--modules", d / f"{name}.csv", "--module", 0, "--output_dir",
-                d / sf.SUBSETS_DIR, ok=False)
+                d / layout.SUBSETS_DIR, ok=False)
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:"), (name, r.stderr)
     assert "model 'gpt2'" in r.stderr
     r = run("d_calculate_perturbation_subset.py", "--modules", modules, "--module", 0, "--method", "pagerank",
             "--output_dir", out, ok=False)
     assert r.returncode == 2 and "without --method" in r.stderr
-    assert not out.exists() and not list((d / sf.SUBSETS_DIR).glob("gpt2_*"))
+    assert not out.exists() and not list((d / layout.SUBSETS_DIR).glob("gpt2_*"))
 
 
 # --- the Python API returns what the stage scripts write ------------------------------------------------------
@@ -235,12 +236,12 @@ def test_api_equals_the_stage_scripts(ablated, shipped, tmp_path):
     d, _, _ = ablated
     ds = gt.record_corpus(shipped, str(HELDOUT_PATH), out_dir=tmp_path / "api", max_tokens=1500, context=128,
                           attribution=True)  # one path alone, as a list of one
-    for name in (sf.FREQUENCY, sf.TOP_EXAMPLES):
-        assert sf.path(ds.path, name, M).read_bytes() == sf.path(d, name, M).read_bytes()
+    for name in (layout.FREQUENCY, layout.TOP_EXAMPLES):
+        assert layout.path(ds.path, name, M).read_bytes() == layout.path(d, name, M).read_bytes()
     sub = gt.select(ds.graph(), method="attribution", k=10, dataset=ds)
-    assert np.array_equal(sub.ids, np.load(d / sf.SUBSETS_DIR / f"{M}_attribution_k10.npy"))
+    assert np.array_equal(sub.ids, np.load(d / layout.SUBSETS_DIR / f"{M}_attribution_k10.npy"))
     res = gt.ablate(shipped, sub, eval_text=[EVAL_TEXT], eval_tokens=600, context=128, random_controls=4)
-    row = pd.read_csv(d / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY).set_index("subset").loc[f"{M}_attribution_k10.npy"]
+    row = pd.read_csv(d / layout.RESULTS_DIR / layout.PERTURBATION_SUMMARY).set_index("subset").loc[f"{M}_attribution_k10.npy"]
     for col in ("text_delta_nll", "text_kl", "text_delta_nll_ci_low", "text_delta_nll_p_random",
                 "text_delta_nll_random_mean"):
         assert res.summary[col] == pytest.approx(row[col], rel=1e-5)  # float32, other batch groupings

@@ -1,5 +1,5 @@
 """
-Modules (gelutrace.modules, c_find_modules.py): the partition against a direct call of igraph's Leiden on the
+Modules (gelutrace.selection.communities, c_find_modules.py): the partition against a direct call of igraph's Leiden on the
 same thinned graph, Q against networkx's modularity, the thinning against a brute-force sort, the rewiring's
 invariants, a planted partition recovered and an Erdős–Rényi graph of the same density found without modules.
 """
@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gelutrace.files import layout
+from gelutrace.graph.coactivation import CoactivationGraph, DenseBlock
+from gelutrace.selection import communities as md
+
 from conftest import REPO_ROOT, run_python
-from gelutrace import modules as md
-from gelutrace import stagefiles as sf
-from gelutrace.graph import CoactivationGraph, DenseBlock
 
 
 def layered(weights: list[np.ndarray], d: int) -> CoactivationGraph:
@@ -145,16 +146,16 @@ def test_script_writes_modules_and_refuses_bad_settings(tmp_path, shipped_path):
 
     out = tmp_path / "c"
     corpus_run(out, "--max_tokens", 1000)
-    store = sf.path(out, sf.WEIGHTED_GRAPH, "tinybard")
+    store = layout.path(out, layout.WEIGHTED_GRAPH, "tinybard")
     cmd = [sys.executable, "c_find_modules.py", "--input_path", str(store), "--weight", "direct_abs",
            "--null_graphs", "3", "--seeds", "2"]
     r = run_python(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
-    table = pd.read_csv(out / sf.MODULES_DIR / sf.MODULES.format(m="tinybard", weight="direct_abs"))
-    assert list(table.columns) == sf.MODULES_COLUMNS and len(table) == 6 * 512
+    table = pd.read_csv(out / layout.MODULES_DIR / layout.MODULES.format(m="tinybard", weight="direct_abs"))
+    assert list(table.columns) == layout.MODULES_COLUMNS and len(table) == 6 * 512
     sizes = table["module"].value_counts().sort_index().to_numpy()
     assert (np.diff(sizes) <= 0).all()  # numbered by decreasing size
-    rec = json.loads((out / sf.MODULES_DIR / sf.MODULES_RECORD.format(m="tinybard", weight="direct_abs")).read_text())
+    rec = json.loads((out / layout.MODULES_DIR / layout.MODULES_RECORD.format(m="tinybard", weight="direct_abs")).read_text())
     assert rec["num_modules"] == len(sizes) and rec["sizes"] == sizes.tolist() and rec["null"]["graphs"] == 3
     assert "too few" in r.stdout
     for bad in (["--threshold", "2"], ["--weight", "nope"]):  # the script's error line; the other checks below

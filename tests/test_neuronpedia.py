@@ -23,10 +23,12 @@ import pandas as pd
 import pytest
 import torch
 
+from gelutrace.files import layout
+from gelutrace.model import tokens
+from gelutrace.report import cards
+from gelutrace.report import neuronpedia as npx
+
 from conftest import REPO_ROOT, SHIPPED_NAME, run_python
-from gelutrace import cards
-from gelutrace import neuronpedia as npx
-from gelutrace import stagefiles as sf
 
 PROMPTS = [("KING HENRY. Now, lords, ", 6, 3), ("And God said, \"Let there be\", ", 5, 1),
            ("To be, or not to be", 7, 1)]
@@ -35,9 +37,9 @@ K = 4
 SCHEMA = json.loads((REPO_ROOT / "tests" / "data" / "neuronpedia.schema.json").read_text())
 PRISMA = json.loads((REPO_ROOT / "tests" / "data" / "neuronpedia_records.schema.json").read_text())
 BOT = "clkht01d40000jv08hvalcvly"  # Neuronpedia's bot user (its seed; PUBLIC_ACTIVATIONS_USER_IDS by default)
-KIND = {sf.NEURONPEDIA_RELEASE: "release", sf.NEURONPEDIA_MODEL: "model", sf.NEURONPEDIA_SOURCESET: "sourceset",
-        sf.NEURONPEDIA_SOURCE_FILE: "source", sf.NEURONPEDIA_FEATURES: "feature",
-        sf.NEURONPEDIA_ACTIVATIONS: "activation"}
+KIND = {layout.NEURONPEDIA_RELEASE: "release", layout.NEURONPEDIA_MODEL: "model", layout.NEURONPEDIA_SOURCESET: "sourceset",
+        layout.NEURONPEDIA_SOURCE_FILE: "source", layout.NEURONPEDIA_FEATURES: "feature",
+        layout.NEURONPEDIA_ACTIVATIONS: "activation"}
 
 
 def env():
@@ -55,7 +57,7 @@ def render(*argv):
 def dataset(tmp_path_factory, shipped_path):
     d = tmp_path_factory.mktemp("np")
     csv = d / "prompts.csv"
-    pd.DataFrame(PROMPTS, columns=sf.PROMPT_COLUMNS).to_csv(csv, index=False)
+    pd.DataFrame(PROMPTS, columns=layout.PROMPT_COLUMNS).to_csv(csv, index=False)
     r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv),
                     "--export_dir", str(d / "ds"), "--model_type", SHIPPED_NAME, "--device", "cpu",
                     "--no_edge_list", "--no_activation_lists", "--no_attribution"], capture_output=True, text=True,
@@ -105,8 +107,8 @@ def check_export(model_dir, creator=BOT) -> int:
                     assert rec["creatorId"] == creator
                     n += schema is SCHEMA
         data = b"".join(gzip.decompress((folder / f).read_bytes())
-                        for f in (sf.NEURONPEDIA_FEATURES, sf.NEURONPEDIA_ACTIVATIONS))
-        notes = records(folder, sf.NEURONPEDIA_SOURCE_FILE)[0]["notes"]
+                        for f in (layout.NEURONPEDIA_FEATURES, layout.NEURONPEDIA_ACTIVATIONS))
+        notes = records(folder, layout.NEURONPEDIA_SOURCE_FILE)[0]["notes"]
         assert f"data sha256 {hashlib.sha256(data).hexdigest()} " in notes
     return n
 
@@ -126,8 +128,8 @@ def test_layout_is_exactly_the_documented_files(export, shipped):
     assert sorted(sources(export)) == layers
     for layer, folder in sources(export).items():
         assert folder.name == f"{layer}-gelutrace-mlp"
-        assert sorted(files_of(folder)) == sorted(sf.NEURONPEDIA_FILES)
-        for name in sf.NEURONPEDIA_FILES:
+        assert sorted(files_of(folder)) == sorted(layout.NEURONPEDIA_FILES)
+        for name in layout.NEURONPEDIA_FILES:
             data = (folder / name).read_bytes()
             if name.endswith(".gz"):
                 assert data[:2] == b"\x1f\x8b" and data[4:8] == b"\0\0\0\0"  # gzip, no time stamp
@@ -141,8 +143,8 @@ def test_every_record_matches_the_schema(export):
     SourceRelease, SourceSet, Source and Activation, and the viewer shows only the bot's activations)."""
     n_features = n_activations = 0
     for folder in sources(export).values():
-        n_features += len(records(folder, sf.NEURONPEDIA_FEATURES))
-        n_activations += len(records(folder, sf.NEURONPEDIA_ACTIVATIONS))
+        n_features += len(records(folder, layout.NEURONPEDIA_FEATURES))
+        n_activations += len(records(folder, layout.NEURONPEDIA_ACTIVATIONS))
     assert (n_features, n_activations) == (len(NEURONS), len(NEURONS) * K)
     assert check_export(export / npx.model_slug(SHIPPED_NAME)) == n_features + n_activations + 4 * len(sources(export))
     assert npx.DEFAULT_CREATOR_ID == BOT
@@ -155,7 +157,7 @@ def test_examples_equal_the_cards_and_transformers(export, dataset, shipped, shi
     folders = sources(export)
     for n, card in built.items():
         layer, dim = divmod(n, d)
-        acts = [a for a in records(folders[layer], sf.NEURONPEDIA_ACTIVATIONS) if a["index"] == str(dim)]
+        acts = [a for a in records(folders[layer], layout.NEURONPEDIA_ACTIVATIONS) if a["index"] == str(dim)]
         assert len(acts) == len(card.examples) == K
         for rank, (a, e) in enumerate(zip(acts, card.examples)):
             assert a["tokens"] == e.tokens and a["dataIndex"] == str(e.sample_id)
@@ -167,7 +169,7 @@ def test_examples_equal_the_cards_and_transformers(export, dataset, shipped, shi
     # one example recomputed from scratch: transformers over the sample's prefix, hooked on mlp.act
     seqs = cards.dataset_sequences(dataset, SHIPPED_NAME)
     layer, dim = divmod(NEURONS[0], d)
-    a = records(folders[layer], sf.NEURONPEDIA_ACTIVATIONS)[0]
+    a = records(folders[layer], layout.NEURONPEDIA_ACTIVATIONS)[0]
     assert a["index"] == str(dim)
     prefix = seqs.prefix(int(a["dataIndex"]))
     got = []
@@ -177,23 +179,23 @@ def test_examples_equal_the_cards_and_transformers(export, dataset, shipped, shi
             shipped_hf(torch.tensor([prefix.tolist()]))
     finally:
         hook.remove()
-    want = got[0].double().numpy()[-sf.CONTEXT_TOKENS:]
+    want = got[0].double().numpy()[-layout.CONTEXT_TOKENS:]
     np.testing.assert_allclose(a["values"], want, atol=1e-4)
-    assert a["tokens"] == [cards.token_text(shipped.tokenizer, t) for t in prefix[-sf.CONTEXT_TOKENS:]]
+    assert a["tokens"] == [tokens.token_text(shipped.tokenizer, t) for t in prefix[-layout.CONTEXT_TOKENS:]]
 
 
 def test_figures_equal_the_dataset_and_the_weights(export, dataset, shipped):
     d = shipped.model.config.d_mlp
-    freq = pd.read_csv(sf.path(dataset, sf.FREQUENCY, SHIPPED_NAME))
-    samples = len(pd.read_csv(sf.path(dataset, sf.DATASET, SHIPPED_NAME)))
+    freq = pd.read_csv(layout.path(dataset, layout.FREQUENCY, SHIPPED_NAME))
+    samples = len(pd.read_csv(layout.path(dataset, layout.DATASET, SHIPPED_NAME)))
     vocab = shipped.model.lm_head.weight.shape[0]
     folders = sources(export)
     for n in NEURONS:
         layer, dim = divmod(n, d)
-        feats = [f for f in records(folders[layer], sf.NEURONPEDIA_FEATURES) if f["index"] == str(dim)]
+        feats = [f for f in records(folders[layer], layout.NEURONPEDIA_FEATURES) if f["index"] == str(dim)]
         assert len(feats) == 1
         f = feats[0]
-        acts = [a for a in records(folders[layer], sf.NEURONPEDIA_ACTIVATIONS) if a["index"] == str(dim)]
+        acts = [a for a in records(folders[layer], layout.NEURONPEDIA_ACTIVATIONS) if a["index"] == str(dim)]
         values = [v for a in acts for v in a["values"]]
         assert f["frac_nonzero"] == pytest.approx(freq["activation_count"][n] / samples, rel=1e-12)
         assert f["maxActApprox"] == max(values)
@@ -212,7 +214,7 @@ def test_figures_equal_the_dataset_and_the_weights(export, dataset, shipped):
             w * shipped.model.transformer.ln_f.weight.double().detach().numpy())
         want, _ = np.histogram(effect, bins=npx.HIST_BINS)
         assert f["logits_hist_data_bar_heights"] == want.tolist()  # over the whole vocabulary
-    model = records(next(iter(folders.values())), sf.NEURONPEDIA_MODEL)[0]
+    model = records(next(iter(folders.values())), layout.NEURONPEDIA_MODEL)[0]
     assert (model["layers"], model["neuronsPerLayer"]) == (shipped.model.config.n_layer, d)
 
 
@@ -265,9 +267,9 @@ def test_model_id_names_the_folder_and_every_record_and_the_api_writes_the_same(
         assert all(json.loads(line).get("modelId", "gpt2-small") == "gpt2-small"
                    for line in (gzip.decompress(got[name]) if name.endswith(".gz") else got[name]).splitlines())
     for folder in (tmp_path / "np" / "gpt2-small").iterdir():
-        assert records(folder, sf.NEURONPEDIA_MODEL)[0]["id"] == "gpt2-small"
-        assert records(folder, sf.NEURONPEDIA_RELEASE)[0]["name"] == "gelutrace-gpt2-small"
-        assert all(a["id"].startswith("gpt2-small-") for a in records(folder, sf.NEURONPEDIA_ACTIVATIONS))
+        assert records(folder, layout.NEURONPEDIA_MODEL)[0]["id"] == "gpt2-small"
+        assert records(folder, layout.NEURONPEDIA_RELEASE)[0]["name"] == "gelutrace-gpt2-small"
+        assert all(a["id"].startswith("gpt2-small-") for a in records(folder, layout.NEURONPEDIA_ACTIVATIONS))
     check_export(tmp_path / "np" / "gpt2-small")
     only_the_model(tmp_path / "np", "gpt2-small")
     built = gt.neuron_cards(shipped, Dataset(dataset, SHIPPED_NAME), NEURONS, k=K)
@@ -426,12 +428,12 @@ def test_reexport_over_other_data_warns_once(dataset, tmp_path):
 
     slug = npx.model_slug(SHIPPED_NAME)
     assert warnings_of(run(2)) == []
-    notes = {p.name: records(p, sf.NEURONPEDIA_SOURCE_FILE)[0]["notes"] for p in (tmp_path / "np" / slug).iterdir()}
+    notes = {p.name: records(p, layout.NEURONPEDIA_SOURCE_FILE)[0]["notes"] for p in (tmp_path / "np" / slug).iterdir()}
     warned = warnings_of(run(3))
     assert len(warned) == 1, warned
     assert "0-gelutrace-mlp, 1-gelutrace-mlp" in warned[0] and "delete the source" in warned[0]
-    assert all(len(records(p, sf.NEURONPEDIA_ACTIVATIONS)) == 3 for p in (tmp_path / "np" / slug).iterdir())
-    assert all(records(p, sf.NEURONPEDIA_SOURCE_FILE)[0]["notes"] != notes[p.name]
+    assert all(len(records(p, layout.NEURONPEDIA_ACTIVATIONS)) == 3 for p in (tmp_path / "np" / slug).iterdir())
+    assert all(records(p, layout.NEURONPEDIA_SOURCE_FILE)[0]["notes"] != notes[p.name]
                for p in (tmp_path / "np" / slug).iterdir())
     check_export(tmp_path / "np" / slug)
     assert warnings_of(run(3)) == []  # the same data as the export there
@@ -484,14 +486,14 @@ def test_leftovers_are_removed_and_foreign_links_never_followed(small, tmp_path)
     (d / f".{slug}.v0old" / "0-gelutrace-mlp").mkdir(parents=True)
     (d / slug).symlink_to(f".{slug}.v0old")  # the older layout: a link to its version
     (d / f".{slug}.v0stale").mkdir()
-    (d / sf.LOCK_FILE).write_text("")
+    (d / layout.LOCK_FILE).write_text("")
     (d / f".{slug}.gelutrace-staging-dead" / "0").mkdir(parents=True)
     (d / f".{slug}.gelutrace-staging-link").symlink_to(outside)
     (d / f".{slug}.gelutrace-old-link").symlink_to(outside)
     (d / "othermodel").mkdir()
     (d / "othermodel" / "x.txt").write_text("y")
     folder = small[2].to_neuronpedia(d)
-    only_the_model(d, slug, "othermodel", files=[sf.LOCK_FILE])
+    only_the_model(d, slug, "othermodel", files=[layout.LOCK_FILE])
     assert (outside / "keep.txt").read_text() == "x" and (d / "othermodel" / "x.txt").read_text() == "y"
     check_export(folder)
     # cut between the renames: no DIR/{model}, the earlier export under its staged name; it is put back (and, its
@@ -503,7 +505,7 @@ def test_leftovers_are_removed_and_foreign_links_never_followed(small, tmp_path)
     with contextlib.redirect_stderr(err):
         small[3].to_neuronpedia(d)
     assert len(warnings_of(err.getvalue())) == 1
-    only_the_model(d, slug, "othermodel", files=[sf.LOCK_FILE])
+    only_the_model(d, slug, "othermodel", files=[layout.LOCK_FILE])
     check_export(folder)
 
 
@@ -526,7 +528,7 @@ def test_neurons_source_set_names_sources_by_layer(export, dataset, shipped, tmp
     assert sorted(p.name for p in (tmp_path / "np" / slug).iterdir()) == sorted(map(str, layers))
     for layer in layers:
         new, old = tmp_path / "np" / slug / str(layer), export / slug / f"{layer}-gelutrace-mlp"
-        for name in sf.NEURONPEDIA_FILES:
+        for name in layout.NEURONPEDIA_FILES:
             for a, b in zip(records(new, name), records(old, name), strict=True):
                 for rec in (a, b):
                     if "notes" in rec:  # the data sha256, of other records
@@ -534,10 +536,10 @@ def test_neurons_source_set_names_sources_by_layer(export, dataset, shipped, tmp
                 want = json.loads(json.dumps(b).replace(f"{layer}-gelutrace-mlp", str(layer))
                                   .replace('"gelutrace-mlp"', '"neurons"'))
                 assert a == want, name
-        assert {a["layer"] for a in records(new, sf.NEURONPEDIA_ACTIVATIONS)} == {str(layer)}
-        assert records(new, sf.NEURONPEDIA_SOURCE_FILE)[0]["setName"] == "neurons"
-        assert records(new, sf.NEURONPEDIA_SOURCESET)[0]["name"] == "neurons"
-        assert all(a["id"].startswith(f"{slug}-{layer}-") for a in records(new, sf.NEURONPEDIA_ACTIVATIONS))
+        assert {a["layer"] for a in records(new, layout.NEURONPEDIA_ACTIVATIONS)} == {str(layer)}
+        assert records(new, layout.NEURONPEDIA_SOURCE_FILE)[0]["setName"] == "neurons"
+        assert records(new, layout.NEURONPEDIA_SOURCESET)[0]["name"] == "neurons"
+        assert all(a["id"].startswith(f"{slug}-{layer}-") for a in records(new, layout.NEURONPEDIA_ACTIVATIONS))
     built = gt.neuron_cards(shipped, Dataset(dataset, SHIPPED_NAME), NEURONS, k=K)
     assert files_of(built.to_neuronpedia(tmp_path / "api", source_set="neurons")) == files_of(tmp_path / "np" / slug)
     for flags, why in ((["--neuronpedia", tmp_path / "np2", "--neuronpedia_source_set", "layers"], "invalid choice"),

@@ -1,5 +1,5 @@
 """
-Stage e (gelutrace.perturbation, e_generate_perturbed_results.py) against independent references: a copy of
+Stage e (gelutrace.evaluate.ablation, e_generate_perturbed_results.py) against independent references: a copy of
 the model with c_proj input columns zeroed (or folded into the bias), transformers' GPT2LMHeadModel with a
 hook on `mlp.act`, plain greedy generation, and the metrics computed by hand.
 """
@@ -14,11 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHIPPED_NAME, SHIPPED_PATH, load_hf, run_python
 from gelutrace import PipelineError
-from gelutrace import perturbation as pt
-from gelutrace import stagefiles as sf
+from gelutrace.evaluate import ablation as pt
+from gelutrace.evaluate import metrics
+from gelutrace.files import atomic, formats, layout
+from gelutrace.model import hooks
 from model import KVCache
+
+from conftest import REPO_ROOT, SHIPPED_NAME, SHIPPED_PATH, load_hf, run_python
 
 SCRIPT = REPO_ROOT / "e_generate_perturbed_results.py"
 PROMPTS = ["ROMEO: what, ho! ", "In the beginning God created the heaven", "Friends, \"Romans\", countrymen "]
@@ -38,15 +41,15 @@ def make_dataset(d, lm, subsets: dict, means=None):
     """A dataset directory as stage b leaves it (graph files, frequency CSV) plus perturbation subsets."""
     cfg = lm.model.config
     n = cfg.n_layer * cfg.d_mlp
-    sf.write_graph_files(d, lm.name, cfg.n_layer, cfg.d_mlp, write_el=False)
+    formats.write_graph_files(d, lm.name, cfg.n_layer, cfg.d_mlp, write_el=False)
     ids = np.arange(n)
     means = np.linspace(-0.1, 0.9, n) if means is None else means
     pd.DataFrame({"neuron_id": ids, "activation_count": 1, "activation_frequency": 0.5, "layer": ids // cfg.d_mlp,
                   "dimension": ids % cfg.d_mlp, "mean_activation": means},
-                 columns=sf.FREQUENCY_COLUMNS).to_csv(sf.path(d, sf.FREQUENCY, lm.name), index=False)
-    (d / sf.SUBSETS_DIR).mkdir(parents=True, exist_ok=True)
+                 columns=layout.FREQUENCY_COLUMNS).to_csv(layout.path(d, layout.FREQUENCY, lm.name), index=False)
+    (d / layout.SUBSETS_DIR).mkdir(parents=True, exist_ok=True)
     for name, arr in subsets.items():
-        np.save(d / sf.SUBSETS_DIR / name, arr)
+        np.save(d / layout.SUBSETS_DIR / name, arr)
     return d
 
 
@@ -57,14 +60,14 @@ def run_e(lm_path, dataset, csv, names, *extra):
         e.main(["--dataset_path", str(dataset), "--input_csv", str(csv), "--model_type", str(lm_path), "--device", "cpu",
                 "--perturbation_subset_filenames", *names, *extra])
     finally:
-        sf.release_locks()  # as the script's run_main does when it ends
-    return dataset / sf.RESULTS_DIR
+        atomic.release_locks()  # as the script's run_main does when it ends
+    return dataset / layout.RESULTS_DIR
 
 
 @pytest.fixture(scope="session")
 def subject(random_ckpt):
     """(checkpoint dir, LoadedModel): the shipped model when it has been trained, else the random checkpoint."""
-    from gelutrace.loading import load_model
+    from gelutrace.model.loading import load_model
 
     if (SHIPPED_PATH / "model.safetensors").is_file():
         return SHIPPED_PATH, load_model(SHIPPED_NAME, device="cpu")
@@ -114,7 +117,7 @@ def test_hook_equals_model_with_c_proj_columns_removed(random_model, mode):
     with torch.no_grad():
         plain, _ = model(idx)
         expect, _ = ref(idx)
-        with pt.Ablation(model, ids, values):
+        with hooks.Ablation(model, ids, values):
             ablated, _ = model(idx)
             ablated_cached = cached_logits(model, idx, prefill=12)
         ref_cached = cached_logits(ref, idx, prefill=12)
@@ -127,7 +130,7 @@ def test_hook_equals_model_with_c_proj_columns_removed(random_model, mode):
 
 
 def test_empty_subset_registers_no_hook(random_model):
-    with pt.Ablation(random_model, np.zeros(0, np.int64)) as a:
+    with hooks.Ablation(random_model, np.zeros(0, np.int64)) as a:
         assert a.handles == []
 
 
@@ -146,7 +149,7 @@ def greedy_run(subject, tmp_path_factory):
 def test_none_text_equals_plain_greedy_generation(greedy_run):
     _, lm, _, out = greedy_run
     df = pd.read_csv(out / "none.csv", keep_default_na=False)
-    assert list(df.columns) == sf.RESULT_COLUMNS
+    assert list(df.columns) == layout.RESULT_COLUMNS
     assert df["prompt"].tolist() == [p for p in PROMPTS for _ in range(2)]
     assert df["sample_index"].tolist() == [0, 1] * len(PROMPTS)
     assert set(df["perturbation_subset"]) == {"none"}
@@ -193,7 +196,7 @@ def test_subset_text_equals_transformers_with_act_hook(greedy_run):
 def test_summary_and_per_sample_files(greedy_run):
     _, lm, ids, out = greedy_run
     cfg = lm.model.config
-    s = pd.read_csv(out / sf.PERTURBATION_SUMMARY)
+    s = pd.read_csv(out / layout.PERTURBATION_SUMMARY)
     assert s["subset"].tolist() == ["sub.npy", "none"]
     assert s["k"].tolist() == [len(ids), 0]
     counts = [s.loc[0, f"layer_{i}_count"] for i in range(cfg.n_layer)]
@@ -203,7 +206,7 @@ def test_summary_and_per_sample_files(greedy_run):
     assert none["first_diff_position"] == NEW  # no differing token counts as the continuation's length
     row = s.iloc[0]
     assert row["random_controls"] == 2 and row["kl_ci_low"] <= row["kl"] <= row["kl_ci_high"]
-    per = pd.read_csv(out / sf.PER_SAMPLE_DIR / "sub.csv")
+    per = pd.read_csv(out / layout.PER_SAMPLE_DIR / "sub.csv")
     assert len(per) == 2 * len(PROMPTS)
     # the summary's mean is over samples: both repeats of a greedy prompt carry the same values
     np.testing.assert_array_equal(per["kl"].to_numpy()[::2], per["kl"].to_numpy()[1::2])
@@ -212,10 +215,10 @@ def test_summary_and_per_sample_files(greedy_run):
 
 
 def test_summary_plot_draws_the_summary(greedy_run):
-    from gelutrace.plots import plot_perturbation_summary
+    from gelutrace.report.plots import plot_perturbation_summary
 
     _, _, _, out = greedy_run
-    s = pd.read_csv(out / sf.PERTURBATION_SUMMARY)
+    s = pd.read_csv(out / layout.PERTURBATION_SUMMARY)
     fig = plot_perturbation_summary(s, out / "check.png")
     kl_ax = fig.axes[0]
     bars = [b for b in kl_ax.patches]
@@ -261,13 +264,13 @@ def test_metrics_and_random_controls_against_transformers(greedy_run):
     path, lm, ids, out = greedy_run
     hf = load_hf(path)
     cfg = lm.model.config
-    per = pd.read_csv(out / sf.PER_SAMPLE_DIR / "sub.csv")
+    per = pd.read_csv(out / layout.PER_SAMPLE_DIR / "sub.csv")
     ref = hf_condition_metrics(hf, lm.tokenizer, ids, cfg.d_mlp)
     got = per[["kl", "delta_nll", "token_agreement", "first_diff_position"]].to_numpy()[::2]  # repeat 0 of each
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-5)
     controls = [hf_condition_metrics(hf, lm.tokenizer, pt.random_control(ids, cfg.n_layer, cfg.d_mlp, 1337, j),
                                      cfg.d_mlp).mean(axis=0) for j in range(2)]
-    row = pd.read_csv(out / sf.PERTURBATION_SUMMARY).iloc[0]
+    row = pd.read_csv(out / layout.PERTURBATION_SUMMARY).iloc[0]
     for k, name in enumerate(("kl", "delta_nll")):
         vals = np.array([c[k] for c in controls])
         assert row[f"{name}_random_mean"] == pytest.approx(vals.mean(), rel=1e-3, abs=1e-6), name
@@ -286,7 +289,7 @@ def test_kl_and_delta_nll_equal_a_hand_computation():
     # two rows, right-aligned: row 0 has both positions, row 1 only the last (its first entry is padding)
     base = torch.tensor([base_p, [[1 / 3] * 3, base_p[1]]]).log()
     pert = torch.tensor([pert_p, [[0.9, 0.05, 0.05], pert_p[1]]]).log()
-    got_kl, got_dnll = pt.compare_logprobs(base, pert, [np.array(tokens), np.array([2])])
+    got_kl, got_dnll = metrics.compare_logprobs(base, pert, [np.array(tokens), np.array([2])])
     assert got_kl[0] == pytest.approx(sum(kl) / 2, rel=1e-6)
     assert got_dnll[0] == pytest.approx(sum(dnll) / 2, rel=1e-6)
     assert got_kl[1] == pytest.approx(kl[1], rel=1e-6)
@@ -305,29 +308,29 @@ def test_batched_masks_equal_one_ablation_per_pass(random_model, mode):
     values = rng.normal(size=n) if mode == "mean" else None
     groups = [np.sort(rng.choice(n, size, replace=False)) for size in (1, 5, 40, 12)]
     groups.append(np.arange(cfg.d_mlp, 2 * cfg.d_mlp))  # a whole layer
-    with pt.RowAblation(model, groups, len(prompts), values):
-        batched = pt.continuation_logprobs(model, prompts * len(groups), conts * len(groups))
+    with hooks.RowAblation(model, groups, len(prompts), values):
+        batched = metrics.continuation_logprobs(model, prompts * len(groups), conts * len(groups))
     batched = batched.view(len(groups), len(prompts), *batched.shape[1:])
-    base = pt.continuation_logprobs(model, prompts, conts)
+    base = metrics.continuation_logprobs(model, prompts, conts)
     for g, ids in enumerate(groups):
-        with pt.Ablation(model, ids, None if values is None else values[ids]):
-            alone = pt.continuation_logprobs(model, prompts, conts)
-        want = pt.compare_logprobs(base, alone, conts)
-        got = pt.compare_logprobs(base, batched[g], conts)
+        with hooks.Ablation(model, ids, None if values is None else values[ids]):
+            alone = metrics.continuation_logprobs(model, prompts, conts)
+        want = metrics.compare_logprobs(base, alone, conts)
+        got = metrics.compare_logprobs(base, batched[g], conts)
         for w, x in zip(want, got):
             np.testing.assert_allclose(x, w, rtol=1e-6, atol=1e-6)
         assert np.all(want[0] > 0)
     # teacher_forced packs the same conditions into as few passes as its batch size allows
-    rows = pt.Rows(np.arange(3), np.array([len(c) for c in conts]), [(0, i) for i in range(3)])
+    rows = metrics.Rows(np.arange(3), np.array([len(c) for c in conts]), [(0, i) for i in range(3)])
     conditions = [pt.Condition(ids, generate=False) for ids in groups] + [pt.Condition(np.zeros(0, np.int64))]
     passes = []
     pt.teacher_forced(model, rows, prompts, conts, conditions, values, batch_size=6,
                       progress=lambda kind, k: passes.append(k))
     assert passes == [2, 2, 1]  # 6 rows a pass: two ablations of 3 rows each
     for c, ids in zip(conditions, groups):
-        with pt.Ablation(model, ids, None if values is None else values[ids]):
-            alone = pt.continuation_logprobs(model, prompts, conts)
-        np.testing.assert_allclose(c.kl, pt.compare_logprobs(base, alone, conts)[0], rtol=1e-6, atol=1e-7)
+        with hooks.Ablation(model, ids, None if values is None else values[ids]):
+            alone = metrics.continuation_logprobs(model, prompts, conts)
+        np.testing.assert_allclose(c.kl, metrics.compare_logprobs(base, alone, conts)[0], rtol=1e-6, atol=1e-7)
     assert conditions[-1].kl.tolist() == [0.0] * 3
 
 
@@ -335,7 +338,7 @@ def test_teacher_forced_logprobs_line_up_with_single_sequences(random_model):
     model = random_model
     prompts = [[5, 6, 7, 8], [9, 10]]
     conts = [np.array([11, 12, 13]), np.array([14, 15, 16, 17, 18])]
-    lp = pt.continuation_logprobs(model, prompts, conts)
+    lp = metrics.continuation_logprobs(model, prompts, conts)
     for i, (p, c) in enumerate(zip(prompts, conts)):
         with torch.no_grad():
             logits, _ = model(torch.tensor([p + c.tolist()]))
@@ -344,8 +347,8 @@ def test_teacher_forced_logprobs_line_up_with_single_sequences(random_model):
 
 
 def test_agreement_and_first_difference():
-    assert pt.agreement(np.array([1, 2, 3, 4]), np.array([1, 2, 3, 4])) == (1.0, 4)
-    assert pt.agreement(np.array([1, 2, 3, 4]), np.array([1, 9, 3, 9])) == (0.5, 1)
+    assert metrics.agreement(np.array([1, 2, 3, 4]), np.array([1, 2, 3, 4])) == (1.0, 4)
+    assert metrics.agreement(np.array([1, 2, 3, 4]), np.array([1, 9, 3, 9])) == (0.5, 1)
 
 
 def test_random_controls_keep_the_layer_composition():
@@ -376,7 +379,7 @@ def test_mean_ablation_uses_mean_activation(subject, tmp_path):
         with torch.no_grad():
             new = ref.generate(idx, NEW, temperature=0.0)[0, idx.size(1):].tolist()
         assert df["generated_text"][i] == lm.tokenizer.decode(new), p
-    assert pd.read_csv(out / sf.PERTURBATION_SUMMARY)["ablation"].tolist() == ["mean"]
+    assert pd.read_csv(out / layout.PERTURBATION_SUMMARY)["ablation"].tolist() == ["mean"]
 
 
 def test_same_seed_gives_byte_identical_csvs(random_loaded, random_ckpt, tmp_path):
@@ -387,7 +390,7 @@ def test_same_seed_gives_byte_identical_csvs(random_loaded, random_ckpt, tmp_pat
         make_dataset(tmp_path / name, random_loaded, {"sub.npy": ids})
         runs.append(run_e(random_ckpt, tmp_path / name, csv, ["sub.npy", "none"], "--temperature", "1.0",
                           "--top_k", "50", "--seed", str(seed), "--random_controls", "2", "--batch_size", "4"))
-    for f in ("sub.csv", "none.csv", sf.PERTURBATION_SUMMARY, "per_sample/sub.csv"):
+    for f in ("sub.csv", "none.csv", layout.PERTURBATION_SUMMARY, "per_sample/sub.csv"):
         assert (runs[0] / f).read_bytes() == (runs[1] / f).read_bytes(), f
     texts = pd.read_csv(runs[0] / "none.csv", keep_default_na=False)["generated_text"]
     assert texts.nunique() > len(PROMPTS)  # sampled repeats differ
@@ -401,7 +404,7 @@ def test_bad_input_raises_before_writing(random_loaded, random_ckpt, tmp_path, c
     lm = random_loaded
     n = lm.model.config.n_layer * lm.model.config.d_mlp
     d = make_dataset(tmp_path / "ds", lm, {"ok.npy": np.array([1, 2])})
-    sub = d / sf.SUBSETS_DIR
+    sub = d / layout.SUBSETS_DIR
     csv = write_prompt_csv(tmp_path / "p.csv")
     names, extra = ["ok.npy", "bad.npy", "none"], []
     if case == "missing":
@@ -423,22 +426,22 @@ def test_bad_input_raises_before_writing(random_loaded, random_ckpt, tmp_path, c
         names = ["ok.npy"]
         csv.write_text("prompt,new_tokens\nhello,3\n")
     elif case == "other_model_meta":
-        meta = sf.read_graph_meta(d, lm.name)
-        sf.write_json(dict(meta, n_layer=meta["n_layer"] + 1), sf.path(d, sf.GRAPH_META, lm.name))
+        meta = formats.read_graph_meta(d, lm.name)
+        atomic.write_json(dict(meta, n_layer=meta["n_layer"] + 1), layout.path(d, layout.GRAPH_META, lm.name))
         names = ["none"]
     elif case == "other_model_files":
-        for t in (sf.GRAPH_META, sf.ATTRIBUTES):
-            sf.path(d, t, lm.name).rename(sf.path(d, t, "gpt2"))
+        for t in (layout.GRAPH_META, layout.ATTRIBUTES):
+            layout.path(d, t, lm.name).rename(layout.path(d, t, "gpt2"))
         names = ["none"]
     elif case == "duplicate_stem":
         names = ["ok.npy", "ok.npy"]
     elif case == "mean_without_column":
         names, extra = ["ok.npy"], ["--ablation", "mean"]
-        freq = sf.path(d, sf.FREQUENCY, lm.name)
+        freq = layout.path(d, layout.FREQUENCY, lm.name)
         pd.read_csv(freq).drop(columns="mean_activation").to_csv(freq, index=False)
     with pytest.raises(PipelineError):
         run_e(random_ckpt, d, csv, names, *extra)
-    assert not (d / sf.RESULTS_DIR).exists()
+    assert not (d / layout.RESULTS_DIR).exists()
 
 
 def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path):
@@ -450,10 +453,10 @@ def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path)
     r = run_python(cmd + ["--dataset_path", str(good), "--perturbation_subset_filenames", "sub.npy", "none",
                               "--random_controls", "1"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    out = good / sf.RESULTS_DIR
+    out = good / layout.RESULTS_DIR
     assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "manifest.json", "none.csv", "per_sample",
                                                      "sub.csv", "summary.csv", "summary.png"]
-    assert list(pd.read_csv(out / "sub.csv").columns) == sf.RESULT_COLUMNS
+    assert list(pd.read_csv(out / "sub.csv").columns) == layout.RESULT_COLUMNS
 
     bad = make_dataset(tmp_path / "bad", random_loaded, {"sub.npy": np.array([[1, 2]])})
     r = run_python(cmd + ["--dataset_path", str(bad), "--perturbation_subset_filenames", "sub.npy", "none"],
@@ -461,7 +464,7 @@ def test_script_end_to_end_and_exit_status(random_loaded, random_ckpt, tmp_path)
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "1-D" in errors[0]
-    assert not (bad / sf.RESULTS_DIR).exists()
+    assert not (bad / layout.RESULTS_DIR).exists()
 
 
 def test_batch_script_runs_every_subset_plus_none(random_loaded, random_ckpt, tmp_path):
@@ -471,7 +474,7 @@ def test_batch_script_runs_every_subset_plus_none(random_loaded, random_ckpt, tm
                         str(random_ckpt), "--device", "cpu"], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr
-    s = pd.read_csv(d / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY)
+    s = pd.read_csv(d / layout.RESULTS_DIR / layout.PERTURBATION_SUMMARY)
     assert s["subset"].tolist() == ["a.npy", "b c.npy", "none"]
 
 
@@ -486,23 +489,23 @@ def test_nested_split_scores_on_the_test_prompts_alone(subject, tmp_path):
     ids = subset_for(lm.model)
     d = make_dataset(tmp_path / "ds", lm, {"g_degree_t0.5_r0.1.npy": ids[::2], "g_degree_t0.8_r0.1.npy": ids[1::2]})
     for name, t in (("g_degree_t0.5_r0.1", 0.5), ("g_degree_t0.8_r0.1", 0.8)):
-        sf.write_json({"method": "degree", "threshold": t, "model": lm.name, "zero_score_picks": 0},
-                      d / sf.SUBSETS_DIR / f"{name}.json")
+        atomic.write_json({"method": "degree", "threshold": t, "model": lm.name, "zero_score_picks": 0},
+                      d / layout.SUBSETS_DIR / f"{name}.json")
     every = write_prompt_csv(tmp_path / "every.csv", prompts, new=5, samples=1)
     out = run_e(path, d, every, ["g_degree_t0.5_r0.1.npy", "g_degree_t0.8_r0.1.npy", "none"], "--random_controls", "3")
-    rec = json.loads((out / sf.COMPARISON_RECORD).read_text())
+    rec = json.loads((out / layout.COMPARISON_RECORD).read_text())
     val, test = rec["validation_prompts"], rec["test_prompts"]
     assert rec["nested"] and not set(val) & set(test) and sorted(val + test) == list(range(12))
     assert rec["test_prompt_texts"] == [prompts[i] for i in test]
-    comparison = pd.read_csv(out / sf.COMPARISON).set_index("subset")
-    per = {s: pd.read_csv(out / sf.PER_SAMPLE_DIR / f"{s}.csv") for s in comparison.index}
+    comparison = pd.read_csv(out / layout.COMPARISON).set_index("subset")
+    per = {s: pd.read_csv(out / layout.PER_SAMPLE_DIR / f"{s}.csv") for s in comparison.index}
     for s, df in per.items():  # validation figure: the mean over the validation prompts' samples
         assert comparison.loc[s, "delta_nll_validation"] == pytest.approx(df.loc[df["prompt_index"].isin(val),
                                                                                  "delta_nll"].mean(), rel=1e-9)
     alone = write_prompt_csv(tmp_path / "test.csv", [prompts[i] for i in test], new=5, samples=1)
     d2 = make_dataset(tmp_path / "ds2", lm, {"g_degree_t0.5_r0.1.npy": ids[::2], "g_degree_t0.8_r0.1.npy": ids[1::2]})
     summary = pd.read_csv(run_e(path, d2, alone, ["g_degree_t0.5_r0.1.npy", "g_degree_t0.8_r0.1.npy", "none"],
-                                "--random_controls", "3") / sf.PERTURBATION_SUMMARY).set_index("subset")
+                                "--random_controls", "3") / layout.PERTURBATION_SUMMARY).set_index("subset")
     for s in comparison.index:
         for m in ("delta_nll", "kl", "delta_nll_random_mean", "delta_nll_p_random"):
             assert comparison.loc[s, m] == pytest.approx(summary.loc[f"{s}.npy", m], rel=1e-5, abs=1e-7), (s, m)

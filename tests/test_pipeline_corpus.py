@@ -9,8 +9,9 @@ import sys
 import pandas as pd
 import pytest
 
+from gelutrace.files import layout
+
 from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME
-from gelutrace import stagefiles as sf
 
 pytestmark = pytest.mark.slow
 M = SHIPPED_NAME
@@ -20,7 +21,7 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     """--text: stages b-d read a text teacher-forced, stage e measures on prompts, the report says so."""
     held = tmp_path / "prompts.csv"
     pd.DataFrame([("KING HENRY. Now, lords, ", 5, 1), ("And God said, ", 5, 1)],
-                 columns=sf.PROMPT_COLUMNS).to_csv(held, index=False)
+                 columns=layout.PROMPT_COLUMNS).to_csv(held, index=False)
     data = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(HELDOUT_PATH), "--thresholds", "0.8",
@@ -30,25 +31,25 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     # the real-text verdict (the shipped model's default evaluation text) over the k grid, controls for winners
-    results = data / sf.RESULTS_DIR
-    ev = json.loads((results / sf.EVALUATION).read_text())
+    results = data / layout.RESULTS_DIR
+    ev = json.loads((results / layout.EVALUATION).read_text())
     assert ev["eval_text"]["tokens_scored"] == 600 and ev["eval_text"]["leak_check"]["documents_checked"]
     assert ev["eval_text"]["files"][0]["path"].endswith("heldout_eval_tinybard.txt")
-    rec = json.loads((results / sf.COMPARISON_RECORD).read_text())
+    rec = json.loads((results / layout.COMPARISON_RECORD).read_text())
     assert rec["metric"] == "real_text" and rec["control_subsets"] == "best"
-    dose = pd.read_csv(results / sf.DOSE_RESPONSE)
+    dose = pd.read_csv(results / layout.DOSE_RESPONSE)
     assert sorted(dose["k"].unique()) == [3, 30]
-    verdict = pd.read_csv(results / sf.METHOD_VERDICT)
+    verdict = pd.read_csv(results / layout.METHOD_VERDICT)
     winners = dose[dose["winner"].astype(bool)]
     assert sorted(winners["k"]) == [3, 30] and (winners["random_n"] == 2).all()
     assert rec["subsets_with_controls"] == sorted(winners["subset"])
-    summary = pd.read_csv(results / sf.PERTURBATION_SUMMARY).set_index("subset")
+    summary = pd.read_csv(results / layout.PERTURBATION_SUMMARY).set_index("subset")
     for w in winners.itertuples():
         assert verdict.set_index("k").loc[w.k, "winner_delta_nll"] == pytest.approx(w.delta_nll, rel=1e-12)
         assert summary.loc[w.subset + ".npy", "text_delta_nll_random_n"] == 2
-    assert (results / sf.DOSE_RESPONSE_PLOT).is_file() and (results / sf.CONTINUATION_VERDICT).is_file()
+    assert (results / layout.DOSE_RESPONSE_PLOT).is_file() and (results / layout.CONTINUATION_VERDICT).is_file()
     report = (data / "report.md").read_text()
-    assert report.index(f"]({sf.RESULTS_DIR}/{sf.DOSE_RESPONSE_PLOT})") < report.index("k = 3 (0.1 % of neurons)")
+    assert report.index(f"]({layout.RESULTS_DIR}/{layout.DOSE_RESPONSE_PLOT})") < report.index("k = 3 (0.1 % of neurons)")
     assert r"measured on real held-out text: 600 tokens of heldout\_eval\_tinybard.txt" in report
     assert "## Own-continuation comparison" in report and "Winner at each k: 3: " in report
     assert "== c\n" not in r.stdout  # stage b wrote the store
@@ -56,21 +57,21 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     assert "corpus_b" not in commands and commands.count("--shard") == 2
     assert "c_merge_activation_statistics.py" in commands
     assert (data / ".pipeline" / "fidelity.cmd").read_text().rstrip().endswith("--tokens 256")
-    assert sf.path(data, sf.EDGE_FIDELITY_SUMMARY, M).is_file()
-    ev = json.loads((data / sf.RESULTS_DIR / sf.EVALUATION).read_text())
+    assert layout.path(data, layout.EDGE_FIDELITY_SUMMARY, M).is_file()
+    ev = json.loads((data / layout.RESULTS_DIR / layout.EVALUATION).read_text())
     assert ev["selection_corpus"] == [str(HELDOUT_PATH)] and ev["held_out"] and ev["prompts_in_both"] == 0
-    record = json.loads(sf.path(data, sf.CORPUS, M).read_text())
-    header = json.loads((data / sf.WEIGHTED_GRAPH.format(m=M) / sf.GRAPH_STORE_HEADER).read_text())
+    record = json.loads(layout.path(data, layout.CORPUS, M).read_text())
+    header = json.loads((data / layout.WEIGHTED_GRAPH.format(m=M) / layout.GRAPH_STORE_HEADER).read_text())
     assert header["num_samples"] == record["samples"] == record["tokens"]
-    methods = {json.loads(p.read_text())["method"] for p in (data / sf.SUBSETS_DIR).glob("*.json")}
+    methods = {json.loads(p.read_text())["method"] for p in (data / layout.SUBSETS_DIR).glob("*.json")}
     assert methods == {"degree", "influence", "activation_count", "attribution", "random", "module"}  # b --attribution
     report = (data / "report.md").read_text()
     assert "chosen on a corpus (heldout.txt" in report and "none of which occurs in the corpus" in report
     # the modules on the real text: their effects against both nulls, top tokens and contexts, in the report
-    eff = pd.read_csv(results / sf.MODULE_EFFECTS)
+    eff = pd.read_csv(results / layout.MODULE_EFFECTS)
     assert len(eff) == 2 and (eff["metric"] == "real_text").all() and (eff["control_weights"] == "attribution").all()
-    tokens = pd.read_csv(results / sf.MODULE_TOKENS, keep_default_na=False)
-    contexts = pd.read_csv(results / sf.MODULE_CONTEXTS, keep_default_na=False)
+    tokens = pd.read_csv(results / layout.MODULE_TOKENS, keep_default_na=False)
+    contexts = pd.read_csv(results / layout.MODULE_CONTEXTS, keep_default_na=False)
     assert set(tokens["subset"]) == set(contexts["subset"]) == set(eff["subset"])
     section = report[report.index("## Modules"):]
     assert "Next tokens whose loss rises most without it" in section and "fire together most" in section

@@ -13,17 +13,18 @@ import sys
 import time
 
 import pytest
+from test_corpus_formats import FAKE_PYTHON
+
+from gelutrace.files import atomic, layout
 
 from conftest import REPO_ROOT, SHIPPED_NAME, directory_digest, run_python
-from test_corpus_formats import FAKE_PYTHON
-from gelutrace import stagefiles as sf
 
 M = SHIPPED_NAME
 PIPELINE = str(REPO_ROOT / "run_pipeline.sh")
 CSV = str(REPO_ROOT / "parcellation_datasets" / "test_1.csv")
 B = "b_generate_activation_dataset.py"
 ENV = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
-ENV.pop(sf.LOCK_FD_ENV, None)
+ENV.pop(atomic.LOCK_FD_ENV, None)
 
 
 def one_error_line(r) -> str:
@@ -37,7 +38,7 @@ def held_lock(directory):
     """Another process holding the directory's writer lock as a running stage does (lock_directory), until the
     block ends."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from gelutrace import stagefiles as sf; sf.lock_directory(sys.argv[1], "
+        [sys.executable, "-c", "import sys; from gelutrace.files import atomic; atomic.lock_directory(sys.argv[1], "
                                "'a stage of another run'); print('held', flush=True); sys.stdin.read()",
          str(directory)], cwd=REPO_ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -112,12 +113,12 @@ def test_an_output_directory_that_is_a_file_is_refused_before_any_stage(tmp_path
 # --- 2.4: one driver per directory ---------------------------------------------------------------------------------
 def earlier_run(data):
     """A directory as an earlier run left it: stamps, subsets, results."""
-    (data / sf.PIPELINE_STAMPS).mkdir(parents=True)
-    (data / sf.PIPELINE_STAMPS / "d.cmd").write_text("subsets_d 0.5 KS=3\\ 11 degree count 0 count\n")
-    (data / sf.SUBSETS_DIR).mkdir()
-    (data / sf.SUBSETS_DIR / f"{M}_degree_t0.5_k3.npy").write_bytes(b"subset")
-    (data / sf.RESULTS_DIR).mkdir()
-    (data / sf.RESULTS_DIR / sf.PERTURBATION_SUMMARY).write_text("subset\nnone\n")
+    (data / layout.PIPELINE_STAMPS).mkdir(parents=True)
+    (data / layout.PIPELINE_STAMPS / "d.cmd").write_text("subsets_d 0.5 KS=3\\ 11 degree count 0 count\n")
+    (data / layout.SUBSETS_DIR).mkdir()
+    (data / layout.SUBSETS_DIR / f"{M}_degree_t0.5_k3.npy").write_bytes(b"subset")
+    (data / layout.RESULTS_DIR).mkdir()
+    (data / layout.RESULTS_DIR / layout.PERTURBATION_SUMMARY).write_text("subset\nnone\n")
 
 
 # stands in for the interpreter: stage a waits (READY on stdout, then until stdin closes) and fails; all else runs
@@ -151,7 +152,7 @@ def test_a_second_driver_is_refused_before_it_changes_anything(tmp_path):
         err = one_error_line(b)
         assert f"another run is writing into {data}" in err and "==" not in b.stdout
         assert directory_digest(data) == before  # B changed nothing: every file's sha256, every entry
-        assert (data / sf.SUBSETS_DIR / f"{M}_degree_t0.5_k3.npy").read_bytes() == b"subset"
+        assert (data / layout.SUBSETS_DIR / f"{M}_degree_t0.5_k3.npy").read_bytes() == b"subset"
     finally:
         a.communicate()  # closes A's stdin: its stage a ends
     assert a.returncode != 0  # the stand-in stage a failed: A stopped there
@@ -175,7 +176,7 @@ set -e
 mkdir -p "$1"
 exec 9>>"$1/.gelutrace.lock"
 "$PYTHON" -c 'from gelutrace.cli import run_main; from gelutrace.driver import main; run_main(main)' lock 9 "$1"
-lock='import sys; from gelutrace import stagefiles as sf; sf.lock_directory(sys.argv[1], "a stage"); print("wrote")'
+lock='import sys; from gelutrace.files import atomic; atomic.lock_directory(sys.argv[1], "a stage"); print("wrote")'
 GELUTRACE_LOCK_FD=9 "$PYTHON" -c "$lock" "$1"      # a stage the driver runs: it inherits descriptor 9
 GELUTRACE_LOCK_FD=9 "$PYTHON" -c "$lock" "$1" 9>&- || echo "refused without the descriptor"
 "$PYTHON" -c "$lock" "$1" || echo "refused without the variable"
@@ -197,8 +198,8 @@ def test_the_stages_of_the_driver_share_its_lock_and_no_other_process_does(tmp_p
 # --- 2.5: a symlinked text is hashed through its links -----------------------------------------------------------
 # FAKE_PYTHON (test_corpus_formats) stands in for the interpreter: the driver's helpers run, every stage only logs
 # its command
-OUTPUTS = (f"{M}_graph_meta.json", sf.CORPUS.format(m=M), f"{sf.RESULTS_DIR}/{sf.PERTURBATION_SUMMARY}",
-           f"{sf.CARDS_DIR}/{sf.CARDS_HTML}")  # what the stand-in stages do not write (nor modules/ and d's)
+OUTPUTS = (f"{M}_graph_meta.json", layout.CORPUS.format(m=M), f"{layout.RESULTS_DIR}/{layout.PERTURBATION_SUMMARY}",
+           f"{layout.CARDS_DIR}/{layout.CARDS_HTML}")  # what the stand-in stages do not write (nor modules/ and d's)
 
 
 @pytest.mark.slow
@@ -227,7 +228,7 @@ def test_a_symlinked_text_that_changes_reruns_the_stages_that_read_it(tmp_path):
         for name in OUTPUTS:
             (data / name).parent.mkdir(parents=True, exist_ok=True)
             (data / name).touch()
-        for d in (sf.MODULES_DIR, sf.SUBSETS_DIR):
+        for d in (layout.MODULES_DIR, layout.SUBSETS_DIR):
             (data / d).mkdir(exist_ok=True)
         return {ln[3:].split(":")[0]: ln.endswith(")") and "up to date" in ln
                 for ln in r.stdout.splitlines() if ln.startswith("== ") and "done in" not in ln}

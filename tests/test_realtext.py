@@ -13,10 +13,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
 from gelutrace import PipelineError
-from gelutrace import realtext as rt
-from gelutrace import stagefiles as sf
+from gelutrace.evaluate import realtext as rt
+from gelutrace.files import atomic, layout
+from gelutrace.model import generation
+from gelutrace.report import verdict
+
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
 
 
 def windows_by_hand(tokenizer, docs: list[str], context: int, n_tokens: int | None = None) -> list[np.ndarray]:
@@ -102,7 +105,7 @@ def test_other_families_real_text_equal_transformers(family, tmp_path):
     from test_families import FAMILIES, build, get
     from transformers import AutoModelForCausalLM
 
-    from gelutrace.loading import load_model
+    from gelutrace.model.loading import load_model
 
     path = build(family, tmp_path / family)
     lm = load_model(str(path), device="cpu")
@@ -173,7 +176,7 @@ def test_leak_check_refuses_the_selection_corpus(shipped, tmp_path):
     sel_file.write_text("Friends, Romans, countrymen, lend me your ears.\n")
     other = tmp_path / "other.txt"
     other.write_text("Now is the winter of our discontent.\n")
-    record = {"files": [{"path": str(sel_file), "sha256": sf.file_sha256(sel_file)}]}
+    record = {"files": [{"path": str(sel_file), "sha256": atomic.file_sha256(sel_file)}]}
     V = shipped.model.config.vocab_size
 
     def text(p):
@@ -197,7 +200,7 @@ def test_stage_e_refuses_eval_text_that_is_its_corpus(tmp_path):
             "--model_type", SHIPPED_NAME, "--max_tokens", "300", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
     prompts = tmp_path / "p.csv"
-    pd.DataFrame([("To be, or not ", 3, 1)], columns=sf.PROMPT_COLUMNS).to_csv(prompts, index=False)
+    pd.DataFrame([("To be, or not ", 3, 1)], columns=layout.PROMPT_COLUMNS).to_csv(prompts, index=False)
     r = run("e_generate_perturbed_results.py", "--dataset_path", str(data), "--eval_csv", str(prompts),
             "--model_type", SHIPPED_NAME, "--device", "cpu", "--perturbation_subset_filenames", "none",
             "--eval_text", str(HELDOUT_PATH), "--eval_tokens", "100")
@@ -209,7 +212,7 @@ def test_leak_check_sees_copies_with_other_whitespace_and_parts(shipped, tmp_pat
     corpus = HELDOUT_PATH.read_text(encoding="utf-8")
     sel_file = tmp_path / "corpus.txt"
     sel_file.write_text(corpus)
-    record = {"files": [{"path": str(sel_file), "sha256": sf.file_sha256(sel_file)}]}
+    record = {"files": [{"path": str(sel_file), "sha256": atomic.file_sha256(sel_file)}]}
     V = shipped.model.config.vocab_size
     words = corpus.split()
     cases = {"newline": corpus + "\n", "crlf": corpus.replace("\n", "\r\n"),
@@ -283,7 +286,7 @@ def test_streamed_leak_check_equals_the_texts_compared_whole(shipped, tmp_path, 
     also where only each text's first `limit` bytes are compared."""
     import gzip
 
-    from gelutrace import corpusfiles as cf
+    from gelutrace.files import corpusfiles as cf
 
     monkeypatch.setattr(cf, "READ_BYTES", 7)
     monkeypatch.setattr(rt, "LEAK_BLOCK_CHARS", 100)
@@ -304,7 +307,7 @@ def test_streamed_leak_check_equals_the_texts_compared_whole(shipped, tmp_path, 
         f.write(sel_txt)
     (tmp_path / "sel.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sel_docs), encoding="utf-8")
     files = [tmp_path / "sel.txt.gz", tmp_path / "sel.jsonl"]
-    record = {"files": [{"path": str(p), "sha256": sf.file_sha256(p), "format": cf.file_format(p)} for p in files]}
+    record = {"files": [{"path": str(p), "sha256": atomic.file_sha256(p), "format": cf.file_format(p)} for p in files]}
     sel_all = [sel_txt] + sel_docs
     sentences = [s for p in paragraphs[5:30] for s in p.split(". ")]
     cases = {
@@ -314,7 +317,7 @@ def test_streamed_leak_check_equals_the_texts_compared_whole(shipped, tmp_path, 
         "prefix.jsonl": [rewhite(sel_docs[0]) + " and more", others[7]],
         "late.jsonl": others[:3] + [rewhite(sel_docs[60])],  # a document past the limit
     }
-    prompts = [sf.Prompt(t, 1, 1) for t in ("", "   ", others[0][:80], rewhite(others[2][10:200]), "not there at all",
+    prompts = [generation.Prompt(t, 1, 1) for t in ("", "   ", others[0][:80], rewhite(others[2][10:200]), "not there at all",
                                             sel_docs[3][:50])]
     V = shipped.model.config.vocab_size
     seen = {}
@@ -351,7 +354,7 @@ def test_leak_check_of_a_gzip_bomb_holds_memory_bounded(tmp_path):
     import runpy
     import subprocess
 
-    from gelutrace import corpusfiles as cf
+    from gelutrace.files import corpusfiles as cf
 
     block = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit,\nsed do eiusmod tempor.  " * 13_000  # ~1 MiB
     member = gzip.compress(block, compresslevel=9, mtime=0)  # one gzip member; the file repeats it
@@ -359,7 +362,7 @@ def test_leak_check_of_a_gzip_bomb_holds_memory_bounded(tmp_path):
     with open(bomb, "wb") as f:
         for _ in range(300 * 2**20 // len(block) + 1):
             f.write(member)
-    record = {"files": [{"path": str(bomb), "sha256": sf.file_sha256(bomb), "format": "txt.gz"}]}
+    record = {"files": [{"path": str(bomb), "sha256": atomic.file_sha256(bomb), "format": "txt.gz"}]}
     heldout = REPO_ROOT / "parcellation_datasets" / "heldout_eval_tinybard.txt"
     text = {"files": [{"path": str(heldout), **cf.file_record(heldout, "text"), "documents": 1}]}
     for name, what in (("record.json", record), ("text.json", text)):
@@ -387,7 +390,7 @@ def test_leak_check_of_a_gzip_bomb_holds_memory_bounded(tmp_path):
     assert out["selection_bytes_checked"] == rt.LEAK_CHECK_BYTES and out["selection_checked_whole"] is False
     assert out["eval_checked_whole"] and "64 MiB of the selection corpus's documents" in note
     assert bomb.stat().st_size < 2 * 2**20
-    from gelutrace import report
+    from gelutrace.report import report
 
     ev = {"eval_text": {"files": text["files"], "tokens_scored": 100, "documents": 1, "context": 32,
                         "leak_check": out}}
@@ -407,16 +410,15 @@ def test_bad_eval_text_is_one_error_naming_the_flag(shipped, tmp_path):
 
 
 def test_no_claim_of_influence_when_the_loss_does_not_rise():
-    from gelutrace import comparison as cmp
 
     v = pd.DataFrame([{"k": 3, "winner": "degree (t=0.5)", "winner_delta_nll": -0.0016, "winner_ci_low": -0.0035,
                        "winner_ci_high": -0.0001, "ranking": "degree"},
                       {"k": 30, "winner": "ablation", "winner_delta_nll": 0.2, "winner_ci_low": 0.15,
                        "winner_ci_high": 0.25, "ranking": "ablation"}])
-    lines = cmp.verdict_lines(v, 3072)
+    lines = verdict.verdict_lines(v, 3072)
     assert "found the most influential" not in lines[0] and "no method's neurons raise the loss" in lines[0]
     assert "**ablation** found the most influential neurons" in lines[1]
-    assert "3: none (no CI above 0), 30: ablation" in cmp.dose_lines(v)[0]
+    assert "3: none (no CI above 0), 30: ablation" in verdict.dose_lines(v)[0]
 
 
 def test_leak_check_never_reads_a_selection_file_changed_since_stage_b(shipped, tmp_path):
@@ -427,7 +429,7 @@ def test_leak_check_never_reads_a_selection_file_changed_since_stage_b(shipped, 
     original = HELDOUT_PATH.read_text(encoding="utf-8")
     sel_file = tmp_path / "corpus.txt"
     sel_file.write_text(original)
-    record = {"files": [{"path": str(sel_file), "sha256": sf.file_sha256(sel_file)}]}
+    record = {"files": [{"path": str(sel_file), "sha256": atomic.file_sha256(sel_file)}]}
     part = tmp_path / "part.txt"
     part.write_text(" ".join(original.split()[:400]))
     text = rt.read_eval_text([str(part)], shipped.tokenizer, 32, V, 200)
@@ -448,9 +450,10 @@ def test_prompts_in_both_looks_in_the_documents_of_a_compressed_corpus(tmp_path,
     stage b read them (Python's `in` on the documents' text, whitespace normalised, is the reference), whatever
     the file's compression; a prompt split by a line break in the corpus is found too."""
     import gzip
+
     import zstandard
 
-    from gelutrace import perturbation as pt
+    from gelutrace.evaluate import ablation as pt
 
     docs = [p for p in HELDOUT_PATH.read_text(encoding="utf-8").split("\n\n") if p.strip()][:6]
     corpus = tmp_path / f"corpus{suffix}"
@@ -472,7 +475,7 @@ def test_prompts_in_both_looks_in_the_documents_of_a_compressed_corpus(tmp_path,
     normalised = [" ".join(d.split()) for d in docs]
     want = sum(any(" ".join(p.split()) in d for d in normalised) for p in prompts)
     assert want == 2 and any("\n" in d for d in docs[1:2])
-    eval_prompts = [sf.Prompt(p, 3, 1) for p in prompts]
+    eval_prompts = [generation.Prompt(p, 3, 1) for p in prompts]
     args = type("A", (), dict(ablation="zero", seed=0, temperature=0.0, top_k=None, random_controls=0,
                               validation_share=0.5))()
     ev = pt.evaluation_record(None, None, HELDOUT_PATH, eval_prompts, args, record)

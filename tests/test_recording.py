@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
+from gelutrace.files import formats, layout
+
 from conftest import REPO_ROOT, SHIPPED_NAME, load_hf, run_python
-from gelutrace import stagefiles as sf
 
 PROMPTS = [("KING HENRY. Now, lords, ", 7, 3), ("And God said, \"Let there be\", ", 5, 2), ("Ünïcode, ", 4, 1)]
 
@@ -70,9 +71,9 @@ def greedy_run(tmp_path_factory, shipped_path):
 def test_activations_and_tokens_equal_transformers(greedy_run, shipped_path, shipped):
     out, _ = greedy_run
     hf = load_hf(shipped_path)
-    matrix, ids = sf.read_activation_matrix(sf.path(out, sf.MATRIX, SHIPPED_NAME))
-    ds = pd.read_csv(sf.path(out, sf.DATASET, SHIPPED_NAME), keep_default_na=False)
-    assert list(ds.columns) == sf.dataset_columns(shipped.model.config.n_layer)
+    matrix, ids = formats.read_activation_matrix(layout.path(out, layout.MATRIX, SHIPPED_NAME))
+    ds = pd.read_csv(layout.path(out, layout.DATASET, SHIPPED_NAME), keep_default_na=False)
+    assert list(ds.columns) == layout.dataset_columns(shipped.model.config.n_layer)
     assert (ids == np.arange(matrix.shape[1])).all()
     value_sum = np.zeros(matrix.shape[1])
     row = 0
@@ -90,7 +91,7 @@ def test_activations_and_tokens_equal_transformers(greedy_run, shipped_path, shi
             row += n_new
     assert row == len(ds) == matrix.shape[0]
     assert (ds["sample_id"] == np.arange(row)).all()
-    freq = pd.read_csv(sf.path(out, sf.FREQUENCY, SHIPPED_NAME))
+    freq = pd.read_csv(layout.path(out, layout.FREQUENCY, SHIPPED_NAME))
     np.testing.assert_allclose(freq["mean_activation"], value_sum / row, rtol=1e-5, atol=1e-6)
 
 
@@ -98,25 +99,25 @@ def test_counts_lists_and_matrix_agree(greedy_run, shipped):
     out, _ = greedy_run
     m = SHIPPED_NAME
     cfg = shipped.model.config
-    matrix, _ = sf.read_activation_matrix(sf.path(out, sf.MATRIX, m))
-    sparse, _ = sf.read_activation_matrix(sf.path(out, sf.MATRIX, m), sparse=True)
+    matrix, _ = formats.read_activation_matrix(layout.path(out, layout.MATRIX, m))
+    sparse, _ = formats.read_activation_matrix(layout.path(out, layout.MATRIX, m), sparse=True)
     assert (sparse.toarray() == matrix).all()
-    with np.load(sf.path(out, sf.MATRIX, m), allow_pickle=False) as z:  # stored at 1 bit per entry
+    with np.load(layout.path(out, layout.MATRIX, m), allow_pickle=False) as z:  # stored at 1 bit per entry
         assert z["matrix"].dtype == np.uint8 and z["matrix"].size == matrix.shape[0] * ((matrix.shape[1] + 7) // 8)
-    ds = pd.read_csv(sf.path(out, sf.DATASET, m), keep_default_na=False)
+    ds = pd.read_csv(layout.path(out, layout.DATASET, m), keep_default_na=False)
     per_layer = matrix.reshape(len(matrix), cfg.n_layer, cfg.d_mlp).sum(axis=2)
     for i in range(cfg.n_layer):
         assert (ds[f"layer_{i}_num_active_neurons"] == per_layer[:, i]).all()
     assert (ds["number_of_active_neurons"] == matrix.sum(axis=1)).all()
-    freq = pd.read_csv(sf.path(out, sf.FREQUENCY, m))
-    assert list(freq.columns) == sf.FREQUENCY_COLUMNS
+    freq = pd.read_csv(layout.path(out, layout.FREQUENCY, m))
+    assert list(freq.columns) == layout.FREQUENCY_COLUMNS
     assert (freq["neuron_id"] == np.arange(matrix.shape[1])).all()
     assert (freq["activation_count"] == matrix.sum(axis=0)).all()
     np.testing.assert_allclose(freq["activation_frequency"], matrix.sum(axis=0) / len(matrix))
     assert (freq["layer"] == freq["neuron_id"] // cfg.d_mlp).all() and (freq["dimension"] == freq["neuron_id"] % cfg.d_mlp).all()
     expected = {str(i): np.flatnonzero(r).tolist() for i, r in enumerate(matrix)}
-    assert json.loads(sf.path(out, sf.ACTIVATIONS_JSON, m).read_text()) == expected
-    with open(sf.path(out, sf.ACTIVATIONS_PICKLE, m), "rb") as f:
+    assert json.loads(layout.path(out, layout.ACTIVATIONS_JSON, m).read_text()) == expected
+    with open(layout.path(out, layout.ACTIVATIONS_PICKLE, m), "rb") as f:
         assert pickle.load(f) == expected  # the test reads the user-facing pickle; the pipeline never does
     assert not (out / f".{m}_partial").exists()
 
@@ -125,38 +126,38 @@ def test_graph_files_and_stage_a(tmp_path, greedy_run, shipped):
     cfg = shipped.model.config
     run("a_generate_gelu_graph.py", "--model_type", SHIPPED_NAME, "--output_dir", tmp_path)
     m = SHIPPED_NAME
-    attrs = pd.read_csv(sf.path(tmp_path, sf.ATTRIBUTES, m))
+    attrs = pd.read_csv(layout.path(tmp_path, layout.ATTRIBUTES, m))
     n = cfg.n_layer * cfg.d_mlp
-    assert list(attrs.columns) == sf.ATTRIBUTE_COLUMNS
+    assert list(attrs.columns) == layout.ATTRIBUTE_COLUMNS
     assert (attrs["node_id"] == np.arange(n)).all()
     assert (attrs["node_id"] == attrs["layer"] * cfg.d_mlp + attrs["dimension"]).all()
-    el = sf.path(tmp_path, sf.EDGES, m).read_bytes()
+    el = layout.path(tmp_path, layout.EDGES, m).read_bytes()
     d = cfg.d_mlp
     ref = "".join(f"{s} {t}\n" for i in range(cfg.n_layer - 1) for s in range(i * d, (i + 1) * d)
                   for t in range((i + 1) * d, (i + 2) * d)).encode()
     assert el == ref
-    meta = sf.read_graph_meta(tmp_path, m)
+    meta = formats.read_graph_meta(tmp_path, m)
     assert meta["layer_sizes"] == [d] * cfg.n_layer and meta["num_edges"] == (cfg.n_layer - 1) * d * d
-    assert sf.edges_are_canonical(tmp_path, m, meta)
-    assert sf.canonical_edges_size(cfg.n_layer, d) == len(el)
+    assert formats.edges_are_canonical(tmp_path, m, meta)
+    assert formats.canonical_edges_size(cfg.n_layer, d) == len(el)
     out, _ = greedy_run  # stage b wrote the same graph files
-    assert sf.path(out, sf.EDGES, m).read_bytes() == el
-    assert sf.path(out, sf.ATTRIBUTES, m).read_bytes() == sf.path(tmp_path, sf.ATTRIBUTES, m).read_bytes()
+    assert layout.path(out, layout.EDGES, m).read_bytes() == el
+    assert layout.path(out, layout.ATTRIBUTES, m).read_bytes() == layout.path(tmp_path, layout.ATTRIBUTES, m).read_bytes()
 
 
 @pytest.mark.parametrize("n_layer,d", [(2, 1), (3, 7), (4, 40)])
 def test_edge_writer_brute_force(tmp_path, n_layer, d):
     target = tmp_path / "e.el"
-    sf.write_edges(target, n_layer, d, rows_per_write=3)
+    formats.write_edges(target, n_layer, d, rows_per_write=3)
     ref = "".join(f"{s} {t}\n" for i in range(n_layer - 1) for s in range(i * d, (i + 1) * d)
                   for t in range((i + 1) * d, (i + 2) * d)).encode()
-    assert target.read_bytes() == ref and sf.canonical_edges_size(n_layer, d) == len(ref)
+    assert target.read_bytes() == ref and formats.canonical_edges_size(n_layer, d) == len(ref)
 
 
 def hf_sampled_reference(hf, tokenizer, prompt, prompt_index, repeat, n_new, seed, temperature, top_k):
     """One sampled (prompt, repeat) by transformers with hooks on mlp.act, drawing from the same per-row
     generator stage b gives that repeat: (new ids, active sets at the predicting position of each token)."""
-    from gelutrace.generation import row_generator
+    from gelutrace.model.generation import row_generator
     from model import GPT
 
     g = row_generator(seed, prompt_index, repeat, "cpu")
@@ -186,8 +187,8 @@ def test_sampling_is_seeded_batch_independent_and_equals_transformers(tmp_path, 
         run("b_generate_activation_dataset.py", "--input_csv", csv, "--export_dir", tmp_path / name, "--model_type",
             SHIPPED_NAME, "--temperature", "0.9", "--top_k", "50", "--seed", seed, "--batch_size", batch,
             "--no_edge_list", "--no_activation_lists", "--no_attribution", OMP_NUM_THREADS="1")
-        ds = pd.read_csv(sf.path(tmp_path / name, sf.DATASET, SHIPPED_NAME), keep_default_na=False)
-        outs[name] = (ds, sf.read_activation_matrix(sf.path(tmp_path / name, sf.MATRIX, SHIPPED_NAME))[0])
+        ds = pd.read_csv(layout.path(tmp_path / name, layout.DATASET, SHIPPED_NAME), keep_default_na=False)
+        outs[name] = (ds, formats.read_activation_matrix(layout.path(tmp_path / name, layout.MATRIX, SHIPPED_NAME))[0])
     ds, active = outs["a"]
     for other in ("b", "c"):
         pd.testing.assert_frame_equal(outs[other][0].drop(columns=[c for c in ds.columns if "num_active" in c]),
@@ -212,7 +213,7 @@ def test_sampling_is_seeded_batch_independent_and_equals_transformers(tmp_path, 
 def test_resume_after_interrupt_gives_the_uninterrupted_result(tmp_path, shipped_path, monkeypatch):
     import runpy
 
-    from gelutrace import recording
+    from gelutrace.record import prompts as recording
 
     csv = write_prompts(tmp_path / "p.csv")
     common = ["--input_csv", str(csv), "--model_type", SHIPPED_NAME, "--device", "cpu", "--batch_size", "1",
@@ -235,14 +236,14 @@ def test_resume_after_interrupt_gives_the_uninterrupted_result(tmp_path, shipped
     with pytest.raises(SystemExit) as e:
         runpy.run_path(script, run_name="__main__")
     assert e.value.code == 130
-    assert not sf.path(tmp_path / "part", sf.DATASET, SHIPPED_NAME).exists()  # no torn or partial outputs
+    assert not layout.path(tmp_path / "part", layout.DATASET, SHIPPED_NAME).exists()  # no torn or partial outputs
     state = json.loads((tmp_path / "part" / f".{SHIPPED_NAME}_partial" / "state.json").read_text())
     assert state["samples_done"] == 3 + 2  # the first two prompts (3 and 2 repeats) of batches of one row
 
     monkeypatch.setattr(recording, "record_batch", real)
     run("b_generate_activation_dataset.py", *common, "--export_dir", tmp_path / "part", "--resume", **one_thread)
-    for f in (sf.DATASET, sf.MATRIX, sf.FREQUENCY, sf.ACTIVATIONS_JSON, sf.ACTIVATIONS_PICKLE):
-        assert sf.path(tmp_path / "part", f, SHIPPED_NAME).read_bytes() == sf.path(tmp_path / "full", f, SHIPPED_NAME).read_bytes()
+    for f in (layout.DATASET, layout.MATRIX, layout.FREQUENCY, layout.ACTIVATIONS_JSON, layout.ACTIVATIONS_PICKLE):
+        assert layout.path(tmp_path / "part", f, SHIPPED_NAME).read_bytes() == layout.path(tmp_path / "full", f, SHIPPED_NAME).read_bytes()
 
 
 @pytest.mark.parametrize("rows,header,extra,message", [
@@ -278,13 +279,13 @@ def test_trace_equals_transformers(tmp_path, shipped_path, shipped):
     hf = load_hf(shipped_path)
     _, ref_values = hf_reference(hf, shipped.tokenizer, text, 1)
     ref = np.flatnonzero(ref_values[0] > 0)
-    active = [int(x) for x in sf.path(tmp_path, sf.TRACE_ACTIVE, SHIPPED_NAME).read_text().split()]
+    active = [int(x) for x in layout.path(tmp_path, layout.TRACE_ACTIVE, SHIPPED_NAME).read_text().split()]
     assert active == ref.tolist()
-    with open(sf.path(tmp_path, sf.TRACE_VECTOR, SHIPPED_NAME), "rb") as f:
+    with open(layout.path(tmp_path, layout.TRACE_VECTOR, SHIPPED_NAME), "rb") as f:
         vec = pickle.load(f)
     assert vec.shape == (shipped.model.config.n_layer * shipped.model.config.d_mlp,)
     assert np.flatnonzero(vec).tolist() == active
-    assert sf.path(tmp_path, sf.TRACE_PLOT, SHIPPED_NAME).stat().st_size > 1000
+    assert layout.path(tmp_path, layout.TRACE_PLOT, SHIPPED_NAME).stat().st_size > 1000
     d = shipped.model.config.d_mlp
     assert f"layer  0: {int((ref_values[0][:d] > 0).sum()):6d} / {d}" in r.stdout
 

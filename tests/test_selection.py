@@ -1,18 +1,19 @@
 """Stage d library: every method's ranking against a NetworkX reference, ties, and compact == .gpickle."""
 
 import networkx as nx
-import pandas as pd
 import numpy as np
+import pandas as pd
 import pytest
-from conftest import assert_top_k
-from graphdata import brute_force_graph, full_edges, make_dataset, random_activations
 
 from gelutrace import PipelineError
-from gelutrace import analysis as ga
-from gelutrace import graph as gr
-from gelutrace import selection as sel
-from gelutrace import stagefiles as sf
-from gelutrace import store as gs
+from gelutrace.files import layout
+from gelutrace.graph import coactivation as gr
+from gelutrace.graph import store as gs
+from gelutrace.selection import analysis as ga
+from gelutrace.selection import methods as sel
+
+from conftest import assert_top_k
+from graphdata import brute_force_graph, full_edges, make_dataset, random_activations
 
 N_LAYER, D_MLP = 3, 10
 
@@ -119,12 +120,12 @@ def scored(tmp_path):
     n = N_LAYER * D_MLP
     rng = np.random.default_rng(1)
     attr = np.round(rng.normal(size=n), 1)  # rounded: ties
-    freq = sf.path(tmp_path, sf.FREQUENCY, "toy")
+    freq = layout.path(tmp_path, layout.FREQUENCY, "toy")
     pd.read_csv(freq).assign(attribution=attr).to_csv(freq, index=False)
     measured = rng.choice(n, 20, replace=False)
     effect = rng.normal(size=20)
     pd.DataFrame({"neuron_id": measured, "delta_nll": effect, "kl": effect ** 2}).to_csv(
-        sf.path(tmp_path, sf.NEURON_EFFECTS, "toy"), index=False)
+        layout.path(tmp_path, layout.NEURON_EFFECTS, "toy"), index=False)
     return tmp_path, attr, dict(zip(measured.tolist(), effect.tolist()))
 
 
@@ -147,11 +148,11 @@ def test_attribution_and_ablation_rank_their_columns(scored):
 
 def test_attribution_missing_is_an_error(scored):
     d, *_ = scored
-    freq = sf.path(d, sf.FREQUENCY, "toy")
+    freq = layout.path(d, layout.FREQUENCY, "toy")
     pd.read_csv(freq).assign(attribution=np.nan).to_csv(freq, index=False)
     with pytest.raises(PipelineError, match="no-attribution|--no_attribution"):
         sel.select(gs.read_graph(d / "store"), None, 0.2, "attribution")
-    sf.path(d, sf.NEURON_EFFECTS, "toy").unlink()
+    layout.path(d, layout.NEURON_EFFECTS, "toy").unlink()
     with pytest.raises(PipelineError, match="d_calculate_neuron_effects"):
         sel.select(gs.read_graph(d / "store"), None, 0.2, "ablation")
 

@@ -1,5 +1,5 @@
 """
-The stability of a selection (gelutrace.stability) against independent references: every half's graph against
+The stability of a selection (gelutrace.selection.stability) against independent references: every half's graph against
 numpy counts of its rows, and each half's subsets against the whole pipeline (stages b, c and d) run on that
 half's prompts alone (prompt mode) or on one shard (corpus mode).
 """
@@ -9,15 +9,17 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from test_corpus import run_here
+
+from gelutrace.evaluate import ablation as pt
+from gelutrace.files import formats, layout
+from gelutrace.graph import coactivation as gr
+from gelutrace.graph import store as gs
+from gelutrace.record import prompts as recording
+from gelutrace.selection import stability
+from gelutrace.selection.stability import jaccard
 
 from conftest import SHIPPED_NAME
-from gelutrace import graph as gr
-from gelutrace import perturbation as pt
-from gelutrace import stability
-from gelutrace import stagefiles as sf
-from gelutrace import store as gs
-from gelutrace.comparison import jaccard
-from test_corpus import run_here
 
 M = SHIPPED_NAME
 PROMPTS = [("KING HENRY. Now, lords, ", 8, 2), ("And God said, Let there be ", 6, 1), ("ROMEO. ", 10, 1),
@@ -26,12 +28,12 @@ THRESHOLDS, RATIOS = (0.3, 0.6), (0.01, 0.05)
 
 
 def test_prompt_halves_partition_the_rows():
-    assert stability.prompt_halves(0) is None and stability.prompt_halves(1) is None
+    assert recording.prompt_halves(0) is None and recording.prompt_halves(1) is None
     for n in (2, 3, 10, 101):
-        half = stability.prompt_halves(n)
+        half = recording.prompt_halves(n)
         assert half.shape == (n,) and set(np.unique(half)) == {0, 1}
         assert (half == 0).sum() == n // 2
-        assert np.array_equal(half, stability.prompt_halves(n))  # seeded: every stage sees the same split
+        assert np.array_equal(half, recording.prompt_halves(n))  # seeded: every stage sees the same split
 
 
 def test_jaccard_by_hand():
@@ -69,7 +71,7 @@ def test_count_graph_and_sum_graphs_against_numpy():
 
 
 def write_csv(p, rows):
-    pd.DataFrame(rows, columns=sf.PROMPT_COLUMNS).to_csv(p, index=False)
+    pd.DataFrame(rows, columns=layout.PROMPT_COLUMNS).to_csv(p, index=False)
     return p
 
 
@@ -78,7 +80,7 @@ def stage_b_to_d(csv, d):
     run_here("b_generate_activation_dataset.py", "--input_csv", csv, "--export_dir", d, "--model_type", M,
              "--device", "cpu", "--batch_size", 1, "--no_edge_list", "--no_activation_lists", "--top_examples", 0)
     run_here("c_calculate_weighted_activation_graph.py", "--input_dir", d)
-    return stage_d(sf.path(d, sf.WEIGHTED_GRAPH, M), d / sf.SUBSETS_DIR, dataset=d)
+    return stage_d(layout.path(d, layout.WEIGHTED_GRAPH, M), d / layout.SUBSETS_DIR, dataset=d)
 
 
 def stage_d(graph, out, dataset=None) -> dict:
@@ -98,7 +100,7 @@ def stage_d(graph, out, dataset=None) -> dict:
 def prompt_runs(tmp_path_factory):
     """The whole prompt CSV, and each half of its rows alone (in CSV order), through stages b to d."""
     root = tmp_path_factory.mktemp("stability")
-    half = stability.prompt_halves(len(PROMPTS))
+    half = recording.prompt_halves(len(PROMPTS))
     runs = {"all": (write_csv(root / "all.csv", PROMPTS), root / "all")}
     for h in (0, 1):
         rows = [p for p, x in zip(PROMPTS, half) if x == h]
@@ -108,21 +110,21 @@ def prompt_runs(tmp_path_factory):
 
 def test_prompt_halves_equal_the_pipeline_on_each_half(prompt_runs):
     csv, d, infos = prompt_runs["all"]
-    halves = stability.halves_of(d, M, sf.read_prompts(csv))
+    halves = stability.halves_of(d, M, formats.read_prompts(csv))
     assert len(halves.halves) == 2 and "3 + 3" in halves.how
     for h in (0, 1):
         hcsv, hd, hinfos = prompt_runs[h]
-        ref = gs.read_store(sf.path(hd, sf.WEIGHTED_GRAPH, M))
+        ref = gs.read_store(layout.path(hd, layout.WEIGHTED_GRAPH, M))
         got = halves.halves[h].graph
         assert got.num_samples == ref.num_samples
         assert np.array_equal(got.activation_count, ref.activation_count)
         for a, b in zip(got.blocks, ref.blocks):
             assert np.array_equal(np.asarray(a.counts()), np.asarray(b.counts()))
         # stage b's attribution of one half equals that of the half's prompts alone
-        whole = pd.read_csv(sf.path(d, sf.FREQUENCY, M))
-        alone = pd.read_csv(sf.path(hd, sf.FREQUENCY, M))["attribution"].to_numpy()
+        whole = pd.read_csv(layout.path(d, layout.FREQUENCY, M))
+        alone = pd.read_csv(layout.path(hd, layout.FREQUENCY, M))["attribution"].to_numpy()
         # sums of terms of both signs: the tolerance scales with the largest neuron's, not with each sum
-        np.testing.assert_allclose(whole[f"attribution_{sf.HALVES[h]}"], alone, rtol=1e-4,
+        np.testing.assert_allclose(whole[f"attribution_{layout.HALVES[h]}"], alone, rtol=1e-4,
                                    atol=1e-4 * np.abs(alone).max())
         # every non-random method chooses on the half what stage d chooses on the half's own dataset
         for stem, info in infos.items():
@@ -134,7 +136,7 @@ def test_prompt_halves_equal_the_pipeline_on_each_half(prompt_runs):
 
 def test_overlap_is_the_jaccard_of_the_halves_subsets(prompt_runs):
     csv, d, infos = prompt_runs["all"]
-    halves = stability.halves_of(d, M, sf.read_prompts(csv))
+    halves = stability.halves_of(d, M, formats.read_prompts(csv))
     overlap = stability.selection_overlap(halves, infos)
     assert set(overlap) == set(infos)
     for stem, info in infos.items():
@@ -157,9 +159,9 @@ def test_one_prompt_has_no_halves(tmp_path):
     csv = write_csv(tmp_path / "one.csv", PROMPTS[:1])
     run_here("b_generate_activation_dataset.py", "--input_csv", csv, "--export_dir", tmp_path / "d", "--model_type",
              M, "--device", "cpu", "--no_edge_list", "--no_activation_lists", "--top_examples", 0)
-    freq = pd.read_csv(sf.path(tmp_path / "d", sf.FREQUENCY, M))
+    freq = pd.read_csv(layout.path(tmp_path / "d", layout.FREQUENCY, M))
     assert freq["attribution"].notna().all() and freq["attribution_half_a"].isna().all()
-    halves = stability.halves_of(tmp_path / "d", M, sf.read_prompts(csv))
+    halves = stability.halves_of(tmp_path / "d", M, formats.read_prompts(csv))
     assert halves.halves == [] and "one prompt" in halves.how
     assert all(np.isnan(v) for v in stability.selection_overlap(halves, {"x": {"method": "degree"}}).values())
 
@@ -174,8 +176,8 @@ def test_corpus_halves_are_the_shards(tmp_path):
     record = pt.read_corpus_record(tmp_path / "all", M)
     halves = stability.halves_of(tmp_path / "all", M, corpus_record=record)
     assert len(halves.halves) == 2 and "1 + 1 of 2 shards" in halves.how
-    infos = stage_d(sf.path(tmp_path / "all", sf.WEIGHTED_GRAPH, M), tmp_path / "subsets", tmp_path / "all")
-    per_shard = [stage_d(sf.path(tmp_path / f"s{i}", sf.WEIGHTED_GRAPH, M), tmp_path / f"subsets{i}",
+    infos = stage_d(layout.path(tmp_path / "all", layout.WEIGHTED_GRAPH, M), tmp_path / "subsets", tmp_path / "all")
+    per_shard = [stage_d(layout.path(tmp_path / f"s{i}", layout.WEIGHTED_GRAPH, M), tmp_path / f"subsets{i}",
                          tmp_path / f"s{i}") for i in (0, 1)]
     assert any(info["method"] == "attribution" for info in infos.values())
     overlap = stability.selection_overlap(halves, infos)
@@ -201,7 +203,7 @@ def test_corpus_halves_are_the_shards(tmp_path):
 
 
 def test_report_names_the_unstable_methods_and_the_chance_level():
-    from gelutrace.report import stability_lines
+    from gelutrace.report.report import stability_lines
 
     best = pd.DataFrame({"k": [30, 30, 30], "method": ["degree", "ablation", "random"],
                          "selection_jaccard": [0.21, 0.8, 0.02]})

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gelutrace.files import atomic, formats, layout
+
 from conftest import run_python
 from graphdata import make_dataset, random_activations
-
-from gelutrace import stagefiles as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -64,7 +64,7 @@ def pipeline(tmp_path_factory):
              start(C_AN, "--input_path", str(d / "toy_weighted_graph.gpickle"), "--output_dir", str(d / "an_pickle"))]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()
-    an = d / sf.ANALYSIS_DIR
+    an = d / layout.ANALYSIS_DIR
     procs = [start(D, "--input_graph_path", str(an / "toy_weighted_graph_analyzed.json"), "--threshold", "0.5",
                    "--ratio", "0.2", "--method", "degree", "--output_path", str(d / "compact.npy")),
              start(D, "--input_graph_path", str(d / "an_pickle" / "toy_weighted_graph_analyzed.gpickle"),
@@ -77,14 +77,14 @@ def pipeline(tmp_path_factory):
 
 def test_end_to_end_outputs(pipeline):
     d = pipeline
-    an = d / sf.ANALYSIS_DIR
-    assert json.loads((d / "toy_weighted_graph" / sf.GRAPH_STORE_HEADER).read_text())["model"] == "toy"
-    for name in (sf.HIST_NODE_COUNT, sf.HIST_EDGE_COUNT, sf.HIST_DEGREE):
-        assert list(pd.read_csv(an / f"{name}.csv").columns) == sf.HIST_COLUMNS
+    an = d / layout.ANALYSIS_DIR
+    assert json.loads((d / "toy_weighted_graph" / layout.GRAPH_STORE_HEADER).read_text())["model"] == "toy"
+    for name in (layout.HIST_NODE_COUNT, layout.HIST_EDGE_COUNT, layout.HIST_DEGREE):
+        assert list(pd.read_csv(an / f"{name}.csv").columns) == layout.HIST_COLUMNS
         assert (an / f"{name}.png").stat().st_size > 1000
-    sweep = pd.read_csv(an / sf.THRESHOLD_CSV)
-    assert list(sweep.columns) == sf.THRESHOLD_COLUMNS and len(sweep) == 10
-    pd.testing.assert_frame_equal(sweep, pd.read_csv(d / "an_pickle" / sf.THRESHOLD_CSV))
+    sweep = pd.read_csv(an / layout.THRESHOLD_CSV)
+    assert list(sweep.columns) == layout.THRESHOLD_COLUMNS and len(sweep) == 10
+    pd.testing.assert_frame_equal(sweep, pd.read_csv(d / "an_pickle" / layout.THRESHOLD_CSV))
     ref = json.loads((an / "toy_weighted_graph_analyzed.json").read_text())
     assert (an / "toy_weighted_graph_analyzed.json").stat().st_size < 4096  # a reference, not the edges
     assert ref["store"] == "../toy_weighted_graph"
@@ -98,7 +98,7 @@ def test_end_to_end_outputs(pipeline):
     assert g.number_of_nodes() == 30 and g.number_of_edges() == side["edges_kept"]
     # every node and edge with its attributes, against the thresholded brute-force graph
     from graphdata import brute_force_graph, full_edges
-    active, _ = sf.read_activation_matrix(sf.path(d, sf.MATRIX, "toy"))
+    active, _ = formats.read_activation_matrix(layout.path(d, layout.MATRIX, "toy"))
     ref = brute_force_graph(active, full_edges(3, 10))
     mx = max(c for *_, c in ref.edges(data="co_activation_count"))
     ma = max(c for _, c in ref.nodes(data="activation_count"))
@@ -115,31 +115,31 @@ def test_end_to_end_outputs(pipeline):
 
 def test_batch_grid_skip_and_force(pipeline):
     d = pipeline
-    graph = str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    graph = str(d / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
     out = run(BATCH, "--thresholds", "0.5", "--ratios", "0.1 0.2", graph)
-    files = sorted(p.name for p in (d / sf.SUBSETS_DIR).glob("*.npy"))
+    files = sorted(p.name for p in (d / layout.SUBSETS_DIR).glob("*.npy"))
     assert files == ["toy_degree_t0.5_r0.1.npy", "toy_degree_t0.5_r0.2.npy"]
     assert "summary" in out and out.count("written") == 2
-    np.testing.assert_array_equal(np.load(d / sf.SUBSETS_DIR / files[1]), np.load(d / "compact.npy"))
+    np.testing.assert_array_equal(np.load(d / layout.SUBSETS_DIR / files[1]), np.load(d / "compact.npy"))
     again = run(BATCH, "--thresholds", "0.5", "--ratios", "0.2", graph)
     assert "skipped" in again and "written" not in again
 
 
 def test_bad_input_one_error_line_and_outputs_untouched(pipeline, tmp_path):
     d = pipeline
-    an = d / sf.ANALYSIS_DIR
+    an = d / layout.ANALYSIS_DIR
     analyzed = str(an / "toy_weighted_graph_analyzed.json")
     # a damaged copy of the dataset, and a graph from another model
     bad = tmp_path / "bad"
     shutil.copytree(d, bad, ignore=shutil.ignore_patterns("toy_weighted_graph*", "weighted_graph_analysis", "*.npy"))
-    sf.path(bad, sf.MATRIX, "toy").write_bytes(b"not an npz")
+    layout.path(bad, layout.MATRIX, "toy").write_bytes(b"not an npz")
     other = tmp_path / "other"
     make_dataset(other, random_activations(2, 5, 50, seed=1), 2, 5, m="tiny")
     np.save(tmp_path / "tiny_sub.npy", np.array([0, 1]))
     (tmp_path / "tiny_sub.json").write_text(json.dumps({"model": "tiny"}))
     bad_meta = tmp_path / "badmeta"
     shutil.copytree(other, bad_meta)
-    sf.write_json({"model": "tiny", "n_layer": 2, "d_mlp": 3}, sf.path(bad_meta, sf.GRAPH_META, "tiny"))
+    atomic.write_json({"model": "tiny", "n_layer": 2, "d_mlp": 3}, layout.path(bad_meta, layout.GRAPH_META, "tiny"))
     store = str(d / "toy_weighted_graph")
     before = snapshot(d)
     d_args = ["--input_graph_path", analyzed, "--output_path", str(d / "compact.npy")]
@@ -179,7 +179,7 @@ def test_stale_analysis_reference_is_refused(pipeline, tmp_path):
     shutil.copytree(pipeline, d)
     # rebuilding the store (a new uid) invalidates the analysis that referenced it
     run_python([PY, C, "--input_dir", str(d)], check=True, capture_output=True, env=ENV)
-    p = run_python([PY, D, "--input_graph_path", str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json"),
+    p = run_python([PY, D, "--input_graph_path", str(d / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json"),
                         "--threshold", "0.5", "--ratio", "0.1", "--output_path", str(d / "x.npy")],
                    capture_output=True, text=True, env=ENV)
     assert p.returncode == 2 and "rerun c_analyze" in p.stderr and not (d / "x.npy").exists()
@@ -187,8 +187,8 @@ def test_stale_analysis_reference_is_refused(pipeline, tmp_path):
 
 def test_graph_free_methods_ignore_the_threshold(pipeline, tmp_path):
     d = pipeline
-    graph = str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
-    freq = sf.path(d, sf.FREQUENCY, "toy")
+    graph = str(d / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    freq = layout.path(d, layout.FREQUENCY, "toy")
     n = len(pd.read_csv(freq))
     attr = np.arange(n)[::-1] * 0.5  # neuron 0 first
     pd.read_csv(freq).assign(attribution=attr).to_csv(freq, index=False)
@@ -203,7 +203,7 @@ def test_graph_free_methods_ignore_the_threshold(pipeline, tmp_path):
 def test_weight_flag_names_and_records_the_weight(pipeline, tmp_path):
     d = tmp_path / "w"
     shutil.copytree(pipeline, d)
-    an = d / sf.ANALYSIS_DIR
+    an = d / layout.ANALYSIS_DIR
     count_files = snapshot(an)
     run_together([C_AN, "--input_path", str(d / "toy_weighted_graph"), "--weight", "phi"],
                  [C_AN, "--input_path", str(d / "toy_weighted_graph.gpickle"), "--output_dir", str(d / "an_pickle"),
@@ -211,14 +211,15 @@ def test_weight_flag_names_and_records_the_weight(pipeline, tmp_path):
     assert {k: v for k, v in snapshot(an).items() if k in count_files} == count_files  # count's files untouched
     sweep = pd.read_csv(an / "threshold_analysis_phi.csv")
     assert (an / "threshold_analysis_phi.png").stat().st_size > 1000
-    assert list(sweep.columns) == sf.THRESHOLD_COLUMNS and len(sweep) == 10
-    assert not sweep.equals(pd.read_csv(an / sf.THRESHOLD_CSV))
+    assert list(sweep.columns) == layout.THRESHOLD_COLUMNS and len(sweep) == 10
+    assert not sweep.equals(pd.read_csv(an / layout.THRESHOLD_CSV))
     pd.testing.assert_frame_equal(sweep, pd.read_csv(d / "an_pickle" / "threshold_analysis_phi.csv"))
     ref = json.loads((an / "toy_weighted_graph_analyzed_phi.json").read_text())
     assert ref["weight"] == "phi" and 0 < ref["max_weight"] <= 1
     assert json.loads((an / "toy_weighted_graph_analyzed.json").read_text())["weight"] == "count"
     import networkx as nx
-    from gelutrace.store import load_gpickle
+
+    from gelutrace.graph.store import load_gpickle
     g = load_gpickle(d / "an_pickle" / "toy_weighted_graph_analyzed_phi.gpickle")
     assert g.graph["weight"] == "phi" and g.graph["max_weight"] == ref["max_weight"]
     assert max(w for *_, w in g.edges(data="phi_normalized")) == 1.0
@@ -248,12 +249,12 @@ def test_weight_flag_names_and_records_the_weight(pipeline, tmp_path):
 
 
 def test_bad_weight_one_error_line(pipeline, tmp_path):
-    from gelutrace.store import load_gpickle, write_gpickle
+    from gelutrace.graph.store import load_gpickle, write_gpickle
     d = pipeline
     g = load_gpickle(d / "toy_weighted_graph.gpickle")
     del g.graph["num_samples"]
     write_gpickle(g, tmp_path / "toy_weighted_graph.gpickle")
-    analyzed = str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    analyzed = str(d / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
     d_args = ["--threshold", "0.5", "--ratio", "0.1", "--output_path", str(tmp_path / "x.npy")]
     cases = {
         "d unknown": [D, "--input_graph_path", analyzed, *d_args, "--weight", "cosine"],
@@ -276,7 +277,7 @@ def test_bad_weight_one_error_line(pipeline, tmp_path):
 
 
 def test_a_refused_export_leaves_no_subset(pipeline, tmp_path):
-    graph = str(pipeline / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    graph = str(pipeline / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
     for export, extra in ((tmp_path / "g.txt", []), (tmp_path / "g.graphml", ["--memory_limit_gb", "1e-9"])):
         out = tmp_path / "s.npy"
         p = run_python([PY, D, "--input_graph_path", graph, "--threshold", "0.1", "--ratio", "0.1",
@@ -289,12 +290,12 @@ def test_a_refused_export_leaves_no_subset(pipeline, tmp_path):
 def test_k_grid_is_prefixes_of_one_ranking(pipeline, tmp_path):
     """--k writes one subset per k from one ranking: each the first k of the next, the ratio's subset of the same k
     identical, and the ranking the brute-force one (degree on the thresholded graph, ties in the seed's order)."""
+    from gelutrace.selection import methods as sel
+
     from graphdata import brute_force_graph, full_edges
 
-    from gelutrace import selection as sel
-
     d = pipeline
-    graph = str(d / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    graph = str(d / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
     out = tmp_path / "ks"
     for method, thr in (("degree", ["--threshold", "0.5"]), ("activation_count", []), ("random", [])):
         run(D, "--input_graph_path", graph, *thr, "--k", "2", "6", "15", "--method", method, "--output_dir", str(out))
@@ -306,7 +307,7 @@ def test_k_grid_is_prefixes_of_one_ranking(pipeline, tmp_path):
         if method != "random":
             assert picks[0].tolist() == picks[1][:2].tolist() and picks[1].tolist() == picks[2][:6].tolist()
     np.testing.assert_array_equal(np.load(out / "toy_degree_t0.5_k6.npy"), np.load(d / "compact.npy"))  # --ratio 0.2
-    active, _ = sf.read_activation_matrix(sf.path(d, sf.MATRIX, "toy"))
+    active, _ = formats.read_activation_matrix(layout.path(d, layout.MATRIX, "toy"))
     ref = brute_force_graph(active, full_edges(3, 10))
     mx = max(c for *_, c in ref.edges(data="co_activation_count"))
     deg = np.zeros(30, np.int64)
@@ -319,7 +320,7 @@ def test_k_grid_is_prefixes_of_one_ranking(pipeline, tmp_path):
 
 
 def test_k_grid_bad_input(pipeline, tmp_path):
-    graph = str(pipeline / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    graph = str(pipeline / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
     out = ["--output_dir", str(tmp_path / "o")]
     for args in (["--k", "0", *out], ["--k", "31", *out], ["--k", "3", "3", *out], ["--k", "2", "--ratio", "0.1", *out],
                  ["--k", "2", "3", "--output_path", str(tmp_path / "a.npy")]):
@@ -331,7 +332,7 @@ def test_k_grid_bad_input(pipeline, tmp_path):
 
 def test_k_values_counts_and_percentages():
     from gelutrace import PipelineError
-    from gelutrace import selection as sel
+    from gelutrace.selection import methods as sel
 
     assert sel.k_values(3072, ["30", "1%", "5%", "30"]) == [30, 153]  # 1 % of 3072 is int(30.72)
     assert sel.k_values(3072, list(sel.K_GRID)) == [3, 5, 11, 22, 42, 82, 159, 307]
@@ -341,7 +342,7 @@ def test_k_values_counts_and_percentages():
 
 
 def test_match_layers_refuses_another_k(pipeline, tmp_path):
-    graph = str(pipeline / sf.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    graph = str(pipeline / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
     np.save(tmp_path / "other.npy", np.array([0, 1, 11, 25], np.int64))
     base = ["--input_graph_path", graph, "--method", "random", "--match_layers", str(tmp_path / "other.npy"),
             "--output_dir", str(tmp_path / "o")]

@@ -7,14 +7,15 @@ import math
 import networkx as nx
 import numpy as np
 import pytest
-from conftest import assert_top_k
-from graphdata import full_edges, make_dataset, random_activations
 
 from gelutrace import PipelineError
-from gelutrace import analysis as ga
-from gelutrace import graph as gr
-from gelutrace import selection as sel
-from gelutrace import store as gs
+from gelutrace.graph import coactivation as gr
+from gelutrace.graph import store as gs
+from gelutrace.selection import analysis as ga
+from gelutrace.selection import methods as sel
+
+from conftest import assert_top_k
+from graphdata import full_edges, make_dataset, random_activations
 
 N_LAYER, D_MLP = 3, 10
 OTHER = ("jaccard", "phi", "pmi")

@@ -1,0 +1,635 @@
+"""
+Stage e: ablate GELU neurons during generation and measure what it does.
+
+- Subsets are `.npy` files of neuron ids (`node_id = layer * d_mlp + dimension`), read without pickle and
+  validated; random controls have the same per-layer composition.
+- Each subset is ablated with gelutrace.model.hooks and measured with gelutrace.evaluate.metrics against the
+  unperturbed baseline, on the evaluation prompts and (gelutrace.evaluate.realtext) on held-out text; the
+  comparison's statistics are gelutrace.evaluate.statistics'.
+"""
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gelutrace import PipelineError
+from gelutrace.evaluate import realtext
+from gelutrace.evaluate import statistics as stats
+from gelutrace.evaluate.metrics import (
+    LOGIT_BUDGET,
+    Rows,
+    agreement,
+    compare_logprobs,
+    continuation_logprobs,
+    generate_rows,
+    metric_chunks,
+    plan_rows,
+)
+from gelutrace.evaluate.statistics import weighted_null
+from gelutrace.files import atomic, formats, layout
+from gelutrace.model.generation import Batch, repeat_rows
+from gelutrace.model.hooks import Ablation, RowAblation
+from gelutrace.model.sites import GPT2_SITE
+from gelutrace.selection import stability
+
+NONE = "none"  # the subset name that means: no ablation (the baseline)
+MODULE = "module"  # the sidecar method of a module of c_find_modules (stage d --modules): outside the comparison
+METRICS = ["kl", "delta_nll", "token_agreement", "first_diff_position"]
+
+
+# --- subsets ----------------------------------------------------------------------------------------------
+@dataclass
+class Subset:
+    name: str  # as given on the command line ('none' or a file name under perturbation_subsets/)
+    ids: np.ndarray  # sorted unique neuron ids (int64)
+    controls: list[np.ndarray] = field(default_factory=list)  # random subsets of the same layer composition
+    info: dict = field(default_factory=dict)  # stage d's sidecar JSON (method, threshold, ratio, ...), if any
+    weighted: list[np.ndarray] = field(default_factory=list)  # a module's effect-weighted controls
+
+    @property
+    def is_module(self) -> bool:
+        return self.info.get("method") == MODULE
+
+    @property
+    def compared(self) -> bool:
+        """Whether the method comparison ranks it: a selection method made it (a module is not a method)."""
+        return bool(self.info.get("method")) and not self.is_module and len(self.ids) > 0
+
+    @property
+    def stem(self) -> str:
+        return NONE if self.name == NONE else Path(self.name).stem
+
+
+def load_subset(p: Path, n_neurons: int) -> np.ndarray:
+    """The sorted unique neuron ids of a subset `.npy`: a 1-D integer array of ids in [0, n_neurons)."""
+    return np.unique(formats.read_subset(p, n_neurons))
+
+
+def read_sidecar(npy: Path, model: str) -> dict:
+    """Stage d's sidecar JSON of a subset ({} when there is none); a subset made for another model is refused."""
+    side = npy.parent / layout.SUBSET_SIDECAR.format(stem=npy.stem)
+    if not side.is_file():
+        return {}
+    try:
+        info = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{side} is not valid JSON: {e}") from None
+    if not isinstance(info, dict):
+        raise PipelineError(f"{side}: expected a JSON object")
+    kinds = {"method": str, "weight": str, "threshold": (int, float), "ratio": (int, float), "seed": int,
+             "tied_picks": int, "tie_pool": int, "zero_score_picks": int, "module": int}
+    for key, kind in kinds.items():
+        v = info.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
+            raise PipelineError(f"{side}: {key} is {v!r}, not what stage d writes; rerun stage d")
+    if info.get("method") == MODULE and not isinstance(info.get("module"), int):
+        raise PipelineError(f"{side}: a module's sidecar without its module number; rerun stage d --modules")
+    if info.get("model") not in (None, model):
+        raise PipelineError(f"subset {npy.name} was made for model {info['model']!r}, not {model!r} ({side})")
+    return info
+
+
+def resolve_subsets(dataset_path, names: list[str], n_neurons: int, model: str | None = None) -> list[Subset]:
+    subsets, stems = [], {}
+    reserved = {Path(f).stem for f in RESULT_SET}
+    for name in names:
+        info = {}
+        if name == NONE:
+            ids = np.zeros(0, np.int64)
+        else:
+            if Path(name).name != name or name in (".", ".."):
+                raise PipelineError(f"subset {name!r}: name a file in {Path(dataset_path) / layout.SUBSETS_DIR}, "
+                                    f"without a directory")
+            npy = Path(dataset_path) / layout.SUBSETS_DIR / name
+            ids = load_subset(npy, n_neurons)
+            if not len(ids):
+                raise PipelineError(f"subset {npy} holds no neurons (use 'none' for the baseline)")
+            info = read_sidecar(npy, model) if model is not None else {}
+        s = Subset(name, ids, info=info)
+        if s.stem in stems:
+            raise PipelineError(f"subsets {stems[s.stem]!r} and {name!r} would both write {s.stem}.csv")
+        if s.stem in reserved:
+            raise PipelineError(f"subset {name!r} would overwrite one of stage e's summary files: rename it")
+        stems[s.stem] = name
+        subsets.append(s)
+    return subsets
+
+
+def layer_counts(ids: np.ndarray, n_layer: int, d_mlp: int) -> np.ndarray:
+    return np.bincount(np.asarray(ids, np.int64) // d_mlp, minlength=n_layer)
+
+
+def random_control(ids: np.ndarray, n_layer: int, d_mlp: int, seed: int, index: int) -> np.ndarray:
+    """
+    Random control `index` for a subset: in every layer as many neurons as the subset has there, drawn
+    uniformly without replacement from all of that layer's neurons. Depends on the seed, the subset's ids
+    and the index only.
+    """
+    key = zlib.crc32(np.asarray(ids, "<i8").tobytes())
+    rng = np.random.default_rng(np.random.SeedSequence([seed, key, index]))
+    counts = layer_counts(ids, n_layer, d_mlp)
+    parts = [layer * d_mlp + rng.choice(d_mlp, size=int(c), replace=False) for layer, c in enumerate(counts) if c]
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def weighted_control(ids: np.ndarray, weights: np.ndarray, n_layer: int, d_mlp: int, seed: int, index: int
+                     ) -> np.ndarray:
+    """
+    Effect-weighted control `index` for a subset: in every layer as many neurons as the subset has there, drawn
+    one after another without replacement with probability proportional to max(weight, 0) among the layer's
+    neurons not yet drawn (numpy's weighted choice without replacement); when the layer has fewer neurons of
+    positive weight than needed, all of them and the rest uniformly from the others. The null of "are these
+    neurons' effect more than their individual strengths give?". Depends on the seed, ids, weights and index only.
+    """
+    key = zlib.crc32(np.asarray(ids, "<i8").tobytes())
+    rng = np.random.default_rng(np.random.SeedSequence([seed, key, index, 1]))
+    w = np.nan_to_num(np.asarray(weights, np.float64), nan=0.0, posinf=0.0, neginf=0.0).reshape(n_layer, d_mlp)
+    w = np.maximum(w, 0.0)
+    parts = []
+    for layer, c in enumerate(layer_counts(ids, n_layer, d_mlp)):
+        if not c:
+            continue
+        wl = w[layer]
+        pos = np.flatnonzero(wl > 0)
+        if len(pos) >= c:
+            pick = rng.choice(d_mlp, size=int(c), replace=False, p=wl / wl.sum())
+        else:
+            rest = np.flatnonzero(wl <= 0)
+            pick = np.concatenate([pos, rng.choice(rest, size=int(c) - len(pos), replace=False)])
+        parts.append(layer * d_mlp + pick)
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def control_weights(dataset_path, m: str, n_neurons: int) -> tuple[np.ndarray | None, str | None]:
+    """Each neuron's individual strength for effect-weighted controls: its measured single-ablation delta_nll
+    ({m}_neuron_effects.csv) where measured, else stage b's attribution; (None, None) without either."""
+    effects = layout.path(dataset_path, layout.NEURON_EFFECTS, m)
+    if effects.is_file():
+        w = formats.read_neuron_column(effects, "delta_nll", n_neurons, "d_calculate_neuron_effects.py", missing_ok=True)
+        if np.isfinite(w).any():
+            return w, "neuron_effects.delta_nll"
+    freq = layout.path(dataset_path, layout.FREQUENCY, m)
+    if freq.is_file():
+        w = formats.read_neuron_column(freq, "attribution", n_neurons, "stage b", optional=True)
+        if w is not None and np.isfinite(w).any():
+            return w, "attribution"
+    return None, None
+
+
+# --- the dataset directory ----------------------------------------------------------------------------------
+def check_dataset(dataset_path, m: str, n_layer: int, d_mlp: int, site: dict | None = None):
+    """
+    The dataset directory must describe this model: its {m} graph files, with its layer count and width, and
+    (given `site`) neurons recorded at the same site (metadata without a site predates other families: GPT-2).
+    """
+    d = Path(dataset_path)
+    if not d.is_dir():
+        raise PipelineError(f"--dataset_path {d} is not a directory")
+    meta_p, attr_p = layout.path(d, layout.GRAPH_META, m), layout.path(d, layout.ATTRIBUTES, m)
+    if not meta_p.is_file() and not attr_p.is_file():
+        others = sorted({p.name[: -len(suffix)] for suffix in (layout.ATTRIBUTES.format(m=""), layout.GRAPH_META.format(m=""))
+                         for p in d.glob("*" + suffix)})
+        found = f"; it holds files of model(s) {', '.join(others)}" if others else ""
+        raise PipelineError(f"{d} has neither {attr_p.name} nor {meta_p.name}: not a dataset of model {m!r}{found} "
+                            f"(stage b writes them)")
+    want = f"n_layer={n_layer}, d_mlp={d_mlp}"
+    if meta_p.is_file():
+        meta = formats.read_graph_meta(d, m)
+        if (meta.get("n_layer"), meta.get("d_mlp")) != (n_layer, d_mlp):
+            raise PipelineError(f"{meta_p} describes n_layer={meta.get('n_layer')}, d_mlp={meta.get('d_mlp')}, "
+                                f"but model {m!r} has {want}: the dataset is from another model")
+        if site is not None:
+            recorded = {k: meta.get(k, GPT2_SITE[k]) for k in ("architecture", "neuron_site")}
+            if any(recorded[k] != site[k] for k in recorded):
+                raise PipelineError(f"{meta_p} was recorded on architecture {recorded['architecture']} at the neuron "
+                                    f"site {recorded['neuron_site']!r}, but the model's config.json gives architecture "
+                                    f"{site['architecture']}, whose neurons are at {site['neuron_site']!r}: the "
+                                    f"dataset is from another model")
+    if attr_p.is_file():
+        attrs = formats.read_attributes(d, m)
+        n = n_layer * d_mlp
+        ok = (len(attrs) == n and np.array_equal(attrs["node_id"].to_numpy(), np.arange(n))
+              and np.array_equal(attrs["layer"].to_numpy(), np.arange(n) // d_mlp)
+              and np.array_equal(attrs["dimension"].to_numpy(), np.arange(n) % d_mlp))
+        if not ok:
+            raise PipelineError(f"{attr_p} does not list the {n} neurons of model {m!r} ({want}) in id order: "
+                                f"the dataset is from another model")
+
+
+def read_mean_activations(dataset_path, m: str, n_neurons: int) -> np.ndarray:
+    """Each neuron's mean post-GELU output, from the dataset's {m}_neuron_frequency.csv (stage b)."""
+    return formats.read_neuron_column(layout.path(dataset_path, layout.FREQUENCY, m), "mean_activation", n_neurons,
+                                 "--ablation mean needs stage b's frequency file; rerun stage b or use --ablation zero")
+
+
+@dataclass
+class Condition:
+    """One ablation to measure: a subset (generated free-running too) or one of its random controls."""
+    ids: np.ndarray
+    generate: bool = True  # False for a control: measured teacher-forced only (kl, delta_nll)
+    conts: list[np.ndarray] = field(default_factory=list)  # per row: the generated continuation
+    kl: np.ndarray | None = None  # per row
+    delta_nll: np.ndarray | None = None
+    agree: np.ndarray | None = None
+    first_diff: np.ndarray | None = None
+
+
+def group_size(rows: int, width: int, vocab_size: int, batch_size: int) -> int:
+    """How many ablations one teacher-forced pass over `rows` sequences of `width` tokens computes together:
+    within --batch_size sequences and LOGIT_BUDGET logits."""
+    return max(1, min(batch_size // rows, LOGIT_BUDGET // max(1, rows * width * vocab_size)))
+
+
+def teacher_forced(model, rows: Rows, prompt_ids, base: list[np.ndarray], conditions: list[Condition],
+                   mean_values: np.ndarray | None, batch_size: int, progress=None):
+    """Every condition's per-row kl and delta_nll along the baseline's continuations; conditions share each
+    forward pass, a block of batch rows each (RowAblation)."""
+    for c in conditions:
+        c.kl, c.delta_nll = np.full(len(base), np.nan), np.full(len(base), np.nan)
+    ablating = [c for c in conditions if len(c.ids)]
+    for c in conditions:
+        if not len(c.ids):
+            c.kl[rows.length > 0] = c.delta_nll[rows.length > 0] = 0.0
+    V = model.config.vocab_size
+    for chunk in metric_chunks(rows, prompt_ids, V, batch_size):
+        pids = [prompt_ids[rows.prompt[r]] for r in chunk]
+        conts = [base[r] for r in chunk]
+        width = max(len(p) + len(c) for p, c in zip(pids, conts))
+        base_lp = continuation_logprobs(model, pids, conts)
+        g = group_size(len(chunk), width, V, batch_size)
+        for start in range(0, len(ablating), g):
+            group = ablating[start:start + g]
+            with RowAblation(model, [c.ids for c in group], len(chunk), mean_values):
+                pert = continuation_logprobs(model, pids * len(group), conts * len(group))
+            kl, dnll = compare_logprobs(base_lp, pert.view(len(group), *base_lp.shape), conts)
+            for i, c in enumerate(group):
+                c.kl[chunk], c.delta_nll[chunk] = kl[i], dnll[i]
+            if progress is not None:
+                progress("passes", len(group))
+
+
+def measure(model, batches: list[Batch], rows: Rows, prompt_ids, conditions: list[Condition],
+            mean_values: np.ndarray | None, temperature: float, top_k, seed: int, batch_size: int,
+            progress=None) -> list[np.ndarray]:
+    """
+    Generate the baseline and the continuations of every condition with `generate`, then fill in each
+    condition's per-row metrics. Returns the baseline's continuations. `progress(kind, amount)` is called as
+    work completes ("tokens" generated, teacher-forced "passes" of one condition over one chunk).
+    """
+    def tick(batch):
+        if progress is not None:
+            progress("tokens", len(batch.row_prompt) * batch.new_tokens)
+
+    base = generate_rows(model, batches, rows, prompt_ids, temperature, top_k, seed, None, tick)
+    for c in conditions:
+        if not c.generate:
+            continue
+        abl = Ablation(model, c.ids, None if mean_values is None else mean_values[c.ids]) if len(c.ids) else None
+        c.conts = base if abl is None else generate_rows(model, batches, rows, prompt_ids, temperature, top_k,
+                                                         seed, abl, tick)
+        pairs = [agreement(b, p) if len(b) else (np.nan, np.nan) for b, p in zip(base, c.conts)]
+        c.agree = np.array([a for a, _ in pairs], np.float64)
+        c.first_diff = np.array([f for _, f in pairs], np.float64)
+    teacher_forced(model, rows, prompt_ids, base, conditions, mean_values, batch_size, progress)
+    return base
+
+
+# --- putting a run together -------------------------------------------------------------------------------
+@dataclass
+class EvalSettings:
+    """How stage e generates, ablates and judges."""
+    temperature: float = 0.0
+    top_k: int | None = 1
+    seed: int = 1337
+    batch_size: int = 64
+    random_controls: int = 0
+    ablation: str = "zero"  # or "mean"
+    validation_share: float = 0.5
+    control_subsets: str = "all"  # or "best": controls only for each k's winner on the validation part
+    module_controls: int | None = None  # controls of each kind per module (None: random_controls)
+
+    @property
+    def per_module(self) -> int:
+        return self.random_controls if self.module_controls is None else self.module_controls
+
+
+def expand_samples(batches: list[Batch], prompts, greedy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt, sample_index, row) of every output sample in CSV order: prompt by prompt, repeat by repeat."""
+    out, offset = [], 0
+    for batch in batches:
+        out += [(p, r, offset + x if x >= 0 else -1) for p, r, x in repeat_rows(batch, prompts, greedy)]
+        offset += len(batch.row_prompt)
+    arr = np.array(out, np.int64).reshape(-1, 3)
+    return arr[:, 0], arr[:, 1], arr[:, 2]
+
+
+def sample_mean(per_row: np.ndarray | None, sample_rows: np.ndarray) -> float:
+    """
+    The mean over samples of per-row values: `sample_rows` gives each sample's row (-1: no continuation, left
+    out), so a row standing for several identical samples counts once per sample; NaN values are left out.
+    """
+    if per_row is None:
+        return np.nan
+    vals = per_row[sample_rows[sample_rows >= 0]]
+    vals = vals[~np.isnan(vals)]
+    return float(vals.mean()) if len(vals) else np.nan
+
+
+def condition_metrics(c: Condition, sample_rows: np.ndarray) -> dict:
+    """Summary metrics of a condition: the mean over samples (rows without a continuation left out)."""
+    return {name: sample_mean(per_row, sample_rows)
+            for name, per_row in zip(METRICS, (c.kl, c.delta_nll, c.agree, c.first_diff))}
+
+
+def result_table(subset: Subset, c: Condition, prompts, tokenizer, samples) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The contract's CSV of one subset, and its per-sample metrics."""
+    sp, si, sr = samples
+    texts = [tokenizer.decode([int(t) for t in c.conts[r]]) if r >= 0 else "" for r in sr]
+    result = pd.DataFrame({"prompt": [prompts[p].text for p in sp], "sample_index": si, "generated_text": texts,
+                           "perturbation_subset": subset.name}, columns=layout.RESULT_COLUMNS)
+
+    lengths = np.array([prompts[p].new_tokens for p in sp], np.int64)
+    metrics = pd.DataFrame({"prompt_index": sp, "prompt": result["prompt"], "sample_index": si, "num_tokens": lengths,
+                            "kl": per_sample(c.kl, sr), "delta_nll": per_sample(c.delta_nll, sr),
+                            "token_agreement": per_sample(c.agree, sr),
+                            "first_diff_position": per_sample(c.first_diff, sr)})
+    return result, metrics
+
+
+def per_sample(per_row: np.ndarray, sample_rows: np.ndarray) -> np.ndarray:
+    """Per-row values spread over the samples (NaN where a sample has no continuation)."""
+    return np.where(sample_rows >= 0, per_row[np.maximum(sample_rows, 0)], np.nan) if len(sample_rows) else np.zeros(0)
+
+
+def condition_sums(c: Condition, samples, n_prompts: int, names=stats.METRICS) -> tuple[dict, np.ndarray]:
+    """Per prompt: each metric's sum over samples, and the number of samples."""
+    sample_prompt, _, sample_rows = samples
+    sums, counts = {}, np.zeros(n_prompts)
+    for name in names:
+        sums[name], counts = stats.prompt_sums(per_sample(getattr(c, name), sample_rows), sample_prompt, n_prompts)
+    return sums, counts
+
+
+def summary_row(subset: Subset, main: Condition, controls: list[Condition], samples, n_prompts: int, boot: np.ndarray,
+                n_layer, d_mlp, settings: EvalSettings, weighted: list[Condition] = ()) -> dict:
+    """The subset on every evaluation prompt: metrics with bootstrap CIs and the null of its controls (and, for a
+    module, of its effect-weighted controls)."""
+    sample_rows = samples[2]
+    row = {"subset": subset.name, "ablation": settings.ablation, "k": len(subset.ids)}
+    row.update({f"layer_{i}_count": int(c) for i, c in enumerate(layer_counts(subset.ids, n_layer, d_mlp))})
+    row["num_samples"] = int((sample_rows >= 0).sum())
+    row.update(condition_metrics(main, sample_rows))
+    sums, counts = condition_sums(main, samples, n_prompts)
+    for name in stats.METRICS:
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = stats.bootstrap_ci(boot, sums[name], counts)
+    if settings.random_controls or controls:
+        row["random_controls"] = len(controls)
+        for name in stats.METRICS:
+            vals = np.array([sample_mean(getattr(c, name), sample_rows) for c in controls], np.float64)
+            row.update({f"{name}_{k}": v for k, v in stats.null_test(row[name], vals).items() if k != "random_n"})
+            row[f"{name}_percentile"] = stats.percentile(row[name], vals)
+            row[f"{name}_vs_random"] = stats.t_ratio(row[name], vals)
+    if weighted:
+        for name in ("kl", "delta_nll"):
+            vals = [sample_mean(getattr(c, name), sample_rows) for c in weighted]
+            row.update({f"{name}_{k}": v for k, v in weighted_null(row[name], vals).items()})
+    return row
+
+
+def entry_variant(subset: Subset) -> str:
+    """The comparison's variant label of a method's subset: its threshold (and weight) for a graph method."""
+    method, t = subset.info.get("method"), subset.info.get("threshold")
+    variant = f"t={t}" if t is not None and method in stats.GRAPH_METHODS else ""
+    if subset.info.get("weight") not in (None, "count", *stats.CAUSAL_WEIGHTS) and variant:
+        variant += f", {subset.info['weight']}"
+    return variant
+
+
+def comparison_entry(subset: Subset, main: Condition, controls: list[Condition], samples, n_prompts: int):
+    """The subset as the method comparison sees it, or None when no selection method made it."""
+    if not subset.compared:
+        return None
+    sums, counts = condition_sums(main, samples, n_prompts, stats.METRICS + ("agree",))
+    sums["token_agreement"] = sums.pop("agree")
+    ctl = [condition_sums(c, samples, n_prompts) for c in controls]
+    control_sums = {name: np.array([s[name] for s, _ in ctl]).reshape(len(ctl), n_prompts) for name in stats.METRICS}
+    control_counts = np.array([n for _, n in ctl]).reshape(len(ctl), n_prompts)
+    return stats.Entry(subset.stem, stats.comparison_method(subset.info), entry_variant(subset), len(subset.ids), subset.ids, sums, counts, control_sums,
+                     control_counts, subset.info)
+
+
+@dataclass
+class Results:
+    tables: dict  # stem -> (result DataFrame, per-sample metrics DataFrame)
+    summary: pd.DataFrame
+    entries: list  # comparison.Entry of every subset a selection method made
+    boot: np.ndarray  # the bootstrap draws over prompts, shared by every subset
+    split: stats.Split  # the evaluation prompts' validation and test parts
+    seed: int
+    halves: dict = field(default_factory=dict)  # the selection data's halves (gelutrace.selection.stability), described
+    text: object = None  # realtext.TextResults, with --eval_text
+    text_entries: list = field(default_factory=list)  # the comparison's entries on the real text
+
+    @property
+    def primary(self) -> tuple[list, stats.Split]:
+        """The entries and split the verdict speaks of: the real text's when measured, else the continuations'."""
+        return (self.text_entries, self.text.split) if self.text is not None else (self.entries, self.split)
+
+
+def text_entries(res, subsets: list[Subset]) -> list:
+
+    return [realtext.entry(res, i, sub.stem, stats.comparison_method(sub.info), entry_variant(sub), sub.info)
+            for i, sub in enumerate(subsets) if sub.compared]
+
+
+def control_plan(subsets: list[Subset], settings: EvalSettings, entries: list, split: stats.Split) -> list[int]:
+    """Which subsets get random controls: every one, or ("best") each k's winner on the validation part; a module
+    always (its test is against its controls)."""
+    chosen = [i for i, sub in enumerate(subsets) if len(sub.ids)]
+    if settings.control_subsets == "best":
+        stems = stats.validation_winners(entries, split)
+        chosen = [i for i in chosen if subsets[i].stem in stems or subsets[i].is_module]
+    return chosen
+
+
+def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values, settings: EvalSettings,
+        progress=None, text=None, weights: np.ndarray | None = None) -> Results:
+    """
+    Every subset on the prompts (generated free-running and teacher-forced along the baseline's continuations)
+    and, given `text` (realtext.EvalText), on real text; then the random controls of the subsets control_plan
+    picks, measured the same ways, and for a module as many effect-weighted controls drawn by `weights`
+    (control_weights), where given.
+    """
+
+    cfg = model.config
+    s = settings
+    rows = plan_rows(batches, prompts)
+    samples = expand_samples(batches, prompts, s.temperature == 0)
+    boot = stats.bootstrap_weights(len(prompts), s.seed)
+    split = stats.split_prompts(len(prompts), s.seed, s.validation_share)
+    mains = [Condition(sub.ids) for sub in subsets]
+    base = measure(model, batches, rows, prompt_ids, mains, mean_values, s.temperature, s.top_k, s.seed,
+                   s.batch_size, progress)
+    tres = None
+    if text is not None:
+        tres = realtext.measure_subsets(model, text, subsets, mean_values, s.seed, s.validation_share, s.batch_size,
+                                        progress and (lambda n: progress("text", n)))
+        primary = text_entries(tres, subsets), tres.split
+    else:
+        primary = [e for e in (comparison_entry(sub, c, [], samples, len(prompts)) for sub, c in zip(subsets, mains))
+                   if e is not None], split
+    chosen = set(control_plan(subsets, s, *primary)) if s.random_controls or s.per_module else set()
+    for i, sub in enumerate(subsets):
+        n = (s.per_module if sub.is_module else s.random_controls) if i in chosen else 0
+        sub.controls = [random_control(sub.ids, cfg.n_layer, cfg.d_mlp, s.seed, j) for j in range(n)]
+        sub.weighted = ([weighted_control(sub.ids, weights, cfg.n_layer, cfg.d_mlp, s.seed, j) for j in range(n)]
+                        if sub.is_module and weights is not None else [])
+    controls = [[Condition(ids, generate=False) for ids in sub.controls] for sub in subsets]
+    weighted = [[Condition(ids, generate=False) for ids in sub.weighted] for sub in subsets]
+    flat = [c for cs in controls + weighted for c in cs]
+    if flat:
+        teacher_forced(model, rows, prompt_ids, base, flat, mean_values, s.batch_size, progress)
+    if tres is not None:
+        realtext.add_controls(tres, model, [sub.controls for sub in subsets], mean_values, s.batch_size,
+                              progress and (lambda n: progress("text", n)), [sub.weighted for sub in subsets])
+    tables, summary, entries = {}, [], []
+    for i, (sub, main, ctl) in enumerate(zip(subsets, mains, controls)):
+        tables[sub.stem] = result_table(sub, main, prompts, tokenizer, samples)
+        row = summary_row(sub, main, ctl, samples, len(prompts), boot, cfg.n_layer, cfg.d_mlp, s, weighted[i])
+        if tres is not None:
+            row.update(realtext.summary_columns(tres, i))
+        summary.append(row)
+        entry = comparison_entry(sub, main, ctl, samples, len(prompts))
+        if entry is not None:
+            entries.append(entry)
+    res = Results(tables, pd.DataFrame(summary), entries, boot, split, s.seed, text=tres)
+    if tres is not None:
+        res.text_entries = text_entries(tres, subsets)
+    return res
+
+
+def add_selection_overlap(results: Results, subsets: list[Subset], halves):
+    """Each method subset's Jaccard overlap between its selection on the two halves of the selection data
+    (gelutrace.selection.stability), into its comparison entry; the halves' description goes to comparison.json."""
+
+    overlap = stability.selection_overlap(halves, {s.stem: s.info for s in subsets if s.compared})
+    for e in results.entries:
+        e.info["selection_jaccard"] = overlap.get(e.stem, np.nan)
+    results.halves = {"available": len(halves.halves) == 2, "halves": halves.how}
+
+
+def read_corpus_record(dataset_path, m: str) -> dict | None:
+    """A corpus-mode dataset's {m}_corpus.json (None for a prompt-mode dataset)."""
+    p = layout.path(dataset_path, layout.CORPUS, m)
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text())
+        files = [f["path"] for f in rec["files"]]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise PipelineError(f"{p} is damaged; rerun stage b") from None
+    return {**rec, "file_paths": files}
+
+
+def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, args, corpus: dict | None = None) -> dict:
+    """
+    Which data chose the neurons (the dataset's prompts, or its corpus), which prompts measured them, whether
+    they overlap (for a corpus: evaluation prompts found, whitespace normalised, in its documents as stage b read
+    them, up to realtext.LEAK_CHECK_BYTES of them; None for a file missing or changed since), and the run's
+    settings.
+    """
+
+    def sha(p):
+        return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+    texts = {p.text for p in eval_prompts}
+    if selection_prompts is not None:
+        shared = len({p.text for p in selection_prompts} & texts)
+        selection = {"selection_csv": str(selection_csv), "selection_csv_sha256": sha(selection_csv),
+                     "selection_prompts": len(selection_prompts)}
+    else:
+
+        paths = [Path(f) for f in corpus["file_paths"]]
+        # the documents the corpus holds, decompressed and parsed as stage b read them (whitespace normalised),
+        # never the stored bytes of a compressed or columnar file; None for a file missing or changed since
+        shared = realtext.texts_in_corpus(corpus["files"], texts)
+        selection = {"selection_corpus": [str(p) for p in paths], "selection_tokens": corpus.get("tokens"),
+                     "selection_samples": corpus.get("samples")}
+    return {**selection, "eval_csv": str(eval_csv), "eval_csv_sha256": sha(eval_csv),
+            "eval_prompts": len(eval_prompts), "prompts_in_both": shared, "held_out": shared == 0,
+            "ablation": args.ablation, "seed": args.seed, "temperature": args.temperature, "top_k": args.top_k,
+            "random_controls": args.random_controls, "validation_share": args.validation_share,
+            "bootstrap_replicates": stats.N_BOOT,
+            "confidence_level": stats.LEVEL}
+
+
+def write_results(out, results: Results, evaluation: dict, tokenizer=None) -> list[Path]:
+    """Every result table into `out` (the results directory, or its staging directory); returns the files."""
+    out = Path(out)
+    (out / layout.PER_SAMPLE_DIR).mkdir(exist_ok=True)
+    written = []
+    for stem, (result, metrics) in results.tables.items():
+        written += [out / layout.PER_SAMPLE_DIR / layout.RESULT_FILE.format(stem=stem), out / layout.RESULT_FILE.format(stem=stem)]
+        atomic.write_csv(metrics, written[-2])
+        atomic.write_csv(result, written[-1])
+    atomic.write_csv(results.summary, out / layout.PERTURBATION_SUMMARY)
+    atomic.write_json(evaluation, out / layout.EVALUATION, indent=2)
+    written += [out / layout.PERTURBATION_SUMMARY, out / layout.EVALUATION]
+    if results.text is not None and tokenizer is not None:
+
+        atomic.write_csv(realtext.breakdown_table(results.text, list(results.tables), tokenizer), out / layout.TEXT_BREAKDOWN)
+        written.append(out / layout.TEXT_BREAKDOWN)
+    return written
+
+
+RESULT_SET = (layout.PERTURBATION_SUMMARY, layout.EVALUATION, layout.PERTURBATION_PLOT, layout.COMPARISON, layout.METHOD_VERDICT,
+              layout.METHOD_OVERLAP, layout.METHOD_AGREEMENT, layout.COMPARISON_RECORD, layout.COMPARISON_PLOT,
+              layout.CONTINUATION_COMPARISON, layout.CONTINUATION_VERDICT, layout.TEXT_BREAKDOWN, layout.DOSE_RESPONSE,
+              layout.DOSE_RESPONSE_PLOT, layout.MODULE_EFFECTS, layout.MODULE_TOKENS,
+              layout.MODULE_CONTEXTS)  # the files of stage e's output set; one a run does not write is removed
+
+
+def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[Subset], n_neurons: int,
+                     prompts=None, control_subsets: str = "all") -> dict:
+    """The method comparison files into `out` (when some subsets were made by a selection method); returns its
+    tables."""
+    out = Path(out)
+    entries, split = results.primary
+    if not entries:
+        return {}
+    seed = results.seed
+    table = stats.comparison_table(entries, split, seed)
+    verdict = stats.verdict_table(entries, split, seed, table=table)
+    tables = {layout.COMPARISON: table, layout.METHOD_VERDICT: verdict, layout.METHOD_OVERLAP: stats.overlap_table(entries, split),
+              layout.DOSE_RESPONSE: stats.dose_response_table(table, verdict)}
+    if results.text is not None and results.entries:
+        cont = stats.comparison_table(results.entries, results.split, seed)
+        tables[layout.CONTINUATION_COMPARISON] = cont
+        tables[layout.CONTINUATION_VERDICT] = stats.verdict_table(results.entries, results.split, seed, table=cont)
+    effects_file = layout.path(dataset_path, layout.NEURON_EFFECTS, m)
+    if effects_file.is_file():
+        effects = formats.read_neuron_column(effects_file, "delta_nll", n_neurons, "d_calculate_neuron_effects.py",
+                                        missing_ok=True)
+        infos = {s.stem: s.info for s in subsets}
+        scores = stats.method_scores(results.entries, infos, dataset_path)
+        tables[layout.METHOD_AGREEMENT] = stats.agreement_table(entries, effects, scores)
+    for name, df in tables.items():
+        atomic.write_csv(df, out / name)
+    n_controls = max((len(s.controls) for s in subsets if s.compared), default=0)
+    if results.text is not None:
+        record = {"metric": "real_text", **split.record(unit=results.text.text.units),
+                  "continuation_split": results.split.record(prompts)}
+    else:
+        record = {"metric": "continuation", **split.record(prompts)}
+    atomic.write_json({**record, "bootstrap_replicates": stats.N_BOOT, "confidence_level": stats.LEVEL,
+                   "alpha": stats.ALPHA, "random_controls": n_controls, "control_subsets": control_subsets,
+                   "subsets_with_controls": sorted(s.stem for s in subsets if s.controls and s.compared),
+                   "smallest_p_random": 1 / (n_controls + 1) if n_controls else None,
+                   "controls_enough_for_claims": n_controls >= stats.MIN_CONTROLS,
+                   "selection_halves": results.halves}, out / layout.COMPARISON_RECORD, indent=2)
+    return tables
