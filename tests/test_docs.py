@@ -57,7 +57,7 @@ LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
 
 @pytest.fixture(scope="module")
 def helps():
-    env = dict(os.environ, COLUMNS="120")
+    env = dict(os.environ, COLUMNS="120", PYTHON=sys.executable)  # PYTHON: the shell scripts' interpreter
     python = [s for s in PAGES if s.endswith(".py")]
     run = subprocess.run([sys.executable, "-c", HELP_ALL, *python], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
