@@ -85,9 +85,9 @@ def main():
                          "merged like the counts (prompt mode computes it by default)")
     ap.add_argument("--direct_edges", action="store_true",
                     help="both modes: also the causal edge weights direct and direct_abs (each neuron's direct "
-                         "effect on a later neuron through the residual stream, norm scales held; see README) and "
-                         "each neuron's direct_loss, in the graph store (prompt mode: {m}_direct_edges.npz, which "
-                         "stage c folds in); prompt mode: one teacher-forced pass per distinct continuation; "
+                         "effect on a later neuron through the residual stream, norm scales held; see docs/methods.md) "
+                         "and each neuron's direct_loss, in the graph store (prompt mode: {m}_direct_edges.npz, "
+                         "which stage c folds in); prompt mode: one teacher-forced pass per distinct continuation; "
                          "corpus mode: streamed, checkpointed and merged with the counts")
     ap.add_argument("--edges", choices=("adjacent", "all"), default=None,
                     help="with --direct_edges: the layer pairs, adjacent (the graph's, the default) or all i < j "

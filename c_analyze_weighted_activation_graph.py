@@ -16,7 +16,7 @@ Edge weights (--weight), from an edge's count c, its ends' activation counts n_u
   phi      (N c - n_u n_v) / sqrt(n_u (N - n_u) n_v (N - n_v)), the correlation of the two neurons' 0/1
            activity; 0 when a neuron never or always fires
   pmi      log(c N / (n_u n_v)), -inf when c = 0
-and, where stage b ran with --direct_edges, the causal weights (README, "Causal edge weights"):
+and, where stage b ran with --direct_edges, the causal weights (docs/methods.md, "Causal edge weights"):
   direct      u's mean first-order effect on v's value through the residual stream, norm scales held
               (negative: u's write lowers v)
   direct_abs  the mean of its absolute value per sample (an upper bound for gated units)

@@ -10,7 +10,7 @@ values write one subset each from one ranking: the subsets of a method at growin
 
 Methods on the thresholded graph: degree (the original's), weighted_degree, pagerank. Through the causal graph
 (stage b --direct_edges), with no threshold: influence, each neuron's effect on the next token's loss directly
-and through every later neuron it drives (I = s + |E~| I, README "c - causal edge weights"). Methods that need
+and through every later neuron it drives (I = s + |E~| I, docs/methods.md "Influence"). Methods that need
 no graph (--threshold is ignored and recorded as null; files are named {m}_{method}_r{ratio}.npy):
 activation_count, attribution (stage b's first-order estimate of each neuron's single-ablation delta_nll,
 from {m}_neuron_frequency.csv), ablation (measured single-neuron delta_nll, from {m}_neuron_effects.csv of

@@ -10,7 +10,7 @@ windows re-read from the corpus files {m}_corpus.json names (only the documents 
 Writes into --output: neuron_cards.md and neurons.html, a self-contained page (inline CSS, no script, no
 external resource) in which each context's tokens are shaded by the neuron's activation. With --neuronpedia
 DIR, also the same neurons in Neuronpedia's export layout, DIR/{model}/{layer}-gelutrace-mlp/ (or
-DIR/{model}/{layer}/ with --neuronpedia_source_set neurons; README: "Neuronpedia export").
+DIR/{model}/{layer}/ with --neuronpedia_source_set neurons; docs/stage-f.md: "Neuronpedia export").
 
     python f_render_neuron_cards.py --dataset_path parcellation_datasets/test_1_tinybard --model_type tinybard \\
         --neurons 417,1033,2900
@@ -59,7 +59,7 @@ def main(argv=None):
     ap.add_argument("--neuronpedia", metavar="DIR",
                     help="also write the neurons in Neuronpedia's export layout into DIR/{model}/ (replaced as one "
                          "set; other models' folders in DIR are left alone, and DIR holds no lock or staging "
-                         "file afterwards). Neuronpedia's importer reads only its own S3 bucket: README, "
+                         "file afterwards). Neuronpedia's importer reads only its own S3 bucket: docs/stage-f.md, "
                          "\"Neuronpedia export\", says how such an export is imported and why importing it "
                          "again changes nothing")
     ap.add_argument("--neuronpedia_creator_id", metavar="ID",

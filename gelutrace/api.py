@@ -224,7 +224,7 @@ class Cards:
         """f_render_neuron_cards.py --neuronpedia DIR [--neuronpedia_model_id ID --neuronpedia_creator_id ID
         --neuronpedia_source_set SET]: the cards in Neuronpedia's export layout under DIR/{model_id}/, returned.
         creator_id defaults to Neuronpedia's bot user (neuronpedia.DEFAULT_CREATOR_ID), source_set (gelutrace-mlp or
-        neurons) to gelutrace-mlp; a re-export over other data warns on stderr (README, Neuronpedia export)."""
+        neurons) to gelutrace-mlp; a re-export over other data warns on stderr (docs/stage-f.md, Neuronpedia export)."""
 
         if self.model is None:
             raise PipelineError("to_neuronpedia needs the model the cards were built from (Cards.model; "

@@ -1,6 +1,6 @@
 """
 f_render_neuron_cards.py --neuronpedia: every record of every export against two JSON Schemas, the one of
-README's "Neuronpedia export" (tests/data/neuronpedia.schema.json) and the one derived from Neuronpedia's
+docs/stage-f.md's "Neuronpedia export" (tests/data/neuronpedia.schema.json) and the one derived from Neuronpedia's
 database schema, schema.prisma (tests/data/neuronpedia_records.schema.json), with creatorId Neuronpedia's bot
 user; the examples against cards built independently and against transformers' GPT2LMHeadModel with hooks on
 `mlp.act`, the figures against the dataset's files, the layout (DIR holds only the model's folder), the data

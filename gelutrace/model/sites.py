@@ -31,7 +31,7 @@ from model import GPT
 class Family:
     layers: str  # dotted path of the ModuleList of decoder layers
     proj: str  # the output projection, relative to a layer
-    value: str  # what a neuron's value is, for the metadata and the README
+    value: str  # what a neuron's value is, for the metadata and docs/models.md
     width: tuple[str, ...] = ()  # config keys of the MLP width, the first one set wins; else 4 * hidden_size
     context: tuple[str, ...] = ("max_position_embeddings",)  # config keys of the context length
 
