@@ -147,7 +147,6 @@ RUN_OPTIONS = {
     "--random_controls": ("RANDOM_CONTROLS", "30"), "--modules_top": ("MODULES_TOP", "1"),
     "--module_controls": ("MODULE_CONTROLS", "20"),
 }
-DEFAULT_KS = "0.1% 0.193% 0.373% 0.72% 1.39% 2.68% 5.18% 10%"  # 8 values log-spaced from 0.1 % to 10 %
 SWEEP_OPTIONS = {
     "--thresholds": ("THRESHOLDS", "0.5 0.7 0.8 0.9"), "--ratios": ("RATIOS", "0.01 0.02 0.05 0.1"), "--ks": ("KS", ""),
     "--methods": ("METHODS", "degree"), "--weights": ("WEIGHTS", "count"), "--seed": ("SEED", "1337"),
@@ -381,7 +380,7 @@ def settings(argv: list[str]) -> Run:
     if not os.path.isfile(eval_csv):
         raise PipelineError(f"evaluation CSV {eval_csv} does not exist")
     s = Run(model=model, csv=csv, data=data, m=m, device=v["DEVICE"], temperature=v["TEMPERATURE"], seed=v["SEED"],
-            thresholds=v["THRESHOLDS"], ratios=v["RATIOS"], ks=v["KS"] or ("" if v["RATIOS"] else DEFAULT_KS),
+            thresholds=v["THRESHOLDS"], ratios=v["RATIOS"], ks=v["KS"] or ("" if v["RATIOS"] else " ".join(sel.K_GRID)),
             methods=v["METHODS"] or default_methods(direct_edges, effects),
             weights=v["WEIGHTS"] or ("count direct_abs" if direct_edges == "1" else "count"),
             direct_edges=direct_edges, effects=effects, effect_tokens=v["EFFECT_TOKENS"],
