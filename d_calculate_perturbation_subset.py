@@ -44,11 +44,14 @@ from gelutrace.cli import check_at_least, memory_limit, parser, run_main
 from gelutrace.files import atomic
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
-from gelutrace.selection import communities as md
-from gelutrace.selection import methods as sel
+from gelutrace.selection.methods import communities as md
+from gelutrace.selection.methods import methods as sel
 
 
-def main():
+def main(argv=None, read_graph=gs.read_graph, done=None):
+    """`read_graph` reads --input_graph_path and `done(word, target, note)` hears of each subset written or skipped
+    (default: a line on stdout), so that a sweep (gelutrace.pipeline sweep) reads the graph once."""
+    done = done or (lambda word, target, note: print(f"{word} {target} ({note})"))
     ap = parser(__doc__)
     ap.add_argument("--input_graph_path",
                     help="c_analyze's *_analyzed.json or *_analyzed.gpickle (a store directory or stage c's "
@@ -98,7 +101,7 @@ def main():
     which = mods.add_mutually_exclusive_group()
     which.add_argument("--module", type=int, nargs="+", metavar="M", help="with --modules: these modules")
     which.add_argument("--modules_top", type=int, metavar="N", help="with --modules: the N largest modules")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     t0 = time.time()
     if args.modules:
@@ -128,7 +131,7 @@ def main():
         raise PipelineError("--match_layers takes its k from the other subset: give one --ratio or --k")
     if args.export_graph and (args.threshold is None or Path(args.export_graph).suffix not in (".graphml", ".gpickle")):
         raise PipelineError("--export_graph needs --threshold and a .graphml or .gpickle name")
-    graph = gs.read_graph(args.input_graph_path)
+    graph = read_graph(args.input_graph_path)
     ks = [sel.subset_size(graph.num_nodes, r) for r in args.ratio] if args.ratio else args.k
     sel.check_sizes(ks, graph.num_nodes)
     targets = [Path(args.output_path)] if args.output_path else [
@@ -140,7 +143,7 @@ def main():
             raise PipelineError(f"{target} is a directory, not a subset file name")
     todo = [i for i, t in enumerate(targets) if not (args.skip_existing and t.is_file())]
     for i in sorted(set(range(len(targets))) - set(todo)):
-        print(f"skipped {targets[i]} (exists)")
+        done("skipped", targets[i], "exists")
     if not todo:
         return
     subs = sel.select_sizes(graph, args.threshold, [ks[i] for i in todo], args.method, args.seed, args.match_layers,
@@ -160,7 +163,7 @@ def main():
         sel.write_subset(sub, graph, targets[i], params)
         kept = (f"{sub.edges_kept:,} edges kept" if uses_graph else
                 "the causal graph, every pair measured" if args.method == "influence" else "no graph used")
-        print(f"wrote {targets[i]} (k={sub.k}, {kept}, {time.time() - t0:.1f} s)")
+        done("wrote", targets[i], f"k={sub.k}, {kept}, {time.time() - t0:.1f} s")
 
 
 def write_modules(args):

@@ -1,7 +1,7 @@
 """
 `gelutrace STAGE [flags]`: the stage scripts as one installed command. `gelutrace b --input_csv ...` runs
 b_generate_activation_dataset.py with those flags, exactly as `python b_generate_activation_dataset.py ...` in a
-checkout does; `gelutrace --help` lists the stages.
+checkout does; `gelutrace run ...` is run_pipeline.sh (gelutrace.pipeline); `gelutrace --help` lists the stages.
 """
 
 import runpy
@@ -21,6 +21,7 @@ STAGES = {
     "e": "e_generate_perturbed_results",
     "f": "f_render_neuron_cards",
     "report": "gelutrace.report",
+    "run": "gelutrace.pipeline",  # the whole pipeline: its `run` command
 }
 
 
@@ -43,6 +44,12 @@ def main(argv=None):
     if module is None:
         print(f"{usage()}\n\nerror: unknown stage {argv[0]!r}", file=sys.stderr)
         return 2
+    if module == "gelutrace.pipeline":
+        from gelutrace import pipeline  # lazy: `gelutrace --help` and the stages do without the driver
+        from gelutrace.cli import run_main  # lazy: as above
+
+        run_main(lambda: pipeline.main(["run", *argv[1:]]))
+        return 0
     sys.argv = [f"gelutrace {argv[0]}", *argv[1:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
     return 0

@@ -344,9 +344,9 @@ def test_a_datasetdict_directory_and_a_bad_state_json_are_refused(files, tmp_pat
 # --- run_pipeline.sh hands the fields to every stage that reads the texts ------------------------------------------
 
 FAKE_PYTHON = """#!/bin/bash
-# the interpreter's code snippets run; every stage script only logs its command (stage c_analyze leaves the file
-# that stage d checks for)
-case "$1" in -c|-) exec {python} "$@";; esac
+# the driver runs; every stage (and the stage-d sweep) only logs its command (stage c_analyze leaves the file that
+# stage d checks for)
+case "$1 $2 $3" in "-m gelutrace.pipeline run") exec {python} "$@";; esac
 echo "$*" >> {log}
 case "$1" in *c_analyze_weighted_activation_graph.py)
   out="$(dirname "$3")/weighted_graph_analysis"; mkdir -p "$out"; : > "$out/$(basename "$3")_analyzed.json" ;;

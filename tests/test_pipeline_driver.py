@@ -3,6 +3,10 @@ run_pipeline.sh before its first stage: every flag and the output directory chec
 created), the output directory's lock taken and held by the driver for the whole run (a second driver is refused
 before it changes anything; the driver's own stages share the lock), and the stamps' digests of symlinked texts
 taken through the links. Also stage b's checks of its output directory before it reads a token.
+
+The driver's stage table (gelutrace.pipeline) against the shell driver it replaced: the commands and stamps of the
+demo's two runs, which stages a changed setting reruns, the stamps' shell quoting; and the stage-d sweep in one
+process against one process per method, weight and threshold.
 """
 
 import contextlib
@@ -11,13 +15,16 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from test_corpus_formats import FAKE_PYTHON
 
+from gelutrace import pipeline
 from gelutrace.files import atomic, layout
 
 from conftest import REPO_ROOT, SHIPPED_NAME, directory_digest, run_python
+from graphdata import make_dataset, random_activations
 
 M = SHIPPED_NAME
 PIPELINE = str(REPO_ROOT / "run_pipeline.sh")
@@ -72,18 +79,15 @@ def test_a_bad_sweep_flag_is_one_line_before_any_stage(tmp_path, flags, words):
     (["--methods", "degree ablation", "--effects", "0"], "--effects 1")])
 def test_every_flag_and_combination_is_checked(tmp_path, capsys, monkeypatch, flags, words):
     """The driver's check of the resolved flags (in this process; the driver runs it before any stage: below)."""
-    from gelutrace import driver
     from gelutrace.cli import run_main
 
     good = {"--thresholds": "0.5", "--ratios": "0.01", "--methods": "degree", "--weights": "count",
             "--direct_edges": "1", "--effects": "1", "--temperature": "0", "--seed": "0", "--eval_tokens": "100"}
     given = dict(good, **dict(zip(flags[::2], flags[1::2])))
-    argv = ["check", f"--data={tmp_path / 'run'}", f"--csv={CSV}", f"--eval_csv={CSV}",
-            *(f"{k}={v}" for k, v in given.items())]
-    for args, fails in ((argv[:4] + [f"{k}={v}" for k, v in good.items()], False), (argv, True)):
-        monkeypatch.setattr(sys, "argv", ["driver", *args])
+    for options, fails in ((good, False), (given, True)):
+        argv = [*(w for kv in options.items() for w in kv), "--device", "cpu", M, CSV, str(tmp_path / "run")]
         with (pytest.raises(SystemExit) if fails else contextlib.nullcontext()) as e:
-            run_main(driver.main)
+            run_main(lambda: pipeline.settings(argv))
         err = capsys.readouterr().err
         if fails:
             assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
@@ -171,33 +175,34 @@ def test_a_driver_is_refused_while_a_stage_of_another_run_writes(tmp_path):
     assert directory_digest(data) == before
 
 
-SHARED_LOCK = """
-set -e
-mkdir -p "$1"
-exec 9>>"$1/.gelutrace.lock"
-"$PYTHON" -c 'from gelutrace.cli import run_main; from gelutrace.driver import main; run_main(main)' lock 9 "$1"
-lock='import sys; from gelutrace.files import atomic; atomic.lock_directory(sys.argv[1], "a stage"); print("wrote")'
-GELUTRACE_LOCK_FD=9 "$PYTHON" -c "$lock" "$1"      # a stage the driver runs: it inherits descriptor 9
-GELUTRACE_LOCK_FD=9 "$PYTHON" -c "$lock" "$1" 9>&- || echo "refused without the descriptor"
-"$PYTHON" -c "$lock" "$1" || echo "refused without the variable"
-GELUTRACE_LOCK_FD=9 "$PYTHON" -c "$lock" "$2" || echo "another directory: its own lock"
-"""
+# a stage the driver runs, or any other process: takes the directory's lock as the stages do
+LOCK = "import sys; from gelutrace.files import atomic; atomic.lock_directory(sys.argv[1], 'a stage'); print('wrote')"
 
 
 def test_the_stages_of_the_driver_share_its_lock_and_no_other_process_does(tmp_path):
     (tmp_path / "other").mkdir()
-    with held_lock(tmp_path / "other"):
-        r = subprocess.run(["bash", "-c", SHARED_LOCK, "-", str(tmp_path / "run"), str(tmp_path / "other")],
-                           capture_output=True, text=True, env=dict(ENV, PYTHONPATH=str(REPO_ROOT)), cwd=REPO_ROOT)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["wrote", "refused without the descriptor", "refused without the variable",
-                                     "another directory: its own lock"]
-    assert r.stderr.count("PipelineError: another run is writing into") == 3
+    env = dict(ENV, PYTHONPATH=str(REPO_ROOT))
+    fd = pipeline.take_lock(str(tmp_path / "run"))
+    try:
+        with held_lock(tmp_path / "other"):
+            with_fd = dict(env, **{atomic.LOCK_FD_ENV: str(fd)})
+            results = [subprocess.run([sys.executable, "-c", LOCK, str(tmp_path / d)], capture_output=True, text=True,
+                                      env=e, pass_fds=fds, cwd=REPO_ROOT)
+                       for d, e, fds in (("run", with_fd, (fd,)),  # a stage the driver runs: inherits the descriptor
+                                         ("run", with_fd, ()),  # the variable without the descriptor
+                                         ("run", env, (fd,)),  # the descriptor without the variable
+                                         ("other", with_fd, (fd,)))]  # another directory: its own lock
+            # the driver's own stage, through the one place that starts them
+            ran = pipeline.execute(pipeline.script("-c", LOCK, str(tmp_path / "run")), fd)
+    finally:
+        os.close(fd)
+    assert ran == 0
+    assert [r.stdout for r in results] == ["wrote\n", "", "", ""]
+    assert all("PipelineError: another run is writing into" in r.stderr for r in results[1:])
 
 
 # --- 2.5: a symlinked text is hashed through its links -----------------------------------------------------------
-# FAKE_PYTHON (test_corpus_formats) stands in for the interpreter: the driver's helpers run, every stage only logs
-# its command
+# FAKE_PYTHON (test_corpus_formats) stands in for the interpreter: the driver runs, every stage only logs its command
 OUTPUTS = (f"{M}_graph_meta.json", layout.CORPUS.format(m=M), f"{layout.RESULTS_DIR}/{layout.PERTURBATION_SUMMARY}",
            f"{layout.CARDS_DIR}/{layout.CARDS_HTML}")  # what the stand-in stages do not write (nor modules/ and d's)
 
@@ -246,8 +251,7 @@ def test_a_symlinked_text_that_changes_reruns_the_stages_that_read_it(tmp_path):
 def test_the_digest_of_a_text_is_that_of_the_files_it_is_read_from(tmp_path):
     """Independent of the links: the digest of a directory of links equals that of a copy of the linked files, and
     a linked file's that of the file; both change with the linked file's content."""
-    from gelutrace import driver
-
+    text_digest = pipeline.text_digest
     blobs, linked, copied = tmp_path / "blobs", tmp_path / "linked", tmp_path / "copied"
     for d in (blobs, linked, copied):
         d.mkdir()
@@ -256,12 +260,12 @@ def test_the_digest_of_a_text_is_that_of_the_files_it_is_read_from(tmp_path):
         (linked / name).symlink_to(blobs / name)
         (copied / name).write_text(body)
     (copied / "notes.md").write_text("not read by stage b")
-    assert driver.text_digest(str(linked), "--text") == driver.text_digest(str(copied), "--text")
+    assert text_digest(str(linked), "--text") == text_digest(str(copied), "--text")
     (tmp_path / "a.txt").symlink_to(blobs / "a.txt")
-    assert driver.text_digest(str(tmp_path / "a.txt"), "--text") == driver.text_digest(str(copied / "a.txt"), "--text")
-    before = driver.text_digest(str(linked), "--text"), driver.text_digest(str(tmp_path / "a.txt"), "--text")
+    assert text_digest(str(tmp_path / "a.txt"), "--text") == text_digest(str(copied / "a.txt"), "--text")
+    before = text_digest(str(linked), "--text"), text_digest(str(tmp_path / "a.txt"), "--text")
     (blobs / "a.txt").write_text("first document, edited")
-    after = driver.text_digest(str(linked), "--text"), driver.text_digest(str(tmp_path / "a.txt"), "--text")
+    after = text_digest(str(linked), "--text"), text_digest(str(tmp_path / "a.txt"), "--text")
     assert after[0] != before[0] and after[1] != before[1]
 
 
@@ -312,3 +316,168 @@ def test_stage_b_refuses_a_locked_directory_before_reading(unreadable_corpus, tm
         r = run_b(*source, "--export_dir", out, "--model_type", model, "--device", "cpu")
     assert f"another run is writing into {out}" in one_error_line(r)
     assert directory_digest(out) == before
+
+
+# --- the stage table against the shell driver's -------------------------------------------------------------------
+# .pipeline/ of the demo's two runs (`make demo`, in a checkout at @ROOT@) by the shell driver the table replaced
+RUNS = REPO_ROOT / "tests" / "data" / "pipeline_runs"
+DEMO = {"prompt": ([], "test_1_tinybard"),
+        "corpus": (["--text", str(REPO_ROOT / "parcellation_datasets" / "heldout_corpus_tinybard.txt")],
+                   "heldout_corpus_tinybard_tinybard")}
+
+
+class Stages:
+    """Stands in for the stage scripts (pipeline.run's `start`): records each command, and writes only what the
+    driver reads back, stage a's number of neurons and stage d's subsets (`subsets`, empty files)."""
+
+    def __init__(self, data: Path, subsets=()):
+        self.data, self.subsets, self.ran = data, subsets, []
+
+    def __call__(self, command, lock_fd) -> int:
+        self.ran.append(command.words)
+        if command.argv[0] == "a_generate_gelu_graph.py":
+            (self.data / f"{M}_graph_meta.json").write_text(json.dumps({"num_neurons": 3072}))  # tinybard's
+        if command.argv[:3] == ["-m", "gelutrace.pipeline", "sweep"]:
+            (self.data / layout.SUBSETS_DIR).mkdir()
+            for name in self.subsets:
+                (self.data / layout.SUBSETS_DIR / name).touch()
+        return 0
+
+
+def stage_lines(out: str) -> dict[str, bool]:
+    """The driver's stages by its `== STAGE` lines: whether each was up to date."""
+    return {ln.split()[1].rstrip(":"): ln.endswith(")") for ln in out.splitlines()
+            if ln.startswith("== ") and "done in" not in ln}
+
+
+def complete(argv):
+    """Every stage's output, as a run leaves them (the stand-in stages write none)."""
+    for stage in pipeline.stages(pipeline.settings(argv)):
+        p = Path(stage.output or ".")
+        if p.suffix:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.touch()
+        else:
+            p.mkdir(parents=True, exist_ok=True)
+
+
+@pytest.mark.parametrize("mode", DEMO)
+def test_the_stage_table_gives_the_shell_drivers_commands_and_stamps(tmp_path, capsys, mode):
+    """The demo's runs planned by the driver, with stand-in stages: the same STAGE.run and STAGE.cmd files as the
+    shell driver's, byte for byte; and a directory with the shell driver's stamps is up to date."""
+    flags, name = DEMO[mode]
+    data = tmp_path / name
+    assert pipeline.settings([*flags, M, CSV]).data == f"{REPO_ROOT}/parcellation_datasets/{name}"  # the demo's
+
+    def here(text):  # the demo's paths as this run's: its dataset directory, then this checkout
+        return text.replace(f"@ROOT@/parcellation_datasets/{name}", str(data)).replace("@ROOT@", str(REPO_ROOT))
+
+    reference = {p.name: here(p.read_text()) for p in (RUNS / mode).iterdir()}
+    stages = Stages(data, reference["e.run"].split(" none ")[1].split())
+    argv = [*flags, M, CSV, str(data)]
+    pipeline.run(argv, stages)
+    stamps = data / layout.PIPELINE_STAMPS
+    assert {p.name: p.read_text() for p in stamps.iterdir()} == reference
+    assert stages.ran[-1][:4] == ["python", "-m", "gelutrace.report", str(data)]  # then the report, unlisted
+    assert not any(stage_lines(capsys.readouterr().out).values())
+    # the shell driver's stamps, and every output: nothing runs again but the report
+    for p in stamps.iterdir():
+        p.write_text(reference[p.name])
+    complete(argv)
+    stages.ran.clear()
+    pipeline.run(argv, stages)
+    up = stage_lines(capsys.readouterr().out)
+    assert all(up.values()) and len(up) == len([p for p in reference if p.endswith(".cmd")])
+    assert [w[2] for w in stages.ran] == ["gelutrace.report"]
+
+
+STAGES = ["a", "b", "effects", "c", "fidelity", "c_analyze", "modules", "d", "e", "cards"]
+# a change -> the stages that rerun: those whose stamp holds the setting (or an input's digest), and every later one
+RERUNS = [([], []), (["--random_controls", "5"], STAGES[8:]), (["--control_subsets", "all"], STAGES[8:]),
+          (["--eval_tokens", "100"], STAGES[8:]), (["--module_controls", "3"], STAGES[8:]),
+          ("evaluation CSV", STAGES[8:]), (["--thresholds", "0.3"], STAGES[7:]), (["--ks", "3 5"], STAGES[7:]),
+          (["--methods", "degree random"], STAGES[7:]), (["--modules_top", "2"], STAGES[7:]),
+          (["--weights", "count"], STAGES[7:]), (["--fidelity_tokens", "100"], STAGES[4:]),
+          (["--seed", "7"], STAGES[1:]), (["--temperature", "0.5"], STAGES[1:]), (["--device", "cpu"], STAGES[1:]),
+          ("prompt CSV", STAGES[1:]), (["--force"], STAGES)]
+
+
+def test_a_change_reruns_the_stages_that_depend_on_it_and_every_later_one(tmp_path, capsys):
+    csv, held, data = tmp_path / "prompts.csv", tmp_path / "heldout.csv", tmp_path / "run"
+    csv.write_text(Path(CSV).read_text())
+    held.write_text((REPO_ROOT / "parcellation_datasets" / "heldout_tinybard.csv").read_text())
+    base = ["--eval_csv", str(held), M, str(csv), str(data)]
+    stages = Stages(data)
+    for change, rerun in RERUNS:
+        pipeline.run(base, stages)  # from the same settings each time
+        complete(base)
+        capsys.readouterr()
+        stages.ran.clear()
+        edited = csv if change == "prompt CSV" else held if change == "evaluation CSV" else None
+        if edited:
+            edited.write_text(edited.read_text().replace(",", ", ", 1))  # a header's blank: the same prompts
+        argv = base if edited else [*change, *base]
+        pipeline.run(argv, stages)
+        complete(argv)
+        ran = [s for s, up in stage_lines(capsys.readouterr().out).items() if not up]
+        assert ran == rerun, change
+        assert stages.ran[-1][2] == "gelutrace.report"  # the report every time
+        if edited:
+            edited.write_text(edited.read_text().replace(", ", ",", 1))
+
+
+def test_the_stamps_quote_as_bash_printf_q():
+    words = ["", "plain", "a b", "KS=3 11", "0.1%", "~x", "a=~b", "x:~", "a~", "#a", "a#b", "a,b", "a'b", 'a"b',
+             "a\\b", "a$b!", "*?[]{}()|&;<>`^", "+-.:@_/", "a\tb", "a\nb", "é", "\x01", "\x1b\x7f'"]
+    r = subprocess.run(["bash", "-c", 'for w; do printf "%q\\n" "$w"; done', "-", *words], capture_output=True,
+                       text=True, env=dict(ENV, LC_ALL="C.UTF-8"), check=True)
+    assert r.stdout.splitlines() == [pipeline.shell_quote(w) for w in words]
+
+
+# --- the stage-d sweep: one process, the graph read once ------------------------------------------------------------
+BATCH = str(REPO_ROOT / "d_batch_perturbation_calculate.sh")
+D = str(REPO_ROOT / "d_calculate_perturbation_subset.py")
+
+
+def files(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_the_sweep_writes_the_subsets_of_one_process_per_method_byte_for_byte(tmp_path):
+    d = make_dataset(tmp_path / "toy", random_activations(3, 10, 300, seed=11), 3, 10)
+    for script, flag, path in (("c_calculate_weighted_activation_graph.py", "--input_dir", d),
+                               ("c_analyze_weighted_activation_graph.py", "--input_path", d / "toy_weighted_graph")):
+        assert run_python([sys.executable, str(REPO_ROOT / script), flag, str(path)], env=ENV).returncode == 0
+    graph = str(d / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    # the reference: the shell sweep's loop, one stage-d process per method, weight and threshold
+    for method in ("degree", "pagerank", "random", "activation_count"):
+        for weight in ("count", "jaccard"):
+            for t in ("0.3", "0.5") if method in ("degree", "pagerank") else [None]:
+                r = run_python([sys.executable, D, "--input_graph_path", graph, *(["--threshold", t] if t else []),
+                                "--k", "3", "6", "--method", method, "--weight", weight, "--seed", "1337",
+                                "--output_dir", str(tmp_path / "reference"), "--skip_existing"], env=ENV)
+                assert r.returncode == 0, r.stderr
+    r = subprocess.run([BATCH, "--thresholds", "0.3 0.5", "--ks", "3 6", "--methods",
+                        "degree pagerank random activation_count", "--weights", "count jaccard", graph,
+                        str(tmp_path / "sweep")], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    written = files(tmp_path / "sweep")
+    assert len(written) == 2 * (2 * 2 * 2 * 2 + 2 * 2) and written == files(tmp_path / "reference")
+    summary = r.stdout[r.stdout.index("summary"):]
+    assert summary.count(" written ") == len(written) // 2  # each subset listed once
+    # a method that fails (no measured effects) is one line, the others written; exit status 1
+    r = subprocess.run([BATCH, "--thresholds", "0.5", "--ks", "3", "--methods", "degree ablation", graph,
+                        str(tmp_path / "failing")], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 1 and r.stderr == "error: 1 of 2 subsets failed\n", r.stderr
+    assert "[ablation count t=-] error: " in r.stdout and "toy_degree_t0.5_k3.npy written" in r.stdout
+
+
+def test_gelutrace_run_is_the_driver(capsys):
+    from gelutrace import commands
+
+    with pytest.raises(SystemExit) as e:
+        commands.main(["run", "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out == pipeline.RUN_HELP
+    with pytest.raises(SystemExit) as e:
+        commands.main(["run", "--ks", "3", "--ratios", "0.1"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: give --ks or --ratios, not both\n"

@@ -1,0 +1,1 @@
+corpus_b @ROOT@/parcellation_datasets/heldout_corpus_tinybard.txt tinybard auto @ROOT@/parcellation_datasets/heldout_corpus_tinybard_tinybard_shards --direct_edges # csv 2497cf353b43412ced8db7c16934bc366c015ad9500216a781037c763c17640b

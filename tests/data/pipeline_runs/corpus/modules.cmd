@@ -1,0 +1,1 @@
+find_modules count direct_abs 

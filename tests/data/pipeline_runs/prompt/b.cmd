@@ -1,0 +1,1 @@
+python b_generate_activation_dataset.py --input_csv @ROOT@/parcellation_datasets/test_1.csv --export_dir @ROOT@/parcellation_datasets/test_1_tinybard --model_type tinybard --device auto --temperature 0.0 --seed 42 --direct_edges # csv d40a6659e47fac43b14383fe90cf4411ad139fdbe149e7693aaf518daff9e359

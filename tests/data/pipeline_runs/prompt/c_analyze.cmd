@@ -1,0 +1,1 @@
+python c_analyze_weighted_activation_graph.py --input_path @ROOT@/parcellation_datasets/test_1_tinybard/tinybard_weighted_graph 

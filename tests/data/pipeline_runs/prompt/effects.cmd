@@ -1,0 +1,1 @@
+python d_calculate_neuron_effects.py --dataset_path @ROOT@/parcellation_datasets/test_1_tinybard --input_csv @ROOT@/parcellation_datasets/test_1.csv --model_type tinybard --device auto # csv d40a6659e47fac43b14383fe90cf4411ad139fdbe149e7693aaf518daff9e359

@@ -1,0 +1,1 @@
+python c_measure_edge_fidelity.py --dataset_path @ROOT@/parcellation_datasets/test_1_tinybard --model_type tinybard --device auto --tokens 2048 
