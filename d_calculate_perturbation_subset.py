@@ -44,8 +44,8 @@ from gelutrace.cli import check_at_least, memory_limit, parser, run_main
 from gelutrace.files import atomic
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
-from gelutrace.selection.methods import communities as md
-from gelutrace.selection.methods import methods as sel
+from gelutrace.selection import communities as md
+from gelutrace.selection import methods as sel
 
 
 def main(argv=None, read_graph=gs.read_graph, done=None):
