@@ -27,6 +27,7 @@ from tqdm import tqdm
 from gelutrace import PipelineError
 from gelutrace.cli import memory_limit, parser, run_main
 from gelutrace.files import atomic, formats, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph.causal import CausalEdges
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
@@ -90,12 +91,8 @@ def main():
 def corpus_causal(input_dir, m: str, data):
     """A corpus-mode dataset's causal weights: stage b wrote them into its store only, so a rebuild from the
     saved matrix carries them over from there (the same samples), or refuses."""
-    record = layout.path(input_dir, layout.CORPUS, m)
-    if not record.is_file():
-        return None
-    import json
-
-    if not json.loads(record.read_text()).get("direct_edges"):
+    record = DatasetDir(input_dir, m).corpus_record()
+    if record is None or not record.get("direct_edges"):
         return None
     store = layout.path(input_dir, layout.WEIGHTED_GRAPH, m)
     old = gs.read_store(store) if gs.is_store(store) else None

@@ -20,7 +20,6 @@ sd, z and p, the adjusted Rand index over --seeds seeds and between the two halv
         --weight phi --input_csv parcellation_datasets/test_1.csv
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from gelutrace import PipelineError
 from gelutrace.cli import parser, run_main
 from gelutrace.files import atomic, formats, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
 from gelutrace.report import plots
@@ -86,8 +86,7 @@ def main():
         mods = md.find_modules(graph, s, bar.update)
     halves = None
     if data is not None:
-        corpus = layout.path(data, layout.CORPUS, m)
-        record = json.loads(corpus.read_text()) if corpus.is_file() else None
+        record = DatasetDir(data, m).corpus_record()
         prompts = formats.read_prompts(args.input_csv) if args.input_csv else None
         if record is not None or prompts is not None:
             halves = stability.halves_of(data, m, prompts, record)

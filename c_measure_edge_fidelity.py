@@ -13,16 +13,14 @@ Spearman(predicted, measured), beta and R^2 of the line through 0) and {m}_edge_
     python c_measure_edge_fidelity.py --dataset_path parcellation_datasets/test_1_tinybard --model_type tinybard
 """
 
-import json
-
 import torch
 from tqdm import tqdm
 
 from gelutrace import PipelineError
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
 from gelutrace.evaluate import fidelity as fd
-from gelutrace.evaluate.ablation import check_dataset
 from gelutrace.files import atomic, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import store as gs
 from gelutrace.model.loading import load_model, model_name
 from gelutrace.report.plots import plot_edge_fidelity
@@ -51,11 +49,12 @@ def main():
                             f"--direct_edges")
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
-    check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
+    ds = DatasetDir(args.dataset_path, lm.name)
+    ds.check(cfg.n_layer, cfg.d_mlp, lm.site)
     edges = fd.sample_edges(graph.causal, cfg.d_mlp, args.edges, args.seed)
-    record = layout.path(args.dataset_path, layout.CORPUS, m)
-    if record.is_file():
-        samples = fd.corpus_samples(json.loads(record.read_text()), lm.tokenizer, args.tokens, lm.device)
+    record = ds.corpus_record()
+    if record is not None:
+        samples = fd.corpus_samples(record, lm.tokenizer, args.tokens, lm.device)
     else:
         samples = fd.prompt_samples(args.dataset_path, m, args.tokens, lm.device)
     scored = int((samples.weights > 0).sum())

@@ -34,12 +34,12 @@ from tqdm import tqdm
 
 from gelutrace import PipelineError
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
-from gelutrace.evaluate import ablation as pt
 from gelutrace.evaluate import effects as ef
 from gelutrace.evaluate import metrics
 from gelutrace.evaluate import realtext as rt
 from gelutrace.files import atomic, formats, layout
 from gelutrace.files.corpusfiles import DEFAULT_FIELD, add_text_field_arg, record_field
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.model.generation import encode_prompts
 from gelutrace.model.loading import load_model
 from gelutrace.record import corpus as cp
@@ -99,7 +99,7 @@ def main(argv=None):
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
-    pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
+    DatasetDir(args.dataset_path, lm.name).check(cfg.n_layer, cfg.d_mlp, lm.site)
     rank = dist_ctx[0] if dist_ctx is not None else 0
     out = (Path(args.output_dir or Path(args.dataset_path) / f"neuron_effects_shard_{shard[0]}_of_{shard[1]}")
            if shard is not None else Path(args.dataset_path))
@@ -191,7 +191,7 @@ def corpus_mode(args, lm):
     """The measurement of one block of neurons on the text's windows, and the run's record. Where the text is the
     dataset's own corpus in the same windows, the halves are those of its shards (gelutrace.selection.stability)."""
     cfg = lm.model.config
-    record = pt.read_corpus_record(args.dataset_path, lm.name)
+    record = DatasetDir(args.dataset_path, lm.name).corpus_record()
     context = rt.check_context(args.context or (record or {}).get("context") or cfg.block_size, cfg.block_size)
     text = rt.read_eval_text(args.input_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens, units="windows",
                              flag="--input_text", text_field=args.text_field)

@@ -71,6 +71,7 @@ from gelutrace.evaluate import moduleeffects as me
 from gelutrace.evaluate import statistics as stats
 from gelutrace.files import atomic, formats, layout
 from gelutrace.files.corpusfiles import DEFAULT_FIELD, add_text_field_arg
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.model.generation import encode_prompts, plan_batches
 from gelutrace.model.loading import load_model
 from gelutrace.report import verdict
@@ -140,14 +141,15 @@ def main(argv=None):
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
-    pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp, lm.site)
-    corpus_record = pt.read_corpus_record(args.dataset_path, lm.name)
+    ds = DatasetDir(args.dataset_path, lm.name)
+    ds.check(cfg.n_layer, cfg.d_mlp, lm.site)
+    corpus_record = ds.corpus_record()
     if selection_prompts is None and corpus_record is None:
         raise PipelineError(f"{args.dataset_path} is a prompt-mode dataset: give its --input_csv")
     atomic.check_output_dir(Path(args.dataset_path) / layout.RESULTS_DIR / layout.PER_SAMPLE_DIR, "--dataset_path")
     atomic.lock_directory(args.dataset_path, "stage e")
     subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons, lm.name)
-    mean_values = pt.read_mean_activations(args.dataset_path, lm.name, n_neurons) if args.ablation == "mean" else None
+    mean_values = ds.mean_activations(n_neurons) if args.ablation == "mean" else None
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
     text = leak = None
     if args.eval_text:

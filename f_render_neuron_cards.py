@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from gelutrace import PipelineError
 from gelutrace.cli import add_model_args, check_at_least, parser, run_main
-from gelutrace.evaluate import ablation as pt
 from gelutrace.files import atomic, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph.coactivation import WEIGHTS
 from gelutrace.model.loading import load_model, model_name
 from gelutrace.report import cards as cd
@@ -100,8 +100,9 @@ def main(argv=None):
     start = time.perf_counter()
     lm = load_model(args.model_type, args.device)
     cfg = lm.model.config
-    pt.check_dataset(args.dataset_path, lm.name, cfg.n_layer, cfg.d_mlp)
-    corpus_mode = layout.path(args.dataset_path, layout.CORPUS, lm.name).is_file()  # build_cards reads the record
+    ds = DatasetDir(args.dataset_path, lm.name)
+    ds.check(cfg.n_layer, cfg.d_mlp)
+    corpus_mode = ds.is_corpus  # build_cards reads the record
     if corpus_mode and not layout.path(args.dataset_path, layout.TOP_EXAMPLES, lm.name).is_file():
         raise PipelineError(f"{args.dataset_path} is a corpus-mode dataset without "
                             f"{layout.TOP_EXAMPLES.format(m=lm.name)} (stage b ran with --top_examples 0, or an older "

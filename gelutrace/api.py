@@ -12,7 +12,6 @@ scripts call the same functions). Exported by `gelutrace`:
     mods = gt.find_modules(g)                                   # c_find_modules.py
 """
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from gelutrace import PipelineError
 from gelutrace.evaluate import ablation as pt
 from gelutrace.evaluate import realtext
 from gelutrace.files import atomic, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import store as gs
 from gelutrace.graph.coactivation import CoactivationGraph
 from gelutrace.model.loading import LoadedModel, load_model  # noqa: F401  (exported)
@@ -44,16 +44,12 @@ class Dataset:
     @property
     def frequencies(self) -> pd.DataFrame:
         """{m}_neuron_frequency.csv: each neuron's activation count and frequency, mean activation, attribution."""
-        p = layout.path(self.path, layout.FREQUENCY, self.m)
-        if not p.is_file():
-            raise PipelineError(f"{p} does not exist: {self.path} is not a stage-b dataset of {self.m}")
-        return pd.read_csv(p)
+        return DatasetDir(self.path, self.m).frequencies()
 
     @property
     def record(self) -> dict | None:
         """{m}_corpus.json (corpus mode): the files read, with their sha256, format and field; tokens; windows."""
-        p = layout.path(self.path, layout.CORPUS, self.m)
-        return json.loads(p.read_text()) if p.is_file() else None
+        return DatasetDir(self.path, self.m).corpus_record()
 
     def graph(self):
         """The co-activation graph store ({m}_weighted_graph) as a gelutrace.graph.coactivation.CoactivationGraph: counts and

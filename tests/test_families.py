@@ -26,8 +26,8 @@ import torch
 from torch.nn import functional as F
 
 from gelutrace import PipelineError
-from gelutrace.evaluate.ablation import check_dataset
 from gelutrace.files import formats, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.model.generation import left_pad
 from gelutrace.model.hooks import Ablation
 from gelutrace.model.loading import load_model, model_site
@@ -318,13 +318,13 @@ def test_stage_e_refuses_another_site(tmp_path):
     from gelutrace.model.sites import site_info
 
     formats.write_graph_files(tmp_path, "m", 2, 48, write_el=False, site=site_info("llama"))
-    check_dataset(tmp_path, "m", 2, 48, site_info("llama"))
+    DatasetDir(tmp_path, "m").check(2, 48, site_info("llama"))
     with pytest.raises(PipelineError, match="neuron site"):
-        check_dataset(tmp_path, "m", 2, 48, site_info("gpt_neox"))
+        DatasetDir(tmp_path, "m").check(2, 48, site_info("gpt_neox"))
     formats.write_graph_files(tmp_path, "m", 2, 48, write_el=False)  # metadata from before other families: GPT-2
-    check_dataset(tmp_path, "m", 2, 48, site_info("gpt2"))
+    DatasetDir(tmp_path, "m").check(2, 48, site_info("gpt2"))
     with pytest.raises(PipelineError, match="neuron site"):
-        check_dataset(tmp_path, "m", 2, 48, site_info("llama"))
+        DatasetDir(tmp_path, "m").check(2, 48, site_info("llama"))
 
 
 @pytest.mark.slow

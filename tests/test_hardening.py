@@ -963,7 +963,7 @@ def test_a_symlink_loop_is_called_one(tmp_path):
 
 
 def test_errors_name_the_right_thing(tmp_path, random_ckpt, tiny_llama, tiny_dataset):
-    from gelutrace.evaluate.ablation import check_dataset
+    from gelutrace.files.dataset import DatasetDir
     from gelutrace.model.sites import site_info
     ck = edit_config(Path(shutil.copytree(random_ckpt, tmp_path / "ck")), n_positions=DELETE, n_ctx=-5)
     with pytest.raises(PipelineError, match="n_ctx must be a positive integer, got -5"):
@@ -977,5 +977,5 @@ def test_errors_name_the_right_thing(tmp_path, random_ckpt, tiny_llama, tiny_dat
     assert "llama is llama" not in err and "not a dataset of model 'llama'" in err
     formats.write_graph_files(tmp_path / "ds", "llama", 2, 48, write_el=False, site=site_info("gpt_neox"))
     with pytest.raises(PipelineError) as e:
-        check_dataset(tmp_path / "ds", "llama", 2, 48, site_info("llama"))
+        DatasetDir(tmp_path / "ds", "llama").check(2, 48, site_info("llama"))
     assert "'llama' is llama" not in str(e.value) and "architecture gpt_neox" in str(e.value)

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from gelutrace import PipelineError
 from gelutrace.evaluate import realtext as rt
 from gelutrace.files import atomic, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.model import generation
 from gelutrace.report import verdict
 
@@ -469,7 +470,7 @@ def test_prompts_in_both_looks_in_the_documents_of_a_compressed_corpus(tmp_path,
                     str(data), "--model_type", SHIPPED_NAME, "--device", "cpu", "--context", "64"],
                    capture_output=True, text=True, cwd=REPO_ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
-    record = pt.read_corpus_record(data, SHIPPED_NAME)
+    record = DatasetDir(data, SHIPPED_NAME).corpus_record()
     words = docs[1].split()
     prompts = [" ".join(words[3:9]), " ".join(words[-7:]), "no such words in that corpus at all, surely"]
     normalised = [" ".join(d.split()) for d in docs]

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from test_corpus import run_here
 
-from gelutrace.evaluate import ablation as pt
 from gelutrace.files import formats, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
 from gelutrace.record import prompts as recording
@@ -173,7 +173,7 @@ def test_corpus_halves_are_the_shards(tmp_path):
         run_here("b_generate_activation_dataset.py", "--input_text", text, "--export_dir", tmp_path / f"s{i}",
                  "--model_type", M, "--device", "cpu", "--context", 16, "--shard", f"{i}/2", "--attribution")
     run_here("c_merge_activation_statistics.py", "--output_dir", tmp_path / "all", tmp_path / "s0", tmp_path / "s1")
-    record = pt.read_corpus_record(tmp_path / "all", M)
+    record = DatasetDir(tmp_path / "all", M).corpus_record()
     halves = stability.halves_of(tmp_path / "all", M, corpus_record=record)
     assert len(halves.halves) == 2 and "1 + 1 of 2 shards" in halves.how
     infos = stage_d(layout.path(tmp_path / "all", layout.WEIGHTED_GRAPH, M), tmp_path / "subsets", tmp_path / "all")
@@ -193,12 +193,12 @@ def test_corpus_halves_are_the_shards(tmp_path):
         run_here("b_generate_activation_dataset.py", "--input_text", short, "--export_dir", tmp_path / f"t{i}",
                  "--model_type", M, "--device", "cpu", "--context", 16, "--shard", f"{i}/2")
     run_here("c_merge_activation_statistics.py", "--output_dir", tmp_path / "tall", tmp_path / "t0", tmp_path / "t1")
-    empty = stability.halves_of(tmp_path / "tall", M, corpus_record=pt.read_corpus_record(tmp_path / "tall", M))
+    empty = stability.halves_of(tmp_path / "tall", M, corpus_record=DatasetDir(tmp_path / "tall", M).corpus_record())
     assert empty.halves == [] and "empty" in empty.how
     # a dataset of one run has no halves, and says how to get them
     run_here("b_generate_activation_dataset.py", "--input_text", text, "--export_dir", tmp_path / "one",
              "--model_type", M, "--device", "cpu", "--context", 16)
-    one = stability.halves_of(tmp_path / "one", M, corpus_record=pt.read_corpus_record(tmp_path / "one", M))
+    one = stability.halves_of(tmp_path / "one", M, corpus_record=DatasetDir(tmp_path / "one", M).corpus_record())
     assert one.halves == [] and "--shard" in one.how
 
 

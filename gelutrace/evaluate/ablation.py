@@ -34,7 +34,6 @@ from gelutrace.evaluate.statistics import weighted_null
 from gelutrace.files import atomic, formats, layout
 from gelutrace.model.generation import Batch, repeat_rows
 from gelutrace.model.hooks import Ablation, RowAblation
-from gelutrace.model.sites import GPT2_SITE
 from gelutrace.selection import stability
 
 NONE = "none"  # the subset name that means: no ablation (the baseline)
@@ -179,52 +178,6 @@ def control_weights(dataset_path, m: str, n_neurons: int) -> tuple[np.ndarray | 
         if w is not None and np.isfinite(w).any():
             return w, "attribution"
     return None, None
-
-
-# --- the dataset directory ----------------------------------------------------------------------------------
-def check_dataset(dataset_path, m: str, n_layer: int, d_mlp: int, site: dict | None = None):
-    """
-    The dataset directory must describe this model: its {m} graph files, with its layer count and width, and
-    (given `site`) neurons recorded at the same site (metadata without a site predates other families: GPT-2).
-    """
-    d = Path(dataset_path)
-    if not d.is_dir():
-        raise PipelineError(f"--dataset_path {d} is not a directory")
-    meta_p, attr_p = layout.path(d, layout.GRAPH_META, m), layout.path(d, layout.ATTRIBUTES, m)
-    if not meta_p.is_file() and not attr_p.is_file():
-        others = sorted({p.name[: -len(suffix)] for suffix in (layout.ATTRIBUTES.format(m=""), layout.GRAPH_META.format(m=""))
-                         for p in d.glob("*" + suffix)})
-        found = f"; it holds files of model(s) {', '.join(others)}" if others else ""
-        raise PipelineError(f"{d} has neither {attr_p.name} nor {meta_p.name}: not a dataset of model {m!r}{found} "
-                            f"(stage b writes them)")
-    want = f"n_layer={n_layer}, d_mlp={d_mlp}"
-    if meta_p.is_file():
-        meta = formats.read_graph_meta(d, m)
-        if (meta.get("n_layer"), meta.get("d_mlp")) != (n_layer, d_mlp):
-            raise PipelineError(f"{meta_p} describes n_layer={meta.get('n_layer')}, d_mlp={meta.get('d_mlp')}, "
-                                f"but model {m!r} has {want}: the dataset is from another model")
-        if site is not None:
-            recorded = {k: meta.get(k, GPT2_SITE[k]) for k in ("architecture", "neuron_site")}
-            if any(recorded[k] != site[k] for k in recorded):
-                raise PipelineError(f"{meta_p} was recorded on architecture {recorded['architecture']} at the neuron "
-                                    f"site {recorded['neuron_site']!r}, but the model's config.json gives architecture "
-                                    f"{site['architecture']}, whose neurons are at {site['neuron_site']!r}: the "
-                                    f"dataset is from another model")
-    if attr_p.is_file():
-        attrs = formats.read_attributes(d, m)
-        n = n_layer * d_mlp
-        ok = (len(attrs) == n and np.array_equal(attrs["node_id"].to_numpy(), np.arange(n))
-              and np.array_equal(attrs["layer"].to_numpy(), np.arange(n) // d_mlp)
-              and np.array_equal(attrs["dimension"].to_numpy(), np.arange(n) % d_mlp))
-        if not ok:
-            raise PipelineError(f"{attr_p} does not list the {n} neurons of model {m!r} ({want}) in id order: "
-                                f"the dataset is from another model")
-
-
-def read_mean_activations(dataset_path, m: str, n_neurons: int) -> np.ndarray:
-    """Each neuron's mean post-GELU output, from the dataset's {m}_neuron_frequency.csv (stage b)."""
-    return formats.read_neuron_column(layout.path(dataset_path, layout.FREQUENCY, m), "mean_activation", n_neurons,
-                                 "--ablation mean needs stage b's frequency file; rerun stage b or use --ablation zero")
 
 
 @dataclass
@@ -523,19 +476,6 @@ def add_selection_overlap(results: Results, subsets: list[Subset], halves):
     results.halves = {"available": len(halves.halves) == 2, "halves": halves.how}
 
 
-def read_corpus_record(dataset_path, m: str) -> dict | None:
-    """A corpus-mode dataset's {m}_corpus.json (None for a prompt-mode dataset)."""
-    p = layout.path(dataset_path, layout.CORPUS, m)
-    if not p.is_file():
-        return None
-    try:
-        rec = json.loads(p.read_text())
-        files = [f["path"] for f in rec["files"]]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise PipelineError(f"{p} is damaged; rerun stage b") from None
-    return {**rec, "file_paths": files}
-
-
 def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, args, corpus: dict | None = None) -> dict:
     """
     Which data chose the neurons (the dataset's prompts, or its corpus), which prompts measured them, whether
@@ -554,7 +494,7 @@ def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, 
                      "selection_prompts": len(selection_prompts)}
     else:
 
-        paths = [Path(f) for f in corpus["file_paths"]]
+        paths = [Path(f["path"]) for f in corpus["files"]]
         # the documents the corpus holds, decompressed and parsed as stage b read them (whitespace normalised),
         # never the stored bytes of a compressed or columnar file; None for a file missing or changed since
         shared = realtext.texts_in_corpus(corpus["files"], texts)

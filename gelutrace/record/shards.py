@@ -5,7 +5,6 @@ mean activations and attributions are recombined from each shard's mean and samp
 (float64).
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +13,11 @@ import pandas as pd
 from gelutrace import PipelineError
 from gelutrace.files import atomic, formats, layout
 from gelutrace.files.corpusfiles import record_field
-from gelutrace.files.layout import CORPUS_FORMAT
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import store as gs
 from gelutrace.graph.causal import CausalEdges
 from gelutrace.graph.counts import merge_top
 from gelutrace.record import corpus
-
-
-def read_corpus_record(d: Path) -> tuple[str, dict]:
-    if not d.is_dir():
-        raise PipelineError(f"shard directory {d} does not exist")
-    m = layout.model_prefix(d, layout.CORPUS)
-    rec_path = layout.path(d, layout.CORPUS, m)
-    try:
-        rec = json.loads(rec_path.read_text())
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{rec_path} is not valid JSON: {e}") from None
-    if rec.get("format") != CORPUS_FORMAT:
-        raise PipelineError(f"{rec_path} is not a corpus record")
-    return m, rec
 
 
 def check_output_apart(out_dir, dirs: list[Path]):
@@ -65,7 +50,7 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
             raise PipelineError(f"{d} holds an unfinished run ({partial[0].name}); finish it with --resume first")
         if not list(d.glob(layout.CORPUS.format(m="*"))):
             raise PipelineError(f"{d} has no {layout.CORPUS.format(m='{m}')}: not a finished corpus-mode shard")
-    recs = [read_corpus_record(d) for d in dirs]
+    recs = [(ds.m, ds.corpus_record()) for ds in (DatasetDir.find(d, layout.CORPUS) for d in dirs)]
     tops = (layout.TOP_EXAMPLES,) if recs[0][1].get("top_examples") else ()
     for d, (m, _) in zip(dirs, recs):
         store = layout.path(d, layout.WEIGHTED_GRAPH, m)

@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 
 from gelutrace import PipelineError
-from gelutrace.evaluate.ablation import read_corpus_record
 from gelutrace.files import atomic, formats, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
 from gelutrace.graph.counts import merge_top
@@ -399,7 +399,7 @@ def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int =
     effects_p = layout.path(data, layout.NEURON_EFFECTS, m)
     dnll = (formats.read_neuron_column(effects_p, "delta_nll", n, "d_calculate_neuron_effects.py writes it", missing_ok=True)
             if effects_p.is_file() else np.full(n, np.nan))
-    record = read_corpus_record(data, m)
+    record = DatasetDir(data, m).corpus_record()
     if record is not None:
         examples = _examples_from_corpus(model, tokenizer, data, m, record, neuron_ids, k, batch_size, progress)
     else:

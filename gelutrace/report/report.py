@@ -15,6 +15,7 @@ import pandas as pd
 from gelutrace import PipelineError
 from gelutrace.evaluate import statistics as stats
 from gelutrace.files import atomic, formats, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
 from gelutrace.report import markdown, verdict
@@ -35,13 +36,13 @@ def md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
 
 
 def collect(data: Path) -> dict:
-    m = layout.model_prefix(data, layout.FREQUENCY)
+    ds = DatasetDir.find(data)
+    m = ds.m
     out = {"m": m, "data": data}
-    freq = pd.read_csv(layout.path(data, layout.FREQUENCY, m))
+    freq = ds.frequencies()
     meta = formats.read_graph_meta(data, m)
-    corpus = layout.path(data, layout.CORPUS, m)
-    if corpus.is_file():
-        rec = json.loads(corpus.read_text())
+    rec = ds.corpus_record()
+    if rec is not None:
         out.update(samples=int(rec["samples"]), source=f"{rec['documents']:,} documents ({rec['tokens']:,} tokens, "
                                                           f"windows of {rec['context']}), read teacher-forced")
     else:

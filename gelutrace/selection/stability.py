@@ -11,13 +11,13 @@ rows of that half's prompts, its causal weights (stage b --direct_edges) measure
 stage b as two shards for this).
 """
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from gelutrace import PipelineError
 from gelutrace.files import formats, layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import causal
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
@@ -94,7 +94,7 @@ def shard_attribution(shards: list, m: str) -> dict:
     """{"attribution": per neuron} of a group of shards run with --attribution (their token-weighted mean), or {}."""
     total, tokens = None, 0
     for d in shards:
-        rec = json.loads(layout.path(d, layout.CORPUS, m).read_text())
+        rec = DatasetDir(d, m).corpus_record()
         if rec.get("attribution_tokens") is None:
             return {}
         values = formats.read_neuron_column(layout.path(d, layout.FREQUENCY, m), "attribution", int(rec["n_layer"]) * int(rec["d_mlp"]),
@@ -111,7 +111,8 @@ def corpus_mode_halves(record: dict, m: str, dataset_path=None) -> Halves:
     shards = record.get("merged_shards") or []
     if len(shards) < 2:
         return Halves([], "stage b ran as one shard; run it as --shard 0/2 and 1/2 and merge them for the halves")
-    missing = [d for d in shards if not layout.path(d, layout.WEIGHTED_GRAPH, m).is_dir()]
+    missing = [d for d in shards
+               if not layout.path(d, layout.WEIGHTED_GRAPH, m).is_dir() or not DatasetDir(d, m).is_corpus]
     if missing:
         return Halves([], f"the shard directory {missing[0]} is gone")
     groups = [shards[:len(shards) // 2], shards[len(shards) // 2:]]
