@@ -116,27 +116,6 @@ def blocks(ids: np.ndarray, d_mlp: int) -> list[np.ndarray]:
     return out
 
 
-class _Clean:
-    """
-    Forward hooks keeping, during a clean pass, one layer's post-GELU outputs, its block's output and the
-    final layer norm's output.
-    """
-
-    def __init__(self, model, layer: int):
-        self.model, self.layer = model, layer
-
-    def __enter__(self):
-        block = self.model.transformer.h[self.layer]
-        self.handles = [block.mlp.gelu.register_forward_hook(lambda m, i, o: setattr(self, "acts", o)),
-                        block.register_forward_hook(lambda m, i, o: setattr(self, "resid", o)),
-                        self.model.transformer.ln_f.register_forward_hook(lambda m, i, o: setattr(self, "final", o))]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-
 @torch.no_grad()
 def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int]], conts: list[np.ndarray],
                   max_rows: int, max_values: int, on_chunk=None) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +125,7 @@ def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int
     """
     device = next(model.parameters()).device
     h = model.transformer.h
-    with _Clean(model, layer) as clean:
+    with hooks.CleanPass(model, layer) as clean:
         base = metrics.continuation_logprobs(model, prompt_ids, conts)
     clean_out = clean.final[:, -base.size(1):]
     S, n, V = base.shape

@@ -26,6 +26,7 @@ from gelutrace.files import atomic, formats
 from gelutrace.files.corpusfiles import record_text_field
 from gelutrace.graph.causal import CausalEdges
 from gelutrace.model.generation import left_pad
+from gelutrace.model.hooks import SiteMeans
 from gelutrace.model.sites import run_trunk
 from gelutrace.record.corpus import read_corpus
 from gelutrace.record.direct import DirectEdges, DirectHooks, anatomy
@@ -115,44 +116,6 @@ def sample_edges(causal: CausalEdges, d_mlp: int, n: int = EDGES, seed: int = 0)
                          "decile": decile[chosen], "direct": w[chosen]})
 
 
-class _Recorder:
-    """Forward hooks on the neuron sites: per copy of the samples, the weighted mean value of every neuron of the
-    recorded layers; with `zero` (layer, dims per copy), each copy's own neuron of that layer is zeroed."""
-
-    def __init__(self, model, layers, weights: torch.Tensor, copies: int, zero: tuple | None = None):
-        self.model, self.layers, self.copies, self.zero = model, set(layers), copies, zero
-        w = weights.repeat(copies, 1)  # (copies * B, T)
-        self.w = w.reshape(copies, -1)  # (copies, B * T)
-        self.total = self.w.sum(dim=1, keepdim=True)
-        self.means, self.handles = {}, []
-
-    def __enter__(self):
-        for j, site in enumerate(self.model.gelus()):
-            if j in self.layers or (self.zero is not None and j == self.zero[0]):
-                self.handles.append(site.register_forward_hook(self._hook(j)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-    def _hook(self, j):
-        def hook(module, inputs, output):
-            out = output
-            if self.zero is not None and j == self.zero[0]:
-                dims = self.zero[1]
-                rows = output.shape[0] // self.copies
-                mask = torch.ones(self.copies, output.shape[-1], dtype=output.dtype, device=output.device)
-                mask[torch.arange(self.copies, device=output.device), dims] = 0
-                out = output * mask.repeat_interleave(rows, dim=0).view(output.shape[0], *([1] * (output.dim() - 2)),
-                                                                        output.shape[-1])
-            if j in self.layers:
-                v = out.detach().reshape(self.copies, -1, out.shape[-1]).float()
-                self.means[j] = (torch.einsum("cn,cnd->cd", self.w, v) / self.total).double().cpu().numpy()
-            return out
-        return hook
-
-
 def _forward(model, samples: Samples, copies: int):
     idx = samples.idx.repeat(copies, 1)
     pad = None if samples.pad is None else samples.pad.repeat(copies)
@@ -169,7 +132,7 @@ def measure(model, samples: Samples, edges: pd.DataFrame, progress=None) -> pd.D
     pairs = sorted({(int(s // d), int(t // d)) for s, t in zip(edges["src"], edges["tgt"])})
     direct = DirectEdges(cfg.n_layer, d, "all", an.gated, samples.idx.device, pairs=pairs)  # the pairs sampled only
     with torch.no_grad(), DirectHooks(model, direct, an) as hooks, \
-            _Recorder(model, tgt_layers, samples.weights, 1) as clean:
+            SiteMeans(model, tgt_layers, samples.weights, 1) as clean:
         hooks.begin(samples.weights, None)
         _forward(model, samples, 1)
         hooks.finish()
@@ -190,7 +153,7 @@ def measure(model, samples: Samples, edges: pd.DataFrame, progress=None) -> pd.D
         for lo in range(0, len(srcs), per_pass):
             chunk = srcs[lo:lo + per_pass]
             dims = torch.as_tensor(chunk % d, device=samples.idx.device)
-            with torch.no_grad(), _Recorder(model, tgt_layers, samples.weights, len(chunk), (int(layer), dims)) as rec:
+            with torch.no_grad(), SiteMeans(model, tgt_layers, samples.weights, len(chunk), (int(layer), dims)) as rec:
                 _forward(model, samples, len(chunk))
             rows = np.flatnonzero(np.isin(src, chunk))  # the chunk's edges; copy c ablated chunk[c]
             copy = np.searchsorted(chunk, src[rows])

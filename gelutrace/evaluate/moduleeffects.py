@@ -11,7 +11,8 @@ import torch
 
 from gelutrace.evaluate import statistics as stats
 from gelutrace.files import layout
-from gelutrace.model.sites import GeluHooks, run_trunk
+from gelutrace.model.hooks import GeluHooks
+from gelutrace.model.sites import run_trunk
 from gelutrace.model.tokens import token_text
 
 TOP_TOKENS = 10  # next tokens per module, by mean delta_nll

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from gelutrace import PipelineError
+from gelutrace.model.hooks import NeuronHooks
 
 
 @dataclass
@@ -120,18 +121,15 @@ def generate_batch(model, batch: Batch, prompt_ids: list[list[int]], temperature
     return out[:, idx.size(1):].cpu().numpy()
 
 
-class StepProgress:
+class StepProgress(NeuronHooks):
     """Advance a tqdm bar by `rows` tokens at each forward call of the model (one new token per row)."""
 
     def __init__(self, model, bar, rows: int):
-        self.model, self.bar, self.rows = model, bar, rows
+        super().__init__(model)
+        self.bar, self.rows = bar, rows
 
-    def __enter__(self):
-        self.handle = self.model.lm_head.register_forward_hook(self._step)
-        return self
+    def register(self):
+        self.hook(self.model.lm_head, self._step)
 
     def _step(self, *_):
         self.bar.update(self.rows)  # returns nothing: a forward hook's return value would replace the output
-
-    def __exit__(self, *exc):
-        self.handle.remove()

@@ -1,15 +1,82 @@
 """
-Forward hooks on the neuron site that change what the model computes: the listed neurons' outputs replaced
-(by 0, or by a value per neuron such as its mean activation) at every position of every forward call
-(Ablation), or a different set of neurons per row of one batch (RowAblation).
+Forward hooks on a model, and their one owner. `NeuronHooks` registers a set of hooks when its `with` block
+starts and removes every one when the block ends, error or not, and when registering fails part way. Every hook
+class of the package builds on it; those that serve one stage live beside it (ActivationRecorder, CountingHooks,
+DirectHooks, StepProgress). Only HFCausalLM's site pre-hooks stay for the model's life: they are part of it. Here:
+- GeluHooks: a hook on every layer's neuron site (model.gelus(), every family); the recorders build on it.
+- Ablation, RowAblation: the listed neurons' outputs replaced (by 0, or by a value per neuron such as its mean
+  activation) at every position of every forward call (Ablation), or a different set of neurons per row of one
+  batch (RowAblation).
+- CleanPass, SiteMeans: what single-neuron effects and edge fidelity keep of a forward pass.
 """
 
 import numpy as np
 import torch
 
 
+class NeuronHooks:
+    """
+    The owner of a set of hooks on `model`. Entering `with` calls register(), which adds the hooks through hook()
+    and pre_hook() (they keep the handles); every one is removed on leaving the block, on an error inside it, and
+    on an error inside register() itself. A subclass defines register(), or only site_hooks() for hooks on the
+    neuron sites (model.gelus(), one module per layer whatever the family).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.handles = []
+
+    def site_hooks(self):
+        """(layer, hook(module, inputs, output)) pairs, in the order they are registered."""
+        return ()
+
+    def register(self):
+        sites = self.model.gelus()
+        for layer, fn in self.site_hooks():
+            self.hook(sites[layer], fn)
+
+    def hook(self, module, fn):
+        """fn(module, inputs, output) after module's forward; a value it returns replaces the output."""
+        self.handles.append(module.register_forward_hook(fn))
+
+    def pre_hook(self, module, fn):
+        """fn(module, args) before module's forward; a value it returns replaces the args."""
+        self.handles.append(module.register_forward_pre_hook(fn))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        try:
+            self.register()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class GeluHooks(NeuronHooks):
+    """
+    with GeluHooks(model, hook_for_layer): a forward hook on every layer's GELU (model.gelus(), either
+    implementation), removed on leaving the block, error or not. hook_for_layer(layer) returns that layer's
+    hook(module, inputs, output); a subclass may define _hook(layer) instead.
+    """
+
+    def __init__(self, model, hook_for_layer=None):
+        super().__init__(model)
+        self.hook_for_layer = hook_for_layer or self._hook
+
+    def site_hooks(self):
+        return ((i, self.hook_for_layer(i)) for i in range(len(self.model.gelus())))
+
+
 # --- ablation hooks ---------------------------------------------------------------------------------------
-class Ablation:
+class Ablation(NeuronHooks):
     """
     with Ablation(model, ids): ...  replaces the post-GELU outputs of neurons `ids` by 0 at every position;
     with Ablation(model, ids, values): by values[i] for ids[i] (e.g. each neuron's mean activation).
@@ -17,11 +84,11 @@ class Ablation:
     """
 
     def __init__(self, model, ids, values=None):
+        super().__init__(model)
         d = model.config.d_mlp
         ids = np.asarray(ids, dtype=np.int64)
         device = next(model.parameters()).device
         dtype = model.transformer.wte.weight.dtype
-        self.model = model
         self.layers = {}
         for layer in np.unique(ids // d):
             sel = ids // d == layer
@@ -29,7 +96,6 @@ class Ablation:
             vals = None if values is None else torch.as_tensor(np.asarray(values, np.float64)[sel], dtype=dtype,
                                                                device=device)
             self.layers[int(layer)] = (dims, vals)
-        self.handles = []
 
     @staticmethod
     def _hook(dims, vals):
@@ -42,19 +108,11 @@ class Ablation:
                 return output
         return hook
 
-    def __enter__(self):
-        gelus = self.model.gelus()
-        self.handles = [gelus[layer].register_forward_hook(self._hook(dims, vals))
-                        for layer, (dims, vals) in self.layers.items()]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+    def site_hooks(self):
+        return ((layer, self._hook(dims, vals)) for layer, (dims, vals) in self.layers.items())
 
 
-class RowAblation:
+class RowAblation(NeuronHooks):
     """
     with RowAblation(model, [ids_0, ..., ids_{G-1}], rows): a batch of G * rows sequences, the g-th block of
     `rows` ablating the neurons ids_g (replaced by 0, or by `values` per neuron id): many ablations in one
@@ -62,10 +120,10 @@ class RowAblation:
     """
 
     def __init__(self, model, groups: list[np.ndarray], rows: int, values: np.ndarray | None = None):
+        super().__init__(model)
         cfg = model.config
         device = next(model.parameters()).device
         dtype = model.transformer.wte.weight.dtype
-        self.model = model
         self.masks = {}
         for g, ids in enumerate(groups):
             ids = np.asarray(ids, np.int64)
@@ -77,7 +135,6 @@ class RowAblation:
                              torch.tensor(np.asarray(values, np.float64)[layer * cfg.d_mlp:(layer + 1) * cfg.d_mlp],
                                           dtype=dtype, device=device))
                      for layer in self.masks}
-        self.handles = []
 
     def _hook(self, layer):
         keep, fill = self.masks[layer], self.fill[layer]
@@ -86,12 +143,56 @@ class RowAblation:
             return torch.where(keep, output, fill)
         return hook
 
-    def __enter__(self):
-        gelus = self.model.gelus()
-        self.handles = [gelus[layer].register_forward_hook(self._hook(layer)) for layer in self.masks]
-        return self
+    def site_hooks(self):
+        return ((layer, self._hook(layer)) for layer in self.masks)
 
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+
+# --- what a clean pass keeps ------------------------------------------------------------------------------
+class CleanPass(NeuronHooks):
+    """
+    with CleanPass(model, layer) (model.py's GPT-2): keeps, of each forward pass, one layer's post-GELU outputs
+    (acts), its block's output (resid) and the final layer norm's output (final).
+    """
+
+    def __init__(self, model, layer: int):
+        super().__init__(model)
+        self.layer = layer
+
+    def register(self):
+        block = self.model.transformer.h[self.layer]
+        self.hook(block.mlp.gelu, lambda m, i, o: setattr(self, "acts", o))
+        self.hook(block, lambda m, i, o: setattr(self, "resid", o))
+        self.hook(self.model.transformer.ln_f, lambda m, i, o: setattr(self, "final", o))
+
+
+class SiteMeans(NeuronHooks):
+    """Forward hooks on the neuron sites: per copy of the samples, the weighted mean value of every neuron of the
+    recorded layers; with `zero` (layer, dims per copy), each copy's own neuron of that layer is zeroed."""
+
+    def __init__(self, model, layers, weights: torch.Tensor, copies: int, zero: tuple | None = None):
+        super().__init__(model)
+        self.layers, self.copies, self.zero = set(layers), copies, zero
+        w = weights.repeat(copies, 1)  # (copies * B, T)
+        self.w = w.reshape(copies, -1)  # (copies, B * T)
+        self.total = self.w.sum(dim=1, keepdim=True)
+        self.means = {}
+
+    def site_hooks(self):
+        return ((j, self._hook(j)) for j in range(len(self.model.gelus()))
+                if j in self.layers or (self.zero is not None and j == self.zero[0]))
+
+    def _hook(self, j):
+        def hook(module, inputs, output):
+            out = output
+            if self.zero is not None and j == self.zero[0]:
+                dims = self.zero[1]
+                rows = output.shape[0] // self.copies
+                mask = torch.ones(self.copies, output.shape[-1], dtype=output.dtype, device=output.device)
+                mask[torch.arange(self.copies, device=output.device), dims] = 0
+                out = output * mask.repeat_interleave(rows, dim=0).view(output.shape[0], *([1] * (output.dim() - 2)),
+                                                                        output.shape[-1])
+            if j in self.layers:
+                v = out.detach().reshape(self.copies, -1, out.shape[-1]).float()
+                self.means[j] = (torch.einsum("cn,cnd->cd", self.w, v) / self.total).double().cpu().numpy()
+            return out
+        return hook

@@ -138,28 +138,6 @@ def shape(model_type: str, cfg, source="config.json") -> tuple[int, int, int]:
     return n_layer, width, context
 
 
-class GeluHooks:
-    """
-    with GeluHooks(model, hook_for_layer): a forward hook on every layer's GELU (model.gelus(), either
-    implementation), removed on leaving the block, error or not. hook_for_layer(layer) returns that layer's
-    hook(module, inputs, output); a subclass may define _hook(layer) instead.
-    """
-
-    def __init__(self, model, hook_for_layer=None):
-        self.model = model
-        self.hook_for_layer = hook_for_layer or self._hook
-        self.handles = []
-
-    def __enter__(self):
-        self.handles = [g.register_forward_hook(self.hook_for_layer(i)) for i, g in enumerate(self.model.gelus())]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
 def run_trunk(model, idx: torch.Tensor, pad: torch.Tensor | None = None):
     """A forward pass that stops after the last block where the model allows it (model.py), for its hooks."""
     (model.trunk if hasattr(model, "trunk") else model)(idx, pad=pad)

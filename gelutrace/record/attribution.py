@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from gelutrace.model.generation import left_pad
-from gelutrace.model.sites import GeluHooks
+from gelutrace.model.hooks import GeluHooks
 
 LOGIT_BUDGET = 2 ** 24  # most continuation logits (positions x vocab) one pass holds, with their gradient
 ACTIVATION_BUDGET = 2 ** 24  # most MLP activations (positions x layers x d_mlp) one pass keeps for its backward

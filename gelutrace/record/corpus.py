@@ -35,8 +35,9 @@ from gelutrace.files.corpusfiles import DEFAULT_FIELD, corpus_files, file_docume
 from gelutrace.files.layout import CORPUS_FORMAT, CORPUS_VERSION
 from gelutrace.graph import store as gs
 from gelutrace.graph.counts import CoactivationCounts, RunningTopK, merge_top
+from gelutrace.model.hooks import GeluHooks
 from gelutrace.model.loading import load_model
-from gelutrace.model.sites import GeluHooks, run_trunk
+from gelutrace.model.sites import run_trunk
 from gelutrace.record.attribution import CorpusAttribution
 from gelutrace.record.direct import DirectEdges, DirectHooks, corpus_targets, direct_totals
 from gelutrace.record.prompts import fingerprint

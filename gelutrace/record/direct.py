@@ -43,6 +43,7 @@ from gelutrace import PipelineError
 from gelutrace.graph.causal import CausalEdges
 from gelutrace.graph.store import available_memory
 from gelutrace.model.generation import left_pad
+from gelutrace.model.hooks import NeuronHooks
 from gelutrace.model.sites import FAMILIES
 
 EDGE_SETS = ("adjacent", "all")
@@ -327,7 +328,7 @@ def couplings(an: Anatomy, pairs: list) -> list[tuple]:
 
 
 # --- the hooks that feed the totals -----------------------------------------------------------------------------
-class DirectHooks:
+class DirectHooks(NeuronHooks):
     """
     with DirectHooks(model, edges): before each forward pass `begin(weights, targets)` gives each position's sample
     weight (B, T) and real next token (B, T; -1: none); after it, `finish()` adds the direct_loss terms. The
@@ -336,34 +337,30 @@ class DirectHooks:
     """
 
     def __init__(self, model, edges: DirectEdges, an: Anatomy | None = None):
-        self.model, self.edges = model, edges
+        super().__init__(model)
+        self.edges = edges
         self.an = an or anatomy(model)
         self.sources = {j: [(k, i) for k, (i, jj) in enumerate(edges.pairs) if jj == j] for j in range(edges.n_layer)}
-        self.handles = []
         self._clear()
 
     def _clear(self):
         self.inv_sigma, self.deriv, self.up, self.gate, self.values, self.final = {}, {}, {}, {}, {}, None
 
-    def __enter__(self):
+    def register(self):
         for j, layer in enumerate(self.an.layers):
-            self.handles.append(layer.norm.module.register_forward_pre_hook(self._norm_hook(j)))
-            self.handles.append(layer.act.register_forward_hook(self._act_hook(j)))
+            self.pre_hook(layer.norm.module, self._norm_hook(j))
+            self.hook(layer.act, self._act_hook(j))
             if layer.gated:
-                self.handles.append(layer.fc[1].register_forward_hook(self._up_hook(j)))
-            self.handles.append(self.model.gelus()[j].register_forward_hook(self._site_hook(j)))
+                self.hook(layer.fc[1], self._up_hook(j))
+            self.hook(self.model.gelus()[j], self._site_hook(j))
         module, kind = self.an.final_input
         if kind == "pre":
-            self.handles.append(module.register_forward_pre_hook(lambda m, args: self._final(args[0])))
+            self.pre_hook(module, lambda m, args: self._final(args[0]))
         else:
-            self.handles.append(module.register_forward_hook(
-                lambda m, args, out: self._final(out[0] if isinstance(out, tuple) else out)))
-        return self
+            self.hook(module, lambda m, args, out: self._final(out[0] if isinstance(out, tuple) else out))
 
     def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        super().__exit__(*exc)
         self._clear()
 
     def begin(self, weights: torch.Tensor, targets: torch.Tensor | None = None):

@@ -38,7 +38,7 @@ from gelutrace.files.layout import (
 from gelutrace.graph.causal import CausalEdges
 from gelutrace.graph.counts import RunningTopK
 from gelutrace.model.generation import Batch, Prompt, generate_batch, repeat_rows
-from gelutrace.model.sites import GeluHooks
+from gelutrace.model.hooks import GeluHooks
 from gelutrace.record.attribution import distinct_sequences, neuron_attribution
 from gelutrace.record.direct import prompt_mode
 

@@ -30,7 +30,8 @@ from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
 from gelutrace.graph.counts import merge_top
 from gelutrace.model.generation import left_pad
-from gelutrace.model.sites import GeluHooks, run_trunk
+from gelutrace.model.hooks import GeluHooks
+from gelutrace.model.sites import run_trunk
 from gelutrace.model.tokens import token_text
 from gelutrace.record.corpus import window_tokens
 from gelutrace.report import markdown
