@@ -369,7 +369,7 @@ def test_leak_check_of_a_gzip_bomb_holds_memory_bounded(tmp_path):
     for name, what in (("record.json", record), ("text.json", text)):
         (tmp_path / name).write_text(json.dumps(what))
     code = (f"import json, resource, sys, types; sys.path.insert(0, {str(REPO_ROOT)!r})\n"
-            f"from gelutrace import realtext as rt\n"
+            f"from gelutrace.evaluate import realtext as rt\n"
             f"text = types.SimpleNamespace(**json.load(open({str(tmp_path / 'text.json')!r})))\n"
             f"record = json.load(open({str(tmp_path / 'record.json')!r}))\n"
             f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
