@@ -16,6 +16,7 @@ import pytest
 from gelutrace.files import formats, layout
 from gelutrace.report import cards as cd
 from gelutrace.report import markdown
+from gelutrace.report.verdict import ordinal
 
 from conftest import REPO_ROOT, SHIPPED_NAME
 
@@ -165,7 +166,7 @@ def test_report_and_summary(pipeline):
     assert "31 samples from 3 prompts" in out and "percentile of random neurons of the same layers" in out
     assert "verdict:" in out
     ordinals = re.findall(r"(\d+)(st|nd|rd|th) percentile", out)
-    assert ordinals and all(n + suffix == verdict.ordinal(int(n)) for n, suffix in ordinals)
+    assert ordinals and all(n + suffix == ordinal(int(n)) for n, suffix in ordinals)
     assert second.count("up to date") == 9  # nothing reran (a, b, c, fidelity, c_analyze, modules, d, e, cards)
     assert report.index("## Method comparison") < report.index("## Neuron cards") < report.index("## Parameters")
     assert f"]({layout.CARDS_DIR}/{layout.CARDS_HTML})" in report and (data / layout.CARDS_DIR / layout.CARDS_HTML).is_file()

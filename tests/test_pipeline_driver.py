@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -62,13 +61,10 @@ def held_lock(directory):
     (["--weights", "bogus"], "--weights"), (["--methods", "bogus"], "--methods"),
     (["--thresholds", "2"], "--thresholds"), (["--ratios", "0"], "--ratios")])
 def test_a_bad_sweep_flag_is_one_line_before_any_stage(tmp_path, flags, words):
-    start = time.monotonic()
     r = subprocess.run([PIPELINE, *flags, "--device", "cpu", M, CSV, str(tmp_path / "run")], capture_output=True,
                        text=True, env=ENV)
-    elapsed = time.monotonic() - start
     assert words in one_error_line(r) and "==" not in r.stdout
     assert not (tmp_path / "run").exists()  # no stage ran, nothing was created
-    assert elapsed < 5, elapsed  # a generous bound: no stage starts
 
 
 @pytest.mark.parametrize("flags,words", [
