@@ -48,7 +48,7 @@ from gelutrace.selection import communities as md
 from gelutrace.selection import methods as sel
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--input_graph_path",
                     help="c_analyze's *_analyzed.json or *_analyzed.gpickle (a store directory or stage c's "
@@ -98,7 +98,7 @@ def main():
     which = mods.add_mutually_exclusive_group()
     which.add_argument("--module", type=int, nargs="+", metavar="M", help="with --modules: these modules")
     which.add_argument("--modules_top", type=int, metavar="N", help="with --modules: the N largest modules")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     t0 = time.time()
     if args.modules:

@@ -759,18 +759,27 @@ def check_settings(s: CorpusSettings, dist_ctx) -> tuple[int, int] | None:
 
 def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str, settings: CorpusSettings
                     ) -> dict | None:
-    """Stage b over a corpus; returns the corpus record (None on the torchrun ranks that do not write)."""
+    """Stage b over a corpus with the model of this name, loaded once the settings and directory are checked."""
+    dist_ctx = distributed()
+    check_settings(settings, dist_ctx)
+    atomic.check_output_dir(export_dir, "--export_dir")  # before the model is loaded
+    if dist_ctx is not None and device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(dist_ctx[2])
+    return run(load_model(model_type, device), inputs, export_dir, settings)
+
+
+@torch.no_grad()
+def run(lm, inputs: list[str], export_dir, settings: CorpusSettings) -> dict | None:
+    """Stage b over a corpus with a loaded model; returns the corpus record (None on the torchrun ranks that do not
+    write)."""
 
     s = settings
     dist_ctx = distributed()
     shard = check_settings(s, dist_ctx)
-    export = atomic.check_output_dir(export_dir, "--export_dir")  # before the model is loaded and a token read
+    export = atomic.check_output_dir(export_dir, "--export_dir")  # before a token is read
     with atomic.removed_if_unused(export):  # the lock first; an input refused after it leaves no directory
         if dist_ctx is None or dist_ctx[0] == 0:  # the other ranks write into the directory as part of the same run
             atomic.lock_directory(export, "stage b (corpus mode)")
-        if dist_ctx is not None and device in ("auto", "cuda") and torch.cuda.is_available():
-            torch.cuda.set_device(dist_ctx[2])
-        lm = load_model(model_type, device)
         cfg = lm.model.config
         context = cfg.block_size if s.context is None else s.context
         if not 1 <= context <= cfg.block_size:
@@ -811,8 +820,8 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     if start:
         print(f"resuming after batch {start} of {len(batches)}")
     sizes = [len(b) * min(context, len(corpus.ids) - int(b[0]) * context) for b in batches]
-    with torch.no_grad(), tqdm(total=sum(sizes), initial=sum(sizes[:start]), unit="tok", unit_scale=True,
-                               desc="reading", disable=rank != 0) as bar:
+    with tqdm(total=sum(sizes), initial=sum(sizes[:start]), unit="tok", unit_scale=True, desc="reading",
+              disable=rank != 0) as bar:
         stream(lm.model, corpus.ids, batches, context, counts, top, checkpoints, start,
                packed if s.save_matrix else None, bar, attribution, direct)
     best = None
