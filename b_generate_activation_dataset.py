@@ -220,7 +220,10 @@ def corpus_mode(args):
     settings = corpus.CorpusSettings(args.context, args.max_tokens, args.batch_size, args.save_matrix, args.shard,
                                      args.top_examples, args.resume, 60 * args.checkpoint_minutes, args.attribution,
                                      args.edges if args.direct_edges else None, args.text_field)
-    record = corpus.run_corpus_mode(args.input_text, args.export_dir, args.model_type, args.device, settings)
+    corpus.check_settings(settings, corpus.distributed())  # before the model is loaded
+    check_output_dir(args.export_dir, "--export_dir")
+    lm = corpus.load(args.model_type, args.device)
+    record = corpus.run(lm, args.input_text, args.export_dir, settings)
     if record is not None:
         shard = f" (shard {record['shard']['index']}/{record['shard']['count']})" if record["shard"] else ""
         print(f"{record['samples']:,} samples from {record['documents']:,} documents, {record['windows']:,} windows "

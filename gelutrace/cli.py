@@ -14,9 +14,9 @@ from gelutrace.files.atomic import disk_full_directory, release_locks
 def run_main(main, argv=None, exit: bool = True) -> int:
     """
     Run a script's main(argv): a PipelineError becomes one 'error: ...' line on stderr and exit status 2. A script
-    ends in `run_main(main)`, which exits with a status other than 0; with exit=False (a call in this process, e.g. a test's)
-    the status is returned instead, a SystemExit (a bad flag, --help) included. Given argv, --help and the usage
-    name the script, as `python script.py` would.
+    ends in `run_main(main)`, which exits with any status but 0; with exit=False (a call in this process, a test's)
+    the status is returned instead, that of a SystemExit (a bad flag, --help) included. Given argv, the usage
+    names the script, as `python script.py` does.
     """
     token = _prog.set(os.path.basename(main.__globals__.get("__file__", "")) or None) if argv is not None else None
     try:

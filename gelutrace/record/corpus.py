@@ -757,15 +757,12 @@ def check_settings(s: CorpusSettings, dist_ctx) -> tuple[int, int] | None:
     return shard
 
 
-def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str, settings: CorpusSettings
-                    ) -> dict | None:
-    """Stage b over a corpus with the model of this name, loaded once the settings and directory are checked."""
+def load(model_type: str, device: str):
+    """The model for a run, under torchrun on this process's own GPU."""
     dist_ctx = distributed()
-    check_settings(settings, dist_ctx)
-    atomic.check_output_dir(export_dir, "--export_dir")  # before the model is loaded
     if dist_ctx is not None and device in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.set_device(dist_ctx[2])
-    return run(load_model(model_type, device), inputs, export_dir, settings)
+    return load_model(model_type, device)
 
 
 @torch.no_grad()
