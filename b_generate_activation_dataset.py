@@ -221,9 +221,12 @@ def corpus_mode(args):
                                      args.top_examples, args.resume, 60 * args.checkpoint_minutes, args.attribution,
                                      args.edges if args.direct_edges else None, args.text_field)
     corpus.check_settings(settings, corpus.distributed())  # before the model is loaded
-    check_output_dir(args.export_dir, "--export_dir")
-    lm = corpus.load(args.model_type, args.device)
-    record = corpus.run(lm, args.input_text, args.export_dir, settings)
+    export = check_output_dir(args.export_dir, "--export_dir")
+    with removed_if_unused(export):  # the lock first; an input refused after it leaves no directory
+        corpus.lock(export)
+        lm = corpus.load(args.model_type, args.device)
+        job = corpus.prepare(lm, args.input_text, settings)
+    record = corpus.run_job(lm, job, export, settings)
     if record is not None:
         shard = f" (shard {record['shard']['index']}/{record['shard']['count']})" if record["shard"] else ""
         print(f"{record['samples']:,} samples from {record['documents']:,} documents, {record['windows']:,} windows "
