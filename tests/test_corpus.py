@@ -621,7 +621,7 @@ def test_tokenizing_a_20_mb_line_holds_memory_bounded(tmp_path, shipped_path):
         for _ in range(20_000_000 // len(line) + 1):
             f.write(line)
     code = (f"import resource, sys; sys.path.insert(0, {str(REPO_ROOT)!r})\n"
-            f"from transformers import AutoTokenizer\nfrom gelutrace.corpus import read_corpus\n"
+            f"from transformers import AutoTokenizer\nfrom gelutrace.record.corpus import read_corpus\n"
             f"tok = AutoTokenizer.from_pretrained({str(shipped_path)!r})\n"
             f"loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             f"c = read_corpus([{str(tmp_path / 'line.txt')!r}], tok)\n"
