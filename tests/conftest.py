@@ -302,8 +302,8 @@ def fill_disk_at(monkeypatch, nth: int) -> dict:
 
 
 def interrupted_then_resumed(monkeypatch, owner, name: str, args: list[str], nth: int):
-    """Stage b's main with `args`, interrupted (KeyboardInterrupt) at the nth call of owner.name, then rerun with
-    --resume to the end."""
+    """Stage b's main with the flags of `args` (an argv: the program's name, then the flags), interrupted
+    (KeyboardInterrupt) at the nth call of owner.name, then rerun with --resume to the end."""
 
     import b_generate_activation_dataset as b
 

@@ -11,7 +11,16 @@ from gelutrace.cli import run_main
 
 
 @pytest.mark.parametrize("grad", [True, False])
-def test_main_leaves_grad_mode_and_threads(shipped_path, tmp_path, grad, capsys):
+def test_main_leaves_grad_mode_and_threads(shipped_path, tmp_path, grad, capsys, monkeypatch):
+    """The work runs without autograd, and the caller's autograd mode and thread count are as they were after."""
+    seen = []
+    real = b_trace_gelu_activations.trace
+
+    def trace(*a, **k):
+        seen.append(torch.is_grad_enabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr(b_trace_gelu_activations, "trace", trace)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
@@ -24,6 +33,7 @@ def test_main_leaves_grad_mode_and_threads(shipped_path, tmp_path, grad, capsys)
             assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+    assert seen == [False]
     assert (tmp_path / f"{SHIPPED_NAME}_active_neurons.txt").is_file()
 
 
