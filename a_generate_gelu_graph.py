@@ -17,13 +17,13 @@ from gelutrace.files.formats import write_graph_files
 from gelutrace.model.loading import model_name, model_site
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     add_model_args(ap, device=False)
     ap.add_argument("--output_dir", default="gelu_graph", help="directory for the graph files (default: %(default)s)")
     ap.add_argument("--no_edge_list", action="store_true",
                     help="write only the attributes and metadata, not the .el (gpt2: 1.2 GB, gpt2-xl: 23 GB)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     check_output_dir(args.output_dir, "--output_dir")
     n_layer, d_mlp, site = model_site(args.model_type)
     m = model_name(args.model_type)

@@ -52,7 +52,7 @@ from gelutrace.record.prompts import (
 )
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--input_csv",
                     help="prompt mode: prompt CSV with columns prompts, number_of_new_tokens and optionally "
@@ -113,7 +113,7 @@ def main():
     ap.add_argument("--checkpoint_minutes", type=float, default=5.0,
                     help="corpus mode: save the running counts for --resume at most this often; 0 saves after "
                          "every batch (default: %(default)s)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.edges is not None and not args.direct_edges:
         raise PipelineError("--edges applies to --direct_edges only")
     args.edges = args.edges or "adjacent"
@@ -144,8 +144,17 @@ def main():
     with removed_if_unused(export):  # the lock first; an input refused after it leaves no directory
         lock_directory(export, "stage b")
         lm = load_model(args.model_type, args.device)
-        cfg = lm.model.config
-        prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
+        prompt_ids = encode_prompts(lm.tokenizer, prompts, lm.model.config.block_size)
+    summary = prompt_mode(lm, args, prompts, prompt_ids, export)
+    per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])
+    print(f"{summary['samples']} samples from {len(prompts)} prompts written to {export}; "
+          f"active neurons per layer: {per_layer}")
+
+
+@torch.no_grad()
+def prompt_mode(lm, args, prompts, prompt_ids, export) -> dict:
+    """Stage b over the prompts with a loaded model, into export (locked); returns the dataset's summary."""
+    cfg = lm.model.config
     greedy = args.temperature == 0
 
     staging = Staging(export, lm.name, fingerprint(
@@ -190,9 +199,7 @@ def main():
             vouched += (layout.DIRECT_EDGES,)
         out.vouch(layout.path(out.dir, f, lm.name) for f in vouched)
     staging.finish()
-    per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])
-    print(f"{summary['samples']} samples from {len(prompts)} prompts written to {export}; "
-          f"active neurons per layer: {per_layer}")
+    return summary
 
 
 def merge_chunk_tops(top, chunks, k: int):
@@ -213,7 +220,13 @@ def corpus_mode(args):
     settings = corpus.CorpusSettings(args.context, args.max_tokens, args.batch_size, args.save_matrix, args.shard,
                                      args.top_examples, args.resume, 60 * args.checkpoint_minutes, args.attribution,
                                      args.edges if args.direct_edges else None, args.text_field)
-    record = corpus.run_corpus_mode(args.input_text, args.export_dir, args.model_type, args.device, settings)
+    corpus.check_settings(settings, corpus.distributed())  # before the model is loaded
+    export = check_output_dir(args.export_dir, "--export_dir")
+    with removed_if_unused(export):  # the lock first; an input refused after it leaves no directory
+        corpus.lock(export)
+        lm = corpus.load(args.model_type, args.device)
+        job = corpus.prepare(lm, args.input_text, settings)
+    record = corpus.run_job(lm, job, export, settings)
     if record is not None:
         shard = f" (shard {record['shard']['index']}/{record['shard']['count']})" if record["shard"] else ""
         print(f"{record['samples']:,} samples from {record['documents']:,} documents, {record['windows']:,} windows "
@@ -221,5 +234,4 @@ def corpus_mode(args):
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     run_main(main)

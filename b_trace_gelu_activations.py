@@ -23,7 +23,7 @@ from gelutrace.record.prompts import trace
 from gelutrace.report.plots import plot_trace
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     add_model_args(ap)
     ap.add_argument("--input_text", required=True, help="the text whose next-token activations are traced")
@@ -31,13 +31,25 @@ def main():
     ap.add_argument("--max_num_new_tokens", type=int, default=1,
                     help="greedy tokens to generate and print after the trace; the trace itself is always "
                          "the prediction of the first one (default: %(default)s)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     check_output_dir(args.output_dir, "--output_dir")
     if not args.input_text.strip():
         raise PipelineError("--input_text is empty")
     if args.max_num_new_tokens < 0:
         raise PipelineError("--max_num_new_tokens must be >= 0")
     lm = load_model(args.model_type, args.device)
+    active, continuation = run(lm, args)
+    cfg = lm.model.config
+    for layer, row in enumerate(active.reshape(cfg.n_layer, cfg.d_mlp)):
+        print(f"layer {layer:2d}: {int(row.sum()):6d} / {cfg.d_mlp} active ({100 * row.mean():.1f}%)")
+    print(f"total: {int(active.sum())} / {active.size} active; next tokens: {lm.tokenizer.decode(continuation.tolist())!r}")
+    print(f"written to {args.output_dir}")
+
+
+@torch.no_grad()
+def run(lm, args):
+    """The trace of --input_text with a loaded model, written to --output_dir; returns the 0/1 vector and the greedy
+    continuation's ids."""
     cfg = lm.model.config
     ids = lm.tokenizer(args.input_text)["input_ids"]
     if len(ids) + args.max_num_new_tokens > cfg.block_size:
@@ -53,12 +65,8 @@ def main():
     per_layer = active.reshape(cfg.n_layer, cfg.d_mlp)
     plot_trace(per_layer, path(args.output_dir, TRACE_PLOT, lm.name), f"{lm.name}: GELU neurons active after "
                f"{args.input_text[:40]!r}")
-    for layer, row in enumerate(per_layer):
-        print(f"layer {layer:2d}: {int(row.sum()):6d} / {cfg.d_mlp} active ({100 * row.mean():.1f}%)")
-    print(f"total: {int(active.sum())} / {active.size} active; next tokens: {lm.tokenizer.decode(continuation.tolist())!r}")
-    print(f"written to {args.output_dir}")
+    return active, continuation
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     run_main(main)

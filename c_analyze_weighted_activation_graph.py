@@ -43,7 +43,7 @@ from gelutrace.report import plots
 from gelutrace.selection import analysis as ga
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--input_path", required=True,
                     help="stage c's output: a compact graph store directory or a .gpickle")
@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--weight", default=gr.DEFAULT_WEIGHT,
                     help=f"edge weight of the threshold sweep: {', '.join(gr.WEIGHTS)} (definitions and threshold "
                          f"rule above; phi and pmi need the number of samples) (default: %(default)s)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     t0 = time.time()
     src = Path(args.input_path)

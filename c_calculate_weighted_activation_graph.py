@@ -33,7 +33,7 @@ from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--input_dir", required=True,
                     help="stage b's export directory ({m}_activation_matrix.npz, {m}_graph_meta.json, ...)")
@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--memory_limit_gb", type=float, default=None,
                     help="RAM the .gpickle path may use, for its up-front estimate (default: what the system "
                          "reports available)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     t0 = time.time()
     m = layout.model_prefix(args.input_dir) if Path(args.input_dir).is_dir() else None

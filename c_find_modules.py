@@ -39,7 +39,7 @@ from gelutrace.selection import methods as sel
 from gelutrace.selection import stability
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--input_path", required=True,
                     help="stage c's graph store (or its _analyzed.json reference, or a .gpickle with every edge)")
@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--dataset_path", default=None,
                     help="stage b's directory (default: the one the graph sits in, else the one its store records)")
     ap.add_argument("--output_dir", default=None, help="where to write (default: <dataset dir>/modules)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     s = md.ModuleSettings(args.weight, args.threshold, args.top_edges_per_node, args.resolution, args.negative,
                           args.seed, args.null_graphs, args.seeds)
     s.check()

@@ -26,7 +26,7 @@ from gelutrace.model.loading import load_model, model_name
 from gelutrace.report.plots import plot_edge_fidelity
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--dataset_path", required=True, help="stage b's directory (with its graph store)")
     add_model_args(ap)
@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=2048,
                     help="scored positions the effects are measured on (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the edge sample (default: %(default)s)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     check_at_least(args, 1, "edges")
     check_at_least(args, 1, "tokens")
     check_at_least(args, 0, "seed")
@@ -48,6 +48,16 @@ def main():
         raise PipelineError(f"{args.dataset_path}: its graph store has no direct-effect weights; run stage b with "
                             f"--direct_edges")
     lm = load_model(args.model_type, args.device)
+    summary = run(lm, args, graph, m)
+    for r in summary.to_dict("records"):
+        print(f"layer gap {r['layer_gap']}: {r['edges']} edges, Spearman {r['spearman']:.3f}, "
+              f"R^2 through 0 {r['r2_through_0']:.3f} (slope {r['beta']:.3f})")
+
+
+@torch.no_grad()
+def run(lm, args, graph, m: str):
+    """The sampled causal edges of the graph store measured with a loaded model, written into --dataset_path;
+    returns the summary per layer gap."""
     cfg = lm.model.config
     ds = DatasetDir(args.dataset_path, lm.name)
     ds.check(cfg.n_layer, cfg.d_mlp, lm.site)
@@ -73,11 +83,8 @@ def main():
         plot_edge_fidelity(table, layout.path(out.dir, layout.EDGE_FIDELITY_PLOT, m),
                            f"{m}: {len(table)} causal edges, first-order prediction vs zero-ablation")
         out.vouch(layout.path(out.dir, f, m) for f in files)
-    for r in summary.to_dict("records"):
-        print(f"layer gap {r['layer_gap']}: {r['edges']} edges, Spearman {r['spearman']:.3f}, "
-              f"R^2 through 0 {r['r2_through_0']:.3f} (slope {r['beta']:.3f})")
+    return summary
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     run_main(main)

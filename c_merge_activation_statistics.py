@@ -17,12 +17,12 @@ from gelutrace.cli import parser, run_main
 from gelutrace.record.shards import merge_shards
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--output_dir", required=True, help="dataset directory for the merged files (created if missing)")
     ap.add_argument("shard_dirs", nargs="+", metavar="SHARD_DIR",
                     help="the export directories of every shard I/N of one run, in any order")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     record = merge_shards(args.shard_dirs, args.output_dir)
     print(f"{len(args.shard_dirs)} shards, {record['samples']:,} samples merged into {args.output_dir}")
 

@@ -97,6 +97,19 @@ def main(argv=None):
                             "its own share of the neurons")
 
     lm = load_model(args.model_type, args.device)
+    result = run(lm, args, shard, dist_ctx)
+    if result is not None:
+        ids, dnll, what, written = result
+        top = ids[np.argsort(-dnll, kind="stable")[:5]]
+        print(f"{len(ids)} neurons measured ({what}); largest delta_nll: neurons {', '.join(map(str, top))}")
+        print(f"written to {written}")
+
+
+@torch.no_grad()
+def run(lm, args, shard: tuple[int, int] | None, dist_ctx):
+    """The single-neuron ablations of --neurons (of this shard, or this torchrun process's share) with a loaded
+    model, written; returns the measured ids, their delta_nll, what they were measured on and the file written
+    (None on the torchrun ranks that do not write)."""
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
     DatasetDir(args.dataset_path, lm.name).check(cfg.n_layer, cfg.d_mlp, lm.site)
@@ -158,10 +171,9 @@ def main(argv=None):
 
         dist.barrier()
         dist.destroy_process_group()
-    if rank == 0:
-        top = mine_ids[np.argsort(-dnll, kind="stable")[:5]]
-        print(f"{len(mine_ids)} neurons measured ({meta['what']}); largest delta_nll: neurons {', '.join(map(str, top))}")
-        print(f"written to {layout.path(out, layout.NEURON_EFFECTS, lm.name)}")
+    if rank != 0:
+        return None
+    return mine_ids, dnll, meta["what"], layout.path(out, layout.NEURON_EFFECTS, lm.name)
 
 
 def prompt_mode(args, lm):
@@ -254,5 +266,4 @@ def merge(args):
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     run_main(main)

@@ -138,7 +138,13 @@ def main(argv=None):
     eval_csv = args.eval_csv or args.input_csv
     prompts = formats.read_prompts(eval_csv) if args.eval_csv else selection_prompts
 
-    lm = load_model(args.model_type, args.device)
+    run(load_model(args.model_type, args.device), args, selection_prompts, prompts, eval_csv)
+
+
+@torch.no_grad()
+def run(lm, args, selection_prompts, prompts, eval_csv: str):
+    """Stage e with a loaded model: every subset ablated on the prompts (and --eval_text), the results written
+    into the dataset's perturbation_results/ and summed up on stdout."""
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
     ds = DatasetDir(args.dataset_path, lm.name)
@@ -243,5 +249,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     run_main(main)

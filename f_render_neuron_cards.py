@@ -99,6 +99,18 @@ def main(argv=None):
         npx.check_target(args.neuronpedia, model_id)
     start = time.perf_counter()
     lm = load_model(args.model_type, args.device)
+    cards = run(lm, args, out)
+    print(f"{len(cards)} neuron cards in {time.perf_counter() - start:.1f} s: {out / layout.CARDS_MD}, {out / layout.CARDS_HTML}")
+    if args.neuronpedia is not None:
+        # under an flock on DIR, DIR/{id} checked again, staged beside it and renamed in
+        folder = npx.write_export(args.neuronpedia, cards, lm.name, lm.model, Path(args.dataset_path).resolve().name,
+                                  args.neuronpedia_creator_id, model_id, args.neuronpedia_source_set)
+        print(f"Neuronpedia export of {len(cards)} neurons: {folder}")
+
+
+@torch.no_grad()
+def run(lm, args, out: Path) -> list:
+    """The cards of --neurons with a loaded model, written into out; returns them."""
     cfg = lm.model.config
     ds = DatasetDir(args.dataset_path, lm.name)
     ds.check(cfg.n_layer, cfg.d_mlp)
@@ -119,14 +131,8 @@ def main(argv=None):
                                modules=cd.dataset_modules(args.dataset_path, lm.name, n))
     atomic.lock_directory(out, "neuron cards")
     cd.write_cards(out, cards, lm.name)
-    print(f"{len(cards)} neuron cards in {time.perf_counter() - start:.1f} s: {out / layout.CARDS_MD}, {out / layout.CARDS_HTML}")
-    if args.neuronpedia is not None:
-        # under an flock on DIR, DIR/{id} checked again, staged beside it and renamed in
-        folder = npx.write_export(args.neuronpedia, cards, lm.name, lm.model, Path(args.dataset_path).resolve().name,
-                                  args.neuronpedia_creator_id, model_id, args.neuronpedia_source_set)
-        print(f"Neuronpedia export of {len(cards)} neurons: {folder}")
+    return cards
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     run_main(main)

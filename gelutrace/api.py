@@ -80,7 +80,7 @@ def record_corpus(lm: LoadedModel, text: list[str], out_dir=None, max_tokens: in
                                  attribution=attribution, direct_edges="adjacent" if direct_edges else None,
                                  text_field=text_field)
     with atomic.locked(out, "record_corpus"):  # this call's only: released when it returns, refused to another call
-        cp.run_corpus_mode(text, out, lm.spec or str(lm.path), str(lm.device), settings)
+        cp.run(lm, text, out, settings)
     return Dataset(out, lm.name)
 
 

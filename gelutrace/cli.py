@@ -1,6 +1,7 @@
 """What every stage script shares: the error convention and the model/device flags."""
 
 import argparse
+import contextvars
 import errno
 import math
 import os
@@ -10,13 +11,36 @@ from gelutrace import PipelineError
 from gelutrace.files.atomic import disk_full_directory, release_locks
 
 
-def run_main(main):
-    """Run a script's main: a PipelineError becomes one 'error: ...' line on stderr and exit status 2."""
+def run_main(main, argv=None, exit: bool = True) -> int:
+    """
+    Run a script's main(argv): a PipelineError becomes one 'error: ...' line on stderr and exit status 2. A script
+    ends in `run_main(main)`, which exits with any status but 0; with exit=False (a call in this process, a test's)
+    the status is returned instead, that of a SystemExit (a bad flag, --help) included. Given argv, the usage
+    names the script, as `python script.py` does.
+    """
+    token = _prog.set(os.path.basename(main.__globals__.get("__file__", "")) or None) if argv is not None else None
     try:
-        main()
+        status = _status(main, argv)
+    finally:
+        if token is not None:
+            _prog.reset(token)
+    if exit and status:
+        sys.exit(status)
+    return status
+
+
+def _status(main, argv) -> int:
+    try:
+        main() if argv is None else main(list(argv))
+        return 0
+    except SystemExit as e:  # argparse's --help and bad flags, as the interpreter reads the status
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except OSError as e:  # a full disk, a vanished directory, a permission: still one line, never a traceback
         full = disk_full_directory(e)
         where = f": {e.filename}" if e.filename else ""
@@ -24,12 +48,15 @@ def run_main(main):
             print(f"error: no space left on {full} (disk full)", file=sys.stderr)
         else:
             print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
     finally:
         release_locks()
+
+
+_prog = contextvars.ContextVar("prog", default=None)  # the script's name for argparse, in a call given argv
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,7 +89,7 @@ def _is_loop(path) -> bool:
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return Parser(prog=_prog.get(), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_model_args(ap: argparse.ArgumentParser, default: str = "gpt2", device: bool = True):

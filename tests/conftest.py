@@ -4,9 +4,9 @@ independent reference format), and the shipped model when it exists.
 """
 
 import contextlib
+import importlib
 import io
 import os
-import runpy
 import subprocess
 import sys
 import traceback
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from gelutrace.files import atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
+if str(REPO_ROOT) not in sys.path:  # this checkout's stage scripts, imported by name, whichever checkout is installed
     sys.path.insert(0, str(REPO_ROOT))
 
 # The models under test are tiny: one thread runs them faster than several, which mostly wait on each
@@ -55,15 +55,6 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
-@pytest.fixture(autouse=True)
-def _grad_mode_restored():
-    """A test that calls a script's code in-process may switch autograd off globally: each test starts with the
-    mode the suite started with, whatever ran before it on the same worker."""
-    mode = torch.is_grad_enabled()
-    yield
-    torch.set_grad_enabled(mode)
-
-
 # environment variables a script run in this process may be given: the rest (HF_HOME, ...) are read once at
 # import time by the libraries, so a script given another value runs as a subprocess (PYTEST_CURRENT_TEST:
 # pytest's own, different in an environment a test module copied when it was imported)
@@ -74,11 +65,11 @@ SESSION_ENV = dict(os.environ)  # a variable not here and not given was set sinc
 
 def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=True, timeout=None):
     """
-    subprocess.run for `[sys.executable, script.py, args...]` with a script of this repository, run in this
-    process instead (runpy, as `__main__`, with its own argv, cwd and environment; its stdout and stderr
-    captured; its exit status from SystemExit, 1 with the traceback on stderr for any other exception): the
-    same result without a new interpreter importing torch each time. Anything else (torchrun, `-c` code, a
-    shell script, an environment the libraries read at import) runs as a subprocess.
+    subprocess.run for `[sys.executable, script.py, args...]` with a stage script of this repository, run in this
+    process instead: the script's module imported and its main(args) called through run_main, in the given cwd
+    and environment, its stdout and stderr captured, its exit status run_main's (1 with the traceback on stderr
+    for any other exception): the same result without a new interpreter importing torch each time. Anything else
+    (torchrun, `-c` code, a shell script, an environment the libraries read at import) runs as a subprocess.
     """
     argv = [str(a) for a in argv]
     env = dict(os.environ) if env is None else {k: str(v) for k, v in env.items()}
@@ -91,36 +82,26 @@ def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=
             or not changed <= IN_PROCESS_ENV):
         return subprocess.run(argv, cwd=cwd, env=env, check=check, capture_output=capture_output, text=text,
                               timeout=timeout)
-    from gelutrace.files.atomic import release_locks
+    from gelutrace.cli import run_main
 
+    module = importlib.import_module(script.stem)
+    assert Path(module.__file__).resolve() == script.resolve(), f"{script.stem} imported from {module.__file__}"
     out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv, os.getcwd(), dict(os.environ), torch.is_grad_enabled(), torch.get_num_threads()
-    code = 0
+    saved = os.getcwd(), dict(os.environ)
     try:
-        sys.argv = [str(script), *argv[2:]]
         os.chdir(cwd or os.getcwd())
         os.environ.clear()
         os.environ.update(env)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_path(str(script), run_name="__main__")
-            except SystemExit as e:
-                if e.code is None or isinstance(e.code, int):
-                    code = e.code or 0
-                else:
-                    print(e.code, file=sys.stderr)
-                    code = 1
+                code = run_main(module.main, argv[2:], exit=False)
             except BaseException:  # what an uncaught exception does to a process
                 traceback.print_exc()
                 code = 1
     finally:
-        release_locks()
-        sys.argv = saved[0]
-        os.chdir(saved[1])
+        os.chdir(saved[0])
         os.environ.clear()
-        os.environ.update(saved[2])
-        torch.set_grad_enabled(saved[3])
-        torch.set_num_threads(saved[4])
+        os.environ.update(saved[1])
     stdout, stderr = out.getvalue(), err.getvalue()
     if not text:
         stdout, stderr = stdout.encode(), stderr.encode()
@@ -321,10 +302,9 @@ def fill_disk_at(monkeypatch, nth: int) -> dict:
 
 
 def interrupted_then_resumed(monkeypatch, owner, name: str, args: list[str], nth: int):
-    """Stage b's main with `args`, interrupted (KeyboardInterrupt) at the nth call of owner.name, then rerun with
-    --resume to the end."""
+    """Stage b's main with the flags of `args` (an argv: the program's name, then the flags), interrupted
+    (KeyboardInterrupt) at the nth call of owner.name, then rerun with --resume to the end."""
 
-    sys.path.insert(0, str(REPO_ROOT))
     import b_generate_activation_dataset as b
 
     real, calls = getattr(owner, name), {"n": 0}
@@ -336,14 +316,12 @@ def interrupted_then_resumed(monkeypatch, owner, name: str, args: list[str], nth
         return real(*a, **k)
 
     monkeypatch.setattr(owner, name, interrupted)
-    monkeypatch.setattr(sys, "argv", args)
     with pytest.raises(KeyboardInterrupt):
-        b.main()
+        b.main(args[1:])
     atomic.release_locks()
     monkeypatch.setattr(owner, name, real)
-    monkeypatch.setattr(sys, "argv", args + ["--resume"])
     try:
-        b.main()
+        b.main(args[1:] + ["--resume"])
     finally:
         atomic.release_locks()
 

@@ -4,6 +4,7 @@ transformers' own GPT-2 with hooks on `mlp.act` over the same windows, with ever
 """
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -37,19 +38,12 @@ def run(script, *args, check=True, **env):
 
 
 def run_here(script, *args, check=True) -> tuple[int, str]:
-    """A script run in this process (no interpreter start-up): its exit status and what it wrote to stderr."""
-    path = str(REPO_ROOT / script)
+    """A script's main run in this process (no interpreter start-up): its exit status and what it wrote to stderr."""
+    from gelutrace.cli import run_main
+
     err = io.StringIO()
-    argv = sys.argv
-    sys.argv = [path, *map(str, args)]
-    code = 0
-    try:
-        with torch.set_grad_enabled(torch.is_grad_enabled()), contextlib.redirect_stderr(err):
-            runpy.run_path(path, run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
+    with contextlib.redirect_stderr(err):
+        code = run_main(importlib.import_module(script.removesuffix(".py")).main, [*map(str, args)], exit=False)
     if check and code != 0:
         raise AssertionError(f"{script} failed:\n{err.getvalue()}")
     return code, err.getvalue()

@@ -758,30 +758,65 @@ def check_settings(s: CorpusSettings, dist_ctx) -> tuple[int, int] | None:
     return shard
 
 
-def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str, settings: CorpusSettings
-                    ) -> dict | None:
-    """Stage b over a corpus; returns the corpus record (None on the torchrun ranks that do not write)."""
+def load(model_type: str, device: str):
+    """The model for a run, under torchrun on this process's own GPU."""
+    dist_ctx = distributed()
+    if dist_ctx is not None and device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(dist_ctx[2])
+    return load_model(model_type, device)
 
+
+@dataclass
+class Job:
+    """A corpus run's checked inputs: the text read and tokenized, its windows' size and the share to stream."""
+    corpus: Corpus
+    context: int
+    batch_size: int
+    shard: tuple[int, int] | None
+    dist_ctx: tuple[int, int, int] | None
+
+
+def lock(export: Path):
+    """The output directory's writer lock (torchrun: process 0's; the other ranks write into it as part of the same
+    run)."""
+    dist_ctx = distributed()
+    if dist_ctx is None or dist_ctx[0] == 0:
+        atomic.lock_directory(export, "stage b (corpus mode)")
+
+
+def prepare(lm, inputs: list[str], settings: CorpusSettings) -> Job:
+    """The settings checked against the model and the text read: bad inputs raise here, before any heavy work."""
     s = settings
     dist_ctx = distributed()
     shard = check_settings(s, dist_ctx)
-    export = atomic.check_output_dir(export_dir, "--export_dir")  # before the model is loaded and a token read
+    cfg = lm.model.config
+    context = cfg.block_size if s.context is None else s.context
+    if not 1 <= context <= cfg.block_size:
+        raise PipelineError(f"--context {context} is outside 1..{cfg.block_size}, the model's context")
+    batch_size = s.batch_size or max(1, TOKENS_PER_BATCH // context)
+    corpus = read_corpus(inputs, lm.tokenizer, s.max_tokens, text_field=s.text_field)
+    if s.top_examples and len(corpus.ids) > TOP_EXAMPLES_MAX_TOKENS:
+        raise PipelineError(f"--top_examples keeps sample ids below 2**32, but the corpus has "
+                            f"{len(corpus.ids):,} tokens: give --top_examples 0 or --max_tokens "
+                            f"{TOP_EXAMPLES_MAX_TOKENS}")
+    return Job(corpus, context, batch_size, shard, dist_ctx)
+
+
+def run(lm, inputs: list[str], export_dir, settings: CorpusSettings) -> dict | None:
+    """Stage b over a corpus with a loaded model; returns the corpus record (None on the torchrun ranks that do not
+    write)."""
+    export = atomic.check_output_dir(export_dir, "--export_dir")  # before a token is read
     with atomic.removed_if_unused(export):  # the lock first; an input refused after it leaves no directory
-        if dist_ctx is None or dist_ctx[0] == 0:  # the other ranks write into the directory as part of the same run
-            atomic.lock_directory(export, "stage b (corpus mode)")
-        if dist_ctx is not None and device in ("auto", "cuda") and torch.cuda.is_available():
-            torch.cuda.set_device(dist_ctx[2])
-        lm = load_model(model_type, device)
-        cfg = lm.model.config
-        context = cfg.block_size if s.context is None else s.context
-        if not 1 <= context <= cfg.block_size:
-            raise PipelineError(f"--context {context} is outside 1..{cfg.block_size}, the model's context")
-        batch_size = s.batch_size or max(1, TOKENS_PER_BATCH // context)
-        corpus = read_corpus(inputs, lm.tokenizer, s.max_tokens, text_field=s.text_field)
-        if s.top_examples and len(corpus.ids) > TOP_EXAMPLES_MAX_TOKENS:
-            raise PipelineError(f"--top_examples keeps sample ids below 2**32, but the corpus has "
-                                f"{len(corpus.ids):,} tokens: give --top_examples 0 or --max_tokens "
-                                f"{TOP_EXAMPLES_MAX_TOKENS}")
+        lock(export)
+        job = prepare(lm, inputs, settings)
+    return run_job(lm, job, export, settings)
+
+
+@torch.no_grad()
+def run_job(lm, job: Job, export: Path, settings: CorpusSettings) -> dict | None:
+    """The prepared run streamed and written into export, whose lock this process holds: run's second half."""
+    s, cfg, corpus, context, batch_size, shard, dist_ctx = (settings, lm.model.config, job.corpus, job.context,
+                                                            job.batch_size, job.shard, job.dist_ctx)
     if corpus.unchecked_cuts:
         print(f"note: {corpus.unchecked_cuts} piece(s) of long documents were cut where no cut point that keeps "
               f"the tokens lay within {PIECE_CHARS // 2:,} characters (a 'word' that long); the tokens at those "
@@ -812,8 +847,8 @@ def run_corpus_mode(inputs: list[str], export_dir, model_type: str, device: str,
     if start:
         print(f"resuming after batch {start} of {len(batches)}")
     sizes = [len(b) * min(context, len(corpus.ids) - int(b[0]) * context) for b in batches]
-    with torch.no_grad(), tqdm(total=sum(sizes), initial=sum(sizes[:start]), unit="tok", unit_scale=True,
-                               desc="reading", disable=rank != 0) as bar:
+    with tqdm(total=sum(sizes), initial=sum(sizes[:start]), unit="tok", unit_scale=True, desc="reading",
+              disable=rank != 0) as bar:
         stream(lm.model, corpus.ids, batches, context, counts, top, checkpoints, start,
                packed if s.save_matrix else None, bar, attribution, direct)
     best = None

@@ -7,7 +7,7 @@ from gelutrace.cli import parser, run_main
 from gelutrace.report import report
 
 
-def main():
+def main(argv=None):
     ap = parser(report.__doc__)
     ap.add_argument("dataset_dir", help="the run's dataset directory")
     for flag in ("model_type", "input_csv", "input_text", "eval_csv", "eval_text", "eval_tokens", "thresholds", "weights",
@@ -15,7 +15,7 @@ def main():
                  "temperature", "seed",
                  "device"):
         ap.add_argument(f"--{flag}", help="recorded in the report's parameter table")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     data = Path(args.dataset_dir)
     if not data.is_dir():
         why = "is not a directory" if data.exists() else "does not exist"
