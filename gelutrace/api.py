@@ -201,9 +201,10 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
     ctx = realtext.check_context(cfg.block_size if context is None else context, cfg.block_size)
     text = realtext.read_eval_text(eval_text, lm.tokenizer, ctx, cfg.vocab_size, eval_tokens)
     sub = pt.Subset("neurons", ids)
-    res = realtext.measure_subsets(lm.model, text, [sub], None, seed, 0.5, batch_size)
-    controls = [pt.random_control(ids, cfg.n_layer, cfg.d_mlp, seed, j) for j in range(random_controls)]
-    realtext.add_controls(res, lm.model, [controls], None, batch_size)
+    settings = pt.EvalSettings(seed=seed, batch_size=batch_size, validation_share=0.5)
+    res = pt.measure_text(lm.model, text, [sub], None, settings)  # stage e's code for --eval_text
+    sub.controls = [pt.random_control(ids, cfg.n_layer, cfg.d_mlp, seed, j) for j in range(random_controls)]
+    pt.measure_text_controls(res, lm.model, [sub], None, settings)
     return Ablated(ids, realtext.summary_columns(res, 0), res)
 
 

@@ -566,7 +566,6 @@ def test_a_versioned_output_replaces_a_link_to_elsewhere_and_leaves_what_it_poin
 
 def test_store_switch_is_atomic_and_leftovers_are_cleaned(store_dir, monkeypatch):
     """A crash at any point of the switch leaves a complete store under its name; the next run cleans up."""
-    from gelutrace.files import formats
     d, store = store_dir
     umask = os.umask(0)
     os.umask(umask)

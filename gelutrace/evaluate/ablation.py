@@ -410,6 +410,19 @@ def control_plan(subsets: list[Subset], settings: EvalSettings, entries: list, s
     return chosen
 
 
+def measure_text(model, text, subsets: list[Subset], mean_values, settings: EvalSettings, progress=None):
+    """Every subset ablated on real text (realtext.EvalText): stage e's --eval_text, and the API's ablate."""
+    s = settings
+    return realtext.measure_subsets(model, text, subsets, mean_values, s.seed, s.validation_share, s.batch_size,
+                                    progress and (lambda n: progress("text", n)))
+
+
+def measure_text_controls(res, model, subsets: list[Subset], mean_values, settings: EvalSettings, progress=None):
+    """The subsets' random (and effect-weighted) controls on the same text, into `res` (measure_text's)."""
+    realtext.add_controls(res, model, [sub.controls for sub in subsets], mean_values, settings.batch_size,
+                          progress and (lambda n: progress("text", n)), [sub.weighted for sub in subsets])
+
+
 def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values, settings: EvalSettings,
         progress=None, text=None, weights: np.ndarray | None = None) -> Results:
     """
@@ -430,8 +443,7 @@ def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], m
                    s.batch_size, progress)
     tres = None
     if text is not None:
-        tres = realtext.measure_subsets(model, text, subsets, mean_values, s.seed, s.validation_share, s.batch_size,
-                                        progress and (lambda n: progress("text", n)))
+        tres = measure_text(model, text, subsets, mean_values, s, progress)
         primary = text_entries(tres, subsets), tres.split
     else:
         primary = [e for e in (comparison_entry(sub, c, [], samples, len(prompts)) for sub, c in zip(subsets, mains))
@@ -448,8 +460,7 @@ def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], m
     if flat:
         teacher_forced(model, rows, prompt_ids, base, flat, mean_values, s.batch_size, progress)
     if tres is not None:
-        realtext.add_controls(tres, model, [sub.controls for sub in subsets], mean_values, s.batch_size,
-                              progress and (lambda n: progress("text", n)), [sub.weighted for sub in subsets])
+        measure_text_controls(tres, model, subsets, mean_values, s, progress)
     tables, summary, entries = {}, [], []
     for i, (sub, main, ctl) in enumerate(zip(subsets, mains, controls)):
         tables[sub.stem] = result_table(sub, main, prompts, tokenizer, samples)
