@@ -11,7 +11,7 @@ values write one subset each from one ranking: the subsets of a method at growin
 What stage e reads instead of ranking again: every neuron's score under the method variant (float64, in neuron
 id order), once for its subsets at every k, in scores/{m}_{method}[_{weight}][_t{threshold}].npy beside the
 subsets (the sidecar's score_file, with its score_sha256; null for random), and the subset chosen again on each
-half of the selection data (the sidecar's halves: available, how, half_a, half_b; docs/reliability.md). The
+half of the selection data (the sidecar's halves: available, how, half_a, half_b; docs/stage-d.md). The
 halves of a corpus-mode dataset are its shards; a prompt-mode dataset's are its prompt CSV's rows, so they need
 --input_csv (without it the sidecar says why there are none).
 

@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +235,7 @@ class Subset:
     k: int
     edges_kept: int
     info: dict
-    every: np.ndarray | None = None  # every node's score, the ranking's input (None for random)
+    every: np.ndarray | None = field(default=None, repr=False)  # every node's score, the ranking's input (None: random)
 
 
 def _match_layer_counts(graph: CoactivationGraph, match_path) -> dict[int, int]:
