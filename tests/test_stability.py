@@ -203,6 +203,19 @@ def test_overlap_is_the_jaccard_of_the_halves_subsets(prompt_runs):
     assert stability.recorded_halves(list(infos.values())) == {"available": True, "halves": halves.how}
 
 
+def test_stage_d_without_the_prompt_csv_records_why_there_are_no_halves(prompt_runs, tmp_path):
+    csv, d, infos = prompt_runs["all"]
+    graph = layout.path(d, layout.WEIGHTED_GRAPH, M)
+    run_here("d_calculate_perturbation_subset.py", "--input_graph_path", graph, "--threshold", 0.3, "--ratio", 0.01,
+             "--method", "degree", "--output_dir", tmp_path)
+    info = json.loads((tmp_path / f"{M}_degree_t0.3_r0.01.json").read_text())
+    assert info["halves"] == {"available": False, "how": info["halves"]["how"], "half_a": None, "half_b": None}
+    assert "--input_csv" in info["halves"]["how"]
+    assert info["score_file"] == infos[f"{M}_degree_t0.3_r0.01"]["score_file"]  # the scores do not need the CSV
+    assert np.array_equal(sel.read_scores(tmp_path, info), sel.read_scores(d / layout.SUBSETS_DIR, infos[
+        f"{M}_degree_t0.3_r0.01"]))
+
+
 def test_one_prompt_has_no_halves(tmp_path):
     csv = write_csv(tmp_path / "one.csv", PROMPTS[:1])
     run_here("b_generate_activation_dataset.py", "--input_csv", csv, "--export_dir", tmp_path / "d", "--model_type",
@@ -230,6 +243,11 @@ def test_corpus_halves_are_the_shards(tmp_path):
     per_shard = [stage_d(layout.path(tmp_path / f"s{i}", layout.WEIGHTED_GRAPH, M), tmp_path / f"subsets{i}",
                          tmp_path / f"s{i}") for i in (0, 1)]
     assert any(info["method"] == "attribution" for info in infos.values())
+    code, err = run_here("d_calculate_perturbation_subset.py", "--input_graph_path",
+                         layout.path(tmp_path / "all", layout.WEIGHTED_GRAPH, M), "--k", 3, "--method",
+                         "activation_count", "--output_dir", tmp_path / "refused", "--input_csv",
+                         write_csv(tmp_path / "p.csv", PROMPTS), check=False)
+    assert code == 2 and "corpus-mode dataset" in err and not list((tmp_path / "refused").glob("*.npy"))
     check_recorded(infos, halves, tmp_path / "subsets", tmp_path / "all")
     overlap = {stem: stability.recorded_overlap(info) for stem, info in infos.items()}
     for stem, info in infos.items():
