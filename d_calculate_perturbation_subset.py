@@ -203,7 +203,8 @@ def write_modules(args):
     ranking = {"--output_path": args.output_path, "--ratio": args.ratio, "--k": args.k,
                "--input_graph_path": args.input_graph_path, "--threshold": args.threshold,
                "--method": args.method, "--weight": args.weight, "--seed": args.seed,
-               "--match_layers": args.match_layers, "--export_graph": args.export_graph}
+               "--match_layers": args.match_layers, "--export_graph": args.export_graph,
+               "--input_csv": args.input_csv}
     given = [k for k, v in ranking.items() if v is not None]  # given at all, even at a default's value
     if given:
         raise PipelineError(f"--modules writes each module as it is: give --output_dir and --module or --modules_top, "
