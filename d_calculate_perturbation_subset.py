@@ -8,6 +8,13 @@ neuron's score, and how the cut sits on ties: tied_picks, tie_pool, zero_score_p
 values write one subset each from one ranking: the subsets of a method at growing k are prefixes of each other
 (random draws each k afresh from --seed).
 
+What stage e reads instead of ranking again: every neuron's score under the method variant (float64, in neuron
+id order), once for its subsets at every k, in scores/{m}_{method}[_{weight}][_t{threshold}].npy beside the
+subsets (the sidecar's score_file, with its score_sha256; null for random), and the subset chosen again on each
+half of the selection data (the sidecar's halves: available, how, half_a, half_b; docs/stage-d.md). The
+halves of a corpus-mode dataset are its shards; a prompt-mode dataset's are its prompt CSV's rows, so they need
+--input_csv (without it the sidecar says why there are none).
+
 Methods on the thresholded graph: degree (the original's), weighted_degree, pagerank. Through the causal graph
 (stage b --direct_edges), with no threshold: influence, each neuron's effect on the next token's loss directly
 and through every later neuron it drives (I = s + |E~| I, docs/methods.md "Influence"). Methods that need
@@ -41,16 +48,19 @@ from pathlib import Path
 
 from gelutrace import PipelineError
 from gelutrace.cli import check_at_least, memory_limit, parser, run_main
-from gelutrace.files import atomic
+from gelutrace.files import atomic, formats
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
 from gelutrace.selection import communities as md
 from gelutrace.selection import methods as sel
+from gelutrace.selection import stability
 
 
-def main(argv=None, read_graph=gs.read_graph, done=None):
+def main(argv=None, read_graph=gs.read_graph, done=None, halves=None):
     """`read_graph` reads --input_graph_path and `done(word, target, note)` hears of each subset written or skipped
-    (default: a line on stdout), so that a sweep (gelutrace.pipeline sweep) reads the graph once."""
+    (default: a line on stdout), and `halves(graph, dataset_path, prompts)` gives the selection data's halves
+    (default: selection_halves), so that a sweep (gelutrace.pipeline sweep) reads the graph and builds them once."""
     done = done or (lambda word, target, note: print(f"{word} {target} ({note})"))
     ap = parser(__doc__)
     ap.add_argument("--input_graph_path",
@@ -83,6 +93,10 @@ def main(argv=None, read_graph=gs.read_graph, done=None):
     ap.add_argument("--dataset_path", default=None,
                     help="stage b's directory, read by --method attribution and ablation (default: the directory "
                          "the graph store was built from)")
+    ap.add_argument("--input_csv", default=None,
+                    help="prompt mode: the prompt CSV stage b read, whose two halves of rows each subset is chosen "
+                         "again on (the sidecar's halves; corpus mode finds its halves from its shards) (default: "
+                         "none, no halves)")
     ap.add_argument("--skip_existing", action="store_true",
                     help="do nothing if the output .npy already exists (used by d_batch)")
     ap.add_argument("--seed", type=int, default=None,  # None: not given; 1337
@@ -131,6 +145,7 @@ def main(argv=None, read_graph=gs.read_graph, done=None):
         raise PipelineError("--match_layers takes its k from the other subset: give one --ratio or --k")
     if args.export_graph and (args.threshold is None or Path(args.export_graph).suffix not in (".graphml", ".gpickle")):
         raise PipelineError("--export_graph needs --threshold and a .graphml or .gpickle name")
+    prompts = formats.read_prompts(args.input_csv) if args.input_csv else None
     graph = read_graph(args.input_graph_path)
     ks = [sel.subset_size(graph.num_nodes, r) for r in args.ratio] if args.ratio else args.k
     sel.check_sizes(ks, graph.num_nodes)
@@ -154,23 +169,46 @@ def main(argv=None, read_graph=gs.read_graph, done=None):
     if args.match_layers and subs[0].k != ks[0]:
         raise PipelineError(f"--match_layers gives k={subs[0].k} (the other subset's neurons), but --"
                             f"{'ratio' if args.ratio else 'k'} asks for k={ks[0]}: give that k")
-    for i, sub in zip(todo, subs):
+    threshold = args.threshold if uses_graph else None
+    again = stability.half_selections((halves or selection_halves)(graph, args.dataset_path, prompts), args.method, threshold,
+                                      args.weight, [sub.k for sub in subs], args.seed, args.match_layers)
+    scores = sel.write_scores(subs[0], graph, targets[0].parent, args.method, threshold, args.weight)
+    for i, sub, halves in zip(todo, subs, again):
         ratio = args.ratio[i] if args.ratio else None
-        params = {"method": args.method, "threshold": args.threshold if uses_graph else None,
+        params = {"method": args.method, "threshold": threshold,
                   "threshold_ignored": not uses_graph, "ratio": ratio, "seed": args.seed}
         if ratio is not None:
             sub.info = {"k_from_ratio": ks[i], **sub.info}
-        sel.write_subset(sub, graph, targets[i], params)
+        sel.write_subset(sub, graph, targets[i], params, {**scores, "halves": halves})
         kept = (f"{sub.edges_kept:,} edges kept" if uses_graph else
                 "the causal graph, every pair measured" if args.method == "influence" else "no graph used")
         done("wrote", targets[i], f"k={sub.k}, {kept}, {time.time() - t0:.1f} s")
+
+
+def selection_halves(graph: gr.CoactivationGraph, dataset_path, prompts) -> stability.Halves:
+    """The two halves of the data the graph was counted on: a corpus-mode dataset's shards, or a prompt-mode
+    dataset's rows of `prompts` (--input_csv); none, and why, without them."""
+    try:
+        data = sel.dataset_dir(graph, dataset_path)
+    except PipelineError as e:
+        if prompts is not None:
+            raise
+        return stability.Halves([], f"no dataset to split ({e})")
+    record = DatasetDir(data, graph.model).corpus_record()
+    if record is not None and prompts is not None:
+        raise PipelineError(f"--input_csv: {data} is a corpus-mode dataset, whose halves are its shards: leave "
+                            f"--input_csv out")
+    if record is None and prompts is None:
+        return stability.Halves([], "stage d was not given the prompt CSV (--input_csv) to split")
+    return stability.halves_of(data, graph.model, prompts, record)
 
 
 def write_modules(args):
     ranking = {"--output_path": args.output_path, "--ratio": args.ratio, "--k": args.k,
                "--input_graph_path": args.input_graph_path, "--threshold": args.threshold,
                "--method": args.method, "--weight": args.weight, "--seed": args.seed,
-               "--match_layers": args.match_layers, "--export_graph": args.export_graph}
+               "--match_layers": args.match_layers, "--export_graph": args.export_graph,
+               "--input_csv": args.input_csv}
     given = [k for k, v in ranking.items() if v is not None]  # given at all, even at a default's value
     if given:
         raise PipelineError(f"--modules writes each module as it is: give --output_dir and --module or --modules_top, "

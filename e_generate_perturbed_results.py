@@ -76,7 +76,6 @@ from gelutrace.model.generation import encode_prompts, plan_batches
 from gelutrace.model.loading import load_model
 from gelutrace.report import verdict
 from gelutrace.report.plots import plot_dose_response, plot_method_comparison, plot_perturbation_summary
-from gelutrace.selection import stability
 
 
 def main(argv=None):
@@ -155,6 +154,10 @@ def run(lm, args, selection_prompts, prompts, eval_csv: str):
     atomic.check_output_dir(Path(args.dataset_path) / layout.RESULTS_DIR / layout.PER_SAMPLE_DIR, "--dataset_path")
     atomic.lock_directory(args.dataset_path, "stage e")
     subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons, lm.name)
+    if old := pt.unrecorded(subsets):
+        print(f"warning: {len(old)} subset(s) ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}) come from an "
+              f"older stage d, whose sidecars record neither the scores nor the halves: their Spearman "
+              f"(method_agreement.csv) and selection_jaccard stay empty; rerun stage d to fill them", file=sys.stderr)
     mean_values = ds.mean_activations(n_neurons) if args.ablation == "mean" else None
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
     text = leak = None
@@ -205,8 +208,7 @@ def run(lm, args, selection_prompts, prompts, eval_csv: str):
         module_tables[layout.MODULE_EFFECTS] = me.effects_table(subsets, results.summary, text is not None,
                                                             weights_source, tokens)
 
-    halves = stability.halves_of(args.dataset_path, lm.name, selection_prompts, corpus_record)
-    pt.add_selection_overlap(results, subsets, halves)
+    pt.add_selection_overlap(results, subsets)
     evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args, corpus_record)
     if text is not None:
         evaluation["eval_text"] = {**text.record(args.eval_tokens), "leak_check": leak}

@@ -129,6 +129,9 @@ Options (or environment variables):
                                    --help); a method that ignores the weight (all but degree,
                                    weighted_degree, pagerank) writes one subset, listed once
   --seed N                         SEED (for random; default 1337)
+  --input_csv CSV                  INPUT_CSV: the prompt CSV of a prompt-mode dataset, whose halves every subset is
+                                   chosen again on (stage e's selection_jaccard); a corpus-mode dataset's halves
+                                   are its shards
   --force                          FORCE=1: recompute subsets that already exist (default: skip them)
   PYTHON=...                       the interpreter (default: .venv/bin/python beside this script, or python3)
 """
@@ -149,6 +152,7 @@ RUN_OPTIONS = {
 SWEEP_OPTIONS = {
     "--thresholds": ("THRESHOLDS", "0.5 0.7 0.8 0.9"), "--ratios": ("RATIOS", "0.01 0.02 0.05 0.1"), "--ks": ("KS", ""),
     "--methods": ("METHODS", "degree"), "--weights": ("WEIGHTS", "count"), "--seed": ("SEED", "1337"),
+    "--input_csv": ("INPUT_CSV", ""),
 }
 SWEEP_SEED = SWEEP_OPTIONS["--seed"][1]  # the seed of run's stage d (its --seed is stage b's)
 
@@ -481,14 +485,16 @@ def stages(s: Run) -> Iterator[Stage]:
     subsets = f"{d}/{layout.SUBSETS_DIR}"
     size_var, size = ("KS", counts) if s.ks else ("RATIOS", s.ratios)
     grid = [f"THRESHOLDS={s.thresholds}", f"{size_var}={size}", f"METHODS={s.methods}", f"WEIGHTS={s.weights}"]
+    grid += [] if s.text else [f"INPUT_CSV={s.csv}"]  # prompt mode: the halves each subset is chosen again on
     sweep_command = Command(["env", *grid, "./d_batch_perturbation_calculate.sh", analyzed, subsets], [
         "-m", "gelutrace.pipeline", "sweep", "--thresholds", s.thresholds, f"--{size_var.lower()}", size,
-        "--methods", s.methods, "--weights", s.weights, "--seed", SWEEP_SEED, analyzed, subsets])
+        "--methods", s.methods, "--weights", s.weights, "--seed", SWEEP_SEED, *halves, analyzed, subsets])
     modules = [script("d_calculate_perturbation_subset.py", "--modules", f"{d}/{layout.MODULES_DIR}/" +
                       layout.MODULES.format(m=m, weight=w), "--modules_top", s.modules_top, "--output_dir", subsets)
                for w in module_weights] if int(s.modules_top) > 0 else []
     yield Stage("d", subsets, [sweep_command, *modules],
-                ["subsets_d", s.thresholds, grid[1], s.methods, s.weights, s.modules_top, " ".join(module_weights)],
+                ["subsets_d", s.thresholds, grid[1], s.methods, s.weights, s.modules_top, " ".join(module_weights),
+                 *halves],
                 clear=subsets)
     names = sorted(p.name for p in Path(subsets).glob("*.npy") if not p.name.startswith("."))
     selection = [] if s.text else ["--input_csv", s.csv]
@@ -662,7 +668,16 @@ def sweep(argv: list[str]):
         size = ["--ratio", *parsed("--ratios", v["RATIOS"], float, True)]
     parsed("--seed", v["SEED"], int, True)
     skip = [] if v["FORCE"] == "1" else ["--skip_existing"]
+    csv = ["--input_csv", v["INPUT_CSV"]] if v["INPUT_CSV"] else []
     read_graph = cache(gs.read_graph)
+    split = {}
+
+    def halves(graph, dataset_path, prompts):  # each graph's halves built once, for every method and threshold
+        key = (id(graph), str(dataset_path))
+        if key not in split:
+            split[key] = stage_d.selection_halves(graph, dataset_path, prompts)
+        return split[key]
+
     files, status, failed = [], [], 0
     for method in v["METHODS"].split():
         for weight in v["WEIGHTS"].split():
@@ -670,9 +685,9 @@ def sweep(argv: list[str]):
                 where = f"[{method} {weight} t={t or '-'}]"
                 done = []
                 argv = ["--input_graph_path", graph, *(["--threshold", t] if t else []), *size, "--method", method,
-                        "--weight", weight, "--seed", v["SEED"], "--output_dir", out, *skip]
+                        "--weight", weight, "--seed", v["SEED"], "--output_dir", out, *skip, *csv]
                 try:
-                    stage_d.main(argv, read_graph, lambda *line: done.append(line))
+                    stage_d.main(argv, read_graph, lambda *line: done.append(line), halves)
                 except PipelineError as e:
                     print(f"{where} error: {e}", flush=True)
                     failed += 1

@@ -360,7 +360,9 @@ def complete(argv):
 @pytest.mark.parametrize("mode", DEMO)
 def test_the_stage_table_gives_the_shell_drivers_commands_and_stamps(tmp_path, capsys, mode):
     """The demo's runs planned by the driver, with stand-in stages: the same STAGE.run and STAGE.cmd files as the
-    shell driver's, byte for byte; and a directory with the shell driver's stamps is up to date."""
+    shell driver's, byte for byte (tests/data/pipeline_runs, but for prompt mode's stage d, which now also hands
+    the sweep the prompt CSV, INPUT_CSV, whose halves it records); and a directory with these stamps is up to
+    date."""
     flags, name = DEMO[mode]
     data = tmp_path / name
     assert pipeline.settings([*flags, M, CSV]).data == f"{REPO_ROOT}/parcellation_datasets/{name}"  # the demo's
@@ -436,7 +438,8 @@ D = str(REPO_ROOT / "d_calculate_perturbation_subset.py")
 
 
 def files(d: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    """Every file under d (the subsets, and stage d's scores/ beside them) and its bytes."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_the_sweep_writes_the_subsets_of_one_process_per_method_byte_for_byte(tmp_path):
@@ -458,9 +461,10 @@ def test_the_sweep_writes_the_subsets_of_one_process_per_method_byte_for_byte(tm
                         str(tmp_path / "sweep")], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     written = files(tmp_path / "sweep")
-    assert len(written) == 2 * (2 * 2 * 2 * 2 + 2 * 2) and written == files(tmp_path / "reference")
+    subsets = [name for name in written if "/" not in name]
+    assert len(subsets) == 2 * (2 * 2 * 2 * 2 + 2 * 2) and written == files(tmp_path / "reference")
     summary = r.stdout[r.stdout.index("summary"):]
-    assert summary.count(" written ") == len(written) // 2  # each subset listed once
+    assert summary.count(" written ") == len(subsets) // 2  # each subset listed once
     # a method that fails (no measured effects) is one line, the others written; exit status 1
     r = subprocess.run([BATCH, "--thresholds", "0.5", "--ks", "3", "--methods", "degree ablation", graph,
                         str(tmp_path / "failing")], capture_output=True, text=True, env=ENV)
@@ -471,9 +475,7 @@ def test_the_sweep_writes_the_subsets_of_one_process_per_method_byte_for_byte(tm
 def test_gelutrace_run_is_the_driver(capsys):
     from gelutrace import commands
 
-    with pytest.raises(SystemExit) as e:
-        commands.main(["run", "--help"])
-    assert e.value.code == 0 and capsys.readouterr().out == pipeline.RUN_HELP
+    assert commands.main(["run", "--help"]) == 0 and capsys.readouterr().out == pipeline.RUN_HELP
     with pytest.raises(SystemExit) as e:
         commands.main(["run", "--ks", "3", "--ratios", "0.1"])
     assert e.value.code == 2 and capsys.readouterr().err == "error: give --ks or --ratios, not both\n"

@@ -1,7 +1,8 @@
 """
 The stability of a selection (gelutrace.selection.stability) against independent references: every half's graph against
 numpy counts of its rows, and each half's subsets against the whole pipeline (stages b, c and d) run on that
-half's prompts alone (prompt mode) or on one shard (corpus mode).
+half's prompts alone (prompt mode) or on one shard (corpus mode). Stage d records each subset chosen again on
+each half, and every neuron's score, in its sidecar: both against the re-selection and the scores recomputed.
 """
 
 import json
@@ -11,11 +12,15 @@ import pandas as pd
 import pytest
 from test_corpus import run_here
 
+from gelutrace import PipelineError
+from gelutrace.evaluate import ablation as pt
+from gelutrace.evaluate import statistics as stats
 from gelutrace.files import formats, layout
 from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
 from gelutrace.record import prompts as recording
+from gelutrace.selection import methods as sel
 from gelutrace.selection import stability
 from gelutrace.selection.stability import jaccard
 
@@ -80,11 +85,12 @@ def stage_b_to_d(csv, d):
     run_here("b_generate_activation_dataset.py", "--input_csv", csv, "--export_dir", d, "--model_type", M,
              "--device", "cpu", "--batch_size", 1, "--no_edge_list", "--no_activation_lists", "--top_examples", 0)
     run_here("c_calculate_weighted_activation_graph.py", "--input_dir", d)
-    return stage_d(layout.path(d, layout.WEIGHTED_GRAPH, M), d / layout.SUBSETS_DIR, dataset=d)
+    return stage_d(layout.path(d, layout.WEIGHTED_GRAPH, M), d / layout.SUBSETS_DIR, dataset=d, csv=csv)
 
 
-def stage_d(graph, out, dataset=None) -> dict:
+def stage_d(graph, out, dataset=None, csv=None) -> dict:
     extra = ["--dataset_path", dataset] if dataset is not None else []
+    extra += ["--input_csv", csv] if csv is not None else []
     methods = [("degree", t) for t in THRESHOLDS] + [("pagerank", THRESHOLDS[0]), ("activation_count", None),
                                                      ("random", None)]
     methods += [("attribution", None)] if dataset is not None else []
@@ -94,6 +100,49 @@ def stage_d(graph, out, dataset=None) -> dict:
             run_here("d_calculate_perturbation_subset.py", "--input_graph_path", graph, *thr, "--ratio", r,
                      "--method", method, "--output_dir", out, *extra)
     return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+
+
+def reselect(half, info: dict, seed_offset: int = 0):
+    """The reference for the sidecar's halves: the subset of a sidecar chosen again on one half, one k at a time,
+    as stage e chose it before stage d recorded it (None when it cannot be)."""
+    method = info.get("method")
+    if method not in sel.METHODS or info.get("match_layers"):
+        return None
+    if method in stability.MEASURED and method not in half.measured:
+        return None
+    seed = int(info.get("seed", 1337)) + seed_offset
+    try:
+        return sel.select_sizes(half.graph, info.get("threshold"), [int(info["k"])], method, seed,
+                                weight=info.get("weight") or gr.DEFAULT_WEIGHT, measured=half.measured)[0].ids
+    except PipelineError:
+        return None
+
+
+def check_recorded(infos: dict, halves, subsets, dataset):
+    """Each sidecar's halves equal reselect on the halves, and its scores file equals the method's scores
+    recomputed on the graph it was chosen on."""
+    graph = gs.read_graph(layout.path(dataset, layout.WEIGHTED_GRAPH, M))
+    for stem, info in infos.items():
+        rec = info["halves"]
+        assert rec["available"] and rec["how"] == halves.how, stem
+        offsets = (1, 2) if info["method"] == "random" else (0, 0)
+        for name, half, o in zip(layout.HALVES, halves.halves, offsets):
+            ref = reselect(half, info, o)
+            assert (rec[name] is None) == (ref is None), (stem, name)
+            if ref is not None:
+                assert rec[name] == ref.tolist(), (stem, name)  # the same neurons in the same rank order
+        if info["method"] == "random":
+            assert info["score_file"] is None
+            continue
+        got = np.load(subsets / info["score_file"], allow_pickle=False)
+        want = np.asarray(sel.scores(graph, info["method"], info["threshold"], info["weight"] or gr.DEFAULT_WEIGHT,
+                                     dataset), np.float64)
+        assert got.dtype == np.float64 and np.array_equal(got, want, equal_nan=True), stem
+        assert np.array_equal(sel.read_scores(subsets, info), want, equal_nan=True)
+    # the subsets of one variant at every k share one scores file
+    files = {(i["method"], i["threshold"], i["weight"]): i["score_file"] for i in infos.values()}
+    assert len(set(files.values())) == len(files)
+    assert len({i["score_file"] for i in infos.values()}) < len(infos)
 
 
 @pytest.fixture(scope="module")
@@ -130,15 +179,14 @@ def test_prompt_halves_equal_the_pipeline_on_each_half(prompt_runs):
         for stem, info in infos.items():
             if info["method"] in ("random", "attribution"):
                 continue  # attribution: equal up to float rounding, so its order may differ at near-ties
-            assert np.array_equal(np.sort(stability.reselect(halves.halves[h], info)),
-                                  np.sort(hinfos[stem]["neurons"])), (stem, h)
+            assert np.array_equal(np.sort(info["halves"][layout.HALVES[h]]), np.sort(hinfos[stem]["neurons"])), (stem, h)
+    check_recorded(infos, halves, d / layout.SUBSETS_DIR, d)
 
 
 def test_overlap_is_the_jaccard_of_the_halves_subsets(prompt_runs):
     csv, d, infos = prompt_runs["all"]
     halves = stability.halves_of(d, M, formats.read_prompts(csv))
-    overlap = stability.selection_overlap(halves, infos)
-    assert set(overlap) == set(infos)
+    overlap = {stem: stability.recorded_overlap(info) for stem, info in infos.items()}
     for stem, info in infos.items():
         if info["method"] in ("random", "attribution"):
             continue
@@ -153,6 +201,20 @@ def test_overlap_is_the_jaccard_of_the_halves_subsets(prompt_runs):
             assert overlap[stem] == pytest.approx(len(a & b) / len(a | b))
     values = np.array([v for v in overlap.values()])
     assert np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all()
+    assert stability.recorded_halves(list(infos.values())) == {"available": True, "halves": halves.how}
+
+
+def test_stage_d_without_the_prompt_csv_records_why_there_are_no_halves(prompt_runs, tmp_path):
+    csv, d, infos = prompt_runs["all"]
+    graph = layout.path(d, layout.WEIGHTED_GRAPH, M)
+    run_here("d_calculate_perturbation_subset.py", "--input_graph_path", graph, "--threshold", 0.3, "--ratio", 0.01,
+             "--method", "degree", "--output_dir", tmp_path)
+    info = json.loads((tmp_path / f"{M}_degree_t0.3_r0.01.json").read_text())
+    assert info["halves"] == {"available": False, "how": info["halves"]["how"], "half_a": None, "half_b": None}
+    assert "--input_csv" in info["halves"]["how"]
+    assert info["score_file"] == infos[f"{M}_degree_t0.3_r0.01"]["score_file"]  # the scores do not need the CSV
+    assert np.array_equal(sel.read_scores(tmp_path, info), sel.read_scores(d / layout.SUBSETS_DIR, infos[
+        f"{M}_degree_t0.3_r0.01"]))
 
 
 def test_one_prompt_has_no_halves(tmp_path):
@@ -163,7 +225,9 @@ def test_one_prompt_has_no_halves(tmp_path):
     assert freq["attribution"].notna().all() and freq["attribution_half_a"].isna().all()
     halves = stability.halves_of(tmp_path / "d", M, formats.read_prompts(csv))
     assert halves.halves == [] and "one prompt" in halves.how
-    assert all(np.isnan(v) for v in stability.selection_overlap(halves, {"x": {"method": "degree"}}).values())
+    recs = stability.half_selections(halves, "degree", 0.3, "count", [3, 5], 1337)
+    assert recs == [{"available": False, "how": halves.how, "half_a": None, "half_b": None}] * 2
+    assert np.isnan(stability.recorded_overlap({"method": "degree", "halves": recs[0]}))
 
 
 def test_corpus_halves_are_the_shards(tmp_path):
@@ -180,7 +244,13 @@ def test_corpus_halves_are_the_shards(tmp_path):
     per_shard = [stage_d(layout.path(tmp_path / f"s{i}", layout.WEIGHTED_GRAPH, M), tmp_path / f"subsets{i}",
                          tmp_path / f"s{i}") for i in (0, 1)]
     assert any(info["method"] == "attribution" for info in infos.values())
-    overlap = stability.selection_overlap(halves, infos)
+    code, err = run_here("d_calculate_perturbation_subset.py", "--input_graph_path",
+                         layout.path(tmp_path / "all", layout.WEIGHTED_GRAPH, M), "--k", 3, "--method",
+                         "activation_count", "--output_dir", tmp_path / "refused", "--input_csv",
+                         write_csv(tmp_path / "p.csv", PROMPTS), check=False)
+    assert code == 2 and "corpus-mode dataset" in err and not list((tmp_path / "refused").glob("*.npy"))
+    check_recorded(infos, halves, tmp_path / "subsets", tmp_path / "all")
+    overlap = {stem: stability.recorded_overlap(info) for stem, info in infos.items()}
     for stem, info in infos.items():
         if info["method"] == "random":
             continue
@@ -215,3 +285,41 @@ def test_report_names_the_unstable_methods_and_the_chance_level():
     assert "Below" not in stable
     missing = stability_lines(best, {"selection_halves": {"available": False, "halves": "one prompt <b>"}})[0]
     assert "not measured (one prompt &lt;b&gt;)" in missing
+
+
+def test_stage_e_reads_what_stage_d_recorded(tmp_path):
+    """Stage e's agreement scores and stability columns come from the sidecars; an older stage d's sidecar (no
+    scores, no halves) leaves them empty, and a scores file rewritten since is refused."""
+    active = np.random.default_rng(0).random((20, 8)) < 0.4
+    graph = gs.count_graph(gr.ActivationData("toy", 2, 4, np.packbits(active, axis=1), None))
+    every = np.array([3.0, 1.0, np.nan, 2.0, 0.5, 7.0, 1.5, 4.0])
+    sub = sel.Subset(np.array([5, 7, 0]), every[[5, 7, 0]], 3, None, {}, every)
+    fields = sel.write_scores(sub, graph, tmp_path, "attribution", None)
+    assert fields["score_file"] == f"{layout.SCORES_DIR}/toy_attribution.npy"
+    halves = {"available": True, "how": "prompt rows split 3 + 3, seeded"}
+
+    def entry(stem, method, info):
+        z = np.zeros(2)
+        return stats.Entry(stem, method, "", 3, np.array([0, 5, 7]), {}, z, {}, np.zeros((0, 2)), info)
+
+    new = {"method": "attribution", "subset": "a.npy", **fields,
+           "halves": {**halves, "half_a": [5, 7, 0], "half_b": [5, 1, 0]}}
+    causal = {"method": "degree", "weight": "direct_abs", "subset": "c.npy", **fields,
+              "halves": {**halves, "half_a": [1, 2, 3], "half_b": None}}
+    old = {"method": "activation_count", "subset": "o.npy"}
+    entries = [entry("a", "attribution", new), entry("c", "degree_direct_abs", causal),
+               entry("o", "activation_count", old)]
+    scores = stats.recorded_scores(entries, tmp_path)
+    assert list(scores) == [("attribution", "")] and np.array_equal(scores["attribution", ""], every, equal_nan=True)
+    subsets = [pt.Subset(f"{e.stem}.npy", e.ids, info=e.info) for e in entries]
+    assert pt.unrecorded(subsets) == ["o"]
+    res = pt.Results({}, pd.DataFrame(), entries, np.zeros(0), stats.split_prompts(2, 0), 0)
+    pt.add_selection_overlap(res, subsets)
+    assert [e.info["selection_jaccard"] for e in entries][0] == pytest.approx(2 / 4)
+    assert all(np.isnan(e.info["selection_jaccard"]) for e in entries[1:])
+    assert res.halves == {"available": True, "halves": halves["how"]}
+    pt.add_selection_overlap(res, subsets[2:])
+    assert res.halves == {"available": False, "halves": stability.OLDER_SIDECARS}
+    sel.write_scores(sel.Subset(sub.ids, sub.scores, 3, None, {}, every + 1), graph, tmp_path, "attribution", None)
+    with pytest.raises(PipelineError, match="rewritten since"):
+        stats.recorded_scores(entries, tmp_path)

@@ -81,11 +81,15 @@ def read_sidecar(npy: Path, model: str) -> dict:
     if not isinstance(info, dict):
         raise PipelineError(f"{side}: expected a JSON object")
     kinds = {"method": str, "weight": str, "threshold": (int, float), "ratio": (int, float), "seed": int,
-             "tied_picks": int, "tie_pool": int, "zero_score_picks": int, "module": int}
+             "tied_picks": int, "tie_pool": int, "zero_score_picks": int, "module": int, "score_file": str,
+             "score_sha256": str, "halves": dict}
     for key, kind in kinds.items():
         v = info.get(key)
         if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
             raise PipelineError(f"{side}: {key} is {v!r}, not what stage d writes; rerun stage d")
+    if info.get("score_file") is not None and (Path(info["score_file"]).is_absolute()
+                                               or ".." in Path(info["score_file"]).parts):
+        raise PipelineError(f"{side}: score_file {info['score_file']!r} is not beside the subsets; rerun stage d")
     if info.get("method") == MODULE and not isinstance(info.get("module"), int):
         raise PipelineError(f"{side}: a module's sidecar without its module number; rerun stage d --modules")
     if info.get("model") not in (None, model):
@@ -477,14 +481,18 @@ def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], m
     return res
 
 
-def add_selection_overlap(results: Results, subsets: list[Subset], halves):
-    """Each method subset's Jaccard overlap between its selection on the two halves of the selection data
-    (gelutrace.selection.stability), into its comparison entry; the halves' description goes to comparison.json."""
+def unrecorded(subsets: list[Subset]) -> list[str]:
+    """The method subsets whose sidecar (an older stage d's) records neither their scores nor their halves."""
+    return [s.stem for s in subsets if s.compared and "halves" not in s.info]
 
-    overlap = stability.selection_overlap(halves, {s.stem: s.info for s in subsets if s.compared})
+
+def add_selection_overlap(results: Results, subsets: list[Subset]):
+    """Each method subset's Jaccard overlap between its selection on the two halves of the selection data, as
+    stage d recorded them (gelutrace.selection.stability), into its comparison entry; the halves' description goes
+    to comparison.json."""
     for e in results.entries:
-        e.info["selection_jaccard"] = overlap.get(e.stem, np.nan)
-    results.halves = {"available": len(halves.halves) == 2, "halves": halves.how}
+        e.info["selection_jaccard"] = stability.recorded_overlap(e.info)
+    results.halves = stability.recorded_halves([s.info for s in subsets if s.compared])
 
 
 def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, args, corpus: dict | None = None) -> dict:
@@ -566,8 +574,7 @@ def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[
     if effects_file.is_file():
         effects = formats.read_neuron_column(effects_file, "delta_nll", n_neurons, "d_calculate_neuron_effects.py",
                                         missing_ok=True)
-        infos = {s.stem: s.info for s in subsets}
-        scores = stats.method_scores(results.entries, infos, dataset_path)
+        scores = stats.recorded_scores(results.entries, Path(dataset_path) / layout.SUBSETS_DIR)
         tables[layout.METHOD_AGREEMENT] = stats.agreement_table(entries, effects, scores)
     for name, df in tables.items():
         atomic.write_csv(df, out / name)

@@ -21,10 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from gelutrace import PipelineError
 from gelutrace.files import layout
-from gelutrace.graph import coactivation as gr
-from gelutrace.graph import store as gs
 from gelutrace.selection import methods as sel
 from gelutrace.selection.stability import jaccard
 
@@ -387,26 +384,21 @@ def agreement_table(entries: list[Entry], effects: np.ndarray, scores: dict) -> 
     return pd.DataFrame(rows, columns=["k", "method", "variant", "spearman", "top_k_recall"])
 
 
-def method_scores(entries: list[Entry], infos: dict, dataset_path) -> dict:
+def recorded_scores(entries: list[Entry], directory) -> dict:
     """
-    Every neuron's score under each (method, variant) of the entries, recomputed from the graph and files the
-    subset was chosen from (infos: stem -> stage d's sidecar). A method whose graph is gone is left out.
+    Every neuron's score under each (method, variant) of the entries, as stage d recorded it beside their subsets
+    in `directory` (a subset of an older stage d has none, and random none at all). A graph method on causal
+    weights (degree_direct_abs...) is left out, as when stage e recomputed the scores by the comparison's method
+    name, which no selection method has.
     """
-
-    out, graphs = {}, {}
+    out = {}
     for e in entries:
         key = (e.method, e.variant)
-        if key in out or e.method == REFERENCE:
+        if key in out or e.method != e.info.get("method"):
             continue
-        info = infos.get(e.stem, {})
-        try:
-            src = sel.subset_graph(info, dataset_path)  # a copied dataset's own store, not the original's
-            if src not in graphs:
-                graphs[src] = gs.read_graph(src)
-            out[key] = np.asarray(sel.scores(graphs[src], e.method, info.get("threshold"),
-                                             info.get("weight") or gr.DEFAULT_WEIGHT, dataset_path), np.float64)
-        except (PipelineError, TypeError, OSError):
-            continue
+        values = sel.read_scores(directory, e.info)
+        if values is not None:
+            out[key] = values
     return out
 
 

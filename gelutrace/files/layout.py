@@ -93,6 +93,8 @@ SUBSET_FILE_NO_GRAPH = "{m}_{method}_{size}.npy"  # methods that ignore the thre
 SUBSET_FILE_WEIGHTED = "{m}_{method}_{weight}_t{threshold}_{size}.npy"  # the same for --weight other than count
 SUBSET_FILE_MODULE = "{m}_module{module}_{weight}.npy"  # d --modules: one module of c_find_modules
 SUBSET_SIDECAR = "{stem}.json"  # beside each subset .npy: parameters, k, per-layer counts, scores
+SCORES_DIR = "scores"  # beside the subsets: every neuron's score under each method variant (stage d)
+SUBSET_SCORES = "{variant}.npy"  # {variant}: the variant's subsets' name without its size
 # stage e (under <dataset>/RESULTS_DIR)
 RESULT_FILE = "{stem}.csv"  # one per subset (none.csv for the baseline), columns RESULT_COLUMNS
 PERTURBATION_SUMMARY = "summary.csv"  # one row per subset: k, per-layer counts, metrics, random controls
@@ -200,6 +202,12 @@ def subset_name(m: str, method: str, threshold: float | None, ratio: float | Non
         return SUBSET_FILE_NO_GRAPH.format(m=m, method=method, size=size)
     template = SUBSET_FILE if weight in (None, DEFAULT_WEIGHT) else SUBSET_FILE_WEIGHTED
     return template.format(m=m, method=method, weight=weight, threshold=repr(float(threshold)), size=size)
+
+
+def scores_name(m: str, method: str, threshold: float | None, weight: str | None) -> str:
+    """The file (under SCORES_DIR) of every neuron's score under one method variant, which its subsets at every
+    size share: their name (subset_name) without the size."""
+    return SUBSET_SCORES.format(variant=subset_name(m, method, threshold, None, weight, 1)[:-len("_k1.npy")])
 
 
 def model_prefix(directory, suffix_template: str = MATRIX) -> str:

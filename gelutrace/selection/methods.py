@@ -22,9 +22,10 @@ the per-layer composition of another subset).
 """
 
 import contextlib
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,7 @@ class Subset:
     k: int
     edges_kept: int
     info: dict
+    every: np.ndarray | None = field(default=None, repr=False)  # every node's score, the ranking's input (None: random)
 
 
 def _match_layer_counts(graph: CoactivationGraph, match_path) -> dict[int, int]:
@@ -323,12 +325,13 @@ def select_sizes(graph: CoactivationGraph, threshold: float | None, sizes: list[
         info["neurons_measured"] = int(finite.sum())
     ranked = np.where(finite, s, -np.inf)
     order = top_k(ranked, max(sizes), seed)
-    return [Subset(graph.node_ids[order[:k]], s[order[:k]], k, kept, {**info, **tie_counts(ranked, order[:k])})
+    return [Subset(graph.node_ids[order[:k]], s[order[:k]], k, kept, {**info, **tie_counts(ranked, order[:k])}, s)
             for k in sizes]
 
 
-def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) -> Path:
-    """The subset .npy (int64 node ids) and its sidecar JSON beside it."""
+def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict, recorded: dict | None = None) -> Path:
+    """The subset .npy (int64 node ids) and its sidecar JSON beside it; `recorded` (write_scores' fields and the
+    halves) ends the sidecar."""
     target = Path(target)
     layers = graph.layer[np.searchsorted(graph.node_ids, sub.ids)]
     lay, cnt = np.unique(layers, return_counts=True)
@@ -339,8 +342,41 @@ def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict) ->
                  "num_nodes": graph.num_nodes, "max_co_activation_count": graph.max_co_activation,
                  "edges_kept": sub.edges_kept, "k": sub.k, **sub.info,
                  "per_layer_counts": {str(a): int(b) for a, b in zip(lay, cnt)},
-                 "neurons": sub.ids.tolist(), "scores": sub.scores.tolist()})
+                 "neurons": sub.ids.tolist(), "scores": sub.scores.tolist(), **(recorded or {})})
     return side
+
+
+def write_scores(sub: Subset, graph: CoactivationGraph, directory, method: str, threshold: float | None,
+                 weight: str = DEFAULT_WEIGHT) -> dict:
+    """
+    Every node's score under the subset's method variant (float64, in node id order), once for the variant's
+    subsets at every k, under SCORES_DIR in `directory`; returns the sidecar fields that name it: score_file
+    (relative to the sidecar) and score_sha256 (of the values), both None for random, which has no score.
+    """
+    if sub.every is None:
+        return {"score_file": None, "score_sha256": None}
+    values = np.asarray(sub.every, np.float64)
+    name = layout.scores_name(graph.model or "graph", method, threshold if method in GRAPH_METHODS else None,
+                              method_weight(method, weight))
+    atomic.write_npy(values, Path(directory) / layout.SCORES_DIR / name)
+    return {"score_file": f"{layout.SCORES_DIR}/{name}", "score_sha256": hashlib.sha256(values.tobytes()).hexdigest()}
+
+
+def read_scores(directory, info: dict) -> np.ndarray | None:
+    """The scores file a stage-d sidecar `info` in `directory` names (None when it names none), refused when it is
+    gone or was rewritten since by another stage-d run."""
+    rel = info.get("score_file")
+    if rel is None:
+        return None
+    p = Path(directory) / rel
+    try:
+        values = np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{p}, the scores of subset {info.get('subset')}, cannot be read ({e}); rerun stage d") from None
+    if values.dtype != np.float64 or hashlib.sha256(values.tobytes()).hexdigest() != info.get("score_sha256"):
+        raise PipelineError(f"{p} is not the scores subset {info.get('subset')} was chosen by (rewritten since); "
+                            f"rerun stage d")
+    return values
 
 
 def _write_pair(target: Path, ids: np.ndarray, side: Path, record: dict):

@@ -1,7 +1,8 @@
 """
-How stable a selection is: each method's subset chosen again on each half of the selection data, and the
-Jaccard overlap of the two subsets (1: the same neurons; what random draws share is the chance level). A low
-overlap says that the selection data is too little for the method's choice to be trusted.
+How stable a selection is: each method's subset chosen again on each half of the selection data (by stage d,
+which records both in the subset's sidecar), and the Jaccard overlap of the two subsets (stage e; 1: the same
+neurons; what random draws share is the chance level). A low overlap says that the selection data is too little
+for the method's choice to be trusted.
 
 The halves: in prompt mode, the prompt CSV's rows split in two by one seeded permutation (`prompt_halves`, the
 same in every stage: stage b's attribution_half_* and d_calculate_neuron_effects's delta_nll_half_* columns
@@ -137,30 +138,52 @@ def halves_of(dataset_path, m: str, prompts=None, corpus_record: dict | None = N
         return Halves([], f"the selection data cannot be split: {e}")
 
 
-def reselect(half: Half, info: dict, seed_offset: int = 0) -> np.ndarray | None:
-    """The subset stage d made (its sidecar `info`), chosen again on one half; None when it cannot be."""
-    method = info.get("method")
-    if method not in sel.METHODS or info.get("match_layers"):
-        return None
+def _choose(half: Half, method: str, threshold: float | None, weight: str, ks: list[int], seed: int) -> list:
+    """The subsets of sizes ks chosen on one half (None for a size that cannot be: too few neurons measured)."""
     if method in MEASURED and method not in half.measured:
-        return None
-    seed = int(info.get("seed", 1337)) + seed_offset
+        return [None] * len(ks)
     try:
-        return sel.select_sizes(half.graph, info.get("threshold"), [int(info["k"])], method, seed,
-                                weight=info.get("weight") or gr.DEFAULT_WEIGHT, measured=half.measured)[0].ids
-    except (PipelineError, TypeError, ValueError, KeyError):  # too few neurons measured on a half, a sidecar without k
-        return None
+        return [s.ids for s in sel.select_sizes(half.graph, threshold, ks, method, seed, weight=weight,
+                                                measured=half.measured)]
+    except PipelineError:
+        if len(ks) == 1:
+            return [None]
+        return [_choose(half, method, threshold, weight, [k], seed)[0] for k in ks]
 
 
-def selection_overlap(halves: Halves, infos: dict) -> dict:
-    """stem -> Jaccard overlap of the subset chosen on each half (NaN where it cannot be chosen again). For
-    random, two draws of other seeds: the overlap that chance gives."""
-    out = {}
-    for stem, info in infos.items():
-        if len(halves.halves) != 2:
-            out[stem] = np.nan
-            continue
-        offsets = (1, 2) if info.get("method") == "random" else (0, 0)
-        picks = [reselect(h, info, o) for h, o in zip(halves.halves, offsets)]
-        out[stem] = np.nan if any(p is None for p in picks) else jaccard(*picks)
+def half_selections(halves: Halves, method: str, threshold: float | None, weight: str, ks: list[int], seed: int,
+                    match_layers=None) -> list[dict]:
+    """
+    What stage d records in each sidecar of a method variant's subsets (sizes ks) as `halves`: whether there are
+    halves and what they are, and the subset chosen again on each half (half_a, half_b: neuron ids in rank
+    order; None where it cannot be: a method not measured on the halves, too few neurons measured, random matched
+    to another subset's layers). Random draws with the next two seeds: the overlap that chance gives.
+    """
+    out = [{"available": len(halves.halves) == 2, "how": halves.how, **dict.fromkeys(layout.HALVES)} for _ in ks]
+    if len(halves.halves) != 2 or match_layers:
+        return out
+    offsets = (1, 2) if method == "random" else (0, 0)
+    for name, half, offset in zip(layout.HALVES, halves.halves, offsets):
+        for rec, ids in zip(out, _choose(half, method, threshold, weight, ks, seed + offset)):
+            rec[name] = None if ids is None else ids.tolist()
     return out
+
+
+def recorded_overlap(info: dict) -> float:
+    """The Jaccard overlap of the subset chosen on each half, from its sidecar (NaN where it could not be chosen
+    again, or where the sidecar records no halves)."""
+    rec = info.get("halves") or {}
+    picks = [rec.get(h) for h in layout.HALVES]
+    return np.nan if any(p is None for p in picks) else jaccard(*picks)
+
+
+OLDER_SIDECARS = "the subsets' sidecars record no halves (written by an older stage d; rerun it)"
+
+
+def recorded_halves(infos: list[dict]) -> dict:
+    """Whether the subsets' sidecars (`infos`) had halves and what they were, for comparison.json."""
+    seen = list(dict.fromkeys((bool(h.get("available")), str(h.get("how")))
+                              for h in (i.get("halves") for i in infos) if isinstance(h, dict)))
+    if not seen:
+        return {"available": False, "halves": OLDER_SIDECARS}
+    return {"available": all(a for a, _ in seen), "halves": "; ".join(how for _, how in seen)}
