@@ -27,29 +27,16 @@ delta_nll that zero-ablating that neuron alone causes in stage e (--no_attributi
 """
 
 import math
-from pathlib import Path
-
-import torch
-from tqdm import tqdm
 
 from gelutrace import PipelineError
 from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
-from gelutrace.files import atomic, formats, layout
 from gelutrace.files.atomic import check_output_dir, lock_directory, removed_if_unused
 from gelutrace.files.corpusfiles import DEFAULT_FIELD, add_text_field_arg
 from gelutrace.files.formats import read_prompts
-from gelutrace.graph.counts import merge_top
-from gelutrace.model.generation import StepProgress, encode_prompts, plan_batches
+from gelutrace.model.generation import encode_prompts
 from gelutrace.model.loading import load_model
 from gelutrace.record import corpus
-from gelutrace.record.prompts import (
-    Staging,
-    fingerprint,
-    record_attribution,
-    record_batch,
-    record_direct,
-    write_dataset,
-)
+from gelutrace.record import prompts as recording
 
 
 def main(argv=None):
@@ -145,72 +132,13 @@ def main(argv=None):
         lock_directory(export, "stage b")
         lm = load_model(args.model_type, args.device)
         prompt_ids = encode_prompts(lm.tokenizer, prompts, lm.model.config.block_size)
-    summary = prompt_mode(lm, args, prompts, prompt_ids, export)
+    settings = recording.PromptSettings(
+        args.input_csv, args.seed, args.temperature, args.top_k, args.batch_size, args.top_examples, args.resume,
+        not args.no_attribution, args.direct_edges, args.edges, not args.no_activation_lists, not args.no_edge_list)
+    summary = recording.run(lm, export, prompts, prompt_ids, settings)
     per_layer = ", ".join(f"{100 * f:.0f}%" for f in summary["active_fraction_per_layer"])
     print(f"{summary['samples']} samples from {len(prompts)} prompts written to {export}; "
           f"active neurons per layer: {per_layer}")
-
-
-@torch.no_grad()
-def prompt_mode(lm, args, prompts, prompt_ids, export) -> dict:
-    """Stage b over the prompts with a loaded model, into export (locked); returns the dataset's summary."""
-    cfg = lm.model.config
-    greedy = args.temperature == 0
-
-    staging = Staging(export, lm.name, fingerprint(
-        Path(args.input_csv).read_bytes(), lm.name, str(lm.path.resolve()), vars(cfg), args.seed,
-        args.temperature, args.top_k, args.batch_size, args.top_examples))
-    chunks, start = staging.start(args.resume, prompts, greedy, cfg.n_layer * cfg.d_mlp, cfg.vocab_size,
-                                  args.top_examples)
-    top = merge_chunk_tops(None, chunks, args.top_examples)
-    if start:
-        print(f"resuming after {start} of {sum(p.num_samples for p in prompts)} prompt samples")
-    batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size, start)
-    total = sum(len(b.row_prompt) * b.new_tokens for b in batches)
-    with tqdm(total=total, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as bar:
-        for batch in batches:
-            with StepProgress(lm.model, bar, len(batch.row_prompt)):
-                chunk = record_batch(lm.model, batch, prompts, prompt_ids, args.temperature, args.top_k, args.seed,
-                                     args.top_examples, sum(len(c.position) for c in chunks))
-            start += len(batch.samples)
-            staging.add(chunk, len(chunks), start)
-            chunks.append(chunk)
-            top = merge_chunk_tops(top, [chunk], args.top_examples)
-    attribution = None
-    if not args.no_attribution:
-        rows = sum(len(b.row_prompt) for b in plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size))
-        with tqdm(total=rows, unit="seq", desc="attribution (forward + backward)") as bar:
-            attribution = record_attribution(lm.model, chunks, prompt_ids, args.batch_size, bar.update)
-    direct = None
-    if args.direct_edges:
-        rows = sum(len(b.row_prompt) for b in plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size))
-        with tqdm(total=rows, unit="seq", desc="direct edges (forward)") as bar:
-            direct = record_direct(lm.model, chunks, prompt_ids, args.batch_size, args.edges, bar.update)
-
-    with atomic.OutputSet(export, layout.path(export, layout.DATASET_MANIFEST, lm.name), layout.dataset_files(lm.name),
-                      "stage b") as out:
-        summary = write_dataset(out.dir, lm.name, chunks, lm.tokenizer, prompts, prompt_ids, cfg.n_layer, cfg.d_mlp,
-                                activation_lists=not args.no_activation_lists, attribution=attribution, top=top)
-        formats.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=not args.no_edge_list,
-                                      site=lm.site, into=out.dir)
-        vouched = layout.DATASET_SET + ((layout.TOP_EXAMPLES,) if top is not None else ())
-        if direct is not None:
-            direct[0].write_npz(layout.path(out.dir, layout.DIRECT_EDGES, lm.name), direct[1])
-            vouched += (layout.DIRECT_EDGES,)
-        out.vouch(layout.path(out.dir, f, lm.name) for f in vouched)
-    staging.finish()
-    return summary
-
-
-def merge_chunk_tops(top, chunks, k: int):
-    """The running top-k merged with the chunks' own (exact: the top k of a union is the top k of the parts' top
-    ks); the chunks' copies are dropped, so memory stays O(neurons x k)."""
-    if k == 0:
-        return None
-    parts = ([top] if top is not None else []) + [(c.top_values, c.top_ids) for c in chunks]
-    for c in chunks:
-        c.top_values = c.top_ids = None
-    return merge_top(parts, k) if parts else None
 
 
 def corpus_mode(args):

@@ -43,25 +43,18 @@ stage e ablates each module as a unit, against its own controls, outside the met
         --output_path parcellation_datasets/test_1/perturbation_subsets/gpt2_degree_t0.8_r0.01.npy
 """
 
-import time
 from pathlib import Path
 
 from gelutrace import PipelineError
 from gelutrace.cli import check_at_least, memory_limit, parser, run_main
-from gelutrace.files import atomic, formats
-from gelutrace.files.dataset import DatasetDir
+from gelutrace.files import atomic
 from gelutrace.graph import coactivation as gr
-from gelutrace.graph import store as gs
 from gelutrace.selection import communities as md
 from gelutrace.selection import methods as sel
-from gelutrace.selection import stability
+from gelutrace.selection import subsets
 
 
-def main(argv=None, read_graph=gs.read_graph, done=None, halves=None):
-    """`read_graph` reads --input_graph_path and `done(word, target, note)` hears of each subset written or skipped
-    (default: a line on stdout), and `halves(graph, dataset_path, prompts)` gives the selection data's halves
-    (default: selection_halves), so that a sweep (gelutrace.pipeline sweep) reads the graph and builds them once."""
-    done = done or (lambda word, target, note: print(f"{word} {target} ({note})"))
+def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--input_graph_path",
                     help="c_analyze's *_analyzed.json or *_analyzed.gpickle (a store directory or stage c's "
@@ -117,90 +110,17 @@ def main(argv=None, read_graph=gs.read_graph, done=None, halves=None):
     which.add_argument("--modules_top", type=int, metavar="N", help="with --modules: the N largest modules")
     args = ap.parse_args(argv)
 
-    t0 = time.time()
     if args.modules:
         return write_modules(args)
-    args.method = "degree" if args.method is None else args.method
-    args.weight = gr.DEFAULT_WEIGHT if args.weight is None else args.weight
-    args.seed = 1337 if args.seed is None else args.seed
     check_at_least(args, 0, "seed")
     if args.module is not None or args.modules_top is not None:
         raise PipelineError("--module and --modules_top need --modules")
-    if not args.input_graph_path:
-        raise PipelineError("--input_graph_path is required (unless --modules)")
-    if not (args.ratio or args.k):
-        raise PipelineError("give --ratio or --k")
-    sizes = args.ratio or args.k
-    for r in args.ratio or []:
-        sel.check_params(args.threshold, r, args.method)
-    sel.check_params(args.threshold, 1.0, args.method)
-    gr.check_weight(args.weight)
-    if len(set(sizes)) != len(sizes):
-        raise PipelineError(f"--{'ratio' if args.ratio else 'k'} lists a value twice")
-    if args.output_path and Path(args.output_path).suffix != ".npy":
-        raise PipelineError(f"--output_path {args.output_path}: expected a .npy name")
-    if args.output_path and len(sizes) > 1:
-        raise PipelineError("--output_path names one subset: give one --ratio or --k, or use --output_dir")
-    if args.match_layers and len(sizes) > 1:
-        raise PipelineError("--match_layers takes its k from the other subset: give one --ratio or --k")
-    if args.export_graph and (args.threshold is None or Path(args.export_graph).suffix not in (".graphml", ".gpickle")):
-        raise PipelineError("--export_graph needs --threshold and a .graphml or .gpickle name")
-    prompts = formats.read_prompts(args.input_csv) if args.input_csv else None
-    graph = read_graph(args.input_graph_path)
-    ks = [sel.subset_size(graph.num_nodes, r) for r in args.ratio] if args.ratio else args.k
-    sel.check_sizes(ks, graph.num_nodes)
-    targets = [Path(args.output_path)] if args.output_path else [
-        Path(args.output_dir) / sel.subset_file_name(graph.model, args.method, args.threshold, r, args.weight, k)
-        for r, k in zip(args.ratio or [None] * len(ks), ks)]
-    atomic.check_output_dir(targets[0].parent, "--output_path" if args.output_path else "--output_dir")
-    for target in targets:
-        if target.is_dir():
-            raise PipelineError(f"{target} is a directory, not a subset file name")
-    todo = [i for i, t in enumerate(targets) if not (args.skip_existing and t.is_file())]
-    for i in sorted(set(range(len(targets))) - set(todo)):
-        done("skipped", targets[i], "exists")
-    if not todo:
-        return
-    subs = sel.select_sizes(graph, args.threshold, [ks[i] for i in todo], args.method, args.seed, args.match_layers,
-                            args.weight, args.dataset_path)
-    uses_graph = args.method in sel.GRAPH_METHODS
-    if args.export_graph:  # before the subsets: a refused export must not leave a subset that looks done
-        sel.export_graph(graph, args.threshold, args.export_graph, memory_limit(args.memory_limit_gb), args.weight)
-    if args.match_layers and subs[0].k != ks[0]:
-        raise PipelineError(f"--match_layers gives k={subs[0].k} (the other subset's neurons), but --"
-                            f"{'ratio' if args.ratio else 'k'} asks for k={ks[0]}: give that k")
-    threshold = args.threshold if uses_graph else None
-    again = stability.half_selections((halves or selection_halves)(graph, args.dataset_path, prompts), args.method, threshold,
-                                      args.weight, [sub.k for sub in subs], args.seed, args.match_layers)
-    scores = sel.write_scores(subs[0], graph, targets[0].parent, args.method, threshold, args.weight)
-    for i, sub, halves in zip(todo, subs, again):
-        ratio = args.ratio[i] if args.ratio else None
-        params = {"method": args.method, "threshold": threshold,
-                  "threshold_ignored": not uses_graph, "ratio": ratio, "seed": args.seed}
-        if ratio is not None:
-            sub.info = {"k_from_ratio": ks[i], **sub.info}
-        sel.write_subset(sub, graph, targets[i], params, {**scores, "halves": halves})
-        kept = (f"{sub.edges_kept:,} edges kept" if uses_graph else
-                "the causal graph, every pair measured" if args.method == "influence" else "no graph used")
-        done("wrote", targets[i], f"k={sub.k}, {kept}, {time.time() - t0:.1f} s")
-
-
-def selection_halves(graph: gr.CoactivationGraph, dataset_path, prompts) -> stability.Halves:
-    """The two halves of the data the graph was counted on: a corpus-mode dataset's shards, or a prompt-mode
-    dataset's rows of `prompts` (--input_csv); none, and why, without them."""
-    try:
-        data = sel.dataset_dir(graph, dataset_path)
-    except PipelineError as e:
-        if prompts is not None:
-            raise
-        return stability.Halves([], f"no dataset to split ({e})")
-    record = DatasetDir(data, graph.model).corpus_record()
-    if record is not None and prompts is not None:
-        raise PipelineError(f"--input_csv: {data} is a corpus-mode dataset, whose halves are its shards: leave "
-                            f"--input_csv out")
-    if record is None and prompts is None:
-        return stability.Halves([], "stage d was not given the prompt CSV (--input_csv) to split")
-    return stability.halves_of(data, graph.model, prompts, record)
+    request = subsets.Request(
+        args.input_graph_path, args.threshold, args.ratio, args.k, "degree" if args.method is None else args.method,
+        gr.DEFAULT_WEIGHT if args.weight is None else args.weight, args.output_path, args.output_dir,
+        args.dataset_path, args.input_csv, args.skip_existing, 1337 if args.seed is None else args.seed,
+        args.match_layers, args.export_graph, memory_limit(args.memory_limit_gb) if args.export_graph else None)
+    subsets.write_ranked(request)
 
 
 def write_modules(args):

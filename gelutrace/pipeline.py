@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import d_calculate_perturbation_subset as stage_d  # the stage script (the checkout's, or installed beside us)
 from gelutrace import PipelineError
 from gelutrace.cli import run_main
 from gelutrace.files import atomic, layout
@@ -33,6 +32,7 @@ from gelutrace.files.corpusfiles import corpus_files
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
 from gelutrace.selection import methods as sel
+from gelutrace.selection import subsets
 
 HERE = Path(__file__).absolute().parent.parent  # the checkout: the stage scripts, their default inputs and datasets
 
@@ -646,8 +646,9 @@ def parsed(flag: str, value: str, kind: type, needed: bool = False) -> list[str]
 
 
 def sweep(argv: list[str]):
-    """d_batch_perturbation_calculate.sh: each method, weight and threshold through stage d's main, in this
-    process, the graph read once; then the summary table. Exit status 1 when any failed."""
+    """d_batch_perturbation_calculate.sh: each method, weight and threshold through stage d's ranking run
+    (gelutrace.selection.subsets), in this process, the graph read and its halves built once; then the summary
+    table. Exit status 1 when any failed."""
     v, pos = parse(argv, SWEEP_OPTIONS, SWEEP_HELP)
     if not 1 <= len(pos) <= 2:
         raise PipelineError("expected INPUT_GRAPH [OUTPUT_DIR] (see --help)")
@@ -661,21 +662,19 @@ def sweep(argv: list[str]):
         if os.path.basename(parent) == layout.ANALYSIS_DIR:
             parent = os.path.dirname(parent)
         out = os.path.join(parent, layout.SUBSETS_DIR)
-    thresholds = parsed("--thresholds", v["THRESHOLDS"], float)
-    if v["KS"]:
-        size = ["--k", *parsed("--ks", v["KS"], int, True)]
-    else:
-        size = ["--ratio", *parsed("--ratios", v["RATIOS"], float, True)]
-    parsed("--seed", v["SEED"], int, True)
-    skip = [] if v["FORCE"] == "1" else ["--skip_existing"]
-    csv = ["--input_csv", v["INPUT_CSV"]] if v["INPUT_CSV"] else []
+    thresholds = [float(t) for t in parsed("--thresholds", v["THRESHOLDS"], float)]
+    ks = [int(k) for k in parsed("--ks", v["KS"], int, True)] if v["KS"] else None
+    ratios = None if ks else [float(r) for r in parsed("--ratios", v["RATIOS"], float, True)]
+    seed = parsed("--seed", v["SEED"], int, True)
+    if len(seed) != 1 or int(seed[0]) < 0:
+        raise PipelineError(f"--seed must be one whole number >= 0, got {v['SEED']!r}")
     read_graph = cache(gs.read_graph)
     split = {}
 
     def halves(graph, dataset_path, prompts):  # each graph's halves built once, for every method and threshold
         key = (id(graph), str(dataset_path))
         if key not in split:
-            split[key] = stage_d.selection_halves(graph, dataset_path, prompts)
+            split[key] = subsets.selection_halves(graph, dataset_path, prompts)
         return split[key]
 
     files, status, failed = [], [], 0
@@ -684,10 +683,11 @@ def sweep(argv: list[str]):
             for t in thresholds if method in sel.GRAPH_METHODS else [None]:
                 where = f"[{method} {weight} t={t or '-'}]"
                 done = []
-                argv = ["--input_graph_path", graph, *(["--threshold", t] if t else []), *size, "--method", method,
-                        "--weight", weight, "--seed", v["SEED"], "--output_dir", out, *skip, *csv]
+                request = subsets.Request(graph, t, ratios, ks, method, weight, output_dir=out,
+                                          input_csv=v["INPUT_CSV"] or None, skip_existing=v["FORCE"] != "1",
+                                          seed=int(seed[0]))
                 try:
-                    stage_d.main(argv, read_graph, lambda *line: done.append(line), halves)
+                    subsets.write_ranked(request, read_graph, lambda *line: done.append(line), halves)
                 except PipelineError as e:
                     print(f"{where} error: {e}", flush=True)
                     failed += 1

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from gelutrace import PipelineError
+from gelutrace.files import atomic, formats, layout
 from gelutrace.files import resumestate as rs
 from gelutrace.files.atomic import file_sha256, write_csv, write_json, write_npz
 from gelutrace.files.formats import (
@@ -36,8 +38,8 @@ from gelutrace.files.layout import (
     path,
 )
 from gelutrace.graph.causal import CausalEdges
-from gelutrace.graph.counts import RunningTopK
-from gelutrace.model.generation import Batch, Prompt, generate_batch, repeat_rows
+from gelutrace.graph.counts import RunningTopK, merge_top
+from gelutrace.model.generation import Batch, Prompt, StepProgress, generate_batch, plan_batches, repeat_rows
 from gelutrace.model.hooks import GeluHooks
 from gelutrace.record.attribution import distinct_sequences, neuron_attribution
 from gelutrace.record.direct import prompt_mode
@@ -415,3 +417,84 @@ def prompt_halves(n_prompts: int) -> np.ndarray | None:
     half = np.ones(n_prompts, np.int64)
     half[perm[:n_prompts // 2]] = 0
     return half
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+@dataclass
+class PromptSettings:
+    """Stage b's prompt mode (b_generate_activation_dataset.py --input_csv): sampling, and what it records."""
+    input_csv: str  # its bytes go into the --resume fingerprint
+    seed: int = 42
+    temperature: float = 0.0
+    top_k: int | None = None
+    batch_size: int = 64
+    top_examples: int = 10
+    resume: bool = False
+    attribution: bool = True
+    direct_edges: bool = False
+    edges: str = "adjacent"
+    activation_lists: bool = True
+    edge_list: bool = True
+
+
+@torch.no_grad()
+def run(lm, export, prompts: list[Prompt], prompt_ids: list[list[int]], s: PromptSettings) -> dict:
+    """Stage b over the prompts (encoded: prompt_ids) with a loaded model, into export (locked by the caller);
+    returns the dataset's summary."""
+    cfg = lm.model.config
+    greedy = s.temperature == 0
+
+    staging = Staging(export, lm.name, fingerprint(
+        Path(s.input_csv).read_bytes(), lm.name, str(lm.path.resolve()), vars(cfg), s.seed,
+        s.temperature, s.top_k, s.batch_size, s.top_examples))
+    chunks, start = staging.start(s.resume, prompts, greedy, cfg.n_layer * cfg.d_mlp, cfg.vocab_size,
+                                  s.top_examples)
+    top = merge_chunk_tops(None, chunks, s.top_examples)
+    if start:
+        print(f"resuming after {start} of {sum(p.num_samples for p in prompts)} prompt samples")
+    batches = plan_batches(prompts, prompt_ids, greedy, s.batch_size, cfg.block_size, start)
+    total = sum(len(b.row_prompt) * b.new_tokens for b in batches)
+    with tqdm(total=total, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as bar:
+        for batch in batches:
+            with StepProgress(lm.model, bar, len(batch.row_prompt)):
+                chunk = record_batch(lm.model, batch, prompts, prompt_ids, s.temperature, s.top_k, s.seed,
+                                     s.top_examples, sum(len(c.position) for c in chunks))
+            start += len(batch.samples)
+            staging.add(chunk, len(chunks), start)
+            chunks.append(chunk)
+            top = merge_chunk_tops(top, [chunk], s.top_examples)
+    attribution = None
+    if s.attribution:
+        rows = sum(len(b.row_prompt) for b in plan_batches(prompts, prompt_ids, greedy, s.batch_size, cfg.block_size))
+        with tqdm(total=rows, unit="seq", desc="attribution (forward + backward)") as bar:
+            attribution = record_attribution(lm.model, chunks, prompt_ids, s.batch_size, bar.update)
+    direct = None
+    if s.direct_edges:
+        rows = sum(len(b.row_prompt) for b in plan_batches(prompts, prompt_ids, greedy, s.batch_size, cfg.block_size))
+        with tqdm(total=rows, unit="seq", desc="direct edges (forward)") as bar:
+            direct = record_direct(lm.model, chunks, prompt_ids, s.batch_size, s.edges, bar.update)
+
+    with atomic.OutputSet(export, layout.path(export, layout.DATASET_MANIFEST, lm.name), layout.dataset_files(lm.name),
+                      "stage b") as out:
+        summary = write_dataset(out.dir, lm.name, chunks, lm.tokenizer, prompts, prompt_ids, cfg.n_layer, cfg.d_mlp,
+                                activation_lists=s.activation_lists, attribution=attribution, top=top)
+        formats.write_graph_files_if_stale(export, lm.name, cfg.n_layer, cfg.d_mlp, write_el=s.edge_list,
+                                      site=lm.site, into=out.dir)
+        vouched = layout.DATASET_SET + ((layout.TOP_EXAMPLES,) if top is not None else ())
+        if direct is not None:
+            direct[0].write_npz(layout.path(out.dir, layout.DIRECT_EDGES, lm.name), direct[1])
+            vouched += (layout.DIRECT_EDGES,)
+        out.vouch(layout.path(out.dir, f, lm.name) for f in vouched)
+    staging.finish()
+    return summary
+
+
+def merge_chunk_tops(top, chunks, k: int):
+    """The running top-k merged with the chunks' own (exact: the top k of a union is the top k of the parts' top
+    ks); the chunks' copies are dropped, so memory stays O(neurons x k)."""
+    if k == 0:
+        return None
+    parts = ([top] if top is not None else []) + [(c.top_values, c.top_ids) for c in chunks]
+    for c in chunks:
+        c.top_values = c.top_ids = None
+    return merge_top(parts, k) if parts else None
