@@ -18,9 +18,9 @@ from gelutrace import PipelineError
 from gelutrace.cli import add_model_args, parser, run_main
 from gelutrace.files.atomic import atomic_open, check_output_dir
 from gelutrace.files.layout import TRACE_ACTIVE, TRACE_PLOT, TRACE_VECTOR, path
+from gelutrace.files.plots import plot_trace
 from gelutrace.model.loading import load_model
 from gelutrace.record.prompts import trace
-from gelutrace.report.plots import plot_trace
 
 
 def main(argv=None):

@@ -36,10 +36,9 @@ from pathlib import Path
 
 from gelutrace import PipelineError
 from gelutrace.cli import check_at_least, parser, run_main
-from gelutrace.files import atomic, layout
+from gelutrace.files import atomic, layout, plots
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
-from gelutrace.report import plots
 from gelutrace.selection import analysis as ga
 
 

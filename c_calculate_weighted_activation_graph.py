@@ -28,9 +28,9 @@ from gelutrace import PipelineError
 from gelutrace.cli import memory_limit, parser, run_main
 from gelutrace.files import atomic, formats, layout
 from gelutrace.files.dataset import DatasetDir
-from gelutrace.graph.causal import CausalEdges
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
+from gelutrace.graph.causal import CausalEdges
 
 
 def main(argv=None):

@@ -29,11 +29,10 @@ from tqdm import tqdm
 
 from gelutrace import PipelineError
 from gelutrace.cli import parser, run_main
-from gelutrace.files import atomic, formats, layout
+from gelutrace.files import atomic, formats, layout, plots
 from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
-from gelutrace.report import plots
 from gelutrace.selection import communities as md
 from gelutrace.selection import methods as sel
 from gelutrace.selection import stability

@@ -21,9 +21,9 @@ from gelutrace.cli import add_model_args, check_at_least, parser, run_main
 from gelutrace.evaluate import fidelity as fd
 from gelutrace.files import atomic, layout
 from gelutrace.files.dataset import DatasetDir
+from gelutrace.files.plots import plot_edge_fidelity
 from gelutrace.graph import store as gs
 from gelutrace.model.loading import load_model, model_name
-from gelutrace.report.plots import plot_edge_fidelity
 
 
 def main(argv=None):

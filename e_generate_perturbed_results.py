@@ -57,25 +57,15 @@ Metrics (each sample's value averaged over its continuation; the summary average
         --perturbation_subset_filenames gpt2_degree_t0.1_r0.05.npy none --random_controls 5
 """
 
-import sys
-from pathlib import Path
-
-import torch
-from tqdm import tqdm
-
 from gelutrace import PipelineError
 from gelutrace.cli import add_model_args, add_sampling_args, check_at_least, check_sampling_args, parser, run_main
 from gelutrace.evaluate import ablation as pt
-from gelutrace.evaluate import metrics, realtext
-from gelutrace.evaluate import moduleeffects as me
+from gelutrace.evaluate import realtext
 from gelutrace.evaluate import statistics as stats
-from gelutrace.files import atomic, formats, layout
-from gelutrace.files.corpusfiles import DEFAULT_FIELD, add_text_field_arg
-from gelutrace.files.dataset import DatasetDir
-from gelutrace.model.generation import encode_prompts, plan_batches
+from gelutrace.files import formats, layout
+from gelutrace.files.corpusfiles import add_text_field_arg
 from gelutrace.model.loading import load_model
 from gelutrace.report import verdict
-from gelutrace.report.plots import plot_dose_response, plot_method_comparison, plot_perturbation_summary
 
 
 def main(argv=None):
@@ -135,119 +125,26 @@ def main(argv=None):
         raise PipelineError("give --input_csv (the dataset's prompts), --eval_csv (prompts to measure on), or both")
     selection_prompts = formats.read_prompts(args.input_csv) if args.input_csv else None
     eval_csv = args.eval_csv or args.input_csv
-    prompts = formats.read_prompts(eval_csv) if args.eval_csv else selection_prompts
-
-    run(load_model(args.model_type, args.device), args, selection_prompts, prompts, eval_csv)
-
-
-@torch.no_grad()
-def run(lm, args, selection_prompts, prompts, eval_csv: str):
-    """Stage e with a loaded model: every subset ablated on the prompts (and --eval_text), the results written
-    into the dataset's perturbation_results/ and summed up on stdout."""
-    cfg = lm.model.config
-    n_neurons = cfg.n_layer * cfg.d_mlp
-    ds = DatasetDir(args.dataset_path, lm.name)
-    ds.check(cfg.n_layer, cfg.d_mlp, lm.site)
-    corpus_record = ds.corpus_record()
-    if selection_prompts is None and corpus_record is None:
-        raise PipelineError(f"{args.dataset_path} is a prompt-mode dataset: give its --input_csv")
-    atomic.check_output_dir(Path(args.dataset_path) / layout.RESULTS_DIR / layout.PER_SAMPLE_DIR, "--dataset_path")
-    atomic.lock_directory(args.dataset_path, "stage e")
-    subsets = pt.resolve_subsets(args.dataset_path, args.perturbation_subset_filenames, n_neurons, lm.name)
-    if old := pt.unrecorded(subsets):
-        print(f"warning: {len(old)} subset(s) ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}) come from an "
-              f"older stage d, whose sidecars record neither the scores nor the halves: their Spearman "
-              f"(method_agreement.csv) and selection_jaccard stay empty; rerun stage d to fill them", file=sys.stderr)
-    mean_values = ds.mean_activations(n_neurons) if args.ablation == "mean" else None
-    prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
-    text = leak = None
-    if args.eval_text:
-        context = realtext.check_context(cfg.block_size if args.context is None else args.context, cfg.block_size)
-        text = realtext.read_eval_text(args.eval_text, lm.tokenizer, context, cfg.vocab_size, args.eval_tokens,
-                                       text_field=args.text_field)
-        leak = realtext.leak_check(text, corpus_record, selection_prompts)
-        if note := realtext.leak_note(leak):
-            print(f"note: {note}", file=sys.stderr)
-    elif args.context is not None or args.eval_tokens != realtext.EVAL_TOKENS or args.text_field != DEFAULT_FIELD:
-        raise PipelineError("--context, --eval_tokens and --text_field apply to --eval_text; give it or leave them "
-                            "out")
-
-    greedy = args.temperature == 0
-    batches = plan_batches(prompts, prompt_ids, greedy, args.batch_size, cfg.block_size)
-    n_generated = 1 + sum(1 for s in subsets if len(s.ids))
-    tokens = n_generated * sum(len(b.row_prompt) * b.new_tokens for b in batches)
-    chunks = metrics.metric_chunks(metrics.plan_rows(batches, prompts), prompt_ids, cfg.vocab_size, args.batch_size)
-    ablated = [s for s in subsets if len(s.ids)]
-    modules = [s for s in ablated if s.is_module]
-    weights, weights_source = pt.control_weights(args.dataset_path, lm.name, n_neurons) if modules else (None, None)
-    if modules and weights is None:
-        print(f"note: {args.dataset_path} has neither single-neuron effects nor attribution: the modules get no "
-              f"effect-weighted controls (run d_calculate_neuron_effects.py, or stage b with attribution)",
-              file=sys.stderr)
-    compared = [s for s in ablated if not s.is_module]
-    with_controls = (len({len(s.ids) for s in compared if s.compared}) if args.control_subsets == "best"
-                     else len(compared))  # at most
+    request = pt.Evaluation(args.dataset_path, args.perturbation_subset_filenames,
+                            formats.read_prompts(eval_csv) if args.eval_csv else selection_prompts, eval_csv,
+                            selection_prompts, args.input_csv, args.eval_text, args.context, args.eval_tokens,
+                            args.text_field)
     settings = pt.EvalSettings(args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
                                args.ablation, args.validation_share, args.control_subsets, args.module_controls)
-    conditions = (len(ablated) + args.random_controls * with_controls
-                  + settings.per_module * len(modules) * (2 if weights is not None else 1))
-    with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as gen_bar, \
-            tqdm(total=len(chunks) * conditions, unit="ablation", desc="teacher-forced metrics") as metric_bar, \
-            tqdm(total=text.scored * conditions if text else 0, unit="tok", unit_scale=True, desc="real text",
-                 disable=text is None) as text_bar:
-        bars = {"tokens": gen_bar, "passes": metric_bar, "text": text_bar}
-        results = pt.run(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values, settings,
-                         progress=lambda kind, n: bars[kind].update(n), text=text, weights=weights)
-    module_tables = {}
-    if modules:
-        tokens = None
-        if text is not None:
-            tokens = me.tokens_table(results.text, subsets, lm.tokenizer)
-            module_tables[layout.MODULE_TOKENS] = tokens
-            module_tables[layout.MODULE_CONTEXTS] = me.contexts_table(lm.model, text, subsets, lm.tokenizer, cfg.d_mlp)
-        module_tables[layout.MODULE_EFFECTS] = me.effects_table(subsets, results.summary, text is not None,
-                                                            weights_source, tokens)
+    done = pt.run(load_model(args.model_type, args.device), request, settings)
 
-    pt.add_selection_overlap(results, subsets)
-    evaluation = pt.evaluation_record(args.input_csv, selection_prompts, eval_csv, prompts, args, corpus_record)
-    if text is not None:
-        evaluation["eval_text"] = {**text.record(args.eval_tokens), "leak_check": leak}
-    out = Path(args.dataset_path) / layout.RESULTS_DIR
-    where = ("held-out prompts" if evaluation["held_out"] else "prompts not looked up in the corpus"
-             if evaluation["prompts_in_both"] is None else "the prompts they were chosen on")
-    # the whole set is written beside the earlier one and swapped in: a failure leaves the earlier results
-    with atomic.OutputSet(out, out / layout.RESULTS_MANIFEST, pt.RESULT_SET, "stage e") as staged:
-        written = pt.write_results(staged.dir, results, evaluation, lm.tokenizer)
-        for name, df in module_tables.items():
-            atomic.write_csv(df, staged.dir / name)
-            written.append(staged.dir / name)
-        plot_perturbation_summary(results.summary, staged.dir / layout.PERTURBATION_PLOT,
-                                  title=f"{lm.name}: effect of {args.ablation}-ablating each subset, on {where}")
-        tables = pt.write_comparison(args.dataset_path, staged.dir, lm.name, results, subsets, n_neurons, prompts,
-                                     args.control_subsets)
-        written += [staged.dir / layout.PERTURBATION_PLOT] + [staged.dir / name for name in tables]
-        if tables:
-            on = f"{text.scored:,} tokens of held-out text" if text is not None else where
-            written.append(staged.dir / layout.COMPARISON_RECORD)
-            plot_method_comparison(tables[layout.COMPARISON], staged.dir / layout.COMPARISON_PLOT,
-                                   title=f"{lm.name}: neurons chosen by each method, {args.ablation}-ablated, on {on}")
-            ylabel = ("Δ NLL of the real next token (nats/token), 95 % CI over " + text.units if text is not None
-                      else "Δ NLL of the baseline's tokens (nats/token), 95 % CI over prompts")
-            plot_dose_response(tables[layout.DOSE_RESPONSE], staged.dir / layout.DOSE_RESPONSE_PLOT, ylabel=ylabel,
-                               title=f"{lm.name}: dose-response, {args.ablation}-ablating each method's top k, on {on}")
-            written += [staged.dir / layout.COMPARISON_PLOT, staged.dir / layout.DOSE_RESPONSE_PLOT]
-        staged.vouch(written)
+    summary = done.results.summary
     cols = ["subset", "k", "kl", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "token_agreement"]
     cols += ["delta_nll_p_random", "delta_nll_z_random"] if args.random_controls else []
-    cols += ["text_delta_nll", "text_delta_nll_ci_low", "text_delta_nll_ci_high", "text_kl"] if text else []
-    print(results.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    if tables:
-        print("\n".join(verdict.verdict_lines(tables[layout.METHOD_VERDICT], n_neurons)))
-    if modules:
-        eff = module_tables[layout.MODULE_EFFECTS]
+    cols += ["text_delta_nll", "text_delta_nll_ci_low", "text_delta_nll_ci_high", "text_kl"] if args.eval_text else []
+    print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if done.tables:
+        print("\n".join(verdict.verdict_lines(done.tables[layout.METHOD_VERDICT], done.n_neurons)))
+    if layout.MODULE_EFFECTS in done.module_tables:
+        eff = done.module_tables[layout.MODULE_EFFECTS]
         print(eff[["subset", "k", "delta_nll", "p_random_holm", "p_weighted_holm"]].to_string(
             index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"results for {len(subsets)} subset(s), measured on {where} ({eval_csv}), written to {out}")
+    print(f"results for {len(done.subsets)} subset(s), measured on {done.where} ({eval_csv}), written to {done.out}")
 
 
 if __name__ == "__main__":

@@ -201,7 +201,7 @@ def main():
 
         subsets = [pt.Subset("random_1pct.npy", ids), pt.Subset("none", np.zeros(0, np.int64))]
         settings = pt.EvalSettings(batch_size=args.batch_size)
-        full = timed(lambda: pt.run(model, lm.tokenizer, prompts, prompt_ids, batches, subsets, None, settings))
+        full = timed(lambda: pt.measure_subsets(model, lm.tokenizer, prompts, prompt_ids, batches, subsets, None, settings))
         gpt2_null = controls_cost(lm, prompts, [ids], args.controls, args.batch_size)
         gpt2_text = text_cost(lm, 4, 2048, cfg.block_size, args.batch_size)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

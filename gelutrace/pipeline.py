@@ -12,6 +12,8 @@ runs, every later one does. execute() is the one place that starts a stage's com
 """
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -20,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -546,11 +549,69 @@ def interpreter() -> str:
 
 def execute(command: Command, lock_fd: int) -> int:
     """Run one command of a stage in the checkout, sharing the driver's lock (LOCK_FD_ENV names its descriptor,
-    which the command inherits); its exit status. The one place that starts a stage."""
+    which the command inherits); its exit status. The one place that starts a stage: in this process when the
+    interpreter is this one and the command a stage's main (no interpreter start-up, no second torch import),
+    else as a subprocess (another PYTHON, `-c` code)."""
     sys.stdout.flush()
+    main = stage_main(command.argv)
+    if main is not None:
+        return execute_here(main, command.argv, lock_fd)
     env = dict(os.environ, **{atomic.LOCK_FD_ENV: str(lock_fd)})
     code = subprocess.run([interpreter(), *command.argv], cwd=HERE, env=env, pass_fds=(lock_fd,)).returncode
     return 128 - code if code < 0 else code  # killed by a signal: the shell's status
+
+
+def same_interpreter() -> bool:
+    python = os.environ.get("PYTHON")
+    if not python:
+        return True
+    found = shutil.which(python)  # a venv's python is a link to the system's: compared unresolved
+    return found is not None and os.path.abspath(found) == os.path.abspath(sys.executable)
+
+
+def stage_main(argv: list[str]) -> Callable | None:
+    """The main() a command runs, when it can run in this process: a stage script of the checkout (`SCRIPT.py`) or
+    a module of the package (`-m gelutrace...`), run by this interpreter."""
+    if not same_interpreter():
+        return None
+    if argv[0] == "-m" and len(argv) > 1 and argv[1].split(".")[0] == "gelutrace":
+        spec = importlib.util.find_spec(argv[1])
+        name = f"{argv[1]}.__main__" if spec is not None and spec.submodule_search_locations else argv[1]
+    elif argv[0].endswith(".py") and "/" not in argv[0] and (HERE / argv[0]).is_file():
+        if str(HERE) not in map(str, sys.path):
+            return None
+        name = argv[0][:-3]
+    else:
+        return None
+    return getattr(importlib.import_module(name), "main", None)
+
+
+def execute_here(main: Callable, argv: list[str], lock_fd: int) -> int:
+    """A stage's main(args) in this process, as its own interpreter would run it: its sys.argv, the driver's lock
+    (LOCK_FD_ENV), and an exception the script does not turn into a status printed with its traceback, status 1.
+    Grad mode and torch's threads are restored afterwards (a runner sets its own)."""
+    args = argv[2:] if argv[0] == "-m" else argv[1:]
+    saved_argv, saved_lock = sys.argv, os.environ.get(atomic.LOCK_FD_ENV)
+    torch = sys.modules.get("torch")
+    grad, threads = (torch.is_grad_enabled(), torch.get_num_threads()) if torch is not None else (None, None)
+    sys.argv = [main.__globals__.get("__file__") or argv[0], *args]
+    os.environ[atomic.LOCK_FD_ENV] = str(lock_fd)
+    try:
+        return run_main(main, args, exit=False)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.argv = saved_argv
+        if saved_lock is None:
+            os.environ.pop(atomic.LOCK_FD_ENV, None)
+        else:
+            os.environ[atomic.LOCK_FD_ENV] = saved_lock
+        if grad is not None:
+            torch.set_grad_enabled(grad)
+            torch.set_num_threads(threads)
 
 
 def remove(path: str):

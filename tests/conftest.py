@@ -43,16 +43,33 @@ TOKENIZER_TEXT = (
 
 
 # `make test` hands each worker one file at a time (--dist loadfile, --no-loadscope-reorder), in collection order:
-# the longest files first (their measured order here) keep both workers busy to the end. Files not named follow.
-LONGEST_FIRST = ("test_pipeline.py", "test_families.py", "test_pipeline_corpus.py", "test_corpus.py",
-                 "test_pipeline_driver.py", "test_effects.py", "test_stage_cd_scripts.py", "test_notebook.py",
-                 "test_corpus_attribution.py", "test_corpus_direct.py", "test_api_hardening.py", "test_corpus_formats.py",
-                 "test_perturbation.py", "test_module_ablation.py")
+# the longest files first keep both workers busy to the end. A file's length is what its tests took in the last run
+# that ran them (pytest's cache, DURATIONS); before any run, the files with slow tests go first, those with the
+# most of them first.
+DURATIONS = "gelutrace/durations"
 
 
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+def pytest_collection_modifyitems(config, items):
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    seconds = cache.get(DURATIONS, {}) if cache is not None else {}
+    per_file, slow = {}, {}
+    for item in items:
+        per_file[item.path] = per_file.get(item.path, 0.0) + seconds.get(item.nodeid, 0.0)
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: (-per_file[item.path], -slow[item.path]))  # stable: a file's tests keep their order
+
+
+def pytest_runtest_logreport(report):
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration  # set-up, call and tear-down
+
+
+def pytest_sessionfinish(session):
+    cache = getattr(session.config, "cache", None)
+    if _durations and cache is not None and not hasattr(session.config, "workerinput"):
+        cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **_durations})
+
+
+_durations = {}
 
 
 # environment variables a script run in this process may be given: the rest (HF_HOME, ...) are read once at

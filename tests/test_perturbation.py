@@ -215,7 +215,7 @@ def test_summary_and_per_sample_files(greedy_run):
 
 
 def test_summary_plot_draws_the_summary(greedy_run):
-    from gelutrace.report.plots import plot_perturbation_summary
+    from gelutrace.files.plots import plot_perturbation_summary
 
     _, _, _, out = greedy_run
     s = pd.read_csv(out / layout.PERTURBATION_SUMMARY)

@@ -477,7 +477,6 @@ def test_prompts_in_both_looks_in_the_documents_of_a_compressed_corpus(tmp_path,
     want = sum(any(" ".join(p.split()) in d for d in normalised) for p in prompts)
     assert want == 2 and any("\n" in d for d in docs[1:2])
     eval_prompts = [generation.Prompt(p, 3, 1) for p in prompts]
-    args = type("A", (), dict(ablation="zero", seed=0, temperature=0.0, top_k=None, random_controls=0,
-                              validation_share=0.5))()
-    ev = pt.evaluation_record(None, None, HELDOUT_PATH, eval_prompts, args, record)
+    settings = pt.EvalSettings(temperature=0.0, top_k=None, seed=0)
+    ev = pt.evaluation_record(None, None, HELDOUT_PATH, eval_prompts, settings, record)
     assert ev["prompts_in_both"] == want and not ev["held_out"]

@@ -10,14 +10,18 @@ Stage e: ablate GELU neurons during generation and measure what it does.
 
 import hashlib
 import json
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm import tqdm
 
 from gelutrace import PipelineError
+from gelutrace.evaluate import moduleeffects as me
 from gelutrace.evaluate import realtext
 from gelutrace.evaluate import statistics as stats
 from gelutrace.evaluate.metrics import (
@@ -32,7 +36,10 @@ from gelutrace.evaluate.metrics import (
 )
 from gelutrace.evaluate.statistics import weighted_null
 from gelutrace.files import atomic, formats, layout
-from gelutrace.model.generation import Batch, repeat_rows
+from gelutrace.files.corpusfiles import DEFAULT_FIELD
+from gelutrace.files.dataset import DatasetDir
+from gelutrace.files.plots import plot_dose_response, plot_method_comparison, plot_perturbation_summary
+from gelutrace.model.generation import Batch, encode_prompts, plan_batches, repeat_rows
 from gelutrace.model.hooks import Ablation, RowAblation
 from gelutrace.selection import stability
 
@@ -427,8 +434,8 @@ def measure_text_controls(res, model, subsets: list[Subset], mean_values, settin
                           progress and (lambda n: progress("text", n)), [sub.weighted for sub in subsets])
 
 
-def run(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values, settings: EvalSettings,
-        progress=None, text=None, weights: np.ndarray | None = None) -> Results:
+def measure_subsets(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values,
+                    settings: EvalSettings, progress=None, text=None, weights: np.ndarray | None = None) -> Results:
     """
     Every subset on the prompts (generated free-running and teacher-forced along the baseline's continuations)
     and, given `text` (realtext.EvalText), on real text; then the random controls of the subsets control_plan
@@ -495,7 +502,8 @@ def add_selection_overlap(results: Results, subsets: list[Subset]):
     results.halves = stability.recorded_halves([s.info for s in subsets if s.compared])
 
 
-def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, args, corpus: dict | None = None) -> dict:
+def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, settings: EvalSettings,
+                      corpus: dict | None = None) -> dict:
     """
     Which data chose the neurons (the dataset's prompts, or its corpus), which prompts measured them, whether
     they overlap (for a corpus: evaluation prompts found, whitespace normalised, in its documents as stage b read
@@ -521,8 +529,9 @@ def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, 
                      "selection_samples": corpus.get("samples")}
     return {**selection, "eval_csv": str(eval_csv), "eval_csv_sha256": sha(eval_csv),
             "eval_prompts": len(eval_prompts), "prompts_in_both": shared, "held_out": shared == 0,
-            "ablation": args.ablation, "seed": args.seed, "temperature": args.temperature, "top_k": args.top_k,
-            "random_controls": args.random_controls, "validation_share": args.validation_share,
+            "ablation": settings.ablation, "seed": settings.seed, "temperature": settings.temperature,
+            "top_k": settings.top_k, "random_controls": settings.random_controls,
+            "validation_share": settings.validation_share,
             "bootstrap_replicates": stats.N_BOOT,
             "confidence_level": stats.LEVEL}
 
@@ -591,3 +600,132 @@ def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[
                    "controls_enough_for_claims": n_controls >= stats.MIN_CONTROLS,
                    "selection_halves": results.halves}, out / layout.COMPARISON_RECORD, indent=2)
     return tables
+
+
+# --- stage e's runner -------------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """What stage e measures: a dataset's subsets (names under perturbation_subsets/, or NONE), on which prompts,
+    and on which real text."""
+    dataset_path: str
+    subset_names: list[str]
+    prompts: list  # the evaluation prompts (formats.read_prompts)
+    eval_csv: str  # their file
+    selection_prompts: list | None = None  # the prompts the neurons were chosen on (prompt mode)
+    input_csv: str | None = None  # their file
+    eval_text: list[str] | None = None  # real held-out text: corpus files or directories
+    context: int | None = None  # its window (None: the model's context)
+    eval_tokens: int = realtext.EVAL_TOKENS
+    text_field: str = DEFAULT_FIELD
+
+
+@dataclass
+class Outcome:
+    """What a stage e run measured and wrote."""
+    subsets: list[Subset]
+    results: Results
+    tables: dict  # the method comparison's tables by file name ({} without method subsets)
+    module_tables: dict  # the modules' tables by file name
+    out: Path  # the results directory
+    where: str  # on which prompts, in words
+    n_neurons: int
+
+
+@torch.no_grad()
+def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
+    """Stage e with a loaded model (gelutrace.model.loading): every subset ablated on the prompts (and the real
+    text), the results written as one set into the dataset's perturbation_results/."""
+    cfg = lm.model.config
+    n_neurons = cfg.n_layer * cfg.d_mlp
+    r, s = request, settings
+    ds = DatasetDir(r.dataset_path, lm.name)
+    ds.check(cfg.n_layer, cfg.d_mlp, lm.site)
+    corpus_record = ds.corpus_record()
+    if r.selection_prompts is None and corpus_record is None:
+        raise PipelineError(f"{r.dataset_path} is a prompt-mode dataset: give its --input_csv")
+    atomic.check_output_dir(Path(r.dataset_path) / layout.RESULTS_DIR / layout.PER_SAMPLE_DIR, "--dataset_path")
+    atomic.lock_directory(r.dataset_path, "stage e")
+    subsets = resolve_subsets(r.dataset_path, r.subset_names, n_neurons, lm.name)
+    if old := unrecorded(subsets):
+        print(f"warning: {len(old)} subset(s) ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}) come from an "
+              f"older stage d, whose sidecars record neither the scores nor the halves: their Spearman "
+              f"(method_agreement.csv) and selection_jaccard stay empty; rerun stage d to fill them", file=sys.stderr)
+    mean_values = ds.mean_activations(n_neurons) if s.ablation == "mean" else None
+    prompts = r.prompts
+    prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
+    text = leak = None
+    if r.eval_text:
+        context = realtext.check_context(cfg.block_size if r.context is None else r.context, cfg.block_size)
+        text = realtext.read_eval_text(r.eval_text, lm.tokenizer, context, cfg.vocab_size, r.eval_tokens,
+                                       text_field=r.text_field)
+        leak = realtext.leak_check(text, corpus_record, r.selection_prompts)
+        if note := realtext.leak_note(leak):
+            print(f"note: {note}", file=sys.stderr)
+    elif r.context is not None or r.eval_tokens != realtext.EVAL_TOKENS or r.text_field != DEFAULT_FIELD:
+        raise PipelineError("--context, --eval_tokens and --text_field apply to --eval_text; give it or leave them "
+                            "out")
+
+    greedy = s.temperature == 0
+    batches = plan_batches(prompts, prompt_ids, greedy, s.batch_size, cfg.block_size)
+    n_generated = 1 + sum(1 for sub in subsets if len(sub.ids))
+    tokens = n_generated * sum(len(b.row_prompt) * b.new_tokens for b in batches)
+    chunks = metric_chunks(plan_rows(batches, prompts), prompt_ids, cfg.vocab_size, s.batch_size)
+    ablated = [sub for sub in subsets if len(sub.ids)]
+    modules = [sub for sub in ablated if sub.is_module]
+    weights, weights_source = control_weights(r.dataset_path, lm.name, n_neurons) if modules else (None, None)
+    if modules and weights is None:
+        print(f"note: {r.dataset_path} has neither single-neuron effects nor attribution: the modules get no "
+              f"effect-weighted controls (run d_calculate_neuron_effects.py, or stage b with attribution)",
+              file=sys.stderr)
+    compared = [sub for sub in ablated if not sub.is_module]
+    with_controls = (len({len(sub.ids) for sub in compared if sub.compared}) if s.control_subsets == "best"
+                     else len(compared))  # at most
+    conditions = (len(ablated) + s.random_controls * with_controls
+                  + s.per_module * len(modules) * (2 if weights is not None else 1))
+    with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as gen_bar, \
+            tqdm(total=len(chunks) * conditions, unit="ablation", desc="teacher-forced metrics") as metric_bar, \
+            tqdm(total=text.scored * conditions if text else 0, unit="tok", unit_scale=True, desc="real text",
+                 disable=text is None) as text_bar:
+        bars = {"tokens": gen_bar, "passes": metric_bar, "text": text_bar}
+        results = measure_subsets(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values, s,
+                                  progress=lambda kind, n: bars[kind].update(n), text=text, weights=weights)
+    module_tables = {}
+    if modules:
+        tokens = None
+        if text is not None:
+            tokens = me.tokens_table(results.text, subsets, lm.tokenizer)
+            module_tables[layout.MODULE_TOKENS] = tokens
+            module_tables[layout.MODULE_CONTEXTS] = me.contexts_table(lm.model, text, subsets, lm.tokenizer, cfg.d_mlp)
+        module_tables[layout.MODULE_EFFECTS] = me.effects_table(subsets, results.summary, text is not None,
+                                                                weights_source, tokens)
+
+    add_selection_overlap(results, subsets)
+    evaluation = evaluation_record(r.input_csv, r.selection_prompts, r.eval_csv, prompts, s, corpus_record)
+    if text is not None:
+        evaluation["eval_text"] = {**text.record(r.eval_tokens), "leak_check": leak}
+    out = Path(r.dataset_path) / layout.RESULTS_DIR
+    where = ("held-out prompts" if evaluation["held_out"] else "prompts not looked up in the corpus"
+             if evaluation["prompts_in_both"] is None else "the prompts they were chosen on")
+    # the whole set is written beside the earlier one and swapped in: a failure leaves the earlier results
+    with atomic.OutputSet(out, out / layout.RESULTS_MANIFEST, RESULT_SET, "stage e") as staged:
+        written = write_results(staged.dir, results, evaluation, lm.tokenizer)
+        for name, df in module_tables.items():
+            atomic.write_csv(df, staged.dir / name)
+            written.append(staged.dir / name)
+        plot_perturbation_summary(results.summary, staged.dir / layout.PERTURBATION_PLOT,
+                                  title=f"{lm.name}: effect of {s.ablation}-ablating each subset, on {where}")
+        tables = write_comparison(r.dataset_path, staged.dir, lm.name, results, subsets, n_neurons, prompts,
+                                  s.control_subsets)
+        written += [staged.dir / layout.PERTURBATION_PLOT] + [staged.dir / name for name in tables]
+        if tables:
+            on = f"{text.scored:,} tokens of held-out text" if text is not None else where
+            written.append(staged.dir / layout.COMPARISON_RECORD)
+            plot_method_comparison(tables[layout.COMPARISON], staged.dir / layout.COMPARISON_PLOT,
+                                   title=f"{lm.name}: neurons chosen by each method, {s.ablation}-ablated, on {on}")
+            ylabel = ("Δ NLL of the real next token (nats/token), 95 % CI over " + text.units if text is not None
+                      else "Δ NLL of the baseline's tokens (nats/token), 95 % CI over prompts")
+            plot_dose_response(tables[layout.DOSE_RESPONSE], staged.dir / layout.DOSE_RESPONSE_PLOT, ylabel=ylabel,
+                               title=f"{lm.name}: dose-response, {s.ablation}-ablating each method's top k, on {on}")
+            written += [staged.dir / layout.COMPARISON_PLOT, staged.dir / layout.DOSE_RESPONSE_PLOT]
+        staged.vouch(written)
+    return Outcome(subsets, results, tables, module_tables, out, where, n_neurons)

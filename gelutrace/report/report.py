@@ -16,10 +16,10 @@ from gelutrace import PipelineError
 from gelutrace.evaluate import statistics as stats
 from gelutrace.files import atomic, formats, layout
 from gelutrace.files.dataset import DatasetDir
+from gelutrace.files.plots import plot_degree_at_thresholds, plot_layer_activity
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
 from gelutrace.report import markdown, verdict
-from gelutrace.report.plots import plot_degree_at_thresholds, plot_layer_activity
 from gelutrace.selection import communities
 
 UNSTABLE_JACCARD = 0.5  # below this, most of a subset's neurons change between the halves of the selection data
