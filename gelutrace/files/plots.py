@@ -1,26 +1,33 @@
-"""Figures the stages write (matplotlib, Agg backend, written atomically as PNG). Each function stands alone."""
+"""
+Figures the stages write (matplotlib, written atomically as PNG). Each function stands alone. Figures are made
+without pyplot: no backend is chosen and no global figure state touched, so that a notebook importing gelutrace
+keeps its own (inline) backend.
+"""
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker
 import numpy as np
-import pandas as pd  # noqa: E402
+import pandas as pd
+from matplotlib.figure import Figure
 
 from gelutrace.files import atomic
 
 
 def _save(fig, target):
-    """Write the figure and close it; returns it, so that its artists can be checked."""
+    """Write the figure; returns it, so that its artists can be checked."""
     with atomic.atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return fig
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, figsize=None, **kw):
+    """pyplot.subplots' (figure, axes), on a Figure of its own."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
 
 
 def plot_histogram(hist: pd.DataFrame, target, title: str, xlabel: str):
     """A density histogram from a bin_start, bin_end, density table (stage c_analyze)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _subplots(figsize=(7, 4.5))
     if len(hist):
         ax.bar(hist["bin_start"], hist["density"], width=hist["bin_end"] - hist["bin_start"], align="edge",
                color="tab:blue", edgecolor="white", linewidth=0.3)
@@ -35,7 +42,7 @@ def plot_histogram(hist: pd.DataFrame, target, title: str, xlabel: str):
 def plot_threshold_sweep(sweep: pd.DataFrame, target, title: str = "Connected components vs. edge threshold",
                          weight: str = "count"):
     """Number of components and largest-component size against the normalised-weight threshold."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _subplots(figsize=(7, 4.5))
     ax.plot(sweep["threshold"], sweep["num_components"], "o-", color="tab:blue", label="number of components")
     quantity = "co-activation" if weight == "count" else weight
     ax.set_xlabel(f"threshold (edges with normalised {quantity} <= threshold removed)")
@@ -53,7 +60,7 @@ def plot_degree_at_thresholds(degrees: dict, target, title: str):
     """Node degree distributions of the graph at the thresholds stage d used (label -> degrees), log counts,
     with each one's share of isolated nodes (degree 0) in the legend."""
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = _subplots(figsize=(8, 4.5))
     top = max((int(d.max()) for d in degrees.values() if len(d)), default=0)
     bins = np.unique(np.r_[0, np.ceil(np.geomspace(1, top + 1, 40)).astype(int), top + 1]) if top else np.arange(3)
     for label, d in degrees.items():
@@ -76,7 +83,7 @@ def plot_trace(active, target, title: str):
     rows = int(np.ceil(d / cols))
     ncol = min(n_layer, 6)
     nrow = int(np.ceil(n_layer / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 2.4 * nrow + 0.6), squeeze=False)
+    fig, axes = _subplots(nrow, ncol, figsize=(2.2 * ncol, 2.4 * nrow + 0.6), squeeze=False)
     for layer, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -101,7 +108,7 @@ def plot_perturbation_summary(summary: pd.DataFrame, target, title: str = "Effec
               ("token_agreement", "token agreement with baseline"),
               ("first_diff_position", "first differing position (tokens)")]
     x = np.arange(len(summary))
-    fig, axes = plt.subplots(2, 2, figsize=(max(8, 1.2 * len(summary) + 4), 7.5), squeeze=False)
+    fig, axes = _subplots(2, 2, figsize=(max(8, 1.2 * len(summary) + 4), 7.5), squeeze=False)
     for ax, (col, label) in zip(axes.flat, panels):
         controls = f"{col}_random_q05" in summary.columns
         width = 0.4 if controls else 0.7
@@ -132,7 +139,7 @@ def plot_layer_activity(freq: pd.DataFrame, target, title: str):
     """Per layer: the distribution of neurons' activation frequencies (box) and its mean (line) (report)."""
     layers = sorted(freq["layer"].unique())
     groups = [freq.loc[freq["layer"] == layer, "activation_frequency"].to_numpy() for layer in layers]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(layers) + 3), 4.5))
+    fig, ax = _subplots(figsize=(max(6, 0.5 * len(layers) + 3), 4.5))
     ax.boxplot(groups, positions=layers, widths=0.6, showfliers=True,
                flierprops={"marker": ".", "markersize": 3, "alpha": 0.5}, label="neurons (box, outliers)")
     ax.plot(layers, [g.mean() for g in groups], "o-", color="tab:red", label="mean")
@@ -152,7 +159,7 @@ def plot_method_comparison(comparison: pd.DataFrame, target, title: str = "Selec
     """
 
     best = comparison[comparison["best"].astype(bool)]
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = _subplots(figsize=(9, 5))
     methods = sorted(best["method"].unique())
     ks = sorted(best["k"].unique())
     offsets = np.linspace(-0.12, 0.12, max(len(methods), 1)) if len(methods) > 1 else [0.0]
@@ -192,7 +199,7 @@ def plot_dose_response(dose: pd.DataFrame, target, title: str, ylabel: str):
     controls of the same layers, where the subset at that k had controls.
     """
 
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = _subplots(figsize=(9, 5))
     for i, method in enumerate(sorted(dose["method"].unique())):
         rows = dose[dose["method"] == method].sort_values("k")
         x, y = rows["k"].to_numpy(np.float64), rows["delta_nll"].to_numpy(np.float64)
@@ -228,7 +235,7 @@ def plot_edge_fidelity(table: pd.DataFrame, target, title: str):
     """c_measure_edge_fidelity: each sampled edge's measured change of v against the predicted -direct, on
     symmetric-log axes, one colour per layer gap, with the identity line."""
 
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig, ax = _subplots(figsize=(6, 5.5))
     for i, (gap, part) in enumerate(table.groupby("layer_gap")):
         ax.scatter(part["predicted"], part["measured"], s=9, alpha=0.6, color=f"C{i}", label=f"layer gap {gap}")
     lim = float(np.nanmax(np.abs(table[["predicted", "measured"]].to_numpy()))) if len(table) else 1.0
@@ -255,7 +262,7 @@ def plot_module_layers(composition, target, title: str):
     if len(comp) > MAX_MODULES_DRAWN:
         comp = np.vstack([comp[:MAX_MODULES_DRAWN], comp[MAX_MODULES_DRAWN:].sum(0)])
         rows.append(f"rest ({len(composition) - MAX_MODULES_DRAWN})")
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * comp.shape[1], 1.2 + 0.28 * len(rows)))
+    fig, ax = _subplots(figsize=(1.2 + 0.45 * comp.shape[1], 1.2 + 0.28 * len(rows)))
     im = ax.imshow(comp, aspect="auto", cmap="viridis")
     ax.set_xticks(range(comp.shape[1]), [str(i) for i in range(comp.shape[1])])
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -287,7 +294,7 @@ def plot_module_graph(sizes, between, target, title: str):
         if x > 0:
             g.add_edge(int(a), int(b), weight=float(x))
     pos = (nx.circular_layout(g) if n <= 12 else nx.spring_layout(g, seed=0)) if n > 1 else {0: (0.0, 0.0)}
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+    fig, ax = _subplots(figsize=(6.5, 6))
     top = max((d["weight"] for *_, d in g.edges(data=True)), default=1.0)
     nx.draw_networkx_edges(g, pos, ax=ax, width=[0.3 + 5 * d["weight"] / top for *_, d in g.edges(data=True)],
                            alpha=0.5, edge_color="gray")
