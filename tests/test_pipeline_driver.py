@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_corpus_formats import FAKE_PYTHON
 
 from gelutrace import pipeline
@@ -195,6 +196,63 @@ def test_the_stages_of_the_driver_share_its_lock_and_no_other_process_does(tmp_p
     assert ran == 0
     assert [r.stdout for r in results] == ["wrote\n", "", "", ""]
     assert all("PipelineError: another run is writing into" in r.stderr for r in results[1:])
+
+
+# --- a stage runs in the driver's process, as its own interpreter would run it ------------------------------------
+def test_a_stage_runs_in_the_drivers_process_only_with_the_drivers_interpreter(monkeypatch):
+    import a_generate_gelu_graph
+
+    from gelutrace.report import __main__ as report_main
+    monkeypatch.delenv("PYTHON", raising=False)
+    assert pipeline.stage_main(["a_generate_gelu_graph.py", "--help"]) is a_generate_gelu_graph.main
+    assert pipeline.stage_main(["-m", "gelutrace.report", "x"]) is report_main.main
+    assert pipeline.stage_main(["-m", "gelutrace.pipeline", "sweep"]).__module__ == "gelutrace.pipeline"
+    assert pipeline.stage_main(["-c", "print(1)"]) is None
+    assert pipeline.stage_main(["-m", "json.tool"]) is None
+    assert pipeline.stage_main(["no_such_stage.py"]) is None
+    monkeypatch.setenv("PYTHON", sys.executable)
+    assert pipeline.stage_main(["a_generate_gelu_graph.py"]) is a_generate_gelu_graph.main
+    monkeypatch.setenv("PYTHON", "/bin/false")  # another interpreter: a subprocess of it
+    assert pipeline.stage_main(["a_generate_gelu_graph.py"]) is None
+
+
+def test_a_stage_in_the_drivers_process_writes_what_its_own_process_writes(tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("PYTHON", raising=False)
+    env = dict(ENV, PYTHONPATH=str(REPO_ROOT))
+    sub = subprocess.run([sys.executable, "a_generate_gelu_graph.py", "--model_type", M, "--output_dir",
+                          str(tmp_path / "sub")], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert sub.returncode == 0, sub.stderr[-2000:]
+    argv, grad = list(sys.argv), torch.is_grad_enabled()
+    fd = pipeline.take_lock(str(tmp_path / "here"))  # the driver's lock: its stage writes under it
+    try:
+        command = pipeline.script("a_generate_gelu_graph.py", "--model_type", M, "--output_dir", str(tmp_path / "here"))
+        assert pipeline.execute(command, fd) == 0
+        bad = pipeline.script("a_generate_gelu_graph.py", "--model_type", str(tmp_path / "no_model"), "--output_dir",
+                              str(tmp_path / "here"))
+        capfd.readouterr()
+        assert pipeline.execute(bad, fd) == 2  # one error line, as the script's own process exits
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+    finally:
+        os.close(fd)
+    assert sys.argv == argv and torch.is_grad_enabled() == grad and atomic.LOCK_FD_ENV not in os.environ
+    meta = [json.loads((tmp_path / d / layout.GRAPH_META.format(m=M)).read_text()) for d in ("here", "sub")]
+    for m in meta:
+        m["edges_file"].pop("mtime_ns")
+    assert meta[0] == meta[1]
+    written = {d: sorted(p.name for p in (tmp_path / d).iterdir() if p.name != layout.LOCK_FILE) for d in ("here", "sub")}
+    assert written["here"] == written["sub"]
+    assert all((tmp_path / "here" / n).read_bytes() == (tmp_path / "sub" / n).read_bytes() for n in written["here"]
+               if n != layout.GRAPH_META.format(m=M))
+
+
+def test_an_exception_a_stage_does_not_handle_is_its_traceback_and_status_1(capfd):
+    def main(argv):
+        raise ValueError("broken stage")
+
+    assert pipeline.execute_here(main, ["x.py"], -1) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "ValueError: broken stage" in err
 
 
 # --- 2.5: a symlinked text is hashed through its links -----------------------------------------------------------
