@@ -201,7 +201,6 @@ def test_the_stages_of_the_driver_share_its_lock_and_no_other_process_does(tmp_p
 # --- a stage runs in the driver's process, as its own interpreter would run it ------------------------------------
 def test_a_stage_runs_in_the_drivers_process_only_with_the_drivers_interpreter(monkeypatch):
     import a_generate_gelu_graph
-
     from gelutrace.report import __main__ as report_main
     monkeypatch.delenv("PYTHON", raising=False)
     assert pipeline.stage_main(["a_generate_gelu_graph.py", "--help"]) is a_generate_gelu_graph.main
