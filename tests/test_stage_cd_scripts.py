@@ -25,27 +25,23 @@ BATCH = str(ROOT / "d_batch_perturbation_calculate.sh")
 ENV = {**os.environ, "PYTHON": PY, "MPLBACKEND": "Agg"}
 
 
-def start(*args):
-    cmd = list(args) if args[0] == BATCH else [PY, *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+def attempt(*args):
+    """A stage script's run (in this process: conftest.run_python; the shell script as a subprocess), whatever its
+    exit status."""
+    if args[0] == BATCH:
+        return subprocess.run(list(args), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    return run_python([PY, *args], env=ENV, cwd=ROOT)
 
 
 def run(*args):
-    if args[0] == BATCH:
-        p = start(*args)
-        out, err = p.communicate(timeout=120)
-    else:
-        r = run_python([PY, *args], env=ENV, cwd=ROOT)
-        out, err, p = r.stdout, r.stderr, r
-    assert p.returncode == 0, err
-    return out
+    r = attempt(*args)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
-def run_together(*commands):
-    procs = [start(*c) for c in commands]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
+def run_each(*commands):
+    for c in commands:
+        run(*c)
 
 
 def snapshot(d: Path) -> dict:
@@ -60,18 +56,14 @@ def pipeline(tmp_path_factory):
     make_dataset(d, random_activations(3, 10, 300, seed=11), 3, 10)
     run(C, "--input_dir", str(d))  # one after the other: a directory takes one writer at a time
     run(C, "--input_dir", str(d), "--output_path", str(d / "toy_weighted_graph.gpickle"))
-    procs = [start(C_AN, "--input_path", str(d / "toy_weighted_graph")),
-             start(C_AN, "--input_path", str(d / "toy_weighted_graph.gpickle"), "--output_dir", str(d / "an_pickle"))]
-    for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read()
+    run_each([C_AN, "--input_path", str(d / "toy_weighted_graph")],
+             [C_AN, "--input_path", str(d / "toy_weighted_graph.gpickle"), "--output_dir", str(d / "an_pickle")])
     an = d / layout.ANALYSIS_DIR
-    procs = [start(D, "--input_graph_path", str(an / "toy_weighted_graph_analyzed.json"), "--threshold", "0.5",
-                   "--ratio", "0.2", "--method", "degree", "--output_path", str(d / "compact.npy")),
-             start(D, "--input_graph_path", str(d / "an_pickle" / "toy_weighted_graph_analyzed.gpickle"),
-                   "--threshold", "0.5", "--ratio", "0.2", "--method", "degree", "--output_path", str(d / "pickle.npy"),
-                   "--export_graph", str(d / "thr.graphml"))]
-    for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read()
+    run_each([D, "--input_graph_path", str(an / "toy_weighted_graph_analyzed.json"), "--threshold", "0.5",
+              "--ratio", "0.2", "--method", "degree", "--output_path", str(d / "compact.npy")],
+             [D, "--input_graph_path", str(d / "an_pickle" / "toy_weighted_graph_analyzed.gpickle"),
+              "--threshold", "0.5", "--ratio", "0.2", "--method", "degree", "--output_path", str(d / "pickle.npy"),
+              "--export_graph", str(d / "thr.graphml")])
     return d
 
 
@@ -156,14 +148,10 @@ def test_bad_input_one_error_line_and_outputs_untouched(pipeline, tmp_path):
         "d corrupt graph": [D, "--input_graph_path", str(bad / "toy_activation_matrix.npz"), "--threshold", "0.5",
                             "--ratio", "0.1", "--output_path", str(d / "compact.npy")],
     }
-    procs = {k: start(*v) for k, v in cases.items()}
-    errs = {}
-    for name, p in list(procs.items()):
-        errs[name] = p.communicate(timeout=120)[1]
-    # after the others: a stage c into `d` while another writes there is refused for that reason instead
-    procs["gpickle too big"] = start(C, "--input_dir", str(d), "--output_path", str(d / "toy_weighted_graph.gpickle"),
-                                     "--memory_limit_gb", "1e-6")
-    errs["gpickle too big"] = procs["gpickle too big"].communicate(timeout=120)[1]
+    procs = {k: attempt(*v) for k, v in cases.items()}
+    procs["gpickle too big"] = attempt(C, "--input_dir", str(d), "--output_path", str(d / "toy_weighted_graph.gpickle"),
+                                       "--memory_limit_gb", "1e-6")
+    errs = {name: p.stderr for name, p in procs.items()}
     for name, p in procs.items():
         lines = errs[name].strip().splitlines()
         assert p.returncode == 2, (name, errs[name])
@@ -205,7 +193,7 @@ def test_weight_flag_names_and_records_the_weight(pipeline, tmp_path):
     shutil.copytree(pipeline, d)
     an = d / layout.ANALYSIS_DIR
     count_files = snapshot(an)
-    run_together([C_AN, "--input_path", str(d / "toy_weighted_graph"), "--weight", "phi"],
+    run_each([C_AN, "--input_path", str(d / "toy_weighted_graph"), "--weight", "phi"],
                  [C_AN, "--input_path", str(d / "toy_weighted_graph.gpickle"), "--output_dir", str(d / "an_pickle"),
                   "--weight", "phi"])
     assert {k: v for k, v in snapshot(an).items() if k in count_files} == count_files  # count's files untouched
@@ -225,7 +213,7 @@ def test_weight_flag_names_and_records_the_weight(pipeline, tmp_path):
     assert max(w for *_, w in g.edges(data="phi_normalized")) == 1.0
 
     out = d / "subsets"
-    run_together(*([D, "--input_graph_path", str(an / "toy_weighted_graph_analyzed_phi.json"), "--threshold", "0.3",
+    run_each(*([D, "--input_graph_path", str(an / "toy_weighted_graph_analyzed_phi.json"), "--threshold", "0.3",
                     "--ratio", "0.2", "--method", method, "--weight", "phi", "--output_dir", str(out)]
                    for method in ("degree", "random")),
                  [D, "--input_graph_path", str(d / "an_pickle" / "toy_weighted_graph_analyzed_phi.gpickle"),
@@ -265,9 +253,9 @@ def test_bad_weight_one_error_line(pipeline, tmp_path):
         "analyze pmi without num_samples": [C_AN, "--input_path", str(tmp_path / "toy_weighted_graph.gpickle"),
                                             "--output_dir", str(tmp_path), "--weight", "pmi"],
     }
-    procs = {k: start(*v) for k, v in cases.items()}
+    procs = {k: attempt(*v) for k, v in cases.items()}
     for name, p in procs.items():
-        _, err = p.communicate(timeout=120)
+        err = p.stderr
         lines = err.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
         assert ("cosine" in err) if "unknown" in name else ("number of samples" in err), (name, err)
@@ -324,8 +312,8 @@ def test_k_grid_bad_input(pipeline, tmp_path):
     out = ["--output_dir", str(tmp_path / "o")]
     for args in (["--k", "0", *out], ["--k", "31", *out], ["--k", "3", "3", *out], ["--k", "2", "--ratio", "0.1", *out],
                  ["--k", "2", "3", "--output_path", str(tmp_path / "a.npy")]):
-        p = start(D, "--input_graph_path", graph, "--method", "activation_count", *args)
-        _, err = p.communicate(timeout=120)
+        p = attempt(D, "--input_graph_path", graph, "--method", "activation_count", *args)
+        err = p.stderr
         assert p.returncode == 2 and "error:" in err.strip().splitlines()[-1], (args, err)
     assert not list(tmp_path.rglob("*.npy"))
 
@@ -346,11 +334,11 @@ def test_match_layers_refuses_another_k(pipeline, tmp_path):
     np.save(tmp_path / "other.npy", np.array([0, 1, 11, 25], np.int64))
     base = ["--input_graph_path", graph, "--method", "random", "--match_layers", str(tmp_path / "other.npy"),
             "--output_dir", str(tmp_path / "o")]
-    p = start(D, *base, "--k", "7")
-    _, err = p.communicate(timeout=120)
+    p = attempt(D, *base, "--k", "7")
+    err = p.stderr
     assert p.returncode == 2 and "k=4" in err and not (tmp_path / "o").exists()
     run(D, *base, "--k", "4")
     assert len(np.load(tmp_path / "o" / "toy_random_k4.npy")) == 4
-    p = start(D, "--input_graph_path", graph, "--method", "degree", "--k", "2.5", "--output_dir", str(tmp_path / "o"))
-    _, err = p.communicate(timeout=120)
+    p = attempt(D, "--input_graph_path", graph, "--method", "degree", "--k", "2.5", "--output_dir", str(tmp_path / "o"))
+    err = p.stderr
     assert p.returncode == 2 and err.strip().count("\n") == 0 and err.startswith("error:")  # argparse: one line
