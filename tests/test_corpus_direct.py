@@ -239,7 +239,13 @@ def test_prompt_mode_equals_float64_reference_and_stage_c_keeps_it(tmp_path, shi
         "--output_dir", tmp_path / "subs")
     run("d_calculate_perturbation_subset.py", "--input_graph_path", store, "--method", "degree", "--weight",
         "direct_abs", "--threshold", 0.1, "--k", 5, "--output_dir", tmp_path / "subs")
+    # the write norms go from stage b's file (and each half's) into the store, and rank magnitude there
+    assert g.causal.write_norm is not None and all(h.write_norm is not None for h in halves)
+    run("d_calculate_perturbation_subset.py", "--input_graph_path", store, "--method", "magnitude", "--k", 5,
+        "--output_dir", tmp_path / "subs")
     side = {f.name: json.loads(f.read_text()) for f in (tmp_path / "subs").glob("*.json")}
+    mag = next(v for k, v in side.items() if "magnitude" in k)
+    assert sorted(mag["neurons"]) == sorted(np.argsort(-(c.value_abs * c.write_norm))[:5].tolist())
     inf = next(v for k, v in side.items() if "influence" in k)
     want = np.argsort(-c.influence(), kind="stable")[:5]
     assert sorted(inf["neurons"]) == sorted(want.tolist())
