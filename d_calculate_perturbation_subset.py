@@ -20,7 +20,9 @@ Methods on the thresholded graph: degree (the original's), weighted_degree, page
 and through every later neuron it drives (I = s + |E~| I, docs/methods.md "Influence"). Methods that need
 no graph (--threshold is ignored and recorded as null; files are named {m}_{method}_r{ratio}.npy):
 activation_count, attribution (stage b's first-order estimate of each neuron's single-ablation delta_nll,
-from {m}_neuron_frequency.csv), ablation (measured single-neuron delta_nll, from {m}_neuron_effects.csv of
+from {m}_neuron_frequency.csv), direct_loss (mean |direct_loss| of stage b --direct_edges: influence's seed
+term s, without the graph), magnitude (mean |a_u| times ||w_out,u||, the size of what the neuron writes into the
+stream; stage b --direct_edges records both), ablation (measured single-neuron delta_nll, from {m}_neuron_effects.csv of
 d_calculate_neuron_effects.py), random (seeded; with --match_layers, the per-layer composition of another
 subset).
 

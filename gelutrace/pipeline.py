@@ -59,8 +59,8 @@ Options (or environment variables):
                                   10 %: 0.1% 0.193% 0.373% 0.72% 1.39% 2.68% 5.18% 10%)
   --ratios "0.01 0.05"            RATIOS: fractions of the neurons instead of --ks (the original's sweep)
   --methods "degree ..."          METHODS of the stage-d sweep (default: degree activation_count attribution
-                                  random, plus influence with --direct_edges 1 and ablation when single-neuron
-                                  effects are measured)
+                                  random, plus influence and its graph-free baselines direct_loss and magnitude
+                                  with --direct_edges 1, and ablation when single-neuron effects are measured)
   --weights "count"               WEIGHTS: edge weights of the graph methods (count jaccard phi pmi direct
                                   direct_abs; default count, plus direct_abs with --direct_edges 1)
   --direct_edges 0|1              DIRECT_EDGES: stage b also measures the causal edge weights (direct,
@@ -126,8 +126,8 @@ Options (or environment variables):
   --thresholds "0.5 0.7 0.8 0.9"   THRESHOLDS
   --ratios "0.01 0.02 0.05 0.1"    RATIOS
   --ks "3 10 30 100"               KS: numbers of neurons instead of ratios (used when set)
-  --methods "degree"               METHODS (degree weighted_degree pagerank activation_count attribution
-                                   ablation random)
+  --methods "degree"               METHODS (degree weighted_degree pagerank influence activation_count
+                                   attribution direct_loss magnitude ablation random)
   --weights "count"                WEIGHTS (count jaccard phi pmi; see d_calculate_perturbation_subset.py
                                    --help); a method that ignores the weight (all but degree,
                                    weighted_degree, pagerank) writes one subset, listed once
@@ -253,8 +253,10 @@ def check_combinations(s: "Run"):
         for w in weights:
             if w in gr.DIRECT_WEIGHTS:
                 raise PipelineError(f"--weights {w} needs --direct_edges 1 (stage b measures the causal weights)")
-        if "influence" in methods:
-            raise PipelineError("--methods influence needs --direct_edges 1 (it ranks through the causal weights)")
+        for m in CAUSAL_RECORD_METHODS:
+            if m in methods:
+                raise PipelineError(f"--methods {m} needs --direct_edges 1 (it ranks by stage b's direct-effect "
+                                    f"record)")
     if "ablation" in methods and s.effects != "1":
         raise PipelineError("--methods ablation needs --effects 1 (it ranks by the measured single-neuron effects)")
 
@@ -288,10 +290,14 @@ def model_names(model: str, device: str) -> tuple[bool, str]:
         os.chdir(cwd)
 
 
+CAUSAL_RECORD_METHODS = ("influence", "direct_loss", "magnitude")  # what stage b's --direct_edges record ranks
+
+
 def default_methods(direct_edges: str, effects: str) -> str:
-    methods = ["degree", "influence", "activation_count", "attribution", "random"]  # stage b's --attribution
+    # attribution: stage b's --attribution, always on in the pipeline
+    methods = ["degree", "influence", "activation_count", "attribution", "direct_loss", "magnitude", "random"]
     if direct_edges != "1":
-        methods.remove("influence")
+        methods = [m for m in methods if m not in CAUSAL_RECORD_METHODS]
     return " ".join(methods + (["ablation"] if effects == "1" else []))
 
 
@@ -518,7 +524,8 @@ def stages(s: Run) -> Iterator[Stage]:
         s.eval_text, "--eval_tokens", s.eval_tokens, "--thresholds", s.thresholds, "--ks", counts, "--ratios",
         s.ratios, "--methods", s.methods, "--weights", s.weights, "--random_controls", s.random_controls,
         "--control_subsets", s.control_subsets, "--modules_top", s.modules_top, "--module_controls",
-        s.module_controls, "--temperature", s.temperature, "--seed", s.seed, "--device", s.device)])
+        s.module_controls, "--temperature", s.temperature, "--seed", s.seed, "--device", s.device,
+        *(["--effect_tokens", s.effect_tokens] if s.text else []))])
 
 
 # --- running them ----------------------------------------------------------------------------------------------------

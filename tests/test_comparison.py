@@ -7,6 +7,7 @@ verdict on constructed cases whose answer is known (an additive world of per-neu
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
@@ -169,20 +170,143 @@ def test_layer_zero_subset_is_not_distinguishable_and_top_effects_are_above_rand
     assert row.loc["ablation", "delta_nll_p_random"] == pytest.approx(1 / 31)
     assert row.loc["ablation", "delta_nll_p_random_holm"] < 0.05
     lines = "\n".join(verdict.verdict_lines(v.reset_index(), N_LAYER * D_MLP))
-    assert "**ablation**" in lines and "above random neurons of the same layers (p = 0.032 from 30 controls" in lines
+    assert "**ablation**" in lines and "above all 30 layer-matched controls (empirical p = 0.032, z = " in lines
     # alone, the layer-0 subset gets no claim above random
     v0, _ = verdict_of([w.entry("activation_count", layer0)])
     text = "\n".join(verdict.verdict_lines(v0.reset_index(), N_LAYER * D_MLP))
     assert "not distinguishable from random neurons of the same layers" in text and "above random" not in text
 
 
-def test_normal_approximation_tail_is_written_as_a_bound():
-    """A Gaussian fitted to 30 controls cannot speak for p = 1.9e-268: the words give a bound there."""
-    assert verdict.null_phrase(30, 1 / 31, 1.9e-268) == ("above random neurons of the same layers (p = 0.032 from 30 "
-                                                      "controls; Holm-adjusted normal approximation p < 1e-06)")
-    assert verdict.null_phrase(30, 1 / 31, 0.004).endswith("normal approximation p = 0.004)")
-    assert verdict.null_phrase(30, 0.2, 3e-9) == ("not distinguishable from random neurons of the same layers (p = 0.2, "
-                                              "Holm-adjusted normal approximation p < 1e-06)")
+def test_headline_is_the_empirical_standing_never_the_normal_tail():
+    """A Gaussian fitted to 30 controls cannot speak for p = 1.9e-268: the headline gives the empirical p, z and the
+    empirical p Holm-adjusted; the normal approximation is written as a bound where it is quoted at all."""
+    assert verdict.null_phrase(30, 1 / 31, 14.23, 8 / 31) == ("above all 30 layer-matched controls (empirical p = "
+                                                              "0.032, z = 14.2; family-wise (Holm) p = 0.26)")
+    # 6 of 30 controls at or above the value: p = 7/31
+    assert verdict.null_phrase(30, 7 / 31, 0.9) == ("not distinguishable from random neurons of the same layers, "
+                                                    "above 24 of 30 layer-matched controls (empirical p = 0.23, "
+                                                    "z = 0.9)")
+    # 200 controls, 3 at or above: above random, but not above all
+    assert verdict.null_phrase(200, 4 / 201, 2.5).startswith("above random neurons of the same layers, above 197 of "
+                                                             "200 layer-matched controls (empirical p = 0.02")
+    assert verdict.null_phrase(5, 1 / 6, 3.0) == "" and verdict.null_phrase(30, np.nan, 3.0) == ""
+    assert "normal approximation" not in verdict.null_phrase(30, 1 / 31, 14.23, 8 / 31)
+    assert verdict.normal_p_text(1.9e-268) == " < 1e-06" and verdict.normal_p_text(0.004) == " = 0.004"
+
+
+def hand_holm(p):
+    """Holm's step-down adjustment written out: the i-th smallest p times (m - i), never below the one before."""
+    p = list(p)
+    m = len(p)
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p[j])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def test_empirical_holm_against_a_hand_computation_and_the_floor_sentence():
+    w = World(6)
+    order = np.argsort(-w.effect)
+    entries = []
+    for k in (4, 8, 12):
+        entries += [w.entry("ablation", order[:k]), w.entry("activation_count", np.arange(k)),
+                    w.entry("attribution", order[60:60 + k])]
+    v, c = verdict_of(entries)
+    family = c[c["best"].astype(bool) & (c["method"] != "random")]
+    assert len(family) == 9
+    want = hand_holm(family["delta_nll_p_random"].tolist())
+    np.testing.assert_allclose(family["delta_nll_p_random_empirical_holm"].to_numpy(), want, rtol=1e-12)
+    assert c.loc[~c.index.isin(family.index), "delta_nll_p_random_empirical_holm"].isna().all()
+    # the normal approximation stays beside it, under its own name
+    np.testing.assert_allclose(family["delta_nll_p_random_holm"].to_numpy(),
+                               hand_holm(family["delta_nll_p_random_normal"].tolist()), rtol=1e-12)
+    by_subset = c.set_index("subset")
+    for k, r in v.iterrows():
+        assert r["holm_comparisons"] == 9
+        winner = family[(family["k"] == k) & (family["method"] == r["winner"])].iloc[0]
+        assert r["winner_p_random_empirical_holm"] == by_subset.loc[winner["subset"], "delta_nll_p_random_empirical_holm"]
+        assert r["winner_z_random"] == by_subset.loc[winner["subset"], "delta_nll_z_random"]
+    # 9 comparisons, 30 controls: Holm cannot go below 9/31 > 0.05, which the verdict says in so many words
+    lines = verdict.verdict_lines(v.reset_index(), N_LAYER * D_MLP)
+    assert lines[-1] == ("- Family-wise: Holm's adjustment of the empirical p-values across the 9 comparison(s) with "
+                         "controls cannot go below m/(N + 1) = 9/31 = 0.29; with 30 controls and 9 comparisons no "
+                         "family-wise claim at 0.05 is possible; it needs N ≥ 179 controls (--random_controls 179).")
+
+
+def test_holm_floor_of_the_demo_grid():
+    """m = 8 k, N = 30 controls: the floor 8/31 = 0.26; a claim at 0.05 needs N + 1 >= 8 / 0.05, N >= 159."""
+    assert verdict.controls_needed(8) == 159 and verdict.controls_needed(1) == 19
+    rows = pd.DataFrame({"k": range(1, 9), "winner": "influence", "winner_delta_nll": 0.1, "winner_ci_low": 0.05,
+                         "winner_ci_high": 0.15, "winner_random_n": 30, "winner_p_random": 1 / 31,
+                         "winner_z_random": 9.0, "winner_p_random_empirical_holm": 8 / 31, "holm_comparisons": 8})
+    line = verdict.familywise_line(rows)
+    assert "cannot go below m/(N + 1) = 8/31 = 0.26" in line
+    assert "with 30 controls and 8 comparisons no family-wise claim at 0.05 is possible; it needs N ≥ 159" in line
+    text = "\n".join(verdict.verdict_lines(rows, 3072))
+    assert text.count("above all 30 layer-matched controls (empirical p = 0.032, z = 9; family-wise (Holm) p = 0.26)") == 8
+    enough = rows.assign(winner_random_n=159, winner_p_random=1 / 160, winner_p_random_empirical_holm=8 / 160)
+    line = verdict.familywise_line(enough)
+    assert "= 8/160 = 0.05" in line and "8 of the 8 winners stay below 0.05" not in line  # 0.05 is not below 0.05
+    more = rows.assign(winner_random_n=199, winner_p_random=1 / 200, winner_p_random_empirical_holm=8 / 200)
+    assert verdict.familywise_line(more).endswith("; 8 of the 8 winners stay below 0.05 after it.")
+    assert verdict.familywise_line(rows.assign(winner_random_n=5)) == ""
+
+
+def seed_rows(diff, lo, hi, **extra):
+    return pd.DataFrame([{"k": 30, "winner": "influence", "winner_delta_nll": 0.5, "winner_ci_low": 0.4,
+                          "winner_ci_high": 0.6, "ranking": "influence > direct_loss", "causal_best": "influence",
+                          "seed_margin": diff, "seed_margin_ci_low": lo, "seed_margin_ci_high": hi, **extra}])
+
+
+def test_the_seed_sentence_even_when_influence_wins():
+    """influence - direct_loss: indistinguishable -> nothing measurable; ahead -> the margin; behind -> said."""
+    (same,) = verdict.verdict_lines(seed_rows(0.01, -0.02, 0.04), 3072)
+    assert ("Influence: the graph adds nothing measurable over its graph-free seed (direct_loss): difference 0.01 "
+            "[-0.02, 0.04] nats/token.") in same
+    (ahead,) = verdict.verdict_lines(seed_rows(0.3, 0.2, 0.4), 3072)
+    assert "Influence: the causal graph adds 0.3 [0.2, 0.4] nats/token over its graph-free seed (direct_loss)." in ahead
+    (behind,) = verdict.verdict_lines(seed_rows(-0.3, -0.4, -0.2), 3072)
+    assert "Influence falls behind its graph-free seed (direct_loss): difference -0.3 [-0.4, -0.2]" in behind
+    (none,) = verdict.verdict_lines(seed_rows(np.nan, np.nan, np.nan), 3072)
+    assert "seed" not in none
+
+
+def test_seed_margin_and_the_new_baselines_in_the_verdict_table():
+    w = World(7)
+    order = np.argsort(-w.effect)
+    inf, seed = w.entry("influence", order[:10]), w.entry("direct_loss", order[30:40])
+    entries = [inf, seed, w.entry("magnitude", order[80:90]), w.entry("activation_count", np.arange(10))]
+    assert {"direct_loss", "magnitude"} <= set(stats.BASELINES)
+    assert not any(stats.is_causal(m) or stats.is_coactivation(m) for m in ("direct_loss", "magnitude"))
+    v, _ = verdict_of(entries)
+    r = v.loc[10]
+    test = stats.split_prompts(N_PROMPTS, 11).test
+    by_hand = inf.sums["delta_nll"][test].sum() / inf.counts[test].sum() - \
+        seed.sums["delta_nll"][test].sum() / seed.counts[test].sum()
+    assert r["seed_margin"] == pytest.approx(by_hand, rel=1e-12)
+    assert r["seed_margin_ci_low"] > 0 and r["seed_margin"] == r["causal_vs_direct_loss"]
+    assert r["causal_vs_magnitude_verdict"] == "beats" and "graph_best" not in v.columns
+    text = "\n".join(verdict.verdict_lines(v.reset_index(), 200))
+    assert "Influence: the causal graph adds " in text and "over its graph-free seed (direct_loss)" in text
+    # no direct_loss subset: no seed margin
+    v2, _ = verdict_of([inf, w.entry("activation_count", np.arange(10))])
+    assert "seed_margin" not in v2.columns
+
+
+def test_corpus_report_says_there_is_no_single_neuron_ablation():
+    from gelutrace.report import report
+
+    info = {"m": "tinybard", "corpus": True, "neuron_effects": False,
+            "comparison": pd.DataFrame({"method": ["influence", "direct_loss"]})}
+    (note, _) = report.effects_note(info, 3072, {"effect_tokens": "2000"})
+    assert note.startswith("**No single-neuron ablation is compared here**")
+    assert "`run_pipeline.sh --effects 1`" in note and "`--effect_tokens N`" in note
+    assert "neurons × N token-forwards (3,072 × 2,000 = 6.14 M here)" in note
+    assert "3,072 × N here" in report.effects_note(info, 3072)[0]
+    assert report.effects_note({**info, "neuron_effects": True}, 3072) == []
+    with_ablation = {**info, "comparison": pd.DataFrame({"method": ["ablation"]})}
+    assert report.effects_note(with_ablation, 3072) == []
 
 
 def test_not_separable_margin_random_runner_up_and_nan_cis():

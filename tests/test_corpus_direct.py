@@ -9,6 +9,7 @@ flags' refusals.
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -88,6 +89,83 @@ def test_corpus_store_equals_float64_reference(whole, shipped, shipped_path):
         np.testing.assert_allclose(got, want, rtol=0, atol=rel * np.abs(want).max())
 
 
+def test_magnitude_against_the_weights_and_the_windows_mean_abs_value(whole, shipped, shipped_path):
+    """magnitude = mean |a_u| ||w_out,u||: the norms of the checkpoint's c_proj rows (Conv1D: row u is what neuron
+    u writes), read from its safetensors; mean |a_u| over transformers' GPT2LMHeadModel on the windows cut by hand,
+    read at c_proj's input."""
+    from safetensors.numpy import load_file
+
+    from gelutrace.selection import methods as sel
+
+    weights = load_file(str(shipped_path / "model.safetensors"))
+    L = shipped.model.config.n_layer
+    norms = np.concatenate([np.sqrt((weights[f"transformer.h.{i}.mlp.c_proj.weight"].astype(np.float64) ** 2)
+                                    .sum(axis=1)) for i in range(L)])
+    tok = shipped.tokenizer
+    ids = tok(HELDOUT_PATH.read_text(encoding="utf-8"))["input_ids"] + [tok.eos_token_id]
+    hf = load_hf(shipped_path)
+    total = np.zeros(len(norms))
+    d = len(norms) // L
+
+    def keep(i):
+        def hook(module, args):
+            total[i * d:(i + 1) * d] += args[0].detach().double().abs().reshape(-1, d).sum(dim=0).numpy()
+        return hook
+
+    handles = [hf.transformer.h[i].mlp.c_proj.register_forward_pre_hook(keep(i)) for i in range(L)]
+    with torch.no_grad():
+        for lo in range(0, len(ids), CONTEXT):
+            hf(torch.tensor([ids[lo:lo + CONTEXT]]))
+    for h in handles:
+        h.remove()
+    want = total / whole.num_samples * norms
+    got = sel.scores(whole, "magnitude", None)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * want.max())
+    np.testing.assert_allclose(whole.causal.write_norm, norms, rtol=1e-12)
+    sub = sel.select(whole, None, 0.01, "magnitude", seed=3)
+    assert sub.edges_kept is None and set(sub.ids.tolist()) <= set(np.argsort(-want)[:2 * sub.k].tolist())
+
+
+def test_direct_loss_ranks_by_the_stored_direct_loss_abs(whole, tmp_path):
+    """The ranking is the store's direct_loss_abs.npy order, ties in the seeded order (stage d's --seed); a store
+    of an older stage b, without the write norms, still ranks by direct_loss and refuses magnitude in one line."""
+    import copy
+    import dataclasses
+    import shutil
+
+    from gelutrace import PipelineError
+    from gelutrace.selection import methods as sel
+
+    store = Path(whole.source)
+    s = np.load(store / layout.GRAPH_STORE_DIRECT_NODES[1])
+    n, seed = len(s), 5
+
+    def by_hand(score, k):
+        tie = np.random.default_rng(np.random.SeedSequence([seed, 0x71E])).permutation(n)
+        return sorted(range(n), key=lambda u: (-score[u], tie[u]))[:k]
+
+    for k in (1, 30, 300):
+        (sub,) = sel.select_sizes(whole, None, [k], "direct_loss", seed=seed)
+        assert sub.ids.tolist() == by_hand(s, k) and sub.edges_kept is None
+    tied = copy.copy(whole)
+    rounded = np.round(s / s.max(), 1)  # a handful of values: most picks tie
+    tied.causal = dataclasses.replace(whole.causal, loss_abs=rounded)
+    (sub,) = sel.select_sizes(tied, None, [200], "direct_loss", seed=seed)
+    assert sub.ids.tolist() == by_hand(rounded, 200) and sub.info["tied_picks"] > 1
+    # an older store: no direct_write_norm.npy, no write_norm in its record
+    old = tmp_path / "old"
+    shutil.copytree(store, old)
+    (old / layout.GRAPH_STORE_DIRECT_WRITE_NORM).unlink()
+    h = json.loads((old / layout.GRAPH_STORE_HEADER).read_text())
+    del h["direct"]["write_norm"]
+    (old / layout.GRAPH_STORE_HEADER).write_text(json.dumps(h))
+    g = gs.read_store(old)
+    assert g.causal.write_norm is None
+    assert sel.select_sizes(g, None, [30], "direct_loss", seed=seed)[0].ids.tolist() == by_hand(s, 30)
+    with pytest.raises(PipelineError, match="^--method magnitude needs .*: rerun stage b"):
+        sel.select_sizes(g, None, [30], "magnitude")
+
+
 @pytest.mark.slow
 def test_shards_torchrun_and_resume_equal_one_run(whole, tmp_path, monkeypatch):
     for i in range(3):
@@ -161,7 +239,13 @@ def test_prompt_mode_equals_float64_reference_and_stage_c_keeps_it(tmp_path, shi
         "--output_dir", tmp_path / "subs")
     run("d_calculate_perturbation_subset.py", "--input_graph_path", store, "--method", "degree", "--weight",
         "direct_abs", "--threshold", 0.1, "--k", 5, "--output_dir", tmp_path / "subs")
+    # the write norms go from stage b's file (and each half's) into the store, and rank magnitude there
+    assert g.causal.write_norm is not None and all(h.write_norm is not None for h in halves)
+    run("d_calculate_perturbation_subset.py", "--input_graph_path", store, "--method", "magnitude", "--k", 5,
+        "--output_dir", tmp_path / "subs")
     side = {f.name: json.loads(f.read_text()) for f in (tmp_path / "subs").glob("*.json")}
+    mag = next(v for k, v in side.items() if "magnitude" in k)
+    assert sorted(mag["neurons"]) == sorted(np.argsort(-(c.value_abs * c.write_norm))[:5].tolist())
     inf = next(v for k, v in side.items() if "influence" in k)
     want = np.argsort(-c.influence(), kind="stable")[:5]
     assert sorted(inf["neurons"]) == sorted(want.tolist())
@@ -178,7 +262,8 @@ def test_flags_and_refusals(tmp_path, whole):
     run(B, "--input_text", HELDOUT_PATH, "--export_dir", plain, "--model_type", M, "--context", CONTEXT,
         "--max_tokens", 200)
     store = layout.path(plain, layout.WEIGHTED_GRAPH, M)
-    for args in (["--method", "influence"], ["--method", "degree", "--weight", "direct_abs", "--threshold", 0.5]):
+    for args in (["--method", "influence"], ["--method", "direct_loss"], ["--method", "magnitude"],
+                 ["--method", "degree", "--weight", "direct_abs", "--threshold", 0.5]):
         r = run("d_calculate_perturbation_subset.py", "--input_graph_path", store, *args, "--k", 3, "--output_dir",
                 tmp_path / "subs", ok=False)
         assert r.returncode == 2 and "--direct_edges" in r.stderr.strip().splitlines()[-1]

@@ -31,6 +31,7 @@ from gelutrace.record.direct import (
     couplings,
     layer_pairs,
     memory_needed,
+    write_norms,
 )
 
 
@@ -402,3 +403,19 @@ def test_influence_on_a_hand_built_dag():
     assert np.allclose(got, np.concatenate([i0, i1, i2]))
     adj = graph([(0, 1), (1, 2)], [e01, e12]).influence()
     assert np.allclose(adj[:2], [0.1 + i1[0] / 2.0 + 2.0 * i1[1] / 4.0, 0.2 + 0.5 * i1[1] / 4.0])
+
+
+def test_gated_write_norms_are_the_down_proj_column_norms(tmp_path):
+    """A Llama neuron (i, p) writes a_u * down_proj.weight[:, p]: its write norm is that column's norm, read here from
+    the checkpoint's safetensors, not through the model."""
+    from safetensors.numpy import load_file
+
+    path = build("llama", tmp_path / "llama")
+    model = load_model(str(path), device="cpu").model
+    weights = load_file(str(path / "model.safetensors"))
+    n_layer = model.config.n_layer
+    want = np.concatenate([np.sqrt((weights[f"model.layers.{i}.mlp.down_proj.weight"].astype(np.float64) ** 2)
+                                   .sum(axis=0)) for i in range(n_layer)])
+    got = write_norms(anatomy(model))
+    assert got.shape == (n_layer * model.config.d_mlp,) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -22,7 +22,7 @@ from conftest import REPO_ROOT, SHIPPED_NAME
 
 pytestmark = pytest.mark.slow  # every test here runs run_pipeline.sh
 M = SHIPPED_NAME
-DEFAULT_METHODS = ("degree", "influence", "activation_count", "attribution", "random")
+DEFAULT_METHODS = ("degree", "influence", "activation_count", "attribution", "direct_loss", "magnitude", "random")
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,11 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     assert report.index(f"]({layout.RESULTS_DIR}/{layout.DOSE_RESPONSE_PLOT})") < report.index("k = 3 (0.1 % of neurons)")
     assert r"measured on real held-out text: 600 tokens of heldout\_eval\_tinybard.txt" in report
     assert "## Own-continuation comparison" in report and "Winner at each k: 3: " in report
+    # corpus mode leaves the single-neuron effects off: the report says so, with the flag and its cost
+    assert ("**No single-neuron ablation is compared here**" in report and "`run_pipeline.sh --effects 1`" in report
+            and "(3,072 × 2,000 = 6.14 M here)" in report)
+    # influence against its graph-free seed at every k, also where influence wins
+    assert verdict["seed_margin"].notna().all() and report.count(r"its graph-free seed (direct\_loss)") >= 2
     assert "== c\n" not in r.stdout  # stage b wrote the store
     commands = report[report.index("Commands, in order"):report.index("## Dataset")]
     assert "corpus_b" not in commands and commands.count("--shard") == 2
@@ -64,7 +69,8 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     header = json.loads((data / layout.WEIGHTED_GRAPH.format(m=M) / layout.GRAPH_STORE_HEADER).read_text())
     assert header["num_samples"] == record["samples"] == record["tokens"]
     methods = {json.loads(p.read_text())["method"] for p in (data / layout.SUBSETS_DIR).glob("*.json")}
-    assert methods == {"degree", "influence", "activation_count", "attribution", "random", "module"}  # b --attribution
+    assert methods == {"degree", "influence", "activation_count", "attribution", "direct_loss", "magnitude", "random",
+                       "module"}  # b --attribution
     report = (data / "report.md").read_text()
     assert "chosen on a corpus (heldout.txt" in report and "none of which occurs in the corpus" in report
     # the modules on the real text: their effects against both nulls, top tokens and contexts, in the report

@@ -8,7 +8,9 @@ Honest statistics for stage e, and the method comparison that the report leads w
   gets the one-sided empirical p-value (1 + #controls >= value) / (1 + N), which cannot go below 1/(N + 1);
   z = (value - controls' mean) / controls' std; the Gaussian tail of z (an approximation, the one that can go
   below 1/(N + 1)); the controls' 5th, 50th and 95th percentiles; and, for the subsets the verdict speaks of
-  (each method's best variant at each k), that Gaussian p Holm-adjusted across them.
+  (each method's best variant at each k, the m comparisons with controls), Holm's adjustment across them of the
+  empirical p (p_random_empirical_holm, which cannot go below m/(N + 1)) and of the Gaussian p (p_random_holm,
+  the normal approximation's, kept in the tables as such).
 - Nested selection: the evaluation prompts are split, seeded, into a validation part, where each method's best
   variant (e.g. a graph method's threshold) is chosen, and a test part, where every figure of the verdict is
   measured. Below MIN_SPLIT_PROMPTS prompts there is no split and the verdict says it is biased.
@@ -32,7 +34,9 @@ MIN_CONTROLS = 20  # fewer controls: p-values too coarse for any claim against r
 MIN_SPLIT_PROMPTS = 10  # fewer evaluation prompts: no validation/test split
 GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")  # the thresholded graph's (selection.GRAPH_METHODS)
 CAUSAL_WEIGHTS = ("direct", "direct_abs")  # a graph method on one of these is a method of its own here
-BASELINES = ("activation_count", "attribution")  # what a graph method must beat to earn its graph
+# what a graph method must beat to earn its graph: no graph, each a neuron's own figure
+BASELINES = ("activation_count", "attribution", "direct_loss", "magnitude")
+SEED = ("influence", "direct_loss")  # influence I = s + |E~| I and its graph-free seed s: what the graph adds
 REFERENCE = "random"  # the method of one uniform draw: in the tables, never the "random" of a verdict
 METRICS = ("delta_nll", "kl")
 NULL_FIELDS = ("random_mean", "random_std", "random_q05", "random_q50", "random_q95", "p_random", "z_random",
@@ -261,11 +265,12 @@ def comparison_table(entries: list[Entry], split: Split, seed: int, level: float
         rows.append(row)
     df = pd.DataFrame(rows)
     if len(df):
-        family = df["best"] & (df["method"] != REFERENCE)  # the subsets the verdict speaks of
+        family = (df["best"] & (df["method"] != REFERENCE)).to_numpy()  # the subsets the verdict speaks of
         for metric in METRICS:
-            col = np.full(len(df), np.nan)
-            col[family.to_numpy()] = holm(df.loc[family, f"{metric}_p_random_normal"].to_numpy())
-            df[f"{metric}_p_random_holm"] = col
+            for name, p in (("p_random_holm", "p_random_normal"), ("p_random_empirical_holm", "p_random")):
+                col = np.full(len(df), np.nan)
+                col[family] = holm(df.loc[family, f"{metric}_{p}"].to_numpy())
+                df[f"{metric}_{name}"] = col
         df = df.sort_values(["k", "delta_nll"], ascending=[True, False], kind="stable").reset_index(drop=True)
     return df
 
@@ -280,7 +285,9 @@ def _paired(weights, a: Entry, b: Entry, test: np.ndarray, level: float = LEVEL)
 def _null_of(who: str, row: dict) -> dict:
     """A comparison row's delta_nll null, under the verdict's column names for `who`."""
     return {f"{who}_{name}": row[f"delta_nll_{name}"] for name in ("random_n", "random_mean", "p_random",
-                                                                    "p_random_holm")}
+                                                                    "p_random_holm", "z_random",
+                                                                    "p_random_empirical_holm")}
+
 
 def _word(lo: float, hi: float) -> str:
     if lo > 0:
@@ -295,14 +302,17 @@ def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = 
     """
     Per k, over each method's best variant (chosen on the validation prompts; the random reference method left
     out): the ranking on the test prompts, the winner's margin over the runner-up, the winner's and the best
-    graph method's standing against their layer-matched controls, and the best graph method against each
-    baseline, each difference with its paired bootstrap CI. `table`: comparison_table's, when already made.
+    graph method's standing against their layer-matched controls, the best graph method against each
+    baseline, and influence against its graph-free seed direct_loss (seed_margin), each difference with its
+    paired bootstrap CI; holm_comparisons: m, the tests with controls that the Holm adjustments span.
+    `table`: comparison_table's, when already made.
     """
     table = comparison_table(entries, split, seed, level) if table is None else table
     test = split.test
     weights = bootstrap_weights(len(test), seed)
     best = best_variants(entries, split.validation)
     null = {r["subset"]: r for r in table.to_dict("records")}
+    n_tests = int(table["delta_nll_p_random_empirical_holm"].notna().sum()) if len(table) else 0
     rows = []
     for k in sorted({e.k for e in entries}):
         ranked = sorted((e for (kk, m), e in best.items() if kk == k and m != REFERENCE),
@@ -311,7 +321,7 @@ def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = 
             continue
         win = ranked[0]
         row = {"k": k, "ranking": " > ".join(e.method for e in ranked), "winner": win.label,
-               "winner_delta_nll": win.mean("delta_nll", test)}
+               "winner_delta_nll": win.mean("delta_nll", test), "holm_comparisons": n_tests}
         row["winner_ci_low"], row["winner_ci_high"] = bootstrap_ci(weights, win.sums["delta_nll"][test],
                                                                    win.counts[test], level)
         row.update(_null_of("winner", null[win.stem]))
@@ -330,6 +340,9 @@ def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = 
                     d, lo, hi = _paired(weights, g, by_method[base], test, level)
                     row[f"{kind}_vs_{base}"], row[f"{kind}_vs_{base}_ci_low"], row[f"{kind}_vs_{base}_ci_high"] = d, lo, hi
                     row[f"{kind}_vs_{base}_verdict"] = _word(lo, hi)
+        if all(s in by_method for s in SEED):
+            row["seed_margin"], row["seed_margin_ci_low"], row["seed_margin_ci_high"] = _paired(
+                weights, *(by_method[s] for s in SEED), test, level)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -45,6 +45,7 @@ GRAPH_STORE_EDGE_COUNTS = "edge_counts.npy"  # inside the store, edited edge lis
 GRAPH_STORE_DIRECT = "direct_{src:03d}_{tgt:03d}.npy"
 GRAPH_STORE_DIRECT_ABS = "direct_abs_{src:03d}_{tgt:03d}.npy"
 GRAPH_STORE_DIRECT_NODES = ("direct_loss.npy", "direct_loss_abs.npy", "direct_value_abs.npy")
+GRAPH_STORE_DIRECT_WRITE_NORM = "direct_write_norm.npy"  # per neuron: ||w_out,u||, the norm of what it writes per unit
 DIRECT_EDGES = "{m}_direct_edges.npz"  # stage b prompt mode --direct_edges: the same arrays, for stage c's store
 EDGE_FIDELITY = "{m}_edge_fidelity.csv"  # c_measure_edge_fidelity: sampled edges, predicted vs measured, columns below
 EDGE_FIDELITY_SUMMARY = "{m}_edge_fidelity_summary.csv"  # per layer gap: Spearman, R^2 through 0

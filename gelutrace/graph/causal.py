@@ -19,7 +19,9 @@ class CausalEdges:
     """
     The direct-effect weights of a graph (gelutrace.record.direct), as means over samples: per layer pair (i, j) in
     `pairs` the d_mlp x d_mlp matrices direct and direct_abs (arrays, or .npy paths read memory-mapped), and per
-    neuron in id order the mean direct_loss and |direct_loss| per scored token and the mean |value| per sample.
+    neuron in id order the mean direct_loss and |direct_loss| per scored token, the mean |value| per sample and
+    write_norm, the norm of the neuron's output weight vector ||w_out,u|| (None in a record stage b wrote before it
+    kept them).
     """
     pairs: list  # [(i, j)], i < j
     direct: list
@@ -31,6 +33,7 @@ class CausalEdges:
     loss_tokens: float
     edges: str = "adjacent"
     gated: bool = False
+    write_norm: np.ndarray | None = None
 
     ARRAYS = ("loss", "loss_abs", "value_abs")
 
@@ -48,14 +51,19 @@ class CausalEdges:
 
     def header(self) -> dict:
         return {"pairs": [list(p) for p in self.pairs], "samples": self.samples, "loss_tokens": self.loss_tokens,
-                "edges": self.edges, "gated": self.gated}
+                "edges": self.edges, "gated": self.gated, "write_norm": self.write_norm is not None}
 
     @staticmethod
     def merge(parts: list) -> "CausalEdges":
-        """Runs on disjoint samples as one: each mean weighted by its run's samples (to float64 rounding)."""
+        """Runs on disjoint samples as one: each mean weighted by its run's samples (to float64 rounding); the
+        write norms, the model's, are the same in every run (None when a run has none)."""
         first = parts[0]
         if any((p.pairs, p.edges, p.gated) != (first.pairs, first.edges, first.gated) for p in parts):
             raise PipelineError("cannot merge direct-effect weights of other layer pairs")
+        norms = [p.write_norm for p in parts]
+        write_norm = None if any(w is None for w in norms) else np.asarray(norms[0], np.float64)
+        if write_norm is not None and not all(np.allclose(w, write_norm, rtol=1e-9, atol=0) for w in norms):
+            raise PipelineError("cannot merge direct-effect weights of models with other output weights")
         n = np.array([p.samples for p in parts], np.float64)
         nl = np.array([p.loss_tokens for p in parts], np.float64)
         wn, wl = n / max(n.sum(), 1.0), nl / max(nl.sum(), 1.0)
@@ -68,7 +76,7 @@ class CausalEdges:
                            [mean(lambda p, k=k: p.matrix("direct_abs", k), wn) for k in K],
                            mean(lambda p: p.loss, wl)(), mean(lambda p: p.loss_abs, wl)(),
                            mean(lambda p: p.value_abs, wn)(), float(n.sum()), float(nl.sum()), first.edges,
-                           first.gated)
+                           first.gated, write_norm)
 
     def arrays(self):
         """(name, array) of every array, by its name in stage b's .npz and the graph store (layout.GRAPH_STORE_DIRECT
@@ -79,6 +87,8 @@ class CausalEdges:
                    np.asarray(self.matrix("direct_abs", k), np.float64))
         for name, file in zip(self.ARRAYS, layout.GRAPH_STORE_DIRECT_NODES):
             yield file[:-4], np.asarray(getattr(self, name), np.float64)
+        if self.write_norm is not None:
+            yield layout.GRAPH_STORE_DIRECT_WRITE_NORM[:-4], np.asarray(self.write_norm, np.float64)
 
     @classmethod
     def from_arrays(cls, header: dict, get, n_neurons: int, d_mlp: int, where) -> "CausalEdges":
@@ -87,6 +97,7 @@ class CausalEdges:
             pairs = [tuple(int(x) for x in p) for p in header["pairs"]]
             samples, loss_tokens = float(header["samples"]), float(header["loss_tokens"])
             edges, gated = str(header["edges"]), bool(header["gated"])
+            with_norm = bool(header.get("write_norm", False))  # a record of an older stage b has none
         except (KeyError, TypeError, ValueError) as e:
             raise PipelineError(f"{where}: the direct-effect record is damaged ({e})") from None
 
@@ -113,7 +124,8 @@ class CausalEdges:
         absolute = [checked(layout.GRAPH_STORE_DIRECT_ABS.format(src=i, tgt=j)[:-4], d, True) for i, j in pairs]
         nodes = [checked(f[:-4], (n_neurons,), nonneg) for f, nonneg in zip(layout.GRAPH_STORE_DIRECT_NODES,
                                                                             (False, True, True))]
-        return cls(pairs, direct, absolute, *nodes, samples, loss_tokens, edges, gated)
+        norm = checked(layout.GRAPH_STORE_DIRECT_WRITE_NORM[:-4], (n_neurons,), True) if with_norm else None
+        return cls(pairs, direct, absolute, *nodes, samples, loss_tokens, edges, gated, norm)
 
     def influence(self) -> np.ndarray:
         """

@@ -11,9 +11,11 @@ matrices with mmap_mode='r' so one layer pair at a time is in memory):
     pair_{i:03d}_{i+1:03d}.npy  kind "adjacent_dense": counts of every edge between layer i and i+1, a
                                 d_mlp x d_mlp matrix, row = dimension in layer i, column = dimension in i+1
     edges.npy, edge_counts.npy  kind "edge_list" (a user-edited .el): (E, 2) int64 edges (u < v), counts
-    direct_{i:03d}_{j:03d}.npy, direct_abs_...npy, direct_loss.npy, direct_loss_abs.npy, direct_value_abs.npy
-                                with stage b --direct_edges (header "direct": pairs, samples, loss_tokens, edges,
-                                gated): the causal weights' float64 means (gelutrace.graph.coactivation.CausalEdges)
+    direct_{i:03d}_{j:03d}.npy, direct_abs_...npy, direct_loss.npy, direct_loss_abs.npy, direct_value_abs.npy,
+    direct_write_norm.npy       with stage b --direct_edges (header "direct": pairs, samples, loss_tokens, edges,
+                                gated, write_norm): the causal weights' float64 means and each neuron's output
+                                weight norm (gelutrace.graph.coactivation.CausalEdges; an older store has no
+                                direct_write_norm.npy)
 Counts are uint16 while n_samples <= 65535, else uint32/uint64.
 
 (The counting and the in-memory graph are gelutrace.graph.coactivation.)

@@ -27,6 +27,9 @@ final norm (scale held) and the unembedding, a_u(t) w_u . G(t) with G(t) the NLL
 final residual stream at fixed scale; its mean and the mean of its absolute value are kept. Ablating u changes
 the NLL by about -direct_loss along that path.
 
+Every neuron's write norm ||w_u|| (float64, from the weights alone) is kept beside them, for the magnitude
+baseline of stage d (mean |a_u| ||w_u||, the size of what the neuron writes into the stream).
+
 Sums of shards and of torchrun processes add up to the whole run's; the batch products are float32, so a run
 batched differently agrees to float32 rounding of the products (to float64 rounding when the batches match).
 """
@@ -314,7 +317,14 @@ class DirectEdges:
         loss, loss_abs = self.mean_loss()
         return CausalEdges(list(self.pairs), [lambda k=k: pair(k)[0] for k in K], [lambda k=k: pair(k)[1] for k in K],
                            loss, loss_abs, self.mean_abs_value(), self.samples, self.loss_tokens, self.edges,
-                           self.gated)
+                           self.gated, write_norms(an))
+
+
+def write_norms(an: Anatomy) -> np.ndarray:
+    """||w_u|| of every neuron in id order, float64: the norm of column p of each layer's output projection (the
+    family's neuron site feeds it: c_proj for GPT-2, down_proj for gated MLPs)."""
+    return np.concatenate([np.linalg.norm(layer.proj.weight.detach().cpu().double().numpy(), axis=0)
+                           for layer in an.layers])
 
 
 def couplings(an: Anatomy, pairs: list) -> list[tuple]:

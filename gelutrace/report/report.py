@@ -42,6 +42,8 @@ def collect(data: Path) -> dict:
     freq = ds.frequencies()
     meta = formats.read_graph_meta(data, m)
     rec = ds.corpus_record()
+    out["corpus"] = rec is not None
+    out["neuron_effects"] = layout.path(data, layout.NEURON_EFFECTS, m).is_file()
     if rec is not None:
         out.update(samples=int(rec["samples"]), source=f"{rec['documents']:,} documents ({rec['tokens']:,} tokens, "
                                                           f"windows of {rec['context']}), read teacher-forced")
@@ -196,16 +198,40 @@ def settings_sentence(ev: dict | None, record: dict | None) -> str:
         whose = ("each k's winner on the validation part (the only subsets given controls)"
                  if record.get("control_subsets") == "best" else "the subset")
         s += (f" The null: {n} random subsets with the number of neurons in every layer of {whose}; p is the "
-              f"one-sided empirical p-value (at least {1 / (n + 1):.2g} with {n} controls), and a method is above "
-              f"random only when both it and the normal approximation Holm-adjusted across the subsets with "
-              f"controls are below {stats.ALPHA:g}.")
+              f"one-sided empirical p-value (at least {1 / (n + 1):.2g} with {n} controls), z the controls' "
+              f"standard deviations the value lies above their mean, and a method is above random when p is "
+              f"below {stats.ALPHA:g}; the family-wise p is Holm's adjustment of the empirical p-values across the "
+              f"m comparisons with controls, at least m/(N + 1). The normal approximation (z's Gaussian tail) is "
+              f"in the CSVs only, labelled as such.")
     else:
         s += (f" **{n} random controls per subset: p-values are too coarse (at least {1 / (n + 1):.2g}), so no "
               f"claim against random neurons is made** (run with --random_controls {stats.MIN_CONTROLS} or more).")
     return s
 
 
-def verdict_section(info: dict, n_neurons: int) -> list[str]:
+def effects_note(info: dict, n_neurons: int, params: dict | None = None) -> list[str]:
+    """Without measured single-neuron effects, that the comparison has no single-neuron ablation to stand against,
+    the flag that adds it and its cost; [] with them."""
+    c = info.get("comparison")
+    if info.get("neuron_effects") or (c is not None and "method" in c.columns and "ablation" in set(c["method"])):
+        return []
+    s = ("**No single-neuron ablation is compared here**: stage d had no measured single-neuron effects "
+         f"(`{layout.NEURON_EFFECTS.format(m=info['m'])}`), so there is no `ablation` method and no "
+         "agreement with measured effects. ")
+    if info.get("corpus"):
+        tokens = str((params or {}).get("effect_tokens", ""))
+        cost = (f"{n_neurons:,} × {int(tokens):,} = {n_neurons * int(tokens) / 1e6:.3g} M here" if tokens.isdigit()
+                else f"{n_neurons:,} × N here")
+        s += ("`run_pipeline.sh --effects 1` adds them (off by default in corpus mode for their cost): each neuron "
+              "ablated alone over the corpus's first `--effect_tokens N` tokens, one forward pass over them per "
+              f"neuron, so neurons × N token-forwards ({cost}).")
+    else:
+        s += ("`run_pipeline.sh --effects 1` adds them: one ablated pass over the dataset's samples per neuron "
+              f"({n_neurons:,} neurons).")
+    return [s, ""]
+
+
+def verdict_section(info: dict, n_neurons: int, params: dict | None = None) -> list[str]:
     v = info["verdict"]
     if v is None or not len(v):
         return []
@@ -221,6 +247,7 @@ def verdict_section(info: dict, n_neurons: int) -> list[str]:
     lines += budget_lines(info)
     lines += verdict.verdict_lines(v, n_neurons, level, markdown.escape)
     lines += verdict.dose_lines(v, markdown.escape) + [""]
+    lines += effects_note(info, n_neurons, params)
     other = info.get("continuation_verdict")
     if other is not None:
         lines += [verdict.winner_disagreement(v, other, markdown.escape), ""]
@@ -350,13 +377,16 @@ def comparison_section(info: dict, data: Path) -> list[str]:
     if (results / layout.COMPARISON_PLOT).is_file():
         lines += [f"![method comparison]({markdown.url(f'{layout.RESULTS_DIR}/{layout.COMPARISON_PLOT}')})", ""]
     cols = ["k", "method", "variant", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "delta_nll_random_mean",
-            "delta_nll_random_q95", "delta_nll_p_random", "delta_nll_z_random", "delta_nll_p_random_holm", "kl",
+            "delta_nll_random_q95", "delta_nll_p_random", "delta_nll_z_random", "delta_nll_p_random_empirical_holm",
+            "delta_nll_p_random_holm", "kl",
             "kl_p_random", "token_agreement", "delta_nll_validation", "selection_jaccard", "tied_picks",
             "zero_score_picks"]
     best = c[c["best"].astype(bool)]
     lines += ["Each method's best variant at each k, on the test prompts (`*_random_*`: random subsets with the "
-              "same number of neurons in each layer; `p_random`: empirical one-sided p-value; `z_random` and "
-              "`p_random_holm`: the normal approximation, Holm-adjusted across these rows; `delta_nll_validation`: "
+              "same number of neurons in each layer; `p_random`: empirical one-sided p-value; "
+              "`p_random_empirical_holm`: it Holm-adjusted across these rows (at least m/(N + 1)); `z_random`: "
+              "standard deviations above the controls' mean; `p_random_holm`: the normal approximation (z's "
+              "Gaussian tail), Holm-adjusted across these rows; `delta_nll_validation`: "
               "the figure that chose the variant; `selection_jaccard`: overlap of the subsets the method chooses on each "
               "half of the selection data, for random two independent draws; `tied_picks`: picks sharing the k-th "
               "pick's score):", "",
@@ -522,7 +552,7 @@ def write_report(data: Path, params: dict) -> str:
     meta = info["meta"]
     lines = [f"# Influential GELU neurons of {markdown.escape(m)}", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `run_pipeline.sh`.", ""]
-    lines += verdict_section(info, int(meta["num_neurons"]))
+    lines += verdict_section(info, int(meta["num_neurons"]), params)
     lines += comparison_section(info, data)
     lines += breakdown_section(info)
     lines += modules_section(info, data)

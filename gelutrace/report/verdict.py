@@ -3,10 +3,12 @@ The verdict's prose: the sentences the report and stage e print from the compari
 wins at each k, by how much, against what null), never a number that the tables do not hold.
 """
 
+import math
+
 import numpy as np
 import pandas as pd
 
-from gelutrace.evaluate.statistics import ALPHA, BASELINES, GRAPH_KINDS, LEVEL, MIN_CONTROLS
+from gelutrace.evaluate.statistics import ALPHA, BASELINES, GRAPH_KINDS, LEVEL, MIN_CONTROLS, SEED
 
 
 def ordinal(n: int) -> str:
@@ -31,15 +33,68 @@ def normal_p_text(x: float) -> str:
     return f" < {NORMAL_P_FLOOR:.0e}" if x < NORMAL_P_FLOOR else f" = {_p(x)}"
 
 
-def null_phrase(n_controls, p, p_holm) -> str:
-    """The standing of a subset against its layer-matched controls, in words; '' when there are too few."""
+def null_phrase(n_controls, p, z=np.nan, p_holm=np.nan) -> str:
+    """
+    The standing of a subset against its N layer-matched controls, in words, from the empirical p = (1 + #controls
+    at or above it) / (N + 1), z, and the empirical p Holm-adjusted across the verdict's comparisons (p_holm);
+    '' when there are too few controls. Above random when p < ALPHA.
+    """
     if pd.isna(n_controls) or n_controls < MIN_CONTROLS or pd.isna(p):
         return ""
-    if p < ALPHA and not pd.isna(p_holm) and p_holm < ALPHA:
-        return (f"above random neurons of the same layers (p = {_p(p)} from {int(n_controls)} controls; Holm-"
-                f"adjusted normal approximation p{normal_p_text(p_holm)})")
-    holm_txt = f", Holm-adjusted normal approximation p{normal_p_text(p_holm)}" if not pd.isna(p_holm) else ""
-    return f"not distinguishable from random neurons of the same layers (p = {_p(p)}{holm_txt})"
+    n = int(n_controls)
+    beaten = n + 1 - int(round(p * (n + 1)))  # the controls strictly below the value
+    figures = f"empirical p = {_p(p)}" + ("" if pd.isna(z) else f", z = {_fmt(z)}")
+    figures += "" if pd.isna(p_holm) else f"; family-wise (Holm) p = {_p(p_holm)}"
+    if beaten == n:
+        return f"above all {n} layer-matched controls ({figures})"
+    where = f"above {beaten} of {n} layer-matched controls"
+    if p < ALPHA:
+        return f"above random neurons of the same layers, {where} ({figures})"
+    return f"not distinguishable from random neurons of the same layers, {where} ({figures})"
+
+
+def controls_needed(m: int, alpha: float = ALPHA) -> int:
+    """The fewest controls N with which Holm over m empirical p-values can reach alpha: m / (N + 1) <= alpha."""
+    return max(0, math.ceil(m / alpha - 1e-9) - 1)
+
+
+def familywise_line(verdict: pd.DataFrame) -> str:
+    """What Holm's adjustment of the empirical p-values across the verdict's m comparisons with controls can
+    claim: it cannot go below m / (N + 1); '' without enough controls."""
+    if not len(verdict) or "holm_comparisons" not in verdict.columns:
+        return ""
+    n_col = [c for c in verdict.columns if c.endswith("_random_n")]
+    counts = pd.concat([verdict[c] for c in n_col]).dropna() if n_col else pd.Series(dtype=float)
+    m = int(verdict["holm_comparisons"].max())
+    if not len(counts) or counts.min() < MIN_CONTROLS or m < 1:
+        return ""
+    n = int(counts.min())
+    floor = m / (n + 1)
+    s = (f"Family-wise: Holm's adjustment of the empirical p-values across the {m} comparison(s) with controls "
+         f"cannot go below m/(N + 1) = {m}/{n + 1} = {_p(floor)}")
+    if floor > ALPHA:
+        need = controls_needed(m)
+        return (s + f"; with {n} controls and {m} comparisons no family-wise claim at {ALPHA:g} is possible; it "
+                    f"needs N ≥ {need} controls (--random_controls {need}).")
+    held = int((verdict.get("winner_p_random_empirical_holm", pd.Series(dtype=float)) < ALPHA).sum())
+    return s + f"; {held} of the {len(verdict)} winners stay below {ALPHA:g} after it."
+
+
+def seed_phrase(r: dict, name=str) -> str:
+    """Influence against its graph-free seed direct_loss (the verdict's seed_margin), in words; '' without both;
+    `name` renders the seed's name."""
+    d, lo, hi = (r.get(f"seed_margin{x}", np.nan) for x in ("", "_ci_low", "_ci_high"))
+    if pd.isna(d) or pd.isna(lo) or pd.isna(hi):
+        return ""
+    inf, seed = SEED[0], name(SEED[1])
+    ci = f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]"
+    if lo > 0:
+        return f"{inf.capitalize()}: the causal graph adds {ci} nats/token over its graph-free seed ({seed})."
+    if hi < 0:
+        return (f"{inf.capitalize()} falls behind its graph-free seed ({seed}): difference {ci} nats/token; the "
+                f"causal graph makes the ranking worse.")
+    return (f"{inf.capitalize()}: the graph adds nothing measurable over its graph-free seed ({seed}): difference "
+            f"{ci} nats/token.")
 
 
 def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL, name=str) -> list[str]:
@@ -56,7 +111,8 @@ def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL, n
         else:  # ranked first, but its ablation does not raise the loss
             s = (f"k = {r['k']} ({pct:.1f} % of neurons): **no method's neurons raise the loss** distinguishably from "
                  f"0; the largest effect, {name(r['winner'])}'s, is {effect}")
-        vs = null_phrase(r.get("winner_random_n"), r.get("winner_p_random"), r.get("winner_p_random_holm"))
+        vs = null_phrase(r.get("winner_random_n"), r.get("winner_p_random"), r.get("winner_z_random", np.nan),
+                         r.get("winner_p_random_empirical_holm", np.nan))
         s += f", {vs}" if vs else ""
         if isinstance(r.get("runner_up"), str):
             clear = r["margin_ci_low"] > 0
@@ -69,13 +125,17 @@ def verdict_lines(verdict: pd.DataFrame, n_neurons: int, level: float = LEVEL, n
             parts = [f"{r[f'{kind}_vs_{b}_verdict']} {b} ({_fmt(r[f'{kind}_vs_{b}'])} "
                      f"[{_fmt(r[f'{kind}_vs_{b}_ci_low'])}, {_fmt(r[f'{kind}_vs_{b}_ci_high'])}])"
                      for b in BASELINES if isinstance(r.get(f"{kind}_vs_{b}_verdict"), str)]
-            g_vs = null_phrase(r.get(f"{kind}_random_n"), r.get(f"{kind}_p_random"), r.get(f"{kind}_p_random_holm"))
+            g_vs = null_phrase(r.get(f"{kind}_random_n"), r.get(f"{kind}_p_random"), r.get(f"{kind}_z_random", np.nan),
+                               r.get(f"{kind}_p_random_empirical_holm", np.nan))
             if parts or g_vs:
                 s += f" The best {words} method, {name(r[f'{kind}_best'])}, " + " and ".join(parts)
                 s += (f"; it is {g_vs}" if parts else f"is {g_vs}") if g_vs else ""
                 s += "."
+        seed = seed_phrase(r, name)
+        s += f" {seed}" if seed else ""
         lines.append("- " + s)
-    return lines
+    familywise = familywise_line(verdict)
+    return lines + (["- " + familywise] if familywise else [])
 
 
 def graph_beats_from(verdict: pd.DataFrame, base: str = "activation_count", kind: str = "graph") -> int | None:

@@ -16,7 +16,9 @@ pagerank (on the thresholded graph, edge weight = count, or the normalised weigh
 alpha 0.85, as networkx.pagerank), influence (through the causal graph of stage b's --direct_edges,
 gelutrace.graph.coactivation.CausalEdges.influence: every layer pair it measured, no threshold), and the methods
 that need no graph (the threshold is ignored): activation_count (how many samples activate the neuron),
-attribution (stage b's first-order estimate of each neuron's single-ablation delta_nll), ablation (the measured
+attribution (stage b's first-order estimate of each neuron's single-ablation delta_nll), direct_loss (the mean
+|direct_loss| of stage b's --direct_edges: influence's seed term, without the graph), magnitude (mean |a_u| times
+||w_out,u||, the size of what the neuron writes into the stream, from the same record), ablation (the measured
 single-neuron delta_nll of d_calculate_neuron_effects.py), random (seeded; k as above, or with match_layers
 the per-layer composition of another subset).
 """
@@ -33,11 +35,12 @@ import pandas as pd
 
 from gelutrace import PipelineError
 from gelutrace.files import atomic, formats, layout
+from gelutrace.graph.causal import CausalEdges
 from gelutrace.graph.coactivation import DEFAULT_WEIGHT, CoactivationGraph, Cut, no_causal_hint
 from gelutrace.graph.store import check_nx_fits, write_gpickle
 
-METHODS = ("degree", "weighted_degree", "pagerank", "influence", "activation_count", "attribution", "ablation",
-           "random")
+METHODS = ("degree", "weighted_degree", "pagerank", "influence", "activation_count", "attribution", "direct_loss",
+           "magnitude", "ablation", "random")
 GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")  # the others ignore the threshold and --weight
 PAGERANK_ALPHA = 0.85
 PAGERANK_TOL = 1e-10  # L1 change per node; stricter than networkx's default 1e-6
@@ -206,6 +209,14 @@ def neuron_scores(graph: CoactivationGraph, method: str, dataset_path=None, meas
     return values[graph.node_ids]
 
 
+def causal_record(graph: CoactivationGraph, method: str) -> CausalEdges:
+    """The graph's direct-effect record (stage b --direct_edges), which `method` ranks by; refused without one."""
+    if graph.causal is None:
+        raise PipelineError(f"--method {method} needs the direct-effect weights, which "
+                            f"{graph.source or 'the graph'} does not have: {no_causal_hint(graph)}")
+    return graph.causal
+
+
 def scores(graph: CoactivationGraph, method: str, threshold: float | None, weight: str = DEFAULT_WEIGHT,
            dataset_path=None, measured: dict | None = None) -> np.ndarray:
     if method in ("attribution", "ablation"):
@@ -213,10 +224,17 @@ def scores(graph: CoactivationGraph, method: str, threshold: float | None, weigh
     if method == "activation_count":
         return graph.activation_count.astype(np.int64)
     if method == "influence":
-        if graph.causal is None:
-            raise PipelineError(f"--method influence needs the direct-effect weights, which "
-                                f"{graph.source or 'the graph'} does not have: {no_causal_hint(graph)}")
-        return graph.causal.influence()[graph.node_ids]
+        return causal_record(graph, method).influence()[graph.node_ids]
+    if method == "direct_loss":
+        return np.asarray(causal_record(graph, method).loss_abs, np.float64)[graph.node_ids]
+    if method == "magnitude":
+        causal = causal_record(graph, method)
+        if causal.write_norm is None:
+            raise PipelineError(f"--method magnitude needs each neuron's output weight norm, which the direct-effect "
+                                f"record of {graph.source or 'the graph'} predates: rerun stage b (with "
+                                f"--direct_edges) to record it")
+        ids = graph.node_ids
+        return np.asarray(causal.value_abs, np.float64)[ids] * np.asarray(causal.write_norm, np.float64)[ids]
     cut = graph.cut(threshold, weight)
     if method == "degree":
         return graph.degrees(cut)
