@@ -417,9 +417,9 @@ def complete(argv):
 @pytest.mark.parametrize("mode", DEMO)
 def test_the_stage_table_gives_the_shell_drivers_commands_and_stamps(tmp_path, capsys, mode):
     """The demo's runs planned by the driver, with stand-in stages: the same STAGE.run and STAGE.cmd files as the
-    shell driver's, byte for byte (tests/data/pipeline_runs, but for prompt mode's stage d, which now also hands
-    the sweep the prompt CSV, INPUT_CSV, whose halves it records); and a directory with these stamps is up to
-    date."""
+    shell driver's, byte for byte (tests/data/pipeline_runs, but for stage d: in prompt mode it now also hands
+    the sweep the prompt CSV, INPUT_CSV, whose halves it records, and the default methods now include the
+    graph-free baselines direct_loss and magnitude); and a directory with these stamps is up to date."""
     flags, name = DEMO[mode]
     data = tmp_path / name
     assert pipeline.settings([*flags, M, CSV]).data == f"{REPO_ROOT}/parcellation_datasets/{name}"  # the demo's

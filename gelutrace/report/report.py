@@ -519,10 +519,10 @@ def modules_section(info: dict, data: Path) -> list[str]:
     for r in eff.sort_values("delta_nll", ascending=False, kind="stable").head(5).itertuples():
         lines += [f"### Module {r.module} of the {markdown.escape(r.weight)} graph", "",
                   f"{r.k} neurons ({markdown.escape(r.layers)}); ablated: ΔNLL {r.delta_nll:.3g} [{r.ci_low:.3g}, "
-                  f"{r.ci_high:.3g}], layer-matched random {r.random_mean:.3g} (p = {r.p_random:.3g}, Holm"
-                  f"{verdict.normal_p_text(r.p_random_holm)})"
-                  + (f", effect-weighted random {r.weighted_mean:.3g} (p = {r.p_weighted:.3g}, Holm"
-                     f"{verdict.normal_p_text(r.p_weighted_holm)})"
+                  f"{r.ci_high:.3g}], layer-matched random {r.random_mean:.3g} (empirical p = {r.p_random:.3g}; Holm "
+                  f"on its normal approximation p{verdict.normal_p_text(r.p_random_holm)})"
+                  + (f", effect-weighted random {r.weighted_mean:.3g} (empirical p = {r.p_weighted:.3g}; Holm on its "
+                     f"normal approximation p{verdict.normal_p_text(r.p_weighted_holm)})"
                      if pd.notna(r.p_weighted) else "") + ".", ""]
         if tokens is not None and len(tokens):
             t = tokens[tokens["subset"] == r.subset]
