@@ -30,6 +30,10 @@ Writes into <dataset_path>/perturbation_results/:
                         (filler) and never a method's best
   dose_response.csv/.png each method's best variant at every k: the dose-response curves, the verdict's winner
                         at each k and the null band of its controls
+  with --mean_ablation_top N (and --eval_text): each k's N best methods (chosen on the validation part) again,
+  mean-ablated, with their own controls: comparison_mean_ablation.csv, method_verdict_mean_ablation.csv,
+  dose_response_mean_ablation.csv/.png, and mean_ablation_check.csv (per k: their order on the test part under
+                        zero and under mean ablation, whether it holds, the margin of the first under mean)
   with --eval_text:
   text_breakdown.csv    per subset, real-text delta_nll (and the unablated nll) by the position in the window
                         (0-15, 16-127, 128+) and by the 20 most frequent next tokens
@@ -112,13 +116,19 @@ def main(argv=None):
                          "text's")
     realtext.add_window_args(ap, "--eval_text", "the model's context")
     add_text_field_arg(ap, "--eval_text")
+    ap.add_argument("--mean_ablation_top", type=int, default=0, metavar="N",
+                    help="with --eval_text: also measure each k's N best methods (by the validation part, under zero "
+                         "ablation) with every neuron replaced by its mean over the selection data (the dataset's "
+                         "mean_activation), each k's first of them with its own --random_controls layer-matched "
+                         "controls, mean-ablated too: whether the winner and the order hold "
+                         f"({layout.MEAN_CHECK}, {layout.MEAN_VERDICT}, ...; default: %(default)s, off)")
     ap.add_argument("--validation_share", type=float, default=0.5,
                     help="share of the evaluation prompts (seeded split, recorded in comparison.json) on which "
                          "each method's best variant is chosen; the verdict's figures come from the rest. Below "
                          f"{stats.MIN_SPLIT_PROMPTS} prompts there is no split (default: %(default)s)")
     args = ap.parse_args(argv)
     check_sampling_args(args)
-    check_at_least(args, 0, "random_controls", "module_controls")
+    check_at_least(args, 0, "random_controls", "module_controls", "mean_ablation_top")
     if not 0 < args.validation_share < 1:
         raise PipelineError(f"--validation_share must be in (0, 1), got {args.validation_share}")
     if args.input_csv is None and args.eval_csv is None:
@@ -130,7 +140,8 @@ def main(argv=None):
                             selection_prompts, args.input_csv, args.eval_text, args.context, args.eval_tokens,
                             args.text_field)
     settings = pt.EvalSettings(args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
-                               args.ablation, args.validation_share, args.control_subsets, args.module_controls)
+                               args.ablation, args.validation_share, args.control_subsets, args.module_controls,
+                               args.mean_ablation_top)
     done = pt.run(load_model(args.model_type, args.device), request, settings)
 
     summary = done.results.summary
@@ -140,6 +151,8 @@ def main(argv=None):
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if done.tables:
         print("\n".join(verdict.verdict_lines(done.tables[layout.METHOD_VERDICT], done.n_neurons)))
+    if done.check is not None:
+        print("\n".join(verdict.mean_check_lines(done.check.tables[layout.MEAN_CHECK])))
     if layout.MODULE_EFFECTS in done.module_tables:
         eff = done.module_tables[layout.MODULE_EFFECTS]
         print(eff[["subset", "k", "delta_nll", "p_random_holm", "p_weighted_holm"]].to_string(

@@ -95,6 +95,9 @@ Options (or environment variables):
                                   (chosen on the validation part), the null of every claim against random and
                                   of the dose-response band (default 30; p >= 1/(N+1), no claim below 20)
   --control_subsets all|best      CONTROL_SUBSETS: which subsets get them (default best: each k's winner)
+  --mean_ablation_top N           MEAN_ABLATION_TOP: stage e also measures each k's N best methods with each
+                                  neuron replaced by its mean over the selection data, the first with its own
+                                  controls: whether the order holds (needs EVAL_TEXT; default 0: off)
   --modules_top N                 MODULES_TOP: c_find_modules finds modules of the count graph (and of
                                   direct_abs with --direct_edges 1); stage e ablates the N largest of each
                                   (default 1; 0: find modules, ablate none)
@@ -150,7 +153,7 @@ RUN_OPTIONS = {
     "--fidelity_tokens": ("FIDELITY_TOKENS", "2048"), "--eval_csv": ("EVAL_CSV", ""), "--text": ("TEXT", ""),
     "--text_field": ("TEXT_FIELD", ""), "--eval_text_field": ("EVAL_TEXT_FIELD", ""),
     "--random_controls": ("RANDOM_CONTROLS", "30"), "--modules_top": ("MODULES_TOP", "1"),
-    "--module_controls": ("MODULE_CONTROLS", "20"),
+    "--module_controls": ("MODULE_CONTROLS", "20"), "--mean_ablation_top": ("MEAN_ABLATION_TOP", "0"),
 }
 SWEEP_OPTIONS = {
     "--thresholds": ("THRESHOLDS", "0.5 0.7 0.8 0.9"), "--ratios": ("RATIOS", "0.01 0.02 0.05 0.1"), "--ks": ("KS", ""),
@@ -259,6 +262,8 @@ def check_combinations(s: "Run"):
                                     f"record)")
     if "ablation" in methods and s.effects != "1":
         raise PipelineError("--methods ablation needs --effects 1 (it ranks by the measured single-neuron effects)")
+    if s.mean_ablation_top != "0" and s.eval_text == "none":
+        raise PipelineError("--mean_ablation_top measures on the real text: give --eval_text")
 
 
 def text_digest(path: str, flag: str) -> str:
@@ -330,6 +335,7 @@ class Run:
     control_subsets: str
     modules_top: str
     module_controls: str
+    mean_ablation_top: str
     force: bool
 
 
@@ -341,7 +347,8 @@ def settings(argv: list[str]) -> Run:
         raise PipelineError("expected at most MODEL PROMPT_CSV DATASET_DIR (see --help)")
     if v["RATIOS"] and v["KS"]:
         raise PipelineError("give --ks or --ratios, not both")
-    for flag in ("--effect_tokens", "--fidelity_tokens", "--random_controls", "--modules_top", "--module_controls"):
+    for flag in ("--effect_tokens", "--fidelity_tokens", "--random_controls", "--modules_top", "--module_controls",
+                 "--mean_ablation_top"):
         value = v[RUN_OPTIONS[flag][0]]
         if not re.fullmatch(r"[0-9]+", value):
             raise PipelineError(f"{flag} must be a whole number, got '{value}'")
@@ -400,7 +407,8 @@ def settings(argv: list[str]) -> Run:
             eval_text=eval_text, eval_text_field=v["EVAL_TEXT_FIELD"],
             eval_tokens=v["EVAL_TOKENS"] or ("8000" if shipped else "100000"),
             random_controls=v["RANDOM_CONTROLS"], control_subsets=v["CONTROL_SUBSETS"],
-            modules_top=v["MODULES_TOP"], module_controls=v["MODULE_CONTROLS"], force=v["FORCE"] == "1")
+            modules_top=v["MODULES_TOP"], module_controls=v["MODULE_CONTROLS"],
+            mean_ablation_top=str(int(v["MEAN_ABLATION_TOP"])), force=v["FORCE"] == "1")
     check_combinations(s)
     whole("--eval_tokens", s.eval_tokens, 1)
     for d in [s.data] + ([f"{s.data}_shards"] if s.text else []):
@@ -513,8 +521,9 @@ def stages(s: Run) -> Iterator[Stage]:
     yield Stage("e", f"{d}/{layout.RESULTS_DIR}/{layout.PERTURBATION_SUMMARY}", [script(
         "e_generate_perturbed_results.py", "--dataset_path", d, *selection, "--eval_csv", s.eval_csv, *real_text,
         "--model_type", s.model, "--device", s.device, "--random_controls", s.random_controls, "--control_subsets",
-        s.control_subsets, "--module_controls", s.module_controls, "--perturbation_subset_filenames", "none",
-        *names)], inputs=("csv", "eval"))
+        s.control_subsets, "--module_controls", s.module_controls,
+        *(["--mean_ablation_top", s.mean_ablation_top] if s.mean_ablation_top != "0" else []),
+        "--perturbation_subset_filenames", "none", *names)], inputs=("csv", "eval"))
     yield Stage("cards", f"{d}/{layout.CARDS_DIR}/{layout.CARDS_HTML}", [script(
         "f_render_neuron_cards.py", "--dataset_path", d, "--model_type", s.model, "--device", s.device,
         "--neurons", "report")])

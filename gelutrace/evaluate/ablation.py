@@ -276,6 +276,7 @@ class EvalSettings:
     validation_share: float = 0.5
     control_subsets: str = "all"  # or "best": controls only for each k's winner on the validation part
     module_controls: int | None = None  # controls of each kind per module (None: random_controls)
+    mean_ablation_top: int = 0  # each k's N best methods also measured under mean ablation (mean_check)
 
     @property
     def per_module(self) -> int:
@@ -488,6 +489,88 @@ def measure_subsets(model, tokenizer, prompts, prompt_ids, batches, subsets: lis
     return res
 
 
+def mean_check_subsets(results: Results, subsets: list[Subset], top: int) -> list[Subset]:
+    """Each k's `top` best methods on the validation part of the primary comparison (each method's best variant
+    there, the random reference left out), as fresh subsets without controls: what the mean-ablation check
+    measures again. Chosen on the validation part only, so that the test part judges both ablations."""
+    entries, split = results.primary
+    ranked = {}
+    for (k, method), e in stats.best_variants(entries, split.validation).items():
+        if method != stats.REFERENCE:
+            ranked.setdefault(k, []).append(e)
+    stems = set()
+    for k, es in ranked.items():
+        es.sort(key=lambda e: (-np.nan_to_num(e.mean("delta_nll", split.validation), nan=-np.inf), e.stem))
+        stems |= {e.stem for e in es[:top]}
+    return [Subset(sub.name, sub.ids, info=sub.info) for sub in subsets if sub.stem in stems]
+
+
+@dataclass
+class MeanCheck:
+    subsets: list[Subset]
+    text: object  # realtext.TextResults under mean ablation
+    tables: dict  # file name -> table (layout.MEAN_*)
+
+
+def mean_check(model, results: Results, subsets: list[Subset], mean_values: np.ndarray, settings: EvalSettings,
+               top: int, progress=None) -> MeanCheck:
+    """
+    The mean-ablation check on the real text: each k's `top` best methods (mean_check_subsets) measured again
+    with every neuron replaced by its mean over the selection data (`mean_values`), each k's first of them (on the
+    validation part, under zero ablation) with its own settings.random_controls layer-matched controls, mean-
+    ablated too; their comparison, verdict and dose-response tables on the same test part, and per k whether
+    the methods keep their order (layout.MEAN_CHECK_COLUMNS).
+    """
+    if results.text is None:
+        raise PipelineError("the mean-ablation check (--mean_ablation_top) measures on the real text: give --eval_text")
+    cfg = model.config
+    chosen = mean_check_subsets(results, subsets, top)
+    res = measure_text(model, results.text.text, chosen, mean_values, settings, progress)
+    entries, split = results.primary
+    first = stats.validation_winners([e for e in entries if e.stem in {s.stem for s in chosen}], split)
+    for sub in chosen:
+        n = settings.random_controls if sub.stem in first else 0
+        sub.controls = [random_control(sub.ids, cfg.n_layer, cfg.d_mlp, settings.seed, j) for j in range(n)]
+    measure_text_controls(res, model, chosen, mean_values, settings, progress)
+    mean_entries = text_entries(res, chosen)
+    table = stats.comparison_table(mean_entries, res.split, settings.seed)
+    verdict = stats.verdict_table(mean_entries, res.split, settings.seed, table=table)
+    tables = {layout.MEAN_COMPARISON: table, layout.MEAN_VERDICT: verdict,
+              layout.MEAN_DOSE_RESPONSE: stats.dose_response_table(table, verdict),
+              layout.MEAN_CHECK: check_table(entries, mean_entries, split, res.split, settings.seed)}
+    return MeanCheck(chosen, res, tables)
+
+
+def check_table(zero: list, mean: list, split: stats.Split, mean_split: stats.Split, seed: int) -> pd.DataFrame:
+    """Per k, the mean-ablated methods in their order on the test part under zero and under mean ablation, whether
+    it holds, and the mean-ablation margin of the first over the second with its paired bootstrap CI."""
+    test = split.test
+    assert np.array_equal(test, mean_split.test)  # one text, one seed: one split
+    weights = stats.bootstrap_weights(len(test), seed)
+    zero_by = {e.stem: e for e in zero}
+    rows = []
+    for k in sorted({e.k for e in mean}):
+        es = [e for e in mean if e.k == k]
+
+        def order(get):
+            return sorted(es, key=lambda e: (-np.nan_to_num(get(e).mean("delta_nll", test), nan=-np.inf), e.stem))
+
+        by_zero, by_mean = order(lambda e: zero_by[e.stem]), order(lambda e: e)
+        row = {"k": k, "methods": len(es), "zero_order": " > ".join(e.label for e in by_zero),
+               "mean_order": " > ".join(e.label for e in by_mean),
+               "order_holds": [e.stem for e in by_zero] == [e.stem for e in by_mean],
+               "zero_delta_nll": " ".join(f"{zero_by[e.stem].mean('delta_nll', test):.4g}" for e in by_zero),
+               "mean_delta_nll": " ".join(f"{e.mean('delta_nll', test):.4g}" for e in by_zero)}
+        if len(by_mean) > 1:
+            row["mean_margin"], row["mean_margin_ci_low"], row["mean_margin_ci_high"] = stats.paired_difference(
+                weights, by_mean[0], by_mean[1], test)
+        null = stats.null_test(by_mean[0].mean("delta_nll", test), by_mean[0].control_means("delta_nll", test))
+        row["mean_first_p_random"] = null.get("p_random", np.nan)
+        row["mean_first_random_n"] = len(by_mean[0].control_counts)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=layout.MEAN_CHECK_COLUMNS)
+
+
 def unrecorded(subsets: list[Subset]) -> list[str]:
     """The method subsets whose sidecar (an older stage d's) records neither their scores nor their halves."""
     return [s.stem for s in subsets if s.compared and "halves" not in s.info]
@@ -531,7 +614,7 @@ def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, 
             "eval_prompts": len(eval_prompts), "prompts_in_both": shared, "held_out": shared == 0,
             "ablation": settings.ablation, "seed": settings.seed, "temperature": settings.temperature,
             "top_k": settings.top_k, "random_controls": settings.random_controls,
-            "validation_share": settings.validation_share,
+            "validation_share": settings.validation_share, "mean_ablation_top": settings.mean_ablation_top,
             "bootstrap_replicates": stats.N_BOOT,
             "confidence_level": stats.LEVEL}
 
@@ -559,7 +642,8 @@ RESULT_SET = (layout.PERTURBATION_SUMMARY, layout.EVALUATION, layout.PERTURBATIO
               layout.METHOD_OVERLAP, layout.METHOD_AGREEMENT, layout.COMPARISON_RECORD, layout.COMPARISON_PLOT,
               layout.CONTINUATION_COMPARISON, layout.CONTINUATION_VERDICT, layout.TEXT_BREAKDOWN, layout.DOSE_RESPONSE,
               layout.DOSE_RESPONSE_PLOT, layout.MODULE_EFFECTS, layout.MODULE_TOKENS,
-              layout.MODULE_CONTEXTS)  # the files of stage e's output set; one a run does not write is removed
+              layout.MODULE_CONTEXTS, layout.MEAN_COMPARISON, layout.MEAN_VERDICT, layout.MEAN_DOSE_RESPONSE,
+              layout.MEAN_DOSE_RESPONSE_PLOT, layout.MEAN_CHECK)  # the files of stage e's output set; one a run does not write is removed
 
 
 def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[Subset], n_neurons: int,
@@ -629,6 +713,7 @@ class Outcome:
     out: Path  # the results directory
     where: str  # on which prompts, in words
     n_neurons: int
+    check: MeanCheck | None = None  # the mean-ablation check (--mean_ablation_top)
 
 
 @torch.no_grad()
@@ -650,7 +735,11 @@ def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
         print(f"warning: {len(old)} subset(s) ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}) come from an "
               f"older stage d, whose sidecars record neither the scores nor the halves: their Spearman "
               f"(method_agreement.csv) and selection_jaccard stay empty; rerun stage d to fill them", file=sys.stderr)
+    if s.mean_ablation_top and (not r.eval_text or s.ablation != "zero"):
+        raise PipelineError("--mean_ablation_top checks a zero-ablation verdict on the real text: give --eval_text "
+                            "and leave --ablation zero")
     mean_values = ds.mean_activations(n_neurons) if s.ablation == "mean" else None
+    check_values = ds.mean_activations(n_neurons) if s.mean_ablation_top else None
     prompts = r.prompts
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
     text = leak = None
@@ -682,13 +771,17 @@ def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
                      else len(compared))  # at most
     conditions = (len(ablated) + s.random_controls * with_controls
                   + s.per_module * len(modules) * (2 if weights is not None else 1))
+    n_k = len({len(sub.ids) for sub in compared if sub.compared})
+    checked = (s.mean_ablation_top + s.random_controls) * n_k if s.mean_ablation_top else 0  # at most
     with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as gen_bar, \
             tqdm(total=len(chunks) * conditions, unit="ablation", desc="teacher-forced metrics") as metric_bar, \
-            tqdm(total=text.scored * conditions if text else 0, unit="tok", unit_scale=True, desc="real text",
-                 disable=text is None) as text_bar:
+            tqdm(total=text.scored * (conditions + checked) if text else 0, unit="tok", unit_scale=True,
+                 desc="real text", disable=text is None) as text_bar:
         bars = {"tokens": gen_bar, "passes": metric_bar, "text": text_bar}
         results = measure_subsets(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values, s,
                                   progress=lambda kind, n: bars[kind].update(n), text=text, weights=weights)
+        check = (mean_check(lm.model, results, subsets, check_values, s, s.mean_ablation_top,
+                            progress=lambda kind, n: bars[kind].update(n)) if s.mean_ablation_top else None)
     module_tables = {}
     if modules:
         tokens = None
@@ -727,5 +820,14 @@ def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
             plot_dose_response(tables[layout.DOSE_RESPONSE], staged.dir / layout.DOSE_RESPONSE_PLOT, ylabel=ylabel,
                                title=f"{lm.name}: dose-response, {s.ablation}-ablating each method's top k, on {on}")
             written += [staged.dir / layout.COMPARISON_PLOT, staged.dir / layout.DOSE_RESPONSE_PLOT]
+        if check is not None:
+            for name, df in check.tables.items():
+                atomic.write_csv(df, staged.dir / name)
+                written.append(staged.dir / name)
+            plot_dose_response(check.tables[layout.MEAN_DOSE_RESPONSE], staged.dir / layout.MEAN_DOSE_RESPONSE_PLOT,
+                               ylabel="Δ NLL of the real next token (nats/token), 95 % CI over " + text.units,
+                               title=f"{lm.name}: dose-response, mean-ablating each k's {s.mean_ablation_top} best "
+                                     f"methods, on {text.scored:,} tokens of held-out text")
+            written.append(staged.dir / layout.MEAN_DOSE_RESPONSE_PLOT)
         staged.vouch(written)
-    return Outcome(subsets, results, tables, module_tables, out, where, n_neurons)
+    return Outcome(subsets, results, tables, module_tables, out, where, n_neurons, check)

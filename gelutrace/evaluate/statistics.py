@@ -275,7 +275,7 @@ def comparison_table(entries: list[Entry], split: Split, seed: int, level: float
     return df
 
 
-def _paired(weights, a: Entry, b: Entry, test: np.ndarray, level: float = LEVEL):
+def paired_difference(weights, a: Entry, b: Entry, test: np.ndarray, level: float = LEVEL):
     """a - b in mean delta_nll on the test prompts, with its paired bootstrap CI (same prompts, same draws)."""
     diff = a.mean("delta_nll", test) - b.mean("delta_nll", test)
     lo, hi = bootstrap_ci(weights, a.sums["delta_nll"][test] - b.sums["delta_nll"][test], a.counts[test], level)
@@ -327,7 +327,7 @@ def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = 
         row.update(_null_of("winner", null[win.stem]))
         if len(ranked) > 1:
             row["runner_up"] = ranked[1].label
-            row["margin"], row["margin_ci_low"], row["margin_ci_high"] = _paired(weights, win, ranked[1], test, level)
+            row["margin"], row["margin_ci_low"], row["margin_ci_high"] = paired_difference(weights, win, ranked[1], test, level)
         by_method = {e.method: e for e in ranked}
         for kind, _, member in GRAPH_KINDS:
             graph = [e for e in ranked if member(e.method)]
@@ -337,11 +337,11 @@ def verdict_table(entries: list[Entry], split: Split, seed: int, level: float = 
             row.update({f"{kind}_best": g.label, **_null_of(kind, null[g.stem])})
             for base in BASELINES:
                 if base in by_method:
-                    d, lo, hi = _paired(weights, g, by_method[base], test, level)
+                    d, lo, hi = paired_difference(weights, g, by_method[base], test, level)
                     row[f"{kind}_vs_{base}"], row[f"{kind}_vs_{base}_ci_low"], row[f"{kind}_vs_{base}_ci_high"] = d, lo, hi
                     row[f"{kind}_vs_{base}_verdict"] = _word(lo, hi)
         if all(s in by_method for s in SEED):
-            row["seed_margin"], row["seed_margin_ci_low"], row["seed_margin_ci_high"] = _paired(
+            row["seed_margin"], row["seed_margin_ci_low"], row["seed_margin_ci_high"] = paired_difference(
                 weights, *(by_method[s] for s in SEED), test, level)
         rows.append(row)
     return pd.DataFrame(rows)

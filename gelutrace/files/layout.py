@@ -120,6 +120,12 @@ DOSE_RESPONSE_PLOT = "dose_response.png"
 MODULE_EFFECTS = "module_effects.csv"
 MODULE_TOKENS = "module_tokens.csv"
 MODULE_CONTEXTS = "module_contexts.csv"
+# --mean_ablation_top N: each k's N best methods measured again under mean ablation, with their own controls
+MEAN_COMPARISON = "comparison_mean_ablation.csv"  # as comparison.csv
+MEAN_VERDICT = "method_verdict_mean_ablation.csv"  # as method_verdict.csv
+MEAN_DOSE_RESPONSE = "dose_response_mean_ablation.csv"  # as dose_response.csv
+MEAN_DOSE_RESPONSE_PLOT = "dose_response_mean_ablation.png"
+MEAN_CHECK = "mean_ablation_check.csv"  # per k: the methods' order under zero and under mean ablation
 
 # run_pipeline.sh's report (in the dataset directory)
 REPORT = "report.md"
@@ -167,6 +173,9 @@ TEXT_BREAKDOWN_COLUMNS = ["subset", "k", "breakdown", "bucket", "token_id", "tok
 DOSE_RESPONSE_COLUMNS = ["k", "method", "variant", "subset", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
                          "kl", "winner", "random_n", "random_q05", "random_q50", "random_q95", "p_random",
                          "p_random_holm"]
+MEAN_CHECK_COLUMNS = ["k", "methods", "zero_order", "mean_order", "order_holds", "zero_delta_nll", "mean_delta_nll",
+                      "mean_margin", "mean_margin_ci_low", "mean_margin_ci_high", "mean_first_p_random",
+                      "mean_first_random_n"]
 HIST_COLUMNS = ["bin_start", "bin_end", "density"]
 THRESHOLD_COLUMNS = ["threshold", "num_nodes", "num_edges", "num_components", "max_comp_size", "avg_comp_size",
                      "min_comp_size"]

@@ -76,7 +76,8 @@ def collect(data: Path) -> dict:
               "agreement": layout.METHOD_AGREEMENT, "continuation_comparison": layout.CONTINUATION_COMPARISON,
               "continuation_verdict": layout.CONTINUATION_VERDICT, "dose": layout.DOSE_RESPONSE,
               "breakdown": layout.TEXT_BREAKDOWN, "module_effects": layout.MODULE_EFFECTS, "module_tokens": layout.MODULE_TOKENS,
-              "module_contexts": layout.MODULE_CONTEXTS}
+              "module_contexts": layout.MODULE_CONTEXTS, "mean_check": layout.MEAN_CHECK,
+              "mean_dose": layout.MEAN_DOSE_RESPONSE}
     atomic.verify_output_set(results / layout.RESULTS_MANIFEST, [p for p in (summary, *(results / n for n in (
         layout.EVALUATION, layout.COMPARISON_RECORD, *tables.values()))) if p.is_file()], "stage e")
     out["effects"] = pd.read_csv(summary) if summary.is_file() else None
@@ -321,6 +322,27 @@ def continuation_section(info: dict, n_neurons: int) -> list[str]:
     return lines
 
 
+def mean_check_section(info: dict) -> list[str]:
+    """With --mean_ablation_top: whether the best methods keep their order when mean-ablated instead of zeroed."""
+    check, dose = info.get("mean_check"), info.get("mean_dose")
+    if check is None or not len(check):
+        return []
+    lines = ["## Under mean ablation", "",
+             "Zeroing a neuron that fires on most tokens moves the residual stream where it never goes. Each k's "
+             f"{int(check['methods'].max())} best methods (chosen on the validation part, under zero ablation) are "
+             "measured again with each neuron replaced by its mean over the selection data, on the same test part, "
+             "each k's first of them against its own layer-matched controls, mean-ablated too.", ""]
+    plot = info["data"] / layout.RESULTS_DIR / layout.MEAN_DOSE_RESPONSE_PLOT
+    if plot.is_file():
+        lines += [f"![dose-response under mean ablation]"
+                  f"({markdown.url(f'{layout.RESULTS_DIR}/{layout.MEAN_DOSE_RESPONSE_PLOT}')})", ""]
+    lines += verdict.mean_check_lines(check, markdown.escape) + [""]
+    cols = ["k", "zero_order", "mean_order", "order_holds", "zero_delta_nll", "mean_delta_nll", "mean_margin",
+            "mean_margin_ci_low", "mean_margin_ci_high", "mean_first_p_random"]
+    lines += [md_table(check[cols]), ""]
+    return lines
+
+
 def breakdown_section(info: dict) -> list[str]:
     """Real-text ΔNLL of each k's winner by position in the window and by next token."""
     b, dose = info.get("breakdown"), info.get("dose")
@@ -554,6 +576,7 @@ def write_report(data: Path, params: dict) -> str:
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `run_pipeline.sh`.", ""]
     lines += verdict_section(info, int(meta["num_neurons"]), params)
     lines += comparison_section(info, data)
+    lines += mean_check_section(info)
     lines += breakdown_section(info)
     lines += modules_section(info, data)
     lines += continuation_section(info, int(meta["num_neurons"]))

@@ -183,3 +183,26 @@ def winner_disagreement(primary: pd.DataFrame, other: pd.DataFrame, name=str) ->
         return "The own-continuation metric names the same winner at every k."
     return ("**The two metrics name different winners** at " + ", ".join(
         f"k = {k} (real text: {name(a[k])}; own continuations: {name(b[k])})" for k in differ) + ".")
+
+
+def mean_check_lines(check: pd.DataFrame, name=str) -> list[str]:
+    """The mean-ablation check (layout.MEAN_CHECK_COLUMNS) in words: at which k the best methods keep their order
+    on the test part when each neuron is replaced by its mean instead of 0, and where the order changes."""
+    if not len(check):
+        return []
+    held = [int(r["k"]) for r in check.to_dict("records") if r["order_holds"]]
+    top = int(check["methods"].max())
+    out = [f"Under mean ablation (each neuron replaced by its mean over the selection data, not 0), the order of "
+           f"each k's {top} best methods "
+           + (f"holds at every k ({', '.join(map(str, held))})." if len(held) == len(check) else
+              f"holds at k = {', '.join(map(str, held))}." if held else "holds at no k.")]
+    for r in check.to_dict("records"):
+        if r["order_holds"]:
+            continue
+        margin = ("" if pd.isna(r.get("mean_margin")) else
+                  f", difference {_fmt(r['mean_margin'])} [{_fmt(r['mean_margin_ci_low'])}, "
+                  f"{_fmt(r['mean_margin_ci_high'])}]" + ("" if r["mean_margin_ci_low"] > 0 else
+                                                          ", not separable"))
+        out.append(f"At k = {int(r['k'])} it changes: zero ablation ranks {name(r['zero_order'])}, mean ablation "
+                   f"{name(r['mean_order'])}{margin}.")
+    return ["- " + line for line in out]
