@@ -35,6 +35,13 @@ the other methods it does not (the sidecar's weight is null). --output_dir names
 {m}_{method}_{weight}_t{threshold}_r{ratio}.npy (count keeps {m}_{method}_t{threshold}_r{ratio}.npy); the sidecar
 records weight and max_weight (the max used to normalise).
 
+Layers left out (--exclude_layers L ...): every method ranks, and random draws, only the neurons of the other
+layers (each neuron keeps its score from the whole graph; ties in the full ranking's seeded order, so the subset is
+the full ranking with those layers' neurons taken out); k counts neurons of the remaining layers, and --ratio is
+still a fraction of all neurons (the same k as without the flag). The files are named with x{layers}_ before the
+size ({m}_influence_x0_k42.npy, scores/{m}_influence_x0.npy: the excluded neurons' scores NaN), the sidecar
+records exclude_layers, and the halves' subsets leave out the same layers.
+
 Modules (c_find_modules.py) as subsets: --modules FILE with --module M (several allowed) or --modules_top N
 (the N largest) writes {m}_module{M}_{weight}.npy each into --output_dir, with a sidecar of method "module":
 stage e ablates each module as a unit, against its own controls, outside the method comparison.
@@ -99,6 +106,9 @@ def main(argv=None):
                          "ranking, >= 0 (default: 1337)")
     ap.add_argument("--match_layers", default=None,
                     help="with --method random: draw as many neurons per layer as this other subset .npy has")
+    ap.add_argument("--exclude_layers", type=int, nargs="+", metavar="L", default=None,
+                    help="rank only the neurons of the other layers (e.g. 0: layer 0's neurons are never picked, "
+                         "by any method, random included); files named ..._x{L}_k{k}.npy (default: every layer)")
     ap.add_argument("--export_graph", default=None,
                     help="also write the thresholded graph as .graphml (Gephi/Cytoscape) or .gpickle, "
                          "when it fits in memory")
@@ -121,7 +131,8 @@ def main(argv=None):
         args.input_graph_path, args.threshold, args.ratio, args.k, "degree" if args.method is None else args.method,
         gr.DEFAULT_WEIGHT if args.weight is None else args.weight, args.output_path, args.output_dir,
         args.dataset_path, args.input_csv, args.skip_existing, 1337 if args.seed is None else args.seed,
-        args.match_layers, args.export_graph, memory_limit(args.memory_limit_gb) if args.export_graph else None)
+        args.match_layers, args.export_graph, memory_limit(args.memory_limit_gb) if args.export_graph else None,
+        args.exclude_layers)
     subsets.write_ranked(request)
 
 
@@ -130,7 +141,7 @@ def write_modules(args):
                "--input_graph_path": args.input_graph_path, "--threshold": args.threshold,
                "--method": args.method, "--weight": args.weight, "--seed": args.seed,
                "--match_layers": args.match_layers, "--export_graph": args.export_graph,
-               "--input_csv": args.input_csv}
+               "--input_csv": args.input_csv, "--exclude_layers": args.exclude_layers}
     given = [k for k, v in ranking.items() if v is not None]  # given at all, even at a default's value
     if given:
         raise PipelineError(f"--modules writes each module as it is: give --output_dir and --module or --modules_top, "

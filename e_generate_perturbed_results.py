@@ -102,7 +102,8 @@ def main(argv=None):
     ap.add_argument("--control_subsets", choices=["all", "best"], default="all",
                     help="which subsets get --random_controls: all of them, or best: at each k only the winner on "
                          "the validation part of the verdict's metric (its best variant with the largest ΔNLL there; "
-                         "random left out), which is the null of the verdict and of the dose-response band at a "
+                         "random left out; and the winner among the subsets stage d ranked with --exclude_layers, "
+                         "compared apart), which is the null of the verdict and of the dose-response band at a "
                          "fraction of the cost (default: %(default)s)")
     ap.add_argument("--module_controls", type=int, default=None, metavar="N",
                     help="for each module (stage d --modules): N layer-matched random controls and N effect-weighted "
@@ -149,7 +150,7 @@ def main(argv=None):
     cols += ["delta_nll_p_random", "delta_nll_z_random"] if args.random_controls else []
     cols += ["text_delta_nll", "text_delta_nll_ci_low", "text_delta_nll_ci_high", "text_kl"] if args.eval_text else []
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    if done.tables:
+    if layout.METHOD_VERDICT in done.tables:
         print("\n".join(verdict.verdict_lines(done.tables[layout.METHOD_VERDICT], done.n_neurons)))
     if done.check is not None:
         print("\n".join(verdict.mean_check_lines(done.check.tables[layout.MEAN_CHECK])))

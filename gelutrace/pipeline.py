@@ -63,6 +63,11 @@ Options (or environment variables):
                                   with --direct_edges 1, and ablation when single-neuron effects are measured)
   --weights "count"               WEIGHTS: edge weights of the graph methods (count jaccard phi pmi direct
                                   direct_abs; default count, plus direct_abs with --direct_edges 1)
+  --exclude_layers "0"            EXCLUDE_LAYERS: stage d also ranks the methods influence, activation_count,
+                                  attribution and ablation (those of METHODS) without these layers' neurons, at
+                                  every k of the grid; stage e compares those subsets apart (comparison_excluded.csv
+                                  ...) and the report sets their dose-response beside the full one (default 0:
+                                  layer 0, which holds most picks; "none": no such subsets)
   --direct_edges 0|1              DIRECT_EDGES: stage b also measures the causal edge weights (direct,
                                   direct_abs) and each neuron's direct_loss (default 1)
   --effects 0|1                   EFFECTS: measure every neuron's single-ablation effect (ground truth for
@@ -135,6 +140,9 @@ Options (or environment variables):
                                    --help); a method that ignores the weight (all but degree,
                                    weighted_degree, pagerank) writes one subset, listed once
   --seed N                         SEED (for random; default 1337)
+  --exclude_layers "0"             EXCLUDE_LAYERS: also write the subsets of influence, activation_count,
+                                   attribution and ablation (those of --methods) ranked without these layers'
+                                   neurons, named ..._x0_k{k}.npy (default: none)
   --input_csv CSV                  INPUT_CSV: the prompt CSV of a prompt-mode dataset, whose halves every subset is
                                    chosen again on (stage e's selection_jaccard); a corpus-mode dataset's halves
                                    are its shards
@@ -153,14 +161,18 @@ RUN_OPTIONS = {
     "--fidelity_tokens": ("FIDELITY_TOKENS", "2048"), "--eval_csv": ("EVAL_CSV", ""), "--text": ("TEXT", ""),
     "--text_field": ("TEXT_FIELD", ""), "--eval_text_field": ("EVAL_TEXT_FIELD", ""),
     "--random_controls": ("RANDOM_CONTROLS", "30"), "--modules_top": ("MODULES_TOP", "1"),
-    "--module_controls": ("MODULE_CONTROLS", "20"), "--mean_ablation_top": ("MEAN_ABLATION_TOP", "0"),
+    "--module_controls": ("MODULE_CONTROLS", "20"), "--exclude_layers": ("EXCLUDE_LAYERS", "0"),
+    "--mean_ablation_top": ("MEAN_ABLATION_TOP", "0"),
 }
 SWEEP_OPTIONS = {
     "--thresholds": ("THRESHOLDS", "0.5 0.7 0.8 0.9"), "--ratios": ("RATIOS", "0.01 0.02 0.05 0.1"), "--ks": ("KS", ""),
     "--methods": ("METHODS", "degree"), "--weights": ("WEIGHTS", "count"), "--seed": ("SEED", "1337"),
-    "--input_csv": ("INPUT_CSV", ""),
+    "--input_csv": ("INPUT_CSV", ""), "--exclude_layers": ("EXCLUDE_LAYERS", ""),
 }
 SWEEP_SEED = SWEEP_OPTIONS["--seed"][1]  # the seed of run's stage d (its --seed is stage b's)
+# the methods the sweep also ranks without --exclude_layers' layers: fixed beforehand, the graph-free baselines and
+# the graph method that the comparison's question is about (never chosen by their results)
+EXCLUDED_METHODS = ("influence", "activation_count", "attribution", "ablation")
 
 
 def parse(argv: list[str], options: dict, usage: str) -> tuple[dict, list[str]]:
@@ -219,6 +231,16 @@ def whole(flag: str, value: str, least: int) -> int:
     return int(value)
 
 
+def excluded_layers(value: str) -> list[int]:
+    """--exclude_layers: whole numbers, each once; "none" or empty: no layer."""
+    if value in ("", "none"):
+        return []
+    layers = [whole("--exclude_layers", x, 0) for x in value.split()]
+    if len(set(layers)) != len(layers):
+        raise PipelineError("--exclude_layers lists a layer twice")
+    return layers
+
+
 def check_flags(v: dict):
     """Each sweep and stage-b flag's form; an empty value is left to its default."""
     for t in numbers("--thresholds", v["THRESHOLDS"]):
@@ -244,6 +266,7 @@ def check_flags(v: dict):
     if not math.isfinite(temperature) or temperature < 0:
         raise PipelineError(f"--temperature must be a finite number >= 0, got {v['TEMPERATURE']!r}")
     whole("--seed", v["SEED"], 0)
+    excluded_layers(v["EXCLUDE_LAYERS"])
     if v["EVAL_TOKENS"]:
         whole("--eval_tokens", v["EVAL_TOKENS"], 1)
 
@@ -295,6 +318,18 @@ def model_names(model: str, device: str) -> tuple[bool, str]:
         os.chdir(cwd)
 
 
+def model_layers(model: str) -> int:
+    """MODEL's number of layers, from its config alone; MODEL read from the checkout, as the stages read it."""
+    from gelutrace.model.loading import model_shape  # lazy: torch, not needed for --help
+
+    cwd = os.getcwd()
+    os.chdir(HERE)
+    try:
+        return model_shape(model)[0]
+    finally:
+        os.chdir(cwd)
+
+
 CAUSAL_RECORD_METHODS = ("influence", "direct_loss", "magnitude")  # what stage b's --direct_edges record ranks
 
 
@@ -336,6 +371,7 @@ class Run:
     modules_top: str
     module_controls: str
     mean_ablation_top: str
+    exclude_layers: str  # "none": no layer
     force: bool
 
 
@@ -364,6 +400,11 @@ def settings(argv: list[str]) -> Run:
         raise PipelineError(f"prompt CSV {csv} does not exist")
     check_flags(v)
     shipped, m = model_names(model, v["DEVICE"])
+    if excluded := excluded_layers(v["EXCLUDE_LAYERS"]):
+        n_layer = model_layers(model)
+        if max(excluded) >= n_layer or len(excluded) == n_layer:
+            raise PipelineError(f"--exclude_layers {v['EXCLUDE_LAYERS']}: the model has layers 0..{n_layer - 1}, and "
+                                f"at least one must stay")
     text, effects = v["TEXT"], v["EFFECTS"]
     if text:
         if not os.path.exists(text):
@@ -407,7 +448,7 @@ def settings(argv: list[str]) -> Run:
             eval_text=eval_text, eval_text_field=v["EVAL_TEXT_FIELD"],
             eval_tokens=v["EVAL_TOKENS"] or ("8000" if shipped else "100000"),
             random_controls=v["RANDOM_CONTROLS"], control_subsets=v["CONTROL_SUBSETS"],
-            modules_top=v["MODULES_TOP"], module_controls=v["MODULE_CONTROLS"],
+            modules_top=v["MODULES_TOP"], module_controls=v["MODULE_CONTROLS"], exclude_layers=v["EXCLUDE_LAYERS"],
             mean_ablation_top=str(int(v["MEAN_ABLATION_TOP"])), force=v["FORCE"] == "1")
     check_combinations(s)
     whole("--eval_tokens", s.eval_tokens, 1)
@@ -466,6 +507,7 @@ def stages(s: Run) -> Iterator[Stage]:
     if s.ks:  # counts, from the percentages and the graph's number of neurons
         num_neurons = json.loads(Path(at(layout.GRAPH_META)).read_text())["num_neurons"]
         counts = " ".join(map(str, sel.k_values(num_neurons, s.ks.split())))
+    excluded = excluded_layers(s.exclude_layers)
     if s.text:  # two shards (windows 0, 2, 4, ... and 1, 3, 5, ...) merged exactly: the halves of stage e's stability
         shards = f"{d}_shards"
         b = [script("b_generate_activation_dataset.py", "--input_text", s.text, "--export_dir", f"{shards}/{i}",
@@ -502,16 +544,18 @@ def stages(s: Run) -> Iterator[Stage]:
     subsets = f"{d}/{layout.SUBSETS_DIR}"
     size_var, size = ("KS", counts) if s.ks else ("RATIOS", s.ratios)
     grid = [f"THRESHOLDS={s.thresholds}", f"{size_var}={size}", f"METHODS={s.methods}", f"WEIGHTS={s.weights}"]
+    exclude = ["--exclude_layers", " ".join(map(str, excluded))] if excluded else []
+    grid += [f"EXCLUDE_LAYERS={exclude[1]}"] if excluded else []
     grid += [] if s.text else [f"INPUT_CSV={s.csv}"]  # prompt mode: the halves each subset is chosen again on
     sweep_command = Command(["env", *grid, "./d_batch_perturbation_calculate.sh", analyzed, subsets], [
         "-m", "gelutrace.pipeline", "sweep", "--thresholds", s.thresholds, f"--{size_var.lower()}", size,
-        "--methods", s.methods, "--weights", s.weights, "--seed", SWEEP_SEED, *halves, analyzed, subsets])
+        "--methods", s.methods, "--weights", s.weights, "--seed", SWEEP_SEED, *exclude, *halves, analyzed, subsets])
     modules = [script("d_calculate_perturbation_subset.py", "--modules", f"{d}/{layout.MODULES_DIR}/" +
                       layout.MODULES.format(m=m, weight=w), "--modules_top", s.modules_top, "--output_dir", subsets)
                for w in module_weights] if int(s.modules_top) > 0 else []
     yield Stage("d", subsets, [sweep_command, *modules],
                 ["subsets_d", s.thresholds, grid[1], s.methods, s.weights, s.modules_top, " ".join(module_weights),
-                 *halves],
+                 *halves, *exclude],
                 clear=subsets)
     names = sorted(p.name for p in Path(subsets).glob("*.npy") if not p.name.startswith("."))
     selection = [] if s.text else ["--input_csv", s.csv]
@@ -533,8 +577,8 @@ def stages(s: Run) -> Iterator[Stage]:
         s.eval_text, "--eval_tokens", s.eval_tokens, "--thresholds", s.thresholds, "--ks", counts, "--ratios",
         s.ratios, "--methods", s.methods, "--weights", s.weights, "--random_controls", s.random_controls,
         "--control_subsets", s.control_subsets, "--modules_top", s.modules_top, "--module_controls",
-        s.module_controls, "--temperature", s.temperature, "--seed", s.seed, "--device", s.device,
-        *(["--effect_tokens", s.effect_tokens] if s.text else []))])
+        s.module_controls, "--temperature", s.temperature, "--seed", s.seed, "--exclude_layers", s.exclude_layers,
+        "--device", s.device, *(["--effect_tokens", s.effect_tokens] if s.text else []))])
 
 
 # --- running them ----------------------------------------------------------------------------------------------------
@@ -746,6 +790,9 @@ def sweep(argv: list[str]):
     if len(seed) != 1 or int(seed[0]) < 0:
         raise PipelineError(f"--seed must be one whole number >= 0, got {v['SEED']!r}")
     read_graph = cache(gs.read_graph)
+    excluded = excluded_layers(v["EXCLUDE_LAYERS"])
+    if excluded:  # a layer the graph does not have is one error, before any subset
+        sel.kept_nodes(read_graph(graph), excluded)
     split = {}
 
     def halves(graph, dataset_path, prompts):  # each graph's halves built once, for every method and threshold
@@ -755,27 +802,29 @@ def sweep(argv: list[str]):
         return split[key]
 
     files, status, failed = [], [], 0
-    for method in v["METHODS"].split():
-        for weight in v["WEIGHTS"].split():
-            for t in thresholds if method in sel.GRAPH_METHODS else [None]:
-                where = f"[{method} {weight} t={t or '-'}]"
-                done = []
-                request = subsets.Request(graph, t, ratios, ks, method, weight, output_dir=out,
-                                          input_csv=v["INPUT_CSV"] or None, skip_existing=v["FORCE"] != "1",
-                                          seed=int(seed[0]))
-                try:
-                    subsets.write_ranked(request, read_graph, lambda *line: done.append(line), halves)
-                except PipelineError as e:
-                    print(f"{where} error: {e}", flush=True)
-                    failed += 1
-                    files.append(f"{out}/(failed: {method} {weight} t={t or '-'})")
-                    status.append("FAILED")
-                    continue
-                for word, target, note in done:
-                    print(f"{where} {word} {target} ({note})", flush=True)
-                    if str(target) not in files:  # a method that ignores the weight: one file for every weight
-                        files.append(str(target))
-                        status.append("skipped" if word == "skipped" else "written")
+    variants = [(method, weight, t, layers) for method in v["METHODS"].split() for weight in v["WEIGHTS"].split()
+                for t in (thresholds if method in sel.GRAPH_METHODS else [None])
+                for layers in ([None, excluded] if excluded and method in EXCLUDED_METHODS else [None])]
+    for method, weight, t, layers in variants:
+        name = f"{method} {weight} t={t or '-'}" + (f" without layers {' '.join(map(str, layers))}" if layers else "")
+        where = f"[{name}]"
+        done = []
+        request = subsets.Request(graph, t, ratios, ks, method, weight, output_dir=out,
+                                  input_csv=v["INPUT_CSV"] or None, skip_existing=v["FORCE"] != "1",
+                                  seed=int(seed[0]), exclude_layers=layers)
+        try:
+            subsets.write_ranked(request, read_graph, lambda *line: done.append(line), halves)
+        except PipelineError as e:
+            print(f"{where} error: {e}", flush=True)
+            failed += 1
+            files.append(f"{out}/(failed: {name})")
+            status.append("FAILED")
+            continue
+        for word, target, note in done:
+            print(f"{where} {word} {target} ({note})", flush=True)
+            if str(target) not in files:  # a method that ignores the weight: one file for every weight
+                files.append(str(target))
+                status.append("skipped" if word == "skipped" else "written")
     table = sel.summary_table(files)
     table.insert(1, "status", status)
     print(f"\nsummary ({out}):")

@@ -383,3 +383,41 @@ def test_overlap_and_agreement_by_hand():
     assert np.isnan(ag.loc["activation_count", "spearman"])  # no scores given
     assert ag.loc["attribution", "top_k_recall"] == 3 / 4 and ag.loc["activation_count", "top_k_recall"] == 2 / 4
 
+
+
+def test_the_report_says_whether_the_winner_holds_without_layer_0(tmp_path):
+    """report.md's sentence on constructed verdict tables: the same winner at every k, a different one at some k
+    (among the methods ranked both ways), and a full winner that was not ranked without the layer."""
+    import pandas as pd
+
+    from gelutrace.report import report
+
+    def table(rankings):
+        return pd.DataFrame({"k": list(rankings), "ranking": list(rankings.values()),
+                             "winner": [r.split(" > ")[0] for r in rankings.values()]})
+
+    record = {"exclude_layers": [0]}
+    full = table({3: "influence > attribution > activation_count", 42: "influence > activation_count > attribution"})
+    same = table({3: "influence > activation_count > attribution", 42: "influence > attribution > activation_count"})
+    assert report.excluded_winner_sentence(full, same, record, str) == (
+        "With layer 0 excluded (among the methods ranked both ways: activation_count, attribution, influence), the "
+        "winner is the same at every k.")
+    other = table({3: "influence > attribution", 42: "attribution > influence"})
+    assert report.excluded_winner_sentence(full, other, record, str).endswith(
+        "the winner differs at k = 42: attribution instead of influence.")
+    graph = table({3: "degree > attribution > influence", 42: "influence > attribution"})
+    assert report.excluded_winner_sentence(graph, table({3: "attribution > influence", 42: "influence"}),
+                                           {"exclude_layers": [0, 1]}, str) == (
+        "With layers 0 and 1 excluded (among the methods ranked both ways: attribution, influence), the winner is "
+        "the same at every k. The full comparison's own winner was not ranked without layers 0 and 1: degree at "
+        "k = 3.")
+    assert report.excluded_winner_sentence(full, None, record) == ""
+    dose = pd.DataFrame({"k": [3, 3], "method": ["influence", "attribution"], "delta_nll": [0.5, 0.2],
+                         "delta_nll_ci_low": [0.4, 0.1], "delta_nll_ci_high": [0.6, 0.3], "p_random": [0.03, None],
+                         "winner": [True, False]})
+    info = {"dose": dose, "dose_excluded": dose.assign(delta_nll=[0.1, 0.3], winner=[False, True]),
+            "verdict": full, "verdict_excluded": other, "record": record, "data": tmp_path}
+    lines = "\n".join(report.excluded_section(info))
+    assert lines.startswith("## Without layer 0") and "| k | method | ΔNLL without layer 0 |" in lines
+    assert "| 3 | attribution | 0.3 | \\[0.1, 0.3\\] |  | yes | 0.2 |" in lines  # brackets escaped
+    assert report.excluded_section({**info, "dose_excluded": None}) == []

@@ -361,6 +361,54 @@ def test_random_controls_keep_the_layer_composition():
     assert not np.array_equal(a, pt.random_control(ids, 3, 256, seed=2, index=0))
 
 
+def test_controls_of_a_subset_without_layer_0_have_no_layer_0_neuron():
+    """Stage d --exclude_layers 0 gives subsets without layer-0 neurons; their layer-matched controls then draw
+    none there either (counted by hand per layer)."""
+    ids = np.array([256, 300, 301, 600, 700, 767], np.int64)  # layers 1 and 2 of 3 x 256
+    for index in range(50):
+        c = pt.random_control(ids, 3, 256, seed=5, index=index)
+        assert (c >= 256).all() and [int(((c >= 256 * a) & (c < 256 * (a + 1))).sum()) for a in range(3)] == [0, 3, 3]
+
+
+def test_subsets_without_layers_are_compared_apart(random_loaded, random_ckpt, tmp_path):
+    """Subsets with exclude_layers in their sidecar are left out of comparison.csv and form their own
+    comparison_excluded.csv, method_verdict_excluded.csv and dose_response_excluded.csv (+ plot), their figures
+    those of summary.csv; with --control_subsets best only the main comparison's winner gets controls, never a
+    subset ranked without layers (which would otherwise take the full winner's place when it scores higher)."""
+    import json
+
+    lm = random_loaded
+    d_mlp = lm.model.config.d_mlp
+    full = {"g_influence_k6.npy": ids_of([(0, 1), (0, 5), (0, 9), (1, 2), (2, 3), (2, 8)], d_mlp),
+            "g_activation_count_k6.npy": ids_of([(0, 2), (0, 3), (1, 4), (1, 6), (2, 1), (2, 9)], d_mlp)}
+    without = {"g_influence_x0_k6.npy": ids_of([(1, 2), (1, 3), (1, 7), (2, 3), (2, 8), (2, 11)], d_mlp),
+               "g_activation_count_x0_k6.npy": ids_of([(1, 4), (1, 6), (1, 9), (2, 1), (2, 9), (2, 12)], d_mlp)}
+    d = make_dataset(tmp_path / "ds", lm, {**full, **without})
+    for name in [*full, *without]:
+        info = {"method": name[2:].split("_k")[0].replace("_x0", ""), "model": lm.name, "zero_score_picks": 0}
+        atomic.write_json({**info, **({"exclude_layers": [0]} if "_x0" in name else {})},
+                          d / layout.SUBSETS_DIR / name.replace(".npy", ".json"))
+    out = run_e(random_ckpt, d, write_prompt_csv(tmp_path / "p.csv", samples=1), [*full, *without, "none"],
+                "--random_controls", "3", "--control_subsets", "best")
+    summary = pd.read_csv(out / layout.PERTURBATION_SUMMARY).set_index("subset")
+    main, apart = pd.read_csv(out / layout.COMPARISON), pd.read_csv(out / layout.COMPARISON_EXCLUDED)
+    assert sorted(main["subset"] + ".npy") == sorted(full) and sorted(apart["subset"] + ".npy") == sorted(without)
+    for _, row in apart.iterrows():  # three prompts: no split, every prompt scores
+        assert row["delta_nll"] == pytest.approx(summary.loc[row["subset"] + ".npy", "delta_nll"], rel=1e-5, abs=1e-7)
+    verdict = pd.read_csv(out / layout.METHOD_VERDICT_EXCLUDED)
+    first = max(without, key=lambda n: summary.loc[n, "delta_nll"])
+    assert verdict["winner"].tolist() == [first[2:].split("_x0")[0]]
+    assert summary.loc[max(full, key=lambda n: summary.loc[n, "delta_nll"]), "random_controls"] == 3
+    assert (summary.loc[list(without), "random_controls"] == 0).all()
+    assert (summary.loc[[n for n in full if n != max(full, key=lambda n: summary.loc[n, "delta_nll"])],
+                        "random_controls"] == 0).all()
+    dose = pd.read_csv(out / layout.DOSE_RESPONSE_EXCLUDED)
+    assert sorted(dose["subset"] + ".npy") == sorted(without) and dose["winner"].sum() == 1
+    assert (out / layout.DOSE_RESPONSE_EXCLUDED_PLOT).is_file()
+    assert json.loads((out / layout.COMPARISON_RECORD).read_text())["exclude_layers"] == [0]
+    assert sorted(pd.read_csv(out / layout.DOSE_RESPONSE)["subset"] + ".npy") == sorted(full)
+
+
 # --- mean ablation, reproducibility, bad input ---------------------------------------------------------------
 
 def test_mean_ablation_uses_mean_activation(subject, tmp_path):

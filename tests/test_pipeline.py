@@ -79,8 +79,11 @@ def test_contract_files_agree(pipeline):
     subsets = sorted((data / layout.SUBSETS_DIR).glob("*.npy"))
     methods = {json.loads(p.with_suffix(".json").read_text())["method"] for p in subsets}
     assert methods == set(DEFAULT_METHODS) | {"module"}
-    # degree at 2 thresholds and 2 weights (count, direct_abs); the rest ignore both; the largest module of each
-    assert len(subsets) == 2 * 2 * 2 + 2 * (len(DEFAULT_METHODS) - 1) + 2
+    # degree at 2 thresholds and 2 weights (count, direct_abs); the rest ignore both; the largest module of each;
+    # and, ranked without layer 0 (the default --exclude_layers 0), influence, activation_count and attribution
+    assert len(subsets) == 2 * 2 * 2 + 2 * (len(DEFAULT_METHODS) - 1) + 2 + 2 * 3
+    without = [p for p in subsets if "_x0_" in p.name]
+    assert len(without) == 2 * 3 and all((np.load(p) >= meta["d_mlp"]).all() for p in without)
     assert {json.loads(p.with_suffix(".json").read_text())["weight"] for p in subsets} == {None, "count", "direct_abs"}
     summary = pd.read_csv(data / layout.RESULTS_DIR / layout.PERTURBATION_SUMMARY)
     assert set(summary["subset"]) == {"none"} | {p.name for p in subsets}
@@ -106,7 +109,9 @@ def test_comparison_measured_on_held_out_prompts(pipeline):
     assert ev["held_out"] and ev["eval_prompts"] == 4 and ev["selection_prompts"] == 3
     summary = pd.read_csv(results / layout.PERTURBATION_SUMMARY).set_index("subset")
     comp = pd.read_csv(results / layout.COMPARISON)
-    assert len(comp) == len(summary) - 1 - 2  # every subset but none and the two modules
+    apart = pd.read_csv(results / layout.COMPARISON_EXCLUDED)  # the subsets ranked without layer 0, compared apart
+    assert len(comp) + len(apart) == len(summary) - 1 - 2  # every subset but none and the two modules
+    assert apart["subset"].str.contains("_x0_").all() and not comp["subset"].str.contains("_x0_").any()
     record = json.loads((results / layout.COMPARISON_RECORD).read_text())
     assert not record["nested"] and record["test_prompts"] == list(range(4))  # 4 prompts: too few to split
     for r in comp.to_dict("records"):
@@ -137,7 +142,8 @@ def test_report_and_summary(pipeline):
                    "b_generate_activation_dataset.py", "31 samples from 3 prompts", "## Method comparison",
                    "measured on held-out prompts (heldout.csv, 4 prompts, none shared)"):
         assert needle in report
-    assert report.index("## Verdict") < report.index("## Method comparison") < report.index("## Parameters")
+    assert report.index("## Verdict") < report.index("## Without layer 0") < report.index("## Method comparison")
+    assert report.index("## Method comparison") < report.index("## Parameters") and "With layer 0 excluded" in report
     # the commands to rerun are the scripts each stage ran, not run_pipeline.sh's shell functions
     commands = report[report.index("Commands, in order"):report.index("## Dataset")].splitlines()[3:-2]
     assert [c.split()[1] for c in commands if c.startswith("python ")] == [

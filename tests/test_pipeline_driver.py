@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_corpus_formats import FAKE_PYTHON
 
-from gelutrace import pipeline
+from gelutrace import PipelineError, pipeline
 from gelutrace.files import atomic, layout
 
 from conftest import REPO_ROOT, SHIPPED_NAME, directory_digest, run_python
@@ -73,7 +73,9 @@ def test_a_bad_sweep_flag_is_one_line_before_any_stage(tmp_path, flags, words):
     (["--temperature", "-1"], "--temperature"), (["--seed", "x"], "--seed"), (["--eval_tokens", "0"], "--eval_tokens"),
     (["--weights", "direct_abs count", "--direct_edges", "0"], "--direct_edges 1"),
     (["--methods", "influence", "--direct_edges", "0"], "--direct_edges 1"),
-    (["--methods", "degree ablation", "--effects", "0"], "--effects 1")])
+    (["--methods", "degree ablation", "--effects", "0"], "--effects 1"),
+    (["--exclude_layers", "x"], "--exclude_layers"), (["--exclude_layers", "-1"], "--exclude_layers"),
+    (["--exclude_layers", "0 0"], "twice")])
 def test_every_flag_and_combination_is_checked(tmp_path, capsys, monkeypatch, flags, words):
     """The driver's check of the resolved flags (in this process; the driver runs it before any stage: below)."""
     from gelutrace.cli import run_main
@@ -418,8 +420,9 @@ def complete(argv):
 def test_the_stage_table_gives_the_shell_drivers_commands_and_stamps(tmp_path, capsys, mode):
     """The demo's runs planned by the driver, with stand-in stages: the same STAGE.run and STAGE.cmd files as the
     shell driver's, byte for byte (tests/data/pipeline_runs, but for stage d: in prompt mode it now also hands
-    the sweep the prompt CSV, INPUT_CSV, whose halves it records, and the default methods now include the
-    graph-free baselines direct_loss and magnitude); and a directory with these stamps is up to date."""
+    the sweep the prompt CSV, INPUT_CSV, whose halves it records; in both modes the default methods now include
+    the graph-free baselines direct_loss and magnitude, and it also ranks without layer 0, EXCLUDE_LAYERS, so that
+    stage e also measures those subsets, ..._x0_k{k}.npy); and a directory with these stamps is up to date."""
     flags, name = DEMO[mode]
     data = tmp_path / name
     assert pipeline.settings([*flags, M, CSV]).data == f"{REPO_ROOT}/parcellation_datasets/{name}"  # the demo's
@@ -452,7 +455,8 @@ RERUNS = [([], []), (["--random_controls", "5"], STAGES[8:]), (["--control_subse
           (["--eval_tokens", "100"], STAGES[8:]), (["--module_controls", "3"], STAGES[8:]),
           ("evaluation CSV", STAGES[8:]), (["--thresholds", "0.3"], STAGES[7:]), (["--ks", "3 5"], STAGES[7:]),
           (["--methods", "degree random"], STAGES[7:]), (["--modules_top", "2"], STAGES[7:]),
-          (["--weights", "count"], STAGES[7:]), (["--fidelity_tokens", "100"], STAGES[4:]),
+          (["--weights", "count"], STAGES[7:]), (["--exclude_layers", "none"], STAGES[7:]),
+          (["--exclude_layers", "0 5"], STAGES[7:]), (["--fidelity_tokens", "100"], STAGES[4:]),
           (["--seed", "7"], STAGES[1:]), (["--temperature", "0.5"], STAGES[1:]), (["--device", "cpu"], STAGES[1:]),
           ("prompt CSV", STAGES[1:]), (["--force"], STAGES)]
 
@@ -479,6 +483,26 @@ def test_a_change_reruns_the_stages_that_depend_on_it_and_every_later_one(tmp_pa
         assert stages.ran[-1][2] == "gelutrace.report"  # the report every time
         if edited:
             edited.write_text(edited.read_text().replace(", ", ",", 1))
+
+
+def test_the_demo_ranks_without_layer_0_and_a_layer_the_model_lacks_is_refused_before_any_stage(tmp_path, capsys):
+    """The demo's stage d: the sweep is handed --exclude_layers 0 (and nothing of it with none); a layer the model
+    does not have (tinybard: 0..5), or every layer, is one error before any stage, nothing created."""
+    data = tmp_path / "run"
+    stages = Stages(data)
+    pipeline.run([M, CSV, str(data)], stages)
+    sweep = next(w for w in stages.ran if "./d_batch_perturbation_calculate.sh" in w)
+    assert "EXCLUDE_LAYERS=0" in sweep
+    planned = next(s for s in pipeline.stages(pipeline.settings([M, CSV, str(data)])) if s.name == "d")
+    assert planned.commands[0].argv[planned.commands[0].argv.index("--exclude_layers") + 1] == "0"
+    off = next(s for s in pipeline.stages(pipeline.settings(["--exclude_layers", "none", M, CSV, str(data)]))
+               if s.name == "d")
+    assert "--exclude_layers" not in off.commands[0].argv and not any("EXCLUDE" in w for w in off.commands[0].words)
+    for layers in ("6", "0 1 2 3 4 5"):
+        stages = Stages(tmp_path / layers.replace(" ", ""))
+        with pytest.raises(PipelineError, match="--exclude_layers .*layers 0..5"):
+            pipeline.run(["--exclude_layers", layers, M, CSV, str(stages.data)], stages)
+        assert not stages.ran and not stages.data.exists()
 
 
 def test_the_stamps_quote_as_bash_printf_q():

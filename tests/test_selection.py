@@ -190,3 +190,38 @@ def test_ties_are_broken_at_random_in_proportion_to_the_tied_pool(tmp_path):
     # nested: one seed, growing k, prefixes of one ranking
     small, large = (sel.select(store, 0.0, r, "degree", seed=3).ids for r in (0.2, 0.5))
     assert large[:len(small)].tolist() == small.tolist()
+
+
+@pytest.mark.parametrize("excluded", [[0], [0, 2], [2]])
+def test_exclude_layers_is_a_numpy_top_k_over_the_other_layers(scored, excluded):
+    """Attribution (rounded: many ties) ranked without some layers: never a pick there, and the picks are numpy's
+    top k over the other neurons, ties in the seeded order of all neurons; random draws there too."""
+    d, attr, effects = scored
+    g = gs.read_graph(d / "store")
+    n = N_LAYER * D_MLP
+    rest = np.flatnonzero(~np.isin(np.arange(n) // D_MLP, excluded))
+    for seed in (0, 1337):
+        subs = sel.select_sizes(g, None, [3, 8], "attribution", seed, exclude_layers=excluded)
+        order = rest[np.lexsort((sel.tie_order(n, seed)[rest], -attr[rest]))]
+        for sub, k in zip(subs, (3, 8)):
+            assert sub.ids.tolist() == order[:k].tolist() and sub.info["exclude_layers"] == sorted(excluded)
+            tied = attr[order[k - 1]]
+            assert sub.info["tie_pool"] == int((attr[rest] == tied).sum())  # the pool counts the other layers only
+        assert np.isnan(subs[0].every[np.isin(np.arange(n) // D_MLP, excluded)]).all()
+        rnd = sel.select_sizes(g, None, [8], "random", seed, exclude_layers=excluded)[0].ids
+        assert len(set(rnd.tolist())) == 8 and not np.isin(rnd // D_MLP, excluded).any()
+    # the ratio is of all neurons: the same k as without the flag
+    assert sel.select(g, None, 0.2, "attribution", exclude_layers=excluded).k == sel.select(g, None, 0.2, "attribution").k
+    measured = np.array(sorted(effects))
+    left = int((~np.isin(measured // D_MLP, excluded)).sum())
+    with pytest.raises(PipelineError, match="layers not excluded"):
+        sel.select_sizes(g, None, [left + 1], "ablation", exclude_layers=excluded)
+
+
+def test_exclude_layers_bad_values(scored):
+    g = gs.read_graph(scored[0] / "store")
+    for layers, words in (([3], "layers 0..2"), ([-1], "layers 0..2"), ([0, 1, 2], "every layer")):
+        with pytest.raises(PipelineError, match=words):
+            sel.select_sizes(g, None, [2], "activation_count", exclude_layers=layers)
+    with pytest.raises(PipelineError, match="not excluded"):
+        sel.select_sizes(g, None, [21], "activation_count", exclude_layers=[0])

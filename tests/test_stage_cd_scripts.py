@@ -342,3 +342,99 @@ def test_match_layers_refuses_another_k(pipeline, tmp_path):
     p = attempt(D, "--input_graph_path", graph, "--method", "degree", "--k", "2.5", "--output_dir", str(tmp_path / "o"))
     err = p.stderr
     assert p.returncode == 2 and err.strip().count("\n") == 0 and err.startswith("error:")  # argparse: one line
+
+
+def test_exclude_layers_ranks_the_other_layers_alone(pipeline, tmp_path):
+    """--exclude_layers 0: the picks are the brute-force degree ranking (ties in the seed's order over all neurons)
+    restricted to layers 1 and 2, at the same k; the names, sidecar and scores file say so; the names without the
+    flag stay as they were."""
+    from gelutrace.selection import methods as sel
+
+    from graphdata import brute_force_graph, full_edges
+
+    d = pipeline
+    graph = str(d / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    out = tmp_path / "x"
+    for method, thr in (("degree", ["--threshold", "0.5"]), ("activation_count", []), ("random", [])):
+        run(D, "--input_graph_path", graph, *thr, "--k", "2", "6", "15", "--method", method, "--output_dir", str(out))
+        run(D, "--input_graph_path", graph, *thr, "--k", "2", "6", "15", "--method", method, "--output_dir", str(out),
+            "--exclude_layers", "0")
+    active, _ = formats.read_activation_matrix(layout.path(d, layout.MATRIX, "toy"))
+    ref = brute_force_graph(active, full_edges(3, 10))
+    mx = max(c for *_, c in ref.edges(data="co_activation_count"))
+    deg = np.zeros(30, np.int64)
+    for u, v, c in ref.edges(data="co_activation_count"):
+        if c / mx > 0.5:
+            deg[u] += 1
+            deg[v] += 1
+    rest = np.arange(10, 30)  # layers 1 and 2
+    order = rest[np.lexsort((sel.tie_order(30, 1337)[rest], -deg[rest]))]
+    for k in (2, 6, 15):
+        assert np.load(out / f"toy_degree_t0.5_x0_k{k}.npy").tolist() == order[:k].tolist()
+        assert np.load(out / f"toy_degree_t0.5_k{k}.npy").tolist() == np.lexsort((sel.tie_order(30, 1337), -deg))[:k].tolist()
+        for method in ("activation_count", "random"):
+            picks = np.load(out / f"toy_{method}_x0_k{k}.npy")
+            assert len(picks) == k and (picks >= 10).all() and len(set(picks.tolist())) == k
+    count = active.sum(0)
+    ac = rest[np.lexsort((sel.tie_order(30, 1337)[rest], -count[rest]))]
+    assert np.load(out / "toy_activation_count_x0_k15.npy").tolist() == ac[:15].tolist()
+    side = json.loads((out / "toy_degree_t0.5_x0_k6.json").read_text())
+    assert side["exclude_layers"] == [0] and side["k"] == 6 and side["per_layer_counts"].keys() <= {"1", "2"}
+    assert "exclude_layers" not in json.loads((out / "toy_degree_t0.5_k6.json").read_text())
+    assert side["score_file"] == "scores/toy_degree_t0.5_x0.npy"
+    scores = np.load(out / side["score_file"])
+    assert np.isnan(scores[:10]).all() and scores[10:].tolist() == deg[10:].astype(float).tolist()
+    assert sorted(p.name for p in out.glob("*_k6.npy")) == [
+        "toy_activation_count_k6.npy", "toy_activation_count_x0_k6.npy", "toy_degree_t0.5_k6.npy",
+        "toy_degree_t0.5_x0_k6.npy", "toy_random_k6.npy", "toy_random_x0_k6.npy"]
+
+
+def test_exclude_layers_halves_leave_out_the_same_layers(pipeline):
+    """The halves' selections (the sidecar's halves) rank without the excluded layers too: on two halves that
+    are the whole graph, each is the numpy top k over layers 1 and 2."""
+    from gelutrace.graph import store as gs
+    from gelutrace.selection import methods as sel
+    from gelutrace.selection import stability
+
+    g = gs.read_graph(pipeline / "toy_weighted_graph")
+    halves = stability.Halves([stability.Half(g), stability.Half(g)], "the whole graph twice")
+    recs = stability.half_selections(halves, "activation_count", None, "count", [4, 9], 1337, exclude_layers=[0])
+    count = formats.read_activation_matrix(layout.path(pipeline, layout.MATRIX, "toy"))[0].sum(0)
+    rest = np.arange(10, 30)
+    order = rest[np.lexsort((sel.tie_order(30, 1337)[rest], -count[rest]))]
+    for rec, k in zip(recs, (4, 9)):
+        assert rec["half_a"] == rec["half_b"] == order[:k].tolist()
+
+
+def test_exclude_layers_bad_values_one_error_line(pipeline, tmp_path):
+    graph = str(pipeline / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    out = ["--output_dir", str(tmp_path / "o")]
+    for args in (["--exclude_layers", "3"], ["--exclude_layers", "-1"], ["--exclude_layers", "0", "1", "2"],
+                 ["--exclude_layers", "0", "0"], ["--exclude_layers", "0", "--k", "21"],
+                 ["--exclude_layers", "x"]):
+        size = [] if "--k" in args else ["--k", "3"]
+        for method in ("activation_count", "random"):
+            p = attempt(D, "--input_graph_path", graph, "--method", method, *size, *args, *out)
+            err = p.stderr
+            assert p.returncode == 2 and err.count("\n") == 1 and err.startswith("error:"), (args, err)
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").rglob("*.npy"))
+    # the sweep: a layer the graph lacks is one line before any subset
+    p = attempt(BATCH, "--ks", "3", "--methods", "activation_count", "--exclude_layers", "7", graph, str(tmp_path / "s"))
+    err = p.stderr
+    assert p.returncode == 2 and err.count("\n") == 1 and "--exclude_layers 7" in err
+    assert not list(tmp_path.rglob("*.npy"))
+
+
+def test_the_sweep_adds_the_excluded_variants_of_the_fixed_methods(pipeline, tmp_path):
+    """--exclude_layers: besides the grid, influence, activation_count, attribution and ablation (of --methods)
+    ranked without the layers, each as stage d writes it with the flag."""
+    graph = str(pipeline / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
+    run(BATCH, "--thresholds", "0.5", "--ks", "3 6", "--methods", "degree activation_count random", "--exclude_layers",
+        "0", graph, str(tmp_path / "s"))
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.npy")) == sorted(
+        [f"toy_{v}_k{k}.npy" for v in ("degree_t0.5", "activation_count", "random", "activation_count_x0")
+         for k in (3, 6)])
+    run(D, "--input_graph_path", graph, "--k", "3", "6", "--method", "activation_count", "--exclude_layers", "0",
+        "--output_dir", str(tmp_path / "d"))
+    for name in ("toy_activation_count_x0_k6.npy", "toy_activation_count_x0_k6.json", "scores/toy_activation_count_x0.npy"):
+        assert (tmp_path / "s" / name).read_bytes() == (tmp_path / "d" / name).read_bytes(), name

@@ -6,6 +6,9 @@ Stage e: ablate GELU neurons during generation and measure what it does.
 - Each subset is ablated with gelutrace.model.hooks and measured with gelutrace.evaluate.metrics against the
   unperturbed baseline, on the evaluation prompts and (gelutrace.evaluate.realtext) on held-out text; the
   comparison's statistics are gelutrace.evaluate.statistics'.
+- Subsets stage d ranked with layers excluded (d --exclude_layers) form a comparison of their own, the same
+  tables over them alone (comparison_excluded.csv, ...): in the main one they would compete with their own full
+  versions.
 """
 
 import hashlib
@@ -71,6 +74,17 @@ class Subset:
         return NONE if self.name == NONE else Path(self.name).stem
 
 
+def excluded_layers(info: dict) -> list[int]:
+    """The layers stage d left out of a subset's ranking, from its sidecar `info` ([]: none)."""
+    return info.get("exclude_layers") or []
+
+
+def by_exclusion(entries: list) -> tuple[list, list]:
+    """Comparison entries (or anything with a sidecar `info`): those of the main comparison, and those ranked with
+    layers excluded, compared apart."""
+    return ([e for e in entries if not excluded_layers(e.info)], [e for e in entries if excluded_layers(e.info)])
+
+
 def load_subset(p: Path, n_neurons: int) -> np.ndarray:
     """The sorted unique neuron ids of a subset `.npy`: a 1-D integer array of ids in [0, n_neurons)."""
     return np.unique(formats.read_subset(p, n_neurons))
@@ -89,7 +103,7 @@ def read_sidecar(npy: Path, model: str) -> dict:
         raise PipelineError(f"{side}: expected a JSON object")
     kinds = {"method": str, "weight": str, "threshold": (int, float), "ratio": (int, float), "seed": int,
              "tied_picks": int, "tie_pool": int, "zero_score_picks": int, "module": int, "score_file": str,
-             "score_sha256": str, "halves": dict}
+             "score_sha256": str, "halves": dict, "exclude_layers": list}
     for key, kind in kinds.items():
         v = info.get(key)
         if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
@@ -413,11 +427,12 @@ def text_entries(res, subsets: list[Subset]) -> list:
 
 
 def control_plan(subsets: list[Subset], settings: EvalSettings, entries: list, split: stats.Split) -> list[int]:
-    """Which subsets get random controls: every one, or ("best") each k's winner on the validation part; a module
-    always (its test is against its controls)."""
+    """Which subsets get random controls: every one, or ("best") each k's winner on the validation part of the
+    main comparison; a module always (its test is against its controls). With "best" the comparison without some
+    layers gets none: it asks whether the winner is the same, and its controls would cost as much again."""
     chosen = [i for i, sub in enumerate(subsets) if len(sub.ids)]
     if settings.control_subsets == "best":
-        stems = stats.validation_winners(entries, split)
+        stems = stats.validation_winners(by_exclusion(entries)[0], split)
         chosen = [i for i in chosen if subsets[i].stem in stems or subsets[i].is_module]
     return chosen
 
@@ -494,6 +509,7 @@ def mean_check_subsets(results: Results, subsets: list[Subset], top: int) -> lis
     there, the random reference left out), as fresh subsets without controls: what the mean-ablation check
     measures again. Chosen on the validation part only, so that the test part judges both ablations."""
     entries, split = results.primary
+    entries = by_exclusion(entries)[0]  # the main comparison's
     ranked = {}
     for (k, method), e in stats.best_variants(entries, split.validation).items():
         if method != stats.REFERENCE:
@@ -527,6 +543,7 @@ def mean_check(model, results: Results, subsets: list[Subset], mean_values: np.n
     chosen = mean_check_subsets(results, subsets, top)
     res = measure_text(model, results.text.text, chosen, mean_values, settings, progress)
     entries, split = results.primary
+    entries = by_exclusion(entries)[0]
     first = stats.validation_winners([e for e in entries if e.stem in {s.stem for s in chosen}], split)
     for sub in chosen:
         n = settings.random_controls if sub.stem in first else 0
@@ -642,32 +659,44 @@ RESULT_SET = (layout.PERTURBATION_SUMMARY, layout.EVALUATION, layout.PERTURBATIO
               layout.METHOD_OVERLAP, layout.METHOD_AGREEMENT, layout.COMPARISON_RECORD, layout.COMPARISON_PLOT,
               layout.CONTINUATION_COMPARISON, layout.CONTINUATION_VERDICT, layout.TEXT_BREAKDOWN, layout.DOSE_RESPONSE,
               layout.DOSE_RESPONSE_PLOT, layout.MODULE_EFFECTS, layout.MODULE_TOKENS,
-              layout.MODULE_CONTEXTS, layout.MEAN_COMPARISON, layout.MEAN_VERDICT, layout.MEAN_DOSE_RESPONSE,
-              layout.MEAN_DOSE_RESPONSE_PLOT, layout.MEAN_CHECK)  # the files of stage e's output set; one a run does not write is removed
+              layout.MODULE_CONTEXTS, layout.COMPARISON_EXCLUDED, layout.METHOD_VERDICT_EXCLUDED,
+              layout.DOSE_RESPONSE_EXCLUDED, layout.DOSE_RESPONSE_EXCLUDED_PLOT, layout.MEAN_COMPARISON,
+              layout.MEAN_VERDICT, layout.MEAN_DOSE_RESPONSE, layout.MEAN_DOSE_RESPONSE_PLOT,
+              layout.MEAN_CHECK)  # the files of stage e's output set; one a run does not write is removed
 
 
 def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[Subset], n_neurons: int,
                      prompts=None, control_subsets: str = "all") -> dict:
-    """The method comparison files into `out` (when some subsets were made by a selection method); returns its
-    tables."""
+    """The method comparison files into `out` (when some subsets were made by a selection method), and those of the
+    subsets ranked with layers excluded, compared apart; returns their tables."""
     out = Path(out)
-    entries, split = results.primary
-    if not entries:
+    every, split = results.primary
+    if not every:
         return {}
+    entries, excluded = by_exclusion(every)
     seed = results.seed
-    table = stats.comparison_table(entries, split, seed)
-    verdict = stats.verdict_table(entries, split, seed, table=table)
-    tables = {layout.COMPARISON: table, layout.METHOD_VERDICT: verdict, layout.METHOD_OVERLAP: stats.overlap_table(entries, split),
-              layout.DOSE_RESPONSE: stats.dose_response_table(table, verdict)}
-    if results.text is not None and results.entries:
-        cont = stats.comparison_table(results.entries, results.split, seed)
+    tables = {}
+    if entries:
+        table = stats.comparison_table(entries, split, seed)
+        verdict = stats.verdict_table(entries, split, seed, table=table)
+        tables = {layout.COMPARISON: table, layout.METHOD_VERDICT: verdict,
+                  layout.METHOD_OVERLAP: stats.overlap_table(entries, split),
+                  layout.DOSE_RESPONSE: stats.dose_response_table(table, verdict)}
+    if excluded:
+        table = stats.comparison_table(excluded, split, seed)
+        verdict = stats.verdict_table(excluded, split, seed, table=table)
+        tables.update({layout.COMPARISON_EXCLUDED: table, layout.METHOD_VERDICT_EXCLUDED: verdict,
+                       layout.DOSE_RESPONSE_EXCLUDED: stats.dose_response_table(table, verdict)})
+    continuation = by_exclusion(results.entries)[0]
+    if results.text is not None and continuation:
+        cont = stats.comparison_table(continuation, results.split, seed)
         tables[layout.CONTINUATION_COMPARISON] = cont
-        tables[layout.CONTINUATION_VERDICT] = stats.verdict_table(results.entries, results.split, seed, table=cont)
+        tables[layout.CONTINUATION_VERDICT] = stats.verdict_table(continuation, results.split, seed, table=cont)
     effects_file = layout.path(dataset_path, layout.NEURON_EFFECTS, m)
-    if effects_file.is_file():
+    if effects_file.is_file() and entries:
         effects = formats.read_neuron_column(effects_file, "delta_nll", n_neurons, "d_calculate_neuron_effects.py",
                                         missing_ok=True)
-        scores = stats.recorded_scores(results.entries, Path(dataset_path) / layout.SUBSETS_DIR)
+        scores = stats.recorded_scores(entries, Path(dataset_path) / layout.SUBSETS_DIR)
         tables[layout.METHOD_AGREEMENT] = stats.agreement_table(entries, effects, scores)
     for name, df in tables.items():
         atomic.write_csv(df, out / name)
@@ -682,7 +711,9 @@ def write_comparison(dataset_path, out, m: str, results: Results, subsets: list[
                    "subsets_with_controls": sorted(s.stem for s in subsets if s.controls and s.compared),
                    "smallest_p_random": 1 / (n_controls + 1) if n_controls else None,
                    "controls_enough_for_claims": n_controls >= stats.MIN_CONTROLS,
-                   "selection_halves": results.halves}, out / layout.COMPARISON_RECORD, indent=2)
+                   "selection_halves": results.halves,
+                   "exclude_layers": excluded_layers(excluded[0].info) if excluded else None},
+                  out / layout.COMPARISON_RECORD, indent=2)
     return tables
 
 
@@ -731,6 +762,10 @@ def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
     atomic.check_output_dir(Path(r.dataset_path) / layout.RESULTS_DIR / layout.PER_SAMPLE_DIR, "--dataset_path")
     atomic.lock_directory(r.dataset_path, "stage e")
     subsets = resolve_subsets(r.dataset_path, r.subset_names, n_neurons, lm.name)
+    layer_sets = {tuple(sorted(excluded_layers(sub.info))) for sub in subsets if sub.compared} - {()}
+    if len(layer_sets) > 1:
+        raise PipelineError(f"the subsets leave out different layers ({'; '.join(map(str, sorted(layer_sets)))}): "
+                            f"one comparison without layers at a time")
     if old := unrecorded(subsets):
         print(f"warning: {len(old)} subset(s) ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}) come from an "
               f"older stage d, whose sidecars record neither the scores nor the halves: their Spearman "
@@ -767,8 +802,8 @@ def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
               f"effect-weighted controls (run d_calculate_neuron_effects.py, or stage b with attribution)",
               file=sys.stderr)
     compared = [sub for sub in ablated if not sub.is_module]
-    with_controls = (len({len(sub.ids) for sub in compared if sub.compared}) if s.control_subsets == "best"
-                     else len(compared))  # at most
+    with_controls = (len({len(sub.ids) for sub in compared if sub.compared and not excluded_layers(sub.info)})
+                     if s.control_subsets == "best" else len(compared))  # at most
     conditions = (len(ablated) + s.random_controls * with_controls
                   + s.per_module * len(modules) * (2 if weights is not None else 1))
     n_k = len({len(sub.ids) for sub in compared if sub.compared})
@@ -813,13 +848,20 @@ def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
         if tables:
             on = f"{text.scored:,} tokens of held-out text" if text is not None else where
             written.append(staged.dir / layout.COMPARISON_RECORD)
-            plot_method_comparison(tables[layout.COMPARISON], staged.dir / layout.COMPARISON_PLOT,
-                                   title=f"{lm.name}: neurons chosen by each method, {s.ablation}-ablated, on {on}")
             ylabel = ("Δ NLL of the real next token (nats/token), 95 % CI over " + text.units if text is not None
                       else "Δ NLL of the baseline's tokens (nats/token), 95 % CI over prompts")
+        if layout.COMPARISON in tables:
+            plot_method_comparison(tables[layout.COMPARISON], staged.dir / layout.COMPARISON_PLOT,
+                                   title=f"{lm.name}: neurons chosen by each method, {s.ablation}-ablated, on {on}")
             plot_dose_response(tables[layout.DOSE_RESPONSE], staged.dir / layout.DOSE_RESPONSE_PLOT, ylabel=ylabel,
                                title=f"{lm.name}: dose-response, {s.ablation}-ablating each method's top k, on {on}")
             written += [staged.dir / layout.COMPARISON_PLOT, staged.dir / layout.DOSE_RESPONSE_PLOT]
+        if layout.DOSE_RESPONSE_EXCLUDED in tables:
+            layers = " ".join(map(str, excluded_layers(by_exclusion(results.primary[0])[1][0].info)))
+            plot_dose_response(tables[layout.DOSE_RESPONSE_EXCLUDED], staged.dir / layout.DOSE_RESPONSE_EXCLUDED_PLOT,
+                               ylabel=ylabel, title=f"{lm.name}: dose-response without layer(s) {layers}, "
+                                                    f"{s.ablation}-ablating each method's top k, on {on}")
+            written.append(staged.dir / layout.DOSE_RESPONSE_EXCLUDED_PLOT)
         if check is not None:
             for name, df in check.tables.items():
                 atomic.write_csv(df, staged.dir / name)

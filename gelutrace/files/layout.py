@@ -93,6 +93,7 @@ SUBSET_FILE = "{m}_{method}_t{threshold}_{size}.npy"
 SUBSET_FILE_NO_GRAPH = "{m}_{method}_{size}.npy"  # methods that ignore the threshold
 SUBSET_FILE_WEIGHTED = "{m}_{method}_{weight}_t{threshold}_{size}.npy"  # the same for --weight other than count
 SUBSET_FILE_MODULE = "{m}_module{module}_{weight}.npy"  # d --modules: one module of c_find_modules
+EXCLUDED_PART = "x{layers}_"  # d --exclude_layers: before {size}, the excluded layers joined by "_" (..._x0_k42.npy)
 SUBSET_SIDECAR = "{stem}.json"  # beside each subset .npy: parameters, k, per-layer counts, scores
 SCORES_DIR = "scores"  # beside the subsets: every neuron's score under each method variant (stage d)
 SUBSET_SCORES = "{variant}.npy"  # {variant}: the variant's subsets' name without its size
@@ -115,6 +116,12 @@ CONTINUATION_VERDICT = "continuation_verdict.csv"
 TEXT_BREAKDOWN = "text_breakdown.csv"  # real-text delta_nll by position in the window and by next token
 DOSE_RESPONSE = "dose_response.csv"  # per k and method: its best variant's effect, CI and the winner's null band
 DOSE_RESPONSE_PLOT = "dose_response.png"
+# the subsets stage d ranked with layers excluded (d --exclude_layers): the same tables over them alone, apart from
+# the main comparison's, where they would compete with their own full versions
+COMPARISON_EXCLUDED = "comparison_excluded.csv"
+METHOD_VERDICT_EXCLUDED = "method_verdict_excluded.csv"
+DOSE_RESPONSE_EXCLUDED = "dose_response_excluded.csv"
+DOSE_RESPONSE_EXCLUDED_PLOT = "dose_response_excluded.png"
 # module subsets (d --modules): their effect against both nulls; with --eval_text the next tokens whose loss rises
 # most, and where the module fires
 MODULE_EFFECTS = "module_effects.csv"
@@ -201,23 +208,26 @@ def weighted_name(name: str, weight: str) -> str:
 
 
 def subset_name(m: str, method: str, threshold: float | None, ratio: float | None, weight: str | None,
-                k: int | None = None) -> str:
+                k: int | None = None, exclude_layers=()) -> str:
     """
     A stage-d subset's file name; `weight` is None for methods that do not use the graph's edge weights, and
     `threshold` None for those that use no graph at all. A subset given by its size k (ratio None) ends in
-    _k{k} instead of _r{ratio}.
+    _k{k} instead of _r{ratio}; one ranked with layers excluded has EXCLUDED_PART before that.
     """
     size = f"r{float(ratio)!r}" if ratio is not None else f"k{int(k)}"
+    if exclude_layers:
+        size = EXCLUDED_PART.format(layers="_".join(str(int(a)) for a in sorted(exclude_layers))) + size
     if threshold is None:
         return SUBSET_FILE_NO_GRAPH.format(m=m, method=method, size=size)
     template = SUBSET_FILE if weight in (None, DEFAULT_WEIGHT) else SUBSET_FILE_WEIGHTED
     return template.format(m=m, method=method, weight=weight, threshold=repr(float(threshold)), size=size)
 
 
-def scores_name(m: str, method: str, threshold: float | None, weight: str | None) -> str:
+def scores_name(m: str, method: str, threshold: float | None, weight: str | None, exclude_layers=()) -> str:
     """The file (under SCORES_DIR) of every neuron's score under one method variant, which its subsets at every
     size share: their name (subset_name) without the size."""
-    return SUBSET_SCORES.format(variant=subset_name(m, method, threshold, None, weight, 1)[:-len("_k1.npy")])
+    return SUBSET_SCORES.format(variant=subset_name(m, method, threshold, None, weight, 1,
+                                                    exclude_layers)[:-len("_k1.npy")])
 
 
 def model_prefix(directory, suffix_template: str = MATRIX) -> str:

@@ -12,7 +12,7 @@ def main(argv=None):
     ap.add_argument("dataset_dir", help="the run's dataset directory")
     for flag in ("model_type", "input_csv", "input_text", "eval_csv", "eval_text", "eval_tokens", "thresholds", "weights",
                  "ks", "ratios", "methods", "random_controls", "control_subsets", "modules_top", "module_controls",
-                 "temperature", "seed", "effect_tokens",
+                 "temperature", "seed", "effect_tokens", "exclude_layers",
                  "device"):
         ap.add_argument(f"--{flag}", help="recorded in the report's parameter table")
     args = ap.parse_args(argv)

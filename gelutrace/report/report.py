@@ -77,7 +77,8 @@ def collect(data: Path) -> dict:
               "continuation_verdict": layout.CONTINUATION_VERDICT, "dose": layout.DOSE_RESPONSE,
               "breakdown": layout.TEXT_BREAKDOWN, "module_effects": layout.MODULE_EFFECTS, "module_tokens": layout.MODULE_TOKENS,
               "module_contexts": layout.MODULE_CONTEXTS, "mean_check": layout.MEAN_CHECK,
-              "mean_dose": layout.MEAN_DOSE_RESPONSE}
+              "mean_dose": layout.MEAN_DOSE_RESPONSE, "verdict_excluded": layout.METHOD_VERDICT_EXCLUDED,
+              "dose_excluded": layout.DOSE_RESPONSE_EXCLUDED}
     atomic.verify_output_set(results / layout.RESULTS_MANIFEST, [p for p in (summary, *(results / n for n in (
         layout.EVALUATION, layout.COMPARISON_RECORD, *tables.values()))) if p.is_file()], "stage e")
     out["effects"] = pd.read_csv(summary) if summary.is_file() else None
@@ -252,6 +253,7 @@ def verdict_section(info: dict, n_neurons: int, params: dict | None = None) -> l
     other = info.get("continuation_verdict")
     if other is not None:
         lines += [verdict.winner_disagreement(v, other, markdown.escape), ""]
+    lines += [same, ""] if (same := excluded_winner_sentence(v, info.get("verdict_excluded"), info["record"])) else []
     c = info["comparison"]
     if c is not None and len(c):
         filler = c[c["filler"].astype(bool)] if "filler" in c.columns else c.iloc[:0]
@@ -301,6 +303,85 @@ def budget_lines(info: dict) -> list[str]:
     return [s, ""]
 
 
+def layer_words(layers: list) -> str:
+    """'layer 0', 'layers 0 and 1', 'layers 0, 1 and 2'."""
+    names = [str(a) for a in layers] or ["?"]
+    return f"layer {names[0]}" if len(names) == 1 else f"layers {', '.join(names[:-1])} and {names[-1]}"
+
+
+def excluded_winner_sentence(full: pd.DataFrame | None, excluded: pd.DataFrame | None, record: dict | None,
+                             name=markdown.escape) -> str:
+    """
+    Whether each k's winner is the same when stage d ranks without some layers (its --exclude_layers): the
+    excluded comparison's winner against the full comparison's first among the same methods (its `ranking`); ''
+    without an excluded comparison.
+    """
+    if full is None or excluded is None or not len(full) or not len(excluded):
+        return ""
+    what = layer_words((record or {}).get("exclude_layers") or [])
+    ranked = dict(zip(full["k"], full["ranking"].astype(str).str.split(" > ")))
+    both, compared, differ, absent = set(), 0, [], []
+    for k, ranking in sorted(zip(excluded["k"], excluded["ranking"].astype(str))):
+        methods = ranking.split(" > ")
+        first = next((m for m in ranked.get(k, []) if m in methods), None)
+        if first is None:
+            continue
+        both.update(methods)
+        compared += 1
+        if first != methods[0]:
+            differ.append(f"k = {k}: {name(methods[0])} instead of {name(first)}")
+        if ranked[k][0] not in methods:
+            absent.append(f"{name(ranked[k][0])} at k = {k}")
+    if not compared:
+        return ""
+    s = f"With {what} excluded (among the methods ranked both ways: {', '.join(name(m) for m in sorted(both))}), "
+    s += "the winner differs at " + "; ".join(differ) + "." if differ else "the winner is the same at every k."
+    if absent:
+        s += f" The full comparison's own winner was not ranked without {what}: {', '.join(absent)}."
+    return s
+
+
+def excluded_section(info: dict) -> list[str]:
+    """The dose-response of the subsets stage d ranked without some layers (--exclude_layers) beside the full
+    one: the two plots and a table of each method's best variant at each k both ways."""
+    full, dx = info.get("dose"), info.get("dose_excluded")
+    if dx is None or not len(dx):
+        return []
+    what = layer_words((info["record"] or {}).get("exclude_layers") or [])
+    results = info["data"] / layout.RESULTS_DIR
+    lines = [f"## Without {what}", "",
+             f"The methods ranked again with the neurons of {what} left out (stage d `--exclude_layers`: each neuron "
+             f"keeps its score, k counts neurons of the other layers), compared among themselves on the same "
+             f"{'text' if (info['record'] or {}).get('metric') == 'real_text' else 'prompts'}, with random controls "
+             f"drawn from the same layers as each subset (so none from {what}); all of it in "
+             f"`{layout.RESULTS_DIR}/{layout.COMPARISON_EXCLUDED}`.", ""]
+    plots = [(t, f"{layout.RESULTS_DIR}/{f}") for t, f in (("all layers", layout.DOSE_RESPONSE_PLOT),
+                                                          (f"without {what}", layout.DOSE_RESPONSE_EXCLUDED_PLOT))
+             if (results / f).is_file()]
+    if plots:
+        lines += ["| " + " | ".join(t for t, _ in plots) + " |", "|" + "---|" * len(plots),
+                  "| " + " | ".join(f"![dose-response, {t}]({markdown.url(p)})" for t, p in plots) + " |", ""]
+    sentence = excluded_winner_sentence(info.get("verdict"), info.get("verdict_excluded"), info["record"])
+    lines += [sentence, ""] if sentence else []
+
+    def ci(d):
+        return [f"[{lo:.3g}, {hi:.3g}]" for lo, hi in zip(d["delta_nll_ci_low"], d["delta_nll_ci_high"])]
+
+    def columns(d, where):
+        return pd.DataFrame({"k": d["k"], "method": d["method"], f"ΔNLL {where}": d["delta_nll"],
+                             f"CI {where}": ci(d), f"p_random {where}": d["p_random"],
+                             f"first {where}": np.where(d["winner"].astype(bool), "yes", "")})
+
+    table = columns(dx, f"without {what}")
+    if full is not None and len(full):
+        table = table.merge(columns(full, "all layers"), on=["k", "method"], how="left")
+        table[["CI all layers", "first all layers"]] = table[["CI all layers", "first all layers"]].fillna("")
+    lines += ["Each method's best variant at each k, both ways (`first`: ranked first at that k; `p_random`: "
+              "empirical, against its layer-matched controls, where it had them):", "",
+              md_table(table.sort_values(["k", "method"], kind="stable")), ""]
+    return lines
+
+
 def continuation_section(info: dict, n_neurons: int) -> list[str]:
     """With a real-text verdict, the own-continuation comparison as the second table."""
     v, c = info.get("continuation_verdict"), info.get("continuation_comparison")
@@ -324,7 +405,7 @@ def continuation_section(info: dict, n_neurons: int) -> list[str]:
 
 def mean_check_section(info: dict) -> list[str]:
     """With --mean_ablation_top: whether the best methods keep their order when mean-ablated instead of zeroed."""
-    check, dose = info.get("mean_check"), info.get("mean_dose")
+    check = info.get("mean_check")
     if check is None or not len(check):
         return []
     lines = ["## Under mean ablation", "",
@@ -575,6 +656,7 @@ def write_report(data: Path, params: dict) -> str:
     lines = [f"# Influential GELU neurons of {markdown.escape(m)}", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `run_pipeline.sh`.", ""]
     lines += verdict_section(info, int(meta["num_neurons"]), params)
+    lines += excluded_section(info)
     lines += comparison_section(info, data)
     lines += mean_check_section(info)
     lines += breakdown_section(info)
@@ -650,6 +732,8 @@ def terminal_summary(info: dict, data: Path) -> str:
         out.append("verdict: " + evaluation_sentence(info["evaluation"], name=str))
         out += verdict.verdict_lines(info["verdict"], int(info["meta"]["num_neurons"]),
                                  (info["evaluation"] or {}).get("confidence_level", stats.LEVEL))
+        if same := excluded_winner_sentence(info["verdict"], info.get("verdict_excluded"), info["record"], str):
+            out.append(same)
     out.append(f"report: {data / layout.REPORT}")
     return "\n".join(out)
 

@@ -21,6 +21,11 @@ attribution (stage b's first-order estimate of each neuron's single-ablation del
 ||w_out,u||, the size of what the neuron writes into the stream, from the same record), ablation (the measured
 single-neuron delta_nll of d_calculate_neuron_effects.py), random (seeded; k as above, or with match_layers
 the per-layer composition of another subset).
+
+With exclude_layers, every method ranks (and random draws) only the neurons of the other layers: the scores are
+the full graph's, the excluded neurons are never picked, and ties keep the full ranking's seeded order, so the
+ranking is the full one with the excluded neurons taken out. k counts neurons of the remaining layers (a ratio
+is still of all neurons: the same k as the full ranking's).
 """
 
 import contextlib
@@ -99,6 +104,21 @@ def tie_order(n: int, seed: int) -> np.ndarray:
 def top_k(score: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Positions of the k highest scores, ties in a seeded random order."""
     return np.lexsort((tie_order(len(score), seed), -score))[:k]
+
+
+def kept_nodes(graph: CoactivationGraph, exclude_layers) -> np.ndarray | None:
+    """Which nodes a ranking with `exclude_layers` may pick (None: all); a layer the graph does not have, or every
+    layer, is refused."""
+    if not exclude_layers:
+        return None
+    layers = np.unique(graph.layer)
+    bad = sorted(set(int(a) for a in exclude_layers) - set(layers.tolist()))
+    if bad:
+        raise PipelineError(f"--exclude_layers {bad[0]}: the graph has layers {layers.min()}..{layers.max()}")
+    keep = ~np.isin(graph.layer, list(exclude_layers))
+    if not keep.any():
+        raise PipelineError("--exclude_layers excludes every layer of the graph: leave at least one")
+    return keep
 
 
 def tie_counts(score: np.ndarray, picked: np.ndarray) -> dict:
@@ -281,28 +301,31 @@ def method_weight(method: str, weight: str) -> str | None:
 
 
 def select(graph: CoactivationGraph, threshold: float | None, ratio: float, method: str, seed: int = 1337,
-           match_layers=None, weight: str = DEFAULT_WEIGHT, dataset_path=None, measured: dict | None = None) -> Subset:
+           match_layers=None, weight: str = DEFAULT_WEIGHT, dataset_path=None, measured: dict | None = None,
+           exclude_layers=()) -> Subset:
     """The subset of k = subset_size(num_nodes, ratio) neurons; edges_kept counts the edges `weight` keeps (None
     for the methods that use no graph). `measured` (method -> scores per neuron id) replaces the dataset's
     attribution / ablation files."""
     check_params(threshold, ratio, method)
     k = subset_size(graph.num_nodes, ratio)
-    sub = select_sizes(graph, threshold, [k], method, seed, match_layers, weight, dataset_path, measured)[0]
+    sub = select_sizes(graph, threshold, [k], method, seed, match_layers, weight, dataset_path, measured,
+                       exclude_layers)[0]
     sub.info = {"k_from_ratio": k, **sub.info}
     return sub
 
 
-def check_sizes(sizes: list[int], num_nodes: int):
+def check_sizes(sizes: list[int], num_nodes: int, what: str = "the graph's number of neurons"):
     bad = [k for k in sizes if not 1 <= k <= num_nodes]
     if bad:
-        raise PipelineError(f"--k {bad[0]} is outside 1..{num_nodes}, the graph's number of neurons")
+        raise PipelineError(f"--k {bad[0]} is outside 1..{num_nodes}, {what}")
 
 
 def select_sizes(graph: CoactivationGraph, threshold: float | None, sizes: list[int], method: str, seed: int = 1337,
-                 match_layers=None, weight: str = DEFAULT_WEIGHT, dataset_path=None, measured: dict | None = None
-                 ) -> list[Subset]:
+                 match_layers=None, weight: str = DEFAULT_WEIGHT, dataset_path=None, measured: dict | None = None,
+                 exclude_layers=()) -> list[Subset]:
     """select's subsets for several k at once: the method's scores are computed once, and for every method but
-    random the subsets are prefixes of one ranking (ties in the seed's order). With match_layers one subset."""
+    random the subsets are prefixes of one ranking (ties in the seed's order). With match_layers one subset.
+    With exclude_layers only the other layers' neurons are picked, and `every` holds NaN for the excluded."""
     check_params(threshold, 1.0, method)
     if seed < 0:
         raise PipelineError(f"--seed must be >= 0, got {seed}")
@@ -311,21 +334,29 @@ def select_sizes(graph: CoactivationGraph, threshold: float | None, sizes: list[
     if graph.num_nodes == 0:
         raise PipelineError("the graph has no nodes")
     check_sizes(sizes, graph.num_nodes)
+    keep = kept_nodes(graph, exclude_layers)
+    if keep is not None:
+        check_sizes(sizes, int(keep.sum()), "the neurons of the layers not excluded")
     used = method_weight(method, weight)
     kept, info = None, {"weight": None, "max_weight": None}
     if used:
         cut = graph.cut(threshold, used)
         kept = int(graph.degrees(cut).sum() // 2)
         info = cut.weight.describe()
+    if keep is not None:
+        info["exclude_layers"] = sorted(set(int(a) for a in exclude_layers))
     if method == "random":
         out = []
         for k in sizes if match_layers is None else [None]:
             rng = np.random.default_rng(seed)
             extra = {}
             if match_layers is None:
-                pos = rng.choice(graph.num_nodes, size=k, replace=False)
+                pos = (rng.choice(graph.num_nodes, size=k, replace=False) if keep is None
+                       else rng.choice(np.flatnonzero(keep), size=k, replace=False))
             else:
                 want = _match_layer_counts(graph, match_layers)
+                if keep is not None and set(want) & set(int(a) for a in exclude_layers):
+                    raise PipelineError(f"--match_layers subset {match_layers} has neurons in an excluded layer")
                 parts = []
                 for layer, cnt in sorted(want.items()):  # one draw per layer
                     pool = np.flatnonzero(graph.layer == layer)
@@ -341,6 +372,12 @@ def select_sizes(graph: CoactivationGraph, threshold: float | None, sizes: list[
             raise PipelineError(f"--method {method}: only {int(finite.sum())} neurons were measured, "
                                 f"fewer than k={max(sizes)}; measure all neurons or lower --ratio")
         info["neurons_measured"] = int(finite.sum())
+    if keep is not None:
+        s = np.where(keep, s, np.nan)  # never picked, and no score in the variant's scores file
+        finite &= keep
+        if finite.sum() < max(sizes):
+            raise PipelineError(f"--method {method}: only {int(finite.sum())} neurons of the layers not excluded "
+                                f"were measured, fewer than k={max(sizes)}")
     ranked = np.where(finite, s, -np.inf)
     order = top_k(ranked, max(sizes), seed)
     return [Subset(graph.node_ids[order[:k]], s[order[:k]], k, kept, {**info, **tie_counts(ranked, order[:k])}, s)
@@ -365,7 +402,7 @@ def write_subset(sub: Subset, graph: CoactivationGraph, target, params: dict, re
 
 
 def write_scores(sub: Subset, graph: CoactivationGraph, directory, method: str, threshold: float | None,
-                 weight: str = DEFAULT_WEIGHT) -> dict:
+                 weight: str = DEFAULT_WEIGHT, exclude_layers=()) -> dict:
     """
     Every node's score under the subset's method variant (float64, in node id order), once for the variant's
     subsets at every k, under SCORES_DIR in `directory`; returns the sidecar fields that name it: score_file
@@ -375,7 +412,7 @@ def write_scores(sub: Subset, graph: CoactivationGraph, directory, method: str, 
         return {"score_file": None, "score_sha256": None}
     values = np.asarray(sub.every, np.float64)
     name = layout.scores_name(graph.model or "graph", method, threshold if method in GRAPH_METHODS else None,
-                              method_weight(method, weight))
+                              method_weight(method, weight), exclude_layers)
     atomic.write_npy(values, Path(directory) / layout.SCORES_DIR / name)
     return {"score_file": f"{layout.SCORES_DIR}/{name}", "score_sha256": hashlib.sha256(values.tobytes()).hexdigest()}
 
@@ -435,11 +472,11 @@ def write_module_subset(modules, module: int, output_dir) -> Path:
 
 
 def subset_file_name(model: str | None, method: str, threshold: float | None, ratio: float | None,
-                     weight: str = DEFAULT_WEIGHT, k: int | None = None) -> str:
+                     weight: str = DEFAULT_WEIGHT, k: int | None = None, exclude_layers=()) -> str:
     """The --output_dir name of a subset given by its ratio, or by its size k (ratio None)."""
     uses_graph = method in GRAPH_METHODS
     return layout.subset_name(model or "graph", method, threshold if uses_graph else None, ratio,
-                          method_weight(method, weight), k)
+                          method_weight(method, weight), k, exclude_layers)
 
 
 def export_graph(graph: CoactivationGraph, threshold: float, target, memory_limit: int | None = None,

@@ -138,33 +138,35 @@ def halves_of(dataset_path, m: str, prompts=None, corpus_record: dict | None = N
         return Halves([], f"the selection data cannot be split: {e}")
 
 
-def _choose(half: Half, method: str, threshold: float | None, weight: str, ks: list[int], seed: int) -> list:
+def _choose(half: Half, method: str, threshold: float | None, weight: str, ks: list[int], seed: int,
+            exclude_layers=()) -> list:
     """The subsets of sizes ks chosen on one half (None for a size that cannot be: too few neurons measured)."""
     if method in MEASURED and method not in half.measured:
         return [None] * len(ks)
     try:
         return [s.ids for s in sel.select_sizes(half.graph, threshold, ks, method, seed, weight=weight,
-                                                measured=half.measured)]
+                                                measured=half.measured, exclude_layers=exclude_layers)]
     except PipelineError:
         if len(ks) == 1:
             return [None]
-        return [_choose(half, method, threshold, weight, [k], seed)[0] for k in ks]
+        return [_choose(half, method, threshold, weight, [k], seed, exclude_layers)[0] for k in ks]
 
 
 def half_selections(halves: Halves, method: str, threshold: float | None, weight: str, ks: list[int], seed: int,
-                    match_layers=None) -> list[dict]:
+                    match_layers=None, exclude_layers=()) -> list[dict]:
     """
     What stage d records in each sidecar of a method variant's subsets (sizes ks) as `halves`: whether there are
     halves and what they are, and the subset chosen again on each half (half_a, half_b: neuron ids in rank
     order; None where it cannot be: a method not measured on the halves, too few neurons measured, random matched
-    to another subset's layers). Random draws with the next two seeds: the overlap that chance gives.
+    to another subset's layers). Random draws with the next two seeds: the overlap that chance gives. With
+    exclude_layers, the halves rank without those layers too.
     """
     out = [{"available": len(halves.halves) == 2, "how": halves.how, **dict.fromkeys(layout.HALVES)} for _ in ks]
     if len(halves.halves) != 2 or match_layers:
         return out
     offsets = (1, 2) if method == "random" else (0, 0)
     for name, half, offset in zip(layout.HALVES, halves.halves, offsets):
-        for rec, ids in zip(out, _choose(half, method, threshold, weight, ks, seed + offset)):
+        for rec, ids in zip(out, _choose(half, method, threshold, weight, ks, seed + offset, exclude_layers)):
             rec[name] = None if ids is None else ids.tolist()
     return out
 

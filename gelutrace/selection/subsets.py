@@ -35,6 +35,7 @@ class Request:
     match_layers: str | None = None
     export_graph: str | None = None
     memory_limit: int | None = None  # bytes --export_graph may use (None: what is available)
+    exclude_layers: list[int] | None = None  # layers whose neurons the ranking leaves out
 
 
 def print_line(word: str, target, note: str):
@@ -65,14 +66,18 @@ def write_ranked(req: Request, read_graph=gs.read_graph, done=print_line, halves
         raise PipelineError("--output_path names one subset: give one --ratio or --k, or use --output_dir")
     if req.match_layers and len(sizes) > 1:
         raise PipelineError("--match_layers takes its k from the other subset: give one --ratio or --k")
+    exclude = sorted(req.exclude_layers or [])
+    if len(set(exclude)) != len(exclude):
+        raise PipelineError("--exclude_layers lists a layer twice")
     if req.export_graph and (req.threshold is None or Path(req.export_graph).suffix not in (".graphml", ".gpickle")):
         raise PipelineError("--export_graph needs --threshold and a .graphml or .gpickle name")
     prompts = formats.read_prompts(req.input_csv) if req.input_csv else None
     graph = read_graph(req.input_graph_path)
     ks = [sel.subset_size(graph.num_nodes, r) for r in req.ratio] if req.ratio else req.k
     sel.check_sizes(ks, graph.num_nodes)
+    sel.kept_nodes(graph, exclude)
     targets = [Path(req.output_path)] if req.output_path else [
-        Path(req.output_dir) / sel.subset_file_name(graph.model, req.method, req.threshold, r, req.weight, k)
+        Path(req.output_dir) / sel.subset_file_name(graph.model, req.method, req.threshold, r, req.weight, k, exclude)
         for r, k in zip(req.ratio or [None] * len(ks), ks)]
     atomic.check_output_dir(targets[0].parent, "--output_path" if req.output_path else "--output_dir")
     for target in targets:
@@ -84,7 +89,7 @@ def write_ranked(req: Request, read_graph=gs.read_graph, done=print_line, halves
     if not todo:
         return
     subs = sel.select_sizes(graph, req.threshold, [ks[i] for i in todo], req.method, req.seed, req.match_layers,
-                            req.weight, req.dataset_path)
+                            req.weight, req.dataset_path, exclude_layers=exclude)
     uses_graph = req.method in sel.GRAPH_METHODS
     if req.export_graph:  # before the subsets: a refused export must not leave a subset that looks done
         sel.export_graph(graph, req.threshold, req.export_graph, req.memory_limit, req.weight)
@@ -93,8 +98,9 @@ def write_ranked(req: Request, read_graph=gs.read_graph, done=print_line, halves
                             f"{'ratio' if req.ratio else 'k'} asks for k={ks[0]}: give that k")
     threshold = req.threshold if uses_graph else None
     again = stability.half_selections((halves or selection_halves)(graph, req.dataset_path, prompts), req.method,
-                                      threshold, req.weight, [sub.k for sub in subs], req.seed, req.match_layers)
-    scores = sel.write_scores(subs[0], graph, targets[0].parent, req.method, threshold, req.weight)
+                                      threshold, req.weight, [sub.k for sub in subs], req.seed, req.match_layers,
+                                      exclude)
+    scores = sel.write_scores(subs[0], graph, targets[0].parent, req.method, threshold, req.weight, exclude)
     for i, sub, half_ids in zip(todo, subs, again):
         ratio = req.ratio[i] if req.ratio else None
         params = {"method": req.method, "threshold": threshold,

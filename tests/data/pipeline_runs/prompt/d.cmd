@@ -1,1 +1,1 @@
-subsets_d 0.5\ 0.8 KS=3\ 5\ 11\ 22\ 42\ 82\ 159\ 307 degree\ influence\ activation_count\ attribution\ direct_loss\ magnitude\ random\ ablation count\ direct_abs 1 count\ direct_abs --input_csv @ROOT@/parcellation_datasets/test_1.csv 
+subsets_d 0.5\ 0.8 KS=3\ 5\ 11\ 22\ 42\ 82\ 159\ 307 degree\ influence\ activation_count\ attribution\ direct_loss\ magnitude\ random\ ablation count\ direct_abs 1 count\ direct_abs --input_csv @ROOT@/parcellation_datasets/test_1.csv --exclude_layers 0 
