@@ -557,3 +557,71 @@ def test_nested_split_scores_on_the_test_prompts_alone(subject, tmp_path):
     for s in comparison.index:
         for m in ("delta_nll", "kl", "delta_nll_random_mean", "delta_nll_p_random"):
             assert comparison.loc[s, m] == pytest.approx(summary.loc[f"{s}.npy", m], rel=1e-5, abs=1e-7), (s, m)
+
+
+# --- the mean-ablation check -------------------------------------------------------------------------------------
+def test_the_mean_ablation_check_measures_each_ks_best_methods_as_ablation_mean_does(random_loaded, random_ckpt,
+                                                                                    tmp_path):
+    """--mean_ablation_top 1: each k's best method on the validation part, measured again with the dataset's
+    mean_activation in place of 0, equals the same subset measured by the main path's --ablation mean (the same
+    text, split and seed); the first at each k gets its own controls; the order table and the report section
+    follow from the numbers."""
+    from conftest import HELDOUT_PATH
+    from gelutrace.report import verdict
+
+    lm = random_loaded
+    d_mlp, n = lm.model.config.d_mlp, lm.model.config.n_layer * lm.model.config.d_mlp
+    names = {"g_influence_k4.npy": ids_of([(0, 1), (0, 5), (1, 2), (2, 3)], d_mlp),
+             "g_activation_count_k4.npy": ids_of([(0, 2), (1, 4), (1, 6), (2, 9)], d_mlp),
+             "g_influence_k8.npy": ids_of([(0, 1), (0, 5), (0, 9), (1, 2), (1, 3), (2, 3), (2, 8), (2, 11)], d_mlp),
+             "g_activation_count_k8.npy": ids_of([(0, 2), (0, 3), (1, 4), (1, 6), (1, 9), (2, 1), (2, 9), (2, 12)],
+                                                 d_mlp)}
+    means = np.random.default_rng(5).normal(0, 1, n)
+    text = ["--eval_text", str(HELDOUT_PATH), "--eval_tokens", "600", "--context", "64"]
+    runs = {}
+    for mode, extra in (("zero", ["--mean_ablation_top", "1", "--random_controls", "4"]),
+                        ("mean", ["--ablation", "mean"])):
+        d = make_dataset(tmp_path / mode, lm, names, means=means)
+        for name in names:
+            atomic.write_json({"method": name[2:].split("_k")[0], "model": lm.name, "zero_score_picks": 0},
+                              d / layout.SUBSETS_DIR / name.replace(".npy", ".json"))
+        runs[mode] = run_e(random_ckpt, d, write_prompt_csv(tmp_path / f"{mode}.csv", samples=1), [*names, "none"],
+                           *text, *extra)
+    zero, mean = (pd.read_csv(runs[m] / layout.COMPARISON).set_index("subset") for m in ("zero", "mean"))
+    check = pd.read_csv(runs["zero"] / layout.MEAN_CHECK)
+    again = pd.read_csv(runs["zero"] / layout.MEAN_COMPARISON).set_index("subset")
+    assert list(check.columns) == layout.MEAN_CHECK_COLUMNS and check["k"].tolist() == [4, 8]
+    assert (check["methods"] == 1).all() and check["order_holds"].all()  # one method: its order always holds
+    for k in (4, 8):  # the chosen one: the larger ΔNLL of the two on the validation part, under zero ablation
+        both = zero[zero["k"] == k]
+        assert len(again[again["k"] == k]) == 1
+        chosen = again[again["k"] == k].index[0]
+        assert chosen in both.index
+        np.testing.assert_allclose(again.loc[chosen, "delta_nll"], mean.loc[chosen, "delta_nll"], rtol=1e-6)
+        assert again.loc[chosen, "delta_nll_random_n"] == 4  # its own controls, mean-ablated
+        assert float(check.loc[check["k"] == k, "mean_delta_nll"].iloc[0]) == pytest.approx(
+            mean.loc[chosen, "delta_nll"], rel=1e-3)
+    lines = verdict.mean_check_lines(check)
+    assert lines == ["- Under mean ablation (each neuron replaced by its mean over the selection data, not 0), the "
+                     "order of each k's 1 best methods holds at every k (4, 8)."]
+
+
+def test_the_mean_check_sentences_name_where_the_order_changes():
+    from gelutrace.report import verdict
+
+    check = pd.DataFrame([{"k": 3, "methods": 2, "zero_order": "influence > ablation",
+                           "mean_order": "influence > ablation", "order_holds": True},
+                          {"k": 42, "methods": 2, "zero_order": "influence > ablation",
+                           "mean_order": "ablation > influence", "order_holds": False, "mean_margin": 0.05,
+                           "mean_margin_ci_low": -0.01, "mean_margin_ci_high": 0.12}], columns=layout.MEAN_CHECK_COLUMNS)
+    lines = verdict.mean_check_lines(check)
+    assert lines[0].endswith("the order of each k's 2 best methods holds at k = 3.")
+    assert lines[1] == ("- At k = 42 it changes: zero ablation ranks influence > ablation, mean ablation ablation > "
+                        "influence, difference 0.05 [-0.01, 0.12], not separable.")
+
+
+def test_the_mean_check_needs_real_text(random_loaded, random_ckpt, tmp_path):
+    lm = random_loaded
+    d = make_dataset(tmp_path / "ds", lm, {"s.npy": ids_of([(0, 1)], lm.model.config.d_mlp)})
+    with pytest.raises(PipelineError, match="--eval_text"):
+        run_e(random_ckpt, d, write_prompt_csv(tmp_path / "p.csv", samples=1), ["s.npy"], "--mean_ablation_top", "2")
