@@ -131,8 +131,9 @@ def test_comparison_measured_on_held_out_prompts(pipeline):
         assert r["winner"].split(" (")[0] == at_k.set_index("subset").loc[top, "method"]
         assert "random" not in r["ranking"].split(" > ")
     overlap = pd.read_csv(results / layout.METHOD_OVERLAP)
-    # 6 comparison methods (degree, degree_direct_abs, influence, activation_count, attribution, random): 15 pairs per k
-    assert overlap["jaccard"].between(0, 1).all() and len(overlap) == 2 * 15
+    # 8 comparison methods (degree, degree_direct_abs, influence, activation_count, attribution, direct_loss,
+    # magnitude, random): 28 pairs per k
+    assert overlap["jaccard"].between(0, 1).all() and len(overlap) == 2 * 28
 
 
 def test_report_and_summary(pipeline):

@@ -42,10 +42,10 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     verdict = pd.read_csv(results / layout.METHOD_VERDICT)
     winners = dose[dose["winner"].astype(bool)]
     assert sorted(winners["k"]) == [3, 30] and (winners["random_n"] == 2).all()
-    apart = pd.read_csv(results / layout.DOSE_RESPONSE_EXCLUDED)  # ranked without layer 0: its own winners' controls
+    apart = pd.read_csv(results / layout.DOSE_RESPONSE_EXCLUDED)  # ranked without layer 0: no controls with "best"
     apart_winners = apart[apart["winner"].astype(bool)]
-    assert sorted(apart_winners["k"]) == [3, 30] and (apart_winners["random_n"] == 2).all()
-    assert rec["subsets_with_controls"] == sorted([*winners["subset"], *apart_winners["subset"]])
+    assert sorted(apart_winners["k"]) == [3, 30] and (apart["random_n"].fillna(0) == 0).all()
+    assert rec["subsets_with_controls"] == sorted(winners["subset"])
     assert rec["exclude_layers"] == [0] and set(apart["method"]) == {"influence", "activation_count", "attribution"}
     summary = pd.read_csv(results / layout.PERTURBATION_SUMMARY).set_index("subset")
     for w in winners.itertuples():
