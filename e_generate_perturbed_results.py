@@ -102,9 +102,9 @@ def main(argv=None):
     ap.add_argument("--control_subsets", choices=["all", "best"], default="all",
                     help="which subsets get --random_controls: all of them, or best: at each k only the winner on "
                          "the validation part of the verdict's metric (its best variant with the largest ΔNLL there; "
-                         "random left out; and the winner among the subsets stage d ranked with --exclude_layers, "
-                         "compared apart), which is the null of the verdict and of the dose-response band at a "
-                         "fraction of the cost (default: %(default)s)")
+                         "random left out; the subsets stage d ranked with --exclude_layers, compared apart, get "
+                         "none), which is the null of the verdict and of the dose-response band at a fraction of "
+                         "the cost (default: %(default)s)")
     ap.add_argument("--module_controls", type=int, default=None, metavar="N",
                     help="for each module (stage d --modules): N layer-matched random controls and N effect-weighted "
                          "ones (drawn in proportion to each neuron's single-neuron delta_nll, else its attribution) "

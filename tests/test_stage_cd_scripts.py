@@ -295,16 +295,22 @@ def test_k_grid_is_prefixes_of_one_ranking(pipeline, tmp_path):
         if method != "random":
             assert picks[0].tolist() == picks[1][:2].tolist() and picks[1].tolist() == picks[2][:6].tolist()
     np.testing.assert_array_equal(np.load(out / "toy_degree_t0.5_k6.npy"), np.load(d / "compact.npy"))  # --ratio 0.2
+    deg = reference_degree(d, 0.5)
+    order = np.lexsort((sel.tie_order(30, 1337), -deg))
+    assert np.load(out / "toy_degree_t0.5_k15.npy").tolist() == order[:15].tolist()
+
+
+def reference_degree(d, threshold: float) -> np.ndarray:
+    """Each toy neuron's degree after the threshold, from a brute-force NetworkX graph of the dataset's matrix."""
     active, _ = formats.read_activation_matrix(layout.path(d, layout.MATRIX, "toy"))
     ref = brute_force_graph(active, full_edges(3, 10))
     mx = max(c for *_, c in ref.edges(data="co_activation_count"))
     deg = np.zeros(30, np.int64)
     for u, v, c in ref.edges(data="co_activation_count"):
-        if c / mx > 0.5:
+        if c / mx > threshold:
             deg[u] += 1
             deg[v] += 1
-    order = np.lexsort((sel.tie_order(30, 1337), -deg))
-    assert np.load(out / "toy_degree_t0.5_k15.npy").tolist() == order[:15].tolist()
+    return deg
 
 
 def test_k_grid_bad_input(pipeline, tmp_path):
@@ -359,14 +365,7 @@ def test_exclude_layers_ranks_the_other_layers_alone(pipeline, tmp_path):
         run(D, "--input_graph_path", graph, *thr, "--k", "2", "6", "15", "--method", method, "--output_dir", str(out))
         run(D, "--input_graph_path", graph, *thr, "--k", "2", "6", "15", "--method", method, "--output_dir", str(out),
             "--exclude_layers", "0")
-    active, _ = formats.read_activation_matrix(layout.path(d, layout.MATRIX, "toy"))
-    ref = brute_force_graph(active, full_edges(3, 10))
-    mx = max(c for *_, c in ref.edges(data="co_activation_count"))
-    deg = np.zeros(30, np.int64)
-    for u, v, c in ref.edges(data="co_activation_count"):
-        if c / mx > 0.5:
-            deg[u] += 1
-            deg[v] += 1
+    deg = reference_degree(d, 0.5)
     rest = np.arange(10, 30)  # layers 1 and 2
     order = rest[np.lexsort((sel.tie_order(30, 1337)[rest], -deg[rest]))]
     for k in (2, 6, 15):
