@@ -15,7 +15,7 @@ import pytest
 from gelutrace.files import atomic, formats, layout
 
 from conftest import run_python
-from graphdata import make_dataset, random_activations
+from graphdata import brute_force_graph, full_edges, make_dataset, random_activations
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -89,7 +89,6 @@ def test_end_to_end_outputs(pipeline):
     g = nx.read_graphml(d / "thr.graphml", node_type=int)
     assert g.number_of_nodes() == 30 and g.number_of_edges() == side["edges_kept"]
     # every node and edge with its attributes, against the thresholded brute-force graph
-    from graphdata import brute_force_graph, full_edges
     active, _ = formats.read_activation_matrix(layout.path(d, layout.MATRIX, "toy"))
     ref = brute_force_graph(active, full_edges(3, 10))
     mx = max(c for *_, c in ref.edges(data="co_activation_count"))
@@ -280,8 +279,6 @@ def test_k_grid_is_prefixes_of_one_ranking(pipeline, tmp_path):
     identical, and the ranking the brute-force one (degree on the thresholded graph, ties in the seed's order)."""
     from gelutrace.selection import methods as sel
 
-    from graphdata import brute_force_graph, full_edges
-
     d = pipeline
     graph = str(d / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
     out = tmp_path / "ks"
@@ -355,8 +352,6 @@ def test_exclude_layers_ranks_the_other_layers_alone(pipeline, tmp_path):
     restricted to layers 1 and 2, at the same k; the names, sidecar and scores file say so; the names without the
     flag stay as they were."""
     from gelutrace.selection import methods as sel
-
-    from graphdata import brute_force_graph, full_edges
 
     d = pipeline
     graph = str(d / layout.ANALYSIS_DIR / "toy_weighted_graph_analyzed.json")
