@@ -369,6 +369,7 @@ def test_exclude_layers_ranks_the_other_layers_alone(pipeline, tmp_path):
         for method in ("activation_count", "random"):
             picks = np.load(out / f"toy_{method}_x0_k{k}.npy")
             assert len(picks) == k and (picks >= 10).all() and len(set(picks.tolist())) == k
+    active, _ = formats.read_activation_matrix(layout.path(d, layout.MATRIX, "toy"))
     count = active.sum(0)
     ac = rest[np.lexsort((sel.tie_order(30, 1337)[rest], -count[rest]))]
     assert np.load(out / "toy_activation_count_x0_k15.npy").tolist() == ac[:15].tolist()
