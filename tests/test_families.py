@@ -453,7 +453,7 @@ def test_shipped_llama_records_down_proj_inputs():
     handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].clone()))
                for layer in hf.model.layers]
     try:
-        for prompt in PROMPTS + [HELDOUT_PATH.read_text(encoding="utf-8")[:800]]:
+        for prompt in PROMPTS + [HELDOUT_PATH.read_text(encoding="utf-8")[:600]]:
             ids = lm.tokenizer(prompt)["input_ids"]
             seen.clear()
             hf(torch.tensor([ids]))
