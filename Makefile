@@ -37,7 +37,7 @@ model: install
 .PHONY: model-llama replicate
 # retrains models/tinyllama-bard, the second shipped model (a Llama), on the same text with tinybard's tokenizer
 model-llama: install
-	$(PY) tools/train_shipped_model.py --family llama --tokenizer models/tinybard
+	$(PY) tools/train_shipped_model.py --family llama --tokenizer models/tinybard --precision fp32
 
 # the demo's corpus-mode run on tinyllama-bard, with the same corpus, evaluation text and held-out prompts
 # (parcellation_datasets/heldout_corpus_tinybard_tinyllama-bard); not part of `make demo`
