@@ -352,9 +352,12 @@ def excluded_section(info: dict) -> list[str]:
     lines = [f"## Without {what}", "",
              f"The methods ranked again with the neurons of {what} left out (stage d `--exclude_layers`: each neuron "
              f"keeps its score, k counts neurons of the other layers), compared among themselves on the same "
-             f"{'text' if (info['record'] or {}).get('metric') == 'real_text' else 'prompts'}, with random controls "
-             f"drawn from the same layers as each subset (so none from {what}); all of it in "
-             f"`{layout.RESULTS_DIR}/{layout.COMPARISON_EXCLUDED}`.", ""]
+             f"{'text' if (info['record'] or {}).get('metric') == 'real_text' else 'prompts'}"
+             + (", with random controls drawn from the same layers as each subset (so none from " + what + ")"
+                if dx.get("random_n", pd.Series(dtype=float)).fillna(0).gt(0).any() else
+                " (without random controls: `--control_subsets best` gives them to the main comparison's winners; "
+                "the question here is whether the winner is the same)")
+             + f"; all of it in `{layout.RESULTS_DIR}/{layout.COMPARISON_EXCLUDED}`.", ""]
     plots = [(t, f"{layout.RESULTS_DIR}/{f}") for t, f in (("all layers", layout.DOSE_RESPONSE_PLOT),
                                                           (f"without {what}", layout.DOSE_RESPONSE_EXCLUDED_PLOT))
              if (results / f).is_file()]
