@@ -421,3 +421,12 @@ def test_the_report_says_whether_the_winner_holds_without_layer_0(tmp_path):
     assert lines.startswith("## Without layer 0") and "| k | method | ΔNLL without layer 0 |" in lines
     assert "| 3 | attribution | 0.3 | \\[0.1, 0.3\\] |  | yes | 0.2 |" in lines  # brackets escaped
     assert report.excluded_section({**info, "dose_excluded": None}) == []
+
+
+def test_the_floor_sentence_holds_when_some_subsets_had_no_controls():
+    """With --control_subsets best only the winners have controls: a graph method's 0 controls leave the
+    family-wise sentence, which speaks of the N controls the winners had, as it is."""
+    v = pd.DataFrame({"k": [3, 5], "holm_comparisons": [2, 2], "winner_random_n": [30, 30],
+                      "graph_random_n": [0, np.nan], "winner_p_random_empirical_holm": [0.065, 0.065]})
+    line = verdict.familywise_line(v)
+    assert "m/(N + 1) = 2/31 = 0.065" in line and "it needs N ≥ 39 controls" in line

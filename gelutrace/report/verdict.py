@@ -65,6 +65,7 @@ def familywise_line(verdict: pd.DataFrame) -> str:
         return ""
     n_col = [c for c in verdict.columns if c.endswith("_random_n")]
     counts = pd.concat([verdict[c] for c in n_col]).dropna() if n_col else pd.Series(dtype=float)
+    counts = counts[counts > 0]  # the subsets that had controls (with --control_subsets best, the winners)
     m = int(verdict["holm_comparisons"].max())
     if not len(counts) or counts.min() < MIN_CONTROLS or m < 1:
         return ""
