@@ -1,6 +1,6 @@
 """
 The package's layering, read from its source with `ast`: each sub-package imports only from those below it
-(model < files < graph < record < select < evaluate < report < the top: api, cli, commands, pipeline and the
+(model < files < graph < record < circuit < selection < evaluate < report < the top: api, cli, commands, pipeline and the
 `python -m` entry points), nothing imports in a cycle, and an import inside a function says why on its line.
 """
 
@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gelutrace"
-LAYERS = ("model", "files", "graph", "record", "selection", "evaluate", "report")
+LAYERS = ("model", "files", "graph", "record", "circuit", "selection", "evaluate", "report")
 TOP = len(LAYERS)
 
 
