@@ -123,6 +123,13 @@ def main(argv=None):
                          "mean_activation), each k's first of them with its own --random_controls layer-matched "
                          "controls, mean-ablated too: whether the winner and the order hold "
                          f"({layout.MEAN_CHECK}, {layout.MEAN_VERDICT}, ...; default: %(default)s, off)")
+    ap.add_argument("--own_continuation", type=int, choices=[0, 1], default=1,
+                    help="1: also measure kl and delta_nll teacher-forced along the unablated model's own greedy "
+                         "continuations of the evaluation prompts, for every subset and control (the original "
+                         f"metric; with --eval_text its comparison is {layout.CONTINUATION_COMPARISON}). 0, with "
+                         "--eval_text only: skip it (the prompts are still generated, free-running, for the token "
+                         "agreement and the result files); evaluation.json records what it would cost "
+                         "(default: %(default)s)")
     ap.add_argument("--validation_share", type=float, default=0.5,
                     help="share of the evaluation prompts (seeded split, recorded in comparison.json) on which "
                          "each method's best variant is chosen; the verdict's figures come from the rest. Below "
@@ -142,12 +149,13 @@ def main(argv=None):
                             args.text_field)
     settings = pt.EvalSettings(args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
                                args.ablation, args.validation_share, args.control_subsets, args.module_controls,
-                               args.mean_ablation_top)
+                               args.mean_ablation_top, bool(args.own_continuation))
     done = pt.run(load_model(args.model_type, args.device), request, settings)
 
     summary = done.results.summary
-    cols = ["subset", "k", "kl", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "token_agreement"]
-    cols += ["delta_nll_p_random", "delta_nll_z_random"] if args.random_controls else []
+    cols = ["subset", "k"] + (["kl", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high"] if args.own_continuation
+                              else []) + ["token_agreement"]
+    cols += ["delta_nll_p_random", "delta_nll_z_random"] if args.random_controls and args.own_continuation else []
     cols += ["text_delta_nll", "text_delta_nll_ci_low", "text_delta_nll_ci_high", "text_kl"] if args.eval_text else []
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if layout.METHOD_VERDICT in done.tables:

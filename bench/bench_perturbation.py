@@ -136,6 +136,40 @@ def text_cost(lm, n_conditions: int, eval_tokens: int, context: int, batch_size:
     return t / n_conditions / text.scored * 1000, text.scored
 
 
+# the demo's stage e in prompt mode (run_pipeline.sh's defaults): subsets and modules scored on every unit, the
+# method subsets' random controls (30 for each k's winner) and the mean-ablation check (2 methods + 30 controls
+# per k) on the test part only; before, every condition on every unit and along the prompts' own continuations
+DEMO_PLAN = {"subsets": 123, "module controls": 80, "method controls": 240, "mean-ablation check": 256}
+
+
+def plan_cost(lm, n_conditions: int, eval_tokens: int, batch_size: int, seed: int = 0) -> dict:
+    """Seconds per condition of the demo's real-text evaluation scored on every unit and on the test part only
+    (n_conditions random 1 % subsets together, the unablated pass included), and of the own-continuation
+    metric on the held-out prompts (teacher-forced along the baseline's greedy continuations); the tokens each
+    scores."""
+    from gelutrace.evaluate import realtext as rt
+    from gelutrace.evaluate import statistics as stats
+
+    cfg = lm.model.config
+    text = rt.read_eval_text([str(EVAL_TEXT)], lm.tokenizer, cfg.block_size, cfg.vocab_size, eval_tokens)
+    rng = np.random.default_rng(seed)
+    n = cfg.n_layer * cfg.d_mlp
+    groups = [np.sort(rng.choice(n, size=n // 100, replace=False)) for _ in range(n_conditions)]
+    test = stats.split_prompts(text.n_units, 1337).test
+    every = timed(lambda: rt.evaluate(lm.model, text, groups, None, batch_size))
+    part = timed(lambda: rt.evaluate(lm.model, text, groups, None, batch_size, units=[test] * len(groups)))
+    prompts = read_prompts(HELDOUT)
+    prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
+    batches = plan_batches(prompts, prompt_ids, True, batch_size, cfg.block_size)
+    rows = metrics.plan_rows(batches, prompts)
+    base = metrics.generate_rows(lm.model, batches, rows, prompt_ids, 0.0, 1, seed)
+    conditions = [pt.Condition(g, generate=False) for g in groups]
+    forced = timed(lambda: pt.teacher_forced(lm.model, rows, prompt_ids, base, conditions, None, batch_size))
+    forced_tokens = int(sum(len(prompt_ids[p]) + len(b) for p, b in zip(rows.prompt, base) if len(b)))
+    return {"every": every / n_conditions, "test": part / n_conditions, "forced": forced / n_conditions,
+            "tokens": text.scored, "test_tokens": int(np.isin(text.unit, test).sum()), "forced_tokens": forced_tokens}
+
+
 def demo_stage_e(dataset: Path) -> float | None:
     """Seconds of the demo run's stage e (its recorded command) rerun on a copy of its dataset; None without one."""
     import shlex
@@ -211,6 +245,7 @@ def main():
     demo = [np.sort(rng.choice(n_s, size=k, replace=False)) for k in (int(0.01 * n_s), int(0.05 * n_s)) for _ in range(6)]
     demo_null = controls_cost(shipped, read_prompts(HELDOUT), demo, args.controls, args.batch_size)
     demo_text = text_cost(shipped, 16, 8000, shipped.model.config.block_size, args.batch_size)
+    plan = plan_cost(shipped, 16, 8000, args.batch_size)
     demo_e = [(d.name, demo_stage_e(d)) for d in DEMO_RUNS]
 
     print(f"device {lm.device}, torch threads {torch.get_num_threads()}, model {cfg.n_layer} layers x {cfg.d_mlp} "
@@ -236,6 +271,19 @@ def main():
               f"({single / batched:.2f}x the batched time)")
     print(f"real text, shipped model: {demo_text[0]:.3f} s per subset or control per 1,000 scored tokens "
           f"(16 together over {demo_text[1]} tokens of {EVAL_TEXT.name}, the unablated pass included)")
+    print(f"the demo's stage e plan, shipped model (prompt mode: {', '.join(f'{n} {k}' for k, n in DEMO_PLAN.items())}), "
+          f"per condition: real text on every unit {plan['every']:.3f} s ({plan['tokens']:,} tokens, "
+          f"{plan['tokens'] / plan['every']:,.0f} token-forwards/s), on the test part {plan['test']:.3f} s "
+          f"({plan['test_tokens']:,} tokens, {plan['test_tokens'] / plan['test']:,.0f} token-forwards/s), own "
+          f"continuations {plan['forced']:.3f} s ({plan['forced_tokens']:,} tokens, "
+          f"{plan['forced_tokens'] / plan['forced']:,.0f} token-forwards/s)")
+    whole = DEMO_PLAN["subsets"] + DEMO_PLAN["module controls"]
+    before = (whole + DEMO_PLAN["method controls"]) * (plan["every"] + plan["forced"])
+    before_check = before + DEMO_PLAN["mean-ablation check"] * (plan["every"] + plan["forced"])
+    after = whole * plan["every"] + (DEMO_PLAN["method controls"] + DEMO_PLAN["mean-ablation check"]) * plan["test"]
+    print(f"  before (every condition on every unit and on the own continuations): {before:.0f} s, with the "
+          f"mean-ablation check {before_check:.0f} s; after (controls and the check on the test part, no own "
+          f"continuations): {after:.0f} s with the check ({before_check / after:.2f}x less)")
     per_token = gpt2_text[0] / 1000
     d, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size
     flops = 2 * (12 * L * d * d + d * V) + 2 * L * T * d  # per token: weights, unembedding, attention (mean)

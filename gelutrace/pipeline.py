@@ -102,7 +102,10 @@ Options (or environment variables):
   --control_subsets all|best      CONTROL_SUBSETS: which subsets get them (default best: each k's winner)
   --mean_ablation_top N           MEAN_ABLATION_TOP: stage e also measures each k's N best methods with each
                                   neuron replaced by its mean over the selection data, the first with its own
-                                  controls: whether the order holds (needs EVAL_TEXT; default 0: off)
+                                  controls: whether the order holds (needs EVAL_TEXT; default 2 with it, else 0)
+  --own_continuation 0|1          OWN_CONTINUATION: stage e also measures every subset and control teacher-
+                                  forced along the model's own continuations of the evaluation prompts (default
+                                  0 with EVAL_TEXT, whose verdict is the real text's; 1 without it)
   --modules_top N                 MODULES_TOP: c_find_modules finds modules of the count graph (and of
                                   direct_abs with --direct_edges 1); stage e ablates the N largest of each
                                   (default 1; 0: find modules, ablate none)
@@ -162,7 +165,7 @@ RUN_OPTIONS = {
     "--text_field": ("TEXT_FIELD", ""), "--eval_text_field": ("EVAL_TEXT_FIELD", ""),
     "--random_controls": ("RANDOM_CONTROLS", "30"), "--modules_top": ("MODULES_TOP", "1"),
     "--module_controls": ("MODULE_CONTROLS", "20"), "--exclude_layers": ("EXCLUDE_LAYERS", "0"),
-    "--mean_ablation_top": ("MEAN_ABLATION_TOP", "0"),
+    "--mean_ablation_top": ("MEAN_ABLATION_TOP", ""), "--own_continuation": ("OWN_CONTINUATION", ""),
 }
 SWEEP_OPTIONS = {
     "--thresholds": ("THRESHOLDS", "0.5 0.7 0.8 0.9"), "--ratios": ("RATIOS", "0.01 0.02 0.05 0.1"), "--ks": ("KS", ""),
@@ -287,6 +290,8 @@ def check_combinations(s: "Run"):
         raise PipelineError("--methods ablation needs --effects 1 (it ranks by the measured single-neuron effects)")
     if s.mean_ablation_top != "0" and s.eval_text == "none":
         raise PipelineError("--mean_ablation_top measures on the real text: give --eval_text")
+    if s.own_continuation == "0" and s.eval_text == "none":
+        raise PipelineError("--own_continuation 0 leaves the prompts without a metric: give --eval_text")
 
 
 def text_digest(path: str, flag: str) -> str:
@@ -371,6 +376,7 @@ class Run:
     modules_top: str
     module_controls: str
     mean_ablation_top: str
+    own_continuation: str  # "0" or "1"
     exclude_layers: str  # "none": no layer
     force: bool
 
@@ -386,11 +392,13 @@ def settings(argv: list[str]) -> Run:
     for flag in ("--effect_tokens", "--fidelity_tokens", "--random_controls", "--modules_top", "--module_controls",
                  "--mean_ablation_top"):
         value = v[RUN_OPTIONS[flag][0]]
-        if not re.fullmatch(r"[0-9]+", value):
+        if not re.fullmatch(r"[0-9]+", value) and not (flag == "--mean_ablation_top" and value == ""):
             raise PipelineError(f"{flag} must be a whole number, got '{value}'")
     for flag in ("--effect_tokens", "--fidelity_tokens"):
         if int(v[RUN_OPTIONS[flag][0]]) == 0:
             raise PipelineError(f"{flag} must be at least 1")
+    if v["OWN_CONTINUATION"] not in ("", "0", "1"):
+        raise PipelineError(f"--own_continuation must be 0 or 1, got '{v['OWN_CONTINUATION']}'")
     if v["CONTROL_SUBSETS"] not in ("all", "best"):
         raise PipelineError(f"--control_subsets must be all or best, got '{v['CONTROL_SUBSETS']}'")
     pos += [""] * (3 - len(pos))
@@ -449,7 +457,8 @@ def settings(argv: list[str]) -> Run:
             eval_tokens=v["EVAL_TOKENS"] or ("8000" if shipped else "100000"),
             random_controls=v["RANDOM_CONTROLS"], control_subsets=v["CONTROL_SUBSETS"],
             modules_top=v["MODULES_TOP"], module_controls=v["MODULE_CONTROLS"], exclude_layers=v["EXCLUDE_LAYERS"],
-            mean_ablation_top=str(int(v["MEAN_ABLATION_TOP"])), force=v["FORCE"] == "1")
+            mean_ablation_top=str(int(v["MEAN_ABLATION_TOP"] or ("0" if eval_text == "none" else "2"))),
+            own_continuation=v["OWN_CONTINUATION"] or ("1" if eval_text == "none" else "0"), force=v["FORCE"] == "1")
     check_combinations(s)
     whole("--eval_tokens", s.eval_tokens, 1)
     for d in [s.data] + ([f"{s.data}_shards"] if s.text else []):
@@ -567,6 +576,7 @@ def stages(s: Run) -> Iterator[Stage]:
         "--model_type", s.model, "--device", s.device, "--random_controls", s.random_controls, "--control_subsets",
         s.control_subsets, "--module_controls", s.module_controls,
         *(["--mean_ablation_top", s.mean_ablation_top] if s.mean_ablation_top != "0" else []),
+        *(["--own_continuation", "0"] if s.own_continuation == "0" else []),
         "--perturbation_subset_filenames", "none", *names)], inputs=("csv", "eval"))
     yield Stage("cards", f"{d}/{layout.CARDS_DIR}/{layout.CARDS_HTML}", [script(
         "f_render_neuron_cards.py", "--dataset_path", d, "--model_type", s.model, "--device", s.device,

@@ -51,11 +51,17 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     for w in winners.itertuples():
         assert verdict.set_index("k").loc[w.k, "winner_delta_nll"] == pytest.approx(w.delta_nll, rel=1e-12)
         assert summary.loc[w.subset + ".npy", "text_delta_nll_random_n"] == 2
-    assert (results / layout.DOSE_RESPONSE_PLOT).is_file() and (results / layout.CONTINUATION_VERDICT).is_file()
+    assert (results / layout.DOSE_RESPONSE_PLOT).is_file()
+    # with real text the driver leaves out the own-continuation metric and runs the mean-ablation check
+    assert not (results / layout.CONTINUATION_VERDICT).is_file() and not ev["own_continuation"]
+    assert ev["own_continuation_token_forwards"] > 0 and ev["mean_ablation_top"] == 2
+    check = pd.read_csv(results / layout.MEAN_CHECK)
+    assert sorted(check["k"]) == [3, 30] and (check["methods"] == 2).all()
     report = (data / "report.md").read_text()
     assert report.index(f"]({layout.RESULTS_DIR}/{layout.DOSE_RESPONSE_PLOT})") < report.index("k = 3 (0.1 % of neurons)")
     assert r"measured on real held-out text: 600 tokens of heldout\_eval\_tinybard.txt" in report
-    assert "## Own-continuation comparison" in report and "Winner at each k: 3: " in report
+    assert "## Own-continuation comparison" in report and "Not measured: stage e ran with `--own_continuation 0`" in report
+    assert "## Under mean ablation" in report and "Winner at each k: 3: " in report
     # corpus mode leaves the single-neuron effects off: the report says so, with the flag and its cost
     assert ("**No single-neuron ablation is compared here**" in report and "`run_pipeline.sh --effects 1`" in report
             and "(3,072 × 2,000 = 6.14 M here)" in report)

@@ -422,7 +422,9 @@ def test_the_stage_table_gives_the_shell_drivers_commands_and_stamps(tmp_path, c
     shell driver's, byte for byte (tests/data/pipeline_runs, but for stage d: in prompt mode it now also hands
     the sweep the prompt CSV, INPUT_CSV, whose halves it records; in both modes the default methods now include
     the graph-free baselines direct_loss and magnitude, and it also ranks without layer 0, EXCLUDE_LAYERS, so that
-    stage e also measures those subsets, ..._x0_k{k}.npy); and a directory with these stamps is up to date."""
+    stage e also measures those subsets, ..._x0_k{k}.npy; with real text, stage e now also runs the mean-ablation
+    check, --mean_ablation_top 2, and leaves out the own-continuation metric, --own_continuation 0); and a
+    directory with these stamps is up to date."""
     flags, name = DEMO[mode]
     data = tmp_path / name
     assert pipeline.settings([*flags, M, CSV]).data == f"{REPO_ROOT}/parcellation_datasets/{name}"  # the demo's

@@ -172,6 +172,41 @@ def test_subsets_alone_equal_subsets_together(shipped):
         np.testing.assert_allclose(m.kl, alone.kl, rtol=1e-5, atol=1e-9)
 
 
+@torch.no_grad()
+def test_a_group_scored_on_some_units_equals_transformers_there(shipped, shipped_hf, tmp_path):
+    """Scored on documents 0 and 2 only (windows span documents): per document, delta_nll and KL equal
+    transformers' hooked model summed by hand over those documents' tokens, NaN on document 1; the group beside
+    it scored on every unit is unchanged."""
+    docs = ["KING HENRY. Now, lords, for France; the enterprise whereof shall be to you, as us, like glorious.",
+            "And God said, Let there be light: and there was light.", "O Romeo, Romeo! wherefore art thou Romeo?"]
+    src = tmp_path / "three.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    text = rt.read_eval_text([str(src)], shipped.tokenizer, 20, shipped.model.config.vocab_size, 10_000)
+    d = shipped.model.config.d_mlp
+    ids = np.array([3, 70, d + 5, 2 * d + 100])
+    _, (part, whole) = rt.evaluate(shipped.model, text, [ids, ids], None, batch_size=64,
+                                   units=[np.array([0, 2]), None])
+    layers = sorted(set(ids // d))
+    fn = hooked(shipped_hf, [shipped_hf.transformer.h[i].mlp.act for i in layers],
+                [ids[ids // d == i] % d for i in layers], True)
+    dnll, kl = np.zeros(3), np.zeros(3)
+    for lo in range(0, len(text.ids), 20):
+        w = text.ids[lo:lo + 20]
+        x = torch.tensor(w[None, :-1])
+        base = F.log_softmax(fn(x, False)[0].double(), -1)
+        pert = F.log_softmax(fn(x, True)[0].double(), -1)
+        tgt = torch.tensor(w[1:])
+        unit = text.unit[lo + 1:lo + len(w)]
+        np.add.at(dnll, unit, (base - pert)[torch.arange(len(tgt)), tgt].numpy())
+        np.add.at(kl, unit, (base.exp() * (base - pert)).sum(-1).numpy())
+    np.testing.assert_allclose(part.delta_nll[[0, 2]], dnll[[0, 2]], rtol=1e-4, atol=5e-5)  # sums of ~50 float32 terms
+    np.testing.assert_allclose(part.kl[[0, 2]], kl[[0, 2]], rtol=1e-4, atol=5e-5)
+    assert np.isnan(part.delta_nll[1]) and np.isnan(part.kl[1]) and part.scored.tolist() == [True, False, True]
+    np.testing.assert_allclose(whole.delta_nll, dnll, rtol=1e-4, atol=5e-5)
+    tokens = np.bincount(text.unit[text.unit >= 0], minlength=3)
+    assert part.mean("delta_nll", tokens) == pytest.approx(dnll[[0, 2]].sum() / tokens[[0, 2]].sum(), rel=1e-4)
+
+
 def test_leak_check_refuses_the_selection_corpus(shipped, tmp_path):
     sel_file = tmp_path / "corpus.txt"
     sel_file.write_text("Friends, Romans, countrymen, lend me your ears.\n")

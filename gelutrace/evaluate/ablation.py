@@ -253,11 +253,12 @@ def teacher_forced(model, rows: Rows, prompt_ids, base: list[np.ndarray], condit
 
 def measure(model, batches: list[Batch], rows: Rows, prompt_ids, conditions: list[Condition],
             mean_values: np.ndarray | None, temperature: float, top_k, seed: int, batch_size: int,
-            progress=None) -> list[np.ndarray]:
+            progress=None, forced: bool = True) -> list[np.ndarray]:
     """
-    Generate the baseline and the continuations of every condition with `generate`, then fill in each
-    condition's per-row metrics. Returns the baseline's continuations. `progress(kind, amount)` is called as
-    work completes ("tokens" generated, teacher-forced "passes" of one condition over one chunk).
+    Generate the baseline and the continuations of every condition with `generate`, then (with `forced`) fill
+    in each condition's per-row teacher-forced metrics. Returns the baseline's continuations.
+    `progress(kind, amount)` is called as work completes ("tokens" generated, teacher-forced "passes" of one
+    condition over one chunk).
     """
     def tick(batch):
         if progress is not None:
@@ -273,7 +274,11 @@ def measure(model, batches: list[Batch], rows: Rows, prompt_ids, conditions: lis
         pairs = [agreement(b, p) if len(b) else (np.nan, np.nan) for b, p in zip(base, c.conts)]
         c.agree = np.array([a for a, _ in pairs], np.float64)
         c.first_diff = np.array([f for _, f in pairs], np.float64)
-    teacher_forced(model, rows, prompt_ids, base, conditions, mean_values, batch_size, progress)
+    if forced:
+        teacher_forced(model, rows, prompt_ids, base, conditions, mean_values, batch_size, progress)
+    else:
+        for c in conditions:
+            c.kl, c.delta_nll = np.full(len(base), np.nan), np.full(len(base), np.nan)
     return base
 
 
@@ -291,6 +296,7 @@ class EvalSettings:
     control_subsets: str = "all"  # or "best": controls only for each k's winner on the validation part
     module_controls: int | None = None  # controls of each kind per module (None: random_controls)
     mean_ablation_top: int = 0  # each k's N best methods also measured under mean ablation (mean_check)
+    own_continuation: bool = True  # the teacher-forced metrics along the baseline's continuations of the prompts
 
     @property
     def per_module(self) -> int:
@@ -437,17 +443,26 @@ def control_plan(subsets: list[Subset], settings: EvalSettings, entries: list, s
     return chosen
 
 
-def measure_text(model, text, subsets: list[Subset], mean_values, settings: EvalSettings, progress=None):
-    """Every subset ablated on real text (realtext.EvalText): stage e's --eval_text, and the API's ablate."""
+def measure_text(model, text, subsets: list[Subset], mean_values, settings: EvalSettings, progress=None,
+                 test_only: bool = False):
+    """Every subset ablated on real text (realtext.EvalText): stage e's --eval_text, and the API's ablate. The
+    subsets ranked without some layers are scored on the test part only when their comparison has nothing to
+    choose on the validation part (one variant per method and k; it gives no controls); with `test_only` every
+    subset is."""
     s = settings
+    apart = [sub for sub in subsets if sub.compared and excluded_layers(sub.info)]
+    single = len({(len(sub.ids), stats.comparison_method(sub.info)) for sub in apart}) == len(apart)
     return realtext.measure_subsets(model, text, subsets, mean_values, s.seed, s.validation_share, s.batch_size,
-                                    progress and (lambda n: progress("text", n)))
+                                    progress and (lambda n: progress("text", n)),
+                                    [test_only or (single and sub in apart) for sub in subsets])
 
 
 def measure_text_controls(res, model, subsets: list[Subset], mean_values, settings: EvalSettings, progress=None):
-    """The subsets' random (and effect-weighted) controls on the same text, into `res` (measure_text's)."""
+    """The subsets' random (and effect-weighted) controls on the same text, into `res` (measure_text's), on the
+    test part only: every figure they enter is measured there."""
     realtext.add_controls(res, model, [sub.controls for sub in subsets], mean_values, settings.batch_size,
-                          progress and (lambda n: progress("text", n)), [sub.weighted for sub in subsets])
+                          progress and (lambda n: progress("text", n)), [sub.weighted for sub in subsets],
+                          [True] * len(subsets))
 
 
 def measure_subsets(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values,
@@ -467,7 +482,7 @@ def measure_subsets(model, tokenizer, prompts, prompt_ids, batches, subsets: lis
     split = stats.split_prompts(len(prompts), s.seed, s.validation_share)
     mains = [Condition(sub.ids) for sub in subsets]
     base = measure(model, batches, rows, prompt_ids, mains, mean_values, s.temperature, s.top_k, s.seed,
-                   s.batch_size, progress)
+                   s.batch_size, progress, s.own_continuation)
     tres = None
     if text is not None:
         tres = measure_text(model, text, subsets, mean_values, s, progress)
@@ -484,7 +499,7 @@ def measure_subsets(model, tokenizer, prompts, prompt_ids, batches, subsets: lis
     controls = [[Condition(ids, generate=False) for ids in sub.controls] for sub in subsets]
     weighted = [[Condition(ids, generate=False) for ids in sub.weighted] for sub in subsets]
     flat = [c for cs in controls + weighted for c in cs]
-    if flat:
+    if flat and s.own_continuation:
         teacher_forced(model, rows, prompt_ids, base, flat, mean_values, s.batch_size, progress)
     if tres is not None:
         measure_text_controls(tres, model, subsets, mean_values, s, progress)
@@ -495,7 +510,7 @@ def measure_subsets(model, tokenizer, prompts, prompt_ids, batches, subsets: lis
         if tres is not None:
             row.update(realtext.summary_columns(tres, i))
         summary.append(row)
-        entry = comparison_entry(sub, main, ctl, samples, len(prompts))
+        entry = comparison_entry(sub, main, ctl, samples, len(prompts)) if s.own_continuation else None
         if entry is not None:
             entries.append(entry)
     res = Results(tables, pd.DataFrame(summary), entries, boot, split, s.seed, text=tres)
@@ -541,7 +556,7 @@ def mean_check(model, results: Results, subsets: list[Subset], mean_values: np.n
         raise PipelineError("the mean-ablation check (--mean_ablation_top) measures on the real text: give --eval_text")
     cfg = model.config
     chosen = mean_check_subsets(results, subsets, top)
-    res = measure_text(model, results.text.text, chosen, mean_values, settings, progress)
+    res = measure_text(model, results.text.text, chosen, mean_values, settings, progress, test_only=True)
     entries, split = results.primary
     entries = by_exclusion(entries)[0]
     first = stats.validation_winners([e for e in entries if e.stem in {s.stem for s in chosen}], split)
@@ -632,6 +647,7 @@ def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, 
             "ablation": settings.ablation, "seed": settings.seed, "temperature": settings.temperature,
             "top_k": settings.top_k, "random_controls": settings.random_controls,
             "validation_share": settings.validation_share, "mean_ablation_top": settings.mean_ablation_top,
+            "own_continuation": settings.own_continuation,
             "bootstrap_replicates": stats.N_BOOT,
             "confidence_level": stats.LEVEL}
 
@@ -808,10 +824,21 @@ def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
                   + s.per_module * len(modules) * (2 if weights is not None else 1))
     n_k = len({len(sub.ids) for sub in compared if sub.compared})
     checked = (s.mean_ablation_top + s.random_controls) * n_k if s.mean_ablation_top else 0  # at most
+    rows = plan_rows(batches, prompts)
+    forced_tokens = conditions * int(sum(len(prompt_ids[p]) + n for p, n in zip(rows.prompt, rows.length) if n))
+    if not s.own_continuation and text is None:
+        raise PipelineError("--own_continuation 0 leaves the prompts without a metric: give --eval_text")
+    text_total = 0
+    if text is not None:  # a method subset's controls and the mean check score the test part only
+        test = stats.split_prompts(text.n_units, s.seed, s.validation_share).test
+        test_scored = int(np.isin(text.unit, test).sum())
+        module_controls = s.per_module * len(modules) * (2 if weights is not None else 1)
+        text_total = (text.scored * (len(ablated) + module_controls)
+                      + test_scored * (conditions - len(ablated) - module_controls + checked))
     with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as gen_bar, \
-            tqdm(total=len(chunks) * conditions, unit="ablation", desc="teacher-forced metrics") as metric_bar, \
-            tqdm(total=text.scored * (conditions + checked) if text else 0, unit="tok", unit_scale=True,
-                 desc="real text", disable=text is None) as text_bar:
+            tqdm(total=len(chunks) * conditions, unit="ablation", desc="teacher-forced metrics",
+                 disable=not s.own_continuation) as metric_bar, \
+            tqdm(total=text_total, unit="tok", unit_scale=True, desc="real text", disable=text is None) as text_bar:
         bars = {"tokens": gen_bar, "passes": metric_bar, "text": text_bar}
         results = measure_subsets(lm.model, lm.tokenizer, prompts, prompt_ids, batches, subsets, mean_values, s,
                                   progress=lambda kind, n: bars[kind].update(n), text=text, weights=weights)
@@ -829,6 +856,7 @@ def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
 
     add_selection_overlap(results, subsets)
     evaluation = evaluation_record(r.input_csv, r.selection_prompts, r.eval_csv, prompts, s, corpus_record)
+    evaluation["own_continuation_token_forwards"] = forced_tokens  # what the teacher-forced metrics cost, or would
     if text is not None:
         evaluation["eval_text"] = {**text.record(r.eval_tokens), "leak_check": leak}
     out = Path(r.dataset_path) / layout.RESULTS_DIR

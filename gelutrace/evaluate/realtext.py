@@ -153,15 +153,23 @@ class Baseline:
 
 @dataclass
 class Measured:
-    """One ablation on the evaluation text: per-unit sums of delta_nll and kl, per-bucket sums of delta_nll."""
+    """One ablation on the evaluation text: per-unit sums of delta_nll and kl (NaN on the units it was not scored
+    on), per-bucket sums of delta_nll over the tokens it was scored on."""
     ids: np.ndarray
     delta_nll: np.ndarray  # (units,)
     kl: np.ndarray  # (units,)
     bucket_delta_nll: np.ndarray  # (buckets,)
     token_delta_nll: np.ndarray | None = None  # (vocab,) with by_token: summed delta_nll by the next token's id
 
+    @property
+    def scored(self) -> np.ndarray:
+        """The units it was scored on (a mask)."""
+        return ~np.isnan(self.delta_nll)
+
     def mean(self, name: str, tokens: np.ndarray) -> float:
-        return float(getattr(self, name).sum() / tokens.sum())
+        """The mean over the tokens of the units it was scored on."""
+        on = self.scored
+        return float(getattr(self, name)[on].sum() / tokens[on].sum())
 
 
 def _add(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
@@ -170,12 +178,26 @@ def _add(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
     acc.index_add_(-1, index[ok], values[..., ok].to(acc.dtype))
 
 
+def _unit_sets(groups: list[np.ndarray], units, n_units: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The distinct unit sets the groups are scored on (boolean masks over the units) and each group's set."""
+    masks, index = {}, []
+    for g in range(len(groups)):
+        on = np.ones(n_units, bool) if units is None or units[g] is None else np.isin(np.arange(n_units), units[g])
+        index.append(masks.setdefault(on.tobytes(), (len(masks), on))[0])
+    return [on for _, on in sorted(masks.values(), key=lambda v: v[0])], np.asarray(index, np.int64)
+
+
 @torch.no_grad()
 def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.ndarray | None, batch_size: int,
-             progress=None, by_token=()) -> tuple[Baseline, list[Measured]]:
-    """The baseline and every group's ablation (0, or `mean_values` per neuron) over the evaluation text; for
+             progress=None, by_token=(), units: list[np.ndarray | None] | None = None
+             ) -> tuple[Baseline, list[Measured]]:
+    """
+    The baseline and every group's ablation (0, or `mean_values` per neuron) over the evaluation text; for
     the groups whose index is in `by_token` (and the baseline, when any is) also by the next token's id, over
-    the whole vocabulary. `progress(tokens)` is called as ablated tokens are scored."""
+    the whole vocabulary. With `units`, group g is scored only on the units units[g] (None: all): its forward
+    passes cover only the windows that hold them (a random control needs only the test part, where every
+    figure it enters is measured). `progress(tokens)` is called as ablated tokens are scored.
+    """
     device = next(model.parameters()).device
     U, NB, NP = text.n_units, text.n_buckets, len(POSITION_BUCKETS)
     ids = torch.from_numpy(text.ids)
@@ -183,6 +205,8 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
     f64 = dict(dtype=torch.float64, device=device)
     tokens, nll, b_tokens, b_nll = (torch.zeros(n, **f64) for n in (U, U, NB, NB))
     ablating = [i for i, g in enumerate(groups) if len(g)]
+    sets, group_set = _unit_sets(groups, units, U)
+    on_units = [torch.from_numpy(on).to(device) for on in sets]
     dnll_u, kl_u, dnll_b = (torch.zeros(len(ablating), n, **f64) for n in (U, U, NB))  # in `ablating` order
     V = model.config.vocab_size
     by_token = sorted(set(by_token) & set(ablating))
@@ -199,45 +223,56 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
         starts = torch.from_numpy(w.astype(np.int64)) * ctx
         at = (starts[:, None] + torch.arange(length)).to(device)  # global positions of the window's tokens
         x = ids[at.cpu()].to(device)
-        inp, tgt, where = x[:, :-1], x[:, 1:], at[:, 1:].reshape(-1)
-        u, pb, tb = unit[where], pos_b[where], tok_b[where] + NP
-        tb = torch.where(tok_b[where] >= 0, tb, -1)
+        inp, tgt, where = x[:, :-1], x[:, 1:], at[:, 1:]
+        u, pb = unit[where], pos_b[where]
+        tb = torch.where(tok_b[where] >= 0, tok_b[where] + NP, -1)
         logits = model(inp)[0].float()
-        base_nll = -F.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0].double().reshape(-1)
+        base_nll = -F.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0].double()
         ones = torch.ones_like(base_nll)
         _add(tokens, u, ones), _add(nll, u, base_nll)
         for b in (pb, tb):
             _add(b_tokens, b, ones), _add(b_nll, b, base_nll)
-        t_id = torch.where(u >= 0, tgt.reshape(-1), -1)
+        t_id = torch.where(u >= 0, tgt, -1)
         if by_token:
-            _add(t_tokens, t_id, ones), _add(t_nll, t_id, base_nll)
+            _add(t_tokens, t_id.reshape(-1), ones.reshape(-1)), _add(t_nll, t_id.reshape(-1), base_nll.reshape(-1))
         if not ablating:
             continue
         p = metrics.base_probabilities(logits, logits.dtype)
-        rows = len(w)
-        g = max(1, min(batch_size // rows, metrics.LOGIT_BUDGET // max(1, logits.numel())))
-        for s in range(0, len(ablating), g):
-            chunk = ablating[s:s + g]
-            with hooks.RowAblation(model, [groups[i] for i in chunk], rows, mean_values):
-                shift = model(inp.repeat(len(chunk), 1))[0].float().view(len(chunk), *logits.shape)
-            kl, dnll = metrics.shift_metrics(p, shift.sub_(logits), tgt)
-            kl, dnll = kl.reshape(len(chunk), -1), dnll.reshape(len(chunk), -1)
-            for acc, vals, index in ((dnll_u, dnll, u), (kl_u, kl, u), (dnll_b, dnll, pb), (dnll_b, dnll, tb)):
-                _add(acc[s:s + len(chunk)], index, vals)
-            for j, r in enumerate(tok_row[s:s + len(chunk)].tolist()):
-                if r >= 0:
-                    _add(dnll_t[r], t_id, dnll[j])
-            if progress is not None:
-                progress(len(chunk) * tgt.numel())
+        for s_i, on in enumerate(on_units):
+            todo = [i for i in ablating if group_set[i] == s_i]
+            scored = (u >= 0) & on[u.clamp(min=0)]  # the tokens this unit set scores
+            rows = torch.nonzero(scored.any(1))[:, 0]
+            if not todo or not len(rows):
+                continue
+            idx = [torch.where(scored[rows], a[rows], -1).reshape(-1) for a in (u, pb, tb, t_id)]
+            p_s, inp_s, tgt_s, logits_s = (a if len(rows) == len(w) else a[rows] for a in (p, inp, tgt, logits))
+            g = max(1, min(batch_size // len(rows), metrics.LOGIT_BUDGET // max(1, logits_s.numel())))
+            for s in range(0, len(todo), g):
+                chunk = todo[s:s + g]
+                acc = [ablating.index(i) for i in chunk]
+                with hooks.RowAblation(model, [groups[i] for i in chunk], len(rows), mean_values):
+                    shift = model(inp_s.repeat(len(chunk), 1))[0].float().view(len(chunk), *logits_s.shape)
+                kl, dnll = metrics.shift_metrics(p_s, shift.sub_(logits_s), tgt_s)
+                kl, dnll = kl.reshape(len(chunk), -1), dnll.reshape(len(chunk), -1)
+                for j, a in enumerate(acc):
+                    for store, vals, index in ((dnll_u, dnll, idx[0]), (kl_u, kl, idx[0]), (dnll_b, dnll, idx[1]),
+                                               (dnll_b, dnll, idx[2])):
+                        _add(store[a], index, vals[j])
+                    if (r := int(tok_row[a])) >= 0:
+                        _add(dnll_t[r], idx[3], dnll[j])
+                if progress is not None:
+                    progress(len(chunk) * int(scored.sum()))
     base = Baseline(*(t.cpu().numpy() for t in (tokens, nll, b_tokens, b_nll)),
                     *((t_tokens.cpu().numpy(), t_nll.cpu().numpy()) if by_token else (None, None)))
     row = {i: j for j, i in enumerate(ablating)}
     out = []
     for i, gr in enumerate(groups):
         if i in row:
-            sums = (a[row[i]].cpu().numpy() for a in (dnll_u, kl_u, dnll_b))
+            sums = [a[row[i]].cpu().numpy() for a in (dnll_u, kl_u, dnll_b)]
         else:  # nothing ablated: no change
-            sums = (np.zeros(n) for n in (U, U, NB))
+            sums = [np.zeros(n) for n in (U, U, NB)]
+        for a in sums[:2]:
+            a[~sets[group_set[i]]] = np.nan
         out.append(Measured(np.asarray(gr, np.int64), *sums,
                             dnll_t[by_token.index(i)].cpu().numpy() if i in by_token else None))
     return base, out
@@ -528,23 +563,29 @@ class TextResults:
 
 
 def measure_subsets(model, text: EvalText, subsets, mean_values, seed: int, validation_share: float, batch_size: int,
-                    progress=None) -> TextResults:
-    """Every subset on the evaluation text, a module's also by next token (controls come later: add_controls)."""
+                    progress=None, test_only: list[bool] | None = None) -> TextResults:
+    """Every subset on the evaluation text, a module's also by next token (controls come later: add_controls);
+    subset i with test_only[i] on the test part of the units only."""
     modules = [i for i, s in enumerate(subsets) if s.is_module]
-    base, mains = evaluate(model, text, [s.ids for s in subsets], mean_values, batch_size, progress, modules)
+    split = stats.split_prompts(text.n_units, seed, validation_share)
+    test_only = test_only or [False] * len(subsets)
+    base, mains = evaluate(model, text, [s.ids for s in subsets], mean_values, batch_size, progress, modules,
+                           [split.test if t else None for t in test_only])
     return TextResults(text, base, mains, [[] for _ in subsets], stats.bootstrap_weights(text.n_units, seed),
-                       stats.split_prompts(text.n_units, seed, validation_share), [[] for _ in subsets])
+                       split, [[] for _ in subsets])
 
 
 def add_controls(res: TextResults, model, controls: list[list[np.ndarray]], mean_values, batch_size: int,
-                 progress=None, weighted: list[list[np.ndarray]] | None = None):
+                 progress=None, weighted: list[list[np.ndarray]] | None = None, test_only: list[bool] | None = None):
     """Each subset's random controls (id arrays, per subset), and its effect-weighted ones, on the evaluation
-    text."""
+    text; a subset's with test_only[i] on the test part of the units only (where the verdict compares)."""
     weighted = weighted or [[] for _ in controls]
-    flat = [c for cs in controls + weighted for c in cs]
+    test_only = test_only or [False] * len(controls)
+    flat = [(c, t) for cs, t in zip(controls + weighted, test_only + test_only) for c in cs]
     if not flat:
         return
-    _, measured = evaluate(model, res.text, flat, mean_values, batch_size, progress)
+    _, measured = evaluate(model, res.text, [c for c, _ in flat], mean_values, batch_size, progress,
+                           units=[res.split.test if t else None for _, t in flat])
     it = iter(measured)
     res.controls = [[next(it) for _ in cs] for cs in controls]
     res.weighted = [[next(it) for _ in cs] for cs in weighted]
@@ -565,20 +606,22 @@ SUMMARY_METRICS = ("delta_nll", "kl")
 
 def summary_columns(res: TextResults, i: int) -> dict:
     """Subset i's real-text columns of stage e's summary: text_nll (unablated), text_delta_nll and text_kl with
-    bootstrap CIs over the units, and with controls their null (stats.NULL_FIELDS)."""
+    bootstrap CIs over the units, and with controls their null (stats.NULL_FIELDS), on the units the controls
+    were scored on (a method subset's: the test part)."""
     tokens = res.baseline.tokens
+    main = res.mains[i]
     row = {"text_tokens": int(tokens.sum()), "text_nll": res.baseline.mean_nll}
     for name in SUMMARY_METRICS:
-        value = res.mains[i].mean(name, tokens)
+        value = main.mean(name, tokens)
         row[f"text_{name}"] = value
         row[f"text_{name}_ci_low"], row[f"text_{name}_ci_high"] = stats.bootstrap_ci(
-            res.boot, getattr(res.mains[i], name), tokens)
-        if res.controls[i]:
-            null = stats.null_test(value, [c.mean(name, tokens) for c in res.controls[i]])
-            row.update({f"text_{name}_{k}": v for k, v in null.items()})
-        if res.weighted and res.weighted[i]:
-            null = stats.weighted_null(value, [c.mean(name, tokens) for c in res.weighted[i]])
-            row.update({f"text_{name}_{k}": v for k, v in null.items()})
+            res.boot, getattr(main, name), tokens)
+        for ctl, test in ((res.controls[i], stats.null_test), (res.weighted[i] if res.weighted else [],
+                                                                stats.weighted_null)):
+            if ctl:
+                on = ctl[0].scored
+                there = float(getattr(main, name)[on].sum() / tokens[on].sum())
+                row.update({f"text_{name}_{k}": v for k, v in test(there, [c.mean(name, tokens) for c in ctl]).items()})
     return row
 
 

@@ -116,35 +116,39 @@ class RowAblation(NeuronHooks):
     """
     with RowAblation(model, [ids_0, ..., ids_{G-1}], rows): a batch of G * rows sequences, the g-th block of
     `rows` ablating the neurons ids_g (replaced by 0, or by `values` per neuron id): many ablations in one
-    forward pass, one mask per batch row. Hooks go only on layers where some block ablates a neuron.
+    forward pass, one set of neurons per block of rows. `rows` may also list each block's row count. Hooks go
+    only on layers where some block ablates a neuron, and write only the (row, neuron) pairs ablated.
     """
 
-    def __init__(self, model, groups: list[np.ndarray], rows: int, values: np.ndarray | None = None):
+    def __init__(self, model, groups: list[np.ndarray], rows, values: np.ndarray | None = None):
         super().__init__(model)
-        cfg = model.config
+        d_mlp = model.config.d_mlp
         device = next(model.parameters()).device
         dtype = model.transformer.wte.weight.dtype
-        self.masks = {}
-        for g, ids in enumerate(groups):
-            ids = np.asarray(ids, np.int64)
-            for layer in np.unique(ids // cfg.d_mlp):
-                keep = self.masks.setdefault(int(layer), torch.ones(len(groups) * rows, cfg.d_mlp, dtype=torch.bool))
-                keep[g * rows:(g + 1) * rows, torch.as_tensor(ids[ids // cfg.d_mlp == layer] % cfg.d_mlp)] = False
-        self.masks = {layer: m.to(device)[:, None, :] for layer, m in self.masks.items()}
-        self.fill = {layer: (torch.zeros((), dtype=dtype, device=device) if values is None else
-                             torch.tensor(np.asarray(values, np.float64)[layer * cfg.d_mlp:(layer + 1) * cfg.d_mlp],
-                                          dtype=dtype, device=device))
-                     for layer in self.masks}
+        counts = np.full(len(groups), rows, np.int64) if np.ndim(rows) == 0 else np.asarray(rows, np.int64)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        # every (row, neuron) pair ablated: each of a block's rows with each of its neurons
+        row = np.concatenate([np.repeat(np.arange(f, f + c), len(g)) for f, c, g in zip(first, counts, groups)]
+                             + [np.zeros(0, np.int64)])
+        unit = np.concatenate([np.tile(np.asarray(g, np.int64), c) for c, g in zip(counts, groups)]
+                              + [np.zeros(0, np.int64)])
+        fill = np.zeros(len(unit)) if values is None else np.asarray(values, np.float64)[unit]
+        self.pairs = {}
+        for layer in np.unique(unit // d_mlp):
+            at = unit // d_mlp == layer
+            self.pairs[int(layer)] = tuple(torch.as_tensor(a, device=device) for a in (
+                row[at], unit[at] % d_mlp)) + (torch.tensor(fill[at], dtype=dtype, device=device)[:, None],)
 
     def _hook(self, layer):
-        keep, fill = self.masks[layer], self.fill[layer]
+        rows, dims, fill = self.pairs[layer]
 
         def hook(module, inputs, output):
-            return torch.where(keep, output, fill)
+            output.transpose(1, 2).index_put_((rows, dims), fill)  # output[rows[j], :, dims[j]] = fill[j]
+            return output
         return hook
 
     def site_hooks(self):
-        return ((layer, self._hook(layer)) for layer in self.masks)
+        return ((layer, self._hook(layer)) for layer in self.pairs)
 
 
 # --- what a clean pass keeps ------------------------------------------------------------------------------

@@ -388,9 +388,16 @@ def excluded_section(info: dict) -> list[str]:
 def continuation_section(info: dict, n_neurons: int) -> list[str]:
     """With a real-text verdict, the own-continuation comparison as the second table."""
     v, c = info.get("continuation_verdict"), info.get("continuation_comparison")
+    ev = info["evaluation"] or {}
+    if (v is None or not len(v)) and ev.get("own_continuation") is False and ev.get("eval_text"):
+        cost = ev.get("own_continuation_token_forwards")
+        return ["## Own-continuation comparison", "",
+                "Not measured: stage e ran with `--own_continuation 0`, so the subsets were scored on the real text "
+                "only (the prompts' free-running token agreement is still in the summary). `--own_continuation 1` "
+                "adds the original metric, the increase in the loss of the unablated model's own greedy continuations"
+                + (f", at {cost:,} more teacher-forced token-forwards" if cost else "") + ".", ""]
     if v is None or not len(v):
         return []
-    ev = info["evaluation"] or {}
     record = {**(info["record"] or {}).get("continuation_split", {}), "random_controls": (info["record"] or {}).get(
         "random_controls"), "control_subsets": (info["record"] or {}).get("control_subsets")}
     lines = ["## Own-continuation comparison", "",
