@@ -337,3 +337,19 @@ def test_bad_export_inputs():
         graph_json(g, p, pinned=[4])
     with pytest.raises(PipelineError, match="pruning"):
         graph_json(random_graph(0), p)
+
+
+def test_token_strings_from_the_shipped_tokenizer(shipped_path):
+    """With the shipped model's tokenizer, the prompt tokens put together give the prompt back, and the logits'
+    labels name their tokens."""
+    from transformers import AutoTokenizer  # lazy: slow to import, and only this test needs it
+
+    tokenizer = AutoTokenizer.from_pretrained(str(shipped_path))
+    prompt = "To be, or not to be, that is the question"
+    g = random_graph(0, n_pos=len(tokenizer(prompt)["input_ids"]))
+    g.prompt, g.input_tokens = prompt, torch.tensor(tokenizer(prompt)["input_ids"])
+    doc = graph_json(g, prune(g), tokenizer=tokenizer)
+    check_file(doc)
+    assert "".join(doc["metadata"]["prompt_tokens"]) == prompt
+    logits = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
+    assert [n["clerp"].split('"')[1] for n in logits] == [tokenizer.decode([t]) for t in g.logit_tokens.tolist()]
