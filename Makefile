@@ -3,14 +3,21 @@
 # (parcellation_datasets/test_1_tinybard) and in corpus mode (parcellation_datasets/heldout_corpus_tinybard_tinybard).
 VENV ?= .venv
 PY = $(VENV)/bin/python
+TESTDEPS = .testdeps
 
 .PHONY: install test test-fast demo bench model clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(TESTDEPS)/.installed
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	python3 -m venv $(VENV) && $(VENV)/bin/pip install -r requirements.txt -c constraints.txt \
 	  && $(VENV)/bin/pip install --no-deps --no-build-isolation -e . && touch $@
+
+# circuit-tracer, the reference tests/test_circuit_prune.py checks influence, pruning and scores against, in a folder
+# of its own that only that test puts on sys.path, without its dependencies (its pinned older transformers must not
+# enter the venv; the functions it checks against need only torch)
+$(TESTDEPS)/.installed: | $(VENV)/.installed
+	rm -rf $(TESTDEPS) && $(VENV)/bin/pip install --no-deps --target $(TESTDEPS) circuit-tracer==0.5.0 && touch $@
 
 # the test files run in parallel, one file per worker (its module fixtures built once), one worker per core,
 # the longest files first (tests/conftest.py)
