@@ -95,13 +95,19 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
+def kept_influence(graph: NeuronGraph, influence) -> np.ndarray:
+    """A node influence (a tensor or array, per kept neuron or per node) as float64 per kept neuron."""
+    v = (influence.detach().cpu().double().numpy() if isinstance(influence, torch.Tensor)
+         else np.asarray(influence, np.float64))
+    if v.shape not in ((graph.n_kept,), (graph.n_nodes,)):
+        raise PipelineError(f"expected an influence per kept neuron ({graph.n_kept}) or per node ({graph.n_nodes}), "
+                            f"got shape {v.shape}")
+    return v[:graph.n_kept]
+
+
 def top_nodes(graph: NeuronGraph, influence, n: int = TOP_NODES) -> np.ndarray:
-    """The n kept neurons of largest influence (n_kept or n_nodes values), largest first, ties to the earlier."""
-    inf = (influence.detach().cpu().double().numpy() if isinstance(influence, torch.Tensor)
-           else np.asarray(influence, np.float64))[:graph.n_kept]
-    if len(inf) != graph.n_kept:
-        raise PipelineError(f"expected an influence per kept neuron ({graph.n_kept}), got {len(inf)}")
-    return np.argsort(-inf, kind="stable")[:n]
+    """The n kept neurons of largest influence, largest first, ties to the earlier."""
+    return np.argsort(-kept_influence(graph, influence), kind="stable")[:n]
 
 
 @dataclass
@@ -156,8 +162,7 @@ def corpus_agreement(graph: NeuronGraph, influence, corpus: np.ndarray, d_mlp: i
     Spearman correlation of their influence with the corpus `influence` scores (NaN scores, of layers stage d
     left out, are dropped): how typical of the corpus the prompt's circuit is.
     """
-    inf = (influence.detach().cpu().double().numpy() if isinstance(influence, torch.Tensor)
-           else np.asarray(influence, np.float64))[:graph.n_kept]
+    inf = kept_influence(graph, influence)
     ids = (graph.neurons[:, 0] * d_mlp + graph.neurons[:, 2]).numpy()
     if len(ids) and ids.max() >= len(corpus):
         raise PipelineError(f"the corpus scores cover {len(corpus)} neurons, the graph names neuron {ids.max()}")

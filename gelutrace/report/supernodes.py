@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from gelutrace import PipelineError
+from gelutrace.circuit.faithfulness import kept_influence, top_nodes
 from gelutrace.circuit.graph import NeuronGraph
 from gelutrace.files import layout
 from gelutrace.model.tokens import token_text
@@ -32,15 +32,6 @@ SUPERNODE_TOKENS = 3  # top tokens in a supernode's name
 PERMUTATIONS = 9999
 PERMUTATION_BATCH = 1000  # relabellings whose statistic is computed in one bincount
 TIE_RTOL = 1e-12  # a relabelling within this of the observed statistic counts as reaching it
-
-
-def _kept(values, graph: NeuronGraph) -> np.ndarray:
-    """A per-node array (n_kept or n_nodes long) restricted to the kept neurons."""
-    v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    if len(v) not in (graph.n_kept, graph.n_nodes):
-        raise PipelineError(f"expected one value per kept neuron ({graph.n_kept}) or per node ({graph.n_nodes}), "
-                            f"got {len(v)}")
-    return v[:graph.n_kept].astype(np.float64)
 
 
 def neuron_ids(graph: NeuronGraph, d_mlp: int) -> np.ndarray:
@@ -100,7 +91,7 @@ def supernodes(graph: NeuronGraph, influence, modules_of_nodes: np.ndarray, name
                min_nodes: int = 2) -> list[tuple[str, list[int]]]:
     """(name, kept-node indices) per module holding at least `min_nodes` kept nodes, the module with the most
     influence first (ties: lower module number); the nodes in their graph order."""
-    inf = _kept(influence, graph)
+    inf = kept_influence(graph, influence)
     found = [k for k in np.unique(modules_of_nodes) if k >= 0 and (modules_of_nodes == k).sum() >= min_nodes]
     found.sort(key=lambda k: (-inf[modules_of_nodes == k].sum(), k))
     return [(names.get(int(k), f"M{k}"), np.flatnonzero(modules_of_nodes == k).tolist()) for k in found]
@@ -108,7 +99,7 @@ def supernodes(graph: NeuronGraph, influence, modules_of_nodes: np.ndarray, name
 
 def pinned_nodes(graph: NeuronGraph, influence, n: int = 10) -> list[int]:
     """The `n` kept nodes of largest influence, largest first (ties: the earlier node)."""
-    return cards.top_rows(_kept(influence, graph), n).tolist()
+    return top_nodes(graph, influence, n).tolist()
 
 
 # --- concentration ----------------------------------------------------------------------------------------
@@ -177,5 +168,5 @@ def graph_concentration(graph: NeuronGraph, influence, module_of: np.ndarray, d_
     ids = neuron_ids(graph, d_mlp)
     node_modules(graph, module_of, d_mlp)  # the file covers the graph's neurons
     distinct, where = np.unique(ids, return_inverse=True)
-    per_neuron = np.bincount(where, np.abs(_kept(influence, graph)), len(distinct))
+    per_neuron = np.bincount(where, np.abs(kept_influence(graph, influence)), len(distinct))
     return concentration_test(distinct, per_neuron, module_of, permutations, seed)

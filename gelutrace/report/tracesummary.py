@@ -9,9 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from gelutrace.circuit.faithfulness import CorpusAgreement, Faithfulness, predicted_effects, top_nodes, top_target
+from gelutrace.circuit.faithfulness import (
+    CorpusAgreement,
+    Faithfulness,
+    kept_influence,
+    predicted_effects,
+    top_nodes,
+    top_target,
+)
 from gelutrace.circuit.graph import NeuronGraph
 from gelutrace.files import atomic, layout
 from gelutrace.model.tokens import token_text
@@ -43,8 +49,7 @@ def summary_table(s: TraceSummary, tokenizer, top: int = TOP_NEURONS) -> pd.Data
     """The `top` kept neurons of largest influence as layout.TRACE_SUMMARY_COLUMNS rows, most influential first."""
     g = s.graph
     nodes = top_nodes(g, s.influence, top)
-    inf = np.asarray(s.influence.detach().cpu() if isinstance(s.influence, torch.Tensor) else s.influence,
-                     np.float64)[:g.n_kept]
+    inf = kept_influence(g, s.influence)
     predicted = predicted_effects(g) if g.n_logits else np.full(g.n_kept, np.nan)
     measured = np.full(g.n_kept, np.nan)
     if s.faithfulness is not None:
