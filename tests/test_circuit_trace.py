@@ -376,6 +376,36 @@ def dataset(tmp_path_factory, shipped_path):
     return d / "ds"
 
 
+@pytest.fixture(scope="module")
+def corpus_dataset(tmp_path_factory, shipped_path):
+    d = tmp_path_factory.mktemp("trace_corpus")
+    text = (REPO_ROOT / "parcellation_datasets" / "heldout_corpus_tinybard.txt").read_text()[:3000]
+    (d / "text.txt").write_text(text)
+    r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_text",
+                    str(d / "text.txt"), "--export_dir", str(d / "ds"), "--model_type", SHIPPED_NAME,
+                    "--device", "cpu"],
+                   cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    return d / "ds"
+
+
+@pytest.mark.parametrize("mode", ["dataset", "corpus_dataset"])
+def test_examples_without_shades_are_the_cards_examples(mode, request, shipped):
+    data = request.getfixturevalue(mode)
+    ids = np.array([1, 600, 2047, 3000])
+    shaded = cards.neuron_examples(shipped.model, shipped.tokenizer, data, SHIPPED_NAME, ids, 3)
+    plain = cards.neuron_examples(shipped.model, shipped.tokenizer, data, SHIPPED_NAME, ids, 3, shades=False)
+    for a, b in zip(shaded, plain):
+        assert [(e.value, e.sample_id, e.tokens, e.token) for e in a] == [(e.value, e.sample_id, e.tokens, e.token)
+                                                                          for e in b]
+        assert all(len(e.shades) == len(e.tokens) for e in a) and all(len(e.shades) == 0 for e in b)
+    labels = tracelabels.neuron_labels(shipped.model, shipped.tokenizer, make_graph(
+        [[0, 0, 1], [5, 1, 440]], [1.0, 1.0], [1.0, 1.0], 6, 2, np.random.default_rng(0))[0], data, SHIPPED_NAME)
+    d = shipped.model.config.d_mlp
+    card = cards.build_cards(shipped.model, shipped.tokenizer, data, SHIPPED_NAME, np.array([5 * d + 440]), k=2)[0]
+    assert labels[1] == tracelabels.compose_label(5, 440, card.examples, card.promoted)
+
+
 def test_labels_from_a_dataset_agree_with_the_cards_and_look_each_neuron_up_once(dataset, shipped, monkeypatch):
     rng = np.random.default_rng(11)
     neurons = [[0, 0, 1], [2, 1, 17], [0, 3, 1], [5, 2, 400]]  # neuron (0, 1) at two positions
