@@ -151,6 +151,17 @@ NEURONPEDIA_FEATURES = "features/batch-0.jsonl.gz"  # one record per neuron
 NEURONPEDIA_ACTIVATIONS = "activations/batch-0.jsonl.gz"  # one record per top example
 NEURONPEDIA_FILES = (NEURONPEDIA_RELEASE, NEURONPEDIA_MODEL, NEURONPEDIA_SOURCESET, NEURONPEDIA_SOURCE_FILE,
                      NEURONPEDIA_FEATURES, NEURONPEDIA_ACTIVATIONS)
+# a per-prompt neuron graph's summary (gelutrace.report.tracesummary), written as one output set
+TRACE_SUMMARY_MD = "{m}_trace_summary.md"
+TRACE_SUMMARY_CSV = "{m}_trace_summary.csv"  # the top kept neurons by influence, columns TRACE_SUMMARY_COLUMNS
+TRACE_SUMMARY_JSON = "{m}_trace_summary.json"  # the graph's scores, faithfulness and concentration figures
+TRACE_SUMMARY_MANIFEST = "{m}_trace_summary_manifest.json"
+TRACE_SUMMARY_SET = (TRACE_SUMMARY_MD, TRACE_SUMMARY_CSV, TRACE_SUMMARY_JSON)
+# node: the kept neuron's node index in the graph; token: the prompt's token at its position; module: its corpus
+# module (-1: none or no modules file); predicted: the graph's total effect of zeroing it on the top token's
+# demeaned logit; measured: the real model's (empty where not ablated)
+TRACE_SUMMARY_COLUMNS = ["rank", "node", "layer", "position", "dimension", "token", "influence", "activation",
+                         "module", "predicted", "measured", "label"]
 PIPELINE_STAMPS = ".pipeline"  # one {stage}.cmd per stage: the command that made its outputs
 LOCK_FILE = ".gelutrace.lock"  # in a directory a run is writing into: flock'ed while it runs
 

@@ -6,7 +6,7 @@ DirectHooks, StepProgress). Only HFCausalLM's site pre-hooks stay for the model'
 - GeluHooks: a hook on every layer's neuron site (model.gelus(), every family); the recorders build on it.
 - Ablation, RowAblation: the listed neurons' outputs replaced (by 0, or by a value per neuron such as its mean
   activation) at every position of every forward call (Ablation), or a different set of neurons per row of one
-  batch (RowAblation).
+  batch (RowAblation), or one neuron at one position per row (PositionAblation).
 - CleanPass, SiteMeans: what single-neuron effects and edge fidelity keep of a forward pass.
 """
 
@@ -149,6 +149,33 @@ class RowAblation(NeuronHooks):
 
     def site_hooks(self):
         return ((layer, self._hook(layer)) for layer in self.pairs)
+
+
+class PositionAblation(NeuronHooks):
+    """
+    with PositionAblation(model, layers, positions, dims): row r of the batch has neuron dims[r] of layer
+    layers[r] zeroed at position positions[r] (of the forward call's sequence) alone; every other neuron, position
+    and row is untouched. Hooks go only on the layers named.
+    """
+
+    def __init__(self, model, layers, positions, dims):
+        super().__init__(model)
+        device = next(model.parameters()).device
+        layers, positions, dims = (np.asarray(a, np.int64) for a in (layers, positions, dims))
+        self.sites = {int(layer): tuple(torch.as_tensor(a[layers == layer], device=device)
+                                        for a in (np.arange(len(layers)), positions, dims))
+                      for layer in np.unique(layers)}
+
+    def _hook(self, layer):
+        rows, positions, dims = self.sites[layer]
+
+        def hook(module, inputs, output):
+            output[rows, positions, dims] = 0.0
+            return output
+        return hook
+
+    def site_hooks(self):
+        return ((layer, self._hook(layer)) for layer in self.sites)
 
 
 # --- what a clean pass keeps ------------------------------------------------------------------------------

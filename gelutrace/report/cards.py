@@ -47,14 +47,36 @@ class TokenEffect:
 
 
 @torch.no_grad()
+def _output_weights(model, neuron_ids) -> torch.Tensor:
+    """The neurons' output weight vectors times the final layer norm's gain, float64 (n_embd, neurons)."""
+    cfg = model.config
+    ids = np.asarray(neuron_ids, np.int64)
+    bad = ids[(ids < 0) | (ids >= cfg.n_layer * cfg.d_mlp)]
+    if len(bad):
+        raise PipelineError(f"neuron {bad[0]} is outside this model's {cfg.n_layer * cfg.d_mlp} neurons")
+    layers, dims = ids // cfg.d_mlp, ids % cfg.d_mlp
+    w = torch.empty(model.lm_head.weight.shape[1], len(ids), dtype=torch.float64, device=model.lm_head.weight.device)
+    for layer in np.unique(layers):
+        cols = np.flatnonzero(layers == layer)
+        w[:, cols] = model.transformer.h[int(layer)].mlp.c_proj.weight[:, dims[cols]].double()
+    return w * model.transformer.ln_f.weight.double()[:, None]
+
+
+@torch.no_grad()
+def logit_effects(model, neuron_ids) -> np.ndarray:
+    """The neurons' direct logit effects on every token, float64 (vocabulary, neurons): W_U (g * W_out[:, dim])."""
+    return (model.lm_head.weight.double() @ _output_weights(model, neuron_ids)).cpu().numpy()
+
+
+@torch.no_grad()
+def summed_logit_effect(model, neuron_ids) -> np.ndarray:
+    """The summed direct logit effect of a group of neurons all at unit value, float64 (vocabulary,)."""
+    return (model.lm_head.weight.double() @ _output_weights(model, neuron_ids).sum(dim=1)).cpu().numpy()
+
+
 def logit_effect(model, neuron_id: int) -> np.ndarray:
     """The neuron's direct logit effect on every token, float64 (vocabulary,): W_U (g * W_out[:, dim])."""
-    cfg = model.config
-    layer, dim = divmod(int(neuron_id), cfg.d_mlp)
-    if not 0 <= layer < cfg.n_layer:
-        raise PipelineError(f"neuron {neuron_id} is outside this model's {cfg.n_layer * cfg.d_mlp} neurons")
-    w = model.transformer.h[layer].mlp.c_proj.weight[:, dim].double()
-    return (model.lm_head.weight.double() @ (w * model.transformer.ln_f.weight.double())).cpu().numpy()
+    return logit_effects(model, [neuron_id])[:, 0]
 
 
 def has_logit_effect(model) -> bool:
@@ -62,18 +84,41 @@ def has_logit_effect(model) -> bool:
     return hasattr(model, "transformer") and hasattr(model.transformer, "ln_f")
 
 
-@torch.no_grad()
+def direct_logit_effects(model, tokenizer, neuron_ids, n: int = 10, chunk: int = 256
+                         ) -> list[tuple[list[TokenEffect], list[TokenEffect]]]:
+    """
+    direct_logit_effect of many neurons, `chunk` neurons' effects on the whole vocabulary at a time (each one's
+    float64 column is vocabulary x 8 bytes).
+    """
+    ids = np.asarray(neuron_ids, np.int64)
+    out = []
+    for lo in range(0, len(ids), chunk):
+        effect = logit_effects(model, ids[lo:lo + chunk])
+        for c in range(effect.shape[1]):
+            pick = [[TokenEffect(int(i), token_text(tokenizer, i), float(effect[i, c])) for i in top_rows(e, n)]
+                    for e in (effect[:, c], -effect[:, c])]
+            out.append((pick[0], pick[1]))
+    return out
+
+
+def top_rows(values: np.ndarray, n: int) -> np.ndarray:
+    """The indices of the n largest values, largest first, ties to the lower index (a stable sort's order), without
+    sorting the whole vector."""
+    n = min(n, len(values))
+    if n == 0:
+        return np.zeros(0, np.int64)
+    kth = np.partition(values, len(values) - n)[len(values) - n]
+    idx = np.flatnonzero(values >= kth)  # ascending: the stable sort keeps ties in id order
+    return idx[np.argsort(-values[idx], kind="stable")][:n]
+
+
 def direct_logit_effect(model, tokenizer, neuron_id: int, n: int = 10) -> tuple[list[TokenEffect], list[TokenEffect]]:
     """
     (promoted, suppressed): the n tokens whose logits the neuron's output raises most, largest first, and the n
     it lowers most, most lowered first, per unit of post-GELU activation: W_U (g * W_out[:, dim]), g the final
     layer norm's gain. Ties go to the lower token id.
     """
-    effect = logit_effect(model, neuron_id)
-    order = np.argsort(-effect, kind="stable")
-    low = np.argsort(effect, kind="stable")
-    pick = lambda ids: [TokenEffect(int(i), token_text(tokenizer, i), float(effect[i])) for i in ids[:n]]  # noqa: E731
-    return pick(order), pick(low)
+    return direct_logit_effects(model, tokenizer, [neuron_id], n)[0]
 
 
 @dataclass
@@ -282,14 +327,15 @@ def report_neurons(data, m: str, n_neurons: int, per_subset: int = 20, top_effec
 
 
 def _examples_from_sequences(model, tokenizer, seqs: Sequences, neuron_ids: np.ndarray, k: int, batch_size: int,
-                             progress=None) -> list[list[Example]]:
+                             progress=None, shades: bool = True) -> list[list[Example]]:
     """Prompt mode: the top examples found by running the model over the dataset's distinct sequences."""
     values, sample_ids = top_examples(model, seqs, neuron_ids, k, batch_size, progress)
-    shades = context_activations(model, seqs, neuron_ids, sample_ids, batch_size)
+    shaded = (context_activations(model, seqs, neuron_ids, sample_ids, batch_size) if shades else
+              [[np.zeros(0)] * sample_ids.shape[1] for _ in neuron_ids])
     out = []
     for row in range(len(neuron_ids)):
         examples = []
-        for v, s, shade in zip(values[row], sample_ids[row], shades[row]):
+        for v, s, shade in zip(values[row], sample_ids[row], shaded[row]):
             shown = seqs.prefix(int(s))[-layout.CONTEXT_TOKENS:].tolist()
             examples.append(Example(float(v), int(s), [token_text(tokenizer, t) for t in shown], shade,
                                     tokenizer.decode([seqs.token(int(s))])))
@@ -299,7 +345,7 @@ def _examples_from_sequences(model, tokenizer, seqs: Sequences, neuron_ids: np.n
 
 @torch.no_grad()
 def _examples_from_corpus(model, tokenizer, data, m: str, record: dict, neuron_ids: np.ndarray, k: int,
-                          batch_size: int, progress=None) -> list[list[Example]]:
+                          batch_size: int, progress=None, shades: bool = True) -> list[list[Example]]:
     """
     Corpus mode: the top examples stage b streamed ({m}_neuron_top_examples.csv); each context is shaded from one
     forward pass over the windows they lie in, re-read from the corpus (only the documents those windows overlap).
@@ -323,7 +369,7 @@ def _examples_from_corpus(model, tokenizer, data, m: str, record: dict, neuron_i
     tokens = window_tokens(record, tokenizer, windows)
     last = {int(w): int(samples[samples // context == w].max() - w * context) for w in windows}
     values = {}  # (window, position) -> the neurons' values up to the position
-    for lo in range(0, len(windows), batch_size):
+    for lo in range(0, len(windows) if shades else 0, batch_size):
         rows = [int(w) for w in windows[lo:lo + batch_size]]
         per = _selected_values(model, [tokens[w][:last[w] + 1].tolist() for w in rows], neuron_ids)
         for b, w in enumerate(rows):
@@ -339,7 +385,7 @@ def _examples_from_corpus(model, tokenizer, data, m: str, record: dict, neuron_i
             shown = tokens[w][first:pos + 1].tolist()
             nxt = tokens[w][pos + 1:pos + 2].tolist()
             examples.append(Example(float(v), int(s), [token_text(tokenizer, t) for t in shown],
-                                    values[w][first:pos + 1, i], tokenizer.decode(nxt)))
+                                    values[w][first:pos + 1, i] if shades else np.zeros(0), tokenizer.decode(nxt)))
         out.append(examples)
     return out
 
@@ -385,6 +431,19 @@ def dataset_modules(data, m: str, n_neurons: int) -> tuple[np.ndarray, str] | No
     return mf.module_of, p.stem[len(f"{m}_modules_"):]
 
 
+def neuron_examples(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,
+                    progress=None, shades: bool = True) -> list[list[Example]]:
+    """Each neuron's top-activating examples in a stage-b dataset directory of either mode, largest first; without
+    `shades`, each Example's shades are empty (no forward pass beyond those that find the examples)."""
+    record = DatasetDir(data, m).corpus_record()
+    if record is not None:
+        return _examples_from_corpus(model, tokenizer, data, m, record, neuron_ids, k, batch_size, progress, shades)
+    seqs = dataset_sequences(data, m)
+    if not seqs.ids:
+        raise PipelineError(f"{layout.path(data, layout.DATASET, m)} holds no generated tokens: there are no examples")
+    return _examples_from_sequences(model, tokenizer, seqs, neuron_ids, k, batch_size, progress, shades)
+
+
 def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,
                 progress=None, degrees: tuple[np.ndarray, str] | None = None,
                 modules: tuple[np.ndarray, str] | None = None) -> list[Card]:
@@ -400,14 +459,7 @@ def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int =
     effects_p = layout.path(data, layout.NEURON_EFFECTS, m)
     dnll = (formats.read_neuron_column(effects_p, "delta_nll", n, "d_calculate_neuron_effects.py writes it", missing_ok=True)
             if effects_p.is_file() else np.full(n, np.nan))
-    record = DatasetDir(data, m).corpus_record()
-    if record is not None:
-        examples = _examples_from_corpus(model, tokenizer, data, m, record, neuron_ids, k, batch_size, progress)
-    else:
-        seqs = dataset_sequences(data, m)
-        if not seqs.ids:
-            raise PipelineError(f"{layout.path(data, layout.DATASET, m)} holds no generated tokens: there are no examples")
-        examples = _examples_from_sequences(model, tokenizer, seqs, neuron_ids, k, batch_size, progress)
+    examples = neuron_examples(model, tokenizer, data, m, neuron_ids, k, batch_size, progress)
     deg, deg_note = degrees if degrees is not None else (np.full(n, np.nan), "")
     cards = []
     for row, nid in enumerate(neuron_ids):
