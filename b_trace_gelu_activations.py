@@ -6,7 +6,14 @@ Writes into --output_dir: {m}_activations.pkl (flat 0/1 int8 numpy vector over a
 neuron id order), {m}_active_neurons.txt (the active ids, one per line) and {m}_activations.png (one panel
 per layer); prints the active count of every layer and the greedy continuation.
 
+With --graph, also the prompt's neuron attribution graph (which neurons made the model predict its next token,
+through which others): {m}_trace_graph.json in the attribution-graph format Neuronpedia's viewer reads, and its
+summary {m}_trace_summary.md/.csv/.json (the top neurons by influence, the graph's replacement and completeness
+scores, how faithful it is to the real model).
+
     python b_trace_gelu_activations.py --model_type gpt2 --input_text "The quick brown fox" --output_dir activations
+    python b_trace_gelu_activations.py --input_text "To be, or not to be" --graph \
+        --dataset_path parcellation_datasets/test_1_tinybard --modules parcellation_datasets/test_1_tinybard/modules/tinybard_modules_count.csv
 """
 
 import pickle
@@ -19,8 +26,10 @@ from gelutrace.cli import add_model_args, parser, run_main
 from gelutrace.files.atomic import atomic_open, check_output_dir
 from gelutrace.files.layout import TRACE_ACTIVE, TRACE_PLOT, TRACE_VECTOR, path
 from gelutrace.files.plots import plot_trace
+from gelutrace.circuit.graph import TraceSettings
 from gelutrace.model.loading import load_model
 from gelutrace.record.prompts import trace
+from gelutrace.report import tracegraph
 
 
 def main(argv=None):
@@ -31,8 +40,39 @@ def main(argv=None):
     ap.add_argument("--max_num_new_tokens", type=int, default=1,
                     help="greedy tokens to generate and print after the trace; the trace itself is always "
                          "the prediction of the first one (default: %(default)s)")
+    g = ap.add_argument_group("the attribution graph (--graph)")
+    g.add_argument("--graph", action="store_true",
+                   help="also write the prompt's neuron attribution graph (frozen attention and norms: every edge exact "
+                        "for that frozen model) and its summary")
+    defaults = TraceSettings()
+    g.add_argument("--max_nodes", type=int, default=defaults.max_nodes,
+                   help="neurons kept at most, chosen by their influence on the logits (default: %(default)s)")
+    g.add_argument("--node_threshold", type=float, default=defaults.node_threshold,
+                   help="pruning: the nodes kept hold this share of the cumulative influence (default: %(default)s)")
+    g.add_argument("--edge_threshold", type=float, default=defaults.edge_threshold,
+                   help="pruning: the edges kept hold this share of the cumulative influence (default: %(default)s)")
+    g.add_argument("--graph_batch_size", type=int, default=defaults.batch_size,
+                   help="target rows per backward pass (default: %(default)s)")
+    g.add_argument("--dataset_path", default=None,
+                   help="a stage-b dataset of the same model: each neuron is labelled with its top contexts and "
+                        "promoted tokens, and compared with the corpus influence ranking of its stage d")
+    g.add_argument("--modules", default=None, metavar="CSV",
+                   help="a c_find_modules table of the same model ({m}_modules_{weight}.csv): the kept neurons are "
+                        "grouped into supernodes by module, with a permutation test of their concentration")
+    g.add_argument("--faithfulness_nodes", type=int, default=tracegraph.fa.TOP_NODES,
+                   help="the most influential nodes zero-ablated in the real model to check the graph's predicted "
+                        "effects (0: none; default: %(default)s)")
     args = ap.parse_args(argv)
     check_output_dir(args.output_dir, "--output_dir")
+    if not args.graph and any(getattr(args, f) is not None for f in ("dataset_path", "modules")):
+        raise PipelineError("--dataset_path and --modules label and group the graph: give --graph")
+    if not 0 <= args.node_threshold <= 1 or not 0 <= args.edge_threshold <= 1:
+        raise PipelineError("--node_threshold and --edge_threshold must be in [0, 1]")
+    for flag in ("max_nodes", "graph_batch_size"):
+        if getattr(args, flag) < 1:
+            raise PipelineError(f"--{flag} must be at least 1")
+    if args.faithfulness_nodes < 0:
+        raise PipelineError("--faithfulness_nodes must be >= 0")
     if not args.input_text.strip():
         raise PipelineError("--input_text is empty")
     if args.max_num_new_tokens < 0:
@@ -43,6 +83,13 @@ def main(argv=None):
     for layer, row in enumerate(active.reshape(cfg.n_layer, cfg.d_mlp)):
         print(f"layer {layer:2d}: {int(row.sum()):6d} / {cfg.d_mlp} active ({100 * row.mean():.1f}%)")
     print(f"total: {int(active.sum())} / {active.size} active; next tokens: {lm.tokenizer.decode(continuation.tolist())!r}")
+    if args.graph:
+        settings = TraceSettings(args.max_nodes, args.node_threshold, args.edge_threshold,
+                                 batch_size=args.graph_batch_size)
+        request = tracegraph.TraceRequest(args.input_text, args.output_dir, args.dataset_path, args.modules,
+                                          args.faithfulness_nodes)
+        done = tracegraph.run(lm, request, settings)
+        print("\n".join(tracegraph.outcome_lines(done)))
     print(f"written to {args.output_dir}")
 
 

@@ -15,7 +15,8 @@ class PipelineError(Exception):
     """Bad input or an unmet precondition: the scripts print its message as one line and exit non-zero."""
 
 
-API = ("load_model", "record_corpus", "select", "ablate", "neuron_cards", "find_modules", "Dataset", "Ablated", "Cards")
+API = ("load_model", "record_corpus", "select", "ablate", "neuron_cards", "find_modules", "trace", "Dataset", "Ablated",
+       "Cards")
 __all__ = ["PipelineError", *API]
 
 

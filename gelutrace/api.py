@@ -10,6 +10,7 @@ scripts call the same functions). Exported by `gelutrace`:
     res = gt.ablate(lm, sub, eval_text=["eval.txt"], random_controls=20)  # stage e on real text
     gt.neuron_cards(lm, ds, sub.ids).to_html("neurons.html")    # f_render_neuron_cards.py
     mods = gt.find_modules(g)                                   # c_find_modules.py
+    tr = gt.trace(lm, "To be, or not to be", dataset=ds)       # b_trace_gelu_activations.py --graph
 """
 
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from gelutrace import PipelineError
+from gelutrace.circuit.graph import TraceSettings
 from gelutrace.evaluate import ablation as pt
 from gelutrace.evaluate import realtext
 from gelutrace.files import atomic, layout
@@ -31,6 +33,7 @@ from gelutrace.model.loading import LoadedModel, load_model  # noqa: F401  (expo
 from gelutrace.record import corpus as cp
 from gelutrace.report import cards as cd
 from gelutrace.report import neuronpedia as npx
+from gelutrace.report import tracegraph
 from gelutrace.selection import communities as md
 from gelutrace.selection import methods as sel
 
@@ -206,6 +209,32 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
     sub.controls = [pt.random_control(ids, cfg.n_layer, cfg.d_mlp, seed, j) for j in range(random_controls)]
     pt.measure_text_controls(res, lm.model, [sub], None, settings)
     return Ablated(ids, realtext.summary_columns(res, 0), res)
+
+
+def trace(lm: LoadedModel, prompt: str, out_dir=None, dataset: "Dataset | str | None" = None, modules=None,
+          max_nodes: int = 5000, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+          faithfulness_nodes: int = 50, batch_size: int = 64) -> "tracegraph.TraceOutcome":
+    """The prompt's neuron attribution graph (b_trace_gelu_activations.py --graph): written to `out_dir` (default: a
+    new temporary directory) as {m}_trace_graph.json and its summary, and returned (outcome.graph, .pruned,
+    .scores, .summary, .files). `dataset` (a Dataset or a stage-b directory of the model) labels the neurons and
+    compares them with its stage d's corpus ranking; `modules` (a c_find_modules table, {m}_modules_{weight}.csv)
+    groups them into supernodes."""
+
+    _model("trace", lm)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PipelineError("trace needs a prompt: a non-empty string")
+    max_nodes, faithfulness_nodes, batch_size = (_whole("trace", name, v, lo) for name, v, lo in (
+        ("max_nodes", max_nodes, 1), ("faithfulness_nodes", faithfulness_nodes, 0), ("batch_size", batch_size, 1)))
+    thresholds = [_real("trace", name, v) for name, v in (("node_threshold", node_threshold),
+                                                           ("edge_threshold", edge_threshold))]
+    if any(t is None or not 0 <= t <= 1 for t in thresholds):
+        raise PipelineError("trace needs node_threshold and edge_threshold in [0, 1]")
+    data = None if dataset is None else getattr(dataset, "path", None) or _path("trace", "dataset", dataset)
+    mods = None if modules is None else _path("trace", "modules", modules)
+    out = (Path(tempfile.mkdtemp(prefix="gelutrace_")) if out_dir is None
+           else atomic.check_output_dir(_path("trace", "out_dir", out_dir), "out_dir"))
+    settings = TraceSettings(max_nodes, thresholds[0], thresholds[1], batch_size=batch_size)
+    return tracegraph.run(lm, tracegraph.TraceRequest(prompt, out, data, mods, faithfulness_nodes), settings)
 
 
 @dataclass

@@ -142,18 +142,24 @@ def summary_markdown(s: TraceSummary, table: pd.DataFrame, record: dict, m: str)
     return "\n".join(lines + [""])
 
 
-def write_trace_summary(directory, m: str, s: TraceSummary, tokenizer, top: int = TOP_NEURONS) -> list[Path]:
-    """The summary's three files in `directory`, swapped in together (atomic.OutputSet): a failure leaves the
-    earlier summary as it was."""
+def write_trace_summary(directory, m: str, s: TraceSummary, tokenizer, top: int = TOP_NEURONS,
+                        graph_doc: dict | None = None) -> list[Path]:
+    """The summary's three files in `directory` (and with `graph_doc` the graph file, layout.TRACE_GRAPH), swapped
+    in together (atomic.OutputSet): a failure leaves the earlier ones as they were."""
     directory = Path(directory)
     table = summary_table(s, tokenizer, top)
     record = summary_record(s, tokenizer)
     names = [f.format(m=m) for f in layout.TRACE_SUMMARY_SET]
-    with atomic.OutputSet(directory, layout.path(directory, layout.TRACE_SUMMARY_MANIFEST, m), names,
-                          "the trace summary") as out:
+    graph_name = layout.TRACE_GRAPH.format(m=m)
+    with atomic.OutputSet(directory, layout.path(directory, layout.TRACE_SUMMARY_MANIFEST, m), names + [graph_name],
+                          "the trace") as out:
         md, csv, js = (out.dir / n for n in names)
         atomic.write_bytes(summary_markdown(s, table, record, m).encode("utf-8"), md)
         atomic.write_csv(table, csv)
         atomic.write_json(record, js, indent=2)
-        out.vouch([md, csv, js])
-    return [directory / n for n in names]
+        written = [md, csv, js]
+        if graph_doc is not None:
+            atomic.write_json(graph_doc, out.dir / graph_name)
+            written.append(out.dir / graph_name)
+        out.vouch(written)
+    return [directory / p.name for p in written]
