@@ -75,18 +75,19 @@ def _influence(rows: torch.Tensor, sums: torch.Tensor, row_cols: torch.Tensor, n
     """
     n = len(rows)
     scale = 1 / sums.clamp(min=1e-10)
-    block = (rows[:, row_cols].abs() * scale[:, None]).double()  # (n, n - n_logits): row r' = row_cols index
-    w = torch.zeros(n, dtype=torch.float64)
-    w[:n_logits] = probabilities.double()
+    order = torch.argsort(row_cols)  # columns read in increasing order
+    block = rows[:, row_cols[order]].abs_().mul_(scale[:, None])  # (n, n - n_logits)
+    w = torch.zeros(n)
+    w[:n_logits] = probabilities
     total = w.clone()
     for _ in range(n + 1):  # a DAG: w vanishes after at most its depth
-        nxt = torch.zeros(n, dtype=torch.float64)
-        nxt[n_logits:] = w @ block
+        nxt = torch.zeros(n)
+        nxt[n_logits + order] = w @ block
         if not nxt.any():
             break
         w = nxt
         total += w
-    weights = (total * scale.double()).float()
+    weights = total * scale
     influence = torch.zeros(rows.size(1))
     tmp = torch.empty(chunk, rows.size(1))  # one small buffer for |rows|, chunk by chunk
     for i in range(0, n, chunk):
