@@ -127,8 +127,9 @@ def attribute(lm, prompt: str | list[int], settings: TraceSettings = TraceSettin
     with linear.frozen_pass(lm, tokens, B) as fp:
         stats["forward_s"] = time.perf_counter() - t0
         targets = linear.logit_targets(fp, settings.max_logits, settings.logit_probability)
+        probabilities = targets.probabilities.cpu()
         n_logits = len(targets.tokens)
-        rows = torch.zeros(n_logits + max_nodes, n_cand + T)
+        rows = torch.empty(n_logits + max_nodes, n_cand + T)  # every row is written whole by its pass
         sums = torch.zeros(n_logits + max_nodes)  # each row's absolute sum
         row_node = torch.full((n_logits + max_nodes,), -1, dtype=torch.long)  # candidate of each row
         visited = torch.zeros(n_cand, dtype=torch.bool)
@@ -136,7 +137,7 @@ def attribute(lm, prompt: str | list[int], settings: TraceSettings = TraceSettin
         def compute(layers, positions, dims, start, vectors=None):
             t = time.perf_counter()
             fp.rows(layers, positions, dims, vectors, out=rows[start:start + len(layers)])
-            sums[start:start + len(layers)] = rows[start:start + len(layers)].abs().sum(1)
+            sums[start:start + len(layers)] = torch.linalg.vector_norm(rows[start:start + len(layers)], 1, dim=1)
             stats["backward_s"] += time.perf_counter() - t
             stats["passes"].append((len(layers), int(layers.max())))
 
@@ -153,8 +154,7 @@ def attribute(lm, prompt: str | list[int], settings: TraceSettings = TraceSettin
                 pending = torch.arange(n_cand)
             else:
                 t = time.perf_counter()
-                influence = _influence(rows[:st], sums[:st], row_node[n_logits:st], n_logits,
-                                       targets.probabilities)[:n_cand]
+                influence = _influence(rows[:st], sums[:st], row_node[n_logits:st], n_logits, probabilities)[:n_cand]
                 stats["influence_s"] += time.perf_counter() - t
                 rank = torch.argsort(influence, descending=True)
                 pending = rank[~visited[rank]][:min(UPDATE_INTERVAL * B, max_nodes - n_visited)]
@@ -197,7 +197,7 @@ def _assemble(lm, text, tokens, fp, targets, rows, row_node, n_logits, settings)
     for i, r in zip(target_nodes.tolist(), row_of.tolist()):
         adjacency[i, other_start:emb_start] = rows[r, :n_cand].view(n_layers * T, d_mlp).sum(1)
     layer, rest = neurons // (T * d_mlp), neurons % (T * d_mlp)
-    inputs = torch.cat([fp.input_values.flatten()[neurons], targets.inputs])
+    inputs = torch.cat([fp.input_values.flatten()[neurons], targets.inputs]).cpu()
     constants = torch.zeros(n_nodes)
     constants[target_nodes] = (inputs.double() - adjacency[target_nodes].double().sum(1)).float()
     return NeuronGraph(
