@@ -19,6 +19,7 @@ from tqdm import tqdm
 from gelutrace import PipelineError
 from gelutrace.circuit import linear
 from gelutrace.circuit.graph import NeuronGraph, TraceSettings
+from gelutrace.graph.store import available_memory
 
 UPDATE_INTERVAL = 4  # circuit-tracer's update_interval: batches between two rankings
 GiB = 2 ** 30
@@ -57,12 +58,6 @@ def memory_needed(n_layers: int, n_pos: int, d_mlp: int, d_model: int, vocab: in
     }
     parts["total"] = sum(parts.values())
     return parts
-
-
-def available_memory() -> int:
-    import psutil  # lazy: only a trace asks
-
-    return psutil.virtual_memory().available
 
 
 def _influence(rows: torch.Tensor, sums: torch.Tensor, row_cols: torch.Tensor, n_logits: int,
