@@ -261,6 +261,13 @@ def frozen_pass(lm, tokens: torch.Tensor, batch: int):
         counter.attention += 1
         return out.detach()
 
+    def values_only(module, args, out):
+        # model.py's fused query/key/value projection: with the probabilities frozen only the values carry a
+        # gradient, so they get their own product and the backward pass skips the queries' and keys' weights
+        C = out.size(-1) // 3
+        v = F.linear(args[0], module.weight[2 * C:], module.bias[2 * C:])
+        return torch.cat([out[..., :2 * C].detach(), v], -1)
+
     def unembed_hook(module, args):
         captured["unembed_input"] = args[0][:, -1]
 
@@ -271,7 +278,9 @@ def frozen_pass(lm, tokens: torch.Tensor, batch: int):
             p.requires_grad_(False)
         for layer, site in enumerate(model.gelus()):
             handles.append(site.register_forward_hook(site_hook(layer)))
-        if arch != "gpt2":
+        if arch == "gpt2":
+            handles += [block.attn.c_attn.register_forward_hook(values_only) for block in layers]
+        else:
             for layer, block in enumerate(layers):
                 if gated:
                     gate, _ = PRE_ACTIVATION[arch]
