@@ -60,16 +60,14 @@ def run(lm, request: TraceRequest, settings: TraceSettings = TraceSettings(), pr
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
     atomic.check_output_dir(r.output_dir, "--output_dir")
-    data = None
     if r.dataset_path is not None:
-        data = DatasetDir(r.dataset_path, lm.name)
-        data.check(cfg.n_layer, cfg.d_mlp, lm.site)
+        DatasetDir(r.dataset_path, lm.name).check(cfg.n_layer, cfg.d_mlp, lm.site)
     module_file = communities.read_modules(r.modules, n_neurons) if r.modules is not None else None
     graph = attribute(lm, r.prompt, settings, progress)
     pruned = prune(graph)
     scores = graph_scores(graph)
     influence = pruned.node_influence.cpu().numpy()
-    labels = tracelabels.neuron_labels(lm.model, lm.tokenizer, graph, data, lm.name)
+    labels = tracelabels.neuron_labels(lm.model, lm.tokenizer, graph, r.dataset_path, lm.name)
     modules = names = groups = None
     concentration = None
     if module_file is not None:
