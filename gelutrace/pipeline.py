@@ -30,7 +30,7 @@ from pathlib import Path
 
 from gelutrace import PipelineError
 from gelutrace.cli import run_main
-from gelutrace.files import atomic, layout
+from gelutrace.files import atomic, formats, layout
 from gelutrace.files.corpusfiles import corpus_files
 from gelutrace.graph import coactivation as gr
 from gelutrace.graph import store as gs
@@ -103,6 +103,10 @@ Options (or environment variables):
   --mean_ablation_top N           MEAN_ABLATION_TOP: stage e also measures each k's N best methods with each
                                   neuron replaced by its mean over the selection data, the first with its own
                                   controls: whether the order holds (needs EVAL_TEXT; default 2 with it, else 0)
+  --trace N                       TRACE: the per-prompt attribution graphs of the first N evaluation prompts
+                                  (b_trace_gelu_activations.py --graph, labelled from the dataset, grouped by
+                                  the count modules) in DATASET_DIR/traces/, in the report (default 3 for a
+                                  shipped model, else 0)
   --own_continuation 0|1          OWN_CONTINUATION: stage e also measures every subset and control teacher-
                                   forced along the model's own continuations of the evaluation prompts (default
                                   0 with EVAL_TEXT, whose verdict is the real text's; 1 without it)
@@ -166,6 +170,7 @@ RUN_OPTIONS = {
     "--random_controls": ("RANDOM_CONTROLS", "30"), "--modules_top": ("MODULES_TOP", "1"),
     "--module_controls": ("MODULE_CONTROLS", "20"), "--exclude_layers": ("EXCLUDE_LAYERS", "0"),
     "--mean_ablation_top": ("MEAN_ABLATION_TOP", ""), "--own_continuation": ("OWN_CONTINUATION", ""),
+    "--trace": ("TRACE", ""),
 }
 SWEEP_OPTIONS = {
     "--thresholds": ("THRESHOLDS", "0.5 0.7 0.8 0.9"), "--ratios": ("RATIOS", "0.01 0.02 0.05 0.1"), "--ks": ("KS", ""),
@@ -377,6 +382,7 @@ class Run:
     module_controls: str
     mean_ablation_top: str
     own_continuation: str  # "0" or "1"
+    trace: str  # the evaluation prompts traced
     exclude_layers: str  # "none": no layer
     force: bool
 
@@ -390,9 +396,9 @@ def settings(argv: list[str]) -> Run:
     if v["RATIOS"] and v["KS"]:
         raise PipelineError("give --ks or --ratios, not both")
     for flag in ("--effect_tokens", "--fidelity_tokens", "--random_controls", "--modules_top", "--module_controls",
-                 "--mean_ablation_top"):
+                 "--mean_ablation_top", "--trace"):
         value = v[RUN_OPTIONS[flag][0]]
-        if not re.fullmatch(r"[0-9]+", value) and not (flag == "--mean_ablation_top" and value == ""):
+        if not re.fullmatch(r"[0-9]+", value) and not (flag in ("--mean_ablation_top", "--trace") and value == ""):
             raise PipelineError(f"{flag} must be a whole number, got '{value}'")
     for flag in ("--effect_tokens", "--fidelity_tokens"):
         if int(v[RUN_OPTIONS[flag][0]]) == 0:
@@ -458,7 +464,8 @@ def settings(argv: list[str]) -> Run:
             random_controls=v["RANDOM_CONTROLS"], control_subsets=v["CONTROL_SUBSETS"],
             modules_top=v["MODULES_TOP"], module_controls=v["MODULE_CONTROLS"], exclude_layers=v["EXCLUDE_LAYERS"],
             mean_ablation_top=str(int(v["MEAN_ABLATION_TOP"] or ("0" if eval_text == "none" else "2"))),
-            own_continuation=v["OWN_CONTINUATION"] or ("1" if eval_text == "none" else "0"), force=v["FORCE"] == "1")
+            own_continuation=v["OWN_CONTINUATION"] or ("1" if eval_text == "none" else "0"),
+            trace=str(int(v["TRACE"] or ("3" if shipped else "0"))), force=v["FORCE"] == "1")
     check_combinations(s)
     whole("--eval_tokens", s.eval_tokens, 1)
     for d in [s.data] + ([f"{s.data}_shards"] if s.text else []):
@@ -581,6 +588,13 @@ def stages(s: Run) -> Iterator[Stage]:
     yield Stage("cards", f"{d}/{layout.CARDS_DIR}/{layout.CARDS_HTML}", [script(
         "f_render_neuron_cards.py", "--dataset_path", d, "--model_type", s.model, "--device", s.device,
         "--neurons", "report")])
+    if int(s.trace):
+        prompts = formats.read_prompts(s.eval_csv)[:int(s.trace)]
+        module_csv = f"{d}/{layout.MODULES_DIR}/" + layout.MODULES.format(m=m, weight="count")
+        yield Stage("trace", f"{d}/{layout.TRACES_DIR}/{len(prompts) - 1}/" + layout.TRACE_GRAPH.format(m=m), [script(
+            "b_trace_gelu_activations.py", "--model_type", s.model, "--device", s.device, "--input_text", p.text,
+            "--output_dir", f"{d}/{layout.TRACES_DIR}/{i}", "--graph", "--dataset_path", d, "--modules", module_csv)
+            for i, p in enumerate(prompts)], ["trace", s.trace], inputs=("eval",), clear=f"{d}/{layout.TRACES_DIR}")
     source = ["--input_text", s.text] if s.text else ["--input_csv", s.csv]
     yield Stage("report", None, [script(
         "-m", "gelutrace.report", d, "--model_type", s.model, *source, "--eval_csv", s.eval_csv, "--eval_text",

@@ -423,8 +423,9 @@ def test_the_stage_table_gives_the_shell_drivers_commands_and_stamps(tmp_path, c
     the sweep the prompt CSV, INPUT_CSV, whose halves it records; in both modes the default methods now include
     the graph-free baselines direct_loss and magnitude, and it also ranks without layer 0, EXCLUDE_LAYERS, so that
     stage e also measures those subsets, ..._x0_k{k}.npy; with real text, stage e now also runs the mean-ablation
-    check, --mean_ablation_top 2, and leaves out the own-continuation metric, --own_continuation 0); and a
-    directory with these stamps is up to date."""
+    check, --mean_ablation_top 2, and leaves out the own-continuation metric, --own_continuation 0; and it traces
+    the first 3 evaluation prompts after the cards, a stage the shell driver did not have); and a directory with
+    these stamps is up to date."""
     flags, name = DEMO[mode]
     data = tmp_path / name
     assert pipeline.settings([*flags, M, CSV]).data == f"{REPO_ROOT}/parcellation_datasets/{name}"  # the demo's
@@ -451,7 +452,7 @@ def test_the_stage_table_gives_the_shell_drivers_commands_and_stamps(tmp_path, c
     assert [w[2] for w in stages.ran] == ["gelutrace.report"]
 
 
-STAGES = ["a", "b", "effects", "c", "fidelity", "c_analyze", "modules", "d", "e", "cards"]
+STAGES = ["a", "b", "effects", "c", "fidelity", "c_analyze", "modules", "d", "e", "cards", "trace"]
 # a change -> the stages that rerun: those whose stamp holds the setting (or an input's digest), and every later one
 RERUNS = [([], []), (["--random_controls", "5"], STAGES[8:]), (["--control_subsets", "all"], STAGES[8:]),
           (["--eval_tokens", "100"], STAGES[8:]), (["--module_controls", "3"], STAGES[8:]),

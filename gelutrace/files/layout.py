@@ -152,6 +152,7 @@ NEURONPEDIA_ACTIVATIONS = "activations/batch-0.jsonl.gz"  # one record per top e
 NEURONPEDIA_FILES = (NEURONPEDIA_RELEASE, NEURONPEDIA_MODEL, NEURONPEDIA_SOURCESET, NEURONPEDIA_SOURCE_FILE,
                      NEURONPEDIA_FEATURES, NEURONPEDIA_ACTIVATIONS)
 # a per-prompt neuron graph's summary (gelutrace.report.tracesummary), written as one output set
+TRACES_DIR = "traces"  # run_pipeline.sh --trace N: b_trace --graph of evaluation prompt i in traces/{i}/
 TRACE_GRAPH = "{m}_trace_graph.json"  # the attribution graph in Neuronpedia's format (its graph-schema.json)
 TRACE_SUMMARY_MD = "{m}_trace_summary.md"
 TRACE_SUMMARY_CSV = "{m}_trace_summary.csv"  # the top kept neurons by influence, columns TRACE_SUMMARY_COLUMNS

@@ -655,6 +655,53 @@ def modules_section(info: dict, data: Path) -> list[str]:
     return lines
 
 
+def trace_section(data: Path, m: str) -> list[str]:
+    """With run_pipeline.sh --trace N: each traced prompt's top neurons by influence on its next token, the graph's
+    scores and how faithful it is to the real model and typical of the corpus."""
+    runs = sorted((p for p in (data / layout.TRACES_DIR).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+    runs = [p for p in runs if layout.path(p, layout.TRACE_SUMMARY_JSON, m).is_file()]
+    if not runs:
+        return []
+    lines = ["## Per-prompt graphs", "",
+             "For each traced evaluation prompt: which neurons made the model predict its next token, through which "
+             "others (`b_trace_gelu_activations.py --graph`: attention patterns and normalisation scales frozen at "
+             "the prompt's values, every edge exact for that frozen model; kept neurons chosen by influence on the "
+             "top logits as circuit-tracer does). The replacement and completeness scores are circuit-tracer's, with "
+             "the neurons not kept (\"other neurons\") in the role of its error nodes. Faithfulness: the 50 most "
+             "influential nodes zeroed one at a time in the real model, the change of the top logit against the "
+             "graph's prediction. Against the corpus: the Spearman correlation of the prompt's top neurons' influence "
+             "with their corpus `influence` score (how typical the prompt is). Modules: whether the influence "
+             "concentrates in few corpus modules, against random modules of the same sizes.", ""]
+    for run in runs:
+        rec = json.loads(layout.path(run, layout.TRACE_SUMMARY_JSON, m).read_text())
+        table = pd.read_csv(layout.path(run, layout.TRACE_SUMMARY_CSV, m), keep_default_na=False).head(10)
+        f, c, k = rec.get("faithfulness"), rec.get("corpus"), rec.get("concentration")
+        facts = [f"{rec['kept_neurons']:,} neurons kept; next token "
+                 f"{markdown.escape(markdown.token_cell(str(rec['top_token'])))} "
+                 f"(p = {rec['top_probability']:.3g}); replacement score {rec['replacement_score']:.3f}, "
+                 f"completeness {rec['completeness_score']:.3f}"]
+        if f:
+            facts.append(f"faithfulness: Spearman {f['spearman']:.3f}, signs agree for {100 * f['sign_agreement']:.0f} % "
+                         f"of the {f['nodes']} most influential nodes")
+        if c and c.get("spearman") is not None:
+            facts.append(f"against the corpus ranking: Spearman {c['spearman']:.3f} (median corpus rank "
+                         f"{c['median_corpus_rank']:.0f})")
+        if k:
+            facts.append(f"modules: {k['effective_modules']:.2f} effective modules against "
+                         f"{k['null_effective_modules']:.2f} at random (permutation p = {k['p_value']:.3g})")
+        rel = (run / layout.TRACE_GRAPH.format(m=m)).relative_to(data).as_posix()
+        lines += [f"### {markdown.escape(markdown.visible(rec['prompt']))}", "", "; ".join(facts) +
+                  f". Graph file: [{markdown.escape(rel)}]({markdown.url(rel)}).", ""]
+        shown = pd.DataFrame({"rank": table["rank"], "neuron": [f"L{a}/N{b}" for a, b in zip(table["layer"],
+                                                                                            table["dimension"])],
+                              "position": table["position"],
+                              "token": [markdown.token_cell(str(t)) for t in table["token"]],
+                              "influence": table["influence"], "module": table["module"],
+                              "label": [markdown.visible(str(x)) for x in table["label"]]})
+        lines += [md_table(shown), ""]
+    return lines
+
+
 def write_report(data: Path, params: dict) -> str:
     info = collect(data)
     m = info["m"]
@@ -672,10 +719,12 @@ def write_report(data: Path, params: dict) -> str:
     lines += breakdown_section(info)
     lines += modules_section(info, data)
     lines += continuation_section(info, int(meta["num_neurons"]))
+    lines += trace_section(data, m)
     lines += cards_section(data)
     lines += ["## Parameters", "", md_table(pd.DataFrame(list(params.items()), columns=["parameter", "value"])), ""]
     if info["commands"]:
-        commands = [c for k in ("a", "b", "effects", "c", "fidelity", "c_analyze", "modules", "d", "e", "cards")
+        commands = [c for k in ("a", "b", "effects", "c", "fidelity", "c_analyze", "modules", "d", "e", "cards",
+                                "trace")
                     for c in info["commands"].get(k, [])]
         fence = markdown.fence(commands)
         lines += ["Commands, in order (rerun them to reproduce this report):", "", fence, *commands, fence, ""]

@@ -12,7 +12,8 @@ from gelutrace.circuit.graph import NeuronGraph
 from gelutrace.files.dataset import DatasetDir
 from gelutrace.report import cards, markdown
 
-LABEL_CONTEXTS = 2  # top-activating contexts per label
+LABEL_CONTEXTS = 2  # distinct top-activating contexts per label ...
+LABEL_EXAMPLES = 10  # ... among this many top examples
 LABEL_CONTEXT_TOKENS = 3  # tokens shown of each, ending at the one the neuron fires on
 LABEL_CONTEXT_CHARS = 24  # a longer context keeps its end
 LABEL_TOKENS = 3  # most promoted tokens (direct logit effect)
@@ -32,7 +33,8 @@ def compose_label(layer: int, dim: int, examples: list[cards.Example], promoted:
     """`L3/N17 "a big[ dog]" "the[ cat]" → " bark" " ran"`: the plain label, the end of each top context with the
     token the neuron fires on in brackets, then the tokens it promotes most."""
     parts = [plain_label(layer, dim)]
-    parts += [f'"{_context(e.tokens)}"' for e in examples[:LABEL_CONTEXTS] if e.tokens]
+    contexts = dict.fromkeys(_context(e.tokens) for e in examples if e.tokens)  # a prompt's samples share contexts
+    parts += [f'"{c}"' for c in list(contexts)[:LABEL_CONTEXTS]]
     if promoted:
         parts.append("→ " + " ".join(f'"{markdown.visible(t.token)}"' for t in promoted[:LABEL_TOKENS]))
     return " ".join(parts)
@@ -55,7 +57,7 @@ def neuron_labels(model, tokenizer, graph: NeuronGraph, data=None, m: str | None
     cfg = model.config
     DatasetDir(data, m).check(cfg.n_layer, cfg.d_mlp)
     ids, where = np.unique(layer * cfg.d_mlp + dim, return_inverse=True)
-    examples = cards.neuron_examples(model, tokenizer, data, m, ids, LABEL_CONTEXTS, batch_size, progress,
+    examples = cards.neuron_examples(model, tokenizer, data, m, ids, LABEL_EXAMPLES, batch_size, progress,
                                      shades=False)
     effects = (cards.direct_logit_effects(model, tokenizer, ids, LABEL_TOKENS) if cards.has_logit_effect(model)
                else [([], [])] * len(ids))
