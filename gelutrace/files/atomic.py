@@ -500,8 +500,9 @@ def manifest_lists(manifest, name: str) -> bool:
 
 
 def write_json(obj, target, indent=None):
+    text = json.dumps(obj, indent=indent)  # dumps, not dump: without indent only the one-shot call uses the C encoder
     with atomic_open(target, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent)
+        f.write(text)
         f.write("\n")
 
 

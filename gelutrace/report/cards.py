@@ -91,11 +91,15 @@ def direct_logit_effects(model, tokenizer, neuron_ids, n: int = 10, chunk: int =
     float64 column is vocabulary x 8 bytes).
     """
     ids = np.asarray(neuron_ids, np.int64)
-    out = []
+    out, text = [], {}  # each token id decoded once: neurons promote the same tokens
+
+    def name(i: int) -> str:
+        return text[i] if i in text else text.setdefault(i, token_text(tokenizer, i))
+
     for lo in range(0, len(ids), chunk):
         effect = logit_effects(model, ids[lo:lo + chunk])
         for c in range(effect.shape[1]):
-            pick = [[TokenEffect(int(i), token_text(tokenizer, i), float(effect[i, c])) for i in top_rows(e, n)]
+            pick = [[TokenEffect(int(i), name(int(i)), float(effect[i, c])) for i in top_rows(e, n)]
                     for e in (effect[:, c], -effect[:, c])]
             out.append((pick[0], pick[1]))
     return out
@@ -333,12 +337,13 @@ def _examples_from_sequences(model, tokenizer, seqs: Sequences, neuron_ids: np.n
     shaded = (context_activations(model, seqs, neuron_ids, sample_ids, batch_size) if shades else
               [[np.zeros(0)] * sample_ids.shape[1] for _ in neuron_ids])
     out = []
+    text = {}  # each token id decoded once: many neurons share contexts
     for row in range(len(neuron_ids)):
         examples = []
         for v, s, shade in zip(values[row], sample_ids[row], shaded[row]):
             shown = seqs.prefix(int(s))[-layout.CONTEXT_TOKENS:].tolist()
-            examples.append(Example(float(v), int(s), [token_text(tokenizer, t) for t in shown], shade,
-                                    tokenizer.decode([seqs.token(int(s))])))
+            tokens = [text[t] if t in text else text.setdefault(t, token_text(tokenizer, t)) for t in shown]
+            examples.append(Example(float(v), int(s), tokens, shade, tokenizer.decode([seqs.token(int(s))])))
         out.append(examples)
     return out
 
