@@ -39,8 +39,8 @@ def pipeline(tmp_path_factory, shipped_path):
     # the original's ratios and the own-continuation metric, every subset with controls (real text: corpus test)
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3 0.8", "--ratios", "0.01 0.05",
            "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held),
-           "--eval_text", "none", "--control_subsets", "all", "--modules_top", "1", "--module_controls", "2", M,
-           str(csv), str(data)]
+           "--eval_text", "none", "--control_subsets", "all", "--modules_top", "1", "--module_controls", "2",
+           "--trace", "1", M, str(csv), str(data)]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     second = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -151,7 +151,10 @@ def test_report_and_summary(pipeline):
         "a_generate_gelu_graph.py", "b_generate_activation_dataset.py", "c_calculate_weighted_activation_graph.py",
         "c_measure_edge_fidelity.py", "c_analyze_weighted_activation_graph.py", "c_find_modules.py",
         "c_find_modules.py", "d_calculate_perturbation_subset.py", "d_calculate_perturbation_subset.py",
-        "e_generate_perturbed_results.py", "f_render_neuron_cards.py"]
+        "e_generate_perturbed_results.py", "f_render_neuron_cards.py", "b_trace_gelu_activations.py"]
+    # the first evaluation prompt traced: its graph file, and its section in the report
+    assert layout.path(data / layout.TRACES_DIR / "0", layout.TRACE_GRAPH, M).is_file()
+    assert "## Per-prompt graphs" in report and "### To be, or not" in report and "faithfulness: Spearman" in report
     (sweep,) = [c for c in commands if not c.startswith("python ")]
     assert sweep.startswith("env THRESHOLDS=0.3\\ 0.8 RATIOS=0.01\\ 0.05 ")
     assert "./d_batch_perturbation_calculate.sh" in sweep
@@ -174,7 +177,7 @@ def test_report_and_summary(pipeline):
     assert "verdict:" in out
     ordinals = re.findall(r"(\d+)(st|nd|rd|th) percentile", out)
     assert ordinals and all(n + suffix == ordinal(int(n)) for n, suffix in ordinals)
-    assert second.count("up to date") == 9  # nothing reran (a, b, c, fidelity, c_analyze, modules, d, e, cards)
+    assert second.count("up to date") == 10  # nothing reran (a, b, c, fidelity, c_analyze, modules, d, e, cards, trace)
     assert report.index("## Method comparison") < report.index("## Neuron cards") < report.index("## Parameters")
     assert f"]({layout.CARDS_DIR}/{layout.CARDS_HTML})" in report and (data / layout.CARDS_DIR / layout.CARDS_HTML).is_file()
     # the modules of both weights, the largest of each ablated (own continuations: no eval text), its card
