@@ -19,7 +19,7 @@ each prompt once; tokens delivered: all 5 samples of each prompt), the hook over
 interleaved repeats in the same process, best of --repeats), the whole stage-e computation (generation of
 both plus the teacher-forced metric passes) and the peak RSS.
 
-    .venv/bin/python bench/bench_perturbation.py [--device cpu] [--repeats 7] [--checkpoint DIR] [--controls 30]
+    .venv/bin/python bench/bench_perturbation.py [--device cpu] [--repeats 7] [--checkpoint DIR] [--controls 30] [--plan_only]
 """
 
 import argparse
@@ -136,10 +136,12 @@ def text_cost(lm, n_conditions: int, eval_tokens: int, context: int, batch_size:
     return t / n_conditions / text.scored * 1000, text.scored
 
 
-# the demo's stage e in prompt mode (run_pipeline.sh's defaults): subsets and modules scored on every unit, the
-# method subsets' random controls (30 for each k's winner) and the mean-ablation check (2 methods + 30 controls
-# per k) on the test part only; before, every condition on every unit and along the prompts' own continuations
-DEMO_PLAN = {"subsets": 123, "module controls": 80, "method controls": 240, "mean-ablation check": 256}
+# the demo's stage e in prompt mode (run_pipeline.sh's defaults): the subsets scored on every unit; those ranked
+# without layer 0, every control (30 for each k's winner, 20 + 20 per module) and the mean-ablation check (2 methods
+# + 30 controls per k) on the test part only. Before, every condition on every unit and along the prompts' own
+# continuations, and no mean-ablation check
+DEMO_PLAN = {"subsets": 91, "subsets without layer 0": 32, "module controls": 80, "method controls": 240,
+             "mean-ablation check": 256}
 
 
 def plan_cost(lm, n_conditions: int, eval_tokens: int, batch_size: int, seed: int = 0) -> dict:
@@ -170,6 +172,23 @@ def plan_cost(lm, n_conditions: int, eval_tokens: int, batch_size: int, seed: in
             "tokens": text.scored, "test_tokens": int(np.isin(text.unit, test).sum()), "forced_tokens": forced_tokens}
 
 
+def print_plan(plan: dict):
+    """The demo's stage e plan (DEMO_PLAN) before and after, from the per-condition costs of plan_cost."""
+    print(f"the demo's stage e plan, shipped model (prompt mode: {', '.join(f'{n} {k}' for k, n in DEMO_PLAN.items())}), "
+          f"per condition: real text on every unit {plan['every']:.3f} s ({plan['tokens']:,} tokens, "
+          f"{plan['tokens'] / plan['every']:,.0f} token-forwards/s), on the test part {plan['test']:.3f} s "
+          f"({plan['test_tokens']:,} tokens, {plan['test_tokens'] / plan['test']:,.0f} token-forwards/s), own "
+          f"continuations {plan['forced']:.3f} s ({plan['forced_tokens']:,} tokens, "
+          f"{plan['forced_tokens'] / plan['forced']:,.0f} token-forwards/s)")
+    per = plan["every"] + plan["forced"]
+    before = (sum(DEMO_PLAN.values()) - DEMO_PLAN["mean-ablation check"]) * per
+    before_check = before + DEMO_PLAN["mean-ablation check"] * per
+    after = DEMO_PLAN["subsets"] * plan["every"] + (sum(DEMO_PLAN.values()) - DEMO_PLAN["subsets"]) * plan["test"]
+    print(f"  before (every condition on every unit and on the own continuations): {before:.0f} s, with the "
+          f"mean-ablation check {before_check:.0f} s; after (controls and the check on the test part, no own "
+          f"continuations): {after:.0f} s with the check ({before_check / after:.2f}x less)")
+
+
 def demo_stage_e(dataset: Path) -> float | None:
     """Seconds of the demo run's stage e (its recorded command) rerun on a copy of its dataset; None without one."""
     import shlex
@@ -198,8 +217,13 @@ def main():
     ap.add_argument("--controls", type=int, default=30, help="random controls per subset (default: %(default)s)")
     ap.add_argument("--checkpoint", help="checkpoint directory to use, built there first if it has no config.json "
                                          "(default: built in a temporary directory)")
+    ap.add_argument("--plan_only", action="store_true",
+                    help="only the demo's stage e plan, before and after, on the shipped model (about a minute)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    if args.plan_only:
+        print_plan(plan_cost(load_model("tinybard", args.device), 16, 8000, args.batch_size))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "gpt2small-random"
@@ -271,19 +295,7 @@ def main():
               f"({single / batched:.2f}x the batched time)")
     print(f"real text, shipped model: {demo_text[0]:.3f} s per subset or control per 1,000 scored tokens "
           f"(16 together over {demo_text[1]} tokens of {EVAL_TEXT.name}, the unablated pass included)")
-    print(f"the demo's stage e plan, shipped model (prompt mode: {', '.join(f'{n} {k}' for k, n in DEMO_PLAN.items())}), "
-          f"per condition: real text on every unit {plan['every']:.3f} s ({plan['tokens']:,} tokens, "
-          f"{plan['tokens'] / plan['every']:,.0f} token-forwards/s), on the test part {plan['test']:.3f} s "
-          f"({plan['test_tokens']:,} tokens, {plan['test_tokens'] / plan['test']:,.0f} token-forwards/s), own "
-          f"continuations {plan['forced']:.3f} s ({plan['forced_tokens']:,} tokens, "
-          f"{plan['forced_tokens'] / plan['forced']:,.0f} token-forwards/s)")
-    whole = DEMO_PLAN["subsets"] + DEMO_PLAN["module controls"]
-    before = (whole + DEMO_PLAN["method controls"]) * (plan["every"] + plan["forced"])
-    before_check = before + DEMO_PLAN["mean-ablation check"] * (plan["every"] + plan["forced"])
-    after = whole * plan["every"] + (DEMO_PLAN["method controls"] + DEMO_PLAN["mean-ablation check"]) * plan["test"]
-    print(f"  before (every condition on every unit and on the own continuations): {before:.0f} s, with the "
-          f"mean-ablation check {before_check:.0f} s; after (controls and the check on the test part, no own "
-          f"continuations): {after:.0f} s with the check ({before_check / after:.2f}x less)")
+    print_plan(plan)
     per_token = gpt2_text[0] / 1000
     d, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size
     flops = 2 * (12 * L * d * d + d * V) + 2 * L * T * d  # per token: weights, unembedding, attention (mean)
