@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from gelutrace import PipelineError
+from gelutrace.circuit.graph import TraceSettings
 from gelutrace.cli import add_model_args, parser, run_main
 from gelutrace.files.atomic import atomic_open, check_output_dir
 from gelutrace.files.layout import TRACE_ACTIVE, TRACE_PLOT, TRACE_VECTOR, path
 from gelutrace.files.plots import plot_trace
-from gelutrace.circuit.graph import TraceSettings
 from gelutrace.model.loading import load_model
 from gelutrace.record.prompts import trace
 from gelutrace.report import tracegraph

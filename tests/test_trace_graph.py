@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT, SHIPPED_NAME, run_python
 from gelutrace.files import layout
+
+from conftest import REPO_ROOT, SHIPPED_NAME, run_python
 
 SCHEMA = Path(__file__).resolve().parent / "data" / "neuronpedia_graph" / "graph-schema.json"
 PROMPT = "KING HENRY. Now, lords, for France"
