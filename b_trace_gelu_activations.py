@@ -78,6 +78,10 @@ def main(argv=None):
     if args.max_num_new_tokens < 0:
         raise PipelineError("--max_num_new_tokens must be >= 0")
     lm = load_model(args.model_type, args.device)
+    if args.graph:
+        request = tracegraph.TraceRequest(args.input_text, args.output_dir, args.dataset_path, args.modules,
+                                          args.faithfulness_nodes)
+        tracegraph.check_inputs(lm, request)  # before any file is written
     active, continuation = run(lm, args)
     cfg = lm.model.config
     for layer, row in enumerate(active.reshape(cfg.n_layer, cfg.d_mlp)):
@@ -86,8 +90,6 @@ def main(argv=None):
     if args.graph:
         settings = TraceSettings(args.max_nodes, args.node_threshold, args.edge_threshold,
                                  batch_size=args.graph_batch_size)
-        request = tracegraph.TraceRequest(args.input_text, args.output_dir, args.dataset_path, args.modules,
-                                          args.faithfulness_nodes)
         done = tracegraph.run(lm, request, settings)
         print("\n".join(tracegraph.outcome_lines(done)))
     print(f"written to {args.output_dir}")

@@ -105,3 +105,16 @@ def test_bad_graph_input_is_one_error_line(tmp_path, args, message):
                "--output_dir", tmp_path / "out", *args)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_modules_table_of_another_model_is_refused_before_any_file(tmp_path):
+    """A c_find_modules table of a model 360 neurons wide (tinyllama-bard's width) for the 512-wide shipped model."""
+    table = tmp_path / "other_modules_count.csv"
+    rows = [(layer * 360 + dim, layer, dim, 0) for layer in (0, 1) for dim in (3, 200)]
+    pd.DataFrame(rows, columns=layout.MODULES_COLUMNS).to_csv(table, index=False)
+    table.with_suffix(".json").write_text(json.dumps({"model": "other", "sizes": [len(rows)]}))
+    out = tmp_path / "out"
+    r = script("b_trace_gelu_activations.py", "--model_type", SHIPPED_NAME, "--device", "cpu", "--input_text", PROMPT,
+               "--output_dir", out, "--graph", "--modules", table)
+    assert r.returncode == 2 and "360 neurons per layer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -54,15 +54,30 @@ def corpus_ranking(dataset_path, m: str, n_neurons: int) -> np.ndarray | None:
         return None
 
 
-def run(lm, request: TraceRequest, settings: TraceSettings = TraceSettings(), progress: bool = True) -> TraceOutcome:
-    """The prompt's graph with a loaded model, written to request.output_dir as one output set."""
+def check_inputs(lm, request: TraceRequest):
+    """The request's output directory, dataset and modules table checked against the model before any work;
+    returns the modules table (communities.ModuleFile) or None."""
     r = request
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
     atomic.check_output_dir(r.output_dir, "--output_dir")
     if r.dataset_path is not None:
         DatasetDir(r.dataset_path, lm.name).check(cfg.n_layer, cfg.d_mlp, lm.site)
-    module_file = communities.read_modules(r.modules, n_neurons) if r.modules is not None else None
+    if r.modules is None:
+        return None
+    module_file = communities.read_modules(r.modules, n_neurons)
+    if module_file.d_mlp != cfg.d_mlp:
+        raise PipelineError(f"{r.modules} is a modules table of a model with {module_file.d_mlp} neurons per layer; "
+                            f"{lm.name} has {cfg.d_mlp}: give one of {lm.name}'s")
+    return module_file
+
+
+def run(lm, request: TraceRequest, settings: TraceSettings = TraceSettings(), progress: bool = True) -> TraceOutcome:
+    """The prompt's graph with a loaded model, written to request.output_dir as one output set."""
+    r = request
+    cfg = lm.model.config
+    n_neurons = cfg.n_layer * cfg.d_mlp
+    module_file = check_inputs(lm, r)
     graph = attribute(lm, r.prompt, settings, progress)
     pruned = prune(graph)
     scores = graph_scores(graph)
