@@ -24,7 +24,7 @@ import torch
 from gelutrace import PipelineError
 from gelutrace.circuit.graph import TraceSettings
 from gelutrace.cli import add_model_args, parser, run_main
-from gelutrace.files.atomic import atomic_open, check_output_dir
+from gelutrace.files.atomic import atomic_open, check_output_dir, lock_directory
 from gelutrace.files.layout import TRACE_ACTIVE, TRACE_PLOT, TRACE_VECTOR, path
 from gelutrace.files.plots import plot_trace
 from gelutrace.model.loading import load_model
@@ -82,6 +82,7 @@ def main(argv=None):
         request = tracegraph.TraceRequest(args.input_text, args.output_dir, args.dataset_path, args.modules,
                                           args.faithfulness_nodes)
         tracegraph.check_inputs(lm, request)  # before any file is written
+    lock_directory(args.output_dir, "b_trace_gelu_activations.py")  # a second run into it is refused
     active, continuation = run(lm, args)
     cfg = lm.model.config
     for layer, row in enumerate(active.reshape(cfg.n_layer, cfg.d_mlp)):

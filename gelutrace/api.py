@@ -234,7 +234,8 @@ def trace(lm: LoadedModel, prompt: str, out_dir=None, dataset: "Dataset | str | 
     out = (Path(tempfile.mkdtemp(prefix="gelutrace_")) if out_dir is None
            else atomic.check_output_dir(_path("trace", "out_dir", out_dir), "out_dir"))
     settings = TraceSettings(max_nodes, thresholds[0], thresholds[1], batch_size=batch_size)
-    return tracegraph.run(lm, tracegraph.TraceRequest(prompt, out, data, mods, faithfulness_nodes), settings)
+    with atomic.locked(out, "trace"):  # this call's only: released when it returns, refused to another call
+        return tracegraph.run(lm, tracegraph.TraceRequest(prompt, out, data, mods, faithfulness_nodes), settings)
 
 
 @dataclass
