@@ -75,6 +75,12 @@ def main(argv=None):
         raise PipelineError("--faithfulness_nodes must be >= 0")
     if not args.input_text.strip():
         raise PipelineError("--input_text is empty")
+    try:
+        args.input_text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PipelineError("--input_text is not valid UTF-8 text") from None
+    if not args.output_dir.strip():
+        raise PipelineError("--output_dir is empty")
     if args.max_num_new_tokens < 0:
         raise PipelineError("--max_num_new_tokens must be >= 0")
     lm = load_model(args.model_type, args.device)
@@ -83,7 +89,9 @@ def main(argv=None):
                                           args.faithfulness_nodes)
         tracegraph.check_inputs(lm, request)  # before any file is written
     lock_directory(args.output_dir, "b_trace_gelu_activations.py")  # a second run into it is refused
-    active, continuation = run(lm, args)
+    active, continuation, write = run(lm, args)
+    if not args.graph:
+        write(args.output_dir)
     cfg = lm.model.config
     for layer, row in enumerate(active.reshape(cfg.n_layer, cfg.d_mlp)):
         print(f"layer {layer:2d}: {int(row.sum()):6d} / {cfg.d_mlp} active ({100 * row.mean():.1f}%)")
@@ -91,15 +99,17 @@ def main(argv=None):
     if args.graph:
         settings = TraceSettings(args.max_nodes, args.node_threshold, args.edge_threshold,
                                  batch_size=args.graph_batch_size)
-        done = tracegraph.run(lm, request, settings)
+        extra = ([n.format(m=lm.name) for n in (TRACE_VECTOR, TRACE_ACTIVE, TRACE_PLOT)], write)
+        done = tracegraph.run(lm, request, settings, extra=extra)
         print("\n".join(tracegraph.outcome_lines(done)))
     print(f"written to {args.output_dir}")
 
 
 @torch.no_grad()
 def run(lm, args):
-    """The trace of --input_text with a loaded model, written to --output_dir; returns the 0/1 vector and the greedy
-    continuation's ids."""
+    """The trace of --input_text with a loaded model; returns the 0/1 vector, the greedy continuation's ids and the
+    writer of its files into a directory (--output_dir; with --graph, the trace's staging directory, so that the
+    activation files and the graph are swapped in together)."""
     cfg = lm.model.config
     ids = lm.tokenizer(args.input_text)["input_ids"]
     if len(ids) + args.max_num_new_tokens > cfg.block_size:
@@ -108,14 +118,17 @@ def run(lm, args):
     active = (trace(lm.model, ids) > 0).astype(np.int8)
     continuation = lm.model.generate(torch.tensor([ids], device=lm.device), args.max_num_new_tokens)[0, len(ids):]
 
-    with atomic_open(path(args.output_dir, TRACE_VECTOR, lm.name), "wb") as f:
-        pickle.dump(active, f)
-    with atomic_open(path(args.output_dir, TRACE_ACTIVE, lm.name), "w") as f:
-        f.writelines(f"{i}\n" for i in np.flatnonzero(active))
-    per_layer = active.reshape(cfg.n_layer, cfg.d_mlp)
-    plot_trace(per_layer, path(args.output_dir, TRACE_PLOT, lm.name), f"{lm.name}: GELU neurons active after "
-               f"{args.input_text[:40]!r}")
-    return active, continuation
+    def write(directory) -> list:
+        files = [path(directory, name, lm.name) for name in (TRACE_VECTOR, TRACE_ACTIVE, TRACE_PLOT)]
+        with atomic_open(files[0], "wb") as f:
+            pickle.dump(active, f)
+        with atomic_open(files[1], "w") as f:
+            f.writelines(f"{i}\n" for i in np.flatnonzero(active))
+        plot_trace(active.reshape(cfg.n_layer, cfg.d_mlp), files[2], f"{lm.name}: GELU neurons active after "
+                   f"{args.input_text[:40]!r}")
+        return files
+
+    return active, continuation, write
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ gives them (read here with pandas), its summary names nodes of the file, the scr
 graph, and bad input is one error line.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -76,6 +77,13 @@ def test_graph_file_supernodes_and_summary(dataset, tmp_path):
     assert np.all(np.diff(summary["influence"]) <= 0)
     top = summary.iloc[0]
     assert f"{top['layer']}_{top['dimension']}_{top['position']}" in ids  # the most influential neuron survives pruning
+    # the activation files, the graph and its summary are one output set: one manifest vouches for all seven
+    manifest = json.loads(layout.path(out, layout.TRACE_SUMMARY_MANIFEST, SHIPPED_NAME).read_text())
+    names = [n.format(m=SHIPPED_NAME) for n in (layout.TRACE_VECTOR, layout.TRACE_ACTIVE, layout.TRACE_PLOT,
+                                                 layout.TRACE_GRAPH, *layout.TRACE_SUMMARY_SET)]
+    assert manifest["state"] == "complete" and sorted(manifest["files"]) == sorted(names)
+    for name in names:
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == manifest["files"][name]["sha256"]
     record = json.loads(layout.path(out, layout.TRACE_SUMMARY_JSON, SHIPPED_NAME).read_text())
     assert 0 <= record["concentration"]["p_value"] <= 1 and record["faithfulness"]["nodes"] == 10
 

@@ -72,8 +72,10 @@ def check_inputs(lm, request: TraceRequest):
     return module_file
 
 
-def run(lm, request: TraceRequest, settings: TraceSettings = TraceSettings(), progress: bool = True) -> TraceOutcome:
-    """The prompt's graph with a loaded model, written to request.output_dir as one output set."""
+def run(lm, request: TraceRequest, settings: TraceSettings = TraceSettings(), progress: bool = True,
+        extra=None) -> TraceOutcome:
+    """The prompt's graph with a loaded model, written to request.output_dir as one output set; `extra`, (names,
+    write(directory) -> paths), adds files of the caller's to the set (b_trace's activation files)."""
     r = request
     cfg = lm.model.config
     n_neurons = cfg.n_layer * cfg.d_mlp
@@ -102,7 +104,7 @@ def run(lm, request: TraceRequest, settings: TraceSettings = TraceSettings(), pr
                      pinned=sn.pinned_nodes(graph, influence))
     out = Path(r.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = write_trace_summary(out, lm.name, summary, lm.tokenizer, graph_doc=doc)
+    files = write_trace_summary(out, lm.name, summary, lm.tokenizer, graph_doc=doc, extra=extra)
     return TraceOutcome(graph, pruned, scores, summary, files)
 
 
@@ -117,7 +119,7 @@ def outcome_lines(done: TraceOutcome) -> list[str]:
         lines.append(f"faithfulness: the {len(f.nodes)} most influential nodes zeroed in the real model: Spearman "
                      f"{f.spearman:.3f} between predicted and measured changes of the top logit, signs agree for "
                      f"{100 * f.sign_agreement:.0f} %")
-    if s.corpus is not None:
+    if s.corpus is not None and not np.isnan(s.corpus.spearman):
         lines.append(f"against the corpus influence ranking: Spearman {s.corpus.spearman:.3f} over the prompt's top "
                      f"{len(s.corpus.neurons)} neurons (their median corpus rank {s.corpus.median_corpus_rank:.0f})")
     if s.concentration is not None:
@@ -125,4 +127,5 @@ def outcome_lines(done: TraceOutcome) -> list[str]:
         lines.append(f"modules: influence over {c.effective_modules:.2f} effective modules against "
                      f"{c.null_effective_modules:.2f} for random modules of the same sizes (permutation p = "
                      f"{c.p_value:.3g})")
-    return lines + [f"graph file: {done.files[-1]}"]
+    graph_file = layout.TRACE_GRAPH.format(m=g.model_name)
+    return lines + [f"graph file: {f}" for f in done.files if f.name == graph_file]
