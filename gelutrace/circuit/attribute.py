@@ -22,6 +22,7 @@ from gelutrace.circuit.graph import NeuronGraph, TraceSettings
 from gelutrace.graph.store import available_memory
 
 UPDATE_INTERVAL = 4  # circuit-tracer's update_interval: batches between two rankings
+OTHER_CHUNK = 256  # target rows whose "other neurons" sums are formed at a time
 GiB = 2 ** 30
 
 
@@ -189,8 +190,10 @@ def _assemble(lm, text, tokens, fp, targets, rows, row_node, n_logits, settings)
     adjacency[target_nodes, :n_kept] = rows[row_of[:, None], neurons[None, :]]
     adjacency[target_nodes, emb_start:logit_start] = rows[:, n_cand:][row_of]
     rows[:, neurons] = 0
-    for i, r in zip(target_nodes.tolist(), row_of.tolist()):
-        adjacency[i, other_start:emb_start] = rows[r, :n_cand].view(n_layers * T, d_mlp).sum(1)
+    for lo in range(0, len(row_of), OTHER_CHUNK):  # in blocks: a gather of every row would copy the buffer whole
+        r = row_of[lo:lo + OTHER_CHUNK]
+        adjacency[target_nodes[lo:lo + OTHER_CHUNK], other_start:emb_start] = (
+            rows[r, :n_cand].view(len(r), n_layers * T, d_mlp).sum(2))
     layer, rest = neurons // (T * d_mlp), neurons % (T * d_mlp)
     inputs = torch.cat([fp.input_values.flatten()[neurons], targets.inputs]).cpu()
     constants = torch.zeros(n_nodes)

@@ -44,14 +44,12 @@ class TraceOutcome:
 
 
 def corpus_ranking(dataset_path, m: str, n_neurons: int) -> np.ndarray | None:
-    """Stage d's corpus influence of every neuron, where the dataset has it."""
-    scores = Path(dataset_path) / layout.SUBSETS_DIR
-    if not (scores / "scores").is_dir():
+    """Stage d's corpus influence of every neuron, or None where its stage d did not rank by influence (a scores
+    file that is there but wrong is an error)."""
+    subsets = Path(dataset_path) / layout.SUBSETS_DIR
+    if not (subsets / layout.SCORES_DIR / layout.scores_name(m, "influence", None, None)).is_file():
         return None
-    try:
-        return fa.read_corpus_influence(scores, m, n_neurons)
-    except PipelineError:
-        return None
+    return fa.read_corpus_influence(subsets, m, n_neurons)
 
 
 def check_inputs(lm, request: TraceRequest):
