@@ -134,8 +134,9 @@ def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int
     T = clean.resid.size(1)
     w_out = h[layer].mlp.c_proj.weight  # (n_embd, d_mlp)
     per_pass = max(1, min(max_rows // S, max_values // (S * T * model.config.d_mlp)))  # rows through the blocks
-    per_logits = max(1, max_values // (S * n * V))  # neurons whose logits are held at once
-    p = metrics.base_probabilities(base)
+    p = metrics.base_probabilities(base).view(S * n, V)
+    tokens, in_cont = metrics.continuation_positions(conts, n, device)
+    on = torch.nonzero(in_cont.reshape(-1))[:, 0]  # the continuations' positions, flattened
     kl = np.empty((len(dims), S))
     dnll = np.empty((len(dims), S))
     for lo in range(0, len(dims), per_pass):
@@ -149,11 +150,13 @@ def group_effects(model, layer: int, dims: np.ndarray, prompt_ids: list[list[int
         for i in range(layer + 1, len(h)):
             x = h[i](x, i, None, mask)
         # the unembedding is linear: the logits change by lm_head(the change of the final layer norm's output)
-        x = model.transformer.ln_f(x[:, -n:]).view(k, S, n, -1) - clean_out
-        for a in range(0, k, per_logits):
-            b = min(k, a + per_logits)
-            shift = model.lm_head(x[a:b]).float()
-            kl[lo + a:lo + b], dnll[lo + a:lo + b] = metrics.compare_logit_shifts(p, shift, conts)
+        x = (model.transformer.ln_f(x[:, -n:]).view(k, S, n, -1) - clean_out).view(k, S * n, -1)
+        per_position = metrics.blocked_shift_metrics(
+            len(on), lambda sl: (p[on[sl]], model.lm_head(x[:, on[sl]]).float()), tokens.view(-1)[on],
+            metrics.metric_block(device, k, V))
+        full = torch.zeros((2, k, S * n), dtype=torch.float64, device=device)
+        full[:, :, on] = torch.stack(per_position)
+        kl[lo:lo + k], dnll[lo:lo + k] = metrics.continuation_means(*full.view(2, k, S, n), in_cont)
         if on_chunk is not None:
             on_chunk(k)
     return kl, dnll

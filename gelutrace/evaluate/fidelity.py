@@ -26,7 +26,7 @@ from gelutrace.files import atomic, formats
 from gelutrace.files.corpusfiles import record_text_field
 from gelutrace.graph.causal import CausalEdges
 from gelutrace.model.generation import left_pad
-from gelutrace.model.hooks import SiteMeans
+from gelutrace.model.hooks import SiteMeans, StopAfter
 from gelutrace.model.sites import run_trunk
 from gelutrace.record.corpus import read_corpus
 from gelutrace.record.direct import DirectEdges, DirectHooks, anatomy
@@ -153,9 +153,11 @@ def measure(model, samples: Samples, edges: pd.DataFrame, progress=None) -> pd.D
         for lo in range(0, len(srcs), per_pass):
             chunk = srcs[lo:lo + per_pass]
             dims = torch.as_tensor(chunk % d, device=samples.idx.device)
-            with torch.no_grad(), SiteMeans(model, tgt_layers, samples.weights, len(chunk), (int(layer), dims)) as rec:
-                _forward(model, samples, len(chunk))
             rows = np.flatnonzero(np.isin(src, chunk))  # the chunk's edges; copy c ablated chunk[c]
+            layers = sorted(set((tgt[rows] // d).tolist()))  # the pass stops after the last of them
+            with torch.no_grad(), SiteMeans(model, layers, samples.weights, len(chunk), (int(layer), dims)) as rec, \
+                    StopAfter(model, layers[-1]):
+                _forward(model, samples, len(chunk))
             copy = np.searchsorted(chunk, src[rows])
             layer_of = tgt[rows] // d
             for j in np.unique(layer_of):  # one target layer at a time

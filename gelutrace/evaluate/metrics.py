@@ -133,6 +133,33 @@ def shift_metrics(p: torch.Tensor, shift: torch.Tensor, tokens: torch.Tensor) ->
     return log_mgf - rest, log_mgf - at_token
 
 
+METRIC_VALUES = 2 ** 20  # logits per CPU thread that one block of blocked_shift_metrics holds: they stay in cache
+
+
+def metric_block(device, perturbations: int, vocab_size: int) -> int:
+    """Positions blocked_shift_metrics forms the logits of at once: on a CPU few enough that a block's logits and
+    their metrics stay in cache (formed whole, they are streamed through memory once per operation)."""
+    if torch.device(device).type != "cpu":
+        return 4096
+    return max(1, METRIC_VALUES * torch.get_num_threads() // max(1, perturbations * vocab_size))
+
+
+def blocked_shift_metrics(n: int, block, tokens: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    shift_metrics of G perturbations at n positions, `size` positions at a time: block(sl) gives the base's
+    probabilities (b, vocab) and the logit shifts (G, b, vocab) at positions sl (the shifts are overwritten),
+    tokens (n,) the token whose delta_nll is taken at each; n >= 1. Returns kl and delta_nll, (G, n) float64.
+    """
+    for lo in range(0, n, size):
+        sl = slice(lo, min(n, lo + size))
+        p, shift = block(sl)
+        kl, dnll = shift_metrics(p[None], shift[:, None], tokens[None, sl])
+        if lo == 0:
+            out = torch.empty((2, shift.size(0), n), dtype=torch.float64, device=shift.device)
+        out[0, :, sl], out[1, :, sl] = kl[:, 0], dnll[:, 0]
+    return out[0], out[1]
+
+
 def base_probabilities(base: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Probabilities from log-probabilities, normalised in float64 (the p that compare_logit_shifts takes)."""
     return torch.softmax(base.double(), dim=-1).to(dtype)

@@ -32,6 +32,7 @@ from gelutrace.evaluate import statistics as stats
 from gelutrace.files import atomic, layout
 from gelutrace.files import corpusfiles as cf
 from gelutrace.model import hooks
+from gelutrace.model.sites import split_head
 from gelutrace.model.tokens import token_text
 from gelutrace.record import corpus as cp
 
@@ -215,6 +216,7 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
     dnll_t = torch.zeros(len(by_token), V, **f64)
     t_tokens, t_nll = (torch.zeros(V if by_token else 0, **f64) for _ in range(2))
     ctx = text.context
+    body, head = split_head(model)
     for w in text.batches:
         lo = int(w[0]) * ctx
         length = min(ctx, len(text.ids) - lo)
@@ -226,8 +228,14 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
         inp, tgt, where = x[:, :-1], x[:, 1:], at[:, 1:]
         u, pb = unit[where], pos_b[where]
         tb = torch.where(tok_b[where] >= 0, tok_b[where] + NP, -1)
-        logits = model(inp)[0].float()
-        base_nll = -F.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0].double()
+        h = body(inp)
+        base_nll = torch.empty(tgt.shape, **f64)
+        flat_h, flat_tgt = h.reshape(-1, h.size(-1)), tgt.reshape(-1)
+        block = metrics.metric_block(device, 1, V)
+        for a in range(0, len(flat_tgt), block):
+            sl = slice(a, a + block)
+            logp = F.log_softmax(head(flat_h[sl]).float(), -1)
+            base_nll.view(-1)[sl] = -logp.gather(-1, flat_tgt[sl, None])[:, 0].double()
         ones = torch.ones_like(base_nll)
         _add(tokens, u, ones), _add(nll, u, base_nll)
         for b in (pb, tb):
@@ -237,23 +245,31 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
             _add(t_tokens, t_id.reshape(-1), ones.reshape(-1)), _add(t_nll, t_id.reshape(-1), base_nll.reshape(-1))
         if not ablating:
             continue
-        p = metrics.base_probabilities(logits, logits.dtype)
         for s_i, on in enumerate(on_units):
             todo = [i for i in ablating if group_set[i] == s_i]
             scored = (u >= 0) & on[u.clamp(min=0)]  # the tokens this unit set scores
             rows = torch.nonzero(scored.any(1))[:, 0]
             if not todo or not len(rows):
                 continue
-            idx = [torch.where(scored[rows], a[rows], -1).reshape(-1) for a in (u, pb, tb, t_id)]
-            p_s, inp_s, tgt_s, logits_s = (a if len(rows) == len(w) else a[rows] for a in (p, inp, tgt, logits))
-            g = max(1, min(batch_size // len(rows), metrics.LOGIT_BUDGET // max(1, logits_s.numel())))
+            on_pos = torch.nonzero(scored[rows].reshape(-1))[:, 0]  # the scored positions of those rows, flattened
+            idx = [a[rows].reshape(-1)[on_pos] for a in (u, pb, tb, t_id)]
+            inp_s, h_s = (a if len(rows) == len(w) else a[rows] for a in (inp, h))
+            h_s, tgt_s = h_s.reshape(-1, h.size(-1)), tgt[rows].reshape(-1)[on_pos]
+            # what body returns for a chunk's rows (its logits, or model.py's final norm output) within LOGIT_BUDGET
+            g = max(1, min(batch_size // len(rows), metrics.LOGIT_BUDGET // max(1, h_s.numel())))
             for s in range(0, len(todo), g):
                 chunk = todo[s:s + g]
                 acc = [ablating.index(i) for i in chunk]
                 with hooks.RowAblation(model, [groups[i] for i in chunk], len(rows), mean_values):
-                    shift = model(inp_s.repeat(len(chunk), 1))[0].float().view(len(chunk), *logits_s.shape)
-                kl, dnll = metrics.shift_metrics(p_s, shift.sub_(logits_s), tgt_s)
-                kl, dnll = kl.reshape(len(chunk), -1), dnll.reshape(len(chunk), -1)
+                    h_g = body(inp_s.repeat(len(chunk), 1)).view(len(chunk), -1, h.size(-1))
+
+                def logits(sl):  # the base's probabilities and the chunk's logit shifts at scored positions sl
+                    base = head(h_s[on_pos[sl]]).float()
+                    return (metrics.base_probabilities(base, base.dtype),
+                            head(h_g[:, on_pos[sl]]).float().sub_(base))
+
+                kl, dnll = metrics.blocked_shift_metrics(len(on_pos), logits, tgt_s,
+                                                         metrics.metric_block(device, len(chunk), V))
                 for j, a in enumerate(acc):
                     for store, vals, index in ((dnll_u, dnll, idx[0]), (kl_u, kl, idx[0]), (dnll_b, dnll, idx[1]),
                                                (dnll_b, dnll, idx[2])):
@@ -261,7 +277,7 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
                     if (r := int(tok_row[a])) >= 0:
                         _add(dnll_t[r], idx[3], dnll[j])
                 if progress is not None:
-                    progress(len(chunk) * int(scored.sum()))
+                    progress(len(chunk) * len(on_pos))
     base = Baseline(*(t.cpu().numpy() for t in (tokens, nll, b_tokens, b_nll)),
                     *((t_tokens.cpu().numpy(), t_nll.cpu().numpy()) if by_token else (None, None)))
     row = {i: j for j, i in enumerate(ablating)}

@@ -8,6 +8,7 @@ DirectHooks, StepProgress). Only HFCausalLM's site pre-hooks stay for the model'
   activation) at every position of every forward call (Ablation), or a different set of neurons per row of one
   batch (RowAblation), or one neuron at one position per row (PositionAblation).
 - CleanPass, SiteMeans: what single-neuron effects and edge fidelity keep of a forward pass.
+- StopAfter: a forward pass ended at a layer's neuron site, when nothing above it is needed.
 """
 
 import numpy as np
@@ -58,6 +59,31 @@ class NeuronHooks:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+class Stopped(Exception):
+    """Raised by StopAfter's hook to end a forward pass early."""
+
+
+class StopAfter(NeuronHooks):
+    """
+    with StopAfter(model, layer): a forward pass ends at that layer's neuron site, after the hooks registered there
+    before this one (enter it last), for callers that need nothing of the layers above; the `with` block swallows
+    the Stopped that ends it.
+    """
+
+    def __init__(self, model, layer: int):
+        super().__init__(model)
+        self.layer = layer
+
+    def site_hooks(self):
+        def stop(module, inputs, output):
+            raise Stopped
+        return ((self.layer, stop),)
+
+    def __exit__(self, exc_type, exc, tb):
+        self.remove()
+        return exc_type is Stopped
 
 
 class GeluHooks(NeuronHooks):

@@ -143,6 +143,17 @@ def run_trunk(model, idx: torch.Tensor, pad: torch.Tensor | None = None):
     (model.trunk if hasattr(model, "trunk") else model)(idx, pad=pad)
 
 
+def split_head(model):
+    """
+    (body, head) with head(body(idx)) the logits of model(idx): for model.py, body the final norm's output and head
+    the unembedding, so that a caller forms the logits a block of positions at a time; for the transformers path
+    (final norms, soft-capping and scales differ by family), body the logits and head the identity.
+    """
+    if hasattr(model, "trunk"):
+        return (lambda idx: model.transformer.ln_f(model.trunk(idx))), model.lm_head
+    return (lambda idx: model(idx)[0]), (lambda x: x)
+
+
 @dataclass
 class SiteConfig:
     n_layer: int
