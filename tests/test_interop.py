@@ -228,6 +228,16 @@ def test_real_transformer_bridge_activations_equal_transformers(tmp_path):
         # the same function to float32 rounding (bit for bit: the same weights saved and loaded by path)
         assert torch.allclose(seen[i], post, rtol=0, atol=1e-5)
 
+    hf = llama()  # another family runs through HFCausalLM on the bridged model itself: bit for bit
+    bridge = bridge_module.TransformerBridge.boot_transformers("meta-llama/Llama-2-7b-hf", hf_model=hf,
+                                                               tokenizer=tokenizer)
+    _, cache = bridge.run_with_cache(idx)
+    lm, seen = gt.load_model(bridge, name="tiny"), {}
+    with torch.no_grad(), GeluHooks(lm.model, lambda i: lambda m, a, out: seen.__setitem__(i, out)):
+        lm.model(idx)
+    for i in range(hf.config.num_hidden_layers):
+        assert torch.equal(seen[i], cache[f"blocks.{i}.mlp.hook_post"])
+
 
 def shard(lm, d: Path, i: int):
     cp.run(lm, TEXT, d, cp.CorpusSettings(max_tokens=TOKENS, shard=f"{i}/2", top_examples=0))
