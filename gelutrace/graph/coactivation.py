@@ -47,10 +47,6 @@ IGRAPH_BYTES_PER_EDGE = 200
 IGRAPH_BYTES_PER_NODE = 300
 
 
-def nx_memory_estimate(num_nodes: int, num_edges: int) -> int:
-    return num_nodes * NX_BYTES_PER_NODE + num_edges * NX_BYTES_PER_EDGE
-
-
 def available_memory() -> int:
     try:
         with open("/proc/meminfo") as f:
