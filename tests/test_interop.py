@@ -181,6 +181,9 @@ def test_what_cannot_be_analysed_is_one_error(what, match, tokenizer):
     with pytest.raises(PipelineError, match=match) as e:
         gt.load_model(what(gpt2(), tokenizer), tokenizer=tokenizer, name="tiny")
     assert "\n" not in str(e.value)
+
+
+def test_name_and_tokenizer_go_with_an_object_and_name_files(tokenizer):
     with pytest.raises(PipelineError, match="name="):
         gt.load_model(str(SHIPPED_PATH), name="x")
     with pytest.raises(PipelineError, match="prefix"):
