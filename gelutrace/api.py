@@ -3,7 +3,8 @@ The pipeline as Python calls, for a notebook: each returns the objects the stage
 scripts call the same functions). Exported by `gelutrace`:
 
     import gelutrace as gt
-    lm = gt.load_model("tinybard")                              # or a checkpoint directory, or a hub name
+    lm = gt.load_model("tinybard")                              # or a checkpoint directory, a hub name, or a
+                                                                # transformers / nnsight / TransformerBridge object
     ds = gt.record_corpus(lm, ["heldout.txt"], max_tokens=20_000)  # stage b, corpus mode; a temporary directory
     g = ds.graph()                                              # the co-activation graph (every weight)
     sub = gt.select(g, method="attribution", k=30)              # stage d
@@ -30,6 +31,7 @@ from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import store as gs
 from gelutrace.graph.coactivation import CoactivationGraph
 from gelutrace.model.loading import LoadedModel, load_model  # noqa: F401  (exported)
+from gelutrace.model.tokens import token_text
 from gelutrace.record import corpus as cp
 from gelutrace.report import cards as cd
 from gelutrace.report import neuronpedia as npx
@@ -174,11 +176,14 @@ def _neuron_ids(neurons, n: int) -> np.ndarray:
 @dataclass
 class Ablated:
     """Stage e on real text for one set of neurons: the summary row's real-text columns (text_delta_nll and
-    text_kl with CIs over the units, and with controls their null: text_delta_nll_p_random, ...), and the
-    measured sums (gelutrace.evaluate.realtext.TextResults)."""
+    text_kl with CIs over the units, and with controls their null: text_delta_nll_p_random, ...), the
+    measured sums (gelutrace.evaluate.realtext.TextResults), and per_token: the evaluation text token by token
+    (position, token_id, token, nll unablated and delta_nll; both NaN for a window's first token, which nothing
+    predicts), for plotting."""
     ids: np.ndarray
     summary: dict
     results: object = field(repr=False)
+    per_token: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def delta_nll(self) -> float:
@@ -205,10 +210,14 @@ def ablate(lm: LoadedModel, neurons, eval_text: list[str], eval_tokens: int = 80
     text = realtext.read_eval_text(eval_text, lm.tokenizer, ctx, cfg.vocab_size, eval_tokens)
     sub = pt.Subset("neurons", ids)
     settings = pt.EvalSettings(seed=seed, batch_size=batch_size, validation_share=0.5)
-    res = pt.measure_text(lm.model, text, [sub], None, settings)  # stage e's code for --eval_text
+    res = pt.measure_text(lm.model, text, [sub], None, settings, per_position=True)  # stage e's code for --eval_text
     sub.controls = [pt.random_control(ids, cfg.n_layer, cfg.d_mlp, seed, j) for j in range(random_controls)]
     pt.measure_text_controls(res, lm.model, [sub], None, settings)
-    return Ablated(ids, realtext.summary_columns(res, 0), res)
+    names = {int(t): token_text(lm.tokenizer, int(t)) for t in np.unique(text.ids)}
+    per_token = pd.DataFrame({"position": np.arange(len(text.ids)), "token_id": text.ids,
+                              "token": [names[int(t)] for t in text.ids], "nll": res.baseline.position_nll,
+                              "delta_nll": res.mains[0].position_delta_nll})
+    return Ablated(ids, realtext.summary_columns(res, 0), res, per_token)
 
 
 def trace(lm: LoadedModel, prompt: str, out_dir=None, dataset: "Dataset | str | None" = None, modules=None,

@@ -30,3 +30,5 @@ def test_quickstart_notebook_runs_and_shows_its_results(tmp_path, shipped_path):
         assert method in text
     assert "Neuron cards of tinybard" in json.dumps([o.get("data", {}).get("text/markdown", "") for o in outputs])
     assert "modules" in text and "Q = " in text
+    assert "the analysis sees the edit: True" in text  # a transformers object, edited in memory
+    assert "'memory': true" in text.lower() and "networkx: " in text

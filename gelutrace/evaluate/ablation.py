@@ -44,6 +44,7 @@ from gelutrace.files.dataset import DatasetDir
 from gelutrace.files.plots import plot_dose_response, plot_method_comparison, plot_perturbation_summary
 from gelutrace.model.generation import Batch, encode_prompts, plan_batches, repeat_rows
 from gelutrace.model.hooks import Ablation, RowAblation
+from gelutrace.record.corpus import check_recorded_weights
 from gelutrace.selection import stability
 
 NONE = "none"  # the subset name that means: no ablation (the baseline)
@@ -444,17 +445,17 @@ def control_plan(subsets: list[Subset], settings: EvalSettings, entries: list, s
 
 
 def measure_text(model, text, subsets: list[Subset], mean_values, settings: EvalSettings, progress=None,
-                 test_only: bool = False):
+                 test_only: bool = False, per_position: bool = False):
     """Every subset ablated on real text (realtext.EvalText): stage e's --eval_text, and the API's ablate. The
     subsets ranked without some layers are scored on the test part only when their comparison has nothing to
     choose on the validation part (one variant per method and k; it gives no controls); with `test_only` every
-    subset is."""
+    subset is; with `per_position` also token by token (realtext.evaluate)."""
     s = settings
     apart = [sub for sub in subsets if sub.compared and excluded_layers(sub.info)]
     single = len({(len(sub.ids), stats.comparison_method(sub.info)) for sub in apart}) == len(apart)
     return realtext.measure_subsets(model, text, subsets, mean_values, s.seed, s.validation_share, s.batch_size,
                                     progress and (lambda n: progress("text", n)),
-                                    [test_only or (single and sub in apart) for sub in subsets])
+                                    [test_only or (single and sub in apart) for sub in subsets], per_position)
 
 
 def measure_text_controls(res, model, subsets: list[Subset], mean_values, settings: EvalSettings, progress=None):
@@ -773,6 +774,7 @@ def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
     ds = DatasetDir(r.dataset_path, lm.name)
     ds.check(cfg.n_layer, cfg.d_mlp, lm.site)
     corpus_record = ds.corpus_record()
+    check_recorded_weights(corpus_record, lm, r.dataset_path)
     if r.selection_prompts is None and corpus_record is None:
         raise PipelineError(f"{r.dataset_path} is a prompt-mode dataset: give its --input_csv")
     atomic.check_output_dir(Path(r.dataset_path) / layout.RESULTS_DIR / layout.PER_SAMPLE_DIR, "--dataset_path")

@@ -146,6 +146,7 @@ class Baseline:
     bucket_nll: np.ndarray  # (buckets,)
     token_tokens: np.ndarray | None = None  # (vocab,) with by_token: scored tokens of each next-token id
     token_nll: np.ndarray | None = None  # (vocab,) their summed nll
+    position_nll: np.ndarray | None = None  # (tokens read,) with per_position: each target's nll, NaN if unscored
 
     @property
     def mean_nll(self) -> float:
@@ -161,6 +162,7 @@ class Measured:
     kl: np.ndarray  # (units,)
     bucket_delta_nll: np.ndarray  # (buckets,)
     token_delta_nll: np.ndarray | None = None  # (vocab,) with by_token: summed delta_nll by the next token's id
+    position_delta_nll: np.ndarray | None = None  # (tokens read,) with per_position: each target's, NaN if unscored
 
     @property
     def scored(self) -> np.ndarray:
@@ -190,14 +192,15 @@ def _unit_sets(groups: list[np.ndarray], units, n_units: int) -> tuple[list[np.n
 
 @torch.no_grad()
 def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.ndarray | None, batch_size: int,
-             progress=None, by_token=(), units: list[np.ndarray | None] | None = None
+             progress=None, by_token=(), units: list[np.ndarray | None] | None = None, per_position: bool = False
              ) -> tuple[Baseline, list[Measured]]:
     """
     The baseline and every group's ablation (0, or `mean_values` per neuron) over the evaluation text; for
     the groups whose index is in `by_token` (and the baseline, when any is) also by the next token's id, over
     the whole vocabulary. With `units`, group g is scored only on the units units[g] (None: all): its forward
     passes cover only the windows that hold them (a random control needs only the test part, where every
-    figure it enters is measured). `progress(tokens)` is called as ablated tokens are scored.
+    figure it enters is measured). `progress(tokens)` is called as ablated tokens are scored. With
+    `per_position`, also each scored token's nll and every group's delta_nll at each position of the text.
     """
     device = next(model.parameters()).device
     U, NB, NP = text.n_units, text.n_buckets, len(POSITION_BUCKETS)
@@ -215,6 +218,8 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
     tok_row[[ablating.index(i) for i in by_token]] = torch.arange(len(by_token), device=device)
     dnll_t = torch.zeros(len(by_token), V, **f64)
     t_tokens, t_nll = (torch.zeros(V if by_token else 0, **f64) for _ in range(2))
+    n_pos = len(text.ids) if per_position else 0
+    pos_nll, pos_dnll = torch.full((n_pos,), torch.nan, **f64), torch.full((len(ablating), n_pos), torch.nan, **f64)
     ctx = text.context
     body, head = split_head(model)
     for w in text.batches:
@@ -241,6 +246,8 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
         for b in (pb, tb):
             _add(b_tokens, b, ones), _add(b_nll, b, base_nll)
         t_id = torch.where(u >= 0, tgt, -1)
+        if per_position:
+            pos_nll[where[u >= 0]] = base_nll[u >= 0]
         if by_token:
             _add(t_tokens, t_id.reshape(-1), ones.reshape(-1)), _add(t_nll, t_id.reshape(-1), base_nll.reshape(-1))
         if not ablating:
@@ -276,10 +283,14 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
                         _add(store[a], index, vals[j])
                     if (r := int(tok_row[a])) >= 0:
                         _add(dnll_t[r], idx[3], dnll[j])
+                    if per_position:
+                        on_row = scored[rows].reshape(-1)
+                        pos_dnll[a, where[rows].reshape(-1)[on_row]] = dnll[j][on_row]
                 if progress is not None:
                     progress(len(chunk) * len(on_pos))
     base = Baseline(*(t.cpu().numpy() for t in (tokens, nll, b_tokens, b_nll)),
-                    *((t_tokens.cpu().numpy(), t_nll.cpu().numpy()) if by_token else (None, None)))
+                    *((t_tokens.cpu().numpy(), t_nll.cpu().numpy()) if by_token else (None, None)),
+                    pos_nll.cpu().numpy() if per_position else None)
     row = {i: j for j, i in enumerate(ablating)}
     out = []
     for i, gr in enumerate(groups):
@@ -289,8 +300,12 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
             sums = [np.zeros(n) for n in (U, U, NB)]
         for a in sums[:2]:
             a[~sets[group_set[i]]] = np.nan
+        position = None
+        if per_position:
+            position = (pos_dnll[row[i]].cpu().numpy() if i in row
+                        else np.where(np.isnan(base.position_nll), np.nan, 0.0))
         out.append(Measured(np.asarray(gr, np.int64), *sums,
-                            dnll_t[by_token.index(i)].cpu().numpy() if i in by_token else None))
+                            dnll_t[by_token.index(i)].cpu().numpy() if i in by_token else None, position))
     return base, out
 
 
@@ -579,14 +594,14 @@ class TextResults:
 
 
 def measure_subsets(model, text: EvalText, subsets, mean_values, seed: int, validation_share: float, batch_size: int,
-                    progress=None, test_only: list[bool] | None = None) -> TextResults:
+                    progress=None, test_only: list[bool] | None = None, per_position: bool = False) -> TextResults:
     """Every subset on the evaluation text, a module's also by next token (controls come later: add_controls);
-    subset i with test_only[i] on the test part of the units only."""
+    subset i with test_only[i] on the test part of the units only; with per_position also token by token."""
     modules = [i for i, s in enumerate(subsets) if s.is_module]
     split = stats.split_prompts(text.n_units, seed, validation_share)
     test_only = test_only or [False] * len(subsets)
     base, mains = evaluate(model, text, [s.ids for s in subsets], mean_values, batch_size, progress, modules,
-                           [split.test if t else None for t in test_only])
+                           [split.test if t else None for t in test_only], per_position)
     return TextResults(text, base, mains, [[] for _ in subsets], stats.bootstrap_weights(text.n_units, seed),
                        split, [[] for _ in subsets])
 

@@ -13,6 +13,7 @@ a threshold) into the block's kept edges; every degree, sweep, ranking and expor
 (The compact store and the NetworkX files are gelutrace.graph.store; c_analyze's analysis is gelutrace.selection.analysis.)
 """
 
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +35,39 @@ NEEDS_NUM_SAMPLES = ("phi", "pmi")
 WEIGHT_RULE = ("normalised weight = weight / max_weight (max over all edges) when max_weight > 0; an edge is kept "
                "at threshold t in [0, 1] iff its normalised weight > t, so only edges with a positive weight "
                "(and a count > 0) are ever kept")
+
+
+# A networkx.Graph costs roughly this much RAM per edge (two adjacency entries, an attribute dict, ints) and
+# per node while being built and pickled; measured ~300 B/edge for building alone, the pickle memo adds more.
+NX_BYTES_PER_EDGE = 600
+NX_BYTES_PER_NODE = 1500
+# An igraph.Graph: its edge index (four int64 per edge) and, per edge attribute, a Python float or int and the
+# list slot holding it; the arrays it is built from besides
+IGRAPH_BYTES_PER_EDGE = 200
+IGRAPH_BYTES_PER_NODE = 300
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_nx_fits(num_nodes: int, num_edges: int, limit_bytes: int | None, what: str, alternative: str,
+                  per_node: int = NX_BYTES_PER_NODE, per_edge: int = NX_BYTES_PER_EDGE):
+    """Refuse, before any heavy work, a NetworkX object (or, given its sizes, another graph object) that would not
+    fit in memory."""
+    need = num_nodes * per_node + num_edges * per_edge
+    have = available_memory() if limit_bytes is None else limit_bytes
+    if need > have:
+        raise PipelineError(f"{what} of {num_nodes:,} nodes and {num_edges:,} edges needs about "
+                            f"{need / 2**30:.1f} GiB of RAM but {have / 2**30:.1f} GiB is available; "
+                            f"{alternative}")
 
 
 # --- exact counting -------------------------------------------------------------------------------------
@@ -298,6 +332,83 @@ class CoactivationGraph:
     def normalized_activation(self) -> np.ndarray:
         m = self.max_activation
         return self.activation_count / m if m else np.zeros(self.num_nodes)
+
+    def kept_edges(self, weight: str, threshold: float, memory_limit: int | None, what: str, alternative: str,
+                   per_node: int = NX_BYTES_PER_NODE, per_edge: int = NX_BYTES_PER_EDGE) -> dict:
+        """
+        The edges `weight` keeps at `threshold` (Cut) as arrays: their ends u, v (node positions), co_activation_count
+        and its normalised value, and for a weight other than count {weight} and {weight}_normalized; refused before
+        anything is built when `what` (a graph object of per_node and per_edge bytes) would not fit in memory.
+        """
+        check_weight(weight)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)) or not (
+                0 <= threshold <= 1):
+            raise PipelineError(f"the threshold is a number in [0, 1] (a share of the largest weight), got "
+                                f"{threshold!r}")
+        cut = self.cut(float(threshold), weight)
+        check_nx_fits(self.num_nodes, int(self.degrees(cut).sum() // 2), memory_limit,
+                      f"{what} (t={float(threshold)})", alternative, per_node, per_edge)
+        parts = []
+        for b in self.blocks:
+            mask, s = cut.keep(b)
+            m = b.csr(mask, b.counts()).tocoo()
+            c = m.data.astype(np.int64)
+            part = {"u": np.arange(b.rows.start, b.rows.stop)[m.row], "v": np.arange(b.cols.start, b.cols.stop)[m.col],
+                    "co_activation_count": c, "co_activation_count_normalized": c / self.max_co_activation}
+            if weight != DEFAULT_WEIGHT:  # scores are the normalised weights; the same mask orders both alike
+                part[weight] = b.csr(mask, cut.weight.raw(b)).data
+                part[f"{weight}_normalized"] = b.csr(mask, s).data
+            parts.append(part)
+        keys = ["u", "v", "co_activation_count", "co_activation_count_normalized"] + (
+            [weight, f"{weight}_normalized"] if weight != DEFAULT_WEIGHT else [])
+        empty = {k: np.zeros(0, np.int64 if k in ("u", "v", "co_activation_count") else np.float64) for k in keys}
+        return {k: np.concatenate([p[k] for p in parts]) if parts else empty[k] for k in keys}
+
+    def node_table(self) -> dict:
+        """Each node's attributes, in position order: node_id, layer, dimension, activation_count and its normalised
+        value."""
+        return {"node_id": self.node_ids.astype(np.int64), "layer": np.asarray(self.layer, np.int64),
+                "dimension": np.asarray(self.dimension, np.int64),
+                "activation_count": np.asarray(self.activation_count, np.int64),
+                "activation_count_normalized": self.normalized_activation().astype(np.float64)}
+
+    def to_networkx(self, weight: str = DEFAULT_WEIGHT, threshold: float = 0.0, memory_limit: int | None = None,
+                    alternative: str = "raise the threshold"):
+        """
+        A networkx.Graph of every node, keyed by neuron id (layer, dimension, activation_count,
+        activation_count_normalized), and the edges `weight` keeps at `threshold` (kept_edges' attributes), with the
+        graph attributes model, threshold and weight. Refused, with the memory it would need, when it would not fit
+        (`memory_limit` bytes, default what the machine has available).
+        """
+        import networkx as nx  # lazy: slow to import, and only the NetworkX exports need it
+
+        edges = self.kept_edges(weight, threshold, memory_limit, "the thresholded graph", alternative)
+        g = nx.Graph(model=self.model or "", threshold=float(threshold), weight=weight)
+        nodes = self.node_table()
+        names = [k for k in nodes if k != "node_id"]
+        g.add_nodes_from(zip(nodes["node_id"].tolist(), (dict(zip(names, row)) for row in zip(
+            *(nodes[k].tolist() for k in names)))))
+        names = [k for k in edges if k not in ("u", "v")]
+        g.add_edges_from(zip(self.node_ids[edges["u"]].tolist(), self.node_ids[edges["v"]].tolist(),
+                             (dict(zip(names, row)) for row in zip(*(edges[k].tolist() for k in names)))))
+        return g
+
+    def to_igraph(self, weight: str = DEFAULT_WEIGHT, threshold: float = 0.0, memory_limit: int | None = None,
+                  alternative: str = "raise the threshold"):
+        """
+        The same graph as to_networkx as an undirected igraph.Graph: vertex i is the node at position i (its
+        attribute node_id the neuron id, and layer, dimension, activation_count, activation_count_normalized), the
+        edges with kept_edges' attributes; graph attributes model, threshold and weight.
+        """
+        import igraph as ig  # lazy: only the igraph export needs it
+
+        edges = self.kept_edges(weight, threshold, memory_limit, "the thresholded igraph", alternative,
+                                IGRAPH_BYTES_PER_NODE, IGRAPH_BYTES_PER_EDGE)
+        g = ig.Graph(n=self.num_nodes, edges=np.column_stack([edges["u"], edges["v"]]).tolist(), directed=False,
+                     graph_attrs={"model": self.model or "", "threshold": float(threshold), "weight": weight},
+                     vertex_attrs={k: v.tolist() for k, v in self.node_table().items()},
+                     edge_attrs={k: v.tolist() for k, v in edges.items() if k not in ("u", "v")})
+        return g
 
 
 def no_causal_hint(graph: "CoactivationGraph") -> str:

@@ -38,6 +38,8 @@ from gelutrace.graph.coactivation import (
     CoactivationGraph,
     DenseBlock,
     EdgeBlock,
+    available_memory,  # noqa: F401  (still importable from here, where it was defined)
+    check_nx_fits,  # noqa: F401
     count_dtype,
     edge_list_counts,
     pair_counts,
@@ -46,38 +48,9 @@ from gelutrace.graph.coactivation import (
 STORE_FORMAT = "gelutrace-coactivation-graph"
 ANALYZED_FORMAT = "gelutrace-analyzed-graph"
 STORE_VERSION = 1
-# A networkx.Graph costs roughly this much RAM per edge (two adjacency entries, an attribute dict, ints) and
-# per node while being built and pickled; measured ~300 B/edge for building alone, the pickle memo adds more.
-NX_BYTES_PER_EDGE = 600
-NX_BYTES_PER_NODE = 1500
 
 
 # --- stage c: build --------------------------------------------------------------------------------------
-def nx_memory_estimate(num_nodes: int, num_edges: int) -> int:
-    return num_nodes * NX_BYTES_PER_NODE + num_edges * NX_BYTES_PER_EDGE
-
-
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def check_nx_fits(num_nodes: int, num_edges: int, limit_bytes: int | None, what: str, alternative: str):
-    """Refuse, before any heavy work, a NetworkX object that would not fit in memory."""
-    need = nx_memory_estimate(num_nodes, num_edges)
-    have = available_memory() if limit_bytes is None else limit_bytes
-    if need > have:
-        raise PipelineError(f"{what} of {num_nodes:,} nodes and {num_edges:,} edges needs about "
-                            f"{need / 2**30:.1f} GiB of RAM but {have / 2**30:.1f} GiB is available; "
-                            f"{alternative}")
-
-
 def write_store(target, data: ActivationData, progress=None, causal: CausalEdges | None = None) -> dict:
     """
     Count and write the compact store of stage b's data. Full adjacent layers stream over blocks of rows of the

@@ -10,13 +10,19 @@ One place that turns a `--model_type` into a model, its tokenizer and the file p
 
 config.json's `model_type` picks the implementation: `gpt2` runs on model.py, the other families on
 transformers' own classes through `gelutrace.model.sites.HFCausalLM`.
+
+In a notebook, `load_model` also takes the model object already loaded (load_object): a transformers model, an
+nnsight LanguageModel or a TransformerLens TransformerBridge, analysed with its weights as they are in memory;
+the prefix is its name_or_path's last part, or the name given.
 """
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from gelutrace import PipelineError
 from gelutrace.model import sites
@@ -47,7 +53,7 @@ class LoadedModel:
     model: GPT | sites.HFCausalLM
     tokenizer: object  # a transformers tokenizer
     name: str  # the file prefix {m}
-    path: Path  # the checkpoint directory
+    path: Path | None  # the checkpoint directory; None for a model object, whose weights are in memory
     device: torch.device
     site: dict  # the architecture and neuron-site definition (gelutrace.model.sites.site_info)
     spec: str = ""  # the --model_type it was loaded from
@@ -126,7 +132,11 @@ def _hub_snapshot(model_type: str) -> Path:
 
 
 def read_config(path: Path) -> GPTConfig:
-    cfg_file, hf = sites.read_config_json(path)
+    return gpt2_config(*sites.read_config_json(path))
+
+
+def gpt2_config(cfg_file, hf: dict) -> GPTConfig:
+    """model.py's config from a GPT-2 config's dict (`cfg_file`: where it comes from, for the errors), checked."""
     act = hf.get("activation_function", "gelu_new")
     if act not in GELU_APPROXIMATE:
         raise PipelineError(f"{cfg_file}: activation_function {act!r} is not a GELU this pipeline can trace")
@@ -224,7 +234,17 @@ def load_checkpoint(path: Path, device: torch.device = torch.device("cpu")) -> G
     return model.to(device).eval()
 
 
-def load_model(model_type: str, device: str = "auto") -> LoadedModel:
+def load_model(model, device: str = "auto", tokenizer=None, name: str | None = None) -> LoadedModel:
+    """
+    A --model_type (a shipped model's name, a checkpoint directory, a hub name) loaded from its files, or the model
+    object a notebook already holds (load_object; `tokenizer` and `name` go with an object only).
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        return load_object(model, device, tokenizer, name)
+    if tokenizer is not None or name is not None:
+        raise PipelineError("tokenizer= and name= go with a model object: a checkpoint's tokenizer and name are "
+                            "its directory's")
+    model_type = os.fspath(model)
     dev = resolve_device(device)
     path = checkpoint_dir(model_type)
     from transformers import AutoTokenizer  # lazy: transformers is slow to import
@@ -236,3 +256,166 @@ def load_model(model_type: str, device: str = "auto") -> LoadedModel:
     except Exception as e:
         raise PipelineError(f"{path}: cannot load its tokenizer ({e})") from None
     return LoadedModel(model, tokenizer, model_name(model_type), path, dev, sites.site_info(arch), str(model_type))
+
+
+# --- a model object ------------------------------------------------------------------------------------------
+HOOKED_TRANSFORMER = (
+    "a TransformerLens HookedTransformer runs its own converted copy of the weights (by default with LayerNorm "
+    "folded and the weights centred), not a transformers model whose neurons gelutrace can read: pass the "
+    "transformers model instead (AutoModelForCausalLM.from_pretrained(...), the model you gave "
+    "HookedTransformer.from_pretrained(..., hf_model=model)), or a TransformerBridge "
+    "(TransformerBridge.boot_transformers(...)), which runs the transformers model itself")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def unwrap(obj) -> tuple[object, object]:
+    """
+    (the transformers model, the wrapper's tokenizer or None) of a model object: a transformers model as it is, an
+    nnsight LanguageModel's module (`_module`), a TransformerLens TransformerBridge's `original_model` (the
+    transformers model, which the bridge runs with its hook points wrapped around the modules). Recognised by
+    their class names and attributes, so neither library is imported here.
+    """
+    classes = {c.__name__ for c in type(obj).__mro__}
+    if "HookedTransformer" in classes:
+        raise PipelineError(HOOKED_TRANSFORMER)
+    if "TransformerBridge" in classes:
+        if getattr(obj, "compatibility_mode", False) or getattr(obj, "_weights_processed", False):
+            raise PipelineError("this TransformerBridge runs in compatibility mode, on processed weights (LayerNorm "
+                                "folded, weights centred) that are no longer the transformers model's: pass a bridge "
+                                "without enable_compatibility_mode(), or the transformers model")
+        return obj.original_model, getattr(obj, "tokenizer", None)
+    inner = None if isinstance(obj, nn.Module) else getattr(obj, "__dict__", {}).get("_module")
+    if isinstance(inner, nn.Module):  # nnsight's LanguageModel: an Envoy around the module it runs
+        return inner, getattr(obj, "tokenizer", None)
+    return obj, None
+
+
+def hf_parameters(hf: nn.Module) -> dict[str, torch.Tensor]:
+    """A transformers model's parameters by their transformers names, tied ones under each name. A TransformerBridge
+    wraps each module, whose own parameters it reaches as `_original_component`; the parameters of the wrappers
+    themselves (split attention projections) are the bridge's, not the model's."""
+    def the_models(name: str) -> bool:
+        mod, parts = hf, name.split(".")
+        for part, after in zip(parts, parts[1:] + [""]):
+            if part != "_original_component" and "_original_component" in mod._modules and after:
+                return False  # a wrapper's own
+            mod = mod._modules.get(part, mod)
+        return True
+
+    return {k.replace("._original_component", ""): p for k, p in hf.named_parameters(remove_duplicate=False)
+            if the_models(k)}
+
+
+def load_object(obj, device: str = "auto", tokenizer=None, name: str | None = None) -> LoadedModel:
+    """
+    The model a notebook holds, analysed with the weights it has in memory (nothing is read from disk):
+    a transformers causal LM of GPT-2 or a family in sites.FAMILIES, or a wrapper of one (unwrap). GPT-2 runs on
+    model.py over the object's own tensors (gpt2_from_hf); the other families through sites.HFCausalLM, which
+    adds an identity pre-hook on each output projection and sets the object to eval mode. The tokenizer is
+    `tokenizer`, else the wrapper's, else the one at the object's name_or_path; the prefix {m} is `name`, else the
+    last part of name_or_path. The model stays where it is: `device` "auto" or the device it is on.
+    """
+    from transformers import AutoTokenizer, PreTrainedModel  # lazy: transformers is slow to import
+
+    hf, wrapper_tokenizer = unwrap(obj)
+    if not isinstance(hf, PreTrainedModel):
+        raise PipelineError(f"load_model takes a model name, a checkpoint directory, or a model object (a "
+                            f"transformers model, an nnsight LanguageModel, a TransformerLens TransformerBridge); "
+                            f"got {type(obj).__name__}")
+    what = f"the {type(hf).__name__} object"
+    arch = sites.check_model_type(f"{what}'s config", hf.config.to_dict())
+    if hf.get_output_embeddings() is None:
+        raise PipelineError(f"{what} has no language-model head: load it as a causal LM "
+                            f"(AutoModelForCausalLM.from_pretrained, or {type(hf).__name__}'s *ForCausalLM class)")
+    params = hf_parameters(hf)
+    dev = object_device(what, params, device)
+    model = gpt2_from_hf(hf, params) if arch == "gpt2" else sites.HFCausalLM(hf.eval(), arch)
+    m = object_name(hf, name)
+    tokenizer = tokenizer if tokenizer is not None else wrapper_tokenizer
+    if tokenizer is None:
+        source = str(getattr(hf, "name_or_path", "") or "")
+        if not source:
+            raise PipelineError(f"{what} has no name_or_path to find its tokenizer by: give it, "
+                                f"load_model(model, tokenizer=...)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PipelineError(f"cannot load the tokenizer of {what} from its name_or_path {source!r} ({reason}): "
+                                f"give it, load_model(model, tokenizer=...)") from None
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise PipelineError(f"load_model needs tokenizer as a transformers tokenizer, got {type(tokenizer).__name__}")
+    return LoadedModel(model, tokenizer, m, None, dev, sites.site_info(arch))
+
+
+def object_device(what: str, params: dict, device: str) -> torch.device:
+    """The one device a model object's float32 weights are on (`device`, unless "auto", must be it)."""
+    tensors = list(params.values())
+    if any(p.is_meta for p in tensors):
+        raise PipelineError(f"{what} has no weights yet (meta tensors): load them first (an nnsight LanguageModel: "
+                            f"LanguageModel(..., dispatch=True))")
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in tensors} - {"float32"})
+    if dtypes:
+        raise PipelineError(f"{what} holds {', '.join(dtypes)} weights, but gelutrace analyses float32 ones: "
+                            f"convert it with model.float() (or load it with dtype=torch.float32)")
+    devices = sorted({str(p.device) for p in tensors})
+    if len(devices) > 1:
+        raise PipelineError(f"{what} is spread over {', '.join(devices)}: move it to one device (model.to(...))")
+    dev = tensors[0].device if tensors else torch.device("cpu")
+    if device != "auto" and resolve_device(device).type != dev.type:
+        raise PipelineError(f"device={device!r}, but {what} is on {dev}: move it there (model.to({device!r})) or "
+                            f"leave device='auto'")
+    return dev
+
+
+def object_name(hf, name) -> str:
+    """The file prefix {m} of a model object: `name`, else the last part of its name_or_path."""
+    if name is None:
+        name = Path(str(getattr(hf, "name_or_path", "") or "")).name
+        if not name:
+            raise PipelineError(f"the {type(hf).__name__} object has no name_or_path (built in memory): name it, "
+                                f"load_model(model, name=...), the prefix of its files")
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise PipelineError(f"the model's name is the prefix of its files: letters, digits, '.', '_', '+' and '-', "
+                            f"not starting with a dot or a dash; got {name!r}")
+    return name
+
+
+def user_hooks(hf: nn.Module) -> list[str]:
+    """The modules with hooks a user attached: not those transformers (its output capture) and a TransformerBridge
+    (around its wrappers) attach themselves; a hook on one of a bridge's hook points is the user's."""
+    own = ("transformers.", "transformer_lens.")
+    return [name for name, mod in hf.named_modules()
+            if (fns := [*mod._forward_hooks.values(), *mod._forward_pre_hooks.values()])
+            and (type(mod).__name__ == "HookPoint" or any(not getattr(f, "__module__", "").startswith(own)
+                                                         for f in fns))]
+
+
+def gpt2_from_hf(hf: nn.Module, params: dict) -> GPT:
+    """
+    model.py's GPT over a transformers GPT-2's own tensors, Conv1D weights as transposed views (as load_checkpoint
+    reads them from a file): nothing is copied, and the same code runs on the same layout as for the checkpoint
+    saved to disk, so the results are bit for bit the same. Hooks attached to the object would not run: refused.
+    """
+    what = f"the {type(hf).__name__} object"
+    hooked = user_hooks(hf)
+    if hooked:
+        raise PipelineError(f"{what} has hooks attached ({hooked[0]}{' and more' if len(hooked) > 1 else ''}), "
+                            f"which gelutrace would not run: it runs GPT-2 on its own code (model.py) over the "
+                            f"model's weights; remove them (handle.remove()), or edit the weights instead")
+    config = gpt2_config(f"{what}'s config", hf.config.to_dict())
+    with torch.device("meta"):  # no random init: every tensor is the object's
+        model = GPT(config)
+    want = {k: tuple(v.shape[::-1] if k.endswith(CONV1D) else v.shape) for k, v in model.state_dict().items()}
+    sites.check_tensors(what, f"{what}'s config", missing=[k for k in want if k not in params],
+                        unexpected=[k for k in params if k not in want],
+                        mismatched=[(k, tuple(params[k].shape), s) for k, s in want.items()
+                                    if k in params and tuple(params[k].shape) != s])
+    if params["lm_head.weight"] is not params["transformer.wte.weight"] and not torch.equal(
+            params["lm_head.weight"], params["transformer.wte.weight"]):
+        raise PipelineError(f"{what}: lm_head.weight differs from transformer.wte.weight, but this GPT-2 ties its "
+                            f"output embedding to the input embedding")
+    model.load_state_dict({k: params[k].detach().t() if k.endswith(CONV1D) else params[k].detach() for k in want},
+                          assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor: tie it again
+    return model.eval()

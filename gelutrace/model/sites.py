@@ -85,7 +85,11 @@ def read_config_json(path: Path) -> tuple[Path, dict]:
 
 def read_model_type(path: Path) -> str:
     """config.json's model_type (a checkpoint without one is GPT-2, as the original GPT-2 configs are)."""
-    cfg_file, hf = read_config_json(path)
+    return check_model_type(*read_config_json(path))
+
+
+def check_model_type(cfg_file, hf: dict) -> str:
+    """The model_type of a config's dict (`cfg_file`: where it comes from, for the errors), if it has a site."""
     model_type = hf.get("model_type", "gpt2")
     moe = [k for k in MOE_KEYS if isinstance(hf.get(k), int) and hf[k] > 0]
     if moe:

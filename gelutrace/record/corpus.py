@@ -16,6 +16,7 @@ the batch; only the totals (and, with save_matrix, the bit-packed rows) are kept
 
 import contextlib
 import fnmatch
+import hashlib
 import os
 import re
 import sys
@@ -685,21 +686,68 @@ def write_corpus_dataset(export_dir, m: str, n_layer: int, d_mlp: int, samples: 
         out.vouch([layout.path(out.dir, f, m) for f in written] + atomic.store_files(store))
 
 
-def model_weights(checkpoint) -> list[dict]:
+def model_weights(lm) -> list[dict]:
     """
-    The checkpoint's weights, each safetensors file's name, size and sha256: a corpus record's fingerprint of the
-    model, so that the merge refuses shards of other weights under the same name. The whole file is hashed (a
-    header and size would not see a changed weight of the same shape); it was just read to load the model, so
-    it is hashed from the page cache at about 1-2 GB/s, once per run.
+    A corpus record's fingerprint of the model's weights, so that the merge and stage e refuse a dataset of other
+    weights under the same name: of a checkpoint, each safetensors file's name, size and sha256 (the whole file:
+    a header and size would not see a changed weight of the same shape; it was just read to load the model, so
+    it is hashed from the page cache at about 1-2 GB/s, once per run); of a model object (lm.path None), one entry
+    {"memory": true, size, sha256} over its state dict (memory_weights).
     """
+    if lm.path is None:
+        return [memory_weights(lm.model)]
     return [{"file": f.name, "size": f.stat().st_size, "sha256": atomic.file_sha256(f)}
-            for f in sorted(Path(checkpoint).glob("*.safetensors"))]
+            for f in sorted(Path(lm.path).glob("*.safetensors"))]
+
+
+def memory_weights(model) -> dict:
+    """
+    The fingerprint of weights in memory: sha256 over the state dict of the model as gelutrace runs it (model.py's
+    for GPT-2, the transformers model's inside HFCausalLM), each tensor's name, dtype, shape and bytes in order, so
+    that a checkpoint loaded from disk gives the same hash as the same weights in memory.
+    """
+    h, size = hashlib.sha256(), 0
+    for name, t in model.state_dict().items():
+        data = t.detach().contiguous().cpu().view(torch.uint8).numpy()  # the bytes as they are (bf16 too)
+        h.update(f"{name.replace('._original_component', '')}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(data)
+        size += data.nbytes
+    return {"memory": True, "size": size, "sha256": h.hexdigest()}
+
+
+def weights_origin(weights: list[dict]) -> str:
+    """Where a corpus record's weights came from, in words."""
+    return "weights in memory" if any(w.get("memory") for w in weights) else "checkpoint files"
+
+
+def check_recorded_weights(record: dict | None, lm, where):
+    """
+    A dataset recorded from weights in memory is used only with the same weights: the model's state dict is hashed
+    as memory_weights does (a checkpoint loaded from disk too) and compared. A model in memory and a dataset of
+    checkpoint files are a mix whose weights cannot be compared: refused as well.
+    """
+    recorded = (record or {}).get("weights")
+    if not recorded:
+        return
+    if weights_origin(recorded) != "weights in memory":
+        if lm.path is None:
+            raise PipelineError(f"{where} was recorded from the checkpoint files of {record.get('model')}, but the "
+                                f"model given holds its weights in memory: their weights cannot be shown to be the "
+                                f"same; load the model from its checkpoint, or record the dataset with this model")
+        return
+    want = next(w for w in recorded if w.get("memory"))["sha256"]
+    if memory_weights(lm.model)["sha256"] != want:
+        source = "the model given" if lm.path is None else f"its checkpoint {lm.path}"
+        raise PipelineError(f"{where} was recorded from weights in memory (state dict sha256 {want[:12]}...) that "
+                            f"are not those of model {lm.name} ({source}): the dataset is from other weights; "
+                            f"record it again with this model")
 
 
 def corpus_record(m: str, model_path, corpus: Corpus, context: int, max_tokens, shard, windows: int,
                   shard_windows_: int, samples: int, n_layer: int, d_mlp: int, top_examples: int,
                   weights: list[dict]) -> dict:
-    return {"format": CORPUS_FORMAT, "version": CORPUS_VERSION, "model": m, "model_path": str(model_path),
+    return {"format": CORPUS_FORMAT, "version": CORPUS_VERSION, "model": m,
+            "model_path": None if model_path is None else str(model_path),
             "weights": weights, "n_layer": n_layer, "d_mlp": d_mlp, **corpus.record(), "max_tokens": max_tokens,
             "tokens": int(len(corpus.ids)), "context": context, "windows": windows,
             "shard": None if shard is None else {"index": shard[0], "count": shard[1], "windows": shard_windows_},
@@ -821,7 +869,7 @@ def run_job(lm, job: Job, export: Path, settings: CorpusSettings) -> dict | None
         print(f"note: {corpus.unchecked_cuts} piece(s) of long documents were cut where no cut point that keeps "
               f"the tokens lay within {PIECE_CHARS // 2:,} characters (a 'word' that long); the tokens at those "
               f"cuts may differ from tokenizing the document whole", file=sys.stderr)
-    weights = model_weights(lm.path)
+    weights = model_weights(lm)
     rank = 0
     if dist_ctx is not None:
         init_distributed(lm.device)
@@ -832,7 +880,8 @@ def run_job(lm, job: Job, export: Path, settings: CorpusSettings) -> dict | None
     n_win = num_windows(len(corpus.ids), context)
     windows = shard_windows(n_win, shard)
     batches = plan(windows, len(corpus.ids), context, batch_size)
-    fp = fingerprint([f["sha256"] for f in corpus.files], lm.name, str(lm.path.resolve()), weights, vars(cfg),
+    fp = fingerprint([f["sha256"] for f in corpus.files], lm.name, str(lm.path.resolve()) if lm.path else "memory",
+                     weights, vars(cfg),
                      context, s.max_tokens, batch_size, shard, s.save_matrix, s.top_examples,
                      *(["attribution"] if s.attribution else []),
                      *([f"direct_edges={s.direct_edges}"] if s.direct_edges else []),

@@ -75,9 +75,15 @@ def merge_shards(shard_dirs: list[str], out_dir) -> dict:
             if rec.get(key) != first.get(key):
                 raise PipelineError(f"{d} and {dirs[0]} differ in {key} ({rec.get(key)!r} vs {first.get(key)!r}): "
                                     f"shards of different runs")
+        origins = corpus.weights_origin(rec["weights"]), corpus.weights_origin(first["weights"])
+        if origins[0] != origins[1]:
+            raise PipelineError(f"{d} was recorded from {origins[0]} and {dirs[0]} from {origins[1]} of {m}: "
+                                f"their weights cannot be shown to be the same, so they are not merged; record "
+                                f"every shard from the same source")
         if rec["weights"] != first["weights"]:
-            raise PipelineError(f"{d} and {dirs[0]} were made from different weights of {m} (their safetensors "
-                                f"files' sha256 differ): shards of different models")
+            raise PipelineError(f"{d} and {dirs[0]} were made from different weights of {m} (their "
+                                f"{'state dicts' if origins[0] == 'weights in memory' else 'safetensors files'}' "
+                                f"sha256 differ): shards of different models")
         if [(f["sha256"], record_field(f)) for f in rec["files"]] != [(f["sha256"], record_field(f))
                                                                      for f in first["files"]]:
             raise PipelineError(f"{d} and {dirs[0]} read different text: shards of different corpora")

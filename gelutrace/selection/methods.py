@@ -42,7 +42,7 @@ from gelutrace import PipelineError
 from gelutrace.files import atomic, formats, layout
 from gelutrace.graph.causal import CausalEdges
 from gelutrace.graph.coactivation import DEFAULT_WEIGHT, CoactivationGraph, Cut, no_causal_hint
-from gelutrace.graph.store import check_nx_fits, write_gpickle
+from gelutrace.graph.store import write_gpickle
 
 METHODS = ("degree", "weighted_degree", "pagerank", "influence", "activation_count", "attribution", "direct_loss",
            "magnitude", "ablation", "random")
@@ -481,34 +481,14 @@ def subset_file_name(model: str | None, method: str, threshold: float | None, ra
 
 def export_graph(graph: CoactivationGraph, threshold: float, target, memory_limit: int | None = None,
                  weight: str = DEFAULT_WEIGHT):
-    """The thresholded graph (all nodes, kept edges) as GraphML or NetworkX .gpickle, if it fits in memory.
-    For a weight other than count, its edges also carry {weight} and {weight}_normalized."""
+    """The thresholded graph (all nodes, kept edges) as GraphML or NetworkX .gpickle, if it fits in memory
+    (CoactivationGraph.to_networkx). For a weight other than count, its edges also carry {weight} and
+    {weight}_normalized."""
     import networkx as nx  # lazy: only the NetworkX paths need it (slow to import)
     target = Path(target)
     if target.suffix not in (".graphml", ".gpickle"):
         raise PipelineError(f"--export_graph {target}: use a .graphml or .gpickle name")
-    cut = graph.cut(threshold, weight)
-    w = cut.weight
-    kept = int(graph.degrees(cut).sum() // 2)
-    check_nx_fits(graph.num_nodes, kept, memory_limit, f"the thresholded graph (t={threshold})",
-                  "raise --threshold or skip --export_graph")
-    g = nx.Graph(model=graph.model or "", threshold=float(threshold), weight=weight)
-    na = graph.normalized_activation()
-    g.add_nodes_from(zip(graph.node_ids.tolist(), (
-        {"layer": int(a), "dimension": int(b), "activation_count": int(c), "activation_count_normalized": float(d)}
-        for a, b, c, d in zip(graph.layer, graph.dimension, graph.activation_count, na))))
-    mx = graph.max_co_activation
-    for b in graph.blocks:
-        mask, s = cut.keep(b)
-        m = b.csr(mask, b.counts()).tocoo()
-        u = graph.node_ids[np.arange(b.rows.start, b.rows.stop)[m.row]]
-        v = graph.node_ids[np.arange(b.cols.start, b.cols.stop)[m.col]]
-        attrs = [{"co_activation_count": int(c), "co_activation_count_normalized": c / mx} for c in m.data.tolist()]
-        if weight != DEFAULT_WEIGHT:  # scores are the normalised weights; the same mask orders both alike
-            raw, norm = b.csr(mask, w.raw(b)).data.tolist(), b.csr(mask, s).data.tolist()
-            for a, x, y in zip(attrs, raw, norm):
-                a[weight], a[f"{weight}_normalized"] = x, y
-        g.add_edges_from(zip(u.tolist(), v.tolist(), attrs))
+    g = graph.to_networkx(weight, threshold, memory_limit, "raise --threshold or skip --export_graph")
     if target.suffix == ".gpickle":
         write_gpickle(g, target)
     else:
