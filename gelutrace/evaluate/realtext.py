@@ -284,8 +284,7 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
                     if (r := int(tok_row[a])) >= 0:
                         _add(dnll_t[r], idx[3], dnll[j])
                     if per_position:
-                        on_row = scored[rows].reshape(-1)
-                        pos_dnll[a, where[rows].reshape(-1)[on_row]] = dnll[j][on_row]
+                        pos_dnll[a, where[rows].reshape(-1)[on_pos]] = dnll[j]
                 if progress is not None:
                     progress(len(chunk) * len(on_pos))
     base = Baseline(*(t.cpu().numpy() for t in (tokens, nll, b_tokens, b_nll)),
