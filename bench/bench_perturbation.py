@@ -19,6 +19,9 @@ each prompt once; tokens delivered: all 5 samples of each prompt), the hook over
 interleaved repeats in the same process, best of --repeats), the whole stage-e computation (generation of
 both plus the teacher-forced metric passes) and the peak RSS.
 
+Also: the logits and metrics of 8 ablations of one batch of the evaluation text formed whole (as before) and a
+block of positions at a time (metrics.blocked_shift_metrics), in the same run.
+
     .venv/bin/python bench/bench_perturbation.py [--device cpu] [--repeats 7] [--checkpoint DIR] [--controls 30] [--plan_only]
 """
 
@@ -172,6 +175,52 @@ def plan_cost(lm, n_conditions: int, eval_tokens: int, batch_size: int, seed: in
             "tokens": text.scored, "test_tokens": int(np.isin(text.unit, test).sum()), "forced_tokens": forced_tokens}
 
 
+def metric_cost(lm, groups: int = 8, repeats: int = 3) -> dict:
+    """The logits and metrics of `groups` ablations of one batch of windows of the demo's evaluation text, formed
+    whole (all of them at once, as stage e did before) and a block of positions at a time
+    (metrics.blocked_shift_metrics), on the same final-norm outputs: seconds (best of `repeats`) and positions."""
+    from gelutrace.evaluate import realtext as rt
+    from gelutrace.model.sites import split_head
+
+    cfg = lm.model.config
+    text = rt.read_eval_text([str(EVAL_TEXT)], lm.tokenizer, cfg.block_size, cfg.vocab_size, 8000)
+    w = text.batches[0]
+    x = torch.from_numpy(text.ids[(w[:, None] * text.context + np.arange(text.context)).reshape(-1)]).view(len(w), -1)
+    inp, tgt = x[:, :-1], x[:, 1:].reshape(-1)
+    body, head = split_head(lm.model)
+    rng = np.random.default_rng(0)
+    n = cfg.n_layer * cfg.d_mlp
+    ablated = [np.sort(rng.choice(n, size=n // 100, replace=False)) for _ in range(groups)]
+    h = body(inp).reshape(-1, cfg.n_embd)
+    with hooks.RowAblation(lm.model, ablated, len(w)):
+        h_g = body(inp.repeat(groups, 1)).view(groups, -1, cfg.n_embd)
+
+    def whole():
+        base = head(h).float()
+        metrics.shift_metrics(metrics.base_probabilities(base, base.dtype)[None], head(h_g).float().sub_(base)[:, None],
+                              tgt[None])
+
+    def blocked():
+        def logits(sl):
+            base = head(h[sl]).float()
+            return metrics.base_probabilities(base, base.dtype), head(h_g[:, sl]).float().sub_(base)
+        metrics.blocked_shift_metrics(len(tgt), logits, tgt, metrics.metric_block("cpu", groups, cfg.vocab_size))
+
+    times = {"whole": [], "blocked": []}
+    for _ in range(repeats):  # interleaved
+        times["whole"].append(timed(whole))
+        times["blocked"].append(timed(blocked))
+    return {k: min(v) for k, v in times.items()} | {"positions": len(tgt), "groups": groups}
+
+
+def print_metric_cost(cost: dict):
+    per = {k: cost["groups"] * cost["positions"] / cost[k] for k in ("whole", "blocked")}
+    print(f"logits and metrics of {cost['groups']} ablations x {cost['positions']:,} positions of the evaluation text, "
+          f"shipped model: formed whole {cost['whole']:.3f} s ({per['whole']:,.0f} token-forwards/s), a block of "
+          f"positions at a time {cost['blocked']:.3f} s ({per['blocked']:,.0f} token-forwards/s, "
+          f"{cost['whole'] / cost['blocked']:.2f}x)")
+
+
 def print_plan(plan: dict):
     """The demo's stage e plan (DEMO_PLAN) before and after, from the per-condition costs of plan_cost."""
     print(f"the demo's stage e plan, shipped model (prompt mode: {', '.join(f'{n} {k}' for k, n in DEMO_PLAN.items())}), "
@@ -222,7 +271,9 @@ def main():
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     if args.plan_only:
-        print_plan(plan_cost(load_model("tinybard", args.device), 16, 8000, args.batch_size))
+        shipped = load_model("tinybard", args.device)
+        print_metric_cost(metric_cost(shipped))
+        print_plan(plan_cost(shipped, 16, 8000, args.batch_size))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,6 +321,7 @@ def main():
     demo_null = controls_cost(shipped, read_prompts(HELDOUT), demo, args.controls, args.batch_size)
     demo_text = text_cost(shipped, 16, 8000, shipped.model.config.block_size, args.batch_size)
     plan = plan_cost(shipped, 16, 8000, args.batch_size)
+    metric = metric_cost(shipped)
     demo_e = [(d.name, demo_stage_e(d)) for d in DEMO_RUNS]
 
     print(f"device {lm.device}, torch threads {torch.get_num_threads()}, model {cfg.n_layer} layers x {cfg.d_mlp} "
@@ -295,6 +347,7 @@ def main():
               f"({single / batched:.2f}x the batched time)")
     print(f"real text, shipped model: {demo_text[0]:.3f} s per subset or control per 1,000 scored tokens "
           f"(16 together over {demo_text[1]} tokens of {EVAL_TEXT.name}, the unablated pass included)")
+    print_metric_cost(metric)
     print_plan(plan)
     per_token = gpt2_text[0] / 1000
     d, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size
