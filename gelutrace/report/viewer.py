@@ -24,6 +24,7 @@ nodes and links (embeddings and logits, always kept, have share 0).
 import json
 from dataclasses import dataclass
 from functools import cache
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +106,6 @@ def embedded_json(data) -> str:
 
 
 def page_html(data: dict) -> str:
-    from html import escape
-
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         '<link rel="icon" href="data:,">', f"<title>{escape(data['title'])}</title>", f"<style>{CSS}</style>",
