@@ -11,7 +11,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import urllib.request
 from html.parser import HTMLParser
 
 import numpy as np
@@ -300,3 +302,20 @@ def test_a_causal_graph_of_a_dataset_without_direct_edges_is_one_error_line(data
                "--neurons", "1,2", "--output", tmp_path / "out", "--causal_graph", "5")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "direct edges" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_gelutrace_serve_serves_a_folder_on_localhost(tmp_path):
+    (tmp_path / "page.html").write_text(viewer.page_html(synthetic_data()), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "gelutrace.commands", "serve", str(tmp_path), "--port", "0"],
+                            cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        with urllib.request.urlopen(url + "page.html", timeout=30) as r:
+            assert r.read() == (tmp_path / "page.html").read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    r = run_python([sys.executable, "-m", "gelutrace.commands", "serve", str(tmp_path / "missing")], cwd=REPO_ROOT,
+                   env=ENV)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
