@@ -169,7 +169,7 @@ def dataset_sequences(directory, m: str) -> Sequences:
 
 @torch.no_grad()
 def _selected_values(model, inputs: list[list[int]], neuron_ids: np.ndarray) -> np.ndarray:
-    """One forward pass over left-padded `inputs`: the neurons' post-GELU values, float64 (rows, width, neurons)."""
+    """One forward pass over left-padded `inputs`: the neurons' post-GELU values, float32 (rows, width, neurons)."""
     cfg = model.config
     device = next(model.parameters()).device
     layers = neuron_ids // cfg.d_mlp
@@ -182,7 +182,7 @@ def _selected_values(model, inputs: list[list[int]], neuron_ids: np.ndarray) -> 
     for layer in np.unique(layers):
         cols = np.flatnonzero(layers == layer)
         per[:, :, cols] = acts[int(layer)][:, :, dims[cols]].float()
-    return per.cpu().numpy().astype(np.float64)
+    return per.cpu().numpy()
 
 
 @torch.no_grad()
@@ -205,7 +205,7 @@ def top_examples(model, seqs: Sequences, neuron_ids: np.ndarray, k: int = 10, ba
             vals.append(per[i, per.shape[1] - n:])
             sids.append(seqs.first_id[r] + np.arange(n))
         s = np.repeat(np.concatenate(sids)[:, None], len(neuron_ids), axis=1)
-        best_v, best_i = merge_top([(best_v, best_i), (np.concatenate(vals), s)], k)
+        best_v, best_i = merge_top([(best_v, best_i), (np.concatenate(vals).astype(np.float64), s)], k)
         if progress is not None:
             progress(len(rows))
     return best_v.T.copy(), best_i.T.copy()
@@ -247,7 +247,7 @@ def context_activations(model, seqs: Sequences, neuron_ids: np.ndarray, sample_i
             start = per.shape[1] - len(inputs[b])
             for i, j in zip(*np.nonzero(s_idx == r)):
                 p = start + pos[i, j]
-                shades[i][j] = per[b, max(start, p - layout.CONTEXT_TOKENS + 1):p + 1, i]
+                shades[i][j] = per[b, max(start, p - layout.CONTEXT_TOKENS + 1):p + 1, i].astype(np.float64)
     return shades
 
 
@@ -403,7 +403,8 @@ def _examples_from_corpus(model, tokenizer, data, m: str, record: dict, neuron_i
             shown = tokens[w][first:pos + 1].tolist()
             nxt = tokens[w][pos + 1:pos + 2].tolist()
             examples.append(Example(float(v), int(s), [name(t) for t in shown],
-                                    values[w][first:pos + 1, i] if shades and rank < top else np.zeros(0),
+                                    values[w][first:pos + 1, i].astype(np.float64) if shades and rank < top
+                                    else np.zeros(0),
                                     tokenizer.decode(nxt)))
         out.append(examples)
     return out
