@@ -169,6 +169,17 @@ class GPT(nn.Module):
             cache.length += T
         return x
 
+    def trunk_from(self, layer: int, x, pre):
+        """trunk's output resumed at `layer`'s GELU, from that block's residual stream after its attention (x) and
+        its MLP's pre-activation (pre), as a full pass over unpadded rows computed them: the blocks below, which
+        that pass shares, are not run again."""
+        _, mask = self.attention_layout(x.size(1), 0, None, x.device)
+        block = self.transformer.h[layer]
+        x = x + block.mlp.c_proj(block.mlp.gelu(pre))
+        for i in range(layer + 1, self.config.n_layer):
+            x = self.transformer.h[i](x, i, None, mask)
+        return x
+
     def forward(self, idx, targets=None, cache: KVCache | None = None, pad: torch.Tensor | None = None,
                 logits_to_keep: int = 0):
         """

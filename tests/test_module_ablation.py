@@ -115,8 +115,10 @@ def test_module_subsets_hold_the_modules_neurons(ablated):
 def test_module_ablation_equals_the_same_neurons_as_a_subset(ablated):
     d, _, small = ablated
     s = pd.read_csv(d / layout.RESULTS_DIR / layout.PERTURBATION_SUMMARY).set_index("subset")
+    # the same neurons ablated in another block of rows of a batched pass: equal up to float32 rounding, which
+    # depends on where in the batch a row is
     for col in ("kl", "delta_nll", "token_agreement", "text_delta_nll", "text_kl"):
-        assert s.loc[small.name, col] == pytest.approx(s.loc["plain.npy", col], rel=1e-9, abs=1e-12)
+        assert s.loc[small.name, col] == pytest.approx(s.loc["plain.npy", col], rel=1e-6, abs=1e-12)
     comparison = pd.read_csv(d / layout.RESULTS_DIR / layout.COMPARISON)
     assert not comparison["subset"].str.contains("module").any()  # a module is not a selection method
     # the module has both nulls, the plain subset only the layer-matched one

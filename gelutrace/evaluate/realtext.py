@@ -15,6 +15,7 @@ Stage e's real-text evaluation: what ablating neurons does to the loss on held-o
   computed in one forward pass, one block of rows each (perturbation.RowAblation).
 """
 
+import contextlib
 import hashlib
 import itertools
 from collections.abc import Iterable, Iterator
@@ -32,7 +33,7 @@ from gelutrace.evaluate import statistics as stats
 from gelutrace.files import atomic, layout
 from gelutrace.files import corpusfiles as cf
 from gelutrace.model import hooks
-from gelutrace.model.sites import split_head
+from gelutrace.model.sites import resumed_body, split_head
 from gelutrace.model.tokens import token_text
 from gelutrace.record import corpus as cp
 
@@ -222,6 +223,9 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
     pos_nll, pos_dnll = torch.full((n_pos,), torch.nan, **f64), torch.full((len(ablating), n_pos), torch.nan, **f64)
     ctx = text.context
     body, head = split_head(model)
+    resume = resumed_body(model)  # a group's passes start at its first ablated layer's GELU, where model.py allows
+    first = {i: int(np.min(groups[i])) // model.config.d_mlp for i in ablating}
+    points = hooks.ResumePoints(model, set(first.values())) if resume is not None else contextlib.nullcontext()
     for w in text.batches:
         lo = int(w[0]) * ctx
         length = min(ctx, len(text.ids) - lo)
@@ -233,7 +237,8 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
         inp, tgt, where = x[:, :-1], x[:, 1:], at[:, 1:]
         u, pb = unit[where], pos_b[where]
         tb = torch.where(tok_b[where] >= 0, tok_b[where] + NP, -1)
-        h = body(inp)
+        with points:
+            h = body(inp)
         base_nll = torch.empty(tgt.shape, **f64)
         flat_h, flat_tgt = h.reshape(-1, h.size(-1)), tgt.reshape(-1)
         block = metrics.metric_block(device, 1, V)
@@ -264,11 +269,18 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
             h_s, tgt_s = h_s.reshape(-1, h.size(-1)), tgt[rows].reshape(-1)[on_pos]
             # what body returns for a chunk's rows (its logits, or model.py's final norm output) within LOGIT_BUDGET
             g = max(1, min(batch_size // len(rows), metrics.LOGIT_BUDGET // max(1, h_s.numel())))
-            for s in range(0, len(todo), g):
-                chunk = todo[s:s + g]
+            by_layer = first.get if resume is not None else (lambda i: 0)  # a chunk's groups share it
+            chunks = [part[s:s + g] for _, part in itertools.groupby(sorted(todo, key=by_layer), key=by_layer)
+                      for part in [list(part)] for s in range(0, len(part), g)]
+            for chunk in chunks:
                 acc = [ablating.index(i) for i in chunk]
                 with hooks.RowAblation(model, [groups[i] for i in chunk], len(rows), mean_values):
-                    h_g = body(inp_s.repeat(len(chunk), 1)).view(len(chunk), -1, h.size(-1))
+                    if resume is None:
+                        h_g = body(inp_s.repeat(len(chunk), 1))
+                    else:
+                        layer = first[chunk[0]]
+                        h_g = resume(layer, *(a[rows].repeat(len(chunk), 1, 1) for a in points.points[layer]))
+                    h_g = h_g.view(len(chunk), -1, h.size(-1))
 
                 def logits(sl):  # the base's probabilities and the chunk's logit shifts at scored positions sl
                     base = head(h_s[on_pos[sl]]).float()

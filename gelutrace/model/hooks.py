@@ -9,6 +9,7 @@ DirectHooks, StepProgress). Only HFCausalLM's site pre-hooks stay for the model'
   batch (RowAblation), or one neuron at one position per row (PositionAblation).
 - CleanPass, SiteMeans: what single-neuron effects and edge fidelity keep of a forward pass.
 - StopAfter: a forward pass ended at a layer's neuron site, when nothing above it is needed.
+- ResumePoints: what model.py's GPT.trunk_from resumes a pass from, kept from a full pass.
 """
 
 import numpy as np
@@ -59,6 +60,24 @@ class NeuronHooks:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+class ResumePoints(NeuronHooks):
+    """
+    with ResumePoints(model, layers) as kept: for model.py's GPT, each listed layer's residual stream after its
+    attention and its MLP's pre-activation in the forward pass run inside the block (kept.points[layer] = (x, pre)),
+    what GPT.trunk_from resumes a pass from.
+    """
+
+    def __init__(self, model, layers):
+        super().__init__(model)
+        self.layers, self.points = sorted(set(layers)), {}
+
+    def register(self):
+        h = self.model.transformer.h
+        for layer in self.layers:
+            self.pre_hook(h[layer].ln_2, lambda module, args, layer=layer: self.points.__setitem__(layer, [args[0]]))
+            self.hook(h[layer].mlp.c_fc, lambda module, args, out, layer=layer: self.points[layer].append(out))
 
 
 class Stopped(Exception):

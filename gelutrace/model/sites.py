@@ -158,6 +158,14 @@ def split_head(model):
     return (lambda idx: model(idx)[0]), (lambda x: x)
 
 
+def resumed_body(model):
+    """For model.py, body(idx) of split_head resumed at a layer's GELU: f(layer, x, pre) from what
+    hooks.ResumePoints kept of a full pass (GPT.trunk_from); None for the transformers path."""
+    if not hasattr(model, "trunk_from"):
+        return None
+    return lambda layer, x, pre: model.transformer.ln_f(model.trunk_from(layer, x, pre))
+
+
 @dataclass
 class SiteConfig:
     n_layer: int
