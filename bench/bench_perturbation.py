@@ -19,8 +19,9 @@ each prompt once; tokens delivered: all 5 samples of each prompt), the hook over
 interleaved repeats in the same process, best of --repeats), the whole stage-e computation (generation of
 both plus the teacher-forced metric passes) and the peak RSS.
 
-Also: the logits and metrics of 8 ablations of one batch of the evaluation text formed whole (as before) and a
-block of positions at a time (metrics.blocked_shift_metrics), in the same run.
+Also, each against the former way in the same run: the logits and metrics of 8 ablations of one batch of the
+evaluation text formed whole and a block of positions at a time (metrics.blocked_shift_metrics); and the real-text
+evaluation with every pass from the embeddings and resumed at each subset's first ablated layer.
 
     .venv/bin/python bench/bench_perturbation.py [--device cpu] [--repeats 7] [--checkpoint DIR] [--controls 30] [--plan_only]
 """
@@ -213,6 +214,30 @@ def metric_cost(lm, groups: int = 8, repeats: int = 3) -> dict:
     return {k: min(v) for k, v in times.items()} | {"positions": len(tgt), "groups": groups}
 
 
+def resume_cost(lm, n_groups: int = 16, repeats: int = 2) -> dict:
+    """Seconds (best of `repeats`, interleaved) of realtext.evaluate on the demo's evaluation text for n_groups random
+    1 % subsets, each pass resumed at the group's first ablated layer and each run from the embeddings."""
+    from gelutrace.evaluate import realtext as rt
+
+    cfg = lm.model.config
+    text = rt.read_eval_text([str(EVAL_TEXT)], lm.tokenizer, cfg.block_size, cfg.vocab_size, 8000)
+    rng = np.random.default_rng(2)
+    n = cfg.n_layer * cfg.d_mlp
+    groups = [np.sort(rng.choice(n, size=n // 100, replace=False)) for _ in range(n_groups)]
+    times = {True: [], False: []}
+    for _ in range(repeats):
+        for resume in (False, True):
+            times[resume].append(timed(lambda: rt.evaluate(lm.model, text, groups, None, 64, resume=resume)))
+    return {"whole": min(times[False]), "resumed": min(times[True]), "tokens": text.scored * n_groups}
+
+
+def print_resume_cost(cost: dict):
+    print(f"real text, 16 random 1 % subsets x 8,000 tokens, shipped model: passes from the embeddings "
+          f"{cost['whole']:.2f} s ({cost['tokens'] / cost['whole']:,.0f} token-forwards/s), resumed at each subset's "
+          f"first ablated layer {cost['resumed']:.2f} s ({cost['tokens'] / cost['resumed']:,.0f} token-forwards/s, "
+          f"{cost['whole'] / cost['resumed']:.2f}x)")
+
+
 def print_metric_cost(cost: dict):
     per = {k: cost["groups"] * cost["positions"] / cost[k] for k in ("whole", "blocked")}
     print(f"logits and metrics of {cost['groups']} ablations x {cost['positions']:,} positions of the evaluation text, "
@@ -273,6 +298,7 @@ def main():
     if args.plan_only:
         shipped = load_model("tinybard", args.device)
         print_metric_cost(metric_cost(shipped))
+        print_resume_cost(resume_cost(shipped))
         print_plan(plan_cost(shipped, 16, 8000, args.batch_size))
         return
 
@@ -322,6 +348,7 @@ def main():
     demo_text = text_cost(shipped, 16, 8000, shipped.model.config.block_size, args.batch_size)
     plan = plan_cost(shipped, 16, 8000, args.batch_size)
     metric = metric_cost(shipped)
+    resumed = resume_cost(shipped)
     demo_e = [(d.name, demo_stage_e(d)) for d in DEMO_RUNS]
 
     print(f"device {lm.device}, torch threads {torch.get_num_threads()}, model {cfg.n_layer} layers x {cfg.d_mlp} "
@@ -348,6 +375,7 @@ def main():
     print(f"real text, shipped model: {demo_text[0]:.3f} s per subset or control per 1,000 scored tokens "
           f"(16 together over {demo_text[1]} tokens of {EVAL_TEXT.name}, the unablated pass included)")
     print_metric_cost(metric)
+    print_resume_cost(resumed)
     print_plan(plan)
     per_token = gpt2_text[0] / 1000
     d, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size

@@ -307,6 +307,19 @@ def test_logit_shift_metrics_equal_a_float64_computation(scale):
     one_kl, one_dnll = metrics.compare_logit_shifts(p, shift[0].float(), conts)  # without the k axis
     np.testing.assert_allclose(one_kl, kl[0], rtol=1e-6)
     np.testing.assert_allclose(one_dnll, dnll[0], rtol=1e-6, atol=1e-9)
+    # a few positions at a time, any block size: the per-position metrics against the float64 definitions
+    flat_p, flat_shift = p.reshape(rows * n, V), shift.float().reshape(k, rows * n, V)
+    tokens = torch.randint(0, V, (rows * n,), generator=g)
+    q = pert.reshape(k, rows * n, V)
+    b = base.reshape(rows * n, V)
+    ref_kl = (b.exp() * (b - q)).sum(-1)
+    ref_dnll = b[torch.arange(rows * n), tokens] - q[:, torch.arange(rows * n), tokens]
+    for size in (1, 3, rows * n):
+        bkl, bdnll = metrics.blocked_shift_metrics(rows * n, lambda sl: (flat_p[sl], flat_shift[:, sl].clone()), tokens,
+                                                   size)
+        assert bkl.shape == bdnll.shape == (k, rows * n)
+        assert torch.all((bkl - ref_kl).abs() <= 1e-3 * ref_kl + 1e-11), (scale, size)
+        assert torch.all((bdnll - ref_dnll).abs() <= 1e-6 * ref_dnll.abs() + 1e-6 * scale), (scale, size)
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "llama"])

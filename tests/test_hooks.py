@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from gelutrace.graph.counts import CoactivationCounts
 from gelutrace.model.generation import StepProgress
-from gelutrace.model.hooks import Ablation, CleanPass, GeluHooks, RowAblation, SiteMeans
+from gelutrace.model.hooks import Ablation, CleanPass, GeluHooks, ResumePoints, RowAblation, SiteMeans, StopAfter
 from gelutrace.model.sites import HFCausalLM
 from gelutrace.record.corpus import CountingHooks
 from gelutrace.record.direct import DirectEdges, DirectHooks, anatomy, corpus_targets
@@ -66,9 +66,12 @@ def cases(model, idx):
         "SiteMeans": lambda: (SiteMeans(model, [1], torch.ones(1, T), B, (0, torch.tensor([3, 4]))),
                               lambda: model(idx[:1].repeat(B, 1))),
         "StepProgress": lambda: (StepProgress(model, Bar(), B), lambda: model(idx)),
+        # its pass ends in the exception its block swallows (test_stop_after_ends_the_pass_at_the_layer)
+        "StopAfter": lambda: (StopAfter(model, 0), lambda: None),
     }
-    if not hasattr(model, "hf"):  # CleanPass reads model.py's blocks
+    if not hasattr(model, "hf"):  # CleanPass and ResumePoints read model.py's blocks
         out["CleanPass"] = lambda: (CleanPass(model, 1), lambda: model(idx))
+        out["ResumePoints"] = lambda: (ResumePoints(model, [0, 1]), lambda: model(idx))
     return out
 
 
@@ -107,7 +110,7 @@ def assert_clean(model, before):
 
 
 NAMES = ["GeluHooks", "ActivationRecorder", "CountingHooks", "Ablation", "Ablation(values)", "RowAblation",
-         "DirectHooks", "SiteMeans", "StepProgress", "CleanPass"]
+         "DirectHooks", "SiteMeans", "StepProgress", "CleanPass", "StopAfter", "ResumePoints"]
 
 
 def make(model, idx, name):
@@ -181,3 +184,33 @@ def test_removed_when_registering_fails(model, idx, name, monkeypatch):
     assert len(calls) == n
     assert_clean(model, before)
     assert hooks.handles == []
+
+
+def test_stop_after_ends_the_pass_at_the_layer(model, idx):
+    """The layers up to the stop run (the hooks entered before it see their values), none above it."""
+    seen = []
+    with torch.no_grad(), GeluHooks(model, lambda layer: lambda m, i, o: seen.append((layer, o.clone()))), \
+            StopAfter(model, 0):
+        model(idx)
+    with torch.no_grad(), GeluHooks(model, lambda layer: lambda m, i, o: seen.append((layer, o.clone()))):
+        model(idx)
+    assert [layer for layer, _ in seen] == [0] + list(range(model.config.n_layer))
+    assert torch.equal(seen[0][1], seen[1][1])
+
+
+def test_a_pass_resumed_at_a_layer_equals_the_whole_pass(shipped):
+    """GPT.trunk_from at each layer, from what ResumePoints kept, gives trunk's output bit for bit, and under an
+    ablation of that layer's neurons the ablated whole pass's output."""
+    model = shipped.model
+    idx = torch.randint(1, model.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
+    d = model.config.d_mlp
+    with torch.no_grad():
+        whole = model.trunk(idx)
+        for layer in range(model.config.n_layer):
+            with ResumePoints(model, [layer]) as kept:
+                model.trunk(idx)
+            assert torch.equal(model.trunk_from(layer, *kept.points[layer]), whole)
+            ids = np.array([layer * d + 3, min(layer + 1, model.config.n_layer - 1) * d + 5])
+            with Ablation(model, ids):
+                ablated = model.trunk(idx)
+                assert torch.equal(model.trunk_from(layer, *kept.points[layer]), ablated)

@@ -193,8 +193,8 @@ def _unit_sets(groups: list[np.ndarray], units, n_units: int) -> tuple[list[np.n
 
 @torch.no_grad()
 def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.ndarray | None, batch_size: int,
-             progress=None, by_token=(), units: list[np.ndarray | None] | None = None, per_position: bool = False
-             ) -> tuple[Baseline, list[Measured]]:
+             progress=None, by_token=(), units: list[np.ndarray | None] | None = None, per_position: bool = False,
+             resume: bool = True) -> tuple[Baseline, list[Measured]]:
     """
     The baseline and every group's ablation (0, or `mean_values` per neuron) over the evaluation text; for
     the groups whose index is in `by_token` (and the baseline, when any is) also by the next token's id, over
@@ -202,6 +202,8 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
     passes cover only the windows that hold them (a random control needs only the test part, where every
     figure it enters is measured). `progress(tokens)` is called as ablated tokens are scored. With
     `per_position`, also each scored token's nll and every group's delta_nll at each position of the text.
+    With `resume` (model.py only), a group's passes start at its first ablated layer's GELU from what the
+    unablated pass computed below it (the same values; bench_perturbation.py compares both).
     """
     device = next(model.parameters()).device
     U, NB, NP = text.n_units, text.n_buckets, len(POSITION_BUCKETS)
@@ -223,7 +225,7 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
     pos_nll, pos_dnll = torch.full((n_pos,), torch.nan, **f64), torch.full((len(ablating), n_pos), torch.nan, **f64)
     ctx = text.context
     body, head = split_head(model)
-    resume = resumed_body(model)  # a group's passes start at its first ablated layer's GELU, where model.py allows
+    resume = resumed_body(model) if resume else None
     first = {i: int(np.min(groups[i])) // model.config.d_mlp for i in ablating}
     points = hooks.ResumePoints(model, set(first.values())) if resume is not None else contextlib.nullcontext()
     for w in text.batches:
