@@ -75,6 +75,16 @@ def _version() -> str | None:
         return None
 
 
+def used_nodes(graph: NeuronGraph, pruned: Pruned) -> torch.Tensor:
+    """(n_nodes,) bool: the nodes the file holds, as circuit-tracer's create_used_nodes_and_edges: the nodes kept that
+    an edge kept touches, embeddings and logits."""
+    targets, sources = pruned.edge_mask.nonzero(as_tuple=True)
+    used = torch.zeros(graph.n_nodes, dtype=torch.bool)
+    used[targets] = used[sources] = True
+    used[graph.embedding_start:] = True
+    return used & pruned.node_mask
+
+
 def graph_json(graph: NeuronGraph, pruned: Pruned, *, slug: str | None = None, tokenizer=None,
                labels: list[str] | None = None, supernodes: list[tuple[str, list[int]]] | None = None,
                pinned: list[int] | None = None) -> dict:
@@ -106,11 +116,7 @@ def graph_json(graph: NeuronGraph, pruned: Pruned, *, slug: str | None = None, t
 
     text = (lambda t: token_text(tokenizer, t)) if tokenizer is not None else str
     nodes = _nodes(graph, pruned.cumulative_scores.tolist(), labels, text)
-    # as circuit-tracer's create_used_nodes_and_edges: the nodes kept that an edge touches, embeddings and logits
-    used = torch.zeros(graph.n_nodes, dtype=torch.bool)
-    used[targets] = used[sources] = True
-    used[graph.embedding_start:] = True
-    used &= pruned.node_mask
+    used = used_nodes(graph, pruned)
     ids = [node["node_id"] for node in nodes]
     links = [{"source": ids[s], "target": ids[t], "weight": w}
              for t, s, w in zip(targets.tolist(), sources.tolist(), weights.tolist())]

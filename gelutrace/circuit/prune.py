@@ -22,6 +22,8 @@ class Pruned:
     edge_mask: torch.Tensor  # (n_nodes, n_nodes) bool, [target, source]: the edges kept (all between kept nodes)
     node_influence: torch.Tensor  # (n_nodes,) each node's influence on the probability-weighted logits
     cumulative_scores: torch.Tensor  # (n_nodes,) the share of the total influence of the nodes at least as influential
+    node_shares: torch.Tensor  # (n_nodes,) float64 ranked_shares of the node influence: kept at a fraction f iff < f
+    edge_shares: torch.Tensor  # (n_edges kept,) float64 ranked_shares of the edge scores, edge_mask.nonzero() order
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,21 @@ def cumulative_scores(scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def ranked_shares(scores: torch.Tensor, population: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    Each score's share of the total of the `population` scores (default: `scores`; non-negative) strictly greater
+    than it, in float64: the slider value of the viewer pages. threshold(population, f) keeps a positive score iff
+    its share is < f (to rounding; at f = 0 the largest), so a slider at f that shows the scores whose share is
+    <= f prunes as threshold() does.
+    """
+    x = scores.double().flatten()
+    ascending = (x if population is None else population.double().flatten()).sort().values
+    ranked = ascending.flip(0)
+    before = torch.cat([x.new_zeros(1), ranked.cumsum(0)])  # before[k]: the sum of the k largest
+    greater = len(ranked) - torch.searchsorted(ascending, x, right=True)  # how many are strictly greater
+    return before[greater] / ranked.sum().clamp(min=1e-300)
+
+
 def prune(graph: NeuronGraph) -> Pruned:
     """
     circuit-tracer's prune_graph at graph.settings.node_threshold and .edge_threshold: keep the most influential
@@ -108,7 +125,9 @@ def prune(graph: NeuronGraph) -> Pruned:
             break
         node_mask = mask
         edge_mask &= node_mask[:, None] & node_mask[None, :]
-    return Pruned(node_mask, edge_mask, scores, cumulative_scores(scores))
+    # each kept edge's share among the edge scores of the graph of the nodes that passed node_threshold
+    edge_shares = ranked_shares(edge_scores[edge_mask], edge_scores[edge_scores > 0])
+    return Pruned(node_mask, edge_mask, scores, cumulative_scores(scores), ranked_shares(scores), edge_shares)
 
 
 def graph_scores(graph: NeuronGraph) -> GraphScores:

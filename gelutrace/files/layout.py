@@ -154,6 +154,7 @@ NEURONPEDIA_FILES = (NEURONPEDIA_RELEASE, NEURONPEDIA_MODEL, NEURONPEDIA_SOURCES
 # a per-prompt neuron graph's summary (gelutrace.report.tracesummary), written as one output set
 TRACES_DIR = "traces"  # run_pipeline.sh --trace N: b_trace --graph of evaluation prompt i in traces/{i}/
 TRACE_GRAPH = "{m}_trace_graph.json"  # the attribution graph in Neuronpedia's format (its graph-schema.json)
+TRACE_PAGE = "{m}_trace_graph.html"  # the same graph as a self-contained page (gelutrace/report/viewer.py)
 TRACE_SUMMARY_MD = "{m}_trace_summary.md"
 TRACE_SUMMARY_CSV = "{m}_trace_summary.csv"  # the top kept neurons by influence, columns TRACE_SUMMARY_COLUMNS
 TRACE_SUMMARY_JSON = "{m}_trace_summary.json"  # the graph's scores, faithfulness and concentration figures

@@ -20,7 +20,7 @@ from gelutrace.circuit.prune import GraphScores, Pruned, graph_scores, prune
 from gelutrace.files import atomic, layout
 from gelutrace.files.dataset import DatasetDir
 from gelutrace.report import supernodes as sn
-from gelutrace.report import tracelabels
+from gelutrace.report import tracelabels, viewer
 from gelutrace.report.tracesummary import TraceSummary, write_trace_summary
 from gelutrace.selection import communities
 
@@ -82,7 +82,6 @@ def run(lm, request: TraceRequest, settings: TraceSettings = TraceSettings(), pr
     pruned = prune(graph)
     scores = graph_scores(graph)
     influence = pruned.node_influence.cpu().numpy()
-    labels = tracelabels.neuron_labels(lm.model, lm.tokenizer, graph, r.dataset_path, lm.name)
     modules = names = groups = None
     concentration = None
     if module_file is not None:
@@ -92,6 +91,8 @@ def run(lm, request: TraceRequest, settings: TraceSettings = TraceSettings(), pr
                                 tokens)
         groups = sn.supernodes(graph, influence, modules, names)
         concentration = sn.graph_concentration(graph, influence, module_file.module_of, cfg.d_mlp)
+    labels, cards = tracelabels.trace_cards(lm.model, lm.tokenizer, graph, r.dataset_path, lm.name, modules, names,
+                                            with_cards=True)
     faithful = (fa.faithfulness(lm.model, graph, influence, r.faithfulness_nodes)
                 if r.faithfulness_nodes and graph.n_kept else None)
     corpus = corpus_ranking(r.dataset_path, lm.name, n_neurons) if r.dataset_path is not None else None
@@ -102,7 +103,8 @@ def run(lm, request: TraceRequest, settings: TraceSettings = TraceSettings(), pr
                      pinned=sn.pinned_nodes(graph, influence))
     out = Path(r.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = write_trace_summary(out, lm.name, summary, lm.tokenizer, graph_doc=doc, extra=extra)
+    page = viewer.trace_data(doc, graph, pruned, cards)
+    files = write_trace_summary(out, lm.name, summary, lm.tokenizer, graph_doc=doc, extra=extra, page=page)
     return TraceOutcome(graph, pruned, scores, summary, files)
 
 

@@ -21,7 +21,7 @@ from gelutrace.circuit.faithfulness import (
 from gelutrace.circuit.graph import NeuronGraph
 from gelutrace.files import atomic, layout
 from gelutrace.model.tokens import token_text
-from gelutrace.report import markdown
+from gelutrace.report import markdown, viewer
 from gelutrace.report.supernodes import Concentration
 
 TOP_NEURONS = 20  # rows of the summary's table
@@ -143,18 +143,18 @@ def summary_markdown(s: TraceSummary, table: pd.DataFrame, record: dict, m: str)
 
 
 def write_trace_summary(directory, m: str, s: TraceSummary, tokenizer, top: int = TOP_NEURONS,
-                        graph_doc: dict | None = None, extra=None) -> list[Path]:
-    """The summary's three files in `directory` (with `graph_doc` the graph file, layout.TRACE_GRAPH, and with
-    `extra`, (names, write(directory) -> paths), the caller's files), swapped in together (atomic.OutputSet): a
-    failure leaves the earlier ones as they were."""
+                        graph_doc: dict | None = None, extra=None, page: dict | None = None) -> list[Path]:
+    """The summary's three files in `directory` (with `graph_doc` the graph file, layout.TRACE_GRAPH; with `page`,
+    viewer data, its page layout.TRACE_PAGE; with `extra`, (names, write(directory) -> paths), the caller's files),
+    swapped in together (atomic.OutputSet): a failure leaves the earlier ones as they were."""
     directory = Path(directory)
     table = summary_table(s, tokenizer, top)
     record = summary_record(s, tokenizer)
     names = [f.format(m=m) for f in layout.TRACE_SUMMARY_SET]
-    graph_name = layout.TRACE_GRAPH.format(m=m)
+    graph_name, page_name = layout.TRACE_GRAPH.format(m=m), layout.TRACE_PAGE.format(m=m)
     extra_names, write_extra = extra or ([], None)
     with atomic.OutputSet(directory, layout.path(directory, layout.TRACE_SUMMARY_MANIFEST, m),
-                          names + [graph_name] + list(extra_names), "the trace") as out:
+                          names + [graph_name, page_name] + list(extra_names), "the trace") as out:
         md, csv, js = (out.dir / n for n in names)
         atomic.write_bytes(summary_markdown(s, table, record, m).encode("utf-8"), md)
         atomic.write_csv(table, csv)
@@ -163,6 +163,8 @@ def write_trace_summary(directory, m: str, s: TraceSummary, tokenizer, top: int 
         if graph_doc is not None:
             atomic.write_json(graph_doc, out.dir / graph_name)
             written.append(out.dir / graph_name)
+        if page is not None:
+            written.append(viewer.write_page(page, out.dir / page_name))
         if write_extra is not None:
             written += [Path(f) for f in write_extra(out.dir)]
         out.vouch(written)
