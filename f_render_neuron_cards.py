@@ -8,7 +8,9 @@ sequences; those of a corpus-mode dataset are the ones stage b streamed into {m}
 windows re-read from the corpus files {m}_corpus.json names (only the documents they overlap are tokenized).
 
 Writes into --output: neuron_cards.md and neurons.html, a self-contained page (inline CSS, no script, no
-external resource) in which each context's tokens are shaded by the neuron's activation. With --neuronpedia
+external resource) in which each context's tokens are shaded by the neuron's activation. With --causal_graph N,
+also {m}_causal_graph.html, the N most influential neurons' causal graph as a page that needs no network (d3
+inlined). With --neuronpedia
 DIR, also the same neurons in Neuronpedia's export layout, DIR/{model}/{layer}-gelutrace-mlp/ (or
 DIR/{model}/{layer}/ with --neuronpedia_source_set neurons; docs/stage-f.md: "Neuronpedia export").
 
@@ -29,6 +31,7 @@ from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph.coactivation import WEIGHTS
 from gelutrace.model.loading import load_model, model_name
 from gelutrace.report import cards as cd
+from gelutrace.report import causalpage
 from gelutrace.report import neuronpedia as npx
 
 
@@ -56,6 +59,11 @@ def main(argv=None):
                          "best graph-method subset stage e compared, if any; else no degree)")
     ap.add_argument("--weight", default=None, choices=WEIGHTS,
                     help="the edge weight --threshold applies to (default: count)")
+    ap.add_argument("--causal_graph", type=int, default=0, metavar="N",
+                    help="also write {m}_causal_graph.html into --output: the N neurons of largest influence through "
+                         "the dataset's causal graph (stage b --direct_edges; stage d's influence) and the strongest "
+                         "direct edges among them, one column per layer, modules as groups, each with its card "
+                         "(default: 0, none)")
     ap.add_argument("--neuronpedia", metavar="DIR",
                     help="also write the neurons in Neuronpedia's export layout into DIR/{model}/ (replaced as one "
                          "set; other models' folders in DIR are left alone, and DIR holds no lock or staging "
@@ -85,6 +93,10 @@ def main(argv=None):
     if args.weight is not None and args.threshold is None:
         raise PipelineError("--weight needs --threshold")
     out = atomic.check_output_dir(args.output or Path(args.dataset_path) / layout.CARDS_DIR, "--output")
+    if args.causal_graph < 0:
+        raise PipelineError(f"--causal_graph must be >= 0, got {args.causal_graph}")
+    if args.causal_graph:  # before any work: the dataset has direct edges
+        causalpage.causal_source(args.dataset_path, model_name(args.model_type))
     for flag in ("neuronpedia_creator_id", "neuronpedia_model_id", "neuronpedia_source_set"):
         if getattr(args, flag) is not None and args.neuronpedia is None:
             raise PipelineError(f"--{flag} needs --neuronpedia")
@@ -101,6 +113,13 @@ def main(argv=None):
     lm = load_model(args.model_type, args.device)
     cards = run(lm, args, out)
     print(f"{len(cards)} neuron cards in {time.perf_counter() - start:.1f} s: {out / layout.CARDS_MD}, {out / layout.CARDS_HTML}")
+    if args.causal_graph:
+        with tqdm(unit="window" if DatasetDir(args.dataset_path, lm.name).is_corpus else "seq",
+                  desc="causal graph") as bar:
+            page = causalpage.write_causal_page(lm.model, lm.tokenizer, args.dataset_path, lm.name, args.causal_graph,
+                                                layout.path(out, layout.CAUSAL_PAGE, lm.name), args.batch_size,
+                                                bar.update)
+        print(f"causal graph of the top {args.causal_graph} neurons: {page}")
     if args.neuronpedia is not None:
         # under an flock on DIR, DIR/{id} checked again, staged beside it and renamed in
         folder = npx.write_export(args.neuronpedia, cards, lm.name, lm.model, Path(args.dataset_path).resolve().name,

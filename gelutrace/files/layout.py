@@ -140,6 +140,7 @@ LAYER_ACTIVITY_PLOT = "activation_frequency_per_layer.png"
 CARDS_DIR = "neuron_cards"  # f_render_neuron_cards.py's default --output (in the dataset directory)
 CARDS_MD = "neuron_cards.md"
 CARDS_HTML = "neurons.html"
+CAUSAL_PAGE = "{m}_causal_graph.html"  # --causal_graph N: the top N neurons' causal graph as a page
 # f_render_neuron_cards.py --neuronpedia DIR: Neuronpedia's export layout, DIR/{model}/{source}/ per layer
 NEURONPEDIA_SET = "gelutrace-mlp"  # the source set; a layer's source id is "{layer}-" + this
 NEURONPEDIA_SOURCE = "{layer}-" + NEURONPEDIA_SET

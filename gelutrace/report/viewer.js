@@ -8,7 +8,9 @@
   const data = JSON.parse(document.getElementById("gelutrace-data").textContent);
   const N = data.nodes, L = data.links;
   const nNodes = N.id.length, nLinks = L.source.length;
-  const lay = Object.assign({cellWidth: 80, spacing: 10, perLine: 8, labels: false, svgLinks: 2000}, data.layout);
+  const lay = Object.assign({cellWidth: 60, spacing: 10, perLine: 4, maxPerLine: 40, labels: false, svgLinks: 2000},
+    data.layout);
+  const LABEL_CHARS = 40;  // a node label drawn beside its node is cut here (its card and tooltip hold it whole)
   const margin = {left: 90, right: 20, top: 20, bottom: 90};
   const useSvgLinks = nLinks <= lay.svgLinks;
 
@@ -20,27 +22,41 @@
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(i);
   }
+  // a column as wide as its fullest cell needs (up to maxPerLine nodes a line), a row as high as its fullest cell
+  const perLine = new Array(nCols).fill(lay.perLine);
+  if (!lay.labels) {
+    for (const [key, members] of cells) {
+      const col = +key.split(",")[1];
+      perLine[col] = Math.max(perLine[col], Math.min(lay.maxPerLine, Math.ceil(Math.sqrt(2 * members.length))));
+    }
+  }
+  const colWidth = perLine.map(n => (lay.labels ? lay.cellWidth : Math.max(lay.cellWidth, (n + 1) * lay.spacing)));
+  const colLeft = [];
+  let x0 = margin.left;
+  for (let c = 0; c < nCols; c++) { colLeft.push(x0); x0 += colWidth[c]; }
   const lines = new Array(nRows).fill(1);
   for (const [key, members] of cells) {
-    const row = +key.split(",")[0];
-    lines[row] = Math.max(lines[row], Math.ceil(members.length / lay.perLine));
+    const [row, col] = key.split(",").map(Number);
+    lines[row] = Math.max(lines[row], Math.ceil(members.length / perLine[col]));
   }
   const rowHeight = lines.map(n => n * lay.spacing + 2 * lay.spacing);
   const plotHeight = rowHeight.reduce((a, b) => a + b, 0);
   const rowBase = [];  // the bottom of each row, in SVG coordinates (rows go up)
   let y0 = margin.top + plotHeight;
   for (let r = 0; r < nRows; r++) { rowBase.push(y0); y0 -= rowHeight[r]; }
-  const width = margin.left + nCols * lay.cellWidth + margin.right;
+  const width = x0 + margin.right;
   const height = margin.top + plotHeight + margin.bottom;
   const X = new Float64Array(nNodes), Y = new Float64Array(nNodes);
   for (const [key, members] of cells) {
     const [row, col] = key.split(",").map(Number);
-    const left = margin.left + col * lay.cellWidth;
+    const n = perLine[col];
     members.forEach((i, k) => {
-      const line = Math.floor(k / lay.perLine), slot = k % lay.perLine;
-      const inLine = Math.min(lay.perLine, members.length - line * lay.perLine);
-      X[i] = left + lay.cellWidth / 2 + (slot - (inLine - 1) / 2) * lay.spacing;
-      Y[i] = rowBase[row] - lay.spacing * (1.5 + line);
+      const line = Math.floor(k / n), slot = k % n;
+      const inLine = Math.min(n, members.length - line * n);
+      X[i] = colLeft[col] + (lay.labels ? 2 * lay.spacing : colWidth[col] / 2 + (slot - (inLine - 1) / 2) * lay.spacing);
+      // with labels a column reads from the top down; otherwise a cell fills from its row's bottom up
+      Y[i] = lay.labels ? rowBase[row] - rowHeight[row] + lay.spacing * (1 + line)
+                        : rowBase[row] - lay.spacing * (1.5 + line);
     });
   }
   const maxSize = Math.max(1e-30, ...N.size.map(Math.abs));
@@ -60,7 +76,7 @@
   const svg = view.append("svg").attr("id", "graph").attr("width", width).attr("height", height);
   const axis = svg.append("g").attr("class", "axis");
   data.columns.forEach((text, c) => {
-    const x = margin.left + (c + 0.5) * lay.cellWidth;
+    const x = colLeft[c] + colWidth[c] / 2;
     axis.append("text").attr("class", "column-label")
       .attr("transform", `translate(${x},${margin.top + plotHeight + 12}) rotate(-40)`)
       .attr("text-anchor", "end").text(text);
@@ -99,7 +115,7 @@
   nodes.selectAll("circle, rect").attr("fill", i => TYPE_FILL[N.type[i]] || "#999");
   nodes.append("title").text(i => N.label[i]);
   if (lay.labels) nodes.append("text").attr("class", "node-label").attr("x", i => radius(i) + 3).attr("y", 3)
-    .text(i => N.label[i]);
+    .text(i => (N.label[i].length > LABEL_CHARS ? N.label[i].slice(0, LABEL_CHARS - 1) + "…" : N.label[i]));
 
   // --- pruning ------------------------------------------------------------------------------------------------
   const shown = new Uint8Array(nNodes), drawn = new Uint8Array(nLinks);

@@ -39,7 +39,6 @@ HERE = Path(__file__).resolve().parent
 CARD_EXAMPLES = 3  # top examples per card ...
 CARD_TOKENS = 24  # ... of at most this many tokens, ending at the one the neuron fires on
 CARD_EFFECT_TOKENS = 5  # promoted and suppressed tokens per card
-CAUSAL_LINKS_PER_NODE = 4  # the causal page keeps the strongest N x this direct edges among its N neurons
 SHARE_DIGITS = 6  # decimals of the node shares (rounded down); the links' take SHARE_DIGITS - 1
 HINT = "Click a node for its card; shift-click it (or the card's pin button) to pin it."
 _ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
@@ -122,13 +121,13 @@ def write_page(data: dict, target) -> Path:
     return Path(target)
 
 
-def _down(values, digits: int, cap: float | None = None) -> list[float]:
+def rounded_down(values, digits: int, cap: float | None = None) -> list[float]:
     """Rounded down to `digits` decimals (and at most `cap`): a share never rounds past a threshold it is under."""
     v = np.floor(np.asarray(values, np.float64) * 10 ** digits) / 10 ** digits
     return (v if cap is None else np.minimum(v, cap)).tolist()
 
 
-def _significant(values, digits: int = 4) -> list[float]:
+def significant(values, digits: int = 4) -> list[float]:
     return [float(f"{x:.{digits}g}") for x in np.asarray(values, np.float64).tolist()]
 
 
@@ -139,7 +138,7 @@ def card_json(examples: list[cd.Example], promoted: list[cd.TokenEffect], suppre
     out = []
     for e in examples[:CARD_EXAMPLES]:
         acts = np.asarray(e.shades, np.float64)[-CARD_TOKENS:]
-        out.append({"tokens": e.tokens[-CARD_TOKENS:], "acts": _significant(acts, 3), "next": e.token,
+        out.append({"tokens": e.tokens[-CARD_TOKENS:], "acts": significant(acts, 3), "next": e.token,
                     "value": float(f"{e.value:.4g}")})
     effects = [[[t.token, float(f"{t.value:.3g}")] for t in ts[:CARD_EFFECT_TOKENS]] for ts in (promoted, suppressed)]
     return {"module": module, "figures": figures, "examples": out, "promoted": effects[0], "suppressed": effects[1]}
@@ -193,14 +192,14 @@ def trace_data(doc: dict, graph: NeuronGraph, pruned: Pruned, cards: NeuronCards
         "kind": "trace", "title": f"Neuron graph of {graph.model_name}", "subtitle": f"Prompt: {prompt}",
         "hint": HINT, "columns": tokens, "rows": ["embeddings", *(f"layer {i}" for i in range(n_layers)), "logits"],
         "thresholds": {"node": t_node, "edge": t_edge},
-        "layout": {"cellWidth": 80, "spacing": 10, "perLine": 7},
+        "layout": {"cellWidth": 60, "spacing": 10, "perLine": 4},
         "nodes": {"id": ids, "row": row, "col": [n["ctx_idx"] for n in doc_nodes],
-                  "type": typ, "label": label, "size": _significant(size), "influence": _significant(influence[index]),
+                  "type": typ, "label": label, "size": significant(size), "influence": significant(influence[index]),
                   "activation": [None if a is None else float(f"{a:.4g}") for a in activation],
-                  "share": _down(node_share, SHARE_DIGITS, t_node), "card": card},
+                  "share": rounded_down(node_share, SHARE_DIGITS, t_node), "card": card},
         "links": {"source": page_of[sources.numpy()].tolist(), "target": page_of[targets.numpy()].tolist(),
-                  "weight": _significant(weights, 3),
-                  "share": _down(pruned.edge_shares.numpy(), SHARE_DIGITS - 1, t_edge)},
+                  "weight": significant(weights, 3),
+                  "share": rounded_down(pruned.edge_shares.numpy(), SHARE_DIGITS - 1, t_edge)},
         "supernodes": [{"name": name, "members": [at[m] for m in members]}
                        for name, *members in doc["qParams"]["supernodes"]],
         "pinned": list(doc["qParams"]["pinnedIds"]),
