@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -23,24 +24,24 @@ INSTALL = "apt-get install chromium chromium-driver"
 LOAD_SECONDS = 60  # a page is drawn in well under a second; a slow shared machine gets room, a hung page an error
 
 
-def _missing() -> tuple[list[str], list[str]]:
+def missing() -> tuple[list[str], list[str]]:
     """(what is missing, how to install it)."""
-    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
-    fixes = [INSTALL] if missing else []
+    absent = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    fixes = [INSTALL] if absent else []
     try:
         import selenium  # noqa: F401
     except ImportError:
-        missing.append("the Python package selenium")
+        absent.append("the Python package selenium")
         fixes.append("pip install selenium")
-    return missing, fixes
+    return absent, fixes
 
 
 def require_chromium():
     """Skip the calling test when the browser, its driver or selenium is absent; under CI=true, fail instead."""
-    missing, fixes = _missing()
-    if not missing:
+    absent, fixes = missing()
+    if not absent:
         return
-    message = f"{' and '.join(missing)} not found ({'; '.join(fixes)})"
+    message = f"{' and '.join(absent)} not found ({'; '.join(fixes)})"
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true and {message}: the browser tests must run in CI", pytrace=False)
     pytest.skip(f"{message}: the pages are not opened in a browser")
@@ -54,9 +55,10 @@ class Browser:
         self._browser_log, self._performance_log, self._dialogs = [], [], []
         self.url = None
 
-    def load(self, page: Path, ready: bool = True):
+    def load(self, page: Path, ready: bool = True) -> float:
         """Open page as a file:// URL, the logs and dialogs of earlier pages dropped; with ready, wait until the page
-        says it has drawn (document.body.dataset.ready == "1")."""
+        says it has drawn (document.body.dataset.ready == "1"). Returns the seconds from asking for the page to
+        seeing it ready (polled every 10 ms)."""
         from selenium.webdriver.support.wait import WebDriverWait
 
         self._dismiss()
@@ -64,11 +66,13 @@ class Browser:
         self._drain()
         self._browser_log, self._performance_log, self._dialogs = [], [], []
         self.url = Path(page).resolve().as_uri()
+        start = time.perf_counter()
         self.driver.get(self.url)
         if ready:
-            WebDriverWait(self.driver, LOAD_SECONDS, poll_frequency=0.05).until(
+            WebDriverWait(self.driver, LOAD_SECONDS, poll_frequency=0.01).until(
                 lambda _: self.script("return document.body && document.body.dataset.ready") == "1",
                 f"{page} did not set document.body.dataset.ready to '1' within {LOAD_SECONDS} s")
+        return time.perf_counter() - start
 
     def script(self, code: str, *args):
         """driver.execute_script; a dialog in the way is noted (dialogs()), dismissed, and the script run again."""
@@ -130,10 +134,8 @@ class Browser:
         return self._dialogs + [p["message"] for p in self.events("Page.javascriptDialogOpening")]
 
 
-@contextlib.contextmanager
-def chromium(width: int = 1400, height: int = 1000):
-    """A headless Chromium (skipped or failed by require_chromium when absent), quit at the end."""
-    require_chromium()
+def start(width: int = 1400, height: int = 1000) -> Browser:
+    """A headless Chromium of that window size (the caller quits it: browser.driver.quit())."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -144,8 +146,15 @@ def chromium(width: int = 1400, height: int = 1000):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     options.set_capability("unhandledPromptBehavior", "ignore")  # a dialog stays open until dialogs() sees it
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    return Browser(webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options))
+
+
+@contextlib.contextmanager
+def chromium(width: int = 1400, height: int = 1000):
+    """A headless Chromium (skipped or failed by require_chromium when absent), quit at the end."""
+    require_chromium()
+    browser = start(width, height)
     try:
-        yield Browser(driver)
+        yield browser
     finally:
-        driver.quit()
+        browser.driver.quit()
