@@ -1,11 +1,16 @@
 """
 `gelutrace STAGE [flags]`: the stage scripts as one installed command. `gelutrace b --input_csv ...` runs
 b_generate_activation_dataset.py with those flags, exactly as `python b_generate_activation_dataset.py ...` in a
-checkout does; `gelutrace run ...` is run_pipeline.sh (gelutrace.pipeline); `gelutrace --help` lists the stages.
+checkout does; `gelutrace run ...` is run_pipeline.sh (gelutrace.pipeline); `gelutrace serve DIR` serves a folder
+(the viewer pages and graph files of many prompts) on 127.0.0.1; `gelutrace --help` lists the stages.
 """
 
+import argparse
+import functools
+import http.server
 import runpy
 import sys
+from pathlib import Path
 
 STAGES = {
     "a": "a_generate_gelu_graph",
@@ -28,7 +33,35 @@ STAGES = {
 def usage() -> str:
     lines = ["usage: gelutrace STAGE [flags]   (gelutrace STAGE --help: the stage's flags)", "", "stages:"]
     lines += [f"  {k:<11} {v}{'' if '.' in v else '.py'}" for k, v in STAGES.items()]
+    lines += ["", "  serve DIR   serve DIR on http://127.0.0.1 (gelutrace serve --help)"]
     return "\n".join(lines)
+
+
+def serve(argv) -> int:
+    """`gelutrace serve DIR [--port N]`: DIR's files over HTTP on 127.0.0.1 alone, until interrupted."""
+    ap = argparse.ArgumentParser(prog="gelutrace serve", description="Serve a folder (the viewer pages "
+                                 "{m}_trace_graph.html, {m}_causal_graph.html and the graph files of many prompts) "
+                                 "on 127.0.0.1, for browsing; the pages themselves need no server.")
+    ap.add_argument("directory", help="the folder to serve")
+    ap.add_argument("--port", type=int, default=8000, help="the port (0: any free one; default: %(default)s)")
+    args = ap.parse_args(argv)
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        print(f"error: {directory} is not a directory", file=sys.stderr)
+        return 2
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler)
+    except (OSError, OverflowError) as e:
+        print(f"error: cannot serve on 127.0.0.1 port {args.port}: {e}", file=sys.stderr)
+        return 2
+    with server:
+        print(f"serving {directory} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    return 0
 
 
 def main(argv=None):
@@ -39,6 +72,8 @@ def main(argv=None):
     if argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] == "serve":
+        return serve(argv[1:])
     by_script = {v.split(".")[-1]: v for v in STAGES.values()} | {v + ".py": v for v in STAGES.values()}
     module = STAGES.get(argv[0]) or by_script.get(argv[0])
     if module is None:

@@ -340,6 +340,7 @@ def model_layers(model: str) -> int:
         os.chdir(cwd)
 
 
+CAUSAL_GRAPH_NEURONS = "50"  # the cards stage's causal graph page (f_render_neuron_cards.py --causal_graph), with direct edges
 CAUSAL_RECORD_METHODS = ("influence", "direct_loss", "magnitude")  # what stage b's --direct_edges record ranks
 
 
@@ -587,7 +588,7 @@ def stages(s: Run) -> Iterator[Stage]:
         "--perturbation_subset_filenames", "none", *names)], inputs=("csv", "eval"))
     yield Stage("cards", f"{d}/{layout.CARDS_DIR}/{layout.CARDS_HTML}", [script(
         "f_render_neuron_cards.py", "--dataset_path", d, "--model_type", s.model, "--device", s.device,
-        "--neurons", "report")])
+        "--neurons", "report", *(["--causal_graph", CAUSAL_GRAPH_NEURONS] if s.direct_edges == "1" else []))])
     if int(s.trace):
         prompts = formats.read_prompts(s.eval_csv)[:int(s.trace)]
         module_csv = f"{d}/{layout.MODULES_DIR}/" + layout.MODULES.format(m=m, weight="count")

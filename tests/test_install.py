@@ -31,6 +31,8 @@ def test_pip_install_gives_the_api_the_command_and_the_shipped_model(tmp_path, s
     assert r.returncode == 0, r.stderr[-3000:]
     assert (target / "gelutrace" / "shipped_models" / "tinybard" / "model.safetensors").is_file()
     assert (target / "model.py").is_file() and (target / "e_generate_perturbed_results.py").is_file()
+    vendor = target / "gelutrace" / "report" / "vendor"
+    assert all((vendor / n).is_file() for n in ("d3.min.js", "d3.LICENSE", "d3.json"))
     away = tmp_path / "elsewhere"
     away.mkdir()
     env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1")
@@ -43,6 +45,10 @@ def test_pip_install_gives_the_api_the_command_and_the_shipped_model(tmp_path, s
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (away / "out" / "tinybard_graph_meta.json").is_file()
+    code = ("from gelutrace.report import viewer; "  # the viewer's script and d3 from the installed copy
+            "page = viewer.page_html({'title': 't'}); print(viewer.d3_version() in page, viewer.HERE)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=away, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["True", str(target / "gelutrace" / "report")], r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(cmd), "nope"], cwd=away, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:")
     r = subprocess.run([sys.executable, str(cmd), "d", "--k", "5"], cwd=away, env=env, capture_output=True, text=True)

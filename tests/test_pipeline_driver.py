@@ -424,8 +424,8 @@ def test_the_stage_table_gives_the_shell_drivers_commands_and_stamps(tmp_path, c
     the graph-free baselines direct_loss and magnitude, and it also ranks without layer 0, EXCLUDE_LAYERS, so that
     stage e also measures those subsets, ..._x0_k{k}.npy; with real text, stage e now also runs the mean-ablation
     check, --mean_ablation_top 2, and leaves out the own-continuation metric, --own_continuation 0; and it traces
-    the first 3 evaluation prompts after the cards, a stage the shell driver did not have); and a directory with
-    these stamps is up to date."""
+    the first 3 evaluation prompts after the cards, a stage the shell driver did not have, and the cards stage
+    also writes the causal graph's page, --causal_graph 50); and a directory with these stamps is up to date."""
     flags, name = DEMO[mode]
     data = tmp_path / name
     assert pipeline.settings([*flags, M, CSV]).data == f"{REPO_ROOT}/parcellation_datasets/{name}"  # the demo's

@@ -77,10 +77,10 @@ def test_graph_file_supernodes_and_summary(dataset, tmp_path):
     assert np.all(np.diff(summary["influence"]) <= 0)
     top = summary.iloc[0]
     assert f"{top['layer']}_{top['dimension']}_{top['position']}" in ids  # the most influential neuron survives pruning
-    # the activation files, the graph and its summary are one output set: one manifest vouches for all seven
+    # the activation files, the graph, its page and its summary are one output set: one manifest vouches for all eight
     manifest = json.loads(layout.path(out, layout.TRACE_SUMMARY_MANIFEST, SHIPPED_NAME).read_text())
     names = [n.format(m=SHIPPED_NAME) for n in (layout.TRACE_VECTOR, layout.TRACE_ACTIVE, layout.TRACE_PLOT,
-                                                 layout.TRACE_GRAPH, *layout.TRACE_SUMMARY_SET)]
+                                                 layout.TRACE_GRAPH, layout.TRACE_PAGE, *layout.TRACE_SUMMARY_SET)]
     assert manifest["state"] == "complete" and sorted(manifest["files"]) == sorted(names)
     for name in names:
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == manifest["files"][name]["sha256"]
@@ -99,6 +99,8 @@ def test_the_api_writes_the_scripts_graph(tmp_path, shipped):
     done = gt.trace(shipped, PROMPT, tmp_path / "api", max_nodes=300, faithfulness_nodes=0)
     a, b = (json.loads(layout.path(tmp_path / d, layout.TRACE_GRAPH, SHIPPED_NAME).read_text()) for d in ("script", "api"))
     assert a["nodes"] == b["nodes"] and a["links"] == b["links"]
+    pages = [layout.path(tmp_path / d, layout.TRACE_PAGE, SHIPPED_NAME).read_bytes() for d in ("script", "api")]
+    assert pages[0] == pages[1]  # the same page, written by the script and the API
     assert done.graph.n_kept == 300 and done.summary.faithfulness is None
 
 

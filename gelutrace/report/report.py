@@ -554,19 +554,30 @@ def degree_plot(info: dict, data: Path) -> Path | None:
     return target
 
 
+def causal_page_lines(data: Path, m: str) -> list[str]:
+    """The link to the causal graph's page (f_render_neuron_cards.py --causal_graph), where it was written."""
+    rel = f"{layout.CARDS_DIR}/{layout.CAUSAL_PAGE.format(m=m)}"
+    if not (data / rel).is_file():
+        return []
+    return [f"The most influential neurons and the strongest direct edges among them, with their modules and "
+            f"cards, as a page to explore (no network needed): [{markdown.escape(rel)}]({markdown.url(rel)}).", ""]
+
+
 def fidelity_section(info: dict, data: Path) -> list[str]:
-    """How well the causal edges' first-order prediction matches zero-ablation (c_measure_edge_fidelity)."""
+    """How well the causal edges' first-order prediction matches zero-ablation (c_measure_edge_fidelity), and the
+    link to the causal graph's page."""
     f = info.get("fidelity")
+    m = info["m"]
+    page = causal_page_lines(data, m)
     if info.get("fidelity_stale"):
-        return ["## Causal graph: how faithful its edges are", "",
+        return ["## Causal graph: how faithful its edges are", "", *page,
                 "The edge fidelity files measured another graph store than this dataset's (rebuilt since); rerun "
                 "`c_measure_edge_fidelity.py` for figures.", ""]
     if f is None or not len(f):
-        return []
-    m = info["m"]
+        return ["## Causal graph", "", *page] if page else []
     overall = f[f["layer_gap"].astype(str) == "all"]
     row = (overall if len(overall) else f).iloc[0]
-    lines = ["## Causal graph: how faithful its edges are", "",
+    lines = ["## Causal graph: how faithful its edges are", "", *page,
              f"{int(row['edges'])} edges of the causal graph (stage b `--direct_edges`), sampled across every decile "
              f"of |direct|: the first-order prediction (−direct, through the residual stream with the norm scales "
              f"held) against the change of the target neuron's mean value when the source is zero-ablated "
@@ -690,8 +701,11 @@ def trace_section(data: Path, m: str) -> list[str]:
             facts.append(f"modules: {k['effective_modules']:.2f} effective modules against "
                          f"{k['null_effective_modules']:.2f} at random (permutation p = {k['p_value']:.3g})")
         rel = (run / layout.TRACE_GRAPH.format(m=m)).relative_to(data).as_posix()
+        page = (run / layout.TRACE_PAGE.format(m=m)).relative_to(data).as_posix()
+        view = (f" Page (no network needed): [{markdown.escape(page)}]({markdown.url(page)})."
+                if (data / page).is_file() else "")
         lines += [f"### {markdown.escape(markdown.visible(rec['prompt']))}", "", "; ".join(facts) +
-                  f". Graph file: [{markdown.escape(rel)}]({markdown.url(rel)}).", ""]
+                  f". Graph file: [{markdown.escape(rel)}]({markdown.url(rel)})." + view, ""]
         shown = pd.DataFrame({"rank": table["rank"], "neuron": [f"L{a}/N{b}" for a, b in zip(table["layer"],
                                                                                             table["dimension"])],
                               "position": table["position"],

@@ -107,15 +107,23 @@
 
   const nodes = nodeLayer.selectAll("g.node").data(d3.range(nNodes)).join("g")
     .attr("class", "node").attr("data-id", i => N.id[i]).attr("transform", i => `translate(${X[i]},${Y[i]})`);
-  nodes.append(i => document.createElementNS(d3.namespaces.svg,
-    N.type[i] === "other" ? "rect" : "circle"));
-  nodes.select("circle").attr("r", radius);
-  nodes.select("rect").attr("x", i => -radius(i)).attr("y", i => -radius(i))
+  nodes.append(i => document.createElementNS(d3.namespaces.svg, N.type[i] === "other" ? "rect" : "circle"))
+    .attr("class", "shape");
+  nodes.select("circle.shape").attr("r", radius);
+  nodes.select("rect.shape").attr("x", i => -radius(i)).attr("y", i => -radius(i))
     .attr("width", i => 2 * radius(i)).attr("height", i => 2 * radius(i));
-  nodes.selectAll("circle, rect").attr("fill", i => TYPE_FILL[N.type[i]] || "#999");
+  nodes.selectAll(".shape").attr("fill", i => TYPE_FILL[N.type[i]] || "#999");
   nodes.append("title").text(i => N.label[i]);
-  if (lay.labels) nodes.append("text").attr("class", "node-label").attr("x", i => radius(i) + 3).attr("y", 3)
-    .text(i => (N.label[i].length > LABEL_CHARS ? N.label[i].slice(0, LABEL_CHARS - 1) + "…" : N.label[i]));
+  if (lay.labels) {
+    nodes.append("text").attr("class", "node-label").attr("x", i => radius(i) + 3).attr("y", 3)
+      .text(i => (N.label[i].length > LABEL_CHARS ? N.label[i].slice(0, LABEL_CHARS - 1) + "…" : N.label[i]));
+    nodes.each(function (i) {  // the label clicks as the node does: a transparent box under both
+      const g = d3.select(this), r = radius(i);
+      const w = g.select("text.node-label").node().getComputedTextLength();
+      g.insert("rect", ":first-child").attr("class", "hit").attr("x", -r).attr("y", -Math.max(r, 7))
+        .attr("width", 2 * r + 3 + w).attr("height", 2 * Math.max(r, 7)).attr("fill", "transparent");
+    });
+  }
 
   // --- pruning ------------------------------------------------------------------------------------------------
   const shown = new Uint8Array(nNodes), drawn = new Uint8Array(nLinks);

@@ -24,6 +24,7 @@ nodes and links (embeddings and logits, always kept, have share 0).
 import json
 from dataclasses import dataclass
 from functools import cache
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from gelutrace.circuit.graph import NeuronGraph
 from gelutrace.circuit.prune import Pruned
 from gelutrace.files import atomic
 from gelutrace.report import cards as cd
+from gelutrace.report import markdown
 
 HERE = Path(__file__).resolve().parent
 CARD_EXAMPLES = 3  # top examples per card ...
@@ -55,9 +57,9 @@ header h1 { font-size: 1.2em; margin: 0.2em 0; }
 .control { margin: 0.3em 0; } .control input { width: 12em; vertical-align: middle; }
 .column-label, .row-label { font-size: 11px; fill: #444; white-space: pre; }
 .row-line { stroke: #eee; }
-g.node { cursor: pointer; } g.node circle, g.node rect { stroke: #555; stroke-width: 0.5; }
-g.node.pinned circle, g.node.pinned rect { stroke: #000; stroke-width: 2; }
-g.node.selected circle, g.node.selected rect { stroke: #d62728; stroke-width: 2.5; }
+g.node { cursor: pointer; } g.node .shape { stroke: #555; stroke-width: 0.5; }
+g.node.pinned .shape { stroke: #000; stroke-width: 2; }
+g.node.selected .shape { stroke: #d62728; stroke-width: 2.5; }
 .node-label { font-size: 10px; fill: #333; pointer-events: none; white-space: pre; }
 .supernode-label { font-size: 10px; font-weight: bold; pointer-events: none; white-space: pre; }
 .halo { stroke-width: 0.5; }
@@ -105,8 +107,6 @@ def embedded_json(data) -> str:
 
 
 def page_html(data: dict) -> str:
-    from html import escape
-
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         '<link rel="icon" href="data:,">', f"<title>{escape(data['title'])}</title>", f"<style>{CSS}</style>",
@@ -134,13 +134,15 @@ def significant(values, digits: int = 4) -> list[float]:
 # --- cards ----------------------------------------------------------------------------------------------------
 def card_json(examples: list[cd.Example], promoted: list[cd.TokenEffect], suppressed: list[cd.TokenEffect],
               module: str = "", figures: str = "") -> dict:
-    """A card's data, bounded: CARD_EXAMPLES examples of CARD_TOKENS tokens, CARD_EFFECT_TOKENS tokens each way."""
+    """A card's data, bounded: CARD_EXAMPLES examples of CARD_TOKENS tokens, CARD_EFFECT_TOKENS tokens each way;
+    control characters shown as the cards show them (markdown.visible; a context keeps its newlines)."""
     out = []
     for e in examples[:CARD_EXAMPLES]:
         acts = np.asarray(e.shades, np.float64)[-CARD_TOKENS:]
-        out.append({"tokens": e.tokens[-CARD_TOKENS:], "acts": significant(acts, 3), "next": e.token,
-                    "value": float(f"{e.value:.4g}")})
-    effects = [[[t.token, float(f"{t.value:.3g}")] for t in ts[:CARD_EFFECT_TOKENS]] for ts in (promoted, suppressed)]
+        out.append({"tokens": [markdown.visible(t, "\n") for t in e.tokens[-CARD_TOKENS:]],
+                    "acts": significant(acts, 3), "next": markdown.visible(e.token), "value": float(f"{e.value:.4g}")})
+    effects = [[[markdown.visible(t.token), float(f"{t.value:.3g}")] for t in ts[:CARD_EFFECT_TOKENS]]
+               for ts in (promoted, suppressed)]
     return {"module": module, "figures": figures, "examples": out, "promoted": effects[0], "suppressed": effects[1]}
 
 
