@@ -29,6 +29,8 @@ PROMPTS = [(f"KING HENRY. {MARKUP[0]}", 4, 1), (f"God said {MARKUP[1]}", 3, 1),
            (f"To be, or not {MARKUP[2]} to be, that is ", 8, 1), ("KING HENRY. Now, lords, ", 12, 1)]
 TRACE_PROMPT = "KING HENRY. Now, lords, for France"
 CAUSAL_NODES = 30
+# the pages' tests share this module's dataset, trace and cards (about 15 s to build on 2 cores, more under load)
+PAGES = pytest.mark.slow
 D_MLP = 4 * json.loads((REPO_ROOT / "models" / M / "config.json").read_text())["n_embd"]  # GPT-2: n_inner unset
 
 
@@ -199,6 +201,7 @@ def test_the_harness_sees_console_errors_requests_and_dialogs(browser, tmp_path)
     assert_offline_and_clean(browser)
 
 
+@PAGES
 def test_the_cards_page_is_offline_and_clean(browser, causal, top_examples):
     browser.load(causal / layout.CARDS_HTML, ready=False)  # no script: nothing to wait for
     assert browser.script("return document.readyState") == "complete"
@@ -237,6 +240,7 @@ def expected_at(data: dict, node_threshold: float, edge_threshold: float):
              if shown[s] and shown[t] and share <= edge_threshold})
 
 
+@PAGES
 def test_the_trace_page_is_offline_and_draws_the_files_graph(browser, trace):
     page, doc = trace
     browser.load(page)
@@ -257,6 +261,7 @@ def test_the_trace_page_is_offline_and_draws_the_files_graph(browser, trace):
     assert browser.script("return document.querySelector('input#node-threshold').type") == "range"
 
 
+@PAGES
 def test_lower_thresholds_draw_the_subset_the_pruning_rule_gives(browser, trace):
     page, doc = trace
     data = embedded(page)
@@ -298,6 +303,7 @@ def test_lower_thresholds_draw_the_subset_the_pruning_rule_gives(browser, trace)
     assert_offline_and_clean(browser)
 
 
+@PAGES
 def test_clicking_a_node_shows_its_card_and_shift_click_pins_it(browser, trace, top_examples):
     page, doc = trace
     browser.load(page)
@@ -329,6 +335,7 @@ def test_clicking_a_node_shows_its_card_and_shift_click_pins_it(browser, trace, 
     assert_offline_and_clean(browser)
 
 
+@PAGES
 def test_supernodes_are_drawn_as_groups_behind_their_members(browser, trace):
     page, doc = trace
     browser.load(page)
@@ -349,6 +356,7 @@ def test_supernodes_are_drawn_as_groups_behind_their_members(browser, trace):
         assert all(box[0] - 1 <= x <= box[2] + 1 and box[1] - 1 <= y <= box[3] + 1 for x, y in centres)
 
 
+@PAGES
 def test_markup_in_the_corpus_is_shown_as_text(browser, trace, causal, top_examples):
     """Every prompt of the dataset carries <script>, <img onerror=…> or <!--: the cards and labels show them as
     text, no element is made of them, no dialog opens; the page files hold none of them raw."""
@@ -389,6 +397,7 @@ def test_markup_in_the_corpus_is_shown_as_text(browser, trace, causal, top_examp
 # the causal page
 
 
+@PAGES
 def test_the_causal_page_draws_its_neurons_modules_and_cards(browser, dataset, causal, top_examples):
     page = causal / f"{M}_causal_graph.html"
     browser.load(page)
