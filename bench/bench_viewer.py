@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/browser.py: the browser, as the
 
 import pandas as pd  # noqa: E402
 
-from browser import missing, start  # noqa: E402
 from gelutrace.files import formats, layout  # noqa: E402
+
+from browser import missing, start  # noqa: E402
 
 M = "tinybard"
 OUT = ROOT / "bench" / "out"

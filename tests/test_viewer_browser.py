@@ -140,10 +140,9 @@ def node_element(browser, node_id):
 
 
 def click(browser, node_id, shift=False):
+    from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
-
-    from selenium.common.exceptions import ElementClickInterceptedException
 
     element = node_element(browser, node_id)
     try:
@@ -159,7 +158,8 @@ def click(browser, node_id, shift=False):
 def card(browser) -> dict:
     """#card's parts, as text."""
     return browser.script("""
-        const card = document.querySelector('#card'), text = sel => [...card.querySelectorAll(sel)].map(e => e.textContent);
+        const card = document.querySelector('#card');
+        const text = sel => [...card.querySelectorAll(sel)].map(e => e.textContent);
         return {label: text('.card-label'), examples: text('.card-example'), module: text('.card-module'),
                 promoted: text('.card-promoted'), suppressed: text('.card-suppressed'),
                 tokens: card.querySelectorAll('.card-example span.tok').length,
@@ -320,7 +320,8 @@ def test_clicking_a_node_shows_its_card_and_shift_click_pins_it(browser, trace, 
             assert shown["module"] and shown["module"][0] in module_of[node["node_id"]]
     pinned = set(doc["qParams"]["pinnedIds"])
     assert set(browser.script("return window.gelutraceViewer.pinned()")) == pinned
-    assert set(browser.script("return [...document.querySelectorAll('g.node.pinned')].map(g => g.dataset.id)")) == pinned
+    assert set(browser.script("return [...document.querySelectorAll('g.node.pinned')].map(g => g.dataset.id)")
+               ) == pinned
     for node in (neuron_nodes(doc)[-1]["node_id"], doc["nodes"][-1]["node_id"]):  # shift-click toggles the pin
         was = node in pinned
         label = card(browser)["label"]
@@ -345,7 +346,8 @@ def test_supernodes_are_drawn_as_groups_behind_their_members(browser, trace):
     assert sorted(drawn) == sorted(name for name, *_ in groups)
     for name, *members in groups:
         box, centres, behind = browser.script("""
-            const g = [...document.querySelectorAll('svg#graph g.supernode')].find(g => g.dataset.name === arguments[0]);
+            const g = [...document.querySelectorAll('svg#graph g.supernode')]
+              .find(g => g.dataset.name === arguments[0]);
             const r = g.getBoundingClientRect(), box = [r.left, r.top, r.right, r.bottom];
             const nodes = arguments[1].map(id => document.querySelector(`svg#graph g.node[data-id="${id}"]`));
             const centres = nodes.map(n => { const b = n.getBoundingClientRect();
@@ -418,7 +420,8 @@ def test_the_causal_page_draws_its_neurons_modules_and_cards(browser, dataset, c
     groups = {k: ids for k, ids in members.items() if len(ids) >= 2}
     assert groups
     names = browser.script("return [...document.querySelectorAll('svg#graph g.supernode')].map(g => g.dataset.name)")
-    assert len(names) == len(groups) and all(any(re.search(rf"(?<!\d){k}(?!\d)", name) for name in names) for k in groups)
+    assert len(names) == len(groups)
+    assert all(any(re.search(rf"(?<!\d){k}(?!\d)", name) for name in names) for k in groups)
     # a click shows the neuron's card: its top example as the dataset's table has it, its module
     for node in nodes[:3]:
         click(browser, node)
