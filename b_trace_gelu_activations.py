@@ -7,9 +7,10 @@ neuron id order), {m}_active_neurons.txt (the active ids, one per line) and {m}_
 per layer); prints the active count of every layer and the greedy continuation.
 
 With --graph, also the prompt's neuron attribution graph (which neurons made the model predict its next token,
-through which others): {m}_trace_graph.json in the attribution-graph format Neuronpedia's viewer reads, and its
-summary {m}_trace_summary.md/.csv/.json (the top neurons by influence, the graph's replacement and completeness
-scores, how faithful it is to the real model).
+through which others): {m}_trace_graph.json in the attribution-graph format Neuronpedia's viewer reads, the same
+graph as a self-contained page to explore with no network, {m}_trace_graph.html, and its summary
+{m}_trace_summary.md/.csv/.json (the top neurons by influence, the graph's replacement and completeness scores,
+how faithful it is to the real model).
 
     python b_trace_gelu_activations.py --model_type gpt2 --input_text "The quick brown fox" --output_dir activations
     python b_trace_gelu_activations.py --input_text "To be, or not to be" --graph \

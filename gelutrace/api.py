@@ -215,7 +215,7 @@ def trace(lm: LoadedModel, prompt: str, out_dir=None, dataset: "Dataset | str | 
           max_nodes: int = 5000, node_threshold: float = 0.8, edge_threshold: float = 0.98,
           faithfulness_nodes: int = 50, batch_size: int = 64) -> "tracegraph.TraceOutcome":
     """The prompt's neuron attribution graph (b_trace_gelu_activations.py --graph): written to `out_dir` (default: a
-    new temporary directory) as {m}_trace_graph.json and its summary, and returned (outcome.graph, .pruned,
+    new temporary directory) as {m}_trace_graph.json, its page {m}_trace_graph.html and its summary, and returned (outcome.graph, .pruned,
     .scores, .summary, .files). `dataset` (a Dataset or a stage-b directory of the model) labels the neurons and
     compares them with its stage d's corpus ranking; `modules` (a c_find_modules table, {m}_modules_{weight}.csv)
     groups them into supernodes."""

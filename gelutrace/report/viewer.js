@@ -278,5 +278,6 @@
 
   showCard(-1);
   draw();
+  if (data.kind === "trace") view.node().scrollLeft = width;  // the last position, which predicts, in view
   document.body.dataset.ready = "1";
 })();

@@ -58,7 +58,7 @@ header h1 { font-size: 1.2em; margin: 0.2em 0; }
 .column-label, .row-label { font-size: 11px; fill: #444; white-space: pre; }
 .row-line { stroke: #eee; }
 g.node { cursor: pointer; } g.node .shape { stroke: #555; stroke-width: 0.5; }
-g.node.pinned .shape { stroke: #000; stroke-width: 2; }
+g.node.pinned .shape { stroke: #000; stroke-width: 1.5; }
 g.node.selected .shape { stroke: #d62728; stroke-width: 2.5; }
 .node-label { font-size: 10px; fill: #333; pointer-events: none; white-space: pre; }
 .supernode-label { font-size: 10px; font-weight: bold; pointer-events: none; white-space: pre; }
@@ -103,7 +103,9 @@ def d3_version() -> str:
 def embedded_json(data) -> str:
     """data as JSON that no text in it can end a <script> element with (nor open a comment in)."""
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return text.translate(str.maketrans(_ESCAPES))
+    for char, escaped in _ESCAPES.items():
+        text = text.replace(char, escaped)
+    return text
 
 
 def page_html(data: dict) -> str:
