@@ -179,6 +179,7 @@ def squeeze(s: str) -> str:
 
 
 BAD_PAGE = """<!doctype html><html><head><link rel="icon" href="data:,"></head><body><svg id="graph"></svg>
+<script src="beside.js"></script>
 <script>
 console.error("an error");
 fetch("http://198.51.100.1/x").catch(() => {});
@@ -192,6 +193,7 @@ def test_the_harness_sees_console_errors_requests_and_dialogs(browser, tmp_path)
     browser.load(page)
     assert any("an error" in e for e in browser.console_errors())
     assert "http://198.51.100.1/x" in browser.outside_requests()
+    assert (tmp_path / "beside.js").as_uri() in browser.outside_requests()  # another file is outside the page too
     assert page.as_uri() in browser.requests()
     assert "a dialog" in browser.dialogs()
     good = tmp_path / "good.html"
@@ -262,10 +264,57 @@ def test_the_trace_page_is_offline_and_draws_the_files_graph(browser, trace):
 
 
 @PAGES
+def test_the_trace_layout_tokens_along_x_layers_up_y_sizes_by_influence_and_weight(browser, trace):
+    page, doc = trace
+    browser.load(page)
+    at = browser.script("""
+        return Object.fromEntries([...document.querySelectorAll('svg#graph g.node')].map(g => {
+            const b = g.querySelector('circle, rect').getBoundingClientRect();
+            return [g.dataset.id, [(b.left + b.right) / 2, (b.top + b.bottom) / 2, b.width]]; }))""")
+    # layers up y: embeddings at the bottom, then layer 0 ... the last layer, the logits at the top
+    row = {n["node_id"]: -1 if n["feature_type"] == "embedding" else int(n["layer"]) for n in doc["nodes"]}
+    assert max(row.values()) == max(row[n["node_id"]] for n in doc["nodes"] if n["feature_type"] == "logit")
+    ys = {r: [at[i][1] for i in row if row[i] == r] for r in set(row.values())}
+    rows = sorted(ys)
+    assert all(min(ys[lower]) > max(ys[upper]) for lower, upper in zip(rows, rows[1:]))  # screen y grows downwards
+    # prompt positions along x: every node of a position left of every node of a later one
+    xs = {}
+    for n in doc["nodes"]:
+        xs.setdefault(n["ctx_idx"], []).append(at[n["node_id"]][0])
+    cols = sorted(xs)
+    assert all(max(xs[a]) < min(xs[b]) for a, b in zip(cols, cols[1:]))
+    # the prompt's tokens label the positions, under the lowest node
+    bottom = max(y for _, y, _ in at.values())
+    under = browser.script("return [...document.querySelectorAll('svg#graph text')].filter(t => "
+                           "t.getBoundingClientRect().top > arguments[0]).map(t => t.textContent)", bottom)
+    tokens = doc["metadata"]["prompt_tokens"]
+    assert all(under.count(t) >= tokens.count(t) for t in tokens)
+    # neurons sized by influence: the lower their cumulative score (the more influential), the larger
+    neurons = neuron_nodes(doc)
+    sizes = [at[n["node_id"]][2] for n in neurons]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    # links: colour by sign, width by |weight|
+    weight = {(link["source"], link["target"]): link["weight"] for link in doc["links"]}
+    drawn = browser.script("return [...document.querySelectorAll('svg#graph path.link')].map(p => [p.dataset.source, "
+                           "p.dataset.target, getComputedStyle(p).stroke, "
+                           "parseFloat(getComputedStyle(p).strokeWidth)])")
+    colour = {}
+    for source, target, stroke, _ in drawn:
+        colour.setdefault(weight[(source, target)] >= 0, set()).add(stroke)
+    assert len(colour[True]) == len(colour[False]) == 1 and colour[True] != colour[False]
+    widths = [w for *_, w in sorted(drawn, key=lambda d: abs(weight[(d[0], d[1])]))]
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+
+
+@PAGES
 def test_lower_thresholds_draw_the_subset_the_pruning_rule_gives(browser, trace):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
     page, doc = trace
     data = embedded(page)
-    # the page's data is the file's graph, its shares (cumulative influence of the nodes above) in the file's order
+    # the page's data is the file's graph; its shares (the influence of the nodes above) ordered as the file's
+    # cumulative scores, and at most them
     assert sorted(data["nodes"]["id"]) == sorted(n["node_id"] for n in doc["nodes"])
     ids = data["nodes"]["id"]
     assert sorted((ids[s], ids[t]) for s, t in zip(data["links"]["source"], data["links"]["target"])) == sorted(
@@ -286,9 +335,6 @@ def test_lower_thresholds_draw_the_subset_the_pruning_rule_gives(browser, trace)
         assert nodes <= file_nodes and links <= file_links and (nodes, links) != (file_nodes, file_links)
         assert (len(drawn_nodes(browser)), len(drawn_links(browser))) == (len(nodes), len(links))
     # the node slider moved with the mouse: a click at a third of its width
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-
     browser.script("window.gelutraceViewer.setThresholds(arguments[0], arguments[1])", ps["node_threshold"],
                    ps["edge_threshold"])
     slider = browser.driver.find_element(By.CSS_SELECTOR, "input#node-threshold")
@@ -305,6 +351,8 @@ def test_lower_thresholds_draw_the_subset_the_pruning_rule_gives(browser, trace)
 
 @PAGES
 def test_clicking_a_node_shows_its_card_and_shift_click_pins_it(browser, trace, top_examples):
+    from selenium.webdriver.common.by import By
+
     page, doc = trace
     browser.load(page)
     module_of = {m: name for name, *members in doc["qParams"]["supernodes"] for m in members}
@@ -333,6 +381,14 @@ def test_clicking_a_node_shows_its_card_and_shift_click_pins_it(browser, trace, 
             assert card(browser)["label"] == label  # pinning is not selecting
             pinned = now
         assert (node in pinned) == was
+    node = neuron_nodes(doc)[0]["node_id"]  # the card's pin button toggles the pin of the node it shows
+    click(browser, node)
+    for _ in range(2):
+        browser.driver.find_element(By.CSS_SELECTOR, "#card button#pin").click()
+        now = set(browser.script("return window.gelutraceViewer.pinned()"))
+        assert now == pinned ^ {node}
+        assert ("pinned" in node_element(browser, node).get_attribute("class").split()) == (node in now)
+        pinned = now
     assert_offline_and_clean(browser)
 
 
