@@ -155,6 +155,11 @@ def test_report_and_summary(pipeline):
     # the first evaluation prompt traced: its graph file, and its section in the report
     assert layout.path(data / layout.TRACES_DIR / "0", layout.TRACE_GRAPH, M).is_file()
     assert "## Per-prompt graphs" in report and "### To be, or not" in report and "faithfulness: Spearman" in report
+    # the trace's page and the causal graph's page (the cards stage's --causal_graph 50), each linked from the report
+    for page in (f"{layout.TRACES_DIR}/0/{layout.TRACE_PAGE.format(m=M)}",
+                 f"{layout.CARDS_DIR}/{layout.CAUSAL_PAGE.format(m=M)}"):
+        assert (data / page).is_file() and f"]({page})" in report
+    assert report.index(f"]({layout.CARDS_DIR}/{layout.CAUSAL_PAGE.format(m=M)})") > report.index("## Causal graph")
     (sweep,) = [c for c in commands if not c.startswith("python ")]
     assert sweep.startswith("env THRESHOLDS=0.3\\ 0.8 RATIOS=0.01\\ 0.05 ")
     assert "./d_batch_perturbation_calculate.sh" in sweep

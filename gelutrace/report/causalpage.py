@@ -104,7 +104,8 @@ def causal_data(causal: CausalEdges, ids: np.ndarray, influence: np.ndarray, car
     return {
         "kind": "causal", "title": f"Causal graph of {m}",
         "subtitle": f"The {len(ids)} neurons of largest influence through the causal graph (stage d's influence) and "
-                    f"the {len(edges)} strongest direct edges among them"
+                    + (f"the {len(edges)} strongest direct edges among them" if edges else
+                       f"no direct edge among them (stage b measured the {causal.edges} layer pairs)")
                     + (f"; supernodes: their modules ({graph} graph)" if groups else ""),
         "hint": viewer.HINT, "columns": [f"layer {i}" for i in range(n_layer)], "rows": [""],
         "thresholds": {"node": 1.0, "edge": 1.0},

@@ -53,7 +53,8 @@
     members.forEach((i, k) => {
       const line = Math.floor(k / n), slot = k % n;
       const inLine = Math.min(n, members.length - line * n);
-      X[i] = colLeft[col] + (lay.labels ? 2 * lay.spacing : colWidth[col] / 2 + (slot - (inLine - 1) / 2) * lay.spacing);
+      X[i] = colLeft[col] + (lay.labels ? 2 * lay.spacing
+                                        : colWidth[col] / 2 + (slot - (inLine - 1) / 2) * lay.spacing);
       // with labels a column reads from the top down; otherwise a cell fills from its row's bottom up
       Y[i] = lay.labels ? rowBase[row] - rowHeight[row] + lay.spacing * (1 + line)
                         : rowBase[row] - lay.spacing * (1.5 + line);

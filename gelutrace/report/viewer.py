@@ -8,7 +8,7 @@ id="gelutrace-data">, with every <, >, &, U+2028 and U+2029 written as a \\u esc
 The embedded data (columns of equal length; node indices into the node columns):
   kind "trace" | "causal", title, subtitle, hint;
   columns (the labels along x: the prompt's tokens, or the layers), rows (along y, bottom first);
-  thresholds {node, edge}: where the sliders start;
+  thresholds {node, edge}: where the sliders start; layout: the drawing's cell sizes (viewer.js has defaults);
   nodes {id, row, col, type (neuron, other, embedding, logit), label, size (the radius grows with it), influence,
          activation (null where none), share, card (an index into cards, -1: none)};
   links {source, target, weight, share};
@@ -83,7 +83,8 @@ BODY = """<header><h1 id="title"></h1><div id="subtitle"></div></header>
 <div class="control"><label for="edge-threshold">edge threshold</label>
 <input type="range" id="edge-threshold" min="0" max="1" step="any"> <span id="edge-threshold-value"></span></div>
 <div id="counts"></div>
-<div class="legend"><span style="color:#2166ac">&#9644; positive</span><span style="color:#b2182b">&#9644; negative</span>
+<div class="legend"><span style="color:#2166ac">&#9644; positive</span>
+<span style="color:#b2182b">&#9644; negative</span>
 <span>&#9675; neuron</span><span>&#9633; other neurons</span></div>
 <div id="card"></div></div></div>"""
 
@@ -179,7 +180,7 @@ def trace_data(doc: dict, graph: NeuronGraph, pruned: Pruned, cards: NeuronCards
         kind = kinds.get(node["feature_type"], "neuron")
         typ.append(kind)
         row.append(0 if kind == "embedding" else n_layers + 1 if kind == "logit" else int(node["layer"]) + 1)
-        label.append(node["clerp"] or f'"{tokens[node["ctx_idx"]]}" (embedding)')
+        label.append(node["clerp"] or f'"{markdown.visible(tokens[node["ctx_idx"]])}" (embedding)')
         size.append(node["token_prob"] if kind == "logit" else influence[g])
         activation.append(node["activation"])
         card.append(int(cards.rows[g]) if cards is not None and kind == "neuron" else -1)
@@ -194,7 +195,8 @@ def trace_data(doc: dict, graph: NeuronGraph, pruned: Pruned, cards: NeuronCards
     prompt = doc["metadata"]["prompt"]
     return {
         "kind": "trace", "title": f"Neuron graph of {graph.model_name}", "subtitle": f"Prompt: {prompt}",
-        "hint": HINT, "columns": tokens, "rows": ["embeddings", *(f"layer {i}" for i in range(n_layers)), "logits"],
+        "hint": HINT, "columns": [markdown.visible(t) for t in tokens],
+        "rows": ["embeddings", *(f"layer {i}" for i in range(n_layers)), "logits"],
         "thresholds": {"node": t_node, "edge": t_edge},
         "layout": {"cellWidth": 60, "spacing": 10, "perLine": 4},
         "nodes": {"id": ids, "row": row, "col": [n["ctx_idx"] for n in doc_nodes],
