@@ -182,8 +182,7 @@ BAD_PAGE = """<!doctype html><html><head><link rel="icon" href="data:,"></head><
 <script src="beside.js"></script>
 <script>
 console.error("an error");
-fetch("http://198.51.100.1/x").catch(() => {});
-setTimeout(() => { alert("a dialog"); document.body.dataset.ready = "1"; }, 10);
+fetch("http://198.51.100.1/x").catch(() => {}).finally(() => { alert("a dialog"); document.body.dataset.ready = "1"; });
 </script></body></html>"""
 
 
@@ -191,11 +190,13 @@ def test_the_harness_sees_console_errors_requests_and_dialogs(browser, tmp_path)
     page = tmp_path / "bad.html"
     page.write_text(BAD_PAGE, encoding="utf-8")
     browser.load(page)
-    assert any("an error" in e for e in browser.console_errors())
-    assert "http://198.51.100.1/x" in browser.outside_requests()
-    assert (tmp_path / "beside.js").as_uri() in browser.outside_requests()  # another file is outside the page too
-    assert page.as_uri() in browser.requests()
-    assert "a dialog" in browser.dialogs()
+    errors, requests, outside, dialogs = (browser.console_errors(), browser.requests(), browser.outside_requests(),
+                                          browser.dialogs())
+    assert any("an error" in e for e in errors), errors
+    assert "http://198.51.100.1/x" in outside, outside
+    assert (tmp_path / "beside.js").as_uri() in outside, outside  # another file is outside the page too
+    assert page.as_uri() in requests and page.as_uri() not in outside, requests
+    assert "a dialog" in dialogs, dialogs
     good = tmp_path / "good.html"
     good.write_text('<!doctype html><html><head><link rel="icon" href="data:,"></head><body>'
                     '<script>document.body.dataset.ready = "1"</script></body></html>', encoding="utf-8")
