@@ -82,6 +82,15 @@ def trace(dataset):
     return out / f"{M}_trace_graph.html", doc
 
 
+@pytest.fixture(scope="module")
+def big_trace(dataset):
+    """(the page, its graph file) of a trace with more links than the page draws as SVG: links on a canvas."""
+    out = dataset.parent / "big_trace"
+    script("b_trace_gelu_activations.py", "--model_type", M, "--device", "cpu", "--input_text", TRACE_PROMPT,
+           "--output_dir", out, "--graph", "--max_nodes", "600", "--faithfulness_nodes", "0")
+    return out / f"{M}_trace_graph.html", json.loads((out / f"{M}_trace_graph.json").read_text(encoding="utf-8"))
+
+
 def marked(top_examples) -> list[int]:
     """For each markup string, the first neuron whose top example holds it."""
     return [next(n for n, (c, t) in sorted(top_examples.items()) if m in c + t) for m in MARKUP]
@@ -305,6 +314,24 @@ def test_the_trace_layout_tokens_along_x_layers_up_y_sizes_by_influence_and_weig
     assert len(colour[True]) == len(colour[False]) == 1 and colour[True] != colour[False]
     widths = [w for *_, w in sorted(drawn, key=lambda d: abs(weight[(d[0], d[1])]))]
     assert widths == sorted(widths) and widths[0] < widths[-1]
+
+
+@PAGES
+def test_a_large_graph_draws_its_links_on_a_canvas(browser, big_trace):
+    page, doc = big_trace
+    browser.load(page)
+    assert_offline_and_clean(browser)
+    links = {(link["source"], link["target"]) for link in doc["links"]}
+    assert browser.script("return document.querySelectorAll('svg#graph path.link').length") == 0, "links as SVG"
+    assert set(drawn_nodes(browser)) == {n["node_id"] for n in doc["nodes"]} and set(drawn_links(browser)) == links
+    painted = """return [...document.querySelectorAll('canvas')].reduce((sum, c) => {
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let k = 3; k < px.length; k += 4) n += px[k] > 0; return sum + n; }, 0)"""
+    everything = browser.script(painted)
+    browser.script("window.gelutraceViewer.setThresholds(arguments[0], arguments[1])", 0.3, 0.3)
+    fewer = browser.script(painted)
+    browser.script("window.gelutraceViewer.setThresholds(0, 0)")
+    assert everything > fewer > browser.script(painted)  # the canvas shows the links drawn, fewer as they are pruned
 
 
 @PAGES
