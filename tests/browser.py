@@ -1,8 +1,8 @@
 """
 Headless Chromium driven by selenium, for the tests that open the pages the pipeline writes: Debian's `chromium`
-and `chromium-driver`, named by their paths so that selenium never looks for (or downloads) a browser or a driver
-of its own. Without them the tests skip, except under CI=true, where they fail: CI always runs them (.ci/run
-installs both).
+and `chromium-driver`, found on PATH and handed to selenium by their paths, so that selenium never looks for (or
+downloads) a browser or a driver of its own. Without them the tests skip, except under CI=true, where they fail:
+CI always runs them (.ci/run installs both).
 
     with chromium() as browser:
         browser.load(page)                  # file://, then waits for document.body.dataset.ready == "1"
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 INSTALL = "apt-get install chromium chromium-driver"
-LOAD_SECONDS = 60  # a page is drawn in well under a second; a slow shared machine gets room, a hung page an error
+LOAD_SECONDS = 60  # the tests' pages draw in under a second, the demo's largest in a few; a hung page is an error
 
 
 def missing() -> tuple[list[str], list[str]]:
