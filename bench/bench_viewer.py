@@ -100,7 +100,8 @@ def main():
     args = ap.parse_args()
     absent, fixes = missing()
     if absent:
-        sys.exit(f"error: {' and '.join(absent)} not found ({'; '.join(fixes)})")
+        print(f"error: {' and '.join(absent)} not found ({'; '.join(fixes)})", file=sys.stderr)
+        sys.exit(2)
     OUT.mkdir(parents=True, exist_ok=True)
     dataset = DEMO if all(p.is_file() for p in pages(DEMO)) and not args.rebuild else BUILT
     if dataset == BUILT and (args.rebuild or not all(p.is_file() for p in pages(BUILT))):
