@@ -353,3 +353,34 @@ def test_token_strings_from_the_shipped_tokenizer(shipped_path):
     assert "".join(doc["metadata"]["prompt_tokens"]) == prompt
     logits = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
     assert [n["clerp"].split('"')[1] for n in logits] == [tokenizer.decode([t]) for t in g.logit_tokens.tolist()]
+
+
+@pytest.mark.parametrize("seed,shape,thresholds", CASES[:5])
+def test_the_viewer_shares_are_the_scores_ranked_above(seed, shape, thresholds):
+    """Pruned.node_shares and .edge_shares (the viewer pages' slider values), brute force in numpy: a node's share
+    of the total influence held by the nodes of larger influence; a kept edge's share of the total edge score
+    (normalised |weight| times its target's influence plus logit weight, in the graph of the nodes that pass the
+    node threshold) held by the edges of larger score. Every kept node and edge is under its threshold."""
+    graph = random_graph(seed, **shape, node_threshold=thresholds[0], edge_threshold=thresholds[1])
+    p = prune(graph)
+    s = p.node_influence.double().numpy()
+    want = np.array([s[s > x].sum() / s.sum() for x in s])
+    assert np.allclose(p.node_shares.numpy(), want, rtol=1e-9, atol=1e-12)
+    ranked = np.sort(s[s > 0])[::-1]  # the node threshold: the kept influence reaches node_threshold of the total
+    passed = s >= ranked[min(int((np.cumsum(ranked) / ranked.sum() < thresholds[0]).sum()), len(ranked) - 1)]
+    passed[graph.embedding_start:] = True
+    a = np.abs(graph.adjacency.double().numpy()) * (passed[:, None] & passed[None, :])
+    norm = a / np.maximum(a.sum(1, keepdims=True), 1e-10)
+    w = graph.logit_weights().double().numpy()
+    inf, step = np.zeros_like(w), w @ norm
+    while step.any():
+        inf, step = inf + step, step @ norm
+    scores = norm * (inf + w)[:, None]
+    positive = scores[scores > 0]
+    kept = scores[p.edge_mask.numpy()]
+    assert len(p.edge_shares) == len(kept)
+    want = np.array([positive[positive > x].sum() / positive.sum() for x in kept])
+    assert np.allclose(p.edge_shares.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert (p.edge_shares.numpy() < thresholds[1] + 1e-6).all()
+    sources = np.arange(graph.n_nodes) >= graph.embedding_start
+    assert (p.node_shares.numpy()[p.node_mask.numpy() & ~sources] < thresholds[0] + 1e-6).all()

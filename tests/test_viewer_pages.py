@@ -25,7 +25,7 @@ from gelutrace.circuit.prune import ranked_shares, threshold
 from gelutrace.files import layout
 from gelutrace.report import viewer
 
-from conftest import REPO_ROOT, SHIPPED_NAME, run_python
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
 
 M = SHIPPED_NAME
 PROMPT = "KING HENRY. Now, lords, for France"
@@ -319,3 +319,32 @@ def test_gelutrace_serve_serves_a_folder_on_localhost(tmp_path):
     r = run_python([sys.executable, "-m", "gelutrace.commands", "serve", str(tmp_path / "missing")], cwd=REPO_ROOT,
                    env=ENV)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def corpus_dataset(tmp_path_factory):
+    ds = tmp_path_factory.mktemp("viewer_corpus") / "ds"
+    r = script("b_generate_activation_dataset.py", "--input_text", HELDOUT_PATH, "--export_dir", ds, "--model_type", M,
+               "--device", "cpu", "--max_tokens", "1500")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return ds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["prompt", "corpus"])
+def test_shading_only_the_shown_examples_gives_the_same_shades(mode, request, shipped):
+    """The cards' shading (checked against transformers in tests/test_cards.py and tests/test_corpus.py) limited to
+    each neuron's first examples, as the trace page's cards ask: the same examples, the first shaded alike, the
+    rest unshaded."""
+    from gelutrace.report import cards
+
+    data = request.getfixturevalue("dataset" if mode == "prompt" else "corpus_dataset")
+    ids = np.array([3, 517, 1100, 2900])
+    full = cards.neuron_examples(shipped.model, shipped.tokenizer, data, M, ids, 5)
+    some = cards.neuron_examples(shipped.model, shipped.tokenizer, data, M, ids, 5, shade_top=2)
+    for a, b in zip(full, some):
+        assert [(e.value, e.sample_id, e.tokens, e.token) for e in a] == [(e.value, e.sample_id, e.tokens, e.token)
+                                                                          for e in b]
+        for rank, (x, y) in enumerate(zip(a, b)):
+            # alike to float rounding: a window is run to another length, in another batch
+            assert np.allclose(x.shades, y.shades, rtol=1e-5, atol=1e-5) if rank < 2 else len(y.shades) == 0

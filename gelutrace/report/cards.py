@@ -331,11 +331,14 @@ def report_neurons(data, m: str, n_neurons: int, per_subset: int = 20, top_effec
 
 
 def _examples_from_sequences(model, tokenizer, seqs: Sequences, neuron_ids: np.ndarray, k: int, batch_size: int,
-                             progress=None, shades: bool = True) -> list[list[Example]]:
+                             progress=None, shades: bool = True, shade_top: int | None = None
+                             ) -> list[list[Example]]:
     """Prompt mode: the top examples found by running the model over the dataset's distinct sequences."""
     values, sample_ids = top_examples(model, seqs, neuron_ids, k, batch_size, progress)
-    shaded = (context_activations(model, seqs, neuron_ids, sample_ids, batch_size) if shades else
-              [[np.zeros(0)] * sample_ids.shape[1] for _ in neuron_ids])
+    top = sample_ids.shape[1] if shade_top is None else min(shade_top, sample_ids.shape[1])
+    shaded = (context_activations(model, seqs, neuron_ids, sample_ids[:, :top], batch_size) if shades else
+              [[] for _ in neuron_ids])
+    shaded = [row + [np.zeros(0)] * (sample_ids.shape[1] - len(row)) for row in shaded]
     out = []
     text = {}  # each token id decoded once: many neurons share contexts
     for row in range(len(neuron_ids)):
@@ -350,7 +353,8 @@ def _examples_from_sequences(model, tokenizer, seqs: Sequences, neuron_ids: np.n
 
 @torch.no_grad()
 def _examples_from_corpus(model, tokenizer, data, m: str, record: dict, neuron_ids: np.ndarray, k: int,
-                          batch_size: int, progress=None, shades: bool = True) -> list[list[Example]]:
+                          batch_size: int, progress=None, shades: bool = True, shade_top: int | None = None
+                          ) -> list[list[Example]]:
     """
     Corpus mode: the top examples stage b streamed ({m}_neuron_top_examples.csv); each context is shaded from one
     forward pass over the windows they lie in, re-read from the corpus (only the documents those windows overlap).
@@ -372,25 +376,35 @@ def _examples_from_corpus(model, tokenizer, data, m: str, record: dict, neuron_i
         print(f"note: stage b kept {kept} examples per neuron; showing {kept}")
     windows = np.unique(samples // context)
     tokens = window_tokens(record, tokenizer, windows)
-    last = {int(w): int(samples[samples // context == w].max() - w * context) for w in windows}
+    top = k if shade_top is None else shade_top
+    shaded = (np.concatenate([by_neuron[int(n)]["sample_id"].to_numpy()[:top] for n in neuron_ids]) if shades
+              else np.zeros(0, np.int64))
+    last = {int(w): int(shaded[shaded // context == w].max() - w * context) for w in np.unique(shaded // context)}
     values = {}  # (window, position) -> the neurons' values up to the position
-    for lo in range(0, len(windows) if shades else 0, batch_size):
-        rows = [int(w) for w in windows[lo:lo + batch_size]]
+    shaded_windows = list(last)
+    for lo in range(0, len(shaded_windows), batch_size):
+        rows = shaded_windows[lo:lo + batch_size]
         per = _selected_values(model, [tokens[w][:last[w] + 1].tolist() for w in rows], neuron_ids)
         for b, w in enumerate(rows):
             values[w] = per[b, per.shape[1] - last[w] - 1:]
         if progress is not None:
             progress(len(rows))
     out = []
+    text = {}  # each token id decoded once: many neurons share windows
+
+    def name(t: int) -> str:
+        return text[t] if t in text else text.setdefault(t, token_text(tokenizer, t))
+
     for i, n in enumerate(neuron_ids):
         examples = []
-        for v, s in zip(by_neuron[int(n)]["value"], by_neuron[int(n)]["sample_id"]):
+        for rank, (v, s) in enumerate(zip(by_neuron[int(n)]["value"], by_neuron[int(n)]["sample_id"])):
             w, pos = divmod(int(s), context)
             first = max(0, pos - layout.CONTEXT_TOKENS + 1)
             shown = tokens[w][first:pos + 1].tolist()
             nxt = tokens[w][pos + 1:pos + 2].tolist()
-            examples.append(Example(float(v), int(s), [token_text(tokenizer, t) for t in shown],
-                                    values[w][first:pos + 1, i] if shades else np.zeros(0), tokenizer.decode(nxt)))
+            examples.append(Example(float(v), int(s), [name(t) for t in shown],
+                                    values[w][first:pos + 1, i] if shades and rank < top else np.zeros(0),
+                                    tokenizer.decode(nxt)))
         out.append(examples)
     return out
 
@@ -437,16 +451,19 @@ def dataset_modules(data, m: str, n_neurons: int) -> tuple[np.ndarray, str] | No
 
 
 def neuron_examples(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,
-                    progress=None, shades: bool = True) -> list[list[Example]]:
+                    progress=None, shades: bool = True, shade_top: int | None = None) -> list[list[Example]]:
     """Each neuron's top-activating examples in a stage-b dataset directory of either mode, largest first; without
-    `shades`, each Example's shades are empty (no forward pass beyond those that find the examples)."""
+    `shades`, each Example's shades are empty (no forward pass beyond those that find the examples), and with
+    `shade_top` only the first shade_top examples of each neuron are shaded (the forward passes only their
+    sequences or windows need)."""
     record = DatasetDir(data, m).corpus_record()
     if record is not None:
-        return _examples_from_corpus(model, tokenizer, data, m, record, neuron_ids, k, batch_size, progress, shades)
+        return _examples_from_corpus(model, tokenizer, data, m, record, neuron_ids, k, batch_size, progress, shades,
+                                     shade_top)
     seqs = dataset_sequences(data, m)
     if not seqs.ids:
         raise PipelineError(f"{layout.path(data, layout.DATASET, m)} holds no generated tokens: there are no examples")
-    return _examples_from_sequences(model, tokenizer, seqs, neuron_ids, k, batch_size, progress, shades)
+    return _examples_from_sequences(model, tokenizer, seqs, neuron_ids, k, batch_size, progress, shades, shade_top)
 
 
 def build_cards(model, tokenizer, data, m: str, neuron_ids: np.ndarray, k: int = 10, batch_size: int = 32,

@@ -56,7 +56,7 @@ def trace_cards(model, tokenizer, graph: NeuronGraph, data=None, m: str | None =
                 ) -> tuple[list[str], viewer.NeuronCards | None]:
     """
     neuron_labels, and with `with_cards` the viewer page's card of each distinct kept neuron: its label, top examples
-    shaded by its activation (one more pass over the sequences they come from), promoted and suppressed tokens,
+    shaded by its activation (one more pass over the sequences the shown ones come from), promoted and suppressed tokens,
     and its module (`modules`: each kept neuron's, -1 for none; `module_names`: module -> supernode name). Without
     a dataset a card holds the module alone, and there are no cards without modules either.
     """
@@ -82,7 +82,7 @@ def trace_cards(model, tokenizer, graph: NeuronGraph, data=None, m: str | None =
     cfg = model.config
     DatasetDir(data, m).check(cfg.n_layer, cfg.d_mlp)
     examples = cards.neuron_examples(model, tokenizer, data, m, ids, LABEL_EXAMPLES, batch_size, progress,
-                                     shades=with_cards)
+                                     shades=with_cards, shade_top=viewer.CARD_EXAMPLES)
     n_tokens = max(LABEL_TOKENS, viewer.CARD_EFFECT_TOKENS) if with_cards else LABEL_TOKENS
     effects = (cards.direct_logit_effects(model, tokenizer, ids, n_tokens)
                if cards.has_logit_effect(model) else [([], [])] * len(ids))
