@@ -5,20 +5,29 @@
 VENV ?= .venv
 PY = $(VENV)/bin/python
 TESTDEPS = .testdeps
+# modules are byte-compiled when first imported rather than all at installation, which took 80 of 130 s on 2 cores
+PIP = $(VENV)/bin/pip install --no-compile
 
-.PHONY: install test test-fast demo bench model clean
+.PHONY: install install-run test test-fast demo bench model clean
 
 install: $(VENV)/.installed $(TESTDEPS)/.installed
 
-$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
-	python3 -m venv $(VENV) && $(VENV)/bin/pip install -r requirements.txt -c constraints.txt \
-	  && $(VENV)/bin/pip install --no-deps --no-build-isolation -e . && touch $@
+# what the pipeline needs (pyproject.toml's dependencies, pinned by constraints.txt): all `make demo` installs
+install-run: $(VENV)/.installed-run
+
+$(VENV)/.installed-run: constraints.txt pyproject.toml
+	python3 -m venv $(VENV) && $(PIP) -c constraints.txt "setuptools>=68" \
+	  && $(PIP) -c constraints.txt --no-build-isolation -e . && touch $@
+
+# and the test suite's extras (requirements.txt)
+$(VENV)/.installed: requirements.txt $(VENV)/.installed-run
+	$(PIP) -r requirements.txt -c constraints.txt && touch $@
 
 # circuit-tracer, the reference tests/test_circuit_prune.py checks influence, pruning and scores against, in a folder
 # of its own that only that test puts on sys.path, without its dependencies (its pinned older transformers must not
 # enter the venv; the functions it checks against need only torch)
 $(TESTDEPS)/.installed: | $(VENV)/.installed
-	rm -rf $(TESTDEPS) && $(VENV)/bin/pip install --no-deps --target $(TESTDEPS) circuit-tracer==0.5.0 && touch $@
+	rm -rf $(TESTDEPS) && $(PIP) --no-deps --target $(TESTDEPS) circuit-tracer==0.5.0 && touch $@
 
 # the test files run in parallel, one file per worker (its module fixtures built once), one worker per core,
 # the longest files first (tests/conftest.py)
@@ -34,7 +43,7 @@ test-fast: install
 # the two runs at once, one thread each: on 2 cores about a sixth faster than one after the other with two threads
 # each (docs/performance.md); the prompt-mode run prints as it goes, the corpus-mode run into its log, shown after
 CORPUS_LOG = parcellation_datasets/heldout_corpus_tinybard_demo.log
-demo: install
+demo: install-run
 	@export PATH="$(abspath $(VENV))/bin:$$PATH" OMP_NUM_THREADS=1; \
 	./run_pipeline.sh --text parcellation_datasets/heldout_corpus_tinybard.txt > $(CORPUS_LOG) 2>&1 & corpus=$$!; \
 	echo "== corpus mode runs beside this one: $(CORPUS_LOG)"; \
