@@ -80,7 +80,8 @@ IN_PROCESS_ENV = {"HF_HUB_OFFLINE", "OMP_NUM_THREADS", "MPLBACKEND", "PYTHON", "
 SESSION_ENV = dict(os.environ)  # a variable not here and not given was set since by a library (torch's inductor)
 
 
-PIPELINE_SCRIPT = REPO_ROOT / "run_pipeline.sh"
+# the shell scripts that only exec `$PYTHON -m gelutrace.pipeline COMMAND "$@"` (with this checkout on PYTHONPATH)
+DRIVER_SCRIPTS = {REPO_ROOT / "run_pipeline.sh": "run", REPO_ROOT / "d_batch_perturbation_calculate.sh": "sweep"}
 
 
 def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=True, timeout=None):
@@ -89,16 +90,17 @@ def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=
     process instead: the script's module imported and its main(args) called through run_main, in the given cwd
     and environment, its stdout and stderr captured, its exit status run_main's (1 with the traceback on stderr
     for any other exception): the same result without a new interpreter importing torch each time. So is
-    `[run_pipeline.sh, args...]` given a PYTHON: the driver that script execs (`$PYTHON -m gelutrace.pipeline run`),
-    with the PYTHONPATH it exports (for the stages it starts as subprocesses). Anything else (torchrun, `-c` code,
-    another shell script, an environment the libraries read at import) runs as a subprocess.
+    `[run_pipeline.sh or d_batch_perturbation_calculate.sh, args...]` given a PYTHON: the command of
+    gelutrace.pipeline that the script execs, with the PYTHONPATH it exports (for the stages the driver starts as
+    subprocesses). Anything else (torchrun, `-c` code, another shell script, an environment the libraries read at
+    import) runs as a subprocess.
     """
     argv = [str(a) for a in argv]
     env = dict(os.environ) if env is None else {k: str(v) for k, v in env.items()}
     script = Path(argv[1]) if len(argv) > 1 and argv[0] == sys.executable else None
     if script is not None and not script.is_absolute():
         script = Path(cwd or os.getcwd()) / script
-    driver = Path(argv[0]) == PIPELINE_SCRIPT and bool(env.get("PYTHON"))
+    driver = DRIVER_SCRIPTS.get(Path(argv[0])) if env.get("PYTHON") else None
     changed = {k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)
                and (k in env or k in SESSION_ENV)}
     if (not driver and (script is None or script.suffix != ".py" or script.parent != REPO_ROOT
@@ -107,10 +109,10 @@ def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=
                               timeout=timeout)
     from gelutrace.cli import run_main
 
-    if driver:  # run_pipeline.sh's own lines
+    if driver:  # the script's own lines
         module = importlib.import_module("gelutrace.pipeline")
         env["PYTHONPATH"] = str(REPO_ROOT) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        args = ["run", *argv[1:]]
+        args = [driver, *argv[1:]]
     else:
         module = importlib.import_module(script.stem)
         assert Path(module.__file__).resolve() == script.resolve(), f"{script.stem} imported from {module.__file__}"
