@@ -76,7 +76,7 @@ _durations = {}
 # import time by the libraries, so a script given another value runs as a subprocess (PYTEST_CURRENT_TEST:
 # pytest's own, different in an environment a test module copied when it was imported)
 IN_PROCESS_ENV = {"HF_HUB_OFFLINE", "OMP_NUM_THREADS", "MPLBACKEND", "PYTHON", "TOKENIZERS_PARALLELISM",
-                  "PYTEST_CURRENT_TEST"}
+                  "PYTEST_CURRENT_TEST", "COLUMNS"}  # COLUMNS: argparse's width, read at each --help
 SESSION_ENV = dict(os.environ)  # a variable not here and not given was set since by a library (torch's inductor)
 
 
