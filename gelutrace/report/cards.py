@@ -382,14 +382,16 @@ def _examples_from_corpus(model, tokenizer, data, m: str, record: dict, neuron_i
         if progress is not None:
             progress(len(rows))
     out = []
+    text = {}  # each token id decoded once: many neurons share contexts
     for i, n in enumerate(neuron_ids):
         examples = []
         for v, s in zip(by_neuron[int(n)]["value"], by_neuron[int(n)]["sample_id"]):
             w, pos = divmod(int(s), context)
             first = max(0, pos - layout.CONTEXT_TOKENS + 1)
-            shown = tokens[w][first:pos + 1].tolist()
+            shown = [text[t] if t in text else text.setdefault(t, token_text(tokenizer, t))
+                     for t in tokens[w][first:pos + 1].tolist()]
             nxt = tokens[w][pos + 1:pos + 2].tolist()
-            examples.append(Example(float(v), int(s), [token_text(tokenizer, t) for t in shown],
+            examples.append(Example(float(v), int(s), shown,
                                     values[w][first:pos + 1, i] if shades else np.zeros(0), tokenizer.decode(nxt)))
         out.append(examples)
     return out
