@@ -76,8 +76,12 @@ _durations = {}
 # import time by the libraries, so a script given another value runs as a subprocess (PYTEST_CURRENT_TEST:
 # pytest's own, different in an environment a test module copied when it was imported)
 IN_PROCESS_ENV = {"HF_HUB_OFFLINE", "OMP_NUM_THREADS", "MPLBACKEND", "PYTHON", "TOKENIZERS_PARALLELISM",
-                  "PYTEST_CURRENT_TEST"}
+                  "PYTEST_CURRENT_TEST", "COLUMNS"}  # COLUMNS: argparse's width, read at each --help
 SESSION_ENV = dict(os.environ)  # a variable not here and not given was set since by a library (torch's inductor)
+
+
+# the shell scripts that only exec `$PYTHON -m gelutrace.pipeline COMMAND "$@"` (with this checkout on PYTHONPATH)
+DRIVER_SCRIPTS = {REPO_ROOT / "run_pipeline.sh": "run", REPO_ROOT / "d_batch_perturbation_calculate.sh": "sweep"}
 
 
 def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=True, timeout=None):
@@ -85,24 +89,34 @@ def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=
     subprocess.run for `[sys.executable, script.py, args...]` with a stage script of this repository, run in this
     process instead: the script's module imported and its main(args) called through run_main, in the given cwd
     and environment, its stdout and stderr captured, its exit status run_main's (1 with the traceback on stderr
-    for any other exception): the same result without a new interpreter importing torch each time. Anything else
-    (torchrun, `-c` code, a shell script, an environment the libraries read at import) runs as a subprocess.
+    for any other exception): the same result without a new interpreter importing torch each time. So is
+    `[run_pipeline.sh or d_batch_perturbation_calculate.sh, args...]` given a PYTHON: the command of
+    gelutrace.pipeline that the script execs, with the PYTHONPATH it exports (for the stages the driver starts as
+    subprocesses). Anything else (torchrun, `-c` code, another shell script, an environment the libraries read at
+    import) runs as a subprocess.
     """
     argv = [str(a) for a in argv]
     env = dict(os.environ) if env is None else {k: str(v) for k, v in env.items()}
     script = Path(argv[1]) if len(argv) > 1 and argv[0] == sys.executable else None
     if script is not None and not script.is_absolute():
         script = Path(cwd or os.getcwd()) / script
+    driver = DRIVER_SCRIPTS.get(Path(argv[0])) if env.get("PYTHON") else None
     changed = {k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)
                and (k in env or k in SESSION_ENV)}
-    if (script is None or script.suffix != ".py" or script.parent != REPO_ROOT or not script.is_file()
-            or not changed <= IN_PROCESS_ENV):
+    if (not driver and (script is None or script.suffix != ".py" or script.parent != REPO_ROOT
+                        or not script.is_file()) or not changed <= IN_PROCESS_ENV):
         return subprocess.run(argv, cwd=cwd, env=env, check=check, capture_output=capture_output, text=text,
                               timeout=timeout)
     from gelutrace.cli import run_main
 
-    module = importlib.import_module(script.stem)
-    assert Path(module.__file__).resolve() == script.resolve(), f"{script.stem} imported from {module.__file__}"
+    if driver:  # the script's own lines
+        module = importlib.import_module("gelutrace.pipeline")
+        env["PYTHONPATH"] = str(REPO_ROOT) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        args = [driver, *argv[1:]]
+    else:
+        module = importlib.import_module(script.stem)
+        assert Path(module.__file__).resolve() == script.resolve(), f"{script.stem} imported from {module.__file__}"
+        args = argv[2:]
     out, err = io.StringIO(), io.StringIO()
     saved = os.getcwd(), dict(os.environ)
     try:
@@ -111,7 +125,7 @@ def run_python(argv, cwd=None, env=None, check=False, capture_output=True, text=
         os.environ.update(env)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = run_main(module.main, argv[2:], exit=False)
+                code = run_main(module.main, args, exit=False)
             except BaseException:  # what an uncaught exception does to a process
                 traceback.print_exc()
                 code = 1

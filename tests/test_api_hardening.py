@@ -320,6 +320,7 @@ def test_full_tmpfs_in_prompt_mode(shipped_path, tmp_path):
     one_error_line(err, f"no space left on {mnt / 'd'} (disk full)")
 
 
+@pytest.mark.slow  # fills a real filesystem
 def test_full_tmpfs_while_writing_a_subset_keeps_the_earlier_pair(dataset, tmp_path):
     """A real full disk under stage d with room for the new .npy but not its sidecar: one line naming the
     directory, and the earlier .npy and sidecar byte for byte as they were (never a new .npy beside an old

@@ -21,8 +21,9 @@ PROMPTS = [("KING HENRY. Now, lords, ", 16, 3), ("And God said, Let there be ", 
            ("Thou shalt not ", 0, 2)]
 
 
-def hf_nll(hf, seqs, conts, ablate=None):
-    """Mean over sequences of the continuation's mean NLL, with neuron (layer, dim) zeroed when given."""
+def hf_nll(hf, seqs, conts, weights, ablate=None):
+    """Mean over samples of the continuation's mean NLL (each distinct sequence run once, weighted by the samples
+    it stands for, as stage e averages), with neuron (layer, dim) zeroed when given."""
     handle = None
     if ablate is not None:
         layer, dim = ablate
@@ -42,7 +43,7 @@ def hf_nll(hf, seqs, conts, ablate=None):
     finally:
         if handle is not None:
             handle.remove()
-    return float(np.mean(vals))
+    return float(np.average(vals, weights=weights))
 
 
 def hf_attribution(hf, seqs, conts, weights):
@@ -109,17 +110,14 @@ def test_attribution_equals_transformers_gradients(dataset, shipped, shipped_hf)
 def test_attribution_ranks_like_brute_force_ablation(dataset, shipped, shipped_hf):
     """Spearman >= 0.9 against true single-neuron delta_nll over 160 neurons, half the top by attribution."""
     seqs, conts, weights, _ = sequences(dataset, shipped.tokenizer)
-    # one sequence per sample, as stage e averages
-    rep_seqs = [s for s, w in zip(seqs, weights) for _ in range(int(w))]
-    rep_conts = [c for c, w in zip(conts, weights) for _ in range(int(w))]
     attr = pd.read_csv(layout.path(dataset, layout.FREQUENCY, SHIPPED_NAME))["attribution"].to_numpy()
     top = np.argsort(-attr)[:80]
     rest = np.setdiff1d(np.arange(len(attr)), top)
     others = np.random.default_rng(0).choice(rest, 80, replace=False)
     neurons = np.concatenate([top, others])
     d = shipped.model.config.d_mlp
-    base = hf_nll(shipped_hf, rep_seqs, rep_conts)
-    truth = np.array([hf_nll(shipped_hf, rep_seqs, rep_conts, (int(j) // d, int(j) % d)) - base for j in neurons])
+    base = hf_nll(shipped_hf, seqs, conts, weights)
+    truth = np.array([hf_nll(shipped_hf, seqs, conts, weights, (int(j) // d, int(j) % d)) - base for j in neurons])
     rho = spearmanr(attr[neurons], truth).correlation
     assert rho >= 0.9, rho
     # the top of the attribution ranking holds real effects: far above the random neurons' effects

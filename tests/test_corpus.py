@@ -85,6 +85,23 @@ def reference(shipped_path, tokenizer, texts):
     return ids, np.concatenate(values)
 
 
+@pytest.fixture(scope="module")
+def corpus_reference(shipped, shipped_path):
+    """The corpus of `streamed` (DOCS, then the held-out text): its texts, token ids and reference values."""
+    texts = DOCS + [HELDOUT_PATH.read_text(encoding="utf-8")]
+    return (texts, *reference(shipped_path, shipped.tokenizer, texts))
+
+
+def pair_counts(active, d: int, i: int) -> np.ndarray:
+    """Layer i's neurons against layer i + 1's: how many samples each pair is active in (active: samples x
+    neurons, 0/1), as int64; a float64 product, exact for whole numbers this small and far faster than numpy's
+    integer one."""
+    a = active[:, i * d:(i + 1) * d].astype(np.float64)
+    b = active[:, (i + 1) * d:(i + 2) * d].astype(np.float64)
+    assert len(active) < 2 ** 53
+    return (a.T @ b).astype(np.int64)
+
+
 def store_arrays(store):
     return {p.name: np.load(p, allow_pickle=False) for p in sorted(store.glob("*.npy"))}
 
@@ -94,10 +111,8 @@ def header_without_ids(store):
     return {k: v for k, v in h.items() if k not in ("uid", "source")}
 
 
-@pytest.mark.slow
-def test_streamed_counts_equal_transformers_and_numpy(streamed, shipped, shipped_path):
-    texts = DOCS + [HELDOUT_PATH.read_text(encoding="utf-8")]
-    ids, values = reference(shipped_path, shipped.tokenizer, texts)
+def test_streamed_counts_equal_transformers_and_numpy(streamed, shipped, corpus_reference):
+    texts, ids, values = corpus_reference
     active = values > 0
     cfg = shipped.model.config
     d = cfg.d_mlp
@@ -112,9 +127,8 @@ def test_streamed_counts_equal_transformers_and_numpy(streamed, shipped, shipped
     store = layout.path(streamed, layout.WEIGHTED_GRAPH, M)
     arrays = store_arrays(store)
     np.testing.assert_array_equal(arrays[layout.GRAPH_STORE_NODES], active.sum(axis=0))
-    a64 = active.astype(np.int64)
     for i in range(cfg.n_layer - 1):
-        expect = a64[:, i * d:(i + 1) * d].T @ a64[:, (i + 1) * d:(i + 2) * d]
+        expect = pair_counts(active, d, i)
         got = arrays[layout.GRAPH_STORE_PAIR.format(src=i, tgt=i + 1)]
         assert got.dtype == np.uint16
         np.testing.assert_array_equal(got, expect)
@@ -132,11 +146,10 @@ def test_streamed_counts_equal_transformers_and_numpy(streamed, shipped, shipped
     assert not layout.path(streamed, layout.DATASET, M).exists() and not layout.path(streamed, layout.ACTIVATIONS_JSON, M).exists()
 
 
-def test_streamed_top_examples_equal_transformers_and_a_brute_force_sort(streamed, shipped, shipped_path):
+def test_streamed_top_examples_equal_transformers_and_a_brute_force_sort(streamed, shipped, corpus_reference):
     from gelutrace.record import corpus
 
-    texts = DOCS + [HELDOUT_PATH.read_text(encoding="utf-8")]
-    ids, values = reference(shipped_path, shipped.tokenizer, texts)
+    texts, ids, values = corpus_reference
     table = formats.read_top_examples(layout.path(streamed, layout.TOP_EXAMPLES, M))
     n = values.shape[1]
     assert len(table) == n * 10 and (table["rank"].to_numpy() == np.tile(np.arange(10), n)).all()
@@ -330,12 +343,11 @@ def test_bad_input_one_error_line_nothing_written(case, tmp_path, shipped_path):
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_cards_of_a_corpus_dataset_shade_contexts_as_transformers_does(streamed, shipped, shipped_path, tmp_path):
+def test_cards_of_a_corpus_dataset_shade_contexts_as_transformers_does(streamed, shipped, corpus_reference,
+                                                                       tmp_path):
     from gelutrace.report import cards
 
-    texts = DOCS + [HELDOUT_PATH.read_text(encoding="utf-8")]
-    ids, values = reference(shipped_path, shipped.tokenizer, texts)
+    texts, ids, values = corpus_reference
     cfg = shipped.model.config
     d, n = cfg.d_mlp, cfg.n_layer * cfg.d_mlp
     neurons = np.array([7, d + 100, n - 1])
@@ -343,8 +355,7 @@ def test_cards_of_a_corpus_dataset_shade_contexts_as_transformers_does(streamed,
     got = cards.build_cards(shipped.model, shipped.tokenizer, streamed, M, neurons, k=4, batch_size=2,
                             degrees=degrees)
     table = formats.read_top_examples(layout.path(streamed, layout.TOP_EXAMPLES, M))
-    active = (values > 0).astype(np.int64)
-    pairs = [active[:, i * d:(i + 1) * d].T @ active[:, (i + 1) * d:(i + 2) * d] for i in range(cfg.n_layer - 1)]
+    pairs = [pair_counts(values > 0, d, i) for i in range(cfg.n_layer - 1)]
     top = max(p.max() for p in pairs)
     degree = np.zeros(n, np.int64)  # brute force: kept iff count / max count > 0.3
     for i, p in enumerate(pairs):
@@ -471,7 +482,7 @@ class RecordingTokenizer:
 def test_a_document_tokenized_in_pieces_equals_its_whole_tokenization(shipped, piece):
     from gelutrace.record import corpus
 
-    text = awkward_text(4000, seed=piece)
+    text = awkward_text(1500, seed=piece)
     want = shipped.tokenizer(text, verbose=False)["input_ids"]
     tok = RecordingTokenizer(shipped.tokenizer)
     enc = corpus.DocumentTokenizer(tok, piece)
@@ -512,7 +523,7 @@ def long_corpus(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "PIECE_CHARS", 300)
     d = tmp_path / "long"
     d.mkdir()
-    texts = [awkward_text(3000, 1), "short one", awkward_text(2000, 2), "another", awkward_text(500, 3)]
+    texts = [awkward_text(1200, 1), "short one", awkward_text(800, 2), "another", awkward_text(300, 3)]
     (d / "a_long.txt").write_text(texts[0], encoding="utf-8")
     (d / "b_docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[1:4]), encoding="utf-8")
     (d / "c_after.txt").write_text(texts[4], encoding="utf-8")

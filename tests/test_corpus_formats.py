@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -354,7 +353,6 @@ esac
 """
 
 
-@pytest.mark.slow
 def test_pipeline_passes_the_fields_to_the_stages_that_read_the_texts(tmp_path):
     log = tmp_path / "log"
     fake = tmp_path / "python"
@@ -366,9 +364,9 @@ def test_pipeline_passes_the_fields_to_the_stages_that_read_the_texts(tmp_path):
 
     def pipeline(*flags):
         log.unlink(missing_ok=True)
-        r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(text), "--eval_text", str(text),
-                            "--ratios", "0.01", "--effects", "1", *flags, M, str(REPO_ROOT / "parcellation_datasets" /
-                            "test_1.csv"), str(tmp_path / "run")], capture_output=True, text=True, env=env)
+        r = run_python([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(text), "--eval_text", str(text),
+                        "--ratios", "0.01", "--effects", "1", *flags, M, str(REPO_ROOT / "parcellation_datasets" /
+                        "test_1.csv"), str(tmp_path / "run")], env=env)  # the driver in this process
         commands = {}
         for line in log.read_text().splitlines() if log.exists() else []:
             commands.setdefault(line.split()[0], []).append(line.split())
@@ -393,6 +391,6 @@ def test_pipeline_passes_the_fields_to_the_stages_that_read_the_texts(tmp_path):
     for flags in (["--text_field", "body"], ["--eval_text_field", "q"]):
         cut = [str(REPO_ROOT / "run_pipeline.sh"), *flags, "--eval_text", "none", "--ratios", "0.01", M,
                str(REPO_ROOT / "parcellation_datasets" / "test_1.csv"), str(tmp_path / "other")]
-        r = subprocess.run(cut, capture_output=True, text=True, env=env)
+        r = run_python(cut, env=env)
         assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
         assert not (tmp_path / "other").exists()

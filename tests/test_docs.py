@@ -3,14 +3,14 @@ The documentation: every flag that a script's --help lists appears, as code, on 
 every relative link of README.md and docs/*.md resolves (to a file, and for an #anchor into Markdown to one of
 its headings, by GitHub's rule).
 """
-import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -34,22 +34,6 @@ PAGES = {
     "run_pipeline.sh": "pipeline.md",
 }
 
-# every Python script's --help in one interpreter (torch imported once): {script: [exit status, stdout]}
-HELP_ALL = """
-import contextlib, io, json, runpy, sys
-out = {}
-for script in sys.argv[1:]:
-    sys.argv = [script, "--help"]
-    buf, status = io.StringIO(), 0
-    with contextlib.redirect_stdout(buf):
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as e:
-            status = e.code or 0
-    out[script] = [status, buf.getvalue()]
-print(json.dumps(out))
-"""
-
 FENCE = re.compile(r"^[ \t]*(```|~~~).*?^[ \t]*\1[ \t]*$", re.M | re.S)
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
 LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
@@ -57,17 +41,16 @@ LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
 
 @pytest.fixture(scope="module")
 def helps():
+    """Each script's --help: {script: (exit status, stdout; a shell script's stderr too)}, through
+    conftest.run_python: a Python script's main and the command a driver script execs run in this process (torch
+    imported once), any other shell script as a subprocess."""
     env = dict(os.environ, COLUMNS="120", PYTHON=sys.executable)  # PYTHON: the shell scripts' interpreter
-    python = [s for s in PAGES if s.endswith(".py")]
-    run = subprocess.run([sys.executable, "-c", HELP_ALL, *python], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    out = {s: tuple(v) for s, v in json.loads(run.stdout.splitlines()[-1]).items()}
+    out = {}
     for script in PAGES:
-        if script.endswith(".sh"):
-            sh = subprocess.run(["bash", script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=60)
-            out[script] = (sh.returncode, sh.stdout + sh.stderr)
+        shell = script.endswith(".sh")
+        r = run_python([*([] if shell else [sys.executable]), str(ROOT / script), "--help"], cwd=ROOT, env=env,
+                       timeout=60)
+        out[script] = (r.returncode, r.stdout + r.stderr if shell else r.stdout)
     return out
 
 

@@ -48,17 +48,20 @@ def save_ids(p, ids):
     return p
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, shipped_path):
-    """(dataset directory, prompt CSV) made by stage b, greedy."""
-    d = tmp_path_factory.mktemp("effects")
-    csv = write_prompts(d / "prompts.csv")
+def stage_b(d, rows=PROMPTS):
+    """(dataset directory, prompt CSV) made by stage b in d, greedy."""
+    csv = write_prompts(d / "prompts.csv", rows)
     r = run_python([sys.executable, str(REPO_ROOT / "b_generate_activation_dataset.py"), "--input_csv", str(csv),
                         "--export_dir", str(d / "ds"), "--model_type", SHIPPED_NAME, "--device", "cpu",
                         "--no_edge_list", "--no_activation_lists"], capture_output=True, text=True, cwd=REPO_ROOT,
                    env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
     return d / "ds", csv
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, shipped_path):
+    return stage_b(tmp_path_factory.mktemp("effects"))
 
 
 @pytest.fixture(scope="module")
@@ -442,10 +445,10 @@ def test_corpus_mode_equals_transformers_per_neuron(shipped_path, shipped, tmp_p
             assert got.loc[j, column] == pytest.approx(dnll_h, rel=1e-4, abs=TOL), (j, h)
 
 
-def test_empty_neuron_shard_and_merge_into_another_dataset_are_refused(dataset, tmp_path):
+def test_empty_neuron_shard_and_merge_into_another_dataset_are_refused(shipped_path, tmp_path):
     import shutil
 
-    ds, csv = dataset
+    ds, csv = stage_b(tmp_path, PROMPTS[:1])  # one sequence: the two shards measure every neuron on it
     with pytest.raises(PipelineError, match="leave this shard none"):
         run_d(ds, csv, "--neurons", "50/100", "--output_dir", tmp_path / "s50")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

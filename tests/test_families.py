@@ -16,7 +16,6 @@ import inspect
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -338,7 +337,7 @@ def test_run_pipeline_on_pythia(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.3", "--ratios", "0.05", "--random_controls", "1",
            "--device", "cpu", "--effects", "0", "--module_controls", "1", str(ckpt), str(csv), str(data)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = run_python(cmd, env=env)  # the driver in this process (test_pipeline.py runs run_pipeline.sh's own)
     assert r.returncode == 0, r.stderr[-3000:]
     m = "tiny-pythia"
     meta = formats.read_graph_meta(data, m)

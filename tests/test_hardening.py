@@ -72,8 +72,8 @@ def test_malicious_gpickle_in_batch_script(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--ratios", ""], ["--methods"], ["--thresholds", "", "g.json"]])
 def test_batch_script_flag_without_a_value_is_one_error_line(tmp_path, flags):
-    r = subprocess.run([str(REPO_ROOT / "d_batch_perturbation_calculate.sh"), *flags], capture_output=True,
-                       text=True, cwd=tmp_path, env=dict(os.environ, PYTHON=sys.executable))
+    r = run_python([str(REPO_ROOT / "d_batch_perturbation_calculate.sh"), *flags], cwd=tmp_path,
+                   env=dict(os.environ, PYTHON=sys.executable))  # its command in this process (above: the script's)
     assert r.returncode == 2 and r.stderr == f"error: {flags[0]} needs a value (see --help)\n"
     assert not list(tmp_path.iterdir())
 
@@ -476,12 +476,17 @@ def test_report_refuses_results_of_an_interrupted_stage_e(tiny_dataset, tmp_path
 
 
 
-def test_report_of_a_file_or_nothing_is_one_error_line(tmp_path):
+def test_report_of_a_file_or_nothing_is_one_error_line(tmp_path, capsys):
+    from gelutrace.cli import run_main
+    from gelutrace.report import __main__ as report_main
+
     (tmp_path / "f").write_text("x")
-    for target, why in ((tmp_path / "f", "is not a directory"), (tmp_path / "none", "does not exist")):
-        r = subprocess.run([sys.executable, "-m", "gelutrace.report", str(target)], capture_output=True, text=True,
-                           cwd=REPO_ROOT)
-        assert r.returncode == 2 and r.stderr == f"error: dataset directory {target} {why}\n"
+    r = subprocess.run([sys.executable, "-m", "gelutrace.report", str(tmp_path / "f")], capture_output=True, text=True,
+                       cwd=REPO_ROOT)  # the module's own process
+    assert r.returncode == 2 and r.stderr == f"error: dataset directory {tmp_path / 'f'} is not a directory\n"
+    capsys.readouterr()
+    assert run_main(report_main.main, [str(tmp_path / "none")], exit=False) == 2  # its main in this process
+    assert capsys.readouterr().err == f"error: dataset directory {tmp_path / 'none'} does not exist\n"
 
 
 @pytest.mark.parametrize("nth", [1, 3, 6])

@@ -18,7 +18,7 @@ from gelutrace.report import cards as cd
 from gelutrace.report import markdown
 from gelutrace.report.verdict import ordinal
 
-from conftest import REPO_ROOT, SHIPPED_NAME
+from conftest import REPO_ROOT, SHIPPED_NAME, run_python
 
 pytestmark = pytest.mark.slow  # every test here runs run_pipeline.sh
 M = SHIPPED_NAME
@@ -41,9 +41,9 @@ def pipeline(tmp_path_factory, shipped_path):
            "--random_controls", "2", "--device", "cpu", "--effects", "0", "--eval_csv", str(held),
            "--eval_text", "none", "--control_subsets", "all", "--modules_top", "1", "--module_controls", "2",
            "--trace", "1", M, str(csv), str(data)]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    first = run_python(cmd, env=env)  # the driver in this process (test_bad_grid_and_flags...: run_pipeline.sh's own)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    second = run_python(cmd, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     return data, first.stdout, second.stdout
 
@@ -216,11 +216,13 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
                  columns=layout.PROMPT_COLUMNS).to_csv(csv, index=False)
     held = data.parent / "heldout.csv"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
-    # a lighter run than the fixture's (the stages' commands change, but a's does not): what reruns is the point
+    # a lighter run than the fixture's (the stages' commands change, but a's does not; no traces): what reruns is
+    # the point
     base = [str(REPO_ROOT / "run_pipeline.sh"), "--thresholds", "0.8", "--ratios", "0.01", "--direct_edges", "0",
             "--methods", "degree random", "--random_controls", "2", "--device", "cpu", "--effects", "0",
-            "--eval_csv", str(held), "--eval_text", "none", "--control_subsets", "all", "--modules_top", "0"]
-    r = subprocess.run(base + [M, str(csv), str(copy)], capture_output=True, text=True, env=env)
+            "--eval_csv", str(held), "--eval_text", "none", "--control_subsets", "all", "--modules_top", "0",
+            "--trace", "0"]
+    r = run_python(base + [M, str(csv), str(copy)], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert any(ln.startswith("== a: up to date") for ln in lines)
@@ -229,19 +231,18 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
     ds = pd.read_csv(layout.path(copy, layout.DATASET, M), keep_default_na=False)
     assert len(ds) == 6 * 2 + 5 * 3 + 3
     # one method fewer: stage d reruns (its settings are in its stamp) and leaves no subset of the other behind
-    r = subprocess.run(base + ["--methods", "degree", M, str(csv), str(copy)], capture_output=True, text=True, env=env)
+    r = run_python(base + ["--methods", "degree", M, str(csv), str(copy)], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert "== d" in lines and any(ln.startswith("== c_analyze: up to date") for ln in lines)
     methods = {json.loads(p.read_text())["method"] for p in (copy / layout.SUBSETS_DIR).glob("*.json")}
     assert methods == {"degree"}
-    r = subprocess.run(base + ["--force", "--methods", "degree no_such_method", M, str(csv), str(copy)],
-                       capture_output=True, text=True, env=env)
+    r = run_python(base + ["--force", "--methods", "degree no_such_method", M, str(csv), str(copy)], env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no_such_method" in r.stderr  # before any stage
     assert "==" not in r.stdout and {json.loads(p.read_text())["method"] for p in
                                      (copy / layout.SUBSETS_DIR).glob("*.json")} == {"degree"}
     ks = [("--ks" if a == "--ratios" else "100000" if a == "0.01" else a) for a in base]  # past the model's neurons
-    r = subprocess.run(ks + ["--force", M, str(csv), str(copy)], capture_output=True, text=True, env=env)
+    r = run_python(ks + ["--force", M, str(csv), str(copy)], env=env)
     assert r.returncode != 0  # the grid fails after stage a (the model's neurons), and so does the pipeline
     lines = r.stdout.splitlines()
     assert "== a" in lines and "== b" not in lines  # --force reran from the start
@@ -249,10 +250,12 @@ def test_rerun_after_a_csv_change_force_and_a_failing_stage(pipeline, tmp_path):
 
 def test_bad_grid_and_flags_fail_before_any_stage(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
-    for flags in (["--ks", "abc"], ["--ks", "3 101%"], ["--effect_tokens", "0"], ["--effect_tokens", "x"],
-                  ["--fidelity_tokens", "0"], ["--text_field", ""], ["--eval_text_field", ""], ["--seed", ""],
-                  ["--control_subsets", "bogus"], ["--random_controls", "-1"], ["--ks", "30", "--ratios", "0.01"]):
-        r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), *flags, M, str(REPO_ROOT / "parcellation_datasets" /
-                            "test_1.csv"), str(tmp_path / "run")], capture_output=True, text=True, env=env)
+    for i, flags in enumerate((["--ks", "abc"], ["--ks", "3 101%"], ["--effect_tokens", "0"], ["--effect_tokens", "x"],
+                               ["--fidelity_tokens", "0"], ["--text_field", ""], ["--eval_text_field", ""],
+                               ["--seed", ""], ["--control_subsets", "bogus"], ["--random_controls", "-1"],
+                               ["--ks", "30", "--ratios", "0.01"])):
+        run = subprocess.run if i == 0 else run_python  # the script's own process once, then its driver here
+        r = run([str(REPO_ROOT / "run_pipeline.sh"), *flags, M, str(REPO_ROOT / "parcellation_datasets" /
+                 "test_1.csv"), str(tmp_path / "run")], capture_output=True, text=True, env=env)
         assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, (flags, r.stderr)
         assert not (tmp_path / "run").exists(), flags

@@ -3,7 +3,6 @@ test_pipeline.py, and runs beside it)."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pandas as pd
@@ -11,7 +10,7 @@ import pytest
 
 from gelutrace.files import layout
 
-from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME
+from conftest import HELDOUT_PATH, REPO_ROOT, SHIPPED_NAME, run_python
 
 pytestmark = pytest.mark.slow
 M = SHIPPED_NAME
@@ -24,11 +23,11 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
                  columns=layout.PROMPT_COLUMNS).to_csv(held, index=False)
     data = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
-    r = subprocess.run([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(HELDOUT_PATH), "--thresholds", "0.8",
-                        "--ks", "3 1%", "--random_controls", "2", "--device", "cpu", "--eval_csv", str(held),
-                        "--eval_tokens", "600", "--fidelity_tokens", "256", "--module_controls", "2", M, str(held),
-                        str(data)],
-                       capture_output=True, text=True, env=env)
+    # the driver in this process (test_pipeline.py runs run_pipeline.sh's own); one prompt traced
+    r = run_python([str(REPO_ROOT / "run_pipeline.sh"), "--text", str(HELDOUT_PATH), "--thresholds", "0.8",
+                    "--ks", "3 1%", "--random_controls", "2", "--device", "cpu", "--eval_csv", str(held),
+                    "--eval_tokens", "600", "--fidelity_tokens", "64", "--module_controls", "2", "--trace", "1", M,
+                    str(held), str(data)], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     # the real-text verdict (the shipped model's default evaluation text) over the k grid, controls for winners
     results = data / layout.RESULTS_DIR
@@ -71,7 +70,7 @@ def test_corpus_mode_pipeline(tmp_path, shipped_path):
     commands = report[report.index("Commands, in order"):report.index("## Dataset")]
     assert "corpus_b" not in commands and commands.count("--shard") == 2
     assert "c_merge_activation_statistics.py" in commands
-    assert (data / ".pipeline" / "fidelity.cmd").read_text().rstrip().endswith("--tokens 256")
+    assert (data / ".pipeline" / "fidelity.cmd").read_text().rstrip().endswith("--tokens 64")
     assert layout.path(data, layout.EDGE_FIDELITY_SUMMARY, M).is_file()
     ev = json.loads((data / layout.RESULTS_DIR / layout.EVALUATION).read_text())
     assert ev["selection_corpus"] == [str(HELDOUT_PATH)] and ev["held_out"] and ev["prompts_in_both"] == 0

@@ -57,13 +57,13 @@ def held_lock(directory):
 
 
 # --- 2.9: the flags and the output location before the first stage ------------------------------------------------
-@pytest.mark.slow
+# (the driver run in this process, as run_pipeline.sh runs it: conftest.run_python; the tests of one driver per
+# directory below run the script itself)
 @pytest.mark.parametrize("flags,words", [
     (["--weights", "bogus"], "--weights"), (["--methods", "bogus"], "--methods"),
     (["--thresholds", "2"], "--thresholds"), (["--ratios", "0"], "--ratios")])
 def test_a_bad_sweep_flag_is_one_line_before_any_stage(tmp_path, flags, words):
-    r = subprocess.run([PIPELINE, *flags, "--device", "cpu", M, CSV, str(tmp_path / "run")], capture_output=True,
-                       text=True, env=ENV)
+    r = run_python([PIPELINE, *flags, "--device", "cpu", M, CSV, str(tmp_path / "run")], env=ENV)
     assert words in one_error_line(r) and "==" not in r.stdout
     assert not (tmp_path / "run").exists()  # no stage ran, nothing was created
 
@@ -95,20 +95,17 @@ def test_every_flag_and_combination_is_checked(tmp_path, capsys, monkeypatch, fl
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("flags,words", [
     (["--device", "bogus"], "--device"), (["--methods", "influence", "--direct_edges", "0"], "--direct_edges 1")])
 def test_the_driver_checks_before_any_stage(tmp_path, flags, words):
-    r = subprocess.run([PIPELINE, *flags, M, CSV, str(tmp_path / "run")], capture_output=True, text=True, env=ENV)
+    r = run_python([PIPELINE, *flags, M, CSV, str(tmp_path / "run")], env=ENV)
     assert words in one_error_line(r) and "==" not in r.stdout
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
 def test_an_output_directory_that_is_a_file_is_refused_before_any_stage(tmp_path):
     (tmp_path / "run").write_text("a file")
-    r = subprocess.run([PIPELINE, "--device", "cpu", M, CSV, str(tmp_path / "run" / "x")], capture_output=True,
-                       text=True, env=ENV)
+    r = run_python([PIPELINE, "--device", "cpu", M, CSV, str(tmp_path / "run" / "x")], env=ENV)
     assert "is not a directory" in one_error_line(r) and "==" not in r.stdout
     assert (tmp_path / "run").read_text() == "a file"
 
@@ -150,8 +147,7 @@ def test_a_second_driver_is_refused_before_it_changes_anything(tmp_path):
                 break
         assert lines[-1:] == ["READY\n"], (lines, a.stderr.read() if a.poll() is not None else "")
         before = directory_digest(data)
-        b = subprocess.run([PIPELINE, "--ks", "5", "--device", "cpu", M, CSV, str(data)], capture_output=True,
-                           text=True, env=ENV)
+        b = run_python([PIPELINE, "--ks", "5", "--device", "cpu", M, CSV, str(data)], env=ENV)  # B in this process
         err = one_error_line(b)
         assert f"another run is writing into {data}" in err and "==" not in b.stdout
         assert directory_digest(data) == before  # B changed nothing: every file's sha256, every entry
@@ -161,15 +157,13 @@ def test_a_second_driver_is_refused_before_it_changes_anything(tmp_path):
     assert a.returncode != 0  # the stand-in stage a failed: A stopped there
 
 
-@pytest.mark.slow
 def test_a_driver_is_refused_while_a_stage_of_another_run_writes(tmp_path):
     """The issue's case: run A in stage e (its lock_directory), run B started on the same directory."""
     data = tmp_path / "run"
     earlier_run(data)
     before = directory_digest(data)
     with held_lock(data):
-        b = subprocess.run([PIPELINE, "--ks", "5", "--device", "cpu", M, CSV, str(data)], capture_output=True,
-                           text=True, env=ENV)
+        b = run_python([PIPELINE, "--ks", "5", "--device", "cpu", M, CSV, str(data)], env=ENV)  # B in this process
         assert "another run is writing into" in one_error_line(b) and "==" not in b.stdout
     assert directory_digest(data) == before
 
@@ -262,7 +256,6 @@ OUTPUTS = (f"{M}_graph_meta.json", layout.CORPUS.format(m=M), f"{layout.RESULTS_
            f"{layout.CARDS_DIR}/{layout.CARDS_HTML}")  # what the stand-in stages do not write (nor modules/ and d's)
 
 
-@pytest.mark.slow
 def test_a_symlinked_text_that_changes_reruns_the_stages_that_read_it(tmp_path):
     """A directory of links, as the Hugging Face cache keeps its files (a single linked file: the digest's test
     below)."""
@@ -281,9 +274,9 @@ def test_a_symlinked_text_that_changes_reruns_the_stages_that_read_it(tmp_path):
     data = tmp_path / "run"
 
     def pipeline():
-        r = subprocess.run([PIPELINE, "--text", str(text), "--eval_text", str(eval_text), "--ratios", "0.01",
-                            "--effects", "0", "--direct_edges", "0", "--methods", "degree", "--modules_top", "0", M,
-                            CSV, str(data)], capture_output=True, text=True, env=dict(ENV, PYTHON=str(fake)))
+        r = run_python([PIPELINE, "--text", str(text), "--eval_text", str(eval_text), "--ratios", "0.01",
+                        "--effects", "0", "--direct_edges", "0", "--methods", "degree", "--modules_top", "0", M,
+                        CSV, str(data)], env=dict(ENV, PYTHON=str(fake)))
         assert r.returncode == 0, r.stderr[-3000:]
         for name in OUTPUTS:
             (data / name).parent.mkdir(parents=True, exist_ok=True)
@@ -540,9 +533,9 @@ def test_the_sweep_writes_the_subsets_of_one_process_per_method_byte_for_byte(tm
                                 "--k", "3", "6", "--method", method, "--weight", weight, "--seed", "1337",
                                 "--output_dir", str(tmp_path / "reference"), "--skip_existing"], env=ENV)
                 assert r.returncode == 0, r.stderr
-    r = subprocess.run([BATCH, "--thresholds", "0.3 0.5", "--ks", "3 6", "--methods",
-                        "degree pagerank random activation_count", "--weights", "count jaccard", graph,
-                        str(tmp_path / "sweep")], capture_output=True, text=True, env=ENV)
+    r = run_python([BATCH, "--thresholds", "0.3 0.5", "--ks", "3 6", "--methods",
+                    "degree pagerank random activation_count", "--weights", "count jaccard", graph,
+                    str(tmp_path / "sweep")], env=ENV)
     assert r.returncode == 0, r.stderr
     written = files(tmp_path / "sweep")
     subsets = [name for name in written if "/" not in name]
@@ -550,8 +543,8 @@ def test_the_sweep_writes_the_subsets_of_one_process_per_method_byte_for_byte(tm
     summary = r.stdout[r.stdout.index("summary"):]
     assert summary.count(" written ") == len(subsets) // 2  # each subset listed once
     # a method that fails (no measured effects) is one line, the others written; exit status 1
-    r = subprocess.run([BATCH, "--thresholds", "0.5", "--ks", "3", "--methods", "degree ablation", graph,
-                        str(tmp_path / "failing")], capture_output=True, text=True, env=ENV)
+    r = run_python([BATCH, "--thresholds", "0.5", "--ks", "3", "--methods", "degree ablation", graph,
+                    str(tmp_path / "failing")], env=ENV)
     assert r.returncode == 1 and r.stderr == "error: 1 of 2 subsets failed\n", r.stderr
     assert "[ablation count t=-] error: " in r.stdout and "toy_degree_t0.5_k3.npy written" in r.stdout
 

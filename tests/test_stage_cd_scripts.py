@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,11 +25,9 @@ ENV = {**os.environ, "PYTHON": PY, "MPLBACKEND": "Agg"}
 
 
 def attempt(*args):
-    """A stage script's run (in this process: conftest.run_python; the shell script as a subprocess), whatever its
+    """A stage script's run, or the batch script's command (in this process: conftest.run_python), whatever its
     exit status."""
-    if args[0] == BATCH:
-        return subprocess.run(list(args), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
-    return run_python([PY, *args], env=ENV, cwd=ROOT)
+    return run_python([*([] if args[0] == BATCH else [PY]), *args], env=ENV, cwd=ROOT)
 
 
 def run(*args):
