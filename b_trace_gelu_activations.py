@@ -13,8 +13,9 @@ graph as a self-contained page to explore with no network, {m}_trace_graph.html,
 how faithful it is to the real model).
 
     python b_trace_gelu_activations.py --model_type gpt2 --input_text "The quick brown fox" --output_dir activations
-    python b_trace_gelu_activations.py --input_text "To be, or not to be" --graph \
-        --dataset_path parcellation_datasets/test_1_tinybard --modules parcellation_datasets/test_1_tinybard/modules/tinybard_modules_count.csv
+    python b_trace_gelu_activations.py --model_type tinybard --input_text "To be, or not to be" --graph \\
+        --dataset_path parcellation_datasets/test_1_tinybard \\
+        --modules parcellation_datasets/test_1_tinybard/modules/tinybard_modules_count.csv
 """
 
 import pickle
@@ -26,11 +27,13 @@ from gelutrace import PipelineError
 from gelutrace.circuit.graph import TraceSettings
 from gelutrace.cli import add_model_args, parser, run_main
 from gelutrace.files.atomic import atomic_open, check_output_dir, lock_directory
-from gelutrace.files.layout import TRACE_ACTIVE, TRACE_PLOT, TRACE_VECTOR, path
+from gelutrace.files.layout import TRACE_FILES, TRACE_SUMMARY_MANIFEST, path
 from gelutrace.files.plots import plot_trace
 from gelutrace.model.loading import load_model
 from gelutrace.record.prompts import trace
 from gelutrace.report import tracegraph
+
+GRAPH_FLAGS = ("max_nodes", "node_threshold", "edge_threshold", "graph_batch_size", "faithfulness_nodes")
 
 
 def main(argv=None):
@@ -67,6 +70,8 @@ def main(argv=None):
     check_output_dir(args.output_dir, "--output_dir")
     if not args.graph and any(getattr(args, f) is not None for f in ("dataset_path", "modules")):
         raise PipelineError("--dataset_path and --modules label and group the graph: give --graph")
+    if not args.graph and (given := [f"--{f}" for f in GRAPH_FLAGS if getattr(args, f) != ap.get_default(f)]):
+        raise PipelineError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} how the graph is made: give --graph")
     if not 0 <= args.node_threshold <= 1 or not 0 <= args.edge_threshold <= 1:
         raise PipelineError("--node_threshold and --edge_threshold must be in [0, 1]")
     for flag in ("max_nodes", "graph_batch_size"):
@@ -92,7 +97,10 @@ def main(argv=None):
     lock_directory(args.output_dir, "b_trace_gelu_activations.py")  # a second run into it is refused
     active, continuation, write = run(lm, args)
     if not args.graph:
-        write(args.output_dir)
+        if path(args.output_dir, TRACE_SUMMARY_MANIFEST, lm.name).exists():  # an earlier --graph run's files go
+            tracegraph.write_without_graph(args.output_dir, lm.name, write)
+        else:
+            write(args.output_dir)
     cfg = lm.model.config
     for layer, row in enumerate(active.reshape(cfg.n_layer, cfg.d_mlp)):
         print(f"layer {layer:2d}: {int(row.sum()):6d} / {cfg.d_mlp} active ({100 * row.mean():.1f}%)")
@@ -100,7 +108,7 @@ def main(argv=None):
     if args.graph:
         settings = TraceSettings(args.max_nodes, args.node_threshold, args.edge_threshold,
                                  batch_size=args.graph_batch_size)
-        extra = ([n.format(m=lm.name) for n in (TRACE_VECTOR, TRACE_ACTIVE, TRACE_PLOT)], write)
+        extra = ([n.format(m=lm.name) for n in TRACE_FILES], write)
         done = tracegraph.run(lm, request, settings, extra=extra)
         print("\n".join(tracegraph.outcome_lines(done)))
     print(f"written to {args.output_dir}")
@@ -120,7 +128,7 @@ def run(lm, args):
     continuation = lm.model.generate(torch.tensor([ids], device=lm.device), args.max_num_new_tokens)[0, len(ids):]
 
     def write(directory) -> list:
-        files = [path(directory, name, lm.name) for name in (TRACE_VECTOR, TRACE_ACTIVE, TRACE_PLOT)]
+        files = [path(directory, name, lm.name) for name in TRACE_FILES]
         with atomic_open(files[0], "wb") as f:
             pickle.dump(active, f)
         with atomic_open(files[1], "w") as f:

@@ -119,7 +119,9 @@ def main(argv=None):
             page = causalpage.write_causal_page(lm.model, lm.tokenizer, args.dataset_path, lm.name, args.causal_graph,
                                                 layout.path(out, layout.CAUSAL_PAGE, lm.name), args.batch_size,
                                                 bar.update)
-        print(f"causal graph of the top {args.causal_graph} neurons: {page}")
+        n = lm.model.config.n_layer * lm.model.config.d_mlp
+        shown = f"all {n:,}" if args.causal_graph >= n else f"the top {args.causal_graph:,}"
+        print(f"causal graph of {shown} neurons: {page}")
     if args.neuronpedia is not None:
         # under an flock on DIR, DIR/{id} checked again, staged beside it and renamed in
         folder = npx.write_export(args.neuronpedia, cards, lm.name, lm.model, Path(args.dataset_path).resolve().name,

@@ -291,6 +291,7 @@ def neuron_cards(lm: LoadedModel, dataset: Dataset, neuron_ids, k: int = 10) -> 
 
     _model("neuron_cards", lm)
     _dataset("neuron_cards", dataset)
+    cp.check_recorded_weights(DatasetDir(dataset.path, lm.name).corpus_record(), lm, dataset.path)
     n = lm.model.config.n_layer * lm.model.config.d_mlp
     ids = _neuron_ids(neuron_ids, n)
     if not len(ids) or not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:

@@ -37,6 +37,25 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+class _LocalFiles(http.server.SimpleHTTPRequestHandler):
+    """The folder's own files, to this machine's own pages: a request naming another host (a page of another site
+    whose name was made to point here) is refused, and so is a path that resolves outside the folder (through a
+    symbolic link) or into a hidden file or folder (locks, staging)."""
+
+    def send_head(self):
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost"):
+            self.send_error(403, "only requests to 127.0.0.1 or localhost are served")
+            return None
+        root = Path(self.directory).resolve()
+        target = Path(self.translate_path(self.path)).resolve()
+        inside = target == root or root in target.parents
+        if not inside or any(part.startswith(".") for part in target.relative_to(root).parts):
+            self.send_error(404, "not found")
+            return None
+        return super().send_head()
+
+
 def serve(argv) -> int:
     """`gelutrace serve DIR [--port N]`: DIR's files over HTTP on 127.0.0.1 alone, until interrupted."""
     ap = argparse.ArgumentParser(prog="gelutrace serve", description="Serve a folder (the viewer pages "
@@ -49,7 +68,7 @@ def serve(argv) -> int:
     if not directory.is_dir():
         print(f"error: {directory} is not a directory", file=sys.stderr)
         return 2
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler = functools.partial(_LocalFiles, directory=str(directory))
     try:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler)
     except (OSError, OverflowError) as e:

@@ -176,6 +176,7 @@ def test_wrappers_are_unwrapped(tokenizer, tmp_path):
     (lambda hf, tok: torch.nn.Linear(2, 2), "model object"),
     (lambda hf, tok: hf.transformer, "language-model head"),
     (lambda hf, tok: hf.transformer.h[0].register_forward_hook(lambda *a: None) and hf, "hooks attached"),
+    (lambda hf, tok: hf.resize_token_embeddings(8) and hf, "more than the 8 of.*not this model's tokenizer"),
 ])
 def test_what_cannot_be_analysed_is_one_error(what, match, tokenizer):
     with pytest.raises(PipelineError, match=match) as e:
@@ -282,6 +283,23 @@ def test_stage_e_refuses_a_dataset_of_other_weights_in_memory(tokenizer, tmp_pat
     assert "weights in memory" not in r.stderr
 
 
+def test_cards_and_traces_refuse_a_dataset_of_other_weights(tokenizer, tmp_path):
+    """A dataset recorded from weights in memory, read with other weights of the same name: the cards and a trace
+    labelled from it are refused, as stage e refuses it; with the same weights they go on."""
+    edited = gpt2()
+    with torch.no_grad():
+        edited.transformer.h[0].mlp.c_proj.weight[3, :] = 0
+    ds = gt.record_corpus(gt.load_model(edited, tokenizer=tokenizer, name="tiny"), TEXT, tmp_path / "ds",
+                          max_tokens=TOKENS)
+    other = gt.load_model(gpt2(), tokenizer=tokenizer, name="tiny")
+    for call in (lambda lm: gt.neuron_cards(lm, ds, [1]),
+                 lambda lm: gt.trace(lm, "To be", tmp_path / "trace", dataset=ds.path, max_nodes=20,
+                                     faithfulness_nodes=0)):
+        with pytest.raises(PipelineError, match="recorded from weights in memory"):
+            call(other)
+    assert len(gt.neuron_cards(gt.load_model(edited, tokenizer=tokenizer, name="tiny"), ds, [1]).cards) == 1
+
+
 def test_to_networkx_and_igraph_equal_the_graph_built_from_the_files(tmp_path):
     lm = gt.load_model("tinybard", "cpu")
     ds = gt.record_corpus(lm, TEXT, tmp_path / "ds", max_tokens=TOKENS, top_examples=0)
@@ -318,8 +336,8 @@ def test_to_networkx_and_igraph_equal_the_graph_built_from_the_files(tmp_path):
 def test_a_graph_too_large_is_refused_with_the_memory_it_needs(tmp_path):
     ds = gt.record_corpus(gt.load_model("tinybard", "cpu"), TEXT, tmp_path / "ds", max_tokens=200, top_examples=0)
     for export in (ds.graph().to_networkx, ds.graph().to_igraph):
-        with pytest.raises(PipelineError, match=r"needs about [\d.]+ GiB of RAM but 0.0 GiB is available; raise "
-                                                r"the threshold") as e:
+        with pytest.raises(PipelineError, match=r"needs about [\d.]+ (GiB|MiB) of RAM but 1,000 bytes is available; "
+                                                r"raise the threshold") as e:
             export(threshold=0.0, memory_limit=1000)
         assert "\n" not in str(e.value)
     with pytest.raises(PipelineError, match="threshold"):

@@ -102,10 +102,23 @@ def test_the_api_writes_the_scripts_graph(tmp_path, shipped):
     pages = [layout.path(tmp_path / d, layout.TRACE_PAGE, SHIPPED_NAME).read_bytes() for d in ("script", "api")]
     assert pages[0] == pages[1]  # the same page, written by the script and the API
     assert done.graph.n_kept == 300 and done.summary.faithfulness is None
+    # a trace without --graph into the script's folder: the graph, page and summary of the other prompt go
+    r = script("b_trace_gelu_activations.py", "--model_type", SHIPPED_NAME, "--device", "cpu", "--input_text",
+               "To be", "--output_dir", tmp_path / "script")
+    assert r.returncode == 0, r.stderr[-2000:]
+    left = sorted(p.name for p in (tmp_path / "script").iterdir() if not p.name.startswith("."))
+    names = [n.format(m=SHIPPED_NAME) for n in (*layout.TRACE_FILES, layout.TRACE_SUMMARY_MANIFEST)]
+    assert left == sorted(names)
+    manifest = json.loads(layout.path(tmp_path / "script", layout.TRACE_SUMMARY_MANIFEST, SHIPPED_NAME).read_text())
+    assert manifest["state"] == "complete" and sorted(manifest["files"]) == sorted(names[:3])
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((tmp_path / "script" / name).read_bytes()).hexdigest() == entry["sha256"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset_path", "x"], "give --graph"),
+    (["--max_nodes", "20"], "--max_nodes sets how the graph is made: give --graph"),
+    (["--faithfulness_nodes", "0", "--edge_threshold", "0.5"], "--edge_threshold, --faithfulness_nodes set how"),
     (["--graph", "--node_threshold", "1.5"], "--node_threshold and --edge_threshold"),
     (["--graph", "--max_nodes", "0"], "--max_nodes must be at least 1"),
     (["--graph", "--modules", "missing.csv"], "missing.csv does not exist"),

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from html.parser import HTMLParser
 
@@ -302,17 +303,33 @@ def test_a_causal_graph_of_a_dataset_without_direct_edges_is_one_error_line(data
                "--neurons", "1,2", "--output", tmp_path / "out", "--causal_graph", "5")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "direct edges" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    # a dataset of another model: said so, not that it lacks direct edges
+    r = script("f_render_neuron_cards.py", "--dataset_path", dataset, "--model_type", "tinyllama-bard", "--device",
+               "cpu", "--neurons", "1,2", "--output", tmp_path / "out", "--causal_graph", "5")
+    assert r.returncode == 2 and f"not a dataset of model 'tinyllama-bard'; it holds files of model(s) {M}" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_gelutrace_serve_serves_a_folder_on_localhost(tmp_path):
-    (tmp_path / "page.html").write_text(viewer.page_html(synthetic_data()), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "gelutrace.commands", "serve", str(tmp_path), "--port", "0"],
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "page.html").write_text(viewer.page_html(synthetic_data()), encoding="utf-8")
+    (tmp_path / "secret.txt").write_text("not to be served")
+    (served / "outside").symlink_to(tmp_path / "secret.txt")
+    (served / ".lock").write_text("")
+    proc = subprocess.Popen([sys.executable, "-m", "gelutrace.commands", "serve", str(served), "--port", "0"],
                             cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
         with urllib.request.urlopen(url + "page.html", timeout=30) as r:
-            assert r.read() == (tmp_path / "page.html").read_bytes()
+            assert r.read() == (served / "page.html").read_bytes()
+        # nothing outside the folder through a link, no hidden file, no request naming another host
+        for path, headers, status in (("outside", {}, 404), (".lock", {}, 404),
+                                      ("page.html", {"Host": "evil.example"}, 403)):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(urllib.request.Request(url + path, headers=headers), timeout=30)
+            assert e.value.code == status, path
     finally:
         proc.terminate()
         proc.wait(timeout=30)

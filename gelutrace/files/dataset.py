@@ -87,11 +87,8 @@ class DatasetDir:
                                           "--ablation mean needs stage b's frequency file; rerun stage b or use "
                                           "--ablation zero")
 
-    def check(self, n_layer: int, d_mlp: int, site: dict | None = None):
-        """
-        The directory must describe this model: its {m} graph files, with its layer count and width, and (given
-        `site`) neurons recorded at the same site (metadata without a site predates other families: GPT-2).
-        """
+    def check_model(self):
+        """The directory holds files of this model (its graph metadata or attributes, which stage b writes)."""
         d, m = self.path, self.m
         if not d.is_dir():
             raise PipelineError(f"--dataset_path {d} is not a directory")
@@ -103,6 +100,15 @@ class DatasetDir:
             found = f"; it holds files of model(s) {', '.join(others)}" if others else ""
             raise PipelineError(f"{d} has neither {attr_p.name} nor {meta_p.name}: not a dataset of model {m!r}{found} "
                                 f"(stage b writes them)")
+
+    def check(self, n_layer: int, d_mlp: int, site: dict | None = None):
+        """
+        The directory must describe this model: its {m} graph files, with its layer count and width, and (given
+        `site`) neurons recorded at the same site (metadata without a site predates other families: GPT-2).
+        """
+        d, m = self.path, self.m
+        self.check_model()
+        meta_p, attr_p = self.file(layout.GRAPH_META), self.file(layout.ATTRIBUTES)
         want = f"n_layer={n_layer}, d_mlp={d_mlp}"
         if meta_p.is_file():
             meta = formats.read_graph_meta(d, m)

@@ -31,6 +31,7 @@ TOP_EXAMPLES = "{m}_neuron_top_examples.csv"  # each neuron's top-activating sam
 TRACE_VECTOR = "{m}_activations.pkl"
 TRACE_ACTIVE = "{m}_active_neurons.txt"
 TRACE_PLOT = "{m}_activations.png"
+TRACE_FILES = (TRACE_VECTOR, TRACE_ACTIVE, TRACE_PLOT)  # a trace's activation files, with or without its graph
 SUBSETS_DIR = "perturbation_subsets"
 RESULTS_DIR = "perturbation_results"
 # stage c: the compact co-activation graph store is a directory (see gelutrace.store)

@@ -65,9 +65,12 @@ def check_nx_fits(num_nodes: int, num_edges: int, limit_bytes: int | None, what:
     need = num_nodes * per_node + num_edges * per_edge
     have = available_memory() if limit_bytes is None else limit_bytes
     if need > have:
-        raise PipelineError(f"{what} of {num_nodes:,} nodes and {num_edges:,} edges needs about "
-                            f"{need / 2**30:.1f} GiB of RAM but {have / 2**30:.1f} GiB is available; "
-                            f"{alternative}")
+        raise PipelineError(f"{what} of {num_nodes:,} nodes and {num_edges:,} edges needs about {_size(need)} of RAM "
+                            f"but {_size(have)} is available; {alternative}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 # --- exact counting -------------------------------------------------------------------------------------

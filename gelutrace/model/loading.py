@@ -345,6 +345,9 @@ def load_object(obj, device: str = "auto", tokenizer=None, name: str | None = No
                                 f"give it, load_model(model, tokenizer=...)") from None
     if not callable(getattr(tokenizer, "decode", None)):
         raise PipelineError(f"load_model needs tokenizer as a transformers tokenizer, got {type(tokenizer).__name__}")
+    if len(tokenizer) > model.config.vocab_size:
+        raise PipelineError(f"the tokenizer has {len(tokenizer):,} tokens, more than the {model.config.vocab_size:,} "
+                            f"of {what}'s vocabulary: it is not this model's tokenizer")
     return LoadedModel(model, tokenizer, m, None, dev, sites.site_info(arch))
 
 

@@ -19,6 +19,7 @@ import torch
 from gelutrace import PipelineError
 from gelutrace.circuit.prune import ranked_shares
 from gelutrace.files import layout
+from gelutrace.files.dataset import DatasetDir
 from gelutrace.graph import store as gs
 from gelutrace.graph.causal import CausalEdges
 from gelutrace.report import cards as cd
@@ -29,7 +30,8 @@ CAUSAL_LINKS_PER_NODE = 4
 
 def causal_source(data, m: str) -> Path:
     """Where the dataset's direct edges are: stage b's {m}_direct_edges.npz (prompt mode), else the graph store's
-    (stage c; corpus mode); an error where it has none."""
+    (stage c; corpus mode); an error where it has none, or where the directory is not a dataset of the model."""
+    DatasetDir(data, m).check_model()
     npz = layout.path(data, layout.DIRECT_EDGES, m)
     if npz.is_file():
         return npz

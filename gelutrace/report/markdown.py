@@ -39,7 +39,11 @@ def token_cell(s: str) -> str:
     return "␣" * lead + core + "␣" * trail
 
 
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def visible(s: str, newline: str = "⏎") -> str:
-    """Token text with its newlines shown as `newline` and other control or line-separator characters escaped."""
+    """Token text with its newlines shown as `newline` and other control, line-separator and bidirectional-override
+    characters escaped (an override would reverse the text shown after it)."""
     return "".join(newline if c == "\n" else f"\\x{ord(c):02x}" if unicodedata.category(c) in ("Cc", "Zl", "Zp")
-                   else c for c in s)
+                   else f"\\u{ord(c):04x}" if c in BIDI_CONTROLS else c for c in s)

@@ -19,9 +19,10 @@ from gelutrace.circuit.graph import NeuronGraph, TraceSettings
 from gelutrace.circuit.prune import GraphScores, Pruned, graph_scores, prune
 from gelutrace.files import atomic, layout
 from gelutrace.files.dataset import DatasetDir
+from gelutrace.record.corpus import check_recorded_weights
 from gelutrace.report import supernodes as sn
 from gelutrace.report import tracelabels, viewer
-from gelutrace.report.tracesummary import TraceSummary, write_trace_summary
+from gelutrace.report.tracesummary import TraceSummary, write_trace_files, write_trace_summary
 from gelutrace.selection import communities
 
 
@@ -60,7 +61,9 @@ def check_inputs(lm, request: TraceRequest):
     n_neurons = cfg.n_layer * cfg.d_mlp
     atomic.check_output_dir(r.output_dir, "--output_dir")
     if r.dataset_path is not None:
-        DatasetDir(r.dataset_path, lm.name).check(cfg.n_layer, cfg.d_mlp, lm.site)
+        ds = DatasetDir(r.dataset_path, lm.name)
+        ds.check(cfg.n_layer, cfg.d_mlp, lm.site)
+        check_recorded_weights(ds.corpus_record(), lm, r.dataset_path)
     if r.modules is None:
         return None
     module_file = communities.read_modules(r.modules, n_neurons)
@@ -68,6 +71,13 @@ def check_inputs(lm, request: TraceRequest):
         raise PipelineError(f"{r.modules} is a modules table of a model with {module_file.d_mlp} neurons per layer; "
                             f"{lm.name} has {cfg.d_mlp}: give one of {lm.name}'s")
     return module_file
+
+
+def write_without_graph(directory, m: str, write) -> list[Path]:
+    """A trace's activation files without its graph (write(directory) -> paths), swapped in as the trace's output
+    set, so that an earlier graph run's graph, page and summary in `directory`, of another prompt, are removed with
+    the files they were written beside."""
+    return write_trace_files(directory, m, ([n.format(m=m) for n in layout.TRACE_FILES], write))
 
 
 def run(lm, request: TraceRequest, settings: TraceSettings = TraceSettings(), progress: bool = True,

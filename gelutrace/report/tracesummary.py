@@ -169,3 +169,16 @@ def write_trace_summary(directory, m: str, s: TraceSummary, tokenizer, top: int 
             written += [Path(f) for f in write_extra(out.dir)]
         out.vouch(written)
     return [directory / p.name for p in written]
+
+
+def write_trace_files(directory, m: str, extra) -> list[Path]:
+    """Only the caller's files (extra: (names, write(directory) -> paths)) as the trace's output set: the summary,
+    graph and page of an earlier run in `directory` are removed as they are swapped in."""
+    directory = Path(directory)
+    names, write = extra
+    owned = [f.format(m=m) for f in (*layout.TRACE_SUMMARY_SET, layout.TRACE_GRAPH, layout.TRACE_PAGE)] + list(names)
+    with atomic.OutputSet(directory, layout.path(directory, layout.TRACE_SUMMARY_MANIFEST, m), owned,
+                          "the trace") as out:
+        written = [Path(f) for f in write(out.dir)]
+        out.vouch(written)
+    return [directory / p.name for p in written]

@@ -194,7 +194,7 @@ def trace_data(doc: dict, graph: NeuronGraph, pruned: Pruned, cards: NeuronCards
     at = {node_id: k for k, node_id in enumerate(ids)}
     prompt = doc["metadata"]["prompt"]
     return {
-        "kind": "trace", "title": f"Neuron graph of {graph.model_name}", "subtitle": f"Prompt: {prompt}",
+        "kind": "trace", "title": f"Neuron graph of {graph.model_name}", "subtitle": f"Prompt: {markdown.visible(prompt)}",
         "hint": HINT, "columns": [markdown.visible(t) for t in tokens],
         "rows": ["embeddings", *(f"layer {i}" for i in range(n_layers)), "logits"],
         "thresholds": {"node": t_node, "edge": t_edge},
