@@ -6,6 +6,7 @@ independent reference format), and the shipped model when it exists.
 import contextlib
 import importlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -44,17 +45,23 @@ TOKENIZER_TEXT = (
 
 # `make test` hands each worker one file at a time (--dist loadfile, --no-loadscope-reorder), in collection order:
 # the longest files first keep both workers busy to the end. A file's length is what its tests took in the last run
-# that ran them (pytest's cache, DURATIONS); before any run, the files with slow tests go first, those with the
-# most of them first.
+# that ran them (pytest's cache, DURATIONS); in a checkout that has run none (a fresh clone, CI), what they took when
+# FILE_SECONDS was written (its per-file seconds, measured with `make test`); then the files with slow tests first.
 DURATIONS = "gelutrace/durations"
+FILE_SECONDS = Path(__file__).resolve().parent / "data" / "test_file_seconds.json"
 
 
 def pytest_collection_modifyitems(config, items):
     cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
     seconds = cache.get(DURATIONS, {}) if cache is not None else {}
+    measured = {}
+    for item in items:
+        if item.nodeid in seconds:
+            measured[item.path] = measured.get(item.path, 0.0) + seconds[item.nodeid]
+    recorded = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.is_file() else {}
     per_file, slow = {}, {}
     for item in items:
-        per_file[item.path] = per_file.get(item.path, 0.0) + seconds.get(item.nodeid, 0.0)
+        per_file.setdefault(item.path, measured.get(item.path, recorded.get(item.path.name, 0.0)))
         slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
     items.sort(key=lambda item: (-per_file[item.path], -slow[item.path]))  # stable: a file's tests keep their order
 
