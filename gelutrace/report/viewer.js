@@ -279,6 +279,9 @@
 
   showCard(-1);
   draw();
+  // the layers' names stay at the left edge of what is in view, however far the view is scrolled
+  const rowLabels = axis.selectAll("text.row-label");
+  view.on("scroll", () => rowLabels.attr("x", view.node().scrollLeft + margin.left - 8));
   if (data.kind === "trace") view.node().scrollLeft = width;  // the last position, which predicts, in view
   document.body.dataset.ready = "1";
 })();

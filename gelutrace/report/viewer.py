@@ -56,6 +56,7 @@ header h1 { font-size: 1.2em; margin: 0.2em 0; }
 #side { width: 26em; border-left: 1px solid #ddd; padding: 0.5em 1em; overflow: auto; font-size: 0.9em; }
 .control { margin: 0.3em 0; } .control input { width: 12em; vertical-align: middle; }
 .column-label, .row-label { font-size: 11px; fill: #444; white-space: pre; }
+.row-label { paint-order: stroke; stroke: #fff; stroke-width: 3px; }
 .row-line { stroke: #eee; }
 g.node { cursor: pointer; } g.node .shape { stroke: #555; stroke-width: 0.5; }
 g.node.pinned .shape { stroke: #000; stroke-width: 1.5; }
