@@ -134,11 +134,20 @@ def main(argv=None):
                     help="share of the evaluation prompts (seeded split, recorded in comparison.json) on which "
                          "each method's best variant is chosen; the verdict's figures come from the rest. Below "
                          f"{stats.MIN_SPLIT_PROMPTS} prompts there is no split (default: %(default)s)")
+    ap.add_argument("--control_share", type=float, default=0.5,
+                    help="with --eval_text: share of the test part's units (seeded, recorded in comparison.json) "
+                         "on which the random and effect-weighted controls are scored; a subset is judged against "
+                         "them on those same units, its effect and the comparisons between methods on the whole "
+                         "test part. 1: every test unit (twice the controls' cost at 0.5); below "
+                         f"{stats.MIN_CONTROL_UNITS} units the controls take the whole test part "
+                         "(default: %(default)s)")
     args = ap.parse_args(argv)
     check_sampling_args(args)
     check_at_least(args, 0, "random_controls", "module_controls", "mean_ablation_top")
     if not 0 < args.validation_share < 1:
         raise PipelineError(f"--validation_share must be in (0, 1), got {args.validation_share}")
+    if not 0 < args.control_share <= 1:
+        raise PipelineError(f"--control_share must be in (0, 1], got {args.control_share}")
     if args.input_csv is None and args.eval_csv is None:
         raise PipelineError("give --input_csv (the dataset's prompts), --eval_csv (prompts to measure on), or both")
     selection_prompts = formats.read_prompts(args.input_csv) if args.input_csv else None
@@ -149,7 +158,7 @@ def main(argv=None):
                             args.text_field)
     settings = pt.EvalSettings(args.temperature, args.top_k, args.seed, args.batch_size, args.random_controls,
                                args.ablation, args.validation_share, args.control_subsets, args.module_controls,
-                               args.mean_ablation_top, bool(args.own_continuation))
+                               args.mean_ablation_top, bool(args.own_continuation), args.control_share)
     done = pt.run(load_model(args.model_type, args.device), request, settings)
 
     summary = done.results.summary

@@ -218,7 +218,7 @@ class GPT(nn.Module):
         out = [idx]
         step_input = idx
         for step in range(max_new_tokens):
-            logits, _ = self(step_input, cache=cache, pad=pad)
+            logits, _ = self(step_input, cache=cache, pad=pad, logits_to_keep=1)
             next_id = self.pick(logits[:, -1, :].float(), temperature, top_k, generators)
             out.append(next_id)
             step_input = next_id

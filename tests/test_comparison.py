@@ -128,6 +128,44 @@ def test_split_is_seeded_disjoint_and_complete():
     assert not few.nested and few.validation.tolist() == few.test.tolist() == list(range(9))
 
 
+def test_control_part_is_a_seeded_share_of_the_test_part():
+    whole = stats.split_prompts(32, seed=5)
+    assert whole.control is None and whole.control_units.tolist() == whole.test.tolist()  # the default: all of it
+    s = stats.split_prompts(32, seed=5, control_share=0.5)
+    assert s.validation.tolist() == whole.validation.tolist() and s.test.tolist() == whole.test.tolist()
+    assert len(s.control) == 8 and set(s.control) <= set(s.test) and s.control.tolist() == sorted(s.control)
+    assert s.control.tolist() == stats.split_prompts(32, seed=5, control_share=0.5).control.tolist()
+    assert s.control.tolist() != stats.split_prompts(32, seed=6, control_share=0.5).control.tolist()
+    assert s.record(unit="windows")["control_windows"] == s.control.tolist()
+    # fewer than MIN_CONTROL_UNITS units in the share: the controls take the whole test part
+    small = stats.split_prompts(12, seed=5, control_share=0.5)
+    assert len(small.test) * 0.5 < stats.MIN_CONTROL_UNITS and small.control_units.tolist() == small.test.tolist()
+
+
+def test_subset_is_judged_against_its_controls_on_the_units_they_were_scored_on():
+    """Controls scored on part of the test units (zero tokens elsewhere): p and z compare the subset's mean over
+    those units with the controls' means there (numpy by hand), while its effect and CI stay on all test units."""
+    rng = np.random.default_rng(3)
+    n, n_ctl = 32, 30
+    split = stats.split_prompts(n, seed=2, control_share=0.5)
+    tokens = rng.integers(200, 260, n).astype(float)
+    sums = {"delta_nll": rng.normal(0.05, 0.02, n) * tokens, "kl": rng.normal(0.04, 0.01, n) * tokens,
+            "token_agreement": np.full(n, np.nan)}
+    on = np.isin(np.arange(n), split.control)
+    c_counts = np.where(on, tokens, 0.0)[None].repeat(n_ctl, 0)
+    c_sums = {m: np.where(on, rng.normal(0.045, 0.01, (n_ctl, n)) * tokens, 0.0) for m in stats.METRICS}
+    e = stats.Entry("s_k3", "influence", "", 3, np.arange(3), sums, tokens, c_sums, c_counts)
+    row = stats.comparison_table([e], split, seed=1).iloc[0]
+    part = split.control
+    value = sums["delta_nll"][part].sum() / tokens[part].sum()
+    controls = c_sums["delta_nll"][:, part].sum(1) / tokens[part].sum()
+    want = reference_null(value, controls)
+    for key in ("p_random", "z_random", "random_mean", "random_std", "random_n"):
+        assert row[f"delta_nll_{key}"] == pytest.approx(want[key], rel=1e-9), key
+    assert row["delta_nll"] == pytest.approx(sums["delta_nll"][split.test].sum() / tokens[split.test].sum())
+    assert value != pytest.approx(row["delta_nll"])  # the two unit sets do differ here
+
+
 # --- an additive world: a subset's effect on a prompt is the sum of its neurons' effects there, plus noise ---
 N_LAYER, D_MLP, N_PROMPTS = 4, 50, 40
 

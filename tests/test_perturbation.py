@@ -232,6 +232,23 @@ def test_summary_plot_draws_the_summary(greedy_run):
                                np.c_[s["kl_ci_low"], s["kl_ci_high"]], atol=1e-12)
 
 
+def test_summary_plot_of_many_subsets_runs_across_and_skips_metrics_not_measured(tmp_path):
+    """Beyond MANY_SUBSETS subsets a row per subset (bar widths = the values); a metric that is NaN throughout
+    (the own continuation, skipped with --own_continuation 0) gets no panel, the real text's come first."""
+    from gelutrace.files.plots import MANY_SUBSETS, plot_perturbation_summary
+
+    n = MANY_SUBSETS + 6
+    rng = np.random.default_rng(0)
+    s = pd.DataFrame({"subset": [f"s{i}.npy" for i in range(n)], "kl": np.nan, "delta_nll": np.nan,
+                      "text_delta_nll": rng.random(n), "text_kl": rng.random(n), "token_agreement": rng.random(n),
+                      "first_diff_position": rng.integers(0, 20, n).astype(float)})
+    fig = plot_perturbation_summary(s, tmp_path / "many.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 4 and titles[0].startswith("Δ NLL on the real text") and "KL(baseline" not in " ".join(titles)
+    np.testing.assert_allclose([b.get_width() for b in fig.axes[0].patches], s["text_delta_nll"])
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == s["subset"].tolist()
+
+
 def hf_condition_metrics(hf, tokenizer, ids, d):
     """Per prompt, by hand through transformers: (kl, delta_nll, token agreement, first difference) of zeroing
     `ids`, teacher-forced along the unablated greedy continuation, and free-running for the tokens."""

@@ -207,6 +207,30 @@ def test_a_group_scored_on_some_units_equals_transformers_there(shipped, shipped
     assert part.mean("delta_nll", tokens) == pytest.approx(dnll[[0, 2]].sum() / tokens[[0, 2]].sum(), rel=1e-4)
 
 
+def test_controls_are_scored_on_the_control_part_only(shipped):
+    """add_controls scores every control (random and effect-weighted) on the split's control part: per unit what
+    the same ablation measured on the whole text gives there, NaN on every other unit; the subsets stay on all."""
+    from gelutrace.evaluate import statistics as stats
+
+    text = rt.read_eval_text([str(HELDOUT_PATH)], shipped.tokenizer, 32, shipped.model.config.vocab_size, 1300)
+    sub = type("Sub", (), {"ids": np.array([5, 600, 1100]), "is_module": False})()
+    res = rt.measure_subsets(shipped.model, text, [sub], None, seed=3, validation_share=0.5, batch_size=16,
+                             control_share=0.5)
+    split = stats.split_prompts(text.n_units, 3, 0.5, 0.5)
+    assert text.n_units >= 30 and res.split.control.tolist() == split.control.tolist()
+    assert len(split.control) == round(len(split.test) / 2) and res.mains[0].scored.all()
+    controls, weighted = [np.array([7, 610, 1200]), np.array([9, 700, 1500])], [np.array([1, 2, 3])]
+    rt.add_controls(res, shipped.model, [controls], None, 16, weighted=[weighted])
+    _, whole = rt.evaluate(shipped.model, text, controls + weighted, None, batch_size=16)
+    on = np.isin(np.arange(text.n_units), split.control)
+    for got, ref in zip(res.controls[0] + res.weighted[0], whole):
+        assert got.scored.tolist() == on.tolist()
+        np.testing.assert_allclose(got.delta_nll[on], ref.delta_nll[on], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got.kl[on], ref.kl[on], rtol=1e-5, atol=1e-7)
+    e = rt.entry(res, 0, "s", "influence", "", {})
+    assert e.control_part(split.test).tolist() == split.control.tolist()
+
+
 def test_leak_check_refuses_the_selection_corpus(shipped, tmp_path):
     sel_file = tmp_path / "corpus.txt"
     sel_file.write_text("Friends, Romans, countrymen, lend me your ears.\n")

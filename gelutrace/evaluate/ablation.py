@@ -298,6 +298,7 @@ class EvalSettings:
     module_controls: int | None = None  # controls of each kind per module (None: random_controls)
     mean_ablation_top: int = 0  # each k's N best methods also measured under mean ablation (mean_check)
     own_continuation: bool = True  # the teacher-forced metrics along the baseline's continuations of the prompts
+    control_share: float = 0.5  # the share of the real text's test part the controls are scored on (stats.Split)
 
     @property
     def per_module(self) -> int:
@@ -455,15 +456,15 @@ def measure_text(model, text, subsets: list[Subset], mean_values, settings: Eval
     single = len({(len(sub.ids), stats.comparison_method(sub.info)) for sub in apart}) == len(apart)
     return realtext.measure_subsets(model, text, subsets, mean_values, s.seed, s.validation_share, s.batch_size,
                                     progress and (lambda n: progress("text", n)),
-                                    [test_only or (single and sub in apart) for sub in subsets], per_position)
+                                    [test_only or (single and sub in apart) for sub in subsets], per_position,
+                                    s.control_share)
 
 
 def measure_text_controls(res, model, subsets: list[Subset], mean_values, settings: EvalSettings, progress=None):
     """The subsets' random (and effect-weighted) controls on the same text, into `res` (measure_text's), on the
-    test part only: every figure they enter is measured there."""
+    split's control part (--control_share of the test part), where the subsets are judged against them."""
     realtext.add_controls(res, model, [sub.controls for sub in subsets], mean_values, settings.batch_size,
-                          progress and (lambda n: progress("text", n)), [sub.weighted for sub in subsets],
-                          [True] * len(subsets))
+                          progress and (lambda n: progress("text", n)), [sub.weighted for sub in subsets])
 
 
 def measure_subsets(model, tokenizer, prompts, prompt_ids, batches, subsets: list[Subset], mean_values,
@@ -597,7 +598,8 @@ def check_table(zero: list, mean: list, split: stats.Split, mean_split: stats.Sp
         if len(by_mean) > 1:
             row["mean_margin"], row["mean_margin_ci_low"], row["mean_margin_ci_high"] = stats.paired_difference(
                 weights, by_mean[0], by_mean[1], test)
-        null = stats.null_test(by_mean[0].mean("delta_nll", test), by_mean[0].control_means("delta_nll", test))
+        on = by_mean[0].control_part(test)
+        null = stats.null_test(by_mean[0].mean("delta_nll", on), by_mean[0].control_means("delta_nll", on))
         row["mean_first_p_random"] = null.get("p_random", np.nan)
         row["mean_first_random_n"] = len(by_mean[0].control_counts)
         rows.append(row)
@@ -647,7 +649,8 @@ def evaluation_record(selection_csv, selection_prompts, eval_csv, eval_prompts, 
             "eval_prompts": len(eval_prompts), "prompts_in_both": shared, "held_out": shared == 0,
             "ablation": settings.ablation, "seed": settings.seed, "temperature": settings.temperature,
             "top_k": settings.top_k, "random_controls": settings.random_controls,
-            "validation_share": settings.validation_share, "mean_ablation_top": settings.mean_ablation_top,
+            "validation_share": settings.validation_share, "control_share": settings.control_share,
+            "mean_ablation_top": settings.mean_ablation_top,
             "own_continuation": settings.own_continuation,
             "bootstrap_replicates": stats.N_BOOT,
             "confidence_level": stats.LEVEL}
@@ -831,12 +834,12 @@ def run(lm, request: Evaluation, settings: EvalSettings) -> Outcome:
     if not s.own_continuation and text is None:
         raise PipelineError("--own_continuation 0 leaves the prompts without a metric: give --eval_text")
     text_total = 0
-    if text is not None:  # a method subset's controls and the mean check score the test part only
-        test = stats.split_prompts(text.n_units, s.seed, s.validation_share).test
-        test_scored = int(np.isin(text.unit, test).sum())
-        module_controls = s.per_module * len(modules) * (2 if weights is not None else 1)
-        text_total = (text.scored * (len(ablated) + module_controls)
-                      + test_scored * (conditions - len(ablated) - module_controls + checked))
+    if text is not None:  # every control on the control part; the mean check's subsets on the test part
+        split = stats.split_prompts(text.n_units, s.seed, s.validation_share, s.control_share)
+        test_scored, control_scored = (int(np.isin(text.unit, part).sum()) for part in (split.test, split.control_units))
+        n_check = s.mean_ablation_top * n_k if s.mean_ablation_top else 0  # at most
+        text_total = (text.scored * len(ablated) + control_scored * (conditions - len(ablated) + checked - n_check)
+                      + test_scored * n_check)
     with tqdm(total=tokens, unit="tok", desc=f"generating ({'greedy' if greedy else 'sampling'})") as gen_bar, \
             tqdm(total=len(chunks) * conditions, unit="ablation", desc="teacher-forced metrics",
                  disable=not s.own_continuation) as metric_bar, \

@@ -607,11 +607,13 @@ class TextResults:
 
 
 def measure_subsets(model, text: EvalText, subsets, mean_values, seed: int, validation_share: float, batch_size: int,
-                    progress=None, test_only: list[bool] | None = None, per_position: bool = False) -> TextResults:
+                    progress=None, test_only: list[bool] | None = None, per_position: bool = False,
+                    control_share: float = 1.0) -> TextResults:
     """Every subset on the evaluation text, a module's also by next token (controls come later: add_controls);
-    subset i with test_only[i] on the test part of the units only; with per_position also token by token."""
+    subset i with test_only[i] on the test part of the units only; with per_position also token by token. The
+    split's control part is `control_share` of the test part (stats.split_prompts)."""
     modules = [i for i, s in enumerate(subsets) if s.is_module]
-    split = stats.split_prompts(text.n_units, seed, validation_share)
+    split = stats.split_prompts(text.n_units, seed, validation_share, control_share)
     test_only = test_only or [False] * len(subsets)
     base, mains = evaluate(model, text, [s.ids for s in subsets], mean_values, batch_size, progress, modules,
                            [split.test if t else None for t in test_only], per_position)
@@ -620,16 +622,16 @@ def measure_subsets(model, text: EvalText, subsets, mean_values, seed: int, vali
 
 
 def add_controls(res: TextResults, model, controls: list[list[np.ndarray]], mean_values, batch_size: int,
-                 progress=None, weighted: list[list[np.ndarray]] | None = None, test_only: list[bool] | None = None):
+                 progress=None, weighted: list[list[np.ndarray]] | None = None):
     """Each subset's random controls (id arrays, per subset), and its effect-weighted ones, on the evaluation
-    text; a subset's with test_only[i] on the test part of the units only (where the verdict compares)."""
+    text's control part (the test part, or the share of it the split gives the controls): a subset is judged
+    against them there."""
     weighted = weighted or [[] for _ in controls]
-    test_only = test_only or [False] * len(controls)
-    flat = [(c, t) for cs, t in zip(controls + weighted, test_only + test_only) for c in cs]
+    flat = [c for cs in controls + weighted for c in cs]
     if not flat:
         return
-    _, measured = evaluate(model, res.text, [c for c, _ in flat], mean_values, batch_size, progress,
-                           units=[res.split.test if t else None for _, t in flat])
+    _, measured = evaluate(model, res.text, flat, mean_values, batch_size, progress,
+                           units=[res.split.control_units] * len(flat))
     it = iter(measured)
     res.controls = [[next(it) for _ in cs] for cs in controls]
     res.weighted = [[next(it) for _ in cs] for cs in weighted]
@@ -639,10 +641,12 @@ def entry(res: TextResults, i: int, stem: str, method: str, variant: str, info: 
     """Subset i as the method comparison sees it, its units standing for prompts."""
     main, ctl, tokens = res.mains[i], res.controls[i], res.baseline.tokens
     sums = {"delta_nll": main.delta_nll, "kl": main.kl, "token_agreement": np.full(len(tokens), np.nan)}
-    control_sums = {name: np.array([getattr(c, name) for c in ctl]).reshape(len(ctl), len(tokens))
+    # a control's units it was not scored on: no tokens and no sum there (stats.Entry.control_part)
+    scored = np.array([c.scored for c in ctl], bool).reshape(len(ctl), len(tokens))
+    control_sums = {name: np.nan_to_num(np.array([getattr(c, name) for c in ctl]).reshape(len(ctl), len(tokens)))
                     for name in stats.METRICS}
     return stats.Entry(stem, method, variant, len(main.ids), main.ids, sums, tokens, control_sums,
-                     np.tile(tokens, (len(ctl), 1)), info)
+                       np.where(scored, tokens, 0), info)
 
 
 SUMMARY_METRICS = ("delta_nll", "kl")

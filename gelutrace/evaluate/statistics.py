@@ -14,6 +14,10 @@ Honest statistics for stage e, and the method comparison that the report leads w
 - Nested selection: the evaluation prompts are split, seeded, into a validation part, where each method's best
   variant (e.g. a graph method's threshold) is chosen, and a test part, where every figure of the verdict is
   measured. Below MIN_SPLIT_PROMPTS prompts there is no split and the verdict says it is biased.
+- The control part: the random (and effect-weighted) controls may be scored on a seeded share of the test part
+  only (stage e's --control_share); a subset is then judged against them on those same units, where the empirical
+  p-value keeps its meaning (the subset and its controls exchangeable under the null), while its effect and every
+  comparison between methods stay on the whole test part.
 - A variant with more than half of its picks at score 0 (filled by the tie-break, not chosen by its score)
   cannot be a method's best variant.
 """
@@ -32,6 +36,7 @@ LEVEL = 0.95
 ALPHA = 0.05  # the verdict's significance level against random controls
 MIN_CONTROLS = 20  # fewer controls: p-values too coarse for any claim against random
 MIN_SPLIT_PROMPTS = 10  # fewer evaluation prompts: no validation/test split
+MIN_CONTROL_UNITS = 4  # a control part smaller than this: the controls are scored on the whole test part
 GRAPH_METHODS = ("degree", "weighted_degree", "pagerank")  # the thresholded graph's (selection.GRAPH_METHODS)
 CAUSAL_WEIGHTS = ("direct", "direct_abs")  # a graph method on one of these is a method of its own here
 # what a graph method must beat to earn its graph: no graph, each a neuron's own figure
@@ -156,25 +161,39 @@ class Split:
     nested: bool  # False: too few prompts, both parts are every prompt
     seed: int
     share: float
+    control: np.ndarray = None  # the units of the test part the controls are scored on (None: all of it)
+    control_share: float = 1.0
+
+    @property
+    def control_units(self) -> np.ndarray:
+        return self.test if self.control is None else self.control
 
     def record(self, prompts=None, unit: str = "prompts") -> dict:
         """The split, its parts named after the unit split (prompts, or the real text's documents or windows)."""
         rec = {"nested": self.nested, "seed": self.seed, "validation_share": self.share, "units": unit,
-               f"validation_{unit}": self.validation.tolist(), f"test_{unit}": self.test.tolist()}
+               f"validation_{unit}": self.validation.tolist(), f"test_{unit}": self.test.tolist(),
+               "control_share": self.control_share, f"control_{unit}": self.control_units.tolist()}
         if prompts is not None:
             rec["test_prompt_texts"] = [prompts[i].text for i in self.test]
         return rec
 
 
-def split_prompts(n_prompts: int, seed: int, share: float = 0.5) -> Split:
+def split_prompts(n_prompts: int, seed: int, share: float = 0.5, control_share: float = 1.0) -> Split:
     """A seeded split of prompt indices, validation share `share`, each part sorted; no split below
-    MIN_SPLIT_PROMPTS prompts."""
+    MIN_SPLIT_PROMPTS prompts. The controls' part: a seeded `control_share` of the test part (all of it at 1, or
+    where that share would be fewer than MIN_CONTROL_UNITS units)."""
     every = np.arange(n_prompts)
     if n_prompts < MIN_SPLIT_PROMPTS:
-        return Split(every, every, False, seed, share)
-    perm = np.random.default_rng(np.random.SeedSequence([seed, 0x5917])).permutation(n_prompts)
-    n_val = min(max(1, int(round(share * n_prompts))), n_prompts - 1)
-    return Split(np.sort(perm[:n_val]), np.sort(perm[n_val:]), True, seed, share)
+        split = Split(every, every, False, seed, share)
+    else:
+        perm = np.random.default_rng(np.random.SeedSequence([seed, 0x5917])).permutation(n_prompts)
+        n_val = min(max(1, int(round(share * n_prompts))), n_prompts - 1)
+        split = Split(np.sort(perm[:n_val]), np.sort(perm[n_val:]), True, seed, share)
+    n_control = int(round(control_share * len(split.test)))
+    if control_share < 1 and n_control >= MIN_CONTROL_UNITS:
+        pick = np.random.default_rng(np.random.SeedSequence([seed, 0xC0])).permutation(len(split.test))[:n_control]
+        split.control, split.control_share = np.sort(split.test[pick]), control_share
+    return split
 
 
 # --- the comparison ---------------------------------------------------------------------------------------
@@ -208,6 +227,12 @@ class Entry:
     def mean(self, metric: str, prompts: np.ndarray) -> float:
         den = self.counts[prompts].sum()
         return float(self.sums[metric][prompts].sum() / den) if den else np.nan
+
+    def control_part(self, prompts: np.ndarray) -> np.ndarray:
+        """The prompts (units) among `prompts` its controls were scored on; all of them without controls."""
+        if not len(self.control_counts):
+            return prompts
+        return prompts[self.control_counts[:, prompts].min(0) > 0]
 
     def control_means(self, metric: str, prompts: np.ndarray) -> np.ndarray:
         if metric not in self.control_sums or not len(self.control_counts):
@@ -253,7 +278,8 @@ def comparison_table(entries: list[Entry], split: Split, seed: int, level: float
             row[metric] = e.mean(metric, test)
             row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = bootstrap_ci(weights, e.sums[metric][test],
                                                                              e.counts[test], level)
-            null = null_test(row[metric], e.control_means(metric, test))
+            on = e.control_part(test)  # the subset against its controls on the units they were scored on
+            null = null_test(e.mean(metric, on), e.control_means(metric, on))
             row.update({f"{metric}_{name}": v for name, v in null.items()})
         row["token_agreement"] = e.mean("token_agreement", test)
         row["tied_picks"] = e.info.get("tied_picks")

@@ -12,6 +12,9 @@ from matplotlib.figure import Figure
 from gelutrace.files import atomic
 
 
+MANY_SUBSETS = 24  # more subsets than this in stage e's summary: a row per subset (plot_perturbation_summary)
+
+
 def _save(fig, target):
     """Write the figure; returns it, so that its artists can be checked."""
     with atomic.atomic_path(target) as tmp:
@@ -101,37 +104,57 @@ def plot_trace(active, target, title: str):
 def plot_perturbation_summary(summary: pd.DataFrame, target, title: str = "Effect of ablating each subset"):
     """
     Stage e: one panel per metric, a bar per subset (with its bootstrap CI where the summary has one) and
-    beside it (grey) the mean of its random controls with their 5-95 % range, when the summary has them.
+    beside it (grey) the mean of its random controls with their 5-95 % range, when the summary has them. Beyond
+    MANY_SUBSETS subsets the bars run across, a row per subset, so that every name stays legible.
     """
 
-    panels = [("kl", "KL(baseline || perturbed), nats/token"), ("delta_nll", "Δ NLL of baseline tokens, nats/token"),
+    panels = [("text_delta_nll", "Δ NLL on the real text, nats/token"), ("text_kl", "KL on the real text, nats/token"),
+              ("kl", "KL(baseline || perturbed), nats/token"), ("delta_nll", "Δ NLL of baseline tokens, nats/token"),
               ("token_agreement", "token agreement with baseline"),
               ("first_diff_position", "first differing position (tokens)")]
+    panels = [(col, label) for col, label in panels  # a metric the run did not measure (all NaN) gets no panel
+              if col in summary.columns and np.isfinite(summary[col].to_numpy(np.float64)).any()]
     x = np.arange(len(summary))
-    fig, axes = _subplots(2, 2, figsize=(max(8, 1.2 * len(summary) + 4), 7.5), squeeze=False)
+    across = len(summary) > MANY_SUBSETS
+    if across:
+        height = 0.2 * len(summary) + 2
+        fig, axes = _subplots(1, len(panels), figsize=(4.5 * len(panels), height), squeeze=False, sharey=True)
+    else:
+        height = 3.75 * ((len(panels) + 1) // 2)
+        fig, axes = _subplots((len(panels) + 1) // 2, 2, figsize=(max(8, 1.2 * len(summary) + 4), height),
+                              squeeze=False)
+        if len(panels) % 2:
+            axes.flat[-1].set_visible(False)
     for ax, (col, label) in zip(axes.flat, panels):
         controls = f"{col}_random_q05" in summary.columns
         width = 0.4 if controls else 0.7
+        bar = ax.barh if across else ax.bar
+        err = "xerr" if across else "yerr"
         yerr = None
         if f"{col}_ci_low" in summary.columns:
             y = summary[col].to_numpy(np.float64)
             yerr = np.clip(np.nan_to_num(np.vstack([y - summary[f"{col}_ci_low"], summary[f"{col}_ci_high"] - y])),
                            0, None)
-        ax.bar(x - (width / 2 if controls else 0), summary[col], width, yerr=yerr, capsize=3, color="tab:blue",
-               label="subset (95 % CI)" if yerr is not None else "subset")
+        bar(x - (width / 2 if controls else 0), summary[col], width, **{err: yerr}, capsize=3, color="tab:blue",
+            label="subset (95 % CI)" if yerr is not None else "subset")
         if controls:
             m = summary[f"{col}_random_mean"].to_numpy(np.float64)
-            err = np.clip(np.nan_to_num(np.vstack([m - summary[f"{col}_random_q05"], summary[f"{col}_random_q95"] - m])),
-                          0, None)
-            ax.bar(x + width / 2, m, width, yerr=err, color="tab:gray", capsize=3,
-                   label="random, same layers (mean, 5-95 %)")
+            spread = np.clip(np.nan_to_num(np.vstack([m - summary[f"{col}_random_q05"],
+                                                      summary[f"{col}_random_q95"] - m])), 0, None)
+            bar(x + width / 2, m, width, **{err: spread}, color="tab:gray", capsize=3,
+                label="random, same layers (mean, 5-95 %)")
         ax.set_title(label, fontsize=10)
-        ax.set_xticks(x)
-        ax.set_xticklabels(summary["subset"], rotation=30, ha="right", fontsize=8)
-    handles, labels = axes[0, 1].get_legend_handles_labels()
+        if across:
+            ax.set_yticks(x)
+            ax.set_yticklabels(summary["subset"], fontsize=7)
+            ax.set_ylim(len(summary) - 0.5, -0.5)  # the first subset on top
+        else:
+            ax.set_xticks(x)
+            ax.set_xticklabels(summary["subset"], rotation=30, ha="right", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))  # room for the title above the panels' own
     return _save(fig, target)
 
 

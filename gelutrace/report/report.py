@@ -205,6 +205,11 @@ def settings_sentence(ev: dict | None, record: dict | None) -> str:
               f"below {stats.ALPHA:g}; the family-wise p is Holm's adjustment of the empirical p-values across the "
               f"m comparisons with controls, at least m/(N + 1). The normal approximation (z's Gaussian tail) is "
               f"in the CSVs only, labelled as such.")
+        control = record.get(f"control_{units}")
+        if control is not None and record.get("nested") and len(control) < len(record[f"test_{units}"]):
+            s += (f" The controls are scored on {len(control)} of the test part's {len(record[f'test_{units}'])} "
+                  f"{units} (seeded, `--control_share {record.get('control_share'):g}`, for their cost), and p and "
+                  f"z compare the subset with them on those same {units}.")
     else:
         s += (f" **{n} random controls per subset: p-values are too coarse (at least {1 / (n + 1):.2g}), so no "
               f"claim against random neurons is made** (run with --random_controls {stats.MIN_CONTROLS} or more).")
