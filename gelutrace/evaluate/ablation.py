@@ -33,6 +33,7 @@ from gelutrace.evaluate.metrics import (
     agreement,
     compare_logprobs,
     continuation_logprobs,
+    generate_groups,
     generate_rows,
     metric_chunks,
     plan_rows,
@@ -43,7 +44,7 @@ from gelutrace.files.corpusfiles import DEFAULT_FIELD
 from gelutrace.files.dataset import DatasetDir
 from gelutrace.files.plots import plot_dose_response, plot_method_comparison, plot_perturbation_summary
 from gelutrace.model.generation import Batch, encode_prompts, plan_batches, repeat_rows
-from gelutrace.model.hooks import Ablation, RowAblation
+from gelutrace.model.hooks import RowAblation
 from gelutrace.record.corpus import check_recorded_weights
 from gelutrace.selection import stability
 
@@ -266,12 +267,16 @@ def measure(model, batches: list[Batch], rows: Rows, prompt_ids, conditions: lis
             progress("tokens", len(batch.row_prompt) * batch.new_tokens)
 
     base = generate_rows(model, batches, rows, prompt_ids, temperature, top_k, seed, None, tick)
+    ablating = [c for c in conditions if c.generate and len(c.ids)]
+    conts = generate_groups(model, batches, rows, prompt_ids, temperature, top_k, seed, [c.ids for c in ablating],
+                            mean_values, tick)
+    for c, cont in zip(ablating, conts):
+        c.conts = cont
     for c in conditions:
         if not c.generate:
             continue
-        abl = Ablation(model, c.ids, None if mean_values is None else mean_values[c.ids]) if len(c.ids) else None
-        c.conts = base if abl is None else generate_rows(model, batches, rows, prompt_ids, temperature, top_k,
-                                                         seed, abl, tick)
+        if not len(c.ids):
+            c.conts = base
         pairs = [agreement(b, p) if len(b) else (np.nan, np.nan) for b, p in zip(base, c.conts)]
         c.agree = np.array([a for a, _ in pairs], np.float64)
         c.first_diff = np.array([f for _, f in pairs], np.float64)

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from gelutrace.model.generation import Batch, generate_batch, left_pad
-from gelutrace.model.hooks import Ablation
+from gelutrace.model.hooks import Ablation, RowAblation
 
 LOGIT_BUDGET = 2 ** 26  # most logits (rows x positions x vocab) one teacher-forced pass holds at once
 
@@ -49,6 +49,42 @@ def generate_rows(model, batches: list[Batch], rows: Rows, prompt_ids, temperatu
         if on_batch is not None:
             on_batch(batch)
     return [outs[b][i, :n] for (b, i), n in zip(rows.where, rows.length)]
+
+
+GENERATION_GROUP = 16  # most ablations generated together, each in its own block of a batch's rows
+KV_BUDGET = 2 ** 26  # most key/value cache entries one grouped generation holds
+
+
+def generation_group(model, batch: Batch, prompt_ids) -> int:
+    """How many ablations generate_groups runs together on `batch`: within GENERATION_GROUP and KV_BUDGET."""
+    cfg = model.config
+    width = max(len(prompt_ids[p]) for p in batch.row_prompt) + batch.new_tokens
+    per_row = width * cfg.n_layer * 2 * cfg.n_embd
+    return max(1, min(GENERATION_GROUP, KV_BUDGET // max(1, per_row * len(batch.row_prompt))))
+
+
+def generate_groups(model, batches: list[Batch], rows: Rows, prompt_ids, temperature, top_k, seed,
+                    groups: list[np.ndarray], values: np.ndarray | None = None, on_batch=None) -> list[list[np.ndarray]]:
+    """
+    generate_rows under each ablation of `groups` (0, or `values` per neuron id), several at once: a batch's rows
+    repeated once per ablation, each block of rows ablating its own neurons (RowAblation). A row draws from its
+    own generator (greedy needs none), so its tokens are those of the ablation generated alone, float rounding
+    apart. on_batch(batch) is called once per ablation and batch. Returns each group's rows' continuations.
+    """
+    outs = [[] for _ in groups]
+    for batch in batches:
+        g = generation_group(model, batch, prompt_ids)
+        for lo in range(0, len(groups), g):
+            part = groups[lo:lo + g]
+            block = Batch(batch.prompts, batch.row_prompt * len(part), batch.row_repeat * len(part),
+                          batch.new_tokens)
+            with RowAblation(model, part, len(batch.row_prompt), values):
+                out = generate_batch(model, block, prompt_ids, temperature, top_k, seed)
+            for j, o in enumerate(out.reshape(len(part), len(batch.row_prompt), -1)):
+                outs[lo + j].append(o)
+                if on_batch is not None:
+                    on_batch(batch)
+    return [[o[b][i, :n] for (b, i), n in zip(rows.where, rows.length)] for o in outs]
 
 
 @torch.no_grad()
