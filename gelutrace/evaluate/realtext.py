@@ -243,11 +243,16 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
             h = body(inp)
         base_nll = torch.empty(tgt.shape, **f64)
         flat_h, flat_tgt = h.reshape(-1, h.size(-1)), tgt.reshape(-1)
+        if ablating:  # the base's logits and probabilities, kept for every chunk of ablations below
+            base_logits = torch.empty((len(flat_tgt), V), dtype=torch.float32, device=device)
+            base_p = torch.empty_like(base_logits)
         block = metrics.metric_block(device, 1, V)
         for a in range(0, len(flat_tgt), block):
             sl = slice(a, a + block)
-            logp = F.log_softmax(head(flat_h[sl]).float(), -1)
-            base_nll.view(-1)[sl] = -logp.gather(-1, flat_tgt[sl, None])[:, 0].double()
+            z = head(flat_h[sl]).float()
+            base_nll.view(-1)[sl] = -F.log_softmax(z, -1).gather(-1, flat_tgt[sl, None])[:, 0].double()
+            if ablating:
+                base_logits[sl], base_p[sl] = z, metrics.base_probabilities(z, z.dtype)
         ones = torch.ones_like(base_nll)
         _add(tokens, u, ones), _add(nll, u, base_nll)
         for b in (pb, tb):
@@ -266,11 +271,13 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
             if not todo or not len(rows):
                 continue
             on_pos = torch.nonzero(scored[rows].reshape(-1))[:, 0]  # the scored positions of those rows, flattened
+            L = tgt.size(1)
+            at_base = rows[on_pos // L] * L + on_pos % L  # the same positions in the whole batch's flattening
             idx = [a[rows].reshape(-1)[on_pos] for a in (u, pb, tb, t_id)]
-            inp_s, h_s = (a if len(rows) == len(w) else a[rows] for a in (inp, h))
-            h_s, tgt_s = h_s.reshape(-1, h.size(-1)), tgt[rows].reshape(-1)[on_pos]
+            inp_s = inp if len(rows) == len(w) else inp[rows]
+            tgt_s = tgt[rows].reshape(-1)[on_pos]
             # what body returns for a chunk's rows (its logits, or model.py's final norm output) within LOGIT_BUDGET
-            g = max(1, min(batch_size // len(rows), metrics.LOGIT_BUDGET // max(1, h_s.numel())))
+            g = max(1, min(batch_size // len(rows), metrics.LOGIT_BUDGET // max(1, len(rows) * L * h.size(-1))))
             by_layer = first.get if resume is not None else (lambda i: 0)  # a chunk's groups share it
             chunks = [part[s:s + g] for _, part in itertools.groupby(sorted(todo, key=by_layer), key=by_layer)
                       for part in [list(part)] for s in range(0, len(part), g)]
@@ -285,9 +292,8 @@ def evaluate(model, text: EvalText, groups: list[np.ndarray], mean_values: np.nd
                     h_g = h_g.view(len(chunk), -1, h.size(-1))
 
                 def logits(sl):  # the base's probabilities and the chunk's logit shifts at scored positions sl
-                    base = head(h_s[on_pos[sl]]).float()
-                    return (metrics.base_probabilities(base, base.dtype),
-                            head(h_g[:, on_pos[sl]]).float().sub_(base))
+                    at = at_base[sl]
+                    return base_p[at], head(h_g[:, on_pos[sl]]).float().sub_(base_logits[at])
 
                 kl, dnll = metrics.blocked_shift_metrics(len(on_pos), logits, tgt_s,
                                                          metrics.metric_block(device, len(chunk), V))
