@@ -41,15 +41,13 @@ test-fast: install
 	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # the two runs at once, one thread each: on 2 cores about a sixth faster than one after the other with two threads
-# each (docs/performance.md); each runs its stages' independent parts (the prompt-mode run's single-neuron effects,
-# the corpus-mode run's two shards, the traces) as two processes, so that the lighter run leaves the heavier more
-# of the cores; the prompt-mode run prints as it goes, the corpus-mode run into its log, shown after
+# each (docs/performance.md); the prompt-mode run prints as it goes, the corpus-mode run into its log, shown after
 CORPUS_LOG = parcellation_datasets/heldout_corpus_tinybard_demo.log
 demo: install-run
 	@export PATH="$(abspath $(VENV))/bin:$$PATH" OMP_NUM_THREADS=1; \
-	./run_pipeline.sh --jobs 2 --text parcellation_datasets/heldout_corpus_tinybard.txt > $(CORPUS_LOG) 2>&1 & corpus=$$!; \
+	./run_pipeline.sh --text parcellation_datasets/heldout_corpus_tinybard.txt > $(CORPUS_LOG) 2>&1 & corpus=$$!; \
 	echo "== corpus mode runs beside this one: $(CORPUS_LOG)"; \
-	./run_pipeline.sh --jobs 2; prompt=$$?; \
+	./run_pipeline.sh; prompt=$$?; \
 	echo "== waiting for the corpus-mode run"; wait $$corpus; status=$$?; \
 	tail -n 25 $(CORPUS_LOG); \
 	test $$prompt -eq 0 -a $$status -eq 0

@@ -107,11 +107,6 @@ Options (or environment variables):
                                   (b_trace_gelu_activations.py --graph, labelled from the dataset, grouped by
                                   the count modules) in DATASET_DIR/traces/, in the report (default 3 for a
                                   shipped model, else 0)
-  --jobs N                        JOBS: processes a stage's independent parts run as at once: the single-neuron
-                                  effects as N shards of the neurons, merged (equal to one run bit for bit),
-                                  corpus-mode stage b's two shards and the traced prompts; each part's output
-                                  goes to DATASET_DIR/.pipeline/STAGE.I.log, shown when it ends (default 1: one
-                                  after the other, in this process)
   --own_continuation 0|1          OWN_CONTINUATION: stage e also measures every subset and control teacher-
                                   forced along the model's own continuations of the evaluation prompts (default
                                   0 with EVAL_TEXT, whose verdict is the real text's; 1 without it)
@@ -175,7 +170,7 @@ RUN_OPTIONS = {
     "--random_controls": ("RANDOM_CONTROLS", "30"), "--modules_top": ("MODULES_TOP", "1"),
     "--module_controls": ("MODULE_CONTROLS", "20"), "--exclude_layers": ("EXCLUDE_LAYERS", "0"),
     "--mean_ablation_top": ("MEAN_ABLATION_TOP", ""), "--own_continuation": ("OWN_CONTINUATION", ""),
-    "--trace": ("TRACE", ""), "--jobs": ("JOBS", "1"),
+    "--trace": ("TRACE", ""),
 }
 SWEEP_OPTIONS = {
     "--thresholds": ("THRESHOLDS", "0.5 0.7 0.8 0.9"), "--ratios": ("RATIOS", "0.01 0.02 0.05 0.1"), "--ks": ("KS", ""),
@@ -389,7 +384,6 @@ class Run:
     mean_ablation_top: str
     own_continuation: str  # "0" or "1"
     trace: str  # the evaluation prompts traced
-    jobs: int  # processes a stage's independent parts run as at once
     exclude_layers: str  # "none": no layer
     force: bool
 
@@ -407,9 +401,7 @@ def settings(argv: list[str]) -> Run:
         value = v[RUN_OPTIONS[flag][0]]
         if not re.fullmatch(r"[0-9]+", value) and not (flag in ("--mean_ablation_top", "--trace") and value == ""):
             raise PipelineError(f"{flag} must be a whole number, got '{value}'")
-    for flag in ("--effect_tokens", "--fidelity_tokens", "--jobs"):
-        if flag == "--jobs" and not re.fullmatch(r"[0-9]+", v["JOBS"]):
-            raise PipelineError(f"--jobs must be a whole number, got '{v['JOBS']}'")
+    for flag in ("--effect_tokens", "--fidelity_tokens"):
         if int(v[RUN_OPTIONS[flag][0]]) == 0:
             raise PipelineError(f"{flag} must be at least 1")
     if v["OWN_CONTINUATION"] not in ("", "0", "1"):
@@ -474,7 +466,7 @@ def settings(argv: list[str]) -> Run:
             modules_top=v["MODULES_TOP"], module_controls=v["MODULE_CONTROLS"], exclude_layers=v["EXCLUDE_LAYERS"],
             mean_ablation_top=str(int(v["MEAN_ABLATION_TOP"] or ("0" if eval_text == "none" else "2"))),
             own_continuation=v["OWN_CONTINUATION"] or ("1" if eval_text == "none" else "0"),
-            trace=str(int(v["TRACE"] or ("3" if shipped else "0"))), jobs=int(v["JOBS"]), force=v["FORCE"] == "1")
+            trace=str(int(v["TRACE"] or ("3" if shipped else "0"))), force=v["FORCE"] == "1")
     check_combinations(s)
     whole("--eval_tokens", s.eval_tokens, 1)
     for d in [s.data] + ([f"{s.data}_shards"] if s.text else []):
@@ -512,7 +504,6 @@ class Stage:
     stamp: list[str] | None = None  # the stamp's words (what the stage depends on); None: its one command's
     inputs: tuple[str, ...] = ()  # the digests (digests()) its stamp also holds
     clear: str | None = None  # a directory removed before the commands run: no output of an earlier run is left
-    parallel: int = 0  # its first this many commands are independent: with --jobs they run as processes at once
 
 
 def stages(s: Run) -> Iterator[Stage]:
@@ -541,27 +532,16 @@ def stages(s: Run) -> Iterator[Stage]:
                     *text_field) for i in (0, 1)]
         b.append(script("c_merge_activation_statistics.py", "--output_dir", d, f"{shards}/0", f"{shards}/1"))
         yield Stage("b", at(layout.CORPUS), b, ["corpus_b", s.text, s.model, s.device, shards, *direct, *text_field],
-                    inputs=("csv",), parallel=2)
+                    inputs=("csv",))
     else:
         yield Stage("b", at(layout.MATRIX), [script(
             "b_generate_activation_dataset.py", "--input_csv", s.csv, "--export_dir", d, "--model_type", s.model,
             "--device", s.device, "--temperature", s.temperature, "--seed", s.seed, *direct)], inputs=("csv",))
     if s.effects == "1":  # corpus mode: on the corpus's first EFFECT_TOKENS tokens, its own windows
         source = (["--input_text", s.text, "--eval_tokens", s.effect_tokens] if s.text else ["--input_csv", s.csv])
-        whole_run = script("d_calculate_neuron_effects.py", "--dataset_path", d, *source, "--model_type", s.model,
-                           "--device", s.device, *(text_field if s.text else []))
-        if s.jobs > 1:  # shards of the neurons, at once, merged: the same file as the whole run's (its stamp too)
-            parts = f"{d}/{layout.PIPELINE_STAMPS}/effects_shards"
-            dirs = [f"{parts}/{i}" for i in range(s.jobs)]
-            shards = [Command(whole_run.words + ["--neurons", f"{i}/{s.jobs}", "--output_dir", dirs[i]],
-                              whole_run.argv + ["--neurons", f"{i}/{s.jobs}", "--output_dir", dirs[i]])
-                      for i in range(s.jobs)]
-            merge = script("d_calculate_neuron_effects.py", "--dataset_path", d, "--merge", *dirs, "--model_type",
-                           s.model)
-            yield Stage("effects", at(layout.NEURON_EFFECTS), [*shards, merge], whole_run.words, inputs=("csv",),
-                        clear=parts, parallel=s.jobs)
-        else:
-            yield Stage("effects", at(layout.NEURON_EFFECTS), [whole_run], inputs=("csv",))
+        yield Stage("effects", at(layout.NEURON_EFFECTS), [script(
+            "d_calculate_neuron_effects.py", "--dataset_path", d, *source, "--model_type", s.model,
+            "--device", s.device, *(text_field if s.text else []))], inputs=("csv",))
     if not s.text:  # corpus mode wrote the graph store already
         yield Stage("c", store, [script("c_calculate_weighted_activation_graph.py", "--input_dir", d)])
     if s.direct_edges == "1":  # how faithful the causal edges are: prediction against zero-ablation
@@ -615,8 +595,7 @@ def stages(s: Run) -> Iterator[Stage]:
         yield Stage("trace", f"{d}/{layout.TRACES_DIR}/{len(prompts) - 1}/" + layout.TRACE_GRAPH.format(m=m), [script(
             "b_trace_gelu_activations.py", "--model_type", s.model, "--device", s.device, "--input_text", p.text,
             "--output_dir", f"{d}/{layout.TRACES_DIR}/{i}", "--graph", "--dataset_path", d, "--modules", module_csv)
-            for i, p in enumerate(prompts)], ["trace", s.trace], inputs=("eval",), clear=f"{d}/{layout.TRACES_DIR}",
-            parallel=len(prompts))
+            for i, p in enumerate(prompts)], ["trace", s.trace], inputs=("eval",), clear=f"{d}/{layout.TRACES_DIR}")
     source = ["--input_text", s.text] if s.text else ["--input_csv", s.csv]
     yield Stage("report", None, [script(
         "-m", "gelutrace.report", d, "--model_type", s.model, *source, "--eval_csv", s.eval_csv, "--eval_text",
@@ -773,53 +752,12 @@ def drive(s: Run, digest: dict[str, str], lock_fd: int, start: Callable[[Command
         started = time.monotonic()
         if stage.clear:
             remove(stage.clear)
-        together = stage.parallel if s.jobs > 1 and stage.parallel > 1 else 0
-        if together:
-            with open(log, "a") as f:
-                f.writelines(shell_words(c.words) + "\n" for c in stage.commands[:together])
-            if code := run_at_once(stage.commands[:together], s.jobs, lock_fd, stamps / stage.name):
-                raise SystemExit(code)
-        for command in stage.commands[together:]:
+        for command in stage.commands:
             call(command, log)
         with atomic.atomic_open(stamp) as f:
             f.write(want + "\n")
         print(f"== {stage.name}: done in {int(time.monotonic() - started)} s", flush=True)
         ran = True
-
-
-def run_at_once(commands: list[Command], jobs: int, lock_fd: int, logs: Path) -> int:
-    """Independent commands as processes, at most `jobs` at once, each sharing the driver's lock, its output in
-    LOGS.I.log, shown when it ends; the first failure's exit status (the others are let finish), else 0."""
-    env = dict(os.environ, **{atomic.LOCK_FD_ENV: str(lock_fd)})
-    print(f"   {len(commands)} parts, {min(jobs, len(commands))} at a time (output: {logs}.I.log)", flush=True)
-    pending, running, failed = list(enumerate(commands)), [], 0
-
-    def finish(i, proc, out):
-        nonlocal failed
-        code = proc.wait()
-        out.close()
-        sys.stdout.write(Path(out.name).read_text(errors="replace"))
-        sys.stdout.flush()
-        code = 128 - code if code < 0 else code
-        if code and not failed:
-            failed = code
-            print(f"error: part {i + 1} of {len(commands)} failed (status {code}): {shell_words(commands[i].words)}",
-                  file=sys.stderr, flush=True)
-
-    while pending or running:
-        while pending and len(running) < jobs:
-            i, command = pending.pop(0)
-            out = open(f"{logs}.{i}.log", "w")
-            proc = subprocess.Popen([interpreter(), *command.argv], cwd=HERE, env=env, pass_fds=(lock_fd,),
-                                    stdout=out, stderr=subprocess.STDOUT)
-            running.append((i, proc, out))
-        done = next((r for r in running if r[1].poll() is not None), None)
-        if done is None:
-            time.sleep(0.2)
-            continue
-        running.remove(done)
-        finish(*done)
-    return failed
 
 
 def run(argv: list[str], start: Callable[[Command, int], int] = execute):

@@ -445,39 +445,6 @@ def test_corpus_mode_equals_transformers_per_neuron(shipped_path, shipped, tmp_p
             assert got.loc[j, column] == pytest.approx(dnll_h, rel=1e-4, abs=TOL), (j, h)
 
 
-def test_the_drivers_effects_with_jobs_are_shards_at_once_equal_to_one_run(dataset, tmp_path):
-    """run_pipeline.sh --jobs 2 plans the effects as two shards run as processes at once and their merge, under
-    the stamp of the one run (so --jobs changes no stamp); what they write equals one run's file byte for byte."""
-    import shutil
-
-    from gelutrace import pipeline
-
-    ds, csv = dataset
-    whole, jobs = tmp_path / "whole", tmp_path / "jobs"
-    for d in (whole, jobs):
-        shutil.copytree(ds, d)
-    run_d(whole, csv)
-
-    def effects_stage(*flags):
-        s = pipeline.settings([*flags, "--effects", "1", "--device", "cpu", SHIPPED_NAME, str(csv), str(jobs)])
-        return next(st for st in pipeline.stages(s) if st.name == "effects")
-
-    one, two = effects_stage(), effects_stage("--jobs", "2")
-    assert one.parallel == 0 and len(one.commands) == 1
-    assert two.parallel == 2 and len(two.commands) == 3 and two.stamp == one.commands[0].words
-    assert [c.argv[c.argv.index("--neurons") + 1] for c in two.commands[:2]] == ["0/2", "1/2"]
-    lock_fd = pipeline.take_lock(str(jobs))
-    try:
-        assert pipeline.run_at_once(two.commands[:2], 2, lock_fd, tmp_path / "effects") == 0
-        assert pipeline.execute(two.commands[2], lock_fd) == 0
-    finally:
-        os.close(lock_fd)
-        atomic.release_locks()
-    assert (tmp_path / "effects.0.log").read_text() and (tmp_path / "effects.1.log").read_text()
-    name = layout.NEURON_EFFECTS.format(m=SHIPPED_NAME)
-    assert (jobs / name).read_bytes() == (whole / name).read_bytes()
-
-
 def test_empty_neuron_shard_and_merge_into_another_dataset_are_refused(shipped_path, tmp_path):
     import shutil
 

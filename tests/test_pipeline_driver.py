@@ -501,25 +501,6 @@ def test_the_demo_ranks_without_layer_0_and_a_layer_the_model_lacks_is_refused_b
         assert not stages.ran and not stages.data.exists()
 
 
-def test_parts_at_once_run_as_processes_and_the_first_failure_is_the_status(tmp_path, capfd):
-    """run_at_once: every part runs (at most `jobs` at once, each seeing the driver's lock descriptor), its output
-    in LOGS.I.log and shown; a failing part's status is returned after the others have finished."""
-    script = ("import os, sys; open(sys.argv[1], 'w').write(os.environ['{env}']); "
-              "print('part', sys.argv[1]); sys.exit(int(sys.argv[2]))").format(env=atomic.LOCK_FD_ENV)
-    parts = [pipeline.Command(["python", "-c", "..."], ["-c", script, str(tmp_path / f"p{i}"), str(code)])
-             for i, code in enumerate((0, 3, 0))]
-    fd = pipeline.take_lock(str(tmp_path / "data"))
-    try:
-        assert pipeline.run_at_once(parts[:1] + parts[2:], 2, fd, tmp_path / "ok") == 0
-        assert pipeline.run_at_once(parts, 2, fd, tmp_path / "bad") == 3
-    finally:
-        os.close(fd)
-    assert all((tmp_path / f"p{i}").read_text() == str(fd) for i in range(3))  # every part ran, with the lock
-    out, err = capfd.readouterr()
-    assert (tmp_path / "bad.1.log").read_text() == f"part {tmp_path / 'p1'}\n" and f"part {tmp_path / 'p2'}" in out
-    assert "error: part 2 of 3 failed (status 3)" in err
-
-
 def test_the_stamps_quote_as_bash_printf_q():
     words = ["", "plain", "a b", "KS=3 11", "0.1%", "~x", "a=~b", "x:~", "a~", "#a", "a#b", "a,b", "a'b", 'a"b',
              "a\\b", "a$b!", "*?[]{}()|&;<>`^", "+-.:@_/", "a\tb", "a\nb", "é", "\x01", "\x1b\x7f'"]
