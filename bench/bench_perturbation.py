@@ -145,12 +145,13 @@ def text_cost(lm, n_conditions: int, eval_tokens: int, context: int, batch_size:
 # + 30 controls per k) on the test part only. Before, every condition on every unit and along the prompts' own
 # continuations, and no mean-ablation check
 DEMO_PLAN = {"subsets": 91, "subsets without layer 0": 32, "module controls": 80, "method controls": 240,
-             "mean-ablation check": 256}
+             "mean-ablation check subsets": 16, "mean-ablation controls": 240}
+CONTROLS = ("module controls", "method controls", "mean-ablation controls")  # scored on the control part
 
 
 def plan_cost(lm, n_conditions: int, eval_tokens: int, batch_size: int, seed: int = 0) -> dict:
-    """Seconds per condition of the demo's real-text evaluation scored on every unit and on the test part only
-    (n_conditions random 1 % subsets together, the unablated pass included), and of the own-continuation
+    """Seconds per condition of the demo's real-text evaluation scored on every unit, on the test part only and on
+    the control part (n_conditions random 1 % subsets together, the unablated pass included), and of the own-continuation
     metric on the held-out prompts (teacher-forced along the baseline's greedy continuations); the tokens each
     scores."""
     from gelutrace.evaluate import realtext as rt
@@ -161,9 +162,11 @@ def plan_cost(lm, n_conditions: int, eval_tokens: int, batch_size: int, seed: in
     rng = np.random.default_rng(seed)
     n = cfg.n_layer * cfg.d_mlp
     groups = [np.sort(rng.choice(n, size=n // 100, replace=False)) for _ in range(n_conditions)]
-    test = stats.split_prompts(text.n_units, 1337).test
+    split = stats.split_prompts(text.n_units, 1337, 0.5, 0.5)  # the demo's: stage e's defaults
+    test, control = split.test, split.control_units
     every = timed(lambda: rt.evaluate(lm.model, text, groups, None, batch_size))
     part = timed(lambda: rt.evaluate(lm.model, text, groups, None, batch_size, units=[test] * len(groups)))
+    controls = timed(lambda: rt.evaluate(lm.model, text, groups, None, batch_size, units=[control] * len(groups)))
     prompts = read_prompts(HELDOUT)
     prompt_ids = encode_prompts(lm.tokenizer, prompts, cfg.block_size)
     batches = plan_batches(prompts, prompt_ids, True, batch_size, cfg.block_size)
@@ -172,8 +175,9 @@ def plan_cost(lm, n_conditions: int, eval_tokens: int, batch_size: int, seed: in
     conditions = [pt.Condition(g, generate=False) for g in groups]
     forced = timed(lambda: pt.teacher_forced(lm.model, rows, prompt_ids, base, conditions, None, batch_size))
     forced_tokens = int(sum(len(prompt_ids[p]) + len(b) for p, b in zip(rows.prompt, base) if len(b)))
-    return {"every": every / n_conditions, "test": part / n_conditions, "forced": forced / n_conditions,
-            "tokens": text.scored, "test_tokens": int(np.isin(text.unit, test).sum()), "forced_tokens": forced_tokens}
+    return {"every": every / n_conditions, "test": part / n_conditions, "control": controls / n_conditions,
+            "forced": forced / n_conditions, "tokens": text.scored, "test_tokens": int(np.isin(text.unit, test).sum()),
+            "control_tokens": int(np.isin(text.unit, control).sum()), "forced_tokens": forced_tokens}
 
 
 def metric_cost(lm, groups: int = 8, repeats: int = 3) -> dict:
@@ -247,20 +251,25 @@ def print_metric_cost(cost: dict):
 
 
 def print_plan(plan: dict):
-    """The demo's stage e plan (DEMO_PLAN) before and after, from the per-condition costs of plan_cost."""
+    """The demo's stage e plan (DEMO_PLAN) three ways, from the per-condition costs of plan_cost."""
     print(f"the demo's stage e plan, shipped model (prompt mode: {', '.join(f'{n} {k}' for k, n in DEMO_PLAN.items())}), "
           f"per condition: real text on every unit {plan['every']:.3f} s ({plan['tokens']:,} tokens, "
           f"{plan['tokens'] / plan['every']:,.0f} token-forwards/s), on the test part {plan['test']:.3f} s "
-          f"({plan['test_tokens']:,} tokens, {plan['test_tokens'] / plan['test']:,.0f} token-forwards/s), own "
-          f"continuations {plan['forced']:.3f} s ({plan['forced_tokens']:,} tokens, "
-          f"{plan['forced_tokens'] / plan['forced']:,.0f} token-forwards/s)")
-    per = plan["every"] + plan["forced"]
-    before = (sum(DEMO_PLAN.values()) - DEMO_PLAN["mean-ablation check"]) * per
-    before_check = before + DEMO_PLAN["mean-ablation check"] * per
-    after = DEMO_PLAN["subsets"] * plan["every"] + (sum(DEMO_PLAN.values()) - DEMO_PLAN["subsets"]) * plan["test"]
-    print(f"  before (every condition on every unit and on the own continuations): {before:.0f} s, with the "
-          f"mean-ablation check {before_check:.0f} s; after (controls and the check on the test part, no own "
-          f"continuations): {after:.0f} s with the check ({before_check / after:.2f}x less)")
+          f"({plan['test_tokens']:,} tokens, {plan['test_tokens'] / plan['test']:,.0f} token-forwards/s), on the "
+          f"control part {plan['control']:.3f} s ({plan['control_tokens']:,} tokens, "
+          f"{plan['control_tokens'] / plan['control']:,.0f} token-forwards/s), own continuations {plan['forced']:.3f} s "
+          f"({plan['forced_tokens']:,} tokens, {plan['forced_tokens'] / plan['forced']:,.0f} token-forwards/s)")
+    n = sum(DEMO_PLAN.values())
+    everything = n * (plan["every"] + plan["forced"])
+    controls = sum(DEMO_PLAN[k] for k in CONTROLS)
+    on_test = DEMO_PLAN["subsets"] * plan["every"] + (n - DEMO_PLAN["subsets"]) * plan["test"]
+    now = (DEMO_PLAN["subsets"] * plan["every"] + (n - DEMO_PLAN["subsets"] - controls) * plan["test"]
+           + controls * plan["control"])
+    print(f"  every condition on every unit and on the own continuations: {everything:.0f} s; controls and the check "
+          f"on the test part, no own continuations: {on_test:.0f} s; the {controls} controls on the control part "
+          f"(--control_share 0.5), as now: {now:.0f} s ({on_test / now:.2f}x less than on the test part, "
+          f"{everything / now:.2f}x less than everything everywhere)")
+
 
 
 def demo_stage_e(dataset: Path) -> float | None:
