@@ -468,3 +468,25 @@ def test_shipped_llama_records_down_proj_inputs():
         for h in handles:
             h.remove()
     assert len(ids) > 100
+
+
+def test_ablations_generated_together_equal_each_alone(family):
+    """Stage e's grouped generation (a block of rows per ablation) through the family's own generate: each
+    ablation's tokens equal those it gets generated alone under its own hook."""
+    from gelutrace.evaluate import metrics
+    from gelutrace.model import hooks
+    from gelutrace.model.generation import Prompt, plan_batches
+
+    _, _, lm, _ = family
+    n = lm.model.config.n_layer * lm.model.config.d_mlp
+    rng = np.random.default_rng(1)
+    prompts = [Prompt("a", 5, 1), Prompt("b", 5, 1)]
+    ids = [[5, 6, 7], [9, 10]]
+    batches = plan_batches(prompts, ids, True, 64, lm.model.config.block_size)
+    rows = metrics.plan_rows(batches, prompts)
+    groups = [np.sort(rng.choice(n, k, replace=False)) for k in (2, n // 4, n // 2)]
+    together = metrics.generate_groups(lm.model, batches, rows, ids, 0.0, None, 3, groups)
+    for g, got in zip(groups, together):
+        with hooks.Ablation(lm.model, g):
+            alone = metrics.generate_rows(lm.model, batches, rows, ids, 0.0, None, 3)
+        assert [a.tolist() for a in got] == [a.tolist() for a in alone]

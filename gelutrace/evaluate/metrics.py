@@ -59,7 +59,7 @@ def generation_group(model, batch: Batch, prompt_ids) -> int:
     """How many ablations generate_groups runs together on `batch`: within GENERATION_GROUP and KV_BUDGET."""
     cfg = model.config
     width = max(len(prompt_ids[p]) for p in batch.row_prompt) + batch.new_tokens
-    per_row = width * cfg.n_layer * 2 * cfg.n_embd
+    per_row = width * cfg.n_layer * 2 * getattr(cfg, "n_embd", cfg.d_mlp)  # other families: the wider, d_mlp
     return max(1, min(GENERATION_GROUP, KV_BUDGET // max(1, per_row * len(batch.row_prompt))))
 
 
