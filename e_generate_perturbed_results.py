@@ -134,18 +134,23 @@ def main(argv=None):
                     help="share of the evaluation prompts (seeded split, recorded in comparison.json) on which "
                          "each method's best variant is chosen; the verdict's figures come from the rest. Below "
                          f"{stats.MIN_SPLIT_PROMPTS} prompts there is no split (default: %(default)s)")
-    ap.add_argument("--control_share", type=float, default=0.5,
+    ap.add_argument("--control_share", type=float, default=None,
                     help="with --eval_text: share of the test part's units (seeded, recorded in comparison.json) "
                          "on which the random and effect-weighted controls are scored; a subset is judged against "
                          "them on those same units, its effect and the comparisons between methods on the whole "
                          "test part. 1: every test unit (twice the controls' cost at 0.5); below "
                          f"{stats.MIN_CONTROL_UNITS} units the controls take the whole test part "
-                         "(default: %(default)s)")
+                         f"(default: {pt.EvalSettings.control_share})")
     args = ap.parse_args(argv)
     check_sampling_args(args)
     check_at_least(args, 0, "random_controls", "module_controls", "mean_ablation_top")
     if not 0 < args.validation_share < 1:
         raise PipelineError(f"--validation_share must be in (0, 1), got {args.validation_share}")
+    if args.control_share is not None and not args.eval_text:
+        raise PipelineError("--control_share applies to --eval_text (the real text's test part); give it or leave "
+                            "--control_share out")
+    if args.control_share is None:
+        args.control_share = pt.EvalSettings.control_share
     if not 0 < args.control_share <= 1:
         raise PipelineError(f"--control_share must be in (0, 1], got {args.control_share}")
     if args.input_csv is None and args.eval_csv is None:

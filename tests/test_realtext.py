@@ -469,6 +469,19 @@ def test_bad_eval_text_is_one_error_naming_the_flag(shipped, tmp_path):
         rt.read_eval_text([str(HELDOUT_PATH), str(HELDOUT_PATH)], shipped.tokenizer, 32, V, 100)
 
 
+@pytest.mark.parametrize("flags, words", [(["--control_share", "0.3"], "--control_share applies to --eval_text"),
+                                          (["--eval_text", str(HELDOUT_PATH), "--control_share", "0"],
+                                           r"--control_share must be in \(0, 1\], got 0.0"),
+                                          (["--eval_text", str(HELDOUT_PATH), "--control_share", "1.5"],
+                                           r"--control_share must be in \(0, 1\], got 1.5")])
+def test_a_bad_control_share_is_one_error_line(tmp_path, flags, words):
+    import e_generate_perturbed_results as e
+
+    with pytest.raises(PipelineError, match=words):
+        e.main(["--dataset_path", str(tmp_path / "d"), "--input_csv", str(REPO_ROOT / "parcellation_datasets" /
+                "test_1.csv"), "--model_type", SHIPPED_NAME, "--perturbation_subset_filenames", "none", *flags])
+
+
 def test_no_claim_of_influence_when_the_loss_does_not_rise():
 
     v = pd.DataFrame([{"k": 3, "winner": "degree (t=0.5)", "winner_delta_nll": -0.0016, "winner_ci_low": -0.0035,
