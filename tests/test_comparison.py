@@ -142,6 +142,17 @@ def test_control_part_is_a_seeded_share_of_the_test_part():
     assert len(small.test) * 0.5 < stats.MIN_CONTROL_UNITS and small.control_units.tolist() == small.test.tolist()
 
 
+def test_the_report_says_where_the_controls_were_scored():
+    from gelutrace.report.report import settings_sentence
+
+    for share, said in ((0.5, True), (1.0, False)):
+        record = {"metric": "real_text", "random_controls": 30,
+                  **stats.split_prompts(32, seed=1, control_share=share).record(unit="windows")}
+        text = settings_sentence({"ablation": "zero"}, record)
+        assert ("The controls are scored on 8 of the test part's 16 windows (seeded, `--control_share 0.5`" in text) == said
+        assert "on 16 windows" not in text and "measured on the other 16, which chose nothing" in text
+
+
 def test_subset_is_judged_against_its_controls_on_the_units_they_were_scored_on():
     """Controls scored on part of the test units (zero tokens elsewhere): p and z compare the subset's mean over
     those units with the controls' means there (numpy by hand), while its effect and CI stay on all test units."""
