@@ -175,6 +175,7 @@ def test_subset_is_judged_against_its_controls_on_the_units_they_were_scored_on(
         assert row[f"delta_nll_{key}"] == pytest.approx(want[key], rel=1e-9), key
     assert row["delta_nll"] == pytest.approx(sums["delta_nll"][split.test].sum() / tokens[split.test].sum())
     assert value != pytest.approx(row["delta_nll"])  # the two unit sets do differ here
+    assert row["delta_nll_control_part"] == pytest.approx(value)
 
 
 # --- an additive world: a subset's effect on a prompt is the sum of its neurons' effects there, plus noise ---

@@ -279,7 +279,8 @@ def comparison_table(entries: list[Entry], split: Split, seed: int, level: float
             row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = bootstrap_ci(weights, e.sums[metric][test],
                                                                              e.counts[test], level)
             on = e.control_part(test)  # the subset against its controls on the units they were scored on
-            null = null_test(e.mean(metric, on), e.control_means(metric, on))
+            row[f"{metric}_control_part"] = e.mean(metric, on)  # what p and z compare with the controls
+            null = null_test(row[f"{metric}_control_part"], e.control_means(metric, on))
             row.update({f"{metric}_{name}": v for name, v in null.items()})
         row["token_agreement"] = e.mean("token_agreement", test)
         row["tied_picks"] = e.info.get("tied_picks")
